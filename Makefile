@@ -1,0 +1,48 @@
+# One Makefile, one tool: every verb runs through uv and the committed lock file.
+SHELL := /bin/bash
+.DEFAULT_GOAL := all
+
+UV := $(shell command -v uv 2>/dev/null)
+ifeq ($(UV),)
+UV := python3 -m uv
+endif
+
+.PHONY: all install run test lint format bench image chart clean tools
+
+## tools: make sure uv and redis-server exist on a fresh machine.
+tools:
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "redis-server not found: installing it from Debian's packages"; \
+		apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+
+## install: the locked virtualenv in .venv, dev tools included.
+install: tools
+	$(UV) sync --frozen
+
+## run: the whole pipeline locally on embedded defaults (see README).
+run: install
+	$(UV) run --frozen smartcar-ingest dev
+
+## test: the whole suite against real processes it starts itself.
+test: install
+	$(UV) run --frozen pytest
+
+## lint: ruff (rules and format) and strict mypy.
+lint: install
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen ruff format --check .
+	$(UV) run --frozen mypy
+
+format: install
+	$(UV) run --frozen ruff format .
+	$(UV) run --frozen ruff check --fix .
+
+## bench: benchmarks with their baselines side by side.
+bench: install
+	$(UV) run --frozen python -m bench
+
+all: lint test
+
+clean:
+	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache .hypothesis

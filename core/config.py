@@ -1,0 +1,117 @@
+"""Settings: the contract's environment variables, read once per entry point and passed down.
+
+Every process builds one :class:`Settings` in its entry point (``Settings()`` reads the
+environment and ``.env``); tests construct it with keyword arguments instead. Nothing here
+connects to anything.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.errors import ConfigurationError
+
+DEV_MANAGEMENT_TOKEN = "dev-management-token"
+
+
+class Settings(BaseSettings):
+    """All runtime settings. Field names map to the upper-case variables of the contract."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+    redis_url: str = "redis://localhost:6379/0"
+    database_url: str = "sqlite:///./smartcar-ingest.db"
+    smartcar_management_token: SecretStr | None = None
+    smartcar_client_id: str | None = None
+    smartcar_client_secret: SecretStr | None = None
+    smartcar_api_url: str = "https://vehicle.api.smartcar.com/v3"
+    smartcar_token_url: str = "https://iam.smartcar.com/oauth2/token"
+    ingest_queue: str = "smartcar-events"
+    output_stream: str = "smartcar:vehicle-events"
+    parked_stream: str = "smartcar:parked"
+    dedupe_ttl_seconds: int = Field(default=259_200, gt=0)
+    max_body_bytes: int = Field(default=262_144, gt=0)
+    spool_dir: str | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+    # Extensions beyond the contract, with defaults that suit production.
+    redis_timeout_seconds: float = Field(default=0.5, gt=0)
+    """Socket timeout for every Redis call on the web path; bounds the 503 answer time."""
+    job_timeout_seconds: int = Field(default=120, gt=0)
+    """How long one RQ job may run before RQ stops it."""
+    job_retries: int = Field(default=5, ge=0)
+    """How often RQ re-runs a job that failed with a transient error."""
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("smartcar_management_token", "smartcar_client_secret", "smartcar_client_id", "spool_dir")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        if isinstance(value, SecretStr) and not value.get_secret_value().strip():
+            return None
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @property
+    def management_tokens(self) -> tuple[bytes, ...]:
+        """Every configured management token, UTF-8 encoded, in the configured order.
+
+        The first one answers VERIFY; all of them verify ``SC-Signature`` (rotation).
+        """
+        if self.smartcar_management_token is None:
+            return ()
+        raw = self.smartcar_management_token.get_secret_value()
+        return tuple(part.strip().encode() for part in raw.split(",") if part.strip())
+
+    def require_management_token(self) -> None:
+        """Raise :class:`ConfigurationError` unless at least one management token is set."""
+        if not self.management_tokens:
+            raise ConfigurationError(
+                "SMARTCAR_MANAGEMENT_TOKEN is not set: copy the Application Management Token from the "
+                "Smartcar Dashboard into it (a comma-separated list is accepted during rotation)."
+            )
+
+    def require_client_credentials(self) -> None:
+        """Raise :class:`ConfigurationError` unless the client-credentials pair is set."""
+        missing = [
+            name
+            for name, value in (
+                ("SMARTCAR_CLIENT_ID", self.smartcar_client_id),
+                ("SMARTCAR_CLIENT_SECRET", self.smartcar_client_secret),
+            )
+            if value is None
+        ]
+        if missing:
+            raise ConfigurationError(
+                f"{' and '.join(missing)} not set: create API credentials in the Smartcar Dashboard "
+                "and set both variables."
+            )
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build :class:`Settings` from the environment, turning validation failures into one clear line."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigurationError(f"invalid settings: {problems}") from None

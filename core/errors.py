@@ -1,0 +1,123 @@
+"""The one error tree of smartcar-ingest.
+
+Everything the project raises on purpose descends from :class:`IngestError`::
+
+    IngestError
+    ├── ConfigurationError            bad or missing settings: the process stops with one line
+    ├── TransientError                worth retrying: the same call may succeed later
+    │   ├── RedisUnavailable          Redis did not answer in time (web answers 503)
+    │   ├── SmartcarUnavailable       network error or 5xx from Smartcar
+    │   └── SmartcarRateLimited       429 from Smartcar; carries ``retry_after`` seconds
+    └── PermanentError                retrying will not help: park the event or publish it partially
+        ├── InvalidPayload            signed JSON that does not fit the schema (reason ``invalid_payload``)
+        ├── UnknownEventType          an ``eventType`` this service does not know (``unknown_event_type``)
+        ├── LegacyPayload             a v2.0 webhook (``legacy_v2``)
+        ├── UnknownUser               no internal user for ``data.user.id`` (``unknown_user``)
+        ├── SmartcarRejected          a 4xx other than 401/429 from the vehicle API (publish ``partial``)
+        ├── SmartcarUnauthorized      a 401 that survived a token refresh (``upstream_rejected``)
+        └── TokenRequestFailed        the token endpoint refused our credentials
+
+Only ``service/`` turns these into HTTP statuses, and only ``workers/`` turns them into parked
+entries. Messages are one sentence and never contain a secret, token or signal value.
+"""
+
+from __future__ import annotations
+
+
+class IngestError(Exception):
+    """Root of every error this project raises on purpose."""
+
+    #: Stable snake_case code: used in HTTP error bodies, parked reasons and metrics labels.
+    code: str = "ingest_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigurationError(IngestError):
+    """A setting is missing or invalid; the process should stop with this one-line message."""
+
+    code = "configuration_error"
+
+
+class TransientError(IngestError):
+    """The operation may succeed if tried again later."""
+
+    code = "transient_error"
+
+
+class RedisUnavailable(TransientError):
+    """Redis did not answer within the configured timeout."""
+
+    code = "redis_unavailable"
+
+
+class SmartcarUnavailable(TransientError):
+    """Smartcar could not be reached or answered with a 5xx."""
+
+    code = "smartcar_unavailable"
+
+
+class SmartcarRateLimited(TransientError):
+    """Smartcar answered 429; ``retry_after`` is how long it asked us to wait, if it said."""
+
+    code = "smartcar_rate_limited"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(IngestError):
+    """Retrying will not change the outcome."""
+
+    code = "permanent_error"
+
+
+class InvalidPayload(PermanentError):
+    """A validly signed JSON body that does not match the event schema."""
+
+    code = "invalid_payload"
+
+
+class UnknownEventType(PermanentError):
+    """An ``eventType`` outside VERIFY, VEHICLE_STATE and VEHICLE_ERROR."""
+
+    code = "unknown_event_type"
+
+
+class LegacyPayload(PermanentError):
+    """A legacy v2.0 webhook payload (top-level ``version``)."""
+
+    code = "legacy_v2"
+
+
+class UnknownUser(PermanentError):
+    """No internal user has this Smartcar user id."""
+
+    code = "unknown_user"
+
+
+class SmartcarRejected(PermanentError):
+    """The vehicle API refused the request for good (a 4xx other than 401 and 429)."""
+
+    code = "upstream_refused"
+
+    def __init__(self, message: str, status: int, error_type: str | None, error_code: str | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.error_code = error_code
+
+
+class SmartcarUnauthorized(PermanentError):
+    """The vehicle API answered 401 even with a freshly issued application token."""
+
+    code = "upstream_rejected"
+
+
+class TokenRequestFailed(PermanentError):
+    """The token endpoint refused the client credentials."""
+
+    code = "token_request_failed"
