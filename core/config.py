@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigurationError
 
-DEV_MANAGEMENT_TOKEN = "dev-management-token"
+DEV_MANAGEMENT_TOKEN = "dev-management-token"  # noqa: S105 - the documented dev-only default
 
 
 class Settings(BaseSettings):
@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     smartcar_client_id: str | None = None
     smartcar_client_secret: SecretStr | None = None
     smartcar_api_url: str = "https://vehicle.api.smartcar.com/v3"
-    smartcar_token_url: str = "https://iam.smartcar.com/oauth2/token"
+    smartcar_token_url: str = "https://iam.smartcar.com/oauth2/token"  # noqa: S105 - a URL, not a secret
     ingest_queue: str = "smartcar-events"
     output_stream: str = "smartcar:vehicle-events"
     parked_stream: str = "smartcar:parked"

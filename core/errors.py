@@ -9,6 +9,7 @@ Everything the project raises on purpose descends from :class:`IngestError`::
     │   ├── SmartcarUnavailable       network error or 5xx from Smartcar
     │   └── SmartcarRateLimited       429 from Smartcar; carries ``retry_after`` seconds
     └── PermanentError                retrying will not help: park the event or publish it partially
+        ├── MalformedBody             a signed body that is not JSON (web answers 400)
         ├── InvalidPayload            signed JSON that does not fit the schema (reason ``invalid_payload``)
         ├── UnknownEventType          an ``eventType`` this service does not know (``unknown_event_type``)
         ├── LegacyPayload             a v2.0 webhook (``legacy_v2``)
@@ -73,6 +74,12 @@ class PermanentError(IngestError):
     """Retrying will not change the outcome."""
 
     code = "permanent_error"
+
+
+class MalformedBody(PermanentError):
+    """A validly signed body that is not UTF-8 JSON."""
+
+    code = "malformed_json"
 
 
 class InvalidPayload(PermanentError):

@@ -1,0 +1,426 @@
+"""Smartcar webhook payloads: tolerant wire models and one normalised internal form.
+
+Smartcar's documentation and its real deliveries disagree on the VEHICLE_STATE shape (see
+``docs/payloads.md``): triggers sit in ``data.triggers`` as ``{code, name, group}`` or at the
+top level as ``{type, signal}`` where ``signal`` is an object or a ``"Group.Name"`` string;
+signal times come as ``retrievedAt`` or ``fetchedAt``; ``meta``, ``triggers`` and per-signal
+``status`` may be missing. The wire models accept all of these and ignore unknown fields;
+:func:`parse_event` folds them into :class:`VehicleEvent`, the only form the rest of the code sees.
+
+Parsing is split the way the web endpoint checks a delivery: :func:`load_json` (400 when it
+fails), :func:`classify` (event type, legacy or unknown), then :func:`parse_event` or
+:func:`parse_verify` (the schema).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+import pydantic_core
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from core.errors import InvalidPayload, LegacyPayload, MalformedBody, UnknownEventType
+
+VERIFY = "VERIFY"
+VEHICLE_STATE = "VEHICLE_STATE"
+VEHICLE_ERROR = "VEHICLE_ERROR"
+VEHICLE_EVENT_TYPES = frozenset({VEHICLE_STATE, VEHICLE_ERROR})
+EventType = Literal["VEHICLE_STATE", "VEHICLE_ERROR"]
+
+# Epoch values below this are taken as seconds (10 digits), above it as milliseconds (13 digits).
+_SECONDS_CUTOFF = 100_000_000_000
+
+
+class _Wire(BaseModel):
+    """Base of the wire models: unknown fields ignored, numbers accepted where text is expected."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, coerce_numbers_to_str=True)
+
+
+class _WireSignalRef(_Wire):
+    code: str | None = None
+    name: str | None = None
+    group: str | None = None
+
+
+class _WireStatus(_Wire):
+    value: str | None = None
+    error: dict[str, Any] | None = None
+
+
+class _WireSignalMeta(_Wire):
+    oemUpdatedAt: int | float | str | None = None
+    retrievedAt: int | float | str | None = None
+    fetchedAt: int | float | str | None = None
+
+
+class _WireSignal(_WireSignalRef):
+    body: Any = None
+    meta: _WireSignalMeta | None = None
+    status: _WireStatus | None = None
+
+
+class _WireTrigger(_Wire):
+    type: str | None = None
+    code: str | None = None
+    name: str | None = None
+    group: str | None = None
+    signal: _WireSignalRef | str | None = None
+
+
+class _WireVehicle(_Wire):
+    id: str | None = None
+    make: str | None = None
+    model: str | None = None
+    year: int | str | None = None
+    mode: str | None = None
+    powertrainType: str | None = None
+
+
+class _WireUser(_Wire):
+    id: str = Field(min_length=1, max_length=255)
+
+
+class _WireResolution(_Wire):
+    type: str | None = None
+
+
+class _WireVehicleError(_Wire):
+    type: str | None = None
+    code: str | None = None
+    state: str | None = None
+    description: str | None = None
+    suggestedUserMessage: str | None = None
+    docURL: str | None = None
+    resolution: _WireResolution | None = None
+    signals: list[_WireSignalRef | str] | None = None
+
+
+class _WireData(_Wire):
+    user: _WireUser
+    vehicle: _WireVehicle | None = None
+    signals: list[_WireSignal] | None = None
+    triggers: list[_WireTrigger | str] | None = None
+    errors: list[_WireVehicleError] | None = None
+
+
+class _WireMeta(_Wire):
+    version: str | None = None
+    deliveryId: str | None = None
+    deliveredAt: int | float | str | None = None
+    webhookId: str | None = None
+    webhookName: str | None = None
+    mode: str | None = None
+    signalCount: int | None = None
+
+
+class _WireEnvelope(_Wire):
+    eventId: str = Field(min_length=1, max_length=255)
+    eventType: str
+    vehicleId: str | None = None
+    data: _WireData
+    triggers: list[_WireTrigger | str] | None = None
+    meta: _WireMeta | None = None
+
+
+class _WireVerifyData(_Wire):
+    challenge: str = Field(min_length=1)
+
+
+class _WireVerify(_Wire):
+    eventId: str | None = None
+    data: _WireVerifyData
+
+
+# ---------------------------------------------------------------------------------------------
+# The normalised form.
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class Vehicle(_Model):
+    id: str
+    make: str | None = None
+    model: str | None = None
+    year: int | None = None
+    mode: str | None = None
+    powertrainType: str | None = None
+
+
+class Signal(_Model):
+    """One signal as delivered: ``status`` is SUCCESS, ERROR or UNAVAILABLE; times in epoch ms."""
+
+    code: str
+    name: str | None = None
+    group: str | None = None
+    body: Any = None
+    status: str
+    error: dict[str, Any] | None = None
+    oemUpdatedAt: int | None = None
+    retrievedAt: int | None = None
+
+
+class SignalRef(_Model):
+    code: str
+    name: str | None = None
+    group: str | None = None
+
+
+class Trigger(_Model):
+    type: str
+    code: str | None = None
+
+
+class VehicleError(_Model):
+    type: str | None = None
+    code: str | None = None
+    state: str | None = None
+    description: str | None = None
+    suggestedUserMessage: str | None = None
+    docURL: str | None = None
+    resolution: str | None = None
+    signals: tuple[SignalRef, ...] = ()
+
+
+class DeliveryMeta(_Model):
+    deliveryId: str | None = None
+    deliveredAt: int | str | None = None
+    webhookId: str | None = None
+    webhookName: str | None = None
+    mode: str | None = None
+    version: str | None = None
+
+
+class VehicleEvent(_Model):
+    """A VEHICLE_STATE or VEHICLE_ERROR delivery in the one form the service works with."""
+
+    event_id: str
+    event_type: EventType
+    smartcar_user_id: str
+    vehicle: Vehicle
+    signals: tuple[Signal, ...] = ()
+    errors: tuple[VehicleError, ...] = ()
+    triggers: tuple[Trigger, ...] = ()
+    meta: DeliveryMeta = DeliveryMeta()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing steps, in the order the endpoint applies them.
+
+
+def load_json(body: bytes) -> Any:
+    """Parse a UTF-8 JSON body; raise :class:`MalformedBody` if it is not one."""
+    try:
+        return pydantic_core.from_json(body)
+    except ValueError:
+        raise MalformedBody("The body is not valid UTF-8 JSON.") from None
+
+
+def event_id_of(document: Any) -> str | None:
+    """The ``eventId`` of a parsed document when it has a usable one, else None."""
+    if isinstance(document, dict):
+        value = document.get("eventId")
+        if isinstance(value, str) and 0 < len(value) <= 255:
+            return value
+    return None
+
+
+def classify(document: Any) -> str:
+    """Return the event type of a parsed delivery.
+
+    Raises :class:`LegacyPayload` for a v2.0 webhook, :class:`UnknownEventType` for a type this
+    service does not handle and :class:`InvalidPayload` when there is no type at all.
+    """
+    if not isinstance(document, dict):
+        raise InvalidPayload("The body is JSON but not an object.")
+    # v2.0 webhooks carry a top-level version (and eventName/payload) instead of meta.version.
+    if "version" in document or ("eventName" in document and "payload" in document):
+        raise LegacyPayload("This is a legacy v2.0 webhook; configure a v3 webhook in the Smartcar Dashboard.")
+    event_type = document.get("eventType")
+    if not isinstance(event_type, str) or not event_type:
+        raise InvalidPayload("The delivery has no eventType.")
+    if event_type != VERIFY and event_type not in VEHICLE_EVENT_TYPES:
+        raise UnknownEventType(f"The eventType {_clip(event_type)!r} is not one this service handles.")
+    return event_type
+
+
+def parse_verify(document: Any) -> str:
+    """Return the challenge of a VERIFY delivery; :class:`InvalidPayload` when it has none."""
+    try:
+        return _WireVerify.model_validate(document).data.challenge
+    except ValidationError as exc:
+        raise InvalidPayload(_describe(exc)) from None
+
+
+def verify_challenge_or_none(document: Any) -> str | None:
+    """The challenge of a document that claims to be a VERIFY, without raising."""
+    if isinstance(document, dict) and document.get("eventType") == VERIFY:
+        data = document.get("data")
+        if isinstance(data, dict) and isinstance(data.get("challenge"), str):
+            return str(data["challenge"])
+    return None
+
+
+def parse_event(document: Any) -> VehicleEvent:
+    """Validate a VEHICLE_STATE or VEHICLE_ERROR document and normalise it.
+
+    Raises :class:`InvalidPayload` with a one-sentence reason (field paths only, never values).
+    """
+    try:
+        wire = _WireEnvelope.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidPayload(_describe(exc)) from None
+    if wire.eventType not in VEHICLE_EVENT_TYPES:
+        raise InvalidPayload(f"The eventType {_clip(wire.eventType)!r} is not a vehicle event.")
+    data = wire.data
+    vehicle_id = (data.vehicle.id if data.vehicle else None) or wire.vehicleId
+    if not vehicle_id:
+        raise InvalidPayload("The delivery names no vehicle (data.vehicle.id or vehicleId).")
+    wire_vehicle = data.vehicle or _WireVehicle()
+    triggers = data.triggers if data.triggers is not None else wire.triggers
+    meta = wire.meta or _WireMeta()
+    return VehicleEvent(
+        event_id=wire.eventId,
+        event_type=VEHICLE_STATE if wire.eventType == VEHICLE_STATE else VEHICLE_ERROR,
+        smartcar_user_id=data.user.id,
+        vehicle=Vehicle(
+            id=vehicle_id,
+            make=wire_vehicle.make,
+            model=wire_vehicle.model,
+            year=_year(wire_vehicle.year),
+            mode=wire_vehicle.mode,
+            powertrainType=wire_vehicle.powertrainType,
+        ),
+        signals=tuple(_signal(s) for s in data.signals or () if _signal_code(s) is not None),
+        errors=tuple(_vehicle_error(e) for e in data.errors or ()),
+        triggers=tuple(_trigger(t) for t in triggers or ()),
+        meta=DeliveryMeta(
+            deliveryId=meta.deliveryId,
+            deliveredAt=_delivered_at(meta.deliveredAt),
+            webhookId=meta.webhookId,
+            webhookName=meta.webhookName,
+            mode=meta.mode,
+            version=meta.version,
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation helpers.
+
+
+def code_from_dotted(name: str) -> str:
+    """``"TractionBattery.StateOfCharge"`` → ``"tractionbattery-stateofcharge"``."""
+    return name.strip().replace(".", "-").lower()
+
+
+def _signal_code(ref: _WireSignalRef) -> str | None:
+    if ref.code:
+        return ref.code
+    if ref.group and ref.name:
+        return f"{ref.group}-{ref.name}".lower()
+    return None
+
+
+def _signal_ref(ref: _WireSignalRef | str) -> SignalRef:
+    if isinstance(ref, str):
+        group, _, name = ref.partition(".")
+        return SignalRef(code=code_from_dotted(ref), name=name or None, group=group or None)
+    return SignalRef(code=_signal_code(ref) or "", name=ref.name, group=ref.group)
+
+
+def _signal(wire: _WireSignal) -> Signal:
+    meta = wire.meta or _WireSignalMeta()
+    status = wire.status.value if wire.status and wire.status.value else None
+    if status is None:
+        # Older deliveries omit status; a signal with a body was read successfully.
+        status = "SUCCESS" if wire.body is not None else "UNAVAILABLE"
+    return Signal(
+        code=_signal_code(wire) or "",
+        name=wire.name,
+        group=wire.group,
+        body=wire.body,
+        status=status,
+        error=wire.status.error if wire.status else None,
+        oemUpdatedAt=epoch_ms(meta.oemUpdatedAt),
+        retrievedAt=epoch_ms(meta.retrievedAt if meta.retrievedAt is not None else meta.fetchedAt),
+    )
+
+
+def _trigger(wire: _WireTrigger | str) -> Trigger:
+    if isinstance(wire, str):
+        # "Group.Name" names a signal; anything else (e.g. FIRST_DELIVERY) is the trigger type.
+        if "." in wire:
+            return Trigger(type="SIGNAL_UPDATED", code=code_from_dotted(wire))
+        return Trigger(type=wire)
+    if wire.signal is not None:
+        code = code_from_dotted(wire.signal) if isinstance(wire.signal, str) else _signal_code(wire.signal)
+        return Trigger(type=wire.type or "SIGNAL_UPDATED", code=code)
+    if wire.code == "FIRST_DELIVERY":
+        return Trigger(type="FIRST_DELIVERY")
+    code = wire.code or _signal_code(_WireSignalRef(name=wire.name, group=wire.group))
+    return Trigger(type=wire.type or ("SIGNAL_UPDATED" if code else "UNKNOWN"), code=code)
+
+
+def _vehicle_error(wire: _WireVehicleError) -> VehicleError:
+    return VehicleError(
+        type=wire.type,
+        code=wire.code,
+        state=wire.state,
+        description=wire.description,
+        suggestedUserMessage=wire.suggestedUserMessage,
+        docURL=wire.docURL,
+        resolution=wire.resolution.type if wire.resolution else None,
+        signals=tuple(_signal_ref(s) for s in wire.signals or ()),
+    )
+
+
+def epoch_ms(value: int | float | str | None) -> int | None:
+    """Epoch milliseconds from epoch ms, epoch seconds or an ISO-8601 string; None if unreadable."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        number = int(value)
+        return number * 1000 if 0 < abs(number) < _SECONDS_CUTOFF else number
+    text = value.strip()
+    if text.lstrip("-").isdigit():
+        return epoch_ms(int(text))
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        return None
+    return int(parsed.timestamp() * 1000)
+
+
+def _delivered_at(value: int | float | str | None) -> int | str | None:
+    as_ms = epoch_ms(value)
+    if as_ms is not None:
+        return as_ms
+    return value if isinstance(value, str) else None
+
+
+def _year(value: int | str | None) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _describe(exc: ValidationError) -> str:
+    """One sentence naming the first few failing fields, without echoing their values."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False)[:3]:
+        location = ".".join(str(p) for p in error["loc"]) or "body"
+        parts.append(f"{location}: {error['msg'].rstrip('.')}")
+    more = "" if exc.error_count() <= 3 else f" (and {exc.error_count() - 3} more)"
+    return "The payload does not match the event schema: " + "; ".join(parts) + more + "."

@@ -1,0 +1,171 @@
+"""The inbox: deduplicate by ``eventId`` and enqueue durably, in one atomic step.
+
+A 2xx to Smartcar promises that the event is safe, so the dedupe mark and the RQ job must be
+written together: a mark without a job would swallow every redelivery of a lost event, and a
+job without a mark would let a racing redelivery enqueue it twice. Both are written by one Lua
+script, which Redis runs atomically; concurrent redeliveries of one ``eventId`` therefore give
+exactly one job, whatever the interleaving.
+
+The job is a regular RQ job (JSON serializer, function ``workers.jobs.process_event``), built
+with RQ's own :class:`rq.job.Job` so that ``rq info``, rq-dashboard and every RQ worker read it
+as if ``Queue.enqueue`` had written it. Its one argument is a plain dict (see :func:`job_payload`)
+holding the body exactly as received, so the worker and ``replay`` never depend on this
+process's parsing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+from rq.utils import now
+
+PROCESS_EVENT = "workers.jobs.process_event"
+
+#: How RQ's job ids may look; an eventId that fits is used as the job id unchanged.
+_JOB_ID_SAFE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+#: Waits between RQ re-runs of a job that failed with a transient error (seconds).
+RETRY_INTERVALS = (5, 15, 60, 180, 600)
+
+_ENQUEUE = """
+-- KEYS: dedupe mark, job hash, queue list, RQ's set of queues
+-- ARGV: dedupe ttl, job id, then the job hash as field/value pairs
+if not redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+redis.call('RPUSH', KEYS[3], ARGV[2])
+redis.call('SADD', KEYS[4], KEYS[3])
+return 1
+"""
+
+_PARK = """
+-- KEYS: dedupe mark ('' when the delivery has no usable eventId), parked stream
+-- ARGV: dedupe ttl, then the stream entry as field/value pairs
+if KEYS[1] ~= '' and not redis.call('SET', KEYS[1], 'parked', 'NX', 'EX', ARGV[1]) then
+  return 0
+end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+return 1
+"""
+
+
+def job_id_for(event_id: str) -> str:
+    """The RQ job id for an event: the ``eventId`` itself when RQ accepts it, else a digest of it.
+
+    One job per ``eventId``: the id is a pure function of it, so a replay, a redelivery and an
+    operator all find the same job.
+    """
+    if _JOB_ID_SAFE.fullmatch(event_id):
+        return event_id
+    return "evt-" + hashlib.sha256(event_id.encode()).hexdigest()[:40]
+
+
+def dedupe_key(event_id: str) -> str:
+    """The Redis key that remembers an ``eventId`` for ``DEDUPE_TTL_SECONDS``."""
+    return f"smartcar-ingest:seen:{job_id_for(event_id)}"
+
+
+def parked_key(event_id: str) -> str:
+    """The Redis key that remembers a parked ``eventId``.
+
+    Kept apart from :func:`dedupe_key` so that parking a broken delivery never blocks a later
+    valid delivery of the same event.
+    """
+    return f"smartcar-ingest:parked:{job_id_for(event_id)}"
+
+
+def job_payload(event_id: str, event_type: str, body: str, received_at_ms: int) -> dict[str, Any]:
+    """The single JSON argument of ``process_event``."""
+    return {"eventId": event_id, "eventType": event_type, "body": body, "receivedAt": received_at_ms}
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """How RQ should run ingest jobs."""
+
+    queue: str
+    timeout_seconds: int = 120
+    retries: int = 5
+    result_ttl_seconds: int = 600
+    failure_ttl_seconds: int = 7 * 24 * 3600
+
+
+def build_job_hash(payload: Mapping[str, Any], options: JobOptions) -> tuple[str, dict[str, Any]]:
+    """Return ``(job_id, mapping)``: the RQ job hash that ``Queue.enqueue`` would have written."""
+    job_id = job_id_for(str(payload["eventId"]))
+    job = Job.create(
+        PROCESS_EVENT,
+        args=[dict(payload)],
+        id=job_id,
+        # Job.create wants a connection object; it is never used to talk to Redis here.
+        connection=_NO_CONNECTION,
+        serializer=JSONSerializer,
+        # Describe the job by type and id only: the default would embed the whole body
+        # (locations, VINs) in rq-dashboard and in worker logs.
+        description=f"process_event({payload['eventType']} {payload['eventId']})",
+        timeout=options.timeout_seconds,
+        result_ttl=options.result_ttl_seconds,
+        failure_ttl=options.failure_ttl_seconds,
+        origin=options.queue,
+    )
+    if options.retries:
+        job.retries_left = options.retries
+        job.retry_intervals = list(RETRY_INTERVALS[: options.retries])
+    job.enqueued_at = now()
+    job._status = JobStatus.QUEUED
+    mapping = job.to_dict()
+    mapping["status"] = JobStatus.QUEUED.value
+    return job_id, mapping
+
+
+# A client that never connects: Job.create only keeps a reference to it.
+_NO_CONNECTION = Redis(host="unused.invalid", single_connection_client=False)
+
+
+def queue_key(queue: str) -> str:
+    return f"{Queue.redis_queue_namespace_prefix}{queue}"
+
+
+class Inbox:
+    """Accepts verified deliveries into Redis. Every method is one round trip to Redis."""
+
+    def __init__(self, redis: AsyncRedis, options: JobOptions, parked_stream: str, dedupe_ttl_seconds: int) -> None:
+        self._redis = redis
+        self._options = options
+        self._parked_stream = parked_stream
+        self._ttl = dedupe_ttl_seconds
+        self._enqueue = redis.register_script(_ENQUEUE)
+        self._park = redis.register_script(_PARK)
+
+    async def accept(self, event_id: str, event_type: str, body: str, received_at_ms: int) -> bool:
+        """Enqueue the event unless its ``eventId`` was seen; True when this call enqueued it."""
+        job_id, mapping = build_job_hash(job_payload(event_id, event_type, body, received_at_ms), self._options)
+        args: list[Any] = [self._ttl, job_id]
+        for field, value in mapping.items():
+            args.extend((field, value))
+        keys = [
+            dedupe_key(event_id),
+            Job.key_for(job_id),
+            queue_key(self._options.queue),
+            Queue.redis_queues_keys,
+        ]
+        return bool(await self._enqueue(keys=keys, args=args))
+
+    async def park(self, event_id: str | None, reason: str, detail: str, body: str) -> bool:
+        """Keep a delivery that cannot be processed in the parked stream; False if already kept."""
+        entry = {"event_id": event_id or "", "reason": reason, "detail": detail, "payload": body}
+        args: list[Any] = [self._ttl]
+        for field, value in entry.items():
+            args.extend((field, value))
+        keys = [parked_key(event_id) if event_id else "", self._parked_stream]
+        return bool(await self._park(keys=keys, args=args))

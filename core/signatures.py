@@ -1,0 +1,55 @@
+"""``SC-Signature`` checking and VERIFY challenge answers.
+
+Smartcar signs every delivery with ``hex(HMAC-SHA256(management_token, raw_body))``, lowercase
+hex, no prefix. During a token rotation several management tokens are configured: a signature
+made with any of them is accepted, and the first one answers VERIFY challenges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Sequence
+
+_HEX_DIGEST_LENGTH = 64
+
+#: Challenges that cannot be mistaken for a signed body: no braces, quotes or spaces. Answering
+#: only these when a VERIFY is unsigned keeps the endpoint from signing attacker-chosen JSON.
+TOKEN_LIKE_CHALLENGE = re.compile(r"[A-Za-z0-9._~-]{1,256}")
+
+
+def sign(token: bytes, message: bytes) -> str:
+    """Return the lowercase hex HMAC-SHA256 of ``message`` keyed with ``token``."""
+    return hmac.new(token, message, hashlib.sha256).hexdigest()
+
+
+def verify_signature(tokens: Sequence[bytes], body: bytes, header: str | None) -> bool:
+    """True when ``header`` is a valid signature of ``body`` under any of ``tokens``.
+
+    Never raises: a missing, non-ASCII, wrongly sized or non-hex header is simply invalid.
+    Every token is compared in constant time, so the answer time does not tell an attacker
+    which token (if any) nearly matched.
+    """
+    if header is None:
+        return False
+    candidate = header.strip().lower()
+    if len(candidate) != _HEX_DIGEST_LENGTH or not candidate.isascii():
+        return False
+    expected_bytes = candidate.encode("ascii")
+    valid = False
+    for token in tokens:
+        digest = hmac.new(token, body, hashlib.sha256).hexdigest().encode("ascii")
+        # No early exit: check all tokens so timing does not reveal which one matched.
+        valid |= hmac.compare_digest(digest, expected_bytes)
+    return valid
+
+
+def is_token_like(challenge: str) -> bool:
+    """True when a VERIFY challenge is safe to answer without a valid signature."""
+    return TOKEN_LIKE_CHALLENGE.fullmatch(challenge) is not None
+
+
+def answer_challenge(token: bytes, challenge: str) -> str:
+    """The VERIFY answer: lowercase hex HMAC-SHA256 of the challenge exactly as received."""
+    return sign(token, challenge.encode("utf-8"))

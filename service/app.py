@@ -1,0 +1,89 @@
+"""The Starlette application: ``create_app(settings=None)``, served with ``uvicorn --factory``.
+
+Nothing connects at import time. The lifespan opens one Redis client per process and closes it
+on shutdown; request handlers reach it through ``request.state``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypedDict
+
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.routing import Route
+
+from core.config import Settings, load_settings
+from core.inbox import Inbox, JobOptions
+from core.logs import configure_logging
+from service import health
+from service.responses import http_exception, unexpected_exception
+from service.webhooks import WebhookConfig, WebhookEndpoint
+
+
+class State(TypedDict):
+    redis: Redis
+    redis_deadline_seconds: float
+
+
+def web_redis(settings: Settings) -> Redis:
+    """A Redis client whose every call is bounded, so Redis trouble becomes a fast 503."""
+    return Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_seconds,
+        socket_connect_timeout=settings.redis_timeout_seconds,
+        # One immediate retry lets the first request after a Redis restart reconnect instead of failing.
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+    )
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the web application. Raises ``ConfigurationError`` without a management token."""
+    if settings is None:
+        settings = load_settings()
+        configure_logging(settings.log_level, settings.log_format)
+    settings.require_management_token()
+    # Two socket timeouts (a reconnect and the call) fit in this deadline; past it we answer 503.
+    deadline = min(0.95, settings.redis_timeout_seconds * 1.9)
+    redis = web_redis(settings)
+    inbox = Inbox(
+        redis,
+        JobOptions(
+            queue=settings.ingest_queue,
+            timeout_seconds=settings.job_timeout_seconds,
+            retries=settings.job_retries,
+        ),
+        parked_stream=settings.parked_stream,
+        dedupe_ttl_seconds=settings.dedupe_ttl_seconds,
+    )
+    endpoint = WebhookEndpoint(
+        WebhookConfig(
+            tokens=settings.management_tokens,
+            max_body_bytes=settings.max_body_bytes,
+            redis_deadline_seconds=deadline,
+        ),
+        inbox,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        try:
+            yield {"redis": redis, "redis_deadline_seconds": deadline}
+        finally:
+            await redis.aclose()
+
+    return Starlette(
+        routes=[
+            Route("/webhooks/smartcar", endpoint.handle, methods=["POST"]),
+            Route("/healthz", health.healthz, methods=["GET"]),
+            Route("/readyz", health.readyz, methods=["GET"]),
+            Route("/metrics", health.metrics, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_exception, Exception: unexpected_exception},
+        lifespan=lifespan,
+    )

@@ -1,0 +1,36 @@
+"""``/healthz``, ``/readyz`` and ``/metrics``: what an orchestrator and Prometheus ask."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+
+async def healthz(request: Request) -> Response:
+    """200 while the process can answer at all."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """200 when every dependency answers; otherwise 503 naming what failed."""
+    redis: Redis = request.state.redis
+    deadline: float = request.state.redis_deadline_seconds
+    checks: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(deadline):
+            await redis.ping()
+        checks["redis"] = "ok"
+    except (RedisError, OSError, TimeoutError) as exc:
+        checks["redis"] = f"failing: {type(exc).__name__}"
+    ok = all(value == "ok" for value in checks.values())
+    return JSONResponse({"status": "ok" if ok else "failing", "checks": checks}, status_code=200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of this process's metrics."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,45 @@
+"""The one error body shape: ``{"error": {"code": "<snake_case>", "message": "<one sentence>"}}``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from core.logs import get_logger
+
+log = get_logger("smartcar_ingest.http")
+
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    503: "unavailable",
+}
+
+
+def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """A JSON error response in the contract's shape."""
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+async def http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 and friends, in the contract's error shape."""
+    assert isinstance(exc, HTTPException)
+    code = _CODES.get(exc.status_code, "http_error")
+    message = exc.detail if isinstance(exc.detail, str) and exc.detail else code.replace("_", " ")
+    if not message.endswith("."):
+        message += "."
+    return error_response(exc.status_code, code, message, headers=exc.headers)
+
+
+async def unexpected_exception(request: Request, exc: Exception) -> Response:
+    """A bug must not become a 500: answer 503 so Smartcar retries, and log it loudly."""
+    log.error("unhandled error", path=request.url.path, error=type(exc).__name__, exc_info=exc)
+    return error_response(
+        503, "internal_error", "The request could not be handled; retry later.", headers={"Retry-After": "5"}
+    )

@@ -1,0 +1,83 @@
+"""Shared fixtures: one private redis-server per session, flushed around every test."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from pydantic import SecretStr
+from starlette.testclient import TestClient
+
+from core.config import Settings
+from core.signatures import sign
+from service.app import create_app
+from tests.procs import RedisServer
+
+TOKEN = "test-management-token"
+OLD_TOKEN = "previous-management-token"
+# The team's shared captures (beside the checkout) first, then the copy kept in the repository.
+FIXTURE_DIRS = (
+    Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "captured",
+    Path(__file__).resolve().parent / "fixtures" / "captured",
+)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield redis_server.url
+    client.flushall()
+    client.close()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(redis_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        redis_url=redis_url,
+        database_url=f"sqlite:///{tmp_path / 'users.db'}",
+        smartcar_management_token=SecretStr(f"{TOKEN},{OLD_TOKEN}"),
+        max_body_bytes=65_536,
+    )
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def signed_headers(body: bytes, token: str = TOKEN) -> dict[str, str]:
+    return {"content-type": "application/json", "sc-signature": sign(token.encode(), body)}
+
+
+def fixture_paths() -> list[Path]:
+    found: dict[str, Path] = {}
+    for directory in FIXTURE_DIRS:
+        for path in sorted(directory.glob("*.json")):
+            found.setdefault(path.name, path)
+    return [found[name] for name in sorted(found)]
+
+
+def load_fixture(path: Path) -> Any:
+    return json.loads(path.read_text())

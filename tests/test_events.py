@@ -1,0 +1,216 @@
+"""Payload parsing: every captured shape and both documented VEHICLE_STATE shapes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from core import events
+from core.errors import InvalidPayload, LegacyPayload, MalformedBody, UnknownEventType
+from core.samples import sample_event
+from tests.conftest import fixture_paths, load_fixture
+
+SHAPE_A = {
+    "eventId": "0d6c0b7e-5555-4555-8555-555555555001",
+    "eventType": "VEHICLE_STATE",
+    "vehicleId": "5f0c1a2b-1111-4111-8111-111111111111",
+    "data": {
+        "user": {"id": "9e8d7c6b-2222-4222-8222-222222222222"},
+        "vehicle": {"id": "5f0c1a2b-1111-4111-8111-111111111111", "make": "FORD", "model": "Mustang Mach-E", "year": 2023},
+        "triggers": [{"code": "tractionbattery-stateofcharge", "name": "StateOfCharge", "group": "TractionBattery"}],
+        "signals": [
+            {
+                "code": "tractionbattery-stateofcharge",
+                "name": "StateOfCharge",
+                "group": "TractionBattery",
+                "body": {"unit": "percent", "value": 64},
+                "meta": {"oemUpdatedAt": 1767000000000, "fetchedAt": 1767000002500},
+            }
+        ],
+    },
+    "meta": {"version": "4.0", "deliveryId": "a1", "deliveredAt": 1767000003000, "mode": "LIVE", "signalCount": 1},
+}
+
+
+@pytest.mark.parametrize("path", fixture_paths(), ids=lambda p: p.name)
+def test_every_captured_delivery_parses(path):
+    """Each real capture is a vehicle event with a user, a vehicle and normalised signals."""
+    document = load_fixture(path)
+    assert events.classify(document) in events.VEHICLE_EVENT_TYPES
+    event = events.parse_event(document)
+    assert event.event_id == document["eventId"]
+    assert event.smartcar_user_id == document["data"]["user"]["id"]
+    assert event.vehicle.id == document["data"]["vehicle"]["id"]
+    assert len(event.signals) == len(document["data"].get("signals", []))
+    for signal in event.signals:
+        assert signal.code and signal.code == signal.code.lower()
+        assert signal.status in {"SUCCESS", "ERROR", "UNAVAILABLE"}
+    if event.event_type == "VEHICLE_ERROR":
+        assert len(event.errors) == len(document["data"]["errors"])
+
+
+def test_shape_a_triggers_in_data_and_fetched_at():
+    """Shape A: data.triggers with codes, top-level vehicleId, fetchedAt as the retrieval time."""
+    event = events.parse_event(SHAPE_A)
+    assert event.triggers == (events.Trigger(type="SIGNAL_UPDATED", code="tractionbattery-stateofcharge"),)
+    assert event.signals[0].retrievedAt == 1767000002500
+    assert event.signals[0].status == "SUCCESS"
+
+
+def test_shape_b_top_level_triggers_with_signal_objects():
+    """Shape B: top-level triggers of {type, signal{…}} and retrievedAt."""
+    event = events.parse_event(sample_event())
+    assert event.triggers[0].type == "SIGNAL_UPDATED"
+    assert event.triggers[0].code == "tractionbattery-stateofcharge"
+    assert event.signals[0].retrievedAt is not None
+
+
+def test_string_triggers_and_first_delivery():
+    """Triggers given as 'Group.Name' strings or FIRST_DELIVERY are normalised."""
+    document = sample_event()
+    document["triggers"] = [
+        {"type": "SIGNAL_UPDATED", "signal": "Odometer.TraveledDistance"},
+        "TractionBattery.StateOfCharge",
+        {"type": "FIRST_DELIVERY"},
+        "FIRST_DELIVERY",
+    ]
+    shape_a_first = copy.deepcopy(SHAPE_A)
+    shape_a_first["data"]["triggers"] = [{"code": "FIRST_DELIVERY"}]
+    assert [(t.type, t.code) for t in events.parse_event(document).triggers] == [
+        ("SIGNAL_UPDATED", "odometer-traveleddistance"),
+        ("SIGNAL_UPDATED", "tractionbattery-stateofcharge"),
+        ("FIRST_DELIVERY", None),
+        ("FIRST_DELIVERY", None),
+    ]
+    assert events.parse_event(shape_a_first).triggers == (events.Trigger(type="FIRST_DELIVERY"),)
+
+
+def test_missing_meta_triggers_and_status_are_accepted():
+    """A delivery without meta, triggers or per-signal status still parses."""
+    document = sample_event()
+    del document["meta"], document["triggers"]
+    for signal in document["data"]["signals"]:
+        del signal["status"]
+    event = events.parse_event(document)
+    assert event.triggers == ()
+    assert event.meta == events.DeliveryMeta()
+    assert all(s.status == "SUCCESS" for s in event.signals)
+
+
+def test_error_signals_keep_their_error_and_have_no_body():
+    """A signal with status ERROR keeps the error and no body."""
+    document = sample_event()
+    document["data"]["signals"].append(
+        {
+            "code": "location-isathome",
+            "name": "IsAtHome",
+            "group": "Location",
+            "status": {"value": "ERROR", "error": {"type": "COMPATIBILITY", "code": "VEHICLE_NOT_CAPABLE"}},
+        }
+    )
+    signal = events.parse_event(document).signals[-1]
+    assert signal.status == "ERROR" and signal.body is None
+    assert signal.error == {"type": "COMPATIBILITY", "code": "VEHICLE_NOT_CAPABLE"}
+
+
+def test_unknown_fields_are_ignored():
+    """Extra fields anywhere do not fail validation."""
+    document = sample_event()
+    document["future"] = {"x": 1}
+    document["data"]["vehicle"]["powertrainType"] = "BEV"
+    document["data"]["user"]["externalId"] = None
+    document["data"]["signals"][0]["meta"]["ingestedAt"] = 1
+    assert events.parse_event(document).vehicle.powertrainType == "BEV"
+
+
+def test_vehicle_id_from_top_level_when_data_has_none():
+    """vehicleId at the top level is used when data.vehicle is absent."""
+    document = copy.deepcopy(SHAPE_A)
+    del document["data"]["vehicle"]
+    assert events.parse_event(document).vehicle.id == SHAPE_A["vehicleId"]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (1767000000000, 1767000000000),
+        (1767000000, 1767000000000),
+        ("2026-01-05T10:00:00.000Z", 1767607200000),
+        ("1767000000000", 1767000000000),
+        ("not a time", None),
+        (None, None),
+    ],
+)
+def test_epoch_ms_reads_ms_seconds_and_iso(value, expected):
+    """Times in ms, s or ISO-8601 all become epoch milliseconds."""
+    assert events.epoch_ms(value) == expected
+
+
+def test_iso_delivered_at_is_kept():
+    """meta.deliveredAt given as an ISO string is converted to epoch ms."""
+    document = sample_event()
+    document["meta"]["deliveredAt"] = "2026-01-05T10:00:00.000Z"
+    assert events.parse_event(document).meta.deliveredAt == 1767607200000
+
+
+def test_not_json_raises_malformed_body():
+    """Bytes that are not UTF-8 JSON are MalformedBody."""
+    for body in (b"", b"{", b"\xff\xfe", b"not json"):
+        with pytest.raises(MalformedBody):
+            events.load_json(body)
+
+
+def test_legacy_v2_is_recognised():
+    """A top-level version (v2.0 webhook) is a LegacyPayload."""
+    with pytest.raises(LegacyPayload):
+        events.classify({"version": "2.0", "webhookId": "w", "eventName": "verify", "payload": {"challenge": "x"}})
+
+
+def test_unknown_event_type():
+    """An eventType other than the three known ones is UnknownEventType."""
+    with pytest.raises(UnknownEventType):
+        events.classify({"eventId": "e", "eventType": "VEHICLE_CONNECTION_STATUS", "data": {}})
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.pop("eventId"),
+        lambda d: d["data"].pop("user"),
+        lambda d: d["data"]["user"].update(id=""),
+        lambda d: d["data"].pop("vehicle"),
+        lambda d: d["data"].update(signals="nope"),
+        lambda d: d.update(data=[]),
+    ],
+)
+def test_schema_failures_raise_invalid_payload(mutate):
+    """Missing ids, users, vehicles or malformed lists are InvalidPayload."""
+    document = sample_event()
+    mutate(document)
+    with pytest.raises(InvalidPayload):
+        events.parse_event(document)
+
+
+def test_invalid_payload_message_names_fields_not_values():
+    """The parked reason names the failing field but never echoes its value."""
+    document = sample_event()
+    document["data"]["user"] = {"id": {"secret": "1FAKEVIN00TEST001"}}
+    with pytest.raises(InvalidPayload) as info:
+        events.parse_event(document)
+    assert "data.user.id" in info.value.message
+    assert "1FAKEVIN00TEST001" not in info.value.message
+
+
+def test_non_object_json_is_invalid_payload():
+    """JSON that is not an object fails classification as InvalidPayload."""
+    for document in ([], 1, "x", None):
+        with pytest.raises(InvalidPayload):
+            events.classify(document)
+
+
+def test_verify_challenge():
+    """A VERIFY's challenge is read from data.challenge."""
+    assert events.parse_verify(sample_event("VERIFY", challenge="abc")) == "abc"
+    with pytest.raises(InvalidPayload):
+        events.parse_verify({"eventType": "VERIFY", "data": {}})
