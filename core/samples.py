@@ -87,7 +87,11 @@ def sample_event(
         "triggers": [
             {
                 "type": "SIGNAL_UPDATED",
-                "signal": {"code": "tractionbattery-stateofcharge", "name": "StateOfCharge", "group": "TractionBattery"},
+                "signal": {
+                    "code": "tractionbattery-stateofcharge",
+                    "name": "StateOfCharge",
+                    "group": "TractionBattery",
+                },
             }
         ],
         "meta": _meta(event_type),

@@ -17,7 +17,12 @@ SHAPE_A = {
     "vehicleId": "5f0c1a2b-1111-4111-8111-111111111111",
     "data": {
         "user": {"id": "9e8d7c6b-2222-4222-8222-222222222222"},
-        "vehicle": {"id": "5f0c1a2b-1111-4111-8111-111111111111", "make": "FORD", "model": "Mustang Mach-E", "year": 2023},
+        "vehicle": {
+            "id": "5f0c1a2b-1111-4111-8111-111111111111",
+            "make": "FORD",
+            "model": "Mustang Mach-E",
+            "year": 2023,
+        },
         "triggers": [{"code": "tractionbattery-stateofcharge", "name": "StateOfCharge", "group": "TractionBattery"}],
         "signals": [
             {
@@ -44,7 +49,8 @@ def test_every_captured_delivery_parses(path):
     assert event.vehicle.id == document["data"]["vehicle"]["id"]
     assert len(event.signals) == len(document["data"].get("signals", []))
     for signal in event.signals:
-        assert signal.code and signal.code == signal.code.lower()
+        assert signal.code
+        assert signal.code == signal.code.lower()
         assert signal.status in {"SUCCESS", "ERROR", "UNAVAILABLE"}
     if event.event_type == "VEHICLE_ERROR":
         assert len(event.errors) == len(document["data"]["errors"])
@@ -110,7 +116,8 @@ def test_error_signals_keep_their_error_and_have_no_body():
         }
     )
     signal = events.parse_event(document).signals[-1]
-    assert signal.status == "ERROR" and signal.body is None
+    assert signal.status == "ERROR"
+    assert signal.body is None
     assert signal.error == {"type": "COMPATIBILITY", "code": "VEHICLE_NOT_CAPABLE"}
 
 

@@ -17,7 +17,8 @@ def test_sign_is_lowercase_hex_hmac_sha256_of_the_raw_body():
     """The signature is hex(HMAC-SHA256(token, body)), lowercase, with no prefix."""
     expected = hmac.new(b"current-token", BODY, hashlib.sha256).hexdigest()
     assert sign(b"current-token", BODY) == expected
-    assert expected == expected.lower() and len(expected) == 64
+    assert expected == expected.lower()
+    assert len(expected) == 64
 
 
 def test_signature_made_with_any_configured_token_verifies():

@@ -28,9 +28,7 @@ def queued_jobs(redis_client, name="smartcar-events"):
 
 
 def parked(redis_client):
-    return [
-        {k.decode(): v.decode() for k, v in fields.items()} for _, fields in redis_client.xrange("smartcar:parked")
-    ]
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in redis_client.xrange("smartcar:parked")]
 
 
 def assert_error(response, status, code=None):
@@ -197,7 +195,12 @@ def test_parked_redelivery_is_not_parked_twice(client, redis_client):
     document = {"eventId": "e-twice", "eventType": "SOMETHING_NEW", "data": {}}
     post(client, document)
     response = post(client, document)
-    assert response.json() == {"status": "parked", "reason": "unknown_event_type", "eventId": "e-twice", "duplicate": True}
+    assert response.json() == {
+        "status": "parked",
+        "reason": "unknown_event_type",
+        "eventId": "e-twice",
+        "duplicate": True,
+    }
     assert len(parked(redis_client)) == 1
 
 
@@ -217,7 +220,8 @@ def test_missing_signature_is_401(client, redis_client):
     """A vehicle event without SC-Signature gets 401 and nothing is stored."""
     response = client.post(URL, content=encode(sample_event()), headers={"content-type": "application/json"})
     assert_error(response, 401, "invalid_signature")
-    assert queued_jobs(redis_client) == [] and parked(redis_client) == []
+    assert queued_jobs(redis_client) == []
+    assert parked(redis_client) == []
 
 
 def test_wrong_signature_is_401(client):
