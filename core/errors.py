@@ -6,6 +6,7 @@ Everything the project raises on purpose descends from :class:`IngestError`::
     ├── ConfigurationError            bad or missing settings: the process stops with one line
     ├── TransientError                worth retrying: the same call may succeed later
     │   ├── RedisUnavailable          Redis did not answer in time (web answers 503)
+    │   ├── DatabaseUnavailable       the user store did not answer (refused, timed out, locked)
     │   ├── SmartcarUnavailable       network error or 5xx from Smartcar
     │   └── SmartcarRateLimited       429 from Smartcar; carries ``retry_after`` seconds
     └── PermanentError                retrying will not help: park the event or publish it partially
@@ -16,7 +17,11 @@ Everything the project raises on purpose descends from :class:`IngestError`::
         ├── UnknownUser               no internal user for ``data.user.id`` (``unknown_user``)
         ├── SmartcarRejected          a 4xx other than 401/429 from the vehicle API (publish ``partial``)
         ├── SmartcarUnauthorized      a 401 that survived a token refresh (``upstream_rejected``)
-        └── TokenRequestFailed        the token endpoint refused our credentials
+        ├── TokenRequestFailed        the token endpoint refused our credentials
+        ├── UserNotFound              no internal user has this id (``users link``)
+        ├── LinkConflict              linking would overwrite or steal a Smartcar user id
+        ├── RecordExists              a user or vehicle with this id already exists
+        └── InvalidValue              a value does not fit its column
 
 Only ``service/`` turns these into HTTP statuses, and only ``workers/`` turns them into parked
 entries. Messages are one sentence and never contain a secret, token or signal value.
@@ -52,6 +57,12 @@ class RedisUnavailable(TransientError):
     """Redis did not answer within the configured timeout."""
 
     code = "redis_unavailable"
+
+
+class DatabaseUnavailable(TransientError):
+    """The database did not answer (refused, timed out, dropped the connection, or locked)."""
+
+    code = "database_unavailable"
 
 
 class SmartcarUnavailable(TransientError):
@@ -128,3 +139,27 @@ class TokenRequestFailed(PermanentError):
     """The token endpoint refused the client credentials."""
 
     code = "token_request_failed"
+
+
+class UserNotFound(PermanentError):
+    """No user has this internal id."""
+
+    code = "user_not_found"
+
+
+class LinkConflict(PermanentError):
+    """Linking would overwrite a user's Smartcar user id or take one that another user holds."""
+
+    code = "link_conflict"
+
+
+class RecordExists(PermanentError):
+    """A user or vehicle with this id already exists."""
+
+    code = "record_exists"
+
+
+class InvalidValue(PermanentError):
+    """A value does not fit its column (for example a Smartcar user id longer than 36 characters)."""
+
+    code = "invalid_value"

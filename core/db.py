@@ -1,0 +1,233 @@
+"""Database plumbing for the user store: engines, error translation and Alembic migrations.
+
+``DATABASE_URL`` is parsed and turned into an engine here, and only here, so every caller gets the
+same pool settings and the same error messages. Migrations run through Alembic with a
+configuration built in code (the scripts are found next to this package, so ``db upgrade`` works
+from an installed wheel as well as from a checkout); no ``alembic.ini`` is needed at run time.
+
+Errors::
+
+    ConfigurationError       bad URL, missing driver, unknown revision, unreachable database
+                             during a migration: the command stops with one line
+    DatabaseUnavailable      (a TransientError) the database did not answer during normal work
+
+Messages name the database by its URL with the password masked, never the password itself.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.util.exc import CommandError
+from sqlalchemy import URL, Connection, Engine, create_engine, make_url, text
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InterfaceError,
+    NoSuchModuleError,
+    OperationalError,
+    ProgrammingError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.pool import NullPool
+
+from core.errors import ConfigurationError, DatabaseUnavailable
+
+#: Seconds a PostgreSQL connection attempt may take before it counts as unreachable.
+CONNECT_TIMEOUT_SECONDS = 5
+
+# Any constant works as long as every migrating process uses the same one; this is "smartcar"
+# read as bytes, so it is recognisable in pg_locks.
+_MIGRATION_LOCK_ID = 0x736D61727463617
+
+
+def parse_url(database_url: str) -> URL:
+    """Parse ``DATABASE_URL``; ``postgres://`` and ``postgresql://`` select the psycopg 3 driver.
+
+    Raises :class:`ConfigurationError` when the string is not a database URL.
+    """
+    try:
+        url = make_url(database_url)
+    except (ArgumentError, ValueError):
+        # The raw string may carry a password, so it stays out of the message.
+        raise ConfigurationError(
+            "DATABASE_URL is not a database URL: use e.g. sqlite:///./smartcar-ingest.db or "
+            "postgresql+psycopg://user:password@host:5432/dbname."
+        ) from None
+    # Hosted PostgreSQL often hands out bare postgres:// URLs; the only driver installed is psycopg 3.
+    if url.drivername in ("postgres", "postgresql"):
+        url = url.set(drivername="postgresql+psycopg")
+    return url
+
+
+def safe_url(url: URL | str) -> str:
+    """The URL as text with its password replaced by ``***``: the only form that goes in messages."""
+    if isinstance(url, str):
+        try:
+            url = make_url(url)
+        except (ArgumentError, ValueError):
+            return "<unparseable DATABASE_URL>"
+    return url.render_as_string(hide_password=True)
+
+
+def make_engine(database_url: str, *, pooled: bool = True) -> Engine:
+    """An engine for ``database_url``; creating it does not connect.
+
+    SQLite connections may be used from any thread (the pool hands them around). PostgreSQL
+    connections are checked before use (``pool_pre_ping``), so a restarted server or a dropped
+    idle connection costs one reconnect instead of a failed job, and connecting gives up after
+    :data:`CONNECT_TIMEOUT_SECONDS`. ``pooled=False`` is for one-shot work such as migrations.
+
+    Raises :class:`ConfigurationError` for a bad URL or a driver that is not installed.
+    """
+    url = parse_url(database_url)
+    options: dict[str, Any] = {}
+    connect_args: dict[str, Any] = {}
+    if url.get_backend_name() == "sqlite":
+        connect_args["check_same_thread"] = False
+    elif url.get_backend_name() == "postgresql":
+        # Pool sizes stay at SQLAlchemy's defaults: the pool grows only as far as a process's
+        # concurrency, which is one connection for a worker and a few for the web.
+        options["pool_pre_ping"] = True
+        if "connect_timeout" not in url.query:
+            connect_args["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
+    if not pooled:
+        options = {"poolclass": NullPool}
+    try:
+        return create_engine(url, connect_args=connect_args, **options)
+    except (NoSuchModuleError, ModuleNotFoundError):
+        raise ConfigurationError(
+            f"no installed driver for DATABASE_URL {safe_url(url)}: use sqlite:/// or postgresql+psycopg:// URLs."
+        ) from None
+    except (ArgumentError, TypeError) as exc:
+        raise ConfigurationError(f"DATABASE_URL {safe_url(url)} is not usable: {_driver_reason(exc, url)}.") from None
+
+
+def _driver_reason(exc: BaseException, url: URL) -> str:
+    """The first line of a driver error, with the URL's password scrubbed, for one-line messages."""
+    original = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    lines = str(original).strip().splitlines()
+    reason = lines[0].rstrip(".") if lines else type(original).__name__
+    if url.password:
+        reason = reason.replace(str(url.password), "***")
+    return reason
+
+
+def _is_missing_table(exc: SQLAlchemyError) -> bool:
+    """Whether ``exc`` says a table does not exist, i.e. the schema was never migrated."""
+    if isinstance(exc, ProgrammingError) and getattr(exc.orig, "sqlstate", None) == "42P01":
+        return True  # PostgreSQL: undefined_table
+    return isinstance(exc, OperationalError) and "no such table" in str(exc.orig)
+
+
+@contextmanager
+def translate_errors(url: URL) -> Iterator[None]:
+    """Turn SQLAlchemy's connection-level failures into this project's error tree.
+
+    A missing table becomes :class:`ConfigurationError` (run ``db upgrade``); refused, timed-out
+    or dropped connections and SQLite's "database is locked" become :class:`DatabaseUnavailable`,
+    which workers retry. Anything else (a bug, a constraint) propagates unchanged.
+    """
+    try:
+        yield
+    except (OperationalError, ProgrammingError) as exc:
+        if _is_missing_table(exc):
+            raise ConfigurationError(
+                f"the user store at {safe_url(url)} has no tables: run `smartcar-ingest db upgrade`."
+            ) from None
+        if isinstance(exc, ProgrammingError):
+            raise
+        raise DatabaseUnavailable(
+            f"the database at {safe_url(url)} did not answer: {_driver_reason(exc, url)}."
+        ) from None
+    except (InterfaceError, PoolTimeoutError) as exc:
+        raise DatabaseUnavailable(
+            f"the database at {safe_url(url)} did not answer: {_driver_reason(exc, url)}."
+        ) from None
+
+
+def _script_location() -> str:
+    """The ``migrations`` directory, found as an importable package so an installed wheel works."""
+    try:
+        location = Path(str(importlib.resources.files("migrations")))
+    except ModuleNotFoundError:
+        location = None
+    if location is None or not (location / "env.py").is_file():
+        raise ConfigurationError("the migrations package is missing from this installation: reinstall smartcar-ingest.")
+    return str(location)
+
+
+def _alembic_config(connection: Connection) -> Config:
+    config = Config()
+    # Config values go through ConfigParser interpolation, so a literal % must be doubled.
+    config.set_main_option("script_location", _script_location().replace("%", "%%"))
+    # env.py runs the migrations on this connection instead of opening its own.
+    config.attributes["connection"] = connection
+    return config
+
+
+@contextmanager
+def _migration_connection(database_url: str, action: str, *, lock: bool = True) -> Iterator[Connection]:
+    """One connection in one transaction, with errors turned into one-line ConfigurationErrors."""
+    url = parse_url(database_url)
+    engine = make_engine(database_url, pooled=False)
+    try:
+        with engine.begin() as connection:
+            if lock and connection.dialect.name == "postgresql":
+                # Several pods may run `db upgrade` at once (init containers, a Helm hook and a
+                # developer); the transaction-scoped lock makes them take turns, and the later
+                # ones find the work already done.
+                connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
+            yield connection
+    except CommandError as exc:
+        message = str(exc).rstrip(".")
+        if "Can't locate revision" in message or "not a valid" in message or "No such revision" in message:
+            raise ConfigurationError(
+                f"cannot {action}: {message}; use `head`, `base` or a revision id from migrations/versions."
+            ) from None
+        raise ConfigurationError(f"cannot {action} on {safe_url(url)}: {message}.") from None
+    except (OperationalError, InterfaceError) as exc:
+        raise ConfigurationError(
+            f"cannot {action}: the database at {safe_url(url)} is unreachable "
+            f"({_driver_reason(exc, url)}); check DATABASE_URL and that the server is running."
+        ) from None
+    except DBAPIError as exc:
+        raise ConfigurationError(f"cannot {action} on {safe_url(url)}: {_driver_reason(exc, url)}.") from None
+    finally:
+        engine.dispose()
+
+
+def upgrade(database_url: str, revision: str = "head") -> None:
+    """Migrate the database forward to ``revision`` (default: the newest); a no-op when already there.
+
+    On PostgreSQL the whole upgrade is one transaction: it applies completely or not at all.
+    Raises :class:`ConfigurationError` for a bad URL, an unreachable database or an unknown revision.
+    """
+    with _migration_connection(database_url, f"upgrade the database to {revision}") as connection:
+        command.upgrade(_alembic_config(connection), revision)
+
+
+def downgrade(database_url: str, revision: str) -> None:
+    """Migrate the database back to ``revision`` (``base`` removes every table the migrations made).
+
+    Raises :class:`ConfigurationError` for a bad URL, an unreachable database or an unknown revision.
+    """
+    with _migration_connection(database_url, f"downgrade the database to {revision}") as connection:
+        command.downgrade(_alembic_config(connection), revision)
+
+
+def current(database_url: str) -> str | None:
+    """The revision the database is at, or ``None`` for a database that was never migrated.
+
+    Raises :class:`ConfigurationError` for a bad URL or an unreachable database.
+    """
+    with _migration_connection(database_url, "read the database revision", lock=False) as connection:
+        return MigrationContext.configure(connection).get_current_revision()

@@ -1,0 +1,292 @@
+"""The user store: internal users and their vehicles, keyed by Smartcar's ids (SQL).
+
+Workers call :meth:`UserStore.find_by_smartcar_user_id` once per event to route it to an internal
+user; ``users link``, the Connect callback and ``backfill`` write the link. The tables are created
+by the Alembic migrations in ``migrations/`` (``smartcar-ingest db upgrade``), never by this module.
+
+Errors, all in the project's tree (:mod:`core.errors`)::
+
+    PermanentError
+    ├── UserNotFound        no user with this internal id
+    ├── LinkConflict        the link would overwrite or steal a Smartcar user id
+    ├── RecordExists        add_user / add_vehicle with an id that is taken
+    └── InvalidValue        a value that does not fit its column
+    TransientError
+    └── DatabaseUnavailable (core.db) the database did not answer; retry later
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, DateTime, ForeignKey, MetaData, String, event, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from core.db import make_engine, parse_url, translate_errors
+from core.errors import InvalidValue, LinkConflict, RecordExists, UserNotFound
+
+#: Column widths from the contract; Smartcar user and vehicle ids are UUIDs.
+SMARTCAR_ID_LENGTH = 36
+VIN_LENGTH = 17
+TEXT_LENGTH = 255
+
+# Deterministic constraint names, so later migrations can drop or alter them by name (SQLite's
+# batch mode cannot address an unnamed constraint) and autogenerate compares cleanly.
+NAMING_CONVENTION = {
+    "pk": "pk_%(table_name)s",
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base whose metadata the migrations' ``env.py`` compares against."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _utcnow() -> datetime:
+    # The contract's column is a plain TIMESTAMP: store naive UTC so every backend agrees.
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class User(Base):
+    """``users``: an internal user; ``smartcar_user_id`` is ``data.user.id`` in webhooks."""
+
+    __tablename__ = "users"
+
+    # The id is the internal application's user id, assigned there, so no sequence.
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    email: Mapped[str | None] = mapped_column(String(TEXT_LENGTH))
+    name: Mapped[str | None] = mapped_column(String(TEXT_LENGTH))
+    # The UNIQUE constraint's own index serves the per-event lookup; a second index would only
+    # slow writes.
+    smartcar_user_id: Mapped[str | None] = mapped_column(String(SMARTCAR_ID_LENGTH), unique=True)
+    created_at: Mapped[datetime | None] = mapped_column(DateTime(), default=_utcnow)
+
+
+class Vehicle(Base):
+    """``vehicles``: a vehicle of an internal user; ``smartcar_vehicle_id`` is Smartcar's id."""
+
+    __tablename__ = "vehicles"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    vin: Mapped[str | None] = mapped_column(String(VIN_LENGTH))
+    smartcar_vehicle_id: Mapped[str | None] = mapped_column(String(SMARTCAR_ID_LENGTH), index=True)
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """An internal user as workers see it."""
+
+    id: int
+    email: str | None
+    name: str | None
+    smartcar_user_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LinkResult:
+    """What :meth:`UserStore.link` did: stored the link, or found it already there."""
+
+    user: UserRecord
+    already_linked: bool
+
+    @property
+    def message(self) -> str:
+        """One line for people: ``user 42 linked to Smartcar user …`` or ``… already linked …``."""
+        verb = "already linked" if self.already_linked else "linked"
+        return f"user {self.user.id} {verb} to Smartcar user {self.user.smartcar_user_id}"
+
+
+_USER_COLUMNS = (User.id, User.email, User.name, User.smartcar_user_id)
+
+
+def _checked(value: str | None, column: str, limit: int) -> str | None:
+    """``value`` stripped, or ``None`` for blank; :class:`InvalidValue` when it exceeds ``limit``."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if len(value) > limit:
+        raise InvalidValue(f"{column} must be at most {limit} characters, got {len(value)}.")
+    return value
+
+
+def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
+    # SQLite ignores REFERENCES unless asked per connection; PostgreSQL always enforces it.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class UserStore:
+    """Reads and writes ``users`` and ``vehicles`` in the database at ``database_url``.
+
+    Construction does not connect; the first query does. The store holds a connection pool and
+    is safe to share between threads. In a process forked after the store was used (RQ's work
+    horse), call ``dispose(close=False)`` first so the child does not reuse the parent's sockets.
+
+    Connection failures raise :class:`core.db.DatabaseUnavailable` (transient); a database that
+    was never migrated raises :class:`core.errors.ConfigurationError`.
+    """
+
+    def __init__(self, database_url: str) -> None:
+        self._url = parse_url(database_url)
+        self._engine = make_engine(database_url)
+        if self._engine.dialect.name == "sqlite":
+            event.listen(self._engine, "connect", _enable_sqlite_foreign_keys)
+
+    @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        with translate_errors(self._url), self._engine.connect() as connection:
+            yield connection
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        with translate_errors(self._url), self._engine.begin() as connection:
+            yield connection
+
+    def find_by_smartcar_user_id(self, smartcar_user_id: str) -> UserRecord | None:
+        """The user linked to ``smartcar_user_id``, or ``None``: one query on the unique index
+        (on PostgreSQL the pool may add its liveness ping when it hands out a connection).
+
+        An id that could never be stored (blank, or longer than 36 characters) matches nobody
+        and costs no query.
+        """
+        if not smartcar_user_id or len(smartcar_user_id) > SMARTCAR_ID_LENGTH:
+            return None
+        statement = select(*_USER_COLUMNS).where(User.smartcar_user_id == smartcar_user_id)
+        with self._reading() as connection:
+            row = connection.execute(statement).one_or_none()
+        return None if row is None else UserRecord(*row)
+
+    def get_user(self, user_id: int) -> UserRecord | None:
+        """The user with internal id ``user_id``, or ``None``."""
+        with self._reading() as connection:
+            row = connection.execute(select(*_USER_COLUMNS).where(User.id == user_id)).one_or_none()
+        return None if row is None else UserRecord(*row)
+
+    def link(self, user_id: int, smartcar_user_id: str) -> LinkResult:
+        """Store ``smartcar_user_id`` as the Smartcar user id of internal user ``user_id``.
+
+        Linking the same pair again changes nothing and reports ``already_linked``. An existing
+        link is never overwritten: :class:`LinkConflict` when the user already has a different
+        Smartcar user id or the id belongs to another user (also when a concurrent link wins the
+        race). :class:`UserNotFound` when there is no such user; :class:`InvalidValue` for a blank
+        or over-long id.
+        """
+        wanted = _checked(smartcar_user_id, "the Smartcar user id", SMARTCAR_ID_LENGTH)
+        if wanted is None:
+            raise InvalidValue("the Smartcar user id must not be blank.")
+        try:
+            with self._writing() as connection:
+                user = self._decide_link(connection, user_id, wanted)
+                if user is not None:
+                    return LinkResult(user=user, already_linked=True)
+                # The IS NULL guard makes a concurrent link of this user lose cleanly (rowcount 0)
+                # instead of overwriting; the unique constraint does the same for the Smartcar id.
+                result = connection.execute(
+                    update(User)
+                    .where(User.id == user_id, User.smartcar_user_id.is_(None))
+                    .values(smartcar_user_id=wanted)
+                )
+                if result.rowcount != 1:
+                    user = self._decide_link(connection, user_id, wanted)
+                    if user is not None:
+                        return LinkResult(user=user, already_linked=True)
+                    raise LinkConflict(f"user {user_id} changed while it was being linked; try again.")
+                row = connection.execute(select(*_USER_COLUMNS).where(User.id == user_id)).one()
+        except IntegrityError:
+            raise LinkConflict(
+                f"Smartcar user {wanted} was linked to another user concurrently; it stays with that user."
+            ) from None
+        return LinkResult(user=UserRecord(*row), already_linked=False)
+
+    @staticmethod
+    def _decide_link(connection: Connection, user_id: int, wanted: str) -> UserRecord | None:
+        """The user when already linked to ``wanted``; ``None`` when free to link; raises otherwise."""
+        row = connection.execute(select(*_USER_COLUMNS).where(User.id == user_id)).one_or_none()
+        if row is None:
+            raise UserNotFound(f"no user with id {user_id}: check the internal user id.")
+        user = UserRecord(*row)
+        if user.smartcar_user_id == wanted:
+            return user
+        if user.smartcar_user_id is not None:
+            raise LinkConflict(
+                f"user {user_id} is already linked to Smartcar user {user.smartcar_user_id}; "
+                f"refusing to overwrite it with {wanted}."
+            )
+        owner = UserStore._owner_of(connection, wanted)
+        if owner is not None:
+            raise LinkConflict(
+                f"Smartcar user {wanted} already belongs to user {owner}; refusing to link it to user {user_id}."
+            )
+        return None
+
+    @staticmethod
+    def _owner_of(connection: Connection, smartcar_user_id: str | None) -> int | None:
+        """The id of the user holding ``smartcar_user_id``, if any."""
+        if smartcar_user_id is None:
+            return None
+        statement = select(User.id).where(User.smartcar_user_id == smartcar_user_id)
+        owner: int | None = connection.execute(statement).scalar_one_or_none()
+        return owner
+
+    def add_user(self, id: int, email: str | None, name: str | None, smartcar_user_id: str | None = None) -> UserRecord:
+        """Insert a user (dev seeding and tests). :class:`RecordExists` when the id is taken,
+        :class:`LinkConflict` when another user holds ``smartcar_user_id``."""
+        record = UserRecord(
+            id=id,
+            email=_checked(email, "email", TEXT_LENGTH),
+            name=_checked(name, "name", TEXT_LENGTH),
+            smartcar_user_id=_checked(smartcar_user_id, "the Smartcar user id", SMARTCAR_ID_LENGTH),
+        )
+        try:
+            with self._writing() as connection:
+                if connection.execute(select(User.id).where(User.id == id)).first() is not None:
+                    raise RecordExists(f"a user with id {id} already exists.")
+                owner = self._owner_of(connection, record.smartcar_user_id)
+                if owner is not None:
+                    raise LinkConflict(f"Smartcar user {record.smartcar_user_id} already belongs to user {owner}.")
+                connection.execute(
+                    insert(User).values(
+                        id=record.id,
+                        email=record.email,
+                        name=record.name,
+                        smartcar_user_id=record.smartcar_user_id,
+                    )
+                )
+        except IntegrityError:
+            raise RecordExists(f"user {id} or its Smartcar user id was added concurrently.") from None
+        return record
+
+    def add_vehicle(self, id: int, user_id: int, vin: str | None, smartcar_vehicle_id: str | None = None) -> None:
+        """Insert a vehicle of user ``user_id`` (dev seeding and tests). :class:`UserNotFound` when
+        the user does not exist, :class:`RecordExists` when the vehicle id is taken."""
+        values = {
+            "id": id,
+            "user_id": user_id,
+            "vin": _checked(vin, "the VIN", VIN_LENGTH),
+            "smartcar_vehicle_id": _checked(smartcar_vehicle_id, "the Smartcar vehicle id", SMARTCAR_ID_LENGTH),
+        }
+        try:
+            with self._writing() as connection:
+                if connection.execute(select(User.id).where(User.id == user_id)).first() is None:
+                    raise UserNotFound(f"no user with id {user_id}: add the user before its vehicles.")
+                if connection.execute(select(Vehicle.id).where(Vehicle.id == id)).first() is not None:
+                    raise RecordExists(f"a vehicle with id {id} already exists.")
+                connection.execute(insert(Vehicle).values(**values))
+        except IntegrityError:
+            raise RecordExists(f"vehicle {id} was added concurrently or its user was removed.") from None
+
+    def dispose(self, *, close: bool = True) -> None:
+        """Close the pool's connections. ``close=False`` (in a forked child) only forgets them."""
+        self._engine.dispose(close=close)

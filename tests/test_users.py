@@ -1,0 +1,294 @@
+"""The SQL user store and its migrations, against real SQLite and real PostgreSQL.
+
+Every store test runs twice: on a fresh SQLite file, and in a PostgreSQL schema made for that test
+alone (``TEST_POSTGRES_URL``, default the local server's ``test`` database) and dropped after it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
+from sqlalchemy.schema import CreateSchema, DropSchema
+
+from core import db
+from core.errors import ConfigurationError, PermanentError, TransientError
+from core.users import (
+    Base,
+    InvalidValue,
+    LinkConflict,
+    RecordExists,
+    UserNotFound,
+    UserRecord,
+    UserStore,
+)
+
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+SMARTCAR_ALICE = "0d8f2f5e-6a41-4c1e-9a52-6a3c6b1f2d01"
+SMARTCAR_BOB = "7b3e9c10-2f4d-4e8a-b1c2-9d8e7f6a5b02"
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> str:
+    """The PostgreSQL URL if the server answers, else skip every PostgreSQL case with the reason."""
+    engine = create_engine(POSTGRES_URL, poolclass=NullPool, connect_args={"connect_timeout": 2})
+    try:
+        with engine.connect():
+            pass
+    except OperationalError as exc:
+        pytest.skip(f"PostgreSQL at {db.safe_url(POSTGRES_URL)} is unreachable ({exc.orig}); set TEST_POSTGRES_URL")
+    finally:
+        engine.dispose()
+    return POSTGRES_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    """An empty database: a SQLite file, or a PostgreSQL schema that only this test sees."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'users.db'}"
+        return
+    admin_url = request.getfixturevalue("postgres_admin_url")
+    schema = f"test_users_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, poolclass=NullPool)
+    with admin.begin() as connection:
+        connection.execute(CreateSchema(schema))
+    # search_path puts every unqualified table, alembic_version included, into the test's schema.
+    url = make_url(admin_url).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as connection:
+            connection.execute(DropSchema(schema, cascade=True))
+        admin.dispose()
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[UserStore]:
+    """A store on a freshly migrated database, with Alice (unlinked) and Bob (linked)."""
+    db.upgrade(database_url)
+    user_store = UserStore(database_url)
+    user_store.add_user(1, "alice@example.com", "Alice")
+    user_store.add_user(2, "bob@example.com", "Bob", smartcar_user_id=SMARTCAR_BOB)
+    yield user_store
+    user_store.dispose()
+
+
+def _tables(database_url: str) -> set[str]:
+    engine = db.make_engine(database_url, pooled=False)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_creates_the_contract_schema_from_empty(database_url):
+    """`upgrade` on an empty database creates users and vehicles with the contract's columns and keys."""
+    assert db.current(database_url) is None
+    db.upgrade(database_url)
+    assert db.current(database_url) == "v3_schema"
+    engine = db.make_engine(database_url, pooled=False)
+    try:
+        inspector = inspect(engine)
+        assert set(inspector.get_table_names()) == {"alembic_version", "users", "vehicles"}
+        users = {column["name"]: column for column in inspector.get_columns("users")}
+        assert list(users) == ["id", "email", "name", "smartcar_user_id", "created_at"]
+        assert users["smartcar_user_id"]["type"].length == 36
+        assert users["email"]["type"].length == 255
+        assert inspector.get_pk_constraint("users")["constrained_columns"] == ["id"]
+        unique = inspector.get_unique_constraints("users")
+        assert [(u["name"], u["column_names"]) for u in unique] == [("uq_users_smartcar_user_id", ["smartcar_user_id"])]
+        vehicles = {column["name"]: column for column in inspector.get_columns("vehicles")}
+        assert list(vehicles) == ["id", "user_id", "vin", "smartcar_vehicle_id"]
+        assert vehicles["vin"]["type"].length == 17
+        [foreign_key] = inspector.get_foreign_keys("vehicles")
+        assert (foreign_key["constrained_columns"], foreign_key["referred_table"]) == (["user_id"], "users")
+        assert [(i["name"], i["column_names"]) for i in inspector.get_indexes("vehicles")] == [
+            ("ix_vehicles_smartcar_vehicle_id", ["smartcar_vehicle_id"])
+        ]
+    finally:
+        engine.dispose()
+
+
+def test_migrations_match_the_models(database_url):
+    """After `upgrade`, autogenerate finds no difference between the database and core.users' models."""
+    db.upgrade(database_url)
+    engine = db.make_engine(database_url, pooled=False)
+    try:
+        with engine.connect() as connection:
+            assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_twice_is_a_no_op(database_url):
+    """Running `upgrade` on an up-to-date database changes nothing and does not fail."""
+    db.upgrade(database_url)
+    db.upgrade(database_url)
+    assert db.current(database_url) == "v3_schema"
+
+
+def test_downgrade_to_base_removes_the_schema_and_upgrade_recreates_it(database_url):
+    """`downgrade base` leaves only Alembic's bookkeeping; a later `upgrade` rebuilds everything."""
+    db.upgrade(database_url)
+    db.downgrade(database_url, "base")
+    assert db.current(database_url) is None
+    assert _tables(database_url) <= {"alembic_version"}
+    db.upgrade(database_url)
+    assert db.current(database_url) == "v3_schema"
+    assert {"users", "vehicles"} <= _tables(database_url)
+
+
+def test_unknown_revision_is_a_configuration_error(database_url):
+    """Asking for a revision that does not exist fails with one line naming it."""
+    with pytest.raises(ConfigurationError, match="nope"):
+        db.upgrade(database_url, "nope")
+    with pytest.raises(ConfigurationError, match="nope"):
+        db.downgrade(database_url, "nope")
+
+
+def test_unreachable_database_is_a_configuration_error_without_the_password():
+    """Migrating an unreachable database fails with one line that masks the URL's password."""
+    url = "postgresql+psycopg://postgres:hunter2-secret@127.0.0.1:1/test"
+    with pytest.raises(ConfigurationError, match="unreachable") as caught:
+        db.upgrade(url)
+    assert "hunter2-secret" not in caught.value.message
+    assert "***" in caught.value.message
+
+
+@pytest.mark.parametrize("url", ["not a url", "nosuchdb://somewhere/x"])
+def test_bad_url_is_a_configuration_error(url):
+    """A DATABASE_URL that is not a URL or names no installed driver fails with one line."""
+    with pytest.raises(ConfigurationError, match="DATABASE_URL"):
+        db.upgrade(url)
+
+
+def test_bare_postgres_scheme_selects_psycopg():
+    """`postgres://` and `postgresql://` URLs use psycopg 3, the driver that is installed."""
+    for scheme in ("postgres", "postgresql"):
+        engine = db.make_engine(f"{scheme}://u@localhost/x")
+        assert engine.dialect.driver == "psycopg"
+        engine.dispose()
+
+
+def test_store_on_unreachable_database_raises_transient_error():
+    """A lookup while the database is down raises DatabaseUnavailable, which workers retry."""
+    store = UserStore("postgresql+psycopg://postgres:hunter2-secret@127.0.0.1:1/test")
+    with pytest.raises(db.DatabaseUnavailable) as caught:
+        store.find_by_smartcar_user_id(SMARTCAR_ALICE)
+    assert isinstance(caught.value, TransientError)
+    assert "hunter2-secret" not in caught.value.message
+    store.dispose()
+
+
+def test_store_on_unmigrated_database_says_to_upgrade(database_url):
+    """A lookup on a database without tables tells the operator to run `db upgrade`."""
+    store = UserStore(database_url)
+    with pytest.raises(ConfigurationError, match="db upgrade"):
+        store.find_by_smartcar_user_id(SMARTCAR_ALICE)
+    store.dispose()
+
+
+def test_find_by_smartcar_user_id_returns_the_linked_user(store):
+    """The lookup workers make per event returns the user whose smartcar_user_id matches."""
+    assert store.find_by_smartcar_user_id(SMARTCAR_BOB) == UserRecord(
+        id=2, email="bob@example.com", name="Bob", smartcar_user_id=SMARTCAR_BOB
+    )
+
+
+@pytest.mark.parametrize("smartcar_user_id", [SMARTCAR_ALICE, "", "x" * 37])
+def test_find_by_unknown_smartcar_user_id_returns_none(store, smartcar_user_id):
+    """An id nobody is linked to, including one too long to be stored, finds no user."""
+    assert store.find_by_smartcar_user_id(smartcar_user_id) is None
+
+
+def test_get_user_returns_the_user_or_none(store):
+    """`get_user` looks users up by internal id."""
+    assert store.get_user(1) == UserRecord(1, "alice@example.com", "Alice", None)
+    assert store.get_user(99) is None
+
+
+def test_link_stores_the_smartcar_user_id(store):
+    """Linking an unlinked user stores the id, and the worker lookup then finds that user."""
+    result = store.link(1, SMARTCAR_ALICE)
+    assert result.already_linked is False
+    assert result.user == UserRecord(1, "alice@example.com", "Alice", SMARTCAR_ALICE)
+    assert result.message == f"user 1 linked to Smartcar user {SMARTCAR_ALICE}"
+    assert store.find_by_smartcar_user_id(SMARTCAR_ALICE) == result.user
+
+
+def test_link_again_with_the_same_id_is_a_no_op(store):
+    """Linking the pair that is already stored changes nothing and reports `already linked`."""
+    result = store.link(2, SMARTCAR_BOB)
+    assert result.already_linked is True
+    assert result.message == f"user 2 already linked to Smartcar user {SMARTCAR_BOB}"
+    assert store.get_user(2) == UserRecord(2, "bob@example.com", "Bob", SMARTCAR_BOB)
+
+
+def test_link_refuses_an_id_that_belongs_to_another_user(store):
+    """A Smartcar user id held by another user is never moved: LinkConflict, nothing changes."""
+    with pytest.raises(LinkConflict, match="already belongs to user 2") as caught:
+        store.link(1, SMARTCAR_BOB)
+    assert isinstance(caught.value, PermanentError)
+    assert store.get_user(1) == UserRecord(1, "alice@example.com", "Alice", None)
+    assert store.find_by_smartcar_user_id(SMARTCAR_BOB) == store.get_user(2)
+
+
+def test_link_refuses_to_overwrite_a_different_id(store):
+    """A user already linked to another Smartcar user id keeps it: LinkConflict, nothing changes."""
+    with pytest.raises(LinkConflict, match="refusing to overwrite"):
+        store.link(2, SMARTCAR_ALICE)
+    assert store.get_user(2) == UserRecord(2, "bob@example.com", "Bob", SMARTCAR_BOB)
+    assert store.find_by_smartcar_user_id(SMARTCAR_ALICE) is None
+
+
+def test_link_unknown_user_raises_user_not_found(store):
+    """Linking an internal user id that does not exist raises UserNotFound and stores nothing."""
+    with pytest.raises(UserNotFound, match="99"):
+        store.link(99, SMARTCAR_ALICE)
+    assert store.find_by_smartcar_user_id(SMARTCAR_ALICE) is None
+
+
+@pytest.mark.parametrize("smartcar_user_id", ["x" * 37, "   "])
+def test_link_rejects_an_id_that_cannot_be_stored(store, smartcar_user_id):
+    """A blank Smartcar user id, or one over 36 characters, is refused with a clear message."""
+    with pytest.raises(InvalidValue, match="Smartcar user id"):
+        store.link(1, smartcar_user_id)
+    assert store.get_user(1) == UserRecord(1, "alice@example.com", "Alice", None)
+
+
+def test_link_survives_a_second_store_seeing_the_same_database(store, database_url):
+    """Two stores (two processes) linking the same pair agree: the second sees `already linked`."""
+    other = UserStore(database_url)
+    try:
+        assert store.link(1, SMARTCAR_ALICE).already_linked is False
+        assert other.link(1, SMARTCAR_ALICE).already_linked is True
+    finally:
+        other.dispose()
+
+
+def test_add_user_refuses_a_taken_id_or_smartcar_user_id(store):
+    """Seeding the same user id twice, or another user with a taken Smartcar id, is refused."""
+    with pytest.raises(RecordExists):
+        store.add_user(1, "again@example.com", "Again")
+    with pytest.raises(LinkConflict):
+        store.add_user(3, "carol@example.com", "Carol", smartcar_user_id=SMARTCAR_BOB)
+    assert store.get_user(3) is None
+
+
+def test_add_vehicle_requires_an_existing_user(store):
+    """Vehicles belong to existing users; a duplicate vehicle id is refused."""
+    store.add_vehicle(10, 2, "1HGCM82633A004352", smartcar_vehicle_id="c1a2b3d4-0000-4000-8000-000000000010")
+    with pytest.raises(UserNotFound):
+        store.add_vehicle(11, 99, "1HGCM82633A004353")
+    with pytest.raises(RecordExists):
+        store.add_vehicle(10, 1, "1HGCM82633A004354")
+    with pytest.raises(InvalidValue, match="VIN"):
+        store.add_vehicle(12, 1, "X" * 18)
