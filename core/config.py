@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     # Extensions beyond the contract, with defaults that suit production.
     redis_timeout_seconds: float = Field(default=0.5, gt=0)
     """Socket timeout for every Redis call on the web path; bounds the 503 answer time."""
+    redis_max_connections: int = Field(default=64, gt=0)
+    """Redis connections per web process; requests beyond it wait for one within their deadline."""
     job_timeout_seconds: int = Field(default=120, gt=0)
     """How long one RQ job may run before RQ stops it."""
     job_retries: int = Field(default=5, ge=0)

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypedDict
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from starlette.applications import Starlette
@@ -32,14 +32,19 @@ class State(TypedDict):
 
 def web_redis(settings: Settings) -> Redis:
     """A Redis client whose every call is bounded, so Redis trouble becomes a fast 503."""
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         settings.redis_url,
+        # Under a burst, requests wait (within their deadline) for a free connection instead of
+        # failing outright as the default pool does when it runs out.
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_seconds,
         socket_timeout=settings.redis_timeout_seconds,
         socket_connect_timeout=settings.redis_timeout_seconds,
         # One immediate retry lets the first request after a Redis restart reconnect instead of failing.
         retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
     )
+    return Redis(connection_pool=pool)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -76,6 +81,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             yield {"redis": redis, "redis_deadline_seconds": deadline}
         finally:
             await redis.aclose()
+            await redis.connection_pool.disconnect()
 
     return Starlette(
         routes=[
