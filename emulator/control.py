@@ -1,0 +1,104 @@
+"""The emulator's control API under ``/_emulator/``, for tests and benchmarks to steer it over HTTP.
+
+- ``POST /_emulator/failures``: add a rule (JSON: :class:`emulator.state.FailureSpec`); 201 with the rule.
+- ``GET /_emulator/failures``: ``{"failures": [rule, ...]}``, in matching order.
+- ``DELETE /_emulator/failures``: drop every rule; ``{"cleared": n}``.
+- ``POST /_emulator/revoke``: revoke every issued token; ``{"revoked": n}`` (tokens that were live).
+- ``POST /_emulator/expire``: expire every issued token now; ``{"expired": n}``.
+- ``POST /_emulator/latency``: ``{"seconds": 0.1}`` (0 to 60), echoed back.
+- ``GET /_emulator/stats``: counts since start or reset (below).
+- ``POST /_emulator/reset``: no tokens, rules or counts; the configured latency; ``{"reset": true}``.
+- ``GET /_emulator/healthz``: ``{"status": "ok"}``.
+
+A rule as reported: ``{"id", "path", "status", "count", "rate", "retry_after", "type", "code",
+"detail", "remaining"}``. Stats: ``{"token_requests", "tokens_issued", "injected_failures",
+"calls": {template: n}, "statuses": {"200": n}, "statuses_by_route": {template: {"200": n}},
+"latency_seconds", "live_tokens", "active_failures"}``; templates are route paths such as
+``/v3/vehicles/{id}/signals``, and ``<unmatched>`` counts calls to unknown paths. Invalid bodies
+get 400 ``{"error": {"code": "invalid_request", "message": ..., "details": [...]}}``.
+Control calls are never delayed, failed or counted.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from emulator.state import EmulatorState, FailureSpec
+
+
+class LatencySpec(BaseModel):
+    """The JSON body of ``POST /_emulator/latency``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seconds: float = Field(ge=0, le=60)
+
+
+def _invalid(exc: ValidationError) -> Response:
+    details = json.loads(exc.json(include_url=False))
+    message = "The request body does not match the expected JSON."
+    return JSONResponse({"error": {"code": "invalid_request", "message": message, "details": details}}, 400)
+
+
+def control_routes(state: EmulatorState) -> list[Route]:
+    """The ``/_emulator/`` routes acting on ``state``."""
+
+    async def add_failure(request: Request) -> Response:
+        try:
+            spec = FailureSpec.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return _invalid(exc)
+        return JSONResponse(state.failures.add(spec).describe(), 201)
+
+    async def list_failures(request: Request) -> Response:
+        return JSONResponse({"failures": state.failures.describe()})
+
+    async def clear_failures(request: Request) -> Response:
+        return JSONResponse({"cleared": state.failures.clear()})
+
+    async def revoke(request: Request) -> Response:
+        return JSONResponse({"revoked": state.tokens.revoke_all()})
+
+    async def expire(request: Request) -> Response:
+        return JSONResponse({"expired": state.tokens.expire_all()})
+
+    async def set_latency(request: Request) -> Response:
+        try:
+            spec = LatencySpec.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return _invalid(exc)
+        state.latency = spec.seconds
+        return JSONResponse({"seconds": state.latency})
+
+    async def stats(request: Request) -> Response:
+        snapshot = state.stats.snapshot()
+        snapshot.update(
+            latency_seconds=state.latency,
+            live_tokens=state.tokens.live,
+            active_failures=len(state.failures.describe()),
+        )
+        return JSONResponse(snapshot)
+
+    async def reset(request: Request) -> Response:
+        state.reset()
+        return JSONResponse({"reset": True})
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    return [
+        Route("/_emulator/failures", add_failure, methods=["POST"]),
+        Route("/_emulator/failures", list_failures, methods=["GET"]),
+        Route("/_emulator/failures", clear_failures, methods=["DELETE"]),
+        Route("/_emulator/revoke", revoke, methods=["POST"]),
+        Route("/_emulator/expire", expire, methods=["POST"]),
+        Route("/_emulator/latency", set_latency, methods=["POST"]),
+        Route("/_emulator/stats", stats, methods=["GET"]),
+        Route("/_emulator/reset", reset, methods=["POST"]),
+        Route("/_emulator/healthz", healthz, methods=["GET"]),
+    ]
