@@ -29,6 +29,16 @@ entries. Messages are one sentence and never contain a secret, token or signal v
 
 from __future__ import annotations
 
+#: The reasons an entry of the parked stream can carry (the contract's list).
+PARK_REASONS = (
+    "unknown_user",
+    "invalid_payload",
+    "unknown_event_type",
+    "legacy_v2",
+    "upstream_rejected",
+    "retries_exhausted",
+)
+
 
 class IngestError(Exception):
     """Root of every error this project raises on purpose."""

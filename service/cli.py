@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from core.config import Settings, load_settings
-from core.errors import ConfigurationError, IngestError
+from core.errors import PARK_REASONS, ConfigurationError, IngestError
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -45,6 +45,68 @@ def _send_test_event(args: argparse.Namespace, settings: Settings) -> int:
     return send_test_event(settings, url=args.url, event_type=args.type)
 
 
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from core.logs import configure_logging
+    from workers.worker import run_worker
+
+    settings.require_client_credentials()
+    configure_logging(settings.log_level, settings.log_format)
+    run_worker(settings, burst=args.burst)
+    return 0
+
+
+def _emulator(args: argparse.Namespace, settings: Settings) -> int:
+    from emulator.app import EmulatorConfig
+    from emulator.server import serve
+
+    config = EmulatorConfig(latency_seconds=args.latency)
+    print(f"Smartcar emulator on http://{args.host}:{args.port}")
+    print(f"  SMARTCAR_API_URL=http://{args.host}:{args.port}/v3")
+    print(f"  SMARTCAR_TOKEN_URL=http://{args.host}:{args.port}/oauth2/token")
+    print(f"  SMARTCAR_CLIENT_ID={config.client_id} SMARTCAR_CLIENT_SECRET={config.client_secret}")
+    serve(host=args.host, port=args.port, config=config)
+    return 0
+
+
+def _db(args: argparse.Namespace, settings: Settings) -> int:
+    from core import db
+
+    if args.action == "upgrade":
+        db.upgrade(settings.database_url, args.revision or "head")
+    elif args.action == "downgrade":
+        if not args.revision:
+            raise ConfigurationError("db downgrade needs a revision, e.g. `db downgrade base`.")
+        db.downgrade(settings.database_url, args.revision)
+    print(f"database at revision {db.current(settings.database_url) or 'base (empty)'}")
+    return 0
+
+
+def _users_link(args: argparse.Namespace, settings: Settings) -> int:
+    from core.users import UserStore
+
+    store = UserStore(settings.database_url)
+    try:
+        result = store.link(args.user_id, args.smartcar_user_id)
+    finally:
+        store.dispose()
+    print(result.message)
+    if not result.already_linked:
+        print("Events parked as unknown_user can now be delivered: smartcar-ingest replay --reason unknown_user")
+    return 0
+
+
+def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    from service.operations import replay
+
+    return replay(settings, reason=args.reason, limit=args.limit)
+
+
+def _dev(args: argparse.Namespace, settings: Settings) -> int:
+    from service.dev import run_dev
+
+    return run_dev(settings, port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smartcar-ingest",
@@ -69,6 +131,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="which event to send (default VEHICLE_STATE)",
     )
     test_event.set_defaults(handler=_send_test_event)
+
+    worker = sub.add_parser("worker", help="run an RQ worker on the ingest queue")
+    worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    worker.set_defaults(handler=_worker)
+
+    dev = sub.add_parser("dev", help="run the whole pipeline locally (what `make run` runs)")
+    dev.add_argument("--port", type=_port, default=8000, help="web port (default 8000)")
+    dev.set_defaults(handler=_dev)
+
+    emulator = sub.add_parser("emulator", help="run the Smartcar API emulator alone")
+    emulator.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    emulator.add_argument("--port", type=_port, default=8787, help="port to bind (default 8787)")
+    emulator.add_argument("--latency", type=float, default=0.0, help="seconds added to every API call")
+    emulator.set_defaults(handler=_emulator)
+
+    database = sub.add_parser("db", help="schema migrations (Alembic)")
+    database.add_argument("action", choices=["upgrade", "downgrade"], help="direction")
+    database.add_argument("revision", nargs="?", help="target revision (upgrade: default head)")
+    database.set_defaults(handler=_db)
+
+    users = sub.add_parser("users", help="manage the user store")
+    users_sub = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    link = users_sub.add_parser("link", help="store a user's Smartcar user id")
+    link.add_argument("--user-id", type=_positive, required=True, help="internal user id (users.id)")
+    link.add_argument("--smartcar-user-id", required=True, help="Smartcar user id (the Connect user_id)")
+    link.set_defaults(handler=_users_link)
+
+    replay = sub.add_parser("replay", help="re-enqueue parked events")
+    replay.add_argument("--reason", choices=list(PARK_REASONS), help="only entries parked for this reason")
+    replay.add_argument("--limit", type=_positive, help="re-enqueue at most this many")
+    replay.set_defaults(handler=_replay)
     return parser
 
 

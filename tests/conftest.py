@@ -81,3 +81,42 @@ def fixture_paths() -> list[Path]:
 
 def load_fixture(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def emulator_url() -> Iterator[str]:
+    from emulator.server import running_emulator
+
+    with running_emulator() as url:
+        yield url
+
+
+@pytest.fixture
+def emulator(emulator_url: str) -> Iterator[str]:
+    import httpx
+
+    httpx.post(f"{emulator_url}/_emulator/reset").raise_for_status()
+    yield emulator_url
+    httpx.post(f"{emulator_url}/_emulator/reset").raise_for_status()
+
+
+@pytest.fixture
+def seeded_database(tmp_path: Path) -> str:
+    from core import db
+    from service.dev import seed_users
+
+    url = f"sqlite:///{tmp_path / 'users.db'}"
+    db.upgrade(url)
+    seed_users(url)
+    return url
+
+
+@pytest.fixture
+def pipeline(redis_url: str, emulator: str, seeded_database: str) -> Iterator[Settings]:
+    import stamina
+
+    from tests.pipeline import pipeline_settings
+
+    stamina.set_testing(True, attempts=3)
+    yield pipeline_settings(redis_url, emulator, seeded_database)
+    stamina.set_testing(False)

@@ -1,0 +1,192 @@
+"""The Smartcar v3 vehicle API client: application token plus ``sc-user-id``.
+
+Every call carries ``Authorization: Bearer <app token>`` and ``sc-user-id``. Outcomes map onto the
+error tree (:mod:`core.errors`):
+
+* 401: the token is refreshed once and the call retried once; a second 401 is
+  :class:`SmartcarUnauthorized` (the user revoked access, or the app lost it);
+* 429: :class:`SmartcarRateLimited`, retried after ``Retry-After`` seconds when Smartcar says,
+  with exponential backoff and jitter otherwise;
+* 5xx and network errors: :class:`SmartcarUnavailable`, retried with backoff;
+* any other 4xx: :class:`SmartcarRejected`, never retried.
+
+Retries stay within a bounded budget (attempts and seconds); past it the last transient error is
+raised so that the job level can decide (RQ retry, then park). ``stamina.set_testing`` turns the
+waits off in tests.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, urljoin, urlsplit
+
+import httpx
+import stamina
+
+from core.errors import (
+    SmartcarRateLimited,
+    SmartcarRejected,
+    SmartcarUnauthorized,
+    SmartcarUnavailable,
+    TransientError,
+)
+from core.tokens import AppTokenProvider, retry_after_seconds
+
+#: Longest wait honoured from a Retry-After header; a longer one is left to the job-level retry.
+MAX_RETRY_AFTER_SECONDS = 30.0
+#: Signal pages followed at most, so a misbehaving ``links.next`` cannot loop forever.
+MAX_SIGNAL_PAGES = 20
+
+
+def _backoff(exc: Exception) -> bool | float | dt.timedelta:
+    """stamina's hook: retry transient errors, waiting as long as a 429 asked when it said."""
+    if isinstance(exc, SmartcarRateLimited) and exc.retry_after is not None:
+        if exc.retry_after > MAX_RETRY_AFTER_SECONDS:
+            return False
+        return dt.timedelta(seconds=exc.retry_after)
+    return isinstance(exc, TransientError)
+
+
+def parse_error(response: httpx.Response) -> tuple[str | None, str | None, str | None]:
+    """``(type, code, request_id)`` from either v3 error shape (``errors[]`` or the flat object)."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    item: Any = body
+    if isinstance(body, dict) and isinstance(body.get("errors"), list) and body["errors"]:
+        item = body["errors"][0]
+    if not isinstance(item, dict):
+        return None, None, response.headers.get("sc-request-id")
+    meta = item.get("meta")
+    debug = meta.get("debug") if isinstance(meta, dict) else None
+    request_id = (
+        (debug.get("requestId") if isinstance(debug, dict) else None)
+        or item.get("requestId")
+        or response.headers.get("sc-request-id")
+    )
+
+    def text(value: object) -> str | None:
+        return str(value)[:80] if isinstance(value, str | int) and not isinstance(value, bool) else None
+
+    return text(item.get("type")), text(item.get("code")), text(request_id)
+
+
+class SmartcarClient:
+    """Reads vehicles, signals and connections from the v3 API for one application."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        api_url: str,
+        tokens: AppTokenProvider,
+        attempts: int = 4,
+        budget_seconds: float = 30.0,
+    ) -> None:
+        self._http = http
+        self._base = api_url.rstrip("/") + "/"
+        self._tokens = tokens
+        self._attempts = attempts
+        self._budget = budget_seconds
+
+    async def get_vehicle(self, vehicle_id: str, user_id: str) -> dict[str, Any]:
+        """``GET /vehicles/{id}``: the vehicle resource (``id``, ``attributes{make,model,year}``)."""
+        body = await self._get(f"vehicles/{quote(vehicle_id, safe='')}", user_id)
+        return body if isinstance(body, dict) else {}
+
+    async def get_signals(self, vehicle_id: str, user_id: str) -> list[dict[str, Any]]:
+        """``GET /vehicles/{id}/signals``: every signal resource, following ``links.next`` pages."""
+        url = f"vehicles/{quote(vehicle_id, safe='')}/signals"
+        params: dict[str, str] | None = {"page[size]": "100"}
+        resources: list[dict[str, Any]] = []
+        for _ in range(MAX_SIGNAL_PAGES):
+            body = await self._get(url, user_id, params)
+            data = body.get("data") if isinstance(body, dict) else None
+            resources.extend(item for item in data or () if isinstance(item, dict))
+            links = body.get("links") if isinstance(body, dict) else None
+            next_link = links.get("next") if isinstance(links, dict) else None
+            url = self._follow(next_link) if isinstance(next_link, str) and next_link else ""
+            if not url:
+                break
+            params = None
+        return resources
+
+    def _follow(self, link: str) -> str:
+        """The absolute URL of a ``links.next`` value, or "" when it leaves the API's host.
+
+        Links may be absolute, host-relative (``/v3/...``) or relative to the API root
+        (``/vehicles/...``). The bearer token must never be sent to another host.
+        """
+        base = urlsplit(self._base)
+        if link.startswith(("http://", "https://")):
+            url = link
+        elif link.startswith(base.path):
+            url = urljoin(self._base, link)
+        else:
+            url = self._base + link.lstrip("/")
+        target = urlsplit(url)
+        return url if (target.scheme, target.netloc) == (base.scheme, base.netloc) else ""
+
+    async def list_connections(
+        self, page_number: int, page_size: int = 100, user_id: str | None = None
+    ) -> dict[str, Any]:
+        """``GET /connections``, one page (``filter[userId]`` when a user is given)."""
+        params = {"page[number]": str(page_number), "page[size]": str(page_size)}
+        if user_id is not None:
+            params["filter[userId]"] = user_id
+        body = await self._get("connections", user_id, params)
+        return body if isinstance(body, dict) else {}
+
+    async def _get(self, path: str, user_id: str | None, params: Mapping[str, str] | None = None) -> Any:
+        async for attempt in stamina.retry_context(
+            on=_backoff, attempts=self._attempts, timeout=self._budget, wait_initial=0.2, wait_max=5.0
+        ):
+            with attempt:
+                return await self._get_once(path, user_id, params)
+        raise AssertionError("unreachable: stamina either returns or raises")  # pragma: no cover
+
+    async def _get_once(self, path: str, user_id: str | None, params: Mapping[str, str] | None) -> Any:
+        token = await self._tokens.get()
+        response = await self._send(path, token, user_id, params)
+        if response.status_code == 401:
+            # The token may have been revoked or rotated: one refresh, one retry.
+            token = await self._tokens.refresh(stale=token)
+            response = await self._send(path, token, user_id, params)
+            if response.status_code == 401:
+                error_type, code, request_id = parse_error(response)
+                raise SmartcarUnauthorized(
+                    f"Smartcar refused a fresh application token ({error_type or 'AUTHENTICATION'}"
+                    f"{':' + code if code else ''}, request {request_id or 'unknown'})."
+                )
+        status = response.status_code
+        if status < 300:
+            try:
+                return response.json()
+            except ValueError:
+                raise SmartcarUnavailable(f"Smartcar answered {status} with a body that is not JSON.") from None
+        error_type, code, request_id = parse_error(response)
+        label = f"{error_type or 'UNKNOWN'}{':' + code if code else ''}"
+        if status == 429:
+            raise SmartcarRateLimited(f"Smartcar rate limited the call ({label}).", retry_after_seconds(response))
+        if status >= 500:
+            raise SmartcarUnavailable(f"Smartcar answered {status} ({label}, request {request_id or 'unknown'}).")
+        raise SmartcarRejected(
+            f"Smartcar refused the call with {status} ({label}, request {request_id or 'unknown'}).",
+            status=status,
+            error_type=error_type,
+            error_code=code,
+        )
+
+    async def _send(
+        self, path: str, token: str, user_id: str | None, params: Mapping[str, str] | None
+    ) -> httpx.Response:
+        headers = {"authorization": f"Bearer {token}", "accept": "application/json"}
+        if user_id is not None:
+            headers["sc-user-id"] = user_id
+        url = path if path.startswith("http") else self._base + path
+        try:
+            return await self._http.get(url, params=params, headers=headers)
+        except httpx.HTTPError as exc:
+            raise SmartcarUnavailable(f"Smartcar could not be reached ({type(exc).__name__}).") from None

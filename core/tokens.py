@@ -1,0 +1,180 @@
+"""The application token: one client-credentials token shared by every worker process.
+
+Smartcar's v3 token lasts an hour and comes without a refresh token, so the service simply asks
+for a new one before the old one expires. The token lives in Redis, so every process of a
+deployment uses the same one and the token endpoint sees one request per token lifetime.
+
+Refreshing takes a short Redis lock (``SET NX PX``): the process holding it asks Smartcar, the
+others wait for the new token to appear instead of stampeding the endpoint. A 401 from the API
+calls :meth:`AppTokenProvider.refresh` with the token that failed; if another process already
+replaced it, that replacement is used without a new request.
+
+The token is a secret: it is never logged, never put in an exception message and never written
+anywhere but this Redis key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from dataclasses import dataclass
+
+import httpx
+from redis.asyncio import Redis
+
+from core.errors import SmartcarRateLimited, SmartcarUnavailable, TokenRequestFailed
+from core.logs import get_logger
+
+log = get_logger("smartcar_ingest.tokens")
+
+TOKEN_KEY = "smartcar-ingest:app-token"  # noqa: S105 - a Redis key name, not a secret
+LOCK_KEY = "smartcar-ingest:app-token:lock"
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class AppToken:
+    """An access token and when it stops working (epoch seconds)."""
+
+    access_token: str
+    expires_at: float
+
+    def __repr__(self) -> str:  # keep the secret out of tracebacks and debug output
+        return f"AppToken(expires_at={self.expires_at:.0f})"
+
+    def usable(self, margin: float, now: float | None = None) -> bool:
+        return self.expires_at - margin > (time.time() if now is None else now)
+
+
+class AppTokenProvider:
+    """Hands out the shared application token, refreshing it ahead of expiry."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        http: httpx.AsyncClient,
+        token_url: str,
+        client_id: str,
+        client_secret: str,
+        refresh_margin_seconds: float = 300.0,
+        lock_seconds: float = 15.0,
+    ) -> None:
+        self._redis = redis
+        self._http = http
+        self._token_url = token_url
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._margin = refresh_margin_seconds
+        self._lock_seconds = lock_seconds
+        self._local: AppToken | None = None
+        # Coroutines of this process share one refresh instead of each taking a turn at the lock.
+        self._refreshing: asyncio.Task[AppToken] | None = None
+        self._release = redis.register_script(_RELEASE)
+
+    async def get(self) -> str:
+        """A token that is valid for at least the refresh margin."""
+        if self._local is not None and self._local.usable(self._margin):
+            return self._local.access_token
+        shared = await self._read_shared()
+        if shared is not None and shared.usable(self._margin):
+            self._local = shared
+            return shared.access_token
+        return await self.refresh(stale=shared.access_token if shared else None)
+
+    async def refresh(self, stale: str | None) -> str:
+        """Replace the token ``stale`` (which failed or is expiring) and return its successor."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh(stale))
+        token = await asyncio.shield(self._refreshing)
+        self._local = token
+        return token.access_token
+
+    async def _refresh(self, stale: str | None) -> AppToken:
+        owner = secrets.token_hex(8)
+        deadline = time.monotonic() + self._lock_seconds * 2
+        while True:
+            shared = await self._read_shared()
+            if shared is not None and shared.access_token != stale and shared.usable(self._margin):
+                return shared  # someone else already replaced it
+            if await self._redis.set(LOCK_KEY, owner, nx=True, px=int(self._lock_seconds * 1000)):
+                try:
+                    shared = await self._read_shared()
+                    if shared is not None and shared.access_token != stale and shared.usable(self._margin):
+                        return shared
+                    token = await self._request()
+                    ttl = max(1, int(token.expires_at - time.time()))
+                    await self._redis.set(TOKEN_KEY, _dump(token), ex=ttl)
+                    log.info("application token refreshed", expires_in=ttl)
+                    return token
+                finally:
+                    await self._release(keys=[LOCK_KEY], args=[owner])
+            if time.monotonic() > deadline:
+                raise SmartcarUnavailable("Timed out waiting for another process to refresh the application token.")
+            await asyncio.sleep(0.05)
+
+    async def _read_shared(self) -> AppToken | None:
+        raw = await self._redis.get(TOKEN_KEY)
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            return AppToken(access_token=str(data["access_token"]), expires_at=float(data["expires_at"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    async def _request(self) -> AppToken:
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": self._client_id,
+            "client_secret": self._client_secret,
+        }
+        try:
+            response = await self._http.post(self._token_url, data=form, headers={"accept": "application/json"})
+        except httpx.HTTPError as exc:
+            raise SmartcarUnavailable(f"The token endpoint could not be reached ({type(exc).__name__}).") from None
+        if response.status_code == 429:
+            raise SmartcarRateLimited("The token endpoint is rate limiting us.", retry_after_seconds(response))
+        if response.status_code >= 500:
+            raise SmartcarUnavailable(f"The token endpoint answered {response.status_code}.")
+        if response.status_code != 200:
+            raise TokenRequestFailed(
+                f"The token endpoint refused the client credentials ({response.status_code} {_oauth_error(response)}); "
+                "check SMARTCAR_CLIENT_ID and SMARTCAR_CLIENT_SECRET."
+            )
+        try:
+            data = response.json()
+            access_token = str(data["access_token"])
+            expires_in = float(data.get("expires_in", 3600))
+        except (ValueError, KeyError, TypeError):
+            raise SmartcarUnavailable("The token endpoint answered 200 without a usable token.") from None
+        return AppToken(access_token=access_token, expires_at=time.time() + expires_in)
+
+
+def _dump(token: AppToken) -> str:
+    return json.dumps({"access_token": token.access_token, "expires_at": token.expires_at})
+
+
+def _oauth_error(response: httpx.Response) -> str:
+    """The RFC 6749 ``error`` code of a refusal, if the body has one (never the description)."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return "no error code"
+    return str(error)[:60] if isinstance(error, str) else "no error code"
+
+
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    """The ``Retry-After`` header in seconds, when present and numeric."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None

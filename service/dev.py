@@ -1,0 +1,203 @@
+"""``smartcar-ingest dev`` (what ``make run`` runs): the whole pipeline on one machine.
+
+Starts, as child processes: a ``redis-server`` when ``REDIS_URL`` does not answer, the Smartcar
+emulator unless real client credentials are set, the web process and one worker. Migrates the
+SQLite user store and seeds it with the emulator's users. Ctrl-C (or SIGTERM) stops everything
+it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+import redis
+
+from core import db
+from core.config import DEV_MANAGEMENT_TOKEN, Settings
+from core.errors import ConfigurationError, RecordExists
+from core.users import UserStore
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int, what: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ConfigurationError(f"{what} exited during startup (status {process.returncode}).")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise ConfigurationError(f"{what} did not start listening on port {port} within {timeout:.0f} s.")
+
+
+def _redis_answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def seed_users(database_url: str) -> int:
+    """Create one internal user (and vehicle) per emulator user; returns how many were added."""
+    from emulator.seed import default_seed
+
+    store = UserStore(database_url)
+    added = 0
+    vehicle_id = 0
+    try:
+        for index, user in enumerate(default_seed(), start=1):
+            try:
+                store.add_user(index, f"driver{index}@example.test", f"Driver {index}", smartcar_user_id=user.id)
+                added += 1
+            except RecordExists:
+                pass
+            for vehicle in user.vehicles:
+                vehicle_id += 1
+                with contextlib.suppress(RecordExists):
+                    store.add_vehicle(vehicle_id, index, vehicle.vin, smartcar_vehicle_id=vehicle.id)
+    finally:
+        store.dispose()
+    return added
+
+
+class Children:
+    """The processes ``dev`` started, stopped in reverse order."""
+
+    def __init__(self) -> None:
+        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(args, env=env)
+        self.processes.append((name, process))
+        return process
+
+    def stop(self) -> None:
+        for _, process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+        for name, process in reversed(self.processes):
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                print(f"{name} did not stop in time; killing it", file=sys.stderr)
+                process.kill()
+
+
+def run_dev(settings: Settings, port: int) -> int:
+    """Run everything until interrupted; returns the exit status."""
+    env = dict(os.environ)
+    env.setdefault("LOG_FORMAT", "console")
+    if not settings.management_tokens:
+        env["SMARTCAR_MANAGEMENT_TOKEN"] = DEV_MANAGEMENT_TOKEN
+    children = Children()
+    scratch = Path(tempfile.mkdtemp(prefix="smartcar-ingest-dev-"))
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    cli = [sys.executable, "-m", "service.cli"]
+    try:
+        if _redis_answers(settings.redis_url):
+            print(f"using Redis at {settings.redis_url}")
+        else:
+            if shutil.which("redis-server") is None:
+                raise ConfigurationError("REDIS_URL does not answer and redis-server is not installed.")
+            redis_port = _free_port()
+            process = children.start(
+                "redis-server",
+                [
+                    "redis-server",
+                    "--port",
+                    str(redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(scratch),
+                    "--appendonly",
+                    "yes",
+                    "--save",
+                    "",
+                    "--maxmemory-policy",
+                    "noeviction",
+                ],
+                env,
+            )
+            _wait_for_port(redis_port, "redis-server", process)
+            env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+            print(f"started redis-server on port {redis_port} (AOF in {scratch})")
+
+        if settings.smartcar_client_id and settings.smartcar_client_secret:
+            print(f"using Smartcar at {settings.smartcar_api_url}")
+            seeded = False
+        else:
+            from emulator.app import EmulatorConfig
+
+            emulator_port = _free_port()
+            process = children.start("emulator", [*cli, "emulator", "--port", str(emulator_port)], env)
+            _wait_for_port(emulator_port, "the emulator", process)
+            defaults = EmulatorConfig()
+            env.update(
+                SMARTCAR_API_URL=f"http://127.0.0.1:{emulator_port}/v3",
+                SMARTCAR_TOKEN_URL=f"http://127.0.0.1:{emulator_port}/oauth2/token",
+                SMARTCAR_CLIENT_ID=defaults.client_id,
+                SMARTCAR_CLIENT_SECRET=defaults.client_secret,
+            )
+            seeded = True
+            print(f"started the Smartcar emulator on port {emulator_port}")
+
+        db.upgrade(settings.database_url)
+        if seeded:
+            added = seed_users(settings.database_url)
+            print(f"user store {settings.database_url} migrated; {added} emulator users added")
+
+        web = children.start("web", [*cli, "web", "--host", "127.0.0.1", "--port", str(port)], env)
+        _wait_for_port(port, "the web process", web)
+        children.start("worker", [*cli, "worker"], env)
+        _print_instructions(port, env)
+        while True:
+            for name, process in children.processes:
+                if process.poll() is not None:
+                    raise ConfigurationError(f"{name} stopped unexpectedly (status {process.returncode}).")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nstopping…")
+        return 0
+    finally:
+        children.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _print_instructions(port: int, env: dict[str, str]) -> None:
+    url = f"http://127.0.0.1:{port}/webhooks/smartcar"
+    print(
+        f"""
+smartcar-ingest is running: web on http://127.0.0.1:{port}, one worker, Redis at {env.get("REDIS_URL", "")}
+
+  send a signed test event:   uv run smartcar-ingest send-test-event --url {url}
+  read the enriched output:   redis-cli -u {env.get("REDIS_URL", "redis://localhost:6379/0")} XRANGE {env.get("OUTPUT_STREAM", "smartcar:vehicle-events")} - +
+  parked events:              redis-cli -u {env.get("REDIS_URL", "redis://localhost:6379/0")} XRANGE {env.get("PARKED_STREAM", "smartcar:parked")} - +
+
+Ctrl-C stops everything.""",
+        flush=True,
+    )

@@ -1,0 +1,67 @@
+"""Helpers for end-to-end tests: settings pointing at the emulator, a seeded user store, a worker."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import redis
+from pydantic import SecretStr
+from rq import Queue, SimpleWorker
+from rq.serializers import JSONSerializer
+
+from core.config import Settings
+from workers import runtime
+
+CLIENT_ID = "client_emulator"
+CLIENT_SECRET = "emulator-secret"
+
+
+def pipeline_settings(redis_url: str, emulator_url: str, database_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "database_url": database_url,
+        "smartcar_management_token": SecretStr("test-management-token"),
+        "smartcar_client_id": CLIENT_ID,
+        "smartcar_client_secret": SecretStr(CLIENT_SECRET),
+        "smartcar_api_url": f"{emulator_url}/v3",
+        "smartcar_token_url": f"{emulator_url}/oauth2/token",
+        "job_retries": 0,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def run_worker_burst(settings: Settings) -> None:
+    """Work the queue in this process until it is empty."""
+    current = runtime.Runtime(settings)
+    runtime.install(current)
+    connection = redis.Redis.from_url(settings.redis_url)
+    try:
+        queue = Queue(settings.ingest_queue, connection=connection, serializer=JSONSerializer)
+        SimpleWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)
+    finally:
+        runtime.install(None)
+        current.close()
+        connection.close()
+
+
+def stream_entries(client: redis.Redis, stream: str) -> list[dict[str, str]]:
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in client.xrange(stream)]
+
+
+def outputs(client: redis.Redis, stream: str = "smartcar:vehicle-events") -> list[dict[str, Any]]:
+    entries = stream_entries(client, stream)
+    for entry in entries:
+        entry["document"] = json.loads(entry["payload"])
+    return entries
+
+
+def emulator_stats(emulator_url: str) -> dict[str, Any]:
+    return dict(httpx.get(f"{emulator_url}/_emulator/stats").json())
+
+
+def inject(emulator_url: str, **rule: Any) -> None:
+    response = httpx.post(f"{emulator_url}/_emulator/failures", json=rule)
+    assert response.status_code == 201, response.text

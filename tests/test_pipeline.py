@@ -1,0 +1,284 @@
+"""End to end over real HTTP and real Redis: webhook → queue → worker → stream."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+from rq import Queue
+from rq.job import Job
+from rq.registry import FailedJobRegistry
+from rq.serializers import JSONSerializer
+from starlette.testclient import TestClient
+
+from core.samples import SAMPLE_VEHICLE_ID, encode, sample_event
+from core.streams import published_key
+from core.users import UserStore
+from service.app import create_app
+from service.operations import replay
+from tests.conftest import fixture_paths, load_fixture, signed_headers
+from tests.pipeline import emulator_stats, inject, outputs, run_worker_burst, stream_entries
+
+UNKNOWN_USER = "11111111-2222-4333-8444-555555555555"
+
+
+def deliver(settings, *documents_or_bodies):
+    with TestClient(create_app(settings)) as client:
+        for item in documents_or_bodies:
+            body = item if isinstance(item, bytes) else encode(item)
+            headers = signed_headers(body, "test-management-token")
+            response = client.post("/webhooks/smartcar", content=body, headers=headers)
+            assert response.status_code == 202, response.text
+
+
+@pytest.mark.parametrize("path", fixture_paths(), ids=lambda p: p.name)
+def test_every_captured_fixture_is_published_enriched(pipeline, redis_client, path):
+    """Each real capture goes through the whole pipeline and comes out as one enriched entry."""
+    document = load_fixture(path)
+    deliver(pipeline, path.read_bytes())
+    run_worker_burst(pipeline)
+    [entry] = outputs(redis_client)
+    assert entry["event_id"] == document["eventId"]
+    assert entry["event_type"] == document["eventType"]
+    assert entry["vehicle_id"] == document["data"]["vehicle"]["id"]
+    user = UserStore(pipeline.database_url).find_by_smartcar_user_id(document["data"]["user"]["id"])
+    assert user is not None
+    assert entry["user_id"] == str(user.id)
+    output = entry["document"]
+    assert output["schemaVersion"] == 1
+    assert output["user"] == {"id": user.id, "smartcarUserId": document["data"]["user"]["id"]}
+    assert output["enrichment"] == {"status": "complete", "errors": []}
+    assert output["vehicle"]["id"] == document["data"]["vehicle"]["id"]
+    assert output["latestSignals"], "the emulator's signals for the vehicle"
+    assert len(output["signals"]) == len(document["data"].get("signals", []))
+    assert output["receivedAt"].endswith("Z")
+    assert output["publishedAt"] >= output["receivedAt"]
+    if document["eventType"] == "VEHICLE_ERROR":
+        assert len(output["errors"]) == len(document["data"]["errors"])
+
+
+def test_output_document_fields(pipeline, redis_client):
+    """The sample event's document carries the API's vehicle, signals, triggers and delivery meta."""
+    event = sample_event()
+    deliver(pipeline, event)
+    run_worker_burst(pipeline)
+    [entry] = outputs(redis_client)
+    output = entry["document"]
+    assert output["vehicle"] == {"id": SAMPLE_VEHICLE_ID, "make": "TESLA", "model": "Model Y", "year": 2022} | {
+        key: output["vehicle"][key] for key in ("mode", "powertrainType") if key in output["vehicle"]
+    }
+    assert output["triggers"] == [{"type": "SIGNAL_UPDATED", "code": "tractionbattery-stateofcharge"}]
+    assert output["meta"]["deliveryId"] == event["meta"]["deliveryId"]
+    assert output["meta"]["mode"] == "TEST"
+    assert {s["code"] for s in output["signals"]} == {"tractionbattery-stateofcharge", "odometer-traveleddistance"}
+    first = output["latestSignals"][0]
+    assert set(first) >= {"code", "name", "group", "body", "status", "oemUpdatedAt", "retrievedAt"}
+
+
+def test_replay_after_users_link_publishes(pipeline, redis_client, capsys):
+    """An unknown_user event is delivered after `users link` and `replay --reason unknown_user`."""
+    store = UserStore(pipeline.database_url)
+    store.add_user(901, "late@example.test", "Late Linker")
+    event = sample_event(user_id=UNKNOWN_USER)
+    deliver(pipeline, event)
+    run_worker_burst(pipeline)
+    assert stream_entries(redis_client, "smartcar:parked")[0]["reason"] == "unknown_user"
+
+    result = store.link(901, UNKNOWN_USER)
+    assert not result.already_linked
+    replay(pipeline, reason="unknown_user", limit=None)
+    assert "re-enqueued 1 of 1" in capsys.readouterr().out
+    assert stream_entries(redis_client, "smartcar:parked") == []
+    run_worker_burst(pipeline)
+    [entry] = outputs(redis_client)
+    assert entry["event_id"] == event["eventId"]
+    assert entry["user_id"] == "901"
+    # The emulator does not know this user's vehicle: published, but partially enriched.
+    assert entry["document"]["enrichment"]["status"] == "partial"
+
+
+def test_replay_filters_by_reason_and_limit(pipeline, redis_client, capsys):
+    """replay --reason only touches that reason; --limit caps how many are re-enqueued."""
+    for _ in range(3):
+        redis_client.xadd(
+            "smartcar:parked",
+            {"event_id": f"e-{_}", "reason": "unknown_user", "detail": "d", "payload": encode(sample_event()).decode()},
+        )
+    redis_client.xadd("smartcar:parked", {"event_id": "x", "reason": "legacy_v2", "detail": "d", "payload": "{}"})
+    replay(pipeline, reason="unknown_user", limit=2)
+    assert "re-enqueued 2 of 2" in capsys.readouterr().out
+    reasons = [e["reason"] for e in stream_entries(redis_client, "smartcar:parked")]
+    assert reasons == ["unknown_user", "legacy_v2"]
+    queue = Queue(pipeline.ingest_queue, connection=redis_client, serializer=JSONSerializer)
+    assert queue.job_ids == ["e-0", "e-1"]
+
+
+def test_vehicle_refused_for_good_is_published_partial(pipeline, redis_client, emulator):
+    """A 404 from GET /vehicles/{id} publishes the webhook's own vehicle with enrichment partial."""
+    inject(emulator, path=f"/v3/vehicles/{SAMPLE_VEHICLE_ID}", status=404, count=1, code="VEHICLE_NOT_FOUND")
+    event = sample_event()
+    deliver(pipeline, event)
+    run_worker_burst(pipeline)
+    [entry] = outputs(redis_client)
+    output = entry["document"]
+    assert output["enrichment"]["status"] == "partial"
+    [error] = output["enrichment"]["errors"]
+    assert error["call"] == "vehicle"
+    assert error["status"] == 404
+    assert output["vehicle"]["make"] == event["data"]["vehicle"]["make"]  # the webhook's copy
+    assert output["latestSignals"]
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_transient_failures_are_retried_then_published(pipeline, redis_client, emulator, status):
+    """429 (with Retry-After) and 5xx are retried within the job and the event is published."""
+    inject(emulator, path="/v3/vehicles/{id}/signals", status=status, count=2, retry_after=0)
+    deliver(pipeline, sample_event())
+    run_worker_burst(pipeline)
+    [entry] = outputs(redis_client)
+    assert entry["document"]["enrichment"]["status"] == "complete"
+    assert emulator_stats(emulator)["statuses_by_route"]["/v3/vehicles/{id}/signals"][str(status)] == 2
+
+
+def test_persistent_5xx_parks_retries_exhausted(pipeline, redis_client, emulator):
+    """When every attempt fails and no RQ retry is left, the event is parked retries_exhausted."""
+    inject(emulator, path="/v3/vehicles/{id}/signals", status=503, rate=1.0)
+    event = sample_event()
+    deliver(pipeline, event)
+    run_worker_burst(pipeline)
+    assert outputs(redis_client) == []
+    [parked] = stream_entries(redis_client, "smartcar:parked")
+    assert parked["reason"] == "retries_exhausted"
+    assert parked["event_id"] == event["eventId"]
+    assert FailedJobRegistry(pipeline.ingest_queue, connection=redis_client).count == 0
+
+
+def test_transient_failure_with_rq_retries_left_requeues_the_job(pipeline, redis_client, emulator):
+    """With RQ retries left, a transient failure fails the attempt and RQ schedules a retry."""
+    settings = pipeline.model_copy(update={"job_retries": 2})
+    inject(emulator, path="/v3/vehicles/{id}/signals", status=503, rate=1.0)
+    event = sample_event()
+    deliver(settings, event)
+    run_worker_burst(settings)
+    assert outputs(redis_client) == []
+    assert stream_entries(redis_client, "smartcar:parked") == []
+    job = Job.fetch(event["eventId"], connection=redis_client, serializer=JSONSerializer)
+    assert job.get_status() == "scheduled"
+    assert job.retries_left == 1
+
+
+def test_expired_token_is_refreshed_once(pipeline, redis_client, emulator):
+    """After the emulator expires every token, one 401 forces one refresh and the event is published."""
+    deliver(pipeline, sample_event())
+    run_worker_burst(pipeline)
+    assert emulator_stats(emulator)["token_requests"] == 1
+    httpx.post(f"{emulator}/_emulator/expire").raise_for_status()
+    deliver(pipeline, sample_event())
+    run_worker_burst(pipeline)
+    assert len(outputs(redis_client)) == 2
+    assert emulator_stats(emulator)["token_requests"] == 2
+
+
+def test_revoked_token_is_refreshed(pipeline, redis_client, emulator):
+    """A revoked token is replaced after its first 401."""
+    deliver(pipeline, sample_event())
+    run_worker_burst(pipeline)
+    httpx.post(f"{emulator}/_emulator/revoke").raise_for_status()
+    deliver(pipeline, sample_event())
+    run_worker_burst(pipeline)
+    assert len(outputs(redis_client)) == 2
+
+
+def test_401_that_survives_a_refresh_parks_upstream_rejected(pipeline, redis_client, emulator):
+    """A 401 even with a fresh token parks the event upstream_rejected."""
+    inject(emulator, path=f"/v3/vehicles/{SAMPLE_VEHICLE_ID}", status=401, rate=1.0)
+    deliver(pipeline, sample_event())
+    run_worker_burst(pipeline)
+    assert outputs(redis_client) == []
+    [parked] = stream_entries(redis_client, "smartcar:parked")
+    assert parked["reason"] == "upstream_rejected"
+    assert "Bearer" not in parked["detail"]
+
+
+def test_a_job_run_twice_publishes_once(pipeline, redis_client):
+    """Re-running a finished job (as after a crash) leaves exactly one output entry."""
+    event = sample_event()
+    deliver(pipeline, event)
+    run_worker_burst(pipeline)
+    job = Job.fetch(event["eventId"], connection=redis_client, serializer=JSONSerializer)
+    assert job.return_value()["status"] == "published"
+    Queue(pipeline.ingest_queue, connection=redis_client, serializer=JSONSerializer).enqueue_job(job)
+    run_worker_burst(pipeline)
+    assert len(outputs(redis_client)) == 1
+    job = Job.fetch(event["eventId"], connection=redis_client, serializer=JSONSerializer)
+    assert job.return_value()["status"] == "already_published"
+
+
+def test_killed_after_publishing_rerun_publishes_once(pipeline, redis_client, emulator):
+    """A job killed after its publish but before RQ recorded success is re-run without a second entry."""
+    event = sample_event()
+    deliver(pipeline, event)
+    run_worker_burst(pipeline)
+    calls_before = emulator_stats(emulator)["calls"]
+    # Replay the crash: the published mark is there, the job runs again from the queue.
+    assert redis_client.exists(published_key(event["eventId"]))
+    deliver_again = sample_event(event_id=event["eventId"])
+    redis_client.delete(f"smartcar-ingest:seen:{event['eventId']}")
+    deliver(pipeline, deliver_again)
+    run_worker_burst(pipeline)
+    assert len(outputs(redis_client)) == 1
+    # The re-run did not call Smartcar again.
+    assert emulator_stats(emulator)["calls"] == calls_before
+
+
+def test_invalid_body_in_a_job_is_parked(pipeline, redis_client):
+    """A queued body that no longer parses is parked invalid_payload, not failed."""
+    from core.inbox import JobOptions, build_job_hash, job_payload
+
+    job_id, mapping = build_job_hash(
+        job_payload("bad-1", "VEHICLE_STATE", "{not json", 1), JobOptions("smartcar-events")
+    )
+    redis_client.hset(Job.key_for(job_id), mapping=mapping)
+    redis_client.rpush("rq:queue:smartcar-events", job_id)
+    run_worker_burst(pipeline)
+    [parked] = stream_entries(redis_client, "smartcar:parked")
+    assert parked["reason"] == "invalid_payload"
+    assert parked["payload"] == "{not json"
+
+
+def test_token_is_shared_by_two_worker_processes(pipeline, redis_client, emulator):
+    """Two worker processes draining one queue make exactly one token request between them."""
+    deliver(pipeline, *[sample_event() for _ in range(20)])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "DATABASE_"))}
+    env |= {
+        "REDIS_URL": pipeline.redis_url,
+        "DATABASE_URL": pipeline.database_url,
+        "SMARTCAR_CLIENT_ID": pipeline.smartcar_client_id,
+        "SMARTCAR_CLIENT_SECRET": pipeline.smartcar_client_secret.get_secret_value(),
+        "SMARTCAR_API_URL": pipeline.smartcar_api_url,
+        "SMARTCAR_TOKEN_URL": pipeline.smartcar_token_url,
+        "PYTHONPATH": os.getcwd(),
+        "LOG_LEVEL": "WARNING",
+    }
+    workers = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--burst"], env=env) for _ in range(2)]
+    for worker in workers:
+        assert worker.wait(timeout=120) == 0
+    assert len(outputs(redis_client)) == 20
+    assert emulator_stats(emulator)["token_requests"] == 1
+
+
+def test_rq_info_shows_the_queue(pipeline, redis_client):
+    """`rq info` lists the ingest queue with its queued jobs."""
+    deliver(pipeline, sample_event(), sample_event())
+    result = subprocess.run(
+        [sys.executable, "-m", "rq.cli", "info", "--url", pipeline.redis_url, "--only-queues"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "smartcar-events" in result.stdout
+    assert "2" in result.stdout
