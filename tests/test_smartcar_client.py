@@ -1,0 +1,338 @@
+"""The token provider and the v3 client, with httpx.MockTransport standing in for Smartcar."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import stamina
+from redis.asyncio import Redis
+
+from core.errors import (
+    SmartcarRateLimited,
+    SmartcarRejected,
+    SmartcarUnauthorized,
+    SmartcarUnavailable,
+    TokenRequestFailed,
+)
+from core.smartcar import SmartcarClient, parse_error
+from core.tokens import TOKEN_KEY, AppTokenProvider
+
+API = "https://vehicle.example.test/v3"
+TOKEN_URL = "https://iam.example.test/oauth2/token"
+
+
+class FakeSmartcar:
+    """A scripted Smartcar: token requests counted, API answers queued per path."""
+
+    def __init__(self) -> None:
+        self.token_requests = 0
+        self.token_forms: list[dict[str, list[str]]] = []
+        self.answers: dict[str, list[httpx.Response]] = {}
+        self.requests: list[httpx.Request] = []
+        self.token_delay = 0.0
+
+    async def handler(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if str(request.url) == TOKEN_URL:
+            self.token_requests += 1
+            from urllib.parse import parse_qs
+
+            self.token_forms.append(parse_qs(request.content.decode()))
+            await asyncio.sleep(self.token_delay)
+            return httpx.Response(
+                200, json={"access_token": f"tok-{self.token_requests}", "token_type": "Bearer", "expires_in": 3600}
+            )
+        queue = self.answers.get(request.url.path, [])
+        if queue:
+            return queue.pop(0)
+        return httpx.Response(200, json={"id": "v", "attributes": {"make": "M"}})
+
+
+@pytest.fixture
+def fake():
+    return FakeSmartcar()
+
+
+@pytest.fixture
+def no_waits():
+    stamina.set_testing(True, attempts=4)
+    yield
+    stamina.set_testing(False)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def make(redis_url, fake, **kwargs):
+    redis = Redis.from_url(redis_url)
+    http = httpx.AsyncClient(transport=httpx.MockTransport(fake.handler))
+    tokens = AppTokenProvider(redis, http, TOKEN_URL, "client_x", "secret-x", **kwargs)
+    return redis, http, tokens, SmartcarClient(http, API, tokens)
+
+
+def test_token_request_is_form_encoded_client_credentials(redis_url, fake):
+    """The token request is a form-encoded client-credentials grant."""
+
+    async def scenario():
+        redis, http, tokens, _ = await make(redis_url, fake)
+        assert await tokens.get() == "tok-1"
+        await http.aclose()
+        await redis.aclose()
+
+    run(scenario())
+    assert fake.token_forms == [
+        {"grant_type": ["client_credentials"], "client_id": ["client_x"], "client_secret": ["secret-x"]}
+    ]
+    assert fake.requests[0].headers["content-type"] == "application/x-www-form-urlencoded"
+
+
+def test_many_callers_in_many_providers_share_one_token_request(redis_url, fake):
+    """Fifty concurrent callers across five providers (processes) cause one token request."""
+    fake.token_delay = 0.05
+
+    async def scenario():
+        made = [await make(redis_url, fake) for _ in range(5)]
+        results = await asyncio.gather(*(made[i % 5][2].get() for i in range(50)))
+        for redis, http, _, _ in made:
+            await http.aclose()
+            await redis.aclose()
+        return results
+
+    assert set(run(scenario())) == {"tok-1"}
+    assert fake.token_requests == 1
+
+
+def test_token_near_expiry_is_refreshed_ahead_of_time(redis_url, fake, redis_client):
+    """A shared token within the refresh margin is replaced before it expires."""
+    import time
+
+    redis_client.set(TOKEN_KEY, json.dumps({"access_token": "old", "expires_at": time.time() + 60}))
+
+    async def scenario():
+        redis, http, tokens, _ = await make(redis_url, fake, refresh_margin_seconds=300)
+        token = await tokens.get()
+        await http.aclose()
+        await redis.aclose()
+        return token
+
+    assert run(scenario()) == "tok-1"
+
+
+def test_refresh_uses_a_replacement_made_by_another_process(redis_url, fake, redis_client):
+    """refresh(stale) returns a newer shared token without asking Smartcar again."""
+    import time
+
+    async def scenario():
+        redis, http, tokens, _ = await make(redis_url, fake)
+        first = await tokens.get()
+        redis_client.set(TOKEN_KEY, json.dumps({"access_token": "from-elsewhere", "expires_at": time.time() + 3600}))
+        second = await tokens.refresh(stale=first)
+        await http.aclose()
+        await redis.aclose()
+        return first, second
+
+    assert run(scenario()) == ("tok-1", "from-elsewhere")
+    assert fake.token_requests == 1
+
+
+def test_refused_credentials_are_permanent_and_name_no_secret(redis_url):
+    """401 invalid_client from the token endpoint is TokenRequestFailed without the secret in it."""
+
+    async def handler(request):
+        return httpx.Response(401, json={"error": "invalid_client", "error_description": "secret-x is wrong"})
+
+    async def scenario():
+        redis = Redis.from_url(redis_url)
+        http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        tokens = AppTokenProvider(redis, http, TOKEN_URL, "client_x", "secret-x")
+        try:
+            await tokens.get()
+        finally:
+            await http.aclose()
+            await redis.aclose()
+
+    with pytest.raises(TokenRequestFailed) as info:
+        run(scenario())
+    assert "invalid_client" in info.value.message
+    assert "secret-x" not in info.value.message
+
+
+def test_calls_carry_bearer_token_and_sc_user_id(redis_url, fake):
+    """Vehicle reads send the app token and the sc-user-id header; ids are path-escaped."""
+
+    async def scenario():
+        redis, http, _, client = await make(redis_url, fake)
+        await client.get_vehicle("v/../x", "user-1")
+        await http.aclose()
+        await redis.aclose()
+
+    run(scenario())
+    request = fake.requests[-1]
+    assert request.headers["authorization"] == "Bearer tok-1"
+    assert request.headers["sc-user-id"] == "user-1"
+    assert request.url.raw_path.startswith(b"/v3/vehicles/v%2F..%2Fx")
+
+
+def test_401_refreshes_once_and_retries_once(redis_url, fake):
+    """A 401 forces one token refresh and one retry."""
+    fake.answers["/v3/vehicles/v"] = [httpx.Response(401, json={"errors": [{"status": "401"}]})]
+
+    async def scenario():
+        redis, http, _, client = await make(redis_url, fake)
+        vehicle = await client.get_vehicle("v", "u")
+        await http.aclose()
+        await redis.aclose()
+        return vehicle
+
+    assert run(scenario())["attributes"]["make"] == "M"
+    assert fake.token_requests == 2
+    assert fake.requests[-1].headers["authorization"] == "Bearer tok-2"
+
+
+def test_401_after_refresh_is_unauthorized(redis_url, fake):
+    """A second 401 with a fresh token raises SmartcarUnauthorized, with no token in the message."""
+    fake.answers["/v3/vehicles/v"] = [httpx.Response(401), httpx.Response(401)]
+
+    async def scenario():
+        redis, http, _, client = await make(redis_url, fake)
+        try:
+            await client.get_vehicle("v", "u")
+        finally:
+            await http.aclose()
+            await redis.aclose()
+
+    with pytest.raises(SmartcarUnauthorized) as info:
+        run(scenario())
+    assert "tok-" not in info.value.message
+
+
+def test_429_with_retry_after_is_honoured(redis_url, fake, no_waits):
+    """A 429 is retried and the call then succeeds."""
+    fake.answers["/v3/vehicles/v"] = [httpx.Response(429, headers={"retry-after": "0"}, json={})]
+
+    async def scenario():
+        redis, http, _, client = await make(redis_url, fake)
+        result = await client.get_vehicle("v", "u")
+        await http.aclose()
+        await redis.aclose()
+        return result
+
+    assert run(scenario())["id"] == "v"
+
+
+def test_5xx_until_the_budget_runs_out_raises_unavailable(redis_url, fake, no_waits):
+    """Persistent 503s are retried, then SmartcarUnavailable is raised."""
+    fake.answers["/v3/vehicles/v"] = [httpx.Response(503) for _ in range(10)]
+
+    async def scenario():
+        redis, http, _, client = await make(redis_url, fake)
+        try:
+            await client.get_vehicle("v", "u")
+        finally:
+            await http.aclose()
+            await redis.aclose()
+
+    with pytest.raises(SmartcarUnavailable):
+        run(scenario())
+    assert len(fake.answers["/v3/vehicles/v"]) == 6  # four attempts made
+
+
+def test_other_4xx_is_rejected_without_retry(redis_url, fake, no_waits):
+    """A 404 is SmartcarRejected with type and code, and is not retried."""
+    body = {"errors": [{"status": "404", "type": "RESOURCE_NOT_FOUND", "code": "VEHICLE_NOT_FOUND"}]}
+    fake.answers["/v3/vehicles/v"] = [httpx.Response(404, json=body), httpx.Response(200, json={})]
+
+    async def scenario():
+        redis, http, _, client = await make(redis_url, fake)
+        try:
+            await client.get_vehicle("v", "u")
+        finally:
+            await http.aclose()
+            await redis.aclose()
+
+    with pytest.raises(SmartcarRejected) as info:
+        run(scenario())
+    assert (info.value.status, info.value.error_type, info.value.error_code) == (
+        404,
+        "RESOURCE_NOT_FOUND",
+        "VEHICLE_NOT_FOUND",
+    )
+    assert len(fake.answers["/v3/vehicles/v"]) == 1
+
+
+def test_network_errors_are_transient(redis_url, no_waits):
+    """A connection error becomes SmartcarUnavailable after the retries."""
+    calls = 0
+
+    async def handler(request):
+        nonlocal calls
+        if request.url.path.endswith("/token"):
+            return httpx.Response(200, json={"access_token": "t", "expires_in": 3600})
+        calls += 1
+        raise httpx.ConnectError("refused")
+
+    async def scenario():
+        redis = Redis.from_url(redis_url)
+        http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        client = SmartcarClient(http, API, AppTokenProvider(redis, http, TOKEN_URL, "c", "s"))
+        try:
+            await client.get_vehicle("v", "u")
+        finally:
+            await http.aclose()
+            await redis.aclose()
+
+    with pytest.raises(SmartcarUnavailable):
+        run(scenario())
+    assert calls == 4
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "expected"),
+    [
+        (
+            {
+                "errors": [
+                    {"type": "RESOURCE_NOT_FOUND", "code": "VEHICLE_NOT_FOUND", "meta": {"debug": {"requestId": "r1"}}}
+                ]
+            },
+            {},
+            ("RESOURCE_NOT_FOUND", "VEHICLE_NOT_FOUND", "r1"),
+        ),
+        (
+            {"type": "VALIDATION", "code": "PARAMETER", "requestId": "r2", "statusCode": 400},
+            {},
+            ("VALIDATION", "PARAMETER", "r2"),
+        ),
+        ({"errors": [{"status": "404", "code": "not_found"}]}, {"sc-request-id": "r3"}, (None, "not_found", "r3")),
+        ("not an object", {}, (None, None, None)),
+    ],
+)
+def test_both_error_shapes_are_parsed(body, headers, expected):
+    """errors[] and the flat object both yield type, code and request id."""
+    assert parse_error(httpx.Response(400, json=body, headers=headers)) == expected
+
+
+def test_signal_pages_are_followed_on_the_same_host_only(redis_url, fake):
+    """links.next is followed on the API host; a link to another host is not (the token stays home)."""
+    page = {"data": [{"id": "a"}], "links": {"next": f"{API}/vehicles/v/signals?page=2"}}
+    evil = {"data": [{"id": "b"}], "links": {"next": "https://evil.example.test/steal"}}
+    fake.answers["/v3/vehicles/v/signals"] = [httpx.Response(200, json=page), httpx.Response(200, json=evil)]
+
+    async def scenario():
+        redis, http, _, client = await make(redis_url, fake)
+        signals = await client.get_signals("v", "u")
+        await http.aclose()
+        await redis.aclose()
+        return signals
+
+    assert [s["id"] for s in run(scenario())] == ["a", "b"]
+    assert all(r.url.host != "evil.example.test" for r in fake.requests)
+
+
+def test_rate_limited_error_carries_retry_after():
+    """SmartcarRateLimited keeps the Retry-After seconds."""
+    assert SmartcarRateLimited("x", 3.0).retry_after == 3.0
