@@ -42,6 +42,17 @@ format: install
 bench: install
 	$(UV) run --frozen python -m bench
 
+## image: the container image. Needs a Docker engine with BuildKit; `make test` lints the
+## Dockerfile with hadolint instead, since CI has no engine.
+IMAGE ?= smartcar-ingest:dev
+image:
+	@command -v docker >/dev/null 2>&1 || { echo "make image needs a Docker engine (docker build with BuildKit)"; exit 1; }
+	docker build -t $(IMAGE) .
+
+## chart: lint, render and validate the Helm chart offline, and lint the Dockerfile (tests/test_deploy.py).
+chart: install
+	$(UV) run --frozen pytest tests/test_deploy.py
+
 all: lint test
 
 clean:

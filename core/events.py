@@ -14,6 +14,7 @@ fails), :func:`classify` (event type, legacy or unknown), then :func:`parse_even
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -124,6 +125,14 @@ class _WireEnvelope(_Wire):
     meta: _WireMeta | None = None
 
 
+class _WebEnvelope(_WireEnvelope):
+    """The envelope plus the top-level keys that mark a legacy v2.0 webhook."""
+
+    version: Any = None
+    eventName: Any = None
+    payload: Any = None
+
+
 class _WireVerifyData(_Wire):
     challenge: str = Field(min_length=1)
 
@@ -211,6 +220,35 @@ class VehicleEvent(_Model):
 # Parsing steps, in the order the endpoint applies them.
 
 
+@dataclass(frozen=True, slots=True)
+class QuickEvent:
+    """What the web edge needs to know of a valid vehicle event."""
+
+    event_id: str
+    event_type: str
+    delivery_id: str | None
+
+
+def quick_vehicle_event(body: bytes) -> QuickEvent | None:
+    """Validate a well-formed VEHICLE_STATE / VEHICLE_ERROR straight from bytes, in one pass.
+
+    Returns None for anything else (not JSON, VERIFY, legacy, unknown type, schema failure):
+    the caller then takes the step-by-step path, which decides between 400 and parking. What
+    this accepts is exactly what :func:`classify` plus :func:`parse_event` accept.
+    """
+    try:
+        wire = _WebEnvelope.model_validate_json(body)
+    except ValidationError:
+        return None
+    if wire.version is not None or (wire.eventName is not None and wire.payload is not None):
+        return None
+    if wire.eventType not in VEHICLE_EVENT_TYPES:
+        return None
+    if not ((wire.data.vehicle and wire.data.vehicle.id) or wire.vehicleId):
+        return None
+    return QuickEvent(wire.eventId, wire.eventType, wire.meta.deliveryId if wire.meta else None)
+
+
 def load_json(body: bytes) -> Any:
     """Parse a UTF-8 JSON body; raise :class:`MalformedBody` if it is not one."""
     try:
@@ -237,7 +275,9 @@ def classify(document: Any) -> str:
     if not isinstance(document, dict):
         raise InvalidPayload("The body is JSON but not an object.")
     # v2.0 webhooks carry a top-level version (and eventName/payload) instead of meta.version.
-    if "version" in document or ("eventName" in document and "payload" in document):
+    if document.get("version") is not None or (
+        document.get("eventName") is not None and document.get("payload") is not None
+    ):
         raise LegacyPayload("This is a legacy v2.0 webhook; configure a v3 webhook in the Smartcar Dashboard.")
     event_type = document.get("eventType")
     if not isinstance(event_type, str) or not event_type:

@@ -19,3 +19,9 @@ REQUEST_SECONDS = Histogram(
     "Time spent handling POST /webhooks/smartcar, from first byte read to response built.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+
+ENQUEUE_BATCH_SIZE = Histogram(
+    "smartcar_ingest_enqueue_batch_size",
+    "Deliveries written to Redis per round trip by the web's group commit.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)

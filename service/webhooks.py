@@ -3,7 +3,13 @@
 Checks run in the contract's order: size → signature → JSON → event type → schema. Anything
 validly signed that cannot be processed is parked (202), because a non-2xx would only earn
 three pointless retries from Smartcar and then the event would be gone. A 2xx for a vehicle
-event is sent only after Redis has run the atomic dedupe-and-enqueue script.
+event is sent only after Redis has run the atomic dedupe-and-enqueue script for it.
+
+This is the hot path, so the endpoint is a plain ASGI app mounted on a Starlette route: it
+reads the body and headers straight from the ASGI messages and writes its small JSON answers
+without building Request and Response objects. A well-formed delivery is validated in one pass
+from bytes (:func:`core.events.quick_vehicle_event`); only the rest takes the step-by-step path
+that tells a 400 from a parked payload.
 """
 
 from __future__ import annotations
@@ -11,25 +17,34 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
+import pydantic_core
 from redis.exceptions import RedisError
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from core import events, metrics
 from core.errors import InvalidPayload, LegacyPayload, MalformedBody, PermanentError, UnknownEventType
 from core.inbox import Inbox
 from core.logs import get_logger
 from core.signatures import answer_challenge, is_token_like, verify_signature
-from service.responses import error_response
 
 log = get_logger("smartcar_ingest.webhooks")
 
 RETRY_AFTER_SECONDS = "5"
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_UNAVAILABLE_HEADERS = [*_JSON_HEADERS, (b"retry-after", RETRY_AFTER_SECONDS.encode())]
+
+_OUTCOME_ACCEPTED = metrics.DELIVERIES.labels(outcome="accepted")
+_OUTCOME_DUPLICATE = metrics.DELIVERIES.labels(outcome="duplicate")
 
 
 class BodyTooLarge(Exception):
     """The request body exceeds ``MAX_BODY_BYTES``."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before the whole body arrived."""
 
 
 @dataclass(frozen=True)
@@ -41,38 +56,65 @@ class WebhookConfig:
     redis_deadline_seconds: float
 
 
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes
+    headers: list[tuple[bytes, bytes]]
+
+
+def _json(status: int, content: Any, headers: list[tuple[bytes, bytes]] = _JSON_HEADERS) -> Answer:
+    return Answer(status, pydantic_core.to_json(content), headers)
+
+
+def _error(status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] = _JSON_HEADERS) -> Answer:
+    return _json(status, {"error": {"code": code, "message": message}}, headers)
+
+
 class WebhookEndpoint:
-    """The Starlette endpoint; one instance per application."""
+    """The ASGI app behind ``POST /webhooks/smartcar``; one instance per application."""
 
     def __init__(self, config: WebhookConfig, inbox: Inbox) -> None:
         self._config = config
         self._inbox = inbox
 
-    async def handle(self, request: Request) -> Response:
-        """Answer one delivery (the route's endpoint)."""
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        response = await self._handle(request)
+        answer = await self._handle(scope, receive)
+        await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
+        await send({"type": "http.response.body", "body": answer.body})
         metrics.REQUEST_SECONDS.observe(time.perf_counter() - started)
-        return response
 
-    async def _handle(self, request: Request) -> Response:
+    async def _handle(self, scope: Scope, receive: Receive) -> Answer:
+        signature: str | None = None
+        declared: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"sc-signature":
+                signature = value.decode("latin-1")
+            elif name == b"content-length":
+                declared = value
+
         # 1. Size: refuse early on a declared length, and stop reading past the limit otherwise.
         try:
-            body = await self._read_body(request)
+            body = await self._read_body(receive, declared)
         except BodyTooLarge:
             return self._reject(413, "body_too_large", f"The body exceeds {self._config.max_body_bytes} bytes.")
-        except ClientDisconnect:
+        except ClientGone:
             return self._reject(400, "client_disconnected", "The client went away before sending the whole body.")
         received_at_ms = time.time_ns() // 1_000_000
 
         # 2. Signature. An unsigned VERIFY is answered only for a token-like challenge, so the
         # endpoint never signs bytes that could pass for a delivery body.
-        if not verify_signature(self._config.tokens, body, request.headers.get("sc-signature")):
+        if not verify_signature(self._config.tokens, body, signature):
             challenge = _unsigned_challenge(body)
             if challenge is not None and is_token_like(challenge):
-                metrics.DELIVERIES.labels(outcome="verify").inc()
                 return self._verify_answer(challenge)
             return self._reject(401, "invalid_signature", "The SC-Signature header is missing or does not match.")
+
+        # Fast path: a well-formed vehicle event, validated from bytes in one pass.
+        quick = events.quick_vehicle_event(body)
+        if quick is not None:
+            return await self._accept(quick, body.decode("utf-8"), received_at_ms)
 
         # 3. JSON.
         try:
@@ -86,43 +128,47 @@ class WebhookEndpoint:
         try:
             event_type = events.classify(document)
             if event_type == events.VERIFY:
-                challenge = events.parse_verify(document)
-                metrics.DELIVERIES.labels(outcome="verify").inc()
-                return self._verify_answer(challenge)
+                return self._verify_answer(events.parse_verify(document))
             event = events.parse_event(document)
         except (InvalidPayload, LegacyPayload, UnknownEventType) as exc:
             return await self._park(event_id, exc, text)
+        quick = events.QuickEvent(event.event_id, event.event_type, event.meta.deliveryId)
+        return await self._accept(quick, text, received_at_ms)
 
+    async def _accept(self, event: events.QuickEvent, text: str, received_at_ms: int) -> Answer:
         try:
             async with asyncio.timeout(self._config.redis_deadline_seconds):
                 accepted = await self._inbox.accept(event.event_id, event.event_type, text, received_at_ms)
         except (RedisError, OSError, TimeoutError) as exc:
             return self._unavailable(event.event_id, exc)
-        status = "accepted" if accepted else "duplicate"
-        metrics.DELIVERIES.labels(outcome=status).inc()
-        log.info(
-            "delivery " + status,
-            eventId=event.event_id,
-            eventType=event.event_type,
-            deliveryId=event.meta.deliveryId,
-        )
-        return JSONResponse({"status": status, "eventId": event.event_id}, status_code=202)
+        if accepted:
+            _OUTCOME_ACCEPTED.inc()
+            status = "accepted"
+        else:
+            _OUTCOME_DUPLICATE.inc()
+            status = "duplicate"
+        log.debug("delivery " + status, eventId=event.event_id, deliveryId=event.delivery_id)
+        return _json(202, {"status": status, "eventId": event.event_id})
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, receive: Receive, declared: bytes | None) -> bytes:
         limit = self._config.max_body_bytes
-        declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise BodyTooLarge
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise BodyTooLarge
             chunks.append(chunk)
-        return b"".join(chunks)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
-    async def _park(self, event_id: str | None, exc: PermanentError, text: str) -> Response:
+    async def _park(self, event_id: str | None, exc: PermanentError, text: str) -> Answer:
         try:
             async with asyncio.timeout(self._config.redis_deadline_seconds):
                 fresh = await self._inbox.park(event_id, exc.code, exc.message, text)
@@ -133,25 +179,23 @@ class WebhookEndpoint:
         content: dict[str, object] = {"status": "parked", "reason": exc.code, "eventId": event_id}
         if not fresh:
             content["duplicate"] = True
-        return JSONResponse(content, status_code=202)
+        return _json(202, content)
 
-    def _verify_answer(self, challenge: str) -> Response:
+    def _verify_answer(self, challenge: str) -> Answer:
+        metrics.DELIVERIES.labels(outcome="verify").inc()
         log.info("verify challenge answered")
-        return JSONResponse({"challenge": answer_challenge(self._config.tokens[0], challenge)})
+        return _json(200, {"challenge": answer_challenge(self._config.tokens[0], challenge)})
 
-    def _reject(self, status: int, code: str, message: str) -> Response:
+    def _reject(self, status: int, code: str, message: str) -> Answer:
         metrics.DELIVERIES.labels(outcome="rejected_" + code).inc()
         log.info("delivery rejected", status=status, code=code)
-        return error_response(status, code, message)
+        return _error(status, code, message)
 
-    def _unavailable(self, event_id: str | None, exc: BaseException) -> Response:
+    def _unavailable(self, event_id: str | None, exc: BaseException) -> Answer:
         metrics.DELIVERIES.labels(outcome="unavailable").inc()
         log.error("redis unavailable, delivery refused", eventId=event_id, error=type(exc).__name__)
-        return error_response(
-            503,
-            "redis_unavailable",
-            "The event store is unreachable; retry later.",
-            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        return _error(
+            503, "redis_unavailable", "The event store is unreachable; retry later.", headers=_UNAVAILABLE_HEADERS
         )
 
 

@@ -1,0 +1,717 @@
+"""The deployable artefacts, checked offline: the Dockerfile and the Helm chart.
+
+The chart is rendered by Helm's own engine (``helm-python-sdk`` binds Helm's Go SDK, so no ``helm``
+binary or cluster is involved) under its defaults and under the value combinations operators use.
+Every rendered object is validated against the Kubernetes OpenAPI schemas that
+``kubernetes-validate`` ships, for the oldest Kubernetes the chart supports and the newest the
+package knows; KEDA and Prometheus Operator objects, whose CRDs it does not ship, are validated
+against the structural schemas below. ``hadolint`` lints the Dockerfile, since no Docker engine runs
+here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "smartcar-ingest"
+RELEASE = "ingest"
+NAMESPACE = "smartcar"
+
+# The chart's kubeVersion floor and the newest Kubernetes whose schemas kubernetes-validate ships.
+KUBE_VERSIONS = ("1.29", kubernetes_validate.latest_version())
+
+# Recognisable fake secrets: none may appear anywhere but a Secret.
+SECRETS = {
+    "redisUrl": "redis://:redis-pass-3f9a@redis-master:6379/0",
+    "databaseUrl": "postgresql://ingest:pg-pass-8c1e@postgres:5432/smartcar",
+    "smartcarManagementToken": "mgmt-token-5d2b",
+    "smartcarClientSecret": "client-secret-a47c",
+}
+SECRET_ENV = {"REDIS_URL", "DATABASE_URL", "SMARTCAR_MANAGEMENT_TOKEN", "SMARTCAR_CLIENT_SECRET"}
+
+# The smallest values an install accepts: the secrets and the client id.
+INSTALL: dict[str, Any] = {"secrets": SECRETS, "config": {"SMARTCAR_CLIENT_ID": "client-id-e01"}}
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+KEDA = {
+    "worker": {
+        "autoscaling": {
+            "keda": {
+                "enabled": True,
+                "redis": {"address": "redis-master:6379"},
+                "auth": {"secretName": "redis", "passwordKey": "redis-password"},
+            }
+        }
+    }
+}
+INGRESS = {
+    "webhook": {
+        "ingress": {
+            "enabled": True,
+            "className": "nginx",
+            "tls": [{"secretName": "smartcar-ingest-tls", "hosts": ["smartcar-ingest.example.com"]}],
+        }
+    }
+}
+EXISTING_SECRET = {"secrets": {"existingSecret": "smartcar-ingest-secrets"}, "config": INSTALL["config"]}
+MONITORING = {
+    "webhook": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+    "worker": {"podMonitor": {"enabled": True}},
+}
+FIXED_SIZE = {
+    "webhook": {"autoscaling": {"enabled": False}, "podDisruptionBudget": {"minAvailable": 1}},
+    "worker": {"autoscaling": {"enabled": False}, "concurrency": 4},
+    "serviceAccount": {"create": False, "name": "smartcar"},
+    "migrations": {"enabled": False},
+}
+
+COMBINATIONS: dict[str, dict[str, Any]] = {
+    "defaults": INSTALL,
+    "keda": _merge(INSTALL, KEDA),
+    "ingress": _merge(INSTALL, INGRESS),
+    "existing-secret": EXISTING_SECRET,
+    "monitoring": _merge(INSTALL, MONITORING),
+    "fixed-size": _merge(INSTALL, FIXED_SIZE),
+    "everything": _merge(_merge(_merge(EXISTING_SECRET, KEDA), INGRESS), MONITORING),
+}
+
+# What each combination renders, as "Kind/name-suffix" (the name after the "ingest-smartcar-ingest" prefix).
+COMMON = {
+    "ConfigMap/",
+    "Deployment/-webhook",
+    "Deployment/-worker",
+    "Service/-webhook",
+    "PodDisruptionBudget/-webhook",
+    "PodDisruptionBudget/-worker",
+    "ServiceAccount/",
+    "Job/-migrations",
+}
+CHART_SECRETS = {"Secret/", "Secret/-migrations"}
+HPAS = {"HorizontalPodAutoscaler/-webhook", "HorizontalPodAutoscaler/-worker"}
+EXPECTED_OBJECTS = {
+    "defaults": COMMON | CHART_SECRETS | HPAS,
+    "keda": COMMON
+    | CHART_SECRETS
+    | {"HorizontalPodAutoscaler/-webhook", "ScaledObject/-worker", "TriggerAuthentication/-worker"},
+    "ingress": COMMON | CHART_SECRETS | HPAS | {"Ingress/-webhook"},
+    "existing-secret": COMMON | HPAS,
+    "monitoring": COMMON | CHART_SECRETS | HPAS | {"ServiceMonitor/-webhook", "PodMonitor/-worker"},
+    "fixed-size": (COMMON - {"ServiceAccount/", "Job/-migrations"}) | {"Secret/"},
+    "everything": COMMON
+    | {
+        "HorizontalPodAutoscaler/-webhook",
+        "ScaledObject/-worker",
+        "TriggerAuthentication/-worker",
+        "Ingress/-webhook",
+        "ServiceMonitor/-webhook",
+        "PodMonitor/-worker",
+    },
+}
+
+# Structural schemas for the custom resources kubernetes-validate has no schema for: the fields
+# this chart uses, typed as the CRDs type them (KEDA's trigger metadata is a map of strings).
+STRING = {"type": "string"}
+INTEGER = {"type": "integer"}
+STRING_MAP = {"type": "object", "additionalProperties": STRING}
+DURATION = {"type": "string", "pattern": r"^(0|([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?)$"}
+LABEL_SELECTOR = {
+    "type": "object",
+    "properties": {"matchLabels": STRING_MAP},
+    "required": ["matchLabels"],
+}
+
+
+def _custom_resource(spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": STRING,
+            "kind": STRING,
+            "metadata": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": STRING, "labels": STRING_MAP, "annotations": STRING_MAP},
+            },
+            "spec": spec,
+        },
+    }
+
+
+def _closed(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": False, "properties": properties, "required": required}
+
+
+CUSTOM_RESOURCE_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): _custom_resource(
+        _closed(
+            {
+                "scaleTargetRef": _closed({"name": STRING, "apiVersion": STRING, "kind": STRING}, ["name"]),
+                "pollingInterval": INTEGER,
+                "cooldownPeriod": INTEGER,
+                "minReplicaCount": INTEGER,
+                "maxReplicaCount": INTEGER,
+                "advanced": {"type": "object"},
+                "triggers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": _closed(
+                        {
+                            "type": {"enum": ["redis"]},
+                            "metadata": _closed(
+                                {
+                                    "address": {"type": "string", "pattern": r"^[^:/\s]+:[0-9]+$"},
+                                    "listName": STRING,
+                                    "listLength": {"type": "string", "pattern": "^[0-9]+$"},
+                                    "activationListLength": {"type": "string", "pattern": "^[0-9]+$"},
+                                    "databaseIndex": {"type": "string", "pattern": "^[0-9]+$"},
+                                    "enableTLS": {"enum": ["true", "false"]},
+                                },
+                                ["address", "listName", "listLength"],
+                            ),
+                            "authenticationRef": _closed({"name": STRING}, ["name"]),
+                        },
+                        ["type", "metadata"],
+                    ),
+                },
+            },
+            ["scaleTargetRef", "triggers"],
+        )
+    ),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): _custom_resource(
+        _closed(
+            {
+                "secretTargetRef": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": _closed(
+                        {"parameter": {"enum": ["password", "username"]}, "name": STRING, "key": STRING},
+                        ["parameter", "name", "key"],
+                    ),
+                }
+            },
+            ["secretTargetRef"],
+        )
+    ),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): _custom_resource(
+        _closed(
+            {
+                "selector": LABEL_SELECTOR,
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": _closed(
+                        {"port": STRING, "path": STRING, "interval": DURATION, "scrapeTimeout": DURATION}, ["port"]
+                    ),
+                },
+            },
+            ["selector", "endpoints"],
+        )
+    ),
+    ("monitoring.coreos.com/v1", "PodMonitor"): _custom_resource(
+        _closed(
+            {
+                "selector": LABEL_SELECTOR,
+                "podMetricsEndpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": _closed(
+                        {"port": STRING, "path": STRING, "interval": DURATION, "scrapeTimeout": DURATION}, ["port"]
+                    ),
+                },
+            },
+            ["selector", "podMetricsEndpoints"],
+        )
+    ),
+}
+
+# An object name: a DNS label of at most 63 characters.
+DNS_LABEL = re.compile(r"^(?=.{1,63}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def render(values: dict[str, Any] | None = None, *, release: str = RELEASE) -> list[dict[str, Any]]:
+    """Render the chart as ``helm install`` would and return its Kubernetes objects."""
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(values, name=release, namespace=NAMESPACE)
+    objects = []
+    for path, text in sorted(manifests.items()):
+        if path.endswith(".yaml"):
+            for document in yaml.safe_load_all(text):
+                if document:
+                    document["__source__"] = path
+                    objects.append(document)
+    return objects
+
+
+def manifest(obj: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in obj.items() if key != "__source__"}
+
+
+def find(objects: list[dict[str, Any]], kind: str, suffix: str = "") -> dict[str, Any]:
+    name = f"{RELEASE}-smartcar-ingest{suffix}"
+    matches = [obj for obj in objects if obj["kind"] == kind and obj["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
+    return matches[0]
+
+
+def pod_specs(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        f"{obj['kind']}/{obj['metadata']['name']}": obj["spec"]["template"]["spec"]
+        for obj in objects
+        if obj["kind"] in {"Deployment", "Job"}
+    }
+
+
+def container(objects: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    containers = find(objects, "Deployment", f"-{component}")["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def env_names(spec: dict[str, Any]) -> set[str]:
+    return {entry["name"] for entry in spec.get("env", [])}
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {name: render(values) for name, values in COMBINATIONS.items()}
+
+
+# --- Dockerfile ---------------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint_without_findings():
+    """hadolint reports nothing for the Dockerfile, not even style or info findings."""
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run(
+        [str(hadolint), "--no-color", "--format", "json", "Dockerfile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    findings = json.loads(result.stdout or "[]")
+    assert findings == [], "\n".join(f"{f['line']}: {f['code']} {f['message']}" for f in findings)
+    assert result.returncode == 0, result.stderr
+
+
+def test_dockerfile_builds_dependencies_before_source_and_runs_as_a_numeric_user():
+    """The lock-file layer precedes the source; the slim runtime gets the venv, a numeric USER and exec-form CMD."""
+    text = (ROOT / "Dockerfile").read_text()
+    instructions = [line.strip() for line in re.sub(r"\\\n", " ", text).splitlines()]
+    instructions = [line for line in instructions if line and not line.startswith("#")]
+    stages = [i for i, line in enumerate(instructions) if line.startswith("FROM ")]
+    assert len(stages) >= 3, "uv, build and runtime stages"
+    deps = next(i for i, line in enumerate(instructions) if "--no-install-project" in line)
+    source = next(i for i, line in enumerate(instructions) if line.startswith("COPY . "))
+    for flag in ("uv.lock", "--frozen", "--no-dev"):
+        assert flag in instructions[deps]
+    assert deps < source
+    runtime = instructions[stages[-1] :]
+    assert instructions[stages[-1]].startswith("FROM ${PYTHON_IMAGE}")
+    assert "ARG PYTHON_IMAGE=python:3.11-slim" in text
+    copies = [line for line in runtime if line.startswith("COPY ")]
+    assert copies == ["COPY --from=build /app/.venv /app/.venv"]
+    user = next(line for line in runtime if line.startswith("USER "))
+    assert re.fullmatch(r"USER 10001(:10001)?", user)
+    env = " ".join(line for line in runtime if line.startswith("ENV "))
+    assert "PYTHONDONTWRITEBYTECODE=1" in env
+    assert "PYTHONUNBUFFERED=1" in env
+    cmd = next(line for line in runtime if line.startswith("CMD "))
+    assert json.loads(cmd.removeprefix("CMD ")) == ["smartcar-ingest", "web", "--host", "0.0.0.0", "--port", "8000"]
+
+
+def test_dockerignore_admits_only_what_the_image_is_built_from():
+    """The build context is an allowlist, so .env files, the venv and databases never reach a layer."""
+    lines = [
+        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip()[:1] not in {"", "#"}
+    ]
+    assert lines[0] == "*"
+    admitted = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    assert {"pyproject.toml", "uv.lock", "README.md", "core", "service", "workers", "migrations"} <= admitted
+    assert not admitted & {".env", ".venv", "tests", ".git"}
+
+
+# --- Chart: lint, schema, render --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("combination", ["chart-defaults", *COMBINATIONS])
+def test_chart_lints_strictly(combination):
+    """`helm lint --strict` finds no warning or error, for the bare defaults and every combination."""
+    values = None if combination == "chart-defaults" else COMBINATIONS[combination]
+    for version in KUBE_VERSIONS:
+        report = helm.lint(CHART, values, strict=True, kube_version=f"v{version}.0")
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert not problems, (version, problems)
+        assert not report["errors"], (version, report["errors"])
+
+
+def test_values_schema_rejects_typos_and_secrets_in_the_configmap():
+    """values.schema.json refuses unknown keys and secret variables under `config`."""
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(COMBINATIONS["everything"])
+        for bad in (
+            {"webhook": {"replicacount": 3}},
+            {"config": {"DATABASE_URL": SECRETS["databaseUrl"]}},
+            {"config": {"SMARTCAR_MANAGEMENT_TOKEN": "leaked"}},
+            {"secrets": {"redisUrl": "redis+sentinel://sentinel:26379/mymaster"}},
+            {"worker": {"autoscaling": {"keda": {"redis": {"address": "redis://redis:6379"}}}}},
+        ):
+            with pytest.raises(helm.HelmValuesError):
+                chart.validate_schema(bad)
+
+
+def test_install_without_required_settings_fails_naming_the_value():
+    """An install that lacks a secret or the client id fails at render time with one line naming the value."""
+    with pytest.raises(helm.HelmRenderError, match=r"secrets\.databaseUrl \(DATABASE_URL\) is required"):
+        render(None)
+    with pytest.raises(helm.HelmRenderError, match=r"config\.SMARTCAR_CLIENT_ID is required"):
+        render({"secrets": SECRETS})
+    render({"secrets": {"existingSecret": "mine"}, "config": {"SMARTCAR_CLIENT_ID": "id"}})
+
+
+@pytest.mark.parametrize("combination", COMBINATIONS)
+def test_renders_the_expected_objects(rendered, combination):
+    """Each combination renders exactly its objects, webhook and worker templates from their own folders."""
+    prefix = f"{RELEASE}-smartcar-ingest"
+    found = {f"{obj['kind']}/{obj['metadata']['name'].removeprefix(prefix)}" for obj in rendered[combination]}
+    assert found == EXPECTED_OBJECTS[combination]
+    for obj in rendered[combination]:
+        component = obj["metadata"]["labels"].get("app.kubernetes.io/component")
+        if component in {"webhook", "worker"}:
+            assert obj["__source__"].startswith(f"smartcar-ingest/templates/{component}/")
+
+
+@pytest.mark.parametrize("combination", COMBINATIONS)
+def test_every_object_validates_against_kubernetes_schemas(rendered, combination):
+    """Every object passes the strict Kubernetes schemas (oldest supported and newest known); CRs their structure."""
+    for obj in rendered[combination]:
+        body = manifest(obj)
+        name = obj["metadata"]["name"]
+        assert DNS_LABEL.match(name), name
+        custom = CUSTOM_RESOURCE_SCHEMAS.get((body["apiVersion"], body["kind"]))
+        if custom is not None:
+            jsonschema.validate(body, custom)
+            continue
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(body, version, strict=True)
+
+
+def test_kubernetes_validation_is_not_vacuous(rendered):
+    """The validator used above rejects a misspelt field and a wrongly typed one."""
+    deployment = manifest(find(rendered["defaults"], "Deployment", "-webhook"))
+    misspelt = copy.deepcopy(deployment)
+    misspelt["spec"]["template"]["spec"]["containers"][0]["securityContex"] = {}
+    wrong_type = copy.deepcopy(deployment)
+    wrong_type["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = "150"
+    for bad in (misspelt, wrong_type):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(bad, KUBE_VERSIONS[-1], strict=True)
+    scaled = copy.deepcopy(manifest(find(rendered["keda"], "ScaledObject", "-worker")))
+    scaled["spec"]["triggers"][0]["metadata"]["listLength"] = 50
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(scaled, CUSTOM_RESOURCE_SCHEMAS[("keda.sh/v1alpha1", "ScaledObject")])
+
+
+def test_names_fit_kubernetes_limits_for_the_longest_release_name():
+    """A 53-character release name (Helm's maximum) still yields valid object names."""
+    for obj in render(INSTALL, release="r" * 53):
+        name = obj["metadata"]["name"]
+        assert DNS_LABEL.match(name), name
+
+
+@pytest.mark.parametrize("combination", COMBINATIONS)
+def test_references_between_objects_resolve(rendered, combination):
+    """Selectors, scale targets and config references each point at the right rendered object."""
+    objects = rendered[combination]
+    values = COMBINATIONS[combination]
+    by_kind_name = {(obj["kind"], obj["metadata"]["name"]) for obj in objects}
+    deployments = {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == "Deployment"}
+    pod_labels = {name: d["spec"]["template"]["metadata"]["labels"] for name, d in deployments.items()}
+    for name, deployment in deployments.items():
+        assert selects(deployment["spec"]["selector"]["matchLabels"], pod_labels[name])
+    for obj in objects:
+        selector = None
+        if obj["kind"] == "Service":
+            selector = obj["spec"]["selector"]
+        elif obj["kind"] in {"PodDisruptionBudget", "PodMonitor"}:
+            selector = obj["spec"]["selector"]["matchLabels"]
+        if selector is not None:
+            matched = [name for name, labels in pod_labels.items() if selects(selector, labels)]
+            assert matched == [obj["metadata"]["name"]], (obj["kind"], matched)
+        if obj["kind"] in {"HorizontalPodAutoscaler", "ScaledObject"}:
+            assert obj["spec"]["scaleTargetRef"]["name"] in deployments
+        if obj["kind"] == "ServiceMonitor":
+            service = find(objects, "Service", "-webhook")
+            assert selects(obj["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+            assert {e["port"] for e in obj["spec"]["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
+        if obj["kind"] == "PodMonitor":
+            ports = {p["name"] for p in container(objects, "worker").get("ports", [])}
+            assert {e["port"] for e in obj["spec"]["podMetricsEndpoints"]} <= ports
+    existing = values["secrets"].get("existingSecret")
+    for spec in pod_specs(objects).values():
+        for c in spec["containers"]:
+            for source in c.get("envFrom", []):
+                assert ("ConfigMap", source["configMapRef"]["name"]) in by_kind_name
+            for entry in c.get("env", []):
+                ref = entry.get("valueFrom", {}).get("secretKeyRef")
+                if ref and ref["name"] != existing:
+                    secret = next(o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == ref["name"])
+                    assert ref["key"] in secret["data"]
+
+
+# --- Chart: the properties operators rely on ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("combination", COMBINATIONS)
+def test_pods_meet_the_restricted_pod_security_standard(rendered, combination):
+    """Every pod runs as 10001, non-root, RuntimeDefault seccomp, no escalation, no capabilities, read-only root."""
+    for where, spec in pod_specs(rendered[combination]).items():
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True, where
+        assert pod["runAsUser"] == 10001, where
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert spec["automountServiceAccountToken"] is False, where
+        assert not {"hostNetwork", "hostPID", "hostIPC"} & spec.keys(), where
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert all(set(v) <= {"name", "emptyDir", "configMap", "secret", "projected"} for v in volumes.values())
+        for c in spec["containers"]:
+            ctx = c["securityContext"]
+            assert ctx["allowPrivilegeEscalation"] is False, where
+            assert ctx["capabilities"] == {"drop": ["ALL"]}, where
+            assert ctx["readOnlyRootFilesystem"] is True, where
+            assert ctx["runAsNonRoot"] is True, where
+            assert ctx["runAsUser"] == 10001, where
+            tmp = next(m for m in c["volumeMounts"] if m["mountPath"] == "/tmp")
+            assert "emptyDir" in volumes[tmp["name"]], where
+
+
+@pytest.mark.parametrize("combination", COMBINATIONS)
+def test_containers_request_resources_with_a_memory_limit_and_no_cpu_limit(rendered, combination):
+    """Every container requests CPU and memory and caps memory, never CPU."""
+    for where, spec in pod_specs(rendered[combination]).items():
+        for c in spec["containers"]:
+            resources = c["resources"]
+            assert {"cpu", "memory"} <= resources["requests"].keys(), where
+            assert "memory" in resources["limits"], where
+            assert "cpu" not in resources["limits"], where
+
+
+def test_webhook_probes_healthz_for_liveness_and_readyz_for_readiness(rendered):
+    """The webhook's liveness probe is GET /healthz and its readiness probe GET /readyz, on the http port."""
+    web = container(rendered["defaults"], "webhook")
+    assert web["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert web["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in web["ports"]
+    assert web["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+
+
+def test_web_and_worker_run_one_image_with_different_commands(rendered):
+    """Both Deployments and the migration Job run the same image; only the command differs."""
+    objects = rendered["fixed-size"]
+    web, worker = container(objects, "webhook"), container(objects, "worker")
+    migrations = find(rendered["defaults"], "Job", "-migrations")["spec"]["template"]["spec"]["containers"][0]
+    assert web["image"] == worker["image"] == migrations["image"] == "smartcar-ingest:0.1.0"
+    assert web["command"] == ["smartcar-ingest", "web", "--host", "0.0.0.0", "--port", "8000", "--workers", "1"]
+    assert worker["command"] == ["smartcar-ingest", "worker", "--concurrency", "4"]
+    assert container(rendered["defaults"], "worker")["command"] == ["smartcar-ingest", "worker"]
+    assert migrations["command"] == ["smartcar-ingest", "db", "upgrade"]
+    digest = "sha256:" + "ab" * 32
+    pinned = render(
+        _merge(INSTALL, {"image": {"repository": "registry.example.com/smartcar-ingest", "digest": digest}})
+    )
+    assert container(pinned, "worker")["image"] == f"registry.example.com/smartcar-ingest@{digest}"
+
+
+def test_worker_grace_outlasts_the_longest_job(rendered):
+    """The worker's termination grace exceeds JOB_TIMEOUT_SECONDS, follows it, and a shorter one is refused."""
+
+    def grace(objects):
+        return find(objects, "Deployment", "-worker")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+
+    assert grace(rendered["defaults"]) == 150
+    configmap = find(rendered["defaults"], "ConfigMap")
+    assert grace(rendered["defaults"]) > int(configmap["data"]["JOB_TIMEOUT_SECONDS"])
+    assert grace(render(_merge(INSTALL, {"config": {"JOB_TIMEOUT_SECONDS": 600}}))) == 630
+    with pytest.raises(helm.HelmRenderError, match="must exceed JOB_TIMEOUT_SECONDS"):
+        render(_merge(INSTALL, {"worker": {"terminationGracePeriodSeconds": 120}}))
+
+
+@pytest.mark.parametrize("combination", COMBINATIONS)
+def test_secret_values_appear_only_in_secrets(rendered, combination):
+    """No secret value or secret variable reaches the ConfigMap or any object other than a Secret."""
+    configmap = find(rendered[combination], "ConfigMap")
+    assert not SECRET_ENV & configmap["data"].keys()
+    for obj in rendered[combination]:
+        if obj["kind"] != "Secret":
+            text = json.dumps(obj)
+            assert not [value for value in SECRETS.values() if value in text], obj["kind"]
+
+
+def test_each_process_receives_only_the_secrets_it_uses(rendered):
+    """The webhook gets the management token but not the client secret; the worker the reverse."""
+    for combination in ("defaults", "existing-secret"):
+        objects = rendered[combination]
+        web, worker = env_names(container(objects, "webhook")), env_names(container(objects, "worker"))
+        assert web & SECRET_ENV == {"REDIS_URL", "DATABASE_URL", "SMARTCAR_MANAGEMENT_TOKEN"}
+        assert worker & SECRET_ENV == {"REDIS_URL", "DATABASE_URL", "SMARTCAR_CLIENT_SECRET"}
+        assert "METRICS_PORT" in worker
+    refs = [
+        entry["valueFrom"]["secretKeyRef"]["name"]
+        for entry in container(rendered["existing-secret"], "webhook")["env"]
+        if "valueFrom" in entry
+    ]
+    assert set(refs) == {"smartcar-ingest-secrets"}
+
+
+def test_settings_render_as_environment_strings(rendered):
+    """Settings reach the ConfigMap as strings, whole numbers without exponents, empty ones left out."""
+    data = find(rendered["defaults"], "ConfigMap")["data"]
+    assert data["INGEST_QUEUE"] == "smartcar-events"
+    assert data["JOB_TIMEOUT_SECONDS"] == "120"
+    assert "SPOOL_DIR" not in data
+    big = render(_merge(INSTALL, {"config": {"MAX_BODY_BYTES": 1_000_000, "REDIS_TIMEOUT_SECONDS": 0.25}}))
+    data = find(big, "ConfigMap")["data"]
+    assert data["MAX_BODY_BYTES"] == "1000000"
+    assert data["REDIS_TIMEOUT_SECONDS"] == "0.25"
+
+
+def test_keda_scales_workers_on_the_rq_queue_list(rendered):
+    """With KEDA on, a ScaledObject watches rq:queue:<INGEST_QUEUE> with its Redis auth, and no worker HPA renders."""
+    objects = rendered["keda"]
+    trigger = find(objects, "ScaledObject", "-worker")["spec"]["triggers"][0]
+    assert trigger["type"] == "redis"
+    assert trigger["metadata"]["listName"] == "rq:queue:smartcar-events"
+    assert trigger["metadata"]["address"] == "redis-master:6379"
+    auth = find(objects, "TriggerAuthentication", "-worker")
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    assert auth["spec"]["secretTargetRef"] == [{"parameter": "password", "name": "redis", "key": "redis-password"}]
+    assert not [o for o in objects if o["kind"] == "HorizontalPodAutoscaler" and "worker" in o["metadata"]["name"]]
+    assert "replicas" not in find(objects, "Deployment", "-worker")["spec"]
+    renamed = render(_merge(COMBINATIONS["keda"], {"config": {"INGEST_QUEUE": "fleet-b"}}))
+    assert find(renamed, "ScaledObject", "-worker")["spec"]["triggers"][0]["metadata"]["listName"] == "rq:queue:fleet-b"
+    with pytest.raises(helm.HelmRenderError, match=r"keda\.redis\.address"):
+        render(_merge(INSTALL, {"worker": {"autoscaling": {"keda": {"enabled": True}}}}))
+
+
+def test_migrations_run_once_as_a_pre_install_and_pre_upgrade_hook(rendered):
+    """The migration Job is a pre-install/pre-upgrade hook that needs nothing the release creates after it."""
+    for combination in ("defaults", "existing-secret"):
+        objects = rendered[combination]
+        job = find(objects, "Job", "-migrations")
+        annotations = job["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+        spec = job["spec"]["template"]["spec"]
+        assert "serviceAccountName" not in spec  # the chart's ServiceAccount does not exist yet
+        assert spec["restartPolicy"] == "Never"
+        (c,) = spec["containers"]
+        assert "envFrom" not in c  # nor does the chart's ConfigMap
+        (ref,) = [e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e]
+        assert ref["key"] == "DATABASE_URL"
+        if combination == "existing-secret":
+            assert ref["name"] == "smartcar-ingest-secrets"
+        else:
+            secret = next(o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == ref["name"])
+            hook = secret["metadata"]["annotations"]
+            assert hook["helm.sh/hook"] == annotations["helm.sh/hook"]
+            assert int(hook["helm.sh/hook-weight"]) < int(annotations["helm.sh/hook-weight"])
+            assert set(secret["data"]) == {"DATABASE_URL"}
+    for component in ("webhook", "worker"):
+        assert "initContainers" not in find(rendered["defaults"], "Deployment", f"-{component}")["spec"]["template"]
+    existing_account = render(_merge(INSTALL, {"serviceAccount": {"create": False, "name": "smartcar"}}))
+    job = find(existing_account, "Job", "-migrations")
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "smartcar"
+
+
+def test_autoscaling_and_disruption_budgets_by_default(rendered):
+    """By default an HPA on CPU scales each Deployment (no fixed replicas) and each has a PodDisruptionBudget."""
+    objects = rendered["defaults"]
+    for component in ("webhook", "worker"):
+        hpa = find(objects, "HorizontalPodAutoscaler", f"-{component}")
+        assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+        assert hpa["spec"]["minReplicas"] >= 2
+        assert "replicas" not in find(objects, "Deployment", f"-{component}")["spec"]
+        pdb = find(objects, "PodDisruptionBudget", f"-{component}")
+        assert pdb["spec"]["maxUnavailable"] == 1
+    fixed = rendered["fixed-size"]
+    assert find(fixed, "Deployment", "-webhook")["spec"]["replicas"] == 2
+    assert find(fixed, "PodDisruptionBudget", "-webhook")["spec"] == {
+        "minAvailable": 1,
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        "selector": find(fixed, "Deployment", "-webhook")["spec"]["selector"],
+    }
+
+
+def test_ingress_routes_only_the_public_endpoints(rendered):
+    """The Ingress exposes the webhook and the Connect callback, never /metrics or the probes."""
+    ingress = find(rendered["ingress"], "Ingress", "-webhook")
+    (rule,) = ingress["spec"]["rules"]
+    assert {p["path"] for p in rule["http"]["paths"]} == {"/webhooks/smartcar", "/connect/callback"}
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"hosts": ["smartcar-ingest.example.com"], "secretName": "smartcar-ingest-tls"}]
+
+
+def test_empty_optional_values_emit_nothing(rendered):
+    """Unset optional blocks (annotations, selectors, tolerations, pull secrets…) leave no empty keys behind."""
+    empty_value = re.compile(r"^\s*[A-Za-z]+: (\{\}|\[\]|null|\"\")$", re.MULTILINE)
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(INSTALL, name=RELEASE, namespace=NAMESPACE)
+    for path, text in manifests.items():
+        assert not empty_value.findall(text), path
+    for spec in pod_specs(rendered["defaults"]).values():
+        assert not {"imagePullSecrets", "nodeSelector", "affinity", "tolerations", "priorityClassName"} & spec.keys()
+
+
+def test_every_key_in_values_yaml_is_commented():
+    """Each key in values.yaml has a comment above it, unless it is part of a value documented with `# --`."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    key = re.compile(r"^(?P<indent> *)[A-Za-z_][A-Za-z0-9_]*:")
+    ancestors: list[tuple[int, bool]] = []  # (indent, documented as a whole value)
+    undocumented = []
+    for number, line in enumerate(lines):
+        match = key.match(line)
+        if not match:
+            continue
+        indent = len(match["indent"])
+        while ancestors and ancestors[-1][0] >= indent:
+            ancestors.pop()
+        if any(documented for _, documented in ancestors):
+            ancestors.append((indent, True))
+            continue
+        first = above = number - 1
+        while first - 1 >= 0 and lines[first - 1].strip().startswith("#"):
+            first -= 1
+        commented = above >= 0 and lines[above].strip().startswith("#")
+        if not commented:
+            undocumented.append(f"{number + 1}: {line.strip()}")
+        ancestors.append((indent, commented and lines[first].strip().startswith("# --")))
+    assert not undocumented, undocumented
