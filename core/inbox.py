@@ -39,6 +39,8 @@ PROCESS_EVENT = "workers.jobs.process_event"
 #: How RQ's job ids may look; an eventId that fits is used as the job id unchanged.
 _JOB_ID_SAFE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
+DEDUPE_PREFIX = "smartcar-ingest:seen:"
+
 #: Waits between RQ re-runs of a job that failed with a transient error (seconds).
 RETRY_INTERVALS = (5, 15, 60, 180, 600)
 
@@ -66,7 +68,7 @@ def job_id_for(event_id: str) -> str:
 
 def dedupe_key(event_id: str) -> str:
     """The Redis key that remembers an ``eventId`` for ``DEDUPE_TTL_SECONDS``."""
-    return f"smartcar-ingest:seen:{job_id_for(event_id)}"
+    return DEDUPE_PREFIX + job_id_for(event_id)
 
 
 def parked_key(event_id: str) -> str:
@@ -143,38 +145,39 @@ class JobTemplate:
             key: value for key, value in reference.items() if key not in self.VARIABLE_FIELDS
         }
 
-    def variable(self, payload: Mapping[str, Any]) -> tuple[str, str, str, bytes, str]:
-        """``(job_id, created_at, enqueued_at, data, description)`` for one event."""
+    def variable(self, payload: Mapping[str, Any]) -> tuple[str, bytes, str]:
+        """``(job_id, data, description)`` for one event; the times are added per batch."""
         event_id = str(payload["eventId"])
-        stamp = utcformat(now())
         data = pydantic_core.to_json([PROCESS_EVENT, None, [payload], {}])
-        return job_id_for(event_id), stamp, stamp, data, f"process_event({payload['eventType']} {event_id})"
+        return job_id_for(event_id), data, f"process_event({payload['eventType']} {event_id})"
 
     def build(self, payload: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         """``(job_id, mapping)``: the whole job hash for one event."""
-        job_id, *values = self.variable(payload)
-        return job_id, {**dict(zip(self.VARIABLE_FIELDS, values, strict=True)), **self.constant}
+        job_id, data, description = self.variable(payload)
+        stamp = utcformat(now())
+        variable = {"created_at": stamp, "enqueued_at": stamp, "data": data, "description": description}
+        return job_id, {**variable, **self.constant}
 
 
 _ENQUEUE_MANY = """
--- KEYS: queue list, RQ's set of queues, then per event: dedupe mark, job hash
--- ARGV: dedupe ttl, number of constant job fields (n), n constant field/value pairs,
---       then per event: job id, created_at, enqueued_at, data, description
+-- KEYS: queue list, RQ's set of queues
+-- ARGV: dedupe ttl, dedupe key prefix, job key prefix, enqueue time, number of constant job
+--       fields (n), n constant field/value pairs, then per event: job id, data, description
 -- Returns one 1 (enqueued) or 0 (already seen) per event, in order.
-local constant_end = 2 + 2 * tonumber(ARGV[2])
-local at = constant_end + 1
+-- The per-event keys are derived here from the job id rather than passed in KEYS: it halves
+-- the arguments per event, and RQ (hence this service) runs on a single Redis, not a cluster.
+local constant_end = 5 + 2 * tonumber(ARGV[5])
 local results = {}
-for i = 3, #KEYS, 2 do
+for at = constant_end + 1, #ARGV, 3 do
   local job_id = ARGV[at]
-  if redis.call('SET', KEYS[i], job_id, 'NX', 'EX', ARGV[1]) then
-    redis.call('HSET', KEYS[i + 1], 'created_at', ARGV[at + 1], 'enqueued_at', ARGV[at + 2],
-               'data', ARGV[at + 3], 'description', ARGV[at + 4], unpack(ARGV, 3, constant_end))
+  if redis.call('SET', ARGV[2] .. job_id, job_id, 'NX', 'EX', ARGV[1]) then
+    redis.call('HSET', ARGV[3] .. job_id, 'created_at', ARGV[4], 'enqueued_at', ARGV[4],
+               'data', ARGV[at + 1], 'description', ARGV[at + 2], unpack(ARGV, 6, constant_end))
     redis.call('RPUSH', KEYS[1], job_id)
     results[#results + 1] = 1
   else
     results[#results + 1] = 0
   end
-  at = at + 5
 end
 if #results > 0 then
   redis.call('SADD', KEYS[2], KEYS[1])
@@ -202,22 +205,23 @@ class GroupCommitter:
         max_in_flight: int = 1,
     ) -> None:
         self._script = redis.register_script(_ENQUEUE_MANY)
-        self._queue_key = queue_key(queue)
-        self._prefix: list[Any] = [ttl, len(constant_fields)]
+        self._keys = [queue_key(queue), Queue.redis_queues_keys]
+        self._head: list[Any] = [ttl, DEDUPE_PREFIX, Job.redis_job_namespace_prefix]
+        self._constant: list[Any] = [len(constant_fields)]
         for field, value in constant_fields.items():
-            self._prefix.extend((field, value))
+            self._constant.extend((field, value))
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
-        self._pending: list[tuple[str, tuple[Any, ...], asyncio.Future[bool]]] = []
+        self._pending: list[tuple[tuple[str, bytes, str], asyncio.Future[bool]]] = []
         self._in_flight = 0
 
-    async def submit(self, event_id: str, job_fields: tuple[str, str, str, bytes, str]) -> bool:
+    async def submit(self, job_fields: tuple[str, bytes, str]) -> bool:
         """Enqueue one event (``job_fields`` from :meth:`JobTemplate.variable`).
 
         True when this call enqueued it, False when its ``eventId`` was already seen.
         """
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending.append((event_id, job_fields, future))
+        self._pending.append((job_fields, future))
         if self._in_flight < self._max_in_flight:
             self._in_flight += 1
             asyncio.get_running_loop().create_task(self._drain())
@@ -232,23 +236,21 @@ class GroupCommitter:
         finally:
             self._in_flight -= 1
 
-    async def _flush(self, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[bool]]]) -> None:
-        keys: list[str] = [self._queue_key, Queue.redis_queues_keys]
-        args: list[Any] = list(self._prefix)
-        for event_id, job_fields, _ in batch:
-            keys.extend((dedupe_key(event_id), Job.key_for(job_fields[0])))
+    async def _flush(self, batch: list[tuple[tuple[str, bytes, str], asyncio.Future[bool]]]) -> None:
+        args: list[Any] = [*self._head, utcformat(now()), *self._constant]
+        for job_fields, _ in batch:
             args.extend(job_fields)
         metrics.ENQUEUE_BATCH_SIZE.observe(len(batch))
         try:
-            results = await self._script(keys=keys, args=args)
+            results = await self._script(keys=self._keys, args=args)
         except BaseException as exc:  # every waiter must hear about the failure, whatever it is
-            for *_, future in batch:
+            for _, future in batch:
                 if not future.done():
                     future.set_exception(exc if isinstance(exc, Exception) else ConnectionError("cancelled"))
             if not isinstance(exc, Exception):
                 raise
             return
-        for (*_, future), result in zip(batch, results, strict=True):
+        for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(bool(result))
 
@@ -275,8 +277,9 @@ class Inbox:
         Concurrent calls share round trips (:class:`GroupCommitter`); each returns only after
         Redis has run the dedupe-and-enqueue script for its own event.
         """
-        job_fields = self._template.variable(job_payload(event_id, event_type, body, received_at_ms))
-        return await self._committer.submit(event_id, job_fields)
+        return await self._committer.submit(
+            self._template.variable(job_payload(event_id, event_type, body, received_at_ms))
+        )
 
     async def park(self, event_id: str | None, reason: str, detail: str, body: str) -> bool:
         """Keep a delivery that cannot be processed in the parked stream; False if already kept."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
@@ -221,3 +222,34 @@ def test_verify_challenge():
     assert events.parse_verify(sample_event("VERIFY", challenge="abc")) == "abc"
     with pytest.raises(InvalidPayload):
         events.parse_verify({"eventType": "VERIFY", "data": {}})
+
+
+def _slow_path_accepts(body: bytes) -> bool:
+    try:
+        document = events.load_json(body)
+        if events.classify(document) not in events.VEHICLE_EVENT_TYPES:
+            return False
+        events.parse_event(document)
+    except (MalformedBody, InvalidPayload, LegacyPayload, UnknownEventType):
+        return False
+    return True
+
+
+def test_quick_path_agrees_with_the_step_by_step_path():
+    """quick_vehicle_event accepts exactly what classify + parse_event accept (fixtures and near misses)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from tests.test_fuzz import delivery_like
+
+    for path in fixture_paths():
+        body = path.read_bytes()
+        assert (events.quick_vehicle_event(body) is not None) is _slow_path_accepts(body) is True
+
+    @settings(max_examples=500, deadline=None)
+    @given(document=delivery_like | st.builds(sample_event))
+    def check(document):
+        body = json.dumps(document).encode()
+        assert (events.quick_vehicle_event(body) is not None) == _slow_path_accepts(body)
+
+    check()

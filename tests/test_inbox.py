@@ -70,9 +70,7 @@ def test_group_commit_failure_reaches_every_waiter(redis_url):
         template = JobTemplate(JobOptions("q"))
         committer = GroupCommitter(redis, "q", 60, template.constant)
         jobs = [template.variable(job_payload(f"x{i}", "VEHICLE_STATE", "{}", 1)) for i in range(10)]
-        outcomes = await asyncio.gather(
-            *(committer.submit(f"x{i}", j) for i, j in enumerate(jobs)), return_exceptions=True
-        )
+        outcomes = await asyncio.gather(*(committer.submit(j) for j in jobs), return_exceptions=True)
         await redis.aclose()
         return outcomes
 
