@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,8 +78,10 @@ def run_server(name: str, factory: str, redis_url: str, bodies: Path, seconds: i
         "PYTHONPATH": os.getcwd(),
     }
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", factory, "--port", str(port), "--log-level", "warning"]
-        + ["--no-access-log", "--no-server-header"],
+        [
+            *(sys.executable, "-m", "uvicorn", "--factory", factory, "--port", str(port)),
+            *("--log-level", "warning", "--no-access-log", "--no-server-header"),
+        ],
         env=env,
     )
     script = Path(__file__).with_name("ingest_load.lua")

@@ -53,6 +53,24 @@ class Settings(BaseSettings):
     job_retries: int = Field(default=5, ge=0)
     """How often RQ re-runs a job that failed with a transient error."""
 
+    # Smartcar Connect: capturing user_id on the redirect (docs/migration.md, phase 2).
+    smartcar_application_id: str | None = None
+    """The Application ID (a UUID) that Connect URLs name; ``SMARTCAR_CLIENT_ID`` is used when unset."""
+    connect_redirect_uri: str | None = None
+    """Where Connect sends the user back: this service's ``/connect/callback``, as registered in the Dashboard."""
+    connect_scope: str = "read_vehicle_info read_battery read_charge read_location read_odometer"
+    """Space-separated permissions that Connect asks the user for."""
+    connect_mode: Literal["live", "simulated", "test"] | None = None
+    """Connect's ``mode``; unset leaves Smartcar's default (live)."""
+    connect_state_secret: SecretStr | None = None
+    """Key for signing Connect ``state`` tokens (a comma-separated list during rotation: the first
+    signs, every entry verifies); unset derives one from ``SMARTCAR_MANAGEMENT_TOKEN``."""
+    connect_state_ttl_seconds: int = Field(default=3600, gt=0)
+    """How long a Connect URL stays usable after ``connect-url`` or ``/connect/start`` made it."""
+    connect_start_enabled: bool = False
+    """Serve ``GET /connect/start?user=ID``, which signs a state for whoever asks: enable it only
+    behind something that authenticates the user."""
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
@@ -63,7 +81,22 @@ class Settings(BaseSettings):
     def _lower_format(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("smartcar_management_token", "smartcar_client_secret", "smartcar_client_id", "spool_dir")
+    @field_validator("connect_mode", mode="before")
+    @classmethod
+    def _mode_or_unset(cls, value: object) -> object:
+        if isinstance(value, str):
+            return value.strip().lower() or None
+        return value
+
+    @field_validator(
+        "smartcar_management_token",
+        "smartcar_client_secret",
+        "smartcar_client_id",
+        "spool_dir",
+        "smartcar_application_id",
+        "connect_redirect_uri",
+        "connect_state_secret",
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         if isinstance(value, SecretStr) and not value.get_secret_value().strip():

@@ -5,10 +5,15 @@ same pool settings and the same error messages. Migrations run through Alembic w
 configuration built in code (the scripts are found next to this package, so ``db upgrade`` works
 from an installed wheel as well as from a checkout); no ``alembic.ini`` is needed at run time.
 
+A database whose tables were made outside Alembic (the migration guide's "before" schema, built
+by the application itself) is adopted: :func:`upgrade` recognises which revision its tables match,
+stamps that revision and carries on from there; :func:`stamp` does the same by hand.
+
 Errors::
 
-    ConfigurationError       bad URL, missing driver, unknown revision, unreachable database
-                             during a migration: the command stops with one line
+    ConfigurationError       bad URL, missing driver, unknown revision, unreachable database,
+                             tables of no known shape, or tokens an upgrade would drop: the
+                             command stops with one line
     DatabaseUnavailable      (a TransientError) the database did not answer during normal work
 
 Messages name the database by its URL with the password masked, never the password itself.
@@ -25,8 +30,10 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
 from alembic.util.exc import CommandError
-from sqlalchemy import URL, Connection, Engine, create_engine, make_url, text
+from sqlalchemy import URL, Connection, Engine, create_engine, inspect, make_url, text
 from sqlalchemy.exc import (
     ArgumentError,
     DBAPIError,
@@ -47,6 +54,9 @@ CONNECT_TIMEOUT_SECONDS = 5
 # Any constant works as long as every migrating process uses the same one; this is "smartcar"
 # read as bytes, so it is recognisable in pg_locks.
 _MIGRATION_LOCK_ID = 0x736D61727463617
+
+#: The revision whose upgrade drops the per-vehicle tokens (phase 3 of the migration guide).
+PHASE_3_REVISION = "v3_schema"
 
 
 def parse_url(database_url: str) -> URL:
@@ -128,6 +138,13 @@ def _is_missing_table(exc: SQLAlchemyError) -> bool:
     return isinstance(exc, OperationalError) and "no such table" in str(exc.orig)
 
 
+def _is_missing_column(exc: SQLAlchemyError) -> bool:
+    """Whether ``exc`` says a column does not exist, i.e. the schema is behind this version."""
+    if isinstance(exc, ProgrammingError) and getattr(exc.orig, "sqlstate", None) == "42703":
+        return True  # PostgreSQL: undefined_column
+    return isinstance(exc, OperationalError) and "no such column" in str(exc.orig)
+
+
 @contextmanager
 def translate_errors(url: URL) -> Iterator[None]:
     """Turn SQLAlchemy's connection-level failures into this project's error tree.
@@ -142,6 +159,13 @@ def translate_errors(url: URL) -> Iterator[None]:
         if _is_missing_table(exc):
             raise ConfigurationError(
                 f"the user store at {safe_url(url)} has no tables: run `smartcar-ingest db upgrade`."
+            ) from None
+        if _is_missing_column(exc):
+            # A database still in the guide's "before" shape: naming the bridge revision keeps an
+            # operator mid-migration from dropping the per-vehicle tokens by upgrading to head.
+            raise ConfigurationError(
+                f"the user store at {safe_url(url)} lacks the Smartcar id columns: run "
+                "`smartcar-ingest db upgrade v2_v3_bridge` (see docs/migration.md)."
             ) from None
         if isinstance(exc, ProgrammingError):
             raise
@@ -205,14 +229,101 @@ def _migration_connection(database_url: str, action: str, *, lock: bool = True) 
         engine.dispose()
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
+def upgrade(database_url: str, revision: str = "head", *, drop_tokens: bool = False) -> str | None:
     """Migrate the database forward to ``revision`` (default: the newest); a no-op when already there.
 
+    A database with ``users``/``vehicles`` tables but no Alembic version is first stamped with the
+    revision its tables match (:func:`detect_revision`); that revision is returned so the caller
+    can say so, else ``None``. An empty database goes straight to ``revision``.
+
+    Passing ``v3_schema`` drops ``vehicles.vehicle_access_token``; while any vehicle still holds a
+    token this refuses unless ``drop_tokens`` is true, because the tokens cannot be brought back.
+
     On PostgreSQL the whole upgrade is one transaction: it applies completely or not at all.
-    Raises :class:`ConfigurationError` for a bad URL, an unreachable database or an unknown revision.
+    Raises :class:`ConfigurationError` for a bad URL, an unreachable database, an unknown revision,
+    tables of no known shape, or tokens in the way.
     """
     with _migration_connection(database_url, f"upgrade the database to {revision}") as connection:
-        command.upgrade(_alembic_config(connection), revision)
+        config = _alembic_config(connection)
+        adopted = None
+        if MigrationContext.configure(connection).get_current_revision() is None:
+            adopted = detect_revision(connection)
+            if adopted is not None:
+                command.stamp(config, adopted)
+        if not drop_tokens:
+            _refuse_to_drop_tokens(connection, config, revision)
+        command.upgrade(config, revision)
+    return adopted
+
+
+def stamp(database_url: str, revision: str) -> None:
+    """Record ``revision`` as the database's state without running anything (adopting a database
+    made outside Alembic; ``base`` forgets the record). Raises :class:`ConfigurationError` like
+    :func:`upgrade`."""
+    with _migration_connection(database_url, f"stamp the database as {revision}") as connection:
+        command.stamp(_alembic_config(connection), revision)
+
+
+#: Columns every adoptable shape has, and the columns that tell the shapes apart.
+_BASE_COLUMNS = {"users": {"id", "email", "name", "created_at"}, "vehicles": {"id", "user_id", "vin"}}
+_TOKEN_COLUMNS = {"vehicle_access_token", "token_created_at"}
+
+
+def detect_revision(connection: Connection) -> str | None:
+    """The revision that an unversioned database's tables match, or ``None`` when it has none.
+
+    ``v2_schema`` (tokens, no Smartcar ids), ``v2_v3_bridge`` (both) or ``v3_schema`` (ids, no
+    tokens). Extra columns of the application's own are ignored. Raises :class:`ConfigurationError`
+    when ``users``/``vehicles`` exist in any other shape.
+    """
+    inspector = inspect(connection)
+    present = {"users", "vehicles"} & set(inspector.get_table_names())
+    if not present:
+        return None
+    columns = {table: {c["name"] for c in inspector.get_columns(table)} for table in present}
+    found: str | None = None
+    if present == {"users", "vehicles"} and all(_BASE_COLUMNS[t] <= columns[t] for t in present):
+        has_ids = ("smartcar_user_id" in columns["users"], "smartcar_vehicle_id" in columns["vehicles"])
+        has_tokens = tuple(name in columns["vehicles"] for name in _TOKEN_COLUMNS)
+        if has_ids == (False, False) and all(has_tokens):
+            found = "v2_schema"
+        elif has_ids == (True, True) and _smartcar_user_id_is_unique(connection):
+            found = "v2_v3_bridge" if all(has_tokens) else "v3_schema" if not any(has_tokens) else None
+    if found is None:
+        shape = "; ".join(f"{table}({', '.join(sorted(columns[table]))})" for table in sorted(present))
+        raise ConfigurationError(
+            f"the database has tables but no Alembic version, and they match no known schema ({shape}): "
+            "bring them to the v2_schema, v2_v3_bridge or v3_schema shape by hand, then run "
+            "`smartcar-ingest db stamp REV` (see docs/migration.md)."
+        )
+    return found
+
+
+def _smartcar_user_id_is_unique(connection: Connection) -> bool:
+    inspector = inspect(connection)
+    columns: list[list[str | None]] = [list(u["column_names"]) for u in inspector.get_unique_constraints("users")]
+    columns += [list(i["column_names"]) for i in inspector.get_indexes("users") if i.get("unique")]
+    return ["smartcar_user_id"] in columns
+
+
+def _refuse_to_drop_tokens(connection: Connection, config: Config, revision: str) -> None:
+    """Raise when upgrading to ``revision`` would drop per-vehicle tokens that are still stored."""
+    current = MigrationContext.configure(connection).get_current_revision()
+    try:
+        path = {r.revision for r in ScriptDirectory.from_config(config).iterate_revisions(revision, current)}
+    except RevisionError:
+        return  # an unknown target: command.upgrade reports it in its own words
+    if PHASE_3_REVISION not in path or current is None:
+        return
+    count = connection.execute(
+        text("SELECT count(*) FROM vehicles WHERE vehicle_access_token IS NOT NULL")
+    ).scalar_one()
+    if count:
+        raise ConfigurationError(
+            f"upgrading to {revision} drops {count} stored per-vehicle access token(s), which no downgrade "
+            "brings back: stay at phase 2 with `db upgrade v2_v3_bridge`, or once nothing uses the tokens, "
+            "rerun with `db upgrade --drop-tokens` (see docs/migration.md)."
+        )
 
 
 def downgrade(database_url: str, revision: str) -> None:

@@ -19,7 +19,10 @@ Everything the project raises on purpose descends from :class:`IngestError`::
         ├── SmartcarUnauthorized      a 401 that survived a token refresh (``upstream_rejected``)
         ├── TokenRequestFailed        the token endpoint refused our credentials
         ├── UserNotFound              no internal user has this id (``users link``)
+        ├── VehicleNotFound           no internal vehicle has this id (``backfill``)
         ├── LinkConflict              linking would overwrite or steal a Smartcar user id
+        ├── InvalidConnectState       a Connect ``state`` that is forged, malformed or not ours
+        │   └── ExpiredConnectState   a genuine ``state`` past its expiry
         ├── RecordExists              a user or vehicle with this id already exists
         └── InvalidValue              a value does not fit its column
 
@@ -157,10 +160,28 @@ class UserNotFound(PermanentError):
     code = "user_not_found"
 
 
+class VehicleNotFound(PermanentError):
+    """No vehicle has this internal id."""
+
+    code = "vehicle_not_found"
+
+
 class LinkConflict(PermanentError):
     """Linking would overwrite a user's Smartcar user id or take one that another user holds."""
 
     code = "link_conflict"
+
+
+class InvalidConnectState(PermanentError):
+    """The ``state`` of a Connect redirect is missing, malformed or not signed by this service."""
+
+    code = "invalid_state"
+
+
+class ExpiredConnectState(InvalidConnectState):
+    """The ``state`` of a Connect redirect is genuine but older than ``CONNECT_STATE_TTL_SECONDS``."""
+
+    code = "expired_state"
 
 
 class RecordExists(PermanentError):

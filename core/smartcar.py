@@ -113,6 +113,14 @@ class SmartcarClient:
             params = None
         return resources
 
+    async def get_signal(self, vehicle_id: str, user_id: str, code: str) -> dict[str, Any]:
+        """``GET /vehicles/{id}/signals/{code}``: one signal resource (``attributes.body`` holds the value).
+
+        A code the vehicle does not report is a 404, raised as :class:`SmartcarRejected`.
+        """
+        body = await self._get(f"vehicles/{quote(vehicle_id, safe='')}/signals/{quote(code, safe='')}", user_id)
+        return body if isinstance(body, dict) else {}
+
     def _follow(self, link: str) -> str:
         """The absolute URL of a ``links.next`` value, or "" when it leaves the API's host.
 

@@ -8,6 +8,7 @@ Errors, all in the project's tree (:mod:`core.errors`)::
 
     PermanentError
     ├── UserNotFound        no user with this internal id
+    ├── VehicleNotFound     no vehicle with this internal id
     ├── LinkConflict        the link would overwrite or steal a Smartcar user id
     ├── RecordExists        add_user / add_vehicle with an id that is taken
     └── InvalidValue        a value that does not fit its column
@@ -23,12 +24,25 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, DateTime, ForeignKey, MetaData, String, event, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    DateTime,
+    ForeignKey,
+    MetaData,
+    Select,
+    String,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from core.db import make_engine, parse_url, translate_errors
-from core.errors import InvalidValue, LinkConflict, RecordExists, UserNotFound
+from core.errors import InvalidValue, LinkConflict, RecordExists, UserNotFound, VehicleNotFound
 
 #: Column widths from the contract; Smartcar user and vehicle ids are UUIDs.
 SMARTCAR_ID_LENGTH = 36
@@ -107,7 +121,38 @@ class LinkResult:
         return f"user {self.user.id} {verb} to Smartcar user {self.user.smartcar_user_id}"
 
 
+@dataclass(frozen=True, slots=True)
+class VehicleRecord:
+    """An internal vehicle with its owner's Smartcar user id (``None`` when unlinked or ownerless)."""
+
+    id: int
+    user_id: int | None
+    vin: str | None
+    smartcar_vehicle_id: str | None
+    owner_smartcar_user_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class VehicleLinkResult:
+    """What :meth:`UserStore.link_vehicle` stored: the vehicle's id, its owner's, both or neither."""
+
+    vehicle: VehicleRecord
+    vehicle_linked: bool
+    user_linked: bool
+
+
 _USER_COLUMNS = (User.id, User.email, User.name, User.smartcar_user_id)
+
+
+def _vehicles(*criteria: ColumnElement[bool]) -> Select[int, int | None, str | None, str | None, str | None]:
+    """Vehicles with their owner's Smartcar user id, in id order."""
+    return (
+        select(Vehicle.id, Vehicle.user_id, Vehicle.vin, Vehicle.smartcar_vehicle_id, User.smartcar_user_id)
+        .select_from(Vehicle)
+        .outerjoin(User, Vehicle.user_id == User.id)
+        .where(*criteria)
+        .order_by(Vehicle.id)
+    )
 
 
 def _checked(value: str | None, column: str, limit: int) -> str | None:
@@ -286,6 +331,77 @@ class UserStore:
                 connection.execute(insert(Vehicle).values(**values))
         except IntegrityError:
             raise RecordExists(f"vehicle {id} was added concurrently or its user was removed.") from None
+
+    def find_vehicles_by_smartcar_id(self, smartcar_vehicle_id: str) -> list[VehicleRecord]:
+        """Vehicles linked to Smartcar vehicle ``smartcar_vehicle_id`` (several for a shared car)."""
+        if not smartcar_vehicle_id or len(smartcar_vehicle_id) > SMARTCAR_ID_LENGTH:
+            return []
+        with self._reading() as connection:
+            rows = connection.execute(_vehicles(Vehicle.smartcar_vehicle_id == smartcar_vehicle_id)).all()
+        return [VehicleRecord(*row) for row in rows]
+
+    def find_vehicles_by_vin(self, vin: str) -> list[VehicleRecord]:
+        """Vehicles whose VIN is ``vin``, ignoring case and surrounding blanks (a sold car may be
+        listed under two users)."""
+        wanted = vin.strip().upper()
+        if not wanted or len(wanted) > VIN_LENGTH:
+            return []
+        with self._reading() as connection:
+            rows = connection.execute(_vehicles(func.upper(func.trim(Vehicle.vin)) == wanted)).all()
+        return [VehicleRecord(*row) for row in rows]
+
+    def link_vehicle(self, vehicle_id: int, smartcar_vehicle_id: str, smartcar_user_id: str) -> VehicleLinkResult:
+        """Store Smartcar's vehicle id on vehicle ``vehicle_id`` and Smartcar's user id on its owner,
+        both or neither, in one transaction.
+
+        Like :meth:`link`, nothing is ever overwritten: :class:`LinkConflict` when the vehicle holds
+        another Smartcar vehicle id, has no owner, or its owner holds another Smartcar user id, or
+        another user holds ``smartcar_user_id``. Storing what is already there changes nothing.
+        :class:`VehicleNotFound` for an unknown vehicle, :class:`InvalidValue` for a blank or
+        over-long id.
+        """
+        wanted_vehicle = _checked(smartcar_vehicle_id, "the Smartcar vehicle id", SMARTCAR_ID_LENGTH)
+        wanted_user = _checked(smartcar_user_id, "the Smartcar user id", SMARTCAR_ID_LENGTH)
+        if wanted_vehicle is None or wanted_user is None:
+            raise InvalidValue("the Smartcar vehicle and user ids must not be blank.")
+        try:
+            with self._writing() as connection:
+                row = connection.execute(_vehicles(Vehicle.id == vehicle_id)).one_or_none()
+                if row is None:
+                    raise VehicleNotFound(f"no vehicle with id {vehicle_id}: check the internal vehicle id.")
+                vehicle = VehicleRecord(*row)
+                if vehicle.smartcar_vehicle_id not in (None, wanted_vehicle):
+                    raise LinkConflict(
+                        f"vehicle {vehicle_id} is already linked to Smartcar vehicle {vehicle.smartcar_vehicle_id}; "
+                        f"refusing to overwrite it with {wanted_vehicle}."
+                    )
+                if vehicle.user_id is None:
+                    raise LinkConflict(f"vehicle {vehicle_id} has no owner, so no user can be linked through it.")
+                user_linked = self._decide_link(connection, vehicle.user_id, wanted_user) is None
+                # Each UPDATE is guarded by IS NULL, so a concurrent writer makes it match no row
+                # and the whole transaction rolls back instead of overwriting.
+                if vehicle.smartcar_vehicle_id is None:
+                    result = connection.execute(
+                        update(Vehicle)
+                        .where(Vehicle.id == vehicle_id, Vehicle.smartcar_vehicle_id.is_(None))
+                        .values(smartcar_vehicle_id=wanted_vehicle)
+                    )
+                    if result.rowcount != 1:
+                        raise LinkConflict(f"vehicle {vehicle_id} changed while it was being linked; try again.")
+                if user_linked:
+                    result = connection.execute(
+                        update(User)
+                        .where(User.id == vehicle.user_id, User.smartcar_user_id.is_(None))
+                        .values(smartcar_user_id=wanted_user)
+                    )
+                    if result.rowcount != 1:
+                        raise LinkConflict(f"user {vehicle.user_id} changed while it was being linked; try again.")
+        except IntegrityError:
+            raise LinkConflict(
+                f"Smartcar user {wanted_user} was linked to another user concurrently; it stays with that user."
+            ) from None
+        linked = VehicleRecord(vehicle.id, vehicle.user_id, vehicle.vin, wanted_vehicle, wanted_user)
+        return VehicleLinkResult(linked, vehicle.smartcar_vehicle_id is None, user_linked)
 
     def dispose(self, *, close: bool = True) -> None:
         """Close the pool's connections. ``close=False`` (in a forked child) only forgets them."""

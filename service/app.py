@@ -14,6 +14,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
@@ -21,6 +22,7 @@ from core.config import Settings, load_settings
 from core.inbox import Inbox, JobOptions
 from core.logs import configure_logging
 from service import health
+from service.connect import ConnectEndpoints
 from service.responses import http_exception, unexpected_exception
 from service.webhooks import WebhookConfig, WebhookEndpoint
 
@@ -74,6 +76,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ),
         inbox,
     )
+    connect = ConnectEndpoints(settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -82,6 +85,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         finally:
             await redis.aclose()
             await redis.connection_pool.disconnect()
+            await run_in_threadpool(connect.close)
 
     return Starlette(
         routes=[
@@ -89,6 +93,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/healthz", health.healthz, methods=["GET"]),
             Route("/readyz", health.readyz, methods=["GET"]),
             Route("/metrics", health.metrics, methods=["GET"]),
+            *connect.routes(),
         ],
         exception_handlers={HTTPException: http_exception, Exception: unexpected_exception},
         lifespan=lifespan,

@@ -51,7 +51,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     settings.require_client_credentials()
     configure_logging(settings.log_level, settings.log_format)
-    run_worker(settings, burst=args.burst)
+    run_worker(settings, burst=args.burst, concurrency=args.concurrency)
     return 0
 
 
@@ -72,11 +72,19 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
     from core import db
 
     if args.action == "upgrade":
-        db.upgrade(settings.database_url, args.revision or "head")
+        adopted = db.upgrade(settings.database_url, args.revision or "head", drop_tokens=args.drop_tokens)
+        if adopted is not None:
+            print(f"found tables without an Alembic version in the {adopted} shape: stamped them {adopted}")
     elif args.action == "downgrade":
         if not args.revision:
             raise ConfigurationError("db downgrade needs a revision, e.g. `db downgrade base`.")
         db.downgrade(settings.database_url, args.revision)
+    elif args.action == "stamp":
+        if not args.revision:
+            raise ConfigurationError(
+                'db stamp needs a revision, e.g. `db stamp v2_schema` for a database in the guide\'s "before" shape.'
+            )
+        db.stamp(settings.database_url, args.revision)
     print(f"database at revision {db.current(settings.database_url) or 'base (empty)'}")
     return 0
 
@@ -99,6 +107,26 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     from service.operations import replay
 
     return replay(settings, reason=args.reason, limit=args.limit)
+
+
+def _backfill(args: argparse.Namespace, settings: Settings) -> int:
+    from service.backfill import run_backfill
+
+    return run_backfill(settings, dry_run=args.dry_run, smartcar_user_id=args.smartcar_user_id)
+
+
+def _connect_url(args: argparse.Namespace, settings: Settings) -> int:
+    import datetime as dt
+
+    from core.connect import connect_link
+
+    link = connect_link(settings, args.user_id, mode=args.mode)
+    if link.note:
+        print(f"note: {link.note}", file=sys.stderr)
+    expires = dt.datetime.fromtimestamp(link.expires_at, dt.UTC).isoformat(timespec="seconds")
+    print(f"valid until {expires} (CONNECT_STATE_TTL_SECONDS)", file=sys.stderr)
+    print(link.url)
+    return 0
 
 
 def _dev(args: argparse.Namespace, settings: Settings) -> int:
@@ -134,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run an RQ worker on the ingest queue")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    worker.add_argument("--concurrency", type=_positive, default=64, help="jobs in flight in this process (default 64)")
     worker.set_defaults(handler=_worker)
 
     dev = sub.add_parser("dev", help="run the whole pipeline locally (what `make run` runs)")
@@ -147,8 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     emulator.set_defaults(handler=_emulator)
 
     database = sub.add_parser("db", help="schema migrations (Alembic)")
-    database.add_argument("action", choices=["upgrade", "downgrade"], help="direction")
+    database.add_argument(
+        "action", choices=["upgrade", "downgrade", "stamp"], help="direction, or stamp to adopt an existing database"
+    )
     database.add_argument("revision", nargs="?", help="target revision (upgrade: default head)")
+    database.add_argument(
+        "--drop-tokens",
+        action="store_true",
+        help="let an upgrade to v3_schema drop stored per-vehicle access tokens (no downgrade restores them)",
+    )
     database.set_defaults(handler=_db)
 
     users = sub.add_parser("users", help="manage the user store")
@@ -162,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--reason", choices=list(PARK_REASONS), help="only entries parked for this reason")
     replay.add_argument("--limit", type=_positive, help="re-enqueue at most this many")
     replay.set_defaults(handler=_replay)
+
+    backfill = sub.add_parser("backfill", help="fill smartcar_user_id / smartcar_vehicle_id from GET /v3/connections")
+    backfill.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    backfill.add_argument("--smartcar-user-id", help="only the connections of this Smartcar user")
+    backfill.set_defaults(handler=_backfill)
+
+    connect_url = sub.add_parser(
+        "connect-url", help="a Smartcar Connect URL whose signed state names the internal user"
+    )
+    connect_url.add_argument("--user-id", type=_positive, required=True, help="internal user id (users.id)")
+    connect_url.add_argument(
+        "--mode", choices=["live", "simulated", "test"], help="Connect's mode (default: CONNECT_MODE, else Smartcar's)"
+    )
+    connect_url.set_defaults(handler=_connect_url)
     return parser
 
 

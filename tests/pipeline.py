@@ -13,6 +13,7 @@ from rq.serializers import JSONSerializer
 
 from core.config import Settings
 from workers import runtime
+from workers.worker import ConcurrentWorker
 
 CLIENT_ID = "client_emulator"
 CLIENT_SECRET = "emulator-secret"
@@ -33,14 +34,20 @@ def pipeline_settings(redis_url: str, emulator_url: str, database_url: str, **ov
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
-def run_worker_burst(settings: Settings) -> None:
-    """Work the queue in this process until it is empty."""
+def run_worker_burst(settings: Settings, concurrency: int = 4, stock: bool = False) -> None:
+    """Work the queue in this process until it is empty (RQ's own SimpleWorker when ``stock``)."""
     current = runtime.Runtime(settings)
     runtime.install(current)
     connection = redis.Redis.from_url(settings.redis_url)
     try:
         queue = Queue(settings.ingest_queue, connection=connection, serializer=JSONSerializer)
-        SimpleWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)
+        if stock:
+            SimpleWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)
+        else:
+            worker = ConcurrentWorker(
+                [queue], connection=connection, serializer=JSONSerializer, concurrency=concurrency
+            )
+            worker.work(burst=True)
     finally:
         runtime.install(None)
         current.close()

@@ -282,3 +282,77 @@ def test_rq_info_shows_the_queue(pipeline, redis_client):
     assert result.returncode == 0, result.stderr
     assert "smartcar-events" in result.stdout
     assert "2" in result.stdout
+
+
+def test_concurrent_worker_keeps_rqs_registries_true(pipeline, redis_client, emulator):
+    """Many events through one concurrent worker: all published once, all in the finished registry, none failed."""
+    from rq.registry import FinishedJobRegistry, StartedJobRegistry
+
+    httpx.post(f"{emulator}/_emulator/latency", json={"seconds": 0.05}).raise_for_status()
+    events = [sample_event() for _ in range(60)]
+    deliver(pipeline, *events)
+    run_worker_burst(pipeline, concurrency=16)
+    entries = outputs(redis_client)
+    assert sorted(e["event_id"] for e in entries) == sorted(e["eventId"] for e in events)
+    queue = pipeline.ingest_queue
+    assert sorted(FinishedJobRegistry(queue, connection=redis_client).get_job_ids()) == sorted(
+        e["eventId"] for e in events
+    )
+    assert FailedJobRegistry(queue, connection=redis_client).count == 0
+    assert StartedJobRegistry(queue, connection=redis_client).count == 0
+
+
+def test_stock_simple_worker_runs_the_same_job(pipeline, redis_client):
+    """RQ's own SimpleWorker runs process_event too (the job needs nothing from our worker class)."""
+    event = sample_event()
+    deliver(pipeline, event)
+    run_worker_burst(pipeline, stock=True)
+    [entry] = outputs(redis_client)
+    assert entry["event_id"] == event["eventId"]
+
+
+def _worker_env(settings):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "DATABASE_"))}
+    return env | {
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "SMARTCAR_CLIENT_ID": settings.smartcar_client_id,
+        "SMARTCAR_CLIENT_SECRET": settings.smartcar_client_secret.get_secret_value(),
+        "SMARTCAR_API_URL": settings.smartcar_api_url,
+        "SMARTCAR_TOKEN_URL": settings.smartcar_token_url,
+        "PYTHONPATH": os.getcwd(),
+        "LOG_LEVEL": "WARNING",
+    }
+
+
+def test_jobs_in_flight_are_visible_and_sigterm_lets_them_finish(pipeline, redis_client, emulator):
+    """A worker with eight slots shows eight started jobs at once in RQ; SIGTERM finishes them, then exits."""
+    import signal
+    import time
+
+    from rq import Worker
+    from rq.registry import StartedJobRegistry
+
+    httpx.post(f"{emulator}/_emulator/latency", json={"seconds": 1.5}).raise_for_status()
+    events = [sample_event() for _ in range(8)]
+    deliver(pipeline, *events)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "--concurrency", "8"], env=_worker_env(pipeline)
+    )
+    try:
+        started = StartedJobRegistry(pipeline.ingest_queue, connection=redis_client)
+        deadline = time.monotonic() + 30
+        while started.count < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.count == 8
+        [rq_worker] = Worker.all(connection=redis_client)
+        assert rq_worker.get_state() == "busy"
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert sorted(e["event_id"] for e in outputs(redis_client)) == sorted(e["eventId"] for e in events)
+    assert started.count == 0
+    assert FailedJobRegistry(pipeline.ingest_queue, connection=redis_client).count == 0
+    assert Worker.all(connection=redis_client) == []

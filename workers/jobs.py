@@ -26,4 +26,4 @@ def process_event(payload: dict[str, Any]) -> dict[str, Any]:
         outcome = await processor.process(payload, final_attempt=final_attempt, budget_seconds=budget)
         return outcome.as_dict()
 
-    return current.run(run())
+    return current.run(run(), timeout=budget + 15)

@@ -1,13 +1,16 @@
 """Per-process state of a worker: one event loop, one HTTP pool, one Redis client, one user store.
 
-RQ calls job functions synchronously; :class:`Runtime` keeps a single asyncio loop alive for the
-whole process so that the HTTP keep-alive pool, the Redis connections and the cached token are
-reused from job to job instead of being rebuilt for every event.
+RQ calls job functions synchronously, possibly from several threads at once (the concurrent
+worker runs jobs in a thread pool). :class:`Runtime` runs one asyncio loop in a thread of its
+own for the whole process; job functions hand their coroutine to it and wait. So every job in
+flight shares one HTTP keep-alive pool, one Redis client and one cached token, and the loop
+keeps dozens of Smartcar calls in flight while RQ's bookkeeping runs in the job threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -49,15 +52,19 @@ def smartcar_http(max_connections: int = 100) -> httpx.AsyncClient:
 class Runtime:
     """Everything a worker process needs to run :class:`EventProcessor`, built once."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, max_connections: int = 100) -> None:
         settings.require_client_credentials()
+        self._max_connections = max_connections
         self.settings = settings
-        self._runner = asyncio.Runner()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="enrichment-loop", daemon=True)
+        self._thread.start()
         self._processor: EventProcessor | None = None
         self._closers: list[Any] = []
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self._runner.run(coro)
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the shared loop and wait for its result (callable from any thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     async def processor(self) -> EventProcessor:
         """The processor, built inside the running loop on first use."""
@@ -66,7 +73,7 @@ class Runtime:
             assert settings.smartcar_client_id is not None
             assert settings.smartcar_client_secret is not None
             redis = worker_redis(settings)
-            http = smartcar_http()
+            http = smartcar_http(self._max_connections)
             tokens = AppTokenProvider(
                 redis,
                 http,
@@ -96,9 +103,12 @@ class Runtime:
                     await result
 
         try:
-            self._runner.run(close_all())
+            if self._closers:
+                self.run(close_all(), timeout=30)
         finally:
-            self._runner.close()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
             self._processor = None
 
 

@@ -1,30 +1,113 @@
-"""``smartcar-ingest worker``: an RQ worker on the ingest queue.
+"""``smartcar-ingest worker``: an RQ worker that runs many ingest jobs at once.
 
-It runs RQ's :class:`~rq.SimpleWorker` (jobs run in this process, not a fork per job), so the
-runtime of :mod:`workers.runtime` (HTTP pool, Redis client, cached token) lives across jobs.
-SIGTERM asks for RQ's warm shutdown: the job in flight finishes, then the process exits; a
-process killed harder leaves its job in RQ's started registry, from which RQ re-runs it, and
-the idempotent publish keeps the output to one entry.
+Each enrichment spends almost all its time waiting on Smartcar, so a worker that runs one job
+at a time enriches a handful of events per second. :class:`ConcurrentWorker` keeps RQ's own job
+lifecycle — dequeue, execution record in the started registry, retries, results, the finished
+and failed registries, worker registration for ``rq info`` — and only changes *where* a job
+runs: in one of ``concurrency`` threads instead of inline. The job threads wait on coroutines
+that all run on one shared event loop (:mod:`workers.runtime`), so the Smartcar calls of every
+job in flight share one HTTP pool and one application token.
+
+Shutdown: SIGTERM (or the end of a ``--burst`` run) stops dequeuing; jobs in flight finish
+before the worker deregisters. A process killed harder leaves its jobs in the started
+registry, from which they are re-run; the idempotent publish keeps the output to one entry
+per event.
 """
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 import redis
 from rq import Queue, SimpleWorker
+from rq.exceptions import StopRequested
+from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.timeouts import TimerDeathPenalty
+from rq.worker import WorkerStatus
 
 from core.config import Settings
 from workers import runtime
 
+#: Jobs in flight per worker process unless --concurrency says otherwise (see docs/performance.md).
+DEFAULT_CONCURRENCY = 64
 
-def run_worker(settings: Settings, burst: bool = False) -> bool:
+
+class ConcurrentWorker(SimpleWorker):
+    """RQ's SimpleWorker, running up to ``concurrency`` jobs at once in a thread pool."""
+
+    # Signals only reach the main thread; a timer can stop a job running in any thread.
+    death_penalty_class = TimerDeathPenalty
+
+    def __init__(self, *args: Any, concurrency: int = DEFAULT_CONCURRENCY, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.concurrency = concurrency
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="job")
+        self._state_lock = threading.Lock()
+        self._in_dequeue = False
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        self._in_dequeue = True
+        try:
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        finally:
+            self._in_dequeue = False
+
+    def _shutdown(self) -> None:
+        """Warm shutdown: stop dequeuing at once; the jobs in flight finish in :meth:`teardown`.
+
+        RQ's own version waits while the worker is busy, which for this worker means "while any
+        job runs"; it would then sit in the blocking dequeue until its timeout.
+        """
+        self._stop_requested = True
+        self.set_shutdown_requested_date()  # type: ignore[no-untyped-call]
+        if self.scheduler:
+            self.stop_scheduler()  # type: ignore[no-untyped-call]
+        if self._in_dequeue:
+            raise StopRequested
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Start ``job`` in the pool; block the dequeue loop only while every slot is busy."""
+        self._slots.acquire()
+        try:
+            execution = self.prepare_execution(job)
+            self._pool.submit(self._perform, job, queue, execution)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        """Report busy while any job is in flight, even when the dequeue loop says idle."""
+        if state == WorkerStatus.IDLE and self.executions:
+            state = WorkerStatus.BUSY
+        super().set_state(state, pipeline=pipeline)
+
+    def _perform(self, job: Job, queue: Queue, execution: Any) -> None:
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            with self._state_lock:
+                if not self.executions:
+                    self.set_state(WorkerStatus.IDLE)
+            self._slots.release()
+
+    def teardown(self) -> None:
+        # Let the jobs in flight finish (warm shutdown) before deregistering the worker.
+        self._pool.shutdown(wait=True)
+        super().teardown()  # type: ignore[no-untyped-call]
+
+
+def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAULT_CONCURRENCY) -> bool:
     """Work the ingest queue until stopped (or, with ``burst``, until it is empty)."""
     settings.require_client_credentials()
-    current = runtime.Runtime(settings)
+    current = runtime.Runtime(settings, max_connections=max(10, concurrency * 2))
     runtime.install(current)
     connection = redis.Redis.from_url(settings.redis_url)
     queue = Queue(settings.ingest_queue, connection=connection, serializer=JSONSerializer)
-    worker = SimpleWorker([queue], connection=connection, serializer=JSONSerializer)
+    worker = ConcurrentWorker([queue], connection=connection, serializer=JSONSerializer, concurrency=concurrency)
     try:
         # The scheduler moves jobs whose retry interval elapsed back onto the queue.
         return bool(worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level))
