@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import ingest
+from bench import ingest, worker
 
 
 def main() -> None:
@@ -16,6 +16,10 @@ def main() -> None:
         results = ingest.run(seconds=args.seconds)
         print("\nIngest (one web process, wrk -t1 -c32, unique signed ~1 KB deliveries)\n")
         print(ingest.table(results))
+    if args.only in (None, "worker"):
+        worker_results = worker.run()
+        print("\nEnrichment (one worker process; emulator in its own process, fleet of 2,000 vehicles)\n")
+        print(worker.table(worker_results))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from core.errors import (
 )
 from core.logs import get_logger
 from core.output import Enrichment, build_document, stream_fields
+from core.sharing import SharedReads
 from core.smartcar import SmartcarClient
 from core.streams import StreamWriter, published_key
 from core.users import UserStore
@@ -66,6 +67,7 @@ class EventProcessor:
         self._users = users
         self._smartcar = smartcar
         self._streams = streams
+        self._shared = SharedReads()
 
     async def process(self, payload: dict[str, Any], final_attempt: bool, budget_seconds: float = 60.0) -> Outcome:
         """Process one job payload. Raises a :class:`TransientError` only when a retry may help
@@ -98,7 +100,7 @@ class EventProcessor:
                         "No internal user has this Smartcar user id; link it (users link or backfill), then replay.",
                         body,
                     )
-                enrichment = await self._enrich(event)
+                enrichment = await self._enrich(event, received_at)
         except TimeoutError:
             if final_attempt:
                 return await self._park(event_id, "retries_exhausted", "Enrichment ran out of time.", body)
@@ -124,14 +126,27 @@ class EventProcessor:
         )
         return Outcome(event_id, "published", entry_id=entry_id)
 
-    async def _enrich(self, event: events.VehicleEvent) -> Enrichment:
-        """Fetch the vehicle and its signals concurrently; refusals become partial enrichment."""
+    async def _enrich(self, event: events.VehicleEvent, received_at_ms: int) -> Enrichment:
+        """Fetch the vehicle and its signals concurrently; refusals become partial enrichment.
+
+        Events for the same vehicle in flight together share calls that started after they
+        were received (:class:`core.sharing.SharedReads`), which cannot make their data older.
+        """
         vehicle_id, user_id = event.vehicle.id, event.smartcar_user_id
-        vehicle, signals = await asyncio.gather(
-            self._smartcar.get_vehicle(vehicle_id, user_id),
-            self._smartcar.get_signals(vehicle_id, user_id),
+        outcomes: tuple[Any, Any] = await asyncio.gather(
+            self._shared.read(
+                ("vehicle", vehicle_id, user_id),
+                received_at_ms,
+                lambda: self._smartcar.get_vehicle(vehicle_id, user_id),
+            ),
+            self._shared.read(
+                ("signals", vehicle_id, user_id),
+                received_at_ms,
+                lambda: self._smartcar.get_signals(vehicle_id, user_id),
+            ),
             return_exceptions=True,
         )
+        vehicle, signals = outcomes
         enrichment = Enrichment()
         results: list[tuple[str, object]] = [("vehicle", vehicle), ("signals", signals)]
         # Decide by the most serious failure: revoked access first, then anything transient.

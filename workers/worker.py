@@ -16,7 +16,9 @@ per event.
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,7 +27,7 @@ from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.serializers import JSONSerializer
-from rq.timeouts import TimerDeathPenalty
+from rq.timeouts import BaseDeathPenalty
 from rq.worker import WorkerStatus
 
 from core.config import Settings
@@ -35,11 +37,28 @@ from workers import runtime
 DEFAULT_CONCURRENCY = 64
 
 
+class SelfTimedJob(BaseDeathPenalty):
+    """No external kill: ``process_event`` stops itself before the job's timeout.
+
+    RQ's signal-based penalty only works in the main thread, and its timer-based one starts a
+    thread per job. The job function instead bounds its own work at the job's timeout minus a
+    margin (:func:`workers.jobs.process_event`), well inside the started-registry heartbeat of
+    timeout + 60 s, so RQ's view of the job stays true without either.
+    """
+
+    def setup_death_penalty(self) -> None:
+        return None
+
+    def cancel_death_penalty(self) -> None:
+        return None
+
+
 class ConcurrentWorker(SimpleWorker):
     """RQ's SimpleWorker, running up to ``concurrency`` jobs at once in a thread pool."""
 
-    # Signals only reach the main thread; a timer can stop a job running in any thread.
-    death_penalty_class = TimerDeathPenalty
+    death_penalty_class = SelfTimedJob
+    #: Seconds between worker heartbeats; RQ's loop would send one per job dequeued.
+    heartbeat_interval = 5.0
 
     def __init__(self, *args: Any, concurrency: int = DEFAULT_CONCURRENCY, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -48,6 +67,18 @@ class ConcurrentWorker(SimpleWorker):
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="job")
         self._state_lock = threading.Lock()
         self._in_dequeue = False
+        self._last_heartbeat_at = 0.0
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """At most one worker heartbeat per :attr:`heartbeat_interval` (its TTL is minutes).
+
+        Heartbeats inside a pipeline (job preparation) and with an explicit timeout are kept.
+        """
+        now = time.monotonic()
+        if pipeline is None and timeout is None and now - self._last_heartbeat_at < self.heartbeat_interval:
+            return
+        self._last_heartbeat_at = now
+        super().heartbeat(timeout, pipeline)
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
         self._in_dequeue = True
@@ -103,6 +134,9 @@ class ConcurrentWorker(SimpleWorker):
 def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAULT_CONCURRENCY) -> bool:
     """Work the ingest queue until stopped (or, with ``burst``, until it is empty)."""
     settings.require_client_credentials()
+    # Job threads, the dequeue loop and the event loop mostly wait on sockets; hand the GIL over
+    # quickly when one of them wakes, instead of after the default 5 ms.
+    sys.setswitchinterval(0.0005)
     current = runtime.Runtime(settings, max_connections=max(10, concurrency * 2))
     runtime.install(current)
     connection = redis.Redis.from_url(settings.redis_url)
