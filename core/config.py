@@ -46,12 +46,18 @@ class Settings(BaseSettings):
     # Extensions beyond the contract, with defaults that suit production.
     redis_timeout_seconds: float = Field(default=0.5, gt=0)
     """Socket timeout for every Redis call on the web path; bounds the 503 answer time."""
+    body_timeout_seconds: float = Field(default=10.0, gt=0)
+    """A sender that has not delivered the whole body by then gets 408 (Smartcar sends at once)."""
+    allow_evicting_redis: bool = False
+    """Run even when Redis's maxmemory-policy may evict keys (a loud warning instead of a refusal)."""
     redis_max_connections: int = Field(default=64, gt=0)
     """Redis connections per web process; requests beyond it wait for one within their deadline."""
     job_timeout_seconds: int = Field(default=120, gt=0)
     """How long one RQ job may run before RQ stops it."""
     job_retries: int = Field(default=5, ge=0)
     """How often RQ re-runs a job that failed with a transient error."""
+    metrics_port: int = Field(default=9100, ge=0, le=65535)
+    """Port of each worker process's Prometheus endpoint (``/metrics``); 0 turns it off."""
 
     # Smartcar Connect: capturing user_id on the redirect (docs/migration.md, phase 2).
     smartcar_application_id: str | None = None

@@ -6,7 +6,11 @@ cardinality stays fixed and nothing identifying leaves the process.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import Counter, Histogram
+
+from core.errors import PARK_REASONS
 
 DELIVERIES = Counter(
     "smartcar_ingest_deliveries",
@@ -25,3 +29,69 @@ ENQUEUE_BATCH_SIZE = Histogram(
     "Deliveries written to Redis per round trip by the web's group commit.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+
+# --- Worker side ------------------------------------------------------------------------------
+
+JOBS = Counter(
+    "smartcar_ingest_jobs",
+    "Ingest jobs by outcome (published, already_published, parked_<reason>, retried, error).",
+    ["outcome"],
+)
+
+END_TO_END_SECONDS = Histogram(
+    "smartcar_ingest_end_to_end_seconds",
+    "Time from the webhook's receipt (receivedAt) to the entry on the output stream (publishedAt).",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0, 600.0, 1800.0, 3600.0),
+)
+
+#: The ``endpoint`` label: a template, never a URL, so no vehicle id reaches a label.
+SMARTCAR_ENDPOINTS = ("token", "vehicle", "signals", "signal", "connections")
+
+SMARTCAR_CALLS = Counter(
+    "smartcar_ingest_smartcar_calls",
+    "HTTP requests to Smartcar by endpoint template and answer (HTTP status, or network_error).",
+    ["endpoint", "status"],
+)
+
+SMARTCAR_CALL_SECONDS = Histogram(
+    "smartcar_ingest_smartcar_call_seconds",
+    "Duration of one HTTP request to Smartcar, by endpoint template (network errors included).",
+    ["endpoint"],
+    buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0),
+)
+
+SMARTCAR_RETRIES = Counter(
+    "smartcar_ingest_smartcar_retries",
+    "Reads from Smartcar retried by the client after a transient failure (429, 5xx, network), by endpoint.",
+    ["endpoint"],
+)
+
+TOKEN_REFRESHES = Counter(
+    "smartcar_ingest_token_refreshes",
+    "Requests this process made to the token endpoint (successful or not).",
+)
+
+SHARED_READS = Counter(
+    "smartcar_ingest_shared_reads",
+    "Smartcar reads served by joining another event's call in flight instead of making one.",
+    ["call"],
+)
+
+
+def observe_smartcar_call(endpoint: str, status: str, started: float) -> None:
+    """Count one HTTP request to Smartcar and its duration since ``started`` (``time.perf_counter``)."""
+    SMARTCAR_CALL_SECONDS.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+    SMARTCAR_CALLS.labels(endpoint=endpoint, status=status).inc()
+
+
+# Series that exist from the start read as 0 instead of missing, so rate() and alerts see the
+# first increment of each.
+JOB_OUTCOMES = ("published", "already_published", "retried", "error", *(f"parked_{r}" for r in PARK_REASONS))
+for _outcome in JOB_OUTCOMES:
+    JOBS.labels(outcome=_outcome)
+for _endpoint in SMARTCAR_ENDPOINTS:
+    SMARTCAR_CALL_SECONDS.labels(endpoint=_endpoint)
+    if _endpoint != "token":  # a failed token request is retried as part of the read that needed it
+        SMARTCAR_RETRIES.labels(endpoint=_endpoint)
+for _call in ("vehicle", "signals"):
+    SHARED_READS.labels(call=_call)

@@ -18,6 +18,7 @@ waits off in tests.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
@@ -25,6 +26,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import httpx
 import stamina
 
+from core import metrics
 from core.errors import (
     SmartcarRateLimited,
     SmartcarRejected,
@@ -93,7 +95,7 @@ class SmartcarClient:
 
     async def get_vehicle(self, vehicle_id: str, user_id: str) -> dict[str, Any]:
         """``GET /vehicles/{id}``: the vehicle resource (``id``, ``attributes{make,model,year}``)."""
-        body = await self._get(f"vehicles/{quote(vehicle_id, safe='')}", user_id)
+        body = await self._get("vehicle", f"vehicles/{quote(vehicle_id, safe='')}", user_id)
         return body if isinstance(body, dict) else {}
 
     async def get_signals(self, vehicle_id: str, user_id: str) -> list[dict[str, Any]]:
@@ -102,7 +104,7 @@ class SmartcarClient:
         params: dict[str, str] | None = {"page[size]": "100"}
         resources: list[dict[str, Any]] = []
         for _ in range(MAX_SIGNAL_PAGES):
-            body = await self._get(url, user_id, params)
+            body = await self._get("signals", url, user_id, params)
             data = body.get("data") if isinstance(body, dict) else None
             resources.extend(item for item in data or () if isinstance(item, dict))
             links = body.get("links") if isinstance(body, dict) else None
@@ -118,7 +120,9 @@ class SmartcarClient:
 
         A code the vehicle does not report is a 404, raised as :class:`SmartcarRejected`.
         """
-        body = await self._get(f"vehicles/{quote(vehicle_id, safe='')}/signals/{quote(code, safe='')}", user_id)
+        body = await self._get(
+            "signal", f"vehicles/{quote(vehicle_id, safe='')}/signals/{quote(code, safe='')}", user_id
+        )
         return body if isinstance(body, dict) else {}
 
     def _follow(self, link: str) -> str:
@@ -144,24 +148,27 @@ class SmartcarClient:
         params = {"page[number]": str(page_number), "page[size]": str(page_size)}
         if user_id is not None:
             params["filter[userId]"] = user_id
-        body = await self._get("connections", user_id, params)
+        body = await self._get("connections", "connections", user_id, params)
         return body if isinstance(body, dict) else {}
 
-    async def _get(self, path: str, user_id: str | None, params: Mapping[str, str] | None = None) -> Any:
+    async def _get(self, endpoint: str, path: str, user_id: str | None, params: Mapping[str, str] | None = None) -> Any:
+        """One read with retries; ``endpoint`` is the template named in metrics (never the URL)."""
         async for attempt in stamina.retry_context(
             on=_backoff, attempts=self._attempts, timeout=self._budget, wait_initial=0.2, wait_max=5.0
         ):
+            if attempt.num > 1:
+                metrics.SMARTCAR_RETRIES.labels(endpoint=endpoint).inc()
             with attempt:
-                return await self._get_once(path, user_id, params)
+                return await self._get_once(endpoint, path, user_id, params)
         raise AssertionError("unreachable: stamina either returns or raises")  # pragma: no cover
 
-    async def _get_once(self, path: str, user_id: str | None, params: Mapping[str, str] | None) -> Any:
+    async def _get_once(self, endpoint: str, path: str, user_id: str | None, params: Mapping[str, str] | None) -> Any:
         token = await self._tokens.get()
-        response = await self._send(path, token, user_id, params)
+        response = await self._send(endpoint, path, token, user_id, params)
         if response.status_code == 401:
             # The token may have been revoked or rotated: one refresh, one retry.
             token = await self._tokens.refresh(stale=token)
-            response = await self._send(path, token, user_id, params)
+            response = await self._send(endpoint, path, token, user_id, params)
             if response.status_code == 401:
                 error_type, code, request_id = parse_error(response)
                 raise SmartcarUnauthorized(
@@ -188,13 +195,17 @@ class SmartcarClient:
         )
 
     async def _send(
-        self, path: str, token: str, user_id: str | None, params: Mapping[str, str] | None
+        self, endpoint: str, path: str, token: str, user_id: str | None, params: Mapping[str, str] | None
     ) -> httpx.Response:
         headers = {"authorization": f"Bearer {token}", "accept": "application/json"}
         if user_id is not None:
             headers["sc-user-id"] = user_id
         url = path if path.startswith("http") else self._base + path
+        started = time.perf_counter()
         try:
-            return await self._http.get(url, params=params, headers=headers)
+            response = await self._http.get(url, params=params, headers=headers)
         except httpx.HTTPError as exc:
+            metrics.observe_smartcar_call(endpoint, "network_error", started)
             raise SmartcarUnavailable(f"Smartcar could not be reached ({type(exc).__name__}).") from None
+        metrics.observe_smartcar_call(endpoint, str(response.status_code), started)
+        return response

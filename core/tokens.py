@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import httpx
 from redis.asyncio import Redis
 
+from core import metrics
 from core.errors import SmartcarRateLimited, SmartcarUnavailable, TokenRequestFailed
 from core.logs import get_logger
 
@@ -134,10 +135,14 @@ class AppTokenProvider:
             "client_id": self._client_id,
             "client_secret": self._client_secret,
         }
+        metrics.TOKEN_REFRESHES.inc()
+        started = time.perf_counter()
         try:
             response = await self._http.post(self._token_url, data=form, headers={"accept": "application/json"})
         except httpx.HTTPError as exc:
+            metrics.observe_smartcar_call("token", "network_error", started)
             raise SmartcarUnavailable(f"The token endpoint could not be reached ({type(exc).__name__}).") from None
+        metrics.observe_smartcar_call("token", str(response.status_code), started)
         if response.status_code == 429:
             raise SmartcarRateLimited("The token endpoint is rate limiting us.", retry_after_seconds(response))
         if response.status_code >= 500:

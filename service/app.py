@@ -6,12 +6,15 @@ on shutdown; request handlers reach it through ``request.state``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypedDict
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 from redis.retry import Retry
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -19,12 +22,18 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
 from core.config import Settings, load_settings
+from core.errors import ConfigurationError
 from core.inbox import Inbox, JobOptions
-from core.logs import configure_logging
+from core.logs import configure_logging, get_logger
+from core.queue_metrics import register_queue_collector, unregister_queue_collector
+from core.spool import Spool
 from service import health
 from service.connect import ConnectEndpoints
+from service.drain import drain_forever
 from service.responses import http_exception, unexpected_exception
 from service.webhooks import WebhookConfig, WebhookEndpoint
+
+log = get_logger("smartcar_ingest.app")
 
 
 class State(TypedDict):
@@ -49,6 +58,30 @@ def web_redis(settings: Settings) -> Redis:
     return Redis(connection_pool=pool)
 
 
+async def check_eviction_policy(redis: Redis, allow: bool, deadline: float) -> None:
+    """Refuse to run on a Redis that may evict keys: eviction silently drops queued events.
+
+    ``ALLOW_EVICTING_REDIS=true`` turns the refusal into a loud warning. A Redis that does not
+    answer at startup is not checked (the web still starts and answers 503 until it does).
+    """
+    try:
+        async with asyncio.timeout(deadline):
+            policy = (await redis.config_get("maxmemory-policy")).get("maxmemory-policy")
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("could not read Redis maxmemory-policy at startup", error=type(exc).__name__)
+        return
+    if policy in (None, "noeviction", b"noeviction"):
+        return
+    text = policy.decode() if isinstance(policy, bytes) else str(policy)
+    message = (
+        f"Redis maxmemory-policy is {text}: it may evict queued events and dedupe marks. "
+        "Set it to noeviction (or ALLOW_EVICTING_REDIS=true to run anyway)."
+    )
+    if not allow:
+        raise ConfigurationError(message)
+    log.error(message)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the web application. Raises ``ConfigurationError`` without a management token."""
     if settings is None:
@@ -68,21 +101,33 @@ def create_app(settings: Settings | None = None) -> Starlette:
         parked_stream=settings.parked_stream,
         dedupe_ttl_seconds=settings.dedupe_ttl_seconds,
     )
+    spool = Spool(settings.spool_dir) if settings.spool_dir else None
     endpoint = WebhookEndpoint(
         WebhookConfig(
             tokens=settings.management_tokens,
             max_body_bytes=settings.max_body_bytes,
             redis_deadline_seconds=deadline,
+            body_timeout_seconds=settings.body_timeout_seconds,
         ),
         inbox,
+        spool,
     )
     connect = ConnectEndpoints(settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        drainer = None
+        queue_collector = register_queue_collector(settings.redis_url, settings)
         try:
+            await check_eviction_policy(redis, settings.allow_evicting_redis, deadline)
+            drainer = asyncio.create_task(drain_forever(spool, inbox)) if spool else None
             yield {"redis": redis, "redis_deadline_seconds": deadline}
         finally:
+            unregister_queue_collector(queue_collector)
+            if drainer is not None:
+                drainer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await drainer
             await redis.aclose()
             await redis.connection_pool.disconnect()
             await run_in_threadpool(connect.close)

@@ -129,6 +129,12 @@ def _connect_url(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from service.status import status
+
+    return status(settings, as_json=args.json)
+
+
 def _dev(args: argparse.Namespace, settings: Settings) -> int:
     from service.dev import run_dev
 
@@ -212,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode", choices=["live", "simulated", "test"], help="Connect's mode (default: CONNECT_MODE, else Smartcar's)"
     )
     connect_url.set_defaults(handler=_connect_url)
+
+    status = sub.add_parser(
+        "status", help="queue depth and oldest age, workers, parked by reason, output stream and consumer lag"
+    )
+    status.add_argument("--json", action="store_true", help="print the report as JSON")
+    status.set_defaults(handler=_status)
     return parser
 
 

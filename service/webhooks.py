@@ -28,10 +28,13 @@ from core.errors import InvalidPayload, LegacyPayload, MalformedBody, PermanentE
 from core.inbox import Inbox
 from core.logs import get_logger
 from core.signatures import answer_challenge, is_token_like, verify_signature
+from core.spool import Spool, SpooledDelivery
 
 log = get_logger("smartcar_ingest.webhooks")
 
 RETRY_AFTER_SECONDS = "5"
+#: After a Redis failure, how long deliveries go straight to the spool (when one is configured).
+SPOOL_ONLY_SECONDS = 1.0
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _UNAVAILABLE_HEADERS = [*_JSON_HEADERS, (b"retry-after", RETRY_AFTER_SECONDS.encode())]
 
@@ -54,6 +57,7 @@ class WebhookConfig:
     tokens: tuple[bytes, ...]
     max_body_bytes: int
     redis_deadline_seconds: float
+    body_timeout_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -74,9 +78,13 @@ def _error(status: int, code: str, message: str, headers: list[tuple[bytes, byte
 class WebhookEndpoint:
     """The ASGI app behind ``POST /webhooks/smartcar``; one instance per application."""
 
-    def __init__(self, config: WebhookConfig, inbox: Inbox) -> None:
+    def __init__(self, config: WebhookConfig, inbox: Inbox, spool: Spool | None = None) -> None:
         self._config = config
         self._inbox = inbox
+        self._spool = spool
+        # After Redis fails, go straight to the spool for a moment instead of waiting out the
+        # deadline on every request; the drainer notices when Redis is back.
+        self._spool_only_until = 0.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -96,7 +104,10 @@ class WebhookEndpoint:
 
         # 1. Size: refuse early on a declared length, and stop reading past the limit otherwise.
         try:
-            body = await self._read_body(receive, declared)
+            async with asyncio.timeout(self._config.body_timeout_seconds):
+                body = await self._read_body(receive, declared)
+        except TimeoutError:
+            return self._reject(408, "body_timeout", "The body did not arrive in time.")
         except BodyTooLarge:
             return self._reject(413, "body_too_large", f"The body exceeds {self._config.max_body_bytes} bytes.")
         except ClientGone:
@@ -136,10 +147,15 @@ class WebhookEndpoint:
         return await self._accept(quick, text, received_at_ms)
 
     async def _accept(self, event: events.QuickEvent, text: str, received_at_ms: int) -> Answer:
+        if self._spool is not None and time.monotonic() < self._spool_only_until:
+            return await self._spooled(SpooledDelivery(event.event_id, event.event_type, text, received_at_ms))
         try:
             async with asyncio.timeout(self._config.redis_deadline_seconds):
                 accepted = await self._inbox.accept(event.event_id, event.event_type, text, received_at_ms)
         except (RedisError, OSError, TimeoutError) as exc:
+            if self._spool is not None:
+                self._spool_only_until = time.monotonic() + SPOOL_ONLY_SECONDS
+                return await self._spooled(SpooledDelivery(event.event_id, event.event_type, text, received_at_ms))
             return self._unavailable(event.event_id, exc)
         if accepted:
             _OUTCOME_ACCEPTED.inc()
@@ -173,12 +189,33 @@ class WebhookEndpoint:
             async with asyncio.timeout(self._config.redis_deadline_seconds):
                 fresh = await self._inbox.park(event_id, exc.code, exc.message, text)
         except (RedisError, OSError, TimeoutError) as error:
+            if self._spool is not None:
+                delivery = SpooledDelivery(
+                    event_id, "UNKNOWN", text, time.time_ns() // 1_000_000, exc.code, exc.message
+                )
+                return await self._spooled(delivery, status="parked", reason=exc.code)
             return self._unavailable(event_id, error)
         metrics.DELIVERIES.labels(outcome="parked_" + exc.code).inc()
         log.warning("delivery parked", eventId=event_id, reason=exc.code, detail=exc.message, repeat=not fresh)
         content: dict[str, object] = {"status": "parked", "reason": exc.code, "eventId": event_id}
         if not fresh:
             content["duplicate"] = True
+        return _json(202, content)
+
+    async def _spooled(self, delivery: SpooledDelivery, status: str = "spooled", reason: str | None = None) -> Answer:
+        """Answer 202 only once the delivery is fsync'd to the spool; 503 if even that fails."""
+        assert self._spool is not None
+        try:
+            await asyncio.to_thread(self._spool.append, delivery)
+        except OSError as exc:
+            log.error("spooling failed", eventId=delivery.event_id, error=type(exc).__name__)
+            return self._unavailable(delivery.event_id, exc)
+        metrics.DELIVERIES.labels(outcome="spooled").inc()
+        log.warning("redis unavailable, delivery spooled", eventId=delivery.event_id)
+        content: dict[str, object] = {"status": status, "eventId": delivery.event_id}
+        if reason is not None:
+            content["reason"] = reason
+            content["spooled"] = True
         return _json(202, content)
 
     def _verify_answer(self, challenge: str) -> Answer:

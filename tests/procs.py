@@ -36,12 +36,13 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 class RedisServer:
     """A redis-server of our own on a free port, which a test may stop and start again."""
 
-    def __init__(self, appendonly: bool = False) -> None:
+    def __init__(self, appendonly: bool = False, fsync_always: bool = False) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed; `make test` installs it")
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="smartcar-ingest-redis-"))
         self.appendonly = appendonly
+        self.fsync_always = fsync_always
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,6 +52,8 @@ class RedisServer:
     def start(self) -> None:
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         args += ["--dir", str(self.dir), "--appendonly", "yes" if self.appendonly else "no"]
+        if self.fsync_always:
+            args += ["--appendfsync", "always"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         client = redis.Redis.from_url(self.url, socket_timeout=0.5, socket_connect_timeout=0.5)

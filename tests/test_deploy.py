@@ -80,6 +80,8 @@ EXISTING_SECRET = {"secrets": {"existingSecret": "smartcar-ingest-secrets"}, "co
 MONITORING = {
     "webhook": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
     "worker": {"podMonitor": {"enabled": True}},
+    "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "Smartcar"}},
+    "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}, "alertLabels": {"team": "fleet"}},
 }
 FIXED_SIZE = {
     "webhook": {"autoscaling": {"enabled": False}, "podDisruptionBudget": {"minAvailable": 1}},
@@ -118,7 +120,10 @@ EXPECTED_OBJECTS = {
     | {"HorizontalPodAutoscaler/-webhook", "ScaledObject/-worker", "TriggerAuthentication/-worker"},
     "ingress": COMMON | CHART_SECRETS | HPAS | {"Ingress/-webhook"},
     "existing-secret": COMMON | HPAS,
-    "monitoring": COMMON | CHART_SECRETS | HPAS | {"ServiceMonitor/-webhook", "PodMonitor/-worker"},
+    "monitoring": COMMON
+    | CHART_SECRETS
+    | HPAS
+    | {"ServiceMonitor/-webhook", "PodMonitor/-worker", "ConfigMap/-dashboard", "PrometheusRule/"},
     "fixed-size": (COMMON - {"ServiceAccount/", "Job/-migrations"}) | {"Secret/"},
     "everything": COMMON
     | {
@@ -128,6 +133,8 @@ EXPECTED_OBJECTS = {
         "Ingress/-webhook",
         "ServiceMonitor/-webhook",
         "PodMonitor/-worker",
+        "ConfigMap/-dashboard",
+        "PrometheusRule/",
     },
 }
 
@@ -230,6 +237,39 @@ CUSTOM_RESOURCE_SCHEMAS = {
                 },
             },
             ["selector", "endpoints"],
+        )
+    ),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): _custom_resource(
+        _closed(
+            {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": _closed(
+                        {
+                            "name": STRING,
+                            "interval": DURATION,
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": _closed(
+                                    {
+                                        "alert": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+                                        "record": STRING,
+                                        "expr": {"type": "string", "minLength": 1},
+                                        "for": DURATION,
+                                        "labels": STRING_MAP,
+                                        "annotations": STRING_MAP,
+                                    },
+                                    ["expr"],
+                                ),
+                            },
+                        },
+                        ["name", "rules"],
+                    ),
+                }
+            },
+            ["groups"],
         )
     ),
     ("monitoring.coreos.com/v1", "PodMonitor"): _custom_resource(
@@ -593,6 +633,20 @@ def test_each_process_receives_only_the_secrets_it_uses(rendered):
     assert set(refs) == {"smartcar-ingest-secrets"}
 
 
+def test_worker_metrics_port_follows_the_metrics_switch(rendered):
+    """The worker gets METRICS_PORT=9100 and a metrics port by default, and METRICS_PORT=0 when metrics are off."""
+
+    def metrics_env(objects):
+        worker = container(objects, "worker")
+        return next(e["value"] for e in worker["env"] if e["name"] == "METRICS_PORT"), worker.get("ports", [])
+
+    value, ports = metrics_env(rendered["defaults"])
+    assert value == "9100"
+    assert ports == [{"name": "metrics", "containerPort": 9100, "protocol": "TCP"}]
+    value, ports = metrics_env(render(_merge(INSTALL, {"worker": {"metrics": {"enabled": False}}})))
+    assert (value, ports) == ("0", [])
+
+
 def test_settings_render_as_environment_strings(rendered):
     """Settings reach the ConfigMap as strings, whole numbers without exponents, empty ones left out."""
     data = find(rendered["defaults"], "ConfigMap")["data"]
@@ -715,3 +769,112 @@ def test_every_key_in_values_yaml_is_commented():
             undocumented.append(f"{number + 1}: {line.strip()}")
         ancestors.append((indent, commented and lines[first].strip().startswith("# --")))
     assert not undocumented, undocumented
+
+
+# --- Chart: dashboard and alerts ---------------------------------------------------------------------
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name the processes export: core.metrics' counters and histograms, the queue gauges."""
+    from prometheus_client import Metric
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from core import metrics
+    from core.config import Settings
+    from core.queue_metrics import QueueCollector
+
+    families: list[Metric] = []
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            families.extend(value.describe())
+    collector = QueueCollector("redis://unused.invalid:6379/0", Settings(_env_file=None))  # type: ignore[call-arg]
+    families.extend(collector.describe())
+    collector.close()
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    return {family.name + suffix for family in families for suffix in suffixes[family.type]}
+
+
+METRIC_NAME = re.compile(r"\bsmartcar_ingest_[a-z0-9_]+")
+
+
+def _check_promql(expr: str, known: set[str]) -> None:
+    names = set(METRIC_NAME.findall(expr))
+    assert names, expr
+    assert names <= known, (sorted(names - known), expr)
+    depth = 0
+    for char in expr:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        assert depth >= 0, expr
+    assert depth == 0, expr
+    assert expr.count("{") == expr.count("}"), expr
+
+
+def test_exported_metric_names_are_known():
+    """The names the dashboard and alerts are checked against include each kind of metric (not vacuous)."""
+    known = exported_metric_names()
+    assert {
+        "smartcar_ingest_deliveries_total",
+        "smartcar_ingest_jobs_total",
+        "smartcar_ingest_end_to_end_seconds_bucket",
+        "smartcar_ingest_smartcar_calls_total",
+        "smartcar_ingest_queue_depth",
+        "smartcar_ingest_queue_oldest_age_seconds",
+        "smartcar_ingest_parked_stream_length",
+    } <= known
+    assert "smartcar_ingest_jobs" not in known
+
+
+def test_grafana_dashboard_ships_as_a_labelled_configmap_over_known_metrics(rendered):
+    """The dashboard ConfigMap carries grafana_dashboard: "1" and valid JSON whose queries use only exported metrics."""
+    configmap = find(rendered["monitoring"], "ConfigMap", "-dashboard")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["annotations"] == {"grafana_folder": "Smartcar"}
+    (text,) = configmap["data"].values()
+    dashboard = json.loads(text)
+    assert dashboard == json.loads((CHART / "dashboards" / "smartcar-ingest.json").read_text())
+    assert dashboard["uid"] == "smartcar-ingest"
+    known = exported_metric_names()
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len(panels) >= 10
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in panels:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            _check_promql(target["expr"], known)
+    queried = {name for p in panels for t in p["targets"] for name in METRIC_NAME.findall(t["expr"])}
+    for required in ("smartcar_ingest_queue_oldest_age_seconds", "smartcar_ingest_end_to_end_seconds_bucket"):
+        assert required in queried
+    assert not [
+        o for o in rendered["defaults"] if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboard")
+    ]
+
+
+def test_prometheus_rule_alerts_on_smartcars_advice_over_known_metrics(rendered):
+    """The PrometheusRule alerts on success under 95%, latency over 5 s, repeated 503s, parked growth and queue age."""
+    rule = find(rendered["monitoring"], "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    rules = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+    assert {
+        "SmartcarIngestWebhookSuccessLow",
+        "SmartcarIngestWebhookSlow",
+        "SmartcarIngestWebhookFailing",
+        "SmartcarIngestParkedGrowing",
+        "SmartcarIngestQueueStalled",
+    } <= rules.keys()
+    known = exported_metric_names()
+    for name, alert in rules.items():
+        _check_promql(alert["expr"], known)
+        assert 'namespace="smartcar"' in alert["expr"], name
+        assert alert["labels"]["severity"] in {"warning", "critical"}, name
+        assert alert["labels"]["team"] == "fleet", name
+        assert alert["annotations"]["summary"], name
+    assert rules["SmartcarIngestWebhookSuccessLow"]["expr"].rstrip().endswith("> 0.05")
+    assert rules["SmartcarIngestWebhookSlow"]["expr"].rstrip().endswith("> 5")
+    assert rules["SmartcarIngestWebhookFailing"]["expr"].rstrip().endswith(">= 3")
+    assert rules["SmartcarIngestQueueStalled"]["expr"].rstrip().endswith("> 60")
+    assert "{{ $value" in rules["SmartcarIngestQueueStalled"]["annotations"]["description"]
+    tuned = render(_merge(COMBINATIONS["monitoring"], {"prometheusRule": {"queueOldestAgeSeconds": 300}}))
+    tuned_rules = {r["alert"]: r for g in find(tuned, "PrometheusRule")["spec"]["groups"] for r in g["rules"]}
+    assert tuned_rules["SmartcarIngestQueueStalled"]["expr"].rstrip().endswith("> 300")
+    assert not [o for o in rendered["defaults"] if o["kind"] == "PrometheusRule"]

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+import structlog
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from core import events
+from core import events, metrics
 from core.errors import (
     InvalidPayload,
     LegacyPayload,
@@ -44,6 +48,7 @@ from core.streams import StreamWriter, published_key
 from core.users import UserStore
 
 log = get_logger("smartcar_ingest.worker")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,35 @@ class Outcome:
 
     def as_dict(self) -> dict[str, Any]:
         return {"eventId": self.event_id, "status": self.status, "reason": self.reason, "entryId": self.entry_id}
+
+    @property
+    def metric_outcome(self) -> str:
+        """The ``outcome`` label of ``smartcar_ingest_jobs_total``: the status, ``parked_<reason>`` when parked."""
+        return f"parked_{self.reason}" if self.status == "parked" else self.status
+
+
+#: How long a job waits out a Redis outage before giving up (RQ then retries or the reaper requeues).
+REDIS_PATIENCE_SECONDS = 60.0
+
+
+async def _through_outage(call: Callable[[], Awaitable[T]], patience: float = REDIS_PATIENCE_SECONDS) -> T:
+    """Run a Redis call, waiting out a short outage rather than failing the job over it.
+
+    The calls wrapped here are idempotent (a read, the publish guarded by its mark, or a park
+    whose repeat at worst adds a second parked entry for the same event), so a retry after a
+    lost answer is safe.
+    """
+    deadline = time.monotonic() + patience
+    wait = 0.2
+    while True:
+        try:
+            return await call()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            if time.monotonic() + wait > deadline:
+                raise
+            log.warning("Redis unavailable; waiting", error=type(exc).__name__, retryIn=wait)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 5.0)
 
 
 class EventProcessor:
@@ -72,10 +106,32 @@ class EventProcessor:
     async def process(self, payload: dict[str, Any], final_attempt: bool, budget_seconds: float = 60.0) -> Outcome:
         """Process one job payload. Raises a :class:`TransientError` only when a retry may help
         and this is not the final attempt. The lookup and the Smartcar calls together get at most
-        ``budget_seconds``; running out counts as a transient failure."""
+        ``budget_seconds``; running out counts as a transient failure.
+
+        Counts the job in ``smartcar_ingest_jobs_total`` by outcome (``retried`` when a transient
+        error is raised for RQ to retry, ``error`` for anything unexpected).
+        """
         event_id = str(payload["eventId"])
+        # Every line logged while this event is processed (here, by the token provider, by
+        # stamina's retry hook) carries its ids. The binding is local to this job's asyncio task.
+        with structlog.contextvars.bound_contextvars(eventId=event_id, deliveryId=None, eventType=None):
+            try:
+                outcome = await self._process(event_id, payload, final_attempt, budget_seconds)
+            except TransientError:
+                metrics.JOBS.labels(outcome="retried").inc()
+                raise
+            except Exception:
+                metrics.JOBS.labels(outcome="error").inc()
+                raise
+        metrics.JOBS.labels(outcome=outcome.metric_outcome).inc()
+        return outcome
+
+    async def _process(
+        self, event_id: str, payload: dict[str, Any], final_attempt: bool, budget_seconds: float
+    ) -> Outcome:
         body = str(payload["body"])
         received_at = int(payload.get("receivedAt") or time.time() * 1000)
+        document: object = None
         try:
             document = events.load_json(body.encode())
             events.classify(document)
@@ -83,12 +139,13 @@ class EventProcessor:
         except MalformedBody as exc:
             return await self._park(event_id, InvalidPayload.code, exc.message, body)
         except (InvalidPayload, LegacyPayload, UnknownEventType) as exc:
+            structlog.contextvars.bind_contextvars(deliveryId=_delivery_id(document))
             return await self._park(event_id, exc.code, exc.message, body)
 
-        bound = log.bind(eventId=event_id, deliveryId=event.meta.deliveryId, eventType=event.event_type)
+        structlog.contextvars.bind_contextvars(deliveryId=event.meta.deliveryId, eventType=event.event_type)
         # A re-run after a crash, or a replay, skips the Smartcar calls when the event is out already.
-        if await self._redis.exists(published_key(event_id)):
-            bound.info("event already published")
+        if await _through_outage(lambda: self._redis.exists(published_key(event_id))):
+            log.info("event already published")
             return Outcome(event_id, "already_published")
         try:
             async with asyncio.timeout(budget_seconds):
@@ -110,16 +167,18 @@ class EventProcessor:
         except TransientError as exc:
             if final_attempt:
                 return await self._park(event_id, "retries_exhausted", exc.message, body)
-            bound.warning("transient failure, job will be retried", error=exc.code, detail=exc.message)
+            log.warning("transient failure, job will be retried", error=exc.code, detail=exc.message)
             raise
 
         published_at = time.time_ns() // 1_000_000
         output = build_document(event, user, enrichment, received_at, published_at)
-        entry_id = await self._streams.publish(event_id, stream_fields(event, user, output))
+        fields = stream_fields(event, user, output)
+        entry_id = await _through_outage(lambda: self._streams.publish(event_id, fields))
         if entry_id is None:
-            bound.info("event already published")
+            log.info("event already published")
             return Outcome(event_id, "already_published")
-        bound.info(
+        metrics.END_TO_END_SECONDS.observe(max(0, published_at - received_at) / 1000)
+        log.info(
             "event published",
             enrichment=enrichment.status,
             latencyMs=published_at - received_at,
@@ -134,16 +193,8 @@ class EventProcessor:
         """
         vehicle_id, user_id = event.vehicle.id, event.smartcar_user_id
         outcomes: tuple[Any, Any] = await asyncio.gather(
-            self._shared.read(
-                ("vehicle", vehicle_id, user_id),
-                received_at_ms,
-                lambda: self._smartcar.get_vehicle(vehicle_id, user_id),
-            ),
-            self._shared.read(
-                ("signals", vehicle_id, user_id),
-                received_at_ms,
-                lambda: self._smartcar.get_signals(vehicle_id, user_id),
-            ),
+            self._read("vehicle", vehicle_id, user_id, received_at_ms, self._smartcar.get_vehicle),
+            self._read("signals", vehicle_id, user_id, received_at_ms, self._smartcar.get_signals),
             return_exceptions=True,
         )
         vehicle, signals = outcomes
@@ -167,7 +218,37 @@ class EventProcessor:
             enrichment.signals = signals
         return enrichment
 
+    async def _read(
+        self,
+        call: Literal["vehicle", "signals"],
+        vehicle_id: str,
+        user_id: str,
+        received_at_ms: int,
+        fetch: Callable[[str, str], Awaitable[Any]],
+    ) -> Any:
+        """One shared read (:class:`SharedReads`), counted in ``smartcar_ingest_shared_reads_total``
+        when it joined another event's call instead of starting its own."""
+        started = False
+
+        def start() -> Awaitable[Any]:
+            nonlocal started
+            started = True
+            return fetch(vehicle_id, user_id)
+
+        try:
+            return await self._shared.read((call, vehicle_id, user_id), received_at_ms, start)
+        finally:
+            if not started:
+                metrics.SHARED_READS.labels(call=call).inc()
+
     async def _park(self, event_id: str, reason: str, detail: str, body: str) -> Outcome:
-        entry_id = await self._streams.park(event_id, reason, detail, body)
-        log.warning("event parked", eventId=event_id, reason=reason, detail=detail)
+        entry_id = await _through_outage(lambda: self._streams.park(event_id, reason, detail, body))
+        log.warning("event parked", reason=reason, detail=detail)
         return Outcome(event_id, "parked", reason=reason, entry_id=entry_id)
+
+
+def _delivery_id(document: object) -> str | None:
+    """``meta.deliveryId`` of a body that parsed as JSON but not as an event, for the logs."""
+    meta = document.get("meta") if isinstance(document, dict) else None
+    delivery_id = meta.get("deliveryId") if isinstance(meta, dict) else None
+    return delivery_id[:64] if isinstance(delivery_id, str) else None

@@ -19,8 +19,9 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from rq import Queue, SimpleWorker
@@ -31,7 +32,13 @@ from rq.timeouts import BaseDeathPenalty
 from rq.worker import WorkerStatus
 
 from core.config import Settings
+from core.logs import get_logger
 from workers import runtime
+from workers.metrics_server import start_worker_metrics
+from workers.reaper import Liveness, requeue
+
+log = get_logger("smartcar_ingest.worker")
+T = TypeVar("T")
 
 #: Jobs in flight per worker process unless --concurrency says otherwise (see docs/performance.md).
 DEFAULT_CONCURRENCY = 64
@@ -61,6 +68,9 @@ class ConcurrentWorker(SimpleWorker):
     heartbeat_interval = 5.0
 
     def __init__(self, *args: Any, concurrency: int = DEFAULT_CONCURRENCY, **kwargs: Any) -> None:
+        # RQ's own clean-ups (expired started entries, stuck intermediate queue) every 30 s
+        # instead of every 10 minutes; the liveness reaper catches dead workers within seconds.
+        kwargs.setdefault("maintenance_interval", 30)
         super().__init__(*args, **kwargs)
         self.concurrency = concurrency
         self._slots = threading.BoundedSemaphore(concurrency)
@@ -68,6 +78,17 @@ class ConcurrentWorker(SimpleWorker):
         self._state_lock = threading.Lock()
         self._in_dequeue = False
         self._last_heartbeat_at = 0.0
+        self._liveness: Liveness | None = None
+
+    def register_birth(self) -> None:
+        super().register_birth()  # type: ignore[no-untyped-call]
+        self._liveness = Liveness(self.connection, self.name, self.queue_names())
+        self._liveness.start()
+
+    def register_death(self) -> None:
+        if self._liveness is not None:
+            self._liveness.stop()
+        super().register_death()  # type: ignore[no-untyped-call]
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         """At most one worker heartbeat per :attr:`heartbeat_interval` (its TTL is minutes).
@@ -78,7 +99,13 @@ class ConcurrentWorker(SimpleWorker):
         if pipeline is None and timeout is None and now - self._last_heartbeat_at < self.heartbeat_interval:
             return
         self._last_heartbeat_at = now
-        super().heartbeat(timeout, pipeline)
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline)
+            return
+        try:
+            super().heartbeat(timeout, pipeline)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("heartbeat skipped: Redis unavailable", error=type(exc).__name__)
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
         self._in_dequeue = True
@@ -104,11 +131,35 @@ class ConcurrentWorker(SimpleWorker):
         """Start ``job`` in the pool; block the dequeue loop only while every slot is busy."""
         self._slots.acquire()
         try:
-            execution = self.prepare_execution(job)
+            execution = self._until_redis_answers(lambda: self.prepare_execution(job))
             self._pool.submit(self._perform, job, queue, execution)
         except BaseException:
             self._slots.release()
             raise
+
+    # RQ's loop quits on any Redis error outside its blocking dequeue. A worker that should
+    # outlive a Redis restart waits for Redis instead, in each step the loop takes.
+
+    def _until_redis_answers(self, step: Callable[[], T]) -> T:
+        wait = 0.2
+        while True:
+            try:
+                return step()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if self._stop_requested:
+                    raise
+                log.warning("Redis unavailable; worker waiting", error=type(exc).__name__, retryIn=wait)
+                time.sleep(wait)
+                wait = min(wait * 2, 5.0)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        self._until_redis_answers(lambda: super(ConcurrentWorker, self).check_for_suspension(burst))
+
+    def run_maintenance_tasks(self) -> None:
+        try:
+            super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("maintenance skipped: Redis unavailable", error=type(exc).__name__)
 
     def set_state(self, state: str, pipeline: Any = None) -> None:
         """Report busy while any job is in flight, even when the dequeue loop says idle."""
@@ -119,6 +170,11 @@ class ConcurrentWorker(SimpleWorker):
     def _perform(self, job: Job, queue: Queue, execution: Any) -> None:
         try:
             self.perform_job(job, queue, execution)
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Redis went away while RQ recorded the outcome: put the job back once it returns.
+            # It may have published already; the idempotent publish keeps that to one entry.
+            self._until_redis_answers(lambda: requeue(self.connection, queue, job, execution))
+            log.warning("job requeued after losing Redis", jobId=job.id)
         finally:
             with self._state_lock:
                 if not self.executions:
@@ -131,6 +187,22 @@ class ConcurrentWorker(SimpleWorker):
         super().teardown()  # type: ignore[no-untyped-call]
 
 
+def _wait_for_redis(connection: redis.Redis, give_up_after: float = 300.0) -> None:
+    """Start once Redis answers, so a worker started during an outage waits instead of crashing."""
+    deadline = time.monotonic() + give_up_after
+    wait = 0.2
+    while True:
+        try:
+            connection.ping()
+            return
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("waiting for Redis before starting", error=type(exc).__name__)
+            time.sleep(wait)
+            wait = min(wait * 2, 5.0)
+
+
 def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAULT_CONCURRENCY) -> bool:
     """Work the ingest queue until stopped (or, with ``burst``, until it is empty)."""
     settings.require_client_credentials()
@@ -139,13 +211,17 @@ def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAU
     sys.setswitchinterval(0.0005)
     current = runtime.Runtime(settings, max_connections=max(10, concurrency * 2))
     runtime.install(current)
-    connection = redis.Redis.from_url(settings.redis_url)
+    connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
+    _wait_for_redis(connection)
     queue = Queue(settings.ingest_queue, connection=connection, serializer=JSONSerializer)
     worker = ConcurrentWorker([queue], connection=connection, serializer=JSONSerializer, concurrency=concurrency)
+    metrics_server = start_worker_metrics(settings)
     try:
         # The scheduler moves jobs whose retry interval elapsed back onto the queue.
         return bool(worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level))
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         runtime.install(None)
         current.close()
         connection.close()

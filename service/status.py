@@ -1,0 +1,234 @@
+"""``smartcar-ingest status``: one screen that tells an operator what the pipeline is doing.
+
+What is waiting and for how long, which workers run and how many jobs each has in flight, what
+RQ holds in its registries, what is parked and why, how far behind each consumer group of the
+output stream is, and when the last event went out. Everything is read from Redis; nothing is
+changed. ``--json`` prints the same report for machines.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import redis
+from rq import Queue, Worker
+from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
+from rq.serializers import JSONSerializer
+
+from core.config import Settings
+from core.errors import ConfigurationError
+from core.queue_metrics import read_snapshot
+
+#: Parked entries read at most to count them by reason; beyond it the counts are marked partial.
+PARKED_SCAN_LIMIT = 10_000
+_PARKED_BATCH = 500
+
+# Count parked entries by reason inside Redis: only the counts cross the network, never the
+# parked payloads (up to MAX_BODY_BYTES each). One call per batch keeps each call short.
+_COUNT_REASONS = """
+local entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
+local counts = {}
+local last = ''
+for _, entry in ipairs(entries) do
+  last = entry[1]
+  local fields = entry[2]
+  local reason = ''
+  for i = 1, #fields, 2 do
+    if fields[i] == 'reason' then reason = fields[i + 1] break end
+  end
+  counts[reason] = (counts[reason] or 0) + 1
+end
+local out = {#entries, last}
+for reason, n in pairs(counts) do
+  out[#out + 1] = reason
+  out[#out + 1] = n
+end
+return out
+"""
+
+
+def collect_status(
+    client: redis.Redis, settings: Settings, parked_scan_limit: int = PARKED_SCAN_LIMIT
+) -> dict[str, Any]:
+    """The status report as plain data (what ``--json`` prints)."""
+    now = dt.datetime.now(dt.UTC)
+    snapshot = read_snapshot(client, settings)
+    return {
+        "generatedAt": _iso(now),
+        "queue": {
+            "name": snapshot.queue,
+            "depth": snapshot.depth,
+            "oldestAgeSeconds": round(snapshot.oldest_age_seconds(now), 3),
+        },
+        "registries": snapshot.registries,
+        "workers": _workers(client, settings, now),
+        "parked": _parked(client, settings.parked_stream, snapshot.parked_length, parked_scan_limit),
+        "output": {
+            "stream": settings.output_stream,
+            "length": snapshot.output_length,
+            "groups": _groups(client, settings.output_stream),
+            "lastPublished": _last_published(client, settings.output_stream, now),
+        },
+    }
+
+
+def _workers(client: redis.Redis, settings: Settings, now: dt.datetime) -> list[dict[str, Any]]:
+    queue = Queue(settings.ingest_queue, connection=client, serializer=JSONSerializer)
+    rows = []
+    for worker in sorted(Worker.all(queue=queue), key=lambda w: w.name):
+        heartbeat = worker.last_heartbeat
+        if heartbeat is not None and heartbeat.tzinfo is None:
+            heartbeat = heartbeat.replace(tzinfo=dt.UTC)
+        rows.append(
+            {
+                "name": worker.name,
+                "state": worker.get_state(),
+                # One execution per job in flight: the concurrent worker runs many at once.
+                "jobs": int(client.scard(WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker.name))),
+                "lastHeartbeatAgeSeconds": None
+                if heartbeat is None
+                else round(max(0.0, (now - heartbeat).total_seconds()), 1),
+                "successfulJobs": worker.successful_job_count,
+                "failedJobs": worker.failed_job_count,
+            }
+        )
+    return rows
+
+
+def _parked(client: redis.Redis, stream: str, length: int, limit: int) -> dict[str, Any]:
+    count_reasons = client.register_script(_COUNT_REASONS)
+    by_reason: dict[str, int] = {}
+    scanned = 0
+    cursor = "-"
+    while scanned < limit:
+        batch = min(_PARKED_BATCH, limit - scanned)
+        found, last, *pairs = count_reasons(keys=[stream], args=[cursor, batch])
+        scanned += int(found)
+        for reason, count in zip(pairs[::2], pairs[1::2], strict=True):
+            name = _text(reason) or "(none)"
+            by_reason[name] = by_reason.get(name, 0) + int(count)
+        if int(found) < batch:
+            break
+        cursor = "(" + _text(last)
+    return {
+        "stream": stream,
+        "length": length,
+        "byReason": dict(sorted(by_reason.items(), key=lambda item: (-item[1], item[0]))),
+        "scanned": scanned,
+        "capped": scanned < length,
+    }
+
+
+def _groups(client: redis.Redis, stream: str) -> list[dict[str, Any]]:
+    try:
+        groups = client.xinfo_groups(stream)
+    except redis.ResponseError:  # no such stream yet: no groups
+        return []
+    rows = []
+    for group in groups:
+        info = {_text(key): value for key, value in group.items()}
+        rows.append(
+            {
+                "name": _text(info.get("name", "")),
+                "consumers": int(info.get("consumers") or 0),
+                "pending": int(info.get("pending") or 0),
+                # Entries not yet delivered to the group; Redis 7 reports it, null when it cannot tell.
+                "lag": None if info.get("lag") is None else int(info["lag"]),
+                "lastDeliveredId": _text(info.get("last-delivered-id", "")),
+            }
+        )
+    return sorted(rows, key=lambda row: row["name"])
+
+
+def _last_published(client: redis.Redis, stream: str, now: dt.datetime) -> dict[str, Any] | None:
+    entries = client.xrevrange(stream, count=1)
+    if not entries:
+        return None
+    raw_id, fields = entries[0]
+    entry_id = _text(raw_id)
+    published = dt.datetime.fromtimestamp(int(entry_id.split("-", 1)[0]) / 1000, dt.UTC)
+    return {
+        "eventId": _text((fields or {}).get(b"event_id", b"")),
+        "entryId": entry_id,
+        "publishedAt": _iso(published),
+        "ageSeconds": round(max(0.0, (now - published).total_seconds()), 3),
+    }
+
+
+def render_text(report: dict[str, Any]) -> str:
+    """The report as one screen of text."""
+    queue, registries, parked, output = report["queue"], report["registries"], report["parked"], report["output"]
+    lines = [f"smartcar-ingest status at {report['generatedAt']}", ""]
+
+    def row(label: str, text: str) -> None:
+        lines.append(f"{label:<15}{text}")
+
+    waiting = f"{queue['depth']} waiting"
+    if queue["depth"]:
+        waiting += f", oldest {_age(queue['oldestAgeSeconds'])}"
+    row("queue", f"{queue['name']}: {waiting}")
+    row("registries", ", ".join(f"{name} {count}" for name, count in registries.items()))
+    workers = report["workers"]
+    row("workers", f"{len(workers)}" + ("" if workers else " (none registered on this queue)"))
+    if workers:
+        width = max(len(w["name"]) for w in workers)
+        lines.append(f"  {'NAME'.ljust(width)}  {'STATE':<9} {'JOBS':>5}  HEARTBEAT")
+        for w in workers:
+            beat = "never" if w["lastHeartbeatAgeSeconds"] is None else _age(w["lastHeartbeatAgeSeconds"]) + " ago"
+            lines.append(f"  {w['name'].ljust(width)}  {w['state']:<9} {w['jobs']:>5}  {beat}")
+    reasons = ", ".join(f"{reason} {count}" for reason, count in parked["byReason"].items())
+    row("parked", f"{parked['stream']}: {_entries(parked['length'])}" + (f" ({reasons})" if reasons else ""))
+    if parked["capped"]:
+        row("", f"reasons counted over the oldest {parked['scanned']} entries only")
+    row("output", f"{output['stream']}: {_entries(output['length'])}")
+    if output["groups"]:
+        width = max(len("GROUP"), *(len(g["name"]) for g in output["groups"]))
+        lines.append(f"  {'GROUP'.ljust(width)}  {'CONSUMERS':>9} {'PENDING':>8} {'LAG':>8}")
+        for g in output["groups"]:
+            lag = "?" if g["lag"] is None else str(g["lag"])
+            lines.append(f"  {g['name'].ljust(width)}  {g['consumers']:>9} {g['pending']:>8} {lag:>8}")
+    else:
+        lines.append("  no consumer groups")
+    last = output["lastPublished"]
+    row("last published", "never" if last is None else f"{last['eventId']} ({_age(last['ageSeconds'])} ago)")
+    return "\n".join(lines)
+
+
+def _entries(count: int) -> str:
+    return f"{count} entry" if count == 1 else f"{count} entries"
+
+
+def status(settings: Settings, as_json: bool = False) -> int:
+    """Print the report; an unreachable Redis is one line and exit status 2 (via the CLI)."""
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        report = collect_status(client, settings)
+    except (redis.RedisError, OSError) as exc:
+        # The URL is not repeated: it may carry a password.
+        raise ConfigurationError(
+            f"Redis at REDIS_URL could not be read ({type(exc).__name__}); check REDIS_URL and that Redis is up."
+        ) from None
+    finally:
+        client.close()
+    print(json.dumps(report, indent=2) if as_json else render_text(report))
+    return 0
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 172_800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86_400:.1f} d"
+
+
+def _iso(moment: dt.datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

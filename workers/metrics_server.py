@@ -1,0 +1,64 @@
+"""The worker's Prometheus endpoint: ``/metrics`` on ``METRICS_PORT`` (9100; 0 turns it off).
+
+RQ workers serve no HTTP, so prometheus-client's own server runs in a daemon thread beside the
+dequeue loop. It exports this process's counters (:mod:`core.metrics`) and, read from Redis at
+scrape time, the queue and stream gauges (:mod:`core.queue_metrics`), so a worker-only
+deployment can still be alerted on queue age.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import start_http_server
+
+from core.config import Settings
+from core.logs import get_logger
+from core.queue_metrics import QueueCollector, register_queue_collector, unregister_queue_collector
+
+log = get_logger("smartcar_ingest.worker")
+
+
+@dataclass
+class WorkerMetrics:
+    """A running metrics endpoint; :meth:`close` stops it and unregisters the queue collector."""
+
+    server: WSGIServer
+    thread: threading.Thread
+    collector: QueueCollector
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+        unregister_queue_collector(self.collector)
+
+
+def start_worker_metrics(settings: Settings, host: str = "0.0.0.0") -> WorkerMetrics | None:
+    """Serve ``/metrics`` on ``settings.metrics_port``; None when that is 0 or the port is taken.
+
+    A taken port is logged and the worker runs on without metrics rather than refusing to
+    work: in Kubernetes each pod has its own port space, and on one host (``make run``, several
+    workers, a node exporter on 9100) losing the metrics of a second worker beats losing the worker.
+    """
+    if settings.metrics_port == 0:
+        return None
+    collector = register_queue_collector(settings.redis_url, settings)
+    try:
+        server, thread = start_http_server(settings.metrics_port, addr=host)
+    except OSError as exc:
+        unregister_queue_collector(collector)
+        log.warning(
+            "worker metrics not served: METRICS_PORT is unavailable",
+            port=settings.metrics_port,
+            error=type(exc).__name__,
+        )
+        return None
+    log.info("worker metrics served", port=settings.metrics_port, path="/metrics")
+    return WorkerMetrics(server, thread, collector)
