@@ -107,6 +107,9 @@ def run_dev(settings: Settings, port: int) -> int:
     """Run everything until interrupted; returns the exit status."""
     env = dict(os.environ)
     env.setdefault("LOG_FORMAT", "console")
+    # Deliveries survive a Redis outage in dev too; the directory outlives the run, so nothing
+    # spooled is lost by stopping `make run` before Redis came back.
+    env.setdefault("SPOOL_DIR", str(Path("var/spool").resolve()))
     if not settings.management_tokens:
         env["SMARTCAR_MANAGEMENT_TOKEN"] = DEV_MANAGEMENT_TOKEN
     children = Children()
