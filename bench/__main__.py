@@ -20,7 +20,11 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 
 def machine() -> str:
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
         platform.processor() or "unknown CPU",
     )
     memory_kb = next(
