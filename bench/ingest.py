@@ -118,7 +118,8 @@ def run(seconds: int = 10, unique_bodies: int = 150_000) -> list[IngestResult]:
     bodies = scratch / "bodies.txt"
     print(f"writing {unique_bodies} signed deliveries…", file=sys.stderr)
     write_bodies(bodies, unique_bodies)
-    server = RedisServer(appendonly=True)
+    # AOF as in production unless BENCH_AOF=0 (to see how much of the tail is Redis's disk).
+    server = RedisServer(appendonly=os.environ.get("BENCH_AOF", "1") != "0")
     server.start()
     try:
         results = []
