@@ -26,7 +26,7 @@ from core.config import Settings, load_settings
 from core.errors import ConfigurationError
 from core.inbox import Inbox, JobOptions
 from core.logs import configure_logging, get_logger
-from core.queue_metrics import register_queue_collector, unregister_queue_collector
+from core.queue_metrics import QueueCollector, register_queue_collector, unregister_queue_collector
 from core.spool import Spool
 from service import health
 from service.connect import ConnectEndpoints
@@ -40,6 +40,7 @@ log = get_logger("smartcar_ingest.app")
 class State(TypedDict):
     redis: Redis
     redis_deadline_seconds: float
+    queue_collector: QueueCollector
 
 
 def web_redis(settings: Settings) -> Redis:
@@ -128,7 +129,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             await check_eviction_policy(redis, settings.allow_evicting_redis, deadline)
             drainer = asyncio.create_task(drain_forever(spool, inbox)) if spool else None
-            yield {"redis": redis, "redis_deadline_seconds": deadline}
+            yield {"redis": redis, "redis_deadline_seconds": deadline, "queue_collector": queue_collector}
         finally:
             gc.set_threshold(*thresholds)
             gc.unfreeze()

@@ -8,7 +8,10 @@ operation (a refused test event, say) exits 1.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 
 from core.config import Settings, load_settings
@@ -18,12 +21,26 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 
 def _web(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
-
     from core.logs import configure_logging
 
     settings.require_management_token()
     configure_logging(settings.log_level, settings.log_format)
+    metrics_dir = None
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each uvicorn process counts for itself; a shared directory lets /metrics sum them all.
+        metrics_dir = tempfile.mkdtemp(prefix="smartcar-ingest-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        _serve(args)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
     uvicorn.run(
         "service.app:create_app",
         factory=True,
@@ -36,7 +53,6 @@ def _web(args: argparse.Namespace, settings: Settings) -> int:
         timeout_keep_alive=15,
         server_header=False,
     )
-    return 0
 
 
 def _send_test_event(args: argparse.Namespace, settings: Settings) -> int:

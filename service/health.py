@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
@@ -33,6 +36,21 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus text exposition of this process's metrics."""
+    """Prometheus text exposition: this process's metrics, or every process's under ``web --workers N``."""
+    collector = getattr(request.state, "queue_collector", None)
     # The queue collector reads Redis synchronously (bounded at 0.5 s a call): keep it off the loop.
-    return Response(await run_in_threadpool(generate_latest), media_type=CONTENT_TYPE_LATEST)
+    return Response(await run_in_threadpool(exposition, collector), media_type=CONTENT_TYPE_LATEST)
+
+
+def exposition(queue_collector: Collector | None = None) -> bytes:
+    """The metrics text. With ``PROMETHEUS_MULTIPROC_DIR`` set (``web --workers N`` sets it), the
+    counters and histograms of all the server's processes are summed, so whichever process
+    answers a scrape reports the whole server."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return generate_latest()
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    if queue_collector is not None:
+        registry.register(queue_collector)
+    return generate_latest(registry)

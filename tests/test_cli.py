@@ -95,3 +95,63 @@ def test_send_test_event_to_nothing_fails_clearly(tmp_path):
     result = run_cli("send-test-event", "--url", url, env={"SMARTCAR_MANAGEMENT_TOKEN": TOKEN}, cwd=tmp_path)
     assert result.returncode == 2
     assert "could not reach" in result.stderr
+
+
+def test_worker_refuses_to_start_without_client_credentials(tmp_path):
+    """`worker` without SMARTCAR_CLIENT_ID/SECRET exits 2 naming both variables in one line."""
+    result = run_cli("worker", "--burst", cwd=tmp_path)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "SMARTCAR_CLIENT_ID" in line
+    assert "SMARTCAR_CLIENT_SECRET" in line
+
+
+def test_replay_with_unreachable_redis_is_one_line(tmp_path):
+    """`replay` against a Redis that does not answer exits non-zero with one line, no URL or traceback."""
+    result = run_cli("replay", env={"REDIS_URL": "redis://:hunter2@127.0.0.1:1/0"}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "hunter2" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["users", "link", "--user-id", "x", "--smartcar-user-id", "u"],
+        ["replay", "--reason", "nope"],
+        ["worker", "--concurrency", "0"],
+    ],
+)
+def test_more_bad_arguments_exit_2(args, tmp_path):
+    """Malformed ids, unknown parked reasons and zero concurrency are refused with usage."""
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "usage" in result.stderr
+
+
+def test_web_with_two_processes_reports_metrics_of_both(redis_url, tmp_path):
+    """`web --workers 2`: every scrape of /metrics counts the deliveries both processes accepted."""
+    import re
+
+    port = free_port()
+    env = {"SMARTCAR_MANAGEMENT_TOKEN": TOKEN, "REDIS_URL": redis_url, "LOG_LEVEL": "WARNING"}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "PROMETHEUS_"))}
+    web = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "web", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+        env=base | env | {"PYTHONPATH": os.getcwd()},
+        cwd=tmp_path,
+    )
+    try:
+        wait_for_port(port, timeout=30)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(40):  # new connections, so both processes take some
+            body = encode(sample_event())
+            assert httpx.post(f"{url}/webhooks/smartcar", content=body, headers=signed_headers(body)).status_code == 202
+        for _ in range(6):
+            text = httpx.get(f"{url}/metrics").text
+            [value] = re.findall(r'^smartcar_ingest_deliveries_total\{outcome="accepted"\} (\S+)$', text, re.M)
+            assert float(value) == 40
+    finally:
+        web.terminate()
+        web.wait(timeout=30)
