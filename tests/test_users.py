@@ -6,17 +6,12 @@ alone (``TEST_POSTGRES_URL``, default the local server's ``test`` database) and 
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, make_url
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.pool import NullPool
-from sqlalchemy.schema import CreateSchema, DropSchema
+from sqlalchemy import inspect
 
 from core import db
 from core.errors import ConfigurationError, PermanentError, TransientError
@@ -29,45 +24,17 @@ from core.users import (
     UserRecord,
     UserStore,
 )
+from tests.databases import BACKENDS, empty_database
 
-POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SMARTCAR_ALICE = "0d8f2f5e-6a41-4c1e-9a52-6a3c6b1f2d01"
 SMARTCAR_BOB = "7b3e9c10-2f4d-4e8a-b1c2-9d8e7f6a5b02"
 
 
-@pytest.fixture(scope="session")
-def postgres_admin_url() -> str:
-    """The PostgreSQL URL if the server answers, else skip every PostgreSQL case with the reason."""
-    engine = create_engine(POSTGRES_URL, poolclass=NullPool, connect_args={"connect_timeout": 2})
-    try:
-        with engine.connect():
-            pass
-    except OperationalError as exc:
-        pytest.skip(f"PostgreSQL at {db.safe_url(POSTGRES_URL)} is unreachable ({exc.orig}); set TEST_POSTGRES_URL")
-    finally:
-        engine.dispose()
-    return POSTGRES_URL
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=BACKENDS)
 def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
     """An empty database: a SQLite file, or a PostgreSQL schema that only this test sees."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'users.db'}"
-        return
-    admin_url = request.getfixturevalue("postgres_admin_url")
-    schema = f"test_users_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url, poolclass=NullPool)
-    with admin.begin() as connection:
-        connection.execute(CreateSchema(schema))
-    # search_path puts every unqualified table, alembic_version included, into the test's schema.
-    url = make_url(admin_url).update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as connection:
-            connection.execute(DropSchema(schema, cascade=True))
-        admin.dispose()
+    with empty_database(request.param, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture
