@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import httpx
@@ -32,6 +33,23 @@ def pipeline_settings(redis_url: str, emulator_url: str, database_url: str, **ov
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a worker (or web) subprocess pointed at ``settings``, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "DATABASE_"))}
+    assert settings.smartcar_client_secret is not None
+    return env | {
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "SMARTCAR_CLIENT_ID": str(settings.smartcar_client_id),
+        "SMARTCAR_CLIENT_SECRET": settings.smartcar_client_secret.get_secret_value(),
+        "SMARTCAR_API_URL": settings.smartcar_api_url,
+        "SMARTCAR_TOKEN_URL": settings.smartcar_token_url,
+        "PYTHONPATH": os.getcwd(),
+        "LOG_LEVEL": "WARNING",
+        **extra,
+    }
 
 
 def run_worker_burst(settings: Settings, concurrency: int = 4, stock: bool = False) -> None:

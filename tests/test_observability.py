@@ -27,7 +27,7 @@ from core.tokens import TOKEN_KEY
 from service.cli import main
 from service.status import collect_status, render_text
 from tests.conftest import signed_headers
-from tests.pipeline import inject, outputs, run_worker_burst, stream_entries
+from tests.pipeline import inject, outputs, run_worker_burst, stream_entries, worker_env
 from tests.procs import free_port, wait_for_port
 from tests.test_pipeline import UNKNOWN_USER, deliver
 from workers.metrics_server import start_worker_metrics
@@ -400,20 +400,13 @@ def event_with_private_values():
 def test_logs_of_a_full_run_carry_ids_and_no_secrets_or_vehicle_data(pipeline, redis_client, emulator, tmp_path):
     """Web and worker at DEBUG: every event line has eventId and deliveryId; no secret, token, VIN or location."""
     inject(emulator, path="/v3/vehicles/{id}/signals", status=503, count=1)  # one retry line too
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "DATABASE_", "LOG_"))}
-    env |= {
-        "REDIS_URL": pipeline.redis_url,
-        "DATABASE_URL": pipeline.database_url,
-        "SMARTCAR_MANAGEMENT_TOKEN": "test-management-token",
-        "SMARTCAR_CLIENT_ID": pipeline.smartcar_client_id,
-        "SMARTCAR_CLIENT_SECRET": pipeline.smartcar_client_secret.get_secret_value(),
-        "SMARTCAR_API_URL": pipeline.smartcar_api_url,
-        "SMARTCAR_TOKEN_URL": pipeline.smartcar_token_url,
-        "LOG_LEVEL": "DEBUG",
-        "LOG_FORMAT": "json",
-        "METRICS_PORT": "0",
-        "PYTHONPATH": os.getcwd(),
-    }
+    env = worker_env(
+        pipeline,
+        SMARTCAR_MANAGEMENT_TOKEN="test-management-token",
+        LOG_LEVEL="DEBUG",
+        LOG_FORMAT="json",
+        METRICS_PORT="0",
+    )
     events = [event_with_private_values(), event_with_private_values(), sample_event(user_id=UNKNOWN_USER)]
     port = free_port()
     web = subprocess.Popen(

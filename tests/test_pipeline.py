@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -20,7 +19,7 @@ from core.users import UserStore
 from service.app import create_app
 from service.operations import replay
 from tests.conftest import fixture_paths, load_fixture, signed_headers
-from tests.pipeline import emulator_stats, inject, outputs, run_worker_burst, stream_entries
+from tests.pipeline import emulator_stats, inject, outputs, run_worker_burst, stream_entries, worker_env
 
 UNKNOWN_USER = "11111111-2222-4333-8444-555555555555"
 
@@ -252,17 +251,7 @@ def test_invalid_body_in_a_job_is_parked(pipeline, redis_client):
 def test_token_is_shared_by_two_worker_processes(pipeline, redis_client, emulator):
     """Two worker processes draining one queue make exactly one token request between them."""
     deliver(pipeline, *[sample_event() for _ in range(20)])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "DATABASE_"))}
-    env |= {
-        "REDIS_URL": pipeline.redis_url,
-        "DATABASE_URL": pipeline.database_url,
-        "SMARTCAR_CLIENT_ID": pipeline.smartcar_client_id,
-        "SMARTCAR_CLIENT_SECRET": pipeline.smartcar_client_secret.get_secret_value(),
-        "SMARTCAR_API_URL": pipeline.smartcar_api_url,
-        "SMARTCAR_TOKEN_URL": pipeline.smartcar_token_url,
-        "PYTHONPATH": os.getcwd(),
-        "LOG_LEVEL": "WARNING",
-    }
+    env = worker_env(pipeline)
     workers = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--burst"], env=env) for _ in range(2)]
     for worker in workers:
         assert worker.wait(timeout=120) == 0
@@ -311,20 +300,6 @@ def test_stock_simple_worker_runs_the_same_job(pipeline, redis_client):
     assert entry["event_id"] == event["eventId"]
 
 
-def _worker_env(settings):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "DATABASE_"))}
-    return env | {
-        "REDIS_URL": settings.redis_url,
-        "DATABASE_URL": settings.database_url,
-        "SMARTCAR_CLIENT_ID": settings.smartcar_client_id,
-        "SMARTCAR_CLIENT_SECRET": settings.smartcar_client_secret.get_secret_value(),
-        "SMARTCAR_API_URL": settings.smartcar_api_url,
-        "SMARTCAR_TOKEN_URL": settings.smartcar_token_url,
-        "PYTHONPATH": os.getcwd(),
-        "LOG_LEVEL": "WARNING",
-    }
-
-
 def test_jobs_in_flight_are_visible_and_sigterm_lets_them_finish(pipeline, redis_client, emulator):
     """A worker with eight slots shows eight started jobs at once in RQ; SIGTERM finishes them, then exits."""
     import signal
@@ -337,7 +312,7 @@ def test_jobs_in_flight_are_visible_and_sigterm_lets_them_finish(pipeline, redis
     events = [sample_event() for _ in range(8)]
     deliver(pipeline, *events)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", "--concurrency", "8"], env=_worker_env(pipeline)
+        [sys.executable, "-m", "service.cli", "worker", "--concurrency", "8"], env=worker_env(pipeline)
     )
     try:
         started = StartedJobRegistry(pipeline.ingest_queue, connection=redis_client)

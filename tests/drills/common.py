@@ -13,24 +13,9 @@ import httpx
 from core.config import Settings
 from core.samples import encode
 from tests.conftest import signed_headers
+from tests.pipeline import worker_env
 
 TOKEN = "test-management-token"
-
-
-def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "DATABASE_"))}
-    assert settings.smartcar_client_secret is not None
-    return env | {
-        "REDIS_URL": settings.redis_url,
-        "DATABASE_URL": settings.database_url,
-        "SMARTCAR_CLIENT_ID": str(settings.smartcar_client_id),
-        "SMARTCAR_CLIENT_SECRET": settings.smartcar_client_secret.get_secret_value(),
-        "SMARTCAR_API_URL": settings.smartcar_api_url,
-        "SMARTCAR_TOKEN_URL": settings.smartcar_token_url,
-        "PYTHONPATH": os.getcwd(),
-        "LOG_LEVEL": "WARNING",
-        **extra,
-    }
 
 
 def start_worker(settings: Settings, *args: str, **extra: str) -> subprocess.Popen[bytes]:
