@@ -142,16 +142,7 @@ class ConcurrentWorker(SimpleWorker):
     # outlive a Redis restart waits for Redis instead, in each step the loop takes.
 
     def _until_redis_answers(self, step: Callable[[], T]) -> T:
-        wait = 0.2
-        while True:
-            try:
-                return step()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if self._stop_requested:
-                    raise
-                log.warning("Redis unavailable; worker waiting", error=type(exc).__name__, retryIn=wait)
-                time.sleep(wait)
-                wait = min(wait * 2, 5.0)
+        return until_redis_answers(step, stop=lambda: self._stop_requested)
 
     def check_for_suspension(self, burst: bool) -> None:
         self._until_redis_answers(lambda: super(ConcurrentWorker, self).check_for_suspension(burst))
@@ -188,18 +179,23 @@ class ConcurrentWorker(SimpleWorker):
         super().teardown()  # type: ignore[no-untyped-call]
 
 
-def _wait_for_redis(connection: redis.Redis, give_up_after: float = 300.0) -> None:
-    """Start once Redis answers, so a worker started during an outage waits instead of crashing."""
-    deadline = time.monotonic() + give_up_after
+def until_redis_answers(
+    step: Callable[[], T], stop: Callable[[], bool] = lambda: False, give_up_after: float | None = None
+) -> T:
+    """Run ``step``, retrying with backoff (0.2 s doubling to 5 s) while Redis cannot be reached.
+
+    Gives up, re-raising the Redis error, once ``stop()`` is true or ``give_up_after`` seconds
+    have passed.
+    """
+    deadline = None if give_up_after is None else time.monotonic() + give_up_after
     wait = 0.2
     while True:
         try:
-            connection.ping()
-            return
+            return step()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if time.monotonic() > deadline:
+            if stop() or (deadline is not None and time.monotonic() > deadline):
                 raise
-            log.warning("waiting for Redis before starting", error=type(exc).__name__)
+            log.warning("Redis unavailable; worker waiting", error=type(exc).__name__, retryIn=wait)
             time.sleep(wait)
             wait = min(wait * 2, 5.0)
 
@@ -213,7 +209,8 @@ def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAU
     current = runtime.Runtime(settings, max_connections=max(10, concurrency * 2))
     runtime.install(current)
     connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
-    _wait_for_redis(connection)
+    # Start once Redis answers, so a worker started during an outage waits instead of crashing.
+    until_redis_answers(connection.ping, give_up_after=300.0)
     queue = Queue(settings.ingest_queue, connection=connection, serializer=JSONSerializer)
     worker = ConcurrentWorker([queue], connection=connection, serializer=JSONSerializer, concurrency=concurrency)
     metrics_server = start_worker_metrics(settings)
