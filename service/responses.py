@@ -22,9 +22,14 @@ _CODES = {
 }
 
 
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    """The contract's error document."""
+    return {"error": {"code": code, "message": message}}
+
+
 def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     """A JSON error response in the contract's shape."""
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
 async def http_exception(request: Request, exc: Exception) -> Response:

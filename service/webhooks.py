@@ -29,6 +29,7 @@ from core.inbox import Inbox
 from core.logs import get_logger
 from core.signatures import answer_challenge, is_token_like, verify_signature
 from core.spool import Spool, SpooledDelivery
+from service.responses import error_body
 
 log = get_logger("smartcar_ingest.webhooks")
 
@@ -72,7 +73,7 @@ def _json(status: int, content: Any, headers: list[tuple[bytes, bytes]] = _JSON_
 
 
 def _error(status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] = _JSON_HEADERS) -> Answer:
-    return _json(status, {"error": {"code": code, "message": message}}, headers)
+    return _json(status, error_body(code, message), headers)
 
 
 class WebhookEndpoint:
