@@ -67,6 +67,20 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def using(redis_url, fake, scenario, **kwargs):
+    """Run ``scenario(tokens, client)`` against ``fake`` and close what ``make`` opened."""
+
+    async def run_it():
+        redis, http, tokens, client = await make(redis_url, fake, **kwargs)
+        try:
+            return await scenario(tokens, client)
+        finally:
+            await http.aclose()
+            await redis.aclose()
+
+    return asyncio.run(run_it())
+
+
 async def make(redis_url, fake, **kwargs):
     redis = Redis.from_url(redis_url)
     http = httpx.AsyncClient(transport=httpx.MockTransport(fake.handler))
@@ -77,13 +91,10 @@ async def make(redis_url, fake, **kwargs):
 def test_token_request_is_form_encoded_client_credentials(redis_url, fake):
     """The token request is a form-encoded client-credentials grant."""
 
-    async def scenario():
-        redis, http, tokens, _ = await make(redis_url, fake)
+    async def scenario(tokens, _client):
         assert await tokens.get() == "tok-1"
-        await http.aclose()
-        await redis.aclose()
 
-    run(scenario())
+    using(redis_url, fake, scenario)
     assert fake.token_forms == [
         {"grant_type": ["client_credentials"], "client_id": ["client_x"], "client_secret": ["secret-x"]}
     ]
@@ -112,30 +123,24 @@ def test_token_near_expiry_is_refreshed_ahead_of_time(redis_url, fake, redis_cli
 
     redis_client.set(TOKEN_KEY, json.dumps({"access_token": "old", "expires_at": time.time() + 60}))
 
-    async def scenario():
-        redis, http, tokens, _ = await make(redis_url, fake, refresh_margin_seconds=300)
+    async def scenario(tokens, _client):
         token = await tokens.get()
-        await http.aclose()
-        await redis.aclose()
         return token
 
-    assert run(scenario()) == "tok-1"
+    assert using(redis_url, fake, scenario, refresh_margin_seconds=300) == "tok-1"
 
 
 def test_refresh_uses_a_replacement_made_by_another_process(redis_url, fake, redis_client):
     """refresh(stale) returns a newer shared token without asking Smartcar again."""
     import time
 
-    async def scenario():
-        redis, http, tokens, _ = await make(redis_url, fake)
+    async def scenario(tokens, _client):
         first = await tokens.get()
         redis_client.set(TOKEN_KEY, json.dumps({"access_token": "from-elsewhere", "expires_at": time.time() + 3600}))
         second = await tokens.refresh(stale=first)
-        await http.aclose()
-        await redis.aclose()
         return first, second
 
-    assert run(scenario()) == ("tok-1", "from-elsewhere")
+    assert using(redis_url, fake, scenario) == ("tok-1", "from-elsewhere")
     assert fake.token_requests == 1
 
 
@@ -164,13 +169,10 @@ def test_refused_credentials_are_permanent_and_name_no_secret(redis_url):
 def test_calls_carry_bearer_token_and_sc_user_id(redis_url, fake):
     """Vehicle reads send the app token and the sc-user-id header; ids are path-escaped."""
 
-    async def scenario():
-        redis, http, _, client = await make(redis_url, fake)
+    async def scenario(_tokens, client):
         await client.get_vehicle("v/../x", "user-1")
-        await http.aclose()
-        await redis.aclose()
 
-    run(scenario())
+    using(redis_url, fake, scenario)
     request = fake.requests[-1]
     assert request.headers["authorization"] == "Bearer tok-1"
     assert request.headers["sc-user-id"] == "user-1"
@@ -181,14 +183,11 @@ def test_401_refreshes_once_and_retries_once(redis_url, fake):
     """A 401 forces one token refresh and one retry."""
     fake.answers["/v3/vehicles/v"] = [httpx.Response(401, json={"errors": [{"status": "401"}]})]
 
-    async def scenario():
-        redis, http, _, client = await make(redis_url, fake)
+    async def scenario(_tokens, client):
         vehicle = await client.get_vehicle("v", "u")
-        await http.aclose()
-        await redis.aclose()
         return vehicle
 
-    assert run(scenario())["attributes"]["make"] == "M"
+    assert using(redis_url, fake, scenario)["attributes"]["make"] == "M"
     assert fake.token_requests == 2
     assert fake.requests[-1].headers["authorization"] == "Bearer tok-2"
 
@@ -197,16 +196,11 @@ def test_401_after_refresh_is_unauthorized(redis_url, fake):
     """A second 401 with a fresh token raises SmartcarUnauthorized, with no token in the message."""
     fake.answers["/v3/vehicles/v"] = [httpx.Response(401), httpx.Response(401)]
 
-    async def scenario():
-        redis, http, _, client = await make(redis_url, fake)
-        try:
-            await client.get_vehicle("v", "u")
-        finally:
-            await http.aclose()
-            await redis.aclose()
+    async def scenario(_tokens, client):
+        await client.get_vehicle("v", "u")
 
     with pytest.raises(SmartcarUnauthorized) as info:
-        run(scenario())
+        using(redis_url, fake, scenario)
     assert "tok-" not in info.value.message
 
 
@@ -214,30 +208,22 @@ def test_429_with_retry_after_is_honoured(redis_url, fake, no_waits):
     """A 429 is retried and the call then succeeds."""
     fake.answers["/v3/vehicles/v"] = [httpx.Response(429, headers={"retry-after": "0"}, json={})]
 
-    async def scenario():
-        redis, http, _, client = await make(redis_url, fake)
+    async def scenario(_tokens, client):
         result = await client.get_vehicle("v", "u")
-        await http.aclose()
-        await redis.aclose()
         return result
 
-    assert run(scenario())["id"] == "v"
+    assert using(redis_url, fake, scenario)["id"] == "v"
 
 
 def test_5xx_until_the_budget_runs_out_raises_unavailable(redis_url, fake, no_waits):
     """Persistent 503s are retried, then SmartcarUnavailable is raised."""
     fake.answers["/v3/vehicles/v"] = [httpx.Response(503) for _ in range(10)]
 
-    async def scenario():
-        redis, http, _, client = await make(redis_url, fake)
-        try:
-            await client.get_vehicle("v", "u")
-        finally:
-            await http.aclose()
-            await redis.aclose()
+    async def scenario(_tokens, client):
+        await client.get_vehicle("v", "u")
 
     with pytest.raises(SmartcarUnavailable):
-        run(scenario())
+        using(redis_url, fake, scenario)
     assert len(fake.answers["/v3/vehicles/v"]) == 6  # four attempts made
 
 
@@ -246,16 +232,11 @@ def test_other_4xx_is_rejected_without_retry(redis_url, fake, no_waits):
     body = {"errors": [{"status": "404", "type": "RESOURCE_NOT_FOUND", "code": "VEHICLE_NOT_FOUND"}]}
     fake.answers["/v3/vehicles/v"] = [httpx.Response(404, json=body), httpx.Response(200, json={})]
 
-    async def scenario():
-        redis, http, _, client = await make(redis_url, fake)
-        try:
-            await client.get_vehicle("v", "u")
-        finally:
-            await http.aclose()
-            await redis.aclose()
+    async def scenario(_tokens, client):
+        await client.get_vehicle("v", "u")
 
     with pytest.raises(SmartcarRejected) as info:
-        run(scenario())
+        using(redis_url, fake, scenario)
     assert (info.value.status, info.value.error_type, info.value.error_code) == (
         404,
         "RESOURCE_NOT_FOUND",
@@ -322,14 +303,11 @@ def test_signal_pages_are_followed_on_the_same_host_only(redis_url, fake):
     evil = {"data": [{"id": "b"}], "links": {"next": "https://evil.example.test/steal"}}
     fake.answers["/v3/vehicles/v/signals"] = [httpx.Response(200, json=page), httpx.Response(200, json=evil)]
 
-    async def scenario():
-        redis, http, _, client = await make(redis_url, fake)
+    async def scenario(_tokens, client):
         signals = await client.get_signals("v", "u")
-        await http.aclose()
-        await redis.aclose()
         return signals
 
-    assert [s["id"] for s in run(scenario())] == ["a", "b"]
+    assert [s["id"] for s in using(redis_url, fake, scenario)] == ["a", "b"]
     assert all(r.url.host != "evil.example.test" for r in fake.requests)
 
 
