@@ -129,16 +129,28 @@ class Liveness:
         while not self._stop.wait(BEAT_SECONDS):
             try:
                 self._beat()
+                dead = self._dead_workers()
+                if not dead:
+                    # The common case: every announced worker is alive, so no started job can
+                    # be abandoned and the registries need not be read at all.
+                    continue
                 holders: set[str] = set()
                 for queue_name in self._queues:
                     reap_abandoned(self._connection, queue_name, holders)
-                self._forget_departed(holders)
+                # A dead worker is forgotten once none of its jobs is left in a started registry.
+                gone = [name for name in dead if name not in holders]
+                if gone:
+                    self._connection.srem(WORKERS_SET, *gone)
             except redis.RedisError as exc:
                 log.warning("liveness beat failed; retrying", error=type(exc).__name__)
 
-    def _forget_departed(self, holders: set[str]) -> None:
-        """Drop announced workers that are gone and hold no started job any more."""
-        for raw in self._connection.smembers(WORKERS_SET):
-            name = _text(raw)
-            if name not in holders and not self._connection.exists(alive_key(name)):
-                self._connection.srem(WORKERS_SET, name)
+    def _dead_workers(self) -> list[str]:
+        """Announced workers whose liveness key has expired (one round trip for all of them)."""
+        names = [_text(raw) for raw in self._connection.smembers(WORKERS_SET)]
+        if not names:
+            return []
+        with self._connection.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.exists(alive_key(name))
+            alive = pipe.execute()
+        return [name for name, up in zip(names, alive, strict=True) if not up]
