@@ -30,7 +30,8 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-install-project
 
 # Source layer: the project is installed into the virtualenv as a wheel (--no-editable), migrations
-# included, so the runtime needs the virtualenv alone and no source tree.
+# included, so the runtime needs the virtualenv alone and no source tree. The wheel leaves out the
+# Smartcar emulator and the tests (pyproject.toml), so neither is in the image.
 COPY . /src
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable
@@ -47,6 +48,7 @@ RUN groupadd --system --gid 10001 app \
 COPY --from=build /app/.venv /app/.venv
 WORKDIR /app
 USER 10001:10001
-# 8000: web (webhooks, /healthz, /readyz, /metrics); 9100: worker metrics (METRICS_PORT).
-EXPOSE 8000 9100
+# 8000: web, public (webhooks, Connect, /healthz); 9000: web, admin (/readyz, /metrics; ADMIN_PORT);
+# 9100: worker metrics (METRICS_PORT).
+EXPOSE 8000 9000 9100
 CMD ["smartcar-ingest", "web", "--host", "0.0.0.0", "--port", "8000"]

@@ -33,7 +33,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from core.errors import LinkConflict, SmartcarRateLimited, SmartcarRejected, SmartcarUnavailable, TransientError
+from core.errors import (
+    InvalidPayload,
+    LinkConflict,
+    SmartcarRateLimited,
+    SmartcarRejected,
+    SmartcarUnavailable,
+    TransientError,
+)
 from core.smartcar import SmartcarClient
 from core.users import UserStore, VehicleRecord
 
@@ -264,7 +271,8 @@ class Backfill:
         if key not in self._vins:
             try:
                 resource = await self._smartcar.get_signal(key, connection.smartcar_user_id, VIN_SIGNAL)
-            except SmartcarRejected as exc:
+            except (SmartcarRejected, InvalidPayload) as exc:
+                # InvalidPayload: Smartcar listed a vehicle id that is not safe to put in a URL path.
                 self._vins[key] = (None, f"the VIN could not be read ({exc.message.rstrip('.')})")
             else:
                 vin = _vin_value(resource)

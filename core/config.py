@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from core.errors import ConfigurationError
 
 DEV_MANAGEMENT_TOKEN = "dev-management-token"  # noqa: S105 - the documented dev-only default
+#: Shorter management tokens are refused outside ``dev``: a guessable key makes signatures worthless.
+MIN_MANAGEMENT_TOKEN_LENGTH = 16
 
 
 class Settings(BaseSettings):
@@ -58,6 +60,23 @@ class Settings(BaseSettings):
     """How often RQ re-runs a job that failed with a transient error."""
     metrics_port: int = Field(default=9100, ge=0, le=65535)
     """Port of each worker process's Prometheus endpoint (``/metrics``); 0 turns it off."""
+    admin_port: int = Field(default=9000, ge=0, le=65535)
+    """Port of the web's ``/metrics`` and ``/readyz``, apart from the public port; 0 turns it off."""
+    admin_host: str = "0.0.0.0"
+    """Address the admin endpoints (web ``ADMIN_PORT`` and worker ``METRICS_PORT``) bind to."""
+    spool_max_bytes: int = Field(default=1_073_741_824, gt=0)
+    """The most the spool may hold on disk; past it, deliveries get 503 instead of 202 spooled."""
+    parked_retention_seconds: int = Field(default=1_209_600, gt=0)
+    """Parked entries older than this are trimmed as new ones are added (``XADD … MINID ~``)."""
+    max_delivery_age_seconds: int | None = Field(default=None, gt=0)
+    """Signed deliveries whose ``meta.deliveredAt`` is older than this are refused (400), since
+    their ``eventId`` may have been forgotten; unset means ``DEDUPE_TTL_SECONDS``."""
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    """A client that has not sent the whole request head by then is disconnected."""
+    max_header_bytes: int = Field(default=16_384, ge=1024)
+    """A request head (request line and headers) larger than this is refused."""
+    dev_mode: bool = False
+    """Set by ``dev`` for the processes it starts: the public dev management token is accepted."""
 
     # Smartcar Connect: capturing user_id on the redirect (docs/migration.md, phase 2).
     smartcar_application_id: str | None = None
@@ -122,13 +141,35 @@ class Settings(BaseSettings):
         raw = self.smartcar_management_token.get_secret_value()
         return tuple(part.strip().encode() for part in raw.split(",") if part.strip())
 
-    def require_management_token(self) -> None:
-        """Raise :class:`ConfigurationError` unless at least one management token is set."""
+    @property
+    def delivery_max_age_seconds(self) -> int:
+        """How old a signed delivery may be (``MAX_DELIVERY_AGE_SECONDS``, else ``DEDUPE_TTL_SECONDS``)."""
+        return self.max_delivery_age_seconds or self.dedupe_ttl_seconds
+
+    def require_management_token(self, dev: bool = False) -> None:
+        """Raise :class:`ConfigurationError` unless usable management tokens are set.
+
+        Outside ``dev`` every token must be at least :data:`MIN_MANAGEMENT_TOKEN_LENGTH` characters
+        and none may be the documented dev default, which anyone can read in this repository.
+        """
         if not self.management_tokens:
             raise ConfigurationError(
                 "SMARTCAR_MANAGEMENT_TOKEN is not set: copy the Application Management Token from the "
                 "Smartcar Dashboard into it (a comma-separated list is accepted during rotation)."
             )
+        if dev:
+            return
+        for position, token in enumerate(self.management_tokens, start=1):
+            if token == DEV_MANAGEMENT_TOKEN.encode():
+                raise ConfigurationError(
+                    f"SMARTCAR_MANAGEMENT_TOKEN entry {position} is the public dev default: set the Application "
+                    "Management Token from the Smartcar Dashboard (the default is accepted only by `dev`)."
+                )
+            if len(token) < MIN_MANAGEMENT_TOKEN_LENGTH:
+                raise ConfigurationError(
+                    f"SMARTCAR_MANAGEMENT_TOKEN entry {position} is shorter than {MIN_MANAGEMENT_TOKEN_LENGTH} "
+                    "characters: it is not an Application Management Token (copy it from the Smartcar Dashboard)."
+                )
 
     def require_client_credentials(self) -> None:
         """Raise :class:`ConfigurationError` unless the client-credentials pair is set."""

@@ -1,42 +1,90 @@
-"""Smartcar Connect capture: signed, expiring ``state`` tokens and the Connect URL carrying one.
+"""Smartcar Connect capture: signed, single-use ``state`` tokens, the Connect URL carrying one, and
+the check with Smartcar that a redirect's ``user_id`` really just went through Connect.
 
 Phase 2 of the migration guide stores each user's Smartcar ``user_id``, which Connect appends to
-its redirect. The redirect says nothing trustworthy about *which internal user* went through
-Connect, so every URL this service hands out carries a ``state`` that names the internal user,
-signed with HMAC-SHA256 and expiring after ``CONNECT_STATE_TTL_SECONDS``. The callback
-(``service/connect.py``) believes nothing else.
+its redirect. Nothing in that redirect is trustworthy on its own: the ``user_id`` is a query
+parameter anyone can write. So the callback (``service/connect.py``) links only when
 
-A state is URL-safe text: ``v1.<user id>.<expiry, epoch seconds>.<nonce>.<mac>``, where ``mac`` is
-the unpadded base64url HMAC-SHA256 of everything before it. The nonce makes every URL distinct.
+1. the ``state`` is one we signed (HMAC-SHA256), unexpired, and names the internal user;
+2. a browser-bound state comes with the cookie of the browser it was handed to (its MAC covers a
+   digest of that cookie's value), so a state cannot be replayed from another browser;
+3. the state was never redeemed before (its nonce is spent in Redis, see the service);
+4. Smartcar's Connections API lists a connection of that ``user_id`` made at or after the moment
+   the state was issued (:func:`confirm_connection`), so a ``user_id`` copied from somewhere else
+   does not link unless its owner has connected a vehicle since the link was handed out.
+
+A state is URL-safe text, ``v2.<user id>.<issued>.<expires>.<binding>.<nonce>.<mac>``: times in
+epoch seconds, ``binding`` ``b`` (bound to a browser cookie) or ``u`` (unbound: ``connect-url``
+has no browser to bind to), a 16-byte nonce and the unpadded base64url HMAC-SHA256 of everything
+before it, followed for a bound state by the cookie's digest. States of version 1 (no issue time,
+reusable) are refused with a message that asks for a new link.
 
 Keys: every entry of ``CONNECT_STATE_SECRET`` (comma-separated during rotation), or when it is
 unset every management token, each run through HMAC-SHA256 with a fixed label, so the signing key
 is never the webhook key itself. The first key signs; every key verifies.
-
-Errors: :class:`ConfigurationError` for missing settings, :class:`InvalidConnectState` and
-:class:`ExpiredConnectState` for a state that does not verify.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, urlencode
 
 from core.config import Settings
-from core.errors import ConfigurationError, ExpiredConnectState, InvalidConnectState
+from core.errors import (
+    ConfigurationError,
+    ExpiredConnectState,
+    ForeignConnectState,
+    InvalidConnectState,
+    UnverifiableConnection,
+    UnverifiedConnection,
+)
+from core.smartcar import SmartcarClient
 
 CONNECT_URL = "https://connect.smartcar.com/oauth/authorize"
 _KEY_LABEL = b"smartcar-ingest connect state v1"
-_VERSION = "v1"
-# user id (at most 18 digits: a BIGINT), expiry (epoch seconds), 8-byte nonce, 32-byte MAC.
-_STATE = re.compile(r"v1\.([1-9][0-9]{0,17})\.([0-9]{1,12})\.([A-Za-z0-9_-]{11})\.([A-Za-z0-9_-]{43})")
-MAX_STATE_LENGTH = 128
+_BINDING_LABEL = b"smartcar-ingest connect binding\x00"
+_VERSION = "v2"
+# user id (at most 18 digits: a BIGINT), issued and expiry (epoch seconds), binding, 16-byte nonce, 32-byte MAC.
+_STATE = re.compile(
+    r"v2\.([1-9][0-9]{0,17})\.([0-9]{1,12})\.([0-9]{1,12})\.([bu])\.([A-Za-z0-9_-]{22})\.([A-Za-z0-9_-]{43})"
+)
+MAX_STATE_LENGTH = 160
+#: How far Smartcar's clock may run behind ours when comparing a connection's creation time.
+CLOCK_SKEW_SECONDS = 60
+#: Pages of one user's connections read at most (a hundred each): a user has a handful.
+MAX_VERIFY_PAGES = 5
+_VERIFY_PAGE_SIZE = 100
+# Epoch seconds reach 1e11 in the year 5138; epoch milliseconds passed it in 1973.
+_EPOCH_MS_FROM = 100_000_000_000
+_CREATED_AT_FIELDS = (("attributes", "createdAt"), ("attributes", "connectedAt"), ("createdAt",), ("connectedAt",))
+
+_NOT_OURS = "The state parameter is not one we issued: start again from a fresh Connect link."
+_OTHER_BROWSER = (
+    "This Connect link was started in another browser, or is not one we issued: "
+    "finish Connect in the browser that opened the link, or start again."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectState:
+    """What a verified state says: the internal user, when it was issued and expires, its nonce."""
+
+    user_id: int
+    issued_at: int
+    expires_at: int
+    nonce: str
+    bound: bool
+    """Whether it was bound to a browser's cookie (``/connect/start``) or not (``connect-url``)."""
 
 
 def _b64(data: bytes) -> str:
@@ -61,37 +109,66 @@ def state_keys(settings: Settings) -> tuple[bytes, ...]:
     return tuple(_derive(secret) for secret in raw_keys)
 
 
-def _mac(key: bytes, signed: str) -> str:
+def new_binding() -> str:
+    """A fresh random value for a browser's binding cookie (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def _mac(key: bytes, signed: str, binding: str | None) -> str:
+    if binding is not None:
+        # The cookie itself never enters the state, only this digest of it, inside the MAC.
+        signed = f"{signed}.{_b64(hashlib.sha256(_BINDING_LABEL + binding.encode()).digest())}"
     return _b64(hmac.new(key, signed.encode(), hashlib.sha256).digest())
 
 
-def issue_state(keys: tuple[bytes, ...], user_id: int, ttl_seconds: int, now: float | None = None) -> str:
-    """A state naming internal user ``user_id``, valid for ``ttl_seconds`` from ``now``."""
+def issue_state(
+    keys: tuple[bytes, ...], user_id: int, ttl_seconds: int, binding: str | None = None, now: float | None = None
+) -> str:
+    """A state naming internal user ``user_id``, valid for ``ttl_seconds`` from ``now``.
+
+    With ``binding`` (a browser's cookie value) it only verifies next to that value; without, it
+    is unbound and verifies anywhere, still only once.
+    """
     if user_id < 1:
         raise ConfigurationError(f"the internal user id must be at least 1, got {user_id}.")
-    expires = int(time.time() if now is None else now) + ttl_seconds
-    signed = f"{_VERSION}.{user_id}.{expires}.{_b64(secrets.token_bytes(8))}"
-    return f"{signed}.{_mac(keys[0], signed)}"
+    issued = int(time.time() if now is None else now)
+    marker = "u" if binding is None else "b"
+    signed = f"{_VERSION}.{user_id}.{issued}.{issued + ttl_seconds}.{marker}.{_b64(secrets.token_bytes(16))}"
+    return f"{signed}.{_mac(keys[0], signed, binding)}"
 
 
-def verify_state(keys: tuple[bytes, ...], state: str | None, now: float | None = None) -> int:
-    """The internal user id that ``state`` names.
+def verify_state(
+    keys: tuple[bytes, ...], state: str | None, binding: str | None = None, now: float | None = None
+) -> ConnectState:
+    """What ``state`` says, once its MAC (and for a bound state, ``binding``) checks out.
 
-    :class:`InvalidConnectState` for a missing, malformed or forged state (the MAC is compared in
-    constant time against every key); :class:`ExpiredConnectState` for a genuine one past its
+    :class:`InvalidConnectState` for a missing, malformed, forged or version-1 state (the MAC is
+    compared in constant time against every key); :class:`ForeignConnectState` for a bound state
+    without the right ``binding``; :class:`ExpiredConnectState` for a genuine one past its
     expiry. The MAC is checked first, so "expired" is only ever said of states this service made.
+    Whether the state was already spent is the caller's business (it takes Redis).
     """
     if not state:
         raise InvalidConnectState("The state parameter is missing: start again from a Connect link issued by us.")
+    if state.startswith("v1."):
+        raise InvalidConnectState(
+            "This Connect link was made by an earlier version of this service and is no longer accepted: "
+            "ask for a new one."
+        )
     match = _STATE.fullmatch(state) if len(state) <= MAX_STATE_LENGTH else None
     if match is None:
-        raise InvalidConnectState("The state parameter is not one we issued: start again from a fresh Connect link.")
+        raise InvalidConnectState(_NOT_OURS)
+    bound = match.group(4) == "b"
+    if bound and not binding:
+        raise ForeignConnectState(_OTHER_BROWSER)
     signed, _, mac = state.rpartition(".")
-    if not any(hmac.compare_digest(_mac(key, signed).encode(), mac.encode()) for key in keys):
-        raise InvalidConnectState("The state parameter is not one we issued: start again from a fresh Connect link.")
-    if int(match.group(2)) <= (time.time() if now is None else now):
+    expected = binding if bound else None
+    if not any(hmac.compare_digest(_mac(key, signed, expected).encode(), mac.encode()) for key in keys):
+        raise ForeignConnectState(_OTHER_BROWSER) if bound else InvalidConnectState(_NOT_OURS)
+    expires_at = int(match.group(3))
+    if expires_at <= (time.time() if now is None else now):
         raise ExpiredConnectState("The Connect link has expired: ask for a new one and go through Connect again.")
-    return int(match.group(1))
+    return ConnectState(int(match.group(1)), int(match.group(2)), expires_at, match.group(5), bound)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +180,10 @@ class ConnectLink:
     note: str | None = None
 
 
-def connect_link(settings: Settings, user_id: int, mode: str | None = None, now: float | None = None) -> ConnectLink:
-    """The Smartcar Connect URL for internal user ``user_id``.
+def connect_link(
+    settings: Settings, user_id: int, mode: str | None = None, now: float | None = None, binding: str | None = None
+) -> ConnectLink:
+    """The Smartcar Connect URL for internal user ``user_id``, its state bound to ``binding`` if given.
 
     Needs ``SMARTCAR_APPLICATION_ID`` (``SMARTCAR_CLIENT_ID`` stands in, with a note) and
     ``CONNECT_REDIRECT_URI``; :class:`ConfigurationError` names whatever is missing, in one line.
@@ -131,16 +210,107 @@ def connect_link(settings: Settings, user_id: int, mode: str | None = None, now:
             "SMARTCAR_APPLICATION_ID is not set, so the URL names SMARTCAR_CLIENT_ID instead; Connect expects the "
             "Application ID (a UUID from the Dashboard), which differs from an API-credentials client id."
         )
-    expires_at = int(time.time() if now is None else now) + settings.connect_state_ttl_seconds
+    now = time.time() if now is None else now
+    ttl = settings.connect_state_ttl_seconds
     params = {
         "response_type": "code",
         "client_id": application_id,
         "redirect_uri": redirect_uri,
         "scope": scope,
-        "state": issue_state(state_keys(settings), user_id, settings.connect_state_ttl_seconds, now),
+        "state": issue_state(state_keys(settings), user_id, ttl, binding, now),
     }
     mode = mode or settings.connect_mode
     if mode:
         params["mode"] = mode
     # quote, not quote_plus: the scope's spaces become %20, which every OAuth server reads alike.
-    return ConnectLink(f"{CONNECT_URL}?{urlencode(params, quote_via=quote)}", expires_at, note)
+    return ConnectLink(f"{CONNECT_URL}?{urlencode(params, quote_via=quote)}", int(now) + ttl, note)
+
+
+def connection_created_at(item: object) -> float | None:
+    """When a ``/connections`` item was made (epoch seconds), or ``None`` when it does not say.
+
+    Smartcar documents no such field, so the likely names are tried in order:
+    ``attributes.createdAt``, ``attributes.connectedAt``, then the same at the top level. Values
+    may be ISO-8601 (without an offset read as UTC) or epoch seconds or milliseconds, as numbers
+    or digit strings; anything else is skipped.
+    """
+    for path in _CREATED_AT_FIELDS:
+        value: Any = item
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        stamp = _timestamp(value)
+        if stamp is not None:
+            return stamp
+    return None
+
+
+def _timestamp(value: object) -> float | None:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.isdigit():
+            value = int(text)
+        else:
+            try:
+                parsed = dt.datetime.fromisoformat(text)
+            except ValueError:
+                return None
+            return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).timestamp()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value) or value <= 0:
+        return None
+    return value / 1000 if value >= _EPOCH_MS_FROM else float(value)
+
+
+async def confirm_connection(smartcar: SmartcarClient, smartcar_user_id: str, issued_at: float) -> None:
+    """Return when Smartcar lists a connection of ``smartcar_user_id`` made since ``issued_at``.
+
+    "Since" allows :data:`CLOCK_SKEW_SECONDS`. Items of other users (a server that ignored
+    ``filter[userId]``) never count. Raises :class:`UnverifiedConnection` when no connection
+    qualifies, and :class:`UnverifiableConnection` (fail closed) when none qualifies but some carry
+    no creation time to judge by. Smartcar's own failures propagate from :class:`SmartcarClient`.
+    """
+    undated = False
+    for page in range(1, MAX_VERIFY_PAGES + 1):
+        body = await smartcar.list_connections(page, _VERIFY_PAGE_SIZE, smartcar_user_id)
+        data = body.get("data")
+        items: Sequence[Any] = data if isinstance(data, list) else ()
+        for item in items:
+            if _user_of(item) != smartcar_user_id:
+                continue
+            created = connection_created_at(item)
+            if created is None:
+                undated = True
+            elif created >= issued_at - CLOCK_SKEW_SECONDS:
+                return
+        if _last_page(body, len(items), page):
+            break
+    if undated:
+        raise UnverifiableConnection(
+            "Smartcar gives no creation time for this account's connections, so this redirect cannot be verified "
+            "and nothing was linked; an operator can link it from Smartcar's connection list with "
+            "`smartcar-ingest backfill`."
+        )
+    raise UnverifiedConnection(
+        "Smartcar does not list a vehicle this account connected since the Connect link was issued; "
+        "nothing was linked. Start again from a fresh Connect link."
+    )
+
+
+def _user_of(item: object) -> str | None:
+    attributes = item.get("attributes") if isinstance(item, dict) else None
+    user = attributes.get("user") if isinstance(attributes, dict) else None
+    user_id = user.get("id") if isinstance(user, dict) else None
+    return user_id if isinstance(user_id, str) else None
+
+
+def _last_page(body: dict[str, Any], count: int, page: int) -> bool:
+    links, meta = body.get("links"), body.get("meta")
+    if count == 0:
+        return True
+    if isinstance(links, dict) and "next" in links:
+        return not links["next"]
+    total = meta.get("totalCount") if isinstance(meta, dict) else None
+    if isinstance(total, int) and not isinstance(total, bool):
+        return page * _VERIFY_PAGE_SIZE >= total
+    return count < _VERIFY_PAGE_SIZE

@@ -22,7 +22,11 @@ Everything the project raises on purpose descends from :class:`IngestError`::
         ├── VehicleNotFound           no internal vehicle has this id (``backfill``)
         ├── LinkConflict              linking would overwrite or steal a Smartcar user id
         ├── InvalidConnectState       a Connect ``state`` that is forged, malformed or not ours
-        │   └── ExpiredConnectState   a genuine ``state`` past its expiry
+        │   ├── ExpiredConnectState   a genuine ``state`` past its expiry
+        │   ├── ForeignConnectState   a browser-bound ``state`` without that browser's cookie
+        │   └── UsedConnectState      a ``state`` that was already redeemed
+        ├── UnverifiedConnection      Smartcar lists no new connection of the user a Connect redirect names
+        ├── UnverifiableConnection    Smartcar's connections carry no creation time to check against
         ├── RecordExists              a user or vehicle with this id already exists
         └── InvalidValue              a value does not fit its column
 
@@ -182,6 +186,30 @@ class ExpiredConnectState(InvalidConnectState):
     """The ``state`` of a Connect redirect is genuine but older than ``CONNECT_STATE_TTL_SECONDS``."""
 
     code = "expired_state"
+
+
+class ForeignConnectState(InvalidConnectState):
+    """A ``state`` bound to a browser, redeemed without that browser's binding cookie."""
+
+    code = "browser_mismatch"
+
+
+class UsedConnectState(InvalidConnectState):
+    """A ``state`` that was already redeemed: each one links at most once."""
+
+    code = "state_used"
+
+
+class UnverifiedConnection(PermanentError):
+    """Smartcar lists no connection of the redirect's user made since the ``state`` was issued."""
+
+    code = "unverified_user"
+
+
+class UnverifiableConnection(PermanentError):
+    """Smartcar's connections of the user carry no creation time, so a redirect cannot be checked."""
+
+    code = "cannot_verify"
 
 
 class RecordExists(PermanentError):

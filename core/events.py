@@ -10,16 +10,22 @@ signal times come as ``retrievedAt`` or ``fetchedAt``; ``meta``, ``triggers`` an
 Parsing is split the way the web endpoint checks a delivery: :func:`load_json` (400 when it
 fails), :func:`classify` (event type, legacy or unknown), then :func:`parse_event` or
 :func:`parse_verify` (the schema).
+
+The web edge and the worker read one body the same way: ids are JSON strings only (a number is a
+schema failure, never coerced into a different string), ``NaN`` and ``Infinity`` are not JSON, and
+the time and year readers return None rather than raise, whatever they are given.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints, ValidationError
 
 from core.errors import InvalidPayload, LegacyPayload, MalformedBody, UnknownEventType
 
@@ -31,10 +37,29 @@ EventType = Literal["VEHICLE_STATE", "VEHICLE_ERROR"]
 
 # Epoch values below this are taken as seconds (10 digits), above it as milliseconds (13 digits).
 _SECONDS_CUTOFF = 100_000_000_000
+# 9999-12-31T23:59:59.999Z: later (or negative) times are unreadable, not errors.
+_MAX_EPOCH_MS = 253_402_300_799_999
+# ASCII digits only: str.isdigit() also admits "²" and other digits that int() refuses.
+_EPOCH_DIGITS = re.compile(r"[0-9]{1,19}")
+_YEAR_DIGITS = re.compile(r"[0-9]{1,4}")
+_LONGEST_TIME_TEXT = 64
+
+#: A Smartcar id that is not free text: a JSON string, never a number coerced into one.
+SmartcarId = Annotated[StrictStr, Field(min_length=1, max_length=255)]
+#: Smartcar vehicle ids are UUIDs. The id becomes a URL path segment (``/vehicles/{id}``), so
+#: nothing that could move the path (``.``, ``..``, ``/``, ``%``) is ever accepted.
+VEHICLE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+VehicleId = Annotated[StrictStr, StringConstraints(pattern=VEHICLE_ID_PATTERN)]
 
 
 class _Wire(BaseModel):
-    """Base of the wire models: unknown fields ignored, numbers accepted where text is expected."""
+    """Base of the wire models: unknown fields ignored.
+
+    Descriptive text (make, model, signal names) accepts numbers, which is harmless; every id is
+    a strict string (:data:`SmartcarId`, :data:`VehicleId`), so a numeric id is a schema failure
+    at the edge and in the worker alike. Times and the model year are read by :func:`epoch_ms`
+    and :func:`_year`, which turn anything unreadable into None, so they are typed ``Any`` here.
+    """
 
     model_config = ConfigDict(extra="ignore", frozen=True, coerce_numbers_to_str=True)
 
@@ -51,9 +76,9 @@ class _WireStatus(_Wire):
 
 
 class _WireSignalMeta(_Wire):
-    oemUpdatedAt: int | float | str | None = None
-    retrievedAt: int | float | str | None = None
-    fetchedAt: int | float | str | None = None
+    oemUpdatedAt: Any = None
+    retrievedAt: Any = None
+    fetchedAt: Any = None
 
 
 class _WireSignal(_WireSignalRef):
@@ -71,16 +96,16 @@ class _WireTrigger(_Wire):
 
 
 class _WireVehicle(_Wire):
-    id: str | None = None
+    id: VehicleId | None = None
     make: str | None = None
     model: str | None = None
-    year: int | str | None = None
+    year: Any = None
     mode: str | None = None
     powertrainType: str | None = None
 
 
 class _WireUser(_Wire):
-    id: str = Field(min_length=1, max_length=255)
+    id: SmartcarId
 
 
 class _WireResolution(_Wire):
@@ -108,18 +133,17 @@ class _WireData(_Wire):
 
 class _WireMeta(_Wire):
     version: str | None = None
-    deliveryId: str | None = None
-    deliveredAt: int | float | str | None = None
-    webhookId: str | None = None
+    deliveryId: StrictStr | None = None
+    deliveredAt: Any = None
+    webhookId: StrictStr | None = None
     webhookName: str | None = None
     mode: str | None = None
-    signalCount: int | None = None
 
 
 class _WireEnvelope(_Wire):
-    eventId: str = Field(min_length=1, max_length=255)
-    eventType: str
-    vehicleId: str | None = None
+    eventId: SmartcarId
+    eventType: StrictStr
+    vehicleId: VehicleId | None = None
     data: _WireData
     triggers: list[_WireTrigger | str] | None = None
     meta: _WireMeta | None = None
@@ -138,7 +162,6 @@ class _WireVerifyData(_Wire):
 
 
 class _WireVerify(_Wire):
-    eventId: str | None = None
     data: _WireVerifyData
 
 
@@ -227,6 +250,7 @@ class QuickEvent:
     event_id: str
     event_type: str
     delivery_id: str | None
+    delivered_at_ms: int | None = None
 
 
 def quick_vehicle_event(body: bytes) -> QuickEvent | None:
@@ -234,8 +258,13 @@ def quick_vehicle_event(body: bytes) -> QuickEvent | None:
 
     Returns None for anything else (not JSON, VERIFY, legacy, unknown type, schema failure):
     the caller then takes the step-by-step path, which decides between 400 and parking. What
-    this accepts is exactly what :func:`classify` plus :func:`parse_event` accept.
+    this accepts is exactly what :func:`load_json`, :func:`classify` and :func:`parse_event`
+    accept.
     """
+    # The one-pass validator reads NaN and Infinity literals as numbers; load_json refuses them. A
+    # body holding those bytes (in a string, far more often) takes the step-by-step path instead.
+    if b"NaN" in body or b"Infinity" in body:
+        return None
     try:
         wire = _WebEnvelope.model_validate_json(body)
     except ValidationError:
@@ -246,15 +275,44 @@ def quick_vehicle_event(body: bytes) -> QuickEvent | None:
         return None
     if not ((wire.data.vehicle and wire.data.vehicle.id) or wire.vehicleId):
         return None
-    return QuickEvent(wire.eventId, wire.eventType, wire.meta.deliveryId if wire.meta else None)
+    meta = wire.meta
+    return QuickEvent(
+        wire.eventId,
+        wire.eventType,
+        meta.deliveryId if meta else None,
+        epoch_ms(meta.deliveredAt) if meta else None,
+    )
 
 
 def load_json(body: bytes) -> Any:
-    """Parse a UTF-8 JSON body; raise :class:`MalformedBody` if it is not one."""
+    """Parse a UTF-8 JSON body; raise :class:`MalformedBody` if it is not one.
+
+    ``NaN``, ``Infinity`` and ``-Infinity`` are refused: they are not JSON, and a non-finite
+    number must never reach the output stream.
+    """
     try:
-        return pydantic_core.from_json(body)
+        return pydantic_core.from_json(body, allow_inf_nan=False)
     except ValueError:
         raise MalformedBody("The body is not valid UTF-8 JSON.") from None
+
+
+def parses_as_json(text: str) -> bool:
+    """True when ``text`` is a JSON value of any kind (``123``, ``true``, ``null``, ``NaN`` too).
+
+    The parser is the one :func:`load_json` uses, in its more permissive setting, so anything
+    the edge could ever read as a body counts.
+    """
+    try:
+        pydantic_core.from_json(text)
+    except ValueError:
+        return False
+    return True
+
+
+def delivered_at_ms(document: Any) -> int | None:
+    """``meta.deliveredAt`` of a parsed document as epoch ms, or None when absent or unreadable."""
+    meta = document.get("meta") if isinstance(document, dict) else None
+    return epoch_ms(meta.get("deliveredAt")) if isinstance(meta, dict) else None
 
 
 def event_id_of(document: Any) -> str | None:
@@ -382,9 +440,9 @@ def _signal(wire: _WireSignal) -> Signal:
         code=_signal_code(wire) or "",
         name=wire.name,
         group=wire.group,
-        body=wire.body,
+        body=_finite(wire.body),
         status=status,
-        error=wire.status.error if wire.status else None,
+        error=_finite(wire.status.error) if wire.status else None,
         oemUpdatedAt=epoch_ms(meta.oemUpdatedAt),
         retrievedAt=epoch_ms(meta.retrievedAt if meta.retrievedAt is not None else meta.fetchedAt),
     )
@@ -418,38 +476,85 @@ def _vehicle_error(wire: _WireVehicleError) -> VehicleError:
     )
 
 
-def epoch_ms(value: int | float | str | None) -> int | None:
-    """Epoch milliseconds from epoch ms, epoch seconds or an ISO-8601 string; None if unreadable."""
-    if value is None or isinstance(value, bool):
+def epoch_ms(value: object) -> int | None:
+    """Epoch milliseconds from epoch ms, epoch seconds or an ISO-8601 string; None if unreadable.
+
+    Never raises: NaN, infinities, bools, negative or far-future times, digit strings too long
+    to be a time, naive or malformed ISO strings and values of any other type all give None.
+    """
+    if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        number = int(value)
-        return number * 1000 if 0 < abs(number) < _SECONDS_CUTOFF else number
-    text = value.strip()
-    if text.lstrip("-").isdigit():
-        return epoch_ms(int(text))
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        number = round(value * 1000) if 0 < value < _SECONDS_CUTOFF else int(value)
+        return number if 0 <= number <= _MAX_EPOCH_MS else None
+    elif isinstance(value, str):
+        text = value.strip()
+        if _EPOCH_DIGITS.fullmatch(text):
+            number = int(text)
+        else:
+            return _iso_epoch_ms(text)
+    else:
+        return None
+    if 0 < number < _SECONDS_CUTOFF:
+        number *= 1000
+    return number if 0 <= number <= _MAX_EPOCH_MS else None
+
+
+def _iso_epoch_ms(text: str) -> int | None:
+    if len(text) > _LONGEST_TIME_TEXT:
+        return None
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+        if parsed.tzinfo is None:
+            return None
+        number = int(parsed.timestamp() * 1000)
+    except (ValueError, OverflowError):
         return None
-    if parsed.tzinfo is None:
-        return None
-    return int(parsed.timestamp() * 1000)
+    return number if 0 <= number <= _MAX_EPOCH_MS else None
 
 
-def _delivered_at(value: int | float | str | None) -> int | str | None:
+def _delivered_at(value: object) -> int | str | None:
     as_ms = epoch_ms(value)
     if as_ms is not None:
         return as_ms
-    return value if isinstance(value, str) else None
+    # An unreadable text time is kept as sent (short ones only); anything else is dropped.
+    return value if isinstance(value, str) and len(value) <= _LONGEST_TIME_TEXT else None
 
 
-def _year(value: int | str | None) -> int | None:
+def _year(value: object) -> int | None:
+    """A model year from an int, a whole float or a digit string; None for anything else."""
+    year: int
+    if isinstance(value, bool):
+        return None
     if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
-    return None
+        year = value
+    elif isinstance(value, float) and value.is_integer():
+        year = int(value)
+    elif isinstance(value, str) and _YEAR_DIGITS.fullmatch(value.strip()):
+        year = int(value.strip())
+    else:
+        return None
+    return year if 1 <= year <= 9999 else None
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None.
+
+    ``load_json`` refuses NaN and Infinity literals, but a number beyond a double's range
+    (``1e400``) still parses as infinity; it must not reach the output as invalid JSON. The
+    parser refuses nesting deeper than about 200 levels, which bounds the recursion.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _clip(text: str, limit: int = 60) -> str:

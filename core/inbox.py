@@ -44,15 +44,28 @@ DEDUPE_PREFIX = "smartcar-ingest:seen:"
 #: Waits between RQ re-runs of a job that failed with a transient error (seconds).
 RETRY_INTERVALS = (5, 15, 60, 180, 600)
 
+#: How long parked entries are kept unless ``PARKED_RETENTION_SECONDS`` says otherwise (14 days).
+DEFAULT_PARKED_RETENTION_SECONDS = 1_209_600
+
 _PARK = """
 -- KEYS: dedupe mark ('' when the delivery has no usable eventId), parked stream
--- ARGV: dedupe ttl, then the stream entry as field/value pairs
+-- ARGV: dedupe ttl, oldest entry id to keep, then the stream entry as field/value pairs
 if KEYS[1] ~= '' and not redis.call('SET', KEYS[1], 'parked', 'NX', 'EX', ARGV[1]) then
   return 0
 end
-redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[2], '*', unpack(ARGV, 3))
 return 1
 """
+
+
+def parked_min_id(retention_seconds: int, now_ms: int | None = None) -> str:
+    """The oldest parked entry id to keep: entries older than the retention are trimmed.
+
+    Every XADD to the parked stream carries ``MINID ~ <this>``, so the stream stays bounded by
+    age whatever arrives; ``~`` lets Redis trim whole nodes only, which keeps each add cheap.
+    """
+    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    return str(max(0, now - retention_seconds * 1000))
 
 
 def job_id_for(event_id: str) -> str:
@@ -262,11 +275,19 @@ def queue_key(queue: str) -> str:
 class Inbox:
     """Accepts verified deliveries into Redis."""
 
-    def __init__(self, redis: AsyncRedis, options: JobOptions, parked_stream: str, dedupe_ttl_seconds: int) -> None:
+    def __init__(
+        self,
+        redis: AsyncRedis,
+        options: JobOptions,
+        parked_stream: str,
+        dedupe_ttl_seconds: int,
+        parked_retention_seconds: int = DEFAULT_PARKED_RETENTION_SECONDS,
+    ) -> None:
         self._redis = redis
         self._options = options
         self._parked_stream = parked_stream
         self._ttl = dedupe_ttl_seconds
+        self._parked_retention = parked_retention_seconds
         self._template = JobTemplate(options)
         self._committer = GroupCommitter(redis, options.queue, dedupe_ttl_seconds, self._template.constant)
         self._park = redis.register_script(_PARK)
@@ -282,9 +303,12 @@ class Inbox:
         )
 
     async def park(self, event_id: str | None, reason: str, detail: str, body: str) -> bool:
-        """Keep a delivery that cannot be processed in the parked stream; False if already kept."""
+        """Keep a delivery that cannot be processed in the parked stream; False if already kept.
+
+        Entries older than ``parked_retention_seconds`` are trimmed by the same command.
+        """
         entry = {"event_id": event_id or "", "reason": reason, "detail": detail, "payload": body}
-        args: list[Any] = [self._ttl]
+        args: list[Any] = [self._ttl, parked_min_id(self._parked_retention)]
         for field, value in entry.items():
             args.extend((field, value))
         keys = [parked_key(event_id) if event_id else "", self._parked_stream]

@@ -1,9 +1,10 @@
 """Queue and stream gauges, read from Redis when Prometheus scrapes.
 
-What is waiting, how old the oldest waiting job is, what is dead-lettered and how long the output
-stream is are facts about Redis, not about one process: a counter in the web or the worker could
-not know them. :class:`QueueCollector` reads them at scrape time instead, in two short round trips
-of a *synchronous* client (prometheus-client calls collectors synchronously) whose every call is
+What is waiting, how old the oldest waiting job is, what is dead-lettered, what is stranded between
+dequeue and start (:mod:`core.custody`) and how long the output stream is are facts about Redis,
+not about one process: a counter in the web or the worker could not know them.
+:class:`QueueCollector` reads them at scrape time instead, in a few short round trips of a
+*synchronous* client (prometheus-client calls collectors synchronously) whose every call is
 bounded by a short timeout, so a slow Redis costs a scrape a fraction of a second, never a hang.
 When Redis cannot be read, only ``smartcar_ingest_redis_up 0`` is exported: the scrape itself still
 succeeds, and the gauges go missing rather than reading as zero.
@@ -29,6 +30,7 @@ from rq.job import Job
 from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
 from core.config import Settings
+from core.custody import Stranded, parse_rq_time, read_stranded
 from core.inbox import queue_key
 
 #: The RQ registries counted, by the name used in the ``registry`` label and in ``status``.
@@ -45,6 +47,8 @@ REGISTRY_JOBS = "smartcar_ingest_queue_registry_jobs"
 OUTPUT_LENGTH = "smartcar_ingest_output_stream_length"
 PARKED_LENGTH = "smartcar_ingest_parked_stream_length"
 REDIS_UP = "smartcar_ingest_redis_up"
+STRANDED_JOBS = "smartcar_ingest_queue_stranded_jobs"
+STRANDED_OLDEST_AGE = "smartcar_ingest_queue_stranded_oldest_age_seconds"
 
 
 @dataclass(frozen=True)
@@ -96,19 +100,6 @@ def read_snapshot(client: redis.Redis, settings: Settings) -> QueueSnapshot:
     )
 
 
-def parse_rq_time(raw: object) -> dt.datetime | None:
-    """An RQ timestamp (``2026-11-28T18:01:03.021294Z``) as an aware UTC datetime, or None."""
-    if isinstance(raw, bytes):
-        raw = raw.decode("ascii", "replace")
-    if not isinstance(raw, str) or not raw:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(raw)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
-
-
 def scrape_redis(redis_url: str, timeout_seconds: float) -> redis.Redis:
     """A client for reads at scrape time: bounded calls and no retries, so a scrape fails fast."""
     return redis.Redis.from_url(
@@ -128,7 +119,7 @@ class QueueCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         # Lets the registry check names without a Redis round trip at registration.
-        return self._families(None)
+        return [*self._families(None), *self._stranded_families(None)]
 
     def collect(self) -> Iterable[Metric]:
         try:
@@ -137,7 +128,13 @@ class QueueCollector(Collector):
             up = GaugeMetricFamily(REDIS_UP, "1 when this process could read the queue and streams from Redis.")
             up.add_metric([], 0)
             return [up]
-        return self._families(snapshot)
+        try:
+            stranded: Stranded | None = read_stranded(self._redis, snapshot.queue)
+        except (redis.RedisError, OSError):
+            # A web logged in with its restricted ACL may not read the workers' liveness keys:
+            # the workers, which can, export these gauges (aggregate with max).
+            stranded = None
+        return [*self._families(snapshot), *self._stranded_families(stranded)]
 
     def close(self) -> None:
         self._redis.close()
@@ -164,6 +161,22 @@ class QueueCollector(Collector):
             output.add_metric([], snapshot.output_length)
             parked.add_metric([], snapshot.parked_length)
         return [up, depth, oldest, registries, output, parked]
+
+    def _stranded_families(self, stranded: Stranded | None) -> list[Metric]:
+        jobs = GaugeMetricFamily(
+            STRANDED_JOBS,
+            "Jobs taken off the queue that no live worker answers for (in RQ's intermediate list, or "
+            "dequeued by a worker that died) until a worker's reaper puts them back.",
+            labels=["queue"],
+        )
+        oldest = GaugeMetricFamily(
+            STRANDED_OLDEST_AGE, "Seconds since the oldest stranded job was enqueued (0 when none).", labels=["queue"]
+        )
+        if stranded is not None:
+            queue = self._settings.ingest_queue
+            jobs.add_metric([queue], stranded.count)
+            oldest.add_metric([queue], stranded.oldest_age_seconds())
+        return [jobs, oldest]
 
 
 # Per registry, the collectors registered by this module, the active one last.

@@ -12,10 +12,13 @@ import hmac
 import re
 from collections.abc import Sequence
 
+from core.events import parses_as_json
+
 _HEX_DIGEST_LENGTH = 64
 
-#: Challenges that cannot be mistaken for a signed body: no braces, quotes or spaces. Answering
-#: only these when a VERIFY is unsigned keeps the endpoint from signing attacker-chosen JSON.
+#: Challenges that cannot be mistaken for a JSON object: no braces, quotes or spaces. Answering
+#: only these (and only when they are not JSON scalars either, see :func:`is_token_like`) when a
+#: VERIFY is unsigned keeps the endpoint from signing attacker-chosen JSON.
 TOKEN_LIKE_CHALLENGE = re.compile(r"[A-Za-z0-9._~-]{1,256}")
 
 
@@ -46,8 +49,13 @@ def verify_signature(tokens: Sequence[bytes], body: bytes, header: str | None) -
 
 
 def is_token_like(challenge: str) -> bool:
-    """True when a VERIFY challenge is safe to answer without a valid signature."""
-    return TOKEN_LIKE_CHALLENGE.fullmatch(challenge) is not None
+    """True when a VERIFY challenge is safe to answer without a valid signature.
+
+    It must match :data:`TOKEN_LIKE_CHALLENGE` and must not be JSON at all: ``123``, ``-1``,
+    ``true``, ``null`` or ``1e5`` fit the character set, and their HMAC would be a valid
+    ``SC-Signature`` for a body of that one JSON value.
+    """
+    return TOKEN_LIKE_CHALLENGE.fullmatch(challenge) is not None and not parses_as_json(challenge)
 
 
 def answer_challenge(token: bytes, challenge: str) -> str:

@@ -10,6 +10,9 @@ error tree (:mod:`core.errors`):
 * 5xx and network errors: :class:`SmartcarUnavailable`, retried with backoff;
 * any other 4xx: :class:`SmartcarRejected`, never retried.
 
+A vehicle id becomes a path segment, so one that is not a Smartcar id (``..``, anything with
+``/``, ``.`` or ``%``) is refused with :class:`InvalidPayload` before any request is built.
+
 Retries stay within a bounded budget (attempts and seconds); past it the last transient error is
 raised so that the job level can decide (RQ retry, then park). ``stamina.set_testing`` turns the
 waits off in tests.
@@ -18,6 +21,7 @@ waits off in tests.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -28,18 +32,39 @@ import stamina
 
 from core import metrics
 from core.errors import (
+    InvalidPayload,
     SmartcarRateLimited,
     SmartcarRejected,
     SmartcarUnauthorized,
     SmartcarUnavailable,
     TransientError,
 )
+from core.events import VEHICLE_ID_PATTERN
 from core.tokens import AppTokenProvider, retry_after_seconds
 
 #: Longest wait honoured from a Retry-After header; a longer one is left to the job-level retry.
 MAX_RETRY_AFTER_SECONDS = 30.0
 #: Signal pages followed at most, so a misbehaving ``links.next`` cannot loop forever.
 MAX_SIGNAL_PAGES = 20
+_VEHICLE_ID = re.compile(VEHICLE_ID_PATTERN)
+
+
+def vehicle_path(vehicle_id: str) -> str:
+    """``vehicles/{id}``, only for an id that cannot move the path; :class:`InvalidPayload` otherwise.
+
+    ``quote()`` leaves ``.`` and ``..`` as they are, and a URL resolver collapses them, so
+    ``vehicles/..`` would read another resource with the application token.
+    """
+    if _VEHICLE_ID.fullmatch(vehicle_id) is None:
+        raise InvalidPayload("The vehicle id is not a Smartcar vehicle id; no request was sent.")
+    return f"vehicles/{vehicle_id}"
+
+
+def _segment(value: str) -> str:
+    """One path segment: ``/`` and ``%`` encoded, and dot segments (which resolvers collapse) refused."""
+    if value in {"", ".", ".."}:
+        raise InvalidPayload("A path segment of a Smartcar URL was empty or a dot segment; no request was sent.")
+    return quote(value, safe="")
 
 
 def _backoff(exc: Exception) -> bool | float | dt.timedelta:
@@ -95,12 +120,12 @@ class SmartcarClient:
 
     async def get_vehicle(self, vehicle_id: str, user_id: str) -> dict[str, Any]:
         """``GET /vehicles/{id}``: the vehicle resource (``id``, ``attributes{make,model,year}``)."""
-        body = await self._get("vehicle", f"vehicles/{quote(vehicle_id, safe='')}", user_id)
+        body = await self._get("vehicle", vehicle_path(vehicle_id), user_id)
         return body if isinstance(body, dict) else {}
 
     async def get_signals(self, vehicle_id: str, user_id: str) -> list[dict[str, Any]]:
         """``GET /vehicles/{id}/signals``: every signal resource, following ``links.next`` pages."""
-        url = f"vehicles/{quote(vehicle_id, safe='')}/signals"
+        url = f"{vehicle_path(vehicle_id)}/signals"
         params: dict[str, str] | None = {"page[size]": "100"}
         resources: list[dict[str, Any]] = []
         for _ in range(MAX_SIGNAL_PAGES):
@@ -120,9 +145,7 @@ class SmartcarClient:
 
         A code the vehicle does not report is a 404, raised as :class:`SmartcarRejected`.
         """
-        body = await self._get(
-            "signal", f"vehicles/{quote(vehicle_id, safe='')}/signals/{quote(code, safe='')}", user_id
-        )
+        body = await self._get("signal", f"{vehicle_path(vehicle_id)}/signals/{_segment(code)}", user_id)
         return body if isinstance(body, dict) else {}
 
     def _follow(self, link: str) -> str:

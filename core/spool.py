@@ -9,25 +9,34 @@ still ends as one job.
 
 File format: one record after another, each ``MAGIC | length (4 bytes, big-endian) | CRC32 of
 the payload (4 bytes) | payload (UTF-8 JSON)``. A crash can tear only the last record; reading
-stops there, reports it, and never applies half a record.
+stops there, reports it, and never applies half a record. Files are read record by record, so
+draining a large spool never holds more than one record of it in memory per read.
 
 Files: each process appends to ``spool-<host>-<pid>.log``. To drain, the file is renamed to a
 unique ``*.<ns>.draining`` name (new deliveries then start a fresh file), its records are
 enqueued, and it is deleted. A drainer that dies midway leaves the ``.draining`` file for the next pass; records
 already enqueued are recognised by the dedupe and not queued twice.
+
+Size: ``SPOOL_MAX_BYTES`` bounds the bytes waiting in the directory. Each process keeps a count:
+its own appends add to it, its drainer's deletions subtract from it, and the drainer's pass over
+the directory (once a second) sets it to what the files really hold, which also takes in other
+processes' appends and deletions. An append that would pass the bound raises :class:`SpoolFull`.
+With N web processes the bound can be passed by at most what the others append within a second.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +67,10 @@ class SpooledDelivery:
         return cls(**data)
 
 
+class SpoolFull(OSError):
+    """Spooling one more delivery would take the spool directory past ``SPOOL_MAX_BYTES``."""
+
+
 @dataclass
 class ReadReport:
     records: int = 0
@@ -69,30 +82,43 @@ def encode_record(delivery: SpooledDelivery) -> bytes:
     return _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
-def read_records(path: Path, report: ReadReport | None = None) -> Iterator[SpooledDelivery]:
-    """The whole records of a spool file, in order; a torn or corrupt tail ends the read."""
-    data = path.read_bytes()
-    offset = 0
-    while offset < len(data):
-        header = data[offset : offset + _HEADER.size]
-        if len(header) < _HEADER.size:
-            break
-        magic, length, crc = _HEADER.unpack(header)
-        payload = data[offset + _HEADER.size : offset + _HEADER.size + length]
-        if magic != MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
-            break
-        offset += _HEADER.size + length
+def read_records(path: Path, report: ReadReport | None = None) -> Generator[SpooledDelivery, None, None]:
+    """The whole records of a spool file, in order, read one at a time from an open handle.
+
+    A torn or corrupt record ends the read; ``report.torn_tail_bytes`` then says how many bytes
+    were left unread (set once the iterator is exhausted). A length field pointing past the end
+    of the file counts as corrupt, so a flipped bit can never make the reader allocate gigabytes.
+    Close the iterator (or exhaust it) to close the file.
+    """
+    with path.open("rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        offset = 0
+        while offset < size:
+            header = handle.read(_HEADER.size)
+            if len(header) < _HEADER.size:
+                break
+            magic, length, crc = _HEADER.unpack(header)
+            if magic != MAGIC or length > size - offset - _HEADER.size:
+                break
+            payload = handle.read(length)
+            if len(payload) != length or zlib.crc32(payload) != crc:
+                break
+            try:
+                delivery = SpooledDelivery.from_json(payload)
+            except (ValueError, TypeError):
+                break
+            offset += _HEADER.size + length
+            if report is not None:
+                report.records += 1
+            yield delivery
         if report is not None:
-            report.records += 1
-        yield SpooledDelivery.from_json(payload)
-    if report is not None:
-        report.torn_tail_bytes = len(data) - offset
+            report.torn_tail_bytes = size - offset
 
 
 class Spool:
-    """The spool directory of one process. ``append`` is blocking: call it from a thread."""
+    """The spool directory of one process. Every method blocks: call them from a thread."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, max_bytes: int | None = None) -> None:
         self.directory = Path(directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -102,24 +128,79 @@ class Spool:
             raise ConfigurationError(f"SPOOL_DIR {self.directory} is not writable.")
         self._path = self.directory / f"spool-{socket.gethostname()}-{os.getpid()}.log"
         self._lock = threading.Lock()
+        self.max_bytes = max_bytes
+        self._pending_bytes = 0
+        self.pending()  # count what earlier processes left behind
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes waiting to be drained, as this process counts them."""
+        return self._pending_bytes
 
     def append(self, delivery: SpooledDelivery) -> None:
-        """Write one record and fsync it; when this returns, the delivery survives a crash."""
+        """Write one record and fsync it; when this returns, the delivery survives a crash.
+
+        Raises :class:`SpoolFull` (writing nothing) when the record would take the spool past
+        ``max_bytes``, and another ``OSError`` when the disk refuses; a record that could not be
+        written whole is cut off again, so it never hides the records appended after it.
+        """
         record = encode_record(delivery)
         with self._lock:
+            if self.max_bytes is not None and self._pending_bytes + len(record) > self.max_bytes:
+                raise SpoolFull(errno.ENOSPC, f"The spool holds {self._pending_bytes} bytes of its {self.max_bytes}.")
+            fd = self._open_for_append()
+            try:
+                start = os.fstat(fd).st_size
+                try:
+                    if os.write(fd, record) != len(record):
+                        raise OSError(errno.EIO, "The spool record was written only in part.")
+                    os.fsync(fd)
+                except OSError:
+                    os.ftruncate(fd, start)
+                    raise
+            finally:
+                os.close(fd)
+            self._pending_bytes += len(record)
+            self._sync_directory()
+
+    def _open_for_append(self) -> int:
+        """This process's spool file, opened and locked, and still the file under its name.
+
+        A drainer in another process may rename the file between our open and our lock; a record
+        appended after that would land in a file the drainer is reading, or has already deleted.
+        """
+        while True:
             fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                os.write(fd, record)
-                os.fsync(fd)
-            finally:
+                if os.fstat(fd).st_ino == os.stat(self._path).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            except BaseException:
                 os.close(fd)
-            self._sync_directory()
+                raise
+            os.close(fd)
 
     def pending(self) -> list[Path]:
-        """Spool files waiting to be drained (this process's and any left by others)."""
-        found = [*self.directory.glob("spool-*.log"), *self.directory.glob("spool-*.draining")]
-        return sorted(p for p in found if p.is_file())
+        """Spool files waiting to be drained (this process's and any left by others).
+
+        Also recounts :attr:`pending_bytes` from the files found.
+        """
+        with self._lock:
+            found = [*self.directory.glob("spool-*.log"), *self.directory.glob("spool-*.draining")]
+            files: list[Path] = []
+            total = 0
+            for path in sorted(found):
+                try:
+                    status = path.stat()
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(status.st_mode):
+                    files.append(path)
+                    total += status.st_size
+            self._pending_bytes = total
+        return files
 
     def claim(self, path: Path) -> Path | None:
         """Rename ``path`` for draining so appends move to a fresh file; None if it vanished."""
@@ -144,8 +225,23 @@ class Spool:
 
     def finish(self, path: Path) -> None:
         """Delete a drained file."""
-        path.unlink(missing_ok=True)
-        self._sync_directory()
+        self._forget(path, lambda: path.unlink(missing_ok=True))
+
+    def set_aside(self, path: Path) -> Path:
+        """Rename a file that ended in a torn record to ``*.torn``: kept for inspection, no longer pending."""
+        kept = path.with_name(path.name.replace(".draining", ".torn"))
+        self._forget(path, lambda: path.replace(kept))
+        return kept
+
+    def _forget(self, path: Path, remove: Callable[[], object]) -> None:
+        with self._lock:
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                size = 0
+            remove()
+            self._pending_bytes = max(0, self._pending_bytes - size)
+            self._sync_directory()
 
     def _sync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)

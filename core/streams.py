@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis as AsyncRedis
 
-from core.inbox import job_id_for
+from core.inbox import DEFAULT_PARKED_RETENTION_SECONDS, job_id_for, parked_min_id
 
 _PUBLISH = """
 -- KEYS: published mark, output stream. ARGV: mark ttl, then the entry as field/value pairs.
@@ -41,10 +41,17 @@ class StreamNames:
 class StreamWriter:
     """Writes to the output and parked streams."""
 
-    def __init__(self, redis: AsyncRedis, names: StreamNames, published_ttl_seconds: int) -> None:
+    def __init__(
+        self,
+        redis: AsyncRedis,
+        names: StreamNames,
+        published_ttl_seconds: int,
+        parked_retention_seconds: int = DEFAULT_PARKED_RETENTION_SECONDS,
+    ) -> None:
         self._redis = redis
         self._names = names
         self._ttl = published_ttl_seconds
+        self._parked_retention = parked_retention_seconds
         self._publish = redis.register_script(_PUBLISH)
 
     async def publish(self, event_id: str, fields: Mapping[str, str]) -> str | None:
@@ -61,8 +68,14 @@ class StreamWriter:
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     async def park(self, event_id: str, reason: str, detail: str, payload: str) -> str:
-        """Keep an event that cannot be processed; returns the parked entry id."""
+        """Keep an event that cannot be processed; returns the parked entry id.
+
+        Entries older than ``parked_retention_seconds`` are trimmed by the same XADD.
+        """
         entry_id = await self._redis.xadd(
-            self._names.parked, {"event_id": event_id, "reason": reason, "detail": detail, "payload": payload}
+            self._names.parked,
+            {"event_id": event_id, "reason": reason, "detail": detail, "payload": payload},
+            minid=parked_min_id(self._parked_retention),
+            approximate=True,
         )
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)

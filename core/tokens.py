@@ -10,18 +10,27 @@ calls :meth:`AppTokenProvider.refresh` with the token that failed; if another pr
 replaced it, that replacement is used without a new request.
 
 The token is a secret: it is never logged, never put in an exception message and never written
-anywhere but this Redis key.
+anywhere but this Redis key, and there only sealed (:class:`TokenSeal`): encrypted and
+authenticated with AES-256-GCM under a key derived from the client secret. The web pods share
+Redis but not the client secret, so a compromised web pod (or anyone who can read Redis) cannot
+use the token; whoever holds the client secret could mint a token anyway, so that key adds no new
+secret to manage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import secrets
 import time
 from dataclasses import dataclass
 
 import httpx
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.asyncio import Redis
 
 from core import metrics
@@ -53,6 +62,41 @@ class AppToken:
         return self.expires_at - margin > (time.time() if now is None else now)
 
 
+class TokenSeal:
+    """Seals the cached token for Redis: AES-256-GCM, keyed from the client credentials.
+
+    The key is HMAC-SHA256(client secret, label + client id); each seal has a random 96-bit
+    nonce and binds the Redis key name as associated data, so a sealed value copied under
+    another key does not open. A value that does not open (another secret after a rotation,
+    the plain JSON of an older release, tampering) reads as no token, and a fresh one is fetched.
+    """
+
+    _PREFIX = b"sealed1:"
+    _LABEL = b"smartcar-ingest app-token seal v1:"
+
+    def __init__(self, client_id: str, client_secret: str) -> None:
+        key = hmac.new(client_secret.encode(), self._LABEL + client_id.encode(), hashlib.sha256).digest()
+        self._aead = AESGCM(key)
+
+    def seal(self, token: AppToken) -> bytes:
+        nonce = secrets.token_bytes(12)
+        sealed = self._aead.encrypt(nonce, _dump(token).encode(), TOKEN_KEY.encode())
+        return self._PREFIX + base64.b64encode(nonce + sealed)
+
+    def open(self, raw: bytes | str) -> AppToken | None:
+        """The token in ``raw``, or None when it is not one this seal made."""
+        data = raw.encode() if isinstance(raw, str) else raw
+        if not data.startswith(self._PREFIX):
+            return None
+        try:
+            blob = base64.b64decode(data[len(self._PREFIX) :], validate=True)
+            plain = self._aead.decrypt(blob[:12], blob[12:], TOKEN_KEY.encode())
+            parsed = json.loads(plain)
+            return AppToken(access_token=str(parsed["access_token"]), expires_at=float(parsed["expires_at"]))
+        except (InvalidTag, ValueError, KeyError, TypeError):
+            return None
+
+
 class AppTokenProvider:
     """Hands out the shared application token, refreshing it ahead of expiry."""
 
@@ -77,6 +121,7 @@ class AppTokenProvider:
         # Coroutines of this process share one refresh instead of each taking a turn at the lock.
         self._refreshing: asyncio.Task[AppToken] | None = None
         self._release = redis.register_script(_RELEASE)
+        self._seal = TokenSeal(client_id, client_secret)
 
     async def get(self) -> str:
         """A token that is valid for at least the refresh margin."""
@@ -110,7 +155,7 @@ class AppTokenProvider:
                         return shared
                     token = await self._request()
                     ttl = max(1, int(token.expires_at - time.time()))
-                    await self._redis.set(TOKEN_KEY, _dump(token), ex=ttl)
+                    await self._redis.set(TOKEN_KEY, self._seal.seal(token), ex=ttl)
                     log.info("application token refreshed", expires_in=ttl)
                     return token
                 finally:
@@ -121,13 +166,7 @@ class AppTokenProvider:
 
     async def _read_shared(self) -> AppToken | None:
         raw = await self._redis.get(TOKEN_KEY)
-        if raw is None:
-            return None
-        try:
-            data = json.loads(raw)
-            return AppToken(access_token=str(data["access_token"]), expires_at=float(data["expires_at"]))
-        except (ValueError, KeyError, TypeError):
-            return None
+        return None if raw is None else self._seal.open(raw)
 
     async def _request(self) -> AppToken:
         form = {

@@ -6,7 +6,8 @@ Routes (shapes from smartcar.md §4 and §5; one host serves what Smartcar split
 - ``POST /oauth2/token``: client-credentials grant, form-encoded (JSON is also accepted).
 - ``GET /v3/vehicles/{id}``, ``GET /v3/vehicles/{id}/signals`` (paged by ``page`` and
   ``pageSize``), ``GET /v3/vehicles/{id}/signals/{code}`` and ``GET /v3/connections``.
-- ``/_emulator/...``: failure injection, latency, token revocation, stats (see :mod:`emulator.control`).
+- ``/_emulator/...``: failure injection, latency, token revocation, stats, connections made at run
+  time (see :mod:`emulator.control`).
 
 Every API call (not the control API) first sleeps the configured latency, then may be answered by
 an injected failure, and only then is authenticated and served. Error bodies are described in
@@ -180,9 +181,13 @@ class _Api:
         if not user_id:
             return self.error(400, "VALIDATION", "MISSING_PARAMETER", "missing userId")
         vehicle_id: str = request.path_params["id"]
-        if not self.catalog.owns(user_id, vehicle_id):
+        if not self.owns(user_id, vehicle_id):
             return self.vehicle_not_found(vehicle_id)
         return None
+
+    def owns(self, user_id: str, vehicle_id: str) -> bool:
+        """Whether the seed or a connection made at run time gives ``user_id`` this vehicle."""
+        return self.catalog.owns(user_id, vehicle_id) or self.state.owns(user_id, vehicle_id)
 
     # Endpoints
 
@@ -210,7 +215,7 @@ class _Api:
             return denied
         vehicle_id: str = request.path_params["id"]
         user_id = request.headers.get("sc-user-id")
-        if not self.catalog.has_vehicle(vehicle_id) or (user_id and not self.catalog.owns(user_id, vehicle_id)):
+        if not self.catalog.has_vehicle(vehicle_id) or (user_id and not self.owns(user_id, vehicle_id)):
             return self.vehicle_not_found(vehicle_id)
         return self.ok(self.catalog.vehicle_body(vehicle_id))
 
@@ -252,7 +257,12 @@ class _Api:
             detail = "page[number] must be >= 1, page[size] between 1 and 100, filter[vehicle.mode] live or simulated."
             return self.error(400, "VALIDATION", "PARAMETER", detail)
         user_id = query.get("filter[userId]") or request.headers.get("sc-user-id")
-        found = self.catalog.find_connections(user_id, query.get("filter[vehicleId]"), mode)
+        vehicle_id = query.get("filter[vehicleId]")
+        # A new list: the catalog hands out its own index lists, which must not grow.
+        found = [
+            *self.catalog.find_connections(user_id, vehicle_id, mode),
+            *self.state.find_connections(user_id, vehicle_id, mode),
+        ]
         last = max(1, -(-len(found) // size))
         api_base = _api_base(request)
 
@@ -307,4 +317,6 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
             return api.error(405, "VALIDATION", "METHOD_NOT_ALLOWED", f"{request.method} is not allowed on {path}.")
         return api.error(status, "RESOURCE_NOT_FOUND", "INVALID_PATH", f"No route for {path}.")
 
-    return Starlette(routes=[*api.routes(), *control_routes(state)], exception_handlers={HTTPException: not_routed})
+    return Starlette(
+        routes=[*api.routes(), *control_routes(state, api.catalog)], exception_handlers={HTTPException: not_routed}
+    )

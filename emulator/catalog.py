@@ -16,6 +16,10 @@ from emulator.seed import SeedSignal, SeedUser, SeedVehicle
 
 # uuid5 namespace for connection ids, so each (user, vehicle) pair keeps its id across runs.
 _CONNECTION_NAMESPACE = uuid.UUID("0b6a1e7e-7c1f-4f0a-9d55-5a1c0de0c0c0")
+#: When the seed's connections were made: fixed and long past, so the data stays the same from run
+#: to run and no seeded connection looks freshly made (connections made at run time carry their
+#: own time, see :mod:`emulator.control`).
+SEED_CONNECTED_AT = "2025-06-01T00:00:00.000Z"
 
 
 def dumps(value: object) -> bytes:
@@ -45,29 +49,37 @@ def signal_resource(vehicle_id: str, signal: SeedSignal) -> dict[str, object]:
 
 @dataclass(frozen=True, slots=True)
 class Connection:
-    """One (user, vehicle) connection with its ``/v3/connections`` item, minus the absolute link."""
+    """One (user, vehicle) connection with its ``/v3/connections`` item, minus the absolute link.
+
+    ``created_at`` is served verbatim as ``attributes.createdAt`` (left out when ``None``):
+    Smartcar documents no creation-time field, so this is the emulator's guess at one.
+    """
 
     id: str
     user_id: str
     vehicle: SeedVehicle
+    created_at: str | int | float | None = SEED_CONNECTED_AT
 
     def resource(self, api_base: str) -> dict[str, object]:
         """The list item; ``api_base`` is the emulator's ``.../v3`` URL without a trailing slash."""
         vehicle = self.vehicle
+        attributes: dict[str, object] = {
+            "user": {"id": self.user_id},
+            "vehicle": {
+                "make": vehicle.make,
+                "model": vehicle.model,
+                "year": vehicle.year,
+                "mode": vehicle.mode,
+                "powertrainType": vehicle.powertrain_type,
+            },
+            "permissions": list(vehicle.permissions),
+        }
+        if self.created_at is not None:
+            attributes["createdAt"] = self.created_at
         return {
             "id": self.id,
             "type": "connection",
-            "attributes": {
-                "user": {"id": self.user_id},
-                "vehicle": {
-                    "make": vehicle.make,
-                    "model": vehicle.model,
-                    "year": vehicle.year,
-                    "mode": vehicle.mode,
-                    "powertrainType": vehicle.powertrain_type,
-                },
-                "permissions": list(vehicle.permissions),
-            },
+            "attributes": attributes,
             "relationships": {
                 "vehicle": {
                     "data": {"id": vehicle.id, "type": "vehicle"},
@@ -108,18 +120,18 @@ class Catalog:
 
     def __init__(self, users: Sequence[SeedUser]) -> None:
         self._vehicles: dict[str, _VehicleEntry] = {}
+        self._seed_vehicles: dict[str, SeedVehicle] = {}
         self._owned: set[tuple[str, str]] = set()
         self.connections: tuple[Connection, ...] = ()
         self._by_user: dict[str, list[Connection]] = {}
         self._by_vehicle: dict[str, list[Connection]] = {}
-        seen: dict[str, SeedVehicle] = {}
         connections: list[Connection] = []
         for user in users:
             if user.id in self._by_user:
                 raise ValueError(f"seed lists user {user.id!r} twice")
             self._by_user[user.id] = []
             for vehicle in user.vehicles:
-                known = seen.setdefault(vehicle.id, vehicle)
+                known = self._seed_vehicles.setdefault(vehicle.id, vehicle)
                 if known != vehicle:
                     raise ValueError(f"seed has two different vehicles with id {vehicle.id!r}")
                 if vehicle.id not in self._vehicles:
@@ -138,6 +150,10 @@ class Catalog:
     def has_vehicle(self, vehicle_id: str) -> bool:
         """Whether any user has ``vehicle_id`` connected."""
         return vehicle_id in self._vehicles
+
+    def vehicle(self, vehicle_id: str) -> SeedVehicle | None:
+        """The seed's vehicle with this id, if any."""
+        return self._seed_vehicles.get(vehicle_id)
 
     def owns(self, user_id: str, vehicle_id: str) -> bool:
         """Whether ``user_id`` has ``vehicle_id`` connected."""

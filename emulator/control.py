@@ -6,8 +6,14 @@
 - ``POST /_emulator/revoke``: revoke every issued token; ``{"revoked": n}`` (tokens that were live).
 - ``POST /_emulator/expire``: expire every issued token now; ``{"expired": n}``.
 - ``POST /_emulator/latency``: ``{"seconds": 0.1}`` (0 to 60), echoed back.
+- ``POST /_emulator/connections``: ``{"userId", "vehicleId", "createdAt"?}`` makes a connection as a
+  user going through Connect would: ``GET /v3/connections`` lists it and the user may read the
+  vehicle. ``vehicleId`` must be a seed vehicle. ``createdAt`` is served verbatim as
+  ``attributes.createdAt``: left out of the request it is now (ISO-8601, UTC, milliseconds), and
+  ``null`` leaves the field out. 201 with the connection item.
 - ``GET /_emulator/stats``: counts since start or reset (below).
-- ``POST /_emulator/reset``: no tokens, rules or counts; the configured latency; ``{"reset": true}``.
+- ``POST /_emulator/reset``: no tokens, rules, counts or run-time connections; the configured
+  latency; ``{"reset": true}``.
 - ``GET /_emulator/healthz``: ``{"status": "ok"}``.
 
 A rule as reported: ``{"id", "path", "status", "count", "rate", "retry_after", "type", "code",
@@ -21,13 +27,16 @@ Control calls are never delayed, failed or counted.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import uuid
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from emulator.catalog import Catalog, Connection
 from emulator.state import EmulatorState, FailureSpec
 
 
@@ -39,14 +48,28 @@ class LatencySpec(BaseModel):
     seconds: float = Field(ge=0, le=60)
 
 
+class ConnectionSpec(BaseModel):
+    """The JSON body of ``POST /_emulator/connections``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    user_id: str = Field(alias="userId", min_length=1, max_length=64)
+    vehicle_id: str = Field(alias="vehicleId", min_length=1)
+    created_at: str | int | float | None = Field(default=None, alias="createdAt")
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _invalid(exc: ValidationError) -> Response:
     details = json.loads(exc.json(include_url=False))
     message = "The request body does not match the expected JSON."
     return JSONResponse({"error": {"code": "invalid_request", "message": message, "details": details}}, 400)
 
 
-def control_routes(state: EmulatorState) -> list[Route]:
-    """The ``/_emulator/`` routes acting on ``state``."""
+def control_routes(state: EmulatorState, catalog: Catalog) -> list[Route]:
+    """The ``/_emulator/`` routes acting on ``state`` (``catalog`` names the vehicles that exist)."""
 
     async def add_failure(request: Request) -> Response:
         try:
@@ -75,6 +98,22 @@ def control_routes(state: EmulatorState) -> list[Route]:
         state.latency = spec.seconds
         return JSONResponse({"seconds": state.latency})
 
+    async def add_connection(request: Request) -> Response:
+        try:
+            spec = ConnectionSpec.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return _invalid(exc)
+        vehicle = catalog.vehicle(spec.vehicle_id)
+        if vehicle is None:
+            message = f"No seed vehicle has id {spec.vehicle_id}."
+            return JSONResponse({"error": {"code": "invalid_request", "message": message, "details": []}}, 400)
+        # Absent means "now"; an explicit null means "no creation time at all".
+        created_at = spec.created_at if "created_at" in spec.model_fields_set else _now_iso()
+        connection = Connection(str(uuid.uuid4()), spec.user_id, vehicle, created_at)
+        state.connections.append(connection)
+        api_base = f"{str(request.base_url).rstrip('/')}/v3"
+        return JSONResponse(connection.resource(api_base), 201)
+
     async def stats(request: Request) -> Response:
         snapshot = state.stats.snapshot()
         snapshot.update(
@@ -98,6 +137,7 @@ def control_routes(state: EmulatorState) -> list[Route]:
         Route("/_emulator/revoke", revoke, methods=["POST"]),
         Route("/_emulator/expire", expire, methods=["POST"]),
         Route("/_emulator/latency", set_latency, methods=["POST"]),
+        Route("/_emulator/connections", add_connection, methods=["POST"]),
         Route("/_emulator/stats", stats, methods=["GET"]),
         Route("/_emulator/reset", reset, methods=["POST"]),
         Route("/_emulator/healthz", healthz, methods=["GET"]),

@@ -14,6 +14,8 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from emulator.catalog import Connection
+
 
 class TokenState(Enum):
     """What an ``Authorization: Bearer`` value amounts to."""
@@ -212,10 +214,26 @@ class EmulatorState:
         self.tokens = TokenStore(token_lifetime, clock)
         self.failures = FailureInjector(random_seed)
         self.stats = Stats()
+        self.connections: list[Connection] = []
+        """Connections made at run time (``POST /_emulator/connections``), beside the seed's."""
+
+    def owns(self, user_id: str, vehicle_id: str) -> bool:
+        """Whether a connection made at run time gives ``user_id`` the vehicle ``vehicle_id``."""
+        return any(c.user_id == user_id and c.vehicle.id == vehicle_id for c in self.connections)
+
+    def find_connections(self, user_id: str | None, vehicle_id: str | None, mode: str | None) -> list[Connection]:
+        """Run-time connections matching every filter given (``None``: no filter), oldest first."""
+        return [
+            c
+            for c in self.connections
+            if user_id in (None, c.user_id) and vehicle_id in (None, c.vehicle.id) and mode in (None, c.vehicle.mode)
+        ]
 
     def reset(self) -> None:
-        """Back to the state right after start: no tokens, rules or counts; the configured latency."""
+        """Back to the state right after start: no tokens, rules, counts or run-time connections;
+        the configured latency."""
         self.tokens.clear()
         self.failures.clear()
         self.stats = Stats()
         self.latency = self.initial_latency
+        self.connections.clear()

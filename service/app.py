@@ -2,6 +2,9 @@
 
 Nothing connects at import time. The lifespan opens one Redis client per process and closes it
 on shutdown; request handlers reach it through ``request.state``.
+
+This is the public app: the webhook, the Connect routes and ``/healthz``. ``/readyz`` and
+``/metrics`` are served by :mod:`service.admin` on ``ADMIN_PORT`` and answer 404 here.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
@@ -26,7 +28,6 @@ from core.config import Settings, load_settings
 from core.errors import ConfigurationError
 from core.inbox import Inbox, JobOptions
 from core.logs import configure_logging, get_logger
-from core.queue_metrics import QueueCollector, register_queue_collector, unregister_queue_collector
 from core.spool import Spool
 from service import health
 from service.connect import ConnectEndpoints
@@ -40,7 +41,6 @@ log = get_logger("smartcar_ingest.app")
 class State(TypedDict):
     redis: Redis
     redis_deadline_seconds: float
-    queue_collector: QueueCollector
 
 
 def web_redis(settings: Settings) -> Redis:
@@ -84,14 +84,19 @@ async def check_eviction_policy(redis: Redis, allow: bool, deadline: float) -> N
     log.error(message)
 
 
+def redis_deadline_seconds(settings: Settings) -> float:
+    """How long a request waits on Redis before answering 503."""
+    # Two socket timeouts (a reconnect and the call) fit in this deadline.
+    return min(0.95, settings.redis_timeout_seconds * 1.9)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the web application. Raises ``ConfigurationError`` without a management token."""
     if settings is None:
         settings = load_settings()
         configure_logging(settings.log_level, settings.log_format)
-    settings.require_management_token()
-    # Two socket timeouts (a reconnect and the call) fit in this deadline; past it we answer 503.
-    deadline = min(0.95, settings.redis_timeout_seconds * 1.9)
+    settings.require_management_token(dev=settings.dev_mode)
+    deadline = redis_deadline_seconds(settings)
     redis = web_redis(settings)
     inbox = Inbox(
         redis,
@@ -102,19 +107,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ),
         parked_stream=settings.parked_stream,
         dedupe_ttl_seconds=settings.dedupe_ttl_seconds,
+        parked_retention_seconds=settings.parked_retention_seconds,
     )
-    spool = Spool(settings.spool_dir) if settings.spool_dir else None
+    spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes) if settings.spool_dir else None
     endpoint = WebhookEndpoint(
         WebhookConfig(
             tokens=settings.management_tokens,
             max_body_bytes=settings.max_body_bytes,
             redis_deadline_seconds=deadline,
             body_timeout_seconds=settings.body_timeout_seconds,
+            max_delivery_age_seconds=settings.delivery_max_age_seconds,
         ),
         inbox,
         spool,
     )
-    connect = ConnectEndpoints(settings)
+    connect = ConnectEndpoints(settings, redis)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
@@ -125,29 +132,25 @@ def create_app(settings: Settings | None = None) -> Starlette:
         thresholds = gc.get_threshold()
         gc.set_threshold(50_000, 20, 20)
         drainer = None
-        queue_collector = register_queue_collector(settings.redis_url, settings)
         try:
             await check_eviction_policy(redis, settings.allow_evicting_redis, deadline)
             drainer = asyncio.create_task(drain_forever(spool, inbox)) if spool else None
-            yield {"redis": redis, "redis_deadline_seconds": deadline, "queue_collector": queue_collector}
+            yield {"redis": redis, "redis_deadline_seconds": deadline}
         finally:
             gc.set_threshold(*thresholds)
             gc.unfreeze()
-            unregister_queue_collector(queue_collector)
             if drainer is not None:
                 drainer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await drainer
             await redis.aclose()
             await redis.connection_pool.disconnect()
-            await run_in_threadpool(connect.close)
+            await connect.aclose()
 
     return Starlette(
         routes=[
             Route("/webhooks/smartcar", endpoint, methods=["POST"]),
             Route("/healthz", health.healthz, methods=["GET"]),
-            Route("/readyz", health.readyz, methods=["GET"]),
-            Route("/metrics", health.metrics, methods=["GET"]),
             *connect.routes(),
         ],
         exception_handlers={HTTPException: http_exception, Exception: unexpected_exception},

@@ -23,7 +23,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 def _web(args: argparse.Namespace, settings: Settings) -> int:
     from core.logs import configure_logging
 
-    settings.require_management_token()
+    settings.require_management_token(dev=settings.dev_mode)
     configure_logging(settings.log_level, settings.log_format)
     metrics_dir = None
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -31,28 +31,24 @@ def _web(args: argparse.Namespace, settings: Settings) -> int:
         metrics_dir = tempfile.mkdtemp(prefix="smartcar-ingest-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        _serve(args)
+        _serve(args, settings)
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
-def _serve(args: argparse.Namespace) -> None:
-    import uvicorn
+def _serve(args: argparse.Namespace, settings: Settings) -> None:
+    from service.server import ServeOptions, serve
 
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
+    options = ServeOptions(
         host=args.host,
         port=args.port,
         workers=args.workers,
-        log_config=None,
-        access_log=False,
-        # Smartcar waits 15 s at most; a sender slower than this is not Smartcar.
-        timeout_keep_alive=15,
-        server_header=False,
+        max_connections=args.max_connections,
+        keep_alive_seconds=args.keep_alive_timeout,
     )
+    serve(settings, options)
 
 
 def _send_test_event(args: argparse.Namespace, settings: Settings) -> int:
@@ -71,9 +67,22 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _emulator_absent(exc: ModuleNotFoundError, hint: str = "") -> ConfigurationError:
+    """The one-line refusal when the emulator package is missing (it is left out of the wheel)."""
+    if exc.name is None or not (exc.name == "emulator" or exc.name.startswith("emulator.")):
+        raise exc
+    return ConfigurationError(
+        "the Smartcar emulator is not installed: it ships with the source checkout only, for tests and "
+        f"`make run`; run this from a clone of the repository{hint}."
+    )
+
+
 def _emulator(args: argparse.Namespace, settings: Settings) -> int:
-    from emulator.app import EmulatorConfig
-    from emulator.server import serve
+    try:
+        from emulator.app import EmulatorConfig
+        from emulator.server import serve
+    except ModuleNotFoundError as exc:
+        raise _emulator_absent(exc) from None
 
     config = EmulatorConfig(latency_seconds=args.latency)
     print(f"Smartcar emulator on http://{args.host}:{args.port}")
@@ -140,7 +149,13 @@ def _connect_url(args: argparse.Namespace, settings: Settings) -> int:
     if link.note:
         print(f"note: {link.note}", file=sys.stderr)
     expires = dt.datetime.fromtimestamp(link.expires_at, dt.UTC).isoformat(timespec="seconds")
-    print(f"valid until {expires} (CONNECT_STATE_TTL_SECONDS)", file=sys.stderr)
+    # No browser asked for this URL, so its state is bound to none: whoever holds the URL can
+    # use it, once, and only to link a Smartcar account that connects after this moment.
+    print(
+        f"valid until {expires} (CONNECT_STATE_TTL_SECONDS), usable once; not tied to a browser, "
+        "so give it only to that user",
+        file=sys.stderr,
+    )
     print(link.url)
     return 0
 
@@ -151,10 +166,29 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     return status(settings, as_json=args.json)
 
 
+def _redis_acl(args: argparse.Namespace, settings: Settings) -> int:
+    from core.redis_acl import acl_file_line
+
+    password = None
+    if args.password_env:
+        password = os.environ.get(args.password_env)
+        if not password:
+            raise ConfigurationError(f"{args.password_env} is empty or not set: put the user's password in it.")
+    else:
+        print("# no --password-env: the user is written switched off; give it a password before use", file=sys.stderr)
+    user = args.user or f"smartcar-{args.role}"
+    print(acl_file_line(settings, args.role, user, password, connect=args.connect))
+    return 0
+
+
 def _dev(args: argparse.Namespace, settings: Settings) -> int:
     from service.dev import run_dev
 
-    return run_dev(settings, port=args.port)
+    try:
+        return run_dev(settings, port=args.port)
+    except ModuleNotFoundError as exc:
+        hint = ", or set SMARTCAR_CLIENT_ID and SMARTCAR_CLIENT_SECRET to use Smartcar itself"
+        raise _emulator_absent(exc, hint) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--host", default="0.0.0.0", help="interface to bind (default 0.0.0.0)")
     web.add_argument("--port", type=_port, default=8000, help="port to bind (default 8000)")
     web.add_argument("--workers", type=_positive, default=1, help="uvicorn worker processes (default 1)")
+    web.add_argument(
+        "--max-connections",
+        type=_positive,
+        default=1000,
+        help="open connections held at most per process; past it, 503 (default 1000)",
+    )
+    web.add_argument(
+        "--keep-alive-timeout",
+        type=_positive,
+        default=15,
+        help="seconds an idle kept-alive connection is held (default 15)",
+    )
     web.set_defaults(handler=_web)
 
     test_event = sub.add_parser("send-test-event", help="sign a sample event with the management token and post it")
@@ -227,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.set_defaults(handler=_backfill)
 
     connect_url = sub.add_parser(
-        "connect-url", help="a Smartcar Connect URL whose signed state names the internal user"
+        "connect-url", help="a single-use Smartcar Connect URL whose signed state names the internal user"
     )
     connect_url.add_argument("--user-id", type=_positive, required=True, help="internal user id (users.id)")
     connect_url.add_argument(
@@ -240,6 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print the report as JSON")
     status.set_defaults(handler=_status)
+
+    redis_acl = sub.add_parser(
+        "redis-acl",
+        help="print one Redis aclfile line for a role's user (see docs/security.md)",
+    )
+    redis_acl.add_argument("role", choices=["web", "worker"])
+    redis_acl.add_argument("--user", help="the Redis user name (default smartcar-ROLE)")
+    redis_acl.add_argument(
+        "--password-env", metavar="VAR", help="environment variable holding the user's password (stored hashed)"
+    )
+    redis_acl.add_argument("--connect", action="store_true", help="web only: also the keys the Connect callback needs")
+    redis_acl.set_defaults(handler=_redis_acl)
     return parser
 
 

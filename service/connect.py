@@ -1,68 +1,125 @@
 """Smartcar Connect on the web: ``GET /connect/callback`` and, when enabled, ``GET /connect/start``.
 
 ``/connect/callback?user_id=…&state=…`` (``userId`` is accepted too) stores Smartcar's user id for
-the internal user that the signed ``state`` names (:mod:`core.connect`):
+the internal user that the signed ``state`` names, once Smartcar confirms it (:mod:`core.connect`):
 
 | request | status | body |
 |---|---|---|
 | Connect's own ``error`` (the user declined, an incompatible vehicle, …) | 400 | ``connect_failed``, with Smartcar's ``error`` and ``error_description`` |
-| ``state`` missing, malformed or forged | 400 | ``invalid_state`` |
+| ``state`` missing, malformed, forged or of version 1 | 400 | ``invalid_state`` |
+| ``state`` bound to a browser, without that browser's cookie | 400 | ``browser_mismatch`` |
 | ``state`` genuine but expired | 400 | ``expired_state`` |
 | no ``user_id`` / one that cannot be a Smartcar id | 400 | ``missing_user_id`` / ``invalid_user_id`` |
+| ``state`` already redeemed | 400 | ``state_used`` |
+| Smartcar lists no connection of that user made since the state was issued | 403 | ``unverified_user`` |
+| Smartcar's connections carry no creation time to check | 409 | ``cannot_verify`` (names ``backfill``) |
 | the user the state names no longer exists | 404 | ``user_not_found`` |
-| the user holds another Smartcar id, or the id belongs to another user | 409 | ``link_conflict`` |
-| the user store is down or not migrated | 503 | ``unavailable`` (with ``Retry-After``) |
+| the user holds another Smartcar id, or the id belongs to another user | 409 | ``link_conflict`` (one body for both) |
+| Smartcar, Redis or the user store failing; no client credentials | 503 | ``unavailable`` (with ``Retry-After``) |
 | stored, or already stored | 200 | ``{"status": "linked" or "already_linked", "userId", "smartcarUserId"}`` |
 
-Nothing changes unless the answer is 200. ``/connect/start?user=ID`` redirects to a fresh Connect
-URL; it signs a state for whoever asks, so it exists only with ``CONNECT_START_ENABLED=true``.
+Nothing changes unless the answer is 200, and no error body names a Smartcar user id or an
+internal user (logs carry a digest of the Smartcar id).
 
-The user store is created on the first callback, so the web process starts (and takes webhooks)
-without a database; its calls run in a worker thread, off the event loop.
+**Single use.** A state that passed every check that needs no one else (MAC, cookie, expiry, a
+well-formed ``user_id``) is spent in Redis with ``SET NX`` before Smartcar is asked, so two
+redemptions racing each other cannot both go on. The mark is taken back only when the answer is a
+503: Smartcar, Redis or the database failing says nothing about the redirect, and the user may
+retry with the same link. Every other outcome keeps it, so a ``user_id`` Smartcar does not confirm
+costs the state that carried it. Refusals before that point (a wrong cookie, a malformed id) spend
+nothing, because they change nothing and no one learns anything from them.
+
+``/connect/start?user=ID`` redirects to a fresh Connect URL and sets the binding cookie its state
+is bound to. It signs a state for whichever user id it is given, so it exists only with
+``CONNECT_START_ENABLED=true``, behind something that authenticates the user and sets ``user``.
+
+The Smartcar client and the user store are built on the first callback, so the web process starts
+(and takes webhooks) without a database or client credentials; store calls run in a worker thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import math
+import posixpath
 import re
+import secrets
 import threading
+import time
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
+import httpx
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from core.config import Settings
-from core.connect import connect_link, state_keys, verify_state
+from core.connect import ConnectState, confirm_connection, connect_link, new_binding, state_keys, verify_state
 from core.errors import (
     ConfigurationError,
     DatabaseUnavailable,
+    IngestError,
     InvalidConnectState,
     InvalidValue,
     LinkConflict,
-    PermanentError,
+    SmartcarRateLimited,
+    UnverifiableConnection,
+    UnverifiedConnection,
+    UsedConnectState,
     UserNotFound,
 )
 from core.logs import get_logger
+from core.smartcar import SmartcarClient
+from core.tokens import AppTokenProvider
 from core.users import LinkResult, UserStore
 from service.responses import error_response
+from workers.runtime import smartcar_http
 
 log = get_logger("smartcar_ingest.connect")
 
+#: The cookie a browser-bound state is bound to (HttpOnly, SameSite=Lax, scoped to the callback's directory).
+BINDING_COOKIE = "smartcar_connect"
+_SPENT_PREFIX = "smartcar-ingest:connect-state:"
 # Smartcar user ids are UUIDs; this admits them (and test ids) and nothing that needs escaping.
 _SMARTCAR_ID = re.compile(r"[A-Za-z0-9._~-]{1,36}")
 # The page may be bookmarked or proxied: a state or an id must not be cached anywhere.
 _NO_STORE = {"Cache-Control": "no-store"}
 _CONNECT_DETAIL_LIMIT = 200
+# The whole check with Smartcar, token included, must end while a browser still waits.
+_VERIFY_SECONDS = 10.0
+_RETRY_SECONDS = 5
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# One body for every conflict: which side is linked, and to what, is nobody's business here.
+_CONFLICT = (
+    "This Smartcar account cannot be linked to this user, because one of them is already linked elsewhere. "
+    "Nothing was changed."
+)
+_NO_CREDENTIALS = (
+    "Linking is unavailable: set SMARTCAR_CLIENT_ID and SMARTCAR_CLIENT_SECRET so the web can confirm "
+    "the redirect with Smartcar."
+)
 
 
 def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> Response:
     return error_response(status, code, message, headers={**_NO_STORE, **(headers or {})})
 
 
-def _refused(status: int, user_id: int, exc: PermanentError) -> Response:
-    log.warning("connect link refused", user_id=user_id, reason=exc.code)
-    return _error(status, exc.code, exc.message)
+def _unavailable(message: str, retry_after: float | None = None) -> Response:
+    seconds = _RETRY_SECONDS if retry_after is None else max(1, math.ceil(retry_after))
+    return _error(503, "unavailable", message, {"Retry-After": str(seconds)})
+
+
+def fingerprint(smartcar_user_id: str) -> str:
+    """A short digest that lets logs correlate a Smartcar user id without recording it."""
+    return hashlib.sha256(smartcar_user_id.encode()).hexdigest()[:12]
 
 
 def _plain(value: str | None) -> str:
@@ -71,19 +128,38 @@ def _plain(value: str | None) -> str:
     return text[:_CONNECT_DETAIL_LIMIT]
 
 
-class ConnectEndpoints:
-    """The Connect routes of one web process."""
+def binding_cookie_scope(redirect_uri: str | None) -> tuple[str, bool]:
+    """``(path, secure)`` of the binding cookie: the callback's directory (``/connect``), and
+    Secure unless the callback itself is plain http (local development)."""
+    if redirect_uri is None:
+        return "/connect", True
+    parts = urlsplit(redirect_uri)
+    path = posixpath.dirname(parts.path)
+    return (path if path.startswith("/") else "/"), parts.scheme != "http"
 
-    def __init__(self, settings: Settings) -> None:
+
+class ConnectEndpoints:
+    """The Connect routes of one web process; ``redis`` is the web's client (spent states, token)."""
+
+    def __init__(self, settings: Settings, redis: Redis) -> None:
         self._settings = settings
+        self._redis = redis
         self._keys = state_keys(settings)
+        self._release = redis.register_script(_RELEASE)
+        self._cookie_path, self._cookie_secure = binding_cookie_scope(settings.connect_redirect_uri)
         self._store: UserStore | None = None
         self._lock = threading.Lock()
+        self._http: httpx.AsyncClient | None = None
+        self._smartcar: SmartcarClient | None = None
         if settings.connect_start_enabled:
             # Fail at startup, not on the first user, when /connect/start cannot build a URL.
             link = connect_link(settings, 1)
             if link.note:
                 log.warning("connect start", note=link.note)
+            log.warning(
+                "connect start is enabled: it signs a Connect state for any user id it is given, "
+                "so it must only be reachable through something that authenticates that user"
+            )
 
     def routes(self) -> list[Route]:
         routes = [Route("/connect/callback", self.callback, methods=["GET"])]
@@ -101,6 +177,25 @@ class ConnectEndpoints:
     def _link(self, user_id: int, smartcar_user_id: str) -> LinkResult:
         return self._users().link(user_id, smartcar_user_id)
 
+    def _client(self) -> SmartcarClient | None:
+        """The Smartcar client, built on first use in the event loop; ``None`` without credentials."""
+        settings = self._settings
+        if settings.smartcar_client_id is None or settings.smartcar_client_secret is None:
+            return None
+        if self._smartcar is None:
+            self._http = smartcar_http(max_connections=8)
+            tokens = AppTokenProvider(
+                self._redis,
+                self._http,
+                settings.smartcar_token_url,
+                settings.smartcar_client_id,
+                settings.smartcar_client_secret.get_secret_value(),
+            )
+            # No retries here (the 401 refresh aside): a person is waiting, and a 503 with
+            # Retry-After lets them retry with the same link instead of sitting out a backoff.
+            self._smartcar = SmartcarClient(self._http, settings.smartcar_api_url, tokens, attempts=1)
+        return self._smartcar
+
     def close(self) -> None:
         """Close the user store's connections, if it was ever opened (blocking: run it in a thread)."""
         with self._lock:
@@ -108,12 +203,19 @@ class ConnectEndpoints:
                 self._store.dispose()
                 self._store = None
 
+    async def aclose(self) -> None:
+        """Close the Smartcar HTTP client and the user store, whichever were opened."""
+        http, self._http, self._smartcar = self._http, None, None
+        if http is not None:
+            await http.aclose()
+        await run_in_threadpool(self.close)
+
     async def callback(self, request: Request) -> Response:
         query = request.query_params
         if "error" in query:
             return self._connect_failed(query)
         try:
-            user_id = verify_state(self._keys, query.get("state"))
+            state = verify_state(self._keys, query.get("state"), request.cookies.get(BINDING_COOKIE))
         except InvalidConnectState as exc:
             return _error(400, exc.code, exc.message)
         smartcar_user_id = (query.get("user_id") or query.get("userId") or "").strip()
@@ -121,19 +223,71 @@ class ConnectEndpoints:
             return _error(400, "missing_user_id", "The redirect carries no user_id: go through Connect again.")
         if _SMARTCAR_ID.fullmatch(smartcar_user_id) is None:
             return _error(400, "invalid_user_id", "The user_id parameter is not a Smartcar user id.")
+        smartcar = self._client()
+        if smartcar is None:
+            log.error("connect callback without client credentials", user_id=state.user_id)
+            return _unavailable(_NO_CREDENTIALS)
+        key = _SPENT_PREFIX + state.nonce
+        try:
+            claim = await self._spend(key, state)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.error("connect state could not be spent", user_id=state.user_id, error=type(exc).__name__)
+            return _unavailable("The service cannot record the link right now; retry shortly.")
+        if claim is None:
+            used = UsedConnectState("This Connect link was already used: ask for a new one to connect again.")
+            return _error(400, used.code, used.message)
+        response = await self._redeem(smartcar, state, smartcar_user_id)
+        if response.status_code == 503:
+            await self._unspend(key, claim)
+        elif response.status_code == 200 and state.bound:
+            response.delete_cookie(
+                BINDING_COOKIE, path=self._cookie_path, secure=self._cookie_secure, httponly=True, samesite="lax"
+            )
+        return response
+
+    async def _spend(self, key: str, state: ConnectState) -> str | None:
+        """Mark the state spent (until it would expire anyway); ``None`` when it already was."""
+        claim = secrets.token_hex(8)
+        ttl = max(1, state.expires_at - int(time.time()))
+        return claim if await self._redis.set(key, claim, nx=True, ex=ttl) else None
+
+    async def _unspend(self, key: str, claim: str) -> None:
+        try:
+            await self._release(keys=[key], args=[claim])
+        except (RedisError, OSError, TimeoutError) as exc:
+            # The state stays spent: the user has to ask for a new link, which is safe.
+            log.warning("connect state could not be given back", error=type(exc).__name__)
+
+    async def _redeem(self, smartcar: SmartcarClient, state: ConnectState, smartcar_user_id: str) -> Response:
+        """Verify with Smartcar, then link; a 503 means "nothing happened, try again"."""
+        user_id, digest = state.user_id, fingerprint(smartcar_user_id)
+        try:
+            async with asyncio.timeout(_VERIFY_SECONDS):
+                await confirm_connection(smartcar, smartcar_user_id, state.issued_at)
+        except (UnverifiedConnection, UnverifiableConnection) as exc:
+            log.warning("connect link refused", user_id=user_id, smartcar_user=digest, reason=exc.code)
+            return _error(403 if isinstance(exc, UnverifiedConnection) else 409, exc.code, exc.message)
+        except (IngestError, RedisError, OSError, TimeoutError) as exc:
+            # Every other failure is Smartcar's, ours or our credentials', never the redirect's.
+            reason = exc.message if isinstance(exc, IngestError) else type(exc).__name__
+            log.error("connect verification failed", user_id=user_id, error=reason)
+            retry_after = exc.retry_after if isinstance(exc, SmartcarRateLimited) else None
+            return _unavailable("Smartcar could not confirm the connection right now; retry shortly.", retry_after)
         try:
             result = await run_in_threadpool(self._link, user_id, smartcar_user_id)
-        except LinkConflict as exc:
-            return _refused(409, user_id, exc)
-        except UserNotFound as exc:
-            return _refused(404, user_id, exc)
-        except InvalidValue as exc:
-            return _refused(400, user_id, exc)
+        except LinkConflict:
+            log.warning("connect link refused", user_id=user_id, smartcar_user=digest, reason="link_conflict")
+            return _error(409, "link_conflict", _CONFLICT)
+        except UserNotFound:
+            log.warning("connect link refused", user_id=user_id, reason="user_not_found")
+            return _error(404, "user_not_found", "The user this Connect link was made for no longer exists.")
+        except InvalidValue:
+            return _error(400, "invalid_user_id", "The user_id parameter is not a Smartcar user id.")
         except (DatabaseUnavailable, ConfigurationError) as exc:
             log.error("connect link failed", user_id=user_id, error=exc.message)
-            return _error(503, "unavailable", "The user store is unavailable; retry shortly.", {"Retry-After": "5"})
+            return _unavailable("The user store is unavailable; retry shortly.")
         if not result.already_linked:
-            log.info("connect link stored", user_id=user_id, smartcar_user_id=smartcar_user_id)
+            log.info("connect link stored", user_id=user_id, smartcar_user=digest)
         body = {
             "status": "already_linked" if result.already_linked else "linked",
             "userId": result.user.id,
@@ -158,5 +312,17 @@ class ConnectEndpoints:
         raw = request.query_params.get("user", "")
         if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) < 10**18:
             return _error(400, "invalid_user", "The user parameter must be an internal user id (a positive integer).")
-        link = connect_link(self._settings, int(raw))
-        return RedirectResponse(link.url, status_code=302, headers=_NO_STORE)
+        binding = new_binding()
+        link = connect_link(self._settings, int(raw), binding=binding)
+        log.info("connect start", user_id=int(raw))
+        response = RedirectResponse(link.url, status_code=302, headers=_NO_STORE)
+        response.set_cookie(
+            BINDING_COOKIE,
+            binding,
+            max_age=self._settings.connect_state_ttl_seconds,
+            path=self._cookie_path,
+            secure=self._cookie_secure,
+            httponly=True,
+            samesite="lax",
+        )
+        return response

@@ -34,6 +34,15 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def _wait_for_port(port: int, what: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -112,6 +121,14 @@ def run_dev(settings: Settings, port: int) -> int:
     env.setdefault("SPOOL_DIR", str(Path("var/spool").resolve()))
     if not settings.management_tokens:
         env["SMARTCAR_MANAGEMENT_TOKEN"] = DEV_MANAGEMENT_TOKEN
+    env["DEV_MODE"] = "true"
+    # Locally, captured deliveries from months ago are replayed on purpose: accept their age.
+    env.setdefault("MAX_DELIVERY_AGE_SECONDS", str(10 * 365 * 24 * 3600))
+    # Everything dev starts listens on this machine only; the web's admin port (/readyz, /metrics)
+    # is ADMIN_PORT when free, else any free port, so a busy 9000 does not stop `make run`.
+    admin_host = env.setdefault("ADMIN_HOST", "127.0.0.1")
+    if settings.admin_port and not _bindable(admin_host, settings.admin_port):
+        env["ADMIN_PORT"] = str(_free_port())
     children = Children()
     scratch = Path(tempfile.mkdtemp(prefix="smartcar-ingest-dev-"))
 
@@ -177,7 +194,7 @@ def run_dev(settings: Settings, port: int) -> int:
         web = children.start("web", [*cli, "web", "--host", "127.0.0.1", "--port", str(port)], env)
         _wait_for_port(port, "the web process", web)
         children.start("worker", [*cli, "worker"], env)
-        _print_instructions(port, env)
+        _print_instructions(port, env, int(env.get("ADMIN_PORT", settings.admin_port)))
         while True:
             for name, process in children.processes:
                 if process.poll() is not None:
@@ -191,8 +208,10 @@ def run_dev(settings: Settings, port: int) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _print_instructions(port: int, env: dict[str, str]) -> None:
+def _print_instructions(port: int, env: dict[str, str], admin_port: int) -> None:
     url = f"http://127.0.0.1:{port}/webhooks/smartcar"
+    base = f"http://127.0.0.1:{admin_port}"
+    admin = f"{base}/readyz  {base}/metrics" if admin_port else "off (ADMIN_PORT=0)"
     print(
         f"""
 smartcar-ingest is running: web on http://127.0.0.1:{port}, one worker, Redis at {env.get("REDIS_URL", "")}
@@ -200,6 +219,7 @@ smartcar-ingest is running: web on http://127.0.0.1:{port}, one worker, Redis at
   send a signed test event:   uv run smartcar-ingest send-test-event --url {url}
   read the enriched output:   redis-cli -u {env.get("REDIS_URL", "redis://localhost:6379/0")} XRANGE {env.get("OUTPUT_STREAM", "smartcar:vehicle-events")} - +
   parked events:              redis-cli -u {env.get("REDIS_URL", "redis://localhost:6379/0")} XRANGE {env.get("PARKED_STREAM", "smartcar:parked")} - +
+  readiness and metrics:      {admin}
 
 Ctrl-C stops everything.""",
         flush=True,

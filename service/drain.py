@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+from collections.abc import Generator
 from dataclasses import dataclass
-from pathlib import Path
 
 from redis.exceptions import RedisError
 
@@ -27,35 +28,37 @@ class DrainReport:
     torn_tail_bytes: int = 0
 
 
-def _read_all(path: Path, read: ReadReport) -> list[SpooledDelivery]:
-    return list(read_records(path, read))
+def _next_chunk(records: Generator[SpooledDelivery, None, None]) -> list[SpooledDelivery]:
+    return list(itertools.islice(records, CHUNK))
 
 
 async def drain_once(spool: Spool, inbox: Inbox) -> DrainReport:
     """Drain every pending spool file; raises ``RedisError`` (leaving the file) if Redis fails."""
     report = DrainReport()
-    for path in spool.pending():
+    for path in await asyncio.to_thread(spool.pending):
         claimed = await asyncio.to_thread(spool.claim, path)
         if claimed is None:
             continue
         read = ReadReport()
-        records = await asyncio.to_thread(_read_all, claimed, read)
-        for start in range(0, len(records), CHUNK):
-            chunk = records[start : start + CHUNK]
-            parks = [d for d in chunk if d.park_reason]
-            accepts = [d for d in chunk if not d.park_reason]
-            results = await asyncio.gather(
-                *(inbox.accept(str(d.event_id), d.event_type, d.body, d.received_at_ms) for d in accepts)
-            )
-            report.accepted += sum(results)
-            report.duplicates += len(results) - sum(results)
-            for d in parks:
-                await inbox.park(d.event_id, str(d.park_reason), d.park_detail or "", d.body)
-                report.parked += 1
+        # Record by record from an open handle, one chunk in memory at a time.
+        records = read_records(claimed, read)
+        try:
+            while chunk := await asyncio.to_thread(_next_chunk, records):
+                parks = [d for d in chunk if d.park_reason]
+                accepts = [d for d in chunk if not d.park_reason]
+                results = await asyncio.gather(
+                    *(inbox.accept(str(d.event_id), d.event_type, d.body, d.received_at_ms) for d in accepts)
+                )
+                report.accepted += sum(results)
+                report.duplicates += len(results) - sum(results)
+                for d in parks:
+                    await inbox.park(d.event_id, str(d.park_reason), d.park_detail or "", d.body)
+                    report.parked += 1
+        finally:
+            records.close()
         if read.torn_tail_bytes:
             # Everything before the tear was applied; the torn bytes are kept for inspection.
-            kept = claimed.with_name(claimed.name.replace(".draining", ".torn"))
-            await asyncio.to_thread(claimed.replace, kept)
+            kept = await asyncio.to_thread(spool.set_aside, claimed)
             log.error(
                 "spool file ended in a torn record; it was not applied", file=str(kept), bytes=read.torn_tail_bytes
             )
@@ -78,7 +81,8 @@ async def drain_forever(spool: Spool, inbox: Inbox, interval_seconds: float = 1.
     """Drain whenever there is something to drain and Redis takes it; runs until cancelled."""
     while True:
         try:
-            if spool.pending():
+            # Listing the directory also recounts the spool's size for SPOOL_MAX_BYTES.
+            if await asyncio.to_thread(spool.pending):
                 await drain_once(spool, inbox)
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("spool drain paused: Redis not available yet", error=type(exc).__name__)

@@ -1,9 +1,14 @@
-"""``/healthz``, ``/readyz`` and ``/metrics``: what an orchestrator and Prometheus ask."""
+"""``/healthz``, ``/readyz`` and ``/metrics``: what an orchestrator and Prometheus ask.
+
+``/healthz`` is served on the public port (the liveness probe goes through the same server as the
+webhooks); ``/readyz`` and ``/metrics`` only on the admin port (:mod:`service.admin`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -21,10 +26,14 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """200 when every dependency answers; otherwise 503 naming what failed."""
+    """200 when every dependency answers and the web serves; otherwise 503 naming what failed."""
     redis: Redis = request.state.redis
     deadline: float = request.state.redis_deadline_seconds
+    web_status: Callable[[], str | None] | None = getattr(request.state, "web_status", None)
     checks: dict[str, str] = {}
+    if web_status is not None:
+        problem = web_status()
+        checks["web"] = "ok" if problem is None else f"failing: {problem}"
     try:
         async with asyncio.timeout(deadline):
             await redis.ping()

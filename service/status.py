@@ -1,9 +1,9 @@
 """``smartcar-ingest status``: one screen that tells an operator what the pipeline is doing.
 
-What is waiting and for how long, which workers run and how many jobs each has in flight, what
-RQ holds in its registries, what is parked and why, how far behind each consumer group of the
-output stream is, and when the last event went out. Everything is read from Redis; nothing is
-changed. ``--json`` prints the same report for machines.
+What is waiting and for how long, what is stranded between dequeue and start, which workers run
+and how many jobs each has in flight, what RQ holds in its registries, what is parked and why, how
+far behind each consumer group of the output stream is, and when the last event went out.
+Everything is read from Redis; nothing is changed. ``--json`` prints the same report for machines.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
 from rq.serializers import JSONSerializer
 
 from core.config import Settings
+from core.custody import read_stranded
 from core.errors import ConfigurationError
 from core.queue_metrics import read_snapshot
 
@@ -55,6 +56,7 @@ def collect_status(
     """The status report as plain data (what ``--json`` prints)."""
     now = dt.datetime.now(dt.UTC)
     snapshot = read_snapshot(client, settings)
+    stranded = read_stranded(client, settings.ingest_queue)
     return {
         "generatedAt": _iso(now),
         "queue": {
@@ -62,6 +64,8 @@ def collect_status(
             "depth": snapshot.depth,
             "oldestAgeSeconds": round(snapshot.oldest_age_seconds(now), 3),
         },
+        # Taken off the queue, not started, and no live worker answers for them (core.custody).
+        "stranded": {"count": stranded.count, "oldestAgeSeconds": round(stranded.oldest_age_seconds(now), 3)},
         "registries": snapshot.registries,
         "workers": _workers(client, settings, now),
         "parked": _parked(client, settings.parked_stream, snapshot.parked_length, parked_scan_limit),
@@ -169,6 +173,13 @@ def render_text(report: dict[str, Any]) -> str:
     if queue["depth"]:
         waiting += f", oldest {_age(queue['oldestAgeSeconds'])}"
     row("queue", f"{queue['name']}: {waiting}")
+    stranded = report["stranded"]
+    if stranded["count"]:
+        row(
+            "stranded",
+            f"{stranded['count']} taken off the queue with no live worker behind them, oldest enqueued "
+            f"{_age(stranded['oldestAgeSeconds'])} ago (any running worker puts them back within seconds)",
+        )
     row("registries", ", ".join(f"{name} {count}" for name, count in registries.items()))
     workers = report["workers"]
     row("workers", f"{len(workers)}" + ("" if workers else " (none registered on this queue)"))

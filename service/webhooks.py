@@ -5,6 +5,12 @@ validly signed that cannot be processed is parked (202), because a non-2xx would
 three pointless retries from Smartcar and then the event would be gone. A 2xx for a vehicle
 event is sent only after Redis has run the atomic dedupe-and-enqueue script for it.
 
+Two kinds of validly signed JSON are refused rather than parked, since no genuine delivery looks
+like them and parking them would let one replayed signature fill the parked stream: a body that
+is not a JSON object (400 ``not_an_object``), and a delivery whose ``meta.deliveredAt`` is older
+than ``MAX_DELIVERY_AGE_SECONDS`` (by default the dedupe window), whose ``eventId`` may have been
+forgotten (400 ``delivery_too_old``).
+
 This is the hot path, so the endpoint is a plain ASGI app mounted on a Starlette route: it
 reads the body and headers straight from the ASGI messages and writes its small JSON answers
 without building Request and Response objects. A well-formed delivery is validated in one pass
@@ -28,7 +34,7 @@ from core.errors import InvalidPayload, LegacyPayload, MalformedBody, PermanentE
 from core.inbox import Inbox
 from core.logs import get_logger
 from core.signatures import answer_challenge, is_token_like, verify_signature
-from core.spool import Spool, SpooledDelivery
+from core.spool import Spool, SpooledDelivery, SpoolFull
 from service.responses import error_body
 
 log = get_logger("smartcar_ingest.webhooks")
@@ -59,6 +65,8 @@ class WebhookConfig:
     max_body_bytes: int
     redis_deadline_seconds: float
     body_timeout_seconds: float = 10.0
+    #: Signed deliveries sent longer ago than this (``meta.deliveredAt``) are refused; None: never.
+    max_delivery_age_seconds: int | None = None
 
 
 @dataclass(frozen=True)
@@ -126,13 +134,21 @@ class WebhookEndpoint:
         # Fast path: a well-formed vehicle event, validated from bytes in one pass.
         quick = events.quick_vehicle_event(body)
         if quick is not None:
+            if self._too_old(quick.delivered_at_ms, received_at_ms):
+                return self._too_old_answer()
             return await self._accept(quick, body.decode("utf-8"), received_at_ms)
 
-        # 3. JSON.
+        # 3. JSON: an object, sent recently enough.
         try:
             document = events.load_json(body)
         except MalformedBody as exc:
             return self._reject(400, exc.code, exc.message)
+        if not isinstance(document, dict):
+            # A signed scalar or array carries no eventId to dedupe on: parking it would let one
+            # signature fill the parked stream.
+            return self._reject(400, "not_an_object", "The body is JSON but not an object.")
+        if self._too_old(events.delivered_at_ms(document), received_at_ms):
+            return self._too_old_answer()
         event_id = events.event_id_of(document)
         text = body.decode("utf-8")  # load_json succeeded, so this is valid UTF-8
 
@@ -146,6 +162,25 @@ class WebhookEndpoint:
             return await self._park(event_id, exc, text)
         quick = events.QuickEvent(event.event_id, event.event_type, event.meta.deliveryId)
         return await self._accept(quick, text, received_at_ms)
+
+    def _too_old(self, delivered_at_ms: int | None, received_at_ms: int) -> bool:
+        """True when a delivery says it was sent longer ago than ``max_delivery_age_seconds``.
+
+        Replays are caught by the dedupe only while the ``eventId`` is remembered; past that
+        window, Smartcar's own ``meta.deliveredAt`` (covered by the signature) is the guard. A
+        delivery without a readable one is let through.
+        """
+        limit = self._config.max_delivery_age_seconds
+        if limit is None or delivered_at_ms is None:
+            return False
+        return received_at_ms - delivered_at_ms > limit * 1000
+
+    def _too_old_answer(self) -> Answer:
+        return self._reject(
+            400,
+            "delivery_too_old",
+            f"The delivery was sent more than {self._config.max_delivery_age_seconds} seconds ago.",
+        )
 
     async def _accept(self, event: events.QuickEvent, text: str, received_at_ms: int) -> Answer:
         if self._spool is not None and time.monotonic() < self._spool_only_until:
@@ -208,6 +243,15 @@ class WebhookEndpoint:
         assert self._spool is not None
         try:
             await asyncio.to_thread(self._spool.append, delivery)
+        except SpoolFull:
+            metrics.DELIVERIES.labels(outcome="spool_full").inc()
+            log.error("redis unavailable and the spool is full, delivery refused", eventId=delivery.event_id)
+            return _error(
+                503,
+                "spool_full",
+                "The event store is unreachable and the spool is full; retry later.",
+                headers=_UNAVAILABLE_HEADERS,
+            )
         except OSError as exc:
             log.error("spooling failed", eventId=delivery.event_id, error=type(exc).__name__)
             return self._unavailable(delivery.event_id, exc)

@@ -13,6 +13,7 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
 from core.config import Settings
+from core.tokens import TOKEN_KEY, TokenSeal
 from workers import runtime
 from workers.worker import ConcurrentWorker
 
@@ -81,6 +82,13 @@ def outputs(client: redis.Redis, stream: str = "smartcar:vehicle-events") -> lis
     for entry in entries:
         entry["document"] = json.loads(entry["payload"])
     return entries
+
+
+def cached_token(client: redis.Redis) -> str:
+    """The application token the workers cached in Redis, opened with the test credentials."""
+    opened = TokenSeal(CLIENT_ID, CLIENT_SECRET).open(client.get(TOKEN_KEY) or b"")
+    assert opened is not None, "no sealed application token in Redis"
+    return opened.access_token
 
 
 def emulator_stats(emulator_url: str) -> dict[str, Any]:

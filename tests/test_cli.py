@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -52,7 +53,17 @@ def test_secret_values_never_appear_in_setting_errors(tmp_path):
     assert "s3cr3t-amt" not in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("args", [["web", "--port", "0"], ["web", "--workers", "many"], ["nope"], []])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["web", "--port", "0"],
+        ["web", "--workers", "many"],
+        ["web", "--max-connections", "0"],
+        ["web", "--keep-alive-timeout", "-1"],
+        ["nope"],
+        [],
+    ],
+)
 def test_bad_arguments_exit_2(args, tmp_path):
     """Bad arguments exit 2 with a usage message."""
     result = run_cli(*args, cwd=tmp_path)
@@ -63,7 +74,7 @@ def test_bad_arguments_exit_2(args, tmp_path):
 def test_web_serves_the_endpoint_and_send_test_event_reaches_it(redis_url, tmp_path):
     """`smartcar-ingest web` serves the webhook; `send-test-event` posts signed events to it."""
     port = free_port()
-    env = {"SMARTCAR_MANAGEMENT_TOKEN": TOKEN, "REDIS_URL": redis_url, "LOG_FORMAT": "json"}
+    env = {"SMARTCAR_MANAGEMENT_TOKEN": TOKEN, "REDIS_URL": redis_url, "LOG_FORMAT": "json", "ADMIN_PORT": "0"}
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_"))}
     web = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "web", "--host", "127.0.0.1", "--port", str(port)],
@@ -131,12 +142,18 @@ def test_more_bad_arguments_exit_2(args, tmp_path):
 
 
 def test_web_with_two_processes_reports_metrics_of_both(redis_url, tmp_path):
-    """`web --workers 2`: every scrape of /metrics counts the deliveries both processes accepted."""
+    """`web --workers 2`: one admin port, whose /metrics counts the deliveries both processes accepted."""
     import re
 
-    port = free_port()
-    env = {"SMARTCAR_MANAGEMENT_TOKEN": TOKEN, "REDIS_URL": redis_url, "LOG_LEVEL": "WARNING"}
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "PROMETHEUS_"))}
+    port, admin = free_port(), free_port()
+    env = {
+        "SMARTCAR_MANAGEMENT_TOKEN": TOKEN,
+        "REDIS_URL": redis_url,
+        "LOG_LEVEL": "WARNING",
+        "ADMIN_PORT": str(admin),
+        "ADMIN_HOST": "127.0.0.1",
+    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "PROMETHEUS_", "ADMIN_"))}
     web = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "web", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
         env=base | env | {"PYTHONPATH": os.getcwd()},
@@ -148,10 +165,29 @@ def test_web_with_two_processes_reports_metrics_of_both(redis_url, tmp_path):
         for _ in range(40):  # new connections, so both processes take some
             body = encode(sample_event())
             assert httpx.post(f"{url}/webhooks/smartcar", content=body, headers=signed_headers(body)).status_code == 202
+        assert httpx.get(f"{url}/metrics").status_code == 404
         for _ in range(6):
-            text = httpx.get(f"{url}/metrics").text
+            text = httpx.get(f"http://127.0.0.1:{admin}/metrics").text
             [value] = re.findall(r'^smartcar_ingest_deliveries_total\{outcome="accepted"\} (\S+)$', text, re.M)
             assert float(value) == 40
+        ready = httpx.get(f"http://127.0.0.1:{admin}/readyz").json()
+        assert ready == {"status": "ok", "checks": {"web": "ok", "redis": "ok"}}
     finally:
         web.terminate()
         web.wait(timeout=30)
+
+
+def test_web_stops_in_one_line_when_the_admin_port_cannot_be_bound(tmp_path):
+    """A taken ADMIN_PORT, or one equal to the public port, stops `web` with exit 2 and one line naming ADMIN_PORT."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        env = {"SMARTCAR_MANAGEMENT_TOKEN": TOKEN, "ADMIN_HOST": "127.0.0.1", "ADMIN_PORT": busy}
+        clash = run_cli("web", "--host", "127.0.0.1", "--port", str(free_port()), env=env, cwd=tmp_path)
+    port = free_port()
+    same = run_cli("web", "--port", str(port), env=env | {"ADMIN_PORT": str(port)}, cwd=tmp_path)
+    for result in (clash, same):
+        assert result.returncode == 2
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith("smartcar-ingest web: ADMIN_PORT")

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
+from tests.procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "smartcar-ingest"
@@ -39,8 +44,20 @@ SECRETS = {
     "databaseUrl": "postgresql://ingest:pg-pass-8c1e@postgres:5432/smartcar",
     "smartcarManagementToken": "mgmt-token-5d2b",
     "smartcarClientSecret": "client-secret-a47c",
+    "connectStateSecret": "state-secret-91fe",
 }
-SECRET_ENV = {"REDIS_URL", "DATABASE_URL", "SMARTCAR_MANAGEMENT_TOKEN", "SMARTCAR_CLIENT_SECRET"}
+# Each role's own Redis ACL user.
+ROLE_REDIS = {
+    "webRedisUrl": "redis://web:web-pass-61d0@redis-master:6379/0",
+    "workerRedisUrl": "redis://worker:worker-pass-0b7e@redis-master:6379/0",
+}
+SECRET_ENV = {
+    "REDIS_URL",
+    "DATABASE_URL",
+    "SMARTCAR_MANAGEMENT_TOKEN",
+    "SMARTCAR_CLIENT_SECRET",
+    "CONNECT_STATE_SECRET",
+}
 
 # The smallest values an install accepts: the secrets and the client id.
 INSTALL: dict[str, Any] = {"secrets": SECRETS, "config": {"SMARTCAR_CLIENT_ID": "client-id-e01"}}
@@ -77,6 +94,8 @@ INGRESS = {
     }
 }
 EXISTING_SECRET = {"secrets": {"existingSecret": "smartcar-ingest-secrets"}, "config": INSTALL["config"]}
+# Connect served by the web, each role logging in to Redis as its own user.
+CONNECT = {"connect": {"enabled": True}, "secrets": ROLE_REDIS}
 MONITORING = {
     "webhook": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
     "worker": {"podMonitor": {"enabled": True}},
@@ -97,7 +116,10 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
     "existing-secret": EXISTING_SECRET,
     "monitoring": _merge(INSTALL, MONITORING),
     "fixed-size": _merge(INSTALL, FIXED_SIZE),
-    "everything": _merge(_merge(_merge(EXISTING_SECRET, KEDA), INGRESS), MONITORING),
+    "connect": _merge(INSTALL, CONNECT),
+    "everything": _merge(
+        _merge(_merge(_merge(EXISTING_SECRET, KEDA), INGRESS), MONITORING), {"connect": {"enabled": True}}
+    ),
 }
 
 # What each combination renders, as "Kind/name-suffix" (the name after the "ingest-smartcar-ingest" prefix).
@@ -110,6 +132,8 @@ COMMON = {
     "PodDisruptionBudget/-worker",
     "ServiceAccount/",
     "Job/-migrations",
+    "NetworkPolicy/-webhook",
+    "NetworkPolicy/-worker",
 }
 CHART_SECRETS = {"Secret/", "Secret/-migrations"}
 HPAS = {"HorizontalPodAutoscaler/-webhook", "HorizontalPodAutoscaler/-worker"}
@@ -123,8 +147,15 @@ EXPECTED_OBJECTS = {
     "monitoring": COMMON
     | CHART_SECRETS
     | HPAS
-    | {"ServiceMonitor/-webhook", "PodMonitor/-worker", "ConfigMap/-dashboard", "PrometheusRule/"},
+    | {
+        "ServiceMonitor/-webhook",
+        "Service/-webhook-admin",
+        "PodMonitor/-worker",
+        "ConfigMap/-dashboard",
+        "PrometheusRule/",
+    },
     "fixed-size": (COMMON - {"ServiceAccount/", "Job/-migrations"}) | {"Secret/"},
+    "connect": COMMON | CHART_SECRETS | HPAS,
     "everything": COMMON
     | {
         "HorizontalPodAutoscaler/-webhook",
@@ -132,6 +163,7 @@ EXPECTED_OBJECTS = {
         "TriggerAuthentication/-worker",
         "Ingress/-webhook",
         "ServiceMonitor/-webhook",
+        "Service/-webhook-admin",
         "PodMonitor/-worker",
         "ConfigMap/-dashboard",
         "PrometheusRule/",
@@ -398,7 +430,65 @@ def test_dockerignore_admits_only_what_the_image_is_built_from():
     assert lines[0] == "*"
     admitted = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     assert {"pyproject.toml", "uv.lock", "README.md", "core", "service", "workers", "migrations"} <= admitted
-    assert not admitted & {".env", ".venv", "tests", ".git"}
+    assert not admitted & {".env", ".venv", "tests", ".git", "emulator"}
+
+
+# --- The wheel (what the image installs) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's wheel, built by `uv build --wheel` from this checkout."""
+    out = tmp_path_factory.mktemp("wheel")
+    uv = shutil.which("uv")
+    assert uv is not None, "uv is not on PATH"
+    result = subprocess.run(
+        [uv, "build", "--wheel", "--out-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    (path,) = out.glob("*.whl")
+    return path
+
+
+def test_wheel_ships_the_service_without_the_emulator_or_the_tests(wheel):
+    """The wheel holds core, service, workers and migrations, and not one file of emulator/ or tests/."""
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names}
+    assert {name for name in top if not name.endswith(".dist-info")} == {"core", "service", "workers", "migrations"}
+    assert not [name for name in names if name.startswith(("emulator/", "tests/"))]
+    assert {"service/cli.py", "service/server.py", "migrations/env.py"} <= set(names)
+
+
+# Runs the console script from an unpacked wheel, with the checkout taken off sys.path.
+_FROM_WHEEL = """
+import sys
+from pathlib import Path
+root, site, *argv = sys.argv[1:]
+sys.path[:] = [site] + [p for p in sys.path if p and Path(p).resolve() != Path(root)]
+import service
+assert service.__file__.startswith(site), service.__file__
+from service.cli import main
+sys.exit(main(argv))
+"""
+
+
+@pytest.mark.parametrize("command", [["emulator"], ["dev"]])
+def test_cli_from_the_wheel_says_in_one_line_that_the_emulator_is_absent(wheel, tmp_path, redis_url, command):
+    """Installed from the wheel, `emulator` and `dev` (no Smartcar credentials) exit 2 with one line naming the emulator."""
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "PYTHONPATH"))}
+    result = subprocess.run(
+        [sys.executable, "-c", _FROM_WHEEL, str(ROOT), str(site), *command, "--port", str(free_port())],
+        env=env | {"REDIS_URL": redis_url},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"smartcar-ingest {command[0]}: the Smartcar emulator is not installed"), line
 
 
 # --- Chart: lint, schema, render --------------------------------------------------------------------
@@ -416,13 +506,22 @@ def test_chart_lints_strictly(combination):
 
 
 def test_values_schema_rejects_typos_and_secrets_in_the_configmap():
-    """values.schema.json refuses unknown keys and secret variables under `config`."""
+    """values.schema.json refuses unknown keys, secrets, DEV_MODE and chart-set ports under `config`, non-public Ingress paths."""
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema(COMBINATIONS["everything"])
         for bad in (
             {"webhook": {"replicacount": 3}},
             {"config": {"DATABASE_URL": SECRETS["databaseUrl"]}},
             {"config": {"SMARTCAR_MANAGEMENT_TOKEN": "leaked"}},
+            {"config": {"CONNECT_STATE_SECRET": "leaked"}},
+            {"config": {"SMARTCAR_CLIENT_SECRET": "leaked"}},
+            {"config": {"PGPASSWORD": "leaked"}},
+            {"config": {"DEV_MODE": "true"}},
+            {"config": {"ADMIN_PORT": 8000}},
+            {"secrets": {"webRedisUrl": "http://redis:6379"}},
+            {"webhook": {"ingress": {"hosts": [{"host": "x.example.com", "paths": [{"path": "/"}]}]}}},
+            {"webhook": {"ingress": {"hosts": [{"host": "x.example.com", "paths": [{"path": "/metrics"}]}]}}},
+            {"webhook": {"ingress": {"tls": [{"hosts": ["x.example.com"]}]}}},
             {"secrets": {"redisUrl": "redis+sentinel://sentinel:26379/mymaster"}},
             {"worker": {"autoscaling": {"keda": {"redis": {"address": "redis://redis:6379"}}}}},
         ):
@@ -437,6 +536,10 @@ def test_install_without_required_settings_fails_naming_the_value():
     with pytest.raises(helm.HelmRenderError, match=r"config\.SMARTCAR_CLIENT_ID is required"):
         render({"secrets": SECRETS})
     render({"secrets": {"existingSecret": "mine"}, "config": {"SMARTCAR_CLIENT_ID": "id"}})
+    without_redis = {key: value for key, value in SECRETS.items() if key != "redisUrl"}
+    with pytest.raises(helm.HelmRenderError, match=r"secrets\.redisUrl \(REDIS_URL\) is required"):
+        render({"secrets": without_redis | {"webRedisUrl": ROLE_REDIS["webRedisUrl"]}, "config": INSTALL["config"]})
+    render({"secrets": without_redis | ROLE_REDIS, "config": INSTALL["config"]})
 
 
 @pytest.mark.parametrize("combination", COMBINATIONS)
@@ -503,16 +606,23 @@ def test_references_between_objects_resolve(rendered, combination):
         selector = None
         if obj["kind"] == "Service":
             selector = obj["spec"]["selector"]
-        elif obj["kind"] in {"PodDisruptionBudget", "PodMonitor"}:
-            selector = obj["spec"]["selector"]["matchLabels"]
+        elif obj["kind"] in {"PodDisruptionBudget", "PodMonitor", "NetworkPolicy"}:
+            key = "podSelector" if obj["kind"] == "NetworkPolicy" else "selector"
+            selector = obj["spec"][key]["matchLabels"]
         if selector is not None:
             matched = [name for name, labels in pod_labels.items() if selects(selector, labels)]
-            assert matched == [obj["metadata"]["name"]], (obj["kind"], matched)
+            component = obj["metadata"]["labels"]["app.kubernetes.io/component"]
+            assert matched == [find(objects, "Deployment", f"-{component}")["metadata"]["name"]], (obj["kind"], matched)
+        if obj["kind"] == "NetworkPolicy":
+            ports = {p["name"] for p in container(objects, component).get("ports", [])}
+            assert {p["port"] for rule in obj["spec"].get("ingress", []) for p in rule["ports"]} <= ports
         if obj["kind"] in {"HorizontalPodAutoscaler", "ScaledObject"}:
             assert obj["spec"]["scaleTargetRef"]["name"] in deployments
         if obj["kind"] == "ServiceMonitor":
-            service = find(objects, "Service", "-webhook")
-            assert selects(obj["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+            services = [o for o in objects if o["kind"] == "Service"]
+            (service,) = [
+                o for o in services if selects(obj["spec"]["selector"]["matchLabels"], o["metadata"]["labels"])
+            ]
             assert {e["port"] for e in obj["spec"]["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
         if obj["kind"] == "PodMonitor":
             ports = {p["name"] for p in container(objects, "worker").get("ports", [])}
@@ -566,13 +676,47 @@ def test_containers_request_resources_with_a_memory_limit_and_no_cpu_limit(rende
             assert "cpu" not in resources["limits"], where
 
 
-def test_webhook_probes_healthz_for_liveness_and_readyz_for_readiness(rendered):
-    """The webhook's liveness probe is GET /healthz and its readiness probe GET /readyz, on the http port."""
+def test_webhook_probes_healthz_for_liveness_and_readyz_on_the_admin_port_for_readiness(rendered):
+    """Liveness is GET /healthz on the public port; readiness GET /readyz on the admin port, which ADMIN_PORT names."""
     web = container(rendered["defaults"], "webhook")
     assert web["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert web["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in web["ports"]
+    assert web["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert web["ports"] == [
+        {"name": "http", "containerPort": 8000, "protocol": "TCP"},
+        {"name": "admin", "containerPort": 9000, "protocol": "TCP"},
+    ]
+    assert {"name": "ADMIN_PORT", "value": "9000"} in web["env"]
     assert web["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    moved = container(render(_merge(INSTALL, {"webhook": {"adminPort": 9400}})), "webhook")
+    assert {"name": "ADMIN_PORT", "value": "9400"} in moved["env"]
+    assert {"name": "admin", "containerPort": 9400, "protocol": "TCP"} in moved["ports"]
+
+
+@pytest.mark.parametrize("combination", COMBINATIONS)
+def test_no_service_publishes_the_admin_port(rendered, combination):
+    """The webhook Service exposes only the public port; the admin port has at most a headless in-cluster Service."""
+    objects = rendered[combination]
+    public = find(objects, "Service", "-webhook")
+    assert [(p["name"], p["targetPort"]) for p in public["spec"]["ports"]] == [("http", "http")]
+    for service in (o for o in objects if o["kind"] == "Service"):
+        if any(p["targetPort"] == "admin" for p in service["spec"]["ports"]):
+            assert service["spec"]["type"] == "ClusterIP"
+            assert service["spec"]["clusterIP"] == "None"
+            assert [p["targetPort"] for p in service["spec"]["ports"]] == ["admin"]
+    exposed = render(_merge(INSTALL, {"webhook": {"service": {"type": "LoadBalancer"}}}))
+    assert [p["targetPort"] for p in find(exposed, "Service", "-webhook")["spec"]["ports"]] == ["http"]
+
+
+def test_service_monitor_scrapes_metrics_on_the_admin_port(rendered):
+    """The ServiceMonitor scrapes /metrics through the admin port's headless Service, never the public one."""
+    objects = rendered["monitoring"]
+    monitor = find(objects, "ServiceMonitor", "-webhook")
+    assert [(e["port"], e["path"]) for e in monitor["spec"]["endpoints"]] == [("admin", "/metrics")]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert not selects(selector, find(objects, "Service", "-webhook")["metadata"]["labels"])
+    admin = find(objects, "Service", "-webhook-admin")
+    assert selects(selector, admin["metadata"]["labels"])
+    assert admin["spec"]["ports"] == [{"port": 9000, "targetPort": "admin", "protocol": "TCP", "name": "admin"}]
 
 
 def test_web_and_worker_run_one_image_with_different_commands(rendered):
@@ -581,7 +725,10 @@ def test_web_and_worker_run_one_image_with_different_commands(rendered):
     web, worker = container(objects, "webhook"), container(objects, "worker")
     migrations = find(rendered["defaults"], "Job", "-migrations")["spec"]["template"]["spec"]["containers"][0]
     assert web["image"] == worker["image"] == migrations["image"] == "smartcar-ingest:0.1.0"
-    assert web["command"] == ["smartcar-ingest", "web", "--host", "0.0.0.0", "--port", "8000", "--workers", "1"]
+    assert web["command"] == [
+        *("smartcar-ingest", "web", "--host", "0.0.0.0", "--port", "8000", "--workers", "1"),
+        *("--max-connections", "1000", "--keep-alive-timeout", "15"),
+    ]
     assert worker["command"] == ["smartcar-ingest", "worker", "--concurrency", "4"]
     assert container(rendered["defaults"], "worker")["command"] == ["smartcar-ingest", "worker"]
     assert migrations["command"] == ["smartcar-ingest", "db", "upgrade"]
@@ -590,6 +737,9 @@ def test_web_and_worker_run_one_image_with_different_commands(rendered):
         _merge(INSTALL, {"image": {"repository": "registry.example.com/smartcar-ingest", "digest": digest}})
     )
     assert container(pinned, "worker")["image"] == f"registry.example.com/smartcar-ingest@{digest}"
+    both = render(_merge(INSTALL, {"image": {"tag": "0.1.0", "digest": digest}}))
+    job = find(both, "Job", "-migrations")["spec"]["template"]["spec"]["containers"][0]
+    assert container(both, "webhook")["image"] == job["image"] == f"smartcar-ingest@{digest}"
 
 
 def test_worker_grace_outlasts_the_longest_job(rendered):
@@ -614,17 +764,32 @@ def test_secret_values_appear_only_in_secrets(rendered, combination):
     for obj in rendered[combination]:
         if obj["kind"] != "Secret":
             text = json.dumps(obj)
-            assert not [value for value in SECRETS.values() if value in text], obj["kind"]
+            assert not [value for value in (*SECRETS.values(), *ROLE_REDIS.values()) if value in text], obj["kind"]
+
+
+def secret_refs(objects: list[dict[str, Any]], component: str) -> dict[str, dict[str, Any]]:
+    """A container's secret-backed variables: name -> secretKeyRef."""
+    env = container(objects, component)["env"]
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
 
 
 def test_each_process_receives_only_the_secrets_it_uses(rendered):
-    """The webhook gets the management token but not the client secret; the worker the reverse."""
+    """The webhook gets Redis and the management token, plus the database, client secret and state key only with Connect."""
     for combination in ("defaults", "existing-secret"):
         objects = rendered[combination]
         web, worker = env_names(container(objects, "webhook")), env_names(container(objects, "worker"))
-        assert web & SECRET_ENV == {"REDIS_URL", "DATABASE_URL", "SMARTCAR_MANAGEMENT_TOKEN"}
+        assert web & SECRET_ENV == {"REDIS_URL", "SMARTCAR_MANAGEMENT_TOKEN"}
         assert worker & SECRET_ENV == {"REDIS_URL", "DATABASE_URL", "SMARTCAR_CLIENT_SECRET"}
         assert "METRICS_PORT" in worker
+    for combination in ("connect", "everything"):
+        web = env_names(container(rendered[combination], "webhook"))
+        assert web & SECRET_ENV == SECRET_ENV
+    # Connect without a state secret of its own: the web derives it from the management token.
+    derived = render(_merge(INSTALL, {"connect": {"enabled": True}, "secrets": {"connectStateSecret": ""}}))
+    assert "CONNECT_STATE_SECRET" not in env_names(container(derived, "webhook"))
+    assert "CONNECT_STATE_SECRET" not in find(derived, "Secret")["data"]
+    # An existing Secret need not hold CONNECT_STATE_SECRET.
+    assert secret_refs(rendered["everything"], "webhook")["CONNECT_STATE_SECRET"]["optional"] is True
     refs = [
         entry["valueFrom"]["secretKeyRef"]["name"]
         for entry in container(rendered["existing-secret"], "webhook")["env"]
@@ -726,12 +891,115 @@ def test_autoscaling_and_disruption_budgets_by_default(rendered):
 
 
 def test_ingress_routes_only_the_public_endpoints(rendered):
-    """The Ingress exposes the webhook and the Connect callback, never /metrics or the probes."""
+    """The Ingress routes the webhook (and the Connect callback with Connect on), never /metrics or the probes."""
     ingress = find(rendered["ingress"], "Ingress", "-webhook")
     (rule,) = ingress["spec"]["rules"]
-    assert {p["path"] for p in rule["http"]["paths"]} == {"/webhooks/smartcar", "/connect/callback"}
+    assert [(p["path"], p["pathType"]) for p in rule["http"]["paths"]] == [("/webhooks/smartcar", "Exact")]
     assert ingress["spec"]["ingressClassName"] == "nginx"
     assert ingress["spec"]["tls"] == [{"hosts": ["smartcar-ingest.example.com"], "secretName": "smartcar-ingest-tls"}]
+    (rule,) = find(rendered["everything"], "Ingress", "-webhook")["spec"]["rules"]
+    assert [p["path"] for p in rule["http"]["paths"]] == ["/webhooks/smartcar", "/connect/callback"]
+
+
+def test_ingress_ships_with_tls_and_refuses_to_render_without_it():
+    """An enabled Ingress has a TLS block by default; an empty one fails the render unless allowWithoutTls."""
+    ingress = find(render(_merge(INSTALL, {"webhook": {"ingress": {"enabled": True}}})), "Ingress", "-webhook")
+    assert ingress["spec"]["tls"] == [{"hosts": ["smartcar-ingest.example.com"], "secretName": "smartcar-ingest-tls"}]
+    plain = _merge(INSTALL, {"webhook": {"ingress": {"enabled": True, "tls": []}}})
+    with pytest.raises(helm.HelmRenderError, match=r"webhook\.ingress\.tls is empty"):
+        render(plain)
+    allowed = render(_merge(plain, {"webhook": {"ingress": {"allowWithoutTls": True}}}))
+    assert "tls" not in find(allowed, "Ingress", "-webhook")["spec"]
+
+
+def test_each_role_can_log_in_to_redis_as_its_own_user(rendered):
+    """secrets.webRedisUrl / workerRedisUrl reach only their role as REDIS_URL; either falls back to secrets.redisUrl."""
+    objects = rendered["connect"]
+    data = find(objects, "Secret")["data"]
+    assert {"WEB_REDIS_URL", "WORKER_REDIS_URL"} <= data.keys()
+    assert "REDIS_URL" not in data  # no role uses it any more
+    assert secret_refs(objects, "webhook")["REDIS_URL"]["key"] == "WEB_REDIS_URL"
+    assert secret_refs(objects, "worker")["REDIS_URL"]["key"] == "WORKER_REDIS_URL"
+    web_only = render(_merge(INSTALL, {"secrets": {"webRedisUrl": ROLE_REDIS["webRedisUrl"]}}))
+    assert secret_refs(web_only, "webhook")["REDIS_URL"]["key"] == "WEB_REDIS_URL"
+    assert secret_refs(web_only, "worker")["REDIS_URL"]["key"] == "REDIS_URL"
+    assert {"REDIS_URL", "WEB_REDIS_URL"} <= find(web_only, "Secret")["data"].keys()
+    for component in ("webhook", "worker"):
+        assert secret_refs(rendered["defaults"], component)["REDIS_URL"]["key"] == "REDIS_URL"
+    keys = {"existingSecretRedisKeys": {"web": "WEB_REDIS_URL", "worker": "WORKER_REDIS_URL"}}
+    existing = render(_merge(EXISTING_SECRET, {"secrets": keys}))
+    assert secret_refs(existing, "webhook")["REDIS_URL"] == {"name": "smartcar-ingest-secrets", "key": "WEB_REDIS_URL"}
+    assert secret_refs(existing, "worker")["REDIS_URL"] == {
+        "name": "smartcar-ingest-secrets",
+        "key": "WORKER_REDIS_URL",
+    }
+
+
+def _rule_ports(rules: list[dict[str, Any]]) -> set[int | str]:
+    return {port["port"] for rule in rules for port in rule["ports"]}
+
+
+def test_network_policies_admit_only_the_public_port_and_monitoring(rendered):
+    """Web pods take the public port from anywhere and the admin port from monitoring; workers only metrics from monitoring."""
+    objects = rendered["defaults"]
+    monitoring = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    web = find(objects, "NetworkPolicy", "-webhook")["spec"]
+    assert web["policyTypes"] == ["Ingress", "Egress"]
+    assert web["ingress"] == [
+        {"ports": [{"port": "http", "protocol": "TCP"}]},
+        {"ports": [{"port": "admin", "protocol": "TCP"}], "from": monitoring},
+    ]
+    worker = find(objects, "NetworkPolicy", "-worker")["spec"]
+    assert worker["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}], "from": monitoring}]
+    narrowed = render(
+        _merge(
+            INSTALL,
+            {
+                "networkPolicy": {"publicFrom": [{"namespaceSelector": {"matchLabels": {"name": "ingress-nginx"}}}]},
+                "worker": {"metrics": {"enabled": False}},
+            },
+        )
+    )
+    public = find(narrowed, "NetworkPolicy", "-webhook")["spec"]["ingress"][0]
+    assert public["from"] == [{"namespaceSelector": {"matchLabels": {"name": "ingress-nginx"}}}]
+    worker = find(narrowed, "NetworkPolicy", "-worker")["spec"]
+    assert "ingress" not in worker  # with Ingress among the policy types: nothing reaches a worker
+    assert "Ingress" in worker["policyTypes"]
+    unmonitored = render(_merge(INSTALL, {"networkPolicy": {"monitoringFrom": []}}))
+    assert _rule_ports(find(unmonitored, "NetworkPolicy", "-webhook")["spec"]["ingress"]) == {"http"}
+    off = render(_merge(INSTALL, {"networkPolicy": {"enabled": False}}))
+    assert not [o for o in off if o["kind"] == "NetworkPolicy"]
+
+
+def test_network_policies_allow_only_the_egress_each_role_needs(rendered):
+    """Egress is DNS and Redis for the web (plus PostgreSQL and HTTPS with Connect); DNS, Redis, PostgreSQL, HTTPS for workers."""
+    web = find(rendered["defaults"], "NetworkPolicy", "-webhook")["spec"]["egress"]
+    assert _rule_ports(web) == {53, 6379}
+    worker = find(rendered["defaults"], "NetworkPolicy", "-worker")["spec"]["egress"]
+    assert _rule_ports(worker) == {53, 6379, 5432, 443}
+    https = next(rule for rule in worker if rule["ports"][0]["port"] == 443)
+    assert https["to"][0]["ipBlock"]["cidr"] == "0.0.0.0/0"
+    assert "10.0.0.0/8" in https["to"][0]["ipBlock"]["except"]
+    dns = next(rule for rule in worker if rule["ports"][0]["port"] == 53)
+    assert {p["protocol"] for p in dns["ports"]} == {"UDP", "TCP"}
+    assert _rule_ports(find(rendered["connect"], "NetworkPolicy", "-webhook")["spec"]["egress"]) == {
+        53,
+        6379,
+        5432,
+        443,
+    }
+    redis_peer = [{"ipBlock": {"cidr": "10.20.0.0/24"}}]
+    pinned = render(
+        _merge(
+            INSTALL,
+            {"networkPolicy": {"egress": {"redis": {"to": redis_peer, "ports": [{"port": 6380, "protocol": "TCP"}]}}}},
+        )
+    )
+    for component in ("webhook", "worker"):
+        rules = find(pinned, "NetworkPolicy", f"-{component}")["spec"]["egress"]
+        redis_rule = next(rule for rule in rules if rule["ports"][0]["port"] == 6380)
+        assert redis_rule["to"] == redis_peer
+        assert 6379 not in _rule_ports(rules)
 
 
 def test_empty_optional_values_emit_nothing(rendered):

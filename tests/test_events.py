@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 
@@ -253,3 +254,137 @@ def test_quick_path_agrees_with_the_step_by_step_path():
         assert (events.quick_vehicle_event(body) is not None) == _slow_path_accepts(body)
 
     check()
+
+
+# --- one reading of one body: ids, non-finite numbers, times that never raise ------------------------
+
+HOSTILE_VALUES = [
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    10**5000,
+    -(10**400),
+    1e308,
+    True,
+    False,
+    "1" * 4301,
+    "9" * 5000,
+    "²⁰²⁶",
+    "-1767000000000",
+    "9999-12-31T23:59:59-01:00",
+    "0001-01-01T00:00:00+01:00",
+    "2026-01-05T10:00:00",
+    "x" * 10_000,
+    [],
+    {"ms": 1},
+    None,
+]
+
+
+def test_time_and_year_readers_never_raise():
+    """epoch_ms, the delivery time and the model year give None (or a short text) for any hostile value."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    def check(value):
+        assert events.epoch_ms(value) is None or 0 <= events.epoch_ms(value) <= 253_402_300_799_999
+        year = events._year(value)
+        assert year is None or 1 <= year <= 9999
+        delivered = events._delivered_at(value)
+        assert delivered is None or isinstance(delivered, int) or len(delivered) <= 64
+
+    for value in HOSTILE_VALUES:
+        check(value)
+        assert events.epoch_ms(value) is None
+    assert events._year("9" * 5000) is None
+    assert events._year(2023.0) == 2023
+
+    @settings(max_examples=500, deadline=None)
+    @given(value=st.one_of(st.integers(), st.floats(), st.text(), st.booleans(), st.none(), st.binary().map(str)))
+    def fuzz(value):
+        check(value)
+
+    fuzz()
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.update(eventId=7),
+        lambda d: d.update(eventId=7.0),
+        lambda d: d["data"]["user"].update(id=42),
+        lambda d: d["data"]["vehicle"].update(id=42),
+        lambda d: d["meta"].update(deliveryId=1),
+        lambda d: d.update(eventType=1),
+    ],
+)
+def test_a_number_where_an_id_belongs_is_a_schema_failure(mutate):
+    """Ids are JSON strings only: a number is never coerced into a (different) string."""
+    document = sample_event()
+    mutate(document)
+    body = json.dumps(document).encode()
+    assert not _slow_path_accepts(body)
+    assert events.quick_vehicle_event(body) is None
+
+
+def test_numbers_in_descriptive_text_are_still_read():
+    """A numeric make or model is read as text: only ids are strict."""
+    document = sample_event()
+    document["data"]["vehicle"]["model"] = 3
+    assert events.parse_event(document).vehicle.model == "3"
+
+
+@pytest.mark.parametrize("vehicle_id", ["..", ".", "../../connections", "a/b", "%2e%2e", "", "x" * 65, "é", "a b"])
+def test_a_vehicle_id_that_could_move_a_url_path_is_a_schema_failure(vehicle_id):
+    """Vehicle ids must look like Smartcar's (letters, digits, '-', '_'), in data.vehicle.id and vehicleId."""
+    document = sample_event()
+    document["data"]["vehicle"]["id"] = vehicle_id
+    with pytest.raises(InvalidPayload):
+        events.parse_event(document)
+    document["data"]["vehicle"]["id"] = SHAPE_A["vehicleId"]
+    document["vehicleId"] = vehicle_id
+    with pytest.raises(InvalidPayload):
+        events.parse_event(document)
+
+
+def test_every_captured_vehicle_id_is_a_valid_vehicle_id():
+    """The captures' vehicle ids (UUIDs) all fit the vehicle-id rule."""
+    for path in fixture_paths():
+        document = load_fixture(path)
+        assert re.fullmatch(events.VEHICLE_ID_PATTERN, document["data"]["vehicle"]["id"])
+
+
+@pytest.mark.parametrize("body", [b"NaN", b"[Infinity]", b'{"a": -Infinity}', b'{"a": [1, NaN]}'])
+def test_nan_and_infinity_are_not_json(body):
+    """load_json refuses NaN and Infinity literals (pydantic-core would accept them by default)."""
+    with pytest.raises(MalformedBody):
+        events.load_json(body)
+
+
+def test_nan_in_text_is_fine_and_both_paths_agree():
+    """'NaN' inside a string parses on both paths; as a literal, both refuse it."""
+    document = sample_event()
+    document["data"]["vehicle"]["model"] = "NaN Infinity"
+    body = json.dumps(document).encode()
+    assert events.quick_vehicle_event(body) is None  # the one-pass path leaves it to the step-by-step one
+    assert _slow_path_accepts(body)
+    literal = body.replace(b'"NaN Infinity"', b"NaN")
+    assert events.quick_vehicle_event(literal) is None
+    assert not _slow_path_accepts(literal)
+
+
+def test_an_overflowing_number_in_a_signal_body_becomes_null():
+    """1e400 parses as infinity; the normalised signal carries null instead, so the output stays valid JSON."""
+    body = json.dumps(sample_event()).replace('"value": 81', '"value": 1e400').encode()
+    event = events.parse_event(events.load_json(body))
+    assert event.signals[0].body == {"value": None, "unit": "percent"}
+    json.dumps(event.model_dump(mode="json"), allow_nan=False)
+
+
+@pytest.mark.parametrize("body", ["{not json", "NaN", '{"eventId": "\ud800"}', "[]", '"x"', "\ud800"])
+def test_the_worker_parse_step_raises_only_park_reasons(body):
+    """workers.processor.parse_body turns anything it cannot read into InvalidPayload (parked, never failed)."""
+    from workers.processor import parse_body
+
+    with pytest.raises(InvalidPayload):
+        parse_body(body)

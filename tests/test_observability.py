@@ -20,14 +20,16 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from rq import Queue, Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from starlette.testclient import TestClient
 
+from core import custody
 from core.queue_metrics import register_queue_collector, unregister_queue_collector
 from core.samples import SAMPLE_VEHICLE_ID, encode, sample_event
-from core.tokens import TOKEN_KEY
+from service.admin import create_admin_app
 from service.cli import main
 from service.status import collect_status, render_text
 from tests.conftest import signed_headers
-from tests.pipeline import inject, outputs, run_worker_burst, stream_entries, worker_env
+from tests.pipeline import cached_token, inject, outputs, run_worker_burst, stream_entries, worker_env
 from tests.procs import free_port, wait_for_port
 from tests.test_pipeline import UNKNOWN_USER, deliver
 from workers.metrics_server import start_worker_metrics
@@ -128,7 +130,7 @@ def test_no_identifier_or_secret_becomes_a_label(pipeline, redis_client):
     deliver(pipeline, event)
     run_worker_burst(pipeline)
     text = generate_latest().decode()
-    token = json.loads(redis_client.get(TOKEN_KEY))["access_token"]
+    token = cached_token(redis_client)
     for value in (event["eventId"], event["meta"]["deliveryId"], SAMPLE_VEHICLE_ID, event["data"]["user"]["id"]):
         assert value not in text
     for secret in ("emulator-secret", "test-management-token", token):
@@ -201,6 +203,42 @@ def test_scheduled_retries_show_in_the_registry_gauge(pipeline, redis_client, em
         unregister_queue_collector(collector, registry=registry)
 
 
+def test_stranded_jobs_show_in_the_gauges_and_in_status(pipeline, redis_client):
+    """Ids in RQ's intermediate list or held by a dead worker are counted as stranded, with the oldest's
+    age; a live worker's job in hand is not."""
+    registry = CollectorRegistry()
+    collector = register_queue_collector(pipeline.redis_url, pipeline, registry=registry)
+    queue, key = "smartcar-events", "rq:queue:smartcar-events"
+
+    def gauges():
+        return (
+            registry.get_sample_value("smartcar_ingest_queue_stranded_jobs", {"queue": queue}),
+            registry.get_sample_value("smartcar_ingest_queue_stranded_oldest_age_seconds", {"queue": queue}),
+        )
+
+    try:
+        deliver(pipeline, *(sample_event() for _ in range(4)))
+        assert gauges() == (0, 0)
+        assert collect_status(redis_client, pipeline)["stranded"] == {"count": 0, "oldestAgeSeconds": 0}
+        oldest = redis_client.lmove(key, custody.rq_intermediate_key(queue), "LEFT", "RIGHT").decode()
+        a_minute_ago = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=60)
+        redis_client.hset(Job.key_for(oldest), "enqueued_at", a_minute_ago.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+        redis_client.sadd(custody.WORKERS_SET, "dead-worker", "live-worker")
+        redis_client.set(custody.alive_key("live-worker"), "1", ex=30)
+        redis_client.lmove(key, custody.dequeued_key(queue, "dead-worker"), "LEFT", "RIGHT")
+        redis_client.lmove(key, custody.dequeued_key(queue, "live-worker"), "LEFT", "RIGHT")
+
+        count, age = gauges()
+        assert count == 2
+        assert 60 <= age < 90
+        report = collect_status(redis_client, pipeline)
+        assert report["stranded"]["count"] == 2
+        assert 60 <= report["stranded"]["oldestAgeSeconds"] < 90
+        assert "stranded       2 taken off the queue" in render_text(report)
+    finally:
+        unregister_queue_collector(collector, registry=registry)
+
+
 def test_unreachable_redis_exports_only_redis_up_zero_quickly(pipeline):
     """With Redis gone, a scrape answers within a second with redis_up 0 and no stale gauges."""
     settings = pipeline.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
@@ -235,7 +273,7 @@ def test_a_second_registration_stands_in_for_the_first_until_removed(pipeline):
 def test_worker_metrics_endpoint_serves_counters_and_queue_gauges(pipeline, redis_client):
     """start_worker_metrics serves /metrics on METRICS_PORT with the worker counters and the queue gauges."""
     port = free_port()
-    server = start_worker_metrics(pipeline.model_copy(update={"metrics_port": port}), host="127.0.0.1")
+    server = start_worker_metrics(pipeline.model_copy(update={"metrics_port": port, "admin_host": "127.0.0.1"}))
     assert server is not None
     try:
         deliver(pipeline, sample_event())
@@ -258,9 +296,80 @@ def test_worker_metrics_are_off_at_port_0_and_skipped_when_the_port_is_taken(pip
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        settings = pipeline.model_copy(update={"metrics_port": port})
-        assert start_worker_metrics(settings, host="127.0.0.1") is None
+        settings = pipeline.model_copy(update={"metrics_port": port, "admin_host": "127.0.0.1"})
+        assert start_worker_metrics(settings) is None
     assert "smartcar_ingest_queue_depth" not in generate_latest().decode()
+
+
+def test_worker_metrics_listen_on_admin_host_only(pipeline):
+    """With ADMIN_HOST=127.0.0.1 the worker's /metrics answers there and refuses another local address."""
+    port = free_port()
+    server = start_worker_metrics(pipeline.model_copy(update={"metrics_port": port, "admin_host": "127.0.0.1"}))
+    assert server is not None
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 200
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.2:{port}/metrics", timeout=2)
+    finally:
+        server.close()
+
+
+# --- the web's admin port ----------------------------------------------------------------------------
+
+
+def test_admin_readyz_fails_while_the_web_is_not_serving(settings):
+    """/readyz answers 503 naming the web while the public server starts, stops or lost a process; 200 once it serves."""
+    status: list[str | None] = ["starting"]
+    with TestClient(create_admin_app(settings, web_status=lambda: status[0])) as admin:
+        starting = admin.get("/readyz")
+        assert starting.status_code == 503
+        assert starting.json()["checks"] == {"web": "failing: starting", "redis": "ok"}
+        status[0] = None
+        assert admin.get("/readyz").json() == {"status": "ok", "checks": {"web": "ok", "redis": "ok"}}
+        status[0] = "1 of 2 processes are down"
+        assert admin.get("/readyz").status_code == 503
+
+
+def test_readyz_and_metrics_are_served_on_the_admin_port_only(redis_url, tmp_path):
+    """`web` answers 404 for /readyz and /metrics on the public port; ADMIN_HOST:ADMIN_PORT serves them, and only them."""
+    port, admin = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "ADMIN_", "PROMETHEUS_"))}
+    env |= {
+        "SMARTCAR_MANAGEMENT_TOKEN": "test-management-token",
+        "REDIS_URL": redis_url,
+        "ADMIN_PORT": str(admin),
+        "ADMIN_HOST": "127.0.0.1",
+        "LOG_LEVEL": "WARNING",
+        "PYTHONPATH": os.getcwd(),
+    }
+    web = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "web", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path
+    )
+    try:
+        wait_for_port(port, timeout=30)
+        wait_for_port(admin, timeout=30)
+        public, private = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
+        body = encode(sample_event())
+        response = httpx.post(f"{public}/webhooks/smartcar", content=body, headers=signed_headers(body))
+        assert response.status_code == 202
+        assert httpx.get(f"{public}/healthz").status_code == 200
+        for path in ("/readyz", "/metrics"):
+            hidden = httpx.get(public + path)
+            assert hidden.status_code == 404, path
+            assert hidden.json()["error"]["code"] == "not_found"
+
+        ready = httpx.get(f"{private}/readyz")
+        assert (ready.status_code, ready.json()) == (200, {"status": "ok", "checks": {"web": "ok", "redis": "ok"}})
+        text = httpx.get(f"{private}/metrics").text
+        assert 'smartcar_ingest_deliveries_total{outcome="accepted"} 1.0' in text
+        assert 'smartcar_ingest_queue_depth{queue="smartcar-events"} 1.0' in text
+        for path in ("/webhooks/smartcar", "/healthz", "/connect/callback"):
+            assert httpx.get(private + path).status_code == 404, path
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.2:{admin}/readyz", timeout=2)
+    finally:
+        web.terminate()
+        web.wait(timeout=30)
 
 
 # --- status -----------------------------------------------------------------------------------------
@@ -406,6 +515,7 @@ def test_logs_of_a_full_run_carry_ids_and_no_secrets_or_vehicle_data(pipeline, r
         LOG_LEVEL="DEBUG",
         LOG_FORMAT="json",
         METRICS_PORT="0",
+        ADMIN_PORT="0",
     )
     events = [event_with_private_values(), event_with_private_values(), sample_event(user_id=UNKNOWN_USER)]
     port = free_port()
@@ -443,7 +553,7 @@ def test_logs_of_a_full_run_carry_ids_and_no_secrets_or_vehicle_data(pipeline, r
     assert [e["reason"] for e in stream_entries(redis_client, "smartcar:parked")] == ["unknown_user"]
 
     logs = web_out + web_err + worker.stdout + worker.stderr
-    access_token = json.loads(redis_client.get(TOKEN_KEY))["access_token"]
+    access_token = cached_token(redis_client)
     published = outputs(redis_client)[0]["document"]
     emulator_vin = next(s for s in published["latestSignals"] if s["code"] == "vehicleidentification-vin")
     forbidden = {

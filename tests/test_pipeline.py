@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -37,7 +38,8 @@ def deliver(settings, *documents_or_bodies):
 def test_every_captured_fixture_is_published_enriched(pipeline, redis_client, path):
     """Each real capture goes through the whole pipeline and comes out as one enriched entry."""
     document = load_fixture(path)
-    deliver(pipeline, path.read_bytes())
+    # Captures are historical: let the edge take a meta.deliveredAt that is months old.
+    deliver(pipeline.model_copy(update={"max_delivery_age_seconds": 20 * 365 * 24 * 3600}), path.read_bytes())
     run_worker_burst(pipeline)
     [entry] = outputs(redis_client)
     assert entry["event_id"] == document["eventId"]
@@ -246,6 +248,53 @@ def test_invalid_body_in_a_job_is_parked(pipeline, redis_client):
     [parked] = stream_entries(redis_client, "smartcar:parked")
     assert parked["reason"] == "invalid_payload"
     assert parked["payload"] == "{not json"
+
+
+@pytest.mark.parametrize("body", ['{"eventId": NaN}', "[1, 2]", '{"eventId": "\\ud800"}', "\ud800"])
+def test_a_job_body_the_parser_cannot_read_is_parked_never_failed(pipeline, redis_client, body):
+    """NaN, a non-object or a lone surrogate in a queued body: parked invalid_payload, nothing in RQ's failed registry."""
+    from core.inbox import JobOptions, build_job_hash, job_payload
+
+    job_id, mapping = build_job_hash(job_payload("bad-2", "VEHICLE_STATE", body, 1), JobOptions("smartcar-events"))
+    redis_client.hset(Job.key_for(job_id), mapping=mapping)
+    redis_client.rpush("rq:queue:smartcar-events", job_id)
+    run_worker_burst(pipeline)
+    [parked] = stream_entries(redis_client, "smartcar:parked")
+    assert parked["reason"] == "invalid_payload"
+    assert parked["event_id"] == "bad-2"
+    assert FailedJobRegistry("smartcar-events", connection=redis_client).get_job_ids() == []
+
+
+def test_unreadable_times_and_years_are_published_as_null(pipeline, redis_client):
+    """A 4,301-digit time, a 5,000-digit year and a 1e400 value: published as valid JSON with nulls, not failed."""
+    document = sample_event()
+    document["data"]["signals"][0]["meta"]["oemUpdatedAt"] = "1" * 4301
+    document["data"]["vehicle"]["year"] = "9" * 5000
+    body = encode(document).replace(b'"value":81', b'"value":1e400')
+    assert b"1e400" in body
+    deliver(pipeline, body)
+    run_worker_burst(pipeline)
+    [entry] = outputs(redis_client)
+    signal = entry["document"]["signals"][0]
+    assert signal["oemUpdatedAt"] is None
+    assert signal["body"]["value"] is None
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in the output")
+
+    json.loads(entry["payload"], parse_constant=no_constants)
+    assert FailedJobRegistry("smartcar-events", connection=redis_client).get_job_ids() == []
+
+
+def test_a_worker_park_trims_the_parked_stream_by_age(pipeline, redis_client):
+    """The worker's XADD to the parked stream trims entries older than PARKED_RETENTION_SECONDS."""
+    for i in range(1000):
+        redis_client.xadd("smartcar:parked", {"event_id": f"old-{i}", "reason": "x"}, id=f"{1000 + i}-0")
+    deliver(pipeline, sample_event(user_id=UNKNOWN_USER))
+    run_worker_burst(pipeline)
+    entries = stream_entries(redis_client, "smartcar:parked")
+    assert entries[-1]["reason"] == "unknown_user"
+    assert len(entries) <= 101  # "~" trims whole nodes: at most one node of old entries remains
 
 
 def test_token_is_shared_by_two_worker_processes(pipeline, redis_client, emulator):

@@ -14,6 +14,7 @@ from rq.serializers import JSONSerializer
 
 from core.config import Settings
 from core.samples import encode, sample_event
+from service.admin import create_admin_app
 from service.app import create_app
 from tests.conftest import TOKEN, signed_headers
 from tests.procs import LiveServer, RedisServer
@@ -33,13 +34,23 @@ def private_redis():
 
 
 @pytest.fixture
-def live(private_redis, tmp_path):
-    settings = Settings(
+def live_settings(private_redis):
+    return Settings(
         _env_file=None,  # type: ignore[call-arg]
         redis_url=private_redis.url,
         smartcar_management_token=SecretStr(TOKEN),
     )
-    with LiveServer(create_app(settings)) as server:
+
+
+@pytest.fixture
+def live(live_settings):
+    with LiveServer(create_app(live_settings)) as server:
+        yield server
+
+
+@pytest.fixture
+def live_admin(live_settings):
+    with LiveServer(create_admin_app(live_settings)) as server:
         yield server
 
 
@@ -50,7 +61,7 @@ def post_event(url: str, document: dict | None = None) -> tuple[httpx.Response, 
     return response, time.monotonic() - started
 
 
-def test_stopped_redis_gives_503_then_recovers_without_restart(private_redis, live):
+def test_stopped_redis_gives_503_then_recovers_without_restart(private_redis, live, live_admin):
     """With Redis down the edge answers 503 + Retry-After quickly; once Redis is back it accepts again."""
     assert post_event(live.url)[0].status_code == 202
     private_redis.stop(kill=True)
@@ -60,14 +71,14 @@ def test_stopped_redis_gives_503_then_recovers_without_restart(private_redis, li
         assert response.headers["retry-after"].isdigit()
         assert response.json()["error"]["code"] == "redis_unavailable"
         assert elapsed < NO_HANG_SECONDS
-    ready = httpx.get(live.url + "/readyz", timeout=10)
+    ready = httpx.get(live_admin.url + "/readyz", timeout=10)
     assert ready.status_code == 503
     assert ready.json()["checks"]["redis"].startswith("failing")
     private_redis.start()
     response, _ = post_event(live.url)
     assert response.status_code == 202
     assert response.json()["status"] == "accepted"
-    assert httpx.get(live.url + "/readyz", timeout=10).status_code == 200
+    assert httpx.get(live_admin.url + "/readyz", timeout=10).status_code == 200
 
 
 def test_frozen_redis_gives_503_instead_of_a_hang(private_redis, live):

@@ -9,6 +9,7 @@ from starlette.testclient import TestClient
 
 from core.config import Settings
 from core.errors import ConfigurationError
+from service.admin import create_admin_app
 from service.app import create_app
 
 
@@ -21,8 +22,11 @@ def evicting_redis(redis_url):
     client.close()
 
 
+TOKEN = SecretStr("policy-test-management-token")
+
+
 def settings_for(url: str, **extra) -> Settings:
-    return Settings(_env_file=None, redis_url=url, smartcar_management_token=SecretStr("t"), **extra)  # type: ignore[call-arg]
+    return Settings(_env_file=None, redis_url=url, smartcar_management_token=TOKEN, **extra)  # type: ignore[call-arg]
 
 
 def test_evicting_redis_is_refused_at_startup(evicting_redis):
@@ -39,5 +43,7 @@ def test_evicting_redis_is_accepted_with_the_override(evicting_redis):
 
 def test_unreachable_redis_at_startup_does_not_stop_the_web():
     """A Redis that is down at startup is not checked: the web starts and reports not ready."""
-    with TestClient(create_app(settings_for("redis://127.0.0.1:1/0"))) as client:
-        assert client.get("/readyz").status_code == 503
+    settings = settings_for("redis://127.0.0.1:1/0")
+    with TestClient(create_app(settings)) as client, TestClient(create_admin_app(settings)) as admin:
+        assert client.get("/healthz").status_code == 200
+        assert admin.get("/readyz").status_code == 503

@@ -18,7 +18,7 @@ from core.errors import (
     TokenRequestFailed,
 )
 from core.smartcar import SmartcarClient, parse_error
-from core.tokens import TOKEN_KEY, AppTokenProvider
+from core.tokens import TOKEN_KEY, AppToken, AppTokenProvider, TokenSeal
 
 API = "https://vehicle.example.test/v3"
 TOKEN_URL = "https://iam.example.test/oauth2/token"
@@ -121,7 +121,7 @@ def test_token_near_expiry_is_refreshed_ahead_of_time(redis_url, fake, redis_cli
     """A shared token within the refresh margin is replaced before it expires."""
     import time
 
-    redis_client.set(TOKEN_KEY, json.dumps({"access_token": "old", "expires_at": time.time() + 60}))
+    redis_client.set(TOKEN_KEY, TokenSeal("client_x", "secret-x").seal(AppToken("old", time.time() + 60)))
 
     async def scenario(tokens, _client):
         token = await tokens.get()
@@ -136,7 +136,8 @@ def test_refresh_uses_a_replacement_made_by_another_process(redis_url, fake, red
 
     async def scenario(tokens, _client):
         first = await tokens.get()
-        redis_client.set(TOKEN_KEY, json.dumps({"access_token": "from-elsewhere", "expires_at": time.time() + 3600}))
+        replacement = AppToken("from-elsewhere", time.time() + 3600)
+        redis_client.set(TOKEN_KEY, TokenSeal("client_x", "secret-x").seal(replacement))
         second = await tokens.refresh(stale=first)
         return first, second
 
@@ -167,16 +168,16 @@ def test_refused_credentials_are_permanent_and_name_no_secret(redis_url):
 
 
 def test_calls_carry_bearer_token_and_sc_user_id(redis_url, fake):
-    """Vehicle reads send the app token and the sc-user-id header; ids are path-escaped."""
+    """Vehicle reads send the app token and the sc-user-id header, to /vehicles/<id> exactly."""
 
     async def scenario(_tokens, client):
-        await client.get_vehicle("v/../x", "user-1")
+        await client.get_vehicle("veh-1_A", "user-1")
 
     using(redis_url, fake, scenario)
     request = fake.requests[-1]
     assert request.headers["authorization"] == "Bearer tok-1"
     assert request.headers["sc-user-id"] == "user-1"
-    assert request.url.raw_path.startswith(b"/v3/vehicles/v%2F..%2Fx")
+    assert request.url.raw_path == b"/v3/vehicles/veh-1_A"
 
 
 def test_401_refreshes_once_and_retries_once(redis_url, fake):
@@ -314,3 +315,76 @@ def test_signal_pages_are_followed_on_the_same_host_only(redis_url, fake):
 def test_rate_limited_error_carries_retry_after():
     """SmartcarRateLimited keeps the Retry-After seconds."""
     assert SmartcarRateLimited("x", 3.0).retry_after == 3.0
+
+
+def test_cached_token_is_sealed_in_redis(redis_url, fake, redis_client):
+    """Whoever reads Redis (a web pod, a dump) sees no token: only workers' client secret opens it."""
+
+    async def scenario(tokens, _client):
+        return await tokens.get()
+
+    token = using(redis_url, fake, scenario)
+    raw = redis_client.get(TOKEN_KEY)
+    assert token.encode() not in raw
+    assert b"access_token" not in raw
+    opened = TokenSeal("client_x", "secret-x").open(raw)
+    assert opened is not None
+    assert opened.access_token == token
+    assert TokenSeal("client_x", "another-secret").open(raw) is None
+    assert TokenSeal("client_y", "secret-x").open(raw) is None
+
+
+def test_unsealed_or_tampered_cache_is_ignored_and_replaced(redis_url, fake, redis_client):
+    """A plain-text token planted in Redis is never used: the provider fetches its own."""
+    import time
+
+    redis_client.set(TOKEN_KEY, json.dumps({"access_token": "planted", "expires_at": time.time() + 3600}))
+
+    async def scenario(tokens, _client):
+        return await tokens.get()
+
+    assert using(redis_url, fake, scenario) == "tok-1"
+    sealed = bytearray(redis_client.get(TOKEN_KEY))
+    sealed[-3] ^= 1  # flip a bit of the ciphertext
+    assert TokenSeal("client_x", "secret-x").open(bytes(sealed)) is None
+
+
+@pytest.mark.parametrize(
+    "vehicle_id", ["..", ".", "../../connections", "../connections", "a/b", "%2e%2e", "", "v?x=1", "v#x", "x" * 65]
+)
+def test_a_vehicle_id_that_could_leave_its_path_is_never_requested(redis_url, fake, no_waits, vehicle_id):
+    """A vehicle id like '..' is refused (InvalidPayload) before any request is built: no call leaves /vehicles/<id>."""
+    from core.errors import InvalidPayload
+
+    async def scenario(_tokens, client):
+        calls = (
+            lambda: client.get_vehicle(vehicle_id, "u"),
+            lambda: client.get_signals(vehicle_id, "u"),
+            lambda: client.get_signal(vehicle_id, "u", "vehicleidentification-vin"),
+        )
+        for call in calls:
+            with pytest.raises(InvalidPayload):
+                await call()
+
+    using(redis_url, fake, scenario)
+    assert fake.requests == []
+
+
+def test_every_vehicle_request_stays_under_its_vehicle_path(redis_url, fake, no_waits):
+    """With a Smartcar vehicle id, every API request path is /v3/vehicles/<id> or below; a dot signal code is refused."""
+    from core.errors import InvalidPayload
+
+    vehicle_id = "5f0c1a2b-1111-4111-8111-111111111111"
+
+    async def scenario(_tokens, client):
+        await client.get_vehicle(vehicle_id, "u")
+        await client.get_signals(vehicle_id, "u")
+        await client.get_signal(vehicle_id, "u", "a/b")
+        for code in ("..", "."):
+            with pytest.raises(InvalidPayload):
+                await client.get_signal(vehicle_id, "u", code)
+
+    using(redis_url, fake, scenario)
+    paths = [request.url.path for request in fake.requests if str(request.url) != TOKEN_URL]
+    assert len(paths) == 3
+    assert all(path == f"/v3/vehicles/{vehicle_id}" or path.startswith(f"/v3/vehicles/{vehicle_id}/") for path in paths)

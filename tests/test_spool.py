@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import struct
+import subprocess
+import sys
+import time
+import tracemalloc
 
+import httpx
+import pytest
+import redis
+from pydantic import SecretStr
 from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from core.config import Settings
 from core.inbox import Inbox, JobOptions
-from core.spool import ReadReport, Spool, SpooledDelivery, read_records
+from core.samples import encode, sample_event
+from core.spool import MAGIC, ReadReport, Spool, SpooledDelivery, SpoolFull, encode_record, read_records
+from service.app import create_app
 from service.drain import drain_once
+from tests.conftest import TOKEN, signed_headers
+from tests.procs import LiveServer, RedisServer
 
 
 def delivery(i: int) -> SpooledDelivery:
@@ -114,3 +129,159 @@ def test_a_second_claim_never_overwrites_an_undrained_claim(tmp_path):
     assert claimed != claimed_again
     records = [r for path in spool.pending() for r in read_records(path)]
     assert sorted(r.event_id for r in records) == ["e-0", "e-1"]
+
+
+# --- bounds: SPOOL_MAX_BYTES and streaming reads ----------------------------------------------------
+
+
+def spool_bytes(directory) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.name.endswith((".log", ".draining")))
+
+
+def test_a_full_spool_refuses_the_append_and_writes_nothing(tmp_path):
+    """An append that would pass max_bytes raises SpoolFull and leaves the file as it was."""
+    record_size = len(encode_record(delivery(0)))
+    spool = Spool(tmp_path, max_bytes=record_size * 3)
+    for i in range(3):
+        spool.append(delivery(i))
+    before = spool_bytes(tmp_path)
+    with pytest.raises(SpoolFull):
+        spool.append(delivery(3))
+    assert spool_bytes(tmp_path) == before == spool.pending_bytes == record_size * 3
+    [path] = spool.pending()
+    assert [r.event_id for r in read_records(path)] == ["e-0", "e-1", "e-2"]
+
+
+def test_the_size_count_follows_other_processes_and_the_drainer(tmp_path, redis_url):
+    """Appends by another process are counted at the next listing; a drained file stops counting."""
+    spool = Spool(tmp_path, max_bytes=1_000_000)
+    spool.append(delivery(0))
+    script = (
+        "import sys; from core.spool import Spool, SpooledDelivery; "
+        "Spool(sys.argv[1]).append(SpooledDelivery('e-other', 'VEHICLE_STATE', '{}', 1))"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], check=True, env={**os.environ, "PYTHONPATH": os.getcwd()}
+    )
+    assert len(spool.pending()) == 2
+    assert spool.pending_bytes == spool_bytes(tmp_path)
+
+    async def scenario():
+        redis = AsyncRedis.from_url(redis_url)
+        inbox = Inbox(redis, JobOptions("smartcar-events"), "smartcar:parked", 60)
+        report = await drain_once(spool, inbox)
+        await redis.aclose()
+        return report
+
+    assert asyncio.run(scenario()).accepted == 2
+    assert spool.pending_bytes == 0 == spool_bytes(tmp_path)
+
+
+def test_records_are_read_one_at_a_time_not_the_whole_file(tmp_path):
+    """Reading a 30 MB spool file holds about one record in memory, not the file."""
+    path = tmp_path / "spool-big.log"
+    body = '{"pad": "' + "x" * 3000 + '"}'
+    with path.open("wb") as handle:
+        for i in range(10_000):
+            handle.write(encode_record(SpooledDelivery(f"e-{i}", "VEHICLE_STATE", body, i)))
+    assert path.stat().st_size > 30_000_000
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in read_records(path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 10_000
+    assert peak < 1_000_000
+
+
+def test_a_corrupt_length_ends_the_read_without_a_huge_allocation(tmp_path):
+    """A record header claiming 4 GiB is treated as a torn tail: nothing past it is read or allocated."""
+    spool = Spool(tmp_path)
+    spool.append(delivery(0))
+    [path] = spool.pending()
+    with path.open("ab") as handle:
+        handle.write(struct.pack(">4sII", MAGIC, 0xFFFFFFFF, 0) + b"{}")
+    report = ReadReport()
+    tracemalloc.start()
+    try:
+        records = list(read_records(path, report))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert records == [delivery(0)]
+    assert report.torn_tail_bytes == 14
+    assert peak < 1_000_000
+
+
+def test_an_append_racing_a_claim_from_another_process_lands_in_a_fresh_file(tmp_path):
+    """A record appended while another process renames the file for draining is never lost in it."""
+    spool = Spool(tmp_path)
+    spool.append(delivery(0))
+    [path] = spool.pending()
+    # Another process holds the file locked (as its claim does), renames it and then lets go.
+    claim = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(0.5); os.replace(sys.argv[1], sys.argv[1] + '.1.draining')"
+    )
+    with subprocess.Popen([sys.executable, "-c", claim, str(path)], stdout=subprocess.PIPE) as holder:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == b"locked\n"
+        spool.append(delivery(1))  # waits for the lock, then must not write into the renamed file
+        assert holder.wait(timeout=10) == 0
+    claimed = path.with_name(path.name + ".1.draining")
+    assert [r.event_id for r in read_records(claimed)] == ["e-0"]
+    assert [r.event_id for r in read_records(path)] == ["e-1"]
+
+
+@pytest.fixture
+def private_redis():
+    server = RedisServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+def test_with_redis_down_the_spool_fills_to_its_bound_then_answers_503(private_redis, tmp_path, redis_client):
+    """Over real HTTP with Redis stopped: 202 spooled up to SPOOL_MAX_BYTES, then 503 + Retry-After; room again after the drain."""
+    spool_dir = tmp_path / "spool"
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        redis_url=private_redis.url,
+        smartcar_management_token=SecretStr(TOKEN),
+        spool_dir=str(spool_dir),
+        spool_max_bytes=16_384,
+    )
+    url = "/webhooks/smartcar"
+    with LiveServer(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=10) as http:
+        private_redis.stop(kill=True)
+        # The signed-scalar replay never reaches the spool.
+        scalar = b"123"
+        assert http.post(url, content=scalar, headers=signed_headers(scalar)).status_code == 400
+        statuses = []
+        for _ in range(40):
+            body = encode(sample_event())
+            response = http.post(url, content=body, headers=signed_headers(body))
+            statuses.append(response.json().get("status") or response.json()["error"]["code"])
+            if response.status_code == 503:
+                assert response.json()["error"]["code"] == "spool_full"
+                assert response.headers["retry-after"].isdigit()
+        spooled = statuses.count("spooled")
+        assert 5 <= spooled < 40
+        assert statuses[spooled:] == ["spool_full"] * (40 - spooled)
+        assert spool_bytes(spool_dir) <= 16_384
+
+        private_redis.start()  # the drainer empties the spool into Redis, and the count follows
+        deadline = time.monotonic() + 20
+        while spool_bytes(spool_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert spool_bytes(spool_dir) == 0
+        check = redis.Redis.from_url(private_redis.url)
+        assert check.llen("rq:queue:smartcar-events") == spooled
+        check.close()
+
+        private_redis.stop(kill=True)
+        body = encode(sample_event())
+        response = http.post(url, content=body, headers=signed_headers(body))
+        assert response.status_code == 202
+        assert response.json()["status"] == "spooled"

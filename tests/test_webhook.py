@@ -1,20 +1,39 @@
-"""POST /webhooks/smartcar: every row of the contract's status table, over the real app and Redis."""
+"""POST /webhooks/smartcar: every row of the contract's status table, over the real app and Redis.
+
+The attacks of the security review (signing oracle with JSON scalars, numeric ids, non-finite
+numbers, path-moving vehicle ids, replays of old signed deliveries) run over real HTTP against
+the app served by uvicorn (:class:`tests.procs.LiveServer`).
+"""
 
 from __future__ import annotations
 
 import json
+import time
+from collections import Counter
+from collections.abc import Iterator
 
+import httpx
 import pytest
 from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from starlette.testclient import TestClient
 
+from core.config import Settings
 from core.inbox import dedupe_key, job_id_for
 from core.samples import encode, sample_event
 from core.signatures import answer_challenge
+from service.admin import create_admin_app
+from service.app import create_app
 from tests.conftest import OLD_TOKEN, TOKEN, fixture_paths, load_fixture, signed_headers
+from tests.procs import LiveServer
+from workers.processor import parse_body
 
 URL = "/webhooks/smartcar"
+#: Captures are historical: their meta.deliveredAt is months old, far past the dedupe window.
+ARCHIVE_AGE_SECONDS = 20 * 365 * 24 * 3600
+#: JSON scalars that fit the token-like character set; each would be a signable delivery body.
+JSON_SCALARS = ["123", "-1", "0", "-0", "0.5", "1e5", "1E+2", "true", "false", "null", "9" * 256]
 
 
 def post(client, document_or_body, token=TOKEN, headers=None):
@@ -29,6 +48,26 @@ def queued_jobs(redis_client, name="smartcar-events"):
 
 def parked(redis_client):
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in redis_client.xrange("smartcar:parked")]
+
+
+@pytest.fixture
+def live(settings: Settings) -> Iterator[httpx.Client]:
+    """The app over real HTTP (uvicorn on a free port), and a client pointed at it."""
+    with LiveServer(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=10) as http:
+        yield http
+
+
+def send(http: httpx.Client, body: bytes, signed: bool = True) -> httpx.Response:
+    headers = signed_headers(body) if signed else {"content-type": "application/json"}
+    return http.post(URL, content=body, headers=headers)
+
+
+def with_raw(document: dict, **raw: str) -> bytes:
+    """``document`` as JSON with each ``"@name@"`` string value replaced by the raw JSON text given."""
+    body = encode(document).decode()
+    for name, text in raw.items():
+        body = body.replace(f'"@{name}@"', text)
+    return body.encode()
 
 
 def assert_error(response, status, code=None):
@@ -136,10 +175,11 @@ def test_duplicate_event_is_acknowledged_without_a_second_job(client, redis_clie
 
 
 @pytest.mark.parametrize("path", fixture_paths(), ids=lambda p: p.name)
-def test_every_captured_fixture_is_accepted(client, redis_client, path):
-    """Each real capture, signed, is accepted and queued."""
-    body = path.read_bytes()
-    response = post(client, body)
+def test_every_captured_fixture_is_accepted(settings, redis_client, path):
+    """Each real capture, signed, is accepted and queued (with a delivery age limit that spans its date)."""
+    archive = settings.model_copy(update={"max_delivery_age_seconds": ARCHIVE_AGE_SECONDS})
+    with TestClient(create_app(archive)) as client:
+        response = post(client, path.read_bytes())
     assert response.status_code == 202
     assert response.json() == {"status": "accepted", "eventId": load_fixture(path)["eventId"]}
     assert len(queued_jobs(redis_client)) == 1
@@ -167,7 +207,6 @@ def test_event_id_that_rq_would_refuse_gets_a_derived_job_id(client, redis_clien
             "legacy_v2",
         ),
         ({"eventType": "VEHICLE_STATE"}, "invalid_payload"),
-        ([1, 2, 3], "invalid_payload"),
         ({"eventId": "e-verify", "eventType": "VERIFY", "data": {}}, "invalid_payload"),
     ],
 )
@@ -179,7 +218,7 @@ def test_signed_but_unprocessable_deliveries_are_parked(client, redis_client, do
     content = response.json()
     assert content["status"] == "parked"
     assert content["reason"] == reason
-    expected_id = document.get("eventId") if isinstance(document, dict) else None
+    expected_id = document.get("eventId")
     assert content["eventId"] == expected_id
     [entry] = parked(redis_client)
     assert entry["reason"] == reason
@@ -275,15 +314,259 @@ def test_other_methods_and_paths_get_json_errors(client):
 # --- health ------------------------------------------------------------------------------------
 
 
-def test_healthz_and_readyz(client):
-    """/healthz and /readyz are 200 while Redis answers."""
+def test_healthz_and_readyz(client, settings):
+    """/healthz (public app) and /readyz (admin app) are 200 while Redis answers."""
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ok", "checks": {"redis": "ok"}}
+    with TestClient(create_admin_app(settings)) as admin:
+        assert admin.get("/readyz").json() == {"status": "ok", "checks": {"redis": "ok"}}
 
 
-def test_metrics_count_outcomes(client):
-    """/metrics exposes deliveries by outcome."""
+def test_metrics_count_outcomes(client, settings):
+    """/metrics (admin app) exposes deliveries by outcome."""
     post(client, sample_event())
-    text = client.get("/metrics").text
+    with TestClient(create_admin_app(settings)) as admin:
+        text = admin.get("/metrics").text
     assert 'smartcar_ingest_deliveries_total{outcome="accepted"}' in text
     assert "smartcar_ingest_webhook_request_seconds_bucket" in text
+
+
+# --- security review: the attacks, over real HTTP -------------------------------------------------
+
+
+@pytest.mark.parametrize("challenge", JSON_SCALARS)
+def test_unsigned_verify_with_a_json_scalar_challenge_is_refused(live, redis_client, challenge):
+    """An unsigned VERIFY whose challenge is a JSON scalar gets 401: its HMAC would sign a body."""
+    response = send(live, encode(sample_event("VERIFY", challenge=challenge)), signed=False)
+    assert_error(response, 401, "invalid_signature")
+    assert answer_challenge(TOKEN.encode(), challenge) not in response.text
+
+
+@pytest.mark.parametrize("body", [*JSON_SCALARS, '"text"', "[]", "[1, 2, 3]", '[{"eventId": "e-1"}]', " 123 "])
+def test_signed_json_that_is_not_an_object_is_refused_and_never_parked(live, redis_client, body):
+    """A validly signed scalar or array gets 400 not_an_object: nothing is parked or queued."""
+    response = send(live, body.encode())
+    assert_error(response, 400, "not_an_object")
+    assert redis_client.xlen("smartcar:parked") == 0
+    assert queued_jobs(redis_client) == []
+
+
+def test_parked_stream_is_trimmed_by_age_when_the_web_parks(live, redis_client):
+    """Parking over HTTP trims entries older than PARKED_RETENTION_SECONDS in the same XADD."""
+    for i in range(1000):  # entries from 1970: far past any retention
+        redis_client.xadd("smartcar:parked", {"event_id": f"old-{i}", "reason": "x"}, id=f"{1000 + i}-0")
+    response = send(live, encode({"eventId": "e-new", "eventType": "SOMETHING_NEW", "data": {}}))
+    assert response.json()["status"] == "parked"
+    entries = parked(redis_client)
+    assert entries[-1]["event_id"] == "e-new"
+    # "~" trims whole stream nodes: at most one node of old entries (100 by default) may remain.
+    assert len(entries) <= 101
+
+
+@pytest.mark.parametrize("raw_id", ["7e0", "7", "7.0", "-1", "1e400", "true", '["e-1"]', '{"id": "e-1"}'])
+def test_an_event_id_that_is_not_a_json_string_is_parked_without_an_id(live, redis_client, raw_id):
+    """eventId 7e0 (or any non-string) is a schema failure: parked invalid_payload, never read as "7"."""
+    document = sample_event(event_id="@id@")
+    response = send(live, with_raw(document, id=raw_id))
+    assert response.status_code == 202
+    assert response.json() == {"status": "parked", "reason": "invalid_payload", "eventId": None}
+    [entry] = parked(redis_client)
+    assert entry["event_id"] == ""
+    assert queued_jobs(redis_client) == []
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("where", ["signal_value", "delivered_at", "year", "unknown_field", "event_id"])
+def test_nan_and_infinity_are_not_json(live, redis_client, literal, where):
+    """A NaN or Infinity literal anywhere in a signed body gets 400: never queued, parked or published."""
+    document = sample_event()
+    if where == "signal_value":
+        document["data"]["signals"][0]["body"]["value"] = "@x@"
+    elif where == "delivered_at":
+        document["meta"]["deliveredAt"] = "@x@"
+    elif where == "year":
+        document["data"]["vehicle"]["year"] = "@x@"
+    elif where == "unknown_field":
+        document["future"] = {"score": "@x@"}
+    else:
+        document["eventId"] = "@x@"
+    assert_error(send(live, with_raw(document, x=literal)), 400, "malformed_json")
+    assert queued_jobs(redis_client) == []
+    assert redis_client.xlen("smartcar:parked") == 0
+
+
+HOSTILE_TIMES = [
+    '"' + "1" * 4301 + '"',
+    '"' + "9" * 5000 + '"',
+    "1" * 4000,
+    "1e400",
+    "-1e400",
+    "1e300",
+    "true",
+    "-5",
+    '"NaN"',
+    '"²⁰²⁶"',
+    '"9999-12-31T23:59:59-01:00"',
+    '"0001-01-01T00:00:00+01:00"',
+    '"2026-01-05T10:00:00"',
+    '{"ms": 1}',
+]
+
+
+@pytest.mark.parametrize("raw", HOSTILE_TIMES)
+def test_unreadable_times_and_years_are_accepted_and_read_as_unknown(live, redis_client, raw):
+    """Huge, non-finite, boolean or out-of-range times and years: accepted, and the worker reads None."""
+    document = sample_event()
+    document["data"]["signals"][0]["meta"]["oemUpdatedAt"] = "@t@"
+    document["data"]["signals"][0]["meta"]["retrievedAt"] = "@t@"
+    document["data"]["vehicle"]["year"] = "@t@"
+    document["data"]["signals"][0]["body"]["value"] = "@t@"
+    document["meta"]["deliveredAt"] = "@t@"
+    response = send(live, with_raw(document, t=raw))
+    assert response.status_code == 202
+    assert response.json() == {"status": "accepted", "eventId": document["eventId"]}
+    [job] = queued_jobs(redis_client)
+    event = parse_body(job.args[0]["body"])  # the worker's own parse step
+    assert event.event_id == document["eventId"]
+    assert event.signals[0].oemUpdatedAt is None
+    assert event.signals[0].retrievedAt is None
+    assert event.vehicle.year is None
+    assert event.meta.deliveredAt is None or isinstance(event.meta.deliveredAt, str)
+    json.dumps(event.model_dump(mode="json"), allow_nan=False)  # no NaN or Infinity can reach the output
+
+
+@pytest.mark.parametrize("vehicle_id", ["..", ".", "../../connections", "a/b", "%2e%2e", "", "x" * 65, "é"])
+@pytest.mark.parametrize("field", ["data.vehicle.id", "vehicleId"])
+def test_a_vehicle_id_that_could_move_the_url_path_is_parked(live, redis_client, vehicle_id, field):
+    """A vehicle id like '..' or '../../connections' is parked invalid_payload and never queued."""
+    document = sample_event()
+    if field == "vehicleId":
+        del document["data"]["vehicle"]
+        document["vehicleId"] = vehicle_id
+    else:
+        document["data"]["vehicle"]["id"] = vehicle_id
+    response = send(live, encode(document))
+    assert response.status_code == 202
+    assert response.json() == {"status": "parked", "reason": "invalid_payload", "eventId": document["eventId"]}
+    assert queued_jobs(redis_client) == []
+
+
+def _sent_ago(seconds: float) -> dict[str, int | str]:
+    at = time.time() - seconds
+    return {
+        "ms": int(at * 1000),
+        "s": int(at),
+        "iso": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(at)),
+    }
+
+
+@pytest.mark.parametrize("form", ["ms", "s", "iso"])
+def test_signed_delivery_older_than_the_dedupe_window_is_refused(live, settings, redis_client, form):
+    """A properly signed delivery sent longer ago than DEDUPE_TTL_SECONDS gets 400 delivery_too_old."""
+    old = _sent_ago(settings.delivery_max_age_seconds + 60)[form]
+    document = sample_event()
+    document["meta"]["deliveredAt"] = old
+    broken = sample_event(event_id="e-broken")
+    broken["meta"]["deliveredAt"] = old
+    del broken["data"]["user"]  # would be parked if it were recent
+    for body in (encode(document), encode(broken)):
+        assert_error(send(live, body), 400, "delivery_too_old")
+    assert queued_jobs(redis_client) == []
+    assert redis_client.xlen("smartcar:parked") == 0
+
+
+@pytest.mark.parametrize("delivered_at", ["recent", "missing", "unreadable"])
+def test_recent_or_undated_signed_deliveries_are_accepted(live, settings, redis_client, delivered_at):
+    """A delivery inside the window, without meta.deliveredAt, or with an unreadable one, is accepted."""
+    document = sample_event()
+    if delivered_at == "recent":
+        document["meta"]["deliveredAt"] = _sent_ago(settings.delivery_max_age_seconds - 60)["ms"]
+    elif delivered_at == "missing":
+        del document["meta"]["deliveredAt"]
+    else:
+        document["meta"]["deliveredAt"] = "yesterday-ish"
+    assert send(live, encode(document)).json() == {"status": "accepted", "eventId": document["eventId"]}
+
+
+def test_replay_after_the_event_id_is_forgotten_is_refused(settings, redis_client):
+    """Replaying a captured signed delivery once its dedupe mark has expired is refused, not queued again."""
+    short = settings.model_copy(update={"dedupe_ttl_seconds": 2})
+    body = encode(sample_event())
+    with LiveServer(create_app(short)) as server, httpx.Client(base_url=server.url, timeout=10) as http:
+        assert send(http, body).json()["status"] == "accepted"
+        redis_client.delete(Job.key_for(json.loads(body)["eventId"]))
+        redis_client.delete("rq:queue:smartcar-events")
+        time.sleep(2.5)  # the dedupe mark expires; the signature stays valid forever
+        assert redis_client.exists(dedupe_key(json.loads(body)["eventId"])) == 0
+        assert_error(send(http, body), 400, "delivery_too_old")
+    assert queued_jobs(redis_client) == []
+
+
+def test_what_the_edge_accepts_the_worker_parses_with_the_same_event_id(live, redis_client):
+    """Property: for JSON-ish bodies, a 202 accepted at the edge means the worker parses the job to that eventId."""
+    from hypothesis import HealthCheck, event, given, settings
+    from hypothesis import strategies as st
+
+    raw_numbers = ["7e0", "7", "-0", "1e400", "NaN", "Infinity", "1" * 400, "0.1", "1.5e3", "true", "null"]
+    values = st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=12)
+        | st.sampled_from(["..", "2026-01-05T10:00:00Z", "1767000000", "9" * 30]),
+        lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+        max_leaves=8,
+    )
+    paths = st.sampled_from(
+        [
+            ("eventId",),
+            ("eventType",),
+            ("vehicleId",),
+            ("data", "user", "id"),
+            ("data", "vehicle", "id"),
+            ("data", "vehicle", "year"),
+            ("data", "vehicle", "make"),
+            ("data", "signals", 0, "body", "value"),
+            ("data", "signals", 0, "meta", "oemUpdatedAt"),
+            ("data", "signals", 0, "status"),
+            ("data", "signals", 0, "code"),
+            ("meta", "deliveredAt"),
+            ("meta", "deliveryId"),
+            ("triggers",),
+        ]
+    )
+    mutation = st.tuples(paths, st.one_of(values, st.sampled_from(raw_numbers).map(lambda raw: ("raw", raw))))
+
+    outcomes: Counter[str] = Counter()
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(mutations=st.lists(mutation, max_size=3), event_id=st.text(min_size=1, max_size=20) | st.uuids().map(str))
+    def check(mutations, event_id):
+        document = sample_event(event_id=event_id)
+        raw: dict[str, str] = {}
+        for number, (path, value) in enumerate(mutations):
+            target = document
+            for key in path[:-1]:
+                target = target[key]
+            if isinstance(value, tuple):
+                raw[f"r{number}"] = value[1]
+                value = f"@r{number}@"
+            target[path[-1]] = value
+        response = send(live, with_raw(document, **raw))
+        assert response.status_code < 500, response.text
+        outcome = f"{response.status_code} {response.json().get('status') or response.json()['error']['code']}"
+        event(outcome)
+        outcomes[outcome] += 1
+        if response.status_code == 202 and response.json()["status"] == "accepted":
+            accepted_id = response.json()["eventId"]
+            assert isinstance(accepted_id, str)
+            job = Job.fetch(job_id_for(accepted_id), connection=redis_client, serializer=JSONSerializer)
+            payload = job.args[0]
+            assert payload["eventId"] == accepted_id
+            parsed = parse_body(payload["body"])
+            assert parsed.event_id == accepted_id
+            json.dumps(parsed.model_dump(mode="json"), allow_nan=False)
+
+    check()
+    print("edge outcomes:", dict(outcomes))
+    assert outcomes["202 accepted"] >= 30, "the property must be exercised by accepted deliveries"

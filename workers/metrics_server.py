@@ -1,4 +1,5 @@
-"""The worker's Prometheus endpoint: ``/metrics`` on ``METRICS_PORT`` (9100; 0 turns it off).
+"""The worker's Prometheus endpoint: ``/metrics`` on ``METRICS_PORT`` (9100; 0 turns it off),
+bound to ``ADMIN_HOST`` like the web's admin endpoints.
 
 RQ workers serve no HTTP, so prometheus-client's own server runs in a daemon thread beside the
 dequeue loop. It exports this process's counters (:mod:`core.metrics`) and, read from Redis at
@@ -40,8 +41,8 @@ class WorkerMetrics:
         unregister_queue_collector(self.collector)
 
 
-def start_worker_metrics(settings: Settings, host: str = "0.0.0.0") -> WorkerMetrics | None:
-    """Serve ``/metrics`` on ``settings.metrics_port``; None when that is 0 or the port is taken.
+def start_worker_metrics(settings: Settings) -> WorkerMetrics | None:
+    """Serve ``/metrics`` on ``ADMIN_HOST``:``METRICS_PORT``; None when the port is 0 or taken.
 
     A taken port is logged and the worker runs on without metrics rather than refusing to
     work: in Kubernetes each pod has its own port space, and on one host (``make run``, several
@@ -51,7 +52,7 @@ def start_worker_metrics(settings: Settings, host: str = "0.0.0.0") -> WorkerMet
         return None
     collector = register_queue_collector(settings.redis_url, settings)
     try:
-        server, thread = start_http_server(settings.metrics_port, addr=host)
+        server, thread = start_http_server(settings.metrics_port, addr=settings.admin_host)
     except OSError as exc:
         unregister_queue_collector(collector)
         log.warning(
@@ -60,5 +61,5 @@ def start_worker_metrics(settings: Settings, host: str = "0.0.0.0") -> WorkerMet
             error=type(exc).__name__,
         )
         return None
-    log.info("worker metrics served", port=settings.metrics_port, path="/metrics")
+    log.info("worker metrics served", host=settings.admin_host, port=settings.metrics_port, path="/metrics")
     return WorkerMetrics(server, thread, collector)

@@ -8,7 +8,7 @@ What happens on failure:
 
 ========================================  ==================================================
 unknown user                              parked ``unknown_user`` (``users link`` + ``replay``)
-body that no longer parses                parked with the parser's reason
+body that does not parse (for any reason) parked with the parser's reason, never failed in RQ
 Smartcar refuses a read (4xx, not 401)    published with ``enrichment.status = "partial"``
 401 even after a token refresh            parked ``upstream_rejected``
 transient (network, 5xx, 429, database)   raised so RQ retries the job; on the last attempt,
@@ -26,8 +26,7 @@ from typing import Any, Literal, TypeVar
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from core import events, metrics
 from core.errors import (
@@ -46,6 +45,7 @@ from core.sharing import SharedReads
 from core.smartcar import SmartcarClient
 from core.streams import StreamWriter, published_key
 from core.users import UserStore
+from workers.outage import redis_unavailable
 
 log = get_logger("smartcar_ingest.worker")
 T = TypeVar("T")
@@ -69,12 +69,14 @@ class Outcome:
         return f"parked_{self.reason}" if self.status == "parked" else self.status
 
 
-#: How long a job waits out a Redis outage before giving up (RQ then retries or the reaper requeues).
+#: How long a job waits out Redis trouble before giving up; the worker then requeues it once Redis
+#: answers, without spending a retry (workers.worker).
 REDIS_PATIENCE_SECONDS = 60.0
 
 
 async def _through_outage(call: Callable[[], Awaitable[T]], patience: float = REDIS_PATIENCE_SECONDS) -> T:
-    """Run a Redis call, waiting out a short outage rather than failing the job over it.
+    """Run a Redis call, waiting out a short outage (or a Redis refusing writes, see
+    :func:`workers.outage.redis_unavailable`) rather than failing the job over it.
 
     The calls wrapped here are idempotent (a read, the publish guarded by its mark, or a park
     whose repeat at worst adds a second parked entry for the same event), so a retry after a
@@ -85,8 +87,8 @@ async def _through_outage(call: Callable[[], Awaitable[T]], patience: float = RE
     while True:
         try:
             return await call()
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            if time.monotonic() + wait > deadline:
+        except RedisError as exc:
+            if not redis_unavailable(exc) or time.monotonic() + wait > deadline:
                 raise
             log.warning("Redis unavailable; waiting", error=type(exc).__name__, retryIn=wait)
             await asyncio.sleep(wait)
@@ -131,15 +133,10 @@ class EventProcessor:
     ) -> Outcome:
         body = str(payload["body"])
         received_at = int(payload.get("receivedAt") or time.time() * 1000)
-        document: object = None
         try:
-            document = events.load_json(body.encode())
-            events.classify(document)
-            event = events.parse_event(document)
-        except MalformedBody as exc:
-            return await self._park(event_id, InvalidPayload.code, exc.message, body)
+            event = parse_body(body)
         except (InvalidPayload, LegacyPayload, UnknownEventType) as exc:
-            structlog.contextvars.bind_contextvars(deliveryId=_delivery_id(document))
+            structlog.contextvars.bind_contextvars(deliveryId=_delivery_id(body))
             return await self._park(event_id, exc.code, exc.message, body)
 
         structlog.contextvars.bind_contextvars(deliveryId=event.meta.deliveryId, eventType=event.event_type)
@@ -164,6 +161,8 @@ class EventProcessor:
             raise SmartcarUnavailable("Enrichment ran out of time; the job will be retried.") from None
         except SmartcarUnauthorized as exc:
             return await self._park(event_id, "upstream_rejected", exc.message, body)
+        except InvalidPayload as exc:  # the client refused an id the parser let through
+            return await self._park(event_id, exc.code, exc.message, body)
         except TransientError as exc:
             if final_attempt:
                 return await self._park(event_id, "retries_exhausted", exc.message, body)
@@ -242,13 +241,39 @@ class EventProcessor:
                 metrics.SHARED_READS.labels(call=call).inc()
 
     async def _park(self, event_id: str, reason: str, detail: str, body: str) -> Outcome:
+        # A job can carry text that is not valid UTF-8 (a lone surrogate from a JSON escape), which
+        # Redis cannot store; written as its escape it stays the same JSON.
+        body = body.encode("utf-8", "backslashreplace").decode("utf-8")
         entry_id = await _through_outage(lambda: self._streams.park(event_id, reason, detail, body))
         log.warning("event parked", reason=reason, detail=detail)
         return Outcome(event_id, "parked", reason=reason, entry_id=entry_id)
 
 
-def _delivery_id(document: object) -> str | None:
-    """``meta.deliveryId`` of a body that parsed as JSON but not as an event, for the logs."""
+def parse_body(body: str) -> events.VehicleEvent:
+    """The worker's parse step: the body as received → the normalised event.
+
+    Raises :class:`InvalidPayload`, :class:`LegacyPayload` or :class:`UnknownEventType` and
+    nothing else, so that a body the parser cannot read is parked (and can be replayed) instead
+    of ending in RQ's failed registry. It reads a body exactly as the web edge does.
+    """
+    try:
+        document = events.load_json(body.encode())
+        events.classify(document)
+        return events.parse_event(document)
+    except MalformedBody as exc:
+        raise InvalidPayload(exc.message) from None
+    except (InvalidPayload, LegacyPayload, UnknownEventType):
+        raise
+    except Exception as exc:  # a parser gap is a permanent fault of this body: park, never retry
+        raise InvalidPayload(f"The payload could not be read ({type(exc).__name__}).") from None
+
+
+def _delivery_id(body: str) -> str | None:
+    """``meta.deliveryId`` of a body that did not parse as an event, for the logs; never raises."""
+    try:
+        document = events.load_json(body.encode())
+    except (MalformedBody, UnicodeError):
+        return None
     meta = document.get("meta") if isinstance(document, dict) else None
     delivery_id = meta.get("deliveryId") if isinstance(meta, dict) else None
     return delivery_id[:64] if isinstance(delivery_id, str) else None

@@ -1,156 +1,337 @@
-"""Fast recovery of jobs whose worker died.
+"""Putting back, within seconds, every job a dead worker held, without spending a retry.
 
-RQ notices an abandoned job only once its started-registry entry expires (the job timeout plus
-a minute) and the next maintenance pass runs; without retries left it then lands in the failed
-registry. Smartcar stops redelivering about three minutes after the first attempt, so that is
-too slow to be the only net.
+Between leaving the queue and finishing, an ingest job is in exactly one place that names the
+worker answering for it (:mod:`core.custody`): that worker's dequeued list, or an execution in
+RQ's started registry. Every :class:`~workers.worker.ConcurrentWorker` runs a :class:`Liveness`
+thread that keeps its liveness key fresh every :data:`BEAT_SECONDS` (it expires after
+:data:`ALIVE_SECONDS`), keeps the started-registry entries of its jobs in flight from expiring,
+and on the same beat looks for announced workers whose liveness key is gone. What such a worker
+held is put back at the front of its queue:
 
-Every :class:`~workers.worker.ConcurrentWorker` keeps a short-lived liveness key
-(``smartcar-ingest:worker-alive:<name>``, refreshed every :data:`BEAT_SECONDS`, expiring after
-:data:`ALIVE_SECONDS`) and, on the same beat, looks for started jobs whose worker has announced
-itself but whose liveness key is gone. Such a job is put back at the front of its queue in one
-transaction with the removal of its execution record, without spending one of its retries:
-being killed is not the job's failure. A job re-run this way may already have published; the
-idempotent publish keeps the output stream to one entry.
+* ids in its dequeued list, in the order it took them;
+* executions naming it, each removed in the same Lua script that requeues its job, and only while
+  the execution is still registered, so two reapers (or a reaper and the worker's own give-back)
+  never requeue one execution twice.
 
-A worker that merely stalls past :data:`ALIVE_SECONDS` may see its job re-run while it is still
-running: the same at-least-once trade, resolved the same way.
+No retry is spent: being killed is not the job's failure. RQ would instead notice an abandoned
+job only once its started entry expires and then retry it (spending a retry) or fail it, and
+would leave a job stranded between dequeue and start for two maintenance passes at least a
+minute apart before failing it the same way. Its intermediate-list pass is therefore not run by
+this service's workers; ids that stock RQ workers (or an older version of this one) left in RQ's
+shared list are put back here once they have sat there for :data:`STRANDED_AFTER_SECONDS`.
+
+A re-run may follow a run that already published; the idempotent publish keeps the output to
+one entry. A worker that merely stalls past :data:`ALIVE_SECONDS` may see its job run twice, the
+same at-least-once trade resolved the same way. After Redis itself was unreachable, liveness
+keys may have expired everywhere at once, so a reaper judges nobody for :data:`ALIVE_SECONDS`
+after its own beats succeed again, which gives every live worker time to beat.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable, Collection, Iterable
 
 import redis
-from rq.executions import Execution
-from rq.job import Job, JobStatus
-from rq.queue import Queue
+from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE, Execution, ExecutionRegistry
+from rq.job import Job
 from rq.registry import StartedJobRegistry
-from rq.serializers import JSONSerializer
+from rq.utils import parse_composite_key
 
+from core.custody import (
+    ALIVE_PREFIX,
+    WORKERS_SET,
+    alive_key,
+    dequeued_key,
+    rq_intermediate_key,
+)
+from core.inbox import queue_key
 from core.logs import get_logger
+from workers.outage import until_redis_answers
 
 log = get_logger("smartcar_ingest.reaper")
 
-ALIVE_PREFIX = "smartcar-ingest:worker-alive:"
-WORKERS_SET = "smartcar-ingest:liveness-workers"
+__all__ = ["ALIVE_PREFIX", "ALIVE_SECONDS", "BEAT_SECONDS", "WORKERS_SET", "Liveness", "alive_key", "reap"]
+
 BEAT_SECONDS = 2.0
 ALIVE_SECONDS = 8
+#: An id that has sat this long in RQ's shared intermediate list has no live worker behind it.
+STRANDED_AFTER_SECONDS = 10.0
+#: How long a worker leaving cleanly waits for Redis to hand back what it still holds.
+RELEASE_PATIENCE_SECONDS = 5.0
+
+_GIVE_BACK_DEQUEUED = """
+-- KEYS: a worker's dequeued list, the queue. Every id goes back to the queue's front, in the
+-- order the worker took them; an id already on the queue is not doubled.
+local moved = {}
+while true do
+  local id = redis.call('RPOP', KEYS[1])
+  if not id then break end
+  redis.call('LREM', KEYS[2], 0, id)
+  redis.call('LPUSH', KEYS[2], id)
+  moved[#moved + 1] = id
+end
+return moved
+"""
+
+_REQUEUE_EXECUTION = """
+-- KEYS: started registry, execution hash, the job's execution registry, the worker's execution
+--       set, job hash, queue
+-- ARGV: composite key, execution id, job id, name of the worker the execution belongs to
+-- Drops the execution if it is still registered; requeues its job (front of the queue) when the
+-- job is still waiting or still running on that worker. Returns 1 when the job was requeued.
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('SREM', KEYS[4], ARGV[1])
+local status = redis.call('HGET', KEYS[5], 'status')
+if status == 'started' then
+  if redis.call('HGET', KEYS[5], 'worker_name') ~= ARGV[4] then return 0 end
+elseif status ~= 'queued' then
+  return 0
+end
+redis.call('HSET', KEYS[5], 'status', 'queued', 'worker_name', '')
+redis.call('LREM', KEYS[6], 0, ARGV[3])
+redis.call('LPUSH', KEYS[6], ARGV[3])
+return 1
+"""
+
+_RETURN_FROM_RQ_LIST = """
+-- KEYS: RQ's intermediate list, the queue, the job hash. ARGV: job id.
+-- Takes the id out of RQ's list; puts it back on the queue's front if the job still waits.
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[3], 'status') ~= 'queued' then return 0 end
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+redis.call('LPUSH', KEYS[2], ARGV[1])
+return 1
+"""
 
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def alive_key(worker_name: str) -> str:
-    return ALIVE_PREFIX + worker_name
+def give_back_dequeued(connection: redis.Redis, queue_name: str, worker_name: str) -> list[str]:
+    """Move every id ``worker_name`` took from ``queue_name`` but never started back to the queue's front."""
+    script = connection.register_script(_GIVE_BACK_DEQUEUED)
+    moved = script(keys=[dequeued_key(queue_name, worker_name), queue_key(queue_name)])
+    return [_text(job_id) for job_id in moved]
 
 
-def reap_abandoned(connection: redis.Redis, queue_name: str, holders: set[str] | None = None) -> list[str]:
-    """Requeue started jobs of ``queue_name`` whose worker stopped beating; returns their ids.
+def requeue_execution(
+    connection: redis.Redis, queue_name: str, job_id: str, execution_id: str, worker_name: str
+) -> bool:
+    """Drop one execution of ``job_id`` if still registered and put the job back at the queue's
+    front, in one atomic step; True when the job was requeued.
 
-    ``holders``, when given, collects the names of live workers still holding started jobs.
+    The job is requeued only while it is ``queued`` (its worker recorded the execution, then never
+    started it) or ``started`` by ``worker_name``; a job that finished, failed, was retried or was
+    taken over by another worker only loses the stale execution.
     """
-    queue = Queue(queue_name, connection=connection, serializer=JSONSerializer)
-    registry = StartedJobRegistry(queue_name, connection=connection, serializer=JSONSerializer)
-    announced = {_text(name) for name in connection.smembers(WORKERS_SET)}
+    execution = Execution(execution_id, job_id, connection)
+    script = connection.register_script(_REQUEUE_EXECUTION)
+    keys = [
+        StartedJobRegistry(queue_name, connection=connection).key,
+        execution.key,
+        ExecutionRegistry(job_id, connection).key,
+        WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker_name),
+        Job.key_for(job_id),
+        queue_key(queue_name),
+    ]
+    return bool(script(keys=keys, args=[execution.composite_key, execution_id, job_id, worker_name]))
+
+
+def reap(connection: redis.Redis, queue_name: str, dead: Collection[str]) -> list[str]:
+    """Put every job the ``dead`` workers held from ``queue_name`` back at its front; returns their ids."""
     requeued: list[str] = []
-    for raw in connection.zrange(registry.key, 0, -1):
-        composite = _text(raw)
-        execution = Execution.from_composite_key(composite, connection)
-        worker_name = connection.hget(execution.key, "worker_name")
-        if worker_name is None:
-            continue  # execution already gone: RQ's own cleanup owns this entry
-        name = _text(worker_name)
-        if name not in announced or connection.exists(alive_key(name)):
-            if holders is not None:
-                holders.add(name)
+    for name in dead:
+        for job_id in give_back_dequeued(connection, queue_name, name):
+            requeued.append(job_id)
+            log.warning("requeued a job a dead worker had dequeued", jobId=job_id, worker=name)
+    registry = StartedJobRegistry(queue_name, connection=connection)
+    composites = [_text(raw) for raw in connection.zrange(registry.key, 0, -1)]
+    if not composites:
+        return requeued
+    with connection.pipeline(transaction=False) as pipe:
+        for composite in composites:
+            pipe.hget(Execution.from_composite_key(composite, connection).key, "worker_name")
+        owners = pipe.execute()
+    for composite, owner in zip(composites, owners, strict=True):
+        # An execution whose hash is gone has expired: sweep_expired owns it.
+        if owner is None or _text(owner) not in dead:
             continue
-        # Only one reaper handles a given execution, however many workers look at once.
-        if not connection.set(f"smartcar-ingest:reaped:{composite}", name, nx=True, ex=600):
-            continue
-        try:
-            job = Job.fetch(execution.job_id, connection=connection, serializer=JSONSerializer)
-        except Exception:  # the job hash expired or was deleted: nothing left to re-run
-            connection.zrem(registry.key, composite)
-            continue
-        if job.get_status(refresh=False) != JobStatus.STARTED:
-            continue
-        requeue(connection, queue, job, execution)
-        requeued.append(job.id)
-        log.warning("requeued a job of a dead worker", jobId=job.id, worker=name)
+        job_id, execution_id = parse_composite_key(composite)
+        if requeue_execution(connection, queue_name, job_id, execution_id, _text(owner)):
+            requeued.append(job_id)
+            log.warning("requeued a job of a dead worker", jobId=job_id, worker=_text(owner))
     return requeued
 
 
-def requeue(connection: redis.Redis, queue: Queue, job: Job, execution: Execution) -> None:
-    """Put ``job`` back at the front of ``queue`` and drop its execution record, in one transaction.
+def sweep_expired(connection: redis.Redis, queue_name: str) -> list[str]:
+    """Requeue jobs whose started-registry entry expired and whose worker is not alive.
 
-    No retry is spent: the job did not fail, its worker went away (or lost Redis) under it.
+    A live worker keeps its entries from expiring (:class:`Liveness`), so an expired entry means
+    its worker is gone, whether or not it was ever announced. RQ's own clean-up would retry such a
+    job, spending a retry, or fail it; this puts it back instead, before RQ looks.
     """
-    registry = StartedJobRegistry(queue.name, connection=connection, serializer=JSONSerializer)
-    with connection.pipeline() as pipe:
-        pipe.delete(execution.key)
-        pipe.zrem(registry.key, execution.composite_key)
-        pipe.hset(job.key, mapping={"status": JobStatus.QUEUED.value, "worker_name": ""})
-        pipe.lrem(queue.key, 0, job.id)
-        pipe.lpush(queue.key, job.id)
-        pipe.execute()
+    registry = StartedJobRegistry(queue_name, connection=connection)
+    expired = [_text(raw) for raw in connection.zrangebyscore(registry.key, "-inf", time.time(), start=0, num=1000)]
+    requeued: list[str] = []
+    for composite in expired:
+        job_id, execution_id = parse_composite_key(composite)
+        status, owner = connection.hmget(Job.key_for(job_id), ["status", "worker_name"])
+        name = _text(owner) if owner else ""
+        if status == b"started" and name and connection.exists(alive_key(name)):
+            continue  # still running on a live worker, which will refresh or settle it
+        if requeue_execution(connection, queue_name, job_id, execution_id, name):
+            requeued.append(job_id)
+            log.warning("requeued a job whose execution expired", jobId=job_id, worker=name)
+    return requeued
 
 
 class Liveness:
-    """A thread that keeps this worker's liveness key fresh and reaps dead workers' jobs."""
+    """A thread that keeps this worker's liveness key and jobs in flight fresh and reaps dead workers' jobs.
 
-    def __init__(self, connection: redis.Redis, worker_name: str, queue_names: list[str]) -> None:
+    ``in_flight`` returns, for each job this worker is running, its queue, execution composite
+    key and started-registry TTL.
+    """
+
+    def __init__(
+        self,
+        connection: redis.Redis,
+        worker_name: str,
+        queue_names: list[str],
+        in_flight: Callable[[], Iterable[tuple[str, str, int]]] = lambda: (),
+    ) -> None:
         self._connection = connection
         self._name = worker_name
         self._queues = queue_names
+        self._in_flight = in_flight
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="liveness", daemon=True)
+        # Judge nobody until every live worker has had time to beat since this one started.
+        self._quiet_until = time.monotonic() + ALIVE_SECONDS
+        # Ids seen in RQ's shared intermediate list, with when this thread first saw each.
+        self._suspects: dict[tuple[str, str], float] = {}
 
     def start(self) -> None:
         self._beat()
-        self._connection.sadd(WORKERS_SET, self._name)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop beating and say goodbye, so nobody mistakes a clean exit for a death."""
+        """Stop beating, hand back anything still held, and say goodbye.
+
+        If Redis cannot be reached in time the worker stays announced: its liveness key expires
+        and a peer puts back what it held, as for a crash.
+        """
         self._stop.set()
         self._thread.join(timeout=10)
+
+        def release() -> None:
+            for queue_name in self._queues:
+                reap(self._connection, queue_name, {self._name})
+            with self._connection.pipeline(transaction=False) as pipe:
+                pipe.delete(alive_key(self._name))
+                pipe.srem(WORKERS_SET, self._name)
+                pipe.execute()
+
         try:
-            self._connection.delete(alive_key(self._name))
-            self._connection.srem(WORKERS_SET, self._name)
-        except redis.RedisError:
-            pass
+            until_redis_answers(release, give_up_after=RELEASE_PATIENCE_SECONDS)
+        except redis.RedisError as exc:
+            log.warning("left without deregistering; peers will requeue its jobs", error=type(exc).__name__)
+
+    @property
+    def quiet(self) -> bool:
+        """True while this worker should not judge others (just started, or Redis just came back)."""
+        return time.monotonic() < self._quiet_until
 
     def _beat(self) -> None:
-        self._connection.set(alive_key(self._name), "1", ex=ALIVE_SECONDS)
+        # EXPIRE still works when Redis refuses writes at maxmemory; SET and SADD do not.
+        if not self._connection.expire(alive_key(self._name), ALIVE_SECONDS):
+            with self._connection.pipeline(transaction=False) as pipe:
+                pipe.set(alive_key(self._name), "1", ex=ALIVE_SECONDS)
+                pipe.sadd(WORKERS_SET, self._name)
+                pipe.execute()
+        jobs = list(self._in_flight())
+        if jobs:
+            # Keep RQ's view true while this worker lives: its entries never expire under it,
+            # however long a job waits out a Redis outage.
+            now = time.time()
+            with self._connection.pipeline(transaction=False) as pipe:
+                for queue_name, composite, ttl in jobs:
+                    registry = StartedJobRegistry.key_template.format(queue_name)
+                    pipe.zadd(registry, {composite: now + ttl}, xx=True)
+                    pipe.expire(Execution.from_composite_key(composite, self._connection).key, ttl)
+                pipe.execute()
 
     def _run(self) -> None:
         while not self._stop.wait(BEAT_SECONDS):
             try:
                 self._beat()
-                dead = self._dead_workers()
-                if not dead:
-                    # The common case: every announced worker is alive, so no started job can
-                    # be abandoned and the registries need not be read at all.
-                    continue
-                holders: set[str] = set()
-                for queue_name in self._queues:
-                    reap_abandoned(self._connection, queue_name, holders)
-                # A dead worker is forgotten once none of its jobs is left in a started registry.
-                gone = [name for name in dead if name not in holders]
-                if gone:
-                    self._connection.srem(WORKERS_SET, *gone)
             except redis.RedisError as exc:
+                self._quiet_until = time.monotonic() + ALIVE_SECONDS + BEAT_SECONDS
                 log.warning("liveness beat failed; retrying", error=type(exc).__name__)
+                continue
+            try:
+                self._recover()
+            except redis.RedisError as exc:
+                log.warning("could not requeue stranded jobs yet; retrying", error=type(exc).__name__)
 
-    def _dead_workers(self) -> list[str]:
-        """Announced workers whose liveness key has expired (one round trip for all of them)."""
-        names = [_text(raw) for raw in self._connection.smembers(WORKERS_SET)]
-        if not names:
-            return []
+    def _recover(self) -> None:
+        names, shared = self._look()
+        for queue_name, ids in shared.items():
+            self._return_from_rq_list(queue_name, ids)
+        if self.quiet:
+            return
+        dead = self._dead(names)
+        if not dead:
+            # The common case: every announced worker is alive, so no started job can be
+            # abandoned and the registries need not be read at all.
+            return
+        for queue_name in self._queues:
+            reap(self._connection, queue_name, dead)
+        # Everything they held is back on the queue: forget them.
         with self._connection.pipeline(transaction=False) as pipe:
-            for name in names:
+            pipe.srem(WORKERS_SET, *dead)
+            pipe.execute()
+
+    def _look(self) -> tuple[list[str], dict[str, list[str]]]:
+        """The announced workers, and the ids in each queue's shared RQ list (one round trip)."""
+        with self._connection.pipeline(transaction=False) as pipe:
+            pipe.smembers(WORKERS_SET)
+            for queue_name in self._queues:
+                pipe.lrange(rq_intermediate_key(queue_name), 0, 99)
+            members, *lists = pipe.execute()
+        names = [_text(raw) for raw in members]
+        shared = {q: [_text(raw) for raw in ids] for q, ids in zip(self._queues, lists, strict=True)}
+        return names, shared
+
+    def _dead(self, names: list[str]) -> set[str]:
+        """Announced workers, other than this one, whose liveness key has expired."""
+        others = [name for name in names if name != self._name]
+        if not others:
+            return set()
+        with self._connection.pipeline(transaction=False) as pipe:
+            for name in others:
                 pipe.exists(alive_key(name))
             alive = pipe.execute()
-        return [name for name, up in zip(names, alive, strict=True) if not up]
+        return {name for name, up in zip(others, alive, strict=True) if not up}
+
+    def _return_from_rq_list(self, queue_name: str, ids: list[str]) -> None:
+        """Put back ids that have sat in RQ's shared list across beats for :data:`STRANDED_AFTER_SECONDS`."""
+        now = time.monotonic()
+        for key in [key for key in self._suspects if key[0] == queue_name and key[1] not in ids]:
+            del self._suspects[key]
+        if not ids:
+            return
+        script = self._connection.register_script(_RETURN_FROM_RQ_LIST)
+        for job_id in ids:
+            first_seen = self._suspects.setdefault((queue_name, job_id), now)
+            if now - first_seen < STRANDED_AFTER_SECONDS:
+                continue
+            keys = [rq_intermediate_key(queue_name), queue_key(queue_name), Job.key_for(job_id)]
+            if script(keys=keys, args=[job_id]):
+                log.warning("requeued a job stranded in RQ's intermediate list", jobId=job_id)
+            self._suspects.pop((queue_name, job_id), None)

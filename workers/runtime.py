@@ -98,6 +98,7 @@ class Runtime:
                     redis,
                     StreamNames(output=settings.output_stream, parked=settings.parked_stream),
                     published_ttl_seconds=settings.dedupe_ttl_seconds,
+                    parked_retention_seconds=settings.parked_retention_seconds,
                 ),
             )
             self._closers = [redis.aclose, http.aclose, users.dispose]

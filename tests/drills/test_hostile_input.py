@@ -1,13 +1,20 @@
-"""Drill: ten thousand hostile requests over real HTTP: no 5xx, no forgery accepted, bounded memory."""
+"""Drill: ten thousand hostile requests over real HTTP: no 5xx, no forgery accepted, bounded memory.
+
+A second drill replays the JSON-scalar signing oracle: unsigned VERIFY challenges such as ``123``
+or ``true`` are refused, and the signed scalars and arrays they would have produced are refused
+too, so nothing reaches the parked stream or the queue.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -47,7 +54,9 @@ def hostile_requests(rng: random.Random, count: int):
             header = rng.choice(["", "zz" * 32, "0" * 63, "é" * 10, "sha256=" + "0" * 64, "a\tb" * 16])
             yield good, {"sc-signature": header.encode("utf-8")}, False
         elif kind == 4:  # signed garbage and signed near misses
-            body = rng.choice([rng.randbytes(200), b"{", b"[]", b'{"eventType":"VEHICLE_STATE"}', b"\xff\xfe"])
+            body = rng.choice(
+                [rng.randbytes(200), b"{", b"[]", b'{"eventType":"VEHICLE_STATE"}', b"\xff\xfe", b"123", b"null"]
+            )
             yield body, {"sc-signature": sign(TOKEN.encode(), body)}, True
         elif kind == 5:  # the signing-oracle attempt
             body = encode(sample_event("VERIFY", challenge=encode(sample_event()).decode()))
@@ -60,8 +69,9 @@ def hostile_requests(rng: random.Random, count: int):
             yield body, {"sc-signature": sign(TOKEN.encode(), body)}, True
 
 
-def test_ten_thousand_hostile_requests(redis_url, redis_client, tmp_path):
-    """10,000 hostile requests: zero 5xx, zero forgeries queued, every 4xx a JSON error, memory bounded."""
+@contextlib.contextmanager
+def web_process(redis_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``smartcar-ingest web`` in its own process, and the free port it serves on."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_"))}
     env |= {
@@ -70,15 +80,25 @@ def test_ten_thousand_hostile_requests(redis_url, redis_client, tmp_path):
         "MAX_BODY_BYTES": "65536",
         "BODY_TIMEOUT_SECONDS": "1",
         "LOG_LEVEL": "ERROR",
+        "ADMIN_PORT": "0",
         "PYTHONPATH": os.getcwd(),
     }
     web = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "web", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path
     )
-    statuses: dict[int, int] = {}
-    genuine: list[str] = []
     try:
         wait_for_port(port, timeout=30)
+        yield web, port
+    finally:
+        web.terminate()
+        web.wait(timeout=20)
+
+
+def test_ten_thousand_hostile_requests(redis_url, redis_client, tmp_path):
+    """10,000 hostile requests: zero 5xx, zero forgeries queued, every 4xx a JSON error, memory bounded."""
+    statuses: dict[int, int] = {}
+    genuine: list[str] = []
+    with web_process(redis_url, tmp_path) as (web, port):
         rng = random.Random(1234)
         url = f"http://127.0.0.1:{port}/webhooks/smartcar"
         with httpx.Client(timeout=10) as client:
@@ -97,9 +117,6 @@ def test_ten_thousand_hostile_requests(redis_url, redis_client, tmp_path):
                     genuine.append(response.json()["eventId"])
             after = rss_mb(web.pid)
         slow_sender = slowloris(port)
-    finally:
-        web.terminate()
-        web.wait(timeout=20)
     queued = Queue("smartcar-events", connection=redis_client, serializer=JSONSerializer).job_ids
     report(
         "hostile input",
@@ -128,3 +145,47 @@ def slowloris(port: int) -> int:
         answer = sock.recv(200)
         assert time.monotonic() - started < 8
     return int(answer.split()[1])
+
+
+#: JSON scalars that fit the token-like challenge characters, each a body the edge could parse.
+SCALARS = ["123", "-1", "0.5", "true", "null", "1e5", "false", "-0", "1E+2", "9" * 256, "9" * 4400]
+NON_OBJECTS = [*SCALARS, '"text"', "[]", "[1, 2, 3]", '[{"eventId": "e-1"}]', "  123  "]
+
+
+def test_json_scalar_signing_oracle_is_closed(redis_url, redis_client, tmp_path):
+    """Unsigned scalar challenges get 401; signed scalars and arrays get 400; 1,000 replays park and queue nothing."""
+    outcomes: dict[str, int] = {}
+    with web_process(redis_url, tmp_path) as (_, port), httpx.Client(timeout=10) as client:
+        url = f"http://127.0.0.1:{port}/webhooks/smartcar"
+        for challenge in SCALARS:
+            body = encode(sample_event("VERIFY", challenge=challenge))
+            response = client.post(url, content=body, headers={"content-type": "application/json"})
+            assert response.status_code == 401, (challenge[:20], response.text)
+            assert sign(TOKEN.encode(), challenge.encode()) not in response.text
+        # What an attacker would hold had the oracle answered: valid signatures of bare JSON values.
+        for text in NON_OBJECTS:
+            body = text.encode()
+            response = client.post(url, content=body, headers={"sc-signature": sign(TOKEN.encode(), body)})
+            code = response.json()["error"]["code"]
+            outcomes[code] = outcomes.get(code, 0) + 1
+            assert response.status_code == 400, (text[:20], response.text)
+            # 4,400 digits exceed the JSON parser's number limit: not JSON at all.
+            assert code == ("malformed_json" if len(text) > 4300 else "not_an_object")
+        replay = b"123"
+        headers = {"sc-signature": sign(TOKEN.encode(), replay)}
+        started = time.monotonic()
+        for _ in range(1000):
+            assert client.post(url, content=replay, headers=headers).status_code == 400
+        replay_seconds = time.monotonic() - started
+    queued = Queue("smartcar-events", connection=redis_client, serializer=JSONSerializer).job_ids
+    report(
+        "json scalar oracle",
+        unsigned_scalar_challenges=len(SCALARS),
+        signed_non_objects=dict(sorted(outcomes.items())),
+        replays=1000,
+        replay_seconds=round(replay_seconds, 2),
+        parked=redis_client.xlen("smartcar:parked"),
+        queued=len(queued),
+    )
+    assert redis_client.xlen("smartcar:parked") == 0
+    assert queued == []

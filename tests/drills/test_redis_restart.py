@@ -2,53 +2,15 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from core.samples import sample_event
 from service.app import create_app
-from tests.drills.common import kill_group, post, report, start_worker
+from tests.drills.common import Sender, kill_group, report, start_worker
 from tests.pipeline import outputs, pipeline_settings
-from tests.procs import LiveServer, RedisServer
-
-
-@pytest.fixture
-def aof_redis():
-    server = RedisServer(appendonly=True, fsync_always=True)
-    server.start()
-    yield server
-    server.cleanup()
-
-
-class Sender:
-    """Posts events like Smartcar: a non-2xx is retried (here every 0.3 s) until it gets a 2xx."""
-
-    def __init__(self, url: str, count: int) -> None:
-        self.url = url
-        self.events = [sample_event() for _ in range(count)]
-        self.acknowledged: dict[str, str] = {}
-        self.refusals = 0
-        self.slowest = 0.0
-        self.thread = threading.Thread(target=self.run)
-
-    def run(self) -> None:
-        for event in self.events:
-            while True:
-                started = time.monotonic()
-                try:
-                    response = post(self.url, event)
-                except Exception:  # connection trouble counts as a failed attempt, as for Smartcar
-                    response = None
-                self.slowest = max(self.slowest, time.monotonic() - started)
-                if response is not None and response.status_code == 202:
-                    self.acknowledged[event["eventId"]] = response.json()["status"]
-                    break
-                self.refusals += 1
-                time.sleep(0.3)
-            time.sleep(0.02)
+from tests.procs import LiveServer
 
 
 @pytest.mark.parametrize("spool", [False, True], ids=["503-and-retry", "spool"])

@@ -92,25 +92,48 @@ The image reference: a digest pins it; otherwise the tag, defaulting to appVersi
 {{- end }}
 
 {{/*
-The Secret that holds REDIS_URL, DATABASE_URL, SMARTCAR_MANAGEMENT_TOKEN and SMARTCAR_CLIENT_SECRET.
+The Secret that holds the Redis URLs, DATABASE_URL, SMARTCAR_MANAGEMENT_TOKEN, SMARTCAR_CLIENT_SECRET
+and CONNECT_STATE_SECRET.
 */}}
 {{- define "smartcar-ingest.secretName" -}}
 {{- .Values.secrets.existingSecret | default (include "smartcar-ingest.fullname" .) }}
 {{- end }}
 
 {{/*
-Environment variables read from the Secret. Call with (dict "ctx" $ "keys" (list "REDIS_URL" …)):
-each pod receives only the secrets its process uses.
+Environment variables read from the Secret. Call with (dict "ctx" $ "keys" (list "DATABASE_URL" …)):
+each pod receives only the secrets its process uses. An entry may also be a dict with the variable's
+"name", the Secret's "key" and "optional" (a key the Secret need not hold).
 */}}
 {{- define "smartcar-ingest.secretEnv" -}}
 {{- $name := include "smartcar-ingest.secretName" .ctx }}
-{{- range $index, $key := .keys }}
+{{- range $index, $entry := .keys }}
+{{- $entry = kindIs "map" $entry | ternary $entry (dict "name" $entry "key" $entry) }}
 {{- if $index }}{{ "\n" }}{{ end -}}
-- name: {{ $key }}
+- name: {{ $entry.name }}
   valueFrom:
     secretKeyRef:
       name: {{ $name }}
-      key: {{ $key }}
+      key: {{ $entry.key }}
+      {{- if $entry.optional }}
+      optional: true
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret key holding a role's REDIS_URL. Call with (dict "ctx" $ "role" "web"|"worker"). Each role
+may log in to Redis as its own ACL user: an existing Secret names the key per role; the chart's own
+Secret holds WEB_REDIS_URL / WORKER_REDIS_URL when secrets.webRedisUrl / workerRedisUrl are set,
+and REDIS_URL (secrets.redisUrl) for a role without one.
+*/}}
+{{- define "smartcar-ingest.redisUrlKey" -}}
+{{- $secrets := .ctx.Values.secrets }}
+{{- if $secrets.existingSecret }}
+{{- index $secrets.existingSecretRedisKeys .role }}
+{{- else if index $secrets (printf "%sRedisUrl" .role) }}
+{{- printf "%s_REDIS_URL" (upper .role) }}
+{{- else }}
+{{- print "REDIS_URL" }}
 {{- end }}
 {{- end }}
 
@@ -188,15 +211,51 @@ start without is missing. `helm lint` and plain rendering skip this, so the defa
 */}}
 {{- define "smartcar-ingest.validateValues" -}}
 {{- if or .Release.IsInstall .Release.IsUpgrade }}
-{{- if not .Values.secrets.existingSecret }}
-{{- range $key, $env := dict "redisUrl" "REDIS_URL" "databaseUrl" "DATABASE_URL" "smartcarManagementToken" "SMARTCAR_MANAGEMENT_TOKEN" "smartcarClientSecret" "SMARTCAR_CLIENT_SECRET" }}
-{{- if not (index $.Values.secrets $key) }}
+{{- $secrets := .Values.secrets }}
+{{- if not $secrets.existingSecret }}
+{{- range $key, $env := dict "databaseUrl" "DATABASE_URL" "smartcarManagementToken" "SMARTCAR_MANAGEMENT_TOKEN" "smartcarClientSecret" "SMARTCAR_CLIENT_SECRET" }}
+{{- if not (index $secrets $key) }}
 {{- fail (printf "secrets.%s (%s) is required: set it, or name a Secret holding it in secrets.existingSecret" $key $env) }}
 {{- end }}
+{{- end }}
+{{- if not (or $secrets.redisUrl (and $secrets.webRedisUrl $secrets.workerRedisUrl)) }}
+{{- fail "secrets.redisUrl (REDIS_URL) is required unless both secrets.webRedisUrl and secrets.workerRedisUrl are set: set it, or name a Secret holding it in secrets.existingSecret" }}
 {{- end }}
 {{- end }}
 {{- if not .Values.config.SMARTCAR_CLIENT_ID }}
 {{- fail "config.SMARTCAR_CLIENT_ID is required: the workers refuse to start without the client id" }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+One NetworkPolicy egress rule from a networkPolicy.egress entry ({to, ports}); an empty `to`
+leaves the destination open and restricts the ports only.
+*/}}
+{{- define "smartcar-ingest.egressRule" -}}
+- ports:
+    {{- toYaml .ports | nindent 4 }}
+  {{- with .to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{/*
+The egress rules of a role. Call with (dict "ctx" $ "database" bool "https" bool): every pod
+resolves names and reaches Redis; PostgreSQL and HTTPS (Smartcar) only where the role uses them.
+*/}}
+{{- define "smartcar-ingest.egressRules" -}}
+{{- $egress := .ctx.Values.networkPolicy.egress }}
+{{- include "smartcar-ingest.egressRule" $egress.dns }}
+{{ include "smartcar-ingest.egressRule" $egress.redis }}
+{{- if .database }}
+{{ include "smartcar-ingest.egressRule" $egress.postgresql }}
+{{- end }}
+{{- if .https }}
+{{ include "smartcar-ingest.egressRule" $egress.https }}
+{{- end }}
+{{- with $egress.extra }}
+{{ toYaml . }}
 {{- end }}
 {{- end }}

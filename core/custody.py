@@ -1,0 +1,120 @@
+"""Who holds an ingest job between the moment it leaves the queue and the moment it starts.
+
+RQ's own dequeue moves a job id from the queue into one list shared by every worker
+(``rq:queue:<name>:intermediate``) and removes it when the job starts. A worker that dies between
+the two steps, or a Redis restarted from its AOF that applied the move but never delivered the
+answer, leaves the id there with nobody to run it, while the job's hash still says ``queued``.
+
+This service's worker moves each id into a list of its own instead,
+``smartcar-ingest:dequeued:<queue>:<worker>``, and takes it out in the same transaction that
+records the job's execution in RQ's started registry. So every job that has left the queue is,
+at every instant, in exactly one place that names the worker answering for it: that worker's
+list, or an execution that names it. Each worker keeps ``smartcar-ingest:worker-alive:<worker>``
+fresh and is listed in ``smartcar-ingest:liveness-workers``; a worker whose liveness key is gone
+is dead, and what it held is put back at the front of the queue (:mod:`workers.reaper`).
+
+A job is *stranded* while it sits in RQ's shared list (left there by a stock RQ worker or an
+older version of this one) or in the list of a dead worker, until the reaper returns it. These
+names are shared by the worker that writes them, the reaper, and the gauges and ``status`` that
+read them (:func:`read_stranded`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import redis
+from rq.job import Job
+
+from core.inbox import queue_key
+
+ALIVE_PREFIX = "smartcar-ingest:worker-alive:"
+WORKERS_SET = "smartcar-ingest:liveness-workers"
+DEQUEUED_PREFIX = "smartcar-ingest:dequeued:"
+
+#: Stranded ids read at most to find the oldest one; the count is always exact.
+STRANDED_SCAN_LIMIT = 100
+
+
+def alive_key(worker_name: str) -> str:
+    """The key a live worker keeps fresh; it expires soon after the worker dies."""
+    return ALIVE_PREFIX + worker_name
+
+
+def dequeued_key(queue_name: str, worker_name: str) -> str:
+    """The list holding the ids ``worker_name`` has taken from ``queue_name`` but not yet started."""
+    return f"{DEQUEUED_PREFIX}{queue_name}:{worker_name}"
+
+
+def rq_intermediate_key(queue_name: str) -> str:
+    """RQ's own list of ids between dequeue and start, shared by every stock RQ worker."""
+    return queue_key(queue_name) + ":intermediate"
+
+
+@dataclass(frozen=True)
+class Stranded:
+    """Jobs that left the queue and that no live worker answers for."""
+
+    count: int
+    oldest_enqueued_at: dt.datetime | None
+    """When the longest-waiting of them was enqueued (None when there are none)."""
+
+    def oldest_age_seconds(self, now: dt.datetime | None = None) -> float:
+        """Seconds since the oldest stranded job was enqueued; 0 when none is stranded."""
+        if self.oldest_enqueued_at is None:
+            return 0.0
+        now = now or dt.datetime.now(dt.UTC)
+        return max(0.0, (now - self.oldest_enqueued_at).total_seconds())
+
+
+def read_stranded(client: redis.Redis, queue_name: str) -> Stranded:
+    """Count the stranded jobs of ``queue_name`` and find the oldest, reading only (three round trips at most).
+
+    Ages are measured from each job's ``enqueued_at``, as the queue's own oldest age is.
+    """
+    with client.pipeline(transaction=False) as pipe:
+        pipe.llen(rq_intermediate_key(queue_name))
+        pipe.lrange(rq_intermediate_key(queue_name), 0, STRANDED_SCAN_LIMIT - 1)
+        pipe.smembers(WORKERS_SET)
+        shared_count, shared_ids, members = pipe.execute()
+    count = int(shared_count)
+    ids = [_text(raw) for raw in shared_ids]
+    workers = sorted(_text(raw) for raw in members)
+    if workers:
+        with client.pipeline(transaction=False) as pipe:
+            for name in workers:
+                pipe.exists(alive_key(name))
+                pipe.llen(dequeued_key(queue_name, name))
+                pipe.lrange(dequeued_key(queue_name, name), 0, STRANDED_SCAN_LIMIT - 1)
+            replies = pipe.execute()
+        for alive, held, held_ids in zip(replies[::3], replies[1::3], replies[2::3], strict=True):
+            if not alive:
+                count += int(held)
+                ids.extend(_text(raw) for raw in held_ids)
+    oldest = None
+    if ids:
+        with client.pipeline(transaction=False) as pipe:
+            for job_id in ids[:STRANDED_SCAN_LIMIT]:
+                pipe.hget(Job.key_for(job_id), "enqueued_at")
+            stamps = [parse_rq_time(raw) for raw in pipe.execute()]
+        known = [stamp for stamp in stamps if stamp is not None]
+        oldest = min(known) if known else None
+    return Stranded(count=count, oldest_enqueued_at=oldest)
+
+
+def parse_rq_time(raw: object) -> dt.datetime | None:
+    """An RQ timestamp (``2026-11-28T18:01:03.021294Z``) as an aware UTC datetime, or None."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("ascii", "replace")
+    if not isinstance(raw, str) or not raw:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

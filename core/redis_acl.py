@@ -1,0 +1,101 @@
+"""Redis ACL rules for the two roles, so each logs in with only what it needs.
+
+The web pods face the internet; the workers hold the client secret and write what consumers
+read. With one Redis user for both, a compromised web pod could forge enriched events on the
+output stream, rewrite vehicle state or read anything the workers keep. :func:`acl_rules` gives
+each role its own rule list for ``ACL SETUSER``:
+
+* **web**: write only what accepting a delivery writes (dedupe and parked marks, the RQ job hash,
+  the ingest queue, RQ's set of queues, the parked stream, Connect's single-use state marks), read
+  the RQ keys and stream lengths that ``/metrics`` reports, and run the few commands those take.
+  No output stream, no vehicle state, no token, no administrative command (the maxmemory-policy
+  check at startup then reports that it could not read the policy; the workers check it).
+* **worker**: every key under the RQ and service prefixes and the service's streams and state,
+  RQ's pub/sub command channels, and no dangerous command but ``INFO`` (RQ reads the server
+  version).
+
+With ``connect=True`` the web may also use the sealed application token (the Connect callback
+verifies user ids with Smartcar; it holds the client secret then, see ``core.tokens``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+from core.config import Settings
+from core.inbox import DEDUPE_PREFIX, queue_key
+
+Role = Literal["web", "worker"]
+
+#: Prefix of every key this service owns besides RQ's and the streams.
+SERVICE_PREFIX = "smartcar-ingest:"
+#: Prefix of RQ's keys and channels.
+RQ_PREFIX = "rq:"
+
+#: PING, HELLO, AUTH, SELECT, CLIENT SETNAME/SETINFO/ID…, without the dangerous CLIENT KILL/LIST/PAUSE.
+_CONNECTION = ["+@connection", "-@dangerous"]
+_SCRIPTS = ["+evalsha", "+eval", "+script|load", "+script|exists"]
+_WEB_COMMANDS = [
+    # what the accept and park scripts and the Connect state marks write
+    "+set",
+    "+get",
+    "+hset",
+    "+rpush",
+    "+sadd",
+    "+xadd",
+    "+exists",
+    # what /metrics and /readyz read
+    "+llen",
+    "+lindex",
+    "+xlen",
+    "+zcard",
+    "+hget",
+]
+
+
+def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str]:
+    """The ACL rules of ``role`` for the configured queue and stream names (no user name or password)."""
+    if role == "web":
+        keys = [
+            f"~{DEDUPE_PREFIX}*",
+            f"~{SERVICE_PREFIX}parked:*",
+            f"~{SERVICE_PREFIX}connect-state:*",
+            f"~{RQ_PREFIX}job:*",
+            f"~{queue_key(settings.ingest_queue)}",
+            f"~{RQ_PREFIX}queues",
+            f"~{settings.parked_stream}",
+            f"%R~{RQ_PREFIX}*",
+            f"%R~{settings.output_stream}",
+        ]
+        # DEL only where it is needed (a selector, Redis 7): Connect gives a state mark back
+        # after an upstream failure, and the token lock is released, both compare-then-delete.
+        deletable = [f"~{SERVICE_PREFIX}connect-state:*"]
+        if connect:
+            keys.append(f"~{SERVICE_PREFIX}app-token*")
+            deletable.append(f"~{SERVICE_PREFIX}app-token:lock")
+        selector = "(" + " ".join(["+del", *deletable]) + ")"
+        return ["resetkeys", "resetchannels", "-@all", *_CONNECTION, *_SCRIPTS, *_WEB_COMMANDS, *keys, selector]
+    return [
+        "resetkeys",
+        "resetchannels",
+        "+@all",
+        "-@dangerous",
+        "+info",
+        f"~{RQ_PREFIX}*",
+        f"~{SERVICE_PREFIX}*",
+        f"~{settings.output_stream}",
+        f"~{settings.parked_stream}",
+        f"&{RQ_PREFIX}*",
+    ]
+
+
+def acl_file_line(settings: Settings, role: Role, user: str, password: str | None, connect: bool = False) -> str:
+    """One ``aclfile`` line for ``user`` in ``role``.
+
+    The password is stored as its SHA-256 (``#…``), as Redis's ACL files allow; without one the
+    user is written switched off, to be given a password with ``ACL SETUSER`` before use.
+    """
+    credentials = ["on", "#" + hashlib.sha256(password.encode()).hexdigest()] if password else ["off"]
+    rules = [rule for rule in acl_rules(settings, role, connect) if rule not in ("resetkeys", "resetchannels")]
+    return " ".join(["user", user, *credentials, *rules])

@@ -1,0 +1,198 @@
+"""Drills: jobs caught between leaving the queue and starting are put back and published exactly once.
+
+Each drill forces its interleaving instead of hoping a timed kill lands in it: the worker's drill
+hook (``SMARTCAR_INGEST_DRILL_HALT``) kills or freezes it at a named step, or the drill leaves
+Redis in the state a dying worker would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+import redis
+from rq.registry import FailedJobRegistry
+
+from core.custody import dequeued_key, rq_intermediate_key
+from core.samples import sample_event
+from tests.drills.common import (
+    frozen,
+    kill_group,
+    metrics_port_env,
+    published_ids,
+    report,
+    reruns,
+    settle,
+    start_worker,
+    wait_until,
+    whereabouts,
+    worker_names,
+)
+from tests.pipeline import pipeline_settings
+from tests.test_pipeline import deliver
+from workers.drill import DRILL_HALT_ENV
+
+QUEUE = "smartcar-events"
+QUEUE_KEY = f"rq:queue:{QUEUE}"
+
+
+def test_ids_left_in_rqs_intermediate_list_are_requeued_and_run_once(pipeline, redis_client):
+    """Ids a stock RQ worker left in RQ's intermediate list (hashes still `queued`) are run, none failed."""
+    events = [sample_event() for _ in range(10)]
+    deliver(pipeline, *events)
+    # What a stock RQ worker (or an older version of this one) killed right after its dequeue
+    # leaves: ids moved into RQ's shared list, in no registry, their hashes saying `queued`.
+    for _ in range(4):
+        redis_client.lmove(QUEUE_KEY, rq_intermediate_key(QUEUE), "LEFT", "RIGHT")
+    port, env = metrics_port_env()
+    worker = start_worker(pipeline, "--concurrency", "8", **env)
+    try:
+        recovered = settle(redis_client, len(events))
+        rerun = reruns(port)
+    finally:
+        kill_group(worker)
+    published = published_ids(redis_client)
+    expected = sorted(e["eventId"] for e in events)
+    report(
+        "stranded in RQ's intermediate list",
+        acknowledged=len(events),
+        stranded=4,
+        published=len(published),
+        duplicates=len(published) - len(set(published)),
+        reruns=rerun,
+        recovered_seconds=round(recovered, 1),
+    )
+    assert sorted(published) == expected, whereabouts(redis_client, expected)
+    assert FailedJobRegistry(QUEUE, connection=redis_client).count == 0
+    assert redis_client.llen(rq_intermediate_key(QUEUE)) == 0
+
+
+@pytest.mark.parametrize("point", ["dequeued", "prepared"])
+def test_worker_killed_between_dequeue_and_start(pipeline, redis_client, emulator, point):
+    """A worker SIGKILLed right after a dequeue (or after recording the execution), before the job starts,
+    loses nothing: a peer puts its jobs back and each event is published once, no retry spent."""
+    httpx.post(f"{emulator}/_emulator/latency", json={"seconds": 1.0}).raise_for_status()
+    events = [sample_event() for _ in range(12)]
+    deliver(pipeline, *events)
+    expected = sorted(e["eventId"] for e in events)
+    victim = start_worker(pipeline, "--concurrency", "4", **{DRILL_HALT_ENV: f"{point}:3"})
+    survivor = None
+    try:
+        assert wait_until(lambda: victim.poll() is not None, 60), "the drill hook never fired"
+        killed_at = time.monotonic()
+        kill_group(victim)  # its scheduler process too
+        (name,) = worker_names(redis_client)
+        # The interleaving was hit: one job taken off the queue and not started.
+        if point == "dequeued":
+            assert redis_client.llen(dequeued_key(QUEUE, name)) == 1
+        else:
+            waiting = [j for j in expected if redis_client.hget(f"rq:job:{j}", "status") == b"queued"]
+            recorded = {k.decode().split(":")[0] for k in redis_client.zrange(f"rq:wip:{QUEUE}", 0, -1)}
+            assert len(recorded & set(waiting)) == 1, whereabouts(redis_client, expected)
+        httpx.post(f"{emulator}/_emulator/latency", json={"seconds": 0.05}).raise_for_status()
+        port, env = metrics_port_env()
+        survivor = start_worker(pipeline, "--concurrency", "8", **env)
+        settle(redis_client, len(events))
+        recovered = time.monotonic() - killed_at
+        rerun = reruns(port)
+    finally:
+        kill_group(victim)
+        if survivor is not None:
+            kill_group(survivor)
+    published = published_ids(redis_client)
+    report(
+        f"worker SIGKILL after {point}",
+        acknowledged=len(events),
+        published=len(published),
+        duplicates=len(published) - len(set(published)),
+        reruns=rerun,
+        recovered_seconds=round(recovered, 1),
+    )
+    assert sorted(published) == expected, whereabouts(redis_client, expected)
+    assert FailedJobRegistry(QUEUE, connection=redis_client).count == 0  # no retries to spend: none spent
+
+
+def test_redis_killed_between_dequeue_and_start(aof_redis, emulator, seeded_database):
+    """Redis killed -9 while a worker holds a dequeued job it has not started, and while another move
+    was applied whose answer the restart lost: the same worker, never restarted, runs both once."""
+    settings = pipeline_settings(aof_redis.url, emulator, seeded_database)
+    events = [sample_event() for _ in range(10)]
+    deliver(settings, *events)
+    expected = sorted(e["eventId"] for e in events)
+    port, env = metrics_port_env()
+    worker = start_worker(settings, "--concurrency", "4", **{DRILL_HALT_ENV: "dequeued:2:stop"}, **env)
+    client = redis.Redis.from_url(aof_redis.url)
+    try:
+        assert wait_until(lambda: frozen(worker), 60), "the drill hook never froze the worker"
+        (name,) = worker_names(client)
+        # What Redis holds when it applied a dequeue and died before answering it.
+        lost = client.lmove(QUEUE_KEY, dequeued_key(QUEUE, name), "LEFT", "RIGHT")
+        assert lost is not None
+        client.close()
+        aof_redis.stop(kill=True)
+        aof_redis.start()
+        restarted_at = time.monotonic()
+        os.kill(worker.pid, signal.SIGCONT)
+        client = redis.Redis.from_url(aof_redis.url)
+        settle(client, len(events))
+        recovered = time.monotonic() - restarted_at
+        alive = worker.poll() is None
+        rerun = reruns(port)
+        published = published_ids(client)
+        diagnosis = whereabouts(client, expected)
+    finally:
+        kill_group(worker)
+        client.close()
+    report(
+        "Redis SIGKILL between dequeue and start",
+        acknowledged=len(events),
+        published=len(published),
+        duplicates=len(published) - len(set(published)),
+        reruns=rerun,
+        recovered_seconds=round(recovered, 1),
+        worker_alive=alive,
+    )
+    assert alive
+    assert sorted(published) == expected, diagnosis
+
+
+def test_sigterm_while_redis_is_down_stops_the_worker_and_loses_nothing(aof_redis, emulator, seeded_database):
+    """SIGTERM during a Redis outage, with a dequeued job not yet started: the worker exits without waiting
+    for Redis, and a worker started after Redis returns runs that job and every other once."""
+    settings = pipeline_settings(aof_redis.url, emulator, seeded_database)
+    events = [sample_event() for _ in range(5)]
+    deliver(settings, *events)
+    expected = sorted(e["eventId"] for e in events)
+    worker = start_worker(settings, "--concurrency", "4", **{DRILL_HALT_ENV: "dequeued:1:stop"})
+    successor = None
+    try:
+        assert wait_until(lambda: frozen(worker), 60), "the drill hook never froze the worker"
+        aof_redis.stop(kill=True)
+        os.kill(worker.pid, signal.SIGCONT)
+        worker.send_signal(signal.SIGTERM)
+        stopping = time.monotonic()
+        assert wait_until(lambda: worker.poll() is not None, 90), "SIGTERM did not stop the worker"
+        stopped_in = time.monotonic() - stopping
+        aof_redis.start()
+        successor = start_worker(settings, "--concurrency", "4")
+        client = redis.Redis.from_url(aof_redis.url)
+        recovered = settle(client, len(events))
+        published = published_ids(client)
+        diagnosis = whereabouts(client, expected)
+        client.close()
+    finally:
+        kill_group(worker)
+        if successor is not None:
+            kill_group(successor)
+    report(
+        "SIGTERM while Redis is down",
+        acknowledged=len(events),
+        published=len(published),
+        duplicates=len(published) - len(set(published)),
+        stopped_seconds=round(stopped_in, 1),
+        recovered_seconds=round(recovered, 1),
+    )
+    assert sorted(published) == expected, diagnosis

@@ -1,0 +1,129 @@
+"""Web and worker each log in to Redis as their own ACL user, with only what their role needs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+import redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from core.redis_acl import Role, acl_rules
+from core.samples import sample_event
+from core.tokens import TOKEN_KEY
+from tests.pipeline import outputs, run_worker_burst, stream_entries
+from tests.procs import RedisServer, free_port, wait_for_port
+from tests.test_cli import run_cli
+from tests.test_pipeline import deliver
+
+PASSWORDS: dict[Role, str] = {"web": "web-acl-password", "worker": "worker-acl-password"}
+
+
+@pytest.fixture
+def acl_redis(pipeline) -> Iterator[tuple[RedisServer, redis.Redis]]:
+    server = RedisServer()
+    server.start()
+    admin = redis.Redis.from_url(server.url)
+    for role, password in PASSWORDS.items():
+        admin.acl_setuser(f"smartcar-{role}", reset=True)
+        admin.execute_command("ACL", "SETUSER", f"smartcar-{role}", "on", f">{password}", *acl_rules(pipeline, role))
+    yield server, admin
+    admin.close()
+    server.cleanup()
+
+
+def role_url(server: RedisServer, role: Role) -> str:
+    return f"redis://smartcar-{role}:{PASSWORDS[role]}@127.0.0.1:{server.port}/0"
+
+
+def test_web_and_worker_run_the_pipeline_as_their_own_users(pipeline, acl_redis):
+    """Accept, park, enqueue, enrich and publish all work with the restricted users."""
+    server, admin = acl_redis
+    web = pipeline.model_copy(update={"redis_url": role_url(server, "web")})
+    worker = pipeline.model_copy(update={"redis_url": role_url(server, "worker")})
+    event = sample_event()
+    legacy = {"version": "2.0", "eventName": "x", "payload": {}, "eventId": "legacy-acl"}
+    deliver(web, event, legacy)
+    run_worker_burst(worker)
+    assert [entry["event_id"] for entry in outputs(admin)] == [event["eventId"]]
+    assert [entry["reason"] for entry in stream_entries(admin, pipeline.parked_stream)] == ["legacy_v2"]
+    assert admin.get(TOKEN_KEY) is not None
+
+
+def test_web_user_cannot_forge_output_read_the_token_or_administer(pipeline, acl_redis):
+    """What a compromised web pod would try next is refused by Redis itself."""
+    server, admin = acl_redis
+    admin.set(TOKEN_KEY, "sealed-token-stand-in")
+    admin.set("unrelated:secret", "x")
+    web = redis.Redis.from_url(role_url(server, "web"))
+    forged = {"event_id": "forged", "payload": json.dumps({"eventId": "forged"})}
+    attempts = [
+        lambda: web.xadd(pipeline.output_stream, forged),
+        lambda: web.get(TOKEN_KEY),
+        lambda: web.get("unrelated:secret"),
+        lambda: web.delete(pipeline.parked_stream),
+        lambda: web.config_get("requirepass"),
+        lambda: web.flushall(),
+        lambda: web.keys("*"),
+        lambda: web.rpush("rq:queue:another-queue", "job"),
+        lambda: web.hset("smartcar:vehicle-state:v1", "x", "1"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
+    web.close()
+    assert admin.xlen(pipeline.output_stream) == 0
+
+
+def test_worker_user_cannot_administer_redis(pipeline, acl_redis):
+    """The worker user gets no dangerous command but INFO."""
+    server, _ = acl_redis
+    worker = redis.Redis.from_url(role_url(server, "worker"))
+    assert worker.info("server")["redis_version"]
+    for attempt in (lambda: worker.config_set("appendonly", "no"), worker.flushall, lambda: worker.keys("*")):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
+    assert Queue(pipeline.ingest_queue, connection=worker, serializer=JSONSerializer).count == 0
+    worker.close()
+
+
+def test_redis_acl_command_writes_an_aclfile_redis_loads(pipeline, tmp_path):
+    """`smartcar-ingest redis-acl ROLE --password-env VAR` prints aclfile lines a real redis-server loads."""
+    lines = ["user default on nopass ~* &* +@all"]
+    for role, password in PASSWORDS.items():
+        result = run_cli(
+            "redis-acl", role, "--password-env", "ACL_PASSWORD", env={"ACL_PASSWORD": password}, cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr
+        assert password not in result.stdout
+        lines.append(result.stdout.strip())
+    aclfile = tmp_path / "users.acl"
+    aclfile.write_text("\n".join(lines) + "\n")
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--aclfile", str(aclfile)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        web = redis.Redis(port=port, username="smartcar-web", password=PASSWORDS["web"])
+        assert web.ping()
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            web.xadd(pipeline.output_stream, {"forged": "1"})
+        web.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_redis_acl_without_a_password_writes_a_disabled_user(tmp_path):
+    """No --password-env: the user line is switched off (never nopass), and stderr says so."""
+    result = run_cli("redis-acl", "worker", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.startswith("user smartcar-worker off ")
+    assert "nopass" not in result.stdout
+    assert "switched off" in result.stderr

@@ -1,0 +1,288 @@
+"""The public port's limits, attacked over real sockets against a real `smartcar-ingest web` process.
+
+Each test starts the console script as a subprocess (the same uvicorn set-up production runs), then
+plays one attack: oversized request heads, a head sent byte by byte, connections that send nothing,
+idle keep-alive connections, more connections than the cap. What each proves is in its docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import TOKEN
+from tests.procs import free_port, wait_for_port
+
+pytestmark = pytest.mark.slow
+
+HEADER_TIMEOUT = 2.0
+# How late a close may come after its deadline on a busy two-core machine.
+SLACK = 1.5
+
+
+@dataclass
+class Web:
+    process: subprocess.Popen[bytes]
+    port: int
+    admin_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS line")
+
+
+@contextlib.contextmanager
+def running_web(redis_url: str, tmp_path: Path, *args: str, **env: str) -> Iterator[Web]:
+    """`smartcar-ingest web` on free ports (public and admin), stopped on exit."""
+    port, admin_port = free_port(), free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "ADMIN_", "PROMETHEUS_"))}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "web", "--host", "127.0.0.1", "--port", str(port), *args],
+        env=base
+        | {
+            "SMARTCAR_MANAGEMENT_TOKEN": TOKEN,
+            "REDIS_URL": redis_url,
+            "ADMIN_PORT": str(admin_port),
+            "ADMIN_HOST": "127.0.0.1",
+            "HEADER_TIMEOUT_SECONDS": str(HEADER_TIMEOUT),
+            "LOG_LEVEL": "ERROR",
+            "PYTHONPATH": os.getcwd(),
+            **env,
+        },
+        cwd=tmp_path,
+    )
+    try:
+        wait_for_port(port, timeout=30)
+        yield Web(process, port, admin_port)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def closed_by_peer(sock: socket.socket, wait: float) -> bytes | None:
+    """What the server sent before closing ``sock`` within ``wait`` seconds, or None if it stayed open."""
+    received = b""
+    sock.settimeout(wait)
+    deadline = time.monotonic() + wait
+    try:
+        while time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return received
+            received += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        return received
+    except TimeoutError:
+        return None
+    return None
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response with a Content-Length body, read from a kept-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head + b"\r\n\r\n" + body
+
+
+def test_oversized_request_heads_are_refused_without_holding_memory(redis_url, tmp_path):
+    """Ten unfinished requests with 8 MB of headers each are refused (4xx, closed) and RSS grows by under 16 MB."""
+    with running_web(redis_url, tmp_path) as web:
+        for _ in range(20):  # warm-up: imports and pools, so the baseline includes them
+            assert httpx.get(f"{web.url}/healthz").status_code == 200
+        before = web.rss_mb()
+        line = b"X-Pad: " + b"a" * 8185 + b"\r\n"  # 8 KiB a line, 1,024 lines: 8 MiB of head
+        attackers = []
+        for _ in range(10):
+            sock = connect(web.port)
+            sock.sendall(b"POST /webhooks/smartcar HTTP/1.1\r\nHost: x\r\n")
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError, TimeoutError):
+                for _ in range(1024):
+                    sock.sendall(line)
+            attackers.append(sock)  # never finished, never closed by us
+        time.sleep(0.5)
+        grown = web.rss_mb() - before
+        answers = [closed_by_peer(sock, 5) for sock in attackers]
+        for sock in attackers:
+            sock.close()
+        assert httpx.get(f"{web.url}/healthz").status_code == 200
+    assert all(answer is not None for answer in answers), "a connection with an 8 MB head stayed open"
+    for answer in answers:
+        assert answer == b"" or 400 <= status_of(answer) < 500, answer[:80]
+    assert grown < 16, f"RSS grew by {grown:.1f} MB"
+
+
+def test_heads_up_to_the_limit_are_served(redis_url, tmp_path):
+    """A request whose head is just under MAX_HEADER_BYTES is served; one just over it is refused."""
+    with running_web(redis_url, tmp_path, MAX_HEADER_BYTES="8192") as web:
+        assert httpx.get(f"{web.url}/healthz", headers={"x-pad": "a" * 7000}).status_code == 200
+        sock = connect(web.port)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 9000 + b"\r\n\r\n")
+        answer = closed_by_peer(sock, 5)
+        sock.close()
+    assert answer is not None
+    assert answer == b"" or status_of(answer) in {400, 431}
+
+
+def test_a_head_sent_byte_by_byte_is_cut_off_at_the_header_timeout(redis_url, tmp_path):
+    """A slowloris client sending one header byte every 0.2 s is disconnected HEADER_TIMEOUT_SECONDS after connecting."""
+    with running_web(redis_url, tmp_path) as web:
+        sock = connect(web.port)
+        started = time.monotonic()
+        closed_after = None
+        try:
+            sock.sendall(b"POST /webhooks/smartcar HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            while time.monotonic() - started < HEADER_TIMEOUT + 6:
+                sock.sendall(b"a")
+                if closed_by_peer(sock, 0.2) is not None:
+                    closed_after = time.monotonic() - started
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            closed_after = time.monotonic() - started
+        finally:
+            sock.close()
+        assert httpx.get(f"{web.url}/healthz").status_code == 200
+    assert closed_after is not None, "the slow head was never cut off"
+    assert HEADER_TIMEOUT - 0.5 <= closed_after <= HEADER_TIMEOUT + SLACK
+
+
+def test_connections_that_send_nothing_are_closed_at_the_header_timeout(redis_url, tmp_path):
+    """800 connections that never send a byte are all closed within HEADER_TIMEOUT_SECONDS (plus slack)."""
+    with running_web(redis_url, tmp_path, "--max-connections", "1000") as web:
+        selector = selectors.DefaultSelector()
+        socks = []
+        started = time.monotonic()
+        for _ in range(800):
+            sock = socket.create_connection(("127.0.0.1", web.port), timeout=5)
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+            socks.append(sock)
+        open_ = set(socks)
+        while open_ and time.monotonic() - started < HEADER_TIMEOUT + SLACK + 1:
+            for key, _ in selector.select(timeout=0.2):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                with contextlib.suppress(ConnectionResetError):
+                    if sock.recv(1) != b"":
+                        continue
+                selector.unregister(sock)
+                open_.discard(sock)
+        elapsed = time.monotonic() - started
+        for sock in socks:
+            sock.close()
+        selector.close()
+        assert httpx.get(f"{web.url}/healthz").status_code == 200
+    assert not open_, f"{len(open_)} of 800 idle connections still open after {elapsed:.1f} s"
+    assert elapsed <= HEADER_TIMEOUT + SLACK + 1
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(redis_url, tmp_path):
+    """After a served request, a keep-alive connection left idle is closed at --keep-alive-timeout."""
+    with running_web(redis_url, tmp_path, "--keep-alive-timeout", "1") as web:
+        sock = connect(web.port)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        answer = closed_by_peer(sock, 1 + SLACK + 1)
+        elapsed = time.monotonic() - started
+        sock.close()
+    assert answer == b""
+    assert 0.5 <= elapsed <= 1 + SLACK
+
+
+def test_a_second_request_head_on_a_kept_alive_connection_has_the_same_deadline(redis_url, tmp_path):
+    """Once a request is served, a slow head on the same connection is cut off too, not only the first."""
+    with running_web(redis_url, tmp_path, "--keep-alive-timeout", "30") as web:
+        sock = connect(web.port)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        closed_after = None
+        try:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            while time.monotonic() - started < HEADER_TIMEOUT + 6:
+                sock.sendall(b"a")
+                if closed_by_peer(sock, 0.2) is not None:
+                    closed_after = time.monotonic() - started
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            closed_after = time.monotonic() - started
+        finally:
+            sock.close()
+    assert closed_after is not None
+    assert closed_after <= HEADER_TIMEOUT + SLACK
+
+
+def test_connections_beyond_the_cap_are_refused_and_service_resumes(redis_url, tmp_path):
+    """With --max-connections 40, a connection past the cap gets 503 or is closed; freed slots serve again."""
+    with running_web(redis_url, tmp_path, "--max-connections", "40", HEADER_TIMEOUT_SECONDS="30") as web:
+        held = [connect(web.port) for _ in range(40)]
+        time.sleep(0.3)
+        extra = connect(web.port)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = closed_by_peer(extra, 5)
+        extra.close()
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                if httpx.get(f"{web.url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the web did not serve again after the held connections closed"
+            time.sleep(0.1)
+    assert answer is not None, "the connection past the cap was served nothing and left open"
+    assert answer == b"" or status_of(answer) == 503
+
+
+def test_limits_hold_in_every_process_of_web_workers_2(redis_url, tmp_path):
+    """Under `web --workers 2`, idle connections are still closed at the header timeout and big heads refused."""
+    with running_web(redis_url, tmp_path, "--workers", "2") as web:
+        socks = [connect(web.port) for _ in range(20)]  # spread over both processes by the kernel
+        started = time.monotonic()
+        answers = [closed_by_peer(sock, HEADER_TIMEOUT + SLACK + 1 - (time.monotonic() - started)) for sock in socks]
+        for sock in socks:
+            sock.close()
+        big = connect(web.port)
+        big.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 40_000 + b"\r\n\r\n")
+        refused = closed_by_peer(big, 5)
+        big.close()
+    assert all(answer == b"" for answer in answers), answers
+    assert refused is not None
+    assert refused == b"" or status_of(refused) in {400, 431}

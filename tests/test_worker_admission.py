@@ -1,0 +1,65 @@
+"""Whoever can write to Redis must not run code in the workers: only ingest jobs are executed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis
+from rq import Queue
+from rq.callbacks import Callback
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry
+from rq.serializers import JSONSerializer
+
+from core.inbox import PROCESS_EVENT, job_payload
+from core.samples import encode, sample_event
+from tests.pipeline import outputs, run_worker_burst
+from workers.worker import refusal_reason
+
+
+def _queue(client: redis.Redis, name: str) -> Queue:
+    return Queue(name, connection=client, serializer=JSONSerializer)
+
+
+def test_worker_refuses_a_job_naming_another_function(pipeline, redis_client, tmp_path: Path):
+    """A JSON job calling os.mkdir, written straight into the ingest queue, is never run and is failed."""
+    target = tmp_path / "pwned"
+    job = _queue(redis_client, pipeline.ingest_queue).enqueue("os.mkdir", str(target))
+    run_worker_burst(pipeline)
+    assert not target.exists()
+    assert job.id in FailedJobRegistry(pipeline.ingest_queue, connection=redis_client)
+    assert Job.fetch(job.id, connection=redis_client, serializer=JSONSerializer).get_status() == JobStatus.FAILED
+    assert redis_client.llen(_queue(redis_client, pipeline.ingest_queue).intermediate_queue_key) == 0
+
+
+def test_worker_refuses_callbacks_on_an_ingest_job(pipeline, redis_client, tmp_path: Path):
+    """process_event carrying a success or failure callback is refused: RQ would import and call them."""
+    event = sample_event()
+    payload = job_payload(event["eventId"], "VEHICLE_STATE", encode(event).decode(), 0)
+    queue = _queue(redis_client, pipeline.ingest_queue)
+    with_success = queue.enqueue(PROCESS_EVENT, payload, on_success=Callback("os.getcwd"))
+    with_failure = queue.enqueue(PROCESS_EVENT, payload, on_failure=Callback("os.getcwd"))
+    run_worker_burst(pipeline)
+    failed = FailedJobRegistry(pipeline.ingest_queue, connection=redis_client)
+    assert with_success.id in failed
+    assert with_failure.id in failed
+    assert outputs(redis_client) == []
+
+
+def test_genuine_jobs_still_run_beside_refused_ones(pipeline, redis_client):
+    """A refused job does not stop the worker: the genuine event queued after it is published."""
+    queue = _queue(redis_client, pipeline.ingest_queue)
+    queue.enqueue("subprocess.run", ["true"])
+    event = sample_event()
+    queue.enqueue(PROCESS_EVENT, job_payload(event["eventId"], "VEHICLE_STATE", encode(event).decode(), 0))
+    run_worker_burst(pipeline)
+    assert [entry["event_id"] for entry in outputs(redis_client)] == [event["eventId"]]
+
+
+def test_refusal_reasons(redis_client):
+    """Odd argument shapes are refused too; the job the web writes is admitted."""
+    queue = _queue(redis_client, "admission-test")
+    assert refusal_reason(queue.enqueue(PROCESS_EVENT, "not a dict")) is not None
+    assert refusal_reason(queue.enqueue(PROCESS_EVENT, {}, {})) is not None
+    assert refusal_reason(queue.enqueue(PROCESS_EVENT, payload={})) is not None
+    assert refusal_reason(queue.enqueue(PROCESS_EVENT, {"eventId": "e"})) is None
