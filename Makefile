@@ -7,7 +7,7 @@ ifeq ($(UV),)
 UV := python3 -m uv
 endif
 
-.PHONY: all install run test lint format bench image chart clean tools
+.PHONY: all install run test lint format bench soak image chart clean tools
 
 ## tools: make sure uv and redis-server exist on a fresh machine.
 tools:
@@ -41,6 +41,11 @@ format: install
 ## bench: benchmarks with their baselines side by side.
 bench: install
 	$(UV) run --frozen python -m bench
+
+## soak: ten minutes of traffic while workers and Redis are killed and restarted, reporting
+## acknowledged, published, duplicates and worker memory (docs/reliability.md). Not run by `make test`.
+soak: install
+	$(UV) run --frozen python -m bench.soak
 
 ## image: the container image. Needs a Docker engine with BuildKit; `make test` lints the
 ## Dockerfile with hadolint instead, since CI has no engine.

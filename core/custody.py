@@ -62,10 +62,7 @@ class Stranded:
 
     def oldest_age_seconds(self, now: dt.datetime | None = None) -> float:
         """Seconds since the oldest stranded job was enqueued; 0 when none is stranded."""
-        if self.oldest_enqueued_at is None:
-            return 0.0
-        now = now or dt.datetime.now(dt.UTC)
-        return max(0.0, (now - self.oldest_enqueued_at).total_seconds())
+        return age_seconds(self.oldest_enqueued_at, now)
 
 
 def read_stranded(client: redis.Redis, queue_name: str) -> Stranded:
@@ -101,6 +98,13 @@ def read_stranded(client: redis.Redis, queue_name: str) -> Stranded:
         known = [stamp for stamp in stamps if stamp is not None]
         oldest = min(known) if known else None
     return Stranded(count=count, oldest_enqueued_at=oldest)
+
+
+def age_seconds(since: dt.datetime | None, now: dt.datetime | None = None) -> float:
+    """Seconds from ``since`` to ``now`` (default: the current time), never negative; 0 for None."""
+    if since is None:
+        return 0.0
+    return max(0.0, ((now or dt.datetime.now(dt.UTC)) - since).total_seconds())
 
 
 def parse_rq_time(raw: object) -> dt.datetime | None:

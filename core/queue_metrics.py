@@ -30,7 +30,7 @@ from rq.job import Job
 from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
 from core.config import Settings
-from core.custody import Stranded, parse_rq_time, read_stranded
+from core.custody import Stranded, age_seconds, parse_rq_time, read_stranded
 from core.inbox import queue_key
 
 #: The RQ registries counted, by the name used in the ``registry`` label and in ``status``.
@@ -65,10 +65,7 @@ class QueueSnapshot:
 
     def oldest_age_seconds(self, now: dt.datetime | None = None) -> float:
         """Seconds the head job has waited; 0 for an empty queue."""
-        if self.oldest_enqueued_at is None:
-            return 0.0
-        now = now or dt.datetime.now(dt.UTC)
-        return max(0.0, (now - self.oldest_enqueued_at).total_seconds())
+        return age_seconds(self.oldest_enqueued_at, now)
 
 
 def read_snapshot(client: redis.Redis, settings: Settings) -> QueueSnapshot:
@@ -131,8 +128,8 @@ class QueueCollector(Collector):
         try:
             stranded: Stranded | None = read_stranded(self._redis, snapshot.queue)
         except (redis.RedisError, OSError):
-            # A web logged in with its restricted ACL may not read the workers' liveness keys:
-            # the workers, which can, export these gauges (aggregate with max).
+            # A web logged in with an ACL older than `redis-acl` prints may not read the workers'
+            # liveness keys: the workers, which can, export these gauges (aggregate with max).
             stranded = None
         return [*self._families(snapshot), *self._stranded_families(stranded)]
 

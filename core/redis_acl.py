@@ -7,7 +7,8 @@ each role its own rule list for ``ACL SETUSER``:
 
 * **web**: write only what accepting a delivery writes (dedupe and parked marks, the RQ job hash,
   the ingest queue, RQ's set of queues, the parked stream, Connect's single-use state marks), read
-  the RQ keys and stream lengths that ``/metrics`` reports, and run the few commands those take.
+  the RQ keys, stream lengths and worker custody lists that ``/metrics`` reports, and run the few
+  commands those take.
   No output stream, no vehicle state, no token, no administrative command (the maxmemory-policy
   check at startup then reports that it could not read the policy; the workers check it).
 * **worker**: every key under the RQ and service prefixes and the service's streams and state,
@@ -24,6 +25,7 @@ import hashlib
 from typing import Literal
 
 from core.config import Settings
+from core.custody import ALIVE_PREFIX, DEQUEUED_PREFIX, WORKERS_SET
 from core.inbox import DEDUPE_PREFIX, queue_key
 
 Role = Literal["web", "worker"]
@@ -51,6 +53,8 @@ _WEB_COMMANDS = [
     "+xlen",
     "+zcard",
     "+hget",
+    "+smembers",
+    "+lrange",
 ]
 
 
@@ -67,6 +71,10 @@ def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str
             f"~{settings.parked_stream}",
             f"%R~{RQ_PREFIX}*",
             f"%R~{settings.output_stream}",
+            # the stranded-jobs gauges: who is alive and what each worker holds (core.custody)
+            f"%R~{ALIVE_PREFIX}*",
+            f"%R~{WORKERS_SET}",
+            f"%R~{DEQUEUED_PREFIX}*",
         ]
         # DEL only where it is needed (a selector, Redis 7): Connect gives a state mark back
         # after an upstream failure, and the token lock is released, both compare-then-delete.

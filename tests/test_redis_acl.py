@@ -11,6 +11,8 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from core.custody import WORKERS_SET, dequeued_key, read_stranded
+from core.queue_metrics import read_snapshot
 from core.redis_acl import Role, acl_rules
 from core.samples import sample_event
 from core.tokens import TOKEN_KEY
@@ -51,6 +53,18 @@ def test_web_and_worker_run_the_pipeline_as_their_own_users(pipeline, acl_redis)
     assert [entry["event_id"] for entry in outputs(admin)] == [event["eventId"]]
     assert [entry["reason"] for entry in stream_entries(admin, pipeline.parked_stream)] == ["legacy_v2"]
     assert admin.get(TOKEN_KEY) is not None
+
+
+def test_web_metrics_read_every_gauge_as_the_web_user(pipeline, acl_redis):
+    """The web's /metrics collector reads the queue, the streams and the stranded jobs under its ACL."""
+    server, admin = acl_redis
+    admin.sadd(WORKERS_SET, "gone-worker")
+    admin.rpush(dequeued_key(pipeline.ingest_queue, "gone-worker"), "held-job")
+    web = redis.Redis.from_url(role_url(server, "web"))
+    snapshot = read_snapshot(web, pipeline)
+    assert snapshot.depth == 0
+    assert read_stranded(web, pipeline.ingest_queue).count == 1
+    web.close()
 
 
 def test_web_user_cannot_forge_output_read_the_token_or_administer(pipeline, acl_redis):

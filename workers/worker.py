@@ -185,6 +185,8 @@ class ConcurrentWorker(SimpleWorker):
     # --- the loop: maintenance, scheduler, dequeue, start ---
 
     def run_maintenance_tasks(self) -> None:
+        if self._liveness is not None and self._liveness.quiet:
+            return  # just started, or Redis just came back: let every live worker beat first
         try:
             super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
         except redis.RedisError as exc:
@@ -201,8 +203,6 @@ class ConcurrentWorker(SimpleWorker):
         ids, without spending a retry); and the lock lasts one interval, so a pass that Redis cut
         short does not stop every worker's clean-up for RQ's 15 minutes.
         """
-        if self._liveness is not None and self._liveness.quiet:
-            return  # Redis just came back: let every live worker beat before judging entries
         for queue in self.queues:
             lock = queue.registry_cleaning_key
             if not self.connection.set(lock, self.name, nx=True, ex=max(1, int(self.maintenance_interval))):

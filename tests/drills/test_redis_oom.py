@@ -35,6 +35,7 @@ from tests.drills.common import (
 )
 from tests.pipeline import pipeline_settings
 from tests.procs import LiveServer, RedisServer
+from workers.outage import redis_unavailable
 
 JUNK = b"x" * 256 * 1024
 
@@ -150,3 +151,31 @@ def test_edge_treats_redis_out_of_memory_as_an_outage(small_redis, tmp_path: Pat
         if spool:
             assert wait_until(lambda: client.exists(f"rq:job:{event['eventId']}") == 1, 60)
     client.close()
+
+
+def test_refusals_of_a_redis_that_cannot_write_are_waited_out_and_faults_are_not(small_redis):
+    """OOM (alone or inside a transaction), READONLY, MISCONF and LOADING count as Redis trouble to wait
+    out; a wrong-type error is a fault, raised at once."""
+    client = redis.Redis.from_url(small_redis.url)
+    client.set("a-string", "x")
+    with pytest.raises(redis.ResponseError) as wrong_type:
+        client.lpush("a-string", "x")
+    assert not redis_unavailable(wrong_type.value)
+    junk = fill(client)
+    with pytest.raises(redis.RedisError) as oom:
+        client.set("one-more", "x")
+    with pytest.raises(redis.RedisError) as oom_in_transaction, client.pipeline() as pipe:
+        pipe.hset("h", "f", "v").lpush("l", "x").execute()
+    free(client, junk)
+    client.replicaof("127.0.0.1", "1")  # a replica of nobody: up, answering, refusing writes
+    try:
+        with pytest.raises(redis.RedisError) as read_only:
+            client.set("k", "v")
+    finally:
+        client.replicaof("NO", "ONE")
+    client.close()
+    for refusal in (oom.value, oom_in_transaction.value, read_only.value):
+        assert redis_unavailable(refusal), repr(refusal)
+    misconf = redis.ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to")
+    assert redis_unavailable(misconf)
+    assert redis_unavailable(redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory"))
