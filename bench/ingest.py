@@ -1,6 +1,7 @@
 """Ingest benchmark: our web process against bare Starlette and the typical endpoint, same run.
 
-Each server runs as one uvicorn process; wrk (one thread, 32 connections) posts unique signed
+Each server runs as one uvicorn process (the last row as `smartcar-ingest web` serves it, with
+the connection guards of service.server); wrk (one thread, 32 connections) posts unique signed
 ~1 KB deliveries read from a file, so dedupe never flatters our figure. CPU time per request is
 read from the server's own /proc/PID/stat, because on two cores wrk and Redis share the machine.
 """
@@ -69,6 +70,17 @@ def _wrk(port: int, seconds: int, bodies: Path, script: Path) -> dict[str, int]:
     return dict(json.loads(line[5:]))
 
 
+def _command(factory: str, port: int) -> list[str]:
+    """Plain uvicorn for a ``module:factory``; ``web`` is the server ``smartcar-ingest web`` runs
+    (uvicorn's httptools protocol with the head, pipelining and deadline guards of service.server)."""
+    if factory == "web":
+        return [sys.executable, "-m", "service.cli", "web", "--host", "127.0.0.1", "--port", str(port)]
+    return [
+        *(sys.executable, "-m", "uvicorn", "--factory", factory, "--port", str(port)),
+        *("--log-level", "warning", "--no-access-log", "--no-server-header"),
+    ]
+
+
 def run_server(name: str, factory: str, redis_url: str, bodies: Path, seconds: int) -> IngestResult:
     port = free_port()
     env = os.environ | {
@@ -76,14 +88,9 @@ def run_server(name: str, factory: str, redis_url: str, bodies: Path, seconds: i
         "REDIS_URL": redis_url,
         "LOG_LEVEL": "WARNING",
         "PYTHONPATH": os.getcwd(),
+        "ADMIN_PORT": "0",
     }
-    server = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "uvicorn", "--factory", factory, "--port", str(port)),
-            *("--log-level", "warning", "--no-access-log", "--no-server-header"),
-        ],
-        env=env,
-    )
+    server = subprocess.Popen(_command(factory, port), env=env)
     script = Path(__file__).with_name("ingest_load.lua")
     client = redis.Redis.from_url(redis_url)
     try:
@@ -127,6 +134,7 @@ def run(seconds: int = 10, unique_bodies: int = 150_000) -> list[IngestResult]:
             ("bare Starlette", "bench.apps:bare"),
             ("typical endpoint", "bench.apps:typical"),
             ("smartcar-ingest", "service.app:create_app"),
+            ("smartcar-ingest web (guarded)", "web"),
         ):
             print(f"ingest: {name}…", file=sys.stderr)
             results.append(run_server(name, factory, server.url, bodies, seconds))

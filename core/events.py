@@ -19,15 +19,14 @@ the time and year readers return None rather than raise, whatever they are given
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints, ValidationError
 
 from core.errors import InvalidPayload, LegacyPayload, MalformedBody, UnknownEventType
+from core.timestamps import delivered_at, epoch_ms, model_year
 
 VERIFY = "VERIFY"
 VEHICLE_STATE = "VEHICLE_STATE"
@@ -35,14 +34,6 @@ VEHICLE_ERROR = "VEHICLE_ERROR"
 VEHICLE_EVENT_TYPES = frozenset({VEHICLE_STATE, VEHICLE_ERROR})
 EventType = Literal["VEHICLE_STATE", "VEHICLE_ERROR"]
 
-# Epoch values below this are taken as seconds (10 digits), above it as milliseconds (13 digits).
-_SECONDS_CUTOFF = 100_000_000_000
-# 9999-12-31T23:59:59.999Z: later (or negative) times are unreadable, not errors.
-_MAX_EPOCH_MS = 253_402_300_799_999
-# ASCII digits only: str.isdigit() also admits "²" and other digits that int() refuses.
-_EPOCH_DIGITS = re.compile(r"[0-9]{1,19}")
-_YEAR_DIGITS = re.compile(r"[0-9]{1,4}")
-_LONGEST_TIME_TEXT = 64
 
 #: A Smartcar id that is not free text: a JSON string, never a number coerced into one.
 SmartcarId = Annotated[StrictStr, Field(min_length=1, max_length=255)]
@@ -57,8 +48,8 @@ class _Wire(BaseModel):
 
     Descriptive text (make, model, signal names) accepts numbers, which is harmless; every id is
     a strict string (:data:`SmartcarId`, :data:`VehicleId`), so a numeric id is a schema failure
-    at the edge and in the worker alike. Times and the model year are read by :func:`epoch_ms`
-    and :func:`_year`, which turn anything unreadable into None, so they are typed ``Any`` here.
+    at the edge and in the worker alike. Times and the model year are read by
+    :mod:`core.timestamps`, which turn anything unreadable into None, so they are typed ``Any`` here.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True, coerce_numbers_to_str=True)
@@ -388,7 +379,7 @@ def parse_event(document: Any) -> VehicleEvent:
             id=vehicle_id,
             make=wire_vehicle.make,
             model=wire_vehicle.model,
-            year=_year(wire_vehicle.year),
+            year=model_year(wire_vehicle.year),
             mode=wire_vehicle.mode,
             powertrainType=wire_vehicle.powertrainType,
         ),
@@ -397,7 +388,7 @@ def parse_event(document: Any) -> VehicleEvent:
         triggers=tuple(_trigger(t) for t in triggers or ()),
         meta=DeliveryMeta(
             deliveryId=meta.deliveryId,
-            deliveredAt=_delivered_at(meta.deliveredAt),
+            deliveredAt=delivered_at(meta.deliveredAt),
             webhookId=meta.webhookId,
             webhookName=meta.webhookName,
             mode=meta.mode,
@@ -474,71 +465,6 @@ def _vehicle_error(wire: _WireVehicleError) -> VehicleError:
         resolution=wire.resolution.type if wire.resolution else None,
         signals=tuple(_signal_ref(s) for s in wire.signals or ()),
     )
-
-
-def epoch_ms(value: object) -> int | None:
-    """Epoch milliseconds from epoch ms, epoch seconds or an ISO-8601 string; None if unreadable.
-
-    Never raises: NaN, infinities, bools, negative or far-future times, digit strings too long
-    to be a time, naive or malformed ISO strings and values of any other type all give None.
-    """
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        number = value
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            return None
-        number = round(value * 1000) if 0 < value < _SECONDS_CUTOFF else int(value)
-        return number if 0 <= number <= _MAX_EPOCH_MS else None
-    elif isinstance(value, str):
-        text = value.strip()
-        if _EPOCH_DIGITS.fullmatch(text):
-            number = int(text)
-        else:
-            return _iso_epoch_ms(text)
-    else:
-        return None
-    if 0 < number < _SECONDS_CUTOFF:
-        number *= 1000
-    return number if 0 <= number <= _MAX_EPOCH_MS else None
-
-
-def _iso_epoch_ms(text: str) -> int | None:
-    if len(text) > _LONGEST_TIME_TEXT:
-        return None
-    try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        if parsed.tzinfo is None:
-            return None
-        number = int(parsed.timestamp() * 1000)
-    except (ValueError, OverflowError):
-        return None
-    return number if 0 <= number <= _MAX_EPOCH_MS else None
-
-
-def _delivered_at(value: object) -> int | str | None:
-    as_ms = epoch_ms(value)
-    if as_ms is not None:
-        return as_ms
-    # An unreadable text time is kept as sent (short ones only); anything else is dropped.
-    return value if isinstance(value, str) and len(value) <= _LONGEST_TIME_TEXT else None
-
-
-def _year(value: object) -> int | None:
-    """A model year from an int, a whole float or a digit string; None for anything else."""
-    year: int
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        year = value
-    elif isinstance(value, float) and value.is_integer():
-        year = int(value)
-    elif isinstance(value, str) and _YEAR_DIGITS.fullmatch(value.strip()):
-        year = int(value.strip())
-    else:
-        return None
-    return year if 1 <= year <= 9999 else None
 
 
 def _finite(value: Any) -> Any:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from core.events import Signal, VehicleEvent, epoch_ms
+from core.events import Signal, VehicleEvent
+from core.timestamps import epoch_ms
 from core.users import UserRecord
 
 SCHEMA_VERSION = 1

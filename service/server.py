@@ -4,22 +4,29 @@ admin server beside it.
 The public port is reached by anyone who can reach the load balancer, so every connection is
 bounded before the application sees a byte of it:
 
-* **Request head size** (``MAX_HEADER_BYTES``). The HTTP implementation is pinned to h11, which
-  refuses a head (request line and headers) that grows past that before it is complete with a 400
-  and closes the connection; uvicorn's default when httptools is installed would keep appending
-  headers without any limit. A larger head that arrives complete in one read (at most one socket
-  read, 256 KiB) is answered 431 by :class:`HeadLimit` before the app sees it.
+* **Request head size** (``MAX_HEADER_BYTES``). uvicorn serves with httptools, which has no limit
+  of its own and keeps a header that arrives over several reads in its own buffers:
+  :class:`GuardedHttpToolsProtocol` counts the bytes read while a head is unfinished and answers
+  431 and closes the connection once they pass the limit, and refuses a finished head that is
+  larger (one that arrives whole in a single read) the same way before the app sees it. A head
+  of more than 100 header lines is refused too, as each line costs far more memory than its bytes.
+  The trailers of a chunked body are bounded the same way.
+* **Pipelining.** httptools parses every request in a read, and uvicorn queues each behind the
+  one being answered: at most 16 (``_MAX_PIPELINED``) may wait, and their heads count against
+  the same bytes and lines as the head being received; past any of these, the connection is
+  closed.
 * **Head deadline** (``HEADER_TIMEOUT_SECONDS``). A connection must complete its request head
   within this long of connecting (or, on a kept-alive connection, of the first byte of its next
   request), or it is closed: a client that connects and sends nothing, or sends its head byte by
   byte, no longer holds a connection for ever. uvicorn has no such deadline of its own:
-  :class:`GuardedH11Protocol` adds it.
+  :class:`GuardedHttpToolsProtocol` adds it.
 * **Idle keep-alive** (``web --keep-alive-timeout``): a kept-alive connection with no new request
   is closed.
 * **Open connections** (``web --max-connections``): past the cap, a new connection is answered
   503 and closed at once, and while the cap is reached uvicorn answers requests 503 (Smartcar
-  retries a 503). Memory held by clients is then at most the cap times ``MAX_HEADER_BYTES`` plus
-  a few kilobytes of bookkeeping per connection.
+  retries a 503). Memory held by clients is then at most the cap times ``MAX_HEADER_BYTES``, plus
+  per connection the objects of up to 100 header lines (about 14 KB) and a few kilobytes of
+  bookkeeping: 36 MB measured at the defaults.
 
 The body is the application's business: ``MAX_BODY_BYTES`` and ``BODY_TIMEOUT_SECONDS``.
 
@@ -38,15 +45,15 @@ import contextlib
 import socket
 import sys
 import threading
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.config import STARTUP_FAILURE
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 from uvicorn.supervisors import Multiprocess
 
@@ -60,10 +67,20 @@ log = get_logger("smartcar_ingest.server")
 _ADMIN_MAX_CONNECTIONS = 64
 _ADMIN_KEEP_ALIVE_SECONDS = 5
 _DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
+_DEFAULT_MAX_HEADER_BYTES = 16_384
+# Requests a connection may have waiting behind the one being answered (each parsed, held in memory).
+_MAX_PIPELINED = 16
+# Header lines in a request head (Apache's LimitRequestFields default): each costs ~140 bytes of
+# Python objects however short, so the byte limit alone let 16 KB of "a:b" lines hold about 370 KB.
+_MAX_HEADERS = 100
 
 _REFUSED = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
     b"content-length: 19\r\nretry-after: 1\r\nconnection: close\r\n\r\nService Unavailable"
+)
+_HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 31\r\nconnection: close\r\n\r\nRequest Header Fields Too Large"
 )
 
 
@@ -78,51 +95,44 @@ class ServeOptions:
     keep_alive_seconds: int
 
 
-class HeadLimit:
-    """Answers 431 (and closes) for a request whose line and headers exceed ``max_bytes``."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            # Method, target, version and the ": " and CRLF of each header line.
-            size = len(scope["method"]) + len(scope["raw_path"]) + len(scope["query_string"]) + 12
-            size += sum(len(name) + len(value) + 4 for name, value in scope["headers"])
-            if size > self.max_bytes:
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 431,
-                        "headers": [(b"content-length", b"0"), (b"connection", b"close")],
-                    }
-                )
-                await send({"type": "http.response.body", "body": b""})
-                return
-        await self.app(scope, receive, send)
-
-
 class WebConfig(uvicorn.Config):
     """uvicorn's configuration plus the head limits, which travel with it to ``--workers`` children."""
 
     def __init__(self, app: Any, *, header_timeout_seconds: float, max_header_bytes: int, **kwargs: Any) -> None:
-        super().__init__(app, h11_max_incomplete_event_size=max_header_bytes, **kwargs)
+        super().__init__(app, **kwargs)
         self.header_timeout_seconds = header_timeout_seconds
         self.max_header_bytes = max_header_bytes
 
-    def load(self) -> None:
-        super().load()
-        self.loaded_app = HeadLimit(self.loaded_app, self.max_header_bytes)
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing a connection that has just been refused."""
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline on every request head and a hard cap on connections.
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with bounds on request heads, pipelining and connections.
 
-    The deadline runs whenever the connection waits on the client outside a request: from
+    **Head size.** httptools has no limit, and it keeps a header that arrives over several reads in
+    buffers of its own, so the protocol counts bytes as they are read. A *region* is a stretch of
+    the stream the parser keeps: a request head (from its first byte to its blank line), or what
+    follows a chunk-size line (nothing before the chunk's data; the trailers after the last chunk).
+    After each read, an unfinished region is charged the whole read if it began in an earlier one;
+    if it began in this read, the read less what is known to come before it there (bodies, the
+    heads finished in the read at the least they can have taken, chunk framing at its minimum),
+    which overstates the region rather than understates it. Past ``max_header_bytes``, or past
+    ``_MAX_HEADERS`` header lines (trailers included), the connection is answered 431 and closed.
+    A head that is finished but larger (it can arrive whole in one read) is refused the same way
+    before a request is made of it.
+
+    **Pipelining.** httptools parses every request in a read, and uvicorn queues each one behind
+    the request being answered. At most ``_MAX_PIPELINED`` wait, and their heads share both head
+    budgets with the head being received; past any of them, the connection is closed.
+
+    **Deadline.** It runs whenever the connection waits on the client outside a request: from
     connecting until the first head is complete, and after a response from the first byte of the
     next request (uvicorn's keep-alive timer covers the silence before that byte). While the app
     handles a request, the app bounds the body itself.
+
+    **Connections.** Past ``limit_concurrency`` a new connection is answered 503 and closed.
     """
 
     def __init__(
@@ -134,7 +144,18 @@ class GuardedH11Protocol(H11Protocol):
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self._head_timeout: float = getattr(config, "header_timeout_seconds", _DEFAULT_HEADER_TIMEOUT_SECONDS)
+        self._max_head: int = getattr(config, "max_header_bytes", _DEFAULT_MAX_HEADER_BYTES)
         self._head_deadline: asyncio.TimerHandle | None = None
+        self._region_open = False
+        self._region_bytes = 0  # bytes of the open region counted so far (after each read)
+        self._region_began_here = False  # the open region began in the current read
+        self._read_used = 0  # bytes of the current read known to come before the open region
+        # (bytes, header lines) of each queued request's head, in the order of uvicorn's pipeline.
+        self._queued: deque[tuple[int, int]] = deque()
+        self._queued_bytes = 0
+        self._queued_headers = 0
+
+    # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -146,12 +167,106 @@ class GuardedH11Protocol(H11Protocol):
         self._watch_head()
 
     def data_received(self, data: bytes) -> None:
+        self._region_began_here = False
+        self._read_used = 0
         super().data_received(data)
+        if self.transport.is_closing():
+            return
+        if self._region_open:
+            if self._region_began_here:
+                self._region_bytes = len(data) - self._read_used
+            else:
+                self._region_bytes += len(data)
+            if self._region_bytes + self._queued_bytes > self._max_head:
+                self._refuse(_HEAD_TOO_LARGE)
+                return
         self._watch_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_deadline()
         super().connection_lost(exc)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._open_region()
+        super().on_message_begin()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self.headers) + self._queued_headers >= _MAX_HEADERS:
+            self._refuse(_HEAD_TOO_LARGE)
+            raise _Refused
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._region_open = False
+        size = self._head_size()
+        self._read_used += max(0, size - self._region_bytes)
+        if self._waiting_on_client():
+            if size > self._max_head:
+                self._refuse(_HEAD_TOO_LARGE)
+                raise _Refused
+        elif len(self.pipeline) >= _MAX_PIPELINED or self._queued_bytes + size > self._max_head:
+            self._refuse(_HEAD_TOO_LARGE)  # closes without an answer: one is under way
+            raise _Refused
+        else:  # uvicorn queues this request behind the one being answered
+            self._queued.appendleft((size, len(self.headers)))
+            self._queued_bytes += size
+            self._queued_headers += len(self.headers)
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._region_open = False
+        self._read_used += len(body)
+        super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        # Called after the size line (at least a digit and CRLF); data or the trailers follow.
+        self._open_region()
+        self._read_used += 3
+
+    def on_chunk_complete(self) -> None:
+        # Called after the CRLF that ends the chunk's data, or the trailers.
+        self._region_open = False
+        self._read_used += 2
+
+    # uvicorn hooks
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        while len(self._queued) > len(self.pipeline):  # uvicorn started a queued request
+            size, headers = self._queued.pop()
+            self._queued_bytes -= size
+            self._queued_headers -= headers
+        if self._region_open:  # the next head began while this response was under way
+            self._watch_head()
+
+    def send_400_response(self, msg: str) -> None:
+        if not self.transport.is_closing():  # else refused already, by _refuse
+            super().send_400_response(msg)
+
+    # Head size
+
+    def _open_region(self) -> None:
+        self._region_open = True
+        self._region_began_here = True
+        self._region_bytes = 0
+
+    def _head_size(self) -> int:
+        """The least the current request's line and headers can have taken on the wire."""
+        # "METHOD target\r\n" (the version may be absent), "name:value\r\n" per header, "\r\n".
+        size = len(self.parser.get_method()) + len(self.url) + 5
+        for name, value in self.headers:
+            size += len(name) + len(value) + 3
+        return size
+
+    def _refuse(self, answer: bytes) -> None:
+        """Close the connection, answering ``answer`` first unless a response is under way."""
+        if self._waiting_on_client():
+            self.transport.write(answer)
+        self.transport.close()
+
+    # Head deadline
 
     def _waiting_on_client(self) -> bool:
         return self.cycle is None or self.cycle.response_complete
@@ -191,7 +306,7 @@ def public_config(app: Starlette | str, settings: Settings, options: ServeOption
         host=options.host,
         port=options.port,
         workers=options.workers,
-        http=GuardedH11Protocol,
+        http=GuardedHttpToolsProtocol,
         ws="none",
         lifespan="on",
         limit_concurrency=options.max_connections,
@@ -210,7 +325,7 @@ def admin_config(app: Starlette, settings: Settings) -> WebConfig:
         max_header_bytes=settings.max_header_bytes,
         host=settings.admin_host,
         port=settings.admin_port,
-        http=GuardedH11Protocol,
+        http=GuardedHttpToolsProtocol,
         ws="none",
         lifespan="on",
         limit_concurrency=_ADMIN_MAX_CONNECTIONS,

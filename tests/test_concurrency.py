@@ -57,3 +57,33 @@ def test_many_distinct_events_each_get_one_job(settings, redis_client):
         asyncio.run(send(server.url))
     queue = Queue(settings.ingest_queue, connection=redis_client, serializer=JSONSerializer)
     assert sorted(queue.job_ids) == sorted(d["eventId"] for d in documents)
+
+
+def test_a_worker_with_more_jobs_in_flight_than_redis_pys_default_pool_requeues_nothing(
+    pipeline, redis_client, emulator
+):
+    """150 jobs in flight at once in one worker: every event is published once and no job is
+    requeued for a connection pool that ran dry (redis-py's default pool holds 100)."""
+    import subprocess
+    import sys
+
+    from tests.pipeline import outputs, worker_env
+    from tests.test_pipeline import deliver
+
+    httpx.post(f"{emulator}/_emulator/latency", json={"seconds": 1.0}).raise_for_status()
+    events = [sample_event() for _ in range(150)]
+    deliver(pipeline, *events)
+    worker = subprocess.run(
+        [sys.executable, "-m", "service.cli", "worker", "--concurrency", "150", "--burst"],
+        env=worker_env(pipeline, LOG_LEVEL="INFO", LOG_FORMAT="json", METRICS_PORT="0"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    published = [entry["event_id"] for entry in outputs(redis_client)]
+    assert sorted(published) == sorted(e["eventId"] for e in events)
+    logs = worker.stdout + worker.stderr
+    assert "MaxConnectionsError" not in logs
+    assert "requeued" not in logs

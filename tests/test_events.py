@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from core import events
+from core import events, timestamps
 from core.errors import InvalidPayload, LegacyPayload, MalformedBody, UnknownEventType
 from core.samples import sample_event
 from tests.conftest import fixture_paths, load_fixture
@@ -153,7 +153,7 @@ def test_vehicle_id_from_top_level_when_data_has_none():
 )
 def test_epoch_ms_reads_ms_seconds_and_iso(value, expected):
     """Times in ms, s or ISO-8601 all become epoch milliseconds."""
-    assert events.epoch_ms(value) == expected
+    assert timestamps.epoch_ms(value) == expected
 
 
 def test_iso_delivered_at_is_kept():
@@ -287,17 +287,17 @@ def test_time_and_year_readers_never_raise():
     from hypothesis import strategies as st
 
     def check(value):
-        assert events.epoch_ms(value) is None or 0 <= events.epoch_ms(value) <= 253_402_300_799_999
-        year = events._year(value)
+        assert timestamps.epoch_ms(value) is None or 0 <= timestamps.epoch_ms(value) <= 253_402_300_799_999
+        year = timestamps.model_year(value)
         assert year is None or 1 <= year <= 9999
-        delivered = events._delivered_at(value)
+        delivered = timestamps.delivered_at(value)
         assert delivered is None or isinstance(delivered, int) or len(delivered) <= 64
 
     for value in HOSTILE_VALUES:
         check(value)
-        assert events.epoch_ms(value) is None
-    assert events._year("9" * 5000) is None
-    assert events._year(2023.0) == 2023
+        assert timestamps.epoch_ms(value) is None
+    assert timestamps.model_year("9" * 5000) is None
+    assert timestamps.model_year(2023.0) == 2023
 
     @settings(max_examples=500, deadline=None)
     @given(value=st.one_of(st.integers(), st.floats(), st.text(), st.booleans(), st.none(), st.binary().map(str)))

@@ -14,9 +14,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -286,3 +287,158 @@ def test_limits_hold_in_every_process_of_web_workers_2(redis_url, tmp_path):
     assert all(answer == b"" for answer in answers), answers
     assert refused is not None
     assert refused == b"" or status_of(refused) in {400, 431}
+
+
+def read_statuses(sock: socket.socket, count: int) -> list[int]:
+    """The statuses of ``count`` responses read in order from ``sock`` (Content-Length or chunked bodies)."""
+    data, statuses = b"", []
+    while len(statuses) < count:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {statuses}"
+        data += chunk
+        while True:
+            head, sep, rest = data.partition(b"\r\n\r\n")
+            if not sep:
+                break
+            lengths = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+            if lengths:
+                end = int(lengths[0].split(b":")[1])
+                if len(rest) < end:
+                    break
+            else:  # chunked: the last chunk of a short JSON body
+                end = rest.find(b"0\r\n\r\n") + 5
+                if end < 5:
+                    break
+            statuses.append(status_of(head))
+            data = rest[end:]
+    return statuses
+
+
+def send_in_pieces(sock: socket.socket, data: bytes, size: int) -> None:
+    """Send ``data`` ``size`` bytes at a time, pausing between pieces so that each arrives in a read of its own."""
+    for start in range(0, len(data), size):
+        sock.sendall(data[start : start + size])
+        time.sleep(0.005)
+
+
+def test_pipelined_requests_on_one_connection_are_all_answered(redis_url, tmp_path):
+    """Requests sent back to back on one connection are answered in order, including a head that
+    starts in the same read as the previous request's 100 KB body (the body is not counted as head)."""
+    with running_web(redis_url, tmp_path, MAX_HEADER_BYTES="8192") as web:
+        sock = connect(web.port)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        pair = read_statuses(sock, 2)
+        body = b'{"pad": "' + b"a" * 100_000 + b'"}'
+        post = b"POST /webhooks/smartcar HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        get = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 6000 + b"\r\n\r\n"
+        sock.sendall(post + get[:4000])
+        time.sleep(0.3)
+        sock.sendall(get[4000:])
+        after_body = read_statuses(sock, 2)
+        sock.close()
+    assert pair == [200, 200]
+    assert after_body == [401, 200]  # unsigned delivery, then the padded head
+
+
+def test_a_head_split_over_many_reads_is_served_up_to_the_limit(redis_url, tmp_path):
+    """A head of just under MAX_HEADER_BYTES sent 100 bytes at a time is served; one that passes the
+    limit before it is finished is answered 431 and closed."""
+    with running_web(redis_url, tmp_path, MAX_HEADER_BYTES="8192") as web:
+        sock = connect(web.port)
+        send_in_pieces(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 8000 + b"\r\n\r\n", 100)
+        served = read_statuses(sock, 1)
+        sock.close()
+        sock = connect(web.port)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            send_in_pieces(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 9000, 100)
+        refused = closed_by_peer(sock, 5)
+        sock.close()
+    assert served == [200]
+    assert refused is not None
+    assert status_of(refused) == 431
+
+
+def growth_under(web: Any, attack: Callable[[Any], list[socket.socket]]) -> tuple[float, list[Any]]:
+    """Warm the web up, run ``attack`` (which returns its sockets), and return how much the web's
+    RSS grew (MB) and what each attacking socket saw when the web closed it (None: still open)."""
+    for _ in range(20):  # imports and pools, so the baseline includes them
+        assert httpx.get(f"{web.url}/healthz").status_code == 200
+    before = web.rss_mb()
+    socks = attack(web)
+    time.sleep(0.5)
+    grown = web.rss_mb() - before
+    answers = [closed_by_peer(sock, 5) for sock in socks]
+    for sock in socks:
+        sock.close()
+    assert httpx.get(f"{web.url}/healthz").status_code == 200
+    return grown, answers
+
+
+def test_a_flood_of_pipelined_requests_is_cut_off_without_holding_memory(redis_url, tmp_path):
+    """Twenty connections each sending 250 KB of tiny pipelined requests at once are closed, and RSS
+    grows by under 16 MB (each request parsed would otherwise be held in a queue)."""
+    flood = b"GET /healthz HTTP/1.1\r\n\r\n" * 10_000
+
+    def attack(web: Any) -> list[socket.socket]:
+        socks = [connect(web.port) for _ in range(20)]
+        for sock in socks:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(flood)
+        return socks
+
+    with running_web(redis_url, tmp_path) as web:
+        grown, answers = growth_under(web, attack)
+    assert all(answer is not None for answer in answers), "a flooding connection stayed open"
+    assert grown < 16, f"RSS grew by {grown:.1f} MB"
+
+
+def test_chunked_trailers_are_bounded_like_a_head(redis_url, tmp_path):
+    """Ten chunked requests whose trailers grow to 8 MB are closed, and RSS grows by under 16 MB."""
+    line = b"X-Pad: " + b"a" * 8185 + b"\r\n"
+
+    def attack(web: Any) -> list[socket.socket]:
+        attackers = []
+        for _ in range(10):
+            sock = connect(web.port)
+            sock.sendall(
+                b"POST /webhooks/smartcar HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n"
+            )
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError, TimeoutError):
+                for _ in range(1024):
+                    sock.sendall(line)
+            attackers.append(sock)
+        return attackers
+
+    with running_web(redis_url, tmp_path) as web:
+        grown, answers = growth_under(web, attack)
+    assert all(answer is not None for answer in answers), "a connection with 8 MB of trailers stayed open"
+    assert grown < 16, f"RSS grew by {grown:.1f} MB"
+
+
+def test_heads_of_many_short_header_lines_are_refused_without_holding_memory(redis_url, tmp_path):
+    """A head of 100 header lines is served and one of 101 is answered 431; 300 unfinished heads of
+    3,000 "a:b" lines each (15 KB, under MAX_HEADER_BYTES) are refused, and RSS grows by under 16 MB."""
+    lines = [b"x%d:b\r\n" % i for i in range(3000)]
+    with running_web(redis_url, tmp_path) as web:
+        for _ in range(20):
+            assert httpx.get(f"{web.url}/healthz").status_code == 200
+        sock = connect(web.port)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(lines[:99]) + b"\r\n")
+        served = read_statuses(sock, 1)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(lines[:100]) + b"\r\n")
+        refused = closed_by_peer(sock, 5)
+        sock.close()
+
+        def attack(web: Any) -> list[socket.socket]:
+            attackers = [connect(web.port) for _ in range(300)]
+            for sock in attackers:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    sock.sendall(b"POST /webhooks/smartcar HTTP/1.1\r\nHost: x\r\n" + b"".join(lines))
+            return attackers
+
+        grown, answers = growth_under(web, attack)
+    assert served == [200]
+    assert refused is not None
+    assert status_of(refused) == 431
+    assert all(answer is not None for answer in answers), "a connection with 3,000 header lines stayed open"
+    assert grown < 16, f"RSS grew by {grown:.1f} MB"

@@ -30,10 +30,15 @@ from workers.processor import EventProcessor
 T = TypeVar("T")
 
 
-def worker_redis(settings: Settings) -> Redis:
-    """Redis for workers: patient (they are not answering Smartcar) and reconnecting."""
+def worker_redis(settings: Settings, max_connections: int = 100) -> Redis:
+    """Redis for workers: patient (they are not answering Smartcar) and reconnecting.
+
+    The pool must hold a connection for every job in flight: past its size redis-py raises
+    ``MaxConnectionsError`` (a connection error), which the jobs would take for an outage.
+    """
     return Redis.from_url(
         settings.redis_url,
+        max_connections=max_connections,
         socket_timeout=10,
         socket_connect_timeout=5,
         retry=Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.1), 5),
@@ -80,7 +85,7 @@ class Runtime:
             settings = self.settings
             assert settings.smartcar_client_id is not None
             assert settings.smartcar_client_secret is not None
-            redis = worker_redis(settings)
+            redis = worker_redis(settings, self._max_connections)
             http = smartcar_http(self._max_connections)
             tokens = AppTokenProvider(
                 redis,

@@ -472,7 +472,12 @@ def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAU
     sys.setswitchinterval(0.0005)
     current = runtime.Runtime(settings, max_connections=max(10, concurrency * 2))
     runtime.install(current)
-    connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
+    # RQ's bookkeeping runs in every job thread at once, besides the dequeue loop, the liveness
+    # thread and the scheduler: redis-py's default pool (100) would run dry past 100 jobs in flight,
+    # and its MaxConnectionsError would pass for Redis trouble and requeue jobs for nothing.
+    connection = redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=5, socket_timeout=30, max_connections=concurrency + 16
+    )
     # Start once Redis answers, so a worker started during an outage waits instead of crashing.
     until_redis_answers(connection.ping, give_up_after=300.0)
     queue = Queue(settings.ingest_queue, connection=connection, serializer=JSONSerializer)
