@@ -140,6 +140,7 @@ def run_dev(settings: Settings, port: int) -> int:
     try:
         if _redis_answers(settings.redis_url):
             print(f"using Redis at {settings.redis_url}")
+            env["REDIS_URL"] = settings.redis_url
         else:
             if shutil.which("redis-server") is None:
                 raise ConfigurationError("REDIS_URL does not answer and redis-server is not installed.")
