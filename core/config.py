@@ -17,6 +17,8 @@ from core.errors import ConfigurationError
 DEV_MANAGEMENT_TOKEN = "dev-management-token"  # noqa: S105 - the documented dev-only default
 #: Shorter management tokens are refused outside ``dev``: a guessable key makes signatures worthless.
 MIN_MANAGEMENT_TOKEN_LENGTH = 16
+#: ``PARKED_RETENTION_SECONDS`` when unset (14 days); also what the stream writers use by default.
+DEFAULT_PARKED_RETENTION_SECONDS = 1_209_600
 
 
 class Settings(BaseSettings):
@@ -66,7 +68,7 @@ class Settings(BaseSettings):
     """Address the admin endpoints (web ``ADMIN_PORT`` and worker ``METRICS_PORT``) bind to."""
     spool_max_bytes: int = Field(default=1_073_741_824, gt=0)
     """The most the spool may hold on disk; past it, deliveries get 503 instead of 202 spooled."""
-    parked_retention_seconds: int = Field(default=1_209_600, gt=0)
+    parked_retention_seconds: int = Field(default=DEFAULT_PARKED_RETENTION_SECONDS, gt=0)
     """Parked entries older than this are trimmed as new ones are added (``XADD … MINID ~``)."""
     max_delivery_age_seconds: int | None = Field(default=None, gt=0)
     """Signed deliveries whose ``meta.deliveredAt`` is older than this are refused (400), since

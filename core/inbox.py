@@ -33,6 +33,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
 from core import metrics
+from core.config import DEFAULT_PARKED_RETENTION_SECONDS
 
 PROCESS_EVENT = "workers.jobs.process_event"
 
@@ -43,9 +44,6 @@ DEDUPE_PREFIX = "smartcar-ingest:seen:"
 
 #: Waits between RQ re-runs of a job that failed with a transient error (seconds).
 RETRY_INTERVALS = (5, 15, 60, 180, 600)
-
-#: How long parked entries are kept unless ``PARKED_RETENTION_SECONDS`` says otherwise (14 days).
-DEFAULT_PARKED_RETENTION_SECONDS = 1_209_600
 
 _PARK = """
 -- KEYS: dedupe mark ('' when the delivery has no usable eventId), parked stream

@@ -29,8 +29,10 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
 import stamina
+from redis.asyncio import Redis
 
 from core import metrics
+from core.config import Settings
 from core.errors import (
     InvalidPayload,
     SmartcarRateLimited,
@@ -232,3 +234,22 @@ class SmartcarClient:
             raise SmartcarUnavailable(f"Smartcar could not be reached ({type(exc).__name__}).") from None
         metrics.observe_smartcar_call(endpoint, str(response.status_code), started)
         return response
+
+
+def smartcar_client(settings: Settings, redis: Redis, http: httpx.AsyncClient, **options: Any) -> SmartcarClient:
+    """The v3 client of this deployment: ``http`` for the calls, the application token shared
+    through ``redis``; ``options`` go to :class:`SmartcarClient` (``attempts``, ``budget_seconds``).
+
+    Call :meth:`Settings.require_client_credentials` first; without them this raises it.
+    """
+    settings.require_client_credentials()
+    assert settings.smartcar_client_id is not None
+    assert settings.smartcar_client_secret is not None
+    tokens = AppTokenProvider(
+        redis,
+        http,
+        settings.smartcar_token_url,
+        settings.smartcar_client_id,
+        settings.smartcar_client_secret.get_secret_value(),
+    )
+    return SmartcarClient(http, settings.smartcar_api_url, tokens, **options)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis as AsyncRedis
 
-from core.inbox import DEFAULT_PARKED_RETENTION_SECONDS, job_id_for, parked_min_id
+from core.config import DEFAULT_PARKED_RETENTION_SECONDS
+from core.inbox import job_id_for, parked_min_id
 
 _PUBLISH = """
 -- KEYS: published mark, output stream. ARGV: mark ttl, then the entry as field/value pairs.

@@ -16,8 +16,7 @@ from redis.exceptions import RedisError
 from core.backfill import PAGE_SIZE, Backfill, BackfillReport, Outcome
 from core.config import Settings
 from core.errors import ConfigurationError
-from core.smartcar import SmartcarClient
-from core.tokens import AppTokenProvider
+from core.smartcar import smartcar_client
 from core.users import UserStore
 from workers.runtime import smartcar_http, worker_redis
 
@@ -42,9 +41,6 @@ def run_backfill(
     out = out or sys.stdout
     err = err or sys.stderr
     settings.require_client_credentials()
-    client_id, client_secret = settings.smartcar_client_id, settings.smartcar_client_secret
-    assert client_id is not None
-    assert client_secret is not None
     interactive = err.isatty()
 
     def progress(report: BackfillReport) -> None:
@@ -64,11 +60,8 @@ def run_backfill(
         http = smartcar_http(max_connections=4)
         users = UserStore(settings.database_url)
         try:
-            tokens = AppTokenProvider(
-                redis, http, settings.smartcar_token_url, client_id, client_secret.get_secret_value()
-            )
             backfill = Backfill(
-                SmartcarClient(http, settings.smartcar_api_url, tokens),
+                smartcar_client(settings, redis, http),
                 users,
                 dry_run=dry_run,
                 smartcar_user_id=smartcar_user_id,

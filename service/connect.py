@@ -74,8 +74,7 @@ from core.errors import (
     UserNotFound,
 )
 from core.logs import get_logger
-from core.smartcar import SmartcarClient
-from core.tokens import AppTokenProvider
+from core.smartcar import SmartcarClient, smartcar_client
 from core.users import LinkResult, UserStore
 from service.responses import error_response
 from workers.runtime import smartcar_http
@@ -184,16 +183,9 @@ class ConnectEndpoints:
             return None
         if self._smartcar is None:
             self._http = smartcar_http(max_connections=8)
-            tokens = AppTokenProvider(
-                self._redis,
-                self._http,
-                settings.smartcar_token_url,
-                settings.smartcar_client_id,
-                settings.smartcar_client_secret.get_secret_value(),
-            )
             # No retries here (the 401 refresh aside): a person is waiting, and a 503 with
             # Retry-After lets them retry with the same link instead of sitting out a backoff.
-            self._smartcar = SmartcarClient(self._http, settings.smartcar_api_url, tokens, attempts=1)
+            self._smartcar = smartcar_client(settings, self._redis, self._http, attempts=1)
         return self._smartcar
 
     def close(self) -> None:

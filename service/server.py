@@ -96,12 +96,23 @@ class ServeOptions:
 
 
 class WebConfig(uvicorn.Config):
-    """uvicorn's configuration plus the head limits, which travel with it to ``--workers`` children."""
+    """uvicorn's configuration for both servers: the guarded protocol, the head limits from
+    ``settings`` (they travel with the config to ``--workers`` children), no websockets, no access
+    log and no server header; ``kwargs`` say what differs (address, connections, keep-alive)."""
 
-    def __init__(self, app: Any, *, header_timeout_seconds: float, max_header_bytes: int, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self.header_timeout_seconds = header_timeout_seconds
-        self.max_header_bytes = max_header_bytes
+    def __init__(self, app: Any, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(
+            app,
+            http=GuardedHttpToolsProtocol,
+            ws="none",
+            lifespan="on",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            **kwargs,
+        )
+        self.header_timeout_seconds = settings.header_timeout_seconds
+        self.max_header_bytes = settings.max_header_bytes
 
 
 class _Refused(Exception):
@@ -300,20 +311,13 @@ def public_config(app: Starlette | str, settings: Settings, options: ServeOption
     """The public server: ``app`` is the app itself, or ``module:factory`` for ``--workers`` children."""
     return WebConfig(
         app,
-        header_timeout_seconds=settings.header_timeout_seconds,
-        max_header_bytes=settings.max_header_bytes,
+        settings,
         factory=isinstance(app, str),
         host=options.host,
         port=options.port,
         workers=options.workers,
-        http=GuardedHttpToolsProtocol,
-        ws="none",
-        lifespan="on",
         limit_concurrency=options.max_connections,
         timeout_keep_alive=options.keep_alive_seconds,
-        log_config=None,
-        access_log=False,
-        server_header=False,
     )
 
 
@@ -321,19 +325,12 @@ def admin_config(app: Starlette, settings: Settings) -> WebConfig:
     """The admin server on ``ADMIN_HOST``:``ADMIN_PORT``, bounded like the public one."""
     return WebConfig(
         app,
-        header_timeout_seconds=settings.header_timeout_seconds,
-        max_header_bytes=settings.max_header_bytes,
+        settings,
         host=settings.admin_host,
         port=settings.admin_port,
-        http=GuardedHttpToolsProtocol,
-        ws="none",
-        lifespan="on",
         limit_concurrency=_ADMIN_MAX_CONNECTIONS,
         timeout_keep_alive=_ADMIN_KEEP_ALIVE_SECONDS,
         proxy_headers=False,
-        log_config=None,
-        access_log=False,
-        server_header=False,
     )
 
 

@@ -235,15 +235,18 @@ def test_killed_after_publishing_rerun_publishes_once(pipeline, redis_client, em
     assert emulator_stats(emulator)["calls"] == calls_before
 
 
-def test_invalid_body_in_a_job_is_parked(pipeline, redis_client):
-    """A queued body that no longer parses is parked invalid_payload, not failed."""
+def queue_raw_body(client, event_id: str, body: str) -> None:
+    """Queue a job carrying ``body`` as if the web had accepted it, bypassing the web's checks."""
     from core.inbox import JobOptions, build_job_hash, job_payload
 
-    job_id, mapping = build_job_hash(
-        job_payload("bad-1", "VEHICLE_STATE", "{not json", 1), JobOptions("smartcar-events")
-    )
-    redis_client.hset(Job.key_for(job_id), mapping=mapping)
-    redis_client.rpush("rq:queue:smartcar-events", job_id)
+    job_id, mapping = build_job_hash(job_payload(event_id, "VEHICLE_STATE", body, 1), JobOptions("smartcar-events"))
+    client.hset(Job.key_for(job_id), mapping=mapping)
+    client.rpush("rq:queue:smartcar-events", job_id)
+
+
+def test_invalid_body_in_a_job_is_parked(pipeline, redis_client):
+    """A queued body that no longer parses is parked invalid_payload, not failed."""
+    queue_raw_body(redis_client, "bad-1", "{not json")
     run_worker_burst(pipeline)
     [parked] = stream_entries(redis_client, "smartcar:parked")
     assert parked["reason"] == "invalid_payload"
@@ -253,11 +256,7 @@ def test_invalid_body_in_a_job_is_parked(pipeline, redis_client):
 @pytest.mark.parametrize("body", ['{"eventId": NaN}', "[1, 2]", '{"eventId": "\\ud800"}', "\ud800"])
 def test_a_job_body_the_parser_cannot_read_is_parked_never_failed(pipeline, redis_client, body):
     """NaN, a non-object or a lone surrogate in a queued body: parked invalid_payload, nothing in RQ's failed registry."""
-    from core.inbox import JobOptions, build_job_hash, job_payload
-
-    job_id, mapping = build_job_hash(job_payload("bad-2", "VEHICLE_STATE", body, 1), JobOptions("smartcar-events"))
-    redis_client.hset(Job.key_for(job_id), mapping=mapping)
-    redis_client.rpush("rq:queue:smartcar-events", job_id)
+    queue_raw_body(redis_client, "bad-2", body)
     run_worker_burst(pipeline)
     [parked] = stream_entries(redis_client, "smartcar:parked")
     assert parked["reason"] == "invalid_payload"

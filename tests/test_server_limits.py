@@ -158,23 +158,28 @@ def test_heads_up_to_the_limit_are_served(redis_url, tmp_path):
     assert answer == b"" or status_of(answer) in {400, 431}
 
 
+def seconds_until_slow_head_is_cut(sock: socket.socket, start: bytes) -> float | None:
+    """Send ``start``, then one more header byte every 0.2 s; the seconds until the web closed the
+    connection (None if it was still open HEADER_TIMEOUT + 6 s later). Closes ``sock``."""
+    started = time.monotonic()
+    try:
+        sock.sendall(start)
+        while time.monotonic() - started < HEADER_TIMEOUT + 6:
+            sock.sendall(b"a")
+            if closed_by_peer(sock, 0.2) is not None:
+                return time.monotonic() - started
+    except (BrokenPipeError, ConnectionResetError):
+        return time.monotonic() - started
+    finally:
+        sock.close()
+    return None
+
+
 def test_a_head_sent_byte_by_byte_is_cut_off_at_the_header_timeout(redis_url, tmp_path):
     """A slowloris client sending one header byte every 0.2 s is disconnected HEADER_TIMEOUT_SECONDS after connecting."""
     with running_web(redis_url, tmp_path) as web:
         sock = connect(web.port)
-        started = time.monotonic()
-        closed_after = None
-        try:
-            sock.sendall(b"POST /webhooks/smartcar HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-            while time.monotonic() - started < HEADER_TIMEOUT + 6:
-                sock.sendall(b"a")
-                if closed_by_peer(sock, 0.2) is not None:
-                    closed_after = time.monotonic() - started
-                    break
-        except (BrokenPipeError, ConnectionResetError):
-            closed_after = time.monotonic() - started
-        finally:
-            sock.close()
+        closed_after = seconds_until_slow_head_is_cut(sock, b"POST /webhooks/smartcar HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         assert httpx.get(f"{web.url}/healthz").status_code == 200
     assert closed_after is not None, "the slow head was never cut off"
     assert HEADER_TIMEOUT - 0.5 <= closed_after <= HEADER_TIMEOUT + SLACK
@@ -230,19 +235,7 @@ def test_a_second_request_head_on_a_kept_alive_connection_has_the_same_deadline(
         sock = connect(web.port)
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert read_response(sock).startswith(b"HTTP/1.1 200")
-        started = time.monotonic()
-        closed_after = None
-        try:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-            while time.monotonic() - started < HEADER_TIMEOUT + 6:
-                sock.sendall(b"a")
-                if closed_by_peer(sock, 0.2) is not None:
-                    closed_after = time.monotonic() - started
-                    break
-        except (BrokenPipeError, ConnectionResetError):
-            closed_after = time.monotonic() - started
-        finally:
-            sock.close()
+        closed_after = seconds_until_slow_head_is_cut(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     assert closed_after is not None
     assert closed_after <= HEADER_TIMEOUT + SLACK
 

@@ -70,6 +70,19 @@ def test_corrupt_payload_stops_the_read(tmp_path):
     assert list(read_records(path)) == [delivery(0)]
 
 
+def drain(spool: Spool, redis_url: str):
+    """One pass of the drainer over ``spool`` into the Redis at ``redis_url``; its report."""
+
+    async def scenario():
+        redis = AsyncRedis.from_url(redis_url)
+        try:
+            return await drain_once(spool, Inbox(redis, JobOptions("smartcar-events"), "smartcar:parked", 60))
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(scenario())
+
+
 def test_drain_enqueues_through_the_dedupe_and_removes_the_file(tmp_path, redis_url, redis_client):
     """Draining enqueues each spooled event once (twice-spooled included) and deletes the file."""
     spool = Spool(tmp_path)
@@ -77,14 +90,7 @@ def test_drain_enqueues_through_the_dedupe_and_removes_the_file(tmp_path, redis_
         spool.append(delivery(i))
     spool.append(SpooledDelivery("p-1", "UNKNOWN", "{}", 5, "unknown_event_type", "Not ours."))
 
-    async def scenario():
-        redis = AsyncRedis.from_url(redis_url)
-        inbox = Inbox(redis, JobOptions("smartcar-events"), "smartcar:parked", 60)
-        report = await drain_once(spool, inbox)
-        await redis.aclose()
-        return report
-
-    report = asyncio.run(scenario())
+    report = drain(spool, redis_url)
     assert (report.accepted, report.duplicates, report.parked) == (3, 1, 1)
     assert sorted(Queue("smartcar-events", connection=redis_client, serializer=JSONSerializer).job_ids) == [
         "e-0",
@@ -103,14 +109,7 @@ def test_torn_file_is_kept_for_inspection_after_draining_its_whole_records(tmp_p
     [path] = spool.pending()
     path.write_bytes(path.read_bytes()[:-5])
 
-    async def scenario():
-        redis = AsyncRedis.from_url(redis_url)
-        inbox = Inbox(redis, JobOptions("smartcar-events"), "smartcar:parked", 60)
-        report = await drain_once(spool, inbox)
-        await redis.aclose()
-        return report
-
-    report = asyncio.run(scenario())
+    report = drain(spool, redis_url)
     assert report.accepted == 1
     assert report.torn_tail_bytes > 0
     assert [p.suffix for p in tmp_path.iterdir()] == [".torn"]
@@ -166,14 +165,7 @@ def test_the_size_count_follows_other_processes_and_the_drainer(tmp_path, redis_
     assert len(spool.pending()) == 2
     assert spool.pending_bytes == spool_bytes(tmp_path)
 
-    async def scenario():
-        redis = AsyncRedis.from_url(redis_url)
-        inbox = Inbox(redis, JobOptions("smartcar-events"), "smartcar:parked", 60)
-        report = await drain_once(spool, inbox)
-        await redis.aclose()
-        return report
-
-    assert asyncio.run(scenario()).accepted == 2
+    assert drain(spool, redis_url).accepted == 2
     assert spool.pending_bytes == 0 == spool_bytes(tmp_path)
 
 

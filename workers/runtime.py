@@ -21,9 +21,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from core.config import Settings, load_settings
-from core.smartcar import SmartcarClient
+from core.smartcar import smartcar_client
 from core.streams import StreamNames, StreamWriter
-from core.tokens import AppTokenProvider
 from core.users import UserStore
 from workers.processor import EventProcessor
 
@@ -83,22 +82,13 @@ class Runtime:
         """The processor, built inside the running loop on first use."""
         if self._processor is None:
             settings = self.settings
-            assert settings.smartcar_client_id is not None
-            assert settings.smartcar_client_secret is not None
             redis = worker_redis(settings, self._max_connections)
             http = smartcar_http(self._max_connections)
-            tokens = AppTokenProvider(
-                redis,
-                http,
-                settings.smartcar_token_url,
-                settings.smartcar_client_id,
-                settings.smartcar_client_secret.get_secret_value(),
-            )
             users = UserStore(settings.database_url)
             self._processor = EventProcessor(
                 redis,
                 users,
-                SmartcarClient(http, settings.smartcar_api_url, tokens),
+                smartcar_client(settings, redis, http),
                 StreamWriter(
                     redis,
                     StreamNames(output=settings.output_stream, parked=settings.parked_stream),
