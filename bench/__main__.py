@@ -37,13 +37,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--seconds", type=int, default=10, help="measurement time per server (ingest)")
     parser.add_argument("--only", choices=["ingest", "worker"], help="run one benchmark")
+    parser.add_argument(
+        "--bodies",
+        choices=["fleet", "sample"],
+        default="fleet",
+        help="ingest bodies: the captured fleet mix (1.9-16 KB, default) or the ~1 KB synthetic sample",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/performance.md alone")
     args = parser.parse_args()
     sections = [f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}."]
     if args.only in (None, "ingest"):
-        results = ingest.run(seconds=args.seconds)
+        results, mean_size = ingest.run(seconds=args.seconds, mix=args.bodies)
+        what = "the captured fleet mix" if args.bodies == "fleet" else "synthetic samples"
         sections.append(
-            "### Ingest: one web process, wrk -t1 -c32, unique signed ~1 KB deliveries\n\n" + ingest.table(results)
+            f"### Ingest: one web process, wrk -t1 -c32, unique signed deliveries ({what}, mean {mean_size:,} B)\n\n"
+            + ingest.table(results)
         )
     if args.only in (None, "worker"):
         worker_results = worker.run()

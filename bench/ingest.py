@@ -2,20 +2,26 @@
 
 Each server runs as one uvicorn process (the last row as `smartcar-ingest web` serves it, with
 the connection guards of service.server); wrk (one thread, 32 connections) posts unique signed
-~1 KB deliveries read from a file, so dedupe never flatters our figure. CPU time per request is
-read from the server's own /proc/PID/stat, because on two cores wrk and Redis share the machine.
+deliveries read from a file (by default the fleet mix of captured full-state deliveries,
+1.9 to 16 KB, each with a fresh eventId and deliveredAt), so dedupe never flatters our figure.
+CPU time per request is read from the server's own /proc/PID/stat, because on two cores wrk and
+Redis share the machine.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -44,12 +50,38 @@ class IngestResult:
         return self.requests / self.seconds
 
 
-def write_bodies(path: Path, count: int) -> None:
-    """One "<signature> <body>" line per unique delivery."""
+#: The fleet mix: every full-state capture (1.9 to 16 KB compact), in turn.
+FLEET_CAPTURES = ("vw_id_4_all", "byd_seal_all", "jaguar_ipace_all", "polestar_2_all", "jaguar_ipace2_all")
+CAPTURED = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "captured"
+
+
+def fleet_documents() -> list[dict[str, Any]]:
+    return [json.loads((CAPTURED / f"{name}.json").read_text()) for name in FLEET_CAPTURES]
+
+
+def write_bodies(path: Path, count: int, mix: str = "fleet") -> int:
+    """One "<signature> <body>" line per unique delivery; returns the mean body size in bytes.
+
+    ``fleet``: the captured full-state deliveries in turn, each with a fresh ``eventId`` and
+    ``deliveryId`` and a current ``deliveredAt`` (older ones are refused as replays);
+    ``sample``: the ~1 KB synthetic delivery of ``core.samples``.
+    """
+    templates = fleet_documents() if mix == "fleet" else []
+    total = 0
     with path.open("w") as out:
-        for _ in range(count):
-            body = encode(sample_event())
+        for i in range(count):
+            if templates:
+                document = copy.deepcopy(templates[i % len(templates)])
+                document["eventId"] = str(uuid.uuid4())
+                meta = document.setdefault("meta", {})
+                meta["deliveryId"] = str(uuid.uuid4())
+                meta["deliveredAt"] = time.time_ns() // 1_000_000
+            else:
+                document = sample_event()
+            body = encode(document)
+            total += len(body)
             out.write(f"{sign(TOKEN.encode(), body)} {body.decode()}\n")
+    return total // max(1, count)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -118,13 +150,14 @@ def run_server(name: str, factory: str, redis_url: str, bodies: Path, seconds: i
     )
 
 
-def run(seconds: int = 10, unique_bodies: int = 150_000) -> list[IngestResult]:
+def run(seconds: int = 10, unique_bodies: int = 80_000, mix: str = "fleet") -> tuple[list[IngestResult], int]:
+    """Each server in turn on the same bodies; the results and the mean body size in bytes."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
     scratch = Path(tempfile.mkdtemp(prefix="smartcar-ingest-bench-"))
     bodies = scratch / "bodies.txt"
-    print(f"writing {unique_bodies} signed deliveries…", file=sys.stderr)
-    write_bodies(bodies, unique_bodies)
+    print(f"writing {unique_bodies} signed deliveries ({mix})…", file=sys.stderr)
+    mean_size = write_bodies(bodies, unique_bodies, mix)
     # AOF as in production unless BENCH_AOF=0 (to see how much of the tail is Redis's disk).
     server = RedisServer(appendonly=os.environ.get("BENCH_AOF", "1") != "0")
     server.start()
@@ -138,7 +171,7 @@ def run(seconds: int = 10, unique_bodies: int = 150_000) -> list[IngestResult]:
         ):
             print(f"ingest: {name}…", file=sys.stderr)
             results.append(run_server(name, factory, server.url, bodies, seconds))
-        return results
+        return results, mean_size
     finally:
         server.cleanup()
         shutil.rmtree(scratch, ignore_errors=True)
