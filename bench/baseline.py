@@ -19,7 +19,7 @@ from rq.serializers import JSONSerializer
 
 from core.config import Settings
 from core.events import parse_event
-from core.users import UserStore
+from core.store.users import UserStore
 
 _state: dict[str, Any] = {}
 

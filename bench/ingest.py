@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-from core.samples import encode, sample_event
+from cli.samples import encode, sample_event
 from core.signatures import sign
 from tests.procs import RedisServer, free_port, wait_for_port
 
@@ -106,7 +106,7 @@ def _command(factory: str, port: int) -> list[str]:
     """Plain uvicorn for a ``module:factory``; ``web`` is the server ``smartcar-ingest web`` runs
     (uvicorn's httptools protocol with the head, pipelining and deadline guards of service.server)."""
     if factory == "web":
-        return [sys.executable, "-m", "service.cli", "web", "--host", "127.0.0.1", "--port", str(port)]
+        return [sys.executable, "-m", "cli.main", "web", "--host", "127.0.0.1", "--port", str(port)]
     return [
         *(sys.executable, "-m", "uvicorn", "--factory", factory, "--port", str(port)),
         *("--log-level", "warning", "--no-access-log", "--no-server-header"),

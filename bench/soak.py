@@ -29,9 +29,9 @@ from pathlib import Path
 import redis
 
 from bench.__main__ import machine
-from core import db
-from core.custody import read_stranded
-from service.dev import seed_users
+from cli.dev import seed_users
+from core.redis.custody import read_stranded
+from core.store import db
 from tests.drills.common import Sender, wait_until
 from tests.pipeline import pipeline_settings, worker_env
 from tests.procs import RedisServer, free_port, wait_for_port
@@ -42,7 +42,7 @@ OUTPUT = "smartcar:vehicle-events"
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         env=env,
         start_new_session=True,
         stdout=subprocess.DEVNULL,

@@ -22,10 +22,11 @@ from pathlib import Path
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from core import db
-from core.inbox import Inbox, JobOptions
-from core.samples import encode, sample_event
-from core.users import UserStore
+from cli.samples import encode, sample_event
+from core.redis.inbox import Inbox
+from core.redis.jobs import JobOptions
+from core.store import db
+from core.store.users import UserStore
 from emulator.seed import seed_fleet
 from tests.procs import RedisServer, free_port, wait_for_port
 
@@ -160,7 +161,7 @@ def run(ours: int = 6000, stock: int = 40, concurrency: int = 256) -> list[Worke
                 (
                     f"smartcar-ingest worker --concurrency {concurrency}",
                     ours,
-                    [sys.executable, "-m", "service.cli", "worker", "--burst", "--concurrency", str(concurrency)],
+                    [sys.executable, "-m", "cli.main", "worker", "--burst", "--concurrency", str(concurrency)],
                 ),
             ):
                 client.flushall()

@@ -12,8 +12,8 @@ from alembic import context
 from sqlalchemy import Connection
 
 from core.config import load_settings
-from core.db import make_engine
-from core.users import Base
+from core.store.db import make_engine
+from core.store.users import Base
 
 config = context.config
 target_metadata = Base.metadata

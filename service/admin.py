@@ -23,9 +23,10 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
 from core.config import Settings
-from core.queue_metrics import QueueCollector, register_queue_collector, unregister_queue_collector
+from core.redis.clients import web_redis
+from core.redis.queue_metrics import QueueCollector, register_queue_collector, unregister_queue_collector
 from service import health
-from service.app import redis_deadline_seconds, web_redis
+from service.app import redis_deadline_seconds
 from service.responses import http_exception, unexpected_exception
 
 WebStatus = Callable[[], str | None]

@@ -16,23 +16,24 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypedDict
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from redis.retry import Retry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
 from core.config import Settings, load_settings
 from core.errors import ConfigurationError
-from core.inbox import Inbox, JobOptions
 from core.logs import configure_logging, get_logger
-from core.spool import Spool
+from core.redis import keys
+from core.redis.clients import web_redis
+from core.redis.inbox import Inbox
+from core.redis.jobs import JobOptions
 from service import health
 from service.connect import ConnectEndpoints
 from service.drain import drain_forever
 from service.responses import http_exception, unexpected_exception
+from service.spool import Spool
 from service.webhooks import WebhookConfig, WebhookEndpoint
 
 log = get_logger("smartcar_ingest.app")
@@ -41,23 +42,6 @@ log = get_logger("smartcar_ingest.app")
 class State(TypedDict):
     redis: Redis
     redis_deadline_seconds: float
-
-
-def web_redis(settings: Settings) -> Redis:
-    """A Redis client whose every call is bounded, so Redis trouble becomes a fast 503."""
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        # Under a burst, requests wait (within their deadline) for a free connection instead of
-        # failing outright as the default pool does when it runs out.
-        max_connections=settings.redis_max_connections,
-        timeout=settings.redis_timeout_seconds,
-        socket_timeout=settings.redis_timeout_seconds,
-        socket_connect_timeout=settings.redis_timeout_seconds,
-        # One immediate retry lets the first request after a Redis restart reconnect instead of failing.
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=30,
-    )
-    return Redis(connection_pool=pool)
 
 
 async def check_eviction_policy(redis: Redis, allow: bool, deadline: float) -> None:
@@ -74,7 +58,7 @@ async def check_eviction_policy(redis: Redis, allow: bool, deadline: float) -> N
         return
     if policy in (None, "noeviction", b"noeviction"):
         return
-    text = policy.decode() if isinstance(policy, bytes) else str(policy)
+    text = keys.text(policy)
     message = (
         f"Redis maxmemory-policy is {text}: it may evict queued events and dedupe marks. "
         "Set it to noeviction (or ALLOW_EVICTING_REDIS=true to run anyway)."

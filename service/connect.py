@@ -59,7 +59,6 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from core.config import Settings
-from core.connect import ConnectState, confirm_connection, connect_link, new_binding, state_keys, verify_state
 from core.errors import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -74,16 +73,17 @@ from core.errors import (
     UserNotFound,
 )
 from core.logs import get_logger
-from core.smartcar import SmartcarClient, smartcar_client
-from core.users import LinkResult, UserStore
+from core.redis.keys import connect_state_key
+from core.smartcar.client import SmartcarClient, smartcar_client
+from core.smartcar.http import smartcar_http
+from core.store.users import LinkResult, UserStore
+from service.connect_state import ConnectState, confirm_connection, connect_link, new_binding, state_keys, verify_state
 from service.responses import error_response
-from workers.runtime import smartcar_http
 
 log = get_logger("smartcar_ingest.connect")
 
 #: The cookie a browser-bound state is bound to (HttpOnly, SameSite=Lax, scoped to the callback's directory).
 BINDING_COOKIE = "smartcar_connect"
-_SPENT_PREFIX = "smartcar-ingest:connect-state:"
 # Smartcar user ids are UUIDs; this admits them (and test ids) and nothing that needs escaping.
 _SMARTCAR_ID = re.compile(r"[A-Za-z0-9._~-]{1,36}")
 # The page may be bookmarked or proxied: a state or an id must not be cached anywhere.
@@ -219,7 +219,7 @@ class ConnectEndpoints:
         if smartcar is None:
             log.error("connect callback without client credentials", user_id=state.user_id)
             return _unavailable(_NO_CREDENTIALS)
-        key = _SPENT_PREFIX + state.nonce
+        key = connect_state_key(state.nonce)
         try:
             claim = await self._spend(key, state)
         except (RedisError, OSError, TimeoutError) as exc:

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from core.inbox import Inbox
 from core.logs import get_logger
-from core.spool import ReadReport, Spool, SpooledDelivery, read_records
+from core.redis.inbox import Inbox
+from service.spool import ReadReport, Spool, SpooledDelivery, read_records
 
 log = get_logger("smartcar_ingest.spool")
 

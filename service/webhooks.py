@@ -31,11 +31,11 @@ from starlette.types import Receive, Scope, Send
 
 from core import events, metrics
 from core.errors import InvalidPayload, LegacyPayload, MalformedBody, PermanentError, UnknownEventType
-from core.inbox import Inbox
 from core.logs import get_logger
+from core.redis.inbox import Inbox
 from core.signatures import answer_challenge, is_token_like, verify_signature
-from core.spool import Spool, SpooledDelivery, SpoolFull
 from service.responses import error_body
+from service.spool import Spool, SpooledDelivery, SpoolFull
 
 log = get_logger("smartcar_ingest.webhooks")
 

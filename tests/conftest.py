@@ -102,8 +102,8 @@ def emulator(emulator_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def seeded_database(tmp_path: Path) -> str:
-    from core import db
-    from service.dev import seed_users
+    from cli.dev import seed_users
+    from core.store import db
 
     url = f"sqlite:///{tmp_path / 'users.db'}"
     db.upgrade(url)

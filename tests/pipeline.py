@@ -13,7 +13,8 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
 from core.config import Settings
-from core.tokens import TOKEN_KEY, TokenSeal
+from core.redis.keys import TOKEN_KEY
+from core.smartcar.tokens import TokenSeal
 from workers import runtime
 from workers.worker import ConcurrentWorker
 

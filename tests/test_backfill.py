@@ -25,14 +25,14 @@ import pytest
 import stamina
 from redis.asyncio import Redis
 
-from core import db
-from core.backfill import Backfill, BackfillReport
+from cli.backfill import run_backfill
+from cli.connections import Backfill, BackfillReport
+from cli.main import main
 from core.errors import LinkConflict, VehicleNotFound
-from core.smartcar import SmartcarClient
-from core.tokens import AppTokenProvider
-from core.users import UserStore
-from service.backfill import run_backfill
-from service.cli import main
+from core.smartcar.client import SmartcarClient
+from core.smartcar.tokens import AppTokenProvider
+from core.store import db
+from core.store.users import UserStore
 from tests.databases import BACKENDS, empty_database, execute, query
 from tests.pipeline import CLIENT_ID, CLIENT_SECRET, emulator_stats, inject, pipeline_settings
 

@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from core.samples import encode, sample_event
+from cli.samples import encode, sample_event
 from tests.conftest import TOKEN, signed_headers
 from tests.procs import free_port, wait_for_port
 
@@ -19,7 +19,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd=None, timeout: fl
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "DATABASE_"))}
     base.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         capture_output=True,
         text=True,
         env=base | {"PYTHONPATH": os.getcwd()},
@@ -77,7 +77,7 @@ def test_web_serves_the_endpoint_and_send_test_event_reaches_it(redis_url, tmp_p
     env = {"SMARTCAR_MANAGEMENT_TOKEN": TOKEN, "REDIS_URL": redis_url, "LOG_FORMAT": "json", "ADMIN_PORT": "0"}
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_"))}
     web = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "web", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "cli.main", "web", "--host", "127.0.0.1", "--port", str(port)],
         env=base | env | {"PYTHONPATH": os.getcwd()},
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -155,7 +155,7 @@ def test_web_with_two_processes_reports_metrics_of_both(redis_url, tmp_path):
     }
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "PROMETHEUS_", "ADMIN_"))}
     web = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "web", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+        [sys.executable, "-m", "cli.main", "web", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
         env=base | env | {"PYTHONPATH": os.getcwd()},
         cwd=tmp_path,
     )

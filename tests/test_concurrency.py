@@ -8,7 +8,7 @@ import httpx
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from core.samples import encode, sample_event
+from cli.samples import encode, sample_event
 from service.app import create_app
 from tests.conftest import signed_headers
 from tests.procs import LiveServer
@@ -74,7 +74,7 @@ def test_a_worker_with_more_jobs_in_flight_than_redis_pys_default_pool_requeues_
     events = [sample_event() for _ in range(150)]
     deliver(pipeline, *events)
     worker = subprocess.run(
-        [sys.executable, "-m", "service.cli", "worker", "--concurrency", "150", "--burst"],
+        [sys.executable, "-m", "cli.main", "worker", "--concurrency", "150", "--burst"],
         env=worker_env(pipeline, LOG_LEVEL="INFO", LOG_FORMAT="json", METRICS_PORT="0"),
         capture_output=True,
         text=True,

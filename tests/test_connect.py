@@ -18,19 +18,19 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from core import db
+from cli.main import main
 from core.config import Settings
-from core.connect import connect_link, connection_created_at, issue_state, state_keys, verify_state
 from core.errors import (
     ConfigurationError,
     ExpiredConnectState,
     ForeignConnectState,
     InvalidConnectState,
 )
-from core.users import UserStore
+from core.store import db
+from core.store.users import UserStore
 from service.app import create_app
-from service.cli import main
 from service.connect import BINDING_COOKIE
+from service.connect_state import connect_link, connection_created_at, issue_state, state_keys, verify_state
 from tests.conftest import OLD_TOKEN
 from tests.pipeline import CLIENT_ID, CLIENT_SECRET, inject
 from tests.procs import LiveServer

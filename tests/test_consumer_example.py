@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core.samples import SAMPLE_VEHICLE_ID, sample_event
+from cli.samples import SAMPLE_VEHICLE_ID, sample_event
 from tests.pipeline import run_worker_burst
 from tests.test_pipeline import deliver
 

@@ -467,7 +467,7 @@ root, site, *argv = sys.argv[1:]
 sys.path[:] = [site] + [p for p in sys.path if p and Path(p).resolve() != Path(root)]
 import service
 assert service.__file__.startswith(site), service.__file__
-from service.cli import main
+from cli.main import main
 sys.exit(main(argv))
 """
 
@@ -1049,7 +1049,7 @@ def exported_metric_names() -> set[str]:
 
     from core import metrics
     from core.config import Settings
-    from core.queue_metrics import QueueCollector
+    from core.redis.queue_metrics import QueueCollector
 
     families: list[Metric] = []
     for value in vars(metrics).values():

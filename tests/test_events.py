@@ -8,9 +8,9 @@ import re
 
 import pytest
 
+from cli.samples import sample_event
 from core import events, timestamps
 from core.errors import InvalidPayload, LegacyPayload, MalformedBody, UnknownEventType
-from core.samples import sample_event
 from tests.conftest import fixture_paths, load_fixture
 
 SHAPE_A = {

@@ -9,8 +9,9 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from core.inbox import GroupCommitter, Inbox, JobOptions, JobTemplate, build_job_hash, job_payload
-from core.samples import encode, sample_event
+from cli.samples import encode, sample_event
+from core.redis.inbox import GroupCommitter, Inbox
+from core.redis.jobs import JobOptions, JobTemplate, build_job_hash, job_payload
 
 
 def test_template_hash_matches_rqs_own_hash():

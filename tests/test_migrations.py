@@ -14,10 +14,10 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from core import db
+from cli.main import main
 from core.errors import ConfigurationError
-from core.users import Base, UserStore
-from service.cli import main
+from core.store import db
+from core.store.users import Base, UserStore
 from tests.databases import BACKENDS, columns, empty_database, execute, query, tables
 
 USERS_BEFORE = {"id", "email", "name", "created_at"}

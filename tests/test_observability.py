@@ -22,12 +22,12 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from starlette.testclient import TestClient
 
-from core import custody
-from core.queue_metrics import register_queue_collector, unregister_queue_collector
-from core.samples import SAMPLE_VEHICLE_ID, encode, sample_event
+from cli.main import main
+from cli.samples import SAMPLE_VEHICLE_ID, encode, sample_event
+from cli.status import collect_status, render_text
+from core.redis import keys
+from core.redis.queue_metrics import register_queue_collector, unregister_queue_collector
 from service.admin import create_admin_app
-from service.cli import main
-from service.status import collect_status, render_text
 from tests.conftest import signed_headers
 from tests.pipeline import cached_token, inject, outputs, run_worker_burst, stream_entries, worker_env
 from tests.procs import free_port, wait_for_port
@@ -220,13 +220,13 @@ def test_stranded_jobs_show_in_the_gauges_and_in_status(pipeline, redis_client):
         deliver(pipeline, *(sample_event() for _ in range(4)))
         assert gauges() == (0, 0)
         assert collect_status(redis_client, pipeline)["stranded"] == {"count": 0, "oldestAgeSeconds": 0}
-        oldest = redis_client.lmove(key, custody.rq_intermediate_key(queue), "LEFT", "RIGHT").decode()
+        oldest = redis_client.lmove(key, keys.rq_intermediate_key(queue), "LEFT", "RIGHT").decode()
         a_minute_ago = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=60)
         redis_client.hset(Job.key_for(oldest), "enqueued_at", a_minute_ago.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
-        redis_client.sadd(custody.WORKERS_SET, "dead-worker", "live-worker")
-        redis_client.set(custody.alive_key("live-worker"), "1", ex=30)
-        redis_client.lmove(key, custody.dequeued_key(queue, "dead-worker"), "LEFT", "RIGHT")
-        redis_client.lmove(key, custody.dequeued_key(queue, "live-worker"), "LEFT", "RIGHT")
+        redis_client.sadd(keys.WORKERS_SET, "dead-worker", "live-worker")
+        redis_client.set(keys.alive_key("live-worker"), "1", ex=30)
+        redis_client.lmove(key, keys.dequeued_key(queue, "dead-worker"), "LEFT", "RIGHT")
+        redis_client.lmove(key, keys.dequeued_key(queue, "live-worker"), "LEFT", "RIGHT")
 
         count, age = gauges()
         assert count == 2
@@ -343,7 +343,7 @@ def test_readyz_and_metrics_are_served_on_the_admin_port_only(redis_url, tmp_pat
         "PYTHONPATH": os.getcwd(),
     }
     web = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "web", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path
+        [sys.executable, "-m", "cli.main", "web", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path
     )
     try:
         wait_for_port(port, timeout=30)
@@ -520,7 +520,7 @@ def test_logs_of_a_full_run_carry_ids_and_no_secrets_or_vehicle_data(pipeline, r
     events = [event_with_private_values(), event_with_private_values(), sample_event(user_id=UNKNOWN_USER)]
     port = free_port()
     web = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "web", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "cli.main", "web", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         cwd=tmp_path,
         stderr=subprocess.PIPE,
@@ -541,7 +541,7 @@ def test_logs_of_a_full_run_carry_ids_and_no_secrets_or_vehicle_data(pipeline, r
         web.terminate()
         web_out, web_err = web.communicate(timeout=30)
     worker = subprocess.run(
-        [sys.executable, "-m", "service.cli", "worker", "--burst"],
+        [sys.executable, "-m", "cli.main", "worker", "--burst"],
         env=env,
         cwd=tmp_path,
         capture_output=True,

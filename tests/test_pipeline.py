@@ -14,11 +14,11 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 from starlette.testclient import TestClient
 
-from core.samples import SAMPLE_VEHICLE_ID, encode, sample_event
-from core.streams import published_key
-from core.users import UserStore
+from cli.operations import replay
+from cli.samples import SAMPLE_VEHICLE_ID, encode, sample_event
+from core.redis.keys import published_key
+from core.store.users import UserStore
 from service.app import create_app
-from service.operations import replay
 from tests.conftest import fixture_paths, load_fixture, signed_headers
 from tests.pipeline import emulator_stats, inject, outputs, run_worker_burst, stream_entries, worker_env
 
@@ -237,7 +237,7 @@ def test_killed_after_publishing_rerun_publishes_once(pipeline, redis_client, em
 
 def queue_raw_body(client, event_id: str, body: str) -> None:
     """Queue a job carrying ``body`` as if the web had accepted it, bypassing the web's checks."""
-    from core.inbox import JobOptions, build_job_hash, job_payload
+    from core.redis.jobs import JobOptions, build_job_hash, job_payload
 
     job_id, mapping = build_job_hash(job_payload(event_id, "VEHICLE_STATE", body, 1), JobOptions("smartcar-events"))
     client.hset(Job.key_for(job_id), mapping=mapping)
@@ -300,7 +300,7 @@ def test_token_is_shared_by_two_worker_processes(pipeline, redis_client, emulato
     """Two worker processes draining one queue make exactly one token request between them."""
     deliver(pipeline, *[sample_event() for _ in range(20)])
     env = worker_env(pipeline)
-    workers = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--burst"], env=env) for _ in range(2)]
+    workers = [subprocess.Popen([sys.executable, "-m", "cli.main", "worker", "--burst"], env=env) for _ in range(2)]
     for worker in workers:
         assert worker.wait(timeout=120) == 0
     assert len(outputs(redis_client)) == 20
@@ -360,7 +360,7 @@ def test_jobs_in_flight_are_visible_and_sigterm_lets_them_finish(pipeline, redis
     events = [sample_event() for _ in range(8)]
     deliver(pipeline, *events)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", "--concurrency", "8"], env=worker_env(pipeline)
+        [sys.executable, "-m", "cli.main", "worker", "--concurrency", "8"], env=worker_env(pipeline)
     )
     try:
         started = StartedJobRegistry(pipeline.ingest_queue, connection=redis_client)

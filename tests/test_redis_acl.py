@@ -11,11 +11,11 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from core.custody import WORKERS_SET, dequeued_key, read_stranded
-from core.queue_metrics import read_snapshot
-from core.redis_acl import Role, acl_rules
-from core.samples import sample_event
-from core.tokens import TOKEN_KEY
+from cli.samples import sample_event
+from core.redis.acl import Role, acl_rules
+from core.redis.custody import read_stranded
+from core.redis.keys import TOKEN_KEY, WORKERS_SET, dequeued_key
+from core.redis.queue_metrics import read_snapshot
 from tests.pipeline import outputs, run_worker_burst, stream_entries
 from tests.procs import RedisServer, free_port, wait_for_port
 from tests.test_cli import run_cli

@@ -12,8 +12,8 @@ from pydantic import SecretStr
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from cli.samples import encode, sample_event
 from core.config import Settings
-from core.samples import encode, sample_event
 from service.admin import create_admin_app
 from service.app import create_app
 from tests.conftest import TOKEN, signed_headers

@@ -55,7 +55,7 @@ def running_web(redis_url: str, tmp_path: Path, *args: str, **env: str) -> Itera
     port, admin_port = free_port(), free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "ADMIN_", "PROMETHEUS_"))}
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "web", "--host", "127.0.0.1", "--port", str(port), *args],
+        [sys.executable, "-m", "cli.main", "web", "--host", "127.0.0.1", "--port", str(port), *args],
         env=base
         | {
             "SMARTCAR_MANAGEMENT_TOKEN": TOKEN,

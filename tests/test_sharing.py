@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from core.sharing import SharedReads
+from core.smartcar.sharing import SharedReads
 
 
 def now_ms() -> int:

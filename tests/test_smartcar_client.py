@@ -17,8 +17,9 @@ from core.errors import (
     SmartcarUnavailable,
     TokenRequestFailed,
 )
-from core.smartcar import SmartcarClient, parse_error
-from core.tokens import TOKEN_KEY, AppToken, AppTokenProvider, TokenSeal
+from core.redis.keys import TOKEN_KEY
+from core.smartcar.client import SmartcarClient, parse_error
+from core.smartcar.tokens import AppToken, AppTokenProvider, TokenSeal
 
 API = "https://vehicle.example.test/v3"
 TOKEN_URL = "https://iam.example.test/oauth2/token"

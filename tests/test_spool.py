@@ -18,12 +18,13 @@ from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from cli.samples import encode, sample_event
 from core.config import Settings
-from core.inbox import Inbox, JobOptions
-from core.samples import encode, sample_event
-from core.spool import MAGIC, ReadReport, Spool, SpooledDelivery, SpoolFull, encode_record, read_records
+from core.redis.inbox import Inbox
+from core.redis.jobs import JobOptions
 from service.app import create_app
 from service.drain import drain_once
+from service.spool import MAGIC, ReadReport, Spool, SpooledDelivery, SpoolFull, encode_record, read_records
 from tests.conftest import TOKEN, signed_headers
 from tests.procs import LiveServer, RedisServer
 

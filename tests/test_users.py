@@ -13,17 +13,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from core import db
 from core.errors import ConfigurationError, PermanentError, TransientError
-from core.users import (
-    Base,
-    InvalidValue,
-    LinkConflict,
-    RecordExists,
-    UserNotFound,
-    UserRecord,
-    UserStore,
-)
+from core.store import db
+from core.store.users import Base, InvalidValue, LinkConflict, RecordExists, UserNotFound, UserRecord, UserStore
 from tests.databases import BACKENDS, empty_database
 
 SMARTCAR_ALICE = "0d8f2f5e-6a41-4c1e-9a52-6a3c6b1f2d01"

@@ -19,9 +19,9 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from starlette.testclient import TestClient
 
+from cli.samples import encode, sample_event
 from core.config import Settings
-from core.inbox import dedupe_key, job_id_for
-from core.samples import encode, sample_event
+from core.redis.keys import dedupe_key, job_id_for
 from core.signatures import answer_challenge
 from service.admin import create_admin_app
 from service.app import create_app

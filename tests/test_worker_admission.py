@@ -11,8 +11,8 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from core.inbox import PROCESS_EVENT, job_payload
-from core.samples import encode, sample_event
+from cli.samples import encode, sample_event
+from core.redis.jobs import PROCESS_EVENT, job_payload
 from tests.pipeline import outputs, run_worker_burst
 from workers.worker import refusal_reason
 

@@ -14,7 +14,7 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from core.inbox import PROCESS_EVENT
+from core.redis.jobs import PROCESS_EVENT
 
 #: How long a refused job stays in the failed registry for an operator to look at.
 REFUSED_JOB_TTL_SECONDS = 7 * 24 * 3600

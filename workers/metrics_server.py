@@ -17,7 +17,7 @@ from prometheus_client import start_http_server
 
 from core.config import Settings
 from core.logs import get_logger
-from core.queue_metrics import QueueCollector, register_queue_collector, unregister_queue_collector
+from core.redis.queue_metrics import QueueCollector, register_queue_collector, unregister_queue_collector
 
 log = get_logger("smartcar_ingest.worker")
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core import events, metrics
@@ -40,12 +39,13 @@ from core.errors import (
     UnknownEventType,
 )
 from core.logs import get_logger
-from core.output import Enrichment, build_document, stream_fields
-from core.sharing import SharedReads
-from core.smartcar import SmartcarClient
-from core.streams import StreamWriter, published_key
-from core.users import UserStore
-from workers.outage import redis_unavailable
+from core.redis.outage import redis_unavailable
+from core.redis.parked import ParkedStream
+from core.redis.published import OutputStream
+from core.smartcar.client import SmartcarClient
+from core.smartcar.sharing import SharedReads
+from core.store.users import UserStore
+from workers.output import Enrichment, build_document, stream_fields
 
 log = get_logger("smartcar_ingest.worker")
 T = TypeVar("T")
@@ -98,11 +98,11 @@ async def _through_outage(call: Callable[[], Awaitable[T]], patience: float = RE
 class EventProcessor:
     """Processes job payloads written by :mod:`core.inbox`. Safe to run many at once."""
 
-    def __init__(self, redis: Redis, users: UserStore, smartcar: SmartcarClient, streams: StreamWriter) -> None:
-        self._redis = redis
+    def __init__(self, users: UserStore, smartcar: SmartcarClient, output: OutputStream, parked: ParkedStream) -> None:
         self._users = users
         self._smartcar = smartcar
-        self._streams = streams
+        self._output = output
+        self._parked = parked
         self._shared = SharedReads()
 
     async def process(self, payload: dict[str, Any], final_attempt: bool, budget_seconds: float = 60.0) -> Outcome:
@@ -141,7 +141,7 @@ class EventProcessor:
 
         structlog.contextvars.bind_contextvars(deliveryId=event.meta.deliveryId, eventType=event.event_type)
         # A re-run after a crash, or a replay, skips the Smartcar calls when the event is out already.
-        if await _through_outage(lambda: self._redis.exists(published_key(event_id))):
+        if await _through_outage(lambda: self._output.was_published(event_id)):
             log.info("event already published")
             return Outcome(event_id, "already_published")
         try:
@@ -172,7 +172,7 @@ class EventProcessor:
         published_at = time.time_ns() // 1_000_000
         output = build_document(event, user, enrichment, received_at, published_at)
         fields = stream_fields(event, user, output)
-        entry_id = await _through_outage(lambda: self._streams.publish(event_id, fields))
+        entry_id = await _through_outage(lambda: self._output.publish(event_id, fields))
         if entry_id is None:
             log.info("event already published")
             return Outcome(event_id, "already_published")
@@ -241,11 +241,11 @@ class EventProcessor:
                 metrics.SHARED_READS.labels(call=call).inc()
 
     async def _park(self, event_id: str, reason: str, detail: str, body: str) -> Outcome:
-        # A job can carry text that is not valid UTF-8 (a lone surrogate from a JSON escape), which
-        # Redis cannot store; written as its escape it stays the same JSON.
-        body = body.encode("utf-8", "backslashreplace").decode("utf-8")
-        entry_id = await _through_outage(lambda: self._streams.park(event_id, reason, detail, body))
-        log.warning("event parked", reason=reason, detail=detail)
+        entry_id = await _through_outage(lambda: self._parked.park(event_id, reason, detail, body))
+        if entry_id is None:
+            log.info("event already parked", reason=reason)
+        else:
+            log.warning("event parked", reason=reason, detail=detail)
         return Outcome(event_id, "parked", reason=reason, entry_id=entry_id)
 
 

@@ -39,16 +39,9 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.utils import parse_composite_key
 
-from core.custody import (
-    ALIVE_PREFIX,
-    WORKERS_SET,
-    alive_key,
-    dequeued_key,
-    rq_intermediate_key,
-)
-from core.inbox import queue_key
 from core.logs import get_logger
-from workers.outage import until_redis_answers
+from core.redis.keys import ALIVE_PREFIX, WORKERS_SET, alive_key, dequeued_key, queue_key, rq_intermediate_key, text
+from core.redis.outage import until_redis_answers
 
 log = get_logger("smartcar_ingest.reaper")
 
@@ -109,15 +102,11 @@ return 1
 """
 
 
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def give_back_dequeued(connection: redis.Redis, queue_name: str, worker_name: str) -> list[str]:
     """Move every id ``worker_name`` took from ``queue_name`` but never started back to the queue's front."""
     script = connection.register_script(_GIVE_BACK_DEQUEUED)
     moved = script(keys=[dequeued_key(queue_name, worker_name), queue_key(queue_name)])
-    return [_text(job_id) for job_id in moved]
+    return [text(job_id) for job_id in moved]
 
 
 def requeue_execution(
@@ -151,7 +140,7 @@ def reap(connection: redis.Redis, queue_name: str, dead: Collection[str]) -> lis
             requeued.append(job_id)
             log.warning("requeued a job a dead worker had dequeued", jobId=job_id, worker=name)
     registry = StartedJobRegistry(queue_name, connection=connection)
-    composites = [_text(raw) for raw in connection.zrange(registry.key, 0, -1)]
+    composites = [text(raw) for raw in connection.zrange(registry.key, 0, -1)]
     if not composites:
         return requeued
     with connection.pipeline(transaction=False) as pipe:
@@ -160,12 +149,12 @@ def reap(connection: redis.Redis, queue_name: str, dead: Collection[str]) -> lis
         owners = pipe.execute()
     for composite, owner in zip(composites, owners, strict=True):
         # An execution whose hash is gone has expired: sweep_expired owns it.
-        if owner is None or _text(owner) not in dead:
+        if owner is None or text(owner) not in dead:
             continue
         job_id, execution_id = parse_composite_key(composite)
-        if requeue_execution(connection, queue_name, job_id, execution_id, _text(owner)):
+        if requeue_execution(connection, queue_name, job_id, execution_id, text(owner)):
             requeued.append(job_id)
-            log.warning("requeued a job of a dead worker", jobId=job_id, worker=_text(owner))
+            log.warning("requeued a job of a dead worker", jobId=job_id, worker=text(owner))
     return requeued
 
 
@@ -177,12 +166,12 @@ def sweep_expired(connection: redis.Redis, queue_name: str) -> list[str]:
     job, spending a retry, or fail it; this puts it back instead, before RQ looks.
     """
     registry = StartedJobRegistry(queue_name, connection=connection)
-    expired = [_text(raw) for raw in connection.zrangebyscore(registry.key, "-inf", time.time(), start=0, num=1000)]
+    expired = [text(raw) for raw in connection.zrangebyscore(registry.key, "-inf", time.time(), start=0, num=1000)]
     requeued: list[str] = []
     for composite in expired:
         job_id, execution_id = parse_composite_key(composite)
         status, owner = connection.hmget(Job.key_for(job_id), ["status", "worker_name"])
-        name = _text(owner) if owner else ""
+        name = text(owner) if owner else ""
         if status == b"started" and name and connection.exists(alive_key(name)):
             continue  # still running on a live worker, which will refresh or settle it
         if requeue_execution(connection, queue_name, job_id, execution_id, name):
@@ -304,8 +293,8 @@ class Liveness:
             for queue_name in self._queues:
                 pipe.lrange(rq_intermediate_key(queue_name), 0, 99)
             members, *lists = pipe.execute()
-        names = [_text(raw) for raw in members]
-        shared = {q: [_text(raw) for raw in ids] for q, ids in zip(self._queues, lists, strict=True)}
+        names = [text(raw) for raw in members]
+        shared = {q: [text(raw) for raw in ids] for q, ids in zip(self._queues, lists, strict=True)}
         return names, shared
 
     def _dead(self, names: list[str]) -> set[str]:

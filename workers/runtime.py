@@ -14,51 +14,16 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-import httpx
-from httpx_aiohttp import AiohttpTransport
-from redis.asyncio import Redis
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
-
 from core.config import Settings, load_settings
-from core.smartcar import smartcar_client
-from core.streams import StreamNames, StreamWriter
-from core.users import UserStore
+from core.redis.clients import worker_redis
+from core.redis.parked import ParkedStream
+from core.redis.published import OutputStream
+from core.smartcar.client import smartcar_client
+from core.smartcar.http import smartcar_http
+from core.store.users import UserStore
 from workers.processor import EventProcessor
 
 T = TypeVar("T")
-
-
-def worker_redis(settings: Settings, max_connections: int = 100) -> Redis:
-    """Redis for workers: patient (they are not answering Smartcar) and reconnecting.
-
-    The pool must hold a connection for every job in flight: past its size redis-py raises
-    ``MaxConnectionsError`` (a connection error), which the jobs would take for an outage.
-    """
-    return Redis.from_url(
-        settings.redis_url,
-        max_connections=max_connections,
-        socket_timeout=10,
-        socket_connect_timeout=5,
-        retry=Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.1), 5),
-        health_check_interval=30,
-    )
-
-
-def smartcar_http(max_connections: int = 100) -> httpx.AsyncClient:
-    """One pooled keep-alive client for the token endpoint and the vehicle API.
-
-    The httpx API runs over aiohttp's connection pool (``httpx-aiohttp``): httpcore's own pool
-    matches every waiting request against every connection, so with a hundred calls in flight
-    it spent over a millisecond of CPU per request, against about 0.3 ms here
-    (docs/performance.md).
-    """
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(limits=limits),
-        timeout=httpx.Timeout(15.0, connect=5.0),
-        headers={"user-agent": "smartcar-ingest"},
-    )
 
 
 class Runtime:
@@ -86,14 +51,11 @@ class Runtime:
             http = smartcar_http(self._max_connections)
             users = UserStore(settings.database_url)
             self._processor = EventProcessor(
-                redis,
                 users,
                 smartcar_client(settings, redis, http),
-                StreamWriter(
-                    redis,
-                    StreamNames(output=settings.output_stream, parked=settings.parked_stream),
-                    published_ttl_seconds=settings.dedupe_ttl_seconds,
-                    parked_retention_seconds=settings.parked_retention_seconds,
+                OutputStream(redis, settings.output_stream, published_ttl_seconds=settings.dedupe_ttl_seconds),
+                ParkedStream(
+                    redis, settings.parked_stream, settings.dedupe_ttl_seconds, settings.parked_retention_seconds
                 ),
             )
             self._closers = [redis.aclose, http.aclose, users.dispose]

@@ -48,14 +48,15 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 
 from core.config import Settings
-from core.custody import dequeued_key
 from core.logs import get_logger
+from core.redis.keys import dequeued_key, text
+from core.redis.outage import redis_unavailable, until_redis_answers
 from workers import runtime
 from workers.admission import refusal_reason, refuse, refuse_unreadable
 from workers.drill import DRILL_HALT_ENV, DrillHalt
 from workers.metrics_server import start_worker_metrics
-from workers.outage import PatientScheduler, redis_unavailable, until_redis_answers
 from workers.reaper import Liveness, requeue_execution, sweep_expired
+from workers.scheduler import PatientScheduler
 
 log = get_logger("smartcar_ingest.worker")
 T = TypeVar("T")
@@ -299,8 +300,8 @@ class ConcurrentWorker(SimpleWorker):
         if self._check_dequeued:
             held = self.connection.lindex(self.dequeued_key, 0)
             if held is not None:
-                log.warning("resuming a job this worker had dequeued", jobId=_text(held))
-                return _text(held)
+                log.warning("resuming a job this worker had dequeued", jobId=text(held))
+                return text(held)
             self._check_dequeued = False
         if timeout is None:
             moved = self.connection.lmove(queue.key, self.dequeued_key, "LEFT", "RIGHT")
@@ -310,7 +311,7 @@ class ConcurrentWorker(SimpleWorker):
             moved = self.connection.blmove(queue.key, self.dequeued_key, wait, "LEFT", "RIGHT")
         if moved is None:
             moved = self.connection.lindex(self.dequeued_key, 0)  # idle: nothing lost in the list?
-        return None if moved is None else _text(moved)
+        return None if moved is None else text(moved)
 
     def _fetch(self, queue: Queue, job_id: str) -> Job | None:
         try:
@@ -458,10 +459,6 @@ class ConcurrentWorker(SimpleWorker):
             if not redis_unavailable(exc):
                 raise
             log.warning("skipped while Redis is unavailable", error=type(exc).__name__)
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAULT_CONCURRENCY) -> bool:

@@ -16,9 +16,9 @@ import httpx
 import redis
 from rq import Worker
 
+from cli.samples import encode, sample_event
 from core.config import Settings
-from core.custody import dequeued_key, rq_intermediate_key
-from core.samples import encode, sample_event
+from core.redis.keys import dequeued_key, rq_intermediate_key
 from tests.conftest import signed_headers
 from tests.pipeline import outputs, worker_env
 from tests.procs import free_port
@@ -31,7 +31,7 @@ SETTLE_SECONDS = 120.0
 def start_worker(settings: Settings, *args: str, **extra: str) -> subprocess.Popen[bytes]:
     """A worker in its own process group, as in a pod: killing the group kills its scheduler too."""
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "worker", *args],
+        [sys.executable, "-m", "cli.main", "worker", *args],
         env=worker_env(settings, **extra),
         start_new_session=True,
     )

@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from core.samples import sample_event
+from cli.samples import sample_event
 from tests.drills.common import kill_group, report, start_worker
 from tests.pipeline import emulator_stats, inject, outputs, stream_entries
 
@@ -26,7 +26,7 @@ def test_twenty_percent_upstream_failures_park_nothing(pipeline, redis_client, e
         from rq import Worker
         from starlette.testclient import TestClient
 
-        from core.samples import encode
+        from cli.samples import encode
         from service.app import create_app
         from tests.conftest import signed_headers
 

@@ -21,7 +21,7 @@ import httpx
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from core.samples import encode, sample_event
+from cli.samples import encode, sample_event
 from core.signatures import sign
 from tests.drills.common import report
 from tests.procs import free_port, wait_for_port
@@ -84,7 +84,7 @@ def web_process(redis_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Pop
         "PYTHONPATH": os.getcwd(),
     }
     web = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "web", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path
+        [sys.executable, "-m", "cli.main", "web", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path
     )
     try:
         wait_for_port(port, timeout=30)

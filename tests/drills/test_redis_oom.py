@@ -16,7 +16,8 @@ import redis
 from rq.registry import FailedJobRegistry
 from starlette.testclient import TestClient
 
-from core.samples import encode, sample_event
+from cli.samples import encode, sample_event
+from core.redis.outage import redis_unavailable
 from service.app import create_app
 from tests.conftest import TOKEN, signed_headers
 from tests.drills.common import (
@@ -35,7 +36,6 @@ from tests.drills.common import (
 )
 from tests.pipeline import pipeline_settings
 from tests.procs import LiveServer, RedisServer
-from workers.outage import redis_unavailable
 
 JUNK = b"x" * 256 * 1024
 

@@ -19,9 +19,9 @@ from rq.executions import Execution
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from core.custody import dequeued_key, rq_intermediate_key
-from core.inbox import PROCESS_EVENT
-from core.samples import sample_event
+from cli.samples import sample_event
+from core.redis.jobs import PROCESS_EVENT
+from core.redis.keys import dequeued_key, rq_intermediate_key
 from tests.drills.common import (
     frozen,
     kill_group,

@@ -7,7 +7,7 @@ import time
 import httpx
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 
-from core.samples import sample_event
+from cli.samples import sample_event
 from tests.drills.common import kill_group, report, start_worker
 from tests.pipeline import outputs
 from tests.test_pipeline import deliver

@@ -10,7 +10,8 @@ from redis.exceptions import RedisError
 
 from core.config import Settings
 from core.errors import ConfigurationError
-from core.inbox import JobOptions, ReplayReport, replay_parked
+from core.redis.jobs import JobOptions
+from core.redis.parked import ReplayReport, replay_parked
 
 
 def replay(settings: Settings, reason: str | None, limit: int | None) -> int:

@@ -22,10 +22,10 @@ from types import FrameType
 
 import redis
 
-from core import db
 from core.config import DEV_MANAGEMENT_TOKEN, Settings
 from core.errors import ConfigurationError, RecordExists
-from core.users import UserStore
+from core.store import db
+from core.store.users import UserStore
 
 
 def _free_port() -> int:
@@ -136,7 +136,7 @@ def run_dev(settings: Settings, port: int) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    cli = [sys.executable, "-m", "service.cli"]
+    cli = [sys.executable, "-m", "cli.main"]
     try:
         if _redis_answers(settings.redis_url):
             print(f"using Redis at {settings.redis_url}")

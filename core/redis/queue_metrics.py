@@ -24,14 +24,13 @@ import redis
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from rq.job import Job
 from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
 from core.config import Settings
-from core.custody import Stranded, age_seconds, parse_rq_time, read_stranded
-from core.inbox import queue_key
+from core.redis.clients import scrape_redis
+from core.redis.custody import Stranded, age_seconds, parse_rq_time, read_stranded
+from core.redis.keys import queue_key, text
 
 #: The RQ registries counted, by the name used in the ``registry`` label and in ``status``.
 REGISTRIES = {
@@ -85,7 +84,7 @@ def read_snapshot(client: redis.Redis, settings: Settings) -> QueueSnapshot:
         depth, head, output_length, parked_length, *counts = pipe.execute()
     oldest = None
     if head is not None:
-        job_id = head.decode() if isinstance(head, bytes) else str(head)
+        job_id = text(head)
         oldest = parse_rq_time(client.hget(Job.key_for(job_id), "enqueued_at"))
     return QueueSnapshot(
         queue=queue,
@@ -94,16 +93,6 @@ def read_snapshot(client: redis.Redis, settings: Settings) -> QueueSnapshot:
         registries={name: int(count) for name, count in zip(REGISTRIES, counts, strict=True)},
         output_length=int(output_length),
         parked_length=int(parked_length),
-    )
-
-
-def scrape_redis(redis_url: str, timeout_seconds: float) -> redis.Redis:
-    """A client for reads at scrape time: bounded calls and no retries, so a scrape fails fast."""
-    return redis.Redis.from_url(
-        redis_url,
-        socket_timeout=timeout_seconds,
-        socket_connect_timeout=timeout_seconds,
-        retry=Retry(NoBackoff(), 0),
     )
 
 

@@ -52,7 +52,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _send_test_event(args: argparse.Namespace, settings: Settings) -> int:
-    from service.testevent import send_test_event
+    from cli.testevent import send_test_event
 
     return send_test_event(settings, url=args.url, event_type=args.type)
 
@@ -94,7 +94,7 @@ def _emulator(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _db(args: argparse.Namespace, settings: Settings) -> int:
-    from core import db
+    from core.store import db
 
     if args.action == "upgrade":
         adopted = db.upgrade(settings.database_url, args.revision or "head", drop_tokens=args.drop_tokens)
@@ -115,7 +115,7 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _users_link(args: argparse.Namespace, settings: Settings) -> int:
-    from core.users import UserStore
+    from core.store.users import UserStore
 
     store = UserStore(settings.database_url)
     try:
@@ -129,13 +129,13 @@ def _users_link(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
-    from service.operations import replay
+    from cli.operations import replay
 
     return replay(settings, reason=args.reason, limit=args.limit)
 
 
 def _backfill(args: argparse.Namespace, settings: Settings) -> int:
-    from service.backfill import run_backfill
+    from cli.backfill import run_backfill
 
     return run_backfill(settings, dry_run=args.dry_run, smartcar_user_id=args.smartcar_user_id)
 
@@ -143,7 +143,7 @@ def _backfill(args: argparse.Namespace, settings: Settings) -> int:
 def _connect_url(args: argparse.Namespace, settings: Settings) -> int:
     import datetime as dt
 
-    from core.connect import connect_link
+    from service.connect_state import connect_link
 
     link = connect_link(settings, args.user_id, mode=args.mode)
     if link.note:
@@ -161,13 +161,13 @@ def _connect_url(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from service.status import status
+    from cli.status import status
 
     return status(settings, as_json=args.json)
 
 
 def _redis_acl(args: argparse.Namespace, settings: Settings) -> int:
-    from core.redis_acl import acl_file_line
+    from core.redis.acl import acl_file_line
 
     password = None
     if args.password_env:
@@ -182,7 +182,7 @@ def _redis_acl(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _dev(args: argparse.Namespace, settings: Settings) -> int:
-    from service.dev import run_dev
+    from cli.dev import run_dev
 
     try:
         return run_dev(settings, port=args.port)

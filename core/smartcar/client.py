@@ -42,7 +42,7 @@ from core.errors import (
     TransientError,
 )
 from core.events import VEHICLE_ID_PATTERN
-from core.tokens import AppTokenProvider, retry_after_seconds
+from core.smartcar.tokens import AppTokenProvider, retry_after_seconds
 
 #: Longest wait honoured from a Retry-After header; a longer one is left to the job-level retry.
 MAX_RETRY_AFTER_SECONDS = 30.0

@@ -41,8 +41,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from core.db import make_engine, parse_url, translate_errors
 from core.errors import InvalidValue, LinkConflict, RecordExists, UserNotFound, VehicleNotFound
+from core.store.db import make_engine, parse_url, translate_errors
 
 #: Column widths from the contract; Smartcar user and vehicle ids are UUIDs.
 SMARTCAR_ID_LENGTH = 36

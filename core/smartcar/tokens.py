@@ -36,11 +36,10 @@ from redis.asyncio import Redis
 from core import metrics
 from core.errors import SmartcarRateLimited, SmartcarUnavailable, TokenRequestFailed
 from core.logs import get_logger
+from core.redis.keys import TOKEN_KEY, TOKEN_LOCK_KEY
 
 log = get_logger("smartcar_ingest.tokens")
 
-TOKEN_KEY = "smartcar-ingest:app-token"  # noqa: S105 - a Redis key name, not a secret
-LOCK_KEY = "smartcar-ingest:app-token:lock"
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -148,7 +147,7 @@ class AppTokenProvider:
             shared = await self._read_shared()
             if shared is not None and shared.access_token != stale and shared.usable(self._margin):
                 return shared  # someone else already replaced it
-            if await self._redis.set(LOCK_KEY, owner, nx=True, px=int(self._lock_seconds * 1000)):
+            if await self._redis.set(TOKEN_LOCK_KEY, owner, nx=True, px=int(self._lock_seconds * 1000)):
                 try:
                     shared = await self._read_shared()
                     if shared is not None and shared.access_token != stale and shared.usable(self._margin):
@@ -159,7 +158,7 @@ class AppTokenProvider:
                     log.info("application token refreshed", expires_in=ttl)
                     return token
                 finally:
-                    await self._release(keys=[LOCK_KEY], args=[owner])
+                    await self._release(keys=[TOKEN_LOCK_KEY], args=[owner])
             if time.monotonic() > deadline:
                 raise SmartcarUnavailable("Timed out waiting for another process to refresh the application token.")
             await asyncio.sleep(0.05)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import httpx
 
+from cli.samples import encode, sample_event
 from core.config import DEV_MANAGEMENT_TOKEN, Settings
 from core.errors import ConfigurationError
-from core.samples import encode, sample_event
 from core.signatures import answer_challenge, sign
 
 

@@ -41,8 +41,8 @@ from core.errors import (
     SmartcarUnavailable,
     TransientError,
 )
-from core.smartcar import SmartcarClient
-from core.users import UserStore, VehicleRecord
+from core.smartcar.client import SmartcarClient
+from core.store.users import UserStore, VehicleRecord
 
 VIN_SIGNAL = "vehicleidentification-vin"
 #: Smartcar's largest page; fewer pages means fewer calls against the application's rate limit.

@@ -16,7 +16,6 @@ from typing import TypeVar
 
 import redis
 from redis import exceptions
-from rq.scheduler import RQScheduler
 
 from core.logs import get_logger
 
@@ -67,32 +66,3 @@ def until_redis_answers(
             log.warning("Redis unavailable; worker waiting", error=type(exc).__name__, retryIn=wait)
             time.sleep(wait)
             wait = min(wait * 2, 5.0)
-
-
-class PatientScheduler(RQScheduler):
-    """RQ's scheduler, whose process waits out Redis trouble instead of ending on it.
-
-    RQ's own loop lets any Redis error end the scheduler process; the worker restarts it at its
-    next maintenance pass, so due retries could wait a minute or more after Redis returned.
-    """
-
-    def work(self) -> None:
-        self._install_signal_handlers()  # type: ignore[no-untyped-call]
-        self._patiently(self.register_birth)
-        while not self._stop_requested:
-            if self.should_reacquire_locks:
-                self._patiently(self.acquire_locks)
-            self._patiently(self.heartbeat)
-            self._patiently(self.enqueue_scheduled_jobs)
-            time.sleep(self.interval)
-        try:
-            self.stop()  # type: ignore[no-untyped-call]
-        except redis.RedisError as exc:
-            log.warning("scheduler stopped without releasing its locks", error=type(exc).__name__)
-
-    def _patiently(self, step: Callable[[], object]) -> None:
-        try:
-            until_redis_answers(step, stop=lambda: self._stop_requested)
-        except redis.RedisError:
-            if not self._stop_requested:
-                raise

@@ -48,7 +48,7 @@ from core.errors import (
     UnverifiableConnection,
     UnverifiedConnection,
 )
-from core.smartcar import SmartcarClient
+from core.smartcar.client import SmartcarClient
 
 CONNECT_URL = "https://connect.smartcar.com/oauth/authorize"
 _KEY_LABEL = b"smartcar-ingest connect state v1"

@@ -27,29 +27,10 @@ from dataclasses import dataclass
 import redis
 from rq.job import Job
 
-from core.inbox import queue_key
-
-ALIVE_PREFIX = "smartcar-ingest:worker-alive:"
-WORKERS_SET = "smartcar-ingest:liveness-workers"
-DEQUEUED_PREFIX = "smartcar-ingest:dequeued:"
+from core.redis.keys import WORKERS_SET, alive_key, dequeued_key, rq_intermediate_key, text
 
 #: Stranded ids read at most to find the oldest one; the count is always exact.
 STRANDED_SCAN_LIMIT = 100
-
-
-def alive_key(worker_name: str) -> str:
-    """The key a live worker keeps fresh; it expires soon after the worker dies."""
-    return ALIVE_PREFIX + worker_name
-
-
-def dequeued_key(queue_name: str, worker_name: str) -> str:
-    """The list holding the ids ``worker_name`` has taken from ``queue_name`` but not yet started."""
-    return f"{DEQUEUED_PREFIX}{queue_name}:{worker_name}"
-
-
-def rq_intermediate_key(queue_name: str) -> str:
-    """RQ's own list of ids between dequeue and start, shared by every stock RQ worker."""
-    return queue_key(queue_name) + ":intermediate"
 
 
 @dataclass(frozen=True)
@@ -76,8 +57,8 @@ def read_stranded(client: redis.Redis, queue_name: str) -> Stranded:
         pipe.smembers(WORKERS_SET)
         shared_count, shared_ids, members = pipe.execute()
     count = int(shared_count)
-    ids = [_text(raw) for raw in shared_ids]
-    workers = sorted(_text(raw) for raw in members)
+    ids = [text(raw) for raw in shared_ids]
+    workers = sorted(text(raw) for raw in members)
     if workers:
         with client.pipeline(transaction=False) as pipe:
             for name in workers:
@@ -88,7 +69,7 @@ def read_stranded(client: redis.Redis, queue_name: str) -> Stranded:
         for alive, held, held_ids in zip(replies[::3], replies[1::3], replies[2::3], strict=True):
             if not alive:
                 count += int(held)
-                ids.extend(_text(raw) for raw in held_ids)
+                ids.extend(text(raw) for raw in held_ids)
     oldest = None
     if ids:
         with client.pipeline(transaction=False) as pipe:
@@ -118,7 +99,3 @@ def parse_rq_time(raw: object) -> dt.datetime | None:
     except ValueError:
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -18,40 +18,15 @@ from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
 from rq.serializers import JSONSerializer
 
 from core.config import Settings
-from core.custody import read_stranded
 from core.errors import ConfigurationError
-from core.queue_metrics import read_snapshot
-
-#: Parked entries read at most to count them by reason; beyond it the counts are marked partial.
-PARKED_SCAN_LIMIT = 10_000
-_PARKED_BATCH = 500
-
-# Count parked entries by reason inside Redis: only the counts cross the network, never the
-# parked payloads (up to MAX_BODY_BYTES each). One call per batch keeps each call short.
-_COUNT_REASONS = """
-local entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
-local counts = {}
-local last = ''
-for _, entry in ipairs(entries) do
-  last = entry[1]
-  local fields = entry[2]
-  local reason = ''
-  for i = 1, #fields, 2 do
-    if fields[i] == 'reason' then reason = fields[i + 1] break end
-  end
-  counts[reason] = (counts[reason] or 0) + 1
-end
-local out = {#entries, last}
-for reason, n in pairs(counts) do
-  out[#out + 1] = reason
-  out[#out + 1] = n
-end
-return out
-"""
+from core.redis.custody import read_stranded
+from core.redis.keys import text
+from core.redis.parked import COUNT_SCAN_LIMIT, count_by_reason
+from core.redis.queue_metrics import read_snapshot
 
 
 def collect_status(
-    client: redis.Redis, settings: Settings, parked_scan_limit: int = PARKED_SCAN_LIMIT
+    client: redis.Redis, settings: Settings, parked_scan_limit: int = COUNT_SCAN_LIMIT
 ) -> dict[str, Any]:
     """The status report as plain data (what ``--json`` prints)."""
     now = dt.datetime.now(dt.UTC)
@@ -102,26 +77,13 @@ def _workers(client: redis.Redis, settings: Settings, now: dt.datetime) -> list[
 
 
 def _parked(client: redis.Redis, stream: str, length: int, limit: int) -> dict[str, Any]:
-    count_reasons = client.register_script(_COUNT_REASONS)
-    by_reason: dict[str, int] = {}
-    scanned = 0
-    cursor = "-"
-    while scanned < limit:
-        batch = min(_PARKED_BATCH, limit - scanned)
-        found, last, *pairs = count_reasons(keys=[stream], args=[cursor, batch])
-        scanned += int(found)
-        for reason, count in zip(pairs[::2], pairs[1::2], strict=True):
-            name = _text(reason) or "(none)"
-            by_reason[name] = by_reason.get(name, 0) + int(count)
-        if int(found) < batch:
-            break
-        cursor = "(" + _text(last)
+    counts = count_by_reason(client, stream, limit)
     return {
         "stream": stream,
         "length": length,
-        "byReason": dict(sorted(by_reason.items(), key=lambda item: (-item[1], item[0]))),
-        "scanned": scanned,
-        "capped": scanned < length,
+        "byReason": counts.by_reason,
+        "scanned": counts.scanned,
+        "capped": counts.scanned < length,
     }
 
 
@@ -132,15 +94,15 @@ def _groups(client: redis.Redis, stream: str) -> list[dict[str, Any]]:
         return []
     rows = []
     for group in groups:
-        info = {_text(key): value for key, value in group.items()}
+        info = {text(key): value for key, value in group.items()}
         rows.append(
             {
-                "name": _text(info.get("name", "")),
+                "name": text(info.get("name", "")),
                 "consumers": int(info.get("consumers") or 0),
                 "pending": int(info.get("pending") or 0),
                 # Entries not yet delivered to the group; Redis 7 reports it, null when it cannot tell.
                 "lag": None if info.get("lag") is None else int(info["lag"]),
-                "lastDeliveredId": _text(info.get("last-delivered-id", "")),
+                "lastDeliveredId": text(info.get("last-delivered-id", "")),
             }
         )
     return sorted(rows, key=lambda row: row["name"])
@@ -151,10 +113,10 @@ def _last_published(client: redis.Redis, stream: str, now: dt.datetime) -> dict[
     if not entries:
         return None
     raw_id, fields = entries[0]
-    entry_id = _text(raw_id)
+    entry_id = text(raw_id)
     published = dt.datetime.fromtimestamp(int(entry_id.split("-", 1)[0]) / 1000, dt.UTC)
     return {
-        "eventId": _text((fields or {}).get(b"event_id", b"")),
+        "eventId": text((fields or {}).get(b"event_id", b"")),
         "entryId": entry_id,
         "publishedAt": _iso(published),
         "ageSeconds": round(max(0.0, (now - published).total_seconds()), 3),
@@ -166,8 +128,8 @@ def render_text(report: dict[str, Any]) -> str:
     queue, registries, parked, output = report["queue"], report["registries"], report["parked"], report["output"]
     lines = [f"smartcar-ingest status at {report['generatedAt']}", ""]
 
-    def row(label: str, text: str) -> None:
-        lines.append(f"{label:<15}{text}")
+    def row(label: str, value: str) -> None:
+        lines.append(f"{label:<15}{value}")
 
     waiting = f"{queue['depth']} waiting"
     if queue["depth"]:
@@ -239,7 +201,3 @@ def _age(seconds: float) -> str:
 
 def _iso(moment: dt.datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _text(value: object) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -13,12 +13,13 @@ from typing import TextIO
 
 from redis.exceptions import RedisError
 
-from core.backfill import PAGE_SIZE, Backfill, BackfillReport, Outcome
+from cli.connections import PAGE_SIZE, Backfill, BackfillReport, Outcome
 from core.config import Settings
 from core.errors import ConfigurationError
-from core.smartcar import smartcar_client
-from core.users import UserStore
-from workers.runtime import smartcar_http, worker_redis
+from core.redis.clients import worker_redis
+from core.smartcar.client import smartcar_client
+from core.smartcar.http import smartcar_http
+from core.store.users import UserStore
 
 _BAR_WIDTH = 30
 _SECTIONS: tuple[tuple[Outcome, str], ...] = (

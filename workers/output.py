@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from core.events import Signal, VehicleEvent
+from core.store.users import UserRecord
 from core.timestamps import epoch_ms
-from core.users import UserRecord
 
 SCHEMA_VERSION = 1
 

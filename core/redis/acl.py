@@ -25,15 +25,22 @@ import hashlib
 from typing import Literal
 
 from core.config import Settings
-from core.custody import ALIVE_PREFIX, DEQUEUED_PREFIX, WORKERS_SET
-from core.inbox import DEDUPE_PREFIX, queue_key
+from core.redis.keys import (
+    ALIVE_PREFIX,
+    CONNECT_STATE_PREFIX,
+    DEDUPE_PREFIX,
+    DEQUEUED_PREFIX,
+    PARKED_MARK_PREFIX,
+    RQ_PREFIX,
+    SERVICE_PREFIX,
+    TOKEN_KEY,
+    TOKEN_LOCK_KEY,
+    WORKERS_SET,
+    queue_key,
+)
 
 Role = Literal["web", "worker"]
 
-#: Prefix of every key this service owns besides RQ's and the streams.
-SERVICE_PREFIX = "smartcar-ingest:"
-#: Prefix of RQ's keys and channels.
-RQ_PREFIX = "rq:"
 
 #: PING, HELLO, AUTH, SELECT, CLIENT SETNAME/SETINFO/ID…, without the dangerous CLIENT KILL/LIST/PAUSE.
 _CONNECTION = ["+@connection", "-@dangerous"]
@@ -63,8 +70,8 @@ def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str
     if role == "web":
         keys = [
             f"~{DEDUPE_PREFIX}*",
-            f"~{SERVICE_PREFIX}parked:*",
-            f"~{SERVICE_PREFIX}connect-state:*",
+            f"~{PARKED_MARK_PREFIX}*",
+            f"~{CONNECT_STATE_PREFIX}*",
             f"~{RQ_PREFIX}job:*",
             f"~{queue_key(settings.ingest_queue)}",
             f"~{RQ_PREFIX}queues",
@@ -78,10 +85,10 @@ def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str
         ]
         # DEL only where it is needed (a selector, Redis 7): Connect gives a state mark back
         # after an upstream failure, and the token lock is released, both compare-then-delete.
-        deletable = [f"~{SERVICE_PREFIX}connect-state:*"]
+        deletable = [f"~{CONNECT_STATE_PREFIX}*"]
         if connect:
-            keys.append(f"~{SERVICE_PREFIX}app-token*")
-            deletable.append(f"~{SERVICE_PREFIX}app-token:lock")
+            keys.append(f"~{TOKEN_KEY}*")
+            deletable.append(f"~{TOKEN_LOCK_KEY}")
         selector = "(" + " ".join(["+del", *deletable]) + ")"
         return ["resetkeys", "resetchannels", "-@all", *_CONNECTION, *_SCRIPTS, *_WEB_COMMANDS, *keys, selector]
     return [

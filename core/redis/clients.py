@@ -1,0 +1,88 @@
+"""Every Redis client the service builds, one factory per role, so timeouts are chosen once.
+
+============  =====  =================================================================================
+role          kind   why these timeouts
+============  =====  =================================================================================
+web           async  every call bounded by ``REDIS_TIMEOUT_SECONDS``: Redis trouble is a fast 503
+worker        async  patient and reconnecting: nobody waits on a worker's answer
+rq            sync   RQ's bookkeeping in the worker: a blocking dequeue needs a long read timeout
+scrape        sync   ``/metrics`` reads: bounded, never retried, so a scrape fails fast
+command       both   operator commands (``status``, ``replay``, ``backfill``): a few seconds, then exit 3
+probe         sync   "does Redis answer here?" (``dev``): half a second
+============  =====  =================================================================================
+"""
+
+from __future__ import annotations
+
+import redis
+from redis.asyncio import BlockingConnectionPool
+from redis.asyncio import Redis as AsyncRedis
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.retry import Retry
+
+from core.config import Settings
+
+
+def web_redis(settings: Settings) -> AsyncRedis:
+    """The web process's client: every call bounded, so Redis trouble becomes a fast 503."""
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        # Under a burst, requests wait (within their deadline) for a free connection instead of
+        # failing outright as the default pool does when it runs out.
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_seconds,
+        socket_timeout=settings.redis_timeout_seconds,
+        socket_connect_timeout=settings.redis_timeout_seconds,
+        # One immediate retry lets the first request after a Redis restart reconnect instead of failing.
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+    )
+    return AsyncRedis(connection_pool=pool)
+
+
+def worker_redis(settings: Settings, max_connections: int = 100) -> AsyncRedis:
+    """The jobs' client: patient (they are not answering Smartcar) and reconnecting.
+
+    The pool must hold a connection for every job in flight: past its size redis-py raises
+    ``MaxConnectionsError`` (a connection error), which the jobs would take for an outage.
+    """
+    return AsyncRedis.from_url(
+        settings.redis_url,
+        max_connections=max_connections,
+        socket_timeout=10,
+        socket_connect_timeout=5,
+        retry=Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.1), 5),
+        health_check_interval=30,
+    )
+
+
+def rq_redis(settings: Settings, max_connections: int) -> redis.Redis:
+    """RQ's connection in the worker: its blocking dequeue waits up to the maintenance interval."""
+    return redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=5, socket_timeout=30, max_connections=max_connections
+    )
+
+
+def scrape_redis(redis_url: str, timeout_seconds: float) -> redis.Redis:
+    """A client for reads at scrape time: bounded calls and no retries, so a scrape fails fast."""
+    return redis.Redis.from_url(
+        redis_url,
+        socket_timeout=timeout_seconds,
+        socket_connect_timeout=timeout_seconds,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def command_redis(settings: Settings) -> redis.Redis:
+    """An operator command's client (``status``): a Redis that does not answer ends the command."""
+    return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=10)
+
+
+def command_redis_async(settings: Settings) -> AsyncRedis:
+    """The async twin of :func:`command_redis` (``replay``, ``backfill``)."""
+    return AsyncRedis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=10)
+
+
+def probe_redis(url: str) -> redis.Redis:
+    """A client that only asks whether anything answers at ``url``, quickly."""
+    return redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)

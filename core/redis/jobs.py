@@ -1,0 +1,114 @@
+"""The RQ job that carries one accepted delivery: its payload, its options, its hash.
+
+The job is a regular RQ job (JSON serializer, function ``workers.jobs.process_event``), built
+with RQ's own :class:`rq.job.Job` so that ``rq info``, rq-dashboard and every RQ worker read it
+as if ``Queue.enqueue`` had written it. Its one argument is a :class:`JobPayload` holding the
+body exactly as received, so the worker and ``replay`` never depend on the web process's parsing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+import pydantic_core
+from redis import Redis
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+from rq.utils import now, utcformat
+
+from core.redis.keys import job_id_for
+
+PROCESS_EVENT = "workers.jobs.process_event"
+
+#: Waits between RQ re-runs of a job that failed with a transient error (seconds).
+RETRY_INTERVALS = (5, 15, 60, 180, 600)
+
+
+class JobPayload(TypedDict):
+    """The single JSON argument of ``process_event``: the delivery as received, and when."""
+
+    eventId: str
+    eventType: str
+    body: str
+    receivedAt: int
+
+
+def job_payload(event_id: str, event_type: str, body: str, received_at_ms: int) -> JobPayload:
+    """The single JSON argument of ``process_event``."""
+    return {"eventId": event_id, "eventType": event_type, "body": body, "receivedAt": received_at_ms}
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """How RQ should run ingest jobs."""
+
+    queue: str
+    timeout_seconds: int = 120
+    retries: int = 5
+    result_ttl_seconds: int = 600
+    failure_ttl_seconds: int = 7 * 24 * 3600
+
+
+def build_job_hash(payload: Mapping[str, Any], options: JobOptions) -> tuple[str, dict[str, Any]]:
+    """Return ``(job_id, mapping)``: the RQ job hash that ``Queue.enqueue`` would have written."""
+    job_id = job_id_for(str(payload["eventId"]))
+    job = Job.create(
+        PROCESS_EVENT,
+        args=[dict(payload)],
+        id=job_id,
+        # Job.create wants a connection object; it is never used to talk to Redis here.
+        connection=_NO_CONNECTION,
+        serializer=JSONSerializer,
+        # Describe the job by type and id only: the default would embed the whole body
+        # (locations, VINs) in rq-dashboard and in worker logs.
+        description=f"process_event({payload['eventType']} {payload['eventId']})",
+        timeout=options.timeout_seconds,
+        result_ttl=options.result_ttl_seconds,
+        failure_ttl=options.failure_ttl_seconds,
+        origin=options.queue,
+    )
+    if options.retries:
+        job.retries_left = options.retries
+        job.retry_intervals = list(RETRY_INTERVALS[: options.retries])
+    job.enqueued_at = now()
+    job._status = JobStatus.QUEUED
+    mapping = job.to_dict()
+    mapping["status"] = JobStatus.QUEUED.value
+    return job_id, mapping
+
+
+# A client that never connects: Job.create only keeps a reference to it.
+_NO_CONNECTION = Redis(host="unused.invalid", single_connection_client=False)
+
+
+class JobTemplate:
+    """Builds the same job hash as :func:`build_job_hash`, several times faster.
+
+    The fields that never change between events (:attr:`constant`) are taken once from a job
+    built by RQ itself; per event only :data:`VARIABLE_FIELDS` are filled in. ``data`` is the
+    JSON of ``(func, None, [payload], {})`` compressed with zlib (level 1: RQ reads any level).
+    ``tests/test_inbox.py`` checks that RQ reads these hashes back exactly as its own.
+    """
+
+    VARIABLE_FIELDS = ("created_at", "enqueued_at", "data", "description")
+
+    def __init__(self, options: JobOptions) -> None:
+        _, reference = build_job_hash(job_payload("template", "VEHICLE_STATE", "", 0), options)
+        self.constant: dict[str, Any] = {
+            key: value for key, value in reference.items() if key not in self.VARIABLE_FIELDS
+        }
+
+    def variable(self, payload: Mapping[str, Any]) -> tuple[str, bytes, str]:
+        """``(job_id, data, description)`` for one event; the times are added per batch."""
+        event_id = str(payload["eventId"])
+        data = pydantic_core.to_json([PROCESS_EVENT, None, [payload], {}])
+        return job_id_for(event_id), data, f"process_event({payload['eventType']} {event_id})"
+
+    def build(self, payload: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """``(job_id, mapping)``: the whole job hash for one event."""
+        job_id, data, description = self.variable(payload)
+        stamp = utcformat(now())
+        variable = {"created_at": stamp, "enqueued_at": stamp, "data": data, "description": description}
+        return job_id, {**variable, **self.constant}

@@ -1,0 +1,234 @@
+"""The parked stream: the one place that parks, replays and counts parked deliveries.
+
+A delivery that cannot be processed is never dropped: it is kept on ``PARKED_STREAM`` with
+``event_id``, ``reason`` (one of :data:`core.errors.PARK_REASONS`), ``detail`` (one sentence) and
+``payload`` (the body as received). The web edge and the worker park through the same script,
+which writes a parked mark for the ``eventId`` with the entry, so a redelivery, a retried job or
+a re-run parks one event once. Every add trims entries older than ``PARKED_RETENTION_SECONDS``.
+:func:`replay_parked` moves entries back onto the queue; :func:`count_by_reason` reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis as AsyncRedis
+from rq.job import Job
+from rq.queue import Queue
+
+from core.config import DEFAULT_PARKED_RETENTION_SECONDS
+from core.redis.jobs import JobOptions, build_job_hash, job_payload
+from core.redis.keys import parked_key, queue_key, text
+
+#: Parked entries read at most to count them by reason; beyond it the counts are marked partial.
+COUNT_SCAN_LIMIT = 10_000
+_COUNT_BATCH = 500
+
+_PARK = """
+-- KEYS: parked mark ('' when the delivery has no usable eventId), parked stream
+-- ARGV: mark ttl, mark value (digest of reason and body), oldest entry id to keep, then the
+--       entry as field/value pairs. Returns the new entry id, or false when this eventId was
+--       already parked for the same reason with the same body (a redelivery, a retried job).
+if KEYS[1] ~= '' then
+  if redis.call('GET', KEYS[1]) == ARGV[2] then
+    return false
+  end
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
+end
+return redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[3], '*', unpack(ARGV, 4))
+"""
+
+_REQUEUE = """
+-- KEYS: job hash, queue list, RQ's set of queues, parked stream, parked mark
+-- ARGV: parked entry id, job id, then the job hash as field/value pairs
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' or status == 'started' or status == 'scheduled' or status == 'deferred' then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[3], KEYS[2])
+redis.call('XDEL', KEYS[4], ARGV[1])
+-- the replayed job may park again, for the same reason: that entry must be written
+redis.call('DEL', KEYS[5])
+return 1
+"""
+
+# Count parked entries by reason inside Redis: only the counts cross the network, never the
+# parked payloads (up to MAX_BODY_BYTES each). One call per batch keeps each call short.
+_COUNT_REASONS = """
+local entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
+local counts = {}
+local last = ''
+for _, entry in ipairs(entries) do
+  last = entry[1]
+  local fields = entry[2]
+  local reason = ''
+  for i = 1, #fields, 2 do
+    if fields[i] == 'reason' then reason = fields[i + 1] break end
+  end
+  counts[reason] = (counts[reason] or 0) + 1
+end
+local out = {#entries, last}
+for reason, n in pairs(counts) do
+  out[#out + 1] = reason
+  out[#out + 1] = n
+end
+return out
+"""
+
+
+def parked_min_id(retention_seconds: int, now_ms: int | None = None) -> str:
+    """The oldest parked entry id to keep: entries older than the retention are trimmed.
+
+    Every XADD to the parked stream carries ``MINID ~ <this>``, so the stream stays bounded by
+    age whatever arrives; ``~`` lets Redis trim whole nodes only, which keeps each add cheap.
+    """
+    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    return str(max(0, now - retention_seconds * 1000))
+
+
+class ParkedStream:
+    """Writes the parked stream: the one park path of the web edge and the worker."""
+
+    def __init__(
+        self,
+        redis: AsyncRedis,
+        stream: str,
+        mark_ttl_seconds: int,
+        retention_seconds: int = DEFAULT_PARKED_RETENTION_SECONDS,
+    ) -> None:
+        self.stream = stream
+        self._ttl = mark_ttl_seconds
+        self._retention = retention_seconds
+        self._park = redis.register_script(_PARK)
+
+    async def park(self, event_id: str | None, reason: str, detail: str, body: str) -> str | None:
+        """Keep a delivery that cannot be processed; returns the entry id, None if already kept.
+
+        A repeat of the same event for the same reason with the same body (a redelivery, a retried
+        or re-run job) is kept once. A different reason or body for the same ``eventId`` gets an
+        entry of its own: nothing that differs is ever dropped.
+        """
+        # A body can carry text that is not valid UTF-8 (a lone surrogate from a JSON escape),
+        # which Redis cannot store; written as its escape it stays the same JSON.
+        body = body.encode("utf-8", "backslashreplace").decode("utf-8")
+        mark = hashlib.blake2b(f"{reason}\0{body}".encode(), digest_size=12).hexdigest()
+        args: list[Any] = [self._ttl, mark, parked_min_id(self._retention)]
+        for field, value in (("event_id", event_id or ""), ("reason", reason), ("detail", detail), ("payload", body)):
+            args.extend((field, value))
+        entry_id = await self._park(keys=[parked_key(event_id) if event_id else "", self.stream], args=args)
+        return None if entry_id is None else text(entry_id)
+
+
+@dataclass
+class ReplayReport:
+    """What ``replay`` did: entries looked at, re-enqueued, and left in place with why."""
+
+    scanned: int = 0
+    requeued: int = 0
+    busy: int = 0
+    without_event_id: int = 0
+
+
+async def replay_parked(
+    redis: AsyncRedis,
+    options: JobOptions,
+    parked_stream: str,
+    reason: str | None = None,
+    limit: int | None = None,
+    on_progress: Callable[[ReplayReport], None] | None = None,
+) -> ReplayReport:
+    """Re-enqueue parked entries (optionally only those with ``reason``), oldest first.
+
+    Each entry is removed from the parked stream in the same atomic step that enqueues its job,
+    so an interrupted replay neither loses nor doubles an event. Entries whose job is still
+    queued or running are left in place (``busy``); entries without an ``eventId`` cannot become
+    a job and stay parked (``without_event_id``).
+    """
+    requeue = redis.register_script(_REQUEUE)
+    report = ReplayReport()
+    cursor = "-"
+    while limit is None or report.requeued < limit:
+        batch = await redis.xrange(parked_stream, min=cursor, max="+", count=100)
+        if not batch:
+            break
+        for raw_id, raw_fields in batch:
+            entry_id = text(raw_id)
+            cursor = "(" + entry_id
+            fields = {text(k): text(v) for k, v in (raw_fields or {}).items()}
+            if reason is not None and fields.get("reason") != reason:
+                continue
+            report.scanned += 1
+            event_id = fields.get("event_id", "")
+            if not event_id:
+                report.without_event_id += 1
+                continue
+            body = fields.get("payload", "")
+            job_id, mapping = build_job_hash(
+                job_payload(event_id, _event_type_of(body), body, int(time.time() * 1000)), options
+            )
+            args: list[Any] = [entry_id, job_id]
+            for field, value in mapping.items():
+                args.extend((field, value))
+            keys = [
+                Job.key_for(job_id),
+                queue_key(options.queue),
+                Queue.redis_queues_keys,
+                parked_stream,
+                parked_key(event_id),
+            ]
+            if await requeue(keys=keys, args=args):
+                report.requeued += 1
+            else:
+                report.busy += 1
+            if on_progress is not None:
+                on_progress(report)
+            if limit is not None and report.requeued >= limit:
+                break
+    return report
+
+
+@dataclass(frozen=True)
+class ReasonCounts:
+    """Parked entries by reason, counted over the oldest ``scanned`` entries."""
+
+    by_reason: dict[str, int]
+    scanned: int
+
+
+def count_by_reason(client: SyncRedis, stream: str, limit: int = COUNT_SCAN_LIMIT) -> ReasonCounts:
+    """Count parked entries by reason (most frequent first), reading at most ``limit`` entries."""
+    count_reasons = client.register_script(_COUNT_REASONS)
+    by_reason: dict[str, int] = {}
+    scanned = 0
+    cursor = "-"
+    while scanned < limit:
+        batch = min(_COUNT_BATCH, limit - scanned)
+        found, last, *pairs = count_reasons(keys=[stream], args=[cursor, batch])
+        scanned += int(found)
+        for reason, count in zip(pairs[::2], pairs[1::2], strict=True):
+            name = text(reason) or "(none)"
+            by_reason[name] = by_reason.get(name, 0) + int(count)
+        if int(found) < batch:
+            break
+        cursor = "(" + text(last)
+    ordered = dict(sorted(by_reason.items(), key=lambda item: (-item[1], item[0])))
+    return ReasonCounts(by_reason=ordered, scanned=scanned)
+
+
+def _event_type_of(body: str) -> str:
+    """The eventType named in a parked body, for the job description only."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return "UNKNOWN"
+    event_type = document.get("eventType") if isinstance(document, dict) else None
+    return event_type[:40] if isinstance(event_type, str) else "UNKNOWN"
