@@ -64,7 +64,7 @@ def write_bodies(path: Path, count: int, mix: str = "fleet") -> int:
 
     ``fleet``: the captured full-state deliveries in turn, each with a fresh ``eventId`` and
     ``deliveryId`` and a current ``deliveredAt`` (older ones are refused as replays);
-    ``sample``: the ~1 KB synthetic delivery of ``core.samples``.
+    ``sample``: the ~1 KB synthetic delivery of ``cli.samples``.
     """
     templates = fleet_documents() if mix == "fleet" else []
     total = 0

@@ -1,8 +1,10 @@
-"""``smartcar-ingest backfill``: :mod:`core.backfill` on a terminal (clients, progress bar, report).
+"""``smartcar-ingest backfill``: :mod:`cli.connections` on a terminal (clients, progress bar, report).
 
 Exit status: 0 when every connection was decided (conflicts and unmatched vehicles are findings,
 listed for the operator); 1 when some could not be processed or the run stopped early, in which
-case rerunning continues where it left off.
+case rerunning continues where it left off (also when Smartcar or the database stopped answering
+mid-run). A Redis that does not answer ends the run with exit 3, Smartcar refusing the
+application's credentials with exit 4 (``cli.main``).
 """
 
 from __future__ import annotations
@@ -11,12 +13,9 @@ import asyncio
 import sys
 from typing import TextIO
 
-from redis.exceptions import RedisError
-
 from cli.connections import PAGE_SIZE, Backfill, BackfillReport, Outcome
+from cli.operations import open_command_redis_async, redis_errors
 from core.config import Settings
-from core.errors import ConfigurationError
-from core.redis.clients import worker_redis
 from core.smartcar.client import smartcar_client
 from core.smartcar.http import smartcar_http
 from core.store.users import UserStore
@@ -55,7 +54,8 @@ def run_backfill(
         err.flush()
 
     async def run() -> BackfillReport:
-        redis = worker_redis(settings)
+        # The application token is cached in Redis, shared with the workers.
+        redis = open_command_redis_async(settings)
         # A handful of connections: the run is sequential, and Smartcar's application rate limit
         # is the bottleneck, not the pool.
         http = smartcar_http(max_connections=4)
@@ -76,10 +76,8 @@ def run_backfill(
             await asyncio.to_thread(users.dispose)
 
     try:
-        report = asyncio.run(run())
-    except (RedisError, OSError) as exc:
-        # The application token is cached in Redis, shared with the workers.
-        raise ConfigurationError(f"Redis at REDIS_URL could not be used ({type(exc).__name__}).") from None
+        with redis_errors():
+            report = asyncio.run(run())
     finally:
         if interactive:
             err.write("\n")

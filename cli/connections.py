@@ -4,7 +4,7 @@ Phase 3 of the migration guide. :class:`Backfill` pages through ``GET /v3/connec
 each connection (a Smartcar user with a Smartcar vehicle), finds the internal vehicle: by
 ``vehicles.smartcar_vehicle_id`` when an earlier run already stored it, otherwise by the VIN that
 the vehicle reports as its ``vehicleidentification-vin`` signal. It then stores the vehicle's
-Smartcar id and its owner's Smartcar user id (:meth:`core.users.UserStore.link_vehicle`, both or
+Smartcar id and its owner's Smartcar user id (:meth:`core.store.users.UserStore.link_vehicle`, both or
 neither, one transaction per connection).
 
 Every connection ends in exactly one outcome:
@@ -51,7 +51,6 @@ PAGE_SIZE = 100
 MAX_PAGES = 10_000
 
 Outcome = Literal["matched", "already_linked", "unmatched", "conflict", "failed"]
-OUTCOMES: tuple[Outcome, ...] = ("matched", "already_linked", "unmatched", "conflict", "failed")
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,42 +21,19 @@ from types import FrameType
 
 import redis
 
+from cli.ports import bindable, free_port, wait_for_port
 from core.config import DEV_MANAGEMENT_TOKEN, Settings
 from core.errors import ConfigurationError, RecordExists
+from core.redis.clients import probe_redis
 from core.store import db
 from core.store.users import UserStore
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-def _wait_for_port(port: int, what: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ConfigurationError(f"{what} exited during startup (status {process.returncode}).")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise ConfigurationError(f"{what} did not start listening on port {port} within {timeout:.0f} s.")
+#: How long dev waits for each child it started to listen.
+STARTUP_SECONDS = 30.0
 
 
 def _redis_answers(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    client = probe_redis(url)
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError):
@@ -127,8 +103,8 @@ def run_dev(settings: Settings, port: int) -> int:
     # Everything dev starts listens on this machine only; the web's admin port (/readyz, /metrics)
     # is ADMIN_PORT when free, else any free port, so a busy 9000 does not stop `make run`.
     admin_host = env.setdefault("ADMIN_HOST", "127.0.0.1")
-    if settings.admin_port and not _bindable(admin_host, settings.admin_port):
-        env["ADMIN_PORT"] = str(_free_port())
+    if settings.admin_port and not bindable(admin_host, settings.admin_port):
+        env["ADMIN_PORT"] = str(free_port(admin_host))
     children = Children()
     scratch = Path(tempfile.mkdtemp(prefix="smartcar-ingest-dev-"))
 
@@ -144,7 +120,7 @@ def run_dev(settings: Settings, port: int) -> int:
         else:
             if shutil.which("redis-server") is None:
                 raise ConfigurationError("REDIS_URL does not answer and redis-server is not installed.")
-            redis_port = _free_port()
+            redis_port = free_port()
             process = children.start(
                 "redis-server",
                 [
@@ -164,7 +140,7 @@ def run_dev(settings: Settings, port: int) -> int:
                 ],
                 env,
             )
-            _wait_for_port(redis_port, "redis-server", process)
+            wait_for_port(redis_port, STARTUP_SECONDS, process=process, what="redis-server")
             env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             print(f"started redis-server on port {redis_port} (AOF in {scratch})")
 
@@ -174,9 +150,9 @@ def run_dev(settings: Settings, port: int) -> int:
         else:
             from emulator.app import EmulatorConfig
 
-            emulator_port = _free_port()
+            emulator_port = free_port()
             process = children.start("emulator", [*cli, "emulator", "--port", str(emulator_port)], env)
-            _wait_for_port(emulator_port, "the emulator", process)
+            wait_for_port(emulator_port, STARTUP_SECONDS, process=process, what="the emulator")
             defaults = EmulatorConfig()
             env.update(
                 SMARTCAR_API_URL=f"http://127.0.0.1:{emulator_port}/v3",
@@ -193,7 +169,7 @@ def run_dev(settings: Settings, port: int) -> int:
             print(f"user store {settings.database_url} migrated; {added} emulator users added")
 
         web = children.start("web", [*cli, "web", "--host", "127.0.0.1", "--port", str(port)], env)
-        _wait_for_port(port, "the web process", web)
+        wait_for_port(port, STARTUP_SECONDS, process=web, what="the web process")
         children.start("worker", [*cli, "worker"], env)
         _print_instructions(port, env, int(env.get("ADMIN_PORT", settings.admin_port)))
         while True:

@@ -1,8 +1,22 @@
 """The ``smartcar-ingest`` console script.
 
-Each subcommand builds :class:`~core.config.Settings` once and passes it down. Bad settings or
-bad input end the command with one actionable line on stderr and exit status 2; a failed
-operation (a refused test event, say) exits 1.
+Each subcommand builds :class:`~core.config.Settings` once and passes it down. A command that
+cannot finish ends with one actionable line on stderr; its exit status says which kind of trouble
+it met (README, "Exit codes"), so scripts and orchestrators can tell "fix the settings" from
+"try again later":
+
+====  =====================  ==============================================================
+code  name                   when
+====  =====================  ==============================================================
+0     ``EXIT_OK``            the command did what it was asked
+1     ``EXIT_FAILED``        it ran but failed or found problems (a refused test event,
+                             backfill connections left undone, a user not found, a conflict)
+2     ``EXIT_USAGE``         bad settings or arguments (:class:`ConfigurationError`, argparse)
+3     ``EXIT_UNAVAILABLE``   a dependency did not answer: Redis, the database, Smartcar, the
+                             webhook endpoint (any :class:`TransientError`); retry later
+4     ``EXIT_REFUSED``       Smartcar refused the application's credentials or the request
+130   ``EXIT_INTERRUPTED``   stopped with Ctrl-C
+====  =====================  ==============================================================
 """
 
 from __future__ import annotations
@@ -15,9 +29,35 @@ import tempfile
 from collections.abc import Callable, Sequence
 
 from core.config import Settings, load_settings
-from core.errors import PARK_REASONS, ConfigurationError, IngestError
+from core.errors import (
+    PARK_REASONS,
+    ConfigurationError,
+    IngestError,
+    SmartcarRejected,
+    SmartcarUnauthorized,
+    TokenRequestFailed,
+    TransientError,
+)
 
 Handler = Callable[[argparse.Namespace, Settings], int]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2  # also what argparse exits with on bad arguments
+EXIT_UNAVAILABLE = 3
+EXIT_REFUSED = 4
+EXIT_INTERRUPTED = 130
+
+
+def exit_status(exc: IngestError) -> int:
+    """The exit status a command ends with when ``exc`` stops it."""
+    if isinstance(exc, ConfigurationError):
+        return EXIT_USAGE
+    if isinstance(exc, TransientError):
+        return EXIT_UNAVAILABLE
+    if isinstance(exc, TokenRequestFailed | SmartcarUnauthorized | SmartcarRejected):
+        return EXIT_REFUSED
+    return EXIT_FAILED
 
 
 def _web(args: argparse.Namespace, settings: Settings) -> int:
@@ -58,12 +98,15 @@ def _send_test_event(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from cli.operations import redis_errors
     from core.logs import configure_logging
     from workers.worker import run_worker
 
     settings.require_client_credentials()
     configure_logging(settings.log_level, settings.log_format)
-    run_worker(settings, burst=args.burst, concurrency=args.concurrency)
+    # The worker waits out Redis trouble; this only ends a start whose Redis never answered.
+    with redis_errors("reached", os_errors=False):
+        run_worker(settings, burst=args.burst, concurrency=args.concurrency)
     return 0
 
 
@@ -326,14 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         return handler(args, settings)
-    except ConfigurationError as exc:
-        print(f"smartcar-ingest {args.command}: {exc.message}", file=sys.stderr)
-        return 2
     except IngestError as exc:
         print(f"smartcar-ingest {args.command}: {exc.message}", file=sys.stderr)
-        return 1
+        return exit_status(exc)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from rq import Queue, Worker
 from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
 from rq.serializers import JSONSerializer
 
+from cli.operations import open_command_redis, redis_errors
 from core.config import Settings
-from core.errors import ConfigurationError
 from core.redis.custody import read_stranded
 from core.redis.keys import text
 from core.redis.parked import COUNT_SCAN_LIMIT, count_by_reason
@@ -39,7 +39,7 @@ def collect_status(
             "depth": snapshot.depth,
             "oldestAgeSeconds": round(snapshot.oldest_age_seconds(now), 3),
         },
-        # Taken off the queue, not started, and no live worker answers for them (core.custody).
+        # Taken off the queue, not started, and no live worker answers for them (core.redis.custody).
         "stranded": {"count": stranded.count, "oldestAgeSeconds": round(stranded.oldest_age_seconds(now), 3)},
         "registries": snapshot.registries,
         "workers": _workers(client, settings, now),
@@ -174,15 +174,12 @@ def _entries(count: int) -> str:
 
 
 def status(settings: Settings, as_json: bool = False) -> int:
-    """Print the report; an unreachable Redis is one line and exit status 2 (via the CLI)."""
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+    """Print the report. A Redis that does not answer is one line and exit status 3, refused
+    credentials one line and exit status 2 (via the CLI); the URL is never repeated."""
+    client = open_command_redis(settings)
     try:
-        report = collect_status(client, settings)
-    except (redis.RedisError, OSError) as exc:
-        # The URL is not repeated: it may carry a password.
-        raise ConfigurationError(
-            f"Redis at REDIS_URL could not be read ({type(exc).__name__}); check REDIS_URL and that Redis is up."
-        ) from None
+        with redis_errors("read"):
+            report = collect_status(client, settings)
     finally:
         client.close()
     print(json.dumps(report, indent=2) if as_json else render_text(report))

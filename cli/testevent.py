@@ -6,12 +6,16 @@ import httpx
 
 from cli.samples import encode, sample_event
 from core.config import DEV_MANAGEMENT_TOKEN, Settings
-from core.errors import ConfigurationError
+from core.errors import ConfigurationError, EndpointUnavailable
 from core.signatures import answer_challenge, sign
 
 
 def send_test_event(settings: Settings, url: str, event_type: str) -> int:
-    """Post one signed sample event to ``url``; 0 when the service answered as the contract says."""
+    """Post one signed sample event to ``url``; 0 when the service answered as the contract says.
+
+    1 when it answered otherwise; a ``url`` that does not answer is :class:`EndpointUnavailable`
+    (exit 3), one that is not an http(s) URL a :class:`ConfigurationError` (exit 2).
+    """
     tokens = settings.management_tokens
     if not tokens:
         # The same default `smartcar-ingest dev` uses, so the two work together out of the box.
@@ -22,8 +26,12 @@ def send_test_event(settings: Settings, url: str, event_type: str) -> int:
     headers = {"content-type": "application/json", "sc-signature": sign(tokens[0], body)}
     try:
         response = httpx.post(url, content=body, headers=headers, timeout=15.0)
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+        raise ConfigurationError(f"--url is not an http(s) URL ({type(exc).__name__}).") from None
     except httpx.HTTPError as exc:
-        raise ConfigurationError(f"could not reach {url} ({type(exc).__name__}); is the web process running?") from None
+        raise EndpointUnavailable(
+            f"could not reach {url} ({type(exc).__name__}); is the web process running?"
+        ) from None
     print(f"POST {url} {event_type} eventId={document['eventId']}")
     print(f"-> {response.status_code} {response.text}")
     if event_type == "VERIFY":

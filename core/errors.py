@@ -3,18 +3,20 @@
 Everything the project raises on purpose descends from :class:`IngestError`::
 
     IngestError
-    ├── ConfigurationError            bad or missing settings: the process stops with one line
+    ├── ConfigurationError            bad or missing settings or setup: the process stops with one line
     ├── TransientError                worth retrying: the same call may succeed later
-    │   ├── RedisUnavailable          Redis did not answer in time (web answers 503)
+    │   ├── RedisUnavailable          Redis did not answer an operator command or a starting worker
     │   ├── DatabaseUnavailable       the user store did not answer (refused, timed out, locked)
     │   ├── SmartcarUnavailable       network error or 5xx from Smartcar
-    │   └── SmartcarRateLimited       429 from Smartcar; carries ``retry_after`` seconds
+    │   ├── SmartcarRateLimited       429 from Smartcar; carries ``retry_after`` seconds
+    │   └── EndpointUnavailable       the webhook endpoint ``send-test-event`` posts to did not answer
     └── PermanentError                retrying will not help: park the event or publish it partially
         ├── MalformedBody             a signed body that is not JSON (web answers 400)
         ├── InvalidPayload            signed JSON that does not fit the schema (reason ``invalid_payload``)
         ├── UnknownEventType          an ``eventType`` this service does not know (``unknown_event_type``)
         ├── LegacyPayload             a v2.0 webhook (``legacy_v2``)
         ├── UnknownUser               no internal user for ``data.user.id`` (``unknown_user``)
+        ├── InvalidJob                a ``process_event`` job whose argument is not a job payload
         ├── SmartcarRejected          a 4xx other than 401/429 from the vehicle API (publish ``partial``)
         ├── SmartcarUnauthorized      a 401 that survived a token refresh (``upstream_rejected``)
         ├── TokenRequestFailed        the token endpoint refused our credentials
@@ -30,8 +32,13 @@ Everything the project raises on purpose descends from :class:`IngestError`::
         ├── RecordExists              a user or vehicle with this id already exists
         └── InvalidValue              a value does not fit its column
 
-Only ``service/`` turns these into HTTP statuses, and only ``workers/`` turns them into parked
-entries. Messages are one sentence and never contain a secret, token or signal value.
+The three inner classes are never raised themselves, only their leaves. A bad setting
+(:class:`ConfigurationError`) and an outage (a :class:`TransientError`) stay apart everywhere:
+the first is fixed by the operator, the second passes by itself.
+
+Only ``service/`` turns these into HTTP statuses, only ``workers/`` turns them into parked
+entries, and only ``cli/main.py`` turns them into exit statuses (README, "Exit codes").
+Messages are one sentence and never contain a secret, token, signal value or ``REDIS_URL``.
 """
 
 from __future__ import annotations
@@ -59,7 +66,8 @@ class IngestError(Exception):
 
 
 class ConfigurationError(IngestError):
-    """A setting is missing or invalid; the process should stop with this one-line message."""
+    """A setting is missing or invalid, or the process was not set up to do this (a job run outside
+    ``smartcar-ingest worker``); the process should stop with this one-line message."""
 
     code = "configuration_error"
 
@@ -71,7 +79,11 @@ class TransientError(IngestError):
 
 
 class RedisUnavailable(TransientError):
-    """Redis did not answer within the configured timeout."""
+    """Redis did not answer, or cannot serve us for now (loading, out of memory, read-only).
+
+    Raised where a process gives up on Redis instead of waiting it out: an operator command
+    (``status``, ``replay``, ``backfill``) and a worker whose Redis never answered at start.
+    """
 
     code = "redis_unavailable"
 
@@ -96,6 +108,12 @@ class SmartcarRateLimited(TransientError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class EndpointUnavailable(TransientError):
+    """The webhook endpoint that ``send-test-event`` posts to could not be reached."""
+
+    code = "endpoint_unavailable"
 
 
 class PermanentError(IngestError):
@@ -132,6 +150,15 @@ class UnknownUser(PermanentError):
     """No internal user has this Smartcar user id."""
 
     code = "unknown_user"
+
+
+class InvalidJob(PermanentError):
+    """A ``process_event`` job whose argument is not a job payload (``core.redis.jobs.JobPayload``).
+
+    Only something other than this service writes such a job; it fails at once, never retried.
+    """
+
+    code = "invalid_job"
 
 
 class SmartcarRejected(PermanentError):

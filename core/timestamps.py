@@ -1,9 +1,10 @@
 """Times and years as Smartcar sends them, read without ever raising.
 
-Smartcar's deliveries carry times as epoch milliseconds, epoch seconds or ISO-8601 strings
-(``docs/payloads.md``), and model years as numbers or digit strings. Whatever arrives in their
-place (NaN, infinities, bools, 5,000-digit strings, far-future dates) reads as unknown (None):
-a hostile value must neither crash the worker nor reach the output as invalid JSON.
+Smartcar's deliveries carry times as epoch milliseconds, epoch seconds or ISO-8601 strings (see
+the captures in ``tests/fixtures/captured/``), and model years as numbers or digit strings.
+Whatever arrives in their place (NaN, infinities, bools, 5,000-digit strings, far-future dates)
+reads as unknown (None): a hostile value must neither crash the worker nor reach the output as
+invalid JSON.
 """
 
 from __future__ import annotations
@@ -70,6 +71,17 @@ def delivered_at(value: object) -> int | str | None:
         return as_ms
     # An unreadable text time is kept as sent (short ones only); anything else is dropped.
     return value if isinstance(value, str) and len(value) <= _LONGEST_TIME_TEXT else None
+
+
+def retrieved_at(retrieved: object, fetched: object) -> int | None:
+    """When a signal was read, as epoch ms: ``retrievedAt`` when it is there, else ``fetchedAt``.
+
+    Smartcar spells this time either way, in webhook signals and in ``/signals`` resources alike,
+    and both read it through this one rule. "There" means present and not null: a ``0``, ``""`` or
+    ``false`` is the value sent and is read as such (``0`` is the epoch, the others unreadable),
+    never skipped in favour of ``fetchedAt``.
+    """
+    return epoch_ms(retrieved if retrieved is not None else fetched)
 
 
 def model_year(value: object) -> int | None:

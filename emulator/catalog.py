@@ -167,10 +167,6 @@ class Catalog:
         """The ``GET .../signals/{code}`` body, or ``None`` for a code the vehicle lacks."""
         return self._vehicles[vehicle_id].signals.get(code)
 
-    def signal_count(self, vehicle_id: str) -> int:
-        """How many signals (the VIN included) the vehicle has."""
-        return len(self._vehicles[vehicle_id].signal_items)
-
     def signals_page(self, vehicle_id: str, page: int, size: int, api_base: str) -> bytes:
         """One page (1-based) of ``GET .../signals``; a page past the end has an empty ``data``.
 

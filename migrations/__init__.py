@@ -1,1 +1,1 @@
-"""Alembic migrations for the user store; run them with ``smartcar-ingest db upgrade`` (see core.db)."""
+"""Alembic migrations for the user store; run them with ``smartcar-ingest db upgrade`` (see core.store.db)."""

@@ -1,6 +1,6 @@
 """Alembic environment: how the migrations in ``versions/`` reach a database.
 
-``core.db`` builds the Alembic configuration in code and hands over an open connection (inside a
+``core.store.db`` builds the Alembic configuration in code and hands over an open connection (inside a
 transaction it owns) in ``config.attributes["connection"]``. Run from the ``alembic`` command line
 instead (``uv run alembic revision --autogenerate -m ...`` with the repository's ``alembic.ini``),
 this file connects to ``sqlalchemy.url`` if set, else to ``DATABASE_URL`` from the settings.
@@ -48,7 +48,7 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    """Run on the connection core.db handed over, or on a fresh one from the configured URL."""
+    """Run on the connection core.store.db handed over, or on a fresh one from the configured URL."""
     connection = config.attributes.get("connection")
     if connection is not None:
         _run_on(connection)

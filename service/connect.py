@@ -1,7 +1,7 @@
 """Smartcar Connect on the web: ``GET /connect/callback`` and, when enabled, ``GET /connect/start``.
 
 ``/connect/callback?user_id=…&state=…`` (``userId`` is accepted too) stores Smartcar's user id for
-the internal user that the signed ``state`` names, once Smartcar confirms it (:mod:`core.connect`):
+the internal user that the signed ``state`` names, once Smartcar confirms it (:mod:`service.connect_state`):
 
 | request | status | body |
 |---|---|---|

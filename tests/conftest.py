@@ -19,11 +19,12 @@ from tests.procs import RedisServer
 
 TOKEN = "test-management-token"
 OLD_TOKEN = "previous-management-token"
-# The team's shared captures (beside the checkout) first, then the copy kept in the repository.
-FIXTURE_DIRS = (
-    Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "captured",
-    Path(__file__).resolve().parent / "fixtures" / "captured",
-)
+# The captured deliveries kept in the repository: the only source of fixture cases, so every
+# checkout runs the same ones.
+CAPTURED_DIR = Path(__file__).resolve().parent / "fixtures" / "captured"
+# The team's shared captures beside the checkout, where there is one; never read as cases, only
+# checked to be all copied into CAPTURED_DIR (tests/test_fixtures.py).
+SHARED_CAPTURED_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "captured"
 
 
 @pytest.fixture(scope="session")
@@ -72,11 +73,7 @@ def signed_headers(body: bytes, token: str = TOKEN) -> dict[str, str]:
 
 
 def fixture_paths() -> list[Path]:
-    found: dict[str, Path] = {}
-    for directory in FIXTURE_DIRS:
-        for path in sorted(directory.glob("*.json")):
-            found.setdefault(path.name, path)
-    return [found[name] for name in sorted(found)]
+    return sorted(CAPTURED_DIR.glob("*.json"))
 
 
 def load_fixture(path: Path) -> Any:
@@ -117,6 +114,8 @@ def pipeline(redis_url: str, emulator: str, seeded_database: str) -> Iterator[Se
 
     from tests.pipeline import pipeline_settings
 
+    # No waits between retries in this process: the Smartcar calls' and the Redis waits
+    # (core.redis.outage) alike. A worker started as a subprocess is not affected and waits for real.
     stamina.set_testing(True, attempts=3)
     yield pipeline_settings(redis_url, emulator, seeded_database)
     stamina.set_testing(False)

@@ -1,36 +1,41 @@
-"""Real processes for tests: a private redis-server and a uvicorn server on free ports."""
+"""Real processes for tests: a private redis-server, a uvicorn server and ``smartcar-ingest web`` on free ports.
+
+The port helpers are the CLI's (:mod:`cli.ports`), re-exported here for the tests and benchmarks.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import redis
 import uvicorn
 
+from cli.ports import free_port, wait_for_port
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["LiveServer", "RedisServer", "WebProcess", "env", "free_port", "service_env", "wait_for_port"]
+
+#: Prefixes of the service's settings in the environment: a child process a test starts sees only
+#: the ones the test gives it, whatever the shell running the tests has set.
+SETTING_PREFIXES = ("SMARTCAR_", "REDIS_", "DATABASE_", "ADMIN_", "PROMETHEUS_")
+#: How long a test waits for a child process to listen.
+STARTUP_SECONDS = 30.0
 
 
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+def service_env(**values: str) -> dict[str, str]:
+    """This process's environment without the service's settings, plus ``values``; the checkout
+    on ``PYTHONPATH`` so that ``python -m cli.main`` runs this code from any working directory."""
+    base = {key: value for key, value in os.environ.items() if not key.startswith(SETTING_PREFIXES)}
+    return base | {"PYTHONPATH": os.getcwd(), **values}
 
 
 class RedisServer:
@@ -122,3 +127,57 @@ def env(**values: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class WebProcess:
+    """``smartcar-ingest web`` in a child process on a free port, with exactly the environment ``env``.
+
+    As a context manager: waits until the web listens, and stops it on exit. ``capture`` collects
+    its stdout and stderr (text), in :attr:`stdout` and :attr:`stderr` once it has stopped.
+    """
+
+    def __init__(
+        self, env: Mapping[str, str], *args: str, cwd: Path | str | None = None, capture: bool = False
+    ) -> None:
+        self.port = free_port()
+        self.stdout = ""
+        self.stderr = ""
+        self._stopped = False
+        output = subprocess.PIPE if capture else None
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "web", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            env=dict(env),
+            cwd=cwd,
+            stdout=output,
+            stderr=output,
+            text=True,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> WebProcess:
+        try:
+            wait_for_port(self.port, STARTUP_SECONDS, process=self.process, what="the web process")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM, then wait for it to exit (killed if it takes more than 30 s)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            out, err = self.process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            out, err = self.process.communicate()
+        self.stdout, self.stderr = out or "", err or ""

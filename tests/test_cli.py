@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pty
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 
 from cli.samples import encode, sample_event
 from tests.conftest import TOKEN, signed_headers
-from tests.procs import free_port, wait_for_port
+from tests.procs import WebProcess, free_port, service_env
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd=None, timeout: float = 60):
@@ -73,39 +74,36 @@ def test_bad_arguments_exit_2(args, tmp_path):
 
 def test_web_serves_the_endpoint_and_send_test_event_reaches_it(redis_url, tmp_path):
     """`smartcar-ingest web` serves the webhook; `send-test-event` posts signed events to it."""
-    port = free_port()
     env = {"SMARTCAR_MANAGEMENT_TOKEN": TOKEN, "REDIS_URL": redis_url, "LOG_FORMAT": "json", "ADMIN_PORT": "0"}
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_"))}
-    web = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "web", "--host", "127.0.0.1", "--port", str(port)],
-        env=base | env | {"PYTHONPATH": os.getcwd()},
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        wait_for_port(port, timeout=30)
+    with WebProcess(service_env(**env), cwd=tmp_path, capture=True) as web:
         body = encode(sample_event())
-        response = httpx.post(f"http://127.0.0.1:{port}/webhooks/smartcar", content=body, headers=signed_headers(body))
+        response = httpx.post(f"{web.url}/webhooks/smartcar", content=body, headers=signed_headers(body))
         assert response.status_code == 202
-        url = f"http://127.0.0.1:{port}/webhooks/smartcar"
+        url = f"{web.url}/webhooks/smartcar"
         for event_type in ("VEHICLE_STATE", "VEHICLE_ERROR", "VERIFY"):
             result = run_cli("send-test-event", "--url", url, "--type", event_type, env=env, cwd=tmp_path)
             assert result.returncode == 0, result.stdout + result.stderr
             assert "202" in result.stdout or "challenge answer matches" in result.stdout
-    finally:
-        web.terminate()
-        output, _ = web.communicate(timeout=20)
-    assert TOKEN not in output
+    assert web.stdout + web.stderr
+    assert TOKEN not in web.stdout + web.stderr
 
 
 def test_send_test_event_to_nothing_fails_clearly(tmp_path):
-    """`send-test-event` to a closed port exits non-zero with one line saying why."""
+    """`send-test-event` to a closed port is an endpoint that does not answer: exit 3, one line saying why."""
     url = f"http://127.0.0.1:{free_port()}/webhooks/smartcar"
     result = run_cli("send-test-event", "--url", url, env={"SMARTCAR_MANAGEMENT_TOKEN": TOKEN}, cwd=tmp_path)
-    assert result.returncode == 2
+    assert result.returncode == 3
     assert "could not reach" in result.stderr
+
+
+def test_send_test_event_to_a_url_that_is_not_http_is_a_usage_error(tmp_path):
+    """A --url that is not http(s) is the operator's to fix: exit 2, not an outage."""
+    result = run_cli(
+        "send-test-event", "--url", "ftp://example.invalid/x", env={"SMARTCAR_MANAGEMENT_TOKEN": TOKEN}, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "--url" in line
 
 
 def test_worker_refuses_to_start_without_client_credentials(tmp_path):
@@ -117,13 +115,111 @@ def test_worker_refuses_to_start_without_client_credentials(tmp_path):
     assert "SMARTCAR_CLIENT_SECRET" in line
 
 
-def test_replay_with_unreachable_redis_is_one_line(tmp_path):
-    """`replay` against a Redis that does not answer exits non-zero with one line, no URL or traceback."""
-    result = run_cli("replay", env={"REDIS_URL": "redis://:hunter2@127.0.0.1:1/0"}, cwd=tmp_path)
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert "hunter2" not in result.stderr
+@pytest.mark.parametrize("command", [["replay"], ["status"], ["backfill"]])
+def test_unreachable_redis_is_one_line_and_exit_3(command, tmp_path):
+    """A Redis that does not answer is an outage (exit 3), told in one line without the URL or a traceback."""
+    env = {
+        "REDIS_URL": f"redis://:hunter2@127.0.0.1:{free_port()}/0",
+        "SMARTCAR_CLIENT_ID": "client",
+        "SMARTCAR_CLIENT_SECRET": "client-secret",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'users.db'}",
+    }
+    result = run_cli(*command, env=env, cwd=tmp_path)
+    assert result.returncode == 3, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"smartcar-ingest {command[0]}: Redis at REDIS_URL could not be ")
+    assert "hunter2" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_redis_refusing_the_credentials_is_a_bad_setting(redis_url, tmp_path):
+    """Credentials Redis refuses are the operator's to fix: exit 2, one line, the password not repeated."""
+    port = redis_url.rsplit(":", 1)[1].split("/")[0]
+    result = run_cli("status", env={"REDIS_URL": f"redis://nobody:hunter2@127.0.0.1:{port}/0"}, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "REDIS_URL" in line
+    assert "hunter2" not in result.stderr
+
+
+def test_a_redis_url_redis_cannot_read_is_a_bad_setting(tmp_path):
+    """A REDIS_URL of another scheme is exit 2, one line, without echoing the value."""
+    result = run_cli("replay", env={"REDIS_URL": "http://user:hunter2@127.0.0.1:6379/0"}, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "REDIS_URL is not a Redis URL" in line
+    assert "hunter2" not in line
+
+
+def test_unreachable_database_is_exit_3_and_a_missing_user_exit_1(tmp_path):
+    """`users link`: a database that does not answer is an outage (3); a user that does not exist a failure (1)."""
+    link = ("users", "link", "--user-id", "99", "--smartcar-user-id", "7f0b1c44-8a5c-4a8e-9a0e-2b0b8d7c3e11")
+    down = run_cli(
+        *link, env={"DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test"}, cwd=tmp_path
+    )
+    assert down.returncode == 3, down.stderr
+    assert "did not answer" in down.stderr
+    database = {"DATABASE_URL": f"sqlite:///{tmp_path / 'users.db'}"}
+    assert run_cli("db", "upgrade", env=database, cwd=tmp_path).returncode == 0
+    missing = run_cli(*link, env=database, cwd=tmp_path)
+    assert missing.returncode == 1, missing.stderr
+    [line] = missing.stderr.strip().splitlines()
+    assert "no user with id 99" in line
+
+
+def test_smartcar_refusing_the_credentials_is_exit_4(redis_url, emulator, tmp_path):
+    """`backfill` with a client secret the token endpoint refuses exits 4, without the secret in the line."""
+    env = {
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'users.db'}",
+        "SMARTCAR_CLIENT_ID": "client_emulator",
+        "SMARTCAR_CLIENT_SECRET": "not-the-emulator-secret",
+        "SMARTCAR_API_URL": f"{emulator}/v3",
+        "SMARTCAR_TOKEN_URL": f"{emulator}/oauth2/token",
+    }
+    assert run_cli("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+    result = run_cli("backfill", "--dry-run", env=env, cwd=tmp_path)
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "not-the-emulator-secret" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_replay_progress_on_a_terminal_uses_a_carriage_return(redis_url, redis_client, tmp_path):
+    """On a terminal, `replay` rewrites its progress line with a real carriage return, never a printed backslash-r."""
+    for n in range(3):
+        body = encode(sample_event())
+        fields = {"event_id": f"evt-tty-{n}", "reason": "unknown_user", "detail": "test", "payload": body}
+        redis_client.xadd("smartcar:parked", fields)  # type: ignore[arg-type]
+    leader, follower = pty.openpty()
+    try:
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "DATABASE_"))}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "replay"],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            env=base | {"REDIS_URL": redis_url, "PYTHONPATH": os.getcwd()},
+            cwd=tmp_path,
+        )
+        os.close(follower)
+        follower = -1
+        terminal = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the child closed the terminal: everything was read
+                break
+            if not chunk:
+                break
+            terminal += chunk
+        out, _ = process.communicate(timeout=60)
+    finally:
+        os.close(leader)
+        if follower != -1:
+            os.close(follower)
+    assert process.returncode == 0, terminal
+    assert b"re-enqueued 3 of 3 entries parked" in out
+    assert b"\\r" not in terminal
+    assert b"\r  scanned 3, re-enqueued 3" in terminal
 
 
 @pytest.mark.parametrize(
@@ -145,7 +241,7 @@ def test_web_with_two_processes_reports_metrics_of_both(redis_url, tmp_path):
     """`web --workers 2`: one admin port, whose /metrics counts the deliveries both processes accepted."""
     import re
 
-    port, admin = free_port(), free_port()
+    admin = free_port()
     env = {
         "SMARTCAR_MANAGEMENT_TOKEN": TOKEN,
         "REDIS_URL": redis_url,
@@ -153,28 +249,18 @@ def test_web_with_two_processes_reports_metrics_of_both(redis_url, tmp_path):
         "ADMIN_PORT": str(admin),
         "ADMIN_HOST": "127.0.0.1",
     }
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "PROMETHEUS_", "ADMIN_"))}
-    web = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "web", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-        env=base | env | {"PYTHONPATH": os.getcwd()},
-        cwd=tmp_path,
-    )
-    try:
-        wait_for_port(port, timeout=30)
-        url = f"http://127.0.0.1:{port}"
+    with WebProcess(service_env(**env), "--workers", "2", cwd=tmp_path) as web:
         for _ in range(40):  # new connections, so both processes take some
             body = encode(sample_event())
-            assert httpx.post(f"{url}/webhooks/smartcar", content=body, headers=signed_headers(body)).status_code == 202
-        assert httpx.get(f"{url}/metrics").status_code == 404
+            response = httpx.post(f"{web.url}/webhooks/smartcar", content=body, headers=signed_headers(body))
+            assert response.status_code == 202
+        assert httpx.get(f"{web.url}/metrics").status_code == 404
         for _ in range(6):
             text = httpx.get(f"http://127.0.0.1:{admin}/metrics").text
             [value] = re.findall(r'^smartcar_ingest_deliveries_total\{outcome="accepted"\} (\S+)$', text, re.M)
             assert float(value) == 40
         ready = httpx.get(f"http://127.0.0.1:{admin}/readyz").json()
         assert ready == {"status": "ok", "checks": {"web": "ok", "redis": "ok"}}
-    finally:
-        web.terminate()
-        web.wait(timeout=30)
 
 
 def test_web_stops_in_one_line_when_the_admin_port_cannot_be_bound(tmp_path):

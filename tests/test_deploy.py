@@ -454,9 +454,15 @@ def test_wheel_ships_the_service_without_the_emulator_or_the_tests(wheel):
     """The wheel holds core, service, workers and migrations, and not one file of emulator/ or tests/."""
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names}
-    assert {name for name in top if not name.endswith(".dist-info")} == {"core", "service", "workers", "migrations"}
+    assert {name for name in top if not name.endswith(".dist-info")} == {
+        "cli",
+        "core",
+        "service",
+        "workers",
+        "migrations",
+    }
     assert not [name for name in names if name.startswith(("emulator/", "tests/"))]
-    assert {"service/cli.py", "service/server.py", "migrations/env.py"} <= set(names)
+    assert {"cli/main.py", "service/server.py", "migrations/env.py"} <= set(names)
 
 
 # Runs the console script from an unpacked wheel, with the checkout taken off sys.path.

@@ -1,17 +1,21 @@
-"""Payload parsing: every captured shape and both documented VEHICLE_STATE shapes."""
+"""Payload parsing: every captured shape, both documented VEHICLE_STATE shapes, and one reading of a
+body at the web edge and in the worker."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
 
 import pytest
 
-from cli.samples import sample_event
+from cli.samples import encode, sample_event
 from core import events, timestamps
 from core.errors import InvalidPayload, LegacyPayload, MalformedBody, UnknownEventType
+from core.store.users import UserRecord
 from tests.conftest import fixture_paths, load_fixture
+from workers.output import Enrichment, api_signal, build_document, stream_fields
 
 SHAPE_A = {
     "eventId": "0d6c0b7e-5555-4555-8555-555555555001",
@@ -182,17 +186,18 @@ def test_unknown_event_type():
         events.classify({"eventId": "e", "eventType": "VEHICLE_CONNECTION_STATUS", "data": {}})
 
 
-@pytest.mark.parametrize(
-    "mutate",
-    [
-        lambda d: d.pop("eventId"),
-        lambda d: d["data"].pop("user"),
-        lambda d: d["data"]["user"].update(id=""),
-        lambda d: d["data"].pop("vehicle"),
-        lambda d: d["data"].update(signals="nope"),
-        lambda d: d.update(data=[]),
-    ],
-)
+#: Changes that break the schema: missing ids, users, vehicles, malformed lists.
+SCHEMA_BREAKERS = [
+    lambda d: d.pop("eventId"),
+    lambda d: d["data"].pop("user"),
+    lambda d: d["data"]["user"].update(id=""),
+    lambda d: d["data"].pop("vehicle"),
+    lambda d: d["data"].update(signals="nope"),
+    lambda d: d.update(data=[]),
+]
+
+
+@pytest.mark.parametrize("mutate", SCHEMA_BREAKERS)
 def test_schema_failures_raise_invalid_payload(mutate):
     """Missing ids, users, vehicles or malformed lists are InvalidPayload."""
     document = sample_event()
@@ -332,6 +337,7 @@ def test_numbers_in_descriptive_text_are_still_read():
     document = sample_event()
     document["data"]["vehicle"]["model"] = 3
     assert events.parse_event(document).vehicle.model == "3"
+    assert events.parse_stored(json.dumps(document)).vehicle.model == "3"
 
 
 @pytest.mark.parametrize("vehicle_id", ["..", ".", "../../connections", "a/b", "%2e%2e", "", "x" * 65, "é", "a b"])
@@ -376,9 +382,9 @@ def test_nan_in_text_is_fine_and_both_paths_agree():
 def test_an_overflowing_number_in_a_signal_body_becomes_null():
     """1e400 parses as infinity; the normalised signal carries null instead, so the output stays valid JSON."""
     body = json.dumps(sample_event()).replace('"value": 81', '"value": 1e400').encode()
-    event = events.parse_event(events.load_json(body))
-    assert event.signals[0].body == {"value": None, "unit": "percent"}
-    json.dumps(event.model_dump(mode="json"), allow_nan=False)
+    for event in (events.parse_event(events.load_json(body)), events.parse_stored(body)):
+        assert event.signals[0].body == {"value": None, "unit": "percent"}
+        json.dumps(event.model_dump(mode="json"), allow_nan=False)
 
 
 @pytest.mark.parametrize("body", ["{not json", "NaN", '{"eventId": "\ud800"}', "[]", '"x"', "\ud800"])
@@ -388,3 +394,309 @@ def test_the_worker_parse_step_raises_only_park_reasons(body):
 
     with pytest.raises(InvalidPayload):
         parse_body(body)
+
+
+# --- one reading: the edge's one-pass check and the worker's parse_stored ---------------------------
+
+
+def _edge_reading(body: bytes) -> tuple[object, ...]:
+    """What the web edge decides for a validly signed body, step for step as service.webhooks does
+    (without the delivery-age check): accepted (with what it keeps), a VERIFY, refused, or parked."""
+    quick = events.quick_vehicle_event(body)
+    if quick is not None:
+        return ("accepted", quick.event_id, quick.event_type, quick.delivery_id)
+    try:
+        document = events.load_json(body)
+    except MalformedBody as exc:
+        return ("refused", exc.message)
+    if not isinstance(document, dict):
+        return ("refused", "The body is JSON but not an object.")
+    try:
+        if events.classify(document) == events.VERIFY:
+            events.parse_verify(document)
+            return ("verify",)
+        event = events.parse_event(document)
+    except (InvalidPayload, LegacyPayload, UnknownEventType) as exc:
+        return ("parked", exc.code, exc.message)
+    return ("accepted", event.event_id, event.event_type, event.meta.deliveryId)
+
+
+def _worker_reading(stored: bytes | str) -> tuple[object, ...]:
+    """What the worker's parse step makes of a stored body: the event, or the park reason and detail."""
+    try:
+        return ("accepted", events.parse_stored(stored))
+    except (InvalidPayload, LegacyPayload, UnknownEventType) as exc:
+        return ("parked", exc.code, exc.message)
+
+
+def _assert_one_reading(body: bytes) -> None:
+    """The worker accepts what the edge accepts, with the step-by-step normalisation, and refuses the
+    rest with the edge's reason (a body the edge refuses or answers as a VERIFY is invalid_payload)."""
+    edge = _edge_reading(body)
+    texts: list[bytes | str] = [body]
+    with contextlib.suppress(UnicodeDecodeError):
+        texts.append(body.decode("utf-8"))  # what the queue carries
+    for stored in texts:
+        worker = _worker_reading(stored)
+        if edge[0] == "accepted":
+            assert worker[0] == "accepted", (body[:200], worker)
+            event = worker[1]
+            assert edge == ("accepted", event.event_id, event.event_type, event.meta.deliveryId)
+            assert event == events.parse_event(events.load_json(body))
+            json.dumps(event.model_dump(mode="json"), allow_nan=False)
+        elif edge[0] == "parked":
+            assert worker == edge, body[:200]
+        elif edge[0] == "refused":
+            assert worker == ("parked", "invalid_payload", edge[1]), body[:200]
+        else:
+            assert worker[:2] == ("parked", "invalid_payload"), body[:200]
+
+
+@pytest.mark.parametrize("path", fixture_paths(), ids=lambda p: p.name)
+def test_the_edge_and_the_worker_read_every_capture_alike(path):
+    """Each capture, as captured and compact: accepted by the one-pass check, and the worker's one-pass
+    parse gives the event the step-by-step parse gives."""
+    for body in (path.read_bytes(), encode(load_fixture(path))):
+        quick = events.quick_vehicle_event(body)
+        assert quick is not None
+        event = events.parse_stored(body.decode())
+        delivered_at = event.meta.deliveredAt if isinstance(event.meta.deliveredAt, int) else None
+        assert (quick.event_id, quick.event_type, quick.delivery_id, quick.delivered_at_ms) == (
+            event.event_id,
+            event.event_type,
+            event.meta.deliveryId,
+            delivered_at,
+        )
+        _assert_one_reading(body)
+
+
+def _with_raw(document: dict, path: tuple[str | int, ...], raw: str) -> bytes:
+    """``document`` as JSON with the value at ``path`` replaced by the raw JSON text ``raw``."""
+    target = document
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = "@raw@"
+    return json.dumps(document, ensure_ascii=False).replace('"@raw@"', raw).encode()
+
+
+#: Raw values that read the same whatever the field (numbers here are never read as text).
+HOSTILE_RAW = [
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "1e400",
+    "-1e400",
+    "1" * 4000,
+    "1e300",
+    "-5",
+    "0",
+    "true",
+    "null",
+    "[]",
+    '{"ms": 1}',
+    '""',
+    '"NaN"',
+    '"²⁰²⁶"',
+    '"2026-01-05T10:00:00"',
+    '"9999-12-31T23:59:59-01:00"',
+    '"' + "x" * 10_000 + '"',
+    '"\\ud800"',
+    '".."',
+    '"a/b"',
+]
+#: Descriptive text: a float there reads as text, so only the non-float raws go in.
+TEXT_RAW = [raw for raw in HOSTILE_RAW if raw not in {"1e400", "-1e400", "1e300"}]
+PLACES = [
+    ("eventId",),
+    ("eventType",),
+    ("vehicleId",),
+    ("data",),
+    ("data", "user", "id"),
+    ("data", "vehicle"),
+    ("data", "vehicle", "id"),
+    ("data", "vehicle", "year"),
+    ("data", "signals"),
+    ("data", "signals", 0, "body", "value"),
+    ("data", "signals", 0, "meta", "oemUpdatedAt"),
+    ("data", "signals", 0, "meta", "retrievedAt"),
+    ("meta",),
+    ("meta", "deliveredAt"),
+    ("meta", "deliveryId"),
+    ("version",),
+    ("payload",),
+]
+TEXT_PLACES = [
+    ("data", "vehicle", "make"),
+    ("data", "signals", 0, "name"),
+    ("data", "signals", 0, "code"),
+    ("data", "signals", 0, "status", "value"),
+    ("meta", "webhookName"),
+    ("triggers", 0),
+]
+
+
+@pytest.mark.parametrize("place", PLACES + TEXT_PLACES, ids=lambda place: ".".join(map(str, place)))
+def test_the_edge_and_the_worker_agree_on_hostile_values(place):
+    """A hostile raw value anywhere in a delivery: the worker accepts or parks it exactly as the edge does."""
+    for raw in TEXT_RAW if place in TEXT_PLACES else HOSTILE_RAW:
+        document = sample_event()
+        document["data"]["signals"][0].setdefault("status", {"value": "SUCCESS"})
+        _assert_one_reading(_with_raw(document, place, raw))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"{",
+        b"\xff\xfe",
+        b"not json",
+        b"NaN",
+        b"[1, NaN]",
+        b"[]",
+        b"1",
+        b'"x"',
+        b"null",
+        b"\xef\xbb\xbf{}",
+        b"{} x",
+        b'{"eventId": "e", "junk": ' + b"[" * 300 + b"]" * 300 + b"}",
+        b'{"eventType": "VEHICLE_STATE", "data": {"user": {"id": "\xed\xa0\x80"}}}',
+        json.dumps({"version": "2.0", "webhookId": "w", "eventName": "verify", "payload": {"challenge": "x"}}).encode(),
+        json.dumps({"eventId": "e", "eventType": "VEHICLE_CONNECTION_STATUS", "data": {}}).encode(),
+        json.dumps({"eventId": "e", "data": {}}).encode(),
+        json.dumps(sample_event("VERIFY", challenge="abc")).encode(),
+        json.dumps({"eventType": "VERIFY", "data": {}}).encode(),
+        json.dumps(sample_event("VEHICLE_ERROR")).encode(),
+    ],
+)
+def test_the_edge_and_the_worker_agree_on_whole_bodies(body):
+    """Not JSON, not an object, legacy, unknown or missing type, VERIFY: the worker refuses each for the edge's reason."""
+    _assert_one_reading(body)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        *SCHEMA_BREAKERS,
+        lambda d: d.update(eventId=7),
+        lambda d: d["data"]["vehicle"].update(id=42),
+        lambda d: d["meta"].update(deliveryId=1),
+        lambda d: d["data"]["user"].update(id={"secret": "1FAKEVIN00TEST001"}),
+        lambda d: d["data"]["vehicle"].update(model="NaN Infinity"),
+        lambda d: (d["data"].pop("vehicle"), d.pop("vehicleId", None)),
+    ],
+)
+def test_the_edge_and_the_worker_agree_on_schema_failures(mutate):
+    """A schema failure is parked by the worker with the edge's field-path reason; 'NaN' text is accepted by both."""
+    document = sample_event()
+    mutate(document)
+    _assert_one_reading(json.dumps(document).encode())
+
+
+def test_the_edge_and_the_worker_agree_on_near_miss_deliveries():
+    """Near-miss deliveries (the fuzz strategy) and valid ones: one decision, one reason, one event."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from tests.test_fuzz import delivery_like
+
+    @settings(max_examples=500, deadline=None)
+    @given(document=delivery_like | st.builds(sample_event))
+    def check(document):
+        body = json.dumps(document).encode()
+        edge, worker = _edge_reading(body), _worker_reading(body)
+        if edge[0] == "accepted":
+            assert worker[0] == "accepted", worker
+            event = worker[1]
+            assert edge == ("accepted", event.event_id, event.event_type, event.meta.deliveryId)
+        elif edge[0] == "parked":
+            assert worker == edge
+        else:
+            assert worker[:2] == ("parked", "invalid_payload")
+
+    check()
+
+
+def test_a_float_in_text_reads_the_same_in_every_worker_body():
+    """The worker reads every body from its bytes: a float where text belongs gives one text, whether or not
+    the body holds the text 'NaN' (which sends it through the edge's steps first)."""
+    plain = sample_event()
+    plain["data"]["vehicle"]["make"] = 1e5
+    with_nan_text = copy.deepcopy(plain)
+    with_nan_text["data"]["vehicle"]["model"] = "NaN"
+    make = events.parse_stored(json.dumps(plain)).vehicle.make
+    assert events.parse_stored(json.dumps(with_nan_text)).vehicle.make == make
+    assert make is not None
+    assert float(make) == 1e5
+
+
+# --- one rule for a signal's time, one JSON library for the output ---------------------------------
+
+
+@pytest.mark.parametrize("retrieved", [0, "", False, None, "not a time", 1767000002, "2026-01-05T10:00:00Z"])
+def test_a_signal_time_is_read_by_one_rule_in_webhook_and_api_signals(retrieved):
+    """retrievedAt when present and not null (0, "" and false included), else fetchedAt, on both paths."""
+    fetched = 1767000009999
+    expected = timestamps.epoch_ms(fetched if retrieved is None else retrieved)
+    document = sample_event()
+    document["data"]["signals"][0]["meta"].update(retrievedAt=retrieved, fetchedAt=fetched)
+    body = json.dumps(document)
+    assert events.parse_stored(body).signals[0].retrievedAt == expected
+    assert events.parse_event(json.loads(body)).signals[0].retrievedAt == expected
+    resource = {"id": "odometer-traveleddistance", "attributes": {"body": {"value": 1}}}
+    resource["meta"] = {"retrievedAt": retrieved, "fetchedAt": fetched}
+    assert api_signal(resource)["retrievedAt"] == expected
+    assert timestamps.retrieved_at(retrieved, fetched) == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        ({"value": "ERROR"}, None, "ERROR"),
+        ({"value": ""}, {"value": 1}, "SUCCESS"),
+        (None, {"value": 1}, "SUCCESS"),
+        (None, None, "UNAVAILABLE"),
+        ({"value": None}, None, "UNAVAILABLE"),
+    ],
+)
+def test_a_signal_status_is_read_by_one_rule_in_webhook_and_api_signals(status, body, expected):
+    """The carried status, else SUCCESS with a body and UNAVAILABLE without, on both paths."""
+    document = sample_event()
+    signal = document["data"]["signals"][0]
+    signal.pop("status", None)
+    signal.pop("body", None)
+    if status is not None:
+        signal["status"] = status
+    if body is not None:
+        signal["body"] = body
+    assert events.parse_stored(json.dumps(document)).signals[0].status == expected
+    attributes = {"body": body, **({"status": status} if status is not None else {})}
+    assert api_signal({"id": "odometer-traveleddistance", "attributes": attributes})["status"] == expected
+
+
+def test_the_stream_payload_is_compact_utf8_json_without_nan():
+    """The output payload: compact, non-ASCII kept as UTF-8, and a NaN or infinity from the API written as null."""
+    document = sample_event()
+    document["data"]["vehicle"]["model"] = "Mégane E-Tech ✓"
+    event = events.parse_stored(json.dumps(document))
+    user = UserRecord(id=7, email=None, name=None, smartcar_user_id=event.smartcar_user_id)
+    api = {"id": "x", "attributes": {"body": {"value": float("nan"), "top": float("inf"), "big": 10**400}}, "meta": {}}
+    output = build_document(event, user, Enrichment(signals=[api]), 1767000000000, 1767000000100)
+    fields = stream_fields(event, user, output)
+    payload = fields["payload"]
+    assert "Mégane E-Tech ✓" in payload
+    assert ", " not in payload
+    assert '": ' not in payload
+    assert "NaN" not in payload
+    assert "Infinity" not in payload
+    decoded = json.loads(payload)
+    assert decoded["latestSignals"][0]["body"] == {"value": None, "top": None, "big": 10**400}
+    assert decoded["vehicle"]["model"] == "Mégane E-Tech ✓"
+    assert fields["user_id"] == "7"
+
+
+def test_the_package_exports_what_callers_use():
+    """core.events keeps the names its callers import, whatever module of the package defines them."""
+    for name in events.__all__:
+        assert getattr(events, name) is not None
+    assert {"VehicleEvent", "QuickEvent", "load_json", "classify", "parse_event", "parse_stored"} <= set(events.__all__)

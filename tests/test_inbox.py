@@ -1,47 +1,130 @@
-"""The inbox's fast job template and group commit, checked against RQ itself and a real Redis."""
+"""The inbox's job template and group commit, checked against RQ itself and a real Redis."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
+import zlib
 
 from redis.asyncio import Redis as AsyncRedis
-from rq import Queue
+from rq import Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.utils import utcparse
 
 from cli.samples import encode, sample_event
 from core.redis.inbox import GroupCommitter, Inbox
-from core.redis.jobs import JobOptions, JobTemplate, build_job_hash, job_payload
+from core.redis.jobs import (
+    PROCESS_EVENT,
+    RETRY_INTERVALS,
+    JobOptions,
+    JobPayload,
+    JobTemplate,
+    build_job_hash,
+    job_payload,
+)
+from core.redis.keys import job_id_for
+
+OPTIONS = JobOptions(queue="smartcar-events", timeout_seconds=90, retries=3)
 
 
-def test_template_hash_matches_rqs_own_hash():
-    """Apart from timestamps and compression, the template writes exactly what RQ's Job writes."""
-    options = JobOptions(queue="smartcar-events", timeout_seconds=90, retries=3)
+def accept(redis_url: str, *payloads: JobPayload, options: JobOptions = OPTIONS) -> list[bool]:
+    """Enqueue each payload's delivery through :meth:`Inbox.accept`, as the web edge does."""
+
+    async def scenario() -> list[bool]:
+        redis = AsyncRedis.from_url(redis_url)
+        try:
+            inbox = Inbox(redis, options, "smartcar:parked", 60)
+            return [await inbox.accept(p["eventId"], p["eventType"], p["body"], p["receivedAt"]) for p in payloads]
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(scenario())
+
+
+def test_inbox_writes_the_hash_rqs_job_writes(redis_url, redis_client):
+    """Field for field, the inbox stores what RQ's Job stores, apart from the two times and zlib on data."""
     payload = job_payload("evt-1", "VEHICLE_STATE", encode(sample_event()).decode(), 123)
-    ours_id, ours = JobTemplate(options).build(payload)
-    rq_id, reference = build_job_hash(payload, options)
-    assert ours_id == rq_id
-    assert set(ours) == set(reference)
-    for key in set(ours) - {"created_at", "enqueued_at", "data"}:
-        assert ours[key] == reference[key], key
+    assert accept(redis_url, payload) == [True]
+    job_id, reference = build_job_hash(payload, OPTIONS)
+    # Stored as RQ's Job.save stores it, so both hashes pass through the same encoding.
+    redis_client.hset("reference", mapping=reference)
+    expected = redis_client.hgetall("reference")
+    ours = redis_client.hgetall(Job.key_for(job_id))
+    assert set(ours) == set(expected)
+    for key in set(ours) - {b"created_at", b"enqueued_at", b"data"}:
+        assert ours[key] == expected[key], key
+    assert json.loads(ours[b"data"]) == json.loads(zlib.decompress(expected[b"data"]))
+    assert ours[b"created_at"] == ours[b"enqueued_at"]
+    utcparse(ours[b"enqueued_at"].decode())  # in RQ's own time format
 
 
-def test_rq_reads_a_template_job_like_its_own(redis_client):
-    """A job written from the template is fetched by RQ with its function, args and options."""
-    options = JobOptions(queue="smartcar-events", timeout_seconds=90, retries=3)
-    payload = job_payload("evt-2", "VEHICLE_ERROR", '{"a":"b \\"quoted\\" é"}', 456)
-    job_id, mapping = JobTemplate(options).build(payload)
-    redis_client.hset(Job.key_for(job_id), mapping=mapping)
-    job = Job.fetch(job_id, connection=redis_client, serializer=JSONSerializer)
-    assert job.func_name == "workers.jobs.process_event"
-    assert job.args == (payload,) or list(job.args) == [payload]
-    assert job.kwargs == {}
-    assert job.origin == "smartcar-events"
-    assert job.timeout == 90
-    assert job.retries_left == 3
-    assert job.get_status() == "queued"
-    assert job.description == "process_event(VEHICLE_ERROR evt-2)"
-    assert job.enqueued_at is not None
+def test_rq_reads_an_inbox_job_like_one_it_enqueued_itself(redis_url, redis_client):
+    """RQ fetches a job written by the inbox with the function, args, options and status of its own enqueue."""
+    ours = job_payload("evt-2", "VEHICLE_ERROR", '{"a":"b \\"quoted\\" é"}', 456)
+    odd = job_payload("evt:3/ü", "VEHICLE_STATE", "{}", 789)  # not a valid RQ id: a digest stands in
+    assert accept(redis_url, ours, odd) == [True, True]
+    queue = Queue(OPTIONS.queue, connection=redis_client, serializer=JSONSerializer)
+    theirs = job_payload("evt-4", "VEHICLE_ERROR", "{}", 1)
+    queue.enqueue(
+        PROCESS_EVENT,
+        theirs,
+        job_id="evt-4",
+        description="process_event(VEHICLE_ERROR evt-4)",
+        job_timeout=OPTIONS.timeout_seconds,
+        result_ttl=OPTIONS.result_ttl_seconds,
+        failure_ttl=OPTIONS.failure_ttl_seconds,
+        retry=Retry(max=OPTIONS.retries, interval=list(RETRY_INTERVALS[: OPTIONS.retries])),
+    )
+
+    def fetched(job_id: str) -> Job:
+        return Job.fetch(job_id, connection=redis_client, serializer=JSONSerializer)
+
+    def seen_by_rq(job: Job) -> tuple[object, ...]:
+        return (
+            job.func_name,
+            job.kwargs,
+            job.origin,
+            job.timeout,
+            job.result_ttl,
+            job.failure_ttl,
+            job.retries_left,
+            job.retry_intervals,
+            job.get_status(),
+        )
+
+    reference = fetched("evt-4")
+    assert seen_by_rq(reference) == (
+        PROCESS_EVENT,
+        {},
+        "smartcar-events",
+        90,
+        600,
+        7 * 24 * 3600,
+        3,
+        [5, 15, 60],
+        "queued",
+    )
+    for payload in (ours, odd):
+        job = fetched(job_id_for(payload["eventId"]))
+        assert seen_by_rq(job) == seen_by_rq(reference)
+        assert list(job.args) == [payload]
+        assert job.description == f"process_event({payload['eventType']} {payload['eventId']})"
+        assert job.enqueued_at is not None
+        assert job.created_at is not None
+    assert queue.job_ids == ["evt-2", job_id_for("evt:3/ü"), "evt-4"]
+
+    result = subprocess.run(
+        [sys.executable, "-m", "rq.cli", "info", "--url", redis_url, "--only-queues", "--raw", OPTIONS.queue],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.splitlines()
+    assert line.startswith(f"queue {OPTIONS.queue} 3,"), line  # three queued
 
 
 def test_group_commit_gives_each_caller_its_own_answer(redis_url, redis_client):

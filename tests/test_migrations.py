@@ -19,6 +19,7 @@ from core.errors import ConfigurationError
 from core.store import db
 from core.store.users import Base, UserStore
 from tests.databases import BACKENDS, columns, empty_database, execute, query, tables
+from tests.procs import free_port
 
 USERS_BEFORE = {"id", "email", "name", "created_at"}
 VEHICLES_BEFORE = {"id", "user_id", "vin", "vehicle_access_token", "token_created_at"}
@@ -265,3 +266,20 @@ def test_cli_db_upgrade_reports_the_adoption_and_stamp_needs_a_revision(tmp_path
     assert "database at revision v2_v3_bridge" in out
     assert main(["db", "stamp"]) == 2
     assert "db stamp needs a revision" in capsys.readouterr().err
+
+
+def test_db_upgrade_against_a_server_that_does_not_answer_is_exit_3(monkeypatch, capsys):
+    """An unreachable PostgreSQL is an outage (exit 3, retry later), not a bad setting (exit 2)."""
+    port = free_port()
+    monkeypatch.setenv("DATABASE_URL", f"postgresql+psycopg://app:s3cret-pw@127.0.0.1:{port}/test")
+    assert main(["db", "upgrade"]) == 3
+    err = capsys.readouterr().err
+    assert "unreachable" in err
+    assert "s3cret-pw" not in err
+
+
+def test_db_upgrade_on_a_sqlite_file_that_cannot_be_opened_is_exit_2(tmp_path, monkeypatch, capsys):
+    """A SQLite path in a directory that does not exist is a setting to fix."""
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'missing' / 'app.db'}")
+    assert main(["db", "upgrade"]) == 2
+    assert "DATABASE_URL" in capsys.readouterr().err

@@ -30,7 +30,7 @@ from core.redis.queue_metrics import register_queue_collector, unregister_queue_
 from service.admin import create_admin_app
 from tests.conftest import signed_headers
 from tests.pipeline import cached_token, inject, outputs, run_worker_burst, stream_entries, worker_env
-from tests.procs import free_port, wait_for_port
+from tests.procs import WebProcess, free_port, service_env, wait_for_port
 from tests.test_pipeline import UNKNOWN_USER, deliver
 from workers.metrics_server import start_worker_metrics
 
@@ -332,23 +332,17 @@ def test_admin_readyz_fails_while_the_web_is_not_serving(settings):
 
 def test_readyz_and_metrics_are_served_on_the_admin_port_only(redis_url, tmp_path):
     """`web` answers 404 for /readyz and /metrics on the public port; ADMIN_HOST:ADMIN_PORT serves them, and only them."""
-    port, admin = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "ADMIN_", "PROMETHEUS_"))}
-    env |= {
-        "SMARTCAR_MANAGEMENT_TOKEN": "test-management-token",
-        "REDIS_URL": redis_url,
-        "ADMIN_PORT": str(admin),
-        "ADMIN_HOST": "127.0.0.1",
-        "LOG_LEVEL": "WARNING",
-        "PYTHONPATH": os.getcwd(),
-    }
-    web = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "web", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path
+    admin = free_port()
+    env = service_env(
+        SMARTCAR_MANAGEMENT_TOKEN="test-management-token",
+        REDIS_URL=redis_url,
+        ADMIN_PORT=str(admin),
+        ADMIN_HOST="127.0.0.1",
+        LOG_LEVEL="WARNING",
     )
-    try:
-        wait_for_port(port, timeout=30)
+    with WebProcess(env, cwd=tmp_path) as web:
         wait_for_port(admin, timeout=30)
-        public, private = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
+        public, private = web.url, f"http://127.0.0.1:{admin}"
         body = encode(sample_event())
         response = httpx.post(f"{public}/webhooks/smartcar", content=body, headers=signed_headers(body))
         assert response.status_code == 202
@@ -367,9 +361,6 @@ def test_readyz_and_metrics_are_served_on_the_admin_port_only(redis_url, tmp_pat
             assert httpx.get(private + path).status_code == 404, path
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.2:{admin}/readyz", timeout=2)
-    finally:
-        web.terminate()
-        web.wait(timeout=30)
 
 
 # --- status -----------------------------------------------------------------------------------------
@@ -464,10 +455,11 @@ def test_status_counts_parked_reasons_over_a_capped_scan(pipeline, redis_client)
     assert full["parked"]["capped"] is False
 
 
-def test_status_with_redis_unreachable_is_one_line_and_exit_2(pipeline, monkeypatch, tmp_path, capsys):
-    """`status` against a Redis that does not answer exits 2 with one line naming REDIS_URL, not its value."""
+def test_status_with_redis_unreachable_is_one_line_and_exit_3(pipeline, monkeypatch, tmp_path, capsys):
+    """`status` against a Redis that does not answer exits 3 (unavailable, not bad settings) with one line
+    naming REDIS_URL, not its value."""
     dead = pipeline.model_copy(update={"redis_url": f"redis://:hunter2@127.0.0.1:{free_port()}/0"})
-    assert run_status(monkeypatch, tmp_path, dead) == 2
+    assert run_status(monkeypatch, tmp_path, dead) == 3
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1
@@ -518,28 +510,14 @@ def test_logs_of_a_full_run_carry_ids_and_no_secrets_or_vehicle_data(pipeline, r
         ADMIN_PORT="0",
     )
     events = [event_with_private_values(), event_with_private_values(), sample_event(user_id=UNKNOWN_USER)]
-    port = free_port()
-    web = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "web", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_for_port(port, timeout=30)
+    with WebProcess(env, cwd=tmp_path, capture=True) as web:
         for event in events:
             body = encode(event)
             response = httpx.post(
-                f"http://127.0.0.1:{port}/webhooks/smartcar",
-                content=body,
-                headers=signed_headers(body, "test-management-token"),
+                f"{web.url}/webhooks/smartcar", content=body, headers=signed_headers(body, "test-management-token")
             )
             assert response.status_code == 202, response.text
-    finally:
-        web.terminate()
-        web_out, web_err = web.communicate(timeout=30)
+    web_out, web_err = web.stdout, web.stderr
     worker = subprocess.run(
         [sys.executable, "-m", "cli.main", "worker", "--burst"],
         env=env,
@@ -570,18 +548,19 @@ def test_logs_of_a_full_run_carry_ids_and_no_secrets_or_vehicle_data(pipeline, r
     assert not leaked, leaked
 
     lines, garbled = parse_json_lines(web_err + worker.stderr)
+    # With LOG_FORMAT=json every line is one JSON object; a line that is not (structlog's and the
+    # stdlib's writes interleaved, a stray print) is the regression this guards against.
+    assert garbled == [], garbled
     by_event = {e["eventId"]: e["meta"]["deliveryId"] for e in events}
     event_lines = [line for line in lines if line.get("logger_name", "").startswith("smartcar_ingest")]
     processed = [line for line in event_lines if line.get("event") in {"event published", "event parked"}]
-    # A line garbled by the interleaving of structlog's and the stdlib's writes (see
-    # test_log_lines_stay_whole_when_threads_log_at_once) can hide one of them.
-    assert len(processed) == 3 or garbled
+    assert len(processed) == 3, processed
     for line in event_lines:
         if line.get("eventId") is None and line["event"] not in {"event published", "event parked"}:
             continue  # process-level lines (startup, token refresh outside an event)
         assert by_event.get(line["eventId"]) == line["deliveryId"], line
     retries = [line for line in lines if line.get("event") == "stamina.retry_scheduled"]
-    assert retries or garbled
+    assert retries
     for line in retries:
         assert by_event.get(line["eventId"]) == line["deliveryId"], line
     web_accepted = [line for line in lines if line.get("event") == "delivery accepted"]

@@ -16,11 +16,11 @@ from starlette.testclient import TestClient
 
 from cli.operations import replay
 from cli.samples import SAMPLE_VEHICLE_ID, encode, sample_event
-from core.redis.keys import published_key
+from core.redis.keys import dedupe_key, published_key
 from core.store.users import UserStore
 from service.app import create_app
 from tests.conftest import fixture_paths, load_fixture, signed_headers
-from tests.pipeline import emulator_stats, inject, outputs, run_worker_burst, stream_entries, worker_env
+from tests.pipeline import cached_token, emulator_stats, inject, outputs, run_worker_burst, stream_entries, worker_env
 
 UNKNOWN_USER = "11111111-2222-4333-8444-555555555555"
 
@@ -61,16 +61,23 @@ def test_every_captured_fixture_is_published_enriched(pipeline, redis_client, pa
         assert len(output["errors"]) == len(document["data"]["errors"])
 
 
-def test_output_document_fields(pipeline, redis_client):
+def test_output_document_fields(pipeline, redis_client, emulator):
     """The sample event's document carries the API's vehicle, signals, triggers and delivery meta."""
     event = sample_event()
     deliver(pipeline, event)
     run_worker_burst(pipeline)
     [entry] = outputs(redis_client)
     output = entry["document"]
-    assert output["vehicle"] == {"id": SAMPLE_VEHICLE_ID, "make": "TESLA", "model": "Model Y", "year": 2022} | {
-        key: output["vehicle"][key] for key in ("mode", "powertrainType") if key in output["vehicle"]
-    }
+    # The vehicle is the API's resource, not the webhook's (a FORD): mode and powertrainType are
+    # there exactly when that resource carries them, with its values.
+    resource = httpx.get(
+        f"{emulator}/v3/vehicles/{SAMPLE_VEHICLE_ID}",
+        headers={"authorization": f"Bearer {cached_token(redis_client)}"},
+    )
+    assert resource.status_code == 200, resource.text
+    attributes = resource.json()["attributes"]
+    source = {key: attributes[key] for key in ("mode", "powertrainType") if attributes.get(key) is not None}
+    assert output["vehicle"] == {"id": SAMPLE_VEHICLE_ID, "make": "TESLA", "model": "Model Y", "year": 2022} | source
     assert output["triggers"] == [{"type": "SIGNAL_UPDATED", "code": "tractionbattery-stateofcharge"}]
     assert output["meta"]["deliveryId"] == event["meta"]["deliveryId"]
     assert output["meta"]["mode"] == "TEST"
@@ -227,7 +234,7 @@ def test_killed_after_publishing_rerun_publishes_once(pipeline, redis_client, em
     # Replay the crash: the published mark is there, the job runs again from the queue.
     assert redis_client.exists(published_key(event["eventId"]))
     deliver_again = sample_event(event_id=event["eventId"])
-    redis_client.delete(f"smartcar-ingest:seen:{event['eventId']}")
+    redis_client.delete(dedupe_key(event["eventId"]))
     deliver(pipeline, deliver_again)
     run_worker_burst(pipeline)
     assert len(outputs(redis_client)) == 1

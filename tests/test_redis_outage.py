@@ -1,19 +1,30 @@
-"""Redis trouble at the edge: a fast 503 with Retry-After, then recovery without a restart."""
+"""Redis trouble at the edge (a fast 503 with Retry-After, then recovery without a restart) and in
+the workers' waits (:mod:`core.redis.outage`: through a real outage, until stopped, or up to a limit)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import threading
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 import pytest
 import redis
+import redis.asyncio
+import stamina
 from pydantic import SecretStr
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from rq import Queue
 from rq.serializers import JSONSerializer
 
 from cli.samples import encode, sample_event
 from core.config import Settings
+from core.redis import outage
+from core.redis.outage import WAIT_JITTER, WAIT_MAX, until_redis_answers, until_redis_answers_async
 from service.admin import create_admin_app
 from service.app import create_app
 from tests.conftest import TOKEN, signed_headers
@@ -102,3 +113,208 @@ def test_frozen_redis_gives_503_instead_of_a_hang(private_redis, live):
     queue = Queue("smartcar-events", connection=client, serializer=JSONSerializer)
     assert sorted(queue.job_ids) == sorted([first["eventId"], refused["eventId"]])
     client.close()
+
+
+# --- the workers' wait (core.redis.outage), against a real redis-server ----------------------------
+
+#: How late a wait may end after the moment it should, on a busy machine.
+SLACK = 2.0
+
+
+class Recorded:
+    """Stands in for the outage module's logger: keeps each warning's event and fields."""
+
+    def __init__(self) -> None:
+        self.warnings: list[tuple[str, dict[str, Any]]] = []
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.warnings.append((event, fields))
+
+
+@pytest.fixture
+def waits(monkeypatch) -> Recorded:
+    """Real waits (stamina's testing mode off, as for a worker process), their log lines recorded."""
+    assert not stamina.is_testing(), "stamina's testing mode leaked into this test: these waits must be real"
+    recorded = Recorded()
+    monkeypatch.setattr(outage, "log", recorded)
+    return recorded
+
+
+def quick_client(url: str) -> redis.Redis:
+    """A client that fails at once while Redis is down (no retries of its own), so the wait is ours."""
+    return redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
+
+
+def quick_async_client(url: str) -> redis.asyncio.Redis:
+    return redis.asyncio.Redis.from_url(
+        url, socket_connect_timeout=0.5, socket_timeout=0.5, retry=redis.asyncio.retry.Retry(NoBackoff(), 0)
+    )
+
+
+def run_sync_wait(url: str, step: Callable[[redis.Redis], Any], **options: Any) -> Any:
+    client = quick_client(url)
+    try:
+        return until_redis_answers(lambda: step(client), **options)
+    finally:
+        client.close()
+
+
+def run_async_wait(url: str, step: Callable[[redis.asyncio.Redis], Awaitable[Any]], **options: Any) -> Any:
+    async def main() -> Any:
+        client = quick_async_client(url)
+        try:
+            return await until_redis_answers_async(lambda: step(client), **options)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def run_wait(form: str, url: str, step: Callable[[Any], Any], **options: Any) -> Any:
+    """``step(client)`` through the sync wait with a sync client, or the async one with an async client."""
+    return (run_sync_wait if form == "sync" else run_async_wait)(url, step, **options)
+
+
+def restart_later(server: RedisServer, after: float) -> threading.Thread:
+    def restart() -> None:
+        time.sleep(after)
+        server.start()
+
+    thread = threading.Thread(target=restart, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("form", ["sync", "async"])
+def test_the_wait_rides_out_a_redis_restart(private_redis, waits, form):
+    """Redis killed, then started again 2 s later: the step is tried until Redis answers, with a
+    warning per wait and waits that back off, and its result is returned; no error escapes."""
+    quick_client(private_redis.url).set("before", "1")
+    private_redis.stop(kill=True)
+    restarter = restart_later(private_redis, after=2.0)
+    started = time.monotonic()
+    value = run_wait(form, private_redis.url, lambda client: client.incr("counter"))
+    elapsed = time.monotonic() - started
+    restarter.join(timeout=10)
+    assert value == 1  # exactly one try reached Redis
+    assert 2.0 <= elapsed < 2.0 + WAIT_MAX + SLACK
+    assert waits.warnings, "no warning logged while waiting"
+    assert {event for event, _ in waits.warnings} == {"Redis unavailable; waiting"}
+    assert {fields["error"] for _, fields in waits.warnings} == {"ConnectionError"}
+    delays = [fields["retryIn"] for _, fields in waits.warnings]
+    assert delays[0] <= outage.WAIT_INITIAL + WAIT_JITTER + 0.01
+    assert delays[-1] > delays[0]  # backing off
+    assert max(delays) <= WAIT_MAX
+
+
+@pytest.mark.parametrize("form", ["sync", "async"])
+def test_the_wait_ends_at_once_when_stop_turns_true(private_redis, waits, form):
+    """With Redis down and no time limit, the wait ends at the first failure after stop() turns true,
+    raising the Redis error."""
+    private_redis.stop(kill=True)
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        run_wait(form, private_redis.url, lambda client: client.ping(), stop=stop.is_set)
+    elapsed = time.monotonic() - started
+    assert 1.0 <= elapsed < 1.0 + WAIT_MAX + SLACK
+
+
+@pytest.mark.parametrize("form", ["sync", "async"])
+def test_the_wait_gives_up_after_its_time_limit(private_redis, waits, form):
+    """With Redis down, ``give_up_after`` bounds the wait: the Redis error is raised at the first
+    failure past the limit."""
+    private_redis.stop(kill=True)
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        run_wait(form, private_redis.url, lambda client: client.ping(), give_up_after=1.5)
+    elapsed = time.monotonic() - started
+    assert 1.5 <= elapsed < 1.5 + WAIT_MAX + SLACK
+    assert len(waits.warnings) >= 2
+
+
+def test_a_redis_fault_is_raised_at_once(private_redis, waits):
+    """An error that is not Redis being unavailable (here a wrong type) is not waited out."""
+    client = quick_client(private_redis.url)
+    client.set("text", "not a list")
+    tries = []
+
+    def step() -> object:
+        tries.append(1)
+        return client.lpush("text", "x")
+
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        until_redis_answers(step)
+    client.close()
+    assert len(tries) == 1
+    assert waits.warnings == []
+
+
+def test_a_signal_handler_ends_the_wait(private_redis, waits):
+    """The worker's SIGTERM handler raises StopRequested while the dequeue waits: an exception
+    raised by a signal handler while the wait sleeps ends it at once."""
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    private_redis.stop(kill=True)
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        # Late enough that the wait has reached a long sleep (0.2, 0.4, 0.8, 1.6 s...).
+        signal.setitimer(signal.ITIMER_REAL, 2.0)
+        started = time.monotonic()
+        with pytest.raises(Interrupted):
+            run_sync_wait(private_redis.url, lambda client: client.ping())
+        elapsed = time.monotonic() - started
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert 2.0 <= elapsed < 2.0 + SLACK
+
+
+def test_stamina_testing_mode_takes_the_waits_out_too(private_redis):
+    """Under ``stamina.set_testing`` the wait makes the tries the test asked for, back to back,
+    then raises: an in-process test cannot hang on a Redis that is down."""
+    private_redis.stop(kill=True)
+    client = quick_client(private_redis.url)
+    tries = []
+
+    def step() -> object:
+        tries.append(1)
+        return client.ping()
+
+    stamina.set_testing(True, attempts=3)
+    try:
+        started = time.monotonic()
+        with pytest.raises(redis.ConnectionError):
+            until_redis_answers(step)
+        assert time.monotonic() - started < 1.0
+    finally:
+        stamina.set_testing(False)
+        client.close()
+    assert len(tries) == 3
+
+
+def test_only_redis_waits_log_the_redis_line(waits):
+    """The retry hook logs our line for a retry caused by Redis being unavailable, and leaves every
+    other stamina retry (the Smartcar calls') to stamina's own line."""
+
+    def retried_once(cause: Exception) -> None:
+        for attempt in stamina.retry_context(on=type(cause), attempts=2):
+            with attempt:
+                raise cause
+
+    stamina.set_testing(True, attempts=2)
+    try:
+        for cause in (ValueError("not Redis"), redis.ConnectionError("refused")):
+            with pytest.raises(type(cause)):
+                retried_once(cause)
+    finally:
+        stamina.set_testing(False)
+    assert [(event, fields["error"]) for event, fields in waits.warnings] == [
+        ("Redis unavailable; waiting", "ConnectionError")
+    ]

@@ -8,11 +8,9 @@ idle keep-alive connections, more connections than the cap. What each proves is 
 from __future__ import annotations
 
 import contextlib
-import os
 import selectors
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import TOKEN
-from tests.procs import free_port, wait_for_port
+from tests.procs import WebProcess, free_port, service_env
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +32,7 @@ SLACK = 1.5
 
 @dataclass
 class Web:
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[str]
     port: int
     admin_port: int
 
@@ -52,29 +50,20 @@ class Web:
 @contextlib.contextmanager
 def running_web(redis_url: str, tmp_path: Path, *args: str, **env: str) -> Iterator[Web]:
     """`smartcar-ingest web` on free ports (public and admin), stopped on exit."""
-    port, admin_port = free_port(), free_port()
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "ADMIN_", "PROMETHEUS_"))}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "web", "--host", "127.0.0.1", "--port", str(port), *args],
-        env=base
-        | {
+    admin_port = free_port()
+    settings = service_env(
+        **{
             "SMARTCAR_MANAGEMENT_TOKEN": TOKEN,
             "REDIS_URL": redis_url,
             "ADMIN_PORT": str(admin_port),
             "ADMIN_HOST": "127.0.0.1",
             "HEADER_TIMEOUT_SECONDS": str(HEADER_TIMEOUT),
             "LOG_LEVEL": "ERROR",
-            "PYTHONPATH": os.getcwd(),
-            **env,
-        },
-        cwd=tmp_path,
+        }
+        | env
     )
-    try:
-        wait_for_port(port, timeout=30)
-        yield Web(process, port, admin_port)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with WebProcess(settings, *args, cwd=tmp_path) as web:
+        yield Web(web.process, web.port, admin_port)
 
 
 def connect(port: int) -> socket.socket:

@@ -157,7 +157,7 @@ def test_the_size_count_follows_other_processes_and_the_drainer(tmp_path, redis_
     spool = Spool(tmp_path, max_bytes=1_000_000)
     spool.append(delivery(0))
     script = (
-        "import sys; from core.spool import Spool, SpooledDelivery; "
+        "import sys; from service.spool import Spool, SpooledDelivery; "
         "Spool(sys.argv[1]).append(SpooledDelivery('e-other', 'VEHICLE_STATE', '{}', 1))"
     )
     subprocess.run(

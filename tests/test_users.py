@@ -13,7 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from core.errors import ConfigurationError, PermanentError, TransientError
+from core.errors import ConfigurationError, DatabaseUnavailable, PermanentError, TransientError
 from core.store import db
 from core.store.users import Base, InvalidValue, LinkConflict, RecordExists, UserNotFound, UserRecord, UserStore
 from tests.databases import BACKENDS, empty_database
@@ -38,6 +38,13 @@ def store(database_url: str) -> Iterator[UserStore]:
     user_store.add_user(2, "bob@example.com", "Bob", smartcar_user_id=SMARTCAR_BOB)
     yield user_store
     user_store.dispose()
+
+
+def assert_alice_unlinked(store: UserStore) -> None:
+    """Alice is there as seeded, without a Smartcar user id: linking her now stores one and changes nothing else."""
+    result = store.link(1, SMARTCAR_ALICE)
+    assert result.already_linked is False
+    assert result.user == UserRecord(1, "alice@example.com", "Alice", SMARTCAR_ALICE)
 
 
 def _tables(database_url: str) -> set[str]:
@@ -78,7 +85,7 @@ def test_upgrade_creates_the_contract_schema_from_empty(database_url):
 
 
 def test_migrations_match_the_models(database_url):
-    """After `upgrade`, autogenerate finds no difference between the database and core.users' models."""
+    """After `upgrade`, autogenerate finds no difference between the database and core.store.users' models."""
     db.upgrade(database_url)
     engine = db.make_engine(database_url, pooled=False)
     try:
@@ -114,10 +121,10 @@ def test_unknown_revision_is_a_configuration_error(database_url):
         db.downgrade(database_url, "nope")
 
 
-def test_unreachable_database_is_a_configuration_error_without_the_password():
-    """Migrating an unreachable database fails with one line that masks the URL's password."""
+def test_unreachable_database_is_unavailable_without_the_password():
+    """Migrating an unreachable database is an outage (not a bad setting), in one line that masks the password."""
     url = "postgresql+psycopg://postgres:hunter2-secret@127.0.0.1:1/test"
-    with pytest.raises(ConfigurationError, match="unreachable") as caught:
+    with pytest.raises(DatabaseUnavailable, match="unreachable") as caught:
         db.upgrade(url)
     assert "hunter2-secret" not in caught.value.message
     assert "***" in caught.value.message
@@ -169,12 +176,6 @@ def test_find_by_unknown_smartcar_user_id_returns_none(store, smartcar_user_id):
     assert store.find_by_smartcar_user_id(smartcar_user_id) is None
 
 
-def test_get_user_returns_the_user_or_none(store):
-    """`get_user` looks users up by internal id."""
-    assert store.get_user(1) == UserRecord(1, "alice@example.com", "Alice", None)
-    assert store.get_user(99) is None
-
-
 def test_link_stores_the_smartcar_user_id(store):
     """Linking an unlinked user stores the id, and the worker lookup then finds that user."""
     result = store.link(1, SMARTCAR_ALICE)
@@ -189,7 +190,8 @@ def test_link_again_with_the_same_id_is_a_no_op(store):
     result = store.link(2, SMARTCAR_BOB)
     assert result.already_linked is True
     assert result.message == f"user 2 already linked to Smartcar user {SMARTCAR_BOB}"
-    assert store.get_user(2) == UserRecord(2, "bob@example.com", "Bob", SMARTCAR_BOB)
+    assert result.user == UserRecord(2, "bob@example.com", "Bob", SMARTCAR_BOB)
+    assert store.find_by_smartcar_user_id(SMARTCAR_BOB) == result.user
 
 
 def test_link_refuses_an_id_that_belongs_to_another_user(store):
@@ -197,15 +199,15 @@ def test_link_refuses_an_id_that_belongs_to_another_user(store):
     with pytest.raises(LinkConflict, match="already belongs to user 2") as caught:
         store.link(1, SMARTCAR_BOB)
     assert isinstance(caught.value, PermanentError)
-    assert store.get_user(1) == UserRecord(1, "alice@example.com", "Alice", None)
-    assert store.find_by_smartcar_user_id(SMARTCAR_BOB) == store.get_user(2)
+    assert store.find_by_smartcar_user_id(SMARTCAR_BOB) == UserRecord(2, "bob@example.com", "Bob", SMARTCAR_BOB)
+    assert_alice_unlinked(store)
 
 
 def test_link_refuses_to_overwrite_a_different_id(store):
     """A user already linked to another Smartcar user id keeps it: LinkConflict, nothing changes."""
     with pytest.raises(LinkConflict, match="refusing to overwrite"):
         store.link(2, SMARTCAR_ALICE)
-    assert store.get_user(2) == UserRecord(2, "bob@example.com", "Bob", SMARTCAR_BOB)
+    assert store.find_by_smartcar_user_id(SMARTCAR_BOB) == UserRecord(2, "bob@example.com", "Bob", SMARTCAR_BOB)
     assert store.find_by_smartcar_user_id(SMARTCAR_ALICE) is None
 
 
@@ -221,7 +223,7 @@ def test_link_rejects_an_id_that_cannot_be_stored(store, smartcar_user_id):
     """A blank Smartcar user id, or one over 36 characters, is refused with a clear message."""
     with pytest.raises(InvalidValue, match="Smartcar user id"):
         store.link(1, smartcar_user_id)
-    assert store.get_user(1) == UserRecord(1, "alice@example.com", "Alice", None)
+    assert_alice_unlinked(store)
 
 
 def test_link_survives_a_second_store_seeing_the_same_database(store, database_url):
@@ -240,7 +242,10 @@ def test_add_user_refuses_a_taken_id_or_smartcar_user_id(store):
         store.add_user(1, "again@example.com", "Again")
     with pytest.raises(LinkConflict):
         store.add_user(3, "carol@example.com", "Carol", smartcar_user_id=SMARTCAR_BOB)
-    assert store.get_user(3) is None
+    assert store.find_by_smartcar_user_id(SMARTCAR_BOB) == UserRecord(2, "bob@example.com", "Bob", SMARTCAR_BOB)
+    assert_alice_unlinked(store)
+    # Nothing of the refused Carol was stored: her id is still free.
+    assert store.add_user(3, "carol@example.com", "Carol") == UserRecord(3, "carol@example.com", "Carol", None)
 
 
 def test_add_vehicle_requires_an_existing_user(store):

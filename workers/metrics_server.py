@@ -3,7 +3,7 @@ bound to ``ADMIN_HOST`` like the web's admin endpoints.
 
 RQ workers serve no HTTP, so prometheus-client's own server runs in a daemon thread beside the
 dequeue loop. It exports this process's counters (:mod:`core.metrics`) and, read from Redis at
-scrape time, the queue and stream gauges (:mod:`core.queue_metrics`), so a worker-only
+scrape time, the queue and stream gauges (:mod:`core.redis.queue_metrics`), so a worker-only
 deployment can still be alerted on queue age.
 """
 

@@ -7,14 +7,15 @@ API refused a read for good, the webhook's own copy stands in and ``enrichment.s
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from core.events import Signal, VehicleEvent
+import pydantic_core
+
+from core.events import Signal, VehicleEvent, signal_status
 from core.store.users import UserRecord
-from core.timestamps import epoch_ms
+from core.timestamps import epoch_ms, retrieved_at
 
 SCHEMA_VERSION = 1
 
@@ -61,12 +62,12 @@ def api_signal(resource: dict[str, Any]) -> dict[str, Any]:
         "name": attributes.get("name"),
         "group": attributes.get("group"),
         "body": attributes.get("body"),
-        "status": status.get("value") or ("SUCCESS" if attributes.get("body") is not None else "UNAVAILABLE"),
+        "status": signal_status(status.get("value"), attributes.get("body")),
     }
     if status.get("error"):
         out["error"] = status["error"]
     out["oemUpdatedAt"] = epoch_ms(meta.get("oemUpdatedAt"))
-    out["retrievedAt"] = epoch_ms(meta.get("retrievedAt") or meta.get("fetchedAt"))
+    out["retrievedAt"] = retrieved_at(meta.get("retrievedAt"), meta.get("fetchedAt"))
     return out
 
 
@@ -118,11 +119,16 @@ def build_document(
 
 
 def stream_fields(event: VehicleEvent, user: UserRecord, document: dict[str, Any]) -> dict[str, str]:
-    """The contract's stream entry fields."""
+    """The contract's stream entry fields; ``payload`` is compact JSON, non-ASCII text kept as UTF-8.
+
+    The webhook's own numbers were made finite when it was parsed, but ``latestSignals`` holds
+    what the API answered; a NaN or infinity there is written as ``null``, never as the invalid
+    ``NaN``. The serializer is pydantic-core, the library that parsed the body.
+    """
     return {
         "event_id": event.event_id,
         "event_type": event.event_type,
         "user_id": str(user.id),
         "vehicle_id": event.vehicle.id,
-        "payload": json.dumps(document, separators=(",", ":"), ensure_ascii=False),
+        "payload": pydantic_core.to_json(document, inf_nan_mode="null").decode(),
     }

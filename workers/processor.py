@@ -25,21 +25,21 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import structlog
-from redis.exceptions import RedisError
 
 from core import events, metrics
 from core.errors import (
     InvalidPayload,
     LegacyPayload,
-    MalformedBody,
     SmartcarRejected,
     SmartcarUnauthorized,
     SmartcarUnavailable,
     TransientError,
     UnknownEventType,
+    UnknownUser,
 )
 from core.logs import get_logger
-from core.redis.outage import redis_unavailable
+from core.redis.jobs import JobPayload
+from core.redis.outage import until_redis_answers_async
 from core.redis.parked import ParkedStream
 from core.redis.published import OutputStream
 from core.smartcar.client import SmartcarClient
@@ -76,27 +76,17 @@ REDIS_PATIENCE_SECONDS = 60.0
 
 async def _through_outage(call: Callable[[], Awaitable[T]], patience: float = REDIS_PATIENCE_SECONDS) -> T:
     """Run a Redis call, waiting out a short outage (or a Redis refusing writes, see
-    :func:`workers.outage.redis_unavailable`) rather than failing the job over it.
+    :func:`core.redis.outage.redis_unavailable`) rather than failing the job over it; past
+    ``patience`` seconds the Redis error is raised.
 
-    The calls wrapped here are idempotent (a read, the publish guarded by its mark, or a park
-    whose repeat at worst adds a second parked entry for the same event), so a retry after a
-    lost answer is safe.
+    The calls wrapped here are idempotent (a read, and the publish and the park, each guarded by
+    its mark), so a retry after a lost answer is safe.
     """
-    deadline = time.monotonic() + patience
-    wait = 0.2
-    while True:
-        try:
-            return await call()
-        except RedisError as exc:
-            if not redis_unavailable(exc) or time.monotonic() + wait > deadline:
-                raise
-            log.warning("Redis unavailable; waiting", error=type(exc).__name__, retryIn=wait)
-            await asyncio.sleep(wait)
-            wait = min(wait * 2, 5.0)
+    return await until_redis_answers_async(call, give_up_after=patience)
 
 
 class EventProcessor:
-    """Processes job payloads written by :mod:`core.inbox`. Safe to run many at once."""
+    """Processes job payloads written by :mod:`core.redis.inbox`. Safe to run many at once."""
 
     def __init__(self, users: UserStore, smartcar: SmartcarClient, output: OutputStream, parked: ParkedStream) -> None:
         self._users = users
@@ -105,7 +95,7 @@ class EventProcessor:
         self._parked = parked
         self._shared = SharedReads()
 
-    async def process(self, payload: dict[str, Any], final_attempt: bool, budget_seconds: float = 60.0) -> Outcome:
+    async def process(self, payload: JobPayload, final_attempt: bool, budget_seconds: float = 60.0) -> Outcome:
         """Process one job payload. Raises a :class:`TransientError` only when a retry may help
         and this is not the final attempt. The lookup and the Smartcar calls together get at most
         ``budget_seconds``; running out counts as a transient failure.
@@ -113,7 +103,7 @@ class EventProcessor:
         Counts the job in ``smartcar_ingest_jobs_total`` by outcome (``retried`` when a transient
         error is raised for RQ to retry, ``error`` for anything unexpected).
         """
-        event_id = str(payload["eventId"])
+        event_id = payload["eventId"]
         # Every line logged while this event is processed (here, by the token provider, by
         # stamina's retry hook) carries its ids. The binding is local to this job's asyncio task.
         with structlog.contextvars.bound_contextvars(eventId=event_id, deliveryId=None, eventType=None):
@@ -128,11 +118,10 @@ class EventProcessor:
         metrics.JOBS.labels(outcome=outcome.metric_outcome).inc()
         return outcome
 
-    async def _process(
-        self, event_id: str, payload: dict[str, Any], final_attempt: bool, budget_seconds: float
-    ) -> Outcome:
-        body = str(payload["body"])
-        received_at = int(payload.get("receivedAt") or time.time() * 1000)
+    async def _process(self, event_id: str, payload: JobPayload, final_attempt: bool, budget_seconds: float) -> Outcome:
+        body = payload["body"]
+        # 0 stands for "not recorded" (hand-made jobs in tests): count from now instead.
+        received_at = payload["receivedAt"] or time.time_ns() // 1_000_000
         try:
             event = parse_body(body)
         except (InvalidPayload, LegacyPayload, UnknownEventType) as exc:
@@ -148,11 +137,8 @@ class EventProcessor:
             async with asyncio.timeout(budget_seconds):
                 user = await asyncio.to_thread(self._users.find_by_smartcar_user_id, event.smartcar_user_id)
                 if user is None:
-                    return await self._park(
-                        event_id,
-                        "unknown_user",
-                        "No internal user has this Smartcar user id; link it (users link or backfill), then replay.",
-                        body,
+                    raise UnknownUser(
+                        "No internal user has this Smartcar user id; link it (users link or backfill), then replay."
                     )
                 enrichment = await self._enrich(event, received_at)
         except TimeoutError:
@@ -161,6 +147,8 @@ class EventProcessor:
             raise SmartcarUnavailable("Enrichment ran out of time; the job will be retried.") from None
         except SmartcarUnauthorized as exc:
             return await self._park(event_id, "upstream_rejected", exc.message, body)
+        except UnknownUser as exc:  # parked outside the time budget: parking waits out Redis on its own
+            return await self._park(event_id, exc.code, exc.message, body)
         except InvalidPayload as exc:  # the client refused an id the parser let through
             return await self._park(event_id, exc.code, exc.message, body)
         except TransientError as exc:
@@ -188,7 +176,7 @@ class EventProcessor:
         """Fetch the vehicle and its signals concurrently; refusals become partial enrichment.
 
         Events for the same vehicle in flight together share calls that started after they
-        were received (:class:`core.sharing.SharedReads`), which cannot make their data older.
+        were received (:class:`core.smartcar.sharing.SharedReads`), which cannot make their data older.
         """
         vehicle_id, user_id = event.vehicle.id, event.smartcar_user_id
         outcomes: tuple[Any, Any] = await asyncio.gather(
@@ -254,26 +242,12 @@ def parse_body(body: str) -> events.VehicleEvent:
 
     Raises :class:`InvalidPayload`, :class:`LegacyPayload` or :class:`UnknownEventType` and
     nothing else, so that a body the parser cannot read is parked (and can be replayed) instead
-    of ending in RQ's failed registry. It reads a body exactly as the web edge does.
+    of ending in RQ's failed registry. The body is validated once, by the model the web edge
+    validates it with (:func:`core.events.parse_stored`).
     """
-    try:
-        document = events.load_json(body.encode())
-        events.classify(document)
-        return events.parse_event(document)
-    except MalformedBody as exc:
-        raise InvalidPayload(exc.message) from None
-    except (InvalidPayload, LegacyPayload, UnknownEventType):
-        raise
-    except Exception as exc:  # a parser gap is a permanent fault of this body: park, never retry
-        raise InvalidPayload(f"The payload could not be read ({type(exc).__name__}).") from None
+    return events.parse_stored(body)
 
 
 def _delivery_id(body: str) -> str | None:
     """``meta.deliveryId`` of a body that did not parse as an event, for the logs; never raises."""
-    try:
-        document = events.load_json(body.encode())
-    except (MalformedBody, UnicodeError):
-        return None
-    meta = document.get("meta") if isinstance(document, dict) else None
-    delivery_id = meta.get("deliveryId") if isinstance(meta, dict) else None
-    return delivery_id[:64] if isinstance(delivery_id, str) else None
+    return events.delivery_id_of(body)

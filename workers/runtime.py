@@ -14,7 +14,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from core.config import Settings, load_settings
+from core.config import Settings
+from core.errors import ConfigurationError
 from core.redis.clients import worker_redis
 from core.redis.parked import ParkedStream
 from core.redis.published import OutputStream
@@ -82,14 +83,21 @@ _current: Runtime | None = None
 
 
 def install(runtime: Runtime | None) -> None:
-    """Make ``runtime`` the one jobs in this process use (the ``worker`` command does this)."""
+    """Make ``runtime`` the one jobs in this process use, or none (``None``).
+
+    ``smartcar-ingest worker`` installs one for its lifetime; a test or benchmark that runs jobs
+    in its own process installs one the same way.
+    """
     global _current
     _current = runtime
 
 
 def current() -> Runtime:
-    """The installed runtime, or one built from the environment on first use."""
-    global _current
+    """The installed runtime. Never built on demand: a job run where none is installed (a stock
+    ``rq worker``, a bare import) fails with :class:`ConfigurationError` saying what runs jobs."""
     if _current is None:
-        _current = Runtime(load_settings())
+        raise ConfigurationError(
+            "no worker runtime is installed in this process: ingest jobs run under `smartcar-ingest worker`, "
+            "which installs one (workers.runtime.install)."
+        )
     return _current

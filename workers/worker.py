@@ -10,14 +10,14 @@ HTTP pool and one application token.
 
 No acknowledged event is left behind (docs/reliability.md):
 
-* The dequeue moves each job id into this worker's own list (:mod:`core.custody`) instead of
+* The dequeue moves each job id into this worker's own list (:mod:`core.redis.custody`) instead of
   RQ's shared intermediate list, and only once a thread slot is free, so a dequeued job starts
   at once. The id leaves that list in the same transaction that records the job's execution.
   Whatever a dead worker held is put back at the front of the queue by its peers' reapers
   (:mod:`workers.reaper`), without spending a retry; a dequeue whose answer Redis lost is found
   in the list by the worker itself.
 * Redis trouble — down, restarting, loading its AOF, out of memory, read-only — is waited out at
-  every step of RQ's loop (:mod:`workers.outage`), never a reason to quit. A job interrupted by it
+  every step of RQ's loop (:mod:`core.redis.outage`), never a reason to quit. A job interrupted by it
   is put back on the queue once Redis answers, not failed and not charged a retry.
 
 Shutdown: SIGTERM (or the end of a ``--burst`` run) stops dequeuing; jobs in flight finish; what
@@ -49,6 +49,7 @@ from rq.worker import WorkerStatus
 
 from core.config import Settings
 from core.logs import get_logger
+from core.redis.clients import rq_redis
 from core.redis.keys import dequeued_key, text
 from core.redis.outage import redis_unavailable, until_redis_answers
 from workers import runtime
@@ -272,9 +273,14 @@ class ConcurrentWorker(SimpleWorker):
         queue = self.queues[0]
         self.set_state(WorkerStatus.IDLE)
         self.procline(f"Listening on {queue.name}")  # type: ignore[no-untyped-call]
-        wait = 0.5
-        while True:
-            try:
+        # Redis trouble is waited out for as long as it lasts. SIGTERM ends the wait: its handler
+        # raises StopRequested while this runs, from inside the wait's sleep too.
+        return self._until_redis_answers(lambda: self._next_job(queue, timeout))
+
+    def _next_job(self, queue: Queue, timeout: int | None) -> tuple[Job, Queue] | None:
+        """Heartbeats and maintenance while waiting for the next job (None: burst mode, queue empty)."""
+        try:
+            while True:
                 self.heartbeat()
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()
@@ -287,13 +293,10 @@ class ConcurrentWorker(SimpleWorker):
                 job = self._fetch(queue, job_id)
                 if job is not None:
                     return job, queue
-            except redis.RedisError as exc:
-                if not redis_unavailable(exc):
-                    raise
-                self._check_dequeued = True
-                log.warning("Redis unavailable; worker waiting", error=type(exc).__name__, retryIn=wait)
-                time.sleep(wait)  # SIGTERM interrupts it: the signal handler raises StopRequested
-                wait = min(wait * 2, 5.0)
+        except redis.RedisError as exc:
+            if redis_unavailable(exc):
+                self._check_dequeued = True  # the move may have been applied with its answer lost
+            raise
 
     def _take(self, queue: Queue, timeout: int | None) -> str | None:
         """The next job id, moved from the queue into this worker's list (or found there)."""
@@ -443,7 +446,8 @@ class ConcurrentWorker(SimpleWorker):
     # --- waiting out Redis ---
 
     def _until_redis_answers(self, step: Callable[[], T]) -> T:
-        """``step``, waiting out Redis trouble; once a stop is requested, StopRequested instead."""
+        """``step``, waiting out Redis trouble for as long as it lasts; once a stop is requested,
+        StopRequested instead of another wait."""
         try:
             return until_redis_answers(step, stop=lambda: self._stop_requested)
         except redis.RedisError as exc:
@@ -472,9 +476,7 @@ def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAU
     # RQ's bookkeeping runs in every job thread at once, besides the dequeue loop, the liveness
     # thread and the scheduler: redis-py's default pool (100) would run dry past 100 jobs in flight,
     # and its MaxConnectionsError would pass for Redis trouble and requeue jobs for nothing.
-    connection = redis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=5, socket_timeout=30, max_connections=concurrency + 16
-    )
+    connection = rq_redis(settings, max_connections=concurrency + 16)
     # Start once Redis answers, so a worker started during an outage waits instead of crashing.
     until_redis_answers(connection.ping, give_up_after=300.0)
     queue = Queue(settings.ingest_queue, connection=connection, serializer=JSONSerializer)

@@ -16,7 +16,7 @@ each role its own rule list for ``ACL SETUSER``:
   version).
 
 With ``connect=True`` the web may also use the sealed application token (the Connect callback
-verifies user ids with Smartcar; it holds the client secret then, see ``core.tokens``).
+verifies user ids with Smartcar; it holds the client secret then, see :mod:`core.smartcar.tokens`).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str
             f"~{settings.parked_stream}",
             f"%R~{RQ_PREFIX}*",
             f"%R~{settings.output_stream}",
-            # the stranded-jobs gauges: who is alive and what each worker holds (core.custody)
+            # the stranded-jobs gauges: who is alive and what each worker holds (core.redis.custody)
             f"%R~{ALIVE_PREFIX}*",
             f"%R~{WORKERS_SET}",
             f"%R~{DEQUEUED_PREFIX}*",

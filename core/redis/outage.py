@@ -6,16 +6,35 @@ or up but refusing writes (``OOM`` at ``maxmemory`` under ``noeviction``, ``READ
 replica during a failover, ``MISCONF`` when it cannot persist, a busy script). All of these pass
 once Redis recovers; waiting is the answer to each. Every other Redis error (a wrong type, a
 script bug) is a fault and is raised as usual.
+
+The wait is stamina's (the same retry machinery as the Smartcar calls), in a sync form
+(:func:`until_redis_answers`, RQ's bookkeeping, the scheduler, the reaper) and an async one
+(:func:`until_redis_answers_async`, the jobs' own Redis calls). Between two tries it backs off
+from :data:`WAIT_INITIAL` doubling to :data:`WAIT_MAX` seconds with a little jitter, logs one
+warning per wait (``Redis unavailable; waiting``) through the retry hook installed below, and
+counts each wait in stamina's ``stamina_retries_total``.
+
+Under ``stamina.set_testing`` these waits are skipped too: they make the number of tries the test
+asked for, back to back, and then raise. Testing mode is a setting of the process that turned it
+on, so a worker that a drill starts as a subprocess waits out an outage for real.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import redis
+import stamina
 from redis import exceptions
+from stamina.instrumentation import (
+    PrometheusOnRetryHook,
+    RetryDetails,
+    RetryHook,
+    RetryHookFactory,
+    StructlogOnRetryHook,
+    set_on_retry_hooks,
+)
 
 from core.logs import get_logger
 
@@ -47,22 +66,64 @@ def redis_unavailable(exc: BaseException) -> bool:
     return False
 
 
-def until_redis_answers(
-    step: Callable[[], T], stop: Callable[[], bool] = lambda: False, give_up_after: float | None = None
-) -> T:
-    """Run ``step``, retrying with backoff (0.2 s doubling to 5 s) while Redis is unavailable.
+#: The first wait between two tries while Redis is unavailable, in seconds; it doubles each time...
+WAIT_INITIAL = 0.2
+#: ...up to this long.
+WAIT_MAX = 5.0
+#: At most this much is added at random to each wait, so that the workers of a fleet do not all
+#: try again at the same instant once Redis is back.
+WAIT_JITTER = 0.2
+_BACKOFF = {"wait_initial": WAIT_INITIAL, "wait_max": WAIT_MAX, "wait_jitter": WAIT_JITTER}
 
-    Gives up, re-raising the Redis error, once ``stop()`` is true or ``give_up_after`` seconds
-    have passed. Any error that :func:`redis_unavailable` does not recognise is raised at once.
+
+def until_redis_answers(
+    step: Callable[[], T], *, stop: Callable[[], bool] | None = None, give_up_after: float | None = None
+) -> T:
+    """Run ``step``, running it again after a backoff while Redis is unavailable.
+
+    The Redis error is re-raised at the first failure once ``stop()`` is true or ``give_up_after``
+    seconds have passed since the first try; with neither, the wait has no end. An error that
+    :func:`redis_unavailable` does not recognise is raised at once. An exception raised during a
+    wait (by a signal handler) ends it too.
     """
-    deadline = None if give_up_after is None else time.monotonic() + give_up_after
-    wait = 0.2
-    while True:
-        try:
-            return step()
-        except redis.RedisError as exc:
-            if not redis_unavailable(exc) or stop() or (deadline is not None and time.monotonic() > deadline):
-                raise
-            log.warning("Redis unavailable; worker waiting", error=type(exc).__name__, retryIn=wait)
-            time.sleep(wait)
-            wait = min(wait * 2, 5.0)
+    caller = stamina.RetryingCaller(attempts=None, timeout=give_up_after, **_BACKOFF)
+    return caller(_worth_waiting(stop), step)
+
+
+async def until_redis_answers_async(
+    call: Callable[[], Awaitable[T]], *, stop: Callable[[], bool] | None = None, give_up_after: float | None = None
+) -> T:
+    """The async form of :func:`until_redis_answers`: ``await call()``, waiting out Redis trouble the same way."""
+    caller = stamina.AsyncRetryingCaller(attempts=None, timeout=give_up_after, **_BACKOFF)
+    return await caller(_worth_waiting(stop), call)
+
+
+def _worth_waiting(stop: Callable[[], bool] | None) -> Callable[[Exception], bool]:
+    """stamina's ``on`` hook: try again after a Redis error that passes, unless ``stop()`` says otherwise."""
+    if stop is None:
+        return redis_unavailable
+    return lambda exc: redis_unavailable(exc) and not stop()
+
+
+def _log_retries() -> RetryHook:
+    """stamina's log hook for this project: one line of ours per Redis wait, stamina's own line
+    (``stamina.retry_scheduled``) for every other retry."""
+    others = StructlogOnRetryHook.hook_factory()
+
+    def log_retry(details: RetryDetails) -> None:
+        if not redis_unavailable(details.caused_by):
+            others(details)
+            return
+        log.warning(
+            "Redis unavailable; waiting",
+            error=type(details.caused_by).__name__,
+            retryIn=round(details.wait_for, 2),
+            waitedSoFar=round(details.waited_so_far, 1),
+        )
+
+    return log_retry
+
+
+# stamina's default hooks are its Prometheus counter and its structlog line; the line is replaced
+# by the hook above, which leaves every retry but the Redis waits logged as before.
+set_on_retry_hooks((PrometheusOnRetryHook, RetryHookFactory(_log_retries)))

@@ -11,12 +11,12 @@ a re-run parks one event once. Every add trims entries older than ``PARKED_RETEN
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pydantic_core
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
@@ -225,10 +225,10 @@ def count_by_reason(client: SyncRedis, stream: str, limit: int = COUNT_SCAN_LIMI
 
 
 def _event_type_of(body: str) -> str:
-    """The eventType named in a parked body, for the job description only."""
+    """The eventType named in a parked body, for the job description only; never raises."""
     try:
-        document = json.loads(body)
-    except ValueError:
+        document = pydantic_core.from_json(body)
+    except (ValueError, TypeError):  # not JSON; TypeError is pydantic-core's answer to a lone surrogate
         return "UNKNOWN"
     event_type = document.get("eventType") if isinstance(document, dict) else None
     return event_type[:40] if isinstance(event_type, str) else "UNKNOWN"

@@ -1,7 +1,7 @@
 """Queue and stream gauges, read from Redis when Prometheus scrapes.
 
 What is waiting, how old the oldest waiting job is, what is dead-lettered, what is stranded between
-dequeue and start (:mod:`core.custody`) and how long the output stream is are facts about Redis,
+dequeue and start (:mod:`core.redis.custody`) and how long the output stream is are facts about Redis,
 not about one process: a counter in the web or the worker could not know them.
 :class:`QueueCollector` reads them at scrape time instead, in a few short round trips of a
 *synchronous* client (prometheus-client calls collectors synchronously) whose every call is

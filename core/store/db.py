@@ -200,11 +200,23 @@ def _alembic_config(connection: Connection) -> Config:
 
 @contextmanager
 def _migration_connection(database_url: str, action: str, *, lock: bool = True) -> Iterator[Connection]:
-    """One connection in one transaction, with errors turned into one-line ConfigurationErrors."""
+    """One connection in one transaction. A database that does not answer is :class:`DatabaseUnavailable`;
+    every other failure becomes a one-line :class:`ConfigurationError`."""
     url = parse_url(database_url)
     engine = make_engine(database_url, pooled=False)
     try:
-        with engine.begin() as connection:
+        try:
+            opened = engine.connect()
+        except (OperationalError, InterfaceError) as exc:
+            if url.get_backend_name() == "sqlite":
+                raise  # a file that cannot be opened is a setting to fix, reported below
+            # A server that does not answer: an outage (exit 3), not a bad setting.
+            raise DatabaseUnavailable(
+                f"cannot {action}: the database at {safe_url(url)} is unreachable "
+                f"({_driver_reason(exc, url)}); check DATABASE_URL and that the server is running."
+            ) from None
+        with opened, opened.begin():
+            connection = opened
             if lock and connection.dialect.name == "postgresql":
                 # Several pods may run `db upgrade` at once (init containers, a Helm hook and a
                 # developer); the transaction-scoped lock makes them take turns, and the later
@@ -220,8 +232,7 @@ def _migration_connection(database_url: str, action: str, *, lock: bool = True) 
         raise ConfigurationError(f"cannot {action} on {safe_url(url)}: {message}.") from None
     except (OperationalError, InterfaceError) as exc:
         raise ConfigurationError(
-            f"cannot {action}: the database at {safe_url(url)} is unreachable "
-            f"({_driver_reason(exc, url)}); check DATABASE_URL and that the server is running."
+            f"cannot {action} on {safe_url(url)}: {_driver_reason(exc, url)}; check DATABASE_URL."
         ) from None
     except DBAPIError as exc:
         raise ConfigurationError(f"cannot {action} on {safe_url(url)}: {_driver_reason(exc, url)}.") from None

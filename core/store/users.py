@@ -13,7 +13,7 @@ Errors, all in the project's tree (:mod:`core.errors`)::
     ├── RecordExists        add_user / add_vehicle with an id that is taken
     └── InvalidValue        a value that does not fit its column
     TransientError
-    └── DatabaseUnavailable (core.db) the database did not answer; retry later
+    └── DatabaseUnavailable the database did not answer; retry later
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ class UserStore:
     is safe to share between threads. In a process forked after the store was used (RQ's work
     horse), call ``dispose(close=False)`` first so the child does not reuse the parent's sockets.
 
-    Connection failures raise :class:`core.db.DatabaseUnavailable` (transient); a database that
+    Connection failures raise :class:`core.errors.DatabaseUnavailable` (transient); a database that
     was never migrated raises :class:`core.errors.ConfigurationError`.
     """
 
@@ -211,12 +211,6 @@ class UserStore:
         statement = select(*_USER_COLUMNS).where(User.smartcar_user_id == smartcar_user_id)
         with self._reading() as connection:
             row = connection.execute(statement).one_or_none()
-        return None if row is None else UserRecord(*row)
-
-    def get_user(self, user_id: int) -> UserRecord | None:
-        """The user with internal id ``user_id``, or ``None``."""
-        with self._reading() as connection:
-            row = connection.execute(select(*_USER_COLUMNS).where(User.id == user_id)).one_or_none()
         return None if row is None else UserRecord(*row)
 
     def link(self, user_id: int, smartcar_user_id: str) -> LinkResult:

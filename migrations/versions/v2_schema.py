@@ -28,7 +28,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # Constraint names follow core.users.NAMING_CONVENTION, so later revisions can address them.
+    # Constraint names follow core.store.users.NAMING_CONVENTION, so later revisions can address them.
     op.create_table(
         "users",
         sa.Column("id", sa.Integer(), autoincrement=False, nullable=False),

@@ -11,7 +11,7 @@ stamped ``v3_schema`` when this was the first and only revision already hold exa
 and need nothing.
 
 Upgrade drops ``vehicles.vehicle_access_token`` and ``vehicles.token_created_at`` with their values.
-``core.db.upgrade`` refuses to run it while a token is still stored unless asked to
+``core.store.db.upgrade`` refuses to run it while a token is still stored unless asked to
 (``db upgrade --drop-tokens``).
 
 Downgrade adds both columns back, empty: **the tokens themselves cannot be brought back.** A v2

@@ -8,11 +8,9 @@ too, so nothing reaches the parked stream or the queue.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ from rq.serializers import JSONSerializer
 from cli.samples import encode, sample_event
 from core.signatures import sign
 from tests.drills.common import report
-from tests.procs import free_port, wait_for_port
+from tests.procs import WebProcess, service_env
 
 TOKEN = "hostile-drill-token"
 
@@ -70,28 +68,18 @@ def hostile_requests(rng: random.Random, count: int):
 
 
 @contextlib.contextmanager
-def web_process(redis_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def web_process(redis_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """``smartcar-ingest web`` in its own process, and the free port it serves on."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_"))}
-    env |= {
-        "SMARTCAR_MANAGEMENT_TOKEN": TOKEN,
-        "REDIS_URL": redis_url,
-        "MAX_BODY_BYTES": "65536",
-        "BODY_TIMEOUT_SECONDS": "1",
-        "LOG_LEVEL": "ERROR",
-        "ADMIN_PORT": "0",
-        "PYTHONPATH": os.getcwd(),
-    }
-    web = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "web", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path
+    env = service_env(
+        SMARTCAR_MANAGEMENT_TOKEN=TOKEN,
+        REDIS_URL=redis_url,
+        MAX_BODY_BYTES="65536",
+        BODY_TIMEOUT_SECONDS="1",
+        LOG_LEVEL="ERROR",
+        ADMIN_PORT="0",
     )
-    try:
-        wait_for_port(port, timeout=30)
-        yield web, port
-    finally:
-        web.terminate()
-        web.wait(timeout=20)
+    with WebProcess(env, cwd=tmp_path) as web:
+        yield web.process, web.port
 
 
 def test_ten_thousand_hostile_requests(redis_url, redis_client, tmp_path):

@@ -1,0 +1,187 @@
+"""Wire models → :class:`~core.events.model.VehicleEvent`.
+
+Every shape :mod:`core.events.wire` tolerates folds into one form here: triggers in either place
+and either spelling, signal codes from ``code`` or ``group`` + ``name``, a status inferred when
+it is missing, times read by :mod:`core.timestamps`, and non-finite numbers replaced by None.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from core.errors import InvalidPayload
+from core.events.model import (
+    DeliveryMeta,
+    Signal,
+    SignalRef,
+    Trigger,
+    Vehicle,
+    VehicleError,
+    VehicleEvent,
+)
+from core.events.wire import (
+    VEHICLE_EVENT_TYPES,
+    VEHICLE_STATE,
+    WireEnvelope,
+    WireMeta,
+    WireSignal,
+    WireSignalMeta,
+    WireSignalRef,
+    WireTrigger,
+    WireVehicle,
+    WireVehicleError,
+)
+from core.timestamps import delivered_at, epoch_ms, model_year, retrieved_at
+
+
+def normalise(wire: WireEnvelope) -> VehicleEvent:
+    """The normalised event of a validated envelope.
+
+    Raises :class:`InvalidPayload` when the envelope is not a vehicle event or names no vehicle
+    (the two rules the schema alone cannot state).
+    """
+    if wire.eventType not in VEHICLE_EVENT_TYPES:
+        raise InvalidPayload(f"The eventType {clip(wire.eventType)!r} is not a vehicle event.")
+    vehicle_id = wire.vehicle_id
+    if vehicle_id is None:
+        raise InvalidPayload("The delivery names no vehicle (data.vehicle.id or vehicleId).")
+    data = wire.data
+    wire_vehicle = data.vehicle or WireVehicle()
+    triggers = data.triggers if data.triggers is not None else wire.triggers
+    meta = wire.meta or WireMeta()
+    return VehicleEvent(
+        event_id=wire.eventId,
+        event_type="VEHICLE_STATE" if wire.eventType == VEHICLE_STATE else "VEHICLE_ERROR",
+        smartcar_user_id=data.user.id,
+        vehicle=Vehicle(
+            id=vehicle_id,
+            make=wire_vehicle.make,
+            model=wire_vehicle.model,
+            year=model_year(wire_vehicle.year),
+            mode=wire_vehicle.mode,
+            powertrainType=wire_vehicle.powertrainType,
+        ),
+        signals=tuple(_signal(s) for s in data.signals or () if _signal_code(s) is not None),
+        errors=tuple(_vehicle_error(e) for e in data.errors or ()),
+        triggers=tuple(_trigger(t) for t in triggers or ()),
+        meta=DeliveryMeta(
+            deliveryId=meta.deliveryId,
+            deliveredAt=delivered_at(meta.deliveredAt),
+            webhookId=meta.webhookId,
+            webhookName=meta.webhookName,
+            mode=meta.mode,
+            version=meta.version,
+        ),
+    )
+
+
+def code_from_dotted(name: str) -> str:
+    """``"TractionBattery.StateOfCharge"`` → ``"tractionbattery-stateofcharge"``."""
+    return name.strip().replace(".", "-").lower()
+
+
+def clip(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters, for quoting a sender's value in a reason."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _signal_code(ref: WireSignalRef) -> str | None:
+    if ref.code:
+        return ref.code
+    if ref.group and ref.name:
+        return f"{ref.group}-{ref.name}".lower()
+    return None
+
+
+def _signal_ref(ref: WireSignalRef | str) -> SignalRef:
+    if isinstance(ref, str):
+        group, _, name = ref.partition(".")
+        return SignalRef(code=code_from_dotted(ref), name=name or None, group=group or None)
+    return SignalRef(code=_signal_code(ref) or "", name=ref.name, group=ref.group)
+
+
+def signal_status(value: object, body: object) -> str:
+    """A signal's status: the one it carries, else SUCCESS when it has a body and UNAVAILABLE when not.
+
+    Older deliveries omit the status; a signal with a body was read successfully. The webhook's
+    signals and the ``/signals`` resources follow this one rule.
+    """
+    if isinstance(value, str) and value:
+        return value
+    return "SUCCESS" if body is not None else "UNAVAILABLE"
+
+
+def _signal(wire: WireSignal) -> Signal:
+    meta = wire.meta or WireSignalMeta()
+    status = signal_status(wire.status.value if wire.status else None, wire.body)
+    return Signal(
+        code=_signal_code(wire) or "",
+        name=wire.name,
+        group=wire.group,
+        body=_finite(wire.body),
+        status=status,
+        error=_finite(wire.status.error) if wire.status else None,
+        oemUpdatedAt=epoch_ms(meta.oemUpdatedAt),
+        retrievedAt=retrieved_at(meta.retrievedAt, meta.fetchedAt),
+    )
+
+
+def _trigger(wire: WireTrigger | str) -> Trigger:
+    if isinstance(wire, str):
+        # "Group.Name" names a signal; anything else (e.g. FIRST_DELIVERY) is the trigger type.
+        if "." in wire:
+            return Trigger(type="SIGNAL_UPDATED", code=code_from_dotted(wire))
+        return Trigger(type=wire)
+    if wire.signal is not None:
+        code = code_from_dotted(wire.signal) if isinstance(wire.signal, str) else _signal_code(wire.signal)
+        return Trigger(type=wire.type or "SIGNAL_UPDATED", code=code)
+    if wire.code == "FIRST_DELIVERY":
+        return Trigger(type="FIRST_DELIVERY")
+    code = wire.code or _signal_code(WireSignalRef(name=wire.name, group=wire.group))
+    return Trigger(type=wire.type or ("SIGNAL_UPDATED" if code else "UNKNOWN"), code=code)
+
+
+def _vehicle_error(wire: WireVehicleError) -> VehicleError:
+    return VehicleError(
+        type=wire.type,
+        code=wire.code,
+        state=wire.state,
+        description=wire.description,
+        suggestedUserMessage=wire.suggestedUserMessage,
+        docURL=wire.docURL,
+        resolution=wire.resolution.type if wire.resolution else None,
+        signals=tuple(_signal_ref(s) for s in wire.signals or ()),
+    )
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None.
+
+    NaN and Infinity literals never get this far, but a number beyond a double's range
+    (``1e400``) still parses as infinity; it must not reach the output as invalid JSON. Nearly no
+    body holds one, and looking costs half as much as rebuilding, so a body is rebuilt only when
+    it does. The parser refuses nesting deeper than about 200 levels, which bounds the recursion.
+    """
+    return value if _all_finite(value) else _without_non_finite(value)
+
+
+def _all_finite(value: Any) -> bool:
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:  # the common leaves, first
+        return True
+    if isinstance(value, dict):
+        return all(map(_all_finite, value.values()))
+    if isinstance(value, list):
+        return all(map(_all_finite, value))
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _without_non_finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _without_non_finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_non_finite(item) for item in value]
+    return value

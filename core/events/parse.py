@@ -1,0 +1,230 @@
+"""Reading a delivery body, in one pass or step by step; both accept and refuse the same bodies.
+
+* **One pass** (:func:`quick_vehicle_event` at the web edge, :func:`parse_stored` in the worker):
+  the bytes are validated against :class:`~core.events.wire.WebEnvelope` straight from JSON, with
+  no intermediate document. Every well-formed vehicle event is read this way.
+* **Step by step**, in the order the edge checks the rest: :func:`load_json` (400 when it fails),
+  :func:`classify` (event type, legacy or unknown), then :func:`parse_event` or
+  :func:`parse_verify` (the schema). This tells a 400 from a parked payload and names the reason.
+
+The one-pass reading accepts exactly what the steps accept (``tests/test_events.py`` holds them
+to it); a body it does not accept goes through the steps, so every refusal, at the edge or in the
+worker, carries the steps' reason. Both normalise alike, with one exception: a float where text
+belongs (a numeric make, say) is written by pydantic-core as read from JSON (``1e5`` as
+``"100000"``) or from a parsed document (``"100000.0"``). The worker always reads from bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic_core
+from pydantic import ValidationError
+
+from core.errors import InvalidPayload, LegacyPayload, MalformedBody, UnknownEventType
+from core.events.model import QuickEvent, VehicleEvent
+from core.events.normalise import clip, normalise
+from core.events.wire import VEHICLE_EVENT_TYPES, VERIFY, WebEnvelope, WireEnvelope, WireVerify, is_legacy
+from core.timestamps import epoch_ms
+
+_NOT_JSON = "The body is not valid UTF-8 JSON."
+
+
+# ---------------------------------------------------------------------------------------------
+# One pass.
+
+
+def _one_pass(body: bytes) -> WebEnvelope | None:
+    """The envelope of a well-formed VEHICLE_STATE / VEHICLE_ERROR, validated from bytes; else None."""
+    # The one-pass validator reads NaN and Infinity literals as numbers; load_json refuses them. A
+    # body holding those bytes (in a string, far more often) takes the step-by-step path instead.
+    if b"NaN" in body or b"Infinity" in body:
+        return None
+    try:
+        wire = WebEnvelope.model_validate_json(body)
+    except ValidationError:
+        return None
+    if wire.legacy or wire.eventType not in VEHICLE_EVENT_TYPES or wire.vehicle_id is None:
+        return None
+    return wire
+
+
+def quick_vehicle_event(body: bytes) -> QuickEvent | None:
+    """Validate a well-formed VEHICLE_STATE / VEHICLE_ERROR straight from bytes, in one pass.
+
+    Returns None for anything else (not JSON, VERIFY, legacy, unknown type, schema failure):
+    the caller then takes the step-by-step path, which decides between 400 and parking. What
+    this accepts is exactly what :func:`load_json`, :func:`classify` and :func:`parse_event`
+    accept.
+    """
+    wire = _one_pass(body)
+    if wire is None:
+        return None
+    meta = wire.meta
+    return QuickEvent(
+        wire.eventId,
+        wire.eventType,
+        meta.deliveryId if meta else None,
+        epoch_ms(meta.deliveredAt) if meta else None,
+    )
+
+
+def parse_stored(body: bytes | str) -> VehicleEvent:
+    """The worker's reading of a body as the edge stored it: one validation, then normalisation.
+
+    Accepts exactly what the edge accepts. Raises :class:`InvalidPayload`, :class:`LegacyPayload`
+    or :class:`UnknownEventType` and nothing else, with the reason and detail the edge gives, so a
+    body that cannot be read is parked (and can be replayed) instead of failing its job.
+
+    A well-formed vehicle event, nearly every body, is validated once, straight from its bytes,
+    by the model the edge's one-pass check uses. Any other body goes through the edge's steps,
+    which refuse it with the edge's reason; the one kind they accept (a body holding the text
+    ``NaN`` or ``Infinity``, but no such literal) is then validated from its bytes like the rest,
+    so every event the worker sees is normalised from the same reading.
+    """
+    try:
+        raw = body.encode() if isinstance(body, str) else body
+    except UnicodeEncodeError:
+        # Text holding a lone surrogate has no UTF-8 form; no body the edge read can hold one.
+        raise InvalidPayload(_NOT_JSON) from None
+    try:
+        wire = _one_pass(raw)
+        if wire is None:
+            _refuse_as_the_edge_does(raw)
+            # The steps took it, so it holds the text NaN or Infinity but no such literal: the
+            # one-pass validator reads it safely, as it reads every other event.
+            wire = WebEnvelope.model_validate_json(raw)
+        return normalise(wire)
+    except (InvalidPayload, LegacyPayload, UnknownEventType):
+        raise
+    except Exception as exc:  # a parser gap is a permanent fault of this body: park it, never retry
+        raise InvalidPayload(f"The payload could not be read ({type(exc).__name__}).") from None
+
+
+def _refuse_as_the_edge_does(body: bytes) -> None:
+    """Take a body the one pass left through the edge's steps: raise the reason the edge parks (or
+    refuses) it for; return when the steps accept it as a vehicle event."""
+    try:
+        document = load_json(body)
+    except MalformedBody as exc:
+        raise InvalidPayload(exc.message) from None
+    if classify(document) == VERIFY:
+        parse_verify(document)  # a VERIFY without a challenge: the edge's reason
+        raise InvalidPayload("A VERIFY is answered by the web edge, never processed as an event.")
+    parse_event(document)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step by step, in the order the endpoint applies the steps.
+
+
+def load_json(body: bytes) -> Any:
+    """Parse a UTF-8 JSON body; raise :class:`MalformedBody` if it is not one.
+
+    ``NaN``, ``Infinity`` and ``-Infinity`` are refused: they are not JSON, and a non-finite
+    number must never reach the output stream.
+    """
+    try:
+        return pydantic_core.from_json(body, allow_inf_nan=False)
+    except ValueError:
+        raise MalformedBody(_NOT_JSON) from None
+
+
+def classify(document: Any) -> str:
+    """Return the event type of a parsed delivery.
+
+    Raises :class:`LegacyPayload` for a v2.0 webhook, :class:`UnknownEventType` for a type this
+    service does not handle and :class:`InvalidPayload` when there is no type at all.
+    """
+    if not isinstance(document, dict):
+        raise InvalidPayload("The body is JSON but not an object.")
+    if is_legacy(document.get("version"), document.get("eventName"), document.get("payload")):
+        raise LegacyPayload("This is a legacy v2.0 webhook; configure a v3 webhook in the Smartcar Dashboard.")
+    event_type = document.get("eventType")
+    if not isinstance(event_type, str) or not event_type:
+        raise InvalidPayload("The delivery has no eventType.")
+    if event_type != VERIFY and event_type not in VEHICLE_EVENT_TYPES:
+        raise UnknownEventType(f"The eventType {clip(event_type)!r} is not one this service handles.")
+    return event_type
+
+
+def parse_verify(document: Any) -> str:
+    """Return the challenge of a VERIFY delivery; :class:`InvalidPayload` when it has none."""
+    try:
+        return WireVerify.model_validate(document).data.challenge
+    except ValidationError as exc:
+        raise InvalidPayload(_describe(exc)) from None
+
+
+def parse_event(document: Any) -> VehicleEvent:
+    """Validate a parsed VEHICLE_STATE or VEHICLE_ERROR document and normalise it.
+
+    Raises :class:`InvalidPayload` with a one-sentence reason (field paths only, never values).
+    """
+    try:
+        wire = WireEnvelope.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidPayload(_describe(exc)) from None
+    return normalise(wire)
+
+
+def _describe(exc: ValidationError) -> str:
+    """One sentence naming the first few failing fields, without echoing their values."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False)[:3]:
+        location = ".".join(str(p) for p in error["loc"]) or "body"
+        parts.append(f"{location}: {error['msg'].rstrip('.')}")
+    more = "" if exc.error_count() <= 3 else f" (and {exc.error_count() - 3} more)"
+    return "The payload does not match the event schema: " + "; ".join(parts) + more + "."
+
+
+# ---------------------------------------------------------------------------------------------
+# Lookups that never raise: what the edge and the logs need from a body that may not be an event.
+
+
+def parses_as_json(text: str) -> bool:
+    """True when ``text`` is a JSON value of any kind (``123``, ``true``, ``null``, ``NaN`` too).
+
+    The parser is the one :func:`load_json` uses, in its more permissive setting, so anything
+    the edge could ever read as a body counts.
+    """
+    try:
+        pydantic_core.from_json(text)
+    except ValueError:
+        return False
+    return True
+
+
+def delivered_at_ms(document: Any) -> int | None:
+    """``meta.deliveredAt`` of a parsed document as epoch ms, or None when absent or unreadable."""
+    meta = document.get("meta") if isinstance(document, dict) else None
+    return epoch_ms(meta.get("deliveredAt")) if isinstance(meta, dict) else None
+
+
+def event_id_of(document: Any) -> str | None:
+    """The ``eventId`` of a parsed document when it has a usable one, else None."""
+    if isinstance(document, dict):
+        value = document.get("eventId")
+        if isinstance(value, str) and 0 < len(value) <= 255:
+            return value
+    return None
+
+
+def delivery_id_of(body: bytes | str) -> str | None:
+    """``meta.deliveryId`` of a body (at most 64 characters), for the logs; None when it has none."""
+    try:
+        document = load_json(body.encode() if isinstance(body, str) else body)
+    except (MalformedBody, UnicodeEncodeError):
+        return None
+    meta = document.get("meta") if isinstance(document, dict) else None
+    delivery_id = meta.get("deliveryId") if isinstance(meta, dict) else None
+    return delivery_id[:64] if isinstance(delivery_id, str) else None
+
+
+def verify_challenge_or_none(document: Any) -> str | None:
+    """The challenge of a document that claims to be a VERIFY, without raising."""
+    if isinstance(document, dict) and document.get("eventType") == VERIFY:
+        data = document.get("data")
+        if isinstance(data, dict) and isinstance(data.get("challenge"), str):
+            return str(data["challenge"])
+    return None

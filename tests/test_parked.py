@@ -1,0 +1,139 @@
+"""The one park path: web and worker park through ParkedStream; repeats park once, differences never vanish."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import Redis as AsyncRedis
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from core.redis.inbox import Inbox
+from core.redis.jobs import JobOptions
+from core.redis.keys import parked_key
+from core.redis.parked import ParkedStream, count_by_reason, replay_parked
+
+STREAM = "smartcar:parked"
+
+
+def run(redis_url: str, scenario):
+    async def wrapped():
+        redis = AsyncRedis.from_url(redis_url)
+        try:
+            return await scenario(redis)
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(wrapped())
+
+
+def entries(redis_client) -> list[dict[str, str]]:
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in redis_client.xrange(STREAM, "-", "+")]
+
+
+def test_a_retried_park_of_the_same_event_is_kept_once(redis_url, redis_client):
+    """A worker re-running a job (crash after parking, RQ retry) parks the event once."""
+
+    async def scenario(redis):
+        parked = ParkedStream(redis, STREAM, 60)
+        first = await parked.park("evt-1", "unknown_user", "No internal user.", '{"eventId":"evt-1"}')
+        again = await parked.park("evt-1", "unknown_user", "No internal user.", '{"eventId":"evt-1"}')
+        return first, again
+
+    first, again = run(redis_url, scenario)
+    assert first is not None
+    assert again is None
+    assert len(entries(redis_client)) == 1
+
+
+def test_concurrent_parks_of_one_event_write_one_entry(redis_url, redis_client):
+    """Racing redeliveries of one broken delivery: one entry, whatever the interleaving."""
+
+    async def scenario(redis):
+        inbox = Inbox(redis, JobOptions("q"), STREAM, 60)
+        return await asyncio.gather(
+            *(inbox.park("evt-race", "invalid_payload", "Bad.", '{"eventId":"evt-race"}') for _ in range(20))
+        )
+
+    results = run(redis_url, scenario)
+    assert results.count(True) == 1
+    assert len(entries(redis_client)) == 1
+
+
+def test_web_and_worker_parks_of_one_event_with_different_reasons_are_both_kept(redis_url, redis_client):
+    """The edge parked a broken delivery of X; a later valid delivery of X fails in the worker: both stay."""
+
+    async def scenario(redis):
+        web = Inbox(redis, JobOptions("q"), STREAM, 60)
+        worker = ParkedStream(redis, STREAM, 60)
+        await web.park("evt-2", "invalid_payload", "Bad.", '{"eventId":"evt-2","data":1}')
+        return await worker.park("evt-2", "unknown_user", "No user.", '{"eventId":"evt-2","data":{}}')
+
+    assert run(redis_url, scenario) is not None
+    assert [e["reason"] for e in entries(redis_client)] == ["invalid_payload", "unknown_user"]
+
+
+def test_same_reason_with_a_different_body_is_kept(redis_url, redis_client):
+    """Two different bodies under one eventId are two facts: neither may be dropped."""
+
+    async def scenario(redis):
+        parked = ParkedStream(redis, STREAM, 60)
+        await parked.park("evt-3", "invalid_payload", "Bad.", '{"eventId":"evt-3","v":1}')
+        return await parked.park("evt-3", "invalid_payload", "Bad.", '{"eventId":"evt-3","v":2}')
+
+    assert run(redis_url, scenario) is not None
+    assert len(entries(redis_client)) == 2
+
+
+def test_a_replayed_event_that_fails_again_is_parked_again(redis_url, redis_client):
+    """Replay clears the parked mark with the entry: the re-run's identical park must not vanish."""
+    body = '{"eventId":"evt-4","eventType":"VEHICLE_STATE"}'
+    options = JobOptions("q")
+
+    async def scenario(redis):
+        parked = ParkedStream(redis, STREAM, 60)
+        await parked.park("evt-4", "unknown_user", "No user.", body)
+        report = await replay_parked(redis, options, STREAM)
+        assert await redis.exists(parked_key("evt-4")) == 0
+        again = await parked.park("evt-4", "unknown_user", "No user.", body)
+        return report, again
+
+    report, again = run(redis_url, scenario)
+    assert report.requeued == 1
+    assert again is not None
+    assert len(entries(redis_client)) == 1  # the first entry left with the replay; the second is the re-park
+    job = Job.fetch("evt-4", connection=redis_client, serializer=JSONSerializer)
+    assert job.args[0]["body"] == body
+
+
+def test_parks_without_an_event_id_are_all_kept(redis_url, redis_client):
+    """Nothing to deduplicate by: every such delivery is its own entry."""
+
+    async def scenario(redis):
+        parked = ParkedStream(redis, STREAM, 60)
+        return [await parked.park(None, "invalid_payload", "Bad.", "{}") for _ in range(3)]
+
+    assert None not in run(redis_url, scenario)
+    assert len(entries(redis_client)) == 3
+
+
+def test_a_body_with_a_lone_surrogate_is_parked_as_its_escape(redis_url, redis_client):
+    """Text Redis cannot store (a lone surrogate from a JSON escape) is written as its escape, from either side."""
+
+    async def scenario(redis):
+        return await ParkedStream(redis, STREAM, 60).park("evt-5", "invalid_payload", "Bad.", '{"x":"\ud800"}')
+
+    assert run(redis_url, scenario) is not None
+    assert entries(redis_client)[0]["payload"] == '{"x":"\\ud800"}'
+
+
+def test_count_by_reason_reads_every_reason_in_batches(redis_client):
+    for i in range(1200):
+        redis_client.xadd(STREAM, {"event_id": f"e{i}", "reason": "unknown_user" if i % 3 else "legacy_v2"})
+    redis_client.xadd(STREAM, {"event_id": "x"})
+    counts = count_by_reason(redis_client, STREAM)
+    assert counts.by_reason == {"unknown_user": 800, "legacy_v2": 400, "(none)": 1}
+    assert counts.scanned == 1201
+    capped = count_by_reason(redis_client, STREAM, limit=700)
+    assert capped.scanned == 700
+    assert sum(capped.by_reason.values()) == 700
