@@ -13,7 +13,7 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import ingest, worker
+from bench import ingest, memory, worker
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 
@@ -36,28 +36,46 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--seconds", type=int, default=10, help="measurement time per server (ingest)")
-    parser.add_argument("--only", choices=["ingest", "worker"], help="run one benchmark")
+    parser.add_argument("--only", choices=["ingest", "worker", "fleet", "memory"], help="run one benchmark")
     parser.add_argument(
         "--bodies",
-        choices=["fleet", "sample"],
-        default="fleet",
-        help="ingest bodies: the captured fleet mix (1.9-16 KB, default) or the ~1 KB synthetic sample",
+        nargs="+",
+        choices=sorted(ingest.BODY_SETS),
+        default=["fleet", "small"],
+        help="ingest body sets, each run on its own: the captured fleet mix (1.9-16 KB), the 1.9 KB capture "
+        "alone (both by default) or the ~1 KB synthetic sample",
+    )
+    parser.add_argument(
+        "--rate", type=int, default=1000, help="ingest: the requests/s offered to every server for latency"
     )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/performance.md alone")
     args = parser.parse_args()
     sections = [f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}."]
     if args.only in (None, "ingest"):
-        results, mean_size = ingest.run(seconds=args.seconds, mix=args.bodies)
-        what = "the captured fleet mix" if args.bodies == "fleet" else "synthetic samples"
-        sections.append(
-            f"### Ingest: one web process, wrk -t1 -c32, unique signed deliveries ({what}, mean {mean_size:,} B)\n\n"
-            + ingest.table(results)
-        )
+        for mix in args.bodies:
+            sections.append(ingest.report(ingest.run(seconds=args.seconds, mix=mix, rate=args.rate)))
+    worker_results: list[worker.WorkerResult] = []
     if args.only in (None, "worker"):
         worker_results = worker.run()
         sections.append(
             "### Enrichment: one worker process; emulator in its own process, 2,000-vehicle fleet\n\n"
             + worker.table(worker_results)
+        )
+    if args.only in (None, "fleet"):
+        fleet_results = worker.run_fleet()
+        first = fleet_results[0] if fleet_results else None
+        ours = [r for r in worker_results if r.latency_ms == 100 and r.name.startswith("smartcar-ingest")]
+        sections.append(
+            f"### Quota-aware enrichment: one worker process (--concurrency 256), "
+            f"{first.vehicles if first else 0} vehicles x {first.events_per_vehicle if first else 0} events "
+            "each within the window, emulator at 100 ms\n\n"
+            + worker.fleet_table(fleet_results, ours[0].rate if ours else None)
+        )
+    if args.only in (None, "memory"):
+        marks, pipeline = memory.run()
+        sections.append(
+            "### Redis memory per event, default settings (7-day dedupe): `MEMORY USAGE` of what each event "
+            "leaves, with the previous version beside it\n\n" + memory.table(marks, pipeline)
         )
     text = "\n\n".join(sections)
     print("\n" + text)

@@ -17,6 +17,7 @@ from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -62,8 +63,6 @@ def typical() -> Starlette:
             return JSONResponse({"error": "bad signature"}, status_code=401)
         event = _Event.model_validate_json(body)
         # Starlette runs this blocking call in its threadpool, as a sync endpoint would.
-        from starlette.concurrency import run_in_threadpool
-
         await run_in_threadpool(queue.enqueue, "workers.jobs.process_event", body.decode(), job_id=event.eventId)
         return JSONResponse({"status": "accepted", "eventId": event.eventId}, status_code=202)
 

@@ -2,14 +2,21 @@
 
 Each server runs as one uvicorn process (the last row as `smartcar-ingest web` serves it, with
 the connection guards of service.server); wrk (one thread, 32 connections) posts unique signed
-deliveries read from a file (by default the fleet mix of captured full-state deliveries,
-1.9 to 16 KB, each with a fresh eventId and deliveredAt), so dedupe never flatters our figure.
+deliveries read from a file, so dedupe never flatters our figure. The body sets
+(:data:`BODY_SETS`): the fleet mix of captured full-state deliveries (1.9 to 16 KB, each with a
+fresh eventId and deliveredAt), the 1.9 KB capture alone, or the ~1 KB synthetic sample.
 CPU time per request is read from the server's own /proc/PID/stat, because on two cores wrk and
 Redis share the machine.
+
+Each server is measured twice: saturated (every connection sends as soon as it is answered:
+throughput and CPU per request), then at the same offered rate for all (``RATE`` in the wrk
+script: latency at the same load, which a saturated run cannot compare, since each server then
+runs at its own rate).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -19,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +39,7 @@ from tests.procs import RedisServer, free_port, wait_for_port
 
 TOKEN = "bench-management-token"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+LOAD_SCRIPT = Path(__file__).with_name("ingest_load.lua")
 
 
 @dataclass
@@ -54,19 +63,38 @@ class IngestResult:
 FLEET_CAPTURES = ("vw_id_4_all", "byd_seal_all", "jaguar_ipace_all", "polestar_2_all", "jaguar_ipace2_all")
 CAPTURED = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "captured"
 
+#: Body sets by name: the captures posted in turn (none: the synthetic sample), and how a table names them.
+BODY_SETS: dict[str, tuple[tuple[str, ...], str]] = {
+    "fleet": (FLEET_CAPTURES, "the captured fleet mix"),
+    "small": (("vw_id_4_all",), "the 1.9 KB capture alone"),
+    "sample": ((), "the ~1 KB synthetic sample"),
+}
 
-def fleet_documents() -> list[dict[str, Any]]:
-    return [json.loads((CAPTURED / f"{name}.json").read_text()) for name in FLEET_CAPTURES]
+#: Unique deliveries written per second of measurement, by body set: more than the fastest of our
+#: servers answers, so no run reaches the end of the file and repeats a delivery (a duplicate).
+BODIES_PER_SECOND = {"fleet": 8_000, "small": 15_000, "sample": 15_000}
+
+#: The servers of one run, in order: the first two are the baselines the ratios divide by.
+SERVERS = (
+    ("bare Starlette", "bench.apps:bare"),
+    ("typical endpoint", "bench.apps:typical"),
+    ("smartcar-ingest", "service.app:create_app"),
+    ("smartcar-ingest web (guarded)", "web"),
+)
+
+
+def fleet_documents(names: tuple[str, ...] = FLEET_CAPTURES) -> list[dict[str, Any]]:
+    return [json.loads((CAPTURED / f"{name}.json").read_text()) for name in names]
 
 
 def write_bodies(path: Path, count: int, mix: str = "fleet") -> int:
     """One "<signature> <body>" line per unique delivery; returns the mean body size in bytes.
 
-    ``fleet``: the captured full-state deliveries in turn, each with a fresh ``eventId`` and
-    ``deliveryId`` and a current ``deliveredAt`` (older ones are refused as replays);
+    A set of captures (``fleet``, ``small``): each in turn with a fresh ``eventId`` and
+    ``deliveryId`` and a current ``deliveredAt`` (older ones are refused as replays), compact;
     ``sample``: the ~1 KB synthetic delivery of ``cli.samples``.
     """
-    templates = fleet_documents() if mix == "fleet" else []
+    templates = fleet_documents(BODY_SETS[mix][0])
     total = 0
     with path.open("w") as out:
         for i in range(count):
@@ -84,18 +112,24 @@ def write_bodies(path: Path, count: int, mix: str = "fleet") -> int:
     return total // max(1, count)
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     # utime and stime are fields 14 and 15 of the stat line; after the ")" they sit at 11 and 12.
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def _wrk(port: int, seconds: int, bodies: Path, script: Path) -> dict[str, int]:
+def wrk(port: int, seconds: int, bodies: Path, rate: int | None = None) -> dict[str, int]:
+    """One wrk run (one thread, 32 connections) posting ``bodies``, as fast as answered or at ``rate``
+    requests per second; its summary."""
+    env = os.environ | {"BODIES_FILE": str(bodies), "CONNECTIONS": "32"}
+    if rate is not None:
+        env["RATE"] = str(rate)
     result = subprocess.run(
-        ["wrk", "-t1", "-c32", f"-d{seconds}s", "--timeout", "5s", "-s", str(script), f"http://127.0.0.1:{port}"],
+        ["wrk", "-t1", "-c32", f"-d{seconds}s", "--timeout", "5s", "-s", str(LOAD_SCRIPT), f"http://127.0.0.1:{port}"],
         capture_output=True,
         text=True,
-        env=os.environ | {"BODIES_FILE": str(bodies)},
+        env=env,
         check=True,
     )
     line = next(line for line in result.stdout.splitlines() if line.startswith("JSON "))
@@ -113,7 +147,9 @@ def _command(factory: str, port: int) -> list[str]:
     ]
 
 
-def run_server(name: str, factory: str, redis_url: str, bodies: Path, seconds: int) -> IngestResult:
+@contextlib.contextmanager
+def serving(factory: str, redis_url: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """One server process listening on a free port: ``(process, port)``; stopped on exit."""
     port = free_port()
     env = os.environ | {
         "SMARTCAR_MANAGEMENT_TOKEN": TOKEN,
@@ -123,20 +159,36 @@ def run_server(name: str, factory: str, redis_url: str, bodies: Path, seconds: i
         "ADMIN_PORT": "0",
     }
     server = subprocess.Popen(_command(factory, port), env=env)
-    script = Path(__file__).with_name("ingest_load.lua")
-    client = redis.Redis.from_url(redis_url)
     try:
         wait_for_port(port, timeout=30)
-        _wrk(port, 1, bodies, script)  # warm-up: imports, connection pools
-        client.flushall()
-        before = _cpu_seconds(server.pid)
-        stats = _wrk(port, seconds, bodies, script)
-        cpu = _cpu_seconds(server.pid) - before
-        queued = int(client.llen("rq:queue:smartcar-events")) if name != "bare Starlette" else None
+        yield server, port
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def run_server(
+    name: str, factory: str, redis_url: str, bodies: Path, seconds: int, rate: int | None = None
+) -> list[IngestResult]:
+    """One server loaded as fast as it answers, then (with ``rate``) at that offered rate."""
+    client = redis.Redis.from_url(redis_url)
+    results = []
+    try:
+        with serving(factory, redis_url) as (server, port):
+            wrk(port, 1, bodies)  # warm-up: imports, connection pools
+            for paced in (None, rate) if rate is not None else (None,):
+                client.flushall()
+                before = cpu_seconds(server.pid)
+                stats = wrk(port, seconds, bodies, paced)
+                cpu = cpu_seconds(server.pid) - before
+                queued = int(client.llen("rq:queue:smartcar-events")) if factory != "bench.apps:bare" else None
+                results.append(_result(name, stats, cpu, queued))
+    finally:
         client.close()
+    return results
+
+
+def _result(name: str, stats: dict[str, int], cpu: float, queued: int | None) -> IngestResult:
     return IngestResult(
         name=name,
         requests=stats["requests"],
@@ -150,45 +202,78 @@ def run_server(name: str, factory: str, redis_url: str, bodies: Path, seconds: i
     )
 
 
-def run(seconds: int = 10, unique_bodies: int = 80_000, mix: str = "fleet") -> tuple[list[IngestResult], int]:
-    """Each server in turn on the same bodies; the results and the mean body size in bytes."""
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed: apt-get install wrk")
-    scratch = Path(tempfile.mkdtemp(prefix="smartcar-ingest-bench-"))
-    bodies = scratch / "bodies.txt"
-    print(f"writing {unique_bodies} signed deliveries ({mix})…", file=sys.stderr)
-    mean_size = write_bodies(bodies, unique_bodies, mix)
-    # AOF as in production unless BENCH_AOF=0 (to see how much of the tail is Redis's disk).
+@contextlib.contextmanager
+def redis_with_aof() -> Iterator[RedisServer]:
+    """A private Redis with AOF as in production, unless BENCH_AOF=0 (to see how much of the tail is
+    Redis's disk)."""
     server = RedisServer(appendonly=os.environ.get("BENCH_AOF", "1") != "0")
     server.start()
     try:
-        results = []
-        for name, factory in (
-            ("bare Starlette", "bench.apps:bare"),
-            ("typical endpoint", "bench.apps:typical"),
-            ("smartcar-ingest", "service.app:create_app"),
-            ("smartcar-ingest web (guarded)", "web"),
-        ):
-            print(f"ingest: {name}…", file=sys.stderr)
-            results.append(run_server(name, factory, server.url, bodies, seconds))
-        return results, mean_size
+        yield server
     finally:
         server.cleanup()
+
+
+@contextlib.contextmanager
+def body_file(mix: str, unique_bodies: int) -> Iterator[tuple[Path, int]]:
+    """A temporary file of ``unique_bodies`` signed deliveries of ``mix``: ``(path, mean size)``."""
+    scratch = Path(tempfile.mkdtemp(prefix="smartcar-ingest-bench-"))
+    try:
+        bodies = scratch / "bodies.txt"
+        print(f"writing {unique_bodies} signed deliveries ({mix})…", file=sys.stderr)
+        yield bodies, write_bodies(bodies, unique_bodies, mix)
+    finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@dataclass
+class IngestRun:
+    """One body set through every server: saturated, then at ``rate`` requests per second."""
+
+    mix: str
+    mean_size: int
+    rate: int
+    saturated: list[IngestResult]
+    paced: list[IngestResult]
+
+
+def run(seconds: int = 10, mix: str = "fleet", rate: int = 1000) -> IngestRun:
+    """Each server in turn on the same bodies, saturated and then at ``rate`` requests per second."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    with body_file(mix, BODIES_PER_SECOND[mix] * seconds) as (bodies, mean_size), redis_with_aof() as server:
+        saturated, paced = [], []
+        for name, factory in SERVERS:
+            print(f"ingest ({mix}): {name}…", file=sys.stderr)
+            fastest, at_rate = run_server(name, factory, server.url, bodies, seconds, rate)
+            saturated.append(fastest)
+            paced.append(at_rate)
+        return IngestRun(mix, mean_size, rate, saturated, paced)
+
+
+def report(ingest: IngestRun) -> str:
+    """The two tables of a run, under a heading naming the body set."""
+    what = BODY_SETS[ingest.mix][1]
+    return (
+        f"### Ingest: one web process, wrk -t1 -c32, unique signed deliveries ({what}, mean {ingest.mean_size:,} B)\n\n"
+        f"Saturated (each server as fast as it answers):\n\n{table(ingest.saturated)}\n\n"
+        f"At the same load ({ingest.rate:,} requests/s offered to each):\n\n{table(ingest.paced)}"
+    )
 
 
 def table(results: list[IngestResult]) -> str:
     bare = results[0]
     typical = results[1]
     lines = [
-        "| server | requests/s | p50 ms | p99 ms | CPU µs/request | CPU vs bare | rps vs typical | non-2xx | queued / requests |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | requests/s | p50 ms | p99 ms | CPU µs/request | CPU vs bare | p99 vs bare | rps vs typical "
+        "| non-2xx | queued / requests |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         queued = "n/a" if r.queued is None else f"{r.queued} / {r.requests}"
         lines.append(
             f"| {r.name} | {r.rps:,.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.cpu_us_per_request:.0f} | "
-            f"{r.cpu_us_per_request / bare.cpu_us_per_request:.2f}x | {r.rps / typical.rps:.2f}x | "
-            f"{r.non_2xx + r.socket_errors} | {queued} |"
+            f"{r.cpu_us_per_request / bare.cpu_us_per_request:.2f}x | {r.p99_ms / bare.p99_ms:.2f}x | "
+            f"{r.rps / typical.rps:.2f}x | {r.non_2xx + r.socket_errors} | {queued} |"
         )
     return "\n".join(lines)

@@ -1,7 +1,13 @@
 -- wrk script: POST pre-signed, unique deliveries read line by line from BODIES_FILE.
 -- Each line is "<signature> <json body>". When the file runs out it starts over (those repeats
 -- are counted by the benchmark as duplicates).
+-- RATE (requests per second over all connections, CONNECTIONS of them) paces the load: each
+-- connection waits a random, exponentially distributed time before each request, so arrivals
+-- are spread as independent clients' are. Without RATE every connection sends as fast as it is
+-- answered.
 local path = os.getenv("BODIES_FILE")
+local rate = tonumber(os.getenv("RATE") or "")
+local connections = tonumber(os.getenv("CONNECTIONS") or "32")
 local file = nil
 
 local function next_line()
@@ -13,6 +19,13 @@ local function next_line()
     line = file:read("*l")
   end
   return line
+end
+
+if rate ~= nil then
+  local mean_ms = connections * 1000 / rate
+  delay = function()
+    return math.floor(-math.log(1 - math.random()) * mean_ms + 0.5)
+  end
 end
 
 request = function()

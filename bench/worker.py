@@ -1,10 +1,17 @@
-"""Worker benchmark: our concurrent worker against a stock RQ SimpleWorker, same queue, same emulator.
+"""Worker benchmarks, with the emulator in its own process serving a fleet of synthetic vehicles
+and answering every call after a fixed latency.
 
-The emulator runs in its own process with a fleet of synthetic vehicles and answers every call
-after a fixed latency. Jobs are spread over the fleet, so shared in-flight fetches cannot
-flatter the figure. Throughput is measured from the output stream's own entry times (first to
-last publication), so process start-up is not counted; resident memory is sampled from
-/proc/PID/status while the worker runs.
+- :func:`run`: our concurrent worker against a stock RQ SimpleWorker, same queue, same emulator.
+  Jobs are spread over the 2,000-vehicle fleet and our worker reads on every event (both windows
+  0), as the stock job does, so shared reads cannot flatter the figure.
+- :func:`run_fleet` (quota-aware enrichment, issue 14): a fleet of vehicles each sending several
+  events within the signals window, as webhooks do, run twice through the same worker: once
+  reading on every event (both windows 0: what every event cost before, 2 calls), once with the
+  default windows. It reports Smartcar calls per event, counted at the emulator, beside 2.0.
+
+Throughput is measured from the output stream's own entry times (first to last publication), so
+process start-up is not counted; resident memory is sampled from /proc/PID/status while the
+worker runs.
 """
 
 from __future__ import annotations
@@ -27,11 +34,13 @@ from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
 from core.store import db
 from core.store.users import UserStore
-from emulator.seed import seed_fleet
+from emulator.seed import SeedUser, seed_fleet
 from tests.procs import RedisServer, free_port, wait_for_port
 
 FLEET = 2000
 OUTPUT = "smartcar:vehicle-events"
+#: Both reads on every event (both windows 0): what every event cost before reads were shared.
+READ_EVERY_EVENT = {"VEHICLE_INFO_TTL_SECONDS": "0", "SIGNALS_MAX_AGE_SECONDS": "0"}
 
 
 @dataclass
@@ -61,19 +70,23 @@ def _seed_users(database_url: str) -> None:
 
 async def _enqueue(redis_url: str, queue: str, count: int, func_hint: str) -> None:
     fleet = seed_fleet(FLEET)
+    await _enqueue_for(redis_url, queue, [fleet[i % FLEET] for i in range(count)])
+    del func_hint
+
+
+async def _enqueue_for(redis_url: str, queue: str, users: list[SeedUser]) -> None:
+    """One VEHICLE_STATE job per entry of ``users``, for its first vehicle, in that order."""
     client = AsyncRedis.from_url(redis_url)
     inbox = Inbox(client, JobOptions(queue=queue, retries=0), "smartcar:parked", 3600)
     try:
-        for start in range(0, count, 500):
+        for start in range(0, len(users), 500):
             batch = []
-            for i in range(start, min(count, start + 500)):
-                user = fleet[i % FLEET]
+            for user in users[start : start + 500]:
                 event = sample_event(user_id=user.id, vehicle_id=user.vehicles[0].id)
                 batch.append(inbox.accept(event["eventId"], "VEHICLE_STATE", encode(event).decode(), 0))
             await asyncio.gather(*batch)
     finally:
         await client.aclose()
-    del func_hint
 
 
 def _peak_rss(pid: int, stop: threading.Event, peak: list[float]) -> None:
@@ -122,35 +135,60 @@ def _run(
     return WorkerResult(name, latency_ms, events, seconds, peak[0], _token_requests(emulator_url), cpu)
 
 
+@dataclass
+class Setup:
+    """A Redis, the fleet emulator and a seeded user store for one benchmark; stopped by :meth:`stop`."""
+
+    server: RedisServer
+    emulator: subprocess.Popen[bytes]
+    emulator_url: str
+    env: dict[str, str]
+    client: redis.Redis
+
+    @classmethod
+    def start(cls) -> Setup:
+        scratch = Path(tempfile.mkdtemp(prefix="smartcar-ingest-bench-worker-"))
+        database_url = f"sqlite:///{scratch / 'users.db'}"
+        _seed_users(database_url)
+        server = RedisServer(appendonly=True)
+        server.start()
+        port = free_port()
+        emulator = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "uvicorn", "--factory", "bench.fleet:app"),
+                *("--port", str(port), "--log-level", "warning", "--no-access-log"),
+            ],
+            env=os.environ | {"BENCH_FLEET": str(FLEET), "PYTHONPATH": os.getcwd()},
+        )
+        emulator_url = f"http://127.0.0.1:{port}"
+        env = os.environ | {
+            "REDIS_URL": server.url,
+            "DATABASE_URL": database_url,
+            "SMARTCAR_CLIENT_ID": "client_emulator",
+            "SMARTCAR_CLIENT_SECRET": "emulator-secret",
+            "SMARTCAR_API_URL": f"{emulator_url}/v3",
+            "SMARTCAR_TOKEN_URL": f"{emulator_url}/oauth2/token",
+            "LOG_LEVEL": "WARNING",
+            "PYTHONPATH": os.getcwd(),
+        }
+        wait_for_port(port, timeout=30)
+        return cls(server, emulator, emulator_url, env, redis.Redis.from_url(server.url))
+
+    def stop(self) -> None:
+        self.emulator.terminate()
+        self.emulator.wait(timeout=20)
+        self.client.close()
+        self.server.cleanup()
+
+
 def run(ours: int = 6000, stock: int = 40, concurrency: int = 256) -> list[WorkerResult]:
-    scratch = Path(tempfile.mkdtemp(prefix="smartcar-ingest-bench-worker-"))
-    database_url = f"sqlite:///{scratch / 'users.db'}"
-    _seed_users(database_url)
-    server = RedisServer(appendonly=True)
-    server.start()
-    port = free_port()
-    emulator = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "uvicorn", "--factory", "bench.fleet:app"),
-            *("--port", str(port), "--log-level", "warning", "--no-access-log"),
-        ],
-        env=os.environ | {"BENCH_FLEET": str(FLEET), "PYTHONPATH": os.getcwd()},
-    )
-    emulator_url = f"http://127.0.0.1:{port}"
-    env = os.environ | {
-        "REDIS_URL": server.url,
-        "DATABASE_URL": database_url,
-        "SMARTCAR_CLIENT_ID": "client_emulator",
-        "SMARTCAR_CLIENT_SECRET": "emulator-secret",
-        "SMARTCAR_API_URL": f"{emulator_url}/v3",
-        "SMARTCAR_TOKEN_URL": f"{emulator_url}/oauth2/token",
-        "LOG_LEVEL": "WARNING",
-        "PYTHONPATH": os.getcwd(),
-    }
-    client = redis.Redis.from_url(server.url)
+    setup = Setup.start()
+    client, emulator_url = setup.client, setup.emulator_url
+    # Two reads per event, as the stock baseline makes: the fleet has three events per vehicle
+    # here, and shared reads would flatter the throughput figure (run_fleet measures them).
+    env = setup.env | READ_EVERY_EVENT
     results = []
     try:
-        wait_for_port(port, timeout=30)
         for latency in [int(x) for x in os.environ.get("BENCH_LATENCIES", "0,100").split(",")]:
             for name, count, command in (
                 (
@@ -166,14 +204,11 @@ def run(ours: int = 6000, stock: int = 40, concurrency: int = 256) -> list[Worke
             ):
                 client.flushall()
                 queue = "bench-baseline" if command[2] == "bench.baseline" else "smartcar-events"
-                asyncio.run(_enqueue(server.url, queue, count, name))
+                asyncio.run(_enqueue(setup.server.url, queue, count, name))
                 print(f"worker: {name} at {latency} ms…", file=sys.stderr)
                 results.append(_run(name, command, env, client, latency, emulator_url))
     finally:
-        emulator.terminate()
-        emulator.wait(timeout=20)
-        client.close()
-        server.cleanup()
+        setup.stop()
     return results
 
 
@@ -189,5 +224,92 @@ def table(results: list[WorkerResult]) -> str:
             f"{result.rate / baseline.rate if baseline.rate else 0:.0f}x | "
             f"{result.cpu_seconds * 1000 / max(1, result.events):.2f} | {result.peak_rss_mb:.0f} | "
             f"{result.token_requests} |"
+        )
+    return "\n".join(lines)
+
+
+# Quota-aware enrichment: a fleet sending several events per vehicle within the window.
+
+#: The fleet run's two configurations: what each event cost before (both windows 0), and the defaults.
+FLEET_RUNS: tuple[tuple[str, dict[str, str]], ...] = (
+    ("read on every event (windows 0, as before)", READ_EVERY_EVENT),
+    ("defaults (VEHICLE_INFO_TTL_SECONDS 86400, SIGNALS_MAX_AGE_SECONDS 300)", {}),
+)
+
+
+@dataclass
+class FleetResult:
+    name: str
+    vehicles: int
+    events_per_vehicle: int
+    events: int
+    seconds: float
+    calls: int
+    cpu_seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+    @property
+    def calls_per_event(self) -> float:
+        return self.calls / self.events if self.events else 0.0
+
+
+def run_fleet(
+    vehicles: int = 200, events_per_vehicle: int = 10, latency_ms: int = 100, concurrency: int = 256
+) -> list[FleetResult]:
+    """Each configuration of :data:`FLEET_RUNS` on the same fleet: ``events_per_vehicle`` events
+    for each of ``vehicles`` vehicles, queued round by round (every vehicle's first event, then
+    every vehicle's second, ...), so events of one vehicle are in flight together and also follow
+    each other, all within the signals window; the emulator answers after ``latency_ms``."""
+    import httpx
+
+    fleet = seed_fleet(FLEET)[:vehicles]
+    setup = Setup.start()
+    results = []
+    try:
+        for name, overrides in FLEET_RUNS:
+            setup.client.flushall()
+            asyncio.run(_enqueue_for(setup.server.url, "smartcar-events", fleet * events_per_vehicle))
+            httpx.post(f"{setup.emulator_url}/_emulator/reset").raise_for_status()
+            latency = {"seconds": latency_ms / 1000}
+            httpx.post(f"{setup.emulator_url}/_emulator/latency", json=latency).raise_for_status()
+            print(f"worker: fleet run, {name}…", file=sys.stderr)
+            command = [sys.executable, "-m", "cli.main", "worker", "--burst", "--concurrency", str(concurrency)]
+            process = subprocess.Popen(
+                command, env=setup.env | overrides | {"METRICS_PORT": "0"}, stdout=subprocess.DEVNULL
+            )
+            _, _, usage = os.wait4(process.pid, 0)
+            process.returncode = 0
+            events, seconds = _published_span(setup.client)
+            stats = httpx.get(f"{setup.emulator_url}/_emulator/stats").json()["calls"]
+            calls = sum(n for route, n in stats.items() if route.startswith("/v3/vehicles/"))
+            cpu = usage.ru_utime + usage.ru_stime
+            results.append(FleetResult(name, vehicles, events_per_vehicle, events, seconds, calls, cpu))
+    finally:
+        setup.stop()
+    return results
+
+
+def fleet_table(results: list[FleetResult], worker_rate: float | None = None) -> str:
+    """The fleet runs, calls per event beside the 2.0 of a read on every event, events/s beside
+    the first run's (and the worker benchmark's at the same latency, when it ran too)."""
+    lines = [
+        "| enrichment | vehicles x events | events | Smartcar calls | calls per event | vs 2.0 | events/s | "
+        "vs reading every event | CPU ms/event |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    first = results[0].rate if results else 0.0
+    for result in results:
+        lines.append(
+            f"| {result.name} | {result.vehicles} x {result.events_per_vehicle} | {result.events} | {result.calls} | "
+            f"{result.calls_per_event:.3f} | {result.calls_per_event / 2.0:.1%} | {result.rate:,.1f} | "
+            f"{result.rate / first if first else 0:.2f}x | {result.cpu_seconds * 1000 / max(1, result.events):.2f} |"
+        )
+    if worker_rate is not None:
+        lines.append("")
+        lines.append(
+            f"The worker benchmark above, one event per vehicle at the same latency: {worker_rate:,.1f} events/s."
         )
     return "\n".join(lines)

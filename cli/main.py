@@ -209,6 +209,12 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     return status(settings, as_json=args.json)
 
 
+def _vehicle_state(args: argparse.Namespace, settings: Settings) -> int:
+    from cli.vehicle_state import vehicle_state
+
+    return vehicle_state(settings, args.vehicle_id, as_json=args.json)
+
+
 def _redis_acl(args: argparse.Namespace, settings: Settings) -> int:
     from core.redis.acl import acl_file_line
 
@@ -330,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the report as JSON")
     status.set_defaults(handler=_status)
 
+    vehicle_state = sub.add_parser(
+        "vehicle-state", help="the latest state of one vehicle, signal by signal, with ages (changes nothing)"
+    )
+    vehicle_state.add_argument("vehicle_id", metavar="VEHICLE_ID", help="the Smartcar vehicle id")
+    vehicle_state.add_argument("--json", action="store_true", help="print the state as JSON")
+    vehicle_state.set_defaults(handler=_vehicle_state)
+
     redis_acl = sub.add_parser(
         "redis-acl",
         help="print one Redis aclfile line for a role's user (see docs/security.md)",
@@ -374,6 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_status(exc)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`status | head`): not an error of ours. Point stdout at devnull so
+        # the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

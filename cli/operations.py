@@ -88,10 +88,10 @@ def replay(settings: Settings, reason: str | None, limit: int | None) -> int:
     async def run() -> ReplayReport:
         client = open_command_redis_async(settings)
         try:
-            options = JobOptions(
-                queue=settings.ingest_queue, timeout_seconds=settings.job_timeout_seconds, retries=settings.job_retries
+            options = JobOptions.from_settings(settings)
+            return await replay_parked(
+                client, options, settings.parked_stream, reason, limit, progress, settings.dedupe_ttl_seconds
             )
-            return await replay_parked(client, options, settings.parked_stream, reason, limit, progress)
         finally:
             await client.aclose()
 

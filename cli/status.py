@@ -2,7 +2,8 @@
 
 What is waiting and for how long, what is stranded between dequeue and start, which workers run
 and how many jobs each has in flight, what RQ holds in its registries, what is parked and why, how
-far behind each consumer group of the output stream is, and when the last event went out.
+far behind each consumer group of the output stream is, when the last event went out, and what
+enrichment cost in Smartcar calls over the last hour (calls per event, reads by source, 429s).
 Everything is read from Redis; nothing is changed. ``--json`` prints the same report for machines.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -21,8 +23,10 @@ from cli.operations import open_command_redis, redis_errors
 from core.config import Settings
 from core.redis.custody import read_stranded
 from core.redis.keys import text
+from core.redis.memory import read_memory
 from core.redis.parked import COUNT_SCAN_LIMIT, count_by_reason
-from core.redis.queue_metrics import read_snapshot
+from core.redis.queue_metrics import GROUP_BEHIND_WARNING, read_groups, read_snapshot
+from core.smartcar.usage import read_usage
 
 
 def collect_status(
@@ -47,9 +51,14 @@ def collect_status(
         "output": {
             "stream": settings.output_stream,
             "length": snapshot.output_length,
-            "groups": _groups(client, settings.output_stream),
+            "retentionSeconds": settings.output_stream_retention_seconds,
+            "groups": _groups(client, settings.output_stream, settings.output_stream_retention_seconds, now),
             "lastPublished": _last_published(client, settings.output_stream, now),
         },
+        "redisMemory": _memory(client),
+        # Summed over every worker of the deployment (core.smartcar.usage): 2.0 calls per event
+        # means every event read both itself; shared and cached reads bring it down.
+        "enrichment": read_usage(client, minutes=60, now=now.timestamp()).as_dict(),
     }
 
 
@@ -87,25 +96,34 @@ def _parked(client: redis.Redis, stream: str, length: int, limit: int) -> dict[s
     }
 
 
-def _groups(client: redis.Redis, stream: str) -> list[dict[str, Any]]:
-    try:
-        groups = client.xinfo_groups(stream)
-    except redis.ResponseError:  # no such stream yet: no groups
-        return []
+def _groups(client: redis.Redis, stream: str, retention_seconds: int, now: dt.datetime) -> list[dict[str, Any]]:
     rows = []
-    for group in groups:
-        info = {text(key): value for key, value in group.items()}
+    for group in read_groups(client, stream, now.timestamp() * 1000):
         rows.append(
             {
-                "name": text(info.get("name", "")),
-                "consumers": int(info.get("consumers") or 0),
-                "pending": int(info.get("pending") or 0),
+                "name": group.name,
+                "consumers": group.consumers,
+                "pending": group.pending,
                 # Entries not yet delivered to the group; Redis 7 reports it, null when it cannot tell.
-                "lag": None if info.get("lag") is None else int(info["lag"]),
-                "lastDeliveredId": text(info.get("last-delivered-id", "")),
+                "lag": group.lag,
+                "lastDeliveredId": group.last_delivered_id,
+                # Age of the oldest entry the group has not read or acknowledged; past the retention,
+                # the trim drops entries it has not finished with.
+                "behindSeconds": round(group.behind_seconds, 3),
+                "nearRetention": group.behind_seconds >= GROUP_BEHIND_WARNING * retention_seconds,
             }
         )
-    return sorted(rows, key=lambda row: row["name"])
+    return rows
+
+
+def _memory(client: redis.Redis) -> dict[str, Any]:
+    memory = read_memory(client)
+    return {
+        "usedBytes": memory.used_bytes,
+        "maxBytes": memory.max_bytes,
+        "policy": memory.policy,
+        "usedFraction": None if memory.used_fraction is None else round(memory.used_fraction, 4),
+    }
 
 
 def _last_published(client: redis.Redis, stream: str, now: dt.datetime) -> dict[str, Any] | None:
@@ -155,18 +173,47 @@ def render_text(report: dict[str, Any]) -> str:
     row("parked", f"{parked['stream']}: {_entries(parked['length'])}" + (f" ({reasons})" if reasons else ""))
     if parked["capped"]:
         row("", f"reasons counted over the oldest {parked['scanned']} entries only")
-    row("output", f"{output['stream']}: {_entries(output['length'])}")
+    _enrichment_rows(report["enrichment"], row)
+    memory = report["redisMemory"]
+    used = f"{memory['usedBytes'] / 2**20:,.1f} MiB used"
+    if memory["maxBytes"]:
+        used += f" of {memory['maxBytes'] / 2**20:,.0f} MiB maxmemory ({memory['usedFraction']:.0%})"
+    else:
+        used += ", no maxmemory (set one: Redis grows until the OS kills it)"
+    row("redis memory", used)
+    row("output", f"{output['stream']}: {_entries(output['length'])}, kept {_age(output['retentionSeconds'])}")
     if output["groups"]:
         width = max(len("GROUP"), *(len(g["name"]) for g in output["groups"]))
-        lines.append(f"  {'GROUP'.ljust(width)}  {'CONSUMERS':>9} {'PENDING':>8} {'LAG':>8}")
+        lines.append(f"  {'GROUP'.ljust(width)}  {'CONSUMERS':>9} {'PENDING':>8} {'LAG':>8}  BEHIND")
         for g in output["groups"]:
             lag = "?" if g["lag"] is None else str(g["lag"])
-            lines.append(f"  {g['name'].ljust(width)}  {g['consumers']:>9} {g['pending']:>8} {lag:>8}")
+            behind = _age(g["behindSeconds"])
+            if g["nearRetention"]:
+                behind += (
+                    f"  (near the retention of {_age(output['retentionSeconds'])}: entries will be trimmed unread)"
+                )
+            lines.append(f"  {g['name'].ljust(width)}  {g['consumers']:>9} {g['pending']:>8} {lag:>8}  {behind}")
     else:
         lines.append("  no consumer groups")
     last = output["lastPublished"]
     row("last published", "never" if last is None else f"{last['eventId']} ({_age(last['ageSeconds'])} ago)")
     return "\n".join(lines)
+
+
+def _enrichment_rows(usage: dict[str, Any], row: Callable[[str, str], None]) -> None:
+    """Calls per event and where reads came from, over the last hour."""
+    per_event = usage["callsPerEvent"]
+    calls = ", ".join(f"{endpoint} {count}" for endpoint, count in usage["calls"].items()) or "none"
+    summary = f"{usage['events']} events in the last {usage['minutes']} min, Smartcar calls: {calls}"
+    if per_event is not None:
+        summary += f", {per_event:.2f} per event"
+    row("enrichment", summary)
+    for call, sources in usage["reads"].items():
+        row("", f"{call} reads: " + ", ".join(f"{source} {count}" for source, count in sources.items()))
+    limited = usage["rateLimited"]
+    if limited or usage["waitedSeconds"]:
+        scopes = ", ".join(f"{scope} {count}" for scope, count in limited.items()) or "none"
+        row("", f"429s: {scopes}; waited for the budget or a pause: {usage['waitedSeconds']:.1f} s")
 
 
 def _entries(count: int) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigurationError
@@ -19,6 +19,12 @@ DEV_MANAGEMENT_TOKEN = "dev-management-token"  # noqa: S105 - the documented dev
 MIN_MANAGEMENT_TOKEN_LENGTH = 16
 #: ``PARKED_RETENTION_SECONDS`` when unset (14 days); also what the stream writers use by default.
 DEFAULT_PARKED_RETENTION_SECONDS = 1_209_600
+#: ``DEDUPE_TTL_SECONDS`` when unset (7 days, Smartcar's recommendation).
+DEFAULT_DEDUPE_TTL_SECONDS = 604_800
+#: ``OUTPUT_STREAM_RETENTION_SECONDS`` when unset (1 day); also the output stream writer's default.
+DEFAULT_OUTPUT_STREAM_RETENTION_SECONDS = 86_400
+#: ``JOB_RESULT_TTL_SECONDS`` when unset: how long RQ keeps a finished job (hash, body, result).
+DEFAULT_JOB_RESULT_TTL_SECONDS = 60
 
 
 class Settings(BaseSettings):
@@ -41,7 +47,8 @@ class Settings(BaseSettings):
     ingest_queue: str = "smartcar-events"
     output_stream: str = "smartcar:vehicle-events"
     parked_stream: str = "smartcar:parked"
-    dedupe_ttl_seconds: int = Field(default=259_200, gt=0)
+    dedupe_ttl_seconds: int = Field(default=DEFAULT_DEDUPE_TTL_SECONDS, gt=0)
+    """How long an ``eventId`` is remembered (7 days, Smartcar's recommendation; core.redis.dedupe)."""
     max_body_bytes: int = Field(default=262_144, gt=0)
     spool_dir: str | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -70,6 +77,14 @@ class Settings(BaseSettings):
     """The most the spool may hold on disk; past it, deliveries get 503 instead of 202 spooled."""
     parked_retention_seconds: int = Field(default=DEFAULT_PARKED_RETENTION_SECONDS, gt=0)
     """Parked entries older than this are trimmed as new ones are added (``XADD … MINID ~``)."""
+    output_stream_retention_seconds: int = Field(default=DEFAULT_OUTPUT_STREAM_RETENTION_SECONDS, gt=0)
+    """Output entries older than this are trimmed as new ones are published (``XADD … MINID ~``)."""
+    job_result_ttl_seconds: int = Field(default=DEFAULT_JOB_RESULT_TTL_SECONDS, ge=0)
+    """How long RQ keeps a finished job's hash (with the body) and result; 0 deletes them at once."""
+    vehicle_state_prefix: str = Field(default="smartcar:vehicle-state:", min_length=1)
+    """Prefix of the per-vehicle latest-state hashes (prefix + vehicle id, core.redis.vehicle_state)."""
+    vehicle_state_ttl_seconds: int = Field(default=2_592_000, gt=0)
+    """A vehicle's state expires this long after its last change (30 days): vehicles that left do not stay."""
     max_delivery_age_seconds: int | None = Field(default=None, gt=0)
     """Signed deliveries whose ``meta.deliveredAt`` is older than this are refused (400), since
     their ``eventId`` may have been forgotten; unset means ``DEDUPE_TTL_SECONDS``."""
@@ -79,6 +94,21 @@ class Settings(BaseSettings):
     """A request head (request line and headers) larger than this is refused."""
     dev_mode: bool = False
     """Set by ``dev`` for the processes it starts: the public dev management token is accepted."""
+
+    # Quota-aware enrichment (core.smartcar.reads): what the workers read from Smartcar, and how often.
+    vehicle_info_ttl_seconds: int = Field(default=86_400, ge=0)
+    """A ``GET /vehicles/{id}`` read serves every event of that vehicle (and user) received within this
+    many seconds after it started, in every worker process; 0 reads on every event."""
+    signals_max_age_seconds: int = Field(default=300, ge=0)
+    """The same for ``GET /vehicles/{id}/signals``; a vehicle's first event and the first one after a
+    VEHICLE_ERROR always read; 0 reads on every event."""
+    smartcar_requests_per_minute: float | None = Field(default=None, gt=0)
+    """One request budget for the whole deployment, shared by every worker through Redis; unset: no limit."""
+    smartcar_burst: int | None = Field(default=None, ge=1)
+    """Requests the budget lets through at once; unset: one minute's worth (at least 1)."""
+    enrich_wait_seconds: float = Field(default=10.0, ge=0)
+    """The longest a read waits for the budget or a 429's ``Retry-After``; past it the read is skipped
+    and the event published at once, ``partial``."""
 
     # Smartcar Connect: capturing user_id on the redirect (docs/migration.md, phase 2).
     smartcar_application_id: str | None = None
@@ -115,6 +145,11 @@ class Settings(BaseSettings):
             return value.strip().lower() or None
         return value
 
+    @field_validator("smartcar_requests_per_minute", "smartcar_burst", mode="before")
+    @classmethod
+    def _blank_is_no_limit(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator(
         "smartcar_management_token",
         "smartcar_client_secret",
@@ -131,6 +166,12 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value
+
+    @model_validator(mode="after")
+    def _burst_needs_a_rate(self) -> Settings:
+        if self.smartcar_burst is not None and self.smartcar_requests_per_minute is None:
+            raise ValueError("SMARTCAR_BURST needs SMARTCAR_REQUESTS_PER_MINUTE (unset both for no limit)")
+        return self
 
     @property
     def management_tokens(self) -> tuple[bytes, ...]:

@@ -77,6 +77,38 @@ SHARED_READS = Counter(
     ["call"],
 )
 
+#: Where an event's vehicle and signals came from (the ``source`` of ``enrichment.reads``).
+READ_CALLS = ("vehicle", "signals")
+READ_SOURCES = ("fetched", "cached", "shared", "skipped")
+#: Why a request waited or was not sent: the deployment's budget, or a 429's pause.
+LIMITER_CAUSES = ("budget", "vehicle", "application")
+
+ENRICHMENT_READS = Counter(
+    "smartcar_ingest_enrichment_reads",
+    "Vehicle and signals reads by the events, by source: fetched (its own call), cached, shared "
+    "(another event's call in flight) or skipped (rate limited).",
+    ["call", "source"],
+)
+
+LIMITER_WAIT_SECONDS = Histogram(
+    "smartcar_ingest_limiter_wait_seconds",
+    "How long a Smartcar request waited for the request budget or a 429's pause before it was sent, by cause.",
+    ["cause"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0),
+)
+
+LIMITER_DENIALS = Counter(
+    "smartcar_ingest_limiter_denials",
+    "Smartcar requests not sent because the budget or a pause would have held them past ENRICH_WAIT_SECONDS.",
+    ["cause"],
+)
+
+RATE_LIMITED = Counter(
+    "smartcar_ingest_rate_limited",
+    "429 answers from Smartcar by scope: vehicle (RATE_LIMIT:VEHICLE) or application (RATE_LIMIT:SMARTCAR_API).",
+    ["scope"],
+)
+
 
 def observe_smartcar_call(endpoint: str, status: str, started: float) -> None:
     """Count one HTTP request to Smartcar and its duration since ``started`` (``time.perf_counter``)."""
@@ -95,3 +127,11 @@ for _endpoint in SMARTCAR_ENDPOINTS:
         SMARTCAR_RETRIES.labels(endpoint=_endpoint)
 for _call in ("vehicle", "signals"):
     SHARED_READS.labels(call=_call)
+for _call in READ_CALLS:
+    for _source in READ_SOURCES:
+        ENRICHMENT_READS.labels(call=_call, source=_source)
+for _cause in LIMITER_CAUSES:
+    LIMITER_DENIALS.labels(cause=_cause)
+    LIMITER_WAIT_SECONDS.labels(cause=_cause)
+for _scope in ("vehicle", "application"):
+    RATE_LIMITED.labels(scope=_scope)

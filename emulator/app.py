@@ -6,11 +6,12 @@ Routes (shapes from smartcar.md §4 and §5; one host serves what Smartcar split
 - ``POST /oauth2/token``: client-credentials grant, form-encoded (JSON is also accepted).
 - ``GET /v3/vehicles/{id}``, ``GET /v3/vehicles/{id}/signals`` (paged by ``page`` and
   ``pageSize``), ``GET /v3/vehicles/{id}/signals/{code}`` and ``GET /v3/connections``.
-- ``/_emulator/...``: failure injection, latency, token revocation, stats, connections made at run
-  time (see :mod:`emulator.control`).
+- ``/_emulator/...``: failure injection, rate limits, latency, token revocation, stats, the call
+  log, connections made at run time (see :mod:`emulator.control`).
 
 Every API call (not the control API) first sleeps the configured latency, then may be answered by
-an injected failure, and only then is authenticated and served. Error bodies are described in
+a rate limit in force (:mod:`emulator.limits`), then by an injected failure, and only then is
+authenticated and served. Error bodies are described in
 :mod:`emulator.errors`. Nothing happens at import time; :func:`create_app` builds everything.
 """
 
@@ -34,6 +35,7 @@ from starlette.routing import Route
 from emulator.catalog import Catalog, dumps
 from emulator.control import control_routes
 from emulator.errors import kind_for, oauth_error, oauth_error_name, v3_error
+from emulator.limits import Limited
 from emulator.seed import Seed, default_seed
 from emulator.state import EmulatorState, FailureSpec, TokenState
 
@@ -110,13 +112,19 @@ class _Api:
                 state.stats.token_requests += 1
             if state.latency > 0:
                 await asyncio.sleep(state.latency)
-            spec = state.failures.take(template, request.scope["path"])
-            if spec is None:
+            vehicle_id: str | None = request.path_params.get("id")
+            limited = None if is_token else state.rate_limits.check(vehicle_id)
+            spec = None if limited is not None else state.failures.take(template, request.scope["path"])
+            if limited is not None:
+                response = self.rate_limited(limited)
+            elif spec is None:
                 response = await handler(request)
             else:
                 state.stats.injected_failures += 1
                 response = self.injected(spec, is_token)
             state.stats.record(template, response.status_code)
+            if not is_token:
+                state.calls.record(template, vehicle_id, response.status_code)
             return response
 
         return endpoint
@@ -153,6 +161,16 @@ class _Api:
         error_type = spec.type if spec.type is not None else kind.type
         code = spec.code if "code" in spec.model_fields_set else kind.code
         return self.error(spec.status, error_type, code, spec.detail or kind.detail, kind.resolution, headers)
+
+    def rate_limited(self, limited: Limited) -> Response:
+        """429 ``RATE_LIMIT`` for a vehicle or the application, with ``Retry-After`` when the limit sends one."""
+        headers = {} if limited.retry_after is None else {"Retry-After": limited.retry_after}
+        detail = (
+            "Too many requests for this application."
+            if limited.code == "SMARTCAR_API"
+            else "Too many requests for this vehicle."
+        )
+        return self.error(429, "RATE_LIMIT", limited.code, detail, "RETRY_LATER", headers)
 
     def vehicle_not_found(self, vehicle_id: str) -> Response:
         """404 for a vehicle that does not exist or that the ``sc-user-id`` user has not connected."""

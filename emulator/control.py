@@ -3,6 +3,13 @@
 - ``POST /_emulator/failures``: add a rule (JSON: :class:`emulator.state.FailureSpec`); 201 with the rule.
 - ``GET /_emulator/failures``: ``{"failures": [rule, ...]}``, in matching order.
 - ``DELETE /_emulator/failures``: drop every rule; ``{"cleared": n}``.
+- ``POST /_emulator/rate-limits``: ``{"vehicleId"?, "seconds", "retryAfter"?}`` (:mod:`emulator.limits`):
+  for ``seconds`` every call for that vehicle answers ``429 RATE_LIMIT:VEHICLE`` with ``Retry-After``
+  (the seconds left), or, without ``vehicleId``, every API call but the token endpoint answers
+  ``429 RATE_LIMIT:SMARTCAR_API`` (with ``Retry-After`` only if ``retryAfter`` is true); 201 with the
+  limit. ``GET`` lists the limits in force (``{"limits": [...]}``), ``DELETE`` lifts them (``{"lifted": n}``).
+- ``GET /_emulator/calls``: ``{"calls": [{"at", "route", "vehicleId", "status"}, ...]}``, every API call
+  (not the token endpoint) oldest first; ``at`` is when it was answered, epoch ms.
 - ``POST /_emulator/revoke``: revoke every issued token; ``{"revoked": n}`` (tokens that were live).
 - ``POST /_emulator/expire``: expire every issued token now; ``{"expired": n}``.
 - ``POST /_emulator/latency``: ``{"seconds": 0.1}`` (0 to 60), echoed back.
@@ -12,8 +19,8 @@
   ``attributes.createdAt``: left out of the request it is now (ISO-8601, UTC, milliseconds), and
   ``null`` leaves the field out. 201 with the connection item.
 - ``GET /_emulator/stats``: counts since start or reset (below).
-- ``POST /_emulator/reset``: no tokens, rules, counts or run-time connections; the configured
-  latency; ``{"reset": true}``.
+- ``POST /_emulator/reset``: no tokens, rules, rate limits, counts, logged calls or run-time
+  connections; the configured latency; ``{"reset": true}``.
 - ``GET /_emulator/healthz``: ``{"status": "ok"}``.
 
 A rule as reported: ``{"id", "path", "status", "count", "rate", "retry_after", "type", "code",
@@ -37,6 +44,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from emulator.catalog import Catalog, Connection
+from emulator.limits import RateLimitSpec
 from emulator.state import EmulatorState, FailureSpec
 
 
@@ -83,6 +91,22 @@ def control_routes(state: EmulatorState, catalog: Catalog) -> list[Route]:
 
     async def clear_failures(request: Request) -> Response:
         return JSONResponse({"cleared": state.failures.clear()})
+
+    async def add_rate_limit(request: Request) -> Response:
+        try:
+            spec = RateLimitSpec.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return _invalid(exc)
+        return JSONResponse(state.rate_limits.add(spec), 201)
+
+    async def list_rate_limits(request: Request) -> Response:
+        return JSONResponse({"limits": state.rate_limits.describe()})
+
+    async def lift_rate_limits(request: Request) -> Response:
+        return JSONResponse({"lifted": state.rate_limits.clear()})
+
+    async def calls(request: Request) -> Response:
+        return JSONResponse({"calls": state.calls.snapshot()})
 
     async def revoke(request: Request) -> Response:
         return JSONResponse({"revoked": state.tokens.revoke_all()})
@@ -134,6 +158,10 @@ def control_routes(state: EmulatorState, catalog: Catalog) -> list[Route]:
         Route("/_emulator/failures", add_failure, methods=["POST"]),
         Route("/_emulator/failures", list_failures, methods=["GET"]),
         Route("/_emulator/failures", clear_failures, methods=["DELETE"]),
+        Route("/_emulator/rate-limits", add_rate_limit, methods=["POST"]),
+        Route("/_emulator/rate-limits", list_rate_limits, methods=["GET"]),
+        Route("/_emulator/rate-limits", lift_rate_limits, methods=["DELETE"]),
+        Route("/_emulator/calls", calls, methods=["GET"]),
         Route("/_emulator/revoke", revoke, methods=["POST"]),
         Route("/_emulator/expire", expire, methods=["POST"]),
         Route("/_emulator/latency", set_latency, methods=["POST"]),

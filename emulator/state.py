@@ -15,6 +15,7 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field
 
 from emulator.catalog import Connection
+from emulator.limits import CallLog, RateLimits
 
 
 class TokenState(Enum):
@@ -213,6 +214,10 @@ class EmulatorState:
         self.latency = latency
         self.tokens = TokenStore(token_lifetime, clock)
         self.failures = FailureInjector(random_seed)
+        self.rate_limits = RateLimits(clock)
+        """Vehicles and the application answering 429 for a while (``POST /_emulator/rate-limits``)."""
+        self.calls = CallLog()
+        """Every API call: when, which route, which vehicle, what status (``GET /_emulator/calls``)."""
         self.stats = Stats()
         self.connections: list[Connection] = []
         """Connections made at run time (``POST /_emulator/connections``), beside the seed's."""
@@ -230,10 +235,12 @@ class EmulatorState:
         ]
 
     def reset(self) -> None:
-        """Back to the state right after start: no tokens, rules, counts or run-time connections;
-        the configured latency."""
+        """Back to the state right after start: no tokens, rules, rate limits, counts, call log or
+        run-time connections; the configured latency."""
         self.tokens.clear()
         self.failures.clear()
+        self.rate_limits.clear()
+        self.calls.clear()
         self.stats = Stats()
         self.latency = self.initial_latency
         self.connections.clear()

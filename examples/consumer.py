@@ -34,6 +34,8 @@ import redis
 log = logging.getLogger("consumer")
 
 STREAM = "smartcar:vehicle-events"
+#: Payload versions this consumer reads: 2 only adds fields (enrichment.reads, staleSignals) to 1.
+SCHEMA_VERSIONS = (1, 2)
 
 # The effect, done atomically by Redis: remember the event_id (so a second delivery of the same
 # entry changes nothing), then keep each signal only if it is newer than the stored one.
@@ -66,7 +68,7 @@ class LatestSignals:
     def __call__(self, fields: dict[str, str]) -> int:
         """Apply one entry; returns how many signals it updated, or -1 if it was applied before."""
         document = json.loads(fields["payload"])
-        if document.get("schemaVersion") != 1:
+        if document.get("schemaVersion") not in SCHEMA_VERSIONS:
             raise ValueError(f"unsupported schemaVersion {document.get('schemaVersion')!r}")
         args: list[str | int] = [self._remember]
         # The webhook's signals and what the API returned; the newest per code wins either way.

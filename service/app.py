@@ -29,6 +29,7 @@ from core.redis import keys
 from core.redis.clients import web_redis
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
+from core.redis.memory import warn_without_maxmemory_async
 from service import health
 from service.connect import ConnectEndpoints
 from service.drain import drain_forever
@@ -84,11 +85,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     redis = web_redis(settings)
     inbox = Inbox(
         redis,
-        JobOptions(
-            queue=settings.ingest_queue,
-            timeout_seconds=settings.job_timeout_seconds,
-            retries=settings.job_retries,
-        ),
+        JobOptions.from_settings(settings),
         parked_stream=settings.parked_stream,
         dedupe_ttl_seconds=settings.dedupe_ttl_seconds,
         parked_retention_seconds=settings.parked_retention_seconds,
@@ -118,6 +115,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         drainer = None
         try:
             await check_eviction_policy(redis, settings.allow_evicting_redis, deadline)
+            await warn_without_maxmemory_async(redis, deadline)
             drainer = asyncio.create_task(drain_forever(spool, inbox)) if spool else None
             yield {"redis": redis, "redis_deadline_seconds": deadline}
         finally:

@@ -277,3 +277,17 @@ def test_web_stops_in_one_line_when_the_admin_port_cannot_be_bound(tmp_path):
         assert result.returncode == 2
         [line] = result.stderr.strip().splitlines()
         assert line.startswith("smartcar-ingest web: ADMIN_PORT")
+
+
+def test_output_cut_short_by_the_reader_is_not_a_traceback(tmp_path):
+    """`smartcar-ingest … | head`: a reader that closed the pipe ends the command quietly, exit 0, no traceback."""
+    env = os.environ | {"PYTHONPATH": os.getcwd(), "PW": "x" * 40}
+    command = [sys.executable, "-m", "cli.main", "redis-acl", "worker", "--password-env", "PW"]
+    process = subprocess.Popen(
+        command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    process.stdout.close()  # the reader is gone before the command writes its first line
+    _, stderr = process.communicate(timeout=60)
+    assert "Traceback" not in stderr
+    assert "BrokenPipe" not in stderr
+    assert process.returncode == 0

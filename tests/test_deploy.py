@@ -830,6 +830,51 @@ def test_settings_render_as_environment_strings(rendered):
     assert data["REDIS_TIMEOUT_SECONDS"] == "0.25"
 
 
+def test_quota_settings_render_and_every_one_is_a_setting_the_workers_read(rendered):
+    """The quota settings reach the ConfigMap with the service's defaults (an empty budget left out,
+    so no limit); a budget set in values renders as given and is one Settings accepts."""
+    from core.config import Settings
+
+    data = find(rendered["defaults"], "ConfigMap")["data"]
+    assert data["VEHICLE_INFO_TTL_SECONDS"] == "86400"
+    assert data["SIGNALS_MAX_AGE_SECONDS"] == "300"
+    assert data["ENRICH_WAIT_SECONDS"] == "10"
+    assert "SMARTCAR_REQUESTS_PER_MINUTE" not in data
+    assert "SMARTCAR_BURST" not in data
+    budget = {"SMARTCAR_REQUESTS_PER_MINUTE": 2, "SMARTCAR_BURST": 120, "SIGNALS_MAX_AGE_SECONDS": 0}
+    data = find(render(_merge(INSTALL, {"config": budget})), "ConfigMap")["data"]
+    assert (data["SMARTCAR_REQUESTS_PER_MINUTE"], data["SMARTCAR_BURST"], data["SIGNALS_MAX_AGE_SECONDS"]) == (
+        "2",
+        "120",
+        "0",
+    )
+    names = ("VEHICLE_INFO_TTL_SECONDS", "SIGNALS_MAX_AGE_SECONDS", "SMARTCAR_REQUESTS_PER_MINUTE", "SMARTCAR_BURST")
+    settings = Settings(_env_file=None, **{name.lower(): data[name] for name in (*names, "ENRICH_WAIT_SECONDS")})  # type: ignore[arg-type]
+    assert (settings.smartcar_requests_per_minute, settings.smartcar_burst, settings.signals_max_age_seconds) == (
+        2,
+        120,
+        0,
+    )
+
+
+def test_the_dashboard_shows_what_enrichment_costs_smartcar(rendered):
+    """A row of the dashboard shows calls per event, reads by call and source, limiter waits and
+    denials, and 429s by scope."""
+    configmap = find(rendered["monitoring"], "ConfigMap", "-dashboard")
+    (text,) = configmap["data"].values()
+    panels = [p for p in json.loads(text)["panels"] if p["type"] != "row"]
+    queried = {name for p in panels for t in p["targets"] for name in METRIC_NAME.findall(t["expr"])}
+    assert {
+        "smartcar_ingest_enrichment_reads_total",
+        "smartcar_ingest_limiter_wait_seconds_bucket",
+        "smartcar_ingest_limiter_denials_total",
+        "smartcar_ingest_rate_limited_total",
+    } <= queried
+    [per_event] = [p for p in panels if p["title"] == "Smartcar calls per event"]
+    assert "smartcar_ingest_smartcar_calls_total" in per_event["targets"][0]["expr"]
+    assert 'outcome="published"' in per_event["targets"][0]["expr"]
+
+
 def test_keda_scales_workers_on_the_rq_queue_list(rendered):
     """With KEDA on, a ScaledObject watches rq:queue:<INGEST_QUEUE> with its Redis auth, and no worker HPA renders."""
     objects = rendered["keda"]
@@ -1094,6 +1139,10 @@ def test_exported_metric_names_are_known():
         "smartcar_ingest_queue_depth",
         "smartcar_ingest_queue_oldest_age_seconds",
         "smartcar_ingest_parked_stream_length",
+        "smartcar_ingest_redis_memory_used_bytes",
+        "smartcar_ingest_redis_memory_max_bytes",
+        "smartcar_ingest_output_group_behind_seconds",
+        "smartcar_ingest_output_stream_retention_seconds",
     } <= known
     assert "smartcar_ingest_jobs" not in known
 
@@ -1135,6 +1184,8 @@ def test_prometheus_rule_alerts_on_smartcars_advice_over_known_metrics(rendered)
         "SmartcarIngestWebhookFailing",
         "SmartcarIngestParkedGrowing",
         "SmartcarIngestQueueStalled",
+        "SmartcarIngestRedisMemoryHigh",
+        "SmartcarIngestConsumerGroupBehind",
     } <= rules.keys()
     known = exported_metric_names()
     for name, alert in rules.items():
@@ -1147,6 +1198,10 @@ def test_prometheus_rule_alerts_on_smartcars_advice_over_known_metrics(rendered)
     assert rules["SmartcarIngestWebhookSlow"]["expr"].rstrip().endswith("> 5")
     assert rules["SmartcarIngestWebhookFailing"]["expr"].rstrip().endswith(">= 3")
     assert rules["SmartcarIngestQueueStalled"]["expr"].rstrip().endswith("> 60")
+    # issue 16: warn at 80% of maxmemory, and for a consumer group 80% of the output retention behind
+    assert rules["SmartcarIngestRedisMemoryHigh"]["expr"].rstrip().endswith("> 0.8")
+    assert "smartcar_ingest_redis_memory_max_bytes" in rules["SmartcarIngestRedisMemoryHigh"]["expr"]
+    assert rules["SmartcarIngestConsumerGroupBehind"]["expr"].rstrip().endswith("> 0.8")
     assert "{{ $value" in rules["SmartcarIngestQueueStalled"]["annotations"]["description"]
     tuned = render(_merge(COMBINATIONS["monitoring"], {"prometheusRule": {"queueOldestAgeSeconds": 300}}))
     tuned_rules = {r["alert"]: r for g in find(tuned, "PrometheusRule")["spec"]["groups"] for r in g["rules"]}

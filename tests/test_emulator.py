@@ -551,6 +551,99 @@ def test_invalid_failure_rule_is_400(client, rule):
     assert response.json()["error"]["code"] == "invalid_request"
 
 
+# Rate limits and the call log
+
+
+def test_a_vehicle_rate_limit_answers_429_with_the_seconds_left_until_it_passes():
+    """A per-vehicle limit answers 429 RATE_LIMIT:VEHICLE with Retry-After (time left) for that vehicle
+    only, on every route under it, until its seconds have passed on the emulator's clock."""
+    clock = FakeClock()
+    with running_emulator(EmulatorConfig(clock=clock)) as url, httpx.Client(base_url=url) as client:
+        headers = auth(client, VW_USER)
+        created = client.post("/_emulator/rate-limits", json={"vehicleId": VW, "seconds": 5})
+        assert created.status_code == 201
+        assert created.json() == {"vehicleId": VW, "secondsLeft": 5.0, "retryAfter": True}
+        clock.now += 1.5
+        for path in (f"/v3/vehicles/{VW}", f"/v3/vehicles/{VW}/signals", f"/v3/vehicles/{VW}/signals/{VIN_CODE}"):
+            response = client.get(path, headers=headers)
+            assert response.status_code == 429, path
+            assert response.headers["retry-after"] == "3.5"
+            error = only_error(response)
+            assert (error["type"], error["code"], error["resolution"]) == (
+                "RATE_LIMIT",
+                "VEHICLE",
+                {"type": "RETRY_LATER"},
+            )
+        assert client.get(f"/v3/vehicles/{IONIQ}/signals", headers=headers).status_code == 200
+        assert client.post("/oauth2/token", data=CREDENTIALS).status_code == 200
+        assert client.get("/_emulator/rate-limits").json() == {
+            "limits": [{"vehicleId": VW, "secondsLeft": 3.5, "retryAfter": True}]
+        }
+        clock.now += 3.5
+        assert client.get(f"/v3/vehicles/{VW}", headers=headers).status_code == 200
+        assert client.get("/_emulator/rate-limits").json() == {"limits": []}
+
+
+@pytest.mark.parametrize(("retry_after", "header"), [(None, None), (True, "2")])
+def test_an_application_rate_limit_answers_429_smartcar_api_on_every_api_call(retry_after, header):
+    """The application limit answers 429 RATE_LIMIT:SMARTCAR_API on every API call but the token
+    endpoint; Retry-After only when asked for (Smartcar promises none for this limit)."""
+    clock = FakeClock()
+    with running_emulator(EmulatorConfig(clock=clock)) as url, httpx.Client(base_url=url) as client:
+        headers = auth(client, TESLA_USER)
+        body = {"seconds": 2} | ({} if retry_after is None else {"retryAfter": retry_after})
+        assert client.post("/_emulator/rate-limits", json=body).status_code == 201
+        for path in (f"/v3/vehicles/{TESLA}", f"/v3/vehicles/{VW}/signals", "/v3/connections"):
+            response = client.get(path, headers=headers)
+            assert response.status_code == 429, path
+            assert response.headers.get("retry-after") == header
+            assert only_error(response)["code"] == "SMARTCAR_API"
+        assert client.post("/oauth2/token", data=CREDENTIALS).status_code == 200
+        clock.now += 2
+        assert client.get(f"/v3/vehicles/{TESLA}", headers=headers).status_code == 200
+
+
+def test_rate_limits_are_lifted_by_delete_and_by_reset(client):
+    """DELETE /_emulator/rate-limits lifts every limit; so does a reset."""
+    headers = auth(client, VW_USER)
+    client.post("/_emulator/rate-limits", json={"vehicleId": VW, "seconds": 60})
+    client.post("/_emulator/rate-limits", json={"seconds": 60})
+    assert [limit["vehicleId"] for limit in client.get("/_emulator/rate-limits").json()["limits"]] == [None, VW]
+    assert client.delete("/_emulator/rate-limits").json() == {"lifted": 2}
+    assert client.get(f"/v3/vehicles/{VW}", headers=headers).status_code == 200
+    client.post("/_emulator/rate-limits", json={"vehicleId": VW, "seconds": 60})
+    client.post("/_emulator/reset")
+    assert client.get(f"/v3/vehicles/{VW}", headers=auth(client, VW_USER)).status_code == 200
+
+
+@pytest.mark.parametrize("body", [{}, {"seconds": 0}, {"seconds": 1, "vehicleId": ""}, {"seconds": 1, "scope": "x"}])
+def test_invalid_rate_limit_is_400(client, body):
+    """A limit without positive seconds, with an empty vehicle id or an unknown key is refused."""
+    response = client.post("/_emulator/rate-limits", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_request"
+
+
+def test_call_log_names_each_api_call_its_vehicle_and_status(client):
+    """GET /_emulator/calls lists API calls oldest first with route, vehicle and status; not the
+    token endpoint, not control calls; a reset empties it."""
+    headers = auth(client, VW_USER)
+    client.post("/_emulator/rate-limits", json={"vehicleId": IONIQ, "seconds": 60})
+    before = time.time() * 1000
+    client.get(f"/v3/vehicles/{VW}", headers=headers)
+    client.get(f"/v3/vehicles/{IONIQ}/signals", headers=headers)
+    client.get("/v3/connections", headers=headers)
+    calls = client.get("/_emulator/calls").json()["calls"]
+    assert [(c["route"], c["vehicleId"], c["status"]) for c in calls] == [
+        ("/v3/vehicles/{id}", VW, 200),
+        ("/v3/vehicles/{id}/signals", IONIQ, 429),
+        ("/v3/connections", None, 200),
+    ]
+    assert before - 1 <= calls[0]["at"] <= calls[1]["at"] <= calls[2]["at"] <= time.time() * 1000 + 1
+    client.post("/_emulator/reset")
+    assert client.get("/_emulator/calls").json() == {"calls": []}
+
+
 # Latency, stats, reset
 
 

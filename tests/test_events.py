@@ -700,3 +700,188 @@ def test_the_package_exports_what_callers_use():
     for name in events.__all__:
         assert getattr(events, name) is not None
     assert {"VehicleEvent", "QuickEvent", "load_json", "classify", "parse_event", "parse_stored"} <= set(events.__all__)
+
+
+# --- the edge's pruned validator: the model's checks, without the model's objects -------------------
+
+#: A delivery with every field of every wire model present, so that a value can be put anywhere.
+EVERY_FIELD = {
+    "eventId": "0d6c0b7e-5555-4555-8555-555555555009",
+    "eventType": "VEHICLE_STATE",
+    "vehicleId": "5f0c1a2b-1111-4111-8111-111111111111",
+    "data": {
+        "user": {"id": "9e8d7c6b-2222-4222-8222-222222222222"},
+        "vehicle": {
+            "id": "5f0c1a2b-1111-4111-8111-111111111111",
+            "make": "FORD",
+            "model": "Mustang Mach-E",
+            "year": 2023,
+            "mode": "LIVE",
+            "powertrainType": "BEV",
+        },
+        "signals": [
+            {
+                "code": "tractionbattery-stateofcharge",
+                "name": "StateOfCharge",
+                "group": "TractionBattery",
+                "body": {"value": 64, "unit": "percent"},
+                "meta": {"oemUpdatedAt": 1767000000000, "retrievedAt": 1767000002500, "fetchedAt": 1767000002500},
+                "status": {"value": "ERROR", "error": {"type": "COMPATIBILITY", "code": "VEHICLE_NOT_CAPABLE"}},
+            }
+        ],
+        "triggers": [
+            {"type": "SIGNAL_UPDATED", "code": "c", "name": "n", "group": "g", "signal": {"code": "c"}},
+            "Odometer.TraveledDistance",
+        ],
+        "errors": [
+            {
+                "type": "VEHICLE_STATE",
+                "code": "UNREACHABLE",
+                "state": "ERROR",
+                "description": "The vehicle could not be reached.",
+                "suggestedUserMessage": "Try later.",
+                "docURL": "https://example.invalid/doc",
+                "resolution": {"type": "RETRY_LATER"},
+                "signals": [
+                    {"code": "location-preciselocation", "name": "PreciseLocation", "group": "Location"},
+                    "A.B",
+                ],
+            }
+        ],
+    },
+    "triggers": [{"type": "SIGNAL_UPDATED", "signal": "Odometer.TraveledDistance"}, "FIRST_DELIVERY"],
+    "meta": {
+        "version": "4.0",
+        "deliveryId": "a1",
+        "deliveredAt": 1767000003000,
+        "webhookId": "w1",
+        "webhookName": "fleet",
+        "mode": "LIVE",
+    },
+}
+
+#: Raw JSON values of every kind (numbers that fit and do not fit text, strings, containers, null).
+EVERY_KIND = ["null", "true", "0", "-5", "1.5", "1e300", '""', '"x"', '"5f0c1a2b"', "[]", '["x"]', "{}", '{"code": 1}']
+
+
+def _paths(value: object, prefix: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    """Every path into ``value``, containers and leaves alike."""
+    found: list[tuple[str | int, ...]] = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found += _paths(item, (*prefix, index))
+    return found
+
+
+def _accepted_by(validate, body: bytes) -> bool:
+    try:
+        validate(body)
+    except ValueError:  # pydantic's ValidationError is a ValueError
+        return False
+    return True
+
+
+@pytest.mark.parametrize("path", _paths(EVERY_FIELD), ids=lambda path: ".".join(map(str, path)))
+def test_the_edge_validator_accepts_exactly_what_the_wire_model_accepts(path):
+    """Any kind of value anywhere in a delivery with every field: the pruned schema and WebEnvelope agree."""
+    from core.events.wire import EDGE_VALIDATOR, WebEnvelope
+
+    for raw in EVERY_KIND + HOSTILE_RAW:
+        if raw in {"NaN", "Infinity", "-Infinity"}:
+            continue  # not JSON: both paths send such bodies to load_json, which refuses them
+        body = _with_raw(copy.deepcopy(EVERY_FIELD), path, raw)
+        edge = _accepted_by(EDGE_VALIDATOR.validate_json, body)
+        assert edge == _accepted_by(WebEnvelope.model_validate_json, body), (path, raw)
+        _assert_quick_agrees(body)
+
+
+def _assert_quick_agrees(body: bytes) -> None:
+    """The one-pass check accepts what the steps accept; it leaves a body holding the text NaN or
+    Infinity to the steps."""
+    quick = events.quick_vehicle_event(body) is not None
+    if b"NaN" in body or b"Infinity" in body:
+        assert not quick
+    else:
+        assert quick == _slow_path_accepts(body), body[:300]
+
+
+def test_the_edge_validator_and_the_wire_model_agree_on_generated_deliveries():
+    """Generated deliveries (the fuzz strategy, valid ones, and any JSON value at any path of a full one)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from core.events.wire import EDGE_VALIDATOR, WebEnvelope
+    from tests.test_fuzz import delivery_like, json_values
+
+    paths = _paths(EVERY_FIELD)
+
+    @st.composite
+    def with_a_value_anywhere(draw):
+        document = copy.deepcopy(EVERY_FIELD)
+        for _ in range(draw(st.integers(1, 3))):
+            path = draw(st.sampled_from(paths))
+            target = document
+            try:
+                for key in path[:-1]:
+                    target = target[key]
+                target[path[-1]] = draw(json_values)
+            except (KeyError, IndexError, TypeError):
+                pass  # an earlier change replaced a container on this path
+        return document
+
+    @settings(max_examples=600, deadline=None)
+    @given(document=delivery_like | st.builds(sample_event) | with_a_value_anywhere())
+    def check(document):
+        body = json.dumps(document).encode()
+        edge = _accepted_by(EDGE_VALIDATOR.validate_json, body)
+        assert edge == _accepted_by(WebEnvelope.model_validate_json, body)
+        _assert_quick_agrees(body)
+
+    check()
+
+
+def test_the_edge_validator_reads_only_what_the_edge_needs():
+    """The pruned reading holds the envelope and the checked texts, but no signal body, time or error content."""
+    from core.events.wire import EDGE_VALIDATOR
+
+    envelope = EDGE_VALIDATOR.validate_json(encode(EVERY_FIELD))
+    assert envelope["eventId"] == EVERY_FIELD["eventId"]
+    assert envelope["meta"]["deliveredAt"] == 1767000003000
+    [signal] = envelope["data"]["signals"]
+    assert "body" not in signal
+    assert signal["meta"] == {}  # an object, checked as one, its times never read
+    assert signal["status"] == {"value": "ERROR", "error": {}}
+    assert "year" not in envelope["data"]["vehicle"]
+    quick = events.quick_vehicle_event(encode(EVERY_FIELD))
+    assert quick == events.QuickEvent(EVERY_FIELD["eventId"], "VEHICLE_STATE", "a1", 1767000003000)
+
+
+def test_a_body_the_edge_accepts_is_read_alike_by_pythons_json():
+    """What the edge accepts, pydantic-core and Python's json (RQ's serializer) read as one document: a
+    body embedded in a job verbatim reads back as the delivery it is."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from tests.test_fuzz import delivery_like
+
+    def check(body: bytes) -> None:
+        if _edge_reading(body)[0] != "accepted":
+            return
+        assert json.loads(body) == events.load_json(body)
+
+    for path in fixture_paths():
+        check(path.read_bytes())
+    escapes_and_numbers = ['"tab\\there"', '"raw\tcontrol"', '"\\u00e9\\ud83d\\ude97"', '"é 🚗"', "-0", "1E+2", "1e-7"]
+    for place in PLACES + TEXT_PLACES:
+        for raw in [*HOSTILE_RAW, *escapes_and_numbers]:
+            check(_with_raw(sample_event(), place, raw))
+
+    @settings(max_examples=300, deadline=None)
+    @given(document=delivery_like | st.builds(sample_event))
+    def generated(document):
+        check(json.dumps(document, ensure_ascii=False).encode())
+
+    generated()

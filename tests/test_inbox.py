@@ -15,6 +15,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import utcparse
 
 from cli.samples import encode, sample_event
+from core.redis.dedupe import event_marks
 from core.redis.inbox import GroupCommitter, Inbox
 from core.redis.jobs import (
     PROCESS_EVENT,
@@ -101,7 +102,7 @@ def test_rq_reads_an_inbox_job_like_one_it_enqueued_itself(redis_url, redis_clie
         {},
         "smartcar-events",
         90,
-        600,
+        60,  # JOB_RESULT_TTL_SECONDS: a finished job and its body go a minute after success
         7 * 24 * 3600,
         3,
         [5, 15, 60],
@@ -152,7 +153,7 @@ def test_group_commit_failure_reaches_every_waiter(redis_url):
     async def scenario():
         redis = AsyncRedis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
         template = JobTemplate(JobOptions("q"))
-        committer = GroupCommitter(redis, "q", 60, template.constant)
+        committer = GroupCommitter(redis, "q", event_marks(60), template.constant)
         jobs = [template.variable(job_payload(f"x{i}", "VEHICLE_STATE", "{}", 1)) for i in range(10)]
         outcomes = await asyncio.gather(*(committer.submit(j) for j in jobs), return_exceptions=True)
         await redis.aclose()

@@ -25,6 +25,7 @@ from starlette.testclient import TestClient
 from cli.main import main
 from cli.samples import SAMPLE_VEHICLE_ID, encode, sample_event
 from cli.status import collect_status, render_text
+from core import metrics
 from core.redis import keys
 from core.redis.queue_metrics import register_queue_collector, unregister_queue_collector
 from service.admin import create_admin_app
@@ -38,6 +39,7 @@ from workers.metrics_server import start_worker_metrics
 JOB = "smartcar_ingest_jobs_total"
 CALLS = "smartcar_ingest_smartcar_calls_total"
 SHARED = "smartcar_ingest_shared_reads_total"
+READS = "smartcar_ingest_enrichment_reads_total"
 
 
 class Counters:
@@ -72,6 +74,7 @@ def test_a_scripted_run_moves_each_counter_by_exactly_its_events(pipeline, redis
         sample(CALLS, endpoint="token", status="200"),
         sample(SHARED, call="vehicle"),
         sample(SHARED, call="signals"),
+        *(sample(READS, call=c, source=s) for c in ("vehicle", "signals") for s in ("fetched", "cached", "shared")),
         sample("smartcar_ingest_token_refreshes_total"),
         sample("smartcar_ingest_smartcar_retries_total", endpoint="signals"),
         sample("smartcar_ingest_deliveries_total", outcome="accepted"),
@@ -85,9 +88,13 @@ def test_a_scripted_run_moves_each_counter_by_exactly_its_events(pipeline, redis
     assert counters.delta(JOB, outcome="parked_unknown_user") == 1
     assert counters.delta(JOB, outcome="retried") == 0
     assert counters.delta("smartcar_ingest_end_to_end_seconds_count") == 2
-    # Each routed event reads the vehicle and its signals once: by its own call or by joining one.
+    # Each routed event reads the vehicle and its signals once: by its own call, by joining one in
+    # flight or from the read the other made; the two events of one vehicle make one call of each.
     for call in ("vehicle", "signals"):
-        assert counters.delta(CALLS, endpoint=call, status="200") + counters.delta(SHARED, call=call) == 2
+        sources = {s: counters.delta(READS, call=call, source=s) for s in ("fetched", "cached", "shared")}
+        assert sum(sources.values()) == 2
+        assert sources["fetched"] == counters.delta(CALLS, endpoint=call, status="200") == 1
+        assert counters.delta(SHARED, call=call) == sources["shared"]
     assert counters.delta(CALLS, endpoint="token", status="200") == 1
     assert counters.delta("smartcar_ingest_token_refreshes_total") == 1
     assert counters.delta("smartcar_ingest_smartcar_retries_total", endpoint="signals") == 0
@@ -398,6 +405,10 @@ def test_status_json_matches_redis_after_a_run(pipeline, redis_client, monkeypat
     }
     output = report["output"]
     assert output["length"] == 2
+    assert output["retentionSeconds"] == pipeline.output_stream_retention_seconds
+    # how far behind the group is: the age of its oldest unacknowledged or unread entry
+    assert 0 <= output["groups"][0].pop("behindSeconds") < 60
+    assert output["groups"][0].pop("nearRetention") is False
     assert output["groups"] == [
         {
             "name": "billing",
@@ -439,6 +450,72 @@ def test_status_screen_shows_workers_and_their_jobs(pipeline, redis_client, monk
     assert "no consumer groups" in screen
     assert screen.splitlines()[-1].split() == ["last", "published", "never"]
     assert len(screen.splitlines()) < 25
+
+
+def test_status_reports_smartcar_calls_per_event_for_the_deployment(
+    pipeline, redis_client, emulator, monkeypatch, tmp_path, capsys
+):
+    """Four events of one vehicle, enriched by two runs (two processes' worth): `status` adds both
+    up: 2 calls for 4 events (0.5 per event), reads by source, and the 429 the second run met."""
+    deliver(pipeline, *(sample_event() for _ in range(3)))
+    run_worker_burst(pipeline)
+    inject(emulator, path=f"/v3/vehicles/{SAMPLE_VEHICLE_ID}", status=429, count=1, retry_after=0)
+    deliver(pipeline.model_copy(update={"vehicle_info_ttl_seconds": 0}), sample_event())
+    run_worker_burst(pipeline.model_copy(update={"vehicle_info_ttl_seconds": 0}))
+    capsys.readouterr()
+
+    assert run_status(monkeypatch, tmp_path, pipeline, "--json") == 0
+    usage = json.loads(capsys.readouterr().out)["enrichment"]
+    assert usage["minutes"] == 60
+    assert usage["events"] == 4
+    # The fourth event read its vehicle again (a window of 0): a 429, then the retry.
+    assert usage["calls"] == {"vehicle": 3, "signals": 1}
+    assert usage["callsPerEvent"] == 1.0
+    assert usage["reads"]["vehicle"]["fetched"] == 2
+    assert usage["reads"]["signals"]["fetched"] == 1
+    assert sum(usage["reads"]["signals"].values()) == 4
+    assert usage["rateLimited"] == {"vehicle": 1}
+
+    assert run_status(monkeypatch, tmp_path, pipeline) == 0
+    screen = capsys.readouterr().out
+    assert "4 events in the last 60 min, Smartcar calls: signals 1, vehicle 3, 1.00 per event" in screen
+    assert "429s: vehicle 1" in screen
+
+
+def test_quota_metrics_count_reads_by_source_limiter_waits_denials_and_429s(pipeline, redis_client, emulator):
+    """Three events at once, each reading both (windows of 0), a budget of one request per 2 s after
+    a burst of 2, ENRICH_WAIT_SECONDS=2.5 and one 429: some requests wait for the budget, the rest
+    are denied and their reads skipped, and the reads, waits, denials and 429 counters say so."""
+    reads = [sample(READS, call=c, source=s) for c in ("vehicle", "signals") for s in metrics.READ_SOURCES]
+    counters = Counters(
+        *reads,
+        sample("smartcar_ingest_limiter_wait_seconds_count", cause="budget"),
+        sample("smartcar_ingest_limiter_denials_total", cause="budget"),
+        sample("smartcar_ingest_rate_limited_total", scope="vehicle"),
+        sample("smartcar_ingest_rate_limited_total", scope="application"),
+    )
+    settings = pipeline.model_copy(
+        update={
+            "vehicle_info_ttl_seconds": 0,
+            "signals_max_age_seconds": 0,
+            "smartcar_requests_per_minute": 30,
+            "smartcar_burst": 2,
+            "enrich_wait_seconds": 2.5,
+        }
+    )
+    inject(emulator, path=f"/v3/vehicles/{SAMPLE_VEHICLE_ID}", status=429, count=1, retry_after=0, code="VEHICLE")
+    deliver(settings, sample_event(), sample_event(), sample_event())
+    run_worker_burst(settings, concurrency=3)
+
+    read_counts = {(labels["call"], labels["source"]): counters.delta(name, **labels) for name, labels in reads}
+    assert sum(read_counts.values()) == 6
+    assert read_counts["vehicle", "skipped"] + read_counts["signals", "skipped"] >= 1
+    assert counters.delta("smartcar_ingest_rate_limited_total", scope="vehicle") == 1
+    assert counters.delta("smartcar_ingest_rate_limited_total", scope="application") == 0
+    assert counters.delta("smartcar_ingest_limiter_wait_seconds_count", cause="budget") >= 1
+    assert counters.delta("smartcar_ingest_limiter_denials_total", cause="budget") >= 1
+    skipped = read_counts["vehicle", "skipped"] + read_counts["signals", "skipped"]
+    assert skipped == counters.delta("smartcar_ingest_limiter_denials_total", cause="budget")
 
 
 def test_status_counts_parked_reasons_over_a_capped_scan(pipeline, redis_client):

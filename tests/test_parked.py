@@ -8,9 +8,9 @@ from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from core.redis.dedupe import parked_marks, recall_async
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
-from core.redis.keys import parked_key
 from core.redis.parked import ParkedStream, count_by_reason, replay_parked
 
 STREAM = "smartcar:parked"
@@ -94,7 +94,7 @@ def test_a_replayed_event_that_fails_again_is_parked_again(redis_url, redis_clie
         parked = ParkedStream(redis, STREAM, 60)
         await parked.park("evt-4", "unknown_user", "No user.", body)
         report = await replay_parked(redis, options, STREAM)
-        assert await redis.exists(parked_key("evt-4")) == 0
+        assert await recall_async(redis, parked_marks(60), "evt-4") is None
         again = await parked.park("evt-4", "unknown_user", "No user.", body)
         return report, again
 

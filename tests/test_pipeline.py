@@ -16,7 +16,7 @@ from starlette.testclient import TestClient
 
 from cli.operations import replay
 from cli.samples import SAMPLE_VEHICLE_ID, encode, sample_event
-from core.redis.keys import dedupe_key, published_key
+from core.redis.dedupe import PUBLISHED, event_marks, recall
 from core.store.users import UserStore
 from service.app import create_app
 from tests.conftest import fixture_paths, load_fixture, signed_headers
@@ -49,9 +49,15 @@ def test_every_captured_fixture_is_published_enriched(pipeline, redis_client, pa
     assert user is not None
     assert entry["user_id"] == str(user.id)
     output = entry["document"]
-    assert output["schemaVersion"] == 1
+    assert output["schemaVersion"] == 2
     assert output["user"] == {"id": user.id, "smartcarUserId": document["data"]["user"]["id"]}
+    reads = output["enrichment"].pop("reads")
     assert output["enrichment"] == {"status": "complete", "errors": []}
+    # A vehicle's first event reads both itself.
+    for call in ("vehicle", "signals"):
+        assert reads[call]["source"] == "fetched"
+        assert reads[call]["reason"] is None
+        assert isinstance(reads[call]["fetchedAt"], int)
     assert output["vehicle"]["id"] == document["data"]["vehicle"]["id"]
     assert output["latestSignals"], "the emulator's signals for the vehicle"
     assert len(output["signals"]) == len(document["data"].get("signals", []))
@@ -79,6 +85,7 @@ def test_output_document_fields(pipeline, redis_client, emulator):
     source = {key: attributes[key] for key in ("mode", "powertrainType") if attributes.get(key) is not None}
     assert output["vehicle"] == {"id": SAMPLE_VEHICLE_ID, "make": "TESLA", "model": "Model Y", "year": 2022} | source
     assert output["triggers"] == [{"type": "SIGNAL_UPDATED", "code": "tractionbattery-stateofcharge"}]
+    assert output["staleSignals"] == []  # the vehicle's first event: the state held nothing yet
     assert output["meta"]["deliveryId"] == event["meta"]["deliveryId"]
     assert output["meta"]["mode"] == "TEST"
     assert {s["code"] for s in output["signals"]} == {"tractionbattery-stateofcharge", "odometer-traveleddistance"}
@@ -126,7 +133,8 @@ def test_replay_filters_by_reason_and_limit(pipeline, redis_client, capsys):
 
 def test_vehicle_refused_for_good_is_published_partial(pipeline, redis_client, emulator):
     """A 404 from GET /vehicles/{id} publishes the webhook's own vehicle with enrichment partial."""
-    inject(emulator, path=f"/v3/vehicles/{SAMPLE_VEHICLE_ID}", status=404, count=1, code="VEHICLE_NOT_FOUND")
+    # The route template matches the vehicle call only (a path prefix would also catch /signals).
+    inject(emulator, path="/v3/vehicles/{id}", status=404, count=1, code="VEHICLE_NOT_FOUND")
     event = sample_event()
     deliver(pipeline, event)
     run_worker_burst(pipeline)
@@ -180,6 +188,8 @@ def test_transient_failure_with_rq_retries_left_requeues_the_job(pipeline, redis
 
 def test_expired_token_is_refreshed_once(pipeline, redis_client, emulator):
     """After the emulator expires every token, one 401 forces one refresh and the event is published."""
+    # Every event reads (no shared reads), so the second event calls Smartcar with the old token.
+    pipeline = pipeline.model_copy(update={"vehicle_info_ttl_seconds": 0, "signals_max_age_seconds": 0})
     deliver(pipeline, sample_event())
     run_worker_burst(pipeline)
     assert emulator_stats(emulator)["token_requests"] == 1
@@ -192,12 +202,15 @@ def test_expired_token_is_refreshed_once(pipeline, redis_client, emulator):
 
 def test_revoked_token_is_refreshed(pipeline, redis_client, emulator):
     """A revoked token is replaced after its first 401."""
+    pipeline = pipeline.model_copy(update={"vehicle_info_ttl_seconds": 0, "signals_max_age_seconds": 0})
     deliver(pipeline, sample_event())
     run_worker_burst(pipeline)
     httpx.post(f"{emulator}/_emulator/revoke").raise_for_status()
     deliver(pipeline, sample_event())
     run_worker_burst(pipeline)
     assert len(outputs(redis_client)) == 2
+    assert emulator_stats(emulator)["token_requests"] == 2
+    assert {entry["document"]["enrichment"]["status"] for entry in outputs(redis_client)} == {"complete"}
 
 
 def test_401_that_survives_a_refresh_parks_upstream_rejected(pipeline, redis_client, emulator):
@@ -231,11 +244,17 @@ def test_killed_after_publishing_rerun_publishes_once(pipeline, redis_client, em
     deliver(pipeline, event)
     run_worker_burst(pipeline)
     calls_before = emulator_stats(emulator)["calls"]
-    # Replay the crash: the published mark is there, the job runs again from the queue.
-    assert redis_client.exists(published_key(event["eventId"]))
+    # Replay the crash: the event is marked published, and a job for it runs again from the queue.
+    assert recall(redis_client, event_marks(pipeline.dedupe_ttl_seconds), event["eventId"]) == PUBLISHED
+    # The edge takes a redelivery for a duplicate: the mark that records the publish is the dedupe mark.
     deliver_again = sample_event(event_id=event["eventId"])
-    redis_client.delete(dedupe_key(event["eventId"]))
-    deliver(pipeline, deliver_again)
+    with TestClient(create_app(pipeline)) as client:
+        body = encode(deliver_again)
+        response = client.post(
+            "/webhooks/smartcar", content=body, headers=signed_headers(body, "test-management-token")
+        )
+        assert response.json()["status"] == "duplicate"
+    queue_raw_body(redis_client, event["eventId"], encode(deliver_again).decode())
     run_worker_burst(pipeline)
     assert len(outputs(redis_client)) == 1
     # The re-run did not call Smartcar again.

@@ -14,7 +14,18 @@ from rq.serializers import JSONSerializer
 from cli.samples import sample_event
 from core.redis.acl import Role, acl_rules
 from core.redis.custody import read_stranded
-from core.redis.keys import TOKEN_KEY, WORKERS_SET, dequeued_key
+from core.redis.keys import (
+    APPLICATION_PAUSE_KEY,
+    BUDGET_KEY,
+    TOKEN_KEY,
+    USAGE_PREFIX,
+    WORKERS_SET,
+    dequeued_key,
+    read_key,
+    vehicle_pause_key,
+    vehicle_state_key,
+)
+from core.redis.memory import read_memory
 from core.redis.queue_metrics import read_snapshot
 from tests.pipeline import outputs, run_worker_burst, stream_entries
 from tests.procs import RedisServer, free_port, wait_for_port
@@ -53,6 +64,14 @@ def test_web_and_worker_run_the_pipeline_as_their_own_users(pipeline, acl_redis)
     assert [entry["event_id"] for entry in outputs(admin)] == [event["eventId"]]
     assert [entry["reason"] for entry in stream_entries(admin, pipeline.parked_stream)] == ["legacy_v2"]
     assert admin.get(TOKEN_KEY) is not None
+    # the worker shared its reads and counted them under its own user (core.smartcar.cache, .usage)
+    vehicle, user = event["data"]["vehicle"]["id"], event["data"]["user"]["id"]
+    assert admin.hget(read_key("signals", vehicle, user), "data") is not None
+    assert admin.keys(f"{USAGE_PREFIX}*")
+    # the worker merged the vehicle's latest state under its own user (VEHICLE_STATE_PREFIX)
+    assert admin.hget(vehicle_state_key(pipeline.vehicle_state_prefix, event["data"]["vehicle"]["id"]), "_eventId") == (
+        event["eventId"].encode()
+    )
 
 
 def test_web_metrics_read_every_gauge_as_the_web_user(pipeline, acl_redis):
@@ -64,6 +83,10 @@ def test_web_metrics_read_every_gauge_as_the_web_user(pipeline, acl_redis):
     snapshot = read_snapshot(web, pipeline)
     assert snapshot.depth == 0
     assert read_stranded(web, pipeline.ingest_queue).count == 1
+    # Redis's memory for /metrics and the startup warning: INFO's memory section, and nothing else
+    assert read_memory(web).used_bytes > 0
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        web.info("server")
     web.close()
 
 
@@ -84,6 +107,12 @@ def test_web_user_cannot_forge_output_read_the_token_or_administer(pipeline, acl
         lambda: web.keys("*"),
         lambda: web.rpush("rq:queue:another-queue", "job"),
         lambda: web.hset("smartcar:vehicle-state:v1", "x", "1"),
+        # poisoning the reads the workers share, or stalling them with a fake budget or pause
+        lambda: web.hset(read_key("signals", "v1", "u1"), "data", "[]"),
+        lambda: web.hget(read_key("vehicle", "v1", "u1"), "data"),
+        lambda: web.set(BUDGET_KEY, "99999999999999"),
+        lambda: web.hset(APPLICATION_PAUSE_KEY, "until", "99999999999999"),
+        lambda: web.hset(vehicle_pause_key("v1"), "until", "99999999999999"),
     ]
     for attempt in attempts:
         with pytest.raises(redis.exceptions.NoPermissionError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -17,8 +18,9 @@ from core.errors import (
     SmartcarUnavailable,
     TokenRequestFailed,
 )
-from core.redis.keys import TOKEN_KEY
+from core.redis.keys import APPLICATION_PAUSE_KEY, TOKEN_KEY, vehicle_pause_key
 from core.smartcar.client import SmartcarClient, parse_error
+from core.smartcar.limiter import OverBudget, RequestLimiter
 from core.smartcar.tokens import AppToken, AppTokenProvider, TokenSeal
 
 API = "https://vehicle.example.test/v3"
@@ -389,3 +391,103 @@ def test_every_vehicle_request_stays_under_its_vehicle_path(redis_url, fake, no_
     paths = [request.url.path for request in fake.requests if str(request.url) != TOKEN_URL]
     assert len(paths) == 3
     assert all(path == f"/v3/vehicles/{vehicle_id}" or path.startswith(f"/v3/vehicles/{vehicle_id}/") for path in paths)
+
+
+# With a gate: the deployment's limiter (core.smartcar.limiter) in front of every request
+
+
+def gated(redis_url, fake, scenario, **limits):
+    """Run ``scenario(client, limiter, redis)`` with a client whose requests pass a real RequestLimiter."""
+
+    async def run_it():
+        redis, http, tokens, _ = await make(redis_url, fake)
+        limiter = RequestLimiter(redis, **limits)
+        try:
+            return await scenario(SmartcarClient(http, API, tokens, gate=limiter), limiter, redis)
+        finally:
+            await http.aclose()
+            await redis.aclose()
+
+    return asyncio.run(run_it())
+
+
+def rate_limited(code: str, retry_after: str | None = None) -> httpx.Response:
+    headers = {} if retry_after is None else {"retry-after": retry_after}
+    return httpx.Response(
+        429, headers=headers, json={"errors": [{"status": "429", "type": "RATE_LIMIT", "code": code}]}
+    )
+
+
+def test_every_request_passes_the_gate_pages_and_401_retries_included(redis_url, fake, no_waits):
+    """Two signal pages and a vehicle read that met a 401: four requests, each admitted and counted."""
+    page = {"data": [{"id": "a"}], "links": {"next": f"{API}/vehicles/v/signals?page=2"}}
+    fake.answers["/v3/vehicles/v/signals"] = [httpx.Response(200, json=page), httpx.Response(200, json={"data": []})]
+    fake.answers["/v3/vehicles/v"] = [httpx.Response(401, json={})]
+
+    async def scenario(client, limiter, _redis):
+        with limiter.tally() as tally:
+            await client.get_signals("v", "u")
+            await client.get_vehicle("v", "u")
+        return dict(tally.calls)
+
+    assert gated(redis_url, fake, scenario) == {"signals": 2, "vehicle": 2}
+
+
+def test_a_vehicle_429_pauses_the_vehicle_for_every_process_and_the_retry_waits_it_out(
+    redis_url, fake, redis_client, no_waits
+):
+    """429 RATE_LIMIT:VEHICLE with Retry-After 0.3: the vehicle's pause is written to Redis for
+    every process, and the retry goes only once it has passed (stamina's own wait is off here)."""
+    fake.answers["/v3/vehicles/v"] = [rate_limited("VEHICLE", "0.3")]
+
+    async def scenario(client, _limiter, _redis):
+        started = time.monotonic()
+        body = await client.get_vehicle("v", "u")
+        return body, time.monotonic() - started
+
+    body, elapsed = gated(redis_url, fake, scenario)
+    assert body["id"] == "v"
+    assert elapsed >= 0.25
+    assert redis_client.hget(vehicle_pause_key("v"), "until") is not None
+    assert redis_client.exists(APPLICATION_PAUSE_KEY) == 0
+    assert len([r for r in fake.requests if r.url.path == "/v3/vehicles/v"]) == 2
+
+
+def test_an_application_429_pauses_the_application(redis_url, fake, redis_client, no_waits):
+    """429 RATE_LIMIT:SMARTCAR_API (no Retry-After, as Smartcar documents it) pauses every call."""
+    fake.answers["/v3/vehicles/v"] = [rate_limited("SMARTCAR_API")]
+
+    async def scenario(client, _limiter, _redis):
+        with pytest.raises(OverBudget) as refused:
+            await client.get_vehicle("v", "u")
+        return refused.value.cause
+
+    assert gated(redis_url, fake, scenario, wait_seconds=0.5) == "application"
+    assert redis_client.hget(APPLICATION_PAUSE_KEY, "until") is not None
+
+
+def test_a_request_the_gate_cannot_admit_in_time_is_never_sent_nor_retried(redis_url, fake, no_waits):
+    """Retry-After 30 s against a 1 s wait: one request went out (the 429), the retry is refused by
+    the gate at once as OverBudget (a SmartcarRateLimited), and nothing more is sent."""
+    fake.answers["/v3/vehicles/v"] = [rate_limited("VEHICLE", "30")]
+
+    async def scenario(client, _limiter, _redis):
+        with pytest.raises(SmartcarRateLimited) as refused:
+            await client.get_vehicle("v", "u")
+        return refused.value
+
+    refused = gated(redis_url, fake, scenario, wait_seconds=1)
+    assert isinstance(refused, OverBudget)
+    assert refused.cause == "vehicle"
+    assert len([r for r in fake.requests if r.url.path == "/v3/vehicles/v"]) == 1
+
+
+def test_without_a_gate_429s_are_retried_by_the_client_alone(redis_url, fake, redis_client, no_waits):
+    """The operator tools' client (no gate) keeps its own 429 handling and writes no pause."""
+    fake.answers["/v3/vehicles/v"] = [rate_limited("VEHICLE", "0")]
+
+    async def scenario(_tokens, client):
+        return await client.get_vehicle("v", "u")
+
+    assert using(redis_url, fake, scenario)["id"] == "v"
+    assert redis_client.exists(vehicle_pause_key("v")) == 0

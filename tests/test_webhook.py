@@ -7,7 +7,10 @@ the app served by uvicorn (:class:`tests.procs.LiveServer`).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,12 +24,17 @@ from starlette.testclient import TestClient
 
 from cli.samples import encode, sample_event
 from core.config import Settings
-from core.redis.keys import dedupe_key, job_id_for
+from core.errors import InvalidJob
+from core.redis.dedupe import event_marks, recall
+from core.redis.jobs import job_payload, spliced_job_data
+from core.redis.keys import job_id_for
 from core.signatures import answer_challenge
 from service.admin import create_admin_app
 from service.app import create_app
+from service.webhooks import Deadlines
 from tests.conftest import OLD_TOKEN, TOKEN, fixture_paths, load_fixture, signed_headers
 from tests.procs import LiveServer
+from workers.jobs import read_payload
 from workers.processor import parse_body
 
 URL = "/webhooks/smartcar"
@@ -44,6 +52,11 @@ def post(client, document_or_body, token=TOKEN, headers=None):
 def queued_jobs(redis_client, name="smartcar-events"):
     queue = Queue(name, connection=redis_client, serializer=JSONSerializer)
     return queue.get_jobs()
+
+
+def worker_body(job: Job) -> str:
+    """The body the worker reads from a queued job: the delivery's own text, byte for byte."""
+    return read_payload(job.args[0], job.data)["body"]
 
 
 def parked(redis_client):
@@ -131,7 +144,7 @@ def test_signed_verify_with_any_challenge_is_answered(client):
 
 
 @pytest.mark.parametrize("event_type", ["VEHICLE_STATE", "VEHICLE_ERROR"])
-def test_new_event_is_accepted_and_enqueued_as_a_json_rq_job(client, redis_client, event_type):
+def test_new_event_is_accepted_and_enqueued_as_a_json_rq_job(client, redis_client, settings, event_type):
     """A new signed event gets 202 accepted and exactly one RQ job with the raw body."""
     document = sample_event(event_type)
     body = encode(document)
@@ -146,21 +159,28 @@ def test_new_event_is_accepted_and_enqueued_as_a_json_rq_job(client, redis_clien
     [payload] = job.args
     assert payload["eventId"] == document["eventId"]
     assert payload["eventType"] == event_type
-    assert payload["body"] == body.decode()
+    # RQ reads the embedded body as the JSON object it is; the worker reads its exact bytes.
+    assert payload["body"] == document
+    assert worker_body(job) == body.decode()
     assert isinstance(payload["receivedAt"], int)
     # The description shows type and id, never the body.
     assert document["data"]["vehicle"]["id"] not in job.description
-    assert redis_client.ttl(dedupe_key(document["eventId"])) > 0
+    assert recall(redis_client, event_marks(settings.dedupe_ttl_seconds), document["eventId"]) == b"1"
 
 
 def test_job_is_stored_with_the_json_serializer_not_pickle(client, redis_client):
-    """The job's data field is JSON text naming the function and carrying the body."""
+    """The job's data field is JSON text naming the function and carrying the body verbatim."""
     document = sample_event()
-    post(client, document)
+    document["data"]["vehicle"]["model"] = 'Mégane "E-Tech" \\ ✓'
+    body = json.dumps(document, indent=1, ensure_ascii=False).encode()  # any spacing, non-ASCII kept
+    assert post(client, body).status_code == 202
     raw = redis_client.hget(Job.key_for(document["eventId"]), "data")
     decoded = json.loads(raw)
     assert decoded[0] == "workers.jobs.process_event"
-    assert decoded[2][0]["body"] == encode(document).decode()
+    assert decoded[2][0]["body"] == document
+    assert body in raw  # not escaped into a string: the delivery's own bytes
+    [job] = queued_jobs(redis_client)
+    assert worker_body(job).encode() == body
 
 
 def test_duplicate_event_is_acknowledged_without_a_second_job(client, redis_client):
@@ -182,7 +202,56 @@ def test_every_captured_fixture_is_accepted(settings, redis_client, path):
         response = post(client, path.read_bytes())
     assert response.status_code == 202
     assert response.json() == {"status": "accepted", "eventId": load_fixture(path)["eventId"]}
-    assert len(queued_jobs(redis_client)) == 1
+    [job] = queued_jobs(redis_client)
+    # The job carries the capture as delivered (pretty-printed, newlines and all), not re-encoded.
+    assert job.args[0]["body"] == load_fixture(path)
+    assert worker_body(job).encode() == path.read_bytes()
+
+
+def test_rq_reads_and_saves_a_job_with_an_embedded_body_without_changing_it(client, redis_client, redis_url):
+    """RQ fetches the job (function, payload with the body as a JSON object), saves it again as it does on a
+    retry or a requeue, and ``rq info`` counts it; the worker still reads the delivery byte for byte."""
+    document = sample_event()
+    body = json.dumps(document, indent=2).encode()
+    assert post(client, body).status_code == 202
+    job = Job.fetch(document["eventId"], connection=redis_client, serializer=JSONSerializer)
+    assert job.func_name == "workers.jobs.process_event"
+    [payload] = job.args
+    assert payload == {
+        "eventId": document["eventId"],
+        "eventType": "VEHICLE_STATE",
+        "receivedAt": payload["receivedAt"],
+        "body": document,
+    }
+    job.retries_left = 1
+    job.save()  # RQ compresses the data it writes back; it reads either form
+    again = Job.fetch(document["eventId"], connection=redis_client, serializer=JSONSerializer)
+    assert again.args == [payload]
+    assert worker_body(again).encode() == body
+    result = subprocess.run(
+        [sys.executable, "-m", "rq.cli", "info", "--url", redis_url, "--only-queues", "--raw", "smartcar-events"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("queue smartcar-events 1,"), result.stdout
+
+
+def test_the_worker_reads_bodies_written_as_text_too():
+    """Jobs whose body is a JSON string (written by replay, the spool's drain or an older web) read as before,
+    and a body RQ hands over parsed is taken from the job's data only when the data has the edge's form."""
+    text = encode(sample_event()).decode()
+    assert read_payload(job_payload("e", "VEHICLE_STATE", text, 1))["body"] == text
+    spliced = spliced_job_data("e", "VEHICLE_STATE", text.encode(), 1)
+    payload = json.loads(spliced)[2][0]
+    assert read_payload(payload, spliced)["body"] == text
+    # RQ's own serializer (json.dumps, with spaces) never writes the edge's layout: the body is not guessed at.
+    by_rq = JSONSerializer.dumps(["workers.jobs.process_event", None, [payload], {}])
+    with pytest.raises(InvalidJob, match="body is missing or not a string"):
+        read_payload(payload, by_rq)
+    with pytest.raises(InvalidJob, match="body is missing or not a string"):
+        read_payload(payload)
 
 
 def test_event_id_that_rq_would_refuse_gets_a_derived_job_id(client, redis_client):
@@ -425,7 +494,7 @@ def test_unreadable_times_and_years_are_accepted_and_read_as_unknown(live, redis
     assert response.status_code == 202
     assert response.json() == {"status": "accepted", "eventId": document["eventId"]}
     [job] = queued_jobs(redis_client)
-    event = parse_body(job.args[0]["body"])  # the worker's own parse step
+    event = parse_body(worker_body(job))  # the worker's own parse step
     assert event.event_id == document["eventId"]
     assert event.signals[0].oemUpdatedAt is None
     assert event.signals[0].retrievedAt is None
@@ -495,8 +564,12 @@ def test_replay_after_the_event_id_is_forgotten_is_refused(settings, redis_clien
         assert send(http, body).json()["status"] == "accepted"
         redis_client.delete(Job.key_for(json.loads(body)["eventId"]))
         redis_client.delete("rq:queue:smartcar-events")
-        time.sleep(2.5)  # the dedupe mark expires; the signature stays valid forever
-        assert redis_client.exists(dedupe_key(json.loads(body)["eventId"])) == 0
+        # The dedupe mark expires (between the TTL and the TTL plus a slot); the signature stays valid forever.
+        marks = event_marks(short.dedupe_ttl_seconds)
+        deadline = time.monotonic() + 10
+        while recall(redis_client, marks, json.loads(body)["eventId"]) is not None:
+            assert time.monotonic() < deadline
+            time.sleep(0.25)
         assert_error(send(http, body), 400, "delivery_too_old")
     assert queued_jobs(redis_client) == []
 
@@ -563,10 +636,55 @@ def test_what_the_edge_accepts_the_worker_parses_with_the_same_event_id(live, re
             job = Job.fetch(job_id_for(accepted_id), connection=redis_client, serializer=JSONSerializer)
             payload = job.args[0]
             assert payload["eventId"] == accepted_id
-            parsed = parse_body(payload["body"])
+            parsed = parse_body(worker_body(job))
             assert parsed.event_id == accepted_id
             json.dumps(parsed.model_dump(mode="json"), allow_nan=False)
 
     check()
     print("edge outcomes:", dict(outcomes))
     assert outcomes["202 accepted"] >= 30, "the property must be exercised by accepted deliveries"
+
+
+# --- deadlines ---------------------------------------------------------------------------------
+
+
+def test_a_deadline_ends_the_wait_it_was_given_and_nothing_else():
+    """One timer for every request: a wait past its deadline is cancelled (within a tick before its time), a
+    wait that ends in time is left alone afterwards, and any other cancellation still propagates."""
+
+    async def scenario() -> None:
+        deadlines = Deadlines(tick=0.02)
+        started = time.monotonic()
+        task = deadlines.start(0.2)
+        try:
+            await asyncio.sleep(5)
+            raise AssertionError("the deadline did not fire")
+        except asyncio.CancelledError:
+            assert deadlines.timed_out(task)
+        finally:
+            deadlines.stop(task)
+        assert 0.15 <= time.monotonic() - started <= 0.2 + 0.1
+        assert task.cancelling() == 0  # withdrawn: the task goes on, as after asyncio.timeout
+
+        task = deadlines.start(0.05)
+        await asyncio.sleep(0)
+        deadlines.stop(task)
+        await asyncio.sleep(0.15)  # the sweep finds nothing of this task to cancel
+
+        async def waiter() -> None:
+            own = deadlines.start(5)
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                assert not deadlines.timed_out(own)
+                raise
+            finally:
+                deadlines.stop(own)
+
+        other = asyncio.create_task(waiter())
+        await asyncio.sleep(0.01)
+        other.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await other
+
+    asyncio.run(scenario())

@@ -9,7 +9,7 @@ from rq import get_current_job
 from core import metrics
 from core.errors import InvalidJob
 from core.logs import get_logger
-from core.redis.jobs import JobPayload
+from core.redis.jobs import JobPayload, spliced_body
 from workers import runtime
 
 log = get_logger("smartcar_ingest.worker")
@@ -18,30 +18,36 @@ log = get_logger("smartcar_ingest.worker")
 _TEXT_KEYS = ("eventId", "eventType", "body")
 
 
-def read_payload(value: object) -> JobPayload:
+def read_payload(value: object, data: bytes | None = None) -> JobPayload:
     """``value`` as a :class:`JobPayload`, or :class:`InvalidJob` saying which keys are wrong.
 
     The message names keys and types only, never a value (a body carries locations and VINs).
     Keys beyond the four of a job payload are ignored, so jobs written by a newer web process
     during a rolling upgrade still run here.
+
+    The web edge embeds a delivery's body in the job verbatim, so RQ hands it over parsed (a
+    dict): its exact text is then taken from the job's ``data`` (:func:`core.redis.jobs.spliced_body`).
     """
     if not isinstance(value, dict):
         raise InvalidJob(
             f"Refused by smartcar-ingest: the job's argument is a {type(value).__name__}, not a job payload."
         )
-    problems = [f"{key} is missing or not a string" for key in _TEXT_KEYS if not isinstance(value.get(key), str)]
-    if value.get("eventId") == "":
+    fields = dict(value)
+    if isinstance(fields.get("body"), dict) and data is not None:
+        fields["body"] = spliced_body(data)
+    problems = [f"{key} is missing or not a string" for key in _TEXT_KEYS if not isinstance(fields.get(key), str)]
+    if fields.get("eventId") == "":
         problems.append("eventId is empty")
-    received_at = value.get("receivedAt")
+    received_at = fields.get("receivedAt")
     if isinstance(received_at, bool) or not isinstance(received_at, int) or received_at < 0:
         problems.append("receivedAt is missing or not a whole number of milliseconds")
         received_at = 0
     if problems:
         raise InvalidJob(f"Refused by smartcar-ingest: the job's argument is not a job payload: {'; '.join(problems)}.")
     return {
-        "eventId": value["eventId"],
-        "eventType": value["eventType"],
-        "body": value["body"],
+        "eventId": fields["eventId"],
+        "eventType": fields["eventType"],
+        "body": fields["body"],
         "receivedAt": received_at,
     }
 
@@ -57,7 +63,7 @@ def process_event(payload: object) -> dict[str, Any]:
     """
     job = get_current_job()
     try:
-        checked = read_payload(payload)
+        checked = read_payload(payload, job.data if job is not None else None)
     except InvalidJob as exc:
         if job is not None:
             # RQ retries a failed job while it has retries left; this one goes straight to the

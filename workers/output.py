@@ -1,8 +1,10 @@
-"""The enriched event published on ``OUTPUT_STREAM`` (schema version 1, see the README).
+"""The enriched event published on ``OUTPUT_STREAM`` (schema version 2, see docs/consumers.md).
 
 Built from the normalised webhook, the internal user, and what the v3 API answered. When the
 API refused a read for good, the webhook's own copy stands in and ``enrichment.status`` is
-``"partial"`` with the refusal listed, so consumers always get the event.
+``"partial"`` with the refusal listed, so consumers always get the event. When a read was
+skipped because of rate limiting, whatever was cached stands in, also ``"partial"``.
+``enrichment.reads`` says where the vehicle and the signals came from (schema version 2).
 """
 
 from __future__ import annotations
@@ -17,20 +19,25 @@ from core.events import Signal, VehicleEvent, signal_status
 from core.store.users import UserRecord
 from core.timestamps import epoch_ms, retrieved_at
 
-SCHEMA_VERSION = 1
+#: 2: ``enrichment.reads`` (where each read came from) and ``staleSignals``.
+SCHEMA_VERSION = 2
 
 
 @dataclass
 class Enrichment:
-    """What the API calls produced: the vehicle resource, the signal resources and any refusals."""
+    """What the reads produced: the vehicle resource, the signal resources, any refusals, and
+    where each read came from (``reads``: call → ``{"source", "fetchedAt", "reason"}``)."""
 
     vehicle: dict[str, Any] | None = None
     signals: list[dict[str, Any]] | None = None
     errors: list[dict[str, Any]] = field(default_factory=list)
+    reads: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
-        return "partial" if self.errors else "complete"
+        """``partial`` when a read was refused or skipped, else ``complete``."""
+        skipped = any(read.get("source") == "skipped" for read in self.reads.values())
+        return "partial" if self.errors or skipped else "complete"
 
 
 def iso_ms(epoch_milliseconds: int) -> str:
@@ -108,13 +115,16 @@ def build_document(
         "latestSignals": [api_signal(r) for r in enrichment.signals or ()],
         "errors": [e.model_dump(mode="json") for e in event.errors],
         "triggers": [t.model_dump(exclude_none=True) for t in event.triggers],
-        "enrichment": {"status": enrichment.status, "errors": enrichment.errors},
+        "enrichment": {"status": enrichment.status, "errors": enrichment.errors, "reads": enrichment.reads},
         "meta": {
             "deliveryId": event.meta.deliveryId,
             "deliveredAt": event.meta.deliveredAt,
             "webhookId": event.meta.webhookId,
             "mode": event.meta.mode,
         },
+        # The codes whose value in this event is older than the vehicle's state held: filled in by
+        # the processor when it merges the document into the state, before publishing.
+        "staleSignals": [],
     }
 
 

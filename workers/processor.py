@@ -1,8 +1,10 @@
 """One accepted delivery → one enriched entry on the output stream (or one parked entry).
 
-The steps: parse the body as received → look the user up by ``data.user.id`` → fetch the
-vehicle and its latest signals concurrently with the application token and ``sc-user-id`` →
-build the output document → publish it idempotently.
+The steps: parse the body as received → look the user up by ``data.user.id`` → read the
+vehicle and its latest signals concurrently with the application token and ``sc-user-id``, each
+read shared by every event it may serve (:mod:`core.smartcar.reads`) →
+build the output document → merge it into the vehicle's latest state, which names the signals the
+state held newer (``staleSignals``) → publish it idempotently.
 
 What happens on failure:
 
@@ -10,8 +12,10 @@ What happens on failure:
 unknown user                              parked ``unknown_user`` (``users link`` + ``replay``)
 body that does not parse (for any reason) parked with the parser's reason, never failed in RQ
 Smartcar refuses a read (4xx, not 401)    published with ``enrichment.status = "partial"``
+a read rate limited (the budget, a 429    skipped: published at once, ``partial``, with what is
+that outlasts ``ENRICH_WAIT_SECONDS``)    cached (never retried, never parked)
 401 even after a token refresh            parked ``upstream_rejected``
-transient (network, 5xx, 429, database)   raised so RQ retries the job; on the last attempt,
+transient (network, 5xx, database)        raised so RQ retries the job; on the last attempt,
                                           parked ``retries_exhausted``
 ========================================  ==================================================
 """
@@ -30,7 +34,6 @@ from core import events, metrics
 from core.errors import (
     InvalidPayload,
     LegacyPayload,
-    SmartcarRejected,
     SmartcarUnauthorized,
     SmartcarUnavailable,
     TransientError,
@@ -42,8 +45,8 @@ from core.redis.jobs import JobPayload
 from core.redis.outage import until_redis_answers_async
 from core.redis.parked import ParkedStream
 from core.redis.published import OutputStream
-from core.smartcar.client import SmartcarClient
-from core.smartcar.sharing import SharedReads
+from core.redis.vehicle_state import VehicleStates
+from core.smartcar.reads import Read, VehicleReads
 from core.store.users import UserStore
 from workers.output import Enrichment, build_document, stream_fields
 
@@ -88,12 +91,19 @@ async def _through_outage(call: Callable[[], Awaitable[T]], patience: float = RE
 class EventProcessor:
     """Processes job payloads written by :mod:`core.redis.inbox`. Safe to run many at once."""
 
-    def __init__(self, users: UserStore, smartcar: SmartcarClient, output: OutputStream, parked: ParkedStream) -> None:
+    def __init__(
+        self,
+        users: UserStore,
+        reads: VehicleReads,
+        output: OutputStream,
+        parked: ParkedStream,
+        vehicle_states: VehicleStates | None = None,
+    ) -> None:
         self._users = users
-        self._smartcar = smartcar
+        self._reads = reads
         self._output = output
         self._parked = parked
-        self._shared = SharedReads()
+        self._vehicle_states = vehicle_states
 
     async def process(self, payload: JobPayload, final_attempt: bool, budget_seconds: float = 60.0) -> Outcome:
         """Process one job payload. Raises a :class:`TransientError` only when a retry may help
@@ -159,6 +169,7 @@ class EventProcessor:
 
         published_at = time.time_ns() // 1_000_000
         output = build_document(event, user, enrichment, received_at, published_at)
+        output["staleSignals"] = await self._merge_state(event, output, vehicle_from_api=enrichment.vehicle is not None)
         fields = stream_fields(event, user, output)
         entry_id = await _through_outage(lambda: self._output.publish(event_id, fields))
         if entry_id is None:
@@ -173,60 +184,60 @@ class EventProcessor:
         return Outcome(event_id, "published", entry_id=entry_id)
 
     async def _enrich(self, event: events.VehicleEvent, received_at_ms: int) -> Enrichment:
-        """Fetch the vehicle and its signals concurrently; refusals become partial enrichment.
+        """Read the vehicle and its signals (:class:`core.smartcar.reads.VehicleReads`: shared across
+        workers, budgeted); refusals and rate limits become partial enrichment.
 
-        Events for the same vehicle in flight together share calls that started after they
-        were received (:class:`core.smartcar.sharing.SharedReads`), which cannot make their data older.
+        A revoked access is raised first (the event is parked ``upstream_rejected``), then anything
+        transient (the job is retried). A rate-limited read is never raised: it is skipped, and the
+        event published at once with what is cached.
         """
-        vehicle_id, user_id = event.vehicle.id, event.smartcar_user_id
-        outcomes: tuple[Any, Any] = await asyncio.gather(
-            self._read("vehicle", vehicle_id, user_id, received_at_ms, self._smartcar.get_vehicle),
-            self._read("signals", vehicle_id, user_id, received_at_ms, self._smartcar.get_signals),
-            return_exceptions=True,
+        outcomes = await self._reads.read_event(
+            event.vehicle.id,
+            event.smartcar_user_id,
+            received_at_ms,
+            after_error=event.event_type == events.VEHICLE_ERROR,
         )
-        vehicle, signals = outcomes
-        enrichment = Enrichment()
-        results: list[tuple[str, object]] = [("vehicle", vehicle), ("signals", signals)]
-        # Decide by the most serious failure: revoked access first, then anything transient.
-        for _, result in results:
+        for result in outcomes:
             if isinstance(result, SmartcarUnauthorized):
                 raise result
-        for _, result in results:
-            if isinstance(result, BaseException) and not isinstance(result, SmartcarRejected):
+        for result in outcomes:
+            if isinstance(result, BaseException):
                 raise result
-        for call, result in results:
-            if isinstance(result, SmartcarRejected):
+        vehicle, signals = outcomes
+        assert isinstance(vehicle, Read)
+        assert isinstance(signals, Read)
+        enrichment = Enrichment()
+        for read in (vehicle, signals):
+            enrichment.reads[read.call] = read.describe()
+            if read.error is not None:
+                error = read.error
                 enrichment.errors.append(
-                    {"call": call, "status": result.status, "type": result.error_type, "code": result.error_code}
+                    {"call": read.call, "status": error.status, "type": error.error_type, "code": error.error_code}
                 )
-        if isinstance(vehicle, dict):
-            enrichment.vehicle = vehicle
-        if isinstance(signals, list):
-            enrichment.signals = signals
+        if isinstance(vehicle.data, dict):
+            enrichment.vehicle = vehicle.data
+        if isinstance(signals.data, list):
+            enrichment.signals = signals.data
         return enrichment
 
-    async def _read(
-        self,
-        call: Literal["vehicle", "signals"],
-        vehicle_id: str,
-        user_id: str,
-        received_at_ms: int,
-        fetch: Callable[[str, str], Awaitable[Any]],
-    ) -> Any:
-        """One shared read (:class:`SharedReads`), counted in ``smartcar_ingest_shared_reads_total``
-        when it joined another event's call instead of starting its own."""
-        started = False
+    async def _merge_state(
+        self, event: events.VehicleEvent, output: dict[str, Any], vehicle_from_api: bool
+    ) -> list[str]:
+        """Merge the event into its vehicle's latest state (before publishing) and return the codes
+        the state already held newer: the payload's ``staleSignals``.
 
-        def start() -> Awaitable[Any]:
-            nonlocal started
-            started = True
-            return fetch(vehicle_id, user_id)
-
-        try:
-            return await self._shared.read((call, vehicle_id, user_id), received_at_ms, start)
-        finally:
-            if not started:
-                metrics.SHARED_READS.labels(call=call).inc()
+        Idempotent (:class:`core.redis.vehicle_state.VehicleStates`): a re-run after a crash
+        between this merge and the publish, or after a lost answer, changes nothing and reports
+        the same codes, unless a newer event of the vehicle was merged in between.
+        """
+        states = self._vehicle_states
+        if states is None:
+            return []
+        signals = [*output["signals"], *output["latestSignals"]]
+        result = await _through_outage(
+            lambda: states.merge(event.vehicle.id, event.event_id, signals, output["vehicle"], vehicle_from_api)
+        )
+        return result.stale_signals
 
     async def _park(self, event_id: str, reason: str, detail: str, body: str) -> Outcome:
         entry_id = await _through_outage(lambda: self._parked.park(event_id, reason, detail, body))

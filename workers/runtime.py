@@ -19,8 +19,9 @@ from core.errors import ConfigurationError
 from core.redis.clients import worker_redis
 from core.redis.parked import ParkedStream
 from core.redis.published import OutputStream
-from core.smartcar.client import smartcar_client
+from core.redis.vehicle_state import VehicleStates
 from core.smartcar.http import smartcar_http
+from core.smartcar.reads import vehicle_reads
 from core.store.users import UserStore
 from workers.processor import EventProcessor
 
@@ -53,11 +54,17 @@ class Runtime:
             users = UserStore(settings.database_url)
             self._processor = EventProcessor(
                 users,
-                smartcar_client(settings, redis, http),
-                OutputStream(redis, settings.output_stream, published_ttl_seconds=settings.dedupe_ttl_seconds),
+                vehicle_reads(settings, redis, http),
+                OutputStream(
+                    redis,
+                    settings.output_stream,
+                    published_ttl_seconds=settings.dedupe_ttl_seconds,
+                    retention_seconds=settings.output_stream_retention_seconds,
+                ),
                 ParkedStream(
                     redis, settings.parked_stream, settings.dedupe_ttl_seconds, settings.parked_retention_seconds
                 ),
+                vehicle_states=VehicleStates(redis, settings.vehicle_state_prefix, settings.vehicle_state_ttl_seconds),
             )
             self._closers = [redis.aclose, http.aclose, users.dispose]
         return self._processor

@@ -51,6 +51,7 @@ from core.config import Settings
 from core.logs import get_logger
 from core.redis.clients import rq_redis
 from core.redis.keys import dequeued_key, text
+from core.redis.memory import warn_without_maxmemory
 from core.redis.outage import redis_unavailable, until_redis_answers
 from workers import runtime
 from workers.admission import refusal_reason, refuse, refuse_unreadable
@@ -479,6 +480,7 @@ def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAU
     connection = rq_redis(settings, max_connections=concurrency + 16)
     # Start once Redis answers, so a worker started during an outage waits instead of crashing.
     until_redis_answers(connection.ping, give_up_after=300.0)
+    warn_without_maxmemory(connection)
     queue = Queue(settings.ingest_queue, connection=connection, serializer=JSONSerializer)
     worker = ConcurrentWorker([queue], connection=connection, serializer=JSONSerializer, concurrency=concurrency)
     metrics_server = start_worker_metrics(settings)

@@ -7,8 +7,7 @@ codes are lowercase, and no number in a signal body or error is NaN or infinite.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
@@ -85,9 +84,9 @@ class VehicleEvent(_Model):
     meta: DeliveryMeta = DeliveryMeta()
 
 
-@dataclass(frozen=True, slots=True)
-class QuickEvent:
-    """What the web edge needs to know of a valid vehicle event."""
+class QuickEvent(NamedTuple):
+    """What the web edge needs to know of a valid vehicle event (a tuple: built once per delivery,
+    several times cheaper than a frozen dataclass)."""
 
     event_id: str
     event_type: str

@@ -2,7 +2,11 @@
 
 * **One pass** (:func:`quick_vehicle_event` at the web edge, :func:`parse_stored` in the worker):
   the bytes are validated against :class:`~core.events.wire.WebEnvelope` straight from JSON, with
-  no intermediate document. Every well-formed vehicle event is read this way.
+  no intermediate document. Every well-formed vehicle event is read this way. The edge, which
+  needs only the envelope's ids and times, validates with the same model's schema pruned of the
+  objects it never reads (:data:`~core.events.wire.EDGE_VALIDATOR`): the same checks on the same
+  bytes, so it accepts exactly the bodies the worker's model accepts, without building a model
+  instance per signal or a Python object for any signal's body.
 * **Step by step**, in the order the edge checks the rest: :func:`load_json` (400 when it fails),
   :func:`classify` (event type, legacy or unknown), then :func:`parse_event` or
   :func:`parse_verify` (the schema). This tells a 400 from a parked payload and names the reason.
@@ -16,6 +20,7 @@ belongs (a numeric make, say) is written by pydantic-core as read from JSON (``1
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pydantic_core
@@ -24,21 +29,40 @@ from pydantic import ValidationError
 from core.errors import InvalidPayload, LegacyPayload, MalformedBody, UnknownEventType
 from core.events.model import QuickEvent, VehicleEvent
 from core.events.normalise import clip, normalise
-from core.events.wire import VEHICLE_EVENT_TYPES, VERIFY, WebEnvelope, WireEnvelope, WireVerify, is_legacy
+from core.events.wire import (
+    EDGE_VALIDATOR,
+    VEHICLE_EVENT_TYPES,
+    VERIFY,
+    WebEnvelope,
+    WireEnvelope,
+    WireVerify,
+    is_legacy,
+)
 from core.timestamps import epoch_ms
 
 _NOT_JSON = "The body is not valid UTF-8 JSON."
+# Two literal searches: re's scan for a literal is about twice as fast as ``bytes in bytes``
+# here, and one pattern with an alternative is ten times slower than both.
+_NAN = re.compile(rb"NaN").search
+_INFINITY = re.compile(rb"Infinity").search
 
 
 # ---------------------------------------------------------------------------------------------
 # One pass.
 
 
+def _may_hold_non_finite_literal(body: bytes) -> bool:
+    """True when ``body`` holds the bytes ``NaN`` or ``Infinity``, in a string or as a literal.
+
+    The one-pass validators read NaN and Infinity literals as numbers; load_json refuses them. A
+    body holding those bytes (in a string, far more often) takes the step-by-step path instead.
+    """
+    return _NAN(body) is not None or _INFINITY(body) is not None
+
+
 def _one_pass(body: bytes) -> WebEnvelope | None:
     """The envelope of a well-formed VEHICLE_STATE / VEHICLE_ERROR, validated from bytes; else None."""
-    # The one-pass validator reads NaN and Infinity literals as numbers; load_json refuses them. A
-    # body holding those bytes (in a string, far more often) takes the step-by-step path instead.
-    if b"NaN" in body or b"Infinity" in body:
+    if _may_hold_non_finite_literal(body):
         return None
     try:
         wire = WebEnvelope.model_validate_json(body)
@@ -57,16 +81,27 @@ def quick_vehicle_event(body: bytes) -> QuickEvent | None:
     this accepts is exactly what :func:`load_json`, :func:`classify` and :func:`parse_event`
     accept.
     """
-    wire = _one_pass(body)
-    if wire is None:
+    if _may_hold_non_finite_literal(body):
         return None
-    meta = wire.meta
-    return QuickEvent(
-        wire.eventId,
-        wire.eventType,
-        meta.deliveryId if meta else None,
-        epoch_ms(meta.deliveredAt) if meta else None,
-    )
+    try:
+        # Plain dicts: the envelope's fields, each model's checked texts and ids, and nothing of
+        # what any field typed Any holds, except the few the edge reads (core.events.wire).
+        envelope: dict[str, Any] = EDGE_VALIDATOR.validate_json(body)
+    except ValidationError:
+        return None
+    event_type = envelope["eventType"]
+    if event_type not in VEHICLE_EVENT_TYPES:
+        return None
+    if is_legacy(envelope.get("version"), envelope.get("eventName"), envelope.get("payload")):
+        return None
+    # WireEnvelope.vehicle_id: data.vehicle.id, else the top-level vehicleId (both non-empty when given).
+    vehicle = envelope["data"].get("vehicle")
+    if not ((vehicle and vehicle.get("id")) or envelope.get("vehicleId")):
+        return None
+    meta = envelope.get("meta")
+    if meta is None:
+        return QuickEvent(envelope["eventId"], event_type, None, None)
+    return QuickEvent(envelope["eventId"], event_type, meta.get("deliveryId"), epoch_ms(meta.get("deliveredAt")))
 
 
 def parse_stored(body: bytes | str) -> VehicleEvent:

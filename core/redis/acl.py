@@ -5,12 +5,14 @@ read. With one Redis user for both, a compromised web pod could forge enriched e
 output stream, rewrite vehicle state or read anything the workers keep. :func:`acl_rules` gives
 each role its own rule list for ``ACL SETUSER``:
 
-* **web**: write only what accepting a delivery writes (dedupe and parked marks, the RQ job hash,
+* **web**: write only what accepting a delivery writes (the eventId and parked marks, the RQ job hash,
   the ingest queue, RQ's set of queues, the parked stream, Connect's single-use state marks), read
   the RQ keys, stream lengths and worker custody lists that ``/metrics`` reports, and run the few
   commands those take.
-  No output stream, no vehicle state, no token, no administrative command (the maxmemory-policy
-  check at startup then reports that it could not read the policy; the workers check it).
+  No output stream, no vehicle state, no token, no shared Smartcar reads, budget or pauses (a web
+  pod could otherwise feed workers forged vehicle data, or stall them), no administrative command
+  (the maxmemory-policy check at startup then reports that it could not read the policy; the
+  workers check it).
 * **worker**: every key under the RQ and service prefixes and the service's streams and state,
   RQ's pub/sub command channels, and no dangerous command but ``INFO`` (RQ reads the server
   version).
@@ -30,6 +32,8 @@ from core.redis.keys import (
     CONNECT_STATE_PREFIX,
     DEDUPE_PREFIX,
     DEQUEUED_PREFIX,
+    EVENT_IDS_KEY,
+    PARKED_IDS_KEY,
     PARKED_MARK_PREFIX,
     RQ_PREFIX,
     SERVICE_PREFIX,
@@ -54,6 +58,12 @@ _WEB_COMMANDS = [
     "+sadd",
     "+xadd",
     "+exists",
+    # the compact eventId marks (core.redis.dedupe): Redis's clock, the hashes' sizes and expiry,
+    # a parked mark replaced when the reason or body differs
+    "+time",
+    "+hlen",
+    "+expireat",
+    "+hdel",
     # what /metrics and /readyz read
     "+llen",
     "+lindex",
@@ -62,6 +72,8 @@ _WEB_COMMANDS = [
     "+hget",
     "+smembers",
     "+lrange",
+    # Redis's used and max memory for /metrics and the startup warning: INFO's memory section only
+    "+info|memory",
 ]
 
 
@@ -69,6 +81,9 @@ def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str
     """The ACL rules of ``role`` for the configured queue and stream names (no user name or password)."""
     if role == "web":
         keys = [
+            f"~{EVENT_IDS_KEY}*",
+            f"~{PARKED_IDS_KEY}*",
+            # per-key marks of earlier versions, read during the legacy window (core.redis.dedupe)
             f"~{DEDUPE_PREFIX}*",
             f"~{PARKED_MARK_PREFIX}*",
             f"~{CONNECT_STATE_PREFIX}*",
@@ -101,6 +116,8 @@ def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str
         f"~{SERVICE_PREFIX}*",
         f"~{settings.output_stream}",
         f"~{settings.parked_stream}",
+        # the per-vehicle latest state, merged as each event is published (core.redis.vehicle_state)
+        f"~{settings.vehicle_state_prefix}*",
         f"&{RQ_PREFIX}*",
     ]
 

@@ -4,13 +4,19 @@ A 2xx to Smartcar promises that the event is safe, so the dedupe mark and the RQ
 written together: a mark without a job would swallow every redelivery of a lost event, and a
 job without a mark would let a racing redelivery enqueue it twice. Both are written by one Lua
 script, which Redis runs atomically; concurrent redeliveries of one ``eventId`` therefore give
-exactly one job, whatever the interleaving. The job itself is described in :mod:`core.redis.jobs`.
+exactly one job, whatever the interleaving. The mark is a field of a small hash
+(:mod:`core.redis.dedupe`: ≈ 20 B per event, remembered ``DEDUPE_TTL_SECONDS``), and the same
+mark later records the publish. The job itself is described in :mod:`core.redis.jobs`.
+
+Cost on Redis, per event: one lookup per live slot of the marks (8 with the defaults), a field
+written with its hash's size checked, the job hash and the queue push; the registry of slots is
+read once per batch (docs/capacity.md has the measured figures).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from redis.asyncio import Redis as AsyncRedis
@@ -20,28 +26,35 @@ from rq.utils import now, utcformat
 
 from core import metrics
 from core.config import DEFAULT_PARKED_RETENTION_SECONDS
-from core.redis.jobs import JobOptions, JobTemplate, job_payload
-from core.redis.keys import DEDUPE_PREFIX, queue_key
+from core.redis.dedupe import LIBRARY, Marks, event_marks, job_digest
+from core.redis.jobs import JobOptions, JobTemplate
+from core.redis.keys import queue_key
 from core.redis.parked import ParkedStream
 
-_ENQUEUE_MANY = """
+_ENQUEUE_MANY = (
+    LIBRARY
+    + """
 -- KEYS: queue list, RQ's set of queues
--- ARGV: dedupe ttl, dedupe key prefix, job key prefix, enqueue time, number of constant job
---       fields (n), n constant field/value pairs, then per event: job id, data, description
+-- ARGV: the marks head (registry, ttl, width, clock, legacy prefix), job key prefix, enqueue
+--       time, number of constant job fields (n), n constant field/value pairs, then per event:
+--       job id, digest, data, description
 -- Returns one 1 (enqueued) or 0 (already seen) per event, in order.
--- The per-event keys are derived here from the job id rather than passed in KEYS: it halves
--- the arguments per event, and RQ (hence this service) runs on a single Redis, not a cluster.
-local constant_end = 5 + 2 * tonumber(ARGV[5])
+-- The per-event keys are derived here rather than passed in KEYS: it halves the arguments per
+-- event, and RQ (hence this service) runs on a single Redis, not a cluster.
+local st = ids.open(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+local constant_end = 8 + 2 * tonumber(ARGV[8])
 local results = {}
-for at = constant_end + 1, #ARGV, 3 do
+for at = constant_end + 1, #ARGV, 4 do
   local job_id = ARGV[at]
-  if redis.call('SET', ARGV[2] .. job_id, job_id, 'NX', 'EX', ARGV[1]) then
-    redis.call('HSET', ARGV[3] .. job_id, 'created_at', ARGV[4], 'enqueued_at', ARGV[4],
-               'data', ARGV[at + 1], 'description', ARGV[at + 2], unpack(ARGV, 6, constant_end))
+  local head, field = ids.locate(ARGV[at + 1])
+  if ids.find(st, head, field) or (st.legacy and redis.call('EXISTS', st.legacy .. job_id) == 1) then
+    results[#results + 1] = 0
+  else
+    ids.put(st, head, field, '1')
+    redis.call('HSET', ARGV[6] .. job_id, 'created_at', ARGV[7], 'enqueued_at', ARGV[7],
+               'data', ARGV[at + 2], 'description', ARGV[at + 3], unpack(ARGV, 9, constant_end))
     redis.call('RPUSH', KEYS[1], job_id)
     results[#results + 1] = 1
-  else
-    results[#results + 1] = 0
   end
 end
 if #results > 0 then
@@ -49,6 +62,7 @@ if #results > 0 then
 end
 return results
 """
+)
 
 
 class GroupCommitter:
@@ -64,14 +78,14 @@ class GroupCommitter:
         self,
         redis: AsyncRedis,
         queue: str,
-        ttl: int,
+        marks: Marks,
         constant_fields: Mapping[str, Any],
         max_batch: int = 256,
         max_in_flight: int = 1,
     ) -> None:
         self._script = redis.register_script(_ENQUEUE_MANY)
         self._keys = [queue_key(queue), Queue.redis_queues_keys]
-        self._head: list[Any] = [ttl, DEDUPE_PREFIX, Job.redis_job_namespace_prefix]
+        self._marks = marks
         self._constant: list[Any] = [len(constant_fields)]
         for field, value in constant_fields.items():
             self._constant.extend((field, value))
@@ -102,9 +116,9 @@ class GroupCommitter:
             self._in_flight -= 1
 
     async def _flush(self, batch: list[tuple[tuple[str, bytes, str], asyncio.Future[bool]]]) -> None:
-        args: list[Any] = [*self._head, utcformat(now()), *self._constant]
-        for job_fields, _ in batch:
-            args.extend(job_fields)
+        args: list[Any] = [*self._marks.head(), Job.redis_job_namespace_prefix, utcformat(now()), *self._constant]
+        for (job_id, data, description), _ in batch:
+            args.extend((job_id, job_digest(job_id), data, description))
         metrics.ENQUEUE_BATCH_SIZE.observe(len(batch))
         try:
             results = await self._script(keys=self._keys, args=args)
@@ -130,20 +144,22 @@ class Inbox:
         parked_stream: str,
         dedupe_ttl_seconds: int,
         parked_retention_seconds: int = DEFAULT_PARKED_RETENTION_SECONDS,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._template = JobTemplate(options)
-        self._committer = GroupCommitter(redis, options.queue, dedupe_ttl_seconds, self._template.constant)
-        self.parked = ParkedStream(redis, parked_stream, dedupe_ttl_seconds, parked_retention_seconds)
+        self.marks = event_marks(dedupe_ttl_seconds, clock)
+        self._committer = GroupCommitter(redis, options.queue, self.marks, self._template.constant)
+        self.parked = ParkedStream(redis, parked_stream, dedupe_ttl_seconds, parked_retention_seconds, clock)
 
-    async def accept(self, event_id: str, event_type: str, body: str, received_at_ms: int) -> bool:
+    async def accept(self, event_id: str, event_type: str, body: bytes | str, received_at_ms: int) -> bool:
         """Enqueue the event unless its ``eventId`` was seen; True when this call enqueued it.
 
         Concurrent calls share round trips (:class:`GroupCommitter`); each returns only after
-        Redis has run the dedupe-and-enqueue script for its own event.
+        Redis has run the dedupe-and-enqueue script for its own event. A body given as bytes (a
+        JSON object the edge validated) is embedded in the job verbatim
+        (:meth:`JobTemplate.for_event`).
         """
-        return await self._committer.submit(
-            self._template.variable(job_payload(event_id, event_type, body, received_at_ms))
-        )
+        return await self._committer.submit(self._template.for_event(event_id, event_type, body, received_at_ms))
 
     async def park(self, event_id: str | None, reason: str, detail: str, body: str) -> bool:
         """Park a delivery (:meth:`ParkedStream.park`); False when it was parked already."""

@@ -18,6 +18,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
+from core.config import DEFAULT_JOB_RESULT_TTL_SECONDS, Settings
 from core.redis.keys import job_id_for
 
 PROCESS_EVENT = "workers.jobs.process_event"
@@ -47,8 +48,20 @@ class JobOptions:
     queue: str
     timeout_seconds: int = 120
     retries: int = 5
-    result_ttl_seconds: int = 600
+    result_ttl_seconds: int = DEFAULT_JOB_RESULT_TTL_SECONDS
+    """How long RQ keeps a finished job: its hash (which holds the body) and its result expire
+    this long after success (``JOB_RESULT_TTL_SECONDS``)."""
     failure_ttl_seconds: int = 7 * 24 * 3600
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobOptions:
+        """The options the settings give: queue, timeout, retries and result TTL."""
+        return cls(
+            queue=settings.ingest_queue,
+            timeout_seconds=settings.job_timeout_seconds,
+            retries=settings.job_retries,
+            result_ttl_seconds=settings.job_result_ttl_seconds,
+        )
 
 
 def build_job_hash(payload: Mapping[str, Any], options: JobOptions) -> tuple[str, dict[str, Any]]:
@@ -107,3 +120,65 @@ class JobTemplate:
         event_id = str(payload["eventId"])
         data = pydantic_core.to_json([PROCESS_EVENT, None, [payload], {}])
         return job_id_for(event_id), data, f"process_event({payload['eventType']} {event_id})"
+
+    def for_event(
+        self, event_id: str, event_type: str, body: bytes | str, received_at_ms: int
+    ) -> tuple[str, bytes, str]:
+        """:meth:`variable` for one delivery. A body given as bytes is a JSON object the edge has
+        validated: it goes into the job's data verbatim (:func:`spliced_job_data`); text is
+        written as a JSON string, as RQ would."""
+        if isinstance(body, str):
+            return self.variable(job_payload(event_id, event_type, body, received_at_ms))
+        data = spliced_job_data(event_id, event_type, body, received_at_ms)
+        return job_id_for(event_id), data, f"process_event({event_type} {event_id})"
+
+
+# The data of a job whose body is spliced in: the JSON of ``(func, None, [payload], {})`` with the
+# body, last, as a JSON value rather than a string.
+_SPLICED_HEAD = b'["' + PROCESS_EVENT.encode() + b'",null,[{"eventId":'
+_SPLICED_BODY = b',"body":'
+_SPLICED_TAIL = b"}],{}]"
+
+
+def spliced_job_data(event_id: str, event_type: str, body: bytes, received_at_ms: int) -> bytes:
+    """A job's ``data`` with ``body``, a JSON object, embedded verbatim instead of as an escaped string.
+
+    Escaping a body into a JSON string costs about 1.4 µs per KB and makes it about 15 % larger;
+    splicing it in costs one copy. RQ's JSON serializer reads the job as any other: its one
+    argument is the payload with ``body`` as a parsed JSON object. The worker takes the body's
+    exact bytes from the data instead (:func:`spliced_body`), so what it validates is the delivery
+    byte for byte. Only a body that Python's ``json`` reads may be given: the edge passes bodies
+    that pydantic-core parsed without NaN or Infinity literals, which ``json`` always reads.
+    """
+    return b"".join(
+        (
+            _SPLICED_HEAD,
+            pydantic_core.to_json(event_id),
+            b',"eventType":',
+            pydantic_core.to_json(event_type),
+            b',"receivedAt":',
+            b"%d" % received_at_ms,
+            _SPLICED_BODY,
+            body,
+            _SPLICED_TAIL,
+        )
+    )
+
+
+def spliced_body(data: bytes) -> str | None:
+    """The body, exactly as delivered, of a job's ``data`` written by :func:`spliced_job_data`;
+    None for data of any other form.
+
+    The body starts after the first ``,"body":`` of the data: the values before it are a JSON
+    string, another and a number, and no JSON string can hold those bytes (a quote inside one is
+    always escaped).
+    """
+    if not (data.startswith(_SPLICED_HEAD) and data.endswith(_SPLICED_TAIL)):
+        return None
+    start = data.find(_SPLICED_BODY, len(_SPLICED_HEAD))
+    if start < 0:
+        return None
+    try:
+        return data[start + len(_SPLICED_BODY) : len(data) - len(_SPLICED_TAIL)].decode("utf-8")
+    except UnicodeDecodeError:
+        return None

@@ -4,14 +4,31 @@ Besides RQ's own keys (``rq:*``, written through RQ's classes or in RQ's layout)
 streams named by settings (``OUTPUT_STREAM``, ``PARKED_STREAM``), the service owns these:
 
 ========================================================  =====================================================
-``smartcar-ingest:seen:<job id>``                          an accepted ``eventId`` (edge dedupe), ``DEDUPE_TTL``
-``smartcar-ingest:parked:<job id>``                        a parked ``eventId``: parked once, ``DEDUPE_TTL``
-``smartcar-ingest:published:<job id>``                     an ``eventId`` on the output stream, ``DEDUPE_TTL``
+``smartcar-ingest:event-ids``                              registry of the live slots of the accepted and
+                                                           published ``eventId`` marks (:mod:`core.redis.dedupe`)
+``smartcar-ingest:event-ids:<slot>:<bits>:<shard>``        a hash of marks: 12-byte digest → ``1`` accepted at
+                                                           the edge, ``2`` published; a slot at a time expires
+                                                           ``DEDUPE_TTL`` after the slot ends
+``smartcar-ingest:parked-ids`` (and ``:<slot>:…``)         the same for parked ``eventId``s: digest → the mark of
+                                                           (reason, body), so one delivery is parked once
+``smartcar-ingest:seen:``, ``:published:``, ``:parked:``   per-key marks of earlier versions (``<job id>``),
+                                                           read during the first ``DEDUPE_TTL`` after upgrading
 ``smartcar-ingest:dequeued:<queue>:<worker>``              job ids a worker took but has not started
 ``smartcar-ingest:worker-alive:<worker>``                  a live worker's heartbeat key
 ``smartcar-ingest:liveness-workers``                       the workers that announced themselves
 ``smartcar-ingest:app-token`` (and ``:lock``)              the sealed application token and its refresh lock
 ``smartcar-ingest:connect-state:<digest>``                 a redeemed Connect ``state``
+``smartcar-ingest:read:<call>:<vehicle>:<user digest>``    a vehicle's last ``vehicle`` or ``signals`` read for
+                                                           one user and the read in flight, shared by every
+                                                           worker (hash, :mod:`core.smartcar.cache`)
+``smartcar-ingest:budget``                                 the deployment's request budget (GCRA,
+                                                           :mod:`core.smartcar.limiter`)
+``smartcar-ingest:pause:application``                      a 429 ``RATE_LIMIT:SMARTCAR_API``: no call until then
+``smartcar-ingest:pause:vehicle:<vehicle>``                a 429 for one vehicle: no call for it until then
+``smartcar-ingest:usage:<minute>``                         calls, reads and events of one minute (``status``)
+``VEHICLE_STATE_PREFIX<vehicle id>``                       a vehicle's latest state (hash, see
+                                                           :mod:`core.redis.vehicle_state`),
+                                                           ``VEHICLE_STATE_TTL`` after its last change
 ========================================================  =====================================================
 
 The ``<job id>`` is :func:`job_id_for` the ``eventId``: the id itself when RQ accepts it, else a
@@ -30,6 +47,9 @@ SERVICE_PREFIX = "smartcar-ingest:"
 #: Prefix of RQ's keys and channels.
 RQ_PREFIX = "rq:"
 
+EVENT_IDS_KEY = SERVICE_PREFIX + "event-ids"
+PARKED_IDS_KEY = SERVICE_PREFIX + "parked-ids"
+#: Per-key marks of earlier versions, consulted only during the legacy window (core.redis.dedupe).
 DEDUPE_PREFIX = SERVICE_PREFIX + "seen:"
 PARKED_MARK_PREFIX = SERVICE_PREFIX + "parked:"
 PUBLISHED_PREFIX = SERVICE_PREFIX + "published:"
@@ -39,9 +59,15 @@ WORKERS_SET = SERVICE_PREFIX + "liveness-workers"
 TOKEN_KEY = SERVICE_PREFIX + "app-token"
 TOKEN_LOCK_KEY = TOKEN_KEY + ":lock"
 CONNECT_STATE_PREFIX = SERVICE_PREFIX + "connect-state:"
+READ_PREFIX = SERVICE_PREFIX + "read:"
+BUDGET_KEY = SERVICE_PREFIX + "budget"
+APPLICATION_PAUSE_KEY = SERVICE_PREFIX + "pause:application"
+VEHICLE_PAUSE_PREFIX = SERVICE_PREFIX + "pause:vehicle:"
+USAGE_PREFIX = SERVICE_PREFIX + "usage:"
 
 #: How RQ's job ids may look; an eventId that fits is used as the job id unchanged.
 _JOB_ID_SAFE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_VEHICLE_SAFE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def job_id_for(event_id: str) -> str:
@@ -53,25 +79,6 @@ def job_id_for(event_id: str) -> str:
     if _JOB_ID_SAFE.fullmatch(event_id):
         return event_id
     return "evt-" + hashlib.sha256(event_id.encode()).hexdigest()[:40]
-
-
-def dedupe_key(event_id: str) -> str:
-    """Remembers an accepted ``eventId`` for ``DEDUPE_TTL_SECONDS``."""
-    return DEDUPE_PREFIX + job_id_for(event_id)
-
-
-def parked_key(event_id: str) -> str:
-    """Remembers a parked ``eventId``, so a retried job or a redelivery parks it once.
-
-    Kept apart from :func:`dedupe_key` so that parking a broken delivery never blocks a later
-    valid delivery of the same event.
-    """
-    return PARKED_MARK_PREFIX + job_id_for(event_id)
-
-
-def published_key(event_id: str) -> str:
-    """Records that an ``eventId`` reached the output stream."""
-    return PUBLISHED_PREFIX + job_id_for(event_id)
 
 
 def queue_key(queue: str) -> str:
@@ -97,6 +104,36 @@ def dequeued_key(queue_name: str, worker_name: str) -> str:
 def connect_state_key(digest: str) -> str:
     """Marks a Connect ``state`` (by its digest) as redeemed."""
     return CONNECT_STATE_PREFIX + digest
+
+
+def vehicle_state_key(prefix: str, vehicle_id: str) -> str:
+    """A vehicle's latest-state hash: ``VEHICLE_STATE_PREFIX`` (default ``smartcar:vehicle-state:``)
+    + the vehicle id, which the parser has held to ``[A-Za-z0-9_-]{1,64}``."""
+    return prefix + vehicle_id
+
+
+def _vehicle_part(vehicle_id: str) -> str:
+    """A vehicle id as a key part: itself when it is a Smartcar id (``[A-Za-z0-9_-]{1,64}``), else a digest."""
+    if _VEHICLE_SAFE.fullmatch(vehicle_id):
+        return vehicle_id
+    return "v-" + hashlib.sha256(vehicle_id.encode()).hexdigest()[:40]
+
+
+def read_key(call: str, vehicle_id: str, user_id: str) -> str:
+    """The last ``call`` read (``vehicle`` or ``signals``) of a vehicle made with one ``sc-user-id``,
+    and the read of it in flight. The user id is free text from the wire, so only its digest is used."""
+    user = hashlib.sha256(user_id.encode()).hexdigest()[:24]
+    return f"{READ_PREFIX}{call}:{_vehicle_part(vehicle_id)}:{user}"
+
+
+def vehicle_pause_key(vehicle_id: str) -> str:
+    """Until when (epoch ms) no call for this vehicle may be made: Smartcar answered 429 for it."""
+    return VEHICLE_PAUSE_PREFIX + _vehicle_part(vehicle_id)
+
+
+def usage_key(minute: int) -> str:
+    """Counts of one minute (``epoch seconds // 60``): events enriched, calls, reads by source, 429s."""
+    return f"{USAGE_PREFIX}{minute}"
 
 
 def text(value: object) -> str:

@@ -3,8 +3,10 @@
 A delivery that cannot be processed is never dropped: it is kept on ``PARKED_STREAM`` with
 ``event_id``, ``reason`` (one of :data:`core.errors.PARK_REASONS`), ``detail`` (one sentence) and
 ``payload`` (the body as received). The web edge and the worker park through the same script,
-which writes a parked mark for the ``eventId`` with the entry, so a redelivery, a retried job or
-a re-run parks one event once. Every add trims entries older than ``PARKED_RETENTION_SECONDS``.
+which writes a parked mark for the ``eventId`` with the entry (a digest of reason and body, kept
+in the compact marks of :mod:`core.redis.dedupe` apart from the accepted marks, so parking a
+broken delivery never blocks a later valid one), so a redelivery, a retried job or a re-run
+parks one event once. Every add trims entries older than ``PARKED_RETENTION_SECONDS``.
 :func:`replay_parked` moves entries back onto the queue; :func:`count_by_reason` reads them.
 """
 
@@ -22,44 +24,63 @@ from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 from rq.queue import Queue
 
-from core.config import DEFAULT_PARKED_RETENTION_SECONDS
+from core.config import DEFAULT_DEDUPE_TTL_SECONDS, DEFAULT_PARKED_RETENTION_SECONDS
+from core.redis.dedupe import LIBRARY, event_digest, parked_marks
 from core.redis.jobs import JobOptions, build_job_hash, job_payload
-from core.redis.keys import parked_key, queue_key, text
+from core.redis.keys import job_id_for, queue_key, text
 
 #: Parked entries read at most to count them by reason; beyond it the counts are marked partial.
 COUNT_SCAN_LIMIT = 10_000
 _COUNT_BATCH = 500
 
-_PARK = """
--- KEYS: parked mark ('' when the delivery has no usable eventId), parked stream
--- ARGV: mark ttl, mark value (digest of reason and body), oldest entry id to keep, then the
---       entry as field/value pairs. Returns the new entry id, or false when this eventId was
---       already parked for the same reason with the same body (a redelivery, a retried job).
-if KEYS[1] ~= '' then
-  if redis.call('GET', KEYS[1]) == ARGV[2] then
+_PARK = (
+    LIBRARY
+    + """
+-- KEYS: parked stream
+-- ARGV: the parked marks head (registry, ttl, width, clock, legacy prefix), job id ('' when the
+--       delivery has no usable eventId), digest, mark (digest of reason and body), retention in
+--       ms, then the entry as field/value pairs. Returns the new entry id, or false when this
+--       eventId was already parked for the same reason with the same body (a redelivery, a
+--       retried job). Entries older than the retention, by Redis's clock, are trimmed.
+local st = ids.open(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+if ARGV[6] ~= '' then
+  local head, field = ids.locate(ARGV[7])
+  local value, key = ids.find(st, head, field)
+  if value == ARGV[8] or (not value and st.legacy and redis.call('GET', st.legacy .. ARGV[6]) == ARGV[8]) then
     return false
   end
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[1])
+  -- a different reason or body: remembered from now on instead
+  if value then redis.call('HDEL', key, field) end
+  ids.put(st, head, field, ARGV[8])
 end
-return redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[3], '*', unpack(ARGV, 4))
+local min_id = math.max(0, math.floor(st.now * 1000) - tonumber(ARGV[9]))
+return redis.call('XADD', KEYS[1], 'MINID', '~', string.format('%d', min_id), '*', unpack(ARGV, 10))
 """
+)
 
-_REQUEUE = """
--- KEYS: job hash, queue list, RQ's set of queues, parked stream, parked mark
--- ARGV: parked entry id, job id, then the job hash as field/value pairs
+_REQUEUE = (
+    LIBRARY
+    + """
+-- KEYS: job hash, queue list, RQ's set of queues, parked stream
+-- ARGV: parked entry id, job id, the parked marks head (registry, ttl, width, clock, legacy
+--       prefix), digest, then the job hash as field/value pairs
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' or status == 'started' or status == 'scheduled' or status == 'deferred' then
   return 0
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('SADD', KEYS[3], KEYS[2])
 redis.call('XDEL', KEYS[4], ARGV[1])
 -- the replayed job may park again, for the same reason: that entry must be written
-redis.call('DEL', KEYS[5])
+local st = ids.open(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+local head, field = ids.locate(ARGV[8])
+ids.forget(st, head, field)
+if ARGV[7] ~= '' then redis.call('DEL', ARGV[7] .. ARGV[2]) end
 return 1
 """
+)
 
 # Count parked entries by reason inside Redis: only the counts cross the network, never the
 # parked payloads (up to MAX_BODY_BYTES each). One call per batch keeps each call short.
@@ -85,18 +106,13 @@ return out
 """
 
 
-def parked_min_id(retention_seconds: int, now_ms: int | None = None) -> str:
-    """The oldest parked entry id to keep: entries older than the retention are trimmed.
-
-    Every XADD to the parked stream carries ``MINID ~ <this>``, so the stream stays bounded by
-    age whatever arrives; ``~`` lets Redis trim whole nodes only, which keeps each add cheap.
-    """
-    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-    return str(max(0, now - retention_seconds * 1000))
-
-
 class ParkedStream:
-    """Writes the parked stream: the one park path of the web edge and the worker."""
+    """Writes the parked stream: the one park path of the web edge and the worker.
+
+    Every XADD carries ``MINID ~`` now minus the retention (by Redis's clock), so the stream stays
+    bounded by age whatever arrives; ``~`` lets Redis trim whole nodes only, which keeps each add
+    cheap.
+    """
 
     def __init__(
         self,
@@ -104,9 +120,10 @@ class ParkedStream:
         stream: str,
         mark_ttl_seconds: int,
         retention_seconds: int = DEFAULT_PARKED_RETENTION_SECONDS,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.stream = stream
-        self._ttl = mark_ttl_seconds
+        self.marks = parked_marks(mark_ttl_seconds, clock)
         self._retention = retention_seconds
         self._park = redis.register_script(_PARK)
 
@@ -121,10 +138,16 @@ class ParkedStream:
         # which Redis cannot store; written as its escape it stays the same JSON.
         body = body.encode("utf-8", "backslashreplace").decode("utf-8")
         mark = hashlib.blake2b(f"{reason}\0{body}".encode(), digest_size=12).hexdigest()
-        args: list[Any] = [self._ttl, mark, parked_min_id(self._retention)]
+        args: list[Any] = [
+            *self.marks.head(),
+            job_id_for(event_id) if event_id else "",
+            event_digest(event_id) if event_id else "",
+            mark,
+            self._retention * 1000,
+        ]
         for field, value in (("event_id", event_id or ""), ("reason", reason), ("detail", detail), ("payload", body)):
             args.extend((field, value))
-        entry_id = await self._park(keys=[parked_key(event_id) if event_id else "", self.stream], args=args)
+        entry_id = await self._park(keys=[self.stream], args=args)
         return None if entry_id is None else text(entry_id)
 
 
@@ -145,15 +168,19 @@ async def replay_parked(
     reason: str | None = None,
     limit: int | None = None,
     on_progress: Callable[[ReplayReport], None] | None = None,
+    mark_ttl_seconds: int = DEFAULT_DEDUPE_TTL_SECONDS,
 ) -> ReplayReport:
     """Re-enqueue parked entries (optionally only those with ``reason``), oldest first.
 
     Each entry is removed from the parked stream in the same atomic step that enqueues its job,
     so an interrupted replay neither loses nor doubles an event. Entries whose job is still
     queued or running are left in place (``busy``); entries without an ``eventId`` cannot become
-    a job and stay parked (``without_event_id``).
+    a job and stay parked (``without_event_id``). The entry's parked mark goes in the same step,
+    so the replayed job may park again (``mark_ttl_seconds`` is the ``DEDUPE_TTL_SECONDS`` the
+    marks were written with; any value finds them, it only sizes slots).
     """
     requeue = redis.register_script(_REQUEUE)
+    marks = parked_marks(mark_ttl_seconds)
     report = ReplayReport()
     cursor = "-"
     while limit is None or report.requeued < limit:
@@ -175,16 +202,10 @@ async def replay_parked(
             job_id, mapping = build_job_hash(
                 job_payload(event_id, _event_type_of(body), body, int(time.time() * 1000)), options
             )
-            args: list[Any] = [entry_id, job_id]
+            args: list[Any] = [entry_id, job_id, *marks.head(), event_digest(event_id)]
             for field, value in mapping.items():
                 args.extend((field, value))
-            keys = [
-                Job.key_for(job_id),
-                queue_key(options.queue),
-                Queue.redis_queues_keys,
-                parked_stream,
-                parked_key(event_id),
-            ]
+            keys = [Job.key_for(job_id), queue_key(options.queue), Queue.redis_queues_keys, parked_stream]
             if await requeue(keys=keys, args=args):
                 report.requeued += 1
             else:

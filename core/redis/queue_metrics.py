@@ -9,6 +9,12 @@ bounded by a short timeout, so a slow Redis costs a scrape a fraction of a secon
 When Redis cannot be read, only ``smartcar_ingest_redis_up 0`` is exported: the scrape itself still
 succeeds, and the gauges go missing rather than reading as zero.
 
+Besides the queue: Redis's used and max memory (``INFO memory``; the chart warns at 80 % of
+``maxmemory``), and for each consumer group of the output stream how far behind it is in entries
+and in seconds, beside the stream's retention: a group further behind than the retention loses
+entries to the trim (``XADD … MINID ~``, :mod:`core.redis.published`). A user that may not read
+the groups (the web's, which never reads the output's payloads) leaves those gauges to the workers.
+
 Every process that serves ``/metrics`` reports the same values; aggregate with ``max`` (not
 ``sum``) across pods. Labels name the queue and the registry, never an event, user or vehicle.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -31,6 +38,7 @@ from core.config import Settings
 from core.redis.clients import scrape_redis
 from core.redis.custody import Stranded, age_seconds, parse_rq_time, read_stranded
 from core.redis.keys import queue_key, text
+from core.redis.memory import RedisMemory, read_memory
 
 #: The RQ registries counted, by the name used in the ``registry`` label and in ``status``.
 REGISTRIES = {
@@ -48,6 +56,86 @@ PARKED_LENGTH = "smartcar_ingest_parked_stream_length"
 REDIS_UP = "smartcar_ingest_redis_up"
 STRANDED_JOBS = "smartcar_ingest_queue_stranded_jobs"
 STRANDED_OLDEST_AGE = "smartcar_ingest_queue_stranded_oldest_age_seconds"
+MEMORY_USED = "smartcar_ingest_redis_memory_used_bytes"
+MEMORY_MAX = "smartcar_ingest_redis_memory_max_bytes"
+OUTPUT_RETENTION = "smartcar_ingest_output_stream_retention_seconds"
+GROUP_LAG = "smartcar_ingest_output_group_lag"
+GROUP_PENDING = "smartcar_ingest_output_group_pending"
+GROUP_BEHIND = "smartcar_ingest_output_group_behind_seconds"
+#: A group this far behind (a fraction of the retention) is flagged by ``status`` and the alert.
+GROUP_BEHIND_WARNING = 0.8
+
+
+@dataclass(frozen=True)
+class GroupLag:
+    """How far one consumer group of a stream is behind."""
+
+    name: str
+    consumers: int
+    pending: int
+    """Entries delivered to the group's consumers and not acknowledged."""
+    lag: int | None
+    """Entries not yet delivered to the group (Redis 7; None when Redis cannot tell)."""
+    last_delivered_id: str
+    oldest_pending_age_seconds: float | None
+    """Age of the oldest unacknowledged entry (None when none is pending)."""
+    oldest_unread_age_seconds: float | None
+    """Age of the oldest entry not yet delivered to the group (None when it has read everything)."""
+
+    @property
+    def behind_seconds(self) -> float:
+        """Age of the oldest entry the group has not finished with: 0 when it is up to date. Past
+        the stream's retention, the trim removes entries the group has not finished."""
+        return max(self.oldest_pending_age_seconds or 0.0, self.oldest_unread_age_seconds or 0.0)
+
+
+def entry_age_seconds(entry_id: str, now_ms: float) -> float:
+    """Seconds since a stream entry id's time part."""
+    return max(0.0, (now_ms - int(entry_id.split("-", 1)[0])) / 1000)
+
+
+def read_groups(client: redis.Redis, stream: str, now_ms: float | None = None) -> list[GroupLag]:
+    """Every consumer group of ``stream`` with how far behind it is, sorted by name; [] without a stream.
+
+    A few short calls per group (``XINFO GROUPS``, ``XPENDING`` summary, one ``XRANGE`` of one
+    entry); raises :class:`redis.exceptions.NoPermissionError` for a user that may not read them.
+    """
+    now = time.time() * 1000 if now_ms is None else now_ms
+    try:
+        groups = client.xinfo_groups(stream)
+    except redis.exceptions.NoPermissionError:
+        raise
+    except redis.ResponseError:  # no such stream yet: no groups
+        return []
+    rows = []
+    for group in groups:
+        info = {text(key): value for key, value in group.items()}
+        name = text(info.get("name", ""))
+        pending = int(info.get("pending") or 0)
+        lag = None if info.get("lag") is None else int(info["lag"])
+        last = text(info.get("last-delivered-id", "0-0"))
+        oldest_pending = None
+        if pending:
+            summary = client.xpending(stream, name)
+            if summary and summary.get("min"):
+                oldest_pending = entry_age_seconds(text(summary["min"]), now)
+        oldest_unread = None
+        if lag != 0:
+            following = client.xrange(stream, min="(" + last, max="+", count=1)
+            if following:
+                oldest_unread = entry_age_seconds(text(following[0][0]), now)
+        rows.append(
+            GroupLag(
+                name=name,
+                consumers=int(info.get("consumers") or 0),
+                pending=pending,
+                lag=lag,
+                last_delivered_id=last,
+                oldest_pending_age_seconds=oldest_pending,
+                oldest_unread_age_seconds=oldest_unread,
+            )
+        )
+    return sorted(rows, key=lambda row: row.name)
 
 
 @dataclass(frozen=True)
@@ -105,7 +193,12 @@ class QueueCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         # Lets the registry check names without a Redis round trip at registration.
-        return [*self._families(None), *self._stranded_families(None)]
+        return [
+            *self._families(None),
+            *self._stranded_families(None),
+            *self._memory_families(None),
+            *self._group_families(None),
+        ]
 
     def collect(self) -> Iterable[Metric]:
         try:
@@ -120,7 +213,20 @@ class QueueCollector(Collector):
             # A web logged in with an ACL older than `redis-acl` prints may not read the workers'
             # liveness keys: the workers, which can, export these gauges (aggregate with max).
             stranded = None
-        return [*self._families(snapshot), *self._stranded_families(stranded)]
+        try:
+            memory: RedisMemory | None = read_memory(self._redis)
+        except (redis.RedisError, OSError):
+            memory = None  # a user without INFO memory (an older ACL): the other processes export it
+        try:
+            groups: list[GroupLag] | None = read_groups(self._redis, self._settings.output_stream)
+        except (redis.RedisError, OSError):
+            groups = None  # the web user may not read the output stream's groups: the workers export them
+        return [
+            *self._families(snapshot),
+            *self._stranded_families(stranded),
+            *self._memory_families(memory),
+            *self._group_families(groups),
+        ]
 
     def close(self) -> None:
         self._redis.close()
@@ -163,6 +269,36 @@ class QueueCollector(Collector):
             jobs.add_metric([queue], stranded.count)
             oldest.add_metric([queue], stranded.oldest_age_seconds())
         return [jobs, oldest]
+
+    def _memory_families(self, memory: RedisMemory | None) -> list[Metric]:
+        used = GaugeMetricFamily(MEMORY_USED, "Bytes Redis has allocated (INFO memory used_memory).")
+        limit = GaugeMetricFamily(MEMORY_MAX, "Redis's maxmemory in bytes; 0 when it has no limit.")
+        if memory is not None:
+            used.add_metric([], memory.used_bytes)
+            limit.add_metric([], memory.max_bytes)
+        return [used, limit]
+
+    def _group_families(self, groups: list[GroupLag] | None) -> list[Metric]:
+        retention = GaugeMetricFamily(
+            OUTPUT_RETENTION, "OUTPUT_STREAM_RETENTION_SECONDS: output entries older than this are trimmed."
+        )
+        retention.add_metric([], self._settings.output_stream_retention_seconds)
+        lag = GaugeMetricFamily(GROUP_LAG, "Output entries not yet delivered to the consumer group.", labels=["group"])
+        pending = GaugeMetricFamily(
+            GROUP_PENDING, "Output entries delivered to the group and not acknowledged.", labels=["group"]
+        )
+        behind = GaugeMetricFamily(
+            GROUP_BEHIND,
+            "Age of the oldest output entry the group has not read or not acknowledged (0 when up to date); "
+            "past the retention, the trim drops entries it has not finished.",
+            labels=["group"],
+        )
+        for group in groups or []:
+            if group.lag is not None:
+                lag.add_metric([group.name], group.lag)
+            pending.add_metric([group.name], group.pending)
+            behind.add_metric([group.name], group.behind_seconds)
+        return [retention, lag, pending, behind]
 
 
 # Per registry, the collectors registered by this module, the active one last.

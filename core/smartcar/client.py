@@ -6,7 +6,10 @@ error tree (:mod:`core.errors`):
 * 401: the token is refreshed once and the call retried once; a second 401 is
   :class:`SmartcarUnauthorized` (the user revoked access, or the app lost it);
 * 429: :class:`SmartcarRateLimited`, retried after ``Retry-After`` seconds when Smartcar says,
-  with exponential backoff and jitter otherwise;
+  with exponential backoff and jitter otherwise. With a :class:`RequestGate` (the workers'
+  :class:`core.smartcar.limiter.RequestLimiter`) the gate is told of the 429 and does the waiting,
+  for every process: the retry goes as soon as the gate admits it, and a request the gate cannot
+  admit in time is never sent (:class:`core.smartcar.limiter.OverBudget`, not retried);
 * 5xx and network errors: :class:`SmartcarUnavailable`, retried with backoff;
 * any other 4xx: :class:`SmartcarRejected`, never retried.
 
@@ -23,8 +26,8 @@ from __future__ import annotations
 import datetime as dt
 import re
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
@@ -42,6 +45,7 @@ from core.errors import (
     TransientError,
 )
 from core.events import VEHICLE_ID_PATTERN
+from core.smartcar.limiter import OverBudget
 from core.smartcar.tokens import AppTokenProvider, retry_after_seconds
 
 #: Longest wait honoured from a Retry-After header; a longer one is left to the job-level retry.
@@ -69,6 +73,18 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
+class RequestGate(Protocol):
+    """What every request to the vehicle API passes through when the client has one."""
+
+    async def admit(self, endpoint: str, vehicle_id: str | None) -> None:
+        """Return when the request may be sent; raise :class:`OverBudget` when it may not in time."""
+
+    async def rate_limited(
+        self, endpoint: str, vehicle_id: str | None, error_code: str | None, retry_after: float | None
+    ) -> None:
+        """Smartcar answered this request 429 (``error_code`` as it said, ``Retry-After`` in seconds)."""
+
+
 def _backoff(exc: Exception) -> bool | float | dt.timedelta:
     """stamina's hook: retry transient errors, waiting as long as a 429 asked when it said."""
     if isinstance(exc, SmartcarRateLimited) and exc.retry_after is not None:
@@ -76,6 +92,16 @@ def _backoff(exc: Exception) -> bool | float | dt.timedelta:
             return False
         return dt.timedelta(seconds=exc.retry_after)
     return isinstance(exc, TransientError)
+
+
+def _gated_backoff(exc: Exception) -> bool | float | dt.timedelta:
+    """stamina's hook with a gate: a 429 is retried at once (the gate waits out its pause, or
+    refuses), a request the gate refused is not retried, anything else as without a gate."""
+    if isinstance(exc, OverBudget):
+        return False
+    if isinstance(exc, SmartcarRateLimited):
+        return dt.timedelta(0)
+    return _backoff(exc)
 
 
 def parse_error(response: httpx.Response) -> tuple[str | None, str | None, str | None]:
@@ -113,16 +139,21 @@ class SmartcarClient:
         tokens: AppTokenProvider,
         attempts: int = 4,
         budget_seconds: float = 30.0,
+        gate: RequestGate | None = None,
     ) -> None:
         self._http = http
         self._base = api_url.rstrip("/") + "/"
         self._tokens = tokens
         self._attempts = attempts
         self._budget = budget_seconds
+        self._gate = gate
+        self._retry_on: Callable[[Exception], bool | float | dt.timedelta] = (
+            _backoff if gate is None else _gated_backoff
+        )
 
     async def get_vehicle(self, vehicle_id: str, user_id: str) -> dict[str, Any]:
         """``GET /vehicles/{id}``: the vehicle resource (``id``, ``attributes{make,model,year}``)."""
-        body = await self._get("vehicle", vehicle_path(vehicle_id), user_id)
+        body = await self._get("vehicle", vehicle_path(vehicle_id), user_id, vehicle_id=vehicle_id)
         return body if isinstance(body, dict) else {}
 
     async def get_signals(self, vehicle_id: str, user_id: str) -> list[dict[str, Any]]:
@@ -131,7 +162,7 @@ class SmartcarClient:
         params: dict[str, str] | None = {"page[size]": "100"}
         resources: list[dict[str, Any]] = []
         for _ in range(MAX_SIGNAL_PAGES):
-            body = await self._get("signals", url, user_id, params)
+            body = await self._get("signals", url, user_id, params, vehicle_id=vehicle_id)
             data = body.get("data") if isinstance(body, dict) else None
             resources.extend(item for item in data or () if isinstance(item, dict))
             links = body.get("links") if isinstance(body, dict) else None
@@ -147,7 +178,8 @@ class SmartcarClient:
 
         A code the vehicle does not report is a 404, raised as :class:`SmartcarRejected`.
         """
-        body = await self._get("signal", f"{vehicle_path(vehicle_id)}/signals/{_segment(code)}", user_id)
+        path = f"{vehicle_path(vehicle_id)}/signals/{_segment(code)}"
+        body = await self._get("signal", path, user_id, vehicle_id=vehicle_id)
         return body if isinstance(body, dict) else {}
 
     def _follow(self, link: str) -> str:
@@ -176,24 +208,34 @@ class SmartcarClient:
         body = await self._get("connections", "connections", user_id, params)
         return body if isinstance(body, dict) else {}
 
-    async def _get(self, endpoint: str, path: str, user_id: str | None, params: Mapping[str, str] | None = None) -> Any:
-        """One read with retries; ``endpoint`` is the template named in metrics (never the URL)."""
+    async def _get(
+        self,
+        endpoint: str,
+        path: str,
+        user_id: str | None,
+        params: Mapping[str, str] | None = None,
+        vehicle_id: str | None = None,
+    ) -> Any:
+        """One read with retries; ``endpoint`` is the template named in metrics (never the URL),
+        ``vehicle_id`` the vehicle it reads (for the gate's per-vehicle pauses)."""
         async for attempt in stamina.retry_context(
-            on=_backoff, attempts=self._attempts, timeout=self._budget, wait_initial=0.2, wait_max=5.0
+            on=self._retry_on, attempts=self._attempts, timeout=self._budget, wait_initial=0.2, wait_max=5.0
         ):
             if attempt.num > 1:
                 metrics.SMARTCAR_RETRIES.labels(endpoint=endpoint).inc()
             with attempt:
-                return await self._get_once(endpoint, path, user_id, params)
+                return await self._get_once(endpoint, path, user_id, params, vehicle_id)
         raise AssertionError("unreachable: stamina either returns or raises")  # pragma: no cover
 
-    async def _get_once(self, endpoint: str, path: str, user_id: str | None, params: Mapping[str, str] | None) -> Any:
+    async def _get_once(
+        self, endpoint: str, path: str, user_id: str | None, params: Mapping[str, str] | None, vehicle_id: str | None
+    ) -> Any:
         token = await self._tokens.get()
-        response = await self._send(endpoint, path, token, user_id, params)
+        response = await self._send(endpoint, path, token, user_id, params, vehicle_id)
         if response.status_code == 401:
             # The token may have been revoked or rotated: one refresh, one retry.
             token = await self._tokens.refresh(stale=token)
-            response = await self._send(endpoint, path, token, user_id, params)
+            response = await self._send(endpoint, path, token, user_id, params, vehicle_id)
             if response.status_code == 401:
                 error_type, code, request_id = parse_error(response)
                 raise SmartcarUnauthorized(
@@ -209,7 +251,10 @@ class SmartcarClient:
         error_type, code, request_id = parse_error(response)
         label = f"{error_type or 'UNKNOWN'}{':' + code if code else ''}"
         if status == 429:
-            raise SmartcarRateLimited(f"Smartcar rate limited the call ({label}).", retry_after_seconds(response))
+            retry_after = retry_after_seconds(response)
+            if self._gate is not None:
+                await self._gate.rate_limited(endpoint, vehicle_id, code, retry_after)
+            raise SmartcarRateLimited(f"Smartcar rate limited the call ({label}).", retry_after)
         if status >= 500:
             raise SmartcarUnavailable(f"Smartcar answered {status} ({label}, request {request_id or 'unknown'}).")
         raise SmartcarRejected(
@@ -220,8 +265,16 @@ class SmartcarClient:
         )
 
     async def _send(
-        self, endpoint: str, path: str, token: str, user_id: str | None, params: Mapping[str, str] | None
+        self,
+        endpoint: str,
+        path: str,
+        token: str,
+        user_id: str | None,
+        params: Mapping[str, str] | None,
+        vehicle_id: str | None,
     ) -> httpx.Response:
+        if self._gate is not None:
+            await self._gate.admit(endpoint, vehicle_id)
         headers = {"authorization": f"Bearer {token}", "accept": "application/json"}
         if user_id is not None:
             headers["sc-user-id"] = user_id
@@ -238,7 +291,8 @@ class SmartcarClient:
 
 def smartcar_client(settings: Settings, redis: Redis, http: httpx.AsyncClient, **options: Any) -> SmartcarClient:
     """The v3 client of this deployment: ``http`` for the calls, the application token shared
-    through ``redis``; ``options`` go to :class:`SmartcarClient` (``attempts``, ``budget_seconds``).
+    through ``redis``; ``options`` go to :class:`SmartcarClient` (``attempts``, ``budget_seconds``,
+    ``gate``).
 
     Call :meth:`Settings.require_client_credentials` first; without them this raises it.
     """

@@ -18,7 +18,8 @@ def test_twenty_percent_upstream_failures_park_nothing(pipeline, redis_client, e
     inject(emulator, path="/v3/", status=429, rate=0.1, retry_after=0)
     httpx.post(f"{emulator}/_emulator/latency", json={"seconds": 0.02}).raise_for_status()
     events = [sample_event() for _ in range(150)]
-    worker = start_worker(settings, "--concurrency", "32")
+    # Every event reads for itself (windows of 0), so nearly every event makes its own calls.
+    worker = start_worker(settings, "--concurrency", "32", VEHICLE_INFO_TTL_SECONDS="0", SIGNALS_MAX_AGE_SECONDS="0")
     started = time.monotonic()
     try:
         # A trickle, as webhooks arrive: each event comes after earlier fetches started, so they

@@ -1,0 +1,386 @@
+"""Remembered ``eventId``s in about 20 bytes each: the edge's dedupe, the publish mark, the parked mark.
+
+Smartcar asks receivers to remember processed ``eventId``s for at least 7 days. A Redis string
+per mark (the previous design: a ``seen`` and a ``published`` key per event, 272 B together by
+``MEMORY USAGE``, 384 B allocated) would hold ≈ 275 GB at 100k vehicles sending once a minute. Here a remembered
+event is one field of a small hash, ≈ 20 B by ``MEMORY USAGE`` (≈ 24 B of ``used_memory``), and
+the check stays exact and atomic with the enqueue: it runs inside the same Lua scripts
+(:data:`LIBRARY` is prepended to each), so racing redeliveries still give exactly one job.
+
+**Layout.** A *family* of marks (:data:`keys.EVENT_IDS_KEY`: ``1`` when the edge accepted the
+event, ``2`` once it is published; :data:`keys.PARKED_IDS_KEY`: the 24-character digest of
+reason and body it was parked with) is:
+
+* a registry string ``<family>``: its live *generations*, newest first, each
+  ``<expire_at>:<started ms>:<bits>:<slot>``, where slot ``<width>-<n>`` holds the events first
+  marked between ``n x width`` and ``(n + 1) x width`` seconds of Redis's clock (``TIME``);
+* per generation, ``2^bits`` hashes ``<family>:<slot>:<bits>:<shard>``. An event's 128-bit
+  :func:`event_digest` (BLAKE2b of its job id) gives the shard (its first 32 bits, top ``bits``
+  of them) and the field (its last 96 bits, 12 bytes).
+
+**Expiry, a slot at a time.** Every hash of a slot expires at ``(n + 1) x width + TTL``
+(``EXPIREAT``), so a mark lives between ``TTL`` and ``TTL + width``; ``width`` is
+``ceil(TTL / 7)``: a day for the 7-day default, at most 8 live slots. A lookup checks every live
+generation, newest first (8 lookups at steady state; a hit on a redelivery or a publish is
+usually the first); a new event is written to the newest generation of the current slot. Nothing
+sweeps: Redis drops whole hashes as they expire, and a script that reads the registry drops the
+generations whose expiry has passed.
+
+**Small enough for a listpack.** Redis keeps a hash of at most ``hash-max-listpack-entries`` (128
+by default) fields of at most ``hash-max-listpack-value`` (64) bytes as one flat listpack: a
+12-byte field and a 1-byte value take 16 bytes (≈ 70 in a hash table). So each generation is
+sized for the traffic: a slot's first generation gets enough hashes to hold at most
+:data:`TARGET` (64) marks each by the end of the slot at the rate of the newest other slot
+(estimated from the sizes of a few of its hashes), and a hash that reaches :data:`GROW_AT` (112)
+opens a bigger generation sized on the current rate (at most :data:`MAX_GENERATIONS` per slot,
+each at most 16 times bigger). At steady state a hash ends its slot with 32 to 64 marks, so its
+own cost (key, object, expiry: ≈ 150 B) adds 2-5 B per mark. A first start grows through a few
+generations in its first slot (3 at 1,667 events/s). A Redis configured with a lower
+``hash-max-listpack-entries`` still answers exactly, with more memory per mark.
+
+**Memory.** ``bytes ≈ rate x (TTL + width / 2) x b`` with ``b`` ≈ 20 B by ``MEMORY USAGE``, 24 B
+of ``used_memory`` (``bench/memory.py`` measures both): 26 GB at 1,667 events/s with the 7-day
+TTL. The slot being filled and the one about to expire average half a slot beyond the TTL.
+
+**False duplicates.** A new event is taken for a remembered one only if its 96-bit field equals
+one already in the hash it maps to: with ``N`` marks remembered, at most ``N / 2^96`` per event,
+1.4 x 10^-20 at 1.08 billion marks (7 days at 1,667/s). Over a century at that rate (5 x 10^12
+events), the chance that a single event is lost to it is below 10^-7.
+
+**Upgrading from per-key marks.** When a family's registry is first written it records a *legacy
+window* of one TTL, during which a lookup that finds nothing also consults the per-key mark of
+earlier versions (``smartcar-ingest:seen:<job id>``, ``…:published:<job id>``,
+``…:parked:<job id>``), so an upgrade neither enqueues nor publishes an event twice; afterwards
+those reads stop.
+
+**Cost.** Per new event at the edge: 8 ``HGET`` on small listpacks, an ``HSET`` and an ``HLEN``,
+besides the job itself; per publish, usually one ``HGET`` and one ``HSET``; the registry is read
+once per script call (once per batch at the edge). docs/capacity.md has the measured times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis as AsyncRedis
+
+from core.redis.keys import (
+    DEDUPE_PREFIX,
+    EVENT_IDS_KEY,
+    PARKED_IDS_KEY,
+    PARKED_MARK_PREFIX,
+    job_id_for,
+    text,
+)
+
+#: A slot spans ``ceil(TTL / SLOTS_PER_TTL)`` seconds; at most ``SLOTS_PER_TTL + 1`` are live.
+SLOTS_PER_TTL = 7
+#: Marks per hash that a generation is sized to hold by the end of its slot.
+TARGET = 64
+#: A hash this full starts a bigger generation (Redis keeps 128 fields in a listpack by default).
+GROW_AT = 112
+#: At most this many generations per slot, each at most 2^4 times the shards of the one before.
+MAX_GENERATIONS = 6
+MAX_STEP_BITS = 4
+#: At most 2^MAX_BITS hashes per generation: 16 million, ≈ 1 billion marks a slot.
+MAX_BITS = 24
+
+#: Values of an event mark.
+ACCEPTED = b"1"
+PUBLISHED = b"2"
+
+LIBRARY = f"""
+-- core/redis/dedupe.py: remembered eventIds, as fields of small time-bucketed hashes.
+local ids = {{}}
+
+-- A family's state for this call. registry: the family's registry key; ttl, width: seconds;
+-- clock: '' for Redis's clock, else seconds (benchmarks); legacy: the per-key mark prefix of
+-- earlier versions, '' for none. The registry is a string of ';'-separated entries: first
+-- '<until>:0:0:legacy' while the legacy window lasts, then the generations, newest first,
+-- '<expire_at>:<started ms>:<bits>:<slot>' (slot '<width>-<n>'). It is parsed lazily: a lookup
+-- that hits in the newest generation (a publish finding the accept mark) reads one or two entries.
+function ids.open(registry, ttl, width, clock, legacy)
+  local now
+  if clock == '' then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  else
+    now = tonumber(clock)
+  end
+  local raw = redis.call('GET', registry)
+  local st = {{registry = registry, ttl = tonumber(ttl), width = tonumber(width), now = now, gens = {{}},
+               legacy_prefix = legacy, fresh = not raw, done = not raw}}
+  if raw then st.next = string.gmatch(raw, '(%d+):(%d+):(%d+):([%w-]+)') end
+  return st
+end
+
+-- The i-th live generation, newest first (nil past the last), parsing the registry up to it.
+function ids.gen(st, i)
+  while not st.gens[i] and not st.done do
+    local expire_at, t0, bits, slot = st.next()
+    if not expire_at then
+      st.done = true
+      if st.dropped then ids.save(st) end
+    else
+      expire_at = tonumber(expire_at)
+      if expire_at <= st.now then
+        st.dropped = true
+      elseif slot == 'legacy' then
+        st.legacy_until = expire_at
+        if st.legacy_prefix ~= '' then st.legacy = st.legacy_prefix end
+      else
+        bits = tonumber(bits)
+        st.gens[#st.gens + 1] = {{slot = slot, expire_at = expire_at, t0 = t0, bits = bits, div = 2 ^ (32 - bits),
+                                  prefix = st.registry .. ':' .. slot .. ':' .. bits .. ':'}}
+      end
+    end
+  end
+  return st.gens[i]
+end
+
+-- Every live generation, newest first (and the legacy window known).
+function ids.all(st)
+  ids.gen(st, 1 / 0)
+  return st.gens
+end
+
+function ids.save(st)
+  local parts = {{}}
+  if st.legacy_until then parts[1] = st.legacy_until .. ':0:0:legacy' end
+  for _, g in ipairs(st.gens) do
+    parts[#parts + 1] = g.expire_at .. ':' .. g.t0 .. ':' .. g.bits .. ':' .. g.slot
+  end
+  redis.call('SET', st.registry, table.concat(parts, ';'))
+end
+
+-- The shard number (first 32 bits) and the field (last 12 bytes) of a 16-byte digest.
+function ids.locate(digest)
+  local a, b, c, d = string.byte(digest, 1, 4)
+  return ((a * 256 + b) * 256 + c) * 256 + d, string.sub(digest, 5)
+end
+
+-- The remembered value of an event and the hash holding it (newest generations first), or nil.
+-- After a miss every generation has been read, so st.legacy is known.
+function ids.find(st, head, field)
+  local i = 1
+  local g = ids.gen(st, 1)
+  local shards = {{}}  -- slots of the same size share the shard number: format it once
+  while g do
+    local shard = shards[g.div]
+    if not shard then
+      shard = tostring(math.floor(head / g.div))
+      shards[g.div] = shard
+    end
+    local key = g.prefix .. shard
+    local value = redis.call('HGET', key, field)
+    if value then return value, key end
+    i = i + 1
+    g = ids.gen(st, i)
+  end
+  return nil, nil
+end
+
+-- Remember an event (not remembered yet) with value in the current slot's newest generation.
+function ids.put(st, head, field, value)
+  local g = st.gen or ids.current(st)
+  local key = g.prefix .. math.floor(head / g.div)
+  redis.call('HSET', key, field, value)
+  local n = redis.call('HLEN', key)
+  if n == 1 then redis.call('EXPIREAT', key, g.expire_at) end
+  if n >= {GROW_AT} then ids.grow(st, g) end
+end
+
+-- Marks in a generation, estimated from the sizes of its first few hashes.
+function ids.population(g)
+  local shards = 2 ^ g.bits
+  local sample = math.min(8, shards)
+  local total = 0
+  for i = 0, sample - 1 do total = total + redis.call('HLEN', g.prefix .. i) end
+  return total / sample * shards
+end
+
+-- Shard bits for a generation expected to receive count marks.
+function ids.bits_for(count)
+  if count <= {TARGET} then return 0 end
+  return math.min({MAX_BITS}, math.ceil(math.log(count / {TARGET}) / math.log(2) - 1e-9))
+end
+
+-- When a slot ends, from its name.
+function ids.slot_end(slot)
+  local w, n = string.match(slot, '^(%d+)-(%d+)$')
+  return (tonumber(n) + 1) * tonumber(w)
+end
+
+function ids.open_generation(st, slot, expire_at, bits)
+  local g = {{slot = slot, expire_at = expire_at, t0 = string.format('%d', st.now * 1000), bits = bits,
+             div = 2 ^ (32 - bits), prefix = st.registry .. ':' .. slot .. ':' .. bits .. ':'}}
+  table.insert(ids.all(st), 1, g)
+  st.gen = g
+  ids.save(st)
+  return g
+end
+
+-- The newest generation of the current slot, opening the slot (sized on the rate of the
+-- newest other slot) when this is its first mark.
+function ids.current(st)
+  local n = math.floor(st.now / st.width)
+  local slot = st.width .. '-' .. n
+  local gens = ids.all(st)
+  for _, g in ipairs(gens) do
+    if g.slot == slot then
+      st.gen = g
+      return g
+    end
+  end
+  local rate = 0
+  local last = gens[1]
+  if last then
+    local count, first = 0, tonumber(last.t0)
+    for _, g in ipairs(gens) do
+      if g.slot == last.slot then
+        count = count + ids.population(g)
+        first = math.min(first, tonumber(g.t0))
+      end
+    end
+    rate = count / math.max(1, math.min(st.now, ids.slot_end(last.slot)) - first / 1000)
+  end
+  if st.fresh and st.legacy_prefix ~= '' then
+    st.legacy_until = math.ceil(st.now + st.ttl)
+    st.legacy = st.legacy_prefix
+  end
+  st.fresh = false
+  local ends = (n + 1) * st.width
+  return ids.open_generation(st, slot, ends + st.ttl, ids.bits_for(rate * (ends - st.now)))
+end
+
+-- A hash of generation g is nearly full: open a bigger generation sized on g's rate.
+function ids.grow(st, g)
+  local count, newest = 0, nil
+  for _, other in ipairs(ids.all(st)) do
+    if other.slot == g.slot then
+      count = count + 1
+      newest = newest or other
+    end
+  end
+  if newest ~= g or count >= {MAX_GENERATIONS} or g.bits >= {MAX_BITS} then return end
+  local rate = ids.population(g) / math.max(1, st.now - tonumber(g.t0) / 1000)
+  local bits = ids.bits_for(rate * math.max(1, ids.slot_end(g.slot) - st.now))
+  bits = math.min(math.max(bits, g.bits + 1), g.bits + {MAX_STEP_BITS}, {MAX_BITS})
+  ids.open_generation(st, g.slot, g.expire_at, bits)
+end
+
+-- Forget an event: delete every mark of it.
+function ids.forget(st, head, field)
+  local value, key = ids.find(st, head, field)
+  while value do
+    redis.call('HDEL', key, field)
+    value, key = ids.find(st, head, field)
+  end
+end
+"""
+
+RECALL = (
+    LIBRARY
+    + """
+-- ARGV: registry, ttl, width, clock, legacy prefix, job id, digest.
+-- Returns the remembered value, or 'legacy' when only a per-key mark of an earlier version has it.
+local st = ids.open(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+local head, field = ids.locate(ARGV[7])
+local value = ids.find(st, head, field)
+if value then return value end
+if st.legacy then
+  local old = redis.call('GET', st.legacy .. ARGV[6])
+  if old then return 'legacy:' .. old end
+end
+return false
+"""
+)
+
+
+def slot_width(ttl_seconds: int) -> int:
+    """Seconds one slot spans for a TTL: ``ceil(TTL / 7)``, at least 1."""
+    return max(1, math.ceil(ttl_seconds / SLOTS_PER_TTL))
+
+
+def job_digest(job_id: str) -> bytes:
+    """The 128-bit digest an event is remembered by, from its job id (:func:`keys.job_id_for`)."""
+    return hashlib.blake2b(job_id.encode(), digest_size=16).digest()
+
+
+def event_digest(event_id: str) -> bytes:
+    """:func:`job_digest` of the event's job id: one event, one job, one mark."""
+    return job_digest(job_id_for(event_id))
+
+
+@dataclass(frozen=True)
+class Marks:
+    """One family of remembered events, as configured in this process."""
+
+    registry: str
+    ttl_seconds: int
+    legacy_prefix: str = ""
+    clock: Callable[[], float] | None = None
+    """Seconds to use instead of Redis's clock (benchmarks and tests that cross days)."""
+
+    @property
+    def width(self) -> int:
+        return slot_width(self.ttl_seconds)
+
+    def head(self, legacy_prefix: str | None = None) -> list[str | int]:
+        """The arguments every script of :data:`LIBRARY` starts with (``ids.open``).
+
+        ``legacy_prefix`` names the per-key mark of earlier versions that this script consults
+        during the legacy window, when it is not the family's own.
+        """
+        clock = "" if self.clock is None else repr(float(self.clock()))
+        legacy = self.legacy_prefix if legacy_prefix is None else legacy_prefix
+        return [self.registry, self.ttl_seconds, self.width, clock, legacy]
+
+
+def event_marks(ttl_seconds: int, clock: Callable[[], float] | None = None) -> Marks:
+    """Accepted and published events: one mark each, ``1`` then ``2``, for ``DEDUPE_TTL_SECONDS``."""
+    return Marks(EVENT_IDS_KEY, ttl_seconds, DEDUPE_PREFIX, clock)
+
+
+def parked_marks(ttl_seconds: int, clock: Callable[[], float] | None = None) -> Marks:
+    """Parked events: a mark of (reason, body) each, so one delivery is parked once."""
+    return Marks(PARKED_IDS_KEY, ttl_seconds, PARKED_MARK_PREFIX, clock)
+
+
+def recall_args(marks: Marks, event_id: str, legacy_prefix: str | None) -> list[str | int | bytes]:
+    return [*marks.head(legacy_prefix), job_id_for(event_id), event_digest(event_id)]
+
+
+def generations(client: SyncRedis, registry: str) -> list[tuple[str, int, int]]:
+    """The generations a family's registry lists, newest first: ``(slot, bits, expire_at)``.
+
+    Slots whose expiry has passed are listed until a script next reads the registry.
+    """
+    raw = client.get(registry)
+    rows = []
+    for entry in (text(raw) if raw else "").split(";"):
+        parts = entry.split(":")
+        if len(parts) == 4 and parts[3] != "legacy":
+            rows.append((parts[3], int(parts[2]), int(parts[0])))
+    return rows
+
+
+def recall(client: SyncRedis, marks: Marks, event_id: str, legacy_prefix: str | None = None) -> bytes | None:
+    """What ``marks`` remembers of ``event_id`` (``b"1"``, ``b"2"``, a parked mark), or None.
+
+    A value found only in a per-key mark of an earlier version comes back as ``b"legacy:<value>"``.
+    """
+    value = client.register_script(RECALL)(args=recall_args(marks, event_id, legacy_prefix))
+    return None if value is None else bytes(value)
+
+
+async def recall_async(
+    redis: AsyncRedis, marks: Marks, event_id: str, legacy_prefix: str | None = None
+) -> bytes | None:
+    """:func:`recall` on an asyncio client."""
+    value = await redis.register_script(RECALL)(args=recall_args(marks, event_id, legacy_prefix))
+    return None if value is None else bytes(value)

@@ -1,0 +1,85 @@
+"""Redis's memory as a health signal: used and max memory, and a warning when there is no limit.
+
+Redis at ``maxmemory`` with ``noeviction`` refuses writes, and the web then answers 503: loud and
+recoverable. Redis without ``maxmemory`` grows until the OS kills it, losing whatever AOF has not
+written. :func:`read_memory` feeds ``/metrics`` (:mod:`core.redis.queue_metrics`; the chart warns
+at 80 % of ``maxmemory``) and ``status``; web and worker call :func:`warn_without_maxmemory` (or its
+asyncio twin) at start. ``INFO memory`` is all it reads, which the web's ACL user may run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.asyncio import Redis as AsyncRedis
+
+from core.logs import get_logger
+from core.redis.keys import text
+
+log = get_logger("smartcar_ingest.redis")
+
+
+@dataclass(frozen=True)
+class RedisMemory:
+    """Redis's memory as ``INFO memory`` reports it."""
+
+    used_bytes: int
+    max_bytes: int
+    """``maxmemory``; 0 means no limit (Redis grows until the OS kills it)."""
+    policy: str
+
+    @property
+    def used_fraction(self) -> float | None:
+        return self.used_bytes / self.max_bytes if self.max_bytes else None
+
+
+def memory_from_info(info: Mapping[str, Any]) -> RedisMemory:
+    """:class:`RedisMemory` from the parsed reply of ``INFO memory``."""
+    return RedisMemory(
+        used_bytes=int(info.get("used_memory", 0)),
+        max_bytes=int(info.get("maxmemory", 0)),
+        policy=text(info.get("maxmemory_policy", "")),
+    )
+
+
+def read_memory(client: redis.Redis) -> RedisMemory:
+    return memory_from_info(client.info("memory"))
+
+
+#: What web and worker log at start when Redis has no memory limit.
+NO_MAXMEMORY = (
+    "Redis has no maxmemory: it grows until the OS kills it, losing what AOF has not written. "
+    "Set maxmemory (docs/capacity.md sizes it) with maxmemory-policy noeviction."
+)
+
+
+def warn_without_maxmemory(client: redis.Redis) -> RedisMemory | None:
+    """Log :data:`NO_MAXMEMORY` when Redis has no ``maxmemory`` (the worker, at start).
+
+    Returns what was read, or None when Redis could not be read (nothing is logged then).
+    """
+    try:
+        memory = read_memory(client)
+    except (redis.RedisError, OSError) as exc:
+        log.warning("could not read Redis memory at startup", error=type(exc).__name__)
+        return None
+    if not memory.max_bytes:
+        log.warning(NO_MAXMEMORY, usedBytes=memory.used_bytes)
+    return memory
+
+
+async def warn_without_maxmemory_async(client: AsyncRedis, deadline_seconds: float) -> RedisMemory | None:
+    """:func:`warn_without_maxmemory` on an asyncio client, bounded by ``deadline_seconds`` (the web)."""
+    try:
+        async with asyncio.timeout(deadline_seconds):
+            memory = memory_from_info(await client.info("memory"))
+    except (redis.RedisError, OSError, TimeoutError) as exc:
+        log.warning("could not read Redis memory at startup", error=type(exc).__name__)
+        return None
+    if not memory.max_bytes:
+        log.warning(NO_MAXMEMORY, usedBytes=memory.used_bytes)
+    return memory

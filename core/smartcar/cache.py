@@ -1,0 +1,294 @@
+"""Smartcar reads shared by every worker process through Redis: one read serves every event it may.
+
+One hash per read kind, vehicle and user (:func:`core.redis.keys.read_key`) holds the last read
+(its data, when it *started* and when it answered) and the read in flight, if any (a claim with a
+lease). For an event received at ``r`` with a window ``w``:
+
+* a read that started at ``s > r - w`` serves it: one that started after the event arrived (its
+  data cannot be older than the event), or less than a window before;
+* a read made or claimed before the hash's last invalidation (after a VEHICLE_ERROR: a new
+  generation) serves nobody;
+* while a read that may serve the event is in flight, the event waits for it, in whatever process
+  it runs (the read's own process hands it over directly, the others poll the hash);
+* otherwise the event claims the read and calls Smartcar; events that arrive meanwhile wait for it.
+
+Each decision is one Lua script, so two processes can never both claim a read the other could
+serve. Failures are shared too: the events waiting on a read that was refused, rate limited or
+failed get the same outcome instead of each calling again. A claim whose process died is given up
+when its lease runs out, and the next event claims afresh.
+
+Times are Redis's clock (``TIME``) but for ``r``, the time the web received the event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+
+from core.errors import (
+    InvalidPayload,
+    SmartcarRateLimited,
+    SmartcarRejected,
+    SmartcarUnauthorized,
+    SmartcarUnavailable,
+)
+from core.redis.keys import text
+from core.redis.outage import until_redis_answers_async
+
+#: How long a hash outlives its read's window: events wait in the queue before they are processed.
+GRACE_MS = 600_000
+#: How long a job waits out Redis trouble here before failing (and being retried).
+REDIS_PATIENCE_SECONDS = 30.0
+
+_NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+_KEEP = "if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[{n}]) then redis.call('PEXPIRE', KEYS[1], ARGV[{n}]) end\n"
+
+# ARGV: received ms, window ms, lease ms, claim token, keep ms.
+_ACQUIRE = (
+    _NOW
+    + """
+local oldest = tonumber(ARGV[1]) - tonumber(ARGV[2])
+local f = redis.call('HMGET', KEYS[1], 'startedAt', 'dataGen', 'claim', 'claimStartedAt', 'claimUntil', 'claimGen', 'gen')
+local gen = tonumber(f[7]) or 0
+local started = tonumber(f[1])
+if started and started > oldest and (tonumber(f[2]) or 0) == gen then
+  local d = redis.call('HMGET', KEYS[1], 'data', 'fetchedAt')
+  return {'cached', d[1], f[1], d[2]}
+end
+local claimed = tonumber(f[4])
+if f[3] and claimed and claimed > oldest and (tonumber(f[6]) or 0) == gen and (tonumber(f[5]) or 0) > now then
+  return {'wait', f[3], f[4]}
+end
+redis.call('HSET', KEYS[1], 'claim', ARGV[4], 'claimStartedAt', now, 'claimUntil', now + tonumber(ARGV[3]), 'claimGen', gen)
+"""
+    + _KEEP.format(n=5)
+    + "return {'fetch', ARGV[4], tostring(now), gen}"
+)
+
+# ARGV: claim token ('' for none), started ms, data, keep ms, generation ('' for the current one).
+# Keeps the newest read only.
+_COMPLETE = (
+    _NOW
+    + """
+local held = tonumber(redis.call('HGET', KEYS[1], 'startedAt'))
+if not held or tonumber(ARGV[2]) >= held then
+  local gen = ARGV[5]
+  if gen == '' then gen = redis.call('HGET', KEYS[1], 'gen') or '0' end
+  redis.call('HSET', KEYS[1], 'data', ARGV[3], 'startedAt', ARGV[2], 'fetchedAt', now, 'dataGen', gen)
+end
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'claim') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'claim', 'claimStartedAt', 'claimUntil', 'claimGen')
+end
+"""
+    + _KEEP.format(n=4)
+    + "return now"
+)
+
+# ARGV: claim token, the failure (JSON), keep ms.
+_FAIL = (
+    """
+if redis.call('HGET', KEYS[1], 'claim') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'claim', 'claimStartedAt', 'claimUntil', 'claimGen')
+end
+redis.call('HSET', KEYS[1], 'errorToken', ARGV[1], 'error', ARGV[2])
+"""
+    + _KEEP.format(n=3)
+    + "return 1"
+)
+
+# ARGV: claim token, claim started ms.
+_POLL = (
+    _NOW
+    + """
+local f = redis.call('HMGET', KEYS[1], 'startedAt', 'claim', 'claimUntil', 'errorToken', 'error')
+if (tonumber(f[1]) or -1) >= tonumber(ARGV[2]) then
+  local d = redis.call('HMGET', KEYS[1], 'data', 'fetchedAt')
+  return {'done', d[1], f[1], d[2]}
+end
+if f[4] == ARGV[1] then return {'failed', f[5]} end
+if f[2] == ARGV[1] and (tonumber(f[3]) or 0) > now then return {'pending'} end
+return {'gone'}
+"""
+)
+
+# ARGV: keep ms. A new generation: what was read or claimed before serves no event from now on.
+_INVALIDATE = "local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)\n" + _KEEP.format(n=1) + "return gen"
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What a read gave one event: where it came from, the data and when Smartcar answered (epoch ms).
+
+    ``error`` is set, and ``data`` is None, when the read this event waited for failed.
+    """
+
+    source: Literal["fetched", "cached", "shared"]
+    data: Any
+    fetched_at: int | None
+    error: Exception | None = None
+
+
+class ReadCache:
+    """Shared reads over one Redis client; one instance per process."""
+
+    def __init__(self, redis: Redis, lease_seconds: float, poll_seconds: tuple[float, float] = (0.02, 0.25)) -> None:
+        self._redis = redis
+        self._lease_ms = int(lease_seconds * 1000)
+        self._poll_first, self._poll_max = poll_seconds
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._complete = redis.register_script(_COMPLETE)
+        self._fail = redis.register_script(_FAIL)
+        self._poll = redis.register_script(_POLL)
+        self._invalidate = redis.register_script(_INVALIDATE)
+        # The reads this process makes or waits for, by (key, claim token): its events share one future.
+        self._local: dict[tuple[str, str], asyncio.Future[Shared | None]] = {}
+
+    async def read(self, key: str, received_at_ms: int, window_ms: int, fetch: Callable[[], Awaitable[Any]]) -> Shared:
+        """The data of a read that may serve an event received at ``received_at_ms``: a stored one,
+        one in flight, or a new call to ``fetch``. The caller's own call raises its errors."""
+        keep = window_ms + GRACE_MS
+        while True:
+            token = secrets.token_hex(8)
+            args: list[str | int] = [received_at_ms, window_ms, self._lease_ms, token, keep]
+            reply = await self._call(partial(self._acquire, keys=[key], args=args))
+            kind = text(reply[0])
+            if kind == "cached":
+                return Shared("cached", _loads(reply[1]), _int(reply[3]))
+            if kind == "fetch":
+                claimed = self._claimed(key, token, int(reply[2]), int(reply[3]), keep, fetch)
+                outcome = await asyncio.shield(claimed)
+                assert outcome is not None
+                return outcome
+            joined = await self._join(key, text(reply[1]), int(reply[2]))
+            if joined is not None:
+                return joined
+            # The read went away without an outcome (its worker died): try again.
+
+    async def store(self, key: str, data: Any, started_at_ms: int, window_ms: int) -> int:
+        """Keep a read made outside the sharing (a window of 0) as what skipped reads publish; its answer time."""
+        args: list[str | int] = ["", started_at_ms, _dumps(data), window_ms + GRACE_MS, ""]
+        return int(await self._call(lambda: self._complete(keys=[key], args=args)))
+
+    async def latest(self, key: str) -> tuple[Any, int | None] | None:
+        """The last read held for ``key``, whatever its age (what a skipped read publishes):
+        its data and when Smartcar answered it; None when there is none."""
+        data, fetched_at = await self._call(lambda: self._redis.hmget(key, ["data", "fetchedAt"]))
+        return None if data is None else (_loads(data), _int(fetched_at))
+
+    async def invalidate(self, key: str, window_ms: int) -> None:
+        """No read that started before now serves any event from now on (after a VEHICLE_ERROR)."""
+        await self._call(lambda: self._invalidate(keys=[key], args=[window_ms + GRACE_MS]))
+
+    def _claimed(
+        self, key: str, token: str, started_at: int, generation: int, keep: int, fetch: Callable[[], Awaitable[Any]]
+    ) -> asyncio.Future[Shared | None]:
+        """Run the call this process claimed, as a task of its own so that the events sharing it do
+        not lose it when the one that started it is cancelled; record its outcome for the others."""
+
+        async def run() -> Shared:
+            try:
+                data = await fetch()
+            except Exception as exc:
+                failure = _dumps(_describe(exc))
+                await self._call(lambda: self._fail(keys=[key], args=[token, failure, keep]))
+                raise
+            fetched_at = await self._call(
+                lambda: self._complete(keys=[key], args=[token, started_at, _dumps(data), keep, generation])
+            )
+            return Shared("fetched", data, int(fetched_at))
+
+        return self._register(key, token, run())
+
+    async def _join(self, key: str, token: str, started_at: int) -> Shared | None:
+        """Wait for the read ``token`` to finish: its data, its failure, or None when it was given up."""
+        running = self._local.get((key, token))
+        if running is None:
+            running = self._register(key, token, self._watch(key, token, started_at))
+        try:
+            outcome = await asyncio.shield(running)
+        except Exception as exc:  # this process's own call failed: the same outcome, as a value
+            return Shared("shared", None, None, exc)
+        if outcome is None:
+            return None
+        return Shared("shared", outcome.data, outcome.fetched_at, outcome.error)
+
+    async def _watch(self, key: str, token: str, started_at: int) -> Shared | None:
+        """Poll another process's read until it has an outcome."""
+        pause = self._poll_first
+        while True:
+            reply = await self._call(lambda: self._poll(keys=[key], args=[token, started_at]))
+            kind = text(reply[0])
+            if kind == "done":
+                return Shared("shared", _loads(reply[1]), _int(reply[3]))
+            if kind == "failed":
+                return Shared("shared", None, None, _restore(_loads(reply[1])))
+            if kind == "gone":
+                return None
+            await asyncio.sleep(pause)
+            pause = min(self._poll_max, pause * 1.5)
+
+    def _register(self, key: str, token: str, work: Awaitable[Any]) -> asyncio.Future[Shared | None]:
+        future: asyncio.Future[Shared | None] = asyncio.ensure_future(work)
+        self._local[key, token] = future
+
+        def done(finished: asyncio.Future[Shared | None]) -> None:
+            self._local.pop((key, token), None)
+            if not finished.cancelled():
+                finished.exception()  # retrieved: the events that shared it may all have gone
+
+        future.add_done_callback(done)
+        return future
+
+    @staticmethod
+    async def _call(call: Callable[[], Awaitable[Any]]) -> Any:  # Redis trouble is waited out, as elsewhere
+        return await until_redis_answers_async(call, give_up_after=REDIS_PATIENCE_SECONDS)
+
+
+def _describe(exc: Exception) -> dict[str, Any]:
+    """A failure as the events waiting on the read get it (never a secret: our own messages only)."""
+    if isinstance(exc, SmartcarRejected):
+        refusal = {"status": exc.status, "type": exc.error_type, "code": exc.error_code}
+        return {"kind": "rejected", "m": exc.message, **refusal}
+    if isinstance(exc, SmartcarUnauthorized):
+        return {"kind": "unauthorized", "m": exc.message}
+    if isinstance(exc, SmartcarRateLimited):
+        return {"kind": "rate_limited", "retryAfter": exc.retry_after}
+    if isinstance(exc, InvalidPayload):
+        return {"kind": "invalid"}
+    return {"kind": "unavailable"}
+
+
+def _restore(failure: dict[str, Any]) -> Exception:
+    kind = failure.get("kind")
+    if kind == "rejected":
+        message = failure.get("m") or "Smartcar refused the read."
+        return SmartcarRejected(message, int(failure.get("status") or 400), failure.get("type"), failure.get("code"))
+    if kind == "unauthorized":
+        return SmartcarUnauthorized(failure.get("m") or "Smartcar refused a fresh application token.")
+    if kind == "rate_limited":
+        return SmartcarRateLimited("The shared read was rate limited.", failure.get("retryAfter"))
+    if kind == "invalid":
+        return InvalidPayload("The vehicle id is not a Smartcar vehicle id; no request was sent.")
+    return SmartcarUnavailable("The shared read of another event failed; the job will be retried.")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _loads(raw: object) -> Any:
+    return None if raw is None else json.loads(raw if isinstance(raw, str | bytes) else str(raw))
+
+
+def _int(raw: object) -> int | None:
+    try:
+        return None if raw is None else int(float(text(raw)))
+    except ValueError:
+        return None

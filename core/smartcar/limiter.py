@@ -1,0 +1,221 @@
+"""One request budget for the whole deployment, and Smartcar's 429 pauses, kept in Redis.
+
+Every request to the vehicle API first asks :meth:`RequestLimiter.admit`, which runs one Lua
+script (so every worker process of the deployment sees the same state) that looks at:
+
+* **the pauses**: a 429 for a vehicle (``RATE_LIMIT:VEHICLE``) stops calls for that vehicle, and
+  a 429 ``RATE_LIMIT:SMARTCAR_API`` stops every call, until ``Retry-After`` has passed (without
+  the header: 2 s, doubling on each 429 that follows while the pause is remembered, at most 60 s);
+* **the budget** (``SMARTCAR_REQUESTS_PER_MINUTE`` and ``SMARTCAR_BURST``): a GCRA, the token
+  bucket's equivalent in one number. The key holds the *theoretical arrival time*; a request
+  may go at ``TAT - (burst - 1) * interval`` and moves the TAT one interval on. The script
+  *reserves* the slot when the wait fits, so callers go in the order they asked and nobody
+  sleeps only to find the slot taken.
+
+A request that cannot go within the read's deadline (``ENRICH_WAIT_SECONDS``, set per read with
+:meth:`RequestLimiter.deadline`) is never sent: :class:`OverBudget` is raised at once, before any
+sleeping, and the read is skipped (core.smartcar.reads). Times are Redis's own clock (``TIME``),
+so the workers' clocks do not have to agree.
+
+The calls a read makes and the 429s it meets are counted into the :class:`Tally` of the event being
+enriched (a context variable), which core.smartcar.usage keeps per minute for ``status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from core import metrics
+from core.errors import SmartcarRateLimited
+from core.logs import get_logger
+from core.redis.keys import APPLICATION_PAUSE_KEY, BUDGET_KEY, vehicle_pause_key
+from core.redis.outage import until_redis_answers_async
+
+log = get_logger("smartcar_ingest.limiter")
+
+#: The pause after a 429 that names no ``Retry-After``: doubled on each further one, capped.
+PAUSE_BASE_SECONDS = 2.0
+PAUSE_CAP_SECONDS = 60.0
+#: How long a job waits out Redis trouble in the limiter before failing (and being retried).
+REDIS_PATIENCE_SECONDS = 30.0
+
+# KEYS: budget, application pause, [vehicle pause]. ARGV: interval ms (0: no budget), tolerance ms,
+# longest wait ms. Returns {admitted 0/1, wait ms, cause}; admitted means the slot is reserved.
+_ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local earliest, cause = now, 'none'
+local app = tonumber(redis.call('HGET', KEYS[2], 'until')) or 0
+if app > earliest then earliest, cause = app, 'application' end
+if KEYS[3] then
+  local vehicle = tonumber(redis.call('HGET', KEYS[3], 'until')) or 0
+  if vehicle > earliest then earliest, cause = vehicle, 'vehicle' end
+end
+local interval = tonumber(ARGV[1])
+if interval <= 0 then
+  local wait = earliest - now
+  if wait > tonumber(ARGV[3]) then return {0, wait, cause} end
+  return {1, wait, cause}
+end
+local tat = tonumber(redis.call('GET', KEYS[1])) or 0
+if tat < earliest then tat = earliest end
+local at = tat - tonumber(ARGV[2])
+if at < earliest then at = earliest elseif at > earliest then cause = 'budget' end
+local wait = math.ceil(at - now)
+if wait > tonumber(ARGV[3]) then return {0, wait, cause} end
+tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
+return {1, wait, cause}
+"""
+
+# KEYS: the pause hash. ARGV: Retry-After ms (-1: none), base ms, cap ms. Returns the pause left, ms.
+_PAUSE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local held = redis.call('HMGET', KEYS[1], 'until', 'strikes')
+local until_ms = tonumber(held[1]) or 0
+local strikes = tonumber(held[2]) or 0
+local duration = tonumber(ARGV[1])
+if duration < 0 then
+  strikes = strikes + 1
+  duration = math.min(tonumber(ARGV[3]), tonumber(ARGV[2]) * 2 ^ (strikes - 1))
+end
+if now + duration > until_ms then until_ms = now + math.ceil(duration) end
+redis.call('HSET', KEYS[1], 'until', until_ms, 'strikes', strikes)
+redis.call('PEXPIRE', KEYS[1], until_ms - now + tonumber(ARGV[3]))
+return until_ms - now
+"""
+
+
+class OverBudget(SmartcarRateLimited):
+    """A request could not be sent within the read's deadline: the budget or a pause holds it back.
+
+    Nothing was sent. ``retry_after`` is how long it would have had to wait; ``cause`` is
+    ``budget``, ``vehicle`` or ``application``.
+    """
+
+    code = "smartcar_over_budget"
+
+    def __init__(self, wait_seconds: float, cause: str) -> None:
+        super().__init__(f"No Smartcar request could be made within the wait allowed ({cause}).", wait_seconds)
+        self.cause = cause
+
+
+@dataclass
+class Tally:
+    """What one event's reads cost: requests by endpoint, 429s by scope, seconds waited."""
+
+    calls: Counter[str] = field(default_factory=Counter)
+    rate_limited: Counter[str] = field(default_factory=Counter)
+    waited_seconds: float = 0.0
+
+
+_deadline: ContextVar[float | None] = ContextVar("smartcar_read_deadline", default=None)
+_tally: ContextVar[Tally | None] = ContextVar("smartcar_read_tally", default=None)
+
+
+class RequestLimiter:
+    """The client's gate (:class:`core.smartcar.client.RequestGate`) over Redis."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        requests_per_minute: float | None = None,
+        burst: int | None = None,
+        wait_seconds: float = 10.0,
+    ) -> None:
+        self._redis = redis
+        self._admit = redis.register_script(_ADMIT)
+        self._pause = redis.register_script(_PAUSE)
+        self._wait = wait_seconds
+        if requests_per_minute is None:
+            self._interval_ms, self._tolerance_ms = 0.0, 0.0
+        else:
+            self._interval_ms = 60_000.0 / requests_per_minute
+            allowed_at_once = burst if burst is not None else max(1, math.floor(requests_per_minute))
+            self._tolerance_ms = (allowed_at_once - 1) * self._interval_ms
+
+    @contextmanager
+    def deadline(self, seconds: float | None = None) -> Iterator[None]:
+        """Requests made inside (in this task and the tasks it starts) wait at most ``seconds``
+        (``ENRICH_WAIT_SECONDS`` by default) from now, all together."""
+        token = _deadline.set(time.monotonic() + (self._wait if seconds is None else seconds))
+        try:
+            yield
+        finally:
+            _deadline.reset(token)
+
+    @staticmethod
+    @contextmanager
+    def tally() -> Iterator[Tally]:
+        """Count the requests and 429s made inside (in this task and the tasks it starts)."""
+        counts = Tally()
+        token = _tally.set(counts)
+        try:
+            yield counts
+        finally:
+            _tally.reset(token)
+
+    async def admit(self, endpoint: str, vehicle_id: str | None) -> None:
+        """Return when a request for ``vehicle_id`` may be sent (its budget slot taken), or raise
+        :class:`OverBudget` at once when that cannot be within the deadline."""
+        keys = [BUDGET_KEY, APPLICATION_PAUSE_KEY]
+        if vehicle_id is not None:
+            keys.append(vehicle_pause_key(vehicle_id))
+        while True:
+            allowed, wait_ms, cause = await self._run(keys, self._interval_ms, self._tolerance_ms)
+            if not allowed:
+                metrics.LIMITER_DENIALS.labels(cause=cause).inc()
+                raise OverBudget(wait_ms / 1000, cause)
+            if wait_ms <= 0:
+                break
+            metrics.LIMITER_WAIT_SECONDS.labels(cause=cause).observe(wait_ms / 1000)
+            tally = _tally.get()
+            if tally is not None:
+                tally.waited_seconds += wait_ms / 1000
+            await asyncio.sleep(wait_ms / 1000)
+            # A 429 may have paused calls while this one waited for its slot: look again (a
+            # pause-only check, no new reservation) and start over if one did.
+            _, paused_ms, _ = await self._run(keys, 0, 0)
+            if paused_ms <= 0:
+                break
+        tally = _tally.get()
+        if tally is not None:
+            tally.calls[endpoint] += 1
+
+    async def rate_limited(
+        self, endpoint: str, vehicle_id: str | None, error_code: str | None, retry_after: float | None
+    ) -> None:
+        """Smartcar answered 429: pause that vehicle's calls (or every call, for
+        ``RATE_LIMIT:SMARTCAR_API`` or a call that names no vehicle) in every process."""
+        scope = "application" if vehicle_id is None or error_code == "SMARTCAR_API" else "vehicle"
+        key = APPLICATION_PAUSE_KEY if scope == "application" else vehicle_pause_key(str(vehicle_id))
+        duration_ms = -1 if retry_after is None else math.ceil(retry_after * 1000)
+        args = [duration_ms, int(PAUSE_BASE_SECONDS * 1000), int(PAUSE_CAP_SECONDS * 1000)]
+        paused_ms = await until_redis_answers_async(
+            lambda: self._pause(keys=[key], args=args), give_up_after=REDIS_PATIENCE_SECONDS
+        )
+        metrics.RATE_LIMITED.labels(scope=scope).inc()
+        tally = _tally.get()
+        if tally is not None:
+            tally.rate_limited[scope] += 1
+        log.warning("Smartcar rate limited a call", endpoint=endpoint, scope=scope, pausedMs=int(paused_ms))
+
+    async def _run(self, keys: list[str], interval: float, tolerance: float) -> tuple[int, int, str]:
+        deadline = _deadline.get()
+        longest = self._wait if deadline is None else max(0.0, deadline - time.monotonic())
+        args: list[str | int] = [f"{interval:.3f}", f"{tolerance:.3f}", int(longest * 1000)]
+        reply = await until_redis_answers_async(
+            lambda: self._admit(keys=keys, args=args), give_up_after=REDIS_PATIENCE_SECONDS
+        )
+        allowed, wait_ms, cause = reply
+        return int(allowed), int(wait_ms), cause.decode() if isinstance(cause, bytes) else str(cause)

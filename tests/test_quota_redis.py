@@ -1,0 +1,426 @@
+"""The Redis side of quota-aware enrichment, piece by piece, against the real Redis: the budget
+(GCRA) and the 429 pauses (core.smartcar.limiter), the shared reads (core.smartcar.cache) and the
+per-minute usage (core.smartcar.usage).
+
+"Two processes" are two clients with their own connections and their own in-process state, as two
+worker processes have; Redis is all they share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from core.errors import SmartcarRejected, SmartcarUnavailable
+from core.redis.keys import APPLICATION_PAUSE_KEY, BUDGET_KEY, read_key, vehicle_pause_key
+from core.smartcar.cache import ReadCache
+from core.smartcar.limiter import OverBudget, RequestLimiter
+from core.smartcar.usage import Usage, read_usage
+
+T = TypeVar("T")
+KEY = read_key("signals", "vehicle-1", "user-1")
+WINDOW_MS = 300_000
+
+
+def run(redis_url: str, scenario: Callable[..., Awaitable[T]], clients: int = 1) -> T:
+    """Run ``scenario(*clients)`` with that many separate async Redis clients, closed afterwards."""
+
+    async def main() -> T:
+        opened = [Redis.from_url(redis_url) for _ in range(clients)]
+        try:
+            return await scenario(*opened)
+        finally:
+            for client in opened:
+                await client.aclose()
+
+    return asyncio.run(main())
+
+
+def redis_client_for(client: Redis) -> redis.Redis:
+    """A plain client on the same server as ``client``, for looking at keys while a scenario runs."""
+    kwargs = client.connection_pool.connection_kwargs
+    return redis.Redis(host=kwargs.get("host", "localhost"), port=kwargs.get("port", 6379), db=kwargs.get("db", 0))
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Upstream:
+    """A stand-in for one Smartcar read: counts calls, answers after ``delay`` seconds or, when
+    ``held``, once the test releases it."""
+
+    def __init__(self, delay: float = 0.0, error: Exception | None = None, held: bool = False) -> None:
+        self.calls = 0
+        self.delay = delay
+        self.error = error
+        self.release: asyncio.Event | None = asyncio.Event() if held else None
+
+    async def fetch(self) -> dict[str, Any]:
+        self.calls += 1
+        call = self.calls
+        await asyncio.sleep(self.delay)
+        if self.release is not None:
+            await self.release.wait()
+        if self.error is not None:
+            raise self.error
+        return {"call": call}
+
+
+async def claimed(client: redis.Redis, key: str = KEY) -> None:
+    """Return once a read of ``key`` is in flight (claimed in Redis), then give the events that
+    will wait for it ample time to see the claim."""
+    for _ in range(1000):
+        if client.hget(key, "claim") is not None:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.5)
+
+
+# The budget
+
+
+def test_the_budget_lets_a_burst_through_then_one_request_per_interval_in_order(redis_url):
+    """600 a minute with a burst of 3, asked for 6 at once: at least 3 go without waiting, and
+    the others are given slots 100 ms apart after the first (a slower machine only spreads them more)."""
+
+    async def scenario(client: Redis) -> tuple[list[float], int]:
+        limiter = RequestLimiter(client, requests_per_minute=600, burst=3, wait_seconds=5)
+        started = time.monotonic()
+
+        async def one() -> tuple[float, float]:
+            with limiter.tally() as tally:
+                await limiter.admit("signals", "vehicle-1")
+            return time.monotonic() - started, tally.waited_seconds
+
+        done = await asyncio.gather(*(one() for _ in range(6)))
+        return sorted(at for at, _ in done), sum(1 for _, waited in done if waited == 0)
+
+    times, without_waiting = run(redis_url, scenario)
+    assert without_waiting >= 3
+    for index, slot in ((3, 0.1), (4, 0.2), (5, 0.3)):
+        assert times[index] >= slot - 0.01, times
+
+
+def test_a_request_that_cannot_go_within_the_wait_is_refused_at_once_and_reserves_nothing(redis_url, redis_client):
+    """One a minute, a burst of 1: the second request would wait a minute, more than the 0.5 s
+    allowed, so it raises OverBudget without sleeping and without moving the budget."""
+
+    async def scenario(client: Redis) -> tuple[float, OverBudget]:
+        limiter = RequestLimiter(client, requests_per_minute=1, burst=1, wait_seconds=0.5)
+        await limiter.admit("vehicle", "vehicle-1")
+        held = redis_client.get(BUDGET_KEY)
+        started = time.monotonic()
+        with pytest.raises(OverBudget) as refused:
+            await limiter.admit("vehicle", "vehicle-1")
+        assert redis_client.get(BUDGET_KEY) == held
+        return time.monotonic() - started, refused.value
+
+    elapsed, refused = run(redis_url, scenario)
+    assert refused.cause == "budget"
+    assert 50 < (refused.retry_after or 0) <= 60
+    assert elapsed < 30  # refused without waiting the minute for the slot
+
+
+def test_two_processes_share_one_budget(redis_url):
+    """Two limiters on two connections, 300 a minute with a burst of 2, ten requests each: twenty
+    requests take at least 18 intervals of 200 ms between them, as one limiter would."""
+
+    async def scenario(first: Redis, second: Redis) -> list[float]:
+        limiters = [RequestLimiter(c, requests_per_minute=300, burst=2, wait_seconds=30) for c in (first, second)]
+        started = time.monotonic()
+
+        async def one(limiter: RequestLimiter) -> float:
+            await limiter.admit("signals", None)
+            return time.monotonic() - started
+
+        return sorted(await asyncio.gather(*(one(limiters[i % 2]) for i in range(20))))
+
+    times = run(redis_url, scenario, clients=2)
+    assert times[-1] >= 18 * 0.2 - 0.05
+
+
+def test_no_budget_set_means_no_limit(redis_url, redis_client):
+    """Without SMARTCAR_REQUESTS_PER_MINUTE nothing is reserved and nothing waits."""
+
+    async def scenario(client: Redis) -> None:
+        limiter = RequestLimiter(client, wait_seconds=0)
+        for _ in range(50):
+            await limiter.admit("signals", "vehicle-1")
+
+    run(redis_url, scenario)
+    assert redis_client.exists(BUDGET_KEY) == 0
+
+
+# Pauses
+
+
+def test_a_vehicle_429_pauses_that_vehicle_in_every_process_until_retry_after(redis_url, redis_client):
+    """A 429 for vehicle-1 seen by one process: the other process's requests for vehicle-1 wait
+    until Retry-After has passed (or are refused when that is too long), other vehicles go at once."""
+
+    async def scenario(first: Redis, second: Redis) -> tuple[float, OverBudget]:
+        seen_by = RequestLimiter(first, wait_seconds=5)
+        other = RequestLimiter(second, wait_seconds=5)
+        await seen_by.rate_limited("signals", "vehicle-1", "VEHICLE", 0.4)
+        started = time.monotonic()
+        with other.tally() as tally:
+            await other.admit("vehicle", "vehicle-2")
+        assert tally.waited_seconds == 0
+        with pytest.raises(OverBudget) as refused, other.deadline(0.01):
+            await other.admit("vehicle", "vehicle-1")
+        await other.admit("vehicle", "vehicle-1")
+        return time.monotonic() - started, refused.value
+
+    waited, refused = run(redis_url, scenario, clients=2)
+    assert refused.cause == "vehicle"
+    assert waited >= 0.3
+    assert redis_client.exists(APPLICATION_PAUSE_KEY) == 0
+
+
+def test_an_application_429_pauses_every_vehicle(redis_url):
+    """RATE_LIMIT:SMARTCAR_API pauses calls for every vehicle (and for calls that name none)."""
+
+    async def scenario(client: Redis) -> list[str]:
+        limiter = RequestLimiter(client, wait_seconds=0.2)
+        await limiter.rate_limited("vehicle", "vehicle-1", "SMARTCAR_API", 30)
+        causes = []
+        for vehicle in ("vehicle-1", "vehicle-2", None):
+            with pytest.raises(OverBudget) as refused:
+                await limiter.admit("vehicle", vehicle)
+            causes.append(refused.value.cause)
+        return causes
+
+    assert run(redis_url, scenario) == ["application"] * 3
+
+
+def test_a_429_without_retry_after_pauses_2_s_then_doubles(redis_url, redis_client):
+    """No Retry-After: 2 s, then 4 s for the next 429 while the first is remembered; a Retry-After
+    never shortens a pause already held."""
+
+    async def scenario(client: Redis) -> None:
+        limiter = RequestLimiter(client)
+        await limiter.rate_limited("signals", "vehicle-1", "VEHICLE", None)
+        assert 1900 <= pause_left(redis_client, vehicle_pause_key("vehicle-1")) <= 2000
+        await limiter.rate_limited("signals", "vehicle-1", "VEHICLE", None)
+        assert 3900 <= pause_left(redis_client, vehicle_pause_key("vehicle-1")) <= 4000
+        await limiter.rate_limited("signals", "vehicle-1", "VEHICLE", 1)
+        assert pause_left(redis_client, vehicle_pause_key("vehicle-1")) > 3000
+
+    run(redis_url, scenario)
+
+
+def pause_left(client: redis.Redis, key: str) -> int:
+    seconds, micros = client.time()
+    return int(client.hget(key, "until") or 0) - (int(seconds) * 1000 + int(micros) // 1000)
+
+
+def test_the_tally_counts_requests_429s_and_waits_of_its_own_task_only(redis_url):
+    """What one event's reads cost is counted in its tally; another task's requests are not."""
+
+    async def scenario(client: Redis) -> tuple[dict[str, int], dict[str, int], float]:
+        limiter = RequestLimiter(client, requests_per_minute=600, burst=1, wait_seconds=5)
+
+        async def elsewhere() -> None:
+            await limiter.admit("vehicle", "vehicle-9")
+
+        with limiter.tally() as tally:
+            await asyncio.gather(limiter.admit("vehicle", "vehicle-1"), limiter.admit("signals", "vehicle-1"))
+            await limiter.rate_limited("signals", "vehicle-1", "VEHICLE", 0)
+        await elsewhere()
+        return dict(tally.calls), dict(tally.rate_limited), tally.waited_seconds
+
+    calls, limited, waited = run(redis_url, scenario)
+    assert calls == {"vehicle": 1, "signals": 1}
+    assert limited == {"vehicle": 1}
+    assert waited > 0
+
+
+# Shared reads
+
+
+def test_two_processes_reading_one_vehicle_at_once_make_one_call(redis_url):
+    """Ten events in each of two processes, all received before the read: one call; the caller's
+    event says fetched, the others shared (every one of them, in both processes, waited for it)."""
+
+    async def scenario(first: Redis, second: Redis) -> tuple[int, list[str]]:
+        upstream = Upstream(held=True)
+        caches = [ReadCache(c, lease_seconds=10) for c in (first, second)]
+        received = now_ms() - 1000
+        reads = [asyncio.ensure_future(caches[i % 2].read(KEY, received, WINDOW_MS, upstream.fetch)) for i in range(20)]
+        await claimed(redis_client_for(first))
+        assert upstream.release is not None
+        upstream.release.set()
+        results = await asyncio.gather(*reads)
+        assert all(r.data == {"call": 1} for r in results)
+        return upstream.calls, sorted(r.source for r in results)
+
+    calls, sources = run(redis_url, scenario, clients=2)
+    assert calls == 1
+    assert sources == ["fetched"] + ["shared"] * 19
+
+
+def test_a_read_serves_events_received_within_the_window_after_it_started(redis_url):
+    """A read started at s serves an event received at r when s > r - window: a later event within
+    the window gets it from the cache; one received a window or more after s reads again."""
+    upstream = Upstream()
+
+    async def scenario(client: Redis) -> list[tuple[str, Any]]:
+        cache = ReadCache(client, lease_seconds=10)
+        base = now_ms()
+        first = await cache.read(KEY, base, 10_000, upstream.fetch)
+        within = await cache.read(KEY, base + 9_000, 10_000, upstream.fetch)
+        beyond = await cache.read(KEY, base + 60_000, 10_000, upstream.fetch)
+        earlier = await cache.read(KEY, base, 10_000, upstream.fetch)
+        return [(r.source, r.data) for r in (first, within, beyond, earlier)]
+
+    assert run(redis_url, scenario) == [
+        ("fetched", {"call": 1}),
+        ("cached", {"call": 1}),
+        ("fetched", {"call": 2}),
+        ("cached", {"call": 2}),  # received before the read started: its data cannot be older
+    ]
+
+
+def test_an_event_never_joins_a_read_that_started_a_window_before_it(redis_url):
+    """A read in flight that started more than a window before an event arrived is not joined."""
+    upstream = Upstream(delay=0.3)
+
+    async def scenario(client: Redis) -> list[str]:
+        cache = ReadCache(client, lease_seconds=10)
+        slow = asyncio.ensure_future(cache.read(KEY, now_ms(), 100, upstream.fetch))
+        await asyncio.sleep(0.15)
+        late = await cache.read(KEY, now_ms(), 100, upstream.fetch)
+        return [(await slow).source, late.source]
+
+    assert run(redis_url, scenario) == ["fetched", "fetched"]
+    assert upstream.calls == 2
+
+
+def test_invalidation_makes_the_next_event_read_again(redis_url):
+    """After invalidate (a VEHICLE_ERROR), no read made before serves any event, even one
+    received earlier; the read that follows serves events again."""
+    upstream = Upstream()
+
+    async def scenario(client: Redis) -> list[str]:
+        cache = ReadCache(client, lease_seconds=10)
+        received = now_ms()
+        sources = [(await cache.read(KEY, received, WINDOW_MS, upstream.fetch)).source]
+        await cache.invalidate(KEY, WINDOW_MS)
+        sources.append((await cache.read(KEY, received, WINDOW_MS, upstream.fetch)).source)
+        sources.append((await cache.read(KEY, now_ms(), WINDOW_MS, upstream.fetch)).source)
+        return sources
+
+    assert run(redis_url, scenario) == ["fetched", "fetched", "cached"]
+
+
+def test_a_refusal_is_shared_with_the_events_waiting_on_the_read(redis_url):
+    """The read is refused (404): its caller gets the error, the events waiting in the other
+    process get the same refusal as a value, and nobody calls again."""
+
+    async def scenario(first: Redis, second: Redis) -> tuple[int, list[Any]]:
+        refusal = SmartcarRejected("refused", 404, "RESOURCE_NOT_FOUND", "VEHICLE_NOT_FOUND")
+        upstream = Upstream(error=refusal, held=True)
+        mine, theirs = ReadCache(first, lease_seconds=10), ReadCache(second, lease_seconds=10)
+        received = now_ms() - 1000
+        caller = asyncio.ensure_future(mine.read(KEY, received, WINDOW_MS, upstream.fetch))
+        await claimed(redis_client_for(first))
+        waiting = [asyncio.ensure_future(theirs.read(KEY, received, WINDOW_MS, upstream.fetch)) for _ in range(3)]
+        await asyncio.sleep(0.5)
+        assert upstream.release is not None
+        upstream.release.set()
+        with pytest.raises(SmartcarRejected):
+            await caller
+        outcomes = [await w for w in waiting]
+        return upstream.calls, [(w.source, type(w.error).__name__, getattr(w.error, "status", None)) for w in outcomes]
+
+    calls, outcomes = run(redis_url, scenario, clients=2)
+    assert calls == 1
+    assert outcomes == [("shared", "SmartcarRejected", 404)] * 3
+
+
+def test_a_read_whose_worker_died_is_claimed_again_after_its_lease(redis_url, redis_client):
+    """A claim left by a process that died (never completed) holds the others for its lease only;
+    then one of them claims the read and calls."""
+    upstream = Upstream()
+
+    async def scenario(first: Redis, second: Redis) -> str:
+        dead = ReadCache(first, lease_seconds=0.5)
+        never: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        abandoned = asyncio.ensure_future(dead.read(KEY, now_ms(), WINDOW_MS, lambda: never))
+        await asyncio.sleep(0.1)
+        assert redis_client.hget(KEY, "claim") is not None
+        alive = ReadCache(second, lease_seconds=10)
+        got = await alive.read(KEY, now_ms() - 1000, WINDOW_MS, upstream.fetch)
+        abandoned.cancel()
+        never.cancel()
+        return got.source
+
+    assert run(redis_url, scenario, clients=2) == "fetched"
+    assert upstream.calls == 1
+
+
+def test_a_transient_failure_fails_the_waiters_and_is_not_kept(redis_url):
+    """A 5xx after retries: the waiting events get it (their jobs retry); the next event calls again."""
+
+    async def scenario(first: Redis, second: Redis) -> tuple[int, str, str]:
+        upstream = Upstream(error=SmartcarUnavailable("down"), held=True)
+        mine, theirs = ReadCache(first, lease_seconds=10), ReadCache(second, lease_seconds=10)
+        received = now_ms() - 1000
+        caller = asyncio.ensure_future(mine.read(KEY, received, WINDOW_MS, upstream.fetch))
+        await claimed(redis_client_for(first))
+        waiter = asyncio.ensure_future(theirs.read(KEY, received, WINDOW_MS, upstream.fetch))
+        await asyncio.sleep(0.5)
+        assert upstream.release is not None
+        upstream.release.set()
+        with pytest.raises(SmartcarUnavailable):
+            await caller
+        failed = await waiter
+        upstream.error = None
+        again = await theirs.read(KEY, now_ms(), WINDOW_MS, upstream.fetch)
+        return upstream.calls, type(failed.error).__name__, again.source
+
+    assert run(redis_url, scenario, clients=2) == (2, "SmartcarUnavailable", "fetched")
+
+
+def test_a_read_key_names_no_user_id_and_expires(redis_url, redis_client):
+    """The key carries a digest of the user id, never the id itself, and the hash expires a while
+    after its window."""
+    key = read_key("vehicle", "vehicle-1", "9e8d7c6b-2222-4222-8222-222222222222")
+    assert "9e8d7c6b" not in key
+
+    async def scenario(client: Redis) -> None:
+        await ReadCache(client, lease_seconds=10).read(key, now_ms(), 1000, Upstream().fetch)
+
+    run(redis_url, scenario)
+    assert 0 < redis_client.pttl(key) <= 1000 + 600_000
+
+
+# Usage
+
+
+def test_usage_adds_every_process_counts_per_minute_for_status(redis_url, redis_client):
+    """Two processes' events add up in the minute's hash; read_usage sums the last hour."""
+
+    async def scenario(first: Redis, second: Redis) -> None:
+        for client, sources in ((first, {"vehicle": "fetched", "signals": "fetched"}), (second, {"vehicle": "cached"})):
+            await Usage(client).record({"vehicle": 1, "signals": 1}, sources, {"vehicle": 1}, 0.25)
+
+    run(redis_url, scenario, clients=2)
+    report = read_usage(redis_client)
+    assert report.as_dict() == {
+        "minutes": 60,
+        "events": 2,
+        "calls": {"signals": 2, "vehicle": 2},
+        "callsPerEvent": 2.0,
+        "reads": {"signals": {"fetched": 1}, "vehicle": {"cached": 1, "fetched": 1}},
+        "rateLimited": {"vehicle": 2},
+        "waitedSeconds": 0.5,
+    }
+    assert read_usage(redis_client, now=time.time() + 2 * 3600).events == 0

@@ -1,0 +1,468 @@
+"""The latest state of each vehicle (issue 15): the merge rule, run by the real Lua script against
+real Redis, and the whole pipeline with real worker processes and the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from itertools import pairwise
+from signal import SIGTERM
+from typing import Any
+
+import httpx
+import pydantic_core
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.asyncio import Redis as AsyncRedis
+from rq import Worker
+from rq.registry import FailedJobRegistry
+from rq.serializers import JSONSerializer
+from starlette.testclient import TestClient
+
+from cli.operations import replay
+from cli.samples import SAMPLE_VEHICLE_ID, encode, sample_event
+from core.redis.acl import acl_rules
+from core.redis.keys import text, vehicle_state_key
+from core.redis.vehicle_state import MergeResult, VehicleStates
+from service.app import create_app
+from tests.conftest import TOKEN, signed_headers
+from tests.pipeline import inject, outputs, run_worker_burst, worker_env
+from tests.test_cli import run_cli
+
+PREFIX = "smartcar:vehicle-state:"
+SOC, ODOMETER, CHARGING = "tractionbattery-stateofcharge", "odometer-traveleddistance", "charge-ischarging"
+
+
+# --- an independent model of the rule -------------------------------------------------------
+
+
+def when(signal: dict[str, Any]) -> tuple[bool, int, bool, int]:
+    """The time order: oemUpdatedAt, then retrievedAt; a missing time is older than any time."""
+    oem, retrieved = signal.get("oemUpdatedAt"), signal.get("retrievedAt")
+    return (oem is not None, oem or 0, retrieved is not None, retrieved or 0)
+
+
+def rank(signal: dict[str, Any]) -> tuple[tuple[bool, int, bool, int], bytes]:
+    """The total order: time, then the stored JSON's bytes (so no arrival order can matter)."""
+    return when(signal), pydantic_core.to_json(signal)
+
+
+class Model:
+    """What the state should hold, and what each merge should answer, computed in Python."""
+
+    def __init__(self) -> None:
+        self.signals: dict[str, dict[str, Any]] = {}
+
+    def merge(self, signals: list[dict[str, Any]]) -> MergeResult:
+        best: dict[str, dict[str, Any]] = {}
+        for signal in signals:
+            held = best.get(signal["code"])
+            if held is None or rank(signal) > rank(held):
+                best[signal["code"]] = signal
+        changed, stale = False, set()
+        for code, signal in best.items():
+            held = self.signals.get(code)
+            if held is None or rank(signal) > rank(held):
+                self.signals[code] = signal
+                changed = True
+            elif when(signal) < when(held):
+                stale.add(code)
+        return MergeResult(changed, sorted(stale))
+
+
+def newest_of(signals: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per code, the greatest version: the state any order of merges must end in."""
+    newest: dict[str, dict[str, Any]] = {}
+    for signal in signals:
+        if signal["code"] not in newest or rank(signal) > rank(newest[signal["code"]]):
+            newest[signal["code"]] = signal
+    return newest
+
+
+def state_signals(raw: dict[bytes, bytes]) -> dict[str, Any]:
+    return {text(k): json.loads(v) for k, v in raw.items() if not text(k).startswith("_")}
+
+
+# --- the merge rule against real Redis --------------------------------------------------------
+
+# Times around the largest epoch ms the parser accepts too: one millisecond apart must still order.
+TIMES = st.sampled_from(
+    [None, 0, 1, 2, 3, 1_767_000_000_000, 1_767_000_000_001, 253_402_300_799_998, 253_402_300_799_999]
+)
+VERSION = st.fixed_dictionaries(
+    {
+        "code": st.sampled_from(["a", "b", "c"]),
+        "name": st.just("N"),
+        "group": st.sampled_from(["G", "H"]),
+        "body": st.fixed_dictionaries({"value": st.integers(0, 2)}),
+        "status": st.sampled_from(["SUCCESS", "ERROR"]),
+        "oemUpdatedAt": TIMES,
+        "retrievedAt": TIMES,
+    }
+)
+
+
+def as_events(versions: list[dict[str, Any]], cuts: list[int]) -> list[list[dict[str, Any]]]:
+    """``versions`` split into consecutive events at the positions ``cuts``."""
+    bounds = [0, *sorted(set(cuts)), len(versions)]
+    return [versions[a:b] for a, b in pairwise(bounds) if a < b]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(versions=st.lists(VERSION, min_size=1, max_size=14), data=st.data())
+def test_any_order_of_any_versions_ends_in_the_same_state(redis_url, versions, data):
+    """Merged one by one in the drawn order, or shuffled and grouped into events of several signals
+    (a code may come twice in one event), the state ends at the greatest version of each code; every
+    merge answers (changed, staleSignals) as the model does; merging it all again changes nothing."""
+    shuffled = data.draw(st.permutations(versions))
+    cuts = data.draw(st.lists(st.integers(1, max(1, len(versions) - 1)), max_size=4))
+    orders = [[[v] for v in versions], as_events(shuffled, cuts)]
+
+    async def run() -> list[dict[str, Any]]:
+        redis = AsyncRedis.from_url(redis_url)
+        states = VehicleStates(redis, PREFIX, ttl_seconds=600)
+        finals = []
+        try:
+            for events in orders:
+                vehicle_id, model = uuid.uuid4().hex, Model()
+                for n, event in enumerate(events):
+                    assert await states.merge(vehicle_id, f"e{n}", event) == model.merge(event)
+                for n, event in enumerate(events):
+                    again = await states.merge(vehicle_id, f"again{n}", event)
+                    assert again == model.merge(event)
+                    assert not again.changed
+                raw = await redis.hgetall(states.key(vehicle_id))
+                assert state_signals(raw) == model.signals
+                assert text(raw[b"_eventId"]).startswith("e")
+                await redis.delete(states.key(vehicle_id))
+                finals.append(model.signals)
+        finally:
+            await redis.aclose()
+        return finals
+
+    first, second = asyncio.run(run())
+    assert first == second == newest_of(versions)
+
+
+def reading(code: str, oem: int | None, retrieved: int | None, value: object) -> dict[str, Any]:
+    return {
+        "code": code,
+        "name": "N",
+        "group": "G",
+        "body": {"value": value},
+        "status": "SUCCESS",
+        "oemUpdatedAt": oem,
+        "retrievedAt": retrieved,
+    }
+
+
+def merge_now(redis_url: str, *calls: tuple[Any, ...], ttl: int = 600) -> list[MergeResult]:
+    """Run ``states.merge(*call)`` for each call, in order, on one client."""
+
+    async def run() -> list[MergeResult]:
+        redis = AsyncRedis.from_url(redis_url)
+        try:
+            states = VehicleStates(redis, PREFIX, ttl_seconds=ttl)
+            return [await states.merge(*call) for call in calls]
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(run())
+
+
+def test_a_signal_without_times_never_replaces_one_with_them(redis_url, redis_client):
+    """An ERROR with no times, or a value with only retrievedAt, loses to a value with oemUpdatedAt;
+    a value with no times fills a code the state does not have yet."""
+    dated = reading("a", 1000, None, 1)
+    undated = {"code": "a", "status": "ERROR", "error": {"type": "VEHICLE_STATE", "code": "UNREACHABLE"}}
+    merge_now(
+        redis_url,
+        ("v1", "e1", [dated]),
+        ("v1", "e2", [undated, reading("a", None, 99_999, 2), {"code": "b", "status": "ERROR"}]),
+    )
+    state = state_signals(redis_client.hgetall(vehicle_state_key(PREFIX, "v1")))
+    assert state == {"a": dated, "b": {"code": "b", "status": "ERROR"}}
+
+
+def test_the_vehicle_and_the_ttl(redis_url, redis_client):
+    """`_vehicle` is filled by any copy and replaced only by one read from the API; the TTL is set and
+    renewed on each change only; codes starting with `_` are never stored."""
+    key = vehicle_state_key(PREFIX, "v2")
+    webhook_copy, api_copy = {"id": "v2", "make": "FORD"}, {"id": "v2", "make": "TESLA", "year": 2022}
+    results = merge_now(
+        redis_url,
+        ("v2", "e1", [reading("a", 1, 1, 1)], webhook_copy, False),
+        ("v2", "e2", [reading("a", 1, 1, 1), reading("_vehicle", 9, 9, "x")], api_copy, True),
+        ("v2", "e3", [reading("a", 2, 2, 2)], webhook_copy, False),
+        ttl=500,
+    )
+    assert [r.changed for r in results] == [True, True, True]
+    raw = {text(k): text(v) for k, v in redis_client.hgetall(key).items()}
+    assert json.loads(raw["_vehicle"]) == api_copy
+    assert raw["_eventId"] == "e3"
+    assert set(raw) == {"_vehicle", "_updatedAt", "_eventId", "a"}
+    assert 0 < redis_client.ttl(key) <= 500
+    redis_client.expire(key, 50)
+    [unchanged] = merge_now(redis_url, ("v2", "e4", [reading("a", 1, 1, 1)], api_copy, True), ttl=500)
+    assert unchanged == MergeResult(changed=False, stale_signals=["a"])
+    assert redis_client.ttl(key) <= 50
+    assert text(redis_client.hget(key, "_eventId")) == "e3"
+    merge_now(redis_url, ("v2", "e5", [reading("a", 3, 3, 3)]), ttl=500)
+    assert redis_client.ttl(key) > 50
+
+
+# --- the pipeline: web, queue, real workers, emulator ---------------------------------------------
+
+
+def deliver(settings, *events: dict[str, Any]) -> None:
+    """Post each event, signed, to the web app; each must be accepted."""
+    with TestClient(create_app(settings)) as client:
+        for event in events:
+            body = encode(event)
+            response = client.post("/webhooks/smartcar", content=body, headers=signed_headers(body, TOKEN))
+            assert response.status_code == 202, response.text
+
+
+def vehicle_event(versions: dict[str, tuple[int, int, object]]) -> dict[str, Any]:
+    """A sample delivery of the sample vehicle carrying ``code: (oemUpdatedAt, retrievedAt, value)``."""
+    event = sample_event()
+    event["data"]["signals"] = [
+        {
+            "code": code,
+            "name": code.split("-")[1],
+            "group": code.split("-")[0],
+            "body": {"value": value},
+            "meta": {"oemUpdatedAt": oem, "retrievedAt": retrieved},
+            "status": {"value": "SUCCESS"},
+        }
+        for code, (oem, retrieved, value) in versions.items()
+    ]
+    return event
+
+
+def state_of(redis_client, vehicle_id: str = SAMPLE_VEHICLE_ID) -> dict[str, str]:
+    return {text(k): text(v) for k, v in redis_client.hgetall(vehicle_state_key(PREFIX, vehicle_id)).items()}
+
+
+def documents(redis_client) -> dict[str, dict[str, Any]]:
+    return {entry["event_id"]: entry["document"] for entry in outputs(redis_client)}
+
+
+def until(condition: Callable[[], bool], what: str, seconds: float = 120) -> None:
+    """Wait for ``condition`` (a readiness wait, not a timing assertion)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.05)
+
+
+def run_on_two_worker_processes(pipeline, redis_client, events: list[dict[str, Any]]) -> list[int]:
+    """Start two worker processes, deliver ``events`` once both wait on the queue, let them publish
+    every one, stop them; returns how many jobs each ran."""
+    env = worker_env(pipeline, METRICS_PORT="0")
+    command = [sys.executable, "-m", "cli.main", "worker", "--concurrency", "8"]
+    workers = [subprocess.Popen(command, env=env) for _ in range(2)]
+    try:
+        until(lambda: len(Worker.all(connection=redis_client)) == 2, "both workers to start")
+        deliver(pipeline, *events)
+        until(lambda: redis_client.xlen(pipeline.output_stream) >= len(events), "every event to be published")
+
+        def job_counts() -> list[int]:
+            return [w.successful_job_count for w in Worker.all(connection=redis_client)]
+
+        # RQ records a job's success just after the job published: wait for the bookkeeping too.
+        until(lambda: sum(job_counts()) >= len(events), "every job to be recorded")
+        counts = job_counts()
+        for worker in workers:
+            worker.send_signal(SIGTERM)
+        for worker in workers:
+            assert worker.wait(timeout=60) == 0
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    return counts
+
+
+def test_shuffled_events_on_two_worker_processes_end_at_the_newest_values(pipeline, redis_client, emulator):
+    """40 events of one vehicle, posted in shuffled order and worked in parallel by two worker
+    processes: every signal ends at its newest version (ties on oemUpdatedAt broken by retrievedAt),
+    the emulator's older /signals values never win, and the state is what the model merges from
+    every published document, whatever the order the workers merged them in."""
+    httpx.post(f"{emulator}/_emulator/latency", json={"seconds": 0.02}).raise_for_status()
+    base = 1_796_000_000_000
+    events = [
+        vehicle_event(
+            {
+                SOC: (base + i * 1000, base + i * 1000 + 10, 40 + i),
+                ODOMETER: (base + (i // 4) * 1000, base + i * 7, 30_000 + i),  # four versions per oemUpdatedAt
+                CHARGING: (base + (i % 10) * 1000, base + (i % 10) * 1000, i),  # the newest is sent four times
+            }
+        )
+        for i in range(40)
+    ]
+    random.Random(15).shuffle(events)
+    counts = run_on_two_worker_processes(pipeline, redis_client, events)
+    assert sum(counts) == len(events)
+    assert min(counts) > 0, f"one worker process ran every job: {counts}"
+
+    published = documents(redis_client)
+    assert sorted(published) == sorted(e["eventId"] for e in events)
+    state = state_of(redis_client)
+    signals = {code: json.loads(value) for code, value in state.items() if not code.startswith("_")}
+    assert signals[SOC]["body"] == {"value": 79}
+    assert signals[SOC]["oemUpdatedAt"] == base + 39_000
+    assert signals[ODOMETER]["body"] == {"value": 30_039}
+    assert (signals[ODOMETER]["oemUpdatedAt"], signals[ODOMETER]["retrievedAt"]) == (base + 9000, base + 39 * 7)
+    assert signals[CHARGING]["oemUpdatedAt"] == base + 9000
+    assert signals[CHARGING]["body"]["value"] in {9, 19, 29, 39}
+    every = [s for document in published.values() for s in (*document["signals"], *document["latestSignals"])]
+    assert signals == newest_of(every)
+    assert state["_eventId"] in published
+    assert json.loads(state["_vehicle"])["make"] == "TESLA"  # the API's vehicle, not the webhook's FORD
+    # No event is told that the newest version it carried was stale.
+    for document in published.values():
+        for code in document["staleSignals"]:
+            carried = newest_of([*document["signals"], *document["latestSignals"]])[code]
+            assert when(carried) < when(signals[code]), (document["eventId"], code)
+
+
+def test_an_old_event_redelivered_after_newer_ones_changes_nothing_and_is_stale(pipeline, redis_client):
+    """A newer event, then an older one with a new eventId: the state is left exactly as it was and
+    the older entry lists the signals it carried in staleSignals; the newer one lists none."""
+    base = 1_796_000_000_000
+    newer = vehicle_event({SOC: (base + 60_000, base + 61_000, 80), ODOMETER: (base + 60_000, base + 61_000, 30_100)})
+    older = vehicle_event({SOC: (base, base + 1000, 70), ODOMETER: (base + 60_000, base + 2000, 30_000)})
+    deliver(pipeline, newer)
+    run_worker_burst(pipeline)
+    before = state_of(redis_client)
+    assert before["_eventId"] == newer["eventId"]
+    deliver(pipeline, older)
+    run_worker_burst(pipeline)
+    assert state_of(redis_client) == before
+    published = documents(redis_client)
+    assert published[newer["eventId"]]["staleSignals"] == []
+    assert published[older["eventId"]]["staleSignals"] == sorted([SOC, ODOMETER])
+
+
+def test_a_replayed_older_event_changes_nothing(pipeline, redis_client, emulator):
+    """An event parked (retries_exhausted) and replayed after a newer one was published: published
+    with its signals in staleSignals, the state unchanged by it."""
+    base = 1_796_000_000_000
+    older = vehicle_event({SOC: (base, base + 10, 50)})
+    newer = vehicle_event({SOC: (base + 5000, base + 5010, 55)})
+    inject(emulator, path="/v3/vehicles/{id}/signals", status=503, rate=1.0)
+    deliver(pipeline, older)
+    run_worker_burst(pipeline)
+    assert outputs(redis_client) == []
+    assert not redis_client.exists(vehicle_state_key(PREFIX, SAMPLE_VEHICLE_ID))
+    httpx.delete(f"{emulator}/_emulator/failures").raise_for_status()
+    deliver(pipeline, newer)
+    run_worker_burst(pipeline)
+    before = state_of(redis_client)
+    replay(pipeline, reason="retries_exhausted", limit=None)
+    run_worker_burst(pipeline)
+    assert state_of(redis_client) == before
+    assert documents(redis_client)[older["eventId"]]["staleSignals"] == [SOC]
+
+
+@contextmanager
+def worker_that_cannot_publish(pipeline, redis_client) -> Iterator[Any]:
+    """Settings of a worker whose Redis user may do everything a worker does but write the output
+    stream: its jobs merge the vehicle's state, then fail at the publish, as if the worker died
+    between the two (a real refusal by Redis, nothing mocked)."""
+    name = "worker-without-output"
+    rules = [rule for rule in acl_rules(pipeline, "worker") if rule != f"~{pipeline.output_stream}"]
+    assert len(rules) == len(acl_rules(pipeline, "worker")) - 1
+    redis_client.execute_command("ACL", "SETUSER", name, "reset", "on", ">crash-password", *rules)
+    try:
+        url = pipeline.redis_url.replace("redis://", f"redis://{name}:crash-password@", 1)
+        yield pipeline.model_copy(update={"redis_url": url})
+    finally:
+        redis_client.acl_deluser(name)
+
+
+def test_a_rerun_after_a_crash_between_merge_and_publish_changes_nothing(pipeline, redis_client):
+    """Jobs whose merge went through but whose publish did not are run again: the state does not
+    change (not even _updatedAt), and each entry lists what its first merge found stale; plus what
+    another event merged newer in between."""
+    base = 1_796_000_000_000
+    newer = vehicle_event({SOC: (base + 5000, base + 5010, 55), CHARGING: (base, base, True)})
+    older = vehicle_event({SOC: (base, base + 10, 50), CHARGING: (base + 9000, base + 9000, False)})
+    failed = FailedJobRegistry(pipeline.ingest_queue, connection=redis_client, serializer=JSONSerializer)
+    with worker_that_cannot_publish(pipeline, redis_client) as crashing:
+        deliver(pipeline, newer)
+        run_worker_burst(crashing)
+        deliver(pipeline, older)  # its merge finds SOC stale and CHARGING newer
+        run_worker_burst(crashing)
+    assert outputs(redis_client) == []
+    assert sorted(failed.get_job_ids()) == sorted([newer["eventId"], older["eventId"]])
+    before = state_of(redis_client)
+    assert before["_eventId"] == older["eventId"]
+
+    failed.requeue(older["eventId"])
+    run_worker_burst(pipeline)
+    assert state_of(redis_client) == before
+    assert documents(redis_client)[older["eventId"]]["staleSignals"] == [SOC]
+    # The newer event's merge came before the older one's, whose CHARGING is newer: stale by now.
+    failed.requeue(newer["eventId"])
+    run_worker_burst(pipeline)
+    assert state_of(redis_client) == before
+    assert documents(redis_client)[newer["eventId"]]["staleSignals"] == [CHARGING]
+    assert len(outputs(redis_client)) == 2
+
+
+def test_vehicle_state_command(pipeline, redis_client, tmp_path):
+    """`vehicle-state ID` prints the signals grouped with their ages; `--json` the same data; an
+    unknown vehicle is one line and exit 1; an id that cannot be a vehicle id exit 2."""
+    deliver(pipeline, sample_event())
+    run_worker_burst(pipeline)
+    env = {"REDIS_URL": pipeline.redis_url}
+    result = run_cli("vehicle-state", SAMPLE_VEHICLE_ID, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"vehicle {SAMPLE_VEHICLE_ID}  TESLA Model Y 2022" in out
+    for group, code in [("TractionBattery", SOC), ("Odometer", ODOMETER), ("Location", "location-preciselocation")]:
+        assert f"\n{group}\n" in out
+        assert code in out.split(f"\n{group}\n", 1)[1].split("\n\n", 1)[0]
+    assert "81 percent" in out
+    assert " ago / " in out
+
+    as_json = run_cli("vehicle-state", SAMPLE_VEHICLE_ID, "--json", env=env, cwd=tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout)
+    state = state_of(redis_client)
+    assert report["eventId"] == state["_eventId"]
+    assert 0 < report["expiresInSeconds"] <= pipeline.vehicle_state_ttl_seconds
+    for code, value in state.items():
+        if not code.startswith("_"):
+            shown = report["signals"][code]
+            assert {k: v for k, v in shown.items() if not k.endswith("AgeSeconds")} == json.loads(value)
+            if shown["oemUpdatedAt"]:
+                assert shown["oemAgeSeconds"] > 0
+            else:  # the VIN: OEMs date it 0, which is no age
+                assert shown["oemAgeSeconds"] is None
+
+    missing = run_cli("vehicle-state", "no-such-vehicle", env=env, cwd=tmp_path)
+    assert missing.returncode == 1
+    assert len(missing.stderr.strip().splitlines()) == 1
+    assert "no state for vehicle no-such-vehicle" in missing.stderr
+    assert run_cli("vehicle-state", "not/a/vehicle", env=env, cwd=tmp_path).returncode == 2
+
+
+@pytest.mark.parametrize("prefix", ["fleet-a:state:"])
+def test_the_prefix_setting_names_the_keys(pipeline, redis_client, prefix):
+    """VEHICLE_STATE_PREFIX moves the hashes; nothing is written under the default one."""
+    settings_ = pipeline.model_copy(update={"vehicle_state_prefix": prefix})
+    deliver(settings_, sample_event())
+    run_worker_burst(settings_)
+    assert redis_client.exists(vehicle_state_key(prefix, SAMPLE_VEHICLE_ID))
+    assert not redis_client.exists(vehicle_state_key(PREFIX, SAMPLE_VEHICLE_ID))
