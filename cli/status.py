@@ -151,14 +151,14 @@ def render_text(report: dict[str, Any]) -> str:
 
     waiting = f"{queue['depth']} waiting"
     if queue["depth"]:
-        waiting += f", oldest {_age(queue['oldestAgeSeconds'])}"
+        waiting += f", oldest {duration(queue['oldestAgeSeconds'])}"
     row("queue", f"{queue['name']}: {waiting}")
     stranded = report["stranded"]
     if stranded["count"]:
         row(
             "stranded",
             f"{stranded['count']} taken off the queue with no live worker behind them, oldest enqueued "
-            f"{_age(stranded['oldestAgeSeconds'])} ago (any running worker puts them back within seconds)",
+            f"{duration(stranded['oldestAgeSeconds'])} ago (any running worker puts them back within seconds)",
         )
     row("registries", ", ".join(f"{name} {count}" for name, count in registries.items()))
     workers = report["workers"]
@@ -167,7 +167,7 @@ def render_text(report: dict[str, Any]) -> str:
         width = max(len(w["name"]) for w in workers)
         lines.append(f"  {'NAME'.ljust(width)}  {'STATE':<9} {'JOBS':>5}  HEARTBEAT")
         for w in workers:
-            beat = "never" if w["lastHeartbeatAgeSeconds"] is None else _age(w["lastHeartbeatAgeSeconds"]) + " ago"
+            beat = "never" if w["lastHeartbeatAgeSeconds"] is None else duration(w["lastHeartbeatAgeSeconds"]) + " ago"
             lines.append(f"  {w['name'].ljust(width)}  {w['state']:<9} {w['jobs']:>5}  {beat}")
     reasons = ", ".join(f"{reason} {count}" for reason, count in parked["byReason"].items())
     row("parked", f"{parked['stream']}: {_entries(parked['length'])}" + (f" ({reasons})" if reasons else ""))
@@ -181,22 +181,22 @@ def render_text(report: dict[str, Any]) -> str:
     else:
         used += ", no maxmemory (set one: Redis grows until the OS kills it)"
     row("redis memory", used)
-    row("output", f"{output['stream']}: {_entries(output['length'])}, kept {_age(output['retentionSeconds'])}")
+    row("output", f"{output['stream']}: {_entries(output['length'])}, kept {duration(output['retentionSeconds'])}")
     if output["groups"]:
         width = max(len("GROUP"), *(len(g["name"]) for g in output["groups"]))
         lines.append(f"  {'GROUP'.ljust(width)}  {'CONSUMERS':>9} {'PENDING':>8} {'LAG':>8}  BEHIND")
         for g in output["groups"]:
             lag = "?" if g["lag"] is None else str(g["lag"])
-            behind = _age(g["behindSeconds"])
+            behind = duration(g["behindSeconds"])
             if g["nearRetention"]:
                 behind += (
-                    f"  (near the retention of {_age(output['retentionSeconds'])}: entries will be trimmed unread)"
+                    f"  (near the retention of {duration(output['retentionSeconds'])}: entries will be trimmed unread)"
                 )
             lines.append(f"  {g['name'].ljust(width)}  {g['consumers']:>9} {g['pending']:>8} {lag:>8}  {behind}")
     else:
         lines.append("  no consumer groups")
     last = output["lastPublished"]
-    row("last published", "never" if last is None else f"{last['eventId']} ({_age(last['ageSeconds'])} ago)")
+    row("last published", "never" if last is None else f"{last['eventId']} ({duration(last['ageSeconds'])} ago)")
     return "\n".join(lines)
 
 
@@ -233,7 +233,8 @@ def status(settings: Settings, as_json: bool = False) -> int:
     return 0
 
 
-def _age(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """A length of time for a person: seconds, minutes, hours or days, one decimal."""
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 7200:

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from cli.operations import open_command_redis, redis_errors
+from cli.status import duration
 from core.config import Settings
 from core.errors import ConfigurationError
 from core.events import VEHICLE_ID_PATTERN
@@ -57,9 +58,7 @@ def render_text(report: dict[str, Any]) -> str:
     updated = "never" if report["updatedAt"] is None else f"{report['updatedAt']} ({_ago(report['updatedAgeSeconds'])})"
     lines.append(f"  updated  {updated} by event {report['eventId'] or '?'}")
     expires = report["expiresInSeconds"]
-    lines.append(
-        "  expires  " + ("never (no TTL)" if expires is None else f"in {_duration(expires)} unless it changes")
-    )
+    lines.append("  expires  " + ("never (no TTL)" if expires is None else f"in {duration(expires)} unless it changes"))
     signals: dict[str, dict[str, Any]] = report["signals"]
     lines.append(f"  signals  {len(signals)}  (age: by the car's clock / by Smartcar's)")
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -125,18 +124,8 @@ def _ago(seconds: float | None) -> str:
     if seconds is None:
         return "?"
     if seconds < 0:
-        return f"in {_duration(-seconds)}"
-    return f"{_duration(seconds)} ago"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 172_800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86_400:.1f} d"
+        return f"in {duration(-seconds)}"
+    return f"{duration(seconds)} ago"
 
 
 def _iso(epoch_ms: int) -> str:
