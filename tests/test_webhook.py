@@ -663,7 +663,8 @@ def test_a_deadline_ends_the_wait_it_was_given_and_nothing_else():
             assert deadlines.timed_out(task)
         finally:
             deadlines.stop(task)
-        assert 0.15 <= time.monotonic() - started <= 0.2 + 0.1
+        # Never before its time less one tick; the upper bound only allows for a busy machine.
+        assert 0.15 <= time.monotonic() - started <= 0.2 + 1.0
         assert task.cancelling() == 0  # withdrawn: the task goes on, as after asyncio.timeout
 
         task = deadlines.start(0.05)
