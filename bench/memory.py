@@ -43,7 +43,7 @@ from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 
 from bench.ingest import fleet_documents
-from bench.worker import FLEET, _seed_users
+from bench.worker import FLEET, _seed_users, worker_env
 from core.config import Settings
 from core.redis.dedupe import generations, slot_width
 from core.redis.inbox import Inbox
@@ -270,17 +270,7 @@ def measure_pipeline(events: int = 1000) -> PipelineResult:
         asyncio.run(accept())
         queued = sum(int(client.memory_usage(Job.key_for(i), samples=0) or 0) for i, _ in bodies) / events
         parked_entry = int(client.memory_usage("bench-parked", samples=0) or 0) / 200
-        env = os.environ | {
-            "REDIS_URL": server.url,
-            "DATABASE_URL": database_url,
-            "SMARTCAR_CLIENT_ID": "client_emulator",
-            "SMARTCAR_CLIENT_SECRET": "emulator-secret",
-            "SMARTCAR_API_URL": f"{emulator_url}/v3",
-            "SMARTCAR_TOKEN_URL": f"{emulator_url}/oauth2/token",
-            "LOG_LEVEL": "WARNING",
-            "METRICS_PORT": "0",
-            "PYTHONPATH": os.getcwd(),
-        }
+        env = worker_env(server.url, database_url, emulator_url, METRICS_PORT="0")
         subprocess.run(
             [sys.executable, "-m", "cli.main", "worker", "--burst", "--concurrency", "64"],
             env=env,

@@ -89,6 +89,21 @@ async def _enqueue_for(redis_url: str, queue: str, users: list[SeedUser]) -> Non
         await client.aclose()
 
 
+def worker_env(redis_url: str, database_url: str, emulator_url: str, **extra: str) -> dict[str, str]:
+    """The environment of a worker process run against the benchmark's Redis, database and emulator."""
+    return os.environ | {
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": database_url,
+        "SMARTCAR_CLIENT_ID": "client_emulator",
+        "SMARTCAR_CLIENT_SECRET": "emulator-secret",
+        "SMARTCAR_API_URL": f"{emulator_url}/v3",
+        "SMARTCAR_TOKEN_URL": f"{emulator_url}/oauth2/token",
+        "LOG_LEVEL": "WARNING",
+        "PYTHONPATH": os.getcwd(),
+        **extra,
+    }
+
+
 def _peak_rss(pid: int, stop: threading.Event, peak: list[float]) -> None:
     while not stop.is_set():
         try:
@@ -161,16 +176,7 @@ class Setup:
             env=os.environ | {"BENCH_FLEET": str(FLEET), "PYTHONPATH": os.getcwd()},
         )
         emulator_url = f"http://127.0.0.1:{port}"
-        env = os.environ | {
-            "REDIS_URL": server.url,
-            "DATABASE_URL": database_url,
-            "SMARTCAR_CLIENT_ID": "client_emulator",
-            "SMARTCAR_CLIENT_SECRET": "emulator-secret",
-            "SMARTCAR_API_URL": f"{emulator_url}/v3",
-            "SMARTCAR_TOKEN_URL": f"{emulator_url}/oauth2/token",
-            "LOG_LEVEL": "WARNING",
-            "PYTHONPATH": os.getcwd(),
-        }
+        env = worker_env(server.url, database_url, emulator_url)
         wait_for_port(port, timeout=30)
         return cls(server, emulator, emulator_url, env, redis.Redis.from_url(server.url))
 
