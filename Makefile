@@ -7,14 +7,17 @@ ifeq ($(UV),)
 UV := python3 -m uv
 endif
 
-.PHONY: all install run test lint format bench soak image chart clean tools
+.PHONY: all install run test lint format bench soak image chart clean tools dashboard dashboard-image
 
-## tools: make sure uv and redis-server exist on a fresh machine.
+## tools: make sure uv, redis-server and promtool (which checks the chart's alert rules) exist on a fresh machine.
 tools:
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	@command -v redis-server >/dev/null 2>&1 || { \
 		echo "redis-server not found: installing it from Debian's packages"; \
 		apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+	@command -v promtool >/dev/null 2>&1 || { \
+		echo "promtool not found: installing Debian's prometheus package, which ships it"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 ## install: the locked virtualenv in .venv, dev tools included.
 install: tools
@@ -53,6 +56,19 @@ IMAGE ?= smartcar-ingest:dev
 image:
 	@command -v docker >/dev/null 2>&1 || { echo "make image needs a Docker engine (docker build with BuildKit)"; exit 1; }
 	docker build -t $(IMAGE) .
+
+## dashboard: rq-dashboard on http://127.0.0.1:$(DASHBOARD_PORT) over REDIS_URL (environment or .env, else the
+## local default), reading the jobs as JSON, with deleting turned off. The URL goes through the environment, never argv.
+DASHBOARD_PORT ?= 9181
+dashboard: install
+	@RQ_DASHBOARD_REDIS_URL="$$($(UV) run --frozen python -c 'from core.config import Settings; print(Settings().redis_url)')" \
+		$(UV) run --frozen rq-dashboard --bind 127.0.0.1 --port $(DASHBOARD_PORT) --json --disable-delete
+
+## dashboard-image: the image the chart's optional rq-dashboard runs (Dockerfile.dashboard; docs/deploy.md).
+DASHBOARD_IMAGE ?= smartcar-ingest-dashboard:dev
+dashboard-image:
+	@command -v docker >/dev/null 2>&1 || { echo "make dashboard-image needs a Docker engine (docker build with BuildKit)"; exit 1; }
+	docker build -f Dockerfile.dashboard -t $(DASHBOARD_IMAGE) .
 
 ## chart: lint, render and validate the Helm chart offline, and lint the Dockerfile (tests/test_deploy.py).
 chart: install

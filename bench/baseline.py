@@ -29,7 +29,8 @@ def sequential_process_event(payload: dict[str, Any]) -> None:
     http: httpx.Client = _state.setdefault("http", httpx.Client(timeout=15))
     store: UserStore = _state.setdefault("users", UserStore(settings.database_url))
     out: redis.Redis = _state.setdefault("redis", redis.Redis.from_url(settings.redis_url))
-    event = parse_event(json.loads(payload["body"]))
+    body = payload["body"]  # the edge embeds the delivery itself: RQ hands it over parsed
+    event = parse_event(body if isinstance(body, dict) else json.loads(body))
     user = store.find_by_smartcar_user_id(event.smartcar_user_id)
     if "token" not in _state or _state["token_expires"] < time.time():
         answer = http.post(

@@ -26,8 +26,6 @@ runs it with the others.
 from __future__ import annotations
 
 import asyncio
-import copy
-import json
 import os
 import subprocess
 import sys
@@ -42,8 +40,7 @@ import redis
 from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 
-from bench.ingest import fleet_documents
-from bench.worker import FLEET, _seed_users, worker_env
+from bench.worker import FLEET, _seed_users, fleet_bodies, worker_env
 from core.config import Settings
 from core.redis.dedupe import generations, slot_width
 from core.redis.inbox import Inbox
@@ -51,7 +48,6 @@ from core.redis.jobs import JobOptions
 from core.redis.keys import EVENT_IDS_KEY, queue_key
 from core.redis.parked import ParkedStream
 from core.redis.published import OutputStream
-from emulator.seed import seed_fleet
 from tests.procs import RedisServer, free_port, wait_for_port
 
 DAY = 86_400
@@ -215,24 +211,6 @@ def measure_marks(events_per_day: int = round(FLEET_RATE * DAY / SCALE), ttl: in
         server.cleanup()
 
 
-def _fleet_bodies(count: int) -> list[tuple[str, str]]:
-    """``count`` fleet-mix deliveries for the synthetic fleet's users and vehicles: (eventId, body)."""
-    fleet = seed_fleet(FLEET)
-    templates = fleet_documents()
-    bodies = []
-    for i in range(count):
-        document = copy.deepcopy(templates[i % len(templates)])
-        user = fleet[i % FLEET]
-        document["eventId"] = str(uuid.uuid4())
-        document["data"]["user"]["id"] = user.id
-        document["data"]["vehicle"]["id"] = user.vehicles[0].id
-        meta = document.setdefault("meta", {})
-        meta["deliveryId"] = str(uuid.uuid4())
-        meta["deliveredAt"] = time.time_ns() // 1_000_000
-        bodies.append((document["eventId"], json.dumps(document, separators=(",", ":"))))
-    return bodies
-
-
 def measure_pipeline(events: int = 1000) -> PipelineResult:
     scratch = Path(tempfile.mkdtemp(prefix="smartcar-ingest-bench-memory-"))
     database_url = f"sqlite:///{scratch / 'users.db'}"
@@ -250,7 +228,7 @@ def measure_pipeline(events: int = 1000) -> PipelineResult:
     emulator_url = f"http://127.0.0.1:{port}"
     settings = Settings(_env_file=None, redis_url=server.url)  # type: ignore[call-arg]
     client = redis.Redis.from_url(server.url)
-    bodies = _fleet_bodies(events)
+    bodies = fleet_bodies(events)
     try:
         wait_for_port(port, timeout=30)
 

@@ -1,9 +1,12 @@
 """Worker benchmarks, with the emulator in its own process serving a fleet of synthetic vehicles
 and answering every call after a fixed latency.
 
-- :func:`run`: our concurrent worker against a stock RQ SimpleWorker, same queue, same emulator.
-  Jobs are spread over the 2,000-vehicle fleet and our worker reads on every event (both windows
-  0), as the stock job does, so shared reads cannot flatter the figure.
+- :func:`run`: our async worker against a stock RQ SimpleWorker, same queue, same emulator, on
+  fleet-mix deliveries (the captured full-state deliveries, 1.9-16 KB) spread over the
+  2,000-vehicle fleet. Our worker runs twice: reading on every event (both windows 0, two reads
+  per event, as the stock job does, so shared reads cannot flatter the figure), and with the
+  default enrichment settings. Each run reports Redis commands per event from ``INFO
+  commandstats`` around the drain (the commands Lua scripts run are counted one by one).
 - :func:`run_fleet` (quota-aware enrichment, issue 14): a fleet of vehicles each sending several
   events within the signals window, as webhooks do, run twice through the same worker: once
   reading on every event (both windows 0: what every event cost before, 2 calls), once with the
@@ -17,18 +20,22 @@ worker runs.
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
+from bench.ingest import fleet_documents
 from cli.samples import encode, sample_event
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
@@ -52,10 +59,17 @@ class WorkerResult:
     peak_rss_mb: float
     token_requests: int
     cpu_seconds: float
+    #: Redis commands run during the drain, by command (INFO commandstats, scripts' own calls included).
+    commands: dict[str, int] = field(default_factory=dict)
+    smartcar_calls: int = 0
 
     @property
     def rate(self) -> float:
         return self.events / self.seconds if self.seconds else 0.0
+
+    @property
+    def commands_per_event(self) -> float:
+        return sum(self.commands.values()) / self.events if self.events else 0.0
 
 
 def _seed_users(database_url: str) -> None:
@@ -66,12 +80,6 @@ def _seed_users(database_url: str) -> None:
             store.add_user(index, None, None, smartcar_user_id=user.id)
     finally:
         store.dispose()
-
-
-async def _enqueue(redis_url: str, queue: str, count: int, func_hint: str) -> None:
-    fleet = seed_fleet(FLEET)
-    await _enqueue_for(redis_url, queue, [fleet[i % FLEET] for i in range(count)])
-    del func_hint
 
 
 async def _enqueue_for(redis_url: str, queue: str, users: list[SeedUser]) -> None:
@@ -85,6 +93,37 @@ async def _enqueue_for(redis_url: str, queue: str, users: list[SeedUser]) -> Non
                 event = sample_event(user_id=user.id, vehicle_id=user.vehicles[0].id)
                 batch.append(inbox.accept(event["eventId"], "VEHICLE_STATE", encode(event).decode(), 0))
             await asyncio.gather(*batch)
+    finally:
+        await client.aclose()
+
+
+def fleet_bodies(count: int) -> list[tuple[str, str]]:
+    """``count`` fleet-mix deliveries (the captured full-state deliveries in turn, 1.9-16 KB) for the
+    synthetic fleet's users and vehicles, each with a fresh eventId: (eventId, compact body)."""
+    fleet = seed_fleet(FLEET)
+    templates = fleet_documents()
+    bodies = []
+    for i in range(count):
+        document = copy.deepcopy(templates[i % len(templates)])
+        user = fleet[i % FLEET]
+        document["eventId"] = str(uuid.uuid4())
+        document["data"]["user"]["id"] = user.id
+        document["data"]["vehicle"]["id"] = user.vehicles[0].id
+        meta = document.setdefault("meta", {})
+        meta["deliveryId"] = str(uuid.uuid4())
+        meta["deliveredAt"] = time.time_ns() // 1_000_000
+        bodies.append((document["eventId"], json.dumps(document, separators=(",", ":"))))
+    return bodies
+
+
+async def _enqueue_bodies(redis_url: str, queue: str, bodies: list[tuple[str, str]]) -> None:
+    """The deliveries as the web edge queues them: each body embedded verbatim in its job."""
+    client = AsyncRedis.from_url(redis_url)
+    inbox = Inbox(client, JobOptions(queue=queue, retries=0), "smartcar:parked", 3600)
+    try:
+        for start in range(0, len(bodies), 500):
+            batch = bodies[start : start + 500]
+            await asyncio.gather(*(inbox.accept(i, "VEHICLE_STATE", b.encode(), 0) for i, b in batch))
     finally:
         await client.aclose()
 
@@ -124,6 +163,24 @@ def _published_span(client: redis.Redis) -> tuple[int, float]:
     return count, (int(last.split("-")[0]) - int(first.split("-")[0])) / 1000
 
 
+#: Commands the benchmark itself sends around a drain, left out of the worker's count.
+_OURS = {"config|resetstat", "info", "xlen", "xrange", "xrevrange", "ping"}
+
+
+def command_counts(client: redis.Redis) -> dict[str, int]:
+    """Calls per command since the last CONFIG RESETSTAT (Lua scripts' inner calls counted too)."""
+    stats = client.info("commandstats")
+    counts = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+    return {name: calls for name, calls in counts.items() if name not in _OURS}
+
+
+def _smartcar_calls(emulator_url: str) -> int:
+    import httpx
+
+    calls = httpx.get(f"{emulator_url}/_emulator/stats").json()["calls"]
+    return sum(n for route, n in calls.items() if route.startswith("/v3/vehicles/"))
+
+
 def _token_requests(emulator_url: str) -> int:
     import httpx
 
@@ -137,6 +194,7 @@ def _run(
 
     httpx.post(f"{emulator_url}/_emulator/reset").raise_for_status()
     httpx.post(f"{emulator_url}/_emulator/latency", json={"seconds": latency_ms / 1000}).raise_for_status()
+    client.config_resetstat()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     stop, peak = threading.Event(), [0.0]
     sampler = threading.Thread(target=_peak_rss, args=(process.pid, stop, peak))
@@ -145,9 +203,20 @@ def _run(
     process.returncode = 0
     stop.set()
     sampler.join()
+    commands = command_counts(client)
     events, seconds = _published_span(client)
     cpu = usage.ru_utime + usage.ru_stime
-    return WorkerResult(name, latency_ms, events, seconds, peak[0], _token_requests(emulator_url), cpu)
+    return WorkerResult(
+        name,
+        latency_ms,
+        events,
+        seconds,
+        peak[0],
+        _token_requests(emulator_url),
+        cpu,
+        commands,
+        _smartcar_calls(emulator_url),
+    )
 
 
 @dataclass
@@ -187,50 +256,91 @@ class Setup:
         self.server.cleanup()
 
 
-def run(ours: int = 6000, stock: int = 40, concurrency: int = 256) -> list[WorkerResult]:
+#: The worker runs of :func:`run`, after the stock baseline: (name, environment overrides).
+OUR_RUNS: tuple[tuple[str, dict[str, str]], ...] = (
+    ("two reads per event (windows 0)", READ_EVERY_EVENT),
+    ("default enrichment settings", {}),
+)
+
+
+def run(ours: int = 3000, stock: int = 40, concurrency: int = 256, latency_ms: int = 100) -> list[WorkerResult]:
+    """Stock RQ's SimpleWorker running the straightforward job, then ``smartcar-ingest worker`` in
+    each of :data:`OUR_RUNS`, on the same queue of fleet-mix deliveries (the captured full-state
+    deliveries for the 2,000-vehicle fleet, queued as the edge queues them), the emulator
+    answering every call after ``latency_ms``."""
     setup = Setup.start()
     client, emulator_url = setup.client, setup.emulator_url
-    # Two reads per event, as the stock baseline makes: the fleet has three events per vehicle
-    # here, and shared reads would flatter the throughput figure (run_fleet measures them).
-    env = setup.env | READ_EVERY_EVENT
+    startup: dict[str, float] = {}
+    runs: list[tuple[str, int, list[str], dict[str, str]]] = [
+        (
+            "RQ SimpleWorker, sequential job",
+            stock,
+            [sys.executable, "-m", "bench.baseline", "--burst"],
+            READ_EVERY_EVENT,
+        ),
+        *(
+            (
+                f"smartcar-ingest worker --concurrency {concurrency}, {what}",
+                ours,
+                [sys.executable, "-m", "cli.main", "worker", "--burst", "--concurrency", str(concurrency)],
+                overrides,
+            )
+            for what, overrides in OUR_RUNS
+        ),
+    ]
     results = []
     try:
-        for latency in [int(x) for x in os.environ.get("BENCH_LATENCIES", "0,100").split(",")]:
-            for name, count, command in (
-                (
-                    "RQ SimpleWorker, sequential job",
-                    stock,
-                    [sys.executable, "-m", "bench.baseline", "--burst"],
-                ),
-                (
-                    f"smartcar-ingest worker --concurrency {concurrency}",
-                    ours,
-                    [sys.executable, "-m", "cli.main", "worker", "--burst", "--concurrency", str(concurrency)],
-                ),
-            ):
-                client.flushall()
-                queue = "bench-baseline" if command[2] == "bench.baseline" else "smartcar-events"
-                asyncio.run(_enqueue(setup.server.url, queue, count, name))
-                print(f"worker: {name} at {latency} ms…", file=sys.stderr)
-                results.append(_run(name, command, env, client, latency, emulator_url))
+        for name, _, command, overrides in runs:
+            startup[name] = _startup_cpu(command, setup.env | overrides, client)
+        for name, count, command, overrides in runs:
+            client.flushall()
+            queue = "bench-baseline" if command[2] == "bench.baseline" else "smartcar-events"
+            asyncio.run(_enqueue_bodies(setup.server.url, queue, fleet_bodies(count)))
+            print(f"worker: {name} at {latency_ms} ms…", file=sys.stderr)
+            result = _run(name, command, setup.env | overrides, client, latency_ms, emulator_url)
+            result.cpu_seconds = max(0.0, result.cpu_seconds - startup[name])
+            results.append(result)
     finally:
         setup.stop()
     return results
 
 
+def _startup_cpu(command: list[str], env: dict[str, str], client: redis.Redis) -> float:
+    """CPU seconds the command spends on an empty queue (imports, connections, registration), so
+    that CPU per event counts the events only."""
+    client.flushall()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    _, _, usage = os.wait4(process.pid, 0)
+    process.returncode = 0
+    return usage.ru_utime + usage.ru_stime
+
+
 def table(results: list[WorkerResult]) -> str:
+    """Events/s beside the stock worker's, CPU, memory, Smartcar calls and Redis commands per event."""
     lines = [
-        "| worker | emulator latency | events | events/s | vs stock | CPU ms/event | peak RSS MB | token requests |",
+        "| worker | events | events/s | vs stock | CPU ms/event (start-up excluded) | peak RSS MB | "
+        "Smartcar calls/event | "
+        "Redis commands/event |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    baseline = results[0].rate if results else 0.0
     for result in results:
-        baseline = next(r for r in results if r.latency_ms == result.latency_ms)
+        events = max(1, result.events)
         lines.append(
-            f"| {result.name} | {result.latency_ms} ms | {result.events} | {result.rate:,.1f} | "
-            f"{result.rate / baseline.rate if baseline.rate else 0:.0f}x | "
-            f"{result.cpu_seconds * 1000 / max(1, result.events):.2f} | {result.peak_rss_mb:.0f} | "
-            f"{result.token_requests} |"
+            f"| {result.name} | {result.events} | {result.rate:,.1f} | "
+            f"{result.rate / baseline if baseline else 0:.0f}x | {result.cpu_seconds * 1000 / events:.2f} | "
+            f"{result.peak_rss_mb:.0f} | {result.smartcar_calls / events:.2f} | {result.commands_per_event:.1f} |"
         )
+    return "\n".join(lines)
+
+
+def commands_table(result: WorkerResult) -> str:
+    """Redis commands per event of one run, by command, most first."""
+    events = max(1, result.events)
+    rows = sorted(result.commands.items(), key=lambda item: -item[1])
+    lines = [f"Redis commands per event, {result.name}:", "", "| command | per event |", "|---|---:|"]
+    lines += [f"| {name} | {calls / events:.2f} |" for name, calls in rows if calls / events >= 0.01]
+    lines.append(f"| **total** | **{result.commands_per_event:.2f}** |")
     return "\n".join(lines)
 
 

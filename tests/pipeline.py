@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from typing import Any
@@ -15,10 +16,14 @@ from rq.serializers import JSONSerializer
 from core.config import Settings
 from core.redis.keys import TOKEN_KEY
 from core.smartcar.tokens import TokenSeal
+from tests.contracts import check_output_entry, check_parked_entry
 from workers import runtime
-from workers.worker import ConcurrentWorker
+from workers.housekeeping import awaiting
+from workers.worker import AsyncWorker
 
 CLIENT_ID = "client_emulator"
+#: The longest a burst worker in a test may take.
+BURST_LIMIT_SECONDS = 180
 CLIENT_SECRET = "emulator-secret"
 
 
@@ -59,23 +64,37 @@ def run_worker_burst(settings: Settings, concurrency: int = 4, stock: bool = Fal
     current = runtime.Runtime(settings)
     runtime.install(current)
     connection = redis.Redis.from_url(settings.redis_url)
+
+    async def work(worker: AsyncWorker) -> None:
+        try:
+            # A bound, so that a worker that never ends fails the test saying what it awaits.
+            runner = asyncio.create_task(worker.run(burst=True))
+            done, _ = await asyncio.wait({runner}, timeout=BURST_LIMIT_SECONDS)
+            if not done:
+                raise AssertionError(f"the burst worker did not end; it awaits:\n{awaiting()}")
+            runner.result()
+        finally:
+            await current.aclose()
+
     try:
         queue = Queue(settings.ingest_queue, connection=connection, serializer=JSONSerializer)
         if stock:
             SimpleWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)
         else:
-            worker = ConcurrentWorker(
-                [queue], connection=connection, serializer=JSONSerializer, concurrency=concurrency
-            )
-            worker.work(burst=True)
+            asyncio.run(work(AsyncWorker(settings, connection, queue, concurrency=concurrency)))
     finally:
         runtime.install(None)
-        current.close()
         connection.close()
 
 
 def stream_entries(client: redis.Redis, stream: str) -> list[dict[str, str]]:
-    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in client.xrange(stream)]
+    """The entries of ``stream``, each checked against its published schema (tests/contracts.py):
+    the parked stream's (any stream whose name says ``parked``) or the output stream's."""
+    entries = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in client.xrange(stream)]
+    check = check_parked_entry if "parked" in stream else check_output_entry
+    for entry in entries:
+        check(entry)
+    return entries
 
 
 def outputs(client: redis.Redis, stream: str = "smartcar:vehicle-events") -> list[dict[str, Any]]:

@@ -24,7 +24,6 @@ MAX_MODULE_LINES = 400
 LONG_MODULES = {
     "core/store/users.py": "the tables, the records they read into and every store query in one place",
     "service/server.py": "the guarded httptools protocol and the web's serve loop, kept beside each other",
-    "workers/worker.py": "RQ's worker loop overridden step by step (dequeue, execution, shutdown) in one class",
 }
 
 

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,15 @@ MONITORING = {
     "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "Smartcar"}},
     "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}, "alertLabels": {"team": "fleet"}},
 }
+# rq-dashboard, behind an authenticating proxy (the only pods its NetworkPolicy admits), with basic auth too.
+PROXY_PEER = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "oauth2-proxy"}}}
+DASHBOARD = {
+    "dashboard": {
+        "enabled": True,
+        "basicAuth": {"secretName": "rq-dashboard-auth"},
+        "networkPolicy": {"from": [PROXY_PEER]},
+    }
+}
 FIXED_SIZE = {
     "webhook": {"autoscaling": {"enabled": False}, "podDisruptionBudget": {"minAvailable": 1}},
     "worker": {"autoscaling": {"enabled": False}, "concurrency": 4},
@@ -117,8 +127,10 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
     "monitoring": _merge(INSTALL, MONITORING),
     "fixed-size": _merge(INSTALL, FIXED_SIZE),
     "connect": _merge(INSTALL, CONNECT),
+    "dashboard": _merge(INSTALL, DASHBOARD),
     "everything": _merge(
-        _merge(_merge(_merge(EXISTING_SECRET, KEDA), INGRESS), MONITORING), {"connect": {"enabled": True}}
+        _merge(_merge(_merge(_merge(EXISTING_SECRET, KEDA), INGRESS), MONITORING), DASHBOARD),
+        {"connect": {"enabled": True}},
     ),
 }
 
@@ -137,6 +149,7 @@ COMMON = {
 }
 CHART_SECRETS = {"Secret/", "Secret/-migrations"}
 HPAS = {"HorizontalPodAutoscaler/-webhook", "HorizontalPodAutoscaler/-worker"}
+RQ_DASHBOARD = {"Deployment/-rq-dashboard", "Service/-rq-dashboard", "NetworkPolicy/-rq-dashboard"}
 EXPECTED_OBJECTS = {
     "defaults": COMMON | CHART_SECRETS | HPAS,
     "keda": COMMON
@@ -156,7 +169,9 @@ EXPECTED_OBJECTS = {
     },
     "fixed-size": (COMMON - {"ServiceAccount/", "Job/-migrations"}) | {"Secret/"},
     "connect": COMMON | CHART_SECRETS | HPAS,
+    "dashboard": COMMON | CHART_SECRETS | HPAS | RQ_DASHBOARD,
     "everything": COMMON
+    | RQ_DASHBOARD
     | {
         "HorizontalPodAutoscaler/-webhook",
         "ScaledObject/-worker",
@@ -380,11 +395,12 @@ def rendered() -> dict[str, list[dict[str, Any]]]:
 # --- Dockerfile ---------------------------------------------------------------------------------
 
 
-def test_dockerfile_passes_hadolint_without_findings():
-    """hadolint reports nothing for the Dockerfile, not even style or info findings."""
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.dashboard"])
+def test_dockerfile_passes_hadolint_without_findings(dockerfile):
+    """hadolint reports nothing for the Dockerfiles, not even style or info findings."""
     hadolint = Path(sys.executable).parent / "hadolint"
     result = subprocess.run(
-        [str(hadolint), "--no-color", "--format", "json", "Dockerfile"],
+        [str(hadolint), "--no-color", "--format", "json", dockerfile],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -422,6 +438,24 @@ def test_dockerfile_builds_dependencies_before_source_and_runs_as_a_numeric_user
     assert json.loads(cmd.removeprefix("CMD ")) == ["smartcar-ingest", "web", "--host", "0.0.0.0", "--port", "8000"]
 
 
+def test_dashboard_image_installs_rq_dashboard_from_the_lock_and_nothing_of_the_service():
+    """Dockerfile.dashboard pins rq-dashboard's dependencies (RQ included) to uv.lock, copies no source, runs as 10001."""
+    text = (ROOT / "Dockerfile.dashboard").read_text()
+    instructions = [line.strip() for line in re.sub(r"\\\n", " ", text).splitlines()]
+    instructions = [line for line in instructions if line and not line.startswith("#")]
+    install = next(line for line in instructions if "uv pip install" in line)
+    assert "source=uv.lock" in install
+    assert "uv export --frozen --all-groups" in install
+    assert "--constraint" in install
+    assert not [line for line in instructions if line.startswith(("COPY . ", "ADD "))]
+    runtime = instructions[max(i for i, line in enumerate(instructions) if line.startswith("FROM ")) :]
+    assert [line for line in runtime if line.startswith("COPY ")] == ["COPY --from=build /app/.venv /app/.venv"]
+    assert next(line for line in runtime if line.startswith("USER ")) == "USER 10001:10001"
+    cmd = json.loads(next(line for line in runtime if line.startswith("CMD ")).removeprefix("CMD "))
+    assert cmd[0] == "rq-dashboard"
+    assert {"--json", "--disable-delete"} <= set(cmd)
+
+
 def test_dockerignore_admits_only_what_the_image_is_built_from():
     """The build context is an allowlist, so .env files, the venv and databases never reach a layer."""
     lines = [
@@ -429,7 +463,10 @@ def test_dockerignore_admits_only_what_the_image_is_built_from():
     ]
     assert lines[0] == "*"
     admitted = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert {"pyproject.toml", "uv.lock", "README.md", "core", "service", "workers", "migrations"} <= admitted
+    # Everything the wheel is built from: its packages and the folders it force-includes (schemas/).
+    wheel = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
+    needed = {"pyproject.toml", "uv.lock", "README.md", *wheel["packages"], *wheel.get("force-include", {})}
+    assert needed <= admitted, sorted(needed - admitted)
     assert not admitted & {".env", ".venv", "tests", ".git", "emulator"}
 
 
@@ -463,6 +500,42 @@ def test_wheel_ships_the_service_without_the_emulator_or_the_tests(wheel):
     }
     assert not [name for name in names if name.startswith(("emulator/", "tests/"))]
     assert {"cli/main.py", "service/server.py", "migrations/env.py"} <= set(names)
+    # The JSON Schemas ship inside core, byte for byte as in schemas/ (core.schemas loads them).
+    with zipfile.ZipFile(wheel) as archive:
+        for source in sorted((ROOT / "schemas").glob("*.schema.json")):
+            assert archive.read(f"core/schema_files/{source.name}") == source.read_bytes(), source.name
+
+
+# Loads every schema through core.schemas from an unpacked wheel, with the checkout off sys.path.
+_SCHEMAS_FROM_WHEEL = """
+import json, sys
+from pathlib import Path
+root, site = sys.argv[1:]
+sys.path[:] = [site] + [p for p in sys.path if p and Path(p).resolve() != Path(root)]
+from core import schemas
+assert schemas.__file__.startswith(site), schemas.__file__
+assert str(schemas.schema_folder()).startswith(site), schemas.schema_folder()
+print(json.dumps({name: schema["$id"] for name, schema in schemas.load_all().items()}))
+"""
+
+
+def test_the_installed_package_loads_every_json_schema(wheel, tmp_path):
+    """Installed from the wheel alone, core.schemas finds and loads every schema of schemas/."""
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHONPATH")}
+    result = subprocess.run(
+        [sys.executable, "-c", _SCHEMAS_FROM_WHEEL, str(ROOT), str(site)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout)
+    assert sorted(f"{name}.schema.json" for name in loaded) == sorted(p.name for p in (ROOT / "schemas").iterdir())
+    assert all(schema_id.endswith(f"/{name}.schema.json") for name, schema_id in loaded.items())
 
 
 # Runs the console script from an unpacked wheel, with the checkout taken off sys.path.
@@ -556,7 +629,7 @@ def test_renders_the_expected_objects(rendered, combination):
     assert found == EXPECTED_OBJECTS[combination]
     for obj in rendered[combination]:
         component = obj["metadata"]["labels"].get("app.kubernetes.io/component")
-        if component in {"webhook", "worker"}:
+        if component in {"webhook", "worker", "rq-dashboard"}:
             assert obj["__source__"].startswith(f"smartcar-ingest/templates/{component}/")
 
 
@@ -633,14 +706,18 @@ def test_references_between_objects_resolve(rendered, combination):
         if obj["kind"] == "PodMonitor":
             ports = {p["name"] for p in container(objects, "worker").get("ports", [])}
             assert {e["port"] for e in obj["spec"]["podMetricsEndpoints"]} <= ports
-    existing = values["secrets"].get("existingSecret")
+    # Secrets the operator manages: the existing one, and the dashboard's basic auth.
+    managed = {
+        values["secrets"].get("existingSecret"),
+        values.get("dashboard", {}).get("basicAuth", {}).get("secretName"),
+    }
     for spec in pod_specs(objects).values():
         for c in spec["containers"]:
             for source in c.get("envFrom", []):
                 assert ("ConfigMap", source["configMapRef"]["name"]) in by_kind_name
             for entry in c.get("env", []):
                 ref = entry.get("valueFrom", {}).get("secretKeyRef")
-                if ref and ref["name"] != existing:
+                if ref and ref["name"] not in managed:
                     secret = next(o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == ref["name"])
                     assert ref["key"] in secret["data"]
 
@@ -1051,6 +1128,118 @@ def test_network_policies_allow_only_the_egress_each_role_needs(rendered):
         redis_rule = next(rule for rule in rules if rule["ports"][0]["port"] == 6380)
         assert redis_rule["to"] == redis_peer
         assert 6379 not in _rule_ports(rules)
+
+
+def _dashboard_objects(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in objects if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "rq-dashboard"]
+
+
+def test_dashboard_is_off_by_default_and_never_published(rendered):
+    """rq-dashboard renders nothing by default; enabled, it is a ClusterIP Service only: no Ingress, no LoadBalancer."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["dashboard"]["enabled"] is False
+    assert values["dashboard"]["disableDelete"] is True
+    for combination in ("defaults", "monitoring", "connect"):
+        assert not _dashboard_objects(rendered[combination]), combination
+    for combination in ("dashboard", "everything"):
+        objects = rendered[combination]
+        service = find(objects, "Service", "-rq-dashboard")
+        assert service["spec"]["type"] == "ClusterIP"
+        assert not {"clusterIP", "externalIPs", "loadBalancerIP"} & service["spec"].keys()
+        assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(9181, "http")]
+        backends = [
+            path["backend"]["service"]["name"]
+            for ingress in (o for o in objects if o["kind"] == "Ingress")
+            for rule in ingress["spec"]["rules"]
+            for path in rule["http"]["paths"]
+        ]
+        assert service["metadata"]["name"] not in backends
+        assert not [o for o in objects if o["kind"] == "Service" and o["spec"]["type"] in {"LoadBalancer", "NodePort"}]
+    with helm.Chart.load(CHART) as chart:
+        for bad in (
+            {"dashboard": {"enabled": True, "service": {"type": "LoadBalancer", "port": 9181}}},
+            {"dashboard": {"enabled": True, "ingress": {"enabled": True}}},
+            {"secrets": {"dashboardRedisUrl": "http://not-redis"}},
+        ):
+            with pytest.raises(helm.HelmValuesError):
+                chart.validate_schema(_merge(INSTALL, bad))
+
+
+def test_dashboard_runs_rq_dashboard_over_json_jobs_without_deleting(rendered):
+    """The container runs rq-dashboard --json --disable-delete from its own image, TCP probes, no service secret."""
+    objects = rendered["dashboard"]
+    dashboard = container(objects, "rq-dashboard")
+    assert dashboard["image"] == "smartcar-ingest-dashboard:0.1.0"
+    assert dashboard["command"] == ["rq-dashboard", "--bind", "0.0.0.0", "--port", "9181", "--json", "--disable-delete"]
+    assert dashboard["ports"] == [{"name": "http", "containerPort": 9181, "protocol": "TCP"}]
+    assert dashboard["livenessProbe"]["tcpSocket"] == dashboard["readinessProbe"]["tcpSocket"] == {"port": "http"}
+    assert "envFrom" not in dashboard  # none of the service's settings
+    assert env_names(dashboard) == {"RQ_DASHBOARD_REDIS_URL", "RQ_DASHBOARD_USERNAME", "RQ_DASHBOARD_PASSWORD"}
+    auth = secret_refs(objects, "rq-dashboard")
+    assert auth["RQ_DASHBOARD_USERNAME"] == {"name": "rq-dashboard-auth", "key": "username"}
+    assert auth["RQ_DASHBOARD_PASSWORD"] == {"name": "rq-dashboard-auth", "key": "password"}
+    spec = find(objects, "Deployment", "-rq-dashboard")["spec"]
+    assert spec["replicas"] == 1
+    digest = "sha256:" + "cd" * 32
+    tuned = render(
+        _merge(
+            COMBINATIONS["dashboard"],
+            {
+                "dashboard": {
+                    "image": {"repository": "registry.example.com/rq-dashboard", "digest": digest},
+                    "disableDelete": False,
+                    "urlPrefix": "/rq",
+                    "basicAuth": {"secretName": ""},
+                }
+            },
+        )
+    )
+    changed = container(tuned, "rq-dashboard")
+    assert changed["image"] == f"registry.example.com/rq-dashboard@{digest}"
+    assert changed["command"][-3:] == ["--json", "--url-prefix", "/rq"]
+    assert "--disable-delete" not in changed["command"]
+    assert env_names(changed) == {"RQ_DASHBOARD_REDIS_URL"}
+
+
+def test_dashboard_takes_its_redis_url_from_the_secret_like_the_other_pods(rendered):
+    """RQ_DASHBOARD_REDIS_URL comes from the workers' key by default, or from the dashboard's own URL or key."""
+    assert secret_refs(rendered["dashboard"], "rq-dashboard")["RQ_DASHBOARD_REDIS_URL"] == {
+        "name": "ingest-smartcar-ingest",
+        "key": "REDIS_URL",
+    }
+    assert secret_refs(rendered["everything"], "rq-dashboard")["RQ_DASHBOARD_REDIS_URL"] == {
+        "name": "smartcar-ingest-secrets",
+        "key": "REDIS_URL",
+    }
+    split = render(_merge(COMBINATIONS["dashboard"], {"secrets": ROLE_REDIS}))
+    assert secret_refs(split, "rq-dashboard")["RQ_DASHBOARD_REDIS_URL"]["key"] == "WORKER_REDIS_URL"
+    own_url = "redis://dashboard:dash-pass-5e1b@redis-master:6379/0"
+    own = render(_merge(COMBINATIONS["dashboard"], {"secrets": {"dashboardRedisUrl": own_url}}))
+    assert secret_refs(own, "rq-dashboard")["RQ_DASHBOARD_REDIS_URL"]["key"] == "DASHBOARD_REDIS_URL"
+    assert find(own, "Secret")["data"]["DASHBOARD_REDIS_URL"]
+    assert not [o for o in own if o["kind"] != "Secret" and own_url in json.dumps(o)]
+    # Off, the chart keeps no dashboard URL at all.
+    unused = render(_merge(INSTALL, {"secrets": {"dashboardRedisUrl": own_url}}))
+    assert "DASHBOARD_REDIS_URL" not in find(unused, "Secret")["data"]
+    keyed = render(_merge(COMBINATIONS["everything"], {"secrets": {"existingSecretRedisKeys": {"dashboard": "DASH"}}}))
+    assert secret_refs(keyed, "rq-dashboard")["RQ_DASHBOARD_REDIS_URL"] == {
+        "name": "smartcar-ingest-secrets",
+        "key": "DASH",
+    }
+
+
+def test_dashboard_network_policy_admits_only_the_named_peers(rendered):
+    """Only dashboard.networkPolicy.from may reach the dashboard's port (nobody when empty); egress is DNS and Redis."""
+    policy = find(rendered["dashboard"], "NetworkPolicy", "-rq-dashboard")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}], "from": [PROXY_PEER]}]
+    assert _rule_ports(policy["egress"]) == {53, 6379}
+    closed = render(_merge(INSTALL, {"dashboard": {"enabled": True}}))
+    spec = find(closed, "NetworkPolicy", "-rq-dashboard")["spec"]
+    assert "ingress" not in spec
+    assert "Ingress" in spec["policyTypes"]
+    off = render(_merge(COMBINATIONS["dashboard"], {"networkPolicy": {"enabled": False}}))
+    assert not [o for o in off if o["kind"] == "NetworkPolicy"]
 
 
 def test_empty_optional_values_emit_nothing(rendered):

@@ -12,6 +12,7 @@ from core.redis.dedupe import parked_marks, recall_async
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
 from core.redis.parked import ParkedStream, count_by_reason, replay_parked
+from tests.contracts import check_parked_entry
 
 STREAM = "smartcar:parked"
 
@@ -28,7 +29,10 @@ def run(redis_url: str, scenario):
 
 
 def entries(redis_client) -> list[dict[str, str]]:
-    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in redis_client.xrange(STREAM, "-", "+")]
+    found = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in redis_client.xrange(STREAM, "-", "+")]
+    for entry in found:
+        check_parked_entry(entry)
+    return found
 
 
 def test_a_retried_park_of_the_same_event_is_kept_once(redis_url, redis_client):

@@ -314,7 +314,8 @@ def test_unreadable_times_and_years_are_published_as_null(pipeline, redis_client
 def test_a_worker_park_trims_the_parked_stream_by_age(pipeline, redis_client):
     """The worker's XADD to the parked stream trims entries older than PARKED_RETENTION_SECONDS."""
     for i in range(1000):
-        redis_client.xadd("smartcar:parked", {"event_id": f"old-{i}", "reason": "x"}, id=f"{1000 + i}-0")
+        old = {"event_id": f"old-{i}", "reason": "legacy_v2", "detail": "Old.", "payload": "{}"}
+        redis_client.xadd("smartcar:parked", old, id=f"{1000 + i}-0")
     deliver(pipeline, sample_event(user_id=UNKNOWN_USER))
     run_worker_burst(pipeline)
     entries = stream_entries(redis_client, "smartcar:parked")

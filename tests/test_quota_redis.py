@@ -410,7 +410,11 @@ def test_usage_adds_every_process_counts_per_minute_for_status(redis_url, redis_
 
     async def scenario(first: Redis, second: Redis) -> None:
         for client, sources in ((first, {"vehicle": "fetched", "signals": "fetched"}), (second, {"vehicle": "cached"})):
-            await Usage(client).record({"vehicle": 1, "signals": 1}, sources, {"vehicle": 1}, 0.25)
+            usage = Usage(client)
+            before = read_usage(redis_client).events
+            await usage.record({"vehicle": 1, "signals": 1}, sources, {"vehicle": 1}, 0.25)
+            assert read_usage(redis_client).events == before  # held in the process until flushed
+            await usage.aclose()
 
     run(redis_url, scenario, clients=2)
     report = read_usage(redis_client)

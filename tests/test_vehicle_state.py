@@ -34,6 +34,7 @@ from core.redis.keys import text, vehicle_state_key
 from core.redis.vehicle_state import MergeResult, VehicleStates
 from service.app import create_app
 from tests.conftest import TOKEN, signed_headers
+from tests.contracts import check_vehicle_state, check_vehicle_state_report
 from tests.pipeline import inject, outputs, run_worker_burst, worker_env
 from tests.test_cli import run_cli
 
@@ -249,7 +250,11 @@ def vehicle_event(versions: dict[str, tuple[int, int, object]]) -> dict[str, Any
 
 
 def state_of(redis_client, vehicle_id: str = SAMPLE_VEHICLE_ID) -> dict[str, str]:
-    return {text(k): text(v) for k, v in redis_client.hgetall(vehicle_state_key(PREFIX, vehicle_id)).items()}
+    """The vehicle's state hash as the workers wrote it, checked against its published schema."""
+    state = {text(k): text(v) for k, v in redis_client.hgetall(vehicle_state_key(PREFIX, vehicle_id)).items()}
+    if state:
+        check_vehicle_state(state)
+    return state
 
 
 def documents(redis_client) -> dict[str, dict[str, Any]]:
@@ -439,6 +444,7 @@ def test_vehicle_state_command(pipeline, redis_client, tmp_path):
     as_json = run_cli("vehicle-state", SAMPLE_VEHICLE_ID, "--json", env=env, cwd=tmp_path)
     assert as_json.returncode == 0, as_json.stderr
     report = json.loads(as_json.stdout)
+    check_vehicle_state_report(report)
     state = state_of(redis_client)
     assert report["eventId"] == state["_eventId"]
     assert 0 < report["expiresInSeconds"] <= pipeline.vehicle_state_ttl_seconds

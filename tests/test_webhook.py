@@ -33,6 +33,7 @@ from service.admin import create_admin_app
 from service.app import create_app
 from service.webhooks import Deadlines
 from tests.conftest import OLD_TOKEN, TOKEN, fixture_paths, load_fixture, signed_headers
+from tests.contracts import check_parked_entry
 from tests.procs import LiveServer
 from workers.jobs import read_payload
 from workers.processor import parse_body
@@ -60,7 +61,10 @@ def worker_body(job: Job) -> str:
 
 
 def parked(redis_client):
-    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in redis_client.xrange("smartcar:parked")]
+    entries = [{k.decode(): v.decode() for k, v in f.items()} for _, f in redis_client.xrange("smartcar:parked")]
+    for entry in entries:
+        check_parked_entry(entry)
+    return entries
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from rq.serializers import JSONSerializer
 from cli.samples import encode, sample_event
 from core.redis.jobs import PROCESS_EVENT, job_payload
 from tests.pipeline import outputs, run_worker_burst
-from workers.worker import refusal_reason
+from workers.admission import refusal_reason
 
 
 def _queue(client: redis.Redis, name: str) -> Queue:

@@ -12,6 +12,7 @@ import redis
 from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
+from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from core.redis.jobs import PROCESS_EVENT
@@ -51,9 +52,12 @@ def refuse(connection: redis.Redis, queue: Queue, job: Job, reason: str, dequeue
         if dequeued is not None:
             pipe.lrem(dequeued, 0, job.id)
         pipe.lrem(queue.key, 0, job.id)
+        because = f"Refused by smartcar-ingest: {reason}."
         FailedJobRegistry(queue.name, connection=connection, serializer=JSONSerializer).add(
-            job, ttl=REFUSED_JOB_TTL_SECONDS, exc_string=f"Refused by smartcar-ingest: {reason}.", pipeline=pipe
+            job, ttl=REFUSED_JOB_TTL_SECONDS, exc_string=because, pipeline=pipe
         )
+        # RQ's tools (rq-dashboard, Job.latest_result) read a failure's text from its result.
+        Result.create_failure(job, REFUSED_JOB_TTL_SECONDS, exc_string=because, pipeline=pipe)
         job.set_status(JobStatus.FAILED, pipeline=pipe)
         pipe.execute()
 

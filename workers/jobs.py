@@ -52,14 +52,36 @@ def read_payload(value: object, data: bytes | None = None) -> JobPayload:
     }
 
 
-def process_event(payload: object) -> dict[str, Any]:
-    """Process one accepted delivery (see :mod:`workers.processor`).
+async def run_event(
+    payload: JobPayload, final_attempt: bool, budget_seconds: float, check_published: bool = True
+) -> dict[str, Any]:
+    """Process one checked payload on the running loop (see :mod:`workers.processor`); the
+    worker's own path, and the body of :func:`process_event`.
+
+    A transient failure is raised so that RQ re-runs the job; on RQ's last attempt
+    (``final_attempt``) the event is parked instead. The lookup and the Smartcar calls get at most
+    ``budget_seconds``. The worker runtime must be installed (``smartcar-ingest worker`` does it).
+    """
+    processor = await runtime.current().processor()
+    outcome = await processor.process(
+        payload, final_attempt=final_attempt, budget_seconds=budget_seconds, check_published=check_published
+    )
+    return outcome.as_dict()
+
+
+def job_budget(timeout: float | None, default: int) -> float:
+    """Seconds a job may spend: its RQ timeout less a margin, so it stops itself before RQ would."""
+    return max(1.0, (timeout or default) - 5)
+
+
+async def process_event(payload: object) -> dict[str, Any]:
+    """The job function the queue's jobs name, as RQ would call it (a coroutine, run by RQ's
+    ``Job.perform`` in a stock worker, on a new event loop per job; ``smartcar-ingest worker``
+    calls :func:`run_event` directly, on its own loop).
 
     ``payload`` is a :class:`~core.redis.jobs.JobPayload` as written by the web process or by
     ``replay``; it is checked before anything else. One of another shape fails the job at once
     with :class:`InvalidJob`, without retries: running it again cannot change its argument.
-    A transient failure is raised so that RQ re-runs the job; on RQ's last attempt the event is
-    parked instead. The worker runtime must be installed (``smartcar-ingest worker`` does it).
     """
     job = get_current_job()
     try:
@@ -74,14 +96,13 @@ def process_event(payload: object) -> dict[str, Any]:
             "refused a job whose argument is not a job payload", jobId=job.id if job else None, reason=exc.message
         )
         raise
-    final_attempt = job is None or not job.retries_left
-    current = runtime.current()
-    # Stop a stuck job ourselves, shortly before RQ's own timeout would kill it mid-write.
-    budget = max(1.0, (job.timeout if job and job.timeout else current.settings.job_timeout_seconds) - 5)
-
-    async def run() -> dict[str, Any]:
-        processor = await current.processor()
+    # RQ runs each coroutine job on a loop of its own: clients are opened for this job and closed after it.
+    scoped = runtime.Runtime(runtime.current().settings, max_connections=10)
+    budget = job_budget(job.timeout if job else None, scoped.settings.job_timeout_seconds)
+    try:
+        processor = await scoped.processor()
+        final_attempt = job is None or not job.retries_left
         outcome = await processor.process(checked, final_attempt=final_attempt, budget_seconds=budget)
         return outcome.as_dict()
-
-    return current.run(run(), timeout=budget + 15)
+    finally:
+        await scoped.aclose()

@@ -41,13 +41,14 @@ from core.errors import (
     UnknownUser,
 )
 from core.logs import get_logger
+from core.redis.fleet import FleetActivity
 from core.redis.jobs import JobPayload
 from core.redis.outage import until_redis_answers_async
 from core.redis.parked import ParkedStream
 from core.redis.published import OutputStream
 from core.redis.vehicle_state import VehicleStates
 from core.smartcar.reads import Read, VehicleReads
-from core.store.users import UserStore
+from core.store.users import UserRecord, UserStore
 from workers.output import Enrichment, build_document, stream_fields
 
 log = get_logger("smartcar_ingest.worker")
@@ -71,6 +72,11 @@ class Outcome:
         """The ``outcome`` label of ``smartcar_ingest_jobs_total``: the status, ``parked_<reason>`` when parked."""
         return f"parked_{self.reason}" if self.status == "parked" else self.status
 
+
+#: How long a worker process remembers a user it found (a re-link shows within this time), and
+#: how many it remembers at most.
+USER_CACHE_SECONDS = 60.0
+USER_CACHE_SIZE = 100_000
 
 #: How long a job waits out Redis trouble before giving up; the worker then requeues it once Redis
 #: answers, without spending a retry (workers.worker).
@@ -98,17 +104,24 @@ class EventProcessor:
         output: OutputStream,
         parked: ParkedStream,
         vehicle_states: VehicleStates | None = None,
+        fleet: FleetActivity | None = None,
     ) -> None:
         self._users = users
         self._reads = reads
         self._output = output
         self._parked = parked
         self._vehicle_states = vehicle_states
+        self._known_users: dict[str, tuple[UserRecord, float]] = {}
+        self._fleet = fleet
 
-    async def process(self, payload: JobPayload, final_attempt: bool, budget_seconds: float = 60.0) -> Outcome:
+    async def process(
+        self, payload: JobPayload, final_attempt: bool, budget_seconds: float = 60.0, check_published: bool = True
+    ) -> Outcome:
         """Process one job payload. Raises a :class:`TransientError` only when a retry may help
         and this is not the final attempt. The lookup and the Smartcar calls together get at most
-        ``budget_seconds``; running out counts as a transient failure.
+        ``budget_seconds``; running out counts as a transient failure. ``check_published=False``
+        (a job never started before, so its event cannot have gone out) skips the look at the
+        publish mark before the Smartcar calls; the publish itself stays idempotent.
 
         Counts the job in ``smartcar_ingest_jobs_total`` by outcome (``retried`` when a transient
         error is raised for RQ to retry, ``error`` for anything unexpected).
@@ -118,7 +131,7 @@ class EventProcessor:
         # stamina's retry hook) carries its ids. The binding is local to this job's asyncio task.
         with structlog.contextvars.bound_contextvars(eventId=event_id, deliveryId=None, eventType=None):
             try:
-                outcome = await self._process(event_id, payload, final_attempt, budget_seconds)
+                outcome = await self._process(event_id, payload, final_attempt, budget_seconds, check_published)
             except TransientError:
                 metrics.JOBS.labels(outcome="retried").inc()
                 raise
@@ -128,7 +141,9 @@ class EventProcessor:
         metrics.JOBS.labels(outcome=outcome.metric_outcome).inc()
         return outcome
 
-    async def _process(self, event_id: str, payload: JobPayload, final_attempt: bool, budget_seconds: float) -> Outcome:
+    async def _process(
+        self, event_id: str, payload: JobPayload, final_attempt: bool, budget_seconds: float, check_published: bool
+    ) -> Outcome:
         body = payload["body"]
         # 0 stands for "not recorded" (hand-made jobs in tests): count from now instead.
         received_at = payload["receivedAt"] or time.time_ns() // 1_000_000
@@ -139,13 +154,15 @@ class EventProcessor:
             return await self._park(event_id, exc.code, exc.message, body)
 
         structlog.contextvars.bind_contextvars(deliveryId=event.meta.deliveryId, eventType=event.event_type)
+        if self._fleet is not None:  # the VEHICLE_ERROR alert's vehicle counts (core.redis.fleet)
+            await self._fleet.note(event)
         # A re-run after a crash, or a replay, skips the Smartcar calls when the event is out already.
-        if await _through_outage(lambda: self._output.was_published(event_id)):
-            log.info("event already published")
+        if check_published and await _through_outage(lambda: self._output.was_published(event_id)):
+            log.debug("event already published")
             return Outcome(event_id, "already_published")
         try:
             async with asyncio.timeout(budget_seconds):
-                user = await asyncio.to_thread(self._users.find_by_smartcar_user_id, event.smartcar_user_id)
+                user = await self._find_user(event.smartcar_user_id)
                 if user is None:
                     raise UnknownUser(
                         "No internal user has this Smartcar user id; link it (users link or backfill), then replay."
@@ -173,15 +190,30 @@ class EventProcessor:
         fields = stream_fields(event, user, output)
         entry_id = await _through_outage(lambda: self._output.publish(event_id, fields))
         if entry_id is None:
-            log.info("event already published")
+            log.debug("event already published")
             return Outcome(event_id, "already_published")
         metrics.END_TO_END_SECONDS.observe(max(0, published_at - received_at) / 1000)
-        log.info(
+        log.debug(
             "event published",
             enrichment=enrichment.status,
             latencyMs=published_at - received_at,
         )
         return Outcome(event_id, "published", entry_id=entry_id)
+
+    async def _find_user(self, smartcar_user_id: str) -> UserRecord | None:
+        """The user linked to ``smartcar_user_id``: from this process's memory when it was found
+        within :data:`USER_CACHE_SECONDS`, else one query (in a thread). Only found users are
+        remembered, so a ``users link`` followed by ``replay`` is seen at once."""
+        now = time.monotonic()
+        cached = self._known_users.get(smartcar_user_id)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        user = await asyncio.to_thread(self._users.find_by_smartcar_user_id, smartcar_user_id)
+        if user is not None:
+            if len(self._known_users) >= USER_CACHE_SIZE:
+                self._known_users.clear()
+            self._known_users[smartcar_user_id] = (user, now + USER_CACHE_SECONDS)
+        return user
 
     async def _enrich(self, event: events.VehicleEvent, received_at_ms: int) -> Enrichment:
         """Read the vehicle and its signals (:class:`core.smartcar.reads.VehicleReads`: shared across
@@ -242,7 +274,7 @@ class EventProcessor:
     async def _park(self, event_id: str, reason: str, detail: str, body: str) -> Outcome:
         entry_id = await _through_outage(lambda: self._parked.park(event_id, reason, detail, body))
         if entry_id is None:
-            log.info("event already parked", reason=reason)
+            log.debug("event already parked", reason=reason)
         else:
             log.warning("event parked", reason=reason, detail=detail)
         return Outcome(event_id, "parked", reason=reason, entry_id=entry_id)

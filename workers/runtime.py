@@ -1,22 +1,19 @@
-"""Per-process state of a worker: one event loop, one HTTP pool, one Redis client, one user store.
+"""Per-process state of a worker: one HTTP pool, one Redis client, one user store, one token.
 
-RQ calls job functions synchronously, possibly from several threads at once (the concurrent
-worker runs jobs in a thread pool). :class:`Runtime` runs one asyncio loop in a thread of its
-own for the whole process; job functions hand their coroutine to it and wait. So every job in
-flight shares one HTTP keep-alive pool, one Redis client and one cached token, and the loop
-keeps dozens of Smartcar calls in flight while RQ's bookkeeping runs in the job threads.
+Ingest jobs are coroutines run on the worker's own event loop (:mod:`workers.worker`), so every job
+in flight shares one HTTP keep-alive pool, one async Redis client and one cached application
+token. :class:`Runtime` builds them once, inside the running loop, on first use.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 from core.config import Settings
 from core.errors import ConfigurationError
 from core.redis.clients import worker_redis
+from core.redis.fleet import FleetActivity
 from core.redis.parked import ParkedStream
 from core.redis.published import OutputStream
 from core.redis.vehicle_state import VehicleStates
@@ -24,8 +21,6 @@ from core.smartcar.http import smartcar_http
 from core.smartcar.reads import vehicle_reads
 from core.store.users import UserStore
 from workers.processor import EventProcessor
-
-T = TypeVar("T")
 
 
 class Runtime:
@@ -35,15 +30,8 @@ class Runtime:
         settings.require_client_credentials()
         self._max_connections = max_connections
         self.settings = settings
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="enrichment-loop", daemon=True)
-        self._thread.start()
         self._processor: EventProcessor | None = None
         self._closers: list[Any] = []
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run ``coro`` on the shared loop and wait for its result (callable from any thread)."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     async def processor(self) -> EventProcessor:
         """The processor, built inside the running loop on first use."""
@@ -52,9 +40,11 @@ class Runtime:
             redis = worker_redis(settings, self._max_connections)
             http = smartcar_http(self._max_connections)
             users = UserStore(settings.database_url)
+            reads = vehicle_reads(settings, redis, http)
+            fleet = FleetActivity(redis)
             self._processor = EventProcessor(
                 users,
-                vehicle_reads(settings, redis, http),
+                reads,
                 OutputStream(
                     redis,
                     settings.output_stream,
@@ -65,25 +55,18 @@ class Runtime:
                     redis, settings.parked_stream, settings.dedupe_ttl_seconds, settings.parked_retention_seconds
                 ),
                 vehicle_states=VehicleStates(redis, settings.vehicle_state_prefix, settings.vehicle_state_ttl_seconds),
+                fleet=fleet,
             )
-            self._closers = [redis.aclose, http.aclose, users.dispose]
+            self._closers = [reads.aclose, fleet.aclose, redis.aclose, http.aclose, users.dispose]
         return self._processor
 
-    def close(self) -> None:
-        async def close_all() -> None:
-            for closer in self._closers:
-                result = closer()
-                if asyncio.iscoroutine(result):
-                    await result
-
-        try:
-            if self._closers:
-                self.run(close_all(), timeout=30)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._loop.close()
-            self._processor = None
+    async def aclose(self) -> None:
+        """Close what :meth:`processor` opened (on the loop it was opened on)."""
+        closers, self._closers, self._processor = self._closers, [], None
+        for closer in closers:
+            result = closer()
+            if asyncio.iscoroutine(result):
+                await result
 
 
 _current: Runtime | None = None

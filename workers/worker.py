@@ -1,498 +1,400 @@
-"""``smartcar-ingest worker``: an RQ worker that runs many ingest jobs at once.
+"""``smartcar-ingest worker``: an asyncio RQ worker that runs hundreds of ingest jobs at once.
 
-Each enrichment spends almost all its time waiting on Smartcar, so a worker that runs one job
-at a time enriches a handful of events per second. :class:`ConcurrentWorker` keeps RQ's own job
-lifecycle — execution record in the started registry, retries, results, the finished and failed
-registries, worker registration for ``rq info`` — and changes *where* a job runs: in one of
-``concurrency`` threads instead of inline. The job threads wait on coroutines that all run on one
-shared event loop (:mod:`workers.runtime`), so the Smartcar calls of every job in flight share one
-HTTP pool and one application token.
+Each enrichment spends almost all its time waiting on Smartcar, so the work is I/O, and one event
+loop carries it: :class:`AsyncWorker` takes jobs off RQ's queue in batches, runs each as a
+coroutine on its own loop (the loop that holds the HTTP pool, the async Redis client and the
+application token, :mod:`workers.runtime`), and records RQ's bookkeeping for a whole batch in one
+script per step (:mod:`workers.batch`): no thread per job, no hop from thread to loop, no dozen
+round trips per job.
+
+RQ's view stays true, in RQ's own keys (``rq info``, ``Worker.all()``, the registries, results):
+a job that raised goes through RQ's own ``Worker.handle_job_failure`` (a retry on its ``Retry``
+schedule, or the failed registry with the exception text, for ``rq requeue``); RQ's scheduler and
+clean-ups run as before (:mod:`workers.housekeeping`).
 
 No acknowledged event is left behind (docs/reliability.md):
 
-* The dequeue moves each job id into this worker's own list (:mod:`core.redis.custody`) instead of
-  RQ's shared intermediate list, and only once a thread slot is free, so a dequeued job starts
-  at once. The id leaves that list in the same transaction that records the job's execution.
-  Whatever a dead worker held is put back at the front of the queue by its peers' reapers
-  (:mod:`workers.reaper`), without spending a retry; a dequeue whose answer Redis lost is found
-  in the list by the worker itself.
-* Redis trouble — down, restarting, loading its AOF, out of memory, read-only — is waited out at
-  every step of RQ's loop (:mod:`core.redis.outage`), never a reason to quit. A job interrupted by it
-  is put back on the queue once Redis answers, not failed and not charged a retry.
+* Between leaving the queue and being recorded as started, a job's id is in this worker's own
+  dequeued list (:mod:`core.redis.custody`); after that, its execution names this worker. A peer's
+  reaper (:mod:`workers.reaper`) puts back whatever a dead worker held, without spending a retry.
+* Redis trouble (down, restarting, loading, out of memory, read-only) is waited out at every
+  step; each step can be re-run after an answer lost to a restart. A job interrupted by it is
+  put back on the queue once Redis answers, not failed and not charged a retry.
 
-Shutdown: SIGTERM (or the end of a ``--burst`` run) stops dequeuing; jobs in flight finish; what
-the worker still holds goes back to the queue before it deregisters.
+Shutdown: SIGTERM or SIGINT (or the end of a ``--burst`` run) stops taking jobs; jobs in flight
+finish and are recorded; the worker deregisters. A second signal cancels the jobs in flight and
+puts them back on the queue.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import os
-import sys
-import threading
+import signal
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+import traceback
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TypeVar
 
 import redis
-from rq import Queue, SimpleWorker, worker_registration
-from rq.exceptions import NoSuchJobError, StopRequested
+from rq import Queue, SimpleWorker
 from rq.executions import Execution
-from rq.job import Job
-from rq.registry import clean_registries
 from rq.serializers import JSONSerializer
-from rq.timeouts import BaseDeathPenalty
 from rq.utils import now
-from rq.worker import WorkerStatus
 
 from core.config import Settings
+from core.errors import InvalidJob
 from core.logs import get_logger
-from core.redis.clients import rq_redis
-from core.redis.keys import dequeued_key, text
+from core.redis.clients import rq_redis, worker_redis
 from core.redis.memory import warn_without_maxmemory
-from core.redis.outage import redis_unavailable, until_redis_answers
+from core.redis.outage import redis_unavailable, until_redis_answers, until_redis_answers_async
 from workers import runtime
-from workers.admission import refusal_reason, refuse, refuse_unreadable
+from workers.admission import refuse
+from workers.batch import Bookkeeping, Held, Success
 from workers.drill import DRILL_HALT_ENV, DrillHalt
+from workers.housekeeping import Housekeeping, WorkerLog, awaiting
+from workers.jobs import job_budget, run_event
 from workers.metrics_server import start_worker_metrics
-from workers.reaper import Liveness, requeue_execution, sweep_expired
-from workers.scheduler import PatientScheduler
+from workers.payloads import read_held, refusal_of
+from workers.reaper import requeue_execution
 
 log = get_logger("smartcar_ingest.worker")
 T = TypeVar("T")
 
 #: Jobs in flight per worker process unless --concurrency says otherwise (see docs/performance.md).
-DEFAULT_CONCURRENCY = 64
+DEFAULT_CONCURRENCY = 256
+#: The most jobs one claim takes off the queue.
+BATCH_SIZE = 64
+#: How long finished jobs wait to be recorded together.
+FLUSH_SECONDS = 0.005
+#: Once stopping, how long the worker waits for Redis to record what its jobs did before it leaves.
+SHUTDOWN_PATIENCE_SECONDS = 20.0
+#: Seconds a blocking wait on an empty queue lasts before the loop looks around again.
+IDLE_WAIT_SECONDS = 1
 
 
-class SelfTimedJob(BaseDeathPenalty):
-    """No external kill: ``process_event`` stops itself before the job's timeout.
+class AsyncWorker:
+    """Works one RQ queue with up to ``concurrency`` coroutine jobs in flight (module docstring)."""
 
-    RQ's signal-based penalty only works in the main thread, and its timer-based one starts a
-    thread per job. The job function instead bounds its own work at the job's timeout minus a
-    margin (:func:`workers.jobs.process_event`), well inside the started-registry heartbeat of
-    timeout + 60 s, so RQ's view of the job stays true without either.
-    """
-
-    def setup_death_penalty(self) -> None:
-        return None
-
-    def cancel_death_penalty(self) -> None:
-        return None
-
-
-class ConcurrentWorker(SimpleWorker):
-    """RQ's SimpleWorker on one queue, running up to ``concurrency`` jobs at once in a thread pool."""
-
-    death_penalty_class = SelfTimedJob
-    #: Seconds between worker heartbeats; RQ's loop would send one per job dequeued.
-    heartbeat_interval = 5.0
-
-    def __init__(self, *args: Any, concurrency: int = DEFAULT_CONCURRENCY, **kwargs: Any) -> None:
-        # RQ's registry clean-ups every 30 s instead of every 10 minutes; the liveness reaper
-        # catches dead workers within seconds.
-        kwargs.setdefault("maintenance_interval", 30)
-        super().__init__(*args, **kwargs)
-        if len(self.queues) != 1:
-            raise ValueError("a ConcurrentWorker works exactly one queue")
+    def __init__(
+        self, settings: Settings, connection: redis.Redis, queue: Queue, concurrency: int = DEFAULT_CONCURRENCY
+    ) -> None:
+        self.settings = settings
+        self.connection = connection
+        self.queue = queue
         self.concurrency = concurrency
-        self._slots = threading.BoundedSemaphore(concurrency)
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="job")
-        self._state_lock = threading.Lock()
-        self._in_dequeue = False
-        self._last_heartbeat_at = 0.0
-        self._liveness: Liveness | None = None
-        # Jobs in flight, by execution id: (queue, execution composite key, started-registry TTL).
-        self._in_flight: dict[str, tuple[str, str, int]] = {}
-        # Jobs whose run Redis trouble interrupted: requeued, never failed.
-        self._lost_to_redis: set[str] = set()
-        # Look in this worker's own list before taking a new job. A move that Redis applied but
-        # whose answer was lost (Redis restarted under it; the client may even have retried the
-        # move and taken the next job) leaves an id there that this worker does not hold: it is
-        # noticed at start, after a Redis error, when the list is not empty once a job's
-        # execution is recorded, and whenever the queue is idle.
-        self._check_dequeued = True
+        self.batch_size = max(1, min(BATCH_SIZE, concurrency))
+        # RQ's worker object: registration, state, heartbeats, counters and failure handling.
+        self.rq = SimpleWorker([queue], connection=connection, serializer=JSONSerializer)
+        self.name: str = self.rq.name
+        self.redis = worker_redis(settings, max_connections=16)
+        self.books = Bookkeeping(self.redis, queue.name, self.name)
+        self.house = Housekeeping(self.rq, queue, lambda: [(queue.name, h.composite, h.ttl) for h in self.held()])
+        self._in_flight: dict[str, Held] = {}  # by execution composite key, until recorded
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._finished: list[Success] = []
+        self._flush_wanted = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self._stopping = False
+        self._stopped_at: float | None = None
+        self._cancelled = False
         self._halt = DrillHalt(os.environ.get(DRILL_HALT_ENV))
+        self.stats = WorkerLog()
 
-    @property
-    def dequeued_key(self) -> str:
-        return dequeued_key(self.queues[0].name, self.name)
+    def held(self) -> list[Held]:  # read by the liveness thread too
+        return list(self._in_flight.values())
 
-    # --- registration, state and heartbeats: wait out Redis, or skip what is only reporting ---
-
-    def register_birth(self) -> None:
-        attempts = 0
-
-        def birth() -> None:
-            nonlocal attempts
-            attempts += 1
-            try:
-                super(ConcurrentWorker, self).register_birth()  # type: ignore[no-untyped-call]
-            except ValueError:
-                if attempts == 1:
-                    raise  # another live worker has this name
-                # An earlier attempt was applied before Redis went away: registered already.
-
-        self._until_redis_answers(birth)
-        self._liveness = Liveness(
-            self.connection, self.name, self.queue_names(), in_flight=lambda: list(self._in_flight.values())
-        )
-        self._until_redis_answers(self._liveness.start)
-
-    def register_death(self) -> None:
-        if self._liveness is not None:
-            self._liveness.stop()
-        self._best_effort(lambda: super(ConcurrentWorker, self).register_death())  # type: ignore[no-untyped-call]
-
-    def subscribe(self) -> None:
-        self._until_redis_answers(lambda: super(ConcurrentWorker, self).subscribe())  # type: ignore[no-untyped-call]
-
-    def unsubscribe(self) -> None:
-        self._best_effort(lambda: super(ConcurrentWorker, self).unsubscribe())  # type: ignore[no-untyped-call]
-
-    def set_state(self, state: str, pipeline: Any = None) -> None:
-        """Report busy while any job is in flight, even when the dequeue loop says idle.
-
-        Only reporting (``rq info``): skipped while Redis is unavailable.
-        """
-        if state == WorkerStatus.IDLE and self.executions:
-            state = WorkerStatus.BUSY
-        if pipeline is not None:
-            super().set_state(state, pipeline=pipeline)
+    def request_stop(self) -> None:
+        """Warm shutdown on the first call; the second cancels the jobs in flight (they are put back)."""
+        if self._stopping:
+            self._cancelled = True
+            for task in list(self._tasks):
+                task.cancel()
             return
-        self._state = state
-        self._best_effort(lambda: super(ConcurrentWorker, self).set_state(state))
+        log.info("warm shutdown: finishing the jobs in flight", inFlight=len(self._tasks))
+        self._stopping = True
+        self._stopped_at = time.monotonic()
+        self._slot_free.set()
 
-    def set_shutdown_requested_date(self) -> None:
-        self._best_effort(lambda: super(ConcurrentWorker, self).set_shutdown_requested_date())  # type: ignore[no-untyped-call]
-
-    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
-        """At most one worker heartbeat per :attr:`heartbeat_interval` (its TTL is minutes).
-
-        Heartbeats inside a pipeline (job preparation) and with an explicit timeout are kept.
-        """
-        now_ = time.monotonic()
-        if pipeline is None and timeout is None and now_ - self._last_heartbeat_at < self.heartbeat_interval:
-            return
-        self._last_heartbeat_at = now_
-        if pipeline is not None:
-            super().heartbeat(timeout, pipeline)
-            return
-        self._best_effort(lambda: super(ConcurrentWorker, self).heartbeat(timeout))
-
-    def check_for_suspension(self, burst: bool) -> None:
-        self._until_redis_answers(lambda: super(ConcurrentWorker, self).check_for_suspension(burst))
-
-    # --- the loop: maintenance, scheduler, dequeue, start ---
-
-    def run_maintenance_tasks(self) -> None:
-        if self._liveness is not None and self._liveness.quiet:
-            return  # just started, or Redis just came back: let every live worker beat first
+    async def run(self, burst: bool = False) -> bool:
+        loop = asyncio.get_running_loop()
+        for signum, handler in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop)):
+            with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, handler)
+        with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("what the worker awaits", tasks=awaiting()))
+        await self._blocking(lambda: self.house.start(burst))
+        flusher = asyncio.create_task(self._flush_forever())
+        chores = asyncio.create_task(self._chores())
         try:
-            super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
-        except redis.RedisError as exc:
-            if not redis_unavailable(exc):
-                raise
-            self.last_cleaned_at = now()  # type: ignore[assignment]  # next interval, not every turn
-            log.warning("maintenance skipped: Redis unavailable", error=type(exc).__name__)
+            await self._work(burst)
+        finally:
+            self._stopping = True
+            self._stopped_at = self._stopped_at or time.monotonic()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            flusher.cancel()
+            chores.cancel()
+            await asyncio.gather(flusher, chores, return_exceptions=True)
+            await self._flush()
+            await self._give_back_all()
+            await asyncio.to_thread(self.house.stop)
+            await self.redis.aclose()
+            self.stats.summary(final=True)
+        return True
 
-    def clean_registries(self) -> None:
-        """RQ's registry clean-up, changed in three ways.
+    # --- taking jobs ---
 
-        Expired started entries are requeued (:func:`~workers.reaper.sweep_expired`) before RQ
-        would retry or fail them; RQ's intermediate-list pass is left out (the reaper owns those
-        ids, without spending a retry); and the lock lasts one interval, so a pass that Redis cut
-        short does not stop every worker's clean-up for RQ's 15 minutes.
-        """
-        for queue in self.queues:
-            lock = queue.registry_cleaning_key
-            if not self.connection.set(lock, self.name, nx=True, ex=max(1, int(self.maintenance_interval))):
+    async def _work(self, burst: bool) -> None:
+        while not self._stopping:
+            free = self.concurrency - len(self._tasks)
+            if free <= 0 or self.house.suspended:
+                self._slot_free.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_free.wait(), timeout=1.0)
                 continue
             try:
-                sweep_expired(self.connection, queue.name)
-                clean_registries(queue, self._exc_handlers)
-                worker_registration.clean_worker_registry(queue)
-            finally:
-                with contextlib.suppress(redis.RedisError):
-                    self.connection.delete(lock)
-        self.last_cleaned_at = now()  # type: ignore[assignment]
+                if self.house.check_lost:  # here, never while a start's answer is on its way
+                    await self._recover_lost_starts()
+                claimed = await self._redis_step(partial(self.books.claim, min(free, self.batch_size)))
+            except _Stopped:
+                return
+            if not claimed:
+                if burst and not self._tasks:
+                    return
+                await self._wait_for_work(burst)
+                continue
+            self._halt.reach("dequeued")
+            await self._start(claimed)
 
-    def _start_scheduler(
-        self,
-        burst: bool = False,
-        logging_level: str | None = "INFO",
-        date_format: str = "%H:%M:%S",
-        log_format: str = "%(asctime)s %(message)s",
-    ) -> None:
-        """RQ's scheduler (it moves jobs whose retry interval elapsed back onto the queue), in a
-        process that waits out Redis trouble instead of ending (:class:`PatientScheduler`)."""
-        self.scheduler = PatientScheduler(
-            self.queues,
-            connection=self.connection,
-            logging_level=logging_level if logging_level is not None else self.log.level,
-            date_format=date_format,
-            log_format=log_format,
-            serializer=self.serializer,
-        )
-        scheduler = self.scheduler
-        self._until_redis_answers(scheduler.acquire_locks)
-        if not scheduler.acquired_locks:
-            return
-        if not burst:
-            scheduler.start()  # type: ignore[no-untyped-call]
+    async def _wait_for_work(self, burst: bool) -> None:
+        """Wait for the next job: in burst mode for a job in flight to end (it may be retried);
+        otherwise on the queue itself, moving the next id into this worker's list."""
+        if burst:
+            self._slot_free.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot_free.wait(), timeout=0.5)
             return
         try:
-            self._until_redis_answers(scheduler.register_birth)
-            self._until_redis_answers(scheduler.enqueue_scheduled_jobs)
-        finally:
-            self._best_effort(scheduler.release_locks)
-            self._best_effort(scheduler.register_death)
+            await self._redis_step(
+                lambda: self.redis.blmove(self.queue.key, self.books.dequeued_key, IDLE_WAIT_SECONDS, "LEFT", "RIGHT")
+            )
+        except _Stopped:
+            return
 
-    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
-        """Wait for a free slot, then take the next job (None in burst mode once the queue is empty).
+    async def _start(self, claimed: list[Held]) -> None:
+        runnable: list[Held] = []
+        for held in claimed:
+            if not held.fields:
+                runnable.append(held)  # deleted while queued: the start only drops its id
+                continue
+            reason = refusal_of(held, self.connection)
+            if reason is None:
+                runnable.append(held)
+                continue
+            await self._blocking(lambda h=held, r=reason: self._refuse(h, r))  # type: ignore[misc]
+        ttl = max((h.ttl for h in runnable), default=90)
+        started = await self._redis_step(lambda: self.books.start(runnable, ttl), or_stop=False)
+        self._halt.reach("prepared")
+        for held in started:
+            self._in_flight[held.composite] = held
+            task = asyncio.create_task(self._run_job(held))
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+        if started:
+            self.house.busy()
 
-        Taking the slot first means a dequeued job never waits in this process for one.
-        """
-        while not self._slots.acquire(timeout=1.0):
-            if self._stop_requested:
-                raise StopRequested
-        self._in_dequeue = True
+    def _refuse(self, held: Held, reason: str) -> None:
+        job = held.job(self.connection)
+        refuse(self.connection, self.queue, job, reason, self.books.dequeued_key)
+        log.error("refused a job that is not an ingest job", jobId=held.job_id, reason=reason)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slot_free.set()
+        if not self._tasks:
+            self.house.idle()
+
+    # --- running one job ---
+
+    async def _run_job(self, held: Held) -> None:
+        started = time.monotonic()
         try:
-            result = self._dequeue(timeout)
-        except BaseException:
-            self._slots.release()
-            raise
-        finally:
-            self._in_dequeue = False
-        if result is None:
-            self._slots.release()
-        return result
-
-    def _dequeue(self, timeout: int | None) -> tuple[Job, Queue] | None:
-        queue = self.queues[0]
-        self.set_state(WorkerStatus.IDLE)
-        self.procline(f"Listening on {queue.name}")  # type: ignore[no-untyped-call]
-        # Redis trouble is waited out for as long as it lasts. SIGTERM ends the wait: its handler
-        # raises StopRequested while this runs, from inside the wait's sleep too.
-        return self._until_redis_answers(lambda: self._next_job(queue, timeout))
-
-    def _next_job(self, queue: Queue, timeout: int | None) -> tuple[Job, Queue] | None:
-        """Heartbeats and maintenance while waiting for the next job (None: burst mode, queue empty)."""
-        try:
-            while True:
-                self.heartbeat()
-                if self.should_run_maintenance_tasks:
-                    self.run_maintenance_tasks()
-                job_id = self._take(queue, timeout)
-                if job_id is None:
-                    if timeout is None:
-                        return None  # burst mode: the queue is empty
-                    continue
-                self._halt.reach("dequeued")
-                job = self._fetch(queue, job_id)
-                if job is not None:
-                    return job, queue
-        except redis.RedisError as exc:
+            payload = read_held(held, self.connection)
+            budget = job_budget(held.field(b"timeout") or None, self.settings.job_timeout_seconds)
+            async with asyncio.timeout(budget + 15):
+                result = await run_event(payload, held.final_attempt, budget, check_published=held.run_before)
+        except asyncio.CancelledError:
+            if not self._cancelled:
+                raise
+            await self._give_back(held, "the worker was stopped")
+            return
+        except Exception as exc:
+            self.stats.count("failed" if not redis_unavailable(exc) else "requeued", time.monotonic() - started)
             if redis_unavailable(exc):
-                self._check_dequeued = True  # the move may have been applied with its answer lost
-            raise
-
-    def _take(self, queue: Queue, timeout: int | None) -> str | None:
-        """The next job id, moved from the queue into this worker's list (or found there)."""
-        if self._check_dequeued:
-            held = self.connection.lindex(self.dequeued_key, 0)
-            if held is not None:
-                log.warning("resuming a job this worker had dequeued", jobId=text(held))
-                return text(held)
-            self._check_dequeued = False
-        if timeout is None:
-            moved = self.connection.lmove(queue.key, self.dequeued_key, "LEFT", "RIGHT")
+                log.warning("job interrupted by Redis trouble; it will be requeued", jobId=held.job_id)
+                await self._give_back(held, "Redis trouble")
+            else:
+                await self._fail(held, exc)
+            return
+        self.stats.count(str(result.get("status")), time.monotonic() - started)
+        self._finished.append(Success(held, result))
+        if len(self._finished) >= self.batch_size:
+            await self._flush()
         else:
-            # Wake at least once per maintenance interval, so clean-ups run on an idle queue too.
-            wait = max(1, min(timeout, int(self.maintenance_interval)))
-            moved = self.connection.blmove(queue.key, self.dequeued_key, wait, "LEFT", "RIGHT")
-        if moved is None:
-            moved = self.connection.lindex(self.dequeued_key, 0)  # idle: nothing lost in the list?
-        return None if moved is None else text(moved)
+            self._flush_wanted.set()
 
-    def _fetch(self, queue: Queue, job_id: str) -> Job | None:
+    async def _fail(self, held: Held, exc: Exception) -> None:
+        """RQ's own failure handling for a job that raised: a retry on its schedule, or the failed registry."""
+        exc_string = "".join(traceback.format_exception(exc))
+        no_retry = isinstance(exc, InvalidJob)
+
+        def record() -> None:
+            self.connection.ping()  # RQ logs instead of raising when its pipeline fails: wait for Redis first
+            job = held.job(self.connection)
+            if no_retry:
+                job.retries_left = 0
+            job.started_at = held.started_at
+            job.ended_at = now()
+            execution = Execution(held.execution_id, held.job_id, self.connection, worker_name=self.name)
+            if held.started_at is not None:
+                execution.created_at = held.started_at
+            self.rq.handle_job_failure(job, self.queue, exc_string=exc_string, execution=execution)
+
         try:
-            return Job.fetch(job_id, connection=self.connection, serializer=self.serializer)
-        except NoSuchJobError:
-            self.connection.lrem(self.dequeued_key, 1, job_id)  # deleted while queued: nothing to run
-        except redis.RedisError:
-            raise
-        except Exception:  # a hash RQ cannot load is refused like any job this worker will not run
-            self._until_redis_answers(lambda: refuse_unreadable(self.connection, queue, job_id, self.dequeued_key))
-            log.error("refused a job whose hash cannot be read", jobId=job_id)
-        return None
-
-    def execute_job(self, job: Job, queue: Queue) -> None:
-        """Start ``job`` in the pool, on the slot taken before it was dequeued.
-
-        A job that is not an ingest job (:func:`refusal_reason`) is never run: it goes straight to
-        the failed registry, its function never imported.
-        """
-        reason = refusal_reason(job)
-        if reason is not None:
-            try:
-                self._until_redis_answers(lambda: refuse(self.connection, queue, job, reason, self.dequeued_key))
-            finally:
-                self._slots.release()
-            log.error("refused a job that is not an ingest job", jobId=job.id, reason=reason)
-            return
-        try:
-            execution = self._until_redis_answers(lambda: self.prepare_execution(job))
-            self._halt.reach("prepared")
-            self._pool.submit(self._perform, job, queue, execution)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def prepare_execution(self, job: Job) -> Execution:
-        """Record the job's execution and take its id out of this worker's list, in one transaction,
-        so that at every instant one of the two names the worker answering for it."""
-        ttl = self.get_heartbeat_ttl(job)
-        with self.connection.pipeline() as pipe:
-            execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
-            pipe.lrem(self.dequeued_key, 1, job.id)
-            pipe.llen(self.dequeued_key)
-            self.set_state(WorkerStatus.BUSY, pipeline=pipe)
-            *_, left, _ = pipe.execute()
-        # The main loop holds one id at a time: anything else in the list is a lost answer.
-        self._check_dequeued = self._check_dequeued or bool(left)
-        self.executions[execution.id] = execution
-        self._in_flight[execution.id] = (job.origin, execution.composite_key, ttl)
-        return execution
-
-    # --- a job's thread ---
-
-    def _perform(self, job: Job, queue: Queue, execution: Execution) -> None:
-        settled = False
-        try:
-            settled = self.perform_job(job, queue, execution)
-        except Exception as exc:  # RQ's bookkeeping after the job met Redis trouble
-            log.warning("job outcome not recorded", jobId=job.id, error=type(exc).__name__)
-        try:
-            # A job that did not end cleanly may not have had its outcome recorded: Redis decides.
-            # Its execution still registered means nothing was recorded, and it is put back.
-            if not settled or job.id in self._lost_to_redis:
-                self._lost_to_redis.discard(job.id)
-                self._give_back(queue, job, execution)
+            await self._blocking(record)
         finally:
-            self.executions.pop(execution.id, None)
-            self._in_flight.pop(execution.id, None)
-            with self._state_lock:
-                if not self.executions:
-                    self.set_state(WorkerStatus.IDLE)
-            self._slots.release()
+            self._in_flight.pop(held.composite, None)
 
-    def _give_back(self, queue: Queue, job: Job, execution: Execution) -> None:
+    async def _give_back(self, held: Held, why: str) -> None:
+        """Put a job back at the queue's front without spending a retry (its execution is dropped)."""
         try:
-            requeued = self._until_redis_answers(
-                lambda: requeue_execution(self.connection, queue.name, job.id, execution.id, self.name)
+            await self._blocking(
+                lambda: requeue_execution(self.connection, self.queue.name, held.job_id, held.execution_id, self.name),
+                or_stop=False,
             )
-        except (StopRequested, redis.RedisError) as exc:
-            # Shutting down with Redis away: a peer requeues it once this worker's liveness key expires.
-            log.warning("job left for a peer to requeue", jobId=job.id, error=type(exc).__name__)
+            log.warning("job put back on the queue", jobId=held.job_id, reason=why)
+        except (redis.RedisError, _Stopped) as exc:
+            log.warning("job left for a peer to requeue", jobId=held.job_id, error=type(exc).__name__)
+        finally:
+            self._in_flight.pop(held.composite, None)
+
+    async def _give_back_all(self) -> None:
+        for held in self.held():
+            await self._give_back(held, "the worker stopped before recording it")
+
+    # --- recording finished jobs ---
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._flush_wanted.wait()
+            await asyncio.sleep(FLUSH_SECONDS)
+            self._flush_wanted.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._finished:
             return
-        if requeued:
-            log.warning("job requeued after Redis trouble", jobId=job.id)
+        batch, self._finished = self._finished, []
+        try:
+            await self._redis_step(lambda: self.books.finish(batch), or_stop=False)
+        except (redis.RedisError, _Stopped) as exc:
+            # Redis stayed away past the worker's patience: the executions stay registered under
+            # this worker, and a peer's reaper re-runs them (the publish is idempotent).
+            log.warning("finished jobs not recorded", jobs=len(batch), error=type(exc).__name__)
+        for success in batch:
+            self._in_flight.pop(success.held.composite, None)
 
-    def handle_exception(self, job: Job, *exc_info: Any) -> None:
-        """A job stopped by Redis trouble did not fail: it is requeued once Redis answers."""
-        error = exc_info[1] if len(exc_info) > 1 else None
-        if isinstance(error, BaseException) and redis_unavailable(error):
-            self._lost_to_redis.add(job.id)
-            log.warning(
-                "job interrupted by Redis trouble; it will be requeued", jobId=job.id, error=type(error).__name__
-            )
-            return
-        super().handle_exception(job, *exc_info)
+    # --- the rest of RQ's loop: heartbeats, maintenance, suspension, a lost claim's answer ---
 
-    def handle_job_failure(
-        self,
-        job: Job,
-        queue: Queue,
-        started_job_registry: Any = None,
-        exc_string: str = "",
-        execution: Execution | None = None,
-    ) -> None:
-        if job.id in self._lost_to_redis:
-            return  # not the job's failure: _perform requeues it, without spending a retry
-        super().handle_job_failure(
-            job, queue, started_job_registry=started_job_registry, exc_string=exc_string, execution=execution
-        )
+    async def _chores(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self._blocking(self.house.tick, or_stop=False)
+            self.stats.summary()
 
-    def _shutdown(self) -> None:
-        """Warm shutdown: stop dequeuing at once; the jobs in flight finish in :meth:`teardown`.
-
-        RQ's own version waits while the worker is busy, which for this worker means "while any
-        job runs"; it would then sit in the blocking dequeue until its timeout.
-        """
-        self._stop_requested = True
-        self.set_shutdown_requested_date()
-        if self.scheduler:
-            self.stop_scheduler()  # type: ignore[no-untyped-call]
-        if self._in_dequeue:
-            raise StopRequested
-
-    def teardown(self) -> None:
-        # Let the jobs in flight finish (warm shutdown) before deregistering the worker.
-        self._pool.shutdown(wait=True)
-        super().teardown()  # type: ignore[no-untyped-call]
+    async def _recover_lost_starts(self) -> None:
+        """Executions recorded for this worker that it does not hold (a start whose answer a Redis
+        restart lost) are put back on the queue."""
+        for composite in await self._redis_step(
+            lambda: self.books.lost_executions(set(self._in_flight)), or_stop=False
+        ):
+            job_id, _, execution_id = composite.partition(":")
+            if requeue_execution(self.connection, self.queue.name, job_id, execution_id, self.name):
+                log.warning("requeued a job whose start was recorded without this worker knowing", jobId=job_id)
 
     # --- waiting out Redis ---
 
-    def _until_redis_answers(self, step: Callable[[], T]) -> T:
-        """``step``, waiting out Redis trouble for as long as it lasts; once a stop is requested,
-        StopRequested instead of another wait."""
+    async def _redis_step(self, step: Callable[[], Awaitable[T]], or_stop: bool = True) -> T:
+        """``step``, waiting out Redis trouble for as long as it lasts; when ``or_stop``, a requested
+        stop ends the wait with :class:`_Stopped`."""
+        stop = self._stop_check(or_stop)
         try:
-            return until_redis_answers(step, stop=lambda: self._stop_requested)
+            return await until_redis_answers_async(step, stop=stop)
         except redis.RedisError as exc:
-            if self._stop_requested and redis_unavailable(exc):
-                raise StopRequested from exc
+            self.house.check_lost = True
+            if stop() and redis_unavailable(exc):
+                raise _Stopped from exc
             raise
 
-    def _best_effort(self, step: Callable[[], object]) -> None:
-        """``step`` once, skipped with a warning while Redis is unavailable."""
+    def _stop_check(self, or_stop: bool) -> Callable[[], bool]:
+        """When a wait for Redis gives up: at a requested stop (``or_stop``); otherwise (recording
+        what jobs did) only once the stop has waited :data:`SHUTDOWN_PATIENCE_SECONDS`, or at a
+        second signal. What is left unrecorded then is re-run by a peer (docs/reliability.md)."""
+        if or_stop:
+            return lambda: self._stopping
+        return lambda: (
+            self._cancelled
+            or (self._stopped_at is not None and time.monotonic() - self._stopped_at > SHUTDOWN_PATIENCE_SECONDS)
+        )
+
+    async def _blocking(self, step: Callable[[], T], or_stop: bool = True) -> T:
+        """A synchronous Redis step (RQ's own code) in a thread, waiting out Redis trouble."""
+        stop = self._stop_check(or_stop)
+
+        def patient() -> T:
+            return until_redis_answers(step, stop=stop)
+
         try:
-            step()
+            return await asyncio.to_thread(patient)
         except redis.RedisError as exc:
-            if not redis_unavailable(exc):
-                raise
-            log.warning("skipped while Redis is unavailable", error=type(exc).__name__)
+            if stop() and redis_unavailable(exc):
+                raise _Stopped from exc
+            raise
+
+
+class _Stopped(Exception):
+    """A wait for Redis ended by a requested stop."""
 
 
 def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAULT_CONCURRENCY) -> bool:
     """Work the ingest queue until stopped (or, with ``burst``, until it is empty)."""
     settings.require_client_credentials()
-    # Job threads, the dequeue loop and the event loop mostly wait on sockets; hand the GIL over
-    # quickly when one of them wakes, instead of after the default 5 ms.
-    sys.setswitchinterval(0.0005)
-    current = runtime.Runtime(settings, max_connections=max(10, concurrency * 2))
-    runtime.install(current)
-    # RQ's bookkeeping runs in every job thread at once, besides the dequeue loop, the liveness
-    # thread and the scheduler: redis-py's default pool (100) would run dry past 100 jobs in flight,
-    # and its MaxConnectionsError would pass for Redis trouble and requeue jobs for nothing.
-    connection = rq_redis(settings, max_connections=concurrency + 16)
+    connection = rq_redis(settings, max_connections=16)
     # Start once Redis answers, so a worker started during an outage waits instead of crashing.
     until_redis_answers(connection.ping, give_up_after=300.0)
     warn_without_maxmemory(connection)
     queue = Queue(settings.ingest_queue, connection=connection, serializer=JSONSerializer)
-    worker = ConcurrentWorker([queue], connection=connection, serializer=JSONSerializer, concurrency=concurrency)
     metrics_server = start_worker_metrics(settings)
-    # As in the web: startup objects out of the collector's way, young collections less often.
+    current = runtime.Runtime(settings, max_connections=max(10, concurrency * 2))
+    runtime.install(current)
+
+    async def main() -> bool:
+        try:
+            return await AsyncWorker(settings, connection, queue, concurrency).run(burst=burst)
+        finally:
+            await current.aclose()
+
+    # Startup objects out of the collector's way, young collections less often (as in the web).
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     try:
-        # The scheduler moves jobs whose retry interval elapsed back onto the queue.
-        return bool(worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level))
+        return asyncio.run(main())
     finally:
         if metrics_server is not None:
             metrics_server.close()
         runtime.install(None)
-        current.close()
         connection.close()

@@ -165,6 +165,17 @@ def spliced_job_data(event_id: str, event_type: str, body: bytes, received_at_ms
     )
 
 
+def spliced_head(data: bytes) -> bytes | None:
+    """The payload's fields before the body of data written by :func:`spliced_job_data`, as a JSON
+    object (``{"eventId":…,"eventType":…,"receivedAt":…}``); None for data of any other form."""
+    if not (data.startswith(_SPLICED_HEAD) and data.endswith(_SPLICED_TAIL)):
+        return None
+    start = data.find(_SPLICED_BODY, len(_SPLICED_HEAD))
+    if start < 0:
+        return None
+    return b'{"eventId":' + data[len(_SPLICED_HEAD) : start] + b"}"
+
+
 def spliced_body(data: bytes) -> str | None:
     """The body, exactly as delivered, of a job's ``data`` written by :func:`spliced_job_data`;
     None for data of any other form.

@@ -26,6 +26,9 @@ streams named by settings (``OUTPUT_STREAM``, ``PARKED_STREAM``), the service ow
 ``smartcar-ingest:pause:application``                      a 429 ``RATE_LIMIT:SMARTCAR_API``: no call until then
 ``smartcar-ingest:pause:vehicle:<vehicle>``                a 429 for one vehicle: no call for it until then
 ``smartcar-ingest:usage:<minute>``                         calls, reads and events of one minute (``status``)
+``smartcar-ingest:fleet:<kind>:<bucket>``                  the vehicles that sent an event (``active``) or an
+                                                           unresolved VEHICLE_ERROR (``errors``) in one
+                                                           10-minute bucket (HyperLogLog, :mod:`core.redis.fleet`)
 ``VEHICLE_STATE_PREFIX<vehicle id>``                       a vehicle's latest state (hash, see
                                                            :mod:`core.redis.vehicle_state`),
                                                            ``VEHICLE_STATE_TTL`` after its last change
@@ -64,6 +67,7 @@ BUDGET_KEY = SERVICE_PREFIX + "budget"
 APPLICATION_PAUSE_KEY = SERVICE_PREFIX + "pause:application"
 VEHICLE_PAUSE_PREFIX = SERVICE_PREFIX + "pause:vehicle:"
 USAGE_PREFIX = SERVICE_PREFIX + "usage:"
+FLEET_PREFIX = SERVICE_PREFIX + "fleet:"
 
 #: How RQ's job ids may look; an eventId that fits is used as the job id unchanged.
 _JOB_ID_SAFE = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -134,6 +138,11 @@ def vehicle_pause_key(vehicle_id: str) -> str:
 def usage_key(minute: int) -> str:
     """Counts of one minute (``epoch seconds // 60``): events enriched, calls, reads by source, 429s."""
     return f"{USAGE_PREFIX}{minute}"
+
+
+def fleet_key(kind: str, bucket: int) -> str:
+    """A HyperLogLog of the vehicles seen in one bucket (``epoch seconds // bucket length``): ``active`` or ``errors``."""
+    return f"{FLEET_PREFIX}{kind}:{bucket}"
 
 
 def text(value: object) -> str:

@@ -86,16 +86,34 @@ def until_redis_answers(
     :func:`redis_unavailable` does not recognise is raised at once. An exception raised during a
     wait (by a signal handler) ends it too.
     """
+    worth_waiting = _worth_waiting(stop)
+    # The common case, Redis answering, costs one call and no retry machinery (under stamina's
+    # testing mode stamina counts every try itself).
+    if not stamina.is_testing():
+        try:
+            return step()
+        except Exception as exc:
+            if not worth_waiting(exc):
+                raise
     caller = stamina.RetryingCaller(attempts=None, timeout=give_up_after, **_BACKOFF)
-    return caller(_worth_waiting(stop), step)
+    return caller(worth_waiting, step)
 
 
 async def until_redis_answers_async(
     call: Callable[[], Awaitable[T]], *, stop: Callable[[], bool] | None = None, give_up_after: float | None = None
 ) -> T:
     """The async form of :func:`until_redis_answers`: ``await call()``, waiting out Redis trouble the same way."""
+    worth_waiting = _worth_waiting(stop)
+    # The common case, Redis answering, costs one call and no retry machinery (under stamina's
+    # testing mode stamina counts every try itself).
+    if not stamina.is_testing():
+        try:
+            return await call()
+        except Exception as exc:
+            if not worth_waiting(exc):
+                raise
     caller = stamina.AsyncRetryingCaller(attempts=None, timeout=give_up_after, **_BACKOFF)
-    return await caller(_worth_waiting(stop), call)
+    return await caller(worth_waiting, call)
 
 
 def _worth_waiting(stop: Callable[[], bool] | None) -> Callable[[Exception], bool]:

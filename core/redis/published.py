@@ -35,13 +35,16 @@ local value, key = ids.find(st, head, field)
 if value == '2' or (st.legacy and redis.call('EXISTS', st.legacy .. ARGV[6]) == 1) then
   return false
 end
+-- The entry first: a script stops at a failing command without undoing what it already did, so
+-- a mark written before an XADD that Redis refused would pass an unpublished event for published.
+local min_id = math.max(0, math.floor(st.now * 1000) - tonumber(ARGV[8]))
+local entry = redis.call('XADD', KEYS[1], 'MINID', '~', string.format('%d', min_id), '*', unpack(ARGV, 9))
 if value then
   redis.call('HSET', key, field, '2')
 else
   ids.put(st, head, field, '2')
 end
-local min_id = math.max(0, math.floor(st.now * 1000) - tonumber(ARGV[8]))
-return redis.call('XADD', KEYS[1], 'MINID', '~', string.format('%d', min_id), '*', unpack(ARGV, 9))
+return entry
 """
 )
 

@@ -14,6 +14,8 @@ Besides the queue: Redis's used and max memory (``INFO memory``; the chart warns
 and in seconds, beside the stream's retention: a group further behind than the retention loses
 entries to the trim (``XADD … MINID ~``, :mod:`core.redis.published`). A user that may not read
 the groups (the web's, which never reads the output's payloads) leaves those gauges to the workers.
+Last, how many vehicles sent events in the last hour and how many a VEHICLE_ERROR
+(:mod:`core.redis.fleet`; workers only, too).
 
 Every process that serves ``/metrics`` reports the same values; aggregate with ``max`` (not
 ``sum``) across pods. Labels name the queue and the registry, never an event, user or vehicle.
@@ -37,6 +39,7 @@ from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegi
 from core.config import Settings
 from core.redis.clients import scrape_redis
 from core.redis.custody import Stranded, age_seconds, parse_rq_time, read_stranded
+from core.redis.fleet import FleetCounts, fleet_families, read_fleet
 from core.redis.keys import queue_key, text
 from core.redis.memory import RedisMemory, read_memory
 
@@ -198,6 +201,7 @@ class QueueCollector(Collector):
             *self._stranded_families(None),
             *self._memory_families(None),
             *self._group_families(None),
+            *fleet_families(None),
         ]
 
     def collect(self) -> Iterable[Metric]:
@@ -221,11 +225,16 @@ class QueueCollector(Collector):
             groups: list[GroupLag] | None = read_groups(self._redis, self._settings.output_stream)
         except (redis.RedisError, OSError):
             groups = None  # the web user may not read the output stream's groups: the workers export them
+        try:
+            fleet: FleetCounts | None = read_fleet(self._redis)
+        except (redis.RedisError, OSError):
+            fleet = None  # the web user may not run PFCOUNT: the workers export the fleet gauges
         return [
             *self._families(snapshot),
             *self._stranded_families(stranded),
             *self._memory_families(memory),
             *self._group_families(groups),
+            *fleet_families(fleet),
         ]
 
     def close(self) -> None:

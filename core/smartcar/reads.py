@@ -113,17 +113,21 @@ class VehicleReads:
             await self._cache.invalidate(read_key("signals", vehicle_id, user_id), self._windows.ms("signals"))
         reads = [r for r in (vehicle, signals) if isinstance(r, Read)]
         failed = any(isinstance(r, BaseException) for r in (vehicle, signals))
-        try:
-            await self._usage.record(
-                calls=tally.calls,
-                sources={} if failed else {r.call: r.source for r in reads},
-                rate_limited=tally.rate_limited,
-                waited_seconds=tally.waited_seconds,
-                events=0 if failed else 1,
-            )
-        except (RedisError, OSError) as exc:  # the counts for `status` are not worth failing an event over
-            log.warning("could not record enrichment usage", error=type(exc).__name__)
+        await self._usage.record(
+            calls=tally.calls,
+            sources={} if failed else {r.call: r.source for r in reads},
+            rate_limited=tally.rate_limited,
+            waited_seconds=tally.waited_seconds,
+            events=0 if failed else 1,
+        )
         return vehicle, signals
+
+    async def aclose(self) -> None:
+        """Write the usage counts still held in this process."""
+        try:
+            await self._usage.aclose()
+        except (RedisError, OSError) as exc:
+            log.warning("could not record enrichment usage", error=type(exc).__name__)
 
     async def _read(
         self,

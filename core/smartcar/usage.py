@@ -1,8 +1,10 @@
 """What enrichment costs, per minute, for the whole deployment: events, Smartcar calls, reads, 429s.
 
 Prometheus counters are per process; ``smartcar-ingest status`` wants the deployment's figures,
-so each enriched event also adds its counts to one Redis hash per minute
-(:func:`core.redis.keys.usage_key`), kept :data:`RETENTION_SECONDS`. Fields:
+so each process adds its counts to one Redis hash per minute (:func:`core.redis.keys.usage_key`),
+kept :data:`RETENTION_SECONDS`. A process sums its events' counts in memory and writes them once
+every :data:`FLUSH_SECONDS` in one round trip, not once per event; counts of the last second are
+lost if the process dies. Fields:
 
 ==========================  =================================================================
 ``events``                  events enriched (published, or about to be)
@@ -15,6 +17,8 @@ so each enriched event also adds its counts to one Redis hash per minute
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,18 +26,27 @@ from typing import Any
 
 import redis
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
+from core.logs import get_logger
 from core.redis.keys import text, usage_key
+
+log = get_logger("smartcar_ingest.reads")
 
 #: How long a minute's counts are kept; ``status`` sums the last hour.
 RETENTION_SECONDS = 2 * 3600
+#: How often a process writes the counts it gathered.
+FLUSH_SECONDS = 1.0
 
 
 class Usage:
-    """Adds each event's counts to the current minute."""
+    """Adds each event's counts to the current minute, in memory; :meth:`flush` writes them."""
 
-    def __init__(self, redis_client: Redis) -> None:
+    def __init__(self, redis_client: Redis, flush_seconds: float = FLUSH_SECONDS) -> None:
         self._redis = redis_client
+        self._flush_seconds = flush_seconds
+        self._pending: dict[int, collections.Counter[str]] = {}
+        self._flusher: asyncio.Task[None] | None = None
 
     async def record(
         self,
@@ -44,20 +57,45 @@ class Usage:
         events: int = 1,
     ) -> None:
         """Count one event (``events=0`` for an attempt that failed and will be retried: its calls only)."""
-        key = usage_key(int(time.time()) // 60)
-        pipe = self._redis.pipeline(transaction=False)
+        counts = self._pending.setdefault(int(time.time()) // 60, collections.Counter())
         if events:
-            pipe.hincrby(key, "events", events)
+            counts["events"] += events
         for endpoint, count in calls.items():
-            pipe.hincrby(key, f"calls:{endpoint}", count)
+            counts[f"calls:{endpoint}"] += count
         for call, source in sources.items():
-            pipe.hincrby(key, f"reads:{call}:{source}", 1)
+            counts[f"reads:{call}:{source}"] += 1
         for scope, count in rate_limited.items():
-            pipe.hincrby(key, f"429:{scope}", count)
+            counts[f"429:{scope}"] += count
         if waited_seconds > 0:
-            pipe.hincrby(key, "waitMs", int(waited_seconds * 1000))
-        pipe.expire(key, RETENTION_SECONDS)
+            counts["waitMs"] += int(waited_seconds * 1000)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(self._flush_seconds)
+        try:
+            await self.flush()
+        except (RedisError, OSError) as exc:  # the counts for `status` are not worth failing anything over
+            log.warning("could not record enrichment usage", error=type(exc).__name__)
+
+    async def flush(self) -> None:
+        """Write what was counted since the last flush (one pipeline)."""
+        pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for minute, counts in pending.items():
+            key = usage_key(minute)
+            for name, count in counts.items():
+                pipe.hincrby(key, name, count)
+            pipe.expire(key, RETENTION_SECONDS)
         await pipe.execute()
+
+    async def aclose(self) -> None:
+        """Flush what is pending (at shutdown)."""
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
+        await self.flush()
 
 
 @dataclass

@@ -1,0 +1,299 @@
+"""RQ's bookkeeping for many jobs at once, in RQ's own key layout.
+
+RQ records each job's life in a dozen separate round trips: move the id, fetch the hash, record
+the execution, mark the job started, and at the end the result, the finished registry, the job's
+TTL and the execution's removal. The async worker (:mod:`workers.worker`) does the same for a
+whole batch of jobs in one Lua script per step, on the worker's own event loop:
+
+``claim``   up to *n* ids move from the queue into this worker's dequeued list
+            (:mod:`core.redis.custody`), and their job hashes come back with them.
+``start``   one execution per job: the execution hash (``rq:execution:<job>:<execution>``),
+            the started registry entry, the worker's execution set, and the job hash marked
+            ``started`` by this worker; the ids leave the dequeued list in the same script, and
+            the worker's state becomes ``busy``.
+``finish``  for each job that returned: status ``finished`` with ``ended_at``, a ``SUCCESSFUL``
+            entry on its results stream (:class:`rq.results.Result`'s own fields), the finished
+            registry, the job's result TTL; the execution leaves the started registry and the
+            worker's set and its hash is deleted; the worker's counters are added to.
+
+A job that raised is handed to RQ's own failure handling (retry on its ``Retry`` schedule
+through the scheduled registry, or the failed registry with the exception text): failures are
+rare, and RQ's code is the definition of what they write.
+
+Each script can be run again after an answer lost to a Redis restart without doing anything twice:
+``claim`` first returns whatever its list already holds, ``start`` records an execution only for
+an id still in the list (or reports one recorded already), and ``finish`` only for an execution
+still in the started registry. Execution ids are chosen before ``start`` runs, so a retried start
+names the same execution.
+
+Left out on purpose: the per-job execution registry (``rq:executions:<job>``, read only by
+``Job.get_executions``) and a TTL on an execution hash at start (the worker's liveness beat sets
+it within seconds, and ``finish`` deletes it). ``tests/test_rq_truth.py`` reads everything else
+back through RQ's public API, and fails if RQ's layout moves.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
+from rq.job import Job
+from rq.registry import FinishedJobRegistry, StartedJobRegistry
+from rq.results import Result
+from rq.serializers import JSONSerializer
+from rq.utils import now, utcformat
+
+from core.redis.keys import dequeued_key, queue_key, text
+
+# RQ's key prefixes, taken from RQ itself so that a change of layout fails the tests loudly.
+JOB_PREFIX = Job.redis_job_namespace_prefix
+EXECUTION_PREFIX = "rq:execution:"
+RESULTS_PREFIX = Result.get_key("")  # type: ignore[no-untyped-call]
+
+_CLAIM = """
+-- KEYS: the queue, this worker's dequeued list. ARGV: how many ids to take, the job key prefix.
+-- Ids already in the list (an earlier claim whose answer was lost) come back first, alone.
+local ids = redis.call('LRANGE', KEYS[2], 0, -1)
+if #ids == 0 then
+  ids = redis.call('LPOP', KEYS[1], ARGV[1])
+  if not ids then return {} end
+  redis.call('RPUSH', KEYS[2], unpack(ids))
+end
+local out = {}
+for _, id in ipairs(ids) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGETALL', ARGV[2] .. id)
+end
+return out
+"""
+
+_START = """
+-- KEYS: this worker's dequeued list, the started registry, the worker's execution set, the worker's hash
+-- ARGV: job key prefix, execution key prefix, worker name, started_at (RQ's text form),
+--       created_at (seconds), registry score, set TTL, then (job id, execution id, run) triples
+--       where run = 1 to start the job and 0 to only drop its id (its hash was gone).
+-- Returns one flag per triple: 1 recorded (now or by an earlier attempt), 0 not held any more.
+local held = {}
+for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do held[id] = true end
+local flags, members, composites = {}, {}, {}
+for i = 8, #ARGV, 3 do
+  local id, ex, run = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local composite = id .. ':' .. ex
+  local flag = 0
+  if held[id] then
+    held[id] = nil
+    if run == '1' then
+      redis.call('HSET', ARGV[1] .. id, 'status', 'started', 'started_at', ARGV[4], 'last_heartbeat', ARGV[4],
+        'worker_name', ARGV[3])
+      redis.call('HSET', ARGV[2] .. composite, 'id', ex, 'job_id', id, 'created_at', ARGV[5],
+        'last_heartbeat', ARGV[5], 'worker_name', ARGV[3])
+      members[#members + 1] = ARGV[6]
+      members[#members + 1] = composite
+      composites[#composites + 1] = composite
+    end
+    flag = 1
+  elseif redis.call('ZSCORE', KEYS[2], composite) then
+    flag = 1
+  end
+  flags[#flags + 1] = flag
+end
+if #members > 0 then
+  redis.call('ZADD', KEYS[2], unpack(members))
+  redis.call('SADD', KEYS[3], unpack(composites))
+  redis.call('EXPIRE', KEYS[3], ARGV[7])
+  redis.call('HSET', KEYS[4], 'state', 'busy')
+end
+-- Whatever else is in the list (a claim applied while this batch was in hand) stays for the next claim.
+local rest = {}
+for id, _ in pairs(held) do rest[#rest + 1] = id end
+redis.call('DEL', KEYS[1])
+if #rest > 0 then redis.call('RPUSH', KEYS[1], unpack(rest)) end
+return flags
+"""
+
+_FINISH = """
+-- KEYS: the started registry, the finished registry, the worker's execution set, the worker's hash
+-- ARGV: job key prefix, execution key prefix, results key prefix, ended_at (RQ's text form), now
+--       (seconds), working seconds, worker name, RQ's result type for success, then per job: job id,
+--       composite key, result TTL, return value (RQ's serialized form), execution id, execution
+--       start (seconds)
+-- Returns how many jobs were recorded; a job whose execution is no longer registered (recorded by
+-- an earlier attempt, or taken back by a reaper) is skipped.
+local composites = {}
+for i = 9, #ARGV, 6 do composites[#composites + 1] = ARGV[i + 1] end
+local scores = redis.call('ZMSCORE', KEYS[1], unpack(composites))
+local finished, done = {}, 0
+for n, score in ipairs(scores) do
+  if score then
+    local i = 9 + (n - 1) * 6
+    local id, composite, ttl = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+    local job = ARGV[1] .. id
+    redis.call('DEL', ARGV[2] .. composite)
+    if ttl == 0 then
+      redis.call('DEL', job)
+    else
+      redis.call('HSET', job, 'status', 'finished', 'ended_at', ARGV[4])
+      local results = ARGV[3] .. id
+      redis.call('XADD', results, 'MAXLEN', '~', '10', '*', 'type', ARGV[8], 'worker_name', ARGV[7],
+        'return_value', ARGV[i + 3], 'execution_id', ARGV[i + 4], 'execution_started_at', ARGV[i + 5],
+        'execution_ended_at', ARGV[5])
+      if ttl > 0 then
+        redis.call('EXPIRE', job, ttl)
+        redis.call('EXPIRE', results, ttl)
+        finished[#finished + 1] = tonumber(ARGV[5]) + ttl
+      else
+        finished[#finished + 1] = '+inf'
+      end
+      finished[#finished + 1] = id
+    end
+    done = done + 1
+  end
+end
+if done > 0 then
+  redis.call('ZREM', KEYS[1], unpack(composites))
+  redis.call('SREM', KEYS[3], unpack(composites))
+  if #finished > 0 then redis.call('ZADD', KEYS[2], unpack(finished)) end
+  redis.call('HINCRBY', KEYS[4], 'successful_job_count', done)
+  redis.call('HINCRBYFLOAT', KEYS[4], 'total_working_time', ARGV[6])
+end
+return done
+"""
+
+
+@dataclass
+class Held:
+    """One job this worker took from the queue: its id, raw hash and, once started, its execution."""
+
+    job_id: str
+    fields: dict[bytes, bytes]
+    execution_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started_at: datetime | None = None
+
+    @property
+    def composite(self) -> str:
+        return f"{self.job_id}:{self.execution_id}"
+
+    def field(self, name: bytes, default: int = 0) -> int:
+        """An integer field of the job hash (``timeout``, ``result_ttl``, ``retries_left``)."""
+        raw = self.fields.get(name)
+        try:
+            return int(raw) if raw else default
+        except ValueError:
+            return default
+
+    @property
+    def final_attempt(self) -> bool:
+        """True when RQ has no retry left for this job (a failure now is final)."""
+        return self.field(b"retries_left") <= 0
+
+    @property
+    def run_before(self) -> bool:
+        """True when the job has started before (a retry, a requeue, a re-run after a crash)."""
+        return bool(self.fields.get(b"started_at"))
+
+    @property
+    def ttl(self) -> int:
+        """The started-registry TTL RQ gives this job: its timeout, at most 30 s, plus 60 s."""
+        return min(self.field(b"timeout", 180) or 180, 30) + 60
+
+    def job(self, connection: Any) -> Job:
+        """The RQ job, restored from the hash already in hand (for RQ's own failure handling)."""
+        job = Job(self.job_id, connection=connection, serializer=JSONSerializer)
+        job.restore(self.fields)
+        return job
+
+
+@dataclass(frozen=True)
+class Success:
+    """A job that returned: what :meth:`Bookkeeping.finish` records."""
+
+    held: Held
+    return_value: Any
+
+
+class Bookkeeping:
+    """The three scripts for one worker on one queue (see the module's docstring)."""
+
+    def __init__(self, redis: Redis, queue_name: str, worker_name: str) -> None:
+        self.redis = redis
+        self.queue_name = queue_name
+        self.worker_name = worker_name
+        self.dequeued_key = dequeued_key(queue_name, worker_name)
+        self.started_key = StartedJobRegistry.key_template.format(queue_name)
+        self.finished_key = FinishedJobRegistry.key_template.format(queue_name)
+        self.executions_key = WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker_name)
+        self.worker_key = f"rq:worker:{worker_name}"
+        self._claim = redis.register_script(_CLAIM)
+        self._start = redis.register_script(_START)
+        self._finish = redis.register_script(_FINISH)
+
+    async def claim(self, count: int) -> list[Held]:
+        """Up to ``count`` jobs off the queue (or the ones this worker already held), with their hashes."""
+        raw = await self._claim(keys=[queue_key(self.queue_name), self.dequeued_key], args=[count, JOB_PREFIX])
+        held = []
+        for index in range(0, len(raw), 2):
+            values = raw[index + 1]
+            fields = {values[i]: values[i + 1] for i in range(0, len(values), 2)}
+            held.append(Held(text(raw[index]), fields))
+        return held
+
+    async def start(self, jobs: list[Held], ttl: int) -> list[Held]:
+        """Record an execution for each job with a hash (those without one only leave the list);
+        returns the jobs recorded, each with its ``started_at``."""
+        if not jobs:
+            return []
+        started = now()
+        args: list[Any] = [
+            JOB_PREFIX,
+            EXECUTION_PREFIX,
+            self.worker_name,
+            utcformat(started),
+            started.timestamp(),
+            started.timestamp() + ttl,
+            ttl + 60,
+        ]
+        for held in jobs:
+            args += [held.job_id, held.execution_id, "1" if held.fields else "0"]
+        keys = [self.dequeued_key, self.started_key, self.executions_key, self.worker_key]
+        flags = await self._start(keys=keys, args=args)
+        recorded = []
+        for held, flag in zip(jobs, flags, strict=True):
+            if flag and held.fields:
+                held.started_at = started
+                recorded.append(held)
+        return recorded
+
+    async def finish(self, successes: list[Success]) -> int:
+        """Record every job of ``successes`` as finished, in one script; returns how many were recorded."""
+        if not successes:
+            return 0
+        ended = now()
+        serializer = JSONSerializer()
+        working = sum((ended - s.held.started_at).total_seconds() for s in successes if s.held.started_at)
+        args: list[Any] = [
+            *(JOB_PREFIX, EXECUTION_PREFIX, RESULTS_PREFIX, utcformat(ended), ended.timestamp(), working),
+            *(self.worker_name, Result.Type.SUCCESSFUL.value),
+        ]
+        for success in successes:
+            held = success.held
+            started = held.started_at.timestamp() if held.started_at else ended.timestamp()
+            value = Result(
+                held.job_id,
+                Result.Type.SUCCESSFUL,
+                None,  # type: ignore[arg-type]  # only serializes: no connection needed
+                return_value=success.return_value,
+                serializer=serializer,
+            ).serialize()["return_value"]
+            args += [held.job_id, held.composite, held.field(b"result_ttl", 500), value, held.execution_id, started]
+        keys = [self.started_key, self.finished_key, self.executions_key, self.worker_key]
+        return int(await self._finish(keys=keys, args=args))
+
+    async def lost_executions(self, in_flight: set[str]) -> list[str]:
+        """Composite keys of executions recorded for this worker that it does not know of (a start
+        applied whose answer was lost)."""
+        members = await self.redis.smembers(self.executions_key)
+        return [c for c in (text(m) for m in members) if c not in in_flight]
