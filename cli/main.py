@@ -279,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run an RQ worker on the ingest queue")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
-    worker.add_argument("--concurrency", type=_positive, default=64, help="jobs in flight in this process (default 64)")
+    worker.add_argument(
+        "--concurrency", type=_positive, default=256, help="jobs in flight in this process (default 256)"
+    )
     worker.set_defaults(handler=_worker)
 
     dev = sub.add_parser("dev", help="run the whole pipeline locally (what `make run` runs)")

@@ -207,3 +207,27 @@ def test_each_script_can_run_again_after_a_lost_answer(redis_url, redis_client):
     assert redis_client.zcard(f"rq:wip:{QUEUE}") == 0
     assert redis_client.scard(WORKER_EXECUTIONS_KEY_TEMPLATE.format("w1")) == 0
     assert redis_client.hget("rq:worker:w1", "successful_job_count") == b"1"
+
+
+def test_a_job_with_its_body_as_text_is_read_as_rq_reads_it(redis_client):
+    """Jobs written with the body as a JSON string (replay, the spool's drain, RQ's own enqueue)
+    share the spliced jobs' head and tail; the worker must not take them for spliced ones."""
+    from core.redis.jobs import JobOptions, JobTemplate, job_payload, spliced_job_data
+    from workers.payloads import read_held, refusal_of
+
+    template = JobTemplate(JobOptions(queue=QUEUE, retries=0))
+    body = '{"eventId":"e2","eventType":"VEHICLE_STATE","x":",\\"body\\":{"}'
+    _, text_data, _ = template.variable(job_payload("e2", "VEHICLE_STATE", body, 1234))
+    spliced_data = spliced_job_data("e2", "VEHICLE_STATE", body.encode(), 1234)
+    # A delivery is spliced byte for byte, whitespace before its object included.
+    padded_body = "\n  " + body
+    padded_data = spliced_job_data("e2", "VEHICLE_STATE", padded_body.encode(), 1234)
+    for data, expected in ((text_data, body), (spliced_data, body), (padded_data, padded_body)):
+        held = batch.Held("j", template.constant | {"data": data})  # type: ignore[arg-type]
+        fields = {
+            k.encode() if isinstance(k, str) else k: str(v).encode() if not isinstance(v, bytes) else v
+            for k, v in held.fields.items()
+        }
+        held = batch.Held("j", fields)
+        assert refusal_of(held, redis_client) is None
+        assert read_held(held, redis_client) == job_payload("e2", "VEHICLE_STATE", expected, 1234)

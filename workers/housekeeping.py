@@ -45,6 +45,8 @@ class Housekeeping:
         self._in_flight = in_flight
         self.liveness: Liveness | None = None
         self.scheduler: PatientScheduler | None = None
+        #: A long-running worker keeps a scheduler running (its own, or a peer's); a burst run does not.
+        self.scheduler_wanted = False
         self.suspended = False
         #: Set after Redis trouble: the worker then looks for executions it recorded without knowing.
         self.check_lost = True
@@ -72,6 +74,7 @@ class Housekeeping:
         self.liveness = Liveness(self.connection, self.worker.name, [self.queue.name], in_flight=self._in_flight)
         until_redis_answers(self.liveness.start)
         self._report(WorkerStatus.IDLE)
+        self.scheduler_wanted = not burst
         self.scheduler = PatientScheduler(
             [self.queue], connection=self.connection, serializer=self.worker.serializer, logging_level="WARNING"
         )
@@ -123,7 +126,7 @@ class Housekeeping:
         (:func:`~workers.reaper.sweep_expired`) before RQ would retry or fail them; RQ's
         intermediate-list pass is left out (the reaper owns those ids); the lock lasts one interval."""
         queue = self.queue
-        if self.scheduler is not None and not self.scheduler.acquired_locks:
+        if self.scheduler is not None and self.scheduler_wanted and not self.scheduler.acquired_locks:
             self.scheduler.acquire_locks(auto_start=True)  # type: ignore[no-untyped-call]  # a peer's scheduler died: take over
         if not self.connection.set(queue.registry_cleaning_key, self.worker.name, nx=True, ex=MAINTENANCE_SECONDS):
             return
@@ -187,10 +190,22 @@ class WorkerLog:
 
 
 def awaiting() -> str:
-    """Where each task of the running loop waits (``kill -USR1`` logs it: for a worker that seems stuck)."""
-    lines = []
+    """Where each task of the running loop waits, innermost last (``kill -USR1`` logs it: for a
+    worker that seems stuck)."""
+    lines: list[str] = []
     for task in asyncio.all_tasks():
-        frames = task.get_stack(limit=3)
-        where = " < ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames))
-        lines.append(f"{task.get_name()}: {where or 'not started'}")
+        chain: list[str] = []
+        coro: Any = task.get_coro()
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None:
+                chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        lines.append(f"{task.get_name()}: {' > '.join(chain) or 'not started'}")
     return "\n".join(sorted(lines))
+
+
+def report_crash(task: asyncio.Task[None]) -> None:
+    """A done-callback for the worker's helper tasks: an exception that ended one is logged."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("worker task ended", task=task.get_name(), error=repr(task.exception()))

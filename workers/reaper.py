@@ -2,7 +2,7 @@
 
 Between leaving the queue and finishing, an ingest job is in exactly one place that names the
 worker answering for it (:mod:`core.redis.custody`): that worker's dequeued list, or an execution in
-RQ's started registry. Every :class:`~workers.worker.ConcurrentWorker` runs a :class:`Liveness`
+RQ's started registry. Every :class:`~workers.worker.AsyncWorker` runs a :class:`Liveness`
 thread that keeps its liveness key fresh every :data:`BEAT_SECONDS` (it expires after
 :data:`ALIVE_SECONDS`), keeps the started-registry entries of its jobs in flight from expiring,
 and on the same beat looks for announced workers whose liveness key is gone. What such a worker

@@ -22,6 +22,9 @@ from core.smartcar.reads import vehicle_reads
 from core.store.users import UserStore
 from workers.processor import EventProcessor
 
+#: Redis connections of a worker process's jobs: each call holds one for a round trip only.
+REDIS_CONNECTIONS = 32
+
 
 class Runtime:
     """Everything a worker process needs to run :class:`EventProcessor`, built once."""
@@ -37,7 +40,7 @@ class Runtime:
         """The processor, built inside the running loop on first use."""
         if self._processor is None:
             settings = self.settings
-            redis = worker_redis(settings, self._max_connections)
+            redis = worker_redis(settings, min(self._max_connections, REDIS_CONNECTIONS))
             http = smartcar_http(self._max_connections)
             users = UserStore(settings.database_url)
             reads = vehicle_reads(settings, redis, http)

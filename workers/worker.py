@@ -1,11 +1,9 @@
 """``smartcar-ingest worker``: an asyncio RQ worker that runs hundreds of ingest jobs at once.
 
-Each enrichment spends almost all its time waiting on Smartcar, so the work is I/O, and one event
-loop carries it: :class:`AsyncWorker` takes jobs off RQ's queue in batches, runs each as a
-coroutine on its own loop (the loop that holds the HTTP pool, the async Redis client and the
-application token, :mod:`workers.runtime`), and records RQ's bookkeeping for a whole batch in one
-script per step (:mod:`workers.batch`): no thread per job, no hop from thread to loop, no dozen
-round trips per job.
+An enrichment mostly waits on Smartcar, so one event loop carries hundreds: :class:`AsyncWorker`
+takes jobs off RQ's queue in batches, runs each as a coroutine on its loop (with the HTTP pool,
+Redis client and token of :mod:`workers.runtime`), and records RQ's bookkeeping for a batch in
+one script per step (:mod:`workers.batch`): no thread per job, no dozen round trips per job.
 
 RQ's view stays true, in RQ's own keys (``rq info``, ``Worker.all()``, the registries, results):
 a job that raised goes through RQ's own ``Worker.handle_job_failure`` (a retry on its ``Retry``
@@ -18,12 +16,11 @@ No acknowledged event is left behind (docs/reliability.md):
   dequeued list (:mod:`core.redis.custody`); after that, its execution names this worker. A peer's
   reaper (:mod:`workers.reaper`) puts back whatever a dead worker held, without spending a retry.
 * Redis trouble (down, restarting, loading, out of memory, read-only) is waited out at every
-  step; each step can be re-run after an answer lost to a restart. A job interrupted by it is
-  put back on the queue once Redis answers, not failed and not charged a retry.
+  step, and each step can be re-run after a lost answer. A job it interrupted is put back on
+  the queue once Redis answers, not failed and not charged a retry.
 
 Shutdown: SIGTERM or SIGINT (or the end of a ``--burst`` run) stops taking jobs; jobs in flight
-finish and are recorded; the worker deregisters. A second signal cancels the jobs in flight and
-puts them back on the queue.
+finish and are recorded. A second signal cancels them and puts them back on the queue.
 """
 
 from __future__ import annotations
@@ -55,7 +52,7 @@ from workers import runtime
 from workers.admission import refuse
 from workers.batch import Bookkeeping, Held, Success
 from workers.drill import DRILL_HALT_ENV, DrillHalt
-from workers.housekeeping import Housekeeping, WorkerLog, awaiting
+from workers.housekeeping import Housekeeping, WorkerLog, awaiting, report_crash
 from workers.jobs import job_budget, run_event
 from workers.metrics_server import start_worker_metrics
 from workers.payloads import read_held, refusal_of
@@ -101,6 +98,7 @@ class AsyncWorker:
         self._stopping = False
         self._stopped_at: float | None = None
         self._cancelled = False
+        self._closing = False  # ends the flusher and the chores
         self._halt = DrillHalt(os.environ.get(DRILL_HALT_ENV))
         self.stats = WorkerLog()
 
@@ -127,8 +125,10 @@ class AsyncWorker:
         with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("what the worker awaits", tasks=awaiting()))
         await self._blocking(lambda: self.house.start(burst))
-        flusher = asyncio.create_task(self._flush_forever())
-        chores = asyncio.create_task(self._chores())
+        flusher = asyncio.create_task(self._flush_forever(), name="flusher")
+        chores = asyncio.create_task(self._chores(), name="chores")
+        for helper in (flusher, chores):
+            helper.add_done_callback(report_crash)
         try:
             await self._work(burst)
         finally:
@@ -136,9 +136,10 @@ class AsyncWorker:
             self._stopped_at = self._stopped_at or time.monotonic()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
-            flusher.cancel()
-            chores.cancel()
-            await asyncio.gather(flusher, chores, return_exceptions=True)
+            # The helpers end on their own once closing; a bounded wait, never one that can hang.
+            self._closing = True
+            self._flush_wanted.set()
+            await asyncio.wait({flusher, chores}, timeout=SHUTDOWN_PATIENCE_SECONDS)
             await self._flush()
             await self._give_back_all()
             await asyncio.to_thread(self.house.stop)
@@ -208,8 +209,7 @@ class AsyncWorker:
             self.house.busy()
 
     def _refuse(self, held: Held, reason: str) -> None:
-        job = held.job(self.connection)
-        refuse(self.connection, self.queue, job, reason, self.books.dequeued_key)
+        refuse(self.connection, self.queue, held.job(self.connection), reason, self.books.dequeued_key)
         log.error("refused a job that is not an ingest job", jobId=held.job_id, reason=reason)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
@@ -251,6 +251,7 @@ class AsyncWorker:
         """RQ's own failure handling for a job that raised: a retry on its schedule, or the failed registry."""
         exc_string = "".join(traceback.format_exception(exc))
         no_retry = isinstance(exc, InvalidJob)
+        log.warning("job failed", jobId=held.job_id, error=type(exc).__name__, finalAttempt=held.final_attempt)
 
         def record() -> None:
             self.connection.ping()  # RQ logs instead of raising when its pipeline fails: wait for Redis first
@@ -289,7 +290,7 @@ class AsyncWorker:
     # --- recording finished jobs ---
 
     async def _flush_forever(self) -> None:
-        while True:
+        while not self._closing:
             await self._flush_wanted.wait()
             await asyncio.sleep(FLUSH_SECONDS)
             self._flush_wanted.clear()
@@ -311,7 +312,7 @@ class AsyncWorker:
     # --- the rest of RQ's loop: heartbeats, maintenance, suspension, a lost claim's answer ---
 
     async def _chores(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(1.0)
             await self._blocking(self.house.tick, or_stop=False)
             self.stats.summary()
@@ -319,11 +320,11 @@ class AsyncWorker:
     async def _recover_lost_starts(self) -> None:
         """Executions recorded for this worker that it does not hold (a start whose answer a Redis
         restart lost) are put back on the queue."""
-        for composite in await self._redis_step(
-            lambda: self.books.lost_executions(set(self._in_flight)), or_stop=False
-        ):
+        self.house.check_lost = False
+        for composite in await self._redis_step(lambda: self.books.lost_executions(set(self._in_flight))):
             job_id, _, execution_id = composite.partition(":")
-            if requeue_execution(self.connection, self.queue.name, job_id, execution_id, self.name):
+            requeue = partial(requeue_execution, self.connection, self.queue.name, job_id, execution_id, self.name)
+            if await self._blocking(requeue):
                 log.warning("requeued a job whose start was recorded without this worker knowing", jobId=job_id)
 
     # --- waiting out Redis ---
@@ -341,9 +342,8 @@ class AsyncWorker:
             raise
 
     def _stop_check(self, or_stop: bool) -> Callable[[], bool]:
-        """When a wait for Redis gives up: at a requested stop (``or_stop``); otherwise (recording
-        what jobs did) only once the stop has waited :data:`SHUTDOWN_PATIENCE_SECONDS`, or at a
-        second signal. What is left unrecorded then is re-run by a peer (docs/reliability.md)."""
+        """When a Redis wait gives up: at a stop (``or_stop``), else (recording what jobs did) once
+        the stop has waited :data:`SHUTDOWN_PATIENCE_SECONDS`, or at a second signal."""
         if or_stop:
             return lambda: self._stopping
         return lambda: (

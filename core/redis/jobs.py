@@ -165,12 +165,25 @@ def spliced_job_data(event_id: str, event_type: str, body: bytes, received_at_ms
     )
 
 
+def _spliced_body_at(data: bytes) -> int:
+    """Where ``,"body":`` starts in data written by :func:`spliced_job_data`, or -1 for data of
+    any other form. The body of such data is a JSON object; data that :meth:`JobTemplate.variable`
+    wrote has the same head and tail but a JSON string there (and ``receivedAt`` after it)."""
+    if not (data.startswith(_SPLICED_HEAD) and data.endswith(_SPLICED_TAIL)):
+        return -1
+    start = data.find(_SPLICED_BODY, len(_SPLICED_HEAD))
+    if start < 0:
+        return -1
+    value = start + len(_SPLICED_BODY)
+    while data[value : value + 1] in (b" ", b"\t", b"\r", b"\n"):  # a body is spliced as delivered
+        value += 1
+    return start if data[value : value + 1] == b"{" else -1
+
+
 def spliced_head(data: bytes) -> bytes | None:
     """The payload's fields before the body of data written by :func:`spliced_job_data`, as a JSON
     object (``{"eventId":…,"eventType":…,"receivedAt":…}``); None for data of any other form."""
-    if not (data.startswith(_SPLICED_HEAD) and data.endswith(_SPLICED_TAIL)):
-        return None
-    start = data.find(_SPLICED_BODY, len(_SPLICED_HEAD))
+    start = _spliced_body_at(data)
     if start < 0:
         return None
     return b'{"eventId":' + data[len(_SPLICED_HEAD) : start] + b"}"
@@ -184,9 +197,7 @@ def spliced_body(data: bytes) -> str | None:
     string, another and a number, and no JSON string can hold those bytes (a quote inside one is
     always escaped).
     """
-    if not (data.startswith(_SPLICED_HEAD) and data.endswith(_SPLICED_TAIL)):
-        return None
-    start = data.find(_SPLICED_BODY, len(_SPLICED_HEAD))
+    start = _spliced_body_at(data)
     if start < 0:
         return None
     try:

@@ -46,6 +46,7 @@ from core.errors import (
     TransientError,
 )
 from core.events import VEHICLE_ID_PATTERN
+from core.logs import get_logger
 from core.smartcar.limiter import OverBudget
 from core.smartcar.tokens import AppTokenProvider, retry_after_seconds
 
@@ -85,6 +86,8 @@ class RequestGate(Protocol):
     ) -> None:
         """Smartcar answered this request 429 (``error_code`` as it said, ``Retry-After`` in seconds)."""
 
+
+log = get_logger("smartcar_ingest.smartcar")
 
 #: The wait before the first retry of a transient failure (stamina's first backoff step).
 FIRST_RETRY_WAIT_SECONDS = 0.2
@@ -242,6 +245,8 @@ class SmartcarClient:
                     pause = FIRST_RETRY_WAIT_SECONDS
                 if time.monotonic() - started + pause >= self._budget:
                     raise
+                # The first retry's line; stamina logs later ones (stamina.retry_scheduled).
+                log.warning("smartcar call will be retried", endpoint=endpoint, error=type(exc).__name__, waitFor=pause)
             await asyncio.sleep(pause)
             attempts, left = attempts - 1, self._budget - (time.monotonic() - started)
         first = stamina.is_testing()
