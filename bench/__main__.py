@@ -13,7 +13,7 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import ingest, memory, worker
+from bench import ingest, memory, steady, worker
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 
@@ -36,7 +36,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--seconds", type=int, default=10, help="measurement time per server (ingest)")
-    parser.add_argument("--only", choices=["ingest", "worker", "fleet", "memory"], help="run one benchmark")
+    parser.add_argument("--only", choices=["ingest", "worker", "fleet", "memory", "steady"], help="run one benchmark")
     parser.add_argument(
         "--bodies",
         nargs="+",
@@ -47,6 +47,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--rate", type=int, default=1000, help="ingest: the requests/s offered to every server for latency"
+    )
+    parser.add_argument(
+        "--steady-minutes", type=float, default=10.0, help="steady: how long one worker is fed 80 deliveries/s"
     )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/performance.md alone")
     args = parser.parse_args()
@@ -79,6 +82,11 @@ def main() -> None:
         sections.append(
             "### Redis memory per event, default settings (7-day dedupe): `MEMORY USAGE` of what each event "
             "leaves, with the previous version beside it\n\n" + memory.table(marks, pipeline)
+        )
+    if args.only in (None, "steady"):
+        sections.append(
+            f"### Worker memory through a steady load: {args.steady_minutes:g} minutes at 80 fleet-mix deliveries/s, "
+            "one worker at the defaults, emulator at 100 ms\n\n" + steady.table(steady.run(args.steady_minutes, 80.0))
         )
     text = "\n\n".join(sections)
     print("\n" + text)
