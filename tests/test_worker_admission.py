@@ -63,3 +63,18 @@ def test_refusal_reasons(redis_client):
     assert refusal_reason(queue.enqueue(PROCESS_EVENT, {}, {})) is not None
     assert refusal_reason(queue.enqueue(PROCESS_EVENT, payload={})) is not None
     assert refusal_reason(queue.enqueue(PROCESS_EVENT, {"eventId": "e"})) is None
+
+
+def test_a_job_hash_rq_cannot_load_is_refused_and_the_worker_goes_on(pipeline, redis_client):
+    """Anyone who can write to Redis can queue a hash RQ cannot even restore (here a created_at that
+    is not a time): it goes to the failed registry, left as found, and the next job still runs."""
+    redis_client.hset(Job.key_for("unloadable"), mapping={"created_at": "not a time", "data": "{"})
+    redis_client.rpush(f"rq:queue:{pipeline.ingest_queue}", "unloadable")
+    event = sample_event()
+    queue = Queue(pipeline.ingest_queue, connection=redis_client, serializer=JSONSerializer)
+    queue.enqueue(PROCESS_EVENT, job_payload(event["eventId"], "VEHICLE_STATE", encode(event).decode(), 0))
+    run_worker_burst(pipeline)
+    assert "unloadable" in FailedJobRegistry(pipeline.ingest_queue, connection=redis_client).get_job_ids()
+    assert redis_client.hget(Job.key_for("unloadable"), "status") == b"failed"
+    assert redis_client.hget(Job.key_for("unloadable"), "data") == b"{"
+    assert [entry["event_id"] for entry in outputs(redis_client)] == [event["eventId"]]

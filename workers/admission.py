@@ -16,6 +16,7 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from core.redis.jobs import PROCESS_EVENT
+from workers.batch import Held
 
 #: How long a refused job stays in the failed registry for an operator to look at.
 REFUSED_JOB_TTL_SECONDS = 7 * 24 * 3600
@@ -70,3 +71,14 @@ def refuse_unreadable(connection: redis.Redis, queue: Queue, job_id: str, dequeu
         pipe.zadd(registry.key, {job_id: time.time() + REFUSED_JOB_TTL_SECONDS})
         pipe.hset(Job.key_for(job_id), "status", JobStatus.FAILED.value)
         pipe.execute()
+
+
+def refuse_claimed(connection: redis.Redis, queue: Queue, held: Held, reason: str, dequeued: str) -> None:
+    """Refuse a job this worker claimed: :func:`refuse`, or :func:`refuse_unreadable` when its hash
+    cannot even be loaded as an RQ job."""
+    try:
+        job = held.job(connection)
+    except Exception:
+        refuse_unreadable(connection, queue, held.job_id, dequeued)
+        return
+    refuse(connection, queue, job, reason, dequeued)

@@ -49,7 +49,7 @@ from core.redis.clients import rq_redis, worker_redis
 from core.redis.memory import warn_without_maxmemory
 from core.redis.outage import redis_unavailable, until_redis_answers, until_redis_answers_async
 from workers import runtime
-from workers.admission import refuse
+from workers.admission import refuse_claimed
 from workers.batch import Bookkeeping, Held, Success
 from workers.drill import DRILL_HALT_ENV, DrillHalt
 from workers.housekeeping import Housekeeping, WorkerLog, awaiting, report_crash
@@ -209,7 +209,7 @@ class AsyncWorker:
             self.house.busy()
 
     def _refuse(self, held: Held, reason: str) -> None:
-        refuse(self.connection, self.queue, held.job(self.connection), reason, self.books.dequeued_key)
+        refuse_claimed(self.connection, self.queue, held, reason, self.books.dequeued_key)
         log.error("refused a job that is not an ingest job", jobId=held.job_id, reason=reason)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
