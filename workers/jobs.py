@@ -55,8 +55,8 @@ def read_payload(value: object, data: bytes | None = None) -> JobPayload:
 async def run_event(
     payload: JobPayload, final_attempt: bool, budget_seconds: float, check_published: bool = True
 ) -> dict[str, Any]:
-    """Process one checked payload on the running loop (see :mod:`workers.processor`); the
-    worker's own path, and the body of :func:`process_event`.
+    """Process one checked payload on the running loop with the installed runtime (see
+    :mod:`workers.processor`): the worker's own path.
 
     A transient failure is raised so that RQ re-runs the job; on RQ's last attempt
     (``final_attempt``) the event is parked instead. The lookup and the Smartcar calls get at most
