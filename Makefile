@@ -7,7 +7,7 @@ ifeq ($(UV),)
 UV := python3 -m uv
 endif
 
-.PHONY: all install run test lint format bench soak image chart clean tools dashboard dashboard-image
+.PHONY: all install run test lint format bench bench-tools soak image chart clean tools dashboard dashboard-image
 
 ## tools: make sure uv, redis-server and promtool (which checks the chart's alert rules) exist on a fresh machine.
 tools:
@@ -41,8 +41,14 @@ format: install
 	$(UV) run --frozen ruff format .
 	$(UV) run --frozen ruff check --fix .
 
+## bench-tools: the load generator the ingest benchmark drives (wrk), from Debian's packages.
+bench-tools:
+	@command -v wrk >/dev/null 2>&1 || { \
+		echo "wrk not found: installing it from Debian's packages"; \
+		apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+
 ## bench: benchmarks with their baselines side by side.
-bench: install
+bench: install bench-tools
 	$(UV) run --frozen python -m bench
 
 ## soak: ten minutes of traffic while workers and Redis are killed and restarted, reporting

@@ -1,9 +1,11 @@
 """Where the web process spends its CPU under load: py-spy on the live server while wrk posts deliveries.
 
     python -m bench.profile_ingest [--bodies fleet|small|sample] [--seconds 10] [--server app|web]
+                                   [--paced RPS]
 
 One web process, one Redis with AOF, wrk (one thread, 32 connections) posting unique signed
-deliveries, as in ``python -m bench --only ingest``; py-spy samples the server while wrk runs. It
+deliveries, as in ``python -m bench --only ingest`` (as fast as answered, or ``--paced`` at a
+fixed offered rate, where nothing is batched); py-spy samples the server while wrk runs. It
 pauses the server for each sample (a few per cent of its time at the default rate): without that
 (``--nonblocking``) a stack is read while it changes, and a leaf often sits under a caller it
 was never called from. Printed: the CPU per request read from
@@ -108,6 +110,9 @@ def main() -> None:
         default="app",
         help="our app under plain uvicorn, `smartcar-ingest web`, or bare Starlette (to see what it pays too)",
     )
+    parser.add_argument(
+        "--paced", type=int, metavar="RPS", help="offer this many requests per second instead of saturating"
+    )
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=20, help="frames listed per table")
     parser.add_argument("--native", action="store_true", help="include C and Rust frames (py-spy --native)")
@@ -135,7 +140,7 @@ def main() -> None:
             perf = _perf_record(server.pid, perf_data, args.seconds) if args.perf else None
             time.sleep(1)  # py-spy attaches
             before = cpu_seconds(server.pid)
-            stats = wrk(port, args.seconds, bodies)
+            stats = wrk(port, args.seconds, bodies, args.paced)
             cpu = cpu_seconds(server.pid) - before
             spy.wait()
             if perf is not None:

@@ -14,7 +14,8 @@ from core.errors import PARK_REASONS
 
 DELIVERIES = Counter(
     "smartcar_ingest_deliveries",
-    "Webhook deliveries by outcome (accepted, duplicate, verify, parked_<reason>, rejected_<code>, unavailable).",
+    "Webhook deliveries by outcome (accepted, duplicate, verify, parked_<reason>, rejected_<code>, unavailable, "
+    "spooled, spool_full, internal_error).",
     ["outcome"],
 )
 

@@ -14,13 +14,14 @@ import contextlib
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from core.config import Settings, load_settings
 from core.errors import ConfigurationError
@@ -38,6 +39,33 @@ from service.spool import Spool
 from service.webhooks import WebhookConfig, WebhookEndpoint
 
 log = get_logger("smartcar_ingest.app")
+
+
+WEBHOOK_PATH = "/webhooks/smartcar"
+
+
+class IngestApp(Starlette):
+    """Starlette, with the webhook's deliveries handed straight to their endpoint.
+
+    Nearly every request this app serves is ``POST /webhooks/smartcar``. Through Starlette it
+    passes two middlewares and the router, each a frame it is resumed through after every
+    await, and each ``send`` through two more wrappers: about 30 µs of a 120 µs delivery in
+    ``bench/``'s measurement. That request goes to the endpoint directly; every other request,
+    the webhook with another method or under a ``root_path`` included, goes through Starlette as
+    before, where the same endpoint is routed too. Nothing is lost by the shortcut: the endpoint
+    turns any error of its own into the 503 Starlette's handler would send
+    (:meth:`WebhookEndpoint.__call__`), and reads nothing Starlette adds to the scope.
+    """
+
+    def __init__(self, webhook: WebhookEndpoint, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._webhook = webhook
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == WEBHOOK_PATH and scope["method"] == "POST":
+            await self._webhook(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
 
 
 class State(TypedDict):
@@ -129,9 +157,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await redis.connection_pool.disconnect()
             await connect.aclose()
 
-    return Starlette(
+    return IngestApp(
+        endpoint,
         routes=[
-            Route("/webhooks/smartcar", endpoint, methods=["POST"]),
+            Route(WEBHOOK_PATH, endpoint, methods=["POST"]),
             Route("/healthz", health.healthz, methods=["GET"]),
             *connect.routes(),
         ],

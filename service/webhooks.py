@@ -37,6 +37,7 @@ from core.errors import InvalidPayload, LegacyPayload, MalformedBody, PermanentE
 from core.logs import get_logger
 from core.redis.inbox import Inbox
 from core.signatures import answer_challenge, is_token_like, verify_signature
+from service.deadlines import Deadlines
 from service.responses import error_body
 from service.spool import Spool, SpooledDelivery, SpoolFull
 
@@ -51,68 +52,6 @@ _CONTENT_LENGTH = b"content-length"
 
 _OUTCOME_ACCEPTED = metrics.DELIVERIES.labels(outcome="accepted")
 _OUTCOME_DUPLICATE = metrics.DELIVERIES.labels(outcome="duplicate")
-
-
-class Deadlines:
-    """The deadlines of many requests on one timer: ``asyncio.timeout`` for the price of a dict entry.
-
-    ``asyncio.timeout`` schedules and cancels a timer handle and runs several Python methods per
-    use (3.7 µs measured on the benchmark machine; a delivery needs two: its body, then Redis).
-    Here a request registers its task with the time it must be done by, and one callback, run
-    every ``tick`` seconds while any request is registered, cancels each task whose time has
-    passed. The task sees :class:`asyncio.CancelledError` where it waits, as under
-    ``asyncio.timeout``, and :meth:`timed_out` tells that apart from any other cancellation. A
-    deadline fires up to ``tick`` after its time, so :meth:`start` registers ``seconds - tick``:
-    a wait given ``seconds`` ends between ``seconds - tick`` and ``seconds`` after it started.
-    """
-
-    def __init__(self, tick: float = 0.05) -> None:
-        self._tick = tick
-        #: Registered tasks: when they must be done by, and how many cancellations they had then.
-        self._due: dict[asyncio.Task[Any], tuple[float, int]] = {}
-        #: Tasks cancelled by their deadline, not yet told (:meth:`timed_out`).
-        self._fired: dict[asyncio.Task[Any], int] = {}
-        #: The loop the sweep runs on (None while no request is registered).
-        self._armed: asyncio.AbstractEventLoop | None = None
-
-    def start(self, seconds: float, task: asyncio.Task[Any] | None = None) -> asyncio.Task[Any]:
-        """Give ``task`` (by default the current one) ``seconds`` (less one tick) to finish what it
-        waits for next; returns the task, for :meth:`timed_out` and :meth:`stop`."""
-        if task is None:
-            task = asyncio.current_task()
-            assert task is not None, "a deadline belongs to a task"
-        loop = task.get_loop()
-        self._due[task] = (loop.time() + max(0.0, seconds - self._tick), task.cancelling())
-        if self._armed is not loop:
-            self._armed = loop
-            loop.call_later(self._tick, self._sweep, loop)
-        return task
-
-    def stop(self, task: asyncio.Task[Any]) -> None:
-        """The wait is over: forget ``task``'s deadline (whether or not it fired)."""
-        self._due.pop(task, None)
-        self._fired.pop(task, None)
-
-    def timed_out(self, task: asyncio.Task[Any]) -> bool:
-        """In an ``except CancelledError``: True when the cancellation is the deadline's alone (it
-        is then withdrawn, as ``asyncio.timeout`` does); False when it must propagate."""
-        cancelling = self._fired.pop(task, None)
-        return cancelling is not None and task.uncancel() <= cancelling
-
-    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
-        if loop is not self._armed:
-            return  # the endpoint moved to another loop (tests), which runs its own sweep
-        now = loop.time()
-        late = [task for task, (due, _) in self._due.items() if due <= now or task.get_loop() is not loop]
-        for task in late:
-            _, cancelling = self._due.pop(task)
-            if task.get_loop() is loop:
-                self._fired[task] = cancelling
-                task.cancel()
-        if self._due:
-            loop.call_later(self._tick, self._sweep, loop)
-        else:
-            self._armed = None
 
 
 class BodyTooLarge(Exception):
@@ -172,7 +111,10 @@ class WebhookEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        answer = await self._handle(scope, receive)
+        try:
+            answer = await self._handle(scope, receive)
+        except Exception as exc:  # a bug must not become a 500, nor lose the delivery: Smartcar retries a 503
+            answer = self._internal_error(exc)
         await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
         await send({"type": "http.response.body", "body": answer.body})
         metrics.REQUEST_SECONDS.observe(time.perf_counter() - started)
@@ -380,6 +322,15 @@ class WebhookEndpoint:
         metrics.DELIVERIES.labels(outcome="rejected_" + code).inc()
         log.info("delivery rejected", status=status, code=code)
         return _error(status, code, message)
+
+    def _internal_error(self, exc: Exception) -> Answer:
+        """The answer to an error of the endpoint's own: what ``service.responses.unexpected_exception``
+        answers for every other route (the webhook is served outside Starlette's handlers)."""
+        metrics.DELIVERIES.labels(outcome="internal_error").inc()
+        log.error("unhandled error", path="/webhooks/smartcar", error=type(exc).__name__, exc_info=exc)
+        return _error(
+            503, "internal_error", "The request could not be handled; retry later.", headers=_UNAVAILABLE_HEADERS
+        )
 
     def _unavailable(self, event_id: str | None, exc: BaseException) -> Answer:
         metrics.DELIVERIES.labels(outcome="unavailable").inc()

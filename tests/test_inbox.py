@@ -16,7 +16,7 @@ from rq.utils import utcparse
 
 from cli.samples import encode, sample_event
 from core.redis.dedupe import event_marks
-from core.redis.inbox import GroupCommitter, Inbox
+from core.redis.inbox import DirectScript, GroupCommitter, Inbox
 from core.redis.jobs import (
     PROCESS_EVENT,
     RETRY_INTERVALS,
@@ -27,6 +27,7 @@ from core.redis.jobs import (
     job_payload,
 )
 from core.redis.keys import job_id_for
+from tests.procs import RedisServer
 
 OPTIONS = JobOptions(queue="smartcar-events", timeout_seconds=90, retries=3)
 
@@ -161,3 +162,82 @@ def test_group_commit_failure_reaches_every_waiter(redis_url):
 
     outcomes = asyncio.run(scenario())
     assert all(isinstance(o, RedisConnectionError | OSError) for o in outcomes)
+
+
+# --- the enqueue script's own connection ------------------------------------------------------
+
+
+def test_the_script_is_loaded_again_when_redis_has_forgotten_it(redis_url):
+    """After ``SCRIPT FLUSH`` (what a restart does to the script cache) the next call still runs."""
+
+    async def scenario() -> list[object]:
+        redis = AsyncRedis.from_url(redis_url)
+        try:
+            script = DirectScript(redis, "return {KEYS[1], ARGV[1]}")
+            first = await script(["k"], ["a"])
+            await redis.script_flush()
+            assert await redis.script_exists(script.sha) == [False]
+            second = await script(["k"], [b"b"])
+            assert await redis.script_exists(script.sha) == [True]
+            return [first, second]
+        finally:
+            await redis.aclose()
+
+    assert asyncio.run(scenario()) == [[b"k", b"a"], [b"k", b"b"]]
+
+
+def test_a_connection_redis_closed_is_replaced_on_the_next_call(redis_url, redis_client):
+    """Redis closing the script's connection (a restart, an idle timeout) costs no failed call."""
+
+    async def scenario() -> list[object]:
+        redis = AsyncRedis.from_url(redis_url)
+        try:
+            script = DirectScript(redis, "return ARGV[1]")
+            answers = [await script([], ["before"])]
+            (connection,) = script.connections
+            await connection.send_command("CLIENT", "ID")
+            assert redis_client.client_kill_filter(_id=await connection.read_response()) == 1
+            answers.append(await script([], ["after"]))
+            return answers
+        finally:
+            await redis.aclose()
+
+    assert asyncio.run(scenario()) == [b"before", b"after"]
+
+
+def test_a_call_that_times_out_closes_its_connection_and_the_next_one_works():
+    """A Redis that stops answering (SIGSTOP) fails the call within the client's socket timeout;
+    the connection, in an unknown state, is closed, and once Redis answers the next call runs."""
+    import signal
+    import time
+
+    private_redis = RedisServer()
+    private_redis.start()
+
+    async def scenario() -> tuple[float, object]:
+        redis = AsyncRedis.from_url(private_redis.url, socket_timeout=0.3)
+        try:
+            script = DirectScript(redis, "return ARGV[1]")
+            assert await script([], ["warm"]) == b"warm"
+            private_redis.process.send_signal(signal.SIGSTOP)
+            started = time.monotonic()
+            try:
+                await script([], ["frozen"])
+            except TimeoutError:
+                elapsed = time.monotonic() - started
+            else:
+                raise AssertionError("a frozen Redis answered")
+            finally:
+                private_redis.process.send_signal(signal.SIGCONT)
+            (connection,) = script.connections
+            assert not connection.is_connected
+            return elapsed, await script([], ["thawed"])
+        finally:
+            await redis.aclose()
+
+    try:
+        elapsed, answer = asyncio.run(scenario())
+    finally:
+        private_redis.stop()
+    assert elapsed < 5  # bounded by the socket timeout, far from a hang
+    assert answer == b"thawed"

@@ -17,21 +17,27 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import redis.asyncio
 from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from starlette.exceptions import HTTPException
+from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from cli.samples import encode, sample_event
 from core.config import Settings
 from core.errors import InvalidJob
 from core.redis.dedupe import event_marks, recall
-from core.redis.jobs import job_payload, spliced_job_data
+from core.redis.inbox import Inbox
+from core.redis.jobs import JobOptions, job_payload, spliced_job_data
 from core.redis.keys import job_id_for
 from core.signatures import answer_challenge
 from service.admin import create_admin_app
-from service.app import create_app
-from service.webhooks import Deadlines
+from service.app import WEBHOOK_PATH, IngestApp, create_app
+from service.deadlines import Deadlines
+from service.responses import http_exception, unexpected_exception
+from service.webhooks import WebhookConfig, WebhookEndpoint
 from tests.conftest import OLD_TOKEN, TOKEN, fixture_paths, load_fixture, signed_headers
 from tests.contracts import check_parked_entry
 from tests.procs import LiveServer
@@ -382,6 +388,38 @@ def test_other_methods_and_paths_get_json_errors(client):
     """GET on the webhook and unknown paths answer in the error shape."""
     assert_error(client.get(URL), 405, "method_not_allowed")
     assert_error(client.get("/nope"), 404, "not_found")
+
+
+class BrokenInbox(Inbox):
+    """An inbox with a bug: every accept raises an error that is not Redis's."""
+
+    async def accept(self, event_id: str, event_type: str, body: bytes | str, received_at_ms: int) -> bool:
+        raise RuntimeError("a bug, not an outage")
+
+
+@pytest.mark.parametrize("root_path", ["", "/behind-a-proxy"])
+def test_an_error_of_the_endpoint_itself_is_a_503_never_a_500(settings, root_path, capsys):
+    """A bug in the endpoint answers 503 internal_error with Retry-After (Smartcar retries it), on
+    the direct dispatch of POST /webhooks/smartcar and through Starlette's router alike (a
+    root_path sends the request the Starlette way), and logs the error."""
+    endpoint = WebhookEndpoint(
+        WebhookConfig(tokens=(TOKEN.encode(),), max_body_bytes=settings.max_body_bytes, redis_deadline_seconds=0.9),
+        BrokenInbox(redis.asyncio.Redis.from_url(settings.redis_url), JobOptions("q"), "parked", 60),
+    )
+    app = IngestApp(
+        endpoint,
+        routes=[Route(WEBHOOK_PATH, endpoint, methods=["POST"])],
+        exception_handlers={HTTPException: http_exception, Exception: unexpected_exception},
+    )
+    document = sample_event()
+    with TestClient(app, root_path=root_path, raise_server_exceptions=False) as test_client:
+        response = post(test_client, document)
+        assert_error(response, 503, "internal_error")
+        assert response.headers["retry-after"].isdigit()
+        assert_error(test_client.get(URL), 405, "method_not_allowed")
+    logged = capsys.readouterr().out
+    assert "unhandled error" in logged
+    assert "RuntimeError" in logged
 
 
 # --- health ------------------------------------------------------------------------------------
