@@ -49,6 +49,9 @@ def main() -> None:
         "--rate", type=int, default=1000, help="ingest: the requests/s offered to every server for latency"
     )
     parser.add_argument(
+        "--rounds", type=int, default=3, help="ingest: how many times the servers take turns (the median is reported)"
+    )
+    parser.add_argument(
         "--steady-minutes", type=float, default=10.0, help="steady: how long one worker is fed 80 deliveries/s"
     )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/performance.md alone")
@@ -56,7 +59,9 @@ def main() -> None:
     sections = [f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}."]
     if args.only in (None, "ingest"):
         for mix in args.bodies:
-            sections.append(ingest.report(ingest.run(seconds=args.seconds, mix=mix, rate=args.rate)))
+            sections.append(
+                ingest.report(ingest.run(seconds=args.seconds, mix=mix, rate=args.rate, rounds=args.rounds))
+            )
     worker_results: list[worker.WorkerResult] = []
     if args.only in (None, "worker"):
         worker_results = worker.run()

@@ -8,10 +8,12 @@ fresh eventId and deliveredAt), the 1.9 KB capture alone, or the ~1 KB synthetic
 CPU time per request is read from the server's own /proc/PID/stat, because on two cores wrk and
 Redis share the machine.
 
-Each server is measured twice: saturated (every connection sends as soon as it is answered:
-throughput and CPU per request), then at the same offered rate for all (``RATE`` in the wrk
-script: latency at the same load, which a saturated run cannot compare, since each server then
-runs at its own rate).
+Each server is measured twice per round: saturated (every connection sends as soon as it is
+answered: throughput and CPU per request), then at the same offered rate for all (``RATE`` in the
+wrk script: latency at the same load, which a saturated run cannot compare, since each server
+then runs at its own rate). The servers take turns for three rounds by default, and each table
+row is the server's round with the median CPU per request: this machine's neighbours move one
+server's figure by up to 25 % from one run to the next.
 """
 
 from __future__ import annotations
@@ -228,37 +230,64 @@ def body_file(mix: str, unique_bodies: int) -> Iterator[tuple[Path, int]]:
 
 @dataclass
 class IngestRun:
-    """One body set through every server: saturated, then at ``rate`` requests per second."""
+    """One body set through every server, in ``rounds`` rounds: saturated, then at ``rate``
+    requests per second. ``saturated[i]`` and ``paced[i]`` hold server ``i``'s result in each round."""
 
     mix: str
     mean_size: int
     rate: int
-    saturated: list[IngestResult]
-    paced: list[IngestResult]
+    saturated: list[list[IngestResult]]
+    paced: list[list[IngestResult]]
 
 
-def run(seconds: int = 10, mix: str = "fleet", rate: int = 1000) -> IngestRun:
-    """Each server in turn on the same bodies, saturated and then at ``rate`` requests per second."""
+def run(seconds: int = 10, mix: str = "fleet", rate: int = 1000, rounds: int = 3) -> IngestRun:
+    """Each server in turn on the same bodies, saturated and then at ``rate`` requests per second;
+    the whole sequence ``rounds`` times, so a disturbance of the machine during one server's turn
+    (other tenants of the host) moves one round, not the reported figure."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
     with body_file(mix, BODIES_PER_SECOND[mix] * seconds) as (bodies, mean_size), redis_with_aof() as server:
-        saturated, paced = [], []
-        for name, factory in SERVERS:
-            print(f"ingest ({mix}): {name}…", file=sys.stderr)
-            fastest, at_rate = run_server(name, factory, server.url, bodies, seconds, rate)
-            saturated.append(fastest)
-            paced.append(at_rate)
+        saturated: list[list[IngestResult]] = [[] for _ in SERVERS]
+        paced: list[list[IngestResult]] = [[] for _ in SERVERS]
+        for round_number in range(1, rounds + 1):
+            for i, (name, factory) in enumerate(SERVERS):
+                print(f"ingest ({mix}, round {round_number}/{rounds}): {name}…", file=sys.stderr)
+                fastest, at_rate = run_server(name, factory, server.url, bodies, seconds, rate)
+                saturated[i].append(fastest)
+                paced[i].append(at_rate)
         return IngestRun(mix, mean_size, rate, saturated, paced)
+
+
+def median_result(results: list[IngestResult]) -> IngestResult:
+    """The result of the round with the median CPU per request (the lower middle of an even count)."""
+    return sorted(results, key=lambda r: r.cpu_us_per_request)[(len(results) - 1) // 2]
 
 
 def report(ingest: IngestRun) -> str:
     """The two tables of a run, under a heading naming the body set."""
     what = BODY_SETS[ingest.mix][1]
+    rounds = len(ingest.saturated[0])
     return (
         f"### Ingest: one web process, wrk -t1 -c32, unique signed deliveries ({what}, mean {ingest.mean_size:,} B)\n\n"
-        f"Saturated (each server as fast as it answers):\n\n{table(ingest.saturated)}\n\n"
-        f"At the same load ({ingest.rate:,} requests/s offered to each):\n\n{table(ingest.paced)}"
+        f"Each row is the server's round with the median CPU per request, of {rounds} rounds in which "
+        "the four servers took turns.\n\n"
+        f"Saturated (each server as fast as it answers):\n\n{rounds_table(ingest.saturated)}\n\n"
+        f"At the same load ({ingest.rate:,} requests/s offered to each):\n\n{rounds_table(ingest.paced)}"
     )
+
+
+def rounds_table(by_server: list[list[IngestResult]]) -> str:
+    """:func:`table` of each server's median round, then each round's CPU ratios to bare Starlette."""
+    text = table([median_result(results) for results in by_server])
+    if len(by_server[0]) > 1:
+        bare = by_server[0]
+        for results in by_server[2:]:
+            ratios = ", ".join(
+                f"{ours.cpu_us_per_request / base.cpu_us_per_request:.2f}x"
+                for ours, base in zip(results, bare, strict=True)
+            )
+            text += f"\n\nCPU vs bare in each round, {results[0].name}: {ratios}."
+    return text
 
 
 def table(results: list[IngestResult]) -> str:

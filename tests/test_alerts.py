@@ -105,6 +105,17 @@ def test_recommended_alerts_follow_their_values_and_name_a_runbook_section():
     )
 
 
+def test_every_alert_links_its_runbook_section():
+    """Each alert of the rule file, not only Smartcar's five, links a section docs/reliability.md has."""
+    alerts = _by_alert(_rules())
+    headings = re.findall(r"^#{2,4} (.+)$", (ROOT / "docs" / "reliability.md").read_text(), re.MULTILINE)
+    anchors = {re.sub(r"[^a-z0-9 _-]", "", heading.lower()).replace(" ", "-") for heading in headings}
+    assert len(alerts) == 16
+    for name, rule in alerts.items():
+        assert rule["annotations"].get("runbook_url") == f"docs/reliability.md#{name.lower()}", name
+        assert name.lower() in anchors, name
+
+
 def test_no_alert_labels_by_vehicle_or_event():
     """No rule groups or filters by a vehicle, user or event id: every label stays bounded."""
     for rule in _by_alert(_rules()).values():
@@ -293,6 +304,58 @@ def _unit_tests(alerts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             ],
         },
     ]
+
+
+def _refusal_tests(alerts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every 503 the webhook answers counts as a failed delivery, whichever its outcome label."""
+    ns = 'namespace="smartcar"'
+    tests = []
+    for outcome in ("unavailable", "spool_full", "internal_error"):
+        tests.append(
+            {  # silent for 10 minutes, then one 503 a minute: 5 in 5 minutes, past the 3 of the rule
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": f'smartcar_ingest_deliveries_total{{{ns},pod="web-1",outcome="{outcome}"}}',
+                        "values": "0x10 0+1x10",
+                    },
+                    {
+                        "series": f'smartcar_ingest_deliveries_total{{{ns},pod="web-1",outcome="accepted"}}',
+                        "values": "0+100x20",
+                    },
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "9m", "alertname": "SmartcarIngestWebhookFailing", "exp_alerts": []},
+                    {
+                        "eval_time": "18m",
+                        "alertname": "SmartcarIngestWebhookFailing",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": _labels("SmartcarIngestWebhookFailing", "critical"),
+                                "exp_annotations": _annotations(
+                                    alerts,
+                                    "SmartcarIngestWebhookFailing",
+                                    "5 deliveries were answered 503 in 5 minutes. Smartcar retries each 3 times "
+                                    "over about 3 minutes, then drops it.",
+                                ),
+                            }
+                        ],
+                    },
+                ],
+            }
+        )
+    return tests
+
+
+@needs_promtool
+def test_every_503_the_webhook_answers_counts_as_a_failed_delivery(tmp_path: Path):
+    """`promtool test rules`: 503s for Redis, a full spool or a bug each fire SmartcarIngestWebhookFailing."""
+    groups = _rules()
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+    tests = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": _refusal_tests(_by_alert(groups))}
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests, width=1000))
+    result = _promtool("test", "rules", "tests.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @needs_promtool

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import zlib
 
+import pytest
 from redis.asyncio import Redis as AsyncRedis
 from rq import Queue, Retry
 from rq.job import Job
@@ -241,3 +242,25 @@ def test_a_call_that_times_out_closes_its_connection_and_the_next_one_works():
         private_redis.stop()
     assert elapsed < 5  # bounded by the socket timeout, far from a hang
     assert answer == b"thawed"
+
+
+def test_an_error_reply_reaches_the_caller_and_keeps_the_connection(redis_url):
+    """A script's error reply (what an out-of-memory Redis sends) is raised as Redis's error; the
+    answer was read whole, so the connection stays open for the next call."""
+    from redis.exceptions import OutOfMemoryError
+
+    async def scenario() -> object:
+        redis = AsyncRedis.from_url(redis_url)
+        try:
+            script = DirectScript(redis, "if ARGV[1] == 'fail' then return redis.error_reply('OOM test') end return 1")
+            assert await script([], ["ok"]) == 1
+            (connection,) = script.connections
+            with pytest.raises(OutOfMemoryError, match=r"^test$"):
+                await script([], ["fail"])
+            assert script.connections == [connection]
+            assert connection.is_connected
+            return await script([], ["ok"])
+        finally:
+            await redis.aclose()
+
+    assert asyncio.run(scenario()) == 1

@@ -20,7 +20,6 @@ the queue gauges).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from core.events.model import VehicleEvent
 from core.logs import get_logger
+from core.redis.gathered import Gathered
 from core.redis.keys import fleet_key
 
 log = get_logger("smartcar_ingest.fleet")
@@ -59,15 +59,14 @@ def _buckets(now: float) -> range:
     return range(current - WINDOW_SECONDS // BUCKET_SECONDS, current + 1)
 
 
-class FleetActivity:
+class FleetActivity(Gathered):
     """The workers' side: gathers each processed event's vehicle in memory and adds them to the
     buckets once every :data:`FLUSH_SECONDS`, in one round trip (one ``PFADD`` per bucket and kind)."""
 
     def __init__(self, redis: AsyncRedis, flush_seconds: float = FLUSH_SECONDS) -> None:
+        super().__init__(flush_seconds)
         self._redis = redis
-        self._flush_seconds = flush_seconds
         self._pending: dict[tuple[str, int], set[str]] = {}
-        self._flusher: asyncio.Task[None] | None = None
 
     async def note(self, event: VehicleEvent, now: float | None = None) -> None:
         """Count ``event``'s vehicle as active in the current bucket, and as in error when
@@ -75,12 +74,7 @@ class FleetActivity:
         bucket = int((time.time() if now is None else now) // BUCKET_SECONDS)
         for kind in (ACTIVE, IN_ERROR) if in_error(event) else (ACTIVE,):
             self._pending.setdefault((kind, bucket), set()).add(event.vehicle.id)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_soon())
-
-    async def _flush_soon(self) -> None:
-        await asyncio.sleep(self._flush_seconds)
-        await self.flush()
+        self._write_soon()
 
     async def flush(self) -> None:
         """Write what was gathered. A statistic, not data: a Redis failure is logged and the
@@ -98,12 +92,6 @@ class FleetActivity:
             log.warning(
                 "fleet activity not counted", error=type(exc).__name__, vehicles=sum(map(len, pending.values()))
             )
-
-    async def aclose(self) -> None:
-        """Write what is pending (at shutdown)."""
-        if self._flusher is not None and not self._flusher.done():
-            self._flusher.cancel()
-        await self.flush()
 
 
 @dataclass(frozen=True)

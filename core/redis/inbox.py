@@ -24,7 +24,7 @@ import hiredis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from rq.job import Job
 from rq.queue import Queue
 from rq.utils import now, utcformat
@@ -85,8 +85,8 @@ class DirectScript:
     A connection Redis closed (a restart, an idle timeout) is met on its first use: the call is
     then made once more on a fresh connection, as the client's retry policy does, with the
     script's text (``EVAL``), since after a restart Redis has also forgotten the script.
-    Anything else, a timeout or a cancellation included, closes the connection (its state is
-    unknown) and propagates. A call that failed may still have run, so the script must be safe to run twice.
+    An error reply (Redis out of memory, say) propagates; anything else, a timeout or a
+    cancellation included, also closes the connection (its state is unknown). A call that failed may still have run, so the script must be safe to run twice.
     """
 
     def __init__(self, redis: AsyncRedis, script: str) -> None:
@@ -107,6 +107,8 @@ class DirectScript:
                 pass
             # Once more, with the script's text: Redis caches it again (a restart forgets it).
             return await self._round_trip(connection, ("EVAL", self._script, len(keys), *keys, *args))
+        except ResponseError:
+            raise  # Redis answered (an error reply, OOM say): the connection is in order
         except BaseException:
             await connection.disconnect(nowait=True)
             raise

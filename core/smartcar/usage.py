@@ -17,7 +17,6 @@ lost if the process dies. Fields:
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import time
 from collections.abc import Mapping
@@ -26,12 +25,9 @@ from typing import Any
 
 import redis
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from core.logs import get_logger
+from core.redis.gathered import Gathered
 from core.redis.keys import text, usage_key
-
-log = get_logger("smartcar_ingest.reads")
 
 #: How long a minute's counts are kept; ``status`` sums the last hour.
 RETENTION_SECONDS = 2 * 3600
@@ -39,14 +35,15 @@ RETENTION_SECONDS = 2 * 3600
 FLUSH_SECONDS = 1.0
 
 
-class Usage:
+class Usage(Gathered):
     """Adds each event's counts to the current minute, in memory; :meth:`flush` writes them."""
 
+    failure_message = "could not record enrichment usage"
+
     def __init__(self, redis_client: Redis, flush_seconds: float = FLUSH_SECONDS) -> None:
+        super().__init__(flush_seconds)
         self._redis = redis_client
-        self._flush_seconds = flush_seconds
         self._pending: dict[int, collections.Counter[str]] = {}
-        self._flusher: asyncio.Task[None] | None = None
 
     async def record(
         self,
@@ -68,15 +65,7 @@ class Usage:
             counts[f"429:{scope}"] += count
         if waited_seconds > 0:
             counts["waitMs"] += int(waited_seconds * 1000)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_soon())
-
-    async def _flush_soon(self) -> None:
-        await asyncio.sleep(self._flush_seconds)
-        try:
-            await self.flush()
-        except (RedisError, OSError) as exc:  # the counts for `status` are not worth failing anything over
-            log.warning("could not record enrichment usage", error=type(exc).__name__)
+        self._write_soon()
 
     async def flush(self) -> None:
         """Write what was counted since the last flush (one pipeline)."""
@@ -90,12 +79,6 @@ class Usage:
                 pipe.hincrby(key, name, count)
             pipe.expire(key, RETENTION_SECONDS)
         await pipe.execute()
-
-    async def aclose(self) -> None:
-        """Flush what is pending (at shutdown)."""
-        if self._flusher is not None and not self._flusher.done():
-            self._flusher.cancel()
-        await self.flush()
 
 
 @dataclass
