@@ -6,27 +6,33 @@ For the fleet mix (the mean over the captured full-state deliveries, 1.9 to 16 K
 1.9 KB capture alone, in microseconds per delivery: the signature, the NaN/Infinity scan,
 pydantic-core's JSON parse with no fields to check (the floor of any validation with it), the
 edge's validation, the whole one-pass check, the job's data and the share of the packed script
-call. Served, each costs 10-30 % more (caches shared with the server and the kernel); the
+call; then the CPU of one script call as the edge makes it, beside redis-py's registered script,
+on a private Redis. Served, each costs 10-30 % more (caches shared with the server and the kernel); the
 rest of a delivery's CPU is the server's own (what bare Starlette pays), the endpoint's glue and
 the round trip to Redis: ``python -m bench.profile_ingest`` shows those under load.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import timeit
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import hiredis
 from pydantic_core import SchemaValidator
 from pydantic_core import core_schema as cs
+from redis.asyncio import Redis as AsyncRedis
 
 from bench.ingest import BODY_SETS, CAPTURED
 from core.events import quick_vehicle_event
 from core.events.parse import _may_hold_non_finite_literal
 from core.events.wire import EDGE_VALIDATOR
+from core.redis.inbox import DirectScript
 from core.redis.jobs import spliced_job_data
 from core.signatures import sign, verify_signature
+from tests.procs import RedisServer
 
 TOKEN = b"bench-management-token"
 #: A schema with nothing to check: what pydantic-core pays to read the JSON at all.
@@ -65,11 +71,51 @@ def parts(mix: str) -> dict[str, float]:
     }
 
 
+def script_calls(calls: int = 3000) -> dict[str, float]:
+    """CPU microseconds per call of a script given a batch's arguments (twelve 1.9 KB bodies), on a
+    private Redis: through redis-py's registered script (the baseline) and :class:`DirectScript`.
+    The CPU includes the kernel's work for this process's socket writes and reads."""
+    script = "return #ARGV"
+    args = [body for body in bodies("small") * 12][:12]
+    server = RedisServer()
+    server.start()
+
+    async def measure() -> dict[str, float]:
+        client = AsyncRedis.from_url(server.url, socket_timeout=0.5)
+        try:
+            calls_of: dict[str, Callable[[], Awaitable[object]]] = {}
+            registered = client.register_script(script)
+            direct = DirectScript(client, script)
+            calls_of["redis-py's registered script (baseline)"] = lambda: registered(keys=["k"], args=args)
+            calls_of["DirectScript (the edge's)"] = lambda: direct(["k"], args)
+            figures = {}
+            for name, call in calls_of.items():
+                for _ in range(100):  # warm: connections, script cache
+                    await call()
+                started = time.process_time()
+                for _ in range(calls):
+                    await call()
+                figures[name] = (time.process_time() - started) / calls * 1e6
+            return figures
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(measure())
+    finally:
+        server.cleanup()
+
+
 def main() -> None:
     fleet, small = parts("fleet"), parts("small")
     print("| part | fleet mix µs | 1.9 KB µs |\n|---|---:|---:|")
     for name in fleet:
         print(f"| {name} | {fleet[name]:.1f} | {small[name]:.1f} |")
+    figures = script_calls()
+    baseline = next(iter(figures.values()))
+    print("\n| one script call with twelve 1.9 KB bodies | CPU µs per call | vs baseline |\n|---|---:|---:|")
+    for name, micros in figures.items():
+        print(f"| {name} | {micros:.0f} | {micros / baseline:.2f}x |")
 
 
 if __name__ == "__main__":

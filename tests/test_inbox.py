@@ -264,3 +264,31 @@ def test_an_error_reply_reaches_the_caller_and_keeps_the_connection(redis_url):
             await redis.aclose()
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_a_connection_idle_past_the_health_check_interval_is_replaced(redis_url, redis_client):
+    """A connection left idle longer than the pool's health-check interval is not trusted (a NAT
+    may have dropped it silently): the next call runs on a new one; a busy one is kept."""
+
+    async def client_id(script: DirectScript) -> int:
+        (connection,) = script.connections
+        await connection.send_command("CLIENT", "ID")
+        return int(await connection.read_response())
+
+    async def scenario() -> tuple[int, int, int]:
+        redis = AsyncRedis.from_url(redis_url, health_check_interval=0.3)
+        try:
+            script = DirectScript(redis, "return 1")
+            await script([], [])
+            first = await client_id(script)
+            await script([], [])
+            kept = await client_id(script)
+            await asyncio.sleep(0.5)
+            await script([], [])
+            return first, kept, await client_id(script)
+        finally:
+            await redis.aclose()
+
+    first, kept, after_idle = asyncio.run(scenario())
+    assert kept == first
+    assert after_idle != first

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -70,6 +71,10 @@ return results
 )
 
 
+#: How long :class:`DirectScript` keeps an idle connection when the pool sets no health-check interval.
+DEFAULT_MAX_IDLE_SECONDS = 30.0
+
+
 class DirectScript:
     """One Lua script called on connections it keeps: one packed write and one read per call.
 
@@ -84,20 +89,32 @@ class DirectScript:
 
     A connection Redis closed (a restart, an idle timeout) is met on its first use: the call is
     then made once more on a fresh connection, as the client's retry policy does, with the
-    script's text (``EVAL``), since after a restart Redis has also forgotten the script.
-    An error reply (Redis out of memory, say) propagates; anything else, a timeout or a
-    cancellation included, also closes the connection (its state is unknown). A call that failed may still have run, so the script must be safe to run twice.
+    script's text (``EVAL``), since after a restart Redis has also forgotten the script. A
+    connection left idle longer than the pool's health-check interval is replaced before use
+    instead (where redis-py would send a ``PING`` first): a firewall or NAT that silently dropped
+    it would otherwise cost a delivery the whole deadline. An error reply (Redis out of memory,
+    say) propagates; anything else, a timeout or a cancellation included, also closes the
+    connection (its state is unknown). A call that failed may still have run, so the script must
+    be safe to run twice.
     """
 
     def __init__(self, redis: AsyncRedis, script: str) -> None:
         self._redis = redis
         self._script = script
         self._sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
-        self._timeout: float | None = redis.connection_pool.connection_kwargs.get("socket_timeout")
-        self._idle: list[AbstractConnection] = []
+        settings = redis.connection_pool.connection_kwargs
+        self._timeout: float | None = settings.get("socket_timeout")
+        self._max_idle_seconds = float(settings.get("health_check_interval") or DEFAULT_MAX_IDLE_SECONDS)
+        #: Connections between calls, each with the time it was last used.
+        self._idle: list[tuple[AbstractConnection, float]] = []
 
     async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        connection = self._idle.pop() if self._idle else await self._connection()
+        if self._idle:
+            connection, used = self._idle.pop()
+            if time.monotonic() - used > self._max_idle_seconds:
+                await connection.disconnect()  # the call reconnects
+        else:
+            connection = await self._connection()
         try:
             try:
                 return await self._round_trip(connection, ("EVALSHA", self._sha, len(keys), *keys, *args))
@@ -113,7 +130,7 @@ class DirectScript:
             await connection.disconnect(nowait=True)
             raise
         finally:
-            self._idle.append(connection)
+            self._idle.append((connection, time.monotonic()))
 
     @property
     def sha(self) -> str:
@@ -123,7 +140,7 @@ class DirectScript:
     @property
     def connections(self) -> list[AbstractConnection]:
         """The connections kept between calls (none is out while no call runs)."""
-        return list(self._idle)
+        return [connection for connection, _ in self._idle]
 
     async def _connection(self) -> AbstractConnection:
         connection: AbstractConnection = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
