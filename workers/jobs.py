@@ -53,16 +53,21 @@ def read_payload(value: object, data: bytes | None = None) -> JobPayload:
 
 
 async def run_event(
-    payload: JobPayload, final_attempt: bool, budget_seconds: float, check_published: bool = True
+    payload: JobPayload,
+    final_attempt: bool,
+    budget_seconds: float,
+    check_published: bool = True,
+    using: runtime.Runtime | None = None,
 ) -> dict[str, Any]:
-    """Process one checked payload on the running loop with the installed runtime (see
-    :mod:`workers.processor`): the worker's own path.
+    """Process one checked payload on the running loop (see :mod:`workers.processor`) with the
+    installed runtime, the worker's own path, or with ``using``.
 
     A transient failure is raised so that RQ re-runs the job; on RQ's last attempt
     (``final_attempt``) the event is parked instead. The lookup and the Smartcar calls get at most
-    ``budget_seconds``. The worker runtime must be installed (``smartcar-ingest worker`` does it).
+    ``budget_seconds``. Without ``using``, the worker runtime must be installed (``smartcar-ingest
+    worker`` does it).
     """
-    processor = await runtime.current().processor()
+    processor = await (using or runtime.current()).processor()
     outcome = await processor.process(
         payload, final_attempt=final_attempt, budget_seconds=budget_seconds, check_published=check_published
     )
@@ -100,9 +105,8 @@ async def process_event(payload: object) -> dict[str, Any]:
     scoped = runtime.Runtime(runtime.current().settings, max_connections=10)
     budget = job_budget(job.timeout if job else None, scoped.settings.job_timeout_seconds)
     try:
-        processor = await scoped.processor()
-        final_attempt = job is None or not job.retries_left
-        outcome = await processor.process(checked, final_attempt=final_attempt, budget_seconds=budget)
-        return outcome.as_dict()
+        return await run_event(
+            checked, final_attempt=job is None or not job.retries_left, budget_seconds=budget, using=scoped
+        )
     finally:
         await scoped.aclose()
