@@ -7,7 +7,7 @@ ifeq ($(UV),)
 UV := python3 -m uv
 endif
 
-.PHONY: all install run test lint format bench bench-tools soak image chart clean tools dashboard dashboard-image
+.PHONY: all install run test drills lint format bench bench-tools soak image chart clean tools dashboard dashboard-image
 
 ## tools: make sure uv, redis-server and promtool (which checks the chart's alert rules) exist on a fresh machine.
 tools:
@@ -27,9 +27,17 @@ install: tools
 run: install
 	$(UV) run --frozen smartcar-ingest dev
 
-## test: the whole suite against real processes it starts itself.
+## test: the in-process and process tests (tests/kinds.py), in parallel, with about 100 Hypothesis examples each.
+## TEST_PROCESSES sets how many test processes run at once (most tests wait on Redis or a child process).
+TEST_PROCESSES ?= 4
 test: install
-	$(UV) run --frozen pytest
+	$(UV) run --frozen pytest -n $(TEST_PROCESSES) -m "not drill"
+
+## drills: the drills (kills, Redis restarts, outages, OOM, long settles) and every Hypothesis test at its
+## full example count. CI runs them after `make test`.
+DRILL_PROCESSES ?= 2
+drills: install
+	TEST_FULL_EXAMPLES=1 $(UV) run --frozen pytest -n $(DRILL_PROCESSES) -m "drill or hypothesis"
 
 ## lint: ruff (rules and format) and strict mypy.
 lint: install

@@ -15,6 +15,13 @@ from starlette.testclient import TestClient
 from core.config import Settings
 from core.signatures import sign
 from service.app import create_app
+from tests.kinds import (  # noqa: F401 (the hooks and fixture that keep each test in its kind)
+    _stays_in_its_kind,
+    infrastructure,
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_runtest_protocol,
+)
 from tests.procs import RedisServer
 
 TOKEN = "test-management-token"
@@ -30,7 +37,8 @@ SHARED_CAPTURED_DIR = Path(__file__).resolve().parent.parent.parent / "shared" /
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer()
-    server.start()
+    with infrastructure():
+        server.start()
     yield server
     server.cleanup()
 

@@ -1,11 +1,12 @@
 """Real processes for tests: a private redis-server, a uvicorn server and ``smartcar-ingest web`` on free ports.
 
-The port helpers are the CLI's (:mod:`cli.ports`), re-exported here for the tests and benchmarks.
+Ports come from :func:`free_port`, a band of its own per test process; :func:`wait_for_port` is the CLI's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -20,15 +21,35 @@ from typing import Any
 import redis
 import uvicorn
 
-from cli.ports import free_port, wait_for_port
+from cli.ports import bindable, wait_for_port
+from tests.kinds import DRILL, needs
 
 __all__ = ["LiveServer", "RedisServer", "WebProcess", "env", "free_port", "service_env", "wait_for_port"]
 
 #: Prefixes of the service's settings in the environment: a child process a test starts sees only
 #: the ones the test gives it, whatever the shell running the tests has set.
 SETTING_PREFIXES = ("SMARTCAR_", "REDIS_", "DATABASE_", "ADMIN_", "PROMETHEUS_")
+#: Test ports come from a band below Linux's ephemeral range (32768-60999 by default), split between
+#: pytest-xdist's worker processes: a port handed out here cannot be taken in the meantime by another
+#: test process, nor by the kernel as the source port of some outgoing connection.
+PORT_BAND_START = 20_000
+PORTS_PER_PROCESS = 1_000
+_next_port = itertools.count()
+_port_lock = threading.Lock()
 #: How long a test waits for a child process to listen.
 STARTUP_SECONDS = 30.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at ``host`` now, from this test process's own band."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    start = PORT_BAND_START + (int(worker) % 12 if worker.isdigit() else 0) * PORTS_PER_PROCESS
+    for _ in range(PORTS_PER_PROCESS):
+        with _port_lock:
+            port = start + next(_next_port) % PORTS_PER_PROCESS
+        if bindable(host, port):
+            return port
+    raise RuntimeError(f"no free port in {start}-{start + PORTS_PER_PROCESS - 1}")
 
 
 def service_env(**values: str) -> dict[str, str]:
@@ -73,6 +94,11 @@ class RedisServer:
         client.close()
 
     def stop(self, kill: bool = False) -> None:
+        """Stop the server under the test: an outage, which only a drill may cause."""
+        needs(DRILL, "stops a redis-server under the test")
+        self._stop(kill)
+
+    def _stop(self, kill: bool) -> None:
         if self.process is None:
             return
         if kill:
@@ -83,7 +109,7 @@ class RedisServer:
         self.process = None
 
     def cleanup(self) -> None:
-        self.stop()
+        self._stop(kill=False)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

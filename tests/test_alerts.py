@@ -122,6 +122,7 @@ def test_no_alert_labels_by_vehicle_or_event():
         assert not re.search(r"vehicle_id|user_id|event_id|vehicleId|eventId", rule["expr"]), rule["alert"]
 
 
+@pytest.mark.process
 @needs_promtool
 def test_every_rule_group_passes_promtool_check(tmp_path: Path):
     """`promtool check rules` accepts every rendered group (the existing alerts and the five new ones)."""
@@ -347,6 +348,7 @@ def _refusal_tests(alerts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return tests
 
 
+@pytest.mark.process
 @needs_promtool
 def test_every_503_the_webhook_answers_counts_as_a_failed_delivery(tmp_path: Path):
     """`promtool test rules`: 503s for Redis, a full spool or a bug each fire SmartcarIngestWebhookFailing."""
@@ -358,6 +360,7 @@ def test_every_503_the_webhook_answers_counts_as_a_failed_delivery(tmp_path: Pat
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.process
 @needs_promtool
 def test_recommended_alerts_fire_past_their_thresholds_and_not_at_them(tmp_path: Path):
     """`promtool test rules`: each new alert stays silent at its threshold and fires once past it (for its `for`)."""
@@ -371,6 +374,7 @@ def test_recommended_alerts_fire_past_their_thresholds_and_not_at_them(tmp_path:
     assert "SUCCESS" in result.stdout
 
 
+@pytest.mark.process
 @needs_promtool
 def test_promtool_unit_tests_can_fail(tmp_path: Path):
     """The same unit tests fail when an alert's threshold is raised past the series (promtool is not vacuous)."""

@@ -448,6 +448,7 @@ def test_redis_memory_is_exported_and_read_against_maxmemory(settings, redis_cli
         collector.close()
 
 
+@pytest.mark.process
 def test_web_and_worker_warn_at_start_when_redis_has_no_maxmemory(pipeline, redis_client):
     """Both log one warning at start while Redis has no maxmemory, and none once it has one."""
     old = redis_client.config_get("maxmemory")["maxmemory"]

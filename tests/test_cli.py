@@ -15,6 +15,9 @@ from cli.samples import encode, sample_event
 from tests.conftest import TOKEN, signed_headers
 from tests.procs import WebProcess, free_port, service_env
 
+#: Every test here starts a process of its own (tests/kinds.py).
+pytestmark = pytest.mark.process
+
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd=None, timeout: float = 60):
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "DATABASE_"))}

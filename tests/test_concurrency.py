@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 from rq import Queue
 from rq.serializers import JSONSerializer
 
@@ -59,6 +60,7 @@ def test_many_distinct_events_each_get_one_job(settings, redis_client):
     assert sorted(queue.job_ids) == sorted(d["eventId"] for d in documents)
 
 
+@pytest.mark.process
 def test_a_worker_with_more_jobs_in_flight_than_redis_pys_default_pool_requeues_nothing(
     pipeline, redis_client, emulator
 ):

@@ -147,7 +147,7 @@ def test_an_entry_that_keeps_failing_is_dead_lettered(redis_client):
     assert dead[b"source_id"] == entry_id
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_example_consumes_the_pipelines_output(pipeline, redis_client):
     """The example, run as a script, reads what the worker published and keeps the newest signals."""
     deliver(pipeline, sample_event(), sample_event())

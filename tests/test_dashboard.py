@@ -39,7 +39,7 @@ from tests.conftest import signed_headers
 from tests.pipeline import worker_env
 from tests.procs import STARTUP_SECONDS, free_port, service_env, wait_for_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.process
 
 #: How long a test waits for the dashboard to see a worker come or go (RQ's heartbeat is seconds).
 WORKER_SECONDS = 60.0

@@ -395,6 +395,7 @@ def rendered() -> dict[str, list[dict[str, Any]]]:
 # --- Dockerfile ---------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.dashboard"])
 def test_dockerfile_passes_hadolint_without_findings(dockerfile):
     """hadolint reports nothing for the Dockerfiles, not even style or info findings."""
@@ -487,6 +488,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.process
 def test_wheel_ships_the_service_without_the_emulator_or_the_tests(wheel):
     """The wheel holds core, service, workers and migrations, and not one file of emulator/ or tests/."""
     names = zipfile.ZipFile(wheel).namelist()
@@ -519,6 +521,7 @@ print(json.dumps({name: schema["$id"] for name, schema in schemas.load_all().ite
 """
 
 
+@pytest.mark.process
 def test_the_installed_package_loads_every_json_schema(wheel, tmp_path):
     """Installed from the wheel alone, core.schemas finds and loads every schema of schemas/."""
     site = tmp_path / "site"
@@ -551,6 +554,7 @@ sys.exit(main(argv))
 """
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("command", [["emulator"], ["dev"]])
 def test_cli_from_the_wheel_says_in_one_line_that_the_emulator_is_absent(wheel, tmp_path, redis_url, command):
     """Installed from the wheel, `emulator` and `dev` (no Smartcar credentials) exit 2 with one line naming the emulator."""

@@ -15,6 +15,7 @@ from core import events, timestamps
 from core.errors import InvalidPayload, LegacyPayload, MalformedBody, UnknownEventType
 from core.store.users import UserRecord
 from tests.conftest import fixture_paths, load_fixture
+from tests.examples import examples
 from workers.output import Enrichment, api_signal, build_document, stream_fields
 
 SHAPE_A = {
@@ -252,7 +253,7 @@ def test_quick_path_agrees_with_the_step_by_step_path():
         body = path.read_bytes()
         assert (events.quick_vehicle_event(body) is not None) is _slow_path_accepts(body) is True
 
-    @settings(max_examples=500, deadline=None)
+    @settings(max_examples=examples(500), deadline=None)
     @given(document=delivery_like | st.builds(sample_event))
     def check(document):
         body = json.dumps(document).encode()
@@ -304,7 +305,7 @@ def test_time_and_year_readers_never_raise():
     assert timestamps.model_year("9" * 5000) is None
     assert timestamps.model_year(2023.0) == 2023
 
-    @settings(max_examples=500, deadline=None)
+    @settings(max_examples=examples(500), deadline=None)
     @given(value=st.one_of(st.integers(), st.floats(), st.text(), st.booleans(), st.none(), st.binary().map(str)))
     def fuzz(value):
         check(value)
@@ -600,7 +601,7 @@ def test_the_edge_and_the_worker_agree_on_near_miss_deliveries():
 
     from tests.test_fuzz import delivery_like
 
-    @settings(max_examples=500, deadline=None)
+    @settings(max_examples=examples(500), deadline=None)
     @given(document=delivery_like | st.builds(sample_event))
     def check(document):
         body = json.dumps(document).encode()
@@ -832,7 +833,7 @@ def test_the_edge_validator_and_the_wire_model_agree_on_generated_deliveries():
                 pass  # an earlier change replaced a container on this path
         return document
 
-    @settings(max_examples=600, deadline=None)
+    @settings(max_examples=examples(600), deadline=None)
     @given(document=delivery_like | st.builds(sample_event) | with_a_value_anywhere())
     def check(document):
         body = json.dumps(document).encode()
@@ -879,7 +880,7 @@ def test_a_body_the_edge_accepts_is_read_alike_by_pythons_json():
         for raw in [*HOSTILE_RAW, *escapes_and_numbers]:
             check(_with_raw(sample_event(), place, raw))
 
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=examples(300), deadline=None)
     @given(document=delivery_like | st.builds(sample_event))
     def generated(document):
         check(json.dumps(document, ensure_ascii=False).encode())

@@ -9,9 +9,10 @@ from hypothesis import strategies as st
 
 from core.signatures import sign
 from tests.conftest import TOKEN
+from tests.examples import examples
 
 URL = "/webhooks/smartcar"
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # No infinities: json.dumps writes them as Infinity, which is not JSON (the edge answers 400).
 json_values = st.recursive(

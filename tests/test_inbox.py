@@ -64,6 +64,7 @@ def test_inbox_writes_the_hash_rqs_job_writes(redis_url, redis_client):
     utcparse(ours[b"enqueued_at"].decode())  # in RQ's own time format
 
 
+@pytest.mark.process
 def test_rq_reads_an_inbox_job_like_one_it_enqueued_itself(redis_url, redis_client):
     """RQ fetches a job written by the inbox with the function, args, options and status of its own enqueue."""
     ours = job_payload("evt-2", "VEHICLE_ERROR", '{"a":"b \\"quoted\\" é"}', 456)
@@ -206,6 +207,7 @@ def test_a_connection_redis_closed_is_replaced_on_the_next_call(redis_url, redis
     assert asyncio.run(scenario()) == [b"before", b"after"]
 
 
+@pytest.mark.drill
 def test_a_call_that_times_out_closes_its_connection_and_the_next_one_works():
     """A Redis that stops answering (SIGSTOP) fails the call within the client's socket timeout;
     the connection, in an unknown state, is closed, and once Redis answers the next call runs."""

@@ -17,6 +17,7 @@ def settings_with(token: str, **extra: object) -> Settings:
     return Settings(_env_file=None, smartcar_management_token=SecretStr(token), **extra)  # type: ignore[call-arg]
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("token", "says"),
     [

@@ -337,6 +337,7 @@ def test_admin_readyz_fails_while_the_web_is_not_serving(settings):
         assert admin.get("/readyz").status_code == 503
 
 
+@pytest.mark.process
 def test_readyz_and_metrics_are_served_on_the_admin_port_only(redis_url, tmp_path):
     """`web` answers 404 for /readyz and /metrics on the public port; ADMIN_HOST:ADMIN_PORT serves them, and only them."""
     admin = free_port()
@@ -574,7 +575,7 @@ def event_with_private_values():
     return event
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_logs_of_a_full_run_carry_ids_and_no_secrets_or_vehicle_data(pipeline, redis_client, emulator, tmp_path):
     """Web and worker at DEBUG: every event line has eventId and deliveryId; no secret, token, VIN or location."""
     inject(emulator, path="/v3/vehicles/{id}/signals", status=503, count=1)  # one retry line too
@@ -678,6 +679,7 @@ for thread in threads:
 """
 
 
+@pytest.mark.process
 def test_log_lines_stay_whole_when_threads_log_at_once(tmp_path):
     """structlog lines (event loop) and stdlib lines (RQ's job threads) written at once are each one JSON line."""
     result = subprocess.run(

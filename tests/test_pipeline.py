@@ -323,6 +323,7 @@ def test_a_worker_park_trims_the_parked_stream_by_age(pipeline, redis_client):
     assert len(entries) <= 101  # "~" trims whole nodes: at most one node of old entries remains
 
 
+@pytest.mark.process
 def test_token_is_shared_by_two_worker_processes(pipeline, redis_client, emulator):
     """Two worker processes draining one queue make exactly one token request between them."""
     deliver(pipeline, *[sample_event() for _ in range(20)])
@@ -334,6 +335,7 @@ def test_token_is_shared_by_two_worker_processes(pipeline, redis_client, emulato
     assert emulator_stats(emulator)["token_requests"] == 1
 
 
+@pytest.mark.process
 def test_rq_info_shows_the_queue(pipeline, redis_client):
     """`rq info` lists the ingest queue with its queued jobs."""
     deliver(pipeline, sample_event(), sample_event())
@@ -375,6 +377,7 @@ def test_stock_simple_worker_runs_the_same_job(pipeline, redis_client):
     assert entry["event_id"] == event["eventId"]
 
 
+@pytest.mark.process
 def test_jobs_in_flight_are_visible_and_sigterm_lets_them_finish(pipeline, redis_client, emulator):
     """A worker with eight slots shows eight started jobs at once in RQ; SIGTERM finishes them, then exits."""
     import signal

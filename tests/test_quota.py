@@ -128,6 +128,7 @@ def wait_published(client: redis.Redis, count: int, timeout: float = 180) -> Non
         time.sleep(0.1)
 
 
+@pytest.mark.process
 def test_worker_processes_share_one_attribute_read_and_one_signals_read_per_vehicle(
     pipeline, redis_client, emulator, workers
 ):
@@ -155,6 +156,7 @@ def test_worker_processes_share_one_attribute_read_and_one_signals_read_per_vehi
     assert len(ran_by) >= 2
 
 
+@pytest.mark.process
 def test_the_budget_holds_across_worker_processes(pipeline, redis_client, emulator, workers):
     """SMARTCAR_REQUESTS_PER_MINUTE=300 with a burst of 1, two worker processes, a read on every
     event: at the emulator, no 2-second span holds more requests than the budget allows (plus a
@@ -176,6 +178,8 @@ def test_the_budget_holds_across_worker_processes(pipeline, redis_client, emulat
     assert all(doc["enrichment"]["status"] == "complete" for doc in documents(redis_client).values())
 
 
+@pytest.mark.drill
+@pytest.mark.process
 @pytest.mark.parametrize("scope", ["vehicle", "application"])
 def test_a_429_stops_every_process_calls_until_retry_after_passes(pipeline, redis_client, emulator, workers, scope):
     """Smartcar answers 429 with Retry-After (for the VW, or for the whole application): the first

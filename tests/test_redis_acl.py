@@ -32,6 +32,9 @@ from tests.procs import RedisServer, free_port, wait_for_port
 from tests.test_cli import run_cli
 from tests.test_pipeline import deliver
 
+#: Every test here starts a process of its own (tests/kinds.py).
+pytestmark = pytest.mark.process
+
 PASSWORDS: dict[Role, str] = {"web": "web-acl-password", "worker": "worker-acl-password"}
 
 

@@ -72,6 +72,7 @@ def post_event(url: str, document: dict | None = None) -> tuple[httpx.Response, 
     return response, time.monotonic() - started
 
 
+@pytest.mark.drill
 def test_stopped_redis_gives_503_then_recovers_without_restart(private_redis, live, live_admin):
     """With Redis down the edge answers 503 + Retry-After quickly; once Redis is back it accepts again."""
     assert post_event(live.url)[0].status_code == 202
@@ -92,6 +93,7 @@ def test_stopped_redis_gives_503_then_recovers_without_restart(private_redis, li
     assert httpx.get(live_admin.url + "/readyz", timeout=10).status_code == 200
 
 
+@pytest.mark.drill
 def test_frozen_redis_gives_503_instead_of_a_hang(private_redis, live):
     """A Redis that accepts connections but never answers (SIGSTOP) yields a bounded 503, and the
     redelivery that the 503 provokes ends as exactly one job even if the stalled write landed late."""
@@ -185,6 +187,7 @@ def restart_later(server: RedisServer, after: float) -> threading.Thread:
     return thread
 
 
+@pytest.mark.drill
 @pytest.mark.parametrize("form", ["sync", "async"])
 def test_the_wait_rides_out_a_redis_restart(private_redis, waits, form):
     """Redis killed, then started again 2 s later: the step is tried until Redis answers, with a
@@ -207,6 +210,7 @@ def test_the_wait_rides_out_a_redis_restart(private_redis, waits, form):
     assert max(delays) <= WAIT_MAX
 
 
+@pytest.mark.drill
 @pytest.mark.parametrize("form", ["sync", "async"])
 def test_the_wait_ends_at_once_when_stop_turns_true(private_redis, waits, form):
     """With Redis down and no time limit, the wait ends at the first failure after stop() turns true,
@@ -221,6 +225,7 @@ def test_the_wait_ends_at_once_when_stop_turns_true(private_redis, waits, form):
     assert 1.0 <= elapsed < 1.0 + WAIT_MAX + SLACK
 
 
+@pytest.mark.drill
 @pytest.mark.parametrize("form", ["sync", "async"])
 def test_the_wait_gives_up_after_its_time_limit(private_redis, waits, form):
     """With Redis down, ``give_up_after`` bounds the wait: the Redis error is raised at the first
@@ -234,6 +239,7 @@ def test_the_wait_gives_up_after_its_time_limit(private_redis, waits, form):
     assert len(waits.warnings) >= 2
 
 
+@pytest.mark.process
 def test_a_redis_fault_is_raised_at_once(private_redis, waits):
     """An error that is not Redis being unavailable (here a wrong type) is not waited out."""
     client = quick_client(private_redis.url)
@@ -251,6 +257,7 @@ def test_a_redis_fault_is_raised_at_once(private_redis, waits):
     assert waits.warnings == []
 
 
+@pytest.mark.drill
 def test_a_signal_handler_ends_the_wait(private_redis, waits):
     """The worker's SIGTERM handler raises StopRequested while the dequeue waits: an exception
     raised by a signal handler while the wait sleeps ends it at once."""
@@ -276,6 +283,7 @@ def test_a_signal_handler_ends_the_wait(private_redis, waits):
     assert 2.0 <= elapsed < 2.0 + SLACK
 
 
+@pytest.mark.drill
 def test_stamina_testing_mode_takes_the_waits_out_too(private_redis):
     """Under ``stamina.set_testing`` the wait makes the tries the test asked for, back to back,
     then raises: an in-process test cannot hang on a Redis that is down."""

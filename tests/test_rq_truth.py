@@ -15,6 +15,7 @@ import sys
 import time
 
 import httpx
+import pytest
 from rq import Queue, Worker
 from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE, Execution
 from rq.job import Job, JobStatus
@@ -75,6 +76,7 @@ def test_a_finished_job_reads_back_through_rq(pipeline, redis_client):
     assert redis_client.keys("rq:execution:*") == []
 
 
+@pytest.mark.process
 def test_a_failed_job_has_its_exception_and_rq_requeue_runs_it_again(pipeline, redis_client):
     """A job that raised (the output stream's key holds a string: Redis refuses the XADD) is failed
     with RQ's exception text; once the key is fixed, `rq requeue` runs it and it is published."""
@@ -127,6 +129,7 @@ def test_a_transient_failure_is_retried_on_rqs_schedule(pipeline, redis_client, 
     assert FailedJobRegistry(QUEUE, connection=redis_client).count == 0
 
 
+@pytest.mark.process
 def test_rq_sees_the_worker_and_its_jobs_in_flight(pipeline, redis_client, emulator):
     """`rq info` and Worker.all() list the running worker, busy while jobs run; the started registry
     holds exactly the jobs in flight; after SIGTERM the worker is gone and every job finished."""

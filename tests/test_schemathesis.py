@@ -167,7 +167,7 @@ def served(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) 
     client.close()
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_public_port_conforms_to_the_document(served, tmp_path):
     """On the public port: no 5xx, no undocumented status, content type or body; signed deliveries get through."""
     _, tally = run_schemathesis(served.public, paths_by_port()["public"], tmp_path)
@@ -181,7 +181,7 @@ def test_public_port_conforms_to_the_document(served, tmp_path):
     assert tally.statuses["GET /connect/start"]["302"] > 0
 
 
-@pytest.mark.slow
+@pytest.mark.process
 def test_admin_port_conforms_to_the_document(served, tmp_path):
     """On ADMIN_PORT: /readyz and /metrics answer only as documented."""
     _, tally = run_schemathesis(served.admin, paths_by_port()["admin"], tmp_path)

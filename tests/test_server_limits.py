@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import TOKEN
 from tests.procs import WebProcess, free_port, service_env
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.process
 
 HEADER_TIMEOUT = 2.0
 # How late a close may come after its deadline on a busy two-core machine.

@@ -152,6 +152,7 @@ def test_a_full_spool_refuses_the_append_and_writes_nothing(tmp_path):
     assert [r.event_id for r in read_records(path)] == ["e-0", "e-1", "e-2"]
 
 
+@pytest.mark.process
 def test_the_size_count_follows_other_processes_and_the_drainer(tmp_path, redis_url):
     """Appends by another process are counted at the next listing; a drained file stops counting."""
     spool = Spool(tmp_path, max_bytes=1_000_000)
@@ -207,6 +208,7 @@ def test_a_corrupt_length_ends_the_read_without_a_huge_allocation(tmp_path):
     assert peak < 1_000_000
 
 
+@pytest.mark.process
 def test_an_append_racing_a_claim_from_another_process_lands_in_a_fresh_file(tmp_path):
     """A record appended while another process renames the file for draining is never lost in it."""
     spool = Spool(tmp_path)
@@ -235,6 +237,7 @@ def private_redis():
     server.cleanup()
 
 
+@pytest.mark.drill
 def test_with_redis_down_the_spool_fills_to_its_bound_then_answers_503(private_redis, tmp_path, redis_client):
     """Over real HTTP with Redis stopped: 202 spooled up to SPOOL_MAX_BYTES, then 503 + Retry-After; room again after the drain."""
     spool_dir = tmp_path / "spool"

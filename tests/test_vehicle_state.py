@@ -35,6 +35,7 @@ from core.redis.vehicle_state import MergeResult, VehicleStates
 from service.app import create_app
 from tests.conftest import TOKEN, signed_headers
 from tests.contracts import check_vehicle_state, check_vehicle_state_report
+from tests.examples import examples
 from tests.pipeline import inject, outputs, run_worker_burst, worker_env
 from tests.test_cli import run_cli
 
@@ -117,7 +118,7 @@ def as_events(versions: list[dict[str, Any]], cuts: list[int]) -> list[list[dict
     return [versions[a:b] for a, b in pairwise(bounds) if a < b]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(versions=st.lists(VERSION, min_size=1, max_size=14), data=st.data())
 def test_any_order_of_any_versions_ends_in_the_same_state(redis_url, versions, data):
     """Merged one by one in the drawn order, or shuffled and grouped into events of several signals
@@ -297,6 +298,7 @@ def run_on_two_worker_processes(pipeline, redis_client, events: list[dict[str, A
     return counts
 
 
+@pytest.mark.process
 def test_shuffled_events_on_two_worker_processes_end_at_the_newest_values(pipeline, redis_client, emulator):
     """40 events of one vehicle, posted in shuffled order and worked in parallel by two worker
     processes: every signal ends at its newest version (ties on oemUpdatedAt broken by retrievedAt),
@@ -425,6 +427,7 @@ def test_a_rerun_after_a_crash_between_merge_and_publish_changes_nothing(pipelin
     assert len(outputs(redis_client)) == 2
 
 
+@pytest.mark.process
 def test_vehicle_state_command(pipeline, redis_client, tmp_path):
     """`vehicle-state ID` prints the signals grouped with their ages; `--json` the same data; an
     unknown vehicle is one line and exit 1; an id that cannot be a vehicle id exit 2."""

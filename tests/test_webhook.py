@@ -40,6 +40,7 @@ from service.responses import http_exception, unexpected_exception
 from service.webhooks import WebhookConfig, WebhookEndpoint
 from tests.conftest import OLD_TOKEN, TOKEN, fixture_paths, load_fixture, signed_headers
 from tests.contracts import check_parked_entry
+from tests.examples import examples
 from tests.procs import LiveServer
 from workers.jobs import read_payload
 from workers.processor import parse_body
@@ -218,6 +219,7 @@ def test_every_captured_fixture_is_accepted(settings, redis_client, path):
     assert worker_body(job).encode() == path.read_bytes()
 
 
+@pytest.mark.process
 def test_rq_reads_and_saves_a_job_with_an_embedded_body_without_changing_it(client, redis_client, redis_url):
     """RQ fetches the job (function, payload with the body as a JSON object), saves it again as it does on a
     retry or a requeue, and ``rq info`` counts it; the worker still reads the delivery byte for byte."""
@@ -654,7 +656,7 @@ def test_what_the_edge_accepts_the_worker_parses_with_the_same_event_id(live, re
 
     outcomes: Counter[str] = Counter()
 
-    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=examples(400), deadline=None, suppress_health_check=list(HealthCheck))
     @given(mutations=st.lists(mutation, max_size=3), event_id=st.text(min_size=1, max_size=20) | st.uuids().map(str))
     def check(mutations, event_id):
         document = sample_event(event_id=event_id)
@@ -684,7 +686,8 @@ def test_what_the_edge_accepts_the_worker_parses_with_the_same_event_id(live, re
 
     check()
     print("edge outcomes:", dict(outcomes))
-    assert outcomes["202 accepted"] >= 30, "the property must be exercised by accepted deliveries"
+    # At least 3 in 40 examples accepted (30 of the full 400), or the property is barely exercised.
+    assert outcomes["202 accepted"] >= examples(400) * 3 // 40, "the property must be exercised by accepted deliveries"
 
 
 # --- deadlines ---------------------------------------------------------------------------------
