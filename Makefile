@@ -37,7 +37,7 @@ test: install
 ## full example count. CI runs them after `make test`.
 DRILL_PROCESSES ?= 2
 drills: install
-	TEST_FULL_EXAMPLES=1 $(UV) run --frozen pytest -n $(DRILL_PROCESSES) -m "drill or hypothesis"
+	TEST_FULL_EXAMPLES=1 $(UV) run --frozen pytest -n $(DRILL_PROCESSES) -m "drill or hypothesis" -rA
 
 ## lint: ruff (rules and format) and strict mypy.
 lint: install

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,9 @@ SETTING_PREFIXES = ("SMARTCAR_", "REDIS_", "DATABASE_", "ADMIN_", "PROMETHEUS_")
 #: test process, nor by the kernel as the source port of some outgoing connection.
 PORT_BAND_START = 20_000
 PORTS_PER_PROCESS = 1_000
-_next_port = itertools.count()
+#: Where in its band this test process starts: random, so that two test sessions on one machine
+#: (a developer's and a helper's) rarely reach for the same port at the same moment.
+_next_port = itertools.count(random.randrange(PORTS_PER_PROCESS))
 _port_lock = threading.Lock()
 #: How long a test waits for a child process to listen.
 STARTUP_SECONDS = 30.0

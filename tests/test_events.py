@@ -242,6 +242,7 @@ def _slow_path_accepts(body: bytes) -> bool:
     return True
 
 
+@pytest.mark.hypothesis  # Hypothesis runs inside: make drills runs it at the full count
 def test_quick_path_agrees_with_the_step_by_step_path():
     """quick_vehicle_event accepts exactly what classify + parse_event accept (fixtures and near misses)."""
     from hypothesis import given, settings
@@ -287,6 +288,7 @@ HOSTILE_VALUES = [
 ]
 
 
+@pytest.mark.hypothesis  # Hypothesis runs inside: make drills runs it at the full count
 def test_time_and_year_readers_never_raise():
     """epoch_ms, the delivery time and the model year give None (or a short text) for any hostile value."""
     from hypothesis import given, settings
@@ -594,6 +596,7 @@ def test_the_edge_and_the_worker_agree_on_schema_failures(mutate):
     _assert_one_reading(json.dumps(document).encode())
 
 
+@pytest.mark.hypothesis  # Hypothesis runs inside: make drills runs it at the full count
 def test_the_edge_and_the_worker_agree_on_near_miss_deliveries():
     """Near-miss deliveries (the fuzz strategy) and valid ones: one decision, one reason, one event."""
     from hypothesis import given, settings
@@ -809,6 +812,7 @@ def _assert_quick_agrees(body: bytes) -> None:
         assert quick == _slow_path_accepts(body), body[:300]
 
 
+@pytest.mark.hypothesis  # Hypothesis runs inside: make drills runs it at the full count
 def test_the_edge_validator_and_the_wire_model_agree_on_generated_deliveries():
     """Generated deliveries (the fuzz strategy, valid ones, and any JSON value at any path of a full one)."""
     from hypothesis import given, settings
@@ -860,6 +864,7 @@ def test_the_edge_validator_reads_only_what_the_edge_needs():
     assert quick == events.QuickEvent(EVERY_FIELD["eventId"], "VEHICLE_STATE", "a1", 1767000003000)
 
 
+@pytest.mark.hypothesis  # Hypothesis runs inside: make drills runs it at the full count
 def test_a_body_the_edge_accepts_is_read_alike_by_pythons_json():
     """What the edge accepts, pydantic-core and Python's json (RQ's serializer) read as one document: a
     body embedded in a job verbatim reads back as the delivery it is."""

@@ -51,7 +51,7 @@ def post(url: str, document: dict[str, Any]) -> httpx.Response:
 
 
 def report(name: str, **figures: object) -> None:
-    """Print a drill's figures; `make test` shows them with -rA, and the closing note quotes them."""
+    """Print a drill's figures; `make drills` shows them with -rA, and the closing note quotes them."""
     print(f"DRILL {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
 
 
