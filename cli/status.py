@@ -74,7 +74,7 @@ def _workers(client: redis.Redis, settings: Settings, now: dt.datetime) -> list[
                 "name": worker.name,
                 "state": worker.get_state(),
                 # One execution per job in flight: the concurrent worker runs many at once.
-                "jobs": int(client.scard(WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker.name))),
+                "jobsInFlight": int(client.scard(WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker.name))),
                 "lastHeartbeatAgeSeconds": None
                 if heartbeat is None
                 else round(max(0.0, (now - heartbeat).total_seconds()), 1),
@@ -165,10 +165,11 @@ def render_text(report: dict[str, Any]) -> str:
     row("workers", f"{len(workers)}" + ("" if workers else " (none registered on this queue)"))
     if workers:
         width = max(len(w["name"]) for w in workers)
-        lines.append(f"  {'NAME'.ljust(width)}  {'STATE':<9} {'JOBS':>5}  HEARTBEAT")
+        # Jobs running now, not jobs run: 0 on an idle worker however many it has done.
+        lines.append(f"  {'NAME'.ljust(width)}  {'STATE':<9} {'IN FLIGHT':>9}  HEARTBEAT")
         for w in workers:
             beat = "never" if w["lastHeartbeatAgeSeconds"] is None else duration(w["lastHeartbeatAgeSeconds"]) + " ago"
-            lines.append(f"  {w['name'].ljust(width)}  {w['state']:<9} {w['jobs']:>5}  {beat}")
+            lines.append(f"  {w['name'].ljust(width)}  {w['state']:<9} {w['jobsInFlight']:>9}  {beat}")
     reasons = ", ".join(f"{reason} {count}" for reason, count in parked["byReason"].items())
     row("parked", f"{parked['stream']}: {_entries(parked['length'])}" + (f" ({reasons})" if reasons else ""))
     if parked["capped"]:

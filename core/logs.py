@@ -3,11 +3,21 @@
 Callers log identifiers (``eventId``, ``deliveryId``, reasons, statuses) and never values:
 no secrets, tokens, VINs or signal bodies. :func:`redact` is a last line of defence for keys
 whose names say they hold a secret.
+
+Each line once, and a start that says what is served: uvicorn's INFO lines about a server's own
+life ("Started server process", "Waiting for application startup.", "Application startup
+complete.", their shutdown twins, the ``--workers`` supervisor's per-process lines) are DEBUG lines,
+as are the "setup plugin …" lines Alembic logs as it is imported; ``LOG_LEVEL=DEBUG`` shows them.
+A uvicorn server whose lines would repeat another's (the admin server beside the public one, the
+children of ``web --workers N``, for whom the supervisor speaks) runs under :func:`quiet_uvicorn`:
+its INFO lines are dropped, its warnings and errors kept.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -23,6 +33,38 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
         if key != "event" and any(word in key.lower() for word in _SECRET_WORDS):
             event_dict[key] = "[redacted]"
     return event_dict
+
+
+#: uvicorn's INFO lines about a server's own life rather than what it serves (matched on the
+#: message's template: some are ``%d`` templates, some are formatted already).
+_UVICORN_LIFECYCLE = re.compile(
+    r"(Started|Finished|Stopping) (server|parent) process"
+    r"|Waiting for application (startup|shutdown)\.|Application (startup|shutdown) complete\."
+    r"|(Waiting for|Terminated) child process"
+)
+#: Loggers whose INFO lines are noise to an operator: Alembic names each plugin it sets up on import.
+_DEBUG_ONLY_LOGGERS = ("alembic.runtime.plugins",)
+_uvicorn_quiet: contextvars.ContextVar[bool] = contextvars.ContextVar("uvicorn_quiet", default=False)
+
+
+def quiet_uvicorn() -> None:
+    """Drop uvicorn's INFO lines in the current context (and the tasks it starts from now on):
+    for a server whose lines would repeat another's. Warnings and errors still go out."""
+    _uvicorn_quiet.set(True)
+
+
+class _UvicornLines(logging.Filter):
+    """On ``uvicorn.error``: lifecycle lines become DEBUG lines; a quiet server's INFO lines go."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO:
+            return True
+        if _uvicorn_quiet.get():
+            return False
+        if _UVICORN_LIFECYCLE.match(str(record.msg)):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
@@ -61,6 +103,11 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(numeric)
     # httpx logs every request URL at INFO; our own lines already say what was called and why.
     logging.getLogger("httpx").setLevel(max(numeric, logging.WARNING))
+    for name in _DEBUG_ONLY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if numeric <= logging.DEBUG else logging.WARNING)
+    uvicorn = logging.getLogger("uvicorn.error")
+    uvicorn.filters[:] = [f for f in uvicorn.filters if not isinstance(f, _UvicornLines)]
+    uvicorn.addFilter(_UvicornLines())
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

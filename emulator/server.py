@@ -23,8 +23,11 @@ DEFAULT_PORT = 8787
 
 
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, config: EmulatorConfig | None = None) -> None:
-    """Serve the emulator with uvicorn until interrupted (Ctrl-C or SIGTERM)."""
-    uvicorn.run(create_app(config), host=host, port=port, lifespan="off", ws="none", access_log=False)
+    """Serve the emulator with uvicorn until interrupted (Ctrl-C or SIGTERM). The caller says where it
+    serves; uvicorn's lines about its own life would only repeat the web's, so only its warnings show."""
+    uvicorn.run(
+        create_app(config), host=host, port=port, lifespan="off", ws="none", access_log=False, log_level="warning"
+    )
 
 
 @contextmanager

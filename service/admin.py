@@ -61,7 +61,7 @@ def create_admin_app(settings: Settings, web_status: WebStatus | None = None) ->
             await redis.aclose()
             await redis.connection_pool.disconnect()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/readyz", health.readyz, methods=["GET"]),
             Route("/metrics", health.metrics, methods=["GET"]),
@@ -69,3 +69,5 @@ def create_admin_app(settings: Settings, web_status: WebStatus | None = None) ->
         exception_handlers={HTTPException: http_exception, Exception: unexpected_exception},
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # no Location built from the Host header (service/app.py)
+    return app

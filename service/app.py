@@ -157,7 +157,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await redis.connection_pool.disconnect()
             await connect.aclose()
 
-    return IngestApp(
+    app = IngestApp(
         endpoint,
         routes=[
             Route(WEBHOOK_PATH, endpoint, methods=["POST"]),
@@ -167,3 +167,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers={HTTPException: http_exception, Exception: unexpected_exception},
         lifespan=lifespan,
     )
+    # Starlette redirects a path with a trailing slash to its twin, building the Location from the
+    # request's Host header: an open redirect. Every path here is exact; anything else is a 404.
+    app.router.redirect_slashes = False
+    return app

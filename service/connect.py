@@ -82,8 +82,11 @@ from service.responses import error_response
 
 log = get_logger("smartcar_ingest.connect")
 
-#: The cookie a browser-bound state is bound to (HttpOnly, SameSite=Lax, scoped to the callback's directory).
+#: The cookie a browser-bound state is bound to (HttpOnly, SameSite=Lax). Behind https it is a
+#: ``__Host-`` cookie (Secure, Path=/, no Domain: no subdomain or plain-http page can set it);
+#: only a plain-http callback (local development) uses the bare name, scoped to the callback's directory.
 BINDING_COOKIE = "smartcar_connect"
+HOST_BINDING_COOKIE = "__Host-" + BINDING_COOKIE
 # Smartcar user ids are UUIDs; this admits them (and test ids) and nothing that needs escaping.
 _SMARTCAR_ID = re.compile(r"[A-Za-z0-9._~-]{1,36}")
 # The page may be bookmarked or proxied: a state or an id must not be cached anywhere.
@@ -127,14 +130,15 @@ def _plain(value: str | None) -> str:
     return text[:_CONNECT_DETAIL_LIMIT]
 
 
-def binding_cookie_scope(redirect_uri: str | None) -> tuple[str, bool]:
-    """``(path, secure)`` of the binding cookie: the callback's directory (``/connect``), and
-    Secure unless the callback itself is plain http (local development)."""
-    if redirect_uri is None:
-        return "/connect", True
-    parts = urlsplit(redirect_uri)
+def binding_cookie_scope(redirect_uri: str | None) -> tuple[str, str, bool]:
+    """``(name, path, secure)`` of the binding cookie: :data:`HOST_BINDING_COOKIE` on ``/``, Secure,
+    unless the callback itself is plain http (local development), where browsers refuse ``__Host-``:
+    then :data:`BINDING_COOKIE` on the callback's directory."""
+    parts = urlsplit(redirect_uri or "")
+    if parts.scheme != "http":
+        return HOST_BINDING_COOKIE, "/", True
     path = posixpath.dirname(parts.path)
-    return (path if path.startswith("/") else "/"), parts.scheme != "http"
+    return BINDING_COOKIE, (path if path.startswith("/") else "/"), False
 
 
 class ConnectEndpoints:
@@ -145,7 +149,7 @@ class ConnectEndpoints:
         self._redis = redis
         self._keys = state_keys(settings)
         self._release = redis.register_script(_RELEASE)
-        self._cookie_path, self._cookie_secure = binding_cookie_scope(settings.connect_redirect_uri)
+        self._cookie_name, self._cookie_path, self._cookie_secure = binding_cookie_scope(settings.connect_redirect_uri)
         self._store: UserStore | None = None
         self._lock = threading.Lock()
         self._http: httpx.AsyncClient | None = None
@@ -207,7 +211,7 @@ class ConnectEndpoints:
         if "error" in query:
             return self._connect_failed(query)
         try:
-            state = verify_state(self._keys, query.get("state"), request.cookies.get(BINDING_COOKIE))
+            state = verify_state(self._keys, query.get("state"), request.cookies.get(self._cookie_name))
         except InvalidConnectState as exc:
             return _error(400, exc.code, exc.message)
         smartcar_user_id = (query.get("user_id") or query.get("userId") or "").strip()
@@ -233,7 +237,7 @@ class ConnectEndpoints:
             await self._unspend(key, claim)
         elif response.status_code == 200 and state.bound:
             response.delete_cookie(
-                BINDING_COOKIE, path=self._cookie_path, secure=self._cookie_secure, httponly=True, samesite="lax"
+                self._cookie_name, path=self._cookie_path, secure=self._cookie_secure, httponly=True, samesite="lax"
             )
         return response
 
@@ -309,7 +313,7 @@ class ConnectEndpoints:
         log.info("connect start", user_id=int(raw))
         response = RedirectResponse(link.url, status_code=302, headers=_NO_STORE)
         response.set_cookie(
-            BINDING_COOKIE,
+            self._cookie_name,
             binding,
             max_age=self._settings.connect_state_ttl_seconds,
             path=self._cookie_path,

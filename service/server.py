@@ -59,7 +59,7 @@ from uvicorn.supervisors import Multiprocess
 
 from core.config import Settings
 from core.errors import ConfigurationError
-from core.logs import get_logger
+from core.logs import get_logger, quiet_uvicorn
 
 log = get_logger("smartcar_ingest.server")
 
@@ -113,6 +113,15 @@ class WebConfig(uvicorn.Config):
         )
         self.header_timeout_seconds = settings.header_timeout_seconds
         self.max_header_bytes = settings.max_header_bytes
+        #: Set on the config of ``--workers`` children, where it travels: their uvicorn INFO lines
+        #: would repeat each other's, and the supervisor speaks for them.
+        self.quiet = False
+
+    def configure_logging(self) -> None:
+        """uvicorn's own step (it runs first thing in each ``--workers`` child), then quiet if asked."""
+        super().configure_logging()
+        if getattr(self, "quiet", False):
+            quiet_uvicorn()
 
 
 class _Refused(Exception):
@@ -300,11 +309,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 
 class _AdminServer(uvicorn.Server):
-    """A uvicorn server that leaves signals to the public server (or supervisor) beside it."""
+    """A uvicorn server that leaves signals to the public server (or supervisor) beside it, and its
+    INFO lines too: they would say again, word for word, what the public server's say."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        quiet_uvicorn()  # in this server's own task (or thread): the public server is not affected
+        await super().serve(sockets)
 
 
 def public_config(app: Starlette | str, settings: Settings, options: ServeOptions) -> WebConfig:
@@ -404,6 +418,7 @@ def _serve_processes(settings: Settings, options: ServeOptions, admin_socket: so
     from service.admin import create_admin_app
 
     config = public_config("service.app:create_app", settings, options)
+    config.quiet = True  # for the children, which set it up again from this config
     supervisor = Multiprocess(config, sockets=[config.bind_socket()])
 
     def web_status() -> str | None:

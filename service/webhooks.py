@@ -49,6 +49,10 @@ SPOOL_ONLY_SECONDS = 1.0
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _UNAVAILABLE_HEADERS = [*_JSON_HEADERS, (b"retry-after", RETRY_AFTER_SECONDS.encode())]
 _CONTENT_LENGTH = b"content-length"
+#: The largest unsigned body read for a VERIFY challenge. A VERIFY is a few hundred bytes (a
+#: challenge of at most 256 characters, ids and meta); anything larger that fails the signature is
+#: refused unread, so an unsigned request costs what any rejected one costs.
+UNSIGNED_VERIFY_MAX_BYTES = 4096
 
 _OUTCOME_ACCEPTED = metrics.DELIVERIES.labels(outcome="accepted")
 _OUTCOME_DUPLICATE = metrics.DELIVERIES.labels(outcome="duplicate")
@@ -341,7 +345,9 @@ class WebhookEndpoint:
 
 
 def _unsigned_challenge(body: bytes) -> str | None:
-    """The challenge of a body that claims to be a VERIFY, or None (never raises)."""
+    """The challenge of a small body that claims to be a VERIFY, or None (never raises)."""
+    if len(body) > UNSIGNED_VERIFY_MAX_BYTES:
+        return None
     try:
         document = events.load_json(body)
     except MalformedBody:

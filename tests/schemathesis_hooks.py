@@ -4,10 +4,10 @@ Load with ``SCHEMATHESIS_HOOKS=tests.schemathesis_hooks`` (the checkout on ``PYT
 ``SMARTCAR_MANAGEMENT_TOKEN`` set to the instance's token (its first entry signs). For every
 ``POST /webhooks/smartcar`` case:
 
-* an ``SC-Signature`` that fits the document (64 hex digits, what positive generation makes) is
-  replaced by the real signature of the body;
-* any other value (negative generation) is sent as generated, and so is a missing header: those
-  cases explore the 401 and the unsigned VERIFY answer.
+* an ``SC-Signature`` of a signature's form (64 hex digits, the first form the document gives
+  the header) is replaced by the real signature of the body;
+* any other value (the document's second form, "read as no signature") is sent as generated,
+  and so is a missing header: those cases explore the 401 and the unsigned VERIFY answer.
 
 The signature is computed by a ``requests`` auth hook on the prepared request, which runs after
 the body has been serialised: it signs the exact bytes that go on the wire, whatever serializer
@@ -28,7 +28,7 @@ import schemathesis
 
 WEBHOOK_PATH = "/webhooks/smartcar"
 SIGNATURE_HEADER = "SC-Signature"
-#: What the document allows for the header; a generated value of this shape means "sign me".
+#: A signature's form, as the document gives it; a generated value of this form means "sign me".
 SIGN_ME = re.compile(r"[0-9a-fA-F]{64}")
 
 

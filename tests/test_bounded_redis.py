@@ -102,15 +102,15 @@ def test_a_duplicate_is_caught_across_slot_boundaries_until_the_ttl_then_forgott
     async def scenario(client: AsyncRedis) -> dict[str, Any]:
         box = inbox(client, ttl, clock)
         start = clock.now
-        seen = {"first": await box.accept("evt-kept", "VEHICLE_STATE", "{}", 0), "repeats": []}
+        seen = {"first": await box.accept("ev-kept", "VEHICLE_STATE", "{}", 0), "repeats": []}
         # Through every slot boundary up to one second before the TTL, with other traffic in between.
         for offset in (1, width - 1, width + 1, 2 * width + 7, 3 * width, 5 * width + 30, ttl - width, ttl - 1):
             clock.now = start + offset
             await box.accept(f"other-{offset}", "VEHICLE_STATE", "{}", 0)
-            seen["repeats"].append(await box.accept("evt-kept", "VEHICLE_STATE", "{}", 0))
+            seen["repeats"].append(await box.accept("ev-kept", "VEHICLE_STATE", "{}", 0))
         # Past the TTL and the rest of its slot, the eventId is forgotten: accepted again.
         clock.now = start + ttl + width
-        seen["after"] = await box.accept("evt-kept", "VEHICLE_STATE", "{}", 0)
+        seen["after"] = await box.accept("ev-kept", "VEHICLE_STATE", "{}", 0)
         return seen
 
     seen = run(redis_url, scenario)
@@ -129,16 +129,16 @@ def test_marks_expire_in_redis_a_slot_at_a_time_never_before_the_ttl(redis_url, 
     started = time.monotonic()
 
     async def accept(client: AsyncRedis) -> bool:
-        return await inbox(client, ttl).accept("evt-short", "VEHICLE_STATE", "{}", 0)
+        return await inbox(client, ttl).accept("ev-short", "VEHICLE_STATE", "{}", 0)
 
     assert run(redis_url, accept) is True
     marks = event_marks(ttl)
-    assert recall(redis_client, marks, "evt-short") == ACCEPTED
+    assert recall(redis_client, marks, "ev-short") == ACCEPTED
     keys = family_hashes(redis_client)
     assert keys
     assert all(0 < redis_client.ttl(key) <= ttl + slot_width(ttl) for key in keys)
     deadline = time.monotonic() + 30
-    while recall(redis_client, marks, "evt-short") is not None:
+    while recall(redis_client, marks, "ev-short") is not None:
         assert time.monotonic() < deadline, "the mark was never forgotten"
         time.sleep(0.05)
     assert time.monotonic() - started >= ttl  # forgotten, but not before the TTL
@@ -241,13 +241,13 @@ def test_publish_turns_the_accept_mark_into_published_once(redis_url, redis_clie
     async def scenario(client: AsyncRedis) -> dict[str, Any]:
         box = inbox(client)
         output = OutputStream(client, "out", WEEK)
-        await box.accept("evt-p", "VEHICLE_STATE", "{}", 0)
-        before = await output.was_published("evt-p")
-        first = await output.publish("evt-p", {"event_id": "evt-p"})
-        again = await output.publish("evt-p", {"event_id": "evt-p"})
-        after = await output.was_published("evt-p")
-        raced = await asyncio.gather(*(output.publish("evt-replayed", {"event_id": "evt-replayed"}) for _ in range(20)))
-        redelivered = await box.accept("evt-p", "VEHICLE_STATE", "{}", 0)
+        await box.accept("ev-p", "VEHICLE_STATE", "{}", 0)
+        before = await output.was_published("ev-p")
+        first = await output.publish("ev-p", {"event_id": "ev-p"})
+        again = await output.publish("ev-p", {"event_id": "ev-p"})
+        after = await output.was_published("ev-p")
+        raced = await asyncio.gather(*(output.publish("ev-replayed", {"event_id": "ev-replayed"}) for _ in range(20)))
+        redelivered = await box.accept("ev-p", "VEHICLE_STATE", "{}", 0)
         return {"before": before, "first": first, "again": again, "after": after, "raced": raced, "redo": redelivered}
 
     outcome = run(redis_url, scenario)
@@ -257,8 +257,8 @@ def test_publish_turns_the_accept_mark_into_published_once(redis_url, redis_clie
     assert outcome["after"] is True
     assert sum(entry is not None for entry in outcome["raced"]) == 1
     assert outcome["redo"] is False
-    assert recall(redis_client, event_marks(WEEK), "evt-p") == PUBLISHED
-    assert [f[b"event_id"] for _, f in redis_client.xrange("out")] == [b"evt-p", b"evt-replayed"]
+    assert recall(redis_client, event_marks(WEEK), "ev-p") == PUBLISHED
+    assert [f[b"event_id"] for _, f in redis_client.xrange("out")] == [b"ev-p", b"ev-replayed"]
     # One mark per event, published or not: two events, two fields.
     assert sum(redis_client.hlen(k) for k in family_hashes(redis_client)) == 2
 
@@ -267,15 +267,15 @@ def test_a_parked_mark_parks_once_across_slots_and_replay_clears_it(redis_url, r
     """The parked mark (a digest of reason and body) in the compact marks: a repeat three slots
     later parks nothing, a different body parks again, and replay clears the mark with the entry."""
     clock = Clock()
-    body = '{"eventId":"evt-k","eventType":"VEHICLE_STATE"}'
+    body = '{"eventId":"ev-k","eventType":"VEHICLE_STATE"}'
 
     async def scenario(client: AsyncRedis) -> list[Any]:
         parked = ParkedStream(client, "smartcar:parked", WEEK, clock=clock)
-        first = await parked.park("evt-k", "unknown_user", "No user.", body)
+        first = await parked.park("ev-k", "unknown_user", "No user.", body)
         clock.now += 3 * DAY
-        repeat = await parked.park("evt-k", "unknown_user", "No user.", body)
-        other = await parked.park("evt-k", "unknown_user", "No user.", body.replace("}", ',"v":2}'))
-        back = await parked.park("evt-k", "unknown_user", "No user.", body)  # the first body again: a new fact
+        repeat = await parked.park("ev-k", "unknown_user", "No user.", body)
+        other = await parked.park("ev-k", "unknown_user", "No user.", body.replace("}", ',"v":2}'))
+        back = await parked.park("ev-k", "unknown_user", "No user.", body)  # the first body again: a new fact
         report = await replay_parked(client, JobOptions("q"), "smartcar:parked", reason="unknown_user", limit=1)
         return [first, repeat, other, back, report.requeued]
 
@@ -285,7 +285,7 @@ def test_a_parked_mark_parks_once_across_slots_and_replay_clears_it(redis_url, r
     assert other is not None
     assert back is not None
     assert requeued == 1
-    assert recall(redis_client, parked_marks(WEEK), "evt-k") is None
+    assert recall(redis_client, parked_marks(WEEK), "ev-k") is None
     assert redis_client.xlen("smartcar:parked") == 2
 
 
@@ -417,12 +417,12 @@ def test_replay_enqueues_with_the_configured_result_ttl(redis_url, redis_client)
 
     async def park(client: AsyncRedis) -> None:
         await ParkedStream(client, settings.parked_stream, WEEK).park(
-            "evt-r", "unknown_user", "No user.", json.dumps({"eventId": "evt-r", "eventType": "VEHICLE_STATE"})
+            "ev-r", "unknown_user", "No user.", json.dumps({"eventId": "ev-r", "eventType": "VEHICLE_STATE"})
         )
 
     run(redis_url, park)
     assert replay(settings, reason=None, limit=None) == 0
-    assert Job.fetch("evt-r", connection=redis_client).result_ttl == 7
+    assert Job.fetch("ev-r", connection=redis_client).result_ttl == 7
 
 
 # --- memory as a health signal ----------------------------------------------------------------

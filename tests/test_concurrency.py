@@ -89,3 +89,47 @@ def test_a_worker_with_more_jobs_in_flight_than_redis_pys_default_pool_requeues_
     logs = worker.stdout + worker.stderr
     assert "MaxConnectionsError" not in logs
     assert "requeued" not in logs
+
+
+def test_redis_steps_held_by_an_outage_leave_lookups_and_housekeeping_free(pipeline):
+    """During an outage, up to 256 give-backs may each wait for Redis on a thread. They wait on the
+    worker's own few step threads: a user lookup (the default thread pool) and the housekeeping
+    tick (a thread of its own) still run at once, and the steps wait their turn."""
+    import threading
+
+    import redis as sync_redis
+
+    from workers.steps import STEP_THREADS
+    from workers.worker import AsyncWorker
+
+    connection = sync_redis.Redis.from_url(pipeline.redis_url)
+    queue = Queue(pipeline.ingest_queue, connection=connection, serializer=JSONSerializer)
+    outage = threading.Event()
+    started = threading.Semaphore(0)
+
+    def give_back_during_an_outage() -> str:
+        started.release()
+        outage.wait(timeout=30)
+        return "given back"
+
+    async def scenario() -> tuple[str, str, list[str]]:
+        worker = AsyncWorker(pipeline, connection, queue, concurrency=8)
+        try:
+            steps = [asyncio.ensure_future(worker.steps.blocking(give_back_during_an_outage)) for _ in range(256)]
+            for _ in range(STEP_THREADS):
+                await asyncio.to_thread(started.acquire)
+            lookup = await asyncio.wait_for(asyncio.to_thread(lambda: "user found"), timeout=10)
+            tick = await asyncio.wait_for(worker.steps.blocking(lambda: "ticked", housekeeping=True), timeout=10)
+            outage.set()
+            return lookup, tick, await asyncio.gather(*steps)
+        finally:
+            outage.set()
+            worker.steps.close()
+            await worker.redis.aclose()
+
+    try:
+        lookup, tick, given_back = asyncio.run(scenario())
+    finally:
+        connection.close()
+    assert (lookup, tick) == ("user found", "ticked")
+    assert given_back == ["given back"] * 256

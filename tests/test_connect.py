@@ -29,7 +29,7 @@ from core.errors import (
 from core.store import db
 from core.store.users import UserStore
 from service.app import create_app
-from service.connect import BINDING_COOKIE
+from service.connect import BINDING_COOKIE, HOST_BINDING_COOKIE
 from service.connect_state import connect_link, connection_created_at, issue_state, state_keys, verify_state
 from tests.conftest import OLD_TOKEN
 from tests.pipeline import CLIENT_ID, CLIENT_SECRET, inject
@@ -511,16 +511,29 @@ def test_start_redirects_to_connect_with_a_bound_state_and_a_strict_cookie(web):
         verify_state(keys, state, binding + "x")
 
 
-def test_start_cookie_is_secure_when_the_callback_is_https(settings, emulator, store):
-    """With an https CONNECT_REDIRECT_URI the binding cookie carries Secure, and its path follows the callback's."""
+def test_start_cookie_is_a_host_cookie_when_the_callback_is_https(settings, emulator, store):
+    """With an https CONNECT_REDIRECT_URI the binding cookie is ``__Host-``: Secure, Path=/, no Domain, so
+    no sibling subdomain or plain-http page can plant or overwrite it."""
     configured = smartcar_settings(
         settings, emulator, connect_redirect_uri="https://example.test/ingest/connect/callback"
     )
     with LiveServer(create_app(configured)) as server:
         response = httpx.get(f"{server.url}/connect/start", params={"user": "1"})
     assert response.status_code == 302
-    assert "Secure" in response.headers["set-cookie"]
-    assert "Path=/ingest/connect" in response.headers["set-cookie"]
+    cookie = response.headers["set-cookie"]
+    assert cookie.startswith(f"{HOST_BINDING_COOKIE}=")
+    assert HOST_BINDING_COOKIE.startswith("__Host-")
+    assert "Secure" in cookie
+    assert "Path=/;" in cookie or cookie.endswith("Path=/")
+    assert "Domain" not in cookie
+
+
+@pytest.mark.parametrize("path", ["/connect/callback/", "/healthz/", "/webhooks/smartcar/"])
+def test_a_trailing_slash_is_never_redirected_to_the_host_the_request_named(web, path):
+    """Starlette's slash redirect built its Location from the Host header: an open redirect to any host."""
+    response = httpx.get(f"{web.url}{path}", params={"state": "x"}, headers={"Host": "evil.example"})
+    assert "evil.example" not in response.headers.get("location", "")
+    assert response.status_code == 404
 
 
 def test_start_enabled_without_connect_settings_refuses_to_start(settings):

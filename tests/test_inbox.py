@@ -67,16 +67,16 @@ def test_inbox_writes_the_hash_rqs_job_writes(redis_url, redis_client):
 @pytest.mark.process
 def test_rq_reads_an_inbox_job_like_one_it_enqueued_itself(redis_url, redis_client):
     """RQ fetches a job written by the inbox with the function, args, options and status of its own enqueue."""
-    ours = job_payload("evt-2", "VEHICLE_ERROR", '{"a":"b \\"quoted\\" é"}', 456)
+    ours = job_payload("ev-2", "VEHICLE_ERROR", '{"a":"b \\"quoted\\" é"}', 456)
     odd = job_payload("evt:3/ü", "VEHICLE_STATE", "{}", 789)  # not a valid RQ id: a digest stands in
     assert accept(redis_url, ours, odd) == [True, True]
     queue = Queue(OPTIONS.queue, connection=redis_client, serializer=JSONSerializer)
-    theirs = job_payload("evt-4", "VEHICLE_ERROR", "{}", 1)
+    theirs = job_payload("ev-4", "VEHICLE_ERROR", "{}", 1)
     queue.enqueue(
         PROCESS_EVENT,
         theirs,
-        job_id="evt-4",
-        description="process_event(VEHICLE_ERROR evt-4)",
+        job_id="ev-4",
+        description="process_event(VEHICLE_ERROR ev-4)",
         job_timeout=OPTIONS.timeout_seconds,
         result_ttl=OPTIONS.result_ttl_seconds,
         failure_ttl=OPTIONS.failure_ttl_seconds,
@@ -99,7 +99,7 @@ def test_rq_reads_an_inbox_job_like_one_it_enqueued_itself(redis_url, redis_clie
             job.get_status(),
         )
 
-    reference = fetched("evt-4")
+    reference = fetched("ev-4")
     assert seen_by_rq(reference) == (
         PROCESS_EVENT,
         {},
@@ -118,7 +118,7 @@ def test_rq_reads_an_inbox_job_like_one_it_enqueued_itself(redis_url, redis_clie
         assert job.description == f"process_event({payload['eventType']} {payload['eventId']})"
         assert job.enqueued_at is not None
         assert job.created_at is not None
-    assert queue.job_ids == ["evt-2", job_id_for("evt:3/ü"), "evt-4"]
+    assert queue.job_ids == ["ev-2", job_id_for("evt:3/ü"), "ev-4"]
 
     result = subprocess.run(
         [sys.executable, "-m", "rq.cli", "info", "--url", redis_url, "--only-queues", "--raw", OPTIONS.queue],

@@ -439,13 +439,20 @@ def test_status_screen_shows_workers_and_their_jobs(pipeline, redis_client, monk
     redis_client.xadd("smartcar:parked", {"event_id": "e", "reason": "legacy_v2", "detail": "d", "payload": "{}"})
     capsys.readouterr()
     try:
+        assert run_status(monkeypatch, tmp_path, pipeline, "--json") == 0
+        [reported] = json.loads(capsys.readouterr().out)["workers"]
         assert run_status(monkeypatch, tmp_path, pipeline) == 0
     finally:
         worker.register_death()
+    assert reported["jobsInFlight"] == 2
     screen = capsys.readouterr().out
     assert "smartcar-events: 0 waiting" in screen
     [row] = [line for line in screen.splitlines() if "worker-a" in line]
     assert row.split()[:3] == ["worker-a", "busy", "2"]
+    # The count is of jobs in flight, not of jobs run (it reads 0 once they are done): the header says so.
+    [header] = [line for line in screen.splitlines() if line.split()[:1] == ["NAME"]]
+    assert header.split() == ["NAME", "STATE", "IN", "FLIGHT", "HEARTBEAT"]
+    assert header.index("IN FLIGHT") + len("IN FLIGHT") == row.index(" 2 ") + 2  # right-aligned over its counts
     assert row.endswith("s ago")
     assert "smartcar:parked: 1 entry (legacy_v2 1)" in screen
     assert "no consumer groups" in screen

@@ -40,8 +40,8 @@ def test_a_retried_park_of_the_same_event_is_kept_once(redis_url, redis_client):
 
     async def scenario(redis):
         parked = ParkedStream(redis, STREAM, 60)
-        first = await parked.park("evt-1", "unknown_user", "No internal user.", '{"eventId":"evt-1"}')
-        again = await parked.park("evt-1", "unknown_user", "No internal user.", '{"eventId":"evt-1"}')
+        first = await parked.park("ev-1", "unknown_user", "No internal user.", '{"eventId":"ev-1"}')
+        again = await parked.park("ev-1", "unknown_user", "No internal user.", '{"eventId":"ev-1"}')
         return first, again
 
     first, again = run(redis_url, scenario)
@@ -56,7 +56,7 @@ def test_concurrent_parks_of_one_event_write_one_entry(redis_url, redis_client):
     async def scenario(redis):
         inbox = Inbox(redis, JobOptions("q"), STREAM, 60)
         return await asyncio.gather(
-            *(inbox.park("evt-race", "invalid_payload", "Bad.", '{"eventId":"evt-race"}') for _ in range(20))
+            *(inbox.park("ev-race", "invalid_payload", "Bad.", '{"eventId":"ev-race"}') for _ in range(20))
         )
 
     results = run(redis_url, scenario)
@@ -70,8 +70,8 @@ def test_web_and_worker_parks_of_one_event_with_different_reasons_are_both_kept(
     async def scenario(redis):
         web = Inbox(redis, JobOptions("q"), STREAM, 60)
         worker = ParkedStream(redis, STREAM, 60)
-        await web.park("evt-2", "invalid_payload", "Bad.", '{"eventId":"evt-2","data":1}')
-        return await worker.park("evt-2", "unknown_user", "No user.", '{"eventId":"evt-2","data":{}}')
+        await web.park("ev-2", "invalid_payload", "Bad.", '{"eventId":"ev-2","data":1}')
+        return await worker.park("ev-2", "unknown_user", "No user.", '{"eventId":"ev-2","data":{}}')
 
     assert run(redis_url, scenario) is not None
     assert [e["reason"] for e in entries(redis_client)] == ["invalid_payload", "unknown_user"]
@@ -82,8 +82,8 @@ def test_same_reason_with_a_different_body_is_kept(redis_url, redis_client):
 
     async def scenario(redis):
         parked = ParkedStream(redis, STREAM, 60)
-        await parked.park("evt-3", "invalid_payload", "Bad.", '{"eventId":"evt-3","v":1}')
-        return await parked.park("evt-3", "invalid_payload", "Bad.", '{"eventId":"evt-3","v":2}')
+        await parked.park("ev-3", "invalid_payload", "Bad.", '{"eventId":"ev-3","v":1}')
+        return await parked.park("ev-3", "invalid_payload", "Bad.", '{"eventId":"ev-3","v":2}')
 
     assert run(redis_url, scenario) is not None
     assert len(entries(redis_client)) == 2
@@ -91,33 +91,41 @@ def test_same_reason_with_a_different_body_is_kept(redis_url, redis_client):
 
 def test_a_replayed_event_that_fails_again_is_parked_again(redis_url, redis_client):
     """Replay clears the parked mark with the entry: the re-run's identical park must not vanish."""
-    body = '{"eventId":"evt-4","eventType":"VEHICLE_STATE"}'
+    body = '{"eventId":"ev-4","eventType":"VEHICLE_STATE"}'
     options = JobOptions("q")
 
     async def scenario(redis):
         parked = ParkedStream(redis, STREAM, 60)
-        await parked.park("evt-4", "unknown_user", "No user.", body)
+        await parked.park("ev-4", "unknown_user", "No user.", body)
         report = await replay_parked(redis, options, STREAM)
-        assert await recall_async(redis, parked_marks(60), "evt-4") is None
-        again = await parked.park("evt-4", "unknown_user", "No user.", body)
+        assert await recall_async(redis, parked_marks(60), "ev-4") is None
+        again = await parked.park("ev-4", "unknown_user", "No user.", body)
         return report, again
 
     report, again = run(redis_url, scenario)
     assert report.requeued == 1
     assert again is not None
     assert len(entries(redis_client)) == 1  # the first entry left with the replay; the second is the re-park
-    job = Job.fetch("evt-4", connection=redis_client, serializer=JSONSerializer)
+    job = Job.fetch("ev-4", connection=redis_client, serializer=JSONSerializer)
     assert job.args[0]["body"] == body
 
 
-def test_parks_without_an_event_id_are_all_kept(redis_url, redis_client):
-    """Nothing to deduplicate by: every such delivery is its own entry."""
+def test_parks_without_an_event_id_are_kept_once_per_body(redis_url, redis_client):
+    """No eventId to deduplicate by: the body's own digest is the mark, so a repeat of the same bytes
+    is kept once (a replayed legacy delivery cannot fill the stream) and every other body is kept."""
 
     async def scenario(redis):
         parked = ParkedStream(redis, STREAM, 60)
-        return [await parked.park(None, "invalid_payload", "Bad.", "{}") for _ in range(3)]
+        repeats = [await parked.park(None, "invalid_payload", "Bad.", "{}") for _ in range(3)]
+        other = await parked.park(None, "invalid_payload", "Bad.", '{"other": 1}')
+        other_reason = await parked.park(None, "legacy_v2", "Old.", "{}")
+        return repeats, other, other_reason
 
-    assert None not in run(redis_url, scenario)
+    repeats, other, other_reason = run(redis_url, scenario)
+    assert repeats[0] is not None
+    assert repeats[1:] == [None, None]
+    assert other is not None
+    assert other_reason is not None
     assert len(entries(redis_client)) == 3
 
 
@@ -125,7 +133,7 @@ def test_a_body_with_a_lone_surrogate_is_parked_as_its_escape(redis_url, redis_c
     """Text Redis cannot store (a lone surrogate from a JSON escape) is written as its escape, from either side."""
 
     async def scenario(redis):
-        return await ParkedStream(redis, STREAM, 60).park("evt-5", "invalid_payload", "Bad.", '{"x":"\ud800"}')
+        return await ParkedStream(redis, STREAM, 60).park("ev-5", "invalid_payload", "Bad.", '{"x":"\ud800"}')
 
     assert run(redis_url, scenario) is not None
     assert entries(redis_client)[0]["payload"] == '{"x":"\\ud800"}'

@@ -9,6 +9,7 @@ worker processes have; Redis is all they share.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -363,6 +364,29 @@ def test_a_read_whose_worker_died_is_claimed_again_after_its_lease(redis_url, re
         return got.source
 
     assert run(redis_url, scenario, clients=2) == "fetched"
+    assert upstream.calls == 1
+
+
+def test_a_cancelled_read_releases_its_claim_at_once(redis_url, redis_client):
+    """A read cancelled in flight (its worker stopping) gives its claim back, without recording a
+    failure: another process claims the read at once instead of polling out a 55 s lease."""
+    upstream = Upstream()
+
+    async def scenario(first: Redis, second: Redis) -> tuple[str, bool]:
+        stopping = ReadCache(first, lease_seconds=55)
+        never: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        caller = asyncio.ensure_future(stopping.read(KEY, now_ms(), WINDOW_MS, lambda: never))
+        await asyncio.sleep(0.1)
+        assert redis_client.hget(KEY, "claim") is not None
+        [in_flight] = stopping._local.values()
+        in_flight.cancel()  # what the loop's shutdown does to the read's own task
+        with contextlib.suppress(asyncio.CancelledError):
+            await caller
+        alive = ReadCache(second, lease_seconds=10)
+        got = await asyncio.wait_for(alive.read(KEY, now_ms() - 1000, WINDOW_MS, upstream.fetch), timeout=20)
+        return got.source, redis_client.hget(KEY, "error") is None
+
+    assert run(redis_url, scenario, clients=2) == ("fetched", True)
     assert upstream.calls == 1
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis
 from pydantic import SecretStr
@@ -47,3 +49,51 @@ def test_unreachable_redis_at_startup_does_not_stop_the_web():
     with TestClient(create_app(settings)) as client, TestClient(create_admin_app(settings)) as admin:
         assert client.get("/healthz").status_code == 200
         assert admin.get("/readyz").status_code == 503
+
+
+def test_a_worker_redis_call_tries_twice_and_leaves_the_waiting_to_one_policy():
+    """One call on the worker's client, against a Redis that drops every command, is sent twice at
+    most (one immediate reconnect): every wait between tries is core.redis.outage's alone, so the
+    waits of two retry layers never multiply (redis-py's own five retries with backoff, each up to
+    a socket timeout, did)."""
+    import socket
+    import threading
+
+    from core.redis.clients import worker_redis
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    commands: list[bytes] = []
+
+    def drop_every_command() -> None:
+        """Answer the connection's handshake (CLIENT SETINFO), hang up on the command itself."""
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                while data := connection.recv(65536):
+                    if b"PING" in data:
+                        commands.append(data)
+                        break
+                    connection.sendall(b"+OK\r\n" * max(1, data.count(b"SETINFO")))
+
+    threading.Thread(target=drop_every_command, daemon=True).start()
+
+    async def one_call() -> None:
+        url = f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+        client = worker_redis(settings_for(url), max_connections=4)
+        try:
+            with pytest.raises(redis.ConnectionError):
+                await client.ping()
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(one_call())
+    finally:
+        listener.close()
+    print("commands sent:", len(commands))
+    assert 1 <= len(commands) <= 2

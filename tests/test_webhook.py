@@ -37,7 +37,7 @@ from service.admin import create_admin_app
 from service.app import WEBHOOK_PATH, IngestApp, create_app
 from service.deadlines import Deadlines
 from service.responses import http_exception, unexpected_exception
-from service.webhooks import WebhookConfig, WebhookEndpoint
+from service.webhooks import UNSIGNED_VERIFY_MAX_BYTES, WebhookConfig, WebhookEndpoint
 from tests.conftest import OLD_TOKEN, TOKEN, fixture_paths, load_fixture, signed_headers
 from tests.contracts import check_parked_entry
 from tests.examples import examples
@@ -126,6 +126,21 @@ def test_unsigned_verify_with_token_like_challenge_is_answered(client):
     response = client.post(URL, content=body, headers={"content-type": "application/json"})
     assert response.status_code == 200
     assert response.json()["challenge"] == answer_challenge(TOKEN.encode(), "3f1c9a-random-token")
+
+
+def test_a_large_unsigned_body_is_never_parsed_for_a_verify(client):
+    """An unsigned body larger than any VERIFY is refused unread (401): parsing 60 KB of nested arrays
+    for a challenge cost an attacker nothing and the endpoint 22 times a junk body's CPU."""
+    padding = ",".join(["[[[[[[[[[[1]]]]]]]]]]"] * 2_500)
+    document = sample_event("VERIFY", challenge="3f1c9a-random-token") | {"padding": json.loads(f"[{padding}]")}
+    body = encode(document)
+    assert len(body) > UNSIGNED_VERIFY_MAX_BYTES
+    response = client.post(URL, content=body, headers={"content-type": "application/json"})
+    assert_error(response, 401, "invalid_signature")
+    # The same VERIFY, small, is still answered.
+    small = encode(sample_event("VERIFY", challenge="3f1c9a-random-token"))
+    assert len(small) <= UNSIGNED_VERIFY_MAX_BYTES
+    assert client.post(URL, content=small, headers={"content-type": "application/json"}).status_code == 200
 
 
 def test_signing_oracle_attempt_is_refused(client, redis_client):
@@ -321,6 +336,29 @@ def test_parked_redelivery_is_not_parked_twice(client, redis_client):
         "duplicate": True,
     }
     assert len(parked(redis_client)) == 1
+
+
+def test_a_legacy_delivery_posted_again_and_again_is_parked_once(client, redis_client):
+    """A signed v2 delivery has neither an eventId nor a deliveredAt: its bytes' digest marks it, so
+    thirty posts of one capture leave one entry (each up to MAX_BODY_BYTES for the retention)."""
+    document = {"version": "2.0", "webhookId": "w", "eventName": "eventBased", "mode": "live", "payload": {"x": 1}}
+    answers = [post(client, document).json() for _ in range(30)]
+    assert answers[0] == {"status": "parked", "reason": "legacy_v2", "eventId": None}
+    assert all(answer.get("duplicate") is True for answer in answers[1:])
+    assert len(parked(redis_client)) == 1
+    other = dict(document, webhookId="w2")
+    assert "duplicate" not in post(client, other).json()
+    assert len(parked(redis_client)) == 2
+
+
+def test_an_event_id_shaped_like_another_ids_job_id_gets_its_own_job(client, redis_client):
+    """An unsafe eventId becomes a digest job id; a second event whose literal eventId is that digest
+    form must not be taken for a duplicate of the first and dropped."""
+    first = sample_event(event_id="order/42")
+    assert post(client, first).json()["status"] == "accepted"
+    second = sample_event(event_id=job_id_for("order/42"))
+    assert post(client, second).json() == {"status": "accepted", "eventId": job_id_for("order/42")}
+    assert len(queued_jobs(redis_client)) == 2
 
 
 def test_parking_an_event_id_does_not_block_a_valid_delivery_of_it(client, redis_client):
@@ -618,6 +656,7 @@ def test_replay_after_the_event_id_is_forgotten_is_refused(settings, redis_clien
     assert queued_jobs(redis_client) == []
 
 
+@pytest.mark.hypothesis  # Hypothesis runs inside: make drills runs it at the full count
 def test_what_the_edge_accepts_the_worker_parses_with_the_same_event_id(live, redis_client):
     """Property: for JSON-ish bodies, a 202 accepted at the edge means the worker parses the job to that eventId."""
     from hypothesis import HealthCheck, event, given, settings

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import zlib
 from pathlib import Path
 
 import redis
@@ -77,4 +79,35 @@ def test_a_job_hash_rq_cannot_load_is_refused_and_the_worker_goes_on(pipeline, r
     assert "unloadable" in FailedJobRegistry(pipeline.ingest_queue, connection=redis_client).get_job_ids()
     assert redis_client.hget(Job.key_for("unloadable"), "status") == b"failed"
     assert redis_client.hget(Job.key_for("unloadable"), "data") == b"{"
+    assert [entry["event_id"] for entry in outputs(redis_client)] == [event["eventId"]]
+
+
+def test_a_zlib_bomb_in_a_job_hash_is_refused_without_inflating_it(pipeline, redis_client):
+    """Anyone who can write to Redis can store a job whose data inflates a thousandfold (here 40 MB
+    from about 40 KB). The worker refuses it unread: it never holds the inflated bytes, parks nothing,
+    leaves the hash as found, and the next job still runs."""
+    import tracemalloc
+
+    body = '{"eventId":"bomb","eventType":"VEHICLE_STATE","padding":"' + "0" * 40_000_000 + '"}'
+    data = zlib.compress(
+        json.dumps([PROCESS_EVENT, None, [job_payload("bomb", "VEHICLE_STATE", body, 0)], {}]).encode()
+    )
+    del body
+    assert len(data) < 100_000
+    redis_client.hset(Job.key_for("bomb"), mapping={"created_at": "2026-12-06T00:00:00.000000Z", "data": data})
+    redis_client.rpush(f"rq:queue:{pipeline.ingest_queue}", "bomb")
+    event = sample_event()
+    queue = Queue(pipeline.ingest_queue, connection=redis_client, serializer=JSONSerializer)
+    queue.enqueue(PROCESS_EVENT, job_payload(event["eventId"], "VEHICLE_STATE", encode(event).decode(), 0))
+    tracemalloc.start()
+    try:
+        run_worker_burst(pipeline)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    print(f"traced peak while refusing the bomb: {peak} bytes")
+    assert peak < 20_000_000, f"the worker held {peak} bytes while refusing the job"
+    assert "bomb" in FailedJobRegistry(pipeline.ingest_queue, connection=redis_client).get_job_ids()
+    assert redis_client.hget(Job.key_for("bomb"), "data") == data
+    assert redis_client.xlen(pipeline.parked_stream) == 0
     assert [entry["event_id"] for entry in outputs(redis_client)] == [event["eventId"]]

@@ -73,11 +73,13 @@ def refuse_unreadable(connection: redis.Redis, queue: Queue, job_id: str, dequeu
         pipe.execute()
 
 
-def refuse_claimed(connection: redis.Redis, queue: Queue, held: Held, reason: str, dequeued: str) -> None:
+def refuse_claimed(
+    connection: redis.Redis, queue: Queue, held: Held, reason: str, dequeued: str, max_body_bytes: int
+) -> None:
     """Refuse a job this worker claimed: :func:`refuse`, or :func:`refuse_unreadable` when its hash
-    cannot even be loaded as an RQ job."""
+    cannot even be loaded as an RQ job, or is too large to load."""
     try:
-        job = held.job(connection)
+        job = held.job(connection, max_body_bytes)
     except Exception:
         refuse_unreadable(connection, queue, held.job_id, dequeued)
         return

@@ -35,6 +35,7 @@ back through RQ's public API, and fails if RQ's layout moves.
 from __future__ import annotations
 
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -164,6 +165,26 @@ return done
 """
 
 
+#: What a job's data holds beyond the delivery's body: the function, ids and options.
+JOB_ENVELOPE_BYTES = 65_536
+
+
+class OversizedJob(ValueError):
+    """A job hash whose data, stored or inflated, is larger than any delivery's job."""
+
+
+def _larger_than(raw: bytes, limit: int) -> bool:
+    """Whether ``raw``, or what RQ inflates it to (it reads data that is not zlib as it is), is
+    past ``limit`` bytes; inflates at most ``limit + 1`` bytes to tell."""
+    if len(raw) > limit:
+        return True
+    try:
+        inflated = zlib.decompressobj().decompress(raw, limit + 1)
+    except zlib.error:
+        return False
+    return len(inflated) > limit
+
+
 @dataclass
 class Held:
     """One job this worker took from the queue: its id, raw hash and, once started, its execution."""
@@ -200,8 +221,19 @@ class Held:
         """The started-registry TTL RQ gives this job: its timeout, at most 30 s, plus 60 s."""
         return min(self.field(b"timeout", 180) or 180, 30) + 60
 
-    def job(self, connection: Any) -> Job:
-        """The RQ job, restored from the hash already in hand (for RQ's own failure handling)."""
+    def oversized(self, max_body_bytes: int) -> bool:
+        """True when the job's ``data`` or ``exc_info``, as stored or as RQ would inflate it, is past
+        what a delivery of ``max_body_bytes`` needs: found without inflating more than that."""
+        limit = max_body_bytes + JOB_ENVELOPE_BYTES
+        return any(_larger_than(self.fields.get(name, b""), limit) for name in (b"data", b"exc_info"))
+
+    def job(self, connection: Any, max_body_bytes: int) -> Job:
+        """The RQ job, restored from the hash already in hand (for RQ's own failure handling).
+
+        Raises :class:`OversizedJob` instead of letting RQ inflate data past the limit (a zlib bomb).
+        """
+        if self.oversized(max_body_bytes):
+            raise OversizedJob(f"the job's data is larger than a delivery of {max_body_bytes} bytes needs")
         job = Job(self.job_id, connection=connection, serializer=JSONSerializer)
         job.restore(self.fields)
         return job

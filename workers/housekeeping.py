@@ -82,7 +82,7 @@ class Housekeeping:
         if not self.scheduler.acquired_locks:
             return
         if not burst:
-            self.scheduler.start()  # type: ignore[no-untyped-call]
+            self.scheduler.start()
             return
         try:
             until_redis_answers(self.scheduler.register_birth)
@@ -126,8 +126,9 @@ class Housekeeping:
         (:func:`~workers.reaper.sweep_expired`) before RQ would retry or fail them; RQ's
         intermediate-list pass is left out (the reaper owns those ids); the lock lasts one interval."""
         queue = self.queue
-        if self.scheduler is not None and self.scheduler_wanted and not self.scheduler.acquired_locks:
-            self.scheduler.acquire_locks(auto_start=True)  # type: ignore[no-untyped-call]  # a peer's scheduler died: take over
+        if self.scheduler is not None and self.scheduler_wanted and not self.scheduler.running():
+            # A peer's scheduler died (take over), or this worker's own did (start it again).
+            self.scheduler.acquire_locks(auto_start=True)  # type: ignore[no-untyped-call]
         if not self.connection.set(queue.registry_cleaning_key, self.worker.name, nx=True, ex=MAINTENANCE_SECONDS):
             return
         try:
@@ -140,10 +141,9 @@ class Housekeeping:
 
     def stop(self) -> None:
         """Stop the scheduler, hand back anything still held, deregister."""
-        scheduler = self.scheduler
-        if scheduler is not None and scheduler._process is not None:
-            self.worker.scheduler = scheduler
-            self.worker.stop_scheduler()
+        self.scheduler_wanted = False
+        if self.scheduler is not None:
+            self.scheduler.stop_process()
         if self.liveness is not None:
             self.liveness.stop()
         self._best_effort(self.worker.register_death)

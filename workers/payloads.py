@@ -37,22 +37,24 @@ def _spliced(held: Held) -> tuple[dict[str, Any], str] | None:
     return (fields, body) if isinstance(fields, dict) else None
 
 
-def refusal_of(held: Held, connection: redis.Redis) -> str | None:
+def refusal_of(held: Held, connection: redis.Redis, max_body_bytes: int) -> str | None:
     """Why the claimed job must not run here, or None for a genuine ingest job."""
+    if held.oversized(max_body_bytes):
+        return f"the job's data is larger than a delivery of MAX_BODY_BYTES ({max_body_bytes}) needs"
     if _spliced(held) is not None:
         return None
     try:
-        job = held.job(connection)
+        job = held.job(connection, max_body_bytes)
     except Exception:  # a hash RQ cannot load is refused like any job this worker will not run
         return "the job's data cannot be decoded"
     return refusal_reason(job)
 
 
-def read_held(held: Held, connection: redis.Redis) -> JobPayload:
+def read_held(held: Held, connection: redis.Redis, max_body_bytes: int) -> JobPayload:
     """The job's :class:`JobPayload`, or :class:`core.errors.InvalidJob` saying what is wrong."""
     spliced = _spliced(held)
     if spliced is not None:
         fields, body = spliced
         return read_payload(fields | {"body": body})
-    job = held.job(connection)
+    job = held.job(connection, max_body_bytes)
     return read_payload(job.args[0] if job.args else None, job.data)

@@ -43,7 +43,7 @@ from core.errors import (
 from core.logs import get_logger
 from core.redis.fleet import FleetActivity
 from core.redis.jobs import JobPayload
-from core.redis.outage import until_redis_answers_async
+from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
 from core.redis.parked import ParkedStream
 from core.redis.published import OutputStream
 from core.redis.vehicle_state import VehicleStates
@@ -78,10 +78,6 @@ class Outcome:
 USER_CACHE_SECONDS = 60.0
 USER_CACHE_SIZE = 100_000
 
-#: How long a job waits out Redis trouble before giving up; the worker then requeues it once Redis
-#: answers, without spending a retry (workers.worker).
-REDIS_PATIENCE_SECONDS = 60.0
-
 
 async def _through_outage(call: Callable[[], Awaitable[T]], patience: float = REDIS_PATIENCE_SECONDS) -> T:
     """Run a Redis call, waiting out a short outage (or a Redis refusing writes, see
@@ -105,8 +101,10 @@ class EventProcessor:
         parked: ParkedStream,
         vehicle_states: VehicleStates | None = None,
         fleet: FleetActivity | None = None,
+        user_cache_size: int = USER_CACHE_SIZE,
     ) -> None:
         self._users = users
+        self._user_cache_size = user_cache_size
         self._reads = reads
         self._output = output
         self._parked = parked
@@ -210,8 +208,11 @@ class EventProcessor:
             return cached[0]
         user = await asyncio.to_thread(self._users.find_by_smartcar_user_id, smartcar_user_id)
         if user is not None:
-            if len(self._known_users) >= USER_CACHE_SIZE:
-                self._known_users.clear()
+            # Inserted last, so the dict stays in expiry order; when full, only the oldest goes
+            # (clearing it all would send every lookup to the database at once).
+            self._known_users.pop(smartcar_user_id, None)
+            if len(self._known_users) >= self._user_cache_size:
+                del self._known_users[next(iter(self._known_users))]
             self._known_users[smartcar_user_id] = (user, now + USER_CACHE_SECONDS)
         return user
 

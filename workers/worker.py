@@ -16,7 +16,7 @@ No acknowledged event is left behind (docs/reliability.md):
   dequeued list (:mod:`core.redis.custody`); after that, its execution names this worker. A peer's
   reaper (:mod:`workers.reaper`) puts back whatever a dead worker held, without spending a retry.
 * Redis trouble (down, restarting, loading, out of memory, read-only) is waited out at every
-  step, and each step can be re-run after a lost answer. A job it interrupted is put back on
+  step (:mod:`workers.steps`, RQ's synchronous steps on threads of their own), and each step can be re-run after a lost answer. A job it interrupted is put back on
   the queue once Redis answers, not failed and not charged a retry.
 
 Shutdown: SIGTERM or SIGINT (or the end of a ``--burst`` run) stops taking jobs; jobs in flight
@@ -30,11 +30,10 @@ import contextlib
 import gc
 import os
 import signal
+import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TypeVar
 
 import redis
 from rq import Queue, SimpleWorker
@@ -47,7 +46,7 @@ from core.errors import InvalidJob
 from core.logs import get_logger
 from core.redis.clients import rq_redis, worker_redis
 from core.redis.memory import warn_without_maxmemory
-from core.redis.outage import redis_unavailable, until_redis_answers, until_redis_answers_async
+from core.redis.outage import redis_unavailable, until_redis_answers
 from workers import runtime
 from workers.admission import refuse_claimed
 from workers.batch import Bookkeeping, Held, Success
@@ -57,9 +56,9 @@ from workers.jobs import job_budget, run_event
 from workers.metrics_server import start_worker_metrics
 from workers.payloads import read_held, refusal_of
 from workers.reaper import requeue_execution
+from workers.steps import RedisSteps, Stopped
 
 log = get_logger("smartcar_ingest.worker")
-T = TypeVar("T")
 
 #: Jobs in flight per worker process unless --concurrency says otherwise (see docs/performance.md).
 DEFAULT_CONCURRENCY = 256
@@ -101,9 +100,28 @@ class AsyncWorker:
         self._closing = False  # ends the flusher and the chores
         self._halt = DrillHalt(os.environ.get(DRILL_HALT_ENV))
         self.stats = WorkerLog()
+        self.steps = RedisSteps(lambda: self._stopping, self._stop_overdue, self._redis_trouble)
+        self._in_flight_lock = threading.Lock()  # the liveness thread reads what the loop changes
 
-    def held(self) -> list[Held]:  # read by the liveness thread too
-        return list(self._in_flight.values())
+    def held(self) -> list[Held]:
+        with self._in_flight_lock:
+            return list(self._in_flight.values())
+
+    def _hold(self, held: Held) -> None:
+        with self._in_flight_lock:
+            self._in_flight[held.composite] = held
+
+    def _let_go(self, held: Held) -> None:
+        with self._in_flight_lock:
+            self._in_flight.pop(held.composite, None)
+
+    def _stop_overdue(self) -> bool:
+        """A stopping worker's Redis waits give up after :data:`SHUTDOWN_PATIENCE_SECONDS`, or at a second signal."""
+        waited = 0.0 if self._stopped_at is None else time.monotonic() - self._stopped_at
+        return self._cancelled or waited > SHUTDOWN_PATIENCE_SECONDS
+
+    def _redis_trouble(self) -> None:
+        self.house.check_lost = True
 
     def request_stop(self) -> None:
         """Warm shutdown on the first call; the second cancels the jobs in flight (they are put back)."""
@@ -124,7 +142,7 @@ class AsyncWorker:
                 loop.add_signal_handler(signum, handler)
         with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("what the worker awaits", tasks=awaiting()))
-        await self._blocking(lambda: self.house.start(burst))
+        await self.steps.blocking(lambda: self.house.start(burst))
         flusher = asyncio.create_task(self._flush_forever(), name="flusher")
         chores = asyncio.create_task(self._chores(), name="chores")
         for helper in (flusher, chores):
@@ -143,6 +161,7 @@ class AsyncWorker:
             await self._flush()
             await self._give_back_all()
             await asyncio.to_thread(self.house.stop)
+            self.steps.close()
             await self.redis.aclose()
             self.stats.summary(final=True)
         return True
@@ -160,8 +179,8 @@ class AsyncWorker:
             try:
                 if self.house.check_lost:  # here, never while a start's answer is on its way
                     await self._recover_lost_starts()
-                claimed = await self._redis_step(partial(self.books.claim, min(free, self.batch_size)))
-            except _Stopped:
+                claimed = await self.steps.run(partial(self.books.claim, min(free, self.batch_size)))
+            except Stopped:
                 return
             if not claimed:
                 if burst and not self._tasks:
@@ -180,10 +199,10 @@ class AsyncWorker:
                 await asyncio.wait_for(self._slot_free.wait(), timeout=0.5)
             return
         try:
-            await self._redis_step(
+            await self.steps.run(
                 lambda: self.redis.blmove(self.queue.key, self.books.dequeued_key, IDLE_WAIT_SECONDS, "LEFT", "RIGHT")
             )
-        except _Stopped:
+        except Stopped:
             return
 
     async def _start(self, claimed: list[Held]) -> None:
@@ -192,16 +211,16 @@ class AsyncWorker:
             if not held.fields:
                 runnable.append(held)  # deleted while queued: the start only drops its id
                 continue
-            reason = refusal_of(held, self.connection)
+            reason = refusal_of(held, self.connection, self.settings.max_body_bytes)
             if reason is None:
                 runnable.append(held)
                 continue
-            await self._blocking(lambda h=held, r=reason: self._refuse(h, r))  # type: ignore[misc]
+            await self.steps.blocking(lambda h=held, r=reason: self._refuse(h, r))  # type: ignore[misc]
         ttl = max((h.ttl for h in runnable), default=90)
-        started = await self._redis_step(lambda: self.books.start(runnable, ttl), or_stop=False)
+        started = await self.steps.run(lambda: self.books.start(runnable, ttl), or_stop=False)
         self._halt.reach("prepared")
         for held in started:
-            self._in_flight[held.composite] = held
+            self._hold(held)
             task = asyncio.create_task(self._run_job(held))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
@@ -209,7 +228,7 @@ class AsyncWorker:
             self.house.busy()
 
     def _refuse(self, held: Held, reason: str) -> None:
-        refuse_claimed(self.connection, self.queue, held, reason, self.books.dequeued_key)
+        refuse_claimed(self.connection, self.queue, held, reason, self.books.dequeued_key, self.settings.max_body_bytes)
         log.error("refused a job that is not an ingest job", jobId=held.job_id, reason=reason)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
@@ -223,7 +242,7 @@ class AsyncWorker:
     async def _run_job(self, held: Held) -> None:
         started = time.monotonic()
         try:
-            payload = read_held(held, self.connection)
+            payload = read_held(held, self.connection, self.settings.max_body_bytes)
             budget = job_budget(held.field(b"timeout") or None, self.settings.job_timeout_seconds)
             async with asyncio.timeout(budget + 15):
                 result = await run_event(payload, held.final_attempt, budget, check_published=held.run_before)
@@ -255,7 +274,7 @@ class AsyncWorker:
 
         def record() -> None:
             self.connection.ping()  # RQ logs instead of raising when its pipeline fails: wait for Redis first
-            job = held.job(self.connection)
+            job = held.job(self.connection, self.settings.max_body_bytes)
             if no_retry:
                 job.retries_left = 0
             job.started_at = held.started_at
@@ -266,22 +285,22 @@ class AsyncWorker:
             self.rq.handle_job_failure(job, self.queue, exc_string=exc_string, execution=execution)
 
         try:
-            await self._blocking(record)
+            await self.steps.blocking(record)
         finally:
-            self._in_flight.pop(held.composite, None)
+            self._let_go(held)
 
     async def _give_back(self, held: Held, why: str) -> None:
         """Put a job back at the queue's front without spending a retry (its execution is dropped)."""
         try:
-            await self._blocking(
+            await self.steps.blocking(
                 lambda: requeue_execution(self.connection, self.queue.name, held.job_id, held.execution_id, self.name),
                 or_stop=False,
             )
             log.warning("job put back on the queue", jobId=held.job_id, reason=why)
-        except (redis.RedisError, _Stopped) as exc:
+        except (redis.RedisError, Stopped) as exc:
             log.warning("job left for a peer to requeue", jobId=held.job_id, error=type(exc).__name__)
         finally:
-            self._in_flight.pop(held.composite, None)
+            self._let_go(held)
 
     async def _give_back_all(self) -> None:
         for held in self.held():
@@ -301,73 +320,31 @@ class AsyncWorker:
             return
         batch, self._finished = self._finished, []
         try:
-            await self._redis_step(lambda: self.books.finish(batch), or_stop=False)
-        except (redis.RedisError, _Stopped) as exc:
+            await self.steps.run(lambda: self.books.finish(batch), or_stop=False)
+        except (redis.RedisError, Stopped) as exc:
             # Redis stayed away past the worker's patience: the executions stay registered under
             # this worker, and a peer's reaper re-runs them (the publish is idempotent).
             log.warning("finished jobs not recorded", jobs=len(batch), error=type(exc).__name__)
         for success in batch:
-            self._in_flight.pop(success.held.composite, None)
+            self._let_go(success.held)
 
     # --- the rest of RQ's loop: heartbeats, maintenance, suspension, a lost claim's answer ---
 
     async def _chores(self) -> None:
         while not self._closing:
             await asyncio.sleep(1.0)
-            await self._blocking(self.house.tick, or_stop=False)
+            await self.steps.blocking(self.house.tick, or_stop=False, housekeeping=True)
             self.stats.summary()
 
     async def _recover_lost_starts(self) -> None:
         """Executions recorded for this worker that it does not hold (a start whose answer a Redis
         restart lost) are put back on the queue."""
         self.house.check_lost = False
-        for composite in await self._redis_step(lambda: self.books.lost_executions(set(self._in_flight))):
+        for composite in await self.steps.run(lambda: self.books.lost_executions({h.composite for h in self.held()})):
             job_id, _, execution_id = composite.partition(":")
             requeue = partial(requeue_execution, self.connection, self.queue.name, job_id, execution_id, self.name)
-            if await self._blocking(requeue):
+            if await self.steps.blocking(requeue):
                 log.warning("requeued a job whose start was recorded without this worker knowing", jobId=job_id)
-
-    # --- waiting out Redis ---
-
-    async def _redis_step(self, step: Callable[[], Awaitable[T]], or_stop: bool = True) -> T:
-        """``step``, waiting out Redis trouble for as long as it lasts; when ``or_stop``, a requested
-        stop ends the wait with :class:`_Stopped`."""
-        stop = self._stop_check(or_stop)
-        try:
-            return await until_redis_answers_async(step, stop=stop)
-        except redis.RedisError as exc:
-            self.house.check_lost = True
-            if stop() and redis_unavailable(exc):
-                raise _Stopped from exc
-            raise
-
-    def _stop_check(self, or_stop: bool) -> Callable[[], bool]:
-        """When a Redis wait gives up: at a stop (``or_stop``), else (recording what jobs did) once
-        the stop has waited :data:`SHUTDOWN_PATIENCE_SECONDS`, or at a second signal."""
-        if or_stop:
-            return lambda: self._stopping
-        return lambda: (
-            self._cancelled
-            or (self._stopped_at is not None and time.monotonic() - self._stopped_at > SHUTDOWN_PATIENCE_SECONDS)
-        )
-
-    async def _blocking(self, step: Callable[[], T], or_stop: bool = True) -> T:
-        """A synchronous Redis step (RQ's own code) in a thread, waiting out Redis trouble."""
-        stop = self._stop_check(or_stop)
-
-        def patient() -> T:
-            return until_redis_answers(step, stop=stop)
-
-        try:
-            return await asyncio.to_thread(patient)
-        except redis.RedisError as exc:
-            if stop() and redis_unavailable(exc):
-                raise _Stopped from exc
-            raise
-
-
-class _Stopped(Exception):
-    """A wait for Redis ended by a requested stop."""
 
 
 def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAULT_CONCURRENCY) -> bool:

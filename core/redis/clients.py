@@ -17,7 +17,7 @@ from __future__ import annotations
 import redis
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from core.config import Settings
@@ -54,7 +54,9 @@ def worker_redis(settings: Settings, max_connections: int = 100) -> AsyncRedis:
         timeout=30,
         socket_timeout=10,
         socket_connect_timeout=5,
-        retry=Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.1), 5),
+        # One immediate reconnect, as the web's; every wait between tries is core.redis.outage's
+        # alone (REDIS_PATIENCE_SECONDS), so two retry layers never multiply their waits.
+        retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
     )
     return AsyncRedis.from_pool(pool)  # the client owns the pool: aclose() closes its connections

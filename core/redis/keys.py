@@ -74,15 +74,21 @@ _JOB_ID_SAFE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _VEHICLE_SAFE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
+#: The prefix of a job id made from a digest. No ``eventId`` is used as it is when it starts so,
+#: so a literal ``eventId`` can never take the job (and the dedupe mark) of another event.
+DIGEST_JOB_PREFIX = "evt-"
+
+
 def job_id_for(event_id: str) -> str:
     """The RQ job id for an event: the ``eventId`` itself when RQ accepts it, else a digest of it.
 
     One job per ``eventId``: the id is a pure function of it, so a replay, a redelivery and an
-    operator all find the same job.
+    operator all find the same job. Digest ids and literal ids never meet: an ``eventId`` that
+    starts with :data:`DIGEST_JOB_PREFIX` is digested too.
     """
-    if _JOB_ID_SAFE.fullmatch(event_id):
+    if _JOB_ID_SAFE.fullmatch(event_id) and not event_id.startswith(DIGEST_JOB_PREFIX):
         return event_id
-    return "evt-" + hashlib.sha256(event_id.encode()).hexdigest()[:40]
+    return DIGEST_JOB_PREFIX + hashlib.sha256(event_id.encode()).hexdigest()[:40]
 
 
 def queue_key(queue: str) -> str:

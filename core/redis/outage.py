@@ -74,6 +74,10 @@ WAIT_MAX = 5.0
 #: try again at the same instant once Redis is back.
 WAIT_JITTER = 0.2
 _BACKOFF = {"wait_initial": WAIT_INITIAL, "wait_max": WAIT_MAX, "wait_jitter": WAIT_JITTER}
+#: How long a job's Redis call waits out trouble before the Redis error is raised (the worker then
+#: puts the job back once Redis answers, without spending a retry). The one patience of every job
+#: step; with the last try's socket timeout and one reconnect, a call ends within about 50 s.
+REDIS_PATIENCE_SECONDS = 30.0
 
 
 def until_redis_answers(

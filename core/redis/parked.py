@@ -38,21 +38,19 @@ _PARK = (
     + """
 -- KEYS: parked stream
 -- ARGV: the parked marks head (registry, ttl, width, clock, legacy prefix), job id ('' when the
---       delivery has no usable eventId), digest, mark (digest of reason and body), retention in
+--       delivery has no usable eventId), digest (of the job id, or of the body without one), mark (digest of reason and body), retention in
 --       ms, then the entry as field/value pairs. Returns the new entry id, or false when this
 --       eventId was already parked for the same reason with the same body (a redelivery, a
 --       retried job). Entries older than the retention, by Redis's clock, are trimmed.
 local st = ids.open(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-if ARGV[6] ~= '' then
-  local head, field = ids.locate(ARGV[7])
-  local value, key = ids.find(st, head, field)
-  if value == ARGV[8] or (not value and st.legacy and redis.call('GET', st.legacy .. ARGV[6]) == ARGV[8]) then
-    return false
-  end
-  -- a different reason or body: remembered from now on instead
-  if value then redis.call('HDEL', key, field) end
-  ids.put(st, head, field, ARGV[8])
+local head, field = ids.locate(ARGV[7])
+local value, key = ids.find(st, head, field)
+if value == ARGV[8] or (not value and st.legacy and ARGV[6] ~= '' and redis.call('GET', st.legacy .. ARGV[6]) == ARGV[8]) then
+  return false
 end
+-- a different reason or body: remembered from now on instead
+if value then redis.call('HDEL', key, field) end
+ids.put(st, head, field, ARGV[8])
 local min_id = math.max(0, math.floor(st.now * 1000) - tonumber(ARGV[9]))
 return redis.call('XADD', KEYS[1], 'MINID', '~', string.format('%d', min_id), '*', unpack(ARGV, 10))
 """
@@ -138,10 +136,13 @@ class ParkedStream:
         # which Redis cannot store; written as its escape it stays the same JSON.
         body = body.encode("utf-8", "backslashreplace").decode("utf-8")
         mark = hashlib.blake2b(f"{reason}\0{body}".encode(), digest_size=12).hexdigest()
+        # Without an eventId (a legacy v2 delivery, an id that is not a string) the body's own
+        # digest is what a repeat is known by: the same bytes posted again are parked once.
+        digest = event_digest(event_id) if event_id else hashlib.blake2b(body.encode(), digest_size=16).digest()
         args: list[Any] = [
             *self.marks.head(),
             job_id_for(event_id) if event_id else "",
-            event_digest(event_id) if event_id else "",
+            digest,
             mark,
             self._retention * 1000,
         ]

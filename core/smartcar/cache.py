@@ -23,6 +23,7 @@ Times are Redis's clock (``TIME``) but for ``r``, the time the web received the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 from collections.abc import Awaitable, Callable
@@ -40,12 +41,12 @@ from core.errors import (
     SmartcarUnavailable,
 )
 from core.redis.keys import text
-from core.redis.outage import until_redis_answers_async
+from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
 
 #: How long a hash outlives its read's window: events wait in the queue before they are processed.
 GRACE_MS = 600_000
-#: How long a job waits out Redis trouble here before failing (and being retried).
-REDIS_PATIENCE_SECONDS = 30.0
+#: How long a cancelled read tries to give its claim back (else the lease runs out, as after a crash).
+RELEASE_SECONDS = 2.0
 
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
 _KEEP = "if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[{n}]) then redis.call('PEXPIRE', KEYS[1], ARGV[{n}]) end\n"
@@ -91,13 +92,13 @@ end
     + "return now"
 )
 
-# ARGV: claim token, the failure (JSON), keep ms.
+# ARGV: claim token, the failure (JSON; '' for a read given up, which its waiters then claim afresh), keep ms.
 _FAIL = (
     """
 if redis.call('HGET', KEYS[1], 'claim') == ARGV[1] then
   redis.call('HDEL', KEYS[1], 'claim', 'claimStartedAt', 'claimUntil', 'claimGen')
 end
-redis.call('HSET', KEYS[1], 'errorToken', ARGV[1], 'error', ARGV[2])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'errorToken', ARGV[1], 'error', ARGV[2]) end
 """
     + _KEEP.format(n=3)
     + "return 1"
@@ -195,6 +196,12 @@ class ReadCache:
         async def run() -> Shared:
             try:
                 data = await fetch()
+            except asyncio.CancelledError:
+                # Given up here (the worker stops): the others claim the read now, not after the lease.
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(RELEASE_SECONDS):
+                        await self._fail(keys=[key], args=[token, "", keep])
+                raise
             except Exception as exc:
                 failure = _dumps(_describe(exc))
                 await self._call(lambda: self._fail(keys=[key], args=[token, failure, keep]))

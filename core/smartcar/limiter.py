@@ -38,15 +38,13 @@ from core import metrics
 from core.errors import SmartcarRateLimited
 from core.logs import get_logger
 from core.redis.keys import APPLICATION_PAUSE_KEY, BUDGET_KEY, vehicle_pause_key
-from core.redis.outage import until_redis_answers_async
+from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
 
 log = get_logger("smartcar_ingest.limiter")
 
 #: The pause after a 429 that names no ``Retry-After``: doubled on each further one, capped.
 PAUSE_BASE_SECONDS = 2.0
 PAUSE_CAP_SECONDS = 60.0
-#: How long a job waits out Redis trouble in the limiter before failing (and being retried).
-REDIS_PATIENCE_SECONDS = 30.0
 
 # KEYS: budget, application pause, [vehicle pause]. ARGV: interval ms (0: no budget), tolerance ms,
 # longest wait ms. Returns {admitted 0/1, wait ms, cause}; admitted means the slot is reserved.
