@@ -287,8 +287,12 @@ def test_worker_metrics_endpoint_serves_counters_and_queue_gauges(pipeline, redi
         text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         assert 'smartcar_ingest_queue_depth{queue="smartcar-events"} 1.0' in text
         assert "smartcar_ingest_redis_up 1.0" in text
-        for name in (JOB, "smartcar_ingest_end_to_end_seconds_bucket", CALLS, "smartcar_ingest_token_refreshes_total"):
-            assert f"\n{name}" in text, name
+        # Each family by its TYPE line: a labelled counter has no sample until this process counts
+        # one, which depends on which tests ran before in this test process.
+        families = {JOB: "counter", CALLS: "counter", "smartcar_ingest_token_refreshes_total": "counter"}
+        families["smartcar_ingest_end_to_end_seconds"] = "histogram"
+        for name, kind in families.items():
+            assert f"# TYPE {name} {kind}\n" in text, name
     finally:
         server.close()
     with pytest.raises(httpx.TransportError):

@@ -171,7 +171,10 @@ def test_worker_says_each_line_once(pipeline, redis_client, tmp_path, how):
     assert [line["event"] for line in lines].count("warm shutdown: finishing the jobs in flight") == 1, err
     assert repeated(lines) == {}, err
     assert [line["event"] for line in lines if line["logger"].startswith("alembic")] == []
-    assert next(line["event"] for line in lines if line["level"] == "info") == "worker metrics served"
+    infos = [line["event"] for line in lines if line["level"] == "info"]
+    assert infos[:2] == ["worker metrics served", "worker started"], err
+    started = next(line for line in lines if line["event"] == "worker started")
+    assert (started["queue"], started["concurrency"]) == (pipeline.ingest_queue, 256)
 
 
 class Output:

@@ -143,6 +143,7 @@ class AsyncWorker:
         with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("what the worker awaits", tasks=awaiting()))
         await self.steps.blocking(lambda: self.house.start(burst))
+        log.info("worker started", worker=self.name, queue=self.queue.name, concurrency=self.concurrency)
         flusher = asyncio.create_task(self._flush_forever(), name="flusher")
         chores = asyncio.create_task(self._chores(), name="chores")
         for helper in (flusher, chores):
