@@ -62,6 +62,8 @@ class WorkerResult:
     #: Redis commands run during the drain, by command (INFO commandstats, scripts' own calls included).
     commands: dict[str, int] = field(default_factory=dict)
     smartcar_calls: int = 0
+    #: Redis's own CPU seconds (INFO cpu, user + system, main thread and children) over the drain.
+    redis_cpu_seconds: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -174,6 +176,14 @@ def command_counts(client: redis.Redis) -> dict[str, int]:
     return {name: calls for name, calls in counts.items() if name not in _OURS}
 
 
+def redis_cpu(client: redis.Redis) -> float:
+    """Redis's CPU seconds so far (``INFO cpu``: user and system, its children's included)."""
+    cpu = client.info("cpu")
+    return sum(
+        float(cpu[key]) for key in ("used_cpu_user", "used_cpu_sys", "used_cpu_user_children", "used_cpu_sys_children")
+    )
+
+
 def _smartcar_calls(emulator_url: str) -> int:
     import httpx
 
@@ -195,6 +205,7 @@ def _run(
     httpx.post(f"{emulator_url}/_emulator/reset").raise_for_status()
     httpx.post(f"{emulator_url}/_emulator/latency", json={"seconds": latency_ms / 1000}).raise_for_status()
     client.config_resetstat()
+    redis_cpu_before = redis_cpu(client)
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     stop, peak = threading.Event(), [0.0]
     sampler = threading.Thread(target=_peak_rss, args=(process.pid, stop, peak))
@@ -203,6 +214,7 @@ def _run(
     process.returncode = 0
     stop.set()
     sampler.join()
+    redis_cpu_used = redis_cpu(client) - redis_cpu_before
     commands = command_counts(client)
     events, seconds = _published_span(client)
     cpu = usage.ru_utime + usage.ru_stime
@@ -216,6 +228,7 @@ def _run(
         cpu,
         commands,
         _smartcar_calls(emulator_url),
+        redis_cpu_used,
     )
 
 
@@ -320,8 +333,8 @@ def table(results: list[WorkerResult]) -> str:
     lines = [
         "| worker | events | events/s | vs stock | CPU ms/event (start-up excluded) | peak RSS MB | "
         "Smartcar calls/event | "
-        "Redis commands/event |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "Redis commands/event | Redis CPU µs/event |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     baseline = results[0].rate if results else 0.0
     for result in results:
@@ -329,7 +342,8 @@ def table(results: list[WorkerResult]) -> str:
         lines.append(
             f"| {result.name} | {result.events} | {result.rate:,.1f} | "
             f"{result.rate / baseline if baseline else 0:.0f}x | {result.cpu_seconds * 1000 / events:.2f} | "
-            f"{result.peak_rss_mb:.0f} | {result.smartcar_calls / events:.2f} | {result.commands_per_event:.1f} |"
+            f"{result.peak_rss_mb:.0f} | {result.smartcar_calls / events:.2f} | {result.commands_per_event:.1f} | "
+            f"{result.redis_cpu_seconds * 1e6 / events:.0f} |"
         )
     return "\n".join(lines)
 
