@@ -233,4 +233,4 @@ def test_a_job_with_its_body_as_text_is_read_as_rq_reads_it(redis_client):
         }
         held = batch.Held("j", fields)
         assert refusal_of(held, redis_client, 262_144) is None
-        assert read_held(held, redis_client, 262_144) == job_payload("e2", "VEHICLE_STATE", expected, 1234)
+        assert read_held(held, redis_client) == job_payload("e2", "VEHICLE_STATE", expected, 1234)

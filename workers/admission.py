@@ -77,9 +77,12 @@ def refuse_claimed(
     connection: redis.Redis, queue: Queue, held: Held, reason: str, dequeued: str, max_body_bytes: int
 ) -> None:
     """Refuse a job this worker claimed: :func:`refuse`, or :func:`refuse_unreadable` when its hash
-    cannot even be loaded as an RQ job, or is too large to load."""
+    is too large to load (:meth:`Held.oversized`) or cannot even be loaded as an RQ job."""
+    if held.oversized(max_body_bytes):
+        refuse_unreadable(connection, queue, held.job_id, dequeued)
+        return
     try:
-        job = held.job(connection, max_body_bytes)
+        job = held.job(connection)
     except Exception:
         refuse_unreadable(connection, queue, held.job_id, dequeued)
         return

@@ -169,10 +169,6 @@ return done
 JOB_ENVELOPE_BYTES = 65_536
 
 
-class OversizedJob(ValueError):
-    """A job hash whose data, stored or inflated, is larger than any delivery's job."""
-
-
 def _larger_than(raw: bytes, limit: int) -> bool:
     """Whether ``raw``, or what RQ inflates it to (it reads data that is not zlib as it is), is
     past ``limit`` bytes; inflates at most ``limit + 1`` bytes to tell."""
@@ -227,13 +223,12 @@ class Held:
         limit = max_body_bytes + JOB_ENVELOPE_BYTES
         return any(_larger_than(self.fields.get(name, b""), limit) for name in (b"data", b"exc_info"))
 
-    def job(self, connection: Any, max_body_bytes: int) -> Job:
+    def job(self, connection: Any) -> Job:
         """The RQ job, restored from the hash already in hand (for RQ's own failure handling).
 
-        Raises :class:`OversizedJob` instead of letting RQ inflate data past the limit (a zlib bomb).
+        RQ inflates ``data`` with no limit: only for a job :meth:`oversized` has passed (the worker's
+        admission, :func:`workers.payloads.refusal_of`, checks every claimed job first).
         """
-        if self.oversized(max_body_bytes):
-            raise OversizedJob(f"the job's data is larger than a delivery of {max_body_bytes} bytes needs")
         job = Job(self.job_id, connection=connection, serializer=JSONSerializer)
         job.restore(self.fields)
         return job

@@ -44,17 +44,18 @@ def refusal_of(held: Held, connection: redis.Redis, max_body_bytes: int) -> str 
     if _spliced(held) is not None:
         return None
     try:
-        job = held.job(connection, max_body_bytes)
+        job = held.job(connection)
     except Exception:  # a hash RQ cannot load is refused like any job this worker will not run
         return "the job's data cannot be decoded"
     return refusal_reason(job)
 
 
-def read_held(held: Held, connection: redis.Redis, max_body_bytes: int) -> JobPayload:
-    """The job's :class:`JobPayload`, or :class:`core.errors.InvalidJob` saying what is wrong."""
+def read_held(held: Held, connection: redis.Redis) -> JobPayload:
+    """The job's :class:`JobPayload`, or :class:`core.errors.InvalidJob` saying what is wrong (for a
+    job :func:`refusal_of` admitted)."""
     spliced = _spliced(held)
     if spliced is not None:
         fields, body = spliced
         return read_payload(fields | {"body": body})
-    job = held.job(connection, max_body_bytes)
+    job = held.job(connection)
     return read_payload(job.args[0] if job.args else None, job.data)

@@ -243,7 +243,7 @@ class AsyncWorker:
     async def _run_job(self, held: Held) -> None:
         started = time.monotonic()
         try:
-            payload = read_held(held, self.connection, self.settings.max_body_bytes)
+            payload = read_held(held, self.connection)
             budget = job_budget(held.field(b"timeout") or None, self.settings.job_timeout_seconds)
             async with asyncio.timeout(budget + 15):
                 result = await run_event(payload, held.final_attempt, budget, check_published=held.run_before)
@@ -275,7 +275,7 @@ class AsyncWorker:
 
         def record() -> None:
             self.connection.ping()  # RQ logs instead of raising when its pipeline fails: wait for Redis first
-            job = held.job(self.connection, self.settings.max_body_bytes)
+            job = held.job(self.connection)
             if no_retry:
                 job.retries_left = 0
             job.started_at = held.started_at
