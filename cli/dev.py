@@ -22,6 +22,7 @@ from types import FrameType
 import redis
 
 from cli.ports import bindable, free_port, wait_for_port
+from cli.redis_admin import load_functions
 from core.config import DEV_MANAGEMENT_TOKEN, Settings
 from core.errors import ConfigurationError, RecordExists
 from core.redis.clients import probe_redis
@@ -191,6 +192,7 @@ def run_dev(settings: Settings, port: int) -> int:
             print(f"started the Smartcar emulator on port {emulator_port}")
 
         db.upgrade(settings.database_url)
+        print(load_functions(env.get("REDIS_URL", settings.redis_url)))
         if seeded:
             added = seed_users(settings.database_url)
             print(f"user store {settings.database_url} migrated; {added} emulator users added")

@@ -28,6 +28,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 
+from cli.redis_admin import add_commands
 from core.config import Settings, load_settings
 from core.errors import (
     PARK_REASONS,
@@ -215,21 +216,6 @@ def _vehicle_state(args: argparse.Namespace, settings: Settings) -> int:
     return vehicle_state(settings, args.vehicle_id, as_json=args.json)
 
 
-def _redis_acl(args: argparse.Namespace, settings: Settings) -> int:
-    from core.redis.acl import acl_file_line
-
-    password = None
-    if args.password_env:
-        password = os.environ.get(args.password_env)
-        if not password:
-            raise ConfigurationError(f"{args.password_env} is empty or not set: put the user's password in it.")
-    else:
-        print("# no --password-env: the user is written switched off; give it a password before use", file=sys.stderr)
-    user = args.user or f"smartcar-{args.role}"
-    print(acl_file_line(settings, args.role, user, password, connect=args.connect))
-    return 0
-
-
 def _dev(args: argparse.Namespace, settings: Settings) -> int:
     from cli.dev import run_dev
 
@@ -345,17 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     vehicle_state.add_argument("--json", action="store_true", help="print the state as JSON")
     vehicle_state.set_defaults(handler=_vehicle_state)
 
-    redis_acl = sub.add_parser(
-        "redis-acl",
-        help="print one Redis aclfile line for a role's user (see docs/security.md)",
-    )
-    redis_acl.add_argument("role", choices=["web", "worker"])
-    redis_acl.add_argument("--user", help="the Redis user name (default smartcar-ROLE)")
-    redis_acl.add_argument(
-        "--password-env", metavar="VAR", help="environment variable holding the user's password (stored hashed)"
-    )
-    redis_acl.add_argument("--connect", action="store_true", help="web only: also the keys the Connect callback needs")
-    redis_acl.set_defaults(handler=_redis_acl)
+    add_commands(sub)
     return parser
 
 

@@ -73,6 +73,7 @@ from core.errors import (
     UserNotFound,
 )
 from core.logs import get_logger
+from core.redis.functions import lua_function
 from core.redis.keys import connect_state_key
 from core.smartcar.client import SmartcarClient, smartcar_client
 from core.smartcar.http import smartcar_http
@@ -99,6 +100,7 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+_RELEASE_FN = lua_function("release_connect_state", _RELEASE)
 # One body for every conflict: which side is linked, and to what, is nobody's business here.
 _CONFLICT = (
     "This Smartcar account cannot be linked to this user, because one of them is already linked elsewhere. "
@@ -148,7 +150,7 @@ class ConnectEndpoints:
         self._settings = settings
         self._redis = redis
         self._keys = state_keys(settings)
-        self._release = redis.register_script(_RELEASE)
+        self._release = _RELEASE_FN.bind(redis)
         self._cookie_name, self._cookie_path, self._cookie_secure = binding_cookie_scope(settings.connect_redirect_uri)
         self._store: UserStore | None = None
         self._lock = threading.Lock()

@@ -35,6 +35,7 @@ from starlette.types import Receive, Scope, Send
 from core import events, metrics
 from core.errors import InvalidPayload, LegacyPayload, MalformedBody, PermanentError, UnknownEventType
 from core.logs import get_logger
+from core.redis.functions import MissingFunction
 from core.redis.inbox import Inbox
 from core.signatures import answer_challenge, is_token_like, verify_signature
 from service.deadlines import Deadlines
@@ -338,7 +339,9 @@ class WebhookEndpoint:
 
     def _unavailable(self, event_id: str | None, exc: BaseException) -> Answer:
         metrics.DELIVERIES.labels(outcome="unavailable").inc()
-        log.error("redis unavailable, delivery refused", eventId=event_id, error=type(exc).__name__)
+        # A missing function is a setup step left out: its message says which (no secret in it).
+        fix = str(exc) if isinstance(exc, MissingFunction) else None
+        log.error("redis unavailable, delivery refused", eventId=event_id, error=type(exc).__name__, fix=fix)
         return _error(
             503, "redis_unavailable", "The event store is unreachable; retry later.", headers=_UNAVAILABLE_HEADERS
         )

@@ -14,6 +14,7 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
 from core.config import Settings
+from core.redis.functions import FunctionsRedis
 from core.redis.keys import TOKEN_KEY
 from core.smartcar.tokens import TokenSeal
 from tests.contracts import check_output_entry, check_parked_entry
@@ -63,7 +64,7 @@ def run_worker_burst(settings: Settings, concurrency: int = 4, stock: bool = Fal
     """Work the queue in this process until it is empty (RQ's own SimpleWorker when ``stock``)."""
     current = runtime.Runtime(settings)
     runtime.install(current)
-    connection = redis.Redis.from_url(settings.redis_url)
+    connection = FunctionsRedis.from_url(settings.redis_url)  # as the worker's (core.redis.clients.rq_redis)
 
     async def work(worker: AsyncWorker) -> None:
         try:

@@ -622,7 +622,12 @@ def test_install_without_required_settings_fails_naming_the_value():
     without_redis = {key: value for key, value in SECRETS.items() if key != "redisUrl"}
     with pytest.raises(helm.HelmRenderError, match=r"secrets\.redisUrl \(REDIS_URL\) is required"):
         render({"secrets": without_redis | {"webRedisUrl": ROLE_REDIS["webRedisUrl"]}, "config": INSTALL["config"]})
-    render({"secrets": without_redis | ROLE_REDIS, "config": INSTALL["config"]})
+    # the roles' users may not load the Redis functions: the migration Job needs an admin user
+    with pytest.raises(helm.HelmRenderError, match=r"secrets\.adminRedisUrl \(or secrets\.redisUrl\) is required"):
+        render({"secrets": without_redis | ROLE_REDIS, "config": INSTALL["config"]})
+    admin = {"adminRedisUrl": "redis://admin:pw@redis:6379/0"}
+    render({"secrets": without_redis | ROLE_REDIS | admin, "config": INSTALL["config"]})
+    render({"secrets": without_redis | ROLE_REDIS, "config": INSTALL["config"], "migrations": {"enabled": False}})
 
 
 @pytest.mark.parametrize("combination", COMBINATIONS)
@@ -995,7 +1000,13 @@ def test_migrations_run_once_as_a_pre_install_and_pre_upgrade_hook(rendered):
             hook = secret["metadata"]["annotations"]
             assert hook["helm.sh/hook"] == annotations["helm.sh/hook"]
             assert int(hook["helm.sh/hook-weight"]) < int(annotations["helm.sh/hook-weight"])
-            assert set(secret["data"]) == {"DATABASE_URL"}
+            assert set(secret["data"]) == {"DATABASE_URL", "REDIS_URL"}
+        # the Redis functions are loaded first, with the admin REDIS_URL (issue 26.2)
+        (setup,) = spec["initContainers"]
+        assert setup["command"] == ["smartcar-ingest", "redis-setup"]
+        (redis_ref,) = [e["valueFrom"]["secretKeyRef"] for e in setup["env"] if "valueFrom" in e]
+        assert redis_ref["key"] == "REDIS_URL"
+        assert redis_ref["name"] == ref["name"]
     for component in ("webhook", "worker"):
         assert "initContainers" not in find(rendered["defaults"], "Deployment", f"-{component}")["spec"]["template"]
     existing_account = render(_merge(INSTALL, {"serviceAccount": {"create": False, "name": "smartcar"}}))

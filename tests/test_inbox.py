@@ -17,6 +17,7 @@ from rq.utils import utcparse
 
 from cli.samples import encode, sample_event
 from core.redis.dedupe import event_marks
+from core.redis.functions import lua_function
 from core.redis.inbox import DirectScript, GroupCommitter, Inbox
 from core.redis.jobs import (
     PROCESS_EVENT,
@@ -169,18 +170,20 @@ def test_group_commit_failure_reaches_every_waiter(redis_url):
 # --- the enqueue script's own connection ------------------------------------------------------
 
 
-def test_the_script_is_loaded_again_when_redis_has_forgotten_it(redis_url):
-    """After ``SCRIPT FLUSH`` (what a restart does to the script cache) the next call still runs."""
+def test_the_function_is_loaded_again_when_redis_has_lost_it(redis_url):
+    """After ``FUNCTION FLUSH`` (what a restart of a Redis without persistence does) the next call
+    loads the function again and runs."""
 
     async def scenario() -> list[object]:
         redis = AsyncRedis.from_url(redis_url)
+        function = lua_function("test_direct_echo", "return {KEYS[1], ARGV[1]}")
         try:
-            script = DirectScript(redis, "return {KEYS[1], ARGV[1]}")
+            script = DirectScript(redis, function)
             first = await script(["k"], ["a"])
-            await redis.script_flush()
-            assert await redis.script_exists(script.sha) == [False]
+            await redis.function_flush()
+            assert await redis.function_list(library=function.redis_name) == []
             second = await script(["k"], [b"b"])
-            assert await redis.script_exists(script.sha) == [True]
+            assert len(await redis.function_list(library=function.redis_name)) == 1
             return [first, second]
         finally:
             await redis.aclose()
@@ -194,7 +197,7 @@ def test_a_connection_redis_closed_is_replaced_on_the_next_call(redis_url, redis
     async def scenario() -> list[object]:
         redis = AsyncRedis.from_url(redis_url)
         try:
-            script = DirectScript(redis, "return ARGV[1]")
+            script = DirectScript(redis, lua_function("test_direct_arg", "return ARGV[1]"))
             answers = [await script([], ["before"])]
             (connection,) = script.connections
             await connection.send_command("CLIENT", "ID")
@@ -220,7 +223,7 @@ def test_a_call_that_times_out_closes_its_connection_and_the_next_one_works():
     async def scenario() -> tuple[float, object]:
         redis = AsyncRedis.from_url(private_redis.url, socket_timeout=0.3)
         try:
-            script = DirectScript(redis, "return ARGV[1]")
+            script = DirectScript(redis, lua_function("test_direct_arg", "return ARGV[1]"))
             assert await script([], ["warm"]) == b"warm"
             private_redis.process.send_signal(signal.SIGSTOP)
             started = time.monotonic()
@@ -254,7 +257,12 @@ def test_an_error_reply_reaches_the_caller_and_keeps_the_connection(redis_url):
     async def scenario() -> object:
         redis = AsyncRedis.from_url(redis_url)
         try:
-            script = DirectScript(redis, "if ARGV[1] == 'fail' then return redis.error_reply('OOM test') end return 1")
+            script = DirectScript(
+                redis,
+                lua_function(
+                    "test_direct_error", "if ARGV[1] == 'fail' then return redis.error_reply('OOM test') end return 1"
+                ),
+            )
             assert await script([], ["ok"]) == 1
             (connection,) = script.connections
             with pytest.raises(OutOfMemoryError, match=r"^test$"):
@@ -280,7 +288,7 @@ def test_a_connection_idle_past_the_health_check_interval_is_replaced(redis_url,
     async def scenario() -> tuple[int, int, int]:
         redis = AsyncRedis.from_url(redis_url, health_check_interval=0.3)
         try:
-            script = DirectScript(redis, "return 1")
+            script = DirectScript(redis, lua_function("test_direct_one", "return 1"))
             await script([], [])
             first = await client_id(script)
             await script([], [])

@@ -14,6 +14,7 @@ from rq.serializers import JSONSerializer
 from cli.samples import sample_event
 from core.redis.acl import Role, acl_rules
 from core.redis.custody import read_stranded
+from core.redis.functions import MissingFunction, lua_function
 from core.redis.keys import (
     APPLICATION_PAUSE_KEY,
     BUDGET_KEY,
@@ -46,6 +47,10 @@ def acl_redis(pipeline) -> Iterator[tuple[RedisServer, redis.Redis]]:
     for role, password in PASSWORDS.items():
         admin.acl_setuser(f"smartcar-{role}", reset=True)
         admin.execute_command("ACL", "SETUSER", f"smartcar-{role}", "on", f">{password}", *acl_rules(pipeline, role))
+    # what the chart's migration Job and `make run` do with an admin user: the roles may not load functions
+    setup = run_cli("redis-setup", env={"REDIS_URL": server.url})
+    assert setup.returncode == 0, setup.stderr
+    assert "loaded" in setup.stdout
     yield server, admin
     admin.close()
     server.cleanup()
@@ -173,3 +178,73 @@ def test_redis_acl_without_a_password_writes_a_disabled_user(tmp_path):
     assert result.stdout.startswith("user smartcar-worker off ")
     assert "nopass" not in result.stdout
     assert "switched off" in result.stderr
+
+
+#: Ways a role could run code of its own choosing, each of which would let it freeze Redis for every client.
+ENDLESS = "while true do end"
+RUN_ANY_CODE = {
+    "EVAL": ("EVAL", ENDLESS, 0),
+    "EVAL_RO": ("EVAL_RO", ENDLESS, 0),
+    "SCRIPT LOAD": ("SCRIPT", "LOAD", ENDLESS),
+    "FUNCTION LOAD": (
+        "FUNCTION",
+        "LOAD",
+        f"#!lua name=endless\nredis.register_function('endless', function() {ENDLESS} end)",
+    ),
+    "FUNCTION FLUSH": ("FUNCTION", "FLUSH"),
+    "FUNCTION DELETE": ("FUNCTION", "DELETE", "anything"),
+    "FUNCTION RESTORE": ("FUNCTION", "RESTORE", b"\x00"),
+    "SCRIPT FLUSH": ("SCRIPT", "FLUSH"),
+}
+
+
+@pytest.mark.parametrize("role", ["web", "worker"])
+def test_no_role_can_run_code_of_its_own_choosing(pipeline, acl_redis, role):
+    """Issue 26.2: neither role may EVAL, load a script or a function, or drop the functions the
+    service calls; each may only FCALL what an admin loaded."""
+    server, admin = acl_redis
+    client = redis.Redis.from_url(role_url(server, role), socket_timeout=5)
+    try:
+        refused = []
+        for name, command in RUN_ANY_CODE.items():
+            try:
+                client.execute_command(*command)
+            except redis.exceptions.NoPermissionError:
+                refused.append(name)
+        assert refused == list(RUN_ANY_CODE)
+        assert admin.ping()  # Redis still answers everyone
+        assert client.ping()
+    finally:
+        client.close()
+
+
+def test_a_role_without_the_functions_gets_an_error_naming_the_setup_command(pipeline, acl_redis):
+    """A Redis that lost the functions (or never had redis-setup run): the web answers 503 and logs
+    what to run; once redis-setup has run, deliveries are accepted again."""
+    server, admin = acl_redis
+    admin.function_flush()
+    web = pipeline.model_copy(update={"redis_url": role_url(server, "web")})
+    client = redis.Redis.from_url(role_url(server, "web"))
+    try:
+        with pytest.raises(MissingFunction, match="smartcar-ingest redis-setup"):
+            lua_function("test_acl_probe", "return 1").bind(client)()
+    finally:
+        client.close()
+    with pytest.raises(AssertionError, match="503"):
+        deliver(web, sample_event())
+    setup = run_cli("redis-setup", env={"REDIS_URL": server.url})
+    assert setup.returncode == 0, setup.stderr
+    deliver(web, sample_event())
+    assert admin.llen(f"rq:queue:{pipeline.ingest_queue}") == 1
+
+
+def test_redis_setup_loads_each_function_once_and_says_so(pipeline, acl_redis):
+    """A second run finds every function there; a run as a role is refused with exit 2 and a line to act on."""
+    server, _ = acl_redis
+    again = run_cli("redis-setup", env={"REDIS_URL": server.url})
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("Redis functions: 0 loaded, ")
+    refused = run_cli("redis-setup", env={"REDIS_URL": role_url(server, "worker")})
+    assert refused.returncode == 2
+    assert "admin REDIS_URL" in refused.stderr
+    assert PASSWORDS["worker"] not in refused.stderr

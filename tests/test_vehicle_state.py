@@ -28,6 +28,7 @@ from rq.serializers import JSONSerializer
 from starlette.testclient import TestClient
 
 from cli.operations import replay
+from cli.redis_admin import load_functions
 from cli.samples import SAMPLE_VEHICLE_ID, encode, sample_event
 from core.redis.acl import acl_rules
 from core.redis.keys import text, vehicle_state_key
@@ -390,6 +391,7 @@ def worker_that_cannot_publish(pipeline, redis_client) -> Iterator[Any]:
     rules = [rule for rule in acl_rules(pipeline, "worker") if rule != f"~{pipeline.output_stream}"]
     assert len(rules) == len(acl_rules(pipeline, "worker")) - 1
     redis_client.execute_command("ACL", "SETUSER", name, "reset", "on", ">crash-password", *rules)
+    load_functions(pipeline.redis_url)  # as an admin: the role may only call them
     try:
         url = pipeline.redis_url.replace("redis://", f"redis://{name}:crash-password@", 1)
         yield pipeline.model_copy(update={"redis_url": url})

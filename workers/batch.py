@@ -48,6 +48,7 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
+from core.redis.functions import lua_function
 from core.redis.keys import dequeued_key, queue_key, text
 
 # RQ's key prefixes, taken from RQ itself so that a change of layout fails the tests loudly.
@@ -71,6 +72,7 @@ for _, id in ipairs(ids) do
 end
 return out
 """
+_CLAIM_FN = lua_function("claim_jobs", _CLAIM)
 
 _START = """
 -- KEYS: this worker's dequeued list, the started registry, the worker's execution set, the worker's hash
@@ -115,6 +117,7 @@ redis.call('DEL', KEYS[1])
 if #rest > 0 then redis.call('RPUSH', KEYS[1], unpack(rest)) end
 return flags
 """
+_START_FN = lua_function("start_jobs", _START)
 
 _FINISH = """
 -- KEYS: the started registry, the finished registry, the worker's execution set, the worker's hash
@@ -163,6 +166,7 @@ if done > 0 then
 end
 return done
 """
+_FINISH_FN = lua_function("finish_jobs", _FINISH)
 
 
 #: What a job's data holds beyond the delivery's body: the function, ids and options.
@@ -254,9 +258,9 @@ class Bookkeeping:
         self.finished_key = FinishedJobRegistry.key_template.format(queue_name)
         self.executions_key = WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker_name)
         self.worker_key = f"rq:worker:{worker_name}"
-        self._claim = redis.register_script(_CLAIM)
-        self._start = redis.register_script(_START)
-        self._finish = redis.register_script(_FINISH)
+        self._claim = _CLAIM_FN.bind(redis)
+        self._start = _START_FN.bind(redis)
+        self._finish = _FINISH_FN.bind(redis)
 
     async def claim(self, count: int) -> list[Held]:
         """Up to ``count`` jobs off the queue (or the ones this worker already held), with their hashes."""

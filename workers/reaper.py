@@ -40,6 +40,7 @@ from rq.registry import StartedJobRegistry
 from rq.utils import parse_composite_key
 
 from core.logs import get_logger
+from core.redis.functions import lua_function
 from core.redis.keys import ALIVE_PREFIX, WORKERS_SET, alive_key, dequeued_key, queue_key, rq_intermediate_key, text
 from core.redis.outage import until_redis_answers
 
@@ -67,6 +68,7 @@ while true do
 end
 return moved
 """
+_GIVE_BACK_DEQUEUED_FN = lua_function("give_back_dequeued", _GIVE_BACK_DEQUEUED)
 
 _REQUEUE_EXECUTION = """
 -- KEYS: started registry, execution hash, the job's execution registry, the worker's execution
@@ -90,6 +92,7 @@ redis.call('LREM', KEYS[6], 0, ARGV[3])
 redis.call('LPUSH', KEYS[6], ARGV[3])
 return 1
 """
+_REQUEUE_EXECUTION_FN = lua_function("requeue_execution", _REQUEUE_EXECUTION)
 
 _RETURN_FROM_RQ_LIST = """
 -- KEYS: RQ's intermediate list, the queue, the job hash. ARGV: job id.
@@ -100,11 +103,12 @@ redis.call('LREM', KEYS[2], 0, ARGV[1])
 redis.call('LPUSH', KEYS[2], ARGV[1])
 return 1
 """
+_RETURN_FROM_RQ_LIST_FN = lua_function("return_from_rq_list", _RETURN_FROM_RQ_LIST)
 
 
 def give_back_dequeued(connection: redis.Redis, queue_name: str, worker_name: str) -> list[str]:
     """Move every id ``worker_name`` took from ``queue_name`` but never started back to the queue's front."""
-    script = connection.register_script(_GIVE_BACK_DEQUEUED)
+    script = _GIVE_BACK_DEQUEUED_FN.bind(connection)
     moved = script(keys=[dequeued_key(queue_name, worker_name), queue_key(queue_name)])
     return [text(job_id) for job_id in moved]
 
@@ -120,7 +124,7 @@ def requeue_execution(
     taken over by another worker only loses the stale execution.
     """
     execution = Execution(execution_id, job_id, connection)
-    script = connection.register_script(_REQUEUE_EXECUTION)
+    script = _REQUEUE_EXECUTION_FN.bind(connection)
     keys = [
         StartedJobRegistry(queue_name, connection=connection).key,
         execution.key,
@@ -315,7 +319,7 @@ class Liveness:
             del self._suspects[key]
         if not ids:
             return
-        script = self._connection.register_script(_RETURN_FROM_RQ_LIST)
+        script = _RETURN_FROM_RQ_LIST_FN.bind(self._connection)
         for job_id in ids:
             first_seen = self._suspects.setdefault((queue_name, job_id), now)
             if now - first_seen < STRANDED_AFTER_SECONDS:

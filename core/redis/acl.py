@@ -17,6 +17,9 @@ each role its own rule list for ``ACL SETUSER``:
   RQ's pub/sub command channels, and no dangerous command but ``INFO`` (RQ reads the server
   version).
 
+Neither role runs Lua of its own: only ``FCALL`` of the functions an admin loaded
+(:mod:`core.redis.functions`).
+
 With ``connect=True`` the web may also use the sealed application token (the Connect callback
 verifies user ids with Smartcar; it holds the client secret then, see :mod:`core.smartcar.tokens`).
 """
@@ -48,7 +51,9 @@ Role = Literal["web", "worker"]
 
 #: PING, HELLO, AUTH, SELECT, CLIENT SETNAME/SETINFO/ID…, without the dangerous CLIENT KILL/LIST/PAUSE.
 _CONNECTION = ["+@connection", "-@dangerous"]
-_SCRIPTS = ["+evalsha", "+eval", "+script|load", "+script|exists"]
+#: Lua runs only as the functions an admin loaded (core.redis.functions): no EVAL, SCRIPT or FUNCTION,
+#: so no role can run code of its own choosing (an endless script stops every client of Redis).
+_SCRIPTS = ["-@scripting", "+fcall", "+fcall_ro"]
 _WEB_COMMANDS = [
     # what the accept and park scripts and the Connect state marks write
     "+set",
@@ -111,6 +116,7 @@ def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str
         "resetchannels",
         "+@all",
         "-@dangerous",
+        *_SCRIPTS,
         "+info",
         f"~{RQ_PREFIX}*",
         f"~{SERVICE_PREFIX}*",

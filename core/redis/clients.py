@@ -21,6 +21,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from core.config import Settings
+from core.redis.functions import FunctionsRedis
 
 
 def web_redis(settings: Settings) -> AsyncRedis:
@@ -63,8 +64,9 @@ def worker_redis(settings: Settings, max_connections: int = 100) -> AsyncRedis:
 
 
 def rq_redis(settings: Settings, max_connections: int) -> redis.Redis:
-    """RQ's connection in the worker: its blocking dequeue waits up to the maintenance interval."""
-    return redis.Redis.from_url(
+    """RQ's connection in the worker: its blocking dequeue waits up to the maintenance interval, and
+    the scripts RQ runs there are called as functions (:class:`core.redis.functions.FunctionsRedis`)."""
+    return FunctionsRedis.from_url(
         settings.redis_url, socket_connect_timeout=5, socket_timeout=30, max_connections=max_connections
     )
 

@@ -68,6 +68,7 @@ from dataclasses import dataclass
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis as AsyncRedis
 
+from core.redis.functions import lua_function
 from core.redis.keys import (
     DEDUPE_PREFIX,
     EVENT_IDS_KEY,
@@ -299,6 +300,7 @@ end
 return false
 """
 )
+RECALL_FN = lua_function("recall", RECALL)
 
 
 def slot_width(ttl_seconds: int) -> int:
@@ -374,7 +376,7 @@ def recall(client: SyncRedis, marks: Marks, event_id: str, legacy_prefix: str | 
 
     A value found only in a per-key mark of an earlier version comes back as ``b"legacy:<value>"``.
     """
-    value = client.register_script(RECALL)(args=recall_args(marks, event_id, legacy_prefix))
+    value = RECALL_FN.bind(client)(args=recall_args(marks, event_id, legacy_prefix))
     return None if value is None else bytes(value)
 
 
@@ -382,5 +384,5 @@ async def recall_async(
     redis: AsyncRedis, marks: Marks, event_id: str, legacy_prefix: str | None = None
 ) -> bytes | None:
     """:func:`recall` on an asyncio client."""
-    value = await redis.register_script(RECALL)(args=recall_args(marks, event_id, legacy_prefix))
+    value = await RECALL_FN.bind(redis)(args=recall_args(marks, event_id, legacy_prefix))
     return None if value is None else bytes(value)

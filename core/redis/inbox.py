@@ -16,7 +16,6 @@ read once per batch (docs/capacity.md has the measured figures).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,7 +24,7 @@ import hiredis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 from rq.job import Job
 from rq.queue import Queue
 from rq.utils import now, utcformat
@@ -33,6 +32,7 @@ from rq.utils import now, utcformat
 from core import metrics
 from core.config import DEFAULT_PARKED_RETENTION_SECONDS
 from core.redis.dedupe import LIBRARY, Marks, event_marks, job_digest
+from core.redis.functions import LuaFunction, is_missing, load_async, lua_function
 from core.redis.jobs import JobOptions, JobTemplate
 from core.redis.keys import queue_key
 from core.redis.parked import ParkedStream
@@ -69,6 +69,7 @@ end
 return results
 """
 )
+_ENQUEUE_MANY_FN = lua_function("enqueue", _ENQUEUE_MANY)
 
 
 #: How long :class:`DirectScript` keeps an idle connection when the pool sets no health-check interval.
@@ -76,7 +77,7 @@ DEFAULT_MAX_IDLE_SECONDS = 30.0
 
 
 class DirectScript:
-    """One Lua script called on connections it keeps: one packed write and one read per call.
+    """One Lua function called on connections it keeps: one packed write and one read per call.
 
     The web edge calls its enqueue script once per round trip, so what redis-py does around a
     call is paid per batch, and at light load per delivery: the pool's checkout and release, the
@@ -88,8 +89,8 @@ class DirectScript:
     and closing the pool closes it).
 
     A connection Redis closed (a restart, an idle timeout) is met on its first use: the call is
-    then made once more on a fresh connection, as the client's retry policy does, with the
-    script's text (``EVAL``), since after a restart Redis has also forgotten the script. A
+    then made once more on a fresh connection, as the client's retry policy does; a Redis that
+    does not have the function gets it loaded first, where the user may (:mod:`core.redis.functions`). A
     connection left idle longer than the pool's health-check interval is replaced before use
     instead (where redis-py would send a ``PING`` first): a firewall or NAT that silently dropped
     it would otherwise cost a delivery the whole deadline. An error reply (Redis out of memory,
@@ -98,10 +99,9 @@ class DirectScript:
     be safe to run twice.
     """
 
-    def __init__(self, redis: AsyncRedis, script: str) -> None:
+    def __init__(self, redis: AsyncRedis, function: LuaFunction) -> None:
         self._redis = redis
-        self._script = script
-        self._sha = hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+        self._function = function
         settings = redis.connection_pool.connection_kwargs
         self._timeout: float | None = settings.get("socket_timeout")
         self._max_idle_seconds = float(settings.get("health_check_interval") or DEFAULT_MAX_IDLE_SECONDS)
@@ -116,14 +116,16 @@ class DirectScript:
         else:
             connection = await self._connection()
         try:
+            command = self._function.command(keys, args)
             try:
-                return await self._round_trip(connection, ("EVALSHA", self._sha, len(keys), *keys, *args))
+                return await self._round_trip(connection, command)
             except RedisConnectionError:
                 await connection.disconnect(nowait=True)
-            except NoScriptError:
-                pass
-            # Once more, with the script's text: Redis caches it again (a restart forgets it).
-            return await self._round_trip(connection, ("EVAL", self._script, len(keys), *keys, *args))
+            except ResponseError as exc:
+                if not is_missing(exc):
+                    raise
+                await load_async(self._redis, self._function)
+            return await self._round_trip(connection, command)
         except ResponseError:
             raise  # Redis answered (an error reply, OOM say): the connection is in order
         except BaseException:
@@ -131,11 +133,6 @@ class DirectScript:
             raise
         finally:
             self._idle.append((connection, time.monotonic()))
-
-    @property
-    def sha(self) -> str:
-        """The script's SHA-1, by which Redis caches it."""
-        return self._sha
 
     @property
     def connections(self) -> list[AbstractConnection]:
@@ -174,7 +171,7 @@ class GroupCommitter:
         max_batch: int = 256,
         max_in_flight: int = 1,
     ) -> None:
-        self._script = DirectScript(redis, _ENQUEUE_MANY)
+        self._script = DirectScript(redis, _ENQUEUE_MANY_FN)
         self._keys = [queue_key(queue), Queue.redis_queues_keys]
         self._marks = marks
         self._constant: list[Any] = [len(constant_fields)]

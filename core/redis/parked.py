@@ -26,6 +26,7 @@ from rq.queue import Queue
 
 from core.config import DEFAULT_DEDUPE_TTL_SECONDS, DEFAULT_PARKED_RETENTION_SECONDS
 from core.redis.dedupe import LIBRARY, event_digest, parked_marks
+from core.redis.functions import lua_function
 from core.redis.jobs import JobOptions, build_job_hash, job_payload
 from core.redis.keys import job_id_for, queue_key, text
 
@@ -55,6 +56,7 @@ local min_id = math.max(0, math.floor(st.now * 1000) - tonumber(ARGV[9]))
 return redis.call('XADD', KEYS[1], 'MINID', '~', string.format('%d', min_id), '*', unpack(ARGV, 10))
 """
 )
+_PARK_FN = lua_function("park", _PARK)
 
 _REQUEUE = (
     LIBRARY
@@ -79,6 +81,7 @@ if ARGV[7] ~= '' then redis.call('DEL', ARGV[7] .. ARGV[2]) end
 return 1
 """
 )
+_REQUEUE_FN = lua_function("replay_parked", _REQUEUE)
 
 # Count parked entries by reason inside Redis: only the counts cross the network, never the
 # parked payloads (up to MAX_BODY_BYTES each). One call per batch keeps each call short.
@@ -102,6 +105,7 @@ for reason, n in pairs(counts) do
 end
 return out
 """
+_COUNT_REASONS_FN = lua_function("count_parked_reasons", _COUNT_REASONS, read_only=True)
 
 
 class ParkedStream:
@@ -123,7 +127,7 @@ class ParkedStream:
         self.stream = stream
         self.marks = parked_marks(mark_ttl_seconds, clock)
         self._retention = retention_seconds
-        self._park = redis.register_script(_PARK)
+        self._park = _PARK_FN.bind(redis)
 
     async def park(self, event_id: str | None, reason: str, detail: str, body: str) -> str | None:
         """Keep a delivery that cannot be processed; returns the entry id, None if already kept.
@@ -180,7 +184,7 @@ async def replay_parked(
     so the replayed job may park again (``mark_ttl_seconds`` is the ``DEDUPE_TTL_SECONDS`` the
     marks were written with; any value finds them, it only sizes slots).
     """
-    requeue = redis.register_script(_REQUEUE)
+    requeue = _REQUEUE_FN.bind(redis)
     marks = parked_marks(mark_ttl_seconds)
     report = ReplayReport()
     cursor = "-"
@@ -228,7 +232,7 @@ class ReasonCounts:
 
 def count_by_reason(client: SyncRedis, stream: str, limit: int = COUNT_SCAN_LIMIT) -> ReasonCounts:
     """Count parked entries by reason (most frequent first), reading at most ``limit`` entries."""
-    count_reasons = client.register_script(_COUNT_REASONS)
+    count_reasons = _COUNT_REASONS_FN.bind(client)
     by_reason: dict[str, int] = {}
     scanned = 0
     cursor = "-"

@@ -20,7 +20,8 @@ from collections.abc import Callable, Mapping
 from redis.asyncio import Redis as AsyncRedis
 
 from core.config import DEFAULT_OUTPUT_STREAM_RETENTION_SECONDS
-from core.redis.dedupe import LIBRARY, PUBLISHED, RECALL, event_digest, event_marks, recall_args
+from core.redis.dedupe import LIBRARY, PUBLISHED, RECALL_FN, event_digest, event_marks, recall_args
+from core.redis.functions import lua_function
 from core.redis.keys import PUBLISHED_PREFIX, job_id_for, text
 
 _PUBLISH = (
@@ -47,6 +48,7 @@ end
 return entry
 """
 )
+_PUBLISH_FN = lua_function("publish", _PUBLISH)
 
 
 class OutputStream:
@@ -63,8 +65,8 @@ class OutputStream:
         self.stream = stream
         self.retention_seconds = retention_seconds
         self.marks = event_marks(published_ttl_seconds, clock)
-        self._publish = redis.register_script(_PUBLISH)
-        self._recall = redis.register_script(RECALL)
+        self._publish = _PUBLISH_FN.bind(redis)
+        self._recall = RECALL_FN.bind(redis)
 
     async def was_published(self, event_id: str) -> bool:
         """True when ``event_id`` is on the stream already (its mark says published)."""

@@ -37,6 +37,7 @@ import pydantic_core
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis as AsyncRedis
 
+from core.redis.functions import lua_function
 from core.redis.keys import text, vehicle_state_key
 
 #: The hash fields that are not signal codes; codes starting with ``_`` are never stored.
@@ -172,6 +173,7 @@ hset(writes)
 redis.call('EXPIRE', key, ARGV[2])
 return {1, stale}
 """
+MERGE_FUNCTION = lua_function("merge_vehicle_state", MERGE_SCRIPT)
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,7 @@ class VehicleStates:
     def __init__(self, redis: AsyncRedis, prefix: str, ttl_seconds: int) -> None:
         self.prefix = prefix
         self._ttl = ttl_seconds
-        self._merge = redis.register_script(MERGE_SCRIPT)
+        self._merge = MERGE_FUNCTION.bind(redis)
 
     def key(self, vehicle_id: str) -> str:
         return vehicle_state_key(self.prefix, vehicle_id)

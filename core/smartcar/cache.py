@@ -40,6 +40,7 @@ from core.errors import (
     SmartcarUnauthorized,
     SmartcarUnavailable,
 )
+from core.redis.functions import lua_function
 from core.redis.keys import text
 from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
 
@@ -72,6 +73,7 @@ redis.call('HSET', KEYS[1], 'claim', ARGV[4], 'claimStartedAt', now, 'claimUntil
     + _KEEP.format(n=5)
     + "return {'fetch', ARGV[4], tostring(now), gen}"
 )
+_ACQUIRE_FN = lua_function("read_acquire", _ACQUIRE)
 
 # ARGV: claim token ('' for none), started ms, data, keep ms, generation ('' for the current one).
 # Keeps the newest read only.
@@ -91,6 +93,7 @@ end
     + _KEEP.format(n=4)
     + "return now"
 )
+_COMPLETE_FN = lua_function("read_complete", _COMPLETE)
 
 # ARGV: claim token, the failure (JSON; '' for a read given up, which its waiters then claim afresh), keep ms.
 _FAIL = (
@@ -103,6 +106,7 @@ if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'errorToken', ARGV[1], 'error'
     + _KEEP.format(n=3)
     + "return 1"
 )
+_FAIL_FN = lua_function("read_fail", _FAIL)
 
 # ARGV: claim token, claim started ms.
 _POLL = (
@@ -118,9 +122,11 @@ if f[2] == ARGV[1] and (tonumber(f[3]) or 0) > now then return {'pending'} end
 return {'gone'}
 """
 )
+_POLL_FN = lua_function("read_poll", _POLL, read_only=True)
 
 # ARGV: keep ms. A new generation: what was read or claimed before serves no event from now on.
 _INVALIDATE = "local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)\n" + _KEEP.format(n=1) + "return gen"
+_INVALIDATE_FN = lua_function("read_invalidate", _INVALIDATE)
 
 
 @dataclass(frozen=True)
@@ -143,11 +149,11 @@ class ReadCache:
         self._redis = redis
         self._lease_ms = int(lease_seconds * 1000)
         self._poll_first, self._poll_max = poll_seconds
-        self._acquire = redis.register_script(_ACQUIRE)
-        self._complete = redis.register_script(_COMPLETE)
-        self._fail = redis.register_script(_FAIL)
-        self._poll = redis.register_script(_POLL)
-        self._invalidate = redis.register_script(_INVALIDATE)
+        self._acquire = _ACQUIRE_FN.bind(redis)
+        self._complete = _COMPLETE_FN.bind(redis)
+        self._fail = _FAIL_FN.bind(redis)
+        self._poll = _POLL_FN.bind(redis)
+        self._invalidate = _INVALIDATE_FN.bind(redis)
         # The reads this process makes or waits for, by (key, claim token): its events share one future.
         self._local: dict[tuple[str, str], asyncio.Future[Shared | None]] = {}
 

@@ -37,6 +37,7 @@ from redis.asyncio import Redis
 from core import metrics
 from core.errors import SmartcarRateLimited
 from core.logs import get_logger
+from core.redis.functions import lua_function
 from core.redis.keys import APPLICATION_PAUSE_KEY, BUDGET_KEY, vehicle_pause_key
 from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
 
@@ -74,6 +75,7 @@ tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
 return {1, wait, cause}
 """
+_ADMIT_FN = lua_function("admit_request", _ADMIT)
 
 # KEYS: the pause hash. ARGV: Retry-After ms (-1: none), base ms, cap ms. Returns the pause left, ms.
 _PAUSE = """
@@ -92,6 +94,7 @@ redis.call('HSET', KEYS[1], 'until', until_ms, 'strikes', strikes)
 redis.call('PEXPIRE', KEYS[1], until_ms - now + tonumber(ARGV[3]))
 return until_ms - now
 """
+_PAUSE_FN = lua_function("pause_requests", _PAUSE)
 
 
 class OverBudget(SmartcarRateLimited):
@@ -132,8 +135,8 @@ class RequestLimiter:
         wait_seconds: float = 10.0,
     ) -> None:
         self._redis = redis
-        self._admit = redis.register_script(_ADMIT)
-        self._pause = redis.register_script(_PAUSE)
+        self._admit = _ADMIT_FN.bind(redis)
+        self._pause = _PAUSE_FN.bind(redis)
         self._wait = wait_seconds
         if requests_per_minute is None:
             self._interval_ms, self._tolerance_ms = 0.0, 0.0

@@ -36,6 +36,7 @@ from redis.asyncio import Redis
 from core import metrics
 from core.errors import SmartcarRateLimited, SmartcarUnavailable, TokenRequestFailed
 from core.logs import get_logger
+from core.redis.functions import lua_function
 from core.redis.keys import TOKEN_KEY, TOKEN_LOCK_KEY
 
 log = get_logger("smartcar_ingest.tokens")
@@ -45,6 +46,7 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+_RELEASE_FN = lua_function("release_token_lock", _RELEASE)
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ class AppTokenProvider:
         self._local: AppToken | None = None
         # Coroutines of this process share one refresh instead of each taking a turn at the lock.
         self._refreshing: asyncio.Task[AppToken] | None = None
-        self._release = redis.register_script(_RELEASE)
+        self._release = _RELEASE_FN.bind(redis)
         self._seal = TokenSeal(client_id, client_secret)
 
     async def get(self) -> str:

@@ -1,0 +1,96 @@
+"""The Redis administrator's commands: ``redis-setup`` (load the service's functions) and
+``redis-acl`` (one aclfile line per role). docs/security.md says how the two fit together."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from core.config import Settings
+from core.errors import ConfigurationError, RedisUnavailable
+
+#: Every module that defines Lua functions (tests/test_redis_functions.py checks the list is whole).
+FUNCTION_MODULES = (
+    "core.redis.dedupe",
+    "core.redis.inbox",
+    "core.redis.parked",
+    "core.redis.published",
+    "core.redis.vehicle_state",
+    "core.smartcar.cache",
+    "core.smartcar.limiter",
+    "core.smartcar.tokens",
+    "service.connect",
+    "workers.batch",
+    "workers.reaper",
+)
+
+
+def all_functions() -> list[str]:
+    """The names of every function the service runs, its modules imported."""
+    from core.redis.functions import FUNCTIONS
+
+    for module in FUNCTION_MODULES:
+        importlib.import_module(module)
+    return sorted(FUNCTIONS)
+
+
+def load_functions(redis_url: str) -> str:
+    """Load every function into the Redis at ``redis_url`` (a user allowed ``FUNCTION LOAD``); says what it did."""
+    import redis
+
+    from core.redis.functions import FUNCTIONS, load_all
+
+    names = all_functions()
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30)
+    try:
+        loaded, present = load_all(client, [FUNCTIONS[name] for name in names])
+    except redis.exceptions.NoPermissionError as exc:
+        raise ConfigurationError(
+            f"This Redis user may not load functions ({exc}): run redis-setup with an admin REDIS_URL."
+        ) from None
+    except redis.exceptions.ResponseError as exc:
+        raise ConfigurationError(f"Redis refused the functions ({exc}); they need Redis 7.0 or newer.") from None
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise RedisUnavailable(f"Redis did not answer ({type(exc).__name__}).") from None
+    finally:
+        client.close()
+    return f"Redis functions: {loaded} loaded, {present} already there ({len(names)} in all)"
+
+
+def redis_setup(args: argparse.Namespace, settings: Settings) -> int:
+    print(load_functions(settings.redis_url))
+    return 0
+
+
+def redis_acl(args: argparse.Namespace, settings: Settings) -> int:
+    from core.redis.acl import acl_file_line
+
+    password = None
+    if args.password_env:
+        password = os.environ.get(args.password_env)
+        if not password:
+            raise ConfigurationError(f"{args.password_env} is empty or not set: put the user's password in it.")
+    else:
+        print("# no --password-env: the user is written switched off; give it a password before use", file=sys.stderr)
+    user = args.user or f"smartcar-{args.role}"
+    print(acl_file_line(settings, args.role, user, password, connect=args.connect))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    setup = sub.add_parser(
+        "redis-setup",
+        help="load the service's Redis functions (an admin REDIS_URL; run on every install and upgrade)",
+    )
+    setup.set_defaults(handler=redis_setup)
+
+    acl = sub.add_parser("redis-acl", help="print one Redis aclfile line for a role's user (see docs/security.md)")
+    acl.add_argument("role", choices=["web", "worker"])
+    acl.add_argument("--user", help="the Redis user name (default smartcar-ROLE)")
+    acl.add_argument(
+        "--password-env", metavar="VAR", help="environment variable holding the user's password (stored hashed)"
+    )
+    acl.add_argument("--connect", action="store_true", help="web only: also the keys the Connect callback needs")
+    acl.set_defaults(handler=redis_acl)

@@ -1,0 +1,184 @@
+"""Every Lua step the service runs in Redis, as Redis Functions (Redis ≥ 7.0).
+
+No Redis user of the service may run code of its own choosing: one ``EVAL "while true do end"``
+leaves Redis answering BUSY to everyone. So each script is a function loaded once by an admin
+(``smartcar-ingest redis-setup``, which ``make run`` and the chart's migration Job run), and the
+roles are granted ``FCALL`` only, never ``EVAL``, ``SCRIPT LOAD`` or ``FUNCTION``
+(:mod:`core.redis.acl`). Functions are kept with the data (RDB and AOF), so a restart keeps them.
+
+Each function is a library of its own, named after a digest of its code: during a rolling upgrade
+old and new pods each call their own version, and loading a new version never replaces one that a
+running pod calls. Old versions stay loaded (a few KB each) until an admin deletes them.
+
+A call that finds its function missing (a Redis without persistence restarted, or setup never
+ran) loads it when its user may (the default user in development and tests); a role that may not
+gets :class:`MissingFunction`, naming the setup command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Awaitable, Sequence
+from typing import Any
+
+import redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.client import Pipeline as AsyncPipeline
+from redis.client import Pipeline
+from redis.exceptions import NoPermissionError, ResponseError
+from rq.scripts import ACQUIRE_OR_REFRESH_LOCK_SCRIPT, RELEASE_LOCK_SCRIPT
+
+#: What every function name and library name starts with.
+PREFIX = "smartcar_ingest_"
+SETUP_COMMAND = "smartcar-ingest redis-setup"
+
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+class MissingFunction(ResponseError):
+    """Redis does not have a function of this version, and this user may not load it."""
+
+
+class LuaFunction:
+    """One Lua script (``KEYS`` and ``ARGV`` as for ``EVAL``), run in Redis as a function."""
+
+    def __init__(self, name: str, source: str, read_only: bool = False) -> None:
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"a function name is lower-case letters, digits and _: {name!r}")
+        self.name = name
+        self.source = source
+        self.read_only = read_only
+        digest = hashlib.sha256(f"{read_only}\n{source}".encode()).hexdigest()[:12]
+        #: The function's (and its library's) name in Redis.
+        self.redis_name = f"{PREFIX}{name}_{digest}"
+        flags = "'no-writes'" if read_only else ""
+        self.code = (
+            f"#!lua name={self.redis_name}\n"
+            f"redis.register_function{{function_name='{self.redis_name}', flags={{{flags}}},"
+            f" callback=function(KEYS, ARGV)\n{source}\nend}}\n"
+        )
+
+    def bind(self, client: Any) -> Any:
+        """A callable for ``client`` (``keys=``, ``args=``, and optionally ``client=`` a pipeline, as
+        redis-py's ``Script``): a coroutine for an asyncio client, the reply for a synchronous one."""
+        if isinstance(client, AsyncRedis | AsyncPipeline):
+            return AsyncCall(self, client)
+        return SyncCall(self, client)
+
+    def command(self, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
+        return ("FCALL", self.redis_name, len(keys), *keys, *args)
+
+    def missing(self, reply: ResponseError) -> MissingFunction:
+        return MissingFunction(
+            f"Redis has no function {self.redis_name} and this Redis user may not load it:"
+            f" run `{SETUP_COMMAND}` with an admin REDIS_URL ({reply})."
+        )
+
+
+#: Every function by name; a module defines its own with :func:`lua_function` at import.
+FUNCTIONS: dict[str, LuaFunction] = {}
+
+
+def lua_function(name: str, source: str, read_only: bool = False) -> LuaFunction:
+    """Define (once per name) the function ``name`` running ``source``."""
+    function = LuaFunction(name, source, read_only)
+    known = FUNCTIONS.setdefault(name, function)
+    if known.code != function.code:
+        raise ValueError(f"two Lua functions are named {name!r}")
+    return known
+
+
+def is_missing(exc: BaseException) -> bool:
+    """Whether Redis answered that the function called is not loaded."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("Function not found")
+
+
+def _load_reply(function: LuaFunction, exc: ResponseError) -> bool:
+    """True when a failed ``FUNCTION LOAD`` means the library is there (loaded by a peer meanwhile)."""
+    if isinstance(exc, NoPermissionError):
+        raise function.missing(exc) from None
+    if "already exists" in str(exc):
+        return False
+    raise exc
+
+
+def load(client: redis.Redis, function: LuaFunction) -> bool:
+    """Load ``function``'s library; False when it was loaded already."""
+    try:
+        client.function_load(function.code)
+    except ResponseError as exc:
+        return _load_reply(function, exc)
+    return True
+
+
+async def load_async(client: AsyncRedis, function: LuaFunction) -> bool:
+    try:
+        await client.function_load(function.code)
+    except ResponseError as exc:
+        return _load_reply(function, exc)
+    return True
+
+
+class SyncCall:
+    def __init__(self, function: LuaFunction, client: Any) -> None:
+        self.function = function
+        self.client = client
+
+    def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None) -> Any:
+        target = self.client if client is None else client
+        command = self.function.command(keys, args)
+        if isinstance(target, Pipeline):
+            return target.execute_command(*command)  # type: ignore[no-untyped-call]  # queued: answered by execute()
+        try:
+            return target.execute_command(*command)
+        except ResponseError as exc:
+            if not is_missing(exc):
+                raise
+        load(target, self.function)
+        return target.execute_command(*command)
+
+
+class AsyncCall:
+    def __init__(self, function: LuaFunction, client: Any) -> None:
+        self.function = function
+        self.client = client
+
+    def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None) -> Awaitable[Any]:
+        target = self.client if client is None else client
+        if isinstance(target, AsyncPipeline):
+            return target.execute_command(*self.function.command(keys, args))
+        return self._call(target, keys, args)
+
+    async def _call(self, target: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        command = self.function.command(keys, args)
+        try:
+            return await target.execute_command(*command)
+        except ResponseError as exc:
+            if not is_missing(exc):
+                raise
+        await load_async(target, self.function)
+        return await target.execute_command(*command)
+
+
+#: RQ's own scripts (its scheduler's locks), run as functions of ours on the worker's RQ connection.
+RQ_SCRIPTS = {
+    ACQUIRE_OR_REFRESH_LOCK_SCRIPT: lua_function("rq_acquire_or_refresh_lock", ACQUIRE_OR_REFRESH_LOCK_SCRIPT),
+    RELEASE_LOCK_SCRIPT: lua_function("rq_release_lock", RELEASE_LOCK_SCRIPT),
+}
+
+
+class FunctionsRedis(redis.Redis):
+    """The worker's RQ connection: RQ's scripts that the worker runs are called as functions (the
+    worker role may not ``EVAL``); any other script is left to redis-py."""
+
+    def register_script(self, script: str | bytes) -> Any:  # type: ignore[override]
+        text = script.decode() if isinstance(script, bytes) else script
+        function = RQ_SCRIPTS.get(text)
+        return function.bind(self) if function is not None else super().register_script(script)
+
+
+def load_all(client: redis.Redis, functions: Sequence[LuaFunction]) -> tuple[int, int]:
+    """Load each of ``functions`` (``redis-setup``); returns how many were loaded and how many were there."""
+    loaded = sum(load(client, function) for function in functions)
+    return loaded, len(functions) - loaded

@@ -1,0 +1,111 @@
+"""The service's Lua runs as Redis Functions loaded by an admin (core.redis.functions, issue 26.2)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import redis
+
+from cli.redis_admin import FUNCTION_MODULES, all_functions, load_functions
+from core.redis.functions import FUNCTIONS, PREFIX, FunctionsRedis, LuaFunction, lua_function
+from tests.procs import RedisServer
+
+PRODUCT = ("core", "service", "workers", "cli")
+
+
+def modules_defining_functions() -> set[str]:
+    """Every product module that calls ``lua_function`` at its top level."""
+    found = set()
+    for package in PRODUCT:
+        for path in Path(package).rglob("*.py"):
+            for node in ast.parse(path.read_text()).body:
+                call = node.value if isinstance(node, ast.Assign | ast.Expr) else None
+                if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "lua_function":
+                    found.add(".".join(path.with_suffix("").parts))
+    return found
+
+
+def test_redis_setup_knows_every_module_with_functions():
+    """A module whose functions redis-setup would not load would fail only under an ACL user."""
+    assert modules_defining_functions() - {"core.redis.functions"} == set(FUNCTION_MODULES)
+    names = all_functions()
+    assert len(names) >= 24
+    assert {"enqueue", "publish", "claim_jobs", "rq_acquire_or_refresh_lock"} <= set(names)
+
+
+def test_a_changed_function_gets_a_new_name_and_both_versions_coexist(redis_client):
+    """During a rolling upgrade old pods call the old version while new pods call the new one."""
+    old = LuaFunction("coexist_probe", "return 'old'")
+    new = LuaFunction("coexist_probe", "return 'new'")
+    assert old.redis_name != new.redis_name
+    assert old.redis_name.startswith(PREFIX)
+    assert old.bind(redis_client)() == b"old"
+    assert new.bind(redis_client)() == b"new"
+    assert old.bind(redis_client)() == b"old"
+    assert LuaFunction("coexist_probe", "return 'old'").redis_name == old.redis_name
+
+
+def test_one_name_cannot_be_defined_twice_with_different_code():
+    lua_function("defined_once_probe", "return 1")
+    assert lua_function("defined_once_probe", "return 1") is FUNCTIONS["defined_once_probe"]
+    with pytest.raises(ValueError, match="two Lua functions"):
+        lua_function("defined_once_probe", "return 2")
+    with pytest.raises(ValueError, match="lower-case"):
+        LuaFunction("Bad Name", "return 1")
+
+
+def test_a_read_only_function_runs_while_redis_is_out_of_memory(redis_client):
+    """``no-writes`` functions (reads for /metrics, status, polls) still answer when Redis refuses writes."""
+    reader = LuaFunction("oom_probe_read", "return redis.call('GET', KEYS[1])", read_only=True)
+    writer = LuaFunction("oom_probe_write", "return redis.call('SET', KEYS[1], 'x')")
+    redis_client.set("oom-probe", "kept")
+    reader.bind(redis_client)(keys=["oom-probe"])
+    writer.bind(redis_client)(keys=["oom-probe-2"])
+    limit = redis_client.config_get("maxmemory")["maxmemory"]
+    redis_client.config_set("maxmemory", 1)
+    try:
+        assert reader.bind(redis_client)(keys=["oom-probe"]) == b"kept"
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            writer.bind(redis_client)(keys=["oom-probe-2"])
+    finally:
+        redis_client.config_set("maxmemory", limit)
+
+
+def test_rq_scripts_run_as_functions_on_the_workers_rq_connection(redis_url):
+    """RQ's scheduler locks go through FCALL (the worker user may not EVAL); other scripts stay RQ's."""
+    from rq.scripts import acquire_or_refresh_lock, release_lock
+
+    client = FunctionsRedis.from_url(redis_url)
+    try:
+        assert acquire_or_refresh_lock(client, "functions-probe-lock", "me", 30) == "acquired"
+        assert acquire_or_refresh_lock(client, "functions-probe-lock", "me", 30) == "refreshed"
+        assert acquire_or_refresh_lock(client, "functions-probe-lock", "other", 30) == "taken"
+        assert release_lock(client, "functions-probe-lock", "me")
+        calls = client.info("commandstats")
+        assert "cmdstat_fcall" in calls
+        assert isinstance(client.register_script("return 1"), redis.commands.core.Script)
+    finally:
+        client.close()
+
+
+@pytest.mark.process
+@pytest.mark.drill
+def test_functions_survive_a_restart_with_aof(tmp_path):
+    """Loaded once by redis-setup, the functions are kept with the data: a role needs no reload."""
+    server = RedisServer(appendonly=True)
+    server.start()
+    try:
+        assert "loaded" in load_functions(server.url)
+        client = redis.Redis.from_url(server.url)
+        before = len(client.function_list())
+        client.close()
+        server.stop()
+        server.start()
+        client = redis.Redis.from_url(server.url)
+        assert len(client.function_list()) == before == len(all_functions())
+        client.close()
+        assert load_functions(server.url).startswith("Redis functions: 0 loaded")
+    finally:
+        server.cleanup()
