@@ -340,8 +340,8 @@ class WebhookEndpoint:
     def _unavailable(self, event_id: str | None, exc: BaseException) -> Answer:
         metrics.DELIVERIES.labels(outcome="unavailable").inc()
         # A missing function is a setup step left out: its message says which (no secret in it).
-        fix = str(exc) if isinstance(exc, MissingFunction) else None
-        log.error("redis unavailable, delivery refused", eventId=event_id, error=type(exc).__name__, fix=fix)
+        fix = {"fix": str(exc)} if isinstance(exc, MissingFunction) else {}
+        log.error("redis unavailable, delivery refused", eventId=event_id, error=type(exc).__name__, **fix)
         return _error(
             503, "redis_unavailable", "The event store is unreachable; retry later.", headers=_UNAVAILABLE_HEADERS
         )

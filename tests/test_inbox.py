@@ -302,3 +302,23 @@ def test_a_connection_idle_past_the_health_check_interval_is_replaced(redis_url,
     first, kept, after_idle = asyncio.run(scenario())
     assert kept == first
     assert after_idle != first
+
+
+def test_a_restart_that_lost_the_functions_costs_no_delivery(redis_url):
+    """A Redis restarted without persistence closes the kept connection and forgets the function:
+    the call reconnects and loads it, in one go."""
+
+    async def scenario() -> list[object]:
+        redis = AsyncRedis.from_url(redis_url)
+        function = lua_function("test_direct_restart", "return ARGV[1]")
+        try:
+            script = DirectScript(redis, function)
+            first = await script([], ["a"])
+            await redis.function_flush()
+            await redis.client_kill_filter(_id=None, skipme=True, laddr=None, _type="normal")
+            second = await script([], ["b"])
+            return [first, second]
+        finally:
+            await redis.aclose()
+
+    assert asyncio.run(scenario()) == [b"a", b"b"]

@@ -94,8 +94,9 @@ def is_missing(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("Function not found")
 
 
-def _load_reply(function: LuaFunction, exc: ResponseError) -> bool:
-    """True when a failed ``FUNCTION LOAD`` means the library is there (loaded by a peer meanwhile)."""
+def load_refused(function: LuaFunction, exc: ResponseError) -> bool:
+    """False when a failed ``FUNCTION LOAD`` means the library is there (a peer loaded it
+    meanwhile); :class:`MissingFunction` when this user may not load it; else ``exc``."""
     if isinstance(exc, NoPermissionError):
         raise function.missing(exc) from None
     if "already exists" in str(exc):
@@ -108,7 +109,7 @@ def load(client: redis.Redis, function: LuaFunction) -> bool:
     try:
         client.function_load(function.code)
     except ResponseError as exc:
-        return _load_reply(function, exc)
+        return load_refused(function, exc)
     return True
 
 
@@ -116,7 +117,7 @@ async def load_async(client: AsyncRedis, function: LuaFunction) -> bool:
     try:
         await client.function_load(function.code)
     except ResponseError as exc:
-        return _load_reply(function, exc)
+        return load_refused(function, exc)
     return True
 
 

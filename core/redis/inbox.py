@@ -32,7 +32,7 @@ from rq.utils import now, utcformat
 from core import metrics
 from core.config import DEFAULT_PARKED_RETENTION_SECONDS
 from core.redis.dedupe import LIBRARY, Marks, event_marks, job_digest
-from core.redis.functions import LuaFunction, is_missing, load_async, lua_function
+from core.redis.functions import LuaFunction, is_missing, load_refused, lua_function
 from core.redis.jobs import JobOptions, JobTemplate
 from core.redis.keys import queue_key
 from core.redis.parked import ParkedStream
@@ -117,15 +117,23 @@ class DirectScript:
             connection = await self._connection()
         try:
             command = self._function.command(keys, args)
-            try:
-                return await self._round_trip(connection, command)
-            except RedisConnectionError:
-                await connection.disconnect(nowait=True)
-            except ResponseError as exc:
-                if not is_missing(exc):
-                    raise
-                await load_async(self._redis, self._function)
-            return await self._round_trip(connection, command)
+            reconnected = loaded = False
+            while True:  # at most one reconnect and one load (a restart may need both)
+                try:
+                    return await self._round_trip(connection, command)
+                except RedisConnectionError:
+                    if reconnected:
+                        raise
+                    reconnected = True
+                    await connection.disconnect(nowait=True)
+                except ResponseError as exc:
+                    if loaded or not is_missing(exc):
+                        raise
+                    loaded = True
+                    try:  # on this connection, which has just answered
+                        await self._round_trip(connection, ("FUNCTION", "LOAD", self._function.code))
+                    except ResponseError as refused:
+                        load_refused(self._function, refused)
         except ResponseError:
             raise  # Redis answered (an error reply, OOM say): the connection is in order
         except BaseException:
