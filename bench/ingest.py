@@ -55,6 +55,9 @@ class IngestResult:
     p99_ms: float
     cpu_us_per_request: float
     queued: int | None
+    #: Redis's own CPU (INFO cpu) and commands (INFO commandstats) per request over the run.
+    redis_cpu_us_per_request: float = 0.0
+    redis_commands_per_request: float = 0.0
 
     @property
     def rps(self) -> float:
@@ -180,11 +183,17 @@ def run_server(
             wrk(port, 1, bodies)  # warm-up: imports, connection pools
             for paced in (None, rate) if rate is not None else (None,):
                 client.flushall()
-                before = cpu_seconds(server.pid)
+                client.config_resetstat()
+                before, redis_before = cpu_seconds(server.pid), redis_cpu(client)
                 stats = wrk(port, seconds, bodies, paced)
                 cpu = cpu_seconds(server.pid) - before
+                redis_used = redis_cpu(client) - redis_before
+                commands = sum(int(v["calls"]) for k, v in client.info("commandstats").items() if k != "cmdstat_info")
                 queued = int(client.llen("rq:queue:smartcar-events")) if factory != "bench.apps:bare" else None
-                results.append(_result(name, stats, cpu, queued))
+                result = _result(name, stats, cpu, queued)
+                result.redis_cpu_us_per_request = redis_used * 1e6 / max(1, result.requests)
+                result.redis_commands_per_request = commands / max(1, result.requests)
+                results.append(result)
     finally:
         client.close()
     return results
@@ -201,6 +210,14 @@ def _result(name: str, stats: dict[str, int], cpu: float, queued: int | None) ->
         p99_ms=stats["p99_us"] / 1000,
         cpu_us_per_request=cpu * 1e6 / max(1, stats["requests"]),
         queued=queued,
+    )
+
+
+def redis_cpu(client: redis.Redis) -> float:
+    """Redis's CPU seconds so far (``INFO cpu``: user and system, its children's included)."""
+    cpu = client.info("cpu")
+    return sum(
+        float(cpu[key]) for key in ("used_cpu_user", "used_cpu_sys", "used_cpu_user_children", "used_cpu_sys_children")
     )
 
 
@@ -295,14 +312,15 @@ def table(results: list[IngestResult]) -> str:
     typical = results[1]
     lines = [
         "| server | requests/s | p50 ms | p99 ms | CPU µs/request | CPU vs bare | p99 vs bare | rps vs typical "
-        "| non-2xx | queued / requests |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| non-2xx | queued / requests | Redis CPU µs/request | Redis commands/request |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         queued = "n/a" if r.queued is None else f"{r.queued} / {r.requests}"
         lines.append(
             f"| {r.name} | {r.rps:,.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.cpu_us_per_request:.0f} | "
             f"{r.cpu_us_per_request / bare.cpu_us_per_request:.2f}x | {r.p99_ms / bare.p99_ms:.2f}x | "
-            f"{r.rps / typical.rps:.2f}x | {r.non_2xx + r.socket_errors} | {queued} |"
+            f"{r.rps / typical.rps:.2f}x | {r.non_2xx + r.socket_errors} | {queued} | "
+            f"{r.redis_cpu_us_per_request:.0f} | {r.redis_commands_per_request:.1f} |"
         )
     return "\n".join(lines)

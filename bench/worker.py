@@ -35,7 +35,7 @@ from pathlib import Path
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from bench.ingest import fleet_documents
+from bench.ingest import fleet_documents, redis_cpu
 from cli.samples import encode, sample_event
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
@@ -64,6 +64,8 @@ class WorkerResult:
     smartcar_calls: int = 0
     #: Redis's own CPU seconds (INFO cpu, user + system, main thread and children) over the drain.
     redis_cpu_seconds: float = 0.0
+    #: Microseconds Redis spent per command (INFO commandstats) over the drain.
+    command_usec: dict[str, int] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -171,17 +173,23 @@ _OURS = {"config|resetstat", "info", "xlen", "xrange", "xrevrange", "ping"}
 
 def command_counts(client: redis.Redis) -> dict[str, int]:
     """Calls per command since the last CONFIG RESETSTAT (Lua scripts' inner calls counted too)."""
+    return {name: calls for name, (calls, _) in command_stats(client).items()}
+
+
+def command_stats(client: redis.Redis) -> dict[str, tuple[int, int]]:
+    """Calls and microseconds per command since the last CONFIG RESETSTAT (the calls that Lua
+    functions make are counted on their own too, and their time also inside ``fcall``'s)."""
     stats = client.info("commandstats")
-    counts = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
-    return {name: calls for name, calls in counts.items() if name not in _OURS}
+    found = {name.removeprefix("cmdstat_"): (int(value["calls"]), int(value["usec"])) for name, value in stats.items()}
+    return {name: value for name, value in found.items() if name not in _OURS}
 
 
-def redis_cpu(client: redis.Redis) -> float:
-    """Redis's CPU seconds so far (``INFO cpu``: user and system, its children's included)."""
-    cpu = client.info("cpu")
-    return sum(
-        float(cpu[key]) for key in ("used_cpu_user", "used_cpu_sys", "used_cpu_user_children", "used_cpu_sys_children")
-    )
+def lua_own_usec(stats: dict[str, tuple[int, int]]) -> int:
+    """Redis's time in the functions' own Lua, at least: ``fcall``'s time less that of every other
+    command (those its functions call are inside it; counting all of them leaves a lower bound)."""
+    inside = sum(usec for name, (_, usec) in stats.items() if name.startswith("fcall"))
+    others = sum(usec for name, (_, usec) in stats.items() if not name.startswith(("fcall", "function", "blmove")))
+    return max(0, inside - others)
 
 
 def _smartcar_calls(emulator_url: str) -> int:
@@ -215,7 +223,8 @@ def _run(
     stop.set()
     sampler.join()
     redis_cpu_used = redis_cpu(client) - redis_cpu_before
-    commands = command_counts(client)
+    stats = command_stats(client)
+    commands = {name: calls for name, (calls, _) in stats.items()}
     events, seconds = _published_span(client)
     cpu = usage.ru_utime + usage.ru_stime
     return WorkerResult(
@@ -229,6 +238,7 @@ def _run(
         commands,
         _smartcar_calls(emulator_url),
         redis_cpu_used,
+        {name: usec for name, (_, usec) in stats.items()},
     )
 
 
@@ -352,9 +362,15 @@ def commands_table(result: WorkerResult) -> str:
     """Redis commands per event of one run, by command, most first."""
     events = max(1, result.events)
     rows = sorted(result.commands.items(), key=lambda item: -item[1])
-    lines = [f"Redis commands per event, {result.name}:", "", "| command | per event |", "|---|---:|"]
-    lines += [f"| {name} | {calls / events:.2f} |" for name, calls in rows if calls / events >= 0.01]
-    lines.append(f"| **total** | **{result.commands_per_event:.2f}** |")
+    lines = [f"Redis commands per event, {result.name}:", "", "| command | per event | µs/event |", "|---|---:|---:|"]
+    lines += [
+        f"| {name} | {calls / events:.2f} | {result.command_usec.get(name, 0) / events:.1f} |"
+        for name, calls in rows
+        if calls / events >= 0.01
+    ]
+    lines.append(f"| **total** | **{result.commands_per_event:.2f}** | |")
+    stats = {name: (calls, result.command_usec.get(name, 0)) for name, calls in result.commands.items()}
+    lines += ["", f"Lua's own time in the functions: at least {lua_own_usec(stats) / events:.0f} µs/event."]
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,33 @@ def test_functions_survive_a_restart_with_aof(tmp_path):
         assert load_functions(server.url).startswith("Redis functions: 0 loaded")
     finally:
         server.cleanup()
+
+
+def test_callers_that_find_a_function_missing_together_load_it_once(redis_client):
+    """Redis compiles every FUNCTION LOAD, even a refused one: 200 concurrent callers, one load."""
+    import asyncio
+
+    from redis.asyncio import Redis as AsyncRedis
+
+    from core.redis.batching import BatchingRedis
+
+    function = lua_function("load_once_probe", "return ARGV[1]")
+    with contextlib.suppress(redis.exceptions.ResponseError):
+        redis_client.function_delete(function.redis_name)
+
+    def loads() -> int:
+        return int(redis_client.info("commandstats").get("cmdstat_function|load", {}).get("calls", 0))
+
+    async def scenario(client: AsyncRedis) -> list[object]:
+        call = function.bind(client)
+        try:
+            return await asyncio.gather(*(call(args=[n]) for n in range(200)))
+        finally:
+            await client.aclose()
+
+    before = loads()
+    replies = asyncio.run(
+        scenario(BatchingRedis.from_url(f"redis://127.0.0.1:{redis_client.connection_pool.connection_kwargs['port']}"))
+    )
+    assert replies == [str(n).encode() for n in range(200)]
+    assert loads() - before == 1

@@ -54,8 +54,9 @@ def when(signal: dict[str, Any]) -> tuple[bool, int, bool, int]:
 
 
 def rank(signal: dict[str, Any]) -> tuple[tuple[bool, int, bool, int], bytes]:
-    """The total order: time, then the stored JSON's bytes (so no arrival order can matter)."""
-    return when(signal), pydantic_core.to_json(signal)
+    """The total order: time, then the stored JSON's bytes (so no arrival order can matter). The
+    state stores a signal with its two times first (the merge reads them there)."""
+    return when(signal), pydantic_core.to_json({"oemUpdatedAt": None, "retrievedAt": None, **signal})
 
 
 class Model:
@@ -193,6 +194,25 @@ def test_a_signal_without_times_never_replaces_one_with_them(redis_url, redis_cl
     )
     state = state_signals(redis_client.hgetall(vehicle_state_key(PREFIX, "v1")))
     assert state == {"a": dated, "b": {"code": "b", "status": "ERROR"}}
+
+
+def test_times_are_read_off_the_front_and_older_layouts_are_still_compared_by_them(redis_url, redis_client):
+    """Stored versions start with their times (the merge reads them without parsing, issue 27); a
+    version stored in another key order (an earlier release) is still compared by its times."""
+    key = vehicle_state_key(PREFIX, "v-layout")
+    older_layout = reading("b", 5000, 5000, "stored by an earlier release")
+    redis_client.hset(key, "b", json.dumps(older_layout, separators=(",", ":")))  # code first
+    results = merge_now(
+        redis_url,
+        ("v-layout", "e1", [reading("a", 1000, 1010, 1), reading("b", 4000, 4000, "older")]),
+        ("v-layout", "e2", [reading("a", 900, 2000, 0), reading("b", 6000, 6000, "newer")]),
+    )
+    assert [r.stale_signals for r in results] == [["b"], ["a"]]
+    raw = {text(k): text(v) for k, v in redis_client.hgetall(key).items()}
+    for code in ("a", "b"):
+        assert raw[code].startswith('{"oemUpdatedAt":'), raw[code]
+    state = state_signals(redis_client.hgetall(key))
+    assert state == {"a": reading("a", 1000, 1010, 1), "b": reading("b", 6000, 6000, "newer")}
 
 
 def test_the_vehicle_and_the_ttl(redis_url, redis_client):

@@ -36,6 +36,7 @@ import traceback
 from functools import partial
 
 import redis
+import uvloop
 from rq import Queue, SimpleWorker
 from rq.executions import Execution
 from rq.serializers import JSONSerializer
@@ -370,7 +371,7 @@ def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAU
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     try:
-        return asyncio.run(main())
+        return uvloop.run(main())  # libuv's loop: less CPU per socket event than asyncio's own
     finally:
         if metrics_server is not None:
             metrics_server.close()

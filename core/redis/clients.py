@@ -21,6 +21,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from core.config import Settings
+from core.redis.batching import BatchingRedis
 from core.redis.functions import FunctionsRedis
 
 
@@ -60,7 +61,8 @@ def worker_redis(settings: Settings, max_connections: int = 100) -> AsyncRedis:
         retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
     )
-    return AsyncRedis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
+    # Commands issued together share round trips (core.redis.batching); the client owns the pool.
+    return BatchingRedis.from_pool(pool)
 
 
 def rq_redis(settings: Settings, max_connections: int) -> redis.Redis:

@@ -17,6 +17,7 @@ gets :class:`MissingFunction`, naming the setup command.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from collections.abc import Awaitable, Sequence
@@ -144,6 +145,9 @@ class AsyncCall:
     def __init__(self, function: LuaFunction, client: Any) -> None:
         self.function = function
         self.client = client
+        # Callers that find the function missing together share one load: Redis compiles the
+        # code of every FUNCTION LOAD, even one it then refuses as already loaded.
+        self._loading: asyncio.Future[bool] | None = None
 
     def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None) -> Awaitable[Any]:
         target = self.client if client is None else client
@@ -158,7 +162,9 @@ class AsyncCall:
         except ResponseError as exc:
             if not is_missing(exc):
                 raise
-        await load_async(target, self.function)
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.ensure_future(load_async(target, self.function))
+        await asyncio.shield(self._loading)
         return await target.execute_command(*command)
 
 

@@ -14,6 +14,9 @@ field           value
 ``_eventId``    the event that last changed anything
 ==============  =====================================================================================
 
+A signal's JSON starts with its two times (``{"oemUpdatedAt":…,"retrievedAt":…,``) when both are
+whole numbers or null, so that the merge compares times without parsing any JSON.
+
 **Newest** is a total order on the versions of one code: the greater ``oemUpdatedAt``, then the
 greater ``retrievedAt``; a missing time is older than any time (so a signal without them never
 replaces one that has them); on equal times the greater JSON text, compared byte by byte, so that
@@ -113,7 +116,12 @@ local function hset(pairs_)
   end
 end
 
+-- the times of a stored version: read off the front of its JSON, where the worker writes them (no
+-- parsing); a version written otherwise (by an earlier release, or with times that are not whole
+-- numbers) is decoded
 local function stored(json)
+  local oem, ret = string.match(json, '^{"oemUpdatedAt":([-%dnul]+),"retrievedAt":([-%dnul]+),')
+  if oem then return {oem = tonumber(oem), ret = tonumber(ret), json = json} end
   local ok, value = pcall(cjson.decode, json)
   if not ok or type(value) ~= 'table' then
     return {json = json}
@@ -194,6 +202,18 @@ def _json(value: object) -> str:
     return pydantic_core.to_json(value, inf_nan_mode="null").decode()
 
 
+
+def _stored_json(signal: Mapping[str, Any]) -> str:
+    """A signal's JSON as the state stores it: its two times first, when both are whole numbers or
+    null, so that the merge reads them off the front without parsing (the same object as
+    :func:`_json`'s, keys in another order)."""
+    oem, ret = signal.get("oemUpdatedAt", False), signal.get("retrievedAt", False)
+    if len(signal) < 3 or not all(t is None or (type(t) is int) for t in (oem, ret)):
+        return _json(signal)
+    # A key given again keeps its first place: the times first, with the signal's own values.
+    return _json({"oemUpdatedAt": None, "retrievedAt": None, **signal})
+
+
 def merge_arguments(
     event_id: str,
     ttl_seconds: int,
@@ -208,7 +228,12 @@ def merge_arguments(
         code = signal.get("code")
         if not isinstance(code, str) or not code or code.startswith(RESERVED_PREFIX):
             continue
-        args += [code, _time_arg(signal.get("oemUpdatedAt")), _time_arg(signal.get("retrievedAt")), _json(signal)]
+        args += [
+            code,
+            _time_arg(signal.get("oemUpdatedAt")),
+            _time_arg(signal.get("retrievedAt")),
+            _stored_json(signal),
+        ]
     return args
 
 

@@ -1,0 +1,95 @@
+"""An asyncio Redis client whose concurrent commands share round trips.
+
+A worker runs hundreds of jobs at once, and each makes a handful of small Redis calls. Sent one
+by one, each call costs a pool checkout, a socket write, a wake-up for its reply, and in Redis a
+read and a write system call of its own. :class:`BatchingRedis` gathers the commands issued while
+a round trip is under way (and those issued in the same turn of the event loop) and sends them as
+one pipeline (not a transaction: each command runs as it would alone), through redis-py's own
+``Pipeline``, so every reply is parsed as the single command's would be. One round trip is in
+flight at a time per client; a caller gets its own reply, or its own error reply, as an exception.
+
+A connection error fails every command of the round trip, each with that error: the callers wait
+out the outage as they would alone (:mod:`core.redis.outage`). Like any Redis call whose answer was
+lost, a command may then have run; every caller's command is safe to run again.
+
+Blocking commands (``BLMOVE`` and the like) never join a batch: they would hold it up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+#: Commands that wait on the server, sent alone.
+BLOCKING = frozenset({"BLMOVE", "BLPOP", "BRPOP", "BRPOPLPUSH", "BLMPOP", "BZPOPMIN", "BZPOPMAX", "BZMPOP", "WAIT"})
+#: The most commands one round trip carries.
+MAX_BATCH = 512
+
+_Pending = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
+
+
+class BatchingRedis(AsyncRedis):
+    """An asyncio client (see the module docstring); build it as any ``redis.asyncio.Redis``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending: list[_Pending] = []
+        self._sender: asyncio.Task[None] | None = None
+        #: Round trips made and commands sent through them (for the benchmarks and tests).
+        self.round_trips = 0
+        self.batched_commands = 0
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        name = str(args[0]).upper()
+        if name in BLOCKING or (name.startswith("XREAD") and any(str(a).upper() == "BLOCK" for a in args)):
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((args, options, future))
+        if self._sender is None:
+            self._sender = asyncio.ensure_future(self._send())
+        return await future
+
+    async def _send(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                live = [item for item in batch if not item[2].done()]  # a caller cancelled meanwhile
+                if live:
+                    await self._round_trip(live)
+        finally:
+            self._sender = None
+            if self._pending:  # cancelled with callers waiting: they must not wait for ever
+                for _, _, future in self._pending:
+                    if not future.done():
+                        future.set_exception(RedisConnectionError("the Redis client was closed"))
+                self._pending = []
+
+    async def _round_trip(self, batch: list[_Pending]) -> None:
+        pipe = self.pipeline(transaction=False)
+        for args, options, _ in batch:
+            pipe.execute_command(*args, **options)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            for _, _, future in batch:
+                if not future.done():  # each caller raises an error of its own
+                    future.set_exception(copy.copy(exc).with_traceback(None))
+            return
+        except BaseException as exc:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(RedisConnectionError(f"the round trip was stopped ({type(exc).__name__})"))
+            raise
+        self.round_trips += 1
+        self.batched_commands += len(batch)
+        for (_, _, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
