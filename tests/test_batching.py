@@ -115,3 +115,55 @@ def test_a_dead_redis_fails_every_caller_with_a_connection_error_of_its_own():
         server.cleanup()
     assert all(isinstance(o, redis.exceptions.ConnectionError) for o in outcomes)
     assert len({id(o) for o in outcomes}) == 5
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("SET", "k", "v"),
+        ("HSET", b"key", "f", 1, "g", 2.5, "h", b"\x00\xff"),
+        ("FCALL", "name", 2, "k1", "k2", "é", 1796000000000.123, -7),
+        ("FUNCTION LOAD", "#!lua name=x\n"),
+        (b"CLIENT SETNAME", b"me"),
+        ("XADD", "s", "MINID", "~", 0, "*", "payload", "x" * 70_000),
+    ],
+)
+def test_hiredis_packing_sends_the_bytes_redis_py_would(args):
+    """The worker's connections pack in C; what goes on the wire is what redis-py would send."""
+    from redis.asyncio.connection import Connection
+
+    from core.redis.batching import hiredis_packing
+
+    ours = hiredis_packing(Connection)()
+    theirs = Connection()
+    assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args))
+    assert b"".join(ours.pack_commands([args, ("PING",)])) == b"".join(theirs.pack_commands([args, ("PING",)]))
+
+
+def test_what_hiredis_cannot_pack_gets_redis_pys_own_error():
+    from redis.asyncio.connection import Connection
+
+    from core.redis.batching import hiredis_packing
+
+    with pytest.raises(redis.exceptions.DataError):
+        hiredis_packing(Connection)().pack_command("SET", "k", None)
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("redis://h:6379/0", "Connection"),
+        ("rediss://h:6380/0", "SSLConnection"),
+        ("unix:///r.sock", "UnixDomainSocketConnection"),
+    ],
+)
+def test_the_worker_client_keeps_the_connection_kind_its_url_names(url, kind):
+    """Packing with hiredis never trades TLS (rediss://) or a Unix socket for a plain connection."""
+    import redis.asyncio.connection as connections
+
+    from core.config import load_settings
+    from core.redis.clients import worker_redis
+
+    client = worker_redis(load_settings().model_copy(update={"redis_url": url}))
+    assert issubclass(client.connection_pool.connection_class, getattr(connections, kind))
+    assert client.connection_pool.connection_class.__name__ == f"Hiredis{kind}"

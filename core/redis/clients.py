@@ -21,7 +21,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from core.config import Settings
-from core.redis.batching import BatchingRedis
+from core.redis.batching import BatchingRedis, hiredis_packing
 from core.redis.functions import FunctionsRedis
 
 
@@ -61,6 +61,7 @@ def worker_redis(settings: Settings, max_connections: int = 100) -> AsyncRedis:
         retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
     )
+    pool.connection_class = hiredis_packing(pool.connection_class)
     # Commands issued together share round trips (core.redis.batching); the client owns the pool.
     return BatchingRedis.from_pool(pool)
 

@@ -202,7 +202,6 @@ def _json(value: object) -> str:
     return pydantic_core.to_json(value, inf_nan_mode="null").decode()
 
 
-
 def _stored_json(signal: Mapping[str, Any]) -> str:
     """A signal's JSON as the state stores it: its two times first, when both are whole numbers or
     null, so that the merge reads them off the front without parsing (the same object as
