@@ -6,7 +6,7 @@ TTL and the execution's removal. The async worker (:mod:`workers.worker`) does t
 whole batch of jobs in one Lua script per step, on the worker's own event loop:
 
 ``claim``   up to *n* ids move from the queue into this worker's dequeued list
-            (:mod:`core.redis.custody`), and their job hashes come back with them.
+            (:mod:`core.redis.custody`); their job hashes are then read in one pipelined round trip.
 ``start``   one execution per job: the execution hash (``rq:execution:<job>:<execution>``),
             the started registry entry, the worker's execution set, and the job hash marked
             ``started`` by this worker; the ids leave the dequeued list in the same script, and
@@ -57,20 +57,17 @@ EXECUTION_PREFIX = "rq:execution:"
 RESULTS_PREFIX = Result.get_key("")  # type: ignore[no-untyped-call]
 
 _CLAIM = """
--- KEYS: the queue, this worker's dequeued list. ARGV: how many ids to take, the job key prefix.
+-- KEYS: the queue, this worker's dequeued list. ARGV: how many ids to take.
 -- Ids already in the list (an earlier claim whose answer was lost) come back first, alone.
+-- The job hashes are read by the worker itself, pipelined: handed through Lua, each body would be
+-- copied into a Lua table and out again.
 local ids = redis.call('LRANGE', KEYS[2], 0, -1)
 if #ids == 0 then
   ids = redis.call('LPOP', KEYS[1], ARGV[1])
   if not ids then return {} end
   redis.call('RPUSH', KEYS[2], unpack(ids))
 end
-local out = {}
-for _, id in ipairs(ids) do
-  out[#out + 1] = id
-  out[#out + 1] = redis.call('HGETALL', ARGV[2] .. id)
-end
-return out
+return ids
 """
 _CLAIM_FN = lua_function("claim_jobs", _CLAIM)
 
@@ -264,13 +261,16 @@ class Bookkeeping:
 
     async def claim(self, count: int) -> list[Held]:
         """Up to ``count`` jobs off the queue (or the ones this worker already held), with their hashes."""
-        raw = await self._claim(keys=[queue_key(self.queue_name), self.dequeued_key], args=[count, JOB_PREFIX])
-        held = []
-        for index in range(0, len(raw), 2):
-            values = raw[index + 1]
-            fields = {values[i]: values[i + 1] for i in range(0, len(values), 2)}
-            held.append(Held(text(raw[index]), fields))
-        return held
+        ids = [
+            text(raw) for raw in await self._claim(keys=[queue_key(self.queue_name), self.dequeued_key], args=[count])
+        ]
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(JOB_PREFIX + job_id)
+        hashes = await pipe.execute()
+        return [Held(job_id, fields) for job_id, fields in zip(ids, hashes, strict=True)]
 
     async def start(self, jobs: list[Held], ttl: int) -> list[Held]:
         """Record an execution for each job with a hash (those without one only leave the list);

@@ -220,19 +220,24 @@ def merge_arguments(
     vehicle_from_api: bool,
     signals: Iterable[Mapping[str, Any]],
 ) -> list[str | int]:
-    """The script's ARGV for one event. Signals without a usable code (not a string, empty, or
-    starting with ``_``, which the state's own fields use) are left out."""
-    args: list[str | int] = [event_id, ttl_seconds, "" if vehicle is None else _json(vehicle), int(vehicle_from_api)]
+    """The script's ARGV for one event: each code once, its newest version by the script's own
+    rule (a code usually comes in both the webhook's list and the ``/signals`` read, and every
+    argument costs Redis time). Signals without a usable code (not a string, empty, or starting
+    with ``_``, which the state's own fields use) are left out."""
+    newest: dict[str, tuple[tuple[int, int, int, int, bytes], str, str, str]] = {}
     for signal in signals:
         code = signal.get("code")
         if not isinstance(code, str) or not code or code.startswith(RESERVED_PREFIX):
             continue
-        args += [
-            code,
-            _time_arg(signal.get("oemUpdatedAt")),
-            _time_arg(signal.get("retrievedAt")),
-            _stored_json(signal),
-        ]
+        oem, ret = _time_arg(signal.get("oemUpdatedAt")), _time_arg(signal.get("retrievedAt"))
+        stored = _stored_json(signal)
+        rank = (oem != "", int(oem or 0), ret != "", int(ret or 0), stored.encode())
+        held = newest.get(code)
+        if held is None or rank > held[0]:
+            newest[code] = (rank, oem, ret, stored)
+    args: list[str | int] = [event_id, ttl_seconds, "" if vehicle is None else _json(vehicle), int(vehicle_from_api)]
+    for code, (_, oem, ret, stored) in newest.items():
+        args += [code, oem, ret, stored]
     return args
 
 
