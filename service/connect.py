@@ -50,7 +50,6 @@ import time
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-import httpx
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
@@ -76,7 +75,7 @@ from core.logs import get_logger
 from core.redis.functions import lua_function
 from core.redis.keys import connect_state_key
 from core.smartcar.client import SmartcarClient, smartcar_client
-from core.smartcar.http import smartcar_http
+from core.smartcar.http import SmartcarHttp, smartcar_http
 from core.store.users import LinkResult, UserStore
 from service.connect_state import ConnectState, confirm_connection, connect_link, new_binding, state_keys, verify_state
 from service.responses import error_response
@@ -154,7 +153,7 @@ class ConnectEndpoints:
         self._cookie_name, self._cookie_path, self._cookie_secure = binding_cookie_scope(settings.connect_redirect_uri)
         self._store: UserStore | None = None
         self._lock = threading.Lock()
-        self._http: httpx.AsyncClient | None = None
+        self._http: SmartcarHttp | None = None
         self._smartcar: SmartcarClient | None = None
         if settings.connect_start_enabled:
             # Fail at startup, not on the first user, when /connect/start cannot build a URL.

@@ -47,6 +47,7 @@ from core.errors import (
 )
 from core.events import VEHICLE_ID_PATTERN
 from core.logs import get_logger
+from core.smartcar.http import HttpAnswer, SmartcarHttp
 from core.smartcar.limiter import OverBudget
 from core.smartcar.tokens import AppTokenProvider, retry_after_seconds
 
@@ -112,7 +113,7 @@ def _gated_backoff(exc: Exception) -> bool | float | dt.timedelta:
     return _backoff(exc)
 
 
-def parse_error(response: httpx.Response) -> tuple[str | None, str | None, str | None]:
+def parse_error(response: HttpAnswer) -> tuple[str | None, str | None, str | None]:
     """``(type, code, request_id)`` from either v3 error shape (``errors[]`` or the flat object)."""
     try:
         body = response.json()
@@ -142,7 +143,7 @@ class SmartcarClient:
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: SmartcarHttp,
         api_url: str,
         tokens: AppTokenProvider,
         attempts: int = 4,
@@ -305,7 +306,7 @@ class SmartcarClient:
         user_id: str | None,
         params: Mapping[str, str] | None,
         vehicle_id: str | None,
-    ) -> httpx.Response:
+    ) -> HttpAnswer:
         if self._gate is not None:
             await self._gate.admit(endpoint, vehicle_id)
         headers = {"authorization": f"Bearer {token}", "accept": "application/json"}
@@ -322,7 +323,7 @@ class SmartcarClient:
         return response
 
 
-def smartcar_client(settings: Settings, redis: Redis, http: httpx.AsyncClient, **options: Any) -> SmartcarClient:
+def smartcar_client(settings: Settings, redis: Redis, http: SmartcarHttp, **options: Any) -> SmartcarClient:
     """The v3 client of this deployment: ``http`` for the calls, the application token shared
     through ``redis``; ``options`` go to :class:`SmartcarClient` (``attempts``, ``budget_seconds``,
     ``gate``).

@@ -1,22 +1,124 @@
-"""The HTTP pool that talks to Smartcar (the token endpoint and the vehicle API)."""
+"""The HTTP client that talks to Smartcar (the token endpoint and the vehicle API): aiohttp, directly.
+
+Every event makes two requests, so the client's own CPU per request counts: through httpx (over
+aiohttp's pool) a request cost 343-355 µs of CPU, on aiohttp directly 149-184 µs
+(docs/performance.md). The callers (:mod:`core.smartcar.client`, :mod:`core.smartcar.tokens`)
+speak to it through :class:`SmartcarHttp`, the few methods of ``httpx.AsyncClient`` they use, so
+their unit tests hand them an ``httpx.AsyncClient`` on a ``MockTransport`` instead.
+
+A network failure or timeout is raised as ``httpx.TransportError``, what the callers catch
+whichever client they were given. Proxies come from the environment (``HTTPS_PROXY``) and
+certificates from certifi, as with httpx.
+"""
 
 from __future__ import annotations
 
+import ssl
+import urllib.request
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import aiohttp
+import certifi
 import httpx
-from httpx_aiohttp import AiohttpTransport
+import pydantic_core
+from yarl import URL
+
+#: Seconds a request may take in all, and to connect.
+TIMEOUT_SECONDS = 15.0
+CONNECT_SECONDS = 5.0
 
 
-def smartcar_http(max_connections: int = 100) -> httpx.AsyncClient:
-    """One pooled keep-alive client for the token endpoint and the vehicle API.
+class HttpAnswer(Protocol):
+    """What the callers read of an answer (an ``httpx.Response`` has it too)."""
 
-    The httpx API runs over aiohttp's connection pool (``httpx-aiohttp``): httpcore's own pool
-    matches every waiting request against every connection, so with a hundred calls in flight
-    it spent over a millisecond of CPU per request, against about 0.3 ms here
-    (docs/performance.md).
-    """
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(limits=limits),
-        timeout=httpx.Timeout(15.0, connect=5.0),
-        headers={"user-agent": "smartcar-ingest"},
-    )
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def json(self) -> Any: ...
+
+
+class SmartcarHttp(Protocol):
+    """What the callers use of an HTTP client (an ``httpx.AsyncClient`` has it too)."""
+
+    async def get(
+        self, url: str, *, params: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None
+    ) -> HttpAnswer: ...
+
+    async def post(
+        self, url: str, *, data: Mapping[str, str], headers: Mapping[str, str] | None = None
+    ) -> HttpAnswer: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Answer:
+    """One answer, read whole."""
+
+    __slots__ = ("content", "headers", "status_code")
+
+    def __init__(self, status_code: int, headers: Mapping[str, str], content: bytes) -> None:
+        self.status_code = status_code
+        self.headers = headers
+        self.content = content
+
+    def json(self) -> Any:
+        return pydantic_core.from_json(self.content)  # a ValueError when it is not JSON
+
+
+class LeanHttp:
+    """One pooled keep-alive aiohttp session, opened on first use inside the running loop."""
+
+    def __init__(self, max_connections: int = 100, timeout_seconds: float = TIMEOUT_SECONDS) -> None:
+        self._max_connections = max_connections
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds, connect=min(CONNECT_SECONDS, timeout_seconds))
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        # Proxies from the environment, as httpx reads them; looked up per request only when one is
+        # set (aiohttp would read the whole environment for every request).
+        proxied = bool(urllib.request.getproxies())
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections, ssl=ssl.create_default_context(cafile=certifi.where())
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),  # Smartcar's API sets no cookie worth keeping
+            timeout=self._timeout,
+            headers={"user-agent": "smartcar-ingest"},
+            trust_env=proxied,
+        )
+        return self._session
+
+    async def get(
+        self, url: str, *, params: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None
+    ) -> Answer:
+        return await self._request("GET", url, params=params, headers=headers)
+
+    async def post(self, url: str, *, data: Mapping[str, str], headers: Mapping[str, str] | None = None) -> Answer:
+        return await self._request("POST", url, data=dict(data), headers=headers)
+
+    async def _request(self, method: str, url: str, **options: Any) -> Answer:
+        session = self._session or self._open()
+        try:
+            # The URL as given: the callers quote what they put in it.
+            async with session.request(method, URL(url, encoded=True), **options) as response:
+                content = await response.read()
+                return Answer(response.status, response.headers, content)
+        except TimeoutError:
+            raise httpx.TimeoutException(f"{method} timed out") from None
+        except aiohttp.ClientError as exc:
+            raise httpx.NetworkError(f"{method} failed ({type(exc).__name__})") from None
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+
+def smartcar_http(max_connections: int = 100) -> LeanHttp:
+    """The HTTP client for the token endpoint and the vehicle API (see the module docstring)."""
+    return LeanHttp(max_connections)

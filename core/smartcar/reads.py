@@ -34,7 +34,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import httpx
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -45,6 +44,7 @@ from core.logs import get_logger
 from core.redis.keys import read_key
 from core.smartcar.cache import ReadCache, Shared
 from core.smartcar.client import SmartcarClient, smartcar_client
+from core.smartcar.http import SmartcarHttp
 from core.smartcar.limiter import RequestLimiter
 from core.smartcar.usage import Usage
 
@@ -168,7 +168,7 @@ class VehicleReads:
         raise error
 
 
-def vehicle_reads(settings: Settings, redis: Redis, http: httpx.AsyncClient) -> VehicleReads:
+def vehicle_reads(settings: Settings, redis: Redis, http: SmartcarHttp) -> VehicleReads:
     """The reads of a worker process, as the settings say: the v3 client behind the deployment's
     limiter (``SMARTCAR_REQUESTS_PER_MINUTE``, ``SMARTCAR_BURST``, ``ENRICH_WAIT_SECONDS``) and the
     shared reads (``VEHICLE_INFO_TTL_SECONDS``, ``SIGNALS_MAX_AGE_SECONDS``), all through ``redis``."""

@@ -38,6 +38,7 @@ from core.errors import SmartcarRateLimited, SmartcarUnavailable, TokenRequestFa
 from core.logs import get_logger
 from core.redis.functions import lua_function
 from core.redis.keys import TOKEN_KEY, TOKEN_LOCK_KEY
+from core.smartcar.http import HttpAnswer, SmartcarHttp
 
 log = get_logger("smartcar_ingest.tokens")
 
@@ -104,7 +105,7 @@ class AppTokenProvider:
     def __init__(
         self,
         redis: Redis,
-        http: httpx.AsyncClient,
+        http: SmartcarHttp,
         token_url: str,
         client_id: str,
         client_secret: str,
@@ -205,7 +206,7 @@ def _dump(token: AppToken) -> str:
     return json.dumps({"access_token": token.access_token, "expires_at": token.expires_at})
 
 
-def _oauth_error(response: httpx.Response) -> str:
+def _oauth_error(response: HttpAnswer) -> str:
     """The RFC 6749 ``error`` code of a refusal, if the body has one (never the description)."""
     try:
         error = response.json().get("error")
@@ -214,7 +215,7 @@ def _oauth_error(response: httpx.Response) -> str:
     return str(error)[:60] if isinstance(error, str) else "no error code"
 
 
-def retry_after_seconds(response: httpx.Response) -> float | None:
+def retry_after_seconds(response: HttpAnswer) -> float | None:
     """The ``Retry-After`` header in seconds, when present and numeric."""
     value = response.headers.get("retry-after")
     if value is None:
