@@ -891,3 +891,18 @@ def test_a_body_the_edge_accepts_is_read_alike_by_pythons_json():
         check(json.dumps(document, ensure_ascii=False).encode())
 
     generated()
+
+
+@pytest.mark.parametrize("path", fixture_paths(), ids=lambda p: p.name)
+def test_signals_built_without_revalidation_are_what_validation_would_build(path):
+    """The normaliser builds each signal with ``model_construct`` (no second validation): every
+    value must already be what validating it would give, in type and value."""
+    document = load_fixture(path)
+    with contextlib.suppress(InvalidPayload, LegacyPayload, UnknownEventType, MalformedBody):
+        event = events.parse_stored(json.dumps(document))
+        for signal in event.signals:
+            assert events.Signal.model_validate(signal.model_dump()) == signal
+            assert isinstance(signal.code, str)
+            assert signal.oemUpdatedAt is None or type(signal.oemUpdatedAt) is int
+            assert signal.retrievedAt is None or type(signal.retrievedAt) is int
+            assert signal.error is None or isinstance(signal.error, dict)

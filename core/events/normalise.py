@@ -115,7 +115,9 @@ def signal_status(value: object, body: object) -> str:
 def _signal(wire: WireSignal) -> Signal:
     meta = wire.meta or WireSignalMeta()
     status = signal_status(wire.status.value if wire.status else None, wire.body)
-    return Signal(
+    # Built without validating again: every value is of its field's type already (the wire
+    # model's own types, and time readers that return an int or None).
+    return Signal.model_construct(
         code=_signal_code(wire) or "",
         name=wire.name,
         group=wire.group,
