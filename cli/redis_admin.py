@@ -40,15 +40,15 @@ def load_functions(redis_url: str) -> str:
     """Load every function into the Redis at ``redis_url`` (a user allowed ``FUNCTION LOAD``); says what it did."""
     import redis
 
-    from core.redis.functions import FUNCTIONS, load_all
+    from core.redis.functions import FUNCTIONS, MissingFunction, load_all
 
     names = all_functions()
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30)
     try:
         loaded, present = load_all(client, [FUNCTIONS[name] for name in names])
-    except redis.exceptions.NoPermissionError as exc:
+    except MissingFunction:  # what a refused FUNCTION LOAD becomes (core.redis.functions.load)
         raise ConfigurationError(
-            f"This Redis user may not load functions ({exc}): run redis-setup with an admin REDIS_URL."
+            "This Redis user may not load functions: run redis-setup with an admin REDIS_URL."
         ) from None
     except redis.exceptions.ResponseError as exc:
         raise ConfigurationError(f"Redis refused the functions ({exc}); they need Redis 7.0 or newer.") from None

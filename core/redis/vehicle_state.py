@@ -192,9 +192,9 @@ class MergeResult:
     stale_signals: list[str]
 
 
-def _time_arg(value: object) -> str:
-    """An epoch-ms time as a script argument; anything but an int (or a bool) is unknown (``''``)."""
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else ""
+def _time(value: object) -> int | None:
+    """An epoch-ms time; anything but an int (or a bool) is unknown (None, ``''`` to the script)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _json(value: object) -> str:
@@ -224,20 +224,20 @@ def merge_arguments(
     rule (a code usually comes in both the webhook's list and the ``/signals`` read, and every
     argument costs Redis time). Signals without a usable code (not a string, empty, or starting
     with ``_``, which the state's own fields use) are left out."""
-    newest: dict[str, tuple[tuple[int, int, int, int, bytes], str, str, str]] = {}
+    newest: dict[str, tuple[tuple[bool, int, bool, int, bytes], int | None, int | None, str]] = {}
     for signal in signals:
         code = signal.get("code")
         if not isinstance(code, str) or not code or code.startswith(RESERVED_PREFIX):
             continue
-        oem, ret = _time_arg(signal.get("oemUpdatedAt")), _time_arg(signal.get("retrievedAt"))
+        oem, ret = _time(signal.get("oemUpdatedAt")), _time(signal.get("retrievedAt"))
         stored = _stored_json(signal)
-        rank = (oem != "", int(oem or 0), ret != "", int(ret or 0), stored.encode())
+        rank = (oem is not None, oem or 0, ret is not None, ret or 0, stored.encode())
         held = newest.get(code)
         if held is None or rank > held[0]:
             newest[code] = (rank, oem, ret, stored)
     args: list[str | int] = [event_id, ttl_seconds, "" if vehicle is None else _json(vehicle), int(vehicle_from_api)]
     for code, (_, oem, ret, stored) in newest.items():
-        args += [code, oem, ret, stored]
+        args += [code, "" if oem is None else oem, "" if ret is None else ret, stored]
     return args
 
 
