@@ -140,3 +140,26 @@ def test_callers_that_find_a_function_missing_together_load_it_once(redis_client
     )
     assert replies == [str(n).encode() for n in range(200)]
     assert loads() - before == 1
+
+
+def test_a_missing_function_loads_within_the_callers_own_connections(redis_client):
+    """64 callers on a pool of 64 (redis-py's non-blocking pool) find the function missing together:
+    the one shared load finds a connection, and every caller gets its reply."""
+    import asyncio
+
+    from redis.asyncio import Redis as AsyncRedis
+
+    function = lua_function("load_in_pool_probe", "return ARGV[1]")
+    with contextlib.suppress(redis.exceptions.ResponseError):
+        redis_client.function_delete(function.redis_name)
+    port = redis_client.connection_pool.connection_kwargs["port"]
+
+    async def scenario() -> list[object]:
+        client = AsyncRedis.from_url(f"redis://127.0.0.1:{port}", max_connections=64)
+        call = function.bind(client)
+        try:
+            return await asyncio.gather(*(call(args=[n]) for n in range(64)))
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(scenario()) == [str(n).encode() for n in range(64)]
