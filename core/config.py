@@ -25,6 +25,8 @@ DEFAULT_DEDUPE_TTL_SECONDS = 604_800
 DEFAULT_OUTPUT_STREAM_RETENTION_SECONDS = 86_400
 #: ``JOB_RESULT_TTL_SECONDS`` when unset: how long RQ keeps a finished job (hash, body, result).
 DEFAULT_JOB_RESULT_TTL_SECONDS = 60
+#: ``VEHICLE_STATE_TTL_SECONDS`` when unset (30 days); also the output stream writer's default.
+DEFAULT_VEHICLE_STATE_TTL_SECONDS = 2_592_000
 
 
 class Settings(BaseSettings):
@@ -83,7 +85,7 @@ class Settings(BaseSettings):
     """How long RQ keeps a finished job's hash (with the body) and result; 0 deletes them at once."""
     vehicle_state_prefix: str = Field(default="smartcar:vehicle-state:", min_length=1)
     """Prefix of the per-vehicle latest-state hashes (prefix + vehicle id, core.redis.vehicle_state)."""
-    vehicle_state_ttl_seconds: int = Field(default=2_592_000, gt=0)
+    vehicle_state_ttl_seconds: int = Field(default=DEFAULT_VEHICLE_STATE_TTL_SECONDS, gt=0)
     """A vehicle's state expires this long after its last change (30 days): vehicles that left do not stay."""
     max_delivery_age_seconds: int | None = Field(default=None, gt=0)
     """Signed deliveries whose ``meta.deliveredAt`` is older than this are refused (400), since

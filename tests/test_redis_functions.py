@@ -33,7 +33,7 @@ def test_redis_setup_knows_every_module_with_functions():
     assert modules_defining_functions() - {"core.redis.functions"} == set(FUNCTION_MODULES)
     names = all_functions()
     assert len(names) >= 24
-    assert {"enqueue", "publish", "claim_jobs", "rq_acquire_or_refresh_lock"} <= set(names)
+    assert {"enqueue", "commit_events", "claim_jobs", "rq_acquire_or_refresh_lock"} <= set(names)
 
 
 def test_a_changed_function_gets_a_new_name_and_both_versions_coexist(redis_client):

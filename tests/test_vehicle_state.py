@@ -32,6 +32,7 @@ from cli.redis_admin import load_functions
 from cli.samples import SAMPLE_VEHICLE_ID, encode, sample_event
 from core.redis.acl import acl_rules
 from core.redis.keys import text, vehicle_state_key
+from core.redis.published import OutputStream, StateChanged
 from core.redis.vehicle_state import MergeResult, VehicleStates
 from service.app import create_app
 from tests.conftest import TOKEN, signed_headers
@@ -242,6 +243,74 @@ def test_the_vehicle_and_the_ttl(redis_url, redis_client):
     assert redis_client.ttl(key) > 50
 
 
+# --- the merge applied with the publish, only on the state it was planned on ---------------------
+
+
+def test_a_merge_planned_on_a_state_that_changed_is_refused_whole(redis_url, redis_client):
+    """Another worker merges between this event's plan and its publish: nothing of this event is
+    written, published or marked, and the other's merge stands."""
+
+    async def scenario() -> tuple[bool, list[str]]:
+        redis = AsyncRedis.from_url(redis_url)
+        try:
+            states = VehicleStates(redis, PREFIX, ttl_seconds=600)
+            output = OutputStream(redis, "out", 3600, state_ttl_seconds=600)
+            mine = await states.plan("v9", "mine", [reading("a", 5, 5, "mine")])
+            await states.merge("v9", "theirs", [reading("a", 1, 1, "theirs")])
+            with pytest.raises(StateChanged):
+                await output.publish("mine", {"event_id": "mine"}, mine)
+            again = await states.plan("v9", "mine", [reading("a", 5, 5, "mine")])
+            entry = await output.publish("mine", {"event_id": "mine"}, again)
+            return await output.was_published("mine"), [entry, again.writes[0]]
+        finally:
+            await redis.aclose()
+
+    redis_client.delete("out")
+    published, (entry, written) = asyncio.run(scenario())
+    assert published
+    assert entry is not None
+    assert written == "a"
+    assert redis_client.xlen("out") == 1
+    assert json.loads(redis_client.hget(vehicle_state_key(PREFIX, "v9"), "a"))["body"] == {"value": "mine"}
+
+
+def test_concurrent_events_of_one_vehicle_in_one_call_each_merge_on_the_state_before_them(redis_url, redis_client):
+    """Twenty events of one vehicle completing together (one completion call carries them): the
+    first planned applies, the others are planned again on its result, until each is in; every
+    entry's staleSignals name what the state held newer when it was merged, and the state ends at
+    the newest version."""
+    versions = list(range(20))
+    random.Random(7).shuffle(versions)
+
+    async def scenario() -> list[list[str]]:
+        redis = AsyncRedis.from_url(redis_url)
+        try:
+            states = VehicleStates(redis, PREFIX, ttl_seconds=600)
+            output = OutputStream(redis, "out2", 3600, state_ttl_seconds=600)
+
+            async def complete(n: int) -> list[str]:
+                event = f"c{n}"
+                signals = [reading("a", n, n, n)]
+                while True:
+                    plan = await states.plan("v10", event, signals)
+                    try:
+                        assert await output.publish(event, {"event_id": event}, plan) is not None
+                        return plan.stale_signals
+                    except StateChanged:
+                        continue
+
+            return list(await asyncio.gather(*(complete(n) for n in versions)))
+        finally:
+            await redis.aclose()
+
+    redis_client.delete("out2", vehicle_state_key(PREFIX, "v10"))
+    stale = asyncio.run(scenario())
+    assert redis_client.xlen("out2") == 20
+    assert json.loads(redis_client.hget(vehicle_state_key(PREFIX, "v10"), "a"))["body"] == {"value": 19}
+    assert any(s == ["a"] for s in stale)
+    assert any(s == [] for s in stale)
+
+
 # --- the pipeline: web, queue, real workers, emulator ---------------------------------------------
 
 
@@ -405,8 +474,7 @@ def test_a_replayed_older_event_changes_nothing(pipeline, redis_client, emulator
 @contextmanager
 def worker_that_cannot_publish(pipeline, redis_client) -> Iterator[Any]:
     """Settings of a worker whose Redis user may do everything a worker does but write the output
-    stream: its jobs merge the vehicle's state, then fail at the publish, as if the worker died
-    between the two (a real refusal by Redis, nothing mocked)."""
+    stream: its jobs fail at the publish (a real refusal by Redis, nothing mocked)."""
     name = "worker-without-output"
     rules = [rule for rule in acl_rules(pipeline, "worker") if rule != f"~{pipeline.output_stream}"]
     assert len(rules) == len(acl_rules(pipeline, "worker")) - 1
@@ -419,10 +487,10 @@ def worker_that_cannot_publish(pipeline, redis_client) -> Iterator[Any]:
         redis_client.acl_deluser(name)
 
 
-def test_a_rerun_after_a_crash_between_merge_and_publish_changes_nothing(pipeline, redis_client):
-    """Jobs whose merge went through but whose publish did not are run again: the state does not
-    change (not even _updatedAt), and each entry lists what its first merge found stale; plus what
-    another event merged newer in between."""
+def test_a_refused_publish_merges_nothing_and_the_rerun_does_both(pipeline, redis_client):
+    """The merge and the publish are one step: jobs whose publish Redis refused left the state as
+    it was; run again, each merges and publishes, its staleSignals naming what the state held newer
+    when it was merged."""
     base = 1_796_000_000_000
     newer = vehicle_event({SOC: (base + 5000, base + 5010, 55), CHARGING: (base, base, True)})
     older = vehicle_event({SOC: (base, base + 10, 50), CHARGING: (base + 9000, base + 9000, False)})
@@ -430,22 +498,23 @@ def test_a_rerun_after_a_crash_between_merge_and_publish_changes_nothing(pipelin
     with worker_that_cannot_publish(pipeline, redis_client) as crashing:
         deliver(pipeline, newer)
         run_worker_burst(crashing)
-        deliver(pipeline, older)  # its merge finds SOC stale and CHARGING newer
+        deliver(pipeline, older)
         run_worker_burst(crashing)
     assert outputs(redis_client) == []
     assert sorted(failed.get_job_ids()) == sorted([newer["eventId"], older["eventId"]])
-    before = state_of(redis_client)
-    assert before["_eventId"] == older["eventId"]
+    assert state_of(redis_client) == {}
 
-    failed.requeue(older["eventId"])
-    run_worker_burst(pipeline)
-    assert state_of(redis_client) == before
-    assert documents(redis_client)[older["eventId"]]["staleSignals"] == [SOC]
-    # The newer event's merge came before the older one's, whose CHARGING is newer: stale by now.
     failed.requeue(newer["eventId"])
     run_worker_burst(pipeline)
-    assert state_of(redis_client) == before
-    assert documents(redis_client)[newer["eventId"]]["staleSignals"] == [CHARGING]
+    failed.requeue(older["eventId"])
+    run_worker_burst(pipeline)
+    state = state_of(redis_client)
+    assert state["_eventId"] == older["eventId"]  # its CHARGING is newer
+    assert json.loads(state[SOC])["body"] == {"value": 55}
+    assert json.loads(state[CHARGING])["body"] == {"value": False}
+    published = documents(redis_client)
+    assert published[newer["eventId"]]["staleSignals"] == []
+    assert published[older["eventId"]]["staleSignals"] == [SOC]
     assert len(outputs(redis_client)) == 2
 
 

@@ -3,8 +3,9 @@
 The steps: parse the body as received → look the user up by ``data.user.id`` → read the
 vehicle and its latest signals concurrently with the application token and ``sc-user-id``, each
 read shared by every event it may serve (:mod:`core.smartcar.reads`) →
-build the output document → merge it into the vehicle's latest state, which names the signals the
-state held newer (``staleSignals``) → publish it idempotently.
+build the output document → plan its merge into the vehicle's latest state, which names the
+signals the state held newer (``staleSignals``) → publish it and apply the merge, in one
+idempotent step (:mod:`core.redis.published`).
 
 What happens on failure:
 
@@ -26,6 +27,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 import structlog
@@ -45,7 +47,7 @@ from core.redis.fleet import FleetActivity
 from core.redis.jobs import JobPayload
 from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
 from core.redis.parked import ParkedStream
-from core.redis.published import OutputStream
+from core.redis.published import OutputStream, StateChanged
 from core.redis.vehicle_state import VehicleStates
 from core.smartcar.reads import Read, VehicleReads
 from core.store.users import UserRecord, UserStore
@@ -184,9 +186,7 @@ class EventProcessor:
 
         published_at = time.time_ns() // 1_000_000
         output = build_document(event, user, enrichment, received_at, published_at)
-        output["staleSignals"] = await self._merge_state(event, output, vehicle_from_api=enrichment.vehicle is not None)
-        fields = stream_fields(event, user, output)
-        entry_id = await _through_outage(lambda: self._output.publish(event_id, fields))
+        entry_id = await self._publish(event, user, output, vehicle_from_api=enrichment.vehicle is not None)
         if entry_id is None:
             log.debug("event already published")
             return Outcome(event_id, "already_published")
@@ -197,6 +197,32 @@ class EventProcessor:
             latencyMs=published_at - received_at,
         )
         return Outcome(event_id, "published", entry_id=entry_id)
+
+    async def _publish(
+        self, event: events.VehicleEvent, user: UserRecord, output: dict[str, Any], vehicle_from_api: bool
+    ) -> str | None:
+        """Publish the document with its merge into the vehicle's latest state, in one step; the
+        payload's ``staleSignals`` are the codes the state held newer. Returns the entry id, or None
+        when the event was out already.
+
+        The merge is planned on the state as read (:mod:`core.redis.vehicle_state`) and applied
+        with the publish only if the state is still what was read; otherwise it is planned again.
+        A re-run after a lost answer finds the event published (and merged) and changes nothing.
+        """
+        states = self._vehicle_states
+        signals = [*output["signals"], *output["latestSignals"]]
+        while True:
+            plan = None
+            if states is not None:
+                plan = await _through_outage(
+                    lambda: states.plan(event.vehicle.id, event.event_id, signals, output["vehicle"], vehicle_from_api)
+                )
+                output["staleSignals"] = plan.stale_signals
+            fields = stream_fields(event, user, output)
+            try:
+                return await _through_outage(partial(self._output.publish, event.event_id, fields, plan))
+            except StateChanged:
+                log.debug("vehicle state changed while planning the merge; planning again")
 
     async def _find_user(self, smartcar_user_id: str) -> UserRecord | None:
         """The user linked to ``smartcar_user_id``: from this process's memory when it was found
@@ -252,25 +278,6 @@ class EventProcessor:
         if isinstance(signals.data, list):
             enrichment.signals = signals.data
         return enrichment
-
-    async def _merge_state(
-        self, event: events.VehicleEvent, output: dict[str, Any], vehicle_from_api: bool
-    ) -> list[str]:
-        """Merge the event into its vehicle's latest state (before publishing) and return the codes
-        the state already held newer: the payload's ``staleSignals``.
-
-        Idempotent (:class:`core.redis.vehicle_state.VehicleStates`): a re-run after a crash
-        between this merge and the publish, or after a lost answer, changes nothing and reports
-        the same codes, unless a newer event of the vehicle was merged in between.
-        """
-        states = self._vehicle_states
-        if states is None:
-            return []
-        signals = [*output["signals"], *output["latestSignals"]]
-        result = await _through_outage(
-            lambda: states.merge(event.vehicle.id, event.event_id, signals, output["vehicle"], vehicle_from_api)
-        )
-        return result.stale_signals
 
     async def _park(self, event_id: str, reason: str, detail: str, body: str) -> Outcome:
         entry_id = await _through_outage(lambda: self._parked.park(event_id, reason, detail, body))

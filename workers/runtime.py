@@ -53,6 +53,7 @@ class Runtime:
                     settings.output_stream,
                     published_ttl_seconds=settings.dedupe_ttl_seconds,
                     retention_seconds=settings.output_stream_retention_seconds,
+                    state_ttl_seconds=settings.vehicle_state_ttl_seconds,
                 ),
                 ParkedStream(
                     redis, settings.parked_stream, settings.dedupe_ttl_seconds, settings.parked_retention_seconds

@@ -20,21 +20,18 @@ connection packs them argument by argument in Python, which was 7 % of a worker'
 
 from __future__ import annotations
 
-import asyncio
-import copy
 from typing import Any
 
 import hiredis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ConnectionError as RedisConnectionError
+
+from core.redis.group import GroupCommit
 
 #: Commands that wait on the server, sent alone.
 BLOCKING = frozenset({"BLMOVE", "BLPOP", "BRPOP", "BRPOPLPUSH", "BLMPOP", "BZPOPMIN", "BZPOPMAX", "BZMPOP", "WAIT"})
 #: The most commands one round trip carries.
 MAX_BATCH = 512
-
-_Pending = tuple[tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
 
 
 class BatchingRedis(AsyncRedis):
@@ -42,8 +39,9 @@ class BatchingRedis(AsyncRedis):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._pending: list[_Pending] = []
-        self._sender: asyncio.Task[None] | None = None
+        self._commands: GroupCommit[tuple[tuple[Any, ...], dict[str, Any]], Any] = GroupCommit(
+            self._round_trip, MAX_BATCH, direct=False
+        )
         #: Round trips made (what the tests check batching by).
         self.round_trips = 0
 
@@ -51,51 +49,15 @@ class BatchingRedis(AsyncRedis):
         name = str(args[0]).upper()
         if name in BLOCKING or (name.startswith("XREAD") and any(str(a).upper() == "BLOCK" for a in args)):
             return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((args, options, future))
-        if self._sender is None:
-            self._sender = asyncio.ensure_future(self._send())
-        return await future
+        return await self._commands.submit((args, options))
 
-    async def _send(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                live = [item for item in batch if not item[2].done()]  # a caller cancelled meanwhile
-                if live:
-                    await self._round_trip(live)
-        finally:
-            self._sender = None
-            if self._pending:  # cancelled with callers waiting: they must not wait for ever
-                for _, _, future in self._pending:
-                    if not future.done():
-                        future.set_exception(RedisConnectionError("the Redis client was closed"))
-                self._pending = []
-
-    async def _round_trip(self, batch: list[_Pending]) -> None:
+    async def _round_trip(self, batch: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
         pipe = self.pipeline(transaction=False)
-        for args, options, _ in batch:
+        for args, options in batch:
             pipe.execute_command(*args, **options)
-        try:
-            replies = await pipe.execute(raise_on_error=False)
-        except Exception as exc:
-            for _, _, future in batch:
-                if not future.done():  # each caller raises an error of its own
-                    future.set_exception(copy.copy(exc).with_traceback(None))
-            return
-        except BaseException as exc:
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(RedisConnectionError(f"the round trip was stopped ({type(exc).__name__})"))
-            raise
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
         self.round_trips += 1
-        for (_, _, future), reply in zip(batch, replies, strict=True):
-            if future.done():
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+        return replies
 
 
 class HiredisPacking:

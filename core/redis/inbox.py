@@ -33,6 +33,7 @@ from core import metrics
 from core.config import DEFAULT_PARKED_RETENTION_SECONDS
 from core.redis.dedupe import LIBRARY, Marks, event_marks, job_digest
 from core.redis.functions import LuaFunction, is_missing, load_refused, lua_function
+from core.redis.group import GroupCommit
 from core.redis.jobs import JobOptions, JobTemplate
 from core.redis.keys import queue_key
 from core.redis.parked import ParkedStream
@@ -161,12 +162,10 @@ class DirectScript:
 
 
 class GroupCommitter:
-    """Combines the enqueues of concurrent requests into one script call per round trip.
+    """The edge's enqueues, combined into one script call per round trip (:mod:`core.redis.group`).
 
-    While one batch is on its way to Redis, new events wait in ``pending``; when it returns, all
-    of them go in the next call. Under light load a batch is one event, sent by its own request
-    with nothing waiting; under heavy load one round trip carries many events, which is what
-    keeps CPU per delivery low.
+    Under light load a batch is one event, sent by its own request with nothing waiting; under
+    heavy load one round trip carries many events, which is what keeps CPU per delivery low.
     Each caller still gets its own answer only after Redis has run the script for its event.
     """
 
@@ -185,48 +184,14 @@ class GroupCommitter:
         self._constant: list[Any] = [len(constant_fields)]
         for field, value in constant_fields.items():
             self._constant.extend((field, value))
-        self._max_batch = max_batch
-        self._max_in_flight = max_in_flight
-        self._pending: list[tuple[tuple[str, bytes, str], asyncio.Future[bool]]] = []
-        self._in_flight = 0
-        self._drainer: asyncio.Task[None] | None = None
+        self._group: GroupCommit[tuple[str, bytes, str], int] = GroupCommit(self._call, max_batch, max_in_flight)
 
     async def submit(self, job_fields: tuple[str, bytes, str]) -> bool:
         """Enqueue one event (``job_fields`` from :meth:`JobTemplate.variable`).
 
         True when this call enqueued it, False when its ``eventId`` was already seen.
         """
-        loop = asyncio.get_running_loop()
-        if self._in_flight < self._max_in_flight and not self._pending:
-            # Nothing waits: this caller makes the round trip itself, without a task or future
-            # of its own (at light load, every delivery). Whoever arrives meanwhile waits for the
-            # next batch, started once this one is back.
-            self._in_flight += 1
-            try:
-                (result,) = await self._call([job_fields])
-            finally:
-                self._in_flight -= 1
-                self._start_drain(loop)
-            return bool(result)
-        future: asyncio.Future[bool] = loop.create_future()
-        self._pending.append((job_fields, future))
-        self._start_drain(loop)
-        return await future
-
-    def _start_drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._pending and self._in_flight < self._max_in_flight:
-            self._in_flight += 1
-            # Kept: the loop holds only a weak reference to a task.
-            self._drainer = loop.create_task(self._drain())
-
-    async def _drain(self) -> None:
-        try:
-            while self._pending:
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
-                await self._flush(batch)
-        finally:
-            self._in_flight -= 1
+        return bool(await self._group.submit(job_fields))
 
     async def _call(self, jobs: list[tuple[str, bytes, str]]) -> list[int]:
         """One script call enqueueing ``jobs``: 1 (enqueued) or 0 (already seen) for each."""
@@ -236,20 +201,6 @@ class GroupCommitter:
         metrics.ENQUEUE_BATCH_SIZE.observe(len(jobs))
         results: list[int] = await self._script(keys=self._keys, args=args)
         return results
-
-    async def _flush(self, batch: list[tuple[tuple[str, bytes, str], asyncio.Future[bool]]]) -> None:
-        try:
-            results = await self._call([job_fields for job_fields, _ in batch])
-        except BaseException as exc:  # every waiter must hear about the failure, whatever it is
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception) else ConnectionError("cancelled"))
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(bool(result))
 
 
 class Inbox:

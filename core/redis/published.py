@@ -1,10 +1,17 @@
 """The output stream: one entry per ``eventId``, kept ``OUTPUT_STREAM_RETENTION_SECONDS``.
 
-Publishing is idempotent: a Lua script marks the ``eventId`` published (the mark the edge wrote
-when it accepted the event, :mod:`core.redis.dedupe`, set from ``1`` to ``2``) and appends the
-stream entry together, and does nothing if the mark says published already. A job that runs twice
-(a worker killed after publishing but before RQ recorded success, a replay, a duplicate job)
-therefore leaves exactly one entry on ``OUTPUT_STREAM``.
+Publishing is idempotent: one Lua function marks the ``eventId`` published (the mark the edge
+wrote when it accepted the event, :mod:`core.redis.dedupe`, set from ``1`` to ``2``) and appends
+the stream entry together, and does nothing if the mark says published already. A job that runs
+twice (a worker killed after publishing but before RQ recorded success, a replay, a duplicate
+job) therefore leaves exactly one entry on ``OUTPUT_STREAM``.
+
+The same step applies the event's merge into its vehicle's state, as the worker planned it
+(:mod:`core.redis.vehicle_state`): both or neither. When the state changed since the worker read
+it, neither happens and the worker plans again, so the entry's ``staleSignals`` always describe
+the state the event was merged into. The events that complete while a call is under way go
+together in the next one (:mod:`core.redis.group`): the clock, the marks' registry and the
+function call are paid once per batch.
 
 The same ``XADD`` trims the stream by age (``MINID ~`` now minus the retention, by Redis's clock):
 the stream stays bounded whatever arrives, with no sweeper that could fall behind. ``~`` lets
@@ -19,40 +26,74 @@ from collections.abc import Callable, Mapping
 
 from redis.asyncio import Redis as AsyncRedis
 
-from core.config import DEFAULT_OUTPUT_STREAM_RETENTION_SECONDS
+from core.config import DEFAULT_OUTPUT_STREAM_RETENTION_SECONDS, DEFAULT_VEHICLE_STATE_TTL_SECONDS
 from core.redis.dedupe import LIBRARY, PUBLISHED, RECALL_FN, event_digest, event_marks, recall_args
 from core.redis.functions import lua_function
+from core.redis.group import GroupCommit
 from core.redis.keys import PUBLISHED_PREFIX, job_id_for, text
+from core.redis.vehicle_state import STATE_LIBRARY, MergePlan
 
-_PUBLISH = (
+_COMMIT = (
     LIBRARY
+    + STATE_LIBRARY
     + """
 -- KEYS: output stream. ARGV: the marks head (registry, ttl, width, clock, legacy publish-mark
--- prefix), job id, digest, retention in ms, then the entry as field/value pairs.
--- Returns the new entry id, or false when the event was published already.
+-- prefix), retention ms, state TTL seconds, then per event: job id, digest, event id, state key,
+-- state token, n, m, n state values (field/value pairs to write), m entry values (field/value).
+-- Returns per event: the new entry id; 0 when the event was published already; -1 when its
+-- vehicle's state changed since the worker read it (nothing was done: it plans again).
 local st = ids.open(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-local head, field = ids.locate(ARGV[7])
-local value, key = ids.find(st, head, field)
-if value == '2' or (st.legacy and redis.call('EXISTS', st.legacy .. ARGV[6]) == 1) then
-  return false
+local min_id = string.format('%d', math.max(0, math.floor(st.now * 1000) - tonumber(ARGV[6])))
+local now_ms
+local results = {}
+local at = 8
+while at <= #ARGV do
+  local n, m = tonumber(ARGV[at + 5]), tonumber(ARGV[at + 6])
+  local writes = at + 7
+  local entry = writes + n
+  local head, field = ids.locate(ARGV[at + 1])
+  local value, key = ids.find(st, head, field)
+  local result = 0
+  if value ~= '2' and not (st.legacy and redis.call('EXISTS', st.legacy .. ARGV[at]) == 1) then
+    local applied = true
+    if n > 0 then
+      now_ms = now_ms or clock_ms()
+      applied = apply_state(ARGV[at + 3], ARGV[at + 4], ARGV[7], ARGV[at + 2], writes, entry - 1, now_ms)
+    end
+    if applied then
+      -- The entry before the mark: a script stops at a failing command without undoing what it
+      -- already did, so a mark written before an XADD that Redis refused would pass an
+      -- unpublished event for published.
+      result = redis.call('XADD', KEYS[1], 'MINID', '~', min_id, '*', unpack(ARGV, entry, entry + m - 1))
+      if value then
+        redis.call('HSET', key, field, '2')
+      else
+        ids.put(st, head, field, '2')
+      end
+    else
+      result = -1
+    end
+  end
+  results[#results + 1] = result
+  at = entry + m
 end
--- The entry first: a script stops at a failing command without undoing what it already did, so
--- a mark written before an XADD that Redis refused would pass an unpublished event for published.
-local min_id = math.max(0, math.floor(st.now * 1000) - tonumber(ARGV[8]))
-local entry = redis.call('XADD', KEYS[1], 'MINID', '~', string.format('%d', min_id), '*', unpack(ARGV, 9))
-if value then
-  redis.call('HSET', key, field, '2')
-else
-  ids.put(st, head, field, '2')
-end
-return entry
+return results
 """
 )
-_PUBLISH_FN = lua_function("publish", _PUBLISH)
+_COMMIT_FN = lua_function("commit_events", _COMMIT)
+
+#: The most events one completion call carries.
+MAX_BATCH = 64
+
+
+class StateChanged(Exception):
+    """The vehicle's state changed between the read an event's merge was planned on and its
+    completion: nothing was written or published; plan again."""
 
 
 class OutputStream:
-    """Writes the output stream, one entry per ``eventId`` whatever happens."""
+    """Writes the output stream, one entry per ``eventId`` whatever happens, each with its merge
+    into the vehicle's state (:mod:`core.redis.vehicle_state`) in the same step."""
 
     def __init__(
         self,
@@ -61,30 +102,55 @@ class OutputStream:
         published_ttl_seconds: int,
         retention_seconds: int = DEFAULT_OUTPUT_STREAM_RETENTION_SECONDS,
         clock: Callable[[], float] | None = None,
+        state_ttl_seconds: int = DEFAULT_VEHICLE_STATE_TTL_SECONDS,
     ) -> None:
         self.stream = stream
         self.retention_seconds = retention_seconds
+        self.state_ttl_seconds = state_ttl_seconds
         self.marks = event_marks(published_ttl_seconds, clock)
-        self._publish = _PUBLISH_FN.bind(redis)
+        self._commit = _COMMIT_FN.bind(redis)
         self._recall = RECALL_FN.bind(redis)
+        self._group: GroupCommit[tuple[str, Mapping[str, str], MergePlan | None], str | None] = GroupCommit(
+            self._call, MAX_BATCH
+        )
 
     async def was_published(self, event_id: str) -> bool:
         """True when ``event_id`` is on the stream already (its mark says published)."""
         value = await self._recall(args=recall_args(self.marks, event_id, PUBLISHED_PREFIX))
         return value is not None and (bytes(value) == PUBLISHED or bytes(value).startswith(b"legacy:"))
 
-    async def publish(self, event_id: str, fields: Mapping[str, str]) -> str | None:
-        """Append one entry for ``event_id`` unless it was published before.
+    async def publish(self, event_id: str, fields: Mapping[str, str], merge: MergePlan | None = None) -> str | None:
+        """Append one entry for ``event_id`` unless it was published before, and apply its planned
+        ``merge`` in the same step. Concurrent calls share one script call (:mod:`core.redis.group`).
 
-        Returns the new entry id, or None when the event had already been published.
+        Returns the new entry id, or None when the event had already been published (nothing is
+        then merged either). Raises :class:`StateChanged` when the merge was planned on a state
+        that has changed since: nothing was done.
         """
+        return await self._group.submit((event_id, fields, merge))
+
+    async def _call(
+        self, events: list[tuple[str, Mapping[str, str], MergePlan | None]]
+    ) -> list[str | Exception | None]:
         args: list[str | int | bytes] = [
             *self.marks.head(PUBLISHED_PREFIX),
-            job_id_for(event_id),
-            event_digest(event_id),
             self.retention_seconds * 1000,
+            self.state_ttl_seconds,
         ]
-        for field, value in fields.items():
-            args.extend((field, value))
-        entry_id = await self._publish(keys=[self.stream], args=args)
-        return None if entry_id is None else text(entry_id)
+        for event_id, fields, merge in events:
+            writes = merge.writes if merge is not None else []
+            key, token = (merge.key, merge.token) if merge is not None and writes else ("", b"")
+            args += [job_id_for(event_id), event_digest(event_id), event_id, key, token, len(writes), 2 * len(fields)]
+            args += writes
+            for field, value in fields.items():
+                args += (field, value)
+        replies = await self._commit(keys=[self.stream], args=args)
+        return [_outcome(reply) for reply in replies]
+
+
+def _outcome(reply: object) -> str | Exception | None:
+    if reply == 0:
+        return None
+    if reply == -1:
+        return StateChanged()
+    return text(reply)

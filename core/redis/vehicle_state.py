@@ -15,26 +15,32 @@ field           value
 ==============  =====================================================================================
 
 A signal's JSON starts with its two times (``{"oemUpdatedAt":…,"retrievedAt":…,``) when both are
-whole numbers or null, so that the merge compares times without parsing any JSON.
+whole numbers or null, so that they are read off the front without parsing the JSON.
 
 **Newest** is a total order on the versions of one code: the greater ``oemUpdatedAt``, then the
 greater ``retrievedAt``; a missing time is older than any time (so a signal without them never
 replaces one that has them); on equal times the greater JSON text, compared byte by byte, so that
 the final state never depends on the order the versions arrived in.
 
-Each event is merged by one Lua script (:data:`MERGE_SCRIPT`), atomically: per code it takes the
-event's newest version (a code may come in both lists), writes it when it is newer than the
-state's, and reports the code as **stale** when it is older by time. Equal is neither, so a
-repeated event, a retried job, a re-run after a crash between merge and publish or a replay
-changes nothing and reports what the first run reported, unless a newer event was merged between
-the two. Every change renews the key's TTL (``VEHICLE_STATE_TTL_SECONDS``).
+**A merge is decided by the worker and applied by Redis only if nothing changed meanwhile.** The
+worker reads the vehicle's hash, takes the event's newest version of each code (a code may come in
+both lists), and plans the writes: each code newer than the state's, and the codes the state holds
+newer by time (**stale**). Equal is neither, so a repeated event, a retried job or a replay writes
+nothing and reports what the first run reported, unless a newer event was merged between the two.
+The writes are applied by :data:`STATE_LIBRARY`'s ``apply_state``, inside the worker's completion
+call (:mod:`core.redis.published`) or on their own (:meth:`VehicleStates.merge`), only while the
+hash's ``_updatedAt`` and ``_eventId`` are what the worker read: otherwise the worker reads and plans
+again. ``_updatedAt`` only grows (each change sets it past the last), so the pair never comes back.
+Redis does no parsing and no comparing: its cost is the writes themselves. Every change renews the
+key's TTL (``VEHICLE_STATE_TTL_SECONDS``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pydantic_core
 from redis import Redis as SyncRedis
@@ -49,139 +55,44 @@ UPDATED_AT_FIELD = "_updatedAt"
 EVENT_ID_FIELD = "_eventId"
 RESERVED_PREFIX = "_"
 
-MERGE_SCRIPT = """
--- KEYS[1]: the vehicle's state hash.
--- ARGV[1] event id, ARGV[2] ttl seconds, ARGV[3] vehicle JSON ('' for none), ARGV[4] '1' when the
--- vehicle was read from the API (it then replaces a different stored copy), then per signal:
--- code, oemUpdatedAt ('' when unknown), retrievedAt ('' when unknown), signal JSON.
--- Returns {1 when anything changed else 0, {stale codes}}.
-local key = KEYS[1]
-
--- times are epoch ms (integers below 2^53, exact as Lua numbers); nil is older than any time
-local function cmp_time(a, b)
-  if a == b then return 0 end
-  if a == nil then return -1 end
-  if b == nil then return 1 end
-  if a < b then return -1 end
-  return 1
-end
-
-local function cmp_when(a, b)
-  local c = cmp_time(a.oem, b.oem)
-  if c ~= 0 then return c end
-  return cmp_time(a.ret, b.ret)
-end
-
--- byte order (string '<' follows the server's locale)
-local function cmp_bytes(a, b)
-  if a == b then return 0 end
-  local n = math.min(#a, #b)
-  for i = 1, n do
-    local x, y = string.byte(a, i), string.byte(b, i)
-    if x ~= y then
-      if x < y then return -1 end
-      return 1
-    end
+STATE_LIBRARY = """
+-- core/redis/vehicle_state.py: apply a planned merge to a vehicle's state hash, only while the
+-- hash's _updatedAt and _eventId are still token ('<updatedAt>:<eventId>', ':' for no hash).
+-- ARGV[from .. to] are the field/value pairs to write; now_ms is Redis's clock.
+-- Returns true when applied, false when the state changed since it was read.
+local function apply_state(key, token, ttl, event_id, from, to, now_ms)
+  local held = redis.call('HMGET', key, '_updatedAt', '_eventId')
+  if (held[1] or '') .. ':' .. (held[2] or '') ~= token then return false end
+  local before = tonumber(held[1])
+  if before and now_ms <= before then now_ms = before + 1 end
+  for i = from, to, 2000 do
+    redis.call('HSET', key, unpack(ARGV, i, math.min(i + 1999, to)))
   end
-  if #a < #b then return -1 end
-  return 1
+  redis.call('HSET', key, '_updatedAt', string.format('%d', now_ms), '_eventId', event_id)
+  redis.call('EXPIRE', key, ttl)
+  return true
 end
 
-local function newer(a, b)
-  local c = cmp_when(a, b)
-  if c ~= 0 then return c > 0 end
-  return cmp_bytes(a.json, b.json) > 0
+local function clock_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-
-local function time_of(value)
-  if type(value) == 'number' then return value end
-  return nil
-end
-
--- HMGET and HSET a thousand at a time: Lua's unpack() takes at most a few thousand values
-local CHUNK = 1000
-
-local function hmget(names)
-  local values = {}
-  for i = 1, #names, CHUNK do
-    local part = redis.call('HMGET', key, unpack(names, i, math.min(i + CHUNK - 1, #names)))
-    for j = 1, #part do values[i + j - 1] = part[j] end
-  end
-  return values
-end
-
-local function hset(pairs_)
-  for i = 1, #pairs_, 2 * CHUNK do
-    redis.call('HSET', key, unpack(pairs_, i, math.min(i + 2 * CHUNK - 1, #pairs_)))
-  end
-end
-
--- the times of a stored version: read off the front of its JSON, where the worker writes them (no
--- parsing); a version written otherwise (by an earlier release, or with times that are not whole
--- numbers) is decoded
-local function stored(json)
-  local oem, ret = string.match(json, '^{"oemUpdatedAt":([-%dnul]+),"retrievedAt":([-%dnul]+),')
-  if oem then return {oem = tonumber(oem), ret = tonumber(ret), json = json} end
-  local ok, value = pcall(cjson.decode, json)
-  if not ok or type(value) ~= 'table' then
-    return {json = json}
-  end
-  return {oem = time_of(value.oemUpdatedAt), ret = time_of(value.retrievedAt), json = json}
-end
-
--- the event's newest version of each code, codes in first-seen order
-local best, codes = {}, {}
-for i = 5, #ARGV, 4 do
-  local code = ARGV[i]
-  local version = {oem = tonumber(ARGV[i + 1]), ret = tonumber(ARGV[i + 2]), json = ARGV[i + 3]}
-  local held = best[code]
-  if held == nil then
-    best[code] = version
-    codes[#codes + 1] = code
-  elseif newer(version, held) then
-    best[code] = version
-  end
-end
-
-local fields = {'_vehicle'}
-for n = 1, #codes do fields[n + 1] = codes[n] end
-local current = hmget(fields)
-
-local writes, stale = {}, {}
-local vehicle = ARGV[3]
-if vehicle ~= '' and (not current[1] or (ARGV[4] == '1' and current[1] ~= vehicle)) then
-  writes[#writes + 1] = '_vehicle'
-  writes[#writes + 1] = vehicle
-end
-for n = 1, #codes do
-  local code, version, held = codes[n], best[codes[n]], current[n + 1]
-  if not held then
-    writes[#writes + 1] = code
-    writes[#writes + 1] = version.json
-  else
-    local previous = stored(held)
-    if cmp_when(version, previous) < 0 then
-      stale[#stale + 1] = code
-    elseif newer(version, previous) then
-      writes[#writes + 1] = code
-      writes[#writes + 1] = version.json
-    end
-  end
-end
-
-if #writes == 0 then
-  return {0, stale}
-end
-local now = redis.call('TIME')
-writes[#writes + 1] = '_updatedAt'
-writes[#writes + 1] = tostring(now[1] * 1000 + math.floor(now[2] / 1000))
-writes[#writes + 1] = '_eventId'
-writes[#writes + 1] = ARGV[1]
-hset(writes)
-redis.call('EXPIRE', key, ARGV[2])
-return {1, stale}
 """
-MERGE_FUNCTION = lua_function("merge_vehicle_state", MERGE_SCRIPT)
+
+_APPLY = (
+    STATE_LIBRARY
+    + """
+-- KEYS[1]: the state hash. ARGV: token, ttl, event id, then the field/value pairs to write.
+if apply_state(KEYS[1], ARGV[1], ARGV[2], ARGV[3], 4, #ARGV, clock_ms()) then return 1 end
+return 0
+"""
+)
+_APPLY_FN = lua_function("apply_vehicle_state", _APPLY)
+
+_FRONT = re.compile(rb'^\{"oemUpdatedAt":(-?\d+|null),"retrievedAt":(-?\d+|null),')
+
+#: When a version was taken: (has oemUpdatedAt, oemUpdatedAt, has retrievedAt, retrievedAt).
+When = tuple[bool, float, bool, float]
 
 
 @dataclass(frozen=True)
@@ -192,9 +103,47 @@ class MergeResult:
     stale_signals: list[str]
 
 
+@dataclass(frozen=True)
+class MergePlan:
+    """One event's merge, planned against the state as read: what to write, only while the state's
+    ``token`` is unchanged (``writes`` empty: nothing to apply), and what the state held newer."""
+
+    key: str
+    event_id: str
+    token: bytes
+    writes: list[str | bytes]
+    """Field/value pairs."""
+    stale_signals: list[str]
+
+
 def _time(value: object) -> int | None:
-    """An epoch-ms time; anything but an int (or a bool) is unknown (None, ``''`` to the script)."""
+    """An epoch-ms time; anything but an int (or a bool) is unknown."""
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _when(oem: float | None, ret: float | None) -> When:
+    return (oem is not None, oem or 0, ret is not None, ret or 0)
+
+
+def _number(raw: bytes) -> int | None:
+    return None if raw == b"null" else int(raw)
+
+
+def _held_when(stored: bytes) -> When:
+    """When a stored version was taken: read off the front of its JSON, where the worker writes the
+    times; a version written otherwise (by an earlier release, or with times that are not whole
+    numbers) is decoded, and any JSON number counts as a time."""
+    front = _FRONT.match(stored)
+    if front:
+        return _when(_number(front[1]), _number(front[2]))
+    try:
+        value = pydantic_core.from_json(stored)
+    except ValueError:
+        return _when(None, None)
+    if not isinstance(value, dict):
+        return _when(None, None)
+    oem, ret = (value.get(name) for name in ("oemUpdatedAt", "retrievedAt"))
+    return _when(*(t if isinstance(t, int | float) and not isinstance(t, bool) else None for t in (oem, ret)))
 
 
 def _json(value: object) -> str:
@@ -202,60 +151,91 @@ def _json(value: object) -> str:
     return pydantic_core.to_json(value, inf_nan_mode="null").decode()
 
 
-def _stored_json(signal: Mapping[str, Any]) -> str:
+def _stored_json(signal: Mapping[str, Any]) -> bytes:
     """A signal's JSON as the state stores it: its two times first, when both are whole numbers or
-    null, so that the merge reads them off the front without parsing (the same object as
+    null, so that they are read off the front without parsing (the same object as
     :func:`_json`'s, keys in another order)."""
     oem, ret = signal.get("oemUpdatedAt", False), signal.get("retrievedAt", False)
     if len(signal) < 3 or not all(t is None or (type(t) is int) for t in (oem, ret)):
-        return _json(signal)
+        return pydantic_core.to_json(signal, inf_nan_mode="null")
     # A key given again keeps its first place: the times first, with the signal's own values.
-    return _json({"oemUpdatedAt": None, "retrievedAt": None, **signal})
+    return pydantic_core.to_json({"oemUpdatedAt": None, "retrievedAt": None, **signal}, inf_nan_mode="null")
 
 
-def merge_arguments(
-    event_id: str,
-    ttl_seconds: int,
-    vehicle: Mapping[str, Any] | None,
-    vehicle_from_api: bool,
-    signals: Iterable[Mapping[str, Any]],
-) -> list[str | int]:
-    """The script's ARGV for one event: each code once, its newest version by the script's own
-    rule (a code usually comes in both the webhook's list and the ``/signals`` read, and every
-    argument costs Redis time). Signals without a usable code (not a string, empty, or starting
-    with ``_``, which the state's own fields use) are left out."""
-    newest: dict[str, tuple[tuple[bool, int, bool, int, bytes], int | None, int | None, str]] = {}
+def newest_versions(signals: Iterable[Mapping[str, Any]]) -> dict[str, tuple[When, bytes]]:
+    """Each code's newest version among ``signals`` (a code usually comes in both the webhook's list
+    and the ``/signals`` read): when it was taken and its stored JSON. Signals without a usable
+    code (not a string, empty, or starting with ``_``, which the state's own fields use) are left out."""
+    newest: dict[str, tuple[When, bytes]] = {}
     for signal in signals:
         code = signal.get("code")
         if not isinstance(code, str) or not code or code.startswith(RESERVED_PREFIX):
             continue
-        oem, ret = _time(signal.get("oemUpdatedAt")), _time(signal.get("retrievedAt"))
-        stored = _stored_json(signal)
-        rank = (oem is not None, oem or 0, ret is not None, ret or 0, stored.encode())
+        version = (_when(_time(signal.get("oemUpdatedAt")), _time(signal.get("retrievedAt"))), _stored_json(signal))
         held = newest.get(code)
-        if held is None or rank > held[0]:
-            newest[code] = (rank, oem, ret, stored)
-    args: list[str | int] = [event_id, ttl_seconds, "" if vehicle is None else _json(vehicle), int(vehicle_from_api)]
-    for code, (_, oem, ret, stored) in newest.items():
-        args += [code, "" if oem is None else oem, "" if ret is None else ret, stored]
-    return args
+        if held is None or version > held:
+            newest[code] = version
+    return newest
 
 
-def _result(reply: Any) -> MergeResult:
-    changed, stale = reply
-    return MergeResult(changed=bool(changed), stale_signals=sorted({text(code) for code in stale or ()}))
+def state_token(held: Mapping[bytes, bytes]) -> bytes:
+    """What :data:`STATE_LIBRARY` compares: the state's ``_updatedAt`` and ``_eventId``."""
+    return held.get(UPDATED_AT_FIELD.encode(), b"") + b":" + held.get(EVENT_ID_FIELD.encode(), b"")
+
+
+def plan_merge(
+    key: str,
+    held: Mapping[bytes, bytes],
+    event_id: str,
+    signals: Iterable[Mapping[str, Any]],
+    vehicle: Mapping[str, Any] | None = None,
+    vehicle_from_api: bool = True,
+) -> MergePlan:
+    """The merge of one event into the state ``held`` (the hash as read, ``{}`` for none)."""
+    writes: list[str | bytes] = []
+    if vehicle is not None:
+        vehicle_json = _json(vehicle).encode()
+        current = held.get(VEHICLE_FIELD.encode())
+        if current is None or (vehicle_from_api and current != vehicle_json):
+            writes += [VEHICLE_FIELD, vehicle_json]
+    stale: list[str] = []
+    for code, (when, stored) in newest_versions(signals).items():
+        current = held.get(code.encode())
+        if current is None:
+            writes += [code, stored]
+            continue
+        held_when = _held_when(current)
+        if when < held_when:
+            stale.append(code)
+        elif when > held_when or stored > current:
+            writes += [code, stored]
+    return MergePlan(key, event_id, state_token(held), writes, sorted(stale))
 
 
 class VehicleStates:
-    """The worker's side: merges each event into its vehicle's state, one script call per event."""
+    """The worker's side: reads a vehicle's state and plans each event's merge into it."""
 
     def __init__(self, redis: AsyncRedis, prefix: str, ttl_seconds: int) -> None:
         self.prefix = prefix
-        self._ttl = ttl_seconds
-        self._merge = MERGE_FUNCTION.bind(redis)
+        self.ttl_seconds = ttl_seconds
+        self._redis = redis
+        self._apply = _APPLY_FN.bind(redis)
 
     def key(self, vehicle_id: str) -> str:
         return vehicle_state_key(self.prefix, vehicle_id)
+
+    async def plan(
+        self,
+        vehicle_id: str,
+        event_id: str,
+        signals: Iterable[Mapping[str, Any]],
+        vehicle: Mapping[str, Any] | None = None,
+        vehicle_from_api: bool = True,
+    ) -> MergePlan:
+        """The event's merge planned against the state as it is now (:func:`plan_merge`)."""
+        key = self.key(vehicle_id)
+        held = cast(dict[bytes, bytes], await self._redis.hgetall(key))
+        return plan_merge(key, held, event_id, signals, vehicle, vehicle_from_api)
 
     async def merge(
         self,
@@ -266,11 +246,18 @@ class VehicleStates:
         vehicle_from_api: bool = True,
     ) -> MergeResult:
         """Merge one event's signals (webhook and ``/signals`` alike, in the output form) and its
-        vehicle into the state. Idempotent: running it again changes nothing and answers the same,
-        unless a newer event was merged in between. ``vehicle_from_api`` false (the webhook's own
-        copy) only fills a missing ``_vehicle``."""
-        args = merge_arguments(event_id, self._ttl, vehicle, vehicle_from_api, signals)
-        return _result(await self._merge(keys=[self.key(vehicle_id)], args=args))
+        vehicle into the state, on its own (the worker applies its merges with the publish).
+        Idempotent: running it again changes nothing and answers the same, unless a newer event
+        was merged in between. ``vehicle_from_api`` false (the webhook's own copy) only fills a
+        missing ``_vehicle``."""
+        signals = list(signals)
+        while True:
+            plan = await self.plan(vehicle_id, event_id, signals, vehicle, vehicle_from_api)
+            if not plan.writes:
+                return MergeResult(changed=False, stale_signals=plan.stale_signals)
+            args = [plan.token, self.ttl_seconds, event_id, *plan.writes]
+            if await self._apply(keys=[plan.key], args=args):
+                return MergeResult(changed=True, stale_signals=plan.stale_signals)
 
 
 @dataclass(frozen=True)

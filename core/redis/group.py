@@ -1,0 +1,110 @@
+"""Group commit: what concurrent callers submit while a call is under way goes in the next call.
+
+Used wherever many coroutines each want a small write that one Redis call can make for all of
+them: the edge's dedupe-and-enqueue (:mod:`core.redis.inbox`), the worker's completion of
+finished events (:mod:`core.redis.published`) and the worker's Redis client itself
+(:mod:`core.redis.batching`). At light load a caller with nothing waiting makes the call itself,
+at once; under load one call carries many items, which is what keeps Redis's cost per item low.
+
+Each caller gets its own answer, only after the call that carried its item has returned. A call
+that fails hands every caller of its batch an error of its own (a copy, so that tracebacks do not
+pile up on one object); a per-item answer that is an exception is raised to that item's caller.
+A caller cancelled while waiting leaves its item out of the next call when it is still pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class GroupCommit(Generic[T, R]):
+    """Calls ``call`` with batches of submitted items, at most ``max_in_flight`` calls at a time.
+
+    ``call`` answers one result per item, in order (a result may be an exception for its item).
+    ``direct``: a caller finding nothing pending and a call free makes the call itself (no task,
+    no future: the cheapest path at light load); otherwise every item waits for the sender task,
+    which also gathers what is submitted in the same turn of the event loop.
+    """
+
+    def __init__(
+        self,
+        call: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
+        max_batch: int,
+        max_in_flight: int = 1,
+        direct: bool = True,
+    ) -> None:
+        self._call = call
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._direct = direct
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._in_flight = 0
+        self._sender: asyncio.Task[None] | None = None
+
+    async def submit(self, item: T) -> R:
+        """``item``'s result, once a call carrying it has returned."""
+        if self._direct and self._in_flight < self._max_in_flight and not self._pending:
+            self._in_flight += 1
+            try:
+                (result,) = await self._call([item])
+            finally:
+                self._in_flight -= 1
+                self._start_sender()
+            if isinstance(result, BaseException):
+                raise result
+            return result
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        self._start_sender()
+        return await future
+
+    def _start_sender(self) -> None:
+        if self._pending and self._in_flight < self._max_in_flight:
+            self._in_flight += 1
+            # Kept: the loop holds only a weak reference to a task.
+            self._sender = asyncio.ensure_future(self._send())
+
+    async def _send(self) -> None:
+        try:
+            while self._pending:
+                batch = [entry for entry in self._pending[: self._max_batch] if not entry[1].done()]
+                del self._pending[: self._max_batch]
+                if batch:
+                    await self._flush(batch)
+        except BaseException:  # stopped with callers waiting: they must not wait for ever
+            for _, future in self._pending:
+                if not future.done():
+                    future.set_exception(RedisConnectionError("the Redis client was closed"))
+            self._pending = []
+            raise
+        finally:
+            self._in_flight -= 1
+
+    async def _flush(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            results = await self._call([item for item, _ in batch])
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(copy.copy(exc).with_traceback(None))
+            return
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(RedisConnectionError(f"the call was stopped ({type(exc).__name__})"))
+            raise
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
