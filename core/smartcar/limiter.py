@@ -1,7 +1,8 @@
 """One request budget for the whole deployment, and Smartcar's 429 pauses, kept in Redis.
 
-Every request to the vehicle API first asks :meth:`RequestLimiter.admit`, which runs one Lua
-script (so every worker process of the deployment sees the same state) that looks at:
+Every request to the vehicle API first asks :meth:`RequestLimiter.admit`, which runs one Redis
+function (so every worker process of the deployment sees the same state; the requests that ask
+meanwhile share one call, :mod:`core.redis.group`) that looks at:
 
 * **the pauses**: a 429 for a vehicle (``RATE_LIMIT:VEHICLE``) stops calls for that vehicle, and
   a 429 ``RATE_LIMIT:SMARTCAR_API`` stops every call, until ``Retry-After`` has passed (without
@@ -38,7 +39,8 @@ from core import metrics
 from core.errors import SmartcarRateLimited
 from core.logs import get_logger
 from core.redis.functions import lua_function
-from core.redis.keys import APPLICATION_PAUSE_KEY, BUDGET_KEY, vehicle_pause_key
+from core.redis.group import GroupCommit
+from core.redis.keys import APPLICATION_PAUSE_KEY, BUDGET_KEY, text, vehicle_pause_key
 from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
 
 log = get_logger("smartcar_ingest.limiter")
@@ -46,36 +48,62 @@ log = get_logger("smartcar_ingest.limiter")
 #: The pause after a 429 that names no ``Retry-After``: doubled on each further one, capped.
 PAUSE_BASE_SECONDS = 2.0
 PAUSE_CAP_SECONDS = 60.0
+#: The most requests one admission call carries.
+ADMIT_BATCH = 256
 
-# KEYS: budget, application pause, [vehicle pause]. ARGV: interval ms (0: no budget), tolerance ms,
-# longest wait ms. Returns {admitted 0/1, wait ms, cause}; admitted means the slot is reserved.
+# KEYS: budget, application pause. ARGV: interval ms (0: no budget), tolerance ms, then per request:
+# its vehicle's pause key ('' for none), 1 to reserve a budget slot (0: look at the pauses only),
+# longest wait ms. Returns {admitted 0/1, wait ms, cause} per request, flat; admitted with a
+# reservation means the slot is taken. The requests of one call are admitted in order, on one clock.
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local earliest, cause = now, 'none'
 local app = tonumber(redis.call('HGET', KEYS[2], 'until')) or 0
-if app > earliest then earliest, cause = app, 'application' end
-if KEYS[3] then
-  local vehicle = tonumber(redis.call('HGET', KEYS[3], 'until')) or 0
-  if vehicle > earliest then earliest, cause = vehicle, 'vehicle' end
+local interval, tolerance = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tat = 0
+if interval > 0 then tat = tonumber(redis.call('GET', KEYS[1])) or 0 end
+local reserved = false
+local pauses, results = {}, {}
+for i = 3, #ARGV, 3 do
+  local earliest, cause = now, 'none'
+  if app > earliest then earliest, cause = app, 'application' end
+  local key = ARGV[i]
+  if key ~= '' then
+    local vehicle = pauses[key]
+    if vehicle == nil then
+      vehicle = tonumber(redis.call('HGET', key, 'until')) or 0
+      pauses[key] = vehicle
+    end
+    if vehicle > earliest then earliest, cause = vehicle, 'vehicle' end
+  end
+  local longest = tonumber(ARGV[i + 2])
+  local admitted, wait = 1, 0
+  if interval <= 0 or ARGV[i + 1] ~= '1' then
+    wait = earliest - now
+    if wait > longest then admitted = 0 end
+  else
+    local due = tat
+    if due < earliest then due = earliest end
+    local at = due - tolerance
+    if at < earliest then at = earliest elseif at > earliest then cause = 'budget' end
+    wait = math.ceil(at - now)
+    if wait > longest then
+      admitted = 0
+    else
+      tat = due + interval
+      reserved = true
+    end
+  end
+  results[#results + 1] = admitted
+  results[#results + 1] = wait
+  results[#results + 1] = cause
 end
-local interval = tonumber(ARGV[1])
-if interval <= 0 then
-  local wait = earliest - now
-  if wait > tonumber(ARGV[3]) then return {0, wait, cause} end
-  return {1, wait, cause}
+if reserved then
+  redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
 end
-local tat = tonumber(redis.call('GET', KEYS[1])) or 0
-if tat < earliest then tat = earliest end
-local at = tat - tonumber(ARGV[2])
-if at < earliest then at = earliest elseif at > earliest then cause = 'budget' end
-local wait = math.ceil(at - now)
-if wait > tonumber(ARGV[3]) then return {0, wait, cause} end
-tat = tat + interval
-redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
-return {1, wait, cause}
+return results
 """
-_ADMIT_FN = lua_function("admit_request", _ADMIT)
+_ADMIT_FN = lua_function("admit_requests", _ADMIT)
 
 # KEYS: the pause hash. ARGV: Retry-After ms (-1: none), base ms, cap ms. Returns the pause left, ms.
 _PAUSE = """
@@ -136,6 +164,9 @@ class RequestLimiter:
     ) -> None:
         self._redis = redis
         self._admit = _ADMIT_FN.bind(redis)
+        self._admissions: GroupCommit[tuple[str, str, int], tuple[int, int, str]] = GroupCommit(
+            self._admit_together, ADMIT_BATCH
+        )
         self._pause = _PAUSE_FN.bind(redis)
         self._wait = wait_seconds
         if requests_per_minute is None:
@@ -169,11 +200,9 @@ class RequestLimiter:
     async def admit(self, endpoint: str, vehicle_id: str | None) -> None:
         """Return when a request for ``vehicle_id`` may be sent (its budget slot taken), or raise
         :class:`OverBudget` at once when that cannot be within the deadline."""
-        keys = [BUDGET_KEY, APPLICATION_PAUSE_KEY]
-        if vehicle_id is not None:
-            keys.append(vehicle_pause_key(vehicle_id))
+        pause_key = "" if vehicle_id is None else vehicle_pause_key(vehicle_id)
         while True:
-            allowed, wait_ms, cause = await self._run(keys, self._interval_ms, self._tolerance_ms)
+            allowed, wait_ms, cause = await self._run(pause_key, reserve=True)
             if not allowed:
                 metrics.LIMITER_DENIALS.labels(cause=cause).inc()
                 raise OverBudget(wait_ms / 1000, cause)
@@ -186,7 +215,7 @@ class RequestLimiter:
             await asyncio.sleep(wait_ms / 1000)
             # A 429 may have paused calls while this one waited for its slot: look again (a
             # pause-only check, no new reservation) and start over if one did.
-            _, paused_ms, _ = await self._run(keys, 0, 0)
+            _, paused_ms, _ = await self._run(pause_key, reserve=False)
             if paused_ms <= 0:
                 break
         tally = _tally.get()
@@ -211,12 +240,18 @@ class RequestLimiter:
             tally.rate_limited[scope] += 1
         log.warning("Smartcar rate limited a call", endpoint=endpoint, scope=scope, pausedMs=int(paused_ms))
 
-    async def _run(self, keys: list[str], interval: float, tolerance: float) -> tuple[int, int, str]:
+    async def _run(self, pause_key: str, reserve: bool) -> tuple[int, int, str]:
         deadline = _deadline.get()
         longest = self._wait if deadline is None else max(0.0, deadline - time.monotonic())
-        args: list[str | int] = [f"{interval:.3f}", f"{tolerance:.3f}", int(longest * 1000)]
-        reply = await until_redis_answers_async(
-            lambda: self._admit(keys=keys, args=args), give_up_after=REDIS_PATIENCE_SECONDS
+        request = (pause_key, "1" if reserve else "0", int(longest * 1000))
+        return await until_redis_answers_async(
+            lambda: self._admissions.submit(request), give_up_after=REDIS_PATIENCE_SECONDS
         )
-        allowed, wait_ms, cause = reply
-        return int(allowed), int(wait_ms), cause.decode() if isinstance(cause, bytes) else str(cause)
+
+    async def _admit_together(self, requests: list[tuple[str, str, int]]) -> list[tuple[int, int, str]]:
+        """One function call for the requests that asked meanwhile (:mod:`core.redis.group`)."""
+        args: list[str | int] = [f"{self._interval_ms:.3f}", f"{self._tolerance_ms:.3f}"]
+        for request in requests:
+            args.extend(request)
+        reply = await self._admit(keys=[BUDGET_KEY, APPLICATION_PAUSE_KEY], args=args)
+        return [(int(reply[i]), int(reply[i + 1]), text(reply[i + 2])) for i in range(0, len(reply), 3)]
