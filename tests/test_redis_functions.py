@@ -14,16 +14,17 @@ from core.redis.functions import FUNCTIONS, PREFIX, FunctionsRedis, LuaFunction,
 from tests.procs import RedisServer
 
 PRODUCT = ("core", "service", "workers", "cli")
+FACTORIES = ("lua_function", "grouped_function")
 
 
 def modules_defining_functions() -> set[str]:
-    """Every product module that calls ``lua_function`` at its top level."""
+    """Every product module that calls ``lua_function`` or ``grouped_function`` at its top level."""
     found = set()
     for package in PRODUCT:
         for path in Path(package).rglob("*.py"):
             for node in ast.parse(path.read_text()).body:
                 call = node.value if isinstance(node, ast.Assign | ast.Expr) else None
-                if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "lua_function":
+                if isinstance(call, ast.Call) and getattr(call.func, "id", None) in FACTORIES:
                     found.add(".".join(path.with_suffix("").parts))
     return found
 

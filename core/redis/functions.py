@@ -50,6 +50,8 @@ class LuaFunction:
         self.name = name
         self.source = source
         self.read_only = read_only
+        #: The arguments of one item, for a function that runs its script once per item (core.redis.group).
+        self.arity = 0
         digest = hashlib.sha256(f"{read_only}\n{source}".encode()).hexdigest()[:12]
         #: The function's (and its library's) name in Redis.
         self.redis_name = f"{PREFIX}{name}_{digest}"

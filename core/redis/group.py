@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+from core.redis.functions import LuaFunction, lua_function
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -108,3 +110,54 @@ class GroupCommit(Generic[T, R]):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+
+def grouped_function(name: str, source: str, arity: int, read_only: bool = False) -> LuaFunction:
+    """A function that runs ``source``, a script of one key (``KEYS[1]``) and ``arity`` arguments,
+    once for each item of a call, in order: called through :class:`GroupedCall`.
+
+    Each item gets what the script returns (false for nothing), or its own error reply when the
+    script raised for it; the other items of the call are not affected.
+    """
+    wrapper = f"""
+local function one(KEYS, ARGV)
+{source}
+end
+local replies = {{}}
+for i = 1, #ARGV, {arity + 1} do
+  local ok, reply = pcall(one, {{ARGV[i]}}, {{unpack(ARGV, i + 1, i + {arity})}})
+  if not ok then
+    if type(reply) ~= 'table' or not reply.err then reply = {{err = tostring(reply)}} end
+  elseif reply == nil then
+    reply = false
+  end
+  replies[#replies + 1] = reply
+end
+return replies
+"""
+    function = lua_function(name, wrapper, read_only)
+    function.arity = arity
+    return function
+
+
+class GroupedCall:
+    """A :func:`grouped_function` bound to an asyncio client: ``await call(keys=[key], args=[...])``
+    answers as one call of the script would, and the calls made meanwhile share one ``FCALL``."""
+
+    def __init__(self, function: LuaFunction, client: Any, max_batch: int = 256) -> None:
+        self._function = function
+        self._call = function.bind(client)
+        self._group: GroupCommit[tuple[str, Sequence[Any]], Any] = GroupCommit(self._send, max_batch)
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if len(keys) != 1 or len(args) != self._function.arity:
+            raise ValueError(f"{self._function.name} takes one key and {self._function.arity} arguments")
+        return await self._group.submit((keys[0], args))
+
+    async def _send(self, items: list[tuple[str, Sequence[Any]]]) -> list[Any]:
+        argv: list[Any] = []
+        for key, args in items:
+            argv.append(key)
+            argv.extend(args)
+        replies: list[Any] = await self._call(keys=[], args=argv)
+        return replies

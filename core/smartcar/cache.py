@@ -12,8 +12,9 @@ lease). For an event received at ``r`` with a window ``w``:
   it runs (the read's own process hands it over directly, the others poll the hash);
 * otherwise the event claims the read and calls Smartcar; events that arrive meanwhile wait for it.
 
-Each decision is one Lua script, so two processes can never both claim a read the other could
-serve. Failures are shared too: the events waiting on a read that was refused, rate limited or
+Each decision is one Lua script run atomically (the decisions of the events in flight meanwhile
+share one function call, :mod:`core.redis.group`), so two processes can never both claim a read
+the other could serve. Failures are shared too: the events waiting on a read that was refused, rate limited or
 failed get the same outcome instead of each calling again. A claim whose process died is given up
 when its lease runs out, and the next event claims afresh.
 
@@ -40,7 +41,7 @@ from core.errors import (
     SmartcarUnauthorized,
     SmartcarUnavailable,
 )
-from core.redis.functions import lua_function
+from core.redis.group import GroupedCall, grouped_function
 from core.redis.keys import text
 from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
 
@@ -73,7 +74,7 @@ redis.call('HSET', KEYS[1], 'claim', ARGV[4], 'claimStartedAt', now, 'claimUntil
     + _KEEP.format(n=5)
     + "return {'fetch', ARGV[4], tostring(now), gen}"
 )
-_ACQUIRE_FN = lua_function("read_acquire", _ACQUIRE)
+_ACQUIRE_FN = grouped_function("read_acquire", _ACQUIRE, arity=5)
 
 # ARGV: claim token ('' for none), started ms, data, keep ms, generation ('' for the current one).
 # Keeps the newest read only.
@@ -93,7 +94,7 @@ end
     + _KEEP.format(n=4)
     + "return now"
 )
-_COMPLETE_FN = lua_function("read_complete", _COMPLETE)
+_COMPLETE_FN = grouped_function("read_complete", _COMPLETE, arity=5)
 
 # ARGV: claim token, the failure (JSON; '' for a read given up, which its waiters then claim afresh), keep ms.
 _FAIL = (
@@ -106,7 +107,7 @@ if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'errorToken', ARGV[1], 'error'
     + _KEEP.format(n=3)
     + "return 1"
 )
-_FAIL_FN = lua_function("read_fail", _FAIL)
+_FAIL_FN = grouped_function("read_fail", _FAIL, arity=3)
 
 # ARGV: claim token, claim started ms.
 _POLL = (
@@ -122,11 +123,11 @@ if f[2] == ARGV[1] and (tonumber(f[3]) or 0) > now then return {'pending'} end
 return {'gone'}
 """
 )
-_POLL_FN = lua_function("read_poll", _POLL, read_only=True)
+_POLL_FN = grouped_function("read_poll", _POLL, arity=2, read_only=True)
 
 # ARGV: keep ms. A new generation: what was read or claimed before serves no event from now on.
 _INVALIDATE = "local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)\n" + _KEEP.format(n=1) + "return gen"
-_INVALIDATE_FN = lua_function("read_invalidate", _INVALIDATE)
+_INVALIDATE_FN = grouped_function("read_invalidate", _INVALIDATE, arity=1)
 
 
 @dataclass(frozen=True)
@@ -149,11 +150,12 @@ class ReadCache:
         self._redis = redis
         self._lease_ms = int(lease_seconds * 1000)
         self._poll_first, self._poll_max = poll_seconds
-        self._acquire = _ACQUIRE_FN.bind(redis)
-        self._complete = _COMPLETE_FN.bind(redis)
-        self._fail = _FAIL_FN.bind(redis)
-        self._poll = _POLL_FN.bind(redis)
-        self._invalidate = _INVALIDATE_FN.bind(redis)
+        # The decisions of the events in flight meanwhile share one call each (core.redis.group).
+        self._acquire = GroupedCall(_ACQUIRE_FN, redis)
+        self._complete = GroupedCall(_COMPLETE_FN, redis)
+        self._fail = GroupedCall(_FAIL_FN, redis)
+        self._poll = GroupedCall(_POLL_FN, redis)
+        self._invalidate = GroupedCall(_INVALIDATE_FN, redis)
         # The reads this process makes or waits for, by (key, claim token): its events share one future.
         self._local: dict[tuple[str, str], asyncio.Future[Shared | None]] = {}
 
