@@ -162,19 +162,24 @@ def _stored_json(signal: Mapping[str, Any]) -> bytes:
     return pydantic_core.to_json({"oemUpdatedAt": None, "retrievedAt": None, **signal}, inf_nan_mode="null")
 
 
-def newest_versions(signals: Iterable[Mapping[str, Any]]) -> dict[str, tuple[When, bytes]]:
+def newest_versions(signals: Iterable[Mapping[str, Any]]) -> dict[str, tuple[When, Mapping[str, Any], bytes]]:
     """Each code's newest version among ``signals`` (a code usually comes in both the webhook's list
-    and the ``/signals`` read): when it was taken and its stored JSON. Signals without a usable
-    code (not a string, empty, or starting with ``_``, which the state's own fields use) are left out."""
-    newest: dict[str, tuple[When, bytes]] = {}
+    and the ``/signals`` read): when it was taken, the signal, and its stored JSON when it had to be
+    made to break a tie (else ``b""``; made only when needed, it is most of a merge's cost). Signals
+    without a usable code (not a string, empty, or starting with ``_``, which the state's own fields
+    use) are left out."""
+    newest: dict[str, tuple[When, Mapping[str, Any], bytes]] = {}
     for signal in signals:
         code = signal.get("code")
         if not isinstance(code, str) or not code or code.startswith(RESERVED_PREFIX):
             continue
-        version = (_when(_time(signal.get("oemUpdatedAt")), _time(signal.get("retrievedAt"))), _stored_json(signal))
+        when = _when(_time(signal.get("oemUpdatedAt")), _time(signal.get("retrievedAt")))
         held = newest.get(code)
-        if held is None or version > held:
-            newest[code] = version
+        if held is None or when > held[0]:
+            newest[code] = (when, signal, b"")
+        elif when == held[0]:  # equal times: the greater JSON text
+            mine, theirs = _stored_json(signal), held[2] or _stored_json(held[1])
+            newest[code] = (when, signal, mine) if mine > theirs else (when, held[1], theirs)
     return newest
 
 
@@ -199,15 +204,20 @@ def plan_merge(
         if current is None or (vehicle_from_api and current != vehicle_json):
             writes += [VEHICLE_FIELD, vehicle_json]
     stale: list[str] = []
-    for code, (when, stored) in newest_versions(signals).items():
+    for code, (when, signal, stored) in newest_versions(signals).items():
         current = held.get(code.encode())
         if current is None:
-            writes += [code, stored]
+            writes += [code, stored or _stored_json(signal)]
             continue
         held_when = _held_when(current)
         if when < held_when:
             stale.append(code)
-        elif when > held_when or stored > current:
+            continue
+        if when > held_when:
+            writes += [code, stored or _stored_json(signal)]
+            continue
+        stored = stored or _stored_json(signal)
+        if stored > current:  # equal times: the greater JSON text
             writes += [code, stored]
     return MergePlan(key, event_id, state_token(held), writes, sorted(stale))
 

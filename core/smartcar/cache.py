@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
+import pydantic_core
 from redis.asyncio import Redis
 
 from core.errors import (
@@ -182,7 +182,7 @@ class ReadCache:
 
     async def store(self, key: str, data: Any, started_at_ms: int, window_ms: int) -> int:
         """Keep a read made outside the sharing (a window of 0) as what skipped reads publish; its answer time."""
-        args: list[str | int] = ["", started_at_ms, _dumps(data), window_ms + GRACE_MS, ""]
+        args: list[str | int | bytes] = ["", started_at_ms, _dumps(data), window_ms + GRACE_MS, ""]
         return int(await self._call(lambda: self._complete(keys=[key], args=args)))
 
     async def latest(self, key: str) -> tuple[Any, int | None] | None:
@@ -294,12 +294,13 @@ def _restore(failure: dict[str, Any]) -> Exception:
     return SmartcarUnavailable("The shared read of another event failed; the job will be retried.")
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+def _dumps(value: Any) -> bytes:
+    """Compact JSON (pydantic-core, the parser of the answers: a NaN or infinity is kept as such)."""
+    return pydantic_core.to_json(value, inf_nan_mode="constants")
 
 
 def _loads(raw: object) -> Any:
-    return None if raw is None else json.loads(raw if isinstance(raw, str | bytes) else str(raw))
+    return None if raw is None else pydantic_core.from_json(raw if isinstance(raw, str | bytes) else str(raw))
 
 
 def _int(raw: object) -> int | None:
