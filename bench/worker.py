@@ -66,6 +66,8 @@ class WorkerResult:
     redis_cpu_seconds: float = 0.0
     #: Microseconds Redis spent per command (INFO commandstats) over the drain.
     command_usec: dict[str, int] = field(default_factory=dict)
+    #: Redis's traffic over the drain (:func:`redis_traffic`).
+    traffic: dict[str, int] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -213,7 +215,7 @@ def _run(
     httpx.post(f"{emulator_url}/_emulator/reset").raise_for_status()
     httpx.post(f"{emulator_url}/_emulator/latency", json={"seconds": latency_ms / 1000}).raise_for_status()
     client.config_resetstat()
-    redis_cpu_before = redis_cpu(client)
+    redis_cpu_before, traffic_before = redis_cpu(client), redis_traffic(client)
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     stop, peak = threading.Event(), [0.0]
     sampler = threading.Thread(target=_peak_rss, args=(process.pid, stop, peak))
@@ -223,6 +225,7 @@ def _run(
     stop.set()
     sampler.join()
     redis_cpu_used = redis_cpu(client) - redis_cpu_before
+    traffic = {name: value - traffic_before[name] for name, value in redis_traffic(client).items()}
     stats = command_stats(client)
     commands = {name: calls for name, (calls, _) in stats.items()}
     events, seconds = _published_span(client)
@@ -239,7 +242,19 @@ def _run(
         _smartcar_calls(emulator_url),
         redis_cpu_used,
         {name: usec for name, (_, usec) in stats.items()},
+        traffic,
     )
+
+
+def redis_traffic(client: redis.Redis) -> dict[str, int]:
+    """What Redis has read and written so far: socket reads it processed (a round trip each, or
+    part of one), bytes in and out on the network."""
+    stats = client.info("stats")
+    return {
+        "reads": int(stats["total_reads_processed"]),
+        "in": int(stats["total_net_input_bytes"]),
+        "out": int(stats["total_net_output_bytes"]),
+    }
 
 
 @dataclass
@@ -371,6 +386,12 @@ def commands_table(result: WorkerResult) -> str:
     lines.append(f"| **total** | **{result.commands_per_event:.2f}** | |")
     stats = {name: (calls, result.command_usec.get(name, 0)) for name, calls in result.commands.items()}
     lines += ["", f"Lua's own time in the functions: at least {lua_own_usec(stats) / events:.0f} µs/event."]
+    if result.traffic:
+        traffic = {name: value / events for name, value in result.traffic.items()}
+        lines.append(
+            f"Redis's traffic per event: {traffic['reads']:.1f} socket reads, {traffic['in'] / 1000:.1f} KB in, "
+            f"{traffic['out'] / 1000:.1f} KB out."
+        )
     return "\n".join(lines)
 
 
