@@ -243,6 +243,35 @@ def test_the_vehicle_and_the_ttl(redis_url, redis_client):
     assert redis_client.ttl(key) > 50
 
 
+def test_a_state_holding_what_the_service_never_writes_is_merged_over(redis_url, redis_client):
+    """Redis's contents are input too: signals that are not JSON, times that are not numbers, an
+    ``_updatedAt`` that is not a time, a time of 5,000 digits (past what Python turns into an int).
+    The merge still answers, writes the event's versions over
+    what it cannot read (a version without readable times is older than any time), and the next
+    merge sees its own writes."""
+    key = vehicle_state_key(PREFIX, "v-garbage")
+    redis_client.hset(
+        key,
+        mapping={
+            "a": "not json",
+            "b": '{"oemUpdatedAt":"soon","retrievedAt":[1]}',
+            "c": "[1,2]",
+            "d": '{"oemUpdatedAt":' + "9" * 5000 + ',"retrievedAt":1,"code":"d"}',
+            "_updatedAt": "yesterday",
+            "_eventId": "x:y",
+        },
+    )
+    event = [reading("a", 5, 5, 1), reading("b", 5, 5, 2), reading("c", 5, 5, 3), reading("d", 5, 5, 4)]
+    first, again = merge_now(redis_url, ("v-garbage", "e1", event), ("v-garbage", "e2", event))
+    assert first == MergeResult(changed=True, stale_signals=[])
+    assert again == MergeResult(changed=False, stale_signals=[])
+    raw = redis_client.hgetall(key)
+    values = {code: signal["body"]["value"] for code, signal in state_signals(raw).items()}
+    assert values == {"a": 1, "b": 2, "c": 3, "d": 4}
+    assert text(raw[b"_updatedAt"]).isdigit()
+    assert text(raw[b"_eventId"]) == "e1"
+
+
 # --- the merge applied with the publish, only on the state it was planned on ---------------------
 
 

@@ -23,8 +23,8 @@ replaces one that has them); on equal times the greater JSON text, compared byte
 the final state never depends on the order the versions arrived in.
 
 **A merge is decided by the worker and applied by Redis only if nothing changed meanwhile.** The
-worker reads the vehicle's hash, takes the event's newest version of each code (a code may come in
-both lists), and plans the writes: each code newer than the state's, and the codes the state holds
+worker takes the event's newest version of each code (a code may come in both lists), reads those
+fields of the vehicle's hash (``HMGET``: never more than the event carries), and plans the writes: each code newer than the state's, and the codes the state holds
 newer by time (**stale**). Equal is neither, so a repeated event, a retried job or a replay writes
 nothing and reports what the first run reported, unless a newer event was merged between the two.
 The writes are applied by :data:`STATE_LIBRARY`'s ``apply_state``, inside the worker's completion
@@ -89,7 +89,8 @@ return 0
 )
 _APPLY_FN = lua_function("apply_vehicle_state", _APPLY)
 
-_FRONT = re.compile(rb'^\{"oemUpdatedAt":(-?\d+|null),"retrievedAt":(-?\d+|null),')
+# At most 18 digits: a longer number (not a time the service writes) is decoded, and refused there.
+_FRONT = re.compile(rb'^\{"oemUpdatedAt":(-?\d{1,18}|null),"retrievedAt":(-?\d{1,18}|null),')
 
 #: When a version was taken: (has oemUpdatedAt, oemUpdatedAt, has retrievedAt, retrievedAt).
 When = tuple[bool, float, bool, float]
@@ -183,29 +184,31 @@ def newest_versions(signals: Iterable[Mapping[str, Any]]) -> dict[str, tuple[Whe
     return newest
 
 
-def state_token(held: Mapping[bytes, bytes]) -> bytes:
+def state_token(held: Mapping[str, bytes | None]) -> bytes:
     """What :data:`STATE_LIBRARY` compares: the state's ``_updatedAt`` and ``_eventId``."""
-    return held.get(UPDATED_AT_FIELD.encode(), b"") + b":" + held.get(EVENT_ID_FIELD.encode(), b"")
+    return (held.get(UPDATED_AT_FIELD) or b"") + b":" + (held.get(EVENT_ID_FIELD) or b"")
 
 
 def plan_merge(
     key: str,
-    held: Mapping[bytes, bytes],
+    held: Mapping[str, bytes | None],
     event_id: str,
-    signals: Iterable[Mapping[str, Any]],
+    newest: Mapping[str, tuple[When, Mapping[str, Any], bytes]],
     vehicle: Mapping[str, Any] | None = None,
     vehicle_from_api: bool = True,
 ) -> MergePlan:
-    """The merge of one event into the state ``held`` (the hash as read, ``{}`` for none)."""
+    """The merge of one event (its :func:`newest_versions`) into the state as read: ``held`` has
+    the state's value of each of the event's codes, ``_vehicle``, ``_updatedAt`` and ``_eventId``
+    (None for a field the hash does not have)."""
     writes: list[str | bytes] = []
     if vehicle is not None:
         vehicle_json = _json(vehicle).encode()
-        current = held.get(VEHICLE_FIELD.encode())
+        current = held.get(VEHICLE_FIELD)
         if current is None or (vehicle_from_api and current != vehicle_json):
             writes += [VEHICLE_FIELD, vehicle_json]
     stale: list[str] = []
-    for code, (when, signal, stored) in newest_versions(signals).items():
-        current = held.get(code.encode())
+    for code, (when, signal, stored) in newest.items():
+        current = held.get(code)
         if current is None:
             writes += [code, stored or _stored_json(signal)]
             continue
@@ -242,10 +245,13 @@ class VehicleStates:
         vehicle: Mapping[str, Any] | None = None,
         vehicle_from_api: bool = True,
     ) -> MergePlan:
-        """The event's merge planned against the state as it is now (:func:`plan_merge`)."""
+        """The event's merge planned against the state as it is now (:func:`plan_merge`): only the
+        fields the event needs are read, however large the hash."""
         key = self.key(vehicle_id)
-        held = cast(dict[bytes, bytes], await self._redis.hgetall(key))
-        return plan_merge(key, held, event_id, signals, vehicle, vehicle_from_api)
+        newest = newest_versions(signals)
+        names = [UPDATED_AT_FIELD, EVENT_ID_FIELD, VEHICLE_FIELD, *newest]
+        values = cast(list[bytes | None], await self._redis.hmget(key, names))
+        return plan_merge(key, dict(zip(names, values, strict=True)), event_id, newest, vehicle, vehicle_from_api)
 
     async def merge(
         self,
