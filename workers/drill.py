@@ -19,7 +19,8 @@ class DrillHalt:
 
     ``SMARTCAR_INGEST_DRILL_HALT=dequeued:3`` kills the worker right after its third dequeue moved
     a job into its list, before the execution is recorded; ``prepared:3`` right after the third
-    execution is recorded, before the job starts; a ``:stop`` suffix freezes it instead, for the
+    execution is recorded, before the job starts; ``returned:3`` right after the third job returned
+    (its event published and merged), before RQ records it; a ``:stop`` suffix freezes it instead, for the
     drill to resume with SIGCONT. Unset, as in production, it does nothing.
     """
 

@@ -262,6 +262,7 @@ class AsyncWorker:
                 await self._fail(held, exc)
             return
         self.stats.count(str(result.get("status")), time.monotonic() - started)
+        self._halt.reach("returned")
         self._finished.append(Success(held, result))
         if len(self._finished) >= self.batch_size:
             await self._flush()

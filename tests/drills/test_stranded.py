@@ -75,10 +75,11 @@ def test_ids_left_in_rqs_intermediate_list_are_requeued_and_run_once(pipeline, r
     assert redis_client.llen(rq_intermediate_key(QUEUE)) == 0
 
 
-@pytest.mark.parametrize("point", ["dequeued", "prepared"])
+@pytest.mark.parametrize("point", ["dequeued", "prepared", "returned"])
 def test_worker_killed_between_dequeue_and_start(pipeline, redis_client, emulator, point):
     """A worker SIGKILLed right after a dequeue (or after recording the execution), before the job starts,
-    loses nothing: a peer puts its jobs back and each event is published once, no retry spent."""
+    loses nothing: a peer puts its jobs back and each event is published once, no retry spent. So
+    does one killed after a job published its event, before RQ recorded it: the re-run finds it out."""
     httpx.post(f"{emulator}/_emulator/latency", json={"seconds": 1.0}).raise_for_status()
     events = [sample_event() for _ in range(12)]
     deliver(pipeline, *events)
@@ -98,6 +99,8 @@ def test_worker_killed_between_dequeue_and_start(pipeline, redis_client, emulato
             recorded = {k.decode().split(":")[0] for k in redis_client.zrange(f"rq:wip:{QUEUE}", 0, -1)}
             started = {j for j in recorded if redis_client.hget(f"rq:job:{j}", "worker_name") == name.encode()}
             assert started, whereabouts(redis_client, expected)
+            if point == "returned":  # published, and still recorded as started by the dead worker
+                assert started & set(published_ids(redis_client)), whereabouts(redis_client, expected)
         httpx.post(f"{emulator}/_emulator/latency", json={"seconds": 0.05}).raise_for_status()
         port, env = metrics_port_env()
         survivor = start_worker(pipeline, "--concurrency", "8", **env)
@@ -119,6 +122,8 @@ def test_worker_killed_between_dequeue_and_start(pipeline, redis_client, emulato
     )
     assert sorted(published) == expected, whereabouts(redis_client, expected)
     assert FailedJobRegistry(QUEUE, connection=redis_client).count == 0  # no retries to spend: none spent
+    if point == "returned":
+        assert rerun >= 1  # the published job ran again and found its event out
 
 
 def test_redis_killed_between_dequeue_and_start(aof_redis, emulator, seeded_database):
