@@ -1,9 +1,10 @@
 """Group commit: what concurrent callers submit while a call is under way goes in the next call.
 
-Used wherever many coroutines each want a small write that one Redis call can make for all of
+Used wherever many coroutines each want a small step that one Redis call can make for all of
 them: the edge's dedupe-and-enqueue (:mod:`core.redis.inbox`), the worker's completion of
-finished events (:mod:`core.redis.published`) and the worker's Redis client itself
-(:mod:`core.redis.batching`). At light load a caller with nothing waiting makes the call itself,
+finished events (:mod:`core.redis.published`), its request admissions
+(:mod:`core.smartcar.limiter`), its shared-read decisions (:mod:`core.smartcar.cache`, through
+:func:`grouped_function`) and its Redis client itself (:mod:`core.redis.batching`). At light load a caller with nothing waiting makes the call itself,
 at once; under load one call carries many items, which is what keeps Redis's cost per item low.
 
 Each caller gets its own answer, only after the call that carried its item has returned. A call
