@@ -44,14 +44,14 @@ class MissingFunction(ResponseError):
 class LuaFunction:
     """One Lua script (``KEYS`` and ``ARGV`` as for ``EVAL``), run in Redis as a function."""
 
-    def __init__(self, name: str, source: str, read_only: bool = False) -> None:
+    def __init__(self, name: str, source: str, read_only: bool = False, arity: int = 0) -> None:
         if not _NAME.fullmatch(name):
             raise ValueError(f"a function name is lower-case letters, digits and _: {name!r}")
         self.name = name
         self.source = source
         self.read_only = read_only
         #: The arguments of one item, for a function that runs its script once per item (core.redis.group).
-        self.arity = 0
+        self.arity = arity
         digest = hashlib.sha256(f"{read_only}\n{source}".encode()).hexdigest()[:12]
         #: The function's (and its library's) name in Redis.
         self.redis_name = f"{PREFIX}{name}_{digest}"
@@ -83,9 +83,9 @@ class LuaFunction:
 FUNCTIONS: dict[str, LuaFunction] = {}
 
 
-def lua_function(name: str, source: str, read_only: bool = False) -> LuaFunction:
+def lua_function(name: str, source: str, read_only: bool = False, arity: int = 0) -> LuaFunction:
     """Define (once per name) the function ``name`` running ``source``."""
-    function = LuaFunction(name, source, read_only)
+    function = LuaFunction(name, source, read_only, arity)
     known = FUNCTIONS.setdefault(name, function)
     if known.code != function.code:
         raise ValueError(f"two Lua functions are named {name!r}")

@@ -136,9 +136,7 @@ for i = 1, #ARGV, {arity + 1} do
 end
 return replies
 """
-    function = lua_function(name, wrapper, read_only)
-    function.arity = arity
-    return function
+    return lua_function(name, wrapper, read_only, arity)
 
 
 class GroupedCall:
