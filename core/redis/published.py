@@ -11,7 +11,9 @@ The same step applies the event's merge into its vehicle's state, as the worker 
 it, neither happens and the worker plans again, so the entry's ``staleSignals`` always describe
 the state the event was merged into. The events that complete while a call is under way go
 together in the next one (:mod:`core.redis.group`): the clock, the marks' registry and the
-function call are paid once per batch.
+function call are paid once per batch. Of several events of one vehicle in one call, only the
+first planned on the current state applies; the others plan again for the next call (a burst of
+n events of one vehicle costs about n calls: rare at a delivery a minute per car).
 
 The same ``XADD`` trims the stream by age (``MINID ~`` now minus the retention, by Redis's clock):
 the stream stays bounded whatever arrives, with no sweeper that could fall behind. ``~`` lets
