@@ -36,6 +36,13 @@ SETUP_COMMAND = "smartcar-ingest redis-setup"
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
+#: Lua, for a script to begin with: ``now_ms()``, Redis's clock in whole epoch milliseconds.
+NOW_MS = """local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
 
 class MissingFunction(ResponseError):
     """Redis does not have a function of this version, and this user may not load it."""

@@ -46,7 +46,7 @@ _COMMIT = (
 -- vehicle's state changed since the worker read it (nothing was done: it plans again).
 local st = ids.open(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 local min_id = string.format('%d', math.max(0, math.floor(st.now * 1000) - tonumber(ARGV[6])))
-local now_ms
+local clock
 local results = {}
 local at = 8
 while at <= #ARGV do
@@ -59,8 +59,8 @@ while at <= #ARGV do
   if value ~= '2' and not (st.legacy and redis.call('EXISTS', st.legacy .. ARGV[at]) == 1) then
     local applied = true
     if n > 0 then
-      now_ms = now_ms or clock_ms()
-      applied = apply_state(ARGV[at + 3], ARGV[at + 4], ARGV[7], ARGV[at + 2], writes, entry - 1, now_ms)
+      clock = clock or now_ms()
+      applied = apply_state(ARGV[at + 3], ARGV[at + 4], ARGV[7], ARGV[at + 2], writes, entry - 1, clock)
     end
     if applied then
       -- The entry before the mark: a script stops at a failing command without undoing what it

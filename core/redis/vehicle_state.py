@@ -46,7 +46,7 @@ import pydantic_core
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis as AsyncRedis
 
-from core.redis.functions import lua_function
+from core.redis.functions import NOW_MS, lua_function
 from core.redis.keys import text, vehicle_state_key
 
 #: The hash fields that are not signal codes; codes starting with ``_`` are never stored.
@@ -55,35 +55,33 @@ UPDATED_AT_FIELD = "_updatedAt"
 EVENT_ID_FIELD = "_eventId"
 RESERVED_PREFIX = "_"
 
-STATE_LIBRARY = """
+STATE_LIBRARY = (
+    NOW_MS
+    + """
 -- core/redis/vehicle_state.py: apply a planned merge to a vehicle's state hash, only while the
 -- hash's _updatedAt and _eventId are still token ('<updatedAt>:<eventId>', ':' for no hash).
--- ARGV[from .. to] are the field/value pairs to write; now_ms is Redis's clock.
+-- ARGV[from .. to] are the field/value pairs to write; clock is Redis's clock (now_ms()).
 -- Returns true when applied, false when the state changed since it was read.
-local function apply_state(key, token, ttl, event_id, from, to, now_ms)
+local function apply_state(key, token, ttl, event_id, from, to, clock)
   local held = redis.call('HMGET', key, '_updatedAt', '_eventId')
   if (held[1] or '') .. ':' .. (held[2] or '') ~= token then return false end
   local before = tonumber(held[1])
-  if before and now_ms <= before then now_ms = before + 1 end
+  if before and clock <= before then clock = before + 1 end
   for i = from, to, 2000 do
     redis.call('HSET', key, unpack(ARGV, i, math.min(i + 1999, to)))
   end
-  redis.call('HSET', key, '_updatedAt', string.format('%d', now_ms), '_eventId', event_id)
+  redis.call('HSET', key, '_updatedAt', string.format('%d', clock), '_eventId', event_id)
   redis.call('EXPIRE', key, ttl)
   return true
 end
-
-local function clock_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
 """
+)
 
 _APPLY = (
     STATE_LIBRARY
     + """
 -- KEYS[1]: the state hash. ARGV: token, ttl, event id, then the field/value pairs to write.
-if apply_state(KEYS[1], ARGV[1], ARGV[2], ARGV[3], 4, #ARGV, clock_ms()) then return 1 end
+if apply_state(KEYS[1], ARGV[1], ARGV[2], ARGV[3], 4, #ARGV, now_ms()) then return 1 end
 return 0
 """
 )

@@ -41,6 +41,7 @@ from core.errors import (
     SmartcarUnauthorized,
     SmartcarUnavailable,
 )
+from core.redis.functions import NOW_MS
 from core.redis.group import GroupedCall, grouped_function
 from core.redis.keys import text
 from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
@@ -50,7 +51,7 @@ GRACE_MS = 600_000
 #: How long a cancelled read tries to give its claim back (else the lease runs out, as after a crash).
 RELEASE_SECONDS = 2.0
 
-_NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+_NOW = NOW_MS + "local now = now_ms()\n"
 _KEEP = "if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[{n}]) then redis.call('PEXPIRE', KEYS[1], ARGV[{n}]) end\n"
 
 # ARGV: received ms, window ms, lease ms, claim token, keep ms.

@@ -38,7 +38,7 @@ from redis.asyncio import Redis
 from core import metrics
 from core.errors import SmartcarRateLimited
 from core.logs import get_logger
-from core.redis.functions import lua_function
+from core.redis.functions import NOW_MS, lua_function
 from core.redis.group import GroupCommit
 from core.redis.keys import APPLICATION_PAUSE_KEY, BUDGET_KEY, text, vehicle_pause_key
 from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
@@ -55,9 +55,10 @@ ADMIT_BATCH = 256
 # its vehicle's pause key ('' for none), 1 to reserve a budget slot (0: look at the pauses only),
 # longest wait ms. Returns {admitted 0/1, wait ms, cause} per request, flat; admitted with a
 # reservation means the slot is taken. The requests of one call are admitted in order, on one clock.
-_ADMIT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_ADMIT = (
+    NOW_MS
+    + """
+local now = now_ms()
 local app = tonumber(redis.call('HGET', KEYS[2], 'until')) or 0
 local interval, tolerance = tonumber(ARGV[1]), tonumber(ARGV[2])
 local tat = 0
@@ -103,12 +104,14 @@ if reserved then
 end
 return results
 """
+)
 _ADMIT_FN = lua_function("admit_requests", _ADMIT)
 
 # KEYS: the pause hash. ARGV: Retry-After ms (-1: none), base ms, cap ms. Returns the pause left, ms.
-_PAUSE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_PAUSE = (
+    NOW_MS
+    + """
+local now = now_ms()
 local held = redis.call('HMGET', KEYS[1], 'until', 'strikes')
 local until_ms = tonumber(held[1]) or 0
 local strikes = tonumber(held[2]) or 0
@@ -122,6 +125,7 @@ redis.call('HSET', KEYS[1], 'until', until_ms, 'strikes', strikes)
 redis.call('PEXPIRE', KEYS[1], until_ms - now + tonumber(ARGV[3]))
 return until_ms - now
 """
+)
 _PAUSE_FN = lua_function("pause_requests", _PAUSE)
 
 
