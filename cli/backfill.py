@@ -1,11 +1,5 @@
 """``smartcar-ingest backfill``: :mod:`cli.connections` on a terminal (clients, progress bar, report).
-
-Exit status: 0 when every connection was decided (conflicts and unmatched vehicles are findings,
-listed for the operator); 1 when some could not be processed or the run stopped early, in which
-case rerunning continues where it left off (also when Smartcar or the database stopped answering
-mid-run). A Redis that does not answer ends the run with exit 3, Smartcar refusing the
-application's credentials with exit 4 (``cli.main``).
-"""
+What it does and its exit status: docs/migration.md, "Step 3"; README.md, "Exit codes"."""
 
 from __future__ import annotations
 

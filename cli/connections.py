@@ -1,28 +1,8 @@
 """Backfill: Smartcar user and vehicle ids for connections made before ``user_id`` was captured.
 
-Phase 3 of the migration guide. :class:`Backfill` pages through ``GET /v3/connections`` and, for
-each connection (a Smartcar user with a Smartcar vehicle), finds the internal vehicle: by
-``vehicles.smartcar_vehicle_id`` when an earlier run already stored it, otherwise by the VIN that
-the vehicle reports as its ``vehicleidentification-vin`` signal. It then stores the vehicle's
-Smartcar id and its owner's Smartcar user id (:meth:`core.store.users.UserStore.link_vehicle`, both or
-neither, one transaction per connection).
-
-Every connection ends in exactly one outcome:
-
-* ``matched``: something was stored (or, in a dry run, would be);
-* ``already_linked``: both ids were already there; nothing to do;
-* ``unmatched``: no internal vehicle has the id or the VIN, or the VIN could not be read;
-* ``conflict``: storing would overwrite or move an existing link (an internal user already linked
-  to another Smartcar user, a Smartcar user already held by another internal user, a vehicle
-  linked to another Smartcar vehicle, several equally good candidates). Reported, never written;
-* ``failed``: Smartcar kept failing for this vehicle (transient); a rerun retries it.
-
-A run is idempotent and resumable: what a run stored is found by id the next time (no VIN read),
-so rerunning after an interruption, a fix or new connections only does the remaining work. A dry
-run reads the same things, plans in memory (so its conflicts are the ones a real run would hit)
-and writes nothing.
-
-Database calls are synchronous; they run in a worker thread so the event loop never blocks.
+:class:`Backfill` matches each item of ``GET /v3/connections`` to an internal vehicle (by stored
+Smartcar id, else by VIN) and stores both ids, ending each connection in one :data:`Outcome`.
+The outcomes, idempotence and dry runs: docs/migration.md, "Step 3".
 """
 
 from __future__ import annotations

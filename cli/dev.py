@@ -1,10 +1,6 @@
-"""``smartcar-ingest dev`` (what ``make run`` runs): the whole pipeline on one machine.
-
-Starts, as child processes: a ``redis-server`` when ``REDIS_URL`` does not answer, the Smartcar
-emulator unless real client credentials are set, the web process and one worker. Migrates the
-SQLite user store and seeds it with the emulator's users. Ctrl-C (or SIGTERM) stops everything
-it started.
-"""
+"""``smartcar-ingest dev`` (what ``make run`` runs): the whole pipeline on one machine, Redis and
+the emulator included when none is at hand (README.md, the command table; why its children are
+stopped one at a time: docs/architecture.md, "Design notes")."""
 
 from __future__ import annotations
 
@@ -69,14 +65,8 @@ def seed_users(database_url: str) -> int:
 
 
 class Children:
-    """The processes ``dev`` started, stopped one at a time, last started first.
-
-    Each runs in a session of its own, so Ctrl-C in the terminal reaches ``dev`` alone: were the
-    terminal's SIGINT to reach them all at once, redis-server would be gone before the worker had
-    finished (the worker then waits for it, warning again and again), and the worker, signalled
-    again by ``dev``, would cancel its jobs instead of finishing them. ``dev`` sends each one
-    SIGTERM, once, and waits for it before stopping what it depends on.
-    """
+    """The processes ``dev`` started, each in a session of its own (so Ctrl-C reaches ``dev`` alone),
+    stopped one at a time, last started first."""
 
     def __init__(self) -> None:
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []

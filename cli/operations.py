@@ -1,9 +1,5 @@
-"""Operator commands that act on Redis: ``replay``, and how every command reports Redis failures.
-
-A command that cannot use Redis stops with one line and never names the URL (it may carry a
-password): refused credentials are a bad setting (:class:`ConfigurationError`, exit 2), a Redis
-that does not answer or cannot serve for now is an outage (:class:`RedisUnavailable`, exit 3).
-"""
+"""Operator commands that act on Redis: ``replay``, and how every command reports a Redis failure:
+one line that never names the URL (it may carry a password), exit 2 or 3 (README.md, "Exit codes")."""
 
 from __future__ import annotations
 
@@ -81,7 +77,6 @@ def replay(settings: Settings, reason: str | None, limit: int | None) -> int:
     def progress(report: ReplayReport) -> None:
         nonlocal shown
         if interactive:
-            # A carriage return, so each update overwrites the previous one on the same line.
             print(f"\r  scanned {report.scanned}, re-enqueued {report.requeued}", end="", file=sys.stderr, flush=True)
             shown = True
 

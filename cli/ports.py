@@ -1,8 +1,5 @@
-"""Ports on this machine: a free one, whether one is free, and waiting for a process to listen.
-
-``dev`` starts its children on free ports and waits for each to listen; the tests and benchmarks
-start their servers the same way, with these same functions.
-"""
+"""Ports on this machine: a free one, whether one is free, and waiting for a process to listen
+(for ``dev``, and the tests and benchmarks that start servers the same way)."""
 
 from __future__ import annotations
 

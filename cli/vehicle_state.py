@@ -1,11 +1,6 @@
-"""``smartcar-ingest vehicle-state VEHICLE_ID [--json]``: one vehicle's latest state, signal by signal.
-
-Reads the vehicle's state hash (:mod:`core.redis.vehicle_state`) and changes nothing. The text
-form groups the signals by their ``group`` (Odometer, TractionBattery, …) and shows each value
-with its age by the car's clock (``oemUpdatedAt``) and by Smartcar's (``retrievedAt``); ``--json``
-prints the same report for machines. A vehicle with no state (never seen, or expired after
-``VEHICLE_STATE_TTL_SECONDS``) is one line on stderr and exit status 1.
-"""
+"""``smartcar-ingest vehicle-state VEHICLE_ID [--json]``: one vehicle's latest state, read from its
+state hash (:mod:`core.redis.vehicle_state`), signal by signal with their ages; changes nothing
+(docs/consumers.md, "The latest state of a vehicle")."""
 
 from __future__ import annotations
 
@@ -113,8 +108,8 @@ def _value(signal: dict[str, Any]) -> str:
 
 
 def _age_seconds(epoch_ms: object, now_ms: int) -> float | None:
-    """Seconds since ``epoch_ms``; None when unknown, or 0 (what OEMs send for values they never
-    date, such as the VIN: an age of 56 years would only mislead)."""
+    """Seconds since ``epoch_ms``; None when unknown or 0 (OEMs send 0 for values they never date,
+    such as the VIN)."""
     if not isinstance(epoch_ms, int) or isinstance(epoch_ms, bool) or epoch_ms <= 0:
         return None
     return round((now_ms - epoch_ms) / 1000, 3)

@@ -1,15 +1,6 @@
-"""The admin endpoints, ``GET /readyz`` and ``GET /metrics``, served apart from the public port.
-
-``smartcar-ingest web`` serves this app on ``ADMIN_PORT`` (bound to ``ADMIN_HOST``): what only the
-orchestrator and Prometheus should ask stays off the port that Smartcar, the load balancer and the
-Internet reach. The public app (:func:`service.app.create_app`) answers 404 for both paths.
-
-The app keeps its own small Redis client for the readiness check and registers the queue gauges,
-so nothing it does competes with the webhook's connection pool. ``web_status`` reports on the
-public server the admin server stands beside: None while it serves, otherwise what is wrong. It is
-asked on every ``/readyz``, so a web process that has not finished starting, is shutting down, or
-(under ``web --workers N``) has lost one of its processes is reported not ready.
-"""
+"""The admin app, ``GET /readyz`` and ``GET /metrics``, served by ``smartcar-ingest web`` on
+``ADMIN_PORT`` apart from the public port (docs/security.md, "``/metrics`` and ``/readyz`` on the
+public port"; its own Redis client: docs/architecture.md, "Design notes")."""
 
 from __future__ import annotations
 
@@ -43,7 +34,8 @@ class AdminState(TypedDict):
 
 
 def create_admin_app(settings: Settings, web_status: WebStatus | None = None) -> Starlette:
-    """Build the admin app: ``/readyz`` (Redis and, when given, ``web_status``) and ``/metrics``."""
+    """Build the admin app: ``/readyz`` (Redis and, when given, ``web_status``: None while the public
+    server serves, else what is wrong) and ``/metrics``."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[AdminState]:

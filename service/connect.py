@@ -1,41 +1,7 @@
-"""Smartcar Connect on the web: ``GET /connect/callback`` and, when enabled, ``GET /connect/start``.
-
-``/connect/callback?user_id=…&state=…`` (``userId`` is accepted too) stores Smartcar's user id for
-the internal user that the signed ``state`` names, once Smartcar confirms it (:mod:`service.connect_state`):
-
-| request | status | body |
-|---|---|---|
-| Connect's own ``error`` (the user declined, an incompatible vehicle, …) | 400 | ``connect_failed``, with Smartcar's ``error`` and ``error_description`` |
-| ``state`` missing, malformed, forged or of version 1 | 400 | ``invalid_state`` |
-| ``state`` bound to a browser, without that browser's cookie | 400 | ``browser_mismatch`` |
-| ``state`` genuine but expired | 400 | ``expired_state`` |
-| no ``user_id`` / one that cannot be a Smartcar id | 400 | ``missing_user_id`` / ``invalid_user_id`` |
-| ``state`` already redeemed | 400 | ``state_used`` |
-| Smartcar lists no connection of that user made since the state was issued | 403 | ``unverified_user`` |
-| Smartcar's connections carry no creation time to check | 409 | ``cannot_verify`` (names ``backfill``) |
-| the user the state names no longer exists | 404 | ``user_not_found`` |
-| the user holds another Smartcar id, or the id belongs to another user | 409 | ``link_conflict`` (one body for both) |
-| Smartcar, Redis or the user store failing; no client credentials | 503 | ``unavailable`` (with ``Retry-After``) |
-| stored, or already stored | 200 | ``{"status": "linked" or "already_linked", "userId", "smartcarUserId"}`` |
-
-Nothing changes unless the answer is 200, and no error body names a Smartcar user id or an
-internal user (logs carry a digest of the Smartcar id).
-
-**Single use.** A state that passed every check that needs no one else (MAC, cookie, expiry, a
-well-formed ``user_id``) is spent in Redis with ``SET NX`` before Smartcar is asked, so two
-redemptions racing each other cannot both go on. The mark is taken back only when the answer is a
-503: Smartcar, Redis or the database failing says nothing about the redirect, and the user may
-retry with the same link. Every other outcome keeps it, so a ``user_id`` Smartcar does not confirm
-costs the state that carried it. Refusals before that point (a wrong cookie, a malformed id) spend
-nothing, because they change nothing and no one learns anything from them.
-
-``/connect/start?user=ID`` redirects to a fresh Connect URL and sets the binding cookie its state
-is bound to. It signs a state for whichever user id it is given, so it exists only with
-``CONNECT_START_ENABLED=true``, behind something that authenticates the user and sets ``user``.
-
-The Smartcar client and the user store are built on the first callback, so the web process starts
-(and takes webhooks) without a database or client credentials; store calls run in a worker thread.
-"""
+"""Smartcar Connect on the web: ``GET /connect/callback`` links the Smartcar user id of a genuine
+redirect to the internal user its signed state names; ``GET /connect/start`` (off by default) sends
+a browser to Connect. What each answer means: docs/migration.md, "Step 2"; the checks and why:
+docs/security.md, "Connect capture"."""
 
 from __future__ import annotations
 
@@ -82,9 +48,8 @@ from service.responses import error_response
 
 log = get_logger("smartcar_ingest.connect")
 
-#: The cookie a browser-bound state is bound to (HttpOnly, SameSite=Lax). Behind https it is a
-#: ``__Host-`` cookie (Secure, Path=/, no Domain: no subdomain or plain-http page can set it);
-#: only a plain-http callback (local development) uses the bare name, scoped to the callback's directory.
+#: The cookie a browser-bound state is bound to: ``__Host-`` behind https, the bare name only for a
+#: plain-http callback (docs/security.md, "Connect capture").
 BINDING_COOKIE = "smartcar_connect"
 HOST_BINDING_COOKIE = "__Host-" + BINDING_COOKIE
 # Smartcar user ids are UUIDs; this admits them (and test ids) and nothing that needs escaping.
@@ -132,9 +97,7 @@ def _plain(value: str | None) -> str:
 
 
 def binding_cookie_scope(redirect_uri: str | None) -> tuple[str, str, bool]:
-    """``(name, path, secure)`` of the binding cookie: :data:`HOST_BINDING_COOKIE` on ``/``, Secure,
-    unless the callback itself is plain http (local development), where browsers refuse ``__Host-``:
-    then :data:`BINDING_COOKIE` on the callback's directory."""
+    """``(name, path, secure)`` of the binding cookie for a callback at ``redirect_uri``."""
     parts = urlsplit(redirect_uri or "")
     if parts.scheme != "http":
         return HOST_BINDING_COOKIE, "/", True
@@ -143,7 +106,10 @@ def binding_cookie_scope(redirect_uri: str | None) -> tuple[str, str, bool]:
 
 
 class ConnectEndpoints:
-    """The Connect routes of one web process; ``redis`` is the web's client (spent states, token)."""
+    """The Connect routes of one web process; ``redis`` is the web's client (spent states, token).
+
+    The Smartcar client and the user store are built on the first callback, so the web starts and
+    takes webhooks without them."""
 
     def __init__(self, settings: Settings, redis: Redis) -> None:
         self._settings = settings
@@ -182,7 +148,7 @@ class ConnectEndpoints:
         return self._users().link(user_id, smartcar_user_id)
 
     def _client(self) -> SmartcarClient | None:
-        """The Smartcar client, built on first use in the event loop; ``None`` without credentials."""
+        """The Smartcar client; ``None`` without client credentials."""
         settings = self._settings
         if settings.smartcar_client_id is None or settings.smartcar_client_secret is None:
             return None

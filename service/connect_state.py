@@ -1,28 +1,6 @@
-"""Smartcar Connect capture: signed, single-use ``state`` tokens, the Connect URL carrying one, and
-the check with Smartcar that a redirect's ``user_id`` really just went through Connect.
-
-Phase 2 of the migration guide stores each user's Smartcar ``user_id``, which Connect appends to
-its redirect. Nothing in that redirect is trustworthy on its own: the ``user_id`` is a query
-parameter anyone can write. So the callback (``service/connect.py``) links only when
-
-1. the ``state`` is one we signed (HMAC-SHA256), unexpired, and names the internal user;
-2. a browser-bound state comes with the cookie of the browser it was handed to (its MAC covers a
-   digest of that cookie's value), so a state cannot be replayed from another browser;
-3. the state was never redeemed before (its nonce is spent in Redis, see the service);
-4. Smartcar's Connections API lists a connection of that ``user_id`` made at or after the moment
-   the state was issued (:func:`confirm_connection`), so a ``user_id`` copied from somewhere else
-   does not link unless its owner has connected a vehicle since the link was handed out.
-
-A state is URL-safe text, ``v2.<user id>.<issued>.<expires>.<binding>.<nonce>.<mac>``: times in
-epoch seconds, ``binding`` ``b`` (bound to a browser cookie) or ``u`` (unbound: ``connect-url``
-has no browser to bind to), a 16-byte nonce and the unpadded base64url HMAC-SHA256 of everything
-before it, followed for a bound state by the cookie's digest. States of version 1 (no issue time,
-reusable) are refused with a message that asks for a new link.
-
-Keys: every entry of ``CONNECT_STATE_SECRET`` (comma-separated during rotation), or when it is
-unset every management token, each run through HMAC-SHA256 with a fixed label, so the signing key
-is never the webhook key itself. The first key signs; every key verifies.
-"""
+"""Connect's signed, single-use ``state`` tokens, the Connect URL that carries one, and the check
+with Smartcar that a redirect's ``user_id`` really just went through Connect. The state's format,
+its keys and the checks the callback makes: docs/security.md, "Connect capture"."""
 
 from __future__ import annotations
 
@@ -142,11 +120,10 @@ def verify_state(
 ) -> ConnectState:
     """What ``state`` says, once its MAC (and for a bound state, ``binding``) checks out.
 
-    :class:`InvalidConnectState` for a missing, malformed, forged or version-1 state (the MAC is
-    compared in constant time against every key); :class:`ForeignConnectState` for a bound state
-    without the right ``binding``; :class:`ExpiredConnectState` for a genuine one past its
-    expiry. The MAC is checked first, so "expired" is only ever said of states this service made.
-    Whether the state was already spent is the caller's business (it takes Redis).
+    Raises :class:`InvalidConnectState` for a missing, malformed, forged or version-1 state,
+    :class:`ForeignConnectState` for a bound state without the right ``binding``, and
+    :class:`ExpiredConnectState` only for a genuine state past its expiry. Whether the state was
+    already spent is the caller's business (it takes Redis).
     """
     if not state:
         raise InvalidConnectState("The state parameter is missing: start again from a Connect link issued by us.")
@@ -229,10 +206,8 @@ def connect_link(
 def connection_created_at(item: object) -> float | None:
     """When a ``/connections`` item was made (epoch seconds), or ``None`` when it does not say.
 
-    Smartcar documents no such field, so the likely names are tried in order:
-    ``attributes.createdAt``, ``attributes.connectedAt``, then the same at the top level. Values
-    may be ISO-8601 (without an offset read as UTC) or epoch seconds or milliseconds, as numbers
-    or digit strings; anything else is skipped.
+    Smartcar documents no such field: the names and forms read are in docs/security.md, "Connect
+    capture"; an ISO-8601 time without an offset is read as UTC.
     """
     for path in _CREATED_AT_FIELDS:
         value: Any = item
@@ -263,12 +238,11 @@ def _timestamp(value: object) -> float | None:
 
 
 async def confirm_connection(smartcar: SmartcarClient, smartcar_user_id: str, issued_at: float) -> None:
-    """Return when Smartcar lists a connection of ``smartcar_user_id`` made since ``issued_at``.
+    """Return when Smartcar lists a connection of ``smartcar_user_id`` made since ``issued_at``
+    (less :data:`CLOCK_SKEW_SECONDS`); items of other users never count.
 
-    "Since" allows :data:`CLOCK_SKEW_SECONDS`. Items of other users (a server that ignored
-    ``filter[userId]``) never count. Raises :class:`UnverifiedConnection` when no connection
-    qualifies, and :class:`UnverifiableConnection` (fail closed) when none qualifies but some carry
-    no creation time to judge by. Smartcar's own failures propagate from :class:`SmartcarClient`.
+    Raises :class:`UnverifiedConnection` when none qualifies, :class:`UnverifiableConnection` when
+    none qualifies but some carry no creation time (fail closed); Smartcar's own failures propagate.
     """
     undated = False
     for page in range(1, MAX_VERIFY_PAGES + 1):

@@ -1,4 +1,5 @@
-"""The spool drainer: moves deliveries spooled during a Redis outage into Redis once it is back."""
+"""The spool drainer: moves deliveries spooled during a Redis outage into Redis once it is back,
+through the same dedupe as live traffic (docs/reliability.md, "Spool file safety")."""
 
 from __future__ import annotations
 
@@ -40,7 +41,6 @@ async def drain_once(spool: Spool, inbox: Inbox) -> DrainReport:
         if claimed is None:
             continue
         read = ReadReport()
-        # Record by record from an open handle, one chunk in memory at a time.
         records = read_records(claimed, read)
         try:
             while chunk := await asyncio.to_thread(_next_chunk, records):

@@ -1,8 +1,5 @@
-"""``/healthz``, ``/readyz`` and ``/metrics``: what an orchestrator and Prometheus ask.
-
-``/healthz`` is served on the public port (the liveness probe goes through the same server as the
-webhooks); ``/readyz`` and ``/metrics`` only on the admin port (:mod:`service.admin`).
-"""
+"""``/healthz`` (public port), ``/readyz`` and ``/metrics`` (admin port, :mod:`service.admin`): what
+an orchestrator and Prometheus ask (docs/deploy.md, "Observability")."""
 
 from __future__ import annotations
 
@@ -47,14 +44,13 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition: this process's metrics, or every process's under ``web --workers N``."""
     collector = getattr(request.state, "queue_collector", None)
-    # The queue collector reads Redis synchronously (bounded at 0.5 s a call): keep it off the loop.
+    # The queue collector reads Redis synchronously: keep it off the loop.
     return Response(await run_in_threadpool(exposition, collector), media_type=CONTENT_TYPE_LATEST)
 
 
 def exposition(queue_collector: Collector | None = None) -> bytes:
-    """The metrics text. With ``PROMETHEUS_MULTIPROC_DIR`` set (``web --workers N`` sets it), the
-    counters and histograms of all the server's processes are summed, so whichever process
-    answers a scrape reports the whole server."""
+    """The metrics text; with ``PROMETHEUS_MULTIPROC_DIR`` set (``web --workers N``), summed over all
+    the server's processes."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not directory:
         return generate_latest()

@@ -1,28 +1,6 @@
-"""The spool: verified deliveries kept on local disk while Redis cannot take them.
-
-Smartcar gives up on a delivery about three minutes after its first attempt, so a longer Redis
-outage would lose events at the source. With ``SPOOL_DIR`` set, the web process appends each
-verified delivery it cannot enqueue to an append-only file, fsyncs it, and only then answers
-202 ``spooled``. A drainer moves spooled deliveries into Redis once it answers again, through
-the same dedupe-and-enqueue step as live traffic, so a delivery spooled and also redelivered
-still ends as one job.
-
-File format: one record after another, each ``MAGIC | length (4 bytes, big-endian) | CRC32 of
-the payload (4 bytes) | payload (UTF-8 JSON)``. A crash can tear only the last record; reading
-stops there, reports it, and never applies half a record. Files are read record by record, so
-draining a large spool never holds more than one record of it in memory per read.
-
-Files: each process appends to ``spool-<host>-<pid>.log``. To drain, the file is renamed to a
-unique ``*.<ns>.draining`` name (new deliveries then start a fresh file), its records are
-enqueued, and it is deleted. A drainer that dies midway leaves the ``.draining`` file for the next pass; records
-already enqueued are recognised by the dedupe and not queued twice.
-
-Size: ``SPOOL_MAX_BYTES`` bounds the bytes waiting in the directory. Each process keeps a count:
-its own appends add to it, its drainer's deletions subtract from it, and the drainer's pass over
-the directory (once a second) sets it to what the files really hold, which also takes in other
-processes' appends and deletions. An append that would pass the bound raises :class:`SpoolFull`.
-With N web processes the bound can be passed by at most what the others append within a second.
-"""
+"""The spool: verified deliveries kept on local disk (``SPOOL_DIR``) while Redis cannot take them,
+until the drainer (:mod:`service.drain`) moves them into Redis. Record format, file life cycle and
+the size bound: docs/reliability.md, "Spool file safety", and docs/security.md (``SPOOL_MAX_BYTES``)."""
 
 from __future__ import annotations
 
@@ -83,12 +61,11 @@ def encode_record(delivery: SpooledDelivery) -> bytes:
 
 
 def read_records(path: Path, report: ReadReport | None = None) -> Generator[SpooledDelivery, None, None]:
-    """The whole records of a spool file, in order, read one at a time from an open handle.
+    """The whole records of a spool file, in order, one at a time.
 
-    A torn or corrupt record ends the read; ``report.torn_tail_bytes`` then says how many bytes
-    were left unread (set once the iterator is exhausted). A length field pointing past the end
-    of the file counts as corrupt, so a flipped bit can never make the reader allocate gigabytes.
-    Close the iterator (or exhaust it) to close the file.
+    A torn or corrupt record (a length past the end of the file included) ends the read;
+    ``report.torn_tail_bytes`` then says how many bytes were left unread (set once the iterator is
+    exhausted). Close the iterator (or exhaust it) to close the file.
     """
     with path.open("rb") as handle:
         size = os.fstat(handle.fileno()).st_size
@@ -164,11 +141,8 @@ class Spool:
             self._sync_directory()
 
     def _open_for_append(self) -> int:
-        """This process's spool file, opened and locked, and still the file under its name.
-
-        A drainer in another process may rename the file between our open and our lock; a record
-        appended after that would land in a file the drainer is reading, or has already deleted.
-        """
+        """This process's spool file, opened and locked, and still the file under its name (a drainer
+        in another process may have renamed it between the open and the lock)."""
         while True:
             fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
@@ -183,10 +157,8 @@ class Spool:
             os.close(fd)
 
     def pending(self) -> list[Path]:
-        """Spool files waiting to be drained (this process's and any left by others).
-
-        Also recounts :attr:`pending_bytes` from the files found.
-        """
+        """Spool files waiting to be drained (this process's and any left by others); also recounts
+        :attr:`pending_bytes` from them."""
         with self._lock:
             found = [*self.directory.glob("spool-*.log"), *self.directory.glob("spool-*.draining")]
             files: list[Path] = []

@@ -1,36 +1,7 @@
-"""RQ's bookkeeping for many jobs at once, in RQ's own key layout.
-
-RQ records each job's life in a dozen separate round trips: move the id, fetch the hash, record
-the execution, mark the job started, and at the end the result, the finished registry, the job's
-TTL and the execution's removal. The async worker (:mod:`workers.worker`) does the same for a
-whole batch of jobs in one Lua script per step, on the worker's own event loop:
-
-``claim``   up to *n* ids move from the queue into this worker's dequeued list
-            (:mod:`core.redis.custody`); their job hashes are then read in one pipelined round trip.
-``start``   one execution per job: the execution hash (``rq:execution:<job>:<execution>``),
-            the started registry entry, the worker's execution set, and the job hash marked
-            ``started`` by this worker; the ids leave the dequeued list in the same script, and
-            the worker's state becomes ``busy``.
-``finish``  for each job that returned: status ``finished`` with ``ended_at``, a ``SUCCESSFUL``
-            entry on its results stream (:class:`rq.results.Result`'s own fields), the finished
-            registry, the job's result TTL; the execution leaves the started registry and the
-            worker's set and its hash is deleted; the worker's counters are added to.
-
-A job that raised is handed to RQ's own failure handling (retry on its ``Retry`` schedule
-through the scheduled registry, or the failed registry with the exception text): failures are
-rare, and RQ's code is the definition of what they write.
-
-Each script can be run again after an answer lost to a Redis restart without doing anything twice:
-``claim`` first returns whatever its list already holds, ``start`` records an execution only for
-an id still in the list (or reports one recorded already), and ``finish`` only for an execution
-still in the started registry. Execution ids are chosen before ``start`` runs, so a retried start
-names the same execution.
-
-Left out on purpose: the per-job execution registry (``rq:executions:<job>``, read only by
-``Job.get_executions``) and a TTL on an execution hash at start (the worker's liveness beat sets
-it within seconds, and ``finish`` deletes it). ``tests/test_rq_truth.py`` reads everything else
-back through RQ's public API, and fails if RQ's layout moves.
-"""
+"""RQ's bookkeeping for a batch of jobs, in RQ's own key layout: one Redis function per step
+(claim, start, finish), each safe to run again after a lost answer; a job that raised goes to RQ's
+own failure handling. The steps' keys: docs/architecture.md; re-runs: docs/reliability.md,
+"Between dequeue and finish"; what is left out: docs/architecture.md, "Design notes"."""
 
 from __future__ import annotations
 
@@ -244,7 +215,7 @@ class Success:
 
 
 class Bookkeeping:
-    """The three scripts for one worker on one queue (see the module's docstring)."""
+    """The claim, start and finish scripts for one worker on one queue."""
 
     def __init__(self, redis: Redis, queue_name: str, worker_name: str) -> None:
         self.redis = redis

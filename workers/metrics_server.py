@@ -1,11 +1,6 @@
-"""The worker's Prometheus endpoint: ``/metrics`` on ``METRICS_PORT`` (9100; 0 turns it off),
-bound to ``ADMIN_HOST`` like the web's admin endpoints.
-
-RQ workers serve no HTTP, so prometheus-client's own server runs in a daemon thread beside the
-dequeue loop. It exports this process's counters (:mod:`core.metrics`) and, read from Redis at
-scrape time, the queue and stream gauges (:mod:`core.redis.queue_metrics`), so a worker-only
-deployment can still be alerted on queue age.
-"""
+"""The worker's Prometheus endpoint: ``/metrics`` on ``ADMIN_HOST``:``METRICS_PORT`` (0 turns it off),
+this process's counters and the queue gauges read from Redis at scrape time (docs/deploy.md,
+"Observability"; docs/architecture.md, "Design notes")."""
 
 from __future__ import annotations
 
@@ -42,12 +37,8 @@ class WorkerMetrics:
 
 
 def start_worker_metrics(settings: Settings) -> WorkerMetrics | None:
-    """Serve ``/metrics`` on ``ADMIN_HOST``:``METRICS_PORT``; None when the port is 0 or taken.
-
-    A taken port is logged and the worker runs on without metrics rather than refusing to
-    work: in Kubernetes each pod has its own port space, and on one host (``make run``, several
-    workers, a node exporter on 9100) losing the metrics of a second worker beats losing the worker.
-    """
+    """Serve ``/metrics`` in a daemon thread; None when ``METRICS_PORT`` is 0, or taken (logged: the
+    worker then runs without metrics)."""
     if settings.metrics_port == 0:
         return None
     collector = register_queue_collector(settings.redis_url, settings)

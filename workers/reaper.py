@@ -1,31 +1,6 @@
-"""Putting back, within seconds, every job a dead worker held, without spending a retry.
-
-Between leaving the queue and finishing, an ingest job is in exactly one place that names the
-worker answering for it (:mod:`core.redis.custody`): that worker's dequeued list, or an execution in
-RQ's started registry. Every :class:`~workers.worker.AsyncWorker` runs a :class:`Liveness`
-thread that keeps its liveness key fresh every :data:`BEAT_SECONDS` (it expires after
-:data:`ALIVE_SECONDS`), keeps the started-registry entries of its jobs in flight from expiring,
-and on the same beat looks for announced workers whose liveness key is gone. What such a worker
-held is put back at the front of its queue:
-
-* ids in its dequeued list, in the order it took them;
-* executions naming it, each removed in the same Lua script that requeues its job, and only while
-  the execution is still registered, so two reapers (or a reaper and the worker's own give-back)
-  never requeue one execution twice.
-
-No retry is spent: being killed is not the job's failure. RQ would instead notice an abandoned
-job only once its started entry expires and then retry it (spending a retry) or fail it, and
-would leave a job stranded between dequeue and start for two maintenance passes at least a
-minute apart before failing it the same way. Its intermediate-list pass is therefore not run by
-this service's workers; ids that stock RQ workers (or an older version of this one) left in RQ's
-shared list are put back here once they have sat there for :data:`STRANDED_AFTER_SECONDS`.
-
-A re-run may follow a run that already published; the idempotent publish keeps the output to
-one entry. A worker that merely stalls past :data:`ALIVE_SECONDS` may see its job run twice, the
-same at-least-once trade resolved the same way. After Redis itself was unreachable, liveness
-keys may have expired everywhere at once, so a reaper judges nobody for :data:`ALIVE_SECONDS`
-after its own beats succeed again, which gives every live worker time to beat.
-"""
+"""Worker liveness, and putting back within seconds, without spending a retry, every job a dead
+worker held: its dequeued list and its executions in RQ's started registry (:mod:`core.redis.custody`).
+Why, and what RQ would do instead: docs/reliability.md, "Between dequeue and finish"."""
 
 from __future__ import annotations
 
@@ -119,9 +94,8 @@ def requeue_execution(
     """Drop one execution of ``job_id`` if still registered and put the job back at the queue's
     front, in one atomic step; True when the job was requeued.
 
-    The job is requeued only while it is ``queued`` (its worker recorded the execution, then never
-    started it) or ``started`` by ``worker_name``; a job that finished, failed, was retried or was
-    taken over by another worker only loses the stale execution.
+    The job is requeued only while it is ``queued`` or ``started`` by ``worker_name``; any other
+    job only loses the stale execution.
     """
     execution = Execution(execution_id, job_id, connection)
     script = _REQUEUE_EXECUTION_FN.bind(connection)
@@ -163,12 +137,8 @@ def reap(connection: redis.Redis, queue_name: str, dead: Collection[str]) -> lis
 
 
 def sweep_expired(connection: redis.Redis, queue_name: str) -> list[str]:
-    """Requeue jobs whose started-registry entry expired and whose worker is not alive.
-
-    A live worker keeps its entries from expiring (:class:`Liveness`), so an expired entry means
-    its worker is gone, whether or not it was ever announced. RQ's own clean-up would retry such a
-    job, spending a retry, or fail it; this puts it back instead, before RQ looks.
-    """
+    """Requeue jobs whose started-registry entry expired and whose worker is not alive (a live
+    worker keeps its entries fresh, so an expired one means its worker is gone, announced or not)."""
     registry = StartedJobRegistry(queue_name, connection=connection)
     expired = [text(raw) for raw in connection.zrangebyscore(registry.key, "-inf", time.time(), start=0, num=1000)]
     requeued: list[str] = []
@@ -285,7 +255,6 @@ class Liveness:
             return
         for queue_name in self._queues:
             reap(self._connection, queue_name, dead)
-        # Everything they held is back on the queue: forget them.
         with self._connection.pipeline(transaction=False) as pipe:
             pipe.srem(WORKERS_SET, *dead)
             pipe.execute()

@@ -1,10 +1,5 @@
-"""RQ's scheduler, in a process the worker forks: patient with Redis, and never outliving the worker.
-
-The scheduler's process waits out Redis trouble like the rest of the worker, but ends when the worker
-asks (SIGTERM) or once the worker is gone (a SIGKILL, an OOM kill): it compares its parent with the
-worker on every pass and at every try of a Redis wait. The worker's stop waits for it a bounded time
-(:data:`STOP_SECONDS`), then kills it.
-"""
+"""RQ's scheduler, in a process the worker forks: patient with Redis, and never outliving the worker
+(docs/architecture.md, "Design notes")."""
 
 from __future__ import annotations
 
@@ -27,12 +22,8 @@ STOP_SECONDS = 10.0
 
 
 class PatientScheduler(RQScheduler):
-    """RQ's scheduler, whose process waits out Redis trouble instead of ending on it, for as long
-    as its worker lives.
-
-    RQ's own loop lets any Redis error end the scheduler process; the worker restarts it at its
-    next maintenance pass, so due retries could wait a minute or more after Redis returned.
-    """
+    """RQ's scheduler, whose process waits out Redis trouble instead of ending on it, and ends when
+    the worker asks (SIGTERM) or is gone."""
 
     #: The worker's pid, recorded as it forks the scheduler's process.
     _worker_pid = 0
