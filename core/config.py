@@ -1,8 +1,7 @@
 """Settings: the contract's environment variables, read once per entry point and passed down.
 
-Every process builds one :class:`Settings` in its entry point (``Settings()`` reads the
-environment and ``.env``); tests construct it with keyword arguments instead. Nothing here
-connects to anything.
+``Settings()`` reads the environment and ``.env``; tests pass keyword arguments. Nothing here
+connects to anything. Every variable: README.md, "Settings".
 """
 
 from __future__ import annotations
@@ -50,7 +49,6 @@ class Settings(BaseSettings):
     output_stream: str = "smartcar:vehicle-events"
     parked_stream: str = "smartcar:parked"
     dedupe_ttl_seconds: int = Field(default=DEFAULT_DEDUPE_TTL_SECONDS, gt=0)
-    """How long an ``eventId`` is remembered (7 days, Smartcar's recommendation; core.redis.dedupe)."""
     max_body_bytes: int = Field(default=262_144, gt=0)
     spool_dir: str | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -58,77 +56,40 @@ class Settings(BaseSettings):
 
     # Extensions beyond the contract, with defaults that suit production.
     redis_timeout_seconds: float = Field(default=0.5, gt=0)
-    """Socket timeout for every Redis call on the web path; bounds the 503 answer time."""
     body_timeout_seconds: float = Field(default=10.0, gt=0)
-    """A sender that has not delivered the whole body by then gets 408 (Smartcar sends at once)."""
     allow_evicting_redis: bool = False
-    """Run even when Redis's maxmemory-policy may evict keys (a loud warning instead of a refusal)."""
     redis_max_connections: int = Field(default=64, gt=0)
-    """Redis connections per web process; requests beyond it wait for one within their deadline."""
     job_timeout_seconds: int = Field(default=120, gt=0)
-    """How long one RQ job may run before RQ stops it."""
     job_retries: int = Field(default=5, ge=0)
-    """How often RQ re-runs a job that failed with a transient error."""
     metrics_port: int = Field(default=9100, ge=0, le=65535)
-    """Port of each worker process's Prometheus endpoint (``/metrics``); 0 turns it off."""
     admin_port: int = Field(default=9000, ge=0, le=65535)
-    """Port of the web's ``/metrics`` and ``/readyz``, apart from the public port; 0 turns it off."""
     admin_host: str = "0.0.0.0"
-    """Address the admin endpoints (web ``ADMIN_PORT`` and worker ``METRICS_PORT``) bind to."""
     spool_max_bytes: int = Field(default=1_073_741_824, gt=0)
-    """The most the spool may hold on disk; past it, deliveries get 503 instead of 202 spooled."""
     parked_retention_seconds: int = Field(default=DEFAULT_PARKED_RETENTION_SECONDS, gt=0)
-    """Parked entries older than this are trimmed as new ones are added (``XADD … MINID ~``)."""
     output_stream_retention_seconds: int = Field(default=DEFAULT_OUTPUT_STREAM_RETENTION_SECONDS, gt=0)
-    """Output entries older than this are trimmed as new ones are published (``XADD … MINID ~``)."""
     job_result_ttl_seconds: int = Field(default=DEFAULT_JOB_RESULT_TTL_SECONDS, ge=0)
-    """How long RQ keeps a finished job's hash (with the body) and result; 0 deletes them at once."""
     vehicle_state_prefix: str = Field(default="smartcar:vehicle-state:", min_length=1)
-    """Prefix of the per-vehicle latest-state hashes (prefix + vehicle id, core.redis.vehicle_state)."""
     vehicle_state_ttl_seconds: int = Field(default=DEFAULT_VEHICLE_STATE_TTL_SECONDS, gt=0)
-    """A vehicle's state expires this long after its last change (30 days): vehicles that left do not stay."""
     max_delivery_age_seconds: int | None = Field(default=None, gt=0)
-    """Signed deliveries whose ``meta.deliveredAt`` is older than this are refused (400), since
-    their ``eventId`` may have been forgotten; unset means ``DEDUPE_TTL_SECONDS``."""
     header_timeout_seconds: float = Field(default=10.0, gt=0)
-    """A client that has not sent the whole request head by then is disconnected."""
     max_header_bytes: int = Field(default=16_384, ge=1024)
-    """A request head (request line and headers) larger than this is refused."""
     dev_mode: bool = False
-    """Set by ``dev`` for the processes it starts: the public dev management token is accepted."""
 
     # Quota-aware enrichment (core.smartcar.reads): what the workers read from Smartcar, and how often.
     vehicle_info_ttl_seconds: int = Field(default=86_400, ge=0)
-    """A ``GET /vehicles/{id}`` read serves every event of that vehicle (and user) received within this
-    many seconds after it started, in every worker process; 0 reads on every event."""
     signals_max_age_seconds: int = Field(default=300, ge=0)
-    """The same for ``GET /vehicles/{id}/signals``; a vehicle's first event and the first one after a
-    VEHICLE_ERROR always read; 0 reads on every event."""
     smartcar_requests_per_minute: float | None = Field(default=None, gt=0)
-    """One request budget for the whole deployment, shared by every worker through Redis; unset: no limit."""
     smartcar_burst: int | None = Field(default=None, ge=1)
-    """Requests the budget lets through at once; unset: one minute's worth (at least 1)."""
     enrich_wait_seconds: float = Field(default=10.0, ge=0)
-    """The longest a read waits for the budget or a 429's ``Retry-After``; past it the read is skipped
-    and the event published at once, ``partial``."""
 
     # Smartcar Connect: capturing user_id on the redirect (docs/migration.md, phase 2).
     smartcar_application_id: str | None = None
-    """The Application ID (a UUID) that Connect URLs name; ``SMARTCAR_CLIENT_ID`` is used when unset."""
     connect_redirect_uri: str | None = None
-    """Where Connect sends the user back: this service's ``/connect/callback``, as registered in the Dashboard."""
     connect_scope: str = "read_vehicle_info read_battery read_charge read_location read_odometer"
-    """Space-separated permissions that Connect asks the user for."""
     connect_mode: Literal["live", "simulated", "test"] | None = None
-    """Connect's ``mode``; unset leaves Smartcar's default (live)."""
     connect_state_secret: SecretStr | None = None
-    """Key for signing Connect ``state`` tokens (a comma-separated list during rotation: the first
-    signs, every entry verifies); unset derives one from ``SMARTCAR_MANAGEMENT_TOKEN``."""
     connect_state_ttl_seconds: int = Field(default=3600, gt=0)
-    """How long a Connect URL stays usable after ``connect-url`` or ``/connect/start`` made it."""
     connect_start_enabled: bool = False
-    """Serve ``GET /connect/start?user=ID``, which signs a state for whoever asks: enable it only
-    behind something that authenticates the user."""
 
     @field_validator("log_level", mode="before")
     @classmethod

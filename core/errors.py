@@ -1,44 +1,7 @@
-"""The one error tree of smartcar-ingest.
+"""The one error tree of smartcar-ingest: every error the project raises on purpose.
 
-Everything the project raises on purpose descends from :class:`IngestError`::
-
-    IngestError
-    ├── ConfigurationError            bad or missing settings or setup: the process stops with one line
-    ├── TransientError                worth retrying: the same call may succeed later
-    │   ├── RedisUnavailable          Redis did not answer an operator command or a starting worker
-    │   ├── DatabaseUnavailable       the user store did not answer (refused, timed out, locked)
-    │   ├── SmartcarUnavailable       network error or 5xx from Smartcar
-    │   ├── SmartcarRateLimited       429 from Smartcar; carries ``retry_after`` seconds
-    │   └── EndpointUnavailable       the webhook endpoint ``send-test-event`` posts to did not answer
-    └── PermanentError                retrying will not help: park the event or publish it partially
-        ├── MalformedBody             a signed body that is not JSON (web answers 400)
-        ├── InvalidPayload            signed JSON that does not fit the schema (reason ``invalid_payload``)
-        ├── UnknownEventType          an ``eventType`` this service does not know (``unknown_event_type``)
-        ├── LegacyPayload             a v2.0 webhook (``legacy_v2``)
-        ├── UnknownUser               no internal user for ``data.user.id`` (``unknown_user``)
-        ├── InvalidJob                a ``process_event`` job whose argument is not a job payload
-        ├── SmartcarRejected          a 4xx other than 401/429 from the vehicle API (publish ``partial``)
-        ├── SmartcarUnauthorized      a 401 that survived a token refresh (``upstream_rejected``)
-        ├── TokenRequestFailed        the token endpoint refused our credentials
-        ├── UserNotFound              no internal user has this id (``users link``)
-        ├── VehicleNotFound           no internal vehicle has this id (``backfill``)
-        ├── LinkConflict              linking would overwrite or steal a Smartcar user id
-        ├── InvalidConnectState       a Connect ``state`` that is forged, malformed or not ours
-        │   ├── ExpiredConnectState   a genuine ``state`` past its expiry
-        │   ├── ForeignConnectState   a browser-bound ``state`` without that browser's cookie
-        │   └── UsedConnectState      a ``state`` that was already redeemed
-        ├── UnverifiedConnection      Smartcar lists no new connection of the user a Connect redirect names
-        ├── UnverifiableConnection    Smartcar's connections carry no creation time to check against
-        ├── RecordExists              a user or vehicle with this id already exists
-        └── InvalidValue              a value does not fit its column
-
-The three inner classes are never raised themselves, only their leaves. A bad setting
-(:class:`ConfigurationError`) and an outage (a :class:`TransientError`) stay apart everywhere:
-the first is fixed by the operator, the second passes by itself.
-
-Only ``service/`` turns these into HTTP statuses, only ``workers/`` turns them into parked
-entries, and only ``cli/main.py`` turns them into exit statuses (README, "Exit codes").
-Messages are one sentence and never contain a secret, token, signal value or ``REDIS_URL``.
+The tree, and which layer turns errors into HTTP statuses, parked entries or exit statuses:
+docs/architecture.md, "Errors".
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
 """Structured logging with structlog: JSON lines by default, coloured console lines for humans.
 
-Callers log identifiers (``eventId``, ``deliveryId``, reasons, statuses) and never values:
-no secrets, tokens, VINs or signal bodies. :func:`redact` is a last line of defence for keys
-whose names say they hold a secret.
-
-Each line once, and a start that says what is served: uvicorn's INFO lines about a server's own
-life ("Started server process", "Waiting for application startup.", "Application startup
-complete.", their shutdown twins, the ``--workers`` supervisor's per-process lines) are DEBUG lines,
-as are the "setup plugin …" lines Alembic logs as it is imported; ``LOG_LEVEL=DEBUG`` shows them.
-A uvicorn server whose lines would repeat another's (the admin server beside the public one, the
-children of ``web --workers N``, for whom the supervisor speaks) runs under :func:`quiet_uvicorn`:
-its INFO lines are dropped, its warnings and errors kept.
+Callers log identifiers, never values (no secrets, tokens, VINs or signal bodies); :func:`redact`
+is a last line of defence. uvicorn's and Alembic's lifecycle lines are DEBUG lines, and a server
+whose lines would repeat another's runs under :func:`quiet_uvicorn` (docs/security.md, 26.12).
 """
 
 from __future__ import annotations

@@ -1,24 +1,7 @@
 """The JSON Schemas (draft 2020-12) of what the service writes for other services to read.
 
-==========================  ======================================================================
-name                        describes
-==========================  ======================================================================
-``output-entry``            an entry of ``OUTPUT_STREAM``: its fields; ``payload`` is JSON text
-``output-payload``          that ``payload`` document, by ``schemaVersion`` (1 and 2)
-``signal``                  one signal, as in ``signals``, ``latestSignals`` and the vehicle state
-``vehicle``                 the payload's ``vehicle`` and the vehicle state's ``_vehicle``
-``parked-entry``            an entry of ``PARKED_STREAM``
-``vehicle-state``           a vehicle's state hash (``VEHICLE_STATE_PREFIX`` + vehicle id)
-``vehicle-state-report``    what ``smartcar-ingest vehicle-state ID --json`` prints
-==========================  ======================================================================
-
-The repository keeps them in its top-level ``schemas/`` folder as ``<name>.schema.json``; the
-wheel carries the same files as ``core/schema_files/`` (pyproject.toml), so an installed package
-reads them here without the repository. Each file's ``$id`` is
-``https://smartcar-ingest.invalid/schemas/<name>.schema.json``: a name, not an address (nothing is
-served there). Files refer to one another by those names, so a validator must be given all of them
-(:func:`load_all`). Fields that hold JSON text carry ``contentSchema``, an annotation: validators
-do not decode the text by themselves. docs/consumers.md shows their use from other languages.
+Loaded from the installed package's ``schema_files/``, else the checkout's ``schemas/``. The files,
+their ``$id`` names and their use from other languages: docs/consumers.md, "JSON Schemas".
 """
 
 from __future__ import annotations

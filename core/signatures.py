@@ -1,8 +1,7 @@
 """``SC-Signature`` checking and VERIFY challenge answers.
 
-Smartcar signs every delivery with ``hex(HMAC-SHA256(management_token, raw_body))``, lowercase
-hex, no prefix. During a token rotation several management tokens are configured: a signature
-made with any of them is accepted, and the first one answers VERIFY challenges.
+A signature is ``hex(HMAC-SHA256(management_token, raw_body))``; any configured token verifies
+(rotation), the first answers VERIFY. Why unsigned challenges are limited: docs/security.md.
 """
 
 from __future__ import annotations

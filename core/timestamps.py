@@ -1,10 +1,8 @@
 """Times and years as Smartcar sends them, read without ever raising.
 
-Smartcar's deliveries carry times as epoch milliseconds, epoch seconds or ISO-8601 strings (see
-the captures in ``tests/fixtures/captured/``), and model years as numbers or digit strings.
-Whatever arrives in their place (NaN, infinities, bools, 5,000-digit strings, far-future dates)
-reads as unknown (None): a hostile value must neither crash the worker nor reach the output as
-invalid JSON.
+Epoch milliseconds, epoch seconds or ISO-8601 strings, and years as numbers or digit strings;
+anything else (NaN, infinities, bools, huge digit strings, far-future dates) reads as None, so a
+hostile value neither crashes the worker nor reaches the output as invalid JSON.
 """
 
 from __future__ import annotations

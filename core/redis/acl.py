@@ -1,27 +1,7 @@
-"""Redis ACL rules for the two roles, so each logs in with only what it needs.
+"""Redis ACL rules for the web and worker roles, so each logs in with only what it needs.
 
-The web pods face the internet; the workers hold the client secret and write what consumers
-read. With one Redis user for both, a compromised web pod could forge enriched events on the
-output stream, rewrite vehicle state or read anything the workers keep. :func:`acl_rules` gives
-each role its own rule list for ``ACL SETUSER``:
-
-* **web**: write only what accepting a delivery writes (the eventId and parked marks, the RQ job hash,
-  the ingest queue, RQ's set of queues, the parked stream, Connect's single-use state marks), read
-  the RQ keys, stream lengths and worker custody lists that ``/metrics`` reports, and run the few
-  commands those take.
-  No output stream, no vehicle state, no token, no shared Smartcar reads, budget or pauses (a web
-  pod could otherwise feed workers forged vehicle data, or stall them), no administrative command
-  (the maxmemory-policy check at startup then reports that it could not read the policy; the
-  workers check it).
-* **worker**: every key under the RQ and service prefixes and the service's streams and state,
-  RQ's pub/sub command channels, and no dangerous command but ``INFO`` (RQ reads the server
-  version).
-
-Neither role runs Lua of its own: only ``FCALL`` of the functions an admin loaded
-(:mod:`core.redis.functions`).
-
-With ``connect=True`` the web may also use the sealed application token (the Connect callback
-verifies user ids with Smartcar; it holds the client secret then, see :mod:`core.smartcar.tokens`).
+What each role may do and why: docs/security.md, "One Redis user per role". With ``connect=True``
+the web may also use the sealed application token (the Connect callback verifies user ids).
 """
 
 from __future__ import annotations

@@ -1,21 +1,7 @@
-"""An asyncio Redis client whose concurrent commands share round trips.
+"""An asyncio Redis client whose concurrent commands share round trips, packed by hiredis.
 
-A worker runs hundreds of jobs at once, and each makes a handful of small Redis calls. Sent one
-by one, each call costs a pool checkout, a socket write, a wake-up for its reply, and in Redis a
-read and a write system call of its own. :class:`BatchingRedis` gathers the commands issued while
-a round trip is under way (and those issued in the same turn of the event loop) and sends them as
-one pipeline (not a transaction: each command runs as it would alone), through redis-py's own
-``Pipeline``, so every reply is parsed as the single command's would be. One round trip is in
-flight at a time per client; a caller gets its own reply, or its own error reply, as an exception.
-
-A connection error fails every command of the round trip, each with that error: the callers wait
-out the outage as they would alone (:mod:`core.redis.outage`). Like any Redis call whose answer was
-lost, a command may then have run; every caller's command is safe to run again.
-
-Blocking commands (``BLMOVE`` and the like) never join a batch: they would hold it up.
-
-Its connections pack commands with hiredis, in C (:func:`hiredis_packing`): redis-py's asyncio
-connection packs them argument by argument in Python, which was 7 % of a worker's CPU.
+Failure semantics and why: docs/architecture.md, "Redis Functions, shared calls and round trips";
+measured: docs/performance.md, "Where the time went (enrichment)".
 """
 
 from __future__ import annotations
@@ -35,7 +21,9 @@ MAX_BATCH = 512
 
 
 class BatchingRedis(AsyncRedis):
-    """An asyncio client (see the module docstring); build it as any ``redis.asyncio.Redis``."""
+    """An asyncio client built as any ``redis.asyncio.Redis``. Commands issued while a round trip
+    is under way go in the next one, as one pipeline (not a transaction); each caller gets its own
+    reply, or its error reply raised. Blocking commands are sent alone."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -1,15 +1,6 @@
 """Every Redis client the service builds, one factory per role, so timeouts are chosen once.
 
-============  =====  =================================================================================
-role          kind   why these timeouts
-============  =====  =================================================================================
-web           async  every call bounded by ``REDIS_TIMEOUT_SECONDS``: Redis trouble is a fast 503
-worker        async  patient and reconnecting: nobody waits on a worker's answer
-rq            sync   RQ's bookkeeping in the worker: a blocking dequeue needs a long read timeout
-scrape        sync   ``/metrics`` reads: bounded, never retried, so a scrape fails fast
-command       both   operator commands (``status``, ``replay``, ``backfill``): a few seconds, then exit 3
-probe         sync   "does Redis answer here?" (``dev``): half a second
-============  =====  =================================================================================
+The roles and their timeouts: docs/architecture.md, "Redis clients".
 """
 
 from __future__ import annotations
@@ -43,12 +34,10 @@ def web_redis(settings: Settings) -> AsyncRedis:
 
 
 def worker_redis(settings: Settings, max_connections: int = 100) -> AsyncRedis:
-    """The jobs' client: patient (they are not answering Smartcar) and reconnecting.
+    """The jobs' client: patient (they are not answering Smartcar) and reconnecting once.
 
-    Each Redis call holds a connection only for its round trip, so a few dozen connections serve
-    hundreds of jobs in flight: a job that finds them all busy waits for one (a blocking pool)
-    instead of redis-py's ``MaxConnectionsError``, which the jobs would take for an outage. Fewer
-    connections also mean less memory here and in Redis, which every pod shares.
+    A job that finds every connection busy waits for one (a blocking pool) instead of getting
+    redis-py's ``MaxConnectionsError``, which the jobs would take for an outage.
     """
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,

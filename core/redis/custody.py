@@ -1,22 +1,7 @@
-"""Who holds an ingest job between the moment it leaves the queue and the moment it starts.
+"""Who holds an ingest job between dequeue and start, and which jobs nobody live holds (stranded).
 
-RQ's own dequeue moves a job id from the queue into one list shared by every worker
-(``rq:queue:<name>:intermediate``) and removes it when the job starts. A worker that dies between
-the two steps, or a Redis restarted from its AOF that applied the move but never delivered the
-answer, leaves the id there with nobody to run it, while the job's hash still says ``queued``.
-
-This service's worker moves each id into a list of its own instead,
-``smartcar-ingest:dequeued:<queue>:<worker>``, and takes it out in the same transaction that
-records the job's execution in RQ's started registry. So every job that has left the queue is,
-at every instant, in exactly one place that names the worker answering for it: that worker's
-list, or an execution that names it. Each worker keeps ``smartcar-ingest:worker-alive:<worker>``
-fresh and is listed in ``smartcar-ingest:liveness-workers``; a worker whose liveness key is gone
-is dead, and what it held is put back at the front of the queue (:mod:`workers.reaper`).
-
-A job is *stranded* while it sits in RQ's shared list (left there by a stock RQ worker or an
-older version of this one) or in the list of a dead worker, until the reaper returns it. These
-names are shared by the worker that writes them, the reaper, and the gauges and ``status`` that
-read them (:func:`read_stranded`).
+Read by the gauges and ``status``; the worker and the reaper write these keys. Why every job is in
+exactly one place: docs/reliability.md, "Between dequeue and finish: where every job is".
 """
 
 from __future__ import annotations
@@ -47,7 +32,7 @@ class Stranded:
 
 
 def read_stranded(client: redis.Redis, queue_name: str) -> Stranded:
-    """Count the stranded jobs of ``queue_name`` and find the oldest, reading only (three round trips at most).
+    """Count the stranded jobs of ``queue_name`` and find the oldest, reading only.
 
     Ages are measured from each job's ``enqueued_at``, as the queue's own oldest age is.
     """

@@ -1,61 +1,8 @@
-"""Remembered ``eventId``s in about 20 bytes each: the edge's dedupe, the publish mark, the parked mark.
+"""Remembered ``eventId``s, one small-hash field each: the edge's dedupe, the publish mark, the parked mark.
 
-Smartcar asks receivers to remember processed ``eventId``s for at least 7 days. A Redis string
-per mark (the previous design: a ``seen`` and a ``published`` key per event, 272 B together by
-``MEMORY USAGE``, 384 B allocated) would hold ≈ 275 GB at 100k vehicles sending once a minute. Here a remembered
-event is one field of a small hash, ≈ 20 B by ``MEMORY USAGE`` (≈ 24 B of ``used_memory``), and
-the check stays exact and atomic with the enqueue: it runs inside the same Lua scripts
-(:data:`LIBRARY` is prepended to each), so racing redeliveries still give exactly one job.
-
-**Layout.** A *family* of marks (:data:`keys.EVENT_IDS_KEY`: ``1`` when the edge accepted the
-event, ``2`` once it is published; :data:`keys.PARKED_IDS_KEY`: the 24-character digest of
-reason and body it was parked with) is:
-
-* a registry string ``<family>``: its live *generations*, newest first, each
-  ``<expire_at>:<started ms>:<bits>:<slot>``, where slot ``<width>-<n>`` holds the events first
-  marked between ``n x width`` and ``(n + 1) x width`` seconds of Redis's clock (``TIME``);
-* per generation, ``2^bits`` hashes ``<family>:<slot>:<bits>:<shard>``. An event's 128-bit
-  :func:`event_digest` (BLAKE2b of its job id) gives the shard (its first 32 bits, top ``bits``
-  of them) and the field (its last 96 bits, 12 bytes).
-
-**Expiry, a slot at a time.** Every hash of a slot expires at ``(n + 1) x width + TTL``
-(``EXPIREAT``), so a mark lives between ``TTL`` and ``TTL + width``; ``width`` is
-``ceil(TTL / 7)``: a day for the 7-day default, at most 8 live slots. A lookup checks every live
-generation, newest first (8 lookups at steady state; a hit on a redelivery or a publish is
-usually the first); a new event is written to the newest generation of the current slot. Nothing
-sweeps: Redis drops whole hashes as they expire, and a script that reads the registry drops the
-generations whose expiry has passed.
-
-**Small enough for a listpack.** Redis keeps a hash of at most ``hash-max-listpack-entries`` (128
-by default) fields of at most ``hash-max-listpack-value`` (64) bytes as one flat listpack: a
-12-byte field and a 1-byte value take 16 bytes (≈ 70 in a hash table). So each generation is
-sized for the traffic: a slot's first generation gets enough hashes to hold at most
-:data:`TARGET` (64) marks each by the end of the slot at the rate of the newest other slot
-(estimated from the sizes of a few of its hashes), and a hash that reaches :data:`GROW_AT` (112)
-opens a bigger generation sized on the current rate (at most :data:`MAX_GENERATIONS` per slot,
-each at most 16 times bigger). At steady state a hash ends its slot with 32 to 64 marks, so its
-own cost (key, object, expiry: ≈ 150 B) adds 2-5 B per mark. A first start grows through a few
-generations in its first slot (3 at 1,667 events/s). A Redis configured with a lower
-``hash-max-listpack-entries`` still answers exactly, with more memory per mark.
-
-**Memory.** ``bytes ≈ rate x (TTL + width / 2) x b`` with ``b`` ≈ 20 B by ``MEMORY USAGE``, 24 B
-of ``used_memory`` (``bench/memory.py`` measures both): 26 GB at 1,667 events/s with the 7-day
-TTL. The slot being filled and the one about to expire average half a slot beyond the TTL.
-
-**False duplicates.** A new event is taken for a remembered one only if its 96-bit field equals
-one already in the hash it maps to: with ``N`` marks remembered, at most ``N / 2^96`` per event,
-1.4 x 10^-20 at 1.08 billion marks (7 days at 1,667/s). Over a century at that rate (5 x 10^12
-events), the chance that a single event is lost to it is below 10^-7.
-
-**Upgrading from per-key marks.** When a family's registry is first written it records a *legacy
-window* of one TTL, during which a lookup that finds nothing also consults the per-key mark of
-earlier versions (``smartcar-ingest:seen:<job id>``, ``…:published:<job id>``,
-``…:parked:<job id>``), so an upgrade neither enqueues nor publishes an event twice; afterwards
-those reads stop.
-
-**Cost.** Per new event at the edge: 8 ``HGET`` on small listpacks, an ``HSET`` and an ``HLEN``,
-besides the job itself; per publish, usually one ``HGET`` and one ``HSET``; the registry is read
-once per script call (once per batch at the edge). docs/capacity.md has the measured times.
+:data:`LIBRARY` is prepended to every script that checks or writes a mark, so the check stays
+atomic with the enqueue, publish or park. Layout and growth: docs/architecture.md, "Remembered
+eventIds"; memory and false duplicates: docs/capacity.md.
 """
 
 from __future__ import annotations

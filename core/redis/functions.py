@@ -1,18 +1,7 @@
-"""Every Lua step the service runs in Redis, as Redis Functions (Redis ≥ 7.0).
+"""Every Lua step the service runs in Redis, as Redis Functions (Redis ≥ 7.0), loaded by ``redis-setup``.
 
-No Redis user of the service may run code of its own choosing: one ``EVAL "while true do end"``
-leaves Redis answering BUSY to everyone. So each script is a function loaded once by an admin
-(``smartcar-ingest redis-setup``, which ``make run`` and the chart's migration Job run), and the
-roles are granted ``FCALL`` only, never ``EVAL``, ``SCRIPT LOAD`` or ``FUNCTION``
-(:mod:`core.redis.acl`). Functions are kept with the data (RDB and AOF), so a restart keeps them.
-
-Each function is a library of its own, named after a digest of its code: during a rolling upgrade
-old and new pods each call their own version, and loading a new version never replaces one that a
-running pod calls. Old versions stay loaded (a few KB each) until an admin deletes them.
-
-A call that finds its function missing (a Redis without persistence restarted, or setup never
-ran) loads it when its user may (the default user in development and tests); a role that may not
-gets :class:`MissingFunction`, naming the setup command.
+Why no role may ``EVAL``: docs/security.md, finding 26.2; versioned libraries and loading on a
+miss: docs/architecture.md, "Redis Functions, shared calls and round trips".
 """
 
 from __future__ import annotations
@@ -155,7 +144,7 @@ class AsyncCall:
         self.function = function
         self.client = client
         # Callers that find the function missing together share one load: Redis compiles the
-        # code of every FUNCTION LOAD, even one it then refuses as already loaded.
+        # code of every FUNCTION LOAD, even one it refuses.
         self._loading: asyncio.Future[bool] | None = None
 
     def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None) -> Awaitable[Any]:

@@ -1,16 +1,7 @@
 """Group commit: what concurrent callers submit while a call is under way goes in the next call.
 
-Used wherever many coroutines each want a small step that one Redis call can make for all of
-them: the edge's dedupe-and-enqueue (:mod:`core.redis.inbox`), the worker's completion of
-finished events (:mod:`core.redis.published`), its request admissions
-(:mod:`core.smartcar.limiter`), its shared-read decisions (:mod:`core.smartcar.cache`, through
-:func:`grouped_function`) and its Redis client itself (:mod:`core.redis.batching`). At light load a caller with nothing waiting makes the call itself,
-at once; under load one call carries many items, which is what keeps Redis's cost per item low.
-
-Each caller gets its own answer, only after the call that carried its item has returned. A call
-that fails hands every caller of its batch an error of its own (a copy, so that tracebacks do not
-pile up on one object); a per-item answer that is an exception is raised to that item's caller.
-A caller cancelled while waiting leaves its item out of the next call when it is still pending.
+Who uses it and its guarantees: docs/architecture.md, "Redis Functions, shared calls and round
+trips".
 """
 
 from __future__ import annotations
@@ -32,9 +23,10 @@ class GroupCommit(Generic[T, R]):
     """Calls ``call`` with batches of submitted items, at most ``max_in_flight`` calls at a time.
 
     ``call`` answers one result per item, in order (a result may be an exception for its item).
-    ``direct``: a caller finding nothing pending and a call free makes the call itself (no task,
-    no future: the cheapest path at light load); otherwise every item waits for the sender task,
-    which also gathers what is submitted in the same turn of the event loop.
+    With ``direct``, a caller finding nothing pending and a call free makes the call itself;
+    otherwise items wait for a sender task, which also gathers what the same loop turn submits.
+    A failed call raises a copy of its error to each caller of its batch; a caller cancelled while
+    its item is pending leaves it out.
     """
 
     def __init__(

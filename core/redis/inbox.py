@@ -1,16 +1,7 @@
-"""The inbox: deduplicate by ``eventId`` and enqueue durably, in one atomic step.
+"""The inbox: deduplicate by ``eventId`` and enqueue durably, in one atomic step per event.
 
-A 2xx to Smartcar promises that the event is safe, so the dedupe mark and the RQ job must be
-written together: a mark without a job would swallow every redelivery of a lost event, and a
-job without a mark would let a racing redelivery enqueue it twice. Both are written by one Lua
-script, which Redis runs atomically; concurrent redeliveries of one ``eventId`` therefore give
-exactly one job, whatever the interleaving. The mark is a field of a small hash
-(:mod:`core.redis.dedupe`: ≈ 20 B per event, remembered ``DEDUPE_TTL_SECONDS``), and the same
-mark later records the publish. The job itself is described in :mod:`core.redis.jobs`.
-
-Cost on Redis, per event: one lookup per live slot of the marks (8 with the defaults), a field
-written with its hash's size checked, the job hash and the queue push; the registry of slots is
-read once per batch (docs/capacity.md has the measured figures).
+Why the mark and the job are written together, and how the edge calls the script:
+docs/architecture.md, "Accepting a delivery".
 """
 
 from __future__ import annotations
@@ -78,26 +69,13 @@ DEFAULT_MAX_IDLE_SECONDS = 30.0
 
 
 class DirectScript:
-    """One Lua function called on connections it keeps: one packed write and one read per call.
+    """One Lua function called on connections taken from the client's pool and kept: one packed
+    write and one read per call, under the client's socket timeout.
 
-    The web edge calls its enqueue script once per round trip, so what redis-py does around a
-    call is paid per batch, and at light load per delivery: the pool's checkout and release, the
-    retry wrapper, the observability hooks, a task for the socket write (``asyncio.wait_for``), a
-    timer for the read, and the arguments encoded one by one in Python (145 µs of CPU a call with
-    twelve 1.9 KB bodies, against 75 µs here: ``python -m bench.ingest_parts``). Here the command is packed by hiredis in one
-    call and written and read under one deadline, the client's socket timeout, on a connection
-    taken from the client's pool and kept (so it has the client's address, credentials and TLS,
-    and closing the pool closes it).
-
-    A connection Redis closed (a restart, an idle timeout) is met on its first use: the call is
-    then made once more on a fresh connection, as the client's retry policy does; a Redis that
-    does not have the function gets it loaded first, where the user may (:mod:`core.redis.functions`). A
-    connection left idle longer than the pool's health-check interval is replaced before use
-    instead (where redis-py would send a ``PING`` first): a firewall or NAT that silently dropped
-    it would otherwise cost a delivery the whole deadline. An error reply (Redis out of memory,
-    say) propagates; anything else, a timeout or a cancellation included, also closes the
-    connection (its state is unknown). A call that failed may still have run, so the script must
-    be safe to run twice.
+    A call on a connection Redis closed is made once more on a fresh one; a missing function is
+    loaded first where the user may. An error reply propagates and keeps the connection; any
+    other failure closes it. A failed call may still have run: the script must be safe to run
+    twice (docs/architecture.md, "Accepting a delivery").
     """
 
     def __init__(self, redis: AsyncRedis, function: LuaFunction) -> None:
@@ -162,12 +140,8 @@ class DirectScript:
 
 
 class GroupCommitter:
-    """The edge's enqueues, combined into one script call per round trip (:mod:`core.redis.group`).
-
-    Under light load a batch is one event, sent by its own request with nothing waiting; under
-    heavy load one round trip carries many events, which is what keeps CPU per delivery low.
-    Each caller still gets its own answer only after Redis has run the script for its event.
-    """
+    """The edge's enqueues, combined into one script call per round trip (:mod:`core.redis.group`);
+    each caller gets its own answer only after Redis has run the script for its event."""
 
     def __init__(
         self,
@@ -223,10 +197,8 @@ class Inbox:
     async def accept(self, event_id: str, event_type: str, body: bytes | str, received_at_ms: int) -> bool:
         """Enqueue the event unless its ``eventId`` was seen; True when this call enqueued it.
 
-        Concurrent calls share round trips (:class:`GroupCommitter`); each returns only after
-        Redis has run the dedupe-and-enqueue script for its own event. A body given as bytes (a
-        JSON object the edge validated) is embedded in the job verbatim
-        (:meth:`JobTemplate.for_event`).
+        Returns once Redis has run the script for this event. A body given as bytes (a JSON object
+        the edge validated) is embedded in the job verbatim (:meth:`JobTemplate.for_event`).
         """
         return await self._committer.submit(self._template.for_event(event_id, event_type, body, received_at_ms))
 

@@ -1,9 +1,7 @@
-"""The RQ job that carries one accepted delivery: its payload, its options, its hash.
+"""The RQ job that carries one accepted delivery: its payload, its options, its hash and data.
 
-The job is a regular RQ job (JSON serializer, function ``workers.jobs.process_event``), built
-with RQ's own :class:`rq.job.Job` so that ``rq info``, rq-dashboard and every RQ worker read it
-as if ``Queue.enqueue`` had written it. Its one argument is a :class:`JobPayload` holding the
-body exactly as received, so the worker and ``replay`` never depend on the web process's parsing.
+A regular RQ job that any RQ tool reads as its own, holding the body exactly as received:
+docs/architecture.md, "Accepting a delivery".
 """
 
 from __future__ import annotations
@@ -97,15 +95,9 @@ _NO_CONNECTION = Redis(host="unused.invalid", single_connection_client=False)
 
 
 class JobTemplate:
-    """Builds the job hash of :func:`build_job_hash` in two parts, several times faster.
-
-    The fields that never change between events (:attr:`constant`) are taken once from a job
-    built by RQ itself; per event only :data:`VARIABLE_FIELDS` differ. :meth:`variable` gives
-    ``data``, the JSON of ``(func, None, [payload], {})`` left uncompressed (RQ compresses its
-    own with zlib but reads plain data as well), and ``description``; the inbox's script adds
-    the two times. ``tests/test_inbox.py`` enqueues through :class:`core.redis.inbox.Inbox` into
-    Redis and checks that RQ reads the result back exactly as its own jobs.
-    """
+    """The job hash of :func:`build_job_hash` in two parts: :attr:`constant`, taken once from a job
+    RQ built, and per event :data:`VARIABLE_FIELDS` (:meth:`variable` gives ``data``, uncompressed,
+    and ``description``; the inbox's script adds the two times)."""
 
     VARIABLE_FIELDS = ("created_at", "enqueued_at", "data", "description")
 
@@ -143,12 +135,9 @@ _SPLICED_TAIL = b"}],{}]"
 def spliced_job_data(event_id: str, event_type: str, body: bytes, received_at_ms: int) -> bytes:
     """A job's ``data`` with ``body``, a JSON object, embedded verbatim instead of as an escaped string.
 
-    Escaping a body into a JSON string costs about 1.4 µs per KB and makes it about 15 % larger;
-    splicing it in costs one copy. RQ's JSON serializer reads the job as any other: its one
-    argument is the payload with ``body`` as a parsed JSON object. The worker takes the body's
-    exact bytes from the data instead (:func:`spliced_body`), so what it validates is the delivery
-    byte for byte. Only a body that Python's ``json`` reads may be given: the edge passes bodies
-    that pydantic-core parsed without NaN or Infinity literals, which ``json`` always reads.
+    RQ reads it as any job (``body`` then a parsed object); the worker takes the body's exact bytes
+    back with :func:`spliced_body`. Only a body that Python's ``json`` reads may be given: one
+    pydantic-core parsed without NaN or Infinity literals.
     """
     return b"".join(
         (
@@ -191,11 +180,7 @@ def spliced_head(data: bytes) -> bytes | None:
 
 def spliced_body(data: bytes) -> str | None:
     """The body, exactly as delivered, of a job's ``data`` written by :func:`spliced_job_data`;
-    None for data of any other form.
-
-    The body starts after the first ``,"body":`` of the data: the values before it are a JSON
-    string, another and a number, and no JSON string can hold those bytes (a quote inside one is
-    always escaped).
+    None for data of any other form. (No JSON string before it can hold ``,"body":`` unescaped.)
     """
     start = _spliced_body_at(data)
     if start < 0:

@@ -1,41 +1,7 @@
-"""Every Redis key this service names, in one place.
+"""Every Redis key this service names, in one place; an id from the wire never shapes a key
+beyond ``[A-Za-z0-9_-]``.
 
-Besides RQ's own keys (``rq:*``, written through RQ's classes or in RQ's layout) and the two
-streams named by settings (``OUTPUT_STREAM``, ``PARKED_STREAM``), the service owns these:
-
-========================================================  =====================================================
-``smartcar-ingest:event-ids``                              registry of the live slots of the accepted and
-                                                           published ``eventId`` marks (:mod:`core.redis.dedupe`)
-``smartcar-ingest:event-ids:<slot>:<bits>:<shard>``        a hash of marks: 12-byte digest → ``1`` accepted at
-                                                           the edge, ``2`` published; a slot at a time expires
-                                                           ``DEDUPE_TTL`` after the slot ends
-``smartcar-ingest:parked-ids`` (and ``:<slot>:…``)         the same for parked ``eventId``s: digest → the mark of
-                                                           (reason, body), so one delivery is parked once
-``smartcar-ingest:seen:``, ``:published:``, ``:parked:``   per-key marks of earlier versions (``<job id>``),
-                                                           read during the first ``DEDUPE_TTL`` after upgrading
-``smartcar-ingest:dequeued:<queue>:<worker>``              job ids a worker took but has not started
-``smartcar-ingest:worker-alive:<worker>``                  a live worker's heartbeat key
-``smartcar-ingest:liveness-workers``                       the workers that announced themselves
-``smartcar-ingest:app-token`` (and ``:lock``)              the sealed application token and its refresh lock
-``smartcar-ingest:connect-state:<digest>``                 a redeemed Connect ``state``
-``smartcar-ingest:read:<call>:<vehicle>:<user digest>``    a vehicle's last ``vehicle`` or ``signals`` read for
-                                                           one user and the read in flight, shared by every
-                                                           worker (hash, :mod:`core.smartcar.cache`)
-``smartcar-ingest:budget``                                 the deployment's request budget (GCRA,
-                                                           :mod:`core.smartcar.limiter`)
-``smartcar-ingest:pause:application``                      a 429 ``RATE_LIMIT:SMARTCAR_API``: no call until then
-``smartcar-ingest:pause:vehicle:<vehicle>``                a 429 for one vehicle: no call for it until then
-``smartcar-ingest:usage:<minute>``                         calls, reads and events of one minute (``status``)
-``smartcar-ingest:fleet:<kind>:<bucket>``                  the vehicles that sent an event (``active``) or an
-                                                           unresolved VEHICLE_ERROR (``errors``) in one
-                                                           10-minute bucket (HyperLogLog, :mod:`core.redis.fleet`)
-``VEHICLE_STATE_PREFIX<vehicle id>``                       a vehicle's latest state (hash, see
-                                                           :mod:`core.redis.vehicle_state`),
-                                                           ``VEHICLE_STATE_TTL`` after its last change
-========================================================  =====================================================
-
-The ``<job id>`` is :func:`job_id_for` the ``eventId``: the id itself when RQ accepts it, else a
-digest, so an id from the wire never shapes a key beyond ``[A-Za-z0-9_-]``.
+What each key holds: docs/architecture.md, "Redis keys".
 """
 
 from __future__ import annotations

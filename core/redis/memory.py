@@ -1,10 +1,7 @@
-"""Redis's memory as a health signal: used and max memory, and a warning when there is no limit.
+"""Redis's memory as a health signal: used and max memory, and a warning at start without a limit.
 
-Redis at ``maxmemory`` with ``noeviction`` refuses writes, and the web then answers 503: loud and
-recoverable. Redis without ``maxmemory`` grows until the OS kills it, losing whatever AOF has not
-written. :func:`read_memory` feeds ``/metrics`` (:mod:`core.redis.queue_metrics`; the chart warns
-at 80 % of ``maxmemory``) and ``status``; web and worker call :func:`warn_without_maxmemory` (or its
-asyncio twin) at start. ``INFO memory`` is all it reads, which the web's ACL user may run.
+Why ``maxmemory`` with ``noeviction``: docs/reliability.md, "Redis requirements"; sizing it:
+docs/capacity.md. Reads ``INFO memory`` only, which the web's ACL user may run.
 """
 
 from __future__ import annotations

@@ -1,22 +1,7 @@
 """Waiting out Redis trouble: which errors mean "Redis cannot serve us right now", and the wait.
 
-A worker outlives every kind of Redis trouble instead of quitting over it: Redis down or
-restarting (connection refused, reset, timed out), loading its AOF after a restart (``LOADING``),
-or up but refusing writes (``OOM`` at ``maxmemory`` under ``noeviction``, ``READONLY`` on a
-replica during a failover, ``MISCONF`` when it cannot persist, a busy script). All of these pass
-once Redis recovers; waiting is the answer to each. Every other Redis error (a wrong type, a
-script bug) is a fault and is raised as usual.
-
-The wait is stamina's (the same retry machinery as the Smartcar calls), in a sync form
-(:func:`until_redis_answers`, RQ's bookkeeping, the scheduler, the reaper) and an async one
-(:func:`until_redis_answers_async`, the jobs' own Redis calls). Between two tries it backs off
-from :data:`WAIT_INITIAL` doubling to :data:`WAIT_MAX` seconds with a little jitter, logs one
-warning per wait (``Redis unavailable; waiting``) through the retry hook installed below, and
-counts each wait in stamina's ``stamina_retries_total``.
-
-Under ``stamina.set_testing`` these waits are skipped too: they make the number of tries the test
-asked for, back to back, and then raise. Testing mode is a setting of the process that turned it
-on, so a worker that a drill starts as a subprocess waits out an outage for real.
+Every other Redis error is a fault, raised at once. The policy (stamina's backoff, one patience for
+job steps): docs/reliability.md, "One retry policy for Redis".
 """
 
 from __future__ import annotations

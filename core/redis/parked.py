@@ -1,13 +1,8 @@
-"""The parked stream: the one place that parks, replays and counts parked deliveries.
+"""The parked stream: the one place that parks, replays and counts deliveries that cannot be processed.
 
-A delivery that cannot be processed is never dropped: it is kept on ``PARKED_STREAM`` with
-``event_id``, ``reason`` (one of :data:`core.errors.PARK_REASONS`), ``detail`` (one sentence) and
-``payload`` (the body as received). The web edge and the worker park through the same script,
-which writes a parked mark for the ``eventId`` with the entry (a digest of reason and body, kept
-in the compact marks of :mod:`core.redis.dedupe` apart from the accepted marks, so parking a
-broken delivery never blocks a later valid one), so a redelivery, a retried job or a re-run
-parks one event once. Every add trims entries older than ``PARKED_RETENTION_SECONDS``.
-:func:`replay_parked` moves entries back onto the queue; :func:`count_by_reason` reads them.
+An entry holds ``event_id``, ``reason`` (:data:`core.errors.PARK_REASONS`), ``detail`` and
+``payload`` (the body as received). Parked marks, trimming and replay: docs/architecture.md,
+"Parked deliveries".
 """
 
 from __future__ import annotations
@@ -83,8 +78,7 @@ return 1
 )
 _REQUEUE_FN = lua_function("replay_parked", _REQUEUE)
 
-# Count parked entries by reason inside Redis: only the counts cross the network, never the
-# parked payloads (up to MAX_BODY_BYTES each). One call per batch keeps each call short.
+# Counted inside Redis, so only the counts cross the network; one call per batch keeps each short.
 _COUNT_REASONS = """
 local entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
 local counts = {}
@@ -109,12 +103,8 @@ _COUNT_REASONS_FN = lua_function("count_parked_reasons", _COUNT_REASONS, read_on
 
 
 class ParkedStream:
-    """Writes the parked stream: the one park path of the web edge and the worker.
-
-    Every XADD carries ``MINID ~`` now minus the retention (by Redis's clock), so the stream stays
-    bounded by age whatever arrives; ``~`` lets Redis trim whole nodes only, which keeps each add
-    cheap.
-    """
+    """Writes the parked stream: the one park path of the web edge and the worker; every add
+    trims entries older than the retention."""
 
     def __init__(
         self,
@@ -177,12 +167,10 @@ async def replay_parked(
 ) -> ReplayReport:
     """Re-enqueue parked entries (optionally only those with ``reason``), oldest first.
 
-    Each entry is removed from the parked stream in the same atomic step that enqueues its job,
-    so an interrupted replay neither loses nor doubles an event. Entries whose job is still
-    queued or running are left in place (``busy``); entries without an ``eventId`` cannot become
-    a job and stay parked (``without_event_id``). The entry's parked mark goes in the same step,
-    so the replayed job may park again (``mark_ttl_seconds`` is the ``DEDUPE_TTL_SECONDS`` the
-    marks were written with; any value finds them, it only sizes slots).
+    Each entry leaves the stream, and its parked mark is forgotten, in the atomic step that
+    enqueues its job. Entries whose job is still queued or running stay (``busy``), as do those
+    without an ``eventId`` (``without_event_id``). ``mark_ttl_seconds`` only sizes slots: any value
+    finds the marks.
     """
     requeue = _REQUEUE_FN.bind(redis)
     marks = parked_marks(mark_ttl_seconds)

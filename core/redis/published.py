@@ -1,25 +1,7 @@
-"""The output stream: one entry per ``eventId``, kept ``OUTPUT_STREAM_RETENTION_SECONDS``.
+"""The output stream: one entry per ``eventId``, published with its vehicle-state merge in one step.
 
-Publishing is idempotent: one Lua function marks the ``eventId`` published (the mark the edge
-wrote when it accepted the event, :mod:`core.redis.dedupe`, set from ``1`` to ``2``) and appends
-the stream entry together, and does nothing if the mark says published already. A job that runs
-twice (a worker killed after publishing but before RQ recorded success, a replay, a duplicate
-job) therefore leaves exactly one entry on ``OUTPUT_STREAM``.
-
-The same step applies the event's merge into its vehicle's state, as the worker planned it
-(:mod:`core.redis.vehicle_state`): both or neither. When the state changed since the worker read
-it, neither happens and the worker plans again, so the entry's ``staleSignals`` always describe
-the state the event was merged into. The events that complete while a call is under way go
-together in the next one (:mod:`core.redis.group`): the clock, the marks' registry and the
-function call are paid once per batch. Of several events of one vehicle in one call, only the
-first planned on the current state applies; the others plan again for the next call (a burst of
-n events of one vehicle costs about n calls: rare at a delivery a minute per car).
-
-The same ``XADD`` trims the stream by age (``MINID ~`` now minus the retention, by Redis's clock):
-the stream stays bounded whatever arrives, with no sweeper that could fall behind. ``~`` lets
-Redis drop whole nodes only, which keeps each add cheap. A consumer group that falls behind by
-more than the retention loses entries: ``smartcar_ingest_output_group_lag_seconds`` and its alert
-(:mod:`core.redis.queue_metrics`) say so well before.
+Why exactly once, and the trim by age: docs/architecture.md, "Publishing and the vehicle state";
+for consumers: docs/consumers.md.
 """
 
 from __future__ import annotations

@@ -1,24 +1,8 @@
-"""Queue and stream gauges, read from Redis when Prometheus scrapes.
+"""Gauges of what Redis holds (queue, registries, stranded jobs, streams, memory, consumer groups,
+fleet), read when Prometheus scrapes.
 
-What is waiting, how old the oldest waiting job is, what is dead-lettered, what is stranded between
-dequeue and start (:mod:`core.redis.custody`) and how long the output stream is are facts about Redis,
-not about one process: a counter in the web or the worker could not know them.
-:class:`QueueCollector` reads them at scrape time instead, in a few short round trips of a
-*synchronous* client (prometheus-client calls collectors synchronously) whose every call is
-bounded by a short timeout, so a slow Redis costs a scrape a fraction of a second, never a hang.
-When Redis cannot be read, only ``smartcar_ingest_redis_up 0`` is exported: the scrape itself still
-succeeds, and the gauges go missing rather than reading as zero.
-
-Besides the queue: Redis's used and max memory (``INFO memory``; the chart warns at 80 % of
-``maxmemory``), and for each consumer group of the output stream how far behind it is in entries
-and in seconds, beside the stream's retention: a group further behind than the retention loses
-entries to the trim (``XADD … MINID ~``, :mod:`core.redis.published`). A user that may not read
-the groups (the web's, which never reads the output's payloads) leaves those gauges to the workers.
-Last, how many vehicles sent events in the last hour and how many a VEHICLE_ERROR
-(:mod:`core.redis.fleet`; workers only, too).
-
-Every process that serves ``/metrics`` reports the same values; aggregate with ``max`` (not
-``sum``) across pods. Labels name the queue and the registry, never an event, user or vehicle.
+Why at scrape time, what a web may leave to the workers, and aggregating with ``max``:
+docs/architecture.md, "Queue and stream gauges".
 """
 
 from __future__ import annotations
@@ -100,8 +84,7 @@ def entry_age_seconds(entry_id: str, now_ms: float) -> float:
 def read_groups(client: redis.Redis, stream: str, now_ms: float | None = None) -> list[GroupLag]:
     """Every consumer group of ``stream`` with how far behind it is, sorted by name; [] without a stream.
 
-    A few short calls per group (``XINFO GROUPS``, ``XPENDING`` summary, one ``XRANGE`` of one
-    entry); raises :class:`redis.exceptions.NoPermissionError` for a user that may not read them.
+    Raises :class:`redis.exceptions.NoPermissionError` for a user that may not read them.
     """
     now = time.time() * 1000 if now_ms is None else now_ms
     try:
@@ -159,11 +142,7 @@ class QueueSnapshot:
 
 
 def read_snapshot(client: redis.Redis, settings: Settings) -> QueueSnapshot:
-    """Read the queue and stream sizes: one pipelined round trip, plus one for the head job's age.
-
-    RQ pushes jobs on the right and pops them from the left, so the head of the list is the job
-    that has waited longest; its hash holds ``enqueued_at`` as a UTC ISO string.
-    """
+    """The queue's and streams' sizes, and when the job that has waited longest was enqueued."""
     queue = settings.ingest_queue
     with client.pipeline(transaction=False) as pipe:
         pipe.llen(queue_key(queue))

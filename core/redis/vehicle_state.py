@@ -1,38 +1,8 @@
-"""The latest state of each vehicle, ordered by the car's own clock.
+"""The latest state of each vehicle, ordered by the car's own clock: one Redis hash per vehicle.
 
-One Redis hash per vehicle, ``VEHICLE_STATE_PREFIX`` + vehicle id (:func:`core.redis.keys.vehicle_state_key`):
-
-==============  =====================================================================================
-field           value
-==============  =====================================================================================
-``<code>``      the newest signal of that code, as JSON in the output payload's form (``code``,
-                ``name``, ``group``, ``body``, ``status``, ``error`` when failed, ``oemUpdatedAt``,
-                ``retrievedAt``), from the webhook's ``signals`` or the ``/signals`` read alike
-``_vehicle``    the vehicle's attributes (the output's ``vehicle``): a copy read from the API replaces a
-                different one; the webhook's own copy (the read was refused) only fills a missing one
-``_updatedAt``  when the state last changed, epoch ms by Redis's clock
-``_eventId``    the event that last changed anything
-==============  =====================================================================================
-
-A signal's JSON starts with its two times (``{"oemUpdatedAt":…,"retrievedAt":…,``) when both are
-whole numbers or null, so that they are read off the front without parsing the JSON.
-
-**Newest** is a total order on the versions of one code: the greater ``oemUpdatedAt``, then the
-greater ``retrievedAt``; a missing time is older than any time (so a signal without them never
-replaces one that has them); on equal times the greater JSON text, compared byte by byte, so that
-the final state never depends on the order the versions arrived in.
-
-**A merge is decided by the worker and applied by Redis only if nothing changed meanwhile.** The
-worker takes the event's newest version of each code (a code may come in both lists), reads those
-fields of the vehicle's hash (``HMGET``: never more than the event carries), and plans the writes: each code newer than the state's, and the codes the state holds
-newer by time (**stale**). Equal is neither, so a repeated event, a retried job or a replay writes
-nothing and reports what the first run reported, unless a newer event was merged between the two.
-The writes are applied by :data:`STATE_LIBRARY`'s ``apply_state``, inside the worker's completion
-call (:mod:`core.redis.published`) or on their own (:meth:`VehicleStates.merge`), only while the
-hash's ``_updatedAt`` and ``_eventId`` are what the worker read: otherwise the worker reads and plans
-again. ``_updatedAt`` only grows (each change sets it past the last), so the pair never comes back.
-Redis does no parsing and no comparing: its cost is the writes themselves. Every change renews the
-key's TTL (``VEHICLE_STATE_TTL_SECONDS``).
+The fields and the "newest" rule: docs/consumers.md, "The latest state of a vehicle"; why the
+worker plans each merge and Redis only applies it: docs/architecture.md, "Publishing and the
+vehicle state".
 """
 
 from __future__ import annotations
@@ -162,11 +132,9 @@ def _stored_json(signal: Mapping[str, Any]) -> bytes:
 
 
 def newest_versions(signals: Iterable[Mapping[str, Any]]) -> dict[str, tuple[When, Mapping[str, Any], bytes]]:
-    """Each code's newest version among ``signals`` (a code usually comes in both the webhook's list
-    and the ``/signals`` read): when it was taken, the signal, and its stored JSON when it had to be
-    made to break a tie (else ``b""``; made only when needed, it is most of a merge's cost). Signals
-    without a usable code (not a string, empty, or starting with ``_``, which the state's own fields
-    use) are left out."""
+    """Each code's newest version among ``signals``: when it was taken, the signal, and its stored
+    JSON when it was made to break a tie (else ``b""``). Signals without a usable code (not a
+    string, empty, or starting with ``_``, which the state's own fields use) are left out."""
     newest: dict[str, tuple[When, Mapping[str, Any], bytes]] = {}
     for signal in signals:
         code = signal.get("code")

@@ -1,24 +1,7 @@
 """Smartcar reads shared by every worker process through Redis: one read serves every event it may.
 
-One hash per read kind, vehicle and user (:func:`core.redis.keys.read_key`) holds the last read
-(its data, when it *started* and when it answered) and the read in flight, if any (a claim with a
-lease). For an event received at ``r`` with a window ``w``:
-
-* a read that started at ``s > r - w`` serves it: one that started after the event arrived (its
-  data cannot be older than the event), or less than a window before;
-* a read made or claimed before the hash's last invalidation (after a VEHICLE_ERROR: a new
-  generation) serves nobody;
-* while a read that may serve the event is in flight, the event waits for it, in whatever process
-  it runs (the read's own process hands it over directly, the others poll the hash);
-* otherwise the event claims the read and calls Smartcar; events that arrive meanwhile wait for it.
-
-Each decision is one Lua script run atomically (the decisions of the events in flight meanwhile
-share one function call, :mod:`core.redis.group`), so two processes can never both claim a read
-the other could serve. Failures are shared too: the events waiting on a read that was refused, rate limited or
-failed get the same outcome instead of each calling again. A claim whose process died is given up
-when its lease runs out, and the next event claims afresh.
-
-Times are Redis's clock (``TIME``) but for ``r``, the time the web received the event.
+Which read serves which event, and why each decision is one script: docs/architecture.md, "Shared
+Smartcar reads"; what consumers see: docs/consumers.md, "Schema version 2".
 """
 
 from __future__ import annotations

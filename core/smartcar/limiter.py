@@ -1,25 +1,8 @@
 """One request budget for the whole deployment, and Smartcar's 429 pauses, kept in Redis.
 
-Every request to the vehicle API first asks :meth:`RequestLimiter.admit`, which runs one Redis
-function (so every worker process of the deployment sees the same state; the requests that ask
-meanwhile share one call, :mod:`core.redis.group`) that looks at:
-
-* **the pauses**: a 429 for a vehicle (``RATE_LIMIT:VEHICLE``) stops calls for that vehicle, and
-  a 429 ``RATE_LIMIT:SMARTCAR_API`` stops every call, until ``Retry-After`` has passed (without
-  the header: 2 s, doubling on each 429 that follows while the pause is remembered, at most 60 s);
-* **the budget** (``SMARTCAR_REQUESTS_PER_MINUTE`` and ``SMARTCAR_BURST``): a GCRA, the token
-  bucket's equivalent in one number. The key holds the *theoretical arrival time*; a request
-  may go at ``TAT - (burst - 1) * interval`` and moves the TAT one interval on. The script
-  *reserves* the slot when the wait fits, so callers go in the order they asked and nobody
-  sleeps only to find the slot taken.
-
-A request that cannot go within the read's deadline (``ENRICH_WAIT_SECONDS``, set per read with
-:meth:`RequestLimiter.deadline`) is never sent: :class:`OverBudget` is raised at once, before any
-sleeping, and the read is skipped (core.smartcar.reads). Times are Redis's own clock (``TIME``),
-so the workers' clocks do not have to agree.
-
-The calls a read makes and the 429s it meets are counted into the :class:`Tally` of the event being
-enriched (a context variable), which core.smartcar.usage keeps per minute for ``status``.
+The pauses and the GCRA budget: docs/architecture.md, "The request budget and 429 pauses". A read
+that cannot go within its deadline is skipped (:class:`OverBudget`). The calls and 429s of the
+event being enriched are counted into its :class:`Tally`.
 """
 
 from __future__ import annotations

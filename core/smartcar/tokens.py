@@ -1,20 +1,7 @@
-"""The application token: one client-credentials token shared by every worker process.
+"""The application token: one client-credentials token shared by every worker process, sealed in Redis.
 
-Smartcar's v3 token lasts an hour and comes without a refresh token, so the service simply asks
-for a new one before the old one expires. The token lives in Redis, so every process of a
-deployment uses the same one and the token endpoint sees one request per token lifetime.
-
-Refreshing takes a short Redis lock (``SET NX PX``): the process holding it asks Smartcar, the
-others wait for the new token to appear instead of stampeding the endpoint. A 401 from the API
-calls :meth:`AppTokenProvider.refresh` with the token that failed; if another process already
-replaced it, that replacement is used without a new request.
-
-The token is a secret: it is never logged, never put in an exception message and never written
-anywhere but this Redis key, and there only sealed (:class:`TokenSeal`): encrypted and
-authenticated with AES-256-GCM under a key derived from the client secret. The web pods share
-Redis but not the client secret, so a compromised web pod (or anyone who can read Redis) cannot
-use the token; whoever holds the client secret could mint a token anyway, so that key adds no new
-secret to manage.
+The token is never logged, put in a message or written anywhere but its Redis key, sealed.
+Refreshing: docs/architecture.md, "The application token"; the seal: docs/security.md.
 """
 
 from __future__ import annotations
@@ -65,13 +52,9 @@ class AppToken:
 
 
 class TokenSeal:
-    """Seals the cached token for Redis: AES-256-GCM, keyed from the client credentials.
-
-    The key is HMAC-SHA256(client secret, label + client id); each seal has a random 96-bit
-    nonce and binds the Redis key name as associated data, so a sealed value copied under
-    another key does not open. A value that does not open (another secret after a rotation,
-    the plain JSON of an older release, tampering) reads as no token, and a fresh one is fetched.
-    """
+    """Seals the cached token for Redis: AES-256-GCM under HMAC-SHA256(client secret, label +
+    client id), a random nonce per seal, the Redis key name bound as associated data. A value that
+    does not open (another secret, plain JSON, tampering) reads as no token."""
 
     _PREFIX = b"sealed1:"
     _LABEL = b"smartcar-ingest app-token seal v1:"

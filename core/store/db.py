@@ -1,22 +1,7 @@
-"""Database plumbing for the user store: engines, error translation and Alembic migrations.
+"""Database plumbing for the user store: the engine, error translation and Alembic migrations.
 
-``DATABASE_URL`` is parsed and turned into an engine here, and only here, so every caller gets the
-same pool settings and the same error messages. Migrations run through Alembic with a
-configuration built in code (the scripts are found next to this package, so ``db upgrade`` works
-from an installed wheel as well as from a checkout); no ``alembic.ini`` is needed at run time.
-
-A database whose tables were made outside Alembic (the migration guide's "before" schema, built
-by the application itself) is adopted: :func:`upgrade` recognises which revision its tables match,
-stamps that revision and carries on from there; :func:`stamp` does the same by hand.
-
-Errors::
-
-    ConfigurationError       bad URL, missing driver, unknown revision, unreachable database,
-                             tables of no known shape, or tokens an upgrade would drop: the
-                             command stops with one line
-    DatabaseUnavailable      (a TransientError) the database did not answer during normal work
-
-Messages name the database by its URL with the password masked, never the password itself.
+Why it is built so: docs/architecture.md, "The user store"; adopting a database made outside
+Alembic: docs/migration.md, step 1.
 """
 
 from __future__ import annotations
@@ -89,12 +74,8 @@ def safe_url(url: URL | str) -> str:
 
 
 def make_engine(database_url: str, *, pooled: bool = True) -> Engine:
-    """An engine for ``database_url``; creating it does not connect.
-
-    SQLite connections may be used from any thread (the pool hands them around). PostgreSQL
-    connections are checked before use (``pool_pre_ping``), so a restarted server or a dropped
-    idle connection costs one reconnect instead of a failed job, and connecting gives up after
-    :data:`CONNECT_TIMEOUT_SECONDS`. ``pooled=False`` is for one-shot work such as migrations.
+    """An engine for ``database_url``; creating it does not connect. ``pooled=False`` is for
+    one-shot work such as migrations.
 
     Raises :class:`ConfigurationError` for a bad URL or a driver that is not installed.
     """
@@ -105,7 +86,7 @@ def make_engine(database_url: str, *, pooled: bool = True) -> Engine:
         connect_args["check_same_thread"] = False
     elif url.get_backend_name() == "postgresql":
         # Pool sizes stay at SQLAlchemy's defaults: the pool grows only as far as a process's
-        # concurrency, which is one connection for a worker and a few for the web.
+        # concurrency. The ping makes a restarted server cost a reconnect, not a failed job.
         options["pool_pre_ping"] = True
         if "connect_timeout" not in url.query:
             connect_args["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
@@ -149,9 +130,9 @@ def _is_missing_column(exc: SQLAlchemyError) -> bool:
 def translate_errors(url: URL) -> Iterator[None]:
     """Turn SQLAlchemy's connection-level failures into this project's error tree.
 
-    A missing table becomes :class:`ConfigurationError` (run ``db upgrade``); refused, timed-out
-    or dropped connections and SQLite's "database is locked" become :class:`DatabaseUnavailable`,
-    which workers retry. Anything else (a bug, a constraint) propagates unchanged.
+    A missing table or column becomes :class:`ConfigurationError`; refused, timed-out or dropped
+    connections and SQLite's "database is locked" become :class:`DatabaseUnavailable`. Anything
+    else (a bug, a constraint) propagates unchanged.
     """
     try:
         yield
@@ -218,9 +199,7 @@ def _migration_connection(database_url: str, action: str, *, lock: bool = True) 
         with opened, opened.begin():
             connection = opened
             if lock and connection.dialect.name == "postgresql":
-                # Several pods may run `db upgrade` at once (init containers, a Helm hook and a
-                # developer); the transaction-scoped lock makes them take turns, and the later
-                # ones find the work already done.
+                # Pods migrating at once take turns; the later ones find the work done.
                 connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
             yield connection
     except CommandError as exc:
@@ -243,16 +222,12 @@ def _migration_connection(database_url: str, action: str, *, lock: bool = True) 
 def upgrade(database_url: str, revision: str = "head", *, drop_tokens: bool = False) -> str | None:
     """Migrate the database forward to ``revision`` (default: the newest); a no-op when already there.
 
-    A database with ``users``/``vehicles`` tables but no Alembic version is first stamped with the
-    revision its tables match (:func:`detect_revision`); that revision is returned so the caller
-    can say so, else ``None``. An empty database goes straight to ``revision``.
-
-    Passing ``v3_schema`` drops ``vehicles.vehicle_access_token``; while any vehicle still holds a
-    token this refuses unless ``drop_tokens`` is true, because the tokens cannot be brought back.
-
-    On PostgreSQL the whole upgrade is one transaction: it applies completely or not at all.
-    Raises :class:`ConfigurationError` for a bad URL, an unreachable database, an unknown revision,
-    tables of no known shape, or tokens in the way.
+    An unversioned database with tables is first stamped with the revision they match
+    (:func:`detect_revision`), which is returned; else ``None``. Passing ``v3_schema`` while a
+    vehicle still holds a token refuses unless ``drop_tokens`` (the tokens cannot be brought back).
+    On PostgreSQL it applies completely or not at all. Raises :class:`ConfigurationError` for a bad
+    URL, an unknown revision, tables of no known shape or tokens in the way, and
+    :class:`DatabaseUnavailable` for a server that does not answer.
     """
     with _migration_connection(database_url, f"upgrade the database to {revision}") as connection:
         config = _alembic_config(connection)
@@ -268,9 +243,8 @@ def upgrade(database_url: str, revision: str = "head", *, drop_tokens: bool = Fa
 
 
 def stamp(database_url: str, revision: str) -> None:
-    """Record ``revision`` as the database's state without running anything (adopting a database
-    made outside Alembic; ``base`` forgets the record). Raises :class:`ConfigurationError` like
-    :func:`upgrade`."""
+    """Record ``revision`` as the database's state without running anything (``base`` forgets the
+    record). Raises like :func:`upgrade`."""
     with _migration_connection(database_url, f"stamp the database as {revision}") as connection:
         command.stamp(_alembic_config(connection), revision)
 
@@ -339,17 +313,13 @@ def _refuse_to_drop_tokens(connection: Connection, config: Config, revision: str
 
 def downgrade(database_url: str, revision: str) -> None:
     """Migrate the database back to ``revision`` (``base`` removes every table the migrations made).
-
-    Raises :class:`ConfigurationError` for a bad URL, an unreachable database or an unknown revision.
-    """
+    Raises like :func:`upgrade`."""
     with _migration_connection(database_url, f"downgrade the database to {revision}") as connection:
         command.downgrade(_alembic_config(connection), revision)
 
 
 def current(database_url: str) -> str | None:
     """The revision the database is at, or ``None`` for a database that was never migrated.
-
-    Raises :class:`ConfigurationError` for a bad URL or an unreachable database.
-    """
+    Raises like :func:`upgrade`."""
     with _migration_connection(database_url, "read the database revision", lock=False) as connection:
         return MigrationContext.configure(connection).get_current_revision()

@@ -1,19 +1,8 @@
 """The user store: internal users and their vehicles, keyed by Smartcar's ids (SQL).
 
-Workers call :meth:`UserStore.find_by_smartcar_user_id` once per event to route it to an internal
-user; ``users link``, the Connect callback and ``backfill`` write the link. The tables are created
-by the Alembic migrations in ``migrations/`` (``smartcar-ingest db upgrade``), never by this module.
-
-Errors, all in the project's tree (:mod:`core.errors`)::
-
-    PermanentError
-    ├── UserNotFound        no user with this internal id
-    ├── VehicleNotFound     no vehicle with this internal id
-    ├── LinkConflict        the link would overwrite or steal a Smartcar user id
-    ├── RecordExists        add_user / add_vehicle with an id that is taken
-    └── InvalidValue        a value that does not fit its column
-    TransientError
-    └── DatabaseUnavailable the database did not answer; retry later
+Workers route each event to a user with :meth:`UserStore.find_by_smartcar_user_id`; ``users link``,
+the Connect callback and ``backfill`` write the links. The tables are made by the migrations
+(``smartcar-ingest db upgrade``). docs/architecture.md, "The user store".
 """
 
 from __future__ import annotations
@@ -175,12 +164,10 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
 class UserStore:
     """Reads and writes ``users`` and ``vehicles`` in the database at ``database_url``.
 
-    Construction does not connect; the first query does. The store holds a connection pool and
-    is safe to share between threads. In a process forked after the store was used (RQ's work
-    horse), call ``dispose(close=False)`` first so the child does not reuse the parent's sockets.
-
-    Connection failures raise :class:`core.errors.DatabaseUnavailable` (transient); a database that
-    was never migrated raises :class:`core.errors.ConfigurationError`.
+    Construction does not connect. Safe to share between threads; a process forked after the store
+    was used calls ``dispose(close=False)`` first. Every query raises
+    :class:`core.errors.DatabaseUnavailable` when the database does not answer and
+    :class:`core.errors.ConfigurationError` when it was never migrated.
     """
 
     def __init__(self, database_url: str) -> None:
@@ -200,12 +187,8 @@ class UserStore:
             yield connection
 
     def find_by_smartcar_user_id(self, smartcar_user_id: str) -> UserRecord | None:
-        """The user linked to ``smartcar_user_id``, or ``None``: one query on the unique index
-        (on PostgreSQL the pool may add its liveness ping when it hands out a connection).
-
-        An id that could never be stored (blank, or longer than 36 characters) matches nobody
-        and costs no query.
-        """
+        """The user linked to ``smartcar_user_id``, or ``None`` (also, with no query, for an id that
+        could never be stored: blank or longer than 36 characters)."""
         if not smartcar_user_id or len(smartcar_user_id) > SMARTCAR_ID_LENGTH:
             return None
         statement = select(*_USER_COLUMNS).where(User.smartcar_user_id == smartcar_user_id)
