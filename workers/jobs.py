@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from rq import get_current_job
 
 from core import metrics
@@ -11,6 +9,7 @@ from core.errors import InvalidJob
 from core.logs import get_logger
 from core.redis.jobs import JobPayload, spliced_body
 from workers import runtime
+from workers.processor import JobResult
 
 log = get_logger("smartcar_ingest.worker")
 
@@ -58,7 +57,7 @@ async def run_event(
     budget_seconds: float,
     check_published: bool = True,
     using: runtime.Runtime | None = None,
-) -> dict[str, Any]:
+) -> JobResult:
     """Process one checked payload on the running loop (see :mod:`workers.processor`) with the
     installed runtime, the worker's own path, or with ``using``.
 
@@ -68,10 +67,9 @@ async def run_event(
     worker`` does it).
     """
     processor = await (using or runtime.current()).processor()
-    outcome = await processor.process(
+    return await processor.process(
         payload, final_attempt=final_attempt, budget_seconds=budget_seconds, check_published=check_published
     )
-    return outcome.as_dict()
 
 
 def job_budget(timeout: float | None, default: int) -> float:
@@ -79,7 +77,7 @@ def job_budget(timeout: float | None, default: int) -> float:
     return max(1.0, (timeout or default) - 5)
 
 
-async def process_event(payload: object) -> dict[str, Any]:
+async def process_event(payload: object) -> JobResult:
     """The job function the queue's jobs name, as RQ would call it (a coroutine, run by RQ's
     ``Job.perform`` in a stock worker, on a new event loop per job; ``smartcar-ingest worker``
     calls :func:`run_event` directly, on its own loop).

@@ -261,7 +261,7 @@ class AsyncWorker:
             else:
                 await self._fail(held, exc)
             return
-        self.stats.count(str(result.get("status")), time.monotonic() - started)
+        self.stats.count(result["status"], time.monotonic() - started)
         self._halt.reach("returned")
         self._finished.append(Success(held, result))
         if len(self._finished) >= self.batch_size:
