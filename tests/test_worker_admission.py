@@ -16,7 +16,8 @@ from rq.serializers import JSONSerializer
 from cli.samples import encode, sample_event
 from core.redis.jobs import PROCESS_EVENT, job_payload
 from tests.pipeline import outputs, run_worker_burst
-from workers.admission import refusal_reason
+from workers.batch import Held
+from workers.jobs import refusal
 
 
 def _queue(client: redis.Redis, name: str) -> Queue:
@@ -61,10 +62,16 @@ def test_genuine_jobs_still_run_beside_refused_ones(pipeline, redis_client):
 def test_refusal_reasons(redis_client):
     """Odd argument shapes are refused too; the job the web writes is admitted."""
     queue = _queue(redis_client, "admission-test")
-    assert refusal_reason(queue.enqueue(PROCESS_EVENT, "not a dict")) is not None
-    assert refusal_reason(queue.enqueue(PROCESS_EVENT, {}, {})) is not None
-    assert refusal_reason(queue.enqueue(PROCESS_EVENT, payload={})) is not None
-    assert refusal_reason(queue.enqueue(PROCESS_EVENT, {"eventId": "e"})) is None
+
+    def refusal_of(job: Job) -> str | None:
+        return refusal(Held(job.id, redis_client.hgetall(job.key)), redis_client, 262_144)
+
+    assert refusal_of(queue.enqueue(PROCESS_EVENT, "not a dict")) == "the job's arguments are not one JSON object"
+    assert refusal_of(queue.enqueue(PROCESS_EVENT, {}, {})) == "the job's arguments are not one JSON object"
+    assert refusal_of(queue.enqueue(PROCESS_EVENT, payload={})) == "the job's arguments are not one JSON object"
+    assert refusal_of(queue.enqueue("os.getcwd", {})) == "the job names a function other than process_event"
+    assert refusal_of(queue.enqueue(PROCESS_EVENT, {}, on_success=Callback("os.getcwd"))) == "the job carries callbacks"
+    assert refusal_of(queue.enqueue(PROCESS_EVENT, {"eventId": "e"})) is None
 
 
 def test_a_job_hash_rq_cannot_load_is_refused_and_the_worker_goes_on(pipeline, redis_client):
