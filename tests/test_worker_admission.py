@@ -11,6 +11,7 @@ from rq import Queue
 from rq.callbacks import Callback
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
+from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from cli.samples import encode, sample_event
@@ -31,7 +32,9 @@ def test_worker_refuses_a_job_naming_another_function(pipeline, redis_client, tm
     run_worker_burst(pipeline)
     assert not target.exists()
     assert job.id in FailedJobRegistry(pipeline.ingest_queue, connection=redis_client)
-    assert Job.fetch(job.id, connection=redis_client, serializer=JSONSerializer).get_status() == JobStatus.FAILED
+    refused = Job.fetch(job.id, connection=redis_client, serializer=JSONSerializer)
+    assert refused.get_status() == JobStatus.FAILED
+    assert "Refused by smartcar-ingest: the job names a function other than" in refused.latest_result().exc_string
     assert redis_client.llen(_queue(redis_client, pipeline.ingest_queue).intermediate_queue_key) == 0
 
 
@@ -86,6 +89,8 @@ def test_a_job_hash_rq_cannot_load_is_refused_and_the_worker_goes_on(pipeline, r
     assert "unloadable" in FailedJobRegistry(pipeline.ingest_queue, connection=redis_client).get_job_ids()
     assert redis_client.hget(Job.key_for("unloadable"), "status") == b"failed"
     assert redis_client.hget(Job.key_for("unloadable"), "data") == b"{"
+    assert 0 < redis_client.ttl(Job.key_for("unloadable")) <= 7 * 24 * 3600  # gone with its registry entry
+    assert redis_client.xlen(Result.get_key("unloadable")) == 1  # the refusal's reason, for RQ's tools
     assert [entry["event_id"] for entry in outputs(redis_client)] == [event["eventId"]]
 
 

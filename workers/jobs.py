@@ -8,13 +8,12 @@ goes to :meth:`workers.processor.EventProcessor.process` (docs/architecture.md, 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
 import pydantic_core
 import redis
-from rq import Queue, get_current_job
+from rq import get_current_job
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from rq.results import Result
@@ -61,30 +60,21 @@ def refusal(held: Held, connection: redis.Redis, max_body_bytes: int) -> str | N
     return None
 
 
-def refuse(connection: redis.Redis, queue: Queue, held: Held, reason: str, dequeued: str, max_body_bytes: int) -> None:
-    """Move a refused job from the worker's list (``dequeued``) to the failed registry, without
-    running it or any of its callbacks (RQ's own failure handling would call them).
-
-    A hash too large to load, or one RQ cannot load, is left as found but for its status.
-    """
-    job = None
-    if not held.oversized(max_body_bytes):
-        with contextlib.suppress(Exception):
-            job = held.job(connection)
-    registry = FailedJobRegistry(queue.name, connection=connection, serializer=JSONSerializer)
-    because = f"Refused by smartcar-ingest: {reason}."
+def refuse(connection: redis.Redis, queue_name: str, held: Held, reason: str, dequeued: str) -> None:
+    """Move a refused job from the worker's list (``dequeued``) to RQ's failed registry, with a
+    failure result saying why. The job is never loaded: neither its callbacks (RQ's own failure
+    handling would call them) nor a hash RQ cannot load, or would inflate without limit, are met;
+    the hash is left as found but for its status and its expiry."""
+    unloaded = Job(held.job_id, connection=connection, serializer=JSONSerializer)  # its id only
+    registry = FailedJobRegistry.key_template.format(queue_name)
     with connection.pipeline() as pipe:
         pipe.lrem(dequeued, 0, held.job_id)
-        if job is None:
-            pipe.zadd(registry.key, {held.job_id: time.time() + REFUSED_JOB_TTL_SECONDS})
-            pipe.hset(Job.key_for(held.job_id), "status", JobStatus.FAILED.value)
-        else:
-            pipe.lrem(queue.intermediate_queue_key, 0, job.id)
-            pipe.lrem(queue.key, 0, job.id)
-            registry.add(job, ttl=REFUSED_JOB_TTL_SECONDS, exc_string=because, pipeline=pipe)
-            # RQ's tools (rq-dashboard, Job.latest_result) read a failure's text from its result.
-            Result.create_failure(job, REFUSED_JOB_TTL_SECONDS, exc_string=because, pipeline=pipe)
-            job.set_status(JobStatus.FAILED, pipeline=pipe)
+        pipe.zadd(registry, {held.job_id: time.time() + REFUSED_JOB_TTL_SECONDS})
+        unloaded.set_status(JobStatus.FAILED, pipeline=pipe)
+        pipe.expire(unloaded.key, REFUSED_JOB_TTL_SECONDS)
+        # RQ's tools (rq-dashboard, Job.latest_result) read a failure's text from its result.
+        because = f"Refused by smartcar-ingest: {reason}."
+        Result.create_failure(unloaded, REFUSED_JOB_TTL_SECONDS, exc_string=because, pipeline=pipe)
         pipe.execute()
     log.error("refused a job that is not an ingest job", jobId=held.job_id, reason=reason)
 

@@ -215,7 +215,9 @@ class AsyncWorker:
             if reason is None:
                 runnable.append(held)
                 continue
-            await self.steps.blocking(partial(self._refuse, held, reason))
+            await self.steps.blocking(
+                partial(refuse, self.connection, self.queue.name, held, reason, self.books.dequeued_key)
+            )
         ttl = max((h.ttl for h in runnable), default=90)
         started = await self.steps.run(lambda: self.books.start(runnable, ttl), or_stop=False)
         self._halt.reach("prepared")
@@ -226,9 +228,6 @@ class AsyncWorker:
             task.add_done_callback(self._task_done)
         if started:
             self.house.busy()
-
-    def _refuse(self, held: Held, reason: str) -> None:
-        refuse(self.connection, self.queue, held, reason, self.books.dequeued_key, self.settings.max_body_bytes)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
