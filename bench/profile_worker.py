@@ -27,7 +27,7 @@ PARTS: tuple[tuple[str, str], ...] = (
     ("core/redis/vehicle_state.py", "vehicle state merge"),
     ("core/smartcar/", "Smartcar client, reads and cache"),
     ("workers/batch.py", "RQ bookkeeping (batched)"),
-    ("workers/payloads.py", "read the job"),
+    ("workers/jobs.py", "read the job"),
     ("httpx", "HTTP client (httpx)"),
     ("aiohttp", "HTTP transport (aiohttp)"),
     ("redis/", "Redis client (redis-py)"),

@@ -392,11 +392,9 @@ def test_an_overflowing_number_in_a_signal_body_becomes_null():
 
 @pytest.mark.parametrize("body", ["{not json", "NaN", '{"eventId": "\ud800"}', "[]", '"x"', "\ud800"])
 def test_the_worker_parse_step_raises_only_park_reasons(body):
-    """workers.processor.parse_body turns anything it cannot read into InvalidPayload (parked, never failed)."""
-    from workers.processor import parse_body
-
+    """The worker's parse step, parse_stored, turns anything it cannot read into InvalidPayload (parked, never failed)."""
     with pytest.raises(InvalidPayload):
-        parse_body(body)
+        events.parse_stored(body)
 
 
 # --- one reading: the edge's one-pass check and the worker's parse_stored ---------------------------

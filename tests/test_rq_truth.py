@@ -216,7 +216,7 @@ def test_a_job_with_its_body_as_text_is_read_as_rq_reads_it(redis_client):
     """Jobs written with the body as a JSON string (replay, the spool's drain, RQ's own enqueue)
     share the spliced jobs' head and tail; the worker must not take them for spliced ones."""
     from core.redis.jobs import JobOptions, JobTemplate, job_payload, spliced_job_data
-    from workers.payloads import read_held, refusal_of
+    from workers.jobs import claimed_payload, refusal
 
     template = JobTemplate(JobOptions(queue=QUEUE, retries=0))
     body = '{"eventId":"e2","eventType":"VEHICLE_STATE","x":",\\"body\\":{"}'
@@ -232,5 +232,5 @@ def test_a_job_with_its_body_as_text_is_read_as_rq_reads_it(redis_client):
             for k, v in held.fields.items()
         }
         held = batch.Held("j", fields)
-        assert refusal_of(held, redis_client, 262_144) is None
-        assert read_held(held, redis_client) == job_payload("e2", "VEHICLE_STATE", expected, 1234)
+        assert refusal(held, redis_client, 262_144) is None
+        assert claimed_payload(held, redis_client) == job_payload("e2", "VEHICLE_STATE", expected, 1234)

@@ -270,7 +270,7 @@ def test_a_full_worker_user_cache_forgets_its_oldest_user_only(seeded_database):
     smartcar_ids = [user.id for user in default_seed()][:3]
     assert len(smartcar_ids) == 3
     store = UserStore(seeded_database)
-    processor = EventProcessor(store, None, None, None, user_cache_size=2)  # type: ignore[arg-type]
+    processor = EventProcessor(store, None, None, None, None, user_cache_size=2)  # type: ignore[arg-type]
 
     async def look_up_each() -> None:
         for smartcar_id in smartcar_ids:

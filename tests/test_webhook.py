@@ -28,6 +28,7 @@ from starlette.testclient import TestClient
 from cli.samples import encode, sample_event
 from core.config import Settings
 from core.errors import InvalidJob
+from core.events import parse_stored
 from core.redis.dedupe import event_marks, recall
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions, job_payload, spliced_job_data
@@ -43,7 +44,6 @@ from tests.contracts import check_parked_entry
 from tests.examples import examples
 from tests.procs import LiveServer
 from workers.jobs import read_payload
-from workers.processor import parse_body
 
 URL = "/webhooks/smartcar"
 #: Captures are historical: their meta.deliveredAt is months old, far past the dedupe window.
@@ -578,7 +578,7 @@ def test_unreadable_times_and_years_are_accepted_and_read_as_unknown(live, redis
     assert response.status_code == 202
     assert response.json() == {"status": "accepted", "eventId": document["eventId"]}
     [job] = queued_jobs(redis_client)
-    event = parse_body(worker_body(job))  # the worker's own parse step
+    event = parse_stored(worker_body(job))  # the worker's own parse step
     assert event.event_id == document["eventId"]
     assert event.signals[0].oemUpdatedAt is None
     assert event.signals[0].retrievedAt is None
@@ -721,7 +721,7 @@ def test_what_the_edge_accepts_the_worker_parses_with_the_same_event_id(live, re
             job = Job.fetch(job_id_for(accepted_id), connection=redis_client, serializer=JSONSerializer)
             payload = job.args[0]
             assert payload["eventId"] == accepted_id
-            parsed = parse_body(worker_body(job))
+            parsed = parse_stored(worker_body(job))
             assert parsed.event_id == accepted_id
             json.dumps(parsed.model_dump(mode="json"), allow_nan=False)
 

@@ -11,12 +11,14 @@ from rq import Queue
 from rq.callbacks import Callback
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
+from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from cli.samples import encode, sample_event
 from core.redis.jobs import PROCESS_EVENT, job_payload
 from tests.pipeline import outputs, run_worker_burst
-from workers.admission import refusal_reason
+from workers.batch import Held
+from workers.jobs import refusal
 
 
 def _queue(client: redis.Redis, name: str) -> Queue:
@@ -30,7 +32,9 @@ def test_worker_refuses_a_job_naming_another_function(pipeline, redis_client, tm
     run_worker_burst(pipeline)
     assert not target.exists()
     assert job.id in FailedJobRegistry(pipeline.ingest_queue, connection=redis_client)
-    assert Job.fetch(job.id, connection=redis_client, serializer=JSONSerializer).get_status() == JobStatus.FAILED
+    refused = Job.fetch(job.id, connection=redis_client, serializer=JSONSerializer)
+    assert refused.get_status() == JobStatus.FAILED
+    assert "Refused by smartcar-ingest: the job names a function other than" in refused.latest_result().exc_string
     assert redis_client.llen(_queue(redis_client, pipeline.ingest_queue).intermediate_queue_key) == 0
 
 
@@ -61,10 +65,16 @@ def test_genuine_jobs_still_run_beside_refused_ones(pipeline, redis_client):
 def test_refusal_reasons(redis_client):
     """Odd argument shapes are refused too; the job the web writes is admitted."""
     queue = _queue(redis_client, "admission-test")
-    assert refusal_reason(queue.enqueue(PROCESS_EVENT, "not a dict")) is not None
-    assert refusal_reason(queue.enqueue(PROCESS_EVENT, {}, {})) is not None
-    assert refusal_reason(queue.enqueue(PROCESS_EVENT, payload={})) is not None
-    assert refusal_reason(queue.enqueue(PROCESS_EVENT, {"eventId": "e"})) is None
+
+    def refusal_of(job: Job) -> str | None:
+        return refusal(Held(job.id, redis_client.hgetall(job.key)), redis_client, 262_144)
+
+    assert refusal_of(queue.enqueue(PROCESS_EVENT, "not a dict")) == "the job's arguments are not one JSON object"
+    assert refusal_of(queue.enqueue(PROCESS_EVENT, {}, {})) == "the job's arguments are not one JSON object"
+    assert refusal_of(queue.enqueue(PROCESS_EVENT, payload={})) == "the job's arguments are not one JSON object"
+    assert refusal_of(queue.enqueue("os.getcwd", {})) == "the job names a function other than process_event"
+    assert refusal_of(queue.enqueue(PROCESS_EVENT, {}, on_success=Callback("os.getcwd"))) == "the job carries callbacks"
+    assert refusal_of(queue.enqueue(PROCESS_EVENT, {"eventId": "e"})) is None
 
 
 def test_a_job_hash_rq_cannot_load_is_refused_and_the_worker_goes_on(pipeline, redis_client):
@@ -79,6 +89,8 @@ def test_a_job_hash_rq_cannot_load_is_refused_and_the_worker_goes_on(pipeline, r
     assert "unloadable" in FailedJobRegistry(pipeline.ingest_queue, connection=redis_client).get_job_ids()
     assert redis_client.hget(Job.key_for("unloadable"), "status") == b"failed"
     assert redis_client.hget(Job.key_for("unloadable"), "data") == b"{"
+    assert 0 < redis_client.ttl(Job.key_for("unloadable")) <= 7 * 24 * 3600  # gone with its registry entry
+    assert redis_client.xlen(Result.get_key("unloadable")) == 1  # the refusal's reason, for RQ's tools
     assert [entry["event_id"] for entry in outputs(redis_client)] == [event["eventId"]]
 
 

@@ -199,7 +199,7 @@ class Held:
         """The RQ job, restored from the hash already in hand (for RQ's own failure handling).
 
         RQ inflates ``data`` with no limit: only for a job :meth:`oversized` has passed (the worker's
-        admission, :func:`workers.payloads.refusal_of`, checks every claimed job first).
+        admission, :func:`workers.jobs.refusal`, checks every claimed job first).
         """
         job = Job(self.job_id, connection=connection, serializer=JSONSerializer)
         job.restore(self.fields)

@@ -1,21 +1,106 @@
-"""RQ job functions. Each takes plain JSON data and is importable as ``workers.jobs.<name>``."""
+"""Ingest jobs: which claimed jobs run, the payload each carries, and RQ's entry point.
+
+Anyone who can write to Redis can queue a job, and RQ would import and call whatever function
+and callbacks it names: the worker runs only ``process_event`` with one JSON object argument and
+no callbacks, and refuses anything else to RQ's failed registry, never run. The job's payload
+goes to :meth:`workers.processor.EventProcessor.process` (docs/architecture.md, docs/security.md).
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import pydantic_core
+import redis
 from rq import get_current_job
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry
+from rq.results import Result
+from rq.serializers import JSONSerializer
 
 from core import metrics
 from core.errors import InvalidJob
 from core.logs import get_logger
-from core.redis.jobs import JobPayload, spliced_body
+from core.redis.jobs import PROCESS_EVENT, JobPayload, spliced_body, spliced_head
 from workers import runtime
+from workers.batch import Held
+from workers.processor import JobResult
 
 log = get_logger("smartcar_ingest.worker")
 
+#: How long a refused job stays in the failed registry for an operator to look at.
+REFUSED_JOB_TTL_SECONDS = 7 * 24 * 3600
 #: The keys of a job payload that must hold text.
 _TEXT_KEYS = ("eventId", "eventType", "body")
+_CALLBACKS = (b"success_callback_name", b"failure_callback_name", b"stopped_callback_name")
+
+
+def refusal(held: Held, connection: redis.Redis, max_body_bytes: int) -> str | None:
+    """Why the claimed job is refused, or None for an ingest job.
+
+    A job the web edge wrote (its delivery spliced into ``data``: :func:`core.redis.jobs.spliced_job_data`)
+    is told by its bytes; any other is loaded by RQ, unless larger than a delivery needs.
+    """
+    if held.oversized(max_body_bytes):
+        return f"the job's data is larger than a delivery of MAX_BODY_BYTES ({max_body_bytes}) needs"
+    if any(held.fields.get(name) for name in _CALLBACKS):
+        return "the job carries callbacks"
+    if _spliced(held) is not None:
+        return None
+    try:
+        job = held.job(connection)
+        func_name, args, kwargs = job.func_name, job.args, job.kwargs
+    except Exception:  # a hash RQ cannot load or decode is refused, whatever broke
+        return "the job's data cannot be decoded"
+    if func_name != PROCESS_EVENT:
+        return "the job names a function other than process_event"
+    if kwargs or len(args) != 1 or not isinstance(args[0], dict):
+        return "the job's arguments are not one JSON object"
+    return None
+
+
+def refuse(connection: redis.Redis, queue_name: str, held: Held, reason: str, dequeued: str) -> None:
+    """Move a refused job from the worker's list (``dequeued``) to RQ's failed registry, with a
+    failure result saying why. The job is never loaded: neither its callbacks (RQ's own failure
+    handling would call them) nor a hash RQ cannot load, or would inflate without limit, are met;
+    the hash is left as found but for its status and its expiry."""
+    unloaded = Job(held.job_id, connection=connection, serializer=JSONSerializer)  # its id only
+    registry = FailedJobRegistry.key_template.format(queue_name)
+    with connection.pipeline() as pipe:
+        pipe.lrem(dequeued, 0, held.job_id)
+        pipe.zadd(registry, {held.job_id: time.time() + REFUSED_JOB_TTL_SECONDS})
+        unloaded.set_status(JobStatus.FAILED, pipeline=pipe)
+        pipe.expire(unloaded.key, REFUSED_JOB_TTL_SECONDS)
+        # RQ's tools (rq-dashboard, Job.latest_result) read a failure's text from its result.
+        because = f"Refused by smartcar-ingest: {reason}."
+        Result.create_failure(unloaded, REFUSED_JOB_TTL_SECONDS, exc_string=because, pipeline=pipe)
+        pipe.execute()
+    log.error("refused a job that is not an ingest job", jobId=held.job_id, reason=reason)
+
+
+def _spliced(held: Held) -> tuple[dict[str, Any], str] | None:
+    """The payload's fields and the body's text of an edge-written job; None for any other job."""
+    data = held.fields.get(b"data", b"")
+    head, body = spliced_head(data), spliced_body(data)
+    if head is None or body is None:
+        return None
+    try:
+        fields = pydantic_core.from_json(head)
+    except ValueError:
+        return None
+    return (fields, body) if isinstance(fields, dict) else None
+
+
+def claimed_payload(held: Held, connection: redis.Redis) -> JobPayload:
+    """The payload of a claimed job :func:`refusal` let through, or :class:`InvalidJob`
+    (:func:`read_payload`); an edge-written job's fields and body are read from its bytes."""
+    spliced = _spliced(held)
+    if spliced is not None:
+        fields, body = spliced
+        return read_payload(fields | {"body": body})
+    job = held.job(connection)
+    return read_payload(job.args[0] if job.args else None, job.data)
 
 
 def read_payload(value: object, data: bytes | None = None) -> JobPayload:
@@ -23,10 +108,8 @@ def read_payload(value: object, data: bytes | None = None) -> JobPayload:
 
     The message names keys and types only, never a value (a body carries locations and VINs).
     Keys beyond the four of a job payload are ignored, so jobs written by a newer web process
-    during a rolling upgrade still run here.
-
-    The web edge embeds a delivery's body in the job verbatim, so RQ hands it over parsed (a
-    dict): its exact text is then taken from the job's ``data`` (:func:`core.redis.jobs.spliced_body`).
+    during a rolling upgrade still run here. A body RQ handed over parsed (a dict: the edge
+    spliced it into the job) is taken as text from the job's ``data``.
     """
     if not isinstance(value, dict):
         raise InvalidJob(
@@ -52,61 +135,35 @@ def read_payload(value: object, data: bytes | None = None) -> JobPayload:
     }
 
 
-async def run_event(
-    payload: JobPayload,
-    final_attempt: bool,
-    budget_seconds: float,
-    check_published: bool = True,
-    using: runtime.Runtime | None = None,
-) -> dict[str, Any]:
-    """Process one checked payload on the running loop (see :mod:`workers.processor`) with the
-    installed runtime, the worker's own path, or with ``using``.
-
-    A transient failure is raised so that RQ re-runs the job; on RQ's last attempt
-    (``final_attempt``) the event is parked instead. The lookup and the Smartcar calls get at most
-    ``budget_seconds``. Without ``using``, the worker runtime must be installed (``smartcar-ingest
-    worker`` does it).
-    """
-    processor = await (using or runtime.current()).processor()
-    outcome = await processor.process(
-        payload, final_attempt=final_attempt, budget_seconds=budget_seconds, check_published=check_published
-    )
-    return outcome.as_dict()
-
-
 def job_budget(timeout: float | None, default: int) -> float:
     """Seconds a job may spend: its RQ timeout less a margin, so it stops itself before RQ would."""
     return max(1.0, (timeout or default) - 5)
 
 
-async def process_event(payload: object) -> dict[str, Any]:
-    """The job function the queue's jobs name, as RQ would call it (a coroutine, run by RQ's
-    ``Job.perform`` in a stock worker, on a new event loop per job; ``smartcar-ingest worker``
-    calls :func:`run_event` directly, on its own loop).
+async def process_event(payload: object) -> JobResult:
+    """The job function the queue's jobs name, as a stock RQ worker calls it: on a loop of its own
+    per job, with clients opened for the job and closed after it (``smartcar-ingest worker`` calls
+    :meth:`~workers.processor.EventProcessor.process` itself, on its own loop).
 
-    ``payload`` is a :class:`~core.redis.jobs.JobPayload` as written by the web process or by
-    ``replay``; it is checked before anything else. One of another shape fails the job at once
-    with :class:`InvalidJob`, without retries: running it again cannot change its argument.
+    A ``payload`` of another shape than :class:`JobPayload` fails the job at once with
+    :class:`InvalidJob`, without retries: running it again cannot change its argument.
     """
     job = get_current_job()
     try:
         checked = read_payload(payload, job.data if job is not None else None)
     except InvalidJob as exc:
         if job is not None:
-            # RQ retries a failed job while it has retries left; this one goes straight to the
-            # failed registry, with the message above as its reason.
-            job.retries_left = 0
+            job.retries_left = 0  # straight to the failed registry, with the message as its reason
         metrics.JOBS.labels(outcome="error").inc()
         log.error(
             "refused a job whose argument is not a job payload", jobId=job.id if job else None, reason=exc.message
         )
         raise
-    # RQ runs each coroutine job on a loop of its own: clients are opened for this job and closed after it.
     scoped = runtime.Runtime(runtime.current().settings, max_connections=10)
     budget = job_budget(job.timeout if job else None, scoped.settings.job_timeout_seconds)
     try:
-        return await run_event(
-            checked, final_attempt=job is None or not job.retries_left, budget_seconds=budget, using=scoped
-        )
+        processor = await scoped.processor()
+        final_attempt = job is None or not job.retries_left
+        return await processor.process(checked, final_attempt=final_attempt, budget_seconds=budget)
     finally:
         await scoped.aclose()

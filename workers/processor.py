@@ -1,34 +1,15 @@
-"""One accepted delivery → one enriched entry on the output stream (or one parked entry).
+"""One accepted delivery → one enriched entry on the output stream, or one parked entry.
 
-The steps: parse the body as received → look the user up by ``data.user.id`` → read the
-vehicle and its latest signals concurrently with the application token and ``sc-user-id``, each
-read shared by every event it may serve (:mod:`core.smartcar.reads`) →
-build the output document → plan its merge into the vehicle's latest state, which names the
-signals the state held newer (``staleSignals``) → publish it and apply the merge, in one
-idempotent step (:mod:`core.redis.published`).
-
-What happens on failure:
-
-========================================  ==================================================
-unknown user                              parked ``unknown_user`` (``users link`` + ``replay``)
-body that does not parse (for any reason) parked with the parser's reason, never failed in RQ
-Smartcar refuses a read (4xx, not 401)    published with ``enrichment.status = "partial"``
-a read rate limited (the budget, a 429    skipped: published at once, ``partial``, with what is
-that outlasts ``ENRICH_WAIT_SECONDS``)    cached (never retried, never parked)
-401 even after a token refresh            parked ``upstream_rejected``
-transient (network, 5xx, database)        raised so RQ retries the job; on the last attempt,
-                                          parked ``retries_exhausted``
-========================================  ==================================================
+The steps and the Redis keys they touch are in docs/architecture.md (the worker); what happens to
+an event on each kind of failure (parked, published ``partial``, retried) in docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypedDict
 
 import structlog
 
@@ -54,42 +35,21 @@ from core.store.users import UserRecord, UserStore
 from workers.output import Enrichment, build_document, stream_fields
 
 log = get_logger("smartcar_ingest.worker")
-T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What processing one event did; returned as the RQ job's result."""
+class JobResult(TypedDict):
+    """What one job did with its event: the RQ job's result."""
 
-    event_id: str
+    eventId: str
     status: Literal["published", "already_published", "parked"]
-    reason: str | None = None
-    entry_id: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"eventId": self.event_id, "status": self.status, "reason": self.reason, "entryId": self.entry_id}
-
-    @property
-    def metric_outcome(self) -> str:
-        """The ``outcome`` label of ``smartcar_ingest_jobs_total``: the status, ``parked_<reason>`` when parked."""
-        return f"parked_{self.reason}" if self.status == "parked" else self.status
+    reason: str | None
+    entryId: str | None
 
 
 #: How long a worker process remembers a user it found (a re-link shows within this time), and
 #: how many it remembers at most.
 USER_CACHE_SECONDS = 60.0
 USER_CACHE_SIZE = 100_000
-
-
-async def _through_outage(call: Callable[[], Awaitable[T]], patience: float = REDIS_PATIENCE_SECONDS) -> T:
-    """Run a Redis call, waiting out a short outage (or a Redis refusing writes, see
-    :func:`core.redis.outage.redis_unavailable`) rather than failing the job over it; past
-    ``patience`` seconds the Redis error is raised.
-
-    The calls wrapped here are idempotent (a read, and the publish and the park, each guarded by
-    its mark), so a retry after a lost answer is safe.
-    """
-    return await until_redis_answers_async(call, give_up_after=patience)
 
 
 class EventProcessor:
@@ -101,7 +61,7 @@ class EventProcessor:
         reads: VehicleReads,
         output: OutputStream,
         parked: ParkedStream,
-        vehicle_states: VehicleStates | None = None,
+        vehicle_states: VehicleStates,
         fleet: FleetActivity | None = None,
         user_cache_size: int = USER_CACHE_SIZE,
     ) -> None:
@@ -115,8 +75,8 @@ class EventProcessor:
         self._fleet = fleet
 
     async def process(
-        self, payload: JobPayload, final_attempt: bool, budget_seconds: float = 60.0, check_published: bool = True
-    ) -> Outcome:
+        self, payload: JobPayload, final_attempt: bool, budget_seconds: float, check_published: bool = True
+    ) -> JobResult:
         """Process one job payload. Raises a :class:`TransientError` only when a retry may help
         and this is not the final attempt. The lookup and the Smartcar calls together get at most
         ``budget_seconds``; running out counts as a transient failure. ``check_published=False``
@@ -126,40 +86,46 @@ class EventProcessor:
         Counts the job in ``smartcar_ingest_jobs_total`` by outcome (``retried`` when a transient
         error is raised for RQ to retry, ``error`` for anything unexpected).
         """
-        event_id = payload["eventId"]
         # Every line logged while this event is processed (here, by the token provider, by
         # stamina's retry hook) carries its ids. The binding is local to this job's asyncio task.
-        with structlog.contextvars.bound_contextvars(eventId=event_id, deliveryId=None, eventType=None):
+        with structlog.contextvars.bound_contextvars(eventId=payload["eventId"], deliveryId=None, eventType=None):
             try:
-                outcome = await self._process(event_id, payload, final_attempt, budget_seconds, check_published)
+                result = await self._publish_or_park(payload, final_attempt, budget_seconds, check_published)
             except TransientError:
                 metrics.JOBS.labels(outcome="retried").inc()
                 raise
             except Exception:
                 metrics.JOBS.labels(outcome="error").inc()
                 raise
-        metrics.JOBS.labels(outcome=outcome.metric_outcome).inc()
-        return outcome
+        parked = result["status"] == "parked"
+        metrics.JOBS.labels(outcome=f"parked_{result['reason']}" if parked else result["status"]).inc()
+        return result
 
-    async def _process(
-        self, event_id: str, payload: JobPayload, final_attempt: bool, budget_seconds: float, check_published: bool
-    ) -> Outcome:
-        body = payload["body"]
+    async def _publish_or_park(
+        self, payload: JobPayload, final_attempt: bool, budget_seconds: float, check_published: bool
+    ) -> JobResult:
+        event_id, body = payload["eventId"], payload["body"]
         # 0 stands for "not recorded" (hand-made jobs in tests): count from now instead.
         received_at = payload["receivedAt"] or time.time_ns() // 1_000_000
         try:
-            event = parse_body(body)
+            # The body is validated once, by the model the web edge validates it with; anything
+            # the parser cannot read is parked (and can be replayed), never failed in RQ.
+            event = events.parse_stored(body)
         except (InvalidPayload, LegacyPayload, UnknownEventType) as exc:
-            structlog.contextvars.bind_contextvars(deliveryId=_delivery_id(body))
+            structlog.contextvars.bind_contextvars(deliveryId=events.delivery_id_of(body))
             return await self._park(event_id, exc.code, exc.message, body)
 
         structlog.contextvars.bind_contextvars(deliveryId=event.meta.deliveryId, eventType=event.event_type)
         if self._fleet is not None:  # the VEHICLE_ERROR alert's vehicle counts (core.redis.fleet)
             await self._fleet.note(event)
         # A re-run after a crash, or a replay, skips the Smartcar calls when the event is out already.
-        if check_published and await _through_outage(lambda: self._output.was_published(event_id)):
+        # Each Redis call here waits out a short outage rather than failing the job over it; all are
+        # idempotent (a read, and the publish and the park, each guarded by its mark).
+        if check_published and await until_redis_answers_async(
+            lambda: self._output.was_published(event_id), give_up_after=REDIS_PATIENCE_SECONDS
+        ):
             log.debug("event already published")
-            return Outcome(event_id, "already_published")
+            return JobResult(eventId=event_id, status="already_published", reason=None, entryId=None)
         try:
             async with asyncio.timeout(budget_seconds):
                 user = await self._find_user(event.smartcar_user_id)
@@ -189,14 +155,10 @@ class EventProcessor:
         entry_id = await self._publish(event, user, output, vehicle_from_api=enrichment.vehicle is not None)
         if entry_id is None:
             log.debug("event already published")
-            return Outcome(event_id, "already_published")
+            return JobResult(eventId=event_id, status="already_published", reason=None, entryId=None)
         metrics.END_TO_END_SECONDS.observe(max(0, published_at - received_at) / 1000)
-        log.debug(
-            "event published",
-            enrichment=enrichment.status,
-            latencyMs=published_at - received_at,
-        )
-        return Outcome(event_id, "published", entry_id=entry_id)
+        log.debug("event published", enrichment=enrichment.status, latencyMs=published_at - received_at)
+        return JobResult(eventId=event_id, status="published", reason=None, entryId=entry_id)
 
     async def _publish(
         self, event: events.VehicleEvent, user: UserRecord, output: dict[str, Any], vehicle_from_api: bool
@@ -209,18 +171,16 @@ class EventProcessor:
         with the publish only if the state is still what was read; otherwise it is planned again.
         A re-run after a lost answer finds the event published (and merged) and changes nothing.
         """
-        states = self._vehicle_states
         signals = [*output["signals"], *output["latestSignals"]]
+        plan_merge = partial(
+            self._vehicle_states.plan, event.vehicle.id, event.event_id, signals, output["vehicle"], vehicle_from_api
+        )
         while True:
-            plan = None
-            if states is not None:
-                plan = await _through_outage(
-                    lambda: states.plan(event.vehicle.id, event.event_id, signals, output["vehicle"], vehicle_from_api)
-                )
-                output["staleSignals"] = plan.stale_signals
-            fields = stream_fields(event, user, output)
+            plan = await until_redis_answers_async(plan_merge, give_up_after=REDIS_PATIENCE_SECONDS)
+            output["staleSignals"] = plan.stale_signals
+            publish = partial(self._output.publish, event.event_id, stream_fields(event, user, output), plan)
             try:
-                return await _through_outage(partial(self._output.publish, event.event_id, fields, plan))
+                return await until_redis_answers_async(publish, give_up_after=REDIS_PATIENCE_SECONDS)
             except StateChanged:
                 log.debug("vehicle state changed while planning the merge; planning again")
 
@@ -279,26 +239,12 @@ class EventProcessor:
             enrichment.signals = signals.data
         return enrichment
 
-    async def _park(self, event_id: str, reason: str, detail: str, body: str) -> Outcome:
-        entry_id = await _through_outage(lambda: self._parked.park(event_id, reason, detail, body))
+    async def _park(self, event_id: str, reason: str, detail: str, body: str) -> JobResult:
+        entry_id = await until_redis_answers_async(
+            lambda: self._parked.park(event_id, reason, detail, body), give_up_after=REDIS_PATIENCE_SECONDS
+        )
         if entry_id is None:
             log.debug("event already parked", reason=reason)
         else:
             log.warning("event parked", reason=reason, detail=detail)
-        return Outcome(event_id, "parked", reason=reason, entry_id=entry_id)
-
-
-def parse_body(body: str) -> events.VehicleEvent:
-    """The worker's parse step: the body as received → the normalised event.
-
-    Raises :class:`InvalidPayload`, :class:`LegacyPayload` or :class:`UnknownEventType` and
-    nothing else, so that a body the parser cannot read is parked (and can be replayed) instead
-    of ending in RQ's failed registry. The body is validated once, by the model the web edge
-    validates it with (:func:`core.events.parse_stored`).
-    """
-    return events.parse_stored(body)
-
-
-def _delivery_id(body: str) -> str | None:
-    """``meta.deliveryId`` of a body that did not parse as an event, for the logs; never raises."""
-    return events.delivery_id_of(body)
+        return JobResult(eventId=event_id, status="parked", reason=reason, entryId=entry_id)

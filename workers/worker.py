@@ -49,13 +49,11 @@ from core.redis.clients import rq_redis, worker_redis
 from core.redis.memory import warn_without_maxmemory
 from core.redis.outage import redis_unavailable, until_redis_answers
 from workers import runtime
-from workers.admission import refuse_claimed
 from workers.batch import Bookkeeping, Held, Success
 from workers.drill import DRILL_HALT_ENV, DrillHalt
 from workers.housekeeping import Housekeeping, WorkerLog, awaiting, report_crash
-from workers.jobs import job_budget, run_event
+from workers.jobs import claimed_payload, job_budget, refusal, refuse
 from workers.metrics_server import start_worker_metrics
-from workers.payloads import read_held, refusal_of
 from workers.reaper import requeue_execution
 from workers.steps import RedisSteps, Stopped
 
@@ -213,11 +211,13 @@ class AsyncWorker:
             if not held.fields:
                 runnable.append(held)  # deleted while queued: the start only drops its id
                 continue
-            reason = refusal_of(held, self.connection, self.settings.max_body_bytes)
+            reason = refusal(held, self.connection, self.settings.max_body_bytes)
             if reason is None:
                 runnable.append(held)
                 continue
-            await self.steps.blocking(lambda h=held, r=reason: self._refuse(h, r))  # type: ignore[misc]
+            await self.steps.blocking(
+                partial(refuse, self.connection, self.queue.name, held, reason, self.books.dequeued_key)
+            )
         ttl = max((h.ttl for h in runnable), default=90)
         started = await self.steps.run(lambda: self.books.start(runnable, ttl), or_stop=False)
         self._halt.reach("prepared")
@@ -228,10 +228,6 @@ class AsyncWorker:
             task.add_done_callback(self._task_done)
         if started:
             self.house.busy()
-
-    def _refuse(self, held: Held, reason: str) -> None:
-        refuse_claimed(self.connection, self.queue, held, reason, self.books.dequeued_key, self.settings.max_body_bytes)
-        log.error("refused a job that is not an ingest job", jobId=held.job_id, reason=reason)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -244,10 +240,11 @@ class AsyncWorker:
     async def _run_job(self, held: Held) -> None:
         started = time.monotonic()
         try:
-            payload = read_held(held, self.connection)
+            payload = claimed_payload(held, self.connection)
             budget = job_budget(held.field(b"timeout") or None, self.settings.job_timeout_seconds)
+            processor = await runtime.current().processor()
             async with asyncio.timeout(budget + 15):
-                result = await run_event(payload, held.final_attempt, budget, check_published=held.run_before)
+                result = await processor.process(payload, held.final_attempt, budget, check_published=held.run_before)
         except asyncio.CancelledError:
             if not self._cancelled:
                 raise
@@ -261,7 +258,7 @@ class AsyncWorker:
             else:
                 await self._fail(held, exc)
             return
-        self.stats.count(str(result.get("status")), time.monotonic() - started)
+        self.stats.count(result["status"], time.monotonic() - started)
         self._halt.reach("returned")
         self._finished.append(Success(held, result))
         if len(self._finished) >= self.batch_size:
