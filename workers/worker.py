@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import os
 import signal
 import threading
 import time
@@ -50,7 +49,6 @@ from core.redis.memory import warn_without_maxmemory
 from core.redis.outage import redis_unavailable, until_redis_answers
 from workers import runtime
 from workers.batch import Bookkeeping, Held, Success
-from workers.drill import DRILL_HALT_ENV, DrillHalt
 from workers.housekeeping import Housekeeping, WorkerLog, awaiting, report_crash
 from workers.jobs import claimed_payload, job_budget, refusal, refuse
 from workers.metrics_server import start_worker_metrics
@@ -97,7 +95,6 @@ class AsyncWorker:
         self._stopped_at: float | None = None
         self._cancelled = False
         self._closing = False  # ends the flusher and the chores
-        self._halt = DrillHalt(os.environ.get(DRILL_HALT_ENV))
         self.stats = WorkerLog()
         self.steps = RedisSteps(lambda: self._stopping, self._stop_overdue, self._redis_trouble)
         self._in_flight_lock = threading.Lock()  # the liveness thread reads what the loop changes
@@ -187,7 +184,6 @@ class AsyncWorker:
                     return
                 await self._wait_for_work(burst)
                 continue
-            self._halt.reach("dequeued")
             await self._start(claimed)
 
     async def _wait_for_work(self, burst: bool) -> None:
@@ -220,7 +216,6 @@ class AsyncWorker:
             )
         ttl = max((h.ttl for h in runnable), default=90)
         started = await self.steps.run(lambda: self.books.start(runnable, ttl), or_stop=False)
-        self._halt.reach("prepared")
         for held in started:
             self._hold(held)
             task = asyncio.create_task(self._run_job(held))
@@ -259,7 +254,6 @@ class AsyncWorker:
                 await self._fail(held, exc)
             return
         self.stats.count(result["status"], time.monotonic() - started)
-        self._halt.reach("returned")
         self._finished.append(Success(held, result))
         if len(self._finished) >= self.batch_size:
             await self._flush()

@@ -28,10 +28,14 @@ TOKEN = "test-management-token"
 SETTLE_SECONDS = 120.0
 
 
-def start_worker(settings: Settings, *args: str, **extra: str) -> subprocess.Popen[bytes]:
-    """A worker in its own process group, as in a pod: killing the group kills its scheduler too."""
+def start_worker(settings: Settings, *args: str, halt: str | None = None, **extra: str) -> subprocess.Popen[bytes]:
+    """A worker in its own process group, as in a pod: killing the group kills its scheduler too.
+
+    ``halt`` (``<point>:<n>[:stop]``) runs it as :mod:`tests.drills.halting_worker`, which kills or
+    freezes it the n-th time it reaches that point."""
+    entry = ["cli.main"] if halt is None else ["tests.drills.halting_worker", halt]
     return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "worker", *args],
+        [sys.executable, "-m", *entry, "worker", *args],
         env=worker_env(settings, **extra),
         start_new_session=True,
     )

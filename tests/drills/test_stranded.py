@@ -1,7 +1,7 @@
 """Drills: jobs caught between leaving the queue and starting are put back and published exactly once.
 
-Each drill forces its interleaving instead of hoping a timed kill lands in it: the worker's drill
-hook (``SMARTCAR_INGEST_DRILL_HALT``) kills or freezes it at a named step, or the drill leaves
+Each drill forces its interleaving instead of hoping a timed kill lands in it: the worker runs as
+:mod:`tests.drills.halting_worker`, which kills or freezes it at a named step, or the drill leaves
 Redis in the state a dying worker would.
 """
 
@@ -37,7 +37,6 @@ from tests.drills.common import (
 )
 from tests.pipeline import pipeline_settings
 from tests.test_pipeline import deliver
-from workers.drill import DRILL_HALT_ENV
 from workers.reaper import reap, requeue_execution
 
 QUEUE = "smartcar-events"
@@ -84,10 +83,11 @@ def test_worker_killed_between_dequeue_and_start(pipeline, redis_client, emulato
     events = [sample_event() for _ in range(12)]
     deliver(pipeline, *events)
     expected = sorted(e["eventId"] for e in events)
-    victim = start_worker(pipeline, "--concurrency", "4", **{DRILL_HALT_ENV: f"{point}:3"})
+    victim = start_worker(pipeline, "--concurrency", "4", halt=f"{point}:3")
     survivor = None
     try:
-        assert wait_until(lambda: victim.poll() is not None, 60), "the drill hook never fired"
+        assert wait_until(lambda: victim.poll() is not None, 60), "the worker never halted"
+        assert victim.returncode == -signal.SIGKILL, f"the worker ended by itself ({victim.returncode})"
         killed_at = time.monotonic()
         kill_group(victim)  # its scheduler process too
         (name,) = worker_names(redis_client)
@@ -134,10 +134,10 @@ def test_redis_killed_between_dequeue_and_start(aof_redis, emulator, seeded_data
     deliver(settings, *events)
     expected = sorted(e["eventId"] for e in events)
     port, env = metrics_port_env()
-    worker = start_worker(settings, "--concurrency", "4", **{DRILL_HALT_ENV: "dequeued:2:stop"}, **env)
+    worker = start_worker(settings, "--concurrency", "4", halt="dequeued:2:stop", **env)
     client = redis.Redis.from_url(aof_redis.url)
     try:
-        assert wait_until(lambda: frozen(worker), 60), "the drill hook never froze the worker"
+        assert wait_until(lambda: frozen(worker), 60), "the worker never froze"
         (name,) = worker_names(client)
         # What Redis holds when it applied a dequeue and died before answering it.
         lost = client.lmove(QUEUE_KEY, dequeued_key(QUEUE, name), "LEFT", "RIGHT")
@@ -177,10 +177,10 @@ def test_sigterm_while_redis_is_down_stops_the_worker_and_loses_nothing(aof_redi
     events = [sample_event() for _ in range(5)]
     deliver(settings, *events)
     expected = sorted(e["eventId"] for e in events)
-    worker = start_worker(settings, "--concurrency", "4", **{DRILL_HALT_ENV: "dequeued:1:stop"})
+    worker = start_worker(settings, "--concurrency", "4", halt="dequeued:1:stop")
     successor = None
     try:
-        assert wait_until(lambda: frozen(worker), 60), "the drill hook never froze the worker"
+        assert wait_until(lambda: frozen(worker), 60), "the worker never froze"
         aof_redis.stop(kill=True)
         os.kill(worker.pid, signal.SIGCONT)
         worker.send_signal(signal.SIGTERM)
