@@ -188,11 +188,11 @@ def test_each_script_can_run_again_after_a_lost_answer(redis_url, redis_client):
     async def scenario() -> None:
         client = AsyncRedis.from_url(redis_url)
         books = batch.Bookkeeping(client, QUEUE, "w1")
-        [held] = await books.claim(10)
+        [claimed_job] = await books.claim(10)
         [again] = await books.claim(10)  # the first answer "lost": the list still holds it
-        assert again.job_id == held.job_id
-        [started] = await books.start([held], 90)
-        [restarted] = await books.start([held], 90)  # same execution id: reported, not doubled
+        assert again.job_id == claimed_job.job_id
+        [started] = await books.start([claimed_job], 90)
+        [restarted] = await books.start([claimed_job], 90)  # same execution id: reported, not doubled
         assert restarted.composite == started.composite
         assert await books.claim(10) == []
         assert await books.lost_executions(set()) == [started.composite]
@@ -226,11 +226,11 @@ def test_a_job_with_its_body_as_text_is_read_as_rq_reads_it(redis_client):
     padded_body = "\n  " + body
     padded_data = spliced_job_data("e2", "VEHICLE_STATE", padded_body.encode(), 1234)
     for data, expected in ((text_data, body), (spliced_data, body), (padded_data, padded_body)):
-        held = batch.Held("j", template.constant | {"data": data})  # type: ignore[arg-type]
+        claimed_job = batch.ClaimedJob("j", template.constant | {"data": data})  # type: ignore[arg-type]
         fields = {
             k.encode() if isinstance(k, str) else k: str(v).encode() if not isinstance(v, bytes) else v
-            for k, v in held.fields.items()
+            for k, v in claimed_job.fields.items()
         }
-        held = batch.Held("j", fields)
-        assert refusal(held, redis_client, 262_144) is None
-        assert claimed_payload(held, redis_client) == job_payload("e2", "VEHICLE_STATE", expected, 1234)
+        claimed_job = batch.ClaimedJob("j", fields)
+        assert refusal(claimed_job, redis_client, 262_144) is None
+        assert claimed_payload(claimed_job, redis_client) == job_payload("e2", "VEHICLE_STATE", expected, 1234)

@@ -17,7 +17,7 @@ from rq.serializers import JSONSerializer
 from cli.samples import encode, sample_event
 from core.redis.jobs import PROCESS_EVENT, job_payload
 from tests.pipeline import outputs, run_worker_burst
-from workers.batch import Held
+from workers.batch import ClaimedJob
 from workers.jobs import refusal
 
 
@@ -67,7 +67,7 @@ def test_refusal_reasons(redis_client):
     queue = _queue(redis_client, "admission-test")
 
     def refusal_of(job: Job) -> str | None:
-        return refusal(Held(job.id, redis_client.hgetall(job.key)), redis_client, 262_144)
+        return refusal(ClaimedJob(job.id, redis_client.hgetall(job.key)), redis_client, 262_144)
 
     assert refusal_of(queue.enqueue(PROCESS_EVENT, "not a dict")) == "the job's arguments are not one JSON object"
     assert refusal_of(queue.enqueue(PROCESS_EVENT, {}, {})) == "the job's arguments are not one JSON object"

@@ -154,7 +154,7 @@ def _larger_than(raw: bytes, limit: int) -> bool:
 
 
 @dataclass
-class Held:
+class ClaimedJob:
     """One job this worker took from the queue: its id, raw hash and, once started, its execution."""
 
     job_id: str
@@ -210,7 +210,7 @@ class Held:
 class Success:
     """A job that returned: what :meth:`Bookkeeping.finish` records."""
 
-    held: Held
+    claimed_job: ClaimedJob
     return_value: Any
 
 
@@ -230,7 +230,7 @@ class Bookkeeping:
         self._start = _START_FN.bind(redis)
         self._finish = _FINISH_FN.bind(redis)
 
-    async def claim(self, count: int) -> list[Held]:
+    async def claim(self, count: int) -> list[ClaimedJob]:
         """Up to ``count`` jobs off the queue (or the ones this worker already held), with their hashes."""
         ids = [
             text(raw) for raw in await self._claim(keys=[queue_key(self.queue_name), self.dequeued_key], args=[count])
@@ -241,9 +241,9 @@ class Bookkeeping:
         for job_id in ids:
             pipe.hgetall(JOB_PREFIX + job_id)
         hashes = await pipe.execute()
-        return [Held(job_id, fields) for job_id, fields in zip(ids, hashes, strict=True)]
+        return [ClaimedJob(job_id, fields) for job_id, fields in zip(ids, hashes, strict=True)]
 
-    async def start(self, jobs: list[Held], ttl: int) -> list[Held]:
+    async def start(self, jobs: list[ClaimedJob], ttl: int) -> list[ClaimedJob]:
         """Record an execution for each job with a hash (those without one only leave the list);
         returns the jobs recorded, each with its ``started_at``."""
         if not jobs:
@@ -258,15 +258,15 @@ class Bookkeeping:
             started.timestamp() + ttl,
             ttl + 60,
         ]
-        for held in jobs:
-            args += [held.job_id, held.execution_id, "1" if held.fields else "0"]
+        for claimed_job in jobs:
+            args += [claimed_job.job_id, claimed_job.execution_id, "1" if claimed_job.fields else "0"]
         keys = [self.dequeued_key, self.started_key, self.executions_key, self.worker_key]
         flags = await self._start(keys=keys, args=args)
         recorded = []
-        for held, flag in zip(jobs, flags, strict=True):
-            if flag and held.fields:
-                held.started_at = started
-                recorded.append(held)
+        for claimed_job, flag in zip(jobs, flags, strict=True):
+            if flag and claimed_job.fields:
+                claimed_job.started_at = started
+                recorded.append(claimed_job)
         return recorded
 
     async def finish(self, successes: list[Success]) -> int:
@@ -275,22 +275,29 @@ class Bookkeeping:
             return 0
         ended = now()
         serializer = JSONSerializer()
-        working = sum((ended - s.held.started_at).total_seconds() for s in successes if s.held.started_at)
+        working = sum((ended - s.claimed_job.started_at).total_seconds() for s in successes if s.claimed_job.started_at)
         args: list[Any] = [
             *(JOB_PREFIX, EXECUTION_PREFIX, RESULTS_PREFIX, utcformat(ended), ended.timestamp(), working),
             *(self.worker_name, Result.Type.SUCCESSFUL.value),
         ]
         for success in successes:
-            held = success.held
-            started = held.started_at.timestamp() if held.started_at else ended.timestamp()
+            claimed_job = success.claimed_job
+            started = claimed_job.started_at.timestamp() if claimed_job.started_at else ended.timestamp()
             value = Result(
-                held.job_id,
+                claimed_job.job_id,
                 Result.Type.SUCCESSFUL,
                 None,  # type: ignore[arg-type]  # only serializes: no connection needed
                 return_value=success.return_value,
                 serializer=serializer,
             ).serialize()["return_value"]
-            args += [held.job_id, held.composite, held.field(b"result_ttl", 500), value, held.execution_id, started]
+            args += [
+                claimed_job.job_id,
+                claimed_job.composite,
+                claimed_job.field(b"result_ttl", 500),
+                value,
+                claimed_job.execution_id,
+                started,
+            ]
         keys = [self.started_key, self.finished_key, self.executions_key, self.worker_key]
         return int(await self._finish(keys=keys, args=args))
 

@@ -24,7 +24,7 @@ from core.errors import InvalidJob
 from core.logs import get_logger
 from core.redis.jobs import PROCESS_EVENT, JobPayload, spliced_body, spliced_head
 from workers import runtime
-from workers.batch import Held
+from workers.batch import ClaimedJob
 from workers.processor import JobResult
 
 log = get_logger("smartcar_ingest.worker")
@@ -36,20 +36,20 @@ _TEXT_KEYS = ("eventId", "eventType", "body")
 _CALLBACKS = (b"success_callback_name", b"failure_callback_name", b"stopped_callback_name")
 
 
-def refusal(held: Held, connection: redis.Redis, max_body_bytes: int) -> str | None:
+def refusal(claimed_job: ClaimedJob, connection: redis.Redis, max_body_bytes: int) -> str | None:
     """Why the claimed job is refused, or None for an ingest job.
 
     A job the web edge wrote (its delivery spliced into ``data``: :func:`core.redis.jobs.spliced_job_data`)
     is told by its bytes; any other is loaded by RQ, unless larger than a delivery needs.
     """
-    if held.oversized(max_body_bytes):
+    if claimed_job.oversized(max_body_bytes):
         return f"the job's data is larger than a delivery of MAX_BODY_BYTES ({max_body_bytes}) needs"
-    if any(held.fields.get(name) for name in _CALLBACKS):
+    if any(claimed_job.fields.get(name) for name in _CALLBACKS):
         return "the job carries callbacks"
-    if _spliced(held) is not None:
+    if _spliced(claimed_job) is not None:
         return None
     try:
-        job = held.job(connection)
+        job = claimed_job.job(connection)
         func_name, args, kwargs = job.func_name, job.args, job.kwargs
     except Exception:  # a hash RQ cannot load or decode is refused, whatever broke
         return "the job's data cannot be decoded"
@@ -60,28 +60,28 @@ def refusal(held: Held, connection: redis.Redis, max_body_bytes: int) -> str | N
     return None
 
 
-def refuse(connection: redis.Redis, queue_name: str, held: Held, reason: str, dequeued: str) -> None:
+def refuse(connection: redis.Redis, queue_name: str, claimed_job: ClaimedJob, reason: str, dequeued: str) -> None:
     """Move a refused job from the worker's list (``dequeued``) to RQ's failed registry, with a
     failure result saying why. The job is never loaded: neither its callbacks (RQ's own failure
     handling would call them) nor a hash RQ cannot load, or would inflate without limit, are met;
     the hash is left as found but for its status and its expiry."""
-    unloaded = Job(held.job_id, connection=connection, serializer=JSONSerializer)  # its id only
+    unloaded = Job(claimed_job.job_id, connection=connection, serializer=JSONSerializer)  # its id only
     registry = FailedJobRegistry.key_template.format(queue_name)
     with connection.pipeline() as pipe:
-        pipe.lrem(dequeued, 0, held.job_id)
-        pipe.zadd(registry, {held.job_id: time.time() + REFUSED_JOB_TTL_SECONDS})
+        pipe.lrem(dequeued, 0, claimed_job.job_id)
+        pipe.zadd(registry, {claimed_job.job_id: time.time() + REFUSED_JOB_TTL_SECONDS})
         unloaded.set_status(JobStatus.FAILED, pipeline=pipe)
         pipe.expire(unloaded.key, REFUSED_JOB_TTL_SECONDS)
         # RQ's tools (rq-dashboard, Job.latest_result) read a failure's text from its result.
         because = f"Refused by smartcar-ingest: {reason}."
         Result.create_failure(unloaded, REFUSED_JOB_TTL_SECONDS, exc_string=because, pipeline=pipe)
         pipe.execute()
-    log.error("refused a job that is not an ingest job", jobId=held.job_id, reason=reason)
+    log.error("refused a job that is not an ingest job", jobId=claimed_job.job_id, reason=reason)
 
 
-def _spliced(held: Held) -> tuple[dict[str, Any], str] | None:
+def _spliced(claimed_job: ClaimedJob) -> tuple[dict[str, Any], str] | None:
     """The payload's fields and the body's text of an edge-written job; None for any other job."""
-    data = held.fields.get(b"data", b"")
+    data = claimed_job.fields.get(b"data", b"")
     head, body = spliced_head(data), spliced_body(data)
     if head is None or body is None:
         return None
@@ -92,14 +92,14 @@ def _spliced(held: Held) -> tuple[dict[str, Any], str] | None:
     return (fields, body) if isinstance(fields, dict) else None
 
 
-def claimed_payload(held: Held, connection: redis.Redis) -> JobPayload:
+def claimed_payload(claimed_job: ClaimedJob, connection: redis.Redis) -> JobPayload:
     """The payload of a claimed job :func:`refusal` let through, or :class:`InvalidJob`
     (:func:`read_payload`); an edge-written job's fields and body are read from its bytes."""
-    spliced = _spliced(held)
+    spliced = _spliced(claimed_job)
     if spliced is not None:
         fields, body = spliced
         return read_payload(fields | {"body": body})
-    job = held.job(connection)
+    job = claimed_job.job(connection)
     return read_payload(job.args[0] if job.args else None, job.data)
 
 

@@ -48,7 +48,7 @@ from core.redis.clients import rq_redis, worker_redis
 from core.redis.memory import warn_without_maxmemory
 from core.redis.outage import redis_unavailable, until_redis_answers
 from workers import runtime
-from workers.batch import Bookkeeping, Held, Success
+from workers.batch import Bookkeeping, ClaimedJob, Success
 from workers.housekeeping import Housekeeping, WorkerLog, awaiting, report_crash
 from workers.jobs import claimed_payload, job_budget, refusal, refuse
 from workers.metrics_server import start_worker_metrics
@@ -84,9 +84,11 @@ class AsyncWorker:
         self.rq = SimpleWorker([queue], connection=connection, serializer=JSONSerializer)
         self.name: str = self.rq.name
         self.redis = worker_redis(settings, max_connections=16)
-        self.books = Bookkeeping(self.redis, queue.name, self.name)
-        self.house = Housekeeping(self.rq, queue, lambda: [(queue.name, h.composite, h.ttl) for h in self.held()])
-        self._in_flight: dict[str, Held] = {}  # by execution composite key, until recorded
+        self.bookkeeping = Bookkeeping(self.redis, queue.name, self.name)
+        self.housekeeping = Housekeeping(
+            self.rq, queue, lambda: [(queue.name, h.composite, h.ttl) for h in self.claimed_jobs()]
+        )
+        self._in_flight: dict[str, ClaimedJob] = {}  # by execution composite key, until recorded
         self._tasks: set[asyncio.Task[None]] = set()
         self._finished: list[Success] = []
         self._flush_wanted = asyncio.Event()
@@ -99,17 +101,17 @@ class AsyncWorker:
         self.steps = RedisSteps(lambda: self._stopping, self._stop_overdue, self._redis_trouble)
         self._in_flight_lock = threading.Lock()  # the liveness thread reads what the loop changes
 
-    def held(self) -> list[Held]:
+    def claimed_jobs(self) -> list[ClaimedJob]:
         with self._in_flight_lock:
             return list(self._in_flight.values())
 
-    def _hold(self, held: Held) -> None:
+    def _keep(self, claimed_job: ClaimedJob) -> None:
         with self._in_flight_lock:
-            self._in_flight[held.composite] = held
+            self._in_flight[claimed_job.composite] = claimed_job
 
-    def _let_go(self, held: Held) -> None:
+    def _release(self, claimed_job: ClaimedJob) -> None:
         with self._in_flight_lock:
-            self._in_flight.pop(held.composite, None)
+            self._in_flight.pop(claimed_job.composite, None)
 
     def _stop_overdue(self) -> bool:
         """A stopping worker's Redis waits give up after :data:`SHUTDOWN_PATIENCE_SECONDS`, or at a second signal."""
@@ -117,7 +119,7 @@ class AsyncWorker:
         return self._cancelled or waited > SHUTDOWN_PATIENCE_SECONDS
 
     def _redis_trouble(self) -> None:
-        self.house.check_lost = True
+        self.housekeeping.check_lost = True
 
     def request_stop(self) -> None:
         """Warm shutdown on the first call; the second cancels the jobs in flight (they are put back)."""
@@ -138,7 +140,7 @@ class AsyncWorker:
                 loop.add_signal_handler(signum, handler)
         with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("what the worker awaits", tasks=awaiting()))
-        await self.steps.blocking(lambda: self.house.start(burst))
+        await self.steps.blocking(lambda: self.housekeeping.start(burst))
         log.info("worker started", worker=self.name, queue=self.queue.name, concurrency=self.concurrency)
         flusher = asyncio.create_task(self._flush_forever(), name="flusher")
         chores = asyncio.create_task(self._chores(), name="chores")
@@ -157,7 +159,7 @@ class AsyncWorker:
             await asyncio.wait({flusher, chores}, timeout=SHUTDOWN_PATIENCE_SECONDS)
             await self._flush()
             await self._give_back_all()
-            await asyncio.to_thread(self.house.stop)
+            await asyncio.to_thread(self.housekeeping.stop)
             self.steps.close()
             await self.redis.aclose()
             self.stats.summary(final=True)
@@ -168,15 +170,15 @@ class AsyncWorker:
     async def _work(self, burst: bool) -> None:
         while not self._stopping:
             free = self.concurrency - len(self._tasks)
-            if free <= 0 or self.house.suspended:
+            if free <= 0 or self.housekeeping.suspended:
                 self._slot_free.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_free.wait(), timeout=1.0)
                 continue
             try:
-                if self.house.check_lost:  # here, never while a start's answer is on its way
+                if self.housekeeping.check_lost:  # here, never while a start's answer is on its way
                     await self._recover_lost_starts()
-                claimed = await self.steps.run(partial(self.books.claim, min(free, self.batch_size)))
+                claimed = await self.steps.run(partial(self.bookkeeping.claim, min(free, self.batch_size)))
             except Stopped:
                 return
             if not claimed:
@@ -196,109 +198,117 @@ class AsyncWorker:
             return
         try:
             await self.steps.run(
-                lambda: self.redis.blmove(self.queue.key, self.books.dequeued_key, IDLE_WAIT_SECONDS, "LEFT", "RIGHT")
+                lambda: self.redis.blmove(
+                    self.queue.key, self.bookkeeping.dequeued_key, IDLE_WAIT_SECONDS, "LEFT", "RIGHT"
+                )
             )
         except Stopped:
             return
 
-    async def _start(self, claimed: list[Held]) -> None:
-        runnable: list[Held] = []
-        for held in claimed:
-            if not held.fields:
-                runnable.append(held)  # deleted while queued: the start only drops its id
+    async def _start(self, claimed: list[ClaimedJob]) -> None:
+        runnable: list[ClaimedJob] = []
+        for claimed_job in claimed:
+            if not claimed_job.fields:
+                runnable.append(claimed_job)  # deleted while queued: the start only drops its id
                 continue
-            reason = refusal(held, self.connection, self.settings.max_body_bytes)
+            reason = refusal(claimed_job, self.connection, self.settings.max_body_bytes)
             if reason is None:
-                runnable.append(held)
+                runnable.append(claimed_job)
                 continue
             await self.steps.blocking(
-                partial(refuse, self.connection, self.queue.name, held, reason, self.books.dequeued_key)
+                partial(refuse, self.connection, self.queue.name, claimed_job, reason, self.bookkeeping.dequeued_key)
             )
         ttl = max((h.ttl for h in runnable), default=90)
-        started = await self.steps.run(lambda: self.books.start(runnable, ttl), or_stop=False)
-        for held in started:
-            self._hold(held)
-            task = asyncio.create_task(self._run_job(held))
+        started = await self.steps.run(lambda: self.bookkeeping.start(runnable, ttl), or_stop=False)
+        for claimed_job in started:
+            self._keep(claimed_job)
+            task = asyncio.create_task(self._run_job(claimed_job))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
         if started:
-            self.house.busy()
+            self.housekeeping.busy()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._slot_free.set()
         if not self._tasks:
-            self.house.idle()
+            self.housekeeping.idle()
 
     # --- running one job ---
 
-    async def _run_job(self, held: Held) -> None:
+    async def _run_job(self, claimed_job: ClaimedJob) -> None:
         started = time.monotonic()
         try:
-            payload = claimed_payload(held, self.connection)
-            budget = job_budget(held.field(b"timeout") or None, self.settings.job_timeout_seconds)
+            payload = claimed_payload(claimed_job, self.connection)
+            budget = job_budget(claimed_job.field(b"timeout") or None, self.settings.job_timeout_seconds)
             processor = await runtime.current().processor()
             async with asyncio.timeout(budget + 15):
-                result = await processor.process(payload, held.final_attempt, budget, check_published=held.run_before)
+                result = await processor.process(
+                    payload, claimed_job.final_attempt, budget, check_published=claimed_job.run_before
+                )
         except asyncio.CancelledError:
             if not self._cancelled:
                 raise
-            await self._give_back(held, "the worker was stopped")
+            await self._give_back(claimed_job, "the worker was stopped")
             return
         except Exception as exc:
             self.stats.count("failed" if not redis_unavailable(exc) else "requeued", time.monotonic() - started)
             if redis_unavailable(exc):
-                log.warning("job interrupted by Redis trouble; it will be requeued", jobId=held.job_id)
-                await self._give_back(held, "Redis trouble")
+                log.warning("job interrupted by Redis trouble; it will be requeued", jobId=claimed_job.job_id)
+                await self._give_back(claimed_job, "Redis trouble")
             else:
-                await self._fail(held, exc)
+                await self._fail(claimed_job, exc)
             return
         self.stats.count(result["status"], time.monotonic() - started)
-        self._finished.append(Success(held, result))
+        self._finished.append(Success(claimed_job, result))
         if len(self._finished) >= self.batch_size:
             await self._flush()
         else:
             self._flush_wanted.set()
 
-    async def _fail(self, held: Held, exc: Exception) -> None:
+    async def _fail(self, claimed_job: ClaimedJob, exc: Exception) -> None:
         """RQ's own failure handling for a job that raised: a retry on its schedule, or the failed registry."""
         exc_string = "".join(traceback.format_exception(exc))
         no_retry = isinstance(exc, InvalidJob)
-        log.warning("job failed", jobId=held.job_id, error=type(exc).__name__, finalAttempt=held.final_attempt)
+        log.warning(
+            "job failed", jobId=claimed_job.job_id, error=type(exc).__name__, finalAttempt=claimed_job.final_attempt
+        )
 
         def record() -> None:
             self.connection.ping()  # RQ logs instead of raising when its pipeline fails: wait for Redis first
-            job = held.job(self.connection)
+            job = claimed_job.job(self.connection)
             if no_retry:
                 job.retries_left = 0
-            job.started_at = held.started_at
+            job.started_at = claimed_job.started_at
             job.ended_at = now()
-            execution = Execution(held.execution_id, held.job_id, self.connection, worker_name=self.name)
-            if held.started_at is not None:
-                execution.created_at = held.started_at
+            execution = Execution(claimed_job.execution_id, claimed_job.job_id, self.connection, worker_name=self.name)
+            if claimed_job.started_at is not None:
+                execution.created_at = claimed_job.started_at
             self.rq.handle_job_failure(job, self.queue, exc_string=exc_string, execution=execution)
 
         try:
             await self.steps.blocking(record)
         finally:
-            self._let_go(held)
+            self._release(claimed_job)
 
-    async def _give_back(self, held: Held, why: str) -> None:
+    async def _give_back(self, claimed_job: ClaimedJob, why: str) -> None:
         """Put a job back at the queue's front without spending a retry (its execution is dropped)."""
         try:
             await self.steps.blocking(
-                lambda: requeue_execution(self.connection, self.queue.name, held.job_id, held.execution_id, self.name),
+                lambda: requeue_execution(
+                    self.connection, self.queue.name, claimed_job.job_id, claimed_job.execution_id, self.name
+                ),
                 or_stop=False,
             )
-            log.warning("job put back on the queue", jobId=held.job_id, reason=why)
+            log.warning("job put back on the queue", jobId=claimed_job.job_id, reason=why)
         except (redis.RedisError, Stopped) as exc:
-            log.warning("job left for a peer to requeue", jobId=held.job_id, error=type(exc).__name__)
+            log.warning("job left for a peer to requeue", jobId=claimed_job.job_id, error=type(exc).__name__)
         finally:
-            self._let_go(held)
+            self._release(claimed_job)
 
     async def _give_back_all(self) -> None:
-        for held in self.held():
-            await self._give_back(held, "the worker stopped before recording it")
+        for claimed_job in self.claimed_jobs():
+            await self._give_back(claimed_job, "the worker stopped before recording it")
 
     # --- recording finished jobs ---
 
@@ -314,27 +324,29 @@ class AsyncWorker:
             return
         batch, self._finished = self._finished, []
         try:
-            await self.steps.run(lambda: self.books.finish(batch), or_stop=False)
+            await self.steps.run(lambda: self.bookkeeping.finish(batch), or_stop=False)
         except (redis.RedisError, Stopped) as exc:
             # Redis stayed away past the worker's patience: the executions stay registered under
             # this worker, and a peer's reaper re-runs them (the publish is idempotent).
             log.warning("finished jobs not recorded", jobs=len(batch), error=type(exc).__name__)
         for success in batch:
-            self._let_go(success.held)
+            self._release(success.claimed_job)
 
     # --- the rest of RQ's loop: heartbeats, maintenance, suspension, a lost claim's answer ---
 
     async def _chores(self) -> None:
         while not self._closing:
             await asyncio.sleep(1.0)
-            await self.steps.blocking(self.house.tick, or_stop=False, housekeeping=True)
+            await self.steps.blocking(self.housekeeping.tick, or_stop=False, housekeeping=True)
             self.stats.summary()
 
     async def _recover_lost_starts(self) -> None:
         """Executions recorded for this worker that it does not hold (a start whose answer a Redis
         restart lost) are put back on the queue."""
-        self.house.check_lost = False
-        for composite in await self.steps.run(lambda: self.books.lost_executions({h.composite for h in self.held()})):
+        self.housekeeping.check_lost = False
+        for composite in await self.steps.run(
+            lambda: self.bookkeeping.lost_executions({h.composite for h in self.claimed_jobs()})
+        ):
             job_id, _, execution_id = composite.partition(":")
             requeue = partial(requeue_execution, self.connection, self.queue.name, job_id, execution_id, self.name)
             if await self.steps.blocking(requeue):
