@@ -8,6 +8,7 @@ import importlib
 import os
 import sys
 
+from cli.arguments import Subcommands
 from core.config import Settings
 from core.errors import ConfigurationError, RedisUnavailable
 
@@ -79,7 +80,7 @@ def redis_acl(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(sub: Subcommands) -> None:
     setup = sub.add_parser(
         "redis-setup",
         help="load the service's Redis functions (an admin REDIS_URL; run on every install and upgrade)",
