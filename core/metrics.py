@@ -118,6 +118,17 @@ def observe_smartcar_call(endpoint: str, status: str, started: float) -> None:
     SMARTCAR_CALLS.labels(endpoint=endpoint, status=status).inc()
 
 
+def totals(metric: Counter | Histogram, sample: str = "_total") -> dict[tuple[str, ...], float]:
+    """What ``metric`` holds in this process by label values: a counter's totals, or with
+    ``sample="_sum"`` a histogram's sums (for the summary line and core.redis.deployment_counts)."""
+    return {
+        tuple(found.labels.values()): found.value
+        for family in metric.collect()
+        for found in family.samples
+        if found.name.endswith(sample)
+    }
+
+
 # Series that exist from the start read as 0 instead of missing, so rate() and alerts see the
 # first increment of each.
 JOB_OUTCOMES = ("published", "already_published", "retried", "error", *(f"parked_{r}" for r in PARK_REASONS))
