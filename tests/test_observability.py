@@ -27,6 +27,7 @@ from cli.samples import SAMPLE_VEHICLE_ID, encode, sample_event
 from cli.status import collect_status, render_text
 from core import metrics
 from core.redis import keys
+from core.redis.deployment_counts import read_usage
 from core.redis.queue_metrics import register_queue_collector, unregister_queue_collector
 from service.admin import create_admin_app
 from tests.conftest import signed_headers
@@ -63,7 +64,8 @@ def sample(name: str, **labels: str) -> tuple[str, dict[str, str]]:
 
 
 def test_a_scripted_run_moves_each_counter_by_exactly_its_events(pipeline, redis_client):
-    """Two routed events and one unknown user: jobs, latency, Smartcar calls, token and web counters add up."""
+    """Two routed events and one unknown user: jobs, latency, Smartcar calls, token and web counters
+    add up, and the deployment's usage in Redis (what `status` reads) is what the counters gained."""
     counters = Counters(
         sample(JOB, outcome="published"),
         sample(JOB, outcome="parked_unknown_user"),
@@ -98,6 +100,14 @@ def test_a_scripted_run_moves_each_counter_by_exactly_its_events(pipeline, redis
     assert counters.delta(CALLS, endpoint="token", status="200") == 1
     assert counters.delta("smartcar_ingest_token_refreshes_total") == 1
     assert counters.delta("smartcar_ingest_smartcar_retries_total", endpoint="signals") == 0
+    usage = read_usage(redis_client)
+    assert usage.events == counters.delta(JOB, outcome="published") == 2
+    assert usage.calls == {call: counters.delta(CALLS, endpoint=call, status="200") for call in ("vehicle", "signals")}
+    sources = ("fetched", "cached", "shared")
+    gained = {(c, s): counters.delta(READS, call=c, source=s) for c in ("vehicle", "signals") for s in sources}
+    assert usage.reads == {
+        c: {s: n for (call, s), n in gained.items() if call == c and n} for c in ("vehicle", "signals")
+    }
 
 
 def test_retried_calls_are_counted_by_endpoint_and_status(pipeline, redis_client, emulator):
