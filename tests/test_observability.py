@@ -39,8 +39,8 @@ from workers.metrics_server import start_worker_metrics
 # (sample name, labels) of every counter the scripted runs move.
 JOB = "smartcar_ingest_jobs_total"
 CALLS = "smartcar_ingest_smartcar_calls_total"
-SHARED = "smartcar_ingest_shared_reads_total"
 READS = "smartcar_ingest_enrichment_reads_total"
+SOURCES = ("fetched", "cached", "shared")
 
 
 class Counters:
@@ -74,9 +74,7 @@ def test_a_scripted_run_moves_each_counter_by_exactly_its_events(pipeline, redis
         sample(CALLS, endpoint="vehicle", status="200"),
         sample(CALLS, endpoint="signals", status="200"),
         sample(CALLS, endpoint="token", status="200"),
-        sample(SHARED, call="vehicle"),
-        sample(SHARED, call="signals"),
-        *(sample(READS, call=c, source=s) for c in ("vehicle", "signals") for s in ("fetched", "cached", "shared")),
+        *(sample(READS, call=c, source=s) for c in ("vehicle", "signals") for s in SOURCES),
         sample("smartcar_ingest_token_refreshes_total"),
         sample("smartcar_ingest_smartcar_retries_total", endpoint="signals"),
         sample("smartcar_ingest_deliveries_total", outcome="accepted"),
@@ -93,18 +91,16 @@ def test_a_scripted_run_moves_each_counter_by_exactly_its_events(pipeline, redis
     # Each routed event reads the vehicle and its signals once: by its own call, by joining one in
     # flight or from the read the other made; the two events of one vehicle make one call of each.
     for call in ("vehicle", "signals"):
-        sources = {s: counters.delta(READS, call=call, source=s) for s in ("fetched", "cached", "shared")}
+        sources = {s: counters.delta(READS, call=call, source=s) for s in SOURCES}
         assert sum(sources.values()) == 2
         assert sources["fetched"] == counters.delta(CALLS, endpoint=call, status="200") == 1
-        assert counters.delta(SHARED, call=call) == sources["shared"]
     assert counters.delta(CALLS, endpoint="token", status="200") == 1
     assert counters.delta("smartcar_ingest_token_refreshes_total") == 1
     assert counters.delta("smartcar_ingest_smartcar_retries_total", endpoint="signals") == 0
     usage = read_usage(redis_client)
     assert usage.events == counters.delta(JOB, outcome="published") == 2
     assert usage.calls == {call: counters.delta(CALLS, endpoint=call, status="200") for call in ("vehicle", "signals")}
-    sources = ("fetched", "cached", "shared")
-    gained = {(c, s): counters.delta(READS, call=c, source=s) for c in ("vehicle", "signals") for s in sources}
+    gained = {(c, s): counters.delta(READS, call=c, source=s) for c in ("vehicle", "signals") for s in SOURCES}
     assert usage.reads == {
         c: {s: n for (call, s), n in gained.items() if call == c and n} for c in ("vehicle", "signals")
     }

@@ -126,8 +126,6 @@ class VehicleReads:
                 got = Shared("fetched", None, None, exc)
         read = await self._settle(call, key, got)
         metrics.ENRICHMENT_READS.labels(call=call, source=read.source).inc()
-        if read.source == "shared":
-            metrics.SHARED_READS.labels(call=call).inc()
         return read
 
     async def _settle(self, call: Call, key: str, got: Shared) -> Read:
