@@ -58,7 +58,7 @@ def collect_status(
         "redisMemory": _memory(client),
         # Summed over every worker of the deployment (core.redis.deployment_counts): 2.0 calls per event
         # means every event read both itself; shared and cached reads bring it down.
-        "enrichment": read_usage(client, minutes=60, now=now.timestamp()).as_dict(),
+        "enrichment": read_usage(client, minutes=60, now=now.timestamp()),
     }
 
 

@@ -98,10 +98,12 @@ def test_a_scripted_run_moves_each_counter_by_exactly_its_events(pipeline, redis
     assert counters.delta("smartcar_ingest_token_refreshes_total") == 1
     assert counters.delta("smartcar_ingest_smartcar_retries_total", endpoint="signals") == 0
     usage = read_usage(redis_client)
-    assert usage.events == counters.delta(JOB, outcome="published") == 2
-    assert usage.calls == {call: counters.delta(CALLS, endpoint=call, status="200") for call in ("vehicle", "signals")}
+    assert usage["events"] == counters.delta(JOB, outcome="published") == 2
+    assert usage["calls"] == {
+        call: counters.delta(CALLS, endpoint=call, status="200") for call in ("vehicle", "signals")
+    }
     gained = {(c, s): counters.delta(READS, call=c, source=s) for c in ("vehicle", "signals") for s in SOURCES}
-    assert usage.reads == {
+    assert usage["reads"] == {
         c: {s: n for (call, s), n in gained.items() if call == c and n} for c in ("vehicle", "signals")
     }
 

@@ -12,9 +12,10 @@ keys; docs/reliability.md the alert.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -129,61 +130,35 @@ class DeploymentCounts:
         await self.write()
 
 
-@dataclass
-class UsageReport:
-    """What enrichment cost over the last ``minutes`` minutes, summed over the deployment."""
-
-    minutes: int
-    events: int = 0
-    calls: dict[str, int] = field(default_factory=dict)
-    reads: dict[str, dict[str, int]] = field(default_factory=dict)
-    rate_limited: dict[str, int] = field(default_factory=dict)
-    waited_seconds: float = 0.0
-
-    @property
-    def calls_per_event(self) -> float | None:
-        """Vehicle and signals requests per event published (2.0 when every event reads both); None without events."""
-        if not self.events:
-            return None
-        return sum(self.calls.values()) / self.events
-
-    def as_dict(self) -> dict[str, Any]:
-        per_event = self.calls_per_event
-        return {
-            "minutes": self.minutes,
-            "events": self.events,
-            "calls": dict(sorted(self.calls.items())),
-            "callsPerEvent": None if per_event is None else round(per_event, 3),
-            "reads": {call: dict(sorted(sources.items())) for call, sources in sorted(self.reads.items())},
-            "rateLimited": dict(sorted(self.rate_limited.items())),
-            "waitedSeconds": round(self.waited_seconds, 3),
-        }
-
-
-def read_usage(client: redis.Redis, minutes: int = 60, now: float | None = None) -> UsageReport:
-    """Sum the last ``minutes`` minutes (the current one included) in one round trip."""
+def read_usage(client: redis.Redis, minutes: int = 60, now: float | None = None) -> dict[str, Any]:
+    """What enrichment cost over the last ``minutes`` minutes (the current one included), as
+    ``status`` shows it; one round trip. ``callsPerEvent`` is 2.0 when every event reads both."""
     current = int(time.time() if now is None else now) // 60
     pipe = client.pipeline(transaction=False)
     for minute in range(current - minutes + 1, current + 1):
         pipe.hgetall(usage_key(minute))
-    report = UsageReport(minutes)
+    sums: collections.Counter[str] = collections.Counter()
     for counts in pipe.execute():
-        for raw_name, raw_value in counts.items():
-            name, value = text(raw_name), int(raw_value)
-            kind, _, rest = name.partition(":")
-            if name == "events":
-                report.events += value
-            elif name == "waitMs":
-                report.waited_seconds += value / 1000
-            elif kind == "calls":
-                report.calls[rest] = report.calls.get(rest, 0) + value
-            elif kind == "reads":
-                call, _, source = rest.partition(":")
-                sources = report.reads.setdefault(call, {})
-                sources[source] = sources.get(source, 0) + value
-            elif kind == "429":
-                report.rate_limited[rest] = report.rate_limited.get(rest, 0) + value
-    return report
+        for name, value in counts.items():
+            sums[text(name)] += int(value)
+    by_kind: dict[str, dict[str, int]] = {"calls": {}, "reads": {}, "429": {}}
+    for name, count in sorted(sums.items()):
+        kind, _, rest = name.partition(":")
+        by_kind.get(kind, {})[rest] = count
+    reads: dict[str, dict[str, int]] = {}
+    for name, count in by_kind["reads"].items():
+        call, _, source = name.partition(":")
+        reads.setdefault(call, {})[source] = count
+    calls, events = by_kind["calls"], sums["events"]
+    return {
+        "minutes": minutes,
+        "events": events,
+        "calls": calls,
+        "callsPerEvent": round(sum(calls.values()) / events, 3) if events else None,
+        "reads": reads,
+        "rateLimited": by_kind["429"],
+        "waitedSeconds": round(sums["waitMs"] / 1000, 3),
+    }
 
 
 @dataclass(frozen=True)
