@@ -116,8 +116,8 @@ class DeploymentCounts:
                 await pipe.execute()
         except (redis.RedisError, OSError) as exc:  # nothing waits on these: log, and try again next time
             log.warning("deployment counts not written", error=type(exc).__name__)
-            for key, ids in vehicles.items():
-                self._vehicles.setdefault(key, set()).update(ids)
+            for kind_bucket, ids in vehicles.items():
+                self._vehicles.setdefault(kind_bucket, set()).update(ids)
             return
         self._written = totals
 
