@@ -5,8 +5,8 @@ rates. Two readers need deployment-wide figures without Prometheus: ``smartcar-i
 (what enrichment cost over the last hour, :func:`read_usage`) and the VEHICLE_ERROR alert (how
 many *distinct* vehicles were active or in error, :func:`read_fleet`, which no counter can say).
 So once a second each worker adds to Redis, in one pipeline, what its counters gained since its
-last write and the vehicles it saw (:class:`DeploymentCounts`). docs/architecture.md shows the
-keys; docs/reliability.md the alert.
+last write and the vehicles it saw (:class:`DeploymentCounts`). Every fact and where it is
+counted: docs/architecture.md, "Counts: each fact counted once"; the alert: docs/reliability.md.
 """
 
 from __future__ import annotations
