@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from core import metrics
 from core.errors import SmartcarRejected, SmartcarUnavailable
+from core.redis import deployment_counts
 from core.redis.deployment_counts import DeploymentCounts, read_usage
 from core.redis.keys import APPLICATION_PAUSE_KEY, BUDGET_KEY, read_key, vehicle_pause_key
 from core.smartcar.cache import ReadCache
@@ -452,8 +453,10 @@ def test_usage_adds_every_process_counts_per_minute_for_status(redis_url, redis_
     assert read_usage(redis_client, now=time.time() + 2 * 3600)["events"] == 0
 
 
-def test_usage_a_write_refused_is_written_by_the_next(redis_url, redis_client):
-    """A write Redis refuses is logged, and what it carried goes with the next write, once."""
+def test_usage_a_write_refused_is_written_by_the_next(redis_url, redis_client, monkeypatch):
+    """Writes Redis refuses are logged once, and what they carried goes with the next write, once."""
+    warnings: list[str] = []
+    monkeypatch.setattr(deployment_counts.log, "warning", lambda event, **_: warnings.append(event))
     redis_client.execute_command("ACL", "SETUSER", "counter", "on", ">counter-pass-1", "~*", "+@all", "-hincrby")
     url = redis_url.replace("redis://", "redis://counter:counter-pass-1@")
 
@@ -461,7 +464,9 @@ def test_usage_a_write_refused_is_written_by_the_next(redis_url, redis_client):
         counts = DeploymentCounts(client)
         count_an_event({"vehicle": "fetched"})
         await counts.write()
+        await counts.write()
         assert read_usage(redis_client)["events"] == 0
+        assert len(warnings) == 1
         redis_client.execute_command("ACL", "SETUSER", "counter", "+hincrby")
         await counts.write()
         await counts.write()
@@ -472,3 +477,4 @@ def test_usage_a_write_refused_is_written_by_the_next(redis_url, redis_client):
         redis_client.execute_command("ACL", "DELUSER", "counter")
     assert read_usage(redis_client)["events"] == 1
     assert read_usage(redis_client)["calls"] == {"signals": 1, "vehicle": 1}
+    assert len(warnings) == 1

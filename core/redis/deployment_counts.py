@@ -79,6 +79,7 @@ class DeploymentCounts:
         self._written = usage_totals()
         self._vehicles: dict[tuple[str, int], set[str]] = {}
         self._writer: asyncio.Task[None] | None = None
+        self._failing = False
 
     def saw(self, event: VehicleEvent, now: float | None = None) -> None:
         """Count ``event``'s vehicle as active in the current bucket, and in error when :func:`in_error`."""
@@ -114,12 +115,14 @@ class DeploymentCounts:
                     pipe.pfadd(fleet_key(kind, bucket), *ids)
                     pipe.expireat(fleet_key(kind, bucket), (bucket + 1) * BUCKET_SECONDS + WINDOW_SECONDS)
                 await pipe.execute()
-        except (redis.RedisError, OSError) as exc:  # nothing waits on these: log, and try again next time
-            log.warning("deployment counts not written", error=type(exc).__name__)
+        except (redis.RedisError, OSError) as exc:  # nothing waits on these: try again next time
+            if not self._failing:  # once per outage, not every second of it
+                log.warning("deployment counts not written; trying again every second", error=type(exc).__name__)
+            self._failing = True
             for kind_bucket, ids in vehicles.items():
                 self._vehicles.setdefault(kind_bucket, set()).update(ids)
             return
-        self._written = totals
+        self._written, self._failing = totals, False
 
     async def aclose(self) -> None:
         """Stop the writes and write what is left."""
