@@ -22,11 +22,11 @@ from rq.serializers import JSONSerializer
 from cli.operations import open_command_redis, redis_errors
 from core.config import Settings
 from core.redis.custody import read_stranded
+from core.redis.deployment_counts import read_usage
 from core.redis.keys import text
 from core.redis.memory import read_memory
 from core.redis.parked import COUNT_SCAN_LIMIT, count_by_reason
 from core.redis.queue_metrics import GROUP_BEHIND_WARNING, read_groups, read_snapshot
-from core.smartcar.usage import read_usage
 
 
 def collect_status(
@@ -56,9 +56,9 @@ def collect_status(
             "lastPublished": _last_published(client, settings.output_stream, now),
         },
         "redisMemory": _memory(client),
-        # Summed over every worker of the deployment (core.smartcar.usage): 2.0 calls per event
+        # Summed over every worker of the deployment (core.redis.deployment_counts): 2.0 calls per event
         # means every event read both itself; shared and cached reads bring it down.
-        "enrichment": read_usage(client, minutes=60, now=now.timestamp()).as_dict(),
+        "enrichment": read_usage(client, minutes=60, now=now.timestamp()),
     }
 
 

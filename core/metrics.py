@@ -73,12 +73,6 @@ TOKEN_REFRESHES = Counter(
     "Requests this process made to the token endpoint (successful or not).",
 )
 
-SHARED_READS = Counter(
-    "smartcar_ingest_shared_reads",
-    "Smartcar reads served by joining another event's call in flight instead of making one.",
-    ["call"],
-)
-
 #: Where an event's vehicle and signals came from (the ``source`` of ``enrichment.reads``).
 READ_CALLS = ("vehicle", "signals")
 READ_SOURCES = ("fetched", "cached", "shared", "skipped")
@@ -118,6 +112,17 @@ def observe_smartcar_call(endpoint: str, status: str, started: float) -> None:
     SMARTCAR_CALLS.labels(endpoint=endpoint, status=status).inc()
 
 
+def totals(metric: Counter | Histogram, sample: str = "_total") -> dict[tuple[str, ...], float]:
+    """What ``metric`` holds in this process by label values: a counter's totals, or with
+    ``sample="_sum"`` a histogram's sums (for the summary line and core.redis.deployment_counts)."""
+    return {
+        tuple(found.labels.values()): found.value
+        for family in metric.collect()
+        for found in family.samples
+        if found.name.endswith(sample)
+    }
+
+
 # Series that exist from the start read as 0 instead of missing, so rate() and alerts see the
 # first increment of each.
 JOB_OUTCOMES = ("published", "already_published", "retried", "error", *(f"parked_{r}" for r in PARK_REASONS))
@@ -127,8 +132,6 @@ for _endpoint in SMARTCAR_ENDPOINTS:
     SMARTCAR_CALL_SECONDS.labels(endpoint=_endpoint)
     if _endpoint != "token":  # a failed token request is retried as part of the read that needed it
         SMARTCAR_RETRIES.labels(endpoint=_endpoint)
-for _call in ("vehicle", "signals"):
-    SHARED_READS.labels(call=_call)
 for _call in READ_CALLS:
     for _source in READ_SOURCES:
         ENRICHMENT_READS.labels(call=_call, source=_source)

@@ -5,7 +5,7 @@ processing errors (> 5 %), queue depth (> 1,000), response time (> 10 s) and VEH
 from over 10 % of vehicles. The chart's PrometheusRule carries all five; here ``promtool check
 rules`` checks every rendered group, and ``promtool test rules`` feeds each new alert synthetic
 series that stay at its threshold, then cross it. The distinct-vehicle counts behind the last one
-come from Redis (core/redis/fleet.py) and are checked against a real redis-server.
+come from Redis (core/redis/deployment_counts.py) and are checked against a real redis-server.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from redis.asyncio import Redis as AsyncRedis
 from core import metrics
 from core.config import Settings
 from core.events.model import Vehicle, VehicleError, VehicleEvent
-from core.redis.fleet import BUCKET_SECONDS, WINDOW_SECONDS, FleetActivity, read_fleet
+from core.redis.deployment_counts import BUCKET_SECONDS, WINDOW_SECONDS, DeploymentCounts, read_fleet
 from core.redis.keys import fleet_key
 from core.redis.queue_metrics import register_queue_collector, unregister_queue_collector
 from tests.procs import free_port
@@ -434,10 +434,10 @@ def _note(redis_url: str, events: list[tuple[VehicleEvent, float]]) -> None:
     async def run() -> None:
         client = AsyncRedis.from_url(redis_url)
         try:
-            fleet = FleetActivity(client)
+            counts = DeploymentCounts(client)
             for event, at in events:
-                await fleet.note(event, now=at)
-            await fleet.aclose()
+                counts.saw(event, now=at)
+            await counts.aclose()
         finally:
             await client.aclose()
 
@@ -498,7 +498,7 @@ def test_fleet_gauges_reach_metrics_without_a_vehicle_id(redis_url, redis_client
 
 
 def test_a_redis_failure_never_fails_the_job():
-    """Counting is a statistic: with Redis unreachable, note() logs and returns instead of raising."""
+    """Counting is a statistic: with Redis unreachable, the write logs and returns instead of raising."""
     _note(f"redis://127.0.0.1:{free_port()}/0", [(_event("veh-a"), NOW)])
 
 

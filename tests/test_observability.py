@@ -27,6 +27,7 @@ from cli.samples import SAMPLE_VEHICLE_ID, encode, sample_event
 from cli.status import collect_status, render_text
 from core import metrics
 from core.redis import keys
+from core.redis.deployment_counts import read_usage
 from core.redis.queue_metrics import register_queue_collector, unregister_queue_collector
 from service.admin import create_admin_app
 from tests.conftest import signed_headers
@@ -38,8 +39,8 @@ from workers.metrics_server import start_worker_metrics
 # (sample name, labels) of every counter the scripted runs move.
 JOB = "smartcar_ingest_jobs_total"
 CALLS = "smartcar_ingest_smartcar_calls_total"
-SHARED = "smartcar_ingest_shared_reads_total"
 READS = "smartcar_ingest_enrichment_reads_total"
+SOURCES = ("fetched", "cached", "shared")
 
 
 class Counters:
@@ -63,7 +64,8 @@ def sample(name: str, **labels: str) -> tuple[str, dict[str, str]]:
 
 
 def test_a_scripted_run_moves_each_counter_by_exactly_its_events(pipeline, redis_client):
-    """Two routed events and one unknown user: jobs, latency, Smartcar calls, token and web counters add up."""
+    """Two routed events and one unknown user: jobs, latency, Smartcar calls, token and web counters
+    add up, and the deployment's usage in Redis (what `status` reads) is what the counters gained."""
     counters = Counters(
         sample(JOB, outcome="published"),
         sample(JOB, outcome="parked_unknown_user"),
@@ -72,9 +74,7 @@ def test_a_scripted_run_moves_each_counter_by_exactly_its_events(pipeline, redis
         sample(CALLS, endpoint="vehicle", status="200"),
         sample(CALLS, endpoint="signals", status="200"),
         sample(CALLS, endpoint="token", status="200"),
-        sample(SHARED, call="vehicle"),
-        sample(SHARED, call="signals"),
-        *(sample(READS, call=c, source=s) for c in ("vehicle", "signals") for s in ("fetched", "cached", "shared")),
+        *(sample(READS, call=c, source=s) for c in ("vehicle", "signals") for s in SOURCES),
         sample("smartcar_ingest_token_refreshes_total"),
         sample("smartcar_ingest_smartcar_retries_total", endpoint="signals"),
         sample("smartcar_ingest_deliveries_total", outcome="accepted"),
@@ -91,13 +91,21 @@ def test_a_scripted_run_moves_each_counter_by_exactly_its_events(pipeline, redis
     # Each routed event reads the vehicle and its signals once: by its own call, by joining one in
     # flight or from the read the other made; the two events of one vehicle make one call of each.
     for call in ("vehicle", "signals"):
-        sources = {s: counters.delta(READS, call=call, source=s) for s in ("fetched", "cached", "shared")}
+        sources = {s: counters.delta(READS, call=call, source=s) for s in SOURCES}
         assert sum(sources.values()) == 2
         assert sources["fetched"] == counters.delta(CALLS, endpoint=call, status="200") == 1
-        assert counters.delta(SHARED, call=call) == sources["shared"]
     assert counters.delta(CALLS, endpoint="token", status="200") == 1
     assert counters.delta("smartcar_ingest_token_refreshes_total") == 1
     assert counters.delta("smartcar_ingest_smartcar_retries_total", endpoint="signals") == 0
+    usage = read_usage(redis_client)
+    assert usage["events"] == counters.delta(JOB, outcome="published") == 2
+    assert usage["calls"] == {
+        call: counters.delta(CALLS, endpoint=call, status="200") for call in ("vehicle", "signals")
+    }
+    gained = {(c, s): counters.delta(READS, call=c, source=s) for c in ("vehicle", "signals") for s in SOURCES}
+    assert usage["reads"] == {
+        c: {s: n for (call, s), n in gained.items() if call == c and n} for c in ("vehicle", "signals")
+    }
 
 
 def test_retried_calls_are_counted_by_endpoint_and_status(pipeline, redis_client, emulator):

@@ -1,6 +1,6 @@
 """The Redis side of quota-aware enrichment, piece by piece, against the real Redis: the budget
 (GCRA) and the 429 pauses (core.smartcar.limiter), the shared reads (core.smartcar.cache) and the
-per-minute usage (core.smartcar.usage).
+per-minute usage the workers add up (core.redis.deployment_counts).
 
 "Two processes" are two clients with their own connections and their own in-process state, as two
 worker processes have; Redis is all they share.
@@ -18,11 +18,13 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
+from core import metrics
 from core.errors import SmartcarRejected, SmartcarUnavailable
+from core.redis import deployment_counts
+from core.redis.deployment_counts import DeploymentCounts, read_usage
 from core.redis.keys import APPLICATION_PAUSE_KEY, BUDGET_KEY, read_key, vehicle_pause_key
 from core.smartcar.cache import ReadCache
 from core.smartcar.limiter import OverBudget, RequestLimiter
-from core.smartcar.usage import Usage, read_usage
 
 T = TypeVar("T")
 KEY = read_key("signals", "vehicle-1", "user-1")
@@ -51,6 +53,11 @@ def redis_client_for(client: Redis) -> redis.Redis:
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def waits() -> float:
+    """How many times the limiters of this process made a request wait (``smartcar_ingest_limiter_wait_seconds``)."""
+    return sum(metrics.totals(metrics.LIMITER_WAIT_SECONDS, "_count").values())
 
 
 class Upstream:
@@ -95,13 +102,13 @@ def test_the_budget_lets_a_burst_through_then_one_request_per_interval_in_order(
         limiter = RequestLimiter(client, requests_per_minute=600, burst=3, wait_seconds=5)
         started = time.monotonic()
 
-        async def one() -> tuple[float, float]:
-            with limiter.tally() as tally:
-                await limiter.admit("signals", "vehicle-1")
-            return time.monotonic() - started, tally.waited_seconds
+        async def one() -> float:
+            await limiter.admit("signals", "vehicle-1")
+            return time.monotonic() - started
 
+        waited_before = waits()
         done = await asyncio.gather(*(one() for _ in range(6)))
-        return sorted(at for at, _ in done), sum(1 for _, waited in done if waited == 0)
+        return sorted(done), int(6 - (waits() - waited_before))
 
     times, without_waiting = run(redis_url, scenario)
     assert without_waiting >= 3
@@ -171,9 +178,9 @@ def test_a_vehicle_429_pauses_that_vehicle_in_every_process_until_retry_after(re
         other = RequestLimiter(second, wait_seconds=5)
         await seen_by.rate_limited("signals", "vehicle-1", "VEHICLE", 0.4)
         started = time.monotonic()
-        with other.tally() as tally:
-            await other.admit("vehicle", "vehicle-2")
-        assert tally.waited_seconds == 0
+        waited_before = waits()
+        await other.admit("vehicle", "vehicle-2")
+        assert waits() == waited_before
         with pytest.raises(OverBudget) as refused, other.deadline(0.01):
             await other.admit("vehicle", "vehicle-1")
         await other.admit("vehicle", "vehicle-1")
@@ -220,27 +227,6 @@ def test_a_429_without_retry_after_pauses_2_s_then_doubles(redis_url, redis_clie
 def pause_left(client: redis.Redis, key: str) -> int:
     seconds, micros = client.time()
     return int(client.hget(key, "until") or 0) - (int(seconds) * 1000 + int(micros) // 1000)
-
-
-def test_the_tally_counts_requests_429s_and_waits_of_its_own_task_only(redis_url):
-    """What one event's reads cost is counted in its tally; another task's requests are not."""
-
-    async def scenario(client: Redis) -> tuple[dict[str, int], dict[str, int], float]:
-        limiter = RequestLimiter(client, requests_per_minute=600, burst=1, wait_seconds=5)
-
-        async def elsewhere() -> None:
-            await limiter.admit("vehicle", "vehicle-9")
-
-        with limiter.tally() as tally:
-            await asyncio.gather(limiter.admit("vehicle", "vehicle-1"), limiter.admit("signals", "vehicle-1"))
-            await limiter.rate_limited("signals", "vehicle-1", "VEHICLE", 0)
-        await elsewhere()
-        return dict(tally.calls), dict(tally.rate_limited), tally.waited_seconds
-
-    calls, limited, waited = run(redis_url, scenario)
-    assert calls == {"vehicle": 1, "signals": 1}
-    assert limited == {"vehicle": 1}
-    assert waited > 0
 
 
 # Shared reads
@@ -429,20 +415,33 @@ def test_a_read_key_names_no_user_id_and_expires(redis_url, redis_client):
 # Usage
 
 
+def count_an_event(sources: dict[str, str]) -> None:
+    """Move this process's counters as one published event does whose reads came from ``sources``,
+    with a vehicle and a signals request, a 429 and a 0.25 s wait for the budget."""
+    metrics.JOBS.labels(outcome="published").inc()
+    for endpoint in ("vehicle", "signals"):
+        metrics.SMARTCAR_CALLS.labels(endpoint=endpoint, status="200").inc()
+    for call, source in sources.items():
+        metrics.ENRICHMENT_READS.labels(call=call, source=source).inc()
+    metrics.RATE_LIMITED.labels(scope="vehicle").inc()
+    metrics.LIMITER_WAIT_SECONDS.labels(cause="budget").observe(0.25)
+
+
 def test_usage_adds_every_process_counts_per_minute_for_status(redis_url, redis_client):
-    """Two processes' events add up in the minute's hash; read_usage sums the last hour."""
+    """Two processes' counters add up in the minute's hash, each counting from its start; read_usage
+    sums the last hour."""
+    count_an_event({"vehicle": "shared"})  # before either started: neither writes it
 
     async def scenario(first: Redis, second: Redis) -> None:
         for client, sources in ((first, {"vehicle": "fetched", "signals": "fetched"}), (second, {"vehicle": "cached"})):
-            usage = Usage(client)
-            before = read_usage(redis_client).events
-            await usage.record({"vehicle": 1, "signals": 1}, sources, {"vehicle": 1}, 0.25)
-            assert read_usage(redis_client).events == before  # held in the process until flushed
-            await usage.aclose()
+            counts = DeploymentCounts(client)
+            before = read_usage(redis_client)["events"]
+            count_an_event(sources)
+            assert read_usage(redis_client)["events"] == before  # held in the process until written
+            await counts.aclose()
 
     run(redis_url, scenario, clients=2)
-    report = read_usage(redis_client)
-    assert report.as_dict() == {
+    assert read_usage(redis_client) == {
         "minutes": 60,
         "events": 2,
         "calls": {"signals": 2, "vehicle": 2},
@@ -451,4 +450,31 @@ def test_usage_adds_every_process_counts_per_minute_for_status(redis_url, redis_
         "rateLimited": {"vehicle": 2},
         "waitedSeconds": 0.5,
     }
-    assert read_usage(redis_client, now=time.time() + 2 * 3600).events == 0
+    assert read_usage(redis_client, now=time.time() + 2 * 3600)["events"] == 0
+
+
+def test_usage_a_write_refused_is_written_by_the_next(redis_url, redis_client, monkeypatch):
+    """Writes Redis refuses are logged once, and what they carried goes with the next write, once."""
+    warnings: list[str] = []
+    monkeypatch.setattr(deployment_counts.log, "warning", lambda event, **_: warnings.append(event))
+    redis_client.execute_command("ACL", "SETUSER", "counter", "on", ">counter-pass-1", "~*", "+@all", "-hincrby")
+    url = redis_url.replace("redis://", "redis://counter:counter-pass-1@")
+
+    async def scenario(client: Redis) -> None:
+        counts = DeploymentCounts(client)
+        count_an_event({"vehicle": "fetched"})
+        await counts.write()
+        await counts.write()
+        assert read_usage(redis_client)["events"] == 0
+        assert len(warnings) == 1
+        redis_client.execute_command("ACL", "SETUSER", "counter", "+hincrby")
+        await counts.write()
+        await counts.write()
+
+    try:
+        run(url, scenario)
+    finally:
+        redis_client.execute_command("ACL", "DELUSER", "counter")
+    assert read_usage(redis_client)["events"] == 1
+    assert read_usage(redis_client)["calls"] == {"signals": 1, "vehicle": 1}
+    assert len(warnings) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -448,10 +449,16 @@ def test_every_request_passes_the_gate_pages_and_401_retries_included(redis_url,
     fake.answers["/v3/vehicles/v"] = [httpx.Response(401, json={})]
 
     async def scenario(client, limiter, _redis):
-        with limiter.tally() as tally:
-            await client.get_signals("v", "u")
-            await client.get_vehicle("v", "u")
-        return dict(tally.calls)
+        admitted, admit = Counter(), limiter.admit
+
+        async def counted(endpoint, vehicle_id):
+            await admit(endpoint, vehicle_id)
+            admitted[endpoint] += 1
+
+        limiter.admit = counted
+        await client.get_signals("v", "u")
+        await client.get_vehicle("v", "u")
+        return dict(admitted)
 
     assert gated(redis_url, fake, scenario) == {"signals": 2, "vehicle": 2}
 

@@ -20,6 +20,7 @@ from rq.registry import clean_registries
 from rq.suspension import is_suspended
 from rq.worker import WorkerStatus
 
+from core import metrics
 from core.logs import get_logger
 from core.redis.outage import redis_unavailable, until_redis_answers
 from workers.reaper import Liveness, sweep_expired
@@ -159,34 +160,32 @@ class Housekeeping:
 
 
 class WorkerLog:
-    """Counts by outcome for the INFO summary line; per-event lines are DEBUG (workers.processor)."""
+    """The INFO summary line: this process's jobs by outcome (``smartcar_ingest_jobs_total``)
+    since the last line; per-event lines are DEBUG (workers.processor)."""
 
     def __init__(self) -> None:
-        self._counts: dict[str, int] = {}
-        self._busy_seconds = 0.0
+        self._jobs = metrics.totals(metrics.JOBS)
         self._since = time.monotonic()
         self._total = 0
-
-    def count(self, outcome: str, seconds: float) -> None:
-        self._counts[outcome] = self._counts.get(outcome, 0) + 1
-        self._busy_seconds += seconds
 
     def summary(self, final: bool = False) -> None:
         elapsed = time.monotonic() - self._since
         if not final and elapsed < SUMMARY_SECONDS:
             return
-        done = sum(self._counts.values())
+        jobs = metrics.totals(metrics.JOBS)
+        counts = {labels[0]: int(n - self._jobs.get(labels, 0)) for labels, n in jobs.items()}
+        counts = {outcome: n for outcome, n in counts.items() if n}
+        done = sum(counts.values())
         self._total += done
         if done or final:
             log.info(
                 "worker summary" if not final else "worker stopped",
                 jobs=done,
                 perSecond=round(done / elapsed, 1) if elapsed else 0.0,
-                meanSeconds=round(self._busy_seconds / done, 3) if done else None,
                 total=self._total,
-                **self._counts,
+                **counts,
             )
-        self._counts, self._busy_seconds, self._since = {}, 0.0, time.monotonic()
+        self._jobs, self._since = jobs, time.monotonic()
 
 
 def awaiting() -> str:

@@ -24,7 +24,7 @@ from core.errors import (
     UnknownUser,
 )
 from core.logs import get_logger
-from core.redis.fleet import FleetActivity
+from core.redis.deployment_counts import DeploymentCounts
 from core.redis.jobs import JobPayload
 from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
 from core.redis.parked import ParkedStream
@@ -62,7 +62,7 @@ class EventProcessor:
         output: OutputStream,
         parked: ParkedStream,
         vehicle_states: VehicleStates,
-        fleet: FleetActivity | None = None,
+        counts: DeploymentCounts | None = None,
         user_cache_size: int = USER_CACHE_SIZE,
     ) -> None:
         self._users = users
@@ -72,7 +72,7 @@ class EventProcessor:
         self._parked = parked
         self._vehicle_states = vehicle_states
         self._known_users: dict[str, tuple[UserRecord, float]] = {}
-        self._fleet = fleet
+        self._counts = counts
 
     async def process(
         self, payload: JobPayload, final_attempt: bool, budget_seconds: float, check_published: bool = True
@@ -116,8 +116,8 @@ class EventProcessor:
             return await self._park(event_id, exc.code, exc.message, body)
 
         structlog.contextvars.bind_contextvars(deliveryId=event.meta.deliveryId, eventType=event.event_type)
-        if self._fleet is not None:  # the VEHICLE_ERROR alert's vehicle counts (core.redis.fleet)
-            await self._fleet.note(event)
+        if self._counts is not None:  # the VEHICLE_ERROR alert's vehicle counts
+            self._counts.saw(event)
         # A re-run after a crash, or a replay, skips the Smartcar calls when the event is out already.
         # Each Redis call here waits out a short outage rather than failing the job over it; all are
         # idempotent (a read, and the publish and the park, each guarded by its mark).

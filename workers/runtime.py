@@ -13,7 +13,7 @@ from typing import Any
 from core.config import Settings
 from core.errors import ConfigurationError
 from core.redis.clients import worker_redis
-from core.redis.fleet import FleetActivity
+from core.redis.deployment_counts import DeploymentCounts
 from core.redis.parked import ParkedStream
 from core.redis.published import OutputStream
 from core.redis.vehicle_state import VehicleStates
@@ -44,7 +44,8 @@ class Runtime:
             http = smartcar_http(self._max_connections)
             users = UserStore(settings.database_url)
             reads = vehicle_reads(settings, redis, http)
-            fleet = FleetActivity(redis)
+            counts = DeploymentCounts(redis)
+            counts.start()
             self._processor = EventProcessor(
                 users,
                 reads,
@@ -59,9 +60,9 @@ class Runtime:
                     redis, settings.parked_stream, settings.dedupe_ttl_seconds, settings.parked_retention_seconds
                 ),
                 vehicle_states=VehicleStates(redis, settings.vehicle_state_prefix, settings.vehicle_state_ttl_seconds),
-                fleet=fleet,
+                counts=counts,
             )
-            self._closers = [reads.aclose, fleet.aclose, redis.aclose, http.aclose, users.dispose]
+            self._closers = [counts.aclose, redis.aclose, http.aclose, users.dispose]
         return self._processor
 
     async def aclose(self) -> None:

@@ -41,6 +41,7 @@ from rq.executions import Execution
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
+from core import metrics
 from core.config import Settings
 from core.errors import InvalidJob
 from core.logs import get_logger
@@ -237,7 +238,6 @@ class AsyncWorker:
     # --- running one job ---
 
     async def _run_job(self, claimed_job: ClaimedJob) -> None:
-        started = time.monotonic()
         try:
             payload = claimed_payload(claimed_job, self.connection)
             budget = job_budget(claimed_job.field(b"timeout") or None, self.settings.job_timeout_seconds)
@@ -252,14 +252,14 @@ class AsyncWorker:
             await self._give_back(claimed_job, "the worker was stopped")
             return
         except Exception as exc:
-            self.stats.count("failed" if not redis_unavailable(exc) else "requeued", time.monotonic() - started)
+            if isinstance(exc, InvalidJob | TimeoutError):  # raised around the processor, which counts the rest
+                metrics.JOBS.labels(outcome="error").inc()
             if redis_unavailable(exc):
                 log.warning("job interrupted by Redis trouble; it will be requeued", jobId=claimed_job.job_id)
                 await self._give_back(claimed_job, "Redis trouble")
             else:
                 await self._fail(claimed_job, exc)
             return
-        self.stats.count(result["status"], time.monotonic() - started)
         self._finished.append(Success(claimed_job, result))
         if len(self._finished) >= self.batch_size:
             await self._flush()

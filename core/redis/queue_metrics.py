@@ -23,7 +23,7 @@ from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegi
 from core.config import Settings
 from core.redis.clients import scrape_redis
 from core.redis.custody import Stranded, age_seconds, parse_rq_time, read_stranded
-from core.redis.fleet import FleetCounts, fleet_families, read_fleet
+from core.redis.deployment_counts import FleetCounts, fleet_families, read_fleet
 from core.redis.keys import queue_key, text
 from core.redis.memory import RedisMemory, read_memory
 

@@ -1,8 +1,7 @@
 """One request budget for the whole deployment, and Smartcar's 429 pauses, kept in Redis.
 
 The pauses and the GCRA budget: docs/architecture.md, "The request budget and 429 pauses". A read
-that cannot go within its deadline is skipped (:class:`OverBudget`). The calls and 429s of the
-event being enriched are counted into its :class:`Tally`.
+that cannot go within its deadline is skipped (:class:`OverBudget`).
 """
 
 from __future__ import annotations
@@ -10,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
@@ -126,17 +123,7 @@ class OverBudget(SmartcarRateLimited):
         self.cause = cause
 
 
-@dataclass
-class Tally:
-    """What one event's reads cost: requests by endpoint, 429s by scope, seconds waited."""
-
-    calls: Counter[str] = field(default_factory=Counter)
-    rate_limited: Counter[str] = field(default_factory=Counter)
-    waited_seconds: float = 0.0
-
-
 _deadline: ContextVar[float | None] = ContextVar("smartcar_read_deadline", default=None)
-_tally: ContextVar[Tally | None] = ContextVar("smartcar_read_tally", default=None)
 
 
 class RequestLimiter:
@@ -173,17 +160,6 @@ class RequestLimiter:
         finally:
             _deadline.reset(token)
 
-    @staticmethod
-    @contextmanager
-    def tally() -> Iterator[Tally]:
-        """Count the requests and 429s made inside (in this task and the tasks it starts)."""
-        counts = Tally()
-        token = _tally.set(counts)
-        try:
-            yield counts
-        finally:
-            _tally.reset(token)
-
     async def admit(self, endpoint: str, vehicle_id: str | None) -> None:
         """Return when a request for ``vehicle_id`` may be sent (its budget slot taken), or raise
         :class:`OverBudget` at once when that cannot be within the deadline."""
@@ -196,18 +172,12 @@ class RequestLimiter:
             if wait_ms <= 0:
                 break
             metrics.LIMITER_WAIT_SECONDS.labels(cause=cause).observe(wait_ms / 1000)
-            tally = _tally.get()
-            if tally is not None:
-                tally.waited_seconds += wait_ms / 1000
             await asyncio.sleep(wait_ms / 1000)
             # A 429 may have paused calls while this one waited for its slot: look again (a
             # pause-only check, no new reservation) and start over if one did.
             _, paused_ms, _ = await self._run(pause_key, reserve=False)
             if paused_ms <= 0:
                 break
-        tally = _tally.get()
-        if tally is not None:
-            tally.calls[endpoint] += 1
 
     async def rate_limited(
         self, endpoint: str, vehicle_id: str | None, error_code: str | None, retry_after: float | None
@@ -222,9 +192,6 @@ class RequestLimiter:
             lambda: self._pause(keys=[key], args=args), give_up_after=REDIS_PATIENCE_SECONDS
         )
         metrics.RATE_LIMITED.labels(scope=scope).inc()
-        tally = _tally.get()
-        if tally is not None:
-            tally.rate_limited[scope] += 1
         log.warning("Smartcar rate limited a call", endpoint=endpoint, scope=scope, pausedMs=int(paused_ms))
 
     async def _run(self, pause_key: str, reserve: bool) -> tuple[int, int, str]:

@@ -35,20 +35,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from core import metrics
 from core.config import Settings
 from core.errors import SmartcarRateLimited, SmartcarRejected
-from core.logs import get_logger
 from core.redis.keys import read_key
 from core.smartcar.cache import ReadCache, Shared
 from core.smartcar.client import SmartcarClient, smartcar_client
 from core.smartcar.http import SmartcarHttp
 from core.smartcar.limiter import RequestLimiter
-from core.smartcar.usage import Usage
-
-log = get_logger("smartcar_ingest.reads")
 
 Call = Literal["vehicle", "signals"]
 #: The most one read's requests take, retries included (the client's own budget).
@@ -88,13 +83,10 @@ class Windows:
 class VehicleReads:
     """An event's two reads, shared, budgeted and counted. One per worker process."""
 
-    def __init__(
-        self, client: SmartcarClient, cache: ReadCache, limiter: RequestLimiter, usage: Usage, windows: Windows
-    ) -> None:
+    def __init__(self, client: SmartcarClient, cache: ReadCache, limiter: RequestLimiter, windows: Windows) -> None:
         self._client = client
         self._cache = cache
         self._limiter = limiter
-        self._usage = usage
         self._windows = windows
 
     async def read_event(
@@ -103,31 +95,14 @@ class VehicleReads:
         """The vehicle and signals reads for one event, concurrently; each a :class:`Read` or the
         exception the processor must handle. ``after_error``: the event is a VEHICLE_ERROR, so no
         signals read made until now serves a later event."""
-        with self._limiter.tally() as tally:
-            vehicle, signals = await asyncio.gather(
-                self._read("vehicle", vehicle_id, user_id, received_at_ms, self._client.get_vehicle),
-                self._read("signals", vehicle_id, user_id, received_at_ms, self._client.get_signals),
-                return_exceptions=True,
-            )
+        vehicle, signals = await asyncio.gather(
+            self._read("vehicle", vehicle_id, user_id, received_at_ms, self._client.get_vehicle),
+            self._read("signals", vehicle_id, user_id, received_at_ms, self._client.get_signals),
+            return_exceptions=True,
+        )
         if after_error:
             await self._cache.invalidate(read_key("signals", vehicle_id, user_id), self._windows.ms("signals"))
-        reads = [r for r in (vehicle, signals) if isinstance(r, Read)]
-        failed = any(isinstance(r, BaseException) for r in (vehicle, signals))
-        await self._usage.record(
-            calls=tally.calls,
-            sources={} if failed else {r.call: r.source for r in reads},
-            rate_limited=tally.rate_limited,
-            waited_seconds=tally.waited_seconds,
-            events=0 if failed else 1,
-        )
         return vehicle, signals
-
-    async def aclose(self) -> None:
-        """Write the usage counts still held in this process."""
-        try:
-            await self._usage.aclose()
-        except (RedisError, OSError) as exc:
-            log.warning("could not record enrichment usage", error=type(exc).__name__)
 
     async def _read(
         self,
@@ -151,8 +126,6 @@ class VehicleReads:
                 got = Shared("fetched", None, None, exc)
         read = await self._settle(call, key, got)
         metrics.ENRICHMENT_READS.labels(call=call, source=read.source).inc()
-        if read.source == "shared":
-            metrics.SHARED_READS.labels(call=call).inc()
         return read
 
     async def _settle(self, call: Call, key: str, got: Shared) -> Read:
@@ -180,4 +153,4 @@ def vehicle_reads(settings: Settings, redis: Redis, http: SmartcarHttp) -> Vehic
     # worker is taken for dead and another event claims the read.
     cache = ReadCache(redis, lease_seconds=settings.enrich_wait_seconds + CALL_BUDGET_SECONDS + 15)
     windows = Windows(vehicle=settings.vehicle_info_ttl_seconds, signals=settings.signals_max_age_seconds)
-    return VehicleReads(client, cache, limiter, Usage(redis), windows)
+    return VehicleReads(client, cache, limiter, windows)

@@ -1,0 +1,202 @@
+"""Counts summed over every worker of the deployment, in Redis: for ``status`` and the fleet alert.
+
+Each process counts in its Prometheus counters (:mod:`core.metrics`), which Prometheus sums for
+rates. Two readers need deployment-wide figures without Prometheus: ``smartcar-ingest status``
+(what enrichment cost over the last hour, :func:`read_usage`) and the VEHICLE_ERROR alert (how
+many *distinct* vehicles were active or in error, :func:`read_fleet`, which no counter can say).
+So once a second each worker adds to Redis, in one pipeline, what its counters gained since its
+last write and the vehicles it saw (:class:`DeploymentCounts`). Every fact and where it is
+counted: docs/architecture.md, "Counts: each fact counted once"; the alert: docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from prometheus_client.core import GaugeMetricFamily, Metric
+from redis.asyncio import Redis as AsyncRedis
+
+from core import metrics
+from core.events.model import VehicleEvent
+from core.logs import get_logger
+from core.redis.keys import fleet_key, text, usage_key
+
+log = get_logger("smartcar_ingest.deployment_counts")
+
+#: How often a worker writes what it counted.
+WRITE_SECONDS = 1.0
+#: How long a minute's usage hash is kept; ``status`` sums the last hour.
+USAGE_RETENTION_SECONDS = 2 * 3600
+#: The fleet's HyperLogLogs: one per kind and 10-minute bucket; the gauges cover the current
+#: bucket and the six before it (60 to 70 minutes).
+BUCKET_SECONDS = 600
+WINDOW_SECONDS = 3600
+ACTIVE = "active"
+IN_ERROR = "errors"
+
+VEHICLES_ACTIVE = "smartcar_ingest_vehicles_active"
+VEHICLES_IN_ERROR = "smartcar_ingest_vehicles_in_error"
+
+
+def usage_totals() -> dict[str, int]:
+    """This process's counters as the fields of the usage hash: ``events`` published,
+    ``calls:<endpoint>`` (vehicle and signals requests, retries included), ``reads:<call>:<source>``,
+    ``429:<scope>`` and ``waitMs`` (waits for the budget or a pause)."""
+    totals = {"events": int(metrics.totals(metrics.JOBS).get(("published",), 0))}
+    for (endpoint, _status), count in metrics.totals(metrics.SMARTCAR_CALLS).items():
+        if endpoint in metrics.READ_CALLS:
+            totals[f"calls:{endpoint}"] = totals.get(f"calls:{endpoint}", 0) + int(count)
+    for (call, source), count in metrics.totals(metrics.ENRICHMENT_READS).items():
+        totals[f"reads:{call}:{source}"] = int(count)
+    for (scope,), count in metrics.totals(metrics.RATE_LIMITED).items():
+        totals[f"429:{scope}"] = int(count)
+    totals["waitMs"] = int(sum(metrics.totals(metrics.LIMITER_WAIT_SECONDS, "_sum").values()) * 1000)
+    return totals
+
+
+def in_error(event: VehicleEvent) -> bool:
+    """True for a VEHICLE_ERROR that reports an open error: one whose state is not RESOLVED, or
+    no error list at all. A VEHICLE_ERROR that only clears earlier errors is not one."""
+    if event.event_type != "VEHICLE_ERROR":
+        return False
+    return not event.errors or any(error.state != "RESOLVED" for error in event.errors)
+
+
+class DeploymentCounts:
+    """One worker process's share: what its counters gained and the vehicles it saw since its last
+    write, written every :data:`WRITE_SECONDS` (:meth:`start`) and at :meth:`aclose`. Statistics,
+    not data: a failed write is logged and tried again a second later; what a process held when it
+    died unannounced is lost. One per process: each counts the process's counters from its creation."""
+
+    def __init__(self, redis_client: AsyncRedis) -> None:
+        self._redis = redis_client
+        self._written = usage_totals()
+        self._vehicles: dict[tuple[str, int], set[str]] = {}
+        self._writer: asyncio.Task[None] | None = None
+        self._failing = False
+
+    def saw(self, event: VehicleEvent, now: float | None = None) -> None:
+        """Count ``event``'s vehicle as active in the current bucket, and in error when :func:`in_error`."""
+        bucket = int((time.time() if now is None else now) // BUCKET_SECONDS)
+        for kind in (ACTIVE, IN_ERROR) if in_error(event) else (ACTIVE,):
+            self._vehicles.setdefault((kind, bucket), set()).add(event.vehicle.id)
+
+    def start(self) -> None:
+        """Write every :data:`WRITE_SECONDS` until :meth:`aclose` (call inside the running loop)."""
+        self._writer = asyncio.create_task(self._write_every_second(), name="deployment-counts")
+
+    async def _write_every_second(self) -> None:
+        while True:
+            await asyncio.sleep(WRITE_SECONDS)
+            await self.write()
+
+    async def write(self) -> None:
+        """Add what was counted since the last write, in one round trip; nothing when nothing was."""
+        totals = usage_totals()
+        gained = {name: count - self._written.get(name, 0) for name, count in totals.items()}
+        gained = {name: count for name, count in gained.items() if count}
+        vehicles, self._vehicles = self._vehicles, {}
+        if not gained and not vehicles:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                if gained:
+                    key = usage_key(int(time.time()) // 60)
+                    for name, count in gained.items():
+                        pipe.hincrby(key, name, count)
+                    pipe.expire(key, USAGE_RETENTION_SECONDS)
+                for (kind, bucket), ids in vehicles.items():
+                    pipe.pfadd(fleet_key(kind, bucket), *ids)
+                    pipe.expireat(fleet_key(kind, bucket), (bucket + 1) * BUCKET_SECONDS + WINDOW_SECONDS)
+                await pipe.execute()
+        except (redis.RedisError, OSError) as exc:  # nothing waits on these: try again next time
+            if not self._failing:  # once per outage, not every second of it
+                log.warning("deployment counts not written; trying again every second", error=type(exc).__name__)
+            self._failing = True
+            for kind_bucket, ids in vehicles.items():
+                self._vehicles.setdefault(kind_bucket, set()).update(ids)
+            return
+        self._written, self._failing = totals, False
+
+    async def aclose(self) -> None:
+        """Stop the writes and write what is left."""
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        await self.write()
+
+
+def read_usage(client: redis.Redis, minutes: int = 60, now: float | None = None) -> dict[str, Any]:
+    """What enrichment cost over the last ``minutes`` minutes (the current one included), as
+    ``status`` shows it; one round trip. ``callsPerEvent`` is 2.0 when every event reads both."""
+    current = int(time.time() if now is None else now) // 60
+    pipe = client.pipeline(transaction=False)
+    for minute in range(current - minutes + 1, current + 1):
+        pipe.hgetall(usage_key(minute))
+    sums: collections.Counter[str] = collections.Counter()
+    for counts in pipe.execute():
+        for name, value in counts.items():
+            sums[text(name)] += int(value)
+    by_kind: dict[str, dict[str, int]] = {"calls": {}, "reads": {}, "429": {}}
+    for name, count in sorted(sums.items()):
+        kind, _, rest = name.partition(":")
+        by_kind.get(kind, {})[rest] = count
+    reads: dict[str, dict[str, int]] = {}
+    for name, count in by_kind["reads"].items():
+        call, _, source = name.partition(":")
+        reads.setdefault(call, {})[source] = count
+    calls, events = by_kind["calls"], sums["events"]
+    return {
+        "minutes": minutes,
+        "events": events,
+        "calls": calls,
+        "callsPerEvent": round(sum(calls.values()) / events, 3) if events else None,
+        "reads": reads,
+        "rateLimited": by_kind["429"],
+        "waitedSeconds": round(sums["waitMs"] / 1000, 3),
+    }
+
+
+@dataclass(frozen=True)
+class FleetCounts:
+    """Distinct vehicles over the last hour (a HyperLogLog's count: within about 1 %)."""
+
+    active: int
+    """Vehicles that sent a VEHICLE_STATE or VEHICLE_ERROR."""
+    in_error: int
+    """Those of them that sent a VEHICLE_ERROR reporting an open error."""
+
+
+def read_fleet(client: redis.Redis, now: float | None = None) -> FleetCounts:
+    """Count the vehicles of the last hour's buckets: one round trip of two ``PFCOUNT`` (which the
+    web's Redis user may not run: the workers export the gauges)."""
+    current = int((time.time() if now is None else now) // BUCKET_SECONDS)
+    buckets = range(current - WINDOW_SECONDS // BUCKET_SECONDS, current + 1)
+    with client.pipeline(transaction=False) as pipe:
+        pipe.pfcount(*(fleet_key(ACTIVE, bucket) for bucket in buckets))
+        pipe.pfcount(*(fleet_key(IN_ERROR, bucket) for bucket in buckets))
+        active, errors = pipe.execute()
+    return FleetCounts(active=int(active), in_error=int(errors))
+
+
+def fleet_families(counts: FleetCounts | None) -> list[Metric]:
+    """The two gauges, without labels; empty when ``counts`` is None (the process could not read them)."""
+    active = GaugeMetricFamily(
+        VEHICLES_ACTIVE,
+        "Distinct vehicles whose events were processed in the last hour (60 to 70 minutes; within about 1 %).",
+    )
+    errors = GaugeMetricFamily(
+        VEHICLES_IN_ERROR,
+        "Distinct vehicles among them that sent a VEHICLE_ERROR reporting an error not RESOLVED.",
+    )
+    if counts is not None:
+        active.add_metric([], counts.active)
+        errors.add_metric([], counts.in_error)
+    return [active, errors]
