@@ -46,7 +46,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from cli.operations import redis_errors
     from core.logs import configure_logging
-    from workers.worker import run_worker
+    from workers.process import run_worker
 
     settings.require_client_credentials()
     configure_logging(settings.log_level, settings.log_format)

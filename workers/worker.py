@@ -1,33 +1,13 @@
-"""``smartcar-ingest worker``: an asyncio RQ worker that runs hundreds of ingest jobs at once.
+"""``smartcar-ingest worker``'s loop: :class:`AsyncWorker` takes RQ jobs in batches, runs each as a
+coroutine on one event loop and records RQ's bookkeeping a batch at a time (:mod:`workers.batch`).
 
-An enrichment mostly waits on Smartcar, so one event loop carries hundreds: :class:`AsyncWorker`
-takes jobs off RQ's queue in batches, runs each as a coroutine on its loop (with the HTTP pool,
-Redis client and token of :mod:`workers.runtime`), and records RQ's bookkeeping for a batch in
-one script per step (:mod:`workers.batch`): no thread per job, no dozen round trips per job.
-
-RQ's view stays true, in RQ's own keys (``rq info``, ``Worker.all()``, the registries, results):
-a job that raised goes through RQ's own ``Worker.handle_job_failure`` (a retry on its ``Retry``
-schedule, or the failed registry with the exception text, for ``rq requeue``); RQ's scheduler and
-clean-ups run as before (:mod:`workers.housekeeping`).
-
-No acknowledged event is left behind (docs/reliability.md):
-
-* Between leaving the queue and being recorded as started, a job's id is in this worker's own
-  dequeued list (:mod:`core.redis.custody`); after that, its execution names this worker. A peer's
-  reaper (:mod:`workers.reaper`) puts back whatever a dead worker held, without spending a retry.
-* Redis trouble (down, restarting, loading, out of memory, read-only) is waited out at every
-  step (:mod:`workers.steps`, RQ's synchronous steps on threads of their own), and each step can be re-run after a lost answer. A job it interrupted is put back on
-  the queue once Redis answers, not failed and not charged a retry.
-
-Shutdown: SIGTERM or SIGINT (or the end of a ``--burst`` run) stops taking jobs; jobs in flight
-finish and are recorded. A second signal cancels them and puts them back on the queue.
+How it keeps RQ's view true and loses nothing: docs/architecture.md, "The worker"; docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import signal
 import threading
 import time
@@ -35,7 +15,6 @@ import traceback
 from functools import partial
 
 import redis
-import uvloop
 from rq import Queue, SimpleWorker
 from rq.executions import Execution
 from rq.serializers import JSONSerializer
@@ -45,14 +24,12 @@ from core import metrics
 from core.config import Settings
 from core.errors import InvalidJob
 from core.logs import get_logger
-from core.redis.clients import rq_redis, worker_redis
-from core.redis.memory import warn_without_maxmemory
-from core.redis.outage import redis_unavailable, until_redis_answers
+from core.redis.clients import worker_redis
+from core.redis.outage import redis_unavailable
 from workers import runtime
 from workers.batch import Bookkeeping, ClaimedJob, Success
 from workers.housekeeping import Housekeeping, WorkerLog, awaiting, report_crash
 from workers.jobs import claimed_payload, job_budget, refusal, refuse
-from workers.metrics_server import start_worker_metrics
 from workers.reaper import requeue_execution
 from workers.steps import RedisSteps, Stopped
 
@@ -351,33 +328,3 @@ class AsyncWorker:
             requeue = partial(requeue_execution, self.connection, self.queue.name, job_id, execution_id, self.name)
             if await self.steps.blocking(requeue):
                 log.warning("requeued a job whose start was recorded without this worker knowing", jobId=job_id)
-
-
-def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAULT_CONCURRENCY) -> bool:
-    """Work the ingest queue until stopped (or, with ``burst``, until it is empty)."""
-    settings.require_client_credentials()
-    connection = rq_redis(settings, max_connections=16)
-    # Start once Redis answers, so a worker started during an outage waits instead of crashing.
-    until_redis_answers(connection.ping, give_up_after=300.0)
-    warn_without_maxmemory(connection)
-    queue = Queue(settings.ingest_queue, connection=connection, serializer=JSONSerializer)
-    metrics_server = start_worker_metrics(settings)
-    current = runtime.Runtime(settings, max_connections=max(10, concurrency * 2))
-    runtime.install(current)
-
-    async def main() -> bool:
-        try:
-            return await AsyncWorker(settings, connection, queue, concurrency).run(burst=burst)
-        finally:
-            await current.aclose()
-
-    # Startup objects out of the collector's way, young collections less often (as in the web).
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
-    try:
-        return uvloop.run(main())  # libuv's loop: less CPU per socket event than asyncio's own
-    finally:
-        if metrics_server is not None:
-            metrics_server.close()
-        runtime.install(None)
-        connection.close()
