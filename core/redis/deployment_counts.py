@@ -79,6 +79,7 @@ class DeploymentCounts:
         self._written = usage_totals()
         self._vehicles: dict[tuple[str, int], set[str]] = {}
         self._writer: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
         self._failing = False
 
     def saw(self, event: VehicleEvent, now: float | None = None) -> None:
@@ -92,8 +93,11 @@ class DeploymentCounts:
         self._writer = asyncio.create_task(self._write_every_second(), name="deployment-counts")
 
     async def _write_every_second(self) -> None:
-        while True:
-            await asyncio.sleep(WRITE_SECONDS)
+        # Ended by the event, not by cancelling: a cancellation that lands inside a Redis call can
+        # be taken for a timeout there, and a writer that swallowed it would be awaited for ever.
+        while not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), WRITE_SECONDS)
             await self.write()
 
     async def write(self) -> None:
@@ -126,11 +130,11 @@ class DeploymentCounts:
 
     async def aclose(self) -> None:
         """Stop the writes and write what is left."""
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
-        await self.write()
+        self._closing.set()
+        if self._writer is None:
+            await self.write()
+        else:
+            await self._writer  # its last pass writes what is left
 
 
 def read_usage(client: redis.Redis, minutes: int = 60, now: float | None = None) -> dict[str, Any]:
