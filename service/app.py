@@ -45,16 +45,12 @@ WEBHOOK_PATH = "/webhooks/smartcar"
 
 
 class IngestApp(Starlette):
-    """Starlette, with the webhook's deliveries handed straight to their endpoint.
+    """Starlette, with ``POST /webhooks/smartcar`` handed straight to its endpoint.
 
-    Nearly every request this app serves is ``POST /webhooks/smartcar``. Through Starlette it
-    passes two middlewares and the router, each a frame it is resumed through after every
-    await, and each ``send`` through two more wrappers: about 30 µs of a 120 µs delivery in
-    ``bench/``'s measurement. That request goes to the endpoint directly; every other request,
-    the webhook with another method or under a ``root_path`` included, goes through Starlette as
-    before, where the same endpoint is routed too. Nothing is lost by the shortcut: the endpoint
-    turns any error of its own into the 503 Starlette's handler would send
-    (:meth:`WebhookEndpoint.__call__`), and reads nothing Starlette adds to the scope.
+    Why: Starlette's middlewares and router cost a delivery 11-13 µs more CPU (6-7 % on the fleet
+    mix; docs/performance.md). Every other request, the webhook under a ``root_path`` included,
+    goes through Starlette, where the same endpoint is routed too. The endpoint answers an error of
+    its own as Starlette's handler would and reads nothing Starlette adds to the scope.
     """
 
     def __init__(self, webhook: WebhookEndpoint, **kwargs: Any) -> None:

@@ -1,41 +1,11 @@
 """How ``smartcar-ingest web`` serves: uvicorn with bounds on what one client may hold, and the
 admin server beside it.
 
-The public port is reached by anyone who can reach the load balancer, so every connection is
-bounded before the application sees a byte of it:
-
-* **Request head size** (``MAX_HEADER_BYTES``). uvicorn serves with httptools, which has no limit
-  of its own and keeps a header that arrives over several reads in its own buffers:
-  :class:`GuardedHttpToolsProtocol` counts the bytes read while a head is unfinished and answers
-  431 and closes the connection once they pass the limit, and refuses a finished head that is
-  larger (one that arrives whole in a single read) the same way before the app sees it. A head
-  of more than 100 header lines is refused too, as each line costs far more memory than its bytes.
-  The trailers of a chunked body are bounded the same way.
-* **Pipelining.** httptools parses every request in a read, and uvicorn queues each behind the
-  one being answered: at most 16 (``_MAX_PIPELINED``) may wait, and their heads count against
-  the same bytes and lines as the head being received; past any of these, the connection is
-  closed.
-* **Head deadline** (``HEADER_TIMEOUT_SECONDS``). A connection must complete its request head
-  within this long of connecting (or, on a kept-alive connection, of the first byte of its next
-  request), or it is closed: a client that connects and sends nothing, or sends its head byte by
-  byte, no longer holds a connection for ever. uvicorn has no such deadline of its own:
-  :class:`GuardedHttpToolsProtocol` adds it.
-* **Idle keep-alive** (``web --keep-alive-timeout``): a kept-alive connection with no new request
-  is closed.
-* **Open connections** (``web --max-connections``): past the cap, a new connection is answered
-  503 and closed at once, and while the cap is reached uvicorn answers requests 503 (Smartcar
-  retries a 503). Memory held by clients is then at most the cap times ``MAX_HEADER_BYTES``, plus
-  per connection the objects of up to 100 header lines (about 14 KB) and a few kilobytes of
-  bookkeeping: 36 MB measured at the defaults.
-
-The body is the application's business: ``MAX_BODY_BYTES`` and ``BODY_TIMEOUT_SECONDS``.
-
-``/readyz`` and ``/metrics`` are served by a second server on ``ADMIN_PORT``/``ADMIN_HOST``
-(:mod:`service.admin`), with the same limits. With one process it runs on the public server's event
-loop, so a readiness answer also proves that loop is turning. Under ``web --workers N`` the admin
-server runs once, in the parent process (in a thread of its own), while the N children serve the
-public port: one admin port means one scrape target whose ``/metrics`` sums every child through
-``PROMETHEUS_MULTIPROC_DIR``, and ``/readyz`` also reports a child that died.
+Every connection, on the public and the admin port, is bounded before the application sees a byte
+of it: request head bytes and lines, pipelined requests, a deadline for the head, idle keep-alive,
+open connections (docs/security.md, "Request heads, slow clients and idle connections"). The body
+is the application's business. ``/readyz`` and ``/metrics`` are served on ``ADMIN_PORT``, once per
+``web`` however many ``--workers`` serve the public port (docs/security.md, "/metrics and /readyz").
 """
 
 from __future__ import annotations
@@ -48,7 +18,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 from starlette.applications import Starlette
@@ -66,8 +36,6 @@ log = get_logger("smartcar_ingest.server")
 # Only probes and scrapes reach the admin port.
 _ADMIN_MAX_CONNECTIONS = 64
 _ADMIN_KEEP_ALIVE_SECONDS = 5
-_DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
-_DEFAULT_MAX_HEADER_BYTES = 16_384
 # Requests a connection may have waiting behind the one being answered (each parsed, held in memory).
 _MAX_PIPELINED = 16
 # Header lines in a request head (Apache's LimitRequestFields default): each costs ~140 bytes of
@@ -129,30 +97,16 @@ class _Refused(Exception):
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with bounds on request heads, pipelining and connections.
+    """uvicorn's httptools protocol with bounds on request heads, pipelining, the head's deadline
+    and connections (docs/security.md).
 
-    **Head size.** httptools has no limit, and it keeps a header that arrives over several reads in
-    buffers of its own, so the protocol counts bytes as they are read. A *region* is a stretch of
-    the stream the parser keeps: a request head (from its first byte to its blank line), or what
-    follows a chunk-size line (nothing before the chunk's data; the trailers after the last chunk).
-    After each read, an unfinished region is charged the whole read if it began in an earlier one;
-    if it began in this read, the read less what is known to come before it there (bodies, the
-    heads finished in the read at the least they can have taken, chunk framing at its minimum),
-    which overstates the region rather than understates it. Past ``max_header_bytes``, or past
-    ``_MAX_HEADERS`` header lines (trailers included), the connection is answered 431 and closed.
-    A head that is finished but larger (it can arrive whole in one read) is refused the same way
-    before a request is made of it.
+    Why a subclass of uvicorn's private ``HttpToolsProtocol``: h11, whose head limit is public, costs
+    a delivery 42 % more CPU even unguarded (docs/security.md). uvicorn is pinned to the minor this
+    was written for (pyproject.toml; ``tests/test_server_limits.py`` fails when it moves).
 
-    **Pipelining.** httptools parses every request in a read, and uvicorn queues each one behind
-    the request being answered. At most ``_MAX_PIPELINED`` wait, and their heads share both head
-    budgets with the head being received; past any of them, the connection is closed.
-
-    **Deadline.** It runs whenever the connection waits on the client outside a request: from
-    connecting until the first head is complete, and after a response from the first byte of the
-    next request (uvicorn's keep-alive timer covers the silence before that byte). While the app
-    handles a request, the app bounds the body itself.
-
-    **Connections.** Past ``limit_concurrency`` a new connection is answered 503 and closed.
+    Head bytes are counted per *region*, a stretch of the stream the parser keeps: a request head,
+    or what follows a chunk-size line (the trailers after the last chunk). An unfinished region is
+    charged every read since it began, less what is known to come before it in its first read.
     """
 
     def __init__(
@@ -163,8 +117,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self._head_timeout: float = getattr(config, "header_timeout_seconds", _DEFAULT_HEADER_TIMEOUT_SECONDS)
-        self._max_head: int = getattr(config, "max_header_bytes", _DEFAULT_MAX_HEADER_BYTES)
+        self._head_timeout = cast(WebConfig, config).header_timeout_seconds
+        self._max_head = cast(WebConfig, config).max_header_bytes
         self._head_deadline: asyncio.TimerHandle | None = None
         self._region_open = False
         self._region_bytes = 0  # bytes of the open region counted so far (after each read)

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import json
 import re
+from collections.abc import Callable
 
 import pytest
 
@@ -704,7 +705,7 @@ def test_the_package_exports_what_callers_use():
     assert {"VehicleEvent", "QuickEvent", "load_json", "classify", "parse_event", "parse_stored"} <= set(events.__all__)
 
 
-# --- the edge's pruned validator: the model's checks, without the model's objects -------------------
+# --- the edge's reading: the model's checks, without the model's objects ---------------------------
 
 #: A delivery with every field of every wire model present, so that a value can be put anywhere.
 EVERY_FIELD = {
@@ -788,7 +789,7 @@ def _accepted_by(validate, body: bytes) -> bool:
 
 @pytest.mark.parametrize("path", _paths(EVERY_FIELD), ids=lambda path: ".".join(map(str, path)))
 def test_the_edge_validator_accepts_exactly_what_the_wire_model_accepts(path):
-    """Any kind of value anywhere in a delivery with every field: the pruned schema and WebEnvelope agree."""
+    """Any kind of value anywhere in a delivery with every field: the edge's reading and WebEnvelope agree."""
     from core.events.wire import EDGE_VALIDATOR, WebEnvelope
 
     for raw in EVERY_KIND + HOSTILE_RAW:
@@ -846,8 +847,52 @@ def test_the_edge_validator_and_the_wire_model_agree_on_generated_deliveries():
     check()
 
 
+def test_the_edge_reading_has_every_field_of_the_wire_models_but_the_unread_ones():
+    """Each wire model has its edge twin with the same fields and required keys, less the fields typed
+    ``Any`` the edge never reads: a field added to one and not the other fails here."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from core.events import wire
+
+    twins = {
+        wire.WireSignalRef: wire.EdgeSignalRef,
+        wire.WireStatus: wire.EdgeStatus,
+        wire.WireSignal: wire.EdgeSignal,
+        wire.WireTrigger: wire.EdgeTrigger,
+        wire.WireVehicle: wire.EdgeVehicle,
+        wire.WireUser: wire.EdgeUser,
+        wire.WireResolution: wire.EdgeResolution,
+        wire.WireVehicleError: wire.EdgeVehicleError,
+        wire.WireData: wire.EdgeData,
+        wire.WireMeta: wire.EdgeMeta,
+        wire.WebEnvelope: wire.EdgeEnvelope,
+    }
+    # Read as "an object" (EdgeObject) or not at all; WireEnvelope is WebEnvelope's base; VERIFY is read step by step.
+    apart = {wire.WireSignalMeta, wire.WireEnvelope, wire.WireVerify, wire.WireVerifyData}
+
+    def models(base: type) -> set[type]:
+        return {m for sub in base.__subclasses__() for m in {sub, *models(sub)}}
+
+    assert models(wire.Wire) == set(twins) | apart
+
+    def missing(validate: Callable[[object], object]) -> set[object]:
+        """The keys an empty object lacks, as the validator says."""
+        try:
+            validate({})
+        except ValidationError as refused:
+            return {error["loc"][0] for error in refused.errors() if error["type"] == "missing"}
+        return set()
+
+    unread = {(wire.WireSignal, "body"), (wire.WireVehicle, "year")}
+    for model, twin in twins.items():
+        fields = {name for name in model.model_fields if (model, name) not in unread}
+        assert set(twin.__annotations__) == fields, model
+        required = {name for name, field in model.model_fields.items() if field.is_required()}
+        assert missing(TypeAdapter(twin).validate_python) == missing(model.model_validate) == required, model
+
+
 def test_the_edge_validator_reads_only_what_the_edge_needs():
-    """The pruned reading holds the envelope and the checked texts, but no signal body, time or error content."""
+    """The edge's reading holds the envelope and the checked texts, but no signal body, time or error content."""
     from core.events.wire import EDGE_VALIDATOR
 
     envelope = EDGE_VALIDATOR.validate_json(encode(EVERY_FIELD))

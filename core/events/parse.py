@@ -3,10 +3,9 @@
 * **One pass** (:func:`quick_vehicle_event` at the web edge, :func:`parse_stored` in the worker):
   the bytes are validated against :class:`~core.events.wire.WebEnvelope` straight from JSON, with
   no intermediate document. Every well-formed vehicle event is read this way. The edge, which
-  needs only the envelope's ids and times, validates with the same model's schema pruned of the
-  objects it never reads (:data:`~core.events.wire.EDGE_VALIDATOR`): the same checks on the same
-  bytes, so it accepts exactly the bodies the worker's model accepts, without building a model
-  instance per signal or a Python object for any signal's body.
+  needs only the envelope's ids and times, validates with the same checks into plain dicts
+  (:data:`~core.events.wire.EDGE_VALIDATOR`), so it accepts exactly the bodies the worker's model
+  accepts, without building a model instance per signal or a Python object for any signal's body.
 * **Step by step**, in the order the edge checks the rest: :func:`load_json` (400 when it fails),
   :func:`classify` (event type, legacy or unknown), then :func:`parse_event` or
   :func:`parse_verify` (the schema). This tells a 400 from a parked payload and names the reason.
@@ -84,9 +83,7 @@ def quick_vehicle_event(body: bytes) -> QuickEvent | None:
     if _may_hold_non_finite_literal(body):
         return None
     try:
-        # Plain dicts: the envelope's fields, each model's checked texts and ids, and nothing of
-        # what any field typed Any holds, except the few the edge reads (core.events.wire).
-        envelope: dict[str, Any] = EDGE_VALIDATOR.validate_json(body)
+        envelope = EDGE_VALIDATOR.validate_json(body)
     except ValidationError:
         return None
     event_type = envelope["eventType"]
@@ -112,7 +109,7 @@ def parse_stored(body: bytes | str) -> VehicleEvent:
     body that cannot be read is parked (and can be replayed) instead of failing its job.
 
     A well-formed vehicle event, nearly every body, is validated once, straight from its bytes,
-    by the model the edge's one-pass check uses. Any other body goes through the edge's steps,
+    by the model whose checks the edge's one-pass check shares. Any other body goes through the edge's steps,
     which refuse it with the edge's reason; the one kind they accept (a body holding the text
     ``NaN`` or ``Infinity``, but no such literal) is then validated from its bytes like the rest,
     so every event the worker sees is normalised from the same reading.

@@ -11,17 +11,16 @@ Ids are JSON strings only (a number is a schema failure, never coerced into a di
 Times and the model year are typed ``Any`` here and read by :mod:`core.timestamps`, which turns
 anything unreadable into None.
 
-:data:`EDGE_VALIDATOR` is the web edge's reading of these same models: their own validation
-schema, pruned of what the edge never reads (see :func:`edge_schema`).
+:data:`EDGE_VALIDATOR` is the web edge's reading of the same deliveries: the same checks into plain
+dicts, without what the edge never reads.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Required
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints
-from pydantic_core import CoreSchema, SchemaValidator
-from pydantic_core import core_schema as cs
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints, TypeAdapter, with_config
+from typing_extensions import TypedDict
 
 VERIFY = "VERIFY"
 VEHICLE_STATE = "VEHICLE_STATE"
@@ -173,71 +172,110 @@ class WireVerify(Wire):
 
 
 # ---------------------------------------------------------------------------------------------
-# The edge's validator: the same schema, without the Python objects the edge never reads.
+# The edge's reading: the fields and checks of WebEnvelope, into plain dicts, without the fields
+# typed ``Any`` the edge never reads (a signal's body and times, the model year) and with
+# ``dict[str, Any]`` an object left unread. Why a second reading: on the fleet mix it takes 38 µs
+# a body where the model takes 83 µs (docs/performance.md). tests/test_events.py holds the two to
+# the same verdicts and the same fields.
 
-#: The ``Any`` fields the edge reads (``(model, field)``); every other ``Any`` field is left out.
-_EDGE_READS = {
-    (WireMeta, "deliveredAt"),
-    (WebEnvelope, "version"),
-    (WebEnvelope, "eventName"),
-    (WebEnvelope, "payload"),
-}
+_edge = with_config(ConfigDict(coerce_numbers_to_str=True))
 
 
-def edge_schema(schema: CoreSchema) -> CoreSchema | None:
-    """``schema`` (a wire model's own validation schema) pruned for the web edge; None when it
-    accepts every value.
-
-    It accepts exactly the JSON documents ``schema`` accepts, and builds far fewer Python objects:
-
-    * a model becomes a typed dict with the same fields and config (the same checks on the same
-      keys, but a plain dict instead of a model instance);
-    * a field that accepts any value is left out (it can never fail, so nothing is lost), unless
-      the edge reads it (:data:`_EDGE_READS`): a signal's ``body`` and times are not even turned
-      into Python objects;
-    * ``dict[str, Any]`` becomes "any JSON object" (a typed dict without fields), which accepts
-      the same values without building their contents.
-
-    Every other schema (strings with their strictness, patterns and lengths, lists, unions,
-    nullables) is kept as it is, so a value fails here exactly when it fails in the model.
-    """
-    kind = schema["type"]
-    if kind == "any":
-        return None
-    if kind == "model":
-        model = cast(cs.ModelSchema, schema)
-        fields_schema = cast(cs.ModelFieldsSchema, model["schema"])
-        fields: dict[str, cs.TypedDictField] = {}
-        for name, field in fields_schema["fields"].items():
-            inner = field["schema"]
-            required = inner["type"] != "default"
-            if not required:
-                inner = cast(cs.WithDefaultSchema, inner)["schema"]
-            pruned = inner if (model["cls"], name) in _EDGE_READS else edge_schema(inner)
-            if pruned is not None:
-                fields[name] = cs.typed_dict_field(pruned, required=required)
-        return cs.typed_dict_schema(fields, config=model.get("config"), extra_behavior="ignore")
-    if kind == "nullable":
-        nullable = edge_schema(cast(cs.NullableSchema, schema)["schema"])
-        return None if nullable is None else cs.nullable_schema(nullable)
-    if kind == "list":
-        items = cast(cs.ListSchema, schema).get("items_schema")
-        return cs.list_schema(None if items is None else edge_schema(items))
-    if kind == "union":
-        choices = [c[0] if isinstance(c, tuple) else c for c in cast(cs.UnionSchema, schema)["choices"]]
-        pruned_choices = [edge_schema(choice) for choice in choices]
-        if any(choice is None for choice in pruned_choices):
-            return None
-        return cs.union_schema([choice for choice in pruned_choices if choice is not None])
-    if kind == "dict":
-        mapping = cast(cs.DictSchema, schema)
-        keys, values = mapping.get("keys_schema"), mapping.get("values_schema")
-        if (keys is None or keys == {"type": "str"}) and (values is None or values["type"] == "any"):
-            # JSON object keys are always strings: any object is accepted, its contents unread.
-            return cs.typed_dict_schema({}, extra_behavior="ignore")
-    return schema
+@_edge
+class EdgeObject(TypedDict):
+    """Any JSON object, its contents unread (``dict[str, Any]`` in the models)."""
 
 
-#: Validates a delivery body (JSON bytes) as :class:`WebEnvelope` does, into plain dicts holding
-#: only what the edge reads and the fields a check produces: ids, types, texts, ``meta``.
-EDGE_VALIDATOR = SchemaValidator(cast(CoreSchema, edge_schema(WebEnvelope.__pydantic_core_schema__)))
+@_edge
+class EdgeSignalRef(TypedDict, total=False):
+    code: str | None
+    name: str | None
+    group: str | None
+
+
+@_edge
+class EdgeStatus(TypedDict, total=False):
+    value: str | None
+    error: EdgeObject | None
+
+
+@_edge
+class EdgeSignal(EdgeSignalRef, total=False):
+    meta: EdgeObject | None
+    status: EdgeStatus | None
+
+
+@_edge
+class EdgeTrigger(TypedDict, total=False):
+    type: str | None
+    code: str | None
+    name: str | None
+    group: str | None
+    signal: EdgeSignalRef | str | None
+
+
+@_edge
+class EdgeVehicle(TypedDict, total=False):
+    id: VehicleId | None
+    make: str | None
+    model: str | None
+    mode: str | None
+    powertrainType: str | None
+
+
+@_edge
+class EdgeUser(TypedDict):
+    id: SmartcarId
+
+
+@_edge
+class EdgeResolution(TypedDict, total=False):
+    type: str | None
+
+
+@_edge
+class EdgeVehicleError(TypedDict, total=False):
+    type: str | None
+    code: str | None
+    state: str | None
+    description: str | None
+    suggestedUserMessage: str | None
+    docURL: str | None
+    resolution: EdgeResolution | None
+    signals: list[EdgeSignalRef | str] | None
+
+
+@_edge
+class EdgeData(TypedDict, total=False):
+    user: Required[EdgeUser]
+    vehicle: EdgeVehicle | None
+    signals: list[EdgeSignal] | None
+    triggers: list[EdgeTrigger | str] | None
+    errors: list[EdgeVehicleError] | None
+
+
+@_edge
+class EdgeMeta(TypedDict, total=False):
+    version: str | None
+    deliveryId: StrictStr | None
+    deliveredAt: Any
+    webhookId: StrictStr | None
+    webhookName: str | None
+    mode: str | None
+
+
+@_edge
+class EdgeEnvelope(TypedDict, total=False):
+    eventId: Required[SmartcarId]
+    eventType: Required[StrictStr]
+    vehicleId: VehicleId | None
+    data: Required[EdgeData]
+    triggers: list[EdgeTrigger | str] | None
+    meta: EdgeMeta | None
+    version: Any
+    eventName: Any
+    payload: Any
+
+
+#: Validates a delivery body (JSON bytes) as :class:`WebEnvelope` does, into an :class:`EdgeEnvelope`.
+EDGE_VALIDATOR = TypeAdapter(EdgeEnvelope)
