@@ -16,15 +16,14 @@ error tree (:mod:`core.errors`):
 A vehicle id becomes a path segment, so one that is not a Smartcar id (``..``, anything with
 ``/``, ``.`` or ``%``) is refused with :class:`InvalidPayload` before any request is built.
 
-Every attempt, the first included, runs in one ``stamina.retry_context`` whose ``on`` hook says
-whether to retry and how long a 429 asked to wait; stamina logs each retry
-(``stamina.retry_scheduled``). Retries stay within a bounded budget (attempts and seconds); past it
-the last transient error is raised so that the job level can decide (RQ retry, then park).
-``stamina.set_testing`` turns the waits off in tests.
+Retries stay within a bounded budget (attempts and seconds); past it the last transient error is
+raised so that the job level can decide (RQ retry, then park). ``stamina.set_testing`` turns the
+waits off in tests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
 import time
@@ -47,6 +46,7 @@ from core.errors import (
     TransientError,
 )
 from core.events import VEHICLE_ID_PATTERN
+from core.logs import get_logger
 from core.smartcar.http import HttpAnswer, SmartcarHttp
 from core.smartcar.limiter import OverBudget
 from core.smartcar.tokens import AppTokenProvider, retry_after_seconds
@@ -86,6 +86,12 @@ class RequestGate(Protocol):
         self, endpoint: str, vehicle_id: str | None, error_code: str | None, retry_after: float | None
     ) -> None:
         """Smartcar answered this request 429 (``error_code`` as it said, ``Retry-After`` in seconds)."""
+
+
+log = get_logger("smartcar_ingest.smartcar")
+
+#: The wait before the first retry of a transient failure (stamina's first backoff step).
+FIRST_RETRY_WAIT_SECONDS = 0.2
 
 
 def _backoff(exc: Exception) -> bool | float | dt.timedelta:
@@ -219,13 +225,38 @@ class SmartcarClient:
         params: Mapping[str, str] | None = None,
         vehicle_id: str | None = None,
     ) -> Any:
-        """One read, every attempt (the first too) through stamina; ``endpoint`` is the template named
-        in metrics (never the URL), ``vehicle_id`` the vehicle it reads (for the gate's per-vehicle pauses)."""
+        """One read with retries; ``endpoint`` is the template named in metrics (never the URL),
+        ``vehicle_id`` the vehicle it reads (for the gate's per-vehicle pauses).
+
+        The first attempt runs on its own: stamina's retry machinery is built only once a
+        transient failure asks for a retry, within what is left of the budget."""
+        started, attempts, left = time.monotonic(), self._attempts, self._budget
+        if not stamina.is_testing():  # under stamina's testing mode it counts every try itself
+            try:
+                return await self._get_once(endpoint, path, user_id, params, vehicle_id)
+            except Exception as exc:
+                wait = self._retry_on(exc)
+                if wait is False or attempts <= 1 or not stamina.is_active():
+                    raise
+                if isinstance(wait, dt.timedelta):
+                    pause = wait.total_seconds()
+                elif isinstance(wait, float | int) and not isinstance(wait, bool):
+                    pause = float(wait)
+                else:
+                    pause = FIRST_RETRY_WAIT_SECONDS
+                if time.monotonic() - started + pause >= self._budget:
+                    raise
+                # The first retry's line; stamina logs later ones (stamina.retry_scheduled).
+                log.warning("smartcar call will be retried", endpoint=endpoint, error=type(exc).__name__, waitFor=pause)
+            await asyncio.sleep(pause)
+            attempts, left = attempts - 1, self._budget - (time.monotonic() - started)
+        first = stamina.is_testing()
         async for attempt in stamina.retry_context(
-            on=self._retry_on, attempts=self._attempts, timeout=self._budget, wait_initial=0.2, wait_max=5.0
+            on=self._retry_on, attempts=attempts, timeout=left, wait_initial=0.2, wait_max=5.0
         ):
-            if attempt.num > 1:
+            if not first:
                 metrics.SMARTCAR_RETRIES.labels(endpoint=endpoint).inc()
+            first = False
             with attempt:
                 return await self._get_once(endpoint, path, user_id, params, vehicle_id)
         raise AssertionError("unreachable: stamina either returns or raises")  # pragma: no cover
