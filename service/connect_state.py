@@ -12,7 +12,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -203,6 +203,41 @@ def connect_link(
     return ConnectLink(f"{CONNECT_URL}?{urlencode(params, quote_via=quote)}", int(now) + ttl, note)
 
 
+def _dig(value: object, *keys: str) -> object:
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+async def connection_pages(
+    smartcar: SmartcarClient, smartcar_user_id: str | None, page_size: int, max_pages: int
+) -> AsyncIterator[tuple[list[Any], int | None]]:
+    """Each page of ``GET /v3/connections`` (the user's only, if given): its items and
+    ``meta.totalCount``, until ``links.next`` is null, the total is reached or a page is short."""
+    for page in range(1, max_pages + 1):
+        body = await smartcar.list_connections(page, page_size, smartcar_user_id)
+        data, links = body.get("data"), body.get("links")
+        items = data if isinstance(data, list) else []
+        total = _count(_dig(body, "meta", "totalCount"))
+        yield items, total
+        size = _count(_dig(body, "meta", "pageSize")) or page_size
+        has_next = isinstance(links, dict) and "next" in links
+        if not items or (has_next and not _dig(links, "next")) or (total is not None and page * size >= total):
+            return
+        if not has_next and total is None and len(items) < size:
+            return
+
+
+def connection_ids(item: object) -> tuple[str | None, str | None]:
+    """The Smartcar user and vehicle ids of a ``/connections`` item, ``None`` where missing."""
+    user, vehicle = _dig(item, "attributes", "user", "id"), _dig(item, "relationships", "vehicle", "data", "id")
+    return (user if isinstance(user, str) and user else None, vehicle if isinstance(vehicle, str) and vehicle else None)
+
+
 def connection_created_at(item: object) -> float | None:
     """When a ``/connections`` item was made (epoch seconds), or ``None`` when it does not say.
 
@@ -210,10 +245,7 @@ def connection_created_at(item: object) -> float | None:
     capture"; an ISO-8601 time without an offset is read as UTC.
     """
     for path in _CREATED_AT_FIELDS:
-        value: Any = item
-        for key in path:
-            value = value.get(key) if isinstance(value, dict) else None
-        stamp = _timestamp(value)
+        stamp = _timestamp(_dig(item, *path))
         if stamp is not None:
             return stamp
     return None
@@ -245,20 +277,15 @@ async def confirm_connection(smartcar: SmartcarClient, smartcar_user_id: str, is
     none qualifies but some carry no creation time (fail closed); Smartcar's own failures propagate.
     """
     undated = False
-    for page in range(1, MAX_VERIFY_PAGES + 1):
-        body = await smartcar.list_connections(page, _VERIFY_PAGE_SIZE, smartcar_user_id)
-        data = body.get("data")
-        items: Sequence[Any] = data if isinstance(data, list) else ()
+    async for items, _ in connection_pages(smartcar, smartcar_user_id, _VERIFY_PAGE_SIZE, MAX_VERIFY_PAGES):
         for item in items:
-            if _user_of(item) != smartcar_user_id:
+            if connection_ids(item)[0] != smartcar_user_id:
                 continue
             created = connection_created_at(item)
             if created is None:
                 undated = True
             elif created >= issued_at - CLOCK_SKEW_SECONDS:
                 return
-        if _last_page(body, len(items), page):
-            break
     if undated:
         raise UnverifiableConnection(
             "Smartcar gives no creation time for this account's connections, so this redirect cannot be verified "
@@ -269,22 +296,3 @@ async def confirm_connection(smartcar: SmartcarClient, smartcar_user_id: str, is
         "Smartcar does not list a vehicle this account connected since the Connect link was issued; "
         "nothing was linked. Start again from a fresh Connect link."
     )
-
-
-def _user_of(item: object) -> str | None:
-    attributes = item.get("attributes") if isinstance(item, dict) else None
-    user = attributes.get("user") if isinstance(attributes, dict) else None
-    user_id = user.get("id") if isinstance(user, dict) else None
-    return user_id if isinstance(user_id, str) else None
-
-
-def _last_page(body: dict[str, Any], count: int, page: int) -> bool:
-    links, meta = body.get("links"), body.get("meta")
-    if count == 0:
-        return True
-    if isinstance(links, dict) and "next" in links:
-        return not links["next"]
-    total = meta.get("totalCount") if isinstance(meta, dict) else None
-    if isinstance(total, int) and not isinstance(total, bool):
-        return page * _VERIFY_PAGE_SIZE >= total
-    return count < _VERIFY_PAGE_SIZE

@@ -25,8 +25,7 @@ import pytest
 import stamina
 from redis.asyncio import Redis
 
-from cli.backfill import run_backfill
-from cli.connections import Backfill, BackfillReport
+from cli.backfill import Backfill, BackfillReport, run_backfill
 from cli.main import main
 from core.errors import LinkConflict, VehicleNotFound
 from core.smartcar.client import SmartcarClient
