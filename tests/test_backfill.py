@@ -279,10 +279,11 @@ def test_store_finds_vehicles_by_vin_ignoring_case_and_by_smartcar_id(store):
 
 def test_link_vehicle_stores_both_ids_or_neither(store, before_database):
     """`link_vehicle` writes the vehicle and owner ids together, and never overwrites either."""
-    result = store.link_vehicle(10, VW, VW_USER)
-    assert (result.vehicle_linked, result.user_linked) == (True, True)
-    again = store.link_vehicle(10, VW, VW_USER)
-    assert (again.vehicle_linked, again.user_linked) == (False, False)
+    store.link_vehicle(10, VW, VW_USER)
+    linked = links(before_database)
+    assert (linked[0][0], linked[1][0][:2]) == ((1, VW_USER), (10, VW))
+    store.link_vehicle(10, VW, VW_USER)  # again: nothing to do
+    assert links(before_database) == linked
     with pytest.raises(LinkConflict, match="refusing to overwrite"):
         store.link_vehicle(10, IONIQ, VW_USER)  # the vehicle holds another Smartcar vehicle
     with pytest.raises(LinkConflict):
