@@ -43,7 +43,7 @@ from core.redis.keys import connect_state_key
 from core.smartcar.client import SmartcarClient, smartcar_client
 from core.smartcar.http import SmartcarHttp, smartcar_http
 from core.store.users import LinkResult, UserStore
-from service.connect_state import ConnectState, confirm_connection, connect_link, new_binding, state_keys, verify_state
+from service.connect_state import ConnectState, confirm_connection, connect_link, state_keys, verify_state
 from service.responses import error_response
 
 log = get_logger("smartcar_ingest.connect")
@@ -96,15 +96,6 @@ def _plain(value: str | None) -> str:
     return text[:_CONNECT_DETAIL_LIMIT]
 
 
-def binding_cookie_scope(redirect_uri: str | None) -> tuple[str, str, bool]:
-    """``(name, path, secure)`` of the binding cookie for a callback at ``redirect_uri``."""
-    parts = urlsplit(redirect_uri or "")
-    if parts.scheme != "http":
-        return HOST_BINDING_COOKIE, "/", True
-    path = posixpath.dirname(parts.path)
-    return BINDING_COOKIE, (path if path.startswith("/") else "/"), False
-
-
 class ConnectEndpoints:
     """The Connect routes of one web process; ``redis`` is the web's client (spent states, token).
 
@@ -116,7 +107,11 @@ class ConnectEndpoints:
         self._redis = redis
         self._keys = state_keys(settings)
         self._release = _RELEASE_FN.bind(redis)
-        self._cookie_name, self._cookie_path, self._cookie_secure = binding_cookie_scope(settings.connect_redirect_uri)
+        callback = urlsplit(settings.connect_redirect_uri or "")
+        self._cookie_secure = callback.scheme != "http"
+        self._cookie_name = HOST_BINDING_COOKIE if self._cookie_secure else BINDING_COOKIE
+        path = "/" if self._cookie_secure else posixpath.dirname(callback.path)
+        self._cookie_path = path if path.startswith("/") else "/"
         self._store: UserStore | None = None
         self._lock = threading.Lock()
         self._http: SmartcarHttp | None = None
@@ -159,19 +154,14 @@ class ConnectEndpoints:
             self._smartcar = smartcar_client(settings, self._redis, self._http, attempts=1)
         return self._smartcar
 
-    def close(self) -> None:
-        """Close the user store's connections, if it was ever opened (blocking: run it in a thread)."""
-        with self._lock:
-            if self._store is not None:
-                self._store.dispose()
-                self._store = None
-
     async def aclose(self) -> None:
         """Close the Smartcar HTTP client and the user store, whichever were opened."""
         http, self._http, self._smartcar = self._http, None, None
         if http is not None:
             await http.aclose()
-        await run_in_threadpool(self.close)
+        store, self._store = self._store, None
+        if store is not None:
+            await run_in_threadpool(store.dispose)
 
     async def callback(self, request: Request) -> Response:
         query = request.query_params
@@ -275,7 +265,7 @@ class ConnectEndpoints:
         raw = request.query_params.get("user", "")
         if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) < 10**18:
             return _error(400, "invalid_user", "The user parameter must be an internal user id (a positive integer).")
-        binding = new_binding()
+        binding = secrets.token_urlsafe(32)
         link = connect_link(self._settings, int(raw), binding=binding)
         log.info("connect start", user_id=int(raw))
         response = RedirectResponse(link.url, status_code=302, headers=_NO_STORE)

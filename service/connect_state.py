@@ -31,7 +31,6 @@ from core.smartcar.client import SmartcarClient
 CONNECT_URL = "https://connect.smartcar.com/oauth/authorize"
 _KEY_LABEL = b"smartcar-ingest connect state v1"
 _BINDING_LABEL = b"smartcar-ingest connect binding\x00"
-_VERSION = "v2"
 # user id (at most 18 digits: a BIGINT), issued and expiry (epoch seconds), binding, 16-byte nonce, 32-byte MAC.
 _STATE = re.compile(
     r"v2\.([1-9][0-9]{0,17})\.([0-9]{1,12})\.([0-9]{1,12})\.([bu])\.([A-Za-z0-9_-]{22})\.([A-Za-z0-9_-]{43})"
@@ -69,10 +68,6 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _derive(secret: bytes) -> bytes:
-    return hmac.new(secret, _KEY_LABEL, hashlib.sha256).digest()
-
-
 def state_keys(settings: Settings) -> tuple[bytes, ...]:
     """The signing keys, first one signing; :class:`ConfigurationError` when there is nothing to derive them from."""
     if settings.connect_state_secret is not None:
@@ -84,12 +79,7 @@ def state_keys(settings: Settings) -> tuple[bytes, ...]:
         raise ConfigurationError(
             "neither CONNECT_STATE_SECRET nor SMARTCAR_MANAGEMENT_TOKEN is set: Connect state tokens need a key."
         )
-    return tuple(_derive(secret) for secret in raw_keys)
-
-
-def new_binding() -> str:
-    """A fresh random value for a browser's binding cookie (256 bits, URL-safe)."""
-    return secrets.token_urlsafe(32)
+    return tuple(hmac.new(secret, _KEY_LABEL, hashlib.sha256).digest() for secret in raw_keys)
 
 
 def _mac(key: bytes, signed: str, binding: str | None) -> str:
@@ -111,7 +101,7 @@ def issue_state(
         raise ConfigurationError(f"the internal user id must be at least 1, got {user_id}.")
     issued = int(time.time() if now is None else now)
     marker = "u" if binding is None else "b"
-    signed = f"{_VERSION}.{user_id}.{issued}.{issued + ttl_seconds}.{marker}.{_b64(secrets.token_bytes(16))}"
+    signed = f"v2.{user_id}.{issued}.{issued + ttl_seconds}.{marker}.{_b64(secrets.token_bytes(16))}"
     return f"{signed}.{_mac(keys[0], signed, binding)}"
 
 

@@ -63,13 +63,8 @@ def parse_url(database_url: str) -> URL:
     return url
 
 
-def safe_url(url: URL | str) -> str:
+def safe_url(url: URL) -> str:
     """The URL as text with its password replaced by ``***``: the only form that goes in messages."""
-    if isinstance(url, str):
-        try:
-            url = make_url(url)
-        except (ArgumentError, ValueError):
-            return "<unparseable DATABASE_URL>"
     return url.render_as_string(hide_password=True)
 
 
@@ -112,18 +107,11 @@ def _driver_reason(exc: BaseException, url: URL) -> str:
     return reason
 
 
-def _is_missing_table(exc: SQLAlchemyError) -> bool:
-    """Whether ``exc`` says a table does not exist, i.e. the schema was never migrated."""
-    if isinstance(exc, ProgrammingError) and getattr(exc.orig, "sqlstate", None) == "42P01":
-        return True  # PostgreSQL: undefined_table
-    return isinstance(exc, OperationalError) and "no such table" in str(exc.orig)
-
-
-def _is_missing_column(exc: SQLAlchemyError) -> bool:
-    """Whether ``exc`` says a column does not exist, i.e. the schema is behind this version."""
-    if isinstance(exc, ProgrammingError) and getattr(exc.orig, "sqlstate", None) == "42703":
-        return True  # PostgreSQL: undefined_column
-    return isinstance(exc, OperationalError) and "no such column" in str(exc.orig)
+def _missing(exc: SQLAlchemyError, sqlstate: str, sqlite_says: str) -> bool:
+    """Whether ``exc`` is PostgreSQL's ``sqlstate`` or SQLite's ``sqlite_says`` error."""
+    if isinstance(exc, ProgrammingError):
+        return getattr(exc.orig, "sqlstate", None) == sqlstate
+    return isinstance(exc, OperationalError) and sqlite_says in str(exc.orig)
 
 
 @contextmanager
@@ -136,12 +124,12 @@ def translate_errors(url: URL) -> Iterator[None]:
     """
     try:
         yield
-    except (OperationalError, ProgrammingError) as exc:
-        if _is_missing_table(exc):
+    except (OperationalError, ProgrammingError, InterfaceError, PoolTimeoutError) as exc:
+        if _missing(exc, "42P01", "no such table"):
             raise ConfigurationError(
                 f"the user store at {safe_url(url)} has no tables: run `smartcar-ingest db upgrade`."
             ) from None
-        if _is_missing_column(exc):
+        if _missing(exc, "42703", "no such column"):
             # A database still in the guide's "before" shape: naming the bridge revision keeps an
             # operator mid-migration from dropping the per-vehicle tokens by upgrading to head.
             raise ConfigurationError(
@@ -150,10 +138,6 @@ def translate_errors(url: URL) -> Iterator[None]:
             ) from None
         if isinstance(exc, ProgrammingError):
             raise
-        raise DatabaseUnavailable(
-            f"the database at {safe_url(url)} did not answer: {_driver_reason(exc, url)}."
-        ) from None
-    except (InterfaceError, PoolTimeoutError) as exc:
         raise DatabaseUnavailable(
             f"the database at {safe_url(url)} did not answer: {_driver_reason(exc, url)}."
         ) from None
