@@ -132,15 +132,11 @@ class ConnectEndpoints:
             routes.append(Route("/connect/start", self.start, methods=["GET"]))
         return routes
 
-    def _users(self) -> UserStore:
+    def _link(self, user_id: int, smartcar_user_id: str) -> LinkResult:
         # Called in a worker thread: the lock keeps two first callbacks from building two pools.
         with self._lock:
-            if self._store is None:
-                self._store = UserStore(self._settings.database_url)
-            return self._store
-
-    def _link(self, user_id: int, smartcar_user_id: str) -> LinkResult:
-        return self._users().link(user_id, smartcar_user_id)
+            store = self._store = self._store or UserStore(self._settings.database_url)
+        return store.link(user_id, smartcar_user_id)
 
     def _client(self) -> SmartcarClient | None:
         """The Smartcar client; ``None`` without client credentials."""

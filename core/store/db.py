@@ -143,21 +143,17 @@ def translate_errors(url: URL) -> Iterator[None]:
         ) from None
 
 
-def _script_location() -> str:
-    """The ``migrations`` directory, found as an importable package so an installed wheel works."""
+def _alembic_config(connection: Connection) -> Config:
+    # The scripts are found as an importable package, so an installed wheel works.
     try:
         location = Path(str(importlib.resources.files("migrations")))
     except ModuleNotFoundError:
         location = None
     if location is None or not (location / "env.py").is_file():
         raise ConfigurationError("the migrations package is missing from this installation: reinstall smartcar-ingest.")
-    return str(location)
-
-
-def _alembic_config(connection: Connection) -> Config:
     config = Config()
     # Config values go through ConfigParser interpolation, so a literal % must be doubled.
-    config.set_main_option("script_location", _script_location().replace("%", "%%"))
+    config.set_main_option("script_location", str(location).replace("%", "%%"))
     # env.py runs the migrations on this connection instead of opening its own.
     config.attributes["connection"] = connection
     return config
@@ -167,8 +163,8 @@ def _alembic_config(connection: Connection) -> Config:
 def _migration_connection(database_url: str, action: str, *, lock: bool = True) -> Iterator[Connection]:
     """One connection in one transaction. A database that does not answer is :class:`DatabaseUnavailable`;
     every other failure becomes a one-line :class:`ConfigurationError`."""
-    url = parse_url(database_url)
     engine = make_engine(database_url, pooled=False)
+    url = engine.url
     try:
         try:
             opened = engine.connect()
@@ -193,12 +189,9 @@ def _migration_connection(database_url: str, action: str, *, lock: bool = True) 
                 f"cannot {action}: {message}; use `head`, `base` or a revision id from migrations/versions."
             ) from None
         raise ConfigurationError(f"cannot {action} on {safe_url(url)}: {message}.") from None
-    except (OperationalError, InterfaceError) as exc:
-        raise ConfigurationError(
-            f"cannot {action} on {safe_url(url)}: {_driver_reason(exc, url)}; check DATABASE_URL."
-        ) from None
     except DBAPIError as exc:
-        raise ConfigurationError(f"cannot {action} on {safe_url(url)}: {_driver_reason(exc, url)}.") from None
+        hint = "; check DATABASE_URL" if isinstance(exc, OperationalError | InterfaceError) else ""
+        raise ConfigurationError(f"cannot {action} on {safe_url(url)}: {_driver_reason(exc, url)}{hint}.") from None
     finally:
         engine.dispose()
 

@@ -31,7 +31,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from core.errors import InvalidValue, LinkConflict, RecordExists, UserNotFound, VehicleNotFound
-from core.store.db import make_engine, parse_url, translate_errors
+from core.store.db import make_engine, translate_errors
 
 #: Column widths from the contract; Smartcar user and vehicle ids are UUIDs.
 SMARTCAR_ID_LENGTH = 36
@@ -168,21 +168,20 @@ class UserStore:
     """
 
     def __init__(self, database_url: str) -> None:
-        self._url = parse_url(database_url)
         self._engine = make_engine(database_url)
         if self._engine.dialect.name == "sqlite":
             event.listen(self._engine, "connect", _enable_sqlite_foreign_keys)
 
     @contextmanager
     def _reading(self) -> Iterator[Connection]:
-        with translate_errors(self._url), self._engine.connect() as connection:
+        with translate_errors(self._engine.url), self._engine.connect() as connection:
             yield connection
 
     @contextmanager
     def _writing(self, clash: Exception) -> Iterator[Connection]:
         """One transaction; a constraint that a concurrent writer won raises ``clash``."""
         try:
-            with translate_errors(self._url), self._engine.begin() as connection:
+            with translate_errors(self._engine.url), self._engine.begin() as connection:
                 yield connection
         except IntegrityError:
             raise clash from None
