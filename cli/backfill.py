@@ -91,15 +91,9 @@ class BackfillReport:
 
 
 class Backfill:
-    """One backfill run over ``smartcar``'s connections into ``users``.
-
-    ``smartcar_user_id`` limits the run to one Smartcar user (sent as ``filter[userId]`` and
-    checked again on every item, in case the server ignores the filter). ``progress`` is called
-    with the report after every connection.
-
-    :class:`core.errors.SmartcarUnauthorized` and :class:`core.errors.TokenRequestFailed` (bad
-    credentials) and database errors propagate: they would fail every connection alike.
-    """
+    """One run over ``smartcar``'s connections into ``users``; ``smartcar_user_id`` limits it to one
+    Smartcar user (``filter[userId]``, checked again on every item). Bad credentials and database
+    errors propagate: they would fail every connection alike."""
 
     def __init__(
         self,

@@ -92,11 +92,8 @@ def _mac(key: bytes, signed: str, binding: str | None) -> str:
 def issue_state(
     keys: tuple[bytes, ...], user_id: int, ttl_seconds: int, binding: str | None = None, now: float | None = None
 ) -> str:
-    """A state naming internal user ``user_id``, valid for ``ttl_seconds`` from ``now``.
-
-    With ``binding`` (a browser's cookie value) it only verifies next to that value; without, it
-    is unbound and verifies anywhere, still only once.
-    """
+    """A state naming internal user ``user_id`` for ``ttl_seconds``; with ``binding`` (a browser's
+    cookie value) it verifies only next to that value."""
     if user_id < 1:
         raise ConfigurationError(f"the internal user id must be at least 1, got {user_id}.")
     issued = int(time.time() if now is None else now)
@@ -108,13 +105,9 @@ def issue_state(
 def verify_state(
     keys: tuple[bytes, ...], state: str | None, binding: str | None = None, now: float | None = None
 ) -> ConnectState:
-    """What ``state`` says, once its MAC (and for a bound state, ``binding``) checks out.
-
-    Raises :class:`InvalidConnectState` for a missing, malformed, forged or version-1 state,
-    :class:`ForeignConnectState` for a bound state without the right ``binding``, and
-    :class:`ExpiredConnectState` only for a genuine state past its expiry. Whether the state was
-    already spent is the caller's business (it takes Redis).
-    """
+    """What ``state`` says once its MAC (with ``binding``, if bound) checks out; whether it was spent
+    is the caller's business. :class:`InvalidConnectState` (missing, malformed, forged, version 1),
+    :class:`ForeignConnectState` (wrong binding), :class:`ExpiredConnectState` (genuine but expired)."""
     if not state:
         raise InvalidConnectState("The state parameter is missing: start again from a Connect link issued by us.")
     if state.startswith("v1."):

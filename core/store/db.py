@@ -45,10 +45,8 @@ PHASE_3_REVISION = "v3_schema"
 
 
 def parse_url(database_url: str) -> URL:
-    """Parse ``DATABASE_URL``; ``postgres://`` and ``postgresql://`` select the psycopg 3 driver.
-
-    Raises :class:`ConfigurationError` when the string is not a database URL.
-    """
+    """``DATABASE_URL`` parsed (:class:`ConfigurationError` if it is none); ``postgres://`` and
+    ``postgresql://`` select the psycopg 3 driver."""
     try:
         url = make_url(database_url)
     except (ArgumentError, ValueError):
@@ -69,11 +67,8 @@ def safe_url(url: URL) -> str:
 
 
 def make_engine(database_url: str, *, pooled: bool = True) -> Engine:
-    """An engine for ``database_url``; creating it does not connect. ``pooled=False`` is for
-    one-shot work such as migrations.
-
-    Raises :class:`ConfigurationError` for a bad URL or a driver that is not installed.
-    """
+    """An engine (not yet connected); ``pooled=False`` for one-shot work such as migrations.
+    :class:`ConfigurationError` for a bad URL or a driver that is not installed."""
     url = parse_url(database_url)
     options: dict[str, Any] = {}
     connect_args: dict[str, Any] = {}
@@ -116,12 +111,8 @@ def _missing(exc: SQLAlchemyError, sqlstate: str, sqlite_says: str) -> bool:
 
 @contextmanager
 def translate_errors(url: URL) -> Iterator[None]:
-    """Turn SQLAlchemy's connection-level failures into this project's error tree.
-
-    A missing table or column becomes :class:`ConfigurationError`; refused, timed-out or dropped
-    connections and SQLite's "database is locked" become :class:`DatabaseUnavailable`. Anything
-    else (a bug, a constraint) propagates unchanged.
-    """
+    """A missing table or column becomes :class:`ConfigurationError`; a refused, timed-out or dropped
+    connection and SQLite's "database is locked" :class:`DatabaseUnavailable`; the rest propagates."""
     try:
         yield
     except (OperationalError, ProgrammingError, InterfaceError, PoolTimeoutError) as exc:
@@ -197,14 +188,10 @@ def _migration_connection(database_url: str, action: str, *, lock: bool = True) 
 
 
 def upgrade(database_url: str, revision: str = "head", *, drop_tokens: bool = False) -> str | None:
-    """Migrate the database forward to ``revision`` (default: the newest); a no-op when already there.
-
-    An unversioned database with tables is first stamped with the revision they match
-    (:func:`detect_revision`), which is returned; else ``None``. Passing ``v3_schema`` while a
-    vehicle still holds a token refuses unless ``drop_tokens`` (the tokens cannot be brought back).
-    On PostgreSQL it applies completely or not at all. Raises :class:`ConfigurationError` for a bad
-    URL, an unknown revision, tables of no known shape or tokens in the way, and
-    :class:`DatabaseUnavailable` for a server that does not answer.
+    """Migrate forward to ``revision``, all or nothing on PostgreSQL. An unversioned database with
+    tables is first stamped with the revision they match (:func:`detect_revision`), which is returned.
+    Dropping stored per-vehicle tokens (``v3_schema``) needs ``drop_tokens``. Raises
+    :class:`ConfigurationError`, or :class:`DatabaseUnavailable` for a server that does not answer.
     """
     with _migration_connection(database_url, f"upgrade the database to {revision}") as connection:
         config = _alembic_config(connection)

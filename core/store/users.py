@@ -159,13 +159,9 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
 
 
 class UserStore:
-    """Reads and writes ``users`` and ``vehicles`` in the database at ``database_url``.
-
-    Construction does not connect. Safe to share between threads; a process forked after the store
-    was used calls ``dispose(close=False)`` first. Every query raises
-    :class:`core.errors.DatabaseUnavailable` when the database does not answer and
-    :class:`core.errors.ConfigurationError` when it was never migrated.
-    """
+    """``users`` and ``vehicles`` at ``database_url``; construction does not connect. Thread-safe; a
+    process forked after use calls ``dispose(close=False)`` first. Queries raise like
+    :func:`core.store.db.translate_errors`."""
 
     def __init__(self, database_url: str) -> None:
         self._engine = make_engine(database_url)
@@ -197,14 +193,9 @@ class UserStore:
         return None if row is None else UserRecord(*row)
 
     def link(self, user_id: int, smartcar_user_id: str) -> LinkResult:
-        """Store ``smartcar_user_id`` as the Smartcar user id of internal user ``user_id``.
-
-        Linking the same pair again changes nothing and reports ``already_linked``. An existing
-        link is never overwritten: :class:`LinkConflict` when the user already has a different
-        Smartcar user id or the id belongs to another user (also when a concurrent link wins the
-        race). :class:`UserNotFound` when there is no such user; :class:`InvalidValue` for a blank
-        or over-long id.
-        """
+        """Store ``smartcar_user_id`` on internal user ``user_id``; the same pair again is ``already_linked``.
+        Never overwrites: :class:`LinkConflict` when either side is linked elsewhere (also after a
+        lost race); :class:`UserNotFound`; :class:`InvalidValue` for a blank or over-long id."""
         wanted = _checked(smartcar_user_id, "the Smartcar user id", SMARTCAR_ID_LENGTH)
         if wanted is None:
             raise InvalidValue("the Smartcar user id must not be blank.")
@@ -311,14 +302,8 @@ class UserStore:
 
     def link_vehicle(self, vehicle_id: int, smartcar_vehicle_id: str, smartcar_user_id: str) -> None:
         """Store Smartcar's vehicle id on vehicle ``vehicle_id`` and Smartcar's user id on its owner,
-        both or neither, in one transaction.
-
-        Like :meth:`link`, nothing is ever overwritten: :class:`LinkConflict` when the vehicle holds
-        another Smartcar vehicle id, has no owner, or its owner holds another Smartcar user id, or
-        another user holds ``smartcar_user_id``. Storing what is already there changes nothing.
-        :class:`VehicleNotFound` for an unknown vehicle, :class:`InvalidValue` for a blank or
-        over-long id.
-        """
+        both or neither. Like :meth:`link`, never overwrites (:class:`LinkConflict`, also for a
+        vehicle without owner); :class:`VehicleNotFound`; :class:`InvalidValue`."""
         wanted_vehicle = _checked(smartcar_vehicle_id, "the Smartcar vehicle id", SMARTCAR_ID_LENGTH)
         wanted_user = _checked(smartcar_user_id, "the Smartcar user id", SMARTCAR_ID_LENGTH)
         if wanted_vehicle is None or wanted_user is None:
