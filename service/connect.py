@@ -85,11 +85,6 @@ def _unavailable(message: str, retry_after: float | None = None) -> Response:
     return _error(503, "unavailable", message, {"Retry-After": str(seconds)})
 
 
-def fingerprint(smartcar_user_id: str) -> str:
-    """A short digest that lets logs correlate a Smartcar user id without recording it."""
-    return hashlib.sha256(smartcar_user_id.encode()).hexdigest()[:12]
-
-
 def _plain(value: str | None) -> str:
     """Connect's text as one short printable line (it is user-facing, but not ours to trust)."""
     text = " ".join("".join(ch if ch.isprintable() else " " for ch in value or "").split())
@@ -176,40 +171,34 @@ class ConnectEndpoints:
         if smartcar is None:
             log.error("connect callback without client credentials", user_id=state.user_id)
             return _unavailable(_NO_CREDENTIALS)
-        key = connect_state_key(state.nonce)
+        key, claim = connect_state_key(state.nonce), secrets.token_hex(8)
         try:
-            claim = await self._spend(key, state)
+            # Spent until the state would expire anyway.
+            ttl = max(1, state.expires_at - int(time.time()))
+            spent = await self._redis.set(key, claim, nx=True, ex=ttl)
         except (RedisError, OSError, TimeoutError) as exc:
             log.error("connect state could not be spent", user_id=state.user_id, error=type(exc).__name__)
             return _unavailable("The service cannot record the link right now; retry shortly.")
-        if claim is None:
+        if not spent:
             used = UsedConnectState("This Connect link was already used: ask for a new one to connect again.")
             return _error(400, used.code, used.message)
         response = await self._redeem(smartcar, state, smartcar_user_id)
         if response.status_code == 503:
-            await self._unspend(key, claim)
+            try:
+                await self._release(keys=[key], args=[claim])
+            except (RedisError, OSError, TimeoutError) as exc:
+                # The state stays spent: the user has to ask for a new link, which is safe.
+                log.warning("connect state could not be given back", error=type(exc).__name__)
         elif response.status_code == 200 and state.bound:
             response.delete_cookie(
                 self._cookie_name, path=self._cookie_path, secure=self._cookie_secure, httponly=True, samesite="lax"
             )
         return response
 
-    async def _spend(self, key: str, state: ConnectState) -> str | None:
-        """Mark the state spent (until it would expire anyway); ``None`` when it already was."""
-        claim = secrets.token_hex(8)
-        ttl = max(1, state.expires_at - int(time.time()))
-        return claim if await self._redis.set(key, claim, nx=True, ex=ttl) else None
-
-    async def _unspend(self, key: str, claim: str) -> None:
-        try:
-            await self._release(keys=[key], args=[claim])
-        except (RedisError, OSError, TimeoutError) as exc:
-            # The state stays spent: the user has to ask for a new link, which is safe.
-            log.warning("connect state could not be given back", error=type(exc).__name__)
-
     async def _redeem(self, smartcar: SmartcarClient, state: ConnectState, smartcar_user_id: str) -> Response:
         """Verify with Smartcar, then link; a 503 means "nothing happened, try again"."""
-        user_id, digest = state.user_id, fingerprint(smartcar_user_id)
+        # Logs correlate a Smartcar user id by this digest, never recording the id itself.
+        user_id, digest = state.user_id, hashlib.sha256(smartcar_user_id.encode()).hexdigest()[:12]
         try:
             async with asyncio.timeout(_VERIFY_SECONDS):
                 await confirm_connection(smartcar, smartcar_user_id, state.issued_at)
