@@ -26,11 +26,9 @@ from core.errors import (
 from core.smartcar.client import SmartcarClient, smartcar_client
 from core.smartcar.http import smartcar_http
 from core.store.users import UserStore, VehicleRecord
-from service.connect_state import connection_ids, connection_pages
+from service.connect_state import PAGE_SIZE, connection_ids, connection_pages
 
 VIN_SIGNAL = "vehicleidentification-vin"
-#: Smartcar's largest page; fewer pages means fewer calls against the application's rate limit.
-PAGE_SIZE = 100
 #: Pages followed at most, so a listing that never ends cannot loop forever (a million connections).
 MAX_PAGES = 10_000
 
@@ -122,7 +120,7 @@ class Backfill:
 
     async def run(self) -> BackfillReport:
         """Process every connection; a failure of the listing itself ends the run with ``aborted``."""
-        pages = connection_pages(self._smartcar, self._only_user, self._page_size, MAX_PAGES)
+        pages = connection_pages(self._smartcar, self._only_user, MAX_PAGES, self._page_size)
         try:
             async for items, total in pages:
                 self.report.total = self.report.total if total is None else total

@@ -40,7 +40,8 @@ MAX_STATE_LENGTH = 160
 CLOCK_SKEW_SECONDS = 60
 #: Pages of one user's connections read at most (a hundred each): a user has a handful.
 MAX_VERIFY_PAGES = 5
-_VERIFY_PAGE_SIZE = 100
+#: Smartcar's largest page of connections: fewer calls against the application's rate limit.
+PAGE_SIZE = 100
 # Epoch seconds reach 1e11 in the year 5138; epoch milliseconds passed it in 1973.
 _EPOCH_MS_FROM = 100_000_000_000
 _CREATED_AT_FIELDS = (("attributes", "createdAt"), ("attributes", "connectedAt"), ("createdAt",), ("connectedAt",))
@@ -197,7 +198,7 @@ def _count(value: object) -> int | None:
 
 
 async def connection_pages(
-    smartcar: SmartcarClient, smartcar_user_id: str | None, page_size: int, max_pages: int
+    smartcar: SmartcarClient, smartcar_user_id: str | None, max_pages: int, page_size: int = PAGE_SIZE
 ) -> AsyncIterator[tuple[list[Any], int | None]]:
     """Each page of ``GET /v3/connections`` (the user's only, if given): its items and
     ``meta.totalCount``, until ``links.next`` is null, the total is reached or a page is short."""
@@ -260,7 +261,7 @@ async def confirm_connection(smartcar: SmartcarClient, smartcar_user_id: str, is
     none qualifies but some carry no creation time (fail closed); Smartcar's own failures propagate.
     """
     undated = False
-    async for items, _ in connection_pages(smartcar, smartcar_user_id, _VERIFY_PAGE_SIZE, MAX_VERIFY_PAGES):
+    async for items, _ in connection_pages(smartcar, smartcar_user_id, MAX_VERIFY_PAGES):
         for item in items:
             if connection_ids(item)[0] != smartcar_user_id:
                 continue

@@ -40,9 +40,6 @@ CONNECT_TIMEOUT_SECONDS = 5
 # read as bytes, so it is recognisable in pg_locks.
 _MIGRATION_LOCK_ID = 0x736D61727463617
 
-#: The revision whose upgrade drops the per-vehicle tokens (phase 3 of the migration guide).
-PHASE_3_REVISION = "v3_schema"
-
 
 def parse_url(database_url: str) -> URL:
     """``DATABASE_URL`` parsed (:class:`ConfigurationError` if it is none); ``postgres://`` and
@@ -262,7 +259,7 @@ def _refuse_to_drop_tokens(connection: Connection, config: Config, revision: str
         path = {r.revision for r in ScriptDirectory.from_config(config).iterate_revisions(revision, current)}
     except RevisionError:
         return  # an unknown target: command.upgrade reports it in its own words
-    if PHASE_3_REVISION not in path or current is None:
+    if "v3_schema" not in path or current is None:  # v3_schema drops the tokens (phase 3)
         return
     count = connection.execute(
         text("SELECT count(*) FROM vehicles WHERE vehicle_access_token IS NOT NULL")
