@@ -27,8 +27,6 @@ from core.store.users import UserStore
 
 #: How long dev waits for each child it started to listen.
 STARTUP_SECONDS = 30.0
-#: The memory limit of the redis-server dev starts, far above what a local run holds.
-DEV_REDIS_MAXMEMORY = "256mb"
 
 
 def _redis_answers(url: str) -> bool:
@@ -65,8 +63,8 @@ def seed_users(database_url: str) -> int:
 
 
 class Children:
-    """The processes ``dev`` started, each in a session of its own (so Ctrl-C reaches ``dev`` alone),
-    stopped one at a time, last started first."""
+    """The processes ``dev`` started, each in a session of its own, stopped one at a time, last
+    started first (docs/architecture.md, "dev stops its children one at a time")."""
 
     def __init__(self) -> None:
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -77,7 +75,6 @@ class Children:
         return process
 
     def stop(self) -> None:
-        """SIGTERM each in turn and wait for it (killed after 15 s); a second Ctrl-C kills the rest."""
         hurry = False
         for name, process in reversed(self.processes):
             if process.poll() is not None:
@@ -146,10 +143,10 @@ def run_dev(settings: Settings, port: int) -> int:
                     "yes",
                     "--save",
                     "",
-                    # A limit, as docs/capacity.md asks of every Redis: without one web and worker
-                    # each open with a warning about it.
+                    # A limit (far above what a local run holds), as docs/capacity.md asks of every
+                    # Redis: without one web and worker each open with a warning about it.
                     "--maxmemory",
-                    DEV_REDIS_MAXMEMORY,
+                    "256mb",
                     "--maxmemory-policy",
                     "noeviction",
                     # dev says where it listens; Redis's own notes go to a file that outlives the run.
