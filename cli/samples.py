@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from core.config import DEV_MANAGEMENT_TOKEN, Settings
-from core.errors import ConfigurationError, EndpointUnavailable
+from core.errors import ConfigurationError, Unreachable
 from core.signatures import answer_challenge, sign
 
 SAMPLE_USER_ID = "9e8d7c6b-2222-4222-8222-222222222222"
@@ -125,9 +125,7 @@ def send_test_event(settings: Settings, url: str, event_type: str) -> int:
     except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
         raise ConfigurationError(f"--url is not an http(s) URL ({type(exc).__name__}).") from None
     except httpx.HTTPError as exc:
-        raise EndpointUnavailable(
-            f"could not reach {url} ({type(exc).__name__}); is the web process running?"
-        ) from None
+        raise Unreachable(f"could not reach {url} ({type(exc).__name__}); is the web process running?") from None
     print(f"POST {url} {event_type} eventId={document['eventId']}")
     print(f"-> {response.status_code} {response.text}")
     if event_type == "VERIFY":

@@ -20,10 +20,7 @@ from urllib.parse import quote, urlencode
 from core.config import Settings
 from core.errors import (
     ConfigurationError,
-    ExpiredConnectState,
-    ForeignConnectState,
     InvalidConnectState,
-    UnverifiableConnection,
     UnverifiedConnection,
 )
 from core.smartcar.client import SmartcarClient
@@ -120,10 +117,10 @@ def verify_state(
 ) -> ConnectState:
     """What ``state`` says, once its MAC (and for a bound state, ``binding``) checks out.
 
-    Raises :class:`InvalidConnectState` for a missing, malformed, forged or version-1 state,
-    :class:`ForeignConnectState` for a bound state without the right ``binding``, and
-    :class:`ExpiredConnectState` only for a genuine state past its expiry. Whether the state was
-    already spent is the caller's business (it takes Redis).
+    Raises :class:`InvalidConnectState` for a missing, malformed, forged or version-1 state, coded
+    ``browser_mismatch`` for a bound state without the right ``binding`` and ``expired_state`` only
+    for a genuine state past its expiry. Whether the state was already spent is the caller's business
+    (it takes Redis).
     """
     if not state:
         raise InvalidConnectState("The state parameter is missing: start again from a Connect link issued by us.")
@@ -137,14 +134,16 @@ def verify_state(
         raise InvalidConnectState(_NOT_OURS)
     bound = match.group(4) == "b"
     if bound and not binding:
-        raise ForeignConnectState(_OTHER_BROWSER)
+        raise InvalidConnectState(_OTHER_BROWSER, "browser_mismatch")
     signed, _, mac = state.rpartition(".")
     expected = binding if bound else None
     if not any(hmac.compare_digest(_mac(key, signed, expected).encode(), mac.encode()) for key in keys):
-        raise ForeignConnectState(_OTHER_BROWSER) if bound else InvalidConnectState(_NOT_OURS)
+        raise InvalidConnectState(_OTHER_BROWSER, "browser_mismatch") if bound else InvalidConnectState(_NOT_OURS)
     expires_at = int(match.group(3))
     if expires_at <= (time.time() if now is None else now):
-        raise ExpiredConnectState("The Connect link has expired: ask for a new one and go through Connect again.")
+        raise InvalidConnectState(
+            "The Connect link has expired: ask for a new one and go through Connect again.", "expired_state"
+        )
     return ConnectState(int(match.group(1)), int(match.group(2)), expires_at, match.group(5), bound)
 
 
@@ -241,8 +240,8 @@ async def confirm_connection(smartcar: SmartcarClient, smartcar_user_id: str, is
     """Return when Smartcar lists a connection of ``smartcar_user_id`` made since ``issued_at``
     (less :data:`CLOCK_SKEW_SECONDS`); items of other users never count.
 
-    Raises :class:`UnverifiedConnection` when none qualifies, :class:`UnverifiableConnection` when
-    none qualifies but some carry no creation time (fail closed); Smartcar's own failures propagate.
+    Raises :class:`UnverifiedConnection` when none qualifies, coded ``cannot_verify`` when none
+    qualifies but some carry no creation time (fail closed); Smartcar's own failures propagate.
     """
     undated = False
     for page in range(1, MAX_VERIFY_PAGES + 1):
@@ -260,10 +259,11 @@ async def confirm_connection(smartcar: SmartcarClient, smartcar_user_id: str, is
         if _last_page(body, len(items), page):
             break
     if undated:
-        raise UnverifiableConnection(
+        raise UnverifiedConnection(
             "Smartcar gives no creation time for this account's connections, so this redirect cannot be verified "
             "and nothing was linked; an operator can link it from Smartcar's connection list with "
-            "`smartcar-ingest backfill`."
+            "`smartcar-ingest backfill`.",
+            "cannot_verify",
         )
     raise UnverifiedConnection(
         "Smartcar does not list a vehicle this account connected since the Connect link was issued; "

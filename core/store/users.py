@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from core.errors import InvalidValue, LinkConflict, RecordExists, UserNotFound, VehicleNotFound
+from core.errors import InvalidValue, LinkConflict, RecordExists, RecordNotFound
 from core.store.db import make_engine, parse_url, translate_errors
 
 #: Column widths from the contract; Smartcar user and vehicle ids are UUIDs.
@@ -202,7 +202,7 @@ class UserStore:
         Linking the same pair again changes nothing and reports ``already_linked``. An existing
         link is never overwritten: :class:`LinkConflict` when the user already has a different
         Smartcar user id or the id belongs to another user (also when a concurrent link wins the
-        race). :class:`UserNotFound` when there is no such user; :class:`InvalidValue` for a blank
+        race). :class:`RecordNotFound` when there is no such user; :class:`InvalidValue` for a blank
         or over-long id.
         """
         wanted = _checked(smartcar_user_id, "the Smartcar user id", SMARTCAR_ID_LENGTH)
@@ -237,7 +237,7 @@ class UserStore:
         """The user when already linked to ``wanted``; ``None`` when free to link; raises otherwise."""
         row = connection.execute(select(*_USER_COLUMNS).where(User.id == user_id)).one_or_none()
         if row is None:
-            raise UserNotFound(f"no user with id {user_id}: check the internal user id.")
+            raise RecordNotFound(f"no user with id {user_id}: check the internal user id.")
         user = UserRecord(*row)
         if user.smartcar_user_id == wanted:
             return user
@@ -291,7 +291,7 @@ class UserStore:
         return record
 
     def add_vehicle(self, id: int, user_id: int, vin: str | None, smartcar_vehicle_id: str | None = None) -> None:
-        """Insert a vehicle of user ``user_id`` (dev seeding and tests). :class:`UserNotFound` when
+        """Insert a vehicle of user ``user_id`` (dev seeding and tests). :class:`RecordNotFound` when
         the user does not exist, :class:`RecordExists` when the vehicle id is taken."""
         values = {
             "id": id,
@@ -302,7 +302,7 @@ class UserStore:
         try:
             with self._writing() as connection:
                 if connection.execute(select(User.id).where(User.id == user_id)).first() is None:
-                    raise UserNotFound(f"no user with id {user_id}: add the user before its vehicles.")
+                    raise RecordNotFound(f"no user with id {user_id}: add the user before its vehicles.")
                 if connection.execute(select(Vehicle.id).where(Vehicle.id == id)).first() is not None:
                     raise RecordExists(f"a vehicle with id {id} already exists.")
                 connection.execute(insert(Vehicle).values(**values))
@@ -334,7 +334,7 @@ class UserStore:
         Like :meth:`link`, nothing is ever overwritten: :class:`LinkConflict` when the vehicle holds
         another Smartcar vehicle id, has no owner, or its owner holds another Smartcar user id, or
         another user holds ``smartcar_user_id``. Storing what is already there changes nothing.
-        :class:`VehicleNotFound` for an unknown vehicle, :class:`InvalidValue` for a blank or
+        :class:`RecordNotFound` for an unknown vehicle, :class:`InvalidValue` for a blank or
         over-long id.
         """
         wanted_vehicle = _checked(smartcar_vehicle_id, "the Smartcar vehicle id", SMARTCAR_ID_LENGTH)
@@ -345,7 +345,7 @@ class UserStore:
             with self._writing() as connection:
                 row = connection.execute(_vehicles(Vehicle.id == vehicle_id)).one_or_none()
                 if row is None:
-                    raise VehicleNotFound(f"no vehicle with id {vehicle_id}: check the internal vehicle id.")
+                    raise RecordNotFound(f"no vehicle with id {vehicle_id}: check the internal vehicle id.")
                 vehicle = VehicleRecord(*row)
                 if vehicle.smartcar_vehicle_id not in (None, wanted_vehicle):
                     raise LinkConflict(
