@@ -1,6 +1,6 @@
 """``smartcar-ingest dev`` (what ``make run`` runs): the whole pipeline on one machine, Redis and
 the emulator included when none is at hand (README.md, the command table; why its children are
-stopped one at a time: docs/architecture.md, "Design notes")."""
+stopped one at a time: docs/architecture.md, "Design notes"); the ports helpers are the tests' too."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import redis
 
-from cli.ports import bindable, free_port, wait_for_port
 from cli.redis_admin import load_functions
 from core.config import DEV_MANAGEMENT_TOKEN, Settings
 from core.errors import ConfigurationError, RecordExists
@@ -27,6 +28,46 @@ from core.store.users import UserStore
 
 #: How long dev waits for each child it started to listen.
 STARTUP_SECONDS = 30.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at ``host`` right now (the kernel's pick)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def bindable(host: str, port: int) -> bool:
+    """True when a server could listen on ``host:port`` now."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def wait_for_port(
+    port: int,
+    timeout: float = 10.0,
+    *,
+    process: subprocess.Popen[Any] | None = None,
+    what: str = "the process",
+    host: str = "127.0.0.1",
+) -> None:
+    """Return once something accepts connections on ``host:port``.
+
+    Raises :class:`ConfigurationError` (one line, as the CLI reports it) after ``timeout`` seconds,
+    or as soon as ``process``, the one expected to listen, has exited.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ConfigurationError(f"{what} exited during startup (status {process.returncode}).")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise ConfigurationError(f"{what} did not start listening on port {port} within {timeout:.0f} s.")
 
 
 def _redis_answers(url: str) -> bool:
