@@ -87,21 +87,11 @@ class MalformedBody(PermanentError):
 
 
 class InvalidPayload(PermanentError):
-    """A validly signed JSON body that does not match the event schema."""
+    """A validly signed JSON body that does not match the event schema (``invalid_payload``), is a
+    legacy v2.0 webhook (``legacy_v2``) or has an ``eventType`` outside VERIFY, VEHICLE_STATE and
+    VEHICLE_ERROR (``unknown_event_type``): parked with that reason."""
 
     code = "invalid_payload"
-
-
-class UnknownEventType(PermanentError):
-    """An ``eventType`` outside VERIFY, VEHICLE_STATE and VEHICLE_ERROR."""
-
-    code = "unknown_event_type"
-
-
-class LegacyPayload(PermanentError):
-    """A legacy v2.0 webhook payload (top-level ``version``)."""
-
-    code = "legacy_v2"
 
 
 class UnknownUser(PermanentError):
