@@ -45,17 +45,12 @@ class TransientError(IngestError):
 
 
 class Unreachable(TransientError):
-    """Where a process gives up instead of waiting it out: Redis did not answer (or cannot serve for
-    now: loading, out of memory, read-only) an operator command or a starting worker, or the webhook
-    endpoint did not answer ``send-test-event``."""
+    """A dependency did not answer: the database (refused, timed out, dropped the connection, or
+    locked); Redis (or it cannot serve for now: loading, out of memory, read-only) where a process
+    gives up instead of waiting it out, an operator command or a starting worker; the webhook
+    endpoint ``send-test-event`` posts to."""
 
     code = "unreachable"
-
-
-class DatabaseUnavailable(TransientError):
-    """The database did not answer (refused, timed out, dropped the connection, or locked)."""
-
-    code = "database_unavailable"
 
 
 class SmartcarUnavailable(TransientError):

@@ -26,13 +26,13 @@ from starlette.routing import Route
 from core.config import Settings
 from core.errors import (
     ConfigurationError,
-    DatabaseUnavailable,
     IngestError,
     InvalidConnectState,
     InvalidValue,
     LinkConflict,
     RecordNotFound,
     SmartcarRateLimited,
+    Unreachable,
     UnverifiedConnection,
 )
 from core.logs import get_logger
@@ -243,7 +243,7 @@ class ConnectEndpoints:
             return _error(404, "user_not_found", "The user this Connect link was made for no longer exists.")
         except InvalidValue:
             return _error(400, "invalid_user_id", "The user_id parameter is not a Smartcar user id.")
-        except (DatabaseUnavailable, ConfigurationError) as exc:
+        except (Unreachable, ConfigurationError) as exc:
             log.error("connect link failed", user_id=user_id, error=exc.message)
             return _unavailable("The user store is unavailable; retry shortly.")
         if not result.already_linked:

@@ -13,7 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from core.errors import ConfigurationError, DatabaseUnavailable, PermanentError, TransientError
+from core.errors import ConfigurationError, PermanentError, TransientError, Unreachable
 from core.store import db
 from core.store.users import Base, InvalidValue, LinkConflict, RecordExists, RecordNotFound, UserRecord, UserStore
 from tests.databases import BACKENDS, empty_database
@@ -124,7 +124,7 @@ def test_unknown_revision_is_a_configuration_error(database_url):
 def test_unreachable_database_is_unavailable_without_the_password():
     """Migrating an unreachable database is an outage (not a bad setting), in one line that masks the password."""
     url = "postgresql+psycopg://postgres:hunter2-secret@127.0.0.1:1/test"
-    with pytest.raises(DatabaseUnavailable, match="unreachable") as caught:
+    with pytest.raises(Unreachable, match="unreachable") as caught:
         db.upgrade(url)
     assert "hunter2-secret" not in caught.value.message
     assert "***" in caught.value.message
@@ -146,9 +146,9 @@ def test_bare_postgres_scheme_selects_psycopg():
 
 
 def test_store_on_unreachable_database_raises_transient_error():
-    """A lookup while the database is down raises DatabaseUnavailable, which workers retry."""
+    """A lookup while the database is down raises Unreachable, which workers retry."""
     store = UserStore("postgresql+psycopg://postgres:hunter2-secret@127.0.0.1:1/test")
-    with pytest.raises(db.DatabaseUnavailable) as caught:
+    with pytest.raises(db.Unreachable) as caught:
         store.find_by_smartcar_user_id(SMARTCAR_ALICE)
     assert isinstance(caught.value, TransientError)
     assert "hunter2-secret" not in caught.value.message

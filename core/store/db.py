@@ -31,7 +31,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import NullPool
 
-from core.errors import ConfigurationError, DatabaseUnavailable
+from core.errors import ConfigurationError, Unreachable
 
 #: Seconds a PostgreSQL connection attempt may take before it counts as unreachable.
 CONNECT_TIMEOUT_SECONDS = 5
@@ -131,7 +131,7 @@ def translate_errors(url: URL) -> Iterator[None]:
     """Turn SQLAlchemy's connection-level failures into this project's error tree.
 
     A missing table or column becomes :class:`ConfigurationError`; refused, timed-out or dropped
-    connections and SQLite's "database is locked" become :class:`DatabaseUnavailable`. Anything
+    connections and SQLite's "database is locked" become :class:`Unreachable`. Anything
     else (a bug, a constraint) propagates unchanged.
     """
     try:
@@ -150,13 +150,9 @@ def translate_errors(url: URL) -> Iterator[None]:
             ) from None
         if isinstance(exc, ProgrammingError):
             raise
-        raise DatabaseUnavailable(
-            f"the database at {safe_url(url)} did not answer: {_driver_reason(exc, url)}."
-        ) from None
+        raise Unreachable(f"the database at {safe_url(url)} did not answer: {_driver_reason(exc, url)}.") from None
     except (InterfaceError, PoolTimeoutError) as exc:
-        raise DatabaseUnavailable(
-            f"the database at {safe_url(url)} did not answer: {_driver_reason(exc, url)}."
-        ) from None
+        raise Unreachable(f"the database at {safe_url(url)} did not answer: {_driver_reason(exc, url)}.") from None
 
 
 def _script_location() -> str:
@@ -181,7 +177,7 @@ def _alembic_config(connection: Connection) -> Config:
 
 @contextmanager
 def _migration_connection(database_url: str, action: str, *, lock: bool = True) -> Iterator[Connection]:
-    """One connection in one transaction. A database that does not answer is :class:`DatabaseUnavailable`;
+    """One connection in one transaction. A database that does not answer is :class:`Unreachable`;
     every other failure becomes a one-line :class:`ConfigurationError`."""
     url = parse_url(database_url)
     engine = make_engine(database_url, pooled=False)
@@ -192,7 +188,7 @@ def _migration_connection(database_url: str, action: str, *, lock: bool = True) 
             if url.get_backend_name() == "sqlite":
                 raise  # a file that cannot be opened is a setting to fix, reported below
             # A server that does not answer: an outage (exit 3), not a bad setting.
-            raise DatabaseUnavailable(
+            raise Unreachable(
                 f"cannot {action}: the database at {safe_url(url)} is unreachable "
                 f"({_driver_reason(exc, url)}); check DATABASE_URL and that the server is running."
             ) from None
@@ -227,7 +223,7 @@ def upgrade(database_url: str, revision: str = "head", *, drop_tokens: bool = Fa
     vehicle still holds a token refuses unless ``drop_tokens`` (the tokens cannot be brought back).
     On PostgreSQL it applies completely or not at all. Raises :class:`ConfigurationError` for a bad
     URL, an unknown revision, tables of no known shape or tokens in the way, and
-    :class:`DatabaseUnavailable` for a server that does not answer.
+    :class:`Unreachable` for a server that does not answer.
     """
     with _migration_connection(database_url, f"upgrade the database to {revision}") as connection:
         config = _alembic_config(connection)

@@ -166,7 +166,7 @@ class UserStore:
 
     Construction does not connect. Safe to share between threads; a process forked after the store
     was used calls ``dispose(close=False)`` first. Every query raises
-    :class:`core.errors.DatabaseUnavailable` when the database does not answer and
+    :class:`core.errors.Unreachable` when the database does not answer and
     :class:`core.errors.ConfigurationError` when it was never migrated.
     """
 
