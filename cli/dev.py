@@ -38,7 +38,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def bindable(host: str, port: int) -> bool:
-    """True when a server could listen on ``host:port`` now."""
     with socket.socket() as sock:
         try:
             sock.bind((host, port))
@@ -53,9 +52,8 @@ def wait_for_port(
     *,
     process: subprocess.Popen[Any] | None = None,
     what: str = "the process",
-    host: str = "127.0.0.1",
 ) -> None:
-    """Return once something accepts connections on ``host:port``.
+    """Return once something accepts connections on ``127.0.0.1:port``.
 
     Raises :class:`ConfigurationError` (one line, as the CLI reports it) after ``timeout`` seconds,
     or as soon as ``process``, the one expected to listen, has exited.
@@ -64,7 +62,7 @@ def wait_for_port(
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise ConfigurationError(f"{what} exited during startup (status {process.returncode}).")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
             return
         time.sleep(0.02)
     raise ConfigurationError(f"{what} did not start listening on port {port} within {timeout:.0f} s.")
@@ -220,7 +218,7 @@ def run_dev(settings: Settings, port: int) -> int:
             print(f"started the Smartcar emulator on port {emulator_port}")
 
         db.upgrade(settings.database_url)
-        print(load_functions(env.get("REDIS_URL", settings.redis_url)))
+        print(load_functions(env["REDIS_URL"]))
         if seeded:
             added = seed_users(settings.database_url)
             print(f"user store {settings.database_url} migrated; {added} emulator users added")
@@ -248,11 +246,11 @@ def _print_instructions(port: int, env: dict[str, str], admin_port: int) -> None
     admin = f"{base}/readyz  {base}/metrics" if admin_port else "off (ADMIN_PORT=0)"
     print(
         f"""
-smartcar-ingest is running: web on http://127.0.0.1:{port}, one worker, Redis at {env.get("REDIS_URL", "")}
+smartcar-ingest is running: web on http://127.0.0.1:{port}, one worker, Redis at {env["REDIS_URL"]}
 
   send a signed test event:   uv run smartcar-ingest send-test-event --url {url}
-  read the enriched output:   redis-cli -u {env.get("REDIS_URL", "redis://localhost:6379/0")} XRANGE {env.get("OUTPUT_STREAM", "smartcar:vehicle-events")} - +
-  parked events:              redis-cli -u {env.get("REDIS_URL", "redis://localhost:6379/0")} XRANGE {env.get("PARKED_STREAM", "smartcar:parked")} - +
+  read the enriched output:   redis-cli -u {env["REDIS_URL"]} XRANGE {env.get("OUTPUT_STREAM", "smartcar:vehicle-events")} - +
+  parked events:              redis-cli -u {env["REDIS_URL"]} XRANGE {env.get("PARKED_STREAM", "smartcar:parked")} - +
   readiness and metrics:      {admin}
 
 Ctrl-C stops everything.""",

@@ -34,7 +34,6 @@ EXIT_INTERRUPTED = 130
 
 
 def exit_status(exc: IngestError) -> int:
-    """The exit status a command ends with when ``exc`` stops it."""
     if isinstance(exc, ConfigurationError):
         return EXIT_USAGE
     if isinstance(exc, TransientError):
@@ -112,7 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler

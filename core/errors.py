@@ -45,10 +45,9 @@ class TransientError(IngestError):
 
 
 class Unreachable(TransientError):
-    """A dependency did not answer: the database (refused, timed out, dropped the connection, or
-    locked); Redis (or it cannot serve for now: loading, out of memory, read-only) where a process
-    gives up instead of waiting it out, an operator command or a starting worker; the webhook
-    endpoint ``send-test-event`` posts to."""
+    """A dependency did not answer: the database (refused, timed out, dropped, locked), Redis where a
+    process gives up instead of waiting it out (an operator command, a starting worker), or the
+    webhook endpoint of ``send-test-event``."""
 
     code = "unreachable"
 
