@@ -28,6 +28,12 @@ DEFAULT_JOB_RESULT_TTL_SECONDS = 60
 DEFAULT_VEHICLE_STATE_TTL_SECONDS = 2_592_000
 
 
+def key_list(secret: SecretStr | None) -> tuple[bytes, ...]:
+    """The entries of a comma-separated list of keys (a rotation), UTF-8 encoded, in order."""
+    raw = secret.get_secret_value() if secret is not None else ""
+    return tuple(part.strip().encode() for part in raw.split(",") if part.strip())
+
+
 class Settings(BaseSettings):
     """All runtime settings. Field names map to the upper-case variables of the contract."""
 
@@ -112,10 +118,7 @@ class Settings(BaseSettings):
 
         The first one answers VERIFY; all of them verify ``SC-Signature`` (rotation).
         """
-        if self.smartcar_management_token is None:
-            return ()
-        raw = self.smartcar_management_token.get_secret_value()
-        return tuple(part.strip().encode() for part in raw.split(",") if part.strip())
+        return key_list(self.smartcar_management_token)
 
     @property
     def delivery_max_age_seconds(self) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from core.config import Settings
+from core.config import Settings, key_list
 from core.errors import (
     ConfigurationError,
     InvalidConnectState,
@@ -72,11 +72,8 @@ def _derive(secret: bytes) -> bytes:
 
 def state_keys(settings: Settings) -> tuple[bytes, ...]:
     """The signing keys, first one signing; :class:`ConfigurationError` when there is nothing to derive them from."""
-    if settings.connect_state_secret is not None:
-        raw = settings.connect_state_secret.get_secret_value()
-        raw_keys = tuple(part.strip().encode() for part in raw.split(",") if part.strip())
-    else:
-        raw_keys = settings.management_tokens
+    secret = settings.connect_state_secret
+    raw_keys = key_list(secret) if secret is not None else settings.management_tokens
     if not raw_keys:
         raise ConfigurationError(
             "neither CONNECT_STATE_SECRET nor SMARTCAR_MANAGEMENT_TOKEN is set: Connect state tokens need a key."
