@@ -26,16 +26,14 @@ from starlette.routing import Route
 from core.config import Settings
 from core.errors import (
     ConfigurationError,
-    DatabaseUnavailable,
     IngestError,
     InvalidConnectState,
     InvalidValue,
     LinkConflict,
+    RecordNotFound,
     SmartcarRateLimited,
-    UnverifiableConnection,
+    Unreachable,
     UnverifiedConnection,
-    UsedConnectState,
-    UserNotFound,
 )
 from core.logs import get_logger
 from core.redis.functions import lua_function
@@ -180,8 +178,7 @@ class ConnectEndpoints:
             log.error("connect state could not be spent", user_id=state.user_id, error=type(exc).__name__)
             return _unavailable("The service cannot record the link right now; retry shortly.")
         if not spent:
-            used = UsedConnectState("This Connect link was already used: ask for a new one to connect again.")
-            return _error(400, used.code, used.message)
+            return _error(400, "state_used", "This Connect link was already used: ask for a new one to connect again.")
         response = await self._redeem(smartcar, state, smartcar_user_id)
         if response.status_code == 503:
             try:
@@ -202,9 +199,9 @@ class ConnectEndpoints:
         try:
             async with asyncio.timeout(_VERIFY_SECONDS):
                 await confirm_connection(smartcar, smartcar_user_id, state.issued_at)
-        except (UnverifiedConnection, UnverifiableConnection) as exc:
+        except UnverifiedConnection as exc:
             log.warning("connect link refused", user_id=user_id, smartcar_user=digest, reason=exc.code)
-            return _error(403 if isinstance(exc, UnverifiedConnection) else 409, exc.code, exc.message)
+            return _error(403 if exc.code == UnverifiedConnection.code else 409, exc.code, exc.message)
         except (IngestError, RedisError, OSError, TimeoutError) as exc:
             # Every other failure is Smartcar's, ours or our credentials', never the redirect's.
             reason = exc.message if isinstance(exc, IngestError) else type(exc).__name__
@@ -216,12 +213,12 @@ class ConnectEndpoints:
         except LinkConflict:
             log.warning("connect link refused", user_id=user_id, smartcar_user=digest, reason="link_conflict")
             return _error(409, "link_conflict", _CONFLICT)
-        except UserNotFound:
+        except RecordNotFound:
             log.warning("connect link refused", user_id=user_id, reason="user_not_found")
             return _error(404, "user_not_found", "The user this Connect link was made for no longer exists.")
         except InvalidValue:
             return _error(400, "invalid_user_id", "The user_id parameter is not a Smartcar user id.")
-        except (DatabaseUnavailable, ConfigurationError) as exc:
+        except (Unreachable, ConfigurationError) as exc:
             log.error("connect link failed", user_id=user_id, error=exc.message)
             return _unavailable("The user store is unavailable; retry shortly.")
         if not result.already_linked:

@@ -17,13 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from core.config import Settings
+from core.config import Settings, key_list
 from core.errors import (
     ConfigurationError,
-    ExpiredConnectState,
-    ForeignConnectState,
     InvalidConnectState,
-    UnverifiableConnection,
     UnverifiedConnection,
 )
 from core.smartcar.client import SmartcarClient
@@ -71,11 +68,8 @@ def _b64(data: bytes) -> str:
 
 def state_keys(settings: Settings) -> tuple[bytes, ...]:
     """The signing keys, first one signing; :class:`ConfigurationError` when there is nothing to derive them from."""
-    if settings.connect_state_secret is not None:
-        raw = settings.connect_state_secret.get_secret_value()
-        raw_keys = tuple(part.strip().encode() for part in raw.split(",") if part.strip())
-    else:
-        raw_keys = settings.management_tokens
+    secret = settings.connect_state_secret
+    raw_keys = key_list(secret) if secret is not None else settings.management_tokens
     if not raw_keys:
         raise ConfigurationError(
             "neither CONNECT_STATE_SECRET nor SMARTCAR_MANAGEMENT_TOKEN is set: Connect state tokens need a key."
@@ -108,7 +102,7 @@ def verify_state(
 ) -> ConnectState:
     """What ``state`` says once its MAC (with ``binding``, if bound) checks out; whether it was spent
     is the caller's business. :class:`InvalidConnectState` (missing, malformed, forged, version 1),
-    :class:`ForeignConnectState` (wrong binding), :class:`ExpiredConnectState` (genuine but expired)."""
+    :class:`InvalidConnectState` (wrong binding, or genuine but expired)."""
     if not state:
         raise InvalidConnectState("The state parameter is missing: start again from a Connect link issued by us.")
     if state.startswith("v1."):
@@ -121,14 +115,16 @@ def verify_state(
         raise InvalidConnectState(_NOT_OURS)
     bound = match.group(4) == "b"
     if bound and not binding:
-        raise ForeignConnectState(_OTHER_BROWSER)
+        raise InvalidConnectState(_OTHER_BROWSER, "browser_mismatch")
     signed, _, mac = state.rpartition(".")
     expected = binding if bound else None
     if not any(hmac.compare_digest(_mac(key, signed, expected).encode(), mac.encode()) for key in keys):
-        raise ForeignConnectState(_OTHER_BROWSER) if bound else InvalidConnectState(_NOT_OURS)
+        raise InvalidConnectState(_OTHER_BROWSER, "browser_mismatch") if bound else InvalidConnectState(_NOT_OURS)
     expires_at = int(match.group(3))
     if expires_at <= (time.time() if now is None else now):
-        raise ExpiredConnectState("The Connect link has expired: ask for a new one and go through Connect again.")
+        raise InvalidConnectState(
+            "The Connect link has expired: ask for a new one and go through Connect again.", "expired_state"
+        )
     return ConnectState(int(match.group(1)), int(match.group(2)), expires_at, match.group(5), bound)
 
 
@@ -257,8 +253,8 @@ async def confirm_connection(smartcar: SmartcarClient, smartcar_user_id: str, is
     """Return when Smartcar lists a connection of ``smartcar_user_id`` made since ``issued_at``
     (less :data:`CLOCK_SKEW_SECONDS`); items of other users never count.
 
-    Raises :class:`UnverifiedConnection` when none qualifies, :class:`UnverifiableConnection` when
-    none qualifies but some carry no creation time (fail closed); Smartcar's own failures propagate.
+    Raises :class:`UnverifiedConnection` when none qualifies, coded ``cannot_verify`` when none
+    qualifies but some carry no creation time (fail closed); Smartcar's own failures propagate.
     """
     undated = False
     async for items, _ in connection_pages(smartcar, smartcar_user_id, MAX_VERIFY_PAGES):
@@ -271,10 +267,11 @@ async def confirm_connection(smartcar: SmartcarClient, smartcar_user_id: str, is
             elif created >= issued_at - CLOCK_SKEW_SECONDS:
                 return
     if undated:
-        raise UnverifiableConnection(
+        raise UnverifiedConnection(
             "Smartcar gives no creation time for this account's connections, so this redirect cannot be verified "
             "and nothing was linked; an operator can link it from Smartcar's connection list with "
-            "`smartcar-ingest backfill`."
+            "`smartcar-ingest backfill`.",
+            "cannot_verify",
         )
     raise UnverifiedConnection(
         "Smartcar does not list a vehicle this account connected since the Connect link was issued; "

@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
 from core import events, metrics
-from core.errors import InvalidPayload, LegacyPayload, MalformedBody, PermanentError, UnknownEventType
+from core.errors import InvalidPayload, MalformedBody, PermanentError
 from core.logs import get_logger
 from core.redis.functions import MissingFunction
 from core.redis.inbox import Inbox
@@ -184,7 +184,7 @@ class WebhookEndpoint:
             if event_type == events.VERIFY:
                 return self._verify_answer(events.parse_verify(document))
             event = events.parse_event(document)
-        except (InvalidPayload, LegacyPayload, UnknownEventType) as exc:
+        except InvalidPayload as exc:
             return await self._park(event_id, exc, text)
         quick = events.QuickEvent(event.event_id, event.event_type, event.meta.deliveryId)
         # load_json read it (no NaN or Infinity literal): a JSON object the job can embed as it is.

@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 
 from cli.backfill import Backfill, BackfillReport, run_backfill
 from cli.main import main
-from core.errors import LinkConflict, VehicleNotFound
+from core.errors import LinkConflict, RecordNotFound
 from core.smartcar.client import SmartcarClient
 from core.smartcar.tokens import AppTokenProvider
 from core.store import db
@@ -290,7 +290,7 @@ def test_link_vehicle_stores_both_ids_or_neither(store, before_database):
         store.link_vehicle(14, JAGUAR, JAGUAR_USER)  # user 4 holds another Smartcar user
     with pytest.raises(LinkConflict, match="already belongs to user 6"):
         store.link_vehicle(15, POLESTAR, POLESTAR_USER)
-    with pytest.raises(VehicleNotFound):
+    with pytest.raises(RecordNotFound):
         store.link_vehicle(99, VW, VW_USER)
     _, vehicles = links(before_database)
     assert [v[:2] for v in vehicles if v[0] in (14, 15)] == [(14, None), (15, None)]  # nothing half-written

@@ -13,7 +13,7 @@ import pytest
 
 from cli.samples import encode, sample_event
 from core import events, timestamps
-from core.errors import InvalidPayload, LegacyPayload, MalformedBody, UnknownEventType
+from core.errors import InvalidPayload, MalformedBody
 from core.store.users import UserRecord
 from tests.conftest import fixture_paths, load_fixture
 from tests.examples import examples
@@ -177,15 +177,17 @@ def test_not_json_raises_malformed_body():
 
 
 def test_legacy_v2_is_recognised():
-    """A top-level version (v2.0 webhook) is a LegacyPayload."""
-    with pytest.raises(LegacyPayload):
+    """A top-level version (v2.0 webhook) is an InvalidPayload coded legacy_v2."""
+    with pytest.raises(InvalidPayload) as caught:
         events.classify({"version": "2.0", "webhookId": "w", "eventName": "verify", "payload": {"challenge": "x"}})
+    assert caught.value.code == "legacy_v2"
 
 
 def test_unknown_event_type():
-    """An eventType other than the three known ones is UnknownEventType."""
-    with pytest.raises(UnknownEventType):
+    """An eventType other than the three known ones is an InvalidPayload coded unknown_event_type."""
+    with pytest.raises(InvalidPayload) as caught:
         events.classify({"eventId": "e", "eventType": "VEHICLE_CONNECTION_STATUS", "data": {}})
+    assert caught.value.code == "unknown_event_type"
 
 
 #: Changes that break the schema: missing ids, users, vehicles, malformed lists.
@@ -238,7 +240,7 @@ def _slow_path_accepts(body: bytes) -> bool:
         if events.classify(document) not in events.VEHICLE_EVENT_TYPES:
             return False
         events.parse_event(document)
-    except (MalformedBody, InvalidPayload, LegacyPayload, UnknownEventType):
+    except (MalformedBody, InvalidPayload):
         return False
     return True
 
@@ -418,7 +420,7 @@ def _edge_reading(body: bytes) -> tuple[object, ...]:
             events.parse_verify(document)
             return ("verify",)
         event = events.parse_event(document)
-    except (InvalidPayload, LegacyPayload, UnknownEventType) as exc:
+    except InvalidPayload as exc:
         return ("parked", exc.code, exc.message)
     return ("accepted", event.event_id, event.event_type, event.meta.deliveryId)
 
@@ -427,7 +429,7 @@ def _worker_reading(stored: bytes | str) -> tuple[object, ...]:
     """What the worker's parse step makes of a stored body: the event, or the park reason and detail."""
     try:
         return ("accepted", events.parse_stored(stored))
-    except (InvalidPayload, LegacyPayload, UnknownEventType) as exc:
+    except InvalidPayload as exc:
         return ("parked", exc.code, exc.message)
 
 
@@ -941,7 +943,7 @@ def test_signals_built_without_revalidation_are_what_validation_would_build(path
     """The normaliser builds each signal with ``model_construct`` (no second validation): every
     value must already be what validating it would give, in type and value."""
     document = load_fixture(path)
-    with contextlib.suppress(InvalidPayload, LegacyPayload, UnknownEventType, MalformedBody):
+    with contextlib.suppress(InvalidPayload, MalformedBody):
         event = events.parse_stored(json.dumps(document))
         for signal in event.signals:
             assert events.Signal.model_validate(signal.model_dump()) == signal

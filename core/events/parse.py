@@ -25,7 +25,7 @@ from typing import Any
 import pydantic_core
 from pydantic import ValidationError
 
-from core.errors import InvalidPayload, LegacyPayload, MalformedBody, UnknownEventType
+from core.errors import InvalidPayload, MalformedBody
 from core.events.model import QuickEvent, VehicleEvent
 from core.events.normalise import clip, normalise
 from core.events.wire import (
@@ -104,9 +104,9 @@ def quick_vehicle_event(body: bytes) -> QuickEvent | None:
 def parse_stored(body: bytes | str) -> VehicleEvent:
     """The worker's reading of a body as the edge stored it: one validation, then normalisation.
 
-    Accepts exactly what the edge accepts. Raises :class:`InvalidPayload`, :class:`LegacyPayload`
-    or :class:`UnknownEventType` and nothing else, with the reason and detail the edge gives, so a
-    body that cannot be read is parked (and can be replayed) instead of failing its job.
+    Accepts exactly what the edge accepts. Raises :class:`InvalidPayload` and nothing else, with
+    the reason and detail the edge gives, so a body that cannot be read is parked (and can be
+    replayed) instead of failing its job.
 
     A well-formed vehicle event, nearly every body, is validated once, straight from its bytes,
     by the model whose checks the edge's one-pass check shares. Any other body goes through the edge's steps,
@@ -127,7 +127,7 @@ def parse_stored(body: bytes | str) -> VehicleEvent:
             # one-pass validator reads it safely, as it reads every other event.
             wire = WebEnvelope.model_validate_json(raw)
         return normalise(wire)
-    except (InvalidPayload, LegacyPayload, UnknownEventType):
+    except InvalidPayload:
         raise
     except Exception as exc:  # a parser gap is a permanent fault of this body: park it, never retry
         raise InvalidPayload(f"The payload could not be read ({type(exc).__name__}).") from None
@@ -165,18 +165,22 @@ def load_json(body: bytes) -> Any:
 def classify(document: Any) -> str:
     """Return the event type of a parsed delivery.
 
-    Raises :class:`LegacyPayload` for a v2.0 webhook, :class:`UnknownEventType` for a type this
-    service does not handle and :class:`InvalidPayload` when there is no type at all.
+    Raises :class:`InvalidPayload`: ``legacy_v2`` for a v2.0 webhook, ``unknown_event_type`` for a
+    type this service does not handle, ``invalid_payload`` when there is no type at all.
     """
     if not isinstance(document, dict):
         raise InvalidPayload("The body is JSON but not an object.")
     if is_legacy(document.get("version"), document.get("eventName"), document.get("payload")):
-        raise LegacyPayload("This is a legacy v2.0 webhook; configure a v3 webhook in the Smartcar Dashboard.")
+        raise InvalidPayload(
+            "This is a legacy v2.0 webhook; configure a v3 webhook in the Smartcar Dashboard.", "legacy_v2"
+        )
     event_type = document.get("eventType")
     if not isinstance(event_type, str) or not event_type:
         raise InvalidPayload("The delivery has no eventType.")
     if event_type != VERIFY and event_type not in VEHICLE_EVENT_TYPES:
-        raise UnknownEventType(f"The eventType {clip(event_type)!r} is not one this service handles.")
+        raise InvalidPayload(
+            f"The eventType {clip(event_type)!r} is not one this service handles.", "unknown_event_type"
+        )
     return event_type
 
 

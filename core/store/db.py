@@ -31,7 +31,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import NullPool
 
-from core.errors import ConfigurationError, DatabaseUnavailable
+from core.errors import ConfigurationError, Unreachable
 
 #: Seconds a PostgreSQL connection attempt may take before it counts as unreachable.
 CONNECT_TIMEOUT_SECONDS = 5
@@ -109,7 +109,7 @@ def _missing(exc: SQLAlchemyError, sqlstate: str, sqlite_says: str) -> bool:
 @contextmanager
 def translate_errors(url: URL) -> Iterator[None]:
     """A missing table or column becomes :class:`ConfigurationError`; a refused, timed-out or dropped
-    connection and SQLite's "database is locked" :class:`DatabaseUnavailable`; the rest propagates."""
+    connection and SQLite's "database is locked" :class:`Unreachable`; the rest propagates."""
     try:
         yield
     except (OperationalError, ProgrammingError, InterfaceError, PoolTimeoutError) as exc:
@@ -126,9 +126,7 @@ def translate_errors(url: URL) -> Iterator[None]:
             ) from None
         if isinstance(exc, ProgrammingError):
             raise
-        raise DatabaseUnavailable(
-            f"the database at {safe_url(url)} did not answer: {_driver_reason(exc, url)}."
-        ) from None
+        raise Unreachable(f"the database at {safe_url(url)} did not answer: {_driver_reason(exc, url)}.") from None
 
 
 def _alembic_config(connection: Connection) -> Config:
@@ -149,7 +147,7 @@ def _alembic_config(connection: Connection) -> Config:
 
 @contextmanager
 def _migration_connection(database_url: str, action: str, *, lock: bool = True) -> Iterator[Connection]:
-    """One connection in one transaction. A database that does not answer is :class:`DatabaseUnavailable`;
+    """One connection in one transaction. A database that does not answer is :class:`Unreachable`;
     every other failure becomes a one-line :class:`ConfigurationError`."""
     engine = make_engine(database_url, pooled=False)
     url = engine.url
@@ -160,7 +158,7 @@ def _migration_connection(database_url: str, action: str, *, lock: bool = True) 
             if url.get_backend_name() == "sqlite":
                 raise  # a file that cannot be opened is a setting to fix, reported below
             # A server that does not answer: an outage (exit 3), not a bad setting.
-            raise DatabaseUnavailable(
+            raise Unreachable(
                 f"cannot {action}: the database at {safe_url(url)} is unreachable "
                 f"({_driver_reason(exc, url)}); check DATABASE_URL and that the server is running."
             ) from None
@@ -188,7 +186,7 @@ def upgrade(database_url: str, revision: str = "head", *, drop_tokens: bool = Fa
     """Migrate forward to ``revision``, all or nothing on PostgreSQL. An unversioned database with
     tables is first stamped with the revision they match (:func:`detect_revision`), which is returned.
     Dropping stored per-vehicle tokens (``v3_schema``) needs ``drop_tokens``. Raises
-    :class:`ConfigurationError`, or :class:`DatabaseUnavailable` for a server that does not answer.
+    :class:`ConfigurationError`, or :class:`Unreachable` for a server that does not answer.
     """
     with _migration_connection(database_url, f"upgrade the database to {revision}") as connection:
         config = _alembic_config(connection)

@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from core.errors import InvalidValue, LinkConflict, RecordExists, UserNotFound, VehicleNotFound
+from core.errors import InvalidValue, LinkConflict, RecordExists, RecordNotFound
 from core.store.db import make_engine, translate_errors
 
 #: Column widths from the contract; Smartcar user and vehicle ids are UUIDs.
@@ -195,7 +195,7 @@ class UserStore:
     def link(self, user_id: int, smartcar_user_id: str) -> LinkResult:
         """Store ``smartcar_user_id`` on internal user ``user_id``; the same pair again is ``already_linked``.
         Never overwrites: :class:`LinkConflict` when either side is linked elsewhere (also after a
-        lost race); :class:`UserNotFound`; :class:`InvalidValue` for a blank or over-long id."""
+        lost race); :class:`RecordNotFound`; :class:`InvalidValue` for a blank or over-long id."""
         wanted = _checked(smartcar_user_id, "the Smartcar user id", SMARTCAR_ID_LENGTH)
         if wanted is None:
             raise InvalidValue("the Smartcar user id must not be blank.")
@@ -224,7 +224,7 @@ class UserStore:
         """The user, when it is linked to ``wanted`` or free to be; raises otherwise."""
         row = connection.execute(select(*_USER_COLUMNS).where(User.id == user_id)).one_or_none()
         if row is None:
-            raise UserNotFound(f"no user with id {user_id}: check the internal user id.")
+            raise RecordNotFound(f"no user with id {user_id}: check the internal user id.")
         user = UserRecord(*row)
         if user.smartcar_user_id not in (None, wanted):
             raise LinkConflict(
@@ -267,7 +267,7 @@ class UserStore:
         return record
 
     def add_vehicle(self, id: int, user_id: int, vin: str | None, smartcar_vehicle_id: str | None = None) -> None:
-        """Insert a vehicle of user ``user_id`` (dev seeding and tests). :class:`UserNotFound` when
+        """Insert a vehicle of user ``user_id`` (dev seeding and tests). :class:`RecordNotFound` when
         the user does not exist, :class:`RecordExists` when the vehicle id is taken."""
         values = {
             "id": id,
@@ -277,7 +277,7 @@ class UserStore:
         }
         with self._writing(RecordExists(f"vehicle {id} was added concurrently or its user was removed.")) as connection:
             if connection.execute(select(User.id).where(User.id == user_id)).first() is None:
-                raise UserNotFound(f"no user with id {user_id}: add the user before its vehicles.")
+                raise RecordNotFound(f"no user with id {user_id}: add the user before its vehicles.")
             if connection.execute(select(Vehicle.id).where(Vehicle.id == id)).first() is not None:
                 raise RecordExists(f"a vehicle with id {id} already exists.")
             connection.execute(insert(Vehicle).values(**values))
@@ -303,7 +303,7 @@ class UserStore:
     def link_vehicle(self, vehicle_id: int, smartcar_vehicle_id: str, smartcar_user_id: str) -> None:
         """Store Smartcar's vehicle id on vehicle ``vehicle_id`` and Smartcar's user id on its owner,
         both or neither. Like :meth:`link`, never overwrites (:class:`LinkConflict`, also for a
-        vehicle without owner); :class:`VehicleNotFound`; :class:`InvalidValue`."""
+        vehicle without owner); :class:`RecordNotFound`; :class:`InvalidValue`."""
         wanted_vehicle = _checked(smartcar_vehicle_id, "the Smartcar vehicle id", SMARTCAR_ID_LENGTH)
         wanted_user = _checked(smartcar_user_id, "the Smartcar user id", SMARTCAR_ID_LENGTH)
         if wanted_vehicle is None or wanted_user is None:
@@ -311,7 +311,7 @@ class UserStore:
         with self._writing(_linked_concurrently(wanted_user)) as connection:
             row = connection.execute(_vehicles(Vehicle.id == vehicle_id)).one_or_none()
             if row is None:
-                raise VehicleNotFound(f"no vehicle with id {vehicle_id}: check the internal vehicle id.")
+                raise RecordNotFound(f"no vehicle with id {vehicle_id}: check the internal vehicle id.")
             vehicle = VehicleRecord(*row)
             if vehicle.smartcar_vehicle_id not in (None, wanted_vehicle):
                 raise LinkConflict(
