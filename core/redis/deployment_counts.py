@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from prometheus_client.core import GaugeMetricFamily, Metric
 from redis.asyncio import Redis as AsyncRedis
 
 from core import metrics
@@ -39,9 +38,6 @@ BUCKET_SECONDS = 600
 WINDOW_SECONDS = 3600
 ACTIVE = "active"
 IN_ERROR = "errors"
-
-VEHICLES_ACTIVE = "smartcar_ingest_vehicles_active"
-VEHICLES_IN_ERROR = "smartcar_ingest_vehicles_in_error"
 
 
 def usage_totals() -> dict[str, int]:
@@ -188,19 +184,3 @@ def read_fleet(client: redis.Redis, now: float | None = None) -> FleetCounts:
         pipe.pfcount(*(fleet_key(IN_ERROR, bucket) for bucket in buckets))
         active, errors = pipe.execute()
     return FleetCounts(active=int(active), in_error=int(errors))
-
-
-def fleet_families(counts: FleetCounts | None) -> list[Metric]:
-    """The two gauges, without labels; empty when ``counts`` is None (the process could not read them)."""
-    active = GaugeMetricFamily(
-        VEHICLES_ACTIVE,
-        "Distinct vehicles whose events were processed in the last hour (60 to 70 minutes; within about 1 %).",
-    )
-    errors = GaugeMetricFamily(
-        VEHICLES_IN_ERROR,
-        "Distinct vehicles among them that sent a VEHICLE_ERROR reporting an error not RESOLVED.",
-    )
-    if counts is not None:
-        active.add_metric([], counts.active)
-        errors.add_metric([], counts.in_error)
-    return [active, errors]

@@ -8,10 +8,10 @@ docs/architecture.md, "Queue and stream gauges".
 from __future__ import annotations
 
 import datetime as dt
-import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -23,7 +23,7 @@ from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegi
 from core.config import Settings
 from core.redis.clients import scrape_redis
 from core.redis.custody import Stranded, age_seconds, parse_rq_time, read_stranded
-from core.redis.deployment_counts import FleetCounts, fleet_families, read_fleet
+from core.redis.deployment_counts import FleetCounts, read_fleet
 from core.redis.keys import queue_key, text
 from core.redis.memory import RedisMemory, read_memory
 
@@ -35,22 +35,10 @@ REGISTRIES = {
     "deferred": DeferredJobRegistry.key_template,
 }
 
-QUEUE_DEPTH = "smartcar_ingest_queue_depth"
-QUEUE_OLDEST_AGE = "smartcar_ingest_queue_oldest_age_seconds"
-REGISTRY_JOBS = "smartcar_ingest_queue_registry_jobs"
-OUTPUT_LENGTH = "smartcar_ingest_output_stream_length"
-PARKED_LENGTH = "smartcar_ingest_parked_stream_length"
-REDIS_UP = "smartcar_ingest_redis_up"
-STRANDED_JOBS = "smartcar_ingest_queue_stranded_jobs"
-STRANDED_OLDEST_AGE = "smartcar_ingest_queue_stranded_oldest_age_seconds"
-MEMORY_USED = "smartcar_ingest_redis_memory_used_bytes"
-MEMORY_MAX = "smartcar_ingest_redis_memory_max_bytes"
-OUTPUT_RETENTION = "smartcar_ingest_output_stream_retention_seconds"
-GROUP_LAG = "smartcar_ingest_output_group_lag"
-GROUP_PENDING = "smartcar_ingest_output_group_pending"
-GROUP_BEHIND = "smartcar_ingest_output_group_behind_seconds"
 #: A group this far behind (a fraction of the retention) is flagged by ``status`` and the alert.
 GROUP_BEHIND_WARNING = 0.8
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -167,7 +155,8 @@ def read_snapshot(client: redis.Redis, settings: Settings) -> QueueSnapshot:
 
 
 class QueueCollector(Collector):
-    """Exports :class:`QueueSnapshot` as gauges on every scrape."""
+    """The gauges, read from Redis on every scrape; an endpoint serves it with this process's
+    metrics (:func:`endpoint_registry`)."""
 
     def __init__(self, redis_url: str, settings: Settings, timeout_seconds: float = 0.5) -> None:
         self._settings = settings
@@ -175,155 +164,159 @@ class QueueCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         # Lets the registry check names without a Redis round trip at registration.
-        return [
-            *self._families(None),
-            *self._stranded_families(None),
-            *self._memory_families(None),
-            *self._group_families(None),
-            *fleet_families(None),
-        ]
+        return _families(self._settings)
 
     def collect(self) -> Iterable[Metric]:
+        client, settings = self._redis, self._settings
         try:
-            snapshot = read_snapshot(self._redis, self._settings)
+            snapshot = read_snapshot(client, settings)
         except (redis.RedisError, OSError):
-            up = GaugeMetricFamily(REDIS_UP, "1 when this process could read the queue and streams from Redis.")
-            up.add_metric([], 0)
-            return [up]
-        try:
-            stranded: Stranded | None = read_stranded(self._redis, snapshot.queue)
-        except (redis.RedisError, OSError):
-            # A web logged in with an ACL older than `redis-acl` prints may not read the workers'
-            # liveness keys: the workers, which can, export these gauges (aggregate with max).
-            stranded = None
-        try:
-            memory: RedisMemory | None = read_memory(self._redis)
-        except (redis.RedisError, OSError):
-            memory = None  # a user without INFO memory (an older ACL): the other processes export it
-        try:
-            groups: list[GroupLag] | None = read_groups(self._redis, self._settings.output_stream)
-        except (redis.RedisError, OSError):
-            groups = None  # the web user may not read the output stream's groups: the workers export them
-        try:
-            fleet: FleetCounts | None = read_fleet(self._redis)
-        except (redis.RedisError, OSError):
-            fleet = None  # the web user may not run PFCOUNT: the workers export the fleet gauges
-        return [
-            *self._families(snapshot),
-            *self._stranded_families(stranded),
-            *self._memory_families(memory),
-            *self._group_families(groups),
-            *fleet_families(fleet),
-        ]
+            return [_gauge("smartcar_ingest_redis_up", _UP, [], [([], 0)])]
+        # What this Redis user may not read is left to the workers, which can (aggregate with max):
+        # the web's may not read consumer groups or run PFCOUNT, and on an ACL older than
+        # `redis-acl` prints, may not read the liveness keys or INFO memory.
+        return _families(
+            settings,
+            snapshot,
+            _unless_refused(lambda: read_stranded(client, settings.ingest_queue)),
+            _unless_refused(lambda: read_memory(client)),
+            _unless_refused(lambda: read_groups(client, settings.output_stream)),
+            _unless_refused(lambda: read_fleet(client)),
+        )
 
     def close(self) -> None:
         self._redis.close()
 
-    def _families(self, snapshot: QueueSnapshot | None) -> list[Metric]:
-        up = GaugeMetricFamily(REDIS_UP, "1 when this process could read the queue and streams from Redis.")
-        depth = GaugeMetricFamily(QUEUE_DEPTH, "Jobs waiting in the RQ ingest queue (LLEN).", labels=["queue"])
-        oldest = GaugeMetricFamily(
-            QUEUE_OLDEST_AGE, "Seconds the oldest waiting job has been queued (0 when empty).", labels=["queue"]
-        )
-        registries = GaugeMetricFamily(
-            REGISTRY_JOBS,
-            "Jobs in the queue's RQ registries (started, failed, scheduled, deferred).",
-            labels=["queue", "registry"],
-        )
-        output = GaugeMetricFamily(OUTPUT_LENGTH, "Entries in the output stream (XLEN).")
-        parked = GaugeMetricFamily(PARKED_LENGTH, "Entries in the parked stream (XLEN).")
-        if snapshot is not None:
-            up.add_metric([], 1)
-            depth.add_metric([snapshot.queue], snapshot.depth)
-            oldest.add_metric([snapshot.queue], snapshot.oldest_age_seconds())
-            for name, count in snapshot.registries.items():
-                registries.add_metric([snapshot.queue, name], count)
-            output.add_metric([], snapshot.output_length)
-            parked.add_metric([], snapshot.parked_length)
-        return [up, depth, oldest, registries, output, parked]
 
-    def _stranded_families(self, stranded: Stranded | None) -> list[Metric]:
-        jobs = GaugeMetricFamily(
-            STRANDED_JOBS,
+def endpoint_registry(collector: QueueCollector, process: Collector = REGISTRY) -> CollectorRegistry:
+    """What one ``/metrics`` endpoint serves: ``process``'s metrics and ``collector``'s gauges. The
+    collector stays out of the default registry, so a process serving two endpoints (tests do)
+    exports each gauge once on each."""
+    registry = CollectorRegistry()
+    registry.register(process)
+    registry.register(collector)
+    return registry
+
+
+def _unless_refused(read: Callable[[], T]) -> T | None:
+    try:
+        return read()
+    except (redis.RedisError, OSError):
+        return None
+
+
+_UP = "1 when this process could read the queue and streams from Redis."
+
+
+def _gauge(name: str, documentation: str, labels: list[str], samples: Iterable[tuple[list[str], float]]) -> Metric:
+    family = GaugeMetricFamily(name, documentation, labels=labels)
+    for values, value in samples:
+        family.add_metric(values, value)
+    return family
+
+
+def _families(
+    settings: Settings,
+    snapshot: QueueSnapshot | None = None,
+    stranded: Stranded | None = None,
+    memory: RedisMemory | None = None,
+    groups: list[GroupLag] | None = None,
+    fleet: FleetCounts | None = None,
+) -> list[Metric]:
+    """Every gauge; those whose reading is None are exported without samples."""
+    queue, groups = settings.ingest_queue, groups or []
+    return [
+        _gauge("smartcar_ingest_redis_up", _UP, [], [([], 1)] if snapshot else []),
+        _gauge(
+            "smartcar_ingest_queue_depth",
+            "Jobs waiting in the RQ ingest queue (LLEN).",
+            ["queue"],
+            [([queue], snapshot.depth)] if snapshot else [],
+        ),
+        _gauge(
+            "smartcar_ingest_queue_oldest_age_seconds",
+            "Seconds the oldest waiting job has been queued (0 when empty).",
+            ["queue"],
+            [([queue], snapshot.oldest_age_seconds())] if snapshot else [],
+        ),
+        _gauge(
+            "smartcar_ingest_queue_registry_jobs",
+            "Jobs in the queue's RQ registries (started, failed, scheduled, deferred).",
+            ["queue", "registry"],
+            [([queue, name], count) for name, count in snapshot.registries.items()] if snapshot else [],
+        ),
+        _gauge(
+            "smartcar_ingest_output_stream_length",
+            "Entries in the output stream (XLEN).",
+            [],
+            [([], snapshot.output_length)] if snapshot else [],
+        ),
+        _gauge(
+            "smartcar_ingest_parked_stream_length",
+            "Entries in the parked stream (XLEN).",
+            [],
+            [([], snapshot.parked_length)] if snapshot else [],
+        ),
+        _gauge(
+            "smartcar_ingest_queue_stranded_jobs",
             "Jobs taken off the queue that no live worker answers for (in RQ's intermediate list, or "
             "dequeued by a worker that died) until a worker's reaper puts them back.",
-            labels=["queue"],
-        )
-        oldest = GaugeMetricFamily(
-            STRANDED_OLDEST_AGE, "Seconds since the oldest stranded job was enqueued (0 when none).", labels=["queue"]
-        )
-        if stranded is not None:
-            queue = self._settings.ingest_queue
-            jobs.add_metric([queue], stranded.count)
-            oldest.add_metric([queue], stranded.oldest_age_seconds())
-        return [jobs, oldest]
-
-    def _memory_families(self, memory: RedisMemory | None) -> list[Metric]:
-        used = GaugeMetricFamily(MEMORY_USED, "Bytes Redis has allocated (INFO memory used_memory).")
-        limit = GaugeMetricFamily(MEMORY_MAX, "Redis's maxmemory in bytes; 0 when it has no limit.")
-        if memory is not None:
-            used.add_metric([], memory.used_bytes)
-            limit.add_metric([], memory.max_bytes)
-        return [used, limit]
-
-    def _group_families(self, groups: list[GroupLag] | None) -> list[Metric]:
-        retention = GaugeMetricFamily(
-            OUTPUT_RETENTION, "OUTPUT_STREAM_RETENTION_SECONDS: output entries older than this are trimmed."
-        )
-        retention.add_metric([], self._settings.output_stream_retention_seconds)
-        lag = GaugeMetricFamily(GROUP_LAG, "Output entries not yet delivered to the consumer group.", labels=["group"])
-        pending = GaugeMetricFamily(
-            GROUP_PENDING, "Output entries delivered to the group and not acknowledged.", labels=["group"]
-        )
-        behind = GaugeMetricFamily(
-            GROUP_BEHIND,
+            ["queue"],
+            [([queue], stranded.count)] if stranded else [],
+        ),
+        _gauge(
+            "smartcar_ingest_queue_stranded_oldest_age_seconds",
+            "Seconds since the oldest stranded job was enqueued (0 when none).",
+            ["queue"],
+            [([queue], stranded.oldest_age_seconds())] if stranded else [],
+        ),
+        _gauge(
+            "smartcar_ingest_redis_memory_used_bytes",
+            "Bytes Redis has allocated (INFO memory used_memory).",
+            [],
+            [([], memory.used_bytes)] if memory else [],
+        ),
+        _gauge(
+            "smartcar_ingest_redis_memory_max_bytes",
+            "Redis's maxmemory in bytes; 0 when it has no limit.",
+            [],
+            [([], memory.max_bytes)] if memory else [],
+        ),
+        _gauge(
+            "smartcar_ingest_output_stream_retention_seconds",
+            "OUTPUT_STREAM_RETENTION_SECONDS: output entries older than this are trimmed.",
+            [],
+            [([], settings.output_stream_retention_seconds)],
+        ),
+        _gauge(
+            "smartcar_ingest_output_group_lag",
+            "Output entries not yet delivered to the consumer group.",
+            ["group"],
+            [([group.name], group.lag) for group in groups if group.lag is not None],
+        ),
+        _gauge(
+            "smartcar_ingest_output_group_pending",
+            "Output entries delivered to the group and not acknowledged.",
+            ["group"],
+            [([group.name], group.pending) for group in groups],
+        ),
+        _gauge(
+            "smartcar_ingest_output_group_behind_seconds",
             "Age of the oldest output entry the group has not read or not acknowledged (0 when up to date); "
             "past the retention, the trim drops entries it has not finished.",
-            labels=["group"],
-        )
-        for group in groups or []:
-            if group.lag is not None:
-                lag.add_metric([group.name], group.lag)
-            pending.add_metric([group.name], group.pending)
-            behind.add_metric([group.name], group.behind_seconds)
-        return [retention, lag, pending, behind]
-
-
-# Per registry, the collectors registered by this module, the active one last.
-_registered: dict[int, list[QueueCollector]] = {}
-_lock = threading.Lock()
-
-
-def register_queue_collector(
-    redis_url: str, settings: Settings, registry: CollectorRegistry = REGISTRY
-) -> QueueCollector:
-    """Register a :class:`QueueCollector` in ``registry`` (the default one unless told otherwise).
-
-    One is active per registry, so the gauges are never exported twice: a second call (a web app
-    and a worker metrics server built in one process, as tests do) stands in for the first until
-    it is unregistered, and the first is then active again.
-    """
-    collector = QueueCollector(redis_url, settings)
-    with _lock:
-        stack = _registered.setdefault(id(registry), [])
-        if stack:
-            registry.unregister(stack[-1])
-        registry.register(collector)
-        stack.append(collector)
-    return collector
-
-
-def unregister_queue_collector(collector: QueueCollector, registry: CollectorRegistry = REGISTRY) -> None:
-    """Remove ``collector`` and close its client; the one registered before it becomes active again."""
-    with _lock:
-        stack = _registered.get(id(registry), [])
-        if stack and stack[-1] is collector:
-            registry.unregister(collector)
-            stack.pop()
-            if stack:
-                registry.register(stack[-1])
-        elif collector in stack:
-            stack.remove(collector)
-        if not stack:
-            _registered.pop(id(registry), None)
-    collector.close()
+            ["group"],
+            [([group.name], group.behind_seconds) for group in groups],
+        ),
+        _gauge(
+            "smartcar_ingest_vehicles_active",
+            "Distinct vehicles whose events were processed in the last hour (60 to 70 minutes; within about 1 %).",
+            [],
+            [([], fleet.active)] if fleet else [],
+        ),
+        _gauge(
+            "smartcar_ingest_vehicles_in_error",
+            "Distinct vehicles among them that sent a VEHICLE_ERROR reporting an error not RESOLVED.",
+            [],
+            [([], fleet.in_error)] if fleet else [],
+        ),
+    ]
