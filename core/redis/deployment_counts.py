@@ -1,12 +1,7 @@
-"""Counts summed over every worker of the deployment, in Redis: for ``status`` and the fleet alert.
-
-Each process counts in its Prometheus counters (:mod:`core.metrics`), which Prometheus sums for
-rates. Two readers need deployment-wide figures without Prometheus: ``smartcar-ingest status``
-(what enrichment cost over the last hour, :func:`read_usage`) and the VEHICLE_ERROR alert (how
-many *distinct* vehicles were active or in error, :func:`read_fleet`, which no counter can say).
-So once a second each worker adds to Redis, in one pipeline, what its counters gained since its
-last write and the vehicles it saw (:class:`DeploymentCounts`). Every fact and where it is
-counted: docs/architecture.md, "Counts: each fact counted once"; the alert: docs/reliability.md.
+"""Counts summed over every worker of the deployment, in Redis: what enrichment cost (for
+``status``) and how many distinct vehicles were active or in error (for the VEHICLE_ERROR alert:
+no counter can count distinct ids). Once a second each worker adds what its counters gained and
+the vehicles it saw, in one pipeline. docs/architecture.md, "Counts: each fact counted once".
 """
 
 from __future__ import annotations
