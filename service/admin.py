@@ -40,7 +40,7 @@ def create_admin_app(settings: Settings, web_status: WebStatus | None = None) ->
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[AdminState]:
         redis = web_redis(settings.model_copy(update={"redis_max_connections": _ADMIN_REDIS_CONNECTIONS}))
-        collector = QueueCollector(settings.redis_url, settings)
+        collector = QueueCollector(settings)
         try:
             yield {
                 "redis": redis,

@@ -487,7 +487,7 @@ def test_fleet_gauges_reach_metrics_without_a_vehicle_id(redis_url, redis_client
     )
     registry = CollectorRegistry()
     settings = Settings(_env_file=None, redis_url=redis_url)  # type: ignore[call-arg]
-    collector = QueueCollector(redis_url, settings)
+    collector = QueueCollector(settings)
     registry.register(collector)
     try:
         text = generate_latest(registry).decode()
@@ -522,7 +522,7 @@ def test_workers_count_the_fleet_and_the_web_user_leaves_it_to_them(redis_url, r
         with redis.Redis.from_url(web_url) as web, pytest.raises(redis.exceptions.NoPermissionError):
             read_fleet(web)
         registry = CollectorRegistry()
-        collector = QueueCollector(web_url, settings)
+        collector = QueueCollector(settings.model_copy(update={"redis_url": web_url}))
         registry.register(collector)
         try:
             assert registry.get_sample_value("smartcar_ingest_redis_up") == 1

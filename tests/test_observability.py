@@ -172,7 +172,7 @@ def _queue_gauges(registry, queue="smartcar-events"):
 def test_queue_gauges_match_redis_at_scrape_time(pipeline, redis_client):
     """Depth, oldest age, stream lengths and registry counts are read from Redis on each scrape."""
     registry = CollectorRegistry()
-    collector = QueueCollector(pipeline.redis_url, pipeline)
+    collector = QueueCollector(pipeline)
     registry.register(collector)
     try:
         assert _queue_gauges(registry) == {
@@ -209,7 +209,7 @@ def test_scheduled_retries_show_in_the_registry_gauge(pipeline, redis_client, em
     settings = pipeline.model_copy(update={"job_retries": 2})
     inject(emulator, path="/v3/vehicles/{id}/signals", status=503, rate=1.0)
     registry = CollectorRegistry()
-    collector = QueueCollector(settings.redis_url, settings)
+    collector = QueueCollector(settings)
     registry.register(collector)
     try:
         deliver(settings, sample_event())
@@ -224,7 +224,7 @@ def test_stranded_jobs_show_in_the_gauges_and_in_status(pipeline, redis_client):
     """Ids in RQ's intermediate list or held by a dead worker are counted as stranded, with the oldest's
     age; a live worker's job in hand is not."""
     registry = CollectorRegistry()
-    collector = QueueCollector(pipeline.redis_url, pipeline)
+    collector = QueueCollector(pipeline)
     registry.register(collector)
     queue, key = "smartcar-events", "rq:queue:smartcar-events"
 
@@ -261,7 +261,7 @@ def test_unreachable_redis_exports_only_redis_up_zero_quickly(pipeline):
     """With Redis gone, a scrape answers within a second with redis_up 0 and no stale gauges."""
     settings = pipeline.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
     registry = CollectorRegistry()
-    collector = QueueCollector(settings.redis_url, settings)
+    collector = QueueCollector(settings)
     registry.register(collector)
     try:
         started = time.monotonic()

@@ -41,7 +41,7 @@ def start_worker_metrics(settings: Settings) -> WorkerMetrics | None:
     worker then runs without metrics)."""
     if settings.metrics_port == 0:
         return None
-    collector = QueueCollector(settings.redis_url, settings)
+    collector = QueueCollector(settings)
     try:
         server, thread = start_http_server(
             settings.metrics_port, addr=settings.admin_host, registry=endpoint_registry(collector)

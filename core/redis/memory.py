@@ -29,10 +29,6 @@ class RedisMemory:
     """``maxmemory``; 0 means no limit (Redis grows until the OS kills it)."""
     policy: str
 
-    @property
-    def used_fraction(self) -> float | None:
-        return self.used_bytes / self.max_bytes if self.max_bytes else None
-
 
 def memory_from_info(info: Mapping[str, Any]) -> RedisMemory:
     """:class:`RedisMemory` from the parsed reply of ``INFO memory``."""
@@ -54,29 +50,24 @@ NO_MAXMEMORY = (
 )
 
 
-def warn_without_maxmemory(client: redis.Redis) -> RedisMemory | None:
-    """Log :data:`NO_MAXMEMORY` when Redis has no ``maxmemory`` (the worker, at start).
-
-    Returns what was read, or None when Redis could not be read (nothing is logged then).
-    """
+def warn_without_maxmemory(client: redis.Redis) -> None:
+    """Log :data:`NO_MAXMEMORY` when Redis has no ``maxmemory`` (the worker, at start)."""
     try:
-        memory = read_memory(client)
+        _warn_unlimited(read_memory(client))
     except (redis.RedisError, OSError) as exc:
         log.warning("could not read Redis memory at startup", error=type(exc).__name__)
-        return None
-    if not memory.max_bytes:
-        log.warning(NO_MAXMEMORY, usedBytes=memory.used_bytes)
-    return memory
 
 
-async def warn_without_maxmemory_async(client: AsyncRedis, deadline_seconds: float) -> RedisMemory | None:
+async def warn_without_maxmemory_async(client: AsyncRedis, deadline_seconds: float) -> None:
     """:func:`warn_without_maxmemory` on an asyncio client, bounded by ``deadline_seconds`` (the web)."""
     try:
         async with asyncio.timeout(deadline_seconds):
-            memory = memory_from_info(await client.info("memory"))
+            info = await client.info("memory")
+        _warn_unlimited(memory_from_info(info))
     except (redis.RedisError, OSError, TimeoutError) as exc:
         log.warning("could not read Redis memory at startup", error=type(exc).__name__)
-        return None
+
+
+def _warn_unlimited(memory: RedisMemory) -> None:
     if not memory.max_bytes:
         log.warning(NO_MAXMEMORY, usedBytes=memory.used_bytes)
-    return memory

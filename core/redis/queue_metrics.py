@@ -7,7 +7,6 @@ docs/architecture.md, "Queue and stream gauges".
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from rq.job import Job
 from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
 from core.config import Settings
-from core.redis.clients import scrape_redis
+from core.redis.clients import probe_redis
 from core.redis.custody import Stranded, age_seconds, parse_rq_time, read_stranded
 from core.redis.deployment_counts import FleetCounts, read_fleet
 from core.redis.keys import queue_key, text
@@ -52,16 +51,9 @@ class GroupLag:
     lag: int | None
     """Entries not yet delivered to the group (Redis 7; None when Redis cannot tell)."""
     last_delivered_id: str
-    oldest_pending_age_seconds: float | None
-    """Age of the oldest unacknowledged entry (None when none is pending)."""
-    oldest_unread_age_seconds: float | None
-    """Age of the oldest entry not yet delivered to the group (None when it has read everything)."""
-
-    @property
-    def behind_seconds(self) -> float:
-        """Age of the oldest entry the group has not finished with: 0 when it is up to date. Past
-        the stream's retention, the trim removes entries the group has not finished."""
-        return max(self.oldest_pending_age_seconds or 0.0, self.oldest_unread_age_seconds or 0.0)
+    behind_seconds: float
+    """Age of the oldest entry the group has not read or not acknowledged: 0 when it is up to
+    date. Past the stream's retention, the trim removes entries the group has not finished."""
 
 
 def entry_age_seconds(entry_id: str, now_ms: float) -> float:
@@ -88,16 +80,15 @@ def read_groups(client: redis.Redis, stream: str, now_ms: float | None = None) -
         pending = int(info.get("pending") or 0)
         lag = None if info.get("lag") is None else int(info["lag"])
         last = text(info.get("last-delivered-id", "0-0"))
-        oldest_pending = None
+        behind = 0.0
         if pending:
             summary = client.xpending(stream, name)
             if summary and summary.get("min"):
-                oldest_pending = entry_age_seconds(text(summary["min"]), now)
-        oldest_unread = None
+                behind = entry_age_seconds(text(summary["min"]), now)
         if lag != 0:
             following = client.xrange(stream, min="(" + last, max="+", count=1)
             if following:
-                oldest_unread = entry_age_seconds(text(following[0][0]), now)
+                behind = max(behind, entry_age_seconds(text(following[0][0]), now))
         rows.append(
             GroupLag(
                 name=name,
@@ -105,8 +96,7 @@ def read_groups(client: redis.Redis, stream: str, now_ms: float | None = None) -
                 pending=pending,
                 lag=lag,
                 last_delivered_id=last,
-                oldest_pending_age_seconds=oldest_pending,
-                oldest_unread_age_seconds=oldest_unread,
+                behind_seconds=behind,
             )
         )
     return sorted(rows, key=lambda row: row.name)
@@ -118,15 +108,11 @@ class QueueSnapshot:
 
     queue: str
     depth: int
-    oldest_enqueued_at: dt.datetime | None
-    """When the job at the head of the queue was enqueued (None when the queue is empty)."""
+    oldest_age_seconds: float
+    """How long the job at the head of the queue has waited (0 when the queue is empty)."""
     registries: dict[str, int]
     output_length: int
     parked_length: int
-
-    def oldest_age_seconds(self, now: dt.datetime | None = None) -> float:
-        """Seconds the head job has waited; 0 for an empty queue."""
-        return age_seconds(self.oldest_enqueued_at, now)
 
 
 def read_snapshot(client: redis.Redis, settings: Settings) -> QueueSnapshot:
@@ -140,14 +126,11 @@ def read_snapshot(client: redis.Redis, settings: Settings) -> QueueSnapshot:
         for template in REGISTRIES.values():
             pipe.zcard(template.format(queue))
         depth, head, output_length, parked_length, *counts = pipe.execute()
-    oldest = None
-    if head is not None:
-        job_id = text(head)
-        oldest = parse_rq_time(client.hget(Job.key_for(job_id), "enqueued_at"))
+    oldest = None if head is None else parse_rq_time(client.hget(Job.key_for(text(head)), "enqueued_at"))
     return QueueSnapshot(
         queue=queue,
         depth=int(depth),
-        oldest_enqueued_at=oldest,
+        oldest_age_seconds=age_seconds(oldest),
         registries={name: int(count) for name, count in zip(REGISTRIES, counts, strict=True)},
         output_length=int(output_length),
         parked_length=int(parked_length),
@@ -158,9 +141,9 @@ class QueueCollector(Collector):
     """The gauges, read from Redis on every scrape; an endpoint serves it with this process's
     metrics (:func:`endpoint_registry`)."""
 
-    def __init__(self, redis_url: str, settings: Settings, timeout_seconds: float = 0.5) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._redis = scrape_redis(redis_url, timeout_seconds)
+        self._redis = probe_redis(settings.redis_url)
 
     def describe(self) -> Iterable[Metric]:
         # Lets the registry check names without a Redis round trip at registration.
@@ -171,17 +154,17 @@ class QueueCollector(Collector):
         try:
             snapshot = read_snapshot(client, settings)
         except (redis.RedisError, OSError):
-            return [_gauge("smartcar_ingest_redis_up", _UP, [], [([], 0)])]
+            return [GaugeMetricFamily("smartcar_ingest_redis_up", GAUGES["smartcar_ingest_redis_up"][0], value=0)]
         # What this Redis user may not read is left to the workers, which can (aggregate with max):
         # the web's may not read consumer groups or run PFCOUNT, and on an ACL older than
         # `redis-acl` prints, may not read the liveness keys or INFO memory.
         return _families(
             settings,
             snapshot,
-            _unless_refused(lambda: read_stranded(client, settings.ingest_queue)),
-            _unless_refused(lambda: read_memory(client)),
-            _unless_refused(lambda: read_groups(client, settings.output_stream)),
-            _unless_refused(lambda: read_fleet(client)),
+            _or_none(lambda: read_stranded(client, settings.ingest_queue)),
+            _or_none(lambda: read_memory(client)),
+            _or_none(lambda: read_groups(client, settings.output_stream)),
+            _or_none(lambda: read_fleet(client)),
         )
 
     def close(self) -> None:
@@ -198,21 +181,58 @@ def endpoint_registry(collector: QueueCollector, process: Collector = REGISTRY) 
     return registry
 
 
-def _unless_refused(read: Callable[[], T]) -> T | None:
+def _or_none(read: Callable[[], T]) -> T | None:
     try:
         return read()
     except (redis.RedisError, OSError):
         return None
 
 
-_UP = "1 when this process could read the queue and streams from Redis."
-
-
-def _gauge(name: str, documentation: str, labels: list[str], samples: Iterable[tuple[list[str], float]]) -> Metric:
-    family = GaugeMetricFamily(name, documentation, labels=labels)
-    for values, value in samples:
-        family.add_metric(values, value)
-    return family
+#: Every gauge: its help and its labels.
+GAUGES: dict[str, tuple[str, list[str]]] = {
+    "smartcar_ingest_redis_up": ("1 when this process could read the queue and streams from Redis.", []),
+    "smartcar_ingest_queue_depth": ("Jobs waiting in the RQ ingest queue (LLEN).", ["queue"]),
+    "smartcar_ingest_queue_oldest_age_seconds": (
+        "Seconds the oldest waiting job has been queued (0 when empty).",
+        ["queue"],
+    ),
+    "smartcar_ingest_queue_registry_jobs": (
+        "Jobs in the queue's RQ registries (started, failed, scheduled, deferred).",
+        ["queue", "registry"],
+    ),
+    "smartcar_ingest_output_stream_length": ("Entries in the output stream (XLEN).", []),
+    "smartcar_ingest_parked_stream_length": ("Entries in the parked stream (XLEN).", []),
+    "smartcar_ingest_queue_stranded_jobs": (
+        "Jobs taken off the queue that no live worker answers for (in RQ's intermediate list, or "
+        "dequeued by a worker that died) until a worker's reaper puts them back.",
+        ["queue"],
+    ),
+    "smartcar_ingest_queue_stranded_oldest_age_seconds": (
+        "Seconds since the oldest stranded job was enqueued (0 when none).",
+        ["queue"],
+    ),
+    "smartcar_ingest_redis_memory_used_bytes": ("Bytes Redis has allocated (INFO memory used_memory).", []),
+    "smartcar_ingest_redis_memory_max_bytes": ("Redis's maxmemory in bytes; 0 when it has no limit.", []),
+    "smartcar_ingest_output_stream_retention_seconds": (
+        "OUTPUT_STREAM_RETENTION_SECONDS: output entries older than this are trimmed.",
+        [],
+    ),
+    "smartcar_ingest_output_group_lag": ("Output entries not yet delivered to the consumer group.", ["group"]),
+    "smartcar_ingest_output_group_pending": ("Output entries delivered to the group and not acknowledged.", ["group"]),
+    "smartcar_ingest_output_group_behind_seconds": (
+        "Age of the oldest output entry the group has not read or not acknowledged (0 when up to date); "
+        "past the retention, the trim drops entries it has not finished.",
+        ["group"],
+    ),
+    "smartcar_ingest_vehicles_active": (
+        "Distinct vehicles whose events were processed in the last hour (60 to 70 minutes; within about 1 %).",
+        [],
+    ),
+    "smartcar_ingest_vehicles_in_error": (
+        "Distinct vehicles among them that sent a VEHICLE_ERROR reporting an error not RESOLVED.",
+        [],
+    ),
+}
 
 
 def _families(
@@ -223,100 +243,35 @@ def _families(
     groups: list[GroupLag] | None = None,
     fleet: FleetCounts | None = None,
 ) -> list[Metric]:
-    """Every gauge; those whose reading is None are exported without samples."""
-    queue, groups = settings.ingest_queue, groups or []
-    return [
-        _gauge("smartcar_ingest_redis_up", _UP, [], [([], 1)] if snapshot else []),
-        _gauge(
-            "smartcar_ingest_queue_depth",
-            "Jobs waiting in the RQ ingest queue (LLEN).",
-            ["queue"],
-            [([queue], snapshot.depth)] if snapshot else [],
-        ),
-        _gauge(
-            "smartcar_ingest_queue_oldest_age_seconds",
-            "Seconds the oldest waiting job has been queued (0 when empty).",
-            ["queue"],
-            [([queue], snapshot.oldest_age_seconds())] if snapshot else [],
-        ),
-        _gauge(
-            "smartcar_ingest_queue_registry_jobs",
-            "Jobs in the queue's RQ registries (started, failed, scheduled, deferred).",
-            ["queue", "registry"],
-            [([queue, name], count) for name, count in snapshot.registries.items()] if snapshot else [],
-        ),
-        _gauge(
-            "smartcar_ingest_output_stream_length",
-            "Entries in the output stream (XLEN).",
-            [],
-            [([], snapshot.output_length)] if snapshot else [],
-        ),
-        _gauge(
-            "smartcar_ingest_parked_stream_length",
-            "Entries in the parked stream (XLEN).",
-            [],
-            [([], snapshot.parked_length)] if snapshot else [],
-        ),
-        _gauge(
-            "smartcar_ingest_queue_stranded_jobs",
-            "Jobs taken off the queue that no live worker answers for (in RQ's intermediate list, or "
-            "dequeued by a worker that died) until a worker's reaper puts them back.",
-            ["queue"],
-            [([queue], stranded.count)] if stranded else [],
-        ),
-        _gauge(
-            "smartcar_ingest_queue_stranded_oldest_age_seconds",
-            "Seconds since the oldest stranded job was enqueued (0 when none).",
-            ["queue"],
-            [([queue], stranded.oldest_age_seconds())] if stranded else [],
-        ),
-        _gauge(
-            "smartcar_ingest_redis_memory_used_bytes",
-            "Bytes Redis has allocated (INFO memory used_memory).",
-            [],
-            [([], memory.used_bytes)] if memory else [],
-        ),
-        _gauge(
-            "smartcar_ingest_redis_memory_max_bytes",
-            "Redis's maxmemory in bytes; 0 when it has no limit.",
-            [],
-            [([], memory.max_bytes)] if memory else [],
-        ),
-        _gauge(
-            "smartcar_ingest_output_stream_retention_seconds",
-            "OUTPUT_STREAM_RETENTION_SECONDS: output entries older than this are trimmed.",
-            [],
-            [([], settings.output_stream_retention_seconds)],
-        ),
-        _gauge(
-            "smartcar_ingest_output_group_lag",
-            "Output entries not yet delivered to the consumer group.",
-            ["group"],
-            [([group.name], group.lag) for group in groups if group.lag is not None],
-        ),
-        _gauge(
-            "smartcar_ingest_output_group_pending",
-            "Output entries delivered to the group and not acknowledged.",
-            ["group"],
-            [([group.name], group.pending) for group in groups],
-        ),
-        _gauge(
-            "smartcar_ingest_output_group_behind_seconds",
-            "Age of the oldest output entry the group has not read or not acknowledged (0 when up to date); "
-            "past the retention, the trim drops entries it has not finished.",
-            ["group"],
-            [([group.name], group.behind_seconds) for group in groups],
-        ),
-        _gauge(
-            "smartcar_ingest_vehicles_active",
-            "Distinct vehicles whose events were processed in the last hour (60 to 70 minutes; within about 1 %).",
-            [],
-            [([], fleet.active)] if fleet else [],
-        ),
-        _gauge(
-            "smartcar_ingest_vehicles_in_error",
-            "Distinct vehicles among them that sent a VEHICLE_ERROR reporting an error not RESOLVED.",
-            [],
-            [([], fleet.in_error)] if fleet else [],
-        ),
-    ]
+    """Every gauge of :data:`GAUGES`; those whose reading is None are exported without samples."""
+    q = [settings.ingest_queue]
+    samples: dict[str, list[tuple[list[str], float]]] = {name: [] for name in GAUGES}
+    samples["smartcar_ingest_output_stream_retention_seconds"] = [([], settings.output_stream_retention_seconds)]
+    if snapshot:
+        samples["smartcar_ingest_redis_up"] = [([], 1)]
+        samples["smartcar_ingest_queue_depth"] = [(q, snapshot.depth)]
+        samples["smartcar_ingest_queue_oldest_age_seconds"] = [(q, snapshot.oldest_age_seconds)]
+        samples["smartcar_ingest_queue_registry_jobs"] = [([*q, name], n) for name, n in snapshot.registries.items()]
+        samples["smartcar_ingest_output_stream_length"] = [([], snapshot.output_length)]
+        samples["smartcar_ingest_parked_stream_length"] = [([], snapshot.parked_length)]
+    if stranded:
+        samples["smartcar_ingest_queue_stranded_jobs"] = [(q, stranded.count)]
+        samples["smartcar_ingest_queue_stranded_oldest_age_seconds"] = [(q, stranded.oldest_age_seconds)]
+    if memory:
+        samples["smartcar_ingest_redis_memory_used_bytes"] = [([], memory.used_bytes)]
+        samples["smartcar_ingest_redis_memory_max_bytes"] = [([], memory.max_bytes)]
+    for group in groups or []:
+        if group.lag is not None:
+            samples["smartcar_ingest_output_group_lag"].append(([group.name], group.lag))
+        samples["smartcar_ingest_output_group_pending"].append(([group.name], group.pending))
+        samples["smartcar_ingest_output_group_behind_seconds"].append(([group.name], group.behind_seconds))
+    if fleet:
+        samples["smartcar_ingest_vehicles_active"] = [([], fleet.active)]
+        samples["smartcar_ingest_vehicles_in_error"] = [([], fleet.in_error)]
+    families: list[Metric] = []
+    for name, (documentation, labels) in GAUGES.items():
+        family = GaugeMetricFamily(name, documentation, labels=labels)
+        for values, value in samples[name]:
+            family.add_metric(values, value)
+        families.append(family)
+    return families
