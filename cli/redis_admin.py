@@ -10,7 +10,7 @@ import sys
 
 from cli.arguments import Subcommands
 from core.config import Settings
-from core.errors import ConfigurationError, Unreachable
+from core.errors import ConfigurationError
 
 #: Every module that defines Lua functions (tests/test_redis_functions.py checks the list is whole).
 FUNCTION_MODULES = (
@@ -41,20 +41,20 @@ def load_functions(redis_url: str) -> str:
     """Load every function into the Redis at ``redis_url`` (a user allowed ``FUNCTION LOAD``); says what it did."""
     import redis
 
+    from cli.operations import redis_errors
     from core.redis.functions import FUNCTIONS, MissingFunction, load_all
 
     names = all_functions()
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30)
     try:
-        loaded, present = load_all(client, [FUNCTIONS[name] for name in names])
+        with redis_errors("reached"):
+            loaded, present = load_all(client, [FUNCTIONS[name] for name in names])
     except MissingFunction:  # what a refused FUNCTION LOAD becomes (core.redis.functions.load)
         raise ConfigurationError(
             "This Redis user may not load functions: run redis-setup with an admin REDIS_URL."
         ) from None
     except redis.exceptions.ResponseError as exc:
         raise ConfigurationError(f"Redis refused the functions ({exc}); they need Redis 7.0 or newer.") from None
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        raise Unreachable(f"Redis did not answer ({type(exc).__name__}).") from None
     finally:
         client.close()
     return f"Redis functions: {loaded} loaded, {present} already there ({len(names)} in all)"

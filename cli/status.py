@@ -1,10 +1,7 @@
-"""``smartcar-ingest status``: one screen that tells an operator what the pipeline is doing.
-
-What is waiting and for how long, what is stranded between dequeue and start, which workers run
-and how many jobs each has in flight, what RQ holds in its registries, what is parked and why, how
-far behind each consumer group of the output stream is, when the last event went out, and what
-enrichment cost in Smartcar calls over the last hour (calls per event, reads by source, 429s).
-Everything is read from Redis; nothing is changed. ``--json`` prints the same report for machines.
+"""``smartcar-ingest status``: one screen that tells an operator what the pipeline is doing, read
+from Redis without changing anything (the queue, stranded jobs, workers, RQ's registries, parked
+entries by reason, the output stream and its consumer groups, Redis memory, enrichment's cost over
+the last hour). ``--json`` prints the same report for machines.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ from rq.serializers import JSONSerializer
 
 from cli.operations import open_command_redis, redis_errors
 from core.config import Settings
-from core.redis.custody import read_stranded
+from core.redis.custody import age_seconds, read_stranded
 from core.redis.deployment_counts import read_usage
 from core.redis.keys import text
 from core.redis.memory import read_memory
@@ -41,10 +38,10 @@ def collect_status(
         "queue": {
             "name": snapshot.queue,
             "depth": snapshot.depth,
-            "oldestAgeSeconds": round(snapshot.oldest_age_seconds(now), 3),
+            "oldestAgeSeconds": round(snapshot.oldest_age_seconds, 3),
         },
         # Taken off the queue, not started, and no live worker answers for them (core.redis.custody).
-        "stranded": {"count": stranded.count, "oldestAgeSeconds": round(stranded.oldest_age_seconds(now), 3)},
+        "stranded": {"count": stranded.count, "oldestAgeSeconds": round(stranded.oldest_age_seconds, 3)},
         "registries": snapshot.registries,
         "workers": _workers(client, settings, now),
         "parked": _parked(client, settings.parked_stream, snapshot.parked_length, parked_scan_limit),
@@ -64,25 +61,21 @@ def collect_status(
 
 def _workers(client: redis.Redis, settings: Settings, now: dt.datetime) -> list[dict[str, Any]]:
     queue = Queue(settings.ingest_queue, connection=client, serializer=JSONSerializer)
-    rows = []
-    for worker in sorted(Worker.all(queue=queue), key=lambda w: w.name):
-        heartbeat = worker.last_heartbeat
-        if heartbeat is not None and heartbeat.tzinfo is None:
-            heartbeat = heartbeat.replace(tzinfo=dt.UTC)
-        rows.append(
-            {
-                "name": worker.name,
-                "state": worker.get_state(),
-                # One execution per job in flight: the concurrent worker runs many at once.
-                "jobsInFlight": int(client.scard(WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker.name))),
-                "lastHeartbeatAgeSeconds": None
-                if heartbeat is None
-                else round(max(0.0, (now - heartbeat).total_seconds()), 1),
-                "successfulJobs": worker.successful_job_count,
-                "failedJobs": worker.failed_job_count,
-            }
-        )
-    return rows
+    return [
+        {
+            "name": worker.name,
+            "state": worker.get_state(),
+            # One execution per job in flight: the concurrent worker runs many at once.
+            "jobsInFlight": int(client.scard(WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker.name))),
+            # RQ parses its timestamps as aware UTC datetimes.
+            "lastHeartbeatAgeSeconds": None
+            if worker.last_heartbeat is None
+            else round(age_seconds(worker.last_heartbeat, now), 1),
+            "successfulJobs": worker.successful_job_count,
+            "failedJobs": worker.failed_job_count,
+        }
+        for worker in sorted(Worker.all(queue=queue), key=lambda w: w.name)
+    ]
 
 
 def _parked(client: redis.Redis, stream: str, length: int, limit: int) -> dict[str, Any]:
@@ -97,23 +90,18 @@ def _parked(client: redis.Redis, stream: str, length: int, limit: int) -> dict[s
 
 
 def _groups(client: redis.Redis, stream: str, retention_seconds: int, now: dt.datetime) -> list[dict[str, Any]]:
-    rows = []
-    for group in read_groups(client, stream, now.timestamp() * 1000):
-        rows.append(
-            {
-                "name": group.name,
-                "consumers": group.consumers,
-                "pending": group.pending,
-                # Entries not yet delivered to the group; Redis 7 reports it, null when it cannot tell.
-                "lag": group.lag,
-                "lastDeliveredId": group.last_delivered_id,
-                # Age of the oldest entry the group has not read or acknowledged; past the retention,
-                # the trim drops entries it has not finished with.
-                "behindSeconds": round(group.behind_seconds, 3),
-                "nearRetention": group.behind_seconds >= GROUP_BEHIND_WARNING * retention_seconds,
-            }
-        )
-    return rows
+    return [
+        {
+            "name": group.name,
+            "consumers": group.consumers,
+            "pending": group.pending,
+            "lag": group.lag,
+            "lastDeliveredId": group.last_delivered_id,
+            "behindSeconds": round(group.behind_seconds, 3),
+            "nearRetention": group.behind_seconds >= GROUP_BEHIND_WARNING * retention_seconds,
+        }
+        for group in read_groups(client, stream, now.timestamp() * 1000)
+    ]
 
 
 def _memory(client: redis.Redis) -> dict[str, Any]:
@@ -122,7 +110,7 @@ def _memory(client: redis.Redis) -> dict[str, Any]:
         "usedBytes": memory.used_bytes,
         "maxBytes": memory.max_bytes,
         "policy": memory.policy,
-        "usedFraction": None if memory.used_fraction is None else round(memory.used_fraction, 4),
+        "usedFraction": round(memory.used_bytes / memory.max_bytes, 4) if memory.max_bytes else None,
     }
 
 
@@ -137,7 +125,7 @@ def _last_published(client: redis.Redis, stream: str, now: dt.datetime) -> dict[
         "eventId": text((fields or {}).get(b"event_id", b"")),
         "entryId": entry_id,
         "publishedAt": _iso(published),
-        "ageSeconds": round(max(0.0, (now - published).total_seconds()), 3),
+        "ageSeconds": round(age_seconds(published, now), 3),
     }
 
 

@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from core.config import Settings
 from core.redis.clients import web_redis
-from core.redis.queue_metrics import QueueCollector, register_queue_collector, unregister_queue_collector
+from core.redis.queue_metrics import QueueCollector
 from service import health
 from service.app import redis_deadline_seconds
 from service.responses import http_exception, unexpected_exception
@@ -40,7 +40,7 @@ def create_admin_app(settings: Settings, web_status: WebStatus | None = None) ->
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[AdminState]:
         redis = web_redis(settings.model_copy(update={"redis_max_connections": _ADMIN_REDIS_CONNECTIONS}))
-        collector = register_queue_collector(settings.redis_url, settings)
+        collector = QueueCollector(settings)
         try:
             yield {
                 "redis": redis,
@@ -49,7 +49,7 @@ def create_admin_app(settings: Settings, web_status: WebStatus | None = None) ->
                 "web_status": web_status,
             }
         finally:
-            unregister_queue_collector(collector)
+            collector.close()
             await redis.aclose()
             await redis.connection_pool.disconnect()
 

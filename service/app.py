@@ -17,29 +17,23 @@ from contextlib import asynccontextmanager
 from typing import Any, TypedDict
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from core.config import Settings, load_settings
-from core.errors import ConfigurationError
-from core.logs import configure_logging, get_logger
-from core.redis import keys
+from core.logs import configure_logging
 from core.redis.clients import web_redis
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
-from core.redis.memory import warn_without_maxmemory_async
+from core.redis.memory import check_memory_async
 from service import health
 from service.connect import ConnectEndpoints
 from service.drain import drain_forever
 from service.responses import http_exception, unexpected_exception
 from service.spool import Spool
 from service.webhooks import WebhookConfig, WebhookEndpoint
-
-log = get_logger("smartcar_ingest.app")
-
 
 WEBHOOK_PATH = "/webhooks/smartcar"
 
@@ -67,30 +61,6 @@ class IngestApp(Starlette):
 class State(TypedDict):
     redis: Redis
     redis_deadline_seconds: float
-
-
-async def check_eviction_policy(redis: Redis, allow: bool, deadline: float) -> None:
-    """Refuse to run on a Redis that may evict keys: eviction silently drops queued events.
-
-    ``ALLOW_EVICTING_REDIS=true`` turns the refusal into a loud warning. A Redis that does not
-    answer at startup is not checked (the web still starts and answers 503 until it does).
-    """
-    try:
-        async with asyncio.timeout(deadline):
-            policy = (await redis.config_get("maxmemory-policy")).get("maxmemory-policy")
-    except (RedisError, OSError, TimeoutError) as exc:
-        log.warning("could not read Redis maxmemory-policy at startup", error=type(exc).__name__)
-        return
-    if policy in (None, "noeviction", b"noeviction"):
-        return
-    text = keys.text(policy)
-    message = (
-        f"Redis maxmemory-policy is {text}: it may evict queued events and dedupe marks. "
-        "Set it to noeviction (or ALLOW_EVICTING_REDIS=true to run anyway)."
-    )
-    if not allow:
-        raise ConfigurationError(message)
-    log.error(message)
 
 
 def redis_deadline_seconds(settings: Settings) -> float:
@@ -138,8 +108,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         gc.set_threshold(50_000, 20, 20)
         drainer = None
         try:
-            await check_eviction_policy(redis, settings.allow_evicting_redis, deadline)
-            await warn_without_maxmemory_async(redis, deadline)
+            await check_memory_async(redis, deadline, settings.allow_evicting_redis)
             drainer = asyncio.create_task(drain_forever(spool, inbox)) if spool else None
             yield {"redis": redis, "redis_deadline_seconds": deadline}
         finally:

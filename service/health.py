@@ -7,7 +7,7 @@ import asyncio
 import os
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
@@ -15,6 +15,8 @@ from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+
+from core.redis.queue_metrics import QueueCollector, endpoint_registry
 
 
 async def healthz(request: Request) -> Response:
@@ -48,14 +50,12 @@ async def metrics(request: Request) -> Response:
     return Response(await run_in_threadpool(exposition, collector), media_type=CONTENT_TYPE_LATEST)
 
 
-def exposition(queue_collector: Collector | None = None) -> bytes:
+def exposition(queue_collector: QueueCollector | None = None) -> bytes:
     """The metrics text; with ``PROMETHEUS_MULTIPROC_DIR`` set (``web --workers N``), summed over all
     the server's processes."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not directory:
-        return generate_latest()
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-    if queue_collector is not None:
-        registry.register(queue_collector)
-    return generate_latest(registry)
+    process: Collector = REGISTRY
+    if directory:
+        process = CollectorRegistry()
+        MultiProcessCollector(process, path=directory)  # type: ignore[no-untyped-call]
+    return generate_latest(process if queue_collector is None else endpoint_registry(queue_collector, process))

@@ -30,7 +30,7 @@ from core.config import Settings
 from core.events.model import Vehicle, VehicleError, VehicleEvent
 from core.redis.deployment_counts import BUCKET_SECONDS, WINDOW_SECONDS, DeploymentCounts, read_fleet
 from core.redis.keys import fleet_key
-from core.redis.queue_metrics import register_queue_collector, unregister_queue_collector
+from core.redis.queue_metrics import QueueCollector
 from tests.procs import free_port
 from tests.test_deploy import COMBINATIONS, ROOT, _merge, find, render
 
@@ -487,11 +487,12 @@ def test_fleet_gauges_reach_metrics_without_a_vehicle_id(redis_url, redis_client
     )
     registry = CollectorRegistry()
     settings = Settings(_env_file=None, redis_url=redis_url)  # type: ignore[call-arg]
-    collector = register_queue_collector(redis_url, settings, registry)
+    collector = QueueCollector(settings)
+    registry.register(collector)
     try:
         text = generate_latest(registry).decode()
     finally:
-        unregister_queue_collector(collector, registry)
+        collector.close()
     assert "\nsmartcar_ingest_vehicles_active 2.0\n" in text
     assert "\nsmartcar_ingest_vehicles_in_error 1.0\n" in text
     assert "veh-secret" not in text
@@ -521,12 +522,13 @@ def test_workers_count_the_fleet_and_the_web_user_leaves_it_to_them(redis_url, r
         with redis.Redis.from_url(web_url) as web, pytest.raises(redis.exceptions.NoPermissionError):
             read_fleet(web)
         registry = CollectorRegistry()
-        collector = register_queue_collector(web_url, settings, registry)
+        collector = QueueCollector(settings.model_copy(update={"redis_url": web_url}))
+        registry.register(collector)
         try:
             assert registry.get_sample_value("smartcar_ingest_redis_up") == 1
             assert registry.get_sample_value("smartcar_ingest_vehicles_active") is None
         finally:
-            unregister_queue_collector(collector, registry)
+            collector.close()
     finally:
         for user in users.values():
             redis_client.execute_command("ACL", "DELUSER", user)

@@ -1310,7 +1310,7 @@ def exported_metric_names() -> set[str]:
     for value in vars(metrics).values():
         if isinstance(value, MetricWrapperBase):
             families.extend(value.describe())
-    collector = QueueCollector("redis://unused.invalid:6379/0", Settings(_env_file=None))  # type: ignore[call-arg]
+    collector = QueueCollector(Settings(_env_file=None, redis_url="redis://unused.invalid:6379/0"))  # type: ignore[call-arg]
     families.extend(collector.describe())
     collector.close()
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}

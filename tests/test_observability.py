@@ -28,7 +28,7 @@ from cli.status import collect_status, render_text
 from core import metrics
 from core.redis import keys
 from core.redis.deployment_counts import read_usage
-from core.redis.queue_metrics import register_queue_collector, unregister_queue_collector
+from core.redis.queue_metrics import QueueCollector
 from service.admin import create_admin_app
 from tests.conftest import signed_headers
 from tests.pipeline import cached_token, inject, outputs, run_worker_burst, stream_entries, worker_env
@@ -172,7 +172,8 @@ def _queue_gauges(registry, queue="smartcar-events"):
 def test_queue_gauges_match_redis_at_scrape_time(pipeline, redis_client):
     """Depth, oldest age, stream lengths and registry counts are read from Redis on each scrape."""
     registry = CollectorRegistry()
-    collector = register_queue_collector(pipeline.redis_url, pipeline, registry=registry)
+    collector = QueueCollector(pipeline)
+    registry.register(collector)
     try:
         assert _queue_gauges(registry) == {
             "up": 1,
@@ -200,7 +201,7 @@ def test_queue_gauges_match_redis_at_scrape_time(pipeline, redis_client):
         assert gauges["parked"] == 1 == redis_client.xlen("smartcar:parked")
         assert gauges["started"] == gauges["failed"] == 0
     finally:
-        unregister_queue_collector(collector, registry=registry)
+        collector.close()
 
 
 def test_scheduled_retries_show_in_the_registry_gauge(pipeline, redis_client, emulator):
@@ -208,21 +209,23 @@ def test_scheduled_retries_show_in_the_registry_gauge(pipeline, redis_client, em
     settings = pipeline.model_copy(update={"job_retries": 2})
     inject(emulator, path="/v3/vehicles/{id}/signals", status=503, rate=1.0)
     registry = CollectorRegistry()
-    collector = register_queue_collector(settings.redis_url, settings, registry=registry)
+    collector = QueueCollector(settings)
+    registry.register(collector)
     try:
         deliver(settings, sample_event())
         run_worker_burst(settings)
         gauges = _queue_gauges(registry)
         assert (gauges["depth"], gauges["scheduled"], gauges["failed"]) == (0, 1, 0)
     finally:
-        unregister_queue_collector(collector, registry=registry)
+        collector.close()
 
 
 def test_stranded_jobs_show_in_the_gauges_and_in_status(pipeline, redis_client):
     """Ids in RQ's intermediate list or held by a dead worker are counted as stranded, with the oldest's
     age; a live worker's job in hand is not."""
     registry = CollectorRegistry()
-    collector = register_queue_collector(pipeline.redis_url, pipeline, registry=registry)
+    collector = QueueCollector(pipeline)
+    registry.register(collector)
     queue, key = "smartcar-events", "rq:queue:smartcar-events"
 
     def gauges():
@@ -251,14 +254,15 @@ def test_stranded_jobs_show_in_the_gauges_and_in_status(pipeline, redis_client):
         assert 60 <= report["stranded"]["oldestAgeSeconds"] < 90
         assert "stranded       2 taken off the queue" in render_text(report)
     finally:
-        unregister_queue_collector(collector, registry=registry)
+        collector.close()
 
 
 def test_unreachable_redis_exports_only_redis_up_zero_quickly(pipeline):
     """With Redis gone, a scrape answers within a second with redis_up 0 and no stale gauges."""
     settings = pipeline.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
     registry = CollectorRegistry()
-    collector = register_queue_collector(settings.redis_url, settings, registry=registry)
+    collector = QueueCollector(settings)
+    registry.register(collector)
     try:
         started = time.monotonic()
         text = generate_latest(registry).decode()
@@ -266,23 +270,23 @@ def test_unreachable_redis_exports_only_redis_up_zero_quickly(pipeline):
         assert "smartcar_ingest_redis_up 0.0" in text
         assert "smartcar_ingest_queue_depth{" not in text
     finally:
-        unregister_queue_collector(collector, registry=registry)
+        collector.close()
 
 
-def test_a_second_registration_stands_in_for_the_first_until_removed(pipeline):
-    """Registering again exports the gauges once; removing the newer collector makes the older one active again."""
-    registry = CollectorRegistry()
-
-    def exported():
-        return generate_latest(registry).decode().count("# TYPE smartcar_ingest_queue_depth gauge")
-
-    first = register_queue_collector(pipeline.redis_url, pipeline, registry=registry)
-    second = register_queue_collector(pipeline.redis_url, pipeline, registry=registry)
-    assert exported() == 1
-    unregister_queue_collector(second, registry=registry)
-    assert exported() == 1
-    unregister_queue_collector(first, registry=registry)
-    assert exported() == 0
+def test_an_admin_app_and_a_worker_endpoint_in_one_process_each_export_the_gauges_once(pipeline):
+    """Each /metrics serves its own collector's gauges once, and none stay behind in the default registry."""
+    port = free_port()
+    server = start_worker_metrics(pipeline.model_copy(update={"metrics_port": port, "admin_host": "127.0.0.1"}))
+    assert server is not None
+    try:
+        with TestClient(create_admin_app(pipeline)) as admin:
+            web = admin.get("/metrics").text
+            worker = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    finally:
+        server.close()
+    for text in (web, worker):
+        assert text.count("# TYPE smartcar_ingest_queue_depth gauge") == 1
+    assert "smartcar_ingest_queue_depth" not in generate_latest().decode()
 
 
 def test_worker_metrics_endpoint_serves_counters_and_queue_gauges(pipeline, redis_client):

@@ -37,6 +37,22 @@ def test_evicting_redis_is_refused_at_startup(evicting_redis):
         pass
 
 
+def test_evicting_redis_is_refused_under_the_web_users_acl(evicting_redis):
+    """The check reads INFO memory, which the web's restricted Redis user may run: it refuses there too."""
+    from core.redis.acl import acl_rules
+
+    admin = redis.Redis.from_url(evicting_redis)
+    rules = acl_rules(settings_for(evicting_redis), "web")
+    admin.execute_command("ACL", "SETUSER", "policy-web", "on", ">policy-pass-1", *rules)
+    try:
+        url = evicting_redis.replace("redis://", "redis://policy-web:policy-pass-1@")
+        with pytest.raises(ConfigurationError, match="noeviction"), TestClient(create_app(settings_for(url))):
+            pass
+    finally:
+        admin.execute_command("ACL", "DELUSER", "policy-web")
+        admin.close()
+
+
 def test_evicting_redis_is_accepted_with_the_override(evicting_redis):
     """ALLOW_EVICTING_REDIS=true starts anyway (with a loud log line)."""
     with TestClient(create_app(settings_for(evicting_redis, allow_evicting_redis=True))) as client:

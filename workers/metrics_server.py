@@ -12,14 +12,14 @@ from prometheus_client import start_http_server
 
 from core.config import Settings
 from core.logs import get_logger
-from core.redis.queue_metrics import QueueCollector, register_queue_collector, unregister_queue_collector
+from core.redis.queue_metrics import QueueCollector, endpoint_registry
 
 log = get_logger("smartcar_ingest.worker")
 
 
 @dataclass
 class WorkerMetrics:
-    """A running metrics endpoint; :meth:`close` stops it and unregisters the queue collector."""
+    """A running metrics endpoint; :meth:`close` stops it and closes the queue collector."""
 
     server: WSGIServer
     thread: threading.Thread
@@ -33,7 +33,7 @@ class WorkerMetrics:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
-        unregister_queue_collector(self.collector)
+        self.collector.close()
 
 
 def start_worker_metrics(settings: Settings) -> WorkerMetrics | None:
@@ -41,11 +41,13 @@ def start_worker_metrics(settings: Settings) -> WorkerMetrics | None:
     worker then runs without metrics)."""
     if settings.metrics_port == 0:
         return None
-    collector = register_queue_collector(settings.redis_url, settings)
+    collector = QueueCollector(settings)
     try:
-        server, thread = start_http_server(settings.metrics_port, addr=settings.admin_host)
+        server, thread = start_http_server(
+            settings.metrics_port, addr=settings.admin_host, registry=endpoint_registry(collector)
+        )
     except OSError as exc:
-        unregister_queue_collector(collector)
+        collector.close()
         log.warning(
             "worker metrics not served: METRICS_PORT is unavailable",
             port=settings.metrics_port,

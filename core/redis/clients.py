@@ -63,16 +63,6 @@ def rq_redis(settings: Settings, max_connections: int) -> redis.Redis:
     )
 
 
-def scrape_redis(redis_url: str, timeout_seconds: float) -> redis.Redis:
-    """A client for reads at scrape time: bounded calls and no retries, so a scrape fails fast."""
-    return redis.Redis.from_url(
-        redis_url,
-        socket_timeout=timeout_seconds,
-        socket_connect_timeout=timeout_seconds,
-        retry=Retry(NoBackoff(), 0),
-    )
-
-
 def command_redis(settings: Settings) -> redis.Redis:
     """An operator command's client (``status``): a Redis that does not answer ends the command."""
     return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=10)
@@ -84,5 +74,6 @@ def command_redis_async(settings: Settings) -> AsyncRedis:
 
 
 def probe_redis(url: str) -> redis.Redis:
-    """A client that only asks whether anything answers at ``url``, quickly."""
-    return redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    """A client whose calls fail fast (``/metrics`` reads, ``dev`` asking whether Redis answers):
+    half a second at most, never retried."""
+    return redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))

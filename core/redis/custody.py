@@ -23,12 +23,8 @@ class Stranded:
     """Jobs that left the queue and that no live worker answers for."""
 
     count: int
-    oldest_enqueued_at: dt.datetime | None
-    """When the longest-waiting of them was enqueued (None when there are none)."""
-
-    def oldest_age_seconds(self, now: dt.datetime | None = None) -> float:
-        """Seconds since the oldest stranded job was enqueued; 0 when none is stranded."""
-        return age_seconds(self.oldest_enqueued_at, now)
+    oldest_age_seconds: float
+    """Since the longest-waiting of them was enqueued (0 when there are none)."""
 
 
 def read_stranded(client: redis.Redis, queue_name: str) -> Stranded:
@@ -55,15 +51,11 @@ def read_stranded(client: redis.Redis, queue_name: str) -> Stranded:
             if not alive:
                 count += int(held)
                 ids.extend(text(raw) for raw in held_ids)
-    oldest = None
-    if ids:
-        with client.pipeline(transaction=False) as pipe:
-            for job_id in ids[:STRANDED_SCAN_LIMIT]:
-                pipe.hget(Job.key_for(job_id), "enqueued_at")
-            stamps = [parse_rq_time(raw) for raw in pipe.execute()]
-        known = [stamp for stamp in stamps if stamp is not None]
-        oldest = min(known) if known else None
-    return Stranded(count=count, oldest_enqueued_at=oldest)
+    with client.pipeline(transaction=False) as pipe:
+        for job_id in ids[:STRANDED_SCAN_LIMIT]:
+            pipe.hget(Job.key_for(job_id), "enqueued_at")
+        stamps = [stamp for stamp in map(parse_rq_time, pipe.execute()) if stamp is not None]
+    return Stranded(count=count, oldest_age_seconds=age_seconds(min(stamps, default=None)))
 
 
 def age_seconds(since: dt.datetime | None, now: dt.datetime | None = None) -> float:

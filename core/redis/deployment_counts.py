@@ -1,12 +1,7 @@
-"""Counts summed over every worker of the deployment, in Redis: for ``status`` and the fleet alert.
-
-Each process counts in its Prometheus counters (:mod:`core.metrics`), which Prometheus sums for
-rates. Two readers need deployment-wide figures without Prometheus: ``smartcar-ingest status``
-(what enrichment cost over the last hour, :func:`read_usage`) and the VEHICLE_ERROR alert (how
-many *distinct* vehicles were active or in error, :func:`read_fleet`, which no counter can say).
-So once a second each worker adds to Redis, in one pipeline, what its counters gained since its
-last write and the vehicles it saw (:class:`DeploymentCounts`). Every fact and where it is
-counted: docs/architecture.md, "Counts: each fact counted once"; the alert: docs/reliability.md.
+"""Counts summed over every worker of the deployment, in Redis: what enrichment cost (for
+``status``) and how many distinct vehicles were active or in error (for the VEHICLE_ERROR alert:
+no counter can count distinct ids). Once a second each worker adds what its counters gained and
+the vehicles it saw, in one pipeline. docs/architecture.md, "Counts: each fact counted once".
 """
 
 from __future__ import annotations
@@ -19,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from prometheus_client.core import GaugeMetricFamily, Metric
 from redis.asyncio import Redis as AsyncRedis
 
 from core import metrics
@@ -39,9 +33,6 @@ BUCKET_SECONDS = 600
 WINDOW_SECONDS = 3600
 ACTIVE = "active"
 IN_ERROR = "errors"
-
-VEHICLES_ACTIVE = "smartcar_ingest_vehicles_active"
-VEHICLES_IN_ERROR = "smartcar_ingest_vehicles_in_error"
 
 
 def usage_totals() -> dict[str, int]:
@@ -188,19 +179,3 @@ def read_fleet(client: redis.Redis, now: float | None = None) -> FleetCounts:
         pipe.pfcount(*(fleet_key(IN_ERROR, bucket) for bucket in buckets))
         active, errors = pipe.execute()
     return FleetCounts(active=int(active), in_error=int(errors))
-
-
-def fleet_families(counts: FleetCounts | None) -> list[Metric]:
-    """The two gauges, without labels; empty when ``counts`` is None (the process could not read them)."""
-    active = GaugeMetricFamily(
-        VEHICLES_ACTIVE,
-        "Distinct vehicles whose events were processed in the last hour (60 to 70 minutes; within about 1 %).",
-    )
-    errors = GaugeMetricFamily(
-        VEHICLES_IN_ERROR,
-        "Distinct vehicles among them that sent a VEHICLE_ERROR reporting an error not RESOLVED.",
-    )
-    if counts is not None:
-        active.add_metric([], counts.active)
-        errors.add_metric([], counts.in_error)
-    return [active, errors]

@@ -1,4 +1,5 @@
-"""Redis's memory as a health signal: used and max memory, and a warning at start without a limit.
+"""Redis's memory as a health signal: used and max memory; at start, a warning without a limit
+and (the web) a refusal of an evicting policy.
 
 Why ``maxmemory`` with ``noeviction``: docs/reliability.md, "Redis requirements"; sizing it:
 docs/capacity.md. Reads ``INFO memory`` only, which the web's ACL user may run.
@@ -14,6 +15,7 @@ from typing import Any
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
+from core.errors import ConfigurationError
 from core.logs import get_logger
 from core.redis.keys import text
 
@@ -28,10 +30,6 @@ class RedisMemory:
     max_bytes: int
     """``maxmemory``; 0 means no limit (Redis grows until the OS kills it)."""
     policy: str
-
-    @property
-    def used_fraction(self) -> float | None:
-        return self.used_bytes / self.max_bytes if self.max_bytes else None
 
 
 def memory_from_info(info: Mapping[str, Any]) -> RedisMemory:
@@ -54,29 +52,36 @@ NO_MAXMEMORY = (
 )
 
 
-def warn_without_maxmemory(client: redis.Redis) -> RedisMemory | None:
-    """Log :data:`NO_MAXMEMORY` when Redis has no ``maxmemory`` (the worker, at start).
-
-    Returns what was read, or None when Redis could not be read (nothing is logged then).
-    """
+def warn_without_maxmemory(client: redis.Redis) -> None:
+    """Log :data:`NO_MAXMEMORY` when Redis has no ``maxmemory`` (the worker, at start)."""
     try:
-        memory = read_memory(client)
+        _warn_unlimited(read_memory(client))
     except (redis.RedisError, OSError) as exc:
         log.warning("could not read Redis memory at startup", error=type(exc).__name__)
-        return None
-    if not memory.max_bytes:
-        log.warning(NO_MAXMEMORY, usedBytes=memory.used_bytes)
-    return memory
 
 
-async def warn_without_maxmemory_async(client: AsyncRedis, deadline_seconds: float) -> RedisMemory | None:
-    """:func:`warn_without_maxmemory` on an asyncio client, bounded by ``deadline_seconds`` (the web)."""
+async def check_memory_async(client: AsyncRedis, deadline_seconds: float, allow_evicting: bool) -> None:
+    """The web's check at start, bounded by ``deadline_seconds``: refuse a Redis that may evict keys
+    (eviction silently drops queued events; with ``allow_evicting``, a loud error line instead), and
+    :func:`warn_without_maxmemory`. A Redis that does not answer is not checked: the web starts and
+    answers 503 until it does."""
     try:
         async with asyncio.timeout(deadline_seconds):
             memory = memory_from_info(await client.info("memory"))
     except (redis.RedisError, OSError, TimeoutError) as exc:
         log.warning("could not read Redis memory at startup", error=type(exc).__name__)
-        return None
+        return
+    if memory.policy not in ("", "noeviction"):
+        message = (
+            f"Redis maxmemory-policy is {memory.policy}: it may evict queued events and dedupe marks. "
+            "Set it to noeviction (or ALLOW_EVICTING_REDIS=true to run anyway)."
+        )
+        if not allow_evicting:
+            raise ConfigurationError(message)
+        log.error(message)
+    _warn_unlimited(memory)
+
+
+def _warn_unlimited(memory: RedisMemory) -> None:
     if not memory.max_bytes:
         log.warning(NO_MAXMEMORY, usedBytes=memory.used_bytes)
-    return memory

@@ -84,32 +84,26 @@ def until_redis_answers(
         except Exception as exc:
             if not worth_waiting(exc):
                 raise
-    caller = stamina.RetryingCaller(attempts=None, timeout=give_up_after, **_BACKOFF)
-    return caller(worth_waiting, step)
+    return stamina.RetryingCaller(attempts=None, timeout=give_up_after, **_BACKOFF)(worth_waiting, step)
 
 
 async def until_redis_answers_async(
     call: Callable[[], Awaitable[T]], *, stop: Callable[[], bool] | None = None, give_up_after: float | None = None
 ) -> T:
-    """The async form of :func:`until_redis_answers`: ``await call()``, waiting out Redis trouble the same way."""
+    """:func:`until_redis_answers` for a coroutine: ``await call()``, waiting out Redis trouble the same way."""
     worth_waiting = _worth_waiting(stop)
-    # The common case, Redis answering, costs one call and no retry machinery (under stamina's
-    # testing mode stamina counts every try itself).
-    if not stamina.is_testing():
+    if not stamina.is_testing():  # as in until_redis_answers
         try:
             return await call()
         except Exception as exc:
             if not worth_waiting(exc):
                 raise
-    caller = stamina.AsyncRetryingCaller(attempts=None, timeout=give_up_after, **_BACKOFF)
-    return await caller(worth_waiting, call)
+    return await stamina.AsyncRetryingCaller(attempts=None, timeout=give_up_after, **_BACKOFF)(worth_waiting, call)
 
 
 def _worth_waiting(stop: Callable[[], bool] | None) -> Callable[[Exception], bool]:
     """stamina's ``on`` hook: try again after a Redis error that passes, unless ``stop()`` says otherwise."""
-    if stop is None:
-        return redis_unavailable
-    return lambda exc: redis_unavailable(exc) and not stop()
+    return redis_unavailable if stop is None else lambda exc: redis_unavailable(exc) and not stop()
 
 
 def _log_retries() -> RetryHook:
