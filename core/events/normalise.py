@@ -1,13 +1,18 @@
-"""Wire models → :class:`~core.events.model.VehicleEvent`.
+"""Smartcar's values → ours: wire models → :class:`~core.events.model.VehicleEvent`, and the time,
+year and status readers the worker's ``/signals`` resources share with it.
 
-Every shape :mod:`core.events.wire` tolerates folds into one form here: triggers in either place
-and either spelling, signal codes from ``code`` or ``group`` + ``name``, a status inferred when
-it is missing, times read by :mod:`core.timestamps`, and non-finite numbers replaced by None.
+Every shape :mod:`core.events.wire` tolerates folds into one form: triggers in either place and
+spelling, signal codes from ``code`` or ``group`` + ``name``, a missing status inferred, non-finite
+numbers replaced by None. The readers never raise: anything unreadable (NaN, bools, huge digit
+strings, far-future dates) is None, so a hostile value neither crashes the worker nor reaches the
+output as invalid JSON.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from datetime import datetime
 from typing import Any
 
 from core.errors import InvalidPayload
@@ -32,15 +37,20 @@ from core.events.wire import (
     WireVehicle,
     WireVehicleError,
 )
-from core.timestamps import delivered_at, epoch_ms, model_year, retrieved_at
+
+# Epoch values below this are taken as seconds (10 digits), above it as milliseconds (13 digits).
+_SECONDS_CUTOFF = 100_000_000_000
+# 9999-12-31T23:59:59.999Z: later (or negative) times are unreadable, not errors.
+_MAX_EPOCH_MS = 253_402_300_799_999
+# ASCII digits only: str.isdigit() also admits "²" and other digits that int() refuses.
+_EPOCH_DIGITS = re.compile(r"[0-9]{1,19}")
+_YEAR_DIGITS = re.compile(r"[0-9]{1,4}")
+_LONGEST_TIME_TEXT = 64
 
 
 def normalise(wire: WireEnvelope) -> VehicleEvent:
-    """The normalised event of a validated envelope.
-
-    Raises :class:`InvalidPayload` when the envelope is not a vehicle event or names no vehicle
-    (the two rules the schema alone cannot state).
-    """
+    """The event of a validated envelope; :class:`InvalidPayload` for the two rules the schema
+    cannot state (a vehicle event type, a vehicle id)."""
     if wire.eventType not in VEHICLE_EVENT_TYPES:
         raise InvalidPayload(f"The eventType {clip(wire.eventType)!r} is not a vehicle event.")
     vehicle_id = wire.vehicle_id
@@ -102,11 +112,8 @@ def _signal_ref(ref: WireSignalRef | str) -> SignalRef:
 
 
 def signal_status(value: object, body: object) -> str:
-    """A signal's status: the one it carries, else SUCCESS when it has a body and UNAVAILABLE when not.
-
-    Older deliveries omit the status; a signal with a body was read successfully. The webhook's
-    signals and the ``/signals`` resources follow this one rule.
-    """
+    """A signal's status (webhook and ``/signals`` alike): the one it carries, else (older
+    deliveries) SUCCESS when it has a body and UNAVAILABLE when not."""
     if isinstance(value, str) and value:
         return value
     return "SUCCESS" if body is not None else "UNAVAILABLE"
@@ -158,12 +165,10 @@ def _vehicle_error(wire: WireVehicleError) -> VehicleError:
 
 
 def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by None.
+    """``value`` with every non-finite float (``1e400`` parses as infinity) replaced by None.
 
-    NaN and Infinity literals never get this far, but a number beyond a double's range
-    (``1e400``) still parses as infinity; it must not reach the output as invalid JSON. Nearly no
-    body holds one, and looking costs half as much as rebuilding, so a body is rebuilt only when
-    it does. The parser refuses nesting deeper than about 200 levels, which bounds the recursion.
+    Looking is cheaper than rebuilding and nearly no body holds one, so only those are rebuilt. The
+    parser refuses nesting deeper than about 200 levels, which bounds the recursion.
     """
     return value if _all_finite(value) else _without_non_finite(value)
 
@@ -187,3 +192,70 @@ def _without_non_finite(value: Any) -> Any:
     if isinstance(value, list):
         return [_without_non_finite(item) for item in value]
     return value
+
+
+def epoch_ms(value: object) -> int | None:
+    """Epoch milliseconds from epoch ms, epoch seconds or an ISO-8601 string; None if unreadable."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        number = round(value * 1000) if 0 < value < _SECONDS_CUTOFF else int(value)
+        return number if 0 <= number <= _MAX_EPOCH_MS else None
+    elif isinstance(value, str):
+        text = value.strip()
+        if _EPOCH_DIGITS.fullmatch(text):
+            number = int(text)
+        else:
+            return _iso_epoch_ms(text)
+    else:
+        return None
+    if 0 < number < _SECONDS_CUTOFF:
+        number *= 1000
+    return number if 0 <= number <= _MAX_EPOCH_MS else None
+
+
+def _iso_epoch_ms(text: str) -> int | None:
+    if len(text) > _LONGEST_TIME_TEXT:
+        return None
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if parsed.tzinfo is None:
+            return None
+        number = int(parsed.timestamp() * 1000)
+    except (ValueError, OverflowError):
+        return None
+    return number if 0 <= number <= _MAX_EPOCH_MS else None
+
+
+def delivered_at(value: object) -> int | str | None:
+    """``meta.deliveredAt`` as epoch ms; an unreadable short text is kept as sent; else None."""
+    as_ms = epoch_ms(value)
+    if as_ms is not None:
+        return as_ms
+    return value if isinstance(value, str) and len(value) <= _LONGEST_TIME_TEXT else None
+
+
+def retrieved_at(retrieved: object, fetched: object) -> int | None:
+    """When a signal was read (webhook and ``/signals`` alike): ``retrievedAt`` unless it is null,
+    else ``fetchedAt``; a ``0``, ``""`` or ``false`` is the value sent, never skipped."""
+    return epoch_ms(retrieved if retrieved is not None else fetched)
+
+
+def model_year(value: object) -> int | None:
+    """A model year from an int, a whole float or a digit string; None for anything else."""
+    year: int
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        year = value
+    elif isinstance(value, float) and value.is_integer():
+        year = int(value)
+    elif isinstance(value, str) and _YEAR_DIGITS.fullmatch(value.strip()):
+        year = int(value.strip())
+    else:
+        return None
+    return year if 1 <= year <= 9999 else None

@@ -1,20 +1,16 @@
 """Reading a delivery body, in one pass or step by step; both accept and refuse the same bodies.
 
-* **One pass** (:func:`quick_vehicle_event` at the web edge, :func:`parse_stored` in the worker):
-  the bytes are validated against :class:`~core.events.wire.WebEnvelope` straight from JSON, with
-  no intermediate document. Every well-formed vehicle event is read this way. The edge, which
-  needs only the envelope's ids and times, validates with the same checks into plain dicts
-  (:data:`~core.events.wire.EDGE_VALIDATOR`), so it accepts exactly the bodies the worker's model
-  accepts, without building a model instance per signal or a Python object for any signal's body.
-* **Step by step**, in the order the edge checks the rest: :func:`load_json` (400 when it fails),
-  :func:`classify` (event type, legacy or unknown), then :func:`parse_event` or
-  :func:`parse_verify` (the schema). This tells a 400 from a parked payload and names the reason.
+* **One pass**, from the bytes: :func:`quick_vehicle_event` at the web edge (into plain dicts,
+  :data:`~core.events.wire.EDGE_VALIDATOR`), :func:`parse_stored` in the worker (the wire model).
+  Every well-formed vehicle event is read this way.
+* **Step by step**, in the edge's order: :func:`load_json` (400 when it fails), :func:`classify`
+  (event type, legacy or unknown), then :func:`parse_event` or :func:`parse_verify` (the schema).
+  This tells a 400 from a parked payload and names the reason; a body the one pass does not accept
+  goes through the steps, at the edge and in the worker, so every refusal carries their reason.
 
-The one-pass reading accepts exactly what the steps accept (``tests/test_events.py`` holds them
-to it); a body it does not accept goes through the steps, so every refusal, at the edge or in the
-worker, carries the steps' reason. Both normalise alike, with one exception: a float where text
-belongs (a numeric make, say) is written by pydantic-core as read from JSON (``1e5`` as
-``"100000"``) or from a parsed document (``"100000.0"``). The worker always reads from bytes.
+One difference no test can remove: a float where text belongs (a numeric make) is written by
+pydantic-core as read from JSON (``1e5`` as ``"100000"``) or from a parsed document
+(``"100000.0"``), so the worker always reads from bytes.
 """
 
 from __future__ import annotations
@@ -27,17 +23,15 @@ from pydantic import ValidationError
 
 from core.errors import InvalidPayload, LegacyPayload, MalformedBody, UnknownEventType
 from core.events.model import QuickEvent, VehicleEvent
-from core.events.normalise import clip, normalise
+from core.events.normalise import clip, epoch_ms, normalise
 from core.events.wire import (
     EDGE_VALIDATOR,
     VEHICLE_EVENT_TYPES,
     VERIFY,
-    WebEnvelope,
     WireEnvelope,
     WireVerify,
     is_legacy,
 )
-from core.timestamps import epoch_ms
 
 _NOT_JSON = "The body is not valid UTF-8 JSON."
 # Two literal searches: re's scan for a literal is about twice as fast as ``bytes in bytes``
@@ -51,35 +45,28 @@ _INFINITY = re.compile(rb"Infinity").search
 
 
 def _may_hold_non_finite_literal(body: bytes) -> bool:
-    """True when ``body`` holds the bytes ``NaN`` or ``Infinity``, in a string or as a literal.
-
-    The one-pass validators read NaN and Infinity literals as numbers; load_json refuses them. A
-    body holding those bytes (in a string, far more often) takes the step-by-step path instead.
-    """
+    """True when ``body`` holds the bytes ``NaN`` or ``Infinity``, in a string or as a literal: the
+    one-pass validators read such a literal as a number, load_json refuses it."""
     return _NAN(body) is not None or _INFINITY(body) is not None
 
 
-def _one_pass(body: bytes) -> WebEnvelope | None:
+def _one_pass(body: bytes) -> WireEnvelope | None:
     """The envelope of a well-formed VEHICLE_STATE / VEHICLE_ERROR, validated from bytes; else None."""
     if _may_hold_non_finite_literal(body):
         return None
     try:
-        wire = WebEnvelope.model_validate_json(body)
+        wire = WireEnvelope.model_validate_json(body)
     except ValidationError:
         return None
-    if wire.legacy or wire.eventType not in VEHICLE_EVENT_TYPES or wire.vehicle_id is None:
+    legacy = is_legacy(wire.version, wire.eventName, wire.payload)
+    if legacy or wire.eventType not in VEHICLE_EVENT_TYPES or wire.vehicle_id is None:
         return None
     return wire
 
 
 def quick_vehicle_event(body: bytes) -> QuickEvent | None:
-    """Validate a well-formed VEHICLE_STATE / VEHICLE_ERROR straight from bytes, in one pass.
-
-    Returns None for anything else (not JSON, VERIFY, legacy, unknown type, schema failure):
-    the caller then takes the step-by-step path, which decides between 400 and parking. What
-    this accepts is exactly what :func:`load_json`, :func:`classify` and :func:`parse_event`
-    accept.
-    """
+    """The edge's event of a well-formed VEHICLE_STATE / VEHICLE_ERROR, else None (the caller then
+    takes the steps, which decide between 400 and parking)."""
     if _may_hold_non_finite_literal(body):
         return None
     try:
@@ -102,17 +89,11 @@ def quick_vehicle_event(body: bytes) -> QuickEvent | None:
 
 
 def parse_stored(body: bytes | str) -> VehicleEvent:
-    """The worker's reading of a body as the edge stored it: one validation, then normalisation.
+    """The worker's reading of a body as the edge stored it.
 
-    Accepts exactly what the edge accepts. Raises :class:`InvalidPayload`, :class:`LegacyPayload`
-    or :class:`UnknownEventType` and nothing else, with the reason and detail the edge gives, so a
-    body that cannot be read is parked (and can be replayed) instead of failing its job.
-
-    A well-formed vehicle event, nearly every body, is validated once, straight from its bytes,
-    by the model whose checks the edge's one-pass check shares. Any other body goes through the edge's steps,
-    which refuse it with the edge's reason; the one kind they accept (a body holding the text
-    ``NaN`` or ``Infinity``, but no such literal) is then validated from its bytes like the rest,
-    so every event the worker sees is normalised from the same reading.
+    Raises :class:`InvalidPayload`, :class:`LegacyPayload` or :class:`UnknownEventType` and nothing
+    else, with the edge's reason, so a body that cannot be read is parked (and can be replayed)
+    instead of failing its job.
     """
     try:
         raw = body.encode() if isinstance(body, str) else body
@@ -125,7 +106,7 @@ def parse_stored(body: bytes | str) -> VehicleEvent:
             _refuse_as_the_edge_does(raw)
             # The steps took it, so it holds the text NaN or Infinity but no such literal: the
             # one-pass validator reads it safely, as it reads every other event.
-            wire = WebEnvelope.model_validate_json(raw)
+            wire = WireEnvelope.model_validate_json(raw)
         return normalise(wire)
     except (InvalidPayload, LegacyPayload, UnknownEventType):
         raise
@@ -134,8 +115,7 @@ def parse_stored(body: bytes | str) -> VehicleEvent:
 
 
 def _refuse_as_the_edge_does(body: bytes) -> None:
-    """Take a body the one pass left through the edge's steps: raise the reason the edge parks (or
-    refuses) it for; return when the steps accept it as a vehicle event."""
+    """Raise the reason the edge's steps refuse ``body`` for; return when they accept it."""
     try:
         document = load_json(body)
     except MalformedBody as exc:
@@ -151,11 +131,8 @@ def _refuse_as_the_edge_does(body: bytes) -> None:
 
 
 def load_json(body: bytes) -> Any:
-    """Parse a UTF-8 JSON body; raise :class:`MalformedBody` if it is not one.
-
-    ``NaN``, ``Infinity`` and ``-Infinity`` are refused: they are not JSON, and a non-finite
-    number must never reach the output stream.
-    """
+    """Parse a UTF-8 JSON body; raise :class:`MalformedBody` if it is not one. ``NaN`` and
+    ``Infinity`` are refused: they are not JSON, and must never reach the output stream."""
     try:
         return pydantic_core.from_json(body, allow_inf_nan=False)
     except ValueError:
@@ -163,11 +140,8 @@ def load_json(body: bytes) -> Any:
 
 
 def classify(document: Any) -> str:
-    """Return the event type of a parsed delivery.
-
-    Raises :class:`LegacyPayload` for a v2.0 webhook, :class:`UnknownEventType` for a type this
-    service does not handle and :class:`InvalidPayload` when there is no type at all.
-    """
+    """The event type of a parsed delivery, or :class:`LegacyPayload`, :class:`UnknownEventType`,
+    :class:`InvalidPayload` (no type at all)."""
     if not isinstance(document, dict):
         raise InvalidPayload("The body is JSON but not an object.")
     if is_legacy(document.get("version"), document.get("eventName"), document.get("payload")):
@@ -189,10 +163,8 @@ def parse_verify(document: Any) -> str:
 
 
 def parse_event(document: Any) -> VehicleEvent:
-    """Validate a parsed VEHICLE_STATE or VEHICLE_ERROR document and normalise it.
-
-    Raises :class:`InvalidPayload` with a one-sentence reason (field paths only, never values).
-    """
+    """Validate and normalise a parsed VEHICLE_STATE or VEHICLE_ERROR document; :class:`InvalidPayload`
+    names the failing fields, never their values."""
     try:
         wire = WireEnvelope.model_validate(document)
     except ValidationError as exc:
@@ -212,19 +184,6 @@ def _describe(exc: ValidationError) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Lookups that never raise: what the edge and the logs need from a body that may not be an event.
-
-
-def parses_as_json(text: str) -> bool:
-    """True when ``text`` is a JSON value of any kind (``123``, ``true``, ``null``, ``NaN`` too).
-
-    The parser is the one :func:`load_json` uses, in its more permissive setting, so anything
-    the edge could ever read as a body counts.
-    """
-    try:
-        pydantic_core.from_json(text)
-    except ValueError:
-        return False
-    return True
 
 
 def delivered_at_ms(document: Any) -> int | None:

@@ -1,18 +1,11 @@
-"""The wire models: a Smartcar delivery as sent, read tolerantly.
+"""The wire models: a Smartcar delivery as sent, read tolerantly, unknown fields ignored.
 
-Smartcar's documentation and its real deliveries disagree on the VEHICLE_STATE shape (the real
-ones are kept in ``tests/fixtures/captured/``): triggers sit in ``data.triggers`` as
-``{code, name, group}`` or at the top level as ``{type, signal}`` where ``signal`` is an object or
-a ``"Group.Name"`` string; signal times come as ``retrievedAt`` or ``fetchedAt``; ``meta``,
-``triggers`` and per-signal ``status`` may be missing. These models accept all of these and
-ignore unknown fields; :mod:`core.events.normalise` folds them into the internal form.
-
-Ids are JSON strings only (a number is a schema failure, never coerced into a different string).
-Times and the model year are typed ``Any`` here and read by :mod:`core.timestamps`, which turns
-anything unreadable into None.
-
-:data:`EDGE_VALIDATOR` is the web edge's reading of the same deliveries: the same checks into plain
-dicts, without what the edge never reads.
+Smartcar's documentation and its real deliveries (``tests/fixtures/captured/``) disagree: triggers
+come in ``data.triggers`` as ``{code, name, group}`` or at the top level as ``{type, signal}``
+(``signal`` an object or a ``"Group.Name"`` string); signal times as ``retrievedAt`` or
+``fetchedAt``; ``meta``, ``triggers`` and a signal's ``status`` may be missing. Ids are strict
+strings; times and the model year are ``Any``, read by :mod:`core.events.normalise`.
+:data:`EDGE_VALIDATOR` is the web edge's reading: the same checks into plain dicts.
 """
 
 from __future__ import annotations
@@ -36,21 +29,12 @@ VehicleId = Annotated[StrictStr, StringConstraints(pattern=VEHICLE_ID_PATTERN)]
 
 
 def is_legacy(version: object, event_name: object, payload: object) -> bool:
-    """True for the top-level keys of a v2.0 webhook.
-
-    v2.0 webhooks carry a top-level ``version`` (and ``eventName`` with ``payload``) where v3
-    has ``meta.version``. The dict check of the step-by-step path and the one-pass check share it.
-    """
+    """True for the top-level keys of a v2.0 webhook (v3 has ``meta.version`` instead)."""
     return version is not None or (event_name is not None and payload is not None)
 
 
 class Wire(BaseModel):
-    """Base of the wire models: unknown fields ignored.
-
-    Descriptive text (make, model, signal names) accepts numbers, which is harmless; every id is
-    a strict string (:data:`SmartcarId`, :data:`VehicleId`), so a numeric id is a schema failure
-    at the edge and in the worker alike.
-    """
+    """Descriptive text accepts numbers, which is harmless; every id is a strict string."""
 
     model_config = ConfigDict(extra="ignore", frozen=True, coerce_numbers_to_str=True)
 
@@ -132,7 +116,8 @@ class WireMeta(Wire):
 
 
 class WireEnvelope(Wire):
-    """A VEHICLE_STATE or VEHICLE_ERROR delivery; the event type itself is checked afterwards."""
+    """A VEHICLE_STATE or VEHICLE_ERROR delivery; the event type itself is checked afterwards.
+    ``version``, ``eventName`` and ``payload`` mark a legacy v2.0 webhook (:func:`is_legacy`)."""
 
     eventId: SmartcarId
     eventType: StrictStr
@@ -140,27 +125,14 @@ class WireEnvelope(Wire):
     data: WireData
     triggers: list[WireTrigger | str] | None = None
     meta: WireMeta | None = None
-
-    @property
-    def vehicle_id(self) -> str | None:
-        """``data.vehicle.id``, else the top-level ``vehicleId``; None when neither is given."""
-        return (self.data.vehicle.id if self.data.vehicle else None) or self.vehicleId or None
-
-
-class WebEnvelope(WireEnvelope):
-    """The envelope plus the top-level keys that mark a legacy v2.0 webhook.
-
-    The one-pass reading of a body (edge and worker) validates this model, so a legacy body is
-    recognised without a second parse.
-    """
-
     version: Any = None
     eventName: Any = None
     payload: Any = None
 
     @property
-    def legacy(self) -> bool:
-        return is_legacy(self.version, self.eventName, self.payload)
+    def vehicle_id(self) -> str | None:
+        """``data.vehicle.id``, else the top-level ``vehicleId``; None when neither is given."""
+        return (self.data.vehicle.id if self.data.vehicle else None) or self.vehicleId or None
 
 
 class WireVerifyData(Wire):
@@ -172,18 +144,17 @@ class WireVerify(Wire):
 
 
 # ---------------------------------------------------------------------------------------------
-# The edge's reading: the fields and checks of WebEnvelope, into plain dicts, without the fields
-# typed ``Any`` the edge never reads (a signal's body and times, the model year) and with
-# ``dict[str, Any]`` an object left unread. Why a second reading: on the fleet mix it takes 38 µs
-# a body where the model takes 83 µs (docs/performance.md). tests/test_events.py holds the two to
-# the same verdicts and the same fields.
+# The edge's reading: the fields and checks of WireEnvelope into plain dicts, less the fields typed
+# ``Any`` the edge never reads, an object read as ``dict[str, Any]`` left unread. Kept because it
+# costs half the model's time a body (docs/performance.md); tests/test_events.py holds the twins to
+# the same verdicts and fields.
 
 _edge = with_config(ConfigDict(coerce_numbers_to_str=True))
 
 
 @_edge
 class EdgeObject(TypedDict):
-    """Any JSON object, its contents unread (``dict[str, Any]`` in the models)."""
+    """Any JSON object, its contents unread."""
 
 
 @_edge
@@ -277,5 +248,4 @@ class EdgeEnvelope(TypedDict, total=False):
     payload: Any
 
 
-#: Validates a delivery body (JSON bytes) as :class:`WebEnvelope` does, into an :class:`EdgeEnvelope`.
 EDGE_VALIDATOR = TypeAdapter(EdgeEnvelope)
