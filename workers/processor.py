@@ -111,7 +111,7 @@ class EventProcessor:
         # 0 stands for "not recorded" (hand-made jobs in tests): count from now instead.
         received_at = payload["receivedAt"] or time.time_ns() // 1_000_000
         try:
-            # The body is validated once, by the model the web edge validates it with; anything
+            # The body is validated once, with the schema the web edge validates it with; anything
             # the parser cannot read is parked (and can be replayed), never failed in RQ.
             event = parse_stored(body)
         except (InvalidPayload, LegacyPayload, UnknownEventType) as exc:

@@ -1,4 +1,4 @@
-"""Smartcar's values → ours: wire models → :class:`~core.events.model.VehicleEvent`, and the time,
+"""Smartcar's values → ours: the wire schema → :class:`~core.events.model.VehicleEvent`, and the time,
 year and status readers the worker's ``/signals`` resources share with it.
 
 Every shape :mod:`core.events.wire` tolerates folds into one form: triggers in either place and
@@ -28,14 +28,12 @@ from core.events.model import (
 from core.events.wire import (
     VEHICLE_EVENT_TYPES,
     VEHICLE_STATE,
-    WireEnvelope,
-    WireMeta,
+    Envelope,
     WireSignal,
-    WireSignalMeta,
     WireSignalRef,
     WireTrigger,
-    WireVehicle,
     WireVehicleError,
+    vehicle_id,
 )
 
 # Epoch values below this are taken as seconds (10 digits), above it as milliseconds (13 digits).
@@ -48,40 +46,42 @@ _YEAR_DIGITS = re.compile(r"[0-9]{1,4}")
 _LONGEST_TIME_TEXT = 64
 
 
-def normalise(wire: WireEnvelope) -> VehicleEvent:
+def normalise(wire: Envelope) -> VehicleEvent:
     """The event of a validated envelope; :class:`InvalidPayload` for the two rules the schema
     cannot state (a vehicle event type, a vehicle id)."""
-    if wire.eventType not in VEHICLE_EVENT_TYPES:
-        raise InvalidPayload(f"The eventType {clip(wire.eventType)!r} is not a vehicle event.")
-    vehicle_id = wire.vehicle_id
-    if vehicle_id is None:
+    if wire["eventType"] not in VEHICLE_EVENT_TYPES:
+        raise InvalidPayload(f"The eventType {clip(wire['eventType'])!r} is not a vehicle event.")
+    vehicle = vehicle_id(wire)
+    if vehicle is None:
         raise InvalidPayload("The delivery names no vehicle (data.vehicle.id or vehicleId).")
-    data = wire.data
-    wire_vehicle = data.vehicle or WireVehicle()
-    triggers = data.triggers if data.triggers is not None else wire.triggers
-    meta = wire.meta or WireMeta()
+    data = wire["data"]
+    wire_vehicle = data.get("vehicle") or {}
+    triggers = data.get("triggers")
+    if triggers is None:
+        triggers = wire.get("triggers")
+    meta = wire.get("meta") or {}
     return VehicleEvent(
-        event_id=wire.eventId,
-        event_type="VEHICLE_STATE" if wire.eventType == VEHICLE_STATE else "VEHICLE_ERROR",
-        smartcar_user_id=data.user.id,
+        event_id=wire["eventId"],
+        event_type="VEHICLE_STATE" if wire["eventType"] == VEHICLE_STATE else "VEHICLE_ERROR",
+        smartcar_user_id=data["user"]["id"],
         vehicle=Vehicle(
-            id=vehicle_id,
-            make=wire_vehicle.make,
-            model=wire_vehicle.model,
-            year=model_year(wire_vehicle.year),
-            mode=wire_vehicle.mode,
-            powertrainType=wire_vehicle.powertrainType,
+            id=vehicle,
+            make=wire_vehicle.get("make"),
+            model=wire_vehicle.get("model"),
+            year=model_year(wire_vehicle.get("year")),
+            mode=wire_vehicle.get("mode"),
+            powertrainType=wire_vehicle.get("powertrainType"),
         ),
-        signals=tuple(_signal(s) for s in data.signals or () if _signal_code(s) is not None),
-        errors=tuple(_vehicle_error(e) for e in data.errors or ()),
+        signals=tuple(_signal(s) for s in data.get("signals") or () if _signal_code(s) is not None),
+        errors=tuple(_vehicle_error(e) for e in data.get("errors") or ()),
         triggers=tuple(_trigger(t) for t in triggers or ()),
         meta=DeliveryMeta(
-            deliveryId=meta.deliveryId,
-            deliveredAt=delivered_at(meta.deliveredAt),
-            webhookId=meta.webhookId,
-            webhookName=meta.webhookName,
-            mode=meta.mode,
-            version=meta.version,
+            deliveryId=meta.get("deliveryId"),
+            deliveredAt=delivered_at(meta.get("deliveredAt")),
+            webhookId=meta.get("webhookId"),
+            webhookName=meta.get("webhookName"),
+            mode=meta.get("mode"),
+            version=meta.get("version"),
         ),
     )
 
@@ -97,10 +97,11 @@ def clip(text: str, limit: int = 60) -> str:
 
 
 def _signal_code(ref: WireSignalRef) -> str | None:
-    if ref.code:
-        return ref.code
-    if ref.group and ref.name:
-        return f"{ref.group}-{ref.name}".lower()
+    code, group, name = ref.get("code"), ref.get("group"), ref.get("name")
+    if code:
+        return code
+    if group and name:
+        return f"{group}-{name}".lower()
     return None
 
 
@@ -108,7 +109,7 @@ def _signal_ref(ref: WireSignalRef | str) -> SignalRef:
     if isinstance(ref, str):
         group, _, name = ref.partition(".")
         return SignalRef(code=code_from_dotted(ref), name=name or None, group=group or None)
-    return SignalRef(code=_signal_code(ref) or "", name=ref.name, group=ref.group)
+    return SignalRef(code=_signal_code(ref) or "", name=ref.get("name"), group=ref.get("group"))
 
 
 def signal_status(value: object, body: object) -> str:
@@ -120,19 +121,20 @@ def signal_status(value: object, body: object) -> str:
 
 
 def _signal(wire: WireSignal) -> Signal:
-    meta = wire.meta or WireSignalMeta()
-    status = signal_status(wire.status.value if wire.status else None, wire.body)
+    meta = wire.get("meta") or {}
+    status = wire.get("status") or {}
+    body = wire.get("body")
     # Built without validating again: every value is of its field's type already (the wire
-    # model's own types, and time readers that return an int or None).
+    # schema's own types, and time readers that return an int or None).
     return Signal.model_construct(
         code=_signal_code(wire) or "",
-        name=wire.name,
-        group=wire.group,
-        body=_finite(wire.body),
-        status=status,
-        error=_finite(wire.status.error) if wire.status else None,
-        oemUpdatedAt=epoch_ms(meta.oemUpdatedAt),
-        retrievedAt=retrieved_at(meta.retrievedAt, meta.fetchedAt),
+        name=wire.get("name"),
+        group=wire.get("group"),
+        body=_finite(body),
+        status=signal_status(status.get("value"), body),
+        error=_finite(status.get("error")),
+        oemUpdatedAt=epoch_ms(meta.get("oemUpdatedAt")),
+        retrievedAt=retrieved_at(meta.get("retrievedAt"), meta.get("fetchedAt")),
     )
 
 
@@ -142,25 +144,26 @@ def _trigger(wire: WireTrigger | str) -> Trigger:
         if "." in wire:
             return Trigger(type="SIGNAL_UPDATED", code=code_from_dotted(wire))
         return Trigger(type=wire)
-    if wire.signal is not None:
-        code = code_from_dotted(wire.signal) if isinstance(wire.signal, str) else _signal_code(wire.signal)
-        return Trigger(type=wire.type or "SIGNAL_UPDATED", code=code)
-    if wire.code == "FIRST_DELIVERY":
+    kind, signal = wire.get("type"), wire.get("signal")
+    if signal is not None:
+        code = code_from_dotted(signal) if isinstance(signal, str) else _signal_code(signal)
+        return Trigger(type=kind or "SIGNAL_UPDATED", code=code)
+    if wire.get("code") == "FIRST_DELIVERY":
         return Trigger(type="FIRST_DELIVERY")
-    code = wire.code or _signal_code(WireSignalRef(name=wire.name, group=wire.group))
-    return Trigger(type=wire.type or ("SIGNAL_UPDATED" if code else "UNKNOWN"), code=code)
+    code = _signal_code(wire)
+    return Trigger(type=kind or ("SIGNAL_UPDATED" if code else "UNKNOWN"), code=code)
 
 
 def _vehicle_error(wire: WireVehicleError) -> VehicleError:
     return VehicleError(
-        type=wire.type,
-        code=wire.code,
-        state=wire.state,
-        description=wire.description,
-        suggestedUserMessage=wire.suggestedUserMessage,
-        docURL=wire.docURL,
-        resolution=wire.resolution.type if wire.resolution else None,
-        signals=tuple(_signal_ref(s) for s in wire.signals or ()),
+        type=wire.get("type"),
+        code=wire.get("code"),
+        state=wire.get("state"),
+        description=wire.get("description"),
+        suggestedUserMessage=wire.get("suggestedUserMessage"),
+        docURL=wire.get("docURL"),
+        resolution=(wire.get("resolution") or {}).get("type"),
+        signals=tuple(_signal_ref(s) for s in wire.get("signals") or ()),
     )
 
 

@@ -1,25 +1,25 @@
 """Reading a delivery body, in one pass or step by step; both accept and refuse the same bodies.
 
-* **One pass**, from the bytes: :func:`quick_vehicle_event` at the web edge (into plain dicts,
-  :data:`~core.events.wire.EDGE_VALIDATOR`), :func:`parse_stored` in the worker (the wire model).
-  Every well-formed vehicle event is read this way.
+* **One pass**, from the bytes: :func:`quick_vehicle_event` at the web edge
+  (:data:`~core.events.wire.EDGE_VALIDATOR`), :func:`parse_stored` in the worker
+  (:data:`~core.events.wire.WIRE_VALIDATOR`). Every well-formed vehicle event is read this way.
 * **Step by step**, in the edge's order: :func:`load_json` (400 when it fails), :func:`classify`
   (event type, legacy or unknown), then :func:`parse_event` or :func:`parse_verify` (the schema).
   This tells a 400 from a parked payload and names the reason; a body the one pass does not accept
   goes through the steps, at the edge and in the worker, so every refusal carries their reason.
 
-One difference no test can remove: a float where text belongs (a numeric make) is written by
-pydantic-core as read from JSON (``1e5`` as ``"100000"``) or from a parsed document
-(``"100000.0"``), so the worker always reads from bytes.
+The two normalise alike but for a float where text belongs (a numeric make): pydantic-core writes
+it as read from JSON (``1e5`` as ``"100000"``) or from a parsed document (``"100000.0"``), so the
+worker always reads from bytes.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 import pydantic_core
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from core.errors import InvalidPayload, LegacyPayload, MalformedBody, UnknownEventType
 from core.events.model import QuickEvent, VehicleEvent
@@ -28,9 +28,11 @@ from core.events.wire import (
     EDGE_VALIDATOR,
     VEHICLE_EVENT_TYPES,
     VERIFY,
+    VERIFY_VALIDATOR,
+    WIRE_VALIDATOR,
     WireEnvelope,
-    WireVerify,
     is_legacy,
+    vehicle_id,
 )
 
 _NOT_JSON = "The body is not valid UTF-8 JSON."
@@ -38,6 +40,7 @@ _NOT_JSON = "The body is not valid UTF-8 JSON."
 # here, and one pattern with an alternative is ten times slower than both.
 _NAN = re.compile(rb"NaN").search
 _INFINITY = re.compile(rb"Infinity").search
+E = TypeVar("E", bound=WireEnvelope[Any, Any])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,42 +53,31 @@ def _may_hold_non_finite_literal(body: bytes) -> bool:
     return _NAN(body) is not None or _INFINITY(body) is not None
 
 
-def _one_pass(body: bytes) -> WireEnvelope | None:
-    """The envelope of a well-formed VEHICLE_STATE / VEHICLE_ERROR, validated from bytes; else None."""
+def _one_pass(body: bytes, validator: TypeAdapter[E]) -> E | None:
+    """The envelope of a well-formed VEHICLE_STATE / VEHICLE_ERROR, validated from bytes; else None
+    (the caller then takes the steps, which decide between 400 and parking)."""
     if _may_hold_non_finite_literal(body):
         return None
     try:
-        wire = WireEnvelope.model_validate_json(body)
+        envelope = validator.validate_json(body)
     except ValidationError:
         return None
-    legacy = is_legacy(wire.version, wire.eventName, wire.payload)
-    if legacy or wire.eventType not in VEHICLE_EVENT_TYPES or wire.vehicle_id is None:
+    if envelope["eventType"] not in VEHICLE_EVENT_TYPES or is_legacy(envelope) or vehicle_id(envelope) is None:
         return None
-    return wire
+    return envelope
 
 
 def quick_vehicle_event(body: bytes) -> QuickEvent | None:
-    """The edge's event of a well-formed VEHICLE_STATE / VEHICLE_ERROR, else None (the caller then
-    takes the steps, which decide between 400 and parking)."""
-    if _may_hold_non_finite_literal(body):
-        return None
-    try:
-        envelope = EDGE_VALIDATOR.validate_json(body)
-    except ValidationError:
-        return None
-    event_type = envelope["eventType"]
-    if event_type not in VEHICLE_EVENT_TYPES:
-        return None
-    if is_legacy(envelope.get("version"), envelope.get("eventName"), envelope.get("payload")):
-        return None
-    # WireEnvelope.vehicle_id: data.vehicle.id, else the top-level vehicleId (both non-empty when given).
-    vehicle = envelope["data"].get("vehicle")
-    if not ((vehicle and vehicle.get("id")) or envelope.get("vehicleId")):
+    """What the edge needs of a well-formed VEHICLE_STATE / VEHICLE_ERROR, else None."""
+    envelope = _one_pass(body, EDGE_VALIDATOR)
+    if envelope is None:
         return None
     meta = envelope.get("meta")
     if meta is None:
-        return QuickEvent(envelope["eventId"], event_type, None, None)
-    return QuickEvent(envelope["eventId"], event_type, meta.get("deliveryId"), epoch_ms(meta.get("deliveredAt")))
+        return QuickEvent(envelope["eventId"], envelope["eventType"], None, None)
+    return QuickEvent(
+        envelope["eventId"], envelope["eventType"], meta.get("deliveryId"), epoch_ms(meta.get("deliveredAt"))
+    )
 
 
 def parse_stored(body: bytes | str) -> VehicleEvent:
@@ -101,12 +93,12 @@ def parse_stored(body: bytes | str) -> VehicleEvent:
         # Text holding a lone surrogate has no UTF-8 form; no body the edge read can hold one.
         raise InvalidPayload(_NOT_JSON) from None
     try:
-        wire = _one_pass(raw)
+        wire = _one_pass(raw, WIRE_VALIDATOR)
         if wire is None:
             _refuse_as_the_edge_does(raw)
             # The steps took it, so it holds the text NaN or Infinity but no such literal: the
             # one-pass validator reads it safely, as it reads every other event.
-            wire = WireEnvelope.model_validate_json(raw)
+            wire = WIRE_VALIDATOR.validate_json(raw)
         return normalise(wire)
     except (InvalidPayload, LegacyPayload, UnknownEventType):
         raise
@@ -144,7 +136,7 @@ def classify(document: Any) -> str:
     :class:`InvalidPayload` (no type at all)."""
     if not isinstance(document, dict):
         raise InvalidPayload("The body is JSON but not an object.")
-    if is_legacy(document.get("version"), document.get("eventName"), document.get("payload")):
+    if is_legacy(document):
         raise LegacyPayload("This is a legacy v2.0 webhook; configure a v3 webhook in the Smartcar Dashboard.")
     event_type = document.get("eventType")
     if not isinstance(event_type, str) or not event_type:
@@ -157,7 +149,7 @@ def classify(document: Any) -> str:
 def parse_verify(document: Any) -> str:
     """Return the challenge of a VERIFY delivery; :class:`InvalidPayload` when it has none."""
     try:
-        return WireVerify.model_validate(document).data.challenge
+        return VERIFY_VALIDATOR.validate_python(document)["data"]["challenge"]
     except ValidationError as exc:
         raise InvalidPayload(_describe(exc)) from None
 
@@ -166,7 +158,7 @@ def parse_event(document: Any) -> VehicleEvent:
     """Validate and normalise a parsed VEHICLE_STATE or VEHICLE_ERROR document; :class:`InvalidPayload`
     names the failing fields, never their values."""
     try:
-        wire = WireEnvelope.model_validate(document)
+        wire = WIRE_VALIDATOR.validate_python(document)
     except ValidationError as exc:
         raise InvalidPayload(_describe(exc)) from None
     return normalise(wire)
