@@ -72,9 +72,7 @@ def quick_vehicle_event(body: bytes) -> QuickEvent | None:
     envelope = _one_pass(body, EDGE_VALIDATOR)
     if envelope is None:
         return None
-    meta = envelope.get("meta")
-    if meta is None:
-        return QuickEvent(envelope["eventId"], envelope["eventType"], None, None)
+    meta = envelope.get("meta") or {}
     return QuickEvent(
         envelope["eventId"], envelope["eventType"], meta.get("deliveryId"), epoch_ms(meta.get("deliveredAt"))
     )
@@ -178,10 +176,14 @@ def _describe(exc: ValidationError) -> str:
 # Lookups that never raise: what the edge and the logs need from a body that may not be an event.
 
 
+def _meta_field(document: Any, key: str) -> Any:
+    meta = document.get("meta") if isinstance(document, dict) else None
+    return meta.get(key) if isinstance(meta, dict) else None
+
+
 def delivered_at_ms(document: Any) -> int | None:
     """``meta.deliveredAt`` of a parsed document as epoch ms, or None when absent or unreadable."""
-    meta = document.get("meta") if isinstance(document, dict) else None
-    return epoch_ms(meta.get("deliveredAt")) if isinstance(meta, dict) else None
+    return epoch_ms(_meta_field(document, "deliveredAt"))
 
 
 def event_id_of(document: Any) -> str | None:
@@ -199,8 +201,7 @@ def delivery_id_of(body: bytes | str) -> str | None:
         document = load_json(body.encode() if isinstance(body, str) else body)
     except (MalformedBody, UnicodeEncodeError):
         return None
-    meta = document.get("meta") if isinstance(document, dict) else None
-    delivery_id = meta.get("deliveryId") if isinstance(meta, dict) else None
+    delivery_id = _meta_field(document, "deliveryId")
     return delivery_id[:64] if isinstance(delivery_id, str) else None
 
 
