@@ -34,17 +34,8 @@ from starlette.types import Receive, Scope, Send
 
 from core import metrics
 from core.errors import InvalidPayload, LegacyPayload, MalformedBody, PermanentError, UnknownEventType
+from core.events import parse
 from core.events.model import QuickEvent
-from core.events.parse import (
-    classify,
-    delivered_at_ms,
-    event_id_of,
-    load_json,
-    parse_event,
-    parse_verify,
-    quick_vehicle_event,
-    verify_challenge_or_none,
-)
 from core.events.wire import VERIFY
 from core.logs import get_logger
 from core.redis.functions import MissingFunction
@@ -170,7 +161,7 @@ class WebhookEndpoint:
             return self._reject(401, "invalid_signature", "The SC-Signature header is missing or does not match.")
 
         # Fast path: a well-formed vehicle event, validated from bytes in one pass.
-        quick = quick_vehicle_event(body)
+        quick = parse.quick_vehicle_event(body)
         if quick is not None:
             if self._too_old(quick.delivered_at_ms, received_at_ms):
                 return self._too_old_answer()
@@ -178,24 +169,24 @@ class WebhookEndpoint:
 
         # 3. JSON: an object, sent recently enough.
         try:
-            document = load_json(body)
+            document = parse.load_json(body)
         except MalformedBody as exc:
             return self._reject(400, exc.code, exc.message)
         if not isinstance(document, dict):
             # A signed scalar or array carries no eventId to dedupe on: parking it would let one
             # signature fill the parked stream.
             return self._reject(400, "not_an_object", "The body is JSON but not an object.")
-        if self._too_old(delivered_at_ms(document), received_at_ms):
+        if self._too_old(parse.delivered_at_ms(document), received_at_ms):
             return self._too_old_answer()
-        event_id = event_id_of(document)
+        event_id = parse.event_id_of(document)
         text = body.decode("utf-8")  # load_json succeeded, so this is valid UTF-8
 
         # 4. Event type, then 5. schema.
         try:
-            event_type = classify(document)
+            event_type = parse.classify(document)
             if event_type == VERIFY:
-                return self._verify_answer(parse_verify(document))
-            event = parse_event(document)
+                return self._verify_answer(parse.parse_verify(document))
+            event = parse.parse_event(document)
         except (InvalidPayload, LegacyPayload, UnknownEventType) as exc:
             return await self._park(event_id, exc, text)
         quick = QuickEvent(event.event_id, event.event_type, event.meta.deliveryId)
@@ -360,7 +351,7 @@ def _unsigned_challenge(body: bytes) -> str | None:
     if len(body) > UNSIGNED_VERIFY_MAX_BYTES:
         return None
     try:
-        document = load_json(body)
+        document = parse.load_json(body)
     except MalformedBody:
         return None
-    return verify_challenge_or_none(document)
+    return parse.verify_challenge_or_none(document)

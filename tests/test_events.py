@@ -843,14 +843,13 @@ def test_the_edge_validator_and_the_wire_validator_agree_on_generated_deliveries
 
 
 def test_the_edge_reading_has_every_field_of_the_wire_schema_but_the_unread_ones():
-    """The edge's twins have the wire's keys, less a signal's body and the model year, and the same
-    required keys: a key added to one and not the other fails here (the rest of the schema is shared)."""
+    """The edge's twins have the wire's keys, less a signal's body, and the same required keys: a key
+    added to one and not the other fails here (the rest of the schema is shared)."""
     from core.events import wire
 
-    twins = {wire.WireSignal: wire.EdgeSignal, wire.WireStatus: wire.EdgeStatus, wire.WireVehicle: wire.EdgeVehicle}
-    for full, twin in twins.items():
+    for full, twin in {wire.WireSignal: wire.EdgeSignal, wire.WireStatus: wire.EdgeStatus}.items():
         assert twin.__required_keys__ == full.__required_keys__, full
-        assert twin.__optional_keys__ == full.__optional_keys__ - {"body", "year"}, full
+        assert twin.__optional_keys__ == full.__optional_keys__ - {"body"}, full
 
 
 def test_the_edge_validator_reads_only_what_the_edge_needs():
@@ -864,7 +863,6 @@ def test_the_edge_validator_reads_only_what_the_edge_needs():
     assert "body" not in signal
     assert signal["meta"] == {}  # an object, checked as one, its times never read
     assert signal["status"] == {"value": "ERROR", "error": {}}
-    assert "year" not in envelope["data"]["vehicle"]
     quick = quick_vehicle_event(encode(EVERY_FIELD))
     assert quick == QuickEvent(EVERY_FIELD["eventId"], "VEHICLE_STATE", "a1", 1767000003000)
 

@@ -1,11 +1,7 @@
-"""Smartcar's values → ours: the wire schema → :class:`~core.events.model.VehicleEvent`, and the time,
-year and status readers the worker's ``/signals`` resources share with it.
-
-Every shape :mod:`core.events.wire` tolerates folds into one form: triggers in either place and
-spelling, signal codes from ``code`` or ``group`` + ``name``, a missing status inferred, non-finite
-numbers replaced by None. The readers never raise: anything unreadable (NaN, bools, huge digit
-strings, far-future dates) is None, so a hostile value neither crashes the worker nor reaches the
-output as invalid JSON.
+"""Smartcar's values → ours: the wire schema → :class:`~core.events.model.VehicleEvent` (every
+shape :mod:`core.events.wire` tolerates, in one form), and the time, year and status readers the
+worker's ``/signals`` resources share. The readers never raise: anything unreadable is None, so a
+hostile value neither crashes the worker nor reaches the output as invalid JSON.
 """
 
 from __future__ import annotations

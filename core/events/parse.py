@@ -1,16 +1,10 @@
-"""Reading a delivery body, in one pass or step by step; both accept and refuse the same bodies.
+"""Reading a delivery body: in one pass from the bytes (every well-formed vehicle event: the edge's
+:func:`quick_vehicle_event`, the worker's :func:`parse_stored`), else step by step in the edge's
+order (:func:`load_json`, :func:`classify`, :func:`parse_event` or :func:`parse_verify`), which
+tells a 400 from a parked payload and names the reason. Both accept and refuse the same bodies.
 
-* **One pass**, from the bytes: :func:`quick_vehicle_event` at the web edge
-  (:data:`~core.events.wire.EDGE_VALIDATOR`), :func:`parse_stored` in the worker
-  (:data:`~core.events.wire.WIRE_VALIDATOR`). Every well-formed vehicle event is read this way.
-* **Step by step**, in the edge's order: :func:`load_json` (400 when it fails), :func:`classify`
-  (event type, legacy or unknown), then :func:`parse_event` or :func:`parse_verify` (the schema).
-  This tells a 400 from a parked payload and names the reason; a body the one pass does not accept
-  goes through the steps, at the edge and in the worker, so every refusal carries their reason.
-
-The two normalise alike but for a float where text belongs (a numeric make): pydantic-core writes
-it as read from JSON (``1e5`` as ``"100000"``) or from a parsed document (``"100000.0"``), so the
-worker always reads from bytes.
+The worker always reads from bytes: a float where text belongs (a numeric make) reads as
+``"100000"`` from the JSON ``1e5`` but as ``"100000.0"`` from a parsed document.
 """
 
 from __future__ import annotations
@@ -40,11 +34,7 @@ _NOT_JSON = "The body is not valid UTF-8 JSON."
 # here, and one pattern with an alternative is ten times slower than both.
 _NAN = re.compile(rb"NaN").search
 _INFINITY = re.compile(rb"Infinity").search
-E = TypeVar("E", bound=WireEnvelope[Any, Any])
-
-
-# ---------------------------------------------------------------------------------------------
-# One pass.
+E = TypeVar("E", bound=WireEnvelope[Any])
 
 
 def _may_hold_non_finite_literal(body: bytes) -> bool:
@@ -116,10 +106,6 @@ def _refuse_as_the_edge_does(body: bytes) -> None:
     parse_event(document)
 
 
-# ---------------------------------------------------------------------------------------------
-# Step by step, in the order the endpoint applies the steps.
-
-
 def load_json(body: bytes) -> Any:
     """Parse a UTF-8 JSON body; raise :class:`MalformedBody` if it is not one. ``NaN`` and
     ``Infinity`` are refused: they are not JSON, and must never reach the output stream."""
@@ -172,7 +158,6 @@ def _describe(exc: ValidationError) -> str:
     return "The payload does not match the event schema: " + "; ".join(parts) + more + "."
 
 
-# ---------------------------------------------------------------------------------------------
 # Lookups that never raise: what the edge and the logs need from a body that may not be an event.
 
 

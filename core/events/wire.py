@@ -1,14 +1,12 @@
-"""The wire format: a Smartcar delivery as sent, read tolerantly, unknown fields ignored.
+"""The wire schema: a Smartcar delivery as sent, read tolerantly into typed dicts.
 
 Smartcar's documentation and its real deliveries (``tests/fixtures/captured/``) disagree: triggers
 come in ``data.triggers`` as ``{code, name, group}`` or at the top level as ``{type, signal}``
 (``signal`` an object or a ``"Group.Name"`` string); signal times as ``retrievedAt`` or
 ``fetchedAt``; ``meta``, ``triggers`` and a signal's ``status`` may be missing. Ids are strict
-strings; times and the model year are ``Any``, read by :mod:`core.events.normalise`.
-
-One schema, read two ways: :data:`WIRE_VALIDATOR` (the worker and the step-by-step path) and
-:data:`EDGE_VALIDATOR`, the web edge's, which leaves out what the edge never reads (a signal's body,
-times and error, the model year): half the cost a body (docs/performance.md).
+strings; times and the model year are ``Any``, read by :mod:`core.events.normalise`. The edge's
+reading (:data:`EDGE_VALIDATOR`) leaves out a signal's body, times and error, which it never
+reads, at half the cost a body.
 """
 
 from __future__ import annotations
@@ -80,17 +78,13 @@ class EdgeSignal(WireSignalRef, total=False):
 
 
 @_wire
-class EdgeVehicle(TypedDict, total=False):
+class WireVehicle(TypedDict, total=False):
     id: VehicleId | None
     make: str | None
     model: str | None
+    year: Any
     mode: str | None
     powertrainType: str | None
-
-
-@_wire
-class WireVehicle(EdgeVehicle, total=False):
-    year: Any
 
 
 @_wire
@@ -134,28 +128,28 @@ class WireMeta(TypedDict, total=False):
     mode: str | None
 
 
+#: A signal as read: every field (:class:`WireSignal`), or the edge's (:class:`EdgeSignal`).
 S = TypeVar("S", bound=WireSignalRef)
-V = TypeVar("V", bound=EdgeVehicle)
 
 
 @_wire
-class WireData(TypedDict, Generic[S, V], total=False):
+class WireData(TypedDict, Generic[S], total=False):
     user: Required[WireUser]
-    vehicle: V | None
+    vehicle: WireVehicle | None
     signals: list[S] | None
     triggers: list[WireTrigger | str] | None
     errors: list[WireVehicleError] | None
 
 
 @_wire
-class WireEnvelope(TypedDict, Generic[S, V], total=False):
+class WireEnvelope(TypedDict, Generic[S], total=False):
     """A VEHICLE_STATE or VEHICLE_ERROR delivery; the event type itself is checked afterwards.
     ``version``, ``eventName`` and ``payload`` mark a legacy v2.0 webhook (:func:`is_legacy`)."""
 
     eventId: Required[SmartcarId]
     eventType: Required[StrictStr]
     vehicleId: VehicleId | None
-    data: Required[WireData[S, V]]
+    data: Required[WireData[S]]
     triggers: list[WireTrigger | str] | None
     meta: WireMeta | None
     version: Any
@@ -174,9 +168,9 @@ class WireVerify(TypedDict):
 
 
 #: The worker's envelope, every field read.
-Envelope = WireEnvelope[WireSignal, WireVehicle]
+Envelope = WireEnvelope[WireSignal]
 WIRE_VALIDATOR = TypeAdapter(Envelope)
-EDGE_VALIDATOR = TypeAdapter(WireEnvelope[EdgeSignal, EdgeVehicle])
+EDGE_VALIDATOR = TypeAdapter(WireEnvelope[EdgeSignal])
 VERIFY_VALIDATOR = TypeAdapter(WireVerify)
 
 
@@ -187,7 +181,7 @@ def is_legacy(document: Mapping[str, Any]) -> bool:
     )
 
 
-def vehicle_id(envelope: WireEnvelope[Any, Any]) -> str | None:
+def vehicle_id(envelope: WireEnvelope[Any]) -> str | None:
     """``data.vehicle.id``, else the top-level ``vehicleId``; None when neither is given."""
     vehicle = envelope["data"].get("vehicle")
     return (vehicle.get("id") if vehicle else None) or envelope.get("vehicleId") or None
