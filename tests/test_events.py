@@ -700,7 +700,7 @@ def test_the_stream_payload_is_compact_utf8_json_without_nan():
     assert fields["user_id"] == "7"
 
 
-# --- the edge's reading: the model's checks, without the model's objects ---------------------------
+# --- the edge's reading: the worker's checks, without what the edge never reads -------------------
 
 #: A delivery with every field of the wire schema present, so that a value can be put anywhere.
 EVERY_FIELD = {
