@@ -1,6 +1,6 @@
 """``smartcar-ingest dev`` (what ``make run`` runs): the whole pipeline on one machine, Redis and
 the emulator included when none is at hand (README.md, the command table; why its children are
-stopped one at a time: docs/architecture.md, "Design notes")."""
+stopped one at a time: docs/architecture.md, "Design notes"); the ports helpers are the tests' too."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import redis
 
-from cli.ports import bindable, free_port, wait_for_port
 from cli.redis_admin import load_functions
 from core.config import DEV_MANAGEMENT_TOKEN, Settings
 from core.errors import ConfigurationError, RecordExists
@@ -27,8 +28,44 @@ from core.store.users import UserStore
 
 #: How long dev waits for each child it started to listen.
 STARTUP_SECONDS = 30.0
-#: The memory limit of the redis-server dev starts, far above what a local run holds.
-DEV_REDIS_MAXMEMORY = "256mb"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at ``host`` right now (the kernel's pick)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def bindable(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def wait_for_port(
+    port: int,
+    timeout: float = 10.0,
+    *,
+    process: subprocess.Popen[Any] | None = None,
+    what: str = "the process",
+) -> None:
+    """Return once something accepts connections on ``127.0.0.1:port``.
+
+    Raises :class:`ConfigurationError` (one line, as the CLI reports it) after ``timeout`` seconds,
+    or as soon as ``process``, the one expected to listen, has exited.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ConfigurationError(f"{what} exited during startup (status {process.returncode}).")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise ConfigurationError(f"{what} did not start listening on port {port} within {timeout:.0f} s.")
 
 
 def _redis_answers(url: str) -> bool:
@@ -65,8 +102,8 @@ def seed_users(database_url: str) -> int:
 
 
 class Children:
-    """The processes ``dev`` started, each in a session of its own (so Ctrl-C reaches ``dev`` alone),
-    stopped one at a time, last started first."""
+    """The processes ``dev`` started, each in a session of its own, stopped one at a time, last
+    started first (docs/architecture.md, "dev stops its children one at a time")."""
 
     def __init__(self) -> None:
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -77,7 +114,6 @@ class Children:
         return process
 
     def stop(self) -> None:
-        """SIGTERM each in turn and wait for it (killed after 15 s); a second Ctrl-C kills the rest."""
         hurry = False
         for name, process in reversed(self.processes):
             if process.poll() is not None:
@@ -146,10 +182,10 @@ def run_dev(settings: Settings, port: int) -> int:
                     "yes",
                     "--save",
                     "",
-                    # A limit, as docs/capacity.md asks of every Redis: without one web and worker
-                    # each open with a warning about it.
+                    # A limit (far above what a local run holds), as docs/capacity.md asks of every
+                    # Redis: without one web and worker each open with a warning about it.
                     "--maxmemory",
-                    DEV_REDIS_MAXMEMORY,
+                    "256mb",
                     "--maxmemory-policy",
                     "noeviction",
                     # dev says where it listens; Redis's own notes go to a file that outlives the run.
@@ -182,7 +218,7 @@ def run_dev(settings: Settings, port: int) -> int:
             print(f"started the Smartcar emulator on port {emulator_port}")
 
         db.upgrade(settings.database_url)
-        print(load_functions(env.get("REDIS_URL", settings.redis_url)))
+        print(load_functions(env["REDIS_URL"]))
         if seeded:
             added = seed_users(settings.database_url)
             print(f"user store {settings.database_url} migrated; {added} emulator users added")
@@ -210,11 +246,11 @@ def _print_instructions(port: int, env: dict[str, str], admin_port: int) -> None
     admin = f"{base}/readyz  {base}/metrics" if admin_port else "off (ADMIN_PORT=0)"
     print(
         f"""
-smartcar-ingest is running: web on http://127.0.0.1:{port}, one worker, Redis at {env.get("REDIS_URL", "")}
+smartcar-ingest is running: web on http://127.0.0.1:{port}, one worker, Redis at {env["REDIS_URL"]}
 
   send a signed test event:   uv run smartcar-ingest send-test-event --url {url}
-  read the enriched output:   redis-cli -u {env.get("REDIS_URL", "redis://localhost:6379/0")} XRANGE {env.get("OUTPUT_STREAM", "smartcar:vehicle-events")} - +
-  parked events:              redis-cli -u {env.get("REDIS_URL", "redis://localhost:6379/0")} XRANGE {env.get("PARKED_STREAM", "smartcar:parked")} - +
+  read the enriched output:   redis-cli -u {env["REDIS_URL"]} XRANGE {env.get("OUTPUT_STREAM", "smartcar:vehicle-events")} - +
+  parked events:              redis-cli -u {env["REDIS_URL"]} XRANGE {env.get("PARKED_STREAM", "smartcar:parked")} - +
   readiness and metrics:      {admin}
 
 Ctrl-C stops everything.""",

@@ -1,22 +1,8 @@
-"""The ``smartcar-ingest`` console script.
+"""The ``smartcar-ingest`` console script: the parser, the operator commands and exit statuses.
 
-Each subcommand builds :class:`~core.config.Settings` once and passes it down. A command that
-cannot finish ends with one actionable line on stderr; its exit status says which kind of trouble
-it met (README, "Exit codes"), so scripts and orchestrators can tell "fix the settings" from
-"try again later":
-
-====  =====================  ==============================================================
-code  name                   when
-====  =====================  ==============================================================
-0     ``EXIT_OK``            the command did what it was asked
-1     ``EXIT_FAILED``        it ran but failed or found problems (a refused test event,
-                             backfill connections left undone, a user not found, a conflict)
-2     ``EXIT_USAGE``         bad settings or arguments (:class:`ConfigurationError`, argparse)
-3     ``EXIT_UNAVAILABLE``   a dependency did not answer: Redis, the database, Smartcar, the
-                             webhook endpoint (any :class:`TransientError`); retry later
-4     ``EXIT_REFUSED``       Smartcar refused the application's credentials or the request
-130   ``EXIT_INTERRUPTED``   stopped with Ctrl-C
-====  =====================  ==============================================================
+Each subcommand builds :class:`~core.config.Settings` once and passes it down; a command that cannot
+finish ends with one line on stderr and an exit status that says which kind of trouble it met
+(README, "Exit codes").
 """
 
 from __future__ import annotations
@@ -48,7 +34,6 @@ EXIT_INTERRUPTED = 130
 
 
 def exit_status(exc: IngestError) -> int:
-    """The exit status a command ends with when ``exc`` stops it."""
     if isinstance(exc, ConfigurationError):
         return EXIT_USAGE
     if isinstance(exc, TransientError):
@@ -59,7 +44,7 @@ def exit_status(exc: IngestError) -> int:
 
 
 def _send_test_event(args: argparse.Namespace, settings: Settings) -> int:
-    from cli.testevent import send_test_event
+    from cli.samples import send_test_event
 
     return send_test_event(settings, url=args.url, event_type=args.type)
 
@@ -126,7 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler

@@ -13,7 +13,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, RedisError
 
 from core.config import Settings
-from core.errors import ConfigurationError, RedisUnavailable
+from core.errors import ConfigurationError, Unreachable
 from core.redis.clients import command_redis, command_redis_async
 from core.redis.jobs import JobOptions
 from core.redis.outage import redis_unavailable
@@ -40,7 +40,7 @@ def redis_errors(action: str = "used", *, os_errors: bool = True) -> Iterator[No
     except (RedisError, OSError) as exc:
         if not (redis_unavailable(exc) if isinstance(exc, RedisError) else os_errors):
             raise
-        raise RedisUnavailable(
+        raise Unreachable(
             f"Redis at REDIS_URL could not be {action} ({type(exc).__name__}); check that Redis is up and "
             "REDIS_URL points at it."
         ) from None

@@ -14,8 +14,9 @@ from core.errors import ConfigurationError
 
 def _web(args: argparse.Namespace, settings: Settings) -> int:
     from core.logs import configure_logging
+    from service.server import ServeOptions, serve
 
-    settings.require_management_token(dev=settings.dev_mode)
+    settings.require_management_token()
     configure_logging(settings.log_level, settings.log_format)
     metrics_dir = None
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -23,24 +24,18 @@ def _web(args: argparse.Namespace, settings: Settings) -> int:
         metrics_dir = tempfile.mkdtemp(prefix="smartcar-ingest-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        _serve(args, settings)
+        options = ServeOptions(
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            max_connections=args.max_connections,
+            keep_alive_seconds=args.keep_alive_timeout,
+        )
+        serve(settings, options)
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
-
-
-def _serve(args: argparse.Namespace, settings: Settings) -> None:
-    from service.server import ServeOptions, serve
-
-    options = ServeOptions(
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        max_connections=args.max_connections,
-        keep_alive_seconds=args.keep_alive_timeout,
-    )
-    serve(settings, options)
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:

@@ -10,7 +10,7 @@ import sys
 
 from cli.arguments import Subcommands
 from core.config import Settings
-from core.errors import ConfigurationError, RedisUnavailable
+from core.errors import ConfigurationError, Unreachable
 
 #: Every module that defines Lua functions (tests/test_redis_functions.py checks the list is whole).
 FUNCTION_MODULES = (
@@ -54,7 +54,7 @@ def load_functions(redis_url: str) -> str:
     except redis.exceptions.ResponseError as exc:
         raise ConfigurationError(f"Redis refused the functions ({exc}); they need Redis 7.0 or newer.") from None
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        raise RedisUnavailable(f"Redis did not answer ({type(exc).__name__}).") from None
+        raise Unreachable(f"Redis did not answer ({type(exc).__name__}).") from None
     finally:
         client.close()
     return f"Redis functions: {loaded} loaded, {present} already there ({len(names)} in all)"

@@ -1,4 +1,5 @@
-"""Sample deliveries in Smartcar's real shape, for ``send-test-event``, tests and benchmarks.
+"""Sample deliveries in Smartcar's real shape (for tests and benchmarks too), and
+``smartcar-ingest send-test-event``, which signs one and posts it as Smartcar would.
 
 The user and vehicle match the emulator's seed (the example ids in Smartcar's docs), so a
 sample sent through ``make run`` is routed and enriched end to end.
@@ -10,6 +11,12 @@ import json
 import time
 import uuid
 from typing import Any
+
+import httpx
+
+from core.config import DEV_MANAGEMENT_TOKEN, Settings
+from core.errors import ConfigurationError, Unreachable
+from core.signatures import answer_challenge, sign
 
 SAMPLE_USER_ID = "9e8d7c6b-2222-4222-8222-222222222222"
 SAMPLE_VEHICLE_ID = "5f0c1a2b-1111-4111-8111-111111111111"
@@ -101,3 +108,32 @@ def sample_event(
 def encode(document: Any) -> bytes:
     """Compact UTF-8 JSON bytes, the way Smartcar sends them."""
     return json.dumps(document, separators=(",", ":")).encode()
+
+
+def send_test_event(settings: Settings, url: str, event_type: str) -> int:
+    """Post one signed sample event to ``url``; 0 when the service answered as the contract says, else 1."""
+    tokens = settings.management_tokens
+    if not tokens:
+        # The same default `smartcar-ingest dev` uses, so the two work together out of the box.
+        print("SMARTCAR_MANAGEMENT_TOKEN is not set: signing with the dev default.")
+        tokens = (DEV_MANAGEMENT_TOKEN.encode(),)
+    document = sample_event(event_type)
+    body = encode(document)
+    headers = {"content-type": "application/json", "sc-signature": sign(tokens[0], body)}
+    try:
+        response = httpx.post(url, content=body, headers=headers, timeout=15.0)
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+        raise ConfigurationError(f"--url is not an http(s) URL ({type(exc).__name__}).") from None
+    except httpx.HTTPError as exc:
+        raise Unreachable(f"could not reach {url} ({type(exc).__name__}); is the web process running?") from None
+    print(f"POST {url} {event_type} eventId={document['eventId']}")
+    print(f"-> {response.status_code} {response.text}")
+    if event_type == "VERIFY":
+        expected = answer_challenge(tokens[0], document["data"]["challenge"])
+        try:
+            answered = response.status_code == 200 and response.json().get("challenge") == expected
+        except ValueError:
+            answered = False
+        print("challenge answer matches" if answered else "challenge answer does NOT match")
+        return 0 if answered else 1
+    return 0 if response.status_code == 202 else 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigurationError
@@ -28,6 +28,12 @@ DEFAULT_JOB_RESULT_TTL_SECONDS = 60
 DEFAULT_VEHICLE_STATE_TTL_SECONDS = 2_592_000
 
 
+def key_list(secret: SecretStr | None) -> tuple[bytes, ...]:
+    """The entries of a comma-separated list of keys (a rotation), UTF-8 encoded, in order."""
+    raw = secret.get_secret_value() if secret is not None else ""
+    return tuple(part.strip().encode() for part in raw.split(",") if part.strip())
+
+
 class Settings(BaseSettings):
     """All runtime settings. Field names map to the upper-case variables of the contract."""
 
@@ -36,6 +42,7 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         case_sensitive=False,
+        env_ignore_empty=True,  # `SPOOL_DIR=` (in the environment or .env) means unset
     )
 
     redis_url: str = "redis://localhost:6379/0"
@@ -91,43 +98,12 @@ class Settings(BaseSettings):
     connect_state_ttl_seconds: int = Field(default=3600, gt=0)
     connect_start_enabled: bool = False
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", "connect_mode", mode="before")
     @classmethod
-    def _upper_level(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
-
-    @field_validator("log_format", mode="before")
-    @classmethod
-    def _lower_format(cls, value: object) -> object:
-        return value.lower() if isinstance(value, str) else value
-
-    @field_validator("connect_mode", mode="before")
-    @classmethod
-    def _mode_or_unset(cls, value: object) -> object:
+    def _any_case(cls, value: object, info: ValidationInfo) -> object:
         if isinstance(value, str):
-            return value.strip().lower() or None
-        return value
-
-    @field_validator("smartcar_requests_per_minute", "smartcar_burst", mode="before")
-    @classmethod
-    def _blank_is_no_limit(cls, value: object) -> object:
-        return None if isinstance(value, str) and not value.strip() else value
-
-    @field_validator(
-        "smartcar_management_token",
-        "smartcar_client_secret",
-        "smartcar_client_id",
-        "spool_dir",
-        "smartcar_application_id",
-        "connect_redirect_uri",
-        "connect_state_secret",
-    )
-    @classmethod
-    def _blank_is_unset(cls, value: object) -> object:
-        if isinstance(value, SecretStr) and not value.get_secret_value().strip():
-            return None
-        if isinstance(value, str) and not value.strip():
-            return None
+            value = value.strip().upper() if info.field_name == "log_level" else value.strip().lower()
+            return value or None
         return value
 
     @model_validator(mode="after")
@@ -142,20 +118,17 @@ class Settings(BaseSettings):
 
         The first one answers VERIFY; all of them verify ``SC-Signature`` (rotation).
         """
-        if self.smartcar_management_token is None:
-            return ()
-        raw = self.smartcar_management_token.get_secret_value()
-        return tuple(part.strip().encode() for part in raw.split(",") if part.strip())
+        return key_list(self.smartcar_management_token)
 
     @property
     def delivery_max_age_seconds(self) -> int:
         """How old a signed delivery may be (``MAX_DELIVERY_AGE_SECONDS``, else ``DEDUPE_TTL_SECONDS``)."""
         return self.max_delivery_age_seconds or self.dedupe_ttl_seconds
 
-    def require_management_token(self, dev: bool = False) -> None:
+    def require_management_token(self) -> None:
         """Raise :class:`ConfigurationError` unless usable management tokens are set.
 
-        Outside ``dev`` every token must be at least :data:`MIN_MANAGEMENT_TOKEN_LENGTH` characters
+        Outside ``dev`` (``DEV_MODE``) every token must be at least :data:`MIN_MANAGEMENT_TOKEN_LENGTH` characters
         and none may be the documented dev default, which anyone can read in this repository.
         """
         if not self.management_tokens:
@@ -163,7 +136,7 @@ class Settings(BaseSettings):
                 "SMARTCAR_MANAGEMENT_TOKEN is not set: copy the Application Management Token from the "
                 "Smartcar Dashboard into it (a comma-separated list is accepted during rotation)."
             )
-        if dev:
+        if self.dev_mode:
             return
         for position, token in enumerate(self.management_tokens, start=1):
             if token == DEV_MANAGEMENT_TOKEN.encode():
@@ -194,10 +167,10 @@ class Settings(BaseSettings):
             )
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings() -> Settings:
     """Build :class:`Settings` from the environment, turning validation failures into one clear line."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings()
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}" for err in exc.errors()

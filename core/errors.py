@@ -20,12 +20,15 @@ PARK_REASONS = (
 class IngestError(Exception):
     """Root of every error this project raises on purpose."""
 
-    #: Stable snake_case code: used in HTTP error bodies, parked reasons and metrics labels.
+    #: Stable snake_case code: used in HTTP error bodies, parked reasons and metrics labels; a leaf
+    #: whose cases differ only in what they tell the caller takes the case's code when raised.
     code: str = "ingest_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if code is not None:
+            self.code = code
 
 
 class ConfigurationError(IngestError):
@@ -41,20 +44,12 @@ class TransientError(IngestError):
     code = "transient_error"
 
 
-class RedisUnavailable(TransientError):
-    """Redis did not answer, or cannot serve us for now (loading, out of memory, read-only).
+class Unreachable(TransientError):
+    """A dependency did not answer: the database (refused, timed out, dropped, locked), Redis where a
+    process gives up instead of waiting it out (an operator command, a starting worker), or the
+    webhook endpoint of ``send-test-event``."""
 
-    Raised where a process gives up on Redis instead of waiting it out: an operator command
-    (``status``, ``replay``, ``backfill``) and a worker whose Redis never answered at start.
-    """
-
-    code = "redis_unavailable"
-
-
-class DatabaseUnavailable(TransientError):
-    """The database did not answer (refused, timed out, dropped the connection, or locked)."""
-
-    code = "database_unavailable"
+    code = "unreachable"
 
 
 class SmartcarUnavailable(TransientError):
@@ -73,12 +68,6 @@ class SmartcarRateLimited(TransientError):
         self.retry_after = retry_after
 
 
-class EndpointUnavailable(TransientError):
-    """The webhook endpoint that ``send-test-event`` posts to could not be reached."""
-
-    code = "endpoint_unavailable"
-
-
 class PermanentError(IngestError):
     """Retrying will not change the outcome."""
 
@@ -92,21 +81,11 @@ class MalformedBody(PermanentError):
 
 
 class InvalidPayload(PermanentError):
-    """A validly signed JSON body that does not match the event schema."""
+    """A validly signed JSON body that does not match the event schema (``invalid_payload``), is a
+    legacy v2.0 webhook (``legacy_v2``) or has an ``eventType`` outside VERIFY, VEHICLE_STATE and
+    VEHICLE_ERROR (``unknown_event_type``): parked with that reason."""
 
     code = "invalid_payload"
-
-
-class UnknownEventType(PermanentError):
-    """An ``eventType`` outside VERIFY, VEHICLE_STATE and VEHICLE_ERROR."""
-
-    code = "unknown_event_type"
-
-
-class LegacyPayload(PermanentError):
-    """A legacy v2.0 webhook payload (top-level ``version``)."""
-
-    code = "legacy_v2"
 
 
 class UnknownUser(PermanentError):
@@ -148,16 +127,10 @@ class TokenRequestFailed(PermanentError):
     code = "token_request_failed"
 
 
-class UserNotFound(PermanentError):
-    """No user has this internal id."""
+class RecordNotFound(PermanentError):
+    """No user or vehicle has this internal id."""
 
-    code = "user_not_found"
-
-
-class VehicleNotFound(PermanentError):
-    """No vehicle has this internal id."""
-
-    code = "vehicle_not_found"
+    code = "record_not_found"
 
 
 class LinkConflict(PermanentError):
@@ -167,39 +140,18 @@ class LinkConflict(PermanentError):
 
 
 class InvalidConnectState(PermanentError):
-    """The ``state`` of a Connect redirect is missing, malformed or not signed by this service."""
+    """The ``state`` of a Connect redirect is missing, malformed or not signed by this service
+    (``invalid_state``), genuine but expired (``expired_state``), or bound to a browser and redeemed
+    without that browser's binding cookie (``browser_mismatch``)."""
 
     code = "invalid_state"
 
 
-class ExpiredConnectState(InvalidConnectState):
-    """The ``state`` of a Connect redirect is genuine but older than ``CONNECT_STATE_TTL_SECONDS``."""
-
-    code = "expired_state"
-
-
-class ForeignConnectState(InvalidConnectState):
-    """A ``state`` bound to a browser, redeemed without that browser's binding cookie."""
-
-    code = "browser_mismatch"
-
-
-class UsedConnectState(InvalidConnectState):
-    """A ``state`` that was already redeemed: each one links at most once."""
-
-    code = "state_used"
-
-
 class UnverifiedConnection(PermanentError):
-    """Smartcar lists no connection of the redirect's user made since the ``state`` was issued."""
+    """Smartcar lists no connection of the redirect's user made since the ``state`` was issued
+    (``unverified_user``), or its connections carry no creation time to check (``cannot_verify``)."""
 
     code = "unverified_user"
-
-
-class UnverifiableConnection(PermanentError):
-    """Smartcar's connections of the user carry no creation time, so a redirect cannot be checked."""
-
-    code = "cannot_verify"
 
 
 class RecordExists(PermanentError):

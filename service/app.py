@@ -104,7 +104,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     if settings is None:
         settings = load_settings()
         configure_logging(settings.log_level, settings.log_format)
-    settings.require_management_token(dev=settings.dev_mode)
+    settings.require_management_token()
     deadline = redis_deadline_seconds(settings)
     redis = web_redis(settings)
     inbox = Inbox(

@@ -26,16 +26,14 @@ from starlette.routing import Route
 from core.config import Settings
 from core.errors import (
     ConfigurationError,
-    DatabaseUnavailable,
     IngestError,
     InvalidConnectState,
     InvalidValue,
     LinkConflict,
+    RecordNotFound,
     SmartcarRateLimited,
-    UnverifiableConnection,
+    Unreachable,
     UnverifiedConnection,
-    UsedConnectState,
-    UserNotFound,
 )
 from core.logs import get_logger
 from core.redis.functions import lua_function
@@ -43,7 +41,7 @@ from core.redis.keys import connect_state_key
 from core.smartcar.client import SmartcarClient, smartcar_client
 from core.smartcar.http import SmartcarHttp, smartcar_http
 from core.store.users import LinkResult, UserStore
-from service.connect_state import ConnectState, confirm_connection, connect_link, new_binding, state_keys, verify_state
+from service.connect_state import ConnectState, confirm_connection, connect_link, state_keys, verify_state
 from service.responses import error_response
 
 log = get_logger("smartcar_ingest.connect")
@@ -85,24 +83,10 @@ def _unavailable(message: str, retry_after: float | None = None) -> Response:
     return _error(503, "unavailable", message, {"Retry-After": str(seconds)})
 
 
-def fingerprint(smartcar_user_id: str) -> str:
-    """A short digest that lets logs correlate a Smartcar user id without recording it."""
-    return hashlib.sha256(smartcar_user_id.encode()).hexdigest()[:12]
-
-
 def _plain(value: str | None) -> str:
     """Connect's text as one short printable line (it is user-facing, but not ours to trust)."""
     text = " ".join("".join(ch if ch.isprintable() else " " for ch in value or "").split())
     return text[:_CONNECT_DETAIL_LIMIT]
-
-
-def binding_cookie_scope(redirect_uri: str | None) -> tuple[str, str, bool]:
-    """``(name, path, secure)`` of the binding cookie for a callback at ``redirect_uri``."""
-    parts = urlsplit(redirect_uri or "")
-    if parts.scheme != "http":
-        return HOST_BINDING_COOKIE, "/", True
-    path = posixpath.dirname(parts.path)
-    return BINDING_COOKIE, (path if path.startswith("/") else "/"), False
 
 
 class ConnectEndpoints:
@@ -116,7 +100,11 @@ class ConnectEndpoints:
         self._redis = redis
         self._keys = state_keys(settings)
         self._release = _RELEASE_FN.bind(redis)
-        self._cookie_name, self._cookie_path, self._cookie_secure = binding_cookie_scope(settings.connect_redirect_uri)
+        callback = urlsplit(settings.connect_redirect_uri or "")
+        self._cookie_secure = callback.scheme != "http"
+        self._cookie_name = HOST_BINDING_COOKIE if self._cookie_secure else BINDING_COOKIE
+        path = "/" if self._cookie_secure else posixpath.dirname(callback.path)
+        self._cookie_path = path if path.startswith("/") else "/"
         self._store: UserStore | None = None
         self._lock = threading.Lock()
         self._http: SmartcarHttp | None = None
@@ -137,15 +125,11 @@ class ConnectEndpoints:
             routes.append(Route("/connect/start", self.start, methods=["GET"]))
         return routes
 
-    def _users(self) -> UserStore:
+    def _link(self, user_id: int, smartcar_user_id: str) -> LinkResult:
         # Called in a worker thread: the lock keeps two first callbacks from building two pools.
         with self._lock:
-            if self._store is None:
-                self._store = UserStore(self._settings.database_url)
-            return self._store
-
-    def _link(self, user_id: int, smartcar_user_id: str) -> LinkResult:
-        return self._users().link(user_id, smartcar_user_id)
+            store = self._store = self._store or UserStore(self._settings.database_url)
+        return store.link(user_id, smartcar_user_id)
 
     def _client(self) -> SmartcarClient | None:
         """The Smartcar client; ``None`` without client credentials."""
@@ -159,19 +143,14 @@ class ConnectEndpoints:
             self._smartcar = smartcar_client(settings, self._redis, self._http, attempts=1)
         return self._smartcar
 
-    def close(self) -> None:
-        """Close the user store's connections, if it was ever opened (blocking: run it in a thread)."""
-        with self._lock:
-            if self._store is not None:
-                self._store.dispose()
-                self._store = None
-
     async def aclose(self) -> None:
         """Close the Smartcar HTTP client and the user store, whichever were opened."""
         http, self._http, self._smartcar = self._http, None, None
         if http is not None:
             await http.aclose()
-        await run_in_threadpool(self.close)
+        store, self._store = self._store, None
+        if store is not None:
+            await run_in_threadpool(store.dispose)
 
     async def callback(self, request: Request) -> Response:
         query = request.query_params
@@ -190,46 +169,39 @@ class ConnectEndpoints:
         if smartcar is None:
             log.error("connect callback without client credentials", user_id=state.user_id)
             return _unavailable(_NO_CREDENTIALS)
-        key = connect_state_key(state.nonce)
+        key, claim = connect_state_key(state.nonce), secrets.token_hex(8)
         try:
-            claim = await self._spend(key, state)
+            # Spent until the state would expire anyway.
+            ttl = max(1, state.expires_at - int(time.time()))
+            spent = await self._redis.set(key, claim, nx=True, ex=ttl)
         except (RedisError, OSError, TimeoutError) as exc:
             log.error("connect state could not be spent", user_id=state.user_id, error=type(exc).__name__)
             return _unavailable("The service cannot record the link right now; retry shortly.")
-        if claim is None:
-            used = UsedConnectState("This Connect link was already used: ask for a new one to connect again.")
-            return _error(400, used.code, used.message)
+        if not spent:
+            return _error(400, "state_used", "This Connect link was already used: ask for a new one to connect again.")
         response = await self._redeem(smartcar, state, smartcar_user_id)
         if response.status_code == 503:
-            await self._unspend(key, claim)
+            try:
+                await self._release(keys=[key], args=[claim])
+            except (RedisError, OSError, TimeoutError) as exc:
+                # The state stays spent: the user has to ask for a new link, which is safe.
+                log.warning("connect state could not be given back", error=type(exc).__name__)
         elif response.status_code == 200 and state.bound:
             response.delete_cookie(
                 self._cookie_name, path=self._cookie_path, secure=self._cookie_secure, httponly=True, samesite="lax"
             )
         return response
 
-    async def _spend(self, key: str, state: ConnectState) -> str | None:
-        """Mark the state spent (until it would expire anyway); ``None`` when it already was."""
-        claim = secrets.token_hex(8)
-        ttl = max(1, state.expires_at - int(time.time()))
-        return claim if await self._redis.set(key, claim, nx=True, ex=ttl) else None
-
-    async def _unspend(self, key: str, claim: str) -> None:
-        try:
-            await self._release(keys=[key], args=[claim])
-        except (RedisError, OSError, TimeoutError) as exc:
-            # The state stays spent: the user has to ask for a new link, which is safe.
-            log.warning("connect state could not be given back", error=type(exc).__name__)
-
     async def _redeem(self, smartcar: SmartcarClient, state: ConnectState, smartcar_user_id: str) -> Response:
         """Verify with Smartcar, then link; a 503 means "nothing happened, try again"."""
-        user_id, digest = state.user_id, fingerprint(smartcar_user_id)
+        # Logs correlate a Smartcar user id by this digest, never recording the id itself.
+        user_id, digest = state.user_id, hashlib.sha256(smartcar_user_id.encode()).hexdigest()[:12]
         try:
             async with asyncio.timeout(_VERIFY_SECONDS):
                 await confirm_connection(smartcar, smartcar_user_id, state.issued_at)
-        except (UnverifiedConnection, UnverifiableConnection) as exc:
+        except UnverifiedConnection as exc:
             log.warning("connect link refused", user_id=user_id, smartcar_user=digest, reason=exc.code)
-            return _error(403 if isinstance(exc, UnverifiedConnection) else 409, exc.code, exc.message)
+            return _error(403 if exc.code == UnverifiedConnection.code else 409, exc.code, exc.message)
         except (IngestError, RedisError, OSError, TimeoutError) as exc:
             # Every other failure is Smartcar's, ours or our credentials', never the redirect's.
             reason = exc.message if isinstance(exc, IngestError) else type(exc).__name__
@@ -241,12 +213,12 @@ class ConnectEndpoints:
         except LinkConflict:
             log.warning("connect link refused", user_id=user_id, smartcar_user=digest, reason="link_conflict")
             return _error(409, "link_conflict", _CONFLICT)
-        except UserNotFound:
+        except RecordNotFound:
             log.warning("connect link refused", user_id=user_id, reason="user_not_found")
             return _error(404, "user_not_found", "The user this Connect link was made for no longer exists.")
         except InvalidValue:
             return _error(400, "invalid_user_id", "The user_id parameter is not a Smartcar user id.")
-        except (DatabaseUnavailable, ConfigurationError) as exc:
+        except (Unreachable, ConfigurationError) as exc:
             log.error("connect link failed", user_id=user_id, error=exc.message)
             return _unavailable("The user store is unavailable; retry shortly.")
         if not result.already_linked:
@@ -275,7 +247,7 @@ class ConnectEndpoints:
         raw = request.query_params.get("user", "")
         if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) < 10**18:
             return _error(400, "invalid_user", "The user parameter must be an internal user id (a positive integer).")
-        binding = new_binding()
+        binding = secrets.token_urlsafe(32)
         link = connect_link(self._settings, int(raw), binding=binding)
         log.info("connect start", user_id=int(raw))
         response = RedirectResponse(link.url, status_code=302, headers=_NO_STORE)

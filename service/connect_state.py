@@ -12,18 +12,15 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from core.config import Settings
+from core.config import Settings, key_list
 from core.errors import (
     ConfigurationError,
-    ExpiredConnectState,
-    ForeignConnectState,
     InvalidConnectState,
-    UnverifiableConnection,
     UnverifiedConnection,
 )
 from core.smartcar.client import SmartcarClient
@@ -31,7 +28,6 @@ from core.smartcar.client import SmartcarClient
 CONNECT_URL = "https://connect.smartcar.com/oauth/authorize"
 _KEY_LABEL = b"smartcar-ingest connect state v1"
 _BINDING_LABEL = b"smartcar-ingest connect binding\x00"
-_VERSION = "v2"
 # user id (at most 18 digits: a BIGINT), issued and expiry (epoch seconds), binding, 16-byte nonce, 32-byte MAC.
 _STATE = re.compile(
     r"v2\.([1-9][0-9]{0,17})\.([0-9]{1,12})\.([0-9]{1,12})\.([bu])\.([A-Za-z0-9_-]{22})\.([A-Za-z0-9_-]{43})"
@@ -41,7 +37,8 @@ MAX_STATE_LENGTH = 160
 CLOCK_SKEW_SECONDS = 60
 #: Pages of one user's connections read at most (a hundred each): a user has a handful.
 MAX_VERIFY_PAGES = 5
-_VERIFY_PAGE_SIZE = 100
+#: Smartcar's largest page of connections: fewer calls against the application's rate limit.
+PAGE_SIZE = 100
 # Epoch seconds reach 1e11 in the year 5138; epoch milliseconds passed it in 1973.
 _EPOCH_MS_FROM = 100_000_000_000
 _CREATED_AT_FIELDS = (("attributes", "createdAt"), ("attributes", "connectedAt"), ("createdAt",), ("connectedAt",))
@@ -69,27 +66,15 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _derive(secret: bytes) -> bytes:
-    return hmac.new(secret, _KEY_LABEL, hashlib.sha256).digest()
-
-
 def state_keys(settings: Settings) -> tuple[bytes, ...]:
     """The signing keys, first one signing; :class:`ConfigurationError` when there is nothing to derive them from."""
-    if settings.connect_state_secret is not None:
-        raw = settings.connect_state_secret.get_secret_value()
-        raw_keys = tuple(part.strip().encode() for part in raw.split(",") if part.strip())
-    else:
-        raw_keys = settings.management_tokens
+    secret = settings.connect_state_secret
+    raw_keys = key_list(secret) if secret is not None else settings.management_tokens
     if not raw_keys:
         raise ConfigurationError(
             "neither CONNECT_STATE_SECRET nor SMARTCAR_MANAGEMENT_TOKEN is set: Connect state tokens need a key."
         )
-    return tuple(_derive(secret) for secret in raw_keys)
-
-
-def new_binding() -> str:
-    """A fresh random value for a browser's binding cookie (256 bits, URL-safe)."""
-    return secrets.token_urlsafe(32)
+    return tuple(hmac.new(secret, _KEY_LABEL, hashlib.sha256).digest() for secret in raw_keys)
 
 
 def _mac(key: bytes, signed: str, binding: str | None) -> str:
@@ -102,29 +87,22 @@ def _mac(key: bytes, signed: str, binding: str | None) -> str:
 def issue_state(
     keys: tuple[bytes, ...], user_id: int, ttl_seconds: int, binding: str | None = None, now: float | None = None
 ) -> str:
-    """A state naming internal user ``user_id``, valid for ``ttl_seconds`` from ``now``.
-
-    With ``binding`` (a browser's cookie value) it only verifies next to that value; without, it
-    is unbound and verifies anywhere, still only once.
-    """
+    """A state naming internal user ``user_id`` for ``ttl_seconds``; with ``binding`` (a browser's
+    cookie value) it verifies only next to that value."""
     if user_id < 1:
         raise ConfigurationError(f"the internal user id must be at least 1, got {user_id}.")
     issued = int(time.time() if now is None else now)
     marker = "u" if binding is None else "b"
-    signed = f"{_VERSION}.{user_id}.{issued}.{issued + ttl_seconds}.{marker}.{_b64(secrets.token_bytes(16))}"
+    signed = f"v2.{user_id}.{issued}.{issued + ttl_seconds}.{marker}.{_b64(secrets.token_bytes(16))}"
     return f"{signed}.{_mac(keys[0], signed, binding)}"
 
 
 def verify_state(
     keys: tuple[bytes, ...], state: str | None, binding: str | None = None, now: float | None = None
 ) -> ConnectState:
-    """What ``state`` says, once its MAC (and for a bound state, ``binding``) checks out.
-
-    Raises :class:`InvalidConnectState` for a missing, malformed, forged or version-1 state,
-    :class:`ForeignConnectState` for a bound state without the right ``binding``, and
-    :class:`ExpiredConnectState` only for a genuine state past its expiry. Whether the state was
-    already spent is the caller's business (it takes Redis).
-    """
+    """What ``state`` says once its MAC (with ``binding``, if bound) checks out; whether it was spent
+    is the caller's business. :class:`InvalidConnectState` (missing, malformed, forged, version 1),
+    :class:`InvalidConnectState` (wrong binding, or genuine but expired)."""
     if not state:
         raise InvalidConnectState("The state parameter is missing: start again from a Connect link issued by us.")
     if state.startswith("v1."):
@@ -137,14 +115,16 @@ def verify_state(
         raise InvalidConnectState(_NOT_OURS)
     bound = match.group(4) == "b"
     if bound and not binding:
-        raise ForeignConnectState(_OTHER_BROWSER)
+        raise InvalidConnectState(_OTHER_BROWSER, "browser_mismatch")
     signed, _, mac = state.rpartition(".")
     expected = binding if bound else None
     if not any(hmac.compare_digest(_mac(key, signed, expected).encode(), mac.encode()) for key in keys):
-        raise ForeignConnectState(_OTHER_BROWSER) if bound else InvalidConnectState(_NOT_OURS)
+        raise InvalidConnectState(_OTHER_BROWSER, "browser_mismatch") if bound else InvalidConnectState(_NOT_OURS)
     expires_at = int(match.group(3))
     if expires_at <= (time.time() if now is None else now):
-        raise ExpiredConnectState("The Connect link has expired: ask for a new one and go through Connect again.")
+        raise InvalidConnectState(
+            "The Connect link has expired: ask for a new one and go through Connect again.", "expired_state"
+        )
     return ConnectState(int(match.group(1)), int(match.group(2)), expires_at, match.group(5), bound)
 
 
@@ -203,6 +183,41 @@ def connect_link(
     return ConnectLink(f"{CONNECT_URL}?{urlencode(params, quote_via=quote)}", int(now) + ttl, note)
 
 
+def _dig(value: object, *keys: str) -> object:
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+async def connection_pages(
+    smartcar: SmartcarClient, smartcar_user_id: str | None, max_pages: int, page_size: int = PAGE_SIZE
+) -> AsyncIterator[tuple[list[Any], int | None]]:
+    """Each page of ``GET /v3/connections`` (the user's only, if given): its items and
+    ``meta.totalCount``, until ``links.next`` is null, the total is reached or a page is short."""
+    for page in range(1, max_pages + 1):
+        body = await smartcar.list_connections(page, page_size, smartcar_user_id)
+        data, links = body.get("data"), body.get("links")
+        items = data if isinstance(data, list) else []
+        total = _count(_dig(body, "meta", "totalCount"))
+        yield items, total
+        size = _count(_dig(body, "meta", "pageSize")) or page_size
+        has_next = isinstance(links, dict) and "next" in links
+        if not items or (has_next and not _dig(links, "next")) or (total is not None and page * size >= total):
+            return
+        if not has_next and total is None and len(items) < size:
+            return
+
+
+def connection_ids(item: object) -> tuple[str | None, str | None]:
+    """The Smartcar user and vehicle ids of a ``/connections`` item, ``None`` where missing."""
+    user, vehicle = _dig(item, "attributes", "user", "id"), _dig(item, "relationships", "vehicle", "data", "id")
+    return (user if isinstance(user, str) and user else None, vehicle if isinstance(vehicle, str) and vehicle else None)
+
+
 def connection_created_at(item: object) -> float | None:
     """When a ``/connections`` item was made (epoch seconds), or ``None`` when it does not say.
 
@@ -210,10 +225,7 @@ def connection_created_at(item: object) -> float | None:
     capture"; an ISO-8601 time without an offset is read as UTC.
     """
     for path in _CREATED_AT_FIELDS:
-        value: Any = item
-        for key in path:
-            value = value.get(key) if isinstance(value, dict) else None
-        stamp = _timestamp(value)
+        stamp = _timestamp(_dig(item, *path))
         if stamp is not None:
             return stamp
     return None
@@ -241,50 +253,27 @@ async def confirm_connection(smartcar: SmartcarClient, smartcar_user_id: str, is
     """Return when Smartcar lists a connection of ``smartcar_user_id`` made since ``issued_at``
     (less :data:`CLOCK_SKEW_SECONDS`); items of other users never count.
 
-    Raises :class:`UnverifiedConnection` when none qualifies, :class:`UnverifiableConnection` when
-    none qualifies but some carry no creation time (fail closed); Smartcar's own failures propagate.
+    Raises :class:`UnverifiedConnection` when none qualifies, coded ``cannot_verify`` when none
+    qualifies but some carry no creation time (fail closed); Smartcar's own failures propagate.
     """
     undated = False
-    for page in range(1, MAX_VERIFY_PAGES + 1):
-        body = await smartcar.list_connections(page, _VERIFY_PAGE_SIZE, smartcar_user_id)
-        data = body.get("data")
-        items: Sequence[Any] = data if isinstance(data, list) else ()
+    async for items, _ in connection_pages(smartcar, smartcar_user_id, MAX_VERIFY_PAGES):
         for item in items:
-            if _user_of(item) != smartcar_user_id:
+            if connection_ids(item)[0] != smartcar_user_id:
                 continue
             created = connection_created_at(item)
             if created is None:
                 undated = True
             elif created >= issued_at - CLOCK_SKEW_SECONDS:
                 return
-        if _last_page(body, len(items), page):
-            break
     if undated:
-        raise UnverifiableConnection(
+        raise UnverifiedConnection(
             "Smartcar gives no creation time for this account's connections, so this redirect cannot be verified "
             "and nothing was linked; an operator can link it from Smartcar's connection list with "
-            "`smartcar-ingest backfill`."
+            "`smartcar-ingest backfill`.",
+            "cannot_verify",
         )
     raise UnverifiedConnection(
         "Smartcar does not list a vehicle this account connected since the Connect link was issued; "
         "nothing was linked. Start again from a fresh Connect link."
     )
-
-
-def _user_of(item: object) -> str | None:
-    attributes = item.get("attributes") if isinstance(item, dict) else None
-    user = attributes.get("user") if isinstance(attributes, dict) else None
-    user_id = user.get("id") if isinstance(user, dict) else None
-    return user_id if isinstance(user_id, str) else None
-
-
-def _last_page(body: dict[str, Any], count: int, page: int) -> bool:
-    links, meta = body.get("links"), body.get("meta")
-    if count == 0:
-        return True
-    if isinstance(links, dict) and "next" in links:
-        return not links["next"]
-    total = meta.get("totalCount") if isinstance(meta, dict) else None
-    if isinstance(total, int) and not isinstance(total, bool):
-        return page * _VERIFY_PAGE_SIZE >= total
-    return count < _VERIFY_PAGE_SIZE

@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
 from core import metrics
-from core.errors import InvalidPayload, LegacyPayload, MalformedBody, PermanentError, UnknownEventType
+from core.errors import InvalidPayload, MalformedBody, PermanentError
 from core.events import parse
 from core.events.model import QuickEvent
 from core.events.wire import VERIFY
@@ -187,7 +187,7 @@ class WebhookEndpoint:
             if event_type == VERIFY:
                 return self._verify_answer(parse.parse_verify(document))
             event = parse.parse_event(document)
-        except (InvalidPayload, LegacyPayload, UnknownEventType) as exc:
+        except InvalidPayload as exc:
             return await self._park(event_id, exc, text)
         quick = QuickEvent(event.event_id, event.event_type, event.meta.deliveryId)
         # load_json read it (no NaN or Infinity literal): a JSON object the job can embed as it is.

@@ -32,7 +32,9 @@ def postgres_or_skip() -> str:
         with engine.connect():
             pass
     except OperationalError as exc:
-        pytest.skip(f"PostgreSQL at {db.safe_url(POSTGRES_URL)} is unreachable ({exc.orig}); set TEST_POSTGRES_URL")
+        pytest.skip(
+            f"PostgreSQL at {db.safe_url(db.parse_url(POSTGRES_URL))} is unreachable ({exc.orig}); set TEST_POSTGRES_URL"
+        )
     finally:
         engine.dispose()
     return POSTGRES_URL

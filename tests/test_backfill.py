@@ -25,10 +25,9 @@ import pytest
 import stamina
 from redis.asyncio import Redis
 
-from cli.backfill import run_backfill
-from cli.connections import Backfill, BackfillReport
+from cli.backfill import Backfill, BackfillReport, run_backfill
 from cli.main import main
-from core.errors import LinkConflict, VehicleNotFound
+from core.errors import LinkConflict, RecordNotFound
 from core.smartcar.client import SmartcarClient
 from core.smartcar.tokens import AppTokenProvider
 from core.store import db
@@ -280,17 +279,18 @@ def test_store_finds_vehicles_by_vin_ignoring_case_and_by_smartcar_id(store):
 
 def test_link_vehicle_stores_both_ids_or_neither(store, before_database):
     """`link_vehicle` writes the vehicle and owner ids together, and never overwrites either."""
-    result = store.link_vehicle(10, VW, VW_USER)
-    assert (result.vehicle_linked, result.user_linked) == (True, True)
-    again = store.link_vehicle(10, VW, VW_USER)
-    assert (again.vehicle_linked, again.user_linked) == (False, False)
+    store.link_vehicle(10, VW, VW_USER)
+    linked = links(before_database)
+    assert (linked[0][0], linked[1][0][:2]) == ((1, VW_USER), (10, VW))
+    store.link_vehicle(10, VW, VW_USER)  # again: nothing to do
+    assert links(before_database) == linked
     with pytest.raises(LinkConflict, match="refusing to overwrite"):
         store.link_vehicle(10, IONIQ, VW_USER)  # the vehicle holds another Smartcar vehicle
     with pytest.raises(LinkConflict):
         store.link_vehicle(14, JAGUAR, JAGUAR_USER)  # user 4 holds another Smartcar user
     with pytest.raises(LinkConflict, match="already belongs to user 6"):
         store.link_vehicle(15, POLESTAR, POLESTAR_USER)
-    with pytest.raises(VehicleNotFound):
+    with pytest.raises(RecordNotFound):
         store.link_vehicle(99, VW, VW_USER)
     _, vehicles = links(before_database)
     assert [v[:2] for v in vehicles if v[0] in (14, 15)] == [(14, None), (15, None)]  # nothing half-written

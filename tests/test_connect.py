@@ -20,12 +20,7 @@ from pydantic import SecretStr
 
 from cli.main import main
 from core.config import Settings
-from core.errors import (
-    ConfigurationError,
-    ExpiredConnectState,
-    ForeignConnectState,
-    InvalidConnectState,
-)
+from core.errors import ConfigurationError, InvalidConnectState
 from core.store import db
 from core.store.users import UserStore
 from service.app import create_app
@@ -505,10 +500,10 @@ def test_start_redirects_to_connect_with_a_bound_state_and_a_strict_cookie(web):
     state = parse_qs(urlsplit(response.headers["location"]).query)["state"][0]
     keys = state_keys(web.settings)
     assert verify_state(keys, state, binding).user_id == 1
-    with pytest.raises(ForeignConnectState):
-        verify_state(keys, state)
-    with pytest.raises(ForeignConnectState):
-        verify_state(keys, state, binding + "x")
+    for wrong in (None, binding + "x"):
+        with pytest.raises(InvalidConnectState) as caught:
+            verify_state(keys, state, wrong)
+        assert caught.value.code == "browser_mismatch"
 
 
 def test_start_cookie_is_a_host_cookie_when_the_callback_is_https(settings, emulator, store):
@@ -573,10 +568,12 @@ def test_connect_link_has_the_documented_parameters(settings):
     assert link.note is None
     state = verify_state(state_keys(configured), query["state"], now=1_800_000_000)
     assert (state.user_id, state.issued_at, state.expires_at, state.bound) == (42, 1_800_000_000, 1_800_003_600, False)
-    with pytest.raises(ExpiredConnectState):
+    with pytest.raises(InvalidConnectState) as caught:
         verify_state(state_keys(configured), query["state"], now=1_800_003_600)
-    with pytest.raises(InvalidConnectState):
+    assert caught.value.code == "expired_state"
+    with pytest.raises(InvalidConnectState) as caught:
         verify_state(state_keys(settings), query["state"], now=1_800_000_000)  # another key
+    assert caught.value.code == "invalid_state"
 
 
 def test_states_are_distinct_and_carry_their_nonce(settings):

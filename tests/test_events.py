@@ -11,7 +11,7 @@ import re
 import pytest
 
 from cli.samples import encode, sample_event
-from core.errors import InvalidPayload, LegacyPayload, MalformedBody, UnknownEventType
+from core.errors import InvalidPayload, MalformedBody
 from core.events.model import DeliveryMeta, QuickEvent, Signal, Trigger
 from core.events.normalise import delivered_at, epoch_ms, model_year, retrieved_at
 from core.events.parse import classify, load_json, parse_event, parse_stored, parse_verify, quick_vehicle_event
@@ -179,15 +179,17 @@ def test_not_json_raises_malformed_body():
 
 
 def test_legacy_v2_is_recognised():
-    """A top-level version (v2.0 webhook) is a LegacyPayload."""
-    with pytest.raises(LegacyPayload):
+    """A top-level version (v2.0 webhook) is an InvalidPayload coded legacy_v2."""
+    with pytest.raises(InvalidPayload) as caught:
         classify({"version": "2.0", "webhookId": "w", "eventName": "verify", "payload": {"challenge": "x"}})
+    assert caught.value.code == "legacy_v2"
 
 
 def test_unknown_event_type():
-    """An eventType other than the three known ones is UnknownEventType."""
-    with pytest.raises(UnknownEventType):
+    """An eventType other than the three known ones is an InvalidPayload coded unknown_event_type."""
+    with pytest.raises(InvalidPayload) as caught:
         classify({"eventId": "e", "eventType": "VEHICLE_CONNECTION_STATUS", "data": {}})
+    assert caught.value.code == "unknown_event_type"
 
 
 #: Changes that break the schema: missing ids, users, vehicles, malformed lists.
@@ -240,7 +242,7 @@ def _slow_path_accepts(body: bytes) -> bool:
         if classify(document) not in VEHICLE_EVENT_TYPES:
             return False
         parse_event(document)
-    except (MalformedBody, InvalidPayload, LegacyPayload, UnknownEventType):
+    except (MalformedBody, InvalidPayload):
         return False
     return True
 
@@ -420,7 +422,7 @@ def _edge_reading(body: bytes) -> tuple[object, ...]:
             parse_verify(document)
             return ("verify",)
         event = parse_event(document)
-    except (InvalidPayload, LegacyPayload, UnknownEventType) as exc:
+    except InvalidPayload as exc:
         return ("parked", exc.code, exc.message)
     return ("accepted", event.event_id, event.event_type, event.meta.deliveryId)
 
@@ -429,7 +431,7 @@ def _worker_reading(stored: bytes | str) -> tuple[object, ...]:
     """What the worker's parse step makes of a stored body: the event, or the park reason and detail."""
     try:
         return ("accepted", parse_stored(stored))
-    except (InvalidPayload, LegacyPayload, UnknownEventType) as exc:
+    except InvalidPayload as exc:
         return ("parked", exc.code, exc.message)
 
 
@@ -901,7 +903,7 @@ def test_signals_built_without_revalidation_are_what_validation_would_build(path
     """The normaliser builds each signal with ``model_construct`` (no second validation): every
     value must already be what validating it would give, in type and value."""
     document = load_fixture(path)
-    with contextlib.suppress(InvalidPayload, LegacyPayload, UnknownEventType, MalformedBody):
+    with contextlib.suppress(InvalidPayload, MalformedBody):
         event = parse_stored(json.dumps(document))
         for signal in event.signals:
             assert Signal.model_validate(signal.model_dump()) == signal

@@ -13,9 +13,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from core.errors import ConfigurationError, DatabaseUnavailable, PermanentError, TransientError
+from core.errors import ConfigurationError, PermanentError, TransientError, Unreachable
 from core.store import db
-from core.store.users import Base, InvalidValue, LinkConflict, RecordExists, UserNotFound, UserRecord, UserStore
+from core.store.users import Base, InvalidValue, LinkConflict, RecordExists, RecordNotFound, UserRecord, UserStore
 from tests.databases import BACKENDS, empty_database
 
 SMARTCAR_ALICE = "0d8f2f5e-6a41-4c1e-9a52-6a3c6b1f2d01"
@@ -124,7 +124,7 @@ def test_unknown_revision_is_a_configuration_error(database_url):
 def test_unreachable_database_is_unavailable_without_the_password():
     """Migrating an unreachable database is an outage (not a bad setting), in one line that masks the password."""
     url = "postgresql+psycopg://postgres:hunter2-secret@127.0.0.1:1/test"
-    with pytest.raises(DatabaseUnavailable, match="unreachable") as caught:
+    with pytest.raises(Unreachable, match="unreachable") as caught:
         db.upgrade(url)
     assert "hunter2-secret" not in caught.value.message
     assert "***" in caught.value.message
@@ -146,9 +146,9 @@ def test_bare_postgres_scheme_selects_psycopg():
 
 
 def test_store_on_unreachable_database_raises_transient_error():
-    """A lookup while the database is down raises DatabaseUnavailable, which workers retry."""
+    """A lookup while the database is down raises Unreachable, which workers retry."""
     store = UserStore("postgresql+psycopg://postgres:hunter2-secret@127.0.0.1:1/test")
-    with pytest.raises(db.DatabaseUnavailable) as caught:
+    with pytest.raises(db.Unreachable) as caught:
         store.find_by_smartcar_user_id(SMARTCAR_ALICE)
     assert isinstance(caught.value, TransientError)
     assert "hunter2-secret" not in caught.value.message
@@ -212,8 +212,8 @@ def test_link_refuses_to_overwrite_a_different_id(store):
 
 
 def test_link_unknown_user_raises_user_not_found(store):
-    """Linking an internal user id that does not exist raises UserNotFound and stores nothing."""
-    with pytest.raises(UserNotFound, match="99"):
+    """Linking an internal user id that does not exist raises RecordNotFound and stores nothing."""
+    with pytest.raises(RecordNotFound, match="99"):
         store.link(99, SMARTCAR_ALICE)
     assert store.find_by_smartcar_user_id(SMARTCAR_ALICE) is None
 
@@ -251,7 +251,7 @@ def test_add_user_refuses_a_taken_id_or_smartcar_user_id(store):
 def test_add_vehicle_requires_an_existing_user(store):
     """Vehicles belong to existing users; a duplicate vehicle id is refused."""
     store.add_vehicle(10, 2, "1HGCM82633A004352", smartcar_vehicle_id="c1a2b3d4-0000-4000-8000-000000000010")
-    with pytest.raises(UserNotFound):
+    with pytest.raises(RecordNotFound):
         store.add_vehicle(11, 99, "1HGCM82633A004353")
     with pytest.raises(RecordExists):
         store.add_vehicle(10, 1, "1HGCM82633A004354")

@@ -16,11 +16,9 @@ import structlog
 from core import metrics
 from core.errors import (
     InvalidPayload,
-    LegacyPayload,
     SmartcarUnauthorized,
     SmartcarUnavailable,
     TransientError,
-    UnknownEventType,
     UnknownUser,
 )
 from core.events.model import VehicleEvent
@@ -114,7 +112,7 @@ class EventProcessor:
             # The body is validated once, with the schema the web edge validates it with; anything
             # the parser cannot read is parked (and can be replayed), never failed in RQ.
             event = parse_stored(body)
-        except (InvalidPayload, LegacyPayload, UnknownEventType) as exc:
+        except InvalidPayload as exc:
             structlog.contextvars.bind_contextvars(deliveryId=delivery_id_of(body))
             return await self._park(event_id, exc.code, exc.message, body)
 

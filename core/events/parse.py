@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import pydantic_core
 from pydantic import TypeAdapter, ValidationError
 
-from core.errors import InvalidPayload, LegacyPayload, MalformedBody, UnknownEventType
+from core.errors import InvalidPayload, MalformedBody
 from core.events.model import QuickEvent, VehicleEvent
 from core.events.normalise import clip, epoch_ms, normalise
 from core.events.wire import (
@@ -71,9 +71,8 @@ def quick_vehicle_event(body: bytes) -> QuickEvent | None:
 def parse_stored(body: bytes | str) -> VehicleEvent:
     """The worker's reading of a body as the edge stored it.
 
-    Raises :class:`InvalidPayload`, :class:`LegacyPayload` or :class:`UnknownEventType` and nothing
-    else, with the edge's reason, so a body that cannot be read is parked (and can be replayed)
-    instead of failing its job.
+    Raises :class:`InvalidPayload` and nothing else, with the edge's reason, so a body that cannot
+    be read is parked (and can be replayed) instead of failing its job.
     """
     try:
         raw = body.encode() if isinstance(body, str) else body
@@ -88,7 +87,7 @@ def parse_stored(body: bytes | str) -> VehicleEvent:
             # one-pass validator reads it safely, as it reads every other event.
             wire = WIRE_VALIDATOR.validate_json(raw)
         return normalise(wire)
-    except (InvalidPayload, LegacyPayload, UnknownEventType):
+    except InvalidPayload:
         raise
     except Exception as exc:  # a parser gap is a permanent fault of this body: park it, never retry
         raise InvalidPayload(f"The payload could not be read ({type(exc).__name__}).") from None
@@ -116,17 +115,22 @@ def load_json(body: bytes) -> Any:
 
 
 def classify(document: Any) -> str:
-    """The event type of a parsed delivery, or :class:`LegacyPayload`, :class:`UnknownEventType`,
-    :class:`InvalidPayload` (no type at all)."""
+    """The event type of a parsed delivery; :class:`InvalidPayload` coded ``legacy_v2`` for a v2.0
+    webhook, ``unknown_event_type`` for a type this service does not handle, ``invalid_payload``
+    when there is no type at all."""
     if not isinstance(document, dict):
         raise InvalidPayload("The body is JSON but not an object.")
     if is_legacy(document):
-        raise LegacyPayload("This is a legacy v2.0 webhook; configure a v3 webhook in the Smartcar Dashboard.")
+        raise InvalidPayload(
+            "This is a legacy v2.0 webhook; configure a v3 webhook in the Smartcar Dashboard.", "legacy_v2"
+        )
     event_type = document.get("eventType")
     if not isinstance(event_type, str) or not event_type:
         raise InvalidPayload("The delivery has no eventType.")
     if event_type != VERIFY and event_type not in VEHICLE_EVENT_TYPES:
-        raise UnknownEventType(f"The eventType {clip(event_type)!r} is not one this service handles.")
+        raise InvalidPayload(
+            f"The eventType {clip(event_type)!r} is not one this service handles.", "unknown_event_type"
+        )
     return event_type
 
 

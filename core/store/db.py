@@ -31,7 +31,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import NullPool
 
-from core.errors import ConfigurationError, DatabaseUnavailable
+from core.errors import ConfigurationError, Unreachable
 
 #: Seconds a PostgreSQL connection attempt may take before it counts as unreachable.
 CONNECT_TIMEOUT_SECONDS = 5
@@ -40,15 +40,10 @@ CONNECT_TIMEOUT_SECONDS = 5
 # read as bytes, so it is recognisable in pg_locks.
 _MIGRATION_LOCK_ID = 0x736D61727463617
 
-#: The revision whose upgrade drops the per-vehicle tokens (phase 3 of the migration guide).
-PHASE_3_REVISION = "v3_schema"
-
 
 def parse_url(database_url: str) -> URL:
-    """Parse ``DATABASE_URL``; ``postgres://`` and ``postgresql://`` select the psycopg 3 driver.
-
-    Raises :class:`ConfigurationError` when the string is not a database URL.
-    """
+    """``DATABASE_URL`` parsed (:class:`ConfigurationError` if it is none); ``postgres://`` and
+    ``postgresql://`` select the psycopg 3 driver."""
     try:
         url = make_url(database_url)
     except (ArgumentError, ValueError):
@@ -63,22 +58,14 @@ def parse_url(database_url: str) -> URL:
     return url
 
 
-def safe_url(url: URL | str) -> str:
+def safe_url(url: URL) -> str:
     """The URL as text with its password replaced by ``***``: the only form that goes in messages."""
-    if isinstance(url, str):
-        try:
-            url = make_url(url)
-        except (ArgumentError, ValueError):
-            return "<unparseable DATABASE_URL>"
     return url.render_as_string(hide_password=True)
 
 
 def make_engine(database_url: str, *, pooled: bool = True) -> Engine:
-    """An engine for ``database_url``; creating it does not connect. ``pooled=False`` is for
-    one-shot work such as migrations.
-
-    Raises :class:`ConfigurationError` for a bad URL or a driver that is not installed.
-    """
+    """An engine (not yet connected); ``pooled=False`` for one-shot work such as migrations.
+    :class:`ConfigurationError` for a bad URL or a driver that is not installed."""
     url = parse_url(database_url)
     options: dict[str, Any] = {}
     connect_args: dict[str, Any] = {}
@@ -112,36 +99,25 @@ def _driver_reason(exc: BaseException, url: URL) -> str:
     return reason
 
 
-def _is_missing_table(exc: SQLAlchemyError) -> bool:
-    """Whether ``exc`` says a table does not exist, i.e. the schema was never migrated."""
-    if isinstance(exc, ProgrammingError) and getattr(exc.orig, "sqlstate", None) == "42P01":
-        return True  # PostgreSQL: undefined_table
-    return isinstance(exc, OperationalError) and "no such table" in str(exc.orig)
-
-
-def _is_missing_column(exc: SQLAlchemyError) -> bool:
-    """Whether ``exc`` says a column does not exist, i.e. the schema is behind this version."""
-    if isinstance(exc, ProgrammingError) and getattr(exc.orig, "sqlstate", None) == "42703":
-        return True  # PostgreSQL: undefined_column
-    return isinstance(exc, OperationalError) and "no such column" in str(exc.orig)
+def _missing(exc: SQLAlchemyError, sqlstate: str, sqlite_says: str) -> bool:
+    """Whether ``exc`` is PostgreSQL's ``sqlstate`` or SQLite's ``sqlite_says`` error."""
+    if isinstance(exc, ProgrammingError):
+        return getattr(exc.orig, "sqlstate", None) == sqlstate
+    return isinstance(exc, OperationalError) and sqlite_says in str(exc.orig)
 
 
 @contextmanager
 def translate_errors(url: URL) -> Iterator[None]:
-    """Turn SQLAlchemy's connection-level failures into this project's error tree.
-
-    A missing table or column becomes :class:`ConfigurationError`; refused, timed-out or dropped
-    connections and SQLite's "database is locked" become :class:`DatabaseUnavailable`. Anything
-    else (a bug, a constraint) propagates unchanged.
-    """
+    """A missing table or column becomes :class:`ConfigurationError`; a refused, timed-out or dropped
+    connection and SQLite's "database is locked" :class:`Unreachable`; the rest propagates."""
     try:
         yield
-    except (OperationalError, ProgrammingError) as exc:
-        if _is_missing_table(exc):
+    except (OperationalError, ProgrammingError, InterfaceError, PoolTimeoutError) as exc:
+        if _missing(exc, "42P01", "no such table"):
             raise ConfigurationError(
                 f"the user store at {safe_url(url)} has no tables: run `smartcar-ingest db upgrade`."
             ) from None
-        if _is_missing_column(exc):
+        if _missing(exc, "42703", "no such column"):
             # A database still in the guide's "before" shape: naming the bridge revision keeps an
             # operator mid-migration from dropping the per-vehicle tokens by upgrading to head.
             raise ConfigurationError(
@@ -150,30 +126,20 @@ def translate_errors(url: URL) -> Iterator[None]:
             ) from None
         if isinstance(exc, ProgrammingError):
             raise
-        raise DatabaseUnavailable(
-            f"the database at {safe_url(url)} did not answer: {_driver_reason(exc, url)}."
-        ) from None
-    except (InterfaceError, PoolTimeoutError) as exc:
-        raise DatabaseUnavailable(
-            f"the database at {safe_url(url)} did not answer: {_driver_reason(exc, url)}."
-        ) from None
+        raise Unreachable(f"the database at {safe_url(url)} did not answer: {_driver_reason(exc, url)}.") from None
 
 
-def _script_location() -> str:
-    """The ``migrations`` directory, found as an importable package so an installed wheel works."""
+def _alembic_config(connection: Connection) -> Config:
+    # The scripts are found as an importable package, so an installed wheel works.
     try:
         location = Path(str(importlib.resources.files("migrations")))
     except ModuleNotFoundError:
         location = None
     if location is None or not (location / "env.py").is_file():
         raise ConfigurationError("the migrations package is missing from this installation: reinstall smartcar-ingest.")
-    return str(location)
-
-
-def _alembic_config(connection: Connection) -> Config:
     config = Config()
     # Config values go through ConfigParser interpolation, so a literal % must be doubled.
-    config.set_main_option("script_location", _script_location().replace("%", "%%"))
+    config.set_main_option("script_location", str(location).replace("%", "%%"))
     # env.py runs the migrations on this connection instead of opening its own.
     config.attributes["connection"] = connection
     return config
@@ -181,10 +147,10 @@ def _alembic_config(connection: Connection) -> Config:
 
 @contextmanager
 def _migration_connection(database_url: str, action: str, *, lock: bool = True) -> Iterator[Connection]:
-    """One connection in one transaction. A database that does not answer is :class:`DatabaseUnavailable`;
+    """One connection in one transaction. A database that does not answer is :class:`Unreachable`;
     every other failure becomes a one-line :class:`ConfigurationError`."""
-    url = parse_url(database_url)
     engine = make_engine(database_url, pooled=False)
+    url = engine.url
     try:
         try:
             opened = engine.connect()
@@ -192,7 +158,7 @@ def _migration_connection(database_url: str, action: str, *, lock: bool = True) 
             if url.get_backend_name() == "sqlite":
                 raise  # a file that cannot be opened is a setting to fix, reported below
             # A server that does not answer: an outage (exit 3), not a bad setting.
-            raise DatabaseUnavailable(
+            raise Unreachable(
                 f"cannot {action}: the database at {safe_url(url)} is unreachable "
                 f"({_driver_reason(exc, url)}); check DATABASE_URL and that the server is running."
             ) from None
@@ -209,25 +175,18 @@ def _migration_connection(database_url: str, action: str, *, lock: bool = True) 
                 f"cannot {action}: {message}; use `head`, `base` or a revision id from migrations/versions."
             ) from None
         raise ConfigurationError(f"cannot {action} on {safe_url(url)}: {message}.") from None
-    except (OperationalError, InterfaceError) as exc:
-        raise ConfigurationError(
-            f"cannot {action} on {safe_url(url)}: {_driver_reason(exc, url)}; check DATABASE_URL."
-        ) from None
     except DBAPIError as exc:
-        raise ConfigurationError(f"cannot {action} on {safe_url(url)}: {_driver_reason(exc, url)}.") from None
+        hint = "; check DATABASE_URL" if isinstance(exc, OperationalError | InterfaceError) else ""
+        raise ConfigurationError(f"cannot {action} on {safe_url(url)}: {_driver_reason(exc, url)}{hint}.") from None
     finally:
         engine.dispose()
 
 
 def upgrade(database_url: str, revision: str = "head", *, drop_tokens: bool = False) -> str | None:
-    """Migrate the database forward to ``revision`` (default: the newest); a no-op when already there.
-
-    An unversioned database with tables is first stamped with the revision they match
-    (:func:`detect_revision`), which is returned; else ``None``. Passing ``v3_schema`` while a
-    vehicle still holds a token refuses unless ``drop_tokens`` (the tokens cannot be brought back).
-    On PostgreSQL it applies completely or not at all. Raises :class:`ConfigurationError` for a bad
-    URL, an unknown revision, tables of no known shape or tokens in the way, and
-    :class:`DatabaseUnavailable` for a server that does not answer.
+    """Migrate forward to ``revision``, all or nothing on PostgreSQL. An unversioned database with
+    tables is first stamped with the revision they match (:func:`detect_revision`), which is returned.
+    Dropping stored per-vehicle tokens (``v3_schema``) needs ``drop_tokens``. Raises
+    :class:`ConfigurationError`, or :class:`Unreachable` for a server that does not answer.
     """
     with _migration_connection(database_url, f"upgrade the database to {revision}") as connection:
         config = _alembic_config(connection)
@@ -298,7 +257,7 @@ def _refuse_to_drop_tokens(connection: Connection, config: Config, revision: str
         path = {r.revision for r in ScriptDirectory.from_config(config).iterate_revisions(revision, current)}
     except RevisionError:
         return  # an unknown target: command.upgrade reports it in its own words
-    if PHASE_3_REVISION not in path or current is None:
+    if "v3_schema" not in path or current is None:  # v3_schema drops the tokens (phase 3)
         return
     count = connection.execute(
         text("SELECT count(*) FROM vehicles WHERE vehicle_access_token IS NOT NULL")

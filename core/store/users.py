@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,8 +30,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from core.errors import InvalidValue, LinkConflict, RecordExists, UserNotFound, VehicleNotFound
-from core.store.db import make_engine, parse_url, translate_errors
+from core.errors import InvalidValue, LinkConflict, RecordExists, RecordNotFound
+from core.store.db import make_engine, translate_errors
 
 #: Column widths from the contract; Smartcar user and vehicle ids are UUIDs.
 SMARTCAR_ID_LENGTH = 36
@@ -121,15 +121,6 @@ class VehicleRecord:
     owner_smartcar_user_id: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class VehicleLinkResult:
-    """What :meth:`UserStore.link_vehicle` stored: the vehicle's id, its owner's, both or neither."""
-
-    vehicle: VehicleRecord
-    vehicle_linked: bool
-    user_linked: bool
-
-
 _USER_COLUMNS = (User.id, User.email, User.name, User.smartcar_user_id)
 
 
@@ -141,6 +132,12 @@ def _vehicles(*criteria: ColumnElement[bool]) -> Select[int, int | None, str | N
         .outerjoin(User, Vehicle.user_id == User.id)
         .where(*criteria)
         .order_by(Vehicle.id)
+    )
+
+
+def _linked_concurrently(smartcar_user_id: str) -> LinkConflict:
+    return LinkConflict(
+        f"Smartcar user {smartcar_user_id} was linked to another user concurrently; it stays with that user."
     )
 
 
@@ -162,29 +159,28 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
 
 
 class UserStore:
-    """Reads and writes ``users`` and ``vehicles`` in the database at ``database_url``.
-
-    Construction does not connect. Safe to share between threads; a process forked after the store
-    was used calls ``dispose(close=False)`` first. Every query raises
-    :class:`core.errors.DatabaseUnavailable` when the database does not answer and
-    :class:`core.errors.ConfigurationError` when it was never migrated.
-    """
+    """``users`` and ``vehicles`` at ``database_url``; construction does not connect. Thread-safe; a
+    process forked after use calls ``dispose(close=False)`` first. Queries raise like
+    :func:`core.store.db.translate_errors`."""
 
     def __init__(self, database_url: str) -> None:
-        self._url = parse_url(database_url)
         self._engine = make_engine(database_url)
         if self._engine.dialect.name == "sqlite":
             event.listen(self._engine, "connect", _enable_sqlite_foreign_keys)
 
     @contextmanager
     def _reading(self) -> Iterator[Connection]:
-        with translate_errors(self._url), self._engine.connect() as connection:
+        with translate_errors(self._engine.url), self._engine.connect() as connection:
             yield connection
 
     @contextmanager
-    def _writing(self) -> Iterator[Connection]:
-        with translate_errors(self._url), self._engine.begin() as connection:
-            yield connection
+    def _writing(self, clash: Exception) -> Iterator[Connection]:
+        """One transaction; a constraint that a concurrent writer won raises ``clash``."""
+        try:
+            with translate_errors(self._engine.url), self._engine.begin() as connection:
+                yield connection
+        except IntegrityError:
+            raise clash from None
 
     def find_by_smartcar_user_id(self, smartcar_user_id: str) -> UserRecord | None:
         """The user linked to ``smartcar_user_id``, or ``None`` (also, with no query, for an id that
@@ -197,61 +193,50 @@ class UserStore:
         return None if row is None else UserRecord(*row)
 
     def link(self, user_id: int, smartcar_user_id: str) -> LinkResult:
-        """Store ``smartcar_user_id`` as the Smartcar user id of internal user ``user_id``.
-
-        Linking the same pair again changes nothing and reports ``already_linked``. An existing
-        link is never overwritten: :class:`LinkConflict` when the user already has a different
-        Smartcar user id or the id belongs to another user (also when a concurrent link wins the
-        race). :class:`UserNotFound` when there is no such user; :class:`InvalidValue` for a blank
-        or over-long id.
-        """
+        """Store ``smartcar_user_id`` on internal user ``user_id``; the same pair again is ``already_linked``.
+        Never overwrites: :class:`LinkConflict` when either side is linked elsewhere (also after a
+        lost race); :class:`RecordNotFound`; :class:`InvalidValue` for a blank or over-long id."""
         wanted = _checked(smartcar_user_id, "the Smartcar user id", SMARTCAR_ID_LENGTH)
         if wanted is None:
             raise InvalidValue("the Smartcar user id must not be blank.")
-        try:
-            with self._writing() as connection:
-                user = self._decide_link(connection, user_id, wanted)
-                if user is not None:
-                    return LinkResult(user=user, already_linked=True)
-                # The IS NULL guard makes a concurrent link of this user lose cleanly (rowcount 0)
-                # instead of overwriting; the unique constraint does the same for the Smartcar id.
-                result = connection.execute(
-                    update(User)
-                    .where(User.id == user_id, User.smartcar_user_id.is_(None))
-                    .values(smartcar_user_id=wanted)
-                )
-                if result.rowcount != 1:
-                    user = self._decide_link(connection, user_id, wanted)
-                    if user is not None:
-                        return LinkResult(user=user, already_linked=True)
-                    raise LinkConflict(f"user {user_id} changed while it was being linked; try again.")
-                row = connection.execute(select(*_USER_COLUMNS).where(User.id == user_id)).one()
-        except IntegrityError:
-            raise LinkConflict(
-                f"Smartcar user {wanted} was linked to another user concurrently; it stays with that user."
-            ) from None
-        return LinkResult(user=UserRecord(*row), already_linked=False)
+        with self._writing(_linked_concurrently(wanted)) as connection:
+            user, stored = self._link_user(connection, user_id, wanted)
+        return LinkResult(user=user, already_linked=not stored)
 
-    @staticmethod
-    def _decide_link(connection: Connection, user_id: int, wanted: str) -> UserRecord | None:
-        """The user when already linked to ``wanted``; ``None`` when free to link; raises otherwise."""
+    @classmethod
+    def _link_user(cls, connection: Connection, user_id: int, wanted: str) -> tuple[UserRecord, bool]:
+        """Link user ``user_id`` to ``wanted`` in the caller's transaction: the user, and whether
+        this call stored the link. Raises like :meth:`link`."""
+        user = cls._decide_link(connection, user_id, wanted)
+        if user.smartcar_user_id == wanted:
+            return user, False
+        # The IS NULL guard makes a concurrent link of this user lose cleanly (rowcount 0)
+        # instead of overwriting; the unique constraint does the same for the Smartcar id.
+        result = connection.execute(
+            update(User).where(User.id == user_id, User.smartcar_user_id.is_(None)).values(smartcar_user_id=wanted)
+        )
+        if result.rowcount != 1 and cls._decide_link(connection, user_id, wanted).smartcar_user_id != wanted:
+            raise LinkConflict(f"user {user_id} changed while it was being linked; try again.")
+        return replace(user, smartcar_user_id=wanted), result.rowcount == 1
+
+    @classmethod
+    def _decide_link(cls, connection: Connection, user_id: int, wanted: str) -> UserRecord:
+        """The user, when it is linked to ``wanted`` or free to be; raises otherwise."""
         row = connection.execute(select(*_USER_COLUMNS).where(User.id == user_id)).one_or_none()
         if row is None:
-            raise UserNotFound(f"no user with id {user_id}: check the internal user id.")
+            raise RecordNotFound(f"no user with id {user_id}: check the internal user id.")
         user = UserRecord(*row)
-        if user.smartcar_user_id == wanted:
-            return user
-        if user.smartcar_user_id is not None:
+        if user.smartcar_user_id not in (None, wanted):
             raise LinkConflict(
                 f"user {user_id} is already linked to Smartcar user {user.smartcar_user_id}; "
                 f"refusing to overwrite it with {wanted}."
             )
-        owner = UserStore._owner_of(connection, wanted)
+        owner = cls._owner_of(connection, wanted) if user.smartcar_user_id is None else None
         if owner is not None:
             raise LinkConflict(
                 f"Smartcar user {wanted} already belongs to user {owner}; refusing to link it to user {user_id}."
             )
-        return None
+        return user
 
     @staticmethod
     def _owner_of(connection: Connection, smartcar_user_id: str | None) -> int | None:
@@ -271,27 +256,18 @@ class UserStore:
             name=_checked(name, "name", TEXT_LENGTH),
             smartcar_user_id=_checked(smartcar_user_id, "the Smartcar user id", SMARTCAR_ID_LENGTH),
         )
-        try:
-            with self._writing() as connection:
-                if connection.execute(select(User.id).where(User.id == id)).first() is not None:
-                    raise RecordExists(f"a user with id {id} already exists.")
-                owner = self._owner_of(connection, record.smartcar_user_id)
-                if owner is not None:
-                    raise LinkConflict(f"Smartcar user {record.smartcar_user_id} already belongs to user {owner}.")
-                connection.execute(
-                    insert(User).values(
-                        id=record.id,
-                        email=record.email,
-                        name=record.name,
-                        smartcar_user_id=record.smartcar_user_id,
-                    )
-                )
-        except IntegrityError:
-            raise RecordExists(f"user {id} or its Smartcar user id was added concurrently.") from None
+        clash = RecordExists(f"user {id} or its Smartcar user id was added concurrently.")
+        with self._writing(clash) as connection:
+            if connection.execute(select(User.id).where(User.id == id)).first() is not None:
+                raise RecordExists(f"a user with id {id} already exists.")
+            owner = self._owner_of(connection, record.smartcar_user_id)
+            if owner is not None:
+                raise LinkConflict(f"Smartcar user {record.smartcar_user_id} already belongs to user {owner}.")
+            connection.execute(insert(User).values(**asdict(record)))
         return record
 
     def add_vehicle(self, id: int, user_id: int, vin: str | None, smartcar_vehicle_id: str | None = None) -> None:
-        """Insert a vehicle of user ``user_id`` (dev seeding and tests). :class:`UserNotFound` when
+        """Insert a vehicle of user ``user_id`` (dev seeding and tests). :class:`RecordNotFound` when
         the user does not exist, :class:`RecordExists` when the vehicle id is taken."""
         values = {
             "id": id,
@@ -299,15 +275,12 @@ class UserStore:
             "vin": _checked(vin, "the VIN", VIN_LENGTH),
             "smartcar_vehicle_id": _checked(smartcar_vehicle_id, "the Smartcar vehicle id", SMARTCAR_ID_LENGTH),
         }
-        try:
-            with self._writing() as connection:
-                if connection.execute(select(User.id).where(User.id == user_id)).first() is None:
-                    raise UserNotFound(f"no user with id {user_id}: add the user before its vehicles.")
-                if connection.execute(select(Vehicle.id).where(Vehicle.id == id)).first() is not None:
-                    raise RecordExists(f"a vehicle with id {id} already exists.")
-                connection.execute(insert(Vehicle).values(**values))
-        except IntegrityError:
-            raise RecordExists(f"vehicle {id} was added concurrently or its user was removed.") from None
+        with self._writing(RecordExists(f"vehicle {id} was added concurrently or its user was removed.")) as connection:
+            if connection.execute(select(User.id).where(User.id == user_id)).first() is None:
+                raise RecordNotFound(f"no user with id {user_id}: add the user before its vehicles.")
+            if connection.execute(select(Vehicle.id).where(Vehicle.id == id)).first() is not None:
+                raise RecordExists(f"a vehicle with id {id} already exists.")
+            connection.execute(insert(Vehicle).values(**values))
 
     def find_vehicles_by_smartcar_id(self, smartcar_vehicle_id: str) -> list[VehicleRecord]:
         """Vehicles linked to Smartcar vehicle ``smartcar_vehicle_id`` (several for a shared car)."""
@@ -327,58 +300,37 @@ class UserStore:
             rows = connection.execute(_vehicles(func.upper(func.trim(Vehicle.vin)) == wanted)).all()
         return [VehicleRecord(*row) for row in rows]
 
-    def link_vehicle(self, vehicle_id: int, smartcar_vehicle_id: str, smartcar_user_id: str) -> VehicleLinkResult:
+    def link_vehicle(self, vehicle_id: int, smartcar_vehicle_id: str, smartcar_user_id: str) -> None:
         """Store Smartcar's vehicle id on vehicle ``vehicle_id`` and Smartcar's user id on its owner,
-        both or neither, in one transaction.
-
-        Like :meth:`link`, nothing is ever overwritten: :class:`LinkConflict` when the vehicle holds
-        another Smartcar vehicle id, has no owner, or its owner holds another Smartcar user id, or
-        another user holds ``smartcar_user_id``. Storing what is already there changes nothing.
-        :class:`VehicleNotFound` for an unknown vehicle, :class:`InvalidValue` for a blank or
-        over-long id.
-        """
+        both or neither. Like :meth:`link`, never overwrites (:class:`LinkConflict`, also for a
+        vehicle without owner); :class:`RecordNotFound`; :class:`InvalidValue`."""
         wanted_vehicle = _checked(smartcar_vehicle_id, "the Smartcar vehicle id", SMARTCAR_ID_LENGTH)
         wanted_user = _checked(smartcar_user_id, "the Smartcar user id", SMARTCAR_ID_LENGTH)
         if wanted_vehicle is None or wanted_user is None:
             raise InvalidValue("the Smartcar vehicle and user ids must not be blank.")
-        try:
-            with self._writing() as connection:
-                row = connection.execute(_vehicles(Vehicle.id == vehicle_id)).one_or_none()
-                if row is None:
-                    raise VehicleNotFound(f"no vehicle with id {vehicle_id}: check the internal vehicle id.")
-                vehicle = VehicleRecord(*row)
-                if vehicle.smartcar_vehicle_id not in (None, wanted_vehicle):
-                    raise LinkConflict(
-                        f"vehicle {vehicle_id} is already linked to Smartcar vehicle {vehicle.smartcar_vehicle_id}; "
-                        f"refusing to overwrite it with {wanted_vehicle}."
-                    )
-                if vehicle.user_id is None:
-                    raise LinkConflict(f"vehicle {vehicle_id} has no owner, so no user can be linked through it.")
-                user_linked = self._decide_link(connection, vehicle.user_id, wanted_user) is None
-                # Each UPDATE is guarded by IS NULL, so a concurrent writer makes it match no row
-                # and the whole transaction rolls back instead of overwriting.
-                if vehicle.smartcar_vehicle_id is None:
-                    result = connection.execute(
-                        update(Vehicle)
-                        .where(Vehicle.id == vehicle_id, Vehicle.smartcar_vehicle_id.is_(None))
-                        .values(smartcar_vehicle_id=wanted_vehicle)
-                    )
-                    if result.rowcount != 1:
-                        raise LinkConflict(f"vehicle {vehicle_id} changed while it was being linked; try again.")
-                if user_linked:
-                    result = connection.execute(
-                        update(User)
-                        .where(User.id == vehicle.user_id, User.smartcar_user_id.is_(None))
-                        .values(smartcar_user_id=wanted_user)
-                    )
-                    if result.rowcount != 1:
-                        raise LinkConflict(f"user {vehicle.user_id} changed while it was being linked; try again.")
-        except IntegrityError:
-            raise LinkConflict(
-                f"Smartcar user {wanted_user} was linked to another user concurrently; it stays with that user."
-            ) from None
-        linked = VehicleRecord(vehicle.id, vehicle.user_id, vehicle.vin, wanted_vehicle, wanted_user)
-        return VehicleLinkResult(linked, vehicle.smartcar_vehicle_id is None, user_linked)
+        with self._writing(_linked_concurrently(wanted_user)) as connection:
+            row = connection.execute(_vehicles(Vehicle.id == vehicle_id)).one_or_none()
+            if row is None:
+                raise RecordNotFound(f"no vehicle with id {vehicle_id}: check the internal vehicle id.")
+            vehicle = VehicleRecord(*row)
+            if vehicle.smartcar_vehicle_id not in (None, wanted_vehicle):
+                raise LinkConflict(
+                    f"vehicle {vehicle_id} is already linked to Smartcar vehicle {vehicle.smartcar_vehicle_id}; "
+                    f"refusing to overwrite it with {wanted_vehicle}."
+                )
+            if vehicle.user_id is None:
+                raise LinkConflict(f"vehicle {vehicle_id} has no owner, so no user can be linked through it.")
+            self._link_user(connection, vehicle.user_id, wanted_user)
+            # Guarded by IS NULL like the user's: a concurrent writer makes it match no row, and the
+            # whole transaction rolls back instead of overwriting.
+            if vehicle.smartcar_vehicle_id is None:
+                result = connection.execute(
+                    update(Vehicle)
+                    .where(Vehicle.id == vehicle_id, Vehicle.smartcar_vehicle_id.is_(None))
+                    .values(smartcar_vehicle_id=wanted_vehicle)
+                )
+                if result.rowcount != 1:
+                    raise LinkConflict(f"vehicle {vehicle_id} changed while it was being linked; try again.")
 
     def dispose(self, *, close: bool = True) -> None:
         """Close the pool's connections. ``close=False`` (in a forked child) only forgets them."""
