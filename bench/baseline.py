@@ -18,7 +18,7 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
 from core.config import Settings
-from core.events import parse_event
+from core.events.parse import parse_event
 from core.store.users import UserStore
 
 _state: dict[str, Any] = {}

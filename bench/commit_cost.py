@@ -21,7 +21,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from bench.ingest import fleet_documents, redis_cpu
 from cli.redis_admin import load_functions
-from core.events import parse_stored
+from core.events.parse import parse_stored
 from core.redis.dedupe import event_digest, event_marks
 from core.redis.published import OutputStream
 from core.redis.vehicle_state import VehicleStates

@@ -26,8 +26,7 @@ from pydantic_core import core_schema as cs
 from redis.asyncio import Redis as AsyncRedis
 
 from bench.ingest import BODY_SETS, CAPTURED
-from core.events import quick_vehicle_event
-from core.events.parse import _may_hold_non_finite_literal
+from core.events.parse import _may_hold_non_finite_literal, quick_vehicle_event
 from core.events.wire import EDGE_VALIDATOR
 from core.redis.functions import lua_function
 from core.redis.inbox import DirectScript

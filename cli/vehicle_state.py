@@ -15,7 +15,7 @@ from cli.operations import open_command_redis, redis_errors
 from cli.status import duration
 from core.config import Settings
 from core.errors import ConfigurationError
-from core.events import VEHICLE_ID_PATTERN
+from core.events.wire import VEHICLE_ID_PATTERN
 from core.redis.vehicle_state import StoredState, read_state
 
 #: The longest value the text form prints before cutting it with "…".

@@ -1,8 +1,5 @@
-"""The JSON Schemas (draft 2020-12) of what the service writes for other services to read.
-
-Loaded from the installed package's ``schema_files/``, else the checkout's ``schemas/``. The files,
-their ``$id`` names and their use from other languages: docs/consumers.md, "JSON Schemas".
-"""
+"""The JSON Schemas (draft 2020-12) of what the service writes for other services to read: the
+installed package's ``schema_files/``, else the checkout's ``schemas/`` (docs/consumers.md)."""
 
 from __future__ import annotations
 
@@ -22,16 +19,11 @@ NAMES = (
     "vehicle-state-report",
 )
 SUFFIX = ".schema.json"
-#: Where the wheel puts the files, inside this package.
-PACKAGED_FOLDER = "schema_files"
 
 
 def schema_folder() -> Traversable:
-    """The folder holding the schema files: the installed package's copy, else the checkout's ``schemas/``."""
-    packaged = files("core") / PACKAGED_FOLDER
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parent.parent / "schemas"
+    packaged = files("core") / "schema_files"  # where the wheel puts them (pyproject.toml)
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "schemas"
 
 
 def load_schema(name: str) -> dict[str, Any]:
@@ -43,5 +35,5 @@ def load_schema(name: str) -> dict[str, Any]:
 
 
 def load_all() -> dict[str, dict[str, Any]]:
-    """Every schema, by name: what a validator must know to resolve the references between them."""
+    """Every schema, by name: a validator needs them all to resolve the references between them."""
     return {name: load_schema(name) for name in NAMES}

@@ -15,7 +15,7 @@ This is the hot path, so the endpoint is a plain ASGI app mounted on a Starlette
 reads the body and headers straight from the ASGI messages and writes its small JSON answers
 (with their length, so the server sends them whole rather than chunked) without building Request
 and Response objects. A well-formed delivery is validated in one pass from bytes
-(:func:`core.events.quick_vehicle_event`); only the rest takes the step-by-step path that tells a
+(:func:`core.events.parse.quick_vehicle_event`); only the rest takes the step-by-step path that tells a
 400 from a parked payload. The body stays the bytes the server received: the signature, the
 validation and the job (which embeds it verbatim, :meth:`core.redis.jobs.JobTemplate.for_event`)
 all read that one object, and it is decoded to text only to be parked or spooled.
@@ -32,8 +32,11 @@ import pydantic_core
 from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
-from core import events, metrics
+from core import metrics
 from core.errors import InvalidPayload, MalformedBody, PermanentError
+from core.events import parse
+from core.events.model import QuickEvent
+from core.events.wire import VERIFY
 from core.logs import get_logger
 from core.redis.functions import MissingFunction
 from core.redis.inbox import Inbox
@@ -158,7 +161,7 @@ class WebhookEndpoint:
             return self._reject(401, "invalid_signature", "The SC-Signature header is missing or does not match.")
 
         # Fast path: a well-formed vehicle event, validated from bytes in one pass.
-        quick = events.quick_vehicle_event(body)
+        quick = parse.quick_vehicle_event(body)
         if quick is not None:
             if self._too_old(quick.delivered_at_ms, received_at_ms):
                 return self._too_old_answer()
@@ -166,27 +169,27 @@ class WebhookEndpoint:
 
         # 3. JSON: an object, sent recently enough.
         try:
-            document = events.load_json(body)
+            document = parse.load_json(body)
         except MalformedBody as exc:
             return self._reject(400, exc.code, exc.message)
         if not isinstance(document, dict):
             # A signed scalar or array carries no eventId to dedupe on: parking it would let one
             # signature fill the parked stream.
             return self._reject(400, "not_an_object", "The body is JSON but not an object.")
-        if self._too_old(events.delivered_at_ms(document), received_at_ms):
+        if self._too_old(parse.delivered_at_ms(document), received_at_ms):
             return self._too_old_answer()
-        event_id = events.event_id_of(document)
+        event_id = parse.event_id_of(document)
         text = body.decode("utf-8")  # load_json succeeded, so this is valid UTF-8
 
         # 4. Event type, then 5. schema.
         try:
-            event_type = events.classify(document)
-            if event_type == events.VERIFY:
-                return self._verify_answer(events.parse_verify(document))
-            event = events.parse_event(document)
+            event_type = parse.classify(document)
+            if event_type == VERIFY:
+                return self._verify_answer(parse.parse_verify(document))
+            event = parse.parse_event(document)
         except InvalidPayload as exc:
             return await self._park(event_id, exc, text)
-        quick = events.QuickEvent(event.event_id, event.event_type, event.meta.deliveryId)
+        quick = QuickEvent(event.event_id, event.event_type, event.meta.deliveryId)
         # load_json read it (no NaN or Infinity literal): a JSON object the job can embed as it is.
         return await self._accept(quick, body, received_at_ms, task)
 
@@ -209,9 +212,7 @@ class WebhookEndpoint:
             f"The delivery was sent more than {self._config.max_delivery_age_seconds} seconds ago.",
         )
 
-    async def _accept(
-        self, event: events.QuickEvent, body: bytes, received_at_ms: int, task: asyncio.Task[Any]
-    ) -> Answer:
+    async def _accept(self, event: QuickEvent, body: bytes, received_at_ms: int, task: asyncio.Task[Any]) -> Answer:
         """Enqueue a validated vehicle event (``body``: a JSON object, as received); ``task`` is the
         request's own."""
         if self._spool is not None and time.monotonic() < self._spool_only_until:
@@ -237,9 +238,7 @@ class WebhookEndpoint:
         log.debug("delivery duplicate", eventId=event.event_id, deliveryId=event.delivery_id)
         return _accepted(b"duplicate", event.event_id)
 
-    async def _not_enqueued(
-        self, event: events.QuickEvent, body: bytes, received_at_ms: int, exc: BaseException
-    ) -> Answer:
+    async def _not_enqueued(self, event: QuickEvent, body: bytes, received_at_ms: int, exc: BaseException) -> Answer:
         """Redis failed or was too slow: spool the delivery when a spool is set, else 503."""
         if self._spool is None:
             return self._unavailable(event.event_id, exc)
@@ -352,7 +351,7 @@ def _unsigned_challenge(body: bytes) -> str | None:
     if len(body) > UNSIGNED_VERIFY_MAX_BYTES:
         return None
     try:
-        document = events.load_json(body)
+        document = parse.load_json(body)
     except MalformedBody:
         return None
-    return events.verify_challenge_or_none(document)
+    return parse.verify_challenge_or_none(document)

@@ -7,13 +7,15 @@ import contextlib
 import copy
 import json
 import re
-from collections.abc import Callable
 
 import pytest
 
 from cli.samples import encode, sample_event
-from core import events, timestamps
 from core.errors import InvalidPayload, MalformedBody
+from core.events.model import DeliveryMeta, QuickEvent, Signal, Trigger
+from core.events.normalise import delivered_at, epoch_ms, model_year, retrieved_at
+from core.events.parse import classify, load_json, parse_event, parse_stored, parse_verify, quick_vehicle_event
+from core.events.wire import VEHICLE_EVENT_TYPES, VEHICLE_ID_PATTERN, VERIFY
 from core.store.users import UserRecord
 from tests.conftest import fixture_paths, load_fixture
 from tests.examples import examples
@@ -50,8 +52,8 @@ SHAPE_A = {
 def test_every_captured_delivery_parses(path):
     """Each real capture is a vehicle event with a user, a vehicle and normalised signals."""
     document = load_fixture(path)
-    assert events.classify(document) in events.VEHICLE_EVENT_TYPES
-    event = events.parse_event(document)
+    assert classify(document) in VEHICLE_EVENT_TYPES
+    event = parse_event(document)
     assert event.event_id == document["eventId"]
     assert event.smartcar_user_id == document["data"]["user"]["id"]
     assert event.vehicle.id == document["data"]["vehicle"]["id"]
@@ -66,15 +68,15 @@ def test_every_captured_delivery_parses(path):
 
 def test_shape_a_triggers_in_data_and_fetched_at():
     """Shape A: data.triggers with codes, top-level vehicleId, fetchedAt as the retrieval time."""
-    event = events.parse_event(SHAPE_A)
-    assert event.triggers == (events.Trigger(type="SIGNAL_UPDATED", code="tractionbattery-stateofcharge"),)
+    event = parse_event(SHAPE_A)
+    assert event.triggers == (Trigger(type="SIGNAL_UPDATED", code="tractionbattery-stateofcharge"),)
     assert event.signals[0].retrievedAt == 1767000002500
     assert event.signals[0].status == "SUCCESS"
 
 
 def test_shape_b_top_level_triggers_with_signal_objects():
     """Shape B: top-level triggers of {type, signal{…}} and retrievedAt."""
-    event = events.parse_event(sample_event())
+    event = parse_event(sample_event())
     assert event.triggers[0].type == "SIGNAL_UPDATED"
     assert event.triggers[0].code == "tractionbattery-stateofcharge"
     assert event.signals[0].retrievedAt is not None
@@ -91,13 +93,13 @@ def test_string_triggers_and_first_delivery():
     ]
     shape_a_first = copy.deepcopy(SHAPE_A)
     shape_a_first["data"]["triggers"] = [{"code": "FIRST_DELIVERY"}]
-    assert [(t.type, t.code) for t in events.parse_event(document).triggers] == [
+    assert [(t.type, t.code) for t in parse_event(document).triggers] == [
         ("SIGNAL_UPDATED", "odometer-traveleddistance"),
         ("SIGNAL_UPDATED", "tractionbattery-stateofcharge"),
         ("FIRST_DELIVERY", None),
         ("FIRST_DELIVERY", None),
     ]
-    assert events.parse_event(shape_a_first).triggers == (events.Trigger(type="FIRST_DELIVERY"),)
+    assert parse_event(shape_a_first).triggers == (Trigger(type="FIRST_DELIVERY"),)
 
 
 def test_missing_meta_triggers_and_status_are_accepted():
@@ -106,9 +108,9 @@ def test_missing_meta_triggers_and_status_are_accepted():
     del document["meta"], document["triggers"]
     for signal in document["data"]["signals"]:
         del signal["status"]
-    event = events.parse_event(document)
+    event = parse_event(document)
     assert event.triggers == ()
-    assert event.meta == events.DeliveryMeta()
+    assert event.meta == DeliveryMeta()
     assert all(s.status == "SUCCESS" for s in event.signals)
 
 
@@ -123,7 +125,7 @@ def test_error_signals_keep_their_error_and_have_no_body():
             "status": {"value": "ERROR", "error": {"type": "COMPATIBILITY", "code": "VEHICLE_NOT_CAPABLE"}},
         }
     )
-    signal = events.parse_event(document).signals[-1]
+    signal = parse_event(document).signals[-1]
     assert signal.status == "ERROR"
     assert signal.body is None
     assert signal.error == {"type": "COMPATIBILITY", "code": "VEHICLE_NOT_CAPABLE"}
@@ -136,14 +138,14 @@ def test_unknown_fields_are_ignored():
     document["data"]["vehicle"]["powertrainType"] = "BEV"
     document["data"]["user"]["externalId"] = None
     document["data"]["signals"][0]["meta"]["ingestedAt"] = 1
-    assert events.parse_event(document).vehicle.powertrainType == "BEV"
+    assert parse_event(document).vehicle.powertrainType == "BEV"
 
 
 def test_vehicle_id_from_top_level_when_data_has_none():
     """vehicleId at the top level is used when data.vehicle is absent."""
     document = copy.deepcopy(SHAPE_A)
     del document["data"]["vehicle"]
-    assert events.parse_event(document).vehicle.id == SHAPE_A["vehicleId"]
+    assert parse_event(document).vehicle.id == SHAPE_A["vehicleId"]
 
 
 @pytest.mark.parametrize(
@@ -159,34 +161,34 @@ def test_vehicle_id_from_top_level_when_data_has_none():
 )
 def test_epoch_ms_reads_ms_seconds_and_iso(value, expected):
     """Times in ms, s or ISO-8601 all become epoch milliseconds."""
-    assert timestamps.epoch_ms(value) == expected
+    assert epoch_ms(value) == expected
 
 
 def test_iso_delivered_at_is_kept():
     """meta.deliveredAt given as an ISO string is converted to epoch ms."""
     document = sample_event()
     document["meta"]["deliveredAt"] = "2026-01-05T10:00:00.000Z"
-    assert events.parse_event(document).meta.deliveredAt == 1767607200000
+    assert parse_event(document).meta.deliveredAt == 1767607200000
 
 
 def test_not_json_raises_malformed_body():
     """Bytes that are not UTF-8 JSON are MalformedBody."""
     for body in (b"", b"{", b"\xff\xfe", b"not json"):
         with pytest.raises(MalformedBody):
-            events.load_json(body)
+            load_json(body)
 
 
 def test_legacy_v2_is_recognised():
     """A top-level version (v2.0 webhook) is an InvalidPayload coded legacy_v2."""
     with pytest.raises(InvalidPayload) as caught:
-        events.classify({"version": "2.0", "webhookId": "w", "eventName": "verify", "payload": {"challenge": "x"}})
+        classify({"version": "2.0", "webhookId": "w", "eventName": "verify", "payload": {"challenge": "x"}})
     assert caught.value.code == "legacy_v2"
 
 
 def test_unknown_event_type():
     """An eventType other than the three known ones is an InvalidPayload coded unknown_event_type."""
     with pytest.raises(InvalidPayload) as caught:
-        events.classify({"eventId": "e", "eventType": "VEHICLE_CONNECTION_STATUS", "data": {}})
+        classify({"eventId": "e", "eventType": "VEHICLE_CONNECTION_STATUS", "data": {}})
     assert caught.value.code == "unknown_event_type"
 
 
@@ -207,7 +209,7 @@ def test_schema_failures_raise_invalid_payload(mutate):
     document = sample_event()
     mutate(document)
     with pytest.raises(InvalidPayload):
-        events.parse_event(document)
+        parse_event(document)
 
 
 def test_invalid_payload_message_names_fields_not_values():
@@ -215,7 +217,7 @@ def test_invalid_payload_message_names_fields_not_values():
     document = sample_event()
     document["data"]["user"] = {"id": {"secret": "1FAKEVIN00TEST001"}}
     with pytest.raises(InvalidPayload) as info:
-        events.parse_event(document)
+        parse_event(document)
     assert "data.user.id" in info.value.message
     assert "1FAKEVIN00TEST001" not in info.value.message
 
@@ -224,22 +226,22 @@ def test_non_object_json_is_invalid_payload():
     """JSON that is not an object fails classification as InvalidPayload."""
     for document in ([], 1, "x", None):
         with pytest.raises(InvalidPayload):
-            events.classify(document)
+            classify(document)
 
 
 def test_verify_challenge():
     """A VERIFY's challenge is read from data.challenge."""
-    assert events.parse_verify(sample_event("VERIFY", challenge="abc")) == "abc"
+    assert parse_verify(sample_event("VERIFY", challenge="abc")) == "abc"
     with pytest.raises(InvalidPayload):
-        events.parse_verify({"eventType": "VERIFY", "data": {}})
+        parse_verify({"eventType": "VERIFY", "data": {}})
 
 
 def _slow_path_accepts(body: bytes) -> bool:
     try:
-        document = events.load_json(body)
-        if events.classify(document) not in events.VEHICLE_EVENT_TYPES:
+        document = load_json(body)
+        if classify(document) not in VEHICLE_EVENT_TYPES:
             return False
-        events.parse_event(document)
+        parse_event(document)
     except (MalformedBody, InvalidPayload):
         return False
     return True
@@ -255,13 +257,13 @@ def test_quick_path_agrees_with_the_step_by_step_path():
 
     for path in fixture_paths():
         body = path.read_bytes()
-        assert (events.quick_vehicle_event(body) is not None) is _slow_path_accepts(body) is True
+        assert (quick_vehicle_event(body) is not None) is _slow_path_accepts(body) is True
 
     @settings(max_examples=examples(500), deadline=None)
     @given(document=delivery_like | st.builds(sample_event))
     def check(document):
         body = json.dumps(document).encode()
-        assert (events.quick_vehicle_event(body) is not None) == _slow_path_accepts(body)
+        assert (quick_vehicle_event(body) is not None) == _slow_path_accepts(body)
 
     check()
 
@@ -298,17 +300,17 @@ def test_time_and_year_readers_never_raise():
     from hypothesis import strategies as st
 
     def check(value):
-        assert timestamps.epoch_ms(value) is None or 0 <= timestamps.epoch_ms(value) <= 253_402_300_799_999
-        year = timestamps.model_year(value)
+        assert epoch_ms(value) is None or 0 <= epoch_ms(value) <= 253_402_300_799_999
+        year = model_year(value)
         assert year is None or 1 <= year <= 9999
-        delivered = timestamps.delivered_at(value)
+        delivered = delivered_at(value)
         assert delivered is None or isinstance(delivered, int) or len(delivered) <= 64
 
     for value in HOSTILE_VALUES:
         check(value)
-        assert timestamps.epoch_ms(value) is None
-    assert timestamps.model_year("9" * 5000) is None
-    assert timestamps.model_year(2023.0) == 2023
+        assert epoch_ms(value) is None
+    assert model_year("9" * 5000) is None
+    assert model_year(2023.0) == 2023
 
     @settings(max_examples=examples(500), deadline=None)
     @given(value=st.one_of(st.integers(), st.floats(), st.text(), st.booleans(), st.none(), st.binary().map(str)))
@@ -335,15 +337,15 @@ def test_a_number_where_an_id_belongs_is_a_schema_failure(mutate):
     mutate(document)
     body = json.dumps(document).encode()
     assert not _slow_path_accepts(body)
-    assert events.quick_vehicle_event(body) is None
+    assert quick_vehicle_event(body) is None
 
 
 def test_numbers_in_descriptive_text_are_still_read():
     """A numeric make or model is read as text: only ids are strict."""
     document = sample_event()
     document["data"]["vehicle"]["model"] = 3
-    assert events.parse_event(document).vehicle.model == "3"
-    assert events.parse_stored(json.dumps(document)).vehicle.model == "3"
+    assert parse_event(document).vehicle.model == "3"
+    assert parse_stored(json.dumps(document)).vehicle.model == "3"
 
 
 @pytest.mark.parametrize("vehicle_id", ["..", ".", "../../connections", "a/b", "%2e%2e", "", "x" * 65, "é", "a b"])
@@ -352,25 +354,25 @@ def test_a_vehicle_id_that_could_move_a_url_path_is_a_schema_failure(vehicle_id)
     document = sample_event()
     document["data"]["vehicle"]["id"] = vehicle_id
     with pytest.raises(InvalidPayload):
-        events.parse_event(document)
+        parse_event(document)
     document["data"]["vehicle"]["id"] = SHAPE_A["vehicleId"]
     document["vehicleId"] = vehicle_id
     with pytest.raises(InvalidPayload):
-        events.parse_event(document)
+        parse_event(document)
 
 
 def test_every_captured_vehicle_id_is_a_valid_vehicle_id():
     """The captures' vehicle ids (UUIDs) all fit the vehicle-id rule."""
     for path in fixture_paths():
         document = load_fixture(path)
-        assert re.fullmatch(events.VEHICLE_ID_PATTERN, document["data"]["vehicle"]["id"])
+        assert re.fullmatch(VEHICLE_ID_PATTERN, document["data"]["vehicle"]["id"])
 
 
 @pytest.mark.parametrize("body", [b"NaN", b"[Infinity]", b'{"a": -Infinity}', b'{"a": [1, NaN]}'])
 def test_nan_and_infinity_are_not_json(body):
     """load_json refuses NaN and Infinity literals (pydantic-core would accept them by default)."""
     with pytest.raises(MalformedBody):
-        events.load_json(body)
+        load_json(body)
 
 
 def test_nan_in_text_is_fine_and_both_paths_agree():
@@ -378,17 +380,17 @@ def test_nan_in_text_is_fine_and_both_paths_agree():
     document = sample_event()
     document["data"]["vehicle"]["model"] = "NaN Infinity"
     body = json.dumps(document).encode()
-    assert events.quick_vehicle_event(body) is None  # the one-pass path leaves it to the step-by-step one
+    assert quick_vehicle_event(body) is None  # the one-pass path leaves it to the step-by-step one
     assert _slow_path_accepts(body)
     literal = body.replace(b'"NaN Infinity"', b"NaN")
-    assert events.quick_vehicle_event(literal) is None
+    assert quick_vehicle_event(literal) is None
     assert not _slow_path_accepts(literal)
 
 
 def test_an_overflowing_number_in_a_signal_body_becomes_null():
     """1e400 parses as infinity; the normalised signal carries null instead, so the output stays valid JSON."""
     body = json.dumps(sample_event()).replace('"value": 81', '"value": 1e400').encode()
-    for event in (events.parse_event(events.load_json(body)), events.parse_stored(body)):
+    for event in (parse_event(load_json(body)), parse_stored(body)):
         assert event.signals[0].body == {"value": None, "unit": "percent"}
         json.dumps(event.model_dump(mode="json"), allow_nan=False)
 
@@ -397,7 +399,7 @@ def test_an_overflowing_number_in_a_signal_body_becomes_null():
 def test_the_worker_parse_step_raises_only_park_reasons(body):
     """The worker's parse step, parse_stored, turns anything it cannot read into InvalidPayload (parked, never failed)."""
     with pytest.raises(InvalidPayload):
-        events.parse_stored(body)
+        parse_stored(body)
 
 
 # --- one reading: the edge's one-pass check and the worker's parse_stored ---------------------------
@@ -406,20 +408,20 @@ def test_the_worker_parse_step_raises_only_park_reasons(body):
 def _edge_reading(body: bytes) -> tuple[object, ...]:
     """What the web edge decides for a validly signed body, step for step as service.webhooks does
     (without the delivery-age check): accepted (with what it keeps), a VERIFY, refused, or parked."""
-    quick = events.quick_vehicle_event(body)
+    quick = quick_vehicle_event(body)
     if quick is not None:
         return ("accepted", quick.event_id, quick.event_type, quick.delivery_id)
     try:
-        document = events.load_json(body)
+        document = load_json(body)
     except MalformedBody as exc:
         return ("refused", exc.message)
     if not isinstance(document, dict):
         return ("refused", "The body is JSON but not an object.")
     try:
-        if events.classify(document) == events.VERIFY:
-            events.parse_verify(document)
+        if classify(document) == VERIFY:
+            parse_verify(document)
             return ("verify",)
-        event = events.parse_event(document)
+        event = parse_event(document)
     except InvalidPayload as exc:
         return ("parked", exc.code, exc.message)
     return ("accepted", event.event_id, event.event_type, event.meta.deliveryId)
@@ -428,7 +430,7 @@ def _edge_reading(body: bytes) -> tuple[object, ...]:
 def _worker_reading(stored: bytes | str) -> tuple[object, ...]:
     """What the worker's parse step makes of a stored body: the event, or the park reason and detail."""
     try:
-        return ("accepted", events.parse_stored(stored))
+        return ("accepted", parse_stored(stored))
     except InvalidPayload as exc:
         return ("parked", exc.code, exc.message)
 
@@ -446,7 +448,7 @@ def _assert_one_reading(body: bytes) -> None:
             assert worker[0] == "accepted", (body[:200], worker)
             event = worker[1]
             assert edge == ("accepted", event.event_id, event.event_type, event.meta.deliveryId)
-            assert event == events.parse_event(events.load_json(body))
+            assert event == parse_event(load_json(body))
             json.dumps(event.model_dump(mode="json"), allow_nan=False)
         elif edge[0] == "parked":
             assert worker == edge, body[:200]
@@ -461,15 +463,15 @@ def test_the_edge_and_the_worker_read_every_capture_alike(path):
     """Each capture, as captured and compact: accepted by the one-pass check, and the worker's one-pass
     parse gives the event the step-by-step parse gives."""
     for body in (path.read_bytes(), encode(load_fixture(path))):
-        quick = events.quick_vehicle_event(body)
+        quick = quick_vehicle_event(body)
         assert quick is not None
-        event = events.parse_stored(body.decode())
-        delivered_at = event.meta.deliveredAt if isinstance(event.meta.deliveredAt, int) else None
+        event = parse_stored(body.decode())
+        delivered = event.meta.deliveredAt if isinstance(event.meta.deliveredAt, int) else None
         assert (quick.event_id, quick.event_type, quick.delivery_id, quick.delivered_at_ms) == (
             event.event_id,
             event.event_type,
             event.meta.deliveryId,
-            delivered_at,
+            delivered,
         )
         _assert_one_reading(body)
 
@@ -629,8 +631,8 @@ def test_a_float_in_text_reads_the_same_in_every_worker_body():
     plain["data"]["vehicle"]["make"] = 1e5
     with_nan_text = copy.deepcopy(plain)
     with_nan_text["data"]["vehicle"]["model"] = "NaN"
-    make = events.parse_stored(json.dumps(plain)).vehicle.make
-    assert events.parse_stored(json.dumps(with_nan_text)).vehicle.make == make
+    make = parse_stored(json.dumps(plain)).vehicle.make
+    assert parse_stored(json.dumps(with_nan_text)).vehicle.make == make
     assert make is not None
     assert float(make) == 1e5
 
@@ -642,16 +644,16 @@ def test_a_float_in_text_reads_the_same_in_every_worker_body():
 def test_a_signal_time_is_read_by_one_rule_in_webhook_and_api_signals(retrieved):
     """retrievedAt when present and not null (0, "" and false included), else fetchedAt, on both paths."""
     fetched = 1767000009999
-    expected = timestamps.epoch_ms(fetched if retrieved is None else retrieved)
+    expected = epoch_ms(fetched if retrieved is None else retrieved)
     document = sample_event()
     document["data"]["signals"][0]["meta"].update(retrievedAt=retrieved, fetchedAt=fetched)
     body = json.dumps(document)
-    assert events.parse_stored(body).signals[0].retrievedAt == expected
-    assert events.parse_event(json.loads(body)).signals[0].retrievedAt == expected
+    assert parse_stored(body).signals[0].retrievedAt == expected
+    assert parse_event(json.loads(body)).signals[0].retrievedAt == expected
     resource = {"id": "odometer-traveleddistance", "attributes": {"body": {"value": 1}}}
     resource["meta"] = {"retrievedAt": retrieved, "fetchedAt": fetched}
     assert api_signal(resource)["retrievedAt"] == expected
-    assert timestamps.retrieved_at(retrieved, fetched) == expected
+    assert retrieved_at(retrieved, fetched) == expected
 
 
 @pytest.mark.parametrize(
@@ -674,7 +676,7 @@ def test_a_signal_status_is_read_by_one_rule_in_webhook_and_api_signals(status, 
         signal["status"] = status
     if body is not None:
         signal["body"] = body
-    assert events.parse_stored(json.dumps(document)).signals[0].status == expected
+    assert parse_stored(json.dumps(document)).signals[0].status == expected
     attributes = {"body": body, **({"status": status} if status is not None else {})}
     assert api_signal({"id": "odometer-traveleddistance", "attributes": attributes})["status"] == expected
 
@@ -683,7 +685,7 @@ def test_the_stream_payload_is_compact_utf8_json_without_nan():
     """The output payload: compact, non-ASCII kept as UTF-8, and a NaN or infinity from the API written as null."""
     document = sample_event()
     document["data"]["vehicle"]["model"] = "Mégane E-Tech ✓"
-    event = events.parse_stored(json.dumps(document))
+    event = parse_stored(json.dumps(document))
     user = UserRecord(id=7, email=None, name=None, smartcar_user_id=event.smartcar_user_id)
     api = {"id": "x", "attributes": {"body": {"value": float("nan"), "top": float("inf"), "big": 10**400}}, "meta": {}}
     output = build_document(event, user, Enrichment(signals=[api]), 1767000000000, 1767000000100)
@@ -700,16 +702,9 @@ def test_the_stream_payload_is_compact_utf8_json_without_nan():
     assert fields["user_id"] == "7"
 
 
-def test_the_package_exports_what_callers_use():
-    """core.events keeps the names its callers import, whatever module of the package defines them."""
-    for name in events.__all__:
-        assert getattr(events, name) is not None
-    assert {"VehicleEvent", "QuickEvent", "load_json", "classify", "parse_event", "parse_stored"} <= set(events.__all__)
+# --- the edge's reading: the worker's checks, without what the edge never reads -------------------
 
-
-# --- the edge's reading: the model's checks, without the model's objects ---------------------------
-
-#: A delivery with every field of every wire model present, so that a value can be put anywhere.
+#: A delivery with every field of the wire schema present, so that a value can be put anywhere.
 EVERY_FIELD = {
     "eventId": "0d6c0b7e-5555-4555-8555-555555555009",
     "eventType": "VEHICLE_STATE",
@@ -790,23 +785,23 @@ def _accepted_by(validate, body: bytes) -> bool:
 
 
 @pytest.mark.parametrize("path", _paths(EVERY_FIELD), ids=lambda path: ".".join(map(str, path)))
-def test_the_edge_validator_accepts_exactly_what_the_wire_model_accepts(path):
-    """Any kind of value anywhere in a delivery with every field: the edge's reading and WebEnvelope agree."""
-    from core.events.wire import EDGE_VALIDATOR, WebEnvelope
+def test_the_edge_validator_accepts_exactly_what_the_wire_validator_accepts(path):
+    """Any kind of value anywhere in a delivery with every field: the edge's reading and the worker's agree."""
+    from core.events.wire import EDGE_VALIDATOR, WIRE_VALIDATOR
 
     for raw in EVERY_KIND + HOSTILE_RAW:
         if raw in {"NaN", "Infinity", "-Infinity"}:
             continue  # not JSON: both paths send such bodies to load_json, which refuses them
         body = _with_raw(copy.deepcopy(EVERY_FIELD), path, raw)
         edge = _accepted_by(EDGE_VALIDATOR.validate_json, body)
-        assert edge == _accepted_by(WebEnvelope.model_validate_json, body), (path, raw)
+        assert edge == _accepted_by(WIRE_VALIDATOR.validate_json, body), (path, raw)
         _assert_quick_agrees(body)
 
 
 def _assert_quick_agrees(body: bytes) -> None:
     """The one-pass check accepts what the steps accept; it leaves a body holding the text NaN or
     Infinity to the steps."""
-    quick = events.quick_vehicle_event(body) is not None
+    quick = quick_vehicle_event(body) is not None
     if b"NaN" in body or b"Infinity" in body:
         assert not quick
     else:
@@ -814,12 +809,12 @@ def _assert_quick_agrees(body: bytes) -> None:
 
 
 @pytest.mark.hypothesis  # Hypothesis runs inside: make drills runs it at the full count
-def test_the_edge_validator_and_the_wire_model_agree_on_generated_deliveries():
+def test_the_edge_validator_and_the_wire_validator_agree_on_generated_deliveries():
     """Generated deliveries (the fuzz strategy, valid ones, and any JSON value at any path of a full one)."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from core.events.wire import EDGE_VALIDATOR, WebEnvelope
+    from core.events.wire import EDGE_VALIDATOR, WIRE_VALIDATOR
     from tests.test_fuzz import delivery_like, json_values
 
     paths = _paths(EVERY_FIELD)
@@ -843,54 +838,20 @@ def test_the_edge_validator_and_the_wire_model_agree_on_generated_deliveries():
     def check(document):
         body = json.dumps(document).encode()
         edge = _accepted_by(EDGE_VALIDATOR.validate_json, body)
-        assert edge == _accepted_by(WebEnvelope.model_validate_json, body)
+        assert edge == _accepted_by(WIRE_VALIDATOR.validate_json, body)
         _assert_quick_agrees(body)
 
     check()
 
 
-def test_the_edge_reading_has_every_field_of_the_wire_models_but_the_unread_ones():
-    """Each wire model has its edge twin with the same fields and required keys, less the fields typed
-    ``Any`` the edge never reads: a field added to one and not the other fails here."""
-    from pydantic import TypeAdapter, ValidationError
-
+def test_the_edge_reading_has_every_field_of_the_wire_schema_but_the_unread_ones():
+    """The edge's twins have the wire's keys, less a signal's body, and the same required keys: a key
+    added to one and not the other fails here (the rest of the schema is shared)."""
     from core.events import wire
 
-    twins = {
-        wire.WireSignalRef: wire.EdgeSignalRef,
-        wire.WireStatus: wire.EdgeStatus,
-        wire.WireSignal: wire.EdgeSignal,
-        wire.WireTrigger: wire.EdgeTrigger,
-        wire.WireVehicle: wire.EdgeVehicle,
-        wire.WireUser: wire.EdgeUser,
-        wire.WireResolution: wire.EdgeResolution,
-        wire.WireVehicleError: wire.EdgeVehicleError,
-        wire.WireData: wire.EdgeData,
-        wire.WireMeta: wire.EdgeMeta,
-        wire.WebEnvelope: wire.EdgeEnvelope,
-    }
-    # Read as "an object" (EdgeObject) or not at all; WireEnvelope is WebEnvelope's base; VERIFY is read step by step.
-    apart = {wire.WireSignalMeta, wire.WireEnvelope, wire.WireVerify, wire.WireVerifyData}
-
-    def models(base: type) -> set[type]:
-        return {m for sub in base.__subclasses__() for m in {sub, *models(sub)}}
-
-    assert models(wire.Wire) == set(twins) | apart
-
-    def missing(validate: Callable[[object], object]) -> set[object]:
-        """The keys an empty object lacks, as the validator says."""
-        try:
-            validate({})
-        except ValidationError as refused:
-            return {error["loc"][0] for error in refused.errors() if error["type"] == "missing"}
-        return set()
-
-    unread = {(wire.WireSignal, "body"), (wire.WireVehicle, "year")}
-    for model, twin in twins.items():
-        fields = {name for name in model.model_fields if (model, name) not in unread}
-        assert set(twin.__annotations__) == fields, model
-        required = {name for name, field in model.model_fields.items() if field.is_required()}
-        assert missing(TypeAdapter(twin).validate_python) == missing(model.model_validate) == required, model
+    for full, twin in {wire.WireSignal: wire.EdgeSignal, wire.WireStatus: wire.EdgeStatus}.items():
+        assert twin.__required_keys__ == full.__required_keys__, full
+        assert twin.__optional_keys__ == full.__optional_keys__ - {"body"}, full
 
 
 def test_the_edge_validator_reads_only_what_the_edge_needs():
@@ -904,9 +865,8 @@ def test_the_edge_validator_reads_only_what_the_edge_needs():
     assert "body" not in signal
     assert signal["meta"] == {}  # an object, checked as one, its times never read
     assert signal["status"] == {"value": "ERROR", "error": {}}
-    assert "year" not in envelope["data"]["vehicle"]
-    quick = events.quick_vehicle_event(encode(EVERY_FIELD))
-    assert quick == events.QuickEvent(EVERY_FIELD["eventId"], "VEHICLE_STATE", "a1", 1767000003000)
+    quick = quick_vehicle_event(encode(EVERY_FIELD))
+    assert quick == QuickEvent(EVERY_FIELD["eventId"], "VEHICLE_STATE", "a1", 1767000003000)
 
 
 @pytest.mark.hypothesis  # Hypothesis runs inside: make drills runs it at the full count
@@ -921,7 +881,7 @@ def test_a_body_the_edge_accepts_is_read_alike_by_pythons_json():
     def check(body: bytes) -> None:
         if _edge_reading(body)[0] != "accepted":
             return
-        assert json.loads(body) == events.load_json(body)
+        assert json.loads(body) == load_json(body)
 
     for path in fixture_paths():
         check(path.read_bytes())
@@ -944,9 +904,9 @@ def test_signals_built_without_revalidation_are_what_validation_would_build(path
     value must already be what validating it would give, in type and value."""
     document = load_fixture(path)
     with contextlib.suppress(InvalidPayload, MalformedBody):
-        event = events.parse_stored(json.dumps(document))
+        event = parse_stored(json.dumps(document))
         for signal in event.signals:
-            assert events.Signal.model_validate(signal.model_dump()) == signal
+            assert Signal.model_validate(signal.model_dump()) == signal
             assert isinstance(signal.code, str)
             assert signal.oemUpdatedAt is None or type(signal.oemUpdatedAt) is int
             assert signal.retrievedAt is None or type(signal.retrievedAt) is int

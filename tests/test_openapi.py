@@ -29,8 +29,9 @@ from schemathesis.specs.openapi.definitions import OPENAPI_31
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from core import events
 from core.config import Settings
+from core.events.parse import classify, parse_event, parse_verify
+from core.events.wire import VERIFY
 from service.admin import create_admin_app
 from service.app import create_app
 from service.responses import error_body
@@ -164,15 +165,15 @@ def test_examples_match_their_schemas(port, at_least):
 def test_delivery_examples_are_events_the_service_accepts(name):
     """The documented deliveries are real ones: the service's own parser reads each as a vehicle event."""
     value = document()["components"]["examples"][name]["value"]
-    event = events.parse_event(value)
+    event = parse_event(value)
     assert (event.event_id, event.event_type) == (value["eventId"], value["eventType"])
 
 
 def test_verify_example_is_a_verify():
     """The documented VERIFY is classified as one and carries a token-like challenge (answered even unsigned)."""
     value = document()["components"]["examples"]["VerifyDelivery"]["value"]
-    assert events.classify(value) == events.VERIFY
-    assert re.fullmatch(r"[A-Za-z0-9._~-]{1,256}", events.parse_verify(value))
+    assert classify(value) == VERIFY
+    assert re.fullmatch(r"[A-Za-z0-9._~-]{1,256}", parse_verify(value))
 
 
 def webhook_operation() -> dict[str, Any]:

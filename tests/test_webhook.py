@@ -28,7 +28,7 @@ from starlette.testclient import TestClient
 from cli.samples import encode, sample_event
 from core.config import Settings
 from core.errors import InvalidJob
-from core.events import parse_stored
+from core.events.parse import parse_stored
 from core.redis.dedupe import event_marks, recall
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions, job_payload, spliced_job_data

@@ -15,9 +15,9 @@ from typing import Any
 
 import pydantic_core
 
-from core.events import Signal, VehicleEvent, signal_status
+from core.events.model import Signal, VehicleEvent
+from core.events.normalise import epoch_ms, retrieved_at, signal_status
 from core.store.users import UserRecord
-from core.timestamps import epoch_ms, retrieved_at
 
 #: 2: ``enrichment.reads`` (where each read came from) and ``staleSignals``.
 SCHEMA_VERSION = 2

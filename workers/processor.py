@@ -13,7 +13,7 @@ from typing import Any, Literal, TypedDict
 
 import structlog
 
-from core import events, metrics
+from core import metrics
 from core.errors import (
     InvalidPayload,
     SmartcarUnauthorized,
@@ -21,6 +21,9 @@ from core.errors import (
     TransientError,
     UnknownUser,
 )
+from core.events.model import VehicleEvent
+from core.events.parse import delivery_id_of, parse_stored
+from core.events.wire import VEHICLE_ERROR
 from core.logs import get_logger
 from core.redis.deployment_counts import DeploymentCounts
 from core.redis.jobs import JobPayload
@@ -106,11 +109,11 @@ class EventProcessor:
         # 0 stands for "not recorded" (hand-made jobs in tests): count from now instead.
         received_at = payload["receivedAt"] or time.time_ns() // 1_000_000
         try:
-            # The body is validated once, by the model the web edge validates it with; anything
+            # The body is validated once, with the schema the web edge validates it with; anything
             # the parser cannot read is parked (and can be replayed), never failed in RQ.
-            event = events.parse_stored(body)
+            event = parse_stored(body)
         except InvalidPayload as exc:
-            structlog.contextvars.bind_contextvars(deliveryId=events.delivery_id_of(body))
+            structlog.contextvars.bind_contextvars(deliveryId=delivery_id_of(body))
             return await self._park(event_id, exc.code, exc.message, body)
 
         structlog.contextvars.bind_contextvars(deliveryId=event.meta.deliveryId, eventType=event.event_type)
@@ -159,7 +162,7 @@ class EventProcessor:
         return JobResult(eventId=event_id, status="published", reason=None, entryId=entry_id)
 
     async def _publish(
-        self, event: events.VehicleEvent, user: UserRecord, output: dict[str, Any], vehicle_from_api: bool
+        self, event: VehicleEvent, user: UserRecord, output: dict[str, Any], vehicle_from_api: bool
     ) -> str | None:
         """Publish the document with its merge into the vehicle's latest state, in one step; the
         payload's ``staleSignals`` are the codes the state held newer. Returns the entry id, or None
@@ -200,7 +203,7 @@ class EventProcessor:
             self._known_users[smartcar_user_id] = (user, now + USER_CACHE_SECONDS)
         return user
 
-    async def _enrich(self, event: events.VehicleEvent, received_at_ms: int) -> Enrichment:
+    async def _enrich(self, event: VehicleEvent, received_at_ms: int) -> Enrichment:
         """Read the vehicle and its signals (:class:`core.smartcar.reads.VehicleReads`: shared across
         workers, budgeted); refusals and rate limits become partial enrichment.
 
@@ -212,7 +215,7 @@ class EventProcessor:
             event.vehicle.id,
             event.smartcar_user_id,
             received_at_ms,
-            after_error=event.event_type == events.VEHICLE_ERROR,
+            after_error=event.event_type == VEHICLE_ERROR,
         )
         for result in outcomes:
             if isinstance(result, SmartcarUnauthorized):

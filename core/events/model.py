@@ -1,9 +1,5 @@
-"""The normalised form of a vehicle event: the only shape the rest of the service sees.
-
-:class:`VehicleEvent` is what the worker enriches and publishes; :class:`QuickEvent` is the
-little the web edge needs to know to accept a delivery. Times are epoch milliseconds, signal
-codes are lowercase, and no number in a signal body or error is NaN or infinite.
-"""
+"""The normalised vehicle event, the only shape the rest of the service sees: times in epoch
+milliseconds, signal codes lowercase, no NaN or infinite number in a signal's body or error."""
 
 from __future__ import annotations
 
@@ -72,8 +68,6 @@ class DeliveryMeta(_Model):
 
 
 class VehicleEvent(_Model):
-    """A VEHICLE_STATE or VEHICLE_ERROR delivery in the one form the service works with."""
-
     event_id: str
     event_type: EventType
     smartcar_user_id: str
@@ -85,8 +79,7 @@ class VehicleEvent(_Model):
 
 
 class QuickEvent(NamedTuple):
-    """What the web edge needs to know of a valid vehicle event (a tuple: built once per delivery,
-    several times cheaper than a frozen dataclass)."""
+    """What the web edge needs to know of a valid vehicle event (a tuple: cheaper than a dataclass)."""
 
     event_id: str
     event_type: str

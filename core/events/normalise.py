@@ -1,13 +1,14 @@
-"""Wire models → :class:`~core.events.model.VehicleEvent`.
-
-Every shape :mod:`core.events.wire` tolerates folds into one form here: triggers in either place
-and either spelling, signal codes from ``code`` or ``group`` + ``name``, a status inferred when
-it is missing, times read by :mod:`core.timestamps`, and non-finite numbers replaced by None.
+"""Smartcar's values → ours: the wire schema → :class:`~core.events.model.VehicleEvent` (every
+shape :mod:`core.events.wire` tolerates, in one form), and the time, year and status readers the
+worker's ``/signals`` resources share. The readers never raise: anything unreadable is None, so a
+hostile value neither crashes the worker nor reaches the output as invalid JSON.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from datetime import datetime
 from typing import Any
 
 from core.errors import InvalidPayload
@@ -23,55 +24,60 @@ from core.events.model import (
 from core.events.wire import (
     VEHICLE_EVENT_TYPES,
     VEHICLE_STATE,
-    WireEnvelope,
-    WireMeta,
+    Envelope,
     WireSignal,
-    WireSignalMeta,
     WireSignalRef,
     WireTrigger,
-    WireVehicle,
     WireVehicleError,
+    vehicle_id,
 )
-from core.timestamps import delivered_at, epoch_ms, model_year, retrieved_at
+
+# Epoch values below this are taken as seconds (10 digits), above it as milliseconds (13 digits).
+_SECONDS_CUTOFF = 100_000_000_000
+# 9999-12-31T23:59:59.999Z: later (or negative) times are unreadable, not errors.
+_MAX_EPOCH_MS = 253_402_300_799_999
+# ASCII digits only: str.isdigit() also admits "²" and other digits that int() refuses.
+_EPOCH_DIGITS = re.compile(r"[0-9]{1,19}")
+_YEAR_DIGITS = re.compile(r"[0-9]{1,4}")
+_LONGEST_TIME_TEXT = 64
 
 
-def normalise(wire: WireEnvelope) -> VehicleEvent:
-    """The normalised event of a validated envelope.
-
-    Raises :class:`InvalidPayload` when the envelope is not a vehicle event or names no vehicle
-    (the two rules the schema alone cannot state).
-    """
-    if wire.eventType not in VEHICLE_EVENT_TYPES:
-        raise InvalidPayload(f"The eventType {clip(wire.eventType)!r} is not a vehicle event.")
-    vehicle_id = wire.vehicle_id
-    if vehicle_id is None:
+def normalise(wire: Envelope) -> VehicleEvent:
+    """The event of a validated envelope; :class:`InvalidPayload` for the two rules the schema
+    cannot state (a vehicle event type, a vehicle id)."""
+    if wire["eventType"] not in VEHICLE_EVENT_TYPES:
+        raise InvalidPayload(f"The eventType {clip(wire['eventType'])!r} is not a vehicle event.")
+    vehicle = vehicle_id(wire)
+    if vehicle is None:
         raise InvalidPayload("The delivery names no vehicle (data.vehicle.id or vehicleId).")
-    data = wire.data
-    wire_vehicle = data.vehicle or WireVehicle()
-    triggers = data.triggers if data.triggers is not None else wire.triggers
-    meta = wire.meta or WireMeta()
+    data = wire["data"]
+    wire_vehicle = data.get("vehicle") or {}
+    triggers = data.get("triggers")
+    if triggers is None:
+        triggers = wire.get("triggers")
+    meta = wire.get("meta") or {}
     return VehicleEvent(
-        event_id=wire.eventId,
-        event_type="VEHICLE_STATE" if wire.eventType == VEHICLE_STATE else "VEHICLE_ERROR",
-        smartcar_user_id=data.user.id,
+        event_id=wire["eventId"],
+        event_type="VEHICLE_STATE" if wire["eventType"] == VEHICLE_STATE else "VEHICLE_ERROR",
+        smartcar_user_id=data["user"]["id"],
         vehicle=Vehicle(
-            id=vehicle_id,
-            make=wire_vehicle.make,
-            model=wire_vehicle.model,
-            year=model_year(wire_vehicle.year),
-            mode=wire_vehicle.mode,
-            powertrainType=wire_vehicle.powertrainType,
+            id=vehicle,
+            make=wire_vehicle.get("make"),
+            model=wire_vehicle.get("model"),
+            year=model_year(wire_vehicle.get("year")),
+            mode=wire_vehicle.get("mode"),
+            powertrainType=wire_vehicle.get("powertrainType"),
         ),
-        signals=tuple(_signal(s) for s in data.signals or () if _signal_code(s) is not None),
-        errors=tuple(_vehicle_error(e) for e in data.errors or ()),
+        signals=tuple(_signal(s) for s in data.get("signals") or () if _signal_code(s) is not None),
+        errors=tuple(_vehicle_error(e) for e in data.get("errors") or ()),
         triggers=tuple(_trigger(t) for t in triggers or ()),
         meta=DeliveryMeta(
-            deliveryId=meta.deliveryId,
-            deliveredAt=delivered_at(meta.deliveredAt),
-            webhookId=meta.webhookId,
-            webhookName=meta.webhookName,
-            mode=meta.mode,
-            version=meta.version,
+            deliveryId=meta.get("deliveryId"),
+            deliveredAt=delivered_at(meta.get("deliveredAt")),
+            webhookId=meta.get("webhookId"),
+            webhookName=meta.get("webhookName"),
+            mode=meta.get("mode"),
+            version=meta.get("version"),
         ),
     )
 
@@ -87,10 +93,11 @@ def clip(text: str, limit: int = 60) -> str:
 
 
 def _signal_code(ref: WireSignalRef) -> str | None:
-    if ref.code:
-        return ref.code
-    if ref.group and ref.name:
-        return f"{ref.group}-{ref.name}".lower()
+    code, group, name = ref.get("code"), ref.get("group"), ref.get("name")
+    if code:
+        return code
+    if group and name:
+        return f"{group}-{name}".lower()
     return None
 
 
@@ -98,34 +105,32 @@ def _signal_ref(ref: WireSignalRef | str) -> SignalRef:
     if isinstance(ref, str):
         group, _, name = ref.partition(".")
         return SignalRef(code=code_from_dotted(ref), name=name or None, group=group or None)
-    return SignalRef(code=_signal_code(ref) or "", name=ref.name, group=ref.group)
+    return SignalRef(code=_signal_code(ref) or "", name=ref.get("name"), group=ref.get("group"))
 
 
 def signal_status(value: object, body: object) -> str:
-    """A signal's status: the one it carries, else SUCCESS when it has a body and UNAVAILABLE when not.
-
-    Older deliveries omit the status; a signal with a body was read successfully. The webhook's
-    signals and the ``/signals`` resources follow this one rule.
-    """
+    """A signal's status (webhook and ``/signals`` alike): the one it carries, else (older
+    deliveries) SUCCESS when it has a body and UNAVAILABLE when not."""
     if isinstance(value, str) and value:
         return value
     return "SUCCESS" if body is not None else "UNAVAILABLE"
 
 
 def _signal(wire: WireSignal) -> Signal:
-    meta = wire.meta or WireSignalMeta()
-    status = signal_status(wire.status.value if wire.status else None, wire.body)
+    meta = wire.get("meta") or {}
+    status = wire.get("status") or {}
+    body = wire.get("body")
     # Built without validating again: every value is of its field's type already (the wire
-    # model's own types, and time readers that return an int or None).
+    # schema's own types, and time readers that return an int or None).
     return Signal.model_construct(
         code=_signal_code(wire) or "",
-        name=wire.name,
-        group=wire.group,
-        body=_finite(wire.body),
-        status=status,
-        error=_finite(wire.status.error) if wire.status else None,
-        oemUpdatedAt=epoch_ms(meta.oemUpdatedAt),
-        retrievedAt=retrieved_at(meta.retrievedAt, meta.fetchedAt),
+        name=wire.get("name"),
+        group=wire.get("group"),
+        body=_finite(body),
+        status=signal_status(status.get("value"), body),
+        error=_finite(status.get("error")),
+        oemUpdatedAt=epoch_ms(meta.get("oemUpdatedAt")),
+        retrievedAt=retrieved_at(meta.get("retrievedAt"), meta.get("fetchedAt")),
     )
 
 
@@ -135,35 +140,34 @@ def _trigger(wire: WireTrigger | str) -> Trigger:
         if "." in wire:
             return Trigger(type="SIGNAL_UPDATED", code=code_from_dotted(wire))
         return Trigger(type=wire)
-    if wire.signal is not None:
-        code = code_from_dotted(wire.signal) if isinstance(wire.signal, str) else _signal_code(wire.signal)
-        return Trigger(type=wire.type or "SIGNAL_UPDATED", code=code)
-    if wire.code == "FIRST_DELIVERY":
+    kind, signal = wire.get("type"), wire.get("signal")
+    if signal is not None:
+        code = code_from_dotted(signal) if isinstance(signal, str) else _signal_code(signal)
+        return Trigger(type=kind or "SIGNAL_UPDATED", code=code)
+    if wire.get("code") == "FIRST_DELIVERY":
         return Trigger(type="FIRST_DELIVERY")
-    code = wire.code or _signal_code(WireSignalRef(name=wire.name, group=wire.group))
-    return Trigger(type=wire.type or ("SIGNAL_UPDATED" if code else "UNKNOWN"), code=code)
+    code = _signal_code(wire)
+    return Trigger(type=kind or ("SIGNAL_UPDATED" if code else "UNKNOWN"), code=code)
 
 
 def _vehicle_error(wire: WireVehicleError) -> VehicleError:
     return VehicleError(
-        type=wire.type,
-        code=wire.code,
-        state=wire.state,
-        description=wire.description,
-        suggestedUserMessage=wire.suggestedUserMessage,
-        docURL=wire.docURL,
-        resolution=wire.resolution.type if wire.resolution else None,
-        signals=tuple(_signal_ref(s) for s in wire.signals or ()),
+        type=wire.get("type"),
+        code=wire.get("code"),
+        state=wire.get("state"),
+        description=wire.get("description"),
+        suggestedUserMessage=wire.get("suggestedUserMessage"),
+        docURL=wire.get("docURL"),
+        resolution=(wire.get("resolution") or {}).get("type"),
+        signals=tuple(_signal_ref(s) for s in wire.get("signals") or ()),
     )
 
 
 def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by None.
+    """``value`` with every non-finite float (``1e400`` parses as infinity) replaced by None.
 
-    NaN and Infinity literals never get this far, but a number beyond a double's range
-    (``1e400``) still parses as infinity; it must not reach the output as invalid JSON. Nearly no
-    body holds one, and looking costs half as much as rebuilding, so a body is rebuilt only when
-    it does. The parser refuses nesting deeper than about 200 levels, which bounds the recursion.
+    Looking is cheaper than rebuilding and nearly no body holds one, so only those are rebuilt. The
+    parser refuses nesting deeper than about 200 levels, which bounds the recursion.
     """
     return value if _all_finite(value) else _without_non_finite(value)
 
@@ -187,3 +191,70 @@ def _without_non_finite(value: Any) -> Any:
     if isinstance(value, list):
         return [_without_non_finite(item) for item in value]
     return value
+
+
+def epoch_ms(value: object) -> int | None:
+    """Epoch milliseconds from epoch ms, epoch seconds or an ISO-8601 string; None if unreadable."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        number = round(value * 1000) if 0 < value < _SECONDS_CUTOFF else int(value)
+        return number if 0 <= number <= _MAX_EPOCH_MS else None
+    elif isinstance(value, str):
+        text = value.strip()
+        if _EPOCH_DIGITS.fullmatch(text):
+            number = int(text)
+        else:
+            return _iso_epoch_ms(text)
+    else:
+        return None
+    if 0 < number < _SECONDS_CUTOFF:
+        number *= 1000
+    return number if 0 <= number <= _MAX_EPOCH_MS else None
+
+
+def _iso_epoch_ms(text: str) -> int | None:
+    if len(text) > _LONGEST_TIME_TEXT:
+        return None
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if parsed.tzinfo is None:
+            return None
+        number = int(parsed.timestamp() * 1000)
+    except (ValueError, OverflowError):
+        return None
+    return number if 0 <= number <= _MAX_EPOCH_MS else None
+
+
+def delivered_at(value: object) -> int | str | None:
+    """``meta.deliveredAt`` as epoch ms; an unreadable short text is kept as sent; else None."""
+    as_ms = epoch_ms(value)
+    if as_ms is not None:
+        return as_ms
+    return value if isinstance(value, str) and len(value) <= _LONGEST_TIME_TEXT else None
+
+
+def retrieved_at(retrieved: object, fetched: object) -> int | None:
+    """When a signal was read (webhook and ``/signals`` alike): ``retrievedAt`` unless it is null,
+    else ``fetchedAt``; a ``0``, ``""`` or ``false`` is the value sent, never skipped."""
+    return epoch_ms(retrieved if retrieved is not None else fetched)
+
+
+def model_year(value: object) -> int | None:
+    """A model year from an int, a whole float or a digit string; None for anything else."""
+    year: int
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        year = value
+    elif isinstance(value, float) and value.is_integer():
+        year = int(value)
+    elif isinstance(value, str) and _YEAR_DIGITS.fullmatch(value.strip()):
+        year = int(value.strip())
+    else:
+        return None
+    return year if 1 <= year <= 9999 else None

@@ -1,118 +1,78 @@
-"""Reading a delivery body, in one pass or step by step; both accept and refuse the same bodies.
+"""Reading a delivery body: in one pass from the bytes (every well-formed vehicle event: the edge's
+:func:`quick_vehicle_event`, the worker's :func:`parse_stored`), else step by step in the edge's
+order (:func:`load_json`, :func:`classify`, :func:`parse_event` or :func:`parse_verify`), which
+tells a 400 from a parked payload and names the reason. Both accept and refuse the same bodies.
 
-* **One pass** (:func:`quick_vehicle_event` at the web edge, :func:`parse_stored` in the worker):
-  the bytes are validated against :class:`~core.events.wire.WebEnvelope` straight from JSON, with
-  no intermediate document. Every well-formed vehicle event is read this way. The edge, which
-  needs only the envelope's ids and times, validates with the same checks into plain dicts
-  (:data:`~core.events.wire.EDGE_VALIDATOR`), so it accepts exactly the bodies the worker's model
-  accepts, without building a model instance per signal or a Python object for any signal's body.
-* **Step by step**, in the order the edge checks the rest: :func:`load_json` (400 when it fails),
-  :func:`classify` (event type, legacy or unknown), then :func:`parse_event` or
-  :func:`parse_verify` (the schema). This tells a 400 from a parked payload and names the reason.
-
-The one-pass reading accepts exactly what the steps accept (``tests/test_events.py`` holds them
-to it); a body it does not accept goes through the steps, so every refusal, at the edge or in the
-worker, carries the steps' reason. Both normalise alike, with one exception: a float where text
-belongs (a numeric make, say) is written by pydantic-core as read from JSON (``1e5`` as
-``"100000"``) or from a parsed document (``"100000.0"``). The worker always reads from bytes.
+The worker always reads from bytes: a float where text belongs (a numeric make) reads as
+``"100000"`` from the JSON ``1e5`` but as ``"100000.0"`` from a parsed document.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 import pydantic_core
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from core.errors import InvalidPayload, MalformedBody
 from core.events.model import QuickEvent, VehicleEvent
-from core.events.normalise import clip, normalise
+from core.events.normalise import clip, epoch_ms, normalise
 from core.events.wire import (
     EDGE_VALIDATOR,
     VEHICLE_EVENT_TYPES,
     VERIFY,
-    WebEnvelope,
+    VERIFY_VALIDATOR,
+    WIRE_VALIDATOR,
     WireEnvelope,
-    WireVerify,
     is_legacy,
+    vehicle_id,
 )
-from core.timestamps import epoch_ms
 
 _NOT_JSON = "The body is not valid UTF-8 JSON."
 # Two literal searches: re's scan for a literal is about twice as fast as ``bytes in bytes``
 # here, and one pattern with an alternative is ten times slower than both.
 _NAN = re.compile(rb"NaN").search
 _INFINITY = re.compile(rb"Infinity").search
-
-
-# ---------------------------------------------------------------------------------------------
-# One pass.
+E = TypeVar("E", bound=WireEnvelope[Any])
 
 
 def _may_hold_non_finite_literal(body: bytes) -> bool:
-    """True when ``body`` holds the bytes ``NaN`` or ``Infinity``, in a string or as a literal.
-
-    The one-pass validators read NaN and Infinity literals as numbers; load_json refuses them. A
-    body holding those bytes (in a string, far more often) takes the step-by-step path instead.
-    """
+    """True when ``body`` holds the bytes ``NaN`` or ``Infinity``, in a string or as a literal: the
+    one-pass validators read such a literal as a number, load_json refuses it."""
     return _NAN(body) is not None or _INFINITY(body) is not None
 
 
-def _one_pass(body: bytes) -> WebEnvelope | None:
-    """The envelope of a well-formed VEHICLE_STATE / VEHICLE_ERROR, validated from bytes; else None."""
+def _one_pass(body: bytes, validator: TypeAdapter[E]) -> E | None:
+    """The envelope of a well-formed VEHICLE_STATE / VEHICLE_ERROR, validated from bytes; else None
+    (the caller then takes the steps, which decide between 400 and parking)."""
     if _may_hold_non_finite_literal(body):
         return None
     try:
-        wire = WebEnvelope.model_validate_json(body)
+        envelope = validator.validate_json(body)
     except ValidationError:
         return None
-    if wire.legacy or wire.eventType not in VEHICLE_EVENT_TYPES or wire.vehicle_id is None:
+    if envelope["eventType"] not in VEHICLE_EVENT_TYPES or is_legacy(envelope) or vehicle_id(envelope) is None:
         return None
-    return wire
+    return envelope
 
 
 def quick_vehicle_event(body: bytes) -> QuickEvent | None:
-    """Validate a well-formed VEHICLE_STATE / VEHICLE_ERROR straight from bytes, in one pass.
-
-    Returns None for anything else (not JSON, VERIFY, legacy, unknown type, schema failure):
-    the caller then takes the step-by-step path, which decides between 400 and parking. What
-    this accepts is exactly what :func:`load_json`, :func:`classify` and :func:`parse_event`
-    accept.
-    """
-    if _may_hold_non_finite_literal(body):
+    """What the edge needs of a well-formed VEHICLE_STATE / VEHICLE_ERROR, else None."""
+    envelope = _one_pass(body, EDGE_VALIDATOR)
+    if envelope is None:
         return None
-    try:
-        envelope = EDGE_VALIDATOR.validate_json(body)
-    except ValidationError:
-        return None
-    event_type = envelope["eventType"]
-    if event_type not in VEHICLE_EVENT_TYPES:
-        return None
-    if is_legacy(envelope.get("version"), envelope.get("eventName"), envelope.get("payload")):
-        return None
-    # WireEnvelope.vehicle_id: data.vehicle.id, else the top-level vehicleId (both non-empty when given).
-    vehicle = envelope["data"].get("vehicle")
-    if not ((vehicle and vehicle.get("id")) or envelope.get("vehicleId")):
-        return None
-    meta = envelope.get("meta")
-    if meta is None:
-        return QuickEvent(envelope["eventId"], event_type, None, None)
-    return QuickEvent(envelope["eventId"], event_type, meta.get("deliveryId"), epoch_ms(meta.get("deliveredAt")))
+    meta = envelope.get("meta") or {}
+    return QuickEvent(
+        envelope["eventId"], envelope["eventType"], meta.get("deliveryId"), epoch_ms(meta.get("deliveredAt"))
+    )
 
 
 def parse_stored(body: bytes | str) -> VehicleEvent:
-    """The worker's reading of a body as the edge stored it: one validation, then normalisation.
+    """The worker's reading of a body as the edge stored it.
 
-    Accepts exactly what the edge accepts. Raises :class:`InvalidPayload` and nothing else, with
-    the reason and detail the edge gives, so a body that cannot be read is parked (and can be
-    replayed) instead of failing its job.
-
-    A well-formed vehicle event, nearly every body, is validated once, straight from its bytes,
-    by the model whose checks the edge's one-pass check shares. Any other body goes through the edge's steps,
-    which refuse it with the edge's reason; the one kind they accept (a body holding the text
-    ``NaN`` or ``Infinity``, but no such literal) is then validated from its bytes like the rest,
-    so every event the worker sees is normalised from the same reading.
+    Raises :class:`InvalidPayload` and nothing else, with the edge's reason, so a body that cannot
+    be read is parked (and can be replayed) instead of failing its job.
     """
     try:
         raw = body.encode() if isinstance(body, str) else body
@@ -120,12 +80,12 @@ def parse_stored(body: bytes | str) -> VehicleEvent:
         # Text holding a lone surrogate has no UTF-8 form; no body the edge read can hold one.
         raise InvalidPayload(_NOT_JSON) from None
     try:
-        wire = _one_pass(raw)
+        wire = _one_pass(raw, WIRE_VALIDATOR)
         if wire is None:
             _refuse_as_the_edge_does(raw)
             # The steps took it, so it holds the text NaN or Infinity but no such literal: the
             # one-pass validator reads it safely, as it reads every other event.
-            wire = WebEnvelope.model_validate_json(raw)
+            wire = WIRE_VALIDATOR.validate_json(raw)
         return normalise(wire)
     except InvalidPayload:
         raise
@@ -134,8 +94,7 @@ def parse_stored(body: bytes | str) -> VehicleEvent:
 
 
 def _refuse_as_the_edge_does(body: bytes) -> None:
-    """Take a body the one pass left through the edge's steps: raise the reason the edge parks (or
-    refuses) it for; return when the steps accept it as a vehicle event."""
+    """Raise the reason the edge's steps refuse ``body`` for; return when they accept it."""
     try:
         document = load_json(body)
     except MalformedBody as exc:
@@ -146,16 +105,9 @@ def _refuse_as_the_edge_does(body: bytes) -> None:
     parse_event(document)
 
 
-# ---------------------------------------------------------------------------------------------
-# Step by step, in the order the endpoint applies the steps.
-
-
 def load_json(body: bytes) -> Any:
-    """Parse a UTF-8 JSON body; raise :class:`MalformedBody` if it is not one.
-
-    ``NaN``, ``Infinity`` and ``-Infinity`` are refused: they are not JSON, and a non-finite
-    number must never reach the output stream.
-    """
+    """Parse a UTF-8 JSON body; raise :class:`MalformedBody` if it is not one. ``NaN`` and
+    ``Infinity`` are refused: they are not JSON, and must never reach the output stream."""
     try:
         return pydantic_core.from_json(body, allow_inf_nan=False)
     except ValueError:
@@ -163,14 +115,12 @@ def load_json(body: bytes) -> Any:
 
 
 def classify(document: Any) -> str:
-    """Return the event type of a parsed delivery.
-
-    Raises :class:`InvalidPayload`: ``legacy_v2`` for a v2.0 webhook, ``unknown_event_type`` for a
-    type this service does not handle, ``invalid_payload`` when there is no type at all.
-    """
+    """The event type of a parsed delivery; :class:`InvalidPayload` coded ``legacy_v2`` for a v2.0
+    webhook, ``unknown_event_type`` for a type this service does not handle, ``invalid_payload``
+    when there is no type at all."""
     if not isinstance(document, dict):
         raise InvalidPayload("The body is JSON but not an object.")
-    if is_legacy(document.get("version"), document.get("eventName"), document.get("payload")):
+    if is_legacy(document):
         raise InvalidPayload(
             "This is a legacy v2.0 webhook; configure a v3 webhook in the Smartcar Dashboard.", "legacy_v2"
         )
@@ -187,18 +137,16 @@ def classify(document: Any) -> str:
 def parse_verify(document: Any) -> str:
     """Return the challenge of a VERIFY delivery; :class:`InvalidPayload` when it has none."""
     try:
-        return WireVerify.model_validate(document).data.challenge
+        return VERIFY_VALIDATOR.validate_python(document)["data"]["challenge"]
     except ValidationError as exc:
         raise InvalidPayload(_describe(exc)) from None
 
 
 def parse_event(document: Any) -> VehicleEvent:
-    """Validate a parsed VEHICLE_STATE or VEHICLE_ERROR document and normalise it.
-
-    Raises :class:`InvalidPayload` with a one-sentence reason (field paths only, never values).
-    """
+    """Validate and normalise a parsed VEHICLE_STATE or VEHICLE_ERROR document; :class:`InvalidPayload`
+    names the failing fields, never their values."""
     try:
-        wire = WireEnvelope.model_validate(document)
+        wire = WIRE_VALIDATOR.validate_python(document)
     except ValidationError as exc:
         raise InvalidPayload(_describe(exc)) from None
     return normalise(wire)
@@ -214,27 +162,17 @@ def _describe(exc: ValidationError) -> str:
     return "The payload does not match the event schema: " + "; ".join(parts) + more + "."
 
 
-# ---------------------------------------------------------------------------------------------
 # Lookups that never raise: what the edge and the logs need from a body that may not be an event.
 
 
-def parses_as_json(text: str) -> bool:
-    """True when ``text`` is a JSON value of any kind (``123``, ``true``, ``null``, ``NaN`` too).
-
-    The parser is the one :func:`load_json` uses, in its more permissive setting, so anything
-    the edge could ever read as a body counts.
-    """
-    try:
-        pydantic_core.from_json(text)
-    except ValueError:
-        return False
-    return True
+def _meta_field(document: Any, key: str) -> Any:
+    meta = document.get("meta") if isinstance(document, dict) else None
+    return meta.get(key) if isinstance(meta, dict) else None
 
 
 def delivered_at_ms(document: Any) -> int | None:
     """``meta.deliveredAt`` of a parsed document as epoch ms, or None when absent or unreadable."""
-    meta = document.get("meta") if isinstance(document, dict) else None
-    return epoch_ms(meta.get("deliveredAt")) if isinstance(meta, dict) else None
+    return epoch_ms(_meta_field(document, "deliveredAt"))
 
 
 def event_id_of(document: Any) -> str | None:
@@ -252,8 +190,7 @@ def delivery_id_of(body: bytes | str) -> str | None:
         document = load_json(body.encode() if isinstance(body, str) else body)
     except (MalformedBody, UnicodeEncodeError):
         return None
-    meta = document.get("meta") if isinstance(document, dict) else None
-    delivery_id = meta.get("deliveryId") if isinstance(meta, dict) else None
+    delivery_id = _meta_field(document, "deliveryId")
     return delivery_id[:64] if isinstance(delivery_id, str) else None
 
 

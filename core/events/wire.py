@@ -1,25 +1,20 @@
-"""The wire models: a Smartcar delivery as sent, read tolerantly.
+"""The wire schema: a Smartcar delivery as sent, read tolerantly into typed dicts.
 
-Smartcar's documentation and its real deliveries disagree on the VEHICLE_STATE shape (the real
-ones are kept in ``tests/fixtures/captured/``): triggers sit in ``data.triggers`` as
-``{code, name, group}`` or at the top level as ``{type, signal}`` where ``signal`` is an object or
-a ``"Group.Name"`` string; signal times come as ``retrievedAt`` or ``fetchedAt``; ``meta``,
-``triggers`` and per-signal ``status`` may be missing. These models accept all of these and
-ignore unknown fields; :mod:`core.events.normalise` folds them into the internal form.
-
-Ids are JSON strings only (a number is a schema failure, never coerced into a different string).
-Times and the model year are typed ``Any`` here and read by :mod:`core.timestamps`, which turns
-anything unreadable into None.
-
-:data:`EDGE_VALIDATOR` is the web edge's reading of the same deliveries: the same checks into plain
-dicts, without what the edge never reads.
+Smartcar's documentation and its real deliveries (``tests/fixtures/captured/``) disagree: triggers
+come in ``data.triggers`` as ``{code, name, group}`` or at the top level as ``{type, signal}``
+(``signal`` an object or a ``"Group.Name"`` string); signal times as ``retrievedAt`` or
+``fetchedAt``; ``meta``, ``triggers`` and a signal's ``status`` may be missing. Ids are strict
+strings; times and the model year are ``Any``, read by :mod:`core.events.normalise`. The edge's
+reading (:data:`EDGE_VALIDATOR`) leaves out a signal's body, times and error, which it never
+reads, at half the cost a body.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Required
+from collections.abc import Mapping
+from typing import Annotated, Any, Generic, Required, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints, TypeAdapter, with_config
+from pydantic import ConfigDict, Field, StrictStr, StringConstraints, TypeAdapter, with_config
 from typing_extensions import TypedDict
 
 VERIFY = "VERIFY"
@@ -34,228 +29,97 @@ SmartcarId = Annotated[StrictStr, Field(min_length=1, max_length=255)]
 VEHICLE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 VehicleId = Annotated[StrictStr, StringConstraints(pattern=VEHICLE_ID_PATTERN)]
 
-
-def is_legacy(version: object, event_name: object, payload: object) -> bool:
-    """True for the top-level keys of a v2.0 webhook.
-
-    v2.0 webhooks carry a top-level ``version`` (and ``eventName`` with ``payload``) where v3
-    has ``meta.version``. The dict check of the step-by-step path and the one-pass check share it.
-    """
-    return version is not None or (event_name is not None and payload is not None)
+# Descriptive text (make, model, signal names) accepts numbers, which is harmless; ids are strict.
+_wire = with_config(ConfigDict(coerce_numbers_to_str=True))
 
 
-class Wire(BaseModel):
-    """Base of the wire models: unknown fields ignored.
-
-    Descriptive text (make, model, signal names) accepts numbers, which is harmless; every id is
-    a strict string (:data:`SmartcarId`, :data:`VehicleId`), so a numeric id is a schema failure
-    at the edge and in the worker alike.
-    """
-
-    model_config = ConfigDict(extra="ignore", frozen=True, coerce_numbers_to_str=True)
+@_wire
+class WireObject(TypedDict):
+    """Any JSON object, its contents unread."""
 
 
-class WireSignalRef(Wire):
-    code: str | None = None
-    name: str | None = None
-    group: str | None = None
-
-
-class WireStatus(Wire):
-    value: str | None = None
-    error: dict[str, Any] | None = None
-
-
-class WireSignalMeta(Wire):
-    oemUpdatedAt: Any = None
-    retrievedAt: Any = None
-    fetchedAt: Any = None
-
-
-class WireSignal(WireSignalRef):
-    body: Any = None
-    meta: WireSignalMeta | None = None
-    status: WireStatus | None = None
-
-
-class WireTrigger(Wire):
-    type: str | None = None
-    code: str | None = None
-    name: str | None = None
-    group: str | None = None
-    signal: WireSignalRef | str | None = None
-
-
-class WireVehicle(Wire):
-    id: VehicleId | None = None
-    make: str | None = None
-    model: str | None = None
-    year: Any = None
-    mode: str | None = None
-    powertrainType: str | None = None
-
-
-class WireUser(Wire):
-    id: SmartcarId
-
-
-class WireResolution(Wire):
-    type: str | None = None
-
-
-class WireVehicleError(Wire):
-    type: str | None = None
-    code: str | None = None
-    state: str | None = None
-    description: str | None = None
-    suggestedUserMessage: str | None = None
-    docURL: str | None = None
-    resolution: WireResolution | None = None
-    signals: list[WireSignalRef | str] | None = None
-
-
-class WireData(Wire):
-    user: WireUser
-    vehicle: WireVehicle | None = None
-    signals: list[WireSignal] | None = None
-    triggers: list[WireTrigger | str] | None = None
-    errors: list[WireVehicleError] | None = None
-
-
-class WireMeta(Wire):
-    version: str | None = None
-    deliveryId: StrictStr | None = None
-    deliveredAt: Any = None
-    webhookId: StrictStr | None = None
-    webhookName: str | None = None
-    mode: str | None = None
-
-
-class WireEnvelope(Wire):
-    """A VEHICLE_STATE or VEHICLE_ERROR delivery; the event type itself is checked afterwards."""
-
-    eventId: SmartcarId
-    eventType: StrictStr
-    vehicleId: VehicleId | None = None
-    data: WireData
-    triggers: list[WireTrigger | str] | None = None
-    meta: WireMeta | None = None
-
-    @property
-    def vehicle_id(self) -> str | None:
-        """``data.vehicle.id``, else the top-level ``vehicleId``; None when neither is given."""
-        return (self.data.vehicle.id if self.data.vehicle else None) or self.vehicleId or None
-
-
-class WebEnvelope(WireEnvelope):
-    """The envelope plus the top-level keys that mark a legacy v2.0 webhook.
-
-    The one-pass reading of a body (edge and worker) validates this model, so a legacy body is
-    recognised without a second parse.
-    """
-
-    version: Any = None
-    eventName: Any = None
-    payload: Any = None
-
-    @property
-    def legacy(self) -> bool:
-        return is_legacy(self.version, self.eventName, self.payload)
-
-
-class WireVerifyData(Wire):
-    challenge: str = Field(min_length=1)
-
-
-class WireVerify(Wire):
-    data: WireVerifyData
-
-
-# ---------------------------------------------------------------------------------------------
-# The edge's reading: the fields and checks of WebEnvelope, into plain dicts, without the fields
-# typed ``Any`` the edge never reads (a signal's body and times, the model year) and with
-# ``dict[str, Any]`` an object left unread. Why a second reading: on the fleet mix it takes 38 µs
-# a body where the model takes 83 µs (docs/performance.md). tests/test_events.py holds the two to
-# the same verdicts and the same fields.
-
-_edge = with_config(ConfigDict(coerce_numbers_to_str=True))
-
-
-@_edge
-class EdgeObject(TypedDict):
-    """Any JSON object, its contents unread (``dict[str, Any]`` in the models)."""
-
-
-@_edge
-class EdgeSignalRef(TypedDict, total=False):
+@_wire
+class WireSignalRef(TypedDict, total=False):
     code: str | None
     name: str | None
     group: str | None
 
 
-@_edge
+@_wire
+class WireStatus(TypedDict, total=False):
+    value: str | None
+    error: dict[str, Any] | None
+
+
+@_wire
+class WireSignalMeta(TypedDict, total=False):
+    oemUpdatedAt: Any
+    retrievedAt: Any
+    fetchedAt: Any
+
+
+@_wire
+class WireSignal(WireSignalRef, total=False):
+    body: Any
+    meta: WireSignalMeta | None
+    status: WireStatus | None
+
+
+@_wire
 class EdgeStatus(TypedDict, total=False):
     value: str | None
-    error: EdgeObject | None
+    error: WireObject | None
 
 
-@_edge
-class EdgeSignal(EdgeSignalRef, total=False):
-    meta: EdgeObject | None
+@_wire
+class EdgeSignal(WireSignalRef, total=False):
+    meta: WireObject | None
     status: EdgeStatus | None
 
 
-@_edge
-class EdgeTrigger(TypedDict, total=False):
-    type: str | None
-    code: str | None
-    name: str | None
-    group: str | None
-    signal: EdgeSignalRef | str | None
-
-
-@_edge
-class EdgeVehicle(TypedDict, total=False):
+@_wire
+class WireVehicle(TypedDict, total=False):
     id: VehicleId | None
     make: str | None
     model: str | None
+    year: Any
     mode: str | None
     powertrainType: str | None
 
 
-@_edge
-class EdgeUser(TypedDict):
+@_wire
+class WireTrigger(TypedDict, total=False):
+    type: str | None
+    code: str | None
+    name: str | None
+    group: str | None
+    signal: WireSignalRef | str | None
+
+
+@_wire
+class WireUser(TypedDict):
     id: SmartcarId
 
 
-@_edge
-class EdgeResolution(TypedDict, total=False):
+@_wire
+class WireResolution(TypedDict, total=False):
     type: str | None
 
 
-@_edge
-class EdgeVehicleError(TypedDict, total=False):
+@_wire
+class WireVehicleError(TypedDict, total=False):
     type: str | None
     code: str | None
     state: str | None
     description: str | None
     suggestedUserMessage: str | None
     docURL: str | None
-    resolution: EdgeResolution | None
-    signals: list[EdgeSignalRef | str] | None
+    resolution: WireResolution | None
+    signals: list[WireSignalRef | str] | None
 
 
-@_edge
-class EdgeData(TypedDict, total=False):
-    user: Required[EdgeUser]
-    vehicle: EdgeVehicle | None
-    signals: list[EdgeSignal] | None
-    triggers: list[EdgeTrigger | str] | None
-    errors: list[EdgeVehicleError] | None
-
-
-@_edge
-class EdgeMeta(TypedDict, total=False):
+@_wire
+class WireMeta(TypedDict, total=False):
     version: str | None
     deliveryId: StrictStr | None
     deliveredAt: Any
@@ -264,18 +128,60 @@ class EdgeMeta(TypedDict, total=False):
     mode: str | None
 
 
-@_edge
-class EdgeEnvelope(TypedDict, total=False):
+#: A signal as read: every field (:class:`WireSignal`), or the edge's (:class:`EdgeSignal`).
+S = TypeVar("S", bound=WireSignalRef)
+
+
+@_wire
+class WireData(TypedDict, Generic[S], total=False):
+    user: Required[WireUser]
+    vehicle: WireVehicle | None
+    signals: list[S] | None
+    triggers: list[WireTrigger | str] | None
+    errors: list[WireVehicleError] | None
+
+
+@_wire
+class WireEnvelope(TypedDict, Generic[S], total=False):
+    """A VEHICLE_STATE or VEHICLE_ERROR delivery; the event type itself is checked afterwards.
+    ``version``, ``eventName`` and ``payload`` mark a legacy v2.0 webhook (:func:`is_legacy`)."""
+
     eventId: Required[SmartcarId]
     eventType: Required[StrictStr]
     vehicleId: VehicleId | None
-    data: Required[EdgeData]
-    triggers: list[EdgeTrigger | str] | None
-    meta: EdgeMeta | None
+    data: Required[WireData[S]]
+    triggers: list[WireTrigger | str] | None
+    meta: WireMeta | None
     version: Any
     eventName: Any
     payload: Any
 
 
-#: Validates a delivery body (JSON bytes) as :class:`WebEnvelope` does, into an :class:`EdgeEnvelope`.
-EDGE_VALIDATOR = TypeAdapter(EdgeEnvelope)
+@_wire
+class WireVerifyData(TypedDict):
+    challenge: Annotated[str, Field(min_length=1)]
+
+
+@_wire
+class WireVerify(TypedDict):
+    data: WireVerifyData
+
+
+#: The worker's envelope, every field read.
+Envelope = WireEnvelope[WireSignal]
+WIRE_VALIDATOR = TypeAdapter(Envelope)
+EDGE_VALIDATOR = TypeAdapter(WireEnvelope[EdgeSignal])
+VERIFY_VALIDATOR = TypeAdapter(WireVerify)
+
+
+def is_legacy(document: Mapping[str, Any]) -> bool:
+    """True for the top-level keys of a v2.0 webhook (v3 has ``meta.version`` instead)."""
+    return document.get("version") is not None or (
+        document.get("eventName") is not None and document.get("payload") is not None
+    )
+
+
+def vehicle_id(envelope: WireEnvelope[Any]) -> str | None:
+    """``data.vehicle.id``, else the top-level ``vehicleId``; None when neither is given."""
+    vehicle = envelope["data"].get("vehicle")
+    return (vehicle.get("id") if vehicle else None) or envelope.get("vehicleId") or None

@@ -45,7 +45,7 @@ from core.errors import (
     SmartcarUnavailable,
     TransientError,
 )
-from core.events import VEHICLE_ID_PATTERN
+from core.events.wire import VEHICLE_ID_PATTERN
 from core.logs import get_logger
 from core.smartcar.http import HttpAnswer, SmartcarHttp
 from core.smartcar.limiter import OverBudget
