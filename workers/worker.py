@@ -12,7 +12,10 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from typing import TypeVar
 
 import redis
 from rq import Queue, SimpleWorker
@@ -25,15 +28,15 @@ from core.config import Settings
 from core.errors import InvalidJob
 from core.logs import get_logger
 from core.redis.clients import worker_redis
-from core.redis.outage import redis_unavailable
+from core.redis.outage import redis_unavailable, until_redis_answers, until_redis_answers_async
 from workers import runtime
 from workers.batch import Bookkeeping, ClaimedJob, Success
 from workers.housekeeping import Housekeeping, WorkerLog, awaiting, report_crash
 from workers.jobs import claimed_payload, job_budget, refusal, refuse
 from workers.reaper import requeue_execution
-from workers.steps import RedisSteps, Stopped
 
 log = get_logger("smartcar_ingest.worker")
+T = TypeVar("T")
 
 #: Jobs in flight per worker process unless --concurrency says otherwise (see docs/performance.md).
 DEFAULT_CONCURRENCY = 256
@@ -45,6 +48,12 @@ FLUSH_SECONDS = 0.005
 SHUTDOWN_PATIENCE_SECONDS = 20.0
 #: Seconds a blocking wait on an empty queue lasts before the loop looks around again.
 IDLE_WAIT_SECONDS = 1
+#: Threads for RQ's synchronous Redis steps; more steps than this wait their turn.
+STEP_THREADS = 4
+
+
+class Stopped(Exception):
+    """A wait for Redis ended by a requested stop."""
 
 
 class AsyncWorker:
@@ -76,7 +85,10 @@ class AsyncWorker:
         self._cancelled = False
         self._closing = False  # ends the flusher and the chores
         self.stats = WorkerLog()
-        self.steps = RedisSteps(lambda: self._stopping, self._stop_overdue, self._redis_trouble)
+        # RQ's synchronous steps wait out an outage on a bounded few threads of their own: never on
+        # the default pool, where the user lookups run, nor on the housekeeping tick's thread.
+        self._step_threads = ThreadPoolExecutor(STEP_THREADS, thread_name_prefix="rq-step")
+        self._tick_thread = ThreadPoolExecutor(1, thread_name_prefix="rq-housekeeping")
         self._in_flight_lock = threading.Lock()  # the liveness thread reads what the loop changes
 
     def claimed_jobs(self) -> list[ClaimedJob]:
@@ -96,8 +108,35 @@ class AsyncWorker:
         waited = 0.0 if self._stopped_at is None else time.monotonic() - self._stopped_at
         return self._cancelled or waited > SHUTDOWN_PATIENCE_SECONDS
 
-    def _redis_trouble(self) -> None:
-        self.housekeeping.check_lost = True
+    def _gives_up(self, or_stop: bool) -> Callable[[], bool]:
+        """When a wait for Redis ends: at a stop (``or_stop``), else (recording what jobs did) once overdue."""
+        return (lambda: self._stopping) if or_stop else self._stop_overdue
+
+    async def _redis(self, step: Callable[[], Awaitable[T]], or_stop: bool = True) -> T:
+        """``step``, waiting out Redis trouble (:mod:`core.redis.outage`) until the worker gives up,
+        then :class:`Stopped`."""
+        stop = self._gives_up(or_stop)
+        try:
+            return await until_redis_answers_async(step, stop=stop)
+        except redis.RedisError as exc:
+            self.housekeeping.check_lost = True
+            if stop() and redis_unavailable(exc):
+                raise Stopped from exc
+            raise
+
+    async def _blocking(self, step: Callable[[], T], or_stop: bool = True, tick: bool = False) -> T:
+        """A synchronous step (RQ's own code) on the step threads (``tick``: the housekeeping thread),
+        waiting out Redis trouble as :meth:`_redis` does."""
+        stop = self._gives_up(or_stop)
+        executor = self._tick_thread if tick else self._step_threads
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                executor, partial(until_redis_answers, step, stop=stop)
+            )
+        except redis.RedisError as exc:
+            if stop() and redis_unavailable(exc):
+                raise Stopped from exc
+            raise
 
     def request_stop(self) -> None:
         """Warm shutdown on the first call; the second cancels the jobs in flight (they are put back)."""
@@ -118,7 +157,7 @@ class AsyncWorker:
                 loop.add_signal_handler(signum, handler)
         with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("what the worker awaits", tasks=awaiting()))
-        await self.steps.blocking(lambda: self.housekeeping.start(burst))
+        await self._blocking(lambda: self.housekeeping.start(burst))
         log.info("worker started", worker=self.name, queue=self.queue.name, concurrency=self.concurrency)
         flusher = asyncio.create_task(self._flush_forever(), name="flusher")
         chores = asyncio.create_task(self._chores(), name="chores")
@@ -138,7 +177,8 @@ class AsyncWorker:
             await self._flush()
             await self._give_back_all()
             await asyncio.to_thread(self.housekeeping.stop)
-            self.steps.close()
+            self._step_threads.shutdown(wait=False)  # the stop checks end every wait
+            self._tick_thread.shutdown(wait=False)
             await self.redis.aclose()
             self.stats.summary(final=True)
         return True
@@ -156,7 +196,7 @@ class AsyncWorker:
             try:
                 if self.housekeeping.check_lost:  # here, never while a start's answer is on its way
                     await self._recover_lost_starts()
-                claimed = await self.steps.run(partial(self.bookkeeping.claim, min(free, self.batch_size)))
+                claimed = await self._redis(partial(self.bookkeeping.claim, min(free, self.batch_size)))
             except Stopped:
                 return
             if not claimed:
@@ -175,7 +215,7 @@ class AsyncWorker:
                 await asyncio.wait_for(self._slot_free.wait(), timeout=0.5)
             return
         try:
-            await self.steps.run(
+            await self._redis(
                 lambda: self.redis.blmove(
                     self.queue.key, self.bookkeeping.dequeued_key, IDLE_WAIT_SECONDS, "LEFT", "RIGHT"
                 )
@@ -193,11 +233,11 @@ class AsyncWorker:
             if reason is None:
                 runnable.append(claimed_job)
                 continue
-            await self.steps.blocking(
+            await self._blocking(
                 partial(refuse, self.connection, self.queue.name, claimed_job, reason, self.bookkeeping.dequeued_key)
             )
         ttl = max((h.ttl for h in runnable), default=90)
-        started = await self.steps.run(lambda: self.bookkeeping.start(runnable, ttl), or_stop=False)
+        started = await self._redis(lambda: self.bookkeeping.start(runnable, ttl), or_stop=False)
         for claimed_job in started:
             self._keep(claimed_job)
             task = asyncio.create_task(self._run_job(claimed_job))
@@ -264,14 +304,14 @@ class AsyncWorker:
             self.rq.handle_job_failure(job, self.queue, exc_string=exc_string, execution=execution)
 
         try:
-            await self.steps.blocking(record)
+            await self._blocking(record)
         finally:
             self._release(claimed_job)
 
     async def _give_back(self, claimed_job: ClaimedJob, why: str) -> None:
         """Put a job back at the queue's front without spending a retry (its execution is dropped)."""
         try:
-            await self.steps.blocking(
+            await self._blocking(
                 lambda: requeue_execution(
                     self.connection, self.queue.name, claimed_job.job_id, claimed_job.execution_id, self.name
                 ),
@@ -301,7 +341,7 @@ class AsyncWorker:
             return
         batch, self._finished = self._finished, []
         try:
-            await self.steps.run(lambda: self.bookkeeping.finish(batch), or_stop=False)
+            await self._redis(lambda: self.bookkeeping.finish(batch), or_stop=False)
         except (redis.RedisError, Stopped) as exc:
             # Redis stayed away past the worker's patience: the executions stay registered under
             # this worker, and a peer's reaper re-runs them (the publish is idempotent).
@@ -314,17 +354,17 @@ class AsyncWorker:
     async def _chores(self) -> None:
         while not self._closing:
             await asyncio.sleep(1.0)
-            await self.steps.blocking(self.housekeeping.tick, or_stop=False, housekeeping=True)
+            await self._blocking(self.housekeeping.tick, or_stop=False, tick=True)
             self.stats.summary()
 
     async def _recover_lost_starts(self) -> None:
         """Executions recorded for this worker that it does not hold (a start whose answer a Redis
         restart lost) are put back on the queue."""
         self.housekeeping.check_lost = False
-        for composite in await self.steps.run(
+        for composite in await self._redis(
             lambda: self.bookkeeping.lost_executions({h.composite for h in self.claimed_jobs()})
         ):
             job_id, _, execution_id = composite.partition(":")
             requeue = partial(requeue_execution, self.connection, self.queue.name, job_id, execution_id, self.name)
-            if await self.steps.blocking(requeue):
+            if await self._blocking(requeue):
                 log.warning("requeued a job whose start was recorded without this worker knowing", jobId=job_id)
