@@ -13,19 +13,15 @@ from typing import Any
 
 import pydantic_core
 import redis
-from rq import get_current_job
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from core import metrics
-from core.errors import InvalidJob
+from core.errors import ConfigurationError, InvalidJob
 from core.logs import get_logger
 from core.redis.jobs import PROCESS_EVENT, JobPayload, spliced_body, spliced_head
-from workers import runtime
 from workers.batch import ClaimedJob
-from workers.processor import JobResult
 
 log = get_logger("smartcar_ingest.worker")
 
@@ -135,35 +131,10 @@ def read_payload(value: object, data: bytes | None = None) -> JobPayload:
     }
 
 
-def job_budget(timeout: float | None, default: int) -> float:
-    """Seconds a job may spend: its RQ timeout less a margin, so it stops itself before RQ would."""
-    return max(1.0, (timeout or default) - 5)
-
-
-async def process_event(payload: object) -> JobResult:
-    """The job function the queue's jobs name, as a stock RQ worker calls it: on a loop of its own
-    per job, with clients opened for the job and closed after it (``smartcar-ingest worker`` calls
-    :meth:`~workers.processor.EventProcessor.process` itself, on its own loop).
-
-    A ``payload`` of another shape than :class:`JobPayload` fails the job at once with
-    :class:`InvalidJob`, without retries: running it again cannot change its argument.
-    """
-    job = get_current_job()
-    try:
-        checked = read_payload(payload, job.data if job is not None else None)
-    except InvalidJob as exc:
-        if job is not None:
-            job.retries_left = 0  # straight to the failed registry, with the message as its reason
-        metrics.JOBS.labels(outcome="error").inc()
-        log.error(
-            "refused a job whose argument is not a job payload", jobId=job.id if job else None, reason=exc.message
-        )
-        raise
-    scoped = runtime.Runtime(runtime.current().settings, max_connections=10)
-    budget = job_budget(job.timeout if job else None, scoped.settings.job_timeout_seconds)
-    try:
-        processor = await scoped.processor()
-        final_attempt = job is None or not job.retries_left
-        return await processor.process(checked, final_attempt=final_attempt, budget_seconds=budget)
-    finally:
-        await scoped.aclose()
+def process_event(payload: object) -> None:
+    """The function the queue's jobs name. Only ``smartcar-ingest worker`` runs them, and it never
+    calls this: a stock RQ worker that takes one fails it saying so."""
+    raise ConfigurationError(
+        "ingest jobs run under `smartcar-ingest worker`, which processes them on its own event loop; "
+        "a stock RQ worker cannot run them."
+    )

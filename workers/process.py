@@ -1,5 +1,5 @@
-"""The ``smartcar-ingest worker`` process: its Redis connection, metrics server, runtime and event
-loop, around one :class:`~workers.worker.AsyncWorker`."""
+"""The ``smartcar-ingest worker`` process: its Redis connection, metrics server and event loop,
+around one :class:`~workers.worker.AsyncWorker`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from core.config import Settings
 from core.redis.clients import rq_redis
 from core.redis.memory import warn_without_maxmemory
 from core.redis.outage import until_redis_answers
-from workers import runtime
 from workers.metrics_server import start_worker_metrics
 from workers.worker import DEFAULT_CONCURRENCY, AsyncWorker
 
@@ -27,22 +26,13 @@ def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAU
     warn_without_maxmemory(connection)
     queue = Queue(settings.ingest_queue, connection=connection, serializer=JSONSerializer)
     metrics_server = start_worker_metrics(settings)
-    current = runtime.Runtime(settings, max_connections=max(10, concurrency * 2))
-    runtime.install(current)
-
-    async def main() -> bool:
-        try:
-            return await AsyncWorker(settings, connection, queue, concurrency).run(burst=burst)
-        finally:
-            await current.aclose()
-
     # Startup objects out of the collector's way, young collections less often (as in the web).
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     try:
-        return uvloop.run(main())  # libuv's loop: less CPU per socket event than asyncio's own
+        # libuv's loop: less CPU per socket event than asyncio's own
+        return uvloop.run(AsyncWorker(settings, connection, queue, concurrency).run(burst=burst))
     finally:
         if metrics_server is not None:
             metrics_server.close()
-        runtime.install(None)
         connection.close()

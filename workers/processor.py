@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any, Literal, TypedDict
 
 import structlog
 
 from core import events, metrics
+from core.config import Settings
 from core.errors import (
     InvalidPayload,
     LegacyPayload,
@@ -24,13 +26,15 @@ from core.errors import (
     UnknownUser,
 )
 from core.logs import get_logger
+from core.redis.clients import worker_redis
 from core.redis.deployment_counts import DeploymentCounts
 from core.redis.jobs import JobPayload
 from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
 from core.redis.parked import ParkedStream
 from core.redis.published import OutputStream, StateChanged
 from core.redis.vehicle_state import VehicleStates
-from core.smartcar.reads import Read, VehicleReads
+from core.smartcar.http import smartcar_http
+from core.smartcar.reads import Read, VehicleReads, vehicle_reads
 from core.store.users import UserRecord, UserStore
 from workers.output import Enrichment, build_document, stream_fields
 
@@ -50,6 +54,8 @@ class JobResult(TypedDict):
 #: how many it remembers at most.
 USER_CACHE_SECONDS = 60.0
 USER_CACHE_SIZE = 100_000
+#: Redis connections of a worker process's jobs: each call holds one for a round trip only.
+REDIS_CONNECTIONS = 32
 
 
 class EventProcessor:
@@ -248,3 +254,31 @@ class EventProcessor:
         else:
             log.warning("event parked", reason=reason, detail=detail)
         return JobResult(eventId=event_id, status="parked", reason=reason, entryId=entry_id)
+
+
+async def open_processor(settings: Settings, http_connections: int, stack: AsyncExitStack) -> EventProcessor:
+    """The processor and what every job in flight shares (one HTTP pool, one Redis client, one user
+    store, one token), opened on the running loop; ``stack`` closes them."""
+    redis = worker_redis(settings, min(http_connections, REDIS_CONNECTIONS))
+    stack.push_async_callback(redis.aclose)
+    http = smartcar_http(http_connections)
+    stack.push_async_callback(http.aclose)
+    users = UserStore(settings.database_url)
+    stack.callback(users.dispose)
+    counts = DeploymentCounts(redis)
+    counts.start()
+    stack.push_async_callback(counts.aclose)
+    return EventProcessor(
+        users,
+        vehicle_reads(settings, redis, http),
+        OutputStream(
+            redis,
+            settings.output_stream,
+            published_ttl_seconds=settings.dedupe_ttl_seconds,
+            retention_seconds=settings.output_stream_retention_seconds,
+            state_ttl_seconds=settings.vehicle_state_ttl_seconds,
+        ),
+        ParkedStream(redis, settings.parked_stream, settings.dedupe_ttl_seconds, settings.parked_retention_seconds),
+        vehicle_states=VehicleStates(redis, settings.vehicle_state_prefix, settings.vehicle_state_ttl_seconds),
+        counts=counts,
+    )

@@ -14,6 +14,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
 from functools import partial
 from typing import TypeVar
 
@@ -29,10 +30,10 @@ from core.errors import InvalidJob
 from core.logs import get_logger
 from core.redis.clients import worker_redis
 from core.redis.outage import redis_unavailable, until_redis_answers, until_redis_answers_async
-from workers import runtime
 from workers.batch import Bookkeeping, ClaimedJob, Success
 from workers.housekeeping import Housekeeping, WorkerLog, awaiting, report_crash
-from workers.jobs import claimed_payload, job_budget, refusal, refuse
+from workers.jobs import claimed_payload, refusal, refuse
+from workers.processor import EventProcessor, open_processor
 from workers.reaper import requeue_execution
 
 log = get_logger("smartcar_ingest.worker")
@@ -75,6 +76,8 @@ class AsyncWorker:
         self.housekeeping = Housekeeping(
             self.rq, queue, lambda: [(queue.name, h.composite, h.ttl) for h in self.claimed_jobs()]
         )
+        self.processor: EventProcessor  # opened on the loop, by run()
+        self._clients = AsyncExitStack()
         self._in_flight: dict[str, ClaimedJob] = {}  # by execution composite key, until recorded
         self._tasks: set[asyncio.Task[None]] = set()
         self._finished: list[Success] = []
@@ -157,6 +160,7 @@ class AsyncWorker:
                 loop.add_signal_handler(signum, handler)
         with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("what the worker awaits", tasks=awaiting()))
+        self.processor = await open_processor(self.settings, max(10, self.concurrency * 2), self._clients)
         await self._blocking(lambda: self.housekeeping.start(burst))
         log.info("worker started", worker=self.name, queue=self.queue.name, concurrency=self.concurrency)
         flusher = asyncio.create_task(self._flush_forever(), name="flusher")
@@ -180,6 +184,7 @@ class AsyncWorker:
             self._step_threads.shutdown(wait=False)  # the stop checks end every wait
             self._tick_thread.shutdown(wait=False)
             await self.redis.aclose()
+            await self._clients.aclose()
             self.stats.summary(final=True)
         return True
 
@@ -257,10 +262,10 @@ class AsyncWorker:
     async def _run_job(self, claimed_job: ClaimedJob) -> None:
         try:
             payload = claimed_payload(claimed_job, self.connection)
-            budget = job_budget(claimed_job.field(b"timeout") or None, self.settings.job_timeout_seconds)
-            processor = await runtime.current().processor()
+            # The job's RQ timeout less a margin, so that it stops itself before RQ would.
+            budget = max(1.0, (claimed_job.field(b"timeout") or self.settings.job_timeout_seconds) - 5)
             async with asyncio.timeout(budget + 15):
-                result = await processor.process(
+                result = await self.processor.process(
                     payload, claimed_job.final_attempt, budget, check_published=claimed_job.run_before
                 )
         except asyncio.CancelledError:
