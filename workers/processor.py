@@ -81,35 +81,17 @@ class EventProcessor:
         self._counts = counts
 
     async def process(
-        self, payload: JobPayload, final_attempt: bool, budget_seconds: float, check_published: bool = True
+        self, payload: JobPayload, final_attempt: bool, budget_seconds: float, check_published: bool
     ) -> JobResult:
         """Process one job payload. Raises a :class:`TransientError` only when a retry may help
         and this is not the final attempt. The lookup and the Smartcar calls together get at most
         ``budget_seconds``; running out counts as a transient failure. ``check_published=False``
         (a job never started before, so its event cannot have gone out) skips the look at the
         publish mark before the Smartcar calls; the publish itself stays idempotent.
-
-        Counts the job in ``smartcar_ingest_jobs_total`` by outcome (``retried`` when a transient
-        error is raised for RQ to retry, ``error`` for anything unexpected).
         """
-        # Every line logged while this event is processed (here, by the token provider, by
-        # stamina's retry hook) carries its ids. The binding is local to this job's asyncio task.
-        with structlog.contextvars.bound_contextvars(eventId=payload["eventId"], deliveryId=None, eventType=None):
-            try:
-                result = await self._publish_or_park(payload, final_attempt, budget_seconds, check_published)
-            except TransientError:
-                metrics.JOBS.labels(outcome="retried").inc()
-                raise
-            except Exception:
-                metrics.JOBS.labels(outcome="error").inc()
-                raise
-        parked = result["status"] == "parked"
-        metrics.JOBS.labels(outcome=f"parked_{result['reason']}" if parked else result["status"]).inc()
-        return result
-
-    async def _publish_or_park(
-        self, payload: JobPayload, final_attempt: bool, budget_seconds: float, check_published: bool
-    ) -> JobResult:
+        # Every line logged for this job from here on (by the processor, the token provider, stamina's
+        # retry hook, the worker) carries its ids: the binding is local to the job's asyncio task.
+        structlog.contextvars.bind_contextvars(eventId=payload["eventId"], deliveryId=None, eventType=None)
         event_id, body = payload["eventId"], payload["body"]
         # 0 stands for "not recorded" (hand-made jobs in tests): count from now instead.
         received_at = payload["receivedAt"] or time.time_ns() // 1_000_000

@@ -26,7 +26,7 @@ from rq.utils import now
 
 from core import metrics
 from core.config import Settings
-from core.errors import InvalidJob
+from core.errors import InvalidJob, TransientError
 from core.logs import get_logger
 from core.redis.clients import worker_redis
 from core.redis.outage import redis_unavailable, until_redis_answers, until_redis_answers_async
@@ -274,14 +274,15 @@ class AsyncWorker:
             await self._give_back(claimed_job, "the worker was stopped")
             return
         except Exception as exc:
-            if isinstance(exc, InvalidJob | TimeoutError):  # raised around the processor, which counts the rest
-                metrics.JOBS.labels(outcome="error").inc()
+            metrics.JOBS.labels(outcome="retried" if isinstance(exc, TransientError) else "error").inc()
             if redis_unavailable(exc):
                 log.warning("job interrupted by Redis trouble; it will be requeued", jobId=claimed_job.job_id)
                 await self._give_back(claimed_job, "Redis trouble")
             else:
                 await self._fail(claimed_job, exc)
             return
+        parked = result["status"] == "parked"
+        metrics.JOBS.labels(outcome=f"parked_{result['reason']}" if parked else result["status"]).inc()
         self._finished.append(Success(claimed_job, result))
         if len(self._finished) >= self.batch_size:
             await self._flush()
