@@ -73,9 +73,7 @@ class AsyncWorker:
         self.name: str = self.rq.name
         self.redis = worker_redis(settings, max_connections=16)
         self.bookkeeping = Bookkeeping(self.redis, queue.name, self.name)
-        self.housekeeping = Housekeeping(
-            self.rq, queue, lambda: [(queue.name, h.composite, h.ttl) for h in self.claimed_jobs()]
-        )
+        self.housekeeping = Housekeeping(self.rq, queue, lambda: [(h.composite, h.ttl) for h in self.claimed_jobs()])
         self.processor: EventProcessor  # opened on the loop, by run()
         self._clients = AsyncExitStack()
         self._in_flight: dict[str, ClaimedJob] = {}  # by execution composite key, until recorded
