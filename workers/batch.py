@@ -161,6 +161,7 @@ class ClaimedJob:
     fields: dict[bytes, bytes]
     execution_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started_at: datetime | None = None
+    result: Any = None  # what the job returned, for the finish to record
 
     @property
     def composite(self) -> str:
@@ -204,14 +205,6 @@ class ClaimedJob:
         job = Job(self.job_id, connection=connection, serializer=JSONSerializer)
         job.restore(self.fields)
         return job
-
-
-@dataclass(frozen=True)
-class Success:
-    """A job that returned: what :meth:`Bookkeeping.finish` records."""
-
-    claimed_job: ClaimedJob
-    return_value: Any
 
 
 class Bookkeeping:
@@ -269,25 +262,24 @@ class Bookkeeping:
                 recorded.append(claimed_job)
         return recorded
 
-    async def finish(self, successes: list[Success]) -> int:
-        """Record every job of ``successes`` as finished, in one script; returns how many were recorded."""
-        if not successes:
+    async def finish(self, jobs: list[ClaimedJob]) -> int:
+        """Record ``jobs`` (that returned) as finished, in one script; returns how many were recorded."""
+        if not jobs:
             return 0
         ended = now()
         serializer = JSONSerializer()
-        working = sum((ended - s.claimed_job.started_at).total_seconds() for s in successes if s.claimed_job.started_at)
+        working = sum((ended - job.started_at).total_seconds() for job in jobs if job.started_at)
         args: list[Any] = [
             *(JOB_PREFIX, EXECUTION_PREFIX, RESULTS_PREFIX, utcformat(ended), ended.timestamp(), working),
             *(self.worker_name, Result.Type.SUCCESSFUL.value),
         ]
-        for success in successes:
-            claimed_job = success.claimed_job
+        for claimed_job in jobs:
             started = claimed_job.started_at.timestamp() if claimed_job.started_at else ended.timestamp()
             value = Result(
                 claimed_job.job_id,
                 Result.Type.SUCCESSFUL,
                 None,  # type: ignore[arg-type]  # only serializes: no connection needed
-                return_value=success.return_value,
+                return_value=claimed_job.result,
                 serializer=serializer,
             ).serialize()["return_value"]
             args += [

@@ -1,8 +1,5 @@
-"""One accepted delivery → one enriched entry on the output stream, or one parked entry.
-
-The steps and the Redis keys they touch are in docs/architecture.md (the worker); what happens to
-an event on each kind of failure (parked, published ``partial``, retried) in docs/reliability.md.
-"""
+"""One accepted delivery → one enriched entry on the output stream, or one parked entry. The steps
+and their Redis keys: docs/architecture.md; each kind of failure: docs/reliability.md."""
 
 from __future__ import annotations
 
@@ -83,12 +80,10 @@ class EventProcessor:
     async def process(
         self, payload: JobPayload, final_attempt: bool, budget_seconds: float, check_published: bool
     ) -> JobResult:
-        """Process one job payload. Raises a :class:`TransientError` only when a retry may help
-        and this is not the final attempt. The lookup and the Smartcar calls together get at most
-        ``budget_seconds``; running out counts as a transient failure. ``check_published=False``
-        (a job never started before, so its event cannot have gone out) skips the look at the
-        publish mark before the Smartcar calls; the publish itself stays idempotent.
-        """
+        """Publish or park one event. Raises a :class:`TransientError` only when a retry may help and
+        this is not the final attempt. The lookup and the Smartcar calls together get at most
+        ``budget_seconds``. ``check_published``: look at the publish mark before the Smartcar calls
+        (only a job that ran before can find its event out already)."""
         # Every line logged for this job from here on (by the processor, the token provider, stamina's
         # retry hook, the worker) carries its ids: the binding is local to the job's asyncio task.
         structlog.contextvars.bind_contextvars(eventId=payload["eventId"], deliveryId=None, eventType=None)
@@ -151,14 +146,8 @@ class EventProcessor:
     async def _publish(
         self, event: events.VehicleEvent, user: UserRecord, output: dict[str, Any], vehicle_from_api: bool
     ) -> str | None:
-        """Publish the document with its merge into the vehicle's latest state, in one step; the
-        payload's ``staleSignals`` are the codes the state held newer. Returns the entry id, or None
-        when the event was out already.
-
-        The merge is planned on the state as read (:mod:`core.redis.vehicle_state`) and applied
-        with the publish only if the state is still what was read; otherwise it is planned again.
-        A re-run after a lost answer finds the event published (and merged) and changes nothing.
-        """
+        """Publish the document and its merge into the vehicle's state in one step (planned again
+        when the state changed since it was read); the entry id, or None when the event was out already."""
         signals = [*output["signals"], *output["latestSignals"]]
         plan_merge = partial(
             self._vehicle_states.plan, event.vehicle.id, event.event_id, signals, output["vehicle"], vehicle_from_api
@@ -173,9 +162,8 @@ class EventProcessor:
                 log.debug("vehicle state changed while planning the merge; planning again")
 
     async def _find_user(self, smartcar_user_id: str) -> UserRecord | None:
-        """The user linked to ``smartcar_user_id``: from this process's memory when it was found
-        within :data:`USER_CACHE_SECONDS`, else one query (in a thread). Only found users are
-        remembered, so a ``users link`` followed by ``replay`` is seen at once."""
+        """The user linked to ``smartcar_user_id``, remembered for :data:`USER_CACHE_SECONDS` once
+        found (only found users: a ``users link`` followed by ``replay`` is seen at once)."""
         now = time.monotonic()
         cached = self._known_users.get(smartcar_user_id)
         if cached is not None and cached[1] > now:
@@ -191,13 +179,8 @@ class EventProcessor:
         return user
 
     async def _enrich(self, event: events.VehicleEvent, received_at_ms: int) -> Enrichment:
-        """Read the vehicle and its signals (:class:`core.smartcar.reads.VehicleReads`: shared across
-        workers, budgeted); refusals and rate limits become partial enrichment.
-
-        A revoked access is raised first (the event is parked ``upstream_rejected``), then anything
-        transient (the job is retried). A rate-limited read is never raised: it is skipped, and the
-        event published at once with what is cached.
-        """
+        """Read the vehicle and its signals; refusals and rate-limited reads become partial
+        enrichment. A revoked access is raised first (parked), then anything transient (retried)."""
         outcomes = await self._reads.read_event(
             event.vehicle.id,
             event.smartcar_user_id,

@@ -78,22 +78,11 @@ def return_from_rq_list(connection: redis.Redis, queue_name: str, job_id: str) -
     return bool(_RETURN_FROM_RQ_LIST_FN.bind(connection)(keys=keys, args=[job_id]))
 
 
-def give_back_dequeued(connection: redis.Redis, queue_name: str, worker_name: str) -> list[str]:
-    """Move every id ``worker_name`` took from ``queue_name`` but never started back to the queue's front."""
-    script = _GIVE_BACK_DEQUEUED_FN.bind(connection)
-    moved = script(keys=[dequeued_key(queue_name, worker_name), queue_key(queue_name)])
-    return [text(job_id) for job_id in moved]
-
-
 def requeue_execution(
     connection: redis.Redis, queue_name: str, job_id: str, execution_id: str, worker_name: str
 ) -> bool:
     """Drop one execution of ``job_id`` if still registered and put the job back at the queue's
-    front, in one atomic step; True when the job was requeued.
-
-    The job is requeued only while it is ``queued`` or ``started`` by ``worker_name``; any other
-    job only loses the stale execution.
-    """
+    front (only while ``queued`` or ``started`` by ``worker_name``); True when it was requeued."""
     execution = Execution(execution_id, job_id, connection)
     script = _REQUEUE_EXECUTION_FN.bind(connection)
     keys = [
@@ -110,8 +99,10 @@ def requeue_execution(
 def reap(connection: redis.Redis, queue_name: str, dead: Collection[str]) -> list[str]:
     """Put every job the ``dead`` workers held from ``queue_name`` back at its front; returns their ids."""
     requeued: list[str] = []
+    give_back = _GIVE_BACK_DEQUEUED_FN.bind(connection)
     for name in dead:
-        for job_id in give_back_dequeued(connection, queue_name, name):
+        for raw in give_back(keys=[dequeued_key(queue_name, name), queue_key(queue_name)]):
+            job_id = text(raw)
             requeued.append(job_id)
             log.warning("requeued a job a dead worker had dequeued", jobId=job_id, worker=name)
     registry = StartedJobRegistry(queue_name, connection=connection)

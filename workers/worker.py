@@ -30,7 +30,7 @@ from core.errors import InvalidJob, TransientError
 from core.logs import get_logger
 from core.redis.clients import worker_redis
 from core.redis.outage import redis_unavailable, until_redis_answers, until_redis_answers_async
-from workers.batch import Bookkeeping, ClaimedJob, Success
+from workers.batch import Bookkeeping, ClaimedJob
 from workers.housekeeping import Housekeeping, WorkerLog, awaiting, report_crash
 from workers.jobs import claimed_payload, refusal, refuse
 from workers.processor import EventProcessor, open_processor
@@ -78,7 +78,7 @@ class AsyncWorker:
         self._clients = AsyncExitStack()
         self._in_flight: dict[str, ClaimedJob] = {}  # by execution composite key, until recorded
         self._tasks: set[asyncio.Task[None]] = set()
-        self._finished: list[Success] = []
+        self._finished: list[ClaimedJob] = []
         self._flush_wanted = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._stopping = False
@@ -281,7 +281,8 @@ class AsyncWorker:
             return
         parked = result["status"] == "parked"
         metrics.JOBS.labels(outcome=f"parked_{result['reason']}" if parked else result["status"]).inc()
-        self._finished.append(Success(claimed_job, result))
+        claimed_job.result = result
+        self._finished.append(claimed_job)
         if len(self._finished) >= self.batch_size:
             await self._flush()
         else:
@@ -350,8 +351,8 @@ class AsyncWorker:
             # Redis stayed away past the worker's patience: the executions stay registered under
             # this worker, and a peer's reaper re-runs them (the publish is idempotent).
             log.warning("finished jobs not recorded", jobs=len(batch), error=type(exc).__name__)
-        for success in batch:
-            self._release(success.claimed_job)
+        for claimed_job in batch:
+            self._release(claimed_job)
 
     # --- the rest of RQ's loop: heartbeats, maintenance, suspension, a lost claim's answer ---
 
