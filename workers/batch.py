@@ -1,7 +1,6 @@
 """RQ's bookkeeping for a batch of jobs, in RQ's own key layout: one Redis function per step
-(claim, start, finish), each safe to run again after a lost answer; a job that raised goes to RQ's
-own failure handling. The steps' keys: docs/architecture.md; re-runs: docs/reliability.md,
-"Between dequeue and finish"; what is left out: docs/architecture.md, "Design notes"."""
+(claim, start, finish), each safe to run again after a lost answer. The keys and what is left out:
+docs/architecture.md; re-runs: docs/reliability.md, "Between dequeue and finish"."""
 
 from __future__ import annotations
 
@@ -142,8 +141,8 @@ JOB_ENVELOPE_BYTES = 65_536
 
 
 def _larger_than(raw: bytes, limit: int) -> bool:
-    """Whether ``raw``, or what RQ inflates it to (it reads data that is not zlib as it is), is
-    past ``limit`` bytes; inflates at most ``limit + 1`` bytes to tell."""
+    """Whether ``raw``, or what RQ inflates it to (data that is not zlib is read as it is), is past
+    ``limit`` bytes; inflates at most ``limit + 1`` bytes to tell."""
     if len(raw) > limit:
         return True
     try:
@@ -191,17 +190,14 @@ class ClaimedJob:
         return min(self.field(b"timeout", 180) or 180, 30) + 60
 
     def oversized(self, max_body_bytes: int) -> bool:
-        """True when the job's ``data`` or ``exc_info``, as stored or as RQ would inflate it, is past
-        what a delivery of ``max_body_bytes`` needs: found without inflating more than that."""
+        """True when the job's ``data`` or ``exc_info``, as stored or inflated, is past what a
+        delivery of ``max_body_bytes`` needs."""
         limit = max_body_bytes + JOB_ENVELOPE_BYTES
         return any(_larger_than(self.fields.get(name, b""), limit) for name in (b"data", b"exc_info"))
 
     def job(self, connection: Any) -> Job:
-        """The RQ job, restored from the hash already in hand (for RQ's own failure handling).
-
-        RQ inflates ``data`` with no limit: only for a job :meth:`oversized` has passed (the worker's
-        admission, :func:`workers.jobs.refusal`, checks every claimed job first).
-        """
+        """The RQ job, restored from the hash in hand. RQ inflates ``data`` with no limit: only for a
+        job :meth:`oversized` has passed (:func:`workers.jobs.refusal` checks every claimed job)."""
         job = Job(self.job_id, connection=connection, serializer=JSONSerializer)
         job.restore(self.fields)
         return job

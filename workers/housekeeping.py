@@ -1,7 +1,7 @@
 """The worker's life besides its jobs: RQ's own worker object (registration, state, heartbeat,
 suspension, clean-ups, scheduler), ticked once a second so that ``rq info``, ``rq suspend`` and the
-scheduler see a worker exactly as RQ would; the liveness thread (this worker's liveness key, dead
-workers' jobs requeued: docs/reliability.md); and the periodic summary line."""
+scheduler see a worker exactly as RQ would, with the summary line; and the liveness thread (this
+worker's liveness key, dead workers' jobs requeued: docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ HEARTBEAT_SECONDS = 5.0
 MAINTENANCE_SECONDS = 30
 #: Seconds between INFO summary lines.
 SUMMARY_SECONDS = 60.0
+#: The liveness key is set again every BEAT_SECONDS and lives ALIVE_SECONDS.
 BEAT_SECONDS = 2.0
 ALIVE_SECONDS = 8
 #: An id that has sat this long in RQ's shared intermediate list has no live worker behind it.
@@ -56,9 +57,8 @@ class Housekeeping:
         self._quiet_until = 0.0
         # Ids seen in RQ's shared intermediate list, with when the liveness thread first saw each.
         self._suspects: dict[str, float] = {}
+        #: A long-running worker keeps a scheduler running (its own, or a peer's); a burst run has none.
         self.scheduler: PatientScheduler | None = None
-        #: A long-running worker keeps a scheduler running (its own, or a peer's); a burst run does not.
-        self.scheduler_wanted = False
         self.suspended = False
         #: Set after Redis trouble: the worker then looks for executions it recorded without knowing.
         self.check_lost = True
@@ -66,6 +66,8 @@ class Housekeeping:
         self._reported: str | None = None
         self._heartbeat_at = 0.0
         self._cleaned_at = time.monotonic()
+        self._summarised = (metrics.totals(metrics.JOBS), time.monotonic())
+        self._jobs_total = 0
 
     def start(self, burst: bool) -> None:
         """Register the worker, start its liveness beat and RQ's scheduler (in burst mode: move
@@ -88,22 +90,21 @@ class Housekeeping:
         until_redis_answers(self._beat)
         self._liveness.start()
         self._report(WorkerStatus.IDLE)
-        self.scheduler_wanted = not burst
-        self.scheduler = PatientScheduler(
+        scheduler = PatientScheduler(
             [self.queue], connection=self.connection, serializer=self.worker.serializer, logging_level="WARNING"
         )
-        until_redis_answers(self.scheduler.acquire_locks)
-        if not self.scheduler.acquired_locks:
-            return
+        until_redis_answers(scheduler.acquire_locks)
         if not burst:
-            self.scheduler.start()
-            return
-        try:
-            until_redis_answers(self.scheduler.register_birth)
-            until_redis_answers(self.scheduler.enqueue_scheduled_jobs)
-        finally:
-            self._best_effort(self.scheduler.release_locks)
-            self._best_effort(self.scheduler.register_death)
+            self.scheduler = scheduler
+            if scheduler.acquired_locks:
+                scheduler.start()
+        elif scheduler.acquired_locks:
+            try:
+                until_redis_answers(scheduler.register_birth)
+                until_redis_answers(scheduler.enqueue_scheduled_jobs)
+            finally:
+                self._best_effort(scheduler.release_locks)
+                self._best_effort(scheduler.register_death)
 
     def busy(self) -> None:
         """Jobs were started; the start script reported the worker busy already."""
@@ -130,6 +131,29 @@ class Housekeeping:
                 raise
             self.check_lost = True
             log.warning("housekeeping skipped: Redis unavailable", error=type(exc).__name__)
+        self.summary()
+
+    def summary(self, final: bool = False) -> None:
+        """Every :data:`SUMMARY_SECONDS`, the INFO line of what ``smartcar_ingest_jobs_total`` gained,
+        by outcome (per-event lines are DEBUG)."""
+        before, since = self._summarised
+        elapsed = time.monotonic() - since
+        if not final and elapsed < SUMMARY_SECONDS:
+            return
+        jobs = metrics.totals(metrics.JOBS)
+        counts = {labels[0]: int(n - before.get(labels, 0)) for labels, n in jobs.items()}
+        counts = {outcome: n for outcome, n in counts.items() if n}
+        done = sum(counts.values())
+        self._jobs_total += done
+        if done or final:
+            log.info(
+                "worker summary" if not final else "worker stopped",
+                jobs=done,
+                perSecond=round(done / elapsed, 1) if elapsed else 0.0,
+                total=self._jobs_total,
+                **counts,
+            )
+        self._summarised = (jobs, time.monotonic())
 
     def _report(self, state: str) -> None:
         self.worker.set_state(state)
@@ -138,9 +162,9 @@ class Housekeeping:
     def _maintain(self) -> None:
         """RQ's registry clean-up, changed in three ways: expired started entries are requeued
         (:func:`~workers.reaper.sweep_expired`) before RQ would retry or fail them; RQ's
-        intermediate-list pass is left out (the reaper owns those ids); the lock lasts one interval."""
+        intermediate-list pass is left out (the liveness thread owns those ids); the lock lasts one interval."""
         queue = self.queue
-        if self.scheduler is not None and self.scheduler_wanted and not self.scheduler.running():
+        if self.scheduler is not None and not self.scheduler.running():
             # A peer's scheduler died (take over), or this worker's own did (start it again).
             self.scheduler.acquire_locks(auto_start=True)  # type: ignore[no-untyped-call]
         if not self.connection.set(queue.registry_cleaning_key, self.worker.name, nx=True, ex=MAINTENANCE_SECONDS):
@@ -159,9 +183,9 @@ class Housekeeping:
         If Redis cannot be reached in time the worker stays announced: its liveness key expires
         and a peer puts back what it held, as for a crash.
         """
-        self.scheduler_wanted = False
-        if self.scheduler is not None:
-            self.scheduler.stop_process()
+        scheduler, self.scheduler = self.scheduler, None
+        if scheduler is not None:
+            scheduler.stop_process()
         if self._liveness.ident is not None:  # started
             self._stop_beating.set()
             self._liveness.join(timeout=10)
@@ -256,35 +280,6 @@ class Housekeeping:
             if not redis_unavailable(exc):
                 raise
             log.warning("skipped while Redis is unavailable", error=type(exc).__name__)
-
-
-class WorkerLog:
-    """The INFO summary line: this process's jobs by outcome (``smartcar_ingest_jobs_total``)
-    since the last line; per-event lines are DEBUG (workers.processor)."""
-
-    def __init__(self) -> None:
-        self._jobs = metrics.totals(metrics.JOBS)
-        self._since = time.monotonic()
-        self._total = 0
-
-    def summary(self, final: bool = False) -> None:
-        elapsed = time.monotonic() - self._since
-        if not final and elapsed < SUMMARY_SECONDS:
-            return
-        jobs = metrics.totals(metrics.JOBS)
-        counts = {labels[0]: int(n - self._jobs.get(labels, 0)) for labels, n in jobs.items()}
-        counts = {outcome: n for outcome, n in counts.items() if n}
-        done = sum(counts.values())
-        self._total += done
-        if done or final:
-            log.info(
-                "worker summary" if not final else "worker stopped",
-                jobs=done,
-                perSecond=round(done / elapsed, 1) if elapsed else 0.0,
-                total=self._total,
-                **counts,
-            )
-        self._jobs, self._since = jobs, time.monotonic()
 
 
 def awaiting() -> str:

@@ -29,9 +29,9 @@ from core.config import Settings
 from core.errors import InvalidJob, TransientError
 from core.logs import get_logger
 from core.redis.clients import worker_redis
-from core.redis.outage import redis_unavailable, until_redis_answers, until_redis_answers_async
+from core.redis.outage import redis_unavailable, until_redis_answers_async
 from workers.batch import Bookkeeping, ClaimedJob
-from workers.housekeeping import Housekeeping, WorkerLog, awaiting, report_crash
+from workers.housekeeping import Housekeeping, awaiting, report_crash
 from workers.jobs import claimed_payload, refusal, refuse
 from workers.processor import EventProcessor, open_processor
 from workers.reaper import requeue_execution
@@ -85,9 +85,8 @@ class AsyncWorker:
         self._stopped_at: float | None = None
         self._cancelled = False
         self._closing = False  # ends the flusher and the chores
-        self.stats = WorkerLog()
-        # RQ's synchronous steps wait out an outage on a bounded few threads of their own: never on
-        # the default pool, where the user lookups run, nor on the housekeeping tick's thread.
+        # RQ's synchronous steps run on a bounded few threads of their own: an outage that holds them
+        # never holds the default pool, where the user lookups run, nor the housekeeping tick's thread.
         self._step_threads = ThreadPoolExecutor(STEP_THREADS, thread_name_prefix="rq-step")
         self._tick_thread = ThreadPoolExecutor(1, thread_name_prefix="rq-housekeeping")
         self._in_flight_lock = threading.Lock()  # the liveness thread reads what the loop changes
@@ -95,10 +94,6 @@ class AsyncWorker:
     def claimed_jobs(self) -> list[ClaimedJob]:
         with self._in_flight_lock:
             return list(self._in_flight.values())
-
-    def _keep(self, claimed_job: ClaimedJob) -> None:
-        with self._in_flight_lock:
-            self._in_flight[claimed_job.composite] = claimed_job
 
     def _release(self, claimed_job: ClaimedJob) -> None:
         with self._in_flight_lock:
@@ -109,14 +104,10 @@ class AsyncWorker:
         waited = 0.0 if self._stopped_at is None else time.monotonic() - self._stopped_at
         return self._cancelled or waited > SHUTDOWN_PATIENCE_SECONDS
 
-    def _gives_up(self, or_stop: bool) -> Callable[[], bool]:
-        """When a wait for Redis ends: at a stop (``or_stop``), else (recording what jobs did) once overdue."""
-        return (lambda: self._stopping) if or_stop else self._stop_overdue
-
     async def _redis(self, step: Callable[[], Awaitable[T]], or_stop: bool = True) -> T:
-        """``step``, waiting out Redis trouble (:mod:`core.redis.outage`) until the worker gives up,
-        then :class:`Stopped`."""
-        stop = self._gives_up(or_stop)
+        """``step``, waiting out Redis trouble (:mod:`core.redis.outage`) until a stop (``or_stop``;
+        else, recording what jobs did, until the stop is overdue), then :class:`Stopped`."""
+        stop: Callable[[], bool] = (lambda: self._stopping) if or_stop else self._stop_overdue
         try:
             return await until_redis_answers_async(step, stop=stop)
         except redis.RedisError as exc:
@@ -126,18 +117,12 @@ class AsyncWorker:
             raise
 
     async def _blocking(self, step: Callable[[], T], or_stop: bool = True, tick: bool = False) -> T:
-        """A synchronous step (RQ's own code) on the step threads (``tick``: the housekeeping thread),
-        waiting out Redis trouble as :meth:`_redis` does."""
-        stop = self._gives_up(or_stop)
-        executor = self._tick_thread if tick else self._step_threads
-        try:
-            return await asyncio.get_running_loop().run_in_executor(
-                executor, partial(until_redis_answers, step, stop=stop)
-            )
-        except redis.RedisError as exc:
-            if stop() and redis_unavailable(exc):
-                raise Stopped from exc
-            raise
+        """A synchronous step (RQ's own code) as :meth:`_redis` runs one, each try on a step thread
+        (``tick``: the housekeeping thread's)."""
+        loop = asyncio.get_running_loop()
+        return await self._redis(
+            lambda: loop.run_in_executor(self._tick_thread if tick else self._step_threads, step), or_stop
+        )
 
     def request_stop(self) -> None:
         """Warm shutdown on the first call; the second cancels the jobs in flight (they are put back)."""
@@ -158,7 +143,6 @@ class AsyncWorker:
                 loop.add_signal_handler(signum, handler)
         with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("what the worker awaits", tasks=awaiting()))
-        self.processor = await open_processor(self.settings, max(10, self.concurrency * 2), self._clients)
         await self._blocking(lambda: self.housekeeping.start(burst))
         log.info("worker started", worker=self.name, queue=self.queue.name, concurrency=self.concurrency)
         flusher = asyncio.create_task(self._flush_forever(), name="flusher")
@@ -166,6 +150,7 @@ class AsyncWorker:
         for helper in (flusher, chores):
             helper.add_done_callback(report_crash)
         try:
+            self.processor = await open_processor(self.settings, max(10, self.concurrency * 2), self._clients)
             await self._work(burst)
         finally:
             self._stopping = True
@@ -177,13 +162,14 @@ class AsyncWorker:
             self._flush_wanted.set()
             await asyncio.wait({flusher, chores}, timeout=SHUTDOWN_PATIENCE_SECONDS)
             await self._flush()
-            await self._give_back_all()
+            for claimed_job in self.claimed_jobs():
+                await self._give_back(claimed_job, "the worker stopped before recording it")
             await asyncio.to_thread(self.housekeeping.stop)
             self._step_threads.shutdown(wait=False)  # the stop checks end every wait
             self._tick_thread.shutdown(wait=False)
             await self.redis.aclose()
             await self._clients.aclose()
-            self.stats.summary(final=True)
+            self.housekeeping.summary(final=True)
         return True
 
     # --- taking jobs ---
@@ -242,7 +228,8 @@ class AsyncWorker:
         ttl = max((h.ttl for h in runnable), default=90)
         started = await self._redis(lambda: self.bookkeeping.start(runnable, ttl), or_stop=False)
         for claimed_job in started:
-            self._keep(claimed_job)
+            with self._in_flight_lock:
+                self._in_flight[claimed_job.composite] = claimed_job
             task = asyncio.create_task(self._run_job(claimed_job))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
@@ -328,10 +315,6 @@ class AsyncWorker:
         finally:
             self._release(claimed_job)
 
-    async def _give_back_all(self) -> None:
-        for claimed_job in self.claimed_jobs():
-            await self._give_back(claimed_job, "the worker stopped before recording it")
-
     # --- recording finished jobs ---
 
     async def _flush_forever(self) -> None:
@@ -360,7 +343,6 @@ class AsyncWorker:
         while not self._closing:
             await asyncio.sleep(1.0)
             await self._blocking(self.housekeeping.tick, or_stop=False, tick=True)
-            self.stats.summary()
 
     async def _recover_lost_starts(self) -> None:
         """Executions recorded for this worker that it does not hold (a start whose answer a Redis
