@@ -178,11 +178,8 @@ class Housekeeping:
                 self.connection.delete(queue.registry_cleaning_key)
 
     def stop(self) -> None:
-        """Stop the scheduler and the liveness thread, hand back anything still held, deregister.
-
-        If Redis cannot be reached in time the worker stays announced: its liveness key expires
-        and a peer puts back what it held, as for a crash.
-        """
+        """Stop the scheduler and the liveness thread, hand back anything still held, deregister (if
+        Redis cannot be reached in time, a peer puts back what it held once its liveness key expires)."""
         scheduler, self.scheduler = self.scheduler, None
         if scheduler is not None:
             scheduler.stop_process()

@@ -84,64 +84,64 @@ class EventProcessor:
         this is not the final attempt. The lookup and the Smartcar calls together get at most
         ``budget_seconds``. ``check_published``: look at the publish mark before the Smartcar calls
         (only a job that ran before can find its event out already)."""
-        # Every line logged for this job from here on (by the processor, the token provider, stamina's
-        # retry hook, the worker) carries its ids: the binding is local to the job's asyncio task.
-        structlog.contextvars.bind_contextvars(eventId=payload["eventId"], deliveryId=None, eventType=None)
-        event_id, body = payload["eventId"], payload["body"]
-        # 0 stands for "not recorded" (hand-made jobs in tests): count from now instead.
-        received_at = payload["receivedAt"] or time.time_ns() // 1_000_000
-        try:
-            # The body is validated once, by the model the web edge validates it with; anything
-            # the parser cannot read is parked (and can be replayed), never failed in RQ.
-            event = events.parse_stored(body)
-        except (InvalidPayload, LegacyPayload, UnknownEventType) as exc:
-            structlog.contextvars.bind_contextvars(deliveryId=events.delivery_id_of(body))
-            return await self._park(event_id, exc.code, exc.message, body)
+        # Every line logged while this event is processed (here, by the token provider, by
+        # stamina's retry hook) carries its ids. The binding is local to this job's asyncio task.
+        with structlog.contextvars.bound_contextvars(eventId=payload["eventId"], deliveryId=None, eventType=None):
+            event_id, body = payload["eventId"], payload["body"]
+            # 0 stands for "not recorded" (hand-made jobs in tests): count from now instead.
+            received_at = payload["receivedAt"] or time.time_ns() // 1_000_000
+            try:
+                # The body is validated once, by the model the web edge validates it with; anything
+                # the parser cannot read is parked (and can be replayed), never failed in RQ.
+                event = events.parse_stored(body)
+            except (InvalidPayload, LegacyPayload, UnknownEventType) as exc:
+                structlog.contextvars.bind_contextvars(deliveryId=events.delivery_id_of(body))
+                return await self._park(event_id, exc.code, exc.message, body)
 
-        structlog.contextvars.bind_contextvars(deliveryId=event.meta.deliveryId, eventType=event.event_type)
-        if self._counts is not None:  # the VEHICLE_ERROR alert's vehicle counts
-            self._counts.saw(event)
-        # A re-run after a crash, or a replay, skips the Smartcar calls when the event is out already.
-        # Each Redis call here waits out a short outage rather than failing the job over it; all are
-        # idempotent (a read, and the publish and the park, each guarded by its mark).
-        if check_published and await until_redis_answers_async(
-            lambda: self._output.was_published(event_id), give_up_after=REDIS_PATIENCE_SECONDS
-        ):
-            log.debug("event already published")
-            return JobResult(eventId=event_id, status="already_published", reason=None, entryId=None)
-        try:
-            async with asyncio.timeout(budget_seconds):
-                user = await self._find_user(event.smartcar_user_id)
-                if user is None:
-                    raise UnknownUser(
-                        "No internal user has this Smartcar user id; link it (users link or backfill), then replay."
-                    )
-                enrichment = await self._enrich(event, received_at)
-        except TimeoutError:
-            if final_attempt:
-                return await self._park(event_id, "retries_exhausted", "Enrichment ran out of time.", body)
-            raise SmartcarUnavailable("Enrichment ran out of time; the job will be retried.") from None
-        except SmartcarUnauthorized as exc:
-            return await self._park(event_id, "upstream_rejected", exc.message, body)
-        except UnknownUser as exc:  # parked outside the time budget: parking waits out Redis on its own
-            return await self._park(event_id, exc.code, exc.message, body)
-        except InvalidPayload as exc:  # the client refused an id the parser let through
-            return await self._park(event_id, exc.code, exc.message, body)
-        except TransientError as exc:
-            if final_attempt:
-                return await self._park(event_id, "retries_exhausted", exc.message, body)
-            log.warning("transient failure, job will be retried", error=exc.code, detail=exc.message)
-            raise
+            structlog.contextvars.bind_contextvars(deliveryId=event.meta.deliveryId, eventType=event.event_type)
+            if self._counts is not None:  # the VEHICLE_ERROR alert's vehicle counts
+                self._counts.saw(event)
+            # A re-run after a crash, or a replay, skips the Smartcar calls when the event is out already.
+            # Each Redis call here waits out a short outage rather than failing the job over it; all are
+            # idempotent (a read, and the publish and the park, each guarded by its mark).
+            if check_published and await until_redis_answers_async(
+                lambda: self._output.was_published(event_id), give_up_after=REDIS_PATIENCE_SECONDS
+            ):
+                log.debug("event already published")
+                return JobResult(eventId=event_id, status="already_published", reason=None, entryId=None)
+            try:
+                async with asyncio.timeout(budget_seconds):
+                    user = await self._find_user(event.smartcar_user_id)
+                    if user is None:
+                        raise UnknownUser(
+                            "No internal user has this Smartcar user id; link it (users link or backfill), then replay."
+                        )
+                    enrichment = await self._enrich(event, received_at)
+            except TimeoutError:
+                if final_attempt:
+                    return await self._park(event_id, "retries_exhausted", "Enrichment ran out of time.", body)
+                raise SmartcarUnavailable("Enrichment ran out of time; the job will be retried.") from None
+            except SmartcarUnauthorized as exc:
+                return await self._park(event_id, "upstream_rejected", exc.message, body)
+            except UnknownUser as exc:  # parked outside the time budget: parking waits out Redis on its own
+                return await self._park(event_id, exc.code, exc.message, body)
+            except InvalidPayload as exc:  # the client refused an id the parser let through
+                return await self._park(event_id, exc.code, exc.message, body)
+            except TransientError as exc:
+                if final_attempt:
+                    return await self._park(event_id, "retries_exhausted", exc.message, body)
+                log.warning("transient failure, job will be retried", error=exc.code, detail=exc.message)
+                raise
 
-        published_at = time.time_ns() // 1_000_000
-        output = build_document(event, user, enrichment, received_at, published_at)
-        entry_id = await self._publish(event, user, output, vehicle_from_api=enrichment.vehicle is not None)
-        if entry_id is None:
-            log.debug("event already published")
-            return JobResult(eventId=event_id, status="already_published", reason=None, entryId=None)
-        metrics.END_TO_END_SECONDS.observe(max(0, published_at - received_at) / 1000)
-        log.debug("event published", enrichment=enrichment.status, latencyMs=published_at - received_at)
-        return JobResult(eventId=event_id, status="published", reason=None, entryId=entry_id)
+            published_at = time.time_ns() // 1_000_000
+            output = build_document(event, user, enrichment, received_at, published_at)
+            entry_id = await self._publish(event, user, output, vehicle_from_api=enrichment.vehicle is not None)
+            if entry_id is None:
+                log.debug("event already published")
+                return JobResult(eventId=event_id, status="already_published", reason=None, entryId=None)
+            metrics.END_TO_END_SECONDS.observe(max(0, published_at - received_at) / 1000)
+            log.debug("event published", enrichment=enrichment.status, latencyMs=published_at - received_at)
+            return JobResult(eventId=event_id, status="published", reason=None, entryId=entry_id)
 
     async def _publish(
         self, event: events.VehicleEvent, user: UserRecord, output: dict[str, Any], vehicle_from_api: bool

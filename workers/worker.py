@@ -1,8 +1,6 @@
 """``smartcar-ingest worker``'s loop: :class:`AsyncWorker` takes RQ jobs in batches, runs each as a
 coroutine on one event loop and records RQ's bookkeeping a batch at a time (:mod:`workers.batch`).
-
-How it keeps RQ's view true and loses nothing: docs/architecture.md, "The worker"; docs/reliability.md.
-"""
+How it keeps RQ's view true and loses nothing: docs/architecture.md, "The worker"; docs/reliability.md."""
 
 from __future__ import annotations
 
@@ -178,9 +176,7 @@ class AsyncWorker:
         while not self._stopping:
             free = self.concurrency - len(self._tasks)
             if free <= 0 or self.housekeeping.suspended:
-                self._slot_free.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._slot_free.wait(), timeout=1.0)
+                await self._wait_for_slot(1.0)
                 continue
             try:
                 if self.housekeeping.check_lost:  # here, never while a start's answer is on its way
@@ -199,10 +195,7 @@ class AsyncWorker:
         """Wait for the next job: in burst mode for a job in flight to end (it may be retried);
         otherwise on the queue itself, moving the next id into this worker's list."""
         if burst:
-            self._slot_free.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._slot_free.wait(), timeout=0.5)
-            return
+            return await self._wait_for_slot(0.5)
         try:
             await self._redis(
                 lambda: self.redis.blmove(
@@ -211,6 +204,11 @@ class AsyncWorker:
             )
         except Stopped:
             return
+
+    async def _wait_for_slot(self, seconds: float) -> None:
+        self._slot_free.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._slot_free.wait(), timeout=seconds)
 
     async def _start(self, claimed: list[ClaimedJob]) -> None:
         runnable: list[ClaimedJob] = []
