@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import redis
 from pydantic import SecretStr
-from rq import Queue, SimpleWorker
+from rq import Queue
 from rq.serializers import JSONSerializer
 
 from core.config import Settings
@@ -18,7 +18,6 @@ from core.redis.functions import FunctionsRedis
 from core.redis.keys import TOKEN_KEY
 from core.smartcar.tokens import TokenSeal
 from tests.contracts import check_output_entry, check_parked_entry
-from workers import runtime
 from workers.housekeeping import awaiting
 from workers.worker import AsyncWorker
 
@@ -60,31 +59,22 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     }
 
 
-def run_worker_burst(settings: Settings, concurrency: int = 4, stock: bool = False) -> None:
-    """Work the queue in this process until it is empty (RQ's own SimpleWorker when ``stock``)."""
-    current = runtime.Runtime(settings)
-    runtime.install(current)
+def run_worker_burst(settings: Settings, concurrency: int = 4) -> None:
+    """Work the queue in this process until it is empty."""
     connection = FunctionsRedis.from_url(settings.redis_url)  # as the worker's (core.redis.clients.rq_redis)
 
     async def work(worker: AsyncWorker) -> None:
-        try:
-            # A bound, so that a worker that never ends fails the test saying what it awaits.
-            runner = asyncio.create_task(worker.run(burst=True))
-            done, _ = await asyncio.wait({runner}, timeout=BURST_LIMIT_SECONDS)
-            if not done:
-                raise AssertionError(f"the burst worker did not end; it awaits:\n{awaiting()}")
-            runner.result()
-        finally:
-            await current.aclose()
+        # A bound, so that a worker that never ends fails the test saying what it awaits.
+        runner = asyncio.create_task(worker.run(burst=True))
+        done, _ = await asyncio.wait({runner}, timeout=BURST_LIMIT_SECONDS)
+        if not done:
+            raise AssertionError(f"the burst worker did not end; it awaits:\n{awaiting()}")
+        runner.result()
 
     try:
         queue = Queue(settings.ingest_queue, connection=connection, serializer=JSONSerializer)
-        if stock:
-            SimpleWorker([queue], connection=connection, serializer=JSONSerializer).work(burst=True)
-        else:
-            asyncio.run(work(AsyncWorker(settings, connection, queue, concurrency=concurrency)))
+        asyncio.run(work(AsyncWorker(settings, connection, queue, concurrency=concurrency)))
     finally:
-        runtime.install(None)
         connection.close()
 
 

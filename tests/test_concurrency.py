@@ -99,8 +99,7 @@ def test_redis_steps_held_by_an_outage_leave_lookups_and_housekeeping_free(pipel
 
     import redis as sync_redis
 
-    from workers.steps import STEP_THREADS
-    from workers.worker import AsyncWorker
+    from workers.worker import STEP_THREADS, AsyncWorker
 
     connection = sync_redis.Redis.from_url(pipeline.redis_url)
     queue = Queue(pipeline.ingest_queue, connection=connection, serializer=JSONSerializer)
@@ -115,16 +114,17 @@ def test_redis_steps_held_by_an_outage_leave_lookups_and_housekeeping_free(pipel
     async def scenario() -> tuple[str, str, list[str]]:
         worker = AsyncWorker(pipeline, connection, queue, concurrency=8)
         try:
-            steps = [asyncio.ensure_future(worker.steps.blocking(give_back_during_an_outage)) for _ in range(256)]
+            steps = [asyncio.ensure_future(worker._blocking(give_back_during_an_outage)) for _ in range(256)]
             for _ in range(STEP_THREADS):
                 await asyncio.to_thread(started.acquire)
             lookup = await asyncio.wait_for(asyncio.to_thread(lambda: "user found"), timeout=10)
-            tick = await asyncio.wait_for(worker.steps.blocking(lambda: "ticked", housekeeping=True), timeout=10)
+            tick = await asyncio.wait_for(worker._blocking(lambda: "ticked", tick=True), timeout=10)
             outage.set()
             return lookup, tick, await asyncio.gather(*steps)
         finally:
             outage.set()
-            worker.steps.close()
+            worker._step_threads.shutdown(wait=False)
+            worker._tick_thread.shutdown(wait=False)
             await worker.redis.aclose()
 
     try:

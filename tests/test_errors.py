@@ -1,5 +1,5 @@
 """The error tree: every class is raised somewhere, each maps to one documented exit status, and
-the two boundaries that refuse instead of guessing (the job argument, the worker runtime)."""
+the two boundaries that refuse instead of guessing (the job argument, a stock RQ worker)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from core import errors
 from core.errors import ConfigurationError, IngestError, InvalidJob, PermanentError, TransientError
 from core.redis.jobs import PROCESS_EVENT, job_payload
 from tests.pipeline import outputs, run_worker_burst
-from workers import runtime
 from workers.jobs import read_payload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,18 +149,11 @@ def test_a_malformed_job_fails_at_once_without_retries(pipeline, redis_client):
     assert [entry["event_id"] for entry in outputs(redis_client)] == [event["eventId"]]
 
 
-# --- the worker runtime ----------------------------------------------------------------------------
+# --- a stock RQ worker ------------------------------------------------------------------------------
 
 
-def test_no_runtime_is_built_on_demand():
-    """Outside `smartcar-ingest worker` (nothing installed) asking for the runtime is a clear error."""
-    runtime.install(None)
-    with pytest.raises(ConfigurationError, match="smartcar-ingest worker"):
-        runtime.current()
-
-
-def test_a_job_run_by_a_worker_without_a_runtime_fails_with_the_reason(pipeline, redis_client):
-    """RQ's stock worker, with no runtime installed, fails the job saying which command runs jobs."""
+def test_a_job_run_by_a_stock_rq_worker_fails_with_the_reason(pipeline, redis_client):
+    """RQ's stock worker fails the job saying which command runs jobs."""
     event = sample_event()
     queue = Queue(pipeline.ingest_queue, connection=redis_client, serializer=JSONSerializer)
     job = queue.enqueue(PROCESS_EVENT, job_payload(event["eventId"], "VEHICLE_STATE", encode(event).decode(), 0))
@@ -172,5 +164,5 @@ def test_a_job_run_by_a_worker_without_a_runtime_fails_with_the_reason(pipeline,
         connection.close()
     job = Job.fetch(job.id, connection=redis_client, serializer=JSONSerializer)
     assert job.get_status() == JobStatus.FAILED
-    assert "no worker runtime is installed" in job.latest_result().exc_string
+    assert "ingest jobs run under `smartcar-ingest worker`" in job.latest_result().exc_string
     assert outputs(redis_client) == []

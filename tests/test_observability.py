@@ -34,7 +34,7 @@ from tests.conftest import signed_headers
 from tests.pipeline import cached_token, inject, outputs, run_worker_burst, stream_entries, worker_env
 from tests.procs import WebProcess, free_port, service_env, wait_for_port
 from tests.test_pipeline import UNKNOWN_USER, deliver
-from workers.metrics_server import start_worker_metrics
+from workers.process import start_worker_metrics
 
 # (sample name, labels) of every counter the scripted runs move.
 JOB = "smartcar_ingest_jobs_total"
@@ -292,8 +292,8 @@ def test_an_admin_app_and_a_worker_endpoint_in_one_process_each_export_the_gauge
 def test_worker_metrics_endpoint_serves_counters_and_queue_gauges(pipeline, redis_client):
     """start_worker_metrics serves /metrics on METRICS_PORT with the worker counters and the queue gauges."""
     port = free_port()
-    server = start_worker_metrics(pipeline.model_copy(update={"metrics_port": port, "admin_host": "127.0.0.1"}))
-    assert server is not None
+    stop = start_worker_metrics(pipeline.model_copy(update={"metrics_port": port, "admin_host": "127.0.0.1"}))
+    assert stop is not None
     try:
         deliver(pipeline, sample_event())
         text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
@@ -306,7 +306,7 @@ def test_worker_metrics_endpoint_serves_counters_and_queue_gauges(pipeline, redi
         for name, kind in families.items():
             assert f"# TYPE {name} {kind}\n" in text, name
     finally:
-        server.close()
+        stop()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1)
     assert "smartcar_ingest_queue_depth" not in generate_latest().decode()
@@ -327,14 +327,14 @@ def test_worker_metrics_are_off_at_port_0_and_skipped_when_the_port_is_taken(pip
 def test_worker_metrics_listen_on_admin_host_only(pipeline):
     """With ADMIN_HOST=127.0.0.1 the worker's /metrics answers there and refuses another local address."""
     port = free_port()
-    server = start_worker_metrics(pipeline.model_copy(update={"metrics_port": port, "admin_host": "127.0.0.1"}))
-    assert server is not None
+    stop = start_worker_metrics(pipeline.model_copy(update={"metrics_port": port, "admin_host": "127.0.0.1"}))
+    assert stop is not None
     try:
         assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 200
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.2:{port}/metrics", timeout=2)
     finally:
-        server.close()
+        stop()
 
 
 # --- the web's admin port ----------------------------------------------------------------------------

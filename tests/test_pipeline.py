@@ -368,15 +368,6 @@ def test_concurrent_worker_keeps_rqs_registries_true(pipeline, redis_client, emu
     assert StartedJobRegistry(queue, connection=redis_client).count == 0
 
 
-def test_stock_simple_worker_runs_the_same_job(pipeline, redis_client):
-    """RQ's own SimpleWorker runs process_event too (the job needs nothing from our worker class)."""
-    event = sample_event()
-    deliver(pipeline, event)
-    run_worker_burst(pipeline, stock=True)
-    [entry] = outputs(redis_client)
-    assert entry["event_id"] == event["eventId"]
-
-
 @pytest.mark.process
 def test_jobs_in_flight_are_visible_and_sigterm_lets_them_finish(pipeline, redis_client, emulator):
     """A worker with eight slots shows eight started jobs at once in RQ; SIGTERM finishes them, then exits."""

@@ -197,9 +197,9 @@ def test_each_script_can_run_again_after_a_lost_answer(redis_url, redis_client):
         assert await books.claim(10) == []
         assert await books.lost_executions(set()) == [started.composite]
         assert await books.lost_executions({started.composite}) == []
-        success = batch.Success(started, {"ok": True})
-        assert await books.finish([success]) == 1
-        assert await books.finish([success]) == 0
+        started.result = {"ok": True}
+        assert await books.finish([started]) == 1
+        assert await books.finish([started]) == 0
         await client.aclose()
 
     asyncio.run(scenario())

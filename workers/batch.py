@@ -1,7 +1,6 @@
 """RQ's bookkeeping for a batch of jobs, in RQ's own key layout: one Redis function per step
-(claim, start, finish), each safe to run again after a lost answer; a job that raised goes to RQ's
-own failure handling. The steps' keys: docs/architecture.md; re-runs: docs/reliability.md,
-"Between dequeue and finish"; what is left out: docs/architecture.md, "Design notes"."""
+(claim, start, finish), each safe to run again after a lost answer. The keys and what is left out:
+docs/architecture.md; re-runs: docs/reliability.md, "Between dequeue and finish"."""
 
 from __future__ import annotations
 
@@ -142,8 +141,8 @@ JOB_ENVELOPE_BYTES = 65_536
 
 
 def _larger_than(raw: bytes, limit: int) -> bool:
-    """Whether ``raw``, or what RQ inflates it to (it reads data that is not zlib as it is), is
-    past ``limit`` bytes; inflates at most ``limit + 1`` bytes to tell."""
+    """Whether ``raw``, or what RQ inflates it to (data that is not zlib is read as it is), is past
+    ``limit`` bytes; inflates at most ``limit + 1`` bytes to tell."""
     if len(raw) > limit:
         return True
     try:
@@ -161,6 +160,7 @@ class ClaimedJob:
     fields: dict[bytes, bytes]
     execution_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started_at: datetime | None = None
+    result: Any = None  # what the job returned, for the finish to record
 
     @property
     def composite(self) -> str:
@@ -190,28 +190,17 @@ class ClaimedJob:
         return min(self.field(b"timeout", 180) or 180, 30) + 60
 
     def oversized(self, max_body_bytes: int) -> bool:
-        """True when the job's ``data`` or ``exc_info``, as stored or as RQ would inflate it, is past
-        what a delivery of ``max_body_bytes`` needs: found without inflating more than that."""
+        """True when the job's ``data`` or ``exc_info``, as stored or inflated, is past what a
+        delivery of ``max_body_bytes`` needs."""
         limit = max_body_bytes + JOB_ENVELOPE_BYTES
         return any(_larger_than(self.fields.get(name, b""), limit) for name in (b"data", b"exc_info"))
 
     def job(self, connection: Any) -> Job:
-        """The RQ job, restored from the hash already in hand (for RQ's own failure handling).
-
-        RQ inflates ``data`` with no limit: only for a job :meth:`oversized` has passed (the worker's
-        admission, :func:`workers.jobs.refusal`, checks every claimed job first).
-        """
+        """The RQ job, restored from the hash in hand. RQ inflates ``data`` with no limit: only for a
+        job :meth:`oversized` has passed (:func:`workers.jobs.refusal` checks every claimed job)."""
         job = Job(self.job_id, connection=connection, serializer=JSONSerializer)
         job.restore(self.fields)
         return job
-
-
-@dataclass(frozen=True)
-class Success:
-    """A job that returned: what :meth:`Bookkeeping.finish` records."""
-
-    claimed_job: ClaimedJob
-    return_value: Any
 
 
 class Bookkeeping:
@@ -269,25 +258,24 @@ class Bookkeeping:
                 recorded.append(claimed_job)
         return recorded
 
-    async def finish(self, successes: list[Success]) -> int:
-        """Record every job of ``successes`` as finished, in one script; returns how many were recorded."""
-        if not successes:
+    async def finish(self, jobs: list[ClaimedJob]) -> int:
+        """Record ``jobs`` (that returned) as finished, in one script; returns how many were recorded."""
+        if not jobs:
             return 0
         ended = now()
         serializer = JSONSerializer()
-        working = sum((ended - s.claimed_job.started_at).total_seconds() for s in successes if s.claimed_job.started_at)
+        working = sum((ended - job.started_at).total_seconds() for job in jobs if job.started_at)
         args: list[Any] = [
             *(JOB_PREFIX, EXECUTION_PREFIX, RESULTS_PREFIX, utcformat(ended), ended.timestamp(), working),
             *(self.worker_name, Result.Type.SUCCESSFUL.value),
         ]
-        for success in successes:
-            claimed_job = success.claimed_job
+        for claimed_job in jobs:
             started = claimed_job.started_at.timestamp() if claimed_job.started_at else ended.timestamp()
             value = Result(
                 claimed_job.job_id,
                 Result.Type.SUCCESSFUL,
                 None,  # type: ignore[arg-type]  # only serializes: no connection needed
-                return_value=success.return_value,
+                return_value=claimed_job.result,
                 serializer=serializer,
             ).serialize()["return_value"]
             args += [

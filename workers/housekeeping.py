@@ -1,29 +1,29 @@
-"""The parts of RQ's worker loop that are not jobs: registration, state, heartbeats, suspension,
-registry clean-ups, the scheduler, liveness; and the worker's periodic summary line.
-
-:class:`Housekeeping` runs RQ's own worker object (:class:`rq.SimpleWorker`) for all of it, in a
-thread the async worker hands it to once a second (:meth:`Housekeeping.tick`), so ``rq info``,
-``Worker.all()``, ``rq suspend`` and the scheduler see a worker exactly as RQ would.
-"""
+"""The worker's life besides its jobs: RQ's own worker object (registration, state, heartbeat,
+suspension, clean-ups, scheduler), ticked once a second so that ``rq info``, ``rq suspend`` and the
+scheduler see a worker exactly as RQ would, with the summary line; and the liveness thread (this
+worker's liveness key, dead workers' jobs requeued: docs/reliability.md)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
 from rq import Queue, SimpleWorker, worker_registration
-from rq.registry import clean_registries
+from rq.executions import Execution
+from rq.registry import StartedJobRegistry, clean_registries
 from rq.suspension import is_suspended
 from rq.worker import WorkerStatus
 
 from core import metrics
 from core.logs import get_logger
+from core.redis.keys import WORKERS_SET, alive_key, rq_intermediate_key, text
 from core.redis.outage import redis_unavailable, until_redis_answers
-from workers.reaper import Liveness, sweep_expired
+from workers.reaper import reap, return_from_rq_list, sweep_expired
 from workers.scheduler import PatientScheduler
 
 log = get_logger("smartcar_ingest.worker")
@@ -34,20 +34,31 @@ HEARTBEAT_SECONDS = 5.0
 MAINTENANCE_SECONDS = 30
 #: Seconds between INFO summary lines.
 SUMMARY_SECONDS = 60.0
+#: The liveness key is set again every BEAT_SECONDS and lives ALIVE_SECONDS.
+BEAT_SECONDS = 2.0
+ALIVE_SECONDS = 8
+#: An id that has sat this long in RQ's shared intermediate list has no live worker behind it.
+STRANDED_AFTER_SECONDS = 10.0
+#: How long a worker leaving cleanly waits for Redis to hand back what it still holds.
+RELEASE_PATIENCE_SECONDS = 5.0
 
 
 class Housekeeping:
-    """RQ's worker object, driven from the async worker (see the module docstring)."""
+    """RQ's worker object and the liveness thread of one worker. ``in_flight`` returns, for each job
+    the worker is running, its execution composite key and started-registry TTL."""
 
-    def __init__(self, worker: SimpleWorker, queue: Queue, in_flight: Callable[[], Iterable[tuple[str, str, int]]]):
+    def __init__(self, worker: SimpleWorker, queue: Queue, in_flight: Callable[[], Iterable[tuple[str, int]]]):
         self.worker = worker
         self.queue = queue
         self.connection: redis.Redis = worker.connection
         self._in_flight = in_flight
-        self.liveness: Liveness | None = None
+        self._stop_beating = threading.Event()
+        self._liveness = threading.Thread(target=self._beat_forever, name="liveness", daemon=True)
+        self._quiet_until = 0.0
+        # Ids seen in RQ's shared intermediate list, with when the liveness thread first saw each.
+        self._suspects: dict[str, float] = {}
+        #: A long-running worker keeps a scheduler running (its own, or a peer's); a burst run has none.
         self.scheduler: PatientScheduler | None = None
-        #: A long-running worker keeps a scheduler running (its own, or a peer's); a burst run does not.
-        self.scheduler_wanted = False
         self.suspended = False
         #: Set after Redis trouble: the worker then looks for executions it recorded without knowing.
         self.check_lost = True
@@ -55,6 +66,8 @@ class Housekeeping:
         self._reported: str | None = None
         self._heartbeat_at = 0.0
         self._cleaned_at = time.monotonic()
+        self._summarised = (metrics.totals(metrics.JOBS), time.monotonic())
+        self._jobs_total = 0
 
     def start(self, burst: bool) -> None:
         """Register the worker, start its liveness beat and RQ's scheduler (in burst mode: move
@@ -72,25 +85,26 @@ class Housekeeping:
                 # An earlier attempt was applied before Redis went away: registered already.
 
         until_redis_answers(birth)
-        self.liveness = Liveness(self.connection, self.worker.name, [self.queue.name], in_flight=self._in_flight)
-        until_redis_answers(self.liveness.start)
+        # Judge nobody until every live worker has had time to beat since this one started.
+        self._quiet_until = time.monotonic() + ALIVE_SECONDS
+        until_redis_answers(self._beat)
+        self._liveness.start()
         self._report(WorkerStatus.IDLE)
-        self.scheduler_wanted = not burst
-        self.scheduler = PatientScheduler(
+        scheduler = PatientScheduler(
             [self.queue], connection=self.connection, serializer=self.worker.serializer, logging_level="WARNING"
         )
-        until_redis_answers(self.scheduler.acquire_locks)
-        if not self.scheduler.acquired_locks:
-            return
+        until_redis_answers(scheduler.acquire_locks)
         if not burst:
-            self.scheduler.start()
-            return
-        try:
-            until_redis_answers(self.scheduler.register_birth)
-            until_redis_answers(self.scheduler.enqueue_scheduled_jobs)
-        finally:
-            self._best_effort(self.scheduler.release_locks)
-            self._best_effort(self.scheduler.register_death)
+            self.scheduler = scheduler
+            if scheduler.acquired_locks:
+                scheduler.start()
+        elif scheduler.acquired_locks:
+            try:
+                until_redis_answers(scheduler.register_birth)
+                until_redis_answers(scheduler.enqueue_scheduled_jobs)
+            finally:
+                self._best_effort(scheduler.release_locks)
+                self._best_effort(scheduler.register_death)
 
     def busy(self) -> None:
         """Jobs were started; the start script reported the worker busy already."""
@@ -109,7 +123,7 @@ class Housekeeping:
             if now - self._heartbeat_at >= HEARTBEAT_SECONDS:
                 self._heartbeat_at = now
                 self.worker.heartbeat()
-            if now - self._cleaned_at >= MAINTENANCE_SECONDS and not (self.liveness and self.liveness.quiet):
+            if now - self._cleaned_at >= MAINTENANCE_SECONDS and not self._quiet():
                 self._cleaned_at = now
                 self._maintain()
         except redis.RedisError as exc:
@@ -117,6 +131,29 @@ class Housekeeping:
                 raise
             self.check_lost = True
             log.warning("housekeeping skipped: Redis unavailable", error=type(exc).__name__)
+        self.summary()
+
+    def summary(self, final: bool = False) -> None:
+        """Every :data:`SUMMARY_SECONDS`, the INFO line of what ``smartcar_ingest_jobs_total`` gained,
+        by outcome (per-event lines are DEBUG)."""
+        before, since = self._summarised
+        elapsed = time.monotonic() - since
+        if not final and elapsed < SUMMARY_SECONDS:
+            return
+        jobs = metrics.totals(metrics.JOBS)
+        counts = {labels[0]: int(n - before.get(labels, 0)) for labels, n in jobs.items()}
+        counts = {outcome: n for outcome, n in counts.items() if n}
+        done = sum(counts.values())
+        self._jobs_total += done
+        if done or final:
+            log.info(
+                "worker summary" if not final else "worker stopped",
+                jobs=done,
+                perSecond=round(done / elapsed, 1) if elapsed else 0.0,
+                total=self._jobs_total,
+                **counts,
+            )
+        self._summarised = (jobs, time.monotonic())
 
     def _report(self, state: str) -> None:
         self.worker.set_state(state)
@@ -125,9 +162,9 @@ class Housekeeping:
     def _maintain(self) -> None:
         """RQ's registry clean-up, changed in three ways: expired started entries are requeued
         (:func:`~workers.reaper.sweep_expired`) before RQ would retry or fail them; RQ's
-        intermediate-list pass is left out (the reaper owns those ids); the lock lasts one interval."""
+        intermediate-list pass is left out (the liveness thread owns those ids); the lock lasts one interval."""
         queue = self.queue
-        if self.scheduler is not None and self.scheduler_wanted and not self.scheduler.running():
+        if self.scheduler is not None and not self.scheduler.running():
             # A peer's scheduler died (take over), or this worker's own did (start it again).
             self.scheduler.acquire_locks(auto_start=True)  # type: ignore[no-untyped-call]
         if not self.connection.set(queue.registry_cleaning_key, self.worker.name, nx=True, ex=MAINTENANCE_SECONDS):
@@ -141,13 +178,96 @@ class Housekeeping:
                 self.connection.delete(queue.registry_cleaning_key)
 
     def stop(self) -> None:
-        """Stop the scheduler, hand back anything still held, deregister."""
-        self.scheduler_wanted = False
-        if self.scheduler is not None:
-            self.scheduler.stop_process()
-        if self.liveness is not None:
-            self.liveness.stop()
+        """Stop the scheduler and the liveness thread, hand back anything still held, deregister (if
+        Redis cannot be reached in time, a peer puts back what it held once its liveness key expires)."""
+        scheduler, self.scheduler = self.scheduler, None
+        if scheduler is not None:
+            scheduler.stop_process()
+        if self._liveness.ident is not None:  # started
+            self._stop_beating.set()
+            self._liveness.join(timeout=10)
+            try:
+                until_redis_answers(self._release, give_up_after=RELEASE_PATIENCE_SECONDS)
+            except redis.RedisError as exc:
+                log.warning("left without deregistering; peers will requeue its jobs", error=type(exc).__name__)
         self._best_effort(self.worker.register_death)
+
+    def _release(self) -> None:
+        reap(self.connection, self.queue.name, {self.worker.name})
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.delete(alive_key(self.worker.name))
+            pipe.srem(WORKERS_SET, self.worker.name)
+            pipe.execute()
+
+    # --- the liveness thread ---
+
+    def _quiet(self) -> bool:
+        """True while this worker should not judge others (just started, or Redis just came back)."""
+        return time.monotonic() < self._quiet_until
+
+    def _beat(self) -> None:
+        alive = alive_key(self.worker.name)
+        # EXPIRE still works when Redis refuses writes at maxmemory; SET and SADD do not.
+        if not self.connection.expire(alive, ALIVE_SECONDS):
+            with self.connection.pipeline(transaction=False) as pipe:
+                pipe.set(alive, "1", ex=ALIVE_SECONDS)
+                pipe.sadd(WORKERS_SET, self.worker.name)
+                pipe.execute()
+        jobs = list(self._in_flight())
+        if jobs:
+            # Keep RQ's view true while this worker lives: its entries never expire under it,
+            # however long a job waits out a Redis outage.
+            now = time.time()
+            registry = StartedJobRegistry.key_template.format(self.queue.name)
+            with self.connection.pipeline(transaction=False) as pipe:
+                for composite, ttl in jobs:
+                    pipe.zadd(registry, {composite: now + ttl}, xx=True)
+                    pipe.expire(Execution.from_composite_key(composite, self.connection).key, ttl)
+                pipe.execute()
+
+    def _beat_forever(self) -> None:
+        while not self._stop_beating.wait(BEAT_SECONDS):
+            try:
+                self._beat()
+            except redis.RedisError as exc:
+                self._quiet_until = time.monotonic() + ALIVE_SECONDS + BEAT_SECONDS
+                log.warning("liveness beat failed; retrying", error=type(exc).__name__)
+                continue
+            try:
+                self._recover()
+            except redis.RedisError as exc:
+                log.warning("could not requeue stranded jobs yet; retrying", error=type(exc).__name__)
+
+    def _recover(self) -> None:
+        """Requeue what RQ's shared list stranded and what dead workers held; one round trip when
+        every announced worker is alive (the common case: the registries need not be read)."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.smembers(WORKERS_SET)
+            pipe.lrange(rq_intermediate_key(self.queue.name), 0, 99)
+            members, shared = pipe.execute()
+        self._return_stranded([text(raw) for raw in shared])
+        others = [name for name in (text(raw) for raw in members) if name != self.worker.name]
+        if self._quiet() or not others:
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            for name in others:
+                pipe.exists(alive_key(name))
+            alive = pipe.execute()
+        dead = {name for name, up in zip(others, alive, strict=True) if not up}
+        if dead:
+            reap(self.connection, self.queue.name, dead)
+            self.connection.srem(WORKERS_SET, *dead)
+
+    def _return_stranded(self, ids: list[str]) -> None:
+        """Put back ids that have sat in RQ's shared list across beats for :data:`STRANDED_AFTER_SECONDS`."""
+        now = time.monotonic()
+        self._suspects = {job_id: self._suspects.get(job_id, now) for job_id in ids}
+        for job_id, first_seen in list(self._suspects.items()):
+            if now - first_seen < STRANDED_AFTER_SECONDS:
+                continue
+            if return_from_rq_list(self.connection, self.queue.name, job_id):
+                log.warning("requeued a job stranded in RQ's intermediate list", jobId=job_id)
+            del self._suspects[job_id]
 
     @staticmethod
     def _best_effort(step: Callable[[], Any]) -> None:
@@ -157,35 +277,6 @@ class Housekeeping:
             if not redis_unavailable(exc):
                 raise
             log.warning("skipped while Redis is unavailable", error=type(exc).__name__)
-
-
-class WorkerLog:
-    """The INFO summary line: this process's jobs by outcome (``smartcar_ingest_jobs_total``)
-    since the last line; per-event lines are DEBUG (workers.processor)."""
-
-    def __init__(self) -> None:
-        self._jobs = metrics.totals(metrics.JOBS)
-        self._since = time.monotonic()
-        self._total = 0
-
-    def summary(self, final: bool = False) -> None:
-        elapsed = time.monotonic() - self._since
-        if not final and elapsed < SUMMARY_SECONDS:
-            return
-        jobs = metrics.totals(metrics.JOBS)
-        counts = {labels[0]: int(n - self._jobs.get(labels, 0)) for labels, n in jobs.items()}
-        counts = {outcome: n for outcome, n in counts.items() if n}
-        done = sum(counts.values())
-        self._total += done
-        if done or final:
-            log.info(
-                "worker summary" if not final else "worker stopped",
-                jobs=done,
-                perSecond=round(done / elapsed, 1) if elapsed else 0.0,
-                total=self._total,
-                **counts,
-            )
-        self._jobs, self._since = jobs, time.monotonic()
 
 
 def awaiting() -> str:

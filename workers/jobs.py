@@ -1,10 +1,6 @@
-"""Ingest jobs: which claimed jobs run, the payload each carries, and RQ's entry point.
-
-Anyone who can write to Redis can queue a job, and RQ would import and call whatever function
-and callbacks it names: the worker runs only ``process_event`` with one JSON object argument and
-no callbacks, and refuses anything else to RQ's failed registry, never run. The job's payload
-goes to :meth:`workers.processor.EventProcessor.process` (docs/architecture.md, docs/security.md).
-"""
+"""Ingest jobs: which claimed jobs run and the payload each carries. RQ would import and call
+whatever function and callbacks a job names: the worker runs only ``process_event`` with one JSON
+object argument and no callbacks, and refuses anything else, never run (docs/security.md)."""
 
 from __future__ import annotations
 
@@ -13,19 +9,15 @@ from typing import Any
 
 import pydantic_core
 import redis
-from rq import get_current_job
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from core import metrics
-from core.errors import InvalidJob
+from core.errors import ConfigurationError, InvalidJob
 from core.logs import get_logger
 from core.redis.jobs import PROCESS_EVENT, JobPayload, spliced_body, spliced_head
-from workers import runtime
 from workers.batch import ClaimedJob
-from workers.processor import JobResult
 
 log = get_logger("smartcar_ingest.worker")
 
@@ -37,11 +29,8 @@ _CALLBACKS = (b"success_callback_name", b"failure_callback_name", b"stopped_call
 
 
 def refusal(claimed_job: ClaimedJob, connection: redis.Redis, max_body_bytes: int) -> str | None:
-    """Why the claimed job is refused, or None for an ingest job.
-
-    A job the web edge wrote (its delivery spliced into ``data``: :func:`core.redis.jobs.spliced_job_data`)
-    is told by its bytes; any other is loaded by RQ, unless larger than a delivery needs.
-    """
+    """Why the claimed job is refused, or None for an ingest job. An edge-written job is told by its
+    bytes; any other is loaded by RQ, unless larger than a delivery needs."""
     if claimed_job.oversized(max_body_bytes):
         return f"the job's data is larger than a delivery of MAX_BODY_BYTES ({max_body_bytes}) needs"
     if any(claimed_job.fields.get(name) for name in _CALLBACKS):
@@ -62,9 +51,8 @@ def refusal(claimed_job: ClaimedJob, connection: redis.Redis, max_body_bytes: in
 
 def refuse(connection: redis.Redis, queue_name: str, claimed_job: ClaimedJob, reason: str, dequeued: str) -> None:
     """Move a refused job from the worker's list (``dequeued``) to RQ's failed registry, with a
-    failure result saying why. The job is never loaded: neither its callbacks (RQ's own failure
-    handling would call them) nor a hash RQ cannot load, or would inflate without limit, are met;
-    the hash is left as found but for its status and its expiry."""
+    failure result saying why. Never loaded (RQ's failure handling would call its callbacks, or
+    inflate its data without limit): its hash is left as found but for its status and expiry."""
     unloaded = Job(claimed_job.job_id, connection=connection, serializer=JSONSerializer)  # its id only
     registry = FailedJobRegistry.key_template.format(queue_name)
     with connection.pipeline() as pipe:
@@ -93,8 +81,7 @@ def _spliced(claimed_job: ClaimedJob) -> tuple[dict[str, Any], str] | None:
 
 
 def claimed_payload(claimed_job: ClaimedJob, connection: redis.Redis) -> JobPayload:
-    """The payload of a claimed job :func:`refusal` let through, or :class:`InvalidJob`
-    (:func:`read_payload`); an edge-written job's fields and body are read from its bytes."""
+    """The payload of a claimed job :func:`refusal` let through, or :class:`InvalidJob`."""
     spliced = _spliced(claimed_job)
     if spliced is not None:
         fields, body = spliced
@@ -104,13 +91,9 @@ def claimed_payload(claimed_job: ClaimedJob, connection: redis.Redis) -> JobPayl
 
 
 def read_payload(value: object, data: bytes | None = None) -> JobPayload:
-    """``value`` as a :class:`JobPayload`, or :class:`InvalidJob` saying which keys are wrong.
-
-    The message names keys and types only, never a value (a body carries locations and VINs).
-    Keys beyond the four of a job payload are ignored, so jobs written by a newer web process
-    during a rolling upgrade still run here. A body RQ handed over parsed (a dict: the edge
-    spliced it into the job) is taken as text from the job's ``data``.
-    """
+    """``value`` as a :class:`JobPayload`, or :class:`InvalidJob` naming the wrong keys, never a
+    value (a body carries locations and VINs). Keys beyond the four are ignored (a newer web during
+    a rolling upgrade). A body RQ handed over parsed (the edge spliced it) is read from ``data``."""
     if not isinstance(value, dict):
         raise InvalidJob(
             f"Refused by smartcar-ingest: the job's argument is a {type(value).__name__}, not a job payload."
@@ -135,35 +118,10 @@ def read_payload(value: object, data: bytes | None = None) -> JobPayload:
     }
 
 
-def job_budget(timeout: float | None, default: int) -> float:
-    """Seconds a job may spend: its RQ timeout less a margin, so it stops itself before RQ would."""
-    return max(1.0, (timeout or default) - 5)
-
-
-async def process_event(payload: object) -> JobResult:
-    """The job function the queue's jobs name, as a stock RQ worker calls it: on a loop of its own
-    per job, with clients opened for the job and closed after it (``smartcar-ingest worker`` calls
-    :meth:`~workers.processor.EventProcessor.process` itself, on its own loop).
-
-    A ``payload`` of another shape than :class:`JobPayload` fails the job at once with
-    :class:`InvalidJob`, without retries: running it again cannot change its argument.
-    """
-    job = get_current_job()
-    try:
-        checked = read_payload(payload, job.data if job is not None else None)
-    except InvalidJob as exc:
-        if job is not None:
-            job.retries_left = 0  # straight to the failed registry, with the message as its reason
-        metrics.JOBS.labels(outcome="error").inc()
-        log.error(
-            "refused a job whose argument is not a job payload", jobId=job.id if job else None, reason=exc.message
-        )
-        raise
-    scoped = runtime.Runtime(runtime.current().settings, max_connections=10)
-    budget = job_budget(job.timeout if job else None, scoped.settings.job_timeout_seconds)
-    try:
-        processor = await scoped.processor()
-        final_attempt = job is None or not job.retries_left
-        return await processor.process(checked, final_attempt=final_attempt, budget_seconds=budget)
-    finally:
-        await scoped.aclose()
+def process_event(payload: object) -> None:
+    """The function the queue's jobs name. Only ``smartcar-ingest worker`` runs them, and it never
+    calls this: a stock RQ worker that takes one fails it saying so."""
+    raise ConfigurationError(
+        "ingest jobs run under `smartcar-ingest worker`, which processes them on its own event loop; "
+        "a stock RQ worker cannot run them."
+    )

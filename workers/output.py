@@ -1,11 +1,6 @@
-"""The enriched event published on ``OUTPUT_STREAM`` (schema version 2, see docs/consumers.md).
-
-Built from the normalised webhook, the internal user, and what the v3 API answered. When the
-API refused a read for good, the webhook's own copy stands in and ``enrichment.status`` is
-``"partial"`` with the refusal listed, so consumers always get the event. When a read was
-skipped because of rate limiting, whatever was cached stands in, also ``"partial"``.
-``enrichment.reads`` says where the vehicle and the signals came from (schema version 2).
-"""
+"""The enriched event published on ``OUTPUT_STREAM`` (schema version 2, docs/consumers.md): the
+webhook, the internal user and what the v3 API answered; a refused or skipped read leaves the
+webhook's copy or the cache standing in, and ``enrichment.status`` ``"partial"``."""
 
 from __future__ import annotations
 
@@ -25,8 +20,7 @@ SCHEMA_VERSION = 2
 
 @dataclass
 class Enrichment:
-    """What the reads produced: the vehicle resource, the signal resources, any refusals, and
-    where each read came from (``reads``: call → ``{"source", "fetchedAt", "reason"}``)."""
+    """What the reads produced; ``reads``: call → ``{"source", "fetchedAt", "reason"}``."""
 
     vehicle: dict[str, Any] | None = None
     signals: list[dict[str, Any]] | None = None
@@ -129,12 +123,8 @@ def build_document(
 
 
 def stream_fields(event: VehicleEvent, user: UserRecord, document: dict[str, Any]) -> dict[str, str]:
-    """The contract's stream entry fields; ``payload`` is compact JSON, non-ASCII text kept as UTF-8.
-
-    The webhook's own numbers were made finite when it was parsed, but ``latestSignals`` holds
-    what the API answered; a NaN or infinity there is written as ``null``, never as the invalid
-    ``NaN``. The serializer is pydantic-core, the library that parsed the body.
-    """
+    """The contract's stream entry fields; ``payload`` is compact UTF-8 JSON, where a NaN or
+    infinity the API answered in ``latestSignals`` is written as ``null``, never as the invalid ``NaN``."""
     return {
         "event_id": event.event_id,
         "event_type": event.event_type,

@@ -1,19 +1,18 @@
-"""One accepted delivery → one enriched entry on the output stream, or one parked entry.
-
-The steps and the Redis keys they touch are in docs/architecture.md (the worker); what happens to
-an event on each kind of failure (parked, published ``partial``, retried) in docs/reliability.md.
-"""
+"""One accepted delivery → one enriched entry on the output stream, or one parked entry. The steps
+and their Redis keys: docs/architecture.md; each kind of failure: docs/reliability.md."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any, Literal, TypedDict
 
 import structlog
 
 from core import metrics
+from core.config import Settings
 from core.errors import (
     InvalidPayload,
     SmartcarUnauthorized,
@@ -25,13 +24,15 @@ from core.events.model import VehicleEvent
 from core.events.parse import delivery_id_of, parse_stored
 from core.events.wire import VEHICLE_ERROR
 from core.logs import get_logger
+from core.redis.clients import worker_redis
 from core.redis.deployment_counts import DeploymentCounts
 from core.redis.jobs import JobPayload
 from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
 from core.redis.parked import ParkedStream
 from core.redis.published import OutputStream, StateChanged
 from core.redis.vehicle_state import VehicleStates
-from core.smartcar.reads import Read, VehicleReads
+from core.smartcar.http import smartcar_http
+from core.smartcar.reads import Read, VehicleReads, vehicle_reads
 from core.store.users import UserRecord, UserStore
 from workers.output import Enrichment, build_document, stream_fields
 
@@ -51,6 +52,8 @@ class JobResult(TypedDict):
 #: how many it remembers at most.
 USER_CACHE_SECONDS = 60.0
 USER_CACHE_SIZE = 100_000
+#: Redis connections of a worker process's jobs: each call holds one for a round trip only.
+REDIS_CONNECTIONS = 32
 
 
 class EventProcessor:
@@ -76,102 +79,76 @@ class EventProcessor:
         self._counts = counts
 
     async def process(
-        self, payload: JobPayload, final_attempt: bool, budget_seconds: float, check_published: bool = True
+        self, payload: JobPayload, final_attempt: bool, budget_seconds: float, check_published: bool
     ) -> JobResult:
-        """Process one job payload. Raises a :class:`TransientError` only when a retry may help
-        and this is not the final attempt. The lookup and the Smartcar calls together get at most
-        ``budget_seconds``; running out counts as a transient failure. ``check_published=False``
-        (a job never started before, so its event cannot have gone out) skips the look at the
-        publish mark before the Smartcar calls; the publish itself stays idempotent.
-
-        Counts the job in ``smartcar_ingest_jobs_total`` by outcome (``retried`` when a transient
-        error is raised for RQ to retry, ``error`` for anything unexpected).
-        """
+        """Publish or park one event. Raises a :class:`TransientError` only when a retry may help and
+        this is not the final attempt. The lookup and the Smartcar calls together get at most
+        ``budget_seconds``. ``check_published``: look at the publish mark before the Smartcar calls
+        (only a job that ran before can find its event out already)."""
         # Every line logged while this event is processed (here, by the token provider, by
         # stamina's retry hook) carries its ids. The binding is local to this job's asyncio task.
         with structlog.contextvars.bound_contextvars(eventId=payload["eventId"], deliveryId=None, eventType=None):
+            event_id, body = payload["eventId"], payload["body"]
+            # 0 stands for "not recorded" (hand-made jobs in tests): count from now instead.
+            received_at = payload["receivedAt"] or time.time_ns() // 1_000_000
             try:
-                result = await self._publish_or_park(payload, final_attempt, budget_seconds, check_published)
-            except TransientError:
-                metrics.JOBS.labels(outcome="retried").inc()
+                # The body is validated once, with the schema the web edge validates it with; anything
+                # the parser cannot read is parked (and can be replayed), never failed in RQ.
+                event = parse_stored(body)
+            except InvalidPayload as exc:
+                structlog.contextvars.bind_contextvars(deliveryId=delivery_id_of(body))
+                return await self._park(event_id, exc.code, exc.message, body)
+
+            structlog.contextvars.bind_contextvars(deliveryId=event.meta.deliveryId, eventType=event.event_type)
+            if self._counts is not None:  # the VEHICLE_ERROR alert's vehicle counts
+                self._counts.saw(event)
+            # A re-run after a crash, or a replay, skips the Smartcar calls when the event is out already.
+            # Each Redis call here waits out a short outage rather than failing the job over it; all are
+            # idempotent (a read, and the publish and the park, each guarded by its mark).
+            if check_published and await until_redis_answers_async(
+                lambda: self._output.was_published(event_id), give_up_after=REDIS_PATIENCE_SECONDS
+            ):
+                log.debug("event already published")
+                return JobResult(eventId=event_id, status="already_published", reason=None, entryId=None)
+            try:
+                async with asyncio.timeout(budget_seconds):
+                    user = await self._find_user(event.smartcar_user_id)
+                    if user is None:
+                        raise UnknownUser(
+                            "No internal user has this Smartcar user id; link it (users link or backfill), then replay."
+                        )
+                    enrichment = await self._enrich(event, received_at)
+            except TimeoutError:
+                if final_attempt:
+                    return await self._park(event_id, "retries_exhausted", "Enrichment ran out of time.", body)
+                raise SmartcarUnavailable("Enrichment ran out of time; the job will be retried.") from None
+            except SmartcarUnauthorized as exc:
+                return await self._park(event_id, "upstream_rejected", exc.message, body)
+            except UnknownUser as exc:  # parked outside the time budget: parking waits out Redis on its own
+                return await self._park(event_id, exc.code, exc.message, body)
+            except InvalidPayload as exc:  # the client refused an id the parser let through
+                return await self._park(event_id, exc.code, exc.message, body)
+            except TransientError as exc:
+                if final_attempt:
+                    return await self._park(event_id, "retries_exhausted", exc.message, body)
+                log.warning("transient failure, job will be retried", error=exc.code, detail=exc.message)
                 raise
-            except Exception:
-                metrics.JOBS.labels(outcome="error").inc()
-                raise
-        parked = result["status"] == "parked"
-        metrics.JOBS.labels(outcome=f"parked_{result['reason']}" if parked else result["status"]).inc()
-        return result
 
-    async def _publish_or_park(
-        self, payload: JobPayload, final_attempt: bool, budget_seconds: float, check_published: bool
-    ) -> JobResult:
-        event_id, body = payload["eventId"], payload["body"]
-        # 0 stands for "not recorded" (hand-made jobs in tests): count from now instead.
-        received_at = payload["receivedAt"] or time.time_ns() // 1_000_000
-        try:
-            # The body is validated once, with the schema the web edge validates it with; anything
-            # the parser cannot read is parked (and can be replayed), never failed in RQ.
-            event = parse_stored(body)
-        except InvalidPayload as exc:
-            structlog.contextvars.bind_contextvars(deliveryId=delivery_id_of(body))
-            return await self._park(event_id, exc.code, exc.message, body)
-
-        structlog.contextvars.bind_contextvars(deliveryId=event.meta.deliveryId, eventType=event.event_type)
-        if self._counts is not None:  # the VEHICLE_ERROR alert's vehicle counts
-            self._counts.saw(event)
-        # A re-run after a crash, or a replay, skips the Smartcar calls when the event is out already.
-        # Each Redis call here waits out a short outage rather than failing the job over it; all are
-        # idempotent (a read, and the publish and the park, each guarded by its mark).
-        if check_published and await until_redis_answers_async(
-            lambda: self._output.was_published(event_id), give_up_after=REDIS_PATIENCE_SECONDS
-        ):
-            log.debug("event already published")
-            return JobResult(eventId=event_id, status="already_published", reason=None, entryId=None)
-        try:
-            async with asyncio.timeout(budget_seconds):
-                user = await self._find_user(event.smartcar_user_id)
-                if user is None:
-                    raise UnknownUser(
-                        "No internal user has this Smartcar user id; link it (users link or backfill), then replay."
-                    )
-                enrichment = await self._enrich(event, received_at)
-        except TimeoutError:
-            if final_attempt:
-                return await self._park(event_id, "retries_exhausted", "Enrichment ran out of time.", body)
-            raise SmartcarUnavailable("Enrichment ran out of time; the job will be retried.") from None
-        except SmartcarUnauthorized as exc:
-            return await self._park(event_id, "upstream_rejected", exc.message, body)
-        except UnknownUser as exc:  # parked outside the time budget: parking waits out Redis on its own
-            return await self._park(event_id, exc.code, exc.message, body)
-        except InvalidPayload as exc:  # the client refused an id the parser let through
-            return await self._park(event_id, exc.code, exc.message, body)
-        except TransientError as exc:
-            if final_attempt:
-                return await self._park(event_id, "retries_exhausted", exc.message, body)
-            log.warning("transient failure, job will be retried", error=exc.code, detail=exc.message)
-            raise
-
-        published_at = time.time_ns() // 1_000_000
-        output = build_document(event, user, enrichment, received_at, published_at)
-        entry_id = await self._publish(event, user, output, vehicle_from_api=enrichment.vehicle is not None)
-        if entry_id is None:
-            log.debug("event already published")
-            return JobResult(eventId=event_id, status="already_published", reason=None, entryId=None)
-        metrics.END_TO_END_SECONDS.observe(max(0, published_at - received_at) / 1000)
-        log.debug("event published", enrichment=enrichment.status, latencyMs=published_at - received_at)
-        return JobResult(eventId=event_id, status="published", reason=None, entryId=entry_id)
+            published_at = time.time_ns() // 1_000_000
+            output = build_document(event, user, enrichment, received_at, published_at)
+            entry_id = await self._publish(event, user, output, vehicle_from_api=enrichment.vehicle is not None)
+            if entry_id is None:
+                log.debug("event already published")
+                return JobResult(eventId=event_id, status="already_published", reason=None, entryId=None)
+            metrics.END_TO_END_SECONDS.observe(max(0, published_at - received_at) / 1000)
+            log.debug("event published", enrichment=enrichment.status, latencyMs=published_at - received_at)
+            return JobResult(eventId=event_id, status="published", reason=None, entryId=entry_id)
 
     async def _publish(
         self, event: VehicleEvent, user: UserRecord, output: dict[str, Any], vehicle_from_api: bool
     ) -> str | None:
-        """Publish the document with its merge into the vehicle's latest state, in one step; the
-        payload's ``staleSignals`` are the codes the state held newer. Returns the entry id, or None
-        when the event was out already.
-
-        The merge is planned on the state as read (:mod:`core.redis.vehicle_state`) and applied
-        with the publish only if the state is still what was read; otherwise it is planned again.
-        A re-run after a lost answer finds the event published (and merged) and changes nothing.
-        """
+        """Publish the document and its merge into the vehicle's state in one step (planned again
+        when the state changed since it was read); the entry id, or None when the event was out already."""
         signals = [*output["signals"], *output["latestSignals"]]
         plan_merge = partial(
             self._vehicle_states.plan, event.vehicle.id, event.event_id, signals, output["vehicle"], vehicle_from_api
@@ -186,9 +163,8 @@ class EventProcessor:
                 log.debug("vehicle state changed while planning the merge; planning again")
 
     async def _find_user(self, smartcar_user_id: str) -> UserRecord | None:
-        """The user linked to ``smartcar_user_id``: from this process's memory when it was found
-        within :data:`USER_CACHE_SECONDS`, else one query (in a thread). Only found users are
-        remembered, so a ``users link`` followed by ``replay`` is seen at once."""
+        """The user linked to ``smartcar_user_id``, remembered for :data:`USER_CACHE_SECONDS` once
+        found (only found users: a ``users link`` followed by ``replay`` is seen at once)."""
         now = time.monotonic()
         cached = self._known_users.get(smartcar_user_id)
         if cached is not None and cached[1] > now:
@@ -204,13 +180,8 @@ class EventProcessor:
         return user
 
     async def _enrich(self, event: VehicleEvent, received_at_ms: int) -> Enrichment:
-        """Read the vehicle and its signals (:class:`core.smartcar.reads.VehicleReads`: shared across
-        workers, budgeted); refusals and rate limits become partial enrichment.
-
-        A revoked access is raised first (the event is parked ``upstream_rejected``), then anything
-        transient (the job is retried). A rate-limited read is never raised: it is skipped, and the
-        event published at once with what is cached.
-        """
+        """Read the vehicle and its signals; refusals and rate-limited reads become partial
+        enrichment. A revoked access is raised first (parked), then anything transient (retried)."""
         outcomes = await self._reads.read_event(
             event.vehicle.id,
             event.smartcar_user_id,
@@ -249,3 +220,31 @@ class EventProcessor:
         else:
             log.warning("event parked", reason=reason, detail=detail)
         return JobResult(eventId=event_id, status="parked", reason=reason, entryId=entry_id)
+
+
+async def open_processor(settings: Settings, http_connections: int, stack: AsyncExitStack) -> EventProcessor:
+    """The processor and what every job in flight shares (one HTTP pool, one Redis client, one user
+    store, one token), opened on the running loop; ``stack`` closes them."""
+    redis = worker_redis(settings, min(http_connections, REDIS_CONNECTIONS))
+    stack.push_async_callback(redis.aclose)
+    http = smartcar_http(http_connections)
+    stack.push_async_callback(http.aclose)
+    users = UserStore(settings.database_url)
+    stack.callback(users.dispose)
+    counts = DeploymentCounts(redis)
+    counts.start()
+    stack.push_async_callback(counts.aclose)
+    return EventProcessor(
+        users,
+        vehicle_reads(settings, redis, http),
+        OutputStream(
+            redis,
+            settings.output_stream,
+            published_ttl_seconds=settings.dedupe_ttl_seconds,
+            retention_seconds=settings.output_stream_retention_seconds,
+            state_ttl_seconds=settings.vehicle_state_ttl_seconds,
+        ),
+        ParkedStream(redis, settings.parked_stream, settings.dedupe_ttl_seconds, settings.parked_retention_seconds),
+        vehicle_states=VehicleStates(redis, settings.vehicle_state_prefix, settings.vehicle_state_ttl_seconds),
+        counts=counts,
+    )

@@ -1,8 +1,6 @@
 """``smartcar-ingest worker``'s loop: :class:`AsyncWorker` takes RQ jobs in batches, runs each as a
 coroutine on one event loop and records RQ's bookkeeping a batch at a time (:mod:`workers.batch`).
-
-How it keeps RQ's view true and loses nothing: docs/architecture.md, "The worker"; docs/reliability.md.
-"""
+How it keeps RQ's view true and loses nothing: docs/architecture.md, "The worker"; docs/reliability.md."""
 
 from __future__ import annotations
 
@@ -12,7 +10,11 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
 from functools import partial
+from typing import TypeVar
 
 import redis
 from rq import Queue, SimpleWorker
@@ -22,18 +24,18 @@ from rq.utils import now
 
 from core import metrics
 from core.config import Settings
-from core.errors import InvalidJob
+from core.errors import InvalidJob, TransientError
 from core.logs import get_logger
 from core.redis.clients import worker_redis
-from core.redis.outage import redis_unavailable
-from workers import runtime
-from workers.batch import Bookkeeping, ClaimedJob, Success
-from workers.housekeeping import Housekeeping, WorkerLog, awaiting, report_crash
-from workers.jobs import claimed_payload, job_budget, refusal, refuse
+from core.redis.outage import redis_unavailable, until_redis_answers_async
+from workers.batch import Bookkeeping, ClaimedJob
+from workers.housekeeping import Housekeeping, awaiting, report_crash
+from workers.jobs import claimed_payload, refusal, refuse
+from workers.processor import EventProcessor, open_processor
 from workers.reaper import requeue_execution
-from workers.steps import RedisSteps, Stopped
 
 log = get_logger("smartcar_ingest.worker")
+T = TypeVar("T")
 
 #: Jobs in flight per worker process unless --concurrency says otherwise (see docs/performance.md).
 DEFAULT_CONCURRENCY = 256
@@ -45,6 +47,12 @@ FLUSH_SECONDS = 0.005
 SHUTDOWN_PATIENCE_SECONDS = 20.0
 #: Seconds a blocking wait on an empty queue lasts before the loop looks around again.
 IDLE_WAIT_SECONDS = 1
+#: Threads for RQ's synchronous Redis steps; more steps than this wait their turn.
+STEP_THREADS = 4
+
+
+class Stopped(Exception):
+    """A wait for Redis ended by a requested stop."""
 
 
 class AsyncWorker:
@@ -63,29 +71,27 @@ class AsyncWorker:
         self.name: str = self.rq.name
         self.redis = worker_redis(settings, max_connections=16)
         self.bookkeeping = Bookkeeping(self.redis, queue.name, self.name)
-        self.housekeeping = Housekeeping(
-            self.rq, queue, lambda: [(queue.name, h.composite, h.ttl) for h in self.claimed_jobs()]
-        )
+        self.housekeeping = Housekeeping(self.rq, queue, lambda: [(h.composite, h.ttl) for h in self.claimed_jobs()])
+        self.processor: EventProcessor  # opened on the loop, by run()
+        self._clients = AsyncExitStack()
         self._in_flight: dict[str, ClaimedJob] = {}  # by execution composite key, until recorded
         self._tasks: set[asyncio.Task[None]] = set()
-        self._finished: list[Success] = []
+        self._finished: list[ClaimedJob] = []
         self._flush_wanted = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._stopping = False
         self._stopped_at: float | None = None
         self._cancelled = False
         self._closing = False  # ends the flusher and the chores
-        self.stats = WorkerLog()
-        self.steps = RedisSteps(lambda: self._stopping, self._stop_overdue, self._redis_trouble)
+        # RQ's synchronous steps run on a bounded few threads of their own: an outage that holds them
+        # never holds the default pool, where the user lookups run, nor the housekeeping tick's thread.
+        self._step_threads = ThreadPoolExecutor(STEP_THREADS, thread_name_prefix="rq-step")
+        self._tick_thread = ThreadPoolExecutor(1, thread_name_prefix="rq-housekeeping")
         self._in_flight_lock = threading.Lock()  # the liveness thread reads what the loop changes
 
     def claimed_jobs(self) -> list[ClaimedJob]:
         with self._in_flight_lock:
             return list(self._in_flight.values())
-
-    def _keep(self, claimed_job: ClaimedJob) -> None:
-        with self._in_flight_lock:
-            self._in_flight[claimed_job.composite] = claimed_job
 
     def _release(self, claimed_job: ClaimedJob) -> None:
         with self._in_flight_lock:
@@ -96,8 +102,25 @@ class AsyncWorker:
         waited = 0.0 if self._stopped_at is None else time.monotonic() - self._stopped_at
         return self._cancelled or waited > SHUTDOWN_PATIENCE_SECONDS
 
-    def _redis_trouble(self) -> None:
-        self.housekeeping.check_lost = True
+    async def _redis(self, step: Callable[[], Awaitable[T]], or_stop: bool = True) -> T:
+        """``step``, waiting out Redis trouble (:mod:`core.redis.outage`) until a stop (``or_stop``;
+        else, recording what jobs did, until the stop is overdue), then :class:`Stopped`."""
+        stop: Callable[[], bool] = (lambda: self._stopping) if or_stop else self._stop_overdue
+        try:
+            return await until_redis_answers_async(step, stop=stop)
+        except redis.RedisError as exc:
+            self.housekeeping.check_lost = True
+            if stop() and redis_unavailable(exc):
+                raise Stopped from exc
+            raise
+
+    async def _blocking(self, step: Callable[[], T], or_stop: bool = True, tick: bool = False) -> T:
+        """A synchronous step (RQ's own code) as :meth:`_redis` runs one, each try on a step thread
+        (``tick``: the housekeeping thread's)."""
+        loop = asyncio.get_running_loop()
+        return await self._redis(
+            lambda: loop.run_in_executor(self._tick_thread if tick else self._step_threads, step), or_stop
+        )
 
     def request_stop(self) -> None:
         """Warm shutdown on the first call; the second cancels the jobs in flight (they are put back)."""
@@ -118,13 +141,14 @@ class AsyncWorker:
                 loop.add_signal_handler(signum, handler)
         with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("what the worker awaits", tasks=awaiting()))
-        await self.steps.blocking(lambda: self.housekeeping.start(burst))
+        await self._blocking(lambda: self.housekeeping.start(burst))
         log.info("worker started", worker=self.name, queue=self.queue.name, concurrency=self.concurrency)
         flusher = asyncio.create_task(self._flush_forever(), name="flusher")
         chores = asyncio.create_task(self._chores(), name="chores")
         for helper in (flusher, chores):
             helper.add_done_callback(report_crash)
         try:
+            self.processor = await open_processor(self.settings, max(10, self.concurrency * 2), self._clients)
             await self._work(burst)
         finally:
             self._stopping = True
@@ -136,11 +160,14 @@ class AsyncWorker:
             self._flush_wanted.set()
             await asyncio.wait({flusher, chores}, timeout=SHUTDOWN_PATIENCE_SECONDS)
             await self._flush()
-            await self._give_back_all()
+            for claimed_job in self.claimed_jobs():
+                await self._give_back(claimed_job, "the worker stopped before recording it")
             await asyncio.to_thread(self.housekeeping.stop)
-            self.steps.close()
+            self._step_threads.shutdown(wait=False)  # the stop checks end every wait
+            self._tick_thread.shutdown(wait=False)
             await self.redis.aclose()
-            self.stats.summary(final=True)
+            await self._clients.aclose()
+            self.housekeeping.summary(final=True)
         return True
 
     # --- taking jobs ---
@@ -149,14 +176,12 @@ class AsyncWorker:
         while not self._stopping:
             free = self.concurrency - len(self._tasks)
             if free <= 0 or self.housekeeping.suspended:
-                self._slot_free.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._slot_free.wait(), timeout=1.0)
+                await self._wait_for_slot(1.0)
                 continue
             try:
                 if self.housekeeping.check_lost:  # here, never while a start's answer is on its way
                     await self._recover_lost_starts()
-                claimed = await self.steps.run(partial(self.bookkeeping.claim, min(free, self.batch_size)))
+                claimed = await self._redis(partial(self.bookkeeping.claim, min(free, self.batch_size)))
             except Stopped:
                 return
             if not claimed:
@@ -170,18 +195,20 @@ class AsyncWorker:
         """Wait for the next job: in burst mode for a job in flight to end (it may be retried);
         otherwise on the queue itself, moving the next id into this worker's list."""
         if burst:
-            self._slot_free.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._slot_free.wait(), timeout=0.5)
-            return
+            return await self._wait_for_slot(0.5)
         try:
-            await self.steps.run(
+            await self._redis(
                 lambda: self.redis.blmove(
                     self.queue.key, self.bookkeeping.dequeued_key, IDLE_WAIT_SECONDS, "LEFT", "RIGHT"
                 )
             )
         except Stopped:
             return
+
+    async def _wait_for_slot(self, seconds: float) -> None:
+        self._slot_free.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._slot_free.wait(), timeout=seconds)
 
     async def _start(self, claimed: list[ClaimedJob]) -> None:
         runnable: list[ClaimedJob] = []
@@ -193,13 +220,14 @@ class AsyncWorker:
             if reason is None:
                 runnable.append(claimed_job)
                 continue
-            await self.steps.blocking(
+            await self._blocking(
                 partial(refuse, self.connection, self.queue.name, claimed_job, reason, self.bookkeeping.dequeued_key)
             )
         ttl = max((h.ttl for h in runnable), default=90)
-        started = await self.steps.run(lambda: self.bookkeeping.start(runnable, ttl), or_stop=False)
+        started = await self._redis(lambda: self.bookkeeping.start(runnable, ttl), or_stop=False)
         for claimed_job in started:
-            self._keep(claimed_job)
+            with self._in_flight_lock:
+                self._in_flight[claimed_job.composite] = claimed_job
             task = asyncio.create_task(self._run_job(claimed_job))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
@@ -217,10 +245,10 @@ class AsyncWorker:
     async def _run_job(self, claimed_job: ClaimedJob) -> None:
         try:
             payload = claimed_payload(claimed_job, self.connection)
-            budget = job_budget(claimed_job.field(b"timeout") or None, self.settings.job_timeout_seconds)
-            processor = await runtime.current().processor()
+            # The job's RQ timeout less a margin, so that it stops itself before RQ would.
+            budget = max(1.0, (claimed_job.field(b"timeout") or self.settings.job_timeout_seconds) - 5)
             async with asyncio.timeout(budget + 15):
-                result = await processor.process(
+                result = await self.processor.process(
                     payload, claimed_job.final_attempt, budget, check_published=claimed_job.run_before
                 )
         except asyncio.CancelledError:
@@ -229,15 +257,17 @@ class AsyncWorker:
             await self._give_back(claimed_job, "the worker was stopped")
             return
         except Exception as exc:
-            if isinstance(exc, InvalidJob | TimeoutError):  # raised around the processor, which counts the rest
-                metrics.JOBS.labels(outcome="error").inc()
+            metrics.JOBS.labels(outcome="retried" if isinstance(exc, TransientError) else "error").inc()
             if redis_unavailable(exc):
                 log.warning("job interrupted by Redis trouble; it will be requeued", jobId=claimed_job.job_id)
                 await self._give_back(claimed_job, "Redis trouble")
             else:
                 await self._fail(claimed_job, exc)
             return
-        self._finished.append(Success(claimed_job, result))
+        parked = result["status"] == "parked"
+        metrics.JOBS.labels(outcome=f"parked_{result['reason']}" if parked else result["status"]).inc()
+        claimed_job.result = result
+        self._finished.append(claimed_job)
         if len(self._finished) >= self.batch_size:
             await self._flush()
         else:
@@ -264,14 +294,14 @@ class AsyncWorker:
             self.rq.handle_job_failure(job, self.queue, exc_string=exc_string, execution=execution)
 
         try:
-            await self.steps.blocking(record)
+            await self._blocking(record)
         finally:
             self._release(claimed_job)
 
     async def _give_back(self, claimed_job: ClaimedJob, why: str) -> None:
         """Put a job back at the queue's front without spending a retry (its execution is dropped)."""
         try:
-            await self.steps.blocking(
+            await self._blocking(
                 lambda: requeue_execution(
                     self.connection, self.queue.name, claimed_job.job_id, claimed_job.execution_id, self.name
                 ),
@@ -282,10 +312,6 @@ class AsyncWorker:
             log.warning("job left for a peer to requeue", jobId=claimed_job.job_id, error=type(exc).__name__)
         finally:
             self._release(claimed_job)
-
-    async def _give_back_all(self) -> None:
-        for claimed_job in self.claimed_jobs():
-            await self._give_back(claimed_job, "the worker stopped before recording it")
 
     # --- recording finished jobs ---
 
@@ -301,30 +327,29 @@ class AsyncWorker:
             return
         batch, self._finished = self._finished, []
         try:
-            await self.steps.run(lambda: self.bookkeeping.finish(batch), or_stop=False)
+            await self._redis(lambda: self.bookkeeping.finish(batch), or_stop=False)
         except (redis.RedisError, Stopped) as exc:
             # Redis stayed away past the worker's patience: the executions stay registered under
             # this worker, and a peer's reaper re-runs them (the publish is idempotent).
             log.warning("finished jobs not recorded", jobs=len(batch), error=type(exc).__name__)
-        for success in batch:
-            self._release(success.claimed_job)
+        for claimed_job in batch:
+            self._release(claimed_job)
 
     # --- the rest of RQ's loop: heartbeats, maintenance, suspension, a lost claim's answer ---
 
     async def _chores(self) -> None:
         while not self._closing:
             await asyncio.sleep(1.0)
-            await self.steps.blocking(self.housekeeping.tick, or_stop=False, housekeeping=True)
-            self.stats.summary()
+            await self._blocking(self.housekeeping.tick, or_stop=False, tick=True)
 
     async def _recover_lost_starts(self) -> None:
         """Executions recorded for this worker that it does not hold (a start whose answer a Redis
         restart lost) are put back on the queue."""
         self.housekeeping.check_lost = False
-        for composite in await self.steps.run(
+        for composite in await self._redis(
             lambda: self.bookkeeping.lost_executions({h.composite for h in self.claimed_jobs()})
         ):
             job_id, _, execution_id = composite.partition(":")
             requeue = partial(requeue_execution, self.connection, self.queue.name, job_id, execution_id, self.name)
-            if await self.steps.blocking(requeue):
+            if await self._blocking(requeue):
                 log.warning("requeued a job whose start was recorded without this worker knowing", jobId=job_id)
