@@ -276,14 +276,14 @@ def test_unreachable_redis_exports_only_redis_up_zero_quickly(pipeline):
 def test_an_admin_app_and_a_worker_endpoint_in_one_process_each_export_the_gauges_once(pipeline):
     """Each /metrics serves its own collector's gauges once, and none stay behind in the default registry."""
     port = free_port()
-    server = start_worker_metrics(pipeline.model_copy(update={"metrics_port": port, "admin_host": "127.0.0.1"}))
-    assert server is not None
+    stop = start_worker_metrics(pipeline.model_copy(update={"metrics_port": port, "admin_host": "127.0.0.1"}))
+    assert stop is not None
     try:
         with TestClient(create_admin_app(pipeline)) as admin:
             web = admin.get("/metrics").text
             worker = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     finally:
-        server.close()
+        stop()
     for text in (web, worker):
         assert text.count("# TYPE smartcar_ingest_queue_depth gauge") == 1
     assert "smartcar_ingest_queue_depth" not in generate_latest().decode()
