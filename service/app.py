@@ -30,9 +30,8 @@ from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
 from core.redis.memory import check_memory_async
 from service.connect import ConnectEndpoints
-from service.drain import drain_forever
 from service.responses import http_exception, unexpected_exception
-from service.spool import Spool
+from service.spool import Spool, drain_forever
 from service.webhooks import WebhookConfig, WebhookEndpoint
 
 WEBHOOK_PATH = "/webhooks/smartcar"

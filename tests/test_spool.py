@@ -23,8 +23,7 @@ from core.config import Settings
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
 from service.app import create_app
-from service.drain import drain_once
-from service.spool import MAGIC, ReadReport, Spool, SpooledDelivery, SpoolFull, encode_record, read_records
+from service.spool import MAGIC, ReadReport, Spool, SpooledDelivery, SpoolFull, drain_once, encode_record, read_records
 from tests.conftest import TOKEN, signed_headers
 from tests.procs import LiveServer, RedisServer
 
