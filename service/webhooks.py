@@ -1,24 +1,10 @@
-"""``POST /webhooks/smartcar``: the ingest edge.
+"""``POST /webhooks/smartcar``: the ingest edge, a plain ASGI app (the hot path).
 
-Checks run in the contract's order: size → signature → JSON → event type → schema. Anything
-validly signed that cannot be processed is parked (202), because a non-2xx would only earn
-three pointless retries from Smartcar and then the event would be gone. A 2xx for a vehicle
-event is sent only after Redis has run the atomic dedupe-and-enqueue script for it.
-
-Two kinds of validly signed JSON are refused rather than parked, since no genuine delivery looks
-like them and parking them would let one replayed signature fill the parked stream: a body that
-is not a JSON object (400 ``not_an_object``), and a delivery whose ``meta.deliveredAt`` is older
-than ``MAX_DELIVERY_AGE_SECONDS`` (by default the dedupe window), whose ``eventId`` may have been
-forgotten (400 ``delivery_too_old``).
-
-This is the hot path, so the endpoint is a plain ASGI app mounted on a Starlette route: it
-reads the body and headers straight from the ASGI messages and writes its small JSON answers
-(with their length, so the server sends them whole rather than chunked) without building Request
-and Response objects. A well-formed delivery is validated in one pass from bytes
-(:func:`core.events.parse.quick_vehicle_event`); only the rest takes the step-by-step path that tells a
-400 from a parked payload. The body stays the bytes the server received: the signature, the
-validation and the job (which embeds it verbatim, :meth:`core.redis.jobs.JobTemplate.for_event`)
-all read that one object, and it is decoded to text only to be parked or spooled.
+Checks run in the contract's order: size → signature → JSON → event type → schema. What is validly
+signed but cannot be processed is parked (202: a non-2xx would only earn pointless retries); a
+signed non-object or too old delivery is refused (docs/security.md). A 2xx for a vehicle event is
+sent only once Redis (or, in an outage, the fsync'd spool) holds it. The body stays the bytes
+received: signature, validation and job all read that one object.
 """
 
 from __future__ import annotations
@@ -48,7 +34,7 @@ from service.spool import Spool, SpooledDelivery, SpoolFull
 log = get_logger("smartcar_ingest.webhooks")
 
 RETRY_AFTER_SECONDS = "5"
-#: After a Redis failure, how long deliveries go straight to the spool (when one is configured).
+#: After a Redis failure, how long deliveries go straight to the spool (when one is set).
 SPOOL_ONLY_SECONDS = 1.0
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _UNAVAILABLE_HEADERS = [*_JSON_HEADERS, (b"retry-after", RETRY_AFTER_SECONDS.encode())]
@@ -62,12 +48,8 @@ _OUTCOME_ACCEPTED = metrics.DELIVERIES.labels(outcome="accepted")
 _OUTCOME_DUPLICATE = metrics.DELIVERIES.labels(outcome="duplicate")
 
 
-class BodyTooLarge(Exception):
-    """The request body exceeds ``MAX_BODY_BYTES``."""
-
-
-class ClientGone(Exception):
-    """The client disconnected before the whole body arrived."""
+class _Unreadable(Exception):
+    """The body could not be read whole: ``args`` are the rejection's status, code and message."""
 
 
 @dataclass(frozen=True)
@@ -95,14 +77,14 @@ def _json(status: int, content: Any, headers: list[tuple[bytes, bytes]] = _JSON_
 
 
 def _accepted(status: bytes, event_id: str) -> Answer:
-    """``{"status": <status>, "eventId": <event_id>}`` with status 202: the answer to nearly every
-    delivery, written directly."""
+    """202 ``{"status": <status>, "eventId": <event_id>}``, nearly every delivery's answer, written directly."""
     body = b'{"status":"%s","eventId":%s}' % (status, pydantic_core.to_json(event_id))
     return Answer(202, body, [*_JSON_HEADERS, (_CONTENT_LENGTH, b"%d" % len(body))])
 
 
-def _error(status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] = _JSON_HEADERS) -> Answer:
-    return _json(status, error_body(code, message), headers)
+def _error(status: int, code: str, message: str) -> Answer:
+    """An error in the contract's shape; a 503 says when to retry."""
+    return _json(status, error_body(code, message), _UNAVAILABLE_HEADERS if status == 503 else _JSON_HEADERS)
 
 
 class WebhookEndpoint:
@@ -112,8 +94,6 @@ class WebhookEndpoint:
         self._config = config
         self._inbox = inbox
         self._spool = spool
-        # After Redis fails, go straight to the spool for a moment instead of waiting out the
-        # deadline on every request; the drainer notices when Redis is back.
         self._spool_only_until = 0.0
         self._deadlines = Deadlines()
 
@@ -144,10 +124,8 @@ class WebhookEndpoint:
             if not self._deadlines.timed_out(task):
                 raise
             return self._reject(408, "body_timeout", "The body did not arrive in time.")
-        except BodyTooLarge:
-            return self._reject(413, "body_too_large", f"The body exceeds {self._config.max_body_bytes} bytes.")
-        except ClientGone:
-            return self._reject(400, "client_disconnected", "The client went away before sending the whole body.")
+        except _Unreadable as exc:
+            return self._reject(*exc.args)
         finally:
             self._deadlines.stop(task)
         received_at_ms = time.time_ns() // 1_000_000
@@ -163,8 +141,8 @@ class WebhookEndpoint:
         # Fast path: a well-formed vehicle event, validated from bytes in one pass.
         quick = parse.quick_vehicle_event(body)
         if quick is not None:
-            if self._too_old(quick.delivered_at_ms, received_at_ms):
-                return self._too_old_answer()
+            if (too_old := self._too_old(quick.delivered_at_ms, received_at_ms)) is not None:
+                return too_old
             return await self._accept(quick, body, received_at_ms, task)
 
         # 3. JSON: an object, sent recently enough.
@@ -176,8 +154,8 @@ class WebhookEndpoint:
             # A signed scalar or array carries no eventId to dedupe on: parking it would let one
             # signature fill the parked stream.
             return self._reject(400, "not_an_object", "The body is JSON but not an object.")
-        if self._too_old(parse.delivered_at_ms(document), received_at_ms):
-            return self._too_old_answer()
+        if (too_old := self._too_old(parse.delivered_at_ms(document), received_at_ms)) is not None:
+            return too_old
         event_id = parse.event_id_of(document)
         text = body.decode("utf-8")  # load_json succeeded, so this is valid UTF-8
 
@@ -193,100 +171,82 @@ class WebhookEndpoint:
         # load_json read it (no NaN or Infinity literal): a JSON object the job can embed as it is.
         return await self._accept(quick, body, received_at_ms, task)
 
-    def _too_old(self, delivered_at_ms: int | None, received_at_ms: int) -> bool:
-        """True when a delivery says it was sent longer ago than ``max_delivery_age_seconds``.
-
-        Replays are caught by the dedupe only while the ``eventId`` is remembered; past that
-        window, Smartcar's own ``meta.deliveredAt`` (covered by the signature) is the guard. A
-        delivery without a readable one is let through.
-        """
+    def _too_old(self, delivered_at_ms: int | None, received_at_ms: int) -> Answer | None:
+        """400 for a delivery sent longer ago than ``max_delivery_age_seconds``: past the dedupe
+        window, the signed ``meta.deliveredAt`` is the guard against replays (none: let through)."""
         limit = self._config.max_delivery_age_seconds
-        if limit is None or delivered_at_ms is None:
-            return False
-        return received_at_ms - delivered_at_ms > limit * 1000
-
-    def _too_old_answer(self) -> Answer:
-        return self._reject(
-            400,
-            "delivery_too_old",
-            f"The delivery was sent more than {self._config.max_delivery_age_seconds} seconds ago.",
-        )
+        if limit is None or delivered_at_ms is None or received_at_ms - delivered_at_ms <= limit * 1000:
+            return None
+        return self._reject(400, "delivery_too_old", f"The delivery was sent more than {limit} seconds ago.")
 
     async def _accept(self, event: QuickEvent, body: bytes, received_at_ms: int, task: asyncio.Task[Any]) -> Answer:
-        """Enqueue a validated vehicle event (``body``: a JSON object, as received); ``task`` is the
-        request's own."""
-        if self._spool is not None and time.monotonic() < self._spool_only_until:
-            return await self._spooled(
-                SpooledDelivery(event.event_id, event.event_type, body.decode("utf-8"), received_at_ms)
-            )
-        self._deadlines.start(self._config.redis_deadline_seconds, task)
-        try:
-            accepted = await self._inbox.accept(event.event_id, event.event_type, body, received_at_ms)
-        except asyncio.CancelledError:
-            if not self._deadlines.timed_out(task):
-                raise
-            return await self._not_enqueued(event, body, received_at_ms, TimeoutError())
-        except (RedisError, OSError) as exc:
-            return await self._not_enqueued(event, body, received_at_ms, exc)
-        finally:
-            self._deadlines.stop(task)
-        if accepted:
-            _OUTCOME_ACCEPTED.inc()
-            log.debug("delivery accepted", eventId=event.event_id, deliveryId=event.delivery_id)
-            return _accepted(b"accepted", event.event_id)
-        _OUTCOME_DUPLICATE.inc()
-        log.debug("delivery duplicate", eventId=event.event_id, deliveryId=event.delivery_id)
-        return _accepted(b"duplicate", event.event_id)
-
-    async def _not_enqueued(self, event: QuickEvent, body: bytes, received_at_ms: int, exc: BaseException) -> Answer:
-        """Redis failed or was too slow: spool the delivery when a spool is set, else 503."""
-        if self._spool is None:
-            return self._unavailable(event.event_id, exc)
-        self._spool_only_until = time.monotonic() + SPOOL_ONLY_SECONDS
-        return await self._spooled(
-            SpooledDelivery(event.event_id, event.event_type, body.decode("utf-8"), received_at_ms)
-        )
+        """Enqueue a validated vehicle event (``body``: a JSON object, as received), or spool it while
+        Redis fails (503 without a spool); ``task`` is the request's own."""
+        if self._spool is None or time.monotonic() >= self._spool_only_until:
+            self._deadlines.start(self._config.redis_deadline_seconds, task)
+            try:
+                accepted = await self._inbox.accept(event.event_id, event.event_type, body, received_at_ms)
+            except asyncio.CancelledError:
+                if not self._deadlines.timed_out(task):
+                    raise
+                error: BaseException = TimeoutError()
+            except (RedisError, OSError) as exc:
+                error = exc
+            else:
+                if accepted:
+                    _OUTCOME_ACCEPTED.inc()
+                    log.debug("delivery accepted", eventId=event.event_id, deliveryId=event.delivery_id)
+                    return _accepted(b"accepted", event.event_id)
+                _OUTCOME_DUPLICATE.inc()
+                log.debug("delivery duplicate", eventId=event.event_id, deliveryId=event.delivery_id)
+                return _accepted(b"duplicate", event.event_id)
+            finally:
+                self._deadlines.stop(task)
+            if self._spool is None:
+                return self._unavailable(event.event_id, error)
+            # Go straight to the spool for a moment rather than wait out the deadline on every request.
+            self._spool_only_until = time.monotonic() + SPOOL_ONLY_SECONDS
+        return await self._spooled(SpooledDelivery(event.event_id, event.event_type, body.decode(), received_at_ms))
 
     async def _read_body(self, receive: Receive, declared: bytes | None) -> bytes:
         limit = self._config.max_body_bytes
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise BodyTooLarge
+            raise _Unreadable(413, "body_too_large", f"The body exceeds {limit} bytes.")
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise ClientGone
+                raise _Unreadable(400, "client_disconnected", "The client went away before sending the whole body.")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise BodyTooLarge
+                raise _Unreadable(413, "body_too_large", f"The body exceeds {limit} bytes.")
             if not message.get("more_body", False):
                 # Usually the whole body came in one message: no copy.
                 return b"".join((*chunks, chunk)) if chunks else chunk
             chunks.append(chunk)
 
     async def _park(self, event_id: str | None, exc: PermanentError, text: str) -> Answer:
+        """Park what cannot become a job, or spool it to park later while Redis fails (503 without a spool)."""
         task = self._deadlines.start(self._config.redis_deadline_seconds)
         try:
             fresh = await self._inbox.park(event_id, exc.code, exc.message, text)
         except asyncio.CancelledError:
             if not self._deadlines.timed_out(task):
                 raise
-            return await self._not_parked(event_id, exc, text, TimeoutError())
-        except (RedisError, OSError) as error:
-            return await self._not_parked(event_id, exc, text, error)
+            error: BaseException = TimeoutError()
+        except (RedisError, OSError) as caught:
+            error = caught
+        else:
+            metrics.DELIVERIES.labels(outcome="parked_" + exc.code).inc()
+            log.warning("delivery parked", eventId=event_id, reason=exc.code, detail=exc.message, repeat=not fresh)
+            content: dict[str, object] = {"status": "parked", "reason": exc.code, "eventId": event_id}
+            if not fresh:
+                content["duplicate"] = True
+            return _json(202, content)
         finally:
             self._deadlines.stop(task)
-        metrics.DELIVERIES.labels(outcome="parked_" + exc.code).inc()
-        log.warning("delivery parked", eventId=event_id, reason=exc.code, detail=exc.message, repeat=not fresh)
-        content: dict[str, object] = {"status": "parked", "reason": exc.code, "eventId": event_id}
-        if not fresh:
-            content["duplicate"] = True
-        return _json(202, content)
-
-    async def _not_parked(self, event_id: str | None, exc: PermanentError, text: str, error: BaseException) -> Answer:
-        """Redis failed or was too slow: spool the delivery to park later when a spool is set, else 503."""
         if self._spool is None:
             return self._unavailable(event_id, error)
         delivery = SpooledDelivery(event_id, "UNKNOWN", text, time.time_ns() // 1_000_000, exc.code, exc.message)
@@ -300,12 +260,7 @@ class WebhookEndpoint:
         except SpoolFull:
             metrics.DELIVERIES.labels(outcome="spool_full").inc()
             log.error("redis unavailable and the spool is full, delivery refused", eventId=delivery.event_id)
-            return _error(
-                503,
-                "spool_full",
-                "The event store is unreachable and the spool is full; retry later.",
-                headers=_UNAVAILABLE_HEADERS,
-            )
+            return _error(503, "spool_full", "The event store is unreachable and the spool is full; retry later.")
         except OSError as exc:
             log.error("spooling failed", eventId=delivery.event_id, error=type(exc).__name__)
             return self._unavailable(delivery.event_id, exc)
@@ -328,22 +283,17 @@ class WebhookEndpoint:
         return _error(status, code, message)
 
     def _internal_error(self, exc: Exception) -> Answer:
-        """The answer to an error of the endpoint's own: what ``service.responses.unexpected_exception``
-        answers for every other route (the webhook is served outside Starlette's handlers)."""
+        """What ``service.responses.unexpected_exception`` answers on every other route."""
         metrics.DELIVERIES.labels(outcome="internal_error").inc()
         log.error("unhandled error", path="/webhooks/smartcar", error=type(exc).__name__, exc_info=exc)
-        return _error(
-            503, "internal_error", "The request could not be handled; retry later.", headers=_UNAVAILABLE_HEADERS
-        )
+        return _error(503, "internal_error", "The request could not be handled; retry later.")
 
     def _unavailable(self, event_id: str | None, exc: BaseException) -> Answer:
         metrics.DELIVERIES.labels(outcome="unavailable").inc()
         # A missing function is a setup step left out: its message says which (no secret in it).
         fix = {"fix": str(exc)} if isinstance(exc, MissingFunction) else {}
         log.error("redis unavailable, delivery refused", eventId=event_id, error=type(exc).__name__, **fix)
-        return _error(
-            503, "redis_unavailable", "The event store is unreachable; retry later.", headers=_UNAVAILABLE_HEADERS
-        )
+        return _error(503, "redis_unavailable", "The event store is unreachable; retry later.")
 
 
 def _unsigned_challenge(body: bytes) -> str | None:
