@@ -11,12 +11,10 @@ is the application's business. ``/readyz`` and ``/metrics`` are served on ``ADMI
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -261,19 +259,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-class _AdminServer(uvicorn.Server):
-    """A uvicorn server that leaves signals to the public server (or supervisor) beside it, and its
-    INFO lines too: they would say again, word for word, what the public server's say."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        quiet_uvicorn()  # in this server's own thread: the public server is not affected
-        await super().serve(sockets)
-
-
 def bind_admin_socket(settings: Settings, options: ServeOptions) -> socket.socket:
     """Bind ``ADMIN_HOST``:``ADMIN_PORT`` before anything starts, so a clash stops ``web`` with one line."""
     if settings.admin_port == options.port:
@@ -322,6 +307,7 @@ def serve(settings: Settings, options: ServeOptions) -> None:
         public = uvicorn.Server(config)
 
     def web_status() -> str | None:
+        """None while the public server serves, else what is wrong (for ``/readyz``)."""
         if not children:
             return "shutting down" if public.should_exit else (None if public.started else "starting")
         if supervisor.should_exit.is_set():
@@ -331,12 +317,11 @@ def serve(settings: Settings, options: ServeOptions) -> None:
             return "starting"
         return f"{down} of {options.workers} processes are down" if down else None
 
-    admin, thread = None, None
+    thread = None
     if admin_socket is not None:
-        admin_app = create_admin_app(settings, web_status)
-        admin = _AdminServer(
+        admin = uvicorn.Server(
             WebConfig(
-                admin_app,
+                create_admin_app(settings, web_status),
                 settings,
                 host=settings.admin_host,
                 port=settings.admin_port,
@@ -345,7 +330,12 @@ def serve(settings: Settings, options: ServeOptions) -> None:
                 proxy_headers=False,
             )
         )
-        thread = threading.Thread(target=admin.run, kwargs={"sockets": [admin_socket]}, name="admin", daemon=True)
+
+        def run_admin(sockets: list[socket.socket]) -> None:
+            quiet_uvicorn()  # in this thread only: its INFO lines would repeat the public server's
+            admin.run(sockets)  # uvicorn leaves the signals to the main thread's server
+
+        thread = threading.Thread(target=run_admin, args=([admin_socket],), name="admin", daemon=True)
         thread.start()
     try:
         if children:
@@ -353,7 +343,7 @@ def serve(settings: Settings, options: ServeOptions) -> None:
         else:
             public.run()
     finally:
-        if admin is not None and thread is not None:
+        if thread is not None:
             admin.should_exit = True
             thread.join(timeout=10)
         if admin_socket is not None:
