@@ -38,13 +38,10 @@ WEBHOOK_PATH = "/webhooks/smartcar"
 
 
 class IngestApp(Starlette):
-    """Starlette, with ``POST /webhooks/smartcar`` handed straight to its endpoint.
-
-    Why: Starlette's middlewares and router cost a delivery 11-13 µs more CPU (6-7 % on the fleet
-    mix; docs/performance.md). Every other request, the webhook under a ``root_path`` included,
-    goes through Starlette, where the same endpoint is routed too. The endpoint answers an error of
-    its own as Starlette's handler would and reads nothing Starlette adds to the scope.
-    """
+    """Starlette, with ``POST /webhooks/smartcar`` handed straight to its endpoint: Starlette's
+    middlewares and router cost a delivery 6-7 % more CPU (docs/performance.md). Everything else,
+    the webhook under a ``root_path`` included, goes through Starlette, where the endpoint is routed
+    too; it answers its own errors as Starlette's handler would and reads nothing Starlette adds."""
 
     def __init__(self, webhook: WebhookEndpoint, **kwargs: Any) -> None:
         super().__init__(**kwargs)

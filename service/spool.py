@@ -20,7 +20,6 @@ import zlib
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -45,14 +44,6 @@ class SpooledDelivery:
     park_reason: str | None = None
     park_detail: str | None = None
 
-    def to_json(self) -> bytes:
-        return json.dumps(self.__dict__, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> SpooledDelivery:
-        data: dict[str, Any] = json.loads(raw)
-        return cls(**data)
-
 
 class SpoolFull(OSError):
     """Spooling one more delivery would take the spool directory past ``SPOOL_MAX_BYTES``."""
@@ -65,7 +56,7 @@ class ReadReport:
 
 
 def encode_record(delivery: SpooledDelivery) -> bytes:
-    payload = delivery.to_json()
+    payload = json.dumps(delivery.__dict__, separators=(",", ":")).encode()
     return _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
@@ -90,7 +81,7 @@ def read_records(path: Path, report: ReadReport | None = None) -> Generator[Spoo
             if len(payload) != length or zlib.crc32(payload) != crc:
                 break
             try:
-                delivery = SpooledDelivery.from_json(payload)
+                delivery = SpooledDelivery(**json.loads(payload))
             except (ValueError, TypeError):
                 break
             offset += _HEADER.size + length

@@ -36,9 +36,8 @@ from core.redis.keys import job_id_for
 from core.signatures import answer_challenge
 from service.admin import create_admin_app
 from service.app import WEBHOOK_PATH, IngestApp, create_app
-from service.deadlines import Deadlines
 from service.responses import http_exception, unexpected_exception
-from service.webhooks import UNSIGNED_VERIFY_MAX_BYTES, WebhookConfig, WebhookEndpoint
+from service.webhooks import UNSIGNED_VERIFY_MAX_BYTES, Deadlines, WebhookConfig, WebhookEndpoint
 from tests.conftest import OLD_TOKEN, TOKEN, fixture_paths, load_fixture, signed_headers
 from tests.contracts import check_parked_entry
 from tests.examples import examples
