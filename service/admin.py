@@ -23,8 +23,8 @@ from starlette.routing import Route
 from core.config import Settings
 from core.redis.clients import web_redis
 from core.redis.queue_metrics import QueueCollector, endpoint_registry
-from service.app import redis_deadline_seconds
 from service.responses import http_exception, unexpected_exception
+from service.webhooks import redis_deadline_seconds
 
 WebStatus = Callable[[], str | None]
 

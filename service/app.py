@@ -32,7 +32,7 @@ from core.redis.memory import check_memory_async
 from service.connect import ConnectEndpoints
 from service.responses import http_exception, unexpected_exception
 from service.spool import Spool, drain_forever
-from service.webhooks import WebhookConfig, WebhookEndpoint
+from service.webhooks import WebhookEndpoint, redis_deadline_seconds
 
 WEBHOOK_PATH = "/webhooks/smartcar"
 
@@ -59,12 +59,6 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-def redis_deadline_seconds(settings: Settings) -> float:
-    """How long a request waits on Redis before answering 503."""
-    # Two socket timeouts (a reconnect and the call) fit in this deadline.
-    return min(0.95, settings.redis_timeout_seconds * 1.9)
-
-
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the web application. Raises ``ConfigurationError`` without a management token."""
     if settings is None:
@@ -81,17 +75,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         parked_retention_seconds=settings.parked_retention_seconds,
     )
     spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes) if settings.spool_dir else None
-    endpoint = WebhookEndpoint(
-        WebhookConfig(
-            tokens=settings.management_tokens,
-            max_body_bytes=settings.max_body_bytes,
-            redis_deadline_seconds=deadline,
-            body_timeout_seconds=settings.body_timeout_seconds,
-            max_delivery_age_seconds=settings.delivery_max_age_seconds,
-        ),
-        inbox,
-        spool,
-    )
+    endpoint = WebhookEndpoint(settings, inbox, spool)
     connect = ConnectEndpoints(settings, redis)
 
     @asynccontextmanager

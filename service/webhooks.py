@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
 from core import metrics
+from core.config import Settings
 from core.errors import InvalidPayload, MalformedBody, PermanentError
 from core.events import parse
 from core.events.model import QuickEvent
@@ -106,16 +107,10 @@ class _Unreadable(Exception):
     """The body could not be read whole: ``args`` are the rejection's status, code and message."""
 
 
-@dataclass(frozen=True)
-class WebhookConfig:
-    """What the endpoint needs, fixed at startup."""
-
-    tokens: tuple[bytes, ...]
-    max_body_bytes: int
-    redis_deadline_seconds: float
-    body_timeout_seconds: float = 10.0
-    #: Signed deliveries sent longer ago than this (``meta.deliveredAt``) are refused; None: never.
-    max_delivery_age_seconds: int | None = None
+def redis_deadline_seconds(settings: Settings) -> float:
+    """How long a request waits on Redis before answering 503: two socket timeouts (a reconnect and
+    the call) fit in it."""
+    return min(0.95, settings.redis_timeout_seconds * 1.9)
 
 
 @dataclass(frozen=True)
@@ -144,8 +139,13 @@ def _error(status: int, code: str, message: str) -> Answer:
 class WebhookEndpoint:
     """The ASGI app behind ``POST /webhooks/smartcar``; one instance per application."""
 
-    def __init__(self, config: WebhookConfig, inbox: Inbox, spool: Spool | None = None) -> None:
-        self._config = config
+    def __init__(self, settings: Settings, inbox: Inbox, spool: Spool | None = None) -> None:
+        self._tokens = settings.management_tokens
+        self._max_body_bytes = settings.max_body_bytes
+        self._body_timeout = settings.body_timeout_seconds
+        self._redis_deadline = redis_deadline_seconds(settings)
+        #: Signed deliveries sent longer ago than this (``meta.deliveredAt``) are refused.
+        self._max_delivery_age_ms = settings.delivery_max_age_seconds * 1000
         self._inbox = inbox
         self._spool = spool
         self._spool_only_until = 0.0
@@ -171,7 +171,7 @@ class WebhookEndpoint:
                 declared = value
 
         # 1. Size: refuse early on a declared length, and stop reading past the limit otherwise.
-        task = self._deadlines.start(self._config.body_timeout_seconds)
+        task = self._deadlines.start(self._body_timeout)
         try:
             body = await self._read_body(receive, declared)
         except asyncio.CancelledError:
@@ -186,7 +186,7 @@ class WebhookEndpoint:
 
         # 2. Signature. An unsigned VERIFY is answered only for a token-like challenge, so the
         # endpoint never signs bytes that could pass for a delivery body.
-        if not verify_signature(self._config.tokens, body, signature):
+        if not verify_signature(self._tokens, body, signature):
             challenge = _unsigned_challenge(body)
             if challenge is not None and is_token_like(challenge):
                 return self._verify_answer(challenge)
@@ -226,18 +226,18 @@ class WebhookEndpoint:
         return await self._accept(quick, body, received_at_ms, task)
 
     def _too_old(self, delivered_at_ms: int | None, received_at_ms: int) -> Answer | None:
-        """400 for a delivery sent longer ago than ``max_delivery_age_seconds``: past the dedupe
+        """400 for a delivery sent longer ago than ``MAX_DELIVERY_AGE_SECONDS``: past the dedupe
         window, the signed ``meta.deliveredAt`` is the guard against replays (none: let through)."""
-        limit = self._config.max_delivery_age_seconds
-        if limit is None or delivered_at_ms is None or received_at_ms - delivered_at_ms <= limit * 1000:
+        limit = self._max_delivery_age_ms
+        if delivered_at_ms is None or received_at_ms - delivered_at_ms <= limit:
             return None
-        return self._reject(400, "delivery_too_old", f"The delivery was sent more than {limit} seconds ago.")
+        return self._reject(400, "delivery_too_old", f"The delivery was sent more than {limit // 1000} seconds ago.")
 
     async def _accept(self, event: QuickEvent, body: bytes, received_at_ms: int, task: asyncio.Task[Any]) -> Answer:
         """Enqueue a validated vehicle event (``body``: a JSON object, as received), or spool it while
         Redis fails (503 without a spool); ``task`` is the request's own."""
         if self._spool is None or time.monotonic() >= self._spool_only_until:
-            self._deadlines.start(self._config.redis_deadline_seconds, task)
+            self._deadlines.start(self._redis_deadline, task)
             try:
                 accepted = await self._inbox.accept(event.event_id, event.event_type, body, received_at_ms)
             except asyncio.CancelledError:
@@ -263,7 +263,7 @@ class WebhookEndpoint:
         return await self._spooled(SpooledDelivery(event.event_id, event.event_type, body.decode(), received_at_ms))
 
     async def _read_body(self, receive: Receive, declared: bytes | None) -> bytes:
-        limit = self._config.max_body_bytes
+        limit = self._max_body_bytes
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _Unreadable(413, "body_too_large", f"The body exceeds {limit} bytes.")
         chunks: list[bytes] = []
@@ -283,7 +283,7 @@ class WebhookEndpoint:
 
     async def _park(self, event_id: str | None, exc: PermanentError, text: str) -> Answer:
         """Park what cannot become a job, or spool it to park later while Redis fails (503 without a spool)."""
-        task = self._deadlines.start(self._config.redis_deadline_seconds)
+        task = self._deadlines.start(self._redis_deadline)
         try:
             fresh = await self._inbox.park(event_id, exc.code, exc.message, text)
         except asyncio.CancelledError:
@@ -329,7 +329,7 @@ class WebhookEndpoint:
     def _verify_answer(self, challenge: str) -> Answer:
         metrics.DELIVERIES.labels(outcome="verify").inc()
         log.info("verify challenge answered")
-        return _json(200, {"challenge": answer_challenge(self._config.tokens[0], challenge)})
+        return _json(200, {"challenge": answer_challenge(self._tokens[0], challenge)})
 
     def _reject(self, status: int, code: str, message: str) -> Answer:
         metrics.DELIVERIES.labels(outcome="rejected_" + code).inc()
