@@ -51,7 +51,6 @@ class SpoolFull(OSError):
 
 @dataclass
 class ReadReport:
-    records: int = 0
     torn_tail_bytes: int = 0
 
 
@@ -85,8 +84,6 @@ def read_records(path: Path, report: ReadReport | None = None) -> Generator[Spoo
             except (ValueError, TypeError):
                 break
             offset += _HEADER.size + length
-            if report is not None:
-                report.records += 1
             yield delivery
         if report is not None:
             report.torn_tail_bytes = size - offset

@@ -41,7 +41,6 @@ def test_appended_records_read_back_in_order(tmp_path):
     [path] = spool.pending()
     report = ReadReport()
     assert list(read_records(path, report)) == [delivery(i) for i in range(5)]
-    assert report.records == 5
     assert report.torn_tail_bytes == 0
 
 
