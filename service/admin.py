@@ -4,21 +4,27 @@ public port"; its own Redis client: docs/architecture.md, "Design notes")."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TypedDict
 
-from redis.asyncio import Redis
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from core.config import Settings
 from core.redis.clients import web_redis
-from core.redis.queue_metrics import QueueCollector
-from service import health
-from service.app import redis_deadline_seconds
+from core.redis.queue_metrics import QueueCollector, endpoint_registry
 from service.responses import http_exception, unexpected_exception
+from service.webhooks import redis_deadline_seconds
 
 WebStatus = Callable[[], str | None]
 
@@ -26,38 +32,56 @@ WebStatus = Callable[[], str | None]
 _ADMIN_REDIS_CONNECTIONS = 4
 
 
-class AdminState(TypedDict):
-    redis: Redis
-    redis_deadline_seconds: float
-    queue_collector: QueueCollector
-    web_status: WebStatus | None
+def exposition(queue_collector: QueueCollector | None = None) -> bytes:
+    """The metrics text; with ``PROMETHEUS_MULTIPROC_DIR`` set (``web --workers N``), summed over all
+    the server's processes."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    process: Collector = REGISTRY
+    if directory:
+        process = CollectorRegistry()
+        MultiProcessCollector(process, path=directory)  # type: ignore[no-untyped-call]
+    return generate_latest(process if queue_collector is None else endpoint_registry(queue_collector, process))
 
 
 def create_admin_app(settings: Settings, web_status: WebStatus | None = None) -> Starlette:
     """Build the admin app: ``/readyz`` (Redis and, when given, ``web_status``: None while the public
     server serves, else what is wrong) and ``/metrics``."""
+    redis = web_redis(settings.model_copy(update={"redis_max_connections": _ADMIN_REDIS_CONNECTIONS}))
+    deadline = redis_deadline_seconds(settings)
+    collector: QueueCollector | None = None
+
+    async def readyz(request: Request) -> Response:
+        """200 when every dependency answers and the web serves; otherwise 503 naming what failed."""
+        checks: dict[str, str] = {}
+        if web_status is not None:
+            problem = web_status()
+            checks["web"] = "ok" if problem is None else f"failing: {problem}"
+        try:
+            async with asyncio.timeout(deadline):
+                await redis.ping()
+            checks["redis"] = "ok"
+        except (RedisError, OSError, TimeoutError) as exc:
+            checks["redis"] = f"failing: {type(exc).__name__}"
+        ok = all(value == "ok" for value in checks.values())
+        return JSONResponse({"status": "ok" if ok else "failing", "checks": checks}, status_code=200 if ok else 503)
+
+    async def metrics(request: Request) -> Response:
+        # The queue collector reads Redis synchronously: keep it off the loop.
+        return Response(await run_in_threadpool(exposition, collector), media_type=CONTENT_TYPE_LATEST)
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[AdminState]:
-        redis = web_redis(settings.model_copy(update={"redis_max_connections": _ADMIN_REDIS_CONNECTIONS}))
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        nonlocal collector
         collector = QueueCollector(settings)
         try:
-            yield {
-                "redis": redis,
-                "redis_deadline_seconds": redis_deadline_seconds(settings),
-                "queue_collector": collector,
-                "web_status": web_status,
-            }
+            yield
         finally:
             collector.close()
             await redis.aclose()
             await redis.connection_pool.disconnect()
 
     app = Starlette(
-        routes=[
-            Route("/readyz", health.readyz, methods=["GET"]),
-            Route("/metrics", health.metrics, methods=["GET"]),
-        ],
+        routes=[Route("/readyz", readyz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])],
         exception_handlers={HTTPException: http_exception, Exception: unexpected_exception},
         lifespan=lifespan,
     )

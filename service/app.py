@@ -1,7 +1,7 @@
 """The Starlette application: ``create_app(settings=None)``, served with ``uvicorn --factory``.
 
-Nothing connects at import time. The lifespan opens one Redis client per process and closes it
-on shutdown; request handlers reach it through ``request.state``.
+Nothing connects at import time. The lifespan checks Redis's memory policy, runs the spool's drainer
+and closes the process's Redis client on shutdown.
 
 This is the public app: the webhook, the Connect routes and ``/healthz``. ``/readyz`` and
 ``/metrics`` are served by :mod:`service.admin` on ``ADMIN_PORT`` and answer 404 here.
@@ -14,11 +14,12 @@ import contextlib
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, TypedDict
+from typing import Any
 
-from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -28,24 +29,19 @@ from core.redis.clients import web_redis
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
 from core.redis.memory import check_memory_async
-from service import health
 from service.connect import ConnectEndpoints
-from service.drain import drain_forever
 from service.responses import http_exception, unexpected_exception
-from service.spool import Spool
-from service.webhooks import WebhookConfig, WebhookEndpoint
+from service.spool import Spool, drain_forever
+from service.webhooks import WebhookEndpoint, redis_deadline_seconds
 
 WEBHOOK_PATH = "/webhooks/smartcar"
 
 
 class IngestApp(Starlette):
-    """Starlette, with ``POST /webhooks/smartcar`` handed straight to its endpoint.
-
-    Why: Starlette's middlewares and router cost a delivery 11-13 µs more CPU (6-7 % on the fleet
-    mix; docs/performance.md). Every other request, the webhook under a ``root_path`` included,
-    goes through Starlette, where the same endpoint is routed too. The endpoint answers an error of
-    its own as Starlette's handler would and reads nothing Starlette adds to the scope.
-    """
+    """Starlette, with ``POST /webhooks/smartcar`` handed straight to its endpoint: Starlette's
+    middlewares and router cost a delivery 6-7 % more CPU (docs/performance.md). Everything else,
+    the webhook under a ``root_path`` included, goes through Starlette, where the endpoint is routed
+    too; it answers its own errors as Starlette's handler would and reads nothing Starlette adds."""
 
     def __init__(self, webhook: WebhookEndpoint, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -58,15 +54,9 @@ class IngestApp(Starlette):
             await super().__call__(scope, receive, send)
 
 
-class State(TypedDict):
-    redis: Redis
-    redis_deadline_seconds: float
-
-
-def redis_deadline_seconds(settings: Settings) -> float:
-    """How long a request waits on Redis before answering 503."""
-    # Two socket timeouts (a reconnect and the call) fit in this deadline.
-    return min(0.95, settings.redis_timeout_seconds * 1.9)
+async def healthz(request: Request) -> Response:
+    """200 while the process can answer at all."""
+    return JSONResponse({"status": "ok"})
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -85,21 +75,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         parked_retention_seconds=settings.parked_retention_seconds,
     )
     spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes) if settings.spool_dir else None
-    endpoint = WebhookEndpoint(
-        WebhookConfig(
-            tokens=settings.management_tokens,
-            max_body_bytes=settings.max_body_bytes,
-            redis_deadline_seconds=deadline,
-            body_timeout_seconds=settings.body_timeout_seconds,
-            max_delivery_age_seconds=settings.delivery_max_age_seconds,
-        ),
-        inbox,
-        spool,
-    )
+    endpoint = WebhookEndpoint(settings, inbox, spool)
     connect = ConnectEndpoints(settings, redis)
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Objects built at startup never die: move them out of the collector's way, and collect
         # the young generation less often (each request allocates a few hundred short-lived
         # objects; the default threshold of 700 runs a collection every couple of requests).
@@ -110,7 +90,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             await check_memory_async(redis, deadline, settings.allow_evicting_redis)
             drainer = asyncio.create_task(drain_forever(spool, inbox)) if spool else None
-            yield {"redis": redis, "redis_deadline_seconds": deadline}
+            yield
         finally:
             gc.set_threshold(*thresholds)
             gc.unfreeze()
@@ -126,7 +106,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         endpoint,
         routes=[
             Route(WEBHOOK_PATH, endpoint, methods=["POST"]),
-            Route("/healthz", health.healthz, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
             *connect.routes(),
         ],
         exception_handlers={HTTPException: http_exception, Exception: unexpected_exception},

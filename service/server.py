@@ -11,17 +11,14 @@ is the application's business. ``/readyz`` and ``/metrics`` are served on ``ADMI
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
 import uvicorn
-from starlette.applications import Starlette
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -262,46 +259,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-class _AdminServer(uvicorn.Server):
-    """A uvicorn server that leaves signals to the public server (or supervisor) beside it, and its
-    INFO lines too: they would say again, word for word, what the public server's say."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        quiet_uvicorn()  # in this server's own task (or thread): the public server is not affected
-        await super().serve(sockets)
-
-
-def public_config(app: Starlette | str, settings: Settings, options: ServeOptions) -> WebConfig:
-    """The public server: ``app`` is the app itself, or ``module:factory`` for ``--workers`` children."""
-    return WebConfig(
-        app,
-        settings,
-        factory=isinstance(app, str),
-        host=options.host,
-        port=options.port,
-        workers=options.workers,
-        limit_concurrency=options.max_connections,
-        timeout_keep_alive=options.keep_alive_seconds,
-    )
-
-
-def admin_config(app: Starlette, settings: Settings) -> WebConfig:
-    """The admin server on ``ADMIN_HOST``:``ADMIN_PORT``, bounded like the public one."""
-    return WebConfig(
-        app,
-        settings,
-        host=settings.admin_host,
-        port=settings.admin_port,
-        limit_concurrency=_ADMIN_MAX_CONNECTIONS,
-        timeout_keep_alive=_ADMIN_KEEP_ALIVE_SECONDS,
-        proxy_headers=False,
-    )
-
-
 def bind_admin_socket(settings: Settings, options: ServeOptions) -> socket.socket:
     """Bind ``ADMIN_HOST``:``ADMIN_PORT`` before anything starts, so a clash stops ``web`` with one line."""
     if settings.admin_port == options.port:
@@ -326,56 +283,33 @@ def bind_admin_socket(settings: Settings, options: ServeOptions) -> socket.socke
 
 
 def serve(settings: Settings, options: ServeOptions) -> None:
-    """Serve the public app (and the admin app unless ``ADMIN_PORT`` is 0) until told to stop."""
-    admin_socket = bind_admin_socket(settings, options) if settings.admin_port else None
-    try:
-        if options.workers > 1:
-            _serve_processes(settings, options, admin_socket)
-        else:
-            _serve_one(settings, options, admin_socket)
-    finally:
-        if admin_socket is not None:
-            admin_socket.close()
-
-
-def _serve_one(settings: Settings, options: ServeOptions, admin_socket: socket.socket | None) -> None:
+    """Serve the public app (and the admin app, in a thread of its own, unless ``ADMIN_PORT`` is 0)
+    until told to stop. ``--workers N`` children build the app from ``module:factory``."""
     from service.admin import create_admin_app
     from service.app import create_app
 
-    config = public_config(create_app(settings), settings, options)
-    public = uvicorn.Server(config)
+    admin_socket = bind_admin_socket(settings, options) if settings.admin_port else None
+    children = options.workers > 1
+    config = WebConfig(
+        "service.app:create_app" if children else create_app(settings),
+        settings,
+        factory=children,
+        host=options.host,
+        port=options.port,
+        workers=options.workers,
+        limit_concurrency=options.max_connections,
+        timeout_keep_alive=options.keep_alive_seconds,
+    )
+    if children:
+        config.quiet = True  # for the children, which set it up again from this config
+        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    else:
+        public = uvicorn.Server(config)
 
     def web_status() -> str | None:
-        if public.should_exit:
-            return "shutting down"
-        return None if public.started else "starting"
-
-    async def run() -> None:
-        admin, admin_task = None, None
-        if admin_socket is not None:
-            admin = _AdminServer(admin_config(create_admin_app(settings, web_status), settings))
-            admin_task = asyncio.create_task(admin.serve(sockets=[admin_socket]))
-        try:
-            await public.serve()
-        finally:
-            if admin is not None and admin_task is not None:
-                admin.should_exit = True
-                await admin_task
-
-    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
-        runner.run(run())
-    if not public.started:
-        sys.exit(STARTUP_FAILURE)
-
-
-def _serve_processes(settings: Settings, options: ServeOptions, admin_socket: socket.socket | None) -> None:
-    from service.admin import create_admin_app
-
-    config = public_config("service.app:create_app", settings, options)
-    config.quiet = True  # for the children, which set it up again from this config
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
-
-    def web_status() -> str | None:
+        """None while the public server serves, else what is wrong (for ``/readyz``)."""
+        if not children:
+            return "shutting down" if public.should_exit else (None if public.started else "starting")
         if supervisor.should_exit.is_set():
             return "shutting down"
         down = sum(1 for child in supervisor.processes if not child.process.is_alive())
@@ -383,15 +317,36 @@ def _serve_processes(settings: Settings, options: ServeOptions, admin_socket: so
             return "starting"
         return f"{down} of {options.workers} processes are down" if down else None
 
-    admin = None
     thread = None
     if admin_socket is not None:
-        admin = _AdminServer(admin_config(create_admin_app(settings, web_status), settings))
-        thread = threading.Thread(target=admin.run, kwargs={"sockets": [admin_socket]}, name="admin", daemon=True)
+        admin = uvicorn.Server(
+            WebConfig(
+                create_admin_app(settings, web_status),
+                settings,
+                host=settings.admin_host,
+                port=settings.admin_port,
+                limit_concurrency=_ADMIN_MAX_CONNECTIONS,
+                timeout_keep_alive=_ADMIN_KEEP_ALIVE_SECONDS,
+                proxy_headers=False,
+            )
+        )
+
+        def run_admin(sockets: list[socket.socket]) -> None:
+            quiet_uvicorn()  # in this thread only: its INFO lines would repeat the public server's
+            admin.run(sockets)  # uvicorn leaves the signals to the main thread's server
+
+        thread = threading.Thread(target=run_admin, args=([admin_socket],), name="admin", daemon=True)
         thread.start()
     try:
-        supervisor.run()
+        if children:
+            supervisor.run()
+        else:
+            public.run()
     finally:
-        if admin is not None and thread is not None:
+        if thread is not None:
             admin.should_exit = True
             thread.join(timeout=10)
+        if admin_socket is not None:
+            admin_socket.close()
+    if not children and not public.started:
+        sys.exit(STARTUP_FAILURE)

@@ -1,11 +1,14 @@
 """The spool: verified deliveries kept on local disk (``SPOOL_DIR``) while Redis cannot take them,
-until the drainer (:mod:`service.drain`) moves them into Redis. Record format, file life cycle and
-the size bound: docs/reliability.md, "Spool file safety", and docs/security.md (``SPOOL_MAX_BYTES``)."""
+and the drainer that moves them into Redis once it answers, through the same dedupe as live
+traffic. Record format, file life cycle and the size bound: docs/reliability.md, "Spool file
+safety", and docs/security.md (``SPOOL_MAX_BYTES``)."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
+import itertools
 import json
 import os
 import socket
@@ -17,9 +20,14 @@ import zlib
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from redis.exceptions import RedisError
 
 from core.errors import ConfigurationError
+from core.logs import get_logger
+from core.redis.inbox import Inbox
+
+log = get_logger("smartcar_ingest.spool")
 
 MAGIC = b"SCI1"
 _HEADER = struct.Struct(">4sII")
@@ -36,14 +44,6 @@ class SpooledDelivery:
     park_reason: str | None = None
     park_detail: str | None = None
 
-    def to_json(self) -> bytes:
-        return json.dumps(self.__dict__, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> SpooledDelivery:
-        data: dict[str, Any] = json.loads(raw)
-        return cls(**data)
-
 
 class SpoolFull(OSError):
     """Spooling one more delivery would take the spool directory past ``SPOOL_MAX_BYTES``."""
@@ -51,12 +51,11 @@ class SpoolFull(OSError):
 
 @dataclass
 class ReadReport:
-    records: int = 0
     torn_tail_bytes: int = 0
 
 
 def encode_record(delivery: SpooledDelivery) -> bytes:
-    payload = delivery.to_json()
+    payload = json.dumps(delivery.__dict__, separators=(",", ":")).encode()
     return _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
@@ -81,12 +80,10 @@ def read_records(path: Path, report: ReadReport | None = None) -> Generator[Spoo
             if len(payload) != length or zlib.crc32(payload) != crc:
                 break
             try:
-                delivery = SpooledDelivery.from_json(payload)
+                delivery = SpooledDelivery(**json.loads(payload))
             except (ValueError, TypeError):
                 break
             offset += _HEADER.size + length
-            if report is not None:
-                report.records += 1
             yield delivery
         if report is not None:
             report.torn_tail_bytes = size - offset
@@ -106,13 +103,9 @@ class Spool:
         self._path = self.directory / f"spool-{socket.gethostname()}-{os.getpid()}.log"
         self._lock = threading.Lock()
         self.max_bytes = max_bytes
-        self._pending_bytes = 0
+        #: Bytes waiting to be drained, as this process counts them.
+        self.pending_bytes = 0
         self.pending()  # count what earlier processes left behind
-
-    @property
-    def pending_bytes(self) -> int:
-        """Bytes waiting to be drained, as this process counts them."""
-        return self._pending_bytes
 
     def append(self, delivery: SpooledDelivery) -> None:
         """Write one record and fsync it; when this returns, the delivery survives a crash.
@@ -123,8 +116,8 @@ class Spool:
         """
         record = encode_record(delivery)
         with self._lock:
-            if self.max_bytes is not None and self._pending_bytes + len(record) > self.max_bytes:
-                raise SpoolFull(errno.ENOSPC, f"The spool holds {self._pending_bytes} bytes of its {self.max_bytes}.")
+            if self.max_bytes is not None and self.pending_bytes + len(record) > self.max_bytes:
+                raise SpoolFull(errno.ENOSPC, f"The spool holds {self.pending_bytes} bytes of its {self.max_bytes}.")
             fd = self._open_for_append()
             try:
                 start = os.fstat(fd).st_size
@@ -137,7 +130,7 @@ class Spool:
                     raise
             finally:
                 os.close(fd)
-            self._pending_bytes += len(record)
+            self.pending_bytes += len(record)
             self._sync_directory()
 
     def _open_for_append(self) -> int:
@@ -171,7 +164,7 @@ class Spool:
                 if stat.S_ISREG(status.st_mode):
                     files.append(path)
                     total += status.st_size
-            self._pending_bytes = total
+            self.pending_bytes = total
         return files
 
     def claim(self, path: Path) -> Path | None:
@@ -212,7 +205,7 @@ class Spool:
             except FileNotFoundError:
                 size = 0
             remove()
-            self._pending_bytes = max(0, self._pending_bytes - size)
+            self.pending_bytes = max(0, self.pending_bytes - size)
             self._sync_directory()
 
     def _sync_directory(self) -> None:
@@ -221,3 +214,72 @@ class Spool:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+#: Deliveries enqueued together while draining (they share round trips through the group commit).
+CHUNK = 256
+
+
+@dataclass
+class DrainReport:
+    files: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    parked: int = 0
+    torn_tail_bytes: int = 0
+
+
+async def drain_once(spool: Spool, inbox: Inbox) -> DrainReport:
+    """Drain every pending spool file; raises ``RedisError`` (leaving the file) if Redis fails."""
+    report = DrainReport()
+    for path in await asyncio.to_thread(spool.pending):
+        claimed = await asyncio.to_thread(spool.claim, path)
+        if claimed is None:
+            continue
+        read = ReadReport()
+        records = read_records(claimed, read)
+        try:
+            while chunk := await asyncio.to_thread(list, itertools.islice(records, CHUNK)):
+                parks = [d for d in chunk if d.park_reason]
+                accepts = [d for d in chunk if not d.park_reason]
+                results = await asyncio.gather(
+                    *(inbox.accept(str(d.event_id), d.event_type, d.body, d.received_at_ms) for d in accepts)
+                )
+                report.accepted += sum(results)
+                report.duplicates += len(results) - sum(results)
+                for d in parks:
+                    await inbox.park(d.event_id, str(d.park_reason), d.park_detail or "", d.body)
+                    report.parked += 1
+        finally:
+            records.close()
+        if read.torn_tail_bytes:
+            # Everything before the tear was applied; the torn bytes are kept for inspection.
+            kept = await asyncio.to_thread(spool.set_aside, claimed)
+            log.error(
+                "spool file ended in a torn record; it was not applied", file=str(kept), bytes=read.torn_tail_bytes
+            )
+            report.torn_tail_bytes += read.torn_tail_bytes
+        else:
+            await asyncio.to_thread(spool.finish, claimed)
+        report.files += 1
+    if report.files:
+        log.info(
+            "spool drained",
+            files=report.files,
+            accepted=report.accepted,
+            duplicates=report.duplicates,
+            parked=report.parked,
+        )
+    return report
+
+
+async def drain_forever(spool: Spool, inbox: Inbox, interval_seconds: float = 1.0) -> None:
+    """Drain whenever there is something to drain and Redis takes it; runs until cancelled."""
+    while True:
+        try:
+            # Listing the directory also recounts the spool's size for SPOOL_MAX_BYTES.
+            if await asyncio.to_thread(spool.pending):
+                await drain_once(spool, inbox)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("spool drain paused: Redis not available yet", error=type(exc).__name__)
+        await asyncio.sleep(interval_seconds)

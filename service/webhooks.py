@@ -1,24 +1,10 @@
-"""``POST /webhooks/smartcar``: the ingest edge.
+"""``POST /webhooks/smartcar``: the ingest edge, a plain ASGI app (the hot path).
 
-Checks run in the contract's order: size → signature → JSON → event type → schema. Anything
-validly signed that cannot be processed is parked (202), because a non-2xx would only earn
-three pointless retries from Smartcar and then the event would be gone. A 2xx for a vehicle
-event is sent only after Redis has run the atomic dedupe-and-enqueue script for it.
-
-Two kinds of validly signed JSON are refused rather than parked, since no genuine delivery looks
-like them and parking them would let one replayed signature fill the parked stream: a body that
-is not a JSON object (400 ``not_an_object``), and a delivery whose ``meta.deliveredAt`` is older
-than ``MAX_DELIVERY_AGE_SECONDS`` (by default the dedupe window), whose ``eventId`` may have been
-forgotten (400 ``delivery_too_old``).
-
-This is the hot path, so the endpoint is a plain ASGI app mounted on a Starlette route: it
-reads the body and headers straight from the ASGI messages and writes its small JSON answers
-(with their length, so the server sends them whole rather than chunked) without building Request
-and Response objects. A well-formed delivery is validated in one pass from bytes
-(:func:`core.events.parse.quick_vehicle_event`); only the rest takes the step-by-step path that tells a
-400 from a parked payload. The body stays the bytes the server received: the signature, the
-validation and the job (which embeds it verbatim, :meth:`core.redis.jobs.JobTemplate.for_event`)
-all read that one object, and it is decoded to text only to be parked or spooled.
+Checks run in the contract's order: size → signature → JSON → event type → schema. What is validly
+signed but cannot be processed is parked (202: a non-2xx would only earn pointless retries); a
+signed non-object or too old delivery is refused (docs/security.md). A 2xx for a vehicle event is
+sent only once Redis (or, in an outage, the fsync'd spool) holds it. The body stays the bytes
+received: signature, validation and job all read that one object.
 """
 
 from __future__ import annotations
@@ -33,6 +19,7 @@ from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
 from core import metrics
+from core.config import Settings
 from core.errors import InvalidPayload, MalformedBody, PermanentError
 from core.events import parse
 from core.events.model import QuickEvent
@@ -41,17 +28,15 @@ from core.logs import get_logger
 from core.redis.functions import MissingFunction
 from core.redis.inbox import Inbox
 from core.signatures import answer_challenge, is_token_like, verify_signature
-from service.deadlines import Deadlines
 from service.responses import error_body
 from service.spool import Spool, SpooledDelivery, SpoolFull
 
 log = get_logger("smartcar_ingest.webhooks")
 
-RETRY_AFTER_SECONDS = "5"
-#: After a Redis failure, how long deliveries go straight to the spool (when one is configured).
+#: After a Redis failure, how long deliveries go straight to the spool (when one is set).
 SPOOL_ONLY_SECONDS = 1.0
 _JSON_HEADERS = [(b"content-type", b"application/json")]
-_UNAVAILABLE_HEADERS = [*_JSON_HEADERS, (b"retry-after", RETRY_AFTER_SECONDS.encode())]
+_UNAVAILABLE_HEADERS = [*_JSON_HEADERS, (b"retry-after", b"5")]
 _CONTENT_LENGTH = b"content-length"
 #: The largest unsigned body read for a VERIFY challenge. A VERIFY is a few hundred bytes (a
 #: challenge of at most 256 characters, ids and meta); anything larger that fails the signature is
@@ -62,24 +47,70 @@ _OUTCOME_ACCEPTED = metrics.DELIVERIES.labels(outcome="accepted")
 _OUTCOME_DUPLICATE = metrics.DELIVERIES.labels(outcome="duplicate")
 
 
-class BodyTooLarge(Exception):
-    """The request body exceeds ``MAX_BODY_BYTES``."""
+class Deadlines:
+    """In place of ``asyncio.timeout``, which costs a delivery 5-6 % more CPU (docs/performance.md).
+
+    One callback, run every ``tick`` seconds while any task is registered, cancels each task whose
+    time has passed; :meth:`timed_out` tells that apart from any other cancellation.
+    """
+
+    def __init__(self, tick: float = 0.05) -> None:
+        self._tick = tick
+        #: Registered tasks: when they must be done by, and how many cancellations they had then.
+        self._due: dict[asyncio.Task[Any], tuple[float, int]] = {}
+        #: Tasks cancelled by their deadline, not yet told (:meth:`timed_out`).
+        self._fired: dict[asyncio.Task[Any], int] = {}
+        #: The loop the sweep runs on (None while no request is registered).
+        self._armed: asyncio.AbstractEventLoop | None = None
+
+    def start(self, seconds: float, task: asyncio.Task[Any] | None = None) -> asyncio.Task[Any]:
+        """Give ``task`` (by default the current one) ``seconds`` to finish what it waits for next
+        (less one tick: the sweep may fire a tick late); returns the task."""
+        if task is None:
+            task = asyncio.current_task()
+            assert task is not None, "a deadline belongs to a task"
+        loop = task.get_loop()
+        self._due[task] = (loop.time() + max(0.0, seconds - self._tick), task.cancelling())
+        if self._armed is not loop:
+            self._armed = loop
+            loop.call_later(self._tick, self._sweep, loop)
+        return task
+
+    def stop(self, task: asyncio.Task[Any]) -> None:
+        """Forget ``task``'s deadline, whether or not it fired."""
+        self._due.pop(task, None)
+        self._fired.pop(task, None)
+
+    def timed_out(self, task: asyncio.Task[Any]) -> bool:
+        """In an ``except CancelledError``: True when the cancellation is the deadline's alone (it
+        is then withdrawn, as ``asyncio.timeout`` does); False when it must propagate."""
+        cancelling = self._fired.pop(task, None)
+        return cancelling is not None and task.uncancel() <= cancelling
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self._armed:
+            return  # the endpoint moved to another loop (tests), which runs its own sweep
+        now = loop.time()
+        late = [task for task, (due, _) in self._due.items() if due <= now or task.get_loop() is not loop]
+        for task in late:
+            _, cancelling = self._due.pop(task)
+            if task.get_loop() is loop:
+                self._fired[task] = cancelling
+                task.cancel()
+        if self._due:
+            loop.call_later(self._tick, self._sweep, loop)
+        else:
+            self._armed = None
 
 
-class ClientGone(Exception):
-    """The client disconnected before the whole body arrived."""
+class _Unreadable(Exception):
+    """The body could not be read whole: ``args`` are the rejection's status, code and message."""
 
 
-@dataclass(frozen=True)
-class WebhookConfig:
-    """What the endpoint needs, fixed at startup."""
-
-    tokens: tuple[bytes, ...]
-    max_body_bytes: int
-    redis_deadline_seconds: float
-    body_timeout_seconds: float = 10.0
-    #: Signed deliveries sent longer ago than this (``meta.deliveredAt``) are refused; None: never.
-    max_delivery_age_seconds: int | None = None
+def redis_deadline_seconds(settings: Settings) -> float:
+    """How long a request waits on Redis before answering 503: two socket timeouts (a reconnect and
+    the call) fit in it."""
+    return min(0.95, settings.redis_timeout_seconds * 1.9)
 
 
 @dataclass(frozen=True)
@@ -95,25 +126,28 @@ def _json(status: int, content: Any, headers: list[tuple[bytes, bytes]] = _JSON_
 
 
 def _accepted(status: bytes, event_id: str) -> Answer:
-    """``{"status": <status>, "eventId": <event_id>}`` with status 202: the answer to nearly every
-    delivery, written directly."""
+    """202 ``{"status": <status>, "eventId": <event_id>}``, nearly every delivery's answer, written directly."""
     body = b'{"status":"%s","eventId":%s}' % (status, pydantic_core.to_json(event_id))
     return Answer(202, body, [*_JSON_HEADERS, (_CONTENT_LENGTH, b"%d" % len(body))])
 
 
-def _error(status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] = _JSON_HEADERS) -> Answer:
-    return _json(status, error_body(code, message), headers)
+def _error(status: int, code: str, message: str) -> Answer:
+    """An error in the contract's shape; a 503 says when to retry."""
+    return _json(status, error_body(code, message), _UNAVAILABLE_HEADERS if status == 503 else _JSON_HEADERS)
 
 
 class WebhookEndpoint:
     """The ASGI app behind ``POST /webhooks/smartcar``; one instance per application."""
 
-    def __init__(self, config: WebhookConfig, inbox: Inbox, spool: Spool | None = None) -> None:
-        self._config = config
+    def __init__(self, settings: Settings, inbox: Inbox, spool: Spool | None = None) -> None:
+        self._tokens = settings.management_tokens
+        self._max_body_bytes = settings.max_body_bytes
+        self._body_timeout = settings.body_timeout_seconds
+        self._redis_deadline = redis_deadline_seconds(settings)
+        #: Signed deliveries sent longer ago than this (``meta.deliveredAt``) are refused.
+        self._max_delivery_age_ms = settings.delivery_max_age_seconds * 1000
         self._inbox = inbox
         self._spool = spool
-        # After Redis fails, go straight to the spool for a moment instead of waiting out the
-        # deadline on every request; the drainer notices when Redis is back.
         self._spool_only_until = 0.0
         self._deadlines = Deadlines()
 
@@ -137,24 +171,22 @@ class WebhookEndpoint:
                 declared = value
 
         # 1. Size: refuse early on a declared length, and stop reading past the limit otherwise.
-        task = self._deadlines.start(self._config.body_timeout_seconds)
+        task = self._deadlines.start(self._body_timeout)
         try:
             body = await self._read_body(receive, declared)
         except asyncio.CancelledError:
             if not self._deadlines.timed_out(task):
                 raise
             return self._reject(408, "body_timeout", "The body did not arrive in time.")
-        except BodyTooLarge:
-            return self._reject(413, "body_too_large", f"The body exceeds {self._config.max_body_bytes} bytes.")
-        except ClientGone:
-            return self._reject(400, "client_disconnected", "The client went away before sending the whole body.")
+        except _Unreadable as exc:
+            return self._reject(*exc.args)
         finally:
             self._deadlines.stop(task)
         received_at_ms = time.time_ns() // 1_000_000
 
         # 2. Signature. An unsigned VERIFY is answered only for a token-like challenge, so the
         # endpoint never signs bytes that could pass for a delivery body.
-        if not verify_signature(self._config.tokens, body, signature):
+        if not verify_signature(self._tokens, body, signature):
             challenge = _unsigned_challenge(body)
             if challenge is not None and is_token_like(challenge):
                 return self._verify_answer(challenge)
@@ -163,8 +195,8 @@ class WebhookEndpoint:
         # Fast path: a well-formed vehicle event, validated from bytes in one pass.
         quick = parse.quick_vehicle_event(body)
         if quick is not None:
-            if self._too_old(quick.delivered_at_ms, received_at_ms):
-                return self._too_old_answer()
+            if (too_old := self._too_old(quick.delivered_at_ms, received_at_ms)) is not None:
+                return too_old
             return await self._accept(quick, body, received_at_ms, task)
 
         # 3. JSON: an object, sent recently enough.
@@ -176,8 +208,8 @@ class WebhookEndpoint:
             # A signed scalar or array carries no eventId to dedupe on: parking it would let one
             # signature fill the parked stream.
             return self._reject(400, "not_an_object", "The body is JSON but not an object.")
-        if self._too_old(parse.delivered_at_ms(document), received_at_ms):
-            return self._too_old_answer()
+        if (too_old := self._too_old(parse.delivered_at_ms(document), received_at_ms)) is not None:
+            return too_old
         event_id = parse.event_id_of(document)
         text = body.decode("utf-8")  # load_json succeeded, so this is valid UTF-8
 
@@ -193,100 +225,82 @@ class WebhookEndpoint:
         # load_json read it (no NaN or Infinity literal): a JSON object the job can embed as it is.
         return await self._accept(quick, body, received_at_ms, task)
 
-    def _too_old(self, delivered_at_ms: int | None, received_at_ms: int) -> bool:
-        """True when a delivery says it was sent longer ago than ``max_delivery_age_seconds``.
-
-        Replays are caught by the dedupe only while the ``eventId`` is remembered; past that
-        window, Smartcar's own ``meta.deliveredAt`` (covered by the signature) is the guard. A
-        delivery without a readable one is let through.
-        """
-        limit = self._config.max_delivery_age_seconds
-        if limit is None or delivered_at_ms is None:
-            return False
-        return received_at_ms - delivered_at_ms > limit * 1000
-
-    def _too_old_answer(self) -> Answer:
-        return self._reject(
-            400,
-            "delivery_too_old",
-            f"The delivery was sent more than {self._config.max_delivery_age_seconds} seconds ago.",
-        )
+    def _too_old(self, delivered_at_ms: int | None, received_at_ms: int) -> Answer | None:
+        """400 for a delivery sent longer ago than ``MAX_DELIVERY_AGE_SECONDS``: past the dedupe
+        window, the signed ``meta.deliveredAt`` is the guard against replays (none: let through)."""
+        limit = self._max_delivery_age_ms
+        if delivered_at_ms is None or received_at_ms - delivered_at_ms <= limit:
+            return None
+        return self._reject(400, "delivery_too_old", f"The delivery was sent more than {limit // 1000} seconds ago.")
 
     async def _accept(self, event: QuickEvent, body: bytes, received_at_ms: int, task: asyncio.Task[Any]) -> Answer:
-        """Enqueue a validated vehicle event (``body``: a JSON object, as received); ``task`` is the
-        request's own."""
-        if self._spool is not None and time.monotonic() < self._spool_only_until:
-            return await self._spooled(
-                SpooledDelivery(event.event_id, event.event_type, body.decode("utf-8"), received_at_ms)
-            )
-        self._deadlines.start(self._config.redis_deadline_seconds, task)
-        try:
-            accepted = await self._inbox.accept(event.event_id, event.event_type, body, received_at_ms)
-        except asyncio.CancelledError:
-            if not self._deadlines.timed_out(task):
-                raise
-            return await self._not_enqueued(event, body, received_at_ms, TimeoutError())
-        except (RedisError, OSError) as exc:
-            return await self._not_enqueued(event, body, received_at_ms, exc)
-        finally:
-            self._deadlines.stop(task)
-        if accepted:
-            _OUTCOME_ACCEPTED.inc()
-            log.debug("delivery accepted", eventId=event.event_id, deliveryId=event.delivery_id)
-            return _accepted(b"accepted", event.event_id)
-        _OUTCOME_DUPLICATE.inc()
-        log.debug("delivery duplicate", eventId=event.event_id, deliveryId=event.delivery_id)
-        return _accepted(b"duplicate", event.event_id)
-
-    async def _not_enqueued(self, event: QuickEvent, body: bytes, received_at_ms: int, exc: BaseException) -> Answer:
-        """Redis failed or was too slow: spool the delivery when a spool is set, else 503."""
-        if self._spool is None:
-            return self._unavailable(event.event_id, exc)
-        self._spool_only_until = time.monotonic() + SPOOL_ONLY_SECONDS
-        return await self._spooled(
-            SpooledDelivery(event.event_id, event.event_type, body.decode("utf-8"), received_at_ms)
-        )
+        """Enqueue a validated vehicle event (``body``: a JSON object, as received), or spool it while
+        Redis fails (503 without a spool); ``task`` is the request's own."""
+        if self._spool is None or time.monotonic() >= self._spool_only_until:
+            self._deadlines.start(self._redis_deadline, task)
+            try:
+                accepted = await self._inbox.accept(event.event_id, event.event_type, body, received_at_ms)
+            except asyncio.CancelledError:
+                if not self._deadlines.timed_out(task):
+                    raise
+                error: BaseException = TimeoutError()
+            except (RedisError, OSError) as exc:
+                error = exc
+            else:
+                if accepted:
+                    _OUTCOME_ACCEPTED.inc()
+                    log.debug("delivery accepted", eventId=event.event_id, deliveryId=event.delivery_id)
+                    return _accepted(b"accepted", event.event_id)
+                _OUTCOME_DUPLICATE.inc()
+                log.debug("delivery duplicate", eventId=event.event_id, deliveryId=event.delivery_id)
+                return _accepted(b"duplicate", event.event_id)
+            finally:
+                self._deadlines.stop(task)
+            if self._spool is None:
+                return self._unavailable(event.event_id, error)
+            # Go straight to the spool for a moment rather than wait out the deadline on every request.
+            self._spool_only_until = time.monotonic() + SPOOL_ONLY_SECONDS
+        return await self._spooled(SpooledDelivery(event.event_id, event.event_type, body.decode(), received_at_ms))
 
     async def _read_body(self, receive: Receive, declared: bytes | None) -> bytes:
-        limit = self._config.max_body_bytes
+        limit = self._max_body_bytes
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise BodyTooLarge
+            raise _Unreadable(413, "body_too_large", f"The body exceeds {limit} bytes.")
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise ClientGone
+                raise _Unreadable(400, "client_disconnected", "The client went away before sending the whole body.")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise BodyTooLarge
+                raise _Unreadable(413, "body_too_large", f"The body exceeds {limit} bytes.")
             if not message.get("more_body", False):
                 # Usually the whole body came in one message: no copy.
                 return b"".join((*chunks, chunk)) if chunks else chunk
             chunks.append(chunk)
 
     async def _park(self, event_id: str | None, exc: PermanentError, text: str) -> Answer:
-        task = self._deadlines.start(self._config.redis_deadline_seconds)
+        """Park what cannot become a job, or spool it to park later while Redis fails (503 without a spool)."""
+        task = self._deadlines.start(self._redis_deadline)
         try:
             fresh = await self._inbox.park(event_id, exc.code, exc.message, text)
         except asyncio.CancelledError:
             if not self._deadlines.timed_out(task):
                 raise
-            return await self._not_parked(event_id, exc, text, TimeoutError())
-        except (RedisError, OSError) as error:
-            return await self._not_parked(event_id, exc, text, error)
+            error: BaseException = TimeoutError()
+        except (RedisError, OSError) as caught:
+            error = caught
+        else:
+            metrics.DELIVERIES.labels(outcome="parked_" + exc.code).inc()
+            log.warning("delivery parked", eventId=event_id, reason=exc.code, detail=exc.message, repeat=not fresh)
+            content: dict[str, object] = {"status": "parked", "reason": exc.code, "eventId": event_id}
+            if not fresh:
+                content["duplicate"] = True
+            return _json(202, content)
         finally:
             self._deadlines.stop(task)
-        metrics.DELIVERIES.labels(outcome="parked_" + exc.code).inc()
-        log.warning("delivery parked", eventId=event_id, reason=exc.code, detail=exc.message, repeat=not fresh)
-        content: dict[str, object] = {"status": "parked", "reason": exc.code, "eventId": event_id}
-        if not fresh:
-            content["duplicate"] = True
-        return _json(202, content)
-
-    async def _not_parked(self, event_id: str | None, exc: PermanentError, text: str, error: BaseException) -> Answer:
-        """Redis failed or was too slow: spool the delivery to park later when a spool is set, else 503."""
         if self._spool is None:
             return self._unavailable(event_id, error)
         delivery = SpooledDelivery(event_id, "UNKNOWN", text, time.time_ns() // 1_000_000, exc.code, exc.message)
@@ -300,12 +314,7 @@ class WebhookEndpoint:
         except SpoolFull:
             metrics.DELIVERIES.labels(outcome="spool_full").inc()
             log.error("redis unavailable and the spool is full, delivery refused", eventId=delivery.event_id)
-            return _error(
-                503,
-                "spool_full",
-                "The event store is unreachable and the spool is full; retry later.",
-                headers=_UNAVAILABLE_HEADERS,
-            )
+            return _error(503, "spool_full", "The event store is unreachable and the spool is full; retry later.")
         except OSError as exc:
             log.error("spooling failed", eventId=delivery.event_id, error=type(exc).__name__)
             return self._unavailable(delivery.event_id, exc)
@@ -320,7 +329,7 @@ class WebhookEndpoint:
     def _verify_answer(self, challenge: str) -> Answer:
         metrics.DELIVERIES.labels(outcome="verify").inc()
         log.info("verify challenge answered")
-        return _json(200, {"challenge": answer_challenge(self._config.tokens[0], challenge)})
+        return _json(200, {"challenge": answer_challenge(self._tokens[0], challenge)})
 
     def _reject(self, status: int, code: str, message: str) -> Answer:
         metrics.DELIVERIES.labels(outcome="rejected_" + code).inc()
@@ -328,22 +337,17 @@ class WebhookEndpoint:
         return _error(status, code, message)
 
     def _internal_error(self, exc: Exception) -> Answer:
-        """The answer to an error of the endpoint's own: what ``service.responses.unexpected_exception``
-        answers for every other route (the webhook is served outside Starlette's handlers)."""
+        """What ``service.responses.unexpected_exception`` answers on every other route."""
         metrics.DELIVERIES.labels(outcome="internal_error").inc()
         log.error("unhandled error", path="/webhooks/smartcar", error=type(exc).__name__, exc_info=exc)
-        return _error(
-            503, "internal_error", "The request could not be handled; retry later.", headers=_UNAVAILABLE_HEADERS
-        )
+        return _error(503, "internal_error", "The request could not be handled; retry later.")
 
     def _unavailable(self, event_id: str | None, exc: BaseException) -> Answer:
         metrics.DELIVERIES.labels(outcome="unavailable").inc()
         # A missing function is a setup step left out: its message says which (no secret in it).
         fix = {"fix": str(exc)} if isinstance(exc, MissingFunction) else {}
         log.error("redis unavailable, delivery refused", eventId=event_id, error=type(exc).__name__, **fix)
-        return _error(
-            503, "redis_unavailable", "The event store is unreachable; retry later.", headers=_UNAVAILABLE_HEADERS
-        )
+        return _error(503, "redis_unavailable", "The event store is unreachable; retry later.")
 
 
 def _unsigned_challenge(body: bytes) -> str | None:

@@ -295,7 +295,7 @@ def test_connect_start_is_served_only_when_enabled():
 
 def written_errors(module: str) -> dict[str, set[tuple[int, str]]]:
     """(status, code) of every error written with literal values (``_reject``, ``_error``,
-    ``error_response``) in ``module``, by the name of the function that writes it."""
+    ``_Unreadable``, ``error_response``) in ``module``, by the name of the function that writes it."""
     found: dict[str, set[tuple[int, str]]] = {}
     for function in ast.walk(ast.parse((ROOT / module).read_text())):
         if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
@@ -306,7 +306,7 @@ def written_errors(module: str) -> dict[str, set[tuple[int, str]]]:
             name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
             status, code = node.args[0], node.args[1]
             if (
-                name in {"_reject", "_error", "error_response"}
+                name in {"_reject", "_error", "_Unreadable", "error_response"}
                 and isinstance(status, ast.Constant)
                 and isinstance(status.value, int)
                 and isinstance(code, ast.Constant)

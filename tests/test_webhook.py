@@ -36,9 +36,8 @@ from core.redis.keys import job_id_for
 from core.signatures import answer_challenge
 from service.admin import create_admin_app
 from service.app import WEBHOOK_PATH, IngestApp, create_app
-from service.deadlines import Deadlines
 from service.responses import http_exception, unexpected_exception
-from service.webhooks import UNSIGNED_VERIFY_MAX_BYTES, WebhookConfig, WebhookEndpoint
+from service.webhooks import UNSIGNED_VERIFY_MAX_BYTES, Deadlines, WebhookEndpoint
 from tests.conftest import OLD_TOKEN, TOKEN, fixture_paths, load_fixture, signed_headers
 from tests.contracts import check_parked_entry
 from tests.examples import examples
@@ -443,7 +442,7 @@ def test_an_error_of_the_endpoint_itself_is_a_503_never_a_500(settings, root_pat
     the direct dispatch of POST /webhooks/smartcar and through Starlette's router alike (a
     root_path sends the request the Starlette way), and logs the error."""
     endpoint = WebhookEndpoint(
-        WebhookConfig(tokens=(TOKEN.encode(),), max_body_bytes=settings.max_body_bytes, redis_deadline_seconds=0.9),
+        settings,
         BrokenInbox(redis.asyncio.Redis.from_url(settings.redis_url), JobOptions("q"), "parked", 60),
     )
     app = IngestApp(
