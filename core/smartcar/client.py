@@ -1,24 +1,6 @@
-"""The Smartcar v3 vehicle API client: application token plus ``sc-user-id``.
+"""The Smartcar v3 vehicle API client: the application token plus ``sc-user-id`` on every call.
 
-Every call carries ``Authorization: Bearer <app token>`` and ``sc-user-id``. Outcomes map onto the
-error tree (:mod:`core.errors`):
-
-* 401: the token is refreshed once and the call retried once; a second 401 is
-  :class:`SmartcarUnauthorized` (the user revoked access, or the app lost it);
-* 429: :class:`SmartcarRateLimited`, retried after ``Retry-After`` seconds when Smartcar says,
-  with exponential backoff and jitter otherwise. With a :class:`RequestGate` (the workers'
-  :class:`core.smartcar.limiter.RequestLimiter`) the gate is told of the 429 and does the waiting,
-  for every process: the retry goes as soon as the gate admits it, and a request the gate cannot
-  admit in time is never sent (:class:`core.smartcar.limiter.OverBudget`, not retried);
-* 5xx and network errors: :class:`SmartcarUnavailable`, retried with backoff;
-* any other 4xx: :class:`SmartcarRejected`, never retried.
-
-A vehicle id becomes a path segment, so one that is not a Smartcar id (``..``, anything with
-``/``, ``.`` or ``%``) is refused with :class:`InvalidPayload` before any request is built.
-
-Retries stay within a bounded budget (attempts and seconds); past it the last transient error is
-raised so that the job level can decide (RQ retry, then park). ``stamina.set_testing`` turns the
-waits off in tests.
+How each answer maps onto the error tree and which are retried: docs/architecture.md, "The v3 client".
 """
 
 from __future__ import annotations
@@ -28,7 +10,7 @@ import datetime as dt
 import re
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
@@ -48,11 +30,13 @@ from core.errors import (
 from core.events import VEHICLE_ID_PATTERN
 from core.logs import get_logger
 from core.smartcar.http import HttpAnswer, SmartcarHttp
-from core.smartcar.limiter import OverBudget
+from core.smartcar.limiter import OverBudget, RequestLimiter
 from core.smartcar.tokens import AppTokenProvider, retry_after_seconds
 
 #: Longest wait honoured from a Retry-After header; a longer one is left to the job-level retry.
 MAX_RETRY_AFTER_SECONDS = 30.0
+#: The most one call takes, retries included.
+BUDGET_SECONDS = 30.0
 #: Signal pages followed at most, so a misbehaving ``links.next`` cannot loop forever.
 MAX_SIGNAL_PAGES = 20
 _VEHICLE_ID = re.compile(VEHICLE_ID_PATTERN)
@@ -74,18 +58,6 @@ def _segment(value: str) -> str:
     if value in {"", ".", ".."}:
         raise InvalidPayload("A path segment of a Smartcar URL was empty or a dot segment; no request was sent.")
     return quote(value, safe="")
-
-
-class RequestGate(Protocol):
-    """What every request to the vehicle API passes through when the client has one."""
-
-    async def admit(self, endpoint: str, vehicle_id: str | None) -> None:
-        """Return when the request may be sent; raise :class:`OverBudget` when it may not in time."""
-
-    async def rate_limited(
-        self, endpoint: str, vehicle_id: str | None, error_code: str | None, retry_after: float | None
-    ) -> None:
-        """Smartcar answered this request 429 (``error_code`` as it said, ``Retry-After`` in seconds)."""
 
 
 log = get_logger("smartcar_ingest.smartcar")
@@ -147,14 +119,12 @@ class SmartcarClient:
         api_url: str,
         tokens: AppTokenProvider,
         attempts: int = 4,
-        budget_seconds: float = 30.0,
-        gate: RequestGate | None = None,
+        gate: RequestLimiter | None = None,
     ) -> None:
         self._http = http
         self._base = api_url.rstrip("/") + "/"
         self._tokens = tokens
         self._attempts = attempts
-        self._budget = budget_seconds
         self._gate = gate
         self._retry_on: Callable[[Exception], bool | float | dt.timedelta] = (
             _backoff if gate is None else _gated_backoff
@@ -225,13 +195,12 @@ class SmartcarClient:
         params: Mapping[str, str] | None = None,
         vehicle_id: str | None = None,
     ) -> Any:
-        """One read with retries; ``endpoint`` is the template named in metrics (never the URL),
-        ``vehicle_id`` the vehicle it reads (for the gate's per-vehicle pauses).
+        """One read with retries; ``endpoint`` is the template named in metrics (never the URL).
 
-        The first attempt runs on its own: stamina's retry machinery is built only once a
-        transient failure asks for a retry, within what is left of the budget (a retry context per
-        attempt cost the worker 10-15 % more CPU and 15 MB more RSS: docs/performance.md)."""
-        started, attempts, left = time.monotonic(), self._attempts, self._budget
+        The first attempt runs bare: stamina's retry context is built only once a failure asks for a
+        retry (one per attempt costs the worker CPU and memory with hundreds of jobs in flight:
+        docs/performance.md)."""
+        started, attempts, left = time.monotonic(), self._attempts, BUDGET_SECONDS
         if not stamina.is_testing():  # under stamina's testing mode it counts every try itself
             try:
                 return await self._get_once(endpoint, path, user_id, params, vehicle_id)
@@ -245,12 +214,12 @@ class SmartcarClient:
                     pause = float(wait)
                 else:
                     pause = FIRST_RETRY_WAIT_SECONDS
-                if time.monotonic() - started + pause >= self._budget:
+                if time.monotonic() - started + pause >= BUDGET_SECONDS:
                     raise
                 # The first retry's line; stamina logs later ones (stamina.retry_scheduled).
                 log.warning("smartcar call will be retried", endpoint=endpoint, error=type(exc).__name__, waitFor=pause)
             await asyncio.sleep(pause)
-            attempts, left = attempts - 1, self._budget - (time.monotonic() - started)
+            attempts, left = attempts - 1, BUDGET_SECONDS - (time.monotonic() - started)
         first = stamina.is_testing()
         async for attempt in stamina.retry_context(
             on=self._retry_on, attempts=attempts, timeout=left, wait_initial=0.2, wait_max=5.0
@@ -326,8 +295,7 @@ class SmartcarClient:
 
 def smartcar_client(settings: Settings, redis: Redis, http: SmartcarHttp, **options: Any) -> SmartcarClient:
     """The v3 client of this deployment: ``http`` for the calls, the application token shared
-    through ``redis``; ``options`` go to :class:`SmartcarClient` (``attempts``, ``budget_seconds``,
-    ``gate``).
+    through ``redis``; ``options`` go to :class:`SmartcarClient` (``attempts``, ``gate``).
 
     Call :meth:`Settings.require_client_credentials` first; without them this raises it.
     """
