@@ -66,7 +66,7 @@ log = get_logger("smartcar_ingest.smartcar")
 FIRST_RETRY_WAIT_SECONDS = 0.2
 
 
-def _backoff(exc: Exception) -> bool | float | dt.timedelta:
+def _backoff(exc: Exception) -> bool | dt.timedelta:
     """stamina's hook: retry transient errors, waiting as long as a 429 asked when it said."""
     if isinstance(exc, SmartcarRateLimited) and exc.retry_after is not None:
         if exc.retry_after > MAX_RETRY_AFTER_SECONDS:
@@ -75,7 +75,7 @@ def _backoff(exc: Exception) -> bool | float | dt.timedelta:
     return isinstance(exc, TransientError)
 
 
-def _gated_backoff(exc: Exception) -> bool | float | dt.timedelta:
+def _gated_backoff(exc: Exception) -> bool | dt.timedelta:
     """stamina's hook with a gate: a 429 is retried at once (the gate waits out its pause, or
     refuses), a request the gate refused is not retried, anything else as without a gate."""
     if isinstance(exc, OverBudget):
@@ -126,9 +126,7 @@ class SmartcarClient:
         self._tokens = tokens
         self._attempts = attempts
         self._gate = gate
-        self._retry_on: Callable[[Exception], bool | float | dt.timedelta] = (
-            _backoff if gate is None else _gated_backoff
-        )
+        self._retry_on: Callable[[Exception], bool | dt.timedelta] = _backoff if gate is None else _gated_backoff
 
     async def get_vehicle(self, vehicle_id: str, user_id: str) -> dict[str, Any]:
         """``GET /vehicles/{id}``: the vehicle resource (``id``, ``attributes{make,model,year}``)."""
@@ -208,12 +206,7 @@ class SmartcarClient:
                 wait = self._retry_on(exc)
                 if wait is False or attempts <= 1 or not stamina.is_active():
                     raise
-                if isinstance(wait, dt.timedelta):
-                    pause = wait.total_seconds()
-                elif isinstance(wait, float | int) and not isinstance(wait, bool):
-                    pause = float(wait)
-                else:
-                    pause = FIRST_RETRY_WAIT_SECONDS
+                pause = wait.total_seconds() if isinstance(wait, dt.timedelta) else FIRST_RETRY_WAIT_SECONDS
                 if time.monotonic() - started + pause >= BUDGET_SECONDS:
                     raise
                 # The first retry's line; stamina logs later ones (stamina.retry_scheduled).

@@ -1,14 +1,7 @@
 """The HTTP client that talks to Smartcar (the token endpoint and the vehicle API): aiohttp, directly.
 
-Every event makes two requests, so the client's own CPU per request counts: through httpx (over
-aiohttp's pool) a request cost 343-355 µs of CPU, on aiohttp directly 149-184 µs
-(docs/performance.md). The callers (:mod:`core.smartcar.client`, :mod:`core.smartcar.tokens`)
-speak to it through :class:`SmartcarHttp`, the few methods of ``httpx.AsyncClient`` they use, so
-their unit tests hand them an ``httpx.AsyncClient`` on a ``MockTransport`` instead.
-
-A network failure or timeout is raised as ``httpx.TransportError``, what the callers catch
-whichever client they were given. Proxies come from the environment (``HTTPS_PROXY``) and
-certificates from certifi, as with httpx.
+Why not httpx, which the callers' unit tests still hand them on a ``MockTransport``: docs/performance.md.
+A network failure or timeout is raised as ``httpx.TransportError`` whichever client the callers got.
 """
 
 from __future__ import annotations
