@@ -9,7 +9,7 @@ from __future__ import annotations
 import ssl
 import urllib.request
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, TypeAlias
 
 import aiohttp
 import certifi
@@ -20,32 +20,6 @@ from yarl import URL
 #: Seconds a request may take in all, and to connect.
 TIMEOUT_SECONDS = 15.0
 CONNECT_SECONDS = 5.0
-
-
-class HttpAnswer(Protocol):
-    """What the callers read of an answer (an ``httpx.Response`` has it too)."""
-
-    @property
-    def status_code(self) -> int: ...
-
-    @property
-    def headers(self) -> Mapping[str, str]: ...
-
-    def json(self) -> Any: ...
-
-
-class SmartcarHttp(Protocol):
-    """What the callers use of an HTTP client (an ``httpx.AsyncClient`` has it too)."""
-
-    async def get(
-        self, url: str, *, params: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None
-    ) -> HttpAnswer: ...
-
-    async def post(
-        self, url: str, *, data: Mapping[str, str], headers: Mapping[str, str] | None = None
-    ) -> HttpAnswer: ...
-
-    async def aclose(self) -> None: ...
 
 
 class Answer:
@@ -115,3 +89,8 @@ class LeanHttp:
 def smartcar_http(max_connections: int = 100) -> LeanHttp:
     """The HTTP client for the token endpoint and the vehicle API (see the module docstring)."""
     return LeanHttp(max_connections)
+
+
+#: What the callers are handed: a LeanHttp, or in their unit tests an httpx.AsyncClient on a MockTransport.
+SmartcarHttp: TypeAlias = LeanHttp | httpx.AsyncClient
+HttpAnswer: TypeAlias = Answer | httpx.Response
