@@ -233,12 +233,6 @@ class SmartcarClient:
             # The token may have been revoked or rotated: one refresh, one retry.
             token = await self._tokens.refresh(stale=token)
             response = await self._send(endpoint, path, token, user_id, params, vehicle_id)
-            if response.status_code == 401:
-                error_type, code, request_id = parse_error(response)
-                raise SmartcarUnauthorized(
-                    f"Smartcar refused a fresh application token ({error_type or 'AUTHENTICATION'}"
-                    f"{':' + code if code else ''}, request {request_id or 'unknown'})."
-                )
         status = response.status_code
         if status < 300:
             try:
@@ -246,7 +240,11 @@ class SmartcarClient:
             except ValueError:
                 raise SmartcarUnavailable(f"Smartcar answered {status} with a body that is not JSON.") from None
         error_type, code, request_id = parse_error(response)
-        label = f"{error_type or 'UNKNOWN'}{':' + code if code else ''}"
+        label = f"{error_type or ('AUTHENTICATION' if status == 401 else 'UNKNOWN')}{':' + code if code else ''}"
+        if status == 401:
+            raise SmartcarUnauthorized(
+                f"Smartcar refused a fresh application token ({label}, request {request_id or 'unknown'})."
+            )
         if status == 429:
             retry_after = retry_after_seconds(response)
             if self._gate is not None:
