@@ -130,8 +130,7 @@ class SmartcarClient:
 
     async def get_vehicle(self, vehicle_id: str, user_id: str) -> dict[str, Any]:
         """``GET /vehicles/{id}``: the vehicle resource (``id``, ``attributes{make,model,year}``)."""
-        body = await self._get("vehicle", vehicle_path(vehicle_id), user_id, vehicle_id=vehicle_id)
-        return body if isinstance(body, dict) else {}
+        return await self._get("vehicle", vehicle_path(vehicle_id), user_id, vehicle_id=vehicle_id)
 
     async def get_signals(self, vehicle_id: str, user_id: str) -> list[dict[str, Any]]:
         """``GET /vehicles/{id}/signals``: every signal resource, following ``links.next`` pages."""
@@ -140,9 +139,8 @@ class SmartcarClient:
         resources: list[dict[str, Any]] = []
         for _ in range(MAX_SIGNAL_PAGES):
             body = await self._get("signals", url, user_id, params, vehicle_id=vehicle_id)
-            data = body.get("data") if isinstance(body, dict) else None
-            resources.extend(item for item in data or () if isinstance(item, dict))
-            links = body.get("links") if isinstance(body, dict) else None
+            resources.extend(item for item in body.get("data") or () if isinstance(item, dict))
+            links = body.get("links")
             next_link = links.get("next") if isinstance(links, dict) else None
             url = self._follow(next_link) if isinstance(next_link, str) and next_link else ""
             if not url:
@@ -156,8 +154,7 @@ class SmartcarClient:
         A code the vehicle does not report is a 404, raised as :class:`SmartcarRejected`.
         """
         path = f"{vehicle_path(vehicle_id)}/signals/{_segment(code)}"
-        body = await self._get("signal", path, user_id, vehicle_id=vehicle_id)
-        return body if isinstance(body, dict) else {}
+        return await self._get("signal", path, user_id, vehicle_id=vehicle_id)
 
     def _follow(self, link: str) -> str:
         """The absolute URL of a ``links.next`` value, or "" when it leaves the API's host.
@@ -182,8 +179,7 @@ class SmartcarClient:
         params = {"page[number]": str(page_number), "page[size]": str(page_size)}
         if user_id is not None:
             params["filter[userId]"] = user_id
-        body = await self._get("connections", "connections", user_id, params)
-        return body if isinstance(body, dict) else {}
+        return await self._get("connections", "connections", user_id, params)
 
     async def _get(
         self,
@@ -192,7 +188,7 @@ class SmartcarClient:
         user_id: str | None,
         params: Mapping[str, str] | None = None,
         vehicle_id: str | None = None,
-    ) -> Any:
+    ) -> dict[str, Any]:
         """One read with retries; ``endpoint`` is the template named in metrics (never the URL).
 
         The first attempt runs bare: stamina's retry context is built only once a failure asks for a
@@ -226,7 +222,7 @@ class SmartcarClient:
 
     async def _get_once(
         self, endpoint: str, path: str, user_id: str | None, params: Mapping[str, str] | None, vehicle_id: str | None
-    ) -> Any:
+    ) -> dict[str, Any]:
         token = await self._tokens.get()
         response = await self._send(endpoint, path, token, user_id, params, vehicle_id)
         if response.status_code == 401:
@@ -236,7 +232,8 @@ class SmartcarClient:
         status = response.status_code
         if status < 300:
             try:
-                return response.json()
+                body = response.json()
+                return body if isinstance(body, dict) else {}  # every v3 resource is an object
             except ValueError:
                 raise SmartcarUnavailable(f"Smartcar answered {status} with a body that is not JSON.") from None
         error_type, code, request_id = parse_error(response)
