@@ -88,14 +88,7 @@ class TokenSeal:
 class AppTokenProvider:
     """Hands out the shared application token, refreshing it ahead of expiry."""
 
-    def __init__(
-        self,
-        redis: Redis,
-        http: SmartcarHttp,
-        token_url: str,
-        client_id: str,
-        client_secret: str,
-    ) -> None:
+    def __init__(self, redis: Redis, http: SmartcarHttp, token_url: str, client_id: str, client_secret: str) -> None:
         self._redis = redis
         self._http = http
         self._token_url = token_url
