@@ -72,7 +72,7 @@ def test_web_and_worker_run_the_pipeline_as_their_own_users(pipeline, acl_redis)
     assert [entry["event_id"] for entry in outputs(admin)] == [event["eventId"]]
     assert [entry["reason"] for entry in stream_entries(admin, pipeline.parked_stream)] == ["legacy_v2"]
     assert admin.get(TOKEN_KEY) is not None
-    # the worker shared its reads and counted them under its own user (core.smartcar.cache, deployment_counts)
+    # the worker shared its reads and counted them under its own user (core.smartcar.reads, deployment_counts)
     vehicle, user = event["data"]["vehicle"]["id"], event["data"]["user"]["id"]
     assert admin.hget(read_key("signals", vehicle, user), "data") is not None
     assert admin.keys(f"{USAGE_PREFIX}*")

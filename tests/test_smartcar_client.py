@@ -131,7 +131,7 @@ def test_token_near_expiry_is_refreshed_ahead_of_time(redis_url, fake, redis_cli
         token = await tokens.get()
         return token
 
-    assert using(redis_url, fake, scenario, refresh_margin_seconds=300) == "tok-1"
+    assert using(redis_url, fake, scenario) == "tok-1"
 
 
 def test_refresh_uses_a_replacement_made_by_another_process(redis_url, fake, redis_client):

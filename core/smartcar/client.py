@@ -1,24 +1,6 @@
-"""The Smartcar v3 vehicle API client: application token plus ``sc-user-id``.
+"""The Smartcar v3 vehicle API client: the application token plus ``sc-user-id`` on every call.
 
-Every call carries ``Authorization: Bearer <app token>`` and ``sc-user-id``. Outcomes map onto the
-error tree (:mod:`core.errors`):
-
-* 401: the token is refreshed once and the call retried once; a second 401 is
-  :class:`SmartcarUnauthorized` (the user revoked access, or the app lost it);
-* 429: :class:`SmartcarRateLimited`, retried after ``Retry-After`` seconds when Smartcar says,
-  with exponential backoff and jitter otherwise. With a :class:`RequestGate` (the workers'
-  :class:`core.smartcar.limiter.RequestLimiter`) the gate is told of the 429 and does the waiting,
-  for every process: the retry goes as soon as the gate admits it, and a request the gate cannot
-  admit in time is never sent (:class:`core.smartcar.limiter.OverBudget`, not retried);
-* 5xx and network errors: :class:`SmartcarUnavailable`, retried with backoff;
-* any other 4xx: :class:`SmartcarRejected`, never retried.
-
-A vehicle id becomes a path segment, so one that is not a Smartcar id (``..``, anything with
-``/``, ``.`` or ``%``) is refused with :class:`InvalidPayload` before any request is built.
-
-Retries stay within a bounded budget (attempts and seconds); past it the last transient error is
-raised so that the job level can decide (RQ retry, then park). ``stamina.set_testing`` turns the
-waits off in tests.
+How each answer maps onto the error tree and which are retried: docs/architecture.md, "The v3 client".
 """
 
 from __future__ import annotations
@@ -28,7 +10,7 @@ import datetime as dt
 import re
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
@@ -48,11 +30,13 @@ from core.errors import (
 from core.events.wire import VEHICLE_ID_PATTERN
 from core.logs import get_logger
 from core.smartcar.http import HttpAnswer, SmartcarHttp
-from core.smartcar.limiter import OverBudget
+from core.smartcar.limiter import OverBudget, RequestLimiter
 from core.smartcar.tokens import AppTokenProvider, retry_after_seconds
 
 #: Longest wait honoured from a Retry-After header; a longer one is left to the job-level retry.
 MAX_RETRY_AFTER_SECONDS = 30.0
+#: The most one call takes, retries included.
+BUDGET_SECONDS = 30.0
 #: Signal pages followed at most, so a misbehaving ``links.next`` cannot loop forever.
 MAX_SIGNAL_PAGES = 20
 _VEHICLE_ID = re.compile(VEHICLE_ID_PATTERN)
@@ -76,25 +60,13 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
-class RequestGate(Protocol):
-    """What every request to the vehicle API passes through when the client has one."""
-
-    async def admit(self, endpoint: str, vehicle_id: str | None) -> None:
-        """Return when the request may be sent; raise :class:`OverBudget` when it may not in time."""
-
-    async def rate_limited(
-        self, endpoint: str, vehicle_id: str | None, error_code: str | None, retry_after: float | None
-    ) -> None:
-        """Smartcar answered this request 429 (``error_code`` as it said, ``Retry-After`` in seconds)."""
-
-
 log = get_logger("smartcar_ingest.smartcar")
 
 #: The wait before the first retry of a transient failure (stamina's first backoff step).
 FIRST_RETRY_WAIT_SECONDS = 0.2
 
 
-def _backoff(exc: Exception) -> bool | float | dt.timedelta:
+def _backoff(exc: Exception) -> bool | dt.timedelta:
     """stamina's hook: retry transient errors, waiting as long as a 429 asked when it said."""
     if isinstance(exc, SmartcarRateLimited) and exc.retry_after is not None:
         if exc.retry_after > MAX_RETRY_AFTER_SECONDS:
@@ -103,7 +75,7 @@ def _backoff(exc: Exception) -> bool | float | dt.timedelta:
     return isinstance(exc, TransientError)
 
 
-def _gated_backoff(exc: Exception) -> bool | float | dt.timedelta:
+def _gated_backoff(exc: Exception) -> bool | dt.timedelta:
     """stamina's hook with a gate: a 429 is retried at once (the gate waits out its pause, or
     refuses), a request the gate refused is not retried, anything else as without a gate."""
     if isinstance(exc, OverBudget):
@@ -147,23 +119,18 @@ class SmartcarClient:
         api_url: str,
         tokens: AppTokenProvider,
         attempts: int = 4,
-        budget_seconds: float = 30.0,
-        gate: RequestGate | None = None,
+        gate: RequestLimiter | None = None,
     ) -> None:
         self._http = http
         self._base = api_url.rstrip("/") + "/"
         self._tokens = tokens
         self._attempts = attempts
-        self._budget = budget_seconds
         self._gate = gate
-        self._retry_on: Callable[[Exception], bool | float | dt.timedelta] = (
-            _backoff if gate is None else _gated_backoff
-        )
+        self._retry_on: Callable[[Exception], bool | dt.timedelta] = _backoff if gate is None else _gated_backoff
 
     async def get_vehicle(self, vehicle_id: str, user_id: str) -> dict[str, Any]:
         """``GET /vehicles/{id}``: the vehicle resource (``id``, ``attributes{make,model,year}``)."""
-        body = await self._get("vehicle", vehicle_path(vehicle_id), user_id, vehicle_id=vehicle_id)
-        return body if isinstance(body, dict) else {}
+        return await self._get("vehicle", vehicle_path(vehicle_id), user_id, vehicle_id=vehicle_id)
 
     async def get_signals(self, vehicle_id: str, user_id: str) -> list[dict[str, Any]]:
         """``GET /vehicles/{id}/signals``: every signal resource, following ``links.next`` pages."""
@@ -172,9 +139,8 @@ class SmartcarClient:
         resources: list[dict[str, Any]] = []
         for _ in range(MAX_SIGNAL_PAGES):
             body = await self._get("signals", url, user_id, params, vehicle_id=vehicle_id)
-            data = body.get("data") if isinstance(body, dict) else None
-            resources.extend(item for item in data or () if isinstance(item, dict))
-            links = body.get("links") if isinstance(body, dict) else None
+            resources.extend(item for item in body.get("data") or () if isinstance(item, dict))
+            links = body.get("links")
             next_link = links.get("next") if isinstance(links, dict) else None
             url = self._follow(next_link) if isinstance(next_link, str) and next_link else ""
             if not url:
@@ -188,8 +154,7 @@ class SmartcarClient:
         A code the vehicle does not report is a 404, raised as :class:`SmartcarRejected`.
         """
         path = f"{vehicle_path(vehicle_id)}/signals/{_segment(code)}"
-        body = await self._get("signal", path, user_id, vehicle_id=vehicle_id)
-        return body if isinstance(body, dict) else {}
+        return await self._get("signal", path, user_id, vehicle_id=vehicle_id)
 
     def _follow(self, link: str) -> str:
         """The absolute URL of a ``links.next`` value, or "" when it leaves the API's host.
@@ -214,8 +179,7 @@ class SmartcarClient:
         params = {"page[number]": str(page_number), "page[size]": str(page_size)}
         if user_id is not None:
             params["filter[userId]"] = user_id
-        body = await self._get("connections", "connections", user_id, params)
-        return body if isinstance(body, dict) else {}
+        return await self._get("connections", "connections", user_id, params)
 
     async def _get(
         self,
@@ -224,14 +188,13 @@ class SmartcarClient:
         user_id: str | None,
         params: Mapping[str, str] | None = None,
         vehicle_id: str | None = None,
-    ) -> Any:
-        """One read with retries; ``endpoint`` is the template named in metrics (never the URL),
-        ``vehicle_id`` the vehicle it reads (for the gate's per-vehicle pauses).
+    ) -> dict[str, Any]:
+        """One read with retries; ``endpoint`` is the template named in metrics (never the URL).
 
-        The first attempt runs on its own: stamina's retry machinery is built only once a
-        transient failure asks for a retry, within what is left of the budget (a retry context per
-        attempt cost the worker 10-15 % more CPU and 15 MB more RSS: docs/performance.md)."""
-        started, attempts, left = time.monotonic(), self._attempts, self._budget
+        The first attempt runs bare: stamina's retry context is built only once a failure asks for a
+        retry (one per attempt costs the worker CPU and memory with hundreds of jobs in flight:
+        docs/performance.md)."""
+        started, attempts, left = time.monotonic(), self._attempts, BUDGET_SECONDS
         if not stamina.is_testing():  # under stamina's testing mode it counts every try itself
             try:
                 return await self._get_once(endpoint, path, user_id, params, vehicle_id)
@@ -239,18 +202,13 @@ class SmartcarClient:
                 wait = self._retry_on(exc)
                 if wait is False or attempts <= 1 or not stamina.is_active():
                     raise
-                if isinstance(wait, dt.timedelta):
-                    pause = wait.total_seconds()
-                elif isinstance(wait, float | int) and not isinstance(wait, bool):
-                    pause = float(wait)
-                else:
-                    pause = FIRST_RETRY_WAIT_SECONDS
-                if time.monotonic() - started + pause >= self._budget:
+                pause = wait.total_seconds() if isinstance(wait, dt.timedelta) else FIRST_RETRY_WAIT_SECONDS
+                if time.monotonic() - started + pause >= BUDGET_SECONDS:
                     raise
                 # The first retry's line; stamina logs later ones (stamina.retry_scheduled).
                 log.warning("smartcar call will be retried", endpoint=endpoint, error=type(exc).__name__, waitFor=pause)
             await asyncio.sleep(pause)
-            attempts, left = attempts - 1, self._budget - (time.monotonic() - started)
+            attempts, left = attempts - 1, BUDGET_SECONDS - (time.monotonic() - started)
         first = stamina.is_testing()
         async for attempt in stamina.retry_context(
             on=self._retry_on, attempts=attempts, timeout=left, wait_initial=0.2, wait_max=5.0
@@ -264,27 +222,26 @@ class SmartcarClient:
 
     async def _get_once(
         self, endpoint: str, path: str, user_id: str | None, params: Mapping[str, str] | None, vehicle_id: str | None
-    ) -> Any:
+    ) -> dict[str, Any]:
         token = await self._tokens.get()
         response = await self._send(endpoint, path, token, user_id, params, vehicle_id)
         if response.status_code == 401:
             # The token may have been revoked or rotated: one refresh, one retry.
             token = await self._tokens.refresh(stale=token)
             response = await self._send(endpoint, path, token, user_id, params, vehicle_id)
-            if response.status_code == 401:
-                error_type, code, request_id = parse_error(response)
-                raise SmartcarUnauthorized(
-                    f"Smartcar refused a fresh application token ({error_type or 'AUTHENTICATION'}"
-                    f"{':' + code if code else ''}, request {request_id or 'unknown'})."
-                )
         status = response.status_code
         if status < 300:
             try:
-                return response.json()
+                body = response.json()
+                return body if isinstance(body, dict) else {}  # every v3 resource is an object
             except ValueError:
                 raise SmartcarUnavailable(f"Smartcar answered {status} with a body that is not JSON.") from None
         error_type, code, request_id = parse_error(response)
-        label = f"{error_type or 'UNKNOWN'}{':' + code if code else ''}"
+        label = f"{error_type or ('AUTHENTICATION' if status == 401 else 'UNKNOWN')}{':' + code if code else ''}"
+        if status == 401:
+            raise SmartcarUnauthorized(
+                f"Smartcar refused a fresh application token ({label}, request {request_id or 'unknown'})."
+            )
         if status == 429:
             retry_after = retry_after_seconds(response)
             if self._gate is not None:
@@ -326,8 +283,7 @@ class SmartcarClient:
 
 def smartcar_client(settings: Settings, redis: Redis, http: SmartcarHttp, **options: Any) -> SmartcarClient:
     """The v3 client of this deployment: ``http`` for the calls, the application token shared
-    through ``redis``; ``options`` go to :class:`SmartcarClient` (``attempts``, ``budget_seconds``,
-    ``gate``).
+    through ``redis``; ``options`` go to :class:`SmartcarClient` (``attempts``, ``gate``).
 
     Call :meth:`Settings.require_client_credentials` first; without them this raises it.
     """

@@ -1,14 +1,7 @@
 """The HTTP client that talks to Smartcar (the token endpoint and the vehicle API): aiohttp, directly.
 
-Every event makes two requests, so the client's own CPU per request counts: through httpx (over
-aiohttp's pool) a request cost 343-355 µs of CPU, on aiohttp directly 149-184 µs
-(docs/performance.md). The callers (:mod:`core.smartcar.client`, :mod:`core.smartcar.tokens`)
-speak to it through :class:`SmartcarHttp`, the few methods of ``httpx.AsyncClient`` they use, so
-their unit tests hand them an ``httpx.AsyncClient`` on a ``MockTransport`` instead.
-
-A network failure or timeout is raised as ``httpx.TransportError``, what the callers catch
-whichever client they were given. Proxies come from the environment (``HTTPS_PROXY``) and
-certificates from certifi, as with httpx.
+Why not httpx, which the callers' unit tests still hand them on a ``MockTransport``: docs/performance.md.
+A network failure or timeout is raised as ``httpx.TransportError`` whichever client the callers got.
 """
 
 from __future__ import annotations
@@ -16,7 +9,7 @@ from __future__ import annotations
 import ssl
 import urllib.request
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, TypeAlias
 
 import aiohttp
 import certifi
@@ -27,32 +20,6 @@ from yarl import URL
 #: Seconds a request may take in all, and to connect.
 TIMEOUT_SECONDS = 15.0
 CONNECT_SECONDS = 5.0
-
-
-class HttpAnswer(Protocol):
-    """What the callers read of an answer (an ``httpx.Response`` has it too)."""
-
-    @property
-    def status_code(self) -> int: ...
-
-    @property
-    def headers(self) -> Mapping[str, str]: ...
-
-    def json(self) -> Any: ...
-
-
-class SmartcarHttp(Protocol):
-    """What the callers use of an HTTP client (an ``httpx.AsyncClient`` has it too)."""
-
-    async def get(
-        self, url: str, *, params: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None
-    ) -> HttpAnswer: ...
-
-    async def post(
-        self, url: str, *, data: Mapping[str, str], headers: Mapping[str, str] | None = None
-    ) -> HttpAnswer: ...
-
-    async def aclose(self) -> None: ...
 
 
 class Answer:
@@ -122,3 +89,8 @@ class LeanHttp:
 def smartcar_http(max_connections: int = 100) -> LeanHttp:
     """The HTTP client for the token endpoint and the vehicle API (see the module docstring)."""
     return LeanHttp(max_connections)
+
+
+#: What the callers are handed: a LeanHttp, or in their unit tests an httpx.AsyncClient on a MockTransport.
+SmartcarHttp: TypeAlias = LeanHttp | httpx.AsyncClient
+HttpAnswer: TypeAlias = Answer | httpx.Response

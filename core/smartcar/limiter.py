@@ -127,7 +127,7 @@ _deadline: ContextVar[float | None] = ContextVar("smartcar_read_deadline", defau
 
 
 class RequestLimiter:
-    """The client's gate (:class:`core.smartcar.client.RequestGate`) over Redis."""
+    """The gate every request of the workers' client passes (``admit``), told of each 429 (``rate_limited``)."""
 
     def __init__(
         self,
@@ -136,7 +136,6 @@ class RequestLimiter:
         burst: int | None = None,
         wait_seconds: float = 10.0,
     ) -> None:
-        self._redis = redis
         self._admit = _ADMIT_FN.bind(redis)
         self._admissions: GroupCommit[tuple[str, str, int], tuple[int, int, str]] = GroupCommit(
             self._admit_together, ADMIT_BATCH
@@ -151,10 +150,10 @@ class RequestLimiter:
             self._tolerance_ms = (allowed_at_once - 1) * self._interval_ms
 
     @contextmanager
-    def deadline(self, seconds: float | None = None) -> Iterator[None]:
-        """Requests made inside (in this task and the tasks it starts) wait at most ``seconds``
-        (``ENRICH_WAIT_SECONDS`` by default) from now, all together."""
-        token = _deadline.set(time.monotonic() + (self._wait if seconds is None else seconds))
+    def deadline(self) -> Iterator[None]:
+        """Requests made inside (in this task and the tasks it starts) wait at most
+        ``ENRICH_WAIT_SECONDS`` from now, all together."""
+        token = _deadline.set(time.monotonic() + self._wait)
         try:
             yield
         finally:

@@ -1,53 +1,43 @@
-"""Quota-aware enrichment: what an event reads from Smartcar, and where each piece came from.
+"""Quota-aware enrichment: an event's two Smartcar reads, shared by every worker process through Redis.
 
-Each event wants its vehicle's attributes (``GET /vehicles/{id}``) and latest signals
-(``GET /vehicles/{id}/signals``), read with the application token and its ``sc-user-id``. A read
-serves every event it can (:mod:`core.smartcar.cache`): attributes for ``VEHICLE_INFO_TTL_SECONDS``
-and signals for ``SIGNALS_MAX_AGE_SECONDS`` after the read started, across every worker process;
-a window of 0 reads on every event. A VEHICLE_ERROR makes the next event read the signals afresh.
-
-Every request goes through the deployment's budget and Smartcar's pauses
-(:mod:`core.smartcar.limiter`). A read that cannot be made within ``ENRICH_WAIT_SECONDS`` (or that
-Smartcar rate limits past its retries) is *skipped*: the event is published at once with
-whatever is cached, however old, and the read is named ``skipped`` with reason ``rate_limited``.
-Rate limiting never fails the job, so it never parks an event or makes a job retry in a loop.
-
-Outcomes per read (:class:`Read`); anything else is raised for the processor to decide
-(a 401 that survived a refresh, a transient failure, an id that is not a Smartcar id):
-
-=========  ===========================================================================
-fetched    this event's own call answered
-cached     a read already made served it
-shared     it waited for another event's call in flight (any process)
-skipped    rate limited: the cached data, if any, stands in (``reason: rate_limited``)
-=========  ===========================================================================
-
-A read Smartcar refused for good (a 4xx other than 401 and 429) is ``fetched`` or ``shared`` with
-``reason: rejected`` and no data; refusals are not cached.
+A read serves every event it may; every request passes the deployment's budget and Smartcar's pauses
+(:mod:`core.smartcar.limiter`), and a read that cannot go in time is skipped, never failed. Which read
+serves which event, and why each decision is one script: docs/architecture.md, "Shared Smartcar
+reads"; the outcomes consumers see: docs/consumers.md, "Schema version 2".
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
+import pydantic_core
 from redis.asyncio import Redis
 
 from core import metrics
 from core.config import Settings
-from core.errors import SmartcarRateLimited, SmartcarRejected
-from core.redis.keys import read_key
-from core.smartcar.cache import ReadCache, Shared
-from core.smartcar.client import SmartcarClient, smartcar_client
+from core.errors import (
+    InvalidPayload,
+    SmartcarRateLimited,
+    SmartcarRejected,
+    SmartcarUnauthorized,
+    SmartcarUnavailable,
+)
+from core.redis.functions import NOW_MS
+from core.redis.group import GroupedCall, grouped_function
+from core.redis.keys import read_key, text
+from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
+from core.smartcar.client import BUDGET_SECONDS, SmartcarClient, smartcar_client
 from core.smartcar.http import SmartcarHttp
 from core.smartcar.limiter import RequestLimiter
 
 Call = Literal["vehicle", "signals"]
-#: The most one read's requests take, retries included (the client's own budget).
-CALL_BUDGET_SECONDS = 30.0
 Source = Literal["fetched", "cached", "shared", "skipped"]
 
 
@@ -58,36 +48,288 @@ class Read:
     call: Call
     source: Source
     data: Any = None
-    fetched_at: int | None = None
-    """When Smartcar answered the read whose data this is (epoch ms); None without data."""
+    fetched_at: int | None = None  # when Smartcar answered the read whose data this is (epoch ms)
     reason: Literal["rate_limited", "rejected"] | None = None
-    error: SmartcarRejected | None = None
-    """The refusal, for ``reason: rejected``."""
+    error: SmartcarRejected | None = None  # the refusal, for ``reason: rejected``
 
     def describe(self) -> dict[str, Any]:
         """The read as the payload's ``enrichment.reads.<call>`` shows it."""
         return {"source": self.source, "fetchedAt": self.fetched_at, "reason": self.reason}
 
 
+#: How long a hash outlives its read's window: events wait in the queue before they are processed.
+GRACE_MS = 600_000
+#: How long a cancelled read tries to give its claim back (else the lease runs out, as after a crash).
+RELEASE_SECONDS = 2.0
+#: How often an event polls another process's read: the first pause, then 1.5 times longer up to the last.
+POLL_FIRST_SECONDS, POLL_MAX_SECONDS = 0.02, 0.25
+
+_NOW = NOW_MS + "local now = now_ms()\n"
+_KEEP = "if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[{n}]) then redis.call('PEXPIRE', KEYS[1], ARGV[{n}]) end\n"
+
+# ARGV: received ms, window ms, lease ms, claim token, keep ms.
+_ACQUIRE = (
+    _NOW
+    + """
+local oldest = tonumber(ARGV[1]) - tonumber(ARGV[2])
+local f = redis.call('HMGET', KEYS[1], 'startedAt', 'dataGen', 'claim', 'claimStartedAt', 'claimUntil', 'claimGen', 'gen')
+local gen = tonumber(f[7]) or 0
+local started = tonumber(f[1])
+if started and started > oldest and (tonumber(f[2]) or 0) == gen then
+  local d = redis.call('HMGET', KEYS[1], 'data', 'fetchedAt')
+  return {'cached', d[1], f[1], d[2]}
+end
+local claimed = tonumber(f[4])
+if f[3] and claimed and claimed > oldest and (tonumber(f[6]) or 0) == gen and (tonumber(f[5]) or 0) > now then
+  return {'wait', f[3], f[4]}
+end
+redis.call('HSET', KEYS[1], 'claim', ARGV[4], 'claimStartedAt', now, 'claimUntil', now + tonumber(ARGV[3]), 'claimGen', gen)
+"""
+    + _KEEP.format(n=5)
+    + "return {'fetch', ARGV[4], tostring(now), gen}"
+)
+_ACQUIRE_FN = grouped_function("read_acquire", _ACQUIRE, arity=5)
+
+# ARGV: claim token ('' for none), started ms, data, keep ms, generation ('' for the current one).
+# Keeps the newest read only.
+_COMPLETE = (
+    _NOW
+    + """
+local held = tonumber(redis.call('HGET', KEYS[1], 'startedAt'))
+if not held or tonumber(ARGV[2]) >= held then
+  local gen = ARGV[5]
+  if gen == '' then gen = redis.call('HGET', KEYS[1], 'gen') or '0' end
+  redis.call('HSET', KEYS[1], 'data', ARGV[3], 'startedAt', ARGV[2], 'fetchedAt', now, 'dataGen', gen)
+end
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'claim') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'claim', 'claimStartedAt', 'claimUntil', 'claimGen')
+end
+"""
+    + _KEEP.format(n=4)
+    + "return now"
+)
+_COMPLETE_FN = grouped_function("read_complete", _COMPLETE, arity=5)
+
+# ARGV: claim token, the failure (JSON; '' for a read given up, which its waiters then claim afresh), keep ms.
+_FAIL = (
+    """
+if redis.call('HGET', KEYS[1], 'claim') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'claim', 'claimStartedAt', 'claimUntil', 'claimGen')
+end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'errorToken', ARGV[1], 'error', ARGV[2]) end
+"""
+    + _KEEP.format(n=3)
+    + "return 1"
+)
+_FAIL_FN = grouped_function("read_fail", _FAIL, arity=3)
+
+# ARGV: claim token, claim started ms.
+_POLL = (
+    _NOW
+    + """
+local f = redis.call('HMGET', KEYS[1], 'startedAt', 'claim', 'claimUntil', 'errorToken', 'error')
+if (tonumber(f[1]) or -1) >= tonumber(ARGV[2]) then
+  local d = redis.call('HMGET', KEYS[1], 'data', 'fetchedAt')
+  return {'done', d[1], f[1], d[2]}
+end
+if f[4] == ARGV[1] then return {'failed', f[5]} end
+if f[2] == ARGV[1] and (tonumber(f[3]) or 0) > now then return {'pending'} end
+return {'gone'}
+"""
+)
+_POLL_FN = grouped_function("read_poll", _POLL, arity=2, read_only=True)
+
+# ARGV: keep ms. A new generation: what was read or claimed before serves no event from now on.
+_INVALIDATE = "local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)\n" + _KEEP.format(n=1) + "return gen"
+_INVALIDATE_FN = grouped_function("read_invalidate", _INVALIDATE, arity=1)
+
+
 @dataclass(frozen=True)
-class Windows:
-    """How long a read serves later events, per call, in seconds (0: every event reads)."""
+class Outcome:
+    """What a shared read gave one event: where it came from, the data and when Smartcar answered
+    (epoch ms); ``error`` is set, and ``data`` is None, when the read it waited for failed."""
 
-    vehicle: int = 86_400
-    signals: int = 300
+    source: Literal["fetched", "cached", "shared"]
+    data: Any
+    fetched_at: int | None
+    error: Exception | None = None
 
-    def ms(self, call: Call) -> int:
-        return (self.vehicle if call == "vehicle" else self.signals) * 1000
+
+class ReadCache:
+    """Shared reads over one Redis client; one instance per process."""
+
+    def __init__(self, redis: Redis, lease_seconds: float) -> None:
+        self._redis = redis
+        self._lease_ms = int(lease_seconds * 1000)
+        # The decisions of the events in flight meanwhile share one call each (core.redis.group).
+        self._acquire = GroupedCall(_ACQUIRE_FN, redis)
+        self._complete = GroupedCall(_COMPLETE_FN, redis)
+        self._fail = GroupedCall(_FAIL_FN, redis)
+        self._poll = GroupedCall(_POLL_FN, redis)
+        self._invalidate = GroupedCall(_INVALIDATE_FN, redis)
+        # The reads this process makes or waits for, by (key, claim token): its events share one future.
+        self._local: dict[tuple[str, str], asyncio.Future[Outcome | None]] = {}
+
+    async def read(self, key: str, received_at_ms: int, window_ms: int, fetch: Callable[[], Awaitable[Any]]) -> Outcome:
+        """The data of a read that may serve an event received at ``received_at_ms``: a stored one,
+        one in flight, or a new call to ``fetch``. The caller's own call raises its errors."""
+        keep = window_ms + GRACE_MS
+        while True:
+            token = secrets.token_hex(8)
+            args: list[str | int] = [received_at_ms, window_ms, self._lease_ms, token, keep]
+            reply = await self._call(partial(self._acquire, keys=[key], args=args))
+            kind = text(reply[0])
+            if kind == "cached":
+                return Outcome("cached", _loads(reply[1]), _int(reply[3]))
+            if kind == "fetch":
+                claimed = self._claimed(key, token, int(reply[2]), int(reply[3]), keep, fetch)
+                outcome = await asyncio.shield(claimed)
+                assert outcome is not None
+                return outcome
+            joined = await self._join(key, text(reply[1]), int(reply[2]))
+            if joined is not None:
+                return joined
+            # The read went away without an outcome (its worker died): try again.
+
+    async def store(self, key: str, data: Any, started_at_ms: int, window_ms: int) -> int:
+        """Keep a read made outside the sharing (a window of 0) as what skipped reads publish; its answer time."""
+        args: list[str | int | bytes] = ["", started_at_ms, _dumps(data), window_ms + GRACE_MS, ""]
+        return int(await self._call(lambda: self._complete(keys=[key], args=args)))
+
+    async def latest(self, key: str) -> tuple[Any, int | None] | None:
+        """The last read of ``key``, whatever its age (what a skipped read publishes): data and fetchedAt."""
+        data, fetched_at = await self._call(lambda: self._redis.hmget(key, ["data", "fetchedAt"]))
+        return None if data is None else (_loads(data), _int(fetched_at))
+
+    async def invalidate(self, key: str, window_ms: int) -> None:
+        """No read that started before now serves any event from now on (after a VEHICLE_ERROR)."""
+        await self._call(lambda: self._invalidate(keys=[key], args=[window_ms + GRACE_MS]))
+
+    def _claimed(
+        self, key: str, token: str, started_at: int, generation: int, keep: int, fetch: Callable[[], Awaitable[Any]]
+    ) -> asyncio.Future[Outcome | None]:
+        """Run the call this process claimed, as a task of its own so that the events sharing it do
+        not lose it when the one that started it is cancelled; record its outcome for the others."""
+
+        async def run() -> Outcome:
+            try:
+                data = await fetch()
+            except asyncio.CancelledError:
+                # Given up here (the worker stops): the others claim the read now, not after the lease.
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(RELEASE_SECONDS):
+                        await self._fail(keys=[key], args=[token, "", keep])
+                raise
+            except Exception as exc:
+                failure = _dumps(_describe(exc))
+                await self._call(lambda: self._fail(keys=[key], args=[token, failure, keep]))
+                raise
+            fetched_at = await self._call(
+                lambda: self._complete(keys=[key], args=[token, started_at, _dumps(data), keep, generation])
+            )
+            return Outcome("fetched", data, int(fetched_at))
+
+        return self._register(key, token, run())
+
+    async def _join(self, key: str, token: str, started_at: int) -> Outcome | None:
+        """Wait for the read ``token`` to finish: its data, its failure, or None when it was given up."""
+        running = self._local.get((key, token))
+        if running is None:
+            running = self._register(key, token, self._watch(key, token, started_at))
+        try:
+            outcome = await asyncio.shield(running)
+        except Exception as exc:  # this process's own call failed: the same outcome, as a value
+            return Outcome("shared", None, None, exc)
+        if outcome is None:
+            return None
+        return Outcome("shared", outcome.data, outcome.fetched_at, outcome.error)
+
+    async def _watch(self, key: str, token: str, started_at: int) -> Outcome | None:
+        """Poll another process's read until it has an outcome."""
+        pause = POLL_FIRST_SECONDS
+        while True:
+            reply = await self._call(lambda: self._poll(keys=[key], args=[token, started_at]))
+            kind = text(reply[0])
+            if kind == "done":
+                return Outcome("shared", _loads(reply[1]), _int(reply[3]))
+            if kind == "failed":
+                return Outcome("shared", None, None, _restore(_loads(reply[1])))
+            if kind == "gone":
+                return None
+            await asyncio.sleep(pause)
+            pause = min(POLL_MAX_SECONDS, pause * 1.5)
+
+    def _register(self, key: str, token: str, work: Awaitable[Any]) -> asyncio.Future[Outcome | None]:
+        future: asyncio.Future[Outcome | None] = asyncio.ensure_future(work)
+        self._local[key, token] = future
+
+        def done(finished: asyncio.Future[Outcome | None]) -> None:
+            self._local.pop((key, token), None)
+            if not finished.cancelled():
+                finished.exception()  # retrieved: the events that shared it may all have gone
+
+        future.add_done_callback(done)
+        return future
+
+    @staticmethod
+    async def _call(call: Callable[[], Awaitable[Any]]) -> Any:  # Redis trouble is waited out, as elsewhere
+        return await until_redis_answers_async(call, give_up_after=REDIS_PATIENCE_SECONDS)
+
+
+def _describe(exc: Exception) -> dict[str, Any]:
+    """A failure as the events waiting on the read get it (never a secret: our own messages only)."""
+    if isinstance(exc, SmartcarRejected):
+        refusal = {"status": exc.status, "type": exc.error_type, "code": exc.error_code}
+        return {"kind": "rejected", "m": exc.message, **refusal}
+    if isinstance(exc, SmartcarUnauthorized):
+        return {"kind": "unauthorized", "m": exc.message}
+    if isinstance(exc, SmartcarRateLimited):
+        return {"kind": "rate_limited", "retryAfter": exc.retry_after}
+    if isinstance(exc, InvalidPayload):
+        return {"kind": "invalid"}
+    return {"kind": "unavailable"}
+
+
+def _restore(failure: dict[str, Any]) -> Exception:
+    kind = failure.get("kind")
+    if kind == "rejected":
+        message = failure.get("m") or "Smartcar refused the read."
+        return SmartcarRejected(message, int(failure.get("status") or 400), failure.get("type"), failure.get("code"))
+    if kind == "unauthorized":
+        return SmartcarUnauthorized(failure.get("m") or "Smartcar refused a fresh application token.")
+    if kind == "rate_limited":
+        return SmartcarRateLimited("The shared read was rate limited.", failure.get("retryAfter"))
+    if kind == "invalid":
+        return InvalidPayload("The vehicle id is not a Smartcar vehicle id; no request was sent.")
+    return SmartcarUnavailable("The shared read of another event failed; the job will be retried.")
+
+
+def _dumps(value: Any) -> bytes:
+    """Compact JSON (pydantic-core, the parser of the answers: a NaN or infinity is kept as such)."""
+    return pydantic_core.to_json(value, inf_nan_mode="constants")
+
+
+def _loads(raw: str | bytes | None) -> Any:
+    return None if raw is None else pydantic_core.from_json(raw)
+
+
+def _int(raw: object) -> int | None:
+    try:
+        return None if raw is None else int(float(text(raw)))
+    except ValueError:
+        return None
 
 
 class VehicleReads:
     """An event's two reads, shared, budgeted and counted. One per worker process."""
 
-    def __init__(self, client: SmartcarClient, cache: ReadCache, limiter: RequestLimiter, windows: Windows) -> None:
+    def __init__(
+        self, client: SmartcarClient, cache: ReadCache, limiter: RequestLimiter, windows_ms: dict[Call, int]
+    ) -> None:
         self._client = client
         self._cache = cache
         self._limiter = limiter
-        self._windows = windows
+        self._windows_ms = windows_ms  # how long a read serves later events (0: every event reads)
 
     async def read_event(
         self, vehicle_id: str, user_id: str, received_at_ms: int, after_error: bool
@@ -101,7 +343,7 @@ class VehicleReads:
             return_exceptions=True,
         )
         if after_error:
-            await self._cache.invalidate(read_key("signals", vehicle_id, user_id), self._windows.ms("signals"))
+            await self._cache.invalidate(read_key("signals", vehicle_id, user_id), self._windows_ms["signals"])
         return vehicle, signals
 
     async def _read(
@@ -113,22 +355,22 @@ class VehicleReads:
         fetch: Callable[[str, str], Awaitable[Any]],
     ) -> Read:
         key = read_key(call, vehicle_id, user_id)
-        window = self._windows.ms(call)
+        window = self._windows_ms[call]
         with self._limiter.deadline():
             try:
                 if window == 0:
                     started = time.time_ns() // 1_000_000
                     data = await fetch(vehicle_id, user_id)
-                    got = Shared("fetched", data, await self._cache.store(key, data, started, window))
+                    got = Outcome("fetched", data, await self._cache.store(key, data, started, window))
                 else:
                     got = await self._cache.read(key, received_at_ms, window, lambda: fetch(vehicle_id, user_id))
             except (SmartcarRateLimited, SmartcarRejected) as exc:
-                got = Shared("fetched", None, None, exc)
+                got = Outcome("fetched", None, None, exc)
         read = await self._settle(call, key, got)
         metrics.ENRICHMENT_READS.labels(call=call, source=read.source).inc()
         return read
 
-    async def _settle(self, call: Call, key: str, got: Shared) -> Read:
+    async def _settle(self, call: Call, key: str, got: Outcome) -> Read:
         """The read an outcome amounts to; a failure other than a refusal or a rate limit is raised."""
         error = got.error
         if error is None:
@@ -142,15 +384,17 @@ class VehicleReads:
 
 
 def vehicle_reads(settings: Settings, redis: Redis, http: SmartcarHttp) -> VehicleReads:
-    """The reads of a worker process, as the settings say: the v3 client behind the deployment's
-    limiter (``SMARTCAR_REQUESTS_PER_MINUTE``, ``SMARTCAR_BURST``, ``ENRICH_WAIT_SECONDS``) and the
-    shared reads (``VEHICLE_INFO_TTL_SECONDS``, ``SIGNALS_MAX_AGE_SECONDS``), all through ``redis``."""
+    """The reads of a worker process: the v3 client behind the deployment's limiter, and the shared
+    reads, all through ``redis``."""
     limiter = RequestLimiter(
         redis, settings.smartcar_requests_per_minute, settings.smartcar_burst, settings.enrich_wait_seconds
     )
-    client = smartcar_client(settings, redis, http, budget_seconds=CALL_BUDGET_SECONDS, gate=limiter)
+    client = smartcar_client(settings, redis, http, gate=limiter)
     # A claimed read may wait for the budget, then retry within the client's budget; past that its
     # worker is taken for dead and another event claims the read.
-    cache = ReadCache(redis, lease_seconds=settings.enrich_wait_seconds + CALL_BUDGET_SECONDS + 15)
-    windows = Windows(vehicle=settings.vehicle_info_ttl_seconds, signals=settings.signals_max_age_seconds)
-    return VehicleReads(client, cache, limiter, windows)
+    cache = ReadCache(redis, lease_seconds=settings.enrich_wait_seconds + BUDGET_SECONDS + 15)
+    windows_ms: dict[Call, int] = {
+        "vehicle": settings.vehicle_info_ttl_seconds * 1000,
+        "signals": settings.signals_max_age_seconds * 1000,
+    }
+    return VehicleReads(client, cache, limiter, windows_ms)

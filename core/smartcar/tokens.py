@@ -28,7 +28,9 @@ from core.redis.keys import TOKEN_KEY, TOKEN_LOCK_KEY
 from core.smartcar.http import HttpAnswer, SmartcarHttp
 
 log = get_logger("smartcar_ingest.tokens")
-
+#: A token is replaced this long before it expires; the refresh lock lasts at most this long.
+REFRESH_MARGIN_SECONDS = 300.0
+LOCK_SECONDS = 15.0
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -47,8 +49,8 @@ class AppToken:
     def __repr__(self) -> str:  # keep the secret out of tracebacks and debug output
         return f"AppToken(expires_at={self.expires_at:.0f})"
 
-    def usable(self, margin: float, now: float | None = None) -> bool:
-        return self.expires_at - margin > (time.time() if now is None else now)
+    def usable(self) -> bool:
+        return self.expires_at - REFRESH_MARGIN_SECONDS > time.time()
 
 
 class TokenSeal:
@@ -65,7 +67,8 @@ class TokenSeal:
 
     def seal(self, token: AppToken) -> bytes:
         nonce = secrets.token_bytes(12)
-        sealed = self._aead.encrypt(nonce, _dump(token).encode(), TOKEN_KEY.encode())
+        plain = json.dumps({"access_token": token.access_token, "expires_at": token.expires_at})
+        sealed = self._aead.encrypt(nonce, plain.encode(), TOKEN_KEY.encode())
         return self._PREFIX + base64.b64encode(nonce + sealed)
 
     def open(self, raw: bytes | str) -> AppToken | None:
@@ -85,23 +88,12 @@ class TokenSeal:
 class AppTokenProvider:
     """Hands out the shared application token, refreshing it ahead of expiry."""
 
-    def __init__(
-        self,
-        redis: Redis,
-        http: SmartcarHttp,
-        token_url: str,
-        client_id: str,
-        client_secret: str,
-        refresh_margin_seconds: float = 300.0,
-        lock_seconds: float = 15.0,
-    ) -> None:
+    def __init__(self, redis: Redis, http: SmartcarHttp, token_url: str, client_id: str, client_secret: str) -> None:
         self._redis = redis
         self._http = http
         self._token_url = token_url
         self._client_id = client_id
         self._client_secret = client_secret
-        self._margin = refresh_margin_seconds
-        self._lock_seconds = lock_seconds
         self._local: AppToken | None = None
         # Coroutines of this process share one refresh instead of each taking a turn at the lock.
         self._refreshing: asyncio.Task[AppToken] | None = None
@@ -109,11 +101,11 @@ class AppTokenProvider:
         self._seal = TokenSeal(client_id, client_secret)
 
     async def get(self) -> str:
-        """A token that is valid for at least the refresh margin."""
-        if self._local is not None and self._local.usable(self._margin):
+        """A token valid for at least the refresh margin."""
+        if self._local is not None and self._local.usable():
             return self._local.access_token
         shared = await self._read_shared()
-        if shared is not None and shared.usable(self._margin):
+        if shared is not None and shared.usable():
             self._local = shared
             return shared.access_token
         return await self.refresh(stale=shared.access_token if shared else None)
@@ -128,15 +120,15 @@ class AppTokenProvider:
 
     async def _refresh(self, stale: str | None) -> AppToken:
         owner = secrets.token_hex(8)
-        deadline = time.monotonic() + self._lock_seconds * 2
+        deadline = time.monotonic() + LOCK_SECONDS * 2
         while True:
             shared = await self._read_shared()
-            if shared is not None and shared.access_token != stale and shared.usable(self._margin):
+            if shared is not None and shared.access_token != stale and shared.usable():
                 return shared  # someone else already replaced it
-            if await self._redis.set(TOKEN_LOCK_KEY, owner, nx=True, px=int(self._lock_seconds * 1000)):
+            if await self._redis.set(TOKEN_LOCK_KEY, owner, nx=True, px=int(LOCK_SECONDS * 1000)):
                 try:
                     shared = await self._read_shared()
-                    if shared is not None and shared.access_token != stale and shared.usable(self._margin):
+                    if shared is not None and shared.access_token != stale and shared.usable():
                         return shared
                     token = await self._request()
                     ttl = max(1, int(token.expires_at - time.time()))
@@ -183,10 +175,6 @@ class AppTokenProvider:
         except (ValueError, KeyError, TypeError):
             raise SmartcarUnavailable("The token endpoint answered 200 without a usable token.") from None
         return AppToken(access_token=access_token, expires_at=time.time() + expires_in)
-
-
-def _dump(token: AppToken) -> str:
-    return json.dumps({"access_token": token.access_token, "expires_at": token.expires_at})
 
 
 def _oauth_error(response: HttpAnswer) -> str:
