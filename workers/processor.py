@@ -172,9 +172,7 @@ class EventProcessor:
         A re-run after a lost answer finds the event published (and merged) and changes nothing.
         """
         signals = [*output["signals"], *output["latestSignals"]]
-        plan_merge = partial(
-            self._vehicle_states.plan, event.vehicle.id, event.event_id, signals, output["vehicle"], vehicle_from_api
-        )
+        plan_merge = partial(self._vehicle_states.plan, event.vehicle.id, signals, output["vehicle"], vehicle_from_api)
         while True:
             plan = await until_redis_answers_async(plan_merge, give_up_after=REDIS_PATIENCE_SECONDS)
             output["staleSignals"] = plan.stale_signals

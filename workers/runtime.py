@@ -59,7 +59,7 @@ class Runtime:
                 ParkedStream(
                     redis, settings.parked_stream, settings.dedupe_ttl_seconds, settings.parked_retention_seconds
                 ),
-                vehicle_states=VehicleStates(redis, settings.vehicle_state_prefix, settings.vehicle_state_ttl_seconds),
+                vehicle_states=VehicleStates(redis, settings.vehicle_state_prefix),
                 counts=counts,
             )
             self._closers = [counts.aclose, redis.aclose, http.aclose, users.dispose]
