@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import pydantic_core
-from redis import Redis as SyncRedis
 from redis.asyncio import Redis as AsyncRedis
 
 from core.redis.functions import NOW_MS
-from core.redis.keys import text, vehicle_state_key
+from core.redis.keys import vehicle_state_key
 
 #: The hash fields that are not signal codes; codes starting with ``_`` are never stored.
 VEHICLE_FIELD = "_vehicle"
@@ -192,53 +191,3 @@ class VehicleStates:
         names = [UPDATED_AT_FIELD, EVENT_ID_FIELD, VEHICLE_FIELD, *newest]
         values = cast(list[bytes | None], await self._redis.hmget(key, names))
         return plan_merge(key, dict(zip(names, values, strict=True)), newest, vehicle, vehicle_from_api)
-
-
-@dataclass(frozen=True)
-class StoredState:
-    """One vehicle's state as read back (``vehicle-state``)."""
-
-    vehicle_id: str
-    key: str
-    vehicle: dict[str, Any] | None
-    updated_at_ms: int | None
-    event_id: str | None
-    ttl_seconds: int | None
-    """Seconds until the state expires; None when the key has no expiry."""
-    signals: dict[str, dict[str, Any]]
-    """By code; a value that is not a JSON object is kept as ``{"code": code, "unreadable": text}``."""
-
-
-def read_state(client: SyncRedis, prefix: str, vehicle_id: str) -> StoredState | None:
-    """The state of ``vehicle_id``, or None when there is none (never seen, or expired)."""
-    key = vehicle_state_key(prefix, vehicle_id)
-    with client.pipeline(transaction=True) as pipe:
-        pipe.hgetall(key)
-        pipe.ttl(key)
-        raw, ttl = pipe.execute()
-    if not raw:
-        return None
-    fields = {text(name): text(value) for name, value in raw.items()}
-    signals: dict[str, dict[str, Any]] = {}
-    for code, value in fields.items():
-        if not code.startswith(RESERVED_PREFIX):
-            parsed = _object(value)
-            signals[code] = parsed if parsed is not None else {"code": code, "unreadable": value}
-    updated = fields.get(UPDATED_AT_FIELD, "")
-    return StoredState(
-        vehicle_id=vehicle_id,
-        key=key,
-        vehicle=_object(fields.get(VEHICLE_FIELD, "")),
-        updated_at_ms=int(updated) if updated.isdigit() else None,
-        event_id=fields.get(EVENT_ID_FIELD),
-        ttl_seconds=int(ttl) if isinstance(ttl, int) and ttl >= 0 else None,
-        signals=signals,
-    )
-
-
-def _object(value: str) -> dict[str, Any] | None:
-    try:
-        parsed = pydantic_core.from_json(value)
-    except ValueError:
-        return None
-    return parsed if isinstance(parsed, dict) else None
