@@ -271,19 +271,12 @@ class Marks:
     clock: Callable[[], float] | None = None
     """Seconds to use instead of Redis's clock (benchmarks and tests that cross days)."""
 
-    @property
-    def width(self) -> int:
-        return slot_width(self.ttl_seconds)
-
     def head(self, legacy_prefix: str | None = None) -> list[str | int]:
-        """The arguments every script of :data:`LIBRARY` starts with (``ids.open``).
-
-        ``legacy_prefix`` names the per-key mark of earlier versions that this script consults
-        during the legacy window, when it is not the family's own.
-        """
+        """The arguments every script of :data:`LIBRARY` starts with (``ids.open``); ``legacy_prefix``
+        names another per-key mark of earlier versions for this script to consult than the family's."""
         clock = "" if self.clock is None else repr(float(self.clock()))
         legacy = self.legacy_prefix if legacy_prefix is None else legacy_prefix
-        return [self.registry, self.ttl_seconds, self.width, clock, legacy]
+        return [self.registry, self.ttl_seconds, slot_width(self.ttl_seconds), clock, legacy]
 
 
 def event_marks(ttl_seconds: int, clock: Callable[[], float] | None = None) -> Marks:

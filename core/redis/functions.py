@@ -68,12 +68,6 @@ class LuaFunction:
     def command(self, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
         return ("FCALL", self.redis_name, len(keys), *keys, *args)
 
-    def missing(self, reply: ResponseError) -> MissingFunction:
-        return MissingFunction(
-            f"Redis has no function {self.redis_name} and this Redis user may not load it:"
-            f" run `{SETUP_COMMAND}` with an admin REDIS_URL ({reply})."
-        )
-
 
 #: Every function by name; a module defines its own with :func:`lua_function` at import.
 FUNCTIONS: dict[str, LuaFunction] = {}
@@ -97,7 +91,10 @@ def load_refused(function: LuaFunction, exc: ResponseError) -> bool:
     """False when a failed ``FUNCTION LOAD`` means the library is there (a peer loaded it
     meanwhile); :class:`MissingFunction` when this user may not load it; else ``exc``."""
     if isinstance(exc, NoPermissionError):
-        raise function.missing(exc) from None
+        raise MissingFunction(
+            f"Redis has no function {function.redis_name} and this Redis user may not load it:"
+            f" run `{SETUP_COMMAND}` with an admin REDIS_URL ({exc})."
+        ) from None
     if "already exists" in str(exc):
         return False
     raise exc

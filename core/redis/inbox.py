@@ -70,12 +70,8 @@ DEFAULT_MAX_IDLE_SECONDS = 30.0
 
 class DirectScript:
     """One Lua function called on connections taken from the client's pool and kept: one packed
-    write and one read per call, under the client's socket timeout.
-
-    A call on a connection Redis closed is made once more on a fresh one; a missing function is
-    loaded first where the user may. An error reply propagates and keeps the connection; any
-    other failure closes it. A failed call may still have run: the script must be safe to run
-    twice (docs/architecture.md, "Accepting a delivery").
+    write and one read per call, under the client's socket timeout. Its rules (reconnect, load,
+    idle connections, a failed call that may have run): docs/architecture.md, "Accepting a delivery".
     """
 
     def __init__(self, redis: AsyncRedis, function: LuaFunction) -> None:
@@ -182,7 +178,6 @@ class Inbox:
         return await self.parked.park(event_id, reason, detail, body) is not None
 
     async def _enqueue(self, jobs: list[tuple[str, bytes, str]]) -> list[int]:
-        """One script call enqueueing ``jobs``: 1 (enqueued) or 0 (already seen) for each."""
         args: list[Any] = [*self.marks.head(), Job.redis_job_namespace_prefix, utcformat(now()), *self._constant]
         for job_id, data, description in jobs:
             args.extend((job_id, job_digest(job_id), data, description))

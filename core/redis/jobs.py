@@ -35,7 +35,6 @@ class JobPayload(TypedDict):
 
 
 def job_payload(event_id: str, event_type: str, body: str, received_at_ms: int) -> JobPayload:
-    """The single JSON argument of ``process_event``."""
     return {"eventId": event_id, "eventType": event_type, "body": body, "receivedAt": received_at_ms}
 
 
@@ -53,7 +52,6 @@ class JobOptions:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobOptions:
-        """The options the settings give: queue, timeout, retries and result TTL."""
         return cls(
             queue=settings.ingest_queue,
             timeout_seconds=settings.job_timeout_seconds,
@@ -90,7 +88,6 @@ def build_job_hash(payload: Mapping[str, Any], options: JobOptions) -> tuple[str
     return job_id, mapping
 
 
-# A client that never connects: Job.create only keeps a reference to it.
 _NO_CONNECTION = Redis(host="unused.invalid", single_connection_client=False)
 
 

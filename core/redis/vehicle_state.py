@@ -130,11 +130,6 @@ def newest_versions(signals: Iterable[Mapping[str, Any]]) -> dict[str, tuple[Whe
     return newest
 
 
-def state_token(held: Mapping[str, bytes | None]) -> bytes:
-    """What :data:`STATE_LIBRARY` compares: the state's ``_updatedAt`` and ``_eventId``."""
-    return (held.get(UPDATED_AT_FIELD) or b"") + b":" + (held.get(EVENT_ID_FIELD) or b"")
-
-
 def plan_merge(
     key: str,
     held: Mapping[str, bytes | None],
@@ -167,7 +162,9 @@ def plan_merge(
         stored = stored or _stored_json(signal)
         if stored > current:  # equal times: the greater JSON text
             writes += [code, stored]
-    return MergePlan(key, state_token(held), writes, sorted(stale))
+    # The token STATE_LIBRARY compares: the state's _updatedAt and _eventId as read.
+    token = (held.get(UPDATED_AT_FIELD) or b"") + b":" + (held.get(EVENT_ID_FIELD) or b"")
+    return MergePlan(key, token, writes, sorted(stale))
 
 
 class VehicleStates:
