@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import redis
 from redis.asyncio import Redis as AsyncRedis
-from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.client import Pipeline
 from redis.exceptions import NoPermissionError, ResponseError
 from rq.scripts import ACQUIRE_OR_REFRESH_LOCK_SCRIPT, RELEASE_LOCK_SCRIPT
@@ -59,9 +58,9 @@ class LuaFunction:
         )
 
     def bind(self, client: Any) -> Any:
-        """A callable for ``client`` (``keys=``, ``args=``, and optionally ``client=`` a pipeline, as
-        redis-py's ``Script``): a coroutine for an asyncio client, the reply for a synchronous one."""
-        if isinstance(client, AsyncRedis | AsyncPipeline):
+        """A callable for ``client`` (``keys=``, ``args=``, and for a synchronous one optionally
+        ``client=`` a pipeline, as redis-py's ``Script``): a coroutine for an asyncio client."""
+        if isinstance(client, AsyncRedis):
             return AsyncCall(self, client)
         return SyncCall(self, client)
 
@@ -144,23 +143,17 @@ class AsyncCall:
         # code of every FUNCTION LOAD, even one it refuses.
         self._loading: asyncio.Future[bool] | None = None
 
-    def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None) -> Awaitable[Any]:
-        target = self.client if client is None else client
-        if isinstance(target, AsyncPipeline):
-            return target.execute_command(*self.function.command(keys, args))
-        return self._call(target, keys, args)
-
-    async def _call(self, target: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
         command = self.function.command(keys, args)
         try:
-            return await target.execute_command(*command)
+            return await self.client.execute_command(*command)
         except ResponseError as exc:
             if not is_missing(exc):
                 raise
         if self._loading is None or self._loading.done():
-            self._loading = asyncio.ensure_future(load_async(target, self.function))
+            self._loading = asyncio.ensure_future(load_async(self.client, self.function))
         await asyncio.shield(self._loading)
-        return await target.execute_command(*command)
+        return await self.client.execute_command(*command)
 
 
 #: RQ's own scripts (its scheduler's locks), run as functions of ours on the worker's RQ connection.
