@@ -23,6 +23,7 @@ from bench.ingest import fleet_documents, redis_cpu
 from cli.redis_admin import load_functions
 from core.events.parse import parse_stored
 from core.redis.dedupe import event_digest, event_marks
+from core.redis.keys import vehicle_state_key
 from core.redis.published import OutputStream
 from core.redis.vehicle_state import VehicleStates
 from core.store.users import UserRecord
@@ -48,10 +49,10 @@ def _events(count: int) -> list[tuple[Any, dict[str, Any]]]:
 
 async def _ours(client: AsyncRedis, events: list[tuple[Any, dict[str, Any]]]) -> None:
     output = OutputStream(client, "bench-out", 604_800)
-    states = VehicleStates(client, "bench:vs:", 2_592_000)
+    states = VehicleStates(client, "bench:vs:")
 
     async def complete(event: Any, document: dict[str, Any]) -> None:
-        plan = await states.plan(event.vehicle.id, event.event_id, document["signals"], document["vehicle"])
+        plan = await states.plan(event.vehicle.id, document["signals"], document["vehicle"])
         document["staleSignals"] = plan.stale_signals
         await output.publish(event.event_id, stream_fields(event, USER, document), plan)
 
@@ -61,12 +62,12 @@ async def _ours(client: AsyncRedis, events: list[tuple[Any, dict[str, Any]]]) ->
 
 async def _plain(client: AsyncRedis, events: list[tuple[Any, dict[str, Any]]]) -> None:
     marks = event_marks(604_800)
-    states = VehicleStates(client, "bench:vs:", 2_592_000)
+    states = VehicleStates(client, "bench:vs:")
     for start in range(0, len(events), BATCH):
         pipe = client.pipeline(transaction=False)
         for event, document in events[start : start + BATCH]:
-            key = states.key(event.vehicle.id)
-            plan = await states.plan(event.vehicle.id, event.event_id, document["signals"], document["vehicle"])
+            key = vehicle_state_key(states.prefix, event.vehicle.id)
+            plan = await states.plan(event.vehicle.id, document["signals"], document["vehicle"])
             mark = f"{marks.registry}:plain:{event_digest(event.event_id)[:2].hex()}"
             pipe.hget(mark, event_digest(event.event_id)[4:])
             pipe.hmget(key, ["_updatedAt", "_eventId"])

@@ -42,12 +42,13 @@ from rq.job import Job
 
 from bench.worker import FLEET, _seed_users, fleet_bodies, worker_env
 from core.config import Settings
-from core.redis.dedupe import generations, slot_width
+from core.redis.dedupe import slot_width
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
 from core.redis.keys import EVENT_IDS_KEY, queue_key
 from core.redis.parked import ParkedStream
 from core.redis.published import OutputStream
+from tests.marks import generations
 from tests.procs import RedisServer, free_port, wait_for_port
 
 DAY = 86_400

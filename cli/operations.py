@@ -84,9 +84,7 @@ def replay(settings: Settings, reason: str | None, limit: int | None) -> int:
         client = open_command_redis_async(settings)
         try:
             options = JobOptions.from_settings(settings)
-            return await replay_parked(
-                client, options, settings.parked_stream, reason, limit, progress, settings.dedupe_ttl_seconds
-            )
+            return await replay_parked(client, options, settings.parked_stream, reason, limit, progress)
         finally:
             await client.aclose()
 

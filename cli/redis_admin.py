@@ -18,7 +18,6 @@ FUNCTION_MODULES = (
     "core.redis.inbox",
     "core.redis.parked",
     "core.redis.published",
-    "core.redis.vehicle_state",
     "core.smartcar.limiter",
     "core.smartcar.reads",
     "core.smartcar.tokens",

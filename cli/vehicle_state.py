@@ -11,36 +11,54 @@ import sys
 import time
 from typing import Any
 
+import pydantic_core
+from redis import Redis as SyncRedis
+
 from cli.operations import open_command_redis, redis_errors
 from cli.status import duration
 from core.config import Settings
 from core.errors import ConfigurationError
 from core.events.wire import VEHICLE_ID_PATTERN
-from core.redis.vehicle_state import StoredState, read_state
+from core.redis.keys import text, vehicle_state_key
+from core.redis.vehicle_state import EVENT_ID_FIELD, RESERVED_PREFIX, UPDATED_AT_FIELD, VEHICLE_FIELD
 
 #: The longest value the text form prints before cutting it with "…".
 VALUE_WIDTH = 48
 _NO_GROUP = "(no group)"
 
 
-def state_report(state: StoredState, now_ms: int) -> dict[str, Any]:
-    """The report as plain data (what ``--json`` prints): signals by code, each with its ages."""
+def state_report(client: SyncRedis, prefix: str, vehicle_id: str, now_ms: int) -> dict[str, Any] | None:
+    """The vehicle's state as plain data (what ``--json`` prints), signals by code with their ages;
+    None when it has none (never seen, or expired). A stored value that is not a JSON object is
+    reported as ``{"code": code, "unreadable": text}``."""
+    key = vehicle_state_key(prefix, vehicle_id)
+    with client.pipeline(transaction=True) as pipe:
+        pipe.hgetall(key)
+        pipe.ttl(key)
+        raw, ttl = pipe.execute()
+    if not raw:
+        return None
+    fields = {text(name): text(value) for name, value in raw.items()}
     signals = {}
-    for code in sorted(state.signals):
-        signal = state.signals[code]
-        signals[code] = signal | {
-            "oemAgeSeconds": _age_seconds(signal.get("oemUpdatedAt"), now_ms),
-            "retrievedAgeSeconds": _age_seconds(signal.get("retrievedAt"), now_ms),
-        }
+    for code in sorted(fields):
+        if not code.startswith(RESERVED_PREFIX):
+            parsed = _object(fields[code])
+            signal = parsed if parsed is not None else {"code": code, "unreadable": fields[code]}
+            signals[code] = signal | {
+                "oemAgeSeconds": _age_seconds(signal.get("oemUpdatedAt"), now_ms),
+                "retrievedAgeSeconds": _age_seconds(signal.get("retrievedAt"), now_ms),
+            }
+    updated_at = fields.get(UPDATED_AT_FIELD, "")
+    updated_ms = int(updated_at) if updated_at.isdigit() else None
     return {
-        "vehicleId": state.vehicle_id,
-        "key": state.key,
+        "vehicleId": vehicle_id,
+        "key": key,
         "generatedAt": _iso(now_ms),
-        "vehicle": state.vehicle,
-        "updatedAt": None if state.updated_at_ms is None else _iso(state.updated_at_ms),
-        "updatedAgeSeconds": _age_seconds(state.updated_at_ms, now_ms),
-        "eventId": state.event_id,
-        "expiresInSeconds": state.ttl_seconds,
+        "vehicle": _object(fields.get(VEHICLE_FIELD, "")),
+        "updatedAt": None if updated_ms is None else _iso(updated_ms),
+        "updatedAgeSeconds": _age_seconds(updated_ms, now_ms),
+        "eventId": fields.get(EVENT_ID_FIELD),
+        "expiresInSeconds": int(ttl) if isinstance(ttl, int) and ttl >= 0 else None,
         "signals": signals,
     }
 
@@ -75,17 +93,16 @@ def vehicle_state(settings: Settings, vehicle_id: str, as_json: bool = False) ->
     client = open_command_redis(settings)
     try:
         with redis_errors("read"):
-            state = read_state(client, settings.vehicle_state_prefix, vehicle_id)
+            report = state_report(client, settings.vehicle_state_prefix, vehicle_id, time.time_ns() // 1_000_000)
     finally:
         client.close()
-    if state is None:
+    if report is None:
         print(
             f"smartcar-ingest vehicle-state: no state for vehicle {vehicle_id}: no event of it was published "
             "yet, or none in VEHICLE_STATE_TTL_SECONDS.",
             file=sys.stderr,
         )
         return 1
-    report = state_report(state, time.time_ns() // 1_000_000)
     print(json.dumps(report, indent=2, ensure_ascii=False) if as_json else render_text(report))
     return 0
 
@@ -126,3 +143,11 @@ def _ago(seconds: float | None) -> str:
 def _iso(epoch_ms: int) -> str:
     moment = dt.datetime.fromtimestamp(epoch_ms / 1000, dt.UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _object(value: str) -> dict[str, Any] | None:
+    try:
+        parsed = pydantic_core.from_json(value)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None

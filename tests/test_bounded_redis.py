@@ -31,9 +31,7 @@ from core.redis.dedupe import (
     GROW_AT,
     PUBLISHED,
     event_marks,
-    generations,
     parked_marks,
-    recall,
     slot_width,
 )
 from core.redis.inbox import Inbox
@@ -44,6 +42,7 @@ from core.redis.parked import ParkedStream, replay_parked
 from core.redis.published import OutputStream
 from core.redis.queue_metrics import QueueCollector, read_groups
 from tests.conftest import TOKEN
+from tests.marks import generations, recall
 from tests.pipeline import run_worker_burst, worker_env
 from tests.procs import free_port, wait_for_port
 

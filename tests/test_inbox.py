@@ -16,15 +16,13 @@ from rq.serializers import JSONSerializer
 from rq.utils import utcparse
 
 from cli.samples import encode, sample_event
-from core.redis.dedupe import event_marks
 from core.redis.functions import lua_function
-from core.redis.inbox import DirectScript, GroupCommitter, Inbox
+from core.redis.inbox import DirectScript, Inbox
 from core.redis.jobs import (
     PROCESS_EVENT,
     RETRY_INTERVALS,
     JobOptions,
     JobPayload,
-    JobTemplate,
     build_job_hash,
     job_payload,
 )
@@ -156,10 +154,9 @@ def test_group_commit_failure_reaches_every_waiter(redis_url):
 
     async def scenario():
         redis = AsyncRedis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
-        template = JobTemplate(JobOptions("q"))
-        committer = GroupCommitter(redis, "q", event_marks(60), template.constant)
-        jobs = [template.variable(job_payload(f"x{i}", "VEHICLE_STATE", "{}", 1)) for i in range(10)]
-        outcomes = await asyncio.gather(*(committer.submit(j) for j in jobs), return_exceptions=True)
+        inbox = Inbox(redis, JobOptions("q"), "parked", 60)
+        accepts = [inbox.accept(f"x{i}", "VEHICLE_STATE", "{}", 1) for i in range(10)]
+        outcomes = await asyncio.gather(*accepts, return_exceptions=True)
         await redis.aclose()
         return outcomes
 

@@ -8,11 +8,12 @@ from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from core.redis.dedupe import parked_marks, recall_async
+from core.redis.dedupe import parked_marks
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
 from core.redis.parked import ParkedStream, count_by_reason, replay_parked
 from tests.contracts import check_parked_entry
+from tests.marks import recall
 
 STREAM = "smartcar:parked"
 
@@ -98,7 +99,7 @@ def test_a_replayed_event_that_fails_again_is_parked_again(redis_url, redis_clie
         parked = ParkedStream(redis, STREAM, 60)
         await parked.park("ev-4", "unknown_user", "No user.", body)
         report = await replay_parked(redis, options, STREAM)
-        assert await recall_async(redis, parked_marks(60), "ev-4") is None
+        assert recall(redis_client, parked_marks(60), "ev-4") is None
         again = await parked.park("ev-4", "unknown_user", "No user.", body)
         return report, again
 

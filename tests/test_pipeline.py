@@ -16,10 +16,11 @@ from starlette.testclient import TestClient
 
 from cli.operations import replay
 from cli.samples import SAMPLE_VEHICLE_ID, encode, sample_event
-from core.redis.dedupe import PUBLISHED, event_marks, recall
+from core.redis.dedupe import PUBLISHED, event_marks
 from core.store.users import UserStore
 from service.app import create_app
 from tests.conftest import fixture_paths, load_fixture, signed_headers
+from tests.marks import recall
 from tests.pipeline import cached_token, emulator_stats, inject, outputs, run_worker_burst, stream_entries, worker_env
 
 UNKNOWN_USER = "11111111-2222-4333-8444-555555555555"

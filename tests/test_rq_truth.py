@@ -178,10 +178,10 @@ def test_each_script_can_run_again_after_a_lost_answer(redis_url, redis_client):
     writes one result."""
     from redis.asyncio import Redis as AsyncRedis
 
-    from core.redis.jobs import JobOptions, JobTemplate, job_payload
+    from core.redis.jobs import JobOptions, JobTemplate
 
     template = JobTemplate(JobOptions(queue=QUEUE, retries=0))
-    job_id, data, _ = template.variable(job_payload("e1", "VEHICLE_STATE", "{}", 0))
+    job_id, data, _ = template.for_event("e1", "VEHICLE_STATE", "{}", 0)
     redis_client.hset(Job.key_for(job_id), mapping=template.constant | {"data": data, "status": "queued"})
     redis_client.rpush(f"rq:queue:{QUEUE}", job_id)
 
@@ -220,7 +220,7 @@ def test_a_job_with_its_body_as_text_is_read_as_rq_reads_it(redis_client):
 
     template = JobTemplate(JobOptions(queue=QUEUE, retries=0))
     body = '{"eventId":"e2","eventType":"VEHICLE_STATE","x":",\\"body\\":{"}'
-    _, text_data, _ = template.variable(job_payload("e2", "VEHICLE_STATE", body, 1234))
+    _, text_data, _ = template.for_event("e2", "VEHICLE_STATE", body, 1234)
     spliced_data = spliced_job_data("e2", "VEHICLE_STATE", body.encode(), 1234)
     # A delivery is spliced byte for byte, whitespace before its object included.
     padded_body = "\n  " + body

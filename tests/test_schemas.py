@@ -18,7 +18,6 @@ from cli.samples import SAMPLE_VEHICLE_ID, encode, sample_event
 from cli.vehicle_state import state_report
 from core.errors import PARK_REASONS
 from core.redis.keys import text, vehicle_state_key
-from core.redis.vehicle_state import read_state
 from core.schemas import NAMES, SUFFIX, load_schema, schema_folder
 from service.app import create_app
 from tests.conftest import TOKEN, fixture_paths, load_fixture, signed_headers
@@ -124,9 +123,9 @@ def checked_state(settings, redis_client, vehicle_id: str) -> dict[str, str]:
     key = vehicle_state_key(settings.vehicle_state_prefix, vehicle_id)
     state = {text(k): text(v) for k, v in redis_client.hgetall(key).items()}
     check_vehicle_state(state)
-    stored = read_state(redis_client, settings.vehicle_state_prefix, vehicle_id)
-    assert stored is not None
-    check_vehicle_state_report(json.loads(json.dumps(state_report(stored, 1_800_000_000_000))))
+    report = state_report(redis_client, settings.vehicle_state_prefix, vehicle_id, 1_800_000_000_000)
+    assert report is not None
+    check_vehicle_state_report(json.loads(json.dumps(report)))
     return state
 
 

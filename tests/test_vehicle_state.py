@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from itertools import pairwise
 from signal import SIGTERM
 from typing import Any
@@ -33,7 +34,7 @@ from cli.samples import SAMPLE_VEHICLE_ID, encode, sample_event
 from core.redis.acl import acl_rules
 from core.redis.keys import text, vehicle_state_key
 from core.redis.published import OutputStream, StateChanged
-from core.redis.vehicle_state import MergeResult, VehicleStates
+from core.redis.vehicle_state import VehicleStates
 from service.app import create_app
 from tests.conftest import TOKEN, signed_headers
 from tests.contracts import check_vehicle_state, check_vehicle_state_report
@@ -46,6 +47,14 @@ SOC, ODOMETER, CHARGING = "tractionbattery-stateofcharge", "odometer-traveleddis
 
 
 # --- an independent model of the rule -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What merging one event did: whether the state changed, and the codes it held newer."""
+
+    changed: bool
+    stale_signals: list[str]
 
 
 def when(signal: dict[str, Any]) -> tuple[bool, int, bool, int]:
@@ -98,6 +107,28 @@ def state_signals(raw: dict[bytes, bytes]) -> dict[str, Any]:
 
 # --- the merge rule against real Redis --------------------------------------------------------
 
+
+class States:
+    """One event at a time, merged as the worker does: planned, then applied with its publish."""
+
+    def __init__(self, redis: AsyncRedis, ttl_seconds: int = 600) -> None:
+        self.states = VehicleStates(redis, PREFIX)
+        self.output = OutputStream(redis, "merges", 3600, state_ttl_seconds=ttl_seconds)
+
+    async def merge(
+        self, vehicle_id: str, event_id: str, signals: list[dict[str, Any]], vehicle=None, vehicle_from_api=True
+    ) -> MergeResult:
+        while True:
+            plan = await self.states.plan(vehicle_id, signals, vehicle, vehicle_from_api)
+            if not plan.writes:
+                return MergeResult(changed=False, stale_signals=plan.stale_signals)
+            try:
+                assert await self.output.publish(event_id, {"event_id": event_id}, plan) is not None
+            except StateChanged:
+                continue
+            return MergeResult(changed=True, stale_signals=plan.stale_signals)
+
+
 # Times around the largest epoch ms the parser accepts too: one millisecond apart must still order.
 TIMES = st.sampled_from(
     [None, 0, 1, 2, 3, 1_767_000_000_000, 1_767_000_000_001, 253_402_300_799_998, 253_402_300_799_999]
@@ -133,21 +164,21 @@ def test_any_order_of_any_versions_ends_in_the_same_state(redis_url, versions, d
 
     async def run() -> list[dict[str, Any]]:
         redis = AsyncRedis.from_url(redis_url)
-        states = VehicleStates(redis, PREFIX, ttl_seconds=600)
+        states = States(redis)
         finals = []
         try:
             for events in orders:
                 vehicle_id, model = uuid.uuid4().hex, Model()
                 for n, event in enumerate(events):
-                    assert await states.merge(vehicle_id, f"e{n}", event) == model.merge(event)
+                    assert await states.merge(vehicle_id, f"e{n}-{vehicle_id}", event) == model.merge(event)
                 for n, event in enumerate(events):
-                    again = await states.merge(vehicle_id, f"again{n}", event)
+                    again = await states.merge(vehicle_id, f"again{n}-{vehicle_id}", event)
                     assert again == model.merge(event)
                     assert not again.changed
-                raw = await redis.hgetall(states.key(vehicle_id))
+                raw = await redis.hgetall(vehicle_state_key(PREFIX, vehicle_id))
                 assert state_signals(raw) == model.signals
                 assert text(raw[b"_eventId"]).startswith("e")
-                await redis.delete(states.key(vehicle_id))
+                await redis.delete(vehicle_state_key(PREFIX, vehicle_id))
                 finals.append(model.signals)
         finally:
             await redis.aclose()
@@ -170,12 +201,12 @@ def reading(code: str, oem: int | None, retrieved: int | None, value: object) ->
 
 
 def merge_now(redis_url: str, *calls: tuple[Any, ...], ttl: int = 600) -> list[MergeResult]:
-    """Run ``states.merge(*call)`` for each call, in order, on one client."""
+    """Run ``States.merge(*call)`` for each call, in order, on one client."""
 
     async def run() -> list[MergeResult]:
         redis = AsyncRedis.from_url(redis_url)
         try:
-            states = VehicleStates(redis, PREFIX, ttl_seconds=ttl)
+            states = States(redis, ttl)
             return [await states.merge(*call) for call in calls]
         finally:
             await redis.aclose()
@@ -282,13 +313,13 @@ def test_a_merge_planned_on_a_state_that_changed_is_refused_whole(redis_url, red
     async def scenario() -> tuple[bool, list[str]]:
         redis = AsyncRedis.from_url(redis_url)
         try:
-            states = VehicleStates(redis, PREFIX, ttl_seconds=600)
+            states = VehicleStates(redis, PREFIX)
             output = OutputStream(redis, "out", 3600, state_ttl_seconds=600)
-            mine = await states.plan("v9", "mine", [reading("a", 5, 5, "mine")])
-            await states.merge("v9", "theirs", [reading("a", 1, 1, "theirs")])
+            mine = await states.plan("v9", [reading("a", 5, 5, "mine")])
+            await States(redis).merge("v9", "theirs", [reading("a", 1, 1, "theirs")])
             with pytest.raises(StateChanged):
                 await output.publish("mine", {"event_id": "mine"}, mine)
-            again = await states.plan("v9", "mine", [reading("a", 5, 5, "mine")])
+            again = await states.plan("v9", [reading("a", 5, 5, "mine")])
             entry = await output.publish("mine", {"event_id": "mine"}, again)
             return await output.was_published("mine"), [entry, again.writes[0]]
         finally:
@@ -314,14 +345,14 @@ def test_concurrent_events_of_one_vehicle_in_one_call_each_merge_on_the_state_be
     async def scenario() -> list[list[str]]:
         redis = AsyncRedis.from_url(redis_url)
         try:
-            states = VehicleStates(redis, PREFIX, ttl_seconds=600)
+            states = VehicleStates(redis, PREFIX)
             output = OutputStream(redis, "out2", 3600, state_ttl_seconds=600)
 
             async def complete(n: int) -> list[str]:
                 event = f"c{n}"
                 signals = [reading("a", n, n, n)]
                 while True:
-                    plan = await states.plan("v10", event, signals)
+                    plan = await states.plan("v10", signals)
                     try:
                         assert await output.publish(event, {"event_id": event}, plan) is not None
                         return plan.stale_signals

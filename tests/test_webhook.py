@@ -29,7 +29,7 @@ from cli.samples import encode, sample_event
 from core.config import Settings
 from core.errors import InvalidJob
 from core.events.parse import parse_stored
-from core.redis.dedupe import event_marks, recall
+from core.redis.dedupe import event_marks
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions, job_payload, spliced_job_data
 from core.redis.keys import job_id_for
@@ -41,6 +41,7 @@ from service.webhooks import UNSIGNED_VERIFY_MAX_BYTES, Deadlines, WebhookEndpoi
 from tests.conftest import OLD_TOKEN, TOKEN, fixture_paths, load_fixture, signed_headers
 from tests.contracts import check_parked_entry
 from tests.examples import examples
+from tests.marks import recall
 from tests.procs import LiveServer
 from workers.jobs import read_payload
 

@@ -150,9 +150,7 @@ class EventProcessor:
         """Publish the document and its merge into the vehicle's state in one step (planned again
         when the state changed since it was read); the entry id, or None when the event was out already."""
         signals = [*output["signals"], *output["latestSignals"]]
-        plan_merge = partial(
-            self._vehicle_states.plan, event.vehicle.id, event.event_id, signals, output["vehicle"], vehicle_from_api
-        )
+        plan_merge = partial(self._vehicle_states.plan, event.vehicle.id, signals, output["vehicle"], vehicle_from_api)
         while True:
             plan = await until_redis_answers_async(plan_merge, give_up_after=REDIS_PATIENCE_SECONDS)
             output["staleSignals"] = plan.stale_signals
@@ -245,6 +243,6 @@ async def open_processor(settings: Settings, http_connections: int, stack: Async
             state_ttl_seconds=settings.vehicle_state_ttl_seconds,
         ),
         ParkedStream(redis, settings.parked_stream, settings.dedupe_ttl_seconds, settings.parked_retention_seconds),
-        vehicle_states=VehicleStates(redis, settings.vehicle_state_prefix, settings.vehicle_state_ttl_seconds),
+        vehicle_states=VehicleStates(redis, settings.vehicle_state_prefix),
         counts=counts,
     )

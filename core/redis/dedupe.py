@@ -12,9 +12,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from redis import Redis as SyncRedis
-from redis.asyncio import Redis as AsyncRedis
-
 from core.redis.functions import lua_function
 from core.redis.keys import (
     DEDUPE_PREFIX,
@@ -22,7 +19,6 @@ from core.redis.keys import (
     PARKED_IDS_KEY,
     PARKED_MARK_PREFIX,
     job_id_for,
-    text,
 )
 
 #: A slot spans ``ceil(TTL / SLOTS_PER_TTL)`` seconds; at most ``SLOTS_PER_TTL + 1`` are live.
@@ -275,19 +271,12 @@ class Marks:
     clock: Callable[[], float] | None = None
     """Seconds to use instead of Redis's clock (benchmarks and tests that cross days)."""
 
-    @property
-    def width(self) -> int:
-        return slot_width(self.ttl_seconds)
-
     def head(self, legacy_prefix: str | None = None) -> list[str | int]:
-        """The arguments every script of :data:`LIBRARY` starts with (``ids.open``).
-
-        ``legacy_prefix`` names the per-key mark of earlier versions that this script consults
-        during the legacy window, when it is not the family's own.
-        """
+        """The arguments every script of :data:`LIBRARY` starts with (``ids.open``); ``legacy_prefix``
+        names another per-key mark of earlier versions for this script to consult than the family's."""
         clock = "" if self.clock is None else repr(float(self.clock()))
         legacy = self.legacy_prefix if legacy_prefix is None else legacy_prefix
-        return [self.registry, self.ttl_seconds, self.width, clock, legacy]
+        return [self.registry, self.ttl_seconds, slot_width(self.ttl_seconds), clock, legacy]
 
 
 def event_marks(ttl_seconds: int, clock: Callable[[], float] | None = None) -> Marks:
@@ -302,34 +291,3 @@ def parked_marks(ttl_seconds: int, clock: Callable[[], float] | None = None) -> 
 
 def recall_args(marks: Marks, event_id: str, legacy_prefix: str | None) -> list[str | int | bytes]:
     return [*marks.head(legacy_prefix), job_id_for(event_id), event_digest(event_id)]
-
-
-def generations(client: SyncRedis, registry: str) -> list[tuple[str, int, int]]:
-    """The generations a family's registry lists, newest first: ``(slot, bits, expire_at)``.
-
-    Slots whose expiry has passed are listed until a script next reads the registry.
-    """
-    raw = client.get(registry)
-    rows = []
-    for entry in (text(raw) if raw else "").split(";"):
-        parts = entry.split(":")
-        if len(parts) == 4 and parts[3] != "legacy":
-            rows.append((parts[3], int(parts[2]), int(parts[0])))
-    return rows
-
-
-def recall(client: SyncRedis, marks: Marks, event_id: str, legacy_prefix: str | None = None) -> bytes | None:
-    """What ``marks`` remembers of ``event_id`` (``b"1"``, ``b"2"``, a parked mark), or None.
-
-    A value found only in a per-key mark of an earlier version comes back as ``b"legacy:<value>"``.
-    """
-    value = RECALL_FN.bind(client)(args=recall_args(marks, event_id, legacy_prefix))
-    return None if value is None else bytes(value)
-
-
-async def recall_async(
-    redis: AsyncRedis, marks: Marks, event_id: str, legacy_prefix: str | None = None
-) -> bytes | None:
-    """:func:`recall` on an asyncio client."""
-    value = await RECALL_FN.bind(redis)(args=recall_args(marks, event_id, legacy_prefix))
-    return None if value is None else bytes(value)

@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import redis
 from redis.asyncio import Redis as AsyncRedis
-from redis.asyncio.client import Pipeline as AsyncPipeline
 from redis.client import Pipeline
 from redis.exceptions import NoPermissionError, ResponseError
 from rq.scripts import ACQUIRE_OR_REFRESH_LOCK_SCRIPT, RELEASE_LOCK_SCRIPT
@@ -59,20 +58,14 @@ class LuaFunction:
         )
 
     def bind(self, client: Any) -> Any:
-        """A callable for ``client`` (``keys=``, ``args=``, and optionally ``client=`` a pipeline, as
-        redis-py's ``Script``): a coroutine for an asyncio client, the reply for a synchronous one."""
-        if isinstance(client, AsyncRedis | AsyncPipeline):
+        """A callable for ``client`` (``keys=``, ``args=``, and for a synchronous one optionally
+        ``client=`` a pipeline, as redis-py's ``Script``): a coroutine for an asyncio client."""
+        if isinstance(client, AsyncRedis):
             return AsyncCall(self, client)
         return SyncCall(self, client)
 
     def command(self, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
         return ("FCALL", self.redis_name, len(keys), *keys, *args)
-
-    def missing(self, reply: ResponseError) -> MissingFunction:
-        return MissingFunction(
-            f"Redis has no function {self.redis_name} and this Redis user may not load it:"
-            f" run `{SETUP_COMMAND}` with an admin REDIS_URL ({reply})."
-        )
 
 
 #: Every function by name; a module defines its own with :func:`lua_function` at import.
@@ -97,7 +90,10 @@ def load_refused(function: LuaFunction, exc: ResponseError) -> bool:
     """False when a failed ``FUNCTION LOAD`` means the library is there (a peer loaded it
     meanwhile); :class:`MissingFunction` when this user may not load it; else ``exc``."""
     if isinstance(exc, NoPermissionError):
-        raise function.missing(exc) from None
+        raise MissingFunction(
+            f"Redis has no function {function.redis_name} and this Redis user may not load it:"
+            f" run `{SETUP_COMMAND}` with an admin REDIS_URL ({exc})."
+        ) from None
     if "already exists" in str(exc):
         return False
     raise exc
@@ -147,23 +143,17 @@ class AsyncCall:
         # code of every FUNCTION LOAD, even one it refuses.
         self._loading: asyncio.Future[bool] | None = None
 
-    def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None) -> Awaitable[Any]:
-        target = self.client if client is None else client
-        if isinstance(target, AsyncPipeline):
-            return target.execute_command(*self.function.command(keys, args))
-        return self._call(target, keys, args)
-
-    async def _call(self, target: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
         command = self.function.command(keys, args)
         try:
-            return await target.execute_command(*command)
+            return await self.client.execute_command(*command)
         except ResponseError as exc:
             if not is_missing(exc):
                 raise
         if self._loading is None or self._loading.done():
-            self._loading = asyncio.ensure_future(load_async(target, self.function))
+            self._loading = asyncio.ensure_future(load_async(self.client, self.function))
         await asyncio.shield(self._loading)
-        return await target.execute_command(*command)
+        return await self.client.execute_command(*command)
 
 
 #: RQ's own scripts (its scheduler's locks), run as functions of ours on the worker's RQ connection.

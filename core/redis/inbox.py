@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -22,7 +22,7 @@ from rq.utils import now, utcformat
 
 from core import metrics
 from core.config import DEFAULT_PARKED_RETENTION_SECONDS
-from core.redis.dedupe import LIBRARY, Marks, event_marks, job_digest
+from core.redis.dedupe import LIBRARY, event_marks, job_digest
 from core.redis.functions import LuaFunction, is_missing, load_refused, lua_function
 from core.redis.group import GroupCommit
 from core.redis.jobs import JobOptions, JobTemplate
@@ -70,12 +70,8 @@ DEFAULT_MAX_IDLE_SECONDS = 30.0
 
 class DirectScript:
     """One Lua function called on connections taken from the client's pool and kept: one packed
-    write and one read per call, under the client's socket timeout.
-
-    A call on a connection Redis closed is made once more on a fresh one; a missing function is
-    loaded first where the user may. An error reply propagates and keeps the connection; any
-    other failure closes it. A failed call may still have run: the script must be safe to run
-    twice (docs/architecture.md, "Accepting a delivery").
+    write and one read per call, under the client's socket timeout. Its rules (reconnect, load,
+    idle connections, a failed call that may have run): docs/architecture.md, "Accepting a delivery".
     """
 
     def __init__(self, redis: AsyncRedis, function: LuaFunction) -> None:
@@ -139,46 +135,16 @@ class DirectScript:
             return await connection.read_response()
 
 
-class GroupCommitter:
-    """The edge's enqueues, combined into one script call per round trip (:mod:`core.redis.group`);
-    each caller gets its own answer only after Redis has run the script for its event."""
-
-    def __init__(
-        self,
-        redis: AsyncRedis,
-        queue: str,
-        marks: Marks,
-        constant_fields: Mapping[str, Any],
-        max_batch: int = 256,
-        max_in_flight: int = 1,
-    ) -> None:
-        self._script = DirectScript(redis, _ENQUEUE_MANY_FN)
-        self._keys = [queue_key(queue), Queue.redis_queues_keys]
-        self._marks = marks
-        self._constant: list[Any] = [len(constant_fields)]
-        for field, value in constant_fields.items():
-            self._constant.extend((field, value))
-        self._group: GroupCommit[tuple[str, bytes, str], int] = GroupCommit(self._call, max_batch, max_in_flight)
-
-    async def submit(self, job_fields: tuple[str, bytes, str]) -> bool:
-        """Enqueue one event (``job_fields`` from :meth:`JobTemplate.variable`).
-
-        True when this call enqueued it, False when its ``eventId`` was already seen.
-        """
-        return bool(await self._group.submit(job_fields))
-
-    async def _call(self, jobs: list[tuple[str, bytes, str]]) -> list[int]:
-        """One script call enqueueing ``jobs``: 1 (enqueued) or 0 (already seen) for each."""
-        args: list[Any] = [*self._marks.head(), Job.redis_job_namespace_prefix, utcformat(now()), *self._constant]
-        for job_id, data, description in jobs:
-            args.extend((job_id, job_digest(job_id), data, description))
-        metrics.ENQUEUE_BATCH_SIZE.observe(len(jobs))
-        results: list[int] = await self._script(keys=self._keys, args=args)
-        return results
+#: The most enqueues one script call carries.
+MAX_BATCH = 256
 
 
 class Inbox:
-    """What the web edge writes: accepted deliveries onto the queue, the rest onto the parked stream."""
+    """What the web edge writes: accepted deliveries onto the queue, the rest onto the parked stream.
+
+    Enqueues waiting together share one script call per round trip (:mod:`core.redis.group`); each
+    caller gets its own answer only after Redis has run the script for its event.
+    """
 
     def __init__(
         self,
@@ -191,8 +157,13 @@ class Inbox:
     ) -> None:
         self._template = JobTemplate(options)
         self.marks = event_marks(dedupe_ttl_seconds, clock)
-        self._committer = GroupCommitter(redis, options.queue, self.marks, self._template.constant)
         self.parked = ParkedStream(redis, parked_stream, dedupe_ttl_seconds, parked_retention_seconds, clock)
+        self._script = DirectScript(redis, _ENQUEUE_MANY_FN)
+        self._keys = [queue_key(options.queue), Queue.redis_queues_keys]
+        self._constant: list[Any] = [len(self._template.constant)]
+        for field, value in self._template.constant.items():
+            self._constant.extend((field, value))
+        self._group: GroupCommit[tuple[str, bytes, str], int] = GroupCommit(self._enqueue, MAX_BATCH)
 
     async def accept(self, event_id: str, event_type: str, body: bytes | str, received_at_ms: int) -> bool:
         """Enqueue the event unless its ``eventId`` was seen; True when this call enqueued it.
@@ -200,8 +171,16 @@ class Inbox:
         Returns once Redis has run the script for this event. A body given as bytes (a JSON object
         the edge validated) is embedded in the job verbatim (:meth:`JobTemplate.for_event`).
         """
-        return await self._committer.submit(self._template.for_event(event_id, event_type, body, received_at_ms))
+        return bool(await self._group.submit(self._template.for_event(event_id, event_type, body, received_at_ms)))
 
     async def park(self, event_id: str | None, reason: str, detail: str, body: str) -> bool:
         """Park a delivery (:meth:`ParkedStream.park`); False when it was parked already."""
         return await self.parked.park(event_id, reason, detail, body) is not None
+
+    async def _enqueue(self, jobs: list[tuple[str, bytes, str]]) -> list[int]:
+        args: list[Any] = [*self.marks.head(), Job.redis_job_namespace_prefix, utcformat(now()), *self._constant]
+        for job_id, data, description in jobs:
+            args.extend((job_id, job_digest(job_id), data, description))
+        metrics.ENQUEUE_BATCH_SIZE.observe(len(jobs))
+        results: list[int] = await self._script(keys=self._keys, args=args)
+        return results

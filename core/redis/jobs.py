@@ -35,7 +35,6 @@ class JobPayload(TypedDict):
 
 
 def job_payload(event_id: str, event_type: str, body: str, received_at_ms: int) -> JobPayload:
-    """The single JSON argument of ``process_event``."""
     return {"eventId": event_id, "eventType": event_type, "body": body, "receivedAt": received_at_ms}
 
 
@@ -53,7 +52,6 @@ class JobOptions:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobOptions:
-        """The options the settings give: queue, timeout, retries and result TTL."""
         return cls(
             queue=settings.ingest_queue,
             timeout_seconds=settings.job_timeout_seconds,
@@ -90,38 +88,30 @@ def build_job_hash(payload: Mapping[str, Any], options: JobOptions) -> tuple[str
     return job_id, mapping
 
 
-# A client that never connects: Job.create only keeps a reference to it.
 _NO_CONNECTION = Redis(host="unused.invalid", single_connection_client=False)
 
 
 class JobTemplate:
     """The job hash of :func:`build_job_hash` in two parts: :attr:`constant`, taken once from a job
-    RQ built, and per event :data:`VARIABLE_FIELDS` (:meth:`variable` gives ``data``, uncompressed,
-    and ``description``; the inbox's script adds the two times)."""
-
-    VARIABLE_FIELDS = ("created_at", "enqueued_at", "data", "description")
+    RQ built, and per event ``data`` and ``description`` (:meth:`for_event`; the inbox's script
+    adds the two times)."""
 
     def __init__(self, options: JobOptions) -> None:
         _, reference = build_job_hash(job_payload("template", "VEHICLE_STATE", "", 0), options)
-        self.constant: dict[str, Any] = {
-            key: value for key, value in reference.items() if key not in self.VARIABLE_FIELDS
-        }
-
-    def variable(self, payload: Mapping[str, Any]) -> tuple[str, bytes, str]:
-        """``(job_id, data, description)`` for one event; the times are added per batch."""
-        event_id = str(payload["eventId"])
-        data = pydantic_core.to_json([PROCESS_EVENT, None, [payload], {}])
-        return job_id_for(event_id), data, f"process_event({payload['eventType']} {event_id})"
+        variable = ("created_at", "enqueued_at", "data", "description")
+        self.constant: dict[str, Any] = {key: value for key, value in reference.items() if key not in variable}
 
     def for_event(
         self, event_id: str, event_type: str, body: bytes | str, received_at_ms: int
     ) -> tuple[str, bytes, str]:
-        """:meth:`variable` for one delivery. A body given as bytes is a JSON object the edge has
-        validated: it goes into the job's data verbatim (:func:`spliced_job_data`); text is
-        written as a JSON string, as RQ would."""
+        """``(job_id, data, description)`` for one delivery. A body given as bytes is a JSON object
+        the edge has validated: it goes into the job's data verbatim (:func:`spliced_job_data`);
+        text is written as a JSON string, as RQ would."""
         if isinstance(body, str):
-            return self.variable(job_payload(event_id, event_type, body, received_at_ms))
-        data = spliced_job_data(event_id, event_type, body, received_at_ms)
+            payload = job_payload(event_id, event_type, body, received_at_ms)
+            data = pydantic_core.to_json([PROCESS_EVENT, None, [payload], {}])
+        else:
+            data = spliced_job_data(event_id, event_type, body, received_at_ms)
         return job_id_for(event_id), data, f"process_event({event_type} {event_id})"
 
 
@@ -156,8 +146,8 @@ def spliced_job_data(event_id: str, event_type: str, body: bytes, received_at_ms
 
 def _spliced_body_at(data: bytes) -> int:
     """Where ``,"body":`` starts in data written by :func:`spliced_job_data`, or -1 for data of
-    any other form. The body of such data is a JSON object; data that :meth:`JobTemplate.variable`
-    wrote has the same head and tail but a JSON string there (and ``receivedAt`` after it)."""
+    any other form. The body of such data is a JSON object; data that :meth:`JobTemplate.for_event`
+    wrote from text has the same head and tail but a JSON string there (and ``receivedAt`` after it)."""
     if not (data.startswith(_SPLICED_HEAD) and data.endswith(_SPLICED_TAIL)):
         return -1
     start = data.find(_SPLICED_BODY, len(_SPLICED_HEAD))

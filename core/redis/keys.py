@@ -48,9 +48,7 @@ DIGEST_JOB_PREFIX = "evt-"
 def job_id_for(event_id: str) -> str:
     """The RQ job id for an event: the ``eventId`` itself when RQ accepts it, else a digest of it.
 
-    One job per ``eventId``: the id is a pure function of it, so a replay, a redelivery and an
-    operator all find the same job. Digest ids and literal ids never meet: an ``eventId`` that
-    starts with :data:`DIGEST_JOB_PREFIX` is digested too.
+    A pure function of the ``eventId``, so a replay, a redelivery and an operator find the same job.
     """
     if _JOB_ID_SAFE.fullmatch(event_id) and not event_id.startswith(DIGEST_JOB_PREFIX):
         return event_id
@@ -83,8 +81,7 @@ def connect_state_key(digest: str) -> str:
 
 
 def vehicle_state_key(prefix: str, vehicle_id: str) -> str:
-    """A vehicle's latest-state hash: ``VEHICLE_STATE_PREFIX`` (default ``smartcar:vehicle-state:``)
-    + the vehicle id, which the parser has held to ``[A-Za-z0-9_-]{1,64}``."""
+    """A vehicle's latest-state hash; the parser has held the id to ``[A-Za-z0-9_-]{1,64}``."""
     return prefix + vehicle_id
 
 

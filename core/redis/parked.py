@@ -163,17 +163,15 @@ async def replay_parked(
     reason: str | None = None,
     limit: int | None = None,
     on_progress: Callable[[ReplayReport], None] | None = None,
-    mark_ttl_seconds: int = DEFAULT_DEDUPE_TTL_SECONDS,
 ) -> ReplayReport:
     """Re-enqueue parked entries (optionally only those with ``reason``), oldest first.
 
     Each entry leaves the stream, and its parked mark is forgotten, in the atomic step that
     enqueues its job. Entries whose job is still queued or running stay (``busy``), as do those
-    without an ``eventId`` (``without_event_id``). ``mark_ttl_seconds`` only sizes slots: any value
-    finds the marks.
+    without an ``eventId`` (``without_event_id``).
     """
     requeue = _REQUEUE_FN.bind(redis)
-    marks = parked_marks(mark_ttl_seconds)
+    marks = parked_marks(DEFAULT_DEDUPE_TTL_SECONDS)  # the TTL only sizes new slots: forgetting finds any mark
     report = ReplayReport()
     cursor = "-"
     while limit is None or report.requeued < limit:

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import pydantic_core
-from redis import Redis as SyncRedis
 from redis.asyncio import Redis as AsyncRedis
 
-from core.redis.functions import NOW_MS, lua_function
-from core.redis.keys import text, vehicle_state_key
+from core.redis.functions import NOW_MS
+from core.redis.keys import vehicle_state_key
 
 #: The hash fields that are not signal codes; codes starting with ``_`` are never stored.
 VEHICLE_FIELD = "_vehicle"
@@ -47,16 +46,6 @@ end
 """
 )
 
-_APPLY = (
-    STATE_LIBRARY
-    + """
--- KEYS[1]: the state hash. ARGV: token, ttl, event id, then the field/value pairs to write.
-if apply_state(KEYS[1], ARGV[1], ARGV[2], ARGV[3], 4, #ARGV, now_ms()) then return 1 end
-return 0
-"""
-)
-_APPLY_FN = lua_function("apply_vehicle_state", _APPLY)
-
 # At most 18 digits: a longer number (not a time the service writes) is decoded, and refused there.
 _FRONT = re.compile(rb'^\{"oemUpdatedAt":(-?\d{1,18}|null),"retrievedAt":(-?\d{1,18}|null),')
 
@@ -65,20 +54,11 @@ When = tuple[bool, float, bool, float]
 
 
 @dataclass(frozen=True)
-class MergeResult:
-    """What merging one event did: whether the state changed, and the codes it held newer."""
-
-    changed: bool
-    stale_signals: list[str]
-
-
-@dataclass(frozen=True)
 class MergePlan:
     """One event's merge, planned against the state as read: what to write, only while the state's
     ``token`` is unchanged (``writes`` empty: nothing to apply), and what the state held newer."""
 
     key: str
-    event_id: str
     token: bytes
     writes: list[str | bytes]
     """Field/value pairs."""
@@ -150,15 +130,9 @@ def newest_versions(signals: Iterable[Mapping[str, Any]]) -> dict[str, tuple[Whe
     return newest
 
 
-def state_token(held: Mapping[str, bytes | None]) -> bytes:
-    """What :data:`STATE_LIBRARY` compares: the state's ``_updatedAt`` and ``_eventId``."""
-    return (held.get(UPDATED_AT_FIELD) or b"") + b":" + (held.get(EVENT_ID_FIELD) or b"")
-
-
 def plan_merge(
     key: str,
     held: Mapping[str, bytes | None],
-    event_id: str,
     newest: Mapping[str, tuple[When, Mapping[str, Any], bytes]],
     vehicle: Mapping[str, Any] | None = None,
     vehicle_from_api: bool = True,
@@ -188,105 +162,29 @@ def plan_merge(
         stored = stored or _stored_json(signal)
         if stored > current:  # equal times: the greater JSON text
             writes += [code, stored]
-    return MergePlan(key, event_id, state_token(held), writes, sorted(stale))
+    # The token STATE_LIBRARY compares: the state's _updatedAt and _eventId as read.
+    token = (held.get(UPDATED_AT_FIELD) or b"") + b":" + (held.get(EVENT_ID_FIELD) or b"")
+    return MergePlan(key, token, writes, sorted(stale))
 
 
 class VehicleStates:
     """The worker's side: reads a vehicle's state and plans each event's merge into it."""
 
-    def __init__(self, redis: AsyncRedis, prefix: str, ttl_seconds: int) -> None:
+    def __init__(self, redis: AsyncRedis, prefix: str) -> None:
         self.prefix = prefix
-        self.ttl_seconds = ttl_seconds
         self._redis = redis
-        self._apply = _APPLY_FN.bind(redis)
-
-    def key(self, vehicle_id: str) -> str:
-        return vehicle_state_key(self.prefix, vehicle_id)
 
     async def plan(
         self,
         vehicle_id: str,
-        event_id: str,
         signals: Iterable[Mapping[str, Any]],
         vehicle: Mapping[str, Any] | None = None,
         vehicle_from_api: bool = True,
     ) -> MergePlan:
         """The event's merge planned against the state as it is now (:func:`plan_merge`): only the
         fields the event needs are read, however large the hash."""
-        key = self.key(vehicle_id)
+        key = vehicle_state_key(self.prefix, vehicle_id)
         newest = newest_versions(signals)
         names = [UPDATED_AT_FIELD, EVENT_ID_FIELD, VEHICLE_FIELD, *newest]
         values = cast(list[bytes | None], await self._redis.hmget(key, names))
-        return plan_merge(key, dict(zip(names, values, strict=True)), event_id, newest, vehicle, vehicle_from_api)
-
-    async def merge(
-        self,
-        vehicle_id: str,
-        event_id: str,
-        signals: Iterable[Mapping[str, Any]],
-        vehicle: Mapping[str, Any] | None = None,
-        vehicle_from_api: bool = True,
-    ) -> MergeResult:
-        """Merge one event's signals (webhook and ``/signals`` alike, in the output form) and its
-        vehicle into the state, on its own (the worker applies its merges with the publish).
-        Idempotent: running it again changes nothing and answers the same, unless a newer event
-        was merged in between. ``vehicle_from_api`` false (the webhook's own copy) only fills a
-        missing ``_vehicle``."""
-        signals = list(signals)
-        while True:
-            plan = await self.plan(vehicle_id, event_id, signals, vehicle, vehicle_from_api)
-            if not plan.writes:
-                return MergeResult(changed=False, stale_signals=plan.stale_signals)
-            args = [plan.token, self.ttl_seconds, event_id, *plan.writes]
-            if await self._apply(keys=[plan.key], args=args):
-                return MergeResult(changed=True, stale_signals=plan.stale_signals)
-
-
-@dataclass(frozen=True)
-class StoredState:
-    """One vehicle's state as read back (``vehicle-state``)."""
-
-    vehicle_id: str
-    key: str
-    vehicle: dict[str, Any] | None
-    updated_at_ms: int | None
-    event_id: str | None
-    ttl_seconds: int | None
-    """Seconds until the state expires; None when the key has no expiry."""
-    signals: dict[str, dict[str, Any]]
-    """By code; a value that is not a JSON object is kept as ``{"code": code, "unreadable": text}``."""
-
-
-def read_state(client: SyncRedis, prefix: str, vehicle_id: str) -> StoredState | None:
-    """The state of ``vehicle_id``, or None when there is none (never seen, or expired)."""
-    key = vehicle_state_key(prefix, vehicle_id)
-    with client.pipeline(transaction=True) as pipe:
-        pipe.hgetall(key)
-        pipe.ttl(key)
-        raw, ttl = pipe.execute()
-    if not raw:
-        return None
-    fields = {text(name): text(value) for name, value in raw.items()}
-    signals: dict[str, dict[str, Any]] = {}
-    for code, value in fields.items():
-        if not code.startswith(RESERVED_PREFIX):
-            parsed = _object(value)
-            signals[code] = parsed if parsed is not None else {"code": code, "unreadable": value}
-    updated = fields.get(UPDATED_AT_FIELD, "")
-    return StoredState(
-        vehicle_id=vehicle_id,
-        key=key,
-        vehicle=_object(fields.get(VEHICLE_FIELD, "")),
-        updated_at_ms=int(updated) if updated.isdigit() else None,
-        event_id=fields.get(EVENT_ID_FIELD),
-        ttl_seconds=int(ttl) if isinstance(ttl, int) and ttl >= 0 else None,
-        signals=signals,
-    )
-
-
-def _object(value: str) -> dict[str, Any] | None:
-    try:
-        parsed = pydantic_core.from_json(value)
-    except ValueError:
-        return None
-    return parsed if isinstance(parsed, dict) else None
+        return plan_merge(key, dict(zip(names, values, strict=True)), newest, vehicle, vehicle_from_api)
