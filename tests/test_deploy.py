@@ -11,11 +11,13 @@ here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
@@ -561,16 +563,25 @@ def test_cli_from_the_wheel_says_in_one_line_that_the_emulator_is_absent(wheel, 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "REDIS_", "PYTHONPATH"))}
-    result = subprocess.run(
+    # Its own session, killed whole afterwards: should `dev` wrongly start, its emulator, web and
+    # worker must not outlive the test and take other tests' jobs from the shared Redis.
+    proc = subprocess.Popen(
         [sys.executable, "-c", _FROM_WHEEL, str(ROOT), str(site), *command, "--port", str(free_port())],
         env=env | {"REDIS_URL": redis_url},
         cwd=tmp_path,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
+        start_new_session=True,
     )
-    assert result.returncode == 2, result.stdout + result.stderr
-    [line] = result.stderr.strip().splitlines()
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+    assert proc.returncode == 2, stdout + stderr
+    [line] = stderr.strip().splitlines()
     assert line.startswith(f"smartcar-ingest {command[0]}: the Smartcar emulator is not installed"), line
 
 
