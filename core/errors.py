@@ -78,15 +78,10 @@ class MalformedBody(PermanentError):
 
 
 class InvalidPayload(PermanentError):
-    """A signed JSON body parked with its code: ``invalid_payload``, ``legacy_v2``, ``unknown_event_type``."""
+    """A signed event parked with its code: ``invalid_payload``, ``legacy_v2``, ``unknown_event_type``,
+    ``unknown_user``."""
 
     code = "invalid_payload"
-
-
-class UnknownUser(PermanentError):
-    """No internal user has this Smartcar user id."""
-
-    code = "unknown_user"
 
 
 class InvalidJob(PermanentError):
