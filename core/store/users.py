@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -97,20 +97,6 @@ class UserRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class LinkResult:
-    """What :meth:`UserStore.link` did: stored the link, or found it already there."""
-
-    user: UserRecord
-    already_linked: bool
-
-    @property
-    def message(self) -> str:
-        """One line for people: ``user 42 linked to Smartcar user …`` or ``… already linked …``."""
-        verb = "already linked" if self.already_linked else "linked"
-        return f"user {self.user.id} {verb} to Smartcar user {self.user.smartcar_user_id}"
-
-
-@dataclass(frozen=True, slots=True)
 class VehicleRecord:
     """An internal vehicle with its owner's Smartcar user id (``None`` when unlinked or ownerless)."""
 
@@ -186,19 +172,16 @@ def _claim(
     return False
 
 
-def _link_user(connection: Connection, user_id: int, wanted: str) -> tuple[UserRecord, bool]:
-    """Link user ``user_id`` to ``wanted`` in the caller's transaction: the user, and whether this
-    call stored the link. Raises like :meth:`UserStore.link`."""
-    row = connection.execute(select(*_USER_COLUMNS).where(User.id == user_id)).one_or_none()
+def _link_user(connection: Connection, user_id: int, wanted: str) -> bool:
+    """:meth:`UserStore.link` in the caller's transaction."""
+    row = connection.execute(select(User.smartcar_user_id).where(User.id == user_id)).one_or_none()
     if row is None:
         raise RecordNotFound(f"no user with id {user_id}: check the internal user id.")
-    user = UserRecord(*row)
-    if user.smartcar_user_id is None and (owner := _owner_of(connection, wanted)) is not None:
+    if row.smartcar_user_id is None and (owner := _owner_of(connection, wanted)) is not None:
         raise LinkConflict(
             f"Smartcar user {wanted} already belongs to user {owner}; refusing to link it to user {user_id}."
         )
-    stored = _claim(connection, User.smartcar_user_id, user_id, user.smartcar_user_id, wanted)
-    return replace(user, smartcar_user_id=wanted), stored
+    return _claim(connection, User.smartcar_user_id, user_id, row.smartcar_user_id, wanted)
 
 
 def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
@@ -259,14 +242,13 @@ class UserStore:
             return []
         return self._find_vehicles(func.upper(func.trim(Vehicle.vin)) == wanted)
 
-    def link(self, user_id: int, smartcar_user_id: str) -> LinkResult:
-        """Store ``smartcar_user_id`` on internal user ``user_id``; the same pair again is ``already_linked``.
-        Never overwrites: :class:`LinkConflict` when either side is linked elsewhere (also after a
-        lost race); :class:`RecordNotFound`; :class:`InvalidValue` for a blank or over-long id."""
+    def link(self, user_id: int, smartcar_user_id: str) -> bool:
+        """Store ``smartcar_user_id`` on internal user ``user_id``: ``False`` when that pair was already
+        stored. Never overwrites: :class:`LinkConflict` when either side is linked elsewhere (also
+        after a lost race); :class:`RecordNotFound`; :class:`InvalidValue` for a blank or over-long id."""
         wanted = _smartcar_id(smartcar_user_id, "the Smartcar user id")
         with self._writing(_linked_concurrently(wanted)) as connection:
-            user, stored = _link_user(connection, user_id, wanted)
-        return LinkResult(user=user, already_linked=not stored)
+            return _link_user(connection, user_id, wanted)
 
     def link_vehicle(self, vehicle_id: int, smartcar_vehicle_id: str, smartcar_user_id: str) -> None:
         """Store Smartcar's vehicle id on vehicle ``vehicle_id`` and Smartcar's user id on its owner,
