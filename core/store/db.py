@@ -158,11 +158,9 @@ def _migrating(database_url: str, action: str, *, lock: bool = True) -> Iterator
 
 
 def upgrade(database_url: str, revision: str = "head", *, drop_tokens: bool = False) -> str | None:
-    """Migrate forward to ``revision``, all or nothing on PostgreSQL. An unversioned database with
-    tables is first stamped with the revision they match (:func:`detect_revision`), which is returned.
-    Dropping stored per-vehicle tokens (``v3_schema``) needs ``drop_tokens``. Raises
-    :class:`ConfigurationError`, or :class:`Unreachable` for a server that does not answer.
-    """
+    """Migrate forward to ``revision``, all or nothing on PostgreSQL, first stamping tables without a
+    version with the revision they match (returned). Dropping stored tokens needs ``drop_tokens``.
+    Raises :class:`ConfigurationError`, or :class:`Unreachable` for a server that does not answer."""
     with _migrating(database_url, f"upgrade the database to {revision}") as (connection, config):
         adopted, at = None, MigrationContext.configure(connection).get_current_revision()
         if at is None and (adopted := detect_revision(connection)) is not None:
@@ -201,12 +199,9 @@ _TOKEN_COLUMNS = {"vehicle_access_token", "token_created_at"}
 
 
 def detect_revision(connection: Connection) -> str | None:
-    """The revision that an unversioned database's tables match, or ``None`` when it has none.
-
-    ``v2_schema`` (tokens, no Smartcar ids), ``v2_v3_bridge`` (both) or ``v3_schema`` (ids, no
-    tokens). Extra columns of the application's own are ignored. Raises :class:`ConfigurationError`
-    when ``users``/``vehicles`` exist in any other shape.
-    """
+    """The revision an unversioned database's tables match (extra columns ignored), ``None`` when it
+    has none: ``v2_schema`` (tokens, no Smartcar ids), ``v2_v3_bridge`` (both) or ``v3_schema`` (ids,
+    no tokens). :class:`ConfigurationError` for any other shape."""
     inspector = inspect(connection)
     present = {"users", "vehicles"} & set(inspector.get_table_names())
     if not present:

@@ -1,8 +1,7 @@
 """The user store: internal users and their vehicles, keyed by Smartcar's ids (SQL).
 
 Workers route each event to a user with :meth:`UserStore.find_by_smartcar_user_id`; ``users link``,
-the Connect callback and ``backfill`` write the links. The tables are made by the migrations
-(``smartcar-ingest db upgrade``). docs/architecture.md, "The user store".
+the Connect callback and ``backfill`` write the links. docs/architecture.md, "The user store".
 """
 
 from __future__ import annotations
@@ -267,17 +266,16 @@ class UserStore:
             _link_user(connection, vehicle.user_id, wanted_user)
 
     def add_user(self, id: int, email: str | None, name: str | None, smartcar_user_id: str | None = None) -> UserRecord:
-        """Insert a user (dev seeding and tests). :class:`RecordExists` when the id is taken,
-        :class:`LinkConflict` when another user holds ``smartcar_user_id``."""
+        """Insert a user (dev seeding and tests); the id's constraint refuses a taken one
+        (:class:`RecordExists`). :class:`LinkConflict` when another user holds ``smartcar_user_id``."""
         record = UserRecord(
             id=id,
             email=_checked(email, "email", TEXT_LENGTH),
             name=_checked(name, "name", TEXT_LENGTH),
             smartcar_user_id=_checked(smartcar_user_id, "the Smartcar user id", SMARTCAR_ID_LENGTH),
         )
-        with self._writing(RecordExists(f"user {id} or its Smartcar user id was added concurrently.")) as connection:
-            if connection.execute(select(User.id).where(User.id == id)).first() is not None:
-                raise RecordExists(f"a user with id {id} already exists.")
+        clash = RecordExists(f"a user with id {id} already exists (or its Smartcar user id was just taken).")
+        with self._writing(clash) as connection:
             if record.smartcar_user_id and (owner := _owner_of(connection, record.smartcar_user_id)) is not None:
                 raise LinkConflict(f"Smartcar user {record.smartcar_user_id} already belongs to user {owner}.")
             connection.execute(insert(User).values(**asdict(record)))
@@ -292,11 +290,10 @@ class UserStore:
             "vin": _checked(vin, "the VIN", VIN_LENGTH),
             "smartcar_vehicle_id": _checked(smartcar_vehicle_id, "the Smartcar vehicle id", SMARTCAR_ID_LENGTH),
         }
-        with self._writing(RecordExists(f"vehicle {id} was added concurrently or its user was removed.")) as connection:
+        clash = RecordExists(f"a vehicle with id {id} already exists (or its user was just removed).")
+        with self._writing(clash) as connection:
             if connection.execute(select(User.id).where(User.id == user_id)).first() is None:
                 raise RecordNotFound(f"no user with id {user_id}: add the user before its vehicles.")
-            if connection.execute(select(Vehicle.id).where(Vehicle.id == id)).first() is not None:
-                raise RecordExists(f"a vehicle with id {id} already exists.")
             connection.execute(insert(Vehicle).values(**values))
 
     def dispose(self) -> None:
