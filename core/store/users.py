@@ -18,7 +18,6 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     MetaData,
-    Select,
     String,
     event,
     func,
@@ -104,20 +103,6 @@ class VehicleRecord:
     vin: str | None
     smartcar_vehicle_id: str | None
     owner_smartcar_user_id: str | None
-
-
-_USER_COLUMNS = (User.id, User.email, User.name, User.smartcar_user_id)
-
-
-def _vehicles(*criteria: ColumnElement[bool]) -> Select[int, int | None, str | None, str | None, str | None]:
-    """Vehicles with their owner's Smartcar user id, in id order."""
-    return (
-        select(Vehicle.id, Vehicle.user_id, Vehicle.vin, Vehicle.smartcar_vehicle_id, User.smartcar_user_id)
-        .select_from(Vehicle)
-        .outerjoin(User, Vehicle.user_id == User.id)
-        .where(*criteria)
-        .order_by(Vehicle.id)
-    )
 
 
 def _checked(value: str | None, column: str, limit: int) -> str | None:
@@ -214,15 +199,24 @@ class UserStore:
             raise clash from None
 
     def _find_vehicles(self, criterion: ColumnElement[bool]) -> list[VehicleRecord]:
+        """Vehicles with their owner's Smartcar user id, in id order."""
+        statement = (
+            select(Vehicle.id, Vehicle.user_id, Vehicle.vin, Vehicle.smartcar_vehicle_id, User.smartcar_user_id)
+            .select_from(Vehicle)
+            .outerjoin(User, Vehicle.user_id == User.id)
+            .where(criterion)
+            .order_by(Vehicle.id)
+        )
         with self._reading() as connection:
-            return [VehicleRecord(*row) for row in connection.execute(_vehicles(criterion))]
+            return [VehicleRecord(*row) for row in connection.execute(statement)]
 
     def find_by_smartcar_user_id(self, smartcar_user_id: str) -> UserRecord | None:
         """The user linked to ``smartcar_user_id``, or ``None`` (also, with no query, for an id that
         could never be stored: blank or longer than 36 characters)."""
         if not smartcar_user_id or len(smartcar_user_id) > SMARTCAR_ID_LENGTH:
             return None
-        statement = select(*_USER_COLUMNS).where(User.smartcar_user_id == smartcar_user_id)
+        statement = select(User.id, User.email, User.name, User.smartcar_user_id)
+        statement = statement.where(User.smartcar_user_id == smartcar_user_id)
         with self._reading() as connection:
             row = connection.execute(statement).one_or_none()
         return None if row is None else UserRecord(*row)
@@ -256,10 +250,9 @@ class UserStore:
         wanted_vehicle = _smartcar_id(smartcar_vehicle_id, "the Smartcar vehicle id")
         wanted_user = _smartcar_id(smartcar_user_id, "the Smartcar user id")
         with self._writing(_linked_concurrently(wanted_user)) as connection:
-            row = connection.execute(_vehicles(Vehicle.id == vehicle_id)).one_or_none()
-            if row is None:
+            statement = select(Vehicle.user_id, Vehicle.smartcar_vehicle_id).where(Vehicle.id == vehicle_id)
+            if (vehicle := connection.execute(statement).one_or_none()) is None:
                 raise RecordNotFound(f"no vehicle with id {vehicle_id}: check the internal vehicle id.")
-            vehicle = VehicleRecord(*row)
             if vehicle.user_id is None:
                 raise LinkConflict(f"vehicle {vehicle_id} has no owner, so no user can be linked through it.")
             _claim(connection, Vehicle.smartcar_vehicle_id, vehicle_id, vehicle.smartcar_vehicle_id, wanted_vehicle)
