@@ -36,11 +36,12 @@ def _users_link(args: argparse.Namespace, settings: Settings) -> int:
 
     store = UserStore(settings.database_url)
     try:
-        result = store.link(args.user_id, args.smartcar_user_id)
+        stored = store.link(args.user_id, args.smartcar_user_id)
     finally:
         store.dispose()
-    print(result.message)
-    if not result.already_linked:
+    verb = "linked" if stored else "already linked"
+    print(f"user {args.user_id} {verb} to Smartcar user {args.smartcar_user_id.strip()}")
+    if stored:
         print("Events parked as unknown_user can now be delivered: smartcar-ingest replay --reason unknown_user")
     return 0
 

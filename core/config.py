@@ -16,16 +16,12 @@ from core.errors import ConfigurationError
 DEV_MANAGEMENT_TOKEN = "dev-management-token"  # noqa: S105 - the documented dev-only default
 #: Shorter management tokens are refused outside ``dev``: a guessable key makes signatures worthless.
 MIN_MANAGEMENT_TOKEN_LENGTH = 16
-#: ``PARKED_RETENTION_SECONDS`` when unset (14 days); also what the stream writers use by default.
-DEFAULT_PARKED_RETENTION_SECONDS = 1_209_600
-#: ``DEDUPE_TTL_SECONDS`` when unset (7 days, Smartcar's recommendation).
-DEFAULT_DEDUPE_TTL_SECONDS = 604_800
-#: ``OUTPUT_STREAM_RETENTION_SECONDS`` when unset (1 day); also the output stream writer's default.
-DEFAULT_OUTPUT_STREAM_RETENTION_SECONDS = 86_400
-#: ``JOB_RESULT_TTL_SECONDS`` when unset: how long RQ keeps a finished job (hash, body, result).
-DEFAULT_JOB_RESULT_TTL_SECONDS = 60
-#: ``VEHICLE_STATE_TTL_SECONDS`` when unset (30 days); also the output stream writer's default.
-DEFAULT_VEHICLE_STATE_TTL_SECONDS = 2_592_000
+# Defaults of settings, shared with the Redis writers whose own defaults they are (seconds).
+DEFAULT_PARKED_RETENTION_SECONDS = 1_209_600  # 14 days
+DEFAULT_DEDUPE_TTL_SECONDS = 604_800  # 7 days, Smartcar's recommendation
+DEFAULT_OUTPUT_STREAM_RETENTION_SECONDS = 86_400  # 1 day
+DEFAULT_JOB_RESULT_TTL_SECONDS = 60  # how long RQ keeps a finished job (hash, body, result)
+DEFAULT_VEHICLE_STATE_TTL_SECONDS = 2_592_000  # 30 days
 
 
 def key_list(secret: SecretStr | None) -> tuple[bytes, ...]:
@@ -41,7 +37,6 @@ class Settings(BaseSettings):
         env_file=".env",
         env_file_encoding="utf-8",
         extra="ignore",
-        case_sensitive=False,
         env_ignore_empty=True,  # `SPOOL_DIR=` (in the environment or .env) means unset
     )
 
@@ -114,10 +109,7 @@ class Settings(BaseSettings):
 
     @property
     def management_tokens(self) -> tuple[bytes, ...]:
-        """Every configured management token, UTF-8 encoded, in the configured order.
-
-        The first one answers VERIFY; all of them verify ``SC-Signature`` (rotation).
-        """
+        """Every management token, UTF-8 encoded: the first answers VERIFY, all verify ``SC-Signature``."""
         return key_list(self.smartcar_management_token)
 
     @property
@@ -126,11 +118,8 @@ class Settings(BaseSettings):
         return self.max_delivery_age_seconds or self.dedupe_ttl_seconds
 
     def require_management_token(self) -> None:
-        """Raise :class:`ConfigurationError` unless usable management tokens are set.
-
-        Outside ``dev`` (``DEV_MODE``) every token must be at least :data:`MIN_MANAGEMENT_TOKEN_LENGTH` characters
-        and none may be the documented dev default, which anyone can read in this repository.
-        """
+        """Raise :class:`ConfigurationError` unless management tokens are set; outside ``DEV_MODE``
+        each must be long enough and none the public dev default."""
         if not self.management_tokens:
             raise ConfigurationError(
                 "SMARTCAR_MANAGEMENT_TOKEN is not set: copy the Application Management Token from the "
@@ -152,18 +141,10 @@ class Settings(BaseSettings):
 
     def require_client_credentials(self) -> None:
         """Raise :class:`ConfigurationError` unless the client-credentials pair is set."""
-        missing = [
-            name
-            for name, value in (
-                ("SMARTCAR_CLIENT_ID", self.smartcar_client_id),
-                ("SMARTCAR_CLIENT_SECRET", self.smartcar_client_secret),
-            )
-            if value is None
-        ]
-        if missing:
+        names = ("smartcar_client_id", "smartcar_client_secret")
+        if missing := " and ".join(name.upper() for name in names if getattr(self, name) is None):
             raise ConfigurationError(
-                f"{' and '.join(missing)} not set: create API credentials in the Smartcar Dashboard "
-                "and set both variables."
+                f"{missing} not set: create API credentials in the Smartcar Dashboard and set both variables."
             )
 
 

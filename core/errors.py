@@ -20,8 +20,8 @@ PARK_REASONS = (
 class IngestError(Exception):
     """Root of every error this project raises on purpose."""
 
-    #: Stable snake_case code: used in HTTP error bodies, parked reasons and metrics labels; a leaf
-    #: whose cases differ only in what they tell the caller takes the case's code when raised.
+    #: Stable snake_case code for HTTP error bodies, parked reasons and metrics labels; a case of a
+    #: leaf may be raised with its own.
     code: str = "ingest_error"
 
     def __init__(self, message: str, code: str | None = None) -> None:
@@ -32,8 +32,7 @@ class IngestError(Exception):
 
 
 class ConfigurationError(IngestError):
-    """A setting is missing or invalid, or the process was not set up to do this (a job run outside
-    ``smartcar-ingest worker``); the process should stop with this one-line message."""
+    """A setting or the setup is wrong: the process stops with this one-line message."""
 
     code = "configuration_error"
 
@@ -45,9 +44,7 @@ class TransientError(IngestError):
 
 
 class Unreachable(TransientError):
-    """A dependency did not answer: the database (refused, timed out, dropped, locked), Redis where a
-    process gives up instead of waiting it out (an operator command, a starting worker), or the
-    webhook endpoint of ``send-test-event``."""
+    """The database, Redis (where a process gives up on it) or a webhook endpoint did not answer."""
 
     code = "unreachable"
 
@@ -81,30 +78,20 @@ class MalformedBody(PermanentError):
 
 
 class InvalidPayload(PermanentError):
-    """A validly signed JSON body that does not match the event schema (``invalid_payload``), is a
-    legacy v2.0 webhook (``legacy_v2``) or has an ``eventType`` outside VERIFY, VEHICLE_STATE and
-    VEHICLE_ERROR (``unknown_event_type``): parked with that reason."""
+    """A signed event parked with its code: ``invalid_payload``, ``legacy_v2``, ``unknown_event_type``,
+    ``unknown_user``."""
 
     code = "invalid_payload"
 
 
-class UnknownUser(PermanentError):
-    """No internal user has this Smartcar user id."""
-
-    code = "unknown_user"
-
-
 class InvalidJob(PermanentError):
-    """A ``process_event`` job whose argument is not a job payload (``core.redis.jobs.JobPayload``).
-
-    Only something other than this service writes such a job; it fails at once, never retried.
-    """
+    """A ``process_event`` job whose argument is not a job payload: failed at once, never retried."""
 
     code = "invalid_job"
 
 
 class SmartcarRejected(PermanentError):
-    """The vehicle API refused the request for good (a 4xx other than 401 and 429)."""
+    """The vehicle API answered a 4xx other than 401 and 429."""
 
     code = "upstream_refused"
 
@@ -134,22 +121,19 @@ class RecordNotFound(PermanentError):
 
 
 class LinkConflict(PermanentError):
-    """Linking would overwrite a user's Smartcar user id or take one that another user holds."""
+    """Linking would overwrite a stored Smartcar id or take one that another user holds."""
 
     code = "link_conflict"
 
 
 class InvalidConnectState(PermanentError):
-    """The ``state`` of a Connect redirect is missing, malformed or not signed by this service
-    (``invalid_state``), genuine but expired (``expired_state``), or bound to a browser and redeemed
-    without that browser's binding cookie (``browser_mismatch``)."""
+    """A Connect ``state`` that is not ours (``invalid_state``), ``expired_state`` or ``browser_mismatch``."""
 
     code = "invalid_state"
 
 
 class UnverifiedConnection(PermanentError):
-    """Smartcar lists no connection of the redirect's user made since the ``state`` was issued
-    (``unverified_user``), or its connections carry no creation time to check (``cannot_verify``)."""
+    """Smartcar lists no new connection of the redirect's user (``unverified_user``, ``cannot_verify``)."""
 
     code = "unverified_user"
 
@@ -161,6 +145,6 @@ class RecordExists(PermanentError):
 
 
 class InvalidValue(PermanentError):
-    """A value does not fit its column (for example a Smartcar user id longer than 36 characters)."""
+    """A value does not fit its column."""
 
     code = "invalid_value"

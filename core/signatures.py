@@ -14,11 +14,8 @@ from collections.abc import Sequence
 import pydantic_core
 
 _HEX_DIGEST_LENGTH = 64
-
-#: Challenges that cannot be mistaken for a JSON object: no braces, quotes or spaces. Answering
-#: only these (and only when they are not JSON scalars either, see :func:`is_token_like`) when a
-#: VERIFY is unsigned keeps the endpoint from signing attacker-chosen JSON.
-TOKEN_LIKE_CHALLENGE = re.compile(r"[A-Za-z0-9._~-]{1,256}")
+# No braces, quotes or spaces: such a challenge cannot be a JSON object (see is_token_like).
+_TOKEN_LIKE_CHALLENGE = re.compile(r"[A-Za-z0-9._~-]{1,256}")
 
 
 def sign(token: bytes, message: bytes) -> str:
@@ -48,13 +45,9 @@ def verify_signature(tokens: Sequence[bytes], body: bytes, header: str | None) -
 
 
 def is_token_like(challenge: str) -> bool:
-    """True when a VERIFY challenge is safe to answer without a valid signature.
-
-    It must match :data:`TOKEN_LIKE_CHALLENGE` and must not be JSON at all: ``123``, ``-1``,
-    ``true``, ``null`` or ``1e5`` fit the character set, and their HMAC would be a valid
-    ``SC-Signature`` for a body of that one JSON value.
-    """
-    if TOKEN_LIKE_CHALLENGE.fullmatch(challenge) is None:
+    """True when an unsigned VERIFY challenge is safe to answer: token-like and not JSON at all, since
+    the HMAC of ``123``, ``true`` or ``1e5`` would be a valid ``SC-Signature`` for that JSON body."""
+    if _TOKEN_LIKE_CHALLENGE.fullmatch(challenge) is None:
         return False
     try:  # the edge's parser in its most permissive setting (NaN too): anything it could ever read
         pydantic_core.from_json(challenge)

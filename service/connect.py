@@ -40,7 +40,7 @@ from core.redis.functions import lua_function
 from core.redis.keys import connect_state_key
 from core.smartcar.client import SmartcarClient, smartcar_client
 from core.smartcar.http import SmartcarHttp, smartcar_http
-from core.store.users import LinkResult, UserStore
+from core.store.users import UserStore
 from service.connect_state import ConnectState, confirm_connection, connect_link, state_keys, verify_state
 from service.responses import error_response
 
@@ -125,7 +125,7 @@ class ConnectEndpoints:
             routes.append(Route("/connect/start", self.start, methods=["GET"]))
         return routes
 
-    def _link(self, user_id: int, smartcar_user_id: str) -> LinkResult:
+    def _link(self, user_id: int, smartcar_user_id: str) -> bool:
         # Called in a worker thread: the lock keeps two first callbacks from building two pools.
         with self._lock:
             store = self._store = self._store or UserStore(self._settings.database_url)
@@ -209,7 +209,7 @@ class ConnectEndpoints:
             retry_after = exc.retry_after if isinstance(exc, SmartcarRateLimited) else None
             return _unavailable("Smartcar could not confirm the connection right now; retry shortly.", retry_after)
         try:
-            result = await run_in_threadpool(self._link, user_id, smartcar_user_id)
+            stored = await run_in_threadpool(self._link, user_id, smartcar_user_id)
         except LinkConflict:
             log.warning("connect link refused", user_id=user_id, smartcar_user=digest, reason="link_conflict")
             return _error(409, "link_conflict", _CONFLICT)
@@ -221,12 +221,12 @@ class ConnectEndpoints:
         except (Unreachable, ConfigurationError) as exc:
             log.error("connect link failed", user_id=user_id, error=exc.message)
             return _unavailable("The user store is unavailable; retry shortly.")
-        if not result.already_linked:
+        if stored:
             log.info("connect link stored", user_id=user_id, smartcar_user=digest)
         body = {
-            "status": "already_linked" if result.already_linked else "linked",
-            "userId": result.user.id,
-            "smartcarUserId": result.user.smartcar_user_id,
+            "status": "linked" if stored else "already_linked",
+            "userId": user_id,
+            "smartcarUserId": smartcar_user_id,
         }
         return JSONResponse(body, headers=_NO_STORE)
 

@@ -33,7 +33,7 @@ def postgres_or_skip() -> str:
             pass
     except OperationalError as exc:
         pytest.skip(
-            f"PostgreSQL at {db.safe_url(db.parse_url(POSTGRES_URL))} is unreachable ({exc.orig}); set TEST_POSTGRES_URL"
+            f"PostgreSQL at {db.safe_url(make_url(POSTGRES_URL))} is unreachable ({exc.orig}); set TEST_POSTGRES_URL"
         )
     finally:
         engine.dispose()

@@ -14,6 +14,7 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 from starlette.testclient import TestClient
 
+from cli.main import build_parser
 from cli.operations import replay
 from cli.samples import SAMPLE_VEHICLE_ID, encode, sample_event
 from core.redis.dedupe import PUBLISHED, event_marks
@@ -103,8 +104,11 @@ def test_replay_after_users_link_publishes(pipeline, redis_client, capsys):
     run_worker_burst(pipeline)
     assert stream_entries(redis_client, "smartcar:parked")[0]["reason"] == "unknown_user"
 
-    result = store.link(901, UNKNOWN_USER)
-    assert not result.already_linked
+    args = build_parser().parse_args(["users", "link", "--user-id", "901", "--smartcar-user-id", UNKNOWN_USER])
+    assert args.handler(args, pipeline) == 0
+    assert f"user 901 linked to Smartcar user {UNKNOWN_USER}\n" in capsys.readouterr().out
+    assert args.handler(args, pipeline) == 0  # the same pair again: nothing to do
+    assert capsys.readouterr().out == f"user 901 already linked to Smartcar user {UNKNOWN_USER}\n"
     replay(pipeline, reason="unknown_user", limit=None)
     assert "re-enqueued 1 of 1" in capsys.readouterr().out
     assert stream_entries(redis_client, "smartcar:parked") == []

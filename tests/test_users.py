@@ -42,9 +42,8 @@ def store(database_url: str) -> Iterator[UserStore]:
 
 def assert_alice_unlinked(store: UserStore) -> None:
     """Alice is there as seeded, without a Smartcar user id: linking her now stores one and changes nothing else."""
-    result = store.link(1, SMARTCAR_ALICE)
-    assert result.already_linked is False
-    assert result.user == UserRecord(1, "alice@example.com", "Alice", SMARTCAR_ALICE)
+    assert store.link(1, SMARTCAR_ALICE) is True
+    assert store.find_by_smartcar_user_id(SMARTCAR_ALICE) == UserRecord(1, "alice@example.com", "Alice", SMARTCAR_ALICE)
 
 
 def _tables(database_url: str) -> set[str]:
@@ -178,20 +177,14 @@ def test_find_by_unknown_smartcar_user_id_returns_none(store, smartcar_user_id):
 
 def test_link_stores_the_smartcar_user_id(store):
     """Linking an unlinked user stores the id, and the worker lookup then finds that user."""
-    result = store.link(1, SMARTCAR_ALICE)
-    assert result.already_linked is False
-    assert result.user == UserRecord(1, "alice@example.com", "Alice", SMARTCAR_ALICE)
-    assert result.message == f"user 1 linked to Smartcar user {SMARTCAR_ALICE}"
-    assert store.find_by_smartcar_user_id(SMARTCAR_ALICE) == result.user
+    assert store.link(1, SMARTCAR_ALICE) is True
+    assert store.find_by_smartcar_user_id(SMARTCAR_ALICE) == UserRecord(1, "alice@example.com", "Alice", SMARTCAR_ALICE)
 
 
 def test_link_again_with_the_same_id_is_a_no_op(store):
     """Linking the pair that is already stored changes nothing and reports `already linked`."""
-    result = store.link(2, SMARTCAR_BOB)
-    assert result.already_linked is True
-    assert result.message == f"user 2 already linked to Smartcar user {SMARTCAR_BOB}"
-    assert result.user == UserRecord(2, "bob@example.com", "Bob", SMARTCAR_BOB)
-    assert store.find_by_smartcar_user_id(SMARTCAR_BOB) == result.user
+    assert store.link(2, SMARTCAR_BOB) is False
+    assert store.find_by_smartcar_user_id(SMARTCAR_BOB) == UserRecord(2, "bob@example.com", "Bob", SMARTCAR_BOB)
 
 
 def test_link_refuses_an_id_that_belongs_to_another_user(store):
@@ -230,8 +223,8 @@ def test_link_survives_a_second_store_seeing_the_same_database(store, database_u
     """Two stores (two processes) linking the same pair agree: the second sees `already linked`."""
     other = UserStore(database_url)
     try:
-        assert store.link(1, SMARTCAR_ALICE).already_linked is False
-        assert other.link(1, SMARTCAR_ALICE).already_linked is True
+        assert store.link(1, SMARTCAR_ALICE) is True
+        assert other.link(1, SMARTCAR_ALICE) is False
     finally:
         other.dispose()
 

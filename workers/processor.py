@@ -18,7 +18,6 @@ from core.errors import (
     SmartcarUnauthorized,
     SmartcarUnavailable,
     TransientError,
-    UnknownUser,
 )
 from core.events.model import VehicleEvent
 from core.events.parse import delivery_id_of, parse_stored
@@ -114,8 +113,9 @@ class EventProcessor:
                 async with asyncio.timeout(budget_seconds):
                     user = await self._find_user(event.smartcar_user_id)
                     if user is None:
-                        raise UnknownUser(
-                            "No internal user has this Smartcar user id; link it (users link or backfill), then replay."
+                        raise InvalidPayload(
+                            "No internal user has this Smartcar user id; link it (users link or backfill), then replay.",
+                            "unknown_user",
                         )
                     enrichment = await self._enrich(event, received_at)
             except TimeoutError:
@@ -124,9 +124,7 @@ class EventProcessor:
                 raise SmartcarUnavailable("Enrichment ran out of time; the job will be retried.") from None
             except SmartcarUnauthorized as exc:
                 return await self._park(event_id, "upstream_rejected", exc.message, body)
-            except UnknownUser as exc:  # parked outside the time budget: parking waits out Redis on its own
-                return await self._park(event_id, exc.code, exc.message, body)
-            except InvalidPayload as exc:  # the client refused an id the parser let through
+            except InvalidPayload as exc:  # no user, or an id the client refused; parked outside the budget
                 return await self._park(event_id, exc.code, exc.message, body)
             except TransientError as exc:
                 if final_attempt:

@@ -1,8 +1,5 @@
 """Database plumbing for the user store: the engine, error translation and Alembic migrations.
-
-Why it is built so: docs/architecture.md, "The user store"; adopting a database made outside
-Alembic: docs/migration.md, step 1.
-"""
+Why: docs/architecture.md, "The user store"; adopting tables made outside Alembic: docs/migration.md."""
 
 from __future__ import annotations
 
@@ -33,29 +30,9 @@ from sqlalchemy.pool import NullPool
 
 from core.errors import ConfigurationError, Unreachable
 
-#: Seconds a PostgreSQL connection attempt may take before it counts as unreachable.
-CONNECT_TIMEOUT_SECONDS = 5
-
 # Any constant works as long as every migrating process uses the same one; this is "smartcar"
 # read as bytes, so it is recognisable in pg_locks.
 _MIGRATION_LOCK_ID = 0x736D61727463617
-
-
-def parse_url(database_url: str) -> URL:
-    """``DATABASE_URL`` parsed (:class:`ConfigurationError` if it is none); ``postgres://`` and
-    ``postgresql://`` select the psycopg 3 driver."""
-    try:
-        url = make_url(database_url)
-    except (ArgumentError, ValueError):
-        # The raw string may carry a password, so it stays out of the message.
-        raise ConfigurationError(
-            "DATABASE_URL is not a database URL: use e.g. sqlite:///./smartcar-ingest.db or "
-            "postgresql+psycopg://user:password@host:5432/dbname."
-        ) from None
-    # Hosted PostgreSQL often hands out bare postgres:// URLs; the only driver installed is psycopg 3.
-    if url.drivername in ("postgres", "postgresql"):
-        url = url.set(drivername="postgresql+psycopg")
-    return url
 
 
 def safe_url(url: URL) -> str:
@@ -65,20 +42,25 @@ def safe_url(url: URL) -> str:
 
 def make_engine(database_url: str, *, pooled: bool = True) -> Engine:
     """An engine (not yet connected); ``pooled=False`` for one-shot work such as migrations.
-    :class:`ConfigurationError` for a bad URL or a driver that is not installed."""
-    url = parse_url(database_url)
-    options: dict[str, Any] = {}
-    connect_args: dict[str, Any] = {}
-    if url.get_backend_name() == "sqlite":
-        connect_args["check_same_thread"] = False
-    elif url.get_backend_name() == "postgresql":
-        # Pool sizes stay at SQLAlchemy's defaults: the pool grows only as far as a process's
-        # concurrency. The ping makes a restarted server cost a reconnect, not a failed job.
-        options["pool_pre_ping"] = True
-        if "connect_timeout" not in url.query:
-            connect_args["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
-    if not pooled:
-        options = {"poolclass": NullPool}
+    :class:`ConfigurationError` for a bad URL or a driver that is not installed; ``postgres://``
+    and ``postgresql://`` select psycopg 3, the one driver installed."""
+    try:
+        url = make_url(database_url)
+    except (ArgumentError, ValueError):
+        # The raw string may carry a password, so it stays out of the message.
+        raise ConfigurationError(
+            "DATABASE_URL is not a database URL: use e.g. sqlite:///./smartcar-ingest.db or "
+            "postgresql+psycopg://user:password@host:5432/dbname."
+        ) from None
+    if url.drivername in ("postgres", "postgresql"):  # as hosted PostgreSQL often hands them out
+        url = url.set(drivername="postgresql+psycopg")
+    backend = url.get_backend_name()
+    connect_args: dict[str, Any] = {"check_same_thread": False} if backend == "sqlite" else {}
+    if backend == "postgresql" and "connect_timeout" not in url.query:
+        connect_args["connect_timeout"] = 5  # seconds before a server counts as unreachable
+    # Pool sizes stay at SQLAlchemy's defaults: the pool grows only as far as a process's
+    # concurrency. The ping makes a restarted PostgreSQL cost a reconnect, not a failed job.
+    options = {"pool_pre_ping": backend == "postgresql"} if pooled else {"poolclass": NullPool}
     try:
         return create_engine(url, connect_args=connect_args, **options)
     except (NoSuchModuleError, ModuleNotFoundError):
@@ -129,7 +111,10 @@ def translate_errors(url: URL) -> Iterator[None]:
         raise Unreachable(f"the database at {safe_url(url)} did not answer: {_driver_reason(exc, url)}.") from None
 
 
-def _alembic_config(connection: Connection) -> Config:
+@contextmanager
+def _migrating(database_url: str, action: str, *, lock: bool = True) -> Iterator[tuple[Connection, Config]]:
+    """One connection in one transaction, and Alembic's configuration to run on it. A database that
+    does not answer is :class:`Unreachable`; every other failure a one-line :class:`ConfigurationError`."""
     # The scripts are found as an importable package, so an installed wheel works.
     try:
         location = Path(str(importlib.resources.files("migrations")))
@@ -137,18 +122,6 @@ def _alembic_config(connection: Connection) -> Config:
         location = None
     if location is None or not (location / "env.py").is_file():
         raise ConfigurationError("the migrations package is missing from this installation: reinstall smartcar-ingest.")
-    config = Config()
-    # Config values go through ConfigParser interpolation, so a literal % must be doubled.
-    config.set_main_option("script_location", str(location).replace("%", "%%"))
-    # env.py runs the migrations on this connection instead of opening its own.
-    config.attributes["connection"] = connection
-    return config
-
-
-@contextmanager
-def _migration_connection(database_url: str, action: str, *, lock: bool = True) -> Iterator[Connection]:
-    """One connection in one transaction. A database that does not answer is :class:`Unreachable`;
-    every other failure becomes a one-line :class:`ConfigurationError`."""
     engine = make_engine(database_url, pooled=False)
     url = engine.url
     try:
@@ -157,17 +130,19 @@ def _migration_connection(database_url: str, action: str, *, lock: bool = True) 
         except (OperationalError, InterfaceError) as exc:
             if url.get_backend_name() == "sqlite":
                 raise  # a file that cannot be opened is a setting to fix, reported below
-            # A server that does not answer: an outage (exit 3), not a bad setting.
             raise Unreachable(
                 f"cannot {action}: the database at {safe_url(url)} is unreachable "
                 f"({_driver_reason(exc, url)}); check DATABASE_URL and that the server is running."
             ) from None
-        with opened, opened.begin():
-            connection = opened
+        with opened as connection, connection.begin():
             if lock and connection.dialect.name == "postgresql":
                 # Pods migrating at once take turns; the later ones find the work done.
                 connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
-            yield connection
+            config = Config()
+            # Config values go through ConfigParser interpolation, so a literal % must be doubled.
+            config.set_main_option("script_location", str(location).replace("%", "%%"))
+            config.attributes["connection"] = connection  # env.py migrates on it instead of its own
+            yield connection, config
     except CommandError as exc:
         message = str(exc).rstrip(".")
         if "Can't locate revision" in message or "not a valid" in message or "No such revision" in message:
@@ -183,20 +158,16 @@ def _migration_connection(database_url: str, action: str, *, lock: bool = True) 
 
 
 def upgrade(database_url: str, revision: str = "head", *, drop_tokens: bool = False) -> str | None:
-    """Migrate forward to ``revision``, all or nothing on PostgreSQL. An unversioned database with
-    tables is first stamped with the revision they match (:func:`detect_revision`), which is returned.
-    Dropping stored per-vehicle tokens (``v3_schema``) needs ``drop_tokens``. Raises
-    :class:`ConfigurationError`, or :class:`Unreachable` for a server that does not answer.
-    """
-    with _migration_connection(database_url, f"upgrade the database to {revision}") as connection:
-        config = _alembic_config(connection)
-        adopted = None
-        if MigrationContext.configure(connection).get_current_revision() is None:
-            adopted = detect_revision(connection)
-            if adopted is not None:
-                command.stamp(config, adopted)
-        if not drop_tokens:
-            _refuse_to_drop_tokens(connection, config, revision)
+    """Migrate forward to ``revision``, all or nothing on PostgreSQL, first stamping tables without a
+    version with the revision they match (returned). Dropping stored tokens needs ``drop_tokens``.
+    Raises :class:`ConfigurationError`, or :class:`Unreachable` for a server that does not answer."""
+    with _migrating(database_url, f"upgrade the database to {revision}") as (connection, config):
+        adopted, at = None, MigrationContext.configure(connection).get_current_revision()
+        if at is None and (adopted := detect_revision(connection)) is not None:
+            command.stamp(config, adopted)
+            at = adopted
+        if at is not None and not drop_tokens:
+            _refuse_to_drop_tokens(connection, config, at, revision)
         command.upgrade(config, revision)
     return adopted
 
@@ -204,8 +175,22 @@ def upgrade(database_url: str, revision: str = "head", *, drop_tokens: bool = Fa
 def stamp(database_url: str, revision: str) -> None:
     """Record ``revision`` as the database's state without running anything (``base`` forgets the
     record). Raises like :func:`upgrade`."""
-    with _migration_connection(database_url, f"stamp the database as {revision}") as connection:
-        command.stamp(_alembic_config(connection), revision)
+    with _migrating(database_url, f"stamp the database as {revision}") as (_, config):
+        command.stamp(config, revision)
+
+
+def downgrade(database_url: str, revision: str) -> None:
+    """Migrate the database back to ``revision`` (``base`` removes every table the migrations made).
+    Raises like :func:`upgrade`."""
+    with _migrating(database_url, f"downgrade the database to {revision}") as (_, config):
+        command.downgrade(config, revision)
+
+
+def current(database_url: str) -> str | None:
+    """The revision the database is at, or ``None`` for a database that was never migrated.
+    Raises like :func:`upgrade`."""
+    with _migrating(database_url, "read the database revision", lock=False) as (connection, _):
+        return MigrationContext.configure(connection).get_current_revision()
 
 
 #: Columns every adoptable shape has, and the columns that tell the shapes apart.
@@ -214,12 +199,9 @@ _TOKEN_COLUMNS = {"vehicle_access_token", "token_created_at"}
 
 
 def detect_revision(connection: Connection) -> str | None:
-    """The revision that an unversioned database's tables match, or ``None`` when it has none.
-
-    ``v2_schema`` (tokens, no Smartcar ids), ``v2_v3_bridge`` (both) or ``v3_schema`` (ids, no
-    tokens). Extra columns of the application's own are ignored. Raises :class:`ConfigurationError`
-    when ``users``/``vehicles`` exist in any other shape.
-    """
+    """The revision an unversioned database's tables match (extra columns ignored), ``None`` when it
+    has none: ``v2_schema`` (tokens, no Smartcar ids), ``v2_v3_bridge`` (both) or ``v3_schema`` (ids,
+    no tokens). :class:`ConfigurationError` for any other shape."""
     inspector = inspect(connection)
     present = {"users", "vehicles"} & set(inspector.get_table_names())
     if not present:
@@ -229,9 +211,11 @@ def detect_revision(connection: Connection) -> str | None:
     if present == {"users", "vehicles"} and all(_BASE_COLUMNS[t] <= columns[t] for t in present):
         has_ids = ("smartcar_user_id" in columns["users"], "smartcar_vehicle_id" in columns["vehicles"])
         has_tokens = tuple(name in columns["vehicles"] for name in _TOKEN_COLUMNS)
+        unique: list[list[str | None]] = [list(u["column_names"]) for u in inspector.get_unique_constraints("users")]
+        unique += [list(i["column_names"]) for i in inspector.get_indexes("users") if i.get("unique")]
         if has_ids == (False, False) and all(has_tokens):
             found = "v2_schema"
-        elif has_ids == (True, True) and _smartcar_user_id_is_unique(connection):
+        elif has_ids == (True, True) and ["smartcar_user_id"] in unique:
             found = "v2_v3_bridge" if all(has_tokens) else "v3_schema" if not any(has_tokens) else None
     if found is None:
         shape = "; ".join(f"{table}({', '.join(sorted(columns[table]))})" for table in sorted(present))
@@ -243,21 +227,13 @@ def detect_revision(connection: Connection) -> str | None:
     return found
 
 
-def _smartcar_user_id_is_unique(connection: Connection) -> bool:
-    inspector = inspect(connection)
-    columns: list[list[str | None]] = [list(u["column_names"]) for u in inspector.get_unique_constraints("users")]
-    columns += [list(i["column_names"]) for i in inspector.get_indexes("users") if i.get("unique")]
-    return ["smartcar_user_id"] in columns
-
-
-def _refuse_to_drop_tokens(connection: Connection, config: Config, revision: str) -> None:
-    """Raise when upgrading to ``revision`` would drop per-vehicle tokens that are still stored."""
-    current = MigrationContext.configure(connection).get_current_revision()
+def _refuse_to_drop_tokens(connection: Connection, config: Config, current: str, revision: str) -> None:
+    """Raise when upgrading from ``current`` to ``revision`` drops per-vehicle tokens still stored."""
     try:
         path = {r.revision for r in ScriptDirectory.from_config(config).iterate_revisions(revision, current)}
     except RevisionError:
         return  # an unknown target: command.upgrade reports it in its own words
-    if "v3_schema" not in path or current is None:  # v3_schema drops the tokens (phase 3)
+    if "v3_schema" not in path:  # v3_schema drops the tokens (phase 3)
         return
     count = connection.execute(
         text("SELECT count(*) FROM vehicles WHERE vehicle_access_token IS NOT NULL")
@@ -268,17 +244,3 @@ def _refuse_to_drop_tokens(connection: Connection, config: Config, revision: str
             "brings back: stay at phase 2 with `db upgrade v2_v3_bridge`, or once nothing uses the tokens, "
             "rerun with `db upgrade --drop-tokens` (see docs/migration.md)."
         )
-
-
-def downgrade(database_url: str, revision: str) -> None:
-    """Migrate the database back to ``revision`` (``base`` removes every table the migrations made).
-    Raises like :func:`upgrade`."""
-    with _migration_connection(database_url, f"downgrade the database to {revision}") as connection:
-        command.downgrade(_alembic_config(connection), revision)
-
-
-def current(database_url: str) -> str | None:
-    """The revision the database is at, or ``None`` for a database that was never migrated.
-    Raises like :func:`upgrade`."""
-    with _migration_connection(database_url, "read the database revision", lock=False) as connection:
-        return MigrationContext.configure(connection).get_current_revision()

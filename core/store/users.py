@@ -1,15 +1,14 @@
 """The user store: internal users and their vehicles, keyed by Smartcar's ids (SQL).
 
 Workers route each event to a user with :meth:`UserStore.find_by_smartcar_user_id`; ``users link``,
-the Connect callback and ``backfill`` write the links. The tables are made by the migrations
-(``smartcar-ingest db upgrade``). docs/architecture.md, "The user store".
+the Connect callback and ``backfill`` write the links. docs/architecture.md, "The user store".
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,7 +18,6 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     MetaData,
-    Select,
     String,
     event,
     func,
@@ -28,7 +26,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Mapped, mapped_column
 
 from core.errors import InvalidValue, LinkConflict, RecordExists, RecordNotFound
 from core.store.db import make_engine, translate_errors
@@ -97,20 +95,6 @@ class UserRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class LinkResult:
-    """What :meth:`UserStore.link` did: stored the link, or found it already there."""
-
-    user: UserRecord
-    already_linked: bool
-
-    @property
-    def message(self) -> str:
-        """One line for people: ``user 42 linked to Smartcar user …`` or ``… already linked …``."""
-        verb = "already linked" if self.already_linked else "linked"
-        return f"user {self.user.id} {verb} to Smartcar user {self.user.smartcar_user_id}"
-
-
-@dataclass(frozen=True, slots=True)
 class VehicleRecord:
     """An internal vehicle with its owner's Smartcar user id (``None`` when unlinked or ownerless)."""
 
@@ -121,18 +105,20 @@ class VehicleRecord:
     owner_smartcar_user_id: str | None
 
 
-_USER_COLUMNS = (User.id, User.email, User.name, User.smartcar_user_id)
+def _checked(value: str | None, column: str, limit: int) -> str | None:
+    """``value`` stripped, or ``None`` for blank; :class:`InvalidValue` when it exceeds ``limit``."""
+    value = (value or "").strip() or None
+    if value is not None and len(value) > limit:
+        raise InvalidValue(f"{column} must be at most {limit} characters, got {len(value)}.")
+    return value
 
 
-def _vehicles(*criteria: ColumnElement[bool]) -> Select[int, int | None, str | None, str | None, str | None]:
-    """Vehicles with their owner's Smartcar user id, in id order."""
-    return (
-        select(Vehicle.id, Vehicle.user_id, Vehicle.vin, Vehicle.smartcar_vehicle_id, User.smartcar_user_id)
-        .select_from(Vehicle)
-        .outerjoin(User, Vehicle.user_id == User.id)
-        .where(*criteria)
-        .order_by(Vehicle.id)
-    )
+def _smartcar_id(value: str, column: str) -> str:
+    """A Smartcar id to store: like :func:`_checked`, and never blank."""
+    checked = _checked(value, column, SMARTCAR_ID_LENGTH)
+    if checked is None:
+        raise InvalidValue(f"{column} must not be blank.")
+    return checked
 
 
 def _linked_concurrently(smartcar_user_id: str) -> LinkConflict:
@@ -141,14 +127,45 @@ def _linked_concurrently(smartcar_user_id: str) -> LinkConflict:
     )
 
 
-def _checked(value: str | None, column: str, limit: int) -> str | None:
-    """``value`` stripped, or ``None`` for blank; :class:`InvalidValue` when it exceeds ``limit``."""
-    if value is None or not value.strip():
-        return None
-    value = value.strip()
-    if len(value) > limit:
-        raise InvalidValue(f"{column} must be at most {limit} characters, got {len(value)}.")
-    return value
+def _owner_of(connection: Connection, smartcar_user_id: str) -> int | None:
+    owner: int | None = connection.execute(
+        select(User.id).where(User.smartcar_user_id == smartcar_user_id)
+    ).scalar_one_or_none()
+    return owner
+
+
+def _claim(
+    connection: Connection, column: InstrumentedAttribute[str | None], row_id: int, current: str | None, wanted: str
+) -> bool:
+    """Store ``wanted`` in ``column`` (a Smartcar id) of row ``row_id``, whose value is ``current``;
+    whether this call stored it. Never overwrites: :class:`LinkConflict` when it holds another id."""
+    table, what = column.class_, column.class_.__tablename__.removesuffix("s")
+    if current == wanted:
+        return False
+    if current is not None:
+        raise LinkConflict(
+            f"{what} {row_id} is already linked to Smartcar {what} {current}; refusing to overwrite it with {wanted}."
+        )
+    # The IS NULL guard makes a concurrent writer's link win cleanly (no row matches) instead of
+    # being overwritten; the transaction then rolls back unless that writer stored the same id.
+    update_ = update(table).where(table.id == row_id, column.is_(None)).values({column.key: wanted})
+    if connection.execute(update_).rowcount == 1:
+        return True
+    if connection.execute(select(column).where(table.id == row_id)).scalar_one_or_none() != wanted:
+        raise LinkConflict(f"{what} {row_id} changed while it was being linked; try again.")
+    return False
+
+
+def _link_user(connection: Connection, user_id: int, wanted: str) -> bool:
+    """:meth:`UserStore.link` in the caller's transaction."""
+    row = connection.execute(select(User.smartcar_user_id).where(User.id == user_id)).one_or_none()
+    if row is None:
+        raise RecordNotFound(f"no user with id {user_id}: check the internal user id.")
+    if row.smartcar_user_id is None and (owner := _owner_of(connection, wanted)) is not None:
+        raise LinkConflict(
+            f"Smartcar user {wanted} already belongs to user {owner}; refusing to link it to user {user_id}."
+        )
+    return _claim(connection, User.smartcar_user_id, user_id, row.smartcar_user_id, wanted)
 
 
 def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
@@ -159,9 +176,8 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
 
 
 class UserStore:
-    """``users`` and ``vehicles`` at ``database_url``; construction does not connect. Thread-safe; a
-    process forked after use calls ``dispose(close=False)`` first. Queries raise like
-    :func:`core.store.db.translate_errors`."""
+    """``users`` and ``vehicles`` at ``database_url``; construction does not connect. Thread-safe.
+    Queries raise like :func:`core.store.db.translate_errors`."""
 
     def __init__(self, database_url: str) -> None:
         self._engine = make_engine(database_url)
@@ -182,86 +198,78 @@ class UserStore:
         except IntegrityError:
             raise clash from None
 
+    def _find_vehicles(self, criterion: ColumnElement[bool]) -> list[VehicleRecord]:
+        """Vehicles with their owner's Smartcar user id, in id order."""
+        statement = (
+            select(Vehicle.id, Vehicle.user_id, Vehicle.vin, Vehicle.smartcar_vehicle_id, User.smartcar_user_id)
+            .select_from(Vehicle)
+            .outerjoin(User, Vehicle.user_id == User.id)
+            .where(criterion)
+            .order_by(Vehicle.id)
+        )
+        with self._reading() as connection:
+            return [VehicleRecord(*row) for row in connection.execute(statement)]
+
     def find_by_smartcar_user_id(self, smartcar_user_id: str) -> UserRecord | None:
         """The user linked to ``smartcar_user_id``, or ``None`` (also, with no query, for an id that
         could never be stored: blank or longer than 36 characters)."""
         if not smartcar_user_id or len(smartcar_user_id) > SMARTCAR_ID_LENGTH:
             return None
-        statement = select(*_USER_COLUMNS).where(User.smartcar_user_id == smartcar_user_id)
+        statement = select(User.id, User.email, User.name, User.smartcar_user_id)
+        statement = statement.where(User.smartcar_user_id == smartcar_user_id)
         with self._reading() as connection:
             row = connection.execute(statement).one_or_none()
         return None if row is None else UserRecord(*row)
 
-    def link(self, user_id: int, smartcar_user_id: str) -> LinkResult:
-        """Store ``smartcar_user_id`` on internal user ``user_id``; the same pair again is ``already_linked``.
-        Never overwrites: :class:`LinkConflict` when either side is linked elsewhere (also after a
-        lost race); :class:`RecordNotFound`; :class:`InvalidValue` for a blank or over-long id."""
-        wanted = _checked(smartcar_user_id, "the Smartcar user id", SMARTCAR_ID_LENGTH)
-        if wanted is None:
-            raise InvalidValue("the Smartcar user id must not be blank.")
+    def find_vehicles_by_smartcar_id(self, smartcar_vehicle_id: str) -> list[VehicleRecord]:
+        """Vehicles linked to Smartcar vehicle ``smartcar_vehicle_id`` (several for a shared car)."""
+        if not smartcar_vehicle_id or len(smartcar_vehicle_id) > SMARTCAR_ID_LENGTH:
+            return []
+        return self._find_vehicles(Vehicle.smartcar_vehicle_id == smartcar_vehicle_id)
+
+    def find_vehicles_by_vin(self, vin: str) -> list[VehicleRecord]:
+        """Vehicles whose VIN is ``vin``, ignoring case and surrounding blanks (a sold car may be
+        listed under two users)."""
+        wanted = vin.strip().upper()
+        if not wanted or len(wanted) > VIN_LENGTH:
+            return []
+        return self._find_vehicles(func.upper(func.trim(Vehicle.vin)) == wanted)
+
+    def link(self, user_id: int, smartcar_user_id: str) -> bool:
+        """Store ``smartcar_user_id`` on internal user ``user_id``: ``False`` when that pair was already
+        stored. Never overwrites: :class:`LinkConflict` when either side is linked elsewhere (also
+        after a lost race); :class:`RecordNotFound`; :class:`InvalidValue` for a blank or over-long id."""
+        wanted = _smartcar_id(smartcar_user_id, "the Smartcar user id")
         with self._writing(_linked_concurrently(wanted)) as connection:
-            user, stored = self._link_user(connection, user_id, wanted)
-        return LinkResult(user=user, already_linked=not stored)
+            return _link_user(connection, user_id, wanted)
 
-    @classmethod
-    def _link_user(cls, connection: Connection, user_id: int, wanted: str) -> tuple[UserRecord, bool]:
-        """Link user ``user_id`` to ``wanted`` in the caller's transaction: the user, and whether
-        this call stored the link. Raises like :meth:`link`."""
-        user = cls._decide_link(connection, user_id, wanted)
-        if user.smartcar_user_id == wanted:
-            return user, False
-        # The IS NULL guard makes a concurrent link of this user lose cleanly (rowcount 0)
-        # instead of overwriting; the unique constraint does the same for the Smartcar id.
-        result = connection.execute(
-            update(User).where(User.id == user_id, User.smartcar_user_id.is_(None)).values(smartcar_user_id=wanted)
-        )
-        if result.rowcount != 1 and cls._decide_link(connection, user_id, wanted).smartcar_user_id != wanted:
-            raise LinkConflict(f"user {user_id} changed while it was being linked; try again.")
-        return replace(user, smartcar_user_id=wanted), result.rowcount == 1
-
-    @classmethod
-    def _decide_link(cls, connection: Connection, user_id: int, wanted: str) -> UserRecord:
-        """The user, when it is linked to ``wanted`` or free to be; raises otherwise."""
-        row = connection.execute(select(*_USER_COLUMNS).where(User.id == user_id)).one_or_none()
-        if row is None:
-            raise RecordNotFound(f"no user with id {user_id}: check the internal user id.")
-        user = UserRecord(*row)
-        if user.smartcar_user_id not in (None, wanted):
-            raise LinkConflict(
-                f"user {user_id} is already linked to Smartcar user {user.smartcar_user_id}; "
-                f"refusing to overwrite it with {wanted}."
-            )
-        owner = cls._owner_of(connection, wanted) if user.smartcar_user_id is None else None
-        if owner is not None:
-            raise LinkConflict(
-                f"Smartcar user {wanted} already belongs to user {owner}; refusing to link it to user {user_id}."
-            )
-        return user
-
-    @staticmethod
-    def _owner_of(connection: Connection, smartcar_user_id: str | None) -> int | None:
-        """The id of the user holding ``smartcar_user_id``, if any."""
-        if smartcar_user_id is None:
-            return None
-        statement = select(User.id).where(User.smartcar_user_id == smartcar_user_id)
-        owner: int | None = connection.execute(statement).scalar_one_or_none()
-        return owner
+    def link_vehicle(self, vehicle_id: int, smartcar_vehicle_id: str, smartcar_user_id: str) -> None:
+        """Store Smartcar's vehicle id on vehicle ``vehicle_id`` and Smartcar's user id on its owner,
+        both or neither. Like :meth:`link`, never overwrites (:class:`LinkConflict`, also for a
+        vehicle without owner); :class:`RecordNotFound`; :class:`InvalidValue`."""
+        wanted_vehicle = _smartcar_id(smartcar_vehicle_id, "the Smartcar vehicle id")
+        wanted_user = _smartcar_id(smartcar_user_id, "the Smartcar user id")
+        with self._writing(_linked_concurrently(wanted_user)) as connection:
+            statement = select(Vehicle.user_id, Vehicle.smartcar_vehicle_id).where(Vehicle.id == vehicle_id)
+            if (vehicle := connection.execute(statement).one_or_none()) is None:
+                raise RecordNotFound(f"no vehicle with id {vehicle_id}: check the internal vehicle id.")
+            if vehicle.user_id is None:
+                raise LinkConflict(f"vehicle {vehicle_id} has no owner, so no user can be linked through it.")
+            _claim(connection, Vehicle.smartcar_vehicle_id, vehicle_id, vehicle.smartcar_vehicle_id, wanted_vehicle)
+            _link_user(connection, vehicle.user_id, wanted_user)
 
     def add_user(self, id: int, email: str | None, name: str | None, smartcar_user_id: str | None = None) -> UserRecord:
-        """Insert a user (dev seeding and tests). :class:`RecordExists` when the id is taken,
-        :class:`LinkConflict` when another user holds ``smartcar_user_id``."""
+        """Insert a user (dev seeding and tests); the id's constraint refuses a taken one
+        (:class:`RecordExists`). :class:`LinkConflict` when another user holds ``smartcar_user_id``."""
         record = UserRecord(
             id=id,
             email=_checked(email, "email", TEXT_LENGTH),
             name=_checked(name, "name", TEXT_LENGTH),
             smartcar_user_id=_checked(smartcar_user_id, "the Smartcar user id", SMARTCAR_ID_LENGTH),
         )
-        clash = RecordExists(f"user {id} or its Smartcar user id was added concurrently.")
+        clash = RecordExists(f"a user with id {id} already exists (or its Smartcar user id was just taken).")
         with self._writing(clash) as connection:
-            if connection.execute(select(User.id).where(User.id == id)).first() is not None:
-                raise RecordExists(f"a user with id {id} already exists.")
-            owner = self._owner_of(connection, record.smartcar_user_id)
-            if owner is not None:
+            if record.smartcar_user_id and (owner := _owner_of(connection, record.smartcar_user_id)) is not None:
                 raise LinkConflict(f"Smartcar user {record.smartcar_user_id} already belongs to user {owner}.")
             connection.execute(insert(User).values(**asdict(record)))
         return record
@@ -275,63 +283,12 @@ class UserStore:
             "vin": _checked(vin, "the VIN", VIN_LENGTH),
             "smartcar_vehicle_id": _checked(smartcar_vehicle_id, "the Smartcar vehicle id", SMARTCAR_ID_LENGTH),
         }
-        with self._writing(RecordExists(f"vehicle {id} was added concurrently or its user was removed.")) as connection:
+        clash = RecordExists(f"a vehicle with id {id} already exists (or its user was just removed).")
+        with self._writing(clash) as connection:
             if connection.execute(select(User.id).where(User.id == user_id)).first() is None:
                 raise RecordNotFound(f"no user with id {user_id}: add the user before its vehicles.")
-            if connection.execute(select(Vehicle.id).where(Vehicle.id == id)).first() is not None:
-                raise RecordExists(f"a vehicle with id {id} already exists.")
             connection.execute(insert(Vehicle).values(**values))
 
-    def find_vehicles_by_smartcar_id(self, smartcar_vehicle_id: str) -> list[VehicleRecord]:
-        """Vehicles linked to Smartcar vehicle ``smartcar_vehicle_id`` (several for a shared car)."""
-        if not smartcar_vehicle_id or len(smartcar_vehicle_id) > SMARTCAR_ID_LENGTH:
-            return []
-        with self._reading() as connection:
-            rows = connection.execute(_vehicles(Vehicle.smartcar_vehicle_id == smartcar_vehicle_id)).all()
-        return [VehicleRecord(*row) for row in rows]
-
-    def find_vehicles_by_vin(self, vin: str) -> list[VehicleRecord]:
-        """Vehicles whose VIN is ``vin``, ignoring case and surrounding blanks (a sold car may be
-        listed under two users)."""
-        wanted = vin.strip().upper()
-        if not wanted or len(wanted) > VIN_LENGTH:
-            return []
-        with self._reading() as connection:
-            rows = connection.execute(_vehicles(func.upper(func.trim(Vehicle.vin)) == wanted)).all()
-        return [VehicleRecord(*row) for row in rows]
-
-    def link_vehicle(self, vehicle_id: int, smartcar_vehicle_id: str, smartcar_user_id: str) -> None:
-        """Store Smartcar's vehicle id on vehicle ``vehicle_id`` and Smartcar's user id on its owner,
-        both or neither. Like :meth:`link`, never overwrites (:class:`LinkConflict`, also for a
-        vehicle without owner); :class:`RecordNotFound`; :class:`InvalidValue`."""
-        wanted_vehicle = _checked(smartcar_vehicle_id, "the Smartcar vehicle id", SMARTCAR_ID_LENGTH)
-        wanted_user = _checked(smartcar_user_id, "the Smartcar user id", SMARTCAR_ID_LENGTH)
-        if wanted_vehicle is None or wanted_user is None:
-            raise InvalidValue("the Smartcar vehicle and user ids must not be blank.")
-        with self._writing(_linked_concurrently(wanted_user)) as connection:
-            row = connection.execute(_vehicles(Vehicle.id == vehicle_id)).one_or_none()
-            if row is None:
-                raise RecordNotFound(f"no vehicle with id {vehicle_id}: check the internal vehicle id.")
-            vehicle = VehicleRecord(*row)
-            if vehicle.smartcar_vehicle_id not in (None, wanted_vehicle):
-                raise LinkConflict(
-                    f"vehicle {vehicle_id} is already linked to Smartcar vehicle {vehicle.smartcar_vehicle_id}; "
-                    f"refusing to overwrite it with {wanted_vehicle}."
-                )
-            if vehicle.user_id is None:
-                raise LinkConflict(f"vehicle {vehicle_id} has no owner, so no user can be linked through it.")
-            self._link_user(connection, vehicle.user_id, wanted_user)
-            # Guarded by IS NULL like the user's: a concurrent writer makes it match no row, and the
-            # whole transaction rolls back instead of overwriting.
-            if vehicle.smartcar_vehicle_id is None:
-                result = connection.execute(
-                    update(Vehicle)
-                    .where(Vehicle.id == vehicle_id, Vehicle.smartcar_vehicle_id.is_(None))
-                    .values(smartcar_vehicle_id=wanted_vehicle)
-                )
-                if result.rowcount != 1:
-                    raise LinkConflict(f"vehicle {vehicle_id} changed while it was being linked; try again.")
-
-    def dispose(self, *, close: bool = True) -> None:
-        """Close the pool's connections. ``close=False`` (in a forked child) only forgets them."""
-        self._engine.dispose(close=close)
+    def dispose(self) -> None:
+        """Close the pool's connections."""
+        self._engine.dispose()
