@@ -17,7 +17,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,25 +188,16 @@ class Spool:
             self._sync_directory()
         return target
 
-    def finish(self, path: Path) -> None:
-        """Delete a drained file."""
-        self._forget(path, lambda: path.unlink(missing_ok=True))
-
-    def set_aside(self, path: Path) -> Path:
-        """Rename a file that ended in a torn record to ``*.torn``: kept for inspection, no longer pending."""
+    def retire(self, path: Path, torn: bool) -> Path:
+        """Delete a drained file, or keep one that ended in a torn record as ``*.torn`` for inspection;
+        either way no longer pending (the next :meth:`pending` stops counting it)."""
         kept = path.with_name(path.name.replace(".draining", ".torn"))
-        self._forget(path, lambda: path.replace(kept))
+        if torn:
+            path.replace(kept)
+        else:
+            path.unlink(missing_ok=True)
+        self._sync_directory()
         return kept
-
-    def _forget(self, path: Path, remove: Callable[[], object]) -> None:
-        with self._lock:
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                size = 0
-            remove()
-            self.pending_bytes = max(0, self.pending_bytes - size)
-            self._sync_directory()
 
     def _sync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
@@ -252,17 +243,16 @@ async def drain_once(spool: Spool, inbox: Inbox) -> DrainReport:
                     report.parked += 1
         finally:
             records.close()
+        # Everything before a tear was applied; the torn bytes are kept for inspection.
+        kept = await asyncio.to_thread(spool.retire, claimed, read.torn_tail_bytes > 0)
         if read.torn_tail_bytes:
-            # Everything before the tear was applied; the torn bytes are kept for inspection.
-            kept = await asyncio.to_thread(spool.set_aside, claimed)
             log.error(
                 "spool file ended in a torn record; it was not applied", file=str(kept), bytes=read.torn_tail_bytes
             )
             report.torn_tail_bytes += read.torn_tail_bytes
-        else:
-            await asyncio.to_thread(spool.finish, claimed)
         report.files += 1
     if report.files:
+        await asyncio.to_thread(spool.pending)  # recount the spool's size, for SPOOL_MAX_BYTES
         log.info(
             "spool drained",
             files=report.files,

@@ -1,11 +1,7 @@
-"""``POST /webhooks/smartcar``: the ingest edge, a plain ASGI app (the hot path).
-
-Checks run in the contract's order: size → signature → JSON → event type → schema. What is validly
-signed but cannot be processed is parked (202: a non-2xx would only earn pointless retries); a
-signed non-object or too old delivery is refused (docs/security.md). A 2xx for a vehicle event is
-sent only once Redis (or, in an outage, the fsync'd spool) holds it. The body stays the bytes
-received: signature, validation and job all read that one object.
-"""
+"""``POST /webhooks/smartcar``, the ingest edge: a plain ASGI app (the hot path), checking in the
+contract's order. What is validly signed but cannot be processed is parked (202: a non-2xx would
+only earn retries); a signed non-object or too old delivery is refused (docs/security.md). A 2xx is
+sent only once Redis (or the fsync'd spool) holds the delivery, as the bytes received."""
 
 from __future__ import annotations
 
@@ -51,7 +47,7 @@ class Deadlines:
     """In place of ``asyncio.timeout``, which costs a delivery 5-6 % more CPU (docs/performance.md).
 
     One callback, run every ``tick`` seconds while any task is registered, cancels each task whose
-    time has passed; :meth:`timed_out` tells that apart from any other cancellation.
+    time has passed; :meth:`expired` tells that apart from any other cancellation.
     """
 
     def __init__(self, tick: float = 0.05) -> None:
@@ -81,11 +77,13 @@ class Deadlines:
         self._due.pop(task, None)
         self._fired.pop(task, None)
 
-    def timed_out(self, task: asyncio.Task[Any]) -> bool:
-        """In an ``except CancelledError``: True when the cancellation is the deadline's alone (it
-        is then withdrawn, as ``asyncio.timeout`` does); False when it must propagate."""
+    def expired(self, task: asyncio.Task[Any]) -> TimeoutError:
+        """Call in an ``except CancelledError``: a ``TimeoutError`` when the cancellation is the
+        deadline's alone (it is then withdrawn, as ``asyncio.timeout`` does); else re-raises it."""
         cancelling = self._fired.pop(task, None)
-        return cancelling is not None and task.uncancel() <= cancelling
+        if cancelling is None or task.uncancel() > cancelling:
+            raise  # the CancelledError the caller is handling
+        return TimeoutError()
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         if loop is not self._armed:
@@ -175,8 +173,7 @@ class WebhookEndpoint:
         try:
             body = await self._read_body(receive, declared)
         except asyncio.CancelledError:
-            if not self._deadlines.timed_out(task):
-                raise
+            self._deadlines.expired(task)
             return self._reject(408, "body_timeout", "The body did not arrive in time.")
         except _Unreadable as exc:
             return self._reject(*exc.args)
@@ -234,16 +231,13 @@ class WebhookEndpoint:
         return self._reject(400, "delivery_too_old", f"The delivery was sent more than {limit // 1000} seconds ago.")
 
     async def _accept(self, event: QuickEvent, body: bytes, received_at_ms: int, task: asyncio.Task[Any]) -> Answer:
-        """Enqueue a validated vehicle event (``body``: a JSON object, as received), or spool it while
-        Redis fails (503 without a spool); ``task`` is the request's own."""
+        """Enqueue a validated vehicle event, or spool it while Redis fails (503 without a spool)."""
         if self._spool is None or time.monotonic() >= self._spool_only_until:
             self._deadlines.start(self._redis_deadline, task)
             try:
                 accepted = await self._inbox.accept(event.event_id, event.event_type, body, received_at_ms)
             except asyncio.CancelledError:
-                if not self._deadlines.timed_out(task):
-                    raise
-                error: BaseException = TimeoutError()
+                error: BaseException = self._deadlines.expired(task)
             except (RedisError, OSError) as exc:
                 error = exc
             else:
@@ -287,9 +281,7 @@ class WebhookEndpoint:
         try:
             fresh = await self._inbox.park(event_id, exc.code, exc.message, text)
         except asyncio.CancelledError:
-            if not self._deadlines.timed_out(task):
-                raise
-            error: BaseException = TimeoutError()
+            error: BaseException = self._deadlines.expired(task)
         except (RedisError, OSError) as caught:
             error = caught
         else:
@@ -336,8 +328,7 @@ class WebhookEndpoint:
         log.info("delivery rejected", status=status, code=code)
         return _error(status, code, message)
 
-    def _internal_error(self, exc: Exception) -> Answer:
-        """What ``service.responses.unexpected_exception`` answers on every other route."""
+    def _internal_error(self, exc: Exception) -> Answer:  # as service.responses.unexpected_exception
         metrics.DELIVERIES.labels(outcome="internal_error").inc()
         log.error("unhandled error", path="/webhooks/smartcar", error=type(exc).__name__, exc_info=exc)
         return _error(503, "internal_error", "The request could not be handled; retry later.")
