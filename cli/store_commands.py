@@ -54,7 +54,7 @@ def _backfill(args: argparse.Namespace, settings: Settings) -> int:
 def _connect_url(args: argparse.Namespace, settings: Settings) -> int:
     import datetime as dt
 
-    from service.connect import connect_link
+    from service.connect_state import connect_link
 
     link = connect_link(settings, args.user_id, mode=args.mode)
     if link.note:

@@ -54,7 +54,7 @@ class Deadlines:
         self._tick = tick
         #: Registered tasks: when they must be done by, and how many cancellations they had then.
         self._due: dict[asyncio.Task[Any], tuple[float, int]] = {}
-        #: Tasks cancelled by their deadline, not yet told (:meth:`timed_out`).
+        #: Tasks cancelled by their deadline, not yet told (:meth:`expired`).
         self._fired: dict[asyncio.Task[Any], int] = {}
         #: The loop the sweep runs on (None while no request is registered).
         self._armed: asyncio.AbstractEventLoop | None = None

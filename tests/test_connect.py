@@ -24,15 +24,8 @@ from core.errors import ConfigurationError, InvalidConnectState
 from core.store import db
 from core.store.users import UserStore
 from service.app import create_app
-from service.connect import (
-    BINDING_COOKIE,
-    HOST_BINDING_COOKIE,
-    connect_link,
-    connection_created_at,
-    issue_state,
-    state_keys,
-    verify_state,
-)
+from service.connect import BINDING_COOKIE, HOST_BINDING_COOKIE
+from service.connect_state import connect_link, connection_created_at, issue_state, state_keys, verify_state
 from tests.conftest import OLD_TOKEN
 from tests.pipeline import CLIENT_ID, CLIENT_SECRET, inject
 from tests.procs import LiveServer

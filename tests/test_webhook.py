@@ -34,8 +34,7 @@ from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions, job_payload, spliced_job_data
 from core.redis.keys import job_id_for
 from core.signatures import answer_challenge
-from service.admin import create_admin_app
-from service.app import WEBHOOK_PATH, IngestApp, create_app
+from service.app import WEBHOOK_PATH, IngestApp, create_admin_app, create_app
 from service.responses import http_exception, unexpected_exception
 from service.webhooks import UNSIGNED_VERIFY_MAX_BYTES, Deadlines, WebhookEndpoint
 from tests.conftest import OLD_TOKEN, TOKEN, fixture_paths, load_fixture, signed_headers
