@@ -61,8 +61,7 @@ class WebConfig(uvicorn.Config):
         )
         self.header_timeout_seconds = settings.header_timeout_seconds
         self.max_header_bytes = settings.max_header_bytes
-        #: Set on the config of ``--workers`` children, where it travels: their uvicorn INFO lines
-        #: would repeat each other's, and the supervisor speaks for them.
+        #: For ``--workers`` children (it travels with the config): the supervisor speaks for them.
         self.quiet = False
 
     def configure_logging(self) -> None:

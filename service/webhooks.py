@@ -34,9 +34,8 @@ SPOOL_ONLY_SECONDS = 1.0
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _UNAVAILABLE_HEADERS = [*_JSON_HEADERS, (b"retry-after", b"5")]
 _CONTENT_LENGTH = b"content-length"
-#: The largest unsigned body read for a VERIFY challenge. A VERIFY is a few hundred bytes (a
-#: challenge of at most 256 characters, ids and meta); anything larger that fails the signature is
-#: refused unread, so an unsigned request costs what any rejected one costs.
+#: The largest unsigned body read for a VERIFY challenge (a VERIFY is a few hundred bytes); a larger
+#: one that fails the signature is refused unread, costing what any rejected request costs.
 UNSIGNED_VERIFY_MAX_BYTES = 4096
 
 _OUTCOME_ACCEPTED = metrics.DELIVERIES.labels(outcome="accepted")
@@ -44,11 +43,9 @@ _OUTCOME_DUPLICATE = metrics.DELIVERIES.labels(outcome="duplicate")
 
 
 class Deadlines:
-    """In place of ``asyncio.timeout``, which costs a delivery 5-6 % more CPU (docs/performance.md).
-
-    One callback, run every ``tick`` seconds while any task is registered, cancels each task whose
-    time has passed; :meth:`expired` tells that apart from any other cancellation.
-    """
+    """In place of ``asyncio.timeout``, which costs a delivery 5-6 % more CPU (docs/performance.md):
+    one callback, run every ``tick`` seconds while any task is registered, cancels each task whose
+    time has passed; :meth:`expired` tells that apart from any other cancellation."""
 
     def __init__(self, tick: float = 0.05) -> None:
         self._tick = tick
@@ -106,8 +103,7 @@ class _Unreadable(Exception):
 
 
 def redis_deadline_seconds(settings: Settings) -> float:
-    """How long a request waits on Redis before answering 503: two socket timeouts (a reconnect and
-    the call) fit in it."""
+    """How long a request waits on Redis before answering 503: two socket timeouts (reconnect, call)."""
     return min(0.95, settings.redis_timeout_seconds * 1.9)
 
 
