@@ -14,7 +14,7 @@ from core.errors import ConfigurationError
 
 def _web(args: argparse.Namespace, settings: Settings) -> int:
     from core.logs import configure_logging
-    from service.server import ServeOptions, serve
+    from service.server import serve
 
     settings.require_management_token()
     configure_logging(settings.log_level, settings.log_format)
@@ -24,14 +24,7 @@ def _web(args: argparse.Namespace, settings: Settings) -> int:
         metrics_dir = tempfile.mkdtemp(prefix="smartcar-ingest-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        options = ServeOptions(
-            host=args.host,
-            port=args.port,
-            workers=args.workers,
-            max_connections=args.max_connections,
-            keep_alive_seconds=args.keep_alive_timeout,
-        )
-        serve(settings, options)
+        serve(settings, args.host, args.port, args.workers, args.max_connections, args.keep_alive_timeout)
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -1,22 +1,25 @@
-"""The Starlette application: ``create_app(settings=None)``, served with ``uvicorn --factory``.
-
-Nothing connects at import time. The lifespan checks Redis's memory policy, runs the spool's drainer
-and closes the process's Redis client on shutdown.
-
-This is the public app: the webhook, the Connect routes and ``/healthz``. ``/readyz`` and
-``/metrics`` are served by :mod:`service.admin` on ``ADMIN_PORT`` and answer 404 here.
-"""
+"""The web's Starlette apps. The public one, ``create_app(settings=None)`` (``uvicorn --factory``):
+the webhook, the Connect routes and ``/healthz``; its lifespan checks Redis's memory policy and runs
+the spool's drainer. The admin one, ``/readyz`` and ``/metrics``, on ``ADMIN_PORT`` apart from the
+public port (docs/security.md, "``/metrics`` and ``/readyz`` on the public port"; its own Redis
+client: docs/architecture.md, "Design notes"). Nothing connects at import time."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import gc
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -29,12 +32,15 @@ from core.redis.clients import web_redis
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
 from core.redis.memory import check_memory_async
+from core.redis.queue_metrics import QueueCollector, endpoint_registry
 from service.connect import ConnectEndpoints
 from service.responses import http_exception, unexpected_exception
 from service.spool import Spool, drain_forever
 from service.webhooks import WebhookEndpoint, redis_deadline_seconds
 
 WEBHOOK_PATH = "/webhooks/smartcar"
+# Probes and scrapes come one at a time; a couple of connections is plenty.
+_ADMIN_REDIS_CONNECTIONS = 4
 
 
 class IngestApp(Starlette):
@@ -55,7 +61,6 @@ class IngestApp(Starlette):
 
 
 async def healthz(request: Request) -> Response:
-    """200 while the process can answer at all."""
     return JSONResponse({"status": "ok"})
 
 
@@ -115,4 +120,61 @@ def create_app(settings: Settings | None = None) -> Starlette:
     # Starlette redirects a path with a trailing slash to its twin, building the Location from the
     # request's Host header: an open redirect. Every path here is exact; anything else is a 404.
     app.router.redirect_slashes = False
+    return app
+
+
+def exposition(queue_collector: QueueCollector | None = None) -> bytes:
+    """The metrics text; with ``PROMETHEUS_MULTIPROC_DIR`` set (``web --workers N``), summed over all
+    the server's processes."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    process: Collector = REGISTRY
+    if directory:
+        process = CollectorRegistry()
+        MultiProcessCollector(process, path=directory)  # type: ignore[no-untyped-call]
+    return generate_latest(process if queue_collector is None else endpoint_registry(queue_collector, process))
+
+
+def create_admin_app(settings: Settings, web_status: Callable[[], str | None] | None = None) -> Starlette:
+    """Build the admin app: ``/readyz`` (Redis and, when given, ``web_status``: None while the public
+    server serves, else what is wrong) and ``/metrics``."""
+    redis = web_redis(settings.model_copy(update={"redis_max_connections": _ADMIN_REDIS_CONNECTIONS}))
+    deadline = redis_deadline_seconds(settings)
+    collector: QueueCollector | None = None
+
+    async def readyz(request: Request) -> Response:
+        """200 when every dependency answers and the web serves; otherwise 503 naming what failed."""
+        checks: dict[str, str] = {}
+        if web_status is not None:
+            problem = web_status()
+            checks["web"] = "ok" if problem is None else f"failing: {problem}"
+        try:
+            async with asyncio.timeout(deadline):
+                await redis.ping()
+            checks["redis"] = "ok"
+        except (RedisError, OSError, TimeoutError) as exc:
+            checks["redis"] = f"failing: {type(exc).__name__}"
+        ok = all(value == "ok" for value in checks.values())
+        return JSONResponse({"status": "ok" if ok else "failing", "checks": checks}, status_code=200 if ok else 503)
+
+    async def metrics(request: Request) -> Response:
+        # The queue collector reads Redis synchronously: keep it off the loop.
+        return Response(await run_in_threadpool(exposition, collector), media_type=CONTENT_TYPE_LATEST)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        nonlocal collector
+        collector = QueueCollector(settings)
+        try:
+            yield
+        finally:
+            collector.close()
+            await redis.aclose()
+            await redis.connection_pool.disconnect()
+
+    app = Starlette(
+        routes=[Route("/readyz", readyz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])],
+        exception_handlers={HTTPException: http_exception, Exception: unexpected_exception},
+        lifespan=lifespan,
+    )
+    app.router.redirect_slashes = False  # as in create_app
     return app

@@ -14,6 +14,7 @@ import secrets
 import threading
 import time
 from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
@@ -91,9 +92,7 @@ def _plain(value: str | None) -> str:
 
 class ConnectEndpoints:
     """The Connect routes of one web process; ``redis`` is the web's client (spent states, token).
-
-    The Smartcar client and the user store are built on the first callback, so the web starts and
-    takes webhooks without them."""
+    The Smartcar client and the user store are built on the first callback (docs/architecture.md)."""
 
     def __init__(self, settings: Settings, redis: Redis) -> None:
         self._settings = settings
@@ -101,10 +100,10 @@ class ConnectEndpoints:
         self._keys = state_keys(settings)
         self._release = _RELEASE_FN.bind(redis)
         callback = urlsplit(settings.connect_redirect_uri or "")
-        self._cookie_secure = callback.scheme != "http"
-        self._cookie_name = HOST_BINDING_COOKIE if self._cookie_secure else BINDING_COOKIE
-        path = "/" if self._cookie_secure else posixpath.dirname(callback.path)
-        self._cookie_path = path if path.startswith("/") else "/"
+        secure = callback.scheme != "http"
+        path = "/" if secure else posixpath.dirname(callback.path)
+        self._cookie_name = HOST_BINDING_COOKIE if secure else BINDING_COOKIE
+        self._cookie: dict[str, Any] = {"path": path if path.startswith("/") else "/", "secure": secure}
         self._store: UserStore | None = None
         self._lock = threading.Lock()
         self._http: SmartcarHttp | None = None
@@ -132,7 +131,6 @@ class ConnectEndpoints:
         return store.link(user_id, smartcar_user_id)
 
     def _client(self) -> SmartcarClient | None:
-        """The Smartcar client; ``None`` without client credentials."""
         settings = self._settings
         if settings.smartcar_client_id is None or settings.smartcar_client_secret is None:
             return None
@@ -144,7 +142,6 @@ class ConnectEndpoints:
         return self._smartcar
 
     async def aclose(self) -> None:
-        """Close the Smartcar HTTP client and the user store, whichever were opened."""
         http, self._http, self._smartcar = self._http, None, None
         if http is not None:
             await http.aclose()
@@ -187,9 +184,7 @@ class ConnectEndpoints:
                 # The state stays spent: the user has to ask for a new link, which is safe.
                 log.warning("connect state could not be given back", error=type(exc).__name__)
         elif response.status_code == 200 and state.bound:
-            response.delete_cookie(
-                self._cookie_name, path=self._cookie_path, secure=self._cookie_secure, httponly=True, samesite="lax"
-            )
+            response.delete_cookie(self._cookie_name, httponly=True, samesite="lax", **self._cookie)
         return response
 
     async def _redeem(self, smartcar: SmartcarClient, state: ConnectState, smartcar_user_id: str) -> Response:
@@ -251,13 +246,6 @@ class ConnectEndpoints:
         link = connect_link(self._settings, int(raw), binding=binding)
         log.info("connect start", user_id=int(raw))
         response = RedirectResponse(link.url, status_code=302, headers=_NO_STORE)
-        response.set_cookie(
-            self._cookie_name,
-            binding,
-            max_age=self._settings.connect_state_ttl_seconds,
-            path=self._cookie_path,
-            secure=self._cookie_secure,
-            httponly=True,
-            samesite="lax",
-        )
+        ttl = self._settings.connect_state_ttl_seconds
+        response.set_cookie(self._cookie_name, binding, max_age=ttl, httponly=True, samesite="lax", **self._cookie)
         return response

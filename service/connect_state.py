@@ -1,6 +1,7 @@
 """Connect's signed, single-use ``state`` tokens, the Connect URL that carries one, and the check
-with Smartcar that a redirect's ``user_id`` really just went through Connect. The state's format,
-its keys and the checks the callback makes: docs/security.md, "Connect capture"."""
+with Smartcar that a redirect's ``user_id`` really just went through Connect (its paging of
+``GET /v3/connections`` is also ``backfill``'s). The state's format, its keys and the checks the
+callback makes: docs/security.md, "Connect capture"."""
 
 from __future__ import annotations
 
@@ -18,11 +19,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from core.config import Settings, key_list
-from core.errors import (
-    ConfigurationError,
-    InvalidConnectState,
-    UnverifiedConnection,
-)
+from core.errors import ConfigurationError, InvalidConnectState, UnverifiedConnection
 from core.smartcar.client import SmartcarClient
 
 CONNECT_URL = "https://connect.smartcar.com/oauth/authorize"
@@ -52,14 +49,13 @@ _OTHER_BROWSER = (
 
 @dataclass(frozen=True, slots=True)
 class ConnectState:
-    """What a verified state says: the internal user, when it was issued and expires, its nonce."""
+    """What a verified state says; ``bound``: to a browser's cookie (``/connect/start``) or not (``connect-url``)."""
 
     user_id: int
     issued_at: int
     expires_at: int
     nonce: str
     bound: bool
-    """Whether it was bound to a browser's cookie (``/connect/start``) or not (``connect-url``)."""
 
 
 def _b64(data: bytes) -> str:
@@ -87,10 +83,8 @@ def _mac(key: bytes, signed: str, binding: str | None) -> str:
 def issue_state(
     keys: tuple[bytes, ...], user_id: int, ttl_seconds: int, binding: str | None = None, now: float | None = None
 ) -> str:
-    """A state naming internal user ``user_id`` for ``ttl_seconds``; with ``binding`` (a browser's
-    cookie value) it verifies only next to that value."""
-    if user_id < 1:
-        raise ConfigurationError(f"the internal user id must be at least 1, got {user_id}.")
+    """A state naming internal user ``user_id`` (at least 1) for ``ttl_seconds``; with ``binding`` (a
+    browser's cookie value) it verifies only next to that value."""
     issued = int(time.time() if now is None else now)
     marker = "u" if binding is None else "b"
     signed = f"v2.{user_id}.{issued}.{issued + ttl_seconds}.{marker}.{_b64(secrets.token_bytes(16))}"
@@ -101,8 +95,8 @@ def verify_state(
     keys: tuple[bytes, ...], state: str | None, binding: str | None = None, now: float | None = None
 ) -> ConnectState:
     """What ``state`` says once its MAC (with ``binding``, if bound) checks out; whether it was spent
-    is the caller's business. :class:`InvalidConnectState` (missing, malformed, forged, version 1),
-    :class:`InvalidConnectState` (wrong binding, or genuine but expired)."""
+    is the caller's business. :class:`InvalidConnectState` when missing, malformed, forged, of
+    version 1, bound to another binding, or expired."""
     if not state:
         raise InvalidConnectState("The state parameter is missing: start again from a Connect link issued by us.")
     if state.startswith("v1."):
@@ -140,22 +134,18 @@ class ConnectLink:
 def connect_link(
     settings: Settings, user_id: int, mode: str | None = None, now: float | None = None, binding: str | None = None
 ) -> ConnectLink:
-    """The Smartcar Connect URL for internal user ``user_id``, its state bound to ``binding`` if given.
-
-    Needs ``SMARTCAR_APPLICATION_ID`` (``SMARTCAR_CLIENT_ID`` stands in, with a note) and
-    ``CONNECT_REDIRECT_URI``; :class:`ConfigurationError` names whatever is missing, in one line.
-    """
+    """The Connect URL for internal user ``user_id`` (at least 1), its state bound to ``binding`` if
+    given. Needs ``SMARTCAR_APPLICATION_ID`` (``SMARTCAR_CLIENT_ID`` stands in, with a note) and
+    ``CONNECT_REDIRECT_URI``; :class:`ConfigurationError` names whatever is missing, in one line."""
     application_id = settings.smartcar_application_id or settings.smartcar_client_id
+    redirect_uri = settings.connect_redirect_uri
     missing = []
     if application_id is None:
         missing.append("SMARTCAR_APPLICATION_ID (the Application ID from the Smartcar Dashboard)")
-    if settings.connect_redirect_uri is None:
+    if redirect_uri is None:
         missing.append("CONNECT_REDIRECT_URI (this service's /connect/callback URL, registered in the Dashboard)")
-    if missing:
+    if application_id is None or redirect_uri is None:
         raise ConfigurationError(f"cannot build a Connect URL: set {' and '.join(missing)}.")
-    assert application_id is not None
-    redirect_uri = settings.connect_redirect_uri
-    assert redirect_uri is not None
     if not redirect_uri.startswith(("https://", "http://")):
         raise ConfigurationError("CONNECT_REDIRECT_URI must be an absolute http(s) URL ending in /connect/callback.")
     scope = " ".join(settings.connect_scope.split())
@@ -176,8 +166,7 @@ def connect_link(
         "scope": scope,
         "state": issue_state(state_keys(settings), user_id, ttl, binding, now),
     }
-    mode = mode or settings.connect_mode
-    if mode:
+    if mode := mode or settings.connect_mode:
         params["mode"] = mode
     # quote, not quote_plus: the scope's spaces become %20, which every OAuth server reads alike.
     return ConnectLink(f"{CONNECT_URL}?{urlencode(params, quote_via=quote)}", int(now) + ttl, note)
@@ -220,42 +209,29 @@ def connection_ids(item: object) -> tuple[str | None, str | None]:
 
 def connection_created_at(item: object) -> float | None:
     """When a ``/connections`` item was made (epoch seconds), or ``None`` when it does not say.
-
     Smartcar documents no such field: the names and forms read are in docs/security.md, "Connect
-    capture"; an ISO-8601 time without an offset is read as UTC.
-    """
+    capture"; an ISO-8601 time without an offset is read as UTC."""
     for path in _CREATED_AT_FIELDS:
-        stamp = _timestamp(_dig(item, *path))
-        if stamp is not None:
-            return stamp
+        value = _dig(item, *path)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.isascii() and text.isdigit():
+                value = int(text)
+            else:
+                try:
+                    parsed = dt.datetime.fromisoformat(text)
+                except ValueError:
+                    continue
+                return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).timestamp()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+            return value / 1000 if value >= _EPOCH_MS_FROM else float(value)
     return None
-
-
-def _timestamp(value: object) -> float | None:
-    if isinstance(value, str):
-        text = value.strip()
-        if text.isascii() and text.isdigit():
-            value = int(text)
-        else:
-            try:
-                parsed = dt.datetime.fromisoformat(text)
-            except ValueError:
-                return None
-            return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).timestamp()
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    if not math.isfinite(value) or value <= 0:
-        return None
-    return value / 1000 if value >= _EPOCH_MS_FROM else float(value)
 
 
 async def confirm_connection(smartcar: SmartcarClient, smartcar_user_id: str, issued_at: float) -> None:
     """Return when Smartcar lists a connection of ``smartcar_user_id`` made since ``issued_at``
-    (less :data:`CLOCK_SKEW_SECONDS`); items of other users never count.
-
-    Raises :class:`UnverifiedConnection` when none qualifies, coded ``cannot_verify`` when none
-    qualifies but some carry no creation time (fail closed); Smartcar's own failures propagate.
-    """
+    (less :data:`CLOCK_SKEW_SECONDS`); items of other users never count. :class:`UnverifiedConnection`
+    when none qualifies, coded ``cannot_verify`` when some carry no creation time (fail closed)."""
     undated = False
     async for items, _ in connection_pages(smartcar, smartcar_user_id, MAX_VERIFY_PAGES):
         for item in items:

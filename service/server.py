@@ -1,12 +1,7 @@
-"""How ``smartcar-ingest web`` serves: uvicorn with bounds on what one client may hold, and the
-admin server beside it.
-
-Every connection, on the public and the admin port, is bounded before the application sees a byte
-of it: request head bytes and lines, pipelined requests, a deadline for the head, idle keep-alive,
-open connections (docs/security.md, "Request heads, slow clients and idle connections"). The body
-is the application's business. ``/readyz`` and ``/metrics`` are served on ``ADMIN_PORT``, once per
-``web`` however many ``--workers`` serve the public port (docs/security.md, "/metrics and /readyz").
-"""
+"""How ``smartcar-ingest web`` serves: uvicorn, every connection on either port bounded before the
+app sees a byte of it (head bytes and lines, pipelining, the head's deadline, idle keep-alive, open
+connections: docs/security.md, "Request heads, slow clients and idle connections"), and the admin
+server on ``ADMIN_PORT``, once however many ``--workers`` serve the public port."""
 
 from __future__ import annotations
 
@@ -15,7 +10,6 @@ import socket
 import sys
 import threading
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, cast
 
 import uvicorn
@@ -49,17 +43,6 @@ _HEAD_TOO_LARGE = (
 )
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    """The ``web`` command's arguments."""
-
-    host: str
-    port: int
-    workers: int
-    max_connections: int
-    keep_alive_seconds: int
-
-
 class WebConfig(uvicorn.Config):
     """uvicorn's configuration for both servers: the guarded protocol, the head limits from
     ``settings`` (they travel with the config to ``--workers`` children), no websockets, no access
@@ -78,8 +61,7 @@ class WebConfig(uvicorn.Config):
         )
         self.header_timeout_seconds = settings.header_timeout_seconds
         self.max_header_bytes = settings.max_header_bytes
-        #: Set on the config of ``--workers`` children, where it travels: their uvicorn INFO lines
-        #: would repeat each other's, and the supervisor speaks for them.
+        #: For ``--workers`` children (it travels with the config): the supervisor speaks for them.
         self.quiet = False
 
     def configure_logging(self) -> None:
@@ -259,9 +241,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def bind_admin_socket(settings: Settings, options: ServeOptions) -> socket.socket:
+def bind_admin_socket(settings: Settings, public_port: int) -> socket.socket:
     """Bind ``ADMIN_HOST``:``ADMIN_PORT`` before anything starts, so a clash stops ``web`` with one line."""
-    if settings.admin_port == options.port:
+    if settings.admin_port == public_port:
         raise ConfigurationError(
             f"ADMIN_PORT {settings.admin_port} is also the public port: /readyz and /metrics must stay off it."
         )
@@ -282,23 +264,22 @@ def bind_admin_socket(settings: Settings, options: ServeOptions) -> socket.socke
     return sock
 
 
-def serve(settings: Settings, options: ServeOptions) -> None:
+def serve(settings: Settings, host: str, port: int, workers: int, max_connections: int, keep_alive: int) -> None:
     """Serve the public app (and the admin app, in a thread of its own, unless ``ADMIN_PORT`` is 0)
     until told to stop. ``--workers N`` children build the app from ``module:factory``."""
-    from service.admin import create_admin_app
-    from service.app import create_app
+    from service.app import create_admin_app, create_app
 
-    admin_socket = bind_admin_socket(settings, options) if settings.admin_port else None
-    children = options.workers > 1
+    admin_socket = bind_admin_socket(settings, port) if settings.admin_port else None
+    children = workers > 1
     config = WebConfig(
         "service.app:create_app" if children else create_app(settings),
         settings,
         factory=children,
-        host=options.host,
-        port=options.port,
-        workers=options.workers,
-        limit_concurrency=options.max_connections,
-        timeout_keep_alive=options.keep_alive_seconds,
+        host=host,
+        port=port,
+        workers=workers,
+        limit_concurrency=max_connections,
+        timeout_keep_alive=keep_alive,
     )
     if children:
         config.quiet = True  # for the children, which set it up again from this config
@@ -313,11 +294,10 @@ def serve(settings: Settings, options: ServeOptions) -> None:
         if supervisor.should_exit.is_set():
             return "shutting down"
         down = sum(1 for child in supervisor.processes if not child.process.is_alive())
-        if len(supervisor.processes) < options.workers:
+        if len(supervisor.processes) < workers:
             return "starting"
-        return f"{down} of {options.workers} processes are down" if down else None
+        return f"{down} of {workers} processes are down" if down else None
 
-    thread = None
     if admin_socket is not None:
         admin = uvicorn.Server(
             WebConfig(
@@ -343,10 +323,9 @@ def serve(settings: Settings, options: ServeOptions) -> None:
         else:
             public.run()
     finally:
-        if thread is not None:
+        if admin_socket is not None:
             admin.should_exit = True
             thread.join(timeout=10)
-        if admin_socket is not None:
             admin_socket.close()
     if not children and not public.started:
         sys.exit(STARTUP_FAILURE)

@@ -1,7 +1,6 @@
 """The spool: verified deliveries kept on local disk (``SPOOL_DIR``) while Redis cannot take them,
-and the drainer that moves them into Redis once it answers, through the same dedupe as live
-traffic. Record format, file life cycle and the size bound: docs/reliability.md, "Spool file
-safety", and docs/security.md (``SPOOL_MAX_BYTES``)."""
+and the drainer that moves them into Redis, through the live dedupe, once it answers. Record format,
+file life cycle, size bound: docs/reliability.md, "Spool file safety"; docs/security.md."""
 
 from __future__ import annotations
 
@@ -17,8 +16,8 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from collections.abc import Generator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from redis.exceptions import RedisError
@@ -60,12 +59,9 @@ def encode_record(delivery: SpooledDelivery) -> bytes:
 
 
 def read_records(path: Path, report: ReadReport | None = None) -> Generator[SpooledDelivery, None, None]:
-    """The whole records of a spool file, in order, one at a time.
-
-    A torn or corrupt record (a length past the end of the file included) ends the read;
-    ``report.torn_tail_bytes`` then says how many bytes were left unread (set once the iterator is
-    exhausted). Close the iterator (or exhaust it) to close the file.
-    """
+    """The whole records of a spool file, in order, one at a time (close or exhaust the iterator to
+    close the file). A torn or corrupt record, a length past the end included, ends the read; once
+    exhausted, ``report.torn_tail_bytes`` says how many bytes were left unread."""
     with path.open("rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         offset = 0
@@ -108,12 +104,9 @@ class Spool:
         self.pending()  # count what earlier processes left behind
 
     def append(self, delivery: SpooledDelivery) -> None:
-        """Write one record and fsync it; when this returns, the delivery survives a crash.
-
-        Raises :class:`SpoolFull` (writing nothing) when the record would take the spool past
-        ``max_bytes``, and another ``OSError`` when the disk refuses; a record that could not be
-        written whole is cut off again, so it never hides the records appended after it.
-        """
+        """Write one record and fsync it: on return the delivery survives a crash. :class:`SpoolFull`
+        (writing nothing) past ``max_bytes``; another ``OSError`` when the disk refuses, a record not
+        written whole being cut off again so it never hides the ones appended after it."""
         record = encode_record(delivery)
         with self._lock:
             if self.max_bytes is not None and self.pending_bytes + len(record) > self.max_bytes:
@@ -188,25 +181,16 @@ class Spool:
             self._sync_directory()
         return target
 
-    def finish(self, path: Path) -> None:
-        """Delete a drained file."""
-        self._forget(path, lambda: path.unlink(missing_ok=True))
-
-    def set_aside(self, path: Path) -> Path:
-        """Rename a file that ended in a torn record to ``*.torn``: kept for inspection, no longer pending."""
+    def retire(self, path: Path, torn: bool) -> Path:
+        """Delete a drained file, or keep one that ended in a torn record as ``*.torn`` for inspection;
+        either way no longer pending (the next :meth:`pending` stops counting it)."""
         kept = path.with_name(path.name.replace(".draining", ".torn"))
-        self._forget(path, lambda: path.replace(kept))
+        if torn:
+            path.replace(kept)
+        else:
+            path.unlink(missing_ok=True)
+        self._sync_directory()
         return kept
-
-    def _forget(self, path: Path, remove: Callable[[], object]) -> None:
-        with self._lock:
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                size = 0
-            remove()
-            self.pending_bytes = max(0, self.pending_bytes - size)
-            self._sync_directory()
 
     def _sync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
@@ -252,24 +236,17 @@ async def drain_once(spool: Spool, inbox: Inbox) -> DrainReport:
                     report.parked += 1
         finally:
             records.close()
+        # Everything before a tear was applied; the torn bytes are kept for inspection.
+        kept = await asyncio.to_thread(spool.retire, claimed, read.torn_tail_bytes > 0)
         if read.torn_tail_bytes:
-            # Everything before the tear was applied; the torn bytes are kept for inspection.
-            kept = await asyncio.to_thread(spool.set_aside, claimed)
             log.error(
                 "spool file ended in a torn record; it was not applied", file=str(kept), bytes=read.torn_tail_bytes
             )
             report.torn_tail_bytes += read.torn_tail_bytes
-        else:
-            await asyncio.to_thread(spool.finish, claimed)
         report.files += 1
     if report.files:
-        log.info(
-            "spool drained",
-            files=report.files,
-            accepted=report.accepted,
-            duplicates=report.duplicates,
-            parked=report.parked,
-        )
+        await asyncio.to_thread(spool.pending)  # recount the spool's size, for SPOOL_MAX_BYTES
+        log.info("spool drained", **asdict(report))
     return report
 
 
@@ -277,9 +254,7 @@ async def drain_forever(spool: Spool, inbox: Inbox, interval_seconds: float = 1.
     """Drain whenever there is something to drain and Redis takes it; runs until cancelled."""
     while True:
         try:
-            # Listing the directory also recounts the spool's size for SPOOL_MAX_BYTES.
-            if await asyncio.to_thread(spool.pending):
-                await drain_once(spool, inbox)
+            await drain_once(spool, inbox)  # its listing also recounts the spool's size
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("spool drain paused: Redis not available yet", error=type(exc).__name__)
         await asyncio.sleep(interval_seconds)

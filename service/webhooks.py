@@ -1,11 +1,7 @@
-"""``POST /webhooks/smartcar``: the ingest edge, a plain ASGI app (the hot path).
-
-Checks run in the contract's order: size → signature → JSON → event type → schema. What is validly
-signed but cannot be processed is parked (202: a non-2xx would only earn pointless retries); a
-signed non-object or too old delivery is refused (docs/security.md). A 2xx for a vehicle event is
-sent only once Redis (or, in an outage, the fsync'd spool) holds it. The body stays the bytes
-received: signature, validation and job all read that one object.
-"""
+"""``POST /webhooks/smartcar``, the ingest edge: a plain ASGI app (the hot path), checking in the
+contract's order. What is validly signed but cannot be processed is parked (202: a non-2xx would
+only earn retries); a signed non-object or too old delivery is refused (docs/security.md). A 2xx is
+sent only once Redis (or the fsync'd spool) holds the delivery, as the bytes received."""
 
 from __future__ import annotations
 
@@ -38,9 +34,8 @@ SPOOL_ONLY_SECONDS = 1.0
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _UNAVAILABLE_HEADERS = [*_JSON_HEADERS, (b"retry-after", b"5")]
 _CONTENT_LENGTH = b"content-length"
-#: The largest unsigned body read for a VERIFY challenge. A VERIFY is a few hundred bytes (a
-#: challenge of at most 256 characters, ids and meta); anything larger that fails the signature is
-#: refused unread, so an unsigned request costs what any rejected one costs.
+#: The largest unsigned body read for a VERIFY challenge (a VERIFY is a few hundred bytes); a larger
+#: one that fails the signature is refused unread, costing what any rejected request costs.
 UNSIGNED_VERIFY_MAX_BYTES = 4096
 
 _OUTCOME_ACCEPTED = metrics.DELIVERIES.labels(outcome="accepted")
@@ -48,17 +43,15 @@ _OUTCOME_DUPLICATE = metrics.DELIVERIES.labels(outcome="duplicate")
 
 
 class Deadlines:
-    """In place of ``asyncio.timeout``, which costs a delivery 5-6 % more CPU (docs/performance.md).
-
-    One callback, run every ``tick`` seconds while any task is registered, cancels each task whose
-    time has passed; :meth:`timed_out` tells that apart from any other cancellation.
-    """
+    """In place of ``asyncio.timeout``, which costs a delivery 5-6 % more CPU (docs/performance.md):
+    one callback, run every ``tick`` seconds while any task is registered, cancels each task whose
+    time has passed; :meth:`expired` tells that apart from any other cancellation."""
 
     def __init__(self, tick: float = 0.05) -> None:
         self._tick = tick
         #: Registered tasks: when they must be done by, and how many cancellations they had then.
         self._due: dict[asyncio.Task[Any], tuple[float, int]] = {}
-        #: Tasks cancelled by their deadline, not yet told (:meth:`timed_out`).
+        #: Tasks cancelled by their deadline, not yet told (:meth:`expired`).
         self._fired: dict[asyncio.Task[Any], int] = {}
         #: The loop the sweep runs on (None while no request is registered).
         self._armed: asyncio.AbstractEventLoop | None = None
@@ -81,11 +74,13 @@ class Deadlines:
         self._due.pop(task, None)
         self._fired.pop(task, None)
 
-    def timed_out(self, task: asyncio.Task[Any]) -> bool:
-        """In an ``except CancelledError``: True when the cancellation is the deadline's alone (it
-        is then withdrawn, as ``asyncio.timeout`` does); False when it must propagate."""
+    def expired(self, task: asyncio.Task[Any]) -> TimeoutError:
+        """Call in an ``except CancelledError``: a ``TimeoutError`` when the cancellation is the
+        deadline's alone (it is then withdrawn, as ``asyncio.timeout`` does); else re-raises it."""
         cancelling = self._fired.pop(task, None)
-        return cancelling is not None and task.uncancel() <= cancelling
+        if cancelling is None or task.uncancel() > cancelling:
+            raise  # the CancelledError the caller is handling
+        return TimeoutError()
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         if loop is not self._armed:
@@ -108,8 +103,7 @@ class _Unreadable(Exception):
 
 
 def redis_deadline_seconds(settings: Settings) -> float:
-    """How long a request waits on Redis before answering 503: two socket timeouts (a reconnect and
-    the call) fit in it."""
+    """How long a request waits on Redis before answering 503: two socket timeouts (reconnect, call)."""
     return min(0.95, settings.redis_timeout_seconds * 1.9)
 
 
@@ -175,8 +169,7 @@ class WebhookEndpoint:
         try:
             body = await self._read_body(receive, declared)
         except asyncio.CancelledError:
-            if not self._deadlines.timed_out(task):
-                raise
+            self._deadlines.expired(task)
             return self._reject(408, "body_timeout", "The body did not arrive in time.")
         except _Unreadable as exc:
             return self._reject(*exc.args)
@@ -234,16 +227,13 @@ class WebhookEndpoint:
         return self._reject(400, "delivery_too_old", f"The delivery was sent more than {limit // 1000} seconds ago.")
 
     async def _accept(self, event: QuickEvent, body: bytes, received_at_ms: int, task: asyncio.Task[Any]) -> Answer:
-        """Enqueue a validated vehicle event (``body``: a JSON object, as received), or spool it while
-        Redis fails (503 without a spool); ``task`` is the request's own."""
+        """Enqueue a validated vehicle event, or spool it while Redis fails (503 without a spool)."""
         if self._spool is None or time.monotonic() >= self._spool_only_until:
             self._deadlines.start(self._redis_deadline, task)
             try:
                 accepted = await self._inbox.accept(event.event_id, event.event_type, body, received_at_ms)
             except asyncio.CancelledError:
-                if not self._deadlines.timed_out(task):
-                    raise
-                error: BaseException = TimeoutError()
+                error: BaseException = self._deadlines.expired(task)
             except (RedisError, OSError) as exc:
                 error = exc
             else:
@@ -287,9 +277,7 @@ class WebhookEndpoint:
         try:
             fresh = await self._inbox.park(event_id, exc.code, exc.message, text)
         except asyncio.CancelledError:
-            if not self._deadlines.timed_out(task):
-                raise
-            error: BaseException = TimeoutError()
+            error: BaseException = self._deadlines.expired(task)
         except (RedisError, OSError) as caught:
             error = caught
         else:
@@ -336,8 +324,7 @@ class WebhookEndpoint:
         log.info("delivery rejected", status=status, code=code)
         return _error(status, code, message)
 
-    def _internal_error(self, exc: Exception) -> Answer:
-        """What ``service.responses.unexpected_exception`` answers on every other route."""
+    def _internal_error(self, exc: Exception) -> Answer:  # as service.responses.unexpected_exception
         metrics.DELIVERIES.labels(outcome="internal_error").inc()
         log.error("unhandled error", path="/webhooks/smartcar", error=type(exc).__name__, exc_info=exc)
         return _error(503, "internal_error", "The request could not be handled; retry later.")

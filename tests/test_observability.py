@@ -29,7 +29,7 @@ from core import metrics
 from core.redis import keys
 from core.redis.deployment_counts import read_usage
 from core.redis.queue_metrics import QueueCollector
-from service.admin import create_admin_app
+from service.app import create_admin_app
 from tests.conftest import signed_headers
 from tests.pipeline import cached_token, inject, outputs, run_worker_burst, stream_entries, worker_env
 from tests.procs import WebProcess, free_port, service_env, wait_for_port

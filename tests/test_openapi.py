@@ -32,8 +32,7 @@ from starlette.routing import Route
 from core.config import Settings
 from core.events.parse import classify, parse_event, parse_verify
 from core.events.wire import VERIFY
-from service.admin import create_admin_app
-from service.app import create_app
+from service.app import create_admin_app, create_app
 from service.responses import error_body
 from tests.conftest import TOKEN
 from tests.procs import LiveServer

@@ -25,8 +25,7 @@ from cli.samples import encode, sample_event
 from core.config import Settings
 from core.redis import outage
 from core.redis.outage import WAIT_JITTER, WAIT_MAX, until_redis_answers, until_redis_answers_async
-from service.admin import create_admin_app
-from service.app import create_app
+from service.app import create_admin_app, create_app
 from tests.conftest import TOKEN, signed_headers
 from tests.procs import LiveServer, RedisServer
 

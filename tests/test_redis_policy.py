@@ -11,8 +11,7 @@ from starlette.testclient import TestClient
 
 from core.config import Settings
 from core.errors import ConfigurationError
-from service.admin import create_admin_app
-from service.app import create_app
+from service.app import create_admin_app, create_app
 
 
 @pytest.fixture
