@@ -90,38 +90,27 @@ redis.call('HSET', KEYS[1], 'claim', ARGV[4], 'claimStartedAt', now, 'claimUntil
 )
 _ACQUIRE_FN = grouped_function("read_acquire", _ACQUIRE, arity=5)
 
-# ARGV: claim token ('' for none), started ms, data, keep ms, generation ('' for the current one).
-# Keeps the newest read only.
+# ARGV: claim token ('' for none), started ms, data ('' when the read failed; kept only if the newest),
+# failure (JSON, or '' for none and for a read given up: its waiters then claim afresh), keep ms,
+# generation ('' for the current one). Ends the claim.
 _COMPLETE = (
     _NOW
     + """
 local held = tonumber(redis.call('HGET', KEYS[1], 'startedAt'))
-if not held or tonumber(ARGV[2]) >= held then
-  local gen = ARGV[5]
+if ARGV[3] ~= '' and (not held or tonumber(ARGV[2]) >= held) then
+  local gen = ARGV[6]
   if gen == '' then gen = redis.call('HGET', KEYS[1], 'gen') or '0' end
   redis.call('HSET', KEYS[1], 'data', ARGV[3], 'startedAt', ARGV[2], 'fetchedAt', now, 'dataGen', gen)
 end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'errorToken', ARGV[1], 'error', ARGV[4]) end
 if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'claim') == ARGV[1] then
   redis.call('HDEL', KEYS[1], 'claim', 'claimStartedAt', 'claimUntil', 'claimGen')
 end
 """
-    + _KEEP.format(n=4)
+    + _KEEP.format(n=5)
     + "return now"
 )
-_COMPLETE_FN = grouped_function("read_complete", _COMPLETE, arity=5)
-
-# ARGV: claim token, the failure (JSON; '' for a read given up, which its waiters then claim afresh), keep ms.
-_FAIL = (
-    """
-if redis.call('HGET', KEYS[1], 'claim') == ARGV[1] then
-  redis.call('HDEL', KEYS[1], 'claim', 'claimStartedAt', 'claimUntil', 'claimGen')
-end
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'errorToken', ARGV[1], 'error', ARGV[2]) end
-"""
-    + _KEEP.format(n=3)
-    + "return 1"
-)
-_FAIL_FN = grouped_function("read_fail", _FAIL, arity=3)
+_COMPLETE_FN = grouped_function("read_complete", _COMPLETE, arity=6)
 
 # ARGV: claim token, claim started ms.
 _POLL = (
@@ -164,7 +153,6 @@ class ReadCache:
         # The decisions of the events in flight meanwhile share one call each (core.redis.group).
         self._acquire = GroupedCall(_ACQUIRE_FN, redis)
         self._complete = GroupedCall(_COMPLETE_FN, redis)
-        self._fail = GroupedCall(_FAIL_FN, redis)
         self._poll = GroupedCall(_POLL_FN, redis)
         self._invalidate = GroupedCall(_INVALIDATE_FN, redis)
         # The reads this process makes or waits for, by (key, claim token): its events share one future.
@@ -172,12 +160,18 @@ class ReadCache:
 
     async def read(self, key: str, received_at_ms: int, window_ms: int, fetch: Callable[[], Awaitable[Any]]) -> Outcome:
         """The data of a read that may serve an event received at ``received_at_ms``: a stored one,
-        one in flight, or a new call to ``fetch``. The caller's own call raises its errors."""
+        one in flight, or a new call to ``fetch`` (always, for a window of 0: kept only as what a
+        skipped read publishes). The caller's own call raises its errors."""
         keep = window_ms + GRACE_MS
+        if window_ms == 0:
+            started = time.time_ns() // 1_000_000
+            data = await fetch()
+            args: list[str | int | bytes] = ["", started, _dumps(data), "", keep, ""]
+            return Outcome("fetched", data, int(await self._call(lambda: self._complete(keys=[key], args=args))))
         while True:
             token = secrets.token_hex(8)
-            args: list[str | int] = [received_at_ms, window_ms, self._lease_ms, token, keep]
-            reply = await self._call(partial(self._acquire, keys=[key], args=args))
+            claim: list[str | int] = [received_at_ms, window_ms, self._lease_ms, token, keep]
+            reply = await self._call(partial(self._acquire, keys=[key], args=claim))
             kind = text(reply[0])
             if kind == "cached":
                 return Outcome("cached", _loads(reply[1]), _int(reply[3]))
@@ -190,11 +184,6 @@ class ReadCache:
             if joined is not None:
                 return joined
             # The read went away without an outcome (its worker died): try again.
-
-    async def store(self, key: str, data: Any, started_at_ms: int, window_ms: int) -> int:
-        """Keep a read made outside the sharing (a window of 0) as what skipped reads publish; its answer time."""
-        args: list[str | int | bytes] = ["", started_at_ms, _dumps(data), window_ms + GRACE_MS, ""]
-        return int(await self._call(lambda: self._complete(keys=[key], args=args)))
 
     async def latest(self, key: str) -> tuple[Any, int | None] | None:
         """The last read of ``key``, whatever its age (what a skipped read publishes): data and fetchedAt."""
@@ -218,14 +207,16 @@ class ReadCache:
                 # Given up here (the worker stops): the others claim the read now, not after the lease.
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(RELEASE_SECONDS):
-                        await self._fail(keys=[key], args=[token, "", keep])
+                        await self._complete(keys=[key], args=[token, started_at, "", "", keep, generation])
                 raise
             except Exception as exc:
                 failure = _dumps(_describe(exc))
-                await self._call(lambda: self._fail(keys=[key], args=[token, failure, keep]))
+                await self._call(
+                    lambda: self._complete(keys=[key], args=[token, started_at, "", failure, keep, generation])
+                )
                 raise
             fetched_at = await self._call(
-                lambda: self._complete(keys=[key], args=[token, started_at, _dumps(data), keep, generation])
+                lambda: self._complete(keys=[key], args=[token, started_at, _dumps(data), "", keep, generation])
             )
             return Outcome("fetched", data, int(fetched_at))
 
@@ -355,32 +346,24 @@ class VehicleReads:
         fetch: Callable[[str, str], Awaitable[Any]],
     ) -> Read:
         key = read_key(call, vehicle_id, user_id)
-        window = self._windows_ms[call]
         with self._limiter.deadline():
             try:
-                if window == 0:
-                    started = time.time_ns() // 1_000_000
-                    data = await fetch(vehicle_id, user_id)
-                    got = Outcome("fetched", data, await self._cache.store(key, data, started, window))
-                else:
-                    got = await self._cache.read(key, received_at_ms, window, lambda: fetch(vehicle_id, user_id))
+                got = await self._cache.read(
+                    key, received_at_ms, self._windows_ms[call], lambda: fetch(vehicle_id, user_id)
+                )
             except (SmartcarRateLimited, SmartcarRejected) as exc:
                 got = Outcome("fetched", None, None, exc)
-        read = await self._settle(call, key, got)
+        if got.error is None:
+            read = Read(call, got.source, got.data, got.fetched_at)
+        elif isinstance(got.error, SmartcarRejected):
+            read = Read(call, got.source, reason="rejected", error=got.error)
+        elif isinstance(got.error, SmartcarRateLimited):
+            data, fetched_at = await self._cache.latest(key) or (None, None)
+            read = Read(call, "skipped", data, fetched_at, reason="rate_limited")
+        else:
+            raise got.error
         metrics.ENRICHMENT_READS.labels(call=call, source=read.source).inc()
         return read
-
-    async def _settle(self, call: Call, key: str, got: Outcome) -> Read:
-        """The read an outcome amounts to; a failure other than a refusal or a rate limit is raised."""
-        error = got.error
-        if error is None:
-            return Read(call, got.source, got.data, got.fetched_at)
-        if isinstance(error, SmartcarRejected):
-            return Read(call, got.source, reason="rejected", error=error)
-        if isinstance(error, SmartcarRateLimited):
-            data, fetched_at = await self._cache.latest(key) or (None, None)
-            return Read(call, "skipped", data, fetched_at if data is not None else None, reason="rate_limited")
-        raise error
 
 
 def vehicle_reads(settings: Settings, redis: Redis, http: SmartcarHttp) -> VehicleReads:
