@@ -211,7 +211,7 @@ class SmartcarClient:
             headers = {"authorization": f"Bearer {token}", "accept": "application/json"}
             if user_id is not None:
                 headers["sc-user-id"] = user_id
-            response = await observed(endpoint, self._http.get(url, params=params, headers=headers))
+            response = await observed(endpoint, self._http.request("GET", url, params=params, headers=headers))
             if response.status_code != 401 or refreshed:
                 break
             # The token may have been revoked or rotated: one refresh, one retry.

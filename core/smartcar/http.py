@@ -8,8 +8,8 @@ from __future__ import annotations
 import ssl
 import time
 import urllib.request
-from collections.abc import Awaitable, Coroutine, Mapping
-from typing import Any, TypeAlias
+from collections.abc import Awaitable, Mapping
+from typing import Any, NamedTuple, TypeAlias
 
 import aiohttp
 import certifi
@@ -25,15 +25,12 @@ TIMEOUT_SECONDS = 15.0
 CONNECT_SECONDS = 5.0
 
 
-class Answer:
+class Answer(NamedTuple):
     """One answer, read whole."""
 
-    __slots__ = ("content", "headers", "status_code")
-
-    def __init__(self, status_code: int, headers: Mapping[str, str], content: bytes) -> None:
-        self.status_code = status_code
-        self.headers = headers
-        self.content = content
+    status_code: int
+    headers: Mapping[str, str]
+    content: bytes
 
     def json(self) -> Any:
         return pydantic_core.from_json(self.content)  # a ValueError when it is not JSON
@@ -64,21 +61,22 @@ class LeanHttp:
         )
         return self._session
 
-    def get(
-        self, url: str, *, params: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None
-    ) -> Coroutine[Any, Any, Answer]:
-        return self._request("GET", url, params=params, headers=headers)
-
-    def post(
-        self, url: str, *, data: Mapping[str, str], headers: Mapping[str, str] | None = None
-    ) -> Coroutine[Any, Any, Answer]:
-        return self._request("POST", url, data=dict(data), headers=headers)
-
-    async def _request(self, method: str, url: str, **options: Any) -> Answer:
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        data: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Answer:
+        """One request, as ``httpx.AsyncClient.request`` makes it (``data``: a form)."""
         session = self._session or self._open()
         try:
             # The URL as given: the callers quote what they put in it.
-            async with session.request(method, URL(url, encoded=True), **options) as response:
+            async with session.request(
+                method, URL(url, encoded=True), params=params, data=data, headers=headers
+            ) as response:
                 content = await response.read()
                 return Answer(response.status, response.headers, content)
         except TimeoutError:

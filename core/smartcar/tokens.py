@@ -24,7 +24,7 @@ from core.errors import SmartcarRateLimited, SmartcarUnavailable, TokenRequestFa
 from core.logs import get_logger
 from core.redis.functions import lua_function
 from core.redis.keys import TOKEN_KEY, TOKEN_LOCK_KEY
-from core.smartcar.http import HttpAnswer, SmartcarHttp, observed, retry_after_seconds
+from core.smartcar.http import SmartcarHttp, observed, retry_after_seconds
 
 log = get_logger("smartcar_ingest.tokens")
 #: A token is replaced this long before it expires; the refresh lock lasts at most this long.
@@ -142,15 +142,22 @@ class AppTokenProvider:
 
     async def _request(self) -> AppToken:
         metrics.TOKEN_REFRESHES.inc()
-        answer = await observed("token", self._http.post(self._token_url, data=self._form, headers=_ACCEPT_JSON))
+        answer = await observed(
+            "token", self._http.request("POST", self._token_url, data=self._form, headers=_ACCEPT_JSON)
+        )
         status = answer.status_code
         if status == 429:
             raise SmartcarRateLimited("The token endpoint is rate limiting us.", retry_after_seconds(answer))
         if status >= 500:
             raise SmartcarUnavailable(f"The token endpoint answered {status}.")
         if status != 200:
+            try:  # the RFC 6749 ``error`` code, if the body has one (never the description)
+                error = answer.json().get("error")
+            except (ValueError, AttributeError):
+                error = None
             raise TokenRequestFailed(
-                f"The token endpoint refused the client credentials ({status} {_oauth_error(answer)}); "
+                f"The token endpoint refused the client credentials ({status} "
+                f"{error[:60] if isinstance(error, str) else 'no error code'}); "
                 "check SMARTCAR_CLIENT_ID and SMARTCAR_CLIENT_SECRET."
             )
         try:
@@ -160,12 +167,3 @@ class AppTokenProvider:
         except (ValueError, KeyError, TypeError):
             raise SmartcarUnavailable("The token endpoint answered 200 without a usable token.") from None
         return AppToken(access_token=access_token, expires_at=time.time() + expires_in)
-
-
-def _oauth_error(answer: HttpAnswer) -> str:
-    """The RFC 6749 ``error`` code of a refusal, if the body has one (never the description)."""
-    try:
-        error = answer.json().get("error")
-    except (ValueError, AttributeError):
-        return "no error code"
-    return str(error)[:60] if isinstance(error, str) else "no error code"
