@@ -32,7 +32,7 @@ from core.redis.parked import ParkedStream
 from core.redis.published import OutputStream, StateChanged
 from core.redis.vehicle_state import VehicleStates
 from core.smartcar.http import LeanHttp
-from core.smartcar.reads import Read, VehicleReads, vehicle_reads
+from core.smartcar.reads import Read, VehicleReads
 from core.store.users import UserRecord, UserStore
 from workers.output import Enrichment, build_document, stream_fields
 
@@ -234,7 +234,7 @@ async def open_processor(settings: Settings, http_connections: int, stack: Async
     stack.push_async_callback(counts.aclose)
     return EventProcessor(
         users,
-        vehicle_reads(settings, redis, http),
+        VehicleReads(settings, redis, http),
         OutputStream(
             redis,
             settings.output_stream,

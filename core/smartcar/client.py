@@ -176,7 +176,8 @@ class SmartcarClient:
         retry (one per attempt costs the worker CPU and memory with hundreds of jobs in flight:
         docs/performance.md)."""
         started, attempts, left = time.monotonic(), self._attempts, BUDGET_SECONDS
-        if not stamina.is_testing():  # under stamina's testing mode it counts every try itself
+        testing = stamina.is_testing()
+        if not testing:  # under stamina's testing mode it counts every try itself
             try:
                 return await self._get_once(endpoint, url, user_id, params, vehicle_id)
             except Exception as exc:
@@ -190,13 +191,11 @@ class SmartcarClient:
                 log.warning("smartcar call will be retried", endpoint=endpoint, error=type(exc).__name__, waitFor=pause)
             await asyncio.sleep(pause)
             attempts, left = attempts - 1, BUDGET_SECONDS - (time.monotonic() - started)
-        first = stamina.is_testing()
         async for attempt in stamina.retry_context(
             on=self._retry_on, attempts=attempts, timeout=left, wait_initial=FIRST_RETRY_WAIT_SECONDS, wait_max=5.0
         ):
-            if not first:
+            if attempt.num > 1 or not testing:  # a retry (the first try ran above unless testing)
                 metrics.SMARTCAR_RETRIES.labels(endpoint=endpoint).inc()
-            first = False
             with attempt:
                 return await self._get_once(endpoint, url, user_id, params, vehicle_id)
         raise AssertionError("unreachable: stamina either returns or raises")  # pragma: no cover

@@ -1,9 +1,8 @@
 """Quota-aware enrichment: an event's two Smartcar reads, shared by every worker process through Redis.
 
-A read serves every event it may; every request passes the deployment's budget and Smartcar's pauses
-(:mod:`core.smartcar.limiter`), and a read that cannot go in time is skipped, never failed. Which read
-serves which event, and why each decision is one script: docs/architecture.md, "Shared Smartcar
-reads"; the outcomes consumers see: docs/consumers.md, "Schema version 2".
+A read serves every event it may; one that cannot go in time (:mod:`core.smartcar.limiter`) is skipped,
+never failed. Which read serves which event: docs/architecture.md, "Shared Smartcar reads"; the
+outcomes consumers see: docs/consumers.md, "Schema version 2".
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from core.redis.functions import NOW_MS
 from core.redis.group import GroupedCall, grouped_function
 from core.redis.keys import read_key, text
 from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
-from core.smartcar.client import BUDGET_SECONDS, SmartcarClient, smartcar_client
+from core.smartcar.client import BUDGET_SECONDS, smartcar_client
 from core.smartcar.http import SmartcarHttp
 from core.smartcar.limiter import RequestLimiter
 
@@ -312,15 +311,21 @@ def _int(raw: object) -> int | None:
 
 
 class VehicleReads:
-    """An event's two reads, shared, budgeted and counted. One per worker process."""
+    """An event's two reads, shared, budgeted and counted, through ``redis``. One per worker process."""
 
-    def __init__(
-        self, client: SmartcarClient, cache: ReadCache, limiter: RequestLimiter, windows_ms: dict[Call, int]
-    ) -> None:
-        self._client = client
-        self._cache = cache
-        self._limiter = limiter
-        self._windows_ms = windows_ms  # how long a read serves later events (0: every event reads)
+    def __init__(self, settings: Settings, redis: Redis, http: SmartcarHttp) -> None:
+        self._limiter = RequestLimiter(
+            redis, settings.smartcar_requests_per_minute, settings.smartcar_burst, settings.enrich_wait_seconds
+        )
+        self._client = smartcar_client(settings, redis, http, gate=self._limiter)
+        # A claimed read may wait for the budget, then retry within the client's budget; past that its
+        # worker is taken for dead and another event claims the read.
+        self._cache = ReadCache(redis, lease_seconds=settings.enrich_wait_seconds + BUDGET_SECONDS + 15)
+        # How long a read serves later events (0: every event reads).
+        self._windows_ms: dict[Call, int] = {
+            "vehicle": settings.vehicle_info_ttl_seconds * 1000,
+            "signals": settings.signals_max_age_seconds * 1000,
+        }
 
     async def read_event(
         self, vehicle_id: str, user_id: str, received_at_ms: int, after_error: bool
@@ -364,20 +369,3 @@ class VehicleReads:
             raise got.error
         metrics.ENRICHMENT_READS.labels(call=call, source=read.source).inc()
         return read
-
-
-def vehicle_reads(settings: Settings, redis: Redis, http: SmartcarHttp) -> VehicleReads:
-    """The reads of a worker process: the v3 client behind the deployment's limiter, and the shared
-    reads, all through ``redis``."""
-    limiter = RequestLimiter(
-        redis, settings.smartcar_requests_per_minute, settings.smartcar_burst, settings.enrich_wait_seconds
-    )
-    client = smartcar_client(settings, redis, http, gate=limiter)
-    # A claimed read may wait for the budget, then retry within the client's budget; past that its
-    # worker is taken for dead and another event claims the read.
-    cache = ReadCache(redis, lease_seconds=settings.enrich_wait_seconds + BUDGET_SECONDS + 15)
-    windows_ms: dict[Call, int] = {
-        "vehicle": settings.vehicle_info_ttl_seconds * 1000,
-        "signals": settings.signals_max_age_seconds * 1000,
-    }
-    return VehicleReads(client, cache, limiter, windows_ms)
