@@ -68,11 +68,9 @@ def parse_error(response: HttpAnswer) -> tuple[str | None, str | None, str | Non
         body = response.json()
     except ValueError:
         body = None
-    item: Any = body
     if isinstance(body, dict) and isinstance(body.get("errors"), list) and body["errors"]:
-        item = body["errors"][0]
-    if not isinstance(item, dict):
-        return None, None, response.headers.get("sc-request-id")
+        body = body["errors"][0]
+    item: dict[str, Any] = body if isinstance(body, dict) else {}
     meta = item.get("meta")
     debug = meta.get("debug") if isinstance(meta, dict) else None
     request_id = (
