@@ -175,7 +175,7 @@ class ReadCache:
             if kind == "cached":
                 return Outcome("cached", _loads(reply[1]), _int(reply[3]))
             if kind == "fetch":
-                claimed = self._claimed(key, token, int(reply[2]), int(reply[3]), keep, fetch)
+                claimed = self._register(key, token, self._fetch(key, token, int(reply[2]), int(reply[3]), keep, fetch))
                 outcome = await asyncio.shield(claimed)
                 assert outcome is not None
                 return outcome
@@ -193,33 +193,29 @@ class ReadCache:
         """No read that started before now serves any event from now on (after a VEHICLE_ERROR)."""
         await self._call(lambda: self._invalidate(keys=[key], args=[window_ms + GRACE_MS]))
 
-    def _claimed(
+    async def _fetch(
         self, key: str, token: str, started_at: int, generation: int, keep: int, fetch: Callable[[], Awaitable[Any]]
-    ) -> asyncio.Future[Outcome | None]:
-        """Run the call this process claimed, as a task of its own so that the events sharing it do
-        not lose it when the one that started it is cancelled; record its outcome for the others."""
-
-        async def run() -> Outcome:
-            try:
-                data = await fetch()
-            except asyncio.CancelledError:
-                # Given up here (the worker stops): the others claim the read now, not after the lease.
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(RELEASE_SECONDS):
-                        await self._complete(keys=[key], args=[token, started_at, "", "", keep, generation])
-                raise
-            except Exception as exc:
-                failure = _dumps(_describe(exc))
-                await self._call(
-                    lambda: self._complete(keys=[key], args=[token, started_at, "", failure, keep, generation])
-                )
-                raise
-            fetched_at = await self._call(
-                lambda: self._complete(keys=[key], args=[token, started_at, _dumps(data), "", keep, generation])
+    ) -> Outcome:
+        """Make the call this process claimed and record its outcome for the events sharing it (run as
+        a task of its own, so that they do not lose it when the event that started it is cancelled)."""
+        try:
+            data = await fetch()
+        except asyncio.CancelledError:
+            # Given up here (the worker stops): the others claim the read now, not after the lease.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(RELEASE_SECONDS):
+                    await self._complete(keys=[key], args=[token, started_at, "", "", keep, generation])
+            raise
+        except Exception as exc:
+            failure = _dumps(_describe(exc))
+            await self._call(
+                lambda: self._complete(keys=[key], args=[token, started_at, "", failure, keep, generation])
             )
-            return Outcome("fetched", data, int(fetched_at))
-
-        return self._register(key, token, run())
+            raise
+        fetched_at = await self._call(
+            lambda: self._complete(keys=[key], args=[token, started_at, _dumps(data), "", keep, generation])
+        )
+        return Outcome("fetched", data, int(fetched_at))
 
     async def _join(self, key: str, token: str, started_at: int) -> Outcome | None:
         """Wait for the read ``token`` to finish: its data, its failure, or None when it was given up."""
@@ -230,9 +226,7 @@ class ReadCache:
             outcome = await asyncio.shield(running)
         except Exception as exc:  # this process's own call failed: the same outcome, as a value
             return Outcome("shared", None, None, exc)
-        if outcome is None:
-            return None
-        return Outcome("shared", outcome.data, outcome.fetched_at, outcome.error)
+        return None if outcome is None else Outcome("shared", outcome.data, outcome.fetched_at, outcome.error)
 
     async def _watch(self, key: str, token: str, started_at: int) -> Outcome | None:
         """Poll another process's read until it has an outcome."""
