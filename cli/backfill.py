@@ -24,7 +24,7 @@ from core.errors import (
     TransientError,
 )
 from core.smartcar.client import SmartcarClient, smartcar_client
-from core.smartcar.http import smartcar_http
+from core.smartcar.http import LeanHttp
 from core.store.users import UserStore, VehicleRecord
 from service.connect_state import PAGE_SIZE, connection_ids, connection_pages
 
@@ -315,7 +315,7 @@ def run_backfill(
         redis = open_command_redis_async(settings)
         # A handful of connections: the run is sequential, and Smartcar's application rate limit
         # is the bottleneck, not the pool.
-        http = smartcar_http(max_connections=4)
+        http = LeanHttp(max_connections=4)
         users = UserStore(settings.database_url)
         try:
             backfill = Backfill(

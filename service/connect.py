@@ -40,7 +40,7 @@ from core.logs import get_logger
 from core.redis.functions import lua_function
 from core.redis.keys import connect_state_key
 from core.smartcar.client import SmartcarClient, smartcar_client
-from core.smartcar.http import SmartcarHttp, smartcar_http
+from core.smartcar.http import LeanHttp, SmartcarHttp
 from core.store.users import UserStore
 from service.connect_state import ConnectState, confirm_connection, connect_link, state_keys, verify_state
 from service.responses import error_response
@@ -135,7 +135,7 @@ class ConnectEndpoints:
         if settings.smartcar_client_id is None or settings.smartcar_client_secret is None:
             return None
         if self._smartcar is None:
-            self._http = smartcar_http(max_connections=8)
+            self._http = LeanHttp(max_connections=8)
             # No retries here (the 401 refresh aside): a person is waiting, and a 503 with
             # Retry-After lets them retry with the same link instead of sitting out a backoff.
             self._smartcar = smartcar_client(settings, self._redis, self._http, attempts=1)

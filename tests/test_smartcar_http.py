@@ -17,7 +17,8 @@ def test_answers_carry_status_headers_and_json(emulator):
     async def scenario() -> tuple[int, str, object]:
         http = LeanHttp()
         try:
-            token = await http.post(
+            token = await http.request(
+                "POST",
                 f"{emulator}/oauth2/token",
                 data={"grant_type": "client_credentials", "client_id": "nope", "client_secret": "nope"},
                 headers={"accept": "application/json"},
@@ -50,7 +51,9 @@ def test_the_url_goes_as_given_and_the_params_are_encoded():
         port = server.sockets[0].getsockname()[1]
         http = LeanHttp()
         try:
-            reply = await http.get(f"http://127.0.0.1:{port}/v3/vehicles/a%2Fb/signals", params={"page[size]": "100"})
+            reply = await http.request(
+                "GET", f"http://127.0.0.1:{port}/v3/vehicles/a%2Fb/signals", params={"page[size]": "100"}
+            )
             assert reply.json() == {}
         finally:
             await http.aclose()
@@ -67,7 +70,7 @@ def test_a_closed_port_is_a_transport_error():
     async def scenario() -> None:
         http = LeanHttp()
         try:
-            await http.get(f"http://127.0.0.1:{free_port()}/v3/vehicles/x")
+            await http.request("GET", f"http://127.0.0.1:{free_port()}/v3/vehicles/x")
         finally:
             await http.aclose()
 
@@ -97,7 +100,7 @@ def test_a_server_that_never_answers_is_a_timeout():
         port = server.sockets[0].getsockname()[1]
         http = LeanHttp(timeout_seconds=0.3)
         try:
-            await http.get(f"http://127.0.0.1:{port}/")
+            await http.request("GET", f"http://127.0.0.1:{port}/")
         finally:
             await http.aclose()
             done.set()

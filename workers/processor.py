@@ -30,8 +30,8 @@ from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
 from core.redis.parked import ParkedStream
 from core.redis.published import OutputStream, StateChanged
 from core.redis.vehicle_state import VehicleStates
-from core.smartcar.http import smartcar_http
-from core.smartcar.reads import Read, VehicleReads, vehicle_reads
+from core.smartcar.http import LeanHttp
+from core.smartcar.reads import Read, VehicleReads
 from core.store.users import UserRecord, UserStore
 from workers.output import Enrichment, build_document, stream_fields
 
@@ -223,7 +223,7 @@ async def open_processor(settings: Settings, http_connections: int, stack: Async
     store, one token), opened on the running loop; ``stack`` closes them."""
     redis = worker_redis(settings, min(http_connections, REDIS_CONNECTIONS))
     stack.push_async_callback(redis.aclose)
-    http = smartcar_http(http_connections)
+    http = LeanHttp(http_connections)
     stack.push_async_callback(http.aclose)
     users = UserStore(settings.database_url)
     stack.callback(users.dispose)
@@ -232,7 +232,7 @@ async def open_processor(settings: Settings, http_connections: int, stack: Async
     stack.push_async_callback(counts.aclose)
     return EventProcessor(
         users,
-        vehicle_reads(settings, redis, http),
+        VehicleReads(settings, redis, http),
         OutputStream(
             redis,
             settings.output_stream,

@@ -9,11 +9,10 @@ import asyncio
 import datetime as dt
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
-import httpx
 import stamina
 from redis.asyncio import Redis
 
@@ -29,9 +28,9 @@ from core.errors import (
 )
 from core.events.wire import VEHICLE_ID_PATTERN
 from core.logs import get_logger
-from core.smartcar.http import HttpAnswer, SmartcarHttp
+from core.smartcar.http import HttpAnswer, SmartcarHttp, observed, retry_after_seconds
 from core.smartcar.limiter import OverBudget, RequestLimiter
-from core.smartcar.tokens import AppTokenProvider, retry_after_seconds
+from core.smartcar.tokens import AppTokenProvider
 
 #: Longest wait honoured from a Retry-After header; a longer one is left to the job-level retry.
 MAX_RETRY_AFTER_SECONDS = 30.0
@@ -39,7 +38,10 @@ MAX_RETRY_AFTER_SECONDS = 30.0
 BUDGET_SECONDS = 30.0
 #: Signal pages followed at most, so a misbehaving ``links.next`` cannot loop forever.
 MAX_SIGNAL_PAGES = 20
+#: The wait before the first retry of a transient failure (stamina's first backoff step).
+FIRST_RETRY_WAIT_SECONDS = 0.2
 _VEHICLE_ID = re.compile(VEHICLE_ID_PATTERN)
+log = get_logger("smartcar_ingest.smartcar")
 
 
 def vehicle_path(vehicle_id: str) -> str:
@@ -60,42 +62,15 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
-log = get_logger("smartcar_ingest.smartcar")
-
-#: The wait before the first retry of a transient failure (stamina's first backoff step).
-FIRST_RETRY_WAIT_SECONDS = 0.2
-
-
-def _backoff(exc: Exception) -> bool | dt.timedelta:
-    """stamina's hook: retry transient errors, waiting as long as a 429 asked when it said."""
-    if isinstance(exc, SmartcarRateLimited) and exc.retry_after is not None:
-        if exc.retry_after > MAX_RETRY_AFTER_SECONDS:
-            return False
-        return dt.timedelta(seconds=exc.retry_after)
-    return isinstance(exc, TransientError)
-
-
-def _gated_backoff(exc: Exception) -> bool | dt.timedelta:
-    """stamina's hook with a gate: a 429 is retried at once (the gate waits out its pause, or
-    refuses), a request the gate refused is not retried, anything else as without a gate."""
-    if isinstance(exc, OverBudget):
-        return False
-    if isinstance(exc, SmartcarRateLimited):
-        return dt.timedelta(0)
-    return _backoff(exc)
-
-
 def parse_error(response: HttpAnswer) -> tuple[str | None, str | None, str | None]:
     """``(type, code, request_id)`` from either v3 error shape (``errors[]`` or the flat object)."""
     try:
         body = response.json()
     except ValueError:
         body = None
-    item: Any = body
     if isinstance(body, dict) and isinstance(body.get("errors"), list) and body["errors"]:
-        item = body["errors"][0]
-    if not isinstance(item, dict):
-        return None, None, response.headers.get("sc-request-id")
+        body = body["errors"][0]
+    item: dict[str, Any] = body if isinstance(body, dict) else {}
     meta = item.get("meta")
     debug = meta.get("debug") if isinstance(meta, dict) else None
     request_id = (
@@ -126,15 +101,14 @@ class SmartcarClient:
         self._tokens = tokens
         self._attempts = attempts
         self._gate = gate
-        self._retry_on: Callable[[Exception], bool | dt.timedelta] = _backoff if gate is None else _gated_backoff
 
     async def get_vehicle(self, vehicle_id: str, user_id: str) -> dict[str, Any]:
         """``GET /vehicles/{id}``: the vehicle resource (``id``, ``attributes{make,model,year}``)."""
-        return await self._get("vehicle", vehicle_path(vehicle_id), user_id, vehicle_id=vehicle_id)
+        return await self._get("vehicle", self._base + vehicle_path(vehicle_id), user_id, vehicle_id=vehicle_id)
 
     async def get_signals(self, vehicle_id: str, user_id: str) -> list[dict[str, Any]]:
         """``GET /vehicles/{id}/signals``: every signal resource, following ``links.next`` pages."""
-        url = f"{vehicle_path(vehicle_id)}/signals"
+        url = f"{self._base}{vehicle_path(vehicle_id)}/signals"
         params: dict[str, str] | None = {"page[size]": "100"}
         resources: list[dict[str, Any]] = []
         for _ in range(MAX_SIGNAL_PAGES):
@@ -149,19 +123,14 @@ class SmartcarClient:
         return resources
 
     async def get_signal(self, vehicle_id: str, user_id: str, code: str) -> dict[str, Any]:
-        """``GET /vehicles/{id}/signals/{code}``: one signal resource (``attributes.body`` holds the value).
-
-        A code the vehicle does not report is a 404, raised as :class:`SmartcarRejected`.
-        """
-        path = f"{vehicle_path(vehicle_id)}/signals/{_segment(code)}"
-        return await self._get("signal", path, user_id, vehicle_id=vehicle_id)
+        """``GET /vehicles/{id}/signals/{code}``: one signal resource (``attributes.body`` holds the
+        value); a code the vehicle does not report is a 404, raised as :class:`SmartcarRejected`."""
+        url = f"{self._base}{vehicle_path(vehicle_id)}/signals/{_segment(code)}"
+        return await self._get("signal", url, user_id, vehicle_id=vehicle_id)
 
     def _follow(self, link: str) -> str:
-        """The absolute URL of a ``links.next`` value, or "" when it leaves the API's host.
-
-        Links may be absolute, host-relative (``/v3/...``) or relative to the API root
-        (``/vehicles/...``). The bearer token must never be sent to another host.
-        """
+        """The absolute URL of a ``links.next`` value (absolute, host-relative ``/v3/...`` or
+        relative to the API root), or "" when it leaves the API's host: the token stays home."""
         base = urlsplit(self._base)
         if link.startswith(("http://", "https://")):
             url = link
@@ -179,12 +148,22 @@ class SmartcarClient:
         params = {"page[number]": str(page_number), "page[size]": str(page_size)}
         if user_id is not None:
             params["filter[userId]"] = user_id
-        return await self._get("connections", "connections", user_id, params)
+        return await self._get("connections", self._base + "connections", user_id, params)
+
+    def _retry_on(self, exc: Exception) -> bool | dt.timedelta:
+        """stamina's hook: transient errors, a 429 after its ``Retry-After`` when it gave one. With a
+        gate, a 429 is retried at once (the gate waits out its pause) and a request it refused never."""
+        if isinstance(exc, SmartcarRateLimited):
+            if self._gate is not None:
+                return False if isinstance(exc, OverBudget) else dt.timedelta(0)
+            if exc.retry_after is not None:
+                return dt.timedelta(seconds=exc.retry_after) if exc.retry_after <= MAX_RETRY_AFTER_SECONDS else False
+        return isinstance(exc, TransientError)
 
     async def _get(
         self,
         endpoint: str,
-        path: str,
+        url: str,
         user_id: str | None,
         params: Mapping[str, str] | None = None,
         vehicle_id: str | None = None,
@@ -195,9 +174,10 @@ class SmartcarClient:
         retry (one per attempt costs the worker CPU and memory with hundreds of jobs in flight:
         docs/performance.md)."""
         started, attempts, left = time.monotonic(), self._attempts, BUDGET_SECONDS
-        if not stamina.is_testing():  # under stamina's testing mode it counts every try itself
+        testing = stamina.is_testing()
+        if not testing:  # under stamina's testing mode it counts every try itself
             try:
-                return await self._get_once(endpoint, path, user_id, params, vehicle_id)
+                return await self._get_once(endpoint, url, user_id, params, vehicle_id)
             except Exception as exc:
                 wait = self._retry_on(exc)
                 if wait is False or attempts <= 1 or not stamina.is_active():
@@ -209,26 +189,30 @@ class SmartcarClient:
                 log.warning("smartcar call will be retried", endpoint=endpoint, error=type(exc).__name__, waitFor=pause)
             await asyncio.sleep(pause)
             attempts, left = attempts - 1, BUDGET_SECONDS - (time.monotonic() - started)
-        first = stamina.is_testing()
         async for attempt in stamina.retry_context(
-            on=self._retry_on, attempts=attempts, timeout=left, wait_initial=0.2, wait_max=5.0
+            on=self._retry_on, attempts=attempts, timeout=left, wait_initial=FIRST_RETRY_WAIT_SECONDS, wait_max=5.0
         ):
-            if not first:
+            if attempt.num > 1 or not testing:  # a retry (the first try ran above unless testing)
                 metrics.SMARTCAR_RETRIES.labels(endpoint=endpoint).inc()
-            first = False
             with attempt:
-                return await self._get_once(endpoint, path, user_id, params, vehicle_id)
+                return await self._get_once(endpoint, url, user_id, params, vehicle_id)
         raise AssertionError("unreachable: stamina either returns or raises")  # pragma: no cover
 
     async def _get_once(
-        self, endpoint: str, path: str, user_id: str | None, params: Mapping[str, str] | None, vehicle_id: str | None
+        self, endpoint: str, url: str, user_id: str | None, params: Mapping[str, str] | None, vehicle_id: str | None
     ) -> dict[str, Any]:
         token = await self._tokens.get()
-        response = await self._send(endpoint, path, token, user_id, params, vehicle_id)
-        if response.status_code == 401:
+        for refreshed in (False, True):
+            if self._gate is not None:
+                await self._gate.admit(endpoint, vehicle_id)
+            headers = {"authorization": f"Bearer {token}", "accept": "application/json"}
+            if user_id is not None:
+                headers["sc-user-id"] = user_id
+            response = await observed(endpoint, self._http.request("GET", url, params=params, headers=headers))
+            if response.status_code != 401 or refreshed:
+                break
             # The token may have been revoked or rotated: one refresh, one retry.
             token = await self._tokens.refresh(stale=token)
-            response = await self._send(endpoint, path, token, user_id, params, vehicle_id)
         status = response.status_code
         if status < 300:
             try:
@@ -238,55 +222,22 @@ class SmartcarClient:
                 raise SmartcarUnavailable(f"Smartcar answered {status} with a body that is not JSON.") from None
         error_type, code, request_id = parse_error(response)
         label = f"{error_type or ('AUTHENTICATION' if status == 401 else 'UNKNOWN')}{':' + code if code else ''}"
+        labelled = f"{label}, request {request_id or 'unknown'}"
         if status == 401:
-            raise SmartcarUnauthorized(
-                f"Smartcar refused a fresh application token ({label}, request {request_id or 'unknown'})."
-            )
+            raise SmartcarUnauthorized(f"Smartcar refused a fresh application token ({labelled}).")
         if status == 429:
             retry_after = retry_after_seconds(response)
             if self._gate is not None:
                 await self._gate.rate_limited(endpoint, vehicle_id, code, retry_after)
             raise SmartcarRateLimited(f"Smartcar rate limited the call ({label}).", retry_after)
         if status >= 500:
-            raise SmartcarUnavailable(f"Smartcar answered {status} ({label}, request {request_id or 'unknown'}).")
-        raise SmartcarRejected(
-            f"Smartcar refused the call with {status} ({label}, request {request_id or 'unknown'}).",
-            status=status,
-            error_type=error_type,
-            error_code=code,
-        )
-
-    async def _send(
-        self,
-        endpoint: str,
-        path: str,
-        token: str,
-        user_id: str | None,
-        params: Mapping[str, str] | None,
-        vehicle_id: str | None,
-    ) -> HttpAnswer:
-        if self._gate is not None:
-            await self._gate.admit(endpoint, vehicle_id)
-        headers = {"authorization": f"Bearer {token}", "accept": "application/json"}
-        if user_id is not None:
-            headers["sc-user-id"] = user_id
-        url = path if path.startswith("http") else self._base + path
-        started = time.perf_counter()
-        try:
-            response = await self._http.get(url, params=params, headers=headers)
-        except httpx.HTTPError as exc:
-            metrics.observe_smartcar_call(endpoint, "network_error", started)
-            raise SmartcarUnavailable(f"Smartcar could not be reached ({type(exc).__name__}).") from None
-        metrics.observe_smartcar_call(endpoint, str(response.status_code), started)
-        return response
+            raise SmartcarUnavailable(f"Smartcar answered {status} ({labelled}).")
+        raise SmartcarRejected(f"Smartcar refused the call with {status} ({labelled}).", status, error_type, code)
 
 
 def smartcar_client(settings: Settings, redis: Redis, http: SmartcarHttp, **options: Any) -> SmartcarClient:
-    """The v3 client of this deployment: ``http`` for the calls, the application token shared
-    through ``redis``; ``options`` go to :class:`SmartcarClient` (``attempts``, ``gate``).
-
-    Call :meth:`Settings.require_client_credentials` first; without them this raises it.
-    """
+    """The v3 client of this deployment, its application token shared through ``redis``; ``options``
+    go to :class:`SmartcarClient`. Without client credentials: :class:`ConfigurationError`."""
     settings.require_client_credentials()
     assert settings.smartcar_client_id is not None
     assert settings.smartcar_client_secret is not None

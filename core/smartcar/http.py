@@ -1,15 +1,15 @@
 """The HTTP client that talks to Smartcar (the token endpoint and the vehicle API): aiohttp, directly.
 
 Why not httpx, which the callers' unit tests still hand them on a ``MockTransport``: docs/performance.md.
-A network failure or timeout is raised as ``httpx.TransportError`` whichever client the callers got.
 """
 
 from __future__ import annotations
 
 import ssl
+import time
 import urllib.request
-from collections.abc import Mapping
-from typing import Any, TypeAlias
+from collections.abc import Awaitable, Mapping
+from typing import Any, NamedTuple, TypeAlias
 
 import aiohttp
 import certifi
@@ -17,27 +17,28 @@ import httpx
 import pydantic_core
 from yarl import URL
 
+from core import metrics
+from core.errors import SmartcarUnavailable
+
 #: Seconds a request may take in all, and to connect.
 TIMEOUT_SECONDS = 15.0
 CONNECT_SECONDS = 5.0
 
 
-class Answer:
+class Answer(NamedTuple):
     """One answer, read whole."""
 
-    __slots__ = ("content", "headers", "status_code")
-
-    def __init__(self, status_code: int, headers: Mapping[str, str], content: bytes) -> None:
-        self.status_code = status_code
-        self.headers = headers
-        self.content = content
+    status_code: int
+    headers: Mapping[str, str]
+    content: bytes
 
     def json(self) -> Any:
         return pydantic_core.from_json(self.content)  # a ValueError when it is not JSON
 
 
 class LeanHttp:
-    """One pooled keep-alive aiohttp session, opened on first use inside the running loop."""
+    """One pooled keep-alive aiohttp session, opened on first use inside the running loop. A network
+    failure or timeout is raised as ``httpx.TransportError``, as the callers' test clients raise it."""
 
     def __init__(self, max_connections: int = 100, timeout_seconds: float = TIMEOUT_SECONDS) -> None:
         self._max_connections = max_connections
@@ -60,19 +61,22 @@ class LeanHttp:
         )
         return self._session
 
-    async def get(
-        self, url: str, *, params: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        data: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Answer:
-        return await self._request("GET", url, params=params, headers=headers)
-
-    async def post(self, url: str, *, data: Mapping[str, str], headers: Mapping[str, str] | None = None) -> Answer:
-        return await self._request("POST", url, data=dict(data), headers=headers)
-
-    async def _request(self, method: str, url: str, **options: Any) -> Answer:
+        """One request, as ``httpx.AsyncClient.request`` makes it (``data``: a form)."""
         session = self._session or self._open()
         try:
             # The URL as given: the callers quote what they put in it.
-            async with session.request(method, URL(url, encoded=True), **options) as response:
+            async with session.request(
+                method, URL(url, encoded=True), params=params, data=data, headers=headers
+            ) as response:
                 content = await response.read()
                 return Answer(response.status, response.headers, content)
         except TimeoutError:
@@ -86,11 +90,28 @@ class LeanHttp:
             await session.close()
 
 
-def smartcar_http(max_connections: int = 100) -> LeanHttp:
-    """The HTTP client for the token endpoint and the vehicle API (see the module docstring)."""
-    return LeanHttp(max_connections)
-
-
 #: What the callers are handed: a LeanHttp, or in their unit tests an httpx.AsyncClient on a MockTransport.
 SmartcarHttp: TypeAlias = LeanHttp | httpx.AsyncClient
 HttpAnswer: TypeAlias = Answer | httpx.Response
+
+
+async def observed(endpoint: str, request: Awaitable[HttpAnswer]) -> HttpAnswer:
+    """The answer to ``request``, counted and timed under ``endpoint``; not reached: :class:`SmartcarUnavailable`."""
+    started = time.perf_counter()
+    try:
+        answer = await request
+    except httpx.HTTPError as exc:
+        metrics.observe_smartcar_call(endpoint, "network_error", started)
+        raise SmartcarUnavailable(
+            f"Smartcar's {endpoint} endpoint could not be reached ({type(exc).__name__})."
+        ) from None
+    metrics.observe_smartcar_call(endpoint, str(answer.status_code), started)
+    return answer
+
+
+def retry_after_seconds(answer: HttpAnswer) -> float | None:
+    """The ``Retry-After`` header in seconds, when present and numeric."""
+    try:
+        return max(0.0, float(answer.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None

@@ -1,7 +1,6 @@
 """One request budget for the whole deployment, and Smartcar's 429 pauses, kept in Redis.
 
-The pauses and the GCRA budget: docs/architecture.md, "The request budget and 429 pauses". A read
-that cannot go within its deadline is skipped (:class:`OverBudget`).
+The pauses and the GCRA budget: docs/architecture.md, "The request budget and 429 pauses".
 """
 
 from __future__ import annotations
@@ -110,11 +109,8 @@ _PAUSE_FN = lua_function("pause_requests", _PAUSE)
 
 
 class OverBudget(SmartcarRateLimited):
-    """A request could not be sent within the read's deadline: the budget or a pause holds it back.
-
-    Nothing was sent. ``retry_after`` is how long it would have had to wait; ``cause`` is
-    ``budget``, ``vehicle`` or ``application``.
-    """
+    """Nothing was sent: the budget or a pause (``cause``: ``budget``, ``vehicle`` or ``application``)
+    held the request past the read's deadline; ``retry_after`` is how long it would have waited."""
 
     code = "smartcar_over_budget"
 

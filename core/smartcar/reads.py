@@ -1,9 +1,8 @@
 """Quota-aware enrichment: an event's two Smartcar reads, shared by every worker process through Redis.
 
-A read serves every event it may; every request passes the deployment's budget and Smartcar's pauses
-(:mod:`core.smartcar.limiter`), and a read that cannot go in time is skipped, never failed. Which read
-serves which event, and why each decision is one script: docs/architecture.md, "Shared Smartcar
-reads"; the outcomes consumers see: docs/consumers.md, "Schema version 2".
+A read serves every event it may; one that cannot go in time (:mod:`core.smartcar.limiter`) is skipped,
+never failed. Which read serves which event: docs/architecture.md, "Shared Smartcar reads"; the
+outcomes consumers see: docs/consumers.md, "Schema version 2".
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from core.redis.functions import NOW_MS
 from core.redis.group import GroupedCall, grouped_function
 from core.redis.keys import read_key, text
 from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
-from core.smartcar.client import BUDGET_SECONDS, SmartcarClient, smartcar_client
+from core.smartcar.client import BUDGET_SECONDS, smartcar_client
 from core.smartcar.http import SmartcarHttp
 from core.smartcar.limiter import RequestLimiter
 
@@ -90,38 +89,27 @@ redis.call('HSET', KEYS[1], 'claim', ARGV[4], 'claimStartedAt', now, 'claimUntil
 )
 _ACQUIRE_FN = grouped_function("read_acquire", _ACQUIRE, arity=5)
 
-# ARGV: claim token ('' for none), started ms, data, keep ms, generation ('' for the current one).
-# Keeps the newest read only.
+# ARGV: claim token ('' for none), started ms, data ('' when the read failed; kept only if the newest),
+# failure (JSON, or '' for none and for a read given up: its waiters then claim afresh), keep ms,
+# generation ('' for the current one). Ends the claim.
 _COMPLETE = (
     _NOW
     + """
 local held = tonumber(redis.call('HGET', KEYS[1], 'startedAt'))
-if not held or tonumber(ARGV[2]) >= held then
-  local gen = ARGV[5]
+if ARGV[3] ~= '' and (not held or tonumber(ARGV[2]) >= held) then
+  local gen = ARGV[6]
   if gen == '' then gen = redis.call('HGET', KEYS[1], 'gen') or '0' end
   redis.call('HSET', KEYS[1], 'data', ARGV[3], 'startedAt', ARGV[2], 'fetchedAt', now, 'dataGen', gen)
 end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'errorToken', ARGV[1], 'error', ARGV[4]) end
 if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'claim') == ARGV[1] then
   redis.call('HDEL', KEYS[1], 'claim', 'claimStartedAt', 'claimUntil', 'claimGen')
 end
 """
-    + _KEEP.format(n=4)
+    + _KEEP.format(n=5)
     + "return now"
 )
-_COMPLETE_FN = grouped_function("read_complete", _COMPLETE, arity=5)
-
-# ARGV: claim token, the failure (JSON; '' for a read given up, which its waiters then claim afresh), keep ms.
-_FAIL = (
-    """
-if redis.call('HGET', KEYS[1], 'claim') == ARGV[1] then
-  redis.call('HDEL', KEYS[1], 'claim', 'claimStartedAt', 'claimUntil', 'claimGen')
-end
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'errorToken', ARGV[1], 'error', ARGV[2]) end
-"""
-    + _KEEP.format(n=3)
-    + "return 1"
-)
-_FAIL_FN = grouped_function("read_fail", _FAIL, arity=3)
+_COMPLETE_FN = grouped_function("read_complete", _COMPLETE, arity=6)
 
 # ARGV: claim token, claim started ms.
 _POLL = (
@@ -164,7 +152,6 @@ class ReadCache:
         # The decisions of the events in flight meanwhile share one call each (core.redis.group).
         self._acquire = GroupedCall(_ACQUIRE_FN, redis)
         self._complete = GroupedCall(_COMPLETE_FN, redis)
-        self._fail = GroupedCall(_FAIL_FN, redis)
         self._poll = GroupedCall(_POLL_FN, redis)
         self._invalidate = GroupedCall(_INVALIDATE_FN, redis)
         # The reads this process makes or waits for, by (key, claim token): its events share one future.
@@ -172,17 +159,23 @@ class ReadCache:
 
     async def read(self, key: str, received_at_ms: int, window_ms: int, fetch: Callable[[], Awaitable[Any]]) -> Outcome:
         """The data of a read that may serve an event received at ``received_at_ms``: a stored one,
-        one in flight, or a new call to ``fetch``. The caller's own call raises its errors."""
+        one in flight, or a new call to ``fetch`` (always, for a window of 0: kept only as what a
+        skipped read publishes). The caller's own call raises its errors."""
         keep = window_ms + GRACE_MS
+        if window_ms == 0:
+            started = time.time_ns() // 1_000_000
+            data = await fetch()
+            args: list[str | int | bytes] = ["", started, _dumps(data), "", keep, ""]
+            return Outcome("fetched", data, int(await self._call(lambda: self._complete(keys=[key], args=args))))
         while True:
             token = secrets.token_hex(8)
-            args: list[str | int] = [received_at_ms, window_ms, self._lease_ms, token, keep]
-            reply = await self._call(partial(self._acquire, keys=[key], args=args))
+            claim: list[str | int] = [received_at_ms, window_ms, self._lease_ms, token, keep]
+            reply = await self._call(partial(self._acquire, keys=[key], args=claim))
             kind = text(reply[0])
             if kind == "cached":
                 return Outcome("cached", _loads(reply[1]), _int(reply[3]))
             if kind == "fetch":
-                claimed = self._claimed(key, token, int(reply[2]), int(reply[3]), keep, fetch)
+                claimed = self._register(key, token, self._fetch(key, token, int(reply[2]), int(reply[3]), keep, fetch))
                 outcome = await asyncio.shield(claimed)
                 assert outcome is not None
                 return outcome
@@ -190,11 +183,6 @@ class ReadCache:
             if joined is not None:
                 return joined
             # The read went away without an outcome (its worker died): try again.
-
-    async def store(self, key: str, data: Any, started_at_ms: int, window_ms: int) -> int:
-        """Keep a read made outside the sharing (a window of 0) as what skipped reads publish; its answer time."""
-        args: list[str | int | bytes] = ["", started_at_ms, _dumps(data), window_ms + GRACE_MS, ""]
-        return int(await self._call(lambda: self._complete(keys=[key], args=args)))
 
     async def latest(self, key: str) -> tuple[Any, int | None] | None:
         """The last read of ``key``, whatever its age (what a skipped read publishes): data and fetchedAt."""
@@ -205,31 +193,29 @@ class ReadCache:
         """No read that started before now serves any event from now on (after a VEHICLE_ERROR)."""
         await self._call(lambda: self._invalidate(keys=[key], args=[window_ms + GRACE_MS]))
 
-    def _claimed(
+    async def _fetch(
         self, key: str, token: str, started_at: int, generation: int, keep: int, fetch: Callable[[], Awaitable[Any]]
-    ) -> asyncio.Future[Outcome | None]:
-        """Run the call this process claimed, as a task of its own so that the events sharing it do
-        not lose it when the one that started it is cancelled; record its outcome for the others."""
-
-        async def run() -> Outcome:
-            try:
-                data = await fetch()
-            except asyncio.CancelledError:
-                # Given up here (the worker stops): the others claim the read now, not after the lease.
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(RELEASE_SECONDS):
-                        await self._fail(keys=[key], args=[token, "", keep])
-                raise
-            except Exception as exc:
-                failure = _dumps(_describe(exc))
-                await self._call(lambda: self._fail(keys=[key], args=[token, failure, keep]))
-                raise
-            fetched_at = await self._call(
-                lambda: self._complete(keys=[key], args=[token, started_at, _dumps(data), keep, generation])
+    ) -> Outcome:
+        """Make the call this process claimed and record its outcome for the events sharing it (run as
+        a task of its own, so that they do not lose it when the event that started it is cancelled)."""
+        try:
+            data = await fetch()
+        except asyncio.CancelledError:
+            # Given up here (the worker stops): the others claim the read now, not after the lease.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(RELEASE_SECONDS):
+                    await self._complete(keys=[key], args=[token, started_at, "", "", keep, generation])
+            raise
+        except Exception as exc:
+            failure = _dumps(_describe(exc))
+            await self._call(
+                lambda: self._complete(keys=[key], args=[token, started_at, "", failure, keep, generation])
             )
-            return Outcome("fetched", data, int(fetched_at))
-
-        return self._register(key, token, run())
+            raise
+        fetched_at = await self._call(
+            lambda: self._complete(keys=[key], args=[token, started_at, _dumps(data), "", keep, generation])
+        )
+        return Outcome("fetched", data, int(fetched_at))
 
     async def _join(self, key: str, token: str, started_at: int) -> Outcome | None:
         """Wait for the read ``token`` to finish: its data, its failure, or None when it was given up."""
@@ -240,9 +226,7 @@ class ReadCache:
             outcome = await asyncio.shield(running)
         except Exception as exc:  # this process's own call failed: the same outcome, as a value
             return Outcome("shared", None, None, exc)
-        if outcome is None:
-            return None
-        return Outcome("shared", outcome.data, outcome.fetched_at, outcome.error)
+        return None if outcome is None else Outcome("shared", outcome.data, outcome.fetched_at, outcome.error)
 
     async def _watch(self, key: str, token: str, started_at: int) -> Outcome | None:
         """Poll another process's read until it has an outcome."""
@@ -321,15 +305,21 @@ def _int(raw: object) -> int | None:
 
 
 class VehicleReads:
-    """An event's two reads, shared, budgeted and counted. One per worker process."""
+    """An event's two reads, shared, budgeted and counted, through ``redis``. One per worker process."""
 
-    def __init__(
-        self, client: SmartcarClient, cache: ReadCache, limiter: RequestLimiter, windows_ms: dict[Call, int]
-    ) -> None:
-        self._client = client
-        self._cache = cache
-        self._limiter = limiter
-        self._windows_ms = windows_ms  # how long a read serves later events (0: every event reads)
+    def __init__(self, settings: Settings, redis: Redis, http: SmartcarHttp) -> None:
+        self._limiter = RequestLimiter(
+            redis, settings.smartcar_requests_per_minute, settings.smartcar_burst, settings.enrich_wait_seconds
+        )
+        self._client = smartcar_client(settings, redis, http, gate=self._limiter)
+        # A claimed read may wait for the budget, then retry within the client's budget; past that its
+        # worker is taken for dead and another event claims the read.
+        self._cache = ReadCache(redis, lease_seconds=settings.enrich_wait_seconds + BUDGET_SECONDS + 15)
+        # How long a read serves later events (0: every event reads).
+        self._windows_ms: dict[Call, int] = {
+            "vehicle": settings.vehicle_info_ttl_seconds * 1000,
+            "signals": settings.signals_max_age_seconds * 1000,
+        }
 
     async def read_event(
         self, vehicle_id: str, user_id: str, received_at_ms: int, after_error: bool
@@ -355,46 +345,21 @@ class VehicleReads:
         fetch: Callable[[str, str], Awaitable[Any]],
     ) -> Read:
         key = read_key(call, vehicle_id, user_id)
-        window = self._windows_ms[call]
         with self._limiter.deadline():
             try:
-                if window == 0:
-                    started = time.time_ns() // 1_000_000
-                    data = await fetch(vehicle_id, user_id)
-                    got = Outcome("fetched", data, await self._cache.store(key, data, started, window))
-                else:
-                    got = await self._cache.read(key, received_at_ms, window, lambda: fetch(vehicle_id, user_id))
+                got = await self._cache.read(
+                    key, received_at_ms, self._windows_ms[call], lambda: fetch(vehicle_id, user_id)
+                )
             except (SmartcarRateLimited, SmartcarRejected) as exc:
                 got = Outcome("fetched", None, None, exc)
-        read = await self._settle(call, key, got)
+        if got.error is None:
+            read = Read(call, got.source, got.data, got.fetched_at)
+        elif isinstance(got.error, SmartcarRejected):
+            read = Read(call, got.source, reason="rejected", error=got.error)
+        elif isinstance(got.error, SmartcarRateLimited):
+            data, fetched_at = await self._cache.latest(key) or (None, None)
+            read = Read(call, "skipped", data, fetched_at, reason="rate_limited")
+        else:
+            raise got.error
         metrics.ENRICHMENT_READS.labels(call=call, source=read.source).inc()
         return read
-
-    async def _settle(self, call: Call, key: str, got: Outcome) -> Read:
-        """The read an outcome amounts to; a failure other than a refusal or a rate limit is raised."""
-        error = got.error
-        if error is None:
-            return Read(call, got.source, got.data, got.fetched_at)
-        if isinstance(error, SmartcarRejected):
-            return Read(call, got.source, reason="rejected", error=error)
-        if isinstance(error, SmartcarRateLimited):
-            data, fetched_at = await self._cache.latest(key) or (None, None)
-            return Read(call, "skipped", data, fetched_at if data is not None else None, reason="rate_limited")
-        raise error
-
-
-def vehicle_reads(settings: Settings, redis: Redis, http: SmartcarHttp) -> VehicleReads:
-    """The reads of a worker process: the v3 client behind the deployment's limiter, and the shared
-    reads, all through ``redis``."""
-    limiter = RequestLimiter(
-        redis, settings.smartcar_requests_per_minute, settings.smartcar_burst, settings.enrich_wait_seconds
-    )
-    client = smartcar_client(settings, redis, http, gate=limiter)
-    # A claimed read may wait for the budget, then retry within the client's budget; past that its
-    # worker is taken for dead and another event claims the read.
-    cache = ReadCache(redis, lease_seconds=settings.enrich_wait_seconds + BUDGET_SECONDS + 15)
-    windows_ms: dict[Call, int] = {
-        "vehicle": settings.vehicle_info_ttl_seconds * 1000,
-        "signals": settings.signals_max_age_seconds * 1000,
-    }
-    return VehicleReads(client, cache, limiter, windows_ms)

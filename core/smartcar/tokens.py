@@ -15,7 +15,6 @@ import secrets
 import time
 from dataclasses import dataclass
 
-import httpx
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.asyncio import Redis
@@ -25,7 +24,7 @@ from core.errors import SmartcarRateLimited, SmartcarUnavailable, TokenRequestFa
 from core.logs import get_logger
 from core.redis.functions import lua_function
 from core.redis.keys import TOKEN_KEY, TOKEN_LOCK_KEY
-from core.smartcar.http import HttpAnswer, SmartcarHttp
+from core.smartcar.http import SmartcarHttp, observed, retry_after_seconds
 
 log = get_logger("smartcar_ingest.tokens")
 #: A token is replaced this long before it expires; the refresh lock lasts at most this long.
@@ -37,6 +36,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 _RELEASE_FN = lua_function("release_token_lock", _RELEASE)
+_ACCEPT_JSON = {"accept": "application/json"}
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,7 @@ class AppTokenProvider:
         self._redis = redis
         self._http = http
         self._token_url = token_url
-        self._client_id = client_id
-        self._client_secret = client_secret
+        self._form = {"grant_type": "client_credentials", "client_id": client_id, "client_secret": client_secret}
         self._local: AppToken | None = None
         # Coroutines of this process share one refresh instead of each taking a turn at the lock.
         self._refreshing: asyncio.Task[AppToken] | None = None
@@ -104,11 +103,7 @@ class AppTokenProvider:
         """A token valid for at least the refresh margin."""
         if self._local is not None and self._local.usable():
             return self._local.access_token
-        shared = await self._read_shared()
-        if shared is not None and shared.usable():
-            self._local = shared
-            return shared.access_token
-        return await self.refresh(stale=shared.access_token if shared else None)
+        return await self.refresh(stale=None)  # the shared token, if it is usable: no request then
 
     async def refresh(self, stale: str | None) -> str:
         """Replace the token ``stale`` (which failed or is expiring) and return its successor."""
@@ -122,13 +117,11 @@ class AppTokenProvider:
         owner = secrets.token_hex(8)
         deadline = time.monotonic() + LOCK_SECONDS * 2
         while True:
-            shared = await self._read_shared()
-            if shared is not None and shared.access_token != stale and shared.usable():
-                return shared  # someone else already replaced it
+            if (shared := await self._shared(stale)) is not None:
+                return shared  # usable, and not the one that failed: someone else already replaced it
             if await self._redis.set(TOKEN_LOCK_KEY, owner, nx=True, px=int(LOCK_SECONDS * 1000)):
                 try:
-                    shared = await self._read_shared()
-                    if shared is not None and shared.access_token != stale and shared.usable():
+                    if (shared := await self._shared(stale)) is not None:
                         return shared
                     token = await self._request()
                     ttl = max(1, int(token.expires_at - time.time()))
@@ -141,57 +134,36 @@ class AppTokenProvider:
                 raise SmartcarUnavailable("Timed out waiting for another process to refresh the application token.")
             await asyncio.sleep(0.05)
 
-    async def _read_shared(self) -> AppToken | None:
+    async def _shared(self, stale: str | None) -> AppToken | None:
+        """The token in Redis when it is usable and not ``stale``."""
         raw = await self._redis.get(TOKEN_KEY)
-        return None if raw is None else self._seal.open(raw)
+        token = None if raw is None else self._seal.open(raw)
+        return token if token is not None and token.access_token != stale and token.usable() else None
 
     async def _request(self) -> AppToken:
-        form = {
-            "grant_type": "client_credentials",
-            "client_id": self._client_id,
-            "client_secret": self._client_secret,
-        }
         metrics.TOKEN_REFRESHES.inc()
-        started = time.perf_counter()
-        try:
-            response = await self._http.post(self._token_url, data=form, headers={"accept": "application/json"})
-        except httpx.HTTPError as exc:
-            metrics.observe_smartcar_call("token", "network_error", started)
-            raise SmartcarUnavailable(f"The token endpoint could not be reached ({type(exc).__name__}).") from None
-        metrics.observe_smartcar_call("token", str(response.status_code), started)
-        if response.status_code == 429:
-            raise SmartcarRateLimited("The token endpoint is rate limiting us.", retry_after_seconds(response))
-        if response.status_code >= 500:
-            raise SmartcarUnavailable(f"The token endpoint answered {response.status_code}.")
-        if response.status_code != 200:
+        answer = await observed(
+            "token", self._http.request("POST", self._token_url, data=self._form, headers=_ACCEPT_JSON)
+        )
+        status = answer.status_code
+        if status == 429:
+            raise SmartcarRateLimited("The token endpoint is rate limiting us.", retry_after_seconds(answer))
+        if status >= 500:
+            raise SmartcarUnavailable(f"The token endpoint answered {status}.")
+        if status != 200:
+            try:  # the RFC 6749 ``error`` code, if the body has one (never the description)
+                error = answer.json().get("error")
+            except (ValueError, AttributeError):
+                error = None
             raise TokenRequestFailed(
-                f"The token endpoint refused the client credentials ({response.status_code} {_oauth_error(response)}); "
+                f"The token endpoint refused the client credentials ({status} "
+                f"{error[:60] if isinstance(error, str) else 'no error code'}); "
                 "check SMARTCAR_CLIENT_ID and SMARTCAR_CLIENT_SECRET."
             )
         try:
-            data = response.json()
+            data = answer.json()
             access_token = str(data["access_token"])
             expires_in = float(data.get("expires_in", 3600))
         except (ValueError, KeyError, TypeError):
             raise SmartcarUnavailable("The token endpoint answered 200 without a usable token.") from None
         return AppToken(access_token=access_token, expires_at=time.time() + expires_in)
-
-
-def _oauth_error(response: HttpAnswer) -> str:
-    """The RFC 6749 ``error`` code of a refusal, if the body has one (never the description)."""
-    try:
-        error = response.json().get("error")
-    except (ValueError, AttributeError):
-        return "no error code"
-    return str(error)[:60] if isinstance(error, str) else "no error code"
-
-
-def retry_after_seconds(response: HttpAnswer) -> float | None:
-    """The ``Retry-After`` header in seconds, when present and numeric."""
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
