@@ -7,6 +7,7 @@ docs/architecture.md, "Queue and stream gauges".
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import TypeVar
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from rq.job import Job
 from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
@@ -171,12 +173,16 @@ class QueueCollector(Collector):
         self._redis.close()
 
 
-def endpoint_registry(collector: QueueCollector, process: Collector = REGISTRY) -> CollectorRegistry:
-    """What one ``/metrics`` endpoint serves: ``process``'s metrics and ``collector``'s gauges. The
-    collector stays out of the default registry, so a process serving two endpoints (tests do)
-    exports each gauge once on each."""
+def endpoint_registry(collector: QueueCollector) -> CollectorRegistry:
+    """What one ``/metrics`` endpoint serves: this process's metrics (summed over every process of
+    the server when ``PROMETHEUS_MULTIPROC_DIR`` is set, as ``web --workers N`` sets it) and
+    ``collector``'s gauges. The collector stays out of the default registry, so a process serving
+    two endpoints (tests do) exports each gauge once on each."""
     registry = CollectorRegistry()
-    registry.register(process)
+    if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    else:
+        registry.register(REGISTRY)
     registry.register(collector)
     return registry
 
