@@ -44,18 +44,15 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class GroupLag:
-    """How far one consumer group of a stream is behind."""
+    """How far one consumer group of a stream is behind (the fields as :data:`GAUGES` tells them;
+    ``lag`` is None when Redis cannot tell, before Redis 7)."""
 
     name: str
     consumers: int
     pending: int
-    """Entries delivered to the group's consumers and not acknowledged."""
     lag: int | None
-    """Entries not yet delivered to the group (Redis 7; None when Redis cannot tell)."""
     last_delivered_id: str
     behind_seconds: float
-    """Age of the oldest entry the group has not read or not acknowledged: 0 when it is up to
-    date. Past the stream's retention, the trim removes entries the group has not finished."""
 
 
 def entry_age_seconds(entry_id: str, now_ms: float) -> float:
@@ -111,7 +108,6 @@ class QueueSnapshot:
     queue: str
     depth: int
     oldest_age_seconds: float
-    """How long the job at the head of the queue has waited (0 when the queue is empty)."""
     registries: dict[str, int]
     output_length: int
     parked_length: int
