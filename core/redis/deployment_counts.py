@@ -32,14 +32,14 @@ BUCKET_SECONDS = 600
 WINDOW_SECONDS = 3600
 
 
-def usage_totals() -> dict[str, int]:
+def usage_totals() -> collections.Counter[str]:
     """This process's counters as the fields of the usage hash: ``events`` published,
     ``calls:<endpoint>`` (vehicle and signals requests, retries included), ``reads:<call>:<source>``,
     ``429:<scope>`` and ``waitMs`` (waits for the budget or a pause)."""
-    totals = {"events": int(metrics.totals(metrics.JOBS).get(("published",), 0))}
+    totals = collections.Counter({"events": int(metrics.totals(metrics.JOBS).get(("published",), 0))})
     for (endpoint, _status), count in metrics.totals(metrics.SMARTCAR_CALLS).items():
         if endpoint in metrics.READ_CALLS:  # summed over the statuses
-            totals[f"calls:{endpoint}"] = totals.get(f"calls:{endpoint}", 0) + int(count)
+            totals[f"calls:{endpoint}"] += int(count)
     for (call, source), count in metrics.totals(metrics.ENRICHMENT_READS).items():
         totals[f"reads:{call}:{source}"] = int(count)
     for (scope,), count in metrics.totals(metrics.RATE_LIMITED).items():
@@ -87,8 +87,7 @@ class DeploymentCounts:
     async def write(self) -> None:
         """Add what was counted since the last write, in one round trip; nothing when nothing was."""
         totals = usage_totals()
-        gained = {name: count - self._written.get(name, 0) for name, count in totals.items()}
-        gained = {name: count for name, count in gained.items() if count}
+        gained = totals - self._written  # counters only grow: what grew, by how much
         vehicles, self._vehicles = self._vehicles, {}
         if not gained and not vehicles:
             return
