@@ -63,7 +63,7 @@ def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str
             f"~{settings.parked_stream}",
             f"%R~{RQ_PREFIX}*",
             f"%R~{settings.output_stream}",
-            # the stranded-jobs gauges: who is alive and what each worker holds (core.redis.custody)
+            # the stranded-jobs gauges: who is alive and what each worker holds (core.redis.queue_metrics)
             f"%R~{ALIVE_PREFIX}*",
             f"%R~{WORKERS_SET}",
             f"%R~{DEQUEUED_PREFIX}*",
