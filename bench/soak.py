@@ -30,7 +30,7 @@ import redis
 
 from bench.__main__ import machine
 from cli.dev import seed_users
-from core.redis.custody import read_stranded
+from core.redis.queue_metrics import read_stranded
 from core.store import db
 from tests.drills.common import Sender, wait_until
 from tests.pipeline import pipeline_settings, worker_env

@@ -18,12 +18,11 @@ from rq.serializers import JSONSerializer
 
 from cli.operations import open_command_redis, redis_errors
 from core.config import Settings
-from core.redis.custody import age_seconds, read_stranded
 from core.redis.deployment_counts import read_usage
 from core.redis.keys import text
 from core.redis.memory import read_memory
 from core.redis.parked import COUNT_SCAN_LIMIT, count_by_reason
-from core.redis.queue_metrics import GROUP_BEHIND_WARNING, read_groups, read_snapshot
+from core.redis.queue_metrics import GROUP_BEHIND_WARNING, age_seconds, read_groups, read_snapshot, read_stranded
 
 
 def collect_status(
@@ -40,7 +39,7 @@ def collect_status(
             "depth": snapshot.depth,
             "oldestAgeSeconds": round(snapshot.oldest_age_seconds, 3),
         },
-        # Taken off the queue, not started, and no live worker answers for them (core.redis.custody).
+        # Taken off the queue, not started, and no live worker answers for them (read_stranded).
         "stranded": {"count": stranded.count, "oldestAgeSeconds": round(stranded.oldest_age_seconds, 3)},
         "registries": snapshot.registries,
         "workers": _workers(client, settings, now),

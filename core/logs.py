@@ -34,8 +34,6 @@ _UVICORN_LIFECYCLE = re.compile(
     r"|Waiting for application (startup|shutdown)\.|Application (startup|shutdown) complete\."
     r"|(Waiting for|Terminated) child process"
 )
-#: Loggers whose INFO lines are noise to an operator: Alembic names each plugin it sets up on import.
-_DEBUG_ONLY_LOGGERS = ("alembic.runtime.plugins",)
 _uvicorn_quiet: contextvars.ContextVar[bool] = contextvars.ContextVar("uvicorn_quiet", default=False)
 
 
@@ -45,18 +43,22 @@ def quiet_uvicorn() -> None:
     _uvicorn_quiet.set(True)
 
 
-class _UvicornLines(logging.Filter):
-    """On ``uvicorn.error``: lifecycle lines become DEBUG lines; a quiet server's INFO lines go."""
+class _Noise(logging.Filter):
+    """INFO lines that are noise to an operator become DEBUG lines: uvicorn's lifecycle lines and
+    Alembic's (it names each plugin it sets up on import); a quiet server's uvicorn INFO lines go."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.INFO:
             return True
-        if _uvicorn_quiet.get():
-            return False
-        if _UVICORN_LIFECYCLE.match(str(record.msg)):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger().isEnabledFor(logging.DEBUG)
-        return True
+        if record.name == "uvicorn.error":
+            if _uvicorn_quiet.get():
+                return False
+            if not _UVICORN_LIFECYCLE.match(str(record.msg)):
+                return True
+        elif record.name != "alembic.runtime.plugins":
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
@@ -84,6 +86,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Noise())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
@@ -95,11 +98,6 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(numeric)
     # httpx logs every request URL at INFO; our own lines already say what was called and why.
     logging.getLogger("httpx").setLevel(max(numeric, logging.WARNING))
-    for name in _DEBUG_ONLY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.NOTSET if numeric <= logging.DEBUG else logging.WARNING)
-    uvicorn = logging.getLogger("uvicorn.error")
-    uvicorn.filters[:] = [f for f in uvicorn.filters if not isinstance(f, _UvicornLines)]
-    uvicorn.addFilter(_UvicornLines())
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

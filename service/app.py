@@ -9,14 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import Collector
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -123,23 +120,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return app
 
 
-def exposition(queue_collector: QueueCollector | None = None) -> bytes:
-    """The metrics text; with ``PROMETHEUS_MULTIPROC_DIR`` set (``web --workers N``), summed over all
-    the server's processes."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    process: Collector = REGISTRY
-    if directory:
-        process = CollectorRegistry()
-        MultiProcessCollector(process, path=directory)  # type: ignore[no-untyped-call]
-    return generate_latest(process if queue_collector is None else endpoint_registry(queue_collector, process))
-
-
 def create_admin_app(settings: Settings, web_status: Callable[[], str | None] | None = None) -> Starlette:
     """Build the admin app: ``/readyz`` (Redis and, when given, ``web_status``: None while the public
     server serves, else what is wrong) and ``/metrics``."""
     redis = web_redis(settings.model_copy(update={"redis_max_connections": _ADMIN_REDIS_CONNECTIONS}))
     deadline = redis_deadline_seconds(settings)
-    collector: QueueCollector | None = None
+    collector = QueueCollector(settings)
+    registry = endpoint_registry(collector)
 
     async def readyz(request: Request) -> Response:
         """200 when every dependency answers and the web serves; otherwise 503 naming what failed."""
@@ -158,12 +145,10 @@ def create_admin_app(settings: Settings, web_status: Callable[[], str | None] | 
 
     async def metrics(request: Request) -> Response:
         # The queue collector reads Redis synchronously: keep it off the loop.
-        return Response(await run_in_threadpool(exposition, collector), media_type=CONTENT_TYPE_LATEST)
+        return Response(await run_in_threadpool(generate_latest, registry), media_type=CONTENT_TYPE_LATEST)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        nonlocal collector
-        collector = QueueCollector(settings)
         try:
             yield
         finally:

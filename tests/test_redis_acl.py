@@ -13,7 +13,6 @@ from rq.serializers import JSONSerializer
 
 from cli.samples import sample_event
 from core.redis.acl import Role, acl_rules
-from core.redis.custody import read_stranded
 from core.redis.functions import MissingFunction, lua_function
 from core.redis.keys import (
     APPLICATION_PAUSE_KEY,
@@ -27,7 +26,7 @@ from core.redis.keys import (
     vehicle_state_key,
 )
 from core.redis.memory import read_memory
-from core.redis.queue_metrics import read_snapshot
+from core.redis.queue_metrics import read_snapshot, read_stranded
 from tests.pipeline import outputs, run_worker_burst, stream_entries
 from tests.procs import RedisServer, free_port, wait_for_port
 from tests.test_cli import run_cli

@@ -1,5 +1,5 @@
 """Putting back at the queue's front, without spending a retry, every job a dead worker held: its
-dequeued list and its executions in RQ's started registry (:mod:`core.redis.custody`); the liveness
+dequeued list and its executions in RQ's started registry; the liveness
 thread that finds dead workers is :mod:`workers.housekeeping`'s. Why, and what RQ would do instead:
 docs/reliability.md, "Between dequeue and finish"."""
 

@@ -36,27 +36,12 @@ _CONNECTION = ["+@connection", "-@dangerous"]
 _SCRIPTS = ["-@scripting", "+fcall", "+fcall_ro"]
 _WEB_COMMANDS = [
     # what the accept and park scripts and the Connect state marks write
-    "+set",
-    "+get",
-    "+hset",
-    "+rpush",
-    "+sadd",
-    "+xadd",
-    "+exists",
+    *("+set", "+get", "+hset", "+rpush", "+sadd", "+xadd", "+exists"),
     # the compact eventId marks (core.redis.dedupe): Redis's clock, the hashes' sizes and expiry,
     # a parked mark replaced when the reason or body differs
-    "+time",
-    "+hlen",
-    "+expireat",
-    "+hdel",
+    *("+time", "+hlen", "+expireat", "+hdel"),
     # what /metrics and /readyz read
-    "+llen",
-    "+lindex",
-    "+xlen",
-    "+zcard",
-    "+hget",
-    "+smembers",
-    "+lrange",
+    *("+llen", "+lindex", "+xlen", "+zcard", "+hget", "+smembers", "+lrange"),
     # Redis's used and max memory for /metrics and the startup warning: INFO's memory section only
     "+info|memory",
 ]
@@ -78,7 +63,7 @@ def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str
             f"~{settings.parked_stream}",
             f"%R~{RQ_PREFIX}*",
             f"%R~{settings.output_stream}",
-            # the stranded-jobs gauges: who is alive and what each worker holds (core.redis.custody)
+            # the stranded-jobs gauges: who is alive and what each worker holds (core.redis.queue_metrics)
             f"%R~{ALIVE_PREFIX}*",
             f"%R~{WORKERS_SET}",
             f"%R~{DEQUEUED_PREFIX}*",

@@ -34,11 +34,9 @@ def web_redis(settings: Settings) -> AsyncRedis:
 
 
 def worker_redis(settings: Settings, max_connections: int = 100) -> AsyncRedis:
-    """The jobs' client: patient (they are not answering Smartcar) and reconnecting once.
-
-    A job that finds every connection busy waits for one (a blocking pool) instead of getting
-    redis-py's ``MaxConnectionsError``, which the jobs would take for an outage.
-    """
+    """The jobs' client: patient (they are not answering Smartcar) and reconnecting once. A job that
+    finds every connection busy waits for one (a blocking pool) instead of getting redis-py's
+    ``MaxConnectionsError``, which the jobs would take for an outage."""
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=max_connections,

@@ -10,8 +10,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from redis.asyncio import Redis as AsyncRedis
@@ -27,36 +26,26 @@ log = get_logger("smartcar_ingest.deployment_counts")
 WRITE_SECONDS = 1.0
 #: How long a minute's usage hash is kept; ``status`` sums the last hour.
 USAGE_RETENTION_SECONDS = 2 * 3600
-#: The fleet's HyperLogLogs: one per kind and 10-minute bucket; the gauges cover the current
-#: bucket and the six before it (60 to 70 minutes).
+#: The fleet's HyperLogLogs: one per kind ("active", "errors") and 10-minute bucket; the gauges
+#: cover the current bucket and the six before it (60 to 70 minutes).
 BUCKET_SECONDS = 600
 WINDOW_SECONDS = 3600
-ACTIVE = "active"
-IN_ERROR = "errors"
 
 
-def usage_totals() -> dict[str, int]:
+def usage_totals() -> collections.Counter[str]:
     """This process's counters as the fields of the usage hash: ``events`` published,
     ``calls:<endpoint>`` (vehicle and signals requests, retries included), ``reads:<call>:<source>``,
     ``429:<scope>`` and ``waitMs`` (waits for the budget or a pause)."""
-    totals = {"events": int(metrics.totals(metrics.JOBS).get(("published",), 0))}
+    totals = collections.Counter({"events": int(metrics.totals(metrics.JOBS).get(("published",), 0))})
     for (endpoint, _status), count in metrics.totals(metrics.SMARTCAR_CALLS).items():
-        if endpoint in metrics.READ_CALLS:
-            totals[f"calls:{endpoint}"] = totals.get(f"calls:{endpoint}", 0) + int(count)
+        if endpoint in metrics.READ_CALLS:  # summed over the statuses
+            totals[f"calls:{endpoint}"] += int(count)
     for (call, source), count in metrics.totals(metrics.ENRICHMENT_READS).items():
         totals[f"reads:{call}:{source}"] = int(count)
     for (scope,), count in metrics.totals(metrics.RATE_LIMITED).items():
         totals[f"429:{scope}"] = int(count)
     totals["waitMs"] = int(sum(metrics.totals(metrics.LIMITER_WAIT_SECONDS, "_sum").values()) * 1000)
     return totals
-
-
-def in_error(event: VehicleEvent) -> bool:
-    """True for a VEHICLE_ERROR that reports an open error: one whose state is not RESOLVED, or
-    no error list at all. A VEHICLE_ERROR that only clears earlier errors is not one."""
-    if event.event_type != "VEHICLE_ERROR":
-        return False
-    return not event.errors or any(error.state != "RESOLVED" for error in event.errors)
 
 
 class DeploymentCounts:
@@ -74,9 +63,13 @@ class DeploymentCounts:
         self._failing = False
 
     def saw(self, event: VehicleEvent, now: float | None = None) -> None:
-        """Count ``event``'s vehicle as active in the current bucket, and in error when :func:`in_error`."""
+        """Count ``event``'s vehicle as active in the current bucket, and in error for a VEHICLE_ERROR
+        that reports an open error: one not RESOLVED, or no error list at all."""
         bucket = int((time.time() if now is None else now) // BUCKET_SECONDS)
-        for kind in (ACTIVE, IN_ERROR) if in_error(event) else (ACTIVE,):
+        in_error = event.event_type == "VEHICLE_ERROR" and (
+            not event.errors or any(error.state != "RESOLVED" for error in event.errors)
+        )
+        for kind in ("active", "errors") if in_error else ("active",):
             self._vehicles.setdefault((kind, bucket), set()).add(event.vehicle.id)
 
     def start(self) -> None:
@@ -94,8 +87,7 @@ class DeploymentCounts:
     async def write(self) -> None:
         """Add what was counted since the last write, in one round trip; nothing when nothing was."""
         totals = usage_totals()
-        gained = {name: count - self._written.get(name, 0) for name, count in totals.items()}
-        gained = {name: count for name, count in gained.items() if count}
+        gained = totals - self._written  # counters only grow: what grew, by how much
         vehicles, self._vehicles = self._vehicles, {}
         if not gained and not vehicles:
             return
@@ -159,14 +151,12 @@ def read_usage(client: redis.Redis, minutes: int = 60, now: float | None = None)
     }
 
 
-@dataclass(frozen=True)
-class FleetCounts:
-    """Distinct vehicles over the last hour (a HyperLogLog's count: within about 1 %)."""
+class FleetCounts(NamedTuple):
+    """Distinct vehicles over the last hour (a HyperLogLog's count: within about 1 %): those that sent
+    a VEHICLE_STATE or VEHICLE_ERROR, and those of them that sent a VEHICLE_ERROR reporting an open error."""
 
     active: int
-    """Vehicles that sent a VEHICLE_STATE or VEHICLE_ERROR."""
     in_error: int
-    """Those of them that sent a VEHICLE_ERROR reporting an open error."""
 
 
 def read_fleet(client: redis.Redis, now: float | None = None) -> FleetCounts:
@@ -175,7 +165,6 @@ def read_fleet(client: redis.Redis, now: float | None = None) -> FleetCounts:
     current = int((time.time() if now is None else now) // BUCKET_SECONDS)
     buckets = range(current - WINDOW_SECONDS // BUCKET_SECONDS, current + 1)
     with client.pipeline(transaction=False) as pipe:
-        pipe.pfcount(*(fleet_key(ACTIVE, bucket) for bucket in buckets))
-        pipe.pfcount(*(fleet_key(IN_ERROR, bucket) for bucket in buckets))
-        active, errors = pipe.execute()
-    return FleetCounts(active=int(active), in_error=int(errors))
+        for kind in ("active", "errors"):
+            pipe.pfcount(*(fleet_key(kind, bucket) for bucket in buckets))
+        return FleetCounts(*map(int, pipe.execute()))

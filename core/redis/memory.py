@@ -45,15 +45,8 @@ def read_memory(client: redis.Redis) -> RedisMemory:
     return memory_from_info(client.info("memory"))
 
 
-#: What web and worker log at start when Redis has no memory limit.
-NO_MAXMEMORY = (
-    "Redis has no maxmemory: it grows until the OS kills it, losing what AOF has not written. "
-    "Set maxmemory (docs/capacity.md sizes it) with maxmemory-policy noeviction."
-)
-
-
 def warn_without_maxmemory(client: redis.Redis) -> None:
-    """Log :data:`NO_MAXMEMORY` when Redis has no ``maxmemory`` (the worker, at start)."""
+    """Log a warning when Redis has no ``maxmemory`` (the worker, at start)."""
     try:
         _warn_unlimited(read_memory(client))
     except (redis.RedisError, OSError) as exc:
@@ -84,4 +77,8 @@ async def check_memory_async(client: AsyncRedis, deadline_seconds: float, allow_
 
 def _warn_unlimited(memory: RedisMemory) -> None:
     if not memory.max_bytes:
-        log.warning(NO_MAXMEMORY, usedBytes=memory.used_bytes)
+        log.warning(
+            "Redis has no maxmemory: it grows until the OS kills it, losing what AOF has not written. "
+            "Set maxmemory (docs/capacity.md sizes it) with maxmemory-policy noeviction.",
+            usedBytes=memory.used_bytes,
+        )

@@ -26,43 +26,43 @@ from core.logs import get_logger
 log = get_logger("smartcar_ingest.worker")
 T = TypeVar("T")
 
-# Refusals that redis-py raises as classes of their own.
-_REFUSAL_CLASSES = (
+# Refusals that redis-py raises as classes of their own (BusyLoadingError is a ConnectionError).
+_REFUSALS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
     exceptions.OutOfMemoryError,
     exceptions.ReadOnlyError,
     exceptions.MasterDownError,
     exceptions.TryAgainError,
 )
-# Refusals that redis-py raises as a plain ResponseError, known by the reply's first word.
+# Refusals that redis-py raises as a plain ResponseError, known by the reply's first word; inside a
+# pipeline redis-py prefixes the reply with the command that caused it.
 _REFUSAL_CODES = ("MISCONF", "NOREPLICAS", "BUSY")
-# redis-py prefixes an error raised inside a pipeline with the command that caused it.
-_PIPELINE_PREFIX = "caused error: "
 
 
 def redis_unavailable(exc: BaseException) -> bool:
     """True when ``exc`` means Redis cannot answer or cannot write for now (worth waiting out)."""
-    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):  # BusyLoadingError is one
-        return True
-    if isinstance(exc, _REFUSAL_CLASSES):
+    if isinstance(exc, _REFUSALS):
         return True
     if isinstance(exc, redis.ResponseError):
-        message = str(exc).split(_PIPELINE_PREFIX, 1)[-1]
-        return message.split(" ", 1)[0] in _REFUSAL_CODES
+        reply = str(exc).split("caused error: ", 1)[-1]
+        return reply.split(" ", 1)[0] in _REFUSAL_CODES
     return False
 
 
-#: The first wait between two tries while Redis is unavailable, in seconds; it doubles each time...
+#: The first wait between two tries while Redis is unavailable, in seconds; it doubles each time
+#: up to :data:`WAIT_MAX`, plus up to :data:`WAIT_JITTER` at random, so that the workers of a fleet
+#: do not all try again at the same instant once Redis is back.
 WAIT_INITIAL = 0.2
-#: ...up to this long.
 WAIT_MAX = 5.0
-#: At most this much is added at random to each wait, so that the workers of a fleet do not all
-#: try again at the same instant once Redis is back.
 WAIT_JITTER = 0.2
-_BACKOFF = {"wait_initial": WAIT_INITIAL, "wait_max": WAIT_MAX, "wait_jitter": WAIT_JITTER}
 #: How long a job's Redis call waits out trouble before the Redis error is raised (the worker then
 #: puts the job back once Redis answers, without spending a retry). The one patience of every job
 #: step; with the last try's socket timeout and one reconnect, a call ends within about 50 s.
 REDIS_PATIENCE_SECONDS = 30.0
+
+
+_BACKOFF = {"wait_initial": WAIT_INITIAL, "wait_max": WAIT_MAX, "wait_jitter": WAIT_JITTER}
 
 
 def until_redis_answers(
@@ -75,16 +75,7 @@ def until_redis_answers(
     :func:`redis_unavailable` does not recognise is raised at once. An exception raised during a
     wait (by a signal handler) ends it too.
     """
-    worth_waiting = _worth_waiting(stop)
-    # The common case, Redis answering, costs one call and no retry machinery (under stamina's
-    # testing mode stamina counts every try itself).
-    if not stamina.is_testing():
-        try:
-            return step()
-        except Exception as exc:
-            if not worth_waiting(exc):
-                raise
-    return stamina.RetryingCaller(attempts=None, timeout=give_up_after, **_BACKOFF)(worth_waiting, step)
+    return stamina.RetryingCaller(attempts=None, timeout=give_up_after, **_BACKOFF)(_worth_waiting(stop), step)
 
 
 async def until_redis_answers_async(
@@ -92,7 +83,9 @@ async def until_redis_answers_async(
 ) -> T:
     """:func:`until_redis_answers` for a coroutine: ``await call()``, waiting out Redis trouble the same way."""
     worth_waiting = _worth_waiting(stop)
-    if not stamina.is_testing():  # as in until_redis_answers
+    # On the per-event path: Redis answering, the common case, costs one call and no retry
+    # machinery (under stamina's testing mode stamina counts every try itself).
+    if not stamina.is_testing():
         try:
             return await call()
         except Exception as exc:

@@ -1,5 +1,5 @@
 """Gauges of what Redis holds (queue, registries, stranded jobs, streams, memory, consumer groups,
-fleet), read when Prometheus scrapes.
+fleet), read when Prometheus scrapes; ``status`` shows the same readings.
 
 Why at scrape time, what a web may leave to the workers, and aggregating with ``max``:
 docs/architecture.md, "Queue and stream gauges".
@@ -7,6 +7,8 @@ docs/architecture.md, "Queue and stream gauges".
 
 from __future__ import annotations
 
+import datetime as dt
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -15,15 +17,15 @@ from typing import TypeVar
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from rq.job import Job
 from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
 from core.config import Settings
 from core.redis.clients import probe_redis
-from core.redis.custody import Stranded, age_seconds, parse_rq_time, read_stranded
 from core.redis.deployment_counts import FleetCounts, read_fleet
-from core.redis.keys import queue_key, text
+from core.redis.keys import WORKERS_SET, alive_key, dequeued_key, queue_key, rq_intermediate_key, text
 from core.redis.memory import RedisMemory, read_memory
 
 #: The RQ registries counted, by the name used in the ``registry`` label and in ``status``.
@@ -42,18 +44,15 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class GroupLag:
-    """How far one consumer group of a stream is behind."""
+    """How far one consumer group of a stream is behind (the fields as :data:`GAUGES` tells them;
+    ``lag`` is None when Redis cannot tell, before Redis 7)."""
 
     name: str
     consumers: int
     pending: int
-    """Entries delivered to the group's consumers and not acknowledged."""
     lag: int | None
-    """Entries not yet delivered to the group (Redis 7; None when Redis cannot tell)."""
     last_delivered_id: str
     behind_seconds: float
-    """Age of the oldest entry the group has not read or not acknowledged: 0 when it is up to
-    date. Past the stream's retention, the trim removes entries the group has not finished."""
 
 
 def entry_age_seconds(entry_id: str, now_ms: float) -> float:
@@ -109,7 +108,6 @@ class QueueSnapshot:
     queue: str
     depth: int
     oldest_age_seconds: float
-    """How long the job at the head of the queue has waited (0 when the queue is empty)."""
     registries: dict[str, int]
     output_length: int
     parked_length: int
@@ -135,6 +133,70 @@ def read_snapshot(client: redis.Redis, settings: Settings) -> QueueSnapshot:
         output_length=int(output_length),
         parked_length=int(parked_length),
     )
+
+
+#: Stranded ids read at most to find the oldest one; the count is always exact.
+STRANDED_SCAN_LIMIT = 100
+
+
+@dataclass(frozen=True)
+class Stranded:
+    """Jobs that left the queue and that no live worker answers for."""
+
+    count: int
+    oldest_age_seconds: float
+    """Since the longest-waiting of them was enqueued (0 when there are none)."""
+
+
+def read_stranded(client: redis.Redis, queue_name: str) -> Stranded:
+    """Count the stranded jobs of ``queue_name`` (taken off the queue, not started, and no live
+    worker answers for them) and find the oldest, reading only; ages are measured from each job's
+    ``enqueued_at``, as the queue's own oldest age is. Where every job is between dequeue and start,
+    who writes it, and why: docs/reliability.md, "Between dequeue and finish: where every job is"."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.llen(rq_intermediate_key(queue_name))
+        pipe.lrange(rq_intermediate_key(queue_name), 0, STRANDED_SCAN_LIMIT - 1)
+        pipe.smembers(WORKERS_SET)
+        shared_count, shared_ids, members = pipe.execute()
+    count = int(shared_count)
+    ids = [text(raw) for raw in shared_ids]
+    workers = sorted(text(raw) for raw in members)
+    if workers:
+        with client.pipeline(transaction=False) as pipe:
+            for name in workers:
+                pipe.exists(alive_key(name))
+                pipe.llen(dequeued_key(queue_name, name))
+                pipe.lrange(dequeued_key(queue_name, name), 0, STRANDED_SCAN_LIMIT - 1)
+            replies = pipe.execute()
+        for alive, held, held_ids in zip(replies[::3], replies[1::3], replies[2::3], strict=True):
+            if not alive:
+                count += int(held)
+                ids.extend(text(raw) for raw in held_ids)
+    with client.pipeline(transaction=False) as pipe:
+        for job_id in ids[:STRANDED_SCAN_LIMIT]:
+            pipe.hget(Job.key_for(job_id), "enqueued_at")
+        stamps = [stamp for stamp in map(parse_rq_time, pipe.execute()) if stamp is not None]
+    return Stranded(count=count, oldest_age_seconds=age_seconds(min(stamps, default=None)))
+
+
+def age_seconds(since: dt.datetime | None, now: dt.datetime | None = None) -> float:
+    """Seconds from ``since`` to ``now`` (default: the current time), never negative; 0 for None."""
+    if since is None:
+        return 0.0
+    return max(0.0, ((now or dt.datetime.now(dt.UTC)) - since).total_seconds())
+
+
+def parse_rq_time(raw: object) -> dt.datetime | None:
+    """An RQ timestamp (``2026-11-28T18:01:03.021294Z``) as an aware UTC datetime, or None."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("ascii", "replace")
+    if not isinstance(raw, str) or not raw:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 class QueueCollector(Collector):
@@ -171,12 +233,16 @@ class QueueCollector(Collector):
         self._redis.close()
 
 
-def endpoint_registry(collector: QueueCollector, process: Collector = REGISTRY) -> CollectorRegistry:
-    """What one ``/metrics`` endpoint serves: ``process``'s metrics and ``collector``'s gauges. The
-    collector stays out of the default registry, so a process serving two endpoints (tests do)
-    exports each gauge once on each."""
+def endpoint_registry(collector: QueueCollector) -> CollectorRegistry:
+    """What one ``/metrics`` endpoint serves: this process's metrics (summed over every process of
+    the server when ``PROMETHEUS_MULTIPROC_DIR`` is set, as ``web --workers N`` sets it) and
+    ``collector``'s gauges. The collector stays out of the default registry, so a process serving
+    two endpoints (tests do) exports each gauge once on each."""
     registry = CollectorRegistry()
-    registry.register(process)
+    if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    else:
+        registry.register(REGISTRY)
     registry.register(collector)
     return registry
 
