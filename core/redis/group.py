@@ -68,41 +68,33 @@ class GroupCommit(Generic[T, R]):
             self._sender = asyncio.ensure_future(self._send())
 
     async def _send(self) -> None:
+        batch: list[tuple[T, asyncio.Future[R]]] = []
         try:
             while self._pending:
                 batch = [entry for entry in self._pending[: self._max_batch] if not entry[1].done()]
                 del self._pending[: self._max_batch]
-                if batch:
-                    await self._flush(batch)
-        except BaseException:  # stopped with callers waiting: they must not wait for ever
-            for _, future in self._pending:
+                if not batch:
+                    continue
+                try:
+                    results: Sequence[R | BaseException] = await self._call([item for item, _ in batch])
+                except Exception as exc:
+                    results = [copy.copy(exc).with_traceback(None) for _ in batch]
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+                batch = []
+        except BaseException as exc:  # stopped with callers waiting: they must not wait for ever
+            for _, future in [*batch, *self._pending]:
                 if not future.done():
-                    future.set_exception(RedisConnectionError("the Redis client was closed"))
+                    future.set_exception(RedisConnectionError(f"the call was stopped ({type(exc).__name__})"))
             self._pending = []
             raise
         finally:
             self._in_flight -= 1
-
-    async def _flush(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
-        try:
-            results = await self._call([item for item, _ in batch])
-        except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(copy.copy(exc).with_traceback(None))
-            return
-        except BaseException as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(RedisConnectionError(f"the call was stopped ({type(exc).__name__})"))
-            raise
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
 
 
 def grouped_function(name: str, source: str, arity: int, read_only: bool = False) -> LuaFunction:
