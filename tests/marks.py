@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from redis import Redis
 
-from core.redis.dedupe import RECALL_FN, Marks, recall_args
-from core.redis.keys import text
+from core.redis.dedupe import Marks, event_digest
+from core.redis.keys import job_id_for, text
+from core.redis.published import RECALL_FN
 
 
 def recall(client: Redis, marks: Marks, event_id: str) -> bytes | None:
     """What ``marks`` remembers of ``event_id`` (``b"1"``, ``b"2"``, a parked mark), or None."""
-    value = RECALL_FN.bind(client)(args=recall_args(marks, event_id, None))
+    value = RECALL_FN.bind(client)(args=[*marks.head(), job_id_for(event_id), event_digest(event_id)])
     return None if value is None else bytes(value)
 
 

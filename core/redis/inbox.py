@@ -55,17 +55,11 @@ for at = constant_end + 1, #ARGV, 4 do
     results[#results + 1] = 1
   end
 end
-if #results > 0 then
-  redis.call('SADD', KEYS[2], KEYS[1])
-end
+redis.call('SADD', KEYS[2], KEYS[1])
 return results
 """
 )
 _ENQUEUE_MANY_FN = lua_function("enqueue", _ENQUEUE_MANY)
-
-
-#: How long :class:`DirectScript` keeps an idle connection when the pool sets no health-check interval.
-DEFAULT_MAX_IDLE_SECONDS = 30.0
 
 
 class DirectScript:
@@ -79,13 +73,14 @@ class DirectScript:
         self._function = function
         settings = redis.connection_pool.connection_kwargs
         self._timeout: float | None = settings.get("socket_timeout")
-        self._max_idle_seconds = float(settings.get("health_check_interval") or DEFAULT_MAX_IDLE_SECONDS)
-        #: Connections between calls, each with the time it was last used.
-        self._idle: list[tuple[AbstractConnection, float]] = []
+        # An idle connection is replaced after the pool's health-check interval, else after 30 s.
+        self._max_idle_seconds = float(settings.get("health_check_interval") or 30.0)
+        #: Connections kept between calls (none is out while no call runs), each with when it was last used.
+        self.idle: list[tuple[AbstractConnection, float]] = []
 
     async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        if self._idle:
-            connection, used = self._idle.pop()
+        if self.idle:
+            connection, used = self.idle.pop()
             if time.monotonic() - used > self._max_idle_seconds:
                 await connection.disconnect()  # the call reconnects
         else:
@@ -115,12 +110,7 @@ class DirectScript:
             await connection.disconnect(nowait=True)
             raise
         finally:
-            self._idle.append((connection, time.monotonic()))
-
-    @property
-    def connections(self) -> list[AbstractConnection]:
-        """The connections kept between calls (none is out while no call runs)."""
-        return [connection for connection, _ in self._idle]
+            self.idle.append((connection, time.monotonic()))
 
     async def _connection(self) -> AbstractConnection:
         connection: AbstractConnection = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
@@ -172,10 +162,6 @@ class Inbox:
         the edge validated) is embedded in the job verbatim (:meth:`JobTemplate.for_event`).
         """
         return bool(await self._group.submit(self._template.for_event(event_id, event_type, body, received_at_ms)))
-
-    async def park(self, event_id: str | None, reason: str, detail: str, body: str) -> bool:
-        """Park a delivery (:meth:`ParkedStream.park`); False when it was parked already."""
-        return await self.parked.park(event_id, reason, detail, body) is not None
 
     async def _enqueue(self, jobs: list[tuple[str, bytes, str]]) -> list[int]:
         args: list[Any] = [*self.marks.head(), Job.redis_job_namespace_prefix, utcformat(now()), *self._constant]
