@@ -17,7 +17,6 @@ from core.redis.keys import (
     EVENT_IDS_KEY,
     PARKED_IDS_KEY,
     PARKED_MARK_PREFIX,
-    job_id_for,
 )
 
 #: A slot spans ``ceil(TTL / SLOTS_PER_TTL)`` seconds; at most ``SLOTS_PER_TTL + 1`` are live.
@@ -229,13 +228,9 @@ def slot_width(ttl_seconds: int) -> int:
 
 
 def job_digest(job_id: str) -> bytes:
-    """The 128-bit digest an event is remembered by, from its job id (:func:`keys.job_id_for`)."""
+    """The 128-bit digest an event is remembered by, from its job id (:func:`keys.job_id_for`): one
+    event, one job, one mark."""
     return hashlib.blake2b(job_id.encode(), digest_size=16).digest()
-
-
-def event_digest(event_id: str) -> bytes:
-    """:func:`job_digest` of the event's job id: one event, one job, one mark."""
-    return job_digest(job_id_for(event_id))
 
 
 @dataclass(frozen=True)

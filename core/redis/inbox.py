@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from itertools import chain
 from typing import Any
 
 import hiredis
@@ -150,9 +151,8 @@ class Inbox:
         self.parked = ParkedStream(redis, parked_stream, dedupe_ttl_seconds, parked_retention_seconds, clock)
         self._script = DirectScript(redis, _ENQUEUE_MANY_FN)
         self._keys = [queue_key(options.queue), Queue.redis_queues_keys]
-        self._constant: list[Any] = [len(self._template.constant)]
-        for field, value in self._template.constant.items():
-            self._constant.extend((field, value))
+        constant = self._template.constant
+        self._constant: list[Any] = [len(constant), *chain.from_iterable(constant.items())]
         self._group: GroupCommit[tuple[str, bytes, str], int] = GroupCommit(self._enqueue, MAX_BATCH)
 
     async def accept(self, event_id: str, event_type: str, body: bytes | str, received_at_ms: int) -> bool:
