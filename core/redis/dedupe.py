@@ -12,12 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from core.redis.keys import (
-    DEDUPE_PREFIX,
-    EVENT_IDS_KEY,
-    PARKED_IDS_KEY,
-    PARKED_MARK_PREFIX,
-)
+from core.redis.keys import DEDUPE_PREFIX, EVENT_IDS_KEY, PARKED_IDS_KEY, PARKED_MARK_PREFIX
 
 #: A slot spans ``ceil(TTL / SLOTS_PER_TTL)`` seconds; at most ``SLOTS_PER_TTL + 1`` are live.
 SLOTS_PER_TTL = 7

@@ -13,6 +13,7 @@ from itertools import chain
 from typing import Any
 
 import hiredis
+import pydantic_core
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -26,8 +27,8 @@ from core.config import DEFAULT_PARKED_RETENTION_SECONDS
 from core.redis.dedupe import LIBRARY, event_marks, job_digest
 from core.redis.functions import LuaFunction, is_missing, load_refused, lua_function
 from core.redis.group import GroupCommit
-from core.redis.jobs import JobOptions, JobTemplate
-from core.redis.keys import queue_key
+from core.redis.jobs import PROCESS_EVENT, JobOptions, build_job_hash, job_payload, spliced_job_data
+from core.redis.keys import job_id_for, queue_key
 from core.redis.parked import ParkedStream
 
 _ENQUEUE_MANY = (
@@ -146,22 +147,32 @@ class Inbox:
         parked_retention_seconds: int = DEFAULT_PARKED_RETENTION_SECONDS,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        self._template = JobTemplate(options)
         self.marks = event_marks(dedupe_ttl_seconds, clock)
         self.parked = ParkedStream(redis, parked_stream, dedupe_ttl_seconds, parked_retention_seconds, clock)
         self._script = DirectScript(redis, _ENQUEUE_MANY_FN)
         self._keys = [queue_key(options.queue), Queue.redis_queues_keys]
-        constant = self._template.constant
-        self._constant: list[Any] = [len(constant), *chain.from_iterable(constant.items())]
+        # The job hash RQ would write, less what the script writes per event: data, description, the two times.
+        _, reference = build_job_hash(job_payload("template", "VEHICLE_STATE", "", 0), options)
+        constant = [
+            (k, v) for k, v in reference.items() if k not in ("created_at", "enqueued_at", "data", "description")
+        ]
+        self._constant: list[Any] = [len(constant), *chain.from_iterable(constant)]
         self._group: GroupCommit[tuple[str, bytes, str], int] = GroupCommit(self._enqueue, MAX_BATCH)
 
     async def accept(self, event_id: str, event_type: str, body: bytes | str, received_at_ms: int) -> bool:
         """Enqueue the event unless its ``eventId`` was seen; True when this call enqueued it.
 
         Returns once Redis has run the script for this event. A body given as bytes (a JSON object
-        the edge validated) is embedded in the job verbatim (:meth:`JobTemplate.for_event`).
+        the edge validated) is embedded in the job verbatim (:func:`spliced_job_data`); text is
+        written as a JSON string, as RQ would.
         """
-        return bool(await self._group.submit(self._template.for_event(event_id, event_type, body, received_at_ms)))
+        if isinstance(body, str):
+            payload = job_payload(event_id, event_type, body, received_at_ms)
+            data = pydantic_core.to_json([PROCESS_EVENT, None, [payload], {}])
+        else:
+            data = spliced_job_data(event_id, event_type, body, received_at_ms)
+        job = (job_id_for(event_id), data, f"process_event({event_type} {event_id})")
+        return bool(await self._group.submit(job))
 
     async def _enqueue(self, jobs: list[tuple[str, bytes, str]]) -> list[int]:
         args: list[Any] = [*self.marks.head(), Job.redis_job_namespace_prefix, utcformat(now()), *self._constant]

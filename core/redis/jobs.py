@@ -85,30 +85,6 @@ def build_job_hash(payload: Mapping[str, Any], options: JobOptions) -> tuple[str
     return job_id, job.to_dict() | {"status": JobStatus.QUEUED.value}
 
 
-class JobTemplate:
-    """The job hash of :func:`build_job_hash` in two parts: :attr:`constant`, taken once from a job
-    RQ built, and per event ``data`` and ``description`` (:meth:`for_event`; the inbox's script
-    adds the two times)."""
-
-    def __init__(self, options: JobOptions) -> None:
-        _, reference = build_job_hash(job_payload("template", "VEHICLE_STATE", "", 0), options)
-        variable = ("created_at", "enqueued_at", "data", "description")
-        self.constant: dict[str, Any] = {key: value for key, value in reference.items() if key not in variable}
-
-    def for_event(
-        self, event_id: str, event_type: str, body: bytes | str, received_at_ms: int
-    ) -> tuple[str, bytes, str]:
-        """``(job_id, data, description)`` for one delivery. A body given as bytes is a JSON object
-        the edge has validated: it goes into the job's data verbatim (:func:`spliced_job_data`);
-        text is written as a JSON string, as RQ would."""
-        if isinstance(body, str):
-            payload = job_payload(event_id, event_type, body, received_at_ms)
-            data = pydantic_core.to_json([PROCESS_EVENT, None, [payload], {}])
-        else:
-            data = spliced_job_data(event_id, event_type, body, received_at_ms)
-        return job_id_for(event_id), data, f"process_event({event_type} {event_id})"
-
-
 # The data of a job whose body is spliced in: the JSON of ``(func, None, [payload], {})`` with the
 # body, last, as a JSON value rather than a string.
 _SPLICED_HEAD = b'["' + PROCESS_EVENT.encode() + b'",null,[{"eventId":'
@@ -143,7 +119,7 @@ def spliced_parts(data: bytes) -> tuple[bytes, str] | None:
     "receivedAt":…}``), and the body exactly as delivered, of data written by
     :func:`spliced_job_data`; None for data of any other form.
 
-    Data that :meth:`JobTemplate.for_event` wrote from text has the same head and tail, but a JSON
+    Data written from text (:class:`core.redis.inbox.Inbox`, RQ) has the same head and tail, but a JSON
     string where the body is (and ``receivedAt`` after it); no JSON string before the body can
     hold ``,"body":`` unescaped.
     """
