@@ -95,15 +95,10 @@ def _held_when(stored: bytes) -> When:
     return _when(*(t if isinstance(t, int | float) and not isinstance(t, bool) else None for t in (oem, ret)))
 
 
-def _json(value: object) -> str:
-    """Compact JSON as the output stream writes it (a NaN or infinity from the API becomes null)."""
-    return pydantic_core.to_json(value, inf_nan_mode="null").decode()
-
-
 def _stored_json(signal: Mapping[str, Any]) -> bytes:
     """A signal's JSON as the state stores it: its two times first, when both are whole numbers or
     null, so that they are read off the front without parsing (the same object as
-    :func:`_json`'s, keys in another order)."""
+    the output stream's, keys in another order)."""
     oem, ret = signal.get("oemUpdatedAt", False), signal.get("retrievedAt", False)
     if len(signal) < 3 or not all(t is None or (type(t) is int) for t in (oem, ret)):
         return pydantic_core.to_json(signal, inf_nan_mode="null")
@@ -153,7 +148,8 @@ class VehicleStates:
         held = dict(zip(names, cast(list[bytes | None], await self._redis.hmget(key, names)), strict=True))
         writes: list[str | bytes] = []
         if vehicle is not None:
-            vehicle_json = _json(vehicle).encode()
+            # Compact, as the output stream writes it (a NaN or infinity from the API becomes null).
+            vehicle_json = pydantic_core.to_json(vehicle, inf_nan_mode="null")
             current = held.get(VEHICLE_FIELD)
             if current is None or (vehicle_from_api and current != vehicle_json):
                 writes += [VEHICLE_FIELD, vehicle_json]
