@@ -86,7 +86,9 @@ class DirectScript:
             if time.monotonic() - used > self._max_idle_seconds:
                 await connection.disconnect()  # the call reconnects
         else:
-            connection = await self._connection()
+            connection = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            # Kept for this script's calls only, never handed back: its deadline is this class's.
+            connection.socket_timeout = None
         try:
             command = self._function.command(keys, args)
             reconnected = loaded = False
@@ -113,12 +115,6 @@ class DirectScript:
             raise
         finally:
             self.idle.append((connection, time.monotonic()))
-
-    async def _connection(self) -> AbstractConnection:
-        connection: AbstractConnection = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-        # Kept for this script's calls only, never handed back: its deadline is this class's.
-        connection.socket_timeout = None
-        return connection
 
     async def _round_trip(self, connection: AbstractConnection, command: tuple[Any, ...]) -> Any:
         packed = hiredis.pack_command(command)
@@ -151,11 +147,10 @@ class Inbox:
         self.parked = ParkedStream(redis, parked_stream, dedupe_ttl_seconds, parked_retention_seconds, clock)
         self._script = DirectScript(redis, _ENQUEUE_MANY_FN)
         self._keys = [queue_key(options.queue), Queue.redis_queues_keys]
-        # The job hash RQ would write, less what the script writes per event: data, description, the two times.
+        # The job hash RQ would write, less what the script writes per event.
         _, reference = build_job_hash(job_payload("template", "VEHICLE_STATE", "", 0), options)
-        constant = [
-            (k, v) for k, v in reference.items() if k not in ("created_at", "enqueued_at", "data", "description")
-        ]
+        variable = ("created_at", "enqueued_at", "data", "description")
+        constant = [(k, v) for k, v in reference.items() if k not in variable]
         self._constant: list[Any] = [len(constant), *chain.from_iterable(constant)]
         self._group: GroupCommit[tuple[str, bytes, str], int] = GroupCommit(self._enqueue, MAX_BATCH)
 
