@@ -22,8 +22,8 @@ from redis.asyncio import Redis as AsyncRedis
 from bench.ingest import fleet_documents, redis_cpu
 from cli.redis_admin import load_functions
 from core.events.parse import parse_stored
-from core.redis.dedupe import event_digest, event_marks
-from core.redis.keys import vehicle_state_key
+from core.redis.dedupe import event_marks, job_digest
+from core.redis.keys import job_id_for, vehicle_state_key
 from core.redis.published import OutputStream
 from core.redis.vehicle_state import VehicleStates
 from core.store.users import UserRecord
@@ -68,14 +68,15 @@ async def _plain(client: AsyncRedis, events: list[tuple[Any, dict[str, Any]]]) -
         for event, document in events[start : start + BATCH]:
             key = vehicle_state_key(states.prefix, event.vehicle.id)
             plan = await states.plan(event.vehicle.id, document["signals"], document["vehicle"])
-            mark = f"{marks.registry}:plain:{event_digest(event.event_id)[:2].hex()}"
-            pipe.hget(mark, event_digest(event.event_id)[4:])
+            digest = job_digest(job_id_for(event.event_id))
+            mark = f"{marks.registry}:plain:{digest[:2].hex()}"
+            pipe.hget(mark, digest[4:])
             pipe.hmget(key, ["_updatedAt", "_eventId"])
             pipe.hset(key, mapping=dict(zip(plan.writes[::2], plan.writes[1::2], strict=True)))
             pipe.hset(key, mapping={"_updatedAt": 1, "_eventId": event.event_id})
             pipe.expire(key, 2_592_000)
             pipe.xadd("bench-out-plain", stream_fields(event, USER, document))  # type: ignore[arg-type]
-            pipe.hset(mark, event_digest(event.event_id)[4:], "2")
+            pipe.hset(mark, digest[4:], "2")
         await pipe.execute()
 
 

@@ -14,7 +14,6 @@ from core.errors import ConfigurationError
 
 #: Every module that defines Lua functions (tests/test_redis_functions.py checks the list is whole).
 FUNCTION_MODULES = (
-    "core.redis.dedupe",
     "core.redis.inbox",
     "core.redis.parked",
     "core.redis.published",

@@ -78,13 +78,13 @@ def _workers(client: redis.Redis, settings: Settings, now: dt.datetime) -> list[
 
 
 def _parked(client: redis.Redis, stream: str, length: int, limit: int) -> dict[str, Any]:
-    counts = count_by_reason(client, stream, limit)
+    by_reason, scanned = count_by_reason(client, stream, limit)
     return {
         "stream": stream,
         "length": length,
-        "byReason": counts.by_reason,
-        "scanned": counts.scanned,
-        "capped": counts.scanned < length,
+        "byReason": by_reason,
+        "scanned": scanned,
+        "capped": scanned < length,
     }
 
 

@@ -38,7 +38,7 @@ from core.errors import (
 )
 from core.logs import get_logger
 from core.redis.functions import lua_function
-from core.redis.keys import connect_state_key
+from core.redis.keys import CONNECT_STATE_PREFIX
 from core.smartcar.client import SmartcarClient, smartcar_client
 from core.smartcar.http import LeanHttp, SmartcarHttp
 from core.store.users import UserStore
@@ -166,7 +166,7 @@ class ConnectEndpoints:
         if smartcar is None:
             log.error("connect callback without client credentials", user_id=state.user_id)
             return _unavailable(_NO_CREDENTIALS)
-        key, claim = connect_state_key(state.nonce), secrets.token_hex(8)
+        key, claim = CONNECT_STATE_PREFIX + state.nonce, secrets.token_hex(8)
         try:
             # Spent until the state would expire anyway.
             ttl = max(1, state.expires_at - int(time.time()))

@@ -232,7 +232,7 @@ async def drain_once(spool: Spool, inbox: Inbox) -> DrainReport:
                 report.accepted += sum(results)
                 report.duplicates += len(results) - sum(results)
                 for d in parks:
-                    await inbox.park(d.event_id, str(d.park_reason), d.park_detail or "", d.body)
+                    await inbox.parked.park(d.event_id, str(d.park_reason), d.park_detail or "", d.body)
                     report.parked += 1
         finally:
             records.close()

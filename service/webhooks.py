@@ -275,7 +275,7 @@ class WebhookEndpoint:
         """Park what cannot become a job, or spool it to park later while Redis fails (503 without a spool)."""
         task = self._deadlines.start(self._redis_deadline)
         try:
-            fresh = await self._inbox.park(event_id, exc.code, exc.message, text)
+            fresh = await self._inbox.parked.park(event_id, exc.code, exc.message, text) is not None
         except asyncio.CancelledError:
             error: BaseException = self._deadlines.expired(task)
         except (RedisError, OSError) as caught:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from redis import Redis
 
-from core.redis.dedupe import RECALL_FN, Marks, recall_args
-from core.redis.keys import text
+from core.redis.dedupe import Marks, job_digest
+from core.redis.keys import job_id_for, text
+from core.redis.published import RECALL_FN
 
 
 def recall(client: Redis, marks: Marks, event_id: str) -> bytes | None:
     """What ``marks`` remembers of ``event_id`` (``b"1"``, ``b"2"``, a parked mark), or None."""
-    value = RECALL_FN.bind(client)(args=recall_args(marks, event_id, None))
+    job_id = job_id_for(event_id)
+    value = RECALL_FN.bind(client)(args=[*marks.head(), job_id, job_digest(job_id)])
     return None if value is None else bytes(value)
 
 

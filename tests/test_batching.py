@@ -12,9 +12,19 @@ from core.redis.functions import lua_function
 from tests.procs import RedisServer
 
 
+class CountingRedis(BatchingRedis):
+    """Counts its round trips, what batching is checked by."""
+
+    round_trips = 0
+
+    async def _round_trip(self, batch):
+        self.round_trips += 1
+        return await super()._round_trip(batch)
+
+
 def test_concurrent_commands_share_round_trips_and_each_gets_its_own_reply(redis_url):
     async def scenario() -> tuple[list[object], int]:
-        client = BatchingRedis.from_url(redis_url)
+        client = CountingRedis.from_url(redis_url)
         try:
             await client.delete("batch:h", "batch:s")
             await client.hset("batch:h", mapping={"a": "1", "b": "2"})

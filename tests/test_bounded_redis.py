@@ -27,9 +27,7 @@ from cli.samples import sample_event
 from cli.status import collect_status, render_text
 from core.config import Settings
 from core.redis.dedupe import (
-    ACCEPTED,
     GROW_AT,
-    PUBLISHED,
     event_marks,
     parked_marks,
     slot_width,
@@ -125,7 +123,7 @@ def test_marks_expire_in_redis_a_slot_at_a_time_never_before_the_ttl(redis_url, 
 
     assert run(redis_url, accept) is True
     marks = event_marks(ttl)
-    assert recall(redis_client, marks, "ev-short") == ACCEPTED
+    assert recall(redis_client, marks, "ev-short") == b"1"
     keys = family_hashes(redis_client)
     assert keys
     assert all(0 < redis_client.ttl(key) <= ttl + slot_width(ttl) for key in keys)
@@ -249,7 +247,7 @@ def test_publish_turns_the_accept_mark_into_published_once(redis_url, redis_clie
     assert outcome["after"] is True
     assert sum(entry is not None for entry in outcome["raced"]) == 1
     assert outcome["redo"] is False
-    assert recall(redis_client, event_marks(WEEK), "ev-p") == PUBLISHED
+    assert recall(redis_client, event_marks(WEEK), "ev-p") == b"2"
     assert [f[b"event_id"] for _, f in redis_client.xrange("out")] == [b"ev-p", b"ev-replayed"]
     # One mark per event, published or not: two events, two fields.
     assert sum(redis_client.hlen(k) for k in family_hashes(redis_client)) == 2

@@ -196,7 +196,7 @@ def test_a_connection_redis_closed_is_replaced_on_the_next_call(redis_url, redis
         try:
             script = DirectScript(redis, lua_function("test_direct_arg", "return ARGV[1]"))
             answers = [await script([], ["before"])]
-            (connection,) = script.connections
+            ((connection, _),) = script.idle
             await connection.send_command("CLIENT", "ID")
             assert redis_client.client_kill_filter(_id=await connection.read_response()) == 1
             answers.append(await script([], ["after"]))
@@ -232,7 +232,7 @@ def test_a_call_that_times_out_closes_its_connection_and_the_next_one_works():
                 raise AssertionError("a frozen Redis answered")
             finally:
                 private_redis.process.send_signal(signal.SIGCONT)
-            (connection,) = script.connections
+            ((connection, _),) = script.idle
             assert not connection.is_connected
             return elapsed, await script([], ["thawed"])
         finally:
@@ -261,10 +261,10 @@ def test_an_error_reply_reaches_the_caller_and_keeps_the_connection(redis_url):
                 ),
             )
             assert await script([], ["ok"]) == 1
-            (connection,) = script.connections
+            ((connection, _),) = script.idle
             with pytest.raises(OutOfMemoryError, match=r"^test$"):
                 await script([], ["fail"])
-            assert script.connections == [connection]
+            assert [c for c, _ in script.idle] == [connection]
             assert connection.is_connected
             return await script([], ["ok"])
         finally:
@@ -278,7 +278,7 @@ def test_a_connection_idle_past_the_health_check_interval_is_replaced(redis_url,
     may have dropped it silently): the next call runs on a new one; a busy one is kept."""
 
     async def client_id(script: DirectScript) -> int:
-        (connection,) = script.connections
+        ((connection, _),) = script.idle
         await connection.send_command("CLIENT", "ID")
         return int(await connection.read_response())
 

@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 from cli.main import build_parser
 from cli.operations import replay
 from cli.samples import SAMPLE_VEHICLE_ID, encode, sample_event
-from core.redis.dedupe import PUBLISHED, event_marks
+from core.redis.dedupe import event_marks
 from core.store.users import UserStore
 from service.app import create_app
 from tests.conftest import fixture_paths, load_fixture, signed_headers
@@ -250,7 +250,7 @@ def test_killed_after_publishing_rerun_publishes_once(pipeline, redis_client, em
     run_worker_burst(pipeline)
     calls_before = emulator_stats(emulator)["calls"]
     # Replay the crash: the event is marked published, and a job for it runs again from the queue.
-    assert recall(redis_client, event_marks(pipeline.dedupe_ttl_seconds), event["eventId"]) == PUBLISHED
+    assert recall(redis_client, event_marks(pipeline.dedupe_ttl_seconds), event["eventId"]) == b"2"
     # The edge takes a redelivery for a duplicate: the mark that records the publish is the dedupe mark.
     deliver_again = sample_event(event_id=event["eventId"])
     with TestClient(create_app(pipeline)) as client:

@@ -178,11 +178,10 @@ def test_each_script_can_run_again_after_a_lost_answer(redis_url, redis_client):
     writes one result."""
     from redis.asyncio import Redis as AsyncRedis
 
-    from core.redis.jobs import JobOptions, JobTemplate
+    from core.redis.jobs import JobOptions, build_job_hash, job_payload
 
-    template = JobTemplate(JobOptions(queue=QUEUE, retries=0))
-    job_id, data, _ = template.for_event("e1", "VEHICLE_STATE", "{}", 0)
-    redis_client.hset(Job.key_for(job_id), mapping=template.constant | {"data": data, "status": "queued"})
+    job_id, mapping = build_job_hash(job_payload("e1", "VEHICLE_STATE", "{}", 0), JobOptions(queue=QUEUE, retries=0))
+    redis_client.hset(Job.key_for(job_id), mapping=mapping)
     redis_client.rpush(f"rq:queue:{QUEUE}", job_id)
 
     async def scenario() -> None:
@@ -212,25 +211,30 @@ def test_each_script_can_run_again_after_a_lost_answer(redis_url, redis_client):
     assert redis_client.hget("rq:worker:w1", "successful_job_count") == b"1"
 
 
-def test_a_job_with_its_body_as_text_is_read_as_rq_reads_it(redis_client):
+def test_a_job_with_its_body_as_text_is_read_as_rq_reads_it(redis_url, redis_client):
     """Jobs written with the body as a JSON string (replay, the spool's drain, RQ's own enqueue)
     share the spliced jobs' head and tail; the worker must not take them for spliced ones."""
-    from core.redis.jobs import JobOptions, JobTemplate, job_payload, spliced_job_data
+    from redis.asyncio import Redis as AsyncRedis
+
+    from core.redis.inbox import Inbox
+    from core.redis.jobs import JobOptions, job_payload, spliced_job_data
     from workers.jobs import claimed_payload, refusal
 
-    template = JobTemplate(JobOptions(queue=QUEUE, retries=0))
     body = '{"eventId":"e2","eventType":"VEHICLE_STATE","x":",\\"body\\":{"}'
-    _, text_data, _ = template.for_event("e2", "VEHICLE_STATE", body, 1234)
+
+    async def accept_text() -> None:
+        client = AsyncRedis.from_url(redis_url)
+        await Inbox(client, JobOptions(queue=QUEUE, retries=0), "parked", 60).accept("e2", "VEHICLE_STATE", body, 1234)
+        await client.aclose()
+
+    asyncio.run(accept_text())
+    stored = redis_client.hgetall(Job.key_for("e2"))
+    text_data = stored[b"data"]
     spliced_data = spliced_job_data("e2", "VEHICLE_STATE", body.encode(), 1234)
     # A delivery is spliced byte for byte, whitespace before its object included.
     padded_body = "\n  " + body
     padded_data = spliced_job_data("e2", "VEHICLE_STATE", padded_body.encode(), 1234)
     for data, expected in ((text_data, body), (spliced_data, body), (padded_data, padded_body)):
-        claimed_job = batch.ClaimedJob("j", template.constant | {"data": data})  # type: ignore[arg-type]
-        fields = {
-            k.encode() if isinstance(k, str) else k: str(v).encode() if not isinstance(v, bytes) else v
-            for k, v in claimed_job.fields.items()
-        }
-        claimed_job = batch.ClaimedJob("j", fields)
+        claimed_job = batch.ClaimedJob("j", stored | {b"data": data})
         assert refusal(claimed_job, redis_client, 262_144) is None
         assert claimed_payload(claimed_job, redis_client) == job_payload("e2", "VEHICLE_STATE", expected, 1234)

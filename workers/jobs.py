@@ -16,7 +16,7 @@ from rq.serializers import JSONSerializer
 
 from core.errors import ConfigurationError, InvalidJob
 from core.logs import get_logger
-from core.redis.jobs import PROCESS_EVENT, JobPayload, spliced_body, spliced_head
+from core.redis.jobs import PROCESS_EVENT, JobPayload, spliced_parts
 from workers.batch import ClaimedJob
 
 log = get_logger("smartcar_ingest.worker")
@@ -69,15 +69,14 @@ def refuse(connection: redis.Redis, queue_name: str, claimed_job: ClaimedJob, re
 
 def _spliced(claimed_job: ClaimedJob) -> tuple[dict[str, Any], str] | None:
     """The payload's fields and the body's text of an edge-written job; None for any other job."""
-    data = claimed_job.fields.get(b"data", b"")
-    head, body = spliced_head(data), spliced_body(data)
-    if head is None or body is None:
+    parts = spliced_parts(claimed_job.fields.get(b"data", b""))
+    if parts is None:
         return None
     try:
-        fields = pydantic_core.from_json(head)
+        fields = pydantic_core.from_json(parts[0])
     except ValueError:
         return None
-    return (fields, body) if isinstance(fields, dict) else None
+    return (fields, parts[1]) if isinstance(fields, dict) else None
 
 
 def claimed_payload(claimed_job: ClaimedJob, connection: redis.Redis) -> JobPayload:
@@ -100,7 +99,8 @@ def read_payload(value: object, data: bytes | None = None) -> JobPayload:
         )
     fields = dict(value)
     if isinstance(fields.get("body"), dict) and data is not None:
-        fields["body"] = spliced_body(data)
+        parts = spliced_parts(data)
+        fields["body"] = None if parts is None else parts[1]
     problems = [f"{key} is missing or not a string" for key in _TEXT_KEYS if not isinstance(fields.get(key), str)]
     if fields.get("eventId") == "":
         problems.append("eventId is empty")

@@ -12,14 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from core.redis.functions import lua_function
-from core.redis.keys import (
-    DEDUPE_PREFIX,
-    EVENT_IDS_KEY,
-    PARKED_IDS_KEY,
-    PARKED_MARK_PREFIX,
-    job_id_for,
-)
+from core.redis.keys import DEDUPE_PREFIX, EVENT_IDS_KEY, PARKED_IDS_KEY, PARKED_MARK_PREFIX
 
 #: A slot spans ``ceil(TTL / SLOTS_PER_TTL)`` seconds; at most ``SLOTS_PER_TTL + 1`` are live.
 SLOTS_PER_TTL = 7
@@ -32,10 +25,6 @@ MAX_GENERATIONS = 6
 MAX_STEP_BITS = 4
 #: At most 2^MAX_BITS hashes per generation: 16 million, ≈ 1 billion marks a slot.
 MAX_BITS = 24
-
-#: Values of an event mark.
-ACCEPTED = b"1"
-PUBLISHED = b"2"
 
 LIBRARY = f"""
 -- core/redis/dedupe.py: remembered eventIds, as fields of small time-bucketed hashes.
@@ -227,24 +216,6 @@ function ids.forget(st, head, field)
 end
 """
 
-RECALL = (
-    LIBRARY
-    + """
--- ARGV: registry, ttl, width, clock, legacy prefix, job id, digest.
--- Returns the remembered value, or 'legacy' when only a per-key mark of an earlier version has it.
-local st = ids.open(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-local head, field = ids.locate(ARGV[7])
-local value = ids.find(st, head, field)
-if value then return value end
-if st.legacy then
-  local old = redis.call('GET', st.legacy .. ARGV[6])
-  if old then return 'legacy:' .. old end
-end
-return false
-"""
-)
-RECALL_FN = lua_function("recall", RECALL)
-
 
 def slot_width(ttl_seconds: int) -> int:
     """Seconds one slot spans for a TTL: ``ceil(TTL / 7)``, at least 1."""
@@ -252,13 +223,9 @@ def slot_width(ttl_seconds: int) -> int:
 
 
 def job_digest(job_id: str) -> bytes:
-    """The 128-bit digest an event is remembered by, from its job id (:func:`keys.job_id_for`)."""
+    """The 128-bit digest an event is remembered by, from its job id (:func:`keys.job_id_for`): one
+    event, one job, one mark."""
     return hashlib.blake2b(job_id.encode(), digest_size=16).digest()
-
-
-def event_digest(event_id: str) -> bytes:
-    """:func:`job_digest` of the event's job id: one event, one job, one mark."""
-    return job_digest(job_id_for(event_id))
 
 
 @dataclass(frozen=True)
@@ -267,16 +234,15 @@ class Marks:
 
     registry: str
     ttl_seconds: int
-    legacy_prefix: str = ""
+    legacy_prefix: str
+    """The per-key marks of earlier versions that a script consults during the legacy window."""
     clock: Callable[[], float] | None = None
     """Seconds to use instead of Redis's clock (benchmarks and tests that cross days)."""
 
-    def head(self, legacy_prefix: str | None = None) -> list[str | int]:
-        """The arguments every script of :data:`LIBRARY` starts with (``ids.open``); ``legacy_prefix``
-        names another per-key mark of earlier versions for this script to consult than the family's."""
+    def head(self) -> list[str | int]:
+        """The arguments every script of :data:`LIBRARY` starts with (``ids.open``)."""
         clock = "" if self.clock is None else repr(float(self.clock()))
-        legacy = self.legacy_prefix if legacy_prefix is None else legacy_prefix
-        return [self.registry, self.ttl_seconds, slot_width(self.ttl_seconds), clock, legacy]
+        return [self.registry, self.ttl_seconds, slot_width(self.ttl_seconds), clock, self.legacy_prefix]
 
 
 def event_marks(ttl_seconds: int, clock: Callable[[], float] | None = None) -> Marks:
@@ -287,7 +253,3 @@ def event_marks(ttl_seconds: int, clock: Callable[[], float] | None = None) -> M
 def parked_marks(ttl_seconds: int, clock: Callable[[], float] | None = None) -> Marks:
     """Parked events: a mark of (reason, body) each, so one delivery is parked once."""
     return Marks(PARKED_IDS_KEY, ttl_seconds, PARKED_MARK_PREFIX, clock)
-
-
-def recall_args(marks: Marks, event_id: str, legacy_prefix: str | None) -> list[str | int | bytes]:
-    return [*marks.head(legacy_prefix), job_id_for(event_id), event_digest(event_id)]

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import re
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import redis
@@ -20,7 +21,6 @@ from rq.scripts import ACQUIRE_OR_REFRESH_LOCK_SCRIPT, RELEASE_LOCK_SCRIPT
 
 #: What every function name and library name starts with.
 PREFIX = "smartcar_ingest_"
-SETUP_COMMAND = "smartcar-ingest redis-setup"
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
@@ -43,8 +43,6 @@ class LuaFunction:
         if not _NAME.fullmatch(name):
             raise ValueError(f"a function name is lower-case letters, digits and _: {name!r}")
         self.name = name
-        self.source = source
-        self.read_only = read_only
         #: The arguments of one item, for a function that runs its script once per item (core.redis.group).
         self.arity = arity
         digest = hashlib.sha256(f"{read_only}\n{source}".encode()).hexdigest()[:12]
@@ -59,13 +57,27 @@ class LuaFunction:
 
     def bind(self, client: Any) -> Any:
         """A callable for ``client`` (``keys=``, ``args=``, and for a synchronous one optionally
-        ``client=`` a pipeline, as redis-py's ``Script``): a coroutine for an asyncio client."""
+        ``client=`` a pipeline, as redis-py's ``Script``): a coroutine for an asyncio client. A
+        function Redis does not have is loaded, and called again."""
         if isinstance(client, AsyncRedis):
             return AsyncCall(self, client)
-        return SyncCall(self, client)
+        return partial(self._call, client)
 
     def command(self, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
         return ("FCALL", self.redis_name, len(keys), *keys, *args)
+
+    def _call(self, bound: Any, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None) -> Any:
+        target = bound if client is None else client
+        command = self.command(keys, args)
+        if isinstance(target, Pipeline):
+            return target.execute_command(*command)  # type: ignore[no-untyped-call]  # queued: answered by execute()
+        try:
+            return target.execute_command(*command)
+        except ResponseError as exc:
+            if not is_missing(exc):
+                raise
+        load(target, self)
+        return target.execute_command(*command)
 
 
 #: Every function by name; a module defines its own with :func:`lua_function` at import.
@@ -92,7 +104,7 @@ def load_refused(function: LuaFunction, exc: ResponseError) -> bool:
     if isinstance(exc, NoPermissionError):
         raise MissingFunction(
             f"Redis has no function {function.redis_name} and this Redis user may not load it:"
-            f" run `{SETUP_COMMAND}` with an admin REDIS_URL ({exc})."
+            f" run `smartcar-ingest redis-setup` with an admin REDIS_URL ({exc})."
         ) from None
     if "already exists" in str(exc):
         return False
@@ -108,40 +120,13 @@ def load(client: redis.Redis, function: LuaFunction) -> bool:
     return True
 
 
-async def load_async(client: AsyncRedis, function: LuaFunction) -> bool:
-    try:
-        await client.function_load(function.code)
-    except ResponseError as exc:
-        return load_refused(function, exc)
-    return True
-
-
-class SyncCall:
-    def __init__(self, function: LuaFunction, client: Any) -> None:
-        self.function = function
-        self.client = client
-
-    def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None) -> Any:
-        target = self.client if client is None else client
-        command = self.function.command(keys, args)
-        if isinstance(target, Pipeline):
-            return target.execute_command(*command)  # type: ignore[no-untyped-call]  # queued: answered by execute()
-        try:
-            return target.execute_command(*command)
-        except ResponseError as exc:
-            if not is_missing(exc):
-                raise
-        load(target, self.function)
-        return target.execute_command(*command)
-
-
 class AsyncCall:
     def __init__(self, function: LuaFunction, client: Any) -> None:
         self.function = function
         self.client = client
         # Callers that find the function missing together share one load: Redis compiles the
         # code of every FUNCTION LOAD, even one it refuses.
-        self._loading: asyncio.Future[bool] | None = None
+        self._loading: asyncio.Future[None] | None = None
 
     async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
         command = self.function.command(keys, args)
@@ -151,9 +136,15 @@ class AsyncCall:
             if not is_missing(exc):
                 raise
         if self._loading is None or self._loading.done():
-            self._loading = asyncio.ensure_future(load_async(self.client, self.function))
+            self._loading = asyncio.ensure_future(self._load())
         await asyncio.shield(self._loading)
         return await self.client.execute_command(*command)
+
+    async def _load(self) -> None:
+        try:
+            await self.client.function_load(self.function.code)
+        except ResponseError as exc:
+            load_refused(self.function, exc)
 
 
 #: RQ's own scripts (its scheduler's locks), run as functions of ours on the worker's RQ connection.

@@ -20,7 +20,7 @@ R = TypeVar("R")
 
 
 class GroupCommit(Generic[T, R]):
-    """Calls ``call`` with batches of submitted items, at most ``max_in_flight`` calls at a time.
+    """Calls ``call`` with batches of submitted items, one call at a time.
 
     ``call`` answers one result per item, in order (a result may be an exception for its item).
     With ``direct``, a caller finding nothing pending and a call free makes the call itself;
@@ -33,25 +33,23 @@ class GroupCommit(Generic[T, R]):
         self,
         call: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
         max_batch: int,
-        max_in_flight: int = 1,
         direct: bool = True,
     ) -> None:
         self._call = call
         self._max_batch = max_batch
-        self._max_in_flight = max_in_flight
         self._direct = direct
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
-        self._in_flight = 0
+        self._busy = False
         self._sender: asyncio.Task[None] | None = None
 
     async def submit(self, item: T) -> R:
         """``item``'s result, once a call carrying it has returned."""
-        if self._direct and self._in_flight < self._max_in_flight and not self._pending:
-            self._in_flight += 1
+        if self._direct and not self._busy and not self._pending:
+            self._busy = True
             try:
                 (result,) = await self._call([item])
             finally:
-                self._in_flight -= 1
+                self._busy = False
                 self._start_sender()
             if isinstance(result, BaseException):
                 raise result
@@ -62,47 +60,39 @@ class GroupCommit(Generic[T, R]):
         return await future
 
     def _start_sender(self) -> None:
-        if self._pending and self._in_flight < self._max_in_flight:
-            self._in_flight += 1
+        if self._pending and not self._busy:
+            self._busy = True
             # Kept: the loop holds only a weak reference to a task.
             self._sender = asyncio.ensure_future(self._send())
 
     async def _send(self) -> None:
+        batch: list[tuple[T, asyncio.Future[R]]] = []
         try:
             while self._pending:
                 batch = [entry for entry in self._pending[: self._max_batch] if not entry[1].done()]
                 del self._pending[: self._max_batch]
-                if batch:
-                    await self._flush(batch)
-        except BaseException:  # stopped with callers waiting: they must not wait for ever
-            for _, future in self._pending:
+                if not batch:
+                    continue
+                try:
+                    results: Sequence[R | BaseException] = await self._call([item for item, _ in batch])
+                except Exception as exc:
+                    results = [copy.copy(exc).with_traceback(None) for _ in batch]
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+                batch = []
+        except BaseException as exc:  # stopped with callers waiting: they must not wait for ever
+            for _, future in [*batch, *self._pending]:
                 if not future.done():
-                    future.set_exception(RedisConnectionError("the Redis client was closed"))
+                    future.set_exception(RedisConnectionError(f"the call was stopped ({type(exc).__name__})"))
             self._pending = []
             raise
         finally:
-            self._in_flight -= 1
-
-    async def _flush(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
-        try:
-            results = await self._call([item for item, _ in batch])
-        except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(copy.copy(exc).with_traceback(None))
-            return
-        except BaseException as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(RedisConnectionError(f"the call was stopped ({type(exc).__name__})"))
-            raise
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+            self._busy = False
 
 
 def grouped_function(name: str, source: str, arity: int, read_only: bool = False) -> LuaFunction:
@@ -146,9 +136,6 @@ class GroupedCall:
         return await self._group.submit((keys[0], args))
 
     async def _send(self, items: list[tuple[str, Sequence[Any]]]) -> list[Any]:
-        argv: list[Any] = []
-        for key, args in items:
-            argv.append(key)
-            argv.extend(args)
+        argv = [value for key, args in items for value in (key, *args)]
         replies: list[Any] = await self._call(keys=[], args=argv)
         return replies

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from itertools import chain
 from typing import Any
 
 import hiredis
+import pydantic_core
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -25,8 +27,8 @@ from core.config import DEFAULT_PARKED_RETENTION_SECONDS
 from core.redis.dedupe import LIBRARY, event_marks, job_digest
 from core.redis.functions import LuaFunction, is_missing, load_refused, lua_function
 from core.redis.group import GroupCommit
-from core.redis.jobs import JobOptions, JobTemplate
-from core.redis.keys import queue_key
+from core.redis.jobs import PROCESS_EVENT, JobOptions, build_job_hash, job_payload, spliced_job_data
+from core.redis.keys import job_id_for, queue_key
 from core.redis.parked import ParkedStream
 
 _ENQUEUE_MANY = (
@@ -55,17 +57,11 @@ for at = constant_end + 1, #ARGV, 4 do
     results[#results + 1] = 1
   end
 end
-if #results > 0 then
-  redis.call('SADD', KEYS[2], KEYS[1])
-end
+redis.call('SADD', KEYS[2], KEYS[1])
 return results
 """
 )
 _ENQUEUE_MANY_FN = lua_function("enqueue", _ENQUEUE_MANY)
-
-
-#: How long :class:`DirectScript` keeps an idle connection when the pool sets no health-check interval.
-DEFAULT_MAX_IDLE_SECONDS = 30.0
 
 
 class DirectScript:
@@ -79,17 +75,20 @@ class DirectScript:
         self._function = function
         settings = redis.connection_pool.connection_kwargs
         self._timeout: float | None = settings.get("socket_timeout")
-        self._max_idle_seconds = float(settings.get("health_check_interval") or DEFAULT_MAX_IDLE_SECONDS)
-        #: Connections between calls, each with the time it was last used.
-        self._idle: list[tuple[AbstractConnection, float]] = []
+        # An idle connection is replaced after the pool's health-check interval, else after 30 s.
+        self._max_idle_seconds = float(settings.get("health_check_interval") or 30.0)
+        #: Connections kept between calls (none is out while no call runs), each with when it was last used.
+        self.idle: list[tuple[AbstractConnection, float]] = []
 
     async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        if self._idle:
-            connection, used = self._idle.pop()
+        if self.idle:
+            connection, used = self.idle.pop()
             if time.monotonic() - used > self._max_idle_seconds:
                 await connection.disconnect()  # the call reconnects
         else:
-            connection = await self._connection()
+            connection = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            # Kept for this script's calls only, never handed back: its deadline is this class's.
+            connection.socket_timeout = None
         try:
             command = self._function.command(keys, args)
             reconnected = loaded = False
@@ -115,18 +114,7 @@ class DirectScript:
             await connection.disconnect(nowait=True)
             raise
         finally:
-            self._idle.append((connection, time.monotonic()))
-
-    @property
-    def connections(self) -> list[AbstractConnection]:
-        """The connections kept between calls (none is out while no call runs)."""
-        return [connection for connection, _ in self._idle]
-
-    async def _connection(self) -> AbstractConnection:
-        connection: AbstractConnection = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-        # Kept for this script's calls only, never handed back: its deadline is this class's.
-        connection.socket_timeout = None
-        return connection
+            self.idle.append((connection, time.monotonic()))
 
     async def _round_trip(self, connection: AbstractConnection, command: tuple[Any, ...]) -> Any:
         packed = hiredis.pack_command(command)
@@ -155,27 +143,31 @@ class Inbox:
         parked_retention_seconds: int = DEFAULT_PARKED_RETENTION_SECONDS,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        self._template = JobTemplate(options)
         self.marks = event_marks(dedupe_ttl_seconds, clock)
         self.parked = ParkedStream(redis, parked_stream, dedupe_ttl_seconds, parked_retention_seconds, clock)
         self._script = DirectScript(redis, _ENQUEUE_MANY_FN)
         self._keys = [queue_key(options.queue), Queue.redis_queues_keys]
-        self._constant: list[Any] = [len(self._template.constant)]
-        for field, value in self._template.constant.items():
-            self._constant.extend((field, value))
+        # The job hash RQ would write, less what the script writes per event.
+        _, reference = build_job_hash(job_payload("template", "VEHICLE_STATE", "", 0), options)
+        variable = ("created_at", "enqueued_at", "data", "description")
+        constant = [(k, v) for k, v in reference.items() if k not in variable]
+        self._constant: list[Any] = [len(constant), *chain.from_iterable(constant)]
         self._group: GroupCommit[tuple[str, bytes, str], int] = GroupCommit(self._enqueue, MAX_BATCH)
 
     async def accept(self, event_id: str, event_type: str, body: bytes | str, received_at_ms: int) -> bool:
         """Enqueue the event unless its ``eventId`` was seen; True when this call enqueued it.
 
         Returns once Redis has run the script for this event. A body given as bytes (a JSON object
-        the edge validated) is embedded in the job verbatim (:meth:`JobTemplate.for_event`).
+        the edge validated) is embedded in the job verbatim (:func:`spliced_job_data`); text is
+        written as a JSON string, as RQ would.
         """
-        return bool(await self._group.submit(self._template.for_event(event_id, event_type, body, received_at_ms)))
-
-    async def park(self, event_id: str | None, reason: str, detail: str, body: str) -> bool:
-        """Park a delivery (:meth:`ParkedStream.park`); False when it was parked already."""
-        return await self.parked.park(event_id, reason, detail, body) is not None
+        if isinstance(body, str):
+            payload = job_payload(event_id, event_type, body, received_at_ms)
+            data = pydantic_core.to_json([PROCESS_EVENT, None, [payload], {}])
+        else:
+            data = spliced_job_data(event_id, event_type, body, received_at_ms)
+        job = (job_id_for(event_id), data, f"process_event({event_type} {event_id})")
+        return bool(await self._group.submit(job))
 
     async def _enqueue(self, jobs: list[tuple[str, bytes, str]]) -> list[int]:
         args: list[Any] = [*self.marks.head(), Job.redis_job_namespace_prefix, utcformat(now()), *self._constant]

@@ -12,7 +12,8 @@ from typing import Any, TypedDict
 
 import pydantic_core
 from redis import Redis
-from rq.job import Job, JobStatus
+from rq import Queue, Retry
+from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
@@ -60,59 +61,28 @@ class JobOptions:
         )
 
 
+#: The queue of :func:`build_job_hash` only builds the job: this connection never talks to Redis.
+_NO_CONNECTION = Redis(host="unused.invalid")
+
+
 def build_job_hash(payload: Mapping[str, Any], options: JobOptions) -> tuple[str, dict[str, Any]]:
     """Return ``(job_id, mapping)``: the RQ job hash that ``Queue.enqueue`` would have written."""
     job_id = job_id_for(str(payload["eventId"]))
-    job = Job.create(
+    queue = Queue(options.queue, connection=_NO_CONNECTION, serializer=JSONSerializer)
+    job = queue.create_job(
         PROCESS_EVENT,
         args=[dict(payload)],
-        id=job_id,
-        # Job.create wants a connection object; it is never used to talk to Redis here.
-        connection=_NO_CONNECTION,
-        serializer=JSONSerializer,
+        job_id=job_id,
         # Describe the job by type and id only: the default would embed the whole body
         # (locations, VINs) in rq-dashboard and in worker logs.
         description=f"process_event({payload['eventType']} {payload['eventId']})",
         timeout=options.timeout_seconds,
         result_ttl=options.result_ttl_seconds,
         failure_ttl=options.failure_ttl_seconds,
-        origin=options.queue,
+        retry=Retry(options.retries, list(RETRY_INTERVALS[: options.retries])) if options.retries else None,
     )
-    if options.retries:
-        job.retries_left = options.retries
-        job.retry_intervals = list(RETRY_INTERVALS[: options.retries])
     job.enqueued_at = now()
-    job._status = JobStatus.QUEUED
-    mapping = job.to_dict()
-    mapping["status"] = JobStatus.QUEUED.value
-    return job_id, mapping
-
-
-_NO_CONNECTION = Redis(host="unused.invalid", single_connection_client=False)
-
-
-class JobTemplate:
-    """The job hash of :func:`build_job_hash` in two parts: :attr:`constant`, taken once from a job
-    RQ built, and per event ``data`` and ``description`` (:meth:`for_event`; the inbox's script
-    adds the two times)."""
-
-    def __init__(self, options: JobOptions) -> None:
-        _, reference = build_job_hash(job_payload("template", "VEHICLE_STATE", "", 0), options)
-        variable = ("created_at", "enqueued_at", "data", "description")
-        self.constant: dict[str, Any] = {key: value for key, value in reference.items() if key not in variable}
-
-    def for_event(
-        self, event_id: str, event_type: str, body: bytes | str, received_at_ms: int
-    ) -> tuple[str, bytes, str]:
-        """``(job_id, data, description)`` for one delivery. A body given as bytes is a JSON object
-        the edge has validated: it goes into the job's data verbatim (:func:`spliced_job_data`);
-        text is written as a JSON string, as RQ would."""
-        if isinstance(body, str):
-            payload = job_payload(event_id, event_type, body, received_at_ms)
-            data = pydantic_core.to_json([PROCESS_EVENT, None, [payload], {}])
-        else:
-            data = spliced_job_data(event_id, event_type, body, received_at_ms)
-        return job_id_for(event_id), data, f"process_event({event_type} {event_id})"
+    return job_id, job.to_dict() | {"status": JobStatus.QUEUED.value}
 
 
 # The data of a job whose body is spliced in: the JSON of ``(func, None, [payload], {})`` with the
@@ -126,7 +96,7 @@ def spliced_job_data(event_id: str, event_type: str, body: bytes, received_at_ms
     """A job's ``data`` with ``body``, a JSON object, embedded verbatim instead of as an escaped string.
 
     RQ reads it as any job (``body`` then a parsed object); the worker takes the body's exact bytes
-    back with :func:`spliced_body`. Only a body that Python's ``json`` reads may be given: one
+    back with :func:`spliced_parts`. Only a body that Python's ``json`` reads may be given: one
     pydantic-core parsed without NaN or Infinity literals.
     """
     return b"".join(
@@ -144,38 +114,27 @@ def spliced_job_data(event_id: str, event_type: str, body: bytes, received_at_ms
     )
 
 
-def _spliced_body_at(data: bytes) -> int:
-    """Where ``,"body":`` starts in data written by :func:`spliced_job_data`, or -1 for data of
-    any other form. The body of such data is a JSON object; data that :meth:`JobTemplate.for_event`
-    wrote from text has the same head and tail but a JSON string there (and ``receivedAt`` after it)."""
+def spliced_parts(data: bytes) -> tuple[bytes, str] | None:
+    """The payload's fields before the body, as a JSON object (``{"eventId":…,"eventType":…,
+    "receivedAt":…}``), and the body exactly as delivered, of data written by
+    :func:`spliced_job_data`; None for data of any other form.
+
+    Data written from text (:class:`core.redis.inbox.Inbox`, RQ) has the same head and tail, but a JSON
+    string where the body is (and ``receivedAt`` after it); no JSON string before the body can
+    hold ``,"body":`` unescaped.
+    """
     if not (data.startswith(_SPLICED_HEAD) and data.endswith(_SPLICED_TAIL)):
-        return -1
+        return None
     start = data.find(_SPLICED_BODY, len(_SPLICED_HEAD))
     if start < 0:
-        return -1
+        return None
     value = start + len(_SPLICED_BODY)
     while data[value : value + 1] in (b" ", b"\t", b"\r", b"\n"):  # a body is spliced as delivered
         value += 1
-    return start if data[value : value + 1] == b"{" else -1
-
-
-def spliced_head(data: bytes) -> bytes | None:
-    """The payload's fields before the body of data written by :func:`spliced_job_data`, as a JSON
-    object (``{"eventId":…,"eventType":…,"receivedAt":…}``); None for data of any other form."""
-    start = _spliced_body_at(data)
-    if start < 0:
-        return None
-    return b'{"eventId":' + data[len(_SPLICED_HEAD) : start] + b"}"
-
-
-def spliced_body(data: bytes) -> str | None:
-    """The body, exactly as delivered, of a job's ``data`` written by :func:`spliced_job_data`;
-    None for data of any other form. (No JSON string before it can hold ``,"body":`` unescaped.)
-    """
-    start = _spliced_body_at(data)
-    if start < 0:
+    if data[value : value + 1] != b"{":
         return None
     try:
-        return data[start + len(_SPLICED_BODY) : len(data) - len(_SPLICED_TAIL)].decode("utf-8")
+        body = data[start + len(_SPLICED_BODY) : len(data) - len(_SPLICED_TAIL)].decode("utf-8")
     except UnicodeDecodeError:
         return None
+    return b'{"eventId":' + data[len(_SPLICED_HEAD) : start] + b"}", body

@@ -27,6 +27,7 @@ ALIVE_PREFIX = SERVICE_PREFIX + "worker-alive:"
 WORKERS_SET = SERVICE_PREFIX + "liveness-workers"
 TOKEN_KEY = SERVICE_PREFIX + "app-token"
 TOKEN_LOCK_KEY = TOKEN_KEY + ":lock"
+#: + a Connect ``state``'s digest: marks it redeemed.
 CONNECT_STATE_PREFIX = SERVICE_PREFIX + "connect-state:"
 READ_PREFIX = SERVICE_PREFIX + "read:"
 BUDGET_KEY = SERVICE_PREFIX + "budget"
@@ -73,11 +74,6 @@ def alive_key(worker_name: str) -> str:
 def dequeued_key(queue_name: str, worker_name: str) -> str:
     """The list holding the ids ``worker_name`` has taken from ``queue_name`` but not yet started."""
     return f"{DEQUEUED_PREFIX}{queue_name}:{worker_name}"
-
-
-def connect_state_key(digest: str) -> str:
-    """Marks a Connect ``state`` (by its digest) as redeemed."""
-    return CONNECT_STATE_PREFIX + digest
 
 
 def vehicle_state_key(prefix: str, vehicle_id: str) -> str:

@@ -11,7 +11,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from itertools import chain
 
 import pydantic_core
 from redis import Redis as SyncRedis
@@ -20,7 +20,7 @@ from rq.job import Job
 from rq.queue import Queue
 
 from core.config import DEFAULT_DEDUPE_TTL_SECONDS, DEFAULT_PARKED_RETENTION_SECONDS
-from core.redis.dedupe import LIBRARY, event_digest, parked_marks
+from core.redis.dedupe import LIBRARY, job_digest, parked_marks
 from core.redis.functions import lua_function
 from core.redis.jobs import JobOptions, build_job_hash, job_payload
 from core.redis.keys import job_id_for, queue_key, text
@@ -132,16 +132,10 @@ class ParkedStream:
         mark = hashlib.blake2b(f"{reason}\0{body}".encode(), digest_size=12).hexdigest()
         # Without an eventId (a legacy v2 delivery, an id that is not a string) the body's own
         # digest is what a repeat is known by: the same bytes posted again are parked once.
-        digest = event_digest(event_id) if event_id else hashlib.blake2b(body.encode(), digest_size=16).digest()
-        args: list[Any] = [
-            *self.marks.head(),
-            job_id_for(event_id) if event_id else "",
-            digest,
-            mark,
-            self._retention * 1000,
-        ]
-        for field, value in (("event_id", event_id or ""), ("reason", reason), ("detail", detail), ("payload", body)):
-            args.extend((field, value))
+        job_id = job_id_for(event_id) if event_id else ""
+        digest = job_digest(job_id) if event_id else hashlib.blake2b(body.encode(), digest_size=16).digest()
+        args = [*self.marks.head(), job_id, digest, mark, self._retention * 1000, "event_id", event_id or ""]
+        args += ["reason", reason, "detail", detail, "payload", body]
         entry_id = await self._park(keys=[self.stream], args=args)
         return None if entry_id is None else text(entry_id)
 
@@ -193,9 +187,7 @@ async def replay_parked(
             job_id, mapping = build_job_hash(
                 job_payload(event_id, _event_type_of(body), body, int(time.time() * 1000)), options
             )
-            args: list[Any] = [entry_id, job_id, *marks.head(), event_digest(event_id)]
-            for field, value in mapping.items():
-                args.extend((field, value))
+            args = [entry_id, job_id, *marks.head(), job_digest(job_id), *chain.from_iterable(mapping.items())]
             keys = [Job.key_for(job_id), queue_key(options.queue), Queue.redis_queues_keys, parked_stream]
             if await requeue(keys=keys, args=args):
                 report.requeued += 1
@@ -208,16 +200,8 @@ async def replay_parked(
     return report
 
 
-@dataclass(frozen=True)
-class ReasonCounts:
-    """Parked entries by reason, counted over the oldest ``scanned`` entries."""
-
-    by_reason: dict[str, int]
-    scanned: int
-
-
-def count_by_reason(client: SyncRedis, stream: str, limit: int = COUNT_SCAN_LIMIT) -> ReasonCounts:
-    """Count parked entries by reason (most frequent first), reading at most ``limit`` entries."""
+def count_by_reason(client: SyncRedis, stream: str, limit: int = COUNT_SCAN_LIMIT) -> tuple[dict[str, int], int]:
+    """Parked entries by reason (most frequent first), and how many were read: at most ``limit``, oldest first."""
     count_reasons = _COUNT_REASONS_FN.bind(client)
     by_reason: dict[str, int] = {}
     scanned = 0
@@ -232,8 +216,7 @@ def count_by_reason(client: SyncRedis, stream: str, limit: int = COUNT_SCAN_LIMI
         if int(found) < batch:
             break
         cursor = "(" + text(last)
-    ordered = dict(sorted(by_reason.items(), key=lambda item: (-item[1], item[0])))
-    return ReasonCounts(by_reason=ordered, scanned=scanned)
+    return dict(sorted(by_reason.items(), key=lambda item: (-item[1], item[0]))), scanned
 
 
 def _event_type_of(body: str) -> str:

@@ -7,14 +7,15 @@ for consumers: docs/consumers.md.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from itertools import chain
 
 from redis.asyncio import Redis as AsyncRedis
 
 from core.config import DEFAULT_OUTPUT_STREAM_RETENTION_SECONDS, DEFAULT_VEHICLE_STATE_TTL_SECONDS
-from core.redis.dedupe import LIBRARY, PUBLISHED, RECALL_FN, event_digest, event_marks, recall_args
+from core.redis.dedupe import LIBRARY, Marks, job_digest
 from core.redis.functions import lua_function
 from core.redis.group import GroupCommit
-from core.redis.keys import PUBLISHED_PREFIX, job_id_for, text
+from core.redis.keys import EVENT_IDS_KEY, PUBLISHED_PREFIX, job_id_for, text
 from core.redis.vehicle_state import STATE_LIBRARY, MergePlan
 
 _COMMIT = (
@@ -66,6 +67,24 @@ return results
 )
 _COMMIT_FN = lua_function("commit_events", _COMMIT)
 
+RECALL = (
+    LIBRARY
+    + """
+-- ARGV: the marks head (registry, ttl, width, clock, legacy prefix), job id, digest.
+-- Returns the remembered value, or 'legacy:<value>' when only a per-key mark of an earlier version has it.
+local st = ids.open(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+local head, field = ids.locate(ARGV[7])
+local value = ids.find(st, head, field)
+if value then return value end
+if st.legacy then
+  local old = redis.call('GET', st.legacy .. ARGV[6])
+  if old then return 'legacy:' .. old end
+end
+return false
+"""
+)
+RECALL_FN = lua_function("recall", RECALL)
+
 #: The most events one completion call carries.
 MAX_BATCH = 64
 
@@ -91,7 +110,8 @@ class OutputStream:
         self.stream = stream
         self.retention_seconds = retention_seconds
         self.state_ttl_seconds = state_ttl_seconds
-        self.marks = event_marks(published_ttl_seconds, clock)
+        # The accept marks, and during the legacy window the publish marks of earlier versions.
+        self.marks = Marks(EVENT_IDS_KEY, published_ttl_seconds, PUBLISHED_PREFIX, clock)
         self._commit = _COMMIT_FN.bind(redis)
         self._recall = RECALL_FN.bind(redis)
         self._group: GroupCommit[tuple[str, Mapping[str, str], MergePlan | None], str | None] = GroupCommit(
@@ -100,8 +120,9 @@ class OutputStream:
 
     async def was_published(self, event_id: str) -> bool:
         """True when ``event_id`` is on the stream already (its mark says published)."""
-        value = await self._recall(args=recall_args(self.marks, event_id, PUBLISHED_PREFIX))
-        return value is not None and (bytes(value) == PUBLISHED or bytes(value).startswith(b"legacy:"))
+        job_id = job_id_for(event_id)
+        value = await self._recall(args=[*self.marks.head(), job_id, job_digest(job_id)])
+        return value is not None and (bytes(value) == b"2" or bytes(value).startswith(b"legacy:"))
 
     async def publish(self, event_id: str, fields: Mapping[str, str], merge: MergePlan | None = None) -> str | None:
         """Append one entry for ``event_id`` unless it was published before, and apply its planned
@@ -116,25 +137,14 @@ class OutputStream:
     async def _call(
         self, events: list[tuple[str, Mapping[str, str], MergePlan | None]]
     ) -> list[str | Exception | None]:
-        args: list[str | int | bytes] = [
-            *self.marks.head(PUBLISHED_PREFIX),
-            self.retention_seconds * 1000,
-            self.state_ttl_seconds,
-        ]
+        args: list[str | int | bytes] = [*self.marks.head(), self.retention_seconds * 1000, self.state_ttl_seconds]
         for event_id, fields, merge in events:
             writes = merge.writes if merge is not None else []
             key, token = (merge.key, merge.token) if merge is not None and writes else ("", b"")
-            args += [job_id_for(event_id), event_digest(event_id), event_id, key, token, len(writes), 2 * len(fields)]
+            job_id = job_id_for(event_id)
+            args += [job_id, job_digest(job_id), event_id, key, token, len(writes), 2 * len(fields)]
             args += writes
-            for field, value in fields.items():
-                args += (field, value)
+            args += chain.from_iterable(fields.items())
         replies = await self._commit(keys=[self.stream], args=args)
-        return [_outcome(reply) for reply in replies]
-
-
-def _outcome(reply: object) -> str | Exception | None:
-    if reply == 0:
-        return None
-    if reply == -1:
-        return StateChanged()
-    return text(reply)
+        # Per event: 0 when published already, -1 when its vehicle's state changed, else the entry id.
+        return [None if reply == 0 else StateChanged() if reply == -1 else text(reply) for reply in replies]

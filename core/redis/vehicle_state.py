@@ -95,15 +95,10 @@ def _held_when(stored: bytes) -> When:
     return _when(*(t if isinstance(t, int | float) and not isinstance(t, bool) else None for t in (oem, ret)))
 
 
-def _json(value: object) -> str:
-    """Compact JSON as the output stream writes it (a NaN or infinity from the API becomes null)."""
-    return pydantic_core.to_json(value, inf_nan_mode="null").decode()
-
-
 def _stored_json(signal: Mapping[str, Any]) -> bytes:
     """A signal's JSON as the state stores it: its two times first, when both are whole numbers or
     null, so that they are read off the front without parsing (the same object as
-    :func:`_json`'s, keys in another order)."""
+    the output stream's, keys in another order)."""
     oem, ret = signal.get("oemUpdatedAt", False), signal.get("retrievedAt", False)
     if len(signal) < 3 or not all(t is None or (type(t) is int) for t in (oem, ret)):
         return pydantic_core.to_json(signal, inf_nan_mode="null")
@@ -130,43 +125,6 @@ def newest_versions(signals: Iterable[Mapping[str, Any]]) -> dict[str, tuple[Whe
     return newest
 
 
-def plan_merge(
-    key: str,
-    held: Mapping[str, bytes | None],
-    newest: Mapping[str, tuple[When, Mapping[str, Any], bytes]],
-    vehicle: Mapping[str, Any] | None = None,
-    vehicle_from_api: bool = True,
-) -> MergePlan:
-    """The merge of one event (its :func:`newest_versions`) into the state as read: ``held`` has
-    the state's value of each of the event's codes, ``_vehicle``, ``_updatedAt`` and ``_eventId``
-    (None for a field the hash does not have)."""
-    writes: list[str | bytes] = []
-    if vehicle is not None:
-        vehicle_json = _json(vehicle).encode()
-        current = held.get(VEHICLE_FIELD)
-        if current is None or (vehicle_from_api and current != vehicle_json):
-            writes += [VEHICLE_FIELD, vehicle_json]
-    stale: list[str] = []
-    for code, (when, signal, stored) in newest.items():
-        current = held.get(code)
-        if current is None:
-            writes += [code, stored or _stored_json(signal)]
-            continue
-        held_when = _held_when(current)
-        if when < held_when:
-            stale.append(code)
-            continue
-        if when > held_when:
-            writes += [code, stored or _stored_json(signal)]
-            continue
-        stored = stored or _stored_json(signal)
-        if stored > current:  # equal times: the greater JSON text
-            writes += [code, stored]
-    # The token STATE_LIBRARY compares: the state's _updatedAt and _eventId as read.
-    token = (held.get(UPDATED_AT_FIELD) or b"") + b":" + (held.get(EVENT_ID_FIELD) or b"")
-    return MergePlan(key, token, writes, sorted(stale))
-
-
 class VehicleStates:
     """The worker's side: reads a vehicle's state and plans each event's merge into it."""
 
@@ -181,10 +139,29 @@ class VehicleStates:
         vehicle: Mapping[str, Any] | None = None,
         vehicle_from_api: bool = True,
     ) -> MergePlan:
-        """The event's merge planned against the state as it is now (:func:`plan_merge`): only the
-        fields the event needs are read, however large the hash."""
+        """The event's merge planned against the state as it is now: only the fields the event
+        needs are read (its signals' newest versions, ``_vehicle``, ``_updatedAt``, ``_eventId``),
+        however large the hash."""
         key = vehicle_state_key(self.prefix, vehicle_id)
         newest = newest_versions(signals)
         names = [UPDATED_AT_FIELD, EVENT_ID_FIELD, VEHICLE_FIELD, *newest]
-        values = cast(list[bytes | None], await self._redis.hmget(key, names))
-        return plan_merge(key, dict(zip(names, values, strict=True)), newest, vehicle, vehicle_from_api)
+        held = dict(zip(names, cast(list[bytes | None], await self._redis.hmget(key, names)), strict=True))
+        writes: list[str | bytes] = []
+        if vehicle is not None:
+            # Compact, as the output stream writes it (a NaN or infinity from the API becomes null).
+            vehicle_json = pydantic_core.to_json(vehicle, inf_nan_mode="null")
+            current = held.get(VEHICLE_FIELD)
+            if current is None or (vehicle_from_api and current != vehicle_json):
+                writes += [VEHICLE_FIELD, vehicle_json]
+        stale: list[str] = []
+        for code, (when, signal, stored) in newest.items():
+            current = held.get(code)
+            if current is None or when > (held_when := _held_when(current)):
+                writes += [code, stored or _stored_json(signal)]
+            elif when < held_when:
+                stale.append(code)
+            elif (stored := stored or _stored_json(signal)) > current:  # equal times: the greater JSON text
+                writes += [code, stored]
+        # The token STATE_LIBRARY compares: the state's _updatedAt and _eventId as read.
+        token = (held.get(UPDATED_AT_FIELD) or b"") + b":" + (held.get(EVENT_ID_FIELD) or b"")
+        return MergePlan(key, token, writes, sorted(stale))
