@@ -1,10 +1,8 @@
 """Reading a delivery body: in one pass from the bytes (every well-formed vehicle event: the edge's
-:func:`quick_vehicle_event`, the worker's :func:`parse_stored`), else step by step in the edge's
-order (:func:`load_json`, :func:`classify`, :func:`parse_event` or :func:`parse_verify`), which
-tells a 400 from a parked payload and names the reason. Both accept and refuse the same bodies.
-
-The worker always reads from bytes: a float where text belongs (a numeric make) reads as
-``"100000"`` from the JSON ``1e5`` but as ``"100000.0"`` from a parsed document.
+:func:`quick_vehicle_event`, the worker's :func:`parse_stored`), else in the edge's two steps
+(:func:`load_json`, :func:`parse_document`), which tell a 400 from a parked payload and name the
+reason. Both accept and refuse the same bodies. The worker always reads from bytes: a float where text
+belongs (a numeric make) reads as ``"100000"`` from the JSON ``1e5``, as ``"100000.0"`` from a document.
 """
 
 from __future__ import annotations
@@ -82,27 +80,18 @@ def parse_stored(body: bytes | str) -> VehicleEvent:
     try:
         wire = _one_pass(raw, WIRE_VALIDATOR)
         if wire is None:
-            _refuse_as_the_edge_does(raw)
+            if isinstance(parse_document(load_json(raw)), str):
+                raise InvalidPayload("A VERIFY is answered by the web edge, never processed as an event.")
             # The steps took it, so it holds the text NaN or Infinity but no such literal: the
             # one-pass validator reads it safely, as it reads every other event.
             wire = WIRE_VALIDATOR.validate_json(raw)
         return normalise(wire)
+    except MalformedBody as exc:
+        raise InvalidPayload(exc.message) from None
     except InvalidPayload:
         raise
     except Exception as exc:  # a parser gap is a permanent fault of this body: park it, never retry
         raise InvalidPayload(f"The payload could not be read ({type(exc).__name__}).") from None
-
-
-def _refuse_as_the_edge_does(body: bytes) -> None:
-    """Raise the reason the edge's steps refuse ``body`` for; return when they accept it."""
-    try:
-        document = load_json(body)
-    except MalformedBody as exc:
-        raise InvalidPayload(exc.message) from None
-    if classify(document) == VERIFY:
-        parse_verify(document)  # a VERIFY without a challenge: the edge's reason
-        raise InvalidPayload("A VERIFY is answered by the web edge, never processed as an event.")
-    parse_event(document)
 
 
 def load_json(body: bytes) -> Any:
@@ -114,10 +103,10 @@ def load_json(body: bytes) -> Any:
         raise MalformedBody(_NOT_JSON) from None
 
 
-def classify(document: Any) -> str:
-    """The event type of a parsed delivery; :class:`InvalidPayload` coded ``legacy_v2`` for a v2.0
-    webhook, ``unknown_event_type`` for a type this service does not handle, ``invalid_payload``
-    when there is no type at all."""
+def parse_document(document: Any) -> VehicleEvent | str:
+    """The event of a parsed delivery, or a VERIFY's challenge. :class:`InvalidPayload` names the
+    failing fields, never their values; coded ``legacy_v2`` for a v2.0 webhook and
+    ``unknown_event_type`` for a type this service does not handle."""
     if not isinstance(document, dict):
         raise InvalidPayload("The body is JSON but not an object.")
     if is_legacy(document):
@@ -131,21 +120,9 @@ def classify(document: Any) -> str:
         raise InvalidPayload(
             f"The eventType {clip(event_type)!r} is not one this service handles.", "unknown_event_type"
         )
-    return event_type
-
-
-def parse_verify(document: Any) -> str:
-    """Return the challenge of a VERIFY delivery; :class:`InvalidPayload` when it has none."""
     try:
-        return VERIFY_VALIDATOR.validate_python(document)["data"]["challenge"]
-    except ValidationError as exc:
-        raise InvalidPayload(_describe(exc)) from None
-
-
-def parse_event(document: Any) -> VehicleEvent:
-    """Validate and normalise a parsed VEHICLE_STATE or VEHICLE_ERROR document; :class:`InvalidPayload`
-    names the failing fields, never their values."""
-    try:
+        if event_type == VERIFY:
+            return VERIFY_VALIDATOR.validate_python(document)["data"]["challenge"]
         wire = WIRE_VALIDATOR.validate_python(document)
     except ValidationError as exc:
         raise InvalidPayload(_describe(exc)) from None
