@@ -62,9 +62,7 @@ class DeliveryMeta(_Model):
     deliveryId: str | None = None
     deliveredAt: int | str | None = None
     webhookId: str | None = None
-    webhookName: str | None = None
     mode: str | None = None
-    version: str | None = None
 
 
 class VehicleEvent(_Model):

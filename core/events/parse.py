@@ -15,7 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from core.errors import InvalidPayload, MalformedBody
 from core.events.model import QuickEvent, VehicleEvent
-from core.events.normalise import clip, epoch_ms, normalise
+from core.events.normalise import epoch_ms, normalise
 from core.events.wire import (
     EDGE_VALIDATOR,
     VEHICLE_EVENT_TYPES,
@@ -118,7 +118,7 @@ def parse_document(document: Any) -> VehicleEvent | str:
         raise InvalidPayload("The delivery has no eventType.")
     if event_type != VERIFY and event_type not in VEHICLE_EVENT_TYPES:
         raise InvalidPayload(
-            f"The eventType {clip(event_type)!r} is not one this service handles.", "unknown_event_type"
+            f"The eventType {_clip(event_type)!r} is not one this service handles.", "unknown_event_type"
         )
     try:
         if event_type == VERIFY:
@@ -127,6 +127,11 @@ def parse_document(document: Any) -> VehicleEvent | str:
     except ValidationError as exc:
         raise InvalidPayload(_describe(exc)) from None
     return normalise(wire)
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters, for quoting a sender's value in a reason."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _describe(exc: ValidationError) -> str:
