@@ -74,10 +74,6 @@ def parse_stored(body: bytes | str) -> VehicleEvent:
     """
     try:
         raw = body.encode() if isinstance(body, str) else body
-    except UnicodeEncodeError:
-        # Text holding a lone surrogate has no UTF-8 form; no body the edge read can hold one.
-        raise InvalidPayload(_NOT_JSON) from None
-    try:
         wire = _one_pass(raw, WIRE_VALIDATOR)
         if wire is None:
             if isinstance(parse_document(load_json(raw)), str):
@@ -86,8 +82,8 @@ def parse_stored(body: bytes | str) -> VehicleEvent:
             # one-pass validator reads it safely, as it reads every other event.
             wire = WIRE_VALIDATOR.validate_json(raw)
         return normalise(wire)
-    except MalformedBody as exc:
-        raise InvalidPayload(exc.message) from None
+    except (MalformedBody, UnicodeEncodeError):  # a text with a lone surrogate has no UTF-8 form
+        raise InvalidPayload(_NOT_JSON) from None
     except InvalidPayload:
         raise
     except Exception as exc:  # a parser gap is a permanent fault of this body: park it, never retry
@@ -177,7 +173,8 @@ def delivery_id_of(body: bytes | str) -> str | None:
 
 
 def verify_challenge_or_none(document: Any) -> str | None:
-    """The challenge of a document that claims to be a VERIFY, without raising."""
+    """The challenge of a document that claims to be a VERIFY, without raising: only a JSON string
+    (the validator's ``1e400`` would read as the token-like ``"inf"``)."""
     if isinstance(document, dict) and document.get("eventType") == VERIFY:
         data = document.get("data")
         if isinstance(data, dict) and isinstance(data.get("challenge"), str):

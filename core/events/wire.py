@@ -45,15 +45,9 @@ class WireStatus(TypedDict, total=False):
     error: dict[str, Any] | None
 
 
-class WireSignalMeta(TypedDict, total=False):
-    oemUpdatedAt: Any
-    retrievedAt: Any
-    fetchedAt: Any
-
-
 class WireSignal(WireSignalRef, total=False):
     body: Any
-    meta: WireSignalMeta | None
+    meta: dict[str, Any] | None  # oemUpdatedAt, retrievedAt or fetchedAt: any value, read by normalise
     status: WireStatus | None
 
 
