@@ -23,23 +23,20 @@ class Vehicle(_Model):
     powertrainType: str | None = None
 
 
-class Signal(_Model):
-    """One signal as delivered: ``status`` is SUCCESS, ERROR or UNAVAILABLE; times in epoch ms."""
-
+class SignalRef(_Model):
     code: str
     name: str | None = None
     group: str | None = None
+
+
+class Signal(SignalRef):
+    """One signal as delivered: ``status`` is SUCCESS, ERROR or UNAVAILABLE; times in epoch ms."""
+
     body: Any = None
     status: str
     error: dict[str, Any] | None = None
     oemUpdatedAt: int | None = None
     retrievedAt: int | None = None
-
-
-class SignalRef(_Model):
-    code: str
-    name: str | None = None
-    group: str | None = None
 
 
 class Trigger(_Model):

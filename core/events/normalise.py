@@ -117,29 +117,15 @@ def _vehicle_error(wire: WireVehicleError) -> VehicleError:
 
 
 def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float (``1e400`` parses as infinity) replaced by None; only
-    the rare value holding one is rebuilt. The parser's depth limit (~200) bounds the recursion."""
-    return value if _all_finite(value) else _without_non_finite(value)
-
-
-def _all_finite(value: Any) -> bool:
+    """``value`` with every non-finite float (``1e400`` parses as infinity) replaced by None. The
+    parser's depth limit (~200) bounds the recursion."""
     kind = type(value)
-    if kind is str or kind is int or kind is bool or value is None:  # the common leaves, first
-        return True
-    if isinstance(value, dict):
-        return all(map(_all_finite, value.values()))
-    if isinstance(value, list):
-        return all(map(_all_finite, value))
-    return not isinstance(value, float) or math.isfinite(value)
-
-
-def _without_non_finite(value: Any) -> Any:
-    if isinstance(value, float):
+    if kind is dict:
+        return {key: _finite(item) for key, item in value.items()}
+    if kind is float:
         return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _without_non_finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_without_non_finite(item) for item in value]
+    if kind is list:
+        return [_finite(item) for item in value]
     return value
 
 

@@ -35,16 +35,12 @@ _INFINITY = re.compile(rb"Infinity").search
 E = TypeVar("E", bound=WireEnvelope[Any])
 
 
-def _may_hold_non_finite_literal(body: bytes) -> bool:
-    """True when ``body`` holds the bytes ``NaN`` or ``Infinity``, in a string or as a literal: the
-    one-pass validators read such a literal as a number, load_json refuses it."""
-    return _NAN(body) is not None or _INFINITY(body) is not None
-
-
 def _one_pass(body: bytes, validator: TypeAdapter[E]) -> E | None:
     """The envelope of a well-formed VEHICLE_STATE / VEHICLE_ERROR, validated from bytes; else None
     (the caller then takes the steps, which decide between 400 and parking)."""
-    if _may_hold_non_finite_literal(body):
+    # The validators would read a NaN or Infinity literal as a number (load_json refuses it): a body
+    # holding those bytes, in a string or as a literal, takes the steps.
+    if _NAN(body) is not None or _INFINITY(body) is not None:
         return None
     try:
         envelope = validator.validate_json(body)
@@ -67,11 +63,8 @@ def quick_vehicle_event(body: bytes) -> QuickEvent | None:
 
 
 def parse_stored(body: bytes | str) -> VehicleEvent:
-    """The worker's reading of a body as the edge stored it.
-
-    Raises :class:`InvalidPayload` and nothing else, with the edge's reason, so a body that cannot
-    be read is parked (and can be replayed) instead of failing its job.
-    """
+    """The worker's reading of a body as the edge stored it. Raises :class:`InvalidPayload` and nothing
+    else, with the edge's reason: a body it cannot read is parked (and can be replayed), never failed."""
     try:
         raw = body.encode() if isinstance(body, str) else body
         wire = _one_pass(raw, WIRE_VALIDATOR)
@@ -113,9 +106,8 @@ def parse_document(document: Any) -> VehicleEvent | str:
     if not isinstance(event_type, str) or not event_type:
         raise InvalidPayload("The delivery has no eventType.")
     if event_type != VERIFY and event_type not in VEHICLE_EVENT_TYPES:
-        raise InvalidPayload(
-            f"The eventType {_clip(event_type)!r} is not one this service handles.", "unknown_event_type"
-        )
+        shown = event_type if len(event_type) <= 60 else event_type[:60] + "…"
+        raise InvalidPayload(f"The eventType {shown!r} is not one this service handles.", "unknown_event_type")
     try:
         if event_type == VERIFY:
             return VERIFY_VALIDATOR.validate_python(document)["data"]["challenge"]
@@ -123,11 +115,6 @@ def parse_document(document: Any) -> VehicleEvent | str:
     except ValidationError as exc:
         raise InvalidPayload(_describe(exc)) from None
     return normalise(wire)
-
-
-def _clip(text: str, limit: int = 60) -> str:
-    """``text`` cut to ``limit`` characters, for quoting a sender's value in a reason."""
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _describe(exc: ValidationError) -> str:
