@@ -74,8 +74,7 @@ def _signal_ref(ref: WireSignalRef | str) -> SignalRef:
 
 
 def signal_status(value: object, body: object) -> str:
-    """A signal's status (webhook and ``/signals`` alike): the one it carries, else (older
-    deliveries) SUCCESS when it has a body and UNAVAILABLE when not."""
+    """A signal's status (webhook and ``/signals``): its own, else SUCCESS with a body, UNAVAILABLE without."""
     if isinstance(value, str) and value:
         return value
     return "SUCCESS" if body is not None else "UNAVAILABLE"
@@ -161,9 +160,9 @@ def _iso_epoch_ms(text: str) -> int | None:
 def delivered_at(value: object) -> int | str | None:
     """``meta.deliveredAt`` as epoch ms; an unreadable short text is kept as sent; else None."""
     as_ms = epoch_ms(value)
-    if as_ms is not None:
-        return as_ms
-    return value if isinstance(value, str) and len(value) <= _LONGEST_TIME_TEXT else None
+    if as_ms is None and isinstance(value, str) and len(value) <= _LONGEST_TIME_TEXT:
+        return value
+    return as_ms
 
 
 def retrieved_at(retrieved: object, fetched: object) -> int | None:

@@ -36,10 +36,9 @@ E = TypeVar("E", bound=WireEnvelope[Any])
 
 
 def _one_pass(body: bytes, validator: TypeAdapter[E]) -> E | None:
-    """The envelope of a well-formed VEHICLE_STATE / VEHICLE_ERROR, validated from bytes; else None
-    (the caller then takes the steps, which decide between 400 and parking)."""
-    # The validators would read a NaN or Infinity literal as a number (load_json refuses it): a body
-    # holding those bytes, in a string or as a literal, takes the steps.
+    """The envelope of a well-formed VEHICLE_STATE / VEHICLE_ERROR, validated from bytes; else None, and
+    the caller takes the steps (400 or parked). So does a body holding the bytes NaN or Infinity: the
+    validators would read such a literal as a number, load_json refuses it."""
     if _NAN(body) is not None or _INFINITY(body) is not None:
         return None
     try:
