@@ -34,8 +34,7 @@ _LONGEST_TIME_TEXT = 64
 
 
 def normalise(wire: Envelope) -> VehicleEvent:
-    """The event of an envelope validated as a VEHICLE_STATE or VEHICLE_ERROR; :class:`InvalidPayload`
-    when it names no vehicle (a rule the schema cannot state)."""
+    """The event of a validated VEHICLE_STATE / VEHICLE_ERROR; InvalidPayload if it names no vehicle."""
     vehicle = vehicle_id(wire)
     if vehicle is None:
         raise InvalidPayload("The delivery names no vehicle (data.vehicle.id or vehicleId).")
@@ -166,8 +165,7 @@ def delivered_at(value: object) -> int | str | None:
 
 
 def retrieved_at(retrieved: object, fetched: object) -> int | None:
-    """When a signal was read (webhook and ``/signals`` alike): ``retrievedAt`` unless it is null,
-    else ``fetchedAt``; a ``0``, ``""`` or ``false`` is the value sent, never skipped."""
+    """A signal's read time (webhook, ``/signals``): ``retrievedAt`` unless null (0 counts), else ``fetchedAt``."""
     return epoch_ms(retrieved if retrieved is not None else fetched)
 
 

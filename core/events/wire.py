@@ -145,7 +145,6 @@ class WireVerify(TypedDict):
     data: WireVerifyData
 
 
-#: The worker's envelope, every field read.
 Envelope = WireEnvelope[WireSignal]
 WIRE_VALIDATOR = TypeAdapter(Envelope)
 EDGE_VALIDATOR = TypeAdapter(WireEnvelope[EdgeSignal])
