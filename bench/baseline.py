@@ -18,7 +18,7 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
 from core.config import Settings
-from core.events.parse import parse_event
+from core.events.parse import parse_document
 from core.store.users import UserStore
 
 _state: dict[str, Any] = {}
@@ -30,7 +30,7 @@ def sequential_process_event(payload: dict[str, Any]) -> None:
     store: UserStore = _state.setdefault("users", UserStore(settings.database_url))
     out: redis.Redis = _state.setdefault("redis", redis.Redis.from_url(settings.redis_url))
     body = payload["body"]  # the edge embeds the delivery itself: RQ hands it over parsed
-    event = parse_event(body if isinstance(body, dict) else json.loads(body))
+    event = parse_document(body if isinstance(body, dict) else json.loads(body))
     user = store.find_by_smartcar_user_id(event.smartcar_user_id)
     if "token" not in _state or _state["token_expires"] < time.time():
         answer = http.post(

@@ -26,7 +26,7 @@ from pydantic_core import core_schema as cs
 from redis.asyncio import Redis as AsyncRedis
 
 from bench.ingest import BODY_SETS, CAPTURED
-from core.events.parse import _may_hold_non_finite_literal, quick_vehicle_event
+from core.events.parse import _INFINITY, _NAN, quick_vehicle_event
 from core.events.wire import EDGE_VALIDATOR
 from core.redis.functions import lua_function
 from core.redis.inbox import DirectScript
@@ -57,7 +57,7 @@ def parts(mix: str) -> dict[str, float]:
         "signature (verify_signature, HMAC-SHA256)": per_body(
             lambda body: verify_signature((TOKEN,), body, signatures[body]), items
         ),
-        "NaN/Infinity scan": per_body(_may_hold_non_finite_literal, items),
+        "NaN/Infinity scan": per_body(lambda body: _NAN(body) is not None or _INFINITY(body) is not None, items),
         "pydantic-core JSON parse, nothing checked": per_body(PARSE_ONLY.validate_json, items),
         "edge validation (EDGE_VALIDATOR)": per_body(EDGE_VALIDATOR.validate_json, items),
         "one-pass check (quick_vehicle_event: scan, validation, envelope)": per_body(quick_vehicle_event, items),

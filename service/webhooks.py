@@ -19,7 +19,6 @@ from core.config import Settings
 from core.errors import InvalidPayload, MalformedBody, PermanentError
 from core.events import parse
 from core.events.model import QuickEvent
-from core.events.wire import VERIFY
 from core.logs import get_logger
 from core.redis.functions import MissingFunction
 from core.redis.inbox import Inbox
@@ -208,12 +207,11 @@ class WebhookEndpoint:
 
         # 4. Event type, then 5. schema.
         try:
-            event_type = parse.classify(document)
-            if event_type == VERIFY:
-                return self._verify_answer(parse.parse_verify(document))
-            event = parse.parse_event(document)
+            event = parse.parse_document(document)
         except InvalidPayload as exc:
             return await self._park(event_id, exc, text)
+        if isinstance(event, str):  # a VERIFY's challenge
+            return self._verify_answer(event)
         quick = QuickEvent(event.event_id, event.event_type, event.meta.deliveryId)
         # load_json read it (no NaN or Infinity literal): a JSON object the job can embed as it is.
         return await self._accept(quick, body, received_at_ms, task)

@@ -1,4 +1,2 @@
-"""Smartcar webhook payloads: :mod:`~core.events.wire` (what Smartcar sends, read tolerantly),
-:mod:`~core.events.model` (the one form the rest of the code sees), :mod:`~core.events.normalise`
-(wire → model) and :mod:`~core.events.parse` (a body → the models, at the edge and in the worker).
-"""
+"""Smartcar webhook payloads: the wire schema (``wire``), the normalised event (``model``), wire →
+model (``normalise``) and a body → the model, at the edge and in the worker (``parse``)."""

@@ -5,16 +5,10 @@ from __future__ import annotations
 
 from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict
-
-EventType = Literal["VEHICLE_STATE", "VEHICLE_ERROR"]
+from pydantic import BaseModel
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-
-class Vehicle(_Model):
+class Vehicle(BaseModel, frozen=True):
     id: str
     make: str | None = None
     model: str | None = None
@@ -23,12 +17,15 @@ class Vehicle(_Model):
     powertrainType: str | None = None
 
 
-class Signal(_Model):
-    """One signal as delivered: ``status`` is SUCCESS, ERROR or UNAVAILABLE; times in epoch ms."""
-
+class SignalRef(BaseModel, frozen=True):
     code: str
     name: str | None = None
     group: str | None = None
+
+
+class Signal(SignalRef):
+    """One signal as delivered: ``status`` is SUCCESS, ERROR or UNAVAILABLE; times in epoch ms."""
+
     body: Any = None
     status: str
     error: dict[str, Any] | None = None
@@ -36,18 +33,12 @@ class Signal(_Model):
     retrievedAt: int | None = None
 
 
-class SignalRef(_Model):
-    code: str
-    name: str | None = None
-    group: str | None = None
-
-
-class Trigger(_Model):
+class Trigger(BaseModel, frozen=True):
     type: str
     code: str | None = None
 
 
-class VehicleError(_Model):
+class VehicleError(BaseModel, frozen=True):
     type: str | None = None
     code: str | None = None
     state: str | None = None
@@ -58,18 +49,16 @@ class VehicleError(_Model):
     signals: tuple[SignalRef, ...] = ()
 
 
-class DeliveryMeta(_Model):
+class DeliveryMeta(BaseModel, frozen=True):
     deliveryId: str | None = None
     deliveredAt: int | str | None = None
     webhookId: str | None = None
-    webhookName: str | None = None
     mode: str | None = None
-    version: str | None = None
 
 
-class VehicleEvent(_Model):
+class VehicleEvent(BaseModel, frozen=True):
     event_id: str
-    event_type: EventType
+    event_type: Literal["VEHICLE_STATE", "VEHICLE_ERROR"]
     smartcar_user_id: str
     vehicle: Vehicle
     signals: tuple[Signal, ...] = ()

@@ -12,17 +12,8 @@ from datetime import datetime
 from typing import Any
 
 from core.errors import InvalidPayload
-from core.events.model import (
-    DeliveryMeta,
-    Signal,
-    SignalRef,
-    Trigger,
-    Vehicle,
-    VehicleError,
-    VehicleEvent,
-)
+from core.events.model import DeliveryMeta, Signal, SignalRef, Trigger, Vehicle, VehicleError, VehicleEvent
 from core.events.wire import (
-    VEHICLE_EVENT_TYPES,
     VEHICLE_STATE,
     Envelope,
     WireSignal,
@@ -43,74 +34,46 @@ _LONGEST_TIME_TEXT = 64
 
 
 def normalise(wire: Envelope) -> VehicleEvent:
-    """The event of a validated envelope; :class:`InvalidPayload` for the two rules the schema
-    cannot state (a vehicle event type, a vehicle id)."""
-    if wire["eventType"] not in VEHICLE_EVENT_TYPES:
-        raise InvalidPayload(f"The eventType {clip(wire['eventType'])!r} is not a vehicle event.")
+    """The event of a validated VEHICLE_STATE / VEHICLE_ERROR; InvalidPayload if it names no vehicle."""
     vehicle = vehicle_id(wire)
     if vehicle is None:
         raise InvalidPayload("The delivery names no vehicle (data.vehicle.id or vehicleId).")
     data = wire["data"]
     wire_vehicle = data.get("vehicle") or {}
     triggers = data.get("triggers")
-    if triggers is None:
-        triggers = wire.get("triggers")
     meta = wire.get("meta") or {}
+    # The wire's vehicle and meta hold the model's field names: only the id, year and time are read.
     return VehicleEvent(
         event_id=wire["eventId"],
         event_type="VEHICLE_STATE" if wire["eventType"] == VEHICLE_STATE else "VEHICLE_ERROR",
         smartcar_user_id=data["user"]["id"],
-        vehicle=Vehicle(
-            id=vehicle,
-            make=wire_vehicle.get("make"),
-            model=wire_vehicle.get("model"),
-            year=model_year(wire_vehicle.get("year")),
-            mode=wire_vehicle.get("mode"),
-            powertrainType=wire_vehicle.get("powertrainType"),
-        ),
+        vehicle=Vehicle.model_validate({**wire_vehicle, "id": vehicle, "year": model_year(wire_vehicle.get("year"))}),
         signals=tuple(_signal(s) for s in data.get("signals") or () if _signal_code(s) is not None),
-        errors=tuple(_vehicle_error(e) for e in data.get("errors") or ()),
-        triggers=tuple(_trigger(t) for t in triggers or ()),
-        meta=DeliveryMeta(
-            deliveryId=meta.get("deliveryId"),
-            deliveredAt=delivered_at(meta.get("deliveredAt")),
-            webhookId=meta.get("webhookId"),
-            webhookName=meta.get("webhookName"),
-            mode=meta.get("mode"),
-            version=meta.get("version"),
-        ),
+        errors=tuple(map(_vehicle_error, data.get("errors") or ())),
+        triggers=tuple(map(_trigger, (wire.get("triggers") if triggers is None else triggers) or ())),
+        meta=DeliveryMeta.model_validate({**meta, "deliveredAt": delivered_at(meta.get("deliveredAt"))}),
     )
 
 
-def code_from_dotted(name: str) -> str:
-    """``"TractionBattery.StateOfCharge"`` → ``"tractionbattery-stateofcharge"``."""
-    return name.strip().replace(".", "-").lower()
-
-
-def clip(text: str, limit: int = 60) -> str:
-    """``text`` cut to ``limit`` characters, for quoting a sender's value in a reason."""
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def _signal_code(ref: WireSignalRef) -> str | None:
+def _signal_code(ref: WireSignalRef | str) -> str | None:
+    """A signal's ``code``, else ``group-name``; the text ``"Group.Name"`` gives ``"group-name"``."""
+    if isinstance(ref, str):
+        return ref.strip().replace(".", "-").lower()
     code, group, name = ref.get("code"), ref.get("group"), ref.get("name")
     if code:
         return code
-    if group and name:
-        return f"{group}-{name}".lower()
-    return None
+    return f"{group}-{name}".lower() if group and name else None
 
 
 def _signal_ref(ref: WireSignalRef | str) -> SignalRef:
     if isinstance(ref, str):
         group, _, name = ref.partition(".")
-        return SignalRef(code=code_from_dotted(ref), name=name or None, group=group or None)
+        return SignalRef(code=_signal_code(ref) or "", name=name or None, group=group or None)
     return SignalRef(code=_signal_code(ref) or "", name=ref.get("name"), group=ref.get("group"))
 
 
 def signal_status(value: object, body: object) -> str:
-    """A signal's status (webhook and ``/signals`` alike): the one it carries, else (older
-    deliveries) SUCCESS when it has a body and UNAVAILABLE when not."""
+    """A signal's status (webhook and ``/signals``): its own, else SUCCESS with a body, UNAVAILABLE without."""
     if isinstance(value, str) and value:
         return value
     return "SUCCESS" if body is not None else "UNAVAILABLE"
@@ -120,9 +83,7 @@ def _signal(wire: WireSignal) -> Signal:
     meta = wire.get("meta") or {}
     status = wire.get("status") or {}
     body = wire.get("body")
-    # Built without validating again: every value is of its field's type already (the wire
-    # schema's own types, and time readers that return an int or None).
-    return Signal.model_construct(
+    return Signal(
         code=_signal_code(wire) or "",
         name=wire.get("name"),
         group=wire.get("group"),
@@ -137,13 +98,10 @@ def _signal(wire: WireSignal) -> Signal:
 def _trigger(wire: WireTrigger | str) -> Trigger:
     if isinstance(wire, str):
         # "Group.Name" names a signal; anything else (e.g. FIRST_DELIVERY) is the trigger type.
-        if "." in wire:
-            return Trigger(type="SIGNAL_UPDATED", code=code_from_dotted(wire))
-        return Trigger(type=wire)
+        return Trigger(type="SIGNAL_UPDATED", code=_signal_code(wire)) if "." in wire else Trigger(type=wire)
     kind, signal = wire.get("type"), wire.get("signal")
     if signal is not None:
-        code = code_from_dotted(signal) if isinstance(signal, str) else _signal_code(signal)
-        return Trigger(type=kind or "SIGNAL_UPDATED", code=code)
+        return Trigger(type=kind or "SIGNAL_UPDATED", code=_signal_code(signal))
     if wire.get("code") == "FIRST_DELIVERY":
         return Trigger(type="FIRST_DELIVERY")
     code = _signal_code(wire)
@@ -151,69 +109,37 @@ def _trigger(wire: WireTrigger | str) -> Trigger:
 
 
 def _vehicle_error(wire: WireVehicleError) -> VehicleError:
-    return VehicleError(
-        type=wire.get("type"),
-        code=wire.get("code"),
-        state=wire.get("state"),
-        description=wire.get("description"),
-        suggestedUserMessage=wire.get("suggestedUserMessage"),
-        docURL=wire.get("docURL"),
-        resolution=(wire.get("resolution") or {}).get("type"),
-        signals=tuple(_signal_ref(s) for s in wire.get("signals") or ()),
-    )
+    resolution = (wire.get("resolution") or {}).get("type")
+    signals = tuple(map(_signal_ref, wire.get("signals") or ()))
+    return VehicleError.model_validate({**wire, "resolution": resolution, "signals": signals})
 
 
 def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float (``1e400`` parses as infinity) replaced by None.
-
-    Looking is cheaper than rebuilding and nearly no body holds one, so only those are rebuilt. The
-    parser refuses nesting deeper than about 200 levels, which bounds the recursion.
-    """
-    return value if _all_finite(value) else _without_non_finite(value)
-
-
-def _all_finite(value: Any) -> bool:
+    """``value`` with every non-finite float (``1e400`` parses as infinity) replaced by None. The
+    parser's depth limit (~200) bounds the recursion."""
     kind = type(value)
-    if kind is str or kind is int or kind is bool or value is None:  # the common leaves, first
-        return True
-    if isinstance(value, dict):
-        return all(map(_all_finite, value.values()))
-    if isinstance(value, list):
-        return all(map(_all_finite, value))
-    return not isinstance(value, float) or math.isfinite(value)
-
-
-def _without_non_finite(value: Any) -> Any:
-    if isinstance(value, float):
+    if kind is dict:
+        return {key: _finite(item) for key, item in value.items()}
+    if kind is float:
         return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _without_non_finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_without_non_finite(item) for item in value]
+    if kind is list:
+        return [_finite(item) for item in value]
     return value
 
 
 def epoch_ms(value: object) -> int | None:
     """Epoch milliseconds from epoch ms, epoch seconds or an ISO-8601 string; None if unreadable."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        number = value
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            return None
-        number = round(value * 1000) if 0 < value < _SECONDS_CUTOFF else int(value)
-        return number if 0 <= number <= _MAX_EPOCH_MS else None
-    elif isinstance(value, str):
+    if isinstance(value, str):
         text = value.strip()
-        if _EPOCH_DIGITS.fullmatch(text):
-            number = int(text)
-        else:
+        if not _EPOCH_DIGITS.fullmatch(text):
             return _iso_epoch_ms(text)
+        value = int(text)
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value * 1000 if 0 < value < _SECONDS_CUTOFF else value
+    elif isinstance(value, float) and math.isfinite(value):
+        number = round(value * 1000) if 0 < value < _SECONDS_CUTOFF else int(value)
     else:
         return None
-    if 0 < number < _SECONDS_CUTOFF:
-        number *= 1000
     return number if 0 <= number <= _MAX_EPOCH_MS else None
 
 
@@ -233,28 +159,22 @@ def _iso_epoch_ms(text: str) -> int | None:
 def delivered_at(value: object) -> int | str | None:
     """``meta.deliveredAt`` as epoch ms; an unreadable short text is kept as sent; else None."""
     as_ms = epoch_ms(value)
-    if as_ms is not None:
-        return as_ms
-    return value if isinstance(value, str) and len(value) <= _LONGEST_TIME_TEXT else None
+    if as_ms is None and isinstance(value, str) and len(value) <= _LONGEST_TIME_TEXT:
+        return value
+    return as_ms
 
 
 def retrieved_at(retrieved: object, fetched: object) -> int | None:
-    """When a signal was read (webhook and ``/signals`` alike): ``retrievedAt`` unless it is null,
-    else ``fetchedAt``; a ``0``, ``""`` or ``false`` is the value sent, never skipped."""
+    """A signal's read time (webhook, ``/signals``): ``retrievedAt`` unless null (0 counts), else ``fetchedAt``."""
     return epoch_ms(retrieved if retrieved is not None else fetched)
 
 
 def model_year(value: object) -> int | None:
     """A model year from an int, a whole float or a digit string; None for anything else."""
-    year: int
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        year = value
+    if isinstance(value, str) and _YEAR_DIGITS.fullmatch(value.strip()):
+        value = int(value.strip())
     elif isinstance(value, float) and value.is_integer():
-        year = int(value)
-    elif isinstance(value, str) and _YEAR_DIGITS.fullmatch(value.strip()):
-        year = int(value.strip())
-    else:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
         return None
-    return year if 1 <= year <= 9999 else None
+    return value if 1 <= value <= 9999 else None

@@ -1,10 +1,8 @@
 """Reading a delivery body: in one pass from the bytes (every well-formed vehicle event: the edge's
-:func:`quick_vehicle_event`, the worker's :func:`parse_stored`), else step by step in the edge's
-order (:func:`load_json`, :func:`classify`, :func:`parse_event` or :func:`parse_verify`), which
-tells a 400 from a parked payload and names the reason. Both accept and refuse the same bodies.
-
-The worker always reads from bytes: a float where text belongs (a numeric make) reads as
-``"100000"`` from the JSON ``1e5`` but as ``"100000.0"`` from a parsed document.
+:func:`quick_vehicle_event`, the worker's :func:`parse_stored`), else in the edge's two steps
+(:func:`load_json`, :func:`parse_document`), which tell a 400 from a parked payload and name the
+reason. Both accept and refuse the same bodies. The worker always reads from bytes: a float where text
+belongs (a numeric make) reads as ``"100000"`` from the JSON ``1e5``, as ``"100000.0"`` from a document.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from core.errors import InvalidPayload, MalformedBody
 from core.events.model import QuickEvent, VehicleEvent
-from core.events.normalise import clip, epoch_ms, normalise
+from core.events.normalise import epoch_ms, normalise
 from core.events.wire import (
     EDGE_VALIDATOR,
     VEHICLE_EVENT_TYPES,
@@ -37,16 +35,11 @@ _INFINITY = re.compile(rb"Infinity").search
 E = TypeVar("E", bound=WireEnvelope[Any])
 
 
-def _may_hold_non_finite_literal(body: bytes) -> bool:
-    """True when ``body`` holds the bytes ``NaN`` or ``Infinity``, in a string or as a literal: the
-    one-pass validators read such a literal as a number, load_json refuses it."""
-    return _NAN(body) is not None or _INFINITY(body) is not None
-
-
 def _one_pass(body: bytes, validator: TypeAdapter[E]) -> E | None:
-    """The envelope of a well-formed VEHICLE_STATE / VEHICLE_ERROR, validated from bytes; else None
-    (the caller then takes the steps, which decide between 400 and parking)."""
-    if _may_hold_non_finite_literal(body):
+    """The envelope of a well-formed VEHICLE_STATE / VEHICLE_ERROR, validated from bytes; else None, and
+    the caller takes the steps (400 or parked). So does a body holding the bytes NaN or Infinity: the
+    validators would read such a literal as a number, load_json refuses it."""
+    if _NAN(body) is not None or _INFINITY(body) is not None:
         return None
     try:
         envelope = validator.validate_json(body)
@@ -69,40 +62,24 @@ def quick_vehicle_event(body: bytes) -> QuickEvent | None:
 
 
 def parse_stored(body: bytes | str) -> VehicleEvent:
-    """The worker's reading of a body as the edge stored it.
-
-    Raises :class:`InvalidPayload` and nothing else, with the edge's reason, so a body that cannot
-    be read is parked (and can be replayed) instead of failing its job.
-    """
+    """The worker's reading of a body as the edge stored it. Raises :class:`InvalidPayload` and nothing
+    else, with the edge's reason: a body it cannot read is parked (and can be replayed), never failed."""
     try:
         raw = body.encode() if isinstance(body, str) else body
-    except UnicodeEncodeError:
-        # Text holding a lone surrogate has no UTF-8 form; no body the edge read can hold one.
-        raise InvalidPayload(_NOT_JSON) from None
-    try:
         wire = _one_pass(raw, WIRE_VALIDATOR)
         if wire is None:
-            _refuse_as_the_edge_does(raw)
+            if isinstance(parse_document(load_json(raw)), str):
+                raise InvalidPayload("A VERIFY is answered by the web edge, never processed as an event.")
             # The steps took it, so it holds the text NaN or Infinity but no such literal: the
             # one-pass validator reads it safely, as it reads every other event.
             wire = WIRE_VALIDATOR.validate_json(raw)
         return normalise(wire)
+    except (MalformedBody, UnicodeEncodeError):  # a text with a lone surrogate has no UTF-8 form
+        raise InvalidPayload(_NOT_JSON) from None
     except InvalidPayload:
         raise
     except Exception as exc:  # a parser gap is a permanent fault of this body: park it, never retry
         raise InvalidPayload(f"The payload could not be read ({type(exc).__name__}).") from None
-
-
-def _refuse_as_the_edge_does(body: bytes) -> None:
-    """Raise the reason the edge's steps refuse ``body`` for; return when they accept it."""
-    try:
-        document = load_json(body)
-    except MalformedBody as exc:
-        raise InvalidPayload(exc.message) from None
-    if classify(document) == VERIFY:
-        parse_verify(document)  # a VERIFY without a challenge: the edge's reason
-        raise InvalidPayload("A VERIFY is answered by the web edge, never processed as an event.")
-    parse_event(document)
 
 
 def load_json(body: bytes) -> Any:
@@ -114,10 +91,10 @@ def load_json(body: bytes) -> Any:
         raise MalformedBody(_NOT_JSON) from None
 
 
-def classify(document: Any) -> str:
-    """The event type of a parsed delivery; :class:`InvalidPayload` coded ``legacy_v2`` for a v2.0
-    webhook, ``unknown_event_type`` for a type this service does not handle, ``invalid_payload``
-    when there is no type at all."""
+def parse_document(document: Any) -> VehicleEvent | str:
+    """The event of a parsed delivery, or a VERIFY's challenge. :class:`InvalidPayload` names the
+    failing fields, never their values; coded ``legacy_v2`` for a v2.0 webhook and
+    ``unknown_event_type`` for a type this service does not handle."""
     if not isinstance(document, dict):
         raise InvalidPayload("The body is JSON but not an object.")
     if is_legacy(document):
@@ -128,24 +105,11 @@ def classify(document: Any) -> str:
     if not isinstance(event_type, str) or not event_type:
         raise InvalidPayload("The delivery has no eventType.")
     if event_type != VERIFY and event_type not in VEHICLE_EVENT_TYPES:
-        raise InvalidPayload(
-            f"The eventType {clip(event_type)!r} is not one this service handles.", "unknown_event_type"
-        )
-    return event_type
-
-
-def parse_verify(document: Any) -> str:
-    """Return the challenge of a VERIFY delivery; :class:`InvalidPayload` when it has none."""
+        shown = event_type if len(event_type) <= 60 else event_type[:60] + "…"
+        raise InvalidPayload(f"The eventType {shown!r} is not one this service handles.", "unknown_event_type")
     try:
-        return VERIFY_VALIDATOR.validate_python(document)["data"]["challenge"]
-    except ValidationError as exc:
-        raise InvalidPayload(_describe(exc)) from None
-
-
-def parse_event(document: Any) -> VehicleEvent:
-    """Validate and normalise a parsed VEHICLE_STATE or VEHICLE_ERROR document; :class:`InvalidPayload`
-    names the failing fields, never their values."""
-    try:
+        if event_type == VERIFY:
+            return VERIFY_VALIDATOR.validate_python(document)["data"]["challenge"]
         wire = WIRE_VALIDATOR.validate_python(document)
     except ValidationError as exc:
         raise InvalidPayload(_describe(exc)) from None
@@ -195,7 +159,8 @@ def delivery_id_of(body: bytes | str) -> str | None:
 
 
 def verify_challenge_or_none(document: Any) -> str | None:
-    """The challenge of a document that claims to be a VERIFY, without raising."""
+    """The challenge of a document that claims to be a VERIFY, without raising: only a JSON string
+    (the validator's ``1e400`` would read as the token-like ``"inf"``)."""
     if isinstance(document, dict) and document.get("eventType") == VERIFY:
         data = document.get("data")
         if isinstance(data, dict) and isinstance(data.get("challenge"), str):

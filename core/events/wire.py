@@ -1,12 +1,8 @@
-"""The wire schema: a Smartcar delivery as sent, read tolerantly into typed dicts.
-
-Smartcar's documentation and its real deliveries (``tests/fixtures/captured/``) disagree: triggers
-come in ``data.triggers`` as ``{code, name, group}`` or at the top level as ``{type, signal}``
-(``signal`` an object or a ``"Group.Name"`` string); signal times as ``retrievedAt`` or
-``fetchedAt``; ``meta``, ``triggers`` and a signal's ``status`` may be missing. Ids are strict
-strings; times and the model year are ``Any``, read by :mod:`core.events.normalise`. The edge's
-reading (:data:`EDGE_VALIDATOR`) leaves out a signal's body, times and error, which it never
-reads, at half the cost a body.
+"""The wire schema: a Smartcar delivery as sent, read tolerantly into typed dicts. Real deliveries
+(``tests/fixtures/captured/``) differ from the docs: triggers in ``data.triggers`` as ``{code, name,
+group}`` or at the top level as ``{type, signal}`` (``signal`` an object or ``"Group.Name"``), signal
+times as ``retrievedAt`` or ``fetchedAt``; ``meta``, ``triggers`` and a signal's ``status`` may be
+missing. Ids are strict strings; times and the year are ``Any``, read by :mod:`core.events.normalise`.
 """
 
 from __future__ import annotations
@@ -30,54 +26,43 @@ VEHICLE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 VehicleId = Annotated[StrictStr, StringConstraints(pattern=VEHICLE_ID_PATTERN)]
 
 # Descriptive text (make, model, signal names) accepts numbers, which is harmless; ids are strict.
+# The config of the two roots (WireEnvelope, WireVerify) holds for every typed dict inside them.
 _wire = with_config(ConfigDict(coerce_numbers_to_str=True))
 
 
-@_wire
 class WireObject(TypedDict):
     """Any JSON object, its contents unread."""
 
 
-@_wire
 class WireSignalRef(TypedDict, total=False):
     code: str | None
     name: str | None
     group: str | None
 
 
-@_wire
 class WireStatus(TypedDict, total=False):
     value: str | None
     error: dict[str, Any] | None
 
 
-@_wire
-class WireSignalMeta(TypedDict, total=False):
-    oemUpdatedAt: Any
-    retrievedAt: Any
-    fetchedAt: Any
-
-
-@_wire
 class WireSignal(WireSignalRef, total=False):
     body: Any
-    meta: WireSignalMeta | None
+    meta: dict[str, Any] | None  # oemUpdatedAt, retrievedAt or fetchedAt: any value, read by normalise
     status: WireStatus | None
 
 
-@_wire
+# The edge's reading (EDGE_VALIDATOR) leaves out what it never reads, a signal's body, times and
+# error: half the cost a body.
 class EdgeStatus(TypedDict, total=False):
     value: str | None
     error: WireObject | None
 
 
-@_wire
 class EdgeSignal(WireSignalRef, total=False):
     meta: WireObject | None
     status: EdgeStatus | None
 
 
-@_wire
 class WireVehicle(TypedDict, total=False):
     id: VehicleId | None
     make: str | None
@@ -87,7 +72,6 @@ class WireVehicle(TypedDict, total=False):
     powertrainType: str | None
 
 
-@_wire
 class WireTrigger(TypedDict, total=False):
     type: str | None
     code: str | None
@@ -96,17 +80,14 @@ class WireTrigger(TypedDict, total=False):
     signal: WireSignalRef | str | None
 
 
-@_wire
 class WireUser(TypedDict):
     id: SmartcarId
 
 
-@_wire
 class WireResolution(TypedDict, total=False):
     type: str | None
 
 
-@_wire
 class WireVehicleError(TypedDict, total=False):
     type: str | None
     code: str | None
@@ -118,7 +99,6 @@ class WireVehicleError(TypedDict, total=False):
     signals: list[WireSignalRef | str] | None
 
 
-@_wire
 class WireMeta(TypedDict, total=False):
     version: str | None
     deliveryId: StrictStr | None
@@ -132,7 +112,6 @@ class WireMeta(TypedDict, total=False):
 S = TypeVar("S", bound=WireSignalRef)
 
 
-@_wire
 class WireData(TypedDict, Generic[S], total=False):
     user: Required[WireUser]
     vehicle: WireVehicle | None
@@ -157,7 +136,6 @@ class WireEnvelope(TypedDict, Generic[S], total=False):
     payload: Any
 
 
-@_wire
 class WireVerifyData(TypedDict):
     challenge: Annotated[str, Field(min_length=1)]
 
@@ -167,7 +145,6 @@ class WireVerify(TypedDict):
     data: WireVerifyData
 
 
-#: The worker's envelope, every field read.
 Envelope = WireEnvelope[WireSignal]
 WIRE_VALIDATOR = TypeAdapter(Envelope)
 EDGE_VALIDATOR = TypeAdapter(WireEnvelope[EdgeSignal])
