@@ -5,6 +5,7 @@ Why not httpx, which the callers' unit tests still hand them on a ``MockTranspor
 
 from __future__ import annotations
 
+import math
 import ssl
 import time
 import urllib.request
@@ -110,8 +111,10 @@ async def observed(endpoint: str, request: Awaitable[HttpAnswer]) -> HttpAnswer:
 
 
 def retry_after_seconds(answer: HttpAnswer) -> float | None:
-    """The ``Retry-After`` header in seconds, when present and numeric."""
+    """The ``Retry-After`` header in seconds, when present and a finite number (``inf``, ``nan`` or
+    ``1e400`` from a hostile or broken answer count as absent)."""
     try:
-        return max(0.0, float(answer.headers["retry-after"]))
+        seconds = float(answer.headers["retry-after"])
     except (KeyError, ValueError):
         return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
