@@ -240,7 +240,8 @@ class ConnectEndpoints:
 
     async def start(self, request: Request) -> Response:
         raw = request.query_params.get("user", "")
-        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) < 10**18:
+        # The length first: int() refuses text of more than 4,300 digits with an error of its own.
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 20) or not 1 <= int(raw) < 10**18:
             return _error(400, "invalid_user", "The user parameter must be an internal user id (a positive integer).")
         binding = secrets.token_urlsafe(32)
         link = connect_link(self._settings, int(raw), binding=binding)

@@ -216,6 +216,8 @@ def connection_created_at(item: object) -> float | None:
         if isinstance(value, str):
             text = value.strip()
             if text.isascii() and text.isdigit():
+                if len(text) > 20:  # no time; int() would refuse past 4,300 digits
+                    continue
                 value = int(text)
             else:
                 try:

@@ -490,6 +490,7 @@ def test_start_redirects_to_connect_with_a_bound_state_and_a_strict_cookie(web):
     with web.browser() as browser:
         response = browser.get("/connect/start", params={"user": "1"})
         assert browser.get("/connect/start", params={"user": "one"}).status_code == 400
+        assert browser.get("/connect/start", params={"user": "9" * 5000}).status_code == 400  # past int()'s limit
         binding = browser.cookies[BINDING_COOKIE]
     assert response.status_code == 302
     assert response.headers["cache-control"] == "no-store"
@@ -607,6 +608,8 @@ def test_connect_link_falls_back_to_the_client_id_with_a_note(settings):
         pytest.param({"attributes": {"createdAt": -5}}, None, id="negative"),
         pytest.param({"attributes": {}}, None, id="absent"),
         pytest.param("not an item", None, id="not-a-dict"),
+        pytest.param({"createdAt": "9" * 5000}, None, id="5000-digits"),
+        pytest.param({"createdAt": "9" * 5000, "connectedAt": 1795885200}, 1795885200.0, id="5000-digits-then-next"),
     ],
 )
 def test_connection_creation_time_is_read_from_the_likely_fields(item, expected):
