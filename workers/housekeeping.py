@@ -1,7 +1,8 @@
-"""The worker's life besides its jobs: RQ's own worker object (registration, state, heartbeat,
-suspension, clean-ups, scheduler), ticked once a second so that ``rq info``, ``rq suspend`` and the
-scheduler see a worker exactly as RQ would, with the summary line; and the liveness thread (this
-worker's liveness key, dead workers' jobs requeued: docs/reliability.md)."""
+"""The worker's life besides its jobs, on two threads of its own (never waiting on the event loop,
+nor on each other): RQ's own worker object (registration, state, heartbeat, suspension, clean-ups,
+scheduler), ticked once a second so that ``rq info``, ``rq suspend`` and the scheduler see a worker
+exactly as RQ would, with the summary line; and the liveness beat (this worker's liveness key, dead
+workers' jobs requeued: docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from workers.scheduler import PatientScheduler
 
 log = get_logger("smartcar_ingest.worker")
 
+#: Seconds between housekeeping ticks.
+TICK_SECONDS = 1.0
 #: Seconds between worker heartbeats (RQ's worker key lives for minutes).
 HEARTBEAT_SECONDS = 5.0
 #: Seconds between registry clean-ups (RQ's default is 10 minutes; the reaper is faster still).
@@ -44,7 +47,7 @@ RELEASE_PATIENCE_SECONDS = 5.0
 
 
 class Housekeeping:
-    """RQ's worker object and the liveness thread of one worker. ``in_flight`` returns, for each job
+    """RQ's worker object and the liveness beat of one worker. ``in_flight`` returns, for each job
     the worker is running, its execution composite key and started-registry TTL."""
 
     def __init__(self, worker: SimpleWorker, queue: Queue, in_flight: Callable[[], Iterable[tuple[str, int]]]):
@@ -52,8 +55,8 @@ class Housekeeping:
         self.queue = queue
         self.connection: redis.Redis = worker.connection
         self._in_flight = in_flight
-        self._stop_beating = threading.Event()
-        self._liveness = threading.Thread(target=self._beat_forever, name="liveness", daemon=True)
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
         self._quiet_until = 0.0
         # Ids seen in RQ's shared intermediate list, with when the liveness thread first saw each.
         self._suspects: dict[str, float] = {}
@@ -88,8 +91,10 @@ class Housekeeping:
         # Judge nobody until every live worker has had time to beat since this one started.
         self._quiet_until = time.monotonic() + ALIVE_SECONDS
         until_redis_answers(self._beat)
-        self._liveness.start()
         self._report(WorkerStatus.IDLE)
+        for name, seconds, step in (("liveness", BEAT_SECONDS, self._live), ("housekeeping", TICK_SECONDS, self.tick)):
+            self._threads.append(threading.Thread(target=self._every, args=(seconds, step), name=name, daemon=True))
+            self._threads[-1].start()
         scheduler = PatientScheduler(
             [self.queue], connection=self.connection, serializer=self.worker.serializer, logging_level="WARNING"
         )
@@ -113,8 +118,12 @@ class Housekeeping:
     def idle(self) -> None:
         self._state = WorkerStatus.IDLE
 
+    def _every(self, seconds: float, step: Callable[[], None]) -> None:
+        while not self._stopping.wait(seconds):
+            step()
+
     def tick(self) -> None:
-        """Once a second: state, heartbeat, suspension; every :data:`MAINTENANCE_SECONDS` the clean-ups."""
+        """Every :data:`TICK_SECONDS`: state, heartbeat, suspension; every :data:`MAINTENANCE_SECONDS` the clean-ups."""
         try:
             self.suspended = bool(is_suspended(self.connection))
             if self._state != self._reported:
@@ -178,14 +187,15 @@ class Housekeeping:
                 self.connection.delete(queue.registry_cleaning_key)
 
     def stop(self) -> None:
-        """Stop the scheduler and the liveness thread, hand back anything still held, deregister (if
-        Redis cannot be reached in time, a peer puts back what it held once its liveness key expires)."""
+        """Stop the threads and the scheduler, hand back anything still held, deregister (if Redis
+        cannot be reached in time, a peer puts back what it held once its liveness key expires)."""
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
         scheduler, self.scheduler = self.scheduler, None
         if scheduler is not None:
             scheduler.stop_process()
-        if self._liveness.ident is not None:  # started
-            self._stop_beating.set()
-            self._liveness.join(timeout=10)
+        if self._threads:  # started
             try:
                 until_redis_answers(self._release, give_up_after=RELEASE_PATIENCE_SECONDS)
             except redis.RedisError as exc:
@@ -199,7 +209,7 @@ class Housekeeping:
             pipe.srem(WORKERS_SET, self.worker.name)
             pipe.execute()
 
-    # --- the liveness thread ---
+    # --- the liveness beat ---
 
     def _quiet(self) -> bool:
         """True while this worker should not judge others (just started, or Redis just came back)."""
@@ -225,18 +235,17 @@ class Housekeeping:
                     pipe.expire(Execution.from_composite_key(composite, self.connection).key, ttl)
                 pipe.execute()
 
-    def _beat_forever(self) -> None:
-        while not self._stop_beating.wait(BEAT_SECONDS):
-            try:
-                self._beat()
-            except redis.RedisError as exc:
-                self._quiet_until = time.monotonic() + ALIVE_SECONDS + BEAT_SECONDS
-                log.warning("liveness beat failed; retrying", error=type(exc).__name__)
-                continue
-            try:
-                self._recover()
-            except redis.RedisError as exc:
-                log.warning("could not requeue stranded jobs yet; retrying", error=type(exc).__name__)
+    def _live(self) -> None:
+        try:
+            self._beat()
+        except redis.RedisError as exc:
+            self._quiet_until = time.monotonic() + ALIVE_SECONDS + BEAT_SECONDS
+            log.warning("liveness beat failed; retrying", error=type(exc).__name__)
+            return
+        try:
+            self._recover()
+        except redis.RedisError as exc:
+            log.warning("could not requeue stranded jobs yet; retrying", error=type(exc).__name__)
 
     def _recover(self) -> None:
         """Requeue what RQ's shared list stranded and what dead workers held; one round trip when
@@ -296,6 +305,6 @@ def awaiting() -> str:
 
 
 def report_crash(task: asyncio.Task[None]) -> None:
-    """A done-callback for the worker's helper tasks: an exception that ended one is logged."""
+    """A done-callback for the worker's helper task: an exception that ended one is logged."""
     if not task.cancelled() and task.exception() is not None:
         log.error("worker task ended", task=task.get_name(), error=repr(task.exception()))

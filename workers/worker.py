@@ -1,11 +1,13 @@
-"""``smartcar-ingest worker``'s loop: :class:`AsyncWorker` takes RQ jobs in batches, runs each as a
-coroutine on one event loop and records RQ's bookkeeping a batch at a time (:mod:`workers.batch`).
+"""``smartcar-ingest worker``: :class:`AsyncWorker` takes RQ jobs in batches, runs each as a coroutine
+on one event loop and records RQ's bookkeeping a batch at a time (:mod:`workers.batch`);
+:func:`run_worker` is the process around it (Redis connection, metrics endpoint, uvloop).
 How it keeps RQ's view true and loses nothing: docs/architecture.md, "The worker"; docs/reliability.md."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import threading
 import time
@@ -17,6 +19,8 @@ from functools import partial
 from typing import TypeVar
 
 import redis
+import uvloop
+from prometheus_client import start_http_server
 from rq import Queue, SimpleWorker
 from rq.executions import Execution
 from rq.serializers import JSONSerializer
@@ -26,8 +30,10 @@ from core import metrics
 from core.config import Settings
 from core.errors import InvalidJob, TransientError
 from core.logs import get_logger
-from core.redis.clients import worker_redis
-from core.redis.outage import redis_unavailable, until_redis_answers_async
+from core.redis.clients import rq_redis, worker_redis
+from core.redis.memory import warn_without_maxmemory
+from core.redis.outage import redis_unavailable, until_redis_answers, until_redis_answers_async
+from core.redis.queue_metrics import QueueCollector, endpoint_registry
 from workers.batch import Bookkeeping, ClaimedJob
 from workers.housekeeping import Housekeeping, awaiting, report_crash
 from workers.jobs import claimed_payload, refusal, refuse
@@ -82,11 +88,10 @@ class AsyncWorker:
         self._stopping = False
         self._stopped_at: float | None = None
         self._cancelled = False
-        self._closing = False  # ends the flusher and the chores
+        self._closing = False  # ends the flusher
         # RQ's synchronous steps run on a bounded few threads of their own: an outage that holds them
-        # never holds the default pool, where the user lookups run, nor the housekeeping tick's thread.
+        # never holds the default pool, where the user lookups run.
         self._step_threads = ThreadPoolExecutor(STEP_THREADS, thread_name_prefix="rq-step")
-        self._tick_thread = ThreadPoolExecutor(1, thread_name_prefix="rq-housekeeping")
         self._in_flight_lock = threading.Lock()  # the liveness thread reads what the loop changes
 
     def claimed_jobs(self) -> list[ClaimedJob]:
@@ -114,13 +119,10 @@ class AsyncWorker:
                 raise Stopped from exc
             raise
 
-    async def _blocking(self, step: Callable[[], T], or_stop: bool = True, tick: bool = False) -> T:
-        """A synchronous step (RQ's own code) as :meth:`_redis` runs one, each try on a step thread
-        (``tick``: the housekeeping thread's)."""
+    async def _blocking(self, step: Callable[[], T], or_stop: bool = True) -> T:
+        """A synchronous step (RQ's own code) as :meth:`_redis` runs one, each try on a step thread."""
         loop = asyncio.get_running_loop()
-        return await self._redis(
-            lambda: loop.run_in_executor(self._tick_thread if tick else self._step_threads, step), or_stop
-        )
+        return await self._redis(lambda: loop.run_in_executor(self._step_threads, step), or_stop)
 
     def request_stop(self) -> None:
         """Warm shutdown on the first call; the second cancels the jobs in flight (they are put back)."""
@@ -144,9 +146,7 @@ class AsyncWorker:
         await self._blocking(lambda: self.housekeeping.start(burst))
         log.info("worker started", worker=self.name, queue=self.queue.name, concurrency=self.concurrency)
         flusher = asyncio.create_task(self._flush_forever(), name="flusher")
-        chores = asyncio.create_task(self._chores(), name="chores")
-        for helper in (flusher, chores):
-            helper.add_done_callback(report_crash)
+        flusher.add_done_callback(report_crash)
         try:
             self.processor = await open_processor(self.settings, max(10, self.concurrency * 2), self._clients)
             await self._work(burst)
@@ -155,16 +155,15 @@ class AsyncWorker:
             self._stopped_at = self._stopped_at or time.monotonic()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
-            # The helpers end on their own once closing; a bounded wait, never one that can hang.
+            # The flusher ends on its own once closing; a bounded wait, never one that can hang.
             self._closing = True
             self._flush_wanted.set()
-            await asyncio.wait({flusher, chores}, timeout=SHUTDOWN_PATIENCE_SECONDS)
+            await asyncio.wait({flusher}, timeout=SHUTDOWN_PATIENCE_SECONDS)
             await self._flush()
             for claimed_job in self.claimed_jobs():
                 await self._give_back(claimed_job, "the worker stopped before recording it")
             await asyncio.to_thread(self.housekeeping.stop)
             self._step_threads.shutdown(wait=False)  # the stop checks end every wait
-            self._tick_thread.shutdown(wait=False)
             await self.redis.aclose()
             await self._clients.aclose()
             self.housekeeping.summary(final=True)
@@ -335,12 +334,7 @@ class AsyncWorker:
         for claimed_job in batch:
             self._release(claimed_job)
 
-    # --- the rest of RQ's loop: heartbeats, maintenance, suspension, a lost claim's answer ---
-
-    async def _chores(self) -> None:
-        while not self._closing:
-            await asyncio.sleep(1.0)
-            await self._blocking(self.housekeeping.tick, or_stop=False, tick=True)
+    # --- a lost start's answer ---
 
     async def _recover_lost_starts(self) -> None:
         """Executions recorded for this worker that it does not hold (a start whose answer a Redis
@@ -353,3 +347,53 @@ class AsyncWorker:
             requeue = partial(requeue_execution, self.connection, self.queue.name, job_id, execution_id, self.name)
             if await self._blocking(requeue):
                 log.warning("requeued a job whose start was recorded without this worker knowing", jobId=job_id)
+
+
+def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAULT_CONCURRENCY) -> bool:
+    """Work the ingest queue until stopped (or, with ``burst``, until it is empty)."""
+    connection = rq_redis(settings, max_connections=16)
+    # Start once Redis answers, so a worker started during an outage waits instead of crashing.
+    until_redis_answers(connection.ping, give_up_after=300.0)
+    warn_without_maxmemory(connection)
+    queue = Queue(settings.ingest_queue, connection=connection, serializer=JSONSerializer)
+    stop_metrics = start_worker_metrics(settings)
+    # Startup objects out of the collector's way, young collections less often (as in the web).
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+    try:
+        # libuv's loop: less CPU per socket event than asyncio's own
+        return uvloop.run(AsyncWorker(settings, connection, queue, concurrency).run(burst=burst))
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
+        connection.close()
+
+
+def start_worker_metrics(settings: Settings) -> Callable[[], None] | None:
+    """Serve ``/metrics`` (this process's counters, the queue gauges read at scrape time) on
+    ``ADMIN_HOST``:``METRICS_PORT`` in a daemon thread; returns what stops it, or None when the
+    port is 0, or taken (logged: the worker then runs without metrics)."""
+    if settings.metrics_port == 0:
+        return None
+    collector = QueueCollector(settings)
+    try:
+        server, thread = start_http_server(
+            settings.metrics_port, addr=settings.admin_host, registry=endpoint_registry(collector)
+        )
+    except OSError as exc:
+        collector.close()
+        log.warning(
+            "worker metrics not served: METRICS_PORT is unavailable",
+            port=settings.metrics_port,
+            error=type(exc).__name__,
+        )
+        return None
+    log.info("worker metrics served", host=settings.admin_host, port=settings.metrics_port, path="/metrics")
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+        collector.close()
+
+    return stop
