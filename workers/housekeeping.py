@@ -302,9 +302,3 @@ def awaiting() -> str:
             coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
         lines.append(f"{task.get_name()}: {' > '.join(chain) or 'not started'}")
     return "\n".join(sorted(lines))
-
-
-def report_crash(task: asyncio.Task[None]) -> None:
-    """A done-callback for the worker's helper task: an exception that ended one is logged."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("worker task ended", task=task.get_name(), error=repr(task.exception()))

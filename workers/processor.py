@@ -122,11 +122,9 @@ class EventProcessor:
                 if final_attempt:
                     return await self._park(event_id, "retries_exhausted", "Enrichment ran out of time.", body)
                 raise SmartcarUnavailable("Enrichment ran out of time; the job will be retried.") from None
-            except SmartcarUnauthorized as exc:
-                return await self._park(event_id, "upstream_rejected", exc.message, body)
-            except UnknownUser as exc:  # parked outside the time budget: parking waits out Redis on its own
-                return await self._park(event_id, exc.code, exc.message, body)
-            except InvalidPayload as exc:  # the client refused an id the parser let through
+            # Parked outside the time budget (parking waits out Redis on its own). InvalidPayload: the
+            # client refused an id the parser let through.
+            except (SmartcarUnauthorized, UnknownUser, InvalidPayload) as exc:
                 return await self._park(event_id, exc.code, exc.message, body)
             except TransientError as exc:
                 if final_attempt:

@@ -35,8 +35,8 @@ from core.redis.memory import warn_without_maxmemory
 from core.redis.outage import redis_unavailable, until_redis_answers, until_redis_answers_async
 from core.redis.queue_metrics import QueueCollector, endpoint_registry
 from workers.batch import Bookkeeping, ClaimedJob
-from workers.housekeeping import Housekeeping, awaiting, report_crash
-from workers.jobs import claimed_payload, refusal, refuse
+from workers.housekeeping import Housekeeping, awaiting
+from workers.jobs import admit, refuse
 from workers.processor import EventProcessor, open_processor
 from workers.reaper import requeue_execution
 
@@ -83,12 +83,10 @@ class AsyncWorker:
         self._in_flight: dict[str, ClaimedJob] = {}  # by execution composite key, until recorded
         self._tasks: set[asyncio.Task[None]] = set()
         self._finished: list[ClaimedJob] = []
-        self._flush_wanted = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._stopping = False
         self._stopped_at: float | None = None
         self._cancelled = False
-        self._closing = False  # ends the flusher
         # RQ's synchronous steps run on a bounded few threads of their own: an outage that holds them
         # never holds the default pool, where the user lookups run.
         self._step_threads = ThreadPoolExecutor(STEP_THREADS, thread_name_prefix="rq-step")
@@ -145,8 +143,6 @@ class AsyncWorker:
             loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("what the worker awaits", tasks=awaiting()))
         await self._blocking(lambda: self.housekeeping.start(burst))
         log.info("worker started", worker=self.name, queue=self.queue.name, concurrency=self.concurrency)
-        flusher = asyncio.create_task(self._flush_forever(), name="flusher")
-        flusher.add_done_callback(report_crash)
         try:
             self.processor = await open_processor(self.settings, max(10, self.concurrency * 2), self._clients)
             await self._work(burst)
@@ -155,10 +151,6 @@ class AsyncWorker:
             self._stopped_at = self._stopped_at or time.monotonic()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
-            # The flusher ends on its own once closing; a bounded wait, never one that can hang.
-            self._closing = True
-            self._flush_wanted.set()
-            await asyncio.wait({flusher}, timeout=SHUTDOWN_PATIENCE_SECONDS)
             await self._flush()
             for claimed_job in self.claimed_jobs():
                 await self._give_back(claimed_job, "the worker stopped before recording it")
@@ -212,16 +204,16 @@ class AsyncWorker:
     async def _start(self, claimed: list[ClaimedJob]) -> None:
         runnable: list[ClaimedJob] = []
         for claimed_job in claimed:
-            if not claimed_job.fields:
-                runnable.append(claimed_job)  # deleted while queued: the start only drops its id
-                continue
-            reason = refusal(claimed_job, self.connection, self.settings.max_body_bytes)
-            if reason is None:
-                runnable.append(claimed_job)
-                continue
-            await self._blocking(
-                partial(refuse, self.connection, self.queue.name, claimed_job, reason, self.bookkeeping.dequeued_key)
-            )
+            if claimed_job.fields:  # else deleted while queued: the start only drops its id
+                claimed_job.payload = admit(claimed_job, self.connection, self.settings.max_body_bytes)
+                reason = claimed_job.payload
+                if isinstance(reason, str):
+                    dequeued = self.bookkeeping.dequeued_key
+                    await self._blocking(
+                        partial(refuse, self.connection, self.queue.name, claimed_job, reason, dequeued)
+                    )
+                    continue
+            runnable.append(claimed_job)
         ttl = max((h.ttl for h in runnable), default=90)
         started = await self._redis(lambda: self.bookkeeping.start(runnable, ttl), or_stop=False)
         for claimed_job in started:
@@ -243,7 +235,9 @@ class AsyncWorker:
 
     async def _run_job(self, claimed_job: ClaimedJob) -> None:
         try:
-            payload = claimed_payload(claimed_job, self.connection)
+            payload = claimed_job.payload
+            if isinstance(payload, InvalidJob):
+                raise payload
             # The job's RQ timeout less a margin, so that it stops itself before RQ would.
             budget = max(1.0, (claimed_job.field(b"timeout") or self.settings.job_timeout_seconds) - 5)
             async with asyncio.timeout(budget + 15):
@@ -267,10 +261,12 @@ class AsyncWorker:
         metrics.JOBS.labels(outcome=f"parked_{result['reason']}" if parked else result["status"]).inc()
         claimed_job.result = result
         self._finished.append(claimed_job)
-        if len(self._finished) >= self.batch_size:
+        if len(self._finished) == 1 and self.batch_size > 1:
+            # The job that opens a batch records it, once the jobs that finish meanwhile have joined.
+            await asyncio.sleep(FLUSH_SECONDS)
             await self._flush()
-        else:
-            self._flush_wanted.set()
+        elif len(self._finished) >= self.batch_size:
+            await self._flush()
 
     async def _fail(self, claimed_job: ClaimedJob, exc: Exception) -> None:
         """RQ's own failure handling for a job that raised: a retry on its schedule, or the failed registry."""
@@ -313,13 +309,6 @@ class AsyncWorker:
             self._release(claimed_job)
 
     # --- recording finished jobs ---
-
-    async def _flush_forever(self) -> None:
-        while not self._closing:
-            await self._flush_wanted.wait()
-            await asyncio.sleep(FLUSH_SECONDS)
-            self._flush_wanted.clear()
-            await self._flush()
 
     async def _flush(self) -> None:
         if not self._finished:
