@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -50,7 +50,7 @@ class Housekeeping:
     """RQ's worker object and the liveness beat of one worker. ``in_flight`` returns, for each job
     the worker is running, its execution composite key and started-registry TTL."""
 
-    def __init__(self, worker: SimpleWorker, queue: Queue, in_flight: Callable[[], Iterable[tuple[str, int]]]):
+    def __init__(self, worker: SimpleWorker, queue: Queue, in_flight: Callable[[], list[tuple[str, int]]]):
         self.worker = worker
         self.queue = queue
         self.connection: redis.Redis = worker.connection
@@ -65,7 +65,6 @@ class Housekeeping:
         self.suspended = False
         #: Set after Redis trouble: the worker then looks for executions it recorded without knowing.
         self.check_lost = True
-        self._state = WorkerStatus.IDLE
         self._reported: str | None = None
         self._heartbeat_at = 0.0
         self._cleaned_at = time.monotonic()
@@ -91,10 +90,8 @@ class Housekeeping:
         # Judge nobody until every live worker has had time to beat since this one started.
         self._quiet_until = time.monotonic() + ALIVE_SECONDS
         until_redis_answers(self._beat)
+        self._every(BEAT_SECONDS, self._live, "liveness")
         self._report(WorkerStatus.IDLE)
-        for name, seconds, step in (("liveness", BEAT_SECONDS, self._live), ("housekeeping", TICK_SECONDS, self.tick)):
-            self._threads.append(threading.Thread(target=self._every, args=(seconds, step), name=name, daemon=True))
-            self._threads[-1].start()
         scheduler = PatientScheduler(
             [self.queue], connection=self.connection, serializer=self.worker.serializer, logging_level="WARNING"
         )
@@ -110,24 +107,26 @@ class Housekeeping:
             finally:
                 self._best_effort(scheduler.release_locks)
                 self._best_effort(scheduler.register_death)
+        self._every(TICK_SECONDS, self.tick, "housekeeping")
 
-    def busy(self) -> None:
-        """Jobs were started; the start script reported the worker busy already."""
-        self._state = self._reported = WorkerStatus.BUSY
+    def _every(self, seconds: float, step: Callable[[], None], name: str) -> None:
+        """Run ``step`` every ``seconds`` on a thread of its own, until :meth:`stop`."""
 
-    def idle(self) -> None:
-        self._state = WorkerStatus.IDLE
+        def loop() -> None:
+            while not self._stopping.wait(seconds):
+                step()
 
-    def _every(self, seconds: float, step: Callable[[], None]) -> None:
-        while not self._stopping.wait(seconds):
-            step()
+        self._threads.append(threading.Thread(target=loop, name=name, daemon=True))
+        self._threads[-1].start()
 
     def tick(self) -> None:
-        """Every :data:`TICK_SECONDS`: state, heartbeat, suspension; every :data:`MAINTENANCE_SECONDS` the clean-ups."""
+        """Every :data:`TICK_SECONDS`: state (busy while jobs are in flight), heartbeat, suspension;
+        every :data:`MAINTENANCE_SECONDS` the clean-ups."""
         try:
             self.suspended = bool(is_suspended(self.connection))
-            if self._state != self._reported:
-                self._report(self._state)
+            state = WorkerStatus.BUSY if self._in_flight() else WorkerStatus.IDLE
+            if state != self._reported:
+                self._report(state)
             now = time.monotonic()
             if now - self._heartbeat_at >= HEARTBEAT_SECONDS:
                 self._heartbeat_at = now
@@ -223,7 +222,7 @@ class Housekeeping:
                 pipe.set(alive, "1", ex=ALIVE_SECONDS)
                 pipe.sadd(WORKERS_SET, self.worker.name)
                 pipe.execute()
-        jobs = list(self._in_flight())
+        jobs = self._in_flight()
         if jobs:
             # Keep RQ's view true while this worker lives: its entries never expire under it,
             # however long a job waits out a Redis outage.

@@ -24,7 +24,7 @@ from prometheus_client import start_http_server
 from rq import Queue, SimpleWorker
 from rq.executions import Execution
 from rq.serializers import JSONSerializer
-from rq.utils import now
+from rq.utils import now, parse_composite_key
 
 from core import metrics
 from core.config import Settings
@@ -38,7 +38,7 @@ from workers.batch import Bookkeeping, ClaimedJob
 from workers.housekeeping import Housekeeping, awaiting
 from workers.jobs import admit, refuse
 from workers.processor import EventProcessor, open_processor
-from workers.reaper import requeue_execution
+from workers.reaper import requeue
 
 log = get_logger("smartcar_ingest.worker")
 T = TypeVar("T")
@@ -222,14 +222,10 @@ class AsyncWorker:
             task = asyncio.create_task(self._run_job(claimed_job))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
-        if started:
-            self.housekeeping.busy()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._slot_free.set()
-        if not self._tasks:
-            self.housekeeping.idle()
 
     # --- running one job ---
 
@@ -296,12 +292,8 @@ class AsyncWorker:
     async def _give_back(self, claimed_job: ClaimedJob, why: str) -> None:
         """Put a job back at the queue's front without spending a retry (its execution is dropped)."""
         try:
-            await self._blocking(
-                lambda: requeue_execution(
-                    self.connection, self.queue.name, claimed_job.job_id, claimed_job.execution_id, self.name
-                ),
-                or_stop=False,
-            )
+            execution = (claimed_job.job_id, claimed_job.execution_id, self.name)
+            await self._blocking(partial(requeue, self.connection, self.queue.name, [execution]), or_stop=False)
             log.warning("job put back on the queue", jobId=claimed_job.job_id, reason=why)
         except (redis.RedisError, Stopped) as exc:
             log.warning("job left for a peer to requeue", jobId=claimed_job.job_id, error=type(exc).__name__)
@@ -329,13 +321,10 @@ class AsyncWorker:
         """Executions recorded for this worker that it does not hold (a start whose answer a Redis
         restart lost) are put back on the queue."""
         self.housekeeping.check_lost = False
-        for composite in await self._redis(
-            lambda: self.bookkeeping.lost_executions({h.composite for h in self.claimed_jobs()})
-        ):
-            job_id, _, execution_id = composite.partition(":")
-            requeue = partial(requeue_execution, self.connection, self.queue.name, job_id, execution_id, self.name)
-            if await self._blocking(requeue):
-                log.warning("requeued a job whose start was recorded without this worker knowing", jobId=job_id)
+        lost = await self._redis(lambda: self.bookkeeping.lost_executions({h.composite for h in self.claimed_jobs()}))
+        executions = [(*parse_composite_key(composite), self.name) for composite in lost]
+        for job_id in await self._blocking(partial(requeue, self.connection, self.queue.name, executions)):
+            log.warning("requeued a job whose start was recorded without this worker knowing", jobId=job_id)
 
 
 def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAULT_CONCURRENCY) -> bool:
