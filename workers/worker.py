@@ -101,7 +101,7 @@ class AsyncWorker:
             self._in_flight.pop(claimed_job.composite, None)
 
     def _stop_overdue(self) -> bool:
-        """A stopping worker's Redis waits give up after :data:`SHUTDOWN_PATIENCE_SECONDS`, or at a second signal."""
+        """True :data:`SHUTDOWN_PATIENCE_SECONDS` after the stop, or at a second signal."""
         waited = 0.0 if self._stopped_at is None else time.monotonic() - self._stopped_at
         return self._cancelled or waited > SHUTDOWN_PATIENCE_SECONDS
 
@@ -136,11 +136,11 @@ class AsyncWorker:
 
     async def run(self, burst: bool = False) -> bool:
         loop = asyncio.get_running_loop()
-        for signum, handler in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop)):
+        handlers = {signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop}
+        handlers[signal.SIGUSR1] = lambda: log.warning("what the worker awaits", tasks=awaiting())
+        for signum, handler in handlers.items():
             with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, handler)
-        with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("what the worker awaits", tasks=awaiting()))
         await self._blocking(lambda: self.housekeeping.start(burst))
         log.info("worker started", worker=self.name, queue=self.queue.name, concurrency=self.concurrency)
         try:
