@@ -34,7 +34,7 @@ def _web(args: argparse.Namespace, settings: Settings) -> int:
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from cli.operations import redis_errors
     from core.logs import configure_logging
-    from workers.process import run_worker
+    from workers.worker import run_worker
 
     settings.require_client_credentials()
     configure_logging(settings.log_level, settings.log_format)

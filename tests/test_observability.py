@@ -34,7 +34,7 @@ from tests.conftest import signed_headers
 from tests.pipeline import cached_token, inject, outputs, run_worker_burst, stream_entries, worker_env
 from tests.procs import WebProcess, free_port, service_env, wait_for_port
 from tests.test_pipeline import UNKNOWN_USER, deliver
-from workers.process import start_worker_metrics
+from workers.worker import start_worker_metrics
 
 # (sample name, labels) of every counter the scripted runs move.
 JOB = "smartcar_ingest_jobs_total"

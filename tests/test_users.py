@@ -252,18 +252,20 @@ def test_add_vehicle_requires_an_existing_user(store):
         store.add_vehicle(12, 1, "X" * 18)
 
 
-def test_a_full_worker_user_cache_forgets_its_oldest_user_only(seeded_database):
+def test_a_full_worker_user_cache_forgets_its_oldest_user_only(seeded_database, monkeypatch):
     """At its size, the worker's user cache drops the oldest entry for a new one instead of clearing
     itself (a clear sent every lookup of a 100,000-vehicle fleet to the database at once)."""
     import asyncio
 
     from emulator.seed import default_seed
+    from workers import processor as processor_module
     from workers.processor import EventProcessor
 
     smartcar_ids = [user.id for user in default_seed()][:3]
     assert len(smartcar_ids) == 3
     store = UserStore(seeded_database)
-    processor = EventProcessor(store, None, None, None, None, user_cache_size=2)  # type: ignore[arg-type]
+    monkeypatch.setattr(processor_module, "USER_CACHE_SIZE", 2)
+    processor = EventProcessor(store, None, None, None, None, None)  # type: ignore[arg-type]
 
     async def look_up_each() -> None:
         for smartcar_id in smartcar_ids:

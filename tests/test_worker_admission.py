@@ -18,7 +18,7 @@ from cli.samples import encode, sample_event
 from core.redis.jobs import PROCESS_EVENT, job_payload
 from tests.pipeline import outputs, run_worker_burst
 from workers.batch import ClaimedJob
-from workers.jobs import refusal
+from workers.jobs import admit
 
 
 def _queue(client: redis.Redis, name: str) -> Queue:
@@ -67,7 +67,8 @@ def test_refusal_reasons(redis_client):
     queue = _queue(redis_client, "admission-test")
 
     def refusal_of(job: Job) -> str | None:
-        return refusal(ClaimedJob(job.id, redis_client.hgetall(job.key)), redis_client, 262_144)
+        admitted = admit(ClaimedJob(job.id, redis_client.hgetall(job.key)), redis_client, 262_144)
+        return admitted if isinstance(admitted, str) else None
 
     assert refusal_of(queue.enqueue(PROCESS_EVENT, "not a dict")) == "the job's arguments are not one JSON object"
     assert refusal_of(queue.enqueue(PROCESS_EVENT, {}, {})) == "the job's arguments are not one JSON object"

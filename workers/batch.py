@@ -160,6 +160,7 @@ class ClaimedJob:
     fields: dict[bytes, bytes]
     execution_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started_at: datetime | None = None
+    payload: Any = None  # what workers.jobs.admit read from it
     result: Any = None  # what the job returned, for the finish to record
 
     @property
@@ -197,7 +198,7 @@ class ClaimedJob:
 
     def job(self, connection: Any) -> Job:
         """The RQ job, restored from the hash in hand. RQ inflates ``data`` with no limit: only for a
-        job :meth:`oversized` has passed (:func:`workers.jobs.refusal` checks every claimed job)."""
+        job :meth:`oversized` has passed (:func:`workers.jobs.admit` checks every claimed job)."""
         job = Job(self.job_id, connection=connection, serializer=JSONSerializer)
         job.restore(self.fields)
         return job

@@ -1,7 +1,8 @@
-"""The worker's life besides its jobs: RQ's own worker object (registration, state, heartbeat,
-suspension, clean-ups, scheduler), ticked once a second so that ``rq info``, ``rq suspend`` and the
-scheduler see a worker exactly as RQ would, with the summary line; and the liveness thread (this
-worker's liveness key, dead workers' jobs requeued: docs/reliability.md)."""
+"""The worker's life besides its jobs, on two threads of its own (never waiting on the event loop,
+nor on each other): RQ's own worker object (registration, state, heartbeat, suspension, clean-ups,
+scheduler), ticked once a second so that ``rq info``, ``rq suspend`` and the scheduler see a worker
+exactly as RQ would, with the summary line; and the liveness beat (this worker's liveness key, dead
+workers' jobs requeued: docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -28,6 +29,8 @@ from workers.scheduler import PatientScheduler
 
 log = get_logger("smartcar_ingest.worker")
 
+#: Seconds between housekeeping ticks.
+TICK_SECONDS = 1.0
 #: Seconds between worker heartbeats (RQ's worker key lives for minutes).
 HEARTBEAT_SECONDS = 5.0
 #: Seconds between registry clean-ups (RQ's default is 10 minutes; the reaper is faster still).
@@ -44,16 +47,16 @@ RELEASE_PATIENCE_SECONDS = 5.0
 
 
 class Housekeeping:
-    """RQ's worker object and the liveness thread of one worker. ``in_flight`` returns, for each job
+    """RQ's worker object and the liveness beat of one worker. ``in_flight`` returns, for each job
     the worker is running, its execution composite key and started-registry TTL."""
 
-    def __init__(self, worker: SimpleWorker, queue: Queue, in_flight: Callable[[], Iterable[tuple[str, int]]]):
+    def __init__(self, worker: SimpleWorker, queue: Queue, in_flight: Callable[[], list[tuple[str, int]]]):
         self.worker = worker
         self.queue = queue
         self.connection: redis.Redis = worker.connection
         self._in_flight = in_flight
-        self._stop_beating = threading.Event()
-        self._liveness = threading.Thread(target=self._beat_forever, name="liveness", daemon=True)
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
         self._quiet_until = 0.0
         # Ids seen in RQ's shared intermediate list, with when the liveness thread first saw each.
         self._suspects: dict[str, float] = {}
@@ -62,7 +65,6 @@ class Housekeeping:
         self.suspended = False
         #: Set after Redis trouble: the worker then looks for executions it recorded without knowing.
         self.check_lost = True
-        self._state = WorkerStatus.IDLE
         self._reported: str | None = None
         self._heartbeat_at = 0.0
         self._cleaned_at = time.monotonic()
@@ -88,7 +90,7 @@ class Housekeeping:
         # Judge nobody until every live worker has had time to beat since this one started.
         self._quiet_until = time.monotonic() + ALIVE_SECONDS
         until_redis_answers(self._beat)
-        self._liveness.start()
+        self._every(BEAT_SECONDS, self._live, "liveness")
         self._report(WorkerStatus.IDLE)
         scheduler = PatientScheduler(
             [self.queue], connection=self.connection, serializer=self.worker.serializer, logging_level="WARNING"
@@ -105,20 +107,26 @@ class Housekeeping:
             finally:
                 self._best_effort(scheduler.release_locks)
                 self._best_effort(scheduler.register_death)
+        self._every(TICK_SECONDS, self.tick, "housekeeping")
 
-    def busy(self) -> None:
-        """Jobs were started; the start script reported the worker busy already."""
-        self._state = self._reported = WorkerStatus.BUSY
+    def _every(self, seconds: float, step: Callable[[], None], name: str) -> None:
+        """Run ``step`` every ``seconds`` on a thread of its own, until :meth:`stop`."""
 
-    def idle(self) -> None:
-        self._state = WorkerStatus.IDLE
+        def loop() -> None:
+            while not self._stopping.wait(seconds):
+                step()
+
+        self._threads.append(threading.Thread(target=loop, name=name, daemon=True))
+        self._threads[-1].start()
 
     def tick(self) -> None:
-        """Once a second: state, heartbeat, suspension; every :data:`MAINTENANCE_SECONDS` the clean-ups."""
+        """Every :data:`TICK_SECONDS`: state (busy while jobs are in flight), heartbeat, suspension;
+        every :data:`MAINTENANCE_SECONDS` the clean-ups."""
         try:
             self.suspended = bool(is_suspended(self.connection))
-            if self._state != self._reported:
-                self._report(self._state)
+            state = WorkerStatus.BUSY if self._in_flight() else WorkerStatus.IDLE
+            if state != self._reported:
+                self._report(state)
             now = time.monotonic()
             if now - self._heartbeat_at >= HEARTBEAT_SECONDS:
                 self._heartbeat_at = now
@@ -178,14 +186,15 @@ class Housekeeping:
                 self.connection.delete(queue.registry_cleaning_key)
 
     def stop(self) -> None:
-        """Stop the scheduler and the liveness thread, hand back anything still held, deregister (if
-        Redis cannot be reached in time, a peer puts back what it held once its liveness key expires)."""
+        """Stop the threads and the scheduler, hand back anything still held, deregister (if Redis
+        cannot be reached in time, a peer puts back what it held once its liveness key expires)."""
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
         scheduler, self.scheduler = self.scheduler, None
         if scheduler is not None:
             scheduler.stop_process()
-        if self._liveness.ident is not None:  # started
-            self._stop_beating.set()
-            self._liveness.join(timeout=10)
+        if self._threads:  # started
             try:
                 until_redis_answers(self._release, give_up_after=RELEASE_PATIENCE_SECONDS)
             except redis.RedisError as exc:
@@ -199,7 +208,7 @@ class Housekeeping:
             pipe.srem(WORKERS_SET, self.worker.name)
             pipe.execute()
 
-    # --- the liveness thread ---
+    # --- the liveness beat ---
 
     def _quiet(self) -> bool:
         """True while this worker should not judge others (just started, or Redis just came back)."""
@@ -213,7 +222,7 @@ class Housekeeping:
                 pipe.set(alive, "1", ex=ALIVE_SECONDS)
                 pipe.sadd(WORKERS_SET, self.worker.name)
                 pipe.execute()
-        jobs = list(self._in_flight())
+        jobs = self._in_flight()
         if jobs:
             # Keep RQ's view true while this worker lives: its entries never expire under it,
             # however long a job waits out a Redis outage.
@@ -225,18 +234,17 @@ class Housekeeping:
                     pipe.expire(Execution.from_composite_key(composite, self.connection).key, ttl)
                 pipe.execute()
 
-    def _beat_forever(self) -> None:
-        while not self._stop_beating.wait(BEAT_SECONDS):
-            try:
-                self._beat()
-            except redis.RedisError as exc:
-                self._quiet_until = time.monotonic() + ALIVE_SECONDS + BEAT_SECONDS
-                log.warning("liveness beat failed; retrying", error=type(exc).__name__)
-                continue
-            try:
-                self._recover()
-            except redis.RedisError as exc:
-                log.warning("could not requeue stranded jobs yet; retrying", error=type(exc).__name__)
+    def _live(self) -> None:
+        try:
+            self._beat()
+        except redis.RedisError as exc:
+            self._quiet_until = time.monotonic() + ALIVE_SECONDS + BEAT_SECONDS
+            log.warning("liveness beat failed; retrying", error=type(exc).__name__)
+            return
+        try:
+            self._recover()
+        except redis.RedisError as exc:
+            log.warning("could not requeue stranded jobs yet; retrying", error=type(exc).__name__)
 
     def _recover(self) -> None:
         """Requeue what RQ's shared list stranded and what dead workers held; one round trip when
@@ -293,9 +301,3 @@ def awaiting() -> str:
             coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
         lines.append(f"{task.get_name()}: {' > '.join(chain) or 'not started'}")
     return "\n".join(sorted(lines))
-
-
-def report_crash(task: asyncio.Task[None]) -> None:
-    """A done-callback for the worker's helper tasks: an exception that ended one is logged."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("worker task ended", task=task.get_name(), error=repr(task.exception()))

@@ -28,25 +28,31 @@ _TEXT_KEYS = ("eventId", "eventType", "body")
 _CALLBACKS = (b"success_callback_name", b"failure_callback_name", b"stopped_callback_name")
 
 
-def refusal(claimed_job: ClaimedJob, connection: redis.Redis, max_body_bytes: int) -> str | None:
-    """Why the claimed job is refused, or None for an ingest job. An edge-written job is told by its
+def admit(claimed_job: ClaimedJob, connection: redis.Redis, max_body_bytes: int) -> JobPayload | InvalidJob | str:
+    """The payload of an ingest job; :class:`InvalidJob` for one whose argument is not a payload (it
+    fails in RQ); for any other job, why it is refused (text). An edge-written job is told by its
     bytes; any other is loaded by RQ, unless larger than a delivery needs."""
     if claimed_job.oversized(max_body_bytes):
         return f"the job's data is larger than a delivery of MAX_BODY_BYTES ({max_body_bytes}) needs"
     if any(claimed_job.fields.get(name) for name in _CALLBACKS):
         return "the job carries callbacks"
-    if _spliced(claimed_job) is not None:
-        return None
     try:
-        job = claimed_job.job(connection)
-        func_name, args, kwargs = job.func_name, job.args, job.kwargs
-    except Exception:  # a hash RQ cannot load or decode is refused, whatever broke
-        return "the job's data cannot be decoded"
-    if func_name != PROCESS_EVENT:
-        return "the job names a function other than process_event"
-    if kwargs or len(args) != 1 or not isinstance(args[0], dict):
-        return "the job's arguments are not one JSON object"
-    return None
+        spliced = _spliced(claimed_job)
+        if spliced is not None:
+            fields, body = spliced
+            return read_payload(fields | {"body": body})
+        try:
+            job = claimed_job.job(connection)
+            func_name, args, kwargs = job.func_name, job.args, job.kwargs
+        except Exception:  # a hash RQ cannot load or decode is refused, whatever broke
+            return "the job's data cannot be decoded"
+        if func_name != PROCESS_EVENT:
+            return "the job names a function other than process_event"
+        if kwargs or len(args) != 1 or not isinstance(args[0], dict):
+            return "the job's arguments are not one JSON object"
+        return read_payload(args[0], job.data)
+    except InvalidJob as exc:
+        return exc
 
 
 def refuse(connection: redis.Redis, queue_name: str, claimed_job: ClaimedJob, reason: str, dequeued: str) -> None:
@@ -77,16 +83,6 @@ def _spliced(claimed_job: ClaimedJob) -> tuple[dict[str, Any], str] | None:
     except ValueError:
         return None
     return (fields, parts[1]) if isinstance(fields, dict) else None
-
-
-def claimed_payload(claimed_job: ClaimedJob, connection: redis.Redis) -> JobPayload:
-    """The payload of a claimed job :func:`refusal` let through, or :class:`InvalidJob`."""
-    spliced = _spliced(claimed_job)
-    if spliced is not None:
-        fields, body = spliced
-        return read_payload(fields | {"body": body})
-    job = claimed_job.job(connection)
-    return read_payload(job.args[0] if job.args else None, job.data)
 
 
 def read_payload(value: object, data: bytes | None = None) -> JobPayload:

@@ -65,11 +65,9 @@ class EventProcessor:
         output: OutputStream,
         parked: ParkedStream,
         vehicle_states: VehicleStates,
-        counts: DeploymentCounts | None = None,
-        user_cache_size: int = USER_CACHE_SIZE,
+        counts: DeploymentCounts,
     ) -> None:
         self._users = users
-        self._user_cache_size = user_cache_size
         self._reads = reads
         self._output = output
         self._parked = parked
@@ -99,8 +97,7 @@ class EventProcessor:
                 return await self._park(event_id, exc.code, exc.message, body)
 
             structlog.contextvars.bind_contextvars(deliveryId=event.meta.deliveryId, eventType=event.event_type)
-            if self._counts is not None:  # the VEHICLE_ERROR alert's vehicle counts
-                self._counts.saw(event)
+            self._counts.saw(event)  # the VEHICLE_ERROR alert's vehicle counts
             # A re-run after a crash, or a replay, skips the Smartcar calls when the event is out already.
             # Each Redis call here waits out a short outage rather than failing the job over it; all are
             # idempotent (a read, and the publish and the park, each guarded by its mark).
@@ -122,9 +119,9 @@ class EventProcessor:
                 if final_attempt:
                     return await self._park(event_id, "retries_exhausted", "Enrichment ran out of time.", body)
                 raise SmartcarUnavailable("Enrichment ran out of time; the job will be retried.") from None
-            except SmartcarUnauthorized as exc:
-                return await self._park(event_id, "upstream_rejected", exc.message, body)
-            except InvalidPayload as exc:  # no user, or an id the client refused; parked outside the budget
+            # Parked outside the time budget (parking waits out Redis on its own). InvalidPayload: no
+            # such user, or an id the client refused that the parser let through.
+            except (SmartcarUnauthorized, InvalidPayload) as exc:
                 return await self._park(event_id, exc.code, exc.message, body)
             except TransientError as exc:
                 if final_attempt:
@@ -170,7 +167,7 @@ class EventProcessor:
             # Inserted last, so the dict stays in expiry order; when full, only the oldest goes
             # (clearing it all would send every lookup to the database at once).
             self._known_users.pop(smartcar_user_id, None)
-            if len(self._known_users) >= self._user_cache_size:
+            if len(self._known_users) >= USER_CACHE_SIZE:
                 del self._known_users[next(iter(self._known_users))]
             self._known_users[smartcar_user_id] = (user, now + USER_CACHE_SECONDS)
         return user

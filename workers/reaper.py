@@ -6,7 +6,7 @@ docs/reliability.md, "Between dequeue and finish"."""
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 
 import redis
 from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE, Execution, ExecutionRegistry
@@ -17,6 +17,7 @@ from rq.utils import parse_composite_key
 from core.logs import get_logger
 from core.redis.functions import lua_function
 from core.redis.keys import alive_key, dequeued_key, queue_key, rq_intermediate_key, text
+from workers.batch import EXECUTION_PREFIX, JOB_PREFIX
 
 log = get_logger("smartcar_ingest.reaper")
 
@@ -35,29 +36,33 @@ return moved
 """
 _GIVE_BACK_DEQUEUED_FN = lua_function("give_back_dequeued", _GIVE_BACK_DEQUEUED)
 
-_REQUEUE_EXECUTION = """
--- KEYS: started registry, execution hash, the job's execution registry, the worker's execution
---       set, job hash, queue
--- ARGV: composite key, execution id, job id, name of the worker the execution belongs to
--- Drops the execution if it is still registered; requeues its job (front of the queue) when the
--- job is still waiting or still running on that worker. Returns 1 when the job was requeued.
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2])
-redis.call('ZREM', KEYS[3], ARGV[2])
-redis.call('SREM', KEYS[4], ARGV[1])
-local status = redis.call('HGET', KEYS[5], 'status')
-if status == 'started' then
-  if redis.call('HGET', KEYS[5], 'worker_name') ~= ARGV[4] then return 0 end
-elseif status ~= 'queued' then
-  return 0
+_REQUEUE = """
+-- KEYS: started registry, the queue
+-- ARGV: job key prefix, execution key prefix, execution registry key prefix, then per execution:
+--       job id, execution id, name of the worker it belongs to, that worker's execution set
+-- Drops each execution still registered; puts its job back at the queue's front when the job is
+-- still waiting, or still running on that worker. Returns the ids put back.
+local requeued = {}
+for i = 4, #ARGV, 4 do
+  local id, ex, worker = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local composite = id .. ':' .. ex
+  if redis.call('ZREM', KEYS[1], composite) == 1 then
+    redis.call('DEL', ARGV[2] .. composite)
+    redis.call('ZREM', ARGV[3] .. id, ex)
+    redis.call('SREM', ARGV[i + 3], composite)
+    local job = ARGV[1] .. id
+    local status = redis.call('HGET', job, 'status')
+    if status == 'queued' or (status == 'started' and redis.call('HGET', job, 'worker_name') == worker) then
+      redis.call('HSET', job, 'status', 'queued', 'worker_name', '')
+      redis.call('LREM', KEYS[2], 0, id)
+      redis.call('LPUSH', KEYS[2], id)
+      requeued[#requeued + 1] = id
+    end
+  end
 end
-redis.call('HSET', KEYS[5], 'status', 'queued', 'worker_name', '')
-redis.call('LREM', KEYS[6], 0, ARGV[3])
-redis.call('LPUSH', KEYS[6], ARGV[3])
-return 1
+return requeued
 """
-_REQUEUE_EXECUTION_FN = lua_function("requeue_execution", _REQUEUE_EXECUTION)
+_REQUEUE_FN = lua_function("requeue_executions", _REQUEUE)
 
 _RETURN_FROM_RQ_LIST = """
 -- KEYS: RQ's intermediate list, the queue, the job hash. ARGV: job id.
@@ -78,22 +83,16 @@ def return_from_rq_list(connection: redis.Redis, queue_name: str, job_id: str) -
     return bool(_RETURN_FROM_RQ_LIST_FN.bind(connection)(keys=keys, args=[job_id]))
 
 
-def requeue_execution(
-    connection: redis.Redis, queue_name: str, job_id: str, execution_id: str, worker_name: str
-) -> bool:
-    """Drop one execution of ``job_id`` if still registered and put the job back at the queue's
-    front (only while ``queued`` or ``started`` by ``worker_name``); True when it was requeued."""
-    execution = Execution(execution_id, job_id, connection)
-    script = _REQUEUE_EXECUTION_FN.bind(connection)
-    keys = [
-        StartedJobRegistry(queue_name, connection=connection).key,
-        execution.key,
-        ExecutionRegistry(job_id, connection).key,
-        WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker_name),
-        Job.key_for(job_id),
-        queue_key(queue_name),
-    ]
-    return bool(script(keys=keys, args=[execution.composite_key, execution_id, job_id, worker_name]))
+def requeue(connection: redis.Redis, queue_name: str, executions: Iterable[tuple[str, str, str]]) -> list[str]:
+    """Drop each (job id, execution id, worker name) execution still registered, and put its job back
+    at the queue's front while ``queued`` or ``started`` by that worker; returns the ids put back."""
+    args = [JOB_PREFIX, EXECUTION_PREFIX, ExecutionRegistry.key_template.format("")]
+    for job_id, execution_id, worker_name in executions:
+        args += [job_id, execution_id, worker_name, WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker_name)]
+    if len(args) == 3:
+        return []
+    keys = [StartedJobRegistry.key_template.format(queue_name), queue_key(queue_name)]
+    return [text(raw) for raw in _REQUEUE_FN.bind(connection)(keys=keys, args=args)]
 
 
 def reap(connection: redis.Redis, queue_name: str, dead: Collection[str]) -> list[str]:
@@ -112,15 +111,13 @@ def reap(connection: redis.Redis, queue_name: str, dead: Collection[str]) -> lis
     with connection.pipeline(transaction=False) as pipe:
         for composite in composites:
             pipe.hget(Execution.from_composite_key(composite, connection).key, "worker_name")
-        owners = pipe.execute()
-    for composite, owner in zip(composites, owners, strict=True):
-        # An execution whose hash is gone has expired: sweep_expired owns it.
-        if owner is None or text(owner) not in dead:
-            continue
-        job_id, execution_id = parse_composite_key(composite)
-        if requeue_execution(connection, queue_name, job_id, execution_id, text(owner)):
-            requeued.append(job_id)
-            log.warning("requeued a job of a dead worker", jobId=job_id, worker=text(owner))
+        owners = [text(owner) if owner else "" for owner in pipe.execute()]
+    # An execution whose hash is gone has expired: sweep_expired owns it.
+    held = {parse_composite_key(c): owner for c, owner in zip(composites, owners, strict=True) if owner in dead}
+    owner_of = {job_id: owner for (job_id, _), owner in held.items()}
+    for job_id in requeue(connection, queue_name, [(*execution, owner) for execution, owner in held.items()]):
+        requeued.append(job_id)
+        log.warning("requeued a job of a dead worker", jobId=job_id, worker=owner_of[job_id])
     return requeued
 
 
@@ -129,14 +126,16 @@ def sweep_expired(connection: redis.Redis, queue_name: str) -> list[str]:
     worker keeps its entries fresh, so an expired one means its worker is gone, announced or not)."""
     registry = StartedJobRegistry(queue_name, connection=connection)
     expired = [text(raw) for raw in connection.zrangebyscore(registry.key, "-inf", time.time(), start=0, num=1000)]
-    requeued: list[str] = []
+    gone: list[tuple[str, str, str]] = []
     for composite in expired:
         job_id, execution_id = parse_composite_key(composite)
         status, owner = connection.hmget(Job.key_for(job_id), ["status", "worker_name"])
         name = text(owner) if owner else ""
         if status == b"started" and name and connection.exists(alive_key(name)):
             continue  # still running on a live worker, which will refresh or settle it
-        if requeue_execution(connection, queue_name, job_id, execution_id, name):
-            requeued.append(job_id)
-            log.warning("requeued a job whose execution expired", jobId=job_id, worker=name)
+        gone.append((job_id, execution_id, name))
+    requeued = requeue(connection, queue_name, gone)
+    owner_of = {job_id: name for job_id, _, name in gone}
+    for job_id in requeued:
+        log.warning("requeued a job whose execution expired", jobId=job_id, worker=owner_of[job_id])
     return requeued

@@ -1,11 +1,13 @@
-"""``smartcar-ingest worker``'s loop: :class:`AsyncWorker` takes RQ jobs in batches, runs each as a
-coroutine on one event loop and records RQ's bookkeeping a batch at a time (:mod:`workers.batch`).
+"""``smartcar-ingest worker``: :class:`AsyncWorker` takes RQ jobs in batches, runs each as a coroutine
+on one event loop and records RQ's bookkeeping a batch at a time (:mod:`workers.batch`);
+:func:`run_worker` is the process around it (Redis connection, metrics endpoint, uvloop).
 How it keeps RQ's view true and loses nothing: docs/architecture.md, "The worker"; docs/reliability.md."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import threading
 import time
@@ -17,22 +19,26 @@ from functools import partial
 from typing import TypeVar
 
 import redis
+import uvloop
+from prometheus_client import start_http_server
 from rq import Queue, SimpleWorker
 from rq.executions import Execution
 from rq.serializers import JSONSerializer
-from rq.utils import now
+from rq.utils import now, parse_composite_key
 
 from core import metrics
 from core.config import Settings
 from core.errors import InvalidJob, TransientError
 from core.logs import get_logger
-from core.redis.clients import worker_redis
-from core.redis.outage import redis_unavailable, until_redis_answers_async
+from core.redis.clients import rq_redis, worker_redis
+from core.redis.memory import warn_without_maxmemory
+from core.redis.outage import redis_unavailable, until_redis_answers, until_redis_answers_async
+from core.redis.queue_metrics import QueueCollector, endpoint_registry
 from workers.batch import Bookkeeping, ClaimedJob
-from workers.housekeeping import Housekeeping, awaiting, report_crash
-from workers.jobs import claimed_payload, refusal, refuse
+from workers.housekeeping import Housekeeping, awaiting
+from workers.jobs import admit, refuse
 from workers.processor import EventProcessor, open_processor
-from workers.reaper import requeue_execution
+from workers.reaper import requeue
 
 log = get_logger("smartcar_ingest.worker")
 T = TypeVar("T")
@@ -77,16 +83,13 @@ class AsyncWorker:
         self._in_flight: dict[str, ClaimedJob] = {}  # by execution composite key, until recorded
         self._tasks: set[asyncio.Task[None]] = set()
         self._finished: list[ClaimedJob] = []
-        self._flush_wanted = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._stopping = False
         self._stopped_at: float | None = None
         self._cancelled = False
-        self._closing = False  # ends the flusher and the chores
         # RQ's synchronous steps run on a bounded few threads of their own: an outage that holds them
-        # never holds the default pool, where the user lookups run, nor the housekeeping tick's thread.
+        # never holds the default pool, where the user lookups run.
         self._step_threads = ThreadPoolExecutor(STEP_THREADS, thread_name_prefix="rq-step")
-        self._tick_thread = ThreadPoolExecutor(1, thread_name_prefix="rq-housekeeping")
         self._in_flight_lock = threading.Lock()  # the liveness thread reads what the loop changes
 
     def claimed_jobs(self) -> list[ClaimedJob]:
@@ -98,7 +101,7 @@ class AsyncWorker:
             self._in_flight.pop(claimed_job.composite, None)
 
     def _stop_overdue(self) -> bool:
-        """A stopping worker's Redis waits give up after :data:`SHUTDOWN_PATIENCE_SECONDS`, or at a second signal."""
+        """True :data:`SHUTDOWN_PATIENCE_SECONDS` after the stop, or at a second signal."""
         waited = 0.0 if self._stopped_at is None else time.monotonic() - self._stopped_at
         return self._cancelled or waited > SHUTDOWN_PATIENCE_SECONDS
 
@@ -114,13 +117,10 @@ class AsyncWorker:
                 raise Stopped from exc
             raise
 
-    async def _blocking(self, step: Callable[[], T], or_stop: bool = True, tick: bool = False) -> T:
-        """A synchronous step (RQ's own code) as :meth:`_redis` runs one, each try on a step thread
-        (``tick``: the housekeeping thread's)."""
+    async def _blocking(self, step: Callable[[], T], or_stop: bool = True) -> T:
+        """A synchronous step (RQ's own code) as :meth:`_redis` runs one, each try on a step thread."""
         loop = asyncio.get_running_loop()
-        return await self._redis(
-            lambda: loop.run_in_executor(self._tick_thread if tick else self._step_threads, step), or_stop
-        )
+        return await self._redis(lambda: loop.run_in_executor(self._step_threads, step), or_stop)
 
     def request_stop(self) -> None:
         """Warm shutdown on the first call; the second cancels the jobs in flight (they are put back)."""
@@ -136,17 +136,13 @@ class AsyncWorker:
 
     async def run(self, burst: bool = False) -> bool:
         loop = asyncio.get_running_loop()
-        for signum, handler in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop)):
+        handlers = {signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop}
+        handlers[signal.SIGUSR1] = lambda: log.warning("what the worker awaits", tasks=awaiting())
+        for signum, handler in handlers.items():
             with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, handler)
-        with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("what the worker awaits", tasks=awaiting()))
         await self._blocking(lambda: self.housekeeping.start(burst))
         log.info("worker started", worker=self.name, queue=self.queue.name, concurrency=self.concurrency)
-        flusher = asyncio.create_task(self._flush_forever(), name="flusher")
-        chores = asyncio.create_task(self._chores(), name="chores")
-        for helper in (flusher, chores):
-            helper.add_done_callback(report_crash)
         try:
             self.processor = await open_processor(self.settings, max(10, self.concurrency * 2), self._clients)
             await self._work(burst)
@@ -155,16 +151,11 @@ class AsyncWorker:
             self._stopped_at = self._stopped_at or time.monotonic()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
-            # The helpers end on their own once closing; a bounded wait, never one that can hang.
-            self._closing = True
-            self._flush_wanted.set()
-            await asyncio.wait({flusher, chores}, timeout=SHUTDOWN_PATIENCE_SECONDS)
             await self._flush()
             for claimed_job in self.claimed_jobs():
                 await self._give_back(claimed_job, "the worker stopped before recording it")
             await asyncio.to_thread(self.housekeeping.stop)
             self._step_threads.shutdown(wait=False)  # the stop checks end every wait
-            self._tick_thread.shutdown(wait=False)
             await self.redis.aclose()
             await self._clients.aclose()
             self.housekeeping.summary(final=True)
@@ -213,16 +204,16 @@ class AsyncWorker:
     async def _start(self, claimed: list[ClaimedJob]) -> None:
         runnable: list[ClaimedJob] = []
         for claimed_job in claimed:
-            if not claimed_job.fields:
-                runnable.append(claimed_job)  # deleted while queued: the start only drops its id
-                continue
-            reason = refusal(claimed_job, self.connection, self.settings.max_body_bytes)
-            if reason is None:
-                runnable.append(claimed_job)
-                continue
-            await self._blocking(
-                partial(refuse, self.connection, self.queue.name, claimed_job, reason, self.bookkeeping.dequeued_key)
-            )
+            if claimed_job.fields:  # else deleted while queued: the start only drops its id
+                claimed_job.payload = admit(claimed_job, self.connection, self.settings.max_body_bytes)
+                reason = claimed_job.payload
+                if isinstance(reason, str):
+                    dequeued = self.bookkeeping.dequeued_key
+                    await self._blocking(
+                        partial(refuse, self.connection, self.queue.name, claimed_job, reason, dequeued)
+                    )
+                    continue
+            runnable.append(claimed_job)
         ttl = max((h.ttl for h in runnable), default=90)
         started = await self._redis(lambda: self.bookkeeping.start(runnable, ttl), or_stop=False)
         for claimed_job in started:
@@ -231,20 +222,18 @@ class AsyncWorker:
             task = asyncio.create_task(self._run_job(claimed_job))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
-        if started:
-            self.housekeeping.busy()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._slot_free.set()
-        if not self._tasks:
-            self.housekeeping.idle()
 
     # --- running one job ---
 
     async def _run_job(self, claimed_job: ClaimedJob) -> None:
         try:
-            payload = claimed_payload(claimed_job, self.connection)
+            payload = claimed_job.payload
+            if isinstance(payload, InvalidJob):
+                raise payload
             # The job's RQ timeout less a margin, so that it stops itself before RQ would.
             budget = max(1.0, (claimed_job.field(b"timeout") or self.settings.job_timeout_seconds) - 5)
             async with asyncio.timeout(budget + 15):
@@ -268,10 +257,12 @@ class AsyncWorker:
         metrics.JOBS.labels(outcome=f"parked_{result['reason']}" if parked else result["status"]).inc()
         claimed_job.result = result
         self._finished.append(claimed_job)
-        if len(self._finished) >= self.batch_size:
+        if len(self._finished) == 1 and self.batch_size > 1:
+            # The job that opens a batch records it, once the jobs that finish meanwhile have joined.
+            await asyncio.sleep(FLUSH_SECONDS)
             await self._flush()
-        else:
-            self._flush_wanted.set()
+        elif len(self._finished) >= self.batch_size:
+            await self._flush()
 
     async def _fail(self, claimed_job: ClaimedJob, exc: Exception) -> None:
         """RQ's own failure handling for a job that raised: a retry on its schedule, or the failed registry."""
@@ -301,12 +292,8 @@ class AsyncWorker:
     async def _give_back(self, claimed_job: ClaimedJob, why: str) -> None:
         """Put a job back at the queue's front without spending a retry (its execution is dropped)."""
         try:
-            await self._blocking(
-                lambda: requeue_execution(
-                    self.connection, self.queue.name, claimed_job.job_id, claimed_job.execution_id, self.name
-                ),
-                or_stop=False,
-            )
+            execution = (claimed_job.job_id, claimed_job.execution_id, self.name)
+            await self._blocking(partial(requeue, self.connection, self.queue.name, [execution]), or_stop=False)
             log.warning("job put back on the queue", jobId=claimed_job.job_id, reason=why)
         except (redis.RedisError, Stopped) as exc:
             log.warning("job left for a peer to requeue", jobId=claimed_job.job_id, error=type(exc).__name__)
@@ -314,13 +301,6 @@ class AsyncWorker:
             self._release(claimed_job)
 
     # --- recording finished jobs ---
-
-    async def _flush_forever(self) -> None:
-        while not self._closing:
-            await self._flush_wanted.wait()
-            await asyncio.sleep(FLUSH_SECONDS)
-            self._flush_wanted.clear()
-            await self._flush()
 
     async def _flush(self) -> None:
         if not self._finished:
@@ -335,21 +315,63 @@ class AsyncWorker:
         for claimed_job in batch:
             self._release(claimed_job)
 
-    # --- the rest of RQ's loop: heartbeats, maintenance, suspension, a lost claim's answer ---
-
-    async def _chores(self) -> None:
-        while not self._closing:
-            await asyncio.sleep(1.0)
-            await self._blocking(self.housekeeping.tick, or_stop=False, tick=True)
+    # --- a lost start's answer ---
 
     async def _recover_lost_starts(self) -> None:
         """Executions recorded for this worker that it does not hold (a start whose answer a Redis
         restart lost) are put back on the queue."""
         self.housekeeping.check_lost = False
-        for composite in await self._redis(
-            lambda: self.bookkeeping.lost_executions({h.composite for h in self.claimed_jobs()})
-        ):
-            job_id, _, execution_id = composite.partition(":")
-            requeue = partial(requeue_execution, self.connection, self.queue.name, job_id, execution_id, self.name)
-            if await self._blocking(requeue):
-                log.warning("requeued a job whose start was recorded without this worker knowing", jobId=job_id)
+        lost = await self._redis(lambda: self.bookkeeping.lost_executions({h.composite for h in self.claimed_jobs()}))
+        executions = [(*parse_composite_key(composite), self.name) for composite in lost]
+        for job_id in await self._blocking(partial(requeue, self.connection, self.queue.name, executions)):
+            log.warning("requeued a job whose start was recorded without this worker knowing", jobId=job_id)
+
+
+def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAULT_CONCURRENCY) -> bool:
+    """Work the ingest queue until stopped (or, with ``burst``, until it is empty)."""
+    connection = rq_redis(settings, max_connections=16)
+    # Start once Redis answers, so a worker started during an outage waits instead of crashing.
+    until_redis_answers(connection.ping, give_up_after=300.0)
+    warn_without_maxmemory(connection)
+    queue = Queue(settings.ingest_queue, connection=connection, serializer=JSONSerializer)
+    stop_metrics = start_worker_metrics(settings)
+    # Startup objects out of the collector's way, young collections less often (as in the web).
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+    try:
+        # libuv's loop: less CPU per socket event than asyncio's own
+        return uvloop.run(AsyncWorker(settings, connection, queue, concurrency).run(burst=burst))
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
+        connection.close()
+
+
+def start_worker_metrics(settings: Settings) -> Callable[[], None] | None:
+    """Serve ``/metrics`` (this process's counters, the queue gauges read at scrape time) on
+    ``ADMIN_HOST``:``METRICS_PORT`` in a daemon thread; returns what stops it, or None when the
+    port is 0, or taken (logged: the worker then runs without metrics)."""
+    if settings.metrics_port == 0:
+        return None
+    collector = QueueCollector(settings)
+    try:
+        server, thread = start_http_server(
+            settings.metrics_port, addr=settings.admin_host, registry=endpoint_registry(collector)
+        )
+    except OSError as exc:
+        collector.close()
+        log.warning(
+            "worker metrics not served: METRICS_PORT is unavailable",
+            port=settings.metrics_port,
+            error=type(exc).__name__,
+        )
+        return None
+    log.info("worker metrics served", host=settings.admin_host, port=settings.metrics_port, path="/metrics")
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+        collector.close()
+
+    return stop

@@ -37,7 +37,7 @@ from tests.drills.common import (
 )
 from tests.pipeline import pipeline_settings
 from tests.test_pipeline import deliver
-from workers.reaper import reap, requeue_execution
+from workers.reaper import reap, requeue
 
 QUEUE = "smartcar-events"
 QUEUE_KEY = f"rq:queue:{QUEUE}"
@@ -244,5 +244,5 @@ def test_requeueing_a_dead_workers_job_is_atomic_and_happens_once(redis_client):
         stale = Execution.create(taken, 180, pipeline=pipe, worker_name="gone")
         pipe.execute()
     redis_client.hset(taken.key, mapping={"status": "started", "worker_name": "alive-worker"})
-    assert not requeue_execution(redis_client, QUEUE, taken.id, stale.id, "gone")
+    assert requeue(redis_client, QUEUE, [(taken.id, stale.id, "gone")]) == []
     assert redis_client.lpos(QUEUE_KEY, taken.id) is None
