@@ -240,12 +240,15 @@ class ConnectEndpoints:
 
     async def start(self, request: Request) -> Response:
         raw = request.query_params.get("user", "")
-        # The length first: int() refuses text of more than 4,300 digits with an error of its own.
-        if not (raw.isascii() and raw.isdigit() and len(raw) <= 20) or not 1 <= int(raw) < 10**18:
+        # Leading zeros are read past; the length is checked before int(), which refuses text of
+        # more than 4,300 digits with an error of its own.
+        digits = raw.lstrip("0") if raw.isascii() and raw.isdigit() else ""
+        if not 1 <= len(digits) <= 18:
             return _error(400, "invalid_user", "The user parameter must be an internal user id (a positive integer).")
+        user_id = int(digits)
         binding = secrets.token_urlsafe(32)
-        link = connect_link(self._settings, int(raw), binding=binding)
-        log.info("connect start", user_id=int(raw))
+        link = connect_link(self._settings, user_id, binding=binding)
+        log.info("connect start", user_id=user_id)
         response = RedirectResponse(link.url, status_code=302, headers=_NO_STORE)
         ttl = self._settings.connect_state_ttl_seconds
         response.set_cookie(self._cookie_name, binding, max_age=ttl, httponly=True, samesite="lax", **self._cookie)
