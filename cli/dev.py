@@ -69,13 +69,9 @@ def wait_for_port(
 
 
 def _redis_answers(url: str) -> bool:
-    client = probe_redis(url)
-    try:
+    with probe_redis(url) as client, contextlib.suppress(redis.RedisError, OSError):
         return bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
-    finally:
-        client.close()
+    return False
 
 
 def seed_users(database_url: str) -> int:
@@ -108,10 +104,12 @@ class Children:
     def __init__(self) -> None:
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
 
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def start(self, name: str, args: list[str], env: dict[str, str], port: int | None = None) -> None:
+        """Start ``args``; with a ``port``, return once it listens there."""
         process = subprocess.Popen(args, env=env, start_new_session=True)
         self.processes.append((name, process))
-        return process
+        if port is not None:
+            wait_for_port(port, STARTUP_SECONDS, process=process, what=name)
 
     def stop(self) -> None:
         hurry = False
@@ -168,33 +166,14 @@ def run_dev(settings: Settings, port: int) -> int:
             redis_port = free_port()
             redis_log = Path("var/redis-server.log").resolve()
             redis_log.parent.mkdir(parents=True, exist_ok=True)
-            process = children.start(
-                "redis-server",
-                [
-                    "redis-server",
-                    "--port",
-                    str(redis_port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--dir",
-                    str(scratch),
-                    "--appendonly",
-                    "yes",
-                    "--save",
-                    "",
-                    # A limit (far above what a local run holds), as docs/capacity.md asks of every
-                    # Redis: without one web and worker each open with a warning about it.
-                    "--maxmemory",
-                    "256mb",
-                    "--maxmemory-policy",
-                    "noeviction",
-                    # dev says where it listens; Redis's own notes go to a file that outlives the run.
-                    "--logfile",
-                    str(redis_log),
-                ],
-                env,
-            )
-            wait_for_port(redis_port, STARTUP_SECONDS, process=process, what="redis-server")
+            args = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(scratch)]
+            args += ["--appendonly", "yes", "--save", ""]
+            # A limit (far above what a local run holds), as docs/capacity.md asks of every Redis:
+            # without one web and worker each open with a warning about it.
+            args += ["--maxmemory", "256mb", "--maxmemory-policy", "noeviction"]
+            # dev says where it listens; Redis's own notes go to a file that outlives the run.
+            args += ["--logfile", str(redis_log)]
+            children.start("redis-server", args, env, redis_port)
             env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             print(f"started redis-server on port {redis_port} (AOF in {scratch}, log in {redis_log})")
 
@@ -205,8 +184,7 @@ def run_dev(settings: Settings, port: int) -> int:
             from emulator.app import EmulatorConfig
 
             emulator_port = free_port()
-            process = children.start("emulator", [*cli, "emulator", "--port", str(emulator_port)], env)
-            wait_for_port(emulator_port, STARTUP_SECONDS, process=process, what="the emulator")
+            children.start("the emulator", [*cli, "emulator", "--port", str(emulator_port)], env, emulator_port)
             defaults = EmulatorConfig()
             env.update(
                 SMARTCAR_API_URL=f"http://127.0.0.1:{emulator_port}/v3",
@@ -223,9 +201,8 @@ def run_dev(settings: Settings, port: int) -> int:
             added = seed_users(settings.database_url)
             print(f"user store {settings.database_url} migrated; {added} emulator users added")
 
-        web = children.start("web", [*cli, "web", "--host", "127.0.0.1", "--port", str(port)], env)
-        wait_for_port(port, STARTUP_SECONDS, process=web, what="the web process")
-        children.start("worker", [*cli, "worker"], env)
+        children.start("the web process", [*cli, "web", "--host", "127.0.0.1", "--port", str(port)], env, port)
+        children.start("the worker", [*cli, "worker"], env)
         _print_instructions(port, env, int(env.get("ADMIN_PORT", settings.admin_port)))
         while True:
             for name, process in children.processes:
