@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--concurrency", type=positive, default=256, help="jobs in flight in this process (default 256)"
     )
-    dev = command("dev", "cli.dev:run_dev", "run the whole pipeline locally (what `make run` runs)")
+    dev = command("dev", "cli.processes:run_dev", "run the whole pipeline locally (what `make run` runs)")
     dev.add_argument("--port", type=port_number, default=8000, help="web port (default 8000)")
     emulator = command("emulator", "cli.processes:emulator", "run the Smartcar API emulator alone")
     emulator.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _emulator_absent(exc: ModuleNotFoundError, command: str) -> ConfigurationError:
     """The one-line refusal when the emulator package is missing (it is left out of the wheel)."""
-    if exc.name is None or not (exc.name == "emulator" or exc.name.startswith("emulator.")):
+    if (exc.name or "").partition(".")[0] != "emulator":
         raise exc
     hint = ", or set SMARTCAR_CLIENT_ID and SMARTCAR_CLIENT_SECRET to use Smartcar itself" if command == "dev" else ""
     return ConfigurationError(

@@ -11,19 +11,19 @@ from core.errors import ConfigurationError
 def migrate(settings: Settings, action: str, revision: str | None, drop_tokens: bool) -> int:
     from core.store import db
 
+    examples = {
+        "downgrade": "`db downgrade base`",
+        "stamp": '`db stamp v2_schema` for a database in the guide\'s "before" shape',
+    }
     if action == "upgrade":
         adopted = db.upgrade(settings.database_url, revision or "head", drop_tokens=drop_tokens)
         if adopted is not None:
             print(f"found tables without an Alembic version in the {adopted} shape: stamped them {adopted}")
+    elif not revision:
+        raise ConfigurationError(f"db {action} needs a revision, e.g. {examples[action]}.")
     elif action == "downgrade":
-        if not revision:
-            raise ConfigurationError("db downgrade needs a revision, e.g. `db downgrade base`.")
         db.downgrade(settings.database_url, revision)
-    elif action == "stamp":
-        if not revision:
-            raise ConfigurationError(
-                'db stamp needs a revision, e.g. `db stamp v2_schema` for a database in the guide\'s "before" shape.'
-            )
+    else:
         db.stamp(settings.database_url, revision)
     print(f"database at revision {db.current(settings.database_url) or 'base (empty)'}")
     return 0

@@ -25,7 +25,6 @@ from workers.output import iso_ms
 
 #: The longest value the text form prints before cutting it with "…".
 VALUE_WIDTH = 48
-_NO_GROUP = "(no group)"
 
 
 def state_report(client: SyncRedis, prefix: str, vehicle_id: str, now_ms: int) -> dict[str, Any] | None:
@@ -77,7 +76,7 @@ def render_text(report: dict[str, Any]) -> str:
     lines.append(f"  signals  {len(signals)}  (age: by the car's clock / by Smartcar's)")
     groups: dict[str, list[dict[str, Any]]] = {}
     for code, signal in signals.items():
-        groups.setdefault(str(signal.get("group") or _NO_GROUP), []).append(signal | {"code": code})
+        groups.setdefault(str(signal.get("group") or "(no group)"), []).append(signal | {"code": code})
     width = max((len(code) for code in signals), default=0)
     for group in sorted(groups):
         lines += ["", group]
