@@ -29,7 +29,7 @@ from pathlib import Path
 import redis
 
 from bench.__main__ import machine
-from cli.dev import seed_users
+from cli.processes import seed_users
 from core.redis.queue_metrics import read_stranded
 from core.store import db
 from tests.drills.common import Sender, wait_until

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO
 
-from cli.operations import open_command_redis_async, redis_errors
+from cli.operations import open_command_redis, progress_line, redis_errors
 from core.config import Settings
 from core.errors import (
     InvalidPayload,
@@ -23,6 +23,7 @@ from core.errors import (
     SmartcarUnavailable,
     TransientError,
 )
+from core.redis.clients import command_redis_async
 from core.smartcar.client import SmartcarClient, smartcar_client
 from core.smartcar.http import LeanHttp
 from core.store.users import UserStore, VehicleRecord
@@ -42,10 +43,13 @@ class SmartcarConnection:
     smartcar_user_id: str
     smartcar_vehicle_id: str
 
+    def __str__(self) -> str:
+        return f"Smartcar vehicle {self.smartcar_vehicle_id} of Smartcar user {self.smartcar_user_id}"
+
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    """What happened to one connection; ``detail`` is one line for people."""
+    """What happened to one connection; ``detail`` is one line for people, printed after the connection."""
 
     outcome: Outcome
     connection: SmartcarConnection
@@ -63,10 +67,6 @@ class BackfillReport:
     aborted: str | None = None  # why the listing itself broke off
     counts: Counter[Outcome] = field(default_factory=Counter)
 
-    @property
-    def seen(self) -> int:
-        return len(self.findings)
-
     def add(self, finding: Finding) -> None:
         self.findings.append(finding)
         self.counts[finding.outcome] += 1
@@ -82,7 +82,8 @@ class BackfillReport:
         ]
         if self.counts["failed"]:
             parts.append(f"failed {self.counts['failed']}")
-        text = f"{', '.join(parts)} ({self.seen} connection{'s' if self.seen != 1 else ''}"
+        seen = len(self.findings)
+        text = f"{', '.join(parts)} ({seen} connection{'s' if seen != 1 else ''}"
         if self.ignored:
             text += f"; {self.ignored} of other users ignored"
         return text + ")"
@@ -137,9 +138,7 @@ class Backfill:
                     except (SmartcarUnavailable, SmartcarRateLimited) as exc:
                         # One vehicle's OEM being down must not stop the others; the database being
                         # down (also transient) would fail them all, so that one ends the run instead.
-                        finding = Finding(
-                            "failed", connection, f"{_label(connection)}: {exc.message} Rerun to retry it."
-                        )
+                        finding = Finding("failed", connection, f"{exc.message} Rerun to retry it.")
                     self.report.add(finding)
                     if self._progress is not None:
                         self._progress(self.report)
@@ -154,18 +153,15 @@ class Backfill:
         if not candidates:
             vin, why = await self._vin(connection)
             if vin is None:
-                return Finding("unmatched", connection, f"{_label(connection)}: {why}.")
+                return Finding("unmatched", connection, f"{why}.")
             by_vin = await asyncio.to_thread(self._users.find_vehicles_by_vin, vin)
             if not by_vin:
-                return Finding("unmatched", connection, f"{_label(connection)}: no internal vehicle has VIN {vin}.")
+                return Finding("unmatched", connection, f"no internal vehicle has VIN {vin}.")
             candidates = [v for v in by_vin if self._vehicle_id(v) in (None, sc_vehicle)]
             if not candidates:
                 taken = ", ".join(f"vehicle {v.id} ({self._vehicle_id(v)})" for v in by_vin)
-                return Finding(
-                    "conflict",
-                    connection,
-                    f"{_label(connection)}: VIN {vin} belongs to {taken}, already linked to another Smartcar vehicle.",
-                )
+                why = f"VIN {vin} belongs to {taken}, already linked to another Smartcar vehicle."
+                return Finding("conflict", connection, why)
             how = f"VIN {vin}"
 
         mine = [v for v in candidates if self._owner_id(v) == sc_user]
@@ -173,43 +169,37 @@ class Backfill:
         chosen = mine or free
         if not chosen:
             owners = "; ".join(_owner_text(v, self._owner_id(v)) for v in candidates)
-            return Finding(
-                "conflict", connection, f"{_label(connection)}: found by {how}, but {owners}; nothing was changed."
-            )
+            return Finding("conflict", connection, f"found by {how}, but {owners}; nothing was changed.")
         if len(chosen) > 1:
             ids = ", ".join(str(v.id) for v in chosen)
-            return Finding(
-                "conflict",
-                connection,
-                f"{_label(connection)}: vehicles {ids} all match by {how}; link the right one with `users link`.",
-            )
+            why = f"vehicles {ids} all match by {how}; link the right one with `users link`."
+            return Finding("conflict", connection, why)
         vehicle = chosen[0]
         assert vehicle.user_id is not None
         if self._owner_id(vehicle) is None:
             holder = await self._holder(sc_user)
             if holder is not None and holder != vehicle.user_id:
-                return Finding(
-                    "conflict",
-                    connection,
-                    f"{_label(connection)}: Smartcar user {sc_user} already belongs to user {holder}, "
-                    f"but vehicle {vehicle.id} (found by {how}) belongs to user {vehicle.user_id}; nothing was changed.",
+                why = (
+                    f"Smartcar user {sc_user} already belongs to user {holder}, but vehicle {vehicle.id} "
+                    f"(found by {how}) belongs to user {vehicle.user_id}; nothing was changed."
                 )
+                return Finding("conflict", connection, why)
         steps = []
         if self._vehicle_id(vehicle) is None:
             steps.append(f"vehicle {vehicle.id} → Smartcar vehicle {sc_vehicle}")
         if self._owner_id(vehicle) is None:
             steps.append(f"user {vehicle.user_id} → Smartcar user {sc_user}")
         if not steps:
-            return Finding("already_linked", connection, f"{_label(connection)}: vehicle {vehicle.id} already linked.")
+            return Finding("already_linked", connection, f"vehicle {vehicle.id} already linked.")
         if not self._dry_run:
             try:
                 await asyncio.to_thread(self._users.link_vehicle, vehicle.id, sc_vehicle, sc_user)
             except LinkConflict as exc:
                 # Something changed between the decision and the write (another run, `users link`).
-                return Finding("conflict", connection, f"{_label(connection)}: {exc.message}")
+                return Finding("conflict", connection, exc.message)
         self._remember(vehicle, sc_vehicle, sc_user)
         verb = "would link" if self._dry_run else "linked"
-        return Finding("matched", connection, f"{_label(connection)}: {verb} {'; '.join(steps)} (by {how}).")
+        return Finding("matched", connection, f"{verb} {'; '.join(steps)} (by {how}).")
 
     async def _known(self, sc_vehicle: str) -> list[VehicleRecord]:
         stored = await asyncio.to_thread(self._users.find_vehicles_by_smartcar_id, sc_vehicle)
@@ -267,10 +257,6 @@ def _vin_value(resource: dict[str, Any]) -> str | None:
     return value.strip().upper()
 
 
-def _label(connection: SmartcarConnection) -> str:
-    return f"Smartcar vehicle {connection.smartcar_vehicle_id} of Smartcar user {connection.smartcar_user_id}"
-
-
 def _owner_text(vehicle: VehicleRecord, owner_smartcar_id: str | None) -> str:
     if vehicle.user_id is None:
         return f"vehicle {vehicle.id} has no owner"
@@ -298,21 +284,10 @@ def run_backfill(
     out = out or sys.stdout
     err = err or sys.stderr
     settings.require_client_credentials()
-    interactive = err.isatty()
 
-    def progress(report: BackfillReport) -> None:
-        done = report.seen + report.ignored
-        if report.total:
-            filled = min(_BAR_WIDTH, _BAR_WIDTH * done // report.total)
-            line = f"[{'#' * filled}{'-' * (_BAR_WIDTH - filled)}] {done}/{report.total} connections"
-        else:
-            line = f"{done} connections"
-        err.write(f"\r{line}, {report.counts['matched']} matched, {report.counts['conflict']} conflicts ")
-        err.flush()
-
-    async def run() -> BackfillReport:
+    async def run(show: Callable[[str], None]) -> BackfillReport:
         # The application token is cached in Redis, shared with the workers.
-        redis = open_command_redis_async(settings)
+        redis = open_command_redis(command_redis_async, settings)
         # A handful of connections: the run is sequential, and Smartcar's application rate limit
         # is the bottleneck, not the pool.
         http = LeanHttp(max_connections=4)
@@ -324,7 +299,7 @@ def run_backfill(
                 dry_run=dry_run,
                 smartcar_user_id=smartcar_user_id,
                 page_size=page_size,
-                progress=progress if interactive else None,
+                progress=lambda report: show(_progress(report)),
             )
             return await backfill.run()
         finally:
@@ -332,13 +307,19 @@ def run_backfill(
             await http.aclose()
             await asyncio.to_thread(users.dispose)
 
-    try:
-        with redis_errors():
-            report = asyncio.run(run())
-    finally:
-        if interactive:
-            err.write("\n")
+    with progress_line(err) as show, redis_errors():
+        report = asyncio.run(run(show))
     return _print_report(report, out, err)
+
+
+def _progress(report: BackfillReport) -> str:
+    done = len(report.findings) + report.ignored
+    if report.total:
+        filled = min(_BAR_WIDTH, _BAR_WIDTH * done // report.total)
+        line = f"[{'#' * filled}{'-' * (_BAR_WIDTH - filled)}] {done}/{report.total} connections"
+    else:
+        line = f"{done} connections"
+    return f"{line}, {report.counts['matched']} matched, {report.counts['conflict']} conflicts "
 
 
 def _print_report(report: BackfillReport, out: TextIO, err: TextIO) -> int:
@@ -347,7 +328,7 @@ def _print_report(report: BackfillReport, out: TextIO, err: TextIO) -> int:
         print("Dry run: nothing was written.", file=out)
         sections = (("matched", "Planned:"), *sections)
     for outcome, title in sections:
-        details = [f"  {f.detail}" for f in report.findings if f.outcome == outcome]
+        details = [f"  {f.connection}: {f.detail}" for f in report.findings if f.outcome == outcome]
         if details:
             print(title, *details, sep="\n", file=out)
     print(report.summary(), file=out)

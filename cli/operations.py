@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TextIO, TypeVar
 
-import redis
-from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, RedisError
 
 from core.config import Settings
 from core.errors import ConfigurationError, Unreachable
-from core.redis.clients import command_redis, command_redis_async
+from core.redis.clients import command_redis_async
 from core.redis.jobs import JobOptions
 from core.redis.outage import redis_unavailable
 from core.redis.parked import ReplayReport, replay_parked
+
+C = TypeVar("C")
 
 
 @contextmanager
@@ -46,54 +47,54 @@ def redis_errors(action: str = "used", *, os_errors: bool = True) -> Iterator[No
         ) from None
 
 
-def _unusable_redis_url() -> ConfigurationError:
-    """The one line for a ``REDIS_URL`` that redis-py cannot parse (the value is not repeated)."""
-    return ConfigurationError(
-        "REDIS_URL is not a Redis URL: it must start with redis://, rediss:// or unix:// and name a numeric database."
-    )
-
-
-def open_command_redis(settings: Settings) -> redis.Redis:
-    """:func:`core.redis.clients.command_redis`, with an unparsable ``REDIS_URL`` as a bad setting."""
+def open_command_redis(factory: Callable[[Settings], C], settings: Settings) -> C:
+    """``factory(settings)`` (:mod:`core.redis.clients`), with an unparsable ``REDIS_URL`` as a bad setting."""
     try:
-        return command_redis(settings)
-    except ValueError:
-        raise _unusable_redis_url() from None
+        return factory(settings)
+    except ValueError:  # the value is not repeated: it may carry a password
+        raise ConfigurationError(
+            "REDIS_URL is not a Redis URL: it must start with redis://, rediss:// or unix:// and name a numeric "
+            "database."
+        ) from None
 
 
-def open_command_redis_async(settings: Settings) -> AsyncRedis:
-    """:func:`core.redis.clients.command_redis_async`, with an unparsable ``REDIS_URL`` as a bad setting."""
+@contextmanager
+def progress_line(stream: TextIO) -> Iterator[Callable[[str], None]]:
+    """A function that shows a command's progress as one line of ``stream``, rewritten (``\\r``) at
+    each call and ended after the block; it shows nothing unless ``stream`` is a terminal."""
+    interactive = stream.isatty()
+    shown = False
+
+    def show(line: str) -> None:
+        nonlocal shown
+        if interactive:
+            stream.write(f"\r{line}")
+            stream.flush()
+            shown = True
+
     try:
-        return command_redis_async(settings)
-    except ValueError:
-        raise _unusable_redis_url() from None
+        yield show
+    finally:
+        if shown:  # end the line, so what follows starts on a line of its own
+            stream.write("\n")
 
 
 def replay(settings: Settings, reason: str | None, limit: int | None) -> int:
     """Re-enqueue parked entries and print what happened; progress on a terminal."""
-    interactive = sys.stderr.isatty()
-    shown = False
 
-    def progress(report: ReplayReport) -> None:
-        nonlocal shown
-        if interactive:
-            print(f"\r  scanned {report.scanned}, re-enqueued {report.requeued}", end="", file=sys.stderr, flush=True)
-            shown = True
+    async def run(show: Callable[[str], None]) -> ReplayReport:
+        async with open_command_redis(command_redis_async, settings) as client:
+            return await replay_parked(
+                client,
+                JobOptions.from_settings(settings),
+                settings.parked_stream,
+                reason,
+                limit,
+                lambda report: show(f"  scanned {report.scanned}, re-enqueued {report.requeued}"),
+            )
 
-    async def run() -> ReplayReport:
-        client = open_command_redis_async(settings)
-        try:
-            options = JobOptions.from_settings(settings)
-            return await replay_parked(client, options, settings.parked_stream, reason, limit, progress)
-        finally:
-            await client.aclose()
-
-    try:
-        with redis_errors():
-            report = asyncio.run(run())
-    finally:
-        if shown:  # end the progress line, so what follows starts on a line of its own
-            print(file=sys.stderr)
+    with progress_line(sys.stderr) as show, redis_errors():
+        report = asyncio.run(run(show))
     what = f"parked for {reason}" if reason else "parked"
     print(f"re-enqueued {report.requeued} of {report.scanned} entries {what}", end="")
     left = []

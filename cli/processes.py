@@ -1,37 +1,153 @@
-"""The commands that run the service's processes: ``web``, ``worker``, ``dev`` and ``emulator``."""
+"""The commands that run the service's processes: ``web``, ``worker``, ``emulator``, and ``dev`` (what
+``make run`` runs): the whole pipeline on one machine, Redis and the emulator included when none is
+at hand (README.md, the command table; why its children are stopped one at a time:
+docs/architecture.md, "Design notes"). The ports helpers are the tests' too."""
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
 
-from cli.arguments import Subcommands, port_number, positive
-from core.config import Settings
-from core.errors import ConfigurationError
+import redis
+
+from core.config import DEV_MANAGEMENT_TOKEN, Settings
+from core.errors import ConfigurationError, RecordExists
+from core.redis.clients import probe_redis
+
+#: How long dev waits for each child it started to listen.
+STARTUP_SECONDS = 30.0
 
 
-def _web(args: argparse.Namespace, settings: Settings) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at ``host`` right now (the kernel's pick)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def bindable(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def wait_for_port(
+    port: int,
+    timeout: float = 10.0,
+    *,
+    process: subprocess.Popen[Any] | None = None,
+    what: str = "the process",
+) -> None:
+    """Return once something accepts connections on ``127.0.0.1:port``.
+
+    Raises :class:`ConfigurationError` (one line, as the CLI reports it) after ``timeout`` seconds,
+    or as soon as ``process``, the one expected to listen, has exited.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ConfigurationError(f"{what} exited during startup (status {process.returncode}).")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise ConfigurationError(f"{what} did not start listening on port {port} within {timeout:.0f} s.")
+
+
+def _redis_answers(url: str) -> bool:
+    with probe_redis(url) as client, contextlib.suppress(redis.RedisError, OSError):
+        return bool(client.ping())
+    return False
+
+
+def seed_users(database_url: str) -> int:
+    """Create one internal user (and vehicle) per emulator user; returns how many were added."""
+    from core.store.users import UserStore
+    from emulator.seed import default_seed
+
+    store = UserStore(database_url)
+    added = 0
+    vehicle_id = 0
+    try:
+        for index, user in enumerate(default_seed(), start=1):
+            try:
+                store.add_user(index, f"driver{index}@example.test", f"Driver {index}", smartcar_user_id=user.id)
+                added += 1
+            except RecordExists:
+                pass
+            for vehicle in user.vehicles:
+                vehicle_id += 1
+                with contextlib.suppress(RecordExists):
+                    store.add_vehicle(vehicle_id, index, vehicle.vin, smartcar_vehicle_id=vehicle.id)
+    finally:
+        store.dispose()
+    return added
+
+
+class Children:
+    """The processes ``dev`` started, each in a session of its own, stopped one at a time, last
+    started first (docs/architecture.md, "dev stops its children one at a time")."""
+
+    def __init__(self) -> None:
+        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str], port: int | None = None) -> None:
+        """Start ``args``; with a ``port``, return once it listens there."""
+        process = subprocess.Popen(args, env=env, start_new_session=True)
+        self.processes.append((name, process))
+        if port is not None:
+            wait_for_port(port, STARTUP_SECONDS, process=process, what=name)
+
+    def stop(self) -> None:
+        hurry = False
+        for name, process in reversed(self.processes):
+            if process.poll() is not None:
+                continue
+            if not hurry:
+                process.terminate()
+                try:
+                    process.wait(timeout=15)
+                    continue
+                except subprocess.TimeoutExpired:
+                    print(f"{name} did not stop in time; killing it", file=sys.stderr)
+                except KeyboardInterrupt:
+                    hurry = True
+            process.kill()
+            process.wait()
+
+
+def web(settings: Settings, host: str, port: int, workers: int, max_connections: int, keep_alive_timeout: int) -> int:
     from core.logs import configure_logging
     from service.server import serve
 
     settings.require_management_token()
     configure_logging(settings.log_level, settings.log_format)
     metrics_dir = None
-    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Each uvicorn process counts for itself; a shared directory lets /metrics sum them all.
         metrics_dir = tempfile.mkdtemp(prefix="smartcar-ingest-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        serve(settings, args.host, args.port, args.workers, args.max_connections, args.keep_alive_timeout)
+        serve(settings, host, port, workers, max_connections, keep_alive_timeout)
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
-def _worker(args: argparse.Namespace, settings: Settings) -> int:
+def worker(settings: Settings, burst: bool, concurrency: int) -> int:
     from cli.operations import redis_errors
     from core.logs import configure_logging
     from workers.worker import run_worker
@@ -40,75 +156,127 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings.log_level, settings.log_format)
     # The worker waits out Redis trouble; this only ends a start whose Redis never answered.
     with redis_errors("reached", os_errors=False):
-        run_worker(settings, burst=args.burst, concurrency=args.concurrency)
+        run_worker(settings, burst=burst, concurrency=concurrency)
     return 0
 
 
-def _emulator_absent(exc: ModuleNotFoundError, hint: str = "") -> ConfigurationError:
-    """The one-line refusal when the emulator package is missing (it is left out of the wheel)."""
-    if exc.name is None or not (exc.name == "emulator" or exc.name.startswith("emulator.")):
-        raise exc
-    return ConfigurationError(
-        "the Smartcar emulator is not installed: it ships with the source checkout only, for tests and "
-        f"`make run`; run this from a clone of the repository{hint}."
-    )
+def emulator(settings: Settings, host: str, port: int, latency: float) -> int:
+    from emulator.app import EmulatorConfig
+    from emulator.server import serve
 
-
-def _emulator(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        from emulator.app import EmulatorConfig
-        from emulator.server import serve
-    except ModuleNotFoundError as exc:
-        raise _emulator_absent(exc) from None
-
-    config = EmulatorConfig(latency_seconds=args.latency)
-    print(f"Smartcar emulator on http://{args.host}:{args.port}")
-    print(f"  SMARTCAR_API_URL=http://{args.host}:{args.port}/v3")
-    print(f"  SMARTCAR_TOKEN_URL=http://{args.host}:{args.port}/oauth2/token")
+    config = EmulatorConfig(latency_seconds=latency)
+    print(f"Smartcar emulator on http://{host}:{port}")
+    print(f"  SMARTCAR_API_URL=http://{host}:{port}/v3")
+    print(f"  SMARTCAR_TOKEN_URL=http://{host}:{port}/oauth2/token")
     print(f"  SMARTCAR_CLIENT_ID={config.client_id} SMARTCAR_CLIENT_SECRET={config.client_secret}")
-    serve(host=args.host, port=args.port, config=config)
+    serve(host=host, port=port, config=config)
     return 0
 
 
-def _dev(args: argparse.Namespace, settings: Settings) -> int:
-    from cli.dev import run_dev
+def run_dev(settings: Settings, port: int) -> int:
+    """Run everything until interrupted; returns the exit status."""
+    env = dict(os.environ)
+    env.setdefault("LOG_FORMAT", "console")
+    # Deliveries survive a Redis outage in dev too; the directory outlives the run, so nothing
+    # spooled is lost by stopping `make run` before Redis came back.
+    env.setdefault("SPOOL_DIR", str(Path("var/spool").resolve()))
+    if not settings.management_tokens:
+        env["SMARTCAR_MANAGEMENT_TOKEN"] = DEV_MANAGEMENT_TOKEN
+    env["DEV_MODE"] = "true"
+    # Locally, captured deliveries from months ago are replayed on purpose: accept their age.
+    env.setdefault("MAX_DELIVERY_AGE_SECONDS", str(10 * 365 * 24 * 3600))
+    # Everything dev starts listens on this machine only; the web's admin port (/readyz, /metrics)
+    # is ADMIN_PORT when free, else any free port, so a busy 9000 does not stop `make run`.
+    admin_host = env.setdefault("ADMIN_HOST", "127.0.0.1")
+    if settings.admin_port and not bindable(admin_host, settings.admin_port):
+        env["ADMIN_PORT"] = str(free_port(admin_host))
+    children = Children()
+    scratch = Path(tempfile.mkdtemp(prefix="smartcar-ingest-dev-"))
 
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    # The children are not in the terminal's process group: closing the terminal stops them through dev.
+    signal.signal(signal.SIGHUP, on_term)
+    cli = [sys.executable, "-m", "cli.main"]
     try:
-        return run_dev(settings, port=args.port)
-    except ModuleNotFoundError as exc:
-        hint = ", or set SMARTCAR_CLIENT_ID and SMARTCAR_CLIENT_SECRET to use Smartcar itself"
-        raise _emulator_absent(exc, hint) from None
+        if _redis_answers(settings.redis_url):
+            print(f"using Redis at {settings.redis_url}")
+            env["REDIS_URL"] = settings.redis_url
+        else:
+            if shutil.which("redis-server") is None:
+                raise ConfigurationError("REDIS_URL does not answer and redis-server is not installed.")
+            redis_port = free_port()
+            redis_log = Path("var/redis-server.log").resolve()
+            redis_log.parent.mkdir(parents=True, exist_ok=True)
+            args = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(scratch)]
+            args += ["--appendonly", "yes", "--save", ""]
+            # A limit (far above what a local run holds), as docs/capacity.md asks of every Redis:
+            # without one web and worker each open with a warning about it.
+            args += ["--maxmemory", "256mb", "--maxmemory-policy", "noeviction"]
+            # dev says where it listens; Redis's own notes go to a file that outlives the run.
+            args += ["--logfile", str(redis_log)]
+            children.start("redis-server", args, env, redis_port)
+            env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+            print(f"started redis-server on port {redis_port} (AOF in {scratch}, log in {redis_log})")
+
+        if settings.smartcar_client_id and settings.smartcar_client_secret:
+            print(f"using Smartcar at {settings.smartcar_api_url}")
+            seeded = False
+        else:
+            from emulator.app import EmulatorConfig
+
+            emulator_port = free_port()
+            children.start("the emulator", [*cli, "emulator", "--port", str(emulator_port)], env, emulator_port)
+            defaults = EmulatorConfig()
+            env.update(
+                SMARTCAR_API_URL=f"http://127.0.0.1:{emulator_port}/v3",
+                SMARTCAR_TOKEN_URL=f"http://127.0.0.1:{emulator_port}/oauth2/token",
+                SMARTCAR_CLIENT_ID=defaults.client_id,
+                SMARTCAR_CLIENT_SECRET=defaults.client_secret,
+            )
+            seeded = True
+            print(f"started the Smartcar emulator on port {emulator_port}")
+
+        from cli.redis_admin import load_functions
+        from core.store import db
+
+        db.upgrade(settings.database_url)
+        print(load_functions(env["REDIS_URL"]))
+        if seeded:
+            added = seed_users(settings.database_url)
+            print(f"user store {settings.database_url} migrated; {added} emulator users added")
+
+        children.start("the web process", [*cli, "web", "--host", "127.0.0.1", "--port", str(port)], env, port)
+        children.start("the worker", [*cli, "worker"], env)
+        _print_instructions(port, env, int(env.get("ADMIN_PORT", settings.admin_port)))
+        while True:
+            for name, process in children.processes:
+                if process.poll() is not None:
+                    raise ConfigurationError(f"{name} stopped unexpectedly (status {process.returncode}).")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nstopping…")
+        return 0
+    finally:
+        children.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def add_commands(sub: Subcommands) -> None:
-    web = sub.add_parser("web", help="serve the webhook endpoint with uvicorn")
-    web.add_argument("--host", default="0.0.0.0", help="interface to bind (default 0.0.0.0)")
-    web.add_argument("--port", type=port_number, default=8000, help="port to bind (default 8000)")
-    web.add_argument("--workers", type=positive, default=1, help="uvicorn worker processes (default 1)")
-    web.add_argument(
-        "--max-connections",
-        type=positive,
-        default=1000,
-        help="open connections held at most per process; past it, 503 (default 1000)",
+def _print_instructions(port: int, env: dict[str, str], admin_port: int) -> None:
+    url = f"http://127.0.0.1:{port}/webhooks/smartcar"
+    base = f"http://127.0.0.1:{admin_port}"
+    admin = f"{base}/readyz  {base}/metrics" if admin_port else "off (ADMIN_PORT=0)"
+    print(
+        f"""
+smartcar-ingest is running: web on http://127.0.0.1:{port}, one worker, Redis at {env["REDIS_URL"]}
+
+  send a signed test event:   uv run smartcar-ingest send-test-event --url {url}
+  read the enriched output:   redis-cli -u {env["REDIS_URL"]} XRANGE {env.get("OUTPUT_STREAM", "smartcar:vehicle-events")} - +
+  parked events:              redis-cli -u {env["REDIS_URL"]} XRANGE {env.get("PARKED_STREAM", "smartcar:parked")} - +
+  readiness and metrics:      {admin}
+
+Ctrl-C stops everything.""",
+        flush=True,
     )
-    web.add_argument(
-        "--keep-alive-timeout",
-        type=positive,
-        default=15,
-        help="seconds an idle kept-alive connection is held (default 15)",
-    )
-    web.set_defaults(handler=_web)
-    worker = sub.add_parser("worker", help="run an RQ worker on the ingest queue")
-    worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
-    worker.add_argument(
-        "--concurrency", type=positive, default=256, help="jobs in flight in this process (default 256)"
-    )
-    worker.set_defaults(handler=_worker)
-    dev = sub.add_parser("dev", help="run the whole pipeline locally (what `make run` runs)")
-    dev.add_argument("--port", type=port_number, default=8000, help="web port (default 8000)")
-    dev.set_defaults(handler=_dev)
-    emulator = sub.add_parser("emulator", help="run the Smartcar API emulator alone")
-    emulator.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    emulator.add_argument("--port", type=port_number, default=8787, help="port to bind (default 8787)")
-    emulator.add_argument("--latency", type=float, default=0.0, help="seconds added to every API call")
-    emulator.set_defaults(handler=_emulator)

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
 
-from cli.arguments import Subcommands
 from core.config import Settings
 from core.errors import ConfigurationError
+from core.redis.acl import Role, acl_file_line
 
 #: Every module that defines Lua functions (tests/test_redis_functions.py checks the list is whole).
 FUNCTION_MODULES = (
@@ -58,38 +57,18 @@ def load_functions(redis_url: str) -> str:
     return f"Redis functions: {loaded} loaded, {present} already there ({len(names)} in all)"
 
 
-def redis_setup(args: argparse.Namespace, settings: Settings) -> int:
+def redis_setup(settings: Settings) -> int:
     print(load_functions(settings.redis_url))
     return 0
 
 
-def redis_acl(args: argparse.Namespace, settings: Settings) -> int:
-    from core.redis.acl import acl_file_line
-
+def redis_acl(settings: Settings, role: Role, user: str | None, password_env: str | None, connect: bool) -> int:
     password = None
-    if args.password_env:
-        password = os.environ.get(args.password_env)
+    if password_env:
+        password = os.environ.get(password_env)
         if not password:
-            raise ConfigurationError(f"{args.password_env} is empty or not set: put the user's password in it.")
+            raise ConfigurationError(f"{password_env} is empty or not set: put the user's password in it.")
     else:
         print("# no --password-env: the user is written switched off; give it a password before use", file=sys.stderr)
-    user = args.user or f"smartcar-{args.role}"
-    print(acl_file_line(settings, args.role, user, password, connect=args.connect))
+    print(acl_file_line(settings, role, user or f"smartcar-{role}", password, connect=connect))
     return 0
-
-
-def add_commands(sub: Subcommands) -> None:
-    setup = sub.add_parser(
-        "redis-setup",
-        help="load the service's Redis functions (an admin REDIS_URL; run on every install and upgrade)",
-    )
-    setup.set_defaults(handler=redis_setup)
-
-    acl = sub.add_parser("redis-acl", help="print one Redis aclfile line for a role's user (see docs/security.md)")
-    acl.add_argument("role", choices=["web", "worker"])
-    acl.add_argument("--user", help="the Redis user name (default smartcar-ROLE)")
-    acl.add_argument(
-        "--password-env", metavar="VAR", help="environment variable holding the user's password (stored hashed)"
-    )
-    acl.add_argument("--connect", action="store_true", help="web only: also the keys the Connect callback needs")
-    acl.set_defaults(handler=redis_acl)

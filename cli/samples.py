@@ -91,16 +91,7 @@ def sample_event(
         "eventId": event_id,
         "eventType": event_type,
         "data": {"user": user, "vehicle": vehicle, "signals": signals},
-        "triggers": [
-            {
-                "type": "SIGNAL_UPDATED",
-                "signal": {
-                    "code": "tractionbattery-stateofcharge",
-                    "name": "StateOfCharge",
-                    "group": "TractionBattery",
-                },
-            }
-        ],
+        "triggers": [{"type": "SIGNAL_UPDATED", "signal": {k: signals[0][k] for k in ("code", "name", "group")}}],
         "meta": _meta(event_type),
     }
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -18,11 +17,13 @@ from rq.serializers import JSONSerializer
 
 from cli.operations import open_command_redis, redis_errors
 from core.config import Settings
+from core.redis.clients import command_redis
 from core.redis.deployment_counts import read_usage
 from core.redis.keys import text
 from core.redis.memory import read_memory
 from core.redis.parked import COUNT_SCAN_LIMIT, count_by_reason
 from core.redis.queue_metrics import GROUP_BEHIND_WARNING, age_seconds, read_groups, read_snapshot, read_stranded
+from workers.output import iso_ms
 
 
 def collect_status(
@@ -32,8 +33,10 @@ def collect_status(
     now = dt.datetime.now(dt.UTC)
     snapshot = read_snapshot(client, settings)
     stranded = read_stranded(client, settings.ingest_queue)
+    by_reason, scanned = count_by_reason(client, settings.parked_stream, parked_scan_limit)
+    memory = read_memory(client)
     return {
-        "generatedAt": _iso(now),
+        "generatedAt": iso_ms(int(now.timestamp() * 1000)),
         "queue": {
             "name": snapshot.queue,
             "depth": snapshot.depth,
@@ -43,7 +46,13 @@ def collect_status(
         "stranded": {"count": stranded.count, "oldestAgeSeconds": round(stranded.oldest_age_seconds, 3)},
         "registries": snapshot.registries,
         "workers": _workers(client, settings, now),
-        "parked": _parked(client, settings.parked_stream, snapshot.parked_length, parked_scan_limit),
+        "parked": {
+            "stream": settings.parked_stream,
+            "length": snapshot.parked_length,
+            "byReason": by_reason,
+            "scanned": scanned,
+            "capped": scanned < snapshot.parked_length,
+        },
         "output": {
             "stream": settings.output_stream,
             "length": snapshot.output_length,
@@ -51,7 +60,12 @@ def collect_status(
             "groups": _groups(client, settings.output_stream, settings.output_stream_retention_seconds, now),
             "lastPublished": _last_published(client, settings.output_stream, now),
         },
-        "redisMemory": _memory(client),
+        "redisMemory": {
+            "usedBytes": memory.used_bytes,
+            "maxBytes": memory.max_bytes,
+            "policy": memory.policy,
+            "usedFraction": round(memory.used_bytes / memory.max_bytes, 4) if memory.max_bytes else None,
+        },
         # Summed over every worker of the deployment (core.redis.deployment_counts): 2.0 calls per event
         # means every event read both itself; shared and cached reads bring it down.
         "enrichment": read_usage(client, minutes=60, now=now.timestamp()),
@@ -77,17 +91,6 @@ def _workers(client: redis.Redis, settings: Settings, now: dt.datetime) -> list[
     ]
 
 
-def _parked(client: redis.Redis, stream: str, length: int, limit: int) -> dict[str, Any]:
-    by_reason, scanned = count_by_reason(client, stream, limit)
-    return {
-        "stream": stream,
-        "length": length,
-        "byReason": by_reason,
-        "scanned": scanned,
-        "capped": scanned < length,
-    }
-
-
 def _groups(client: redis.Redis, stream: str, retention_seconds: int, now: dt.datetime) -> list[dict[str, Any]]:
     return [
         {
@@ -103,28 +106,18 @@ def _groups(client: redis.Redis, stream: str, retention_seconds: int, now: dt.da
     ]
 
 
-def _memory(client: redis.Redis) -> dict[str, Any]:
-    memory = read_memory(client)
-    return {
-        "usedBytes": memory.used_bytes,
-        "maxBytes": memory.max_bytes,
-        "policy": memory.policy,
-        "usedFraction": round(memory.used_bytes / memory.max_bytes, 4) if memory.max_bytes else None,
-    }
-
-
 def _last_published(client: redis.Redis, stream: str, now: dt.datetime) -> dict[str, Any] | None:
     entries = client.xrevrange(stream, count=1)
     if not entries:
         return None
     raw_id, fields = entries[0]
     entry_id = text(raw_id)
-    published = dt.datetime.fromtimestamp(int(entry_id.split("-", 1)[0]) / 1000, dt.UTC)
+    published_ms = int(entry_id.split("-", 1)[0])
     return {
         "eventId": text((fields or {}).get(b"event_id", b"")),
         "entryId": entry_id,
-        "publishedAt": _iso(published),
-        "ageSeconds": round(age_seconds(published, now), 3),
+        "publishedAt": iso_ms(published_ms),
+        "ageSeconds": round(age_seconds(dt.datetime.fromtimestamp(published_ms / 1000, dt.UTC), now), 3),
     }
 
 
@@ -161,7 +154,17 @@ def render_text(report: dict[str, Any]) -> str:
     row("parked", f"{parked['stream']}: {_entries(parked['length'])}" + (f" ({reasons})" if reasons else ""))
     if parked["capped"]:
         row("", f"reasons counted over the oldest {parked['scanned']} entries only")
-    _enrichment_rows(report["enrichment"], row)
+    usage = report["enrichment"]  # calls per event and where reads came from, over the last hour
+    calls = ", ".join(f"{endpoint} {count}" for endpoint, count in usage["calls"].items()) or "none"
+    summary = f"{usage['events']} events in the last {usage['minutes']} min, Smartcar calls: {calls}"
+    if usage["callsPerEvent"] is not None:
+        summary += f", {usage['callsPerEvent']:.2f} per event"
+    row("enrichment", summary)
+    for call, sources in usage["reads"].items():
+        row("", f"{call} reads: " + ", ".join(f"{source} {count}" for source, count in sources.items()))
+    if usage["rateLimited"] or usage["waitedSeconds"]:
+        scopes = ", ".join(f"{scope} {count}" for scope, count in usage["rateLimited"].items()) or "none"
+        row("", f"429s: {scopes}; waited for the budget or a pause: {usage['waitedSeconds']:.1f} s")
     memory = report["redisMemory"]
     used = f"{memory['usedBytes'] / 2**20:,.1f} MiB used"
     if memory["maxBytes"]:
@@ -188,35 +191,14 @@ def render_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _enrichment_rows(usage: dict[str, Any], row: Callable[[str, str], None]) -> None:
-    """Calls per event and where reads came from, over the last hour."""
-    per_event = usage["callsPerEvent"]
-    calls = ", ".join(f"{endpoint} {count}" for endpoint, count in usage["calls"].items()) or "none"
-    summary = f"{usage['events']} events in the last {usage['minutes']} min, Smartcar calls: {calls}"
-    if per_event is not None:
-        summary += f", {per_event:.2f} per event"
-    row("enrichment", summary)
-    for call, sources in usage["reads"].items():
-        row("", f"{call} reads: " + ", ".join(f"{source} {count}" for source, count in sources.items()))
-    limited = usage["rateLimited"]
-    if limited or usage["waitedSeconds"]:
-        scopes = ", ".join(f"{scope} {count}" for scope, count in limited.items()) or "none"
-        row("", f"429s: {scopes}; waited for the budget or a pause: {usage['waitedSeconds']:.1f} s")
-
-
 def _entries(count: int) -> str:
     return f"{count} entry" if count == 1 else f"{count} entries"
 
 
 def status(settings: Settings, as_json: bool = False) -> int:
-    """Print the report. A Redis that does not answer is one line and exit status 3, refused
-    credentials one line and exit status 2 (via the CLI); the URL is never repeated."""
-    client = open_command_redis(settings)
-    try:
-        with redis_errors("read"):
-            report = collect_status(client, settings)
-    finally:
-        client.close()
+    """Print the report (a Redis in trouble: :func:`cli.operations.redis_errors`)."""
+    with open_command_redis(command_redis, settings) as client, redis_errors("read"):
+        report = collect_status(client, settings)
     print(json.dumps(report, indent=2) if as_json else render_text(report))
     return 0
 
@@ -230,7 +212,3 @@ def duration(seconds: float) -> str:
     if seconds < 172_800:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86_400:.1f} d"
-
-
-def _iso(moment: dt.datetime) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

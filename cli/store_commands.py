@@ -1,63 +1,55 @@
-"""The user store's commands: ``db`` (migrations), ``users link``, ``backfill`` and ``connect-url``."""
+"""The user store's commands: ``db`` (migrations), ``users link`` and ``connect-url`` (``backfill``: cli/backfill.py)."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from cli.arguments import Subcommands, positive
 from core.config import Settings
 from core.errors import ConfigurationError
 
 
-def _db(args: argparse.Namespace, settings: Settings) -> int:
+def migrate(settings: Settings, action: str, revision: str | None, drop_tokens: bool) -> int:
     from core.store import db
 
-    if args.action == "upgrade":
-        adopted = db.upgrade(settings.database_url, args.revision or "head", drop_tokens=args.drop_tokens)
+    examples = {
+        "downgrade": "`db downgrade base`",
+        "stamp": '`db stamp v2_schema` for a database in the guide\'s "before" shape',
+    }
+    if action == "upgrade":
+        adopted = db.upgrade(settings.database_url, revision or "head", drop_tokens=drop_tokens)
         if adopted is not None:
             print(f"found tables without an Alembic version in the {adopted} shape: stamped them {adopted}")
-    elif args.action == "downgrade":
-        if not args.revision:
-            raise ConfigurationError("db downgrade needs a revision, e.g. `db downgrade base`.")
-        db.downgrade(settings.database_url, args.revision)
-    elif args.action == "stamp":
-        if not args.revision:
-            raise ConfigurationError(
-                'db stamp needs a revision, e.g. `db stamp v2_schema` for a database in the guide\'s "before" shape.'
-            )
-        db.stamp(settings.database_url, args.revision)
+    elif not revision:
+        raise ConfigurationError(f"db {action} needs a revision, e.g. {examples[action]}.")
+    elif action == "downgrade":
+        db.downgrade(settings.database_url, revision)
+    else:
+        db.stamp(settings.database_url, revision)
     print(f"database at revision {db.current(settings.database_url) or 'base (empty)'}")
     return 0
 
 
-def _users_link(args: argparse.Namespace, settings: Settings) -> int:
+def users_link(settings: Settings, user_id: int, smartcar_user_id: str) -> int:
     from core.store.users import UserStore
 
     store = UserStore(settings.database_url)
     try:
-        stored = store.link(args.user_id, args.smartcar_user_id)
+        stored = store.link(user_id, smartcar_user_id)
     finally:
         store.dispose()
     verb = "linked" if stored else "already linked"
-    print(f"user {args.user_id} {verb} to Smartcar user {args.smartcar_user_id.strip()}")
+    print(f"user {user_id} {verb} to Smartcar user {smartcar_user_id.strip()}")
     if stored:
         print("Events parked as unknown_user can now be delivered: smartcar-ingest replay --reason unknown_user")
     return 0
 
 
-def _backfill(args: argparse.Namespace, settings: Settings) -> int:
-    from cli.backfill import run_backfill
-
-    return run_backfill(settings, dry_run=args.dry_run, smartcar_user_id=args.smartcar_user_id)
-
-
-def _connect_url(args: argparse.Namespace, settings: Settings) -> int:
+def connect_url(settings: Settings, user_id: int, mode: str | None) -> int:
     import datetime as dt
 
     from service.connect_state import connect_link
 
-    link = connect_link(settings, args.user_id, mode=args.mode)
+    link = connect_link(settings, user_id, mode=mode)
     if link.note:
         print(f"note: {link.note}", file=sys.stderr)
     expires = dt.datetime.fromtimestamp(link.expires_at, dt.UTC).isoformat(timespec="seconds")
@@ -70,35 +62,3 @@ def _connect_url(args: argparse.Namespace, settings: Settings) -> int:
     )
     print(link.url)
     return 0
-
-
-def add_commands(sub: Subcommands) -> None:
-    database = sub.add_parser("db", help="schema migrations (Alembic)")
-    database.add_argument(
-        "action", choices=["upgrade", "downgrade", "stamp"], help="direction, or stamp to adopt an existing database"
-    )
-    database.add_argument("revision", nargs="?", help="target revision (upgrade: default head)")
-    database.add_argument(
-        "--drop-tokens",
-        action="store_true",
-        help="let an upgrade to v3_schema drop stored per-vehicle access tokens (no downgrade restores them)",
-    )
-    database.set_defaults(handler=_db)
-    users = sub.add_parser("users", help="manage the user store")
-    users_sub = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
-    link = users_sub.add_parser("link", help="store a user's Smartcar user id")
-    link.add_argument("--user-id", type=positive, required=True, help="internal user id (users.id)")
-    link.add_argument("--smartcar-user-id", required=True, help="Smartcar user id (the Connect user_id)")
-    link.set_defaults(handler=_users_link)
-    backfill = sub.add_parser("backfill", help="fill smartcar_user_id / smartcar_vehicle_id from GET /v3/connections")
-    backfill.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
-    backfill.add_argument("--smartcar-user-id", help="only the connections of this Smartcar user")
-    backfill.set_defaults(handler=_backfill)
-    connect_url = sub.add_parser(
-        "connect-url", help="a single-use Smartcar Connect URL whose signed state names the internal user"
-    )
-    connect_url.add_argument("--user-id", type=positive, required=True, help="internal user id (users.id)")
-    connect_url.add_argument(
-        "--mode", choices=["live", "simulated", "test"], help="Connect's mode (default: CONNECT_MODE, else Smartcar's)"
-    )
-    connect_url.set_defaults(handler=_connect_url)

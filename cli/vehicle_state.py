@@ -4,7 +4,6 @@ state hash (:mod:`core.redis.vehicle_state`), signal by signal with their ages; 
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import re
 import sys
@@ -19,12 +18,13 @@ from cli.status import duration
 from core.config import Settings
 from core.errors import ConfigurationError
 from core.events.wire import VEHICLE_ID_PATTERN
+from core.redis.clients import command_redis
 from core.redis.keys import text, vehicle_state_key
 from core.redis.vehicle_state import EVENT_ID_FIELD, RESERVED_PREFIX, UPDATED_AT_FIELD, VEHICLE_FIELD
+from workers.output import iso_ms
 
 #: The longest value the text form prints before cutting it with "…".
 VALUE_WIDTH = 48
-_NO_GROUP = "(no group)"
 
 
 def state_report(client: SyncRedis, prefix: str, vehicle_id: str, now_ms: int) -> dict[str, Any] | None:
@@ -53,9 +53,9 @@ def state_report(client: SyncRedis, prefix: str, vehicle_id: str, now_ms: int) -
     return {
         "vehicleId": vehicle_id,
         "key": key,
-        "generatedAt": _iso(now_ms),
+        "generatedAt": iso_ms(now_ms),
         "vehicle": _object(fields.get(VEHICLE_FIELD, "")),
-        "updatedAt": None if updated_ms is None else _iso(updated_ms),
+        "updatedAt": None if updated_ms is None else iso_ms(updated_ms),
         "updatedAgeSeconds": _age_seconds(updated_ms, now_ms),
         "eventId": fields.get(EVENT_ID_FIELD),
         "expiresInSeconds": int(ttl) if isinstance(ttl, int) and ttl >= 0 else None,
@@ -76,7 +76,7 @@ def render_text(report: dict[str, Any]) -> str:
     lines.append(f"  signals  {len(signals)}  (age: by the car's clock / by Smartcar's)")
     groups: dict[str, list[dict[str, Any]]] = {}
     for code, signal in signals.items():
-        groups.setdefault(str(signal.get("group") or _NO_GROUP), []).append(signal | {"code": code})
+        groups.setdefault(str(signal.get("group") or "(no group)"), []).append(signal | {"code": code})
     width = max((len(code) for code in signals), default=0)
     for group in sorted(groups):
         lines += ["", group]
@@ -90,12 +90,8 @@ def vehicle_state(settings: Settings, vehicle_id: str, as_json: bool = False) ->
     """Print one vehicle's state; exit status 1 when it has none, 2 for an id that cannot be one."""
     if not re.fullmatch(VEHICLE_ID_PATTERN, vehicle_id):
         raise ConfigurationError("VEHICLE_ID is not a Smartcar vehicle id (1 to 64 of A-Z, a-z, 0-9, _ and -).")
-    client = open_command_redis(settings)
-    try:
-        with redis_errors("read"):
-            report = state_report(client, settings.vehicle_state_prefix, vehicle_id, time.time_ns() // 1_000_000)
-    finally:
-        client.close()
+    with open_command_redis(command_redis, settings) as client, redis_errors("read"):
+        report = state_report(client, settings.vehicle_state_prefix, vehicle_id, time.time_ns() // 1_000_000)
     if report is None:
         print(
             f"smartcar-ingest vehicle-state: no state for vehicle {vehicle_id}: no event of it was published "
@@ -138,11 +134,6 @@ def _ago(seconds: float | None) -> str:
     if seconds < 0:
         return f"in {duration(-seconds)}"
     return f"{duration(seconds)} ago"
-
-
-def _iso(epoch_ms: int) -> str:
-    moment = dt.datetime.fromtimestamp(epoch_ms / 1000, dt.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _object(value: str) -> dict[str, Any] | None:

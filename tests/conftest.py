@@ -107,7 +107,7 @@ def emulator(emulator_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def seeded_database(tmp_path: Path) -> str:
-    from cli.dev import seed_users
+    from cli.processes import seed_users
     from core.store import db
 
     url = f"sqlite:///{tmp_path / 'users.db'}"

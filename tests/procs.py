@@ -22,7 +22,7 @@ from typing import Any
 import redis
 import uvicorn
 
-from cli.dev import bindable, wait_for_port
+from cli.processes import bindable, wait_for_port
 from tests.kinds import DRILL, needs
 
 __all__ = ["LiveServer", "RedisServer", "WebProcess", "env", "free_port", "service_env", "wait_for_port"]
