@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -104,10 +105,14 @@ def test_replay_after_users_link_publishes(pipeline, redis_client, capsys):
     run_worker_burst(pipeline)
     assert stream_entries(redis_client, "smartcar:parked")[0]["reason"] == "unknown_user"
 
-    args = build_parser().parse_args(["users", "link", "--user-id", "901", "--smartcar-user-id", UNKNOWN_USER])
-    assert args.handler(args, pipeline) == 0
+    # The command as main() runs it, with the pipeline's settings.
+    options = vars(build_parser().parse_args(["users", "link", "--user-id", "901", "--smartcar-user-id", UNKNOWN_USER]))
+    module, _, name = options.pop("run").partition(":")
+    del options["command"]
+    users_link = getattr(importlib.import_module(module), name)
+    assert users_link(pipeline, **options) == 0
     assert f"user 901 linked to Smartcar user {UNKNOWN_USER}\n" in capsys.readouterr().out
-    assert args.handler(args, pipeline) == 0  # the same pair again: nothing to do
+    assert users_link(pipeline, **options) == 0  # the same pair again: nothing to do
     assert capsys.readouterr().out == f"user 901 already linked to Smartcar user {UNKNOWN_USER}\n"
     replay(pipeline, reason="unknown_user", limit=None)
     assert "re-enqueued 1 of 1" in capsys.readouterr().out
