@@ -131,3 +131,42 @@ def test_redis_steps_held_by_an_outage_leave_lookups_and_housekeeping_free(pipel
         connection.close()
     assert lookup == "user found"
     assert given_back == ["given back"] * 256
+
+
+def test_a_housekeeping_step_that_raises_is_logged_and_its_thread_goes_on(pipeline, capsys):
+    """An unexpected error in one tick must not end the thread: RQ's view (state, heartbeat) would go
+    stale for the rest of the worker's life."""
+    import threading
+
+    import redis as sync_redis
+
+    from workers.worker import AsyncWorker
+
+    connection = sync_redis.Redis.from_url(pipeline.redis_url)
+    queue = Queue(pipeline.ingest_queue, connection=connection, serializer=JSONSerializer)
+    calls: list[int] = []
+    twice = threading.Event()
+
+    def step() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("a bug in one tick")
+        twice.set()
+
+    async def scenario() -> None:
+        worker = AsyncWorker(pipeline, connection, queue, concurrency=1)
+        try:
+            worker.housekeeping._every(0.01, step, "test-step")
+            assert await asyncio.to_thread(twice.wait, 10)
+        finally:
+            worker.housekeeping._stopping.set()
+            for thread in worker.housekeeping._threads:
+                thread.join(timeout=10)
+            worker._step_threads.shutdown(wait=False)
+            await worker.redis.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        connection.close()
+    assert "worker housekeeping step failed" in capsys.readouterr().out

@@ -114,7 +114,10 @@ class Housekeeping:
 
         def loop() -> None:
             while not self._stopping.wait(seconds):
-                step()
+                try:
+                    step()
+                except Exception as exc:  # a thread that ended would leave RQ's view stale for good
+                    log.error("worker housekeeping step failed", step=name, error=repr(exc))
 
         self._threads.append(threading.Thread(target=loop, name=name, daemon=True))
         self._threads[-1].start()
