@@ -501,3 +501,35 @@ def test_without_a_gate_429s_are_retried_by_the_client_alone(redis_url, fake, re
 
     assert using(redis_url, fake, scenario)["id"] == "v"
     assert redis_client.exists(vehicle_pause_key("v")) == 0
+
+
+def _token_with_lifetime(redis_url, expires_in):
+    async def handler(request):
+        return httpx.Response(200, json={"access_token": "t", "expires_in": expires_in})
+
+    async def scenario():
+        redis = Redis.from_url(redis_url)
+        http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        try:
+            return await AppTokenProvider(redis, http, TOKEN_URL, "c", "s").get()
+        finally:
+            await http.aclose()
+            await redis.aclose()
+
+    return run(scenario())
+
+
+@pytest.mark.parametrize("expires_in", ["inf", "nan", "-5", 0])
+def test_a_token_answer_with_a_hostile_lifetime_is_not_a_usable_token(redis_url, redis_client, expires_in):
+    """``expires_in`` of inf, nan, a negative or zero seconds is not a token lifetime: the refresh
+    ends in SmartcarUnavailable (the job is retried), never an OverflowError, and nothing is cached."""
+    with pytest.raises(SmartcarUnavailable, match="without a usable token"):
+        _token_with_lifetime(redis_url, expires_in)
+    assert redis_client.exists(TOKEN_KEY) == 0
+
+
+def test_a_token_lifetime_past_a_day_is_held_for_a_day(redis_url, redis_client):
+    """A lifetime of 1e300 seconds is taken as a day (the token is asked for again then), never an
+    expiry Redis refuses."""
+    assert _token_with_lifetime(redis_url, 1e300) == "t"
+    assert 0 < redis_client.ttl(TOKEN_KEY) <= 86_400

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ log = get_logger("smartcar_ingest.tokens")
 #: A token is replaced this long before it expires; the refresh lock lasts at most this long.
 REFRESH_MARGIN_SECONDS = 300.0
 LOCK_SECONDS = 15.0
+#: The longest a token is held, whatever lifetime the token endpoint claims.
+MAX_LIFETIME_SECONDS = 86_400.0
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -164,6 +167,10 @@ class AppTokenProvider:
             data = answer.json()
             access_token = str(data["access_token"])
             expires_in = float(data.get("expires_in", 3600))
+            # A lifetime must be a positive number of seconds (inf or nan would break the cache's
+            # expiry); a longer one than a day is held for a day.
+            if not (math.isfinite(expires_in) and expires_in > 0):
+                raise ValueError(expires_in)
         except (ValueError, KeyError, TypeError):
             raise SmartcarUnavailable("The token endpoint answered 200 without a usable token.") from None
-        return AppToken(access_token=access_token, expires_at=time.time() + expires_in)
+        return AppToken(access_token=access_token, expires_at=time.time() + min(expires_in, MAX_LIFETIME_SECONDS))
