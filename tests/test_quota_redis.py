@@ -275,6 +275,26 @@ def test_a_read_serves_events_received_within_the_window_after_it_started(redis_
     ]
 
 
+@pytest.mark.parametrize("fetched_at", [b"inf", b"nan", b"1e999", b"not a time"])
+def test_a_cached_read_whose_fetch_time_is_not_a_number_serves_without_one(redis_url, redis_client, fetched_at):
+    """A read hash whose ``fetchedAt`` holds what the service never writes (inf, nan, text) still
+    serves its data, with no fetch time: never an error that would fail every event of the vehicle
+    until the hash expires."""
+    upstream = Upstream()
+
+    async def scenario(client: Redis) -> list[tuple[str, Any, int | None]]:
+        cache = ReadCache(client, lease_seconds=10)
+        base = now_ms()
+        await cache.read(KEY, base, 60_000, upstream.fetch)
+        redis_client.hset(KEY, "fetchedAt", fetched_at)
+        cached = await cache.read(KEY, base, 60_000, upstream.fetch)
+        latest = await cache.latest(KEY)
+        assert latest is not None
+        return [(cached.source, cached.data, cached.fetched_at), ("latest", *latest)]
+
+    assert run(redis_url, scenario) == [("cached", {"call": 1}, None), ("latest", {"call": 1}, None)]
+
+
 def test_an_event_never_joins_a_read_that_started_a_window_before_it(redis_url):
     """A read in flight that started more than a window before an event arrived is not joined."""
     upstream = Upstream(delay=0.3)

@@ -300,7 +300,7 @@ def _loads(raw: str | bytes | None) -> Any:
 def _int(raw: object) -> int | None:
     try:
         return None if raw is None else int(float(text(raw)))
-    except ValueError:
+    except (ValueError, OverflowError):  # not a time the service writes (nan, text, inf)
         return None
 
 
