@@ -1,22 +1,27 @@
 """The worker's life besides its jobs, on two threads of its own (never waiting on the event loop,
-nor on each other): RQ's own worker object (registration, state, heartbeat, suspension, clean-ups,
-scheduler), ticked once a second so that ``rq info``, ``rq suspend`` and the scheduler see a worker
-exactly as RQ would, with the summary line; and the liveness beat (this worker's liveness key, dead
-workers' jobs requeued: docs/reliability.md)."""
+nor on each other): the tick of RQ's own worker object (registration, state, heartbeat, suspension,
+clean-ups, RQ's scheduler in a process of its own), so that ``rq info``, ``rq suspend`` and the
+scheduler see a worker exactly as RQ would, with the summary line; and the liveness beat (this
+worker's liveness key, dead workers' jobs requeued: docs/reliability.md)."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import redis
 from rq import Queue, SimpleWorker, worker_registration
 from rq.executions import Execution
 from rq.registry import StartedJobRegistry, clean_registries
+from rq.scheduler import RQScheduler
 from rq.suspension import is_suspended
 from rq.worker import WorkerStatus
 
@@ -25,17 +30,14 @@ from core.logs import get_logger
 from core.redis.keys import WORKERS_SET, alive_key, rq_intermediate_key, text
 from core.redis.outage import redis_unavailable, until_redis_answers
 from workers.reaper import reap, return_from_rq_list, sweep_expired
-from workers.scheduler import PatientScheduler
 
 log = get_logger("smartcar_ingest.worker")
 
-#: Seconds between housekeeping ticks.
 TICK_SECONDS = 1.0
-#: Seconds between worker heartbeats (RQ's worker key lives for minutes).
+#: RQ's worker key lives for minutes.
 HEARTBEAT_SECONDS = 5.0
-#: Seconds between registry clean-ups (RQ's default is 10 minutes; the reaper is faster still).
+#: Between registry clean-ups (RQ's default is 10 minutes; the reaper is faster still).
 MAINTENANCE_SECONDS = 30
-#: Seconds between INFO summary lines.
 SUMMARY_SECONDS = 60.0
 #: The liveness key is set again every BEAT_SECONDS and lives ALIVE_SECONDS.
 BEAT_SECONDS = 2.0
@@ -44,6 +46,12 @@ ALIVE_SECONDS = 8
 STRANDED_AFTER_SECONDS = 10.0
 #: How long a worker leaving cleanly waits for Redis to hand back what it still holds.
 RELEASE_PATIENCE_SECONDS = 5.0
+#: How long the worker's stop waits for its scheduler's process to end before killing it.
+STOP_SECONDS = 10.0
+
+
+def _job_counts() -> collections.Counter[str]:
+    return collections.Counter({labels[0]: int(n) for labels, n in metrics.totals(metrics.JOBS).items()})
 
 
 class Housekeeping:
@@ -57,6 +65,7 @@ class Housekeeping:
         self._in_flight = in_flight
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        #: Until then this worker judges no other (just started, or Redis just came back).
         self._quiet_until = 0.0
         # Ids seen in RQ's shared intermediate list, with when the liveness thread first saw each.
         self._suspects: dict[str, float] = {}
@@ -68,8 +77,8 @@ class Housekeeping:
         self._reported: str | None = None
         self._heartbeat_at = 0.0
         self._cleaned_at = time.monotonic()
-        self._summarised = (metrics.totals(metrics.JOBS), time.monotonic())
-        self._jobs_total = 0
+        self._first_counts = _job_counts()
+        self._summarised = (self._first_counts, time.monotonic())
 
     def start(self, burst: bool) -> None:
         """Register the worker, start its liveness beat and RQ's scheduler (in burst mode: move
@@ -110,7 +119,6 @@ class Housekeeping:
         self._every(TICK_SECONDS, self.tick, "housekeeping")
 
     def _every(self, seconds: float, step: Callable[[], None], name: str) -> None:
-        """Run ``step`` every ``seconds`` on a thread of its own, until :meth:`stop`."""
 
         def loop() -> None:
             while not self._stopping.wait(seconds):
@@ -123,8 +131,8 @@ class Housekeeping:
         self._threads[-1].start()
 
     def tick(self) -> None:
-        """Every :data:`TICK_SECONDS`: state (busy while jobs are in flight), heartbeat, suspension;
-        every :data:`MAINTENANCE_SECONDS` the clean-ups."""
+        """State (busy while jobs are in flight), heartbeat, suspension; the clean-ups every
+        :data:`MAINTENANCE_SECONDS`; the summary line."""
         try:
             self.suspended = bool(is_suspended(self.connection))
             state = WorkerStatus.BUSY if self._in_flight() else WorkerStatus.IDLE
@@ -134,7 +142,7 @@ class Housekeeping:
             if now - self._heartbeat_at >= HEARTBEAT_SECONDS:
                 self._heartbeat_at = now
                 self.worker.heartbeat()
-            if now - self._cleaned_at >= MAINTENANCE_SECONDS and not self._quiet():
+            if now - self._cleaned_at >= MAINTENANCE_SECONDS and now >= self._quiet_until:
                 self._cleaned_at = now
                 self._maintain()
         except redis.RedisError as exc:
@@ -151,17 +159,14 @@ class Housekeeping:
         elapsed = time.monotonic() - since
         if not final and elapsed < SUMMARY_SECONDS:
             return
-        jobs = metrics.totals(metrics.JOBS)
-        counts = {labels[0]: int(n - before.get(labels, 0)) for labels, n in jobs.items()}
-        counts = {outcome: n for outcome, n in counts.items() if n}
-        done = sum(counts.values())
-        self._jobs_total += done
-        if done or final:
+        jobs = _job_counts()
+        counts = jobs - before  # the outcomes that gained, by how much
+        if counts or final:
             log.info(
                 "worker summary" if not final else "worker stopped",
-                jobs=done,
-                perSecond=round(done / elapsed, 1) if elapsed else 0.0,
-                total=self._jobs_total,
+                jobs=counts.total(),
+                perSecond=round(counts.total() / elapsed, 1) if elapsed else 0.0,
+                total=(jobs - self._first_counts).total(),
                 **counts,
             )
         self._summarised = (jobs, time.monotonic())
@@ -213,10 +218,6 @@ class Housekeeping:
 
     # --- the liveness beat ---
 
-    def _quiet(self) -> bool:
-        """True while this worker should not judge others (just started, or Redis just came back)."""
-        return time.monotonic() < self._quiet_until
-
     def _beat(self) -> None:
         alive = alive_key(self.worker.name)
         # EXPIRE still works when Redis refuses writes at maxmemory; SET and SADD do not.
@@ -225,15 +226,13 @@ class Housekeeping:
                 pipe.set(alive, "1", ex=ALIVE_SECONDS)
                 pipe.sadd(WORKERS_SET, self.worker.name)
                 pipe.execute()
-        jobs = self._in_flight()
-        if jobs:
+        if jobs := self._in_flight():
             # Keep RQ's view true while this worker lives: its entries never expire under it,
             # however long a job waits out a Redis outage.
-            now = time.time()
             registry = StartedJobRegistry.key_template.format(self.queue.name)
             with self.connection.pipeline(transaction=False) as pipe:
                 for composite, ttl in jobs:
-                    pipe.zadd(registry, {composite: now + ttl}, xx=True)
+                    pipe.zadd(registry, {composite: time.time() + ttl}, xx=True)
                     pipe.expire(Execution.from_composite_key(composite, self.connection).key, ttl)
                 pipe.execute()
 
@@ -250,35 +249,29 @@ class Housekeeping:
             log.warning("could not requeue stranded jobs yet; retrying", error=type(exc).__name__)
 
     def _recover(self) -> None:
-        """Requeue what RQ's shared list stranded and what dead workers held; one round trip when
-        every announced worker is alive (the common case: the registries need not be read)."""
+        """Requeue what RQ's shared list stranded (ids seen there for :data:`STRANDED_AFTER_SECONDS`)
+        and what dead workers held; one round trip when every announced worker is alive."""
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.smembers(WORKERS_SET)
             pipe.lrange(rq_intermediate_key(self.queue.name), 0, 99)
             members, shared = pipe.execute()
-        self._return_stranded([text(raw) for raw in shared])
-        others = [name for name in (text(raw) for raw in members) if name != self.worker.name]
-        if self._quiet() or not others:
+        now = time.monotonic()
+        self._suspects = {job_id: self._suspects.get(job_id, now) for job_id in map(text, shared)}
+        for job_id, first_seen in list(self._suspects.items()):
+            if now - first_seen >= STRANDED_AFTER_SECONDS:
+                if return_from_rq_list(self.connection, self.queue.name, job_id):
+                    log.warning("requeued a job stranded in RQ's intermediate list", jobId=job_id)
+                del self._suspects[job_id]
+        others = [name for name in map(text, members) if name != self.worker.name]
+        if now < self._quiet_until or not others:
             return
         with self.connection.pipeline(transaction=False) as pipe:
             for name in others:
                 pipe.exists(alive_key(name))
             alive = pipe.execute()
-        dead = {name for name, up in zip(others, alive, strict=True) if not up}
-        if dead:
+        if dead := {name for name, up in zip(others, alive, strict=True) if not up}:
             reap(self.connection, self.queue.name, dead)
             self.connection.srem(WORKERS_SET, *dead)
-
-    def _return_stranded(self, ids: list[str]) -> None:
-        """Put back ids that have sat in RQ's shared list across beats for :data:`STRANDED_AFTER_SECONDS`."""
-        now = time.monotonic()
-        self._suspects = {job_id: self._suspects.get(job_id, now) for job_id in ids}
-        for job_id, first_seen in list(self._suspects.items()):
-            if now - first_seen < STRANDED_AFTER_SECONDS:
-                continue
-            if return_from_rq_list(self.connection, self.queue.name, job_id):
-                log.warning("requeued a job stranded in RQ's intermediate list", jobId=job_id)
-            del self._suspects[job_id]
 
     @staticmethod
     def _best_effort(step: Callable[[], Any]) -> None:
@@ -288,6 +281,64 @@ class Housekeeping:
             if not redis_unavailable(exc):
                 raise
             log.warning("skipped while Redis is unavailable", error=type(exc).__name__)
+
+
+class PatientScheduler(RQScheduler):
+    """RQ's scheduler, whose forked process waits out Redis trouble instead of ending on it, and
+    ends when the worker asks (SIGTERM) or is gone (docs/architecture.md, "Design notes")."""
+
+    _worker_pid = 0  # recorded as the worker forks the scheduler's process
+
+    def start(self) -> BaseProcess:
+        self._worker_pid = os.getpid()
+        process: BaseProcess = super().start()  # type: ignore[no-untyped-call]
+        return process
+
+    def work(self) -> None:
+        self._install_signal_handlers()  # type: ignore[no-untyped-call]
+        # The fork kept the worker's event loop as this process's signal wakeup fd: a signal sent to
+        # the scheduler alone would be handled by the worker's loop as well.
+        signal.set_wakeup_fd(-1)
+        self._patiently(self.register_birth)
+        while not self._stopping():
+            if self.should_reacquire_locks:
+                self._patiently(self.acquire_locks)
+            self._patiently(self.heartbeat)
+            self._patiently(self.enqueue_scheduled_jobs)
+            time.sleep(self.interval)
+        if self._orphaned():
+            log.warning("scheduler stopping: its worker is gone", worker=self._worker_pid)
+        try:
+            self.stop()  # type: ignore[no-untyped-call]
+        except redis.RedisError as exc:
+            log.warning("scheduler stopped without releasing its locks", error=type(exc).__name__)
+
+    def stop_process(self) -> None:
+        """In the worker: SIGTERM the scheduler's process and wait for it, killing it after :data:`STOP_SECONDS`."""
+        if (process := self._process) is None:
+            return
+        process.terminate()
+        process.join(STOP_SECONDS)
+        if process.is_alive():
+            log.warning("scheduler did not stop; killing it", pid=process.pid)
+            process.kill()
+            process.join()
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    def _orphaned(self) -> bool:  # the worker that forked this process is gone: it has another parent
+        return os.getppid() != self._worker_pid
+
+    def _stopping(self) -> bool:
+        return self._stop_requested or self._orphaned()
+
+    def _patiently(self, step: Callable[[], object]) -> None:
+        try:
+            until_redis_answers(step, stop=self._stopping)
+        except redis.RedisError:
+            if not self._stopping():
+                raise
 
 
 def awaiting() -> str:

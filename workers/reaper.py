@@ -1,7 +1,7 @@
-"""Putting back at the queue's front, without spending a retry, every job a dead worker held: its
-dequeued list and its executions in RQ's started registry; the liveness
-thread that finds dead workers is :mod:`workers.housekeeping`'s. Why, and what RQ would do instead:
-docs/reliability.md, "Between dequeue and finish"."""
+"""Putting back at the queue's front, without spending a retry, what a dead worker held: its
+dequeued list and its executions in RQ's started registry (why, and what RQ would do instead:
+docs/reliability.md, "Between dequeue and finish"). The liveness thread that finds the dead is
+:mod:`workers.housekeeping`'s."""
 
 from __future__ import annotations
 
@@ -21,20 +21,23 @@ from workers.batch import EXECUTION_PREFIX, JOB_PREFIX
 
 log = get_logger("smartcar_ingest.reaper")
 
-_GIVE_BACK_DEQUEUED = """
--- KEYS: a worker's dequeued list, the queue. Every id goes back to the queue's front, in the
--- order the worker took them; an id already on the queue is not doubled.
+_RETURN_IDS = """
+-- KEYS: a list of ids taken off the queue (a worker's dequeued list, RQ's intermediate list), the queue
+-- ARGV: job key prefix, then the ids to take out of the list (none: every id in it). Each id taken
+-- out goes back to the queue's front (in the list's order, never doubled) while its job is queued.
+local ids = #ARGV > 1 and {unpack(ARGV, 2)} or redis.call('LRANGE', KEYS[1], 0, -1)
 local moved = {}
-while true do
-  local id = redis.call('RPOP', KEYS[1])
-  if not id then break end
-  redis.call('LREM', KEYS[2], 0, id)
-  redis.call('LPUSH', KEYS[2], id)
-  moved[#moved + 1] = id
+for i = #ids, 1, -1 do
+  local id = ids[i]
+  if redis.call('LREM', KEYS[1], 1, id) == 1 and redis.call('HGET', ARGV[1] .. id, 'status') == 'queued' then
+    redis.call('LREM', KEYS[2], 0, id)
+    redis.call('LPUSH', KEYS[2], id)
+    table.insert(moved, 1, id)
+  end
 end
 return moved
 """
-_GIVE_BACK_DEQUEUED_FN = lua_function("give_back_dequeued", _GIVE_BACK_DEQUEUED)
+_RETURN_IDS_FN = lua_function("return_ids", _RETURN_IDS)
 
 _REQUEUE = """
 -- KEYS: started registry, the queue
@@ -64,23 +67,16 @@ return requeued
 """
 _REQUEUE_FN = lua_function("requeue_executions", _REQUEUE)
 
-_RETURN_FROM_RQ_LIST = """
--- KEYS: RQ's intermediate list, the queue, the job hash. ARGV: job id.
--- Takes the id out of RQ's list; puts it back on the queue's front if the job still waits.
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-if redis.call('HGET', KEYS[3], 'status') ~= 'queued' then return 0 end
-redis.call('LREM', KEYS[2], 0, ARGV[1])
-redis.call('LPUSH', KEYS[2], ARGV[1])
-return 1
-"""
-_RETURN_FROM_RQ_LIST_FN = lua_function("return_from_rq_list", _RETURN_FROM_RQ_LIST)
+
+def return_ids(connection: redis.Redis, queue_name: str, held: str, ids: Iterable[str] = ()) -> list[str]:
+    """Take ``ids`` (none: all) out of the list ``held`` and put back those whose job is queued; returns them."""
+    keys = [held, queue_key(queue_name)]
+    return [text(raw) for raw in _RETURN_IDS_FN.bind(connection)(keys=keys, args=[JOB_PREFIX, *ids])]
 
 
 def return_from_rq_list(connection: redis.Redis, queue_name: str, job_id: str) -> bool:
-    """Take ``job_id`` out of RQ's intermediate list and, if the job still waits, put it back at the
-    queue's front; True when it was put back."""
-    keys = [rq_intermediate_key(queue_name), queue_key(queue_name), Job.key_for(job_id)]
-    return bool(_RETURN_FROM_RQ_LIST_FN.bind(connection)(keys=keys, args=[job_id]))
+    """Put back ``job_id`` from RQ's intermediate list if its job still waits; True when it did."""
+    return bool(return_ids(connection, queue_name, rq_intermediate_key(queue_name), [job_id]))
 
 
 def requeue(connection: redis.Redis, queue_name: str, executions: Iterable[tuple[str, str, str]]) -> list[str]:
@@ -98,44 +94,37 @@ def requeue(connection: redis.Redis, queue_name: str, executions: Iterable[tuple
 def reap(connection: redis.Redis, queue_name: str, dead: Collection[str]) -> list[str]:
     """Put every job the ``dead`` workers held from ``queue_name`` back at its front; returns their ids."""
     requeued: list[str] = []
-    give_back = _GIVE_BACK_DEQUEUED_FN.bind(connection)
     for name in dead:
-        for raw in give_back(keys=[dequeued_key(queue_name, name), queue_key(queue_name)]):
-            job_id = text(raw)
+        for job_id in return_ids(connection, queue_name, dequeued_key(queue_name, name)):
             requeued.append(job_id)
             log.warning("requeued a job a dead worker had dequeued", jobId=job_id, worker=name)
-    registry = StartedJobRegistry(queue_name, connection=connection)
-    composites = [text(raw) for raw in connection.zrange(registry.key, 0, -1)]
-    if not composites:
-        return requeued
+    composites = [text(raw) for raw in connection.zrange(StartedJobRegistry.key_template.format(queue_name), 0, -1)]
     with connection.pipeline(transaction=False) as pipe:
         for composite in composites:
             pipe.hget(Execution.from_composite_key(composite, connection).key, "worker_name")
         owners = [text(owner) if owner else "" for owner in pipe.execute()]
     # An execution whose hash is gone has expired: sweep_expired owns it.
-    held = {parse_composite_key(c): owner for c, owner in zip(composites, owners, strict=True) if owner in dead}
-    owner_of = {job_id: owner for (job_id, _), owner in held.items()}
-    for job_id in requeue(connection, queue_name, [(*execution, owner) for execution, owner in held.items()]):
-        requeued.append(job_id)
-        log.warning("requeued a job of a dead worker", jobId=job_id, worker=owner_of[job_id])
-    return requeued
+    held = [(*parse_composite_key(c), owner) for c, owner in zip(composites, owners, strict=True) if owner in dead]
+    return requeued + _logged(requeue(connection, queue_name, held), held, "requeued a job of a dead worker")
 
 
 def sweep_expired(connection: redis.Redis, queue_name: str) -> list[str]:
     """Requeue jobs whose started-registry entry expired and whose worker is not alive (a live
     worker keeps its entries fresh, so an expired one means its worker is gone, announced or not)."""
-    registry = StartedJobRegistry(queue_name, connection=connection)
-    expired = [text(raw) for raw in connection.zrangebyscore(registry.key, "-inf", time.time(), start=0, num=1000)]
+    registry = StartedJobRegistry.key_template.format(queue_name)
     gone: list[tuple[str, str, str]] = []
-    for composite in expired:
-        job_id, execution_id = parse_composite_key(composite)
+    for raw in connection.zrangebyscore(registry, "-inf", time.time(), start=0, num=1000):
+        job_id, execution_id = parse_composite_key(text(raw))
         status, owner = connection.hmget(Job.key_for(job_id), ["status", "worker_name"])
         name = text(owner) if owner else ""
         if status == b"started" and name and connection.exists(alive_key(name)):
             continue  # still running on a live worker, which will refresh or settle it
         gone.append((job_id, execution_id, name))
-    requeued = requeue(connection, queue_name, gone)
-    owner_of = {job_id: name for job_id, _, name in gone}
+    return _logged(requeue(connection, queue_name, gone), gone, "requeued a job whose execution expired")
+
+
+def _logged(requeued: list[str], executions: list[tuple[str, str, str]], message: str) -> list[str]:
+    owner_of = {job_id: owner for job_id, _, owner in executions}
     for job_id in requeued:
-        log.warning("requeued a job whose execution expired", jobId=job_id, worker=owner_of[job_id])
+        log.warning(message, jobId=job_id, worker=owner_of[job_id])
     return requeued

@@ -21,8 +21,8 @@ from core.config import Settings
 from tests.drills.common import kill_group, report, start_worker, wait_until
 from tests.pipeline import outputs, pipeline_settings
 from tests.test_pipeline import deliver
-from workers import scheduler as scheduler_module
-from workers.scheduler import PatientScheduler
+from workers import housekeeping as scheduler_module
+from workers.housekeeping import PatientScheduler
 
 
 def test_sigkilled_worker_jobs_are_rerun_and_published_once(pipeline, redis_client, emulator):
