@@ -25,10 +25,10 @@ from starlette.types import Receive, Scope, Send
 
 from core.config import Settings, load_settings
 from core.logs import configure_logging
-from core.redis.clients import web_redis
+from core.redis.clients import probe_redis, web_redis
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
-from core.redis.memory import check_memory_async
+from core.redis.memory import check_memory
 from core.redis.queue_metrics import QueueCollector, endpoint_registry
 from service.connect import ConnectEndpoints
 from service.responses import http_exception, unexpected_exception
@@ -67,7 +67,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
         settings = load_settings()
         configure_logging(settings.log_level, settings.log_format)
     settings.require_management_token()
-    deadline = redis_deadline_seconds(settings)
     redis = web_redis(settings)
     inbox = Inbox(
         redis,
@@ -90,7 +89,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         gc.set_threshold(50_000, 20, 20)
         drainer = None
         try:
-            await check_memory_async(redis, deadline, settings.allow_evicting_redis)
+            with contextlib.closing(probe_redis(settings.redis_url)) as probe:
+                check_memory(probe, refuse_evicting=not settings.allow_evicting_redis)
             drainer = asyncio.create_task(drain_forever(spool, inbox)) if spool else None
             yield
         finally:

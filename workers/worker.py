@@ -31,7 +31,7 @@ from core.config import Settings
 from core.errors import InvalidJob, TransientError
 from core.logs import get_logger
 from core.redis.clients import rq_redis, worker_redis
-from core.redis.memory import warn_without_maxmemory
+from core.redis.memory import check_memory
 from core.redis.outage import redis_unavailable, until_redis_answers, until_redis_answers_async
 from core.redis.queue_metrics import QueueCollector, endpoint_registry
 from workers.batch import Bookkeeping, ClaimedJob
@@ -332,7 +332,7 @@ def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAU
     connection = rq_redis(settings, max_connections=16)
     # Start once Redis answers, so a worker started during an outage waits instead of crashing.
     until_redis_answers(connection.ping, give_up_after=300.0)
-    warn_without_maxmemory(connection)
+    check_memory(connection)
     queue = Queue(settings.ingest_queue, connection=connection, serializer=JSONSerializer)
     stop_metrics = start_worker_metrics(settings)
     # Startup objects out of the collector's way, young collections less often (as in the web).
