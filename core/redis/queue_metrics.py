@@ -1,8 +1,6 @@
 """Gauges of what Redis holds (queue, registries, stranded jobs, streams, memory, consumer groups,
-fleet), read when Prometheus scrapes; ``status`` shows the same readings.
-
-Why at scrape time, what a web may leave to the workers, and aggregating with ``max``:
-docs/architecture.md, "Queue and stream gauges".
+fleet), read when Prometheus scrapes; ``status`` shows the same readings. Why at scrape time, what
+a web leaves to the workers, aggregating with ``max``: docs/architecture.md, "Queue and stream gauges".
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from rq.job import Job
 from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.utils import utcparse
 
 from core.config import Settings
 from core.redis.clients import probe_redis
@@ -35,17 +34,17 @@ REGISTRIES = {
     "scheduled": ScheduledJobRegistry.key_template,
     "deferred": DeferredJobRegistry.key_template,
 }
-
 #: A group this far behind (a fraction of the retention) is flagged by ``status`` and the alert.
 GROUP_BEHIND_WARNING = 0.8
+#: Stranded ids read at most to find the oldest one; the count is always exact.
+STRANDED_SCAN_LIMIT = 100
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class GroupLag:
-    """How far one consumer group of a stream is behind (the fields as :data:`GAUGES` tells them;
-    ``lag`` is None when Redis cannot tell, before Redis 7)."""
+    """One consumer group of a stream (``lag`` is None when Redis cannot tell, before Redis 7)."""
 
     name: str
     consumers: int
@@ -56,15 +55,12 @@ class GroupLag:
 
 
 def entry_age_seconds(entry_id: str, now_ms: float) -> float:
-    """Seconds since a stream entry id's time part."""
     return max(0.0, (now_ms - int(entry_id.split("-", 1)[0])) / 1000)
 
 
 def read_groups(client: redis.Redis, stream: str, now_ms: float | None = None) -> list[GroupLag]:
-    """Every consumer group of ``stream`` with how far behind it is, sorted by name; [] without a stream.
-
-    Raises :class:`redis.exceptions.NoPermissionError` for a user that may not read them.
-    """
+    """Every consumer group of ``stream`` by name ([] without a stream); raises
+    :class:`redis.exceptions.NoPermissionError` for a user that may not read them."""
     now = time.time() * 1000 if now_ms is None else now_ms
     try:
         groups = client.xinfo_groups(stream)
@@ -77,34 +73,19 @@ def read_groups(client: redis.Redis, stream: str, now_ms: float | None = None) -
         info = {text(key): value for key, value in group.items()}
         name = text(info.get("name", ""))
         pending = int(info.get("pending") or 0)
-        lag = None if info.get("lag") is None else int(info["lag"])
         last = text(info.get("last-delivered-id", "0-0"))
+        lag = None if info.get("lag") is None else int(info["lag"])
         behind = 0.0
-        if pending:
-            summary = client.xpending(stream, name)
-            if summary and summary.get("min"):
-                behind = entry_age_seconds(text(summary["min"]), now)
-        if lag != 0:
-            following = client.xrange(stream, min="(" + last, max="+", count=1)
-            if following:
-                behind = max(behind, entry_age_seconds(text(following[0][0]), now))
-        rows.append(
-            GroupLag(
-                name=name,
-                consumers=int(info.get("consumers") or 0),
-                pending=pending,
-                lag=lag,
-                last_delivered_id=last,
-                behind_seconds=behind,
-            )
-        )
+        if pending and (summary := client.xpending(stream, name)) and summary.get("min"):
+            behind = entry_age_seconds(text(summary["min"]), now)
+        if lag != 0 and (following := client.xrange(stream, min="(" + last, max="+", count=1)):
+            behind = max(behind, entry_age_seconds(text(following[0][0]), now))
+        rows.append(GroupLag(name, int(info.get("consumers") or 0), pending, lag, last, behind))
     return sorted(rows, key=lambda row: row.name)
 
 
 @dataclass(frozen=True)
 class QueueSnapshot:
-    """The queue, its RQ registries and both streams, as read in one go."""
-
     queue: str
     depth: int
     oldest_age_seconds: float
@@ -125,34 +106,23 @@ def read_snapshot(client: redis.Redis, settings: Settings) -> QueueSnapshot:
             pipe.zcard(template.format(queue))
         depth, head, output_length, parked_length, *counts = pipe.execute()
     oldest = None if head is None else parse_rq_time(client.hget(Job.key_for(text(head)), "enqueued_at"))
-    return QueueSnapshot(
-        queue=queue,
-        depth=int(depth),
-        oldest_age_seconds=age_seconds(oldest),
-        registries={name: int(count) for name, count in zip(REGISTRIES, counts, strict=True)},
-        output_length=int(output_length),
-        parked_length=int(parked_length),
-    )
-
-
-#: Stranded ids read at most to find the oldest one; the count is always exact.
-STRANDED_SCAN_LIMIT = 100
+    registries = {name: int(count) for name, count in zip(REGISTRIES, counts, strict=True)}
+    return QueueSnapshot(queue, int(depth), age_seconds(oldest), registries, int(output_length), int(parked_length))
 
 
 @dataclass(frozen=True)
 class Stranded:
-    """Jobs that left the queue and that no live worker answers for."""
+    """Jobs that left the queue and that no live worker answers for; the oldest's age is since it
+    was enqueued (0 when there are none)."""
 
     count: int
     oldest_age_seconds: float
-    """Since the longest-waiting of them was enqueued (0 when there are none)."""
 
 
 def read_stranded(client: redis.Redis, queue_name: str) -> Stranded:
-    """Count the stranded jobs of ``queue_name`` (taken off the queue, not started, and no live
-    worker answers for them) and find the oldest, reading only; ages are measured from each job's
-    ``enqueued_at``, as the queue's own oldest age is. Where every job is between dequeue and start,
-    who writes it, and why: docs/reliability.md, "Between dequeue and finish: where every job is"."""
+    """Count the stranded jobs of ``queue_name`` (in RQ's intermediate list, or dequeued by a worker
+    not alive) and find the oldest, reading only. Where every job is between dequeue and start:
+    docs/reliability.md, "Between dequeue and finish: where every job is"."""
     with client.pipeline(transaction=False) as pipe:
         pipe.llen(rq_intermediate_key(queue_name))
         pipe.lrange(rq_intermediate_key(queue_name), 0, STRANDED_SCAN_LIMIT - 1)
@@ -160,23 +130,21 @@ def read_stranded(client: redis.Redis, queue_name: str) -> Stranded:
         shared_count, shared_ids, members = pipe.execute()
     count = int(shared_count)
     ids = [text(raw) for raw in shared_ids]
-    workers = sorted(text(raw) for raw in members)
-    if workers:
-        with client.pipeline(transaction=False) as pipe:
-            for name in workers:
-                pipe.exists(alive_key(name))
-                pipe.llen(dequeued_key(queue_name, name))
-                pipe.lrange(dequeued_key(queue_name, name), 0, STRANDED_SCAN_LIMIT - 1)
-            replies = pipe.execute()
-        for alive, held, held_ids in zip(replies[::3], replies[1::3], replies[2::3], strict=True):
-            if not alive:
-                count += int(held)
-                ids.extend(text(raw) for raw in held_ids)
+    with client.pipeline(transaction=False) as pipe:
+        for name in sorted(map(text, members)):
+            pipe.exists(alive_key(name))
+            pipe.llen(dequeued_key(queue_name, name))
+            pipe.lrange(dequeued_key(queue_name, name), 0, STRANDED_SCAN_LIMIT - 1)
+        replies = pipe.execute()
+    for alive, held, held_ids in zip(replies[::3], replies[1::3], replies[2::3], strict=True):
+        if not alive:
+            count += int(held)
+            ids.extend(map(text, held_ids))
     with client.pipeline(transaction=False) as pipe:
         for job_id in ids[:STRANDED_SCAN_LIMIT]:
             pipe.hget(Job.key_for(job_id), "enqueued_at")
         stamps = [stamp for stamp in map(parse_rq_time, pipe.execute()) if stamp is not None]
-    return Stranded(count=count, oldest_age_seconds=age_seconds(min(stamps, default=None)))
+    return Stranded(count, age_seconds(min(stamps, default=None)))
 
 
 def age_seconds(since: dt.datetime | None, now: dt.datetime | None = None) -> float:
@@ -188,20 +156,14 @@ def age_seconds(since: dt.datetime | None, now: dt.datetime | None = None) -> fl
 
 def parse_rq_time(raw: object) -> dt.datetime | None:
     """An RQ timestamp (``2026-11-28T18:01:03.021294Z``) as an aware UTC datetime, or None."""
-    if isinstance(raw, bytes):
-        raw = raw.decode("ascii", "replace")
-    if not isinstance(raw, str) or not raw:
-        return None
     try:
-        parsed = dt.datetime.fromisoformat(raw)
+        return utcparse(text(raw)) if raw else None
     except ValueError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 class QueueCollector(Collector):
-    """The gauges, read from Redis on every scrape; an endpoint serves it with this process's
-    metrics (:func:`endpoint_registry`)."""
+    """The gauges, read from Redis on every scrape."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -216,7 +178,7 @@ class QueueCollector(Collector):
         try:
             snapshot = read_snapshot(client, settings)
         except (redis.RedisError, OSError):
-            return [GaugeMetricFamily("smartcar_ingest_redis_up", GAUGES["smartcar_ingest_redis_up"][0], value=0)]
+            return _families(settings)[:1]  # redis_up 0, and no gauge that would read zero
         # What this Redis user may not read is left to the workers, which can (aggregate with max):
         # the web's may not read consumer groups or run PFCOUNT, and on an ACL older than
         # `redis-acl` prints, may not read the liveness keys or INFO memory.
@@ -235,9 +197,7 @@ class QueueCollector(Collector):
 
 def endpoint_registry(collector: QueueCollector) -> CollectorRegistry:
     """What one ``/metrics`` endpoint serves: this process's metrics (summed over every process of
-    the server when ``PROMETHEUS_MULTIPROC_DIR`` is set, as ``web --workers N`` sets it) and
-    ``collector``'s gauges. The collector stays out of the default registry, so a process serving
-    two endpoints (tests do) exports each gauge once on each."""
+    the server when ``PROMETHEUS_MULTIPROC_DIR`` is set, as ``web --workers N`` sets it) and ``collector``'s gauges."""
     registry = CollectorRegistry()
     if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
@@ -303,41 +263,35 @@ GAUGES: dict[str, tuple[str, list[str]]] = {
 
 def _families(
     settings: Settings,
-    snapshot: QueueSnapshot | None = None,
-    stranded: Stranded | None = None,
-    memory: RedisMemory | None = None,
+    s: QueueSnapshot | None = None,
+    st: Stranded | None = None,
+    m: RedisMemory | None = None,
     groups: list[GroupLag] | None = None,
-    fleet: FleetCounts | None = None,
+    f: FleetCounts | None = None,
 ) -> list[Metric]:
-    """Every gauge of :data:`GAUGES`; those whose reading is None are exported without samples."""
-    q = [settings.ingest_queue]
-    samples: dict[str, list[tuple[list[str], float]]] = {name: [] for name in GAUGES}
-    samples["smartcar_ingest_output_stream_retention_seconds"] = [([], settings.output_stream_retention_seconds)]
-    if snapshot:
-        samples["smartcar_ingest_redis_up"] = [([], 1)]
-        samples["smartcar_ingest_queue_depth"] = [(q, snapshot.depth)]
-        samples["smartcar_ingest_queue_oldest_age_seconds"] = [(q, snapshot.oldest_age_seconds)]
-        samples["smartcar_ingest_queue_registry_jobs"] = [([*q, name], n) for name, n in snapshot.registries.items()]
-        samples["smartcar_ingest_output_stream_length"] = [([], snapshot.output_length)]
-        samples["smartcar_ingest_parked_stream_length"] = [([], snapshot.parked_length)]
-    if stranded:
-        samples["smartcar_ingest_queue_stranded_jobs"] = [(q, stranded.count)]
-        samples["smartcar_ingest_queue_stranded_oldest_age_seconds"] = [(q, stranded.oldest_age_seconds)]
-    if memory:
-        samples["smartcar_ingest_redis_memory_used_bytes"] = [([], memory.used_bytes)]
-        samples["smartcar_ingest_redis_memory_max_bytes"] = [([], memory.max_bytes)]
-    for group in groups or []:
-        if group.lag is not None:
-            samples["smartcar_ingest_output_group_lag"].append(([group.name], group.lag))
-        samples["smartcar_ingest_output_group_pending"].append(([group.name], group.pending))
-        samples["smartcar_ingest_output_group_behind_seconds"].append(([group.name], group.behind_seconds))
-    if fleet:
-        samples["smartcar_ingest_vehicles_active"] = [([], fleet.active)]
-        samples["smartcar_ingest_vehicles_in_error"] = [([], fleet.in_error)]
+    """Every gauge of :data:`GAUGES` (redis_up first); those whose reading is None without samples."""
+    q, groups = [settings.ingest_queue], groups or []
+    samples: dict[str, list[tuple[list[str], float]]] = {
+        "smartcar_ingest_redis_up": [([], 1 if s else 0)],
+        "smartcar_ingest_queue_depth": [(q, s.depth)] if s else [],
+        "smartcar_ingest_queue_oldest_age_seconds": [(q, s.oldest_age_seconds)] if s else [],
+        "smartcar_ingest_queue_registry_jobs": [([*q, name], n) for name, n in s.registries.items()] if s else [],
+        "smartcar_ingest_output_stream_length": [([], s.output_length)] if s else [],
+        "smartcar_ingest_parked_stream_length": [([], s.parked_length)] if s else [],
+        "smartcar_ingest_queue_stranded_jobs": [(q, st.count)] if st else [],
+        "smartcar_ingest_queue_stranded_oldest_age_seconds": [(q, st.oldest_age_seconds)] if st else [],
+        "smartcar_ingest_redis_memory_used_bytes": [([], m.used_bytes)] if m else [],
+        "smartcar_ingest_redis_memory_max_bytes": [([], m.max_bytes)] if m else [],
+        "smartcar_ingest_output_stream_retention_seconds": [([], settings.output_stream_retention_seconds)],
+        "smartcar_ingest_output_group_lag": [([g.name], g.lag) for g in groups if g.lag is not None],
+        "smartcar_ingest_output_group_pending": [([g.name], g.pending) for g in groups],
+        "smartcar_ingest_output_group_behind_seconds": [([g.name], g.behind_seconds) for g in groups],
+        "smartcar_ingest_vehicles_active": [([], f.active)] if f else [],
+        "smartcar_ingest_vehicles_in_error": [([], f.in_error)] if f else [],
+    }
     families: list[Metric] = []
     for name, (documentation, labels) in GAUGES.items():
-        family = GaugeMetricFamily(name, documentation, labels=labels)
+        families.append(family := GaugeMetricFamily(name, documentation, labels=labels))
         for values, value in samples[name]:
             family.add_metric(values, value)
-        families.append(family)
     return families
