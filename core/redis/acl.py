@@ -1,8 +1,5 @@
-"""Redis ACL rules for the web and worker roles, so each logs in with only what it needs.
-
-What each role may do and why: docs/security.md, "One Redis user per role". With ``connect=True``
-the web may also use the sealed application token (the Connect callback verifies user ids).
-"""
+"""Redis ACL rules for the web and worker roles, so each logs in with only what it needs (what each
+may do and why: docs/security.md, "One Redis user per role")."""
 
 from __future__ import annotations
 
@@ -48,7 +45,7 @@ _WEB_COMMANDS = [
 
 
 def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str]:
-    """The ACL rules of ``role`` for the configured queue and stream names (no user name or password)."""
+    """With ``connect``, the web may also use the sealed application token (the Connect callback verifies user ids)."""
     if role == "web":
         keys = [
             f"~{EVENT_IDS_KEY}*",
@@ -94,11 +91,8 @@ def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str
 
 
 def acl_file_line(settings: Settings, role: Role, user: str, password: str | None, connect: bool = False) -> str:
-    """One ``aclfile`` line for ``user`` in ``role``.
-
-    The password is stored as its SHA-256 (``#…``), as Redis's ACL files allow; without one the
-    user is written switched off, to be given a password with ``ACL SETUSER`` before use.
-    """
+    """The password is stored as its SHA-256 (``#…``); without one the user is written switched off,
+    to be given a password with ``ACL SETUSER`` before use."""
     credentials = ["on", "#" + hashlib.sha256(password.encode()).hexdigest()] if password else ["off"]
     rules = [rule for rule in acl_rules(settings, role, connect) if rule not in ("resetkeys", "resetchannels")]
     return " ".join(["user", user, *credentials, *rules])

@@ -1,7 +1,5 @@
-"""Every Redis client the service builds, one factory per role, so timeouts are chosen once.
-
-The roles and their timeouts: docs/architecture.md, "Redis clients".
-"""
+"""Every Redis client the service builds, one factory per role, so timeouts are chosen once
+(the roles and their timeouts: docs/architecture.md, "Redis clients")."""
 
 from __future__ import annotations
 
@@ -17,7 +15,6 @@ from core.redis.functions import FunctionsRedis
 
 
 def web_redis(settings: Settings) -> AsyncRedis:
-    """The web process's client: every call bounded, so Redis trouble becomes a fast 503."""
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         # Under a burst, requests wait (within their deadline) for a free connection instead of
@@ -34,9 +31,8 @@ def web_redis(settings: Settings) -> AsyncRedis:
 
 
 def worker_redis(settings: Settings, max_connections: int = 100) -> AsyncRedis:
-    """The jobs' client: patient (they are not answering Smartcar) and reconnecting once. A job that
-    finds every connection busy waits for one (a blocking pool) instead of getting redis-py's
-    ``MaxConnectionsError``, which the jobs would take for an outage."""
+    """A job that finds every connection busy waits for one (a blocking pool) instead of getting
+    redis-py's ``MaxConnectionsError``, which the jobs would take for an outage."""
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=max_connections,
@@ -54,24 +50,19 @@ def worker_redis(settings: Settings, max_connections: int = 100) -> AsyncRedis:
 
 
 def rq_redis(settings: Settings, max_connections: int) -> redis.Redis:
-    """RQ's connection in the worker: its blocking dequeue waits up to the maintenance interval, and
-    the scripts RQ runs there are called as functions (:class:`core.redis.functions.FunctionsRedis`)."""
+    """The scripts RQ runs there are called as functions (:class:`core.redis.functions.FunctionsRedis`)."""
     return FunctionsRedis.from_url(
         settings.redis_url, socket_connect_timeout=5, socket_timeout=30, max_connections=max_connections
     )
 
 
 def command_redis(settings: Settings) -> redis.Redis:
-    """An operator command's client (``status``): a Redis that does not answer ends the command."""
     return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=10)
 
 
 def command_redis_async(settings: Settings) -> AsyncRedis:
-    """The async twin of :func:`command_redis` (``replay``, ``backfill``)."""
     return AsyncRedis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=10)
 
 
 def probe_redis(url: str) -> redis.Redis:
-    """A client whose calls fail fast (``/metrics`` reads, ``dev`` asking whether Redis answers):
-    half a second at most, never retried."""
     return redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))

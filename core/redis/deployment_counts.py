@@ -1,7 +1,6 @@
 """Counts summed over every worker of the deployment, in Redis: what enrichment cost (for
 ``status``) and how many distinct vehicles were active or in error (for the VEHICLE_ERROR alert:
-no counter can count distinct ids). Once a second each worker adds what its counters gained and
-the vehicles it saw, in one pipeline. docs/architecture.md, "Counts: each fact counted once".
+no counter can count distinct ids). docs/architecture.md, "Counts: each fact counted once".
 """
 
 from __future__ import annotations
@@ -73,7 +72,7 @@ class DeploymentCounts:
             self._vehicles.setdefault((kind, bucket), set()).add(event.vehicle.id)
 
     def start(self) -> None:
-        """Write every :data:`WRITE_SECONDS` until :meth:`aclose` (call inside the running loop)."""
+        """Write until :meth:`aclose` (call inside the running loop)."""
         self._writer = asyncio.create_task(self._write_every_second(), name="deployment-counts")
 
     async def _write_every_second(self) -> None:
@@ -112,7 +111,6 @@ class DeploymentCounts:
         self._written, self._failing = totals, False
 
     async def aclose(self) -> None:
-        """Stop the writes and write what is left."""
         self._closing.set()
         if self._writer is None:
             await self.write()
@@ -129,39 +127,37 @@ def read_usage(client: redis.Redis, minutes: int = 60, now: float | None = None)
         pipe.hgetall(usage_key(minute))
     sums: collections.Counter[str] = collections.Counter()
     for counts in pipe.execute():
-        for name, value in counts.items():
-            sums[text(name)] += int(value)
-    by_kind: dict[str, dict[str, int]] = {"calls": {}, "reads": {}, "429": {}}
-    for name, count in sorted(sums.items()):
-        kind, _, rest = name.partition(":")
-        by_kind.get(kind, {})[rest] = count
+        sums.update({text(name): int(value) for name, value in counts.items()})
+
+    def fields(kind: str) -> dict[str, int]:
+        return {name.partition(":")[2]: n for name, n in sorted(sums.items()) if name.startswith(kind + ":")}
+
     reads: dict[str, dict[str, int]] = {}
-    for name, count in by_kind["reads"].items():
+    for name, count in fields("reads").items():
         call, _, source = name.partition(":")
         reads.setdefault(call, {})[source] = count
-    calls, events = by_kind["calls"], sums["events"]
+    calls, events = fields("calls"), sums["events"]
     return {
         "minutes": minutes,
         "events": events,
         "calls": calls,
         "callsPerEvent": round(sum(calls.values()) / events, 3) if events else None,
         "reads": reads,
-        "rateLimited": by_kind["429"],
+        "rateLimited": fields("429"),
         "waitedSeconds": round(sums["waitMs"] / 1000, 3),
     }
 
 
 class FleetCounts(NamedTuple):
-    """Distinct vehicles over the last hour (a HyperLogLog's count: within about 1 %): those that sent
-    a VEHICLE_STATE or VEHICLE_ERROR, and those of them that sent a VEHICLE_ERROR reporting an open error."""
+    """Distinct vehicles over the last hour (within about 1 %): those that sent an event, and those
+    of them that sent a VEHICLE_ERROR reporting an open error."""
 
     active: int
     in_error: int
 
 
 def read_fleet(client: redis.Redis, now: float | None = None) -> FleetCounts:
-    """Count the vehicles of the last hour's buckets: one round trip of two ``PFCOUNT`` (which the
-    web's Redis user may not run: the workers export the gauges)."""
+    """One round trip of two ``PFCOUNT`` (the web's Redis user may not run it: the workers export the gauges)."""
     current = int((time.time() if now is None else now) // BUCKET_SECONDS)
     buckets = range(current - WINDOW_SECONDS // BUCKET_SECONDS, current + 1)
     with client.pipeline(transaction=False) as pipe:

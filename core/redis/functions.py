@@ -1,8 +1,6 @@
-"""Every Lua step the service runs in Redis, as Redis Functions (Redis ≥ 7.0), loaded by ``redis-setup``.
-
-Why no role may ``EVAL``: docs/security.md, finding 26.2; versioned libraries and loading on a
-miss: docs/architecture.md, "Redis Functions, shared calls and round trips".
-"""
+"""Every Lua step the service runs in Redis, as Redis Functions (Redis ≥ 7.0), loaded by ``redis-setup``
+(why no role may ``EVAL``: docs/security.md, finding 26.2; versioned libraries and loading on a
+miss: docs/architecture.md, "Redis Functions, shared calls and round trips")."""
 
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ from redis.client import Pipeline
 from redis.exceptions import NoPermissionError, ResponseError
 from rq.scripts import ACQUIRE_OR_REFRESH_LOCK_SCRIPT, RELEASE_LOCK_SCRIPT
 
-#: What every function name and library name starts with.
 PREFIX = "smartcar_ingest_"
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
@@ -33,7 +30,7 @@ end
 
 
 class MissingFunction(ResponseError):
-    """Redis does not have a function of this version, and this user may not load it."""
+    """Redis does not have this version of a function, and this user may not load it."""
 
 
 class LuaFunction:
@@ -46,7 +43,6 @@ class LuaFunction:
         #: The arguments of one item, for a function that runs its script once per item (core.redis.group).
         self.arity = arity
         digest = hashlib.sha256(f"{read_only}\n{source}".encode()).hexdigest()[:12]
-        #: The function's (and its library's) name in Redis.
         self.redis_name = f"{PREFIX}{name}_{digest}"
         flags = "'no-writes'" if read_only else ""
         self.code = (
@@ -57,8 +53,7 @@ class LuaFunction:
 
     def bind(self, client: Any) -> Any:
         """A callable for ``client`` (``keys=``, ``args=``, and for a synchronous one optionally
-        ``client=`` a pipeline, as redis-py's ``Script``): a coroutine for an asyncio client. A
-        function Redis does not have is loaded, and called again."""
+        ``client=`` a pipeline, as redis-py's ``Script``) that loads a function Redis does not have."""
         if isinstance(client, AsyncRedis):
             return AsyncCall(self, client)
         return partial(self._call, client)
@@ -85,7 +80,6 @@ FUNCTIONS: dict[str, LuaFunction] = {}
 
 
 def lua_function(name: str, source: str, read_only: bool = False, arity: int = 0) -> LuaFunction:
-    """Define (once per name) the function ``name`` running ``source``."""
     function = LuaFunction(name, source, read_only, arity)
     known = FUNCTIONS.setdefault(name, function)
     if known.code != function.code:
@@ -94,7 +88,6 @@ def lua_function(name: str, source: str, read_only: bool = False, arity: int = 0
 
 
 def is_missing(exc: BaseException) -> bool:
-    """Whether Redis answered that the function called is not loaded."""
     return isinstance(exc, ResponseError) and str(exc).startswith("Function not found")
 
 
@@ -112,7 +105,7 @@ def load_refused(function: LuaFunction, exc: ResponseError) -> bool:
 
 
 def load(client: redis.Redis, function: LuaFunction) -> bool:
-    """Load ``function``'s library; False when it was loaded already."""
+    """False when it was loaded already."""
     try:
         client.function_load(function.code)
     except ResponseError as exc:
@@ -165,6 +158,6 @@ class FunctionsRedis(redis.Redis):
 
 
 def load_all(client: redis.Redis, functions: Sequence[LuaFunction]) -> tuple[int, int]:
-    """Load each of ``functions`` (``redis-setup``); returns how many were loaded and how many were there."""
+    """``redis-setup``: how many were loaded and how many were there."""
     loaded = sum(load(client, function) for function in functions)
     return loaded, len(functions) - loaded

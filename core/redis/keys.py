@@ -1,8 +1,5 @@
-"""Every Redis key this service names, in one place; an id from the wire never shapes a key
-beyond ``[A-Za-z0-9_-]``.
-
-What each key holds: docs/architecture.md, "Redis keys".
-"""
+"""Every Redis key this service names; an id from the wire never shapes a key beyond
+``[A-Za-z0-9_-]``. What each key holds: docs/architecture.md, "Redis keys"."""
 
 from __future__ import annotations
 
@@ -11,9 +8,7 @@ import re
 
 from rq.queue import Queue
 
-#: Prefix of every key this service owns besides RQ's and the streams.
 SERVICE_PREFIX = "smartcar-ingest:"
-#: Prefix of RQ's keys and channels.
 RQ_PREFIX = "rq:"
 
 EVENT_IDS_KEY = SERVICE_PREFIX + "event-ids"
@@ -27,7 +22,6 @@ ALIVE_PREFIX = SERVICE_PREFIX + "worker-alive:"
 WORKERS_SET = SERVICE_PREFIX + "liveness-workers"
 TOKEN_KEY = SERVICE_PREFIX + "app-token"
 TOKEN_LOCK_KEY = TOKEN_KEY + ":lock"
-#: + a Connect ``state``'s digest: marks it redeemed.
 CONNECT_STATE_PREFIX = SERVICE_PREFIX + "connect-state:"
 READ_PREFIX = SERVICE_PREFIX + "read:"
 BUDGET_KEY = SERVICE_PREFIX + "budget"
@@ -39,8 +33,6 @@ FLEET_PREFIX = SERVICE_PREFIX + "fleet:"
 #: How RQ's job ids may look; an eventId that fits is used as the job id unchanged.
 _JOB_ID_SAFE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _VEHICLE_SAFE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
 #: The prefix of a job id made from a digest. No ``eventId`` is used as it is when it starts so,
 #: so a literal ``eventId`` can never take the job (and the dedupe mark) of another event.
 DIGEST_JOB_PREFIX = "evt-"
@@ -57,7 +49,6 @@ def job_id_for(event_id: str) -> str:
 
 
 def queue_key(queue: str) -> str:
-    """RQ's list of queued job ids."""
     return f"{Queue.redis_queue_namespace_prefix}{queue}"
 
 
@@ -67,46 +58,41 @@ def rq_intermediate_key(queue_name: str) -> str:
 
 
 def alive_key(worker_name: str) -> str:
-    """The key a live worker keeps fresh; it expires soon after the worker dies."""
     return ALIVE_PREFIX + worker_name
 
 
 def dequeued_key(queue_name: str, worker_name: str) -> str:
-    """The list holding the ids ``worker_name`` has taken from ``queue_name`` but not yet started."""
     return f"{DEQUEUED_PREFIX}{queue_name}:{worker_name}"
 
 
 def vehicle_state_key(prefix: str, vehicle_id: str) -> str:
-    """A vehicle's latest-state hash; the parser has held the id to ``[A-Za-z0-9_-]{1,64}``."""
+    """The parser has held the id to ``[A-Za-z0-9_-]{1,64}``."""
     return prefix + vehicle_id
 
 
 def _vehicle_part(vehicle_id: str) -> str:
-    """A vehicle id as a key part: itself when it is a Smartcar id (``[A-Za-z0-9_-]{1,64}``), else a digest."""
     if _VEHICLE_SAFE.fullmatch(vehicle_id):
         return vehicle_id
     return "v-" + hashlib.sha256(vehicle_id.encode()).hexdigest()[:40]
 
 
 def read_key(call: str, vehicle_id: str, user_id: str) -> str:
-    """The last ``call`` read (``vehicle`` or ``signals``) of a vehicle made with one ``sc-user-id``,
-    and the read of it in flight. The user id is free text from the wire, so only its digest is used."""
+    """The user id is free text from the wire, so only its digest is used."""
     user = hashlib.sha256(user_id.encode()).hexdigest()[:24]
     return f"{READ_PREFIX}{call}:{_vehicle_part(vehicle_id)}:{user}"
 
 
 def vehicle_pause_key(vehicle_id: str) -> str:
-    """Until when (epoch ms) no call for this vehicle may be made: Smartcar answered 429 for it."""
     return VEHICLE_PAUSE_PREFIX + _vehicle_part(vehicle_id)
 
 
 def usage_key(minute: int) -> str:
-    """Counts of one minute (``epoch seconds // 60``): events enriched, calls, reads by source, 429s."""
+    """``minute``: epoch seconds // 60."""
     return f"{USAGE_PREFIX}{minute}"
 
 
 def fleet_key(kind: str, bucket: int) -> str:
-    """A HyperLogLog of the vehicles seen in one bucket (``epoch seconds // bucket length``): ``active`` or ``errors``."""
+    """``kind``: ``active`` or ``errors``; ``bucket``: epoch seconds // bucket length."""
     return f"{FLEET_PREFIX}{kind}:{bucket}"
 
 

@@ -1,7 +1,5 @@
-"""Waiting out Redis trouble: which errors mean "Redis cannot serve us right now", and the wait.
-
-Every other Redis error is a fault, raised at once. The policy (stamina's backoff, one patience for
-job steps): docs/reliability.md, "One retry policy for Redis".
+"""Waiting out Redis trouble: which errors mean "Redis cannot serve us right now" (any other is a
+fault, raised at once), and the wait. docs/reliability.md, "One retry policy for Redis".
 """
 
 from __future__ import annotations
@@ -50,17 +48,13 @@ def redis_unavailable(exc: BaseException) -> bool:
     return False
 
 
-#: The first wait between two tries while Redis is unavailable, in seconds; it doubles each time
-#: up to :data:`WAIT_MAX`, plus up to :data:`WAIT_JITTER` at random, so that the workers of a fleet
-#: do not all try again at the same instant once Redis is back.
+#: Seconds between two tries, doubling up to WAIT_MAX, plus up to WAIT_JITTER at random (so the
+#: workers of a fleet do not all try again at the same instant).
 WAIT_INITIAL = 0.2
 WAIT_MAX = 5.0
 WAIT_JITTER = 0.2
-#: How long a job's Redis call waits out trouble before the Redis error is raised (the worker then
-#: puts the job back once Redis answers, without spending a retry). The one patience of every job
-#: step; with the last try's socket timeout and one reconnect, a call ends within about 50 s.
+#: How long a job's Redis call waits out trouble before the error is raised (the job is then put back).
 REDIS_PATIENCE_SECONDS = 30.0
-
 
 _BACKOFF = {"wait_initial": WAIT_INITIAL, "wait_max": WAIT_MAX, "wait_jitter": WAIT_JITTER}
 
@@ -68,20 +62,15 @@ _BACKOFF = {"wait_initial": WAIT_INITIAL, "wait_max": WAIT_MAX, "wait_jitter": W
 def until_redis_answers(
     step: Callable[[], T], *, stop: Callable[[], bool] | None = None, give_up_after: float | None = None
 ) -> T:
-    """Run ``step``, running it again after a backoff while Redis is unavailable.
-
-    The Redis error is re-raised at the first failure once ``stop()`` is true or ``give_up_after``
-    seconds have passed since the first try; with neither, the wait has no end. An error that
-    :func:`redis_unavailable` does not recognise is raised at once. An exception raised during a
-    wait (by a signal handler) ends it too.
-    """
+    """Run ``step``, again after a backoff while Redis is unavailable, until ``stop()`` is true or
+    ``give_up_after`` seconds have passed (then the error is raised; with neither, no end)."""
     return stamina.RetryingCaller(attempts=None, timeout=give_up_after, **_BACKOFF)(_worth_waiting(stop), step)
 
 
 async def until_redis_answers_async(
     call: Callable[[], Awaitable[T]], *, stop: Callable[[], bool] | None = None, give_up_after: float | None = None
 ) -> T:
-    """:func:`until_redis_answers` for a coroutine: ``await call()``, waiting out Redis trouble the same way."""
+    """:func:`until_redis_answers` for a coroutine."""
     worth_waiting = _worth_waiting(stop)
     # On the per-event path: Redis answering, the common case, costs one call and no retry
     # machinery (under stamina's testing mode stamina counts every try itself).
@@ -95,13 +84,11 @@ async def until_redis_answers_async(
 
 
 def _worth_waiting(stop: Callable[[], bool] | None) -> Callable[[Exception], bool]:
-    """stamina's ``on`` hook: try again after a Redis error that passes, unless ``stop()`` says otherwise."""
     return redis_unavailable if stop is None else lambda exc: redis_unavailable(exc) and not stop()
 
 
 def _log_retries() -> RetryHook:
-    """stamina's log hook for this project: one line of ours per Redis wait, stamina's own line
-    (``stamina.retry_scheduled``) for every other retry."""
+    """One line of ours per Redis wait, stamina's own (``stamina.retry_scheduled``) for any other retry."""
     others = StructlogOnRetryHook.hook_factory()
 
     def log_retry(details: RetryDetails) -> None:
@@ -118,6 +105,5 @@ def _log_retries() -> RetryHook:
     return log_retry
 
 
-# stamina's default hooks are its Prometheus counter and its structlog line; the line is replaced
-# by the hook above, which leaves every retry but the Redis waits logged as before.
+# stamina's default hooks, with its structlog line replaced by the one above.
 set_on_retry_hooks((PrometheusOnRetryHook, RetryHookFactory(_log_retries)))

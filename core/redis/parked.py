@@ -1,8 +1,6 @@
-"""The parked stream: the one place that parks, replays and counts deliveries that cannot be processed.
-
-An entry holds ``event_id``, ``reason`` (:data:`core.errors.PARK_REASONS`), ``detail`` and
-``payload`` (the body as received). Parked marks, trimming and replay: docs/architecture.md,
-"Parked deliveries".
+"""The parked stream: the one place that parks, replays and counts deliveries that cannot be
+processed. An entry holds ``event_id``, ``reason`` (:data:`core.errors.PARK_REASONS`), ``detail``
+and ``payload`` (the body as received). Marks, trimming, replay: docs/architecture.md, "Parked deliveries".
 """
 
 from __future__ import annotations
@@ -103,8 +101,7 @@ _COUNT_REASONS_FN = lua_function("count_parked_reasons", _COUNT_REASONS, read_on
 
 
 class ParkedStream:
-    """Writes the parked stream: the one park path of the web edge and the worker; every add
-    trims entries older than the retention."""
+    """The one park path of the web edge and the worker."""
 
     def __init__(
         self,
@@ -120,12 +117,8 @@ class ParkedStream:
         self._park = _PARK_FN.bind(redis)
 
     async def park(self, event_id: str | None, reason: str, detail: str, body: str) -> str | None:
-        """Keep a delivery that cannot be processed; returns the entry id, None if already kept.
-
-        A repeat of the same event for the same reason with the same body (a redelivery, a retried
-        or re-run job) is kept once. A different reason or body for the same ``eventId`` gets an
-        entry of its own: nothing that differs is ever dropped.
-        """
+        """The entry id, or None for a repeat of the same event for the same reason with the same
+        body (a redelivery, a retried job), kept once: anything that differs gets an entry of its own."""
         # A body can carry text that is not valid UTF-8 (a lone surrogate from a JSON escape),
         # which Redis cannot store; written as its escape it stays the same JSON.
         body = body.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -142,8 +135,6 @@ class ParkedStream:
 
 @dataclass
 class ReplayReport:
-    """What ``replay`` did: entries looked at, re-enqueued, and left in place with why."""
-
     scanned: int = 0
     requeued: int = 0
     busy: int = 0
@@ -158,12 +149,9 @@ async def replay_parked(
     limit: int | None = None,
     on_progress: Callable[[ReplayReport], None] | None = None,
 ) -> ReplayReport:
-    """Re-enqueue parked entries (optionally only those with ``reason``), oldest first.
-
-    Each entry leaves the stream, and its parked mark is forgotten, in the atomic step that
-    enqueues its job. Entries whose job is still queued or running stay (``busy``), as do those
-    without an ``eventId`` (``without_event_id``).
-    """
+    """Re-enqueue parked entries (only those with ``reason``, if given), oldest first, each leaving
+    the stream (its mark forgotten) in the atomic step that enqueues its job. Entries whose job is
+    still queued or running stay (``busy``), as do those without an ``eventId``."""
     requeue = _REQUEUE_FN.bind(redis)
     marks = parked_marks(DEFAULT_DEDUPE_TTL_SECONDS)  # the TTL only sizes new slots: forgetting finds any mark
     report = ReplayReport()
@@ -201,7 +189,7 @@ async def replay_parked(
 
 
 def count_by_reason(client: SyncRedis, stream: str, limit: int = COUNT_SCAN_LIMIT) -> tuple[dict[str, int], int]:
-    """Parked entries by reason (most frequent first), and how many were read: at most ``limit``, oldest first."""
+    """Entries by reason (most frequent first), and how many were read: at most ``limit``, oldest first."""
     count_reasons = _COUNT_REASONS_FN.bind(client)
     by_reason: dict[str, int] = {}
     scanned = 0
