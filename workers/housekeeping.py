@@ -29,7 +29,7 @@ from core import metrics
 from core.logs import get_logger
 from core.redis.keys import WORKERS_SET, alive_key, rq_intermediate_key, text
 from core.redis.outage import redis_unavailable, until_redis_answers
-from workers.reaper import reap, return_from_rq_list, sweep_expired
+from workers.reaper import reap, return_ids, sweep_expired
 
 log = get_logger("smartcar_ingest.worker")
 
@@ -257,11 +257,10 @@ class Housekeeping:
             members, shared = pipe.execute()
         now = time.monotonic()
         self._suspects = {job_id: self._suspects.get(job_id, now) for job_id in map(text, shared)}
-        for job_id, first_seen in list(self._suspects.items()):
-            if now - first_seen >= STRANDED_AFTER_SECONDS:
-                if return_from_rq_list(self.connection, self.queue.name, job_id):
-                    log.warning("requeued a job stranded in RQ's intermediate list", jobId=job_id)
-                del self._suspects[job_id]
+        if overdue := [job_id for job_id, seen in self._suspects.items() if now - seen >= STRANDED_AFTER_SECONDS]:
+            for job_id in return_ids(self.connection, self.queue.name, rq_intermediate_key(self.queue.name), overdue):
+                log.warning("requeued a job stranded in RQ's intermediate list", jobId=job_id)
+            self._suspects = {job_id: seen for job_id, seen in self._suspects.items() if job_id not in overdue}
         others = [name for name in map(text, members) if name != self.worker.name]
         if now < self._quiet_until or not others:
             return

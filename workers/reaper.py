@@ -16,7 +16,7 @@ from rq.utils import parse_composite_key
 
 from core.logs import get_logger
 from core.redis.functions import lua_function
-from core.redis.keys import alive_key, dequeued_key, queue_key, rq_intermediate_key, text
+from core.redis.keys import alive_key, dequeued_key, queue_key, text
 from workers.batch import EXECUTION_PREFIX, JOB_PREFIX
 
 log = get_logger("smartcar_ingest.reaper")
@@ -72,11 +72,6 @@ def return_ids(connection: redis.Redis, queue_name: str, held: str, ids: Iterabl
     """Take ``ids`` (none: all) out of the list ``held`` and put back those whose job is queued; returns them."""
     keys = [held, queue_key(queue_name)]
     return [text(raw) for raw in _RETURN_IDS_FN.bind(connection)(keys=keys, args=[JOB_PREFIX, *ids])]
-
-
-def return_from_rq_list(connection: redis.Redis, queue_name: str, job_id: str) -> bool:
-    """Put back ``job_id`` from RQ's intermediate list if its job still waits; True when it did."""
-    return bool(return_ids(connection, queue_name, rq_intermediate_key(queue_name), [job_id]))
 
 
 def requeue(connection: redis.Redis, queue_name: str, executions: Iterable[tuple[str, str, str]]) -> list[str]:

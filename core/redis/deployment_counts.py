@@ -48,10 +48,8 @@ def usage_totals() -> collections.Counter[str]:
 
 
 class DeploymentCounts:
-    """One worker process's share: what its counters gained and the vehicles it saw since its last
-    write, written every :data:`WRITE_SECONDS` (:meth:`start`) and at :meth:`aclose`. Statistics,
-    not data: a failed write is logged and tried again a second later; what a process held when it
-    died unannounced is lost. One per process: each counts the process's counters from its creation."""
+    """One worker process's share (one per process: it counts the process's counters from its
+    creation): what its counters gained and the vehicles it saw since its last write."""
 
     def __init__(self, redis_client: AsyncRedis) -> None:
         self._redis = redis_client
@@ -84,7 +82,6 @@ class DeploymentCounts:
             await self.write()
 
     async def write(self) -> None:
-        """Add what was counted since the last write, in one round trip; nothing when nothing was."""
         totals = usage_totals()
         gained = totals - self._written  # counters only grow: what grew, by how much
         vehicles, self._vehicles = self._vehicles, {}
