@@ -47,7 +47,7 @@ def users_link(settings: Settings, user_id: int, smartcar_user_id: str) -> int:
 def connect_url(settings: Settings, user_id: int, mode: str | None) -> int:
     import datetime as dt
 
-    from service.connect_state import connect_link
+    from service.connect import connect_link
 
     link = connect_link(settings, user_id, mode=mode)
     if link.note:

@@ -24,8 +24,15 @@ from core.errors import ConfigurationError, InvalidConnectState
 from core.store import db
 from core.store.users import UserStore
 from service.app import create_app
-from service.connect import BINDING_COOKIE, HOST_BINDING_COOKIE
-from service.connect_state import connect_link, connection_created_at, issue_state, state_keys, verify_state
+from service.connect import (
+    BINDING_COOKIE,
+    HOST_BINDING_COOKIE,
+    connect_link,
+    connection_created_at,
+    issue_state,
+    state_keys,
+    verify_state,
+)
 from tests.conftest import OLD_TOKEN
 from tests.pipeline import CLIENT_ID, CLIENT_SECRET, inject
 from tests.procs import LiveServer
@@ -558,7 +565,8 @@ def connect_settings(settings: Settings, **overrides: object) -> Settings:
 def test_connect_link_has_the_documented_parameters(settings):
     """The URL goes to Connect with response_type, client_id, redirect_uri, scope, mode and a verifiable state."""
     configured = connect_settings(settings, connect_mode="simulated")
-    link = connect_link(configured, 42, now=1_800_000_000)
+    before = int(time.time())
+    link = connect_link(configured, 42)
     parts = urlsplit(link.url)
     assert (parts.scheme, parts.netloc, parts.path) == ("https", "connect.smartcar.com", "/oauth/authorize")
     assert "scope=read_vehicle_info%20read_battery" in parts.query
@@ -568,16 +576,19 @@ def test_connect_link_has_the_documented_parameters(settings):
     assert query["redirect_uri"] == REDIRECT
     assert query["scope"] == configured.connect_scope
     assert query["mode"] == "simulated"
-    assert link.expires_at == 1_800_000_000 + 3600
     assert link.note is None
-    state = verify_state(state_keys(configured), query["state"], now=1_800_000_000)
-    assert (state.user_id, state.issued_at, state.expires_at, state.bound) == (42, 1_800_000_000, 1_800_003_600, False)
+    state = verify_state(state_keys(configured), query["state"])
+    assert before <= state.issued_at <= time.time()
+    assert (state.user_id, state.expires_at, state.bound) == (42, state.issued_at + 3600, False)
+    assert link.expires_at == state.expires_at
     with pytest.raises(InvalidConnectState) as caught:
-        verify_state(state_keys(configured), query["state"], now=1_800_003_600)
-    assert caught.value.code == "expired_state"
-    with pytest.raises(InvalidConnectState) as caught:
-        verify_state(state_keys(settings), query["state"], now=1_800_000_000)  # another key
+        verify_state(state_keys(settings), query["state"])  # another key
     assert caught.value.code == "invalid_state"
+    # A state is refused from the second its expiry names on.
+    expiring = issue_state(state_keys(configured), 42, 3600, now=time.time() - 3600)
+    with pytest.raises(InvalidConnectState) as caught:
+        verify_state(state_keys(configured), expiring)
+    assert caught.value.code == "expired_state"
 
 
 def test_states_are_distinct_and_carry_their_nonce(settings):
