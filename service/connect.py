@@ -47,8 +47,7 @@ from service.responses import error_response
 log = get_logger("smartcar_ingest.connect")
 
 CONNECT_URL = "https://connect.smartcar.com/oauth/authorize"
-#: The cookie a browser-bound state is bound to: ``__Host-`` behind https, the bare name only for a
-#: plain-http callback.
+#: A browser-bound state's cookie: ``__Host-`` behind https, the bare name for a plain-http callback.
 BINDING_COOKIE = "smartcar_connect"
 HOST_BINDING_COOKIE = "__Host-" + BINDING_COOKIE
 _KEY_LABEL = b"smartcar-ingest connect state v1"
@@ -79,6 +78,10 @@ _CONFLICT = (
     "This Smartcar account cannot be linked to this user, because one of them is already linked elsewhere. "
     "Nothing was changed."
 )
+_NO_CREDENTIALS = (
+    "Linking is unavailable: set SMARTCAR_CLIENT_ID and SMARTCAR_CLIENT_SECRET so the web can confirm the "
+    "redirect with Smartcar."
+)
 _NOT_OURS = "The state parameter is not one we issued: start again from a fresh Connect link."
 _OTHER_BROWSER = (
     "This Connect link was started in another browser, or is not one we issued: "
@@ -95,13 +98,6 @@ class ConnectState:
     expires_at: int
     nonce: str
     bound: bool
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectLink:
-    url: str
-    expires_at: int
-    note: str | None = None  # for the operator
 
 
 def _b64(data: bytes) -> str:
@@ -126,11 +122,9 @@ def _mac(key: bytes, signed: str, binding: str | None) -> str:
     return _b64(hmac.new(key, signed.encode(), hashlib.sha256).digest())
 
 
-def issue_state(
-    keys: tuple[bytes, ...], user_id: int, ttl_seconds: int, binding: str | None = None, now: float | None = None
-) -> str:
+def issue_state(keys: tuple[bytes, ...], user_id: int, ttl_seconds: int, binding: str | None = None) -> str:
     """A state naming internal user ``user_id``; with ``binding`` (a cookie's value) it verifies only next to it."""
-    issued = int(time.time() if now is None else now)
+    issued = int(time.time())
     marker = "u" if binding is None else "b"
     signed = f"v2.{user_id}.{issued}.{issued + ttl_seconds}.{marker}.{_b64(secrets.token_bytes(16))}"
     return f"{signed}.{_mac(keys[0], signed, binding)}"
@@ -161,9 +155,11 @@ def verify_state(keys: tuple[bytes, ...], state: str | None, binding: str | None
     return ConnectState(int(match.group(1)), int(match.group(2)), expires_at, match.group(5), bound)
 
 
-def connect_link(settings: Settings, user_id: int, mode: str | None = None, binding: str | None = None) -> ConnectLink:
-    """The Connect URL for internal user ``user_id``, its state bound to ``binding`` if given.
-    :class:`ConfigurationError` names whatever setting is missing, in one line."""
+def connect_link(
+    settings: Settings, user_id: int, mode: str | None = None, binding: str | None = None
+) -> tuple[str, str | None]:
+    """The Connect URL for internal user ``user_id``, its state bound to ``binding`` if given, and a
+    note for the operator; :class:`ConfigurationError` names whatever setting is missing, in one line."""
     application_id = settings.smartcar_application_id or settings.smartcar_client_id
     redirect_uri = settings.connect_redirect_uri
     missing = []
@@ -184,18 +180,18 @@ def connect_link(settings: Settings, user_id: int, mode: str | None = None, bind
             "SMARTCAR_APPLICATION_ID is not set, so the URL names SMARTCAR_CLIENT_ID instead; Connect expects the "
             "Application ID (a UUID from the Dashboard), which differs from an API-credentials client id."
         )
-    now, ttl = int(time.time()), settings.connect_state_ttl_seconds
+    ttl = settings.connect_state_ttl_seconds
     params = {
         "response_type": "code",
         "client_id": application_id,
         "redirect_uri": redirect_uri,
         "scope": scope,
-        "state": issue_state(state_keys(settings), user_id, ttl, binding, now),
+        "state": issue_state(state_keys(settings), user_id, ttl, binding),
     }
     if mode := mode or settings.connect_mode:
         params["mode"] = mode
     # quote, not quote_plus: the scope's spaces become %20, which every OAuth server reads alike.
-    return ConnectLink(f"{CONNECT_URL}?{urlencode(params, quote_via=quote)}", now + ttl, note)
+    return f"{CONNECT_URL}?{urlencode(params, quote_via=quote)}", note
 
 
 def _dig(value: object, *keys: str) -> object:
@@ -241,9 +237,7 @@ def connection_created_at(item: object) -> float | None:
         if isinstance(value, str):
             text = value.strip()
             if text.isascii() and text.isdigit():
-                if len(text) > 20:  # no time; int() would refuse past 4,300 digits
-                    continue
-                value = int(text)
+                value = int(text) if len(text) <= 20 else None  # int() would refuse past 4,300 digits
             else:
                 try:
                     parsed = dt.datetime.fromisoformat(text)
@@ -256,9 +250,8 @@ def connection_created_at(item: object) -> float | None:
 
 
 async def confirm_connection(smartcar: SmartcarClient, smartcar_user_id: str, issued_at: float) -> None:
-    """Return when Smartcar lists a connection of ``smartcar_user_id`` made since ``issued_at`` (less
-    the clock skew); items of other users never count. :class:`UnverifiedConnection` when none does,
-    coded ``cannot_verify`` when some carry no creation time (fail closed)."""
+    """Return when Smartcar lists a connection of ``smartcar_user_id`` made since ``issued_at`` (less the
+    clock skew), else :class:`UnverifiedConnection` (``cannot_verify`` when some carry no creation time)."""
     undated = False
     async for items, _ in connection_pages(smartcar, smartcar_user_id, MAX_VERIFY_PAGES):
         for item in items:
@@ -321,33 +314,23 @@ class ConnectEndpoints:
         path = "/" if secure else posixpath.dirname(callback.path)
         self._cookie_name = HOST_BINDING_COOKIE if secure else BINDING_COOKIE
         self._cookie: dict[str, Any] = {"path": path if path.startswith("/") else "/", "secure": secure}
-        # Nothing connects before the first callback (docs/architecture.md, "Design notes").
+        # Nothing connects before the first callback: the web starts without Smartcar or a database.
         self._http = LeanHttp(max_connections=8)
         self._smartcar: SmartcarClient | None = None
         if settings.smartcar_client_id is not None and settings.smartcar_client_secret is not None:
             self._smartcar = smartcar_client(settings, redis, self._http, attempts=1)
-        self._store: UserStore | None = None
+        self._store = UserStore(settings.database_url)  # connects on the first callback, in a worker thread
+        self.routes = [Route("/connect/callback", self.callback, methods=["GET"])]
         if settings.connect_start_enabled:
+            self.routes.append(Route("/connect/start", self.start, methods=["GET"]))
             # Fail at startup, not on the first user, when /connect/start cannot build a URL.
-            link = connect_link(settings, 1)
-            if link.note:
-                log.warning("connect start", note=link.note)
-            log.warning(
-                "connect start is enabled: it signs a Connect state for any user id it is given, "
-                "so it must only be reachable through something that authenticates that user"
-            )
-
-    def routes(self) -> list[Route]:
-        routes = [Route("/connect/callback", self.callback, methods=["GET"])]
-        if self._settings.connect_start_enabled:
-            routes.append(Route("/connect/start", self.start, methods=["GET"]))
-        return routes
+            if note := connect_link(settings, 1)[1]:
+                log.warning("connect start", note=note)
+            log.warning("connect start signs a state for any user id: only an authenticating proxy may reach it")
 
     async def aclose(self) -> None:
         await self._http.aclose()
-        store, self._store = self._store, None
-        if store is not None:
-            await run_in_threadpool(store.dispose)
+        await run_in_threadpool(self._store.dispose)
 
     async def callback(self, request: Request) -> Response:
         query = request.query_params
@@ -364,12 +347,7 @@ class ConnectEndpoints:
             return _error(400, "invalid_user_id", "The user_id parameter is not a Smartcar user id.")
         if self._smartcar is None:
             log.error("connect callback without client credentials", user_id=state.user_id)
-            return _error(
-                503,
-                "unavailable",
-                "Linking is unavailable: set SMARTCAR_CLIENT_ID and SMARTCAR_CLIENT_SECRET so the web can "
-                "confirm the redirect with Smartcar.",
-            )
+            return _error(503, "unavailable", _NO_CREDENTIALS)
         key, claim = CONNECT_STATE_PREFIX + state.nonce, secrets.token_hex(8)
         try:
             # Spent until the state would expire anyway.
@@ -398,9 +376,7 @@ class ConnectEndpoints:
         try:
             async with asyncio.timeout(_VERIFY_SECONDS):
                 await confirm_connection(smartcar, smartcar_user_id, state.issued_at)
-            # Made on the event loop, so two first callbacks cannot make two pools; it connects in the thread.
-            store = self._store = self._store or UserStore(self._settings.database_url)
-            stored = await run_in_threadpool(store.link, user_id, smartcar_user_id)
+            stored = await run_in_threadpool(self._store.link, user_id, smartcar_user_id)
         except UnverifiedConnection as exc:
             log.warning("connect link refused", user_id=user_id, smartcar_user=digest, reason=exc.code)
             return _error(403 if exc.code == UnverifiedConnection.code else 409, exc.code, exc.message)
@@ -434,9 +410,9 @@ class ConnectEndpoints:
         if not 1 <= len(digits) <= 18:
             return _error(400, "invalid_user", "The user parameter must be an internal user id (a positive integer).")
         binding = secrets.token_urlsafe(32)
-        link = connect_link(self._settings, int(digits), binding=binding)
+        url, _ = connect_link(self._settings, int(digits), binding=binding)
         log.info("connect start", user_id=int(digits))
-        response = RedirectResponse(link.url, status_code=302, headers=_NO_STORE)
+        response = RedirectResponse(url, status_code=302, headers=_NO_STORE)
         ttl = self._settings.connect_state_ttl_seconds
         response.set_cookie(self._cookie_name, binding, max_age=ttl, httponly=True, samesite="lax", **self._cookie)
         return response
