@@ -348,34 +348,17 @@ class ConnectEndpoints:
         if self._smartcar is None:
             log.error("connect callback without client credentials", user_id=state.user_id)
             return _error(503, "unavailable", _NO_CREDENTIALS)
-        key, claim = CONNECT_STATE_PREFIX + state.nonce, secrets.token_hex(8)
-        try:
-            # Spent until the state would expire anyway.
-            ttl = max(1, state.expires_at - int(time.time()))
-            spent = await self._redis.set(key, claim, nx=True, ex=ttl)
-        except (RedisError, OSError, TimeoutError) as exc:
-            log.error("connect state could not be spent", user_id=state.user_id, error=type(exc).__name__)
-            return _error(503, "unavailable", "The service cannot record the link right now; retry shortly.")
-        if not spent:
-            return _error(400, "state_used", "This Connect link was already used: ask for a new one to connect again.")
-        response = await self._redeem(self._smartcar, state, smartcar_user_id)
-        if response.status_code == 503:
-            try:
-                await self._release(keys=[key], args=[claim])
-            except (RedisError, OSError, TimeoutError) as exc:
-                # The state stays spent: the user has to ask for a new link, which is safe.
-                log.warning("connect state could not be given back", error=type(exc).__name__)
-        elif response.status_code == 200 and state.bound:
-            response.delete_cookie(self._cookie_name, httponly=True, samesite="lax", **self._cookie)
-        return response
-
-    async def _redeem(self, smartcar: SmartcarClient, state: ConnectState, smartcar_user_id: str) -> Response:
-        """Verify with Smartcar, then link; a 503 means "nothing happened, try again"."""
         # Logs correlate a Smartcar user id by this digest, never recording the id itself.
         user_id, digest = state.user_id, hashlib.sha256(smartcar_user_id.encode()).hexdigest()[:12]
+        key, claim = CONNECT_STATE_PREFIX + state.nonce, secrets.token_hex(8)
         try:
+            # Spent until the state would expire anyway; given back below when nothing happened.
+            if not await self._redis.set(key, claim, nx=True, ex=max(1, state.expires_at - int(time.time()))):
+                return _error(
+                    400, "state_used", "This Connect link was already used: ask for a new one to connect again."
+                )
             async with asyncio.timeout(_VERIFY_SECONDS):
-                await confirm_connection(smartcar, smartcar_user_id, state.issued_at)
+                await confirm_connection(self._smartcar, smartcar_user_id, state.issued_at)
             stored = await run_in_threadpool(self._store.link, user_id, smartcar_user_id)
         except UnverifiedConnection as exc:
             log.warning("connect link refused", user_id=user_id, smartcar_user=digest, reason=exc.code)
@@ -388,9 +371,14 @@ class ConnectEndpoints:
             log.warning("connect link refused", user_id=user_id, reason="user_not_found")
             return _error(404, "user_not_found", "The user this Connect link was made for no longer exists.")
         except (IngestError, RedisError, OSError, TimeoutError) as exc:
-            # Smartcar's, the database's, ours or our credentials' trouble, never the redirect's.
+            # Smartcar's, the database's, Redis's or our credentials' trouble, never the redirect's.
             reason = exc.message if isinstance(exc, IngestError) else type(exc).__name__
             log.error("connect link failed", user_id=user_id, error=reason)
+            try:
+                await self._release(keys=[key], args=[claim])
+            except (RedisError, OSError, TimeoutError) as lost:
+                # The state stays spent: the user has to ask for a new link, which is safe.
+                log.warning("connect state could not be given back", error=type(lost).__name__)
             retry_after = exc.retry_after if isinstance(exc, SmartcarRateLimited) else None
             return _error(503, "unavailable", "Linking is not possible right now; retry shortly.", retry_after)
         if stored:
@@ -400,7 +388,10 @@ class ConnectEndpoints:
             "userId": user_id,
             "smartcarUserId": smartcar_user_id,
         }
-        return JSONResponse(body, headers=_NO_STORE)
+        response = JSONResponse(body, headers=_NO_STORE)
+        if state.bound:
+            response.delete_cookie(self._cookie_name, httponly=True, samesite="lax", **self._cookie)
+        return response
 
     async def start(self, request: Request) -> Response:
         raw = request.query_params.get("user", "")
