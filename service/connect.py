@@ -21,6 +21,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from rq.scripts import RELEASE_LOCK_SCRIPT
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -37,7 +38,7 @@ from core.errors import (
     UnverifiedConnection,
 )
 from core.logs import get_logger
-from core.redis.functions import lua_function
+from core.redis.functions import RQ_SCRIPTS
 from core.redis.keys import CONNECT_STATE_PREFIX
 from core.smartcar.client import SmartcarClient, smartcar_client
 from core.smartcar.http import LeanHttp
@@ -69,11 +70,8 @@ _CREATED_AT_FIELDS = (("attributes", "createdAt"), ("attributes", "connectedAt")
 _VERIFY_SECONDS = 10.0
 # The page may be bookmarked or proxied: a state or an id must not be cached anywhere.
 _NO_STORE = {"Cache-Control": "no-store"}
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-_RELEASE_FN = lua_function("release_connect_state", _RELEASE)
+# Compare-and-delete: RQ's lock release, already one of our functions, gives a spent state back.
+_RELEASE_FN = RQ_SCRIPTS[RELEASE_LOCK_SCRIPT]
 _CONFLICT = (
     "This Smartcar account cannot be linked to this user, because one of them is already linked elsewhere. "
     "Nothing was changed."
@@ -131,8 +129,7 @@ def issue_state(keys: tuple[bytes, ...], user_id: int, ttl_seconds: int, binding
 
 
 def verify_state(keys: tuple[bytes, ...], state: str | None, binding: str | None = None) -> ConnectState:
-    """What ``state`` says once its MAC (with ``binding``, if bound) checks out; whether it was spent
-    is the caller's business. The expiry is read only after the MAC passed."""
+    """What ``state`` says once its MAC (with ``binding``, if bound) checks out; the caller spends it."""
     if not state:
         raise InvalidConnectState("The state parameter is missing: start again from a Connect link issued by us.")
     if state.startswith("v1."):
@@ -316,9 +313,8 @@ class ConnectEndpoints:
         self._cookie: dict[str, Any] = {"path": path if path.startswith("/") else "/", "secure": secure}
         # Nothing connects before the first callback: the web starts without Smartcar or a database.
         self._http = LeanHttp(max_connections=8)
-        self._smartcar: SmartcarClient | None = None
-        if settings.smartcar_client_id is not None and settings.smartcar_client_secret is not None:
-            self._smartcar = smartcar_client(settings, redis, self._http, attempts=1)
+        credentials = settings.smartcar_client_id is not None and settings.smartcar_client_secret is not None
+        self._smartcar = smartcar_client(settings, redis, self._http, attempts=1) if credentials else None
         self._store = UserStore(settings.database_url)  # connects on the first callback, in a worker thread
         self.routes = [Route("/connect/callback", self.callback, methods=["GET"])]
         if settings.connect_start_enabled:

@@ -33,7 +33,7 @@ def test_redis_setup_knows_every_module_with_functions():
     """A module whose functions redis-setup would not load would fail only under an ACL user."""
     assert modules_defining_functions() - {"core.redis.functions"} == set(FUNCTION_MODULES)
     names = all_functions()
-    assert len(names) >= 23
+    assert len(names) >= 21
     assert {"enqueue", "commit_events", "claim_jobs", "rq_acquire_or_refresh_lock"} <= set(names)
 
 
