@@ -1,6 +1,5 @@
-"""Smartcar Connect: signed single-use states, ``GET /connect/callback`` (links a genuine redirect's
-Smartcar user id), ``GET /connect/start`` (off by default), the Connect URL of ``connect-url`` and the
-paging of ``GET /v3/connections`` that ``backfill`` shares. Why each check: docs/security.md, "Connect capture"."""
+"""Connect: signed single-use states, ``/connect/callback``, ``/connect/start`` (off by default), ``connect-url``'s
+URL and the ``/v3/connections`` paging ``backfill`` shares. The checks and why: docs/security.md, "Connect capture"."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ import posixpath
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -285,19 +284,6 @@ def _plain(value: str | None) -> str:
     return " ".join("".join(ch if ch.isprintable() else " " for ch in value or "").split())[:200]
 
 
-def _connect_failed(query: Mapping[str, str]) -> Response:
-    error = _plain(query.get("error")) or "unknown_error"
-    description = _plain(query.get("error_description"))
-    message = f"Smartcar Connect did not finish: {error}"
-    if description:
-        message += f" ({description.rstrip('.')})"
-    vehicle = " ".join(_plain(query.get(key)) for key in ("year", "make", "model") if query.get(key))
-    if vehicle:
-        message += f"; vehicle: {vehicle}"
-    log.info("connect reported an error", error=error)
-    return _error(400, "connect_failed", message + ". Nothing was changed.")
-
-
 class ConnectEndpoints:
     """The Connect routes of one web process; ``redis`` is the web's client (spent states, token)."""
 
@@ -330,8 +316,17 @@ class ConnectEndpoints:
 
     async def callback(self, request: Request) -> Response:
         query = request.query_params
-        if "error" in query:
-            return _connect_failed(query)
+        if "error" in query:  # Connect's own failure, shown plainly
+            error = _plain(query.get("error")) or "unknown_error"
+            description = _plain(query.get("error_description"))
+            message = f"Smartcar Connect did not finish: {error}"
+            if description:
+                message += f" ({description.rstrip('.')})"
+            vehicle = " ".join(_plain(query.get(key)) for key in ("year", "make", "model") if query.get(key))
+            if vehicle:
+                message += f"; vehicle: {vehicle}"
+            log.info("connect reported an error", error=error)
+            return _error(400, "connect_failed", message + ". Nothing was changed.")
         try:
             state = verify_state(self._keys, query.get("state"), request.cookies.get(self._cookie_name))
         except InvalidConnectState as exc:
