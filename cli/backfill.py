@@ -27,7 +27,7 @@ from core.redis.clients import command_redis_async
 from core.smartcar.client import SmartcarClient, smartcar_client
 from core.smartcar.http import LeanHttp
 from core.store.users import UserStore, VehicleRecord
-from service.connect_state import PAGE_SIZE, connection_ids, connection_pages
+from service.connect import PAGE_SIZE, connection_ids, connection_pages
 
 VIN_SIGNAL = "vehicleidentification-vin"
 #: Pages followed at most, so a listing that never ends cannot loop forever (a million connections).

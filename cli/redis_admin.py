@@ -19,7 +19,6 @@ FUNCTION_MODULES = (
     "core.smartcar.limiter",
     "core.smartcar.reads",
     "core.smartcar.tokens",
-    "service.connect",
     "workers.batch",
     "workers.reaper",
 )

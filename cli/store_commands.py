@@ -47,12 +47,13 @@ def users_link(settings: Settings, user_id: int, smartcar_user_id: str) -> int:
 def connect_url(settings: Settings, user_id: int, mode: str | None) -> int:
     import datetime as dt
 
-    from service.connect_state import connect_link
+    from service.connect import connect_link
 
-    link = connect_link(settings, user_id, mode=mode)
-    if link.note:
-        print(f"note: {link.note}", file=sys.stderr)
-    expires = dt.datetime.fromtimestamp(link.expires_at, dt.UTC).isoformat(timespec="seconds")
+    expires_at = int(dt.datetime.now(dt.UTC).timestamp()) + settings.connect_state_ttl_seconds
+    url, note = connect_link(settings, user_id, mode=mode)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    expires = dt.datetime.fromtimestamp(expires_at, dt.UTC).isoformat(timespec="seconds")
     # No browser asked for this URL, so its state is bound to none: whoever holds the URL can
     # use it, once, and only to link a Smartcar account that connects after this moment.
     print(
@@ -60,5 +61,5 @@ def connect_url(settings: Settings, user_id: int, mode: str | None) -> int:
         "so give it only to that user",
         file=sys.stderr,
     )
-    print(link.url)
+    print(url)
     return 0

@@ -109,7 +109,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=[
             Route(WEBHOOK_PATH, endpoint, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
-            *connect.routes(),
+            *connect.routes,
         ],
         exception_handlers={HTTPException: http_exception, Exception: unexpected_exception},
         lifespan=lifespan,

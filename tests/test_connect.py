@@ -24,8 +24,15 @@ from core.errors import ConfigurationError, InvalidConnectState
 from core.store import db
 from core.store.users import UserStore
 from service.app import create_app
-from service.connect import BINDING_COOKIE, HOST_BINDING_COOKIE
-from service.connect_state import connect_link, connection_created_at, issue_state, state_keys, verify_state
+from service.connect import (
+    BINDING_COOKIE,
+    HOST_BINDING_COOKIE,
+    connect_link,
+    connection_created_at,
+    issue_state,
+    state_keys,
+    verify_state,
+)
 from tests.conftest import OLD_TOKEN
 from tests.pipeline import CLIENT_ID, CLIENT_SECRET, inject
 from tests.procs import LiveServer
@@ -96,9 +103,10 @@ class Web:
         """Connect's redirect back to us, as ``browser`` follows it."""
         return browser.get("/connect/callback", params={"user_id": smartcar_user_id, "state": state, "code": "x"})
 
-    def unbound_state(self, user_id: int, now: float | None = None) -> str:
+    def unbound_state(self, user_id: int, ttl_seconds: int | None = None) -> str:
         """A state as `connect-url` makes it: bound to no browser."""
-        return issue_state(state_keys(self.settings), user_id, self.settings.connect_state_ttl_seconds, now=now)
+        ttl = self.settings.connect_state_ttl_seconds if ttl_seconds is None else ttl_seconds
+        return issue_state(state_keys(self.settings), user_id, ttl)
 
 
 @pytest.fixture
@@ -328,8 +336,8 @@ def test_callback_accepts_the_camel_case_user_id(web, store):
 
 
 def test_expired_state_is_400_and_changes_nothing(web, store):
-    """A genuine state past CONNECT_STATE_TTL_SECONDS is refused with expired_state."""
-    state = web.unbound_state(ALICE, now=time.time() - web.settings.connect_state_ttl_seconds - 1)
+    """A genuine state whose expiry has come (here: issued with no time to live) is refused with expired_state."""
+    state = web.unbound_state(ALICE, ttl_seconds=0)
     web.connect(SMARTCAR_ALICE)
     response = httpx.get(f"{web.url}/connect/callback", params={"user_id": SMARTCAR_ALICE, "state": state})
     assert response.status_code == 400
@@ -558,8 +566,9 @@ def connect_settings(settings: Settings, **overrides: object) -> Settings:
 def test_connect_link_has_the_documented_parameters(settings):
     """The URL goes to Connect with response_type, client_id, redirect_uri, scope, mode and a verifiable state."""
     configured = connect_settings(settings, connect_mode="simulated")
-    link = connect_link(configured, 42, now=1_800_000_000)
-    parts = urlsplit(link.url)
+    before = int(time.time())
+    url, note = connect_link(configured, 42)
+    parts = urlsplit(url)
     assert (parts.scheme, parts.netloc, parts.path) == ("https", "connect.smartcar.com", "/oauth/authorize")
     assert "scope=read_vehicle_info%20read_battery" in parts.query
     query = {key: values[0] for key, values in parse_qs(parts.query).items()}
@@ -568,16 +577,18 @@ def test_connect_link_has_the_documented_parameters(settings):
     assert query["redirect_uri"] == REDIRECT
     assert query["scope"] == configured.connect_scope
     assert query["mode"] == "simulated"
-    assert link.expires_at == 1_800_000_000 + 3600
-    assert link.note is None
-    state = verify_state(state_keys(configured), query["state"], now=1_800_000_000)
-    assert (state.user_id, state.issued_at, state.expires_at, state.bound) == (42, 1_800_000_000, 1_800_003_600, False)
+    assert note is None
+    state = verify_state(state_keys(configured), query["state"])
+    assert before <= state.issued_at <= time.time()
+    assert (state.user_id, state.expires_at, state.bound) == (42, state.issued_at + 3600, False)
     with pytest.raises(InvalidConnectState) as caught:
-        verify_state(state_keys(configured), query["state"], now=1_800_003_600)
-    assert caught.value.code == "expired_state"
-    with pytest.raises(InvalidConnectState) as caught:
-        verify_state(state_keys(settings), query["state"], now=1_800_000_000)  # another key
+        verify_state(state_keys(settings), query["state"])  # another key
     assert caught.value.code == "invalid_state"
+    # A state is refused from the second its expiry names on: with no time to live, at once.
+    expiring = issue_state(state_keys(configured), 42, 0)
+    with pytest.raises(InvalidConnectState) as caught:
+        verify_state(state_keys(configured), expiring)
+    assert caught.value.code == "expired_state"
 
 
 def test_states_are_distinct_and_carry_their_nonce(settings):
@@ -589,10 +600,12 @@ def test_states_are_distinct_and_carry_their_nonce(settings):
 
 def test_connect_link_falls_back_to_the_client_id_with_a_note(settings):
     """Without SMARTCAR_APPLICATION_ID the client id stands in, and the note says why that may fail."""
-    link = connect_link(connect_settings(settings, smartcar_application_id=None, smartcar_client_id="client_abc"), 1)
-    assert "client_id=client_abc" in link.url
-    assert link.note is not None
-    assert "SMARTCAR_APPLICATION_ID" in link.note
+    url, note = connect_link(
+        connect_settings(settings, smartcar_application_id=None, smartcar_client_id="client_abc"), 1
+    )
+    assert "client_id=client_abc" in url
+    assert note is not None
+    assert "SMARTCAR_APPLICATION_ID" in note
 
 
 @pytest.mark.parametrize(
