@@ -26,7 +26,7 @@ from core.redis.jobs import (
     build_job_hash,
     job_payload,
 )
-from core.redis.keys import job_id_for
+from core.redis.keys import STAGED_JOB_PREFIX, job_id_for
 from tests.procs import RedisServer
 
 OPTIONS = JobOptions(queue="smartcar-events", timeout_seconds=90, retries=3)
@@ -146,6 +146,111 @@ def test_group_commit_gives_each_caller_its_own_answer(redis_url, redis_client):
     assert sorted(accepted) == sorted({*ids})
     queue = Queue("smartcar-events", connection=redis_client, serializer=JSONSerializer)
     assert sorted(queue.job_ids) == sorted({*ids})
+
+
+def staged_keys(redis_client) -> list[bytes]:
+    return list(redis_client.scan_iter(match=STAGED_JOB_PREFIX + "*"))
+
+
+def test_an_enqueue_leaves_no_staged_job_behind(redis_url, redis_client):
+    """Each job hash is written under a staged key and, in the same transaction, renamed to the job
+    (new event) or dropped (a repeat): afterwards only the jobs are there, one per eventId."""
+
+    async def scenario() -> list[bool]:
+        redis = AsyncRedis.from_url(redis_url)
+        try:
+            inbox = Inbox(redis, OPTIONS, "smartcar:parked", 60)
+            ids = [f"s-{i % 7}" for i in range(40)]
+            return await asyncio.gather(*(inbox.accept(i, "VEHICLE_STATE", b'{"n":1}', 1) for i in ids))
+        finally:
+            await redis.aclose()
+
+    assert sum(asyncio.run(scenario())) == 7
+    assert staged_keys(redis_client) == []
+    assert sorted(redis_client.lrange(f"rq:queue:{OPTIONS.queue}", 0, -1)) == sorted(
+        job_id_for(f"s-{i}").encode() for i in range(7)
+    )
+
+
+def test_a_failed_enqueue_drops_its_staged_jobs_and_raises(redis_url, redis_client):
+    """A script that fails after the job hashes were staged (here the queue is not a list) raises
+    Redis's error to the caller and leaves no staged hash; the next call works."""
+    from redis.exceptions import ResponseError
+
+    async def scenario() -> tuple[BaseException | bool, bool]:
+        redis = AsyncRedis.from_url(redis_url)
+        try:
+            inbox = Inbox(redis, OPTIONS, "smartcar:parked", 60)
+            await redis.set(f"rq:queue:{OPTIONS.queue}", "not a list")
+            (failed,) = await asyncio.gather(inbox.accept("f-1", "VEHICLE_STATE", "{}", 1), return_exceptions=True)
+            assert staged_keys(redis_client) == []
+            await redis.delete(f"rq:queue:{OPTIONS.queue}")
+            return failed, await inbox.accept("f-2", "VEHICLE_STATE", "{}", 1)
+        finally:
+            await redis.aclose()
+
+    failed, then = asyncio.run(scenario())
+    assert isinstance(failed, ResponseError)
+    assert "WRONGTYPE" in str(failed)
+    assert then is True
+    assert staged_keys(redis_client) == []
+
+
+def test_an_enqueue_after_redis_lost_the_function_loads_it_and_stages_once(redis_url, redis_client):
+    """The function missing at EXEC (``FUNCTION FLUSH``): the staged hashes are dropped, the
+    function loaded and the whole transaction sent again; the event is enqueued once."""
+
+    async def scenario() -> list[bool]:
+        redis = AsyncRedis.from_url(redis_url)
+        try:
+            inbox = Inbox(redis, OPTIONS, "smartcar:parked", 60)
+            first = await inbox.accept("l-1", "VEHICLE_STATE", "{}", 1)
+            await redis.function_flush()
+            return [
+                first,
+                await inbox.accept("l-2", "VEHICLE_STATE", "{}", 1),
+                await inbox.accept("l-2", "VEHICLE_STATE", "{}", 1),
+            ]
+        finally:
+            await redis.aclose()
+
+    assert asyncio.run(scenario()) == [True, True, False]
+    assert staged_keys(redis_client) == []
+    assert redis_client.lrange(f"rq:queue:{OPTIONS.queue}", 0, -1) == [
+        job_id_for("l-1").encode(),
+        job_id_for("l-2").encode(),
+    ]
+
+
+@pytest.mark.process
+def test_an_out_of_memory_redis_refuses_the_enqueue_and_the_next_call_works():
+    """A Redis at its memory limit refuses the staged write: nothing runs, the caller gets the
+    out-of-memory error, and the connection (every reply read) serves the next call."""
+    from redis.exceptions import OutOfMemoryError
+
+    private_redis = RedisServer()
+    private_redis.start()
+
+    async def scenario() -> bool:
+        redis = AsyncRedis.from_url(private_redis.url)
+        try:
+            inbox = Inbox(redis, OPTIONS, "smartcar:parked", 60)
+            assert await inbox.accept("m-1", "VEHICLE_STATE", "{}", 1)
+            await redis.config_set("maxmemory", 1)
+            with pytest.raises(OutOfMemoryError):
+                await inbox.accept("m-2", "VEHICLE_STATE", "{}", 1)
+            await redis.config_set("maxmemory", 0)
+            assert [c.is_connected for c, _ in inbox._script.idle] == [True]
+            assert await redis.exists(Job.key_for(job_id_for("m-2"))) == 0
+            assert await redis.keys(STAGED_JOB_PREFIX + "*") == []
+            return await inbox.accept("m-2", "VEHICLE_STATE", "{}", 1)
+        finally:
+            await redis.aclose()
+
+    try:
+        assert asyncio.run(scenario()) is True
+    finally:
+        private_redis.cleanup()
 
 
 def test_group_commit_failure_reaches_every_waiter(redis_url):

@@ -17,6 +17,7 @@ from core.redis.keys import (
     PARKED_MARK_PREFIX,
     RQ_PREFIX,
     SERVICE_PREFIX,
+    STAGED_JOB_PREFIX,
     TOKEN_KEY,
     TOKEN_LOCK_KEY,
     WORKERS_SET,
@@ -34,6 +35,8 @@ _SCRIPTS = ["-@scripting", "+fcall", "+fcall_ro"]
 _WEB_COMMANDS = [
     # what the accept and park scripts and the Connect state marks write
     *("+set", "+get", "+hset", "+rpush", "+sadd", "+xadd", "+exists"),
+    # the accept's transaction: job hashes staged, then renamed to the job or dropped by the script
+    *("+multi", "+exec", "+rename"),
     # the compact eventId marks (core.redis.dedupe): Redis's clock, the hashes' sizes and expiry,
     # a parked mark replaced when the reason or body differs
     *("+time", "+hlen", "+expireat", "+hdel"),
@@ -54,6 +57,7 @@ def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str
             f"~{DEDUPE_PREFIX}*",
             f"~{PARKED_MARK_PREFIX}*",
             f"~{CONNECT_STATE_PREFIX}*",
+            f"~{STAGED_JOB_PREFIX}*",
             f"~{RQ_PREFIX}job:*",
             f"~{queue_key(settings.ingest_queue)}",
             f"~{RQ_PREFIX}queues",
@@ -66,8 +70,9 @@ def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str
             f"%R~{DEQUEUED_PREFIX}*",
         ]
         # DEL only where it is needed (a selector, Redis 7): Connect gives a state mark back
-        # after an upstream failure, and the token lock is released, both compare-then-delete.
-        deletable = [f"~{CONNECT_STATE_PREFIX}*"]
+        # after an upstream failure, the token lock is released, both compare-then-delete, and a
+        # staged job hash of a repeated event is dropped.
+        deletable = [f"~{CONNECT_STATE_PREFIX}*", f"~{STAGED_JOB_PREFIX}*"]
         if connect:
             keys.append(f"~{TOKEN_KEY}*")
             deletable.append(f"~{TOKEN_LOCK_KEY}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from core.redis.keys import DEDUPE_PREFIX, EVENT_IDS_KEY, PARKED_IDS_KEY, PARKED_MARK_PREFIX
 
 #: A slot spans ``ceil(TTL / SLOTS_PER_TTL)`` seconds; at most ``SLOTS_PER_TTL + 1`` are live.
-SLOTS_PER_TTL = 7
+SLOTS_PER_TTL = 3
 #: Marks per hash that a generation is sized to hold by the end of its slot.
 TARGET = 64
 #: A hash this full starts a bigger generation (Redis keeps 128 fields in a listpack by default).
@@ -218,7 +218,7 @@ end
 
 
 def slot_width(ttl_seconds: int) -> int:
-    """Seconds one slot spans for a TTL: ``ceil(TTL / 7)``, at least 1."""
+    """Seconds one slot spans for a TTL: ``ceil(TTL / SLOTS_PER_TTL)``, at least 1."""
     return max(1, math.ceil(ttl_seconds / SLOTS_PER_TTL))
 
 

@@ -7,6 +7,7 @@ docs/architecture.md, "Accepting a delivery".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from itertools import chain
@@ -28,31 +29,31 @@ from core.redis.dedupe import LIBRARY, event_marks, job_digest
 from core.redis.functions import LuaFunction, is_missing, load_refused, lua_function
 from core.redis.group import GroupCommit
 from core.redis.jobs import PROCESS_EVENT, JobOptions, build_job_hash, job_payload, spliced_job_data
-from core.redis.keys import job_id_for, queue_key
+from core.redis.keys import STAGED_JOB_PREFIX, job_id_for, queue_key
 from core.redis.parked import ParkedStream
 
 _ENQUEUE_MANY = (
     LIBRARY
     + """
 -- KEYS: queue list, RQ's set of queues
--- ARGV: the marks head (registry, ttl, width, clock, legacy prefix), job key prefix, enqueue
---       time, number of constant job fields (n), n constant field/value pairs, then per event:
---       job id, digest, data, description
+-- ARGV: the marks head (registry, ttl, width, clock, legacy prefix), job key prefix, staged job
+--       key prefix, then per event: job id, digest
+-- Each event's job hash was written under its staged key by the same transaction: it becomes the
+-- job (renamed) or is dropped (already seen). The body never passes through Lua.
 -- Returns one 1 (enqueued) or 0 (already seen) per event, in order.
--- The per-event keys are derived here rather than passed in KEYS: it halves the arguments per
--- event, and RQ (hence this service) runs on a single Redis, not a cluster.
+-- The per-event keys are derived here rather than passed in KEYS: RQ (hence this service) runs on
+-- a single Redis, not a cluster.
 local st = ids.open(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-local constant_end = 8 + 2 * tonumber(ARGV[8])
 local results = {}
-for at = constant_end + 1, #ARGV, 4 do
+for at = 8, #ARGV, 2 do
   local job_id = ARGV[at]
   local head, field = ids.locate(ARGV[at + 1])
   if ids.find(st, head, field) or (st.legacy and redis.call('EXISTS', st.legacy .. job_id) == 1) then
+    redis.call('DEL', ARGV[7] .. job_id)
     results[#results + 1] = 0
   else
     ids.put(st, head, field, '1')
-    redis.call('HSET', ARGV[6] .. job_id, 'created_at', ARGV[7], 'enqueued_at', ARGV[7],
-               'data', ARGV[at + 2], 'description', ARGV[at + 3], unpack(ARGV, 9, constant_end))
+    redis.call('RENAME', ARGV[7] .. job_id, ARGV[6] .. job_id)
     redis.call('RPUSH', KEYS[1], job_id)
     results[#results + 1] = 1
   end
@@ -80,7 +81,16 @@ class DirectScript:
         #: Connections kept between calls (none is out while no call runs), each with when it was last used.
         self.idle: list[tuple[AbstractConnection, float]] = []
 
-    async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def __call__(
+        self,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        staged: Sequence[Sequence[Any]] = (),
+        unstage: Sequence[Any] = (),
+    ) -> Any:
+        """The function's answer. With ``staged``, those commands and the call run as one
+        ``MULTI``/``EXEC``; if the call then fails, ``unstage`` is sent (best effort) before the
+        call is retried or its error raised."""
         if self.idle:
             connection, used = self.idle.pop()
             if time.monotonic() - used > self._max_idle_seconds:
@@ -91,10 +101,12 @@ class DirectScript:
             connection.socket_timeout = None
         try:
             command = self._function.command(keys, args)
+            commands = [("MULTI",), *staged, command, ("EXEC",)] if staged else [command]
+            packed = b"".join(hiredis.pack_command(tuple(c)) for c in commands)
             reconnected = loaded = False
             while True:  # at most one reconnect and one load (a restart may need both)
                 try:
-                    return await self._round_trip(connection, command)
+                    return await self._round_trip(connection, packed, len(commands), unstage)
                 except RedisConnectionError:
                     if reconnected:
                         raise
@@ -105,7 +117,8 @@ class DirectScript:
                         raise
                     loaded = True
                     try:  # on this connection, which has just answered
-                        await self._round_trip(connection, ("FUNCTION", "LOAD", self._function.code))
+                        load: tuple[Any, ...] = ("FUNCTION", "LOAD", self._function.code)
+                        await self._round_trip(connection, hiredis.pack_command(load), 1, ())
                     except ResponseError as refused:
                         load_refused(self._function, refused)
         except ResponseError:
@@ -116,11 +129,32 @@ class DirectScript:
         finally:
             self.idle.append((connection, time.monotonic()))
 
-    async def _round_trip(self, connection: AbstractConnection, command: tuple[Any, ...]) -> Any:
-        packed = hiredis.pack_command(command)
+    async def _round_trip(
+        self, connection: AbstractConnection, packed: bytes, replies: int, unstage: Sequence[Any]
+    ) -> Any:
+        """Send ``packed`` (``replies`` commands) and answer the last reply, every reply read first.
+        Of a transaction (``MULTI`` … ``EXEC``), the answer is the last command's reply in it."""
         async with asyncio.timeout(self._timeout):
             await connection.send_packed_command(packed, check_health=False)
-            return await connection.read_response()
+            error: ResponseError | None = None
+            answer: Any = None
+            for _ in range(replies):
+                try:
+                    answer = await connection.read_response()
+                except ResponseError as exc:  # a command refused (OOM) aborts the transaction: report it
+                    error = error or exc
+            if error is not None:
+                raise error
+            if replies == 1:
+                return answer
+            answer = answer[-1]
+            if isinstance(answer, ResponseError):
+                if unstage:
+                    await connection.send_packed_command(hiredis.pack_command(tuple(unstage)), check_health=False)
+                    with contextlib.suppress(ResponseError):
+                        await connection.read_response()
+                raise answer
+            return answer
 
 
 #: The most enqueues one script call carries.
@@ -151,7 +185,7 @@ class Inbox:
         _, reference = build_job_hash(job_payload("template", "VEHICLE_STATE", "", 0), options)
         variable = ("created_at", "enqueued_at", "data", "description")
         constant = [(k, v) for k, v in reference.items() if k not in variable]
-        self._constant: list[Any] = [len(constant), *chain.from_iterable(constant)]
+        self._constant: list[Any] = list(chain.from_iterable(constant))
         self._group: GroupCommit[tuple[str, bytes, str], int] = GroupCommit(self._enqueue, MAX_BATCH)
 
     async def accept(self, event_id: str, event_type: str, body: bytes | str, received_at_ms: int) -> bool:
@@ -170,9 +204,27 @@ class Inbox:
         return bool(await self._group.submit(job))
 
     async def _enqueue(self, jobs: list[tuple[str, bytes, str]]) -> list[int]:
-        args: list[Any] = [*self.marks.head(), Job.redis_job_namespace_prefix, utcformat(now()), *self._constant]
+        enqueued_at = utcformat(now())
+        args: list[Any] = [*self.marks.head(), Job.redis_job_namespace_prefix, STAGED_JOB_PREFIX]
+        staged: list[tuple[Any, ...]] = []
         for job_id, data, description in jobs:
-            args.extend((job_id, job_digest(job_id), data, description))
+            args.extend((job_id, job_digest(job_id)))
+            staged.append(
+                (
+                    "HSET",
+                    STAGED_JOB_PREFIX + job_id,
+                    "created_at",
+                    enqueued_at,
+                    "enqueued_at",
+                    enqueued_at,
+                    "data",
+                    data,
+                    "description",
+                    description,
+                    *self._constant,
+                )
+            )
+        unstage = ("DEL", *(STAGED_JOB_PREFIX + job_id for job_id, _, _ in jobs))
         metrics.ENQUEUE_BATCH_SIZE.observe(len(jobs))
-        results: list[int] = await self._script(keys=self._keys, args=args)
+        results: list[int] = await self._script(self._keys, args, staged, unstage)
         return results

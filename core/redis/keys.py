@@ -18,6 +18,8 @@ DEDUPE_PREFIX = SERVICE_PREFIX + "seen:"
 PARKED_MARK_PREFIX = SERVICE_PREFIX + "parked:"
 PUBLISHED_PREFIX = SERVICE_PREFIX + "published:"
 DEQUEUED_PREFIX = SERVICE_PREFIX + "dequeued:"
+#: A job hash the edge wrote in the transaction that enqueues it, renamed or deleted by the same transaction.
+STAGED_JOB_PREFIX = SERVICE_PREFIX + "staged:"
 ALIVE_PREFIX = SERVICE_PREFIX + "worker-alive:"
 WORKERS_SET = SERVICE_PREFIX + "liveness-workers"
 TOKEN_KEY = SERVICE_PREFIX + "app-token"
