@@ -391,6 +391,34 @@ def test_an_overflowing_number_in_a_signal_body_becomes_null():
         json.dumps(event.model_dump(mode="json"), allow_nan=False)
 
 
+@pytest.mark.parametrize(
+    ("body", "error", "expected_body", "expected_error"),
+    [
+        ("1e400", "null", None, None),
+        ('{"a": {"b": [1.5, [-1e400, 2]]}}', "null", {"a": {"b": [1.5, [None, 2]]}}, None),
+        (
+            '[{"x": 1e400}, "1e400", 3]',
+            '{"d": {"e": [1e400]}, "f": 1.5}',
+            [{"x": None}, "1e400", 3],
+            {"d": {"e": [None]}, "f": 1.5},
+        ),
+        ('{"a": [1.5, {"b": 2.5}], "c": true}', '{"n": 0.5}', {"a": [1.5, {"b": 2.5}], "c": True}, {"n": 0.5}),
+    ],
+)
+def test_every_overflowing_number_in_a_body_or_error_becomes_null_and_the_rest_is_kept(
+    body, error, expected_body, expected_error
+):
+    """However deep it sits, in a body or a signal's error, on both paths; finite values as sent."""
+    document = sample_event()
+    document["data"]["signals"][0]["body"] = "BODY"
+    document["data"]["signals"][0]["status"] = {"value": "ERROR", "error": "ERROR"}
+    text = json.dumps(document).replace('"BODY"', body).replace('"error": "ERROR"', f'"error": {error}')
+    for event in (parse_document(load_json(text.encode())), parse_stored(text.encode())):
+        assert event.signals[0].body == expected_body
+        assert event.signals[0].error == expected_error
+        json.dumps(event.model_dump(mode="json"), allow_nan=False)
+
+
 @pytest.mark.parametrize("body", ["{not json", "NaN", '{"eventId": "\ud800"}', "[]", '"x"', "\ud800"])
 def test_the_worker_parse_step_raises_only_park_reasons(body):
     """The worker's parse step, parse_stored, turns anything it cannot read into InvalidPayload (parked, never failed)."""
