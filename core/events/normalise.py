@@ -82,24 +82,22 @@ def signal_status(value: object, body: object) -> str:
 
 def _signal(wire: WireSignal) -> dict[str, Any] | None:
     """A :class:`Signal`'s fields, or None when it has no usable code (left out of the event)."""
-    name, group = wire.get("name"), wire.get("group")
-    code = wire.get("code") or (f"{group}-{name}".lower() if group and name else None)
+    code = _signal_code(wire)
     if code is None:
         return None
     meta = wire.get("meta") or {}
     status = wire.get("status") or {}
     body = wire.get("body")
     error = status.get("error")
-    retrieved = meta.get("retrievedAt")
     return {
         "code": code,
-        "name": name,
-        "group": group,
+        "name": wire.get("name"),
+        "group": wire.get("group"),
         "body": _finite(body),
         "status": signal_status(status.get("value"), body),
         "error": None if error is None else _finite(error),
         "oemUpdatedAt": epoch_ms(meta.get("oemUpdatedAt")),
-        "retrievedAt": epoch_ms(retrieved if retrieved is not None else meta.get("fetchedAt")),
+        "retrievedAt": retrieved_at(meta.get("retrievedAt"), meta.get("fetchedAt")),
     }
 
 
