@@ -42,8 +42,7 @@ def quiet_uvicorn() -> None:
 
 
 class _Noise(logging.Filter):
-    """INFO lines that are noise to an operator become DEBUG lines: uvicorn's lifecycle lines and
-    Alembic's (it names each plugin it sets up on import); a quiet server's uvicorn INFO lines go."""
+    """uvicorn's lifecycle and Alembic's plugin INFO lines become DEBUG; a quiet server's uvicorn INFO go."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.INFO:
