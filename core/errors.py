@@ -103,9 +103,5 @@ class InvalidConnectState(PermanentError):
     code = "invalid_state"
 
 
-class UnverifiedConnection(PermanentError):
-    code = "unverified_user"
-
-
 class InvalidValue(PermanentError):
     code = "invalid_value"

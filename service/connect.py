@@ -34,7 +34,6 @@ from core.errors import (
     RecordNotFound,
     SmartcarRateLimited,
     Unreachable,
-    UnverifiedConnection,
 )
 from core.logs import get_logger
 from core.redis.functions import lua_function
@@ -194,9 +193,9 @@ class ConnectEndpoints:
         try:
             async with asyncio.timeout(_VERIFY_SECONDS):
                 await confirm_connection(smartcar, smartcar_user_id, state.issued_at)
-        except UnverifiedConnection as exc:
+        except InvalidConnectState as exc:  # unverified_user or cannot_verify
             log.warning("connect link refused", user_id=user_id, smartcar_user=digest, reason=exc.code)
-            return _error(403 if exc.code == UnverifiedConnection.code else 409, exc.code, exc.message)
+            return _error(403 if exc.code == "unverified_user" else 409, exc.code, exc.message)
         except (IngestError, RedisError, OSError, TimeoutError) as exc:
             # Every other failure is Smartcar's, ours or our credentials', never the redirect's.
             reason = exc.message if isinstance(exc, IngestError) else type(exc).__name__

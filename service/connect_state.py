@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from core.config import Settings, key_list
-from core.errors import ConfigurationError, InvalidConnectState, UnverifiedConnection
+from core.errors import ConfigurationError, InvalidConnectState
 from core.smartcar.client import SmartcarClient
 
 CONNECT_URL = "https://connect.smartcar.com/oauth/authorize"
@@ -232,8 +232,8 @@ def connection_created_at(item: object) -> float | None:
 
 async def confirm_connection(smartcar: SmartcarClient, smartcar_user_id: str, issued_at: float) -> None:
     """Return when Smartcar lists a connection of ``smartcar_user_id`` made since ``issued_at``
-    (less :data:`CLOCK_SKEW_SECONDS`); items of other users never count. :class:`UnverifiedConnection`
-    when none qualifies, coded ``cannot_verify`` when some carry no creation time (fail closed)."""
+    (less :data:`CLOCK_SKEW_SECONDS`); items of other users never count. :class:`InvalidConnectState`
+    coded ``unverified_user`` when none qualifies, coded ``cannot_verify`` when some carry no creation time (fail closed)."""
     undated = False
     async for items, _ in connection_pages(smartcar, smartcar_user_id, MAX_VERIFY_PAGES):
         for item in items:
@@ -245,13 +245,14 @@ async def confirm_connection(smartcar: SmartcarClient, smartcar_user_id: str, is
             elif created >= issued_at - CLOCK_SKEW_SECONDS:
                 return
     if undated:
-        raise UnverifiedConnection(
+        raise InvalidConnectState(
             "Smartcar gives no creation time for this account's connections, so this redirect cannot be verified "
             "and nothing was linked; an operator can link it from Smartcar's connection list with "
             "`smartcar-ingest backfill`.",
             "cannot_verify",
         )
-    raise UnverifiedConnection(
+    raise InvalidConnectState(
         "Smartcar does not list a vehicle this account connected since the Connect link was issued; "
-        "nothing was linked. Start again from a fresh Connect link."
+        "nothing was linked. Start again from a fresh Connect link.",
+        "unverified_user",
     )

@@ -178,17 +178,14 @@ class UserStore:
             event.listen(self._engine, "connect", _enable_sqlite_foreign_keys)
 
     @contextmanager
-    def _reading(self) -> Iterator[Connection]:
-        with translate_errors(self._engine.url), self._engine.connect() as connection:
-            yield connection
-
-    @contextmanager
-    def _writing(self, clash: Exception) -> Iterator[Connection]:
-        """One transaction; a constraint that a concurrent writer won raises ``clash``."""
+    def _transaction(self, clash: Exception | None = None) -> Iterator[Connection]:
+        """A constraint that a concurrent writer won raises ``clash`` (reads pass none)."""
         try:
             with translate_errors(self._engine.url), self._engine.begin() as connection:
                 yield connection
         except IntegrityError:
+            if clash is None:
+                raise
             raise clash from None
 
     def _find_vehicles(self, criterion: ColumnElement[bool]) -> list[VehicleRecord]:
@@ -199,7 +196,7 @@ class UserStore:
             .where(criterion)
             .order_by(Vehicle.id)
         )
-        with self._reading() as connection:
+        with self._transaction() as connection:
             return [VehicleRecord(*row) for row in connection.execute(statement)]
 
     def find_by_smartcar_user_id(self, smartcar_user_id: str) -> UserRecord | None:
@@ -208,7 +205,7 @@ class UserStore:
             return None
         statement = select(User.id, User.email, User.name, User.smartcar_user_id)
         statement = statement.where(User.smartcar_user_id == smartcar_user_id)
-        with self._reading() as connection:
+        with self._transaction() as connection:
             row = connection.execute(statement).one_or_none()
         return None if row is None else UserRecord(*row)
 
@@ -229,7 +226,7 @@ class UserStore:
         """``False`` when that pair was already stored. Never overwrites: :class:`LinkConflict` when
         either side is linked elsewhere (also after a lost race)."""
         wanted = _smartcar_id(smartcar_user_id, "the Smartcar user id")
-        with self._writing(_linked_concurrently(wanted)) as connection:
+        with self._transaction(_linked_concurrently(wanted)) as connection:
             return _link_user(connection, user_id, wanted)
 
     def link_vehicle(self, vehicle_id: int, smartcar_vehicle_id: str, smartcar_user_id: str) -> None:
@@ -237,7 +234,7 @@ class UserStore:
         :meth:`link`, never overwrites (:class:`LinkConflict`, also for a vehicle without owner)."""
         wanted_vehicle = _smartcar_id(smartcar_vehicle_id, "the Smartcar vehicle id")
         wanted_user = _smartcar_id(smartcar_user_id, "the Smartcar user id")
-        with self._writing(_linked_concurrently(wanted_user)) as connection:
+        with self._transaction(_linked_concurrently(wanted_user)) as connection:
             statement = select(Vehicle.user_id, Vehicle.smartcar_vehicle_id).where(Vehicle.id == vehicle_id)
             if (vehicle := connection.execute(statement).one_or_none()) is None:
                 raise RecordNotFound(f"no vehicle with id {vehicle_id}: check the internal vehicle id.")
@@ -257,7 +254,7 @@ class UserStore:
         clash = LinkConflict(
             f"a user with id {id} already exists (or its Smartcar user id was just taken).", "record_exists"
         )
-        with self._writing(clash) as connection:
+        with self._transaction(clash) as connection:
             if record.smartcar_user_id and (owner := _owner_of(connection, record.smartcar_user_id)) is not None:
                 raise LinkConflict(f"Smartcar user {record.smartcar_user_id} already belongs to user {owner}.")
             connection.execute(insert(User).values(**asdict(record)))
@@ -272,7 +269,7 @@ class UserStore:
             "smartcar_vehicle_id": _checked(smartcar_vehicle_id, "the Smartcar vehicle id"),
         }
         clash = LinkConflict(f"a vehicle with id {id} already exists (or its user was just removed).", "record_exists")
-        with self._writing(clash) as connection:
+        with self._transaction(clash) as connection:
             if connection.execute(select(User.id).where(User.id == user_id)).first() is None:
                 raise RecordNotFound(f"no user with id {user_id}: add the user before its vehicles.")
             connection.execute(insert(Vehicle).values(**values))
