@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from core.config import DEV_MANAGEMENT_TOKEN, Settings
-from core.errors import ConfigurationError, RecordExists
+from core.errors import ConfigurationError, LinkConflict
 from core.redis.clients import probe_redis
 
 #: How long dev waits for each child it started to listen.
@@ -85,11 +85,11 @@ def seed_users(database_url: str) -> int:
             try:
                 store.add_user(index, f"driver{index}@example.test", f"Driver {index}", smartcar_user_id=user.id)
                 added += 1
-            except RecordExists:
+            except LinkConflict:  # seeded before
                 pass
             for vehicle in user.vehicles:
                 vehicle_id += 1
-                with contextlib.suppress(RecordExists):
+                with contextlib.suppress(LinkConflict):
                     store.add_vehicle(vehicle_id, index, vehicle.vin, smartcar_vehicle_id=vehicle.id)
     finally:
         store.dispose()

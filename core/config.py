@@ -1,8 +1,5 @@
-"""Settings: the contract's environment variables, read once per entry point and passed down.
-
-``Settings()`` reads the environment and ``.env``; tests pass keyword arguments. Nothing here
-connects to anything. Every variable: README.md, "Settings".
-"""
+"""The contract's environment variables (and ``.env``), read once per entry point and passed down;
+nothing here connects to anything. Every variable: README.md, "Settings"."""
 
 from __future__ import annotations
 
@@ -31,8 +28,6 @@ def key_list(secret: SecretStr | None) -> tuple[bytes, ...]:
 
 
 class Settings(BaseSettings):
-    """All runtime settings. Field names map to the upper-case variables of the contract."""
-
     model_config = SettingsConfigDict(
         env_file=".env",
         env_file_encoding="utf-8",
@@ -109,7 +104,7 @@ class Settings(BaseSettings):
 
     @property
     def management_tokens(self) -> tuple[bytes, ...]:
-        """Every management token, UTF-8 encoded: the first answers VERIFY, all verify ``SC-Signature``."""
+        """The first answers VERIFY, all verify ``SC-Signature``."""
         return key_list(self.smartcar_management_token)
 
     @property
@@ -118,8 +113,7 @@ class Settings(BaseSettings):
         return self.max_delivery_age_seconds or self.dedupe_ttl_seconds
 
     def require_management_token(self) -> None:
-        """Raise :class:`ConfigurationError` unless management tokens are set; outside ``DEV_MODE``
-        each must be long enough and none the public dev default."""
+        """Outside ``DEV_MODE`` each must also be long enough and none the public dev default."""
         if not self.management_tokens:
             raise ConfigurationError(
                 "SMARTCAR_MANAGEMENT_TOKEN is not set: copy the Application Management Token from the "
@@ -140,7 +134,6 @@ class Settings(BaseSettings):
                 )
 
     def require_client_credentials(self) -> None:
-        """Raise :class:`ConfigurationError` unless the client-credentials pair is set."""
         names = ("smartcar_client_id", "smartcar_client_secret")
         if missing := " and ".join(name.upper() for name in names if getattr(self, name) is None):
             raise ConfigurationError(
@@ -149,7 +142,7 @@ class Settings(BaseSettings):
 
 
 def load_settings() -> Settings:
-    """Build :class:`Settings` from the environment, turning validation failures into one clear line."""
+    """Validation failures become one :class:`ConfigurationError` line."""
     try:
         return Settings()
     except ValidationError as exc:

@@ -20,7 +20,6 @@ _SECRET_WORDS = ("token", "secret", "password", "authorization", "signature", "c
 
 
 def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Replace the value of any key that names a secret."""
     for key in list(event_dict):
         if key != "event" and any(word in key.lower() for word in _SECRET_WORDS):
             event_dict[key] = "[redacted]"
@@ -38,14 +37,12 @@ _uvicorn_quiet: contextvars.ContextVar[bool] = contextvars.ContextVar("uvicorn_q
 
 
 def quiet_uvicorn() -> None:
-    """Drop uvicorn's INFO lines in the current context (and the tasks it starts from now on):
-    for a server whose lines would repeat another's. Warnings and errors still go out."""
+    """Drop uvicorn's INFO lines in the current context and the tasks it starts from now on."""
     _uvicorn_quiet.set(True)
 
 
 class _Noise(logging.Filter):
-    """INFO lines that are noise to an operator become DEBUG lines: uvicorn's lifecycle lines and
-    Alembic's (it names each plugin it sets up on import); a quiet server's uvicorn INFO lines go."""
+    """uvicorn's lifecycle and Alembic's plugin INFO lines become DEBUG; a quiet server's uvicorn INFO go."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.INFO:
@@ -62,7 +59,7 @@ class _Noise(logging.Filter):
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """Configure structlog and the standard library's root logger (uvicorn, RQ) alike."""
+    """Structlog and the standard library's root logger (uvicorn, RQ) alike."""
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,

@@ -113,8 +113,7 @@ def observe_smartcar_call(endpoint: str, status: str, started: float) -> None:
 
 
 def totals(metric: Counter | Histogram, sample: str = "_total") -> dict[tuple[str, ...], float]:
-    """What ``metric`` holds in this process by label values: a counter's totals, or with
-    ``sample="_sum"`` a histogram's sums (for the summary line and core.redis.deployment_counts)."""
+    """What ``metric`` holds in this process by label values; ``sample="_sum"``: a histogram's sums."""
     return {
         tuple(found.labels.values()): found.value
         for family in metric.collect()

@@ -19,13 +19,11 @@ _TOKEN_LIKE_CHALLENGE = re.compile(r"[A-Za-z0-9._~-]{1,256}")
 
 
 def sign(token: bytes, message: bytes) -> str:
-    """The lowercase hex HMAC-SHA256 of ``message`` keyed with ``token``."""
     return hmac.new(token, message, hashlib.sha256).hexdigest()
 
 
 def verify_signature(tokens: Sequence[bytes], body: bytes, header: str | None) -> bool:
-    """True when ``header`` is a valid signature of ``body`` under any of ``tokens``; never raises
-    (a missing, non-ASCII, wrongly sized or non-hex header is simply invalid)."""
+    """Never raises: a missing, non-ASCII, wrongly sized or non-hex header is simply invalid."""
     if header is None:
         return False
     candidate = header.strip()

@@ -34,7 +34,6 @@ from core.errors import (
     LinkConflict,
     RecordNotFound,
     SmartcarRateLimited,
-    UnverifiedConnection,
 )
 from core.logs import get_logger
 from core.redis.functions import RQ_SCRIPTS
@@ -247,7 +246,7 @@ def connection_created_at(item: object) -> float | None:
 
 async def confirm_connection(smartcar: SmartcarClient, smartcar_user_id: str, issued_at: float) -> None:
     """Return when Smartcar lists a connection of ``smartcar_user_id`` made since ``issued_at`` (less the
-    clock skew), else :class:`UnverifiedConnection` (``cannot_verify`` when some carry no creation time)."""
+    clock skew), else InvalidConnectState: ``unverified_user``, or ``cannot_verify`` if undated."""
     undated = False
     async for items, _ in connection_pages(smartcar, smartcar_user_id, MAX_VERIFY_PAGES):
         for item in items:
@@ -259,15 +258,16 @@ async def confirm_connection(smartcar: SmartcarClient, smartcar_user_id: str, is
             elif created >= issued_at - CLOCK_SKEW_SECONDS:
                 return
     if undated:
-        raise UnverifiedConnection(
+        raise InvalidConnectState(
             "Smartcar gives no creation time for this account's connections, so this redirect cannot be verified "
             "and nothing was linked; an operator can link it from Smartcar's connection list with "
             "`smartcar-ingest backfill`.",
             "cannot_verify",
         )
-    raise UnverifiedConnection(
+    raise InvalidConnectState(
         "Smartcar does not list a vehicle this account connected since the Connect link was issued; "
-        "nothing was linked. Start again from a fresh Connect link."
+        "nothing was linked. Start again from a fresh Connect link.",
+        "unverified_user",
     )
 
 
@@ -351,9 +351,9 @@ class ConnectEndpoints:
             async with asyncio.timeout(_VERIFY_SECONDS):
                 await confirm_connection(self._smartcar, smartcar_user_id, state.issued_at)
             stored = await run_in_threadpool(self._store.link, user_id, smartcar_user_id)
-        except UnverifiedConnection as exc:
+        except InvalidConnectState as exc:  # confirm_connection's unverified_user or cannot_verify
             log.warning("connect link refused", user_id=user_id, smartcar_user=digest, reason=exc.code)
-            return _error(403 if exc.code == UnverifiedConnection.code else 409, exc.code, exc.message)
+            return _error(403 if exc.code == "unverified_user" else 409, exc.code, exc.message)
         except LinkConflict:
             # One body for both conflicts: which side is linked, and to what, is nobody's business here.
             log.warning("connect link refused", user_id=user_id, smartcar_user=digest, reason="link_conflict")

@@ -15,7 +15,7 @@ from sqlalchemy import inspect
 
 from core.errors import ConfigurationError, PermanentError, TransientError, Unreachable
 from core.store import db
-from core.store.users import Base, InvalidValue, LinkConflict, RecordExists, RecordNotFound, UserRecord, UserStore
+from core.store.users import Base, InvalidValue, LinkConflict, RecordNotFound, UserRecord, UserStore
 from tests.databases import BACKENDS, empty_database
 
 SMARTCAR_ALICE = "0d8f2f5e-6a41-4c1e-9a52-6a3c6b1f2d01"
@@ -231,10 +231,12 @@ def test_link_survives_a_second_store_seeing_the_same_database(store, database_u
 
 def test_add_user_refuses_a_taken_id_or_smartcar_user_id(store):
     """Seeding the same user id twice, or another user with a taken Smartcar id, is refused."""
-    with pytest.raises(RecordExists):
+    with pytest.raises(LinkConflict) as taken:
         store.add_user(1, "again@example.com", "Again")
-    with pytest.raises(LinkConflict):
+    assert taken.value.code == "record_exists"
+    with pytest.raises(LinkConflict) as linked:
         store.add_user(3, "carol@example.com", "Carol", smartcar_user_id=SMARTCAR_BOB)
+    assert linked.value.code == "link_conflict"
     assert store.find_by_smartcar_user_id(SMARTCAR_BOB) == UserRecord(2, "bob@example.com", "Bob", SMARTCAR_BOB)
     assert_alice_unlinked(store)
     # Nothing of the refused Carol was stored: her id is still free.
@@ -246,8 +248,9 @@ def test_add_vehicle_requires_an_existing_user(store):
     store.add_vehicle(10, 2, "1HGCM82633A004352", smartcar_vehicle_id="c1a2b3d4-0000-4000-8000-000000000010")
     with pytest.raises(RecordNotFound):
         store.add_vehicle(11, 99, "1HGCM82633A004353")
-    with pytest.raises(RecordExists):
+    with pytest.raises(LinkConflict) as taken:
         store.add_vehicle(10, 1, "1HGCM82633A004354")
+    assert taken.value.code == "record_exists"
     with pytest.raises(InvalidValue, match="VIN"):
         store.add_vehicle(12, 1, "X" * 18)
 

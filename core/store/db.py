@@ -41,9 +41,7 @@ def safe_url(url: URL) -> str:
 
 
 def make_engine(database_url: str, *, pooled: bool = True) -> Engine:
-    """An engine (not yet connected); ``pooled=False`` for one-shot work such as migrations.
-    :class:`ConfigurationError` for a bad URL or a driver that is not installed; ``postgres://``
-    and ``postgresql://`` select psycopg 3, the one driver installed."""
+    """Not yet connected; ``pooled=False`` for one-shot work such as migrations."""
     try:
         url = make_url(database_url)
     except (ArgumentError, ValueError):
@@ -82,7 +80,6 @@ def _driver_reason(exc: BaseException, url: URL) -> str:
 
 
 def _missing(exc: SQLAlchemyError, sqlstate: str, sqlite_says: str) -> bool:
-    """Whether ``exc`` is PostgreSQL's ``sqlstate`` or SQLite's ``sqlite_says`` error."""
     if isinstance(exc, ProgrammingError):
         return getattr(exc.orig, "sqlstate", None) == sqlstate
     return isinstance(exc, OperationalError) and sqlite_says in str(exc.orig)
@@ -113,8 +110,8 @@ def translate_errors(url: URL) -> Iterator[None]:
 
 @contextmanager
 def _migrating(database_url: str, action: str, *, lock: bool = True) -> Iterator[tuple[Connection, Config]]:
-    """One connection in one transaction, and Alembic's configuration to run on it. A database that
-    does not answer is :class:`Unreachable`; every other failure a one-line :class:`ConfigurationError`."""
+    """One connection in one transaction, and Alembic's configuration to run on it; a failure other
+    than :class:`Unreachable` is a one-line :class:`ConfigurationError`."""
     # The scripts are found as an importable package, so an installed wheel works.
     try:
         location = Path(str(importlib.resources.files("migrations")))
@@ -158,9 +155,8 @@ def _migrating(database_url: str, action: str, *, lock: bool = True) -> Iterator
 
 
 def upgrade(database_url: str, revision: str = "head", *, drop_tokens: bool = False) -> str | None:
-    """Migrate forward to ``revision``, all or nothing on PostgreSQL, first stamping tables without a
-    version with the revision they match (returned). Dropping stored tokens needs ``drop_tokens``.
-    Raises :class:`ConfigurationError`, or :class:`Unreachable` for a server that does not answer."""
+    """All or nothing on PostgreSQL, first stamping tables without a version with the revision they
+    match (returned). Dropping stored tokens needs ``drop_tokens``."""
     with _migrating(database_url, f"upgrade the database to {revision}") as (connection, config):
         adopted, at = None, MigrationContext.configure(connection).get_current_revision()
         if at is None and (adopted := detect_revision(connection)) is not None:
@@ -173,22 +169,19 @@ def upgrade(database_url: str, revision: str = "head", *, drop_tokens: bool = Fa
 
 
 def stamp(database_url: str, revision: str) -> None:
-    """Record ``revision`` as the database's state without running anything (``base`` forgets the
-    record). Raises like :func:`upgrade`."""
+    """Record ``revision`` without running anything (``base`` forgets the record)."""
     with _migrating(database_url, f"stamp the database as {revision}") as (_, config):
         command.stamp(config, revision)
 
 
 def downgrade(database_url: str, revision: str) -> None:
-    """Migrate the database back to ``revision`` (``base`` removes every table the migrations made).
-    Raises like :func:`upgrade`."""
+    """``base`` removes every table the migrations made."""
     with _migrating(database_url, f"downgrade the database to {revision}") as (_, config):
         command.downgrade(config, revision)
 
 
 def current(database_url: str) -> str | None:
-    """The revision the database is at, or ``None`` for a database that was never migrated.
-    Raises like :func:`upgrade`."""
+    """``None`` for a database that was never migrated."""
     with _migrating(database_url, "read the database revision", lock=False) as (connection, _):
         return MigrationContext.configure(connection).get_current_revision()
 
@@ -200,8 +193,7 @@ _TOKEN_COLUMNS = {"vehicle_access_token", "token_created_at"}
 
 def detect_revision(connection: Connection) -> str | None:
     """The revision an unversioned database's tables match (extra columns ignored), ``None`` when it
-    has none: ``v2_schema`` (tokens, no Smartcar ids), ``v2_v3_bridge`` (both) or ``v3_schema`` (ids,
-    no tokens). :class:`ConfigurationError` for any other shape."""
+    has none: ``v2_schema`` (tokens, no Smartcar ids), ``v2_v3_bridge`` (both) or ``v3_schema`` (ids)."""
     inspector = inspect(connection)
     present = {"users", "vehicles"} & set(inspector.get_table_names())
     if not present:
@@ -228,7 +220,6 @@ def detect_revision(connection: Connection) -> str | None:
 
 
 def _refuse_to_drop_tokens(connection: Connection, config: Config, current: str, revision: str) -> None:
-    """Raise when upgrading from ``current`` to ``revision`` drops per-vehicle tokens still stored."""
     try:
         path = {r.revision for r in ScriptDirectory.from_config(config).iterate_revisions(revision, current)}
     except RevisionError:

@@ -28,7 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Mapped, mapped_column
 
-from core.errors import InvalidValue, LinkConflict, RecordExists, RecordNotFound
+from core.errors import InvalidValue, LinkConflict, RecordNotFound
 from core.store.db import make_engine, translate_errors
 
 #: Column widths from the contract; Smartcar user and vehicle ids are UUIDs.
@@ -48,8 +48,6 @@ NAMING_CONVENTION = {
 
 
 class Base(DeclarativeBase):
-    """Declarative base whose metadata the migrations' ``env.py`` compares against."""
-
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
@@ -86,8 +84,6 @@ class Vehicle(Base):
 
 @dataclass(frozen=True, slots=True)
 class UserRecord:
-    """An internal user as workers see it."""
-
     id: int
     email: str | None
     name: str | None
@@ -105,7 +101,7 @@ class VehicleRecord:
     owner_smartcar_user_id: str | None
 
 
-def _checked(value: str | None, column: str, limit: int) -> str | None:
+def _checked(value: str | None, column: str, limit: int = SMARTCAR_ID_LENGTH) -> str | None:
     """``value`` stripped, or ``None`` for blank; :class:`InvalidValue` when it exceeds ``limit``."""
     value = (value or "").strip() or None
     if value is not None and len(value) > limit:
@@ -114,9 +110,7 @@ def _checked(value: str | None, column: str, limit: int) -> str | None:
 
 
 def _smartcar_id(value: str, column: str) -> str:
-    """A Smartcar id to store: like :func:`_checked`, and never blank."""
-    checked = _checked(value, column, SMARTCAR_ID_LENGTH)
-    if checked is None:
+    if (checked := _checked(value, column)) is None:
         raise InvalidValue(f"{column} must not be blank.")
     return checked
 
@@ -157,7 +151,6 @@ def _claim(
 
 
 def _link_user(connection: Connection, user_id: int, wanted: str) -> bool:
-    """:meth:`UserStore.link` in the caller's transaction."""
     row = connection.execute(select(User.smartcar_user_id).where(User.id == user_id)).one_or_none()
     if row is None:
         raise RecordNotFound(f"no user with id {user_id}: check the internal user id.")
@@ -185,21 +178,17 @@ class UserStore:
             event.listen(self._engine, "connect", _enable_sqlite_foreign_keys)
 
     @contextmanager
-    def _reading(self) -> Iterator[Connection]:
-        with translate_errors(self._engine.url), self._engine.connect() as connection:
-            yield connection
-
-    @contextmanager
-    def _writing(self, clash: Exception) -> Iterator[Connection]:
-        """One transaction; a constraint that a concurrent writer won raises ``clash``."""
+    def _transaction(self, clash: Exception | None = None) -> Iterator[Connection]:
+        """A constraint that a concurrent writer won raises ``clash`` (reads pass none)."""
         try:
             with translate_errors(self._engine.url), self._engine.begin() as connection:
                 yield connection
         except IntegrityError:
+            if clash is None:
+                raise
             raise clash from None
 
     def _find_vehicles(self, criterion: ColumnElement[bool]) -> list[VehicleRecord]:
-        """Vehicles with their owner's Smartcar user id, in id order."""
         statement = (
             select(Vehicle.id, Vehicle.user_id, Vehicle.vin, Vehicle.smartcar_vehicle_id, User.smartcar_user_id)
             .select_from(Vehicle)
@@ -207,49 +196,45 @@ class UserStore:
             .where(criterion)
             .order_by(Vehicle.id)
         )
-        with self._reading() as connection:
+        with self._transaction() as connection:
             return [VehicleRecord(*row) for row in connection.execute(statement)]
 
     def find_by_smartcar_user_id(self, smartcar_user_id: str) -> UserRecord | None:
-        """The user linked to ``smartcar_user_id``, or ``None`` (also, with no query, for an id that
-        could never be stored: blank or longer than 36 characters)."""
+        """``None`` also, with no query, for an id that could never be stored."""
         if not smartcar_user_id or len(smartcar_user_id) > SMARTCAR_ID_LENGTH:
             return None
         statement = select(User.id, User.email, User.name, User.smartcar_user_id)
         statement = statement.where(User.smartcar_user_id == smartcar_user_id)
-        with self._reading() as connection:
+        with self._transaction() as connection:
             row = connection.execute(statement).one_or_none()
         return None if row is None else UserRecord(*row)
 
     def find_vehicles_by_smartcar_id(self, smartcar_vehicle_id: str) -> list[VehicleRecord]:
-        """Vehicles linked to Smartcar vehicle ``smartcar_vehicle_id`` (several for a shared car)."""
+        """Several for a shared car."""
         if not smartcar_vehicle_id or len(smartcar_vehicle_id) > SMARTCAR_ID_LENGTH:
             return []
         return self._find_vehicles(Vehicle.smartcar_vehicle_id == smartcar_vehicle_id)
 
     def find_vehicles_by_vin(self, vin: str) -> list[VehicleRecord]:
-        """Vehicles whose VIN is ``vin``, ignoring case and surrounding blanks (a sold car may be
-        listed under two users)."""
+        """Ignoring case and surrounding blanks (a sold car may be listed under two users)."""
         wanted = vin.strip().upper()
         if not wanted or len(wanted) > VIN_LENGTH:
             return []
         return self._find_vehicles(func.upper(func.trim(Vehicle.vin)) == wanted)
 
     def link(self, user_id: int, smartcar_user_id: str) -> bool:
-        """Store ``smartcar_user_id`` on internal user ``user_id``: ``False`` when that pair was already
-        stored. Never overwrites: :class:`LinkConflict` when either side is linked elsewhere (also
-        after a lost race); :class:`RecordNotFound`; :class:`InvalidValue` for a blank or over-long id."""
+        """``False`` when that pair was already stored. Never overwrites: :class:`LinkConflict` when
+        either side is linked elsewhere (also after a lost race)."""
         wanted = _smartcar_id(smartcar_user_id, "the Smartcar user id")
-        with self._writing(_linked_concurrently(wanted)) as connection:
+        with self._transaction(_linked_concurrently(wanted)) as connection:
             return _link_user(connection, user_id, wanted)
 
     def link_vehicle(self, vehicle_id: int, smartcar_vehicle_id: str, smartcar_user_id: str) -> None:
-        """Store Smartcar's vehicle id on vehicle ``vehicle_id`` and Smartcar's user id on its owner,
-        both or neither. Like :meth:`link`, never overwrites (:class:`LinkConflict`, also for a
-        vehicle without owner); :class:`RecordNotFound`; :class:`InvalidValue`."""
+        """Smartcar's vehicle id on the vehicle and its user id on the owner, both or neither; like
+        :meth:`link`, never overwrites (:class:`LinkConflict`, also for a vehicle without owner)."""
         wanted_vehicle = _smartcar_id(smartcar_vehicle_id, "the Smartcar vehicle id")
         wanted_user = _smartcar_id(smartcar_user_id, "the Smartcar user id")
-        with self._writing(_linked_concurrently(wanted_user)) as connection:
+        with self._transaction(_linked_concurrently(wanted_user)) as connection:
             statement = select(Vehicle.user_id, Vehicle.smartcar_vehicle_id).where(Vehicle.id == vehicle_id)
             if (vehicle := connection.execute(statement).one_or_none()) is None:
                 raise RecordNotFound(f"no vehicle with id {vehicle_id}: check the internal vehicle id.")
@@ -259,36 +244,35 @@ class UserStore:
             _link_user(connection, vehicle.user_id, wanted_user)
 
     def add_user(self, id: int, email: str | None, name: str | None, smartcar_user_id: str | None = None) -> UserRecord:
-        """Insert a user (dev seeding and tests); the id's constraint refuses a taken one
-        (:class:`RecordExists`). :class:`LinkConflict` when another user holds ``smartcar_user_id``."""
+        """For dev seeding and tests: :class:`LinkConflict` (``record_exists`` for a taken id)."""
         record = UserRecord(
             id=id,
             email=_checked(email, "email", TEXT_LENGTH),
             name=_checked(name, "name", TEXT_LENGTH),
-            smartcar_user_id=_checked(smartcar_user_id, "the Smartcar user id", SMARTCAR_ID_LENGTH),
+            smartcar_user_id=_checked(smartcar_user_id, "the Smartcar user id"),
         )
-        clash = RecordExists(f"a user with id {id} already exists (or its Smartcar user id was just taken).")
-        with self._writing(clash) as connection:
+        clash = LinkConflict(
+            f"a user with id {id} already exists (or its Smartcar user id was just taken).", "record_exists"
+        )
+        with self._transaction(clash) as connection:
             if record.smartcar_user_id and (owner := _owner_of(connection, record.smartcar_user_id)) is not None:
                 raise LinkConflict(f"Smartcar user {record.smartcar_user_id} already belongs to user {owner}.")
             connection.execute(insert(User).values(**asdict(record)))
         return record
 
     def add_vehicle(self, id: int, user_id: int, vin: str | None, smartcar_vehicle_id: str | None = None) -> None:
-        """Insert a vehicle of user ``user_id`` (dev seeding and tests). :class:`RecordNotFound` when
-        the user does not exist, :class:`RecordExists` when the vehicle id is taken."""
+        """For dev seeding and tests: :class:`RecordNotFound` without the user; ``record_exists``."""
         values = {
             "id": id,
             "user_id": user_id,
             "vin": _checked(vin, "the VIN", VIN_LENGTH),
-            "smartcar_vehicle_id": _checked(smartcar_vehicle_id, "the Smartcar vehicle id", SMARTCAR_ID_LENGTH),
+            "smartcar_vehicle_id": _checked(smartcar_vehicle_id, "the Smartcar vehicle id"),
         }
-        clash = RecordExists(f"a vehicle with id {id} already exists (or its user was just removed).")
-        with self._writing(clash) as connection:
+        clash = LinkConflict(f"a vehicle with id {id} already exists (or its user was just removed).", "record_exists")
+        with self._transaction(clash) as connection:
             if connection.execute(select(User.id).where(User.id == user_id)).first() is None:
                 raise RecordNotFound(f"no user with id {user_id}: add the user before its vehicles.")
             connection.execute(insert(Vehicle).values(**values))
 
     def dispose(self) -> None:
-        """Close the pool's connections."""
         self._engine.dispose()
