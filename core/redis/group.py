@@ -100,9 +100,19 @@ def grouped_function(name: str, source: str, arity: int, read_only: bool = False
     once for each item of a call, in order: called through :class:`GroupedCall`.
 
     Each item gets what the script returns (false for nothing), or its own error reply when the
-    script raised for it; the other items of the call are not affected.
+    script raised for it; the other items of the call are not affected. ``source`` may call
+    ``now_ms()``, Redis's clock in epoch milliseconds, read once per call (the items of a call run
+    at one instant: Redis runs nothing else meanwhile).
     """
     wrapper = f"""
+local clock
+local function now_ms()
+  if not clock then
+    local t = redis.call('TIME')
+    clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return clock
+end
 local function one(KEYS, ARGV)
 {source}
 end

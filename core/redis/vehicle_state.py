@@ -36,10 +36,14 @@ local function apply_state(key, token, ttl, event_id, from, to, clock)
   if (held[1] or '') .. ':' .. (held[2] or '') ~= token then return false end
   local before = tonumber(held[1])
   if before and clock <= before then clock = before + 1 end
-  for i = from, to, 2000 do
-    redis.call('HSET', key, unpack(ARGV, i, math.min(i + 1999, to)))
+  -- One HSET for the pairs and the state's own fields (the pairs in slices of 2,000 when there are
+  -- more: Lua's unpack has a limit).
+  local last = from
+  while to - last >= 2000 do
+    redis.call('HSET', key, unpack(ARGV, last, last + 1999))
+    last = last + 2000
   end
-  redis.call('HSET', key, '_updatedAt', string.format('%d', clock), '_eventId', event_id)
+  redis.call('HSET', key, '_updatedAt', string.format('%d', clock), '_eventId', event_id, unpack(ARGV, last, to))
   redis.call('EXPIRE', key, ttl)
   return true
 end

@@ -28,7 +28,6 @@ from core.errors import (
     SmartcarUnauthorized,
     SmartcarUnavailable,
 )
-from core.redis.functions import NOW_MS
 from core.redis.group import GroupedCall, grouped_function
 from core.redis.keys import read_key, text
 from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
@@ -63,7 +62,8 @@ RELEASE_SECONDS = 2.0
 #: How often an event polls another process's read: the first pause, then 1.5 times longer up to the last.
 POLL_FIRST_SECONDS, POLL_MAX_SECONDS = 0.02, 0.25
 
-_NOW = NOW_MS + "local now = now_ms()\n"
+# Redis's clock, read once per call of a grouped function (core.redis.group).
+_NOW = "local now = now_ms()\n"
 _KEEP = "if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[{n}]) then redis.call('PEXPIRE', KEYS[1], ARGV[{n}]) end\n"
 
 # ARGV: received ms, window ms, lease ms, claim token, keep ms.
@@ -95,14 +95,16 @@ _ACQUIRE_FN = grouped_function("read_acquire", _ACQUIRE, arity=5)
 _COMPLETE = (
     _NOW
     + """
-local held = tonumber(redis.call('HGET', KEYS[1], 'startedAt'))
+-- One read of what the steps below need: none of them writes these fields.
+local f = redis.call('HMGET', KEYS[1], 'startedAt', 'gen', 'claim')
+local held = tonumber(f[1])
 if ARGV[3] ~= '' and (not held or tonumber(ARGV[2]) >= held) then
   local gen = ARGV[6]
-  if gen == '' then gen = redis.call('HGET', KEYS[1], 'gen') or '0' end
+  if gen == '' then gen = f[2] or '0' end
   redis.call('HSET', KEYS[1], 'data', ARGV[3], 'startedAt', ARGV[2], 'fetchedAt', now, 'dataGen', gen)
 end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'errorToken', ARGV[1], 'error', ARGV[4]) end
-if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'claim') == ARGV[1] then
+if ARGV[1] ~= '' and f[3] == ARGV[1] then
   redis.call('HDEL', KEYS[1], 'claim', 'claimStartedAt', 'claimUntil', 'claimGen')
 end
 """

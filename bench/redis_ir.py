@@ -1,0 +1,137 @@
+"""``python -m bench.redis_ir``: Redis's own instructions per event on the worker's Redis path.
+
+Redis CPU time per event (``INFO cpu``) moves with the machine's load; the instructions Redis
+executes do not. This runs a private ``redis-server`` (AOF on) under ``valgrind --tool=callgrind``
+and drives the worker's Redis path against it for fleet-mix events queued as the edge queues them:
+claim, start, both reads of every event as window-0 reads (the data stored for what a skipped read
+publishes), the vehicle-state plan and the publish with its merge, finish. No Smartcar, no user
+store and no housekeeping, so nothing depends on wall time. Only the drain is instrumented. It
+prints instructions (callgrind's Ir) per event, Redis commands per event (``INFO commandstats``,
+scripts' inner calls counted one by one) and bytes in and out per event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+import redis
+from redis.asyncio import BlockingConnectionPool
+from redis.asyncio import Redis as AsyncRedis
+
+from bench.worker import _enqueue_bodies, command_stats, fleet_bodies, redis_traffic
+from cli.redis_admin import load_functions
+from core.events.parse import parse_stored
+from core.redis.keys import read_key
+from core.redis.published import OutputStream
+from core.redis.vehicle_state import VehicleStates
+from core.smartcar.reads import ReadCache
+from core.store.users import UserRecord
+from tests.procs import free_port
+from workers.batch import Bookkeeping, ClaimedJob
+from workers.output import Enrichment, build_document, stream_fields
+
+QUEUE, OUTPUT, WARM_UP = "smartcar-events", "smartcar:vehicle-events", 64
+USER = UserRecord(id=1, email=None, name=None, smartcar_user_id=None)
+
+
+async def _drain(url: str, bodies: dict[str, str], concurrency: int) -> None:
+    client = AsyncRedis(connection_pool=BlockingConnectionPool.from_url(url, max_connections=32, timeout=None))
+    book = Bookkeeping(client, QUEUE, "bench-worker")
+    reads = ReadCache(client, lease_seconds=60)
+    states = VehicleStates(client, "smartcar:vehicle-state:")
+    output = OutputStream(client, OUTPUT, 604_800)
+
+    async def process(job: ClaimedJob) -> None:
+        event = parse_stored(bodies[job.job_id])
+        document = build_document(event, USER, Enrichment(), 0, 0)
+        answers: dict[str, Any] = {"vehicle": document["vehicle"], "signals": {"signals": document["signals"]}}
+        now = time.time_ns() // 1_000_000
+
+        async def read(call: str) -> None:
+            async def fetch() -> Any:
+                return answers[call]
+
+            await reads.read(read_key(call, event.vehicle.id, "bench-user"), now, 0, fetch)  # type: ignore[arg-type]
+
+        await asyncio.gather(read("vehicle"), read("signals"))
+        signals = [*document["signals"], *document["latestSignals"]]
+        plan = await states.plan(event.vehicle.id, signals, document["vehicle"])
+        document["staleSignals"] = plan.stale_signals
+        entry = await output.publish(event.event_id, stream_fields(event, USER, document), plan)
+        job.result = {"eventId": event.event_id, "status": "published", "entryId": entry}
+
+    while jobs := await book.claim(concurrency):
+        started = await book.start(jobs, 180)
+        await asyncio.gather(*(process(job) for job in started))
+        await book.finish(started)
+    await client.aclose()
+
+
+def _ready(client: redis.Redis) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.RedisError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.redis_ir")
+    parser.add_argument("--events", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--out", default=None, help="callgrind's output file (default: a temporary one)")
+    args = parser.parse_args()
+    scratch = tempfile.mkdtemp(prefix="smartcar-ingest-redis-ir-")
+    out, port = args.out or f"{scratch}/callgrind.out", free_port()
+    server = subprocess.Popen(
+        [
+            *("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"),
+            *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+            *("--dir", scratch, "--appendonly", "yes"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    toggle = ["callgrind_control", "-i"]
+    try:
+        _ready(client)
+        load_functions(url)
+        bodies = fleet_bodies(WARM_UP + args.events)
+        before = redis_traffic(client)
+        for measured, batch in enumerate((bodies[:WARM_UP], bodies[WARM_UP:])):  # warm-up: functions, registries
+            asyncio.run(_enqueue_bodies(url, QUEUE, batch))
+            if measured:
+                client.config_resetstat()
+                before = redis_traffic(client)
+                subprocess.run([*toggle, "on", str(server.pid)], check=True, stdout=subprocess.DEVNULL)
+            asyncio.run(_drain(url, dict(batch), args.concurrency))
+        subprocess.run([*toggle, "off", str(server.pid)], check=True, stdout=subprocess.DEVNULL)
+        traffic = {name: value - before[name] for name, value in redis_traffic(client).items()}
+        stats = command_stats(client)
+        events = int(client.xlen(OUTPUT)) - WARM_UP
+    finally:
+        client.close()
+        server.terminate()
+        server.wait(timeout=600)
+    totals = subprocess.run(["callgrind_annotate", out], capture_output=True, text=True, check=True).stdout
+    ir = next(int(line.split()[0].replace(",", "")) for line in totals.splitlines() if "PROGRAM TOTALS" in line)
+    commands = {name: round(calls / events, 2) for name, (calls, _) in sorted(stats.items(), key=lambda s: -s[1][0])}
+    print(f"{events} events: {ir / events:,.0f} Ir/event (callgrind: {out})")
+    print(f"commands/event {sum(c for c, _ in stats.values()) / events:.2f}: {json.dumps(commands)}")
+    print(f"bytes in/event {traffic['in'] / events:,.0f}, out/event {traffic['out'] / events:,.0f}")
+
+
+if __name__ == "__main__":
+    main()
