@@ -24,13 +24,9 @@ R = TypeVar("R")
 
 @contextmanager
 def redis_errors(action: str = "used", *, os_errors: bool = True) -> Iterator[None]:
-    """Turn a Redis failure inside the block into one line of the error tree, without the URL.
-
-    ``action`` completes "Redis at REDIS_URL could not be …". A Redis error that is neither a
-    refusal of the credentials nor an outage (a wrong type, a script bug) is a fault and passes
-    through unchanged. A bare :class:`OSError` (a socket error redis-py did not wrap) counts as
-    an outage unless ``os_errors`` is false, for blocks that also do other I/O.
-    """
+    """Turn refused credentials (exit 2) or an outage ("could not be {action}", exit 3) inside the
+    block into one line without the URL; any other Redis error is a fault and passes. A bare OSError
+    (a socket error redis-py did not wrap) is an outage unless ``os_errors`` is false (other I/O)."""
     try:
         yield
     except (AuthenticationError, AuthorizationError, NoPermissionError) as exc:
@@ -82,9 +78,7 @@ def _replay_progress(report: ReplayReport) -> str:
     return f"  scanned {report.scanned}, re-enqueued {report.requeued}"
 
 
-def replay(settings: Settings, reason: str | None, limit: int | None) -> int:
-    """Re-enqueue parked entries and print what happened; progress on a terminal."""
-
+def replay(settings: Settings, reason: str | None, limit: int | None) -> None:
     async def run(show: Callable[[ReplayReport], None]) -> ReplayReport:
         async with open_command_redis(command_redis_async, settings) as client:
             return await replay_parked(
@@ -101,4 +95,3 @@ def replay(settings: Settings, reason: str | None, limit: int | None) -> int:
     if report.without_event_id:
         left.append(f"{report.without_event_id} without an eventId")
     print(f"; left in place: {', '.join(left)}" if left else "")
-    return 0

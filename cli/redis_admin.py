@@ -7,9 +7,13 @@ import importlib
 import os
 import sys
 
+import redis
+
+from cli.operations import redis_errors
 from core.config import Settings
 from core.errors import ConfigurationError
 from core.redis.acl import Role, acl_file_line
+from core.redis.functions import FUNCTIONS, MissingFunction, load_all
 
 #: Every module that defines Lua functions (tests/test_redis_functions.py checks the list is whole).
 FUNCTION_MODULES = (
@@ -27,8 +31,6 @@ FUNCTION_MODULES = (
 
 def all_functions() -> list[str]:
     """The names of every function the service runs, its modules imported."""
-    from core.redis.functions import FUNCTIONS
-
     for module in FUNCTION_MODULES:
         importlib.import_module(module)
     return sorted(FUNCTIONS)
@@ -36,11 +38,6 @@ def all_functions() -> list[str]:
 
 def load_functions(redis_url: str) -> str:
     """Load every function into the Redis at ``redis_url`` (a user allowed ``FUNCTION LOAD``); says what it did."""
-    import redis
-
-    from cli.operations import redis_errors
-    from core.redis.functions import FUNCTIONS, MissingFunction, load_all
-
     names = all_functions()
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30)
     try:
@@ -57,12 +54,11 @@ def load_functions(redis_url: str) -> str:
     return f"Redis functions: {loaded} loaded, {present} already there ({len(names)} in all)"
 
 
-def redis_setup(settings: Settings) -> int:
+def redis_setup(settings: Settings) -> None:
     print(load_functions(settings.redis_url))
-    return 0
 
 
-def redis_acl(settings: Settings, role: Role, user: str | None, password_env: str | None, connect: bool) -> int:
+def redis_acl(settings: Settings, role: Role, user: str | None, password_env: str | None, connect: bool) -> None:
     password = None
     if password_env:
         password = os.environ.get(password_env)
@@ -71,4 +67,3 @@ def redis_acl(settings: Settings, role: Role, user: str | None, password_env: st
     else:
         print("# no --password-env: the user is written switched off; give it a password before use", file=sys.stderr)
     print(acl_file_line(settings, role, user or f"smartcar-{role}", password, connect=connect))
-    return 0

@@ -26,15 +26,14 @@ from core.redis.queue_metrics import GROUP_BEHIND_WARNING, age_seconds, read_gro
 from workers.output import iso_ms
 
 
-def collect_status(
-    client: redis.Redis, settings: Settings, parked_scan_limit: int = COUNT_SCAN_LIMIT
-) -> dict[str, Any]:
+def collect_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
     """The status report as plain data (what ``--json`` prints)."""
     now = dt.datetime.now(dt.UTC)
     snapshot = read_snapshot(client, settings)
     stranded = read_stranded(client, settings.ingest_queue)
-    by_reason, scanned = count_by_reason(client, settings.parked_stream, parked_scan_limit)
+    by_reason, scanned = count_by_reason(client, settings.parked_stream, COUNT_SCAN_LIMIT)
     memory = read_memory(client)
+    retention = settings.output_stream_retention_seconds
     return {
         "generatedAt": iso_ms(int(now.timestamp() * 1000)),
         "queue": {
@@ -56,8 +55,19 @@ def collect_status(
         "output": {
             "stream": settings.output_stream,
             "length": snapshot.output_length,
-            "retentionSeconds": settings.output_stream_retention_seconds,
-            "groups": _groups(client, settings.output_stream, settings.output_stream_retention_seconds, now),
+            "retentionSeconds": retention,
+            "groups": [
+                {
+                    "name": group.name,
+                    "consumers": group.consumers,
+                    "pending": group.pending,
+                    "lag": group.lag,
+                    "lastDeliveredId": group.last_delivered_id,
+                    "behindSeconds": round(group.behind_seconds, 3),
+                    "nearRetention": group.behind_seconds >= GROUP_BEHIND_WARNING * retention,
+                }
+                for group in read_groups(client, settings.output_stream, now.timestamp() * 1000)
+            ],
             "lastPublished": _last_published(client, settings.output_stream, now),
         },
         "redisMemory": {
@@ -88,21 +98,6 @@ def _workers(client: redis.Redis, settings: Settings, now: dt.datetime) -> list[
             "failedJobs": worker.failed_job_count,
         }
         for worker in sorted(Worker.all(queue=queue), key=lambda w: w.name)
-    ]
-
-
-def _groups(client: redis.Redis, stream: str, retention_seconds: int, now: dt.datetime) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": group.name,
-            "consumers": group.consumers,
-            "pending": group.pending,
-            "lag": group.lag,
-            "lastDeliveredId": group.last_delivered_id,
-            "behindSeconds": round(group.behind_seconds, 3),
-            "nearRetention": group.behind_seconds >= GROUP_BEHIND_WARNING * retention_seconds,
-        }
-        for group in read_groups(client, stream, now.timestamp() * 1000)
     ]
 
 
@@ -195,12 +190,10 @@ def _entries(count: int) -> str:
     return f"{count} entry" if count == 1 else f"{count} entries"
 
 
-def status(settings: Settings, as_json: bool = False) -> int:
-    """Print the report (a Redis in trouble: :func:`cli.operations.redis_errors`)."""
+def status(settings: Settings, as_json: bool) -> None:
     with open_command_redis(command_redis, settings) as client, redis_errors("read"):
         report = collect_status(client, settings)
     print(json.dumps(report, indent=2) if as_json else render_text(report))
-    return 0
 
 
 def duration(seconds: float) -> str:

@@ -86,7 +86,7 @@ def render_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def vehicle_state(settings: Settings, vehicle_id: str, as_json: bool = False) -> int:
+def vehicle_state(settings: Settings, vehicle_id: str, as_json: bool) -> int | None:
     """Print one vehicle's state; exit status 1 when it has none, 2 for an id that cannot be one."""
     if not re.fullmatch(VEHICLE_ID_PATTERN, vehicle_id):
         raise ConfigurationError("VEHICLE_ID is not a Smartcar vehicle id (1 to 64 of A-Z, a-z, 0-9, _ and -).")
@@ -100,7 +100,7 @@ def vehicle_state(settings: Settings, vehicle_id: str, as_json: bool = False) ->
         )
         return 1
     print(json.dumps(report, indent=2, ensure_ascii=False) if as_json else render_text(report))
-    return 0
+    return None
 
 
 def _value(signal: dict[str, Any]) -> str:
@@ -121,8 +121,7 @@ def _value(signal: dict[str, Any]) -> str:
 
 
 def _age_seconds(epoch_ms: object, now_ms: int) -> float | None:
-    """Seconds since ``epoch_ms``; None when unknown or 0 (OEMs send 0 for values they never date,
-    such as the VIN)."""
+    """Seconds since ``epoch_ms``; None when unknown or 0 (OEMs date the VIN and the like 0)."""
     if not isinstance(epoch_ms, int) or isinstance(epoch_ms, bool) or epoch_ms <= 0:
         return None
     return round((now_ms - epoch_ms) / 1000, 3)
