@@ -71,21 +71,17 @@ def sample_event(
         return {"eventId": event_id, "eventType": "VEHICLE_ERROR", "data": data, "meta": _meta(event_type)}
     signals = [
         {
-            "code": "tractionbattery-stateofcharge",
-            "name": "StateOfCharge",
-            "group": "TractionBattery",
-            "body": {"value": 81, "unit": "percent"},
+            "code": code,
+            "name": name,
+            "group": group,
+            "body": body,
             "meta": {"oemUpdatedAt": now_ms - 5000, "retrievedAt": now_ms - 200},
             "status": {"value": "SUCCESS"},
-        },
-        {
-            "code": "odometer-traveleddistance",
-            "name": "TraveledDistance",
-            "group": "Odometer",
-            "body": {"value": 30512.7, "unit": "km"},
-            "meta": {"oemUpdatedAt": now_ms - 5000, "retrievedAt": now_ms - 200},
-            "status": {"value": "SUCCESS"},
-        },
+        }
+        for code, name, group, body in (
+            ("tractionbattery-stateofcharge", "StateOfCharge", "TractionBattery", {"value": 81, "unit": "percent"}),
+            ("odometer-traveleddistance", "TraveledDistance", "Odometer", {"value": 30512.7, "unit": "km"}),
+        )
     ]
     return {
         "eventId": event_id,
