@@ -232,7 +232,6 @@ def _owner_text(vehicle: VehicleRecord, owner_smartcar_id: str | None) -> str:
 
 
 def run_backfill(settings: Settings, dry_run: bool, smartcar_user_id: str | None) -> int:
-    """Run the backfill with the configured credentials and print the plan or the outcome."""
     settings.require_client_credentials()
 
     async def run(progress: Callable[[Backfill], None]) -> Backfill:
