@@ -17,6 +17,7 @@ from core.config import Settings
 from core.errors import (
     InvalidPayload,
     LinkConflict,
+    PermanentError,
     SmartcarRateLimited,
     SmartcarRejected,
     SmartcarUnavailable,
@@ -262,11 +263,7 @@ def run_backfill(settings: Settings, dry_run: bool, smartcar_user_id: str | None
             print(title, *lines, sep="\n")
     print(report.summary())
     if report.aborted is not None:
-        print(
-            f"smartcar-ingest backfill: stopped early: {report.aborted} Rerun to continue; what was stored is kept.",
-            file=sys.stderr,
-        )
-        return 1
+        raise PermanentError(f"stopped early: {report.aborted} Rerun to continue; what was stored is kept.")
     if report.counts["matched"] and dry_run:
         print("Run `smartcar-ingest backfill` without --dry-run to store these links.")
     elif report.counts["matched"]:

@@ -24,13 +24,12 @@ import httpx
 import pytest
 import stamina
 
-from cli.backfill import run_backfill
 from cli.main import main
 from core.errors import LinkConflict, RecordNotFound
 from core.store import db
 from core.store.users import UserStore
 from tests.databases import BACKENDS, empty_database, execute, query
-from tests.pipeline import CLIENT_ID, CLIENT_SECRET, emulator_stats, inject, pipeline_settings
+from tests.pipeline import CLIENT_ID, CLIENT_SECRET, emulator_stats, inject
 
 VW_USER = "2fbd0033-83e7-43b8-a367-776d6dff1134"
 VW, IONIQ = "a1d50709-3502-4faa-ba43-a5c7565e6a09", "70076e4a-d774-464c-8241-60de654ccb24"
@@ -95,11 +94,21 @@ def sqlite_before_database(tmp_path) -> str:
 
 
 @pytest.fixture
-def backfill(redis_url, emulator, capsys):
-    """Run the command on a database; its exit status, stdout and stderr."""
+def backfill(redis_url, emulator, capsys, monkeypatch, tmp_path):
+    """Run `smartcar-ingest backfill ARGS` on a database: its exit status, stdout and stderr."""
+    monkeypatch.chdir(tmp_path)  # no .env
+    for name, value in {
+        "REDIS_URL": redis_url,
+        "SMARTCAR_CLIENT_ID": CLIENT_ID,
+        "SMARTCAR_CLIENT_SECRET": CLIENT_SECRET,
+        "SMARTCAR_API_URL": f"{emulator}/v3",
+        "SMARTCAR_TOKEN_URL": f"{emulator}/oauth2/token",
+    }.items():
+        monkeypatch.setenv(name, value)
 
-    def run(database_url, dry_run=False, smartcar_user_id=None):
-        status = run_backfill(pipeline_settings(redis_url, emulator, database_url), dry_run, smartcar_user_id)
+    def run(database_url, *args):
+        monkeypatch.setenv("DATABASE_URL", database_url)
+        status = main(["backfill", *args])
         out, err = capsys.readouterr()
         return status, out, err
 
@@ -141,7 +150,7 @@ def test_backfill_links_matches_and_reports_the_rest(emulator, before_database, 
 def test_dry_run_prints_the_plan_and_writes_nothing(emulator, sqlite_before_database, fast_retries, backfill):
     """--dry-run reports exactly what a real run would do and leaves every row as it was."""
     before = links(sqlite_before_database)
-    status, out, _ = backfill(sqlite_before_database, dry_run=True)
+    status, out, _ = backfill(sqlite_before_database, "--dry-run")
     assert status == 0
     assert "\nDry run: nothing was written.\nPlanned:\n" in "\n" + out  # log lines may come first
     assert f"would link vehicle 10 → Smartcar vehicle {VW}; user 1 → Smartcar user {VW_USER} (by VIN" in out
@@ -190,8 +199,9 @@ def test_listing_failure_stops_the_run_with_exit_1(emulator, sqlite_before_datab
     inject(emulator, path=CONNECTIONS_ROUTE, status=503, count=20)
     status, out, err = backfill(sqlite_before_database)
     assert status == 1
-    assert "stopped early" in err
-    assert "Rerun to continue" in err
+    [line] = err.strip().splitlines()
+    assert line.startswith("smartcar-ingest backfill: stopped early: ")
+    assert "Rerun to continue" in line
     assert "(0 connections)" in out
     assert links(sqlite_before_database) == before
 
@@ -203,16 +213,17 @@ def test_progress_bar_only_on_a_terminal(sqlite_before_database, fast_retries, b
         def isatty(self) -> bool:
             return True
 
-    monkeypatch.setattr(sys, "stderr", Terminal())
-    backfill(sqlite_before_database, dry_run=True)
-    assert f"\r[{'#' * 30}] 7/7 connections" in sys.stderr.getvalue()
-    monkeypatch.undo()
-    assert backfill(sqlite_before_database, dry_run=True)[2] == ""
+    captured, terminal = sys.stderr, Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    backfill(sqlite_before_database, "--dry-run")
+    assert f"\r[{'#' * 30}] 7/7 connections" in terminal.getvalue()
+    monkeypatch.setattr(sys, "stderr", captured)
+    assert backfill(sqlite_before_database, "--dry-run")[2] == ""
 
 
 def test_user_filter_is_applied_on_the_server_and_again_on_each_item(sqlite_before_database, fast_retries, backfill):
     """With a Smartcar user id, only that user's connections are processed."""
-    status, out, _ = backfill(sqlite_before_database, dry_run=True, smartcar_user_id=VW_USER)
+    status, out, _ = backfill(sqlite_before_database, "--dry-run", "--smartcar-user-id", VW_USER)
     assert status == 0
     assert [line for line in out.splitlines() if line.startswith("  ")] == [
         f"  Smartcar vehicle {VW} of Smartcar user {VW_USER}: would link vehicle 10 → Smartcar vehicle {VW}; "
@@ -221,22 +232,6 @@ def test_user_filter_is_applied_on_the_server_and_again_on_each_item(sqlite_befo
         "(by VIN 1FAKEVIN00TEST002).",
     ]
     assert "would match 2, already linked 0, unmatched 0, conflicts 0 (2 connections)" in out
-
-
-def test_cli_backfill_dry_run(redis_url, emulator, sqlite_before_database, fast_retries, monkeypatch, tmp_path, capsys):
-    """`smartcar-ingest backfill --dry-run` runs from the environment's settings and exits 0."""
-    monkeypatch.chdir(tmp_path)
-    for name, value in {
-        "REDIS_URL": redis_url,
-        "DATABASE_URL": sqlite_before_database,
-        "SMARTCAR_CLIENT_ID": CLIENT_ID,
-        "SMARTCAR_CLIENT_SECRET": CLIENT_SECRET,
-        "SMARTCAR_API_URL": f"{emulator}/v3",
-        "SMARTCAR_TOKEN_URL": f"{emulator}/oauth2/token",
-    }.items():
-        monkeypatch.setenv(name, value)
-    assert main(["backfill", "--dry-run"]) == 0
-    assert "would match 3" in capsys.readouterr().out
 
 
 def test_cli_backfill_without_credentials_is_one_line(monkeypatch, tmp_path, capsys):
