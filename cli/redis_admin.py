@@ -39,9 +39,11 @@ def all_functions() -> list[str]:
 def load_functions(redis_url: str) -> str:
     """Load every function into the Redis at ``redis_url`` (a user allowed ``FUNCTION LOAD``); says what it did."""
     names = all_functions()
-    client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30)
     try:
-        with redis_errors("reached"):
+        with (
+            redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30) as client,
+            redis_errors("reached"),
+        ):
             loaded, present = load_all(client, [FUNCTIONS[name] for name in names])
     except MissingFunction:  # what a refused FUNCTION LOAD becomes (core.redis.functions.load)
         raise ConfigurationError(
@@ -49,8 +51,6 @@ def load_functions(redis_url: str) -> str:
         ) from None
     except redis.exceptions.ResponseError as exc:
         raise ConfigurationError(f"Redis refused the functions ({exc}); they need Redis 7.0 or newer.") from None
-    finally:
-        client.close()
     return f"Redis functions: {loaded} loaded, {present} already there ({len(names)} in all)"
 
 

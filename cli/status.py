@@ -34,6 +34,7 @@ def collect_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
     by_reason, scanned = count_by_reason(client, settings.parked_stream, COUNT_SCAN_LIMIT)
     memory = read_memory(client)
     retention = settings.output_stream_retention_seconds
+    workers = Worker.all(queue=Queue(settings.ingest_queue, connection=client, serializer=JSONSerializer))
     return {
         "generatedAt": iso_ms(int(now.timestamp() * 1000)),
         "queue": {
@@ -44,7 +45,21 @@ def collect_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
         # Taken off the queue, not started, and no live worker answers for them (read_stranded).
         "stranded": {"count": stranded.count, "oldestAgeSeconds": round(stranded.oldest_age_seconds, 3)},
         "registries": snapshot.registries,
-        "workers": _workers(client, settings, now),
+        "workers": [
+            {
+                "name": worker.name,
+                "state": worker.get_state(),
+                # One execution per job in flight: the concurrent worker runs many at once.
+                "jobsInFlight": int(client.scard(WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker.name))),
+                # RQ parses its timestamps as aware UTC datetimes.
+                "lastHeartbeatAgeSeconds": None
+                if worker.last_heartbeat is None
+                else round(age_seconds(worker.last_heartbeat, now), 1),
+                "successfulJobs": worker.successful_job_count,
+                "failedJobs": worker.failed_job_count,
+            }
+            for worker in sorted(workers, key=lambda w: w.name)
+        ],
         "parked": {
             "stream": settings.parked_stream,
             "length": snapshot.parked_length,
@@ -80,25 +95,6 @@ def collect_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
         # means every event read both itself; shared and cached reads bring it down.
         "enrichment": read_usage(client, minutes=60, now=now.timestamp()),
     }
-
-
-def _workers(client: redis.Redis, settings: Settings, now: dt.datetime) -> list[dict[str, Any]]:
-    queue = Queue(settings.ingest_queue, connection=client, serializer=JSONSerializer)
-    return [
-        {
-            "name": worker.name,
-            "state": worker.get_state(),
-            # One execution per job in flight: the concurrent worker runs many at once.
-            "jobsInFlight": int(client.scard(WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker.name))),
-            # RQ parses its timestamps as aware UTC datetimes.
-            "lastHeartbeatAgeSeconds": None
-            if worker.last_heartbeat is None
-            else round(age_seconds(worker.last_heartbeat, now), 1),
-            "successfulJobs": worker.successful_job_count,
-            "failedJobs": worker.failed_job_count,
-        }
-        for worker in sorted(Worker.all(queue=queue), key=lambda w: w.name)
-    ]
 
 
 def _last_published(client: redis.Redis, stream: str, now: dt.datetime) -> dict[str, Any] | None:
