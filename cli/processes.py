@@ -205,9 +205,9 @@ def run_dev(settings: Settings, port: int) -> None:
             env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             print(f"started redis-server on port {redis_port} (AOF in {scratch}, log in {redis_log})")
 
-        if settings.smartcar_client_id and settings.smartcar_client_secret:
+        emulated = not (settings.smartcar_client_id and settings.smartcar_client_secret)
+        if not emulated:
             print(f"using Smartcar at {settings.smartcar_api_url}")
-            seeded = False
         else:
             from emulator.app import EmulatorConfig
 
@@ -220,7 +220,6 @@ def run_dev(settings: Settings, port: int) -> None:
                 SMARTCAR_CLIENT_ID=defaults.client_id,
                 SMARTCAR_CLIENT_SECRET=defaults.client_secret,
             )
-            seeded = True
             print(f"started the Smartcar emulator on port {emulator_port}")
 
         from cli.redis_admin import load_functions
@@ -228,7 +227,7 @@ def run_dev(settings: Settings, port: int) -> None:
 
         db.upgrade(settings.database_url)
         print(load_functions(env["REDIS_URL"]))
-        if seeded:
+        if emulated:
             added = seed_users(settings.database_url)
             print(f"user store {settings.database_url} migrated; {added} emulator users added")
 
@@ -241,8 +240,8 @@ def run_dev(settings: Settings, port: int) -> None:
 smartcar-ingest is running: web on http://127.0.0.1:{port}, one worker, Redis at {env["REDIS_URL"]}
 
   send a signed test event:   uv run smartcar-ingest send-test-event --url {url}
-  read the enriched output:   redis-cli -u {env["REDIS_URL"]} XRANGE {env.get("OUTPUT_STREAM", "smartcar:vehicle-events")} - +
-  parked events:              redis-cli -u {env["REDIS_URL"]} XRANGE {env.get("PARKED_STREAM", "smartcar:parked")} - +
+  read the enriched output:   redis-cli -u {env["REDIS_URL"]} XRANGE {settings.output_stream} - +
+  parked events:              redis-cli -u {env["REDIS_URL"]} XRANGE {settings.parked_stream} - +
   readiness and metrics:      {f"{admin}/readyz  {admin}/metrics" if admin_port else "off (ADMIN_PORT=0)"}
 
 Ctrl-C stops everything.""",
