@@ -1,8 +1,9 @@
 """The ``smartcar-ingest`` console script: the parser, and the exit statuses (README, "Exit codes").
 
 Each command is a function ``(settings, **options)`` in the module of its concept, imported only
-when it runs; :func:`main` builds :class:`~core.config.Settings` once, and turns what a command
-could not finish into one line on stderr and an exit status that says which kind of trouble it met.
+when it runs, that returns None when done or else its exit status; :func:`main` builds
+:class:`~core.config.Settings` once, and turns what a command could not finish into one line on
+stderr and an exit status that says which kind of trouble it met.
 """
 
 from __future__ import annotations
@@ -43,10 +44,7 @@ def exit_status(exc: IngestError) -> int:
 
 
 def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = int(text)  # argparse turns a ValueError into "invalid positive value: 'TEXT'"
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
     return value
@@ -66,8 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, run: str, help: str) -> argparse.ArgumentParser:
-        """A subcommand that ``run`` (``module:function``) carries out, its options as keywords."""
+    def command(name: str, run: str, help: str) -> argparse.ArgumentParser:  # run: "module:function"
         sub = commands.add_parser(name, help=help)
         sub.set_defaults(run=run)
         return sub
@@ -199,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         try:
-            return int(getattr(importlib.import_module(module), name)(settings, **options))
+            return int(getattr(importlib.import_module(module), name)(settings, **options) or EXIT_OK)
         except ModuleNotFoundError as exc:
             raise _emulator_absent(exc, command) from None
     except IngestError as exc:

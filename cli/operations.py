@@ -19,17 +19,14 @@ from core.redis.outage import redis_unavailable
 from core.redis.parked import ReplayReport, replay_parked
 
 C = TypeVar("C")
+R = TypeVar("R")
 
 
 @contextmanager
 def redis_errors(action: str = "used", *, os_errors: bool = True) -> Iterator[None]:
-    """Turn a Redis failure inside the block into one line of the error tree, without the URL.
-
-    ``action`` completes "Redis at REDIS_URL could not be …". A Redis error that is neither a
-    refusal of the credentials nor an outage (a wrong type, a script bug) is a fault and passes
-    through unchanged. A bare :class:`OSError` (a socket error redis-py did not wrap) counts as
-    an outage unless ``os_errors`` is false, for blocks that also do other I/O.
-    """
+    """Turn refused credentials (exit 2) or an outage ("could not be {action}", exit 3) inside the
+    block into one line without the URL; any other Redis error is a fault and passes. A bare OSError
+    (a socket error redis-py did not wrap) is an outage unless ``os_errors`` is false (other I/O)."""
     try:
         yield
     except (AuthenticationError, AuthorizationError, NoPermissionError) as exc:
@@ -59,41 +56,36 @@ def open_command_redis(factory: Callable[[Settings], C], settings: Settings) -> 
 
 
 @contextmanager
-def progress_line(stream: TextIO) -> Iterator[Callable[[str], None]]:
-    """A function that shows a command's progress as one line of ``stream``, rewritten (``\\r``) at
-    each call and ended after the block; it shows nothing unless ``stream`` is a terminal."""
-    interactive = stream.isatty()
+def progress_line(stream: TextIO, render: Callable[[R], str]) -> Iterator[Callable[[R], None]]:
+    """A function that shows ``render(progress)`` as one line of ``stream``, rewritten (``\\r``) at
+    each call and ended after the block; only on a terminal (elsewhere nothing is rendered)."""
     shown = False
 
-    def show(line: str) -> None:
+    def show(progress: R) -> None:
         nonlocal shown
-        if interactive:
-            stream.write(f"\r{line}")
-            stream.flush()
-            shown = True
+        stream.write(f"\r{render(progress)}")
+        stream.flush()
+        shown = True
 
     try:
-        yield show
+        yield show if stream.isatty() else lambda progress: None
     finally:
         if shown:  # end the line, so what follows starts on a line of its own
             stream.write("\n")
 
 
-def replay(settings: Settings, reason: str | None, limit: int | None) -> int:
-    """Re-enqueue parked entries and print what happened; progress on a terminal."""
+def _replay_progress(report: ReplayReport) -> str:
+    return f"  scanned {report.scanned}, re-enqueued {report.requeued}"
 
-    async def run(show: Callable[[str], None]) -> ReplayReport:
+
+def replay(settings: Settings, reason: str | None, limit: int | None) -> None:
+    async def run(show: Callable[[ReplayReport], None]) -> ReplayReport:
         async with open_command_redis(command_redis_async, settings) as client:
             return await replay_parked(
-                client,
-                JobOptions.from_settings(settings),
-                settings.parked_stream,
-                reason,
-                limit,
-                lambda report: show(f"  scanned {report.scanned}, re-enqueued {report.requeued}"),
+                client, JobOptions.from_settings(settings), settings.parked_stream, reason, limit, show
             )
 
-    with progress_line(sys.stderr) as show, redis_errors():
+    with progress_line(sys.stderr, _replay_progress) as show, redis_errors():
         report = asyncio.run(run(show))
     what = f"parked for {reason}" if reason else "parked"
     print(f"re-enqueued {report.requeued} of {report.scanned} entries {what}", end="")
@@ -103,4 +95,3 @@ def replay(settings: Settings, reason: str | None, limit: int | None) -> int:
     if report.without_event_id:
         left.append(f"{report.without_event_id} without an eventId")
     print(f"; left in place: {', '.join(left)}" if left else "")
-    return 0

@@ -28,20 +28,14 @@ from core.redis.clients import probe_redis
 STARTUP_SECONDS = 30.0
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on at ``host`` right now (the kernel's pick)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def bindable(host: str, port: int) -> bool:
+def free_port(host: str = "127.0.0.1", wanted: int = 0) -> int:
+    """``wanted`` if nothing listens there at ``host`` right now, else a port nothing does (the kernel's pick)."""
     with socket.socket() as sock:
         try:
-            sock.bind((host, port))
+            sock.bind((host, wanted))
         except OSError:
-            return False
-        return True
+            sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def wait_for_port(
@@ -51,11 +45,8 @@ def wait_for_port(
     process: subprocess.Popen[Any] | None = None,
     what: str = "the process",
 ) -> None:
-    """Return once something accepts connections on ``127.0.0.1:port``.
-
-    Raises :class:`ConfigurationError` (one line, as the CLI reports it) after ``timeout`` seconds,
-    or as soon as ``process``, the one expected to listen, has exited.
-    """
+    """Return once something accepts connections on ``127.0.0.1:port``; a :class:`ConfigurationError`
+    after ``timeout`` seconds, or as soon as ``process``, the one expected to listen, has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -64,12 +55,6 @@ def wait_for_port(
             return
         time.sleep(0.02)
     raise ConfigurationError(f"{what} did not start listening on port {port} within {timeout:.0f} s.")
-
-
-def _redis_answers(url: str) -> bool:
-    with probe_redis(url) as client, contextlib.suppress(redis.RedisError, OSError):
-        return bool(client.ping())
-    return False
 
 
 def seed_users(database_url: str) -> int:
@@ -128,7 +113,7 @@ class Children:
             process.wait()
 
 
-def web(settings: Settings, host: str, port: int, workers: int, max_connections: int, keep_alive_timeout: int) -> int:
+def web(settings: Settings, host: str, port: int, workers: int, max_connections: int, keep_alive_timeout: int) -> None:
     from core.logs import configure_logging
     from service.server import serve
 
@@ -144,10 +129,9 @@ def web(settings: Settings, host: str, port: int, workers: int, max_connections:
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
 
 
-def worker(settings: Settings, burst: bool, concurrency: int) -> int:
+def worker(settings: Settings, burst: bool, concurrency: int) -> None:
     from cli.operations import redis_errors
     from core.logs import configure_logging
     from workers.worker import run_worker
@@ -157,10 +141,9 @@ def worker(settings: Settings, burst: bool, concurrency: int) -> int:
     # The worker waits out Redis trouble; this only ends a start whose Redis never answered.
     with redis_errors("reached", os_errors=False):
         run_worker(settings, burst=burst, concurrency=concurrency)
-    return 0
 
 
-def emulator(settings: Settings, host: str, port: int, latency: float) -> int:
+def emulator(settings: Settings, host: str, port: int, latency: float) -> None:
     from emulator.app import EmulatorConfig
     from emulator.server import serve
 
@@ -170,11 +153,9 @@ def emulator(settings: Settings, host: str, port: int, latency: float) -> int:
     print(f"  SMARTCAR_TOKEN_URL=http://{host}:{port}/oauth2/token")
     print(f"  SMARTCAR_CLIENT_ID={config.client_id} SMARTCAR_CLIENT_SECRET={config.client_secret}")
     serve(host=host, port=port, config=config)
-    return 0
 
 
-def run_dev(settings: Settings, port: int) -> int:
-    """Run everything until interrupted; returns the exit status."""
+def run_dev(settings: Settings, port: int) -> None:
     env = dict(os.environ)
     env.setdefault("LOG_FORMAT", "console")
     # Deliveries survive a Redis outage in dev too; the directory outlives the run, so nothing
@@ -188,8 +169,8 @@ def run_dev(settings: Settings, port: int) -> int:
     # Everything dev starts listens on this machine only; the web's admin port (/readyz, /metrics)
     # is ADMIN_PORT when free, else any free port, so a busy 9000 does not stop `make run`.
     admin_host = env.setdefault("ADMIN_HOST", "127.0.0.1")
-    if settings.admin_port and not bindable(admin_host, settings.admin_port):
-        env["ADMIN_PORT"] = str(free_port(admin_host))
+    admin_port = settings.admin_port and free_port(admin_host, settings.admin_port)
+    env["ADMIN_PORT"] = str(admin_port)
     children = Children()
     scratch = Path(tempfile.mkdtemp(prefix="smartcar-ingest-dev-"))
 
@@ -201,7 +182,10 @@ def run_dev(settings: Settings, port: int) -> int:
     signal.signal(signal.SIGHUP, on_term)
     cli = [sys.executable, "-m", "cli.main"]
     try:
-        if _redis_answers(settings.redis_url):
+        answers = False
+        with probe_redis(settings.redis_url) as probe, contextlib.suppress(redis.RedisError, OSError):
+            answers = bool(probe.ping())
+        if answers:
             print(f"using Redis at {settings.redis_url}")
             env["REDIS_URL"] = settings.redis_url
         else:
@@ -221,9 +205,9 @@ def run_dev(settings: Settings, port: int) -> int:
             env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             print(f"started redis-server on port {redis_port} (AOF in {scratch}, log in {redis_log})")
 
-        if settings.smartcar_client_id and settings.smartcar_client_secret:
+        emulated = not (settings.smartcar_client_id and settings.smartcar_client_secret)
+        if not emulated:
             print(f"using Smartcar at {settings.smartcar_api_url}")
-            seeded = False
         else:
             from emulator.app import EmulatorConfig
 
@@ -236,7 +220,6 @@ def run_dev(settings: Settings, port: int) -> int:
                 SMARTCAR_CLIENT_ID=defaults.client_id,
                 SMARTCAR_CLIENT_SECRET=defaults.client_secret,
             )
-            seeded = True
             print(f"started the Smartcar emulator on port {emulator_port}")
 
         from cli.redis_admin import load_functions
@@ -244,13 +227,26 @@ def run_dev(settings: Settings, port: int) -> int:
 
         db.upgrade(settings.database_url)
         print(load_functions(env["REDIS_URL"]))
-        if seeded:
+        if emulated:
             added = seed_users(settings.database_url)
             print(f"user store {settings.database_url} migrated; {added} emulator users added")
 
         children.start("the web process", [*cli, "web", "--host", "127.0.0.1", "--port", str(port)], env, port)
         children.start("the worker", [*cli, "worker"], env)
-        _print_instructions(port, env, int(env.get("ADMIN_PORT", settings.admin_port)))
+        url = f"http://127.0.0.1:{port}/webhooks/smartcar"
+        admin = f"http://127.0.0.1:{admin_port}"
+        print(
+            f"""
+smartcar-ingest is running: web on http://127.0.0.1:{port}, one worker, Redis at {env["REDIS_URL"]}
+
+  send a signed test event:   uv run smartcar-ingest send-test-event --url {url}
+  read the enriched output:   redis-cli -u {env["REDIS_URL"]} XRANGE {settings.output_stream} - +
+  parked events:              redis-cli -u {env["REDIS_URL"]} XRANGE {settings.parked_stream} - +
+  readiness and metrics:      {f"{admin}/readyz  {admin}/metrics" if admin_port else "off (ADMIN_PORT=0)"}
+
+Ctrl-C stops everything.""",
+            flush=True,
+        )
         while True:
             for name, process in children.processes:
                 if process.poll() is not None:
@@ -258,25 +254,6 @@ def run_dev(settings: Settings, port: int) -> int:
             time.sleep(0.5)
     except KeyboardInterrupt:
         print("\nstopping…")
-        return 0
     finally:
         children.stop()
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _print_instructions(port: int, env: dict[str, str], admin_port: int) -> None:
-    url = f"http://127.0.0.1:{port}/webhooks/smartcar"
-    base = f"http://127.0.0.1:{admin_port}"
-    admin = f"{base}/readyz  {base}/metrics" if admin_port else "off (ADMIN_PORT=0)"
-    print(
-        f"""
-smartcar-ingest is running: web on http://127.0.0.1:{port}, one worker, Redis at {env["REDIS_URL"]}
-
-  send a signed test event:   uv run smartcar-ingest send-test-event --url {url}
-  read the enriched output:   redis-cli -u {env["REDIS_URL"]} XRANGE {env.get("OUTPUT_STREAM", "smartcar:vehicle-events")} - +
-  parked events:              redis-cli -u {env["REDIS_URL"]} XRANGE {env.get("PARKED_STREAM", "smartcar:parked")} - +
-  readiness and metrics:      {admin}
-
-Ctrl-C stops everything.""",
-        flush=True,
-    )

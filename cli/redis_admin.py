@@ -7,9 +7,13 @@ import importlib
 import os
 import sys
 
+import redis
+
+from cli.operations import redis_errors
 from core.config import Settings
 from core.errors import ConfigurationError
 from core.redis.acl import Role, acl_file_line
+from core.redis.functions import FUNCTIONS, MissingFunction, load_all
 
 #: Every module that defines Lua functions (tests/test_redis_functions.py checks the list is whole).
 FUNCTION_MODULES = (
@@ -26,8 +30,6 @@ FUNCTION_MODULES = (
 
 def all_functions() -> list[str]:
     """The names of every function the service runs, its modules imported."""
-    from core.redis.functions import FUNCTIONS
-
     for module in FUNCTION_MODULES:
         importlib.import_module(module)
     return sorted(FUNCTIONS)
@@ -35,15 +37,12 @@ def all_functions() -> list[str]:
 
 def load_functions(redis_url: str) -> str:
     """Load every function into the Redis at ``redis_url`` (a user allowed ``FUNCTION LOAD``); says what it did."""
-    import redis
-
-    from cli.operations import redis_errors
-    from core.redis.functions import FUNCTIONS, MissingFunction, load_all
-
     names = all_functions()
-    client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30)
     try:
-        with redis_errors("reached"):
+        with (
+            redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30) as client,
+            redis_errors("reached"),
+        ):
             loaded, present = load_all(client, [FUNCTIONS[name] for name in names])
     except MissingFunction:  # what a refused FUNCTION LOAD becomes (core.redis.functions.load)
         raise ConfigurationError(
@@ -51,17 +50,14 @@ def load_functions(redis_url: str) -> str:
         ) from None
     except redis.exceptions.ResponseError as exc:
         raise ConfigurationError(f"Redis refused the functions ({exc}); they need Redis 7.0 or newer.") from None
-    finally:
-        client.close()
     return f"Redis functions: {loaded} loaded, {present} already there ({len(names)} in all)"
 
 
-def redis_setup(settings: Settings) -> int:
+def redis_setup(settings: Settings) -> None:
     print(load_functions(settings.redis_url))
-    return 0
 
 
-def redis_acl(settings: Settings, role: Role, user: str | None, password_env: str | None, connect: bool) -> int:
+def redis_acl(settings: Settings, role: Role, user: str | None, password_env: str | None, connect: bool) -> None:
     password = None
     if password_env:
         password = os.environ.get(password_env)
@@ -70,4 +66,3 @@ def redis_acl(settings: Settings, role: Role, user: str | None, password_env: st
     else:
         print("# no --password-env: the user is written switched off; give it a password before use", file=sys.stderr)
     print(acl_file_line(settings, role, user or f"smartcar-{role}", password, connect=connect))
-    return 0

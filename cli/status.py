@@ -26,15 +26,15 @@ from core.redis.queue_metrics import GROUP_BEHIND_WARNING, age_seconds, read_gro
 from workers.output import iso_ms
 
 
-def collect_status(
-    client: redis.Redis, settings: Settings, parked_scan_limit: int = COUNT_SCAN_LIMIT
-) -> dict[str, Any]:
+def collect_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
     """The status report as plain data (what ``--json`` prints)."""
     now = dt.datetime.now(dt.UTC)
     snapshot = read_snapshot(client, settings)
     stranded = read_stranded(client, settings.ingest_queue)
-    by_reason, scanned = count_by_reason(client, settings.parked_stream, parked_scan_limit)
+    by_reason, scanned = count_by_reason(client, settings.parked_stream, COUNT_SCAN_LIMIT)
     memory = read_memory(client)
+    retention = settings.output_stream_retention_seconds
+    workers = Worker.all(queue=Queue(settings.ingest_queue, connection=client, serializer=JSONSerializer))
     return {
         "generatedAt": iso_ms(int(now.timestamp() * 1000)),
         "queue": {
@@ -45,7 +45,21 @@ def collect_status(
         # Taken off the queue, not started, and no live worker answers for them (read_stranded).
         "stranded": {"count": stranded.count, "oldestAgeSeconds": round(stranded.oldest_age_seconds, 3)},
         "registries": snapshot.registries,
-        "workers": _workers(client, settings, now),
+        "workers": [
+            {
+                "name": worker.name,
+                "state": worker.get_state(),
+                # One execution per job in flight: the concurrent worker runs many at once.
+                "jobsInFlight": int(client.scard(WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker.name))),
+                # RQ parses its timestamps as aware UTC datetimes.
+                "lastHeartbeatAgeSeconds": None
+                if worker.last_heartbeat is None
+                else round(age_seconds(worker.last_heartbeat, now), 1),
+                "successfulJobs": worker.successful_job_count,
+                "failedJobs": worker.failed_job_count,
+            }
+            for worker in sorted(workers, key=lambda w: w.name)
+        ],
         "parked": {
             "stream": settings.parked_stream,
             "length": snapshot.parked_length,
@@ -56,8 +70,19 @@ def collect_status(
         "output": {
             "stream": settings.output_stream,
             "length": snapshot.output_length,
-            "retentionSeconds": settings.output_stream_retention_seconds,
-            "groups": _groups(client, settings.output_stream, settings.output_stream_retention_seconds, now),
+            "retentionSeconds": retention,
+            "groups": [
+                {
+                    "name": group.name,
+                    "consumers": group.consumers,
+                    "pending": group.pending,
+                    "lag": group.lag,
+                    "lastDeliveredId": group.last_delivered_id,
+                    "behindSeconds": round(group.behind_seconds, 3),
+                    "nearRetention": group.behind_seconds >= GROUP_BEHIND_WARNING * retention,
+                }
+                for group in read_groups(client, settings.output_stream, now.timestamp() * 1000)
+            ],
             "lastPublished": _last_published(client, settings.output_stream, now),
         },
         "redisMemory": {
@@ -70,40 +95,6 @@ def collect_status(
         # means every event read both itself; shared and cached reads bring it down.
         "enrichment": read_usage(client, minutes=60, now=now.timestamp()),
     }
-
-
-def _workers(client: redis.Redis, settings: Settings, now: dt.datetime) -> list[dict[str, Any]]:
-    queue = Queue(settings.ingest_queue, connection=client, serializer=JSONSerializer)
-    return [
-        {
-            "name": worker.name,
-            "state": worker.get_state(),
-            # One execution per job in flight: the concurrent worker runs many at once.
-            "jobsInFlight": int(client.scard(WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker.name))),
-            # RQ parses its timestamps as aware UTC datetimes.
-            "lastHeartbeatAgeSeconds": None
-            if worker.last_heartbeat is None
-            else round(age_seconds(worker.last_heartbeat, now), 1),
-            "successfulJobs": worker.successful_job_count,
-            "failedJobs": worker.failed_job_count,
-        }
-        for worker in sorted(Worker.all(queue=queue), key=lambda w: w.name)
-    ]
-
-
-def _groups(client: redis.Redis, stream: str, retention_seconds: int, now: dt.datetime) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": group.name,
-            "consumers": group.consumers,
-            "pending": group.pending,
-            "lag": group.lag,
-            "lastDeliveredId": group.last_delivered_id,
-            "behindSeconds": round(group.behind_seconds, 3),
-            "nearRetention": group.behind_seconds >= GROUP_BEHIND_WARNING * retention_seconds,
-        }
-        for group in read_groups(client, stream, now.timestamp() * 1000)
-    ]
 
 
 def _last_published(client: redis.Redis, stream: str, now: dt.datetime) -> dict[str, Any] | None:
@@ -195,12 +186,10 @@ def _entries(count: int) -> str:
     return f"{count} entry" if count == 1 else f"{count} entries"
 
 
-def status(settings: Settings, as_json: bool = False) -> int:
-    """Print the report (a Redis in trouble: :func:`cli.operations.redis_errors`)."""
+def status(settings: Settings, as_json: bool) -> None:
     with open_command_redis(command_redis, settings) as client, redis_errors("read"):
         report = collect_status(client, settings)
     print(json.dumps(report, indent=2) if as_json else render_text(report))
-    return 0
 
 
 def duration(seconds: float) -> str:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 
 from core.config import Settings
 from core.errors import ConfigurationError
+from core.store import db
+from core.store.users import UserStore
+from service.connect import connect_link
 
 
-def migrate(settings: Settings, action: str, revision: str | None, drop_tokens: bool) -> int:
-    from core.store import db
-
+def migrate(settings: Settings, action: str, revision: str | None, drop_tokens: bool) -> None:
     examples = {
         "downgrade": "`db downgrade base`",
         "stamp": '`db stamp v2_schema` for a database in the guide\'s "before" shape',
@@ -26,29 +28,20 @@ def migrate(settings: Settings, action: str, revision: str | None, drop_tokens: 
     else:
         db.stamp(settings.database_url, revision)
     print(f"database at revision {db.current(settings.database_url) or 'base (empty)'}")
-    return 0
 
 
-def users_link(settings: Settings, user_id: int, smartcar_user_id: str) -> int:
-    from core.store.users import UserStore
-
+def users_link(settings: Settings, user_id: int, smartcar_user_id: str) -> None:
     store = UserStore(settings.database_url)
     try:
         stored = store.link(user_id, smartcar_user_id)
     finally:
         store.dispose()
-    verb = "linked" if stored else "already linked"
-    print(f"user {user_id} {verb} to Smartcar user {smartcar_user_id.strip()}")
+    print(f"user {user_id} {'linked' if stored else 'already linked'} to Smartcar user {smartcar_user_id.strip()}")
     if stored:
         print("Events parked as unknown_user can now be delivered: smartcar-ingest replay --reason unknown_user")
-    return 0
 
 
-def connect_url(settings: Settings, user_id: int, mode: str | None) -> int:
-    import datetime as dt
-
-    from service.connect import connect_link
-
+def connect_url(settings: Settings, user_id: int, mode: str | None) -> None:
     expires_at = int(dt.datetime.now(dt.UTC).timestamp()) + settings.connect_state_ttl_seconds
     url, note = connect_link(settings, user_id, mode=mode)
     if note:
@@ -62,4 +55,3 @@ def connect_url(settings: Settings, user_id: int, mode: str | None) -> int:
         file=sys.stderr,
     )
     print(url)
-    return 0

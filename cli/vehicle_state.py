@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from typing import Any
 
@@ -16,7 +15,7 @@ from redis import Redis as SyncRedis
 from cli.operations import open_command_redis, redis_errors
 from cli.status import duration
 from core.config import Settings
-from core.errors import ConfigurationError
+from core.errors import ConfigurationError, PermanentError
 from core.events.wire import VEHICLE_ID_PATTERN
 from core.redis.clients import command_redis
 from core.redis.keys import text, vehicle_state_key
@@ -86,21 +85,17 @@ def render_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def vehicle_state(settings: Settings, vehicle_id: str, as_json: bool = False) -> int:
+def vehicle_state(settings: Settings, vehicle_id: str, as_json: bool) -> None:
     """Print one vehicle's state; exit status 1 when it has none, 2 for an id that cannot be one."""
     if not re.fullmatch(VEHICLE_ID_PATTERN, vehicle_id):
         raise ConfigurationError("VEHICLE_ID is not a Smartcar vehicle id (1 to 64 of A-Z, a-z, 0-9, _ and -).")
     with open_command_redis(command_redis, settings) as client, redis_errors("read"):
         report = state_report(client, settings.vehicle_state_prefix, vehicle_id, time.time_ns() // 1_000_000)
     if report is None:
-        print(
-            f"smartcar-ingest vehicle-state: no state for vehicle {vehicle_id}: no event of it was published "
-            "yet, or none in VEHICLE_STATE_TTL_SECONDS.",
-            file=sys.stderr,
+        raise PermanentError(
+            f"no state for vehicle {vehicle_id}: no event of it was published yet, or none in VEHICLE_STATE_TTL_SECONDS."
         )
-        return 1
     print(json.dumps(report, indent=2, ensure_ascii=False) if as_json else render_text(report))
-    return 0
 
 
 def _value(signal: dict[str, Any]) -> str:
@@ -121,8 +116,7 @@ def _value(signal: dict[str, Any]) -> str:
 
 
 def _age_seconds(epoch_ms: object, now_ms: int) -> float | None:
-    """Seconds since ``epoch_ms``; None when unknown or 0 (OEMs send 0 for values they never date,
-    such as the VIN)."""
+    """Seconds since ``epoch_ms``; None when unknown or 0 (OEMs date the VIN and the like 0)."""
     if not isinstance(epoch_ms, int) or isinstance(epoch_ms, bool) or epoch_ms <= 0:
         return None
     return round((now_ms - epoch_ms) / 1000, 3)

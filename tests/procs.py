@@ -22,7 +22,8 @@ from typing import Any
 import redis
 import uvicorn
 
-from cli.processes import bindable, wait_for_port
+from cli import processes
+from cli.processes import wait_for_port
 from tests.kinds import DRILL, needs
 
 __all__ = ["LiveServer", "RedisServer", "WebProcess", "env", "free_port", "service_env", "wait_for_port"]
@@ -50,7 +51,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     for _ in range(PORTS_PER_PROCESS):
         with _port_lock:
             port = start + next(_next_port) % PORTS_PER_PROCESS
-        if bindable(host, port):
+        if processes.free_port(host, port) == port:
             return port
     raise RuntimeError(f"no free port in {start}-{start + PORTS_PER_PROCESS - 1}")
 

@@ -16,24 +16,20 @@ emulator's seed VINs (``1FAKEVIN00TEST001``… , see emulator/captured.py) under
 
 from __future__ import annotations
 
-import asyncio
 import io
+import sys
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import stamina
-from redis.asyncio import Redis
 
-from cli.backfill import Backfill, BackfillReport, run_backfill
 from cli.main import main
 from core.errors import LinkConflict, RecordNotFound
-from core.smartcar.client import SmartcarClient
-from core.smartcar.tokens import AppTokenProvider
 from core.store import db
 from core.store.users import UserStore
 from tests.databases import BACKENDS, empty_database, execute, query
-from tests.pipeline import CLIENT_ID, CLIENT_SECRET, emulator_stats, inject, pipeline_settings
+from tests.pipeline import CLIENT_ID, CLIENT_SECRET, emulator_stats, inject
 
 VW_USER = "2fbd0033-83e7-43b8-a367-776d6dff1134"
 VW, IONIQ = "a1d50709-3502-4faa-ba43-a5c7565e6a09", "70076e4a-d774-464c-8241-60de654ccb24"
@@ -97,15 +93,32 @@ def sqlite_before_database(tmp_path) -> str:
     return url
 
 
-def backfill(redis_url, emulator, database_url, **options):
-    out, err = io.StringIO(), io.StringIO()
-    status = run_backfill(pipeline_settings(redis_url, emulator, database_url), out=out, err=err, **options)
-    return status, out.getvalue(), err.getvalue()
+@pytest.fixture
+def backfill(redis_url, emulator, capsys, monkeypatch, tmp_path):
+    """Run `smartcar-ingest backfill ARGS` on a database: its exit status, stdout and stderr."""
+    monkeypatch.chdir(tmp_path)  # no .env
+    for name, value in {
+        "REDIS_URL": redis_url,
+        "SMARTCAR_CLIENT_ID": CLIENT_ID,
+        "SMARTCAR_CLIENT_SECRET": CLIENT_SECRET,
+        "SMARTCAR_API_URL": f"{emulator}/v3",
+        "SMARTCAR_TOKEN_URL": f"{emulator}/oauth2/token",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+    def run(database_url, *args):
+        monkeypatch.setenv("DATABASE_URL", database_url)
+        status = main(["backfill", *args])
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
 
 
-def test_backfill_links_matches_and_reports_the_rest(redis_url, emulator, before_database, fast_retries):
+def test_backfill_links_matches_and_reports_the_rest(emulator, before_database, fast_retries, backfill, monkeypatch):
     """A run over several pages links by VIN, skips what is linked, and reports conflicts and unmatched."""
-    status, out, _ = backfill(redis_url, emulator, before_database, dry_run=False, page_size=3)
+    monkeypatch.setattr("cli.backfill.PAGE_SIZE", 3)
+    status, out, _ = backfill(before_database)
     assert status == 0
     assert "matched 3, already linked 1, unmatched 1, conflicts 2 (7 connections)" in out
     assert "replay --reason unknown_user" in out
@@ -134,12 +147,12 @@ def test_backfill_links_matches_and_reports_the_rest(redis_url, emulator, before
     assert "no internal vehicle has VIN 1FAKEVIN00TEST004" in out
 
 
-def test_dry_run_prints_the_plan_and_writes_nothing(redis_url, emulator, sqlite_before_database, fast_retries):
+def test_dry_run_prints_the_plan_and_writes_nothing(emulator, sqlite_before_database, fast_retries, backfill):
     """--dry-run reports exactly what a real run would do and leaves every row as it was."""
     before = links(sqlite_before_database)
-    status, out, _ = backfill(redis_url, emulator, sqlite_before_database, dry_run=True)
+    status, out, _ = backfill(sqlite_before_database, "--dry-run")
     assert status == 0
-    assert out.startswith("Dry run: nothing was written.\nPlanned:\n")
+    assert "\nDry run: nothing was written.\nPlanned:\n" in "\n" + out  # log lines may come first
     assert f"would link vehicle 10 → Smartcar vehicle {VW}; user 1 → Smartcar user {VW_USER} (by VIN" in out
     # The second VW-owner vehicle sees the planned user link: only the vehicle is left to link.
     assert f"would link vehicle 11 → Smartcar vehicle {IONIQ} (by VIN 1FAKEVIN00TEST002)" in out
@@ -148,12 +161,12 @@ def test_dry_run_prints_the_plan_and_writes_nothing(redis_url, emulator, sqlite_
     assert links(sqlite_before_database) == before
 
 
-def test_second_run_changes_nothing_and_reads_no_linked_vin(redis_url, emulator, sqlite_before_database, fast_retries):
+def test_second_run_changes_nothing_and_reads_no_linked_vin(emulator, sqlite_before_database, fast_retries, backfill):
     """A rerun is idempotent: everything linked is found by id (no VIN read) and nothing is written."""
-    backfill(redis_url, emulator, sqlite_before_database, dry_run=False)
+    backfill(sqlite_before_database)
     after_first = links(sqlite_before_database)
     vin_reads_first = emulator_stats(emulator)["calls"][SIGNAL_ROUTE]
-    status, out, _ = backfill(redis_url, emulator, sqlite_before_database, dry_run=False)
+    status, out, _ = backfill(sqlite_before_database)
     assert status == 0
     assert "matched 0, already linked 4, unmatched 1, conflicts 2 (7 connections)" in out
     assert "replay" not in out
@@ -164,89 +177,61 @@ def test_second_run_changes_nothing_and_reads_no_linked_vin(redis_url, emulator,
 
 
 def test_a_failing_vehicle_is_reported_and_a_rerun_finishes_it(
-    redis_url, emulator, sqlite_before_database, fast_retries
+    emulator, sqlite_before_database, fast_retries, backfill
 ):
     """A vehicle whose VIN read keeps failing is `failed` (exit 1) while the others proceed; a rerun links it."""
     inject(emulator, path=f"/v3/vehicles/{BYD}", status=503, count=20)
-    status, out, _ = backfill(redis_url, emulator, sqlite_before_database, dry_run=False)
+    status, out, _ = backfill(sqlite_before_database)
     assert status == 1
     assert "matched 2, already linked 1, unmatched 1, conflicts 2, failed 1 (7 connections)" in out
     assert f"Smartcar vehicle {BYD} of Smartcar user {BYD_USER}: Smartcar answered 503" in out
     assert links(sqlite_before_database)[0][1] == (2, None)
     httpx.delete(f"{emulator}/_emulator/failures").raise_for_status()
-    status, out, _ = backfill(redis_url, emulator, sqlite_before_database, dry_run=False)
+    status, out, _ = backfill(sqlite_before_database)
     assert status == 0
     assert "matched 1, already linked 3, unmatched 1, conflicts 2 (7 connections)" in out
     assert links(sqlite_before_database)[0][1] == (2, BYD_USER)
 
 
-def test_listing_failure_stops_the_run_with_exit_1(redis_url, emulator, sqlite_before_database, fast_retries):
+def test_listing_failure_stops_the_run_with_exit_1(emulator, sqlite_before_database, fast_retries, backfill):
     """When /v3/connections itself keeps failing, the run stops early, says so and writes nothing."""
     before = links(sqlite_before_database)
     inject(emulator, path=CONNECTIONS_ROUTE, status=503, count=20)
-    status, out, err = backfill(redis_url, emulator, sqlite_before_database, dry_run=False)
+    status, out, err = backfill(sqlite_before_database)
     assert status == 1
-    assert "stopped early" in err
-    assert "Rerun to continue" in err
+    [line] = err.strip().splitlines()
+    assert line.startswith("smartcar-ingest backfill: stopped early: ")
+    assert "Rerun to continue" in line
     assert "(0 connections)" in out
     assert links(sqlite_before_database) == before
 
 
-def test_progress_bar_only_on_a_terminal(redis_url, emulator, sqlite_before_database, fast_retries):
+def test_progress_bar_only_on_a_terminal(sqlite_before_database, fast_retries, backfill, monkeypatch):
     """On a terminal stderr shows a bar with the connection count; elsewhere it stays quiet."""
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
             return True
 
-    err = Terminal()
-    run_backfill(
-        pipeline_settings(redis_url, emulator, sqlite_before_database),
-        dry_run=True,
-        out=io.StringIO(),
-        err=err,
-    )
-    assert f"\r[{'#' * 30}] 7/7 connections" in err.getvalue()
-    assert backfill(redis_url, emulator, sqlite_before_database, dry_run=True)[2] == ""
+    captured, terminal = sys.stderr, Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    backfill(sqlite_before_database, "--dry-run")
+    assert f"\r[{'#' * 30}] 7/7 connections" in terminal.getvalue()
+    monkeypatch.setattr(sys, "stderr", captured)
+    assert backfill(sqlite_before_database, "--dry-run")[2] == ""
 
 
-def test_user_filter_is_applied_on_the_server_and_again_on_each_item(
-    redis_url, emulator, sqlite_before_database, fast_retries
-):
+def test_user_filter_is_applied_on_the_server_and_again_on_each_item(sqlite_before_database, fast_retries, backfill):
     """With a Smartcar user id, only that user's connections are processed."""
-
-    async def run() -> BackfillReport:
-        redis = Redis.from_url(redis_url)
-        http = httpx.AsyncClient()
-        users = UserStore(sqlite_before_database)
-        try:
-            tokens = AppTokenProvider(redis, http, f"{emulator}/oauth2/token", CLIENT_ID, CLIENT_SECRET)
-            smartcar = SmartcarClient(http, f"{emulator}/v3", tokens)
-            return await Backfill(smartcar, users, smartcar_user_id=VW_USER).run()
-        finally:
-            await redis.aclose()
-            await http.aclose()
-            users.dispose()
-
-    report = asyncio.run(run())
-    assert [f.connection.smartcar_vehicle_id for f in report.findings] == [VW, IONIQ]
-    assert report.summary() == "matched 2, already linked 0, unmatched 0, conflicts 0 (2 connections)"
-
-
-def test_cli_backfill_dry_run(redis_url, emulator, sqlite_before_database, fast_retries, monkeypatch, tmp_path, capsys):
-    """`smartcar-ingest backfill --dry-run` runs from the environment's settings and exits 0."""
-    monkeypatch.chdir(tmp_path)
-    for name, value in {
-        "REDIS_URL": redis_url,
-        "DATABASE_URL": sqlite_before_database,
-        "SMARTCAR_CLIENT_ID": CLIENT_ID,
-        "SMARTCAR_CLIENT_SECRET": CLIENT_SECRET,
-        "SMARTCAR_API_URL": f"{emulator}/v3",
-        "SMARTCAR_TOKEN_URL": f"{emulator}/oauth2/token",
-    }.items():
-        monkeypatch.setenv(name, value)
-    assert main(["backfill", "--dry-run"]) == 0
-    assert "would match 3" in capsys.readouterr().out
+    status, out, _ = backfill(sqlite_before_database, "--dry-run", "--smartcar-user-id", VW_USER)
+    assert status == 0
+    assert [line for line in out.splitlines() if line.startswith("  ")] == [
+        f"  Smartcar vehicle {VW} of Smartcar user {VW_USER}: would link vehicle 10 → Smartcar vehicle {VW}; "
+        f"user 1 → Smartcar user {VW_USER} (by VIN 1FAKEVIN00TEST001).",
+        f"  Smartcar vehicle {IONIQ} of Smartcar user {VW_USER}: would link vehicle 11 → Smartcar vehicle {IONIQ} "
+        "(by VIN 1FAKEVIN00TEST002).",
+    ]
+    assert "would match 2, already linked 0, unmatched 0, conflicts 0 (2 connections)" in out
 
 
 def test_cli_backfill_without_credentials_is_one_line(monkeypatch, tmp_path, capsys):

@@ -542,12 +542,14 @@ def test_quota_metrics_count_reads_by_source_limiter_waits_denials_and_429s(pipe
     assert skipped == counters.delta("smartcar_ingest_limiter_denials_total", cause="budget")
 
 
-def test_status_counts_parked_reasons_over_a_capped_scan(pipeline, redis_client):
+def test_status_counts_parked_reasons_over_a_capped_scan(pipeline, redis_client, monkeypatch):
     """Parked reasons are counted in Redis over at most the scan limit, and the report says it was capped."""
     for index in range(7):
         reason = "unknown_user" if index % 2 else "legacy_v2"
         redis_client.xadd("smartcar:parked", {"event_id": f"e{index}", "reason": reason, "payload": "x" * 1000})
-    report = collect_status(redis_client, pipeline, parked_scan_limit=5)
+    with monkeypatch.context() as patch:
+        patch.setattr("cli.status.COUNT_SCAN_LIMIT", 5)
+        report = collect_status(redis_client, pipeline)
     assert report["parked"]["byReason"] == {"legacy_v2": 3, "unknown_user": 2}
     assert (report["parked"]["scanned"], report["parked"]["length"], report["parked"]["capped"]) == (5, 7, True)
     assert "oldest 5 entries only" in render_text(report)
