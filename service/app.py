@@ -1,8 +1,6 @@
-"""The web's Starlette apps. The public one, ``create_app(settings=None)`` (``uvicorn --factory``):
-the webhook, the Connect routes and ``/healthz``; its lifespan checks Redis's memory policy and runs
-the spool's drainer. The admin one, ``/readyz`` and ``/metrics``, on ``ADMIN_PORT`` apart from the
-public port (docs/security.md, "``/metrics`` and ``/readyz`` on the public port"; its own Redis
-client: docs/architecture.md, "Design notes"). Nothing connects at import time."""
+"""The web's Starlette apps: the public one (the webhook, Connect, ``/healthz``; its lifespan checks
+Redis's memory policy and runs the spool's drainer) and the admin one on ``ADMIN_PORT`` (``/readyz``,
+``/metrics``: docs/security.md). Nothing connects at import time."""
 
 from __future__ import annotations
 
@@ -41,10 +39,8 @@ _ADMIN_REDIS_CONNECTIONS = 4
 
 
 class IngestApp(Starlette):
-    """Starlette, with ``POST /webhooks/smartcar`` handed straight to its endpoint: Starlette's
-    middlewares and router cost a delivery 6-7 % more CPU (docs/performance.md). Everything else,
-    the webhook under a ``root_path`` included, goes through Starlette, where the endpoint is routed
-    too; it answers its own errors as Starlette's handler would and reads nothing Starlette adds."""
+    """Starlette, with ``POST /webhooks/smartcar`` handed straight to its endpoint: Starlette's router
+    costs a delivery 6-7 % more CPU (docs/performance.md). The endpoint is routed too (``root_path``)."""
 
     def __init__(self, webhook: WebhookEndpoint, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -62,7 +58,7 @@ async def healthz(request: Request) -> Response:
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
-    """Build the web application. Raises ``ConfigurationError`` without a management token."""
+    """The public app (``uvicorn --factory``). Raises ``ConfigurationError`` without a management token."""
     if settings is None:
         settings = load_settings()
         configure_logging(settings.log_level, settings.log_format)
@@ -100,8 +96,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 drainer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await drainer
-            await redis.aclose()
-            await redis.connection_pool.disconnect()
+            await redis.aclose(close_connection_pool=True)
             await connect.aclose()
 
     app = IngestApp(
@@ -121,15 +116,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
 
 def create_admin_app(settings: Settings, web_status: Callable[[], str | None] | None = None) -> Starlette:
-    """Build the admin app: ``/readyz`` (Redis and, when given, ``web_status``: None while the public
-    server serves, else what is wrong) and ``/metrics``."""
+    """``/readyz`` (Redis and ``web_status``: None while the public server serves, else what is wrong) and ``/metrics``."""
     redis = web_redis(settings.model_copy(update={"redis_max_connections": _ADMIN_REDIS_CONNECTIONS}))
     deadline = redis_deadline_seconds(settings)
     collector = QueueCollector(settings)
     registry = endpoint_registry(collector)
 
     async def readyz(request: Request) -> Response:
-        """200 when every dependency answers and the web serves; otherwise 503 naming what failed."""
         checks: dict[str, str] = {}
         if web_status is not None:
             problem = web_status()
@@ -153,8 +146,7 @@ def create_admin_app(settings: Settings, web_status: Callable[[], str | None] | 
             yield
         finally:
             collector.close()
-            await redis.aclose()
-            await redis.connection_pool.disconnect()
+            await redis.aclose(close_connection_pool=True)
 
     app = Starlette(
         routes=[Route("/readyz", readyz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])],

@@ -23,12 +23,10 @@ _CODES = {
 
 
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
-    """The contract's error document."""
     return {"error": {"code": code, "message": message}}
 
 
 def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    """A JSON error response in the contract's shape."""
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 

@@ -15,7 +15,6 @@ from typing import Any, cast
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.server import ServerState
 from uvicorn.supervisors import Multiprocess
 
 from core.config import Settings
@@ -44,9 +43,7 @@ _HEAD_TOO_LARGE = (
 
 
 class WebConfig(uvicorn.Config):
-    """uvicorn's configuration for both servers: the guarded protocol, the head limits from
-    ``settings`` (they travel with the config to ``--workers`` children), no websockets, no access
-    log and no server header; ``kwargs`` say what differs (address, connections, keep-alive)."""
+    """uvicorn's configuration for both servers; the head limits travel with it to ``--workers`` children."""
 
     def __init__(self, app: Any, settings: Settings, **kwargs: Any) -> None:
         super().__init__(
@@ -61,41 +58,19 @@ class WebConfig(uvicorn.Config):
         )
         self.header_timeout_seconds = settings.header_timeout_seconds
         self.max_header_bytes = settings.max_header_bytes
-        #: For ``--workers`` children (it travels with the config): the supervisor speaks for them.
-        self.quiet = False
-
-    def configure_logging(self) -> None:
-        """uvicorn's own step (it runs first thing in each ``--workers`` child), then quiet if asked."""
-        super().configure_logging()
-        if getattr(self, "quiet", False):
-            quiet_uvicorn()
 
 
 class _Refused(Exception):
-    """Raised in a parser callback to stop parsing a connection that has just been refused."""
+    pass
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with bounds on request heads, pipelining, the head's deadline
-    and connections (docs/security.md).
+    """uvicorn's private httptools protocol, bounded (docs/security.md): h11's public head limit
+    costs a delivery 42 % more CPU (docs/performance.md), so uvicorn is pinned to this minor.
+    Head bytes are counted per *region*: a request head, or what follows a chunk-size line."""
 
-    Why a subclass of uvicorn's private ``HttpToolsProtocol``: h11, whose head limit is public, costs
-    a delivery 42 % more CPU even unguarded (docs/security.md). uvicorn is pinned to the minor this
-    was written for (pyproject.toml; ``tests/test_server_limits.py`` fails when it moves).
-
-    Head bytes are counted per *region*, a stretch of the stream the parser keeps: a request head,
-    or what follows a chunk-size line (the trailers after the last chunk). An unfinished region is
-    charged every read since it began, less what is known to come before it in its first read.
-    """
-
-    def __init__(
-        self,
-        config: uvicorn.Config,
-        server_state: ServerState,
-        app_state: dict[str, Any],
-        _loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        super().__init__(config, server_state, app_state, _loop)
+    def __init__(self, config: uvicorn.Config, **kwargs: Any) -> None:  # as uvicorn's Server calls it
+        super().__init__(config, **kwargs)
         self._head_timeout = cast(WebConfig, config).header_timeout_seconds
         self._max_head = cast(WebConfig, config).max_header_bytes
         self._head_deadline: asyncio.TimerHandle | None = None
@@ -131,7 +106,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self._region_bytes += len(data)
             if self._region_bytes + self._queued_bytes > self._max_head:
-                self._refuse(_HEAD_TOO_LARGE)
+                self._refuse()
                 return
         self._watch_head()
 
@@ -147,22 +122,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(self.headers) + self._queued_headers >= _MAX_HEADERS:
-            self._refuse(_HEAD_TOO_LARGE)
-            raise _Refused
+            raise self._refuse()
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._region_open = False
         size = self._head_size()
         self._read_used += max(0, size - self._region_bytes)
-        if self._waiting_on_client():
-            if size > self._max_head:
-                self._refuse(_HEAD_TOO_LARGE)
-                raise _Refused
-        elif len(self.pipeline) >= _MAX_PIPELINED or self._queued_bytes + size > self._max_head:
-            self._refuse(_HEAD_TOO_LARGE)  # closes without an answer: one is under way
-            raise _Refused
-        else:  # uvicorn queues this request behind the one being answered
+        # While no response is under way nothing is queued, and only this head counts.
+        if len(self.pipeline) >= _MAX_PIPELINED or self._queued_bytes + size > self._max_head:
+            raise self._refuse()
+        if not self._waiting_on_client():  # uvicorn queues this request behind the one being answered
             self._queued.appendleft((size, len(self.headers)))
             self._queued_bytes += size
             self._queued_headers += len(self.headers)
@@ -213,11 +183,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             size += len(name) + len(value) + 3
         return size
 
-    def _refuse(self, answer: bytes) -> None:
-        """Close the connection, answering ``answer`` first unless a response is under way."""
+    def _refuse(self) -> _Refused:
+        """Close the connection, answering 431 first unless a response is under way."""
         if self._waiting_on_client():
-            self.transport.write(answer)
+            self.transport.write(_HEAD_TOO_LARGE)
         self.transport.close()
+        return _Refused()  # for a parser callback to raise: it stops the parser
 
     # Head deadline
 
@@ -282,7 +253,7 @@ def serve(settings: Settings, host: str, port: int, workers: int, max_connection
         timeout_keep_alive=keep_alive,
     )
     if children:
-        config.quiet = True  # for the children, which set it up again from this config
+        config.log_level = "warning"  # in the children only (they set up logging again): the supervisor speaks
         supervisor = Multiprocess(config, sockets=[config.bind_socket()])
     else:
         public = uvicorn.Server(config)
@@ -311,11 +282,11 @@ def serve(settings: Settings, host: str, port: int, workers: int, max_connection
             )
         )
 
-        def run_admin(sockets: list[socket.socket]) -> None:
+        def run_admin() -> None:
             quiet_uvicorn()  # in this thread only: its INFO lines would repeat the public server's
-            admin.run(sockets)  # uvicorn leaves the signals to the main thread's server
+            admin.run([admin_socket])  # uvicorn leaves the signals to the main thread's server
 
-        thread = threading.Thread(target=run_admin, args=([admin_socket],), name="admin", daemon=True)
+        thread = threading.Thread(target=run_admin, name="admin", daemon=True)
         thread.start()
     try:
         if children:

@@ -33,9 +33,7 @@ _HEADER = struct.Struct(">4sII")
 
 
 @dataclass(frozen=True)
-class SpooledDelivery:
-    """One delivery as spooled: enough to enqueue it, or to park it, later."""
-
+class SpooledDelivery:  # enough to enqueue it, or to park it (park_reason set), later
     event_id: str | None
     event_type: str
     body: str
@@ -45,7 +43,7 @@ class SpooledDelivery:
 
 
 class SpoolFull(OSError):
-    """Spooling one more delivery would take the spool directory past ``SPOOL_MAX_BYTES``."""
+    """One more delivery would take the spool past ``SPOOL_MAX_BYTES``."""
 
 
 @dataclass
@@ -59,9 +57,8 @@ def encode_record(delivery: SpooledDelivery) -> bytes:
 
 
 def read_records(path: Path, report: ReadReport | None = None) -> Generator[SpooledDelivery, None, None]:
-    """The whole records of a spool file, in order, one at a time (close or exhaust the iterator to
-    close the file). A torn or corrupt record, a length past the end included, ends the read; once
-    exhausted, ``report.torn_tail_bytes`` says how many bytes were left unread."""
+    """The whole records of a spool file, in order, up to a torn or corrupt one; once exhausted,
+    ``report.torn_tail_bytes`` says how many bytes were left unread."""
     with path.open("rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         offset = 0
@@ -104,9 +101,8 @@ class Spool:
         self.pending()  # count what earlier processes left behind
 
     def append(self, delivery: SpooledDelivery) -> None:
-        """Write one record and fsync it: on return the delivery survives a crash. :class:`SpoolFull`
-        (writing nothing) past ``max_bytes``; another ``OSError`` when the disk refuses, a record not
-        written whole being cut off again so it never hides the ones appended after it."""
+        """Write one record and fsync it: on return the delivery survives a crash. A record not
+        written whole is cut off again, so it never hides the ones appended after it."""
         record = encode_record(delivery)
         with self._lock:
             if self.max_bytes is not None and self.pending_bytes + len(record) > self.max_bytes:
@@ -127,8 +123,7 @@ class Spool:
             self._sync_directory()
 
     def _open_for_append(self) -> int:
-        """This process's spool file, opened and locked, and still the file under its name (a drainer
-        in another process may have renamed it between the open and the lock)."""
+        """This process's spool file, locked, and still under its name (a drainer may rename it)."""
         while True:
             fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
@@ -143,8 +138,7 @@ class Spool:
             os.close(fd)
 
     def pending(self) -> list[Path]:
-        """Spool files waiting to be drained (this process's and any left by others); also recounts
-        :attr:`pending_bytes` from them."""
+        """Spool files waiting to be drained (any process's); recounts :attr:`pending_bytes`."""
         with self._lock:
             found = [*self.directory.glob("spool-*.log"), *self.directory.glob("spool-*.draining")]
             files: list[Path] = []
@@ -182,8 +176,7 @@ class Spool:
         return target
 
     def retire(self, path: Path, torn: bool) -> Path:
-        """Delete a drained file, or keep one that ended in a torn record as ``*.torn`` for inspection;
-        either way no longer pending (the next :meth:`pending` stops counting it)."""
+        """Delete a drained file, or keep one that ended in a torn record as ``*.torn`` for inspection."""
         kept = path.with_name(path.name.replace(".draining", ".torn"))
         if torn:
             path.replace(kept)
@@ -250,11 +243,11 @@ async def drain_once(spool: Spool, inbox: Inbox) -> DrainReport:
     return report
 
 
-async def drain_forever(spool: Spool, inbox: Inbox, interval_seconds: float = 1.0) -> None:
-    """Drain whenever there is something to drain and Redis takes it; runs until cancelled."""
+async def drain_forever(spool: Spool, inbox: Inbox) -> None:
+    """Drain, once a second, whatever there is to drain; runs until cancelled."""
     while True:
         try:
             await drain_once(spool, inbox)  # its listing also recounts the spool's size
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("spool drain paused: Redis not available yet", error=type(exc).__name__)
-        await asyncio.sleep(interval_seconds)
+        await asyncio.sleep(1)

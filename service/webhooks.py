@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import pydantic_core
 from redis.exceptions import RedisError
@@ -30,9 +29,8 @@ log = get_logger("smartcar_ingest.webhooks")
 
 #: After a Redis failure, how long deliveries go straight to the spool (when one is set).
 SPOOL_ONLY_SECONDS = 1.0
-_JSON_HEADERS = [(b"content-type", b"application/json")]
-_UNAVAILABLE_HEADERS = [*_JSON_HEADERS, (b"retry-after", b"5")]
-_CONTENT_LENGTH = b"content-length"
+_JSON = (b"content-type", b"application/json")
+_RETRY_AFTER = (b"retry-after", b"5")  # on every 503
 #: The largest unsigned body read for a VERIFY challenge (a VERIFY is a few hundred bytes); a larger
 #: one that fails the signature is refused unread, costing what any rejected request costs.
 UNSIGNED_VERIFY_MAX_BYTES = 4096
@@ -43,8 +41,7 @@ _OUTCOME_DUPLICATE = metrics.DELIVERIES.labels(outcome="duplicate")
 
 class Deadlines:
     """In place of ``asyncio.timeout``, which costs a delivery 5-6 % more CPU (docs/performance.md):
-    one callback, run every ``tick`` seconds while any task is registered, cancels each task whose
-    time has passed; :meth:`expired` tells that apart from any other cancellation."""
+    a sweep every ``tick`` seconds, while any task is registered, cancels each task past its time."""
 
     def __init__(self, tick: float = 0.05) -> None:
         self._tick = tick
@@ -52,12 +49,10 @@ class Deadlines:
         self._due: dict[asyncio.Task[Any], tuple[float, int]] = {}
         #: Tasks cancelled by their deadline, not yet told (:meth:`expired`).
         self._fired: dict[asyncio.Task[Any], int] = {}
-        #: The loop the sweep runs on (None while no request is registered).
-        self._armed: asyncio.AbstractEventLoop | None = None
+        self._armed: asyncio.AbstractEventLoop | None = None  # the sweep's loop, while it runs
 
     def start(self, seconds: float, task: asyncio.Task[Any] | None = None) -> asyncio.Task[Any]:
-        """Give ``task`` (by default the current one) ``seconds`` to finish what it waits for next
-        (less one tick: the sweep may fire a tick late); returns the task."""
+        """Give ``task`` (by default the current one) ``seconds``, less a tick, for its next wait."""
         if task is None:
             task = asyncio.current_task()
             assert task is not None, "a deadline belongs to a task"
@@ -69,7 +64,6 @@ class Deadlines:
         return task
 
     def stop(self, task: asyncio.Task[Any]) -> None:
-        """Forget ``task``'s deadline, whether or not it fired."""
         self._due.pop(task, None)
         self._fired.pop(task, None)
 
@@ -97,41 +91,29 @@ class Deadlines:
             self._armed = None
 
 
-class _Unreadable(Exception):
-    """The body could not be read whole: ``args`` are the rejection's status, code and message."""
-
-
 def redis_deadline_seconds(settings: Settings) -> float:
     """How long a request waits on Redis before answering 503: two socket timeouts (reconnect, call)."""
     return min(0.95, settings.redis_timeout_seconds * 1.9)
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):
     status: int
-    body: bytes
-    headers: list[tuple[bytes, bytes]]
+    body: bytes  # JSON
 
 
-def _json(status: int, content: Any, headers: list[tuple[bytes, bytes]] = _JSON_HEADERS) -> Answer:
-    body = pydantic_core.to_json(content)
-    return Answer(status, body, [*headers, (_CONTENT_LENGTH, b"%d" % len(body))])
+def _json(status: int, content: Any) -> Answer:
+    return Answer(status, pydantic_core.to_json(content))
 
 
-def _accepted(status: bytes, event_id: str) -> Answer:
-    """202 ``{"status": <status>, "eventId": <event_id>}``, nearly every delivery's answer, written directly."""
-    body = b'{"status":"%s","eventId":%s}' % (status, pydantic_core.to_json(event_id))
-    return Answer(202, body, [*_JSON_HEADERS, (_CONTENT_LENGTH, b"%d" % len(body))])
+def _accepted(status: bytes, event_id: str) -> Answer:  # nearly every delivery's answer, written directly
+    return Answer(202, b'{"status":"%s","eventId":%s}' % (status, pydantic_core.to_json(event_id)))
 
 
 def _error(status: int, code: str, message: str) -> Answer:
-    """An error in the contract's shape; a 503 says when to retry."""
-    return _json(status, error_body(code, message), _UNAVAILABLE_HEADERS if status == 503 else _JSON_HEADERS)
+    return _json(status, error_body(code, message))
 
 
 class WebhookEndpoint:
-    """The ASGI app behind ``POST /webhooks/smartcar``; one instance per application."""
-
     def __init__(self, settings: Settings, inbox: Inbox, spool: Spool | None = None) -> None:
         self._tokens = settings.management_tokens
         self._max_body_bytes = settings.max_body_bytes
@@ -150,7 +132,10 @@ class WebhookEndpoint:
             answer = await self._handle(scope, receive)
         except Exception as exc:  # a bug must not become a 500, nor lose the delivery: Smartcar retries a 503
             answer = self._internal_error(exc)
-        await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
+        headers = [_JSON, (b"content-length", b"%d" % len(answer.body))]
+        if answer.status == 503:
+            headers.append(_RETRY_AFTER)
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         await send({"type": "http.response.body", "body": answer.body})
         metrics.REQUEST_SECONDS.observe(time.perf_counter() - started)
 
@@ -170,10 +155,10 @@ class WebhookEndpoint:
         except asyncio.CancelledError:
             self._deadlines.expired(task)
             return self._reject(408, "body_timeout", "The body did not arrive in time.")
-        except _Unreadable as exc:
-            return self._reject(*exc.args)
         finally:
             self._deadlines.stop(task)
+        if isinstance(body, Answer):
+            return body
         received_at_ms = time.time_ns() // 1_000_000
 
         # 2. Signature. An unsigned VERIFY is answered only for a token-like challenge, so the
@@ -217,15 +202,13 @@ class WebhookEndpoint:
         return await self._accept(quick, body, received_at_ms, task)
 
     def _too_old(self, delivered_at_ms: int | None, received_at_ms: int) -> Answer | None:
-        """400 for a delivery sent longer ago than ``MAX_DELIVERY_AGE_SECONDS``: past the dedupe
-        window, the signed ``meta.deliveredAt`` is the guard against replays (none: let through)."""
+        """Past the dedupe window, the signed ``meta.deliveredAt`` is the guard against replays."""
         limit = self._max_delivery_age_ms
         if delivered_at_ms is None or received_at_ms - delivered_at_ms <= limit:
             return None
         return self._reject(400, "delivery_too_old", f"The delivery was sent more than {limit // 1000} seconds ago.")
 
     async def _accept(self, event: QuickEvent, body: bytes, received_at_ms: int, task: asyncio.Task[Any]) -> Answer:
-        """Enqueue a validated vehicle event, or spool it while Redis fails (503 without a spool)."""
         if self._spool is None or time.monotonic() >= self._spool_only_until:
             self._deadlines.start(self._redis_deadline, task)
             try:
@@ -250,27 +233,26 @@ class WebhookEndpoint:
             self._spool_only_until = time.monotonic() + SPOOL_ONLY_SECONDS
         return await self._spooled(SpooledDelivery(event.event_id, event.event_type, body.decode(), received_at_ms))
 
-    async def _read_body(self, receive: Receive, declared: bytes | None) -> bytes:
+    async def _read_body(self, receive: Receive, declared: bytes | None) -> bytes | Answer:
         limit = self._max_body_bytes
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise _Unreadable(413, "body_too_large", f"The body exceeds {limit} bytes.")
+            return self._reject(413, "body_too_large", f"The body exceeds {limit} bytes.")
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise _Unreadable(400, "client_disconnected", "The client went away before sending the whole body.")
+                return self._reject(400, "client_disconnected", "The client went away before sending the whole body.")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise _Unreadable(413, "body_too_large", f"The body exceeds {limit} bytes.")
+                return self._reject(413, "body_too_large", f"The body exceeds {limit} bytes.")
             if not message.get("more_body", False):
                 # Usually the whole body came in one message: no copy.
                 return b"".join((*chunks, chunk)) if chunks else chunk
             chunks.append(chunk)
 
     async def _park(self, event_id: str | None, exc: PermanentError, text: str) -> Answer:
-        """Park what cannot become a job, or spool it to park later while Redis fails (503 without a spool)."""
         task = self._deadlines.start(self._redis_deadline)
         try:
             fresh = await self._inbox.parked.park(event_id, exc.code, exc.message, text) is not None
@@ -293,7 +275,6 @@ class WebhookEndpoint:
         return await self._spooled(delivery, status="parked", reason=exc.code)
 
     async def _spooled(self, delivery: SpooledDelivery, status: str = "spooled", reason: str | None = None) -> Answer:
-        """Answer 202 only once the delivery is fsync'd to the spool; 503 if even that fails."""
         assert self._spool is not None
         try:
             await asyncio.to_thread(self._spool.append, delivery)
