@@ -39,11 +39,7 @@ _VEHICLE_ID = re.compile(VEHICLE_ID_PATTERN)
 
 
 def vehicle_path(vehicle_id: str) -> str:
-    """``vehicles/{id}``, only for an id that cannot move the path; :class:`InvalidPayload` otherwise.
-
-    ``quote()`` leaves ``.`` and ``..`` as they are, and a URL resolver collapses them, so
-    ``vehicles/..`` would read another resource with the application token.
-    """
+    """``vehicles/{id}`` for an id that cannot move the path (docs/security.md); else :class:`InvalidPayload`."""
     if _VEHICLE_ID.fullmatch(vehicle_id) is None:
         raise InvalidPayload("The vehicle id is not a Smartcar vehicle id; no request was sent.")
     return f"vehicles/{vehicle_id}"
@@ -135,9 +131,7 @@ class SmartcarClient:
         target = urlsplit(url)
         return url if (target.scheme, target.netloc) == (base.scheme, base.netloc) else ""
 
-    async def list_connections(
-        self, page_number: int, page_size: int = 100, user_id: str | None = None
-    ) -> dict[str, Any]:
+    async def list_connections(self, page_number: int, page_size: int, user_id: str | None) -> dict[str, Any]:
         """``GET /connections``, one page (``filter[userId]`` when a user is given)."""
         params = {"page[number]": str(page_number), "page[size]": str(page_size)}
         if user_id is not None:
