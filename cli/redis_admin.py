@@ -22,7 +22,6 @@ FUNCTION_MODULES = (
     "core.redis.published",
     "core.smartcar.limiter",
     "core.smartcar.reads",
-    "core.smartcar.tokens",
     "workers.batch",
     "workers.reaper",
 )

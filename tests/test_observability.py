@@ -662,9 +662,7 @@ def test_logs_of_a_full_run_carry_ids_and_no_secrets_or_vehicle_data(pipeline, r
         if line.get("eventId") is None and line["event"] not in {"event published", "event parked"}:
             continue  # process-level lines (startup, token refresh outside an event)
         assert by_event.get(line["eventId"]) == line["deliveryId"], line
-    retries = [
-        line for line in lines if line.get("event") in {"smartcar call will be retried", "stamina.retry_scheduled"}
-    ]
+    retries = [line for line in lines if line.get("event") == "stamina.retry_scheduled"]
     assert retries
     for line in retries:
         assert by_event.get(line["eventId"]) == line["deliveryId"], line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import Counter
@@ -12,6 +13,7 @@ import pytest
 import stamina
 from redis.asyncio import Redis
 
+from core import metrics
 from core.errors import (
     SmartcarRateLimited,
     SmartcarRejected,
@@ -501,6 +503,27 @@ def test_without_a_gate_429s_are_retried_by_the_client_alone(redis_url, fake, re
 
     assert using(redis_url, fake, scenario)["id"] == "v"
     assert redis_client.exists(vehicle_pause_key("v")) == 0
+
+
+@pytest.mark.parametrize(("header", "requests"), [("0.3", 2), ("30", 1)])
+def test_without_testing_mode_a_retry_after_is_waited_only_within_the_budget(redis_url, fake, header, requests):
+    """With stamina's real waits: a 429's ``Retry-After`` of 0.3 s is waited out and the retry
+    counted; one of 30 s cannot end within the call's 30 s, so the 429 is raised at once."""
+    fake.answers["/v3/vehicles/v"] = [httpx.Response(429, headers={"retry-after": header}, json={})]
+    retried = metrics.SMARTCAR_RETRIES.labels(endpoint="vehicle")
+    before = retried._value.get()
+
+    async def scenario(_tokens, client):
+        started = time.monotonic()
+        with contextlib.suppress(SmartcarRateLimited):
+            await client.get_vehicle("v", "u")
+        return time.monotonic() - started
+
+    elapsed = using(redis_url, fake, scenario)
+    assert len([r for r in fake.requests if r.url.path == "/v3/vehicles/v"]) == requests
+    assert retried._value.get() - before == requests - 1
+    assert (elapsed >= 0.3) == (requests == 2)
+    assert elapsed < 5
 
 
 def _token_with_lifetime(redis_url, expires_in):

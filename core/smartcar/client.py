@@ -5,11 +5,11 @@ How each answer maps onto the error tree and which are retried: docs/architectur
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import re
 import time
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -27,29 +27,19 @@ from core.errors import (
     TransientError,
 )
 from core.events.wire import VEHICLE_ID_PATTERN
-from core.logs import get_logger
 from core.smartcar.http import HttpAnswer, SmartcarHttp, observed, retry_after_seconds
 from core.smartcar.limiter import OverBudget, RequestLimiter
 from core.smartcar.tokens import AppTokenProvider
 
-#: Longest wait honoured from a Retry-After header; a longer one is left to the job-level retry.
-MAX_RETRY_AFTER_SECONDS = 30.0
-#: The most one call takes, retries included.
+#: The most one call takes, retries included (a longer Retry-After is left to the job-level retry).
 BUDGET_SECONDS = 30.0
 #: Signal pages followed at most, so a misbehaving ``links.next`` cannot loop forever.
 MAX_SIGNAL_PAGES = 20
-#: The wait before the first retry of a transient failure (stamina's first backoff step).
-FIRST_RETRY_WAIT_SECONDS = 0.2
 _VEHICLE_ID = re.compile(VEHICLE_ID_PATTERN)
-log = get_logger("smartcar_ingest.smartcar")
 
 
 def vehicle_path(vehicle_id: str) -> str:
-    """``vehicles/{id}``, only for an id that cannot move the path; :class:`InvalidPayload` otherwise.
-
-    ``quote()`` leaves ``.`` and ``..`` as they are, and a URL resolver collapses them, so
-    ``vehicles/..`` would read another resource with the application token.
-    """
+    """``vehicles/{id}`` for an id that cannot move the path (docs/security.md); else :class:`InvalidPayload`."""
     if _VEHICLE_ID.fullmatch(vehicle_id) is None:
         raise InvalidPayload("The vehicle id is not a Smartcar vehicle id; no request was sent.")
     return f"vehicles/{vehicle_id}"
@@ -141,23 +131,23 @@ class SmartcarClient:
         target = urlsplit(url)
         return url if (target.scheme, target.netloc) == (base.scheme, base.netloc) else ""
 
-    async def list_connections(
-        self, page_number: int, page_size: int = 100, user_id: str | None = None
-    ) -> dict[str, Any]:
+    async def list_connections(self, page_number: int, page_size: int, user_id: str | None) -> dict[str, Any]:
         """``GET /connections``, one page (``filter[userId]`` when a user is given)."""
         params = {"page[number]": str(page_number), "page[size]": str(page_size)}
         if user_id is not None:
             params["filter[userId]"] = user_id
         return await self._get("connections", self._base + "connections", user_id, params)
 
-    def _retry_on(self, exc: Exception) -> bool | dt.timedelta:
-        """stamina's hook: transient errors, a 429 after its ``Retry-After`` when it gave one. With a
-        gate, a 429 is retried at once (the gate waits out its pause) and a request it refused never."""
+    def _retry_on(self, deadline: float, exc: Exception) -> bool | dt.timedelta:
+        """stamina's hook: transient errors, a 429 after its ``Retry-After`` when it gave one and that
+        ends before ``deadline``. With a gate, a 429 is retried at once (the gate waits out its pause)
+        and a request it refused never."""
         if isinstance(exc, SmartcarRateLimited):
             if self._gate is not None:
                 return False if isinstance(exc, OverBudget) else dt.timedelta(0)
             if exc.retry_after is not None:
-                return dt.timedelta(seconds=exc.retry_after) if exc.retry_after <= MAX_RETRY_AFTER_SECONDS else False
+                fits = time.monotonic() + exc.retry_after < deadline
+                return dt.timedelta(seconds=exc.retry_after) if fits else False
         return isinstance(exc, TransientError)
 
     async def _get(
@@ -170,31 +160,26 @@ class SmartcarClient:
     ) -> dict[str, Any]:
         """One read with retries; ``endpoint`` is the template named in metrics (never the URL).
 
-        The first attempt runs bare: stamina's retry context is built only once a failure asks for a
-        retry (one per attempt costs the worker CPU and memory with hundreds of jobs in flight:
-        docs/performance.md)."""
-        started, attempts, left = time.monotonic(), self._attempts, BUDGET_SECONDS
-        testing = stamina.is_testing()
-        if not testing:  # under stamina's testing mode it counts every try itself
-            try:
-                return await self._get_once(endpoint, url, user_id, params, vehicle_id)
-            except Exception as exc:
-                wait = self._retry_on(exc)
-                if wait is False or attempts <= 1 or not stamina.is_active():
-                    raise
-                pause = wait.total_seconds() if isinstance(wait, dt.timedelta) else FIRST_RETRY_WAIT_SECONDS
-                if time.monotonic() - started + pause >= BUDGET_SECONDS:
-                    raise
-                # The first retry's line; stamina logs later ones (stamina.retry_scheduled).
-                log.warning("smartcar call will be retried", endpoint=endpoint, error=type(exc).__name__, waitFor=pause)
-            await asyncio.sleep(pause)
-            attempts, left = attempts - 1, BUDGET_SECONDS - (time.monotonic() - started)
+        The first try runs outside stamina: its retry context is built only when that try failed, and
+        replays the failure as its own first attempt (why: docs/performance.md)."""
+        deadline = time.monotonic() + BUDGET_SECONDS
+        try:
+            return await self._get_once(endpoint, url, user_id, params, vehicle_id)
+        except Exception as exc:
+            if self._retry_on(deadline, exc) is False:
+                raise
+            failure = exc
         async for attempt in stamina.retry_context(
-            on=self._retry_on, attempts=attempts, timeout=left, wait_initial=FIRST_RETRY_WAIT_SECONDS, wait_max=5.0
+            on=partial(self._retry_on, deadline),
+            attempts=self._attempts,
+            timeout=deadline - time.monotonic(),
+            wait_initial=0.2,
+            wait_max=5.0,
         ):
-            if attempt.num > 1 or not testing:  # a retry (the first try ran above unless testing)
-                metrics.SMARTCAR_RETRIES.labels(endpoint=endpoint).inc()
             with attempt:
+                if attempt.num == 1:
+                    raise failure
+                metrics.SMARTCAR_RETRIES.labels(endpoint=endpoint).inc()
                 return await self._get_once(endpoint, url, user_id, params, vehicle_id)
         raise AssertionError("unreachable: stamina either returns or raises")  # pragma: no cover
 

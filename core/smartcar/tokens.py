@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.asyncio import Redis
+from rq.scripts import RELEASE_LOCK_SCRIPT
 
 from core import metrics
 from core.errors import SmartcarRateLimited, SmartcarUnavailable, TokenRequestFailed
 from core.logs import get_logger
-from core.redis.functions import lua_function
+from core.redis.functions import RQ_SCRIPTS
 from core.redis.keys import TOKEN_KEY, TOKEN_LOCK_KEY
 from core.smartcar.http import SmartcarHttp, observed, retry_after_seconds
 
@@ -34,11 +35,6 @@ LOCK_SECONDS = 15.0
 #: The longest a token is held, whatever lifetime the token endpoint claims.
 MAX_LIFETIME_SECONDS = 86_400.0
 
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-_RELEASE_FN = lua_function("release_token_lock", _RELEASE)
 _ACCEPT_JSON = {"accept": "application/json"}
 
 
@@ -99,7 +95,7 @@ class AppTokenProvider:
         self._local: AppToken | None = None
         # Coroutines of this process share one refresh instead of each taking a turn at the lock.
         self._refreshing: asyncio.Task[AppToken] | None = None
-        self._release = _RELEASE_FN.bind(redis)
+        self._release = RQ_SCRIPTS[RELEASE_LOCK_SCRIPT].bind(redis)  # compare-and-delete of the lock
         self._seal = TokenSeal(client_id, client_secret)
 
     async def get(self) -> str:
