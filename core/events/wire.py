@@ -1,9 +1,5 @@
-"""The wire schema: a Smartcar delivery as sent, read tolerantly into typed dicts. Real deliveries
-(``tests/fixtures/captured/``) differ from the docs: triggers in ``data.triggers`` as ``{code, name,
-group}`` or at the top level as ``{type, signal}`` (``signal`` an object or ``"Group.Name"``), signal
-times as ``retrievedAt`` or ``fetchedAt``; ``meta``, ``triggers`` and a signal's ``status`` may be
-missing. Ids are strict strings; times and the year are ``Any``, read by :mod:`core.events.normalise`.
-"""
+"""The wire schema: a Smartcar delivery as sent, read tolerantly into typed dicts (the shapes real
+deliveries take: docs/architecture.md, "Reading a delivery"). Times and the year are read by normalise."""
 
 from __future__ import annotations
 
@@ -47,12 +43,11 @@ class WireStatus(TypedDict, total=False):
 
 class WireSignal(WireSignalRef, total=False):
     body: Any
-    meta: dict[str, Any] | None  # oemUpdatedAt, retrievedAt or fetchedAt: any value, read by normalise
+    meta: dict[str, Any] | None
     status: WireStatus | None
 
 
-# The edge's reading (EDGE_VALIDATOR) leaves out what it never reads, a signal's body, times and
-# error: half the cost a body.
+# The edge's reading (EDGE_VALIDATOR) leaves out what it never reads: a signal's body, times and error.
 class EdgeStatus(TypedDict, total=False):
     value: str | None
     error: WireObject | None
@@ -108,7 +103,7 @@ class WireMeta(TypedDict, total=False):
     mode: str | None
 
 
-#: A signal as read: every field (:class:`WireSignal`), or the edge's (:class:`EdgeSignal`).
+#: A signal as the worker reads it (:class:`WireSignal`), or as the edge does (:class:`EdgeSignal`).
 S = TypeVar("S", bound=WireSignalRef)
 
 
@@ -122,8 +117,7 @@ class WireData(TypedDict, Generic[S], total=False):
 
 @_wire
 class WireEnvelope(TypedDict, Generic[S], total=False):
-    """A VEHICLE_STATE or VEHICLE_ERROR delivery; the event type itself is checked afterwards.
-    ``version``, ``eventName`` and ``payload`` mark a legacy v2.0 webhook (:func:`is_legacy`)."""
+    """A vehicle event (its type is checked afterwards); ``version``, ``eventName``, ``payload``: :func:`is_legacy`."""
 
     eventId: Required[SmartcarId]
     eventType: Required[StrictStr]
