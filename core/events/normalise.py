@@ -120,29 +120,19 @@ def _vehicle_error(wire: WireVehicleError) -> VehicleError:
 
 
 def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float (``1e400`` parses as infinity) as null: the value itself
-    (looked through, not copied) when it holds none, the usual case."""
-    if _all_finite(value):
-        return value
-    return pydantic_core.from_json(pydantic_core.to_json(value, inf_nan_mode="null"))
-
-
-def _all_finite(value: Any) -> bool:
+    """``value`` with each non-finite float (``1e400`` parses as infinity) as null; itself if none."""
     kind = type(value)
-    if kind is dict:
-        items = value.values()
-    elif kind is list:
-        items = value
-    else:
-        return kind is not float or math.isfinite(value)
-    for item in items:
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if kind is not dict and kind is not list:
+        return value
+    for item in value.values() if kind is dict else value:
         kind = type(item)
-        if kind is float:
-            if not math.isfinite(item):
-                return False
-        elif (kind is dict or kind is list) and not _all_finite(item):
-            return False
-    return True
+        if (kind is float and not math.isfinite(item)) or (
+            (kind is dict or kind is list) and _finite(item) is not item
+        ):
+            return pydantic_core.from_json(pydantic_core.to_json(value, inf_nan_mode="null"))
+    return value
 
 
 def epoch_ms(value: object) -> int | None:

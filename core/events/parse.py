@@ -24,8 +24,7 @@ from core.events.wire import (
 )
 
 _NOT_JSON = "The body is not valid UTF-8 JSON."
-# Two literal searches: re's scan for a literal is about twice as fast as ``bytes in bytes``
-# here, and one pattern with an alternative is ten times slower than both.
+# Two literal searches: faster here than ``bytes in bytes``, or one pattern with an alternative.
 _NAN = re.compile(rb"NaN").search
 _INFINITY = re.compile(rb"Infinity").search
 E = TypeVar("E", bound=WireEnvelope[Any])
@@ -56,8 +55,7 @@ def quick_vehicle_event(body: bytes) -> QuickEvent | None:
 
 
 def parse_stored(body: bytes | str) -> VehicleEvent:
-    """The worker's reading of a body as the edge stored it. Raises :class:`InvalidPayload` and nothing
-    else, with the edge's reason: a body it cannot read is parked (and can be replayed), never failed."""
+    """The worker's reading of a stored body. Raises only InvalidPayload, with the edge's reason (parked)."""
     try:
         raw = body.encode() if isinstance(body, str) else body
         wire = _one_pass(raw, WIRE_VALIDATOR)
@@ -76,8 +74,7 @@ def parse_stored(body: bytes | str) -> VehicleEvent:
 
 
 def load_json(body: bytes) -> Any:
-    """Parse a UTF-8 JSON body; raise :class:`MalformedBody` if it is not one. ``NaN`` and
-    ``Infinity`` are refused: they are not JSON, and must never reach the output stream."""
+    """A UTF-8 JSON body, else MalformedBody; ``NaN`` and ``Infinity`` are not JSON (nor in the output)."""
     try:
         return pydantic_core.from_json(body, allow_inf_nan=False)
     except ValueError:
@@ -85,9 +82,7 @@ def load_json(body: bytes) -> Any:
 
 
 def parse_document(document: Any) -> VehicleEvent | str:
-    """The event of a parsed delivery, or a VERIFY's challenge. :class:`InvalidPayload` names the
-    failing fields, never their values; coded ``legacy_v2`` for a v2.0 webhook and
-    ``unknown_event_type`` for a type this service does not handle."""
+    """The event of a parsed delivery, or a VERIFY's challenge; InvalidPayload names failing fields, not values."""
     if not isinstance(document, dict):
         raise InvalidPayload("The body is JSON but not an object.")
     if is_legacy(document):
@@ -148,7 +143,6 @@ def delivery_id_of(body: bytes | str) -> str | None:
 
 
 def verify_challenge_or_none(document: Any) -> str | None:
-    """The challenge of a document that claims to be a VERIFY, without raising: only a JSON string
-    (the validator's ``1e400`` would read as the token-like ``"inf"``)."""
+    """A VERIFY's challenge if a JSON string (the validator would read ``1e400`` as the token-like "inf")."""
     challenge = _inner(document, "data", "challenge")
     return challenge if isinstance(challenge, str) and document.get("eventType") == VERIFY else None

@@ -16,13 +16,11 @@ VEHICLE_EVENT_TYPES = frozenset({VEHICLE_STATE, VEHICLE_ERROR})
 
 #: A Smartcar id that is not free text: a JSON string, never a number coerced into one.
 SmartcarId = Annotated[StrictStr, Field(min_length=1, max_length=255)]
-#: Smartcar vehicle ids are UUIDs. The id becomes a URL path segment (``/vehicles/{id}``), so
-#: nothing that could move the path (``.``, ``..``, ``/``, ``%``) is ever accepted.
+#: A vehicle id (a UUID) becomes a URL path segment: nothing that could move the path (``.``, ``/``, ``%``).
 VEHICLE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 VehicleId = Annotated[StrictStr, StringConstraints(pattern=VEHICLE_ID_PATTERN)]
 
-# Descriptive text (make, model, signal names) accepts numbers, which is harmless; ids are strict.
-# The config of the two roots (WireEnvelope, WireVerify) holds for every typed dict inside them.
+# Descriptive text (make, model, signal names) accepts numbers; the roots' config holds for all inside.
 _wire = with_config(ConfigDict(coerce_numbers_to_str=True))
 
 
