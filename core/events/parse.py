@@ -123,7 +123,6 @@ def _inner(document: Any, outer: str, key: str) -> Any:
 
 
 def delivered_at_ms(document: Any) -> int | None:
-    """``meta.deliveredAt`` of a parsed document as epoch ms, or None when absent or unreadable."""
     return epoch_ms(_inner(document, "meta", "deliveredAt"))
 
 
