@@ -1,8 +1,5 @@
-"""Smartcar's values → ours: the wire schema → :class:`~core.events.model.VehicleEvent` (every
-shape :mod:`core.events.wire` tolerates, in one form), and the time, year and status readers the
-worker's ``/signals`` resources share. The readers never raise: anything unreadable is None, so a
-hostile value neither crashes the worker nor reaches the output as invalid JSON.
-"""
+"""Smartcar's values → ours: the wire schema → :class:`~core.events.model.VehicleEvent`, and the time,
+year and status readers the worker's ``/signals`` resources share (never raising: unreadable is None)."""
 
 from __future__ import annotations
 
@@ -10,6 +7,8 @@ import math
 import re
 from datetime import datetime
 from typing import Any
+
+import pydantic_core
 
 from core.errors import InvalidPayload
 from core.events.model import DeliveryMeta, SignalRef, Trigger, Vehicle, VehicleError, VehicleEvent
@@ -121,38 +120,18 @@ def _vehicle_error(wire: WireVehicleError) -> VehicleError:
 
 
 def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float (``1e400`` parses as infinity) replaced by None: the
-    value itself when it holds none (the usual case: looked through without copying). The
-    parser's depth limit (~200) bounds the recursion."""
-    return value if _all_finite(value) else _replace_non_finite(value)
-
-
-def _all_finite(value: Any) -> bool:
+    """``value`` with each non-finite float (``1e400`` parses as infinity) as null; itself if none."""
     kind = type(value)
-    if kind is dict:
-        items = value.values()
-    elif kind is list:
-        items = value
-    else:
-        return kind is not float or math.isfinite(value)
-    for item in items:
-        kind = type(item)
-        if kind is float:
-            if not math.isfinite(item):
-                return False
-        elif (kind is dict or kind is list) and not _all_finite(item):
-            return False
-    return True
-
-
-def _replace_non_finite(value: Any) -> Any:
-    kind = type(value)
-    if kind is dict:
-        return {key: _replace_non_finite(item) for key, item in value.items()}
     if kind is float:
         return value if math.isfinite(value) else None
-    if kind is list:
-        return [_replace_non_finite(item) for item in value]
+    if kind is not dict and kind is not list:
+        return value
+    for item in value.values() if kind is dict else value:
+        kind = type(item)
+        if (kind is float and not math.isfinite(item)) or (
+            (kind is dict or kind is list) and _finite(item) is not item
+        ):
+            return pydantic_core.from_json(pydantic_core.to_json(value, inf_nan_mode="null"))
     return value
 
 

@@ -1,9 +1,5 @@
-"""The wire schema: a Smartcar delivery as sent, read tolerantly into typed dicts. Real deliveries
-(``tests/fixtures/captured/``) differ from the docs: triggers in ``data.triggers`` as ``{code, name,
-group}`` or at the top level as ``{type, signal}`` (``signal`` an object or ``"Group.Name"``), signal
-times as ``retrievedAt`` or ``fetchedAt``; ``meta``, ``triggers`` and a signal's ``status`` may be
-missing. Ids are strict strings; times and the year are ``Any``, read by :mod:`core.events.normalise`.
-"""
+"""The wire schema: a Smartcar delivery as sent, read tolerantly into typed dicts (the shapes real
+deliveries take: docs/architecture.md, "Reading a delivery"). Times and the year are read by normalise."""
 
 from __future__ import annotations
 
@@ -20,13 +16,11 @@ VEHICLE_EVENT_TYPES = frozenset({VEHICLE_STATE, VEHICLE_ERROR})
 
 #: A Smartcar id that is not free text: a JSON string, never a number coerced into one.
 SmartcarId = Annotated[StrictStr, Field(min_length=1, max_length=255)]
-#: Smartcar vehicle ids are UUIDs. The id becomes a URL path segment (``/vehicles/{id}``), so
-#: nothing that could move the path (``.``, ``..``, ``/``, ``%``) is ever accepted.
+#: A vehicle id (a UUID) becomes a URL path segment: nothing that could move the path (``.``, ``/``, ``%``).
 VEHICLE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 VehicleId = Annotated[StrictStr, StringConstraints(pattern=VEHICLE_ID_PATTERN)]
 
-# Descriptive text (make, model, signal names) accepts numbers, which is harmless; ids are strict.
-# The config of the two roots (WireEnvelope, WireVerify) holds for every typed dict inside them.
+# Descriptive text (make, model, signal names) accepts numbers; the roots' config holds for all inside.
 _wire = with_config(ConfigDict(coerce_numbers_to_str=True))
 
 
@@ -47,12 +41,11 @@ class WireStatus(TypedDict, total=False):
 
 class WireSignal(WireSignalRef, total=False):
     body: Any
-    meta: dict[str, Any] | None  # oemUpdatedAt, retrievedAt or fetchedAt: any value, read by normalise
+    meta: dict[str, Any] | None
     status: WireStatus | None
 
 
-# The edge's reading (EDGE_VALIDATOR) leaves out what it never reads, a signal's body, times and
-# error: half the cost a body.
+# The edge's reading (EDGE_VALIDATOR) leaves out what it never reads: a signal's body, times and error.
 class EdgeStatus(TypedDict, total=False):
     value: str | None
     error: WireObject | None
@@ -108,7 +101,7 @@ class WireMeta(TypedDict, total=False):
     mode: str | None
 
 
-#: A signal as read: every field (:class:`WireSignal`), or the edge's (:class:`EdgeSignal`).
+#: A signal as the worker reads it (:class:`WireSignal`), or as the edge does (:class:`EdgeSignal`).
 S = TypeVar("S", bound=WireSignalRef)
 
 
@@ -122,8 +115,7 @@ class WireData(TypedDict, Generic[S], total=False):
 
 @_wire
 class WireEnvelope(TypedDict, Generic[S], total=False):
-    """A VEHICLE_STATE or VEHICLE_ERROR delivery; the event type itself is checked afterwards.
-    ``version``, ``eventName`` and ``payload`` mark a legacy v2.0 webhook (:func:`is_legacy`)."""
+    """A vehicle event (its type is checked afterwards); ``version``, ``eventName``, ``payload``: :func:`is_legacy`."""
 
     eventId: Required[SmartcarId]
     eventType: Required[StrictStr]
