@@ -1,8 +1,5 @@
-"""An asyncio Redis client whose concurrent commands share round trips, packed by hiredis.
-
-Failure semantics and why: docs/architecture.md, "Redis Functions, shared calls and round trips";
-measured: docs/performance.md, "Where the time went (enrichment)".
-"""
+"""An asyncio Redis client whose concurrent commands share round trips, packed by hiredis (why:
+docs/architecture.md, "Redis Functions, shared calls and round trips"; docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -16,14 +13,12 @@ from core.redis.group import GroupCommit
 
 #: Commands that wait on the server, sent alone.
 BLOCKING = frozenset({"BLMOVE", "BLPOP", "BRPOP", "BRPOPLPUSH", "BLMPOP", "BZPOPMIN", "BZPOPMAX", "BZMPOP", "WAIT"})
-#: The most commands one round trip carries.
 MAX_BATCH = 512
 
 
 class BatchingRedis(AsyncRedis):
-    """An asyncio client built as any ``redis.asyncio.Redis``. Commands issued while a round trip
-    is under way go in the next one, as one pipeline (not a transaction); each caller gets its own
-    reply, or its error reply raised. Blocking commands are sent alone."""
+    """A ``redis.asyncio.Redis`` whose commands issued during a round trip go in the next one, as one
+    pipeline (not a transaction); blocking commands are sent alone."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -1,8 +1,7 @@
 """Remembered ``eventId``s, one small-hash field each: the edge's dedupe, the publish mark, the parked mark.
 
-:data:`LIBRARY` is prepended to every script that checks or writes a mark, so the check stays
-atomic with the enqueue, publish or park. Layout and growth: docs/architecture.md, "Remembered
-eventIds"; memory and false duplicates: docs/capacity.md.
+:data:`LIBRARY` is prepended to every script that checks or writes a mark (layout and growth:
+docs/architecture.md, "Remembered eventIds"; memory and false duplicates: docs/capacity.md).
 """
 
 from __future__ import annotations
@@ -30,19 +29,14 @@ LIBRARY = f"""
 -- core/redis/dedupe.py: remembered eventIds, as fields of small time-bucketed hashes.
 local ids = {{}}
 
--- A family's state for this call. registry: the family's registry key; ttl, width: seconds;
--- clock: '' for Redis's clock, else seconds (benchmarks); legacy: the per-key mark prefix of
--- earlier versions, '' for none. The registry is a string of ';'-separated entries: first
--- '<until>:0:0:legacy' while the legacy window lasts, then the generations, newest first,
--- '<expire_at>:<started ms>:<bits>:<slot>' (slot '<width>-<n>'). It is parsed lazily: a lookup
--- that hits in the newest generation (a publish finding the accept mark) reads one or two entries.
+-- A family's state for this call. clock: '' for Redis's, else seconds; legacy: the per-key mark
+-- prefix of earlier versions, '' for none. The registry ('<until>:0:0:legacy' during the legacy
+-- window, then the generations, newest first) is parsed lazily, as far as a lookup reads.
 function ids.open(registry, ttl, width, clock, legacy)
-  local now
-  if clock == '' then
+  local now = tonumber(clock)
+  if not now then
     local t = redis.call('TIME')
     now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  else
-    now = tonumber(clock)
   end
   local raw = redis.call('GET', registry)
   local st = {{registry = registry, ttl = tonumber(ttl), width = tonumber(width), now = now, gens = {{}},
@@ -66,9 +60,7 @@ function ids.gen(st, i)
         st.legacy_until = expire_at
         if st.legacy_prefix ~= '' then st.legacy = st.legacy_prefix end
       else
-        bits = tonumber(bits)
-        st.gens[#st.gens + 1] = {{slot = slot, expire_at = expire_at, t0 = t0, bits = bits, div = 2 ^ (32 - bits),
-                                  prefix = st.registry .. ':' .. slot .. ':' .. bits .. ':'}}
+        st.gens[#st.gens + 1] = ids.generation(st, slot, expire_at, t0, tonumber(bits))
       end
     end
   end
@@ -142,15 +134,18 @@ function ids.bits_for(count)
   return math.min({MAX_BITS}, math.ceil(math.log(count / {TARGET}) / math.log(2) - 1e-9))
 end
 
--- When a slot ends, from its name.
 function ids.slot_end(slot)
   local w, n = string.match(slot, '^(%d+)-(%d+)$')
   return (tonumber(n) + 1) * tonumber(w)
 end
 
+function ids.generation(st, slot, expire_at, t0, bits)
+  return {{slot = slot, expire_at = expire_at, t0 = t0, bits = bits, div = 2 ^ (32 - bits),
+          prefix = st.registry .. ':' .. slot .. ':' .. bits .. ':'}}
+end
+
 function ids.open_generation(st, slot, expire_at, bits)
-  local g = {{slot = slot, expire_at = expire_at, t0 = string.format('%d', st.now * 1000), bits = bits,
-             div = 2 ^ (32 - bits), prefix = st.registry .. ':' .. slot .. ':' .. bits .. ':'}}
+  local g = ids.generation(st, slot, expire_at, string.format('%d', st.now * 1000), bits)
   table.insert(ids.all(st), 1, g)
   st.gen = g
   ids.save(st)
@@ -218,29 +213,25 @@ end
 
 
 def slot_width(ttl_seconds: int) -> int:
-    """Seconds one slot spans for a TTL: ``ceil(TTL / SLOTS_PER_TTL)``, at least 1."""
     return max(1, math.ceil(ttl_seconds / SLOTS_PER_TTL))
 
 
 def job_digest(job_id: str) -> bytes:
-    """The 128-bit digest an event is remembered by, from its job id (:func:`keys.job_id_for`): one
-    event, one job, one mark."""
+    """The 128-bit digest an event is remembered by: one event, one job, one mark."""
     return hashlib.blake2b(job_id.encode(), digest_size=16).digest()
 
 
 @dataclass(frozen=True)
 class Marks:
-    """One family of remembered events, as configured in this process."""
+    """One family of remembered events; ``clock`` replaces Redis's (benchmarks, tests that cross days)."""
 
     registry: str
     ttl_seconds: int
     legacy_prefix: str
-    """The per-key marks of earlier versions that a script consults during the legacy window."""
     clock: Callable[[], float] | None = None
-    """Seconds to use instead of Redis's clock (benchmarks and tests that cross days)."""
 
     def head(self) -> list[str | int]:
-        """The arguments every script of :data:`LIBRARY` starts with (``ids.open``)."""
+        """The arguments of ``ids.open``."""
         clock = "" if self.clock is None else repr(float(self.clock()))
         return [self.registry, self.ttl_seconds, slot_width(self.ttl_seconds), clock, self.legacy_prefix]
 

@@ -1,8 +1,5 @@
-"""Group commit: what concurrent callers submit while a call is under way goes in the next call.
-
-Who uses it and its guarantees: docs/architecture.md, "Redis Functions, shared calls and round
-trips".
-"""
+"""Group commit: what concurrent callers submit while a call is under way goes in the next call
+(guarantees: docs/architecture.md, "Redis Functions, shared calls and round trips")."""
 
 from __future__ import annotations
 
@@ -20,14 +17,9 @@ R = TypeVar("R")
 
 
 class GroupCommit(Generic[T, R]):
-    """Calls ``call`` with batches of submitted items, one call at a time.
-
-    ``call`` answers one result per item, in order (a result may be an exception for its item).
-    With ``direct``, a caller finding nothing pending and a call free makes the call itself;
-    otherwise items wait for a sender task, which also gathers what the same loop turn submits.
-    A failed call raises a copy of its error to each caller of its batch; a caller cancelled while
-    its item is pending leaves it out.
-    """
+    """Calls ``call`` (one result or exception per item, in order) with batches of submitted items,
+    one call at a time. With ``direct``, a caller finding nothing pending and no call under way
+    makes the call itself; else items wait for a sender task."""
 
     def __init__(
         self,
@@ -96,14 +88,8 @@ class GroupCommit(Generic[T, R]):
 
 
 def grouped_function(name: str, source: str, arity: int, read_only: bool = False) -> LuaFunction:
-    """A function that runs ``source``, a script of one key (``KEYS[1]``) and ``arity`` arguments,
-    once for each item of a call, in order: called through :class:`GroupedCall`.
-
-    Each item gets what the script returns (false for nothing), or its own error reply when the
-    script raised for it; the other items of the call are not affected. ``source`` may call
-    ``now_ms()``, Redis's clock in epoch milliseconds, read once per call (the items of a call run
-    at one instant: Redis runs nothing else meanwhile).
-    """
+    """A function running ``source`` (one key, ``arity`` arguments) once per item of a call, each
+    under its own ``pcall``; ``now_ms()`` is Redis's clock in epoch ms, read once per call."""
     wrapper = f"""
 local clock
 local function now_ms()
@@ -132,8 +118,7 @@ return replies
 
 
 class GroupedCall:
-    """A :func:`grouped_function` bound to an asyncio client: ``await call(keys=[key], args=[...])``
-    answers as one call of the script would, and the calls made meanwhile share one ``FCALL``."""
+    """A :func:`grouped_function` bound to an asyncio client: calls made meanwhile share one ``FCALL``."""
 
     def __init__(self, function: LuaFunction, client: Any, max_batch: int = 256) -> None:
         self._function = function

@@ -1,8 +1,5 @@
-"""The inbox: deduplicate by ``eventId`` and enqueue durably, in one atomic step per event.
-
-Why the mark and the job are written together, and how the edge calls the script:
-docs/architecture.md, "Accepting a delivery".
-"""
+"""The inbox: deduplicate by ``eventId`` and enqueue durably, in one atomic step per event
+(why, and how the edge calls the script: docs/architecture.md, "Accepting a delivery")."""
 
 from __future__ import annotations
 
@@ -10,7 +7,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from itertools import chain
 from typing import Any
 
 import hiredis
@@ -35,14 +31,11 @@ from core.redis.parked import ParkedStream
 _ENQUEUE_MANY = (
     LIBRARY
     + """
--- KEYS: queue list, RQ's set of queues
--- ARGV: the marks head (registry, ttl, width, clock, legacy prefix), job key prefix, staged job
---       key prefix, then per event: job id, digest
--- Each event's job hash was written under its staged key by the same transaction: it becomes the
--- job (renamed) or is dropped (already seen). The body never passes through Lua.
--- Returns one 1 (enqueued) or 0 (already seen) per event, in order.
--- The per-event keys are derived here rather than passed in KEYS: RQ (hence this service) runs on
--- a single Redis, not a cluster.
+-- KEYS: queue list, RQ's set of queues. ARGV: the marks head (ids.open's five), job key prefix,
+-- staged job key prefix, then per event: job id, digest.
+-- Each event's job hash, staged by the same transaction, is renamed to the job or dropped (seen).
+-- Returns one 1 (enqueued) or 0 (already seen) per event. Why the body stays out of Lua and the
+-- keys out of KEYS: docs/architecture.md, "Accepting a delivery".
 local st = ids.open(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 local results = {}
 for at = 8, #ARGV, 2 do
@@ -66,31 +59,21 @@ _ENQUEUE_MANY_FN = lua_function("enqueue", _ENQUEUE_MANY)
 
 
 class DirectScript:
-    """One Lua function called on connections taken from the client's pool and kept: one packed
-    write and one read per call, under the client's socket timeout. Its rules (reconnect, load,
-    idle connections, a failed call that may have run): docs/architecture.md, "Accepting a delivery".
-    """
+    """One Lua function called on kept connections, packed by hiredis: kept for its 0.52x redis-py's
+    CPU per call (docs/performance.md). Its rules: docs/architecture.md, "Accepting a delivery"."""
 
     def __init__(self, redis: AsyncRedis, function: LuaFunction) -> None:
         self._redis = redis
         self._function = function
         settings = redis.connection_pool.connection_kwargs
         self._timeout: float | None = settings.get("socket_timeout")
-        # An idle connection is replaced after the pool's health-check interval, else after 30 s.
         self._max_idle_seconds = float(settings.get("health_check_interval") or 30.0)
         #: Connections kept between calls (none is out while no call runs), each with when it was last used.
         self.idle: list[tuple[AbstractConnection, float]] = []
 
-    async def __call__(
-        self,
-        keys: Sequence[str],
-        args: Sequence[Any],
-        staged: Sequence[Sequence[Any]] = (),
-        unstage: Sequence[Any] = (),
-    ) -> Any:
-        """The function's answer. With ``staged``, those commands and the call run as one
-        ``MULTI``/``EXEC``; if the call then fails, ``unstage`` is sent (best effort) before the
-        call is retried or its error raised."""
+    async def __call__(self, keys: Sequence[str], args: Sequence[Any], staged: Sequence[Sequence[Any]] = ()) -> Any:
+        """The function's answer; with ``staged`` (commands writing each the key ``command[1]``), those
+        and the call run as one ``MULTI``/``EXEC``, and the staged keys are deleted if the call fails."""
         if self.idle:
             connection, used = self.idle.pop()
             if time.monotonic() - used > self._max_idle_seconds:
@@ -106,7 +89,7 @@ class DirectScript:
             reconnected = loaded = False
             while True:  # at most one reconnect and one load (a restart may need both)
                 try:
-                    return await self._round_trip(connection, packed, len(commands), unstage)
+                    return await self._round_trip(connection, packed, len(commands), staged)
                 except RedisConnectionError:
                     if reconnected:
                         raise
@@ -130,10 +113,9 @@ class DirectScript:
             self.idle.append((connection, time.monotonic()))
 
     async def _round_trip(
-        self, connection: AbstractConnection, packed: bytes, replies: int, unstage: Sequence[Any]
+        self, connection: AbstractConnection, packed: bytes, replies: int, staged: Sequence[Sequence[Any]]
     ) -> Any:
-        """Send ``packed`` (``replies`` commands) and answer the last reply, every reply read first.
-        Of a transaction (``MULTI`` … ``EXEC``), the answer is the last command's reply in it."""
+        """The last reply (of a transaction, its last command's), every reply read first."""
         async with asyncio.timeout(self._timeout):
             await connection.send_packed_command(packed, check_health=False)
             error: ResponseError | None = None
@@ -149,24 +131,19 @@ class DirectScript:
                 return answer
             answer = answer[-1]
             if isinstance(answer, ResponseError):
-                if unstage:
-                    await connection.send_packed_command(hiredis.pack_command(tuple(unstage)), check_health=False)
-                    with contextlib.suppress(ResponseError):
-                        await connection.read_response()
+                unstage = hiredis.pack_command(("DEL", *(command[1] for command in staged)))
+                await connection.send_packed_command(unstage, check_health=False)
+                with contextlib.suppress(ResponseError):
+                    await connection.read_response()
                 raise answer
             return answer
 
 
-#: The most enqueues one script call carries.
 MAX_BATCH = 256
 
 
 class Inbox:
-    """What the web edge writes: accepted deliveries onto the queue, the rest onto the parked stream.
-
-    Enqueues waiting together share one script call per round trip (:mod:`core.redis.group`); each
-    caller gets its own answer only after Redis has run the script for its event.
-    """
+    """What the web edge writes: accepted deliveries onto the queue, the rest onto the parked stream."""
 
     def __init__(
         self,
@@ -183,18 +160,13 @@ class Inbox:
         self._keys = [queue_key(options.queue), Queue.redis_queues_keys]
         # The job hash RQ would write, less what the script writes per event.
         _, reference = build_job_hash(job_payload("template", "VEHICLE_STATE", "", 0), options)
-        variable = ("created_at", "enqueued_at", "data", "description")
-        constant = [(k, v) for k, v in reference.items() if k not in variable]
-        self._constant: list[Any] = list(chain.from_iterable(constant))
+        per_event = ("created_at", "enqueued_at", "data", "description")
+        self._constant: list[Any] = [x for k, v in reference.items() if k not in per_event for x in (k, v)]
         self._group: GroupCommit[tuple[str, bytes, str], int] = GroupCommit(self._enqueue, MAX_BATCH)
 
     async def accept(self, event_id: str, event_type: str, body: bytes | str, received_at_ms: int) -> bool:
-        """Enqueue the event unless its ``eventId`` was seen; True when this call enqueued it.
-
-        Returns once Redis has run the script for this event. A body given as bytes (a JSON object
-        the edge validated) is embedded in the job verbatim (:func:`spliced_job_data`); text is
-        written as a JSON string, as RQ would.
-        """
+        """True when this call enqueued the event (its ``eventId`` unseen). A body given as bytes (a
+        JSON object the edge validated) is embedded verbatim (:func:`spliced_job_data`)."""
         if isinstance(body, str):
             payload = job_payload(event_id, event_type, body, received_at_ms)
             data = pydantic_core.to_json([PROCESS_EVENT, None, [payload], {}])
@@ -224,7 +196,6 @@ class Inbox:
                     *self._constant,
                 )
             )
-        unstage = ("DEL", *(STAGED_JOB_PREFIX + job_id for job_id, _, _ in jobs))
         metrics.ENQUEUE_BATCH_SIZE.observe(len(jobs))
-        results: list[int] = await self._script(self._keys, args, staged, unstage)
+        results: list[int] = await self._script(self._keys, args, staged)
         return results

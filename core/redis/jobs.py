@@ -1,8 +1,5 @@
-"""The RQ job that carries one accepted delivery: its payload, its options, its hash and data.
-
-A regular RQ job that any RQ tool reads as its own, holding the body exactly as received:
-docs/architecture.md, "Accepting a delivery".
-"""
+"""The RQ job that carries one accepted delivery, a regular RQ job holding the body exactly as
+received (docs/architecture.md, "Accepting a delivery")."""
 
 from __future__ import annotations
 
@@ -47,8 +44,6 @@ class JobOptions:
     timeout_seconds: int = 120
     retries: int = 5
     result_ttl_seconds: int = DEFAULT_JOB_RESULT_TTL_SECONDS
-    """How long RQ keeps a finished job: its hash (which holds the body) and its result expire
-    this long after success (``JOB_RESULT_TTL_SECONDS``)."""
     failure_ttl_seconds: int = 7 * 24 * 3600
 
     @classmethod
@@ -93,12 +88,8 @@ _SPLICED_TAIL = b"}],{}]"
 
 
 def spliced_job_data(event_id: str, event_type: str, body: bytes, received_at_ms: int) -> bytes:
-    """A job's ``data`` with ``body``, a JSON object, embedded verbatim instead of as an escaped string.
-
-    RQ reads it as any job (``body`` then a parsed object); the worker takes the body's exact bytes
-    back with :func:`spliced_parts`. Only a body that Python's ``json`` reads may be given: one
-    pydantic-core parsed without NaN or Infinity literals.
-    """
+    """A job's ``data`` with ``body``, a JSON object that Python's ``json`` reads (no NaN or
+    Infinity), embedded verbatim; :func:`spliced_parts` takes it back."""
     return b"".join(
         (
             _SPLICED_HEAD,
@@ -115,14 +106,9 @@ def spliced_job_data(event_id: str, event_type: str, body: bytes, received_at_ms
 
 
 def spliced_parts(data: bytes) -> tuple[bytes, str] | None:
-    """The payload's fields before the body, as a JSON object (``{"eventId":…,"eventType":…,
-    "receivedAt":…}``), and the body exactly as delivered, of data written by
-    :func:`spliced_job_data`; None for data of any other form.
-
-    Data written from text (:class:`core.redis.inbox.Inbox`, RQ) has the same head and tail, but a JSON
-    string where the body is (and ``receivedAt`` after it); no JSON string before the body can
-    hold ``,"body":`` unescaped.
-    """
+    """Of data written by :func:`spliced_job_data`, the fields before the body as a JSON object and
+    the body as delivered; None for any other data (why unambiguous: docs/architecture.md,
+    "Accepting a delivery")."""
     if not (data.startswith(_SPLICED_HEAD) and data.endswith(_SPLICED_TAIL)):
         return None
     start = data.find(_SPLICED_BODY, len(_SPLICED_HEAD))

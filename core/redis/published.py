@@ -1,8 +1,5 @@
-"""The output stream: one entry per ``eventId``, published with its vehicle-state merge in one step.
-
-Why exactly once, and the trim by age: docs/architecture.md, "Publishing and the vehicle state";
-for consumers: docs/consumers.md.
-"""
+"""The output stream: one entry per ``eventId``, published with its vehicle-state merge in one step
+(why: docs/architecture.md, "Publishing and the vehicle state"; for consumers: docs/consumers.md)."""
 
 from __future__ import annotations
 
@@ -22,11 +19,10 @@ _COMMIT = (
     LIBRARY
     + STATE_LIBRARY
     + """
--- KEYS: output stream. ARGV: the marks head (registry, ttl, width, clock, legacy publish-mark
--- prefix), retention ms, state TTL seconds, then per event: job id, digest, event id, state key,
--- state token, n, m, n state values (field/value pairs to write), m entry values (field/value).
--- Returns per event: the new entry id; 0 when the event was published already; -1 when its
--- vehicle's state changed since the worker read it (nothing was done: it plans again).
+-- KEYS: output stream. ARGV: the marks head (ids.open's five), retention ms, state TTL seconds,
+-- then per event: job id, digest, event id, state key, state token, n, m, n state and m entry
+-- values (field/value pairs). Returns per event: the new entry id; 0 when published already; -1
+-- when its vehicle's state changed since the worker read it (nothing done: it plans again).
 local st = ids.open(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 local min_id = string.format('%d', math.max(0, math.floor(st.now * 1000) - tonumber(ARGV[6])))
 local clock
@@ -46,9 +42,7 @@ while at <= #ARGV do
       applied = apply_state(ARGV[at + 3], ARGV[at + 4], ARGV[7], ARGV[at + 2], writes, entry - 1, clock)
     end
     if applied then
-      -- The entry before the mark: a script stops at a failing command without undoing what it
-      -- already did, so a mark written before an XADD that Redis refused would pass an
-      -- unpublished event for published.
+      -- The entry before the mark (why: docs/architecture.md, "Publishing and the vehicle state").
       result = redis.call('XADD', KEYS[1], 'MINID', '~', min_id, '*', unpack(ARGV, entry, entry + m - 1))
       if value then
         redis.call('HSET', key, field, '2')
@@ -85,18 +79,15 @@ return false
 )
 RECALL_FN = lua_function("recall", RECALL)
 
-#: The most events one completion call carries.
 MAX_BATCH = 64
 
 
 class StateChanged(Exception):
-    """The vehicle's state changed between the read an event's merge was planned on and its
-    completion: nothing was written or published; plan again."""
+    """The vehicle's state changed since the merge was planned: nothing was done; plan again."""
 
 
 class OutputStream:
-    """Writes the output stream, one entry per ``eventId`` whatever happens, each with its merge
-    into the vehicle's state (:mod:`core.redis.vehicle_state`) in the same step."""
+    """The output stream: one entry per ``eventId``, each with its vehicle-state merge in the same step."""
 
     def __init__(
         self,
@@ -125,13 +116,8 @@ class OutputStream:
         return value is not None and (bytes(value) == b"2" or bytes(value).startswith(b"legacy:"))
 
     async def publish(self, event_id: str, fields: Mapping[str, str], merge: MergePlan | None = None) -> str | None:
-        """Append one entry for ``event_id`` unless it was published before, and apply its planned
-        ``merge`` in the same step. Concurrent calls share one script call (:mod:`core.redis.group`).
-
-        Returns the new entry id, or None when the event had already been published (nothing is
-        then merged either). Raises :class:`StateChanged` when the merge was planned on a state
-        that has changed since: nothing was done.
-        """
+        """The new entry id, with ``merge`` applied; None when the event was published already
+        (nothing merged). Raises :class:`StateChanged` when the merge's state has changed since."""
         return await self._group.submit((event_id, fields, merge))
 
     async def _call(
@@ -146,5 +132,4 @@ class OutputStream:
             args += writes
             args += chain.from_iterable(fields.items())
         replies = await self._commit(keys=[self.stream], args=args)
-        # Per event: 0 when published already, -1 when its vehicle's state changed, else the entry id.
         return [None if reply == 0 else StateChanged() if reply == -1 else text(reply) for reply in replies]

@@ -1,9 +1,5 @@
-"""The latest state of each vehicle, ordered by the car's own clock: one Redis hash per vehicle.
-
-The fields and the "newest" rule: docs/consumers.md, "The latest state of a vehicle"; why the
-worker plans each merge and Redis only applies it: docs/architecture.md, "Publishing and the
-vehicle state".
-"""
+"""The latest state of each vehicle, one Redis hash each (the "newest" rule: docs/consumers.md;
+why the worker plans each merge: docs/architecture.md, "Publishing and the vehicle state")."""
 
 from __future__ import annotations
 
@@ -27,17 +23,14 @@ RESERVED_PREFIX = "_"
 STATE_LIBRARY = (
     NOW_MS
     + """
--- core/redis/vehicle_state.py: apply a planned merge to a vehicle's state hash, only while the
--- hash's _updatedAt and _eventId are still token ('<updatedAt>:<eventId>', ':' for no hash).
--- ARGV[from .. to] are the field/value pairs to write; clock is Redis's clock (now_ms()).
--- Returns true when applied, false when the state changed since it was read.
+-- core/redis/vehicle_state.py: write the pairs ARGV[from .. to] to a vehicle's state, true, only
+-- while its '<_updatedAt>:<_eventId>' is still token (':' for no hash), else false.
 local function apply_state(key, token, ttl, event_id, from, to, clock)
   local held = redis.call('HMGET', key, '_updatedAt', '_eventId')
   if (held[1] or '') .. ':' .. (held[2] or '') ~= token then return false end
   local before = tonumber(held[1])
   if before and clock <= before then clock = before + 1 end
-  -- One HSET for the pairs and the state's own fields (the pairs in slices of 2,000 when there are
-  -- more: Lua's unpack has a limit).
+  -- The pairs in slices of 2,000 (Lua's unpack has a limit), the last with the state's own fields.
   local last = from
   while to - last >= 2000 do
     redis.call('HSET', key, unpack(ARGV, last, last + 1999))
@@ -59,13 +52,12 @@ When = tuple[bool, float, bool, float]
 
 @dataclass(frozen=True)
 class MergePlan:
-    """One event's merge, planned against the state as read: what to write, only while the state's
-    ``token`` is unchanged (``writes`` empty: nothing to apply), and what the state held newer."""
+    """One event's merge: the field/value pairs to write while the state's ``token`` is unchanged,
+    and the codes the state held newer."""
 
     key: str
     token: bytes
     writes: list[str | bytes]
-    """Field/value pairs."""
     stale_signals: list[str]
 
 
@@ -83,9 +75,8 @@ def _number(raw: bytes) -> int | None:
 
 
 def _held_when(stored: bytes) -> When:
-    """When a stored version was taken: read off the front of its JSON, where the worker writes the
-    times; a version written otherwise (by an earlier release, or with times that are not whole
-    numbers) is decoded, and any JSON number counts as a time."""
+    """When a stored version was taken: off the front of its JSON, else (an earlier release's, or
+    times that are not whole numbers) decoded, any JSON number counting as a time."""
     front = _FRONT.match(stored)
     if front:
         return _when(_number(front[1]), _number(front[2]))
@@ -100,9 +91,8 @@ def _held_when(stored: bytes) -> When:
 
 
 def _stored_json(signal: Mapping[str, Any]) -> bytes:
-    """A signal's JSON as the state stores it: its two times first, when both are whole numbers or
-    null, so that they are read off the front without parsing (the same object as
-    the output stream's, keys in another order)."""
+    """A signal's JSON as the state stores it: its two times first when both are whole numbers or
+    null, to be read off the front without parsing."""
     oem, ret = signal.get("oemUpdatedAt", False), signal.get("retrievedAt", False)
     if len(signal) < 3 or not all(t is None or (type(t) is int) for t in (oem, ret)):
         return pydantic_core.to_json(signal, inf_nan_mode="null")
@@ -111,9 +101,8 @@ def _stored_json(signal: Mapping[str, Any]) -> bytes:
 
 
 def newest_versions(signals: Iterable[Mapping[str, Any]]) -> dict[str, tuple[When, Mapping[str, Any], bytes]]:
-    """Each code's newest version among ``signals``: when it was taken, the signal, and its stored
-    JSON when it was made to break a tie (else ``b""``). Signals without a usable code (not a
-    string, empty, or starting with ``_``, which the state's own fields use) are left out."""
+    """Each code's newest version among ``signals``: when taken, the signal, and its stored JSON when
+    made to break a tie (else ``b""``). A code not a string, empty or starting with ``_`` is left out."""
     newest: dict[str, tuple[When, Mapping[str, Any], bytes]] = {}
     for signal in signals:
         code = signal.get("code")
@@ -143,9 +132,7 @@ class VehicleStates:
         vehicle: Mapping[str, Any] | None = None,
         vehicle_from_api: bool = True,
     ) -> MergePlan:
-        """The event's merge planned against the state as it is now: only the fields the event
-        needs are read (its signals' newest versions, ``_vehicle``, ``_updatedAt``, ``_eventId``),
-        however large the hash."""
+        """The event's merge planned against the state as it is now, reading only the fields it needs."""
         key = vehicle_state_key(self.prefix, vehicle_id)
         newest = newest_versions(signals)
         names = [UPDATED_AT_FIELD, EVENT_ID_FIELD, VEHICLE_FIELD, *newest]
