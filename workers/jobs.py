@@ -85,14 +85,10 @@ def _spliced(claimed_job: ClaimedJob) -> tuple[dict[str, Any], str] | None:
     return (fields, parts[1]) if isinstance(fields, dict) else None
 
 
-def read_payload(value: object, data: bytes | None = None) -> JobPayload:
+def read_payload(value: dict[str, Any], data: bytes | None = None) -> JobPayload:
     """``value`` as a :class:`JobPayload`, or :class:`InvalidJob` naming the wrong keys, never a
     value (a body carries locations and VINs). Keys beyond the four are ignored (a newer web during
     a rolling upgrade). A body RQ handed over parsed (the edge spliced it) is read from ``data``."""
-    if not isinstance(value, dict):
-        raise InvalidJob(
-            f"Refused by smartcar-ingest: the job's argument is a {type(value).__name__}, not a job payload."
-        )
     fields = dict(value)
     if isinstance(fields.get("body"), dict) and data is not None:
         parts = spliced_parts(data)
