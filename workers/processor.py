@@ -193,8 +193,7 @@ class EventProcessor:
         enrichment = Enrichment()
         for read in (vehicle, signals):
             enrichment.reads[read.call] = read.describe()
-            if read.error is not None:
-                error = read.error
+            if (error := read.error) is not None:
                 enrichment.errors.append(
                     {"call": read.call, "status": error.status, "type": error.error_type, "code": error.error_code}
                 )

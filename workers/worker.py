@@ -178,15 +178,13 @@ class AsyncWorker:
             if not claimed:
                 if burst and not self._tasks:
                     return
-                await self._wait_for_work(burst)
+                # In burst mode a job in flight may yet be retried: wait for it to end, not on the queue.
+                await (self._wait_for_slot(0.5) if burst else self._wait_for_job())
                 continue
             await self._start(claimed)
 
-    async def _wait_for_work(self, burst: bool) -> None:
-        """Wait for the next job: in burst mode for a job in flight to end (it may be retried);
-        otherwise on the queue itself, moving the next id into this worker's list."""
-        if burst:
-            return await self._wait_for_slot(0.5)
+    async def _wait_for_job(self) -> None:
+        """Wait on the queue itself, moving the next id into this worker's list."""
         try:
             await self._redis(
                 lambda: self.redis.blmove(
