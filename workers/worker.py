@@ -264,8 +264,6 @@ class AsyncWorker:
 
     async def _fail(self, claimed_job: ClaimedJob, exc: Exception) -> None:
         """RQ's own failure handling for a job that raised: a retry on its schedule, or the failed registry."""
-        exc_string = "".join(traceback.format_exception(exc))
-        no_retry = isinstance(exc, InvalidJob)
         log.warning(
             "job failed", jobId=claimed_job.job_id, error=type(exc).__name__, finalAttempt=claimed_job.final_attempt
         )
@@ -273,13 +271,13 @@ class AsyncWorker:
         def record() -> None:
             self.connection.ping()  # RQ logs instead of raising when its pipeline fails: wait for Redis first
             job = claimed_job.job(self.connection)
-            if no_retry:
+            if isinstance(exc, InvalidJob):  # it would fail the same way again
                 job.retries_left = 0
             job.started_at = claimed_job.started_at
             job.ended_at = now()
             execution = Execution(claimed_job.execution_id, claimed_job.job_id, self.connection, worker_name=self.name)
-            if claimed_job.started_at is not None:
-                execution.created_at = claimed_job.started_at
+            execution.created_at = claimed_job.started_at or execution.created_at
+            exc_string = "".join(traceback.format_exception(exc))
             self.rq.handle_job_failure(job, self.queue, exc_string=exc_string, execution=execution)
 
         try:
