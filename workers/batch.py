@@ -242,13 +242,8 @@ class Bookkeeping:
             return []
         started = now()
         args: list[Any] = [
-            JOB_PREFIX,
-            EXECUTION_PREFIX,
-            self.worker_name,
-            utcformat(started),
-            started.timestamp(),
-            started.timestamp() + ttl,
-            ttl + 60,
+            *(JOB_PREFIX, EXECUTION_PREFIX, self.worker_name, utcformat(started), started.timestamp()),
+            *(started.timestamp() + ttl, ttl + 60),
         ]
         for claimed_job in jobs:
             args += [claimed_job.job_id, claimed_job.execution_id, "1" if claimed_job.fields else "0"]

@@ -78,9 +78,7 @@ class EventProcessor:
         # Every line logged while this event is processed (here, by the token provider, by
         # stamina's retry hook) carries its ids. The binding is local to this job's asyncio task.
         with structlog.contextvars.bound_contextvars(eventId=payload["eventId"], deliveryId=None, eventType=None):
-            event_id, body = payload["eventId"], payload["body"]
-            # 0 stands for "not recorded" (hand-made jobs in tests): count from now instead.
-            received_at = payload["receivedAt"] or time.time_ns() // 1_000_000
+            event_id, body, received_at = payload["eventId"], payload["body"], payload["receivedAt"]
             try:
                 # The body is validated once, with the schema the web edge validates it with; anything
                 # the parser cannot read is parked (and can be replayed), never failed in RQ.
