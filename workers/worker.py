@@ -134,7 +134,7 @@ class AsyncWorker:
         self._stopped_at = time.monotonic()
         self._slot_free.set()
 
-    async def run(self, burst: bool = False) -> bool:
+    async def run(self, burst: bool = False) -> None:
         loop = asyncio.get_running_loop()
         handlers = {signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop}
         handlers[signal.SIGUSR1] = lambda: log.warning("what the worker awaits", tasks=awaiting())
@@ -159,7 +159,6 @@ class AsyncWorker:
             await self.redis.aclose()
             await self._clients.aclose()
             self.housekeeping.summary(final=True)
-        return True
 
     # --- taking jobs ---
 
@@ -289,8 +288,7 @@ class AsyncWorker:
         """Put a job back at the queue's front without spending a retry (its execution is dropped)."""
         try:
             execution = (claimed_job.job_id, claimed_job.execution_id, self.name)
-            await self._blocking(partial(requeue, self.connection, self.queue.name, [execution]), or_stop=False)
-            log.warning("job put back on the queue", jobId=claimed_job.job_id, reason=why)
+            await self._blocking(partial(requeue, self.connection, self.queue.name, [execution], why), or_stop=False)
         except (redis.RedisError, Stopped) as exc:
             log.warning("job left for a peer to requeue", jobId=claimed_job.job_id, error=type(exc).__name__)
         finally:
@@ -319,11 +317,11 @@ class AsyncWorker:
         self.housekeeping.check_lost = False
         lost = await self._redis(lambda: self.bookkeeping.lost_executions({h.composite for h in self.claimed_jobs()}))
         executions = [(*parse_composite_key(composite), self.name) for composite in lost]
-        for job_id in await self._blocking(partial(requeue, self.connection, self.queue.name, executions)):
-            log.warning("requeued a job whose start was recorded without this worker knowing", jobId=job_id)
+        why = "its start was recorded without this worker knowing"
+        await self._blocking(partial(requeue, self.connection, self.queue.name, executions, why))
 
 
-def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAULT_CONCURRENCY) -> bool:
+def run_worker(settings: Settings, burst: bool, concurrency: int) -> None:
     """Work the ingest queue until stopped (or, with ``burst``, until it is empty)."""
     connection = rq_redis(settings, max_connections=16)
     # Start once Redis answers, so a worker started during an outage waits instead of crashing.
@@ -336,7 +334,7 @@ def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAU
     gc.set_threshold(50_000, 20, 20)
     try:
         # libuv's loop: less CPU per socket event than asyncio's own
-        return uvloop.run(AsyncWorker(settings, connection, queue, concurrency).run(burst=burst))
+        uvloop.run(AsyncWorker(settings, connection, queue, concurrency).run(burst=burst))
     finally:
         if stop_metrics is not None:
             stop_metrics()
