@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import uuid
-import zlib
 from base64 import b64encode
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -138,22 +137,6 @@ return done
 _FINISH_FN = lua_function("finish_jobs", _FINISH)
 
 
-#: What a job's data holds beyond the delivery's body: the function, ids and options.
-JOB_ENVELOPE_BYTES = 65_536
-
-
-def _larger_than(raw: bytes, limit: int) -> bool:
-    """Whether ``raw``, or what RQ inflates it to (data that is not zlib is read as it is), is past
-    ``limit`` bytes; inflates at most ``limit + 1`` bytes to tell."""
-    if len(raw) > limit:
-        return True
-    try:
-        inflated = zlib.decompressobj().decompress(raw, limit + 1)
-    except zlib.error:
-        return False
-    return len(inflated) > limit
-
-
 @dataclass
 class ClaimedJob:
     """One job this worker took from the queue: its id, raw hash and, once started, its execution."""
@@ -192,15 +175,9 @@ class ClaimedJob:
         """The started-registry TTL RQ gives this job: its timeout, at most 30 s, plus 60 s."""
         return min(self.field(b"timeout", 180) or 180, 30) + 60
 
-    def oversized(self, max_body_bytes: int) -> bool:
-        """True when the job's ``data`` or ``exc_info``, as stored or inflated, is past what a
-        delivery of ``max_body_bytes`` needs."""
-        limit = max_body_bytes + JOB_ENVELOPE_BYTES
-        return any(_larger_than(self.fields.get(name, b""), limit) for name in (b"data", b"exc_info"))
-
     def job(self, connection: Any) -> Job:
         """The RQ job, restored from the hash in hand. RQ inflates ``data`` with no limit: only for a
-        job :meth:`oversized` has passed (:func:`workers.jobs.admit` checks every claimed job)."""
+        job :func:`workers.jobs.admit` has found not oversized."""
         job = Job(self.job_id, connection=connection, serializer=JSONSerializer)
         job.restore(self.fields)
         return job
