@@ -149,8 +149,7 @@ class AsyncWorker:
         finally:
             self._stopping = True
             self._stopped_at = self._stopped_at or time.monotonic()
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._flush()
             for claimed_job in self.claimed_jobs():
                 await self._give_back(claimed_job, "the worker stopped before recording it")
