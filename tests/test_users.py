@@ -278,4 +278,4 @@ def test_a_full_worker_user_cache_forgets_its_oldest_user_only(seeded_database, 
         asyncio.run(look_up_each())
     finally:
         store.dispose()
-    assert list(processor._known_users) == smartcar_ids[1:]
+    assert list(processor.known_users) == smartcar_ids[1:]

@@ -4,8 +4,9 @@ docs/architecture.md; re-runs: docs/reliability.md, "Between dequeue and finish"
 
 from __future__ import annotations
 
+import json
 import uuid
-import zlib
+from base64 import b64encode
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -136,22 +137,6 @@ return done
 _FINISH_FN = lua_function("finish_jobs", _FINISH)
 
 
-#: What a job's data holds beyond the delivery's body: the function, ids and options.
-JOB_ENVELOPE_BYTES = 65_536
-
-
-def _larger_than(raw: bytes, limit: int) -> bool:
-    """Whether ``raw``, or what RQ inflates it to (data that is not zlib is read as it is), is past
-    ``limit`` bytes; inflates at most ``limit + 1`` bytes to tell."""
-    if len(raw) > limit:
-        return True
-    try:
-        inflated = zlib.decompressobj().decompress(raw, limit + 1)
-    except zlib.error:
-        return False
-    return len(inflated) > limit
-
-
 @dataclass
 class ClaimedJob:
     """One job this worker took from the queue: its id, raw hash and, once started, its execution."""
@@ -190,15 +175,9 @@ class ClaimedJob:
         """The started-registry TTL RQ gives this job: its timeout, at most 30 s, plus 60 s."""
         return min(self.field(b"timeout", 180) or 180, 30) + 60
 
-    def oversized(self, max_body_bytes: int) -> bool:
-        """True when the job's ``data`` or ``exc_info``, as stored or inflated, is past what a
-        delivery of ``max_body_bytes`` needs."""
-        limit = max_body_bytes + JOB_ENVELOPE_BYTES
-        return any(_larger_than(self.fields.get(name, b""), limit) for name in (b"data", b"exc_info"))
-
     def job(self, connection: Any) -> Job:
         """The RQ job, restored from the hash in hand. RQ inflates ``data`` with no limit: only for a
-        job :meth:`oversized` has passed (:func:`workers.jobs.admit` checks every claimed job)."""
+        job :func:`workers.jobs.admit` has found not oversized."""
         job = Job(self.job_id, connection=connection, serializer=JSONSerializer)
         job.restore(self.fields)
         return job
@@ -240,13 +219,8 @@ class Bookkeeping:
             return []
         started = now()
         args: list[Any] = [
-            JOB_PREFIX,
-            EXECUTION_PREFIX,
-            self.worker_name,
-            utcformat(started),
-            started.timestamp(),
-            started.timestamp() + ttl,
-            ttl + 60,
+            *(JOB_PREFIX, EXECUTION_PREFIX, self.worker_name, utcformat(started), started.timestamp()),
+            *(started.timestamp() + ttl, ttl + 60),
         ]
         for claimed_job in jobs:
             args += [claimed_job.job_id, claimed_job.execution_id, "1" if claimed_job.fields else "0"]
@@ -261,10 +235,7 @@ class Bookkeeping:
 
     async def finish(self, jobs: list[ClaimedJob]) -> int:
         """Record ``jobs`` (that returned) as finished, in one script; returns how many were recorded."""
-        if not jobs:
-            return 0
         ended = now()
-        serializer = JSONSerializer()
         working = sum((ended - job.started_at).total_seconds() for job in jobs if job.started_at)
         args: list[Any] = [
             *(JOB_PREFIX, EXECUTION_PREFIX, RESULTS_PREFIX, utcformat(ended), ended.timestamp(), working),
@@ -272,20 +243,10 @@ class Bookkeeping:
         ]
         for claimed_job in jobs:
             started = claimed_job.started_at.timestamp() if claimed_job.started_at else ended.timestamp()
-            value = Result(
-                claimed_job.job_id,
-                Result.Type.SUCCESSFUL,
-                None,  # type: ignore[arg-type]  # only serializes: no connection needed
-                return_value=claimed_job.result,
-                serializer=serializer,
-            ).serialize()["return_value"]
+            value = b64encode(json.dumps(claimed_job.result).encode()).decode()  # as RQ's Result stores it
             args += [
-                claimed_job.job_id,
-                claimed_job.composite,
-                claimed_job.field(b"result_ttl", 500),
-                value,
-                claimed_job.execution_id,
-                started,
+                *(claimed_job.job_id, claimed_job.composite, claimed_job.field(b"result_ttl", 500), value),
+                *(claimed_job.execution_id, started),
             ]
         keys = [self.started_key, self.finished_key, self.executions_key, self.worker_key]
         return int(await self._finish(keys=keys, args=args))

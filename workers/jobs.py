@@ -5,6 +5,7 @@ object argument and no callbacks, and refuses anything else, never run (docs/sec
 from __future__ import annotations
 
 import time
+import zlib
 from typing import Any
 
 import pydantic_core
@@ -26,13 +27,34 @@ REFUSED_JOB_TTL_SECONDS = 7 * 24 * 3600
 #: The keys of a job payload that must hold text.
 _TEXT_KEYS = ("eventId", "eventType", "body")
 _CALLBACKS = (b"success_callback_name", b"failure_callback_name", b"stopped_callback_name")
+#: What a job's data holds beyond the delivery's body: the function, ids and options.
+JOB_ENVELOPE_BYTES = 65_536
+
+
+def _larger_than(raw: bytes, limit: int) -> bool:
+    """Whether ``raw``, or what RQ inflates it to (data that is not zlib is read as it is), is past
+    ``limit`` bytes; inflates at most ``limit + 1`` bytes to tell."""
+    if len(raw) > limit:
+        return True
+    try:
+        inflated = zlib.decompressobj().decompress(raw, limit + 1)
+    except zlib.error:
+        return False
+    return len(inflated) > limit
+
+
+def _oversized(claimed_job: ClaimedJob, max_body_bytes: int) -> bool:
+    """True when the job's ``data`` or ``exc_info``, as stored or inflated, is past what a
+    delivery of ``max_body_bytes`` needs."""
+    limit = max_body_bytes + JOB_ENVELOPE_BYTES
+    return any(_larger_than(claimed_job.fields.get(name, b""), limit) for name in (b"data", b"exc_info"))
 
 
 def admit(claimed_job: ClaimedJob, connection: redis.Redis, max_body_bytes: int) -> JobPayload | InvalidJob | str:
     """The payload of an ingest job; :class:`InvalidJob` for one whose argument is not a payload (it
     fails in RQ); for any other job, why it is refused (text). An edge-written job is told by its
     bytes; any other is loaded by RQ, unless larger than a delivery needs."""
-    if claimed_job.oversized(max_body_bytes):
+    if _oversized(claimed_job, max_body_bytes):
         return f"the job's data is larger than a delivery of MAX_BODY_BYTES ({max_body_bytes}) needs"
     if any(claimed_job.fields.get(name) for name in _CALLBACKS):
         return "the job carries callbacks"
@@ -85,14 +107,10 @@ def _spliced(claimed_job: ClaimedJob) -> tuple[dict[str, Any], str] | None:
     return (fields, parts[1]) if isinstance(fields, dict) else None
 
 
-def read_payload(value: object, data: bytes | None = None) -> JobPayload:
+def read_payload(value: dict[str, Any], data: bytes | None = None) -> JobPayload:
     """``value`` as a :class:`JobPayload`, or :class:`InvalidJob` naming the wrong keys, never a
     value (a body carries locations and VINs). Keys beyond the four are ignored (a newer web during
     a rolling upgrade). A body RQ handed over parsed (the edge spliced it) is read from ``data``."""
-    if not isinstance(value, dict):
-        raise InvalidJob(
-            f"Refused by smartcar-ingest: the job's argument is a {type(value).__name__}, not a job payload."
-        )
     fields = dict(value)
     if isinstance(fields.get("body"), dict) and data is not None:
         parts = spliced_parts(data)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, TypedDict
 
@@ -55,25 +56,17 @@ USER_CACHE_SIZE = 100_000
 REDIS_CONNECTIONS = 32
 
 
+@dataclass
 class EventProcessor:
     """Processes job payloads written by :mod:`core.redis.inbox`. Safe to run many at once."""
 
-    def __init__(
-        self,
-        users: UserStore,
-        reads: VehicleReads,
-        output: OutputStream,
-        parked: ParkedStream,
-        vehicle_states: VehicleStates,
-        counts: DeploymentCounts,
-    ) -> None:
-        self._users = users
-        self._reads = reads
-        self._output = output
-        self._parked = parked
-        self._vehicle_states = vehicle_states
-        self._known_users: dict[str, tuple[UserRecord, float]] = {}
-        self._counts = counts
+    users: UserStore
+    reads: VehicleReads
+    output: OutputStream
+    parked: ParkedStream
+    vehicle_states: VehicleStates
+    counts: DeploymentCounts
+    known_users: dict[str, tuple[UserRecord, float]] = field(default_factory=dict, init=False)
 
     async def process(
         self, payload: JobPayload, final_attempt: bool, budget_seconds: float, check_published: bool
@@ -85,9 +78,7 @@ class EventProcessor:
         # Every line logged while this event is processed (here, by the token provider, by
         # stamina's retry hook) carries its ids. The binding is local to this job's asyncio task.
         with structlog.contextvars.bound_contextvars(eventId=payload["eventId"], deliveryId=None, eventType=None):
-            event_id, body = payload["eventId"], payload["body"]
-            # 0 stands for "not recorded" (hand-made jobs in tests): count from now instead.
-            received_at = payload["receivedAt"] or time.time_ns() // 1_000_000
+            event_id, body, received_at = payload["eventId"], payload["body"], payload["receivedAt"]
             try:
                 # The body is validated once, with the schema the web edge validates it with; anything
                 # the parser cannot read is parked (and can be replayed), never failed in RQ.
@@ -97,12 +88,12 @@ class EventProcessor:
                 return await self._park(event_id, exc.code, exc.message, body)
 
             structlog.contextvars.bind_contextvars(deliveryId=event.meta.deliveryId, eventType=event.event_type)
-            self._counts.saw(event)  # the VEHICLE_ERROR alert's vehicle counts
+            self.counts.saw(event)  # the VEHICLE_ERROR alert's vehicle counts
             # A re-run after a crash, or a replay, skips the Smartcar calls when the event is out already.
             # Each Redis call here waits out a short outage rather than failing the job over it; all are
             # idempotent (a read, and the publish and the park, each guarded by its mark).
             if check_published and await until_redis_answers_async(
-                lambda: self._output.was_published(event_id), give_up_after=REDIS_PATIENCE_SECONDS
+                lambda: self.output.was_published(event_id), give_up_after=REDIS_PATIENCE_SECONDS
             ):
                 log.debug("event already published")
                 return JobResult(eventId=event_id, status="already_published", reason=None, entryId=None)
@@ -145,11 +136,11 @@ class EventProcessor:
         """Publish the document and its merge into the vehicle's state in one step (planned again
         when the state changed since it was read); the entry id, or None when the event was out already."""
         signals = [*output["signals"], *output["latestSignals"]]
-        plan_merge = partial(self._vehicle_states.plan, event.vehicle.id, signals, output["vehicle"], vehicle_from_api)
+        plan_merge = partial(self.vehicle_states.plan, event.vehicle.id, signals, output["vehicle"], vehicle_from_api)
         while True:
             plan = await until_redis_answers_async(plan_merge, give_up_after=REDIS_PATIENCE_SECONDS)
             output["staleSignals"] = plan.stale_signals
-            publish = partial(self._output.publish, event.event_id, stream_fields(event, user, output), plan)
+            publish = partial(self.output.publish, event.event_id, stream_fields(event, user, output), plan)
             try:
                 return await until_redis_answers_async(publish, give_up_after=REDIS_PATIENCE_SECONDS)
             except StateChanged:
@@ -159,23 +150,23 @@ class EventProcessor:
         """The user linked to ``smartcar_user_id``, remembered for :data:`USER_CACHE_SECONDS` once
         found (only found users: a ``users link`` followed by ``replay`` is seen at once)."""
         now = time.monotonic()
-        cached = self._known_users.get(smartcar_user_id)
+        cached = self.known_users.get(smartcar_user_id)
         if cached is not None and cached[1] > now:
             return cached[0]
-        user = await asyncio.to_thread(self._users.find_by_smartcar_user_id, smartcar_user_id)
+        user = await asyncio.to_thread(self.users.find_by_smartcar_user_id, smartcar_user_id)
         if user is not None:
             # Inserted last, so the dict stays in expiry order; when full, only the oldest goes
             # (clearing it all would send every lookup to the database at once).
-            self._known_users.pop(smartcar_user_id, None)
-            if len(self._known_users) >= USER_CACHE_SIZE:
-                del self._known_users[next(iter(self._known_users))]
-            self._known_users[smartcar_user_id] = (user, now + USER_CACHE_SECONDS)
+            self.known_users.pop(smartcar_user_id, None)
+            if len(self.known_users) >= USER_CACHE_SIZE:
+                del self.known_users[next(iter(self.known_users))]
+            self.known_users[smartcar_user_id] = (user, now + USER_CACHE_SECONDS)
         return user
 
     async def _enrich(self, event: VehicleEvent, received_at_ms: int) -> Enrichment:
         """Read the vehicle and its signals; refusals and rate-limited reads become partial
         enrichment. A revoked access is raised first (parked), then anything transient (retried)."""
-        outcomes = await self._reads.read_event(
+        outcomes = await self.reads.read_event(
             event.vehicle.id,
             event.smartcar_user_id,
             received_at_ms,
@@ -193,8 +184,7 @@ class EventProcessor:
         enrichment = Enrichment()
         for read in (vehicle, signals):
             enrichment.reads[read.call] = read.describe()
-            if read.error is not None:
-                error = read.error
+            if (error := read.error) is not None:
                 enrichment.errors.append(
                     {"call": read.call, "status": error.status, "type": error.error_type, "code": error.error_code}
                 )
@@ -206,7 +196,7 @@ class EventProcessor:
 
     async def _park(self, event_id: str, reason: str, detail: str, body: str) -> JobResult:
         entry_id = await until_redis_answers_async(
-            lambda: self._parked.park(event_id, reason, detail, body), give_up_after=REDIS_PATIENCE_SECONDS
+            lambda: self.parked.park(event_id, reason, detail, body), give_up_after=REDIS_PATIENCE_SECONDS
         )
         if entry_id is None:
             log.debug("event already parked", reason=reason)

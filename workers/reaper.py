@@ -74,16 +74,20 @@ def return_ids(connection: redis.Redis, queue_name: str, held: str, ids: Iterabl
     return [text(raw) for raw in _RETURN_IDS_FN.bind(connection)(keys=keys, args=[JOB_PREFIX, *ids])]
 
 
-def requeue(connection: redis.Redis, queue_name: str, executions: Iterable[tuple[str, str, str]]) -> list[str]:
+def requeue(connection: redis.Redis, queue_name: str, executions: list[tuple[str, str, str]], why: str) -> list[str]:
     """Drop each (job id, execution id, worker name) execution still registered, and put its job back
-    at the queue's front while ``queued`` or ``started`` by that worker; returns the ids put back."""
+    at the queue's front while ``queued`` or ``started`` by that worker; logs and returns the ids put back."""
     args = [JOB_PREFIX, EXECUTION_PREFIX, ExecutionRegistry.key_template.format("")]
     for job_id, execution_id, worker_name in executions:
         args += [job_id, execution_id, worker_name, WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker_name)]
     if len(args) == 3:
         return []
     keys = [StartedJobRegistry.key_template.format(queue_name), queue_key(queue_name)]
-    return [text(raw) for raw in _REQUEUE_FN.bind(connection)(keys=keys, args=args)]
+    requeued = [text(raw) for raw in _REQUEUE_FN.bind(connection)(keys=keys, args=args)]
+    owner_of = {job_id: owner for job_id, _, owner in executions}
+    for job_id in requeued:
+        log.warning("requeued a job", jobId=job_id, worker=owner_of[job_id], reason=why)
+    return requeued
 
 
 def reap(connection: redis.Redis, queue_name: str, dead: Collection[str]) -> list[str]:
@@ -100,7 +104,7 @@ def reap(connection: redis.Redis, queue_name: str, dead: Collection[str]) -> lis
         owners = [text(owner) if owner else "" for owner in pipe.execute()]
     # An execution whose hash is gone has expired: sweep_expired owns it.
     held = [(*parse_composite_key(c), owner) for c, owner in zip(composites, owners, strict=True) if owner in dead]
-    return requeued + _logged(requeue(connection, queue_name, held), held, "requeued a job of a dead worker")
+    return requeued + requeue(connection, queue_name, held, "its worker is dead")
 
 
 def sweep_expired(connection: redis.Redis, queue_name: str) -> list[str]:
@@ -115,11 +119,4 @@ def sweep_expired(connection: redis.Redis, queue_name: str) -> list[str]:
         if status == b"started" and name and connection.exists(alive_key(name)):
             continue  # still running on a live worker, which will refresh or settle it
         gone.append((job_id, execution_id, name))
-    return _logged(requeue(connection, queue_name, gone), gone, "requeued a job whose execution expired")
-
-
-def _logged(requeued: list[str], executions: list[tuple[str, str, str]], message: str) -> list[str]:
-    owner_of = {job_id: owner for job_id, _, owner in executions}
-    for job_id in requeued:
-        log.warning(message, jobId=job_id, worker=owner_of[job_id])
-    return requeued
+    return requeue(connection, queue_name, gone, "its execution expired")

@@ -134,7 +134,7 @@ class AsyncWorker:
         self._stopped_at = time.monotonic()
         self._slot_free.set()
 
-    async def run(self, burst: bool = False) -> bool:
+    async def run(self, burst: bool = False) -> None:
         loop = asyncio.get_running_loop()
         handlers = {signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop}
         handlers[signal.SIGUSR1] = lambda: log.warning("what the worker awaits", tasks=awaiting())
@@ -149,8 +149,7 @@ class AsyncWorker:
         finally:
             self._stopping = True
             self._stopped_at = self._stopped_at or time.monotonic()
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._flush()
             for claimed_job in self.claimed_jobs():
                 await self._give_back(claimed_job, "the worker stopped before recording it")
@@ -159,7 +158,6 @@ class AsyncWorker:
             await self.redis.aclose()
             await self._clients.aclose()
             self.housekeeping.summary(final=True)
-        return True
 
     # --- taking jobs ---
 
@@ -178,15 +176,13 @@ class AsyncWorker:
             if not claimed:
                 if burst and not self._tasks:
                     return
-                await self._wait_for_work(burst)
+                # In burst mode a job in flight may yet be retried: wait for it to end, not on the queue.
+                await (self._wait_for_slot(0.5) if burst else self._wait_for_job())
                 continue
             await self._start(claimed)
 
-    async def _wait_for_work(self, burst: bool) -> None:
-        """Wait for the next job: in burst mode for a job in flight to end (it may be retried);
-        otherwise on the queue itself, moving the next id into this worker's list."""
-        if burst:
-            return await self._wait_for_slot(0.5)
+    async def _wait_for_job(self) -> None:
+        """Wait on the queue itself, moving the next id into this worker's list."""
         try:
             await self._redis(
                 lambda: self.redis.blmove(
@@ -266,8 +262,6 @@ class AsyncWorker:
 
     async def _fail(self, claimed_job: ClaimedJob, exc: Exception) -> None:
         """RQ's own failure handling for a job that raised: a retry on its schedule, or the failed registry."""
-        exc_string = "".join(traceback.format_exception(exc))
-        no_retry = isinstance(exc, InvalidJob)
         log.warning(
             "job failed", jobId=claimed_job.job_id, error=type(exc).__name__, finalAttempt=claimed_job.final_attempt
         )
@@ -275,13 +269,13 @@ class AsyncWorker:
         def record() -> None:
             self.connection.ping()  # RQ logs instead of raising when its pipeline fails: wait for Redis first
             job = claimed_job.job(self.connection)
-            if no_retry:
+            if isinstance(exc, InvalidJob):  # it would fail the same way again
                 job.retries_left = 0
             job.started_at = claimed_job.started_at
             job.ended_at = now()
             execution = Execution(claimed_job.execution_id, claimed_job.job_id, self.connection, worker_name=self.name)
-            if claimed_job.started_at is not None:
-                execution.created_at = claimed_job.started_at
+            execution.created_at = claimed_job.started_at or execution.created_at
+            exc_string = "".join(traceback.format_exception(exc))
             self.rq.handle_job_failure(job, self.queue, exc_string=exc_string, execution=execution)
 
         try:
@@ -293,8 +287,7 @@ class AsyncWorker:
         """Put a job back at the queue's front without spending a retry (its execution is dropped)."""
         try:
             execution = (claimed_job.job_id, claimed_job.execution_id, self.name)
-            await self._blocking(partial(requeue, self.connection, self.queue.name, [execution]), or_stop=False)
-            log.warning("job put back on the queue", jobId=claimed_job.job_id, reason=why)
+            await self._blocking(partial(requeue, self.connection, self.queue.name, [execution], why), or_stop=False)
         except (redis.RedisError, Stopped) as exc:
             log.warning("job left for a peer to requeue", jobId=claimed_job.job_id, error=type(exc).__name__)
         finally:
@@ -323,11 +316,11 @@ class AsyncWorker:
         self.housekeeping.check_lost = False
         lost = await self._redis(lambda: self.bookkeeping.lost_executions({h.composite for h in self.claimed_jobs()}))
         executions = [(*parse_composite_key(composite), self.name) for composite in lost]
-        for job_id in await self._blocking(partial(requeue, self.connection, self.queue.name, executions)):
-            log.warning("requeued a job whose start was recorded without this worker knowing", jobId=job_id)
+        why = "its start was recorded without this worker knowing"
+        await self._blocking(partial(requeue, self.connection, self.queue.name, executions, why))
 
 
-def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAULT_CONCURRENCY) -> bool:
+def run_worker(settings: Settings, burst: bool, concurrency: int) -> None:
     """Work the ingest queue until stopped (or, with ``burst``, until it is empty)."""
     connection = rq_redis(settings, max_connections=16)
     # Start once Redis answers, so a worker started during an outage waits instead of crashing.
@@ -340,7 +333,7 @@ def run_worker(settings: Settings, burst: bool = False, concurrency: int = DEFAU
     gc.set_threshold(50_000, 20, 20)
     try:
         # libuv's loop: less CPU per socket event than asyncio's own
-        return uvloop.run(AsyncWorker(settings, connection, queue, concurrency).run(burst=burst))
+        uvloop.run(AsyncWorker(settings, connection, queue, concurrency).run(burst=burst))
     finally:
         if stop_metrics is not None:
             stop_metrics()

@@ -244,5 +244,5 @@ def test_requeueing_a_dead_workers_job_is_atomic_and_happens_once(redis_client):
         stale = Execution.create(taken, 180, pipeline=pipe, worker_name="gone")
         pipe.execute()
     redis_client.hset(taken.key, mapping={"status": "started", "worker_name": "alive-worker"})
-    assert requeue(redis_client, QUEUE, [(taken.id, stale.id, "gone")]) == []
+    assert requeue(redis_client, QUEUE, [(taken.id, stale.id, "gone")], "a test") == []
     assert redis_client.lpos(QUEUE_KEY, taken.id) is None
