@@ -4,9 +4,7 @@ docs/architecture.md; re-runs: docs/reliability.md, "Between dequeue and finish"
 
 from __future__ import annotations
 
-import json
 import uuid
-from base64 import b64encode
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -236,6 +234,7 @@ class Bookkeeping:
     async def finish(self, jobs: list[ClaimedJob]) -> int:
         """Record ``jobs`` (that returned) as finished, in one script; returns how many were recorded."""
         ended = now()
+        serializer = JSONSerializer()
         working = sum((ended - job.started_at).total_seconds() for job in jobs if job.started_at)
         args: list[Any] = [
             *(JOB_PREFIX, EXECUTION_PREFIX, RESULTS_PREFIX, utcformat(ended), ended.timestamp(), working),
@@ -243,10 +242,20 @@ class Bookkeeping:
         ]
         for claimed_job in jobs:
             started = claimed_job.started_at.timestamp() if claimed_job.started_at else ended.timestamp()
-            value = b64encode(json.dumps(claimed_job.result).encode()).decode()  # as RQ's Result stores it
+            value = Result(
+                claimed_job.job_id,
+                Result.Type.SUCCESSFUL,
+                None,  # type: ignore[arg-type]  # only serializes: no connection needed
+                return_value=claimed_job.result,
+                serializer=serializer,
+            ).serialize()["return_value"]
             args += [
-                *(claimed_job.job_id, claimed_job.composite, claimed_job.field(b"result_ttl", 500), value),
-                *(claimed_job.execution_id, started),
+                claimed_job.job_id,
+                claimed_job.composite,
+                claimed_job.field(b"result_ttl", 500),
+                value,
+                claimed_job.execution_id,
+                started,
             ]
         keys = [self.started_key, self.finished_key, self.executions_key, self.worker_key]
         return int(await self._finish(keys=keys, args=args))
