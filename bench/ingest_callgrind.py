@@ -24,7 +24,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -39,7 +38,7 @@ from core.redis.dedupe import SLOTS_PER_TTL, slot_width
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions, build_job_hash, job_payload
 from core.redis.keys import queue_key
-from tests.procs import free_port
+from tests.procs import RedisServer
 
 #: Parts of Redis's work, by the inclusive cost of the function that does it.
 PARTS = {
@@ -157,36 +156,24 @@ def measure(drive: Drive, events: int, warm: int = 0, keep: str = "") -> dict[st
     default over every live slot: a steady state)."""
     warm = warm or (300 if FRESH["on"] else (SLOTS_PER_TTL + 1) * EVENTS_PER_SLOT)
     CLOCK.events = 0
-    port = free_port()
     work = Path(tempfile.mkdtemp(prefix="ingest-callgrind-"))
     out = work / "callgrind.out"
-    server = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p", "redis-server", "--port", str(port),
-         "--bind", "127.0.0.1", "--save", "", "--hz", "1", "--dir", str(work), "--appendonly", "yes"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
+    launcher = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p")
+    server = RedisServer(appendonly=True, launcher=launcher, options=("--hz", "1"), start_seconds=120)
+    server.start()
+    assert server.process is not None
+    pid, url = str(server.process.pid), server.url
     client = redis.Redis.from_url(url, socket_timeout=60)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                client.ping()
-                break
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
         _run(drive, url, bodies(warm))
-        subprocess.run(["callgrind_control", "-z", str(server.pid)], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
         before = _commands(client)
         _run(drive, url, bodies(events))
         after = _commands(client)
-        subprocess.run(["callgrind_control", "-d", str(server.pid)], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
     finally:
         client.close()
-        server.terminate()
-        server.wait()
+        server.cleanup()
     dumps = sorted(work.glob("callgrind.out.*.1"))
     report = subprocess.run(
         ["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(dumps[0])],

@@ -32,7 +32,7 @@ from core.redis.published import OutputStream
 from core.redis.vehicle_state import VehicleStates
 from core.smartcar.reads import ReadCache
 from core.store.users import UserRecord
-from tests.procs import free_port
+from tests.procs import RedisServer
 from workers.batch import Bookkeeping, ClaimedJob
 from workers.output import Enrichment, build_document, stream_fields
 
@@ -73,18 +73,6 @@ async def _drain(url: str, bodies: dict[str, str], concurrency: int) -> None:
     await client.aclose()
 
 
-def _ready(client: redis.Redis) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            client.ping()
-            return
-        except redis.RedisError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.redis_ir")
     parser.add_argument("--events", type=int, default=3000)
@@ -92,21 +80,15 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="callgrind's output file (default: a temporary one)")
     args = parser.parse_args()
     scratch = tempfile.mkdtemp(prefix="smartcar-ingest-redis-ir-")
-    out, port = args.out or f"{scratch}/callgrind.out", free_port()
-    server = subprocess.Popen(
-        [
-            *("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"),
-            *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
-            *("--dir", scratch, "--appendonly", "yes"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
+    out = args.out or f"{scratch}/callgrind.out"
+    launcher = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}")
+    server = RedisServer(appendonly=True, launcher=launcher, start_seconds=60)
+    server.start()
+    assert server.process is not None
+    pid, url = str(server.process.pid), server.url
     client = redis.Redis.from_url(url)
     toggle = ["callgrind_control", "-i"]
     try:
-        _ready(client)
         load_functions(url)
         bodies = fleet_bodies(WARM_UP + args.events)
         before = redis_traffic(client)
@@ -115,16 +97,15 @@ def main() -> None:
             if measured:
                 client.config_resetstat()
                 before = redis_traffic(client)
-                subprocess.run([*toggle, "on", str(server.pid)], check=True, stdout=subprocess.DEVNULL)
+                subprocess.run([*toggle, "on", pid], check=True, stdout=subprocess.DEVNULL)
             asyncio.run(_drain(url, dict(batch), args.concurrency))
-        subprocess.run([*toggle, "off", str(server.pid)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([*toggle, "off", pid], check=True, stdout=subprocess.DEVNULL)
         traffic = {name: value - before[name] for name, value in redis_traffic(client).items()}
         stats = command_stats(client)
         events = int(client.xlen(OUTPUT)) - WARM_UP
     finally:
         client.close()
-        server.terminate()
-        server.wait(timeout=600)
+        server.cleanup()
     totals = subprocess.run(["callgrind_annotate", out], capture_output=True, text=True, check=True).stdout
     ir = next(int(line.split()[0].replace(",", "")) for line in totals.splitlines() if "PROGRAM TOTALS" in line)
     commands = {name: round(calls / events, 2) for name, (calls, _) in sorted(stats.items(), key=lambda s: -s[1][0])}

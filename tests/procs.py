@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +66,23 @@ def service_env(**values: str) -> dict[str, str]:
 class RedisServer:
     """A redis-server of our own on a free port, which a test may stop and start again."""
 
-    def __init__(self, appendonly: bool = False, fsync_always: bool = False) -> None:
+    def __init__(
+        self,
+        appendonly: bool = False,
+        fsync_always: bool = False,
+        launcher: Sequence[str] = (),
+        options: Sequence[str] = (),
+        start_seconds: float = 10,
+    ) -> None:
+        """``launcher``: a command the server runs under (valgrind, for the benchmarks that count
+        Redis's instructions); ``options``: more redis-server options."""
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed; `make test` installs it")
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="smartcar-ingest-redis-"))
         self.appendonly = appendonly
         self.fsync_always = fsync_always
+        self.launcher, self.options, self.start_seconds = list(launcher), list(options), start_seconds
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -80,12 +90,12 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--dir", str(self.dir), "--appendonly", "yes" if self.appendonly else "no"]
+        args = [*self.launcher, "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--dir", str(self.dir), "--appendonly", "yes" if self.appendonly else "no", *self.options]
         if self.fsync_always:
             args += ["--appendfsync", "always"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + self.start_seconds
         client = redis.Redis.from_url(self.url, socket_timeout=0.5, socket_connect_timeout=0.5)
         while True:
             try:
@@ -109,7 +119,7 @@ class RedisServer:
             self.process.kill()
         else:
             self.process.terminate()
-        self.process.wait(timeout=10)
+        self.process.wait(timeout=max(10, self.start_seconds))
         self.process = None
 
     def cleanup(self) -> None:
