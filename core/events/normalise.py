@@ -121,18 +121,23 @@ def _vehicle_error(wire: WireVehicleError) -> VehicleError:
 
 def _finite(value: Any) -> Any:
     """``value`` with each non-finite float (``1e400`` parses as infinity) as null; itself if none."""
+    if _all_finite(value):
+        return value
+    return pydantic_core.from_json(pydantic_core.to_json(value, inf_nan_mode="null"))
+
+
+def _all_finite(value: Any) -> bool:
+    """Whether ``value`` holds no non-finite float, looked through without copying."""
     kind = type(value)
     if kind is float:
-        return value if math.isfinite(value) else None
+        return math.isfinite(value)
     if kind is not dict and kind is not list:
-        return value
+        return True
     for item in value.values() if kind is dict else value:
         kind = type(item)
-        if (kind is float and not math.isfinite(item)) or (
-            (kind is dict or kind is list) and _finite(item) is not item
-        ):
-            return pydantic_core.from_json(pydantic_core.to_json(value, inf_nan_mode="null"))
-    return value
+        if (kind is float and not math.isfinite(item)) or ((kind is dict or kind is list) and not _all_finite(item)):
+            return False
+    return True
 
 
 def epoch_ms(value: object) -> int | None:
