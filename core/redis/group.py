@@ -10,7 +10,7 @@ from typing import Any, Generic, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from core.redis.functions import LuaFunction, lua_function
+from core.redis.functions import NOW_MS, LuaFunction, lua_function
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -90,13 +90,9 @@ class GroupCommit(Generic[T, R]):
 def grouped_function(name: str, source: str, arity: int, read_only: bool = False) -> LuaFunction:
     """A function running ``source`` (one key, ``arity`` arguments) once per item of a call, each
     under its own ``pcall``; ``now_ms()`` is Redis's clock in epoch ms, read once per call."""
-    wrapper = f"""
-local clock
+    wrapper = f"""{NOW_MS}local read_clock, clock = now_ms, nil
 local function now_ms()
-  if not clock then
-    local t = redis.call('TIME')
-    clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  end
+  clock = clock or read_clock()
   return clock
 end
 local function one(KEYS, ARGV)
