@@ -164,11 +164,6 @@ class ClaimedJob:
         return self.field(b"retries_left") <= 0
 
     @property
-    def run_before(self) -> bool:
-        """True when the job has started before (a retry, a requeue, a re-run after a crash)."""
-        return bool(self.fields.get(b"started_at"))
-
-    @property
     def ttl(self) -> int:
         """The started-registry TTL RQ gives this job: its timeout, at most 30 s, plus 60 s."""
         return min(self.field(b"timeout", 180) or 180, 30) + 60
@@ -261,7 +256,6 @@ class Bookkeeping:
         return int(await self._finish(keys=keys, args=args))
 
     async def lost_executions(self, in_flight: set[str]) -> list[str]:
-        """Composite keys of executions recorded for this worker that it does not know of (a start
-        applied whose answer was lost)."""
+        """Executions recorded for this worker that it does not know of (a start's answer lost)."""
         members = await self.redis.smembers(self.executions_key)
         return [c for c in (text(m) for m in members) if c not in in_flight]

@@ -1,8 +1,6 @@
-"""The worker's life besides its jobs, on two threads of its own (never waiting on the event loop,
-nor on each other): the tick of RQ's own worker object (registration, state, heartbeat, suspension,
-clean-ups, RQ's scheduler in a process of its own), so that ``rq info``, ``rq suspend`` and the
-scheduler see a worker exactly as RQ would, with the summary line; and the liveness beat (this
-worker's liveness key, dead workers' jobs requeued: docs/reliability.md)."""
+"""The worker's life besides its jobs, on two threads of its own: the tick of RQ's worker object
+(so that ``rq info``, ``rq suspend`` and RQ's scheduler see it as RQ would) and the liveness beat
+(docs/architecture.md, "The worker"; docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -14,7 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from multiprocessing.process import BaseProcess
+from multiprocessing import parent_process
 from typing import Any
 
 import redis
@@ -55,8 +53,7 @@ def _job_counts() -> collections.Counter[str]:
 
 
 class Housekeeping:
-    """RQ's worker object and the liveness beat of one worker. ``in_flight`` returns, for each job
-    the worker is running, its execution composite key and started-registry TTL."""
+    """RQ's worker object and the liveness beat of one worker; ``in_flight``: (composite key, TTL) per job."""
 
     def __init__(self, worker: SimpleWorker, queue: Queue, in_flight: Callable[[], list[tuple[str, int]]]):
         self.worker = worker
@@ -81,19 +78,12 @@ class Housekeeping:
         self._summarised = (self._first_counts, time.monotonic())
 
     def start(self, burst: bool) -> None:
-        """Register the worker, start its liveness beat and RQ's scheduler (in burst mode: move
-        due scheduled jobs once)."""
-        attempts = 0
+        """Register the worker, start its beat and RQ's scheduler (burst: move due scheduled jobs once)."""
 
         def birth() -> None:
-            nonlocal attempts
-            attempts += 1
-            try:
+            # The name is a fresh uuid: a name taken is an earlier attempt applied before Redis went away.
+            with contextlib.suppress(ValueError):
                 self.worker.register_birth()  # type: ignore[no-untyped-call]
-            except ValueError:
-                if attempts == 1:
-                    raise  # another live worker has this name
-                # An earlier attempt was applied before Redis went away: registered already.
 
         until_redis_answers(birth)
         # Judge nobody until every live worker has had time to beat since this one started.
@@ -104,12 +94,10 @@ class Housekeeping:
         scheduler = PatientScheduler(
             [self.queue], connection=self.connection, serializer=self.worker.serializer, logging_level="WARNING"
         )
-        until_redis_answers(scheduler.acquire_locks)
         if not burst:
             self.scheduler = scheduler
-            if scheduler.acquired_locks:
-                scheduler.start()
-        elif scheduler.acquired_locks:
+            until_redis_answers(lambda: scheduler.acquire_locks(auto_start=True))  # type: ignore[no-untyped-call]
+        elif until_redis_answers(scheduler.acquire_locks):
             try:
                 until_redis_answers(scheduler.register_birth)
                 until_redis_answers(scheduler.enqueue_scheduled_jobs)
@@ -131,8 +119,7 @@ class Housekeeping:
         self._threads[-1].start()
 
     def tick(self) -> None:
-        """State (busy while jobs are in flight), heartbeat, suspension; the clean-ups every
-        :data:`MAINTENANCE_SECONDS`; the summary line."""
+        """State, heartbeat, suspension; the clean-ups every :data:`MAINTENANCE_SECONDS`; the summary line."""
         try:
             self.suspended = bool(is_suspended(self.connection))
             state = WorkerStatus.BUSY if self._in_flight() else WorkerStatus.IDLE
@@ -153,8 +140,7 @@ class Housekeeping:
         self.summary()
 
     def summary(self, final: bool = False) -> None:
-        """Every :data:`SUMMARY_SECONDS`, the INFO line of what ``smartcar_ingest_jobs_total`` gained,
-        by outcome (per-event lines are DEBUG)."""
+        """Every :data:`SUMMARY_SECONDS`, the INFO line of what ``smartcar_ingest_jobs_total`` gained."""
         before, since = self._summarised
         elapsed = time.monotonic() - since
         if not final and elapsed < SUMMARY_SECONDS:
@@ -176,11 +162,9 @@ class Housekeeping:
         self._reported = state
 
     def _maintain(self) -> None:
-        """RQ's registry clean-up, changed in three ways: expired started entries are requeued
-        (:func:`~workers.reaper.sweep_expired`) before RQ would retry or fail them; RQ's
-        intermediate-list pass is left out (the liveness thread owns those ids); the lock lasts one interval."""
+        """RQ's registry clean-up, expired started entries requeued first (docs/reliability.md)."""
         queue = self.queue
-        if self.scheduler is not None and not self.scheduler.running():
+        if self.scheduler is not None:
             # A peer's scheduler died (take over), or this worker's own did (start it again).
             self.scheduler.acquire_locks(auto_start=True)  # type: ignore[no-untyped-call]
         if not self.connection.set(queue.registry_cleaning_key, self.worker.name, nx=True, ex=MAINTENANCE_SECONDS):
@@ -194,8 +178,7 @@ class Housekeeping:
                 self.connection.delete(queue.registry_cleaning_key)
 
     def stop(self) -> None:
-        """Stop the threads and the scheduler, hand back anything still held, deregister (if Redis
-        cannot be reached in time, a peer puts back what it held once its liveness key expires)."""
+        """Stop the threads and the scheduler, hand back anything still held, deregister."""
         self._stopping.set()
         for thread in self._threads:
             thread.join(timeout=10)
@@ -249,8 +232,7 @@ class Housekeeping:
             log.warning("could not requeue stranded jobs yet; retrying", error=type(exc).__name__)
 
     def _recover(self) -> None:
-        """Requeue what RQ's shared list stranded (ids seen there for :data:`STRANDED_AFTER_SECONDS`)
-        and what dead workers held; one round trip when every announced worker is alive."""
+        """Requeue what RQ's shared list stranded and what dead workers held."""
         with self.connection.pipeline(transaction=False) as pipe:
             pipe.smembers(WORKERS_SET)
             pipe.lrange(rq_intermediate_key(self.queue.name), 0, 99)
@@ -283,15 +265,7 @@ class Housekeeping:
 
 
 class PatientScheduler(RQScheduler):
-    """RQ's scheduler, whose forked process waits out Redis trouble instead of ending on it, and
-    ends when the worker asks (SIGTERM) or is gone (docs/architecture.md, "Design notes")."""
-
-    _worker_pid = 0  # recorded as the worker forks the scheduler's process
-
-    def start(self) -> BaseProcess:
-        self._worker_pid = os.getpid()
-        process: BaseProcess = super().start()  # type: ignore[no-untyped-call]
-        return process
+    """RQ's scheduler, waiting out Redis trouble and ending with its worker (docs/architecture.md)."""
 
     def work(self) -> None:
         self._install_signal_handlers()  # type: ignore[no-untyped-call]
@@ -306,14 +280,14 @@ class PatientScheduler(RQScheduler):
             self._patiently(self.enqueue_scheduled_jobs)
             time.sleep(self.interval)
         if self._orphaned():
-            log.warning("scheduler stopping: its worker is gone", worker=self._worker_pid)
+            log.warning("scheduler stopping: its worker is gone")
         try:
             self.stop()  # type: ignore[no-untyped-call]
         except redis.RedisError as exc:
             log.warning("scheduler stopped without releasing its locks", error=type(exc).__name__)
 
     def stop_process(self) -> None:
-        """In the worker: SIGTERM the scheduler's process and wait for it, killing it after :data:`STOP_SECONDS`."""
+        """In the worker: SIGTERM the scheduler's process, killing it after :data:`STOP_SECONDS`."""
         if (process := self._process) is None:
             return
         process.terminate()
@@ -323,11 +297,9 @@ class PatientScheduler(RQScheduler):
             process.kill()
             process.join()
 
-    def running(self) -> bool:
-        return self._process is not None and self._process.is_alive()
-
     def _orphaned(self) -> bool:  # the worker that forked this process is gone: it has another parent
-        return os.getppid() != self._worker_pid
+        worker = parent_process()
+        return worker is None or os.getppid() != worker.pid
 
     def _stopping(self) -> bool:
         return self._stop_requested or self._orphaned()
@@ -341,8 +313,7 @@ class PatientScheduler(RQScheduler):
 
 
 def awaiting() -> str:
-    """Where each task of the running loop waits, innermost last (``kill -USR1`` logs it: for a
-    worker that seems stuck)."""
+    """Where each task of the running loop waits, innermost last (``kill -USR1`` logs it)."""
     lines: list[str] = []
     for task in asyncio.all_tasks():
         chain: list[str] = []

@@ -1,6 +1,5 @@
-"""Ingest jobs: which claimed jobs run and the payload each carries. RQ would import and call
-whatever function and callbacks a job names: the worker runs only ``process_event`` with one JSON
-object argument and no callbacks, and refuses anything else, never run (docs/security.md)."""
+"""Ingest jobs: which claimed jobs run (only ``process_event`` with one JSON object and no callbacks;
+anything else is refused, never run: docs/security.md) and the payload each carries."""
 
 from __future__ import annotations
 
@@ -32,29 +31,18 @@ JOB_ENVELOPE_BYTES = 65_536
 
 
 def _larger_than(raw: bytes, limit: int) -> bool:
-    """Whether ``raw``, or what RQ inflates it to (data that is not zlib is read as it is), is past
-    ``limit`` bytes; inflates at most ``limit + 1`` bytes to tell."""
-    if len(raw) > limit:
-        return True
+    """Whether ``raw``, or what RQ inflates it to (inflating at most ``limit + 1`` bytes), is past ``limit``."""
     try:
-        inflated = zlib.decompressobj().decompress(raw, limit + 1)
-    except zlib.error:
+        return len(raw) > limit or len(zlib.decompressobj().decompress(raw, limit + 1)) > limit
+    except zlib.error:  # not zlib: RQ reads it as it is
         return False
-    return len(inflated) > limit
-
-
-def _oversized(claimed_job: ClaimedJob, max_body_bytes: int) -> bool:
-    """True when the job's ``data`` or ``exc_info``, as stored or inflated, is past what a
-    delivery of ``max_body_bytes`` needs."""
-    limit = max_body_bytes + JOB_ENVELOPE_BYTES
-    return any(_larger_than(claimed_job.fields.get(name, b""), limit) for name in (b"data", b"exc_info"))
 
 
 def admit(claimed_job: ClaimedJob, connection: redis.Redis, max_body_bytes: int) -> JobPayload | InvalidJob | str:
     """The payload of an ingest job; :class:`InvalidJob` for one whose argument is not a payload (it
-    fails in RQ); for any other job, why it is refused (text). An edge-written job is told by its
-    bytes; any other is loaded by RQ, unless larger than a delivery needs."""
-    if _oversized(claimed_job, max_body_bytes):
+    fails in RQ); for any other job, why it is refused (text)."""
+    limit = max_body_bytes + JOB_ENVELOPE_BYTES
+    if any(_larger_than(claimed_job.fields.get(name, b""), limit) for name in (b"data", b"exc_info")):
         return f"the job's data is larger than a delivery of MAX_BODY_BYTES ({max_body_bytes}) needs"
     if any(claimed_job.fields.get(name) for name in _CALLBACKS):
         return "the job carries callbacks"
@@ -78,9 +66,7 @@ def admit(claimed_job: ClaimedJob, connection: redis.Redis, max_body_bytes: int)
 
 
 def refuse(connection: redis.Redis, queue_name: str, claimed_job: ClaimedJob, reason: str, dequeued: str) -> None:
-    """Move a refused job from the worker's list (``dequeued``) to RQ's failed registry, with a
-    failure result saying why. Never loaded (RQ's failure handling would call its callbacks, or
-    inflate its data without limit): its hash is left as found but for its status and expiry."""
+    """Move a refused job, never loaded, from the worker's list (``dequeued``) to RQ's failed registry."""
     unloaded = Job(claimed_job.job_id, connection=connection, serializer=JSONSerializer)  # its id only
     registry = FailedJobRegistry.key_template.format(queue_name)
     with connection.pipeline() as pipe:
@@ -108,9 +94,8 @@ def _spliced(claimed_job: ClaimedJob) -> tuple[dict[str, Any], str] | None:
 
 
 def read_payload(value: dict[str, Any], data: bytes | None = None) -> JobPayload:
-    """``value`` as a :class:`JobPayload`, or :class:`InvalidJob` naming the wrong keys, never a
-    value (a body carries locations and VINs). Keys beyond the four are ignored (a newer web during
-    a rolling upgrade). A body RQ handed over parsed (the edge spliced it) is read from ``data``."""
+    """``value`` as a :class:`JobPayload` (a body RQ handed over parsed is read from ``data``), or
+    :class:`InvalidJob` naming the wrong keys, never a value (a body carries locations and VINs)."""
     fields = dict(value)
     if isinstance(fields.get("body"), dict) and data is not None:
         parts = spliced_parts(data)
@@ -133,8 +118,7 @@ def read_payload(value: dict[str, Any], data: bytes | None = None) -> JobPayload
 
 
 def process_event(payload: object) -> None:
-    """The function the queue's jobs name. Only ``smartcar-ingest worker`` runs them, and it never
-    calls this: a stock RQ worker that takes one fails it saying so."""
+    """The function the queue's jobs name, never called by ``smartcar-ingest worker``: a stock RQ worker fails them."""
     raise ConfigurationError(
         "ingest jobs run under `smartcar-ingest worker`, which processes them on its own event loop; "
         "a stock RQ worker cannot run them."

@@ -14,12 +14,7 @@ import structlog
 
 from core import metrics
 from core.config import Settings
-from core.errors import (
-    InvalidPayload,
-    SmartcarUnauthorized,
-    SmartcarUnavailable,
-    TransientError,
-)
+from core.errors import InvalidPayload, SmartcarUnauthorized, SmartcarUnavailable, TransientError
 from core.events.model import VehicleEvent
 from core.events.parse import delivery_id_of, parse_stored
 from core.events.wire import VEHICLE_ERROR
@@ -71,27 +66,20 @@ class EventProcessor:
     async def process(
         self, payload: JobPayload, final_attempt: bool, budget_seconds: float, check_published: bool
     ) -> JobResult:
-        """Publish or park one event. Raises a :class:`TransientError` only when a retry may help and
-        this is not the final attempt. The lookup and the Smartcar calls together get at most
-        ``budget_seconds``. ``check_published``: look at the publish mark before the Smartcar calls
-        (only a job that ran before can find its event out already)."""
-        # Every line logged while this event is processed (here, by the token provider, by
-        # stamina's retry hook) carries its ids. The binding is local to this job's asyncio task.
+        """Publish or park one event; raises a :class:`TransientError` only when a retry may help and
+        this is not the final attempt. ``check_published``: the job ran before (docs/reliability.md)."""
+        # Every line logged while this event is processed carries its ids (bound to this job's task).
         with structlog.contextvars.bound_contextvars(eventId=payload["eventId"], deliveryId=None, eventType=None):
             event_id, body, received_at = payload["eventId"], payload["body"], payload["receivedAt"]
             try:
-                # The body is validated once, with the schema the web edge validates it with; anything
-                # the parser cannot read is parked (and can be replayed), never failed in RQ.
-                event = parse_stored(body)
+                event = parse_stored(body)  # what it cannot read is parked (and can be replayed)
             except InvalidPayload as exc:
                 structlog.contextvars.bind_contextvars(deliveryId=delivery_id_of(body))
                 return await self._park(event_id, exc.code, exc.message, body)
 
             structlog.contextvars.bind_contextvars(deliveryId=event.meta.deliveryId, eventType=event.event_type)
             self.counts.saw(event)  # the VEHICLE_ERROR alert's vehicle counts
-            # A re-run after a crash, or a replay, skips the Smartcar calls when the event is out already.
-            # Each Redis call here waits out a short outage rather than failing the job over it; all are
-            # idempotent (a read, and the publish and the park, each guarded by its mark).
+            # Each Redis call here waits out a short outage; all are idempotent (guarded by the event's mark).
             if check_published and await until_redis_answers_async(
                 lambda: self.output.was_published(event_id), give_up_after=REDIS_PATIENCE_SECONDS
             ):
@@ -110,8 +98,7 @@ class EventProcessor:
                 if final_attempt:
                     return await self._park(event_id, "retries_exhausted", "Enrichment ran out of time.", body)
                 raise SmartcarUnavailable("Enrichment ran out of time; the job will be retried.") from None
-            # Parked outside the time budget (parking waits out Redis on its own). InvalidPayload: no
-            # such user, or an id the client refused that the parser let through.
+            # Parked outside the time budget (parking waits out Redis on its own).
             except (SmartcarUnauthorized, InvalidPayload) as exc:
                 return await self._park(event_id, exc.code, exc.message, body)
             except TransientError as exc:
@@ -133,8 +120,7 @@ class EventProcessor:
     async def _publish(
         self, event: VehicleEvent, user: UserRecord, output: dict[str, Any], vehicle_from_api: bool
     ) -> str | None:
-        """Publish the document and its merge into the vehicle's state in one step (planned again
-        when the state changed since it was read); the entry id, or None when the event was out already."""
+        """Publish the document and its merge into the vehicle's state; the entry id, or None if out already."""
         signals = [*output["signals"], *output["latestSignals"]]
         plan_merge = partial(self.vehicle_states.plan, event.vehicle.id, signals, output["vehicle"], vehicle_from_api)
         while True:
@@ -147,8 +133,7 @@ class EventProcessor:
                 log.debug("vehicle state changed while planning the merge; planning again")
 
     async def _find_user(self, smartcar_user_id: str) -> UserRecord | None:
-        """The user linked to ``smartcar_user_id``, remembered for :data:`USER_CACHE_SECONDS` once
-        found (only found users: a ``users link`` followed by ``replay`` is seen at once)."""
+        """The user linked to ``smartcar_user_id``; only found users are remembered (a link shows at once)."""
         now = time.monotonic()
         cached = self.known_users.get(smartcar_user_id)
         if cached is not None and cached[1] > now:
@@ -164,8 +149,7 @@ class EventProcessor:
         return user
 
     async def _enrich(self, event: VehicleEvent, received_at_ms: int) -> Enrichment:
-        """Read the vehicle and its signals; refusals and rate-limited reads become partial
-        enrichment. A revoked access is raised first (parked), then anything transient (retried)."""
+        """Read the vehicle and its signals (refused or rate-limited: partial); raises a revoked access first."""
         outcomes = await self.reads.read_event(
             event.vehicle.id,
             event.smartcar_user_id,
@@ -206,8 +190,7 @@ class EventProcessor:
 
 
 async def open_processor(settings: Settings, http_connections: int, stack: AsyncExitStack) -> EventProcessor:
-    """The processor and what every job in flight shares (one HTTP pool, one Redis client, one user
-    store, one token), opened on the running loop; ``stack`` closes them."""
+    """The processor and what its jobs share, opened on the running loop; ``stack`` closes them."""
     redis = worker_redis(settings, min(http_connections, REDIS_CONNECTIONS))
     stack.push_async_callback(redis.aclose)
     http = LeanHttp(http_connections)

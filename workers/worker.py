@@ -1,7 +1,5 @@
-"""``smartcar-ingest worker``: :class:`AsyncWorker` takes RQ jobs in batches, runs each as a coroutine
-on one event loop and records RQ's bookkeeping a batch at a time (:mod:`workers.batch`);
-:func:`run_worker` is the process around it (Redis connection, metrics endpoint, uvloop).
-How it keeps RQ's view true and loses nothing: docs/architecture.md, "The worker"; docs/reliability.md."""
+"""``smartcar-ingest worker``: :class:`AsyncWorker` runs RQ jobs as coroutines on one event loop,
+:func:`run_worker` is the process around it (docs/architecture.md, "The worker"; docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -101,13 +99,11 @@ class AsyncWorker:
             self._in_flight.pop(claimed_job.composite, None)
 
     def _stop_overdue(self) -> bool:
-        """True :data:`SHUTDOWN_PATIENCE_SECONDS` after the stop, or at a second signal."""
         waited = 0.0 if self._stopped_at is None else time.monotonic() - self._stopped_at
         return self._cancelled or waited > SHUTDOWN_PATIENCE_SECONDS
 
     async def _redis(self, step: Callable[[], Awaitable[T]], or_stop: bool = True) -> T:
-        """``step``, waiting out Redis trouble (:mod:`core.redis.outage`) until a stop (``or_stop``;
-        else, recording what jobs did, until the stop is overdue), then :class:`Stopped`."""
+        """``step``, waiting out Redis trouble until a stop (``or_stop``; else until it is overdue)."""
         stop: Callable[[], bool] = (lambda: self._stopping) if or_stop else self._stop_overdue
         try:
             return await until_redis_answers_async(step, stop=stop)
@@ -118,7 +114,7 @@ class AsyncWorker:
             raise
 
     async def _blocking(self, step: Callable[[], T], or_stop: bool = True) -> T:
-        """A synchronous step (RQ's own code) as :meth:`_redis` runs one, each try on a step thread."""
+        """A synchronous step (RQ's own code), as :meth:`_redis` runs one, on a step thread."""
         loop = asyncio.get_running_loop()
         return await self._redis(lambda: loop.run_in_executor(self._step_threads, step), or_stop)
 
@@ -182,7 +178,6 @@ class AsyncWorker:
             await self._start(claimed)
 
     async def _wait_for_job(self) -> None:
-        """Wait on the queue itself, moving the next id into this worker's list."""
         try:
             await self._redis(
                 lambda: self.redis.blmove(
@@ -234,7 +229,10 @@ class AsyncWorker:
             budget = max(1.0, (claimed_job.field(b"timeout") or self.settings.job_timeout_seconds) - 5)
             async with asyncio.timeout(budget + 15):
                 result = await self.processor.process(
-                    payload, claimed_job.final_attempt, budget, check_published=claimed_job.run_before
+                    payload,
+                    claimed_job.final_attempt,
+                    budget,
+                    check_published=bool(claimed_job.fields.get(b"started_at")),
                 )
         except asyncio.CancelledError:
             if not self._cancelled:
@@ -261,7 +259,6 @@ class AsyncWorker:
             await self._flush()
 
     async def _fail(self, claimed_job: ClaimedJob, exc: Exception) -> None:
-        """RQ's own failure handling for a job that raised: a retry on its schedule, or the failed registry."""
         log.warning(
             "job failed", jobId=claimed_job.job_id, error=type(exc).__name__, finalAttempt=claimed_job.final_attempt
         )
@@ -311,8 +308,7 @@ class AsyncWorker:
     # --- a lost start's answer ---
 
     async def _recover_lost_starts(self) -> None:
-        """Executions recorded for this worker that it does not hold (a start whose answer a Redis
-        restart lost) are put back on the queue."""
+        """Put back the executions recorded for this worker that it does not hold (a start's answer lost)."""
         self.housekeeping.check_lost = False
         lost = await self._redis(lambda: self.bookkeeping.lost_executions({h.composite for h in self.claimed_jobs()}))
         executions = [(*parse_composite_key(composite), self.name) for composite in lost]
@@ -341,9 +337,7 @@ def run_worker(settings: Settings, burst: bool, concurrency: int) -> None:
 
 
 def start_worker_metrics(settings: Settings) -> Callable[[], None] | None:
-    """Serve ``/metrics`` (this process's counters, the queue gauges read at scrape time) on
-    ``ADMIN_HOST``:``METRICS_PORT`` in a daemon thread; returns what stops it, or None when the
-    port is 0, or taken (logged: the worker then runs without metrics)."""
+    """Serve ``/metrics`` on ``ADMIN_HOST``:``METRICS_PORT``; what stops it, or None (port 0 or taken)."""
     if settings.metrics_port == 0:
         return None
     collector = QueueCollector(settings)
