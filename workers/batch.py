@@ -1,6 +1,5 @@
-"""RQ's bookkeeping for a batch of jobs, in RQ's own key layout: one Redis function per step
-(claim, start, finish), each safe to run again after a lost answer. The keys and what is left out:
-docs/architecture.md; re-runs: docs/reliability.md, "Between dequeue and finish"."""
+"""RQ's bookkeeping for a batch of jobs in RQ's key layout, one Redis function per step, each safe to
+run again (docs/architecture.md; docs/reliability.md, "Between dequeue and finish")."""
 
 from __future__ import annotations
 
@@ -28,8 +27,6 @@ RESULTS_PREFIX = Result.get_key("")  # type: ignore[no-untyped-call]
 _CLAIM = """
 -- KEYS: the queue, this worker's dequeued list. ARGV: how many ids to take.
 -- Ids already in the list (an earlier claim whose answer was lost) come back first, alone.
--- The job hashes are read by the worker itself, pipelined: handed through Lua, each body would be
--- copied into a Lua table and out again.
 local ids = redis.call('LRANGE', KEYS[2], 0, -1)
 if #ids == 0 then
   ids = redis.call('LPOP', KEYS[1], ARGV[1])
@@ -169,8 +166,7 @@ class ClaimedJob:
         return min(self.field(b"timeout", 180) or 180, 30) + 60
 
     def job(self, connection: Any) -> Job:
-        """The RQ job, restored from the hash in hand. RQ inflates ``data`` with no limit: only for a
-        job :func:`workers.jobs.admit` has found not oversized."""
+        """The RQ job, restored from the hash in hand (only once :func:`workers.jobs.admit` let it run)."""
         job = Job(self.job_id, connection=connection, serializer=JSONSerializer)
         job.restore(self.fields)
         return job
@@ -206,8 +202,7 @@ class Bookkeeping:
         return [ClaimedJob(job_id, fields) for job_id, fields in zip(ids, hashes, strict=True)]
 
     async def start(self, jobs: list[ClaimedJob], ttl: int) -> list[ClaimedJob]:
-        """Record an execution for each job with a hash (those without one only leave the list);
-        returns the jobs recorded, each with its ``started_at``."""
+        """Record an execution for each job with a hash (the others leave the list); the jobs recorded."""
         if not jobs:
             return []
         started = now()

@@ -90,7 +90,8 @@ class Housekeeping:
         self._quiet_until = time.monotonic() + ALIVE_SECONDS
         until_redis_answers(self._beat)
         self._every(BEAT_SECONDS, self._live, "liveness")
-        self._report(WorkerStatus.IDLE)
+        self.worker.set_state(WorkerStatus.IDLE)
+        self._reported = WorkerStatus.IDLE
         scheduler = PatientScheduler(
             [self.queue], connection=self.connection, serializer=self.worker.serializer, logging_level="WARNING"
         )
@@ -124,7 +125,8 @@ class Housekeeping:
             self.suspended = bool(is_suspended(self.connection))
             state = WorkerStatus.BUSY if self._in_flight() else WorkerStatus.IDLE
             if state != self._reported:
-                self._report(state)
+                self.worker.set_state(state)
+                self._reported = state
             now = time.monotonic()
             if now - self._heartbeat_at >= HEARTBEAT_SECONDS:
                 self._heartbeat_at = now
@@ -156,10 +158,6 @@ class Housekeeping:
                 **counts,
             )
         self._summarised = (jobs, time.monotonic())
-
-    def _report(self, state: str) -> None:
-        self.worker.set_state(state)
-        self._reported = state
 
     def _maintain(self) -> None:
         """RQ's registry clean-up, expired started entries requeued first (docs/reliability.md)."""
@@ -199,8 +197,6 @@ class Housekeeping:
             pipe.srem(WORKERS_SET, self.worker.name)
             pipe.execute()
 
-    # --- the liveness beat ---
-
     def _beat(self) -> None:
         alive = alive_key(self.worker.name)
         # EXPIRE still works when Redis refuses writes at maxmemory; SET and SADD do not.
@@ -210,8 +206,7 @@ class Housekeeping:
                 pipe.sadd(WORKERS_SET, self.worker.name)
                 pipe.execute()
         if jobs := self._in_flight():
-            # Keep RQ's view true while this worker lives: its entries never expire under it,
-            # however long a job waits out a Redis outage.
+            # Its entries never expire under a live worker, however long a job waits out Redis.
             registry = StartedJobRegistry.key_template.format(self.queue.name)
             with self.connection.pipeline(transaction=False) as pipe:
                 for composite, ttl in jobs:
@@ -269,8 +264,7 @@ class PatientScheduler(RQScheduler):
 
     def work(self) -> None:
         self._install_signal_handlers()  # type: ignore[no-untyped-call]
-        # The fork kept the worker's event loop as this process's signal wakeup fd: a signal sent to
-        # the scheduler alone would be handled by the worker's loop as well.
+        # The fork kept the worker loop's signal wakeup fd: the scheduler's signals would reach that loop.
         signal.set_wakeup_fd(-1)
         self._patiently(self.register_birth)
         while not self._stopping():

@@ -1,6 +1,5 @@
 """The enriched event published on ``OUTPUT_STREAM`` (schema version 2, docs/consumers.md): the
-webhook, the internal user and what the v3 API answered; a refused or skipped read leaves the
-webhook's copy or the cache standing in, and ``enrichment.status`` ``"partial"``."""
+webhook, the internal user and what the v3 API answered."""
 
 from __future__ import annotations
 
@@ -29,7 +28,6 @@ class Enrichment:
 
     @property
     def status(self) -> str:
-        """``partial`` when a read was refused or skipped, else ``complete``."""
         skipped = any(read.get("source") == "skipped" for read in self.reads.values())
         return "partial" if self.errors or skipped else "complete"
 
@@ -116,15 +114,12 @@ def build_document(
             "webhookId": event.meta.webhookId,
             "mode": event.meta.mode,
         },
-        # The codes whose value in this event is older than the vehicle's state held: filled in by
-        # the processor when it merges the document into the state, before publishing.
-        "staleSignals": [],
+        "staleSignals": [],  # filled in as the document is merged into the vehicle's state
     }
 
 
 def stream_fields(event: VehicleEvent, user: UserRecord, document: dict[str, Any]) -> dict[str, str]:
-    """The contract's stream entry fields; ``payload`` is compact UTF-8 JSON, where a NaN or
-    infinity the API answered in ``latestSignals`` is written as ``null``, never as the invalid ``NaN``."""
+    """The contract's stream entry fields; ``payload`` is compact JSON (a NaN or infinity: ``null``)."""
     return {
         "event_id": event.event_id,
         "event_type": event.event_type,

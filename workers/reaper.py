@@ -1,7 +1,5 @@
-"""Putting back at the queue's front, without spending a retry, what a dead worker held: its
-dequeued list and its executions in RQ's started registry (why, and what RQ would do instead:
-docs/reliability.md, "Between dequeue and finish"). The liveness thread that finds the dead is
-:mod:`workers.housekeeping`'s."""
+"""Putting back at the queue's front, without spending a retry, what a dead worker held (its dequeued
+list, its executions): docs/reliability.md, "Between dequeue and finish"."""
 
 from __future__ import annotations
 
@@ -75,8 +73,8 @@ def return_ids(connection: redis.Redis, queue_name: str, held: str, ids: Iterabl
 
 
 def requeue(connection: redis.Redis, queue_name: str, executions: list[tuple[str, str, str]], why: str) -> list[str]:
-    """Drop each (job id, execution id, worker name) execution still registered, and put its job back
-    at the queue's front while ``queued`` or ``started`` by that worker; logs and returns the ids put back."""
+    """Drop each (job id, execution id, worker name) execution still registered, putting its job back
+    while ``queued`` or ``started`` by that worker; the ids put back."""
     args = [JOB_PREFIX, EXECUTION_PREFIX, ExecutionRegistry.key_template.format("")]
     for job_id, execution_id, worker_name in executions:
         args += [job_id, execution_id, worker_name, WORKER_EXECUTIONS_KEY_TEMPLATE.format(worker_name)]
@@ -108,8 +106,7 @@ def reap(connection: redis.Redis, queue_name: str, dead: Collection[str]) -> lis
 
 
 def sweep_expired(connection: redis.Redis, queue_name: str) -> list[str]:
-    """Requeue jobs whose started-registry entry expired and whose worker is not alive (a live
-    worker keeps its entries fresh, so an expired one means its worker is gone, announced or not)."""
+    """Requeue jobs whose started-registry entry expired and whose worker is not alive."""
     registry = StartedJobRegistry.key_template.format(queue_name)
     gone: list[tuple[str, str, str]] = []
     for raw in connection.zrangebyscore(registry, "-inf", time.time(), start=0, num=1000):

@@ -43,7 +43,6 @@ T = TypeVar("T")
 
 #: Jobs in flight per worker process unless --concurrency says otherwise (see docs/performance.md).
 DEFAULT_CONCURRENCY = 256
-#: The most jobs one claim takes off the queue.
 BATCH_SIZE = 64
 #: How long finished jobs wait to be recorded together.
 FLUSH_SECONDS = 0.005
@@ -85,8 +84,7 @@ class AsyncWorker:
         self._stopping = False
         self._stopped_at: float | None = None
         self._cancelled = False
-        # RQ's synchronous steps run on a bounded few threads of their own: an outage that holds them
-        # never holds the default pool, where the user lookups run.
+        # RQ's synchronous steps: an outage that holds them never holds the default pool (user lookups).
         self._step_threads = ThreadPoolExecutor(STEP_THREADS, thread_name_prefix="rq-step")
         self._in_flight_lock = threading.Lock()  # the liveness thread reads what the loop changes
 
@@ -147,15 +145,11 @@ class AsyncWorker:
             self._stopped_at = self._stopped_at or time.monotonic()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._flush()
-            for claimed_job in self.claimed_jobs():
-                await self._give_back(claimed_job, "the worker stopped before recording it")
-            await asyncio.to_thread(self.housekeeping.stop)
+            await asyncio.to_thread(self.housekeeping.stop)  # puts back what is still held
             self._step_threads.shutdown(wait=False)  # the stop checks end every wait
             await self.redis.aclose()
             await self._clients.aclose()
             self.housekeeping.summary(final=True)
-
-    # --- taking jobs ---
 
     async def _work(self, burst: bool) -> None:
         while not self._stopping:
@@ -217,8 +211,6 @@ class AsyncWorker:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._slot_free.set()
-
-    # --- running one job ---
 
     async def _run_job(self, claimed_job: ClaimedJob) -> None:
         try:
@@ -290,8 +282,6 @@ class AsyncWorker:
         finally:
             self._release(claimed_job)
 
-    # --- recording finished jobs ---
-
     async def _flush(self) -> None:
         if not self._finished:
             return
@@ -299,13 +289,10 @@ class AsyncWorker:
         try:
             await self._redis(lambda: self.bookkeeping.finish(batch), or_stop=False)
         except (redis.RedisError, Stopped) as exc:
-            # Redis stayed away past the worker's patience: the executions stay registered under
-            # this worker, and a peer's reaper re-runs them (the publish is idempotent).
+            # The executions stay registered under this worker: a peer's reaper re-runs them.
             log.warning("finished jobs not recorded", jobs=len(batch), error=type(exc).__name__)
         for claimed_job in batch:
             self._release(claimed_job)
-
-    # --- a lost start's answer ---
 
     async def _recover_lost_starts(self) -> None:
         """Put back the executions recorded for this worker that it does not hold (a start's answer lost)."""
