@@ -32,8 +32,6 @@ from workers.reaper import reap, return_ids, sweep_expired
 log = get_logger("smartcar_ingest.worker")
 
 TICK_SECONDS = 1.0
-#: RQ's worker key lives for minutes.
-HEARTBEAT_SECONDS = 5.0
 #: Between registry clean-ups (RQ's default is 10 minutes; the reaper is faster still).
 MAINTENANCE_SECONDS = 30
 SUMMARY_SECONDS = 60.0
@@ -72,7 +70,6 @@ class Housekeeping:
         #: Set after Redis trouble: the worker then looks for executions it recorded without knowing.
         self.check_lost = True
         self._reported: str | None = None
-        self._heartbeat_at = 0.0
         self._cleaned_at = time.monotonic()
         self._first_counts = _job_counts()
         self._summarised = (self._first_counts, time.monotonic())
@@ -127,10 +124,8 @@ class Housekeeping:
             if state != self._reported:
                 self.worker.set_state(state)
                 self._reported = state
+            self.worker.heartbeat()
             now = time.monotonic()
-            if now - self._heartbeat_at >= HEARTBEAT_SECONDS:
-                self._heartbeat_at = now
-                self.worker.heartbeat()
             if now - self._cleaned_at >= MAINTENANCE_SECONDS and now >= self._quiet_until:
                 self._cleaned_at = now
                 self._maintain()
@@ -183,11 +178,10 @@ class Housekeeping:
         scheduler, self.scheduler = self.scheduler, None
         if scheduler is not None:
             scheduler.stop_process()
-        if self._threads:  # started
-            try:
-                until_redis_answers(self._release, give_up_after=RELEASE_PATIENCE_SECONDS)
-            except redis.RedisError as exc:
-                log.warning("left without deregistering; peers will requeue its jobs", error=type(exc).__name__)
+        try:
+            until_redis_answers(self._release, give_up_after=RELEASE_PATIENCE_SECONDS)
+        except redis.RedisError as exc:
+            log.warning("left without deregistering; peers will requeue its jobs", error=type(exc).__name__)
         self._best_effort(self.worker.register_death)
 
     def _release(self) -> None:

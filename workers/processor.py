@@ -156,12 +156,8 @@ class EventProcessor:
             received_at_ms,
             after_error=event.event_type == VEHICLE_ERROR,
         )
-        for result in outcomes:
-            if isinstance(result, SmartcarUnauthorized):
-                raise result
-        for result in outcomes:
-            if isinstance(result, BaseException):
-                raise result
+        if errors := [result for result in outcomes if isinstance(result, BaseException)]:
+            raise next((e for e in errors if isinstance(e, SmartcarUnauthorized)), errors[0])
         vehicle, signals = outcomes
         assert isinstance(vehicle, Read)
         assert isinstance(signals, Read)

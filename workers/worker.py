@@ -161,25 +161,18 @@ class AsyncWorker:
                 if self.housekeeping.check_lost:  # here, never while a start's answer is on its way
                     await self._recover_lost_starts()
                 claimed = await self._redis(partial(self.bookkeeping.claim, min(free, self.batch_size)))
+                if not claimed and burst:
+                    if not self._tasks:
+                        return
+                    await self._wait_for_slot(0.5)  # a job in flight may yet be retried: wait for it to end
+                    continue
+                if not claimed:  # wait on the queue itself, moving the next id into this worker's list
+                    dequeued = self.bookkeeping.dequeued_key
+                    await self._redis(partial(self.redis.blmove, self.queue.key, dequeued, IDLE_WAIT_SECONDS))
+                    continue
             except Stopped:
                 return
-            if not claimed:
-                if burst and not self._tasks:
-                    return
-                # In burst mode a job in flight may yet be retried: wait for it to end, not on the queue.
-                await (self._wait_for_slot(0.5) if burst else self._wait_for_job())
-                continue
             await self._start(claimed)
-
-    async def _wait_for_job(self) -> None:
-        try:
-            await self._redis(
-                lambda: self.redis.blmove(
-                    self.queue.key, self.bookkeeping.dequeued_key, IDLE_WAIT_SECONDS, "LEFT", "RIGHT"
-                )
-            )
-        except Stopped:
-            return
 
     async def _wait_for_slot(self, seconds: float) -> None:
         self._slot_free.clear()
@@ -188,15 +181,12 @@ class AsyncWorker:
 
     async def _start(self, claimed: list[ClaimedJob]) -> None:
         runnable: list[ClaimedJob] = []
+        refusal = partial(refuse, self.connection, self.queue.name, dequeued=self.bookkeeping.dequeued_key)
         for claimed_job in claimed:
             if claimed_job.fields:  # else deleted while queued: the start only drops its id
-                claimed_job.payload = admit(claimed_job, self.connection, self.settings.max_body_bytes)
-                reason = claimed_job.payload
+                claimed_job.payload = reason = admit(claimed_job, self.connection, self.settings.max_body_bytes)
                 if isinstance(reason, str):
-                    dequeued = self.bookkeeping.dequeued_key
-                    await self._blocking(
-                        partial(refuse, self.connection, self.queue.name, claimed_job, reason, dequeued)
-                    )
+                    await self._blocking(partial(refusal, claimed_job, reason))
                     continue
             runnable.append(claimed_job)
         ttl = max((h.ttl for h in runnable), default=90)
@@ -219,13 +209,9 @@ class AsyncWorker:
                 raise payload
             # The job's RQ timeout less a margin, so that it stops itself before RQ would.
             budget = max(1.0, (claimed_job.field(b"timeout") or self.settings.job_timeout_seconds) - 5)
+            ran_before = bool(claimed_job.fields.get(b"started_at"))  # then its event may be out already
             async with asyncio.timeout(budget + 15):
-                result = await self.processor.process(
-                    payload,
-                    claimed_job.final_attempt,
-                    budget,
-                    check_published=bool(claimed_job.fields.get(b"started_at")),
-                )
+                result = await self.processor.process(payload, claimed_job.final_attempt, budget, ran_before)
         except asyncio.CancelledError:
             if not self._cancelled:
                 raise
