@@ -267,7 +267,7 @@ class PatientScheduler(RQScheduler):
             self._patiently(self.heartbeat)
             self._patiently(self.enqueue_scheduled_jobs)
             time.sleep(self.interval)
-        if self._orphaned():
+        if not self._stop_requested:
             log.warning("scheduler stopping: its worker is gone")
         try:
             self.stop()  # type: ignore[no-untyped-call]
@@ -285,12 +285,9 @@ class PatientScheduler(RQScheduler):
             process.kill()
             process.join()
 
-    def _orphaned(self) -> bool:  # the worker that forked this process is gone: it has another parent
+    def _stopping(self) -> bool:  # asked to, or the worker that forked it is gone (it has another parent)
         worker = parent_process()
-        return worker is None or os.getppid() != worker.pid
-
-    def _stopping(self) -> bool:
-        return self._stop_requested or self._orphaned()
+        return self._stop_requested or worker is None or os.getppid() != worker.pid
 
     def _patiently(self, step: Callable[[], object]) -> None:
         try:
