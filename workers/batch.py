@@ -177,7 +177,7 @@ class Bookkeeping:
 
     def __init__(self, redis: Redis, queue_name: str, worker_name: str) -> None:
         self.redis = redis
-        self.queue_name = queue_name
+        self.queue_key = queue_key(queue_name)
         self.worker_name = worker_name
         self.dequeued_key = dequeued_key(queue_name, worker_name)
         self.started_key = StartedJobRegistry.key_template.format(queue_name)
@@ -190,9 +190,7 @@ class Bookkeeping:
 
     async def claim(self, count: int) -> list[ClaimedJob]:
         """Up to ``count`` jobs off the queue (or the ones this worker already held), with their hashes."""
-        ids = [
-            text(raw) for raw in await self._claim(keys=[queue_key(self.queue_name), self.dequeued_key], args=[count])
-        ]
+        ids = [text(raw) for raw in await self._claim(keys=[self.queue_key, self.dequeued_key], args=[count])]
         if not ids:
             return []
         pipe = self.redis.pipeline(transaction=False)
@@ -214,11 +212,9 @@ class Bookkeeping:
             args += [claimed_job.job_id, claimed_job.execution_id, "1" if claimed_job.fields else "0"]
         keys = [self.dequeued_key, self.started_key, self.executions_key, self.worker_key]
         flags = await self._start(keys=keys, args=args)
-        recorded = []
-        for claimed_job, flag in zip(jobs, flags, strict=True):
-            if flag and claimed_job.fields:
-                claimed_job.started_at = started
-                recorded.append(claimed_job)
+        recorded = [claimed_job for claimed_job, flag in zip(jobs, flags, strict=True) if flag and claimed_job.fields]
+        for claimed_job in recorded:
+            claimed_job.started_at = started
         return recorded
 
     async def finish(self, jobs: list[ClaimedJob]) -> int:
