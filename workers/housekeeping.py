@@ -124,11 +124,11 @@ class Housekeeping:
             if state != self._reported:
                 self.worker.set_state(state)
                 self._reported = state
-            self.worker.heartbeat()
             now = time.monotonic()
             if now - self._cleaned_at >= MAINTENANCE_SECONDS and now >= self._quiet_until:
                 self._cleaned_at = now
                 self._maintain()
+            self.worker.heartbeat()
         except redis.RedisError as exc:
             if not redis_unavailable(exc):
                 raise
