@@ -122,12 +122,9 @@ class SmartcarClient:
         """The absolute URL of a ``links.next`` value (absolute, host-relative ``/v3/...`` or
         relative to the API root), or "" when it leaves the API's host: the token stays home."""
         base = urlsplit(self._base)
-        if link.startswith(("http://", "https://")):
-            url = link
-        elif link.startswith(base.path):
-            url = urljoin(self._base, link)
-        else:
-            url = self._base + link.lstrip("/")
+        if not link.startswith(("http://", "https://", base.path)):
+            link = link.lstrip("/")  # relative to the API root
+        url = urljoin(self._base, link)
         target = urlsplit(url)
         return url if (target.scheme, target.netloc) == (base.scheme, base.netloc) else ""
 
@@ -158,10 +155,8 @@ class SmartcarClient:
         params: Mapping[str, str] | None = None,
         vehicle_id: str | None = None,
     ) -> dict[str, Any]:
-        """One read with retries; ``endpoint`` is the template named in metrics (never the URL).
-
-        The first try runs outside stamina: its retry context is built only when that try failed, and
-        replays the failure as its own first attempt (why: docs/performance.md)."""
+        """One read with retries; ``endpoint`` is the template named in metrics (never the URL). The
+        first try runs outside stamina, whose context replays its failure (why: docs/performance.md)."""
         deadline = time.monotonic() + BUDGET_SECONDS
         try:
             return await self._get_once(endpoint, url, user_id, params, vehicle_id)

@@ -26,9 +26,7 @@ TIMEOUT_SECONDS = 15.0
 CONNECT_SECONDS = 5.0
 
 
-class Answer(NamedTuple):
-    """One answer, read whole."""
-
+class Answer(NamedTuple):  # one answer, read whole
     status_code: int
     headers: Mapping[str, str]
     content: bytes
@@ -47,18 +45,15 @@ class LeanHttp:
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
-        # Proxies from the environment, as httpx reads them; looked up per request only when one is
-        # set (aiohttp would read the whole environment for every request).
-        proxied = bool(urllib.request.getproxies())
-        connector = aiohttp.TCPConnector(
-            limit=self._max_connections, ssl=ssl.create_default_context(cafile=certifi.where())
-        )
         self._session = aiohttp.ClientSession(
-            connector=connector,
+            connector=aiohttp.TCPConnector(
+                limit=self._max_connections, ssl=ssl.create_default_context(cafile=certifi.where())
+            ),
             cookie_jar=aiohttp.DummyCookieJar(),  # Smartcar's API sets no cookie worth keeping
             timeout=self._timeout,
             headers={"user-agent": "smartcar-ingest"},
-            trust_env=proxied,
+            # Proxies from the environment, as httpx reads them, per request only when one is set.
+            trust_env=bool(urllib.request.getproxies()),
         )
         return self._session
 
@@ -71,10 +66,9 @@ class LeanHttp:
         data: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> Answer:
-        """One request, as ``httpx.AsyncClient.request`` makes it (``data``: a form)."""
+        """One request, as ``httpx.AsyncClient.request`` makes it (``data``: a form; the URL as given)."""
         session = self._session or self._open()
         try:
-            # The URL as given: the callers quote what they put in it.
             async with session.request(
                 method, URL(url, encoded=True), params=params, data=data, headers=headers
             ) as response:
@@ -111,8 +105,7 @@ async def observed(endpoint: str, request: Awaitable[HttpAnswer]) -> HttpAnswer:
 
 
 def retry_after_seconds(answer: HttpAnswer) -> float | None:
-    """The ``Retry-After`` header in seconds, when present and a finite number (``inf``, ``nan`` or
-    ``1e400`` from a hostile or broken answer count as absent)."""
+    """The ``Retry-After`` header in seconds, when present and finite (``inf``, ``nan``: absent)."""
     try:
         seconds = float(answer.headers["retry-after"])
     except (KeyError, ValueError):

@@ -35,13 +35,9 @@ LOCK_SECONDS = 15.0
 #: The longest a token is held, whatever lifetime the token endpoint claims.
 MAX_LIFETIME_SECONDS = 86_400.0
 
-_ACCEPT_JSON = {"accept": "application/json"}
-
 
 @dataclass(frozen=True)
-class AppToken:
-    """An access token and when it stops working (epoch seconds)."""
-
+class AppToken:  # an access token and when it stops working (epoch seconds)
     access_token: str
     expires_at: float
 
@@ -53,9 +49,7 @@ class AppToken:
 
 
 class TokenSeal:
-    """Seals the cached token for Redis: AES-256-GCM under HMAC-SHA256(client secret, label +
-    client id), a random nonce per seal, the Redis key name bound as associated data. A value that
-    does not open (another secret, plain JSON, tampering) reads as no token."""
+    """Seals the cached token for Redis (docs/security.md); a value that does not open reads as no token."""
 
     _PREFIX = b"sealed1:"
     _LABEL = b"smartcar-ingest app-token seal v1:"
@@ -71,7 +65,6 @@ class TokenSeal:
         return self._PREFIX + base64.b64encode(nonce + sealed)
 
     def open(self, raw: bytes | str) -> AppToken | None:
-        """The token in ``raw``, or None when it is not one this seal made."""
         data = raw.encode() if isinstance(raw, str) else raw
         if not data.startswith(self._PREFIX):
             return None
@@ -142,7 +135,8 @@ class AppTokenProvider:
     async def _request(self) -> AppToken:
         metrics.TOKEN_REFRESHES.inc()
         answer = await observed(
-            "token", self._http.request("POST", self._token_url, data=self._form, headers=_ACCEPT_JSON)
+            "token",
+            self._http.request("POST", self._token_url, data=self._form, headers={"accept": "application/json"}),
         )
         status = answer.status_code
         if status == 429:
