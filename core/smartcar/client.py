@@ -113,8 +113,7 @@ class SmartcarClient:
         return resources
 
     async def get_signal(self, vehicle_id: str, user_id: str, code: str) -> dict[str, Any]:
-        """``GET /vehicles/{id}/signals/{code}``: one signal resource (``attributes.body`` holds the
-        value); a code the vehicle does not report is a 404, raised as :class:`SmartcarRejected`."""
+        """``GET /vehicles/{id}/signals/{code}``: one signal; one the vehicle lacks: :class:`SmartcarRejected` (404)."""
         url = f"{self._base}{vehicle_path(vehicle_id)}/signals/{_segment(code)}"
         return await self._get("signal", url, user_id, vehicle_id=vehicle_id)
 
@@ -184,7 +183,7 @@ class SmartcarClient:
         token = await self._tokens.get()
         for refreshed in (False, True):
             if self._gate is not None:
-                await self._gate.admit(endpoint, vehicle_id)
+                await self._gate.admit(vehicle_id)
             headers = {"authorization": f"Bearer {token}", "accept": "application/json"}
             if user_id is not None:
                 headers["sc-user-id"] = user_id

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 
 from redis.asyncio import Redis
@@ -109,8 +107,8 @@ _PAUSE_FN = lua_function("pause_requests", _PAUSE)
 
 
 class OverBudget(SmartcarRateLimited):
-    """Nothing was sent: the budget or a pause (``cause``: ``budget``, ``vehicle`` or ``application``)
-    held the request past the read's deadline; ``retry_after`` is how long it would have waited."""
+    """Nothing was sent: the ``budget`` or a ``vehicle`` or ``application`` pause (``cause``) held the
+    request past the read's deadline; ``retry_after`` is how long it would have waited."""
 
     code = "smartcar_over_budget"
 
@@ -145,17 +143,12 @@ class RequestLimiter:
             allowed_at_once = burst if burst is not None else max(1, math.floor(requests_per_minute))
             self._tolerance_ms = (allowed_at_once - 1) * self._interval_ms
 
-    @contextmanager
-    def deadline(self) -> Iterator[None]:
-        """Requests made inside (in this task and the tasks it starts) wait at most
+    def start_deadline(self) -> None:
+        """The requests the calling task (and the tasks it starts) makes from now on wait at most
         ``ENRICH_WAIT_SECONDS`` from now, all together."""
-        token = _deadline.set(time.monotonic() + self._wait)
-        try:
-            yield
-        finally:
-            _deadline.reset(token)
+        _deadline.set(time.monotonic() + self._wait)
 
-    async def admit(self, endpoint: str, vehicle_id: str | None) -> None:
+    async def admit(self, vehicle_id: str | None) -> None:
         """Return when a request for ``vehicle_id`` may be sent (its budget slot taken), or raise
         :class:`OverBudget` at once when that cannot be within the deadline."""
         pause_key = "" if vehicle_id is None else vehicle_pause_key(vehicle_id)

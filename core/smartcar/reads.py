@@ -337,16 +337,16 @@ class VehicleReads:
         fetch: Callable[[str, str], Awaitable[Any]],
     ) -> Read:
         key = read_key(call, vehicle_id, user_id)
-        with self._limiter.deadline():
-            try:
-                read = await self._cache.read(
-                    key, received_at_ms, self._windows_ms[call], lambda: fetch(vehicle_id, user_id)
-                )
-            except SmartcarRejected as exc:
-                read = Read("fetched", error=exc)
-            except SmartcarRateLimited:
-                data, fetched_at = await self._cache.latest(key) or (None, None)
-                read = Read("skipped", data, fetched_at)
+        self._limiter.start_deadline()  # this call runs in a task of its own (asyncio.gather)
+        try:
+            read = await self._cache.read(
+                key, received_at_ms, self._windows_ms[call], lambda: fetch(vehicle_id, user_id)
+            )
+        except SmartcarRejected as exc:
+            read = Read("fetched", error=exc)
+        except SmartcarRateLimited:
+            data, fetched_at = await self._cache.latest(key) or (None, None)
+            read = Read("skipped", data, fetched_at)
         read.call = call
         metrics.ENRICHMENT_READS.labels(call=call, source=read.source).inc()
         return read

@@ -14,7 +14,7 @@ import json
 import math
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -38,11 +38,8 @@ MAX_LIFETIME_SECONDS = 86_400.0
 
 @dataclass(frozen=True)
 class AppToken:  # an access token and when it stops working (epoch seconds)
-    access_token: str
+    access_token: str = field(repr=False)  # the secret stays out of tracebacks and debug output
     expires_at: float
-
-    def __repr__(self) -> str:  # keep the secret out of tracebacks and debug output
-        return f"AppToken(expires_at={self.expires_at:.0f})"
 
     def usable(self) -> bool:
         return self.expires_at - REFRESH_MARGIN_SECONDS > time.time()
