@@ -135,9 +135,7 @@ class SmartcarClient:
         return await self._get("connections", self._base + "connections", user_id, params)
 
     def _retry_on(self, deadline: float, exc: Exception) -> bool | dt.timedelta:
-        """stamina's hook: transient errors, a 429 after its ``Retry-After`` when it gave one and that
-        ends before ``deadline``. With a gate, a 429 is retried at once (the gate waits out its pause)
-        and a request it refused never."""
+        """stamina's hook; what is retried, when: docs/architecture.md, "The v3 client"."""
         if isinstance(exc, SmartcarRateLimited):
             if self._gate is not None:
                 return False if isinstance(exc, OverBudget) else dt.timedelta(0)
@@ -191,7 +189,7 @@ class SmartcarClient:
             if response.status_code != 401 or refreshed:
                 break
             # The token may have been revoked or rotated: one refresh, one retry.
-            token = await self._tokens.refresh(stale=token)
+            token = await self._tokens.get(stale=token)
         status = response.status_code
         if status < 300:
             try:
@@ -215,8 +213,7 @@ class SmartcarClient:
 
 
 def smartcar_client(settings: Settings, redis: Redis, http: SmartcarHttp, **options: Any) -> SmartcarClient:
-    """The v3 client of this deployment, its application token shared through ``redis``; ``options``
-    go to :class:`SmartcarClient`. Without client credentials: :class:`ConfigurationError`."""
+    """The deployment's v3 client (``options``: :class:`SmartcarClient`'s), its token shared through ``redis``."""
     settings.require_client_credentials()
     assert settings.smartcar_client_id is not None
     assert settings.smartcar_client_secret is not None

@@ -43,19 +43,6 @@ class LeanHttp:
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds, connect=min(CONNECT_SECONDS, timeout_seconds))
         self._session: aiohttp.ClientSession | None = None
 
-    def _open(self) -> aiohttp.ClientSession:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=self._max_connections, ssl=ssl.create_default_context(cafile=certifi.where())
-            ),
-            cookie_jar=aiohttp.DummyCookieJar(),  # Smartcar's API sets no cookie worth keeping
-            timeout=self._timeout,
-            headers={"user-agent": "smartcar-ingest"},
-            # Proxies from the environment, as httpx reads them, per request only when one is set.
-            trust_env=bool(urllib.request.getproxies()),
-        )
-        return self._session
-
     async def request(
         self,
         method: str,
@@ -66,8 +53,18 @@ class LeanHttp:
         headers: Mapping[str, str] | None = None,
     ) -> Answer:
         """One request, as ``httpx.AsyncClient.request`` makes it (``data``: a form; the URL as given)."""
-        session = self._session or self._open()
-        async with session.request(
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self._max_connections, ssl=ssl.create_default_context(cafile=certifi.where())
+                ),
+                cookie_jar=aiohttp.DummyCookieJar(),  # Smartcar's API sets no cookie worth keeping
+                timeout=self._timeout,
+                headers={"user-agent": "smartcar-ingest"},
+                # Proxies from the environment, as httpx reads them, per request only when one is set.
+                trust_env=bool(urllib.request.getproxies()),
+            )
+        async with self._session.request(
             method, URL(url, encoded=True), params=params, data=data, headers=headers
         ) as response:
             return Answer(response.status, response.headers, await response.read())

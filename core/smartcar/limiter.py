@@ -170,8 +170,8 @@ class RequestLimiter:
     async def rate_limited(
         self, endpoint: str, vehicle_id: str | None, error_code: str | None, retry_after: float | None
     ) -> None:
-        """Smartcar answered 429: pause that vehicle's calls (or every call, for
-        ``RATE_LIMIT:SMARTCAR_API`` or a call that names no vehicle) in every process."""
+        """Smartcar answered 429: pause that vehicle's calls, or every call (``RATE_LIMIT:SMARTCAR_API``
+        or no vehicle named), in every process."""
         scope = "application" if vehicle_id is None or error_code == "SMARTCAR_API" else "vehicle"
         key = APPLICATION_PAUSE_KEY if scope == "application" else vehicle_pause_key(str(vehicle_id))
         duration_ms = -1 if retry_after is None else math.ceil(retry_after * 1000)

@@ -41,8 +41,7 @@ Source = Literal["fetched", "cached", "shared", "skipped"]
 
 @dataclass(slots=True)
 class Read:
-    """One read as one event got it (a fresh one per event): where it came from, the data, when Smartcar
-    answered the read whose data this is (epoch ms), and the refusal it ended in, if refused."""
+    """One read as one event got it (a fresh one per event); ``fetched_at``: when Smartcar answered (epoch ms)."""
 
     source: Source
     data: Any = None
@@ -150,9 +149,9 @@ class ReadCache:
         self._local: dict[tuple[str, str], asyncio.Future[Read | None]] = {}
 
     async def read(self, key: str, received_at_ms: int, window_ms: int, fetch: Callable[[], Awaitable[Any]]) -> Read:
-        """The data of a read that may serve an event received at ``received_at_ms``: a stored one,
-        one in flight, or a new call to ``fetch`` (always, for a window of 0: kept only as what a
-        skipped read publishes). Failures are raised, but a refusal of a read it waited for is shared as a value."""
+        """A read that may serve an event received at ``received_at_ms``: a stored one, one in flight, or a
+        new call to ``fetch`` (always, for a window of 0). Failures are raised, but a refusal of a read
+        it waited for is returned."""
         keep = window_ms + GRACE_MS
         if window_ms == 0:
             started = time.time_ns() // 1_000_000
@@ -220,8 +219,7 @@ class ReadCache:
             return Read("shared", error=exc)
         return None if outcome is None else Read("shared", outcome.data, outcome.fetched_at)
 
-    async def _watch(self, key: str, token: str, started_at: int) -> Read | None:
-        """Poll another process's read until it has an outcome."""
+    async def _watch(self, key: str, token: str, started_at: int) -> Read | None:  # another process's read
         pause = POLL_FIRST_SECONDS
         while True:
             reply = await self._call(lambda: self._poll(keys=[key], args=[token, started_at]))
@@ -297,7 +295,7 @@ def _int(raw: object) -> int | None:
 
 
 class VehicleReads:
-    """An event's two reads, shared, budgeted and counted, through ``redis``. One per worker process."""
+    """An event's two reads, shared, budgeted and counted, through ``redis``; one per worker process."""
 
     def __init__(self, settings: Settings, redis: Redis, http: SmartcarHttp) -> None:
         self._limiter = RequestLimiter(

@@ -88,14 +88,11 @@ class AppTokenProvider:
         self._release = RQ_SCRIPTS[RELEASE_LOCK_SCRIPT].bind(redis)  # compare-and-delete of the lock
         self._seal = TokenSeal(client_id, client_secret)
 
-    async def get(self) -> str:
-        """A token valid for at least the refresh margin."""
-        if self._local is not None and self._local.usable():
+    async def get(self, stale: str | None = None) -> str:
+        """A token valid for at least the refresh margin, and not ``stale`` (one that failed): the
+        process's, else the shared one, else a new one."""
+        if stale is None and self._local is not None and self._local.usable():
             return self._local.access_token
-        return await self.refresh(stale=None)  # the shared token, if it is usable: no request then
-
-    async def refresh(self, stale: str | None) -> str:
-        """Replace the token ``stale`` (which failed or is expiring) and return its successor."""
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.ensure_future(self._refresh(stale))
         token = await asyncio.shield(self._refreshing)
