@@ -36,14 +36,13 @@ from core.smartcar.http import SmartcarHttp
 from core.smartcar.limiter import RequestLimiter
 
 Call = Literal["vehicle", "signals"]
-Source = Literal["fetched", "cached", "shared", "skipped"]
 
 
 @dataclass(slots=True)
 class Read:
     """One read as one event got it (a fresh one per event); ``fetched_at``: when Smartcar answered (epoch ms)."""
 
-    source: Source
+    source: Literal["fetched", "cached", "shared", "skipped"]
     data: Any = None
     fetched_at: int | None = None
     error: SmartcarRejected | None = None
