@@ -217,11 +217,6 @@ def smartcar_client(settings: Settings, redis: Redis, http: SmartcarHttp, **opti
     settings.require_client_credentials()
     assert settings.smartcar_client_id is not None
     assert settings.smartcar_client_secret is not None
-    tokens = AppTokenProvider(
-        redis,
-        http,
-        settings.smartcar_token_url,
-        settings.smartcar_client_id,
-        settings.smartcar_client_secret.get_secret_value(),
-    )
+    secret = settings.smartcar_client_secret.get_secret_value()
+    tokens = AppTokenProvider(redis, http, settings.smartcar_token_url, settings.smartcar_client_id, secret)
     return SmartcarClient(http, settings.smartcar_api_url, tokens, **options)

@@ -317,23 +317,17 @@ class VehicleReads:
         exception the processor must handle. ``after_error``: the event is a VEHICLE_ERROR, so no
         signals read made until now serves a later event."""
         vehicle, signals = await asyncio.gather(
-            self._read("vehicle", vehicle_id, user_id, received_at_ms, self._client.get_vehicle),
-            self._read("signals", vehicle_id, user_id, received_at_ms, self._client.get_signals),
+            self._read("vehicle", vehicle_id, user_id, received_at_ms),
+            self._read("signals", vehicle_id, user_id, received_at_ms),
             return_exceptions=True,
         )
         if after_error:
             await self._cache.invalidate(read_key("signals", vehicle_id, user_id), self._windows_ms["signals"])
         return vehicle, signals
 
-    async def _read(
-        self,
-        call: Call,
-        vehicle_id: str,
-        user_id: str,
-        received_at_ms: int,
-        fetch: Callable[[str, str], Awaitable[Any]],
-    ) -> Read:
+    async def _read(self, call: Call, vehicle_id: str, user_id: str, received_at_ms: int) -> Read:
         key = read_key(call, vehicle_id, user_id)
+        fetch = self._client.get_vehicle if call == "vehicle" else self._client.get_signals
         self._limiter.start_deadline()  # this call runs in a task of its own (asyncio.gather)
         try:
             read = await self._cache.read(

@@ -151,8 +151,7 @@ class AppTokenProvider:
             data = answer.json()
             access_token = str(data["access_token"])
             expires_in = float(data.get("expires_in", 3600))
-            # A lifetime must be a positive number of seconds (inf or nan would break the cache's
-            # expiry); a longer one than a day is held for a day.
+            # Positive and finite (inf or nan would break the cache's expiry); held a day at most.
             if not (math.isfinite(expires_in) and expires_in > 0):
                 raise ValueError(expires_in)
         except (ValueError, KeyError, TypeError):
