@@ -107,8 +107,7 @@ _PAUSE_FN = lua_function("pause_requests", _PAUSE)
 
 
 class OverBudget(SmartcarRateLimited):
-    """Nothing was sent: the ``budget`` or a ``vehicle`` or ``application`` pause (``cause``) held the
-    request past the read's deadline; ``retry_after`` is how long it would have waited."""
+    """Nothing was sent: the budget or a pause (``cause``) would hold the request past the read's deadline."""
 
     code = "smartcar_over_budget"
 
@@ -144,8 +143,7 @@ class RequestLimiter:
             self._tolerance_ms = (allowed_at_once - 1) * self._interval_ms
 
     def start_deadline(self) -> None:
-        """The requests the calling task (and the tasks it starts) makes from now on wait at most
-        ``ENRICH_WAIT_SECONDS`` from now, all together."""
+        """The requests of the calling task (and its tasks) wait ``ENRICH_WAIT_SECONDS`` from now in all."""
         _deadline.set(time.monotonic() + self._wait)
 
     async def admit(self, vehicle_id: str | None) -> None:
@@ -161,8 +159,7 @@ class RequestLimiter:
                 break
             metrics.LIMITER_WAIT_SECONDS.labels(cause=cause).observe(wait_ms / 1000)
             await asyncio.sleep(wait_ms / 1000)
-            # A 429 may have paused calls while this one waited for its slot: look again (a
-            # pause-only check, no new reservation) and start over if one did.
+            # A 429 may have paused calls meanwhile: look again (the pauses only) and start over if one did.
             _, paused_ms, _ = await self._run(pause_key, reserve=False)
             if paused_ms <= 0:
                 break

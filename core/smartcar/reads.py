@@ -301,8 +301,7 @@ class VehicleReads:
             redis, settings.smartcar_requests_per_minute, settings.smartcar_burst, settings.enrich_wait_seconds
         )
         self._client = smartcar_client(settings, redis, http, gate=self._limiter)
-        # A claimed read may wait for the budget, then retry within the client's budget; past that its
-        # worker is taken for dead and another event claims the read.
+        # Past the wait for the budget and the client's retries, a claim's worker is taken for dead.
         self._cache = ReadCache(redis, lease_seconds=settings.enrich_wait_seconds + BUDGET_SECONDS + 15)
         # How long a read serves later events (0: every event reads).
         self._windows_ms: dict[Call, int] = {
@@ -313,9 +312,8 @@ class VehicleReads:
     async def read_event(
         self, vehicle_id: str, user_id: str, received_at_ms: int, after_error: bool
     ) -> tuple[Read | BaseException, Read | BaseException]:
-        """The vehicle and signals reads for one event, concurrently; each a :class:`Read` or the
-        exception the processor must handle. ``after_error``: the event is a VEHICLE_ERROR, so no
-        signals read made until now serves a later event."""
+        """The event's two reads, concurrently: each a :class:`Read` or the exception to handle. After a
+        VEHICLE_ERROR (``after_error``), no signals read made until now serves a later event."""
         vehicle, signals = await asyncio.gather(
             self._read("vehicle", vehicle_id, user_id, received_at_ms),
             self._read("signals", vehicle_id, user_id, received_at_ms),

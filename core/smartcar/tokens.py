@@ -89,8 +89,7 @@ class AppTokenProvider:
         self._seal = TokenSeal(client_id, client_secret)
 
     async def get(self, stale: str | None = None) -> str:
-        """A token valid for at least the refresh margin, and not ``stale`` (one that failed): the
-        process's, else the shared one, else a new one."""
+        """A token valid for at least the refresh margin, and not ``stale`` (one that failed)."""
         if stale is None and self._local is not None and self._local.usable():
             return self._local.access_token
         if self._refreshing is None or self._refreshing.done():
@@ -121,7 +120,6 @@ class AppTokenProvider:
             await asyncio.sleep(0.05)
 
     async def _shared(self, stale: str | None) -> AppToken | None:
-        """The token in Redis when it is usable and not ``stale``."""
         raw = await self._redis.get(TOKEN_KEY)
         token = None if raw is None else self._seal.open(raw)
         return token if token is not None and token.access_token != stale and token.usable() else None
