@@ -21,10 +21,6 @@ from yarl import URL
 from core import metrics
 from core.errors import SmartcarUnavailable
 
-#: Seconds a request may take in all, and to connect.
-TIMEOUT_SECONDS = 15.0
-CONNECT_SECONDS = 5.0
-
 
 class Answer(NamedTuple):  # one answer, read whole
     status_code: int
@@ -36,11 +32,12 @@ class Answer(NamedTuple):  # one answer, read whole
 
 
 class LeanHttp:
-    """One pooled keep-alive aiohttp session, opened on first use inside the running loop."""
+    """One pooled keep-alive aiohttp session, opened on first use inside the running loop; a request takes
+    at most ``timeout_seconds`` in all, 5 s of them to connect."""
 
-    def __init__(self, max_connections: int = 100, timeout_seconds: float = TIMEOUT_SECONDS) -> None:
+    def __init__(self, max_connections: int = 100, timeout_seconds: float = 15.0) -> None:
         self._max_connections = max_connections
-        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds, connect=min(CONNECT_SECONDS, timeout_seconds))
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds, connect=min(5.0, timeout_seconds))
         self._session: aiohttp.ClientSession | None = None
 
     async def request(
