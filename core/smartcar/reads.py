@@ -174,10 +174,10 @@ class ReadCache:
                 return joined
             # The read went away without an outcome (its worker died): try again.
 
-    async def latest(self, key: str) -> tuple[Any, int | None] | None:
-        """The last read of ``key``, whatever its age (what a skipped read publishes): data and fetchedAt."""
+    async def latest(self, key: str) -> Read:
+        """The last read of ``key``, whatever its age: what a skipped read publishes."""
         data, fetched_at = await self._call(lambda: self._redis.hmget(key, ["data", "fetchedAt"]))
-        return None if data is None else (_loads(data), _int(fetched_at))
+        return Read("skipped", _loads(data), _int(fetched_at))
 
     async def invalidate(self, key: str, window_ms: int) -> None:
         """No read that started before now serves any event from now on (after a VEHICLE_ERROR)."""
@@ -334,8 +334,7 @@ class VehicleReads:
         except SmartcarRejected as exc:
             read = Read("fetched", error=exc)
         except SmartcarRateLimited:
-            data, fetched_at = await self._cache.latest(key) or (None, None)
-            read = Read("skipped", data, fetched_at)
+            read = await self._cache.latest(key)
         read.call = call
         metrics.ENRICHMENT_READS.labels(call=call, source=read.source).inc()
         return read
