@@ -103,7 +103,7 @@ def test_the_budget_lets_a_burst_through_then_one_request_per_interval_in_order(
         started = time.monotonic()
 
         async def one() -> float:
-            await limiter.admit("signals", "vehicle-1")
+            await limiter.admit("vehicle-1")
             return time.monotonic() - started
 
         waited_before = waits()
@@ -122,11 +122,11 @@ def test_a_request_that_cannot_go_within_the_wait_is_refused_at_once_and_reserve
 
     async def scenario(client: Redis) -> tuple[float, OverBudget]:
         limiter = RequestLimiter(client, requests_per_minute=1, burst=1, wait_seconds=0.5)
-        await limiter.admit("vehicle", "vehicle-1")
+        await limiter.admit("vehicle-1")
         held = redis_client.get(BUDGET_KEY)
         started = time.monotonic()
         with pytest.raises(OverBudget) as refused:
-            await limiter.admit("vehicle", "vehicle-1")
+            await limiter.admit("vehicle-1")
         assert redis_client.get(BUDGET_KEY) == held
         return time.monotonic() - started, refused.value
 
@@ -145,7 +145,7 @@ def test_two_processes_share_one_budget(redis_url):
         started = time.monotonic()
 
         async def one(limiter: RequestLimiter) -> float:
-            await limiter.admit("signals", None)
+            await limiter.admit(None)
             return time.monotonic() - started
 
         return sorted(await asyncio.gather(*(one(limiters[i % 2]) for i in range(20))))
@@ -160,7 +160,7 @@ def test_no_budget_set_means_no_limit(redis_url, redis_client):
     async def scenario(client: Redis) -> None:
         limiter = RequestLimiter(client, wait_seconds=0)
         for _ in range(50):
-            await limiter.admit("signals", "vehicle-1")
+            await limiter.admit("vehicle-1")
 
     run(redis_url, scenario)
     assert redis_client.exists(BUDGET_KEY) == 0
@@ -179,11 +179,11 @@ def test_a_vehicle_429_pauses_that_vehicle_in_every_process_until_retry_after(re
         await seen_by.rate_limited("signals", "vehicle-1", "VEHICLE", 0.4)
         started = time.monotonic()
         waited_before = waits()
-        await other.admit("vehicle", "vehicle-2")
+        await other.admit("vehicle-2")
         assert waits() == waited_before
         with pytest.raises(OverBudget) as refused:
-            await RequestLimiter(second, wait_seconds=0.01).admit("vehicle", "vehicle-1")
-        await other.admit("vehicle", "vehicle-1")
+            await RequestLimiter(second, wait_seconds=0.01).admit("vehicle-1")
+        await other.admit("vehicle-1")
         return time.monotonic() - started, refused.value
 
     waited, refused = run(redis_url, scenario, clients=2)
@@ -201,7 +201,7 @@ def test_an_application_429_pauses_every_vehicle(redis_url):
         causes = []
         for vehicle in ("vehicle-1", "vehicle-2", None):
             with pytest.raises(OverBudget) as refused:
-                await limiter.admit("vehicle", vehicle)
+                await limiter.admit(vehicle)
             causes.append(refused.value.cause)
         return causes
 
@@ -289,8 +289,7 @@ def test_a_cached_read_whose_fetch_time_is_not_a_number_serves_without_one(redis
         redis_client.hset(KEY, "fetchedAt", fetched_at)
         cached = await cache.read(KEY, base, 60_000, upstream.fetch)
         latest = await cache.latest(KEY)
-        assert latest is not None
-        return [(cached.source, cached.data, cached.fetched_at), ("latest", *latest)]
+        return [(cached.source, cached.data, cached.fetched_at), ("latest", latest.data, latest.fetched_at)]
 
     assert run(redis_url, scenario) == [("cached", {"call": 1}, None), ("latest", {"call": 1}, None)]
 
@@ -399,7 +398,7 @@ def test_a_cancelled_read_releases_its_claim_at_once(redis_url, redis_client):
 def test_a_transient_failure_fails_the_waiters_and_is_not_kept(redis_url):
     """A 5xx after retries: the waiting events get it (their jobs retry); the next event calls again."""
 
-    async def scenario(first: Redis, second: Redis) -> tuple[int, str, str]:
+    async def scenario(first: Redis, second: Redis) -> tuple[int, str]:
         upstream = Upstream(error=SmartcarUnavailable("down"), held=True)
         mine, theirs = ReadCache(first, lease_seconds=10), ReadCache(second, lease_seconds=10)
         received = now_ms() - 1000
@@ -411,12 +410,13 @@ def test_a_transient_failure_fails_the_waiters_and_is_not_kept(redis_url):
         upstream.release.set()
         with pytest.raises(SmartcarUnavailable):
             await caller
-        failed = await waiter
+        with pytest.raises(SmartcarUnavailable):
+            await waiter
         upstream.error = None
         again = await theirs.read(KEY, now_ms(), WINDOW_MS, upstream.fetch)
-        return upstream.calls, type(failed.error).__name__, again.source
+        return upstream.calls, again.source
 
-    assert run(redis_url, scenario, clients=2) == (2, "SmartcarUnavailable", "fetched")
+    assert run(redis_url, scenario, clients=2) == (2, "fetched")
 
 
 def test_a_read_key_names_no_user_id_and_expires(redis_url, redis_client):

@@ -113,8 +113,7 @@ class SmartcarClient:
         return resources
 
     async def get_signal(self, vehicle_id: str, user_id: str, code: str) -> dict[str, Any]:
-        """``GET /vehicles/{id}/signals/{code}``: one signal resource (``attributes.body`` holds the
-        value); a code the vehicle does not report is a 404, raised as :class:`SmartcarRejected`."""
+        """``GET /vehicles/{id}/signals/{code}``: one signal; one the vehicle lacks: :class:`SmartcarRejected` (404)."""
         url = f"{self._base}{vehicle_path(vehicle_id)}/signals/{_segment(code)}"
         return await self._get("signal", url, user_id, vehicle_id=vehicle_id)
 
@@ -122,12 +121,9 @@ class SmartcarClient:
         """The absolute URL of a ``links.next`` value (absolute, host-relative ``/v3/...`` or
         relative to the API root), or "" when it leaves the API's host: the token stays home."""
         base = urlsplit(self._base)
-        if link.startswith(("http://", "https://")):
-            url = link
-        elif link.startswith(base.path):
-            url = urljoin(self._base, link)
-        else:
-            url = self._base + link.lstrip("/")
+        if not link.startswith(("http://", "https://", base.path)):
+            link = link.lstrip("/")  # relative to the API root
+        url = urljoin(self._base, link)
         target = urlsplit(url)
         return url if (target.scheme, target.netloc) == (base.scheme, base.netloc) else ""
 
@@ -139,9 +135,7 @@ class SmartcarClient:
         return await self._get("connections", self._base + "connections", user_id, params)
 
     def _retry_on(self, deadline: float, exc: Exception) -> bool | dt.timedelta:
-        """stamina's hook: transient errors, a 429 after its ``Retry-After`` when it gave one and that
-        ends before ``deadline``. With a gate, a 429 is retried at once (the gate waits out its pause)
-        and a request it refused never."""
+        """stamina's hook; what is retried, when: docs/architecture.md, "The v3 client"."""
         if isinstance(exc, SmartcarRateLimited):
             if self._gate is not None:
                 return False if isinstance(exc, OverBudget) else dt.timedelta(0)
@@ -158,10 +152,8 @@ class SmartcarClient:
         params: Mapping[str, str] | None = None,
         vehicle_id: str | None = None,
     ) -> dict[str, Any]:
-        """One read with retries; ``endpoint`` is the template named in metrics (never the URL).
-
-        The first try runs outside stamina: its retry context is built only when that try failed, and
-        replays the failure as its own first attempt (why: docs/performance.md)."""
+        """One read with retries; ``endpoint`` is the template named in metrics (never the URL). The
+        first try runs outside stamina, whose context replays its failure (why: docs/performance.md)."""
         deadline = time.monotonic() + BUDGET_SECONDS
         try:
             return await self._get_once(endpoint, url, user_id, params, vehicle_id)
@@ -189,7 +181,7 @@ class SmartcarClient:
         token = await self._tokens.get()
         for refreshed in (False, True):
             if self._gate is not None:
-                await self._gate.admit(endpoint, vehicle_id)
+                await self._gate.admit(vehicle_id)
             headers = {"authorization": f"Bearer {token}", "accept": "application/json"}
             if user_id is not None:
                 headers["sc-user-id"] = user_id
@@ -197,7 +189,7 @@ class SmartcarClient:
             if response.status_code != 401 or refreshed:
                 break
             # The token may have been revoked or rotated: one refresh, one retry.
-            token = await self._tokens.refresh(stale=token)
+            token = await self._tokens.get(stale=token)
         status = response.status_code
         if status < 300:
             try:
@@ -221,16 +213,10 @@ class SmartcarClient:
 
 
 def smartcar_client(settings: Settings, redis: Redis, http: SmartcarHttp, **options: Any) -> SmartcarClient:
-    """The v3 client of this deployment, its application token shared through ``redis``; ``options``
-    go to :class:`SmartcarClient`. Without client credentials: :class:`ConfigurationError`."""
+    """The deployment's v3 client (``options``: :class:`SmartcarClient`'s), its token shared through ``redis``."""
     settings.require_client_credentials()
     assert settings.smartcar_client_id is not None
     assert settings.smartcar_client_secret is not None
-    tokens = AppTokenProvider(
-        redis,
-        http,
-        settings.smartcar_token_url,
-        settings.smartcar_client_id,
-        settings.smartcar_client_secret.get_secret_value(),
-    )
+    secret = settings.smartcar_client_secret.get_secret_value()
+    tokens = AppTokenProvider(redis, http, settings.smartcar_token_url, settings.smartcar_client_id, secret)
     return SmartcarClient(http, settings.smartcar_api_url, tokens, **options)

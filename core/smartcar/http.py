@@ -21,14 +21,8 @@ from yarl import URL
 from core import metrics
 from core.errors import SmartcarUnavailable
 
-#: Seconds a request may take in all, and to connect.
-TIMEOUT_SECONDS = 15.0
-CONNECT_SECONDS = 5.0
 
-
-class Answer(NamedTuple):
-    """One answer, read whole."""
-
+class Answer(NamedTuple):  # one answer, read whole
     status_code: int
     headers: Mapping[str, str]
     content: bytes
@@ -38,29 +32,13 @@ class Answer(NamedTuple):
 
 
 class LeanHttp:
-    """One pooled keep-alive aiohttp session, opened on first use inside the running loop. A network
-    failure or timeout is raised as ``httpx.TransportError``, as the callers' test clients raise it."""
+    """One pooled keep-alive aiohttp session, opened on first use inside the running loop; a request takes
+    at most ``timeout_seconds`` in all, 5 s of them to connect."""
 
-    def __init__(self, max_connections: int = 100, timeout_seconds: float = TIMEOUT_SECONDS) -> None:
+    def __init__(self, max_connections: int = 100, timeout_seconds: float = 15.0) -> None:
         self._max_connections = max_connections
-        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds, connect=min(CONNECT_SECONDS, timeout_seconds))
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds, connect=min(5.0, timeout_seconds))
         self._session: aiohttp.ClientSession | None = None
-
-    def _open(self) -> aiohttp.ClientSession:
-        # Proxies from the environment, as httpx reads them; looked up per request only when one is
-        # set (aiohttp would read the whole environment for every request).
-        proxied = bool(urllib.request.getproxies())
-        connector = aiohttp.TCPConnector(
-            limit=self._max_connections, ssl=ssl.create_default_context(cafile=certifi.where())
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),  # Smartcar's API sets no cookie worth keeping
-            timeout=self._timeout,
-            headers={"user-agent": "smartcar-ingest"},
-            trust_env=proxied,
-        )
-        return self._session
 
     async def request(
         self,
@@ -71,19 +49,22 @@ class LeanHttp:
         data: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> Answer:
-        """One request, as ``httpx.AsyncClient.request`` makes it (``data``: a form)."""
-        session = self._session or self._open()
-        try:
-            # The URL as given: the callers quote what they put in it.
-            async with session.request(
-                method, URL(url, encoded=True), params=params, data=data, headers=headers
-            ) as response:
-                content = await response.read()
-                return Answer(response.status, response.headers, content)
-        except TimeoutError:
-            raise httpx.TimeoutException(f"{method} timed out") from None
-        except aiohttp.ClientError as exc:
-            raise httpx.NetworkError(f"{method} failed ({type(exc).__name__})") from None
+        """One request, as ``httpx.AsyncClient.request`` makes it (``data``: a form; the URL as given)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self._max_connections, ssl=ssl.create_default_context(cafile=certifi.where())
+                ),
+                cookie_jar=aiohttp.DummyCookieJar(),  # Smartcar's API sets no cookie worth keeping
+                timeout=self._timeout,
+                headers={"user-agent": "smartcar-ingest"},
+                # Proxies from the environment, as httpx reads them, per request only when one is set.
+                trust_env=bool(urllib.request.getproxies()),
+            )
+        async with self._session.request(
+            method, URL(url, encoded=True), params=params, data=data, headers=headers
+        ) as response:
+            return Answer(response.status, response.headers, await response.read())
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -101,7 +82,7 @@ async def observed(endpoint: str, request: Awaitable[HttpAnswer]) -> HttpAnswer:
     started = time.perf_counter()
     try:
         answer = await request
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, aiohttp.ClientError, TimeoutError) as exc:  # httpx: the callers' test clients
         metrics.observe_smartcar_call(endpoint, "network_error", started)
         raise SmartcarUnavailable(
             f"Smartcar's {endpoint} endpoint could not be reached ({type(exc).__name__})."
@@ -111,8 +92,7 @@ async def observed(endpoint: str, request: Awaitable[HttpAnswer]) -> HttpAnswer:
 
 
 def retry_after_seconds(answer: HttpAnswer) -> float | None:
-    """The ``Retry-After`` header in seconds, when present and a finite number (``inf``, ``nan`` or
-    ``1e400`` from a hostile or broken answer count as absent)."""
+    """The ``Retry-After`` header in seconds, when present and finite (``inf``, ``nan``: absent)."""
     try:
         seconds = float(answer.headers["retry-after"])
     except (KeyError, ValueError):

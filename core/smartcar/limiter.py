@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 
 from redis.asyncio import Redis
@@ -109,8 +107,7 @@ _PAUSE_FN = lua_function("pause_requests", _PAUSE)
 
 
 class OverBudget(SmartcarRateLimited):
-    """Nothing was sent: the budget or a pause (``cause``: ``budget``, ``vehicle`` or ``application``)
-    held the request past the read's deadline; ``retry_after`` is how long it would have waited."""
+    """Nothing was sent: the budget or a pause (``cause``) would hold the request past the read's deadline."""
 
     code = "smartcar_over_budget"
 
@@ -145,17 +142,11 @@ class RequestLimiter:
             allowed_at_once = burst if burst is not None else max(1, math.floor(requests_per_minute))
             self._tolerance_ms = (allowed_at_once - 1) * self._interval_ms
 
-    @contextmanager
-    def deadline(self) -> Iterator[None]:
-        """Requests made inside (in this task and the tasks it starts) wait at most
-        ``ENRICH_WAIT_SECONDS`` from now, all together."""
-        token = _deadline.set(time.monotonic() + self._wait)
-        try:
-            yield
-        finally:
-            _deadline.reset(token)
+    def start_deadline(self) -> None:
+        """The requests of the calling task (and its tasks) wait ``ENRICH_WAIT_SECONDS`` from now in all."""
+        _deadline.set(time.monotonic() + self._wait)
 
-    async def admit(self, endpoint: str, vehicle_id: str | None) -> None:
+    async def admit(self, vehicle_id: str | None) -> None:
         """Return when a request for ``vehicle_id`` may be sent (its budget slot taken), or raise
         :class:`OverBudget` at once when that cannot be within the deadline."""
         pause_key = "" if vehicle_id is None else vehicle_pause_key(vehicle_id)
@@ -168,8 +159,7 @@ class RequestLimiter:
                 break
             metrics.LIMITER_WAIT_SECONDS.labels(cause=cause).observe(wait_ms / 1000)
             await asyncio.sleep(wait_ms / 1000)
-            # A 429 may have paused calls while this one waited for its slot: look again (a
-            # pause-only check, no new reservation) and start over if one did.
+            # A 429 may have paused calls meanwhile: look again (the pauses only) and start over if one did.
             _, paused_ms, _ = await self._run(pause_key, reserve=False)
             if paused_ms <= 0:
                 break
@@ -177,8 +167,8 @@ class RequestLimiter:
     async def rate_limited(
         self, endpoint: str, vehicle_id: str | None, error_code: str | None, retry_after: float | None
     ) -> None:
-        """Smartcar answered 429: pause that vehicle's calls (or every call, for
-        ``RATE_LIMIT:SMARTCAR_API`` or a call that names no vehicle) in every process."""
+        """Smartcar answered 429: pause that vehicle's calls, or every call (``RATE_LIMIT:SMARTCAR_API``
+        or no vehicle named), in every process."""
         scope = "application" if vehicle_id is None or error_code == "SMARTCAR_API" else "vehicle"
         key = APPLICATION_PAUSE_KEY if scope == "application" else vehicle_pause_key(str(vehicle_id))
         duration_ms = -1 if retry_after is None else math.ceil(retry_after * 1000)

@@ -36,23 +36,22 @@ from core.smartcar.http import SmartcarHttp
 from core.smartcar.limiter import RequestLimiter
 
 Call = Literal["vehicle", "signals"]
-Source = Literal["fetched", "cached", "shared", "skipped"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Read:
-    """One read as one event got it."""
+    """One read as one event got it (a fresh one per event); ``fetched_at``: when Smartcar answered (epoch ms)."""
 
-    call: Call
-    source: Source
+    source: Literal["fetched", "cached", "shared", "skipped"]
     data: Any = None
-    fetched_at: int | None = None  # when Smartcar answered the read whose data this is (epoch ms)
-    reason: Literal["rate_limited", "rejected"] | None = None
-    error: SmartcarRejected | None = None  # the refusal, for ``reason: rejected``
+    fetched_at: int | None = None
+    error: SmartcarRejected | None = None
+    call: Call = "vehicle"  # set by VehicleReads: ReadCache does not know which call a key is
 
     def describe(self) -> dict[str, Any]:
         """The read as the payload's ``enrichment.reads.<call>`` shows it."""
-        return {"source": self.source, "fetchedAt": self.fetched_at, "reason": self.reason}
+        reason = "rejected" if self.error else "rate_limited" if self.source == "skipped" else None
+        return {"source": self.source, "fetchedAt": self.fetched_at, "reason": reason}
 
 
 #: How long a hash outlives its read's window: events wait in the queue before they are processed.
@@ -134,17 +133,6 @@ _INVALIDATE = "local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)\n" + _KEEP.f
 _INVALIDATE_FN = grouped_function("read_invalidate", _INVALIDATE, arity=1)
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What a shared read gave one event: where it came from, the data and when Smartcar answered
-    (epoch ms); ``error`` is set, and ``data`` is None, when the read it waited for failed."""
-
-    source: Literal["fetched", "cached", "shared"]
-    data: Any
-    fetched_at: int | None
-    error: Exception | None = None
-
-
 class ReadCache:
     """Shared reads over one Redis client; one instance per process."""
 
@@ -157,25 +145,25 @@ class ReadCache:
         self._poll = GroupedCall(_POLL_FN, redis)
         self._invalidate = GroupedCall(_INVALIDATE_FN, redis)
         # The reads this process makes or waits for, by (key, claim token): its events share one future.
-        self._local: dict[tuple[str, str], asyncio.Future[Outcome | None]] = {}
+        self._local: dict[tuple[str, str], asyncio.Future[Read | None]] = {}
 
-    async def read(self, key: str, received_at_ms: int, window_ms: int, fetch: Callable[[], Awaitable[Any]]) -> Outcome:
-        """The data of a read that may serve an event received at ``received_at_ms``: a stored one,
-        one in flight, or a new call to ``fetch`` (always, for a window of 0: kept only as what a
-        skipped read publishes). The caller's own call raises its errors."""
+    async def read(self, key: str, received_at_ms: int, window_ms: int, fetch: Callable[[], Awaitable[Any]]) -> Read:
+        """A read that may serve an event received at ``received_at_ms``: a stored one, one in flight, or a
+        new call to ``fetch`` (always, for a window of 0). Failures are raised, but a refusal of a read
+        it waited for is returned."""
         keep = window_ms + GRACE_MS
         if window_ms == 0:
             started = time.time_ns() // 1_000_000
             data = await fetch()
             args: list[str | int | bytes] = ["", started, _dumps(data), "", keep, ""]
-            return Outcome("fetched", data, int(await self._call(lambda: self._complete(keys=[key], args=args))))
+            return Read("fetched", data, int(await self._call(lambda: self._complete(keys=[key], args=args))))
         while True:
             token = secrets.token_hex(8)
             claim: list[str | int] = [received_at_ms, window_ms, self._lease_ms, token, keep]
             reply = await self._call(partial(self._acquire, keys=[key], args=claim))
             kind = text(reply[0])
             if kind == "cached":
-                return Outcome("cached", _loads(reply[1]), _int(reply[3]))
+                return Read("cached", _loads(reply[1]), _int(reply[3]))
             if kind == "fetch":
                 claimed = self._register(key, token, self._fetch(key, token, int(reply[2]), int(reply[3]), keep, fetch))
                 outcome = await asyncio.shield(claimed)
@@ -186,10 +174,10 @@ class ReadCache:
                 return joined
             # The read went away without an outcome (its worker died): try again.
 
-    async def latest(self, key: str) -> tuple[Any, int | None] | None:
-        """The last read of ``key``, whatever its age (what a skipped read publishes): data and fetchedAt."""
+    async def latest(self, key: str) -> Read:
+        """The last read of ``key``, whatever its age: what a skipped read publishes."""
         data, fetched_at = await self._call(lambda: self._redis.hmget(key, ["data", "fetchedAt"]))
-        return None if data is None else (_loads(data), _int(fetched_at))
+        return Read("skipped", _loads(data), _int(fetched_at))
 
     async def invalidate(self, key: str, window_ms: int) -> None:
         """No read that started before now serves any event from now on (after a VEHICLE_ERROR)."""
@@ -197,7 +185,7 @@ class ReadCache:
 
     async def _fetch(
         self, key: str, token: str, started_at: int, generation: int, keep: int, fetch: Callable[[], Awaitable[Any]]
-    ) -> Outcome:
+    ) -> Read:
         """Make the call this process claimed and record its outcome for the events sharing it (run as
         a task of its own, so that they do not lose it when the event that started it is cancelled)."""
         try:
@@ -217,39 +205,38 @@ class ReadCache:
         fetched_at = await self._call(
             lambda: self._complete(keys=[key], args=[token, started_at, _dumps(data), "", keep, generation])
         )
-        return Outcome("fetched", data, int(fetched_at))
+        return Read("fetched", data, int(fetched_at))
 
-    async def _join(self, key: str, token: str, started_at: int) -> Outcome | None:
-        """Wait for the read ``token`` to finish: its data, its failure, or None when it was given up."""
+    async def _join(self, key: str, token: str, started_at: int) -> Read | None:
+        """Wait for the read ``token`` to finish: its data, its refusal, or None when it was given up."""
         running = self._local.get((key, token))
         if running is None:
             running = self._register(key, token, self._watch(key, token, started_at))
         try:
             outcome = await asyncio.shield(running)
-        except Exception as exc:  # this process's own call failed: the same outcome, as a value
-            return Outcome("shared", None, None, exc)
-        return None if outcome is None else Outcome("shared", outcome.data, outcome.fetched_at, outcome.error)
+        except SmartcarRejected as exc:  # a refusal is an outcome the events share, as a value
+            return Read("shared", error=exc)
+        return None if outcome is None else Read("shared", outcome.data, outcome.fetched_at)
 
-    async def _watch(self, key: str, token: str, started_at: int) -> Outcome | None:
-        """Poll another process's read until it has an outcome."""
+    async def _watch(self, key: str, token: str, started_at: int) -> Read | None:  # another process's read
         pause = POLL_FIRST_SECONDS
         while True:
             reply = await self._call(lambda: self._poll(keys=[key], args=[token, started_at]))
             kind = text(reply[0])
             if kind == "done":
-                return Outcome("shared", _loads(reply[1]), _int(reply[3]))
+                return Read("shared", _loads(reply[1]), _int(reply[3]))
             if kind == "failed":
-                return Outcome("shared", None, None, _restore(_loads(reply[1])))
+                raise _restore(_loads(reply[1]))
             if kind == "gone":
                 return None
             await asyncio.sleep(pause)
             pause = min(POLL_MAX_SECONDS, pause * 1.5)
 
-    def _register(self, key: str, token: str, work: Awaitable[Any]) -> asyncio.Future[Outcome | None]:
-        future: asyncio.Future[Outcome | None] = asyncio.ensure_future(work)
+    def _register(self, key: str, token: str, work: Awaitable[Any]) -> asyncio.Future[Read | None]:
+        future: asyncio.Future[Read | None] = asyncio.ensure_future(work)
         self._local[key, token] = future
 
-        def done(finished: asyncio.Future[Outcome | None]) -> None:
+        def done(finished: asyncio.Future[Read | None]) -> None:
             self._local.pop((key, token), None)
             if not finished.cancelled():
                 finished.exception()  # retrieved: the events that shared it may all have gone
@@ -307,15 +294,14 @@ def _int(raw: object) -> int | None:
 
 
 class VehicleReads:
-    """An event's two reads, shared, budgeted and counted, through ``redis``. One per worker process."""
+    """An event's two reads, shared, budgeted and counted, through ``redis``; one per worker process."""
 
     def __init__(self, settings: Settings, redis: Redis, http: SmartcarHttp) -> None:
         self._limiter = RequestLimiter(
             redis, settings.smartcar_requests_per_minute, settings.smartcar_burst, settings.enrich_wait_seconds
         )
         self._client = smartcar_client(settings, redis, http, gate=self._limiter)
-        # A claimed read may wait for the budget, then retry within the client's budget; past that its
-        # worker is taken for dead and another event claims the read.
+        # Past the wait for the budget and the client's retries, a claim's worker is taken for dead.
         self._cache = ReadCache(redis, lease_seconds=settings.enrich_wait_seconds + BUDGET_SECONDS + 15)
         # How long a read serves later events (0: every event reads).
         self._windows_ms: dict[Call, int] = {
@@ -326,42 +312,29 @@ class VehicleReads:
     async def read_event(
         self, vehicle_id: str, user_id: str, received_at_ms: int, after_error: bool
     ) -> tuple[Read | BaseException, Read | BaseException]:
-        """The vehicle and signals reads for one event, concurrently; each a :class:`Read` or the
-        exception the processor must handle. ``after_error``: the event is a VEHICLE_ERROR, so no
-        signals read made until now serves a later event."""
+        """The event's two reads, concurrently: each a :class:`Read` or the exception to handle. After a
+        VEHICLE_ERROR (``after_error``), no signals read made until now serves a later event."""
         vehicle, signals = await asyncio.gather(
-            self._read("vehicle", vehicle_id, user_id, received_at_ms, self._client.get_vehicle),
-            self._read("signals", vehicle_id, user_id, received_at_ms, self._client.get_signals),
+            self._read("vehicle", vehicle_id, user_id, received_at_ms),
+            self._read("signals", vehicle_id, user_id, received_at_ms),
             return_exceptions=True,
         )
         if after_error:
             await self._cache.invalidate(read_key("signals", vehicle_id, user_id), self._windows_ms["signals"])
         return vehicle, signals
 
-    async def _read(
-        self,
-        call: Call,
-        vehicle_id: str,
-        user_id: str,
-        received_at_ms: int,
-        fetch: Callable[[str, str], Awaitable[Any]],
-    ) -> Read:
+    async def _read(self, call: Call, vehicle_id: str, user_id: str, received_at_ms: int) -> Read:
         key = read_key(call, vehicle_id, user_id)
-        with self._limiter.deadline():
-            try:
-                got = await self._cache.read(
-                    key, received_at_ms, self._windows_ms[call], lambda: fetch(vehicle_id, user_id)
-                )
-            except (SmartcarRateLimited, SmartcarRejected) as exc:
-                got = Outcome("fetched", None, None, exc)
-        if got.error is None:
-            read = Read(call, got.source, got.data, got.fetched_at)
-        elif isinstance(got.error, SmartcarRejected):
-            read = Read(call, got.source, reason="rejected", error=got.error)
-        elif isinstance(got.error, SmartcarRateLimited):
-            data, fetched_at = await self._cache.latest(key) or (None, None)
-            read = Read(call, "skipped", data, fetched_at, reason="rate_limited")
-        else:
-            raise got.error
+        fetch = self._client.get_vehicle if call == "vehicle" else self._client.get_signals
+        self._limiter.start_deadline()  # this call runs in a task of its own (asyncio.gather)
+        try:
+            read = await self._cache.read(
+                key, received_at_ms, self._windows_ms[call], lambda: fetch(vehicle_id, user_id)
+            )
+        except SmartcarRejected as exc:
+            read = Read("fetched", error=exc)
+        except SmartcarRateLimited:
+            read = await self._cache.latest(key)
+        read.call = call
         metrics.ENRICHMENT_READS.labels(call=call, source=read.source).inc()
         return read

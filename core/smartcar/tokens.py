@@ -14,7 +14,7 @@ import json
 import math
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -35,27 +35,18 @@ LOCK_SECONDS = 15.0
 #: The longest a token is held, whatever lifetime the token endpoint claims.
 MAX_LIFETIME_SECONDS = 86_400.0
 
-_ACCEPT_JSON = {"accept": "application/json"}
-
 
 @dataclass(frozen=True)
-class AppToken:
-    """An access token and when it stops working (epoch seconds)."""
-
-    access_token: str
+class AppToken:  # an access token and when it stops working (epoch seconds)
+    access_token: str = field(repr=False)  # the secret stays out of tracebacks and debug output
     expires_at: float
-
-    def __repr__(self) -> str:  # keep the secret out of tracebacks and debug output
-        return f"AppToken(expires_at={self.expires_at:.0f})"
 
     def usable(self) -> bool:
         return self.expires_at - REFRESH_MARGIN_SECONDS > time.time()
 
 
 class TokenSeal:
-    """Seals the cached token for Redis: AES-256-GCM under HMAC-SHA256(client secret, label +
-    client id), a random nonce per seal, the Redis key name bound as associated data. A value that
-    does not open (another secret, plain JSON, tampering) reads as no token."""
+    """Seals the cached token for Redis (docs/security.md); a value that does not open reads as no token."""
 
     _PREFIX = b"sealed1:"
     _LABEL = b"smartcar-ingest app-token seal v1:"
@@ -71,7 +62,6 @@ class TokenSeal:
         return self._PREFIX + base64.b64encode(nonce + sealed)
 
     def open(self, raw: bytes | str) -> AppToken | None:
-        """The token in ``raw``, or None when it is not one this seal made."""
         data = raw.encode() if isinstance(raw, str) else raw
         if not data.startswith(self._PREFIX):
             return None
@@ -98,14 +88,10 @@ class AppTokenProvider:
         self._release = RQ_SCRIPTS[RELEASE_LOCK_SCRIPT].bind(redis)  # compare-and-delete of the lock
         self._seal = TokenSeal(client_id, client_secret)
 
-    async def get(self) -> str:
-        """A token valid for at least the refresh margin."""
-        if self._local is not None and self._local.usable():
+    async def get(self, stale: str | None = None) -> str:
+        """A token valid for at least the refresh margin, and not ``stale`` (one that failed)."""
+        if stale is None and self._local is not None and self._local.usable():
             return self._local.access_token
-        return await self.refresh(stale=None)  # the shared token, if it is usable: no request then
-
-    async def refresh(self, stale: str | None) -> str:
-        """Replace the token ``stale`` (which failed or is expiring) and return its successor."""
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.ensure_future(self._refresh(stale))
         token = await asyncio.shield(self._refreshing)
@@ -134,7 +120,6 @@ class AppTokenProvider:
             await asyncio.sleep(0.05)
 
     async def _shared(self, stale: str | None) -> AppToken | None:
-        """The token in Redis when it is usable and not ``stale``."""
         raw = await self._redis.get(TOKEN_KEY)
         token = None if raw is None else self._seal.open(raw)
         return token if token is not None and token.access_token != stale and token.usable() else None
@@ -142,7 +127,8 @@ class AppTokenProvider:
     async def _request(self) -> AppToken:
         metrics.TOKEN_REFRESHES.inc()
         answer = await observed(
-            "token", self._http.request("POST", self._token_url, data=self._form, headers=_ACCEPT_JSON)
+            "token",
+            self._http.request("POST", self._token_url, data=self._form, headers={"accept": "application/json"}),
         )
         status = answer.status_code
         if status == 429:
@@ -163,8 +149,7 @@ class AppTokenProvider:
             data = answer.json()
             access_token = str(data["access_token"])
             expires_in = float(data.get("expires_in", 3600))
-            # A lifetime must be a positive number of seconds (inf or nan would break the cache's
-            # expiry); a longer one than a day is held for a day.
+            # Positive and finite (inf or nan would break the cache's expiry); held a day at most.
             if not (math.isfinite(expires_in) and expires_in > 0):
                 raise ValueError(expires_in)
         except (ValueError, KeyError, TypeError):
