@@ -20,31 +20,23 @@ from core.config import Settings
 from core.redis.clients import command_redis
 from core.redis.deployment_counts import read_usage
 from core.redis.keys import text
-from core.redis.memory import read_memory
 from core.redis.parked import COUNT_SCAN_LIMIT, count_by_reason
-from core.redis.queue_metrics import GROUP_BEHIND_WARNING, age_seconds, read_groups, read_snapshot, read_stranded
+from core.redis.queue_metrics import entry_age_seconds, read_redis
 from workers.output import iso_ms
 
 
 def collect_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
     """The status report as plain data (what ``--json`` prints)."""
     now = dt.datetime.now(dt.UTC)
-    snapshot = read_snapshot(client, settings)
-    stranded = read_stranded(client, settings.ingest_queue)
+    now_ms = now.timestamp() * 1000
+    readings = read_redis(client, settings, now)
     by_reason, scanned = count_by_reason(client, settings.parked_stream, COUNT_SCAN_LIMIT)
-    memory = read_memory(client)
-    retention = settings.output_stream_retention_seconds
     workers = Worker.all(queue=Queue(settings.ingest_queue, connection=client, serializer=JSONSerializer))
     return {
-        "generatedAt": iso_ms(int(now.timestamp() * 1000)),
-        "queue": {
-            "name": snapshot.queue,
-            "depth": snapshot.depth,
-            "oldestAgeSeconds": round(snapshot.oldest_age_seconds, 3),
-        },
-        # Taken off the queue, not started, and no live worker answers for them (read_stranded).
-        "stranded": {"count": stranded.count, "oldestAgeSeconds": round(stranded.oldest_age_seconds, 3)},
-        "registries": snapshot.registries,
+        "generatedAt": iso_ms(int(now_ms)),
+        "queue": readings["queue"],
+        "stranded": readings["stranded"],
+        "registries": readings["registries"],
         "workers": [
             {
                 "name": worker.name,
@@ -54,61 +46,33 @@ def collect_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
                 # RQ parses its timestamps as aware UTC datetimes.
                 "lastHeartbeatAgeSeconds": None
                 if worker.last_heartbeat is None
-                else round(age_seconds(worker.last_heartbeat, now), 1),
+                else round(max(0.0, (now - worker.last_heartbeat).total_seconds()), 1),
                 "successfulJobs": worker.successful_job_count,
                 "failedJobs": worker.failed_job_count,
             }
             for worker in sorted(workers, key=lambda w: w.name)
         ],
-        "parked": {
-            "stream": settings.parked_stream,
-            "length": snapshot.parked_length,
-            "byReason": by_reason,
-            "scanned": scanned,
-            "capped": scanned < snapshot.parked_length,
-        },
-        "output": {
-            "stream": settings.output_stream,
-            "length": snapshot.output_length,
-            "retentionSeconds": retention,
-            "groups": [
-                {
-                    "name": group.name,
-                    "consumers": group.consumers,
-                    "pending": group.pending,
-                    "lag": group.lag,
-                    "lastDeliveredId": group.last_delivered_id,
-                    "behindSeconds": round(group.behind_seconds, 3),
-                    "nearRetention": group.behind_seconds >= GROUP_BEHIND_WARNING * retention,
-                }
-                for group in read_groups(client, settings.output_stream, now.timestamp() * 1000)
-            ],
-            "lastPublished": _last_published(client, settings.output_stream, now),
-        },
-        "redisMemory": {
-            "usedBytes": memory.used_bytes,
-            "maxBytes": memory.max_bytes,
-            "policy": memory.policy,
-            "usedFraction": round(memory.used_bytes / memory.max_bytes, 4) if memory.max_bytes else None,
-        },
+        "parked": readings["parked"]
+        | {"byReason": by_reason, "scanned": scanned, "capped": scanned < readings["parked"]["length"]},
+        "output": readings["output"] | {"lastPublished": _last_published(client, settings.output_stream, now_ms)},
+        "redisMemory": readings["redisMemory"],
         # Summed over every worker of the deployment (core.redis.deployment_counts): 2.0 calls per event
         # means every event read both itself; shared and cached reads bring it down.
         "enrichment": read_usage(client, minutes=60, now=now.timestamp()),
     }
 
 
-def _last_published(client: redis.Redis, stream: str, now: dt.datetime) -> dict[str, Any] | None:
+def _last_published(client: redis.Redis, stream: str, now_ms: float) -> dict[str, Any] | None:
     entries = client.xrevrange(stream, count=1)
     if not entries:
         return None
     raw_id, fields = entries[0]
     entry_id = text(raw_id)
-    published_ms = int(entry_id.split("-", 1)[0])
     return {
         "eventId": text((fields or {}).get(b"event_id", b"")),
         "entryId": entry_id,
-        "publishedAt": iso_ms(published_ms),
-        "ageSeconds": round(age_seconds(dt.datetime.fromtimestamp(published_ms / 1000, dt.UTC), now), 3),
+        "publishedAt": iso_ms(int(entry_id.split("-", 1)[0])),
+        "ageSeconds": round(entry_age_seconds(entry_id, now_ms), 3),
     }
 
 
