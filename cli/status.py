@@ -1,8 +1,5 @@
-"""``smartcar-ingest status``: one screen that tells an operator what the pipeline is doing, read
-from Redis without changing anything (the queue, stranded jobs, workers, RQ's registries, parked
-entries by reason, the output stream and its consumer groups, Redis memory, enrichment's cost over
-the last hour). ``--json`` prints the same report for machines.
-"""
+"""``smartcar-ingest status``: one screen of what the pipeline is doing, read from Redis without
+changing anything; ``--json`` prints the same report for machines."""
 
 from __future__ import annotations
 

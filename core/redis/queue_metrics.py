@@ -21,7 +21,7 @@ from rq.utils import utcparse
 
 from core.config import Settings
 from core.redis.clients import probe_redis
-from core.redis.deployment_counts import FleetCounts, read_fleet
+from core.redis.deployment_counts import read_fleet
 from core.redis.keys import WORKERS_SET, alive_key, dequeued_key, queue_key, rq_intermediate_key, text
 from core.redis.memory import read_memory
 
@@ -249,7 +249,7 @@ GAUGES: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def _families(settings: Settings, r: dict[str, Any] | None = None, f: FleetCounts | None = None) -> list[Metric]:
+def _families(settings: Settings, r: dict[str, Any] | None = None, f: tuple[int, int] | None = None) -> list[Metric]:
     """Every gauge of :data:`GAUGES` (redis_up first); those whose reading is None without samples."""
     q, r = [settings.ingest_queue], r or {}
     s, st, m = r.get("queue"), r.get("stranded"), r.get("redisMemory")
@@ -270,8 +270,8 @@ def _families(settings: Settings, r: dict[str, Any] | None = None, f: FleetCount
         "smartcar_ingest_output_group_lag": [([g["name"]], g["lag"]) for g in groups if g["lag"] is not None],
         "smartcar_ingest_output_group_pending": [([g["name"]], g["pending"]) for g in groups],
         "smartcar_ingest_output_group_behind_seconds": [([g["name"]], g["behindSeconds"]) for g in groups],
-        "smartcar_ingest_vehicles_active": [([], f.active)] if f else [],
-        "smartcar_ingest_vehicles_in_error": [([], f.in_error)] if f else [],
+        "smartcar_ingest_vehicles_active": [([], f[0])] if f else [],
+        "smartcar_ingest_vehicles_in_error": [([], f[1])] if f else [],
     }
     families: list[Metric] = []
     for name, (documentation, labels) in GAUGES.items():
