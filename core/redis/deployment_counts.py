@@ -1,7 +1,6 @@
-"""Counts summed over every worker of the deployment, in Redis: what enrichment cost (for
-``status``) and how many distinct vehicles were active or in error (for the VEHICLE_ERROR alert:
-no counter can count distinct ids). docs/architecture.md, "Counts: each fact counted once".
-"""
+"""Counts summed over every worker of the deployment, in Redis: what enrichment cost (for ``status``)
+and distinct vehicles active or in error (for the VEHICLE_ERROR alert: no counter counts distinct ids).
+docs/architecture.md, "Counts: each fact counted once"."""
 
 from __future__ import annotations
 

@@ -68,7 +68,6 @@ def read_redis(
     memory = optional(lambda: read_memory(client))
     return {
         "queue": {"name": queue, "depth": int(depth), "oldestAgeSeconds": round(oldest, 3)},
-        # Taken off the queue, not started, and no live worker answers for them (read_stranded).
         "stranded": optional(lambda: read_stranded(client, queue, now)),
         "registries": {name: int(count) for name, count in zip(REGISTRIES, counts, strict=True)},
         "parked": {"stream": settings.parked_stream, "length": int(parked_length)},
@@ -129,9 +128,8 @@ def read_groups(client: redis.Redis, stream: str, retention: int, now_ms: float)
 
 
 def read_stranded(client: redis.Redis, queue_name: str, now: dt.datetime) -> dict[str, Any]:
-    """How many jobs of ``queue_name`` are stranded (in RQ's intermediate list, or dequeued by a worker
-    not alive), and the oldest's age since it was enqueued (0 when none), reading only. Where every
-    job is between dequeue and start: docs/reliability.md, "Between dequeue and finish: where every job is"."""
+    """How many jobs of ``queue_name`` are stranded (in RQ's intermediate list, or dequeued by a worker not
+    alive) and the oldest's age since enqueued, reading only; where every job is: docs/reliability.md."""
     with client.pipeline(transaction=False) as pipe:
         pipe.llen(rq_intermediate_key(queue_name))
         pipe.lrange(rq_intermediate_key(queue_name), 0, STRANDED_SCAN_LIMIT - 1)
