@@ -81,10 +81,8 @@ def render_text(report: dict[str, Any]) -> str:
     def row(label: str, value: str) -> None:
         lines.append(f"{label:<15}{value}")
 
-    waiting = f"{queue['depth']} waiting"
-    if queue["depth"]:
-        waiting += f", oldest {duration(queue['oldestAgeSeconds'])}"
-    row("queue", f"{queue['name']}: {waiting}")
+    oldest = f", oldest {duration(queue['oldestAgeSeconds'])}" if queue["depth"] else ""
+    row("queue", f"{queue['name']}: {queue['depth']} waiting{oldest}")
     stranded = report["stranded"]
     if stranded["count"]:
         row(
@@ -108,10 +106,9 @@ def render_text(report: dict[str, Any]) -> str:
         row("", f"reasons counted over the oldest {parked['scanned']} entries only")
     usage = report["enrichment"]  # calls per event and where reads came from, over the last hour
     calls = ", ".join(f"{endpoint} {count}" for endpoint, count in usage["calls"].items()) or "none"
-    summary = f"{usage['events']} events in the last {usage['minutes']} min, Smartcar calls: {calls}"
     if usage["callsPerEvent"] is not None:
-        summary += f", {usage['callsPerEvent']:.2f} per event"
-    row("enrichment", summary)
+        calls += f", {usage['callsPerEvent']:.2f} per event"
+    row("enrichment", f"{usage['events']} events in the last {usage['minutes']} min, Smartcar calls: {calls}")
     for call, sources in usage["reads"].items():
         row("", f"{call} reads: " + ", ".join(f"{source} {count}" for source, count in sources.items()))
     if usage["rateLimited"] or usage["waitedSeconds"]:
@@ -128,13 +125,10 @@ def render_text(report: dict[str, Any]) -> str:
     if output["groups"]:
         width = max(len("GROUP"), *(len(g["name"]) for g in output["groups"]))
         lines.append(f"  {'GROUP'.ljust(width)}  {'CONSUMERS':>9} {'PENDING':>8} {'LAG':>8}  BEHIND")
+        near = f"  (near the retention of {duration(output['retentionSeconds'])}: entries will be trimmed unread)"
         for g in output["groups"]:
             lag = "?" if g["lag"] is None else str(g["lag"])
-            behind = duration(g["behindSeconds"])
-            if g["nearRetention"]:
-                behind += (
-                    f"  (near the retention of {duration(output['retentionSeconds'])}: entries will be trimmed unread)"
-                )
+            behind = duration(g["behindSeconds"]) + (near if g["nearRetention"] else "")
             lines.append(f"  {g['name'].ljust(width)}  {g['consumers']:>9} {g['pending']:>8} {lag:>8}  {behind}")
     else:
         lines.append("  no consumer groups")
