@@ -13,6 +13,7 @@ workers' resident memory over time.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import random
 import re
@@ -181,7 +182,7 @@ class Soak:
         try:
             client = redis.Redis.from_url(self.redis.url, socket_timeout=2, socket_connect_timeout=2)
             row["published"] = client.xlen(OUTPUT)
-            row["stranded"] = read_stranded(client, "smartcar-events").count
+            row["stranded"] = read_stranded(client, "smartcar-events", dt.datetime.now(dt.UTC))["count"]
             client.close()
         except (redis.RedisError, OSError):
             row["published"] = row["stranded"] = "Redis down"

@@ -1,8 +1,5 @@
-"""``smartcar-ingest status``: one screen that tells an operator what the pipeline is doing, read
-from Redis without changing anything (the queue, stranded jobs, workers, RQ's registries, parked
-entries by reason, the output stream and its consumer groups, Redis memory, enrichment's cost over
-the last hour). ``--json`` prints the same report for machines.
-"""
+"""``smartcar-ingest status``: one screen of what the pipeline is doing, read from Redis without
+changing anything; ``--json`` prints the same report for machines."""
 
 from __future__ import annotations
 
@@ -20,31 +17,23 @@ from core.config import Settings
 from core.redis.clients import command_redis
 from core.redis.deployment_counts import read_usage
 from core.redis.keys import text
-from core.redis.memory import read_memory
 from core.redis.parked import COUNT_SCAN_LIMIT, count_by_reason
-from core.redis.queue_metrics import GROUP_BEHIND_WARNING, age_seconds, read_groups, read_snapshot, read_stranded
+from core.redis.queue_metrics import entry_age_seconds, read_redis
 from workers.output import iso_ms
 
 
 def collect_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
     """The status report as plain data (what ``--json`` prints)."""
     now = dt.datetime.now(dt.UTC)
-    snapshot = read_snapshot(client, settings)
-    stranded = read_stranded(client, settings.ingest_queue)
+    now_ms = now.timestamp() * 1000
+    readings = read_redis(client, settings, now)
     by_reason, scanned = count_by_reason(client, settings.parked_stream, COUNT_SCAN_LIMIT)
-    memory = read_memory(client)
-    retention = settings.output_stream_retention_seconds
     workers = Worker.all(queue=Queue(settings.ingest_queue, connection=client, serializer=JSONSerializer))
     return {
-        "generatedAt": iso_ms(int(now.timestamp() * 1000)),
-        "queue": {
-            "name": snapshot.queue,
-            "depth": snapshot.depth,
-            "oldestAgeSeconds": round(snapshot.oldest_age_seconds, 3),
-        },
-        # Taken off the queue, not started, and no live worker answers for them (read_stranded).
-        "stranded": {"count": stranded.count, "oldestAgeSeconds": round(stranded.oldest_age_seconds, 3)},
-        "registries": snapshot.registries,
+        "generatedAt": iso_ms(int(now_ms)),
+        "queue": readings["queue"],
+        "stranded": readings["stranded"],
+        "registries": readings["registries"],
         "workers": [
             {
                 "name": worker.name,
@@ -54,61 +43,33 @@ def collect_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
                 # RQ parses its timestamps as aware UTC datetimes.
                 "lastHeartbeatAgeSeconds": None
                 if worker.last_heartbeat is None
-                else round(age_seconds(worker.last_heartbeat, now), 1),
+                else round(max(0.0, (now - worker.last_heartbeat).total_seconds()), 1),
                 "successfulJobs": worker.successful_job_count,
                 "failedJobs": worker.failed_job_count,
             }
             for worker in sorted(workers, key=lambda w: w.name)
         ],
-        "parked": {
-            "stream": settings.parked_stream,
-            "length": snapshot.parked_length,
-            "byReason": by_reason,
-            "scanned": scanned,
-            "capped": scanned < snapshot.parked_length,
-        },
-        "output": {
-            "stream": settings.output_stream,
-            "length": snapshot.output_length,
-            "retentionSeconds": retention,
-            "groups": [
-                {
-                    "name": group.name,
-                    "consumers": group.consumers,
-                    "pending": group.pending,
-                    "lag": group.lag,
-                    "lastDeliveredId": group.last_delivered_id,
-                    "behindSeconds": round(group.behind_seconds, 3),
-                    "nearRetention": group.behind_seconds >= GROUP_BEHIND_WARNING * retention,
-                }
-                for group in read_groups(client, settings.output_stream, now.timestamp() * 1000)
-            ],
-            "lastPublished": _last_published(client, settings.output_stream, now),
-        },
-        "redisMemory": {
-            "usedBytes": memory.used_bytes,
-            "maxBytes": memory.max_bytes,
-            "policy": memory.policy,
-            "usedFraction": round(memory.used_bytes / memory.max_bytes, 4) if memory.max_bytes else None,
-        },
+        "parked": readings["parked"]
+        | {"byReason": by_reason, "scanned": scanned, "capped": scanned < readings["parked"]["length"]},
+        "output": readings["output"] | {"lastPublished": _last_published(client, settings.output_stream, now_ms)},
+        "redisMemory": readings["redisMemory"],
         # Summed over every worker of the deployment (core.redis.deployment_counts): 2.0 calls per event
         # means every event read both itself; shared and cached reads bring it down.
         "enrichment": read_usage(client, minutes=60, now=now.timestamp()),
     }
 
 
-def _last_published(client: redis.Redis, stream: str, now: dt.datetime) -> dict[str, Any] | None:
+def _last_published(client: redis.Redis, stream: str, now_ms: float) -> dict[str, Any] | None:
     entries = client.xrevrange(stream, count=1)
     if not entries:
         return None
     raw_id, fields = entries[0]
     entry_id = text(raw_id)
-    published_ms = int(entry_id.split("-", 1)[0])
     return {
         "eventId": text((fields or {}).get(b"event_id", b"")),
         "entryId": entry_id,
-        "publishedAt": iso_ms(published_ms),
-        "ageSeconds": round(age_seconds(dt.datetime.fromtimestamp(published_ms / 1000, dt.UTC), now), 3),
+        "publishedAt": iso_ms(int(entry_id.split("-", 1)[0])),
+        "ageSeconds": round(entry_age_seconds(entry_id, now_ms), 3),
     }
 
 
@@ -120,10 +81,8 @@ def render_text(report: dict[str, Any]) -> str:
     def row(label: str, value: str) -> None:
         lines.append(f"{label:<15}{value}")
 
-    waiting = f"{queue['depth']} waiting"
-    if queue["depth"]:
-        waiting += f", oldest {duration(queue['oldestAgeSeconds'])}"
-    row("queue", f"{queue['name']}: {waiting}")
+    oldest = f", oldest {duration(queue['oldestAgeSeconds'])}" if queue["depth"] else ""
+    row("queue", f"{queue['name']}: {queue['depth']} waiting{oldest}")
     stranded = report["stranded"]
     if stranded["count"]:
         row(
@@ -147,10 +106,9 @@ def render_text(report: dict[str, Any]) -> str:
         row("", f"reasons counted over the oldest {parked['scanned']} entries only")
     usage = report["enrichment"]  # calls per event and where reads came from, over the last hour
     calls = ", ".join(f"{endpoint} {count}" for endpoint, count in usage["calls"].items()) or "none"
-    summary = f"{usage['events']} events in the last {usage['minutes']} min, Smartcar calls: {calls}"
     if usage["callsPerEvent"] is not None:
-        summary += f", {usage['callsPerEvent']:.2f} per event"
-    row("enrichment", summary)
+        calls += f", {usage['callsPerEvent']:.2f} per event"
+    row("enrichment", f"{usage['events']} events in the last {usage['minutes']} min, Smartcar calls: {calls}")
     for call, sources in usage["reads"].items():
         row("", f"{call} reads: " + ", ".join(f"{source} {count}" for source, count in sources.items()))
     if usage["rateLimited"] or usage["waitedSeconds"]:
@@ -167,13 +125,10 @@ def render_text(report: dict[str, Any]) -> str:
     if output["groups"]:
         width = max(len("GROUP"), *(len(g["name"]) for g in output["groups"]))
         lines.append(f"  {'GROUP'.ljust(width)}  {'CONSUMERS':>9} {'PENDING':>8} {'LAG':>8}  BEHIND")
+        near = f"  (near the retention of {duration(output['retentionSeconds'])}: entries will be trimmed unread)"
         for g in output["groups"]:
             lag = "?" if g["lag"] is None else str(g["lag"])
-            behind = duration(g["behindSeconds"])
-            if g["nearRetention"]:
-                behind += (
-                    f"  (near the retention of {duration(output['retentionSeconds'])}: entries will be trimmed unread)"
-                )
+            behind = duration(g["behindSeconds"]) + (near if g["nearRetention"] else "")
             lines.append(f"  {g['name'].ljust(width)}  {g['consumers']:>9} {g['pending']:>8} {lag:>8}  {behind}")
     else:
         lines.append("  no consumer groups")

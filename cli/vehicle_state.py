@@ -9,7 +9,6 @@ import re
 import time
 from typing import Any
 
-import pydantic_core
 from redis import Redis as SyncRedis
 
 from cli.operations import open_command_redis, redis_errors
@@ -19,7 +18,7 @@ from core.errors import ConfigurationError, PermanentError
 from core.events.wire import VEHICLE_ID_PATTERN
 from core.redis.clients import command_redis
 from core.redis.keys import text, vehicle_state_key
-from core.redis.vehicle_state import EVENT_ID_FIELD, RESERVED_PREFIX, UPDATED_AT_FIELD, VEHICLE_FIELD
+from core.redis.vehicle_state import EVENT_ID_FIELD, RESERVED_PREFIX, UPDATED_AT_FIELD, VEHICLE_FIELD, json_object
 from workers.output import iso_ms
 
 #: The longest value the text form prints before cutting it with "…".
@@ -41,7 +40,7 @@ def state_report(client: SyncRedis, prefix: str, vehicle_id: str, now_ms: int) -
     signals = {}
     for code in sorted(fields):
         if not code.startswith(RESERVED_PREFIX):
-            parsed = _object(fields[code])
+            parsed = json_object(fields[code])
             signal = parsed if parsed is not None else {"code": code, "unreadable": fields[code]}
             signals[code] = signal | {
                 "oemAgeSeconds": _age_seconds(signal.get("oemUpdatedAt"), now_ms),
@@ -53,7 +52,7 @@ def state_report(client: SyncRedis, prefix: str, vehicle_id: str, now_ms: int) -
         "vehicleId": vehicle_id,
         "key": key,
         "generatedAt": iso_ms(now_ms),
-        "vehicle": _object(fields.get(VEHICLE_FIELD, "")),
+        "vehicle": json_object(fields.get(VEHICLE_FIELD, "")),
         "updatedAt": None if updated_ms is None else iso_ms(updated_ms),
         "updatedAgeSeconds": _age_seconds(updated_ms, now_ms),
         "eventId": fields.get(EVENT_ID_FIELD),
@@ -128,11 +127,3 @@ def _ago(seconds: float | None) -> str:
     if seconds < 0:
         return f"in {duration(-seconds)}"
     return f"{duration(seconds)} ago"
-
-
-def _object(value: str) -> dict[str, Any] | None:
-    try:
-        parsed = pydantic_core.from_json(value)
-    except ValueError:
-        return None
-    return parsed if isinstance(parsed, dict) else None

@@ -1,8 +1,5 @@
-"""Prometheus metrics shared by the web and worker processes.
-
-Labels carry outcomes and reasons only: never a user id, vehicle id, event id or secret, so
-cardinality stays fixed and nothing identifying leaves the process.
-"""
+"""Prometheus metrics shared by the web and worker processes. Labels carry outcomes and reasons only,
+never an id or a secret: cardinality stays fixed and nothing identifying leaves the process."""
 
 from __future__ import annotations
 
@@ -124,8 +121,7 @@ def totals(metric: Counter | Histogram, sample: str = "_total") -> dict[tuple[st
 
 # Series that exist from the start read as 0 instead of missing, so rate() and alerts see the
 # first increment of each.
-JOB_OUTCOMES = ("published", "already_published", "retried", "error", *(f"parked_{r}" for r in PARK_REASONS))
-for _outcome in JOB_OUTCOMES:
+for _outcome in ("published", "already_published", "retried", "error", *(f"parked_{r}" for r in PARK_REASONS)):
     JOBS.labels(outcome=_outcome)
 for _endpoint in SMARTCAR_ENDPOINTS:
     SMARTCAR_CALL_SECONDS.labels(endpoint=_endpoint)

@@ -350,13 +350,13 @@ def test_a_consumer_group_behind_is_measured_and_shown_near_the_retention(settin
     redis_client.xgroup_create(stream, "done", id="$")
     redis_client.xreadgroup("slow", "c1", {stream: ">"}, count=2)  # 55 s and 50 s old: pending
 
-    [done, slow] = read_groups(redis_client, stream, now_ms)
-    assert (done.name, done.behind_seconds, done.pending, done.lag) == ("done", 0.0, 0, 0)
-    assert (slow.pending, slow.lag) == (2, 3)
-    assert slow.behind_seconds == pytest.approx(55, abs=0.01)
+    [done, slow] = read_groups(redis_client, stream, settings.output_stream_retention_seconds, now_ms)
+    assert (done["name"], done["behindSeconds"], done["pending"], done["lag"]) == ("done", 0.0, 0, 0)
+    assert (slow["pending"], slow["lag"]) == (2, 3)
+    assert slow["behindSeconds"] == pytest.approx(55, abs=0.01)
     redis_client.xack(stream, "slow", *[i for i, _ in redis_client.xrange(stream, count=2)])
-    [_, acked] = read_groups(redis_client, stream, now_ms)
-    assert acked.behind_seconds == pytest.approx(40, abs=0.01)  # now the oldest unread one
+    [_, acked] = read_groups(redis_client, stream, settings.output_stream_retention_seconds, now_ms)
+    assert acked["behindSeconds"] == pytest.approx(40, abs=0.01)  # now the oldest unread one
 
     short = settings.model_copy(update={"output_stream_retention_seconds": 45})
     report = collect_status(redis_client, short)

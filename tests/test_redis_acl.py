@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from core.redis.keys import (
     vehicle_state_key,
 )
 from core.redis.memory import read_memory
-from core.redis.queue_metrics import read_snapshot, read_stranded
+from core.redis.queue_metrics import read_redis, read_stranded
 from tests.pipeline import outputs, run_worker_burst, stream_entries
 from tests.procs import RedisServer, free_port, wait_for_port
 from tests.test_cli import run_cli
@@ -87,9 +88,9 @@ def test_web_metrics_read_every_gauge_as_the_web_user(pipeline, acl_redis):
     admin.sadd(WORKERS_SET, "gone-worker")
     admin.rpush(dequeued_key(pipeline.ingest_queue, "gone-worker"), "held-job")
     web = redis.Redis.from_url(role_url(server, "web"))
-    snapshot = read_snapshot(web, pipeline)
-    assert snapshot.depth == 0
-    assert read_stranded(web, pipeline.ingest_queue).count == 1
+    now = dt.datetime.now(dt.UTC)
+    assert read_redis(web, pipeline, now, optional=lambda read: None)["queue"]["depth"] == 0  # the first section
+    assert read_stranded(web, pipeline.ingest_queue, now)["count"] == 1
     # Redis's memory for /metrics and the startup warning: INFO's memory section, and nothing else
     assert read_memory(web).used_bytes > 0
     with pytest.raises(redis.exceptions.NoPermissionError):

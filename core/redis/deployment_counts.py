@@ -1,7 +1,6 @@
-"""Counts summed over every worker of the deployment, in Redis: what enrichment cost (for
-``status``) and how many distinct vehicles were active or in error (for the VEHICLE_ERROR alert:
-no counter can count distinct ids). docs/architecture.md, "Counts: each fact counted once".
-"""
+"""Counts summed over every worker of the deployment, in Redis: what enrichment cost (for ``status``)
+and distinct vehicles active or in error (for the VEHICLE_ERROR alert: no counter counts distinct ids).
+docs/architecture.md, "Counts: each fact counted once"."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import redis
 from redis.asyncio import Redis as AsyncRedis
@@ -145,19 +144,13 @@ def read_usage(client: redis.Redis, minutes: int = 60, now: float | None = None)
     }
 
 
-class FleetCounts(NamedTuple):
-    """Distinct vehicles over the last hour (within about 1 %): those that sent an event, and those
-    of them that sent a VEHICLE_ERROR reporting an open error."""
-
-    active: int
-    in_error: int
-
-
-def read_fleet(client: redis.Redis, now: float | None = None) -> FleetCounts:
-    """One round trip of two ``PFCOUNT`` (the web's Redis user may not run it: the workers export the gauges)."""
+def read_fleet(client: redis.Redis, now: float | None = None) -> tuple[int, int]:
+    """Distinct vehicles over the last hour (within about 1 %): active, and in error; two ``PFCOUNT``,
+    which the web's Redis user may not run (the workers export the gauges)."""
     current = int((time.time() if now is None else now) // BUCKET_SECONDS)
     buckets = range(current - WINDOW_SECONDS // BUCKET_SECONDS, current + 1)
     with client.pipeline(transaction=False) as pipe:
         for kind in ("active", "errors"):
             pipe.pfcount(*(fleet_key(kind, bucket) for bucket in buckets))
-        return FleetCounts(*map(int, pipe.execute()))
+        active, in_error = pipe.execute()
+    return int(active), int(in_error)

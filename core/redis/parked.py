@@ -1,7 +1,5 @@
-"""The parked stream: the one place that parks, replays and counts deliveries that cannot be
-processed. An entry holds ``event_id``, ``reason`` (:data:`core.errors.PARK_REASONS`), ``detail``
-and ``payload`` (the body as received). Marks, trimming, replay: docs/architecture.md, "Parked deliveries".
-"""
+"""The parked stream: parks, replays and counts deliveries that cannot be processed; an entry holds
+``event_id``, ``reason``, ``detail`` and ``payload`` (docs/architecture.md, "Parked deliveries")."""
 
 from __future__ import annotations
 
@@ -30,12 +28,9 @@ _COUNT_BATCH = 500
 _PARK = (
     LIBRARY
     + """
--- KEYS: parked stream
--- ARGV: the parked marks head (registry, ttl, width, clock, legacy prefix), job id ('' when the
---       delivery has no usable eventId), digest (of the job id, or of the body without one), mark (digest of reason and body), retention in
---       ms, then the entry as field/value pairs. Returns the new entry id, or false when this
---       eventId was already parked for the same reason with the same body (a redelivery, a
---       retried job). Entries older than the retention, by Redis's clock, are trimmed.
+-- KEYS: parked stream. ARGV: the marks head (ids.open's five), job id ('' without an eventId),
+-- digest, mark (digest of reason and body), retention ms, then the entry's field/value pairs.
+-- Returns the new entry id, or false when parked already for the same reason and body.
 local st = ids.open(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 local head, field = ids.locate(ARGV[7])
 local value, key = ids.find(st, head, field)
@@ -54,9 +49,8 @@ _PARK_FN = lua_function("park", _PARK)
 _REQUEUE = (
     LIBRARY
     + """
--- KEYS: job hash, queue list, RQ's set of queues, parked stream
--- ARGV: parked entry id, job id, the parked marks head (registry, ttl, width, clock, legacy
---       prefix), digest, then the job hash as field/value pairs
+-- KEYS: job hash, queue list, RQ's set of queues, parked stream. ARGV: parked entry id, job id,
+-- the marks head (ids.open's five), digest, then the job hash as field/value pairs.
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' or status == 'started' or status == 'scheduled' or status == 'deferred' then
   return 0
@@ -117,14 +111,11 @@ class ParkedStream:
         self._park = _PARK_FN.bind(redis)
 
     async def park(self, event_id: str | None, reason: str, detail: str, body: str) -> str | None:
-        """The entry id, or None for a repeat of the same event for the same reason with the same
-        body (a redelivery, a retried job), kept once: anything that differs gets an entry of its own."""
-        # A body can carry text that is not valid UTF-8 (a lone surrogate from a JSON escape),
-        # which Redis cannot store; written as its escape it stays the same JSON.
+        """The entry id, or None for a repeat of the same event for the same reason with the same body."""
+        # A lone surrogate (from a JSON escape) cannot be stored as UTF-8: written as its escape, the same JSON.
         body = body.encode("utf-8", "backslashreplace").decode("utf-8")
         mark = hashlib.blake2b(f"{reason}\0{body}".encode(), digest_size=12).hexdigest()
-        # Without an eventId (a legacy v2 delivery, an id that is not a string) the body's own
-        # digest is what a repeat is known by: the same bytes posted again are parked once.
+        # Without an eventId (a legacy v2 delivery, an id not a string) a repeat is known by the body's digest.
         job_id = job_id_for(event_id) if event_id else ""
         digest = job_digest(job_id) if event_id else hashlib.blake2b(body.encode(), digest_size=16).digest()
         args = [*self.marks.head(), job_id, digest, mark, self._retention * 1000, "event_id", event_id or ""]
@@ -149,9 +140,9 @@ async def replay_parked(
     limit: int | None = None,
     on_progress: Callable[[ReplayReport], None] | None = None,
 ) -> ReplayReport:
-    """Re-enqueue parked entries (only those with ``reason``, if given), oldest first, each leaving
-    the stream (its mark forgotten) in the atomic step that enqueues its job. Entries whose job is
-    still queued or running stay (``busy``), as do those without an ``eventId``."""
+    """Re-enqueue parked entries (with ``reason``, if given), oldest first, each leaving the stream in
+    the step that enqueues its job; those whose job is queued or running stay (``busy``), as do those
+    without an ``eventId``."""
     requeue = _REQUEUE_FN.bind(redis)
     marks = parked_marks(DEFAULT_DEDUPE_TTL_SECONDS)  # the TTL only sizes new slots: forgetting finds any mark
     report = ReplayReport()

@@ -87,8 +87,6 @@ class StateChanged(Exception):
 
 
 class OutputStream:
-    """The output stream: one entry per ``eventId``, each with its vehicle-state merge in the same step."""
-
     def __init__(
         self,
         redis: AsyncRedis,

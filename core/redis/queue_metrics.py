@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -23,9 +21,9 @@ from rq.utils import utcparse
 
 from core.config import Settings
 from core.redis.clients import probe_redis
-from core.redis.deployment_counts import FleetCounts, read_fleet
+from core.redis.deployment_counts import read_fleet
 from core.redis.keys import WORKERS_SET, alive_key, dequeued_key, queue_key, rq_intermediate_key, text
-from core.redis.memory import RedisMemory, read_memory
+from core.redis.memory import read_memory
 
 #: The RQ registries counted, by the name used in the ``registry`` label and in ``status``.
 REGISTRIES = {
@@ -42,26 +40,61 @@ STRANDED_SCAN_LIMIT = 100
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class GroupLag:
-    """One consumer group of a stream (``lag`` is None when Redis cannot tell, before Redis 7)."""
+def _or_none(read: Callable[[], T]) -> T | None:
+    try:
+        return read()
+    except (redis.RedisError, OSError):
+        return None
 
-    name: str
-    consumers: int
-    pending: int
-    lag: int | None
-    last_delivered_id: str
-    behind_seconds: float
+
+def read_redis(
+    client: redis.Redis,
+    settings: Settings,
+    now: dt.datetime,
+    optional: Callable[[Callable[[], Any]], Any] = lambda read: read(),
+) -> dict[str, Any]:
+    """The queue, stranded jobs, registries, streams, consumer groups and memory as ``status --json``
+    shows them; ``optional`` reads each section after the first (the collector's: None when refused)."""
+    queue, retention = settings.ingest_queue, settings.output_stream_retention_seconds
+    with client.pipeline(transaction=False) as pipe:
+        pipe.llen(queue_key(queue))
+        pipe.lindex(queue_key(queue), 0)
+        pipe.xlen(settings.output_stream)
+        pipe.xlen(settings.parked_stream)
+        for template in REGISTRIES.values():
+            pipe.zcard(template.format(queue))
+        depth, head, output_length, parked_length, *counts = pipe.execute()
+    oldest = 0.0 if head is None else rq_age_seconds(client.hget(Job.key_for(text(head)), "enqueued_at"), now)
+    memory = optional(lambda: read_memory(client))
+    return {
+        "queue": {"name": queue, "depth": int(depth), "oldestAgeSeconds": round(oldest, 3)},
+        "stranded": optional(lambda: read_stranded(client, queue, now)),
+        "registries": {name: int(count) for name, count in zip(REGISTRIES, counts, strict=True)},
+        "parked": {"stream": settings.parked_stream, "length": int(parked_length)},
+        "output": {
+            "stream": settings.output_stream,
+            "length": int(output_length),
+            "retentionSeconds": retention,
+            "groups": optional(lambda: read_groups(client, settings.output_stream, retention, now.timestamp() * 1000)),
+        },
+        "redisMemory": None
+        if memory is None
+        else {
+            "usedBytes": memory.used_bytes,
+            "maxBytes": memory.max_bytes,
+            "policy": memory.policy,
+            "usedFraction": round(memory.used_bytes / memory.max_bytes, 4) if memory.max_bytes else None,
+        },
+    }
 
 
 def entry_age_seconds(entry_id: str, now_ms: float) -> float:
     return max(0.0, (now_ms - int(entry_id.split("-", 1)[0])) / 1000)
 
 
-def read_groups(client: redis.Redis, stream: str, now_ms: float | None = None) -> list[GroupLag]:
-    """Every consumer group of ``stream`` by name ([] without a stream); raises
-    :class:`redis.exceptions.NoPermissionError` for a user that may not read them."""
-    now = time.time() * 1000 if now_ms is None else now_ms
+def read_groups(client: redis.Redis, stream: str, retention: int, now_ms: float) -> list[dict[str, Any]]:
+    """Every consumer group of ``stream`` by name ([] without a stream; ``lag`` None before Redis 7);
+    raises :class:`redis.exceptions.NoPermissionError` for a user that may not read them."""
     try:
         groups = client.xinfo_groups(stream)
     except redis.exceptions.NoPermissionError:
@@ -77,52 +110,26 @@ def read_groups(client: redis.Redis, stream: str, now_ms: float | None = None) -
         lag = None if info.get("lag") is None else int(info["lag"])
         behind = 0.0
         if pending and (summary := client.xpending(stream, name)) and summary.get("min"):
-            behind = entry_age_seconds(text(summary["min"]), now)
+            behind = entry_age_seconds(text(summary["min"]), now_ms)
         if lag != 0 and (following := client.xrange(stream, min="(" + last, max="+", count=1)):
-            behind = max(behind, entry_age_seconds(text(following[0][0]), now))
-        rows.append(GroupLag(name, int(info.get("consumers") or 0), pending, lag, last, behind))
-    return sorted(rows, key=lambda row: row.name)
+            behind = max(behind, entry_age_seconds(text(following[0][0]), now_ms))
+        rows.append(
+            {
+                "name": name,
+                "consumers": int(info.get("consumers") or 0),
+                "pending": pending,
+                "lag": lag,
+                "lastDeliveredId": last,
+                "behindSeconds": round(behind, 3),
+                "nearRetention": behind >= GROUP_BEHIND_WARNING * retention,
+            }
+        )
+    return sorted(rows, key=lambda row: row["name"])
 
 
-@dataclass(frozen=True)
-class QueueSnapshot:
-    queue: str
-    depth: int
-    oldest_age_seconds: float
-    registries: dict[str, int]
-    output_length: int
-    parked_length: int
-
-
-def read_snapshot(client: redis.Redis, settings: Settings) -> QueueSnapshot:
-    """The queue's and streams' sizes, and when the job that has waited longest was enqueued."""
-    queue = settings.ingest_queue
-    with client.pipeline(transaction=False) as pipe:
-        pipe.llen(queue_key(queue))
-        pipe.lindex(queue_key(queue), 0)
-        pipe.xlen(settings.output_stream)
-        pipe.xlen(settings.parked_stream)
-        for template in REGISTRIES.values():
-            pipe.zcard(template.format(queue))
-        depth, head, output_length, parked_length, *counts = pipe.execute()
-    oldest = None if head is None else parse_rq_time(client.hget(Job.key_for(text(head)), "enqueued_at"))
-    registries = {name: int(count) for name, count in zip(REGISTRIES, counts, strict=True)}
-    return QueueSnapshot(queue, int(depth), age_seconds(oldest), registries, int(output_length), int(parked_length))
-
-
-@dataclass(frozen=True)
-class Stranded:
-    """Jobs that left the queue and that no live worker answers for; the oldest's age is since it
-    was enqueued (0 when there are none)."""
-
-    count: int
-    oldest_age_seconds: float
-
-
-def read_stranded(client: redis.Redis, queue_name: str) -> Stranded:
-    """Count the stranded jobs of ``queue_name`` (in RQ's intermediate list, or dequeued by a worker
-    not alive) and find the oldest, reading only. Where every job is between dequeue and start:
-    docs/reliability.md, "Between dequeue and finish: where every job is"."""
+def read_stranded(client: redis.Redis, queue_name: str, now: dt.datetime) -> dict[str, Any]:
+    """How many jobs of ``queue_name`` are stranded (in RQ's intermediate list, or dequeued by a worker not
+    alive) and the oldest's age since enqueued, reading only; where every job is: docs/reliability.md."""
     with client.pipeline(transaction=False) as pipe:
         pipe.llen(rq_intermediate_key(queue_name))
         pipe.lrange(rq_intermediate_key(queue_name), 0, STRANDED_SCAN_LIMIT - 1)
@@ -143,23 +150,16 @@ def read_stranded(client: redis.Redis, queue_name: str) -> Stranded:
     with client.pipeline(transaction=False) as pipe:
         for job_id in ids[:STRANDED_SCAN_LIMIT]:
             pipe.hget(Job.key_for(job_id), "enqueued_at")
-        stamps = [stamp for stamp in map(parse_rq_time, pipe.execute()) if stamp is not None]
-    return Stranded(count, age_seconds(min(stamps, default=None)))
+        oldest = max((rq_age_seconds(stamp, now) for stamp in pipe.execute()), default=0.0)
+    return {"count": count, "oldestAgeSeconds": round(oldest, 3)}
 
 
-def age_seconds(since: dt.datetime | None, now: dt.datetime | None = None) -> float:
-    """Seconds from ``since`` to ``now`` (default: the current time), never negative; 0 for None."""
-    if since is None:
-        return 0.0
-    return max(0.0, ((now or dt.datetime.now(dt.UTC)) - since).total_seconds())
-
-
-def parse_rq_time(raw: object) -> dt.datetime | None:
-    """An RQ timestamp (``2026-11-28T18:01:03.021294Z``) as an aware UTC datetime, or None."""
+def rq_age_seconds(stamp: object, now: dt.datetime) -> float:
+    """Seconds since an RQ timestamp (``2026-11-28T18:01:03.021294Z``), never negative; 0 for none."""
     try:
-        return utcparse(text(raw)) if raw else None
+        return max(0.0, (now - utcparse(text(stamp))).total_seconds()) if stamp else 0.0
     except ValueError:
-        return None
+        return 0.0
 
 
 class QueueCollector(Collector):
@@ -175,21 +175,14 @@ class QueueCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         client, settings = self._redis, self._settings
-        try:
-            snapshot = read_snapshot(client, settings)
-        except (redis.RedisError, OSError):
-            return _families(settings)[:1]  # redis_up 0, and no gauge that would read zero
         # What this Redis user may not read is left to the workers, which can (aggregate with max):
         # the web's may not read consumer groups or run PFCOUNT, and on an ACL older than
         # `redis-acl` prints, may not read the liveness keys or INFO memory.
-        return _families(
-            settings,
-            snapshot,
-            _or_none(lambda: read_stranded(client, settings.ingest_queue)),
-            _or_none(lambda: read_memory(client)),
-            _or_none(lambda: read_groups(client, settings.output_stream)),
-            _or_none(lambda: read_fleet(client)),
-        )
+        try:
+            readings = read_redis(client, settings, dt.datetime.now(dt.UTC), _or_none)
+        except (redis.RedisError, OSError):
+            return _families(settings)[:1]  # redis_up 0, and no gauge that would read zero
+        return _families(settings, readings, _or_none(lambda: read_fleet(client)))
 
     def close(self) -> None:
         self._redis.close()
@@ -205,13 +198,6 @@ def endpoint_registry(collector: QueueCollector) -> CollectorRegistry:
         registry.register(REGISTRY)
     registry.register(collector)
     return registry
-
-
-def _or_none(read: Callable[[], T]) -> T | None:
-    try:
-        return read()
-    except (redis.RedisError, OSError):
-        return None
 
 
 #: Every gauge: its help and its labels.
@@ -261,33 +247,29 @@ GAUGES: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def _families(
-    settings: Settings,
-    s: QueueSnapshot | None = None,
-    st: Stranded | None = None,
-    m: RedisMemory | None = None,
-    groups: list[GroupLag] | None = None,
-    f: FleetCounts | None = None,
-) -> list[Metric]:
+def _families(settings: Settings, r: dict[str, Any] | None = None, f: tuple[int, int] | None = None) -> list[Metric]:
     """Every gauge of :data:`GAUGES` (redis_up first); those whose reading is None without samples."""
-    q, groups = [settings.ingest_queue], groups or []
+    q, r = [settings.ingest_queue], r or {}
+    s, st, m = r.get("queue"), r.get("stranded"), r.get("redisMemory")
+    output = r.get("output") or {}
+    groups = output.get("groups") or []
     samples: dict[str, list[tuple[list[str], float]]] = {
-        "smartcar_ingest_redis_up": [([], 1 if s else 0)],
-        "smartcar_ingest_queue_depth": [(q, s.depth)] if s else [],
-        "smartcar_ingest_queue_oldest_age_seconds": [(q, s.oldest_age_seconds)] if s else [],
-        "smartcar_ingest_queue_registry_jobs": [([*q, name], n) for name, n in s.registries.items()] if s else [],
-        "smartcar_ingest_output_stream_length": [([], s.output_length)] if s else [],
-        "smartcar_ingest_parked_stream_length": [([], s.parked_length)] if s else [],
-        "smartcar_ingest_queue_stranded_jobs": [(q, st.count)] if st else [],
-        "smartcar_ingest_queue_stranded_oldest_age_seconds": [(q, st.oldest_age_seconds)] if st else [],
-        "smartcar_ingest_redis_memory_used_bytes": [([], m.used_bytes)] if m else [],
-        "smartcar_ingest_redis_memory_max_bytes": [([], m.max_bytes)] if m else [],
+        "smartcar_ingest_redis_up": [([], 1 if r else 0)],
+        "smartcar_ingest_queue_depth": [(q, s["depth"])] if s else [],
+        "smartcar_ingest_queue_oldest_age_seconds": [(q, s["oldestAgeSeconds"])] if s else [],
+        "smartcar_ingest_queue_registry_jobs": [([*q, name], n) for name, n in r.get("registries", {}).items()],
+        "smartcar_ingest_output_stream_length": [([], output["length"])] if output else [],
+        "smartcar_ingest_parked_stream_length": [([], r["parked"]["length"])] if r else [],
+        "smartcar_ingest_queue_stranded_jobs": [(q, st["count"])] if st else [],
+        "smartcar_ingest_queue_stranded_oldest_age_seconds": [(q, st["oldestAgeSeconds"])] if st else [],
+        "smartcar_ingest_redis_memory_used_bytes": [([], m["usedBytes"])] if m else [],
+        "smartcar_ingest_redis_memory_max_bytes": [([], m["maxBytes"])] if m else [],
         "smartcar_ingest_output_stream_retention_seconds": [([], settings.output_stream_retention_seconds)],
-        "smartcar_ingest_output_group_lag": [([g.name], g.lag) for g in groups if g.lag is not None],
-        "smartcar_ingest_output_group_pending": [([g.name], g.pending) for g in groups],
-        "smartcar_ingest_output_group_behind_seconds": [([g.name], g.behind_seconds) for g in groups],
-        "smartcar_ingest_vehicles_active": [([], f.active)] if f else [],
-        "smartcar_ingest_vehicles_in_error": [([], f.in_error)] if f else [],
+        "smartcar_ingest_output_group_lag": [([g["name"]], g["lag"]) for g in groups if g["lag"] is not None],
+        "smartcar_ingest_output_group_pending": [([g["name"]], g["pending"]) for g in groups],
+        "smartcar_ingest_output_group_behind_seconds": [([g["name"]], g["behindSeconds"]) for g in groups],
+        "smartcar_ingest_vehicles_active": [([], f[0])] if f else [],
+        "smartcar_ingest_vehicles_in_error": [([], f[1])] if f else [],
     }
     families: list[Metric] = []
     for name, (documentation, labels) in GAUGES.items():

@@ -70,22 +70,22 @@ def _when(oem: float | None, ret: float | None) -> When:
     return (oem is not None, oem or 0, ret is not None, ret or 0)
 
 
-def _number(raw: bytes) -> int | None:
-    return None if raw == b"null" else int(raw)
+def json_object(raw: str | bytes) -> dict[str, Any] | None:
+    """``raw`` decoded when it is a JSON object, else None."""
+    try:
+        value = pydantic_core.from_json(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
-def _held_when(stored: bytes) -> When:
+def _when_stored(stored: bytes) -> When:
     """When a stored version was taken: off the front of its JSON, else (an earlier release's, or
     times that are not whole numbers) decoded, any JSON number counting as a time."""
-    front = _FRONT.match(stored)
-    if front:
-        return _when(_number(front[1]), _number(front[2]))
-    try:
-        value = pydantic_core.from_json(stored)
-    except ValueError:
-        return _when(None, None)
-    if not isinstance(value, dict):
-        return _when(None, None)
+    if front := _FRONT.match(stored):
+        oem, ret = front.groups()
+        return _when(None if oem == b"null" else int(oem), None if ret == b"null" else int(ret))
+    value = json_object(stored) or {}
     oem, ret = (value.get(name) for name in ("oemUpdatedAt", "retrievedAt"))
     return _when(*(t if isinstance(t, int | float) and not isinstance(t, bool) else None for t in (oem, ret)))
 
@@ -147,9 +147,9 @@ class VehicleStates:
         stale: list[str] = []
         for code, (when, signal, stored) in newest.items():
             current = held.get(code)
-            if current is None or when > (held_when := _held_when(current)):
+            if current is None or when > (stored_when := _when_stored(current)):
                 writes += [code, stored or _stored_json(signal)]
-            elif when < held_when:
+            elif when < stored_when:
                 stale.append(code)
             elif (stored := stored or _stored_json(signal)) > current:  # equal times: the greater JSON text
                 writes += [code, stored]
