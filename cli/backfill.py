@@ -41,21 +41,18 @@ SECTIONS: tuple[tuple[Outcome, str], ...] = (
 
 @dataclass
 class Backfill:
-    """One run over ``smartcar``'s connections into ``users`` (``only_user``'s alone: ``filter[userId]``,
-    checked again on every item). Bad credentials and database errors propagate: they would fail every
-    connection alike."""
+    """One run over ``smartcar``'s connections (``only_user``'s alone) into ``users``; bad credentials and
+    database errors propagate: they would fail every connection alike."""
 
     smartcar: SmartcarClient
     users: UserStore
     dry_run: bool
     only_user: str | None
-    # Each outcome's connections, a line about each.
     findings: dict[Outcome, list[str]] = field(default_factory=lambda: {kind: [] for kind in get_args(Outcome)})
     total: int | None = None  # meta.totalCount of the listing
     ignored: int = 0  # items of other users, returned despite filter[userId]
     aborted: str | None = None  # why the listing itself broke off
-    # What this run stored or, in a dry run, planned: decisions read the database through these,
-    # so a dry run plans exactly what a real run would do, conflicts included.
+    # What this run stored or, dry, planned: a dry run plans exactly what a real run would do.
     _user_links: dict[int, str] = field(default_factory=dict, init=False)
     _owners: dict[str, int] = field(default_factory=dict, init=False)
     _vehicle_links: dict[int, str] = field(default_factory=dict, init=False)
@@ -76,8 +73,7 @@ class Backfill:
                     try:
                         outcome, detail = await self._decide(sc_user, sc_vehicle)
                     except (SmartcarUnavailable, SmartcarRateLimited) as exc:
-                        # One vehicle's OEM being down must not stop the others; the database being
-                        # down (also transient) would fail them all, so that one ends the run instead.
+                        # One OEM down must not stop the others (the database down ends the run instead).
                         outcome, detail = "failed", f"{exc.message} Rerun to retry it."
                     self.findings[outcome].append(f"Smartcar vehicle {sc_vehicle} of Smartcar user {sc_user}: {detail}")
                     progress(self)
@@ -211,8 +207,7 @@ def run_backfill(settings: Settings, dry_run: bool, smartcar_user_id: str | None
     settings.require_client_credentials()
 
     async def run(progress: Callable[[Backfill], None]) -> Backfill:
-        # The application token is cached in Redis, shared with the workers; the run is sequential and
-        # Smartcar's application rate limit is its bottleneck, so a handful of connections is enough.
+        # The application token is cached in Redis, shared with the workers; the run is sequential.
         redis = open_command_redis(command_redis_async, settings)
         http = LeanHttp(max_connections=4)
         users = UserStore(settings.database_url)

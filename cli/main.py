@@ -192,8 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # The reader went away (`status | head`): not an error of ours. Point stdout at devnull so
-        # the interpreter's final flush does not raise again.
+        # The reader went away (`status | head`); devnull lets the interpreter's final flush pass.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     print(f"smartcar-ingest {command}: {error.message}", file=sys.stderr)

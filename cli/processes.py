@@ -40,8 +40,7 @@ def wait_for_port(
     process: subprocess.Popen[Any] | None = None,
     what: str = "the process",
 ) -> None:
-    """Return once ``127.0.0.1:port`` accepts connections; a :class:`ConfigurationError` after ``timeout``
-    seconds, or as soon as ``process``, the one expected to listen there, has exited."""
+    """Return once ``127.0.0.1:port`` listens; ConfigurationError after ``timeout`` s or once ``process`` exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -114,22 +113,19 @@ def emulator(settings: Settings, host: str, port: int, latency: float) -> None:
 def run_dev(settings: Settings, port: int) -> None:
     env = dict(os.environ)
     env.setdefault("LOG_FORMAT", "console")
-    # Deliveries survive a Redis outage in dev too; the directory outlives the run, so nothing
-    # spooled is lost by stopping `make run` before Redis came back.
+    # Deliveries survive a Redis outage in dev too, in a directory that outlives the run.
     env.setdefault("SPOOL_DIR", str(Path("var/spool").resolve()))
     if not settings.management_tokens:
         env["SMARTCAR_MANAGEMENT_TOKEN"] = DEV_MANAGEMENT_TOKEN
     env["DEV_MODE"] = "true"
     # Locally, captured deliveries from months ago are replayed on purpose: accept their age.
     env.setdefault("MAX_DELIVERY_AGE_SECONDS", str(10 * 365 * 24 * 3600))
-    # Everything dev starts listens on this machine only; the web's admin port (/readyz, /metrics)
-    # is ADMIN_PORT when free, else any free port, so a busy 9000 does not stop `make run`.
+    # Everything dev starts listens on this machine only; a busy ADMIN_PORT gives way to a free one.
     admin_host = env.setdefault("ADMIN_HOST", "127.0.0.1")
     admin_port = settings.admin_port and free_port(admin_host, settings.admin_port)
     env["ADMIN_PORT"] = str(admin_port)
     scratch = Path(tempfile.mkdtemp(prefix="smartcar-ingest-dev-"))
-    # Each child runs in a session of its own, stopped one at a time by dev, last started first
-    # (docs/architecture.md, "dev stops its children one at a time"); closing the terminal stops them too.
+    # Each child has a session of its own: docs/architecture.md, "dev stops its children one at a time".
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.default_int_handler)
@@ -153,8 +149,7 @@ def run_dev(settings: Settings, port: int) -> None:
             redis_port = free_port()
             redis_log = Path("var/redis-server.log").resolve()
             redis_log.parent.mkdir(parents=True, exist_ok=True)
-            # A memory limit far above what a local run holds, as docs/capacity.md asks of every Redis (without
-            # one, web and worker each warn); Redis's own notes go to a file that outlives the run.
+            # A memory limit, as docs/capacity.md asks of every Redis; Redis's notes go to a file that outlives the run.
             args = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(scratch)]
             args += ["--appendonly", "yes", "--save", "", "--logfile", str(redis_log)]
             args += ["--maxmemory", "256mb", "--maxmemory-policy", "noeviction"]
