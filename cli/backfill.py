@@ -193,14 +193,12 @@ def _vin_value(resource: dict[str, Any]) -> str | None:
     attributes = resource.get("attributes")
     if not isinstance(attributes, dict):
         return None
-    status = attributes.get("status")
+    status, body = attributes.get("status"), attributes.get("body")
     if isinstance(status, dict) and status.get("value") not in (None, "SUCCESS"):
         return None
-    body = attributes.get("body")
     value = body.get("value") if isinstance(body, dict) else None
-    if not isinstance(value, str) or not value.strip() or len(value.strip()) > 17:
-        return None
-    return value.strip().upper()
+    vin = value.strip().upper() if isinstance(value, str) else ""
+    return vin if 0 < len(vin) <= 17 else None
 
 
 def run_backfill(settings: Settings, dry_run: bool, smartcar_user_id: str | None) -> int:

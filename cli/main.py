@@ -8,6 +8,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from core.config import load_settings
 from core.errors import (
@@ -59,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, run: str, help: str) -> argparse.ArgumentParser:  # run: "module:function"
-        sub = commands.add_parser(name, help=help)
+    def command(name: str, run: str, help: str, group: Any = commands) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = group.add_parser(name, help=help)  # run: "module:function"
         sub.set_defaults(run=run)
         return sub
 
@@ -132,11 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let an upgrade to v3_schema drop stored per-vehicle access tokens (no downgrade restores them)",
     )
-    users = commands.add_parser("users", help="manage the user store")
-    link = users.add_subparsers(required=True, metavar="ACTION").add_parser(
-        "link", help="store a user's Smartcar user id"
-    )
-    link.set_defaults(run="cli.store_commands:users_link")
+    users = commands.add_parser("users", help="manage the user store").add_subparsers(required=True, metavar="ACTION")
+    link = command("link", "cli.store_commands:users_link", "store a user's Smartcar user id", users)
     link.add_argument("--user-id", type=positive, required=True, help="internal user id (users.id)")
     link.add_argument("--smartcar-user-id", required=True, help="Smartcar user id (the Connect user_id)")
     backfill = command(

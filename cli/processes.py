@@ -165,12 +165,11 @@ def run_dev(settings: Settings, port: int) -> None:
 
             emulator_port = free_port()
             start("the emulator", [*cli, "emulator", "--port", str(emulator_port)], emulator_port)
-            defaults = EmulatorConfig()
             env.update(
                 SMARTCAR_API_URL=f"http://127.0.0.1:{emulator_port}/v3",
                 SMARTCAR_TOKEN_URL=f"http://127.0.0.1:{emulator_port}/oauth2/token",
-                SMARTCAR_CLIENT_ID=defaults.client_id,
-                SMARTCAR_CLIENT_SECRET=defaults.client_secret,
+                SMARTCAR_CLIENT_ID=EmulatorConfig().client_id,
+                SMARTCAR_CLIENT_SECRET=EmulatorConfig().client_secret,
             )
             print(f"started the Smartcar emulator on port {emulator_port}")
 
@@ -185,13 +184,12 @@ def run_dev(settings: Settings, port: int) -> None:
 
         start("the web process", [*cli, "web", "--host", "127.0.0.1", "--port", str(port)], port)
         start("the worker", [*cli, "worker"])
-        url = f"http://127.0.0.1:{port}/webhooks/smartcar"
         admin = f"http://127.0.0.1:{admin_port}"
         print(
             f"""
 smartcar-ingest is running: web on http://127.0.0.1:{port}, one worker, Redis at {env["REDIS_URL"]}
 
-  send a signed test event:   uv run smartcar-ingest send-test-event --url {url}
+  send a signed test event:   uv run smartcar-ingest send-test-event --url http://127.0.0.1:{port}/webhooks/smartcar
   read the enriched output:   redis-cli -u {env["REDIS_URL"]} XRANGE {settings.output_stream} - +
   parked events:              redis-cli -u {env["REDIS_URL"]} XRANGE {settings.parked_stream} - +
   readiness and metrics:      {f"{admin}/readyz  {admin}/metrics" if admin_port else "off (ADMIN_PORT=0)"}
