@@ -33,6 +33,7 @@ BAR_WIDTH = 30
 
 Outcome = Literal["matched", "already_linked", "unmatched", "conflict", "failed"]
 SECTIONS: tuple[tuple[Outcome, str], ...] = (
+    ("matched", "Planned:"),  # dry runs only
     ("conflict", "Conflicts (nothing was written for these; resolve by hand, e.g. `users link`):"),
     ("unmatched", "Unmatched (no internal vehicle found):"),
     ("failed", "Failed (Smartcar did not answer; rerun to retry):"),
@@ -161,23 +162,6 @@ class Backfill:
             return vehicle.owner_smartcar_user_id
         return self._user_links.get(vehicle.user_id)
 
-    def summary(self) -> str:
-        """``matched 3, already linked 1, unmatched 2, conflicts 1 (7 connections)``, plus failures."""
-        counts = {kind: len(lines) for kind, lines in self.findings.items()}
-        parts = [
-            f"{'would match' if self.dry_run else 'matched'} {counts['matched']}",
-            f"already linked {counts['already_linked']}",
-            f"unmatched {counts['unmatched']}",
-            f"conflicts {counts['conflict']}",
-        ]
-        if counts["failed"]:
-            parts.append(f"failed {counts['failed']}")
-        seen = sum(counts.values())
-        text = f"{', '.join(parts)} ({seen} connection{'s' if seen != 1 else ''}"
-        if self.ignored:
-            text += f"; {self.ignored} of other users ignored"
-        return text + ")"
-
     def progress_bar(self) -> str:
         done = sum(map(len, self.findings.values())) + self.ignored
         if self.total:
@@ -220,21 +204,30 @@ def run_backfill(settings: Settings, dry_run: bool, smartcar_user_id: str | None
 
     with progress_line(sys.stderr, Backfill.progress_bar) as show, redis_errors():
         report = asyncio.run(run(show))
-    sections = SECTIONS
     if dry_run:
         print("Dry run: nothing was written.")
-        sections = (("matched", "Planned:"), *sections)
-    for outcome, title in sections:
-        if report.findings[outcome]:
+    for outcome, title in SECTIONS:
+        if report.findings[outcome] and (dry_run or outcome != "matched"):
             print(title, *(f"  {line}" for line in report.findings[outcome]), sep="\n")
-    print(report.summary())
+    counts = {kind: len(lines) for kind, lines in report.findings.items()}
+    parts = [
+        f"{'would match' if dry_run else 'matched'} {counts['matched']}",
+        f"already linked {counts['already_linked']}",
+        f"unmatched {counts['unmatched']}",
+        f"conflicts {counts['conflict']}",
+    ]
+    if counts["failed"]:
+        parts.append(f"failed {counts['failed']}")
+    seen = sum(counts.values())
+    ignored = f"; {report.ignored} of other users ignored" if report.ignored else ""
+    print(f"{', '.join(parts)} ({seen} connection{'s' if seen != 1 else ''}{ignored})")
     if report.aborted is not None:
         raise PermanentError(f"stopped early: {report.aborted} Rerun to continue; what was stored is kept.")
-    if report.findings["matched"] and dry_run:
+    if counts["matched"] and dry_run:
         print("Run `smartcar-ingest backfill` without --dry-run to store these links.")
-    elif report.findings["matched"]:
+    elif counts["matched"]:
         print(
             "Events parked while these users were unknown can now be delivered: "
             "smartcar-ingest replay --reason unknown_user"
         )
-    return 1 if report.findings["failed"] else 0
+    return 1 if counts["failed"] else 0
