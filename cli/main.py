@@ -1,10 +1,5 @@
 """The ``smartcar-ingest`` console script: the parser, and the exit statuses (README, "Exit codes").
-
-Each command is a function ``(settings, **options)`` in the module of its concept, imported only
-when it runs, that returns None when done or else its exit status; :func:`main` builds
-:class:`~core.config.Settings` once, and turns what a command could not finish into one line on
-stderr and an exit status that says which kind of trouble it met.
-"""
+Each command is a function ``(settings, **options)``, imported when it runs, that returns None or its exit status."""
 
 from __future__ import annotations
 
@@ -13,6 +8,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from core.config import load_settings
 from core.errors import (
@@ -64,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, run: str, help: str) -> argparse.ArgumentParser:  # run: "module:function"
-        sub = commands.add_parser(name, help=help)
+    def command(name: str, run: str, help: str, group: Any = commands) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = group.add_parser(name, help=help)  # run: "module:function"
         sub.set_defaults(run=run)
         return sub
 
@@ -137,11 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let an upgrade to v3_schema drop stored per-vehicle access tokens (no downgrade restores them)",
     )
-    users = commands.add_parser("users", help="manage the user store")
-    link = users.add_subparsers(required=True, metavar="ACTION").add_parser(
-        "link", help="store a user's Smartcar user id"
-    )
-    link.set_defaults(run="cli.store_commands:users_link")
+    users = commands.add_parser("users", help="manage the user store").add_subparsers(required=True, metavar="ACTION")
+    link = command("link", "cli.store_commands:users_link", "store a user's Smartcar user id", users)
     link.add_argument("--user-id", type=positive, required=True, help="internal user id (users.id)")
     link.add_argument("--smartcar-user-id", required=True, help="Smartcar user id (the Connect user_id)")
     backfill = command(
@@ -178,37 +171,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _emulator_absent(exc: ModuleNotFoundError, command: str) -> ConfigurationError:
-    """The one-line refusal when the emulator package is missing (it is left out of the wheel)."""
-    if (exc.name or "").partition(".")[0] != "emulator":
-        raise exc
-    hint = ", or set SMARTCAR_CLIENT_ID and SMARTCAR_CLIENT_SECRET to use Smartcar itself" if command == "dev" else ""
-    return ConfigurationError(
-        "the Smartcar emulator is not installed: it ships with the source checkout only, for tests and "
-        f"`make run`; run this from a clone of the repository{hint}."
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     options = vars(build_parser().parse_args(argv))
     command = options.pop("command")
     module, _, name = options.pop("run").partition(":")
     try:
-        settings = load_settings()
-        try:
-            return int(getattr(importlib.import_module(module), name)(settings, **options) or EXIT_OK)
-        except ModuleNotFoundError as exc:
-            raise _emulator_absent(exc, command) from None
+        return int(getattr(importlib.import_module(module), name)(load_settings(), **options) or EXIT_OK)
+    except ModuleNotFoundError as exc:  # the emulator is left out of the wheel
+        if (exc.name or "").partition(".")[0] != "emulator":
+            raise
+        hint = ", or set SMARTCAR_CLIENT_ID and SMARTCAR_CLIENT_SECRET to use Smartcar itself"
+        error: IngestError = ConfigurationError(
+            "the Smartcar emulator is not installed: it ships with the source checkout only, for tests and "
+            f"`make run`; run this from a clone of the repository{hint if command == 'dev' else ''}."
+        )
     except IngestError as exc:
-        print(f"smartcar-ingest {command}: {exc.message}", file=sys.stderr)
-        return exit_status(exc)
+        error = exc
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # The reader went away (`status | head`): not an error of ours. Point stdout at devnull so
-        # the interpreter's final flush does not raise again.
+        # The reader went away (`status | head`); devnull lets the interpreter's final flush pass.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    print(f"smartcar-ingest {command}: {error.message}", file=sys.stderr)
+    return exit_status(error)
 
 
 if __name__ == "__main__":

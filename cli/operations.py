@@ -24,9 +24,8 @@ R = TypeVar("R")
 
 @contextmanager
 def redis_errors(action: str = "used", *, os_errors: bool = True) -> Iterator[None]:
-    """Turn refused credentials (exit 2) or an outage ("could not be {action}", exit 3) inside the
-    block into one line without the URL; any other Redis error is a fault and passes. A bare OSError
-    (a socket error redis-py did not wrap) is an outage unless ``os_errors`` is false (other I/O)."""
+    """Refused credentials (exit 2) or an outage (exit 3) in the block as one line without the URL; other Redis
+    errors pass. A bare OSError (a socket error redis-py did not wrap) is an outage unless ``os_errors`` is false."""
     try:
         yield
     except (AuthenticationError, AuthorizationError, NoPermissionError) as exc:
@@ -57,8 +56,7 @@ def open_command_redis(factory: Callable[[Settings], C], settings: Settings) -> 
 
 @contextmanager
 def progress_line(stream: TextIO, render: Callable[[R], str]) -> Iterator[Callable[[R], None]]:
-    """A function that shows ``render(progress)`` as one line of ``stream``, rewritten (``\\r``) at
-    each call and ended after the block; only on a terminal (elsewhere nothing is rendered)."""
+    """A function showing ``render(progress)`` as one line of ``stream``, rewritten at each call; on a tty only."""
     shown = False
 
     def show(progress: R) -> None:

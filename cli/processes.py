@@ -1,11 +1,10 @@
-"""The commands that run the service's processes: ``web``, ``worker``, ``emulator``, and ``dev`` (what
-``make run`` runs): the whole pipeline on one machine, Redis and the emulator included when none is
-at hand (README.md, the command table; why its children are stopped one at a time:
-docs/architecture.md, "Design notes"). The ports helpers are the tests' too."""
+"""The commands that run the service's processes: ``web``, ``worker``, ``emulator`` and ``dev`` (README.md,
+the command table; docs/architecture.md, "Design notes"). The ports helpers are the tests' too."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -15,7 +14,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import redis
@@ -23,9 +21,6 @@ import redis
 from core.config import DEV_MANAGEMENT_TOKEN, Settings
 from core.errors import ConfigurationError, LinkConflict
 from core.redis.clients import probe_redis
-
-#: How long dev waits for each child it started to listen.
-STARTUP_SECONDS = 30.0
 
 
 def free_port(host: str = "127.0.0.1", wanted: int = 0) -> int:
@@ -40,13 +35,12 @@ def free_port(host: str = "127.0.0.1", wanted: int = 0) -> int:
 
 def wait_for_port(
     port: int,
-    timeout: float = 10.0,
+    timeout: float = 30.0,
     *,
     process: subprocess.Popen[Any] | None = None,
     what: str = "the process",
 ) -> None:
-    """Return once something accepts connections on ``127.0.0.1:port``; a :class:`ConfigurationError`
-    after ``timeout`` seconds, or as soon as ``process``, the one expected to listen, has exited."""
+    """Return once ``127.0.0.1:port`` listens; ConfigurationError after ``timeout`` s or once ``process`` exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -64,53 +58,18 @@ def seed_users(database_url: str) -> int:
 
     store = UserStore(database_url)
     added = 0
-    vehicle_id = 0
+    vehicle_ids = itertools.count(1)
     try:
         for index, user in enumerate(default_seed(), start=1):
-            try:
+            with contextlib.suppress(LinkConflict):  # seeded before
                 store.add_user(index, f"driver{index}@example.test", f"Driver {index}", smartcar_user_id=user.id)
                 added += 1
-            except LinkConflict:  # seeded before
-                pass
             for vehicle in user.vehicles:
-                vehicle_id += 1
                 with contextlib.suppress(LinkConflict):
-                    store.add_vehicle(vehicle_id, index, vehicle.vin, smartcar_vehicle_id=vehicle.id)
+                    store.add_vehicle(next(vehicle_ids), index, vehicle.vin, smartcar_vehicle_id=vehicle.id)
     finally:
         store.dispose()
     return added
-
-
-class Children:
-    """The processes ``dev`` started, each in a session of its own, stopped one at a time, last
-    started first (docs/architecture.md, "dev stops its children one at a time")."""
-
-    def __init__(self) -> None:
-        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def start(self, name: str, args: list[str], env: dict[str, str], port: int | None = None) -> None:
-        """Start ``args``; with a ``port``, return once it listens there."""
-        process = subprocess.Popen(args, env=env, start_new_session=True)
-        self.processes.append((name, process))
-        if port is not None:
-            wait_for_port(port, STARTUP_SECONDS, process=process, what=name)
-
-    def stop(self) -> None:
-        hurry = False
-        for name, process in reversed(self.processes):
-            if process.poll() is not None:
-                continue
-            if not hurry:
-                process.terminate()
-                try:
-                    process.wait(timeout=15)
-                    continue
-                except subprocess.TimeoutExpired:
-                    print(f"{name} did not stop in time; killing it", file=sys.stderr)
-                except KeyboardInterrupt:
-                    hurry = True
-            process.kill()
-            process.wait()
 
 
 def web(settings: Settings, host: str, port: int, workers: int, max_connections: int, keep_alive_timeout: int) -> None:
@@ -119,16 +78,12 @@ def web(settings: Settings, host: str, port: int, workers: int, max_connections:
 
     settings.require_management_token()
     configure_logging(settings.log_level, settings.log_format)
-    metrics_dir = None
-    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Each uvicorn process counts for itself; a shared directory lets /metrics sum them all.
-        metrics_dir = tempfile.mkdtemp(prefix="smartcar-ingest-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    try:
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Each uvicorn process counts for itself; a shared directory lets /metrics sum them all.
+            shared = tempfile.TemporaryDirectory(prefix="smartcar-ingest-metrics-", ignore_cleanup_errors=True)
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = stack.enter_context(shared)
         serve(settings, host, port, workers, max_connections, keep_alive_timeout)
-    finally:
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def worker(settings: Settings, burst: bool, concurrency: int) -> None:
@@ -158,28 +113,28 @@ def emulator(settings: Settings, host: str, port: int, latency: float) -> None:
 def run_dev(settings: Settings, port: int) -> None:
     env = dict(os.environ)
     env.setdefault("LOG_FORMAT", "console")
-    # Deliveries survive a Redis outage in dev too; the directory outlives the run, so nothing
-    # spooled is lost by stopping `make run` before Redis came back.
+    # Deliveries survive a Redis outage in dev too, in a directory that outlives the run.
     env.setdefault("SPOOL_DIR", str(Path("var/spool").resolve()))
     if not settings.management_tokens:
         env["SMARTCAR_MANAGEMENT_TOKEN"] = DEV_MANAGEMENT_TOKEN
     env["DEV_MODE"] = "true"
     # Locally, captured deliveries from months ago are replayed on purpose: accept their age.
     env.setdefault("MAX_DELIVERY_AGE_SECONDS", str(10 * 365 * 24 * 3600))
-    # Everything dev starts listens on this machine only; the web's admin port (/readyz, /metrics)
-    # is ADMIN_PORT when free, else any free port, so a busy 9000 does not stop `make run`.
+    # Everything dev starts listens on this machine only; a busy ADMIN_PORT gives way to a free one.
     admin_host = env.setdefault("ADMIN_HOST", "127.0.0.1")
     admin_port = settings.admin_port and free_port(admin_host, settings.admin_port)
     env["ADMIN_PORT"] = str(admin_port)
-    children = Children()
     scratch = Path(tempfile.mkdtemp(prefix="smartcar-ingest-dev-"))
+    # Each child has a session of its own: docs/architecture.md, "dev stops its children one at a time".
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.default_int_handler)
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+    def start(name: str, args: list[str], port: int | None = None) -> None:
+        children.append((name, subprocess.Popen(args, env=env, start_new_session=True)))
+        if port is not None:
+            wait_for_port(port, process=children[-1][1], what=name)
 
-    signal.signal(signal.SIGTERM, on_term)
-    # The children are not in the terminal's process group: closing the terminal stops them through dev.
-    signal.signal(signal.SIGHUP, on_term)
     cli = [sys.executable, "-m", "cli.main"]
     try:
         answers = False
@@ -194,14 +149,11 @@ def run_dev(settings: Settings, port: int) -> None:
             redis_port = free_port()
             redis_log = Path("var/redis-server.log").resolve()
             redis_log.parent.mkdir(parents=True, exist_ok=True)
+            # A memory limit, as docs/capacity.md asks of every Redis; Redis's notes go to a file that outlives the run.
             args = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(scratch)]
-            args += ["--appendonly", "yes", "--save", ""]
-            # A limit (far above what a local run holds), as docs/capacity.md asks of every Redis:
-            # without one web and worker each open with a warning about it.
+            args += ["--appendonly", "yes", "--save", "", "--logfile", str(redis_log)]
             args += ["--maxmemory", "256mb", "--maxmemory-policy", "noeviction"]
-            # dev says where it listens; Redis's own notes go to a file that outlives the run.
-            args += ["--logfile", str(redis_log)]
-            children.start("redis-server", args, env, redis_port)
+            start("redis-server", args, redis_port)
             env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             print(f"started redis-server on port {redis_port} (AOF in {scratch}, log in {redis_log})")
 
@@ -212,13 +164,12 @@ def run_dev(settings: Settings, port: int) -> None:
             from emulator.app import EmulatorConfig
 
             emulator_port = free_port()
-            children.start("the emulator", [*cli, "emulator", "--port", str(emulator_port)], env, emulator_port)
-            defaults = EmulatorConfig()
+            start("the emulator", [*cli, "emulator", "--port", str(emulator_port)], emulator_port)
             env.update(
                 SMARTCAR_API_URL=f"http://127.0.0.1:{emulator_port}/v3",
                 SMARTCAR_TOKEN_URL=f"http://127.0.0.1:{emulator_port}/oauth2/token",
-                SMARTCAR_CLIENT_ID=defaults.client_id,
-                SMARTCAR_CLIENT_SECRET=defaults.client_secret,
+                SMARTCAR_CLIENT_ID=EmulatorConfig().client_id,
+                SMARTCAR_CLIENT_SECRET=EmulatorConfig().client_secret,
             )
             print(f"started the Smartcar emulator on port {emulator_port}")
 
@@ -231,15 +182,14 @@ def run_dev(settings: Settings, port: int) -> None:
             added = seed_users(settings.database_url)
             print(f"user store {settings.database_url} migrated; {added} emulator users added")
 
-        children.start("the web process", [*cli, "web", "--host", "127.0.0.1", "--port", str(port)], env, port)
-        children.start("the worker", [*cli, "worker"], env)
-        url = f"http://127.0.0.1:{port}/webhooks/smartcar"
+        start("the web process", [*cli, "web", "--host", "127.0.0.1", "--port", str(port)], port)
+        start("the worker", [*cli, "worker"])
         admin = f"http://127.0.0.1:{admin_port}"
         print(
             f"""
 smartcar-ingest is running: web on http://127.0.0.1:{port}, one worker, Redis at {env["REDIS_URL"]}
 
-  send a signed test event:   uv run smartcar-ingest send-test-event --url {url}
+  send a signed test event:   uv run smartcar-ingest send-test-event --url http://127.0.0.1:{port}/webhooks/smartcar
   read the enriched output:   redis-cli -u {env["REDIS_URL"]} XRANGE {settings.output_stream} - +
   parked events:              redis-cli -u {env["REDIS_URL"]} XRANGE {settings.parked_stream} - +
   readiness and metrics:      {f"{admin}/readyz  {admin}/metrics" if admin_port else "off (ADMIN_PORT=0)"}
@@ -248,12 +198,24 @@ Ctrl-C stops everything.""",
             flush=True,
         )
         while True:
-            for name, process in children.processes:
+            for name, process in children:
                 if process.poll() is not None:
                     raise ConfigurationError(f"{name} stopped unexpectedly (status {process.returncode}).")
             time.sleep(0.5)
     except KeyboardInterrupt:
         print("\nstopping…")
     finally:
-        children.stop()
+        hurry = False  # a second Ctrl-C kills what is left
+        for name, process in reversed(children):
+            if not hurry:
+                process.terminate()
+                try:
+                    process.wait(timeout=15)
+                    continue
+                except subprocess.TimeoutExpired:
+                    print(f"{name} did not stop in time; killing it", file=sys.stderr)
+                except KeyboardInterrupt:
+                    hurry = True
+            process.kill()
+            process.wait()
         shutil.rmtree(scratch, ignore_errors=True)

@@ -38,10 +38,8 @@ def load_functions(redis_url: str) -> str:
     """Load every function into the Redis at ``redis_url`` (a user allowed ``FUNCTION LOAD``); says what it did."""
     names = all_functions()
     try:
-        with (
-            redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30) as client,
-            redis_errors("reached"),
-        ):
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30)
+        with redis_errors("reached"), client:
             loaded, present = load_all(client, [FUNCTIONS[name] for name in names])
     except MissingFunction:  # what a refused FUNCTION LOAD becomes (core.redis.functions.load)
         raise ConfigurationError(

@@ -1,9 +1,5 @@
-"""Sample deliveries in Smartcar's real shape (for tests and benchmarks too), and
-``smartcar-ingest send-test-event``, which signs one and posts it as Smartcar would.
-
-The user and vehicle match the emulator's seed (the example ids in Smartcar's docs), so a
-sample sent through ``make run`` is routed and enriched end to end.
-"""
+"""Sample deliveries in Smartcar's shape, for ``send-test-event`` (which signs one and posts it) and the tests;
+their user and vehicle are the emulator's seed, so a sample sent through ``make run`` is enriched end to end."""
 
 from __future__ import annotations
 

@@ -42,16 +42,14 @@ def users_link(settings: Settings, user_id: int, smartcar_user_id: str) -> None:
 
 
 def connect_url(settings: Settings, user_id: int, mode: str | None) -> None:
-    expires_at = int(dt.datetime.now(dt.UTC).timestamp()) + settings.connect_state_ttl_seconds
+    expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=settings.connect_state_ttl_seconds)
     url, note = connect_link(settings, user_id, mode=mode)
     if note:
         print(f"note: {note}", file=sys.stderr)
-    expires = dt.datetime.fromtimestamp(expires_at, dt.UTC).isoformat(timespec="seconds")
-    # No browser asked for this URL, so its state is bound to none: whoever holds the URL can
-    # use it, once, and only to link a Smartcar account that connects after this moment.
+    # No browser asked for this URL: whoever holds it may link, once, a Smartcar account connecting after now.
     print(
-        f"valid until {expires} (CONNECT_STATE_TTL_SECONDS), usable once; not tied to a browser, "
-        "so give it only to that user",
+        f"valid until {expires.isoformat(timespec='seconds')} (CONNECT_STATE_TTL_SECONDS), usable once; "
+        "not tied to a browser, so give it only to that user",
         file=sys.stderr,
     )
     print(url)
