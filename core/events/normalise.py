@@ -79,7 +79,7 @@ def signal_status(value: object, body: object) -> str:
     return "SUCCESS" if body is not None else "UNAVAILABLE"
 
 
-def _signal(wire: WireSignal) -> dict[str, Any] | None:
+def _signal(wire: WireSignal[dict[str, Any]]) -> dict[str, Any] | None:
     """A :class:`Signal`'s fields, or None when it has no usable code (left out of the event)."""
     code = _signal_code(wire)
     if code is None:

@@ -34,26 +34,23 @@ class WireSignalRef(TypedDict, total=False):
     group: str | None
 
 
-class WireStatus(TypedDict, total=False):
+#: A signal's ``meta`` and ``status.error``: a ``dict`` for the worker, a :class:`WireObject` (unread) for the edge.
+Obj = TypeVar("Obj")
+
+
+class WireStatus(TypedDict, Generic[Obj], total=False):
     value: str | None
-    error: dict[str, Any] | None
-
-
-class WireSignal(WireSignalRef, total=False):
-    body: Any
-    meta: dict[str, Any] | None
-    status: WireStatus | None
+    error: Obj | None
 
 
 # The edge's reading (EDGE_VALIDATOR) leaves out what it never reads: a signal's body, times and error.
-class EdgeStatus(TypedDict, total=False):
-    value: str | None
-    error: WireObject | None
+class EdgeSignal(WireSignalRef, Generic[Obj], total=False):
+    meta: Obj | None
+    status: WireStatus[Obj] | None
 
 
-class EdgeSignal(WireSignalRef, total=False):
-    meta: WireObject | None
-    status: EdgeStatus | None
+class WireSignal(EdgeSignal[Obj], total=False):
+    body: Any
 
 
 class WireVehicle(TypedDict, total=False):
@@ -101,7 +98,7 @@ class WireMeta(TypedDict, total=False):
     mode: str | None
 
 
-#: A signal as the worker reads it (:class:`WireSignal`), or as the edge does (:class:`EdgeSignal`).
+#: A signal as the worker reads it (``WireSignal[dict]``), or as the edge does (``EdgeSignal[WireObject]``).
 S = TypeVar("S", bound=WireSignalRef)
 
 
@@ -137,9 +134,9 @@ class WireVerify(TypedDict):
     data: WireVerifyData
 
 
-Envelope = WireEnvelope[WireSignal]
+Envelope = WireEnvelope[WireSignal[dict[str, Any]]]
 WIRE_VALIDATOR = TypeAdapter(Envelope)
-EDGE_VALIDATOR = TypeAdapter(WireEnvelope[EdgeSignal])
+EDGE_VALIDATOR = TypeAdapter(WireEnvelope[EdgeSignal[WireObject]])
 VERIFY_VALIDATOR = TypeAdapter(WireVerify)
 
 

@@ -3,10 +3,8 @@ Why: docs/architecture.md, "The user store"; adopting tables made outside Alembi
 
 from __future__ import annotations
 
-import importlib.resources
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from alembic import command
@@ -28,6 +26,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import NullPool
 
+import migrations
 from core.errors import ConfigurationError, Unreachable
 
 # Any constant works as long as every migrating process uses the same one; this is "smartcar"
@@ -109,16 +108,9 @@ def translate_errors(url: URL) -> Iterator[None]:
 
 
 @contextmanager
-def _migrating(database_url: str, action: str, *, lock: bool = True) -> Iterator[tuple[Connection, Config]]:
+def _migrating(database_url: str, action: str) -> Iterator[tuple[Connection, Config]]:
     """One connection in one transaction, and Alembic's configuration to run on it; a failure other
     than :class:`Unreachable` is a one-line :class:`ConfigurationError`."""
-    # The scripts are found as an importable package, so an installed wheel works.
-    try:
-        location = Path(str(importlib.resources.files("migrations")))
-    except ModuleNotFoundError:
-        location = None
-    if location is None or not (location / "env.py").is_file():
-        raise ConfigurationError("the migrations package is missing from this installation: reinstall smartcar-ingest.")
     engine = make_engine(database_url, pooled=False)
     url = engine.url
     try:
@@ -132,12 +124,13 @@ def _migrating(database_url: str, action: str, *, lock: bool = True) -> Iterator
                 f"({_driver_reason(exc, url)}); check DATABASE_URL and that the server is running."
             ) from None
         with opened as connection, connection.begin():
-            if lock and connection.dialect.name == "postgresql":
+            if connection.dialect.name == "postgresql":
                 # Pods migrating at once take turns; the later ones find the work done.
                 connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
             config = Config()
             # Config values go through ConfigParser interpolation, so a literal % must be doubled.
-            config.set_main_option("script_location", str(location).replace("%", "%%"))
+            # The scripts are found as an importable package, so an installed wheel works.
+            config.set_main_option("script_location", migrations.__path__[0].replace("%", "%%"))
             config.attributes["connection"] = connection  # env.py migrates on it instead of its own
             yield connection, config
     except CommandError as exc:
@@ -182,7 +175,7 @@ def downgrade(database_url: str, revision: str) -> None:
 
 def current(database_url: str) -> str | None:
     """``None`` for a database that was never migrated."""
-    with _migrating(database_url, "read the database revision", lock=False) as (connection, _):
+    with _migrating(database_url, "read the database revision") as (connection, _):
         return MigrationContext.configure(connection).get_current_revision()
 
 

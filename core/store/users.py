@@ -1,16 +1,12 @@
-"""The user store: internal users and their vehicles, keyed by Smartcar's ids (SQL).
-
-Workers route each event to a user with :meth:`UserStore.find_by_smartcar_user_id`; ``users link``,
-the Connect callback and ``backfill`` write the links. docs/architecture.md, "The user store".
-"""
+"""The user store: internal users and their vehicles, keyed by Smartcar's ids (SQL); workers look
+users up, ``users link``, Connect and ``backfill`` write links. docs/architecture.md, "The user store"."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import NamedTuple
 
 from sqlalchemy import (
     ColumnElement,
@@ -82,16 +78,14 @@ class Vehicle(Base):
     smartcar_vehicle_id: Mapped[str | None] = mapped_column(String(SMARTCAR_ID_LENGTH), index=True)
 
 
-@dataclass(frozen=True, slots=True)
-class UserRecord:
+class UserRecord(NamedTuple):
     id: int
     email: str | None
     name: str | None
     smartcar_user_id: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class VehicleRecord:
+class VehicleRecord(NamedTuple):
     """An internal vehicle with its owner's Smartcar user id (``None`` when unlinked or ownerless)."""
 
     id: int
@@ -113,19 +107,6 @@ def _smartcar_id(value: str, column: str) -> str:
     if (checked := _checked(value, column)) is None:
         raise InvalidValue(f"{column} must not be blank.")
     return checked
-
-
-def _linked_concurrently(smartcar_user_id: str) -> LinkConflict:
-    return LinkConflict(
-        f"Smartcar user {smartcar_user_id} was linked to another user concurrently; it stays with that user."
-    )
-
-
-def _owner_of(connection: Connection, smartcar_user_id: str) -> int | None:
-    owner: int | None = connection.execute(
-        select(User.id).where(User.smartcar_user_id == smartcar_user_id)
-    ).scalar_one_or_none()
-    return owner
 
 
 def _claim(
@@ -154,18 +135,12 @@ def _link_user(connection: Connection, user_id: int, wanted: str) -> bool:
     row = connection.execute(select(User.smartcar_user_id).where(User.id == user_id)).one_or_none()
     if row is None:
         raise RecordNotFound(f"no user with id {user_id}: check the internal user id.")
-    if row.smartcar_user_id is None and (owner := _owner_of(connection, wanted)) is not None:
+    owner = select(User.id).where(User.smartcar_user_id == wanted)
+    if row.smartcar_user_id is None and (owner_id := connection.execute(owner).scalar()) is not None:
         raise LinkConflict(
-            f"Smartcar user {wanted} already belongs to user {owner}; refusing to link it to user {user_id}."
+            f"Smartcar user {wanted} already belongs to user {owner_id}; refusing to link it to user {user_id}."
         )
     return _claim(connection, User.smartcar_user_id, user_id, row.smartcar_user_id, wanted)
-
-
-def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
-    # SQLite ignores REFERENCES unless asked per connection; PostgreSQL always enforces it.
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
 
 
 class UserStore:
@@ -174,8 +149,8 @@ class UserStore:
 
     def __init__(self, database_url: str) -> None:
         self._engine = make_engine(database_url)
-        if self._engine.dialect.name == "sqlite":
-            event.listen(self._engine, "connect", _enable_sqlite_foreign_keys)
+        if self._engine.dialect.name == "sqlite":  # it ignores REFERENCES unless asked per connection
+            event.listen(self._engine, "connect", lambda connection, _: connection.execute("PRAGMA foreign_keys=ON"))
 
     @contextmanager
     def _transaction(self, clash: Exception | None = None) -> Iterator[Connection]:
@@ -187,6 +162,10 @@ class UserStore:
             if clash is None:
                 raise
             raise clash from None
+
+    def _linking(self, smartcar_user_id: str) -> AbstractContextManager[Connection]:
+        message = f"Smartcar user {smartcar_user_id} was linked to another user concurrently; it stays with that user."
+        return self._transaction(LinkConflict(message))
 
     def _find_vehicles(self, criterion: ColumnElement[bool]) -> list[VehicleRecord]:
         statement = (
@@ -226,7 +205,7 @@ class UserStore:
         """``False`` when that pair was already stored. Never overwrites: :class:`LinkConflict` when
         either side is linked elsewhere (also after a lost race)."""
         wanted = _smartcar_id(smartcar_user_id, "the Smartcar user id")
-        with self._transaction(_linked_concurrently(wanted)) as connection:
+        with self._linking(wanted) as connection:
             return _link_user(connection, user_id, wanted)
 
     def link_vehicle(self, vehicle_id: int, smartcar_vehicle_id: str, smartcar_user_id: str) -> None:
@@ -234,7 +213,7 @@ class UserStore:
         :meth:`link`, never overwrites (:class:`LinkConflict`, also for a vehicle without owner)."""
         wanted_vehicle = _smartcar_id(smartcar_vehicle_id, "the Smartcar vehicle id")
         wanted_user = _smartcar_id(smartcar_user_id, "the Smartcar user id")
-        with self._transaction(_linked_concurrently(wanted_user)) as connection:
+        with self._linking(wanted_user) as connection:
             statement = select(Vehicle.user_id, Vehicle.smartcar_vehicle_id).where(Vehicle.id == vehicle_id)
             if (vehicle := connection.execute(statement).one_or_none()) is None:
                 raise RecordNotFound(f"no vehicle with id {vehicle_id}: check the internal vehicle id.")
@@ -245,34 +224,25 @@ class UserStore:
 
     def add_user(self, id: int, email: str | None, name: str | None, smartcar_user_id: str | None = None) -> UserRecord:
         """For dev seeding and tests: :class:`LinkConflict` (``record_exists`` for a taken id)."""
-        record = UserRecord(
-            id=id,
-            email=_checked(email, "email", TEXT_LENGTH),
-            name=_checked(name, "name", TEXT_LENGTH),
-            smartcar_user_id=_checked(smartcar_user_id, "the Smartcar user id"),
-        )
+        email, name = _checked(email, "email", TEXT_LENGTH), _checked(name, "name", TEXT_LENGTH)
+        wanted = _checked(smartcar_user_id, "the Smartcar user id")
         clash = LinkConflict(
             f"a user with id {id} already exists (or its Smartcar user id was just taken).", "record_exists"
         )
         with self._transaction(clash) as connection:
-            if record.smartcar_user_id and (owner := _owner_of(connection, record.smartcar_user_id)) is not None:
-                raise LinkConflict(f"Smartcar user {record.smartcar_user_id} already belongs to user {owner}.")
-            connection.execute(insert(User).values(**asdict(record)))
-        return record
+            connection.execute(insert(User).values(id=id, email=email, name=name))
+            if wanted is not None:
+                _link_user(connection, id, wanted)
+        return UserRecord(id, email, name, wanted)
 
     def add_vehicle(self, id: int, user_id: int, vin: str | None, smartcar_vehicle_id: str | None = None) -> None:
         """For dev seeding and tests: :class:`RecordNotFound` without the user; ``record_exists``."""
-        values = {
-            "id": id,
-            "user_id": user_id,
-            "vin": _checked(vin, "the VIN", VIN_LENGTH),
-            "smartcar_vehicle_id": _checked(smartcar_vehicle_id, "the Smartcar vehicle id"),
-        }
+        vin, wanted = _checked(vin, "the VIN", VIN_LENGTH), _checked(smartcar_vehicle_id, "the Smartcar vehicle id")
         clash = LinkConflict(f"a vehicle with id {id} already exists (or its user was just removed).", "record_exists")
         with self._transaction(clash) as connection:
             if connection.execute(select(User.id).where(User.id == user_id)).first() is None:
                 raise RecordNotFound(f"no user with id {user_id}: add the user before its vehicles.")
-            connection.execute(insert(Vehicle).values(**values))
+            connection.execute(insert(Vehicle).values(id=id, user_id=user_id, vin=vin, smartcar_vehicle_id=wanted))
 
     def dispose(self) -> None:
         self._engine.dispose()
