@@ -1,9 +1,5 @@
-"""Structured logging with structlog: JSON lines by default, coloured console lines for humans.
-
-Callers log identifiers, never values (no secrets, tokens, VINs or signal bodies); :func:`redact`
-is a last line of defence. uvicorn's and Alembic's lifecycle lines are DEBUG lines, and a server
-whose lines would repeat another's runs under :func:`quiet_uvicorn` (docs/security.md, 26.12).
-"""
+"""Structured logging with structlog (JSON lines, or console lines for humans). Callers log identifiers,
+never values; :func:`redact` is a last line of defence. Lifecycle lines: docs/security.md, 26.12."""
 
 from __future__ import annotations
 
@@ -41,21 +37,19 @@ def quiet_uvicorn() -> None:
     _uvicorn_quiet.set(True)
 
 
-class _Noise(logging.Filter):
+def _noise(record: logging.LogRecord) -> bool:
     """uvicorn's lifecycle and Alembic's plugin INFO lines become DEBUG; a quiet server's uvicorn INFO go."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.INFO:
+    if record.levelno != logging.INFO:
+        return True
+    if record.name == "uvicorn.error":
+        if _uvicorn_quiet.get():
+            return False
+        if not _UVICORN_LIFECYCLE.match(str(record.msg)):
             return True
-        if record.name == "uvicorn.error":
-            if _uvicorn_quiet.get():
-                return False
-            if not _UVICORN_LIFECYCLE.match(str(record.msg)):
-                return True
-        elif record.name != "alembic.runtime.plugins":
-            return True
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return logging.getLogger().isEnabledFor(logging.DEBUG)
+    elif record.name != "alembic.runtime.plugins":
+        return True
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
@@ -83,7 +77,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_Noise())
+    handler.addFilter(_noise)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],

@@ -62,11 +62,8 @@ class WireVehicle(TypedDict, total=False):
     powertrainType: str | None
 
 
-class WireTrigger(TypedDict, total=False):
+class WireTrigger(WireSignalRef, total=False):
     type: str | None
-    code: str | None
-    name: str | None
-    group: str | None
     signal: WireSignalRef | str | None
 
 

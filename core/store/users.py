@@ -47,11 +47,6 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def _utcnow() -> datetime:
-    # The contract's column is a plain TIMESTAMP: store naive UTC so every backend agrees.
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
 class User(Base):
     """``users``: an internal user; ``smartcar_user_id`` is ``data.user.id`` in webhooks."""
 
@@ -61,10 +56,12 @@ class User(Base):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     email: Mapped[str | None] = mapped_column(String(TEXT_LENGTH))
     name: Mapped[str | None] = mapped_column(String(TEXT_LENGTH))
-    # The UNIQUE constraint's own index serves the per-event lookup; a second index would only
-    # slow writes.
+    # The UNIQUE constraint's index serves the per-event lookup (a second index would slow writes).
     smartcar_user_id: Mapped[str | None] = mapped_column(String(SMARTCAR_ID_LENGTH), unique=True)
-    created_at: Mapped[datetime | None] = mapped_column(DateTime(), default=_utcnow)
+    # The contract's column is a plain TIMESTAMP: naive UTC, so every backend agrees.
+    created_at: Mapped[datetime | None] = mapped_column(
+        DateTime(), default=lambda: datetime.now(UTC).replace(tzinfo=None)
+    )
 
 
 class Vehicle(Base):
@@ -112,8 +109,7 @@ def _smartcar_id(value: str, column: str) -> str:
 def _claim(
     connection: Connection, column: InstrumentedAttribute[str | None], row_id: int, current: str | None, wanted: str
 ) -> bool:
-    """Store ``wanted`` in ``column`` (a Smartcar id) of row ``row_id``, whose value is ``current``;
-    whether this call stored it. Never overwrites: :class:`LinkConflict` when it holds another id."""
+    """Whether ``wanted`` was stored in ``column`` of row ``row_id`` (holding ``current``); never overwrites."""
     table, what = column.class_, column.class_.__tablename__.removesuffix("s")
     if current == wanted:
         return False
@@ -144,8 +140,7 @@ def _link_user(connection: Connection, user_id: int, wanted: str) -> bool:
 
 
 class UserStore:
-    """``users`` and ``vehicles`` at ``database_url``; construction does not connect. Thread-safe.
-    Queries raise like :func:`core.store.db.translate_errors`."""
+    """``users`` and ``vehicles``; construction does not connect. Thread-safe; raises like ``translate_errors``."""
 
     def __init__(self, database_url: str) -> None:
         self._engine = make_engine(database_url)
@@ -202,15 +197,13 @@ class UserStore:
         return self._find_vehicles(func.upper(func.trim(Vehicle.vin)) == wanted)
 
     def link(self, user_id: int, smartcar_user_id: str) -> bool:
-        """``False`` when that pair was already stored. Never overwrites: :class:`LinkConflict` when
-        either side is linked elsewhere (also after a lost race)."""
+        """``False`` if already stored; :class:`LinkConflict` if either side is linked elsewhere (or a race lost)."""
         wanted = _smartcar_id(smartcar_user_id, "the Smartcar user id")
         with self._linking(wanted) as connection:
             return _link_user(connection, user_id, wanted)
 
     def link_vehicle(self, vehicle_id: int, smartcar_vehicle_id: str, smartcar_user_id: str) -> None:
-        """Smartcar's vehicle id on the vehicle and its user id on the owner, both or neither; like
-        :meth:`link`, never overwrites (:class:`LinkConflict`, also for a vehicle without owner)."""
+        """Smartcar's vehicle id on the vehicle and its user id on the owner, both or neither, like :meth:`link`."""
         wanted_vehicle = _smartcar_id(smartcar_vehicle_id, "the Smartcar vehicle id")
         wanted_user = _smartcar_id(smartcar_user_id, "the Smartcar user id")
         with self._linking(wanted_user) as connection:
