@@ -1,8 +1,5 @@
-"""``SC-Signature`` checking and VERIFY challenge answers.
-
-A signature is ``hex(HMAC-SHA256(management_token, raw_body))``; any configured token verifies
-(rotation), the first answers VERIFY. Why unsigned challenges are limited: docs/security.md.
-"""
+"""``SC-Signature`` (hex HMAC-SHA256 of the raw body under any configured token) and VERIFY answers
+(under the first); why unsigned challenges are limited: docs/security.md."""
 
 from __future__ import annotations
 
@@ -29,15 +26,13 @@ def verify_signature(tokens: Sequence[bytes], body: bytes, header: str | None) -
         return False
     valid = False
     for token in tokens:
-        # One call into OpenSSL per token (no HMAC object, no hex text); no early exit, so timing
-        # does not reveal which token matched.
+        # No early exit: timing does not reveal which token matched.
         valid |= hmac.compare_digest(hmac.digest(token, body, "sha256"), expected)
     return valid
 
 
 def is_token_like(challenge: str) -> bool:
-    """True when an unsigned VERIFY challenge is safe to answer: token-like and not JSON at all, since
-    the HMAC of ``123``, ``true`` or ``1e5`` would be a valid ``SC-Signature`` for that JSON body."""
+    """Whether an unsigned VERIFY challenge is token-like and not JSON at all (its HMAC would sign that body)."""
     if _TOKEN_LIKE_CHALLENGE.fullmatch(challenge) is None:
         return False
     try:  # the edge's parser in its most permissive setting (NaN too): anything it could ever read

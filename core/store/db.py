@@ -58,12 +58,11 @@ def make_engine(database_url: str, *, pooled: bool = True) -> Engine:
     options = {"pool_pre_ping": backend == "postgresql"} if pooled else {"poolclass": NullPool}
     try:
         return create_engine(url, connect_args=connect_args, **options)
-    except (NoSuchModuleError, ModuleNotFoundError):
+    except (NoSuchModuleError, ModuleNotFoundError, ArgumentError, TypeError) as exc:  # e.g. no installed driver
         raise ConfigurationError(
-            f"no installed driver for DATABASE_URL {safe_url(url)}: use sqlite:/// or postgresql+psycopg:// URLs."
+            f"DATABASE_URL {safe_url(url)} is not usable ({_driver_reason(exc, url)}): "
+            "use sqlite:/// or postgresql+psycopg:// URLs."
         ) from None
-    except (ArgumentError, TypeError) as exc:
-        raise ConfigurationError(f"DATABASE_URL {safe_url(url)} is not usable: {_driver_reason(exc, url)}.") from None
 
 
 def _driver_reason(exc: BaseException, url: URL) -> str:
