@@ -122,19 +122,9 @@ class WireEnvelope(TypedDict, Generic[S], total=False):
     payload: Any
 
 
-class WireVerifyData(TypedDict):
-    challenge: Annotated[str, Field(min_length=1)]
-
-
-@_wire
-class WireVerify(TypedDict):
-    data: WireVerifyData
-
-
 Envelope = WireEnvelope[WireSignal[dict[str, Any]]]
 WIRE_VALIDATOR = TypeAdapter(Envelope)
 EDGE_VALIDATOR = TypeAdapter(WireEnvelope[EdgeSignal[WireObject]])
-VERIFY_VALIDATOR = TypeAdapter(WireVerify)
 
 
 def is_legacy(document: Mapping[str, Any]) -> bool:
