@@ -22,8 +22,7 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
     return event_dict
 
 
-#: uvicorn's INFO lines about a server's own life rather than what it serves (matched on the
-#: message's template: some are ``%d`` templates, some are formatted already).
+#: uvicorn's INFO lines about a server's own life (matched on the template, or the formatted message).
 _UVICORN_LIFECYCLE = re.compile(
     r"(Started|Finished|Stopping) (server|parent) process"
     r"|Waiting for application (startup|shutdown)\.|Application (startup|shutdown) complete\."

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, TypeVar
+from typing import Any
 
 import pydantic_core
 from pydantic import TypeAdapter, ValidationError
@@ -26,10 +26,9 @@ _NOT_JSON = "The body is not valid UTF-8 JSON."
 # Two literal searches: faster here than ``bytes in bytes``, or one pattern with an alternative.
 _NAN = re.compile(rb"NaN").search
 _INFINITY = re.compile(rb"Infinity").search
-E = TypeVar("E", bound=WireEnvelope[Any])
 
 
-def _one_pass(body: bytes, validator: TypeAdapter[E]) -> E | None:
+def _one_pass(body: bytes, validator: TypeAdapter[WireEnvelope[Any]]) -> WireEnvelope[Any] | None:
     """The envelope of a well-formed vehicle event without the bytes NaN or Infinity; else None (the steps)."""
     if _NAN(body) is not None or _INFINITY(body) is not None:
         return None

@@ -83,13 +83,11 @@ class UserRecord(NamedTuple):
 
 
 class VehicleRecord(NamedTuple):
-    """An internal vehicle with its owner's Smartcar user id (``None`` when unlinked or ownerless)."""
-
     id: int
     user_id: int | None
     vin: str | None
     smartcar_vehicle_id: str | None
-    owner_smartcar_user_id: str | None
+    owner_smartcar_user_id: str | None  # None when the owner is unlinked or there is none
 
 
 def _checked(value: str | None, column: str, limit: int = SMARTCAR_ID_LENGTH) -> str | None:
