@@ -20,9 +20,6 @@ SmartcarId = Annotated[StrictStr, Field(min_length=1, max_length=255)]
 VEHICLE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 VehicleId = Annotated[StrictStr, StringConstraints(pattern=VEHICLE_ID_PATTERN)]
 
-# Descriptive text (make, model, signal names) accepts numbers; the roots' config holds for all inside.
-_wire = with_config(ConfigDict(coerce_numbers_to_str=True))
-
 
 class WireObject(TypedDict):
     """Any JSON object, its contents unread."""
@@ -107,7 +104,8 @@ class WireData(TypedDict, Generic[S], total=False):
     errors: list[WireVehicleError] | None
 
 
-@_wire
+# Descriptive text (make, model, signal names) accepts numbers; the root's config holds for all inside.
+@with_config(ConfigDict(coerce_numbers_to_str=True))
 class WireEnvelope(TypedDict, Generic[S], total=False):
     """A vehicle event (its type is checked afterwards); ``version``, ``eventName``, ``payload``: :func:`is_legacy`."""
 
