@@ -4,7 +4,7 @@ users up, ``users link``, Connect and ``backfill`` write links. docs/architectur
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -31,6 +31,7 @@ from core.store.db import make_engine, translate_errors
 SMARTCAR_ID_LENGTH = 36
 VIN_LENGTH = 17
 TEXT_LENGTH = 255
+_LINKED_CONCURRENTLY = "Smartcar user {} was linked to another user concurrently; it stays with that user."
 
 # Deterministic constraint names, so later migrations can drop or alter them by name (SQLite's
 # batch mode cannot address an unnamed constraint) and autogenerate compares cleanly.
@@ -146,19 +147,15 @@ class UserStore:
             event.listen(self._engine, "connect", lambda connection, _: connection.execute("PRAGMA foreign_keys=ON"))
 
     @contextmanager
-    def _transaction(self, clash: Exception | None = None) -> Iterator[Connection]:
-        """A constraint that a concurrent writer won raises ``clash`` (reads pass none)."""
+    def _transaction(self, clash: str = "", code: str = "link_conflict") -> Iterator[Connection]:
+        """A constraint that a concurrent writer won raises :class:`LinkConflict` ``clash`` (reads pass none)."""
         try:
             with translate_errors(self._engine.url), self._engine.begin() as connection:
                 yield connection
         except IntegrityError:
-            if clash is None:
+            if not clash:
                 raise
-            raise clash from None
-
-    def _linking(self, smartcar_user_id: str) -> AbstractContextManager[Connection]:
-        message = f"Smartcar user {smartcar_user_id} was linked to another user concurrently; it stays with that user."
-        return self._transaction(LinkConflict(message))
+            raise LinkConflict(clash, code) from None
 
     def _find_vehicles(self, criterion: ColumnElement[bool]) -> list[VehicleRecord]:
         statement = (
@@ -197,14 +194,14 @@ class UserStore:
     def link(self, user_id: int, smartcar_user_id: str) -> bool:
         """``False`` if already stored; :class:`LinkConflict` if either side is linked elsewhere (or a race lost)."""
         wanted = _smartcar_id(smartcar_user_id, "the Smartcar user id")
-        with self._linking(wanted) as connection:
+        with self._transaction(_LINKED_CONCURRENTLY.format(wanted)) as connection:
             return _link_user(connection, user_id, wanted)
 
     def link_vehicle(self, vehicle_id: int, smartcar_vehicle_id: str, smartcar_user_id: str) -> None:
         """Smartcar's vehicle id on the vehicle and its user id on the owner, both or neither, like :meth:`link`."""
         wanted_vehicle = _smartcar_id(smartcar_vehicle_id, "the Smartcar vehicle id")
         wanted_user = _smartcar_id(smartcar_user_id, "the Smartcar user id")
-        with self._linking(wanted_user) as connection:
+        with self._transaction(_LINKED_CONCURRENTLY.format(wanted_user)) as connection:
             statement = select(Vehicle.user_id, Vehicle.smartcar_vehicle_id).where(Vehicle.id == vehicle_id)
             if (vehicle := connection.execute(statement).one_or_none()) is None:
                 raise RecordNotFound(f"no vehicle with id {vehicle_id}: check the internal vehicle id.")
@@ -217,10 +214,8 @@ class UserStore:
         """For dev seeding and tests: :class:`LinkConflict` (``record_exists`` for a taken id)."""
         email, name = _checked(email, "email", TEXT_LENGTH), _checked(name, "name", TEXT_LENGTH)
         wanted = _checked(smartcar_user_id, "the Smartcar user id")
-        clash = LinkConflict(
-            f"a user with id {id} already exists (or its Smartcar user id was just taken).", "record_exists"
-        )
-        with self._transaction(clash) as connection:
+        clash = f"a user with id {id} already exists (or its Smartcar user id was just taken)."
+        with self._transaction(clash, "record_exists") as connection:
             connection.execute(insert(User).values(id=id, email=email, name=name))
             if wanted is not None:
                 _link_user(connection, id, wanted)
@@ -229,8 +224,8 @@ class UserStore:
     def add_vehicle(self, id: int, user_id: int, vin: str | None, smartcar_vehicle_id: str | None = None) -> None:
         """For dev seeding and tests: :class:`RecordNotFound` without the user; ``record_exists``."""
         vin, wanted = _checked(vin, "the VIN", VIN_LENGTH), _checked(smartcar_vehicle_id, "the Smartcar vehicle id")
-        clash = LinkConflict(f"a vehicle with id {id} already exists (or its user was just removed).", "record_exists")
-        with self._transaction(clash) as connection:
+        clash = f"a vehicle with id {id} already exists (or its user was just removed)."
+        with self._transaction(clash, "record_exists") as connection:
             if connection.execute(select(User.id).where(User.id == user_id)).first() is None:
                 raise RecordNotFound(f"no user with id {user_id}: add the user before its vehicles.")
             connection.execute(insert(Vehicle).values(id=id, user_id=user_id, vin=vin, smartcar_vehicle_id=wanted))
