@@ -60,9 +60,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact,
     ]
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer(sort_keys=False)
-    )
+    renderer: Any = structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
     # structlog's lines go through the same stdlib handler as RQ's and uvicorn's, so one lock
     # orders every write: two writers on one stream interleave partial lines under threads.
     structlog.configure(
