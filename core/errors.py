@@ -1,9 +1,5 @@
-"""The one error tree of smartcar-ingest: every error the project raises on purpose.
-
-What each class means, and which layer turns errors into HTTP statuses, parked entries or exit
-statuses: docs/architecture.md, "Errors". A leaf whose cases differ only in what they tell the
-caller is one class, each case raised with its own ``code``.
-"""
+"""The one error tree of smartcar-ingest; what each class means and which layer turns it into an HTTP
+status, a parked entry or an exit status: docs/architecture.md, "Errors"."""
 
 from __future__ import annotations
 
@@ -94,9 +90,7 @@ class RecordNotFound(PermanentError):
 
 
 class LinkConflict(PermanentError):
-    """Also raised as ``record_exists`` for an id that is taken."""
-
-    code = "link_conflict"
+    code = "link_conflict"  # also record_exists, for an id that is taken
 
 
 class InvalidConnectState(PermanentError):

@@ -1,9 +1,5 @@
-"""Structured logging with structlog: JSON lines by default, coloured console lines for humans.
-
-Callers log identifiers, never values (no secrets, tokens, VINs or signal bodies); :func:`redact`
-is a last line of defence. uvicorn's and Alembic's lifecycle lines are DEBUG lines, and a server
-whose lines would repeat another's runs under :func:`quiet_uvicorn` (docs/security.md, 26.12).
-"""
+"""Structured logging with structlog (JSON lines, or console lines for humans). Callers log identifiers,
+never values; :func:`redact` is a last line of defence. Lifecycle lines: docs/security.md, 26.12."""
 
 from __future__ import annotations
 
@@ -26,8 +22,7 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
     return event_dict
 
 
-#: uvicorn's INFO lines about a server's own life rather than what it serves (matched on the
-#: message's template: some are ``%d`` templates, some are formatted already).
+#: uvicorn's INFO lines about a server's own life (matched on the template, or the formatted message).
 _UVICORN_LIFECYCLE = re.compile(
     r"(Started|Finished|Stopping) (server|parent) process"
     r"|Waiting for application (startup|shutdown)\.|Application (startup|shutdown) complete\."
@@ -41,21 +36,19 @@ def quiet_uvicorn() -> None:
     _uvicorn_quiet.set(True)
 
 
-class _Noise(logging.Filter):
+def _noise(record: logging.LogRecord) -> bool:
     """uvicorn's lifecycle and Alembic's plugin INFO lines become DEBUG; a quiet server's uvicorn INFO go."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.INFO:
+    if record.levelno != logging.INFO:
+        return True
+    if record.name == "uvicorn.error":
+        if _uvicorn_quiet.get():
+            return False
+        if not _UVICORN_LIFECYCLE.match(str(record.msg)):
             return True
-        if record.name == "uvicorn.error":
-            if _uvicorn_quiet.get():
-                return False
-            if not _UVICORN_LIFECYCLE.match(str(record.msg)):
-                return True
-        elif record.name != "alembic.runtime.plugins":
-            return True
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return logging.getLogger().isEnabledFor(logging.DEBUG)
+    elif record.name != "alembic.runtime.plugins":
+        return True
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
@@ -67,9 +60,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact,
     ]
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer(sort_keys=False)
-    )
+    renderer: Any = structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
     # structlog's lines go through the same stdlib handler as RQ's and uvicorn's, so one lock
     # orders every write: two writers on one stream interleave partial lines under threads.
     structlog.configure(
@@ -83,7 +74,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_Noise())
+    handler.addFilter(_noise)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],

@@ -1,5 +1,6 @@
 """The normalised vehicle event, the only shape the rest of the service sees: times in epoch
-milliseconds, signal codes lowercase, no NaN or infinite number in a signal's body or error."""
+milliseconds, signal codes lowercase, no NaN or infinite number in a signal's body or error, and a
+signal's ``status`` SUCCESS, ERROR or UNAVAILABLE."""
 
 from __future__ import annotations
 
@@ -24,8 +25,6 @@ class SignalRef(BaseModel, frozen=True):
 
 
 class Signal(SignalRef):
-    """One signal as delivered: ``status`` is SUCCESS, ERROR or UNAVAILABLE; times in epoch ms."""
-
     body: Any = None
     status: str
     error: dict[str, Any] | None = None

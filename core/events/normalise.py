@@ -66,10 +66,8 @@ def _signal_code(ref: WireSignalRef | str) -> str | None:
 
 
 def _signal_ref(ref: WireSignalRef | str) -> SignalRef:
-    if isinstance(ref, str):
-        group, _, name = ref.partition(".")
-        return SignalRef(code=_signal_code(ref) or "", name=name or None, group=group or None)
-    return SignalRef(code=_signal_code(ref) or "", name=ref.get("name"), group=ref.get("group"))
+    group, _, name = ref.partition(".") if isinstance(ref, str) else (ref.get("group"), "", ref.get("name"))
+    return SignalRef(code=_signal_code(ref) or "", name=name or None, group=group or None)
 
 
 def signal_status(value: object, body: object) -> str:
@@ -79,7 +77,7 @@ def signal_status(value: object, body: object) -> str:
     return "SUCCESS" if body is not None else "UNAVAILABLE"
 
 
-def _signal(wire: WireSignal) -> dict[str, Any] | None:
+def _signal(wire: WireSignal[dict[str, Any]]) -> dict[str, Any] | None:
     """A :class:`Signal`'s fields, or None when it has no usable code (left out of the event)."""
     code = _signal_code(wire)
     if code is None:

@@ -20,9 +20,6 @@ SmartcarId = Annotated[StrictStr, Field(min_length=1, max_length=255)]
 VEHICLE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 VehicleId = Annotated[StrictStr, StringConstraints(pattern=VEHICLE_ID_PATTERN)]
 
-# Descriptive text (make, model, signal names) accepts numbers; the roots' config holds for all inside.
-_wire = with_config(ConfigDict(coerce_numbers_to_str=True))
-
 
 class WireObject(TypedDict):
     """Any JSON object, its contents unread."""
@@ -34,26 +31,23 @@ class WireSignalRef(TypedDict, total=False):
     group: str | None
 
 
-class WireStatus(TypedDict, total=False):
+#: A signal's ``meta`` and ``status.error``: a ``dict`` for the worker, a :class:`WireObject` (unread) for the edge.
+Obj = TypeVar("Obj")
+
+
+class WireStatus(TypedDict, Generic[Obj], total=False):
     value: str | None
-    error: dict[str, Any] | None
-
-
-class WireSignal(WireSignalRef, total=False):
-    body: Any
-    meta: dict[str, Any] | None
-    status: WireStatus | None
+    error: Obj | None
 
 
 # The edge's reading (EDGE_VALIDATOR) leaves out what it never reads: a signal's body, times and error.
-class EdgeStatus(TypedDict, total=False):
-    value: str | None
-    error: WireObject | None
+class EdgeSignal(WireSignalRef, Generic[Obj], total=False):
+    meta: Obj | None
+    status: WireStatus[Obj] | None
 
 
-class EdgeSignal(WireSignalRef, total=False):
-    meta: WireObject | None
-    status: EdgeStatus | None
+class WireSignal(EdgeSignal[Obj], total=False):
+    body: Any
 
 
 class WireVehicle(TypedDict, total=False):
@@ -65,11 +59,8 @@ class WireVehicle(TypedDict, total=False):
     powertrainType: str | None
 
 
-class WireTrigger(TypedDict, total=False):
+class WireTrigger(WireSignalRef, total=False):
     type: str | None
-    code: str | None
-    name: str | None
-    group: str | None
     signal: WireSignalRef | str | None
 
 
@@ -101,7 +92,7 @@ class WireMeta(TypedDict, total=False):
     mode: str | None
 
 
-#: A signal as the worker reads it (:class:`WireSignal`), or as the edge does (:class:`EdgeSignal`).
+#: A signal as the worker reads it (``WireSignal[dict]``), or as the edge does (``EdgeSignal[WireObject]``).
 S = TypeVar("S", bound=WireSignalRef)
 
 
@@ -113,7 +104,8 @@ class WireData(TypedDict, Generic[S], total=False):
     errors: list[WireVehicleError] | None
 
 
-@_wire
+# Descriptive text (make, model, signal names) accepts numbers; the root's config holds for all inside.
+@with_config(ConfigDict(coerce_numbers_to_str=True))
 class WireEnvelope(TypedDict, Generic[S], total=False):
     """A vehicle event (its type is checked afterwards); ``version``, ``eventName``, ``payload``: :func:`is_legacy`."""
 
@@ -128,19 +120,9 @@ class WireEnvelope(TypedDict, Generic[S], total=False):
     payload: Any
 
 
-class WireVerifyData(TypedDict):
-    challenge: Annotated[str, Field(min_length=1)]
-
-
-@_wire
-class WireVerify(TypedDict):
-    data: WireVerifyData
-
-
-Envelope = WireEnvelope[WireSignal]
+Envelope = WireEnvelope[WireSignal[dict[str, Any]]]
 WIRE_VALIDATOR = TypeAdapter(Envelope)
-EDGE_VALIDATOR = TypeAdapter(WireEnvelope[EdgeSignal])
-VERIFY_VALIDATOR = TypeAdapter(WireVerify)
+EDGE_VALIDATOR = TypeAdapter(WireEnvelope[EdgeSignal[WireObject]])
 
 
 def is_legacy(document: Mapping[str, Any]) -> bool:

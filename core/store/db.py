@@ -3,10 +3,8 @@ Why: docs/architecture.md, "The user store"; adopting tables made outside Alembi
 
 from __future__ import annotations
 
-import importlib.resources
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from alembic import command
@@ -28,10 +26,10 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import NullPool
 
+import migrations
 from core.errors import ConfigurationError, Unreachable
 
-# Any constant works as long as every migrating process uses the same one; this is "smartcar"
-# read as bytes, so it is recognisable in pg_locks.
+# Any constant shared by every migrating process; "smartcar" as bytes, recognisable in pg_locks.
 _MIGRATION_LOCK_ID = 0x736D61727463617
 
 
@@ -56,17 +54,15 @@ def make_engine(database_url: str, *, pooled: bool = True) -> Engine:
     connect_args: dict[str, Any] = {"check_same_thread": False} if backend == "sqlite" else {}
     if backend == "postgresql" and "connect_timeout" not in url.query:
         connect_args["connect_timeout"] = 5  # seconds before a server counts as unreachable
-    # Pool sizes stay at SQLAlchemy's defaults: the pool grows only as far as a process's
-    # concurrency. The ping makes a restarted PostgreSQL cost a reconnect, not a failed job.
+    # Pool sizes stay at SQLAlchemy's defaults; the ping turns a restarted PostgreSQL into a reconnect.
     options = {"pool_pre_ping": backend == "postgresql"} if pooled else {"poolclass": NullPool}
     try:
         return create_engine(url, connect_args=connect_args, **options)
-    except (NoSuchModuleError, ModuleNotFoundError):
+    except (NoSuchModuleError, ModuleNotFoundError, ArgumentError, TypeError) as exc:  # e.g. no installed driver
         raise ConfigurationError(
-            f"no installed driver for DATABASE_URL {safe_url(url)}: use sqlite:/// or postgresql+psycopg:// URLs."
+            f"DATABASE_URL {safe_url(url)} is not usable ({_driver_reason(exc, url)}): "
+            "use sqlite:/// or postgresql+psycopg:// URLs."
         ) from None
-    except (ArgumentError, TypeError) as exc:
-        raise ConfigurationError(f"DATABASE_URL {safe_url(url)} is not usable: {_driver_reason(exc, url)}.") from None
 
 
 def _driver_reason(exc: BaseException, url: URL) -> str:
@@ -87,8 +83,7 @@ def _missing(exc: SQLAlchemyError, sqlstate: str, sqlite_says: str) -> bool:
 
 @contextmanager
 def translate_errors(url: URL) -> Iterator[None]:
-    """A missing table or column becomes :class:`ConfigurationError`; a refused, timed-out or dropped
-    connection and SQLite's "database is locked" :class:`Unreachable`; the rest propagates."""
+    """A missing table or column is a :class:`ConfigurationError`, a connection failure :class:`Unreachable`."""
     try:
         yield
     except (OperationalError, ProgrammingError, InterfaceError, PoolTimeoutError) as exc:
@@ -97,8 +92,7 @@ def translate_errors(url: URL) -> Iterator[None]:
                 f"the user store at {safe_url(url)} has no tables: run `smartcar-ingest db upgrade`."
             ) from None
         if _missing(exc, "42703", "no such column"):
-            # A database still in the guide's "before" shape: naming the bridge revision keeps an
-            # operator mid-migration from dropping the per-vehicle tokens by upgrading to head.
+            # The guide's "before" shape: the bridge revision, as head would drop the per-vehicle tokens.
             raise ConfigurationError(
                 f"the user store at {safe_url(url)} lacks the Smartcar id columns: run "
                 "`smartcar-ingest db upgrade v2_v3_bridge` (see docs/migration.md)."
@@ -109,16 +103,8 @@ def translate_errors(url: URL) -> Iterator[None]:
 
 
 @contextmanager
-def _migrating(database_url: str, action: str, *, lock: bool = True) -> Iterator[tuple[Connection, Config]]:
-    """One connection in one transaction, and Alembic's configuration to run on it; a failure other
-    than :class:`Unreachable` is a one-line :class:`ConfigurationError`."""
-    # The scripts are found as an importable package, so an installed wheel works.
-    try:
-        location = Path(str(importlib.resources.files("migrations")))
-    except ModuleNotFoundError:
-        location = None
-    if location is None or not (location / "env.py").is_file():
-        raise ConfigurationError("the migrations package is missing from this installation: reinstall smartcar-ingest.")
+def _migrating(database_url: str, action: str) -> Iterator[tuple[Connection, Config]]:
+    """One connection in one transaction and Alembic's configuration; failures are one-line errors."""
     engine = make_engine(database_url, pooled=False)
     url = engine.url
     try:
@@ -132,12 +118,12 @@ def _migrating(database_url: str, action: str, *, lock: bool = True) -> Iterator
                 f"({_driver_reason(exc, url)}); check DATABASE_URL and that the server is running."
             ) from None
         with opened as connection, connection.begin():
-            if lock and connection.dialect.name == "postgresql":
+            if connection.dialect.name == "postgresql":
                 # Pods migrating at once take turns; the later ones find the work done.
                 connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
             config = Config()
-            # Config values go through ConfigParser interpolation, so a literal % must be doubled.
-            config.set_main_option("script_location", str(location).replace("%", "%%"))
+            # The scripts as an importable package (a wheel works); ConfigParser needs % doubled.
+            config.set_main_option("script_location", migrations.__path__[0].replace("%", "%%"))
             config.attributes["connection"] = connection  # env.py migrates on it instead of its own
             yield connection, config
     except CommandError as exc:
@@ -155,8 +141,7 @@ def _migrating(database_url: str, action: str, *, lock: bool = True) -> Iterator
 
 
 def upgrade(database_url: str, revision: str = "head", *, drop_tokens: bool = False) -> str | None:
-    """All or nothing on PostgreSQL, first stamping tables without a version with the revision they
-    match (returned). Dropping stored tokens needs ``drop_tokens``."""
+    """All or nothing on PostgreSQL; unversioned tables are first stamped with the revision they match (returned)."""
     with _migrating(database_url, f"upgrade the database to {revision}") as (connection, config):
         adopted, at = None, MigrationContext.configure(connection).get_current_revision()
         if at is None and (adopted := detect_revision(connection)) is not None:
@@ -182,7 +167,7 @@ def downgrade(database_url: str, revision: str) -> None:
 
 def current(database_url: str) -> str | None:
     """``None`` for a database that was never migrated."""
-    with _migrating(database_url, "read the database revision", lock=False) as (connection, _):
+    with _migrating(database_url, "read the database revision") as (connection, _):
         return MigrationContext.configure(connection).get_current_revision()
 
 
@@ -192,8 +177,7 @@ _TOKEN_COLUMNS = {"vehicle_access_token", "token_created_at"}
 
 
 def detect_revision(connection: Connection) -> str | None:
-    """The revision an unversioned database's tables match (extra columns ignored), ``None`` when it
-    has none: ``v2_schema`` (tokens, no Smartcar ids), ``v2_v3_bridge`` (both) or ``v3_schema`` (ids)."""
+    """The revision (shape: docs/migration.md) an unversioned database's tables match, ``None`` without tables."""
     inspector = inspect(connection)
     present = {"users", "vehicles"} & set(inspector.get_table_names())
     if not present:

@@ -1,16 +1,12 @@
-"""The user store: internal users and their vehicles, keyed by Smartcar's ids (SQL).
-
-Workers route each event to a user with :meth:`UserStore.find_by_smartcar_user_id`; ``users link``,
-the Connect callback and ``backfill`` write the links. docs/architecture.md, "The user store".
-"""
+"""The user store: internal users and their vehicles, keyed by Smartcar's ids (SQL); workers look
+users up, ``users link``, Connect and ``backfill`` write links. docs/architecture.md, "The user store"."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import NamedTuple
 
 from sqlalchemy import (
     ColumnElement,
@@ -35,6 +31,7 @@ from core.store.db import make_engine, translate_errors
 SMARTCAR_ID_LENGTH = 36
 VIN_LENGTH = 17
 TEXT_LENGTH = 255
+_LINKED_CONCURRENTLY = "Smartcar user {} was linked to another user concurrently; it stays with that user."
 
 # Deterministic constraint names, so later migrations can drop or alter them by name (SQLite's
 # batch mode cannot address an unnamed constraint) and autogenerate compares cleanly.
@@ -51,11 +48,6 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def _utcnow() -> datetime:
-    # The contract's column is a plain TIMESTAMP: store naive UTC so every backend agrees.
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
 class User(Base):
     """``users``: an internal user; ``smartcar_user_id`` is ``data.user.id`` in webhooks."""
 
@@ -65,10 +57,12 @@ class User(Base):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     email: Mapped[str | None] = mapped_column(String(TEXT_LENGTH))
     name: Mapped[str | None] = mapped_column(String(TEXT_LENGTH))
-    # The UNIQUE constraint's own index serves the per-event lookup; a second index would only
-    # slow writes.
+    # The UNIQUE constraint's index serves the per-event lookup (a second index would slow writes).
     smartcar_user_id: Mapped[str | None] = mapped_column(String(SMARTCAR_ID_LENGTH), unique=True)
-    created_at: Mapped[datetime | None] = mapped_column(DateTime(), default=_utcnow)
+    # The contract's column is a plain TIMESTAMP: naive UTC, so every backend agrees.
+    created_at: Mapped[datetime | None] = mapped_column(
+        DateTime(), default=lambda: datetime.now(UTC).replace(tzinfo=None)
+    )
 
 
 class Vehicle(Base):
@@ -82,23 +76,19 @@ class Vehicle(Base):
     smartcar_vehicle_id: Mapped[str | None] = mapped_column(String(SMARTCAR_ID_LENGTH), index=True)
 
 
-@dataclass(frozen=True, slots=True)
-class UserRecord:
+class UserRecord(NamedTuple):
     id: int
     email: str | None
     name: str | None
     smartcar_user_id: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class VehicleRecord:
-    """An internal vehicle with its owner's Smartcar user id (``None`` when unlinked or ownerless)."""
-
+class VehicleRecord(NamedTuple):
     id: int
     user_id: int | None
     vin: str | None
     smartcar_vehicle_id: str | None
-    owner_smartcar_user_id: str | None
+    owner_smartcar_user_id: str | None  # None when the owner is unlinked or there is none
 
 
 def _checked(value: str | None, column: str, limit: int = SMARTCAR_ID_LENGTH) -> str | None:
@@ -115,24 +105,10 @@ def _smartcar_id(value: str, column: str) -> str:
     return checked
 
 
-def _linked_concurrently(smartcar_user_id: str) -> LinkConflict:
-    return LinkConflict(
-        f"Smartcar user {smartcar_user_id} was linked to another user concurrently; it stays with that user."
-    )
-
-
-def _owner_of(connection: Connection, smartcar_user_id: str) -> int | None:
-    owner: int | None = connection.execute(
-        select(User.id).where(User.smartcar_user_id == smartcar_user_id)
-    ).scalar_one_or_none()
-    return owner
-
-
 def _claim(
     connection: Connection, column: InstrumentedAttribute[str | None], row_id: int, current: str | None, wanted: str
 ) -> bool:
-    """Store ``wanted`` in ``column`` (a Smartcar id) of row ``row_id``, whose value is ``current``;
-    whether this call stored it. Never overwrites: :class:`LinkConflict` when it holds another id."""
+    """Whether ``wanted`` was stored in ``column`` of row ``row_id`` (holding ``current``); never overwrites."""
     table, what = column.class_, column.class_.__tablename__.removesuffix("s")
     if current == wanted:
         return False
@@ -154,39 +130,32 @@ def _link_user(connection: Connection, user_id: int, wanted: str) -> bool:
     row = connection.execute(select(User.smartcar_user_id).where(User.id == user_id)).one_or_none()
     if row is None:
         raise RecordNotFound(f"no user with id {user_id}: check the internal user id.")
-    if row.smartcar_user_id is None and (owner := _owner_of(connection, wanted)) is not None:
+    owner = select(User.id).where(User.smartcar_user_id == wanted)
+    if row.smartcar_user_id is None and (owner_id := connection.execute(owner).scalar()) is not None:
         raise LinkConflict(
-            f"Smartcar user {wanted} already belongs to user {owner}; refusing to link it to user {user_id}."
+            f"Smartcar user {wanted} already belongs to user {owner_id}; refusing to link it to user {user_id}."
         )
     return _claim(connection, User.smartcar_user_id, user_id, row.smartcar_user_id, wanted)
 
 
-def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
-    # SQLite ignores REFERENCES unless asked per connection; PostgreSQL always enforces it.
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
-
-
 class UserStore:
-    """``users`` and ``vehicles`` at ``database_url``; construction does not connect. Thread-safe.
-    Queries raise like :func:`core.store.db.translate_errors`."""
+    """``users`` and ``vehicles``; construction does not connect. Thread-safe; raises like ``translate_errors``."""
 
     def __init__(self, database_url: str) -> None:
         self._engine = make_engine(database_url)
-        if self._engine.dialect.name == "sqlite":
-            event.listen(self._engine, "connect", _enable_sqlite_foreign_keys)
+        if self._engine.dialect.name == "sqlite":  # it ignores REFERENCES unless asked per connection
+            event.listen(self._engine, "connect", lambda connection, _: connection.execute("PRAGMA foreign_keys=ON"))
 
     @contextmanager
-    def _transaction(self, clash: Exception | None = None) -> Iterator[Connection]:
-        """A constraint that a concurrent writer won raises ``clash`` (reads pass none)."""
+    def _transaction(self, clash: str = "", code: str = "link_conflict") -> Iterator[Connection]:
+        """A constraint that a concurrent writer won raises :class:`LinkConflict` ``clash`` (reads pass none)."""
         try:
             with translate_errors(self._engine.url), self._engine.begin() as connection:
                 yield connection
         except IntegrityError:
-            if clash is None:
+            if not clash:
                 raise
-            raise clash from None
+            raise LinkConflict(clash, code) from None
 
     def _find_vehicles(self, criterion: ColumnElement[bool]) -> list[VehicleRecord]:
         statement = (
@@ -223,18 +192,16 @@ class UserStore:
         return self._find_vehicles(func.upper(func.trim(Vehicle.vin)) == wanted)
 
     def link(self, user_id: int, smartcar_user_id: str) -> bool:
-        """``False`` when that pair was already stored. Never overwrites: :class:`LinkConflict` when
-        either side is linked elsewhere (also after a lost race)."""
+        """``False`` if already stored; :class:`LinkConflict` if either side is linked elsewhere (or a race lost)."""
         wanted = _smartcar_id(smartcar_user_id, "the Smartcar user id")
-        with self._transaction(_linked_concurrently(wanted)) as connection:
+        with self._transaction(_LINKED_CONCURRENTLY.format(wanted)) as connection:
             return _link_user(connection, user_id, wanted)
 
     def link_vehicle(self, vehicle_id: int, smartcar_vehicle_id: str, smartcar_user_id: str) -> None:
-        """Smartcar's vehicle id on the vehicle and its user id on the owner, both or neither; like
-        :meth:`link`, never overwrites (:class:`LinkConflict`, also for a vehicle without owner)."""
+        """Smartcar's vehicle id on the vehicle and its user id on the owner, both or neither, like :meth:`link`."""
         wanted_vehicle = _smartcar_id(smartcar_vehicle_id, "the Smartcar vehicle id")
         wanted_user = _smartcar_id(smartcar_user_id, "the Smartcar user id")
-        with self._transaction(_linked_concurrently(wanted_user)) as connection:
+        with self._transaction(_LINKED_CONCURRENTLY.format(wanted_user)) as connection:
             statement = select(Vehicle.user_id, Vehicle.smartcar_vehicle_id).where(Vehicle.id == vehicle_id)
             if (vehicle := connection.execute(statement).one_or_none()) is None:
                 raise RecordNotFound(f"no vehicle with id {vehicle_id}: check the internal vehicle id.")
@@ -245,34 +212,23 @@ class UserStore:
 
     def add_user(self, id: int, email: str | None, name: str | None, smartcar_user_id: str | None = None) -> UserRecord:
         """For dev seeding and tests: :class:`LinkConflict` (``record_exists`` for a taken id)."""
-        record = UserRecord(
-            id=id,
-            email=_checked(email, "email", TEXT_LENGTH),
-            name=_checked(name, "name", TEXT_LENGTH),
-            smartcar_user_id=_checked(smartcar_user_id, "the Smartcar user id"),
-        )
-        clash = LinkConflict(
-            f"a user with id {id} already exists (or its Smartcar user id was just taken).", "record_exists"
-        )
-        with self._transaction(clash) as connection:
-            if record.smartcar_user_id and (owner := _owner_of(connection, record.smartcar_user_id)) is not None:
-                raise LinkConflict(f"Smartcar user {record.smartcar_user_id} already belongs to user {owner}.")
-            connection.execute(insert(User).values(**asdict(record)))
-        return record
+        email, name = _checked(email, "email", TEXT_LENGTH), _checked(name, "name", TEXT_LENGTH)
+        wanted = _checked(smartcar_user_id, "the Smartcar user id")
+        clash = f"a user with id {id} already exists (or its Smartcar user id was just taken)."
+        with self._transaction(clash, "record_exists") as connection:
+            connection.execute(insert(User).values(id=id, email=email, name=name))
+            if wanted is not None:
+                _link_user(connection, id, wanted)
+        return UserRecord(id, email, name, wanted)
 
     def add_vehicle(self, id: int, user_id: int, vin: str | None, smartcar_vehicle_id: str | None = None) -> None:
         """For dev seeding and tests: :class:`RecordNotFound` without the user; ``record_exists``."""
-        values = {
-            "id": id,
-            "user_id": user_id,
-            "vin": _checked(vin, "the VIN", VIN_LENGTH),
-            "smartcar_vehicle_id": _checked(smartcar_vehicle_id, "the Smartcar vehicle id"),
-        }
-        clash = LinkConflict(f"a vehicle with id {id} already exists (or its user was just removed).", "record_exists")
-        with self._transaction(clash) as connection:
+        vin, wanted = _checked(vin, "the VIN", VIN_LENGTH), _checked(smartcar_vehicle_id, "the Smartcar vehicle id")
+        clash = f"a vehicle with id {id} already exists (or its user was just removed)."
+        with self._transaction(clash, "record_exists") as connection:
             if connection.execute(select(User.id).where(User.id == user_id)).first() is None:
                 raise RecordNotFound(f"no user with id {user_id}: add the user before its vehicles.")
-            connection.execute(insert(Vehicle).values(**values))
+            connection.execute(insert(Vehicle).values(id=id, user_id=user_id, vin=vin, smartcar_vehicle_id=wanted))
 
     def dispose(self) -> None:
         self._engine.dispose()
