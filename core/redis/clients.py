@@ -14,36 +14,30 @@ from core.redis.batching import BatchingRedis, hiredis_packing
 from core.redis.functions import FunctionsRedis
 
 
-def web_redis(settings: Settings) -> AsyncRedis:
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        # Under a burst, requests wait (within their deadline) for a free connection instead of
-        # failing outright as the default pool does when it runs out.
-        max_connections=settings.redis_max_connections,
-        timeout=settings.redis_timeout_seconds,
-        socket_timeout=settings.redis_timeout_seconds,
-        socket_connect_timeout=settings.redis_timeout_seconds,
-        # One immediate retry lets the first request after a Redis restart reconnect instead of failing.
+def _pool(url: str, max_connections: int, wait: float, timeout: float, connect: float) -> BlockingConnectionPool:
+    """A caller that finds every connection busy waits up to ``wait`` for one, instead of redis-py's
+    ``MaxConnectionsError``; one immediate reconnect lets the first call after a Redis restart
+    succeed (every wait between tries is core.redis.outage's alone, so retry layers never multiply)."""
+    return BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=wait,
+        socket_timeout=timeout,
+        socket_connect_timeout=connect,
         retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
     )
-    return AsyncRedis(connection_pool=pool)
+
+
+def web_redis(settings: Settings) -> AsyncRedis:
+    seconds = settings.redis_timeout_seconds  # a request waits for a connection within its deadline
+    return AsyncRedis(
+        connection_pool=_pool(settings.redis_url, settings.redis_max_connections, seconds, seconds, seconds)
+    )
 
 
 def worker_redis(settings: Settings, max_connections: int = 100) -> AsyncRedis:
-    """A job that finds every connection busy waits for one (a blocking pool) instead of getting
-    redis-py's ``MaxConnectionsError``, which the jobs would take for an outage."""
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=max_connections,
-        timeout=30,
-        socket_timeout=10,
-        socket_connect_timeout=5,
-        # One immediate reconnect, as the web's; every wait between tries is core.redis.outage's
-        # alone (REDIS_PATIENCE_SECONDS), so two retry layers never multiply their waits.
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=30,
-    )
+    pool = _pool(settings.redis_url, max_connections, wait=30, timeout=10, connect=5)
     pool.connection_class = hiredis_packing(pool.connection_class)
     # Commands issued together share round trips (core.redis.batching); the client owns the pool.
     return BatchingRedis.from_pool(pool)

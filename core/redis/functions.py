@@ -13,7 +13,6 @@ from typing import Any
 
 import redis
 from redis.asyncio import Redis as AsyncRedis
-from redis.client import Pipeline
 from redis.exceptions import NoPermissionError, ResponseError
 from rq.scripts import ACQUIRE_OR_REFRESH_LOCK_SCRIPT, RELEASE_LOCK_SCRIPT
 
@@ -64,9 +63,7 @@ class LuaFunction:
     def _call(self, bound: Any, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None) -> Any:
         target = bound if client is None else client
         command = self.command(keys, args)
-        if isinstance(target, Pipeline):
-            return target.execute_command(*command)  # type: ignore[no-untyped-call]  # queued: answered by execute()
-        try:
+        try:  # a pipeline queues the call, answered by its execute()
             return target.execute_command(*command)
         except ResponseError as exc:
             if not is_missing(exc):
@@ -117,8 +114,6 @@ class AsyncCall:
     def __init__(self, function: LuaFunction, client: Any) -> None:
         self.function = function
         self.client = client
-        # Callers that find the function missing together share one load: Redis compiles the
-        # code of every FUNCTION LOAD, even one it refuses.
         self._loading: asyncio.Future[None] | None = None
 
     async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
@@ -128,14 +123,16 @@ class AsyncCall:
         except ResponseError as exc:
             if not is_missing(exc):
                 raise
-        if self._loading is None or self._loading.done():
-            self._loading = asyncio.ensure_future(self._load())
-        await asyncio.shield(self._loading)
+        await self.load()
         return await self.client.execute_command(*command)
 
-    async def _load(self) -> None:
+    async def load(self) -> None:
+        """One load shared by the callers that find the function missing together: Redis compiles
+        the code of every ``FUNCTION LOAD``, even one it refuses."""
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.ensure_future(self.client.function_load(self.function.code))
         try:
-            await self.client.function_load(self.function.code)
+            await asyncio.shield(self._loading)
         except ResponseError as exc:
             load_refused(self.function, exc)
 

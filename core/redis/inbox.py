@@ -22,7 +22,7 @@ from rq.utils import now, utcformat
 from core import metrics
 from core.config import DEFAULT_PARKED_RETENTION_SECONDS
 from core.redis.dedupe import LIBRARY, event_marks, job_digest
-from core.redis.functions import LuaFunction, is_missing, load_refused, lua_function
+from core.redis.functions import LuaFunction, is_missing, lua_function
 from core.redis.group import GroupCommit
 from core.redis.jobs import PROCESS_EVENT, JobOptions, build_job_hash, job_payload, spliced_job_data
 from core.redis.keys import STAGED_JOB_PREFIX, job_id_for, queue_key
@@ -64,7 +64,7 @@ class DirectScript:
 
     def __init__(self, redis: AsyncRedis, function: LuaFunction) -> None:
         self._redis = redis
-        self._function = function
+        self._loader = function.bind(redis)  # loads the function where Redis lost it
         settings = redis.connection_pool.connection_kwargs
         self._timeout: float | None = settings.get("socket_timeout")
         self._max_idle_seconds = float(settings.get("health_check_interval") or 30.0)
@@ -83,7 +83,7 @@ class DirectScript:
             # Kept for this script's calls only, never handed back: its deadline is this class's.
             connection.socket_timeout = None
         try:
-            command = self._function.command(keys, args)
+            command = self._loader.function.command(keys, args)
             commands = [("MULTI",), *staged, command, ("EXEC",)] if staged else [command]
             packed = b"".join(hiredis.pack_command(tuple(c)) for c in commands)
             reconnected = loaded = False
@@ -99,11 +99,7 @@ class DirectScript:
                     if loaded or not is_missing(exc):
                         raise
                     loaded = True
-                    try:  # on this connection, which has just answered
-                        load: tuple[Any, ...] = ("FUNCTION", "LOAD", self._function.code)
-                        await self._round_trip(connection, hiredis.pack_command(load), 1, ())
-                    except ResponseError as refused:
-                        load_refused(self._function, refused)
+                    await self._loader.load()
         except ResponseError:
             raise  # Redis answered (an error reply, OOM say): the connection is in order
         except BaseException:
@@ -177,25 +173,12 @@ class Inbox:
 
     async def _enqueue(self, jobs: list[tuple[str, bytes, str]]) -> list[int]:
         enqueued_at = utcformat(now())
+        fields = ("created_at", enqueued_at, "enqueued_at", enqueued_at, *self._constant)
         args: list[Any] = [*self.marks.head(), Job.redis_job_namespace_prefix, STAGED_JOB_PREFIX]
         staged: list[tuple[Any, ...]] = []
         for job_id, data, description in jobs:
             args.extend((job_id, job_digest(job_id)))
-            staged.append(
-                (
-                    "HSET",
-                    STAGED_JOB_PREFIX + job_id,
-                    "created_at",
-                    enqueued_at,
-                    "enqueued_at",
-                    enqueued_at,
-                    "data",
-                    data,
-                    "description",
-                    description,
-                    *self._constant,
-                )
-            )
+            staged.append(("HSET", STAGED_JOB_PREFIX + job_id, "data", data, "description", description, *fields))
         metrics.ENQUEUE_BATCH_SIZE.observe(len(jobs))
         results: list[int] = await self._script(self._keys, args, staged)
         return results

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-import pydantic_core
+from pydantic_core import to_json
 from redis import Redis
 from rq import Queue, Retry
 from rq.job import JobStatus
@@ -85,24 +85,13 @@ def build_job_hash(payload: Mapping[str, Any], options: JobOptions) -> tuple[str
 _SPLICED_HEAD = b'["' + PROCESS_EVENT.encode() + b'",null,[{"eventId":'
 _SPLICED_BODY = b',"body":'
 _SPLICED_TAIL = b"}],{}]"
+_SPLICED = _SPLICED_HEAD + b'%s,"eventType":%s,"receivedAt":%d' + _SPLICED_BODY + b"%s" + _SPLICED_TAIL
 
 
 def spliced_job_data(event_id: str, event_type: str, body: bytes, received_at_ms: int) -> bytes:
     """A job's ``data`` with ``body``, a JSON object that Python's ``json`` reads (no NaN or
     Infinity), embedded verbatim; :func:`spliced_parts` takes it back."""
-    return b"".join(
-        (
-            _SPLICED_HEAD,
-            pydantic_core.to_json(event_id),
-            b',"eventType":',
-            pydantic_core.to_json(event_type),
-            b',"receivedAt":',
-            b"%d" % received_at_ms,
-            _SPLICED_BODY,
-            body,
-            _SPLICED_TAIL,
-        )
-    )
+    return _SPLICED % (to_json(event_id), to_json(event_type), received_at_ms, body)
 
 
 def spliced_parts(data: bytes) -> tuple[bytes, str] | None:

@@ -5,9 +5,7 @@ docs/capacity.md). Reads ``INFO memory`` only, which the web's ACL user may run.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 
@@ -21,19 +19,15 @@ log = get_logger("smartcar_ingest.redis")
 @dataclass(frozen=True)
 class RedisMemory:
     used_bytes: int
-    max_bytes: int
-    """``maxmemory``; 0 means no limit (Redis grows until the OS kills it)."""
+    max_bytes: int  # ``maxmemory``; 0 means no limit (Redis grows until the OS kills it)
     policy: str
-
-    @classmethod
-    def from_info(cls, info: Mapping[str, Any]) -> RedisMemory:
-        """From the parsed reply of ``INFO memory``."""
-        policy = text(info.get("maxmemory_policy", ""))
-        return cls(int(info.get("used_memory", 0)), int(info.get("maxmemory", 0)), policy)
 
 
 def read_memory(client: redis.Redis) -> RedisMemory:
-    return RedisMemory.from_info(client.info("memory"))
+    info = client.info("memory")
+    return RedisMemory(
+        int(info.get("used_memory", 0)), int(info.get("maxmemory", 0)), text(info.get("maxmemory_policy", ""))
+    )
 
 
 def check_memory(client: redis.Redis, refuse_evicting: bool = False) -> None:

@@ -1,6 +1,5 @@
 """Waiting out Redis trouble: which errors mean "Redis cannot serve us right now" (any other is a
-fault, raised at once), and the wait. docs/reliability.md, "One retry policy for Redis".
-"""
+fault, raised at once), and the wait (docs/reliability.md, "One retry policy for Redis")."""
 
 from __future__ import annotations
 
@@ -48,8 +47,8 @@ def redis_unavailable(exc: BaseException) -> bool:
     return False
 
 
-#: Seconds between two tries, doubling up to WAIT_MAX, plus up to WAIT_JITTER at random (so the
-#: workers of a fleet do not all try again at the same instant).
+#: Seconds between two tries, doubling up to WAIT_MAX, plus up to WAIT_JITTER at random (so a
+#: fleet's workers do not all try again at the same instant).
 WAIT_INITIAL = 0.2
 WAIT_MAX = 5.0
 WAIT_JITTER = 0.2
@@ -70,10 +69,9 @@ def until_redis_answers(
 async def until_redis_answers_async(
     call: Callable[[], Awaitable[T]], *, stop: Callable[[], bool] | None = None, give_up_after: float | None = None
 ) -> T:
-    """:func:`until_redis_answers` for a coroutine."""
+    """:func:`until_redis_answers` for a coroutine; Redis answering (the per-event case) costs one
+    call and no retry machinery (except under stamina's testing mode, which counts every try)."""
     worth_waiting = _worth_waiting(stop)
-    # On the per-event path: Redis answering, the common case, costs one call and no retry
-    # machinery (under stamina's testing mode stamina counts every try itself).
     if not stamina.is_testing():
         try:
             return await call()
