@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import weakref
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -49,13 +50,12 @@ class LuaFunction:
             f"redis.register_function{{function_name='{self.redis_name}', flags={{{flags}}},"
             f" callback=function(KEYS, ARGV)\n{source}\nend}}\n"
         )
+        self._loading: weakref.WeakKeyDictionary[Any, asyncio.Future[Any]] = weakref.WeakKeyDictionary()
 
     def bind(self, client: Any) -> Any:
-        """A callable for ``client`` (``keys=``, ``args=``, and for a synchronous one optionally
-        ``client=`` a pipeline, as redis-py's ``Script``) that loads a function Redis does not have."""
-        if isinstance(client, AsyncRedis):
-            return AsyncCall(self, client)
-        return partial(self._call, client)
+        """A callable for ``client`` (``keys=``, ``args=``; for a synchronous one also ``client=`` a
+        pipeline, as redis-py's ``Script``) that loads a function Redis does not have."""
+        return partial(self._call_async if isinstance(client, AsyncRedis) else self._call, client)
 
     def command(self, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
         return ("FCALL", self.redis_name, len(keys), *keys, *args)
@@ -68,8 +68,49 @@ class LuaFunction:
         except ResponseError as exc:
             if not is_missing(exc):
                 raise
-        load(target, self)
+        self.load(target)
         return target.execute_command(*command)
+
+    async def _call_async(self, client: Any, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        command = self.command(keys, args)
+        try:
+            return await client.execute_command(*command)
+        except ResponseError as exc:
+            if not is_missing(exc):
+                raise
+        await self.load_async(client)
+        return await client.execute_command(*command)
+
+    def load(self, client: redis.Redis) -> bool:
+        """False when it was loaded already."""
+        try:
+            client.function_load(self.code)
+        except ResponseError as exc:
+            return self._refused(exc)
+        return True
+
+    async def load_async(self, client: Any) -> None:
+        """One load shared by the callers that find the function missing together: Redis compiles
+        the code of every ``FUNCTION LOAD``, even one it refuses."""
+        loading = self._loading.get(client)
+        if loading is None or loading.done():
+            loading = self._loading[client] = asyncio.ensure_future(client.function_load(self.code))
+        try:
+            await asyncio.shield(loading)
+        except ResponseError as exc:
+            self._refused(exc)
+
+    def _refused(self, exc: ResponseError) -> bool:
+        """False when a failed ``FUNCTION LOAD`` means the library is there (a peer loaded it
+        meanwhile); :class:`MissingFunction` when this user may not load it; else ``exc``."""
+        if isinstance(exc, NoPermissionError):
+            raise MissingFunction(
+                f"Redis has no function {self.redis_name} and this Redis user may not load it:"
+                f" run `smartcar-ingest redis-setup` with an admin REDIS_URL ({exc})."
+            ) from None
+        if "already exists" in str(exc):
+            return False
+        raise exc
 
 
 #: Every function by name; a module defines its own with :func:`lua_function` at import.
@@ -86,55 +127,6 @@ def lua_function(name: str, source: str, read_only: bool = False, arity: int = 0
 
 def is_missing(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("Function not found")
-
-
-def load_refused(function: LuaFunction, exc: ResponseError) -> bool:
-    """False when a failed ``FUNCTION LOAD`` means the library is there (a peer loaded it
-    meanwhile); :class:`MissingFunction` when this user may not load it; else ``exc``."""
-    if isinstance(exc, NoPermissionError):
-        raise MissingFunction(
-            f"Redis has no function {function.redis_name} and this Redis user may not load it:"
-            f" run `smartcar-ingest redis-setup` with an admin REDIS_URL ({exc})."
-        ) from None
-    if "already exists" in str(exc):
-        return False
-    raise exc
-
-
-def load(client: redis.Redis, function: LuaFunction) -> bool:
-    """False when it was loaded already."""
-    try:
-        client.function_load(function.code)
-    except ResponseError as exc:
-        return load_refused(function, exc)
-    return True
-
-
-class AsyncCall:
-    def __init__(self, function: LuaFunction, client: Any) -> None:
-        self.function = function
-        self.client = client
-        self._loading: asyncio.Future[None] | None = None
-
-    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
-        command = self.function.command(keys, args)
-        try:
-            return await self.client.execute_command(*command)
-        except ResponseError as exc:
-            if not is_missing(exc):
-                raise
-        await self.load()
-        return await self.client.execute_command(*command)
-
-    async def load(self) -> None:
-        """One load shared by the callers that find the function missing together: Redis compiles
-        the code of every ``FUNCTION LOAD``, even one it refuses."""
-        if self._loading is None or self._loading.done():
-            self._loading = asyncio.ensure_future(self.client.function_load(self.function.code))
-        try:
-            await asyncio.shield(self._loading)
-        except ResponseError as exc:
-            load_refused(self.function, exc)
 
 
 #: RQ's own scripts (its scheduler's locks), run as functions of ours on the worker's RQ connection.
@@ -156,5 +148,5 @@ class FunctionsRedis(redis.Redis):
 
 def load_all(client: redis.Redis, functions: Sequence[LuaFunction]) -> tuple[int, int]:
     """``redis-setup``: how many were loaded and how many were there."""
-    loaded = sum(load(client, function) for function in functions)
+    loaded = sum(function.load(client) for function in functions)
     return loaded, len(functions) - loaded

@@ -31,11 +31,9 @@ from core.redis.parked import ParkedStream
 _ENQUEUE_MANY = (
     LIBRARY
     + """
--- KEYS: queue list, RQ's set of queues. ARGV: the marks head (ids.open's five), job key prefix,
--- staged job key prefix, then per event: job id, digest.
--- Each event's job hash, staged by the same transaction, is renamed to the job or dropped (seen).
--- Returns one 1 (enqueued) or 0 (already seen) per event. Why the body stays out of Lua and the
--- keys out of KEYS: docs/architecture.md, "Accepting a delivery".
+-- KEYS: queue list, RQ's set of queues. ARGV: ids.open's five, job and staged job key prefixes, then
+-- per event its job id and digest. Per event 1 (its staged hash renamed to the job) or 0 (seen: the
+-- staged hash dropped); why so: docs/architecture.md, "Accepting a delivery".
 local st = ids.open(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 local results = {}
 for at = 8, #ARGV, 2 do
@@ -64,7 +62,7 @@ class DirectScript:
 
     def __init__(self, redis: AsyncRedis, function: LuaFunction) -> None:
         self._redis = redis
-        self._loader = function.bind(redis)  # loads the function where Redis lost it
+        self._function = function
         settings = redis.connection_pool.connection_kwargs
         self._timeout: float | None = settings.get("socket_timeout")
         self._max_idle_seconds = float(settings.get("health_check_interval") or 30.0)
@@ -83,7 +81,7 @@ class DirectScript:
             # Kept for this script's calls only, never handed back: its deadline is this class's.
             connection.socket_timeout = None
         try:
-            command = self._loader.function.command(keys, args)
+            command = self._function.command(keys, args)
             commands = [("MULTI",), *staged, command, ("EXEC",)] if staged else [command]
             packed = b"".join(hiredis.pack_command(tuple(c)) for c in commands)
             reconnected = loaded = False
@@ -99,7 +97,7 @@ class DirectScript:
                     if loaded or not is_missing(exc):
                         raise
                     loaded = True
-                    await self._loader.load()
+                    await self._function.load_async(self._redis)
         except ResponseError:
             raise  # Redis answered (an error reply, OOM say): the connection is in order
         except BaseException:

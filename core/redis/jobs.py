@@ -101,15 +101,10 @@ def spliced_parts(data: bytes) -> tuple[bytes, str] | None:
     if not (data.startswith(_SPLICED_HEAD) and data.endswith(_SPLICED_TAIL)):
         return None
     start = data.find(_SPLICED_BODY, len(_SPLICED_HEAD))
-    if start < 0:
-        return None
-    value = start + len(_SPLICED_BODY)
-    while data[value : value + 1] in (b" ", b"\t", b"\r", b"\n"):  # a body is spliced as delivered
-        value += 1
-    if data[value : value + 1] != b"{":
+    body = data[start + len(_SPLICED_BODY) : len(data) - len(_SPLICED_TAIL)]
+    if start < 0 or body.lstrip(b" \t\r\n")[:1] != b"{":  # spliced as delivered, whitespace included
         return None
     try:
-        body = data[start + len(_SPLICED_BODY) : len(data) - len(_SPLICED_TAIL)].decode("utf-8")
+        return b'{"eventId":' + data[len(_SPLICED_HEAD) : start] + b"}", body.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    return b'{"eventId":' + data[len(_SPLICED_HEAD) : start] + b"}", body

@@ -12,8 +12,6 @@ from redis import exceptions
 from stamina.instrumentation import (
     PrometheusOnRetryHook,
     RetryDetails,
-    RetryHook,
-    RetryHookFactory,
     StructlogOnRetryHook,
     set_on_retry_hooks,
 )
@@ -85,23 +83,21 @@ def _worth_waiting(stop: Callable[[], bool] | None) -> Callable[[Exception], boo
     return redis_unavailable if stop is None else lambda exc: redis_unavailable(exc) and not stop()
 
 
-def _log_retries() -> RetryHook:
+_STAMINA_LOG = StructlogOnRetryHook.hook_factory()
+
+
+def _log_retry(details: RetryDetails) -> None:
     """One line of ours per Redis wait, stamina's own (``stamina.retry_scheduled``) for any other retry."""
-    others = StructlogOnRetryHook.hook_factory()
-
-    def log_retry(details: RetryDetails) -> None:
-        if not redis_unavailable(details.caused_by):
-            others(details)
-            return
-        log.warning(
-            "Redis unavailable; waiting",
-            error=type(details.caused_by).__name__,
-            retryIn=round(details.wait_for, 2),
-            waitedSoFar=round(details.waited_so_far, 1),
-        )
-
-    return log_retry
+    if not redis_unavailable(details.caused_by):
+        _STAMINA_LOG(details)
+        return
+    log.warning(
+        "Redis unavailable; waiting",
+        error=type(details.caused_by).__name__,
+        retryIn=round(details.wait_for, 2),
+        waitedSoFar=round(details.waited_so_far, 1),
+    )
 
 
 # stamina's default hooks, with its structlog line replaced by the one above.
-set_on_retry_hooks((PrometheusOnRetryHook, RetryHookFactory(_log_retries)))
+set_on_retry_hooks((PrometheusOnRetryHook, _log_retry))
