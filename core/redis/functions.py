@@ -19,8 +19,6 @@ from rq.scripts import ACQUIRE_OR_REFRESH_LOCK_SCRIPT, RELEASE_LOCK_SCRIPT
 
 PREFIX = "smartcar_ingest_"
 
-_NAME = re.compile(r"[a-z][a-z0-9_]*")
-
 #: Lua, for a script to begin with: ``now_ms()``, Redis's clock in whole epoch milliseconds.
 NOW_MS = """local function now_ms()
   local t = redis.call('TIME')
@@ -37,7 +35,7 @@ class LuaFunction:
     """One Lua script (``KEYS`` and ``ARGV`` as for ``EVAL``), run in Redis as a function."""
 
     def __init__(self, name: str, source: str, read_only: bool = False, arity: int = 0) -> None:
-        if not _NAME.fullmatch(name):
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
             raise ValueError(f"a function name is lower-case letters, digits and _: {name!r}")
         self.name = name
         #: The arguments of one item, for a function that runs its script once per item (core.redis.group).
@@ -141,8 +139,7 @@ class FunctionsRedis(redis.Redis):
     worker role may not ``EVAL``); any other script is left to redis-py."""
 
     def register_script(self, script: str | bytes) -> Any:  # type: ignore[override]
-        text = script.decode() if isinstance(script, bytes) else script
-        function = RQ_SCRIPTS.get(text)
+        function = RQ_SCRIPTS.get(script.decode() if isinstance(script, bytes) else script)
         return function.bind(self) if function is not None else super().register_script(script)
 
 

@@ -89,15 +89,14 @@ _SPLICED = _SPLICED_HEAD + b'%s,"eventType":%s,"receivedAt":%d' + _SPLICED_BODY 
 
 
 def spliced_job_data(event_id: str, event_type: str, body: bytes, received_at_ms: int) -> bytes:
-    """A job's ``data`` with ``body``, a JSON object that Python's ``json`` reads (no NaN or
-    Infinity), embedded verbatim; :func:`spliced_parts` takes it back."""
+    """A job's ``data`` with ``body`` embedded verbatim: JSON that Python's ``json`` reads (no NaN or
+    Infinity); :func:`spliced_parts` takes an object back, a string is left to RQ."""
     return _SPLICED % (to_json(event_id), to_json(event_type), received_at_ms, body)
 
 
 def spliced_parts(data: bytes) -> tuple[bytes, str] | None:
-    """Of data written by :func:`spliced_job_data`, the fields before the body as a JSON object and
-    the body as delivered; None for any other data (why unambiguous: docs/architecture.md,
-    "Accepting a delivery")."""
+    """The fields before a spliced object body as a JSON object, and the body as delivered; None for
+    any other data (why unambiguous: docs/architecture.md, "Accepting a delivery")."""
     if not (data.startswith(_SPLICED_HEAD) and data.endswith(_SPLICED_TAIL)):
         return None
     start = data.find(_SPLICED_BODY, len(_SPLICED_HEAD))

@@ -31,10 +31,8 @@ def read_memory(client: redis.Redis) -> RedisMemory:
 
 
 def check_memory(client: redis.Redis, refuse_evicting: bool = False) -> None:
-    """The check at start: a Redis that may evict keys (eviction silently drops queued events) is
-    refused with ``refuse_evicting`` (the web's, unless ALLOW_EVICTING_REDIS) or logged as an error
-    (the worker's); one without ``maxmemory`` gets a warning. One that does not answer is not
-    checked: a web starts and answers 503 until it does."""
+    """The check at start: a Redis that may evict keys is refused with ``refuse_evicting`` (the web's,
+    unless ALLOW_EVICTING_REDIS), else logged as an error; one that does not answer is not checked."""
     try:
         memory = read_memory(client)
     except (redis.RedisError, OSError) as exc:

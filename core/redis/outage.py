@@ -87,7 +87,7 @@ _STAMINA_LOG = StructlogOnRetryHook.hook_factory()
 
 
 def _log_retry(details: RetryDetails) -> None:
-    """One line of ours per Redis wait, stamina's own (``stamina.retry_scheduled``) for any other retry."""
+    """Instead of stamina's structlog hook: our line per Redis wait, stamina's for any other retry."""
     if not redis_unavailable(details.caused_by):
         _STAMINA_LOG(details)
         return
@@ -99,5 +99,4 @@ def _log_retry(details: RetryDetails) -> None:
     )
 
 
-# stamina's default hooks, with its structlog line replaced by the one above.
 set_on_retry_hooks((PrometheusOnRetryHook, _log_retry))
