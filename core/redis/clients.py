@@ -61,9 +61,8 @@ class HiredisPacking:
 
 
 def _pool(url: str, max_connections: int, wait: float, timeout: float, connect: float) -> BlockingConnectionPool:
-    """A caller that finds every connection busy waits up to ``wait`` for one, instead of redis-py's
-    ``MaxConnectionsError``; one immediate reconnect lets the first call after a Redis restart
-    succeed (every wait between tries is core.redis.outage's alone, so retry layers never multiply)."""
+    """A caller waits up to ``wait`` for a free connection (no ``MaxConnectionsError``); one immediate
+    reconnect, as every wait between tries is core.redis.outage's alone (no retry layers multiplied)."""
     return BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,

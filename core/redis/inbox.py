@@ -57,8 +57,7 @@ _ENQUEUE_MANY_FN = lua_function("enqueue", _ENQUEUE_MANY)
 
 
 class DirectScript:
-    """One Lua function called on kept connections, packed by hiredis: kept for its 0.52x redis-py's
-    CPU per call (docs/performance.md). Its rules: docs/architecture.md, "Accepting a delivery"."""
+    """One Lua function called on kept connections, packed by hiredis (docs/architecture.md, "Accepting a delivery")."""
 
     def __init__(self, redis: AsyncRedis, function: LuaFunction) -> None:
         self._redis = redis

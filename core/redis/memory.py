@@ -1,7 +1,5 @@
-"""Redis's memory as a health signal: used and max memory, and the check at start (why
-``maxmemory`` with ``noeviction``: docs/reliability.md, "Redis requirements"; sizing it:
-docs/capacity.md). Reads ``INFO memory`` only, which the web's ACL user may run.
-"""
+"""Redis's memory as a health signal, read from ``INFO memory`` (all the web's ACL user may run), and the
+check at start (why ``maxmemory`` with ``noeviction``: docs/reliability.md, "Redis requirements")."""
 
 from __future__ import annotations
 
