@@ -84,21 +84,20 @@ class LuaFunction:
         try:
             client.function_load(self.code)
         except ResponseError as exc:
-            return self._refused(exc)
+            return self.refused(exc)
         return True
 
     async def load_async(self, client: Any) -> None:
-        """One load shared by the callers that find the function missing together: Redis compiles
-        the code of every ``FUNCTION LOAD``, even one it refuses."""
+        """One load shared by the callers that find it missing together (Redis compiles every ``FUNCTION LOAD``)."""
         loading = self._loading.get(client)
         if loading is None or loading.done():
             loading = self._loading[client] = asyncio.ensure_future(client.function_load(self.code))
         try:
             await asyncio.shield(loading)
         except ResponseError as exc:
-            self._refused(exc)
+            self.refused(exc)
 
-    def _refused(self, exc: ResponseError) -> bool:
+    def refused(self, exc: ResponseError) -> bool:
         """False when a failed ``FUNCTION LOAD`` means the library is there (a peer loaded it
         meanwhile); :class:`MissingFunction` when this user may not load it; else ``exc``."""
         if isinstance(exc, NoPermissionError):

@@ -17,9 +17,8 @@ R = TypeVar("R")
 
 
 class GroupCommit(Generic[T, R]):
-    """Calls ``call`` (one result or exception per item, in order) with batches of submitted items,
-    one call at a time. With ``direct``, a caller finding nothing pending and no call under way
-    makes the call itself; else items wait for a sender task."""
+    """Calls ``call`` (one result or exception per item, in order) with batches of submitted items, one call
+    at a time; with ``direct`` a caller finding it idle makes the call itself, else a sender task does."""
 
     def __init__(
         self,

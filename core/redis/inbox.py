@@ -96,7 +96,11 @@ class DirectScript:
                     if loaded or not is_missing(exc):
                         raise
                     loaded = True
-                    await self._function.load_async(self._redis)
+                    try:  # on this connection, which has just answered (a pooled one may be stale)
+                        load: tuple[Any, ...] = ("FUNCTION", "LOAD", self._function.code)
+                        await self._round_trip(connection, hiredis.pack_command(load), 1, ())
+                    except ResponseError as refused:
+                        self._function.refused(refused)
         except BaseException as exc:
             if not isinstance(exc, ResponseError):  # an error reply (OOM, say) leaves it in order
                 await connection.disconnect(nowait=True)

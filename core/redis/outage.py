@@ -30,8 +30,7 @@ _REFUSALS = (
     exceptions.MasterDownError,
     exceptions.TryAgainError,
 )
-# Refusals that redis-py raises as a plain ResponseError, known by the reply's first word; inside a
-# pipeline redis-py prefixes the reply with the command that caused it.
+# Refusals redis-py raises as a plain ResponseError, by the reply's first word (after "caused error: " in a pipeline).
 _REFUSAL_CODES = ("MISCONF", "NOREPLICAS", "BUSY")
 
 
