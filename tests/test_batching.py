@@ -1,4 +1,4 @@
-"""Concurrent commands of a worker share round trips (core.redis.batching), each with its own reply."""
+"""Concurrent commands of a worker share round trips (core.redis.clients), each with its own reply."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import redis
 
-from core.redis.batching import BatchingRedis
+from core.redis.clients import BatchingRedis
 from core.redis.functions import lua_function
 from tests.procs import RedisServer
 
@@ -142,9 +142,9 @@ def test_hiredis_packing_sends_the_bytes_redis_py_would(args):
     """The worker's connections pack in C; what goes on the wire is what redis-py would send."""
     from redis.asyncio.connection import Connection
 
-    from core.redis.batching import hiredis_packing
+    from core.redis.clients import HiredisPacking
 
-    ours = hiredis_packing(Connection)()
+    ours = type("HiredisConnection", (HiredisPacking, Connection), {})()
     theirs = Connection()
     assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args))
     assert b"".join(ours.pack_commands([args, ("PING",)])) == b"".join(theirs.pack_commands([args, ("PING",)]))
@@ -153,10 +153,10 @@ def test_hiredis_packing_sends_the_bytes_redis_py_would(args):
 def test_what_hiredis_cannot_pack_gets_redis_pys_own_error():
     from redis.asyncio.connection import Connection
 
-    from core.redis.batching import hiredis_packing
+    from core.redis.clients import HiredisPacking
 
     with pytest.raises(redis.exceptions.DataError):
-        hiredis_packing(Connection)().pack_command("SET", "k", None)
+        type("HiredisConnection", (HiredisPacking, Connection), {})().pack_command("SET", "k", None)
 
 
 @pytest.mark.parametrize(

@@ -121,7 +121,7 @@ def test_callers_that_find_a_function_missing_together_load_it_once(redis_client
 
     from redis.asyncio import Redis as AsyncRedis
 
-    from core.redis.batching import BatchingRedis
+    from core.redis.clients import BatchingRedis
 
     function = lua_function("load_once_probe", "return ARGV[1]")
     with contextlib.suppress(redis.exceptions.ResponseError):

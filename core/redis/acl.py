@@ -29,16 +29,14 @@ Role = Literal["web", "worker"]
 
 #: PING, HELLO, AUTH, SELECT, CLIENT SETNAME/SETINFO/ID…, without the dangerous CLIENT KILL/LIST/PAUSE.
 _CONNECTION = ["+@connection", "-@dangerous"]
-#: Lua runs only as the functions an admin loaded (core.redis.functions): no EVAL, SCRIPT or FUNCTION,
-#: so no role can run code of its own choosing (an endless script stops every client of Redis).
+#: Lua only as the functions an admin loaded: no role runs code of its own (no EVAL, SCRIPT, FUNCTION).
 _SCRIPTS = ["-@scripting", "+fcall", "+fcall_ro"]
 _WEB_COMMANDS = [
     # what the accept and park scripts and the Connect state marks write
     *("+set", "+get", "+hset", "+rpush", "+sadd", "+xadd", "+exists"),
     # the accept's transaction: job hashes staged, then renamed to the job or dropped by the script
     *("+multi", "+exec", "+rename"),
-    # the compact eventId marks (core.redis.dedupe): Redis's clock, the hashes' sizes and expiry,
-    # a parked mark replaced when the reason or body differs
+    # the eventId marks: Redis's clock, the hashes' sizes and expiry, a parked mark replaced
     *("+time", "+hlen", "+expireat", "+hdel"),
     # what /metrics and /readyz read
     *("+llen", "+lindex", "+xlen", "+zcard", "+hget", "+smembers", "+lrange"),
@@ -69,9 +67,8 @@ def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str
             f"%R~{WORKERS_SET}",
             f"%R~{DEQUEUED_PREFIX}*",
         ]
-        # DEL only where it is needed (a selector, Redis 7): Connect gives a state mark back
-        # after an upstream failure, the token lock is released, both compare-then-delete, and a
-        # staged job hash of a repeated event is dropped.
+        # DEL only where needed (a selector): a Connect state mark given back, the token lock
+        # released (both compare-then-delete), the staged job hash of a repeated event dropped
         deletable = [f"~{CONNECT_STATE_PREFIX}*", f"~{STAGED_JOB_PREFIX}*"]
         if connect:
             keys.append(f"~{TOKEN_KEY}*")
@@ -96,8 +93,7 @@ def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str
 
 
 def acl_file_line(settings: Settings, role: Role, user: str, password: str | None, connect: bool = False) -> str:
-    """The password is stored as its SHA-256 (``#…``); without one the user is written switched off,
-    to be given a password with ``ACL SETUSER`` before use."""
+    """The password is stored as its SHA-256; without one the user is switched off until ``ACL SETUSER``."""
     credentials = ["on", "#" + hashlib.sha256(password.encode()).hexdigest()] if password else ["off"]
     rules = [rule for rule in acl_rules(settings, role, connect) if rule not in ("resetkeys", "resetchannels")]
     return " ".join(["user", user, *credentials, *rules])

@@ -1,8 +1,6 @@
-"""Remembered ``eventId``s, one small-hash field each: the edge's dedupe, the publish mark, the parked mark.
-
+"""Remembered ``eventId``s, one small-hash field each: the edge's dedupe, the publish mark, the parked mark;
 :data:`LIBRARY` is prepended to every script that checks or writes a mark (layout and growth:
-docs/architecture.md, "Remembered eventIds"; memory and false duplicates: docs/capacity.md).
-"""
+docs/architecture.md, "Remembered eventIds"; memory and false duplicates: docs/capacity.md)."""
 
 from __future__ import annotations
 
@@ -91,22 +89,16 @@ end
 -- The remembered value of an event and the hash holding it (newest generations first), or nil.
 -- After a miss every generation has been read, so st.legacy is known.
 function ids.find(st, head, field)
-  local i = 1
-  local g = ids.gen(st, 1)
+  local i, g = 1, ids.gen(st, 1)
   local shards = {{}}  -- slots of the same size share the shard number: format it once
   while g do
-    local shard = shards[g.div]
-    if not shard then
-      shard = tostring(math.floor(head / g.div))
-      shards[g.div] = shard
-    end
-    local key = g.prefix .. shard
+    shards[g.div] = shards[g.div] or tostring(math.floor(head / g.div))
+    local key = g.prefix .. shards[g.div]
     local value = redis.call('HGET', key, field)
     if value then return value, key end
     i = i + 1
     g = ids.gen(st, i)
   end
-  return nil, nil
 end
 
 -- Remember an event (not remembered yet) with value in the current slot's newest generation.
@@ -203,11 +195,7 @@ end
 
 -- Forget an event: delete every mark of it.
 function ids.forget(st, head, field)
-  local value, key = ids.find(st, head, field)
-  while value do
-    redis.call('HDEL', key, field)
-    value, key = ids.find(st, head, field)
-  end
+  for _, g in ipairs(ids.all(st)) do redis.call('HDEL', g.prefix .. math.floor(head / g.div), field) end
 end
 """
 

@@ -7,19 +7,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import weakref
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 import redis
 from redis.asyncio import Redis as AsyncRedis
-from redis.client import Pipeline
 from redis.exceptions import NoPermissionError, ResponseError
 from rq.scripts import ACQUIRE_OR_REFRESH_LOCK_SCRIPT, RELEASE_LOCK_SCRIPT
 
 PREFIX = "smartcar_ingest_"
-
-_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 #: Lua, for a script to begin with: ``now_ms()``, Redis's clock in whole epoch milliseconds.
 NOW_MS = """local function now_ms()
@@ -37,7 +35,7 @@ class LuaFunction:
     """One Lua script (``KEYS`` and ``ARGV`` as for ``EVAL``), run in Redis as a function."""
 
     def __init__(self, name: str, source: str, read_only: bool = False, arity: int = 0) -> None:
-        if not _NAME.fullmatch(name):
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
             raise ValueError(f"a function name is lower-case letters, digits and _: {name!r}")
         self.name = name
         #: The arguments of one item, for a function that runs its script once per item (core.redis.group).
@@ -50,13 +48,12 @@ class LuaFunction:
             f"redis.register_function{{function_name='{self.redis_name}', flags={{{flags}}},"
             f" callback=function(KEYS, ARGV)\n{source}\nend}}\n"
         )
+        self._loading: weakref.WeakKeyDictionary[Any, asyncio.Future[Any]] = weakref.WeakKeyDictionary()
 
     def bind(self, client: Any) -> Any:
-        """A callable for ``client`` (``keys=``, ``args=``, and for a synchronous one optionally
-        ``client=`` a pipeline, as redis-py's ``Script``) that loads a function Redis does not have."""
-        if isinstance(client, AsyncRedis):
-            return AsyncCall(self, client)
-        return partial(self._call, client)
+        """A callable for ``client`` (``keys=``, ``args=``; for a synchronous one also ``client=`` a
+        pipeline, as redis-py's ``Script``) that loads a function Redis does not have."""
+        return partial(self._call_async if isinstance(client, AsyncRedis) else self._call, client)
 
     def command(self, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, ...]:
         return ("FCALL", self.redis_name, len(keys), *keys, *args)
@@ -64,15 +61,53 @@ class LuaFunction:
     def _call(self, bound: Any, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None) -> Any:
         target = bound if client is None else client
         command = self.command(keys, args)
-        if isinstance(target, Pipeline):
-            return target.execute_command(*command)  # type: ignore[no-untyped-call]  # queued: answered by execute()
-        try:
+        try:  # a pipeline queues the call, answered by its execute()
             return target.execute_command(*command)
         except ResponseError as exc:
             if not is_missing(exc):
                 raise
-        load(target, self)
+        self.load(target)
         return target.execute_command(*command)
+
+    async def _call_async(self, client: Any, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        command = self.command(keys, args)
+        try:
+            return await client.execute_command(*command)
+        except ResponseError as exc:
+            if not is_missing(exc):
+                raise
+        await self.load_async(client)
+        return await client.execute_command(*command)
+
+    def load(self, client: redis.Redis) -> bool:
+        """False when it was loaded already."""
+        try:
+            client.function_load(self.code)
+        except ResponseError as exc:
+            return self.refused(exc)
+        return True
+
+    async def load_async(self, client: Any) -> None:
+        """One load shared by the callers that find it missing together (Redis compiles every ``FUNCTION LOAD``)."""
+        loading = self._loading.get(client)
+        if loading is None or loading.done():
+            loading = self._loading[client] = asyncio.ensure_future(client.function_load(self.code))
+        try:
+            await asyncio.shield(loading)
+        except ResponseError as exc:
+            self.refused(exc)
+
+    def refused(self, exc: ResponseError) -> bool:
+        """False when a failed ``FUNCTION LOAD`` means the library is there (a peer loaded it
+        meanwhile); :class:`MissingFunction` when this user may not load it; else ``exc``."""
+        if isinstance(exc, NoPermissionError):
+            raise MissingFunction(
+                f"Redis has no function {self.redis_name} and this Redis user may not load it:"
+                f" run `smartcar-ingest redis-setup` with an admin REDIS_URL ({exc})."
+            ) from None
+        if "already exists" in str(exc):
+            return False
+        raise exc
 
 
 #: Every function by name; a module defines its own with :func:`lua_function` at import.
@@ -91,55 +126,6 @@ def is_missing(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("Function not found")
 
 
-def load_refused(function: LuaFunction, exc: ResponseError) -> bool:
-    """False when a failed ``FUNCTION LOAD`` means the library is there (a peer loaded it
-    meanwhile); :class:`MissingFunction` when this user may not load it; else ``exc``."""
-    if isinstance(exc, NoPermissionError):
-        raise MissingFunction(
-            f"Redis has no function {function.redis_name} and this Redis user may not load it:"
-            f" run `smartcar-ingest redis-setup` with an admin REDIS_URL ({exc})."
-        ) from None
-    if "already exists" in str(exc):
-        return False
-    raise exc
-
-
-def load(client: redis.Redis, function: LuaFunction) -> bool:
-    """False when it was loaded already."""
-    try:
-        client.function_load(function.code)
-    except ResponseError as exc:
-        return load_refused(function, exc)
-    return True
-
-
-class AsyncCall:
-    def __init__(self, function: LuaFunction, client: Any) -> None:
-        self.function = function
-        self.client = client
-        # Callers that find the function missing together share one load: Redis compiles the
-        # code of every FUNCTION LOAD, even one it refuses.
-        self._loading: asyncio.Future[None] | None = None
-
-    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
-        command = self.function.command(keys, args)
-        try:
-            return await self.client.execute_command(*command)
-        except ResponseError as exc:
-            if not is_missing(exc):
-                raise
-        if self._loading is None or self._loading.done():
-            self._loading = asyncio.ensure_future(self._load())
-        await asyncio.shield(self._loading)
-        return await self.client.execute_command(*command)
-
-    async def _load(self) -> None:
-        try:
-            await self.client.function_load(self.function.code)
-        except ResponseError as exc:
-            load_refused(self.function, exc)
-
-
 #: RQ's own scripts (its scheduler's locks), run as functions of ours on the worker's RQ connection.
 RQ_SCRIPTS = {
     ACQUIRE_OR_REFRESH_LOCK_SCRIPT: lua_function("rq_acquire_or_refresh_lock", ACQUIRE_OR_REFRESH_LOCK_SCRIPT),
@@ -152,12 +138,11 @@ class FunctionsRedis(redis.Redis):
     worker role may not ``EVAL``); any other script is left to redis-py."""
 
     def register_script(self, script: str | bytes) -> Any:  # type: ignore[override]
-        text = script.decode() if isinstance(script, bytes) else script
-        function = RQ_SCRIPTS.get(text)
+        function = RQ_SCRIPTS.get(script.decode() if isinstance(script, bytes) else script)
         return function.bind(self) if function is not None else super().register_script(script)
 
 
 def load_all(client: redis.Redis, functions: Sequence[LuaFunction]) -> tuple[int, int]:
     """``redis-setup``: how many were loaded and how many were there."""
-    loaded = sum(load(client, function) for function in functions)
+    loaded = sum(function.load(client) for function in functions)
     return loaded, len(functions) - loaded

@@ -17,9 +17,8 @@ R = TypeVar("R")
 
 
 class GroupCommit(Generic[T, R]):
-    """Calls ``call`` (one result or exception per item, in order) with batches of submitted items,
-    one call at a time. With ``direct``, a caller finding nothing pending and no call under way
-    makes the call itself; else items wait for a sender task."""
+    """Calls ``call`` (one result or exception per item, in order) with batches of submitted items, one call
+    at a time; with ``direct`` a caller finding it idle makes the call itself, else a sender task does."""
 
     def __init__(
         self,
@@ -113,20 +112,15 @@ return replies
     return lua_function(name, wrapper, read_only, arity)
 
 
-class GroupedCall:
+class GroupedCall(GroupCommit[tuple[str, Sequence[Any]], Any]):
     """A :func:`grouped_function` bound to an asyncio client: calls made meanwhile share one ``FCALL``."""
 
     def __init__(self, function: LuaFunction, client: Any, max_batch: int = 256) -> None:
+        fcall = function.bind(client)
+        super().__init__(lambda items: fcall(args=[value for key, args in items for value in (key, *args)]), max_batch)
         self._function = function
-        self._call = function.bind(client)
-        self._group: GroupCommit[tuple[str, Sequence[Any]], Any] = GroupCommit(self._send, max_batch)
 
     async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
         if len(keys) != 1 or len(args) != self._function.arity:
             raise ValueError(f"{self._function.name} takes one key and {self._function.arity} arguments")
-        return await self._group.submit((keys[0], args))
-
-    async def _send(self, items: list[tuple[str, Sequence[Any]]]) -> list[Any]:
-        argv = [value for key, args in items for value in (key, *args)]
-        replies: list[Any] = await self._call(keys=[], args=argv)
-        return replies
+        return await self.submit((keys[0], args))

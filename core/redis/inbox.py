@@ -22,20 +22,18 @@ from rq.utils import now, utcformat
 from core import metrics
 from core.config import DEFAULT_PARKED_RETENTION_SECONDS
 from core.redis.dedupe import LIBRARY, event_marks, job_digest
-from core.redis.functions import LuaFunction, is_missing, load_refused, lua_function
+from core.redis.functions import LuaFunction, is_missing, lua_function
 from core.redis.group import GroupCommit
-from core.redis.jobs import PROCESS_EVENT, JobOptions, build_job_hash, job_payload, spliced_job_data
+from core.redis.jobs import JobOptions, build_job_hash, job_payload, spliced_job_data
 from core.redis.keys import STAGED_JOB_PREFIX, job_id_for, queue_key
 from core.redis.parked import ParkedStream
 
 _ENQUEUE_MANY = (
     LIBRARY
     + """
--- KEYS: queue list, RQ's set of queues. ARGV: the marks head (ids.open's five), job key prefix,
--- staged job key prefix, then per event: job id, digest.
--- Each event's job hash, staged by the same transaction, is renamed to the job or dropped (seen).
--- Returns one 1 (enqueued) or 0 (already seen) per event. Why the body stays out of Lua and the
--- keys out of KEYS: docs/architecture.md, "Accepting a delivery".
+-- KEYS: queue list, RQ's set of queues. ARGV: ids.open's five, job and staged job key prefixes, then
+-- per event its job id and digest. Per event 1 (its staged hash renamed to the job) or 0 (seen: the
+-- staged hash dropped); why so: docs/architecture.md, "Accepting a delivery".
 local st = ids.open(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 local results = {}
 for at = 8, #ARGV, 2 do
@@ -59,8 +57,7 @@ _ENQUEUE_MANY_FN = lua_function("enqueue", _ENQUEUE_MANY)
 
 
 class DirectScript:
-    """One Lua function called on kept connections, packed by hiredis: kept for its 0.52x redis-py's
-    CPU per call (docs/performance.md). Its rules: docs/architecture.md, "Accepting a delivery"."""
+    """One Lua function called on kept connections, packed by hiredis (docs/architecture.md, "Accepting a delivery")."""
 
     def __init__(self, redis: AsyncRedis, function: LuaFunction) -> None:
         self._redis = redis
@@ -99,15 +96,14 @@ class DirectScript:
                     if loaded or not is_missing(exc):
                         raise
                     loaded = True
-                    try:  # on this connection, which has just answered
+                    try:  # on this connection, which has just answered (a pooled one may be stale)
                         load: tuple[Any, ...] = ("FUNCTION", "LOAD", self._function.code)
                         await self._round_trip(connection, hiredis.pack_command(load), 1, ())
                     except ResponseError as refused:
-                        load_refused(self._function, refused)
-        except ResponseError:
-            raise  # Redis answered (an error reply, OOM say): the connection is in order
-        except BaseException:
-            await connection.disconnect(nowait=True)
+                        self._function.refused(refused)
+        except BaseException as exc:
+            if not isinstance(exc, ResponseError):  # an error reply (OOM, say) leaves it in order
+                await connection.disconnect(nowait=True)
             raise
         finally:
             self.idle.append((connection, time.monotonic()))
@@ -166,36 +162,21 @@ class Inbox:
 
     async def accept(self, event_id: str, event_type: str, body: bytes | str, received_at_ms: int) -> bool:
         """True when this call enqueued the event (its ``eventId`` unseen). A body given as bytes (a
-        JSON object the edge validated) is embedded verbatim (:func:`spliced_job_data`)."""
-        if isinstance(body, str):
-            payload = job_payload(event_id, event_type, body, received_at_ms)
-            data = pydantic_core.to_json([PROCESS_EVENT, None, [payload], {}])
-        else:
-            data = spliced_job_data(event_id, event_type, body, received_at_ms)
+        JSON object the edge validated) is embedded verbatim, one given as text as a JSON string."""
+        data = spliced_job_data(
+            event_id, event_type, pydantic_core.to_json(body) if isinstance(body, str) else body, received_at_ms
+        )
         job = (job_id_for(event_id), data, f"process_event({event_type} {event_id})")
         return bool(await self._group.submit(job))
 
     async def _enqueue(self, jobs: list[tuple[str, bytes, str]]) -> list[int]:
         enqueued_at = utcformat(now())
+        fields = ("created_at", enqueued_at, "enqueued_at", enqueued_at, *self._constant)
         args: list[Any] = [*self.marks.head(), Job.redis_job_namespace_prefix, STAGED_JOB_PREFIX]
         staged: list[tuple[Any, ...]] = []
         for job_id, data, description in jobs:
             args.extend((job_id, job_digest(job_id)))
-            staged.append(
-                (
-                    "HSET",
-                    STAGED_JOB_PREFIX + job_id,
-                    "created_at",
-                    enqueued_at,
-                    "enqueued_at",
-                    enqueued_at,
-                    "data",
-                    data,
-                    "description",
-                    description,
-                    *self._constant,
-                )
-            )
+            staged.append(("HSET", STAGED_JOB_PREFIX + job_id, "data", data, "description", description, *fields))
         metrics.ENQUEUE_BATCH_SIZE.observe(len(jobs))
         results: list[int] = await self._script(self._keys, args, staged)
         return results

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-import pydantic_core
+from pydantic_core import to_json
 from redis import Redis
 from rq import Queue, Retry
 from rq.job import JobStatus
@@ -85,42 +85,25 @@ def build_job_hash(payload: Mapping[str, Any], options: JobOptions) -> tuple[str
 _SPLICED_HEAD = b'["' + PROCESS_EVENT.encode() + b'",null,[{"eventId":'
 _SPLICED_BODY = b',"body":'
 _SPLICED_TAIL = b"}],{}]"
+_SPLICED = _SPLICED_HEAD + b'%s,"eventType":%s,"receivedAt":%d' + _SPLICED_BODY + b"%s" + _SPLICED_TAIL
 
 
 def spliced_job_data(event_id: str, event_type: str, body: bytes, received_at_ms: int) -> bytes:
-    """A job's ``data`` with ``body``, a JSON object that Python's ``json`` reads (no NaN or
-    Infinity), embedded verbatim; :func:`spliced_parts` takes it back."""
-    return b"".join(
-        (
-            _SPLICED_HEAD,
-            pydantic_core.to_json(event_id),
-            b',"eventType":',
-            pydantic_core.to_json(event_type),
-            b',"receivedAt":',
-            b"%d" % received_at_ms,
-            _SPLICED_BODY,
-            body,
-            _SPLICED_TAIL,
-        )
-    )
+    """A job's ``data`` with ``body`` embedded verbatim: JSON that Python's ``json`` reads (no NaN or
+    Infinity); :func:`spliced_parts` takes an object back, a string is left to RQ."""
+    return _SPLICED % (to_json(event_id), to_json(event_type), received_at_ms, body)
 
 
 def spliced_parts(data: bytes) -> tuple[bytes, str] | None:
-    """Of data written by :func:`spliced_job_data`, the fields before the body as a JSON object and
-    the body as delivered; None for any other data (why unambiguous: docs/architecture.md,
-    "Accepting a delivery")."""
+    """The fields before a spliced object body as a JSON object, and the body as delivered; None for
+    any other data (why unambiguous: docs/architecture.md, "Accepting a delivery")."""
     if not (data.startswith(_SPLICED_HEAD) and data.endswith(_SPLICED_TAIL)):
         return None
     start = data.find(_SPLICED_BODY, len(_SPLICED_HEAD))
-    if start < 0:
-        return None
-    value = start + len(_SPLICED_BODY)
-    while data[value : value + 1] in (b" ", b"\t", b"\r", b"\n"):  # a body is spliced as delivered
-        value += 1
-    if data[value : value + 1] != b"{":
+    body = data[start + len(_SPLICED_BODY) : len(data) - len(_SPLICED_TAIL)]
+    if start < 0 or body.lstrip(b" \t\r\n")[:1] != b"{":  # spliced as delivered, whitespace included
         return None
     try:
-        body = data[start + len(_SPLICED_BODY) : len(data) - len(_SPLICED_TAIL)].decode("utf-8")
+        return b'{"eventId":' + data[len(_SPLICED_HEAD) : start] + b"}", body.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    return b'{"eventId":' + data[len(_SPLICED_HEAD) : start] + b"}", body

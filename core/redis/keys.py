@@ -25,29 +25,21 @@ WORKERS_SET = SERVICE_PREFIX + "liveness-workers"
 TOKEN_KEY = SERVICE_PREFIX + "app-token"
 TOKEN_LOCK_KEY = TOKEN_KEY + ":lock"
 CONNECT_STATE_PREFIX = SERVICE_PREFIX + "connect-state:"
-READ_PREFIX = SERVICE_PREFIX + "read:"
 BUDGET_KEY = SERVICE_PREFIX + "budget"
 APPLICATION_PAUSE_KEY = SERVICE_PREFIX + "pause:application"
-VEHICLE_PAUSE_PREFIX = SERVICE_PREFIX + "pause:vehicle:"
 USAGE_PREFIX = SERVICE_PREFIX + "usage:"
-FLEET_PREFIX = SERVICE_PREFIX + "fleet:"
 
 #: How RQ's job ids may look; an eventId that fits is used as the job id unchanged.
 _JOB_ID_SAFE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _VEHICLE_SAFE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-#: The prefix of a job id made from a digest. No ``eventId`` is used as it is when it starts so,
-#: so a literal ``eventId`` can never take the job (and the dedupe mark) of another event.
-DIGEST_JOB_PREFIX = "evt-"
 
 
 def job_id_for(event_id: str) -> str:
-    """The RQ job id for an event: the ``eventId`` itself when RQ accepts it, else a digest of it.
-
-    A pure function of the ``eventId``, so a replay, a redelivery and an operator find the same job.
-    """
-    if _JOB_ID_SAFE.fullmatch(event_id) and not event_id.startswith(DIGEST_JOB_PREFIX):
+    """The ``eventId`` itself when RQ accepts it, else ``evt-`` and a digest (so no literal ``eventId``
+    takes the job and mark of another event): a replay, a redelivery and an operator find the same job."""
+    if _JOB_ID_SAFE.fullmatch(event_id) and not event_id.startswith("evt-"):
         return event_id
-    return DIGEST_JOB_PREFIX + hashlib.sha256(event_id.encode()).hexdigest()[:40]
+    return "evt-" + hashlib.sha256(event_id.encode()).hexdigest()[:40]
 
 
 def queue_key(queue: str) -> str:
@@ -67,8 +59,7 @@ def dequeued_key(queue_name: str, worker_name: str) -> str:
     return f"{DEQUEUED_PREFIX}{queue_name}:{worker_name}"
 
 
-def vehicle_state_key(prefix: str, vehicle_id: str) -> str:
-    """The parser has held the id to ``[A-Za-z0-9_-]{1,64}``."""
+def vehicle_state_key(prefix: str, vehicle_id: str) -> str:  # the parser held the id to [A-Za-z0-9_-]{1,64}
     return prefix + vehicle_id
 
 
@@ -81,11 +72,11 @@ def _vehicle_part(vehicle_id: str) -> str:
 def read_key(call: str, vehicle_id: str, user_id: str) -> str:
     """The user id is free text from the wire, so only its digest is used."""
     user = hashlib.sha256(user_id.encode()).hexdigest()[:24]
-    return f"{READ_PREFIX}{call}:{_vehicle_part(vehicle_id)}:{user}"
+    return f"{SERVICE_PREFIX}read:{call}:{_vehicle_part(vehicle_id)}:{user}"
 
 
 def vehicle_pause_key(vehicle_id: str) -> str:
-    return VEHICLE_PAUSE_PREFIX + _vehicle_part(vehicle_id)
+    return f"{SERVICE_PREFIX}pause:vehicle:" + _vehicle_part(vehicle_id)
 
 
 def usage_key(minute: int) -> str:
@@ -95,7 +86,7 @@ def usage_key(minute: int) -> str:
 
 def fleet_key(kind: str, bucket: int) -> str:
     """``kind``: ``active`` or ``errors``; ``bucket``: epoch seconds // bucket length."""
-    return f"{FLEET_PREFIX}{kind}:{bucket}"
+    return f"{SERVICE_PREFIX}fleet:{kind}:{bucket}"
 
 
 def text(value: object) -> str:

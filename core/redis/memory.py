@@ -1,13 +1,9 @@
-"""Redis's memory as a health signal: used and max memory, and the check at start (why
-``maxmemory`` with ``noeviction``: docs/reliability.md, "Redis requirements"; sizing it:
-docs/capacity.md). Reads ``INFO memory`` only, which the web's ACL user may run.
-"""
+"""Redis's memory as a health signal, read from ``INFO memory`` (all the web's ACL user may run), and the
+check at start (why ``maxmemory`` with ``noeviction``: docs/reliability.md, "Redis requirements")."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 
@@ -21,26 +17,20 @@ log = get_logger("smartcar_ingest.redis")
 @dataclass(frozen=True)
 class RedisMemory:
     used_bytes: int
-    max_bytes: int
-    """``maxmemory``; 0 means no limit (Redis grows until the OS kills it)."""
+    max_bytes: int  # ``maxmemory``; 0 means no limit (Redis grows until the OS kills it)
     policy: str
-
-    @classmethod
-    def from_info(cls, info: Mapping[str, Any]) -> RedisMemory:
-        """From the parsed reply of ``INFO memory``."""
-        policy = text(info.get("maxmemory_policy", ""))
-        return cls(int(info.get("used_memory", 0)), int(info.get("maxmemory", 0)), policy)
 
 
 def read_memory(client: redis.Redis) -> RedisMemory:
-    return RedisMemory.from_info(client.info("memory"))
+    info = client.info("memory")
+    return RedisMemory(
+        int(info.get("used_memory", 0)), int(info.get("maxmemory", 0)), text(info.get("maxmemory_policy", ""))
+    )
 
 
 def check_memory(client: redis.Redis, refuse_evicting: bool = False) -> None:
-    """The check at start: a Redis that may evict keys (eviction silently drops queued events) is
-    refused with ``refuse_evicting`` (the web's, unless ALLOW_EVICTING_REDIS) or logged as an error
-    (the worker's); one without ``maxmemory`` gets a warning. One that does not answer is not
-    checked: a web starts and answers 503 until it does."""
+    """The check at start: a Redis that may evict keys is refused with ``refuse_evicting`` (the web's,
+    unless ALLOW_EVICTING_REDIS), else logged as an error; one that does not answer is not checked."""
     try:
         memory = read_memory(client)
     except (redis.RedisError, OSError) as exc:

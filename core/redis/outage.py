@@ -1,6 +1,5 @@
 """Waiting out Redis trouble: which errors mean "Redis cannot serve us right now" (any other is a
-fault, raised at once), and the wait. docs/reliability.md, "One retry policy for Redis".
-"""
+fault, raised at once), and the wait (docs/reliability.md, "One retry policy for Redis")."""
 
 from __future__ import annotations
 
@@ -13,8 +12,6 @@ from redis import exceptions
 from stamina.instrumentation import (
     PrometheusOnRetryHook,
     RetryDetails,
-    RetryHook,
-    RetryHookFactory,
     StructlogOnRetryHook,
     set_on_retry_hooks,
 )
@@ -33,8 +30,7 @@ _REFUSALS = (
     exceptions.MasterDownError,
     exceptions.TryAgainError,
 )
-# Refusals that redis-py raises as a plain ResponseError, known by the reply's first word; inside a
-# pipeline redis-py prefixes the reply with the command that caused it.
+# Refusals redis-py raises as a plain ResponseError, by the reply's first word (after "caused error: " in a pipeline).
 _REFUSAL_CODES = ("MISCONF", "NOREPLICAS", "BUSY")
 
 
@@ -48,8 +44,8 @@ def redis_unavailable(exc: BaseException) -> bool:
     return False
 
 
-#: Seconds between two tries, doubling up to WAIT_MAX, plus up to WAIT_JITTER at random (so the
-#: workers of a fleet do not all try again at the same instant).
+#: Seconds between two tries, doubling up to WAIT_MAX, plus up to WAIT_JITTER at random (so a
+#: fleet's workers do not all try again at the same instant).
 WAIT_INITIAL = 0.2
 WAIT_MAX = 5.0
 WAIT_JITTER = 0.2
@@ -70,10 +66,9 @@ def until_redis_answers(
 async def until_redis_answers_async(
     call: Callable[[], Awaitable[T]], *, stop: Callable[[], bool] | None = None, give_up_after: float | None = None
 ) -> T:
-    """:func:`until_redis_answers` for a coroutine."""
+    """:func:`until_redis_answers` for a coroutine; Redis answering (the per-event case) costs one
+    call and no retry machinery (except under stamina's testing mode, which counts every try)."""
     worth_waiting = _worth_waiting(stop)
-    # On the per-event path: Redis answering, the common case, costs one call and no retry
-    # machinery (under stamina's testing mode stamina counts every try itself).
     if not stamina.is_testing():
         try:
             return await call()
@@ -87,23 +82,20 @@ def _worth_waiting(stop: Callable[[], bool] | None) -> Callable[[Exception], boo
     return redis_unavailable if stop is None else lambda exc: redis_unavailable(exc) and not stop()
 
 
-def _log_retries() -> RetryHook:
-    """One line of ours per Redis wait, stamina's own (``stamina.retry_scheduled``) for any other retry."""
-    others = StructlogOnRetryHook.hook_factory()
-
-    def log_retry(details: RetryDetails) -> None:
-        if not redis_unavailable(details.caused_by):
-            others(details)
-            return
-        log.warning(
-            "Redis unavailable; waiting",
-            error=type(details.caused_by).__name__,
-            retryIn=round(details.wait_for, 2),
-            waitedSoFar=round(details.waited_so_far, 1),
-        )
-
-    return log_retry
+_STAMINA_LOG = StructlogOnRetryHook.hook_factory()
 
 
-# stamina's default hooks, with its structlog line replaced by the one above.
-set_on_retry_hooks((PrometheusOnRetryHook, RetryHookFactory(_log_retries)))
+def _log_retry(details: RetryDetails) -> None:
+    """Instead of stamina's structlog hook: our line per Redis wait, stamina's for any other retry."""
+    if not redis_unavailable(details.caused_by):
+        _STAMINA_LOG(details)
+        return
+    log.warning(
+        "Redis unavailable; waiting",
+        error=type(details.caused_by).__name__,
+        retryIn=round(details.wait_for, 2),
+        waitedSoFar=round(details.waited_so_far, 1),
+    )
+
+
+set_on_retry_hooks((PrometheusOnRetryHook, _log_retry))
