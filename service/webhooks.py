@@ -273,9 +273,9 @@ class WebhookEndpoint:
         if self._spool is None:
             return self._unavailable(event_id, error)
         delivery = SpooledDelivery(event_id, "UNKNOWN", text, time.time_ns() // 1_000_000, exc.code, exc.message)
-        return await self._spooled(delivery, status="parked", reason=exc.code)
+        return await self._spooled(delivery)
 
-    async def _spooled(self, delivery: SpooledDelivery, status: str = "spooled", reason: str | None = None) -> Answer:
+    async def _spooled(self, delivery: SpooledDelivery) -> Answer:
         assert self._spool is not None
         try:
             await asyncio.to_thread(self._spool.append, delivery)
@@ -288,10 +288,9 @@ class WebhookEndpoint:
             return self._unavailable(delivery.event_id, exc)
         metrics.DELIVERIES.labels(outcome="spooled").inc()
         log.warning("redis unavailable, delivery spooled", eventId=delivery.event_id)
-        content: dict[str, object] = {"status": status, "eventId": delivery.event_id}
-        if reason is not None:
-            content["reason"] = reason
-            content["spooled"] = True
+        content: dict[str, object] = {"status": "spooled", "eventId": delivery.event_id}
+        if delivery.park_reason is not None:
+            content.update(status="parked", reason=delivery.park_reason, spooled=True)
         return _json(202, content)
 
     def _verify_answer(self, challenge: str) -> Answer:
