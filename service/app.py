@@ -34,13 +34,11 @@ from service.spool import Spool, drain_forever
 from service.webhooks import WebhookEndpoint, redis_deadline_seconds
 
 WEBHOOK_PATH = "/webhooks/smartcar"
-# Probes and scrapes come one at a time; a couple of connections is plenty.
-_ADMIN_REDIS_CONNECTIONS = 4
 
 
 class IngestApp(Starlette):
-    """Starlette, with ``POST /webhooks/smartcar`` handed straight to its endpoint: Starlette's router
-    costs a delivery 6-7 % more CPU (docs/performance.md). The endpoint is routed too (``root_path``)."""
+    """Starlette, with ``POST /webhooks/smartcar`` handed straight to its endpoint (the router is dearer:
+    docs/performance.md). The endpoint is routed too (``root_path``)."""
 
     def __init__(self, webhook: WebhookEndpoint, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -77,9 +75,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # Objects built at startup never die: move them out of the collector's way, and collect
-        # the young generation less often (each request allocates a few hundred short-lived
-        # objects; the default threshold of 700 runs a collection every couple of requests).
+        # Startup's objects out of the collector's way, and fewer young collections (docs/performance.md).
         gc.freeze()
         thresholds = gc.get_threshold()
         gc.set_threshold(50_000, 20, 20)
@@ -117,7 +113,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
 def create_admin_app(settings: Settings, web_status: Callable[[], str | None] | None = None) -> Starlette:
     """``/readyz`` (Redis and ``web_status``: None while the public server serves, else what is wrong) and ``/metrics``."""
-    redis = web_redis(settings.model_copy(update={"redis_max_connections": _ADMIN_REDIS_CONNECTIONS}))
+    # Probes and scrapes come one at a time: a few connections are plenty.
+    redis = web_redis(settings.model_copy(update={"redis_max_connections": 4}))
     deadline = redis_deadline_seconds(settings)
     collector = QueueCollector(settings)
     registry = endpoint_registry(collector)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from http import HTTPStatus
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -11,15 +12,6 @@ from starlette.responses import JSONResponse, Response
 from core.logs import get_logger
 
 log = get_logger("smartcar_ingest.http")
-
-_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "body_too_large",
-    503: "unavailable",
-}
 
 
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
@@ -31,13 +23,10 @@ def error_response(status: int, code: str, message: str, headers: Mapping[str, s
 
 
 async def http_exception(request: Request, exc: Exception) -> Response:
-    """Starlette's own 404/405 and friends, in the contract's error shape."""
+    """Starlette's own 404/405, in the contract's error shape."""
     assert isinstance(exc, HTTPException)
-    code = _CODES.get(exc.status_code, "http_error")
-    message = exc.detail if isinstance(exc.detail, str) and exc.detail else code.replace("_", " ")
-    if not message.endswith("."):
-        message += "."
-    return error_response(exc.status_code, code, message, headers=exc.headers)
+    code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+    return error_response(exc.status_code, code, f"{exc.detail.rstrip('.')}.", headers=exc.headers)
 
 
 async def unexpected_exception(request: Request, exc: Exception) -> Response:

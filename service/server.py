@@ -1,11 +1,10 @@
-"""How ``smartcar-ingest web`` serves: uvicorn, every connection on either port bounded before the
-app sees a byte of it (head bytes and lines, pipelining, the head's deadline, idle keep-alive, open
-connections: docs/security.md, "Request heads, slow clients and idle connections"), and the admin
-server on ``ADMIN_PORT``, once however many ``--workers`` serve the public port."""
+"""How ``smartcar-ingest web`` serves: uvicorn, every connection bounded before the app sees a byte of it
+(docs/security.md, "Request heads, slow clients and idle connections"), and the admin server on ``ADMIN_PORT``."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
 import threading
@@ -23,9 +22,6 @@ from core.logs import get_logger, quiet_uvicorn
 
 log = get_logger("smartcar_ingest.server")
 
-# Only probes and scrapes reach the admin port.
-_ADMIN_MAX_CONNECTIONS = 64
-_ADMIN_KEEP_ALIVE_SECONDS = 5
 # Requests a connection may have waiting behind the one being answered (each parsed, held in memory).
 _MAX_PIPELINED = 16
 # Header lines in a request head (Apache's LimitRequestFields default): each costs ~140 bytes of
@@ -60,14 +56,9 @@ class WebConfig(uvicorn.Config):
         self.max_header_bytes = settings.max_header_bytes
 
 
-class _Refused(Exception):
-    pass
-
-
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's private httptools protocol, bounded (docs/security.md): h11's public head limit
-    costs a delivery 42 % more CPU (docs/performance.md), so uvicorn is pinned to this minor.
-    Head bytes are counted per *region*: a request head, or what follows a chunk-size line."""
+    """uvicorn's private httptools protocol, bounded (h11 is dearer: docs/performance.md; uvicorn is
+    pinned to this minor). Head bytes are counted per *region*: a request head, or after a chunk-size line."""
 
     def __init__(self, config: uvicorn.Config, **kwargs: Any) -> None:  # as uvicorn's Server calls it
         super().__init__(config, **kwargs)
@@ -82,8 +73,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._queued: deque[tuple[int, int]] = deque()
         self._queued_bytes = 0
         self._queued_headers = 0
-
-    # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -113,8 +102,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_deadline()
         super().connection_lost(exc)
-
-    # httptools callbacks
 
     def on_message_begin(self) -> None:
         self._open_region()
@@ -153,8 +140,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._region_open = False
         self._read_used += 2
 
-    # uvicorn hooks
-
     def on_response_complete(self) -> None:
         super().on_response_complete()
         while len(self._queued) > len(self.pipeline):  # uvicorn started a queued request
@@ -167,8 +152,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         if not self.transport.is_closing():  # else refused already, by _refuse
             super().send_400_response(msg)
-
-    # Head size
 
     def _open_region(self) -> None:
         self._region_open = True
@@ -183,14 +166,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             size += len(name) + len(value) + 3
         return size
 
-    def _refuse(self) -> _Refused:
+    def _refuse(self) -> ConnectionAbortedError:
         """Close the connection, answering 431 first unless a response is under way."""
         if self._waiting_on_client():
             self.transport.write(_HEAD_TOO_LARGE)
         self.transport.close()
-        return _Refused()  # for a parser callback to raise: it stops the parser
-
-    # Head deadline
+        return ConnectionAbortedError()  # for a parser callback to raise: it stops the parser
 
     def _waiting_on_client(self) -> bool:
         return self.cycle is None or self.cycle.response_complete
@@ -219,17 +200,13 @@ def bind_admin_socket(settings: Settings, public_port: int) -> socket.socket:
             f"ADMIN_PORT {settings.admin_port} is also the public port: /readyz and /metrics must stay off it."
         )
     family = socket.AF_INET6 if ":" in settings.admin_host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((settings.admin_host, settings.admin_port))
+    try:  # SO_REUSEADDR set, as uvicorn's own sockets
+        sock = socket.create_server((settings.admin_host, settings.admin_port), family=family, backlog=128)
     except OSError as exc:
-        sock.close()
         raise ConfigurationError(
             f"ADMIN_PORT {settings.admin_port} on ADMIN_HOST {settings.admin_host} cannot be bound "
-            f"({exc.strerror}): choose a free port, or 0 to turn the admin endpoints off."
+            f"({os.strerror(exc.errno or 0)}): choose a free port, or 0 to turn the admin endpoints off."
         ) from None
-    sock.listen(128)
     sock.set_inheritable(True)
     log.info("admin endpoints served", host=settings.admin_host, port=settings.admin_port, paths="/readyz /metrics")
     return sock
@@ -276,8 +253,8 @@ def serve(settings: Settings, host: str, port: int, workers: int, max_connection
                 settings,
                 host=settings.admin_host,
                 port=settings.admin_port,
-                limit_concurrency=_ADMIN_MAX_CONNECTIONS,
-                timeout_keep_alive=_ADMIN_KEEP_ALIVE_SECONDS,
+                limit_concurrency=64,  # only probes and scrapes reach the admin port
+                timeout_keep_alive=5,
                 proxy_headers=False,
             )
         )

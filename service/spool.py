@@ -42,12 +42,12 @@ class SpooledDelivery:  # enough to enqueue it, or to park it (park_reason set),
     park_detail: str | None = None
 
 
-class SpoolFull(OSError):
-    """One more delivery would take the spool past ``SPOOL_MAX_BYTES``."""
-
-
 @dataclass
-class ReadReport:
+class DrainReport:
+    files: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    parked: int = 0
     torn_tail_bytes: int = 0
 
 
@@ -56,9 +56,9 @@ def encode_record(delivery: SpooledDelivery) -> bytes:
     return _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
-def read_records(path: Path, report: ReadReport | None = None) -> Generator[SpooledDelivery, None, None]:
+def read_records(path: Path, report: DrainReport | None = None) -> Generator[SpooledDelivery, None, None]:
     """The whole records of a spool file, in order, up to a torn or corrupt one; once exhausted,
-    ``report.torn_tail_bytes`` says how many bytes were left unread."""
+    the bytes left unread are added to ``report.torn_tail_bytes``."""
     with path.open("rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         offset = 0
@@ -79,7 +79,7 @@ def read_records(path: Path, report: ReadReport | None = None) -> Generator[Spoo
             offset += _HEADER.size + length
             yield delivery
         if report is not None:
-            report.torn_tail_bytes = size - offset
+            report.torn_tail_bytes += size - offset
 
 
 class Spool:
@@ -106,7 +106,7 @@ class Spool:
         record = encode_record(delivery)
         with self._lock:
             if self.max_bytes is not None and self.pending_bytes + len(record) > self.max_bytes:
-                raise SpoolFull(errno.ENOSPC, f"The spool holds {self.pending_bytes} bytes of its {self.max_bytes}.")
+                raise OSError(errno.ENOSPC, f"The spool holds {self.pending_bytes} bytes of its {self.max_bytes}.")
             fd = self._open_for_append()
             try:
                 start = os.fstat(fd).st_size
@@ -175,15 +175,14 @@ class Spool:
             self._sync_directory()
         return target
 
-    def retire(self, path: Path, torn: bool) -> Path:
+    def retire(self, path: Path, torn_bytes: int) -> None:
         """Delete a drained file, or keep one that ended in a torn record as ``*.torn`` for inspection."""
-        kept = path.with_name(path.name.replace(".draining", ".torn"))
-        if torn:
-            path.replace(kept)
+        if torn_bytes:
+            kept = path.replace(path.with_name(path.name.replace(".draining", ".torn")))
+            log.error("spool file ended in a torn record; it was not applied", file=str(kept), bytes=torn_bytes)
         else:
             path.unlink(missing_ok=True)
         self._sync_directory()
-        return kept
 
     def _sync_directory(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
@@ -197,15 +196,6 @@ class Spool:
 CHUNK = 256
 
 
-@dataclass
-class DrainReport:
-    files: int = 0
-    accepted: int = 0
-    duplicates: int = 0
-    parked: int = 0
-    torn_tail_bytes: int = 0
-
-
 async def drain_once(spool: Spool, inbox: Inbox) -> DrainReport:
     """Drain every pending spool file; raises ``RedisError`` (leaving the file) if Redis fails."""
     report = DrainReport()
@@ -213,8 +203,8 @@ async def drain_once(spool: Spool, inbox: Inbox) -> DrainReport:
         claimed = await asyncio.to_thread(spool.claim, path)
         if claimed is None:
             continue
-        read = ReadReport()
-        records = read_records(claimed, read)
+        torn = report.torn_tail_bytes
+        records = read_records(claimed, report)
         try:
             while chunk := await asyncio.to_thread(list, itertools.islice(records, CHUNK)):
                 parks = [d for d in chunk if d.park_reason]
@@ -230,12 +220,7 @@ async def drain_once(spool: Spool, inbox: Inbox) -> DrainReport:
         finally:
             records.close()
         # Everything before a tear was applied; the torn bytes are kept for inspection.
-        kept = await asyncio.to_thread(spool.retire, claimed, read.torn_tail_bytes > 0)
-        if read.torn_tail_bytes:
-            log.error(
-                "spool file ended in a torn record; it was not applied", file=str(kept), bytes=read.torn_tail_bytes
-            )
-            report.torn_tail_bytes += read.torn_tail_bytes
+        await asyncio.to_thread(spool.retire, claimed, report.torn_tail_bytes - torn)
         report.files += 1
     if report.files:
         await asyncio.to_thread(spool.pending)  # recount the spool's size, for SPOOL_MAX_BYTES

@@ -1,13 +1,12 @@
-"""``POST /webhooks/smartcar``, the ingest edge: a plain ASGI app (the hot path), checking in the
-contract's order. What is validly signed but cannot be processed is parked (202: a non-2xx would
-only earn retries); a signed non-object or too old delivery is refused (docs/security.md). A 2xx is
-sent only once Redis (or the fsync'd spool) holds the delivery, as the bytes received."""
+"""``POST /webhooks/smartcar``, the ingest edge: a plain ASGI app (the hot path) checking in the
+contract's order (docs/architecture.md, docs/security.md); a 2xx only once Redis or the spool holds it."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import pydantic_core
 from redis.exceptions import RedisError
@@ -23,7 +22,7 @@ from core.redis.functions import MissingFunction
 from core.redis.inbox import Inbox
 from core.signatures import answer_challenge, is_token_like, verify_signature
 from service.responses import error_body
-from service.spool import Spool, SpooledDelivery, SpoolFull
+from service.spool import Spool, SpooledDelivery
 
 log = get_logger("smartcar_ingest.webhooks")
 
@@ -40,8 +39,8 @@ _OUTCOME_DUPLICATE = metrics.DELIVERIES.labels(outcome="duplicate")
 
 
 class Deadlines:
-    """In place of ``asyncio.timeout``, which costs a delivery 5-6 % more CPU (docs/performance.md):
-    a sweep every ``tick`` seconds, while any task is registered, cancels each task past its time."""
+    """In place of ``asyncio.timeout`` (dearer: docs/performance.md): a sweep every ``tick`` seconds,
+    while any task is registered, cancels each task past its time."""
 
     def __init__(self, tick: float = 0.05) -> None:
         self._tick = tick
@@ -96,17 +95,15 @@ def redis_deadline_seconds(settings: Settings) -> float:
     return min(0.95, settings.redis_timeout_seconds * 1.9)
 
 
-class Answer(NamedTuple):
-    status: int
-    body: bytes  # JSON
+Answer = tuple[int, bytes]  # a status and its JSON body
 
 
 def _json(status: int, content: Any) -> Answer:
-    return Answer(status, pydantic_core.to_json(content))
+    return status, pydantic_core.to_json(content)
 
 
 def _accepted(status: bytes, event_id: str) -> Answer:  # nearly every delivery's answer, written directly
-    return Answer(202, b'{"status":"%s","eventId":%s}' % (status, pydantic_core.to_json(event_id)))
+    return 202, b'{"status":"%s","eventId":%s}' % (status, pydantic_core.to_json(event_id))
 
 
 def _error(status: int, code: str, message: str) -> Answer:
@@ -129,14 +126,14 @@ class WebhookEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         try:
-            answer = await self._handle(scope, receive)
+            status, body = await self._handle(scope, receive)
         except Exception as exc:  # a bug must not become a 500, nor lose the delivery: Smartcar retries a 503
-            answer = self._internal_error(exc)
-        headers = [_JSON, (b"content-length", b"%d" % len(answer.body))]
-        if answer.status == 503:
+            status, body = self._internal_error(exc)
+        headers = [_JSON, (b"content-length", b"%d" % len(body))]
+        if status == 503:
             headers.append(_RETRY_AFTER)
-        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-        await send({"type": "http.response.body", "body": answer.body})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
         metrics.REQUEST_SECONDS.observe(time.perf_counter() - started)
 
     async def _handle(self, scope: Scope, receive: Receive) -> Answer:
@@ -157,14 +154,18 @@ class WebhookEndpoint:
             return self._reject(408, "body_timeout", "The body did not arrive in time.")
         finally:
             self._deadlines.stop(task)
-        if isinstance(body, Answer):
+        if isinstance(body, tuple):
             return body
         received_at_ms = time.time_ns() // 1_000_000
 
         # 2. Signature. An unsigned VERIFY is answered only for a token-like challenge, so the
         # endpoint never signs bytes that could pass for a delivery body.
         if not verify_signature(self._tokens, body, signature):
-            challenge = _unsigned_challenge(body)
+            try:  # a small body that claims to be a VERIFY
+                document = parse.load_json(body) if len(body) <= UNSIGNED_VERIFY_MAX_BYTES else None
+            except MalformedBody:
+                document = None
+            challenge = parse.verify_challenge_or_none(document)
             if challenge is not None and is_token_like(challenge):
                 return self._verify_answer(challenge)
             return self._reject(401, "invalid_signature", "The SC-Signature header is missing or does not match.")
@@ -272,25 +273,24 @@ class WebhookEndpoint:
         if self._spool is None:
             return self._unavailable(event_id, error)
         delivery = SpooledDelivery(event_id, "UNKNOWN", text, time.time_ns() // 1_000_000, exc.code, exc.message)
-        return await self._spooled(delivery, status="parked", reason=exc.code)
+        return await self._spooled(delivery)
 
-    async def _spooled(self, delivery: SpooledDelivery, status: str = "spooled", reason: str | None = None) -> Answer:
+    async def _spooled(self, delivery: SpooledDelivery) -> Answer:
         assert self._spool is not None
         try:
             await asyncio.to_thread(self._spool.append, delivery)
-        except SpoolFull:
-            metrics.DELIVERIES.labels(outcome="spool_full").inc()
-            log.error("redis unavailable and the spool is full, delivery refused", eventId=delivery.event_id)
-            return _error(503, "spool_full", "The event store is unreachable and the spool is full; retry later.")
         except OSError as exc:
+            if exc.errno == errno.ENOSPC:  # SPOOL_MAX_BYTES reached, or the disk is full
+                metrics.DELIVERIES.labels(outcome="spool_full").inc()
+                log.error("redis unavailable and the spool is full, delivery refused", eventId=delivery.event_id)
+                return _error(503, "spool_full", "The event store is unreachable and the spool is full; retry later.")
             log.error("spooling failed", eventId=delivery.event_id, error=type(exc).__name__)
             return self._unavailable(delivery.event_id, exc)
         metrics.DELIVERIES.labels(outcome="spooled").inc()
         log.warning("redis unavailable, delivery spooled", eventId=delivery.event_id)
-        content: dict[str, object] = {"status": status, "eventId": delivery.event_id}
-        if reason is not None:
-            content["reason"] = reason
-            content["spooled"] = True
+        content: dict[str, object] = {"status": "spooled", "eventId": delivery.event_id}
+        if delivery.park_reason is not None:
+            content.update(status="parked", reason=delivery.park_reason, spooled=True)
         return _json(202, content)
 
     def _verify_answer(self, challenge: str) -> Answer:
@@ -314,14 +314,3 @@ class WebhookEndpoint:
         fix = {"fix": str(exc)} if isinstance(exc, MissingFunction) else {}
         log.error("redis unavailable, delivery refused", eventId=event_id, error=type(exc).__name__, **fix)
         return _error(503, "redis_unavailable", "The event store is unreachable; retry later.")
-
-
-def _unsigned_challenge(body: bytes) -> str | None:
-    """The challenge of a small body that claims to be a VERIFY, or None (never raises)."""
-    if len(body) > UNSIGNED_VERIFY_MAX_BYTES:
-        return None
-    try:
-        document = parse.load_json(body)
-    except MalformedBody:
-        return None
-    return parse.verify_challenge_or_none(document)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import struct
 import subprocess
@@ -23,7 +24,7 @@ from core.config import Settings
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
 from service.app import create_app
-from service.spool import MAGIC, ReadReport, Spool, SpooledDelivery, SpoolFull, drain_once, encode_record, read_records
+from service.spool import MAGIC, DrainReport, Spool, SpooledDelivery, drain_once, encode_record, read_records
 from tests.conftest import TOKEN, signed_headers
 from tests.procs import LiveServer, RedisServer
 
@@ -39,7 +40,7 @@ def test_appended_records_read_back_in_order(tmp_path):
     for i in range(5):
         spool.append(delivery(i))
     [path] = spool.pending()
-    report = ReadReport()
+    report = DrainReport()
     assert list(read_records(path, report)) == [delivery(i) for i in range(5)]
     assert report.torn_tail_bytes == 0
 
@@ -52,7 +53,7 @@ def test_torn_last_record_is_detected_and_not_applied(tmp_path):
     [path] = spool.pending()
     data = path.read_bytes()
     path.write_bytes(data[:-7])
-    report = ReadReport()
+    report = DrainReport()
     assert list(read_records(path, report)) == [delivery(0), delivery(1)]
     assert report.torn_tail_bytes > 0
 
@@ -137,14 +138,15 @@ def spool_bytes(directory) -> int:
 
 
 def test_a_full_spool_refuses_the_append_and_writes_nothing(tmp_path):
-    """An append that would pass max_bytes raises SpoolFull and leaves the file as it was."""
+    """An append that would pass max_bytes raises ENOSPC and leaves the file as it was."""
     record_size = len(encode_record(delivery(0)))
     spool = Spool(tmp_path, max_bytes=record_size * 3)
     for i in range(3):
         spool.append(delivery(i))
     before = spool_bytes(tmp_path)
-    with pytest.raises(SpoolFull):
+    with pytest.raises(OSError, match="The spool holds") as refused:
         spool.append(delivery(3))
+    assert refused.value.errno == errno.ENOSPC
     assert spool_bytes(tmp_path) == before == spool.pending_bytes == record_size * 3
     [path] = spool.pending()
     assert [r.event_id for r in read_records(path)] == ["e-0", "e-1", "e-2"]
@@ -194,7 +196,7 @@ def test_a_corrupt_length_ends_the_read_without_a_huge_allocation(tmp_path):
     [path] = spool.pending()
     with path.open("ab") as handle:
         handle.write(struct.pack(">4sII", MAGIC, 0xFFFFFFFF, 0) + b"{}")
-    report = ReadReport()
+    report = DrainReport()
     tracemalloc.start()
     try:
         records = list(read_records(path, report))
