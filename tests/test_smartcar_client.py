@@ -137,7 +137,7 @@ def test_token_near_expiry_is_refreshed_ahead_of_time(redis_url, fake, redis_cli
 
 
 def test_refresh_uses_a_replacement_made_by_another_process(redis_url, fake, redis_client):
-    """refresh(stale) returns a newer shared token without asking Smartcar again."""
+    """get(stale=...) returns a newer shared token without asking Smartcar again."""
     import time
 
     async def scenario(tokens, _client):
