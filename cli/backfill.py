@@ -22,9 +22,9 @@ from core.errors import (
 )
 from core.redis.clients import command_redis_async
 from core.smartcar.client import SmartcarClient, smartcar_client
+from core.smartcar.connections import PAGE_SIZE, connection_ids, connection_pages, dig
 from core.smartcar.http import LeanHttp
 from core.store.users import UserStore, VehicleRecord
-from service.connect import PAGE_SIZE, connection_ids, connection_pages
 
 VIN_SIGNAL = "vehicleidentification-vin"
 #: Pages followed at most, so a listing that never ends cannot loop forever (a million connections).
@@ -174,13 +174,9 @@ class Backfill:
 
 def _vin_value(resource: dict[str, Any]) -> str | None:
     """The VIN of a signal resource (``attributes.body.value``), upper-cased; ``None`` if unusable."""
-    attributes = resource.get("attributes")
-    if not isinstance(attributes, dict):
+    if dig(resource, "attributes", "status", "value") not in (None, "SUCCESS"):
         return None
-    status, body = attributes.get("status"), attributes.get("body")
-    if isinstance(status, dict) and status.get("value") not in (None, "SUCCESS"):
-        return None
-    value = body.get("value") if isinstance(body, dict) else None
+    value = dig(resource, "attributes", "body", "value")
     vin = value.strip().upper() if isinstance(value, str) else ""
     return vin if 0 < len(vin) <= 17 else None
 

@@ -1,11 +1,10 @@
-"""Connect: signed single-use states, ``/connect/callback``, ``/connect/start`` (off by default), ``connect-url``'s
-URL and the ``/v3/connections`` paging ``backfill`` shares. The checks and why: docs/security.md, "Connect capture"."""
+"""Connect: signed single-use states, ``connect-url``'s URL, ``/connect/callback`` and ``/connect/start``
+(off by default). The checks and why: docs/security.md, "Connect capture"."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import datetime as dt
 import hashlib
 import hmac
 import math
@@ -13,7 +12,6 @@ import posixpath
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -38,7 +36,8 @@ from core.errors import (
 from core.logs import get_logger
 from core.redis.functions import RQ_SCRIPTS
 from core.redis.keys import CONNECT_STATE_PREFIX
-from core.smartcar.client import SmartcarClient, smartcar_client
+from core.smartcar.client import smartcar_client
+from core.smartcar.connections import confirm_connection
 from core.smartcar.http import LeanHttp
 from core.store.users import UserStore
 from service.responses import error_response
@@ -57,13 +56,6 @@ _STATE = re.compile(
 )
 # Smartcar user ids are UUIDs; this admits them (and test ids) and nothing that needs escaping.
 _SMARTCAR_ID = re.compile(r"[A-Za-z0-9._~-]{1,36}")
-#: How far Smartcar's clock may run behind ours when comparing a connection's creation time.
-CLOCK_SKEW_SECONDS = 60
-MAX_VERIFY_PAGES = 5  # of one user's connections: a user has a handful
-PAGE_SIZE = 100  # Smartcar's largest page: fewer calls against the application's rate limit
-# Epoch seconds reach 1e11 in the year 5138; epoch milliseconds passed it in 1973.
-_EPOCH_MS_FROM = 100_000_000_000
-_CREATED_AT_FIELDS = (("attributes", "createdAt"), ("attributes", "connectedAt"), ("createdAt",), ("connectedAt",))
 # The whole check with Smartcar, token included, must end while a browser still waits.
 _VERIFY_SECONDS = 10.0
 # The page may be bookmarked or proxied: a state or an id must not be cached anywhere.
@@ -187,88 +179,6 @@ def connect_link(
         params["mode"] = mode
     # quote, not quote_plus: the scope's spaces become %20, which every OAuth server reads alike.
     return f"{CONNECT_URL}?{urlencode(params, quote_via=quote)}", note
-
-
-def _dig(value: object, *keys: str) -> object:
-    for key in keys:
-        value = value.get(key) if isinstance(value, dict) else None
-    return value
-
-
-def _count(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
-async def connection_pages(
-    smartcar: SmartcarClient, smartcar_user_id: str | None, max_pages: int, page_size: int = PAGE_SIZE
-) -> AsyncIterator[tuple[list[Any], int | None]]:
-    """Each page of ``GET /v3/connections`` (the user's only, if given): its items and
-    ``meta.totalCount``, until ``links.next`` is null, the total is reached or a page is short."""
-    for page in range(1, max_pages + 1):
-        body = await smartcar.list_connections(page, page_size, smartcar_user_id)
-        data, links = body.get("data"), body.get("links")
-        items = data if isinstance(data, list) else []
-        total = _count(_dig(body, "meta", "totalCount"))
-        yield items, total
-        size = _count(_dig(body, "meta", "pageSize")) or page_size
-        has_next = isinstance(links, dict) and "next" in links
-        if not items or (has_next and not _dig(links, "next")) or (total is not None and page * size >= total):
-            return
-        if not has_next and total is None and len(items) < size:
-            return
-
-
-def connection_ids(item: object) -> tuple[str | None, str | None]:
-    """The Smartcar user and vehicle ids of a ``/connections`` item, ``None`` where missing."""
-    user, vehicle = _dig(item, "attributes", "user", "id"), _dig(item, "relationships", "vehicle", "data", "id")
-    return (user if isinstance(user, str) and user else None, vehicle if isinstance(vehicle, str) and vehicle else None)
-
-
-def connection_created_at(item: object) -> float | None:
-    """When a ``/connections`` item was made (epoch seconds), or ``None`` when it does not say. The
-    fields and forms read: docs/security.md, "Connect capture"; ISO-8601 without an offset is UTC."""
-    for path in _CREATED_AT_FIELDS:
-        value = _dig(item, *path)
-        if isinstance(value, str):
-            text = value.strip()
-            if text.isascii() and text.isdigit():
-                value = int(text) if len(text) <= 20 else None  # int() would refuse past 4,300 digits
-            else:
-                try:
-                    parsed = dt.datetime.fromisoformat(text)
-                except ValueError:
-                    continue
-                return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).timestamp()
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
-            return value / 1000 if value >= _EPOCH_MS_FROM else float(value)
-    return None
-
-
-async def confirm_connection(smartcar: SmartcarClient, smartcar_user_id: str, issued_at: float) -> None:
-    """Return when Smartcar lists a connection of ``smartcar_user_id`` made since ``issued_at`` (less the
-    clock skew), else InvalidConnectState: ``unverified_user``, or ``cannot_verify`` if undated."""
-    undated = False
-    async for items, _ in connection_pages(smartcar, smartcar_user_id, MAX_VERIFY_PAGES):
-        for item in items:
-            if connection_ids(item)[0] != smartcar_user_id:
-                continue
-            created = connection_created_at(item)
-            if created is None:
-                undated = True
-            elif created >= issued_at - CLOCK_SKEW_SECONDS:
-                return
-    if undated:
-        raise InvalidConnectState(
-            "Smartcar gives no creation time for this account's connections, so this redirect cannot be verified "
-            "and nothing was linked; an operator can link it from Smartcar's connection list with "
-            "`smartcar-ingest backfill`.",
-            "cannot_verify",
-        )
-    raise InvalidConnectState(
-        "Smartcar does not list a vehicle this account connected since the Connect link was issued; "
-        "nothing was linked. Start again from a fresh Connect link.",
-        "unverified_user",
-    )
 
 
 def _error(status: int, code: str, message: str, retry_after: float | None = None) -> Response:

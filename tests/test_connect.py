@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from cli.main import main
 from core.config import Settings
 from core.errors import ConfigurationError, InvalidConnectState
+from core.smartcar.connections import connection_created_at
 from core.store import db
 from core.store.users import UserStore
 from service.app import create_app
@@ -28,7 +29,6 @@ from service.connect import (
     BINDING_COOKIE,
     HOST_BINDING_COOKIE,
     connect_link,
-    connection_created_at,
     issue_state,
     state_keys,
     verify_state,
