@@ -200,8 +200,10 @@ def bind_admin_socket(settings: Settings, public_port: int) -> socket.socket:
             f"ADMIN_PORT {settings.admin_port} is also the public port: /readyz and /metrics must stay off it."
         )
     family = socket.AF_INET6 if ":" in settings.admin_host else socket.AF_INET
-    try:  # SO_REUSEADDR set, as uvicorn's own sockets
-        sock = socket.create_server((settings.admin_host, settings.admin_port), family=family, backlog=128)
+    # SO_REUSEADDR set, as uvicorn's own sockets; "::" takes IPv4 too, as a plain socket does on Linux.
+    dual = family == socket.AF_INET6 and socket.has_dualstack_ipv6()
+    try:
+        sock = socket.create_server((settings.admin_host, settings.admin_port), family=family, dualstack_ipv6=dual)
     except OSError as exc:
         raise ConfigurationError(
             f"ADMIN_PORT {settings.admin_port} on ADMIN_HOST {settings.admin_host} cannot be bound "

@@ -22,7 +22,8 @@ import httpx
 import pytest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.server import GuardedHttpToolsProtocol
+from core.config import Settings
+from service.server import GuardedHttpToolsProtocol, bind_admin_socket
 from tests.conftest import TOKEN
 from tests.procs import WebProcess, free_port, service_env
 
@@ -119,6 +120,17 @@ def test_uvicorn_is_the_minor_the_guarded_protocol_was_written_for():
     assert installed.split(".")[:2] == ["0", "54"], f"uvicorn {installed}: the guarded protocol was written for 0.54"
     extended = {name for name in vars(GuardedHttpToolsProtocol) if not name.startswith("_")}
     assert extended - set(vars(HttpToolsProtocol)) == {"on_chunk_header", "on_chunk_complete"}  # httptools' own
+
+
+@pytest.mark.skipif(not socket.has_dualstack_ipv6(), reason="this host cannot bind one socket to IPv6 and IPv4")
+def test_an_admin_host_of_all_ipv6_addresses_also_takes_ipv4():
+    """ADMIN_HOST ``::`` binds both stacks, as a plain socket does on Linux: IPv4 probes still reach it."""
+    settings = Settings(smartcar_management_token=TOKEN, admin_host="::", admin_port=free_port())
+    with (
+        bind_admin_socket(settings, public_port=0) as sock,
+        socket.create_connection(("127.0.0.1", sock.getsockname()[1]), timeout=5),
+    ):
+        pass
 
 
 def test_oversized_request_heads_are_refused_without_holding_memory(redis_url, tmp_path):
