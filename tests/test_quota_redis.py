@@ -473,6 +473,35 @@ def test_usage_adds_every_process_counts_per_minute_for_status(redis_url, redis_
     assert read_usage(redis_client, now=time.time() + 2 * 3600)["events"] == 0
 
 
+def test_usage_counts_a_wait_in_whole_milliseconds_whatever_was_waited_before(redis_url, redis_client):
+    """A 250 ms wait adds 250 to ``waitMs`` even when the process's running sum of waits, in
+    milliseconds, lands a hair under a whole number (0.092 s + 0.25 s is 341.99999… ms)."""
+
+    def waited() -> float:
+        return sum(metrics.totals(metrics.LIMITER_WAIT_SECONDS, "_sum").values())
+
+    # Earlier waits of this process decide the float; add one that makes the next 250 ms land awkwardly.
+    before = waited()
+    step = next(
+        (
+            ms / 1000
+            for ms in range(1, 5000)
+            if int((before + ms / 1000 + 0.25) * 1000) - int((before + ms / 1000) * 1000) != 250
+        ),
+        None,
+    )
+    assert step is not None, "no running sum near here truncates a 250 ms wait: the premise of this test is gone"
+    metrics.LIMITER_WAIT_SECONDS.labels(cause="budget").observe(step)
+
+    async def scenario(client: Redis) -> None:
+        counts = DeploymentCounts(client)
+        metrics.LIMITER_WAIT_SECONDS.labels(cause="budget").observe(0.25)
+        await counts.write()
+
+    run(redis_url, scenario)
+    assert read_usage(redis_client)["waitedSeconds"] == 0.25
+
+
 def test_usage_a_write_refused_is_written_by_the_next(redis_url, redis_client, monkeypatch):
     """Writes Redis refuses are logged once, and what they carried goes with the next write, once."""
     warnings: list[str] = []

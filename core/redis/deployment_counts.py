@@ -42,7 +42,8 @@ def usage_totals() -> collections.Counter[str]:
         totals[f"reads:{call}:{source}"] = int(count)
     for (scope,), count in metrics.totals(metrics.RATE_LIMITED).items():
         totals[f"429:{scope}"] = int(count)
-    totals["waitMs"] = int(sum(metrics.totals(metrics.LIMITER_WAIT_SECONDS, "_sum").values()) * 1000)
+    # Rounded, not truncated: the running float sum of whole-millisecond waits may land a hair under one.
+    totals["waitMs"] = round(sum(metrics.totals(metrics.LIMITER_WAIT_SECONDS, "_sum").values()) * 1000)
     return totals
 
 
