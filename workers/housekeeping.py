@@ -32,6 +32,8 @@ from workers.reaper import reap, return_ids, sweep_expired
 log = get_logger("smartcar_ingest.worker")
 
 TICK_SECONDS = 1.0
+#: RQ's worker key lives for minutes: a heartbeat (three commands) every few seconds is plenty.
+HEARTBEAT_SECONDS = 5.0
 #: Between registry clean-ups (RQ's default is 10 minutes; the reaper is faster still).
 MAINTENANCE_SECONDS = 30
 SUMMARY_SECONDS = 60.0
@@ -70,6 +72,7 @@ class Housekeeping:
         #: Set after Redis trouble: the worker then looks for executions it recorded without knowing.
         self.check_lost = True
         self._reported: str | None = None
+        self._heartbeat_at = 0.0
         self._cleaned_at = time.monotonic()
         self._first_counts = _job_counts()
         self._summarised = (self._first_counts, time.monotonic())
@@ -125,10 +128,12 @@ class Housekeeping:
                 self.worker.set_state(state)
                 self._reported = state
             now = time.monotonic()
+            if now - self._heartbeat_at >= HEARTBEAT_SECONDS:
+                self._heartbeat_at = now
+                self.worker.heartbeat()
             if now - self._cleaned_at >= MAINTENANCE_SECONDS and now >= self._quiet_until:
                 self._cleaned_at = now
                 self._maintain()
-            self.worker.heartbeat()
         except redis.RedisError as exc:
             if not redis_unavailable(exc):
                 raise
@@ -157,8 +162,9 @@ class Housekeeping:
     def _maintain(self) -> None:
         """RQ's registry clean-up, expired started entries requeued first (docs/reliability.md)."""
         queue = self.queue
-        if self.scheduler is not None:
-            # A peer's scheduler died (take over), or this worker's own did (start it again).
+        if self.scheduler is not None and not self.scheduler.running():
+            # A peer's scheduler died (take over), or this worker's own did (start it again). Its own
+            # while running renews the lock itself: one stuck lets the lock run out for a peer.
             self.scheduler.acquire_locks(auto_start=True)  # type: ignore[no-untyped-call]
         if not self.connection.set(queue.registry_cleaning_key, self.worker.name, nx=True, ex=MAINTENANCE_SECONDS):
             return
@@ -273,6 +279,10 @@ class PatientScheduler(RQScheduler):
             self.stop()  # type: ignore[no-untyped-call]
         except redis.RedisError as exc:
             log.warning("scheduler stopped without releasing its locks", error=type(exc).__name__)
+
+    def running(self) -> bool:
+        """In the worker: whether the scheduler's process it forked is alive."""
+        return self._process is not None and self._process.is_alive()
 
     def stop_process(self) -> None:
         """In the worker: SIGTERM the scheduler's process, killing it after :data:`STOP_SECONDS`."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from rq import Queue, SimpleWorker
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.scheduler import SCHEDULER_KEY_TEMPLATE
 
@@ -22,7 +23,7 @@ from tests.drills.common import kill_group, report, start_worker, wait_until
 from tests.pipeline import outputs, pipeline_settings
 from tests.test_pipeline import deliver
 from workers import housekeeping as scheduler_module
-from workers.housekeeping import PatientScheduler
+from workers.housekeeping import Housekeeping, PatientScheduler
 
 
 def test_sigkilled_worker_jobs_are_rerun_and_published_once(pipeline, redis_client, emulator):
@@ -255,6 +256,26 @@ def test_a_scheduler_deaf_to_sigterm_is_killed_at_the_workers_stop(redis_client,
         if process.is_alive():
             process.kill()
             process.join()
+
+
+def test_a_stuck_scheduler_lets_its_lock_run_out_for_a_peer(redis_client):
+    """A scheduler process that is alive but no longer renews its lock (stuck) is not kept in office by
+    its worker: the worker's maintenance takes the lock only when its own scheduler is not running, so
+    the lock runs out and a peer's maintenance takes over."""
+    queue = Queue("smartcar-events", connection=redis_client)
+    scheduler = _Deaf([queue], connection=redis_client)
+    scheduler.acquire_locks()
+    process = scheduler.start()
+    try:
+        lock = PatientScheduler.get_locking_key(queue.name)
+        redis_client.expire(lock, 5)  # what is left of it once the stuck process stopped renewing
+        housekeeping = Housekeeping(SimpleWorker([queue], connection=redis_client), queue, list)
+        housekeeping.scheduler = scheduler
+        housekeeping._maintain()
+        assert 0 < redis_client.ttl(lock) <= 5
+    finally:
+        process.kill()
+        process.join()
 
 
 class _Deaf(PatientScheduler):
