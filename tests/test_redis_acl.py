@@ -18,10 +18,12 @@ from core.redis.functions import MissingFunction, lua_function
 from core.redis.keys import (
     APPLICATION_PAUSE_KEY,
     BUDGET_KEY,
+    STAGED_JOB_PREFIX,
     TOKEN_KEY,
     USAGE_PREFIX,
     WORKERS_SET,
     dequeued_key,
+    queue_key,
     read_key,
     vehicle_pause_key,
     vehicle_state_key,
@@ -121,12 +123,22 @@ def test_web_user_cannot_forge_output_read_the_token_or_administer(pipeline, acl
         lambda: web.set(BUDGET_KEY, "99999999999999"),
         lambda: web.hset(APPLICATION_PAUSE_KEY, "until", "99999999999999"),
         lambda: web.hset(vehicle_pause_key("v1"), "until", "99999999999999"),
+        # emptying the queue or the parked stream by renaming it to a staged job key, which it may delete
+        lambda: web.rename(queue_key(pipeline.ingest_queue), STAGED_JOB_PREFIX + "x"),
+        lambda: web.rename(pipeline.parked_stream, STAGED_JOB_PREFIX + "y"),
+        lambda: web.rename("rq:job:a", STAGED_JOB_PREFIX + "z"),
     ]
+    admin.rpush(queue_key(pipeline.ingest_queue), "job")
+    admin.xadd(pipeline.parked_stream, {"event_id": "kept"})
+    admin.hset("rq:job:a", "status", "queued")
     for attempt in attempts:
         with pytest.raises(redis.exceptions.NoPermissionError):
             attempt()
     web.close()
     assert admin.xlen(pipeline.output_stream) == 0
+    assert admin.llen(queue_key(pipeline.ingest_queue)) == 1
+    assert admin.xlen(pipeline.parked_stream) == 1
+    assert admin.exists("rq:job:a")
 
 
 def test_worker_user_cannot_administer_redis(pipeline, acl_redis):

@@ -34,8 +34,8 @@ _SCRIPTS = ["-@scripting", "+fcall", "+fcall_ro"]
 _WEB_COMMANDS = [
     # what the accept and park scripts and the Connect state marks write
     *("+set", "+get", "+hset", "+rpush", "+sadd", "+xadd", "+exists"),
-    # the accept's transaction: job hashes staged, then renamed to the job or dropped by the script
-    *("+multi", "+exec", "+rename"),
+    # the accept's transaction: job hashes staged, then renamed to the job (a selector) or dropped
+    *("+multi", "+exec"),
     # the eventId marks: Redis's clock, the hashes' sizes and expiry, a parked mark replaced
     *("+time", "+hlen", "+expireat", "+hdel"),
     # what /metrics and /readyz read
@@ -74,7 +74,11 @@ def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str
             keys.append(f"~{TOKEN_KEY}*")
             deletable.append(f"~{TOKEN_LOCK_KEY}")
         selector = "(" + " ".join(["+del", *deletable]) + ")"
-        return ["resetkeys", "resetchannels", "-@all", *_CONNECTION, *_SCRIPTS, *_WEB_COMMANDS, *keys, selector]
+        # RENAME only from a staged job hash to a job: renamed onto a staged key, and then deleted, the
+        # queue or the parked stream would be gone
+        renames = f"(+rename ~{STAGED_JOB_PREFIX}* %W~{RQ_PREFIX}job:*)"
+        rules = [*_CONNECTION, *_SCRIPTS, *_WEB_COMMANDS, *keys, selector, renames]
+        return ["resetkeys", "resetchannels", "-@all", *rules]
     return [
         "resetkeys",
         "resetchannels",
