@@ -477,21 +477,26 @@ def test_usage_counts_a_wait_in_whole_milliseconds_whatever_was_waited_before(re
     """A 250 ms wait adds 250 to ``waitMs`` even when the process's running sum of waits, in
     milliseconds, lands a hair under a whole number (0.092 s + 0.25 s is 341.99999… ms)."""
 
-    def waited() -> float:
-        return sum(metrics.totals(metrics.LIMITER_WAIT_SECONDS, "_sum").values())
+    budget = metrics.LIMITER_WAIT_SECONDS.labels(cause="budget")
+    budget.observe(0.0)  # the series exists, so the sums below see it
 
-    # Earlier waits of this process decide the float; add one that makes the next 250 ms land awkwardly.
-    before = waited()
-    step = next(
-        (
-            ms / 1000
-            for ms in range(1, 5000)
-            if int((before + ms / 1000 + 0.25) * 1000) - int((before + ms / 1000) * 1000) != 250
-        ),
-        None,
-    )
-    assert step is not None, "no running sum near here truncates a 250 ms wait: the premise of this test is gone"
-    metrics.LIMITER_WAIT_SECONDS.labels(cause="budget").observe(step)
+    # Earlier waits of this process (any floats) decide the sum, as usage_totals adds it over the causes:
+    # find a step that brings it next to a whole millisecond from which the next 250 ms truncate wrong.
+    values = metrics.totals(metrics.LIMITER_WAIT_SECONDS, "_sum")
+    before = sum(values.values())
+
+    def total(budget_sum: float) -> float:
+        return sum(budget_sum if labels == ("budget",) else value for labels, value in values.items())
+
+    def truncates_wrong(step: float) -> bool:
+        after = values["budget",] + step
+        return int(total(after + 0.25) * 1000) - int(total(after) * 1000) != 250
+
+    first = int(before * 1000) + 1
+    steps = (ms / 1000 - before for ms in range(first, first + 100_000))
+    step = next((step for step in steps if truncates_wrong(step)), None)
+    assert step is not None, "no whole millisecond near here truncates a 250 ms wait: the premise is gone"
+    budget.observe(step)
 
     async def scenario(client: Redis) -> None:
         counts = DeploymentCounts(client)
