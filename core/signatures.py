@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import pydantic_core
 
+_HEX_DIGEST_LENGTH = 64  # SHA-256 in hex
 # No braces, quotes or spaces: such a challenge cannot be a JSON object (see is_token_like).
 _TOKEN_LIKE_CHALLENGE = re.compile(r"[A-Za-z0-9._~-]{1,256}")
 
@@ -19,9 +20,13 @@ def sign(token: bytes, message: bytes) -> str:
 
 
 def verify_signature(tokens: Sequence[bytes], body: bytes, header: str | None) -> bool:
-    """Never raises: a missing or non-hex header is simply invalid (either case, blanks around it)."""
+    """Never raises: a missing, wrongly sized or non-hex header is simply invalid (either case, blanks
+    around it), and one that cannot match costs no HMAC of the body."""
+    candidate = (header or "").strip()
+    if len(candidate) != _HEX_DIGEST_LENGTH or not candidate.isascii():
+        return False
     try:
-        expected = bytes.fromhex(header or "")
+        expected = bytes.fromhex(candidate)
     except ValueError:
         return False
     valid = False
