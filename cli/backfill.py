@@ -58,6 +58,8 @@ class Backfill:
     _owners: dict[str, int] = field(default_factory=dict, init=False)
     _vehicle_links: dict[int, str] = field(default_factory=dict, init=False)
     _linked_vehicles: dict[str, list[VehicleRecord]] = field(default_factory=dict, init=False)
+    # Each vehicle's VIN read once a run (a shared car is listed once per user): Smartcar's rate limit is the bound.
+    _vins: dict[str, tuple[str | None, str]] = field(default_factory=dict, init=False)
 
     async def run(self, progress: Callable[[Backfill], None]) -> None:
         """Decide every connection; a failure of the listing itself ends the run with ``aborted``."""
@@ -145,14 +147,17 @@ class Backfill:
         return "matched", f"{'would link' if self.dry_run else 'linked'} {'; '.join(steps)} (by {how})."
 
     async def _vin(self, sc_user: str, sc_vehicle: str) -> tuple[str | None, str]:
-        """The vehicle's VIN, or ``None`` with the reason it could not be read."""
-        try:
-            resource = await self.smartcar.get_signal(sc_vehicle, sc_user, VIN_SIGNAL)
-        except (SmartcarRejected, InvalidPayload) as exc:
-            # InvalidPayload: Smartcar listed a vehicle id that is not safe to put in a URL path.
-            return None, f"the VIN could not be read ({exc.message.rstrip('.')})"
-        vin = _vin_value(resource)
-        return vin, "" if vin else "the VIN signal has no usable value"
+        """The vehicle's VIN, or ``None`` with the reason it could not be read (read once a run)."""
+        if sc_vehicle not in self._vins:
+            try:
+                resource = await self.smartcar.get_signal(sc_vehicle, sc_user, VIN_SIGNAL)
+            except (SmartcarRejected, InvalidPayload) as exc:
+                # InvalidPayload: Smartcar listed a vehicle id that is not safe to put in a URL path.
+                self._vins[sc_vehicle] = (None, f"the VIN could not be read ({exc.message.rstrip('.')})")
+            else:
+                vin = _vin_value(resource)
+                self._vins[sc_vehicle] = (vin, "" if vin else "the VIN signal has no usable value")
+        return self._vins[sc_vehicle]
 
     def _vehicle_id(self, vehicle: VehicleRecord) -> str | None:
         return vehicle.smartcar_vehicle_id or self._vehicle_links.get(vehicle.id)
