@@ -9,7 +9,6 @@ from core.config import Settings
 from core.errors import ConfigurationError
 from core.store import db
 from core.store.users import UserStore
-from service.connect import connect_link
 
 
 def migrate(settings: Settings, action: str, revision: str | None, drop_tokens: bool) -> None:
@@ -42,6 +41,8 @@ def users_link(settings: Settings, user_id: int, smartcar_user_id: str) -> None:
 
 
 def connect_url(settings: Settings, user_id: int, mode: str | None) -> None:
+    from service.connect import connect_link  # the web's routes module: imported by this command alone
+
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=settings.connect_state_ttl_seconds)
     url, note = connect_link(settings, user_id, mode=mode)
     if note:
