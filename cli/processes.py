@@ -61,9 +61,12 @@ def seed_users(database_url: str) -> int:
     vehicle_ids = itertools.count(1)
     try:
         for index, user in enumerate(default_seed(), start=1):
-            with contextlib.suppress(LinkConflict):  # seeded before
+            try:
                 store.add_user(index, f"driver{index}@example.test", f"Driver {index}", smartcar_user_id=user.id)
                 added += 1
+            except LinkConflict as exc:
+                if exc.code != "record_exists":  # seeded before; a Smartcar id held elsewhere is shown
+                    raise
             for vehicle in user.vehicles:
                 with contextlib.suppress(LinkConflict):
                     store.add_vehicle(next(vehicle_ids), index, vehicle.vin, smartcar_vehicle_id=vehicle.id)

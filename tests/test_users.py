@@ -279,3 +279,26 @@ def test_a_full_worker_user_cache_forgets_its_oldest_user_only(seeded_database, 
     finally:
         store.dispose()
     assert list(processor.known_users) == smartcar_ids[1:]
+
+
+def test_dev_seeding_again_skips_its_users_but_shows_a_smartcar_id_held_elsewhere(tmp_path):
+    """Seeding a database seeded before adds nothing; one where another user holds a seed's Smartcar id
+    stops on that conflict instead of going on to its vehicles."""
+    from cli.processes import seed_users
+    from emulator.seed import default_seed
+
+    url = f"sqlite:///{tmp_path / 'users.db'}"
+    db.upgrade(url)
+    assert seed_users(url) > 0
+    assert seed_users(url) == 0
+
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    db.upgrade(other)
+    store = UserStore(other)
+    try:
+        store.add_user(99, None, None, smartcar_user_id=default_seed()[0].id)
+    finally:
+        store.dispose()
+    with pytest.raises(LinkConflict) as raised:
+        seed_users(other)
+    assert raised.value.code == "link_conflict"
