@@ -154,7 +154,7 @@ class Inbox:
         self.parked = ParkedStream(redis, parked_stream, dedupe_ttl_seconds, parked_retention_seconds, clock)
         self._script = DirectScript(redis, _ENQUEUE_MANY_FN)
         self._keys = [queue_key(options.queue), Queue.redis_queues_keys]
-        # The job hash RQ would write, less what the script writes per event.
+        # The job hash RQ would write, less the fields each batch or event stages itself (_enqueue).
         _, reference = build_job_hash(job_payload("template", "VEHICLE_STATE", "", 0), options)
         per_event = ("created_at", "enqueued_at", "data", "description")
         self._constant: list[Any] = [x for k, v in reference.items() if k not in per_event for x in (k, v)]
