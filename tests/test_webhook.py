@@ -579,8 +579,8 @@ def test_unreadable_times_and_years_are_accepted_and_read_as_unknown(live, redis
     [job] = queued_jobs(redis_client)
     event = parse_stored(worker_body(job))  # the worker's own parse step
     assert event.event_id == document["eventId"]
-    assert event.signals[0].oemUpdatedAt is None
-    assert event.signals[0].retrievedAt is None
+    assert event.signals[0]["oemUpdatedAt"] is None
+    assert event.signals[0]["retrievedAt"] is None
     assert event.vehicle.year is None
     assert event.meta.deliveredAt is None or isinstance(event.meta.deliveredAt, str)
     json.dumps(event.model_dump(mode="json"), allow_nan=False)  # no NaN or Infinity can reach the output

@@ -9,7 +9,7 @@ from typing import Any
 
 import pydantic_core
 
-from core.events.model import Signal, VehicleEvent
+from core.events.model import VehicleEvent
 from core.events.normalise import epoch_ms, retrieved_at, signal_status
 from core.store.users import UserRecord
 
@@ -36,19 +36,6 @@ def iso_ms(epoch_milliseconds: int) -> str:
     """``2026-11-28T17:00:00.123Z`` for an epoch in milliseconds."""
     moment = datetime.fromtimestamp(epoch_milliseconds / 1000, tz=UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_milliseconds % 1000:03d}Z"
-
-
-def _signal(signal: Signal) -> dict[str, Any]:
-    return {
-        "code": signal.code,
-        "name": signal.name,
-        "group": signal.group,
-        "body": signal.body,
-        "status": signal.status,
-        **({"error": signal.error} if signal.error else {}),
-        "oemUpdatedAt": signal.oemUpdatedAt,
-        "retrievedAt": signal.retrievedAt,
-    }
 
 
 def api_signal(resource: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +90,7 @@ def build_document(
         "publishedAt": iso_ms(published_at_ms),
         "user": {"id": user.id, "smartcarUserId": event.smartcar_user_id},
         "vehicle": _vehicle(event, enrichment.vehicle),
-        "signals": [_signal(s) for s in event.signals],
+        "signals": list(event.signals),
         "latestSignals": [api_signal(r) for r in enrichment.signals or ()],
         "errors": [e.model_dump(mode="json") for e in event.errors],
         "triggers": [t.model_dump(exclude_none=True) for t in event.triggers],

@@ -4,9 +4,10 @@ signal's ``status`` SUCCESS, ERROR or UNAVAILABLE."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, NotRequired
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SkipValidation
+from typing_extensions import TypedDict
 
 
 class Vehicle(BaseModel, frozen=True):
@@ -24,12 +25,18 @@ class SignalRef(BaseModel, frozen=True):
     group: str | None = None
 
 
-class Signal(SignalRef):
-    body: Any = None
+class Signal(TypedDict):
+    """A signal as the output stream carries it (made by normalise, which checks every field: a plain
+    dict, so that the worker neither validates it again nor converts it back)."""
+
+    code: str
+    name: str | None
+    group: str | None
+    body: Any
     status: str
-    error: dict[str, Any] | None = None
-    oemUpdatedAt: int | None = None
-    retrievedAt: int | None = None
+    error: NotRequired[dict[str, Any]]  # only when the signal has one
+    oemUpdatedAt: int | None
+    retrievedAt: int | None
 
 
 class Trigger(BaseModel, frozen=True):
@@ -60,7 +67,7 @@ class VehicleEvent(BaseModel, frozen=True):
     event_type: Literal["VEHICLE_STATE", "VEHICLE_ERROR"]
     smartcar_user_id: str
     vehicle: Vehicle
-    signals: tuple[Signal, ...] = ()
+    signals: Annotated[tuple[Signal, ...], SkipValidation] = ()
     errors: tuple[VehicleError, ...] = ()
     triggers: tuple[Trigger, ...] = ()
     meta: DeliveryMeta = DeliveryMeta()

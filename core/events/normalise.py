@@ -6,12 +6,12 @@ from __future__ import annotations
 import math
 import re
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import pydantic_core
 
 from core.errors import InvalidPayload
-from core.events.model import DeliveryMeta, SignalRef, Trigger, Vehicle, VehicleError, VehicleEvent
+from core.events.model import DeliveryMeta, Signal, SignalRef, Trigger, Vehicle, VehicleError, VehicleEvent
 from core.events.wire import (
     VEHICLE_STATE,
     Envelope,
@@ -47,8 +47,7 @@ def normalise(wire: Envelope) -> VehicleEvent:
         event_type="VEHICLE_STATE" if wire["eventType"] == VEHICLE_STATE else "VEHICLE_ERROR",
         smartcar_user_id=data["user"]["id"],
         vehicle=Vehicle.model_validate({**wire_vehicle, "id": vehicle, "year": model_year(wire_vehicle.get("year"))}),
-        # Plain dicts, validated into Signals by the model in one call (half the cost of one each).
-        signals=[signal for s in data.get("signals") or () if (signal := _signal(s)) is not None],
+        signals=tuple(signal for s in data.get("signals") or () if (signal := _signal(s)) is not None),
         errors=tuple(map(_vehicle_error, data.get("errors") or ())),
         triggers=tuple(map(_trigger, (wire.get("triggers") if triggers is None else triggers) or ())),
         meta=DeliveryMeta.model_validate({**meta, "deliveredAt": delivered_at(meta.get("deliveredAt"))}),
@@ -77,8 +76,8 @@ def signal_status(value: object, body: object) -> str:
     return "SUCCESS" if body is not None else "UNAVAILABLE"
 
 
-def _signal(wire: WireSignal[dict[str, Any]]) -> dict[str, Any] | None:
-    """A :class:`Signal`'s fields, or None when it has no usable code (left out of the event)."""
+def _signal(wire: WireSignal[dict[str, Any]]) -> Signal | None:
+    """A signal as the output carries it, or None when it has no usable code (left out of the event)."""
     code = _signal_code(wire)
     if code is None:
         return None
@@ -86,16 +85,19 @@ def _signal(wire: WireSignal[dict[str, Any]]) -> dict[str, Any] | None:
     status = wire.get("status") or {}
     body = wire.get("body")
     error = status.get("error")
-    return {
-        "code": code,
-        "name": wire.get("name"),
-        "group": wire.get("group"),
-        "body": _finite(body),
-        "status": signal_status(status.get("value"), body),
-        "error": None if error is None else _finite(error),
-        "oemUpdatedAt": epoch_ms(meta.get("oemUpdatedAt")),
-        "retrievedAt": retrieved_at(meta.get("retrievedAt"), meta.get("fetchedAt")),
-    }
+    return cast(
+        Signal,
+        {
+            "code": code,
+            "name": wire.get("name"),
+            "group": wire.get("group"),
+            "body": _finite(body),
+            "status": signal_status(status.get("value"), body),
+            **({"error": _finite(error)} if error else {}),  # only when it has one
+            "oemUpdatedAt": epoch_ms(meta.get("oemUpdatedAt")),
+            "retrievedAt": retrieved_at(meta.get("retrievedAt"), meta.get("fetchedAt")),
+        },
+    )
 
 
 def _trigger(wire: WireTrigger | str) -> Trigger:
