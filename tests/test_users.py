@@ -281,6 +281,38 @@ def test_a_full_worker_user_cache_forgets_its_oldest_user_only(seeded_database, 
     assert list(processor.known_users) == smartcar_ids[1:]
 
 
+def test_the_worker_looks_up_the_users_of_concurrent_events_in_one_query(seeded_database):
+    """Events in flight together share one query (and one thread hop); each gets its own user, an
+    unknown id gets None, and an id no column could hold is never sent to the database."""
+    import asyncio
+
+    from sqlalchemy import event as sa_event
+
+    from emulator.seed import default_seed
+    from workers.processor import EventProcessor
+
+    known = [user.id for user in default_seed()][:4]
+    store = UserStore(seeded_database)
+    queries: list[tuple[str, object]] = []
+    sa_event.listen(store._engine, "before_cursor_execute", lambda *args: queries.append((args[2], args[3])))
+    processor = EventProcessor(store, None, None, None, None, None)  # type: ignore[arg-type]
+    asked = [*known, "no-such-user", "x" * 300, known[0]]
+
+    async def look_up_all() -> list[UserRecord | None]:
+        return await asyncio.gather(*(processor._find_user(i) for i in asked))
+
+    try:
+        found = asyncio.run(look_up_all())
+    finally:
+        store.dispose()
+    assert [user.smartcar_user_id if user else None for user in found] == [*known, None, None, known[0]]
+    selects = [(q, p) for q, p in queries if q.lstrip().upper().startswith("SELECT")]
+    # The first caller finds the lookup idle and goes alone; the rest wait and go together.
+    assert len(selects) == 2, selects
+    assert "no-such-user" in repr(selects[1][1])
+    assert "x" * 300 not in repr(selects)
+
+
 def test_dev_seeding_again_skips_its_users_but_shows_a_smartcar_id_held_elsewhere(tmp_path):
     """Seeding a database seeded before adds nothing; one where another user holds a seed's Smartcar id
     stops on that conflict instead of going on to its vehicles."""

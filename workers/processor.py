@@ -21,6 +21,7 @@ from core.events.wire import VEHICLE_ERROR
 from core.logs import get_logger
 from core.redis.clients import worker_redis
 from core.redis.deployment_counts import DeploymentCounts
+from core.redis.group import GroupCommit
 from core.redis.jobs import JobPayload
 from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
 from core.redis.parked import ParkedStream
@@ -47,6 +48,8 @@ class JobResult(TypedDict):
 #: how many it remembers at most.
 USER_CACHE_SECONDS = 60.0
 USER_CACHE_SIZE = 100_000
+#: The most users one query looks up.
+USER_LOOKUP_BATCH = 500
 #: Redis connections of a worker process's jobs: each call holds one for a round trip only.
 REDIS_CONNECTIONS = 32
 
@@ -62,6 +65,10 @@ class EventProcessor:
     vehicle_states: VehicleStates
     counts: DeploymentCounts
     known_users: dict[str, tuple[UserRecord, float]] = field(default_factory=dict, init=False)
+    _lookups: GroupCommit[str, UserRecord | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._lookups = GroupCommit(self._look_up, USER_LOOKUP_BATCH)
 
     async def process(
         self, payload: JobPayload, final_attempt: bool, budget_seconds: float, check_published: bool
@@ -138,7 +145,7 @@ class EventProcessor:
         cached = self.known_users.get(smartcar_user_id)
         if cached is not None and cached[1] > now:
             return cached[0]
-        user = await asyncio.to_thread(self.users.find_by_smartcar_user_id, smartcar_user_id)
+        user = await self._lookups.submit(smartcar_user_id)
         if user is not None:
             # Inserted last, so the dict stays in expiry order; when full, only the oldest goes
             # (clearing it all would send every lookup to the database at once).
@@ -147,6 +154,11 @@ class EventProcessor:
                 del self.known_users[next(iter(self.known_users))]
             self.known_users[smartcar_user_id] = (user, now + USER_CACHE_SECONDS)
         return user
+
+    async def _look_up(self, smartcar_user_ids: list[str]) -> list[UserRecord | None]:
+        """The lookups of the events in flight meanwhile: one query, off the event loop."""
+        found = await asyncio.to_thread(self.users.find_by_smartcar_user_ids, smartcar_user_ids)
+        return [found.get(i) for i in smartcar_user_ids]
 
     async def _enrich(self, event: VehicleEvent, received_at_ms: int) -> Enrichment:
         """Read the vehicle and its signals (refused or rate-limited: partial); raises a revoked access first."""

@@ -3,7 +3,7 @@ users up, ``users link``, Connect and ``backfill`` write links. docs/architectur
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import NamedTuple
@@ -170,13 +170,18 @@ class UserStore:
 
     def find_by_smartcar_user_id(self, smartcar_user_id: str) -> UserRecord | None:
         """``None`` also, with no query, for an id that could never be stored."""
-        if not smartcar_user_id or len(smartcar_user_id) > SMARTCAR_ID_LENGTH:
-            return None
+        return self.find_by_smartcar_user_ids([smartcar_user_id]).get(smartcar_user_id)
+
+    def find_by_smartcar_user_ids(self, smartcar_user_ids: Collection[str]) -> dict[str, UserRecord]:
+        """The users linked to any of ``smartcar_user_ids``, by Smartcar id, in one query (none for ids
+        that could never be stored)."""
+        wanted = {i for i in smartcar_user_ids if i and len(i) <= SMARTCAR_ID_LENGTH}
+        if not wanted:
+            return {}
         statement = select(User.id, User.email, User.name, User.smartcar_user_id)
-        statement = statement.where(User.smartcar_user_id == smartcar_user_id)
+        statement = statement.where(User.smartcar_user_id.in_(wanted))
         with self._transaction() as connection:
-            row = connection.execute(statement).one_or_none()
-        return None if row is None else UserRecord(*row)
+            return {row.smartcar_user_id: UserRecord(*row) for row in connection.execute(statement)}
 
     def find_vehicles_by_smartcar_id(self, smartcar_vehicle_id: str) -> list[VehicleRecord]:
         """Several for a shared car."""
