@@ -151,24 +151,63 @@ def test_a_kept_connection_the_server_dropped_is_replaced_once():
     assert len(asyncio.run(scenario())) == 3
 
 
-def test_an_answer_that_says_close_is_not_kept_and_chunked_answers_are_read_whole():
-    chunked = (
-        b'HTTP/1.1 200 OK\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{"a":\r\n2\r\n1}\r\n0\r\n\r\n'
-    )
+async def _requests(handler: Handler, count: int, method: str = "GET") -> tuple[list[object], int]:
+    """``count`` requests in turn to a server running ``handler``: each answer's JSON (or the error it
+    raised), and how many connections the server took."""
+    server, port, connections = await _serve(handler)
+    http = LeanHttp()
+    outcomes: list[object] = []
+    try:
+        for _ in range(count):
+            try:
+                outcomes.append((await http.request(method, f"http://127.0.0.1:{port}/")).json())
+            except OSError as exc:
+                outcomes.append(type(exc))
+    finally:
+        await http.aclose()
+        server.close()
+    return outcomes, len(connections)
 
-    async def scenario() -> tuple[list[object], list[int]]:
-        server, port, connections = await _serve(lambda r, w: _answer_each(r, w, chunked))
-        http = LeanHttp()
-        try:
-            bodies = [(await http.request("GET", f"http://127.0.0.1:{port}/")).json() for _ in range(2)]
-        finally:
-            await http.aclose()
-            server.close()
-        return bodies, connections
 
-    bodies, connections = asyncio.run(scenario())
-    assert bodies == [{"a": 1}, {"a": 1}]
-    assert len(connections) == 2
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        # says close: not kept; chunked: read whole, its trailers not taken for headers
+        (
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n"
+            b'5\r\n{"a":\r\n2\r\n1}\r\n0\r\nretry-after: 9\r\n\r\n',
+            ([{"a": 1}, {"a": 1}], 2),
+        ),
+        # interim answers before the final one: skipped, and the connection kept
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n" + OK, ([{}, {}], 1)),
+        # a second answer nobody asked for, whole or in part, in the same packet: never handed to the next
+        # request (the connection that spoke out of turn is dropped)
+        (OK + b'HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n{"x":1}', ([{}, {}], 2)),
+        (OK + b'HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n{"x":', ([{}, {}], 2)),
+    ],
+)
+def test_what_a_connection_carries_is_read_as_one_answer_per_request(answer, expected):
+    assert asyncio.run(_requests(lambda r, w: _answer_each(r, w, answer), 2)) == expected
+
+
+def test_an_answer_ended_by_its_connection_is_whole():
+    """No length and no chunks (HTTP/1.0 style): the body is what came before the close."""
+    answer = b'HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n{"b":2}'
+    assert asyncio.run(_requests(lambda r, w: _answer_once(r, w, answer), 2)) == ([{"b": 2}, {"b": 2}], 2)
+
+
+def test_a_post_is_never_sent_twice():
+    """A kept connection dropped by the server is replaced for a GET, not for a POST (it may have
+    been taken): the POST fails and the next request goes on a new connection."""
+    outcomes, connections = asyncio.run(_requests(lambda r, w: _answer_once(r, w, OK), 3, method="POST"))
+    assert outcomes[0] == {}
+    assert connections >= 2
+    assert {} in outcomes[1:] or http_module.AnswerUnreadable in outcomes[1:]
+
+
+def test_a_kept_connection_idle_too_long_is_not_reused(monkeypatch):
+    monkeypatch.setattr(http_module, "KEEP_IDLE_SECONDS", -1.0)
+    assert asyncio.run(_requests(_answer_each, 3)) == ([{}, {}, {}], 3)
 
 
 @pytest.mark.parametrize(
@@ -177,10 +216,14 @@ def test_an_answer_that_says_close_is_not_kept_and_chunked_answers_are_read_whol
         b"SMTP ready\r\n\r\n",  # not HTTP
         b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{}",  # closed before the whole body
         b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n" + b" " * 5000,  # larger than allowed (below)
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + b"2\r\nab\r\n" * 3000,  # chunks past it
+        b"HTTP/1.1 200 OK\r\n" + b"x-filler: 0123456789abcdef\r\n" * 3000,  # a head past its limit
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
     ],
 )
 def test_a_hostile_answer_is_a_transport_error_never_a_crash(monkeypatch, answer):
     monkeypatch.setattr(http_module, "MAX_ANSWER_BYTES", 4096)
+    monkeypatch.setattr(http_module, "MAX_HEAD_BYTES", 8192)
 
     async def scenario() -> None:
         server, port, _ = await _serve(lambda r, w: _answer_once(r, w, answer))
@@ -195,42 +238,19 @@ def test_a_hostile_answer_is_a_transport_error_never_a_crash(monkeypatch, answer
         asyncio.run(scenario())
 
 
-def test_an_answer_nobody_asked_for_never_reaches_the_next_request():
-    extra = OK + b'HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n{"x":1}'
-
-    async def scenario() -> tuple[list[object], list[int]]:
-        server, port, connections = await _serve(lambda r, w: _answer_each(r, w, extra))
-        http = LeanHttp()
-        try:
-            bodies = [(await http.request("GET", f"http://127.0.0.1:{port}/")).json() for _ in range(2)]
-        finally:
-            await http.aclose()
-            server.close()
-        return bodies, connections
-
-    bodies, connections = asyncio.run(scenario())
-    assert bodies == [{}, {}]
-    assert len(connections) == 2  # the connection that spoke out of turn was dropped
-
-
 @pytest.mark.parametrize(
-    ("url", "headers"),
-    [
-        ("http://127.0.0.1:{port}/v3/x", {"sc-user-id": "u\r\nx-injected: 1"}),
-        ("http://127.0.0.1:{port}/v3/x", {"sc-user-id": "u\nx"}),
-        ("http://127.0.0.1:{port}/v3/x", {"sc-user-id": "u\0"}),
-        ("http://127.0.0.1:{port}/v3/x HTTP/1.1\r\nx-injected: 1\r\n\r\nGET /", {}),
-        ("http://127.0.0.1:{port}/v3/a b", {}),
-        ("ftp://127.0.0.1:{port}/", {}),
-    ],
+    "headers",
+    [{"sc-user-id": "u\r\nx-injected: 1"}, {"sc-user-id": "u\nx"}, {"sc-user-id": "u\0"}, {"sc-user-id": "ü\u0394"}],
 )
-def test_a_request_that_would_split_is_refused_before_anything_is_sent(url, headers):
+def test_a_header_that_would_split_the_request_is_refused_before_anything_is_sent(headers):
     async def scenario() -> list[int]:
         server, port, connections = await _serve(_answer_each)
         http = LeanHttp()
         try:
-            with pytest.raises(ValueError, match=r"space, CR, LF or NUL|http and https"):
-                await http.request("GET", url.format(port=port), headers=headers)
+            with pytest.raises(ValueError, match=r"CR, LF or NUL|latin-1"):
+                await http.request("GET", f"http://127.0.0.1:{port}/v3/x", headers=headers)
+            with pytest.raises(ValueError, match="http and https"):
+                await http.request("GET", f"ftp://127.0.0.1:{port}/")
             await asyncio.sleep(0.05)
         finally:
             await http.aclose()
@@ -238,6 +258,35 @@ def test_a_request_that_would_split_is_refused_before_anything_is_sent(url, head
         return connections
 
     assert asyncio.run(scenario()) == []
+
+
+def test_a_target_with_spaces_or_line_breaks_is_percent_encoded_not_split():
+    """A path from elsewhere (a ``links.next``) cannot smuggle a second request: line breaks are
+    dropped (as ``urlsplit`` does), anything else outside a target's characters percent-encoded."""
+
+    async def scenario() -> list[bytes]:
+        seen: list[bytes] = []
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                seen.append(await reader.readuntil(b"\r\n\r\n"))
+                writer.write(OK)
+                await writer.drain()
+
+        server, port, _ = await _serve(answer)
+        http = LeanHttp()
+        try:
+            await http.request("GET", f"http://127.0.0.1:{port}/v3/a b?x=1 HTTP/1.1\r\nx-injected: 1\r\n\r\nGET /é")
+            await http.request("GET", f"http://127.0.0.1:{port}/v3/ok")
+        finally:
+            await http.aclose()
+            server.close()
+        return seen
+
+    first, second = asyncio.run(scenario())
+    assert first.startswith(b"GET /v3/a%20b?x=1%20HTTP/1.1x-injected:%201GET%20/%C3%A9 HTTP/1.1\r\n")
+    assert b"\r\nx-injected" not in first
+    assert second.startswith(b"GET /v3/ok HTTP/1.1\r\n")
 
 
 def test_a_closed_port_is_a_transport_error():
@@ -274,6 +323,66 @@ def test_a_server_that_never_answers_is_a_timeout_and_a_cancelled_request_drops_
         return connections
 
     assert len(asyncio.run(scenario())) == 2
+
+
+def test_a_request_cancelled_as_its_answer_lands_closes_its_connection():
+    """Cancelled in the same turn of the loop as its answer arrives (the job's own time budget, say):
+    the connection is neither kept nor left open."""
+
+    async def scenario() -> None:
+        server, port, _ = await _serve(_answer_each)
+        http = LeanHttp()
+        try:
+            await http.request("GET", f"http://127.0.0.1:{port}/")  # a kept connection
+            (connection,) = http._idle[("http", "127.0.0.1", port)]
+            request = asyncio.ensure_future(http.request("GET", f"http://127.0.0.1:{port}/"))
+            await asyncio.sleep(0)  # the request runs to its wait for the answer
+            assert connection.answer is not None
+            connection.answer.set_result(http_module.Answer(200, {}, b"{}"))
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
+            assert connection.transport.is_closing()
+            assert http._idle[("http", "127.0.0.1", port)] == []
+        finally:
+            await http.aclose()
+            server.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_under_way_at_aclose_is_not_kept_and_the_client_serves_a_later_loop():
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(0.1)
+            writer.write(OK)
+            await writer.drain()
+
+    http = LeanHttp()
+
+    async def first_loop() -> None:
+        server, port, _ = await _serve(slow)
+        try:
+            request = asyncio.ensure_future(http.request("GET", f"http://127.0.0.1:{port}/"))
+            await asyncio.sleep(0.02)
+            await http.aclose()
+            assert (await request).status_code == 200
+            assert all(not kept for kept in http._idle.values())
+            await http.request("GET", f"http://127.0.0.1:{port}/")  # kept, then left behind by this loop
+        finally:
+            server.close()
+
+    async def second_loop() -> int:
+        server, port, _ = await _serve(_answer_each)
+        try:
+            return (await http.request("GET", f"http://127.0.0.1:{port}/")).status_code
+        finally:
+            await http.aclose()
+            server.close()
+
+    asyncio.run(first_loop())
+    assert asyncio.run(second_loop()) == 200
 
 
 def _self_signed(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -323,14 +432,17 @@ def test_https_is_verified(tmp_path):
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("proxy", [None, "http://proxy.internal:3128"])
-def test_proxies_come_from_the_environment_as_with_httpx(monkeypatch, proxy):
-    """An HTTPS_PROXY is honoured (the requests go through aiohttp, which reads it); without one they
-    go on the client's own connections."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+@pytest.mark.parametrize(
+    ("variable", "proxy"), [(None, None), ("HTTPS_PROXY", "http://proxy.internal:3128"), ("NO_PROXY", None)]
+)
+def test_proxies_come_from_the_environment_as_with_httpx(monkeypatch, variable, proxy):
+    """An HTTPS_PROXY is honoured (the requests go through aiohttp, which reads it); without one (a
+    NO_PROXY alone names none) they go on the client's own connections."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    if proxy:
-        monkeypatch.setenv("HTTPS_PROXY", proxy)
+        monkeypatch.delenv(name.lower(), raising=False)
+    if variable:
+        monkeypatch.setenv(variable, proxy or "internal.example")
 
     async def scenario() -> bool:
         http = LeanHttp()
