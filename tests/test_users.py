@@ -255,6 +255,14 @@ def test_add_vehicle_requires_an_existing_user(store):
         store.add_vehicle(12, 1, "X" * 18)
 
 
+def test_one_query_finds_many_users_and_never_fails_on_an_id_no_column_holds(store):
+    """The worker's batched lookup: an id with a NUL (PostgreSQL refuses it in text), an empty one or
+    one longer than the column is left out of the query, so the others in the batch are still found."""
+    found = store.find_by_smartcar_user_ids([SMARTCAR_BOB, "bad\x00id", "", "x" * 300, SMARTCAR_ALICE])
+    assert found == {SMARTCAR_BOB: UserRecord(2, "bob@example.com", "Bob", SMARTCAR_BOB)}
+    assert store.find_by_smartcar_user_ids(["bad\x00id"]) == {}
+
+
 def test_a_full_worker_user_cache_forgets_its_oldest_user_only(seeded_database, monkeypatch):
     """At its size, the worker's user cache drops the oldest entry for a new one instead of clearing
     itself (a clear sent every lookup of a 100,000-vehicle fleet to the database at once)."""

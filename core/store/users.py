@@ -173,9 +173,10 @@ class UserStore:
         return self.find_by_smartcar_user_ids([smartcar_user_id]).get(smartcar_user_id)
 
     def find_by_smartcar_user_ids(self, smartcar_user_ids: Collection[str]) -> dict[str, UserRecord]:
-        """The users linked to any of ``smartcar_user_ids``, by Smartcar id, in one query (none for ids
-        that could never be stored)."""
-        wanted = {i for i in smartcar_user_ids if i and len(i) <= SMARTCAR_ID_LENGTH}
+        """The users linked to any of ``smartcar_user_ids``, by Smartcar id, in one query (none asked
+        for ids that could never be stored)."""
+        # A NUL no text column holds (PostgreSQL refuses it): one such id must not fail the others' query.
+        wanted = {i for i in smartcar_user_ids if i and len(i) <= SMARTCAR_ID_LENGTH and "\x00" not in i}
         if not wanted:
             return {}
         statement = select(User.id, User.email, User.name, User.smartcar_user_id)
