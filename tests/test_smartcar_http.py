@@ -240,14 +240,14 @@ def test_a_hostile_answer_is_a_transport_error_never_a_crash(monkeypatch, answer
 
 @pytest.mark.parametrize(
     "headers",
-    [{"sc-user-id": "u\r\nx-injected: 1"}, {"sc-user-id": "u\nx"}, {"sc-user-id": "u\0"}, {"sc-user-id": "ü\u0394"}],
+    [{"sc-user-id": "u\r\nx-injected: 1"}, {"sc-user-id": "u\nx"}, {"sc-user-id": "u\0"}, {"x-\r\nname": "v"}],
 )
 def test_a_header_that_would_split_the_request_is_refused_before_anything_is_sent(headers):
     async def scenario() -> list[int]:
         server, port, connections = await _serve(_answer_each)
         http = LeanHttp()
         try:
-            with pytest.raises(ValueError, match=r"CR, LF or NUL|latin-1"):
+            with pytest.raises(ValueError, match=r"CR, LF or NUL"):
                 await http.request("GET", f"http://127.0.0.1:{port}/v3/x", headers=headers)
             with pytest.raises(ValueError, match="http and https"):
                 await http.request("GET", f"ftp://127.0.0.1:{port}/")

@@ -147,7 +147,7 @@ def _head(method: str, target: str, host: str, headers: Mapping[str, str], body:
     breaks = len(lines) - 1
     if head.count("\r") != breaks or head.count("\n") != breaks or "\0" in head:
         raise ValueError("A request header holds CR, LF or NUL.")
-    return head.encode("latin-1") + b"\r\n\r\n"  # a UnicodeEncodeError (a ValueError) past latin-1
+    return head.encode() + b"\r\n\r\n"  # UTF-8, as aiohttp sent it
 
 
 class LeanHttp:
@@ -216,7 +216,8 @@ class LeanHttp:
                 return answer
 
     def _open(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Ready for ``loop``: what was kept for another loop is dropped."""
+        """Ready for ``loop``: what was kept for another loop is dropped (and never kept again)."""
+        self._generation += 1
         self._drop_idle()
         self._loop, self._proxied = loop, None
         self._slots = asyncio.Semaphore(self._max_connections)
