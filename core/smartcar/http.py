@@ -1,7 +1,7 @@
 """The HTTP client that talks to Smartcar (the token endpoint and the vehicle API): keep-alive HTTP/1.1
 connections on asyncio, answers read by httptools; through aiohttp when the environment names a proxy.
 
-Why not aiohttp or httpx for every request: docs/performance.md ("The Smartcar requests"). The
+Why not aiohttp or httpx for every request: docs/performance.md, "The worker's own CPU". The
 callers' unit tests still hand them an ``httpx.AsyncClient`` on a ``MockTransport``.
 """
 
