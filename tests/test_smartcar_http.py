@@ -8,7 +8,7 @@ import contextlib
 import datetime
 import ipaddress
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -42,6 +42,19 @@ async def _serve(handler: Handler, tls: ssl.SSLContext | None = None) -> tuple[a
 
     server = await asyncio.start_server(counted, "127.0.0.1", 0, ssl=tls)
     return server, server.sockets[0].getsockname()[1], connections
+
+
+@contextlib.asynccontextmanager
+async def _served(handler: Handler, http: LeanHttp | None = None) -> AsyncIterator[tuple[LeanHttp, int, list[int]]]:
+    """A client (``http``, by default a new one) and a local server running ``handler``: the client, the
+    server's port and its connection count; both closed after."""
+    server, port, connections = await _serve(handler)
+    client = http or LeanHttp()
+    try:
+        yield client, port, connections
+    finally:
+        await client.aclose()
+        server.close()
 
 
 async def _answer_each(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: bytes = OK) -> None:
@@ -91,9 +104,7 @@ def test_the_url_goes_as_given_and_the_params_are_encoded():
             writer.write(OK)
             await writer.drain()
 
-        server, port, _ = await _serve(answer)
-        http = LeanHttp()
-        try:
+        async with _served(answer) as (http, port, _):
             reply = await http.request(
                 "GET",
                 f"http://user:secret@127.0.0.1:{port}/v3/vehicles/a%2Fb/signals?x=1",
@@ -101,9 +112,6 @@ def test_the_url_goes_as_given_and_the_params_are_encoded():
                 headers={"sc-user-id": "u-1"},
             )
             assert reply.json() == {}
-        finally:
-            await http.aclose()
-            server.close()
         return seen[0]
 
     head = asyncio.run(scenario())
@@ -114,15 +122,10 @@ def test_the_url_goes_as_given_and_the_params_are_encoded():
 
 def test_connections_are_kept_and_reused():
     async def scenario() -> list[int]:
-        server, port, connections = await _serve(_answer_each)
-        http = LeanHttp()
-        try:
+        async with _served(_answer_each) as (http, port, connections):
             for _ in range(3):
                 assert (await http.request("GET", f"http://127.0.0.1:{port}/a")).status_code == 200
             await asyncio.gather(*(http.request("GET", f"http://127.0.0.1:{port}/b") for _ in range(4)))
-        finally:
-            await http.aclose()
-            server.close()
         return connections
 
     # Three in turn share one; four at once need four (the kept one and three more).
@@ -134,18 +137,13 @@ def test_a_kept_connection_the_server_dropped_is_replaced_once():
     finds its kept connection dead, and goes again on a new one."""
 
     async def scenario() -> list[int]:
-        server, port, connections = await _serve(lambda r, w: _answer_once(r, w, OK))
-        http = LeanHttp()
-        try:
+        async with _served(lambda r, w: _answer_once(r, w, OK)) as (http, port, connections):
             for _ in range(3):
                 reply = await http.request("GET", f"http://127.0.0.1:{port}/")
                 assert reply.status_code == 200
                 # The answer arrives before the close: sometimes the client sees the close before
                 # it reuses the connection, sometimes only when it sends on it; both must work.
                 await asyncio.sleep(0)
-        finally:
-            await http.aclose()
-            server.close()
         return connections
 
     assert len(asyncio.run(scenario())) == 3
@@ -154,18 +152,13 @@ def test_a_kept_connection_the_server_dropped_is_replaced_once():
 async def _requests(handler: Handler, count: int, method: str = "GET") -> tuple[list[object], int]:
     """``count`` requests in turn to a server running ``handler``: each answer's JSON (or the error it
     raised), and how many connections the server took."""
-    server, port, connections = await _serve(handler)
-    http = LeanHttp()
     outcomes: list[object] = []
-    try:
+    async with _served(handler) as (http, port, connections):
         for _ in range(count):
             try:
                 outcomes.append((await http.request(method, f"http://127.0.0.1:{port}/")).json())
             except OSError as exc:
                 outcomes.append(type(exc))
-    finally:
-        await http.aclose()
-        server.close()
     return outcomes, len(connections)
 
 
@@ -226,13 +219,8 @@ def test_a_hostile_answer_is_a_transport_error_never_a_crash(monkeypatch, answer
     monkeypatch.setattr(http_module, "MAX_HEAD_BYTES", 8192)
 
     async def scenario() -> None:
-        server, port, _ = await _serve(lambda r, w: _answer_once(r, w, answer))
-        http = LeanHttp()
-        try:
+        async with _served(lambda r, w: _answer_once(r, w, answer)) as (http, port, _):
             await observed("vehicle", http.request("GET", f"http://127.0.0.1:{port}/"))
-        finally:
-            await http.aclose()
-            server.close()
 
     with pytest.raises(SmartcarUnavailable, match="could not be reached"):
         asyncio.run(scenario())
@@ -244,17 +232,12 @@ def test_a_hostile_answer_is_a_transport_error_never_a_crash(monkeypatch, answer
 )
 def test_a_header_that_would_split_the_request_is_refused_before_anything_is_sent(headers):
     async def scenario() -> list[int]:
-        server, port, connections = await _serve(_answer_each)
-        http = LeanHttp()
-        try:
+        async with _served(_answer_each) as (http, port, connections):
             with pytest.raises(ValueError, match=r"CR, LF or NUL"):
                 await http.request("GET", f"http://127.0.0.1:{port}/v3/x", headers=headers)
             with pytest.raises(ValueError, match="http and https"):
                 await http.request("GET", f"ftp://127.0.0.1:{port}/")
             await asyncio.sleep(0.05)
-        finally:
-            await http.aclose()
-            server.close()
         return connections
 
     assert asyncio.run(scenario()) == []
@@ -273,14 +256,9 @@ def test_a_target_with_spaces_or_line_breaks_is_percent_encoded_not_split():
                 writer.write(OK)
                 await writer.drain()
 
-        server, port, _ = await _serve(answer)
-        http = LeanHttp()
-        try:
+        async with _served(answer) as (http, port, _):
             await http.request("GET", f"http://127.0.0.1:{port}/v3/a b?x=1 HTTP/1.1\r\nx-injected: 1\r\n\r\nGET /é")
             await http.request("GET", f"http://127.0.0.1:{port}/v3/ok")
-        finally:
-            await http.aclose()
-            server.close()
         return seen
 
     first, second = asyncio.run(scenario())
@@ -306,9 +284,7 @@ def test_a_server_that_never_answers_is_a_timeout_and_a_cancelled_request_drops_
         await reader.read()  # until the client closes
 
     async def scenario() -> list[int]:
-        server, port, connections = await _serve(silent)
-        http = LeanHttp(timeout_seconds=0.3)
-        try:
+        async with _served(silent, LeanHttp(timeout_seconds=0.3)) as (http, port, connections):
             with pytest.raises(TimeoutError):
                 await http.request("GET", f"http://127.0.0.1:{port}/")
             request = asyncio.ensure_future(http.request("GET", f"http://127.0.0.1:{port}/"))
@@ -317,9 +293,6 @@ def test_a_server_that_never_answers_is_a_timeout_and_a_cancelled_request_drops_
             with pytest.raises(asyncio.CancelledError):
                 await request
             assert http._idle.get(("http", "127.0.0.1", port), []) == []
-        finally:
-            await http.aclose()
-            server.close()
         return connections
 
     assert len(asyncio.run(scenario())) == 2
@@ -330,9 +303,7 @@ def test_a_request_cancelled_as_its_answer_lands_closes_its_connection():
     the connection is neither kept nor left open."""
 
     async def scenario() -> None:
-        server, port, _ = await _serve(_answer_each)
-        http = LeanHttp()
-        try:
+        async with _served(_answer_each) as (http, port, _):
             await http.request("GET", f"http://127.0.0.1:{port}/")  # a kept connection
             (connection,) = http._idle[("http", "127.0.0.1", port)]
             request = asyncio.ensure_future(http.request("GET", f"http://127.0.0.1:{port}/"))
@@ -344,9 +315,6 @@ def test_a_request_cancelled_as_its_answer_lands_closes_its_connection():
                 await request
             assert connection.transport.is_closing()
             assert http._idle[("http", "127.0.0.1", port)] == []
-        finally:
-            await http.aclose()
-            server.close()
 
     asyncio.run(scenario())
 
@@ -374,12 +342,8 @@ def test_a_request_under_way_at_aclose_is_not_kept_and_the_client_serves_a_later
             server.close()
 
     async def second_loop() -> int:
-        server, port, _ = await _serve(_answer_each)
-        try:
+        async with _served(_answer_each, http) as (_, port, _):
             return (await http.request("GET", f"http://127.0.0.1:{port}/")).status_code
-        finally:
-            await http.aclose()
-            server.close()
 
     asyncio.run(first_loop())
     assert asyncio.run(second_loop()) == 200
