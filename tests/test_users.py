@@ -261,6 +261,9 @@ def test_one_query_finds_many_users_and_never_fails_on_an_id_no_column_holds(sto
     found = store.find_by_smartcar_user_ids([SMARTCAR_BOB, "bad\x00id", "", "x" * 300, SMARTCAR_ALICE])
     assert found == {SMARTCAR_BOB: UserRecord(2, "bob@example.com", "Bob", SMARTCAR_BOB)}
     assert store.find_by_smartcar_user_ids(["bad\x00id"]) == {}
+    # Nor can one be stored: what the lookups leave out, a link refuses, on both databases alike.
+    with pytest.raises(InvalidValue, match="NUL"):
+        store.link(1, "bad\x00id")
 
 
 def test_a_full_worker_user_cache_forgets_its_oldest_user_only(seeded_database, monkeypatch):

@@ -92,10 +92,13 @@ class VehicleRecord(NamedTuple):
 
 
 def _checked(value: str | None, column: str, limit: int = SMARTCAR_ID_LENGTH) -> str | None:
-    """``value`` stripped, or ``None`` for blank; :class:`InvalidValue` when it exceeds ``limit``."""
+    """``value`` stripped, or ``None`` for blank; :class:`InvalidValue` when it exceeds ``limit`` or
+    holds a NUL (PostgreSQL's text refuses it; the worker's lookups never ask for one)."""
     value = (value or "").strip() or None
     if value is not None and len(value) > limit:
         raise InvalidValue(f"{column} must be at most {limit} characters, got {len(value)}.")
+    if value is not None and "\x00" in value:
+        raise InvalidValue(f"{column} must not hold a NUL character.")
     return value
 
 
