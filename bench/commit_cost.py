@@ -1,8 +1,8 @@
 """``python -m bench.commit_cost``: the worker's completion step against the same writes sent plainly.
 
 Each event of the captured fleet mix is completed as the worker completes it: its merge planned
-on the vehicle's state (:meth:`core.redis.vehicle_state.VehicleStates.plan`), then one ``commit_events``
-call per batch for the merges, the publishes and the marks (:class:`core.redis.published.OutputStream`).
+on the vehicle's state (:meth:`core.redis.vehicle_state.VehicleStates.plan`), then one
+transaction per batch for the merges, the publishes and the marks (:class:`core.redis.published.OutputStream`).
 The baseline sends the same bytes as plain pipelined commands, with no function, no check and no
 atomicity (the accept mark looked up, the state's token read, the signals, ``_updatedAt`` and
 ``_eventId`` written, the entry added, the mark set): what those writes cost Redis at the least.
@@ -111,7 +111,10 @@ def main() -> None:
         server.cleanup()
     print(f"Redis CPU per event, {args.events} fleet-mix events a round, {BATCH} a call, AOF on:\n")
     print("| completion | µs/event, each round |\n|---|---|")
-    for name, label in (("ours", "commit_events (planned merge, checks, atomic)"), ("plain", "the same writes, plain")):
+    for name, label in (
+        ("ours", "publish (planned merge, checks, one transaction)"),
+        ("plain", "the same writes, plain"),
+    ):
         print(f"| {label} | {', '.join(f'{v:.0f}' for v in figures[name])} |")
     ratios = [o / p for o, p in zip(figures["ours"], figures["plain"], strict=True)]
     print(f"\nours ÷ plain, each round: {', '.join(f'{r:.2f}' for r in ratios)}")

@@ -36,7 +36,7 @@ def test_redis_setup_knows_every_module_with_functions():
     # the reaper's two list give-backs are one function; Connect's give-back and the token lock's
     # release are RQ's release script
     assert len(names) >= 19
-    assert {"enqueue", "commit_events", "claim_jobs", "rq_acquire_or_refresh_lock"} <= set(names)
+    assert {"enqueue", "publish_marks", "claim_jobs", "rq_acquire_or_refresh_lock"} <= set(names)
 
 
 def test_a_changed_function_gets_a_new_name_and_both_versions_coexist(redis_client):

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Worker
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
@@ -332,6 +333,133 @@ def test_a_merge_planned_on_a_state_that_changed_is_refused_whole(redis_url, red
     assert written == "a"
     assert redis_client.xlen("out") == 1
     assert json.loads(redis_client.hget(vehicle_state_key(PREFIX, "v9"), "a"))["body"] == {"value": "mine"}
+
+
+class Interrupted(OutputStream):
+    """An output stream whose first publish lets ``meanwhile`` run between its check and its write."""
+
+    def __init__(self, redis: AsyncRedis, stream: str, meanwhile: Callable[[], Any]) -> None:
+        super().__init__(redis, stream, 3600, state_ttl_seconds=600)
+        self.meanwhile: Callable[[], Any] | None = meanwhile
+        self.checks = 0
+
+    async def _check(self, transaction: Any, args: list[Any]) -> Any:
+        verdicts = await super()._check(transaction, args)
+        self.checks += 1
+        if self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            await meanwhile()
+        return verdicts
+
+
+@pytest.mark.parametrize("merge", ["none", "nothing to write", "writes"])
+def test_a_second_publisher_of_the_event_between_the_check_and_the_write_leaves_one_entry(
+    redis_url, redis_client, merge
+):
+    """Two workers publish one event (a re-run job): the second checks and publishes while the first
+    is between its check and its write. The first's transaction aborts, it checks again and finds the
+    event published; one entry, one merge, whatever the event merges (the guard, not the state, aborts
+    it when it writes nothing)."""
+    vehicle = f"v-twice-{merge.replace(' ', '-')}"
+
+    async def scenario() -> tuple[str | None, str | None, int]:
+        first_client, second_client = AsyncRedis.from_url(redis_url), AsyncRedis.from_url(redis_url)
+        try:
+            states = VehicleStates(first_client, PREFIX)
+            signals = [reading("a", 5, 5, "same")]
+            if merge == "nothing to write":  # the state holds the event's signal already
+                await States(first_client).merge(vehicle, "earlier", signals)
+            plan = None if merge == "none" else await states.plan(vehicle, signals)
+            assert plan is None or bool(plan.writes) == (merge == "writes")
+            second = OutputStream(second_client, "twice", 3600, state_ttl_seconds=600)
+            entries: list[str | None] = []
+
+            async def meanwhile() -> None:
+                entries.append(await second.publish("ev-twice", {"event_id": "ev-twice"}, plan))
+
+            first = Interrupted(first_client, "twice", meanwhile)
+            mine = await first.publish("ev-twice", {"event_id": "ev-twice"}, plan)
+            return mine, entries[0], first.checks
+        finally:
+            await first_client.aclose()
+            await second_client.aclose()
+
+    redis_client.delete("twice", vehicle_state_key(PREFIX, vehicle))
+    mine, theirs, checks = asyncio.run(scenario())
+    assert mine is None  # found published
+    assert theirs is not None
+    assert checks == 2  # its transaction aborted once
+    assert [text(entry[1][b"event_id"]) for entry in redis_client.xrange("twice")] == ["ev-twice"]
+    if merge != "none":
+        assert text(redis_client.hget(vehicle_state_key(PREFIX, vehicle), "_eventId")) == (
+            "ev-twice" if merge == "writes" else "earlier"
+        )
+
+
+def test_a_connection_lost_between_the_check_and_the_write_is_an_outage_not_a_conflict(redis_url, redis_client):
+    """The publish's connection is dropped after its check: the caller gets the connection error (its
+    outage wait rides it out) rather than an immediate new attempt; the next publish writes the event once."""
+
+    async def scenario() -> tuple[BaseException | None, str | None]:
+        redis = AsyncRedis.from_url(redis_url)
+        try:
+
+            async def meanwhile() -> None:
+                redis_client.client_kill_filter(_type="normal", skipme=True)
+
+            output = Interrupted(redis, "dropped", meanwhile)
+            try:
+                await output.publish("ev-dropped", {"event_id": "ev-dropped"})
+                raised = None
+            except RedisConnectionError as exc:
+                raised = exc
+            return raised, await output.publish("ev-dropped", {"event_id": "ev-dropped"})
+        finally:
+            await redis.aclose()
+
+    redis_client.delete("dropped")
+    raised, entry = asyncio.run(scenario())
+    assert isinstance(raised, RedisConnectionError)
+    assert entry is not None
+    assert redis_client.xlen("dropped") == 1
+
+
+def test_another_events_merge_between_the_check_and_the_write_makes_it_plan_again(redis_url, redis_client):
+    """Another event of the vehicle merges after this one's check: its transaction aborts, the check
+    again finds the state changed, nothing of this event is written; planned again, it merges over the
+    other's result."""
+    key = vehicle_state_key(PREFIX, "v-between")
+
+    async def scenario() -> list[str]:
+        redis = AsyncRedis.from_url(redis_url)
+        try:
+            states = VehicleStates(redis, PREFIX)
+            plan = await states.plan("v-between", [reading("a", 5, 5, "mine")])
+
+            async def meanwhile() -> None:
+                await States(redis).merge("v-between", "theirs", [reading("b", 9, 9, "theirs")])
+
+            output = Interrupted(redis, "between", meanwhile)
+            with pytest.raises(StateChanged):
+                await output.publish("mine", {"event_id": "mine"}, plan)
+            assert output.checks == 2
+            assert redis_client.xlen("between") == 0
+            assert not await output.was_published("mine")
+            again = await states.plan("v-between", [reading("a", 5, 5, "mine")])
+            assert await output.publish("mine", {"event_id": "mine"}, again) is not None
+            return sorted(code for code in again.writes[::2] if isinstance(code, str))
+        finally:
+            await redis.aclose()
+
+    redis_client.delete("between", key)
+    assert asyncio.run(scenario()) == ["a"]
+    state = redis_client.hgetall(key)
+    assert {code: signal["body"]["value"] for code, signal in state_signals(state).items()} == {
+        "a": "mine",
+        "b": "theirs",
+    }
+    assert text(state[b"_eventId"]) == "mine"
+    assert redis_client.xlen("between") == 1
 
 
 def test_concurrent_events_of_one_vehicle_in_one_call_each_merge_on_the_state_before_them(redis_url, redis_client):

@@ -17,6 +17,8 @@ PARKED_IDS_KEY = SERVICE_PREFIX + "parked-ids"
 DEDUPE_PREFIX = SERVICE_PREFIX + "seen:"
 PARKED_MARK_PREFIX = SERVICE_PREFIX + "parked:"
 PUBLISHED_PREFIX = SERVICE_PREFIX + "published:"
+#: Watched by every publisher of an event and set by the one that publishes it (core.redis.published).
+PUBLISHING_PREFIX = SERVICE_PREFIX + "publishing:"
 DEQUEUED_PREFIX = SERVICE_PREFIX + "dequeued:"
 #: A job hash the edge wrote in the transaction that enqueues it, renamed or deleted by the same transaction.
 STAGED_JOB_PREFIX = SERVICE_PREFIX + "staged:"

@@ -5,61 +5,67 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from itertools import chain
+from typing import Any
 
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
 from core.config import DEFAULT_OUTPUT_STREAM_RETENTION_SECONDS, DEFAULT_VEHICLE_STATE_TTL_SECONDS
 from core.redis.dedupe import LIBRARY, Marks, job_digest
-from core.redis.functions import lua_function
+from core.redis.functions import NOW_MS, lua_function
 from core.redis.group import GroupCommit
-from core.redis.keys import EVENT_IDS_KEY, PUBLISHED_PREFIX, job_id_for, text
-from core.redis.vehicle_state import STATE_LIBRARY, MergePlan
+from core.redis.keys import EVENT_IDS_KEY, PUBLISHED_PREFIX, PUBLISHING_PREFIX, job_id_for, text
+from core.redis.vehicle_state import MergePlan
 
-_COMMIT = (
+_MARKS = (
     LIBRARY
-    + STATE_LIBRARY
+    + NOW_MS
     + """
--- KEYS: output stream. ARGV: the marks head (ids.open's five), retention ms, state TTL seconds,
--- then per event: job id, digest, event id, state key, state token, n, m, n state and m entry
--- values (field/value pairs). Returns per event: the new entry id; 0 when published already; -1
--- when its vehicle's state changed since the worker read it (nothing done: it plans again).
-local st = ids.open(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-local min_id = string.format('%d', math.max(0, math.floor(st.now * 1000) - tonumber(ARGV[6])))
-local clock
-local results = {}
-local at = 8
-while at <= #ARGV do
-  local n, m = tonumber(ARGV[at + 5]), tonumber(ARGV[at + 6])
-  local writes = at + 7
-  local entry = writes + n
-  local head, field = ids.locate(ARGV[at + 1])
-  local value, key = ids.find(st, head, field)
-  local result = 0
-  if value ~= '2' and not (st.legacy and redis.call('EXISTS', st.legacy .. ARGV[at]) == 1) then
-    local applied = true
-    if n > 0 then
-      clock = clock or now_ms()
-      applied = apply_state(ARGV[at + 3], ARGV[at + 4], ARGV[7], ARGV[at + 2], writes, entry - 1, clock)
-    end
-    if applied then
-      -- The entry before the mark (why: docs/architecture.md, "Publishing and the vehicle state").
-      result = redis.call('XADD', KEYS[1], 'MINID', '~', min_id, '*', unpack(ARGV, entry, entry + m - 1))
-      if value then
-        redis.call('HSET', key, field, '2')
-      else
-        ids.put(st, head, field, '2')
-      end
+-- ARGV[1] 'check': the marks head (ids.open's five), retention ms, then per event: job id, digest,
+-- state key ('' when it merges nothing), state token. Returns the output stream's MINID, Redis's
+-- clock in ms (0 when no event merges), then per event a verdict (1 publish; 0 published already;
+-- -1 its vehicle's state changed since the worker read it) and the state's _updatedAt as read.
+-- ARGV[1] 'mark', KEYS[1] the output stream: the marks head, then per event: digest. Sets each
+-- event's mark to published, run in the transaction after its entry; nothing when the stream is not
+-- one (its entries were refused: the transaction's error says so).
+local st = ids.open(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+if ARGV[1] == 'mark' then
+  if redis.call('TYPE', KEYS[1])['ok'] ~= 'stream' then return 0 end
+  for at = 7, #ARGV do
+    local head, field = ids.locate(ARGV[at])
+    local value, key = ids.find(st, head, field)
+    if value then
+      redis.call('HSET', key, field, '2')
     else
-      result = -1
+      ids.put(st, head, field, '2')
     end
   end
-  results[#results + 1] = result
-  at = entry + m
+  return #ARGV - 6
 end
-return results
+local replies = {string.format('%d', math.max(0, math.floor(st.now * 1000) - tonumber(ARGV[7]))), 0}
+for at = 8, #ARGV, 4 do
+  local head, field = ids.locate(ARGV[at + 1])
+  local verdict, before = 1, ''
+  if ids.find(st, head, field) == '2' or (st.legacy and redis.call('EXISTS', st.legacy .. ARGV[at]) == 1) then
+    verdict = 0
+  elseif ARGV[at + 2] ~= '' then
+    local held = redis.call('HMGET', ARGV[at + 2], '_updatedAt', '_eventId')
+    if (held[1] or '') .. ':' .. (held[2] or '') == ARGV[at + 3] then
+      before = held[1] or ''
+      if replies[2] == 0 then replies[2] = now_ms() end
+    else
+      verdict = -1
+    end
+  end
+  replies[#replies + 1] = verdict
+  replies[#replies + 1] = before
+end
+return replies
 """
 )
-_COMMIT_FN = lua_function("commit_events", _COMMIT)
+_MARKS_FN = lua_function("publish_marks", _MARKS)
 
 RECALL = (
     LIBRARY
@@ -80,6 +86,9 @@ return false
 RECALL_FN = lua_function("recall", RECALL)
 
 MAX_BATCH = 64
+#: How long an event's publish guard stays after the transaction that set it. A publisher of the same
+#: event that watched it before then aborts; one that comes after finds the mark.
+GUARD_MS = 1000
 
 
 class StateChanged(Exception):
@@ -101,7 +110,7 @@ class OutputStream:
         self.state_ttl_seconds = state_ttl_seconds
         # The accept marks, and during the legacy window the publish marks of earlier versions.
         self.marks = Marks(EVENT_IDS_KEY, published_ttl_seconds, PUBLISHED_PREFIX, clock)
-        self._commit = _COMMIT_FN.bind(redis)
+        self._redis = redis
         self._recall = RECALL_FN.bind(redis)
         self._group: GroupCommit[tuple[str, Mapping[str, str], MergePlan | None], str | None] = GroupCommit(
             self._call, MAX_BATCH
@@ -121,13 +130,60 @@ class OutputStream:
     async def _call(
         self, events: list[tuple[str, Mapping[str, str], MergePlan | None]]
     ) -> list[str | Exception | None]:
-        args: list[str | int | bytes] = [*self.marks.head(), self.retention_seconds * 1000, self.state_ttl_seconds]
-        for event_id, fields, merge in events:
-            writes = merge.writes if merge is not None else []
-            key, token = (merge.key, merge.token) if merge is not None and writes else ("", b"")
-            job_id = job_id_for(event_id)
-            args += [job_id, job_digest(job_id), event_id, key, token, len(writes), 2 * len(fields)]
-            args += writes
-            args += chain.from_iterable(fields.items())
-        replies = await self._commit(keys=[self.stream], args=args)
-        return [None if reply == 0 else StateChanged() if reply == -1 else text(reply) for reply in replies]
+        while True:
+            try:
+                return await self._attempt(events)
+            except WatchError as exc:
+                # redis-py reports a connection lost while watching as a WatchError too: that is an
+                # outage for the caller to wait out, not a key that changed (then check again).
+                if isinstance(exc.__context__, RedisConnectionError | RedisTimeoutError):
+                    raise exc.__context__ from None
+
+    async def _check(self, transaction: Any, args: list[Any]) -> Any:
+        """The marks and the states' tokens, read once their keys are watched."""
+        return await _MARKS_FN.bind(transaction)(args=args)
+
+    async def _attempt(
+        self, events: list[tuple[str, Mapping[str, str], MergePlan | None]]
+    ) -> list[str | Exception | None]:
+        """One optimistic transaction for ``events``: watch, check the marks and the states' tokens
+        (one function call), then write plainly (docs/architecture.md, "Publishing and the vehicle state")."""
+        jobs = [job_id_for(event_id) for event_id, _, _ in events]
+        merges = [merge if merge is not None and merge.writes else None for _, _, merge in events]
+        head = self.marks.head()
+        check: list[Any] = ["check", *head, self.retention_seconds * 1000]
+        for job_id, merge in zip(jobs, merges, strict=True):
+            check += [job_id, job_digest(job_id), *((merge.key, merge.token) if merge else ("", b""))]
+        results: list[str | Exception | None] = [None] * len(events)
+        entries: list[tuple[int, int]] = []  # (event, its XADD's place among the transaction's replies)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(*{PUBLISHING_PREFIX + job_id for job_id in jobs}, *{m.key for m in merges if m})
+            min_id, now_ms, *verdicts = await self._check(pipe, check)
+            pipe.multi()  # type: ignore[no-untyped-call]
+            queued, published, merged, digests = 0, set(), set(), []
+            for at, (event_id, fields, _) in enumerate(events):
+                job_id, merge, verdict = jobs[at], merges[at], verdicts[2 * at]
+                if verdict == 0 or job_id in published:
+                    continue  # published already (None)
+                if verdict == -1 or (merge is not None and merge.key in merged):
+                    results[at] = StateChanged()
+                    continue
+                published.add(job_id)
+                if merge is not None:
+                    merged.add(merge.key)
+                    queued += merge.queue(pipe, event_id, now_ms, text(verdicts[2 * at + 1]), self.state_ttl_seconds)
+                # The entry before the mark (why: docs/architecture.md, "Publishing and the vehicle state").
+                pipe.execute_command(
+                    "XADD", self.stream, "MINID", "~", min_id, "*", *chain.from_iterable(fields.items())
+                )
+                entries.append((at, queued))
+                pipe.set(PUBLISHING_PREFIX + job_id, b"", px=GUARD_MS)
+                queued += 2
+                digests.append(job_digest(job_id))
+            if not entries:
+                return results
+            pipe.execute_command(*_MARKS_FN.command([self.stream], ["mark", *head, *digests]))
+            replies = await pipe.execute()
+        for at, reply in entries:
+            results[at] = text(replies[reply])
+        return results

@@ -3,6 +3,7 @@ why the worker plans each merge: docs/architecture.md, "Publishing and the vehic
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -11,7 +12,6 @@ from typing import Any, cast
 import pydantic_core
 from redis.asyncio import Redis as AsyncRedis
 
-from core.redis.functions import NOW_MS
 from core.redis.keys import vehicle_state_key
 
 #: The hash fields that are not signal codes; codes starting with ``_`` are never stored.
@@ -19,29 +19,6 @@ VEHICLE_FIELD = "_vehicle"
 UPDATED_AT_FIELD = "_updatedAt"
 EVENT_ID_FIELD = "_eventId"
 RESERVED_PREFIX = "_"
-
-STATE_LIBRARY = (
-    NOW_MS
-    + """
--- core/redis/vehicle_state.py: write the pairs ARGV[from .. to] to a vehicle's state, true, only
--- while its '<_updatedAt>:<_eventId>' is still token (':' for no hash), else false.
-local function apply_state(key, token, ttl, event_id, from, to, clock)
-  local held = redis.call('HMGET', key, '_updatedAt', '_eventId')
-  if (held[1] or '') .. ':' .. (held[2] or '') ~= token then return false end
-  local before = tonumber(held[1])
-  if before and clock <= before then clock = before + 1 end
-  -- The pairs in slices of 2,000 (Lua's unpack has a limit), the last with the state's own fields.
-  local last = from
-  while to - last >= 2000 do
-    redis.call('HSET', key, unpack(ARGV, last, last + 1999))
-    last = last + 2000
-  end
-  redis.call('HSET', key, '_updatedAt', string.format('%d', clock), '_eventId', event_id, unpack(ARGV, last, to))
-  redis.call('EXPIRE', key, ttl)
-  return true
-end
-"""
-)
 
 # At most 18 digits: a longer number (not a time the service writes) is decoded, and refused there.
 _FRONT = re.compile(rb'^\{"oemUpdatedAt":(-?\d{1,18}|null),"retrievedAt":(-?\d{1,18}|null),')
@@ -59,6 +36,17 @@ class MergePlan:
     token: bytes
     writes: list[str | bytes]
     stale_signals: list[str]
+
+    def queue(self, transaction: Any, event_id: str, now_ms: int, held_updated_at: str, ttl_seconds: int) -> int:
+        """Queue the writes on ``transaction`` (checked against ``token`` first by its caller), with
+        ``_updatedAt`` Redis's clock, moved past the state's when not later, so it only grows; how many commands."""
+        with contextlib.suppress(ValueError):  # '' when there is no state yet
+            now_ms = max(now_ms, int(held_updated_at) + 1)
+        transaction.execute_command(
+            "HSET", self.key, *self.writes, UPDATED_AT_FIELD, str(now_ms), EVENT_ID_FIELD, event_id
+        )
+        transaction.expire(self.key, ttl_seconds)
+        return 2
 
 
 def _time(value: object) -> int | None:
@@ -153,6 +141,6 @@ class VehicleStates:
                 stale.append(code)
             elif (stored := stored or _stored_json(signal)) > current:  # equal times: the greater JSON text
                 writes += [code, stored]
-        # The token STATE_LIBRARY compares: the state's _updatedAt and _eventId as read.
+        # The token the publish compares: the state's _updatedAt and _eventId as read.
         token = (held.get(UPDATED_AT_FIELD) or b"") + b":" + (held.get(EVENT_ID_FIELD) or b"")
         return MergePlan(key, token, writes, sorted(stale))

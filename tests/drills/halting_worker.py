@@ -7,6 +7,7 @@ product holds no hook for them. The points:
 
 * ``dequeued``: a claim moved jobs into the worker's list, their executions not yet recorded;
 * ``prepared``: the executions are recorded, the jobs not yet started;
+* ``checked``: a publish checked its events' marks and states, its transaction not yet sent;
 * ``returned``: a job returned (its event published and merged), RQ not yet told.
 
 A ``:stop`` suffix freezes the process (SIGSTOP) instead, for the drill to resume it with SIGCONT.
@@ -21,6 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from cli.main import main
+from core.redis import published
 from workers import batch, processor, worker
 
 Step = Callable[..., Coroutine[Any, Any, Any]]
@@ -29,6 +31,7 @@ Step = Callable[..., Coroutine[Any, Any, Any]]
 POINTS: dict[str, tuple[object, str, bool]] = {
     "dequeued": (worker.AsyncWorker, "_start", True),
     "prepared": (batch.Bookkeeping, "start", False),
+    "checked": (published.OutputStream, "_check", False),
     "returned": (processor.EventProcessor, "process", False),
 }
 

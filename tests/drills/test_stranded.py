@@ -74,11 +74,12 @@ def test_ids_left_in_rqs_intermediate_list_are_requeued_and_run_once(pipeline, r
     assert redis_client.llen(rq_intermediate_key(QUEUE)) == 0
 
 
-@pytest.mark.parametrize("point", ["dequeued", "prepared", "returned"])
+@pytest.mark.parametrize("point", ["dequeued", "prepared", "checked", "returned"])
 def test_worker_killed_between_dequeue_and_start(pipeline, redis_client, emulator, point):
     """A worker SIGKILLed right after a dequeue (or after recording the execution), before the job starts,
     loses nothing: a peer puts its jobs back and each event is published once, no retry spent. So
-    does one killed after a job published its event, before RQ recorded it: the re-run finds it out."""
+    does one killed between a publish's check and its write, and one killed after a job published its
+    event, before RQ recorded it: the re-run finds it out."""
     httpx.post(f"{emulator}/_emulator/latency", json={"seconds": 1.0}).raise_for_status()
     events = [sample_event() for _ in range(12)]
     deliver(pipeline, *events)
@@ -124,6 +125,46 @@ def test_worker_killed_between_dequeue_and_start(pipeline, redis_client, emulato
     assert FailedJobRegistry(QUEUE, connection=redis_client).count == 0  # no retries to spend: none spent
     if point == "returned":
         assert rerun >= 1  # the published job ran again and found its event out
+
+
+def test_a_worker_frozen_between_its_check_and_its_write_publishes_nothing_twice(pipeline, redis_client, emulator):
+    """A worker frozen after a publish checked its events, before its transaction: a peer takes its jobs
+    back and publishes them. Woken, the frozen worker's transaction aborts (the peer set the events'
+    guards) and its check finds them published: each event once, none failed."""
+    events = [sample_event() for _ in range(8)]
+    deliver(pipeline, *events)
+    expected = sorted(e["eventId"] for e in events)
+    victim_port, victim_env = metrics_port_env()
+    victim = start_worker(pipeline, "--concurrency", "4", halt="checked:1:stop", **victim_env)
+    survivor = None
+    try:
+        assert wait_until(lambda: frozen(victim), 60), "the worker never froze"
+        assert redis_client.xlen("smartcar:vehicle-events") == 0  # checked, nothing written
+        frozen_at = time.monotonic()
+        _port, env = metrics_port_env()
+        survivor = start_worker(pipeline, "--concurrency", "8", **env)
+        settle(redis_client, len(events))
+        recovered = time.monotonic() - frozen_at
+        os.kill(victim.pid, signal.SIGCONT)
+        assert wait_until(lambda: reruns(victim_port) >= 1, 60), "the woken worker never found its event out"
+        assert wait_until(lambda: redis_client.llen(QUEUE_KEY) == 0, 30)
+        victim_reruns = reruns(victim_port)
+        published = published_ids(redis_client)
+        diagnosis = whereabouts(redis_client, expected)
+    finally:
+        kill_group(victim)
+        if survivor is not None:
+            kill_group(survivor)
+    report(
+        "worker frozen between a publish's check and its write",
+        acknowledged=len(events),
+        published=len(published),
+        duplicates=len(published) - len(set(published)),
+        woken_reruns=victim_reruns,
+        recovered_seconds=round(recovered, 1),
+    )
+    assert sorted(published) == expected, diagnosis
+    assert FailedJobRegistry(QUEUE, connection=redis_client).count == 0
 
 
 def test_redis_killed_between_dequeue_and_start(aof_redis, emulator, seeded_database):
