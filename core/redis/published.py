@@ -27,13 +27,15 @@ _MARKS = (
 -- state key ('' when it merges nothing), state token. Returns the output stream's MINID, Redis's
 -- clock in ms (0 when no event merges), then per event a verdict (1 publish; 0 published already;
 -- -1 its vehicle's state changed since the worker read it) and the state's _updatedAt as read.
--- ARGV[1] 'mark', KEYS[1] the output stream: the marks head, then per event: digest. Sets each
--- event's mark to published, run in the transaction after its entry; nothing when the stream is not
--- one (its entries were refused: the transaction's error says so).
+-- ARGV[1] 'mark', KEYS[1] the output stream: the marks head, the guard prefix and ms, the state TTL
+-- seconds, then per event: digest, job id, state key ('' when it merges nothing). Run in the
+-- transaction after the entries: sets each event's mark to published and its guard, and renews its
+-- state's TTL; nothing when the stream is not one (its entries were refused: the transaction's
+-- error says so).
 local st = ids.open(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 if ARGV[1] == 'mark' then
   if redis.call('TYPE', KEYS[1])['ok'] ~= 'stream' then return 0 end
-  for at = 7, #ARGV do
+  for at = 10, #ARGV, 3 do
     local head, field = ids.locate(ARGV[at])
     local value, key = ids.find(st, head, field)
     if value then
@@ -41,8 +43,10 @@ if ARGV[1] == 'mark' then
     else
       ids.put(st, head, field, '2')
     end
+    redis.call('SET', ARGV[7] .. ARGV[at + 1], '', 'PX', ARGV[8])
+    if ARGV[at + 2] ~= '' then redis.call('EXPIRE', ARGV[at + 2], ARGV[9]) end
   end
-  return #ARGV - 6
+  return 1
 end
 local replies = {string.format('%d', math.max(0, math.floor(st.now * 1000) - tonumber(ARGV[7]))), 0}
 for at = 8, #ARGV, 4 do
@@ -149,18 +153,20 @@ class OutputStream:
         """One optimistic transaction for ``events``: watch, check the marks and the states' tokens
         (one function call), then write plainly (docs/architecture.md, "Publishing and the vehicle state")."""
         jobs = [job_id_for(event_id) for event_id, _, _ in events]
+        digests = [job_digest(job_id) for job_id in jobs]
         merges = [merge if merge is not None and merge.writes else None for _, _, merge in events]
         head = self.marks.head()
         check: list[Any] = ["check", *head, self.retention_seconds * 1000]
-        for job_id, merge in zip(jobs, merges, strict=True):
-            check += [job_id, job_digest(job_id), *((merge.key, merge.token) if merge else ("", b""))]
+        for job_id, digest, merge in zip(jobs, digests, merges, strict=True):
+            check += [job_id, digest, *((merge.key, merge.token) if merge else ("", b""))]
         results: list[str | Exception | None] = [None] * len(events)
         entries: list[tuple[int, int]] = []  # (event, its XADD's place among the transaction's replies)
         async with self._redis.pipeline(transaction=True) as pipe:
             await pipe.watch(*{PUBLISHING_PREFIX + job_id for job_id in jobs}, *{m.key for m in merges if m})
             min_id, now_ms, *verdicts = await self._check(pipe, check)
             pipe.multi()  # type: ignore[no-untyped-call]
-            queued, published, merged, digests = 0, set(), set(), []
+            queued, published, merged = 0, set(), set()
+            marks: list[Any] = ["mark", *head, PUBLISHING_PREFIX, GUARD_MS, self.state_ttl_seconds]
             for at, (event_id, fields, _) in enumerate(events):
                 job_id, merge, verdict = jobs[at], merges[at], verdicts[2 * at]
                 if verdict == 0 or job_id in published:
@@ -171,18 +177,18 @@ class OutputStream:
                 published.add(job_id)
                 if merge is not None:
                     merged.add(merge.key)
-                    queued += merge.queue(pipe, event_id, now_ms, text(verdicts[2 * at + 1]), self.state_ttl_seconds)
+                    merge.queue(pipe, event_id, now_ms, text(verdicts[2 * at + 1]))
+                    queued += 1
                 # The entry before the mark (why: docs/architecture.md, "Publishing and the vehicle state").
                 pipe.execute_command(
                     "XADD", self.stream, "MINID", "~", min_id, "*", *chain.from_iterable(fields.items())
                 )
                 entries.append((at, queued))
-                pipe.set(PUBLISHING_PREFIX + job_id, b"", px=GUARD_MS)
-                queued += 2
-                digests.append(job_digest(job_id))
+                queued += 1
+                marks += [digests[at], job_id, merge.key if merge else ""]
             if not entries:
                 return results
-            pipe.execute_command(*_MARKS_FN.command([self.stream], ["mark", *head, *digests]))
+            pipe.execute_command(*_MARKS_FN.command([self.stream], marks))
             replies = await pipe.execute()
         for at, reply in entries:
             results[at] = text(replies[reply])

@@ -37,16 +37,14 @@ class MergePlan:
     writes: list[str | bytes]
     stale_signals: list[str]
 
-    def queue(self, transaction: Any, event_id: str, now_ms: int, held_updated_at: str, ttl_seconds: int) -> int:
+    def queue(self, transaction: Any, event_id: str, now_ms: int, held_updated_at: str) -> None:
         """Queue the writes on ``transaction`` (checked against ``token`` first by its caller), with
-        ``_updatedAt`` Redis's clock, moved past the state's when not later, so it only grows; how many commands."""
+        ``_updatedAt`` Redis's clock, moved past the state's when not later, so it only grows."""
         with contextlib.suppress(ValueError):  # '' when there is no state yet
             now_ms = max(now_ms, int(held_updated_at) + 1)
         transaction.execute_command(
             "HSET", self.key, *self.writes, UPDATED_AT_FIELD, str(now_ms), EVENT_ID_FIELD, event_id
         )
-        transaction.expire(self.key, ttl_seconds)
-        return 2
 
 
 def _time(value: object) -> int | None:
