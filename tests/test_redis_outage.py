@@ -238,6 +238,21 @@ def test_the_wait_gives_up_after_its_time_limit(private_redis, waits, form):
     assert len(waits.warnings) >= 2
 
 
+@pytest.mark.parametrize("form", ["sync", "async"])
+@pytest.mark.parametrize("reply", ["BUSY Redis is busy running a script.", "MISCONF no disk", "NOREPLICAS none"])
+def test_a_refusal_inside_a_pipeline_is_waited_out_as_alone(reply, form):
+    """redis-py names the failed command of a pipeline or transaction before the reply (the async
+    pipeline shows the reply as a tuple): the refusal is still one to wait out; a real fault is not."""
+    client = redis.Redis() if form == "sync" else redis.asyncio.Redis()
+    pipe = client.pipeline()
+    refused, fault = redis.ResponseError(reply), redis.ResponseError("WRONGTYPE Operation against a key")
+    for exc in (refused, fault):
+        pipe.annotate_exception(exc, 1, ("XADD", "stream", "*", "a", "b"))
+    assert "of pipeline caused error" in str(refused)
+    assert outage.redis_unavailable(refused)
+    assert not outage.redis_unavailable(fault)
+
+
 @pytest.mark.process
 def test_a_redis_fault_is_raised_at_once(private_redis, waits):
     """An error that is not Redis being unavailable (here a wrong type) is not waited out."""

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from rq import Worker
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
@@ -422,6 +423,58 @@ def test_a_connection_lost_between_the_check_and_the_write_is_an_outage_not_a_co
     assert isinstance(raised, RedisConnectionError)
     assert entry is not None
     assert redis_client.xlen("dropped") == 1
+
+
+def test_a_refused_entry_leaves_its_event_unmarked_and_its_merged_state_expiring(redis_url, redis_client):
+    """The stream key holds a string: the transaction's XADD is refused and the error raised; the
+    event is not marked (a re-run publishes it), and the merge that was applied keeps its TTL."""
+    key = vehicle_state_key(PREFIX, "v-refused")
+
+    async def scenario() -> bool:
+        redis = AsyncRedis.from_url(redis_url)
+        try:
+            plan = await VehicleStates(redis, PREFIX).plan("v-refused", [reading("a", 5, 5, "x")])
+            output = OutputStream(redis, "not-a-stream", 3600, state_ttl_seconds=600)
+            with pytest.raises(ResponseError, match="WRONGTYPE"):
+                await output.publish("ev-refused", {"event_id": "ev-refused"}, plan)
+            return await output.was_published("ev-refused")
+        finally:
+            await redis.aclose()
+
+    redis_client.delete(key)
+    redis_client.set("not-a-stream", "a string")
+    assert asyncio.run(scenario()) is False
+    assert 0 < redis_client.ttl(key) <= 600
+
+
+def test_a_publish_inside_the_callers_outage_handling_still_retries_a_conflict(redis_url, redis_client):
+    """A publish awaited while its caller handles a connection error: a conflict between its check
+    and its write is retried (and finds the event published), not taken for that connection error."""
+
+    async def scenario() -> tuple[str | None, str | None]:
+        first_client, second_client = AsyncRedis.from_url(redis_url), AsyncRedis.from_url(redis_url)
+        try:
+            second = OutputStream(second_client, "outer", 3600)
+            theirs: list[str | None] = []
+
+            async def meanwhile() -> None:
+                theirs.append(await second.publish("ev-outer", {"event_id": "ev-outer"}))
+
+            first = Interrupted(first_client, "outer", meanwhile)
+            try:
+                raise RedisConnectionError("an earlier outage the caller is handling")
+            except RedisConnectionError:
+                mine = await first.publish("ev-outer", {"event_id": "ev-outer"})
+            return mine, theirs[0]
+        finally:
+            await first_client.aclose()
+            await second_client.aclose()
+
+    redis_client.delete("outer")
+    mine, theirs = asyncio.run(scenario())
+    assert mine is None
+    assert theirs is not None
+    assert redis_client.xlen("outer") == 1
 
 
 def test_another_events_merge_between_the_check_and_the_write_makes_it_plan_again(redis_url, redis_client):

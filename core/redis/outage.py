@@ -30,7 +30,8 @@ _REFUSALS = (
     exceptions.MasterDownError,
     exceptions.TryAgainError,
 )
-# Refusals redis-py raises as a plain ResponseError, by the reply's first word (after "caused error: " in a pipeline).
+# Refusals redis-py raises as a plain ResponseError, by the reply's first word (after "caused error: " in a
+# pipeline, where redis-py may show the reply as a tuple: "caused error: ('BUSY …',)").
 _REFUSAL_CODES = ("MISCONF", "NOREPLICAS", "BUSY")
 
 
@@ -39,7 +40,7 @@ def redis_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, _REFUSALS):
         return True
     if isinstance(exc, redis.ResponseError):
-        reply = str(exc).split("caused error: ", 1)[-1]
+        reply = str(exc).split("caused error: ", 1)[-1].lstrip("('\"")
         return reply.split(" ", 1)[0] in _REFUSAL_CODES
     return False
 

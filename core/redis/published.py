@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from itertools import chain
 from typing import Any
@@ -29,24 +30,26 @@ _MARKS = (
 -- -1 its vehicle's state changed since the worker read it) and the state's _updatedAt as read.
 -- ARGV[1] 'mark', KEYS[1] the output stream: the marks head, the guard prefix and ms, the state TTL
 -- seconds, then per event: digest, job id, state key ('' when it merges nothing). Run in the
--- transaction after the entries: sets each event's mark to published and its guard, and renews its
--- state's TTL; nothing when the stream is not one (its entries were refused: the transaction's
--- error says so).
+-- transaction after the entries: renews each merged state's TTL (merged whatever follows), then sets
+-- each event's mark to published and its guard; no mark when the stream is not one (its entries
+-- were refused: the transaction's error says so). Returns 1, or 0 when nothing was marked.
 local st = ids.open(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 if ARGV[1] == 'mark' then
-  if redis.call('TYPE', KEYS[1])['ok'] ~= 'stream' then return 0 end
+  local stream = redis.call('TYPE', KEYS[1])['ok'] == 'stream'
   for at = 10, #ARGV, 3 do
-    local head, field = ids.locate(ARGV[at])
-    local value, key = ids.find(st, head, field)
-    if value then
-      redis.call('HSET', key, field, '2')
-    else
-      ids.put(st, head, field, '2')
-    end
-    redis.call('SET', ARGV[7] .. ARGV[at + 1], '', 'PX', ARGV[8])
     if ARGV[at + 2] ~= '' then redis.call('EXPIRE', ARGV[at + 2], ARGV[9]) end
+    if stream then
+      local head, field = ids.locate(ARGV[at])
+      local value, key = ids.find(st, head, field)
+      if value then
+        redis.call('HSET', key, field, '2')
+      else
+        ids.put(st, head, field, '2')
+      end
+      redis.call('SET', ARGV[7] .. ARGV[at + 1], '', 'PX', ARGV[8])
+    end
   end
-  return 1
+  return stream and 1 or 0
 end
 local replies = {string.format('%d', math.max(0, math.floor(st.now * 1000) - tonumber(ARGV[7]))), 0}
 for at = 8, #ARGV, 4 do
@@ -134,14 +137,17 @@ class OutputStream:
     async def _call(
         self, events: list[tuple[str, Mapping[str, str], MergePlan | None]]
     ) -> list[str | Exception | None]:
+        outer = sys.exc_info()[1]  # an exception the caller is handling, if any
         while True:
             try:
                 return await self._attempt(events)
             except WatchError as exc:
-                # redis-py reports a connection lost while watching as a WatchError too: that is an
-                # outage for the caller to wait out, not a key that changed (then check again).
-                if isinstance(exc.__context__, RedisConnectionError | RedisTimeoutError):
-                    raise exc.__context__ from None
+                # redis-py reports a connection lost while watching as a WatchError raised while
+                # handling it: an outage for the caller to wait out, not a key that changed (then
+                # check again). Only redis-py's own handling counts, not one the caller is in.
+                lost = exc.__context__
+                if isinstance(lost, RedisConnectionError | RedisTimeoutError) and lost is not outer:
+                    raise lost from None
 
     async def _check(self, transaction: Any, args: list[Any]) -> Any:
         """The marks and the states' tokens, read once their keys are watched."""
