@@ -133,7 +133,9 @@ def test_a_transient_failure_is_retried_on_rqs_schedule(pipeline, redis_client, 
 def test_rq_sees_the_worker_and_its_jobs_in_flight(pipeline, redis_client, emulator):
     """`rq info` and Worker.all() list the running worker, busy while jobs run; the started registry
     holds exactly the jobs in flight; after SIGTERM the worker is gone and every job finished."""
-    httpx.post(f"{emulator}/_emulator/latency", json={"seconds": 2.0}).raise_for_status()
+    # Long enough that the jobs are still in flight when SIGTERM comes, after the checks and `rq info`
+    # (2 s was not, on a slow machine: the worker had finished them and started the other two).
+    httpx.post(f"{emulator}/_emulator/latency", json={"seconds": 8.0}).raise_for_status()
     events = [sample_event() for _ in range(6)]
     deliver(pipeline, *events)
     worker = subprocess.Popen(
