@@ -54,6 +54,11 @@ def post(url: str, document: dict[str, Any]) -> httpx.Response:
     return httpx.post(f"{url}/webhooks/smartcar", content=body, headers=signed_headers(body, TOKEN), timeout=10)
 
 
+def published_figures(published: list[str]) -> dict[str, int]:
+    """What a drill reports of the entries it found: how many, and how many were repeats."""
+    return {"published": len(published), "duplicates": len(published) - len(set(published))}
+
+
 def report(name: str, **figures: object) -> None:
     """Print a drill's figures; `make drills` shows them with -rA, and the closing note quotes them."""
     print(f"DRILL {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))

@@ -17,6 +17,7 @@ from tests.drills.common import (
     Sender,
     kill_group,
     metrics_port_env,
+    published_figures,
     published_ids,
     report,
     reruns,
@@ -72,8 +73,7 @@ def test_worker_kill_then_redis_restart_loses_nothing(aof_redis, emulator, seede
     report(
         f"worker kill then Redis restart, run {run}",
         acknowledged=len(sender.acknowledged),
-        published=len(published),
-        duplicates=len(published) - len(set(published)),
+        **published_figures(published),
         reruns=rerun,
         outage_seconds=round(outage, 1),
         refused_attempts=sender.refusals,

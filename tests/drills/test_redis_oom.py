@@ -25,6 +25,7 @@ from tests.drills.common import (
     Sender,
     kill_group,
     metrics_port_env,
+    published_figures,
     published_ids,
     report,
     reruns,
@@ -114,8 +115,7 @@ def test_workers_ride_out_redis_out_of_memory(small_redis, emulator, seeded_data
     report(
         "Redis out of memory under load",
         acknowledged=len(sender.acknowledged),
-        published=len(published),
-        duplicates=len(published) - len(set(published)),
+        **published_figures(published),
         reruns=rerun,
         refused_while_full=refused_while_full,
         slowest_answer_seconds=round(sender.slowest, 2),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.app import create_app
-from tests.drills.common import Sender, kill_group, report, start_worker
+from tests.drills.common import Sender, kill_group, published_figures, report, start_worker
 from tests.pipeline import outputs, pipeline_settings
 from tests.procs import LiveServer
 
@@ -77,8 +77,7 @@ def test_redis_restart_loses_nothing(aof_redis, emulator, seeded_database, tmp_p
         acknowledged=len(sender.acknowledged),
         refused_attempts=sender.refusals,
         slowest_answer_seconds=round(sender.slowest, 2),
-        published=len(published),
-        duplicates=len(published) - len(set(published)),
+        **published_figures(published),
         statuses=statuses,
     )
     assert len(sender.acknowledged) == 120

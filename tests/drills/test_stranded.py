@@ -26,6 +26,7 @@ from tests.drills.common import (
     frozen,
     kill_group,
     metrics_port_env,
+    published_figures,
     published_ids,
     report,
     reruns,
@@ -64,8 +65,7 @@ def test_ids_left_in_rqs_intermediate_list_are_requeued_and_run_once(pipeline, r
         "stranded in RQ's intermediate list",
         acknowledged=len(events),
         stranded=4,
-        published=len(published),
-        duplicates=len(published) - len(set(published)),
+        **published_figures(published),
         reruns=rerun,
         recovered_seconds=round(recovered, 1),
     )
@@ -116,8 +116,7 @@ def test_worker_killed_between_dequeue_and_start(pipeline, redis_client, emulato
     report(
         f"worker SIGKILL after {point}",
         acknowledged=len(events),
-        published=len(published),
-        duplicates=len(published) - len(set(published)),
+        **published_figures(published),
         reruns=rerun,
         recovered_seconds=round(recovered, 1),
     )
@@ -158,8 +157,7 @@ def test_a_worker_frozen_between_its_check_and_its_write_publishes_nothing_twice
     report(
         "worker frozen between a publish's check and its write",
         acknowledged=len(events),
-        published=len(published),
-        duplicates=len(published) - len(set(published)),
+        **published_figures(published),
         woken_reruns=victim_reruns,
         recovered_seconds=round(recovered, 1),
     )
@@ -201,8 +199,7 @@ def test_redis_killed_between_dequeue_and_start(aof_redis, emulator, seeded_data
     report(
         "Redis SIGKILL between dequeue and start",
         acknowledged=len(events),
-        published=len(published),
-        duplicates=len(published) - len(set(published)),
+        **published_figures(published),
         reruns=rerun,
         recovered_seconds=round(recovered, 1),
         worker_alive=alive,
@@ -242,8 +239,7 @@ def test_sigterm_while_redis_is_down_stops_the_worker_and_loses_nothing(aof_redi
     report(
         "SIGTERM while Redis is down",
         acknowledged=len(events),
-        published=len(published),
-        duplicates=len(published) - len(set(published)),
+        **published_figures(published),
         stopped_seconds=round(stopped_in, 1),
         recovered_seconds=round(recovered, 1),
     )
