@@ -22,7 +22,7 @@ from core import metrics
 from core.errors import SmartcarRejected, SmartcarUnavailable
 from core.redis import deployment_counts
 from core.redis.deployment_counts import DeploymentCounts, read_usage
-from core.redis.keys import APPLICATION_PAUSE_KEY, BUDGET_KEY, read_key, vehicle_pause_key
+from core.redis.keys import APPLICATION_PAUSE_KEY, BUDGET_KEY, latest_read_key, read_key, vehicle_pause_key
 from core.smartcar.limiter import OverBudget, RequestLimiter
 from core.smartcar.reads import ReadCache
 
@@ -430,6 +430,82 @@ def test_a_read_key_names_no_user_id_and_expires(redis_url, redis_client):
 
     run(redis_url, scenario)
     assert 0 < redis_client.pttl(key) <= 1000 + 600_000
+
+
+def redis_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def test_a_read_on_every_event_is_kept_plainly_for_a_skipped_read_and_serves_no_cached_one(redis_url, redis_client):
+    """With a window of 0 a read serves no other event: its answer is kept in a key of its own by one
+    plain SET, no script (Lua would hash every byte of it), answered at a time by Redis's clock, for
+    what a later skipped read publishes; a read with a window (another worker's settings) does not
+    take it for a cached one."""
+    redis_client.config_resetstat()
+    upstream = Upstream()
+
+    async def scenario(client: Redis) -> list[Any]:
+        cache = ReadCache(client, lease_seconds=10)
+        before = redis_ms(redis_client)
+        got = await cache.read(KEY, now_ms(), 0, upstream.fetch)
+        assert before <= (got.fetched_at or 0) <= redis_ms(redis_client)
+        scripts = [name for name in redis_client.info("commandstats") if name.startswith("cmdstat_fcall")]
+        latest = await cache.latest(KEY)
+        windowed = await cache.read(KEY, now_ms() - 1000, WINDOW_MS, upstream.fetch)
+        return [scripts, got.source, (latest.data, latest.fetched_at == got.fetched_at), windowed.source]
+
+    assert run(redis_url, scenario) == [[], "fetched", ({"call": 1}, True), "fetched"]
+    assert upstream.calls == 2
+    assert 0 < redis_client.pttl(latest_read_key(KEY)) <= 600_000
+
+
+def test_a_skipped_read_publishes_whichever_read_answered_last(redis_url):
+    """The hash's read (a window) and the one a window-0 read kept (settings changed between workers):
+    a skipped read publishes the one that answered last."""
+
+    async def scenario(client: Redis) -> list[Any]:
+        cache = ReadCache(client, lease_seconds=10)
+        await cache.read(KEY, now_ms(), 0, lambda: asyncio.sleep(0, "kept, window 0"))
+        first = (await cache.latest(KEY)).data
+        await asyncio.sleep(0.01)
+        await cache.read(KEY, now_ms(), WINDOW_MS, lambda: asyncio.sleep(0, "hash, window"))
+        second = (await cache.latest(KEY)).data
+        await asyncio.sleep(0.01)
+        await cache.read(KEY, now_ms(), 0, lambda: asyncio.sleep(0, "kept again"))
+        return [first, second, (await cache.latest(KEY)).data]
+
+    assert run(redis_url, scenario) == ["kept, window 0", "hash, window", "kept again"]
+
+
+@pytest.mark.parametrize("kept", [b"garbage", b"9999999999999:{not json", b"nan:null", b":null"])
+def test_a_kept_read_that_is_not_what_the_service_writes_is_ignored(redis_url, redis_client, kept):
+    """Redis contents are input too: a window-0 read's key holding anything else leaves the hash's
+    read (or none) to publish, never an error that fails the event."""
+
+    async def scenario(client: Redis) -> Any:
+        cache = ReadCache(client, lease_seconds=10)
+        await cache.read(KEY, now_ms(), WINDOW_MS, lambda: asyncio.sleep(0, "hash"))
+        redis_client.set(latest_read_key(KEY), kept)
+        return (await cache.latest(KEY)).data
+
+    assert run(redis_url, scenario) == "hash"
+
+
+def test_of_reads_on_every_event_the_last_to_answer_is_what_a_skipped_read_publishes(redis_url):
+    """Two reads of one vehicle overlap (window 0) and the one that started first answers last: its
+    data is the vehicle's last read, with its own answer time."""
+
+    async def scenario(client: Redis) -> tuple[Any, bool]:
+        cache = ReadCache(client, lease_seconds=10)
+        slow = asyncio.ensure_future(cache.read(KEY, now_ms(), 0, Upstream(delay=0.3).fetch))
+        await asyncio.sleep(0.05)
+        await cache.read(KEY, now_ms(), 0, lambda: asyncio.sleep(0, {"call": "started later"}))
+        answered_last = await slow
+        latest = await cache.latest(KEY)
+        return latest.data, latest.fetched_at == answered_last.fetched_at
+
+    assert run(redis_url, scenario) == ({"call": 1}, True)
 
 
 # Usage

@@ -23,6 +23,7 @@ from core.redis.keys import (
     USAGE_PREFIX,
     WORKERS_SET,
     dequeued_key,
+    latest_read_key,
     queue_key,
     read_key,
     vehicle_pause_key,
@@ -120,6 +121,7 @@ def test_web_user_cannot_forge_output_read_the_token_or_administer(pipeline, acl
         # poisoning the reads the workers share, or stalling them with a fake budget or pause
         lambda: web.hset(read_key("signals", "v1", "u1"), "data", "[]"),
         lambda: web.hget(read_key("vehicle", "v1", "u1"), "data"),
+        lambda: web.set(latest_read_key(read_key("signals", "v1", "u1")), "0:[]"),
         lambda: web.set(BUDGET_KEY, "99999999999999"),
         lambda: web.hset(APPLICATION_PAUSE_KEY, "until", "99999999999999"),
         lambda: web.hset(vehicle_pause_key("v1"), "until", "99999999999999"),

@@ -77,6 +77,11 @@ def read_key(call: str, vehicle_id: str, user_id: str) -> str:
     return f"{SERVICE_PREFIX}read:{call}:{_vehicle_part(vehicle_id)}:{user}"
 
 
+def latest_read_key(key: str) -> str:
+    """Where a window-0 read of ``key`` (a :func:`read_key`) keeps its answer for a later skipped read."""
+    return key + ":latest"
+
+
 def vehicle_pause_key(vehicle_id: str) -> str:
     return f"{SERVICE_PREFIX}pause:vehicle:" + _vehicle_part(vehicle_id)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -28,8 +27,9 @@ from core.errors import (
     SmartcarUnauthorized,
     SmartcarUnavailable,
 )
+from core.redis.clock import RedisClock
 from core.redis.group import GroupedCall, grouped_function
-from core.redis.keys import read_key, text
+from core.redis.keys import latest_read_key, read_key, text
 from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
 from core.smartcar.client import BUDGET_SECONDS, smartcar_client
 from core.smartcar.http import SmartcarHttp
@@ -144,6 +144,7 @@ class ReadCache:
         self._complete = GroupedCall(_COMPLETE_FN, redis)
         self._poll = GroupedCall(_POLL_FN, redis)
         self._invalidate = GroupedCall(_INVALIDATE_FN, redis)
+        self._clock = RedisClock(redis)
         # The reads this process makes or waits for, by (key, claim token): its events share one future.
         self._local: dict[tuple[str, str], asyncio.Future[Read | None]] = {}
 
@@ -153,10 +154,8 @@ class ReadCache:
         it waited for is returned."""
         keep = window_ms + GRACE_MS
         if window_ms == 0:
-            started = time.time_ns() // 1_000_000
             data = await fetch()
-            args: list[str | int | bytes] = ["", started, _dumps(data), "", keep, ""]
-            return Read("fetched", data, int(await self._call(lambda: self._complete(keys=[key], args=args))))
+            return Read("fetched", data, await self._keep_latest(key, data, keep))
         while True:
             token = secrets.token_hex(8)
             claim: list[str | int] = [received_at_ms, window_ms, self._lease_ms, token, keep]
@@ -175,13 +174,31 @@ class ReadCache:
             # The read went away without an outcome (its worker died): try again.
 
     async def latest(self, key: str) -> Read:
-        """The last read of ``key``, whatever its age: what a skipped read publishes."""
-        data, fetched_at = await self._call(lambda: self._redis.hmget(key, ["data", "fetchedAt"]))
+        """The last read of ``key``, whatever its age: what a skipped read publishes (the hash's, or
+        the one a window-0 read kept, whichever answered last)."""
+        (data, fetched_at), kept = await self._call(
+            lambda: asyncio.gather(self._redis.hmget(key, ["data", "fetchedAt"]), self._redis.get(latest_read_key(key)))
+        )
+        at, _, kept_data = (kept or b"").partition(b":")
+        kept_at = _int(at) if kept_data else None
+        if kept_at is not None and (fetched_at is None or kept_at >= (_int(fetched_at) or 0)):
+            with contextlib.suppress(ValueError):  # not what the service writes: the hash's read stands
+                return Read("skipped", _loads(kept_data), kept_at)
         return Read("skipped", _loads(data), _int(fetched_at))
 
     async def invalidate(self, key: str, window_ms: int) -> None:
         """No read that started before now serves any event from now on (after a VEHICLE_ERROR)."""
         await self._call(lambda: self._invalidate(keys=[key], args=[window_ms + GRACE_MS]))
+
+    async def _keep_latest(self, key: str, data: Any, keep: int) -> int:
+        """Keep a window-0 read's data for a later skipped read, the last read to answer winning;
+        returns when it answered, by Redis's clock (core.redis.clock). It serves no other event, so
+        it goes in a key of its own in one plain ``SET``, not through a script, where Lua would
+        hash each byte of it (docs/architecture.md, "Shared Smartcar reads")."""
+        fetched_at: int = await self._call(self._clock.now_ms)
+        value = b"%d:%s" % (fetched_at, _dumps(data))
+        await self._call(lambda: self._redis.set(latest_read_key(key), value, px=keep))
+        return fetched_at
 
     async def _fetch(
         self, key: str, token: str, started_at: int, generation: int, keep: int, fetch: Callable[[], Awaitable[Any]]
