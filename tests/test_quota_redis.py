@@ -25,6 +25,7 @@ from core.redis.deployment_counts import DeploymentCounts, read_usage
 from core.redis.keys import APPLICATION_PAUSE_KEY, BUDGET_KEY, latest_read_key, read_key, vehicle_pause_key
 from core.smartcar.limiter import OverBudget, RequestLimiter
 from core.smartcar.reads import ReadCache
+from tests.test_redis_clock import DAY_MS, shifted
 
 T = TypeVar("T")
 KEY = read_key("signals", "vehicle-1", "user-1")
@@ -458,6 +459,20 @@ def test_a_read_on_every_event_is_kept_plainly_for_a_skipped_read_and_serves_no_
     assert run(redis_url, scenario) == [[], "fetched", ({"call": 1}, True), "fetched"]
     assert upstream.calls == 2
     assert 0 < redis_client.pttl(latest_read_key(KEY)) <= 600_000
+
+
+def test_a_read_on_every_event_is_dated_by_redis_s_clock_not_the_worker_s(redis_url):
+    """Against a Redis whose clock is a day ahead of this machine's, the read's ``fetchedAt`` is too."""
+
+    async def scenario() -> int:
+        client = shifted(redis_url, [1])
+        try:
+            got = await ReadCache(client, lease_seconds=10).read(KEY, now_ms(), 0, Upstream().fetch)
+            return (got.fetched_at or 0) - now_ms()
+        finally:
+            await client.aclose()
+
+    assert DAY_MS - 1000 < asyncio.run(scenario()) < DAY_MS + 1000
 
 
 def test_a_skipped_read_publishes_whichever_read_answered_last(redis_url):

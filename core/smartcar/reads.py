@@ -179,7 +179,7 @@ class ReadCache:
         (data, fetched_at), kept = await self._call(
             lambda: asyncio.gather(self._redis.hmget(key, ["data", "fetchedAt"]), self._redis.get(latest_read_key(key)))
         )
-        at, _, kept_data = (kept or b"").partition(b":")
+        at, _, kept_data = (kept.encode() if isinstance(kept, str) else kept or b"").partition(b":")
         kept_at = _int(at) if kept_data else None
         if kept_at is not None and (fetched_at is None or kept_at >= (_int(fetched_at) or 0)):
             with contextlib.suppress(ValueError):  # not what the service writes: the hash's read stands
