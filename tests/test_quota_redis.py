@@ -25,7 +25,7 @@ from core.redis.deployment_counts import DeploymentCounts, read_usage
 from core.redis.keys import APPLICATION_PAUSE_KEY, BUDGET_KEY, latest_read_key, read_key, vehicle_pause_key
 from core.smartcar.limiter import OverBudget, RequestLimiter
 from core.smartcar.reads import ReadCache
-from tests.test_redis_clock import DAY_MS, shifted
+from tests.test_redis_clock import DAY_MS, redis_ms, shifted
 
 T = TypeVar("T")
 KEY = read_key("signals", "vehicle-1", "user-1")
@@ -431,11 +431,6 @@ def test_a_read_key_names_no_user_id_and_expires(redis_url, redis_client):
 
     run(redis_url, scenario)
     assert 0 < redis_client.pttl(key) <= 1000 + 600_000
-
-
-def redis_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def test_a_read_on_every_event_is_kept_plainly_for_a_skipped_read_and_serves_no_cached_one(redis_url, redis_client):
