@@ -35,7 +35,7 @@ from cli.redis_admin import load_functions
 from cli.samples import SAMPLE_VEHICLE_ID, encode, sample_event
 from core.redis.acl import acl_rules
 from core.redis.keys import text, vehicle_state_key
-from core.redis.published import OutputStream, StateChanged
+from core.redis.published import OutputStream, StateChanged, state_ttl_to_set
 from core.redis.vehicle_state import VehicleStates
 from service.app import create_app
 from tests.conftest import TOKEN, signed_headers
@@ -251,7 +251,7 @@ def test_times_are_read_off_the_front_and_older_layouts_are_still_compared_by_th
 
 def test_the_vehicle_and_the_ttl(redis_url, redis_client):
     """`_vehicle` is filled by any copy and replaced only by one read from the API; the TTL is set and
-    renewed on each change only; codes starting with `_` are never stored."""
+    renewed only by a change; codes starting with `_` are never stored."""
     key = vehicle_state_key(PREFIX, "v2")
     webhook_copy, api_copy = {"id": "v2", "make": "FORD"}, {"id": "v2", "make": "TESLA", "year": 2022}
     results = merge_now(
@@ -266,7 +266,7 @@ def test_the_vehicle_and_the_ttl(redis_url, redis_client):
     assert json.loads(raw["_vehicle"]) == api_copy
     assert raw["_eventId"] == "e3"
     assert set(raw) == {"_vehicle", "_updatedAt", "_eventId", "a"}
-    assert 0 < redis_client.ttl(key) <= 500
+    assert 500 <= redis_client.ttl(key) <= state_ttl_to_set(500)
     redis_client.expire(key, 50)
     [unchanged] = merge_now(redis_url, ("v2", "e4", [reading("a", 1, 1, 1)], api_copy, True), ttl=500)
     assert unchanged == MergeResult(changed=False, stale_signals=["a"])
@@ -274,6 +274,32 @@ def test_the_vehicle_and_the_ttl(redis_url, redis_client):
     assert text(redis_client.hget(key, "_eventId")) == "e3"
     merge_now(redis_url, ("v2", "e5", [reading("a", 3, 3, 3)]), ttl=500)
     assert redis_client.ttl(key) > 50
+
+
+def test_a_merge_renews_the_ttl_only_when_it_is_below_the_state_ttl(redis_url, redis_client):
+    """A state lives at least the state TTL after its last change, and no merge writes an EXPIRE
+    while the TTL set by an earlier one is still above the state TTL."""
+    key, ttl = vehicle_state_key(PREFIX, "v-ttl"), 1000
+    redis_client.delete(key)
+
+    def merge(n: int) -> int:
+        before = int(redis_client.info("commandstats").get("cmdstat_expire", {}).get("calls", 0))
+        assert merge_now(redis_url, ("v-ttl", f"e{n}", [reading("a", n, n, n)]), ttl=ttl)[0].changed
+        assert redis_client.pttl(key) >= ttl * 1000 - 1000  # at least the state TTL after this change
+        return int(redis_client.info("commandstats").get("cmdstat_expire", {}).get("calls", 0)) - before
+
+    assert merge(1) == 1  # a new state gets its TTL
+    assert redis_client.ttl(key) > ttl
+    assert [merge(n) for n in (2, 3, 4)] == [0, 0, 0]  # still above the state TTL: left alone
+    redis_client.expire(key, 5 * ttl)  # a longer TTL is never shortened
+    assert merge(5) == 0
+    assert redis_client.ttl(key) > 4 * ttl
+    redis_client.expire(key, ttl - 2)  # below it: the next merge renews
+    assert merge(6) == 1
+    assert ttl < redis_client.ttl(key) <= state_ttl_to_set(ttl)
+    redis_client.persist(key)  # a state without a TTL (not written by the service) gets one
+    assert merge(7) == 1
+    assert redis_client.ttl(key) > ttl
 
 
 def test_a_state_holding_what_the_service_never_writes_is_merged_over(redis_url, redis_client):
@@ -444,7 +470,7 @@ def test_a_refused_entry_leaves_its_event_unmarked_and_its_merged_state_expiring
     redis_client.delete(key)
     redis_client.set("not-a-stream", "a string")
     assert asyncio.run(scenario()) is False
-    assert 0 < redis_client.ttl(key) <= 600
+    assert 600 <= redis_client.ttl(key) <= state_ttl_to_set(600)
 
 
 def test_a_publish_inside_the_callers_outage_handling_still_retries_a_conflict(redis_url, redis_client):
@@ -782,7 +808,7 @@ def test_vehicle_state_command(pipeline, redis_client, tmp_path):
     check_vehicle_state_report(report)
     state = state_of(redis_client)
     assert report["eventId"] == state["_eventId"]
-    assert 0 < report["expiresInSeconds"] <= pipeline.vehicle_state_ttl_seconds
+    assert 0 < report["expiresInSeconds"] <= state_ttl_to_set(pipeline.vehicle_state_ttl_seconds)
     for code, value in state.items():
         if not code.startswith("_"):
             shown = report["signals"][code]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Mapping
 from itertools import chain
@@ -24,13 +25,14 @@ _MARKS = (
     LIBRARY
     + NOW_MS
     + """
--- ARGV[1] 'check': the marks head (ids.open's five), retention ms, then per event: job id, digest,
--- state key ('' when it merges nothing), state token. Returns the output stream's MINID, Redis's
--- clock in ms (0 when no event merges), then per event a verdict (1 publish; 0 published already;
--- -1 its vehicle's state changed since the worker read it) and the state's _updatedAt as read.
--- ARGV[1] 'mark', KEYS[1] the output stream: the marks head, the guard prefix and ms, the state TTL
--- seconds, then per event: digest, job id, state key ('' when it merges nothing). Run in the
--- transaction after the entries: renews each merged state's TTL (merged whatever follows), then sets
+-- ARGV[1] 'check': the marks head (ids.open's five), retention ms, the state TTL in ms, then per
+-- event: job id, digest, state key ('' when it merges nothing), state token. Returns the output
+-- stream's MINID, Redis's clock in ms (0 when no event merges), then per event a verdict (1 publish;
+-- 2 publish and renew the state's TTL, which is below the state TTL; 0 published already; -1 its
+-- vehicle's state changed since the worker read it) and the state's _updatedAt as read.
+-- ARGV[1] 'mark', KEYS[1] the output stream: the marks head, the guard prefix and ms, the TTL to set
+-- in seconds, then per event: digest, job id, state key to renew ('' for none). Run in the
+-- transaction after the entries: renews those states' TTL (merged whatever follows), then sets
 -- each event's mark to published and its guard; no mark when the stream is not one (its entries
 -- were refused: the transaction's error says so). Returns 1, or 0 when nothing was marked.
 local st = ids.open(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
@@ -52,7 +54,8 @@ if ARGV[1] == 'mark' then
   return stream and 1 or 0
 end
 local replies = {string.format('%d', math.max(0, math.floor(st.now * 1000) - tonumber(ARGV[7]))), 0}
-for at = 8, #ARGV, 4 do
+local renew_below = tonumber(ARGV[8])
+for at = 9, #ARGV, 4 do
   local head, field = ids.locate(ARGV[at + 1])
   local verdict, before = 1, ''
   if ids.find(st, head, field) == '2' or (st.legacy and redis.call('EXISTS', st.legacy .. ARGV[at]) == 1) then
@@ -62,6 +65,7 @@ for at = 8, #ARGV, 4 do
     if (held[1] or '') .. ':' .. (held[2] or '') == ARGV[at + 3] then
       before = held[1] or ''
       if replies[2] == 0 then replies[2] = now_ms() end
+      if redis.call('PTTL', ARGV[at + 2]) < renew_below then verdict = 2 end
     else
       verdict = -1
     end
@@ -96,6 +100,15 @@ MAX_BATCH = 64
 #: How long an event's publish guard stays after the transaction that set it. A publisher of the same
 #: event that watched it before then aborts; one that comes after finds the mark.
 GUARD_MS = 1000
+#: A merged state's TTL is set this share above the state TTL and renewed only by a merge that finds
+#: it below the state TTL: a state still lives at least the state TTL after its last change (at most
+#: 1 % longer), and most merges of a vehicle that reports often write no EXPIRE.
+STATE_TTL_HEADROOM = 0.01
+
+
+def state_ttl_to_set(ttl_seconds: int) -> int:
+    """The TTL a merge that renews sets on the state, in seconds."""
+    return ttl_seconds + max(1, math.ceil(ttl_seconds * STATE_TTL_HEADROOM))
 
 
 class StateChanged(Exception):
@@ -162,7 +175,7 @@ class OutputStream:
         digests = [job_digest(job_id) for job_id in jobs]
         merges = [merge if merge is not None and merge.writes else None for _, _, merge in events]
         head = self.marks.head()
-        check: list[Any] = ["check", *head, self.retention_seconds * 1000]
+        check: list[Any] = ["check", *head, self.retention_seconds * 1000, self.state_ttl_seconds * 1000]
         for job_id, digest, merge in zip(jobs, digests, merges, strict=True):
             check += [job_id, digest, *((merge.key, merge.token) if merge else ("", b""))]
         results: list[str | Exception | None] = [None] * len(events)
@@ -172,7 +185,7 @@ class OutputStream:
             min_id, now_ms, *verdicts = await self._check(pipe, check)
             pipe.multi()  # type: ignore[no-untyped-call]
             queued, published, merged = 0, set(), set()
-            marks: list[Any] = ["mark", *head, PUBLISHING_PREFIX, GUARD_MS, self.state_ttl_seconds]
+            marks: list[Any] = ["mark", *head, PUBLISHING_PREFIX, GUARD_MS, state_ttl_to_set(self.state_ttl_seconds)]
             for at, (event_id, fields, _) in enumerate(events):
                 job_id, merge, verdict = jobs[at], merges[at], verdicts[2 * at]
                 if verdict == 0 or job_id in published:
@@ -191,7 +204,7 @@ class OutputStream:
                 )
                 entries.append((at, queued))
                 queued += 1
-                marks += [digests[at], job_id, merge.key if merge else ""]
+                marks += [digests[at], job_id, merge.key if merge and verdict == 2 else ""]
             if not entries:
                 return results
             pipe.execute_command(*_MARKS_FN.command([self.stream], marks))
