@@ -49,6 +49,28 @@ def test_a_changed_function_gets_a_new_name_and_both_versions_coexist(redis_clie
     assert new.bind(redis_client)() == b"new"
     assert old.bind(redis_client)() == b"old"
     assert LuaFunction("coexist_probe", "return 'old'").redis_name == old.redis_name
+    assert LuaFunction("coexist_probe", "return 'old'", prelude="-- helpers\n").redis_name != old.redis_name
+
+
+def test_a_prelude_runs_once_when_redis_loads_the_library(redis_client):
+    """Helpers in a prelude are defined at load, not on every call: a counter kept there survives
+    between calls (in the callback it would start again at each call)."""
+    probe = LuaFunction(
+        "prelude_probe",
+        "return bump()",
+        prelude="local calls = 0\nlocal function bump()\n  calls = calls + 1\n  return calls\nend\n",
+    )
+    call = probe.bind(redis_client)
+    assert [call(), call(), call()] == [1, 2, 3]
+
+
+def test_the_marks_helpers_are_defined_at_load_in_every_function_that_uses_them():
+    all_functions()
+    users = [f for f in FUNCTIONS.values() if "ids.open(" in f.code]
+    assert {"enqueue", "publish_marks", "recall", "park", "replay_parked"} <= {f.name for f in users}
+    for function in users:
+        callback = function.code.split("callback=function(KEYS, ARGV)", 1)[1]
+        assert "function ids." not in callback, function.name
 
 
 def test_one_name_cannot_be_defined_twice_with_different_code():

@@ -1,5 +1,5 @@
 """Remembered ``eventId``s, one small-hash field each: the edge's dedupe, the publish mark, the parked mark;
-:data:`LIBRARY` is prepended to every script that checks or writes a mark (layout and growth:
+:data:`LIBRARY` is the prelude of every function that checks or writes a mark (layout and growth:
 docs/architecture.md, "Remembered eventIds"; memory and false duplicates: docs/capacity.md)."""
 
 from __future__ import annotations

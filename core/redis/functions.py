@@ -19,7 +19,7 @@ from rq.scripts import ACQUIRE_OR_REFRESH_LOCK_SCRIPT, RELEASE_LOCK_SCRIPT
 
 PREFIX = "smartcar_ingest_"
 
-#: Lua, for a script to begin with: ``now_ms()``, Redis's clock in whole epoch milliseconds.
+#: Lua, for a script or a prelude to begin with: ``now_ms()``, Redis's clock in whole epoch milliseconds.
 NOW_MS = """local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -32,19 +32,20 @@ class MissingFunction(ResponseError):
 
 
 class LuaFunction:
-    """One Lua script (``KEYS`` and ``ARGV`` as for ``EVAL``), run in Redis as a function."""
+    """One Lua script (``KEYS`` and ``ARGV`` as for ``EVAL``), run in Redis as a function. Its
+    ``prelude`` (helpers it calls) is run once, when Redis loads the library, not on every call."""
 
-    def __init__(self, name: str, source: str, read_only: bool = False, arity: int = 0) -> None:
+    def __init__(self, name: str, source: str, read_only: bool = False, arity: int = 0, prelude: str = "") -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
             raise ValueError(f"a function name is lower-case letters, digits and _: {name!r}")
         self.name = name
         #: The arguments of one item, for a function that runs its script once per item (core.redis.group).
         self.arity = arity
-        digest = hashlib.sha256(f"{read_only}\n{source}".encode()).hexdigest()[:12]
+        digest = hashlib.sha256(f"{read_only}\n{prelude}\n{source}".encode()).hexdigest()[:12]
         self.redis_name = f"{PREFIX}{name}_{digest}"
         flags = "'no-writes'" if read_only else ""
         self.code = (
-            f"#!lua name={self.redis_name}\n"
+            f"#!lua name={self.redis_name}\n{prelude}"
             f"redis.register_function{{function_name='{self.redis_name}', flags={{{flags}}},"
             f" callback=function(KEYS, ARGV)\n{source}\nend}}\n"
         )
@@ -114,8 +115,8 @@ class LuaFunction:
 FUNCTIONS: dict[str, LuaFunction] = {}
 
 
-def lua_function(name: str, source: str, read_only: bool = False, arity: int = 0) -> LuaFunction:
-    function = LuaFunction(name, source, read_only, arity)
+def lua_function(name: str, source: str, read_only: bool = False, arity: int = 0, prelude: str = "") -> LuaFunction:
+    function = LuaFunction(name, source, read_only, arity, prelude)
     known = FUNCTIONS.setdefault(name, function)
     if known.code != function.code:
         raise ValueError(f"two Lua functions are named {name!r}")

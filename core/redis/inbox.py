@@ -28,9 +28,7 @@ from core.redis.jobs import JobOptions, build_job_hash, job_payload, spliced_job
 from core.redis.keys import STAGED_JOB_PREFIX, job_id_for, queue_key
 from core.redis.parked import ParkedStream
 
-_ENQUEUE_MANY = (
-    LIBRARY
-    + """
+_ENQUEUE_MANY = """
 -- KEYS: queue list, RQ's set of queues. ARGV: ids.open's five, job and staged job key prefixes, then
 -- per event its job id and digest. Per event 1 (its staged hash renamed to the job) or 0 (seen: the
 -- staged hash dropped); why so: docs/architecture.md, "Accepting a delivery".
@@ -52,8 +50,7 @@ end
 redis.call('SADD', KEYS[2], KEYS[1])
 return results
 """
-)
-_ENQUEUE_MANY_FN = lua_function("enqueue", _ENQUEUE_MANY)
+_ENQUEUE_MANY_FN = lua_function("enqueue", _ENQUEUE_MANY, prelude=LIBRARY)
 
 
 class DirectScript:

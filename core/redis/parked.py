@@ -25,9 +25,7 @@ from core.redis.keys import job_id_for, queue_key, text
 COUNT_SCAN_LIMIT = 10_000
 _COUNT_BATCH = 500
 
-_PARK = (
-    LIBRARY
-    + """
+_PARK = """
 -- KEYS: parked stream. ARGV: the marks head (ids.open's five), job id ('' without an eventId),
 -- digest, mark (digest of reason and body), retention ms, then the entry's field/value pairs.
 -- Returns the new entry id, or false when parked already for the same reason and body.
@@ -43,12 +41,9 @@ ids.put(st, head, field, ARGV[8])
 local min_id = math.max(0, math.floor(st.now * 1000) - tonumber(ARGV[9]))
 return redis.call('XADD', KEYS[1], 'MINID', '~', string.format('%d', min_id), '*', unpack(ARGV, 10))
 """
-)
-_PARK_FN = lua_function("park", _PARK)
+_PARK_FN = lua_function("park", _PARK, prelude=LIBRARY)
 
-_REQUEUE = (
-    LIBRARY
-    + """
+_REQUEUE = """
 -- KEYS: job hash, queue list, RQ's set of queues, parked stream. ARGV: parked entry id, job id,
 -- the marks head (ids.open's five), digest, then the job hash as field/value pairs.
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -67,8 +62,7 @@ ids.forget(st, head, field)
 if ARGV[7] ~= '' then redis.call('DEL', ARGV[7] .. ARGV[2]) end
 return 1
 """
-)
-_REQUEUE_FN = lua_function("replay_parked", _REQUEUE)
+_REQUEUE_FN = lua_function("replay_parked", _REQUEUE, prelude=LIBRARY)
 
 # Counted inside Redis, so only the counts cross the network; one call per batch keeps each short.
 _COUNT_REASONS = """

@@ -21,10 +21,7 @@ from core.redis.group import GroupCommit
 from core.redis.keys import EVENT_IDS_KEY, PUBLISHED_PREFIX, PUBLISHING_PREFIX, job_id_for, text
 from core.redis.vehicle_state import MergePlan
 
-_MARKS = (
-    LIBRARY
-    + NOW_MS
-    + """
+_MARKS = """
 -- ARGV[1] 'check': the marks head (ids.open's five), retention ms, the state TTL in ms, then per
 -- event: job id, digest, state key ('' when it merges nothing), state token. Returns the output
 -- stream's MINID, Redis's clock in ms (0 when no event merges), then per event a verdict (1 publish;
@@ -75,12 +72,9 @@ for at = 9, #ARGV, 4 do
 end
 return replies
 """
-)
-_MARKS_FN = lua_function("publish_marks", _MARKS)
+_MARKS_FN = lua_function("publish_marks", _MARKS, prelude=LIBRARY + NOW_MS)
 
-RECALL = (
-    LIBRARY
-    + """
+RECALL = """
 -- ARGV: the marks head (registry, ttl, width, clock, legacy prefix), job id, digest.
 -- Returns the remembered value, or 'legacy:<value>' when only a per-key mark of an earlier version has it.
 local st = ids.open(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
@@ -93,8 +87,7 @@ if st.legacy then
 end
 return false
 """
-)
-RECALL_FN = lua_function("recall", RECALL)
+RECALL_FN = lua_function("recall", RECALL, prelude=LIBRARY)
 
 MAX_BATCH = 64
 #: How long an event's publish guard stays after the transaction that set it. A publisher of the same

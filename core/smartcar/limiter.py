@@ -32,9 +32,7 @@ ADMIT_BATCH = 256
 # its vehicle's pause key ('' for none), 1 to reserve a budget slot (0: look at the pauses only),
 # longest wait ms. Returns {admitted 0/1, wait ms, cause} per request, flat; admitted with a
 # reservation means the slot is taken. The requests of one call are admitted in order, on one clock.
-_ADMIT = (
-    NOW_MS
-    + """
+_ADMIT = """
 local now = now_ms()
 local app = tonumber(redis.call('HGET', KEYS[2], 'until')) or 0
 local interval, tolerance = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -81,13 +79,10 @@ if reserved then
 end
 return results
 """
-)
-_ADMIT_FN = lua_function("admit_requests", _ADMIT)
+_ADMIT_FN = lua_function("admit_requests", _ADMIT, prelude=NOW_MS)
 
 # KEYS: the pause hash. ARGV: Retry-After ms (-1: none), base ms, cap ms. Returns the pause left, ms.
-_PAUSE = (
-    NOW_MS
-    + """
+_PAUSE = """
 local now = now_ms()
 local held = redis.call('HMGET', KEYS[1], 'until', 'strikes')
 local until_ms = tonumber(held[1]) or 0
@@ -102,8 +97,7 @@ redis.call('HSET', KEYS[1], 'until', until_ms, 'strikes', strikes)
 redis.call('PEXPIRE', KEYS[1], until_ms - now + tonumber(ARGV[3]))
 return until_ms - now
 """
-)
-_PAUSE_FN = lua_function("pause_requests", _PAUSE)
+_PAUSE_FN = lua_function("pause_requests", _PAUSE, prelude=NOW_MS)
 
 
 class OverBudget(SmartcarRateLimited):
