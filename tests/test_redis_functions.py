@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from cli.redis_admin import FUNCTION_MODULES, all_functions, load_functions
+from core.redis.dedupe import LIBRARY
 from core.redis.functions import FUNCTIONS, PREFIX, FunctionsRedis, LuaFunction, lua_function
 from tests.procs import RedisServer
 
@@ -62,6 +63,21 @@ def test_a_prelude_runs_once_when_redis_loads_the_library(redis_client):
     )
     call = probe.bind(redis_client)
     assert [call(), call(), call()] == [1, 2, 3]
+
+
+def test_a_marks_hash_number_is_the_text_earlier_releases_named_it_by(redis_client):
+    """ids.shard formats an integer, as Lua's own number formatting did before it: marks written
+    by an earlier release stay where a lookup reads them, whatever the digest and the shard bits."""
+    probe = LuaFunction(
+        "shard_probe",
+        "local g = {div = 2 ^ (32 - tonumber(ARGV[2]))}\n"
+        "return {ids.shard(tonumber(ARGV[1]), g), tostring(math.floor(tonumber(ARGV[1]) / g.div))}",
+        prelude=LIBRARY,
+    )
+    call = probe.bind(redis_client)
+    for head in (0, 1, 65_535, 2**31, 3_000_000_007, 2**32 - 1):
+        for bits in (0, 1, 4, 13, 24):
+            assert call(args=[head, bits]) == [str(head >> (32 - bits)).encode()] * 2
 
 
 def test_the_marks_helpers_are_defined_at_load_in_every_function_that_uses_them():

@@ -213,6 +213,50 @@ def test_each_script_can_run_again_after_a_lost_answer(redis_url, redis_client):
     assert redis_client.hget("rq:worker:w1", "successful_job_count") == b"1"
 
 
+def test_the_finish_keeps_each_result_as_its_result_ttl_says(redis_url, redis_client):
+    """As RQ: a result TTL of 0 deletes the job, a negative one keeps it and its result for good, a
+    positive one expires both and scores the finished registry at the end plus the TTL."""
+    from redis.asyncio import Redis as AsyncRedis
+
+    from core.redis.jobs import JobOptions, build_job_hash, job_payload
+
+    ids = {}
+    for ttl in (0, -1, 100):
+        options = JobOptions(queue=QUEUE, retries=0, result_ttl_seconds=ttl)
+        job_id, mapping = build_job_hash(job_payload(f"ttl{ttl}", "VEHICLE_STATE", "{}", 0), options)
+        redis_client.hset(Job.key_for(job_id), mapping=mapping)
+        redis_client.rpush(f"rq:queue:{QUEUE}", job_id)
+        ids[ttl] = job_id
+
+    async def scenario() -> None:
+        client = AsyncRedis.from_url(redis_url)
+        books = batch.Bookkeeping(client, QUEUE, "w1")
+        started = await books.start(await books.claim(10), 90)
+        for claimed_job in started:
+            claimed_job.result = {"ok": True}
+        assert await books.finish(started) == 3
+        await client.aclose()
+
+    before = time.time()
+    asyncio.run(scenario())
+    after = time.time()
+    finished = dict(redis_client.zrange(f"rq:finished:{QUEUE}", 0, -1, withscores=True))
+    assert not redis_client.exists(Job.key_for(ids[0]))
+    assert ids[0].encode() not in finished
+    kept = fetch(redis_client, ids[-1])
+    assert kept.get_status() == JobStatus.FINISHED
+    assert kept.return_value() == {"ok": True}
+    assert redis_client.ttl(Job.key_for(ids[-1])) == -1
+    assert redis_client.ttl(Result.get_key(ids[-1])) == -1
+    assert finished[ids[-1].encode()] == float("inf")
+    expiring = fetch(redis_client, ids[100])
+    assert expiring.get_status() == JobStatus.FINISHED
+    assert expiring.return_value() == {"ok": True}
+    assert 0 < redis_client.ttl(Job.key_for(ids[100])) <= 100
+    assert 0 < redis_client.ttl(Result.get_key(ids[100])) <= 100
+    assert before + 100 - 1 <= finished[ids[100].encode()] <= after + 100
+
+
 def test_a_job_with_its_body_as_text_is_read_as_rq_reads_it(redis_url, redis_client):
     """Jobs written with the body as a JSON string (replay, the spool's drain, RQ's own enqueue)
     share the spliced jobs' head and tail; the worker must not take them for spliced ones."""

@@ -86,35 +86,35 @@ _FINISH = """
 -- KEYS: the started registry, the finished registry, the worker's execution set, the worker's hash
 -- ARGV: job key prefix, execution key prefix, results key prefix, ended_at (RQ's text form), now
 --       (seconds), working seconds, worker name, RQ's result type for success, then per job: job id,
---       composite key, result TTL, return value (RQ's serialized form), execution id, execution
---       start (seconds)
+--       composite key, result TTL, its finished registry score ('' for a TTL of 0: the job is
+--       deleted; '+inf' for a negative one: kept), return value (RQ's serialized form), execution
+--       id, execution start (seconds). Numbers come as text and go out as given: Lua would format
+--       each one it computed.
 -- Returns how many jobs were recorded; a job whose execution is no longer registered (recorded by
 -- an earlier attempt, or taken back by a reaper) is skipped.
 local composites = {}
-for i = 9, #ARGV, 6 do composites[#composites + 1] = ARGV[i + 1] end
+for i = 9, #ARGV, 7 do composites[#composites + 1] = ARGV[i + 1] end
 local scores = redis.call('ZMSCORE', KEYS[1], unpack(composites))
 local finished, done = {}, 0
 for n, score in ipairs(scores) do
   if score then
-    local i = 9 + (n - 1) * 6
-    local id, composite, ttl = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+    local i = 9 + (n - 1) * 7
+    local id, composite, ttl, score = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     local job = ARGV[1] .. id
     redis.call('DEL', ARGV[2] .. composite)
-    if ttl == 0 then
+    if score == '' then
       redis.call('DEL', job)
     else
       redis.call('HSET', job, 'status', 'finished', 'ended_at', ARGV[4])
       local results = ARGV[3] .. id
       redis.call('XADD', results, 'MAXLEN', '~', '10', '*', 'type', ARGV[8], 'worker_name', ARGV[7],
-        'return_value', ARGV[i + 3], 'execution_id', ARGV[i + 4], 'execution_started_at', ARGV[i + 5],
+        'return_value', ARGV[i + 4], 'execution_id', ARGV[i + 5], 'execution_started_at', ARGV[i + 6],
         'execution_ended_at', ARGV[5])
-      if ttl > 0 then
+      if score ~= '+inf' then
         redis.call('EXPIRE', job, ttl)
         redis.call('EXPIRE', results, ttl)
-        finished[#finished + 1] = tonumber(ARGV[5]) + ttl
-      else
-        finished[#finished + 1] = '+inf'
       end
+      finished[#finished + 1] = score
       finished[#finished + 1] = id
     end
     done = done + 1
@@ -235,10 +235,12 @@ class Bookkeeping:
                 return_value=claimed_job.result,
                 serializer=serializer,
             ).serialize()["return_value"]
+            ttl = claimed_job.field(b"result_ttl", 500)
             args += [
                 claimed_job.job_id,
                 claimed_job.composite,
-                claimed_job.field(b"result_ttl", 500),
+                ttl,
+                "" if ttl == 0 else "+inf" if ttl < 0 else repr(ended.timestamp() + ttl),
                 value,
                 claimed_job.execution_id,
                 started,
