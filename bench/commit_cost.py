@@ -91,7 +91,7 @@ async def _measure(url: str, rounds: int, count: int) -> dict[str, list[float]]:
             client = AsyncRedis.from_url(url)
             before = redis_cpu(sync)
             await run(client, events)
-            figures[name].append((redis_cpu(sync) - before) * 1e6 / count)
+            figures[name].append((redis_cpu(sync) - before).total * 1e6 / count)
             await client.aclose()
     sync.close()
     return figures
