@@ -8,6 +8,10 @@ publishes), the vehicle-state plan and the publish with its merge, finish. No Sm
 store and no housekeeping, so nothing depends on wall time. Only the drain is instrumented. It
 prints instructions (callgrind's Ir) per event, Redis commands per event (``INFO commandstats``,
 scripts' inner calls counted one by one) and bytes in and out per event.
+
+By default the events are the worker benchmark's: 2,000 vehicles, so most events are a vehicle's
+first. ``--vehicles N`` spreads them over N vehicles reporting every minute, as a fleet in its steady
+state: nearly every event merges newer readings into the state its vehicle already has.
 """
 
 from __future__ import annotations
@@ -78,7 +82,17 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--out", default=None, help="callgrind's output file (default: a temporary one)")
+    parser.add_argument(
+        "--vehicles",
+        type=int,
+        default=None,
+        help="a fleet of this many vehicles (at least --concurrency) reporting every minute, so that each "
+        "event merges into its vehicle's state (default: the worker benchmark's fleet, most events a "
+        "vehicle's first, captured times as they are)",
+    )
     args = parser.parse_args()
+    if args.vehicles is not None and args.vehicles < args.concurrency:
+        parser.error("--vehicles must be at least --concurrency: a batch holds one event a vehicle")
     scratch = tempfile.mkdtemp(prefix="smartcar-ingest-redis-ir-")
     out = args.out or f"{scratch}/callgrind.out"
     launcher = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}")
@@ -90,7 +104,10 @@ def main() -> None:
     toggle = ["callgrind_control", "-i"]
     try:
         load_functions(url)
-        bodies = fleet_bodies(WARM_UP + args.events)
+        if args.vehicles is None:
+            bodies = fleet_bodies(WARM_UP + args.events)
+        else:
+            bodies = fleet_bodies(WARM_UP + args.events, args.vehicles, every_ms=60_000)
         before = redis_traffic(client)
         for measured, batch in enumerate((bodies[:WARM_UP], bodies[WARM_UP:])):  # warm-up: functions, registries
             asyncio.run(_enqueue_bodies(url, QUEUE, batch))

@@ -105,15 +105,22 @@ async def _enqueue_for(redis_url: str, queue: str, users: list[SeedUser]) -> Non
         await client.aclose()
 
 
-def fleet_bodies(count: int) -> list[tuple[str, str]]:
+def fleet_bodies(count: int, vehicles: int = FLEET, every_ms: int = 0) -> list[tuple[str, str]]:
     """``count`` fleet-mix deliveries (the captured full-state deliveries in turn, 1.9-16 KB) for the
-    synthetic fleet's users and vehicles, each with a fresh eventId: (eventId, compact body)."""
-    fleet = seed_fleet(FLEET)
+    first ``vehicles`` of the synthetic fleet's users and vehicles, each with a fresh eventId:
+    (eventId, compact body). With ``every_ms``, the fleet reports that often: each round of deliveries
+    carries readings that much newer than the round before (else the captured times, as they are)."""
+    fleet = seed_fleet(FLEET)[:vehicles]
     templates = fleet_documents()
     bodies = []
     for i in range(count):
         document = copy.deepcopy(templates[i % len(templates)])
-        user = fleet[i % FLEET]
+        user = fleet[i % vehicles]
+        for signal in document["data"]["signals"] if every_ms else ():
+            meta = signal.get("meta") or {}
+            for name in ("oemUpdatedAt", "retrievedAt"):
+                if isinstance(meta.get(name), int):
+                    meta[name] += every_ms * (i // vehicles)
         document["eventId"] = str(uuid.uuid4())
         document["data"]["user"]["id"] = user.id
         document["data"]["vehicle"]["id"] = user.vehicles[0].id
