@@ -28,7 +28,7 @@ import redis
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
 
-from bench.worker import _enqueue_bodies, command_stats, fleet_bodies, redis_traffic
+from bench.worker import FLEET, _enqueue_bodies, command_stats, fleet_bodies, redis_traffic
 from cli.redis_admin import load_functions
 from core.events.parse import parse_stored
 from core.redis.keys import read_key
@@ -93,6 +93,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.vehicles is not None and args.vehicles < args.concurrency:
         parser.error("--vehicles must be at least --concurrency: a batch holds one event a vehicle")
+    if args.vehicles is not None and args.vehicles > FLEET:
+        parser.error(f"--vehicles may be at most {FLEET}, the synthetic fleet's size")
     scratch = tempfile.mkdtemp(prefix="smartcar-ingest-redis-ir-")
     out = args.out or f"{scratch}/callgrind.out"
     launcher = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,8 @@ def test_a_changed_function_gets_a_new_name_and_both_versions_coexist(redis_clie
     assert old.bind(redis_client)() == b"old"
     assert LuaFunction("coexist_probe", "return 'old'").redis_name == old.redis_name
     assert LuaFunction("coexist_probe", "return 'old'", prelude="-- helpers\n").redis_name != old.redis_name
+    # Without a prelude, the name preludes found: an upgrade loads only the functions that changed.
+    assert old.redis_name == PREFIX + "coexist_probe_" + hashlib.sha256(b"False\nreturn 'old'").hexdigest()[:12]
 
 
 def test_a_prelude_runs_once_when_redis_loads_the_library(redis_client):
@@ -63,6 +66,8 @@ def test_a_prelude_runs_once_when_redis_loads_the_library(redis_client):
     )
     call = probe.bind(redis_client)
     assert [call(), call(), call()] == [1, 2, 3]
+    unterminated = LuaFunction("prelude_probe_unterminated", "return x", prelude="local x = 7")
+    assert unterminated.bind(redis_client)() == 7
 
 
 def test_a_marks_hash_number_is_the_text_earlier_releases_named_it_by(redis_client):

@@ -214,17 +214,19 @@ def test_each_script_can_run_again_after_a_lost_answer(redis_url, redis_client):
 
 
 def test_the_finish_keeps_each_result_as_its_result_ttl_says(redis_url, redis_client):
-    """As RQ: a result TTL of 0 deletes the job, a negative one keeps it and its result for good, a
-    positive one expires both and scores the finished registry at the end plus the TTL."""
+    """As RQ: a result TTL of 0 deletes the job, a negative one keeps it and its result for good
+    (scored +inf for -1, else the TTL), a positive one expires both and scores the finished registry
+    at the end plus the TTL; a TTL no EXPIRE takes (a job hash this service never writes) is cut,
+    and fails nothing."""
     from redis.asyncio import Redis as AsyncRedis
 
     from core.redis.jobs import JobOptions, build_job_hash, job_payload
 
     ids = {}
-    for ttl in (0, -1, 100):
-        options = JobOptions(queue=QUEUE, retries=0, result_ttl_seconds=ttl)
+    for ttl in (0, -1, -5, 100, 10**30):
+        options = JobOptions(queue=QUEUE, retries=0)
         job_id, mapping = build_job_hash(job_payload(f"ttl{ttl}", "VEHICLE_STATE", "{}", 0), options)
-        redis_client.hset(Job.key_for(job_id), mapping=mapping)
+        redis_client.hset(Job.key_for(job_id), mapping=mapping | {"result_ttl": str(ttl)})
         redis_client.rpush(f"rq:queue:{QUEUE}", job_id)
         ids[ttl] = job_id
 
@@ -234,7 +236,7 @@ def test_the_finish_keeps_each_result_as_its_result_ttl_says(redis_url, redis_cl
         started = await books.start(await books.claim(10), 90)
         for claimed_job in started:
             claimed_job.result = {"ok": True}
-        assert await books.finish(started) == 3
+        assert await books.finish(started) == 5
         await client.aclose()
 
     before = time.time()
@@ -249,12 +251,16 @@ def test_the_finish_keeps_each_result_as_its_result_ttl_says(redis_url, redis_cl
     assert redis_client.ttl(Job.key_for(ids[-1])) == -1
     assert redis_client.ttl(Result.get_key(ids[-1])) == -1
     assert finished[ids[-1].encode()] == float("inf")
+    assert finished[ids[-5].encode()] == -5
+    assert redis_client.ttl(Job.key_for(ids[-5])) == -1
     expiring = fetch(redis_client, ids[100])
     assert expiring.get_status() == JobStatus.FINISHED
     assert expiring.return_value() == {"ok": True}
     assert 0 < redis_client.ttl(Job.key_for(ids[100])) <= 100
     assert 0 < redis_client.ttl(Result.get_key(ids[100])) <= 100
     assert before + 100 - 1 <= finished[ids[100].encode()] <= after + 100
+    assert fetch(redis_client, ids[10**30]).get_status() == JobStatus.FINISHED
+    assert redis_client.ttl(Job.key_for(ids[10**30])) > 10**12
 
 
 def test_a_job_with_its_body_as_text_is_read_as_rq_reads_it(redis_url, redis_client):

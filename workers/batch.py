@@ -86,10 +86,10 @@ _FINISH = """
 -- KEYS: the started registry, the finished registry, the worker's execution set, the worker's hash
 -- ARGV: job key prefix, execution key prefix, results key prefix, ended_at (RQ's text form), now
 --       (seconds), working seconds, worker name, RQ's result type for success, then per job: job id,
---       composite key, result TTL, its finished registry score ('' for a TTL of 0: the job is
---       deleted; '+inf' for a negative one: kept), return value (RQ's serialized form), execution
---       id, execution start (seconds). Numbers come as text and go out as given: Lua would format
---       each one it computed.
+--       composite key, result TTL (negative: kept for good), its finished registry score as RQ
+--       gives it ('' for a TTL of 0: the job is deleted), return value (RQ's serialized form),
+--       execution id, execution start (seconds). Numbers come as text and go out as given: Lua
+--       would format each one it computed.
 -- Returns how many jobs were recorded; a job whose execution is no longer registered (recorded by
 -- an earlier attempt, or taken back by a reaper) is skipped.
 local composites = {}
@@ -99,10 +99,10 @@ local finished, done = {}, 0
 for n, score in ipairs(scores) do
   if score then
     local i = 9 + (n - 1) * 7
-    local id, composite, ttl, score = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    local id, composite, ttl, finished_score = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     local job = ARGV[1] .. id
     redis.call('DEL', ARGV[2] .. composite)
-    if score == '' then
+    if finished_score == '' then
       redis.call('DEL', job)
     else
       redis.call('HSET', job, 'status', 'finished', 'ended_at', ARGV[4])
@@ -110,11 +110,11 @@ for n, score in ipairs(scores) do
       redis.call('XADD', results, 'MAXLEN', '~', '10', '*', 'type', ARGV[8], 'worker_name', ARGV[7],
         'return_value', ARGV[i + 4], 'execution_id', ARGV[i + 5], 'execution_started_at', ARGV[i + 6],
         'execution_ended_at', ARGV[5])
-      if score ~= '+inf' then
+      if string.sub(ttl, 1, 1) ~= '-' then
         redis.call('EXPIRE', job, ttl)
         redis.call('EXPIRE', results, ttl)
       end
-      finished[#finished + 1] = score
+      finished[#finished + 1] = finished_score
       finished[#finished + 1] = id
     end
     done = done + 1
@@ -130,6 +130,21 @@ end
 return done
 """
 _FINISH_FN = lua_function("finish_jobs", _FINISH)
+
+#: A longer result TTL in a job hash (not one this service writes) is cut to this, which Redis's
+#: EXPIRE still takes: past it, EXPIRE would fail the finish of the whole batch halfway.
+MAX_RESULT_TTL_SECONDS = 10**15
+
+
+def finished_score(ttl: int, ended: datetime) -> str:
+    """A finished job's score in RQ's finished registry, as RQ's own ``FinishedJobRegistry.add`` gives
+    it (a TTL of -1: kept for good; another negative one: the TTL itself); '' for a TTL of 0 (RQ
+    deletes the job and does not register it)."""
+    if ttl == 0:
+        return ""
+    if ttl < 0:
+        return "+inf" if ttl == -1 else str(ttl)
+    return str(int(ended.timestamp()) + ttl)
 
 
 @dataclass
@@ -235,12 +250,12 @@ class Bookkeeping:
                 return_value=claimed_job.result,
                 serializer=serializer,
             ).serialize()["return_value"]
-            ttl = claimed_job.field(b"result_ttl", 500)
+            ttl = min(claimed_job.field(b"result_ttl", 500), MAX_RESULT_TTL_SECONDS)
             args += [
                 claimed_job.job_id,
                 claimed_job.composite,
                 ttl,
-                "" if ttl == 0 else "+inf" if ttl < 0 else repr(ended.timestamp() + ttl),
+                finished_score(ttl, ended),
                 value,
                 claimed_job.execution_id,
                 started,

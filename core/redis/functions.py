@@ -41,7 +41,10 @@ class LuaFunction:
         self.name = name
         #: The arguments of one item, for a function that runs its script once per item (core.redis.group).
         self.arity = arity
-        digest = hashlib.sha256(f"{read_only}\n{prelude}\n{source}".encode()).hexdigest()[:12]
+        if prelude and not prelude.endswith("\n"):
+            prelude += "\n"
+        # A function without a prelude keeps the name it had before preludes existed.
+        digest = hashlib.sha256(f"{read_only}\n{prelude}{source}".encode()).hexdigest()[:12]
         self.redis_name = f"{PREFIX}{name}_{digest}"
         flags = "'no-writes'" if read_only else ""
         self.code = (

@@ -22,11 +22,11 @@ from core.redis.keys import EVENT_IDS_KEY, PUBLISHED_PREFIX, PUBLISHING_PREFIX, 
 from core.redis.vehicle_state import MergePlan
 
 _MARKS = """
--- ARGV[1] 'check': the marks head (ids.open's five), retention ms, the state TTL in ms, then per
--- event: job id, digest, state key ('' when it merges nothing), state token. Returns the output
--- stream's MINID, Redis's clock in ms (0 when no event merges), then per event a verdict (1 publish;
--- 2 publish and renew the state's TTL, which is below the state TTL; 0 published already; -1 its
--- vehicle's state changed since the worker read it) and the state's _updatedAt as read.
+-- ARGV[1] 'check': the marks head (ids.open's five), retention ms, the PTTL below which a state is
+-- renewed, then per event: job id, digest, state key ('' when it merges nothing), state token.
+-- Returns the output stream's MINID, Redis's clock in ms (0 when no event merges), then per event a
+-- verdict (1 publish; 2 publish and renew the state's TTL; 0 published already; -1 its vehicle's
+-- state changed since the worker read it) and the state's _updatedAt as read.
 -- ARGV[1] 'mark', KEYS[1] the output stream: the marks head, the guard prefix and ms, the TTL to set
 -- in seconds, then per event: digest, job id, state key to renew ('' for none). Run in the
 -- transaction after the entries: renews those states' TTL (merged whatever follows), then sets
@@ -93,15 +93,22 @@ MAX_BATCH = 64
 #: How long an event's publish guard stays after the transaction that set it. A publisher of the same
 #: event that watched it before then aborts; one that comes after finds the mark.
 GUARD_MS = 1000
-#: A merged state's TTL is set this share above the state TTL and renewed only by a merge that finds
-#: it below the state TTL: a state still lives at least the state TTL after its last change (at most
-#: 1 % longer), and most merges of a vehicle that reports often write no EXPIRE.
+#: A merged state's TTL is set this share above the state TTL (at least a second above), and renewed
+#: only by a merge that finds less than the state TTL and half that headroom left: a state still
+#: lives at least the state TTL after its last change (the half is the margin for the time between
+#: the check and EXEC), at most the headroom longer, and most merges of a vehicle that reports often
+#: write no EXPIRE.
 STATE_TTL_HEADROOM = 0.01
 
 
 def state_ttl_to_set(ttl_seconds: int) -> int:
     """The TTL a merge that renews sets on the state, in seconds."""
     return ttl_seconds + max(1, math.ceil(ttl_seconds * STATE_TTL_HEADROOM))
+
+
+def state_ttl_renew_below_ms(ttl_seconds: int) -> int:
+    """A merge renews a state whose TTL is below this, in milliseconds."""
+    return ttl_seconds * 1000 + (state_ttl_to_set(ttl_seconds) - ttl_seconds) * 500
 
 
 class StateChanged(Exception):
@@ -168,7 +175,8 @@ class OutputStream:
         digests = [job_digest(job_id) for job_id in jobs]
         merges = [merge if merge is not None and merge.writes else None for _, _, merge in events]
         head = self.marks.head()
-        check: list[Any] = ["check", *head, self.retention_seconds * 1000, self.state_ttl_seconds * 1000]
+        check: list[Any] = ["check", *head, self.retention_seconds * 1000]
+        check.append(state_ttl_renew_below_ms(self.state_ttl_seconds))
         for job_id, digest, merge in zip(jobs, digests, merges, strict=True):
             check += [job_id, digest, *((merge.key, merge.token) if merge else ("", b""))]
         results: list[str | Exception | None] = [None] * len(events)
