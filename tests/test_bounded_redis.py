@@ -29,7 +29,9 @@ from core.config import Settings
 from core.redis.dedupe import (
     GROW_AT,
     SLOTS_PER_TTL,
+    Marks,
     event_marks,
+    job_digest,
     parked_marks,
     slot_width,
 )
@@ -195,6 +197,26 @@ def test_marks_stay_exact_when_a_slot_grows_new_generations(redis_url, redis_cli
     assert {redis_client.object("encoding", k) for k in keys} == {b"listpack"}
     assert max(redis_client.hlen(k) for k in keys) <= 128
     assert max(redis_client.hlen(k) for k in keys) >= GROW_AT  # the hash that made it grow
+
+
+def test_a_registry_rewritten_between_two_lookups_is_read_afresh(redis_client):
+    """The marks' library keeps the registry it parsed from call to call, but only for the same text:
+    a registry another writer changed (another release, an operator, a restore) is read again."""
+    registry, event_id = "probe:event-ids", "ev-rewritten"
+    marks = Marks(registry, WEEK, "", clock=lambda: 1_000.0)
+    digest = job_digest(job_id_for(event_id))
+    shard, field = "0", digest[4:]  # one hash a generation (0 bits): number 0
+    redis_client.delete(registry, f"{registry}:w-1:0:{shard}", f"{registry}:w-2:0:{shard}")
+    redis_client.set(registry, "999999:0:0:w-1")
+    redis_client.hset(f"{registry}:w-1:0:{shard}", field, "1")
+    assert recall(redis_client, marks, event_id) == b"1"
+    assert recall(redis_client, marks, event_id) == b"1"  # the second call reads the kept parse
+    redis_client.set(registry, "999999:0:0:w-2")
+    redis_client.hset(f"{registry}:w-2:0:{shard}", field, "2")
+    assert recall(redis_client, marks, event_id) == b"2"
+    redis_client.set(registry, "999999:0:0:w-2;999999:0:0:w-1")
+    redis_client.delete(f"{registry}:w-2:0:{shard}")
+    assert recall(redis_client, marks, event_id) == b"1"
 
 
 def test_a_remembered_event_costs_under_40_bytes_at_steady_state(redis_url, redis_client):

@@ -27,9 +27,33 @@ LIBRARY = f"""
 -- core/redis/dedupe.py: remembered eventIds, as fields of small time-bucketed hashes.
 local ids = {{}}
 
+-- The registries as last parsed, by key, kept from call to call by this library (Redis loads it
+-- once): a registry whose text is the one parsed before is not parsed again. Only a cache: any
+-- other text is parsed afresh, and a new library (a restart, a reload) starts empty.
+local parsed, parsed_count = {{}}, 0
+
+-- The entries of a registry's text, in order: {{expire_at, slot, generation}} (no generation for the
+-- legacy window's entry).
+function ids.entries(registry, raw)
+  local hit = parsed[registry]
+  if hit and hit.raw == raw then return hit.entries end
+  local entries = {{}}
+  for expire_at, t0, bits, slot in string.gmatch(raw, '(%d+):(%d+):(%d+):([%w-]+)') do
+    expire_at = tonumber(expire_at)
+    local g = slot ~= 'legacy' and ids.generation(registry, slot, expire_at, t0, tonumber(bits)) or nil
+    entries[#entries + 1] = {{expire_at = expire_at, slot = slot, gen = g}}
+  end
+  if not hit then
+    parsed_count = parsed_count + 1
+    if parsed_count > 16 then parsed, parsed_count = {{}}, 1 end
+  end
+  parsed[registry] = {{raw = raw, entries = entries}}
+  return entries
+end
+
 -- A family's state for this call. clock: '' for Redis's, else seconds; legacy: the per-key mark
 -- prefix of earlier versions, '' for none. The registry ('<until>:0:0:legacy' during the legacy
--- window, then the generations, newest first) is parsed lazily, as far as a lookup reads.
+-- window, then the generations, newest first) is read lazily, as far as a lookup reads.
 function ids.open(registry, ttl, width, clock, legacy)
   local now = tonumber(clock)
   if not now then
@@ -38,28 +62,26 @@ function ids.open(registry, ttl, width, clock, legacy)
   end
   local raw = redis.call('GET', registry)
   local st = {{registry = registry, ttl = tonumber(ttl), width = tonumber(width), now = now, gens = {{}},
-               legacy_prefix = legacy, fresh = not raw, done = not raw}}
-  if raw then st.next = string.gmatch(raw, '(%d+):(%d+):(%d+):([%w-]+)') end
+               legacy_prefix = legacy, fresh = not raw, done = not raw, read = 0}}
+  if raw then st.entries = ids.entries(registry, raw) end
   return st
 end
 
--- The i-th live generation, newest first (nil past the last), parsing the registry up to it.
+-- The i-th live generation, newest first (nil past the last), reading the registry up to it.
 function ids.gen(st, i)
   while not st.gens[i] and not st.done do
-    local expire_at, t0, bits, slot = st.next()
-    if not expire_at then
+    st.read = st.read + 1
+    local entry = st.entries[st.read]
+    if not entry then
       st.done = true
       if st.dropped then ids.save(st) end
+    elseif entry.expire_at <= st.now then
+      st.dropped = true
+    elseif entry.slot == 'legacy' then
+      st.legacy_until = entry.expire_at
+      if st.legacy_prefix ~= '' then st.legacy = st.legacy_prefix end
     else
-      expire_at = tonumber(expire_at)
-      if expire_at <= st.now then
-        st.dropped = true
-      elseif slot == 'legacy' then
-        st.legacy_until = expire_at
-        if st.legacy_prefix ~= '' then st.legacy = st.legacy_prefix end
-      else
-        st.gens[#st.gens + 1] = ids.generation(st, slot, expire_at, t0, tonumber(bits))
-      end
+      st.gens[#st.gens + 1] = entry.gen
     end
   end
   return st.gens[i]
@@ -137,13 +159,13 @@ function ids.slot_end(slot)
   return (tonumber(n) + 1) * tonumber(w)
 end
 
-function ids.generation(st, slot, expire_at, t0, bits)
+function ids.generation(registry, slot, expire_at, t0, bits)
   return {{slot = slot, expire_at = expire_at, t0 = t0, bits = bits, div = 2 ^ (32 - bits),
-          prefix = st.registry .. ':' .. slot .. ':' .. bits .. ':'}}
+          prefix = registry .. ':' .. slot .. ':' .. bits .. ':'}}
 end
 
 function ids.open_generation(st, slot, expire_at, bits)
-  local g = ids.generation(st, slot, expire_at, string.format('%d', st.now * 1000), bits)
+  local g = ids.generation(st.registry, slot, expire_at, string.format('%d', st.now * 1000), bits)
   table.insert(ids.all(st), 1, g)
   st.gen = g
   ids.save(st)
