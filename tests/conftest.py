@@ -76,6 +76,12 @@ def client(settings: Settings) -> Iterator[TestClient]:
         yield test_client
 
 
+def command_calls(client: redis.Redis, command: str) -> int:
+    """How many times Redis ran ``command`` (as ``INFO commandstats`` names it, e.g. ``function|load``)
+    since its counters were last reset; a function's inner calls count too."""
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
 def signed_headers(body: bytes, token: str = TOKEN) -> dict[str, str]:
     return {"content-type": "application/json", "sc-signature": sign(token.encode(), body)}
 

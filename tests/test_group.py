@@ -9,6 +9,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ResponseError
 
 from core.redis.group import GroupCommit, GroupedCall, grouped_function
+from tests.conftest import command_calls
 
 # One key, two arguments: append ARGV[1] to the list at KEYS[1]; 'boom' raises, 'none' returns nothing.
 _PUSH = grouped_function(
@@ -21,10 +22,6 @@ return {ARGV[1], ARGV[2]}
 """,
     arity=2,
 )
-
-
-def _fcalls(client) -> int:
-    return int(client.info("commandstats").get("cmdstat_fcall", {}).get("calls", 0))
 
 
 def test_concurrent_calls_share_one_function_call_and_each_gets_its_own_answer(redis_url, redis_client):
@@ -46,9 +43,9 @@ def test_concurrent_calls_share_one_function_call_and_each_gets_its_own_answer(r
         finally:
             await client.aclose()
 
-    before = _fcalls(redis_client)
+    before = command_calls(redis_client, "fcall")
     answers = asyncio.run(scenario())
-    assert _fcalls(redis_client) - before - 1 < len(words) / 4
+    assert command_calls(redis_client, "fcall") - before - 1 < len(words) / 4
     assert isinstance(answers[7], ResponseError)
     assert answers[20] is None
     plain = [w for w in words if w not in ("boom", "none")]

@@ -14,6 +14,7 @@ import redis
 from redis.asyncio import Redis
 
 from core.redis.clock import RedisClock
+from tests.conftest import command_calls
 
 DAY_MS = 86_400_000
 
@@ -21,10 +22,6 @@ DAY_MS = 86_400_000
 def redis_ms(client: redis.Redis) -> int:
     seconds, micros = client.time()
     return int(seconds) * 1000 + int(micros) // 1000
-
-
-def time_calls(client: redis.Redis) -> int:
-    return int(client.info("commandstats").get("cmdstat_time", {}).get("calls", 0))
 
 
 class Shifted(Redis):
@@ -105,13 +102,13 @@ def test_one_read_of_redis_s_clock_serves_every_caller_and_later_ones_are_taken_
         try:
             clock = RedisClock(client, refresh_seconds=0.3)
             first = await asyncio.gather(*(clock.now_ms() for _ in range(100)))
-            shared = time_calls(redis_client)
+            shared = command_calls(redis_client, "time")
             await asyncio.sleep(0.4)
             # The second reading is held: the call answers from the first all the same.
             later = await asyncio.wait_for(clock.now_ms(), timeout=10)
-            await until(lambda: time_calls(redis_client) == 2)
+            await until(lambda: command_calls(redis_client, "time") == 2)
             client.release.set()
-            return shared, later - max(first), time_calls(redis_client)
+            return shared, later - max(first), command_calls(redis_client, "time")
         finally:
             await client.aclose()
 

@@ -13,6 +13,7 @@ import redis
 from cli.redis_admin import FUNCTION_MODULES, all_functions, load_functions
 from core.redis.dedupe import LIBRARY
 from core.redis.functions import FUNCTIONS, PREFIX, FunctionsRedis, LuaFunction, lua_function
+from tests.conftest import command_calls
 from tests.procs import RedisServer
 
 PRODUCT = ("core", "service", "workers", "cli")
@@ -171,7 +172,7 @@ def test_callers_that_find_a_function_missing_together_load_it_once(redis_client
         redis_client.function_delete(function.redis_name)
 
     def loads() -> int:
-        return int(redis_client.info("commandstats").get("cmdstat_function|load", {}).get("calls", 0))
+        return command_calls(redis_client, "function|load")
 
     async def scenario(client: AsyncRedis) -> list[object]:
         call = function.bind(client)

@@ -38,7 +38,7 @@ from core.redis.keys import text, vehicle_state_key
 from core.redis.published import OutputStream, StateChanged, state_ttl_to_set
 from core.redis.vehicle_state import VehicleStates
 from service.app import create_app
-from tests.conftest import TOKEN, signed_headers
+from tests.conftest import TOKEN, command_calls, signed_headers
 from tests.contracts import check_vehicle_state, check_vehicle_state_report
 from tests.examples import examples
 from tests.pipeline import inject, outputs, run_worker_burst, worker_env
@@ -284,10 +284,10 @@ def test_a_merge_renews_the_ttl_only_when_it_is_below_the_state_ttl(redis_url, r
     redis_client.delete(key)
 
     def merge(n: int) -> int:
-        before = int(redis_client.info("commandstats").get("cmdstat_expire", {}).get("calls", 0))
+        before = command_calls(redis_client, "expire")
         assert merge_now(redis_url, ("v-ttl", f"e{n}", [reading("a", n, n, n)]), ttl=ttl)[0].changed
         assert redis_client.pttl(key) >= ttl * 1000  # at least the state TTL after this change
-        return int(redis_client.info("commandstats").get("cmdstat_expire", {}).get("calls", 0)) - before
+        return command_calls(redis_client, "expire") - before
 
     assert merge(1) == 1  # a new state gets its TTL
     assert redis_client.ttl(key) > ttl
