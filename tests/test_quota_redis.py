@@ -14,6 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import lz4.block
+import pydantic_core
 import pytest
 import redis
 from redis.asyncio import Redis
@@ -24,7 +26,7 @@ from core.redis import deployment_counts
 from core.redis.deployment_counts import DeploymentCounts, read_usage
 from core.redis.keys import APPLICATION_PAUSE_KEY, BUDGET_KEY, latest_read_key, read_key, vehicle_pause_key
 from core.smartcar.limiter import OverBudget, RequestLimiter
-from core.smartcar.reads import ReadCache
+from core.smartcar.reads import LZ4_MARK, MAX_KEPT_BYTES, ReadCache
 from tests.test_redis_clock import DAY_MS, redis_ms, shifted
 
 T = TypeVar("T")
@@ -500,6 +502,77 @@ def test_a_kept_read_that_is_not_what_the_service_writes_is_ignored(redis_url, r
         return (await cache.latest(KEY)).data
 
     assert run(redis_url, scenario) == "hash"
+
+
+def test_a_kept_read_is_stored_compressed_and_read_back_whole(redis_url, redis_client):
+    """A window-0 read is kept LZ4-compressed (the signals of the fleet mix shrink to about a quarter):
+    what a skipped read publishes is the answer exactly, numbers, unicode and all."""
+    answer = {"signals": [{"code": f"signal-{n}", "body": {"value": n / 7, "unit": "km"}} for n in range(100)]}
+    answer["note"] = "Zürich, 4 °C"
+
+    async def scenario(client: Redis) -> Any:
+        cache = ReadCache(client, lease_seconds=10)
+        await cache.read(KEY, now_ms(), 0, lambda: asyncio.sleep(0, answer))
+        return (await cache.latest(KEY)).data
+
+    assert run(redis_url, scenario) == answer
+    at, _, stored = redis_client.get(latest_read_key(KEY)).partition(b":")
+    assert int(at) > 0
+    assert stored.startswith(LZ4_MARK)
+    assert len(stored) < len(pydantic_core.to_json(answer)) / 2
+
+
+def test_a_kept_read_in_the_plain_form_of_earlier_releases_is_still_read(redis_url, redis_client):
+    """During an upgrade, workers of the last release keep reads as plain JSON: a skipped read in a new
+    worker publishes them as before."""
+
+    async def scenario(client: Redis) -> Any:
+        cache = ReadCache(client, lease_seconds=10)
+        await cache.read(KEY, now_ms(), WINDOW_MS, lambda: asyncio.sleep(0, "hash"))
+        redis_client.set(latest_read_key(KEY), b"%d:%s" % (now_ms() + 1000, b'{"kept":"plain"}'))
+        return (await cache.latest(KEY)).data
+
+    assert run(redis_url, scenario) == {"kept": "plain"}
+
+
+def _bomb() -> bytes:
+    """Valid JSON one byte larger than a kept read may be, compressed (260 KB)."""
+    return lz4.block.compress(b'"' + b"a" * (MAX_KEPT_BYTES - 1) + b'"')
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        pytest.param(lambda: b"", id="mark-alone"),
+        pytest.param(lambda: b"\x10\x00", id="short-size"),
+        pytest.param(lambda: lz4.block.compress(b'"x"')[:-1], id="truncated"),
+        pytest.param(lambda: b"\x05\x00\x00\x00" + b"\xff" * 12, id="not-lz4"),
+        pytest.param(lambda: lz4.block.compress(b"not json"), id="not-json"),
+        pytest.param(_bomb, id="bomb"),
+    ],
+)
+def test_a_kept_read_compressed_wrongly_is_ignored_without_inflating_it(redis_url, redis_client, stored):
+    """Redis contents are input: a kept read that does not inflate to JSON leaves the hash's read to
+    publish. A block claiming more than an answer may hold (here 64 MB from 260 KB) is refused before
+    anything is allocated for it."""
+    import tracemalloc
+
+    stored = LZ4_MARK + stored()
+
+    async def scenario(client: Redis) -> tuple[Any, int]:
+        cache = ReadCache(client, lease_seconds=10)
+        await cache.read(KEY, now_ms(), WINDOW_MS, lambda: asyncio.sleep(0, "hash"))
+        redis_client.set(latest_read_key(KEY), b"%d:%s" % (now_ms() + 1000, stored))
+        tracemalloc.start()
+        try:
+            data = (await cache.latest(KEY)).data
+            return data, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    data, peak = run(redis_url, scenario)
+    assert data == "hash"
+    assert peak < 4 * len(stored) + 1_000_000, f"{peak} bytes held to refuse {len(stored)} stored"
 
 
 def test_of_reads_on_every_event_the_last_to_answer_is_what_a_skipped_read_publishes(redis_url):
