@@ -303,7 +303,8 @@ def _dumps(value: Any) -> bytes:
 #: Marks a kept read's JSON as compressed, by a byte no JSON text starts with.
 LZ4_MARK = b"\x00"
 #: The most a kept read may inflate to: twice the largest answer the client accepts (written again as
-#: JSON, a number may be spelt longer: 1e9 as 1000000000.0).
+#: JSON, a number may be spelt longer: 1e9 as 1000000000.0). A kept read past it, only an answer near
+#: the client's limit, is ignored like anything else the service does not write.
 MAX_KEPT_BYTES = 2 * MAX_ANSWER_BYTES
 
 
