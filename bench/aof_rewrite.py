@@ -11,9 +11,9 @@ Here a private Redis (AOF on, no automatic rewrite) is filled with a fleet's eve
 edge's enqueue and the worker's Redis path as ``bench.redis_ir`` drives them (300 vehicles reporting
 every minute, the fleet mix's captures). It measures the AOF bytes an event writes (``a``), then
 rewrites three times: the child's CPU per rewrite (``INFO cpu`` children) and the base it writes
-(``B``), the median of each. A Redis whose data set stays that size (retention trims as much as events add) starts
-a rewrite every ``B * percentage / a`` events, so each event costs ``rewrite CPU * a / (B *
-percentage)``. Each configuration beside Redis's defaults, in the same run.
+(``B``), the median of each. A Redis whose data set stays that size (retention trims as much as
+events add) starts a rewrite every ``B * percentage / a`` events, so each event costs ``rewrite CPU
+* a / (B * percentage)``. Each configuration beside Redis's defaults, in the same run.
 """
 
 from __future__ import annotations
