@@ -12,6 +12,9 @@ scripts' inner calls counted one by one) and bytes in and out per event.
 By default the events are the worker benchmark's: 2,000 vehicles, so most events are a vehicle's
 first. ``--vehicles N`` spreads them over N vehicles reporting every minute, as a fleet in its steady
 state: nearly every event merges newer readings into the state its vehicle already has.
+``--windows`` reads with the default windows instead (a day for the vehicle, 5 minutes for the
+signals): the first read of each vehicle and call is made, the rest are served by it, as in a fleet
+that keeps reporting (each vehicle's read a day long, its signals four events in five).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -30,6 +34,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from bench.worker import FLEET, _enqueue_bodies, command_stats, fleet_bodies, redis_traffic
 from cli.redis_admin import load_functions
+from core.config import Settings
 from core.events.parse import parse_stored
 from core.redis.keys import read_key
 from core.redis.published import OutputStream
@@ -44,7 +49,8 @@ QUEUE, OUTPUT, WARM_UP = "smartcar-events", "smartcar:vehicle-events", 64
 USER = UserRecord(id=1, email=None, name=None, smartcar_user_id=None)
 
 
-async def _drain(url: str, bodies: dict[str, str], concurrency: int) -> None:
+async def _drain(url: str, bodies: dict[str, str], concurrency: int, windows: Mapping[str, int] | None = None) -> None:
+    """Process ``bodies`` as the worker does in Redis, each read with its window in ``windows`` (default 0)."""
     client = AsyncRedis(connection_pool=BlockingConnectionPool.from_url(url, max_connections=32, timeout=None))
     book = Bookkeeping(client, QUEUE, "bench-worker")
     reads = ReadCache(client, lease_seconds=60)
@@ -61,7 +67,7 @@ async def _drain(url: str, bodies: dict[str, str], concurrency: int) -> None:
             async def fetch() -> Any:
                 return answers[call]
 
-            await reads.read(read_key(call, event.vehicle.id, "bench-user"), now, 0, fetch)  # type: ignore[arg-type]
+            await reads.read(read_key(call, event.vehicle.id, "bench-user"), now, (windows or {}).get(call, 0), fetch)
 
         await asyncio.gather(read("vehicle"), read("signals"))
         signals = [*document["signals"], *document["latestSignals"]]
@@ -90,7 +96,19 @@ def main() -> None:
         "event merges into its vehicle's state (default: the worker benchmark's fleet, most events a "
         "vehicle's first, captured times as they are)",
     )
+    parser.add_argument(
+        "--windows",
+        action="store_true",
+        help="reads with the default windows, through the read hashes (default: windows of 0, every event reads)",
+    )
     args = parser.parse_args()
+    windows = None
+    if args.windows:
+        fields = Settings.model_fields
+        windows = {
+            "vehicle": fields["vehicle_info_ttl_seconds"].default * 1000,
+            "signals": fields["signals_max_age_seconds"].default * 1000,
+        }
     if args.vehicles is not None and args.vehicles < args.concurrency:
         parser.error("--vehicles must be at least --concurrency: a batch holds one event a vehicle")
     if args.vehicles is not None and args.vehicles > FLEET:
@@ -117,7 +135,7 @@ def main() -> None:
                 client.config_resetstat()
                 before = redis_traffic(client)
                 subprocess.run([*toggle, "on", pid], check=True, stdout=subprocess.DEVNULL)
-            asyncio.run(_drain(url, dict(batch), args.concurrency))
+            asyncio.run(_drain(url, dict(batch), args.concurrency, windows))
         subprocess.run([*toggle, "off", pid], check=True, stdout=subprocess.DEVNULL)
         traffic = {name: value - before[name] for name, value in redis_traffic(client).items()}
         stats = command_stats(client)

@@ -35,7 +35,7 @@ from pathlib import Path
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from bench.ingest import fleet_documents, redis_cpu
+from bench.ingest import RedisCpu, fleet_documents, redis_cpu
 from cli.samples import encode, sample_event
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
@@ -425,6 +425,8 @@ class FleetResult:
     seconds: float
     calls: int
     cpu_seconds: float
+    redis_commands: int
+    redis_cpu: RedisCpu
 
     @property
     def rate(self) -> float:
@@ -456,16 +458,24 @@ def run_fleet(
             httpx.post(f"{setup.emulator_url}/_emulator/latency", json=latency).raise_for_status()
             print(f"worker: fleet run, {name}…", file=sys.stderr)
             command = [sys.executable, "-m", "cli.main", "worker", "--burst", "--concurrency", str(concurrency)]
+            setup.client.config_resetstat()
+            redis_cpu_before = redis_cpu(setup.client)
             process = subprocess.Popen(
                 command, env=setup.env | overrides | {"METRICS_PORT": "0"}, stdout=subprocess.DEVNULL
             )
             _, _, usage = os.wait4(process.pid, 0)
             process.returncode = 0
+            redis_cpu_used = redis_cpu(setup.client) - redis_cpu_before
+            redis_commands = sum(calls for calls, _ in command_stats(setup.client).values())
             events, seconds = _published_span(setup.client)
             stats = httpx.get(f"{setup.emulator_url}/_emulator/stats").json()["calls"]
             calls = sum(n for route, n in stats.items() if route.startswith("/v3/vehicles/"))
             cpu = usage.ru_utime + usage.ru_stime
-            results.append(FleetResult(name, vehicles, events_per_vehicle, events, seconds, calls, cpu))
+            results.append(
+                FleetResult(
+                    name, vehicles, events_per_vehicle, events, seconds, calls, cpu, redis_commands, redis_cpu_used
+                )
+            )
     finally:
         setup.stop()
     return results
@@ -476,15 +486,17 @@ def fleet_table(results: list[FleetResult], worker_rate: float | None = None) ->
     the first run's (and the worker benchmark's at the same latency, when it ran too)."""
     lines = [
         "| enrichment | vehicles x events | events | Smartcar calls | calls per event | vs 2.0 | events/s | "
-        "vs reading every event | CPU ms/event |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "vs reading every event | CPU ms/event | Redis commands/event | Redis CPU µs/event (AOF rewrite) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     first = results[0].rate if results else 0.0
     for result in results:
         lines.append(
             f"| {result.name} | {result.vehicles} x {result.events_per_vehicle} | {result.events} | {result.calls} | "
             f"{result.calls_per_event:.3f} | {result.calls_per_event / 2.0:.1%} | {result.rate:,.1f} | "
-            f"{result.rate / first if first else 0:.2f}x | {result.cpu_seconds * 1000 / max(1, result.events):.2f} |"
+            f"{result.rate / first if first else 0:.2f}x | {result.cpu_seconds * 1000 / max(1, result.events):.2f} | "
+            f"{result.redis_commands / max(1, result.events):.1f} | {result.redis_cpu.total * 1e6 / max(1, result.events):.0f} "
+            f"({result.redis_cpu.children * 1e6 / max(1, result.events):.0f}) |"
         )
     if worker_rate is not None:
         lines.append("")

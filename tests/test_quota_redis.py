@@ -298,6 +298,69 @@ def test_a_cached_read_whose_fetch_time_is_not_a_number_serves_without_one(redis
     assert run(redis_url, scenario) == [("cached", {"call": 1}, None), ("latest", {"call": 1}, None)]
 
 
+def test_a_read_that_serves_an_event_is_read_plainly_and_runs_no_script(redis_url, redis_client):
+    """Most reads of a fleet that keeps reporting are served by the hash's read: one plain HMGET, no
+    function (Lua would hash each byte of the answer) and nothing written."""
+    upstream = Upstream()
+
+    async def scenario(client: Redis) -> tuple[str, Any, bool]:
+        cache = ReadCache(client, lease_seconds=10)
+        first = await cache.read(KEY, now_ms(), WINDOW_MS, upstream.fetch)
+        redis_client.config_resetstat()
+        served = await cache.read(KEY, now_ms(), WINDOW_MS, upstream.fetch)
+        return served.source, served.data, served.fetched_at == first.fetched_at
+
+    assert run(redis_url, scenario) == ("cached", {"call": 1}, True)
+    stats = redis_client.info("commandstats")
+    assert sorted(stats) == ["cmdstat_config|resetstat", "cmdstat_hmget"]
+    assert stats["cmdstat_hmget"]["calls"] == 1
+
+
+def test_a_read_that_started_exactly_a_window_before_the_event_does_not_serve_it(redis_url, redis_client):
+    """The window is open at its start: a read started at s serves an event received at r only when
+    s > r - window, by the plain read as by the acquire function."""
+    upstream = Upstream()
+
+    async def scenario(client: Redis) -> list[str]:
+        cache = ReadCache(client, lease_seconds=10)
+        await cache.read(KEY, now_ms(), WINDOW_MS, upstream.fetch)
+        started = int(redis_client.hget(KEY, "startedAt") or 0)
+        inside = await cache.read(KEY, started + WINDOW_MS - 1, WINDOW_MS, upstream.fetch)
+        edge = await cache.read(KEY, started + WINDOW_MS, WINDOW_MS, upstream.fetch)
+        return [inside.source, edge.source]
+
+    assert run(redis_url, scenario) == ["cached", "fetched"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "source"),
+    [
+        ("startedAt", b"9_999_999_999_999", "fetched"),  # a number to Python's int(), not to Lua
+        ("startedAt", "\u0661\u0662".encode() * 7, "fetched"),  # digits to Python, not ASCII
+        ("startedAt", b"9" * 5000, "cached"),  # past the digits int() converts; infinity to Lua
+        ("startedAt", b"nan", "fetched"),
+        ("startedAt", b"1e999", "cached"),  # infinity to Lua: served, by the acquire function
+        ("dataGen", b"0.5", "fetched"),  # generation 0 to int(float()), not to Lua
+        ("dataGen", b"0", "cached"),
+    ],
+)
+def test_a_read_hash_holding_what_the_service_never_writes_is_left_to_the_acquire_function(
+    redis_url, redis_client, field, value, source
+):
+    """Redis contents are input too: a read is served without the acquire function only when its hash
+    holds a start and generations as the service writes them; anything else goes to the function, whose
+    decision stands, so both ways of serving a read agree."""
+    upstream = Upstream()
+
+    async def scenario(client: Redis) -> str:
+        cache = ReadCache(client, lease_seconds=10)
+        await cache.read(KEY, now_ms(), WINDOW_MS, upstream.fetch)
+        redis_client.hset(KEY, field, value)
+        return (await cache.read(KEY, now_ms(), WINDOW_MS, upstream.fetch)).source
+
+    assert run(redis_url, scenario) == source
+
+
 def test_an_event_never_joins_a_read_that_started_a_window_before_it(redis_url):
     """A read in flight that started more than a window before an event arrived is not joined."""
     upstream = Upstream(delay=0.3)

@@ -27,8 +27,9 @@ from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
 from core.redis.parked import ParkedStream
 from core.redis.published import OutputStream, StateChanged
 from core.redis.vehicle_state import VehicleStates
+from core.smartcar.event_reads import VehicleReads
 from core.smartcar.http import LeanHttp
-from core.smartcar.reads import Read, VehicleReads
+from core.smartcar.reads import Read
 from core.store.users import UserRecord, UserStore
 from workers.output import Enrichment, build_document, stream_fields
 

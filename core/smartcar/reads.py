@@ -1,8 +1,7 @@
-"""Quota-aware enrichment: an event's two Smartcar reads, shared by every worker process through Redis.
-
-A read serves every event it may; one that cannot go in time (:mod:`core.smartcar.limiter`) is skipped,
-never failed. Which read serves which event: docs/architecture.md, "Shared Smartcar reads"; the
-outcomes consumers see: docs/consumers.md, "Schema version 2".
+"""Smartcar reads shared by every worker process through Redis: a read serves every event it may
+(which read serves which event: docs/architecture.md, "Shared Smartcar reads"; the outcomes consumers
+see: docs/consumers.md, "Schema version 2"). An event's two reads are put together in
+:mod:`core.smartcar.event_reads`.
 """
 
 from __future__ import annotations
@@ -19,8 +18,6 @@ import lz4.block
 import pydantic_core
 from redis.asyncio import Redis
 
-from core import metrics
-from core.config import Settings
 from core.errors import (
     InvalidPayload,
     SmartcarRateLimited,
@@ -30,11 +27,9 @@ from core.errors import (
 )
 from core.redis.clock import RedisClock
 from core.redis.group import GroupedCall, grouped_function
-from core.redis.keys import latest_read_key, read_key, text
+from core.redis.keys import latest_read_key, text
 from core.redis.outage import REDIS_PATIENCE_SECONDS, until_redis_answers_async
-from core.smartcar.client import BUDGET_SECONDS, smartcar_client
-from core.smartcar.http import MAX_ANSWER_BYTES, SmartcarHttp
-from core.smartcar.limiter import RequestLimiter
+from core.smartcar.http import MAX_ANSWER_BYTES
 
 Call = Literal["vehicle", "signals"]
 
@@ -65,6 +60,9 @@ POLL_FIRST_SECONDS, POLL_MAX_SECONDS = 0.02, 0.25
 # Redis's clock, read once per call of a grouped function (core.redis.group).
 _NOW = "local now = now_ms()\n"
 _KEEP = "if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[{n}]) then redis.call('PEXPIRE', KEYS[1], ARGV[{n}]) end\n"
+
+#: What tells whether the hash's read serves an event, and that read (ReadCache._cached).
+_CACHED_FIELDS = ("startedAt", "dataGen", "gen", "data", "fetchedAt")
 
 # ARGV: received ms, window ms, lease ms, claim token, keep ms.
 _ACQUIRE = (
@@ -158,6 +156,9 @@ class ReadCache:
             data = await fetch()
             return Read("fetched", data, await self._keep_latest(key, data, keep))
         while True:
+            cached = await self._cached(key, received_at_ms - window_ms)
+            if cached is not None:
+                return cached
             token = secrets.token_hex(8)
             claim: list[str | int] = [received_at_ms, window_ms, self._lease_ms, token, keep]
             reply = await self._call(partial(self._acquire, keys=[key], args=claim))
@@ -190,6 +191,19 @@ class ReadCache:
     async def invalidate(self, key: str, window_ms: int) -> None:
         """No read that started before now serves any event from now on (after a VEHICLE_ERROR)."""
         await self._call(lambda: self._invalidate(keys=[key], args=[window_ms + GRACE_MS]))
+
+    async def _cached(self, key: str, oldest: int) -> Read | None:
+        """The hash's read if it started after ``oldest`` (an event's receipt less its window) and since the
+        last invalidation, read with one plain ``HMGET``: no script, nothing written. In a fleet that keeps
+        reporting most reads are served so (a vehicle's read a day long, its signals four events in five),
+        and through a script Lua would hash each byte of the answer (docs/architecture.md, "Shared
+        Smartcar reads"). Anything else, what the service never writes included, is left to the acquire
+        function, which decides atomically and tests this again."""
+        started, data_gen, gen, data, fetched_at = await self._call(lambda: self._redis.hmget(key, _CACHED_FIELDS))
+        started_at, read_gen, current_gen = _whole(started), _whole(data_gen or b"0"), _whole(gen or b"0")
+        if data is None or started_at is None or started_at <= oldest or read_gen is None or read_gen != current_gen:
+            return None
+        return Read("cached", _loads(data), _int(fetched_at))
 
     async def _keep_latest(self, key: str, data: Any, keep: int) -> int:
         """Keep a window-0 read's data, compressed, for a later skipped read, the last read to answer
@@ -334,55 +348,14 @@ def _loads(raw: str | bytes | None) -> Any:
     return None if raw is None else pydantic_core.from_json(raw)
 
 
+def _whole(raw: object) -> int | None:
+    """A whole number as the service writes one (ASCII digits, at most 20), else None."""
+    value = text(raw)
+    return int(value) if len(value) <= 20 and value.isascii() and value.isdecimal() else None
+
+
 def _int(raw: object) -> int | None:
     try:
         return None if raw is None else int(float(text(raw)))
     except (ValueError, OverflowError):  # not a time the service writes (nan, text, inf)
         return None
-
-
-class VehicleReads:
-    """An event's two reads, shared, budgeted and counted, through ``redis``; one per worker process."""
-
-    def __init__(self, settings: Settings, redis: Redis, http: SmartcarHttp) -> None:
-        self._limiter = RequestLimiter(
-            redis, settings.smartcar_requests_per_minute, settings.smartcar_burst, settings.enrich_wait_seconds
-        )
-        self._client = smartcar_client(settings, redis, http, gate=self._limiter)
-        # Past the wait for the budget and the client's retries, a claim's worker is taken for dead.
-        self._cache = ReadCache(redis, lease_seconds=settings.enrich_wait_seconds + BUDGET_SECONDS + 15)
-        # How long a read serves later events (0: every event reads).
-        self._windows_ms: dict[Call, int] = {
-            "vehicle": settings.vehicle_info_ttl_seconds * 1000,
-            "signals": settings.signals_max_age_seconds * 1000,
-        }
-
-    async def read_event(
-        self, vehicle_id: str, user_id: str, received_at_ms: int, after_error: bool
-    ) -> tuple[Read | BaseException, Read | BaseException]:
-        """The event's two reads, concurrently: each a :class:`Read` or the exception to handle. After a
-        VEHICLE_ERROR (``after_error``), no signals read made until now serves a later event."""
-        vehicle, signals = await asyncio.gather(
-            self._read("vehicle", vehicle_id, user_id, received_at_ms),
-            self._read("signals", vehicle_id, user_id, received_at_ms),
-            return_exceptions=True,
-        )
-        if after_error:
-            await self._cache.invalidate(read_key("signals", vehicle_id, user_id), self._windows_ms["signals"])
-        return vehicle, signals
-
-    async def _read(self, call: Call, vehicle_id: str, user_id: str, received_at_ms: int) -> Read:
-        key = read_key(call, vehicle_id, user_id)
-        fetch = self._client.get_vehicle if call == "vehicle" else self._client.get_signals
-        self._limiter.start_deadline()  # this call runs in a task of its own (asyncio.gather)
-        try:
-            read = await self._cache.read(
-                key, received_at_ms, self._windows_ms[call], lambda: fetch(vehicle_id, user_id)
-            )
-        except SmartcarRejected as exc:
-            read = Read("fetched", error=exc)
-        except SmartcarRateLimited:
-            read = await self._cache.latest(key)
-        read.call = call
-        metrics.ENRICHMENT_READS.labels(call=call, source=read.source).inc()
-        return read
