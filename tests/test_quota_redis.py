@@ -499,6 +499,35 @@ def test_a_read_key_names_no_user_id_and_expires(redis_url, redis_client):
     assert 0 < redis_client.pttl(key) <= 1000 + 600_000
 
 
+def test_a_read_hash_is_renewed_once_a_read_and_again_only_if_its_claim_went(redis_url, redis_client):
+    """The claim renews the hash for the read's window and grace from its start, which is what its
+    answer needs, so completing it renews nothing more; but a read whose claim has gone meanwhile
+    (the hash expired and was written again, or its lease ran out) renews the hash it writes, which
+    is never left without a TTL."""
+    upstream = Upstream(held=True)
+
+    async def scenario(client: Redis) -> tuple[int, int]:
+        cache = ReadCache(client, lease_seconds=10)
+        redis_client.config_resetstat()
+        held = asyncio.ensure_future(cache.read(KEY, now_ms(), WINDOW_MS, upstream.fetch))
+        await claimed(redis_client)
+        assert upstream.release is not None
+        upstream.release.set()
+        await held
+        renewals = int(redis_client.info("commandstats")["cmdstat_pexpire"]["calls"])
+        upstream.release.clear()
+        late = asyncio.ensure_future(cache.read(KEY, now_ms() + WINDOW_MS, WINDOW_MS, upstream.fetch))
+        await claimed(redis_client)
+        redis_client.delete(KEY)  # expired while the read was in flight
+        upstream.release.set()
+        await late
+        return renewals, redis_client.pttl(KEY)
+
+    renewals, ttl = run(redis_url, scenario)
+    assert renewals == 1
+    assert 0 < ttl <= WINDOW_MS + 600_000
+
+
 def test_a_read_on_every_event_is_kept_plainly_for_a_skipped_read_and_serves_no_cached_one(redis_url, redis_client):
     """With a window of 0 a read serves no other event: its answer is kept in a key of its own by one
     plain SET, no script (Lua would hash every byte of it), answered at a time by Redis's clock, for

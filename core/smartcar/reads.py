@@ -103,11 +103,13 @@ if ARGV[3] ~= '' and (not held or tonumber(ARGV[2]) >= held) then
 end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'errorToken', ARGV[1], 'error', ARGV[4]) end
 if ARGV[1] ~= '' and f[3] == ARGV[1] then
+  -- Still our claim: the hash has lived since the claim renewed it for this read, and no TTL
+  -- is ever shortened, so it lasts the read's window and grace from its start already.
   redis.call('HDEL', KEYS[1], 'claim', 'claimStartedAt', 'claimUntil', 'claimGen')
-end
-"""
+else
+  """
     + _KEEP.format(n=5)
-    + "return now"
+    + "end\nreturn now"
 )
 _COMPLETE_FN = grouped_function("read_complete", _COMPLETE, arity=6)
 
