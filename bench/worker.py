@@ -491,12 +491,13 @@ def fleet_table(results: list[FleetResult], worker_rate: float | None = None) ->
     ]
     first = results[0].rate if results else 0.0
     for result in results:
+        events = max(1, result.events)
         lines.append(
             f"| {result.name} | {result.vehicles} x {result.events_per_vehicle} | {result.events} | {result.calls} | "
             f"{result.calls_per_event:.3f} | {result.calls_per_event / 2.0:.1%} | {result.rate:,.1f} | "
-            f"{result.rate / first if first else 0:.2f}x | {result.cpu_seconds * 1000 / max(1, result.events):.2f} | "
-            f"{result.redis_commands / max(1, result.events):.1f} | {result.redis_cpu.total * 1e6 / max(1, result.events):.0f} "
-            f"({result.redis_cpu.children * 1e6 / max(1, result.events):.0f}) |"
+            f"{result.rate / first if first else 0:.2f}x | {result.cpu_seconds * 1000 / events:.2f} | "
+            f"{result.redis_commands / events:.1f} | {result.redis_cpu.total * 1e6 / events:.0f} "
+            f"({result.redis_cpu.children * 1e6 / events:.0f}) |"
         )
     if worker_rate is not None:
         lines.append("")
