@@ -468,8 +468,7 @@ def run_fleet(
             redis_cpu_used = redis_cpu(setup.client) - redis_cpu_before
             redis_commands = sum(calls for calls, _ in command_stats(setup.client).values())
             events, seconds = _published_span(setup.client)
-            stats = httpx.get(f"{setup.emulator_url}/_emulator/stats").json()["calls"]
-            calls = sum(n for route, n in stats.items() if route.startswith("/v3/vehicles/"))
+            calls = _smartcar_calls(setup.emulator_url)
             cpu = usage.ru_utime + usage.ru_stime
             results.append(
                 FleetResult(
