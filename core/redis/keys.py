@@ -30,6 +30,10 @@ CONNECT_STATE_PREFIX = SERVICE_PREFIX + "connect-state:"
 BUDGET_KEY = SERVICE_PREFIX + "budget"
 APPLICATION_PAUSE_KEY = SERVICE_PREFIX + "pause:application"
 USAGE_PREFIX = SERVICE_PREFIX + "usage:"
+#: The shared reads' hashes, and the answers window-0 reads keep. Their answers are stored compressed since
+#: issue 27's eleventh part, and got these names with that format (earlier releases used ``read:``), so
+#: that during a rolling upgrade a worker of an earlier release never meets an answer it cannot parse.
+READ_PREFIX = SERVICE_PREFIX + "read2:"
 
 #: How RQ's job ids may look; an eventId that fits is used as the job id unchanged.
 _JOB_ID_SAFE = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -74,7 +78,7 @@ def _vehicle_part(vehicle_id: str) -> str:
 def read_key(call: str, vehicle_id: str, user_id: str) -> str:
     """The user id is free text from the wire, so only its digest is used."""
     user = hashlib.sha256(user_id.encode()).hexdigest()[:24]
-    return f"{SERVICE_PREFIX}read:{call}:{_vehicle_part(vehicle_id)}:{user}"
+    return f"{READ_PREFIX}{call}:{_vehicle_part(vehicle_id)}:{user}"
 
 
 def latest_read_key(key: str) -> str:

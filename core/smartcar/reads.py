@@ -166,7 +166,11 @@ class ReadCache:
             reply = await self._call(partial(self._acquire, keys=[key], args=claim))
             kind = text(reply[0])
             if kind == "cached":
-                return Read("cached", _loads(reply[1]), _int(reply[3]))
+                with contextlib.suppress(ValueError):
+                    return Read("cached", _answer(reply[1]), _int(reply[3]))
+                # An answer the service never wrote serves no event: a new generation, and a fresh read.
+                await self.invalidate(key, window_ms)
+                continue
             if kind == "fetch":
                 claimed = self._register(key, token, self._fetch(key, token, int(reply[2]), int(reply[3]), keep, fetch))
                 outcome = await asyncio.shield(claimed)
@@ -187,8 +191,10 @@ class ReadCache:
         kept_at = _int(at) if kept_data else None
         if kept_at is not None and (fetched_at is None or kept_at >= (_int(fetched_at) or 0)):
             with contextlib.suppress(ValueError):  # not what the service writes: the hash's read stands
-                return Read("skipped", _loads(_inflate(kept_data)), kept_at)
-        return Read("skipped", _loads(data), _int(fetched_at))
+                return Read("skipped", _answer(kept_data), kept_at)
+        with contextlib.suppress(ValueError):
+            return Read("skipped", _answer(data), _int(fetched_at))
+        return Read("skipped")  # nor is this: no read to publish
 
     async def invalidate(self, key: str, window_ms: int) -> None:
         """No read that started before now serves any event from now on (after a VEHICLE_ERROR)."""
@@ -205,7 +211,9 @@ class ReadCache:
         started_at, read_gen, current_gen = _whole(started), _whole(data_gen or b"0"), _whole(gen or b"0")
         if data is None or started_at is None or started_at <= oldest or read_gen is None or read_gen != current_gen:
             return None
-        return Read("cached", _loads(data), _int(fetched_at))
+        with contextlib.suppress(ValueError):
+            return Read("cached", _answer(data), _int(fetched_at))
+        return None
 
     async def _keep_latest(self, key: str, data: Any, keep: int) -> int:
         """Keep a window-0 read's data, compressed, for a later skipped read, the last read to answer
@@ -237,7 +245,7 @@ class ReadCache:
             )
             raise
         fetched_at = await self._call(
-            lambda: self._complete(keys=[key], args=[token, started_at, _dumps(data), "", keep, generation])
+            lambda: self._complete(keys=[key], args=[token, started_at, _deflate(_dumps(data)), "", keep, generation])
         )
         return Read("fetched", data, int(fetched_at))
 
@@ -258,7 +266,9 @@ class ReadCache:
             reply = await self._call(lambda: self._poll(keys=[key], args=[token, started_at]))
             kind = text(reply[0])
             if kind == "done":
-                return Read("shared", _loads(reply[1]), _int(reply[3]))
+                with contextlib.suppress(ValueError):
+                    return Read("shared", _answer(reply[1]), _int(reply[3]))
+                return None  # not what the service writes: as if the read went away
             if kind == "failed":
                 raise _restore(_loads(reply[1]))
             if kind == "gone":
@@ -316,38 +326,48 @@ def _dumps(value: Any) -> bytes:
     return pydantic_core.to_json(value, inf_nan_mode="constants")
 
 
-#: Marks a kept read's JSON as compressed, by a byte no JSON text starts with.
+#: Marks a stored answer's JSON (a read hash's ``data``, a kept read's) as compressed, by a byte no JSON text starts with.
 LZ4_MARK = b"\x00"
-#: The most a kept read may inflate to: twice the largest answer the client accepts (written again as
-#: JSON, a number may be spelt longer: 1e9 as 1000000000.0). A kept read past it, only an answer near
-#: the client's limit, is ignored like anything else the service does not write.
+#: The most a stored answer may inflate to: twice the largest answer the client accepts (written again
+#: as JSON, a number may be spelt longer: 1e9 as 1000000000.0). An answer past it, only one near the
+#: client's limit, is refused like anything else the service does not write.
 MAX_KEPT_BYTES = 2 * MAX_ANSWER_BYTES
 
 
 def _deflate(document: bytes) -> bytes:
-    """A kept read's JSON as it is stored: LZ4-compressed, a quarter of the bytes (6.7 KB to 1.6 KB for the
-    fleet mix's signals) for 3 µs, against zlib's 18 (docs/performance.md, "Kept reads compressed")."""
+    """An answer's JSON as Redis keeps it (a read hash's ``data``, a kept read): LZ4-compressed, a quarter of
+    the bytes (6.7 KB to 1.6 KB for the fleet mix's signals) for 3 µs, against zlib's 18 (docs/performance.md,
+    "Kept reads compressed")."""
     compressed: bytes = lz4.block.compress(document, store_size=True)
     return LZ4_MARK + compressed
 
 
 def _inflate(stored: bytes) -> bytes:
-    """A kept read's JSON; plain JSON as earlier releases kept it passes through. Redis contents are input
-    too: a block claiming more than a kept read may hold is refused before anything is allocated for it."""
+    """A stored answer's JSON. Redis contents are input too: anything but what :func:`_deflate` writes is
+    refused, a block claiming more than an answer may hold before anything is allocated for it."""
     if not stored.startswith(LZ4_MARK):
-        return stored
+        raise ValueError("not a stored answer")
     block = stored[len(LZ4_MARK) :]
     if len(block) < 4 or int.from_bytes(block[:4], "little") > MAX_KEPT_BYTES:
-        raise ValueError("not a kept read")
+        raise ValueError("not a stored answer")
     try:
         document: bytes = lz4.block.decompress(block)
     except lz4.block.LZ4BlockError as exc:
-        raise ValueError("not a kept read") from exc
+        raise ValueError("not a stored answer") from exc
     return document
 
 
 def _loads(raw: str | bytes | None) -> Any:
     return None if raw is None else pydantic_core.from_json(raw)
+
+
+def _answer(stored: str | bytes | None) -> Any:
+    """A stored answer (the read hash's ``data``, a kept read's), compressed or plain, as the call returned it."""
+    return (
+        None
+        if stored is None
+        else pydantic_core.from_json(_inflate(stored.encode() if isinstance(stored, str) else stored))
+    )
 
 
 def _whole(raw: object) -> int | None:
