@@ -27,7 +27,6 @@ from core.redis.deployment_counts import DeploymentCounts, read_usage
 from core.redis.keys import (
     APPLICATION_PAUSE_KEY,
     BUDGET_KEY,
-    READ_PREFIX,
     latest_read_key,
     read_key,
     vehicle_pause_key,
@@ -329,7 +328,9 @@ def test_a_read_hash_keeps_its_answer_compressed_and_each_way_of_serving_it_give
         held.release.set()
         outcomes = [await made, await shared, await caches[1].read(KEY, received, WINDOW_MS, held.fetch)]
         redis_client.hset(KEY, "dataGen", " 0")
+        functions = command_calls(redis_client, "fcall")
         outcomes.append(await caches[1].read(KEY, received, WINDOW_MS, held.fetch))
+        assert command_calls(redis_client, "fcall") > functions  # served through the acquire function
         outcomes.append(await caches[0].latest(KEY))
         return [(r.source, r.data == answer) for r in outcomes] + [held.calls]
 
@@ -344,12 +345,14 @@ def test_a_read_hash_keeps_its_answer_compressed_and_each_way_of_serving_it_give
     stored = redis_client.hget(KEY, "data")
     assert stored.startswith(LZ4_MARK)
     assert len(stored) < len(pydantic_core.to_json(answer)) / 2
-    assert KEY.startswith(READ_PREFIX)  # not where earlier releases kept plain answers
+    assert not KEY.startswith("smartcar-ingest:read:")  # where earlier releases kept plain answers
 
 
+@pytest.mark.parametrize("gen", [None, b" 0", b"abc"], ids=["gen-as-written", "gen-spaced", "gen-text"])
 @pytest.mark.parametrize(
     "data",
     [
+        pytest.param(lambda: None, id="no-data"),
         pytest.param(lambda: b'{"call":"plain"}', id="plain-json"),
         pytest.param(lambda: b"garbage", id="garbage"),
         pytest.param(lambda: LZ4_MARK + b"\x05\x00\x00\x00" + b"\xff" * 12, id="not-lz4"),
@@ -357,24 +360,92 @@ def test_a_read_hash_keeps_its_answer_compressed_and_each_way_of_serving_it_give
         pytest.param(lambda: LZ4_MARK + _bomb(), id="bomb"),
     ],
 )
-def test_a_read_hash_answer_that_is_not_what_the_service_writes_is_read_again(redis_url, redis_client, data):
-    """Redis contents are input too: a hash whose answer is anything else serves no event and fails
-    none (for a vehicle's read that would be every event for a day). The event reads afresh, under a
-    new generation, and that read replaces it; a skipped read meanwhile publishes none."""
+def test_a_read_hash_answer_that_is_not_what_the_service_writes_is_read_again(redis_url, redis_client, data, gen):
+    """Redis contents are input too: a hash whose answer is anything else (or none) serves no event and
+    fails none (for a vehicle's read that would be every event for a day), whatever its generation
+    holds. The event reads afresh, under a new generation, and that read replaces it; a skipped read
+    meanwhile publishes none, and a block claiming more than an answer may hold is refused before
+    anything is allocated for it."""
+    import tracemalloc
+
+    upstream = Upstream()
+    stored = data()
+
+    async def scenario(client: Redis) -> list[Any]:
+        cache = ReadCache(client, lease_seconds=10)
+        received = now_ms() - 1000
+        await cache.read(KEY, received, WINDOW_MS, upstream.fetch)
+        if stored is None:
+            redis_client.hdel(KEY, "data")
+        else:
+            redis_client.hset(KEY, "data", stored)
+        if gen is not None:
+            redis_client.hset(KEY, mapping={"gen": gen, "dataGen": gen})
+        tracemalloc.start()
+        try:
+            skipped = await cache.latest(KEY)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        again = await cache.read(KEY, received, WINDOW_MS, upstream.fetch)
+        served = await cache.read(KEY, received, WINDOW_MS, upstream.fetch)
+        return [(r.source, r.data) for r in (skipped, again, served)] + [peak < 4 * len(stored or b"") + 1_000_000]
+
+    assert run(redis_url, scenario) == [("skipped", None), ("fetched", {"call": 2}), ("cached", {"call": 2}), True]
+    assert redis_client.hget(KEY, "gen") == b"1"
+
+
+def test_an_unusable_answer_starts_one_new_generation_however_many_events_found_it(redis_url, redis_client):
+    """Events in several processes may find the same unusable answer at once: the first to replace its
+    generation does, and the others leave the new one alone (else each would void the read another
+    event claimed meanwhile, and each would cost a Smartcar call)."""
     upstream = Upstream()
 
     async def scenario(client: Redis) -> list[Any]:
         cache = ReadCache(client, lease_seconds=10)
         received = now_ms() - 1000
         await cache.read(KEY, received, WINDOW_MS, upstream.fetch)
-        redis_client.hset(KEY, "data", data())
-        skipped = await cache.latest(KEY)
+        redis_client.hset(KEY, "data", b"garbage")
+        seen = redis_client.hget(KEY, "startedAt").decode()
+        keep = WINDOW_MS + reads.GRACE_MS
+        found = [await cache._invalidate(keys=[KEY], args=[keep, seen]) for _ in range(2)]
+        after_first = redis_client.hget(KEY, "gen")
         again = await cache.read(KEY, received, WINDOW_MS, upstream.fetch)
+        late = await cache._invalidate(keys=[KEY], args=[keep, seen])  # one more that found the old answer
         served = await cache.read(KEY, received, WINDOW_MS, upstream.fetch)
-        return [(r.source, r.data) for r in (skipped, again, served)]
+        return [found, after_first, again.source, late, served.source, served.data]
 
-    assert run(redis_url, scenario) == [("skipped", None), ("fetched", {"call": 2}), ("cached", {"call": 2})]
+    assert run(redis_url, scenario) == [[1, None], b"1", "fetched", None, "cached", {"call": 2}]
+    assert upstream.calls == 2
+
+
+def test_a_vehicle_error_starts_a_new_generation_whatever_the_hash_holds_as_one(redis_url, redis_client):
+    """A generation that is not a whole number (never written so) counts as 0: the invalidation after a
+    VEHICLE_ERROR writes 1, never an error that would fail the event."""
+
+    async def scenario(client: Redis) -> None:
+        cache = ReadCache(client, lease_seconds=10)
+        await cache.read(KEY, now_ms() - 1000, WINDOW_MS, Upstream().fetch)
+        redis_client.hset(KEY, "gen", b"not a number")
+        await cache.invalidate(KEY, WINDOW_MS)
+
+    run(redis_url, scenario)
     assert redis_client.hget(KEY, "gen") == b"1"
+
+
+def test_a_skipped_read_publishes_the_other_read_when_the_last_to_answer_is_unusable(redis_url, redis_client):
+    """The hash's read answered last but holds what the service never writes: a skipped read publishes
+    the window-0 read kept before it, not none."""
+
+    async def scenario(client: Redis) -> Any:
+        cache = ReadCache(client, lease_seconds=10)
+        await cache.read(KEY, now_ms(), 0, lambda: asyncio.sleep(0, {"kept": "older"}))
+        await asyncio.sleep(0.01)
+        await cache.read(KEY, now_ms(), WINDOW_MS, lambda: asyncio.sleep(0, "hash"))
+        redis_client.hset(KEY, "data", b"garbage")
+        return (await cache.latest(KEY)).data
+
+    assert run(redis_url, scenario) == {"kept": "older"}
 
 
 def test_a_read_that_serves_an_event_is_read_plainly_and_runs_no_script(redis_url, redis_client):
@@ -745,7 +816,7 @@ def test_a_kept_read_is_stored_compressed_and_read_back_whole(redis_url, redis_c
     assert int(at) > 0
     assert stored.startswith(LZ4_MARK)
     assert len(stored) < len(pydantic_core.to_json(answer)) / 2
-    assert latest_read_key(KEY).startswith(READ_PREFIX)
+    assert not latest_read_key(KEY).startswith("smartcar-ingest:read:")
 
 
 def test_of_reads_on_every_event_the_last_to_answer_is_what_a_skipped_read_publishes(redis_url):

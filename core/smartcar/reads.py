@@ -129,9 +129,21 @@ return {'gone'}
 )
 _POLL_FN = grouped_function("read_poll", _POLL, arity=2, read_only=True)
 
-# ARGV: keep ms. A new generation: what was read or claimed before serves no event from now on.
-_INVALIDATE = "local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)\n" + _KEEP.format(n=1) + "return gen"
-_INVALIDATE_FN = grouped_function("read_invalidate", _INVALIDATE, arity=1)
+# ARGV: keep ms, and the start of the read found unusable ('' after a VEHICLE_ERROR). A new generation:
+# what was read or claimed before serves no event from now on. For an unusable read, only while that
+# read is still the hash's and still serves (another event's new generation, or read, stands).
+# A generation that is not a number (never written so) counts as 0: a new one is written, never an error.
+_INVALIDATE = (
+    """
+local f = redis.call('HMGET', KEYS[1], 'gen', 'startedAt', 'dataGen')
+local gen = tonumber(f[1]) or 0
+if ARGV[2] ~= '' and (f[2] ~= ARGV[2] or (tonumber(f[3]) or 0) ~= gen) then return false end
+redis.call('HSET', KEYS[1], 'gen', string.format('%d', gen + 1))
+"""
+    + _KEEP.format(n=1)
+    + "return true"
+)
+_INVALIDATE_FN = grouped_function("read_invalidate", _INVALIDATE, arity=2)
 
 
 class ReadCache:
@@ -169,7 +181,7 @@ class ReadCache:
                 with contextlib.suppress(ValueError):
                     return Read("cached", _answer(reply[1]), _int(reply[3]))
                 # An answer the service never wrote serves no event: a new generation, and a fresh read.
-                await self.invalidate(key, window_ms)
+                await self._call(partial(self._invalidate, keys=[key], args=[keep, text(reply[2])]))
                 continue
             if kind == "fetch":
                 claimed = self._register(key, token, self._fetch(key, token, int(reply[2]), int(reply[3]), keep, fetch))
@@ -189,16 +201,17 @@ class ReadCache:
         )
         at, _, kept_data = (kept.encode() if isinstance(kept, str) else kept or b"").partition(b":")
         kept_at = _int(at) if kept_data else None
-        if kept_at is not None and (fetched_at is None or kept_at >= (_int(fetched_at) or 0)):
-            with contextlib.suppress(ValueError):  # not what the service writes: the hash's read stands
-                return Read("skipped", _answer(kept_data), kept_at)
-        with contextlib.suppress(ValueError):
-            return Read("skipped", _answer(data), _int(fetched_at))
-        return Read("skipped")  # nor is this: no read to publish
+        reads = [(kept_data, kept_at), (data, _int(fetched_at))]
+        if kept_at is None or (fetched_at is not None and kept_at < (_int(fetched_at) or 0)):
+            reads.reverse()
+        for stored, answered_at in reads:  # one that is not what the service writes leaves the other
+            with contextlib.suppress(ValueError):
+                return Read("skipped", _answer(stored), answered_at)
+        return Read("skipped")  # no read to publish
 
     async def invalidate(self, key: str, window_ms: int) -> None:
         """No read that started before now serves any event from now on (after a VEHICLE_ERROR)."""
-        await self._call(lambda: self._invalidate(keys=[key], args=[window_ms + GRACE_MS]))
+        await self._call(lambda: self._invalidate(keys=[key], args=[window_ms + GRACE_MS, ""]))
 
     async def _cached(self, key: str, oldest: int) -> Read | None:
         """The hash's read if it started after ``oldest`` (an event's receipt less its window) and since the
@@ -244,8 +257,9 @@ class ReadCache:
                 lambda: self._complete(keys=[key], args=[token, started_at, "", failure, keep, generation])
             )
             raise
+        stored = _deflate(_dumps(data))  # once, whatever the outage's retries
         fetched_at = await self._call(
-            lambda: self._complete(keys=[key], args=[token, started_at, _deflate(_dumps(data)), "", keep, generation])
+            lambda: self._complete(keys=[key], args=[token, started_at, stored, "", keep, generation])
         )
         return Read("fetched", data, int(fetched_at))
 
@@ -336,7 +350,7 @@ MAX_KEPT_BYTES = 2 * MAX_ANSWER_BYTES
 
 def _deflate(document: bytes) -> bytes:
     """An answer's JSON as Redis keeps it (a read hash's ``data``, a kept read): LZ4-compressed, a quarter of
-    the bytes (6.7 KB to 1.6 KB for the fleet mix's signals) for 3 µs, against zlib's 18 (docs/performance.md,
+    the bytes (6.7 KB to 1.6 KB for the fleet mix's signals) for 3-4 µs, against zlib's 18 (docs/performance.md,
     "Kept reads compressed")."""
     compressed: bytes = lz4.block.compress(document, store_size=True)
     return LZ4_MARK + compressed
@@ -362,12 +376,11 @@ def _loads(raw: str | bytes | None) -> Any:
 
 
 def _answer(stored: str | bytes | None) -> Any:
-    """A stored answer (the read hash's ``data``, a kept read's), compressed or plain, as the call returned it."""
-    return (
-        None
-        if stored is None
-        else pydantic_core.from_json(_inflate(stored.encode() if isinstance(stored, str) else stored))
-    )
+    """A stored answer (the read hash's ``data``, a kept read's) as the call returned it; ValueError for
+    anything :func:`_deflate` did not write, none included."""
+    if not stored:
+        raise ValueError("not a stored answer")
+    return _loads(_inflate(stored.encode() if isinstance(stored, str) else stored))
 
 
 def _whole(raw: object) -> int | None:
