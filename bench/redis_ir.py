@@ -39,6 +39,7 @@ from core.events.parse import parse_stored
 from core.redis.keys import read_key
 from core.redis.published import OutputStream
 from core.redis.vehicle_state import VehicleStates
+from core.smartcar.event_reads import read_windows_ms
 from core.smartcar.reads import ReadCache
 from core.store.users import UserRecord
 from tests.procs import RedisServer
@@ -102,13 +103,8 @@ def main() -> None:
         help="reads with the default windows, through the read hashes (default: windows of 0, every event reads)",
     )
     args = parser.parse_args()
-    windows = None
-    if args.windows:
-        fields = Settings.model_fields
-        windows = {
-            "vehicle": fields["vehicle_info_ttl_seconds"].default * 1000,
-            "signals": fields["signals_max_age_seconds"].default * 1000,
-        }
+    # The defaults' windows: Settings' own defaults, no environment read.
+    windows = read_windows_ms(Settings.model_construct()) if args.windows else None
     if args.vehicles is not None and args.vehicles < args.concurrency:
         parser.error("--vehicles must be at least --concurrency: a batch holds one event a vehicle")
     if args.vehicles is not None and args.vehicles > FLEET:

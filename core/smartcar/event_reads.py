@@ -19,6 +19,11 @@ from core.smartcar.limiter import RequestLimiter
 from core.smartcar.reads import Call, Read, ReadCache
 
 
+def read_windows_ms(settings: Settings) -> dict[Call, int]:
+    """How long a read of each call serves later events, in ms (0: every event reads)."""
+    return {"vehicle": settings.vehicle_info_ttl_seconds * 1000, "signals": settings.signals_max_age_seconds * 1000}
+
+
 class VehicleReads:
     """An event's two reads, shared, budgeted and counted, through ``redis``; one per worker process."""
 
@@ -29,11 +34,7 @@ class VehicleReads:
         self._client = smartcar_client(settings, redis, http, gate=self._limiter)
         # Past the wait for the budget and the client's retries, a claim's worker is taken for dead.
         self._cache = ReadCache(redis, lease_seconds=settings.enrich_wait_seconds + BUDGET_SECONDS + 15)
-        # How long a read serves later events (0: every event reads).
-        self._windows_ms: dict[Call, int] = {
-            "vehicle": settings.vehicle_info_ttl_seconds * 1000,
-            "signals": settings.signals_max_age_seconds * 1000,
-        }
+        self._windows_ms = read_windows_ms(settings)
 
     async def read_event(
         self, vehicle_id: str, user_id: str, received_at_ms: int, after_error: bool
