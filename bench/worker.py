@@ -466,7 +466,7 @@ def run_fleet(
             _, _, usage = os.wait4(process.pid, 0)
             process.returncode = 0
             redis_cpu_used = redis_cpu(setup.client) - redis_cpu_before
-            redis_commands = sum(calls for calls, _ in command_stats(setup.client).values())
+            redis_commands = sum(command_counts(setup.client).values())
             events, seconds = _published_span(setup.client)
             calls = _smartcar_calls(setup.emulator_url)
             cpu = usage.ru_utime + usage.ru_stime

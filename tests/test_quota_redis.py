@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -33,7 +34,7 @@ from core.redis.keys import (
 )
 from core.smartcar import reads
 from core.smartcar.limiter import OverBudget, RequestLimiter
-from core.smartcar.reads import LZ4_MARK, MAX_KEPT_BYTES, ReadCache
+from core.smartcar.reads import LZ4_MARK, MAX_KEPT_BYTES, Read, ReadCache
 from tests.conftest import command_calls
 from tests.test_redis_clock import DAY_MS, redis_ms, shifted
 
@@ -93,6 +94,15 @@ class Upstream:
         if self.error is not None:
             raise self.error
         return {"call": call} if self.answer is None else self.answer
+
+
+async def latest_with_peak(cache: ReadCache, key: str = KEY) -> tuple[Read, int]:
+    """``cache.latest(key)``, and the most memory Python held while it ran (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        return await cache.latest(key), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 async def claimed(client: redis.Redis, key: str = KEY) -> None:
@@ -366,8 +376,6 @@ def test_a_read_hash_answer_that_is_not_what_the_service_writes_is_read_again(re
     holds. The event reads afresh, under a new generation, and that read replaces it; a skipped read
     meanwhile publishes none, and a block claiming more than an answer may hold is refused before
     anything is allocated for it."""
-    import tracemalloc
-
     upstream = Upstream()
     stored = data()
 
@@ -381,12 +389,7 @@ def test_a_read_hash_answer_that_is_not_what_the_service_writes_is_read_again(re
             redis_client.hset(KEY, "data", stored)
         if gen is not None:
             redis_client.hset(KEY, mapping={"gen": gen, "dataGen": gen})
-        tracemalloc.start()
-        try:
-            skipped = await cache.latest(KEY)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        skipped, peak = await latest_with_peak(cache)
         again = await cache.read(KEY, received, WINDOW_MS, upstream.fetch)
         served = await cache.read(KEY, received, WINDOW_MS, upstream.fetch)
         return [(r.source, r.data) for r in (skipped, again, served)] + [peak < 4 * len(stored or b"") + 1_000_000]
@@ -767,20 +770,14 @@ def test_a_kept_read_that_is_not_what_the_service_writes_is_ignored(redis_url, r
     """Redis contents are input too: a window-0 read's key holding anything else leaves the hash's
     read (or none) to publish, never an error that fails the event. A compressed block claiming more
     than a kept read may hold (here 64 MB from 260 KB) is refused before anything is allocated for it."""
-    import tracemalloc
-
     stored = kept()
 
     async def scenario(client: Redis) -> tuple[Any, int]:
         cache = ReadCache(client, lease_seconds=10)
         await cache.read(KEY, now_ms(), WINDOW_MS, lambda: asyncio.sleep(0, "hash"))
         redis_client.set(latest_read_key(KEY), stored)
-        tracemalloc.start()
-        try:
-            data = (await cache.latest(KEY)).data
-            return data, tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        latest, peak = await latest_with_peak(cache)
+        return latest.data, peak
 
     data, peak = run(redis_url, scenario)
     assert data == "hash"
