@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import ResponseError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -148,3 +150,49 @@ def test_count_by_reason_reads_every_reason_in_batches(redis_client):
     capped, scanned = count_by_reason(redis_client, STREAM, limit=700)
     assert scanned == 700
     assert sum(capped.values()) == 700
+
+
+#: Ways Redis refuses a write to a key an operator (or an attacker with a Redis login) spoiled.
+SPOILERS = {
+    "a string": lambda client, key: client.set(key, "spoiled"),
+    "a stream at its last id": lambda client, key: client.xadd(
+        key, {"f": "v"}, id="18446744073709551615-18446744073709551615"
+    ),
+}
+
+
+@pytest.mark.parametrize("spoiler", list(SPOILERS))
+def test_a_park_redis_refuses_leaves_no_mark_and_its_retry_is_written(redis_url, redis_client, spoiler):
+    """The mark is written after the entry: a refused entry never leaves the event looking parked,
+    so the retry (Smartcar's, or the worker's) parks it once the stream is mended."""
+    SPOILERS[spoiler](redis_client, STREAM)
+
+    async def park(redis):
+        return await ParkedStream(redis, STREAM, 60).park("ev-9", "unknown_user", "No user.", '{"eventId":"ev-9"}')
+
+    with pytest.raises(ResponseError):
+        run(redis_url, park)
+    assert recall(redis_client, parked_marks(60), "ev-9") is None
+    redis_client.delete(STREAM)
+    assert run(redis_url, park) is not None
+    assert [entry["event_id"] for entry in entries(redis_client)] == ["ev-9"]
+
+
+def test_a_replay_redis_refuses_leaves_the_entry_to_replay_again(redis_url, redis_client):
+    """The job is queued before its hash is written and the entry removed: a queue key that is not a
+    list fails the replay with nothing changed, and the next replay requeues the entry."""
+    options = JobOptions("q")
+    queue = f"rq:queue:{options.queue}"
+    body = '{"eventId":"ev-8","eventType":"VEHICLE_STATE"}'
+    run(redis_url, lambda redis: ParkedStream(redis, STREAM, 60).park("ev-8", "unknown_user", "No user.", body))
+    redis_client.set(queue, "spoiled")
+
+    with pytest.raises(ResponseError):
+        run(redis_url, lambda redis: replay_parked(redis, options, STREAM))
+    assert redis_client.exists(Job.key_for("ev-8")) == 0
+    assert len(entries(redis_client)) == 1
+    redis_client.delete(queue)
+    report = run(redis_url, lambda redis: replay_parked(redis, options, STREAM))
+    assert (report.requeued, report.busy) == (1, 0)
+    assert entries(redis_client) == []
+    assert redis_client.lrange(queue, 0, -1) == [b"ev-8"]

@@ -76,11 +76,22 @@ def test_a_finished_job_reads_back_through_rq(pipeline, redis_client):
     assert redis_client.keys("rq:execution:*") == []
 
 
+#: Two ways Redis refuses the output entry: the key holds a string, or the stream's last id is the
+#: largest one (set by hand: ``XSETID`` or an ``XADD`` with that id), so no entry can follow it.
+SPOILED_STREAMS = {
+    "WRONGTYPE": lambda client: client.set("smartcar:vehicle-events", "not a stream"),
+    "exhausted the last possible ID": lambda client: client.xadd(
+        "smartcar:vehicle-events", {"f": "v"}, id="18446744073709551615-18446744073709551615"
+    ),
+}
+
+
 @pytest.mark.process
-def test_a_failed_job_has_its_exception_and_rq_requeue_runs_it_again(pipeline, redis_client):
-    """A job that raised (the output stream's key holds a string: Redis refuses the XADD) is failed
-    with RQ's exception text; once the key is fixed, `rq requeue` runs it and it is published."""
-    redis_client.set("smartcar:vehicle-events", "not a stream")
+@pytest.mark.parametrize("refusal", list(SPOILED_STREAMS))
+def test_a_failed_job_has_its_exception_and_rq_requeue_runs_it_again(pipeline, redis_client, refusal):
+    """A job that raised (Redis refused the XADD) is failed with RQ's exception text, its event left
+    unmarked; once the key is fixed, `rq requeue` runs it and it is published."""
+    SPOILED_STREAMS[refusal](redis_client)
     event = sample_event()
     deliver(pipeline, event)
     job_id = job_id_for(event["eventId"])
@@ -91,7 +102,7 @@ def test_a_failed_job_has_its_exception_and_rq_requeue_runs_it_again(pipeline, r
     result = job.latest_result()
     assert result is not None
     assert result.type == Result.Type.FAILED
-    assert "WRONGTYPE" in (result.exc_string or "")
+    assert refusal in (result.exc_string or "")
     assert StartedJobRegistry(QUEUE, connection=redis_client).get_job_ids() == []
 
     redis_client.delete("smartcar:vehicle-events")

@@ -23,14 +23,19 @@ _RETURN_IDS = """
 -- KEYS: a list of ids taken off the queue (a worker's dequeued list, RQ's intermediate list), the queue
 -- ARGV: job key prefix, then the ids to take out of the list (none: every id in it). Each id taken
 -- out goes back to the queue's front (in the list's order, never doubled) while its job is queued.
+-- An id leaves the list only once it is back: a queue Redis refuses (not a list) stops the call
+-- with the id still held, for the next reap.
 local ids = #ARGV > 1 and {unpack(ARGV, 2)} or redis.call('LRANGE', KEYS[1], 0, -1)
 local moved = {}
 for i = #ids, 1, -1 do
   local id = ids[i]
-  if redis.call('LREM', KEYS[1], 1, id) == 1 and redis.call('HGET', ARGV[1] .. id, 'status') == 'queued' then
-    redis.call('LREM', KEYS[2], 0, id)
-    redis.call('LPUSH', KEYS[2], id)
-    table.insert(moved, 1, id)
+  if redis.call('LPOS', KEYS[1], id) then
+    if redis.call('HGET', ARGV[1] .. id, 'status') == 'queued' then
+      redis.call('LREM', KEYS[2], 0, id)
+      redis.call('LPUSH', KEYS[2], id)
+      table.insert(moved, 1, id)
+    end
+    redis.call('LREM', KEYS[1], 1, id)
   end
 end
 return moved
@@ -43,22 +48,25 @@ _REQUEUE = """
 --       job id, execution id, name of the worker it belongs to, that worker's execution set
 -- Drops each execution still registered; puts its job back at the queue's front when the job is
 -- still waiting, or still running on that worker. Returns the ids put back.
+-- The job goes back on the queue before anything else is written: a queue Redis refuses (not a
+-- list) stops the call with the execution still registered, for the next reap.
 local requeued = {}
 for i = 4, #ARGV, 4 do
   local id, ex, worker = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local composite = id .. ':' .. ex
-  if redis.call('ZREM', KEYS[1], composite) == 1 then
-    redis.call('DEL', ARGV[2] .. composite)
-    redis.call('ZREM', ARGV[3] .. id, ex)
-    redis.call('SREM', ARGV[i + 3], composite)
+  if redis.call('ZSCORE', KEYS[1], composite) then
     local job = ARGV[1] .. id
     local status = redis.call('HGET', job, 'status')
     if status == 'queued' or (status == 'started' and redis.call('HGET', job, 'worker_name') == worker) then
-      redis.call('HSET', job, 'status', 'queued', 'worker_name', '')
       redis.call('LREM', KEYS[2], 0, id)
       redis.call('LPUSH', KEYS[2], id)
+      redis.call('HSET', job, 'status', 'queued', 'worker_name', '')
       requeued[#requeued + 1] = id
     end
+    redis.call('ZREM', KEYS[1], composite)
+    redis.call('DEL', ARGV[2] .. composite)
+    redis.call('ZREM', ARGV[3] .. id, ex)
+    redis.call('SREM', ARGV[i + 3], composite)
   end
 end
 return requeued

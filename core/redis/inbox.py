@@ -41,9 +41,10 @@ for at = 8, #ARGV, 2 do
     redis.call('DEL', ARGV[7] .. job_id)
     results[#results + 1] = 0
   else
-    ids.put(st, head, field, '1')
     redis.call('RENAME', ARGV[7] .. job_id, ARGV[6] .. job_id)
     redis.call('RPUSH', KEYS[1], job_id)
+    -- marked last: a write Redis refuses (the queue not a list) stops the call with the event unmarked
+    ids.put(st, head, field, '1')
     results[#results + 1] = 1
   end
 end

@@ -35,11 +35,13 @@ local value, key = ids.find(st, head, field)
 if value == ARGV[8] or (not value and st.legacy and ARGV[6] ~= '' and redis.call('GET', st.legacy .. ARGV[6]) == ARGV[8]) then
   return false
 end
--- a different reason or body: remembered from now on instead
+local min_id = math.max(0, math.floor(st.now * 1000) - tonumber(ARGV[9]))
+local entry = redis.call('XADD', KEYS[1], 'MINID', '~', string.format('%d', min_id), '*', unpack(ARGV, 10))
+-- marked once the entry is in (a refused XADD stops the call unmarked); a different reason or body
+-- is remembered from now on instead
 if value then redis.call('HDEL', key, field) end
 ids.put(st, head, field, ARGV[8])
-local min_id = math.max(0, math.floor(st.now * 1000) - tonumber(ARGV[9]))
-return redis.call('XADD', KEYS[1], 'MINID', '~', string.format('%d', min_id), '*', unpack(ARGV, 10))
+return entry
 """
 _PARK_FN = lua_function("park", _PARK, prelude=LIBRARY)
 
@@ -50,10 +52,11 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' or status == 'started' or status == 'scheduled' or status == 'deferred' then
   return 0
 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 9))
+-- queued first: a push Redis refuses (the queue not a list) stops the call with nothing written
 redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('SADD', KEYS[3], KEYS[2])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 redis.call('XDEL', KEYS[4], ARGV[1])
 -- the replayed job may park again, for the same reason: that entry must be written
 local st = ids.open(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])

@@ -30,11 +30,17 @@ _MARKS = """
 -- ARGV[1] 'mark', KEYS[1] the output stream: the marks head, the guard prefix and ms, the TTL to set
 -- in seconds, then per event: digest, job id, state key to renew ('' for none). Run in the
 -- transaction after the entries: renews those states' TTL (merged whatever follows), then sets
--- each event's mark to published and its guard; no mark when the stream is not one (its entries
--- were refused: the transaction's error says so). Returns 1, or 0 when nothing was marked.
+-- each event's mark to published and its guard; no mark when the stream takes no entries (its
+-- entries were refused: the transaction's error says so). Returns 1, or 0 when nothing was marked.
 local st = ids.open(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 if ARGV[1] == 'mark' then
-  local stream = redis.call('TYPE', KEYS[1])['ok'] == 'stream'
+  -- Redis refuses an XADD of ours when the key is not a stream or the stream has used its last id.
+  -- An entry with id 0-1 is refused in every case, and only by a stream that takes entries for
+  -- being too small (after the entries just added, it can never be written).
+  local probe = redis.pcall('XADD', KEYS[1], 'NOMKSTREAM', '0-1', 'probe', '')
+  if type(probe) == 'string' then redis.call('XDEL', KEYS[1], probe) end
+  local stream = type(probe) == 'table' and probe.err ~= nil
+    and string.find(probe.err, 'equal or smaller', 1, true) ~= nil
   for at = 10, #ARGV, 3 do
     if ARGV[at + 2] ~= '' then redis.call('EXPIRE', ARGV[at + 2], ARGV[9]) end
     if stream then

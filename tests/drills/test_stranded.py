@@ -283,3 +283,30 @@ def test_requeueing_a_dead_workers_job_is_atomic_and_happens_once(redis_client):
     redis_client.hset(taken.key, mapping={"status": "started", "worker_name": "alive-worker"})
     assert requeue(redis_client, QUEUE, [(taken.id, stale.id, "gone")], "a test") == []
     assert redis_client.lpos(QUEUE_KEY, taken.id) is None
+
+
+def test_a_requeue_redis_refuses_strands_nothing(redis_client):
+    """A job leaves the dead worker's list and the started registry only after it is back on the
+    queue: a queue key that is not a list fails the reap with both still held, and the next reap
+    puts both jobs back."""
+    queue = Queue(QUEUE, connection=redis_client, serializer=JSONSerializer)
+    dequeued, started = (queue.enqueue(PROCESS_EVENT, {"eventId": f"held-{i}"}) for i in range(2))
+    redis_client.delete(QUEUE_KEY)
+    redis_client.rpush(dequeued_key(QUEUE, "gone"), dequeued.id)
+    with redis_client.pipeline() as pipe:
+        execution = Execution.create(started, 180, pipeline=pipe, worker_name="gone")
+        pipe.execute()
+    redis_client.hset(started.key, mapping={"status": "started", "worker_name": "gone"})
+    redis_client.set(QUEUE_KEY, "spoiled")
+
+    with pytest.raises(redis.ResponseError):
+        reap(redis_client, QUEUE, {"gone"})
+    assert redis_client.lrange(dequeued_key(QUEUE, "gone"), 0, -1) == [dequeued.id.encode()]
+    with pytest.raises(redis.ResponseError):
+        requeue(redis_client, QUEUE, [(started.id, execution.id, "gone")], "a test")
+    assert redis_client.zcard(f"rq:wip:{QUEUE}") == 1
+    assert redis_client.hget(started.key, "status") == b"started"
+
+    redis_client.delete(QUEUE_KEY)
+    assert sorted(reap(redis_client, QUEUE, {"gone"})) == sorted([dequeued.id, started.id])
+    assert sorted(redis_client.lrange(QUEUE_KEY, 0, -1)) == sorted([dequeued.id.encode(), started.id.encode()])
