@@ -95,6 +95,22 @@ def test_a_job_hash_rq_cannot_load_is_refused_and_the_worker_goes_on(pipeline, r
     assert [entry["event_id"] for entry in outputs(redis_client)] == [event["eventId"]]
 
 
+def test_a_queued_id_whose_key_is_not_a_hash_is_dropped_and_the_worker_goes_on(pipeline, redis_client):
+    """A web pod's Redis user may write job keys and push ids: an id whose job key holds a string
+    crashed every worker that claimed it (and a reaper put it back for the next). It is dropped as a
+    job deleted while queued, its key left as found, and the next job runs."""
+    redis_client.set(Job.key_for("not-a-hash"), "spoiled")
+    redis_client.rpush(f"rq:queue:{pipeline.ingest_queue}", "not-a-hash")
+    event = sample_event()
+    queue = Queue(pipeline.ingest_queue, connection=redis_client, serializer=JSONSerializer)
+    queue.enqueue(PROCESS_EVENT, job_payload(event["eventId"], "VEHICLE_STATE", encode(event).decode(), 0))
+    run_worker_burst(pipeline)
+    assert [entry["event_id"] for entry in outputs(redis_client)] == [event["eventId"]]
+    assert redis_client.get(Job.key_for("not-a-hash")) == b"spoiled"
+    assert redis_client.llen(f"rq:queue:{pipeline.ingest_queue}") == 0
+    assert redis_client.keys("smartcar-ingest:dequeued:*") == []
+
+
 def test_a_zlib_bomb_in_a_job_hash_is_refused_without_inflating_it(pipeline, redis_client):
     """Anyone who can write to Redis can store a job whose data inflates a thousandfold (here 40 MB
     from about 40 KB). The worker refuses it unread: it never holds the inflated bytes, parks nothing,

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE
 from rq.job import Job
 from rq.registry import FinishedJobRegistry, StartedJobRegistry
@@ -16,8 +17,11 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
+from core.logs import get_logger
 from core.redis.functions import lua_function
 from core.redis.keys import dequeued_key, queue_key, text
+
+log = get_logger("smartcar_ingest.worker")
 
 # RQ's key prefixes, taken from RQ itself so that a change of layout fails the tests loudly.
 JOB_PREFIX = Job.redis_job_namespace_prefix
@@ -211,8 +215,13 @@ class Bookkeeping:
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.hgetall(JOB_PREFIX + job_id)
-        hashes = await pipe.execute()
-        return [ClaimedJob(job_id, fields) for job_id, fields in zip(ids, hashes, strict=True)]
+        claimed = []
+        for job_id, fields in zip(ids, await pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(fields, ResponseError):  # a key that is not a hash holds no job: as if deleted
+                log.error("dropped a queued id whose job key is not a hash", jobId=job_id)
+                fields = {}
+            claimed.append(ClaimedJob(job_id, fields))
+        return claimed
 
     async def start(self, jobs: list[ClaimedJob], ttl: int) -> list[ClaimedJob]:
         """Record an execution for each job with a hash (the others leave the list); the jobs recorded."""

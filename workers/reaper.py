@@ -30,7 +30,8 @@ local moved = {}
 for i = #ids, 1, -1 do
   local id = ids[i]
   if redis.call('LPOS', KEYS[1], id) then
-    if redis.call('HGET', ARGV[1] .. id, 'status') == 'queued' then
+    -- pcall: a job key that is not a hash (an error, never 'queued') holds no job; its id is dropped
+    if redis.pcall('HGET', ARGV[1] .. id, 'status') == 'queued' then
       redis.call('LREM', KEYS[2], 0, id)
       redis.call('LPUSH', KEYS[2], id)
       table.insert(moved, 1, id)
@@ -56,7 +57,7 @@ for i = 4, #ARGV, 4 do
   local composite = id .. ':' .. ex
   if redis.call('ZSCORE', KEYS[1], composite) then
     local job = ARGV[1] .. id
-    local status = redis.call('HGET', job, 'status')
+    local status = redis.pcall('HGET', job, 'status')  -- not a hash: an error, so dropped
     if status == 'queued' or (status == 'started' and redis.call('HGET', job, 'worker_name') == worker) then
       redis.call('LREM', KEYS[2], 0, id)
       redis.call('LPUSH', KEYS[2], id)

@@ -310,3 +310,27 @@ def test_a_requeue_redis_refuses_strands_nothing(redis_client):
     redis_client.delete(QUEUE_KEY)
     assert sorted(reap(redis_client, QUEUE, {"gone"})) == sorted([dequeued.id, started.id])
     assert sorted(redis_client.lrange(QUEUE_KEY, 0, -1)) == sorted([dequeued.id.encode(), started.id.encode()])
+
+
+def test_a_reap_drops_what_a_dead_worker_held_of_a_key_that_is_not_a_hash(redis_client):
+    """An id (or an execution) whose job key holds a string is dropped from the dead worker's list
+    (and the started registry) instead of failing the reap of everything it held."""
+    queue = Queue(QUEUE, connection=redis_client, serializer=JSONSerializer)
+    dequeued, started = (queue.enqueue(PROCESS_EVENT, {"eventId": f"beside-{i}"}) for i in range(2))
+    spoiled = queue.enqueue(PROCESS_EVENT, {"eventId": "spoiled-later"})
+    redis_client.delete(QUEUE_KEY)
+    redis_client.rpush(dequeued_key(QUEUE, "gone"), "not-a-hash", dequeued.id)
+    with redis_client.pipeline() as pipe:
+        for job in (started, spoiled):
+            Execution.create(job, 180, pipeline=pipe, worker_name="gone")
+        pipe.execute()
+    for job in (started, spoiled):
+        redis_client.hset(job.key, mapping={"status": "started", "worker_name": "gone"})
+    redis_client.set("rq:job:not-a-hash", "spoiled")
+    redis_client.delete(spoiled.key)
+    redis_client.set(spoiled.key, "spoiled")
+
+    assert sorted(reap(redis_client, QUEUE, {"gone"})) == sorted([dequeued.id, started.id])
+    assert sorted(redis_client.lrange(QUEUE_KEY, 0, -1)) == sorted([dequeued.id.encode(), started.id.encode()])
+    assert redis_client.llen(dequeued_key(QUEUE, "gone")) == 0
+    assert redis_client.zcard(f"rq:wip:{QUEUE}") == 0
