@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from redis.asyncio import Redis as AsyncRedis
@@ -196,3 +197,35 @@ def test_a_replay_redis_refuses_leaves_the_entry_to_replay_again(redis_url, redi
     assert (report.requeued, report.busy) == (1, 0)
     assert entries(redis_client) == []
     assert redis_client.lrange(queue, 0, -1) == [b"ev-8"]
+
+
+def test_a_replay_that_cannot_forget_the_mark_leaves_the_entry(redis_url, redis_client):
+    """The entry leaves the stream last: when Redis refuses to forget the parked mark (a newer
+    generation's hash written over with a string), the entry stays, so the event is never left
+    marked parked with no entry (the replayed job's own park would be taken for a repeat)."""
+    options = JobOptions("q")
+    body = '{"eventId":"ev-7","eventType":"VEHICLE_STATE"}'
+    now = time.time()
+
+    async def park(redis, event_id, reason, at):
+        return await ParkedStream(redis, STREAM, 60, clock=lambda: at).park(event_id, reason, "d", body)
+
+    run(redis_url, lambda redis: park(redis, "ev-7", "unknown_user", now - 40))  # an older slot
+    older = set(redis_client.scan_iter("smartcar-ingest:parked-ids:*"))
+    run(redis_url, lambda redis: park(redis, "ev-new", "legacy_v2", now))
+    newer = [key for key in redis_client.scan_iter("smartcar-ingest:parked-ids:*") if key not in older]
+    assert newer
+    for key in newer:
+        redis_client.delete(key)
+        redis_client.set(key, "spoiled")
+
+    with pytest.raises(ResponseError):
+        run(redis_url, lambda redis: replay_parked(redis, options, STREAM, reason="unknown_user"))
+    assert "ev-7" in [entry["event_id"] for entry in entries(redis_client)]
+    # a job key written over with a string is not a job: the replay writes the job over it
+    redis_client.delete(*newer)
+    redis_client.set(Job.key_for("ev-7"), "spoiled")
+    report = run(redis_url, lambda redis: replay_parked(redis, options, STREAM, reason="unknown_user"))
+    assert (report.requeued, report.busy) == (1, 0)
+    assert "ev-7" not in [entry["event_id"] for entry in entries(redis_client)]
+    assert redis_client.hget(Job.key_for("ev-7"), "status") == b"queued"

@@ -224,6 +224,37 @@ def test_each_script_can_run_again_after_a_lost_answer(redis_url, redis_client):
     assert redis_client.hget("rq:worker:w1", "successful_job_count") == b"1"
 
 
+def test_a_job_key_spoiled_between_claim_and_start_is_dropped_and_the_rest_start(redis_url, redis_client):
+    """A job key set to a string after the claim read it (the web's Redis user may write job keys)
+    refused the start's HSET halfway: the jobs before it said started in no registry, the worker
+    exited, and its reap left them (only queued jobs go back). The start drops that id alone."""
+    from redis.asyncio import Redis as AsyncRedis
+
+    from core.redis.jobs import JobOptions, build_job_hash, job_payload
+
+    ids = []
+    for name in ("s1", "s2", "s3"):
+        job_id, mapping = build_job_hash(job_payload(name, "VEHICLE_STATE", "{}", 0), JobOptions(queue=QUEUE))
+        redis_client.hset(Job.key_for(job_id), mapping=mapping)
+        redis_client.rpush(f"rq:queue:{QUEUE}", job_id)
+        ids.append(job_id)
+
+    async def scenario() -> list[str]:
+        client = AsyncRedis.from_url(redis_url)
+        try:
+            books = batch.Bookkeeping(client, QUEUE, "w1")
+            claimed = await books.claim(10)
+            await client.set(Job.key_for(ids[1]), "spoiled")
+            return [claimed_job.job_id for claimed_job in await books.start(claimed, 90)]
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(scenario()) == [ids[0], ids[2]]
+    assert StartedJobRegistry(QUEUE, connection=redis_client).get_job_ids() == [ids[0], ids[2]]
+    assert redis_client.get(Job.key_for(ids[1])) == b"spoiled"
+    assert redis_client.llen("smartcar-ingest:dequeued:" + QUEUE + ":w1") == 0
+
+
 def test_the_finish_keeps_each_result_as_its_result_ttl_says(redis_url, redis_client):
     """As RQ: a result TTL of 0 deletes the job, a negative one keeps it and its result for good
     (scored +inf for -1, else the TTL), a positive one expires both and scores the finished registry

@@ -140,3 +140,35 @@ def test_a_zlib_bomb_in_a_job_hash_is_refused_without_inflating_it(pipeline, red
     assert redis_client.hget(Job.key_for("bomb"), "data") == data
     assert redis_client.xlen(pipeline.parked_stream) == 0
     assert [entry["event_id"] for entry in outputs(redis_client)] == [event["eventId"]]
+
+
+def test_a_due_retry_whose_job_cannot_be_loaded_is_dropped_and_the_others_are_queued(redis_client):
+    """RQ's scheduler loads every due retry of a queue at once: one id whose job key holds a string
+    (or a hash RQ cannot restore) failed it on every pass, and the scheduler process with it, so no
+    retry of that queue was ever queued again. Such ids leave the scheduled registry first."""
+    from rq.registry import ScheduledJobRegistry
+
+    from workers.housekeeping import PatientScheduler
+
+    name = "scheduled-test"
+    queue = _queue(redis_client, name)
+    genuine = queue.enqueue(PROCESS_EVENT, {"eventId": "due"})
+    redis_client.delete(f"rq:queue:{name}")
+    registry = ScheduledJobRegistry(name, connection=redis_client, serializer=JSONSerializer)
+    redis_client.set(Job.key_for("a-string"), "spoiled")
+    redis_client.hset(Job.key_for("unloadable"), mapping={"created_at": "not a time", "data": "{"})
+    for job_id in (genuine.id, "a-string", "unloadable"):
+        redis_client.zadd(registry.key, {job_id: 1})
+    scheduler = PatientScheduler([queue], connection=redis_client, serializer=JSONSerializer)
+    assert scheduler.acquire_locks() == {name}
+    try:
+        scheduler.enqueue_scheduled_jobs()
+    finally:
+        scheduler.release_locks()
+    assert redis_client.lrange(f"rq:queue:{name}", 0, -1) == [genuine.id.encode()]
+    assert registry.get_job_ids() == []
+    assert redis_client.get(Job.key_for("a-string")) == b"spoiled"
+    # the hash is refused as the worker refuses one: failed, with the reason, left as found
+    assert FailedJobRegistry(name, connection=redis_client).get_job_ids() == ["unloadable"]
+    assert redis_client.hget(Job.key_for("unloadable"), "status") == b"failed"
+    assert redis_client.hget(Job.key_for("unloadable"), "data") == b"{"

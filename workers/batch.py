@@ -46,7 +46,8 @@ _START = """
 -- ARGV: job key prefix, execution key prefix, worker name, started_at (RQ's text form),
 --       created_at (seconds), registry score, set TTL, then (job id, execution id, run) triples
 --       where run = 1 to start the job and 0 to only drop its id (its hash was gone).
--- Returns one flag per triple: 1 recorded (now or by an earlier attempt), 0 not held any more.
+-- Returns one flag per triple: 1 recorded (now or by an earlier attempt), 0 not held any more (or
+-- its job key no longer a hash).
 local held = {}
 for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do held[id] = true end
 local flags, members, composites = {}, {}, {}
@@ -56,16 +57,22 @@ for i = 8, #ARGV, 3 do
   local flag = 0
   if held[id] then
     held[id] = nil
-    if run == '1' then
-      redis.call('HSET', ARGV[1] .. id, 'status', 'started', 'started_at', ARGV[4], 'last_heartbeat', ARGV[4],
-        'worker_name', ARGV[3])
-      redis.call('HSET', ARGV[2] .. composite, 'id', ex, 'job_id', id, 'created_at', ARGV[5],
-        'last_heartbeat', ARGV[5], 'worker_name', ARGV[3])
-      members[#members + 1] = ARGV[6]
-      members[#members + 1] = composite
-      composites[#composites + 1] = composite
-    end
     flag = 1
+    if run == '1' then
+      -- pcall: a job key no longer a hash (written over since the claim read it) holds no job: its id
+      -- is dropped, as for a job deleted while queued, and the rest of the batch starts
+      local set = redis.pcall('HSET', ARGV[1] .. id, 'status', 'started', 'started_at', ARGV[4],
+        'last_heartbeat', ARGV[4], 'worker_name', ARGV[3])
+      if type(set) == 'table' and set.err then
+        flag = 0
+      else
+        redis.call('HSET', ARGV[2] .. composite, 'id', ex, 'job_id', id, 'created_at', ARGV[5],
+          'last_heartbeat', ARGV[5], 'worker_name', ARGV[3])
+        members[#members + 1] = ARGV[6]
+        members[#members + 1] = composite
+        composites[#composites + 1] = composite
+      end
+    end
   elseif redis.call('ZSCORE', KEYS[2], composite) then
     flag = 1
   end

@@ -17,16 +17,20 @@ from typing import Any
 
 import redis
 from rq import Queue, SimpleWorker, worker_registration
+from rq.exceptions import NoSuchJobError
 from rq.executions import Execution
-from rq.registry import StartedJobRegistry, clean_registries
+from rq.job import Job
+from rq.registry import ScheduledJobRegistry, StartedJobRegistry, clean_registries
 from rq.scheduler import RQScheduler
 from rq.suspension import is_suspended
+from rq.utils import current_timestamp
 from rq.worker import WorkerStatus
 
 from core import metrics
 from core.logs import get_logger
 from core.redis.keys import WORKERS_SET, alive_key, rq_intermediate_key, text
 from core.redis.outage import redis_unavailable, until_redis_answers
+from workers.jobs import refuse
 from workers.reaper import reap, return_ids, sweep_expired
 
 log = get_logger("smartcar_ingest.worker")
@@ -279,6 +283,27 @@ class PatientScheduler(RQScheduler):
             self.stop()  # type: ignore[no-untyped-call]
         except redis.RedisError as exc:
             log.warning("scheduler stopped without releasing its locks", error=type(exc).__name__)
+
+    def enqueue_scheduled_jobs(self) -> None:
+        """RQ's, once the due ids whose job RQ cannot load have left the scheduled registries: RQ loads
+        a queue's due jobs together, so one such id (a key that is not a hash, a hash that does not
+        restore) failed every pass and no retry of that queue was queued again."""
+        for name in self.acquired_locks:
+            registry = ScheduledJobRegistry(name, connection=self.connection, serializer=self.serializer)  # type: ignore[no-untyped-call]
+            for job_id in registry.get_jobs_to_schedule(current_timestamp()):
+                try:
+                    Job.fetch(job_id, connection=self.connection, serializer=self.serializer)
+                except NoSuchJobError:
+                    continue  # RQ drops the id itself
+                except Exception as exc:
+                    if isinstance(exc, redis.RedisError) and redis_unavailable(exc):
+                        raise
+                    registry.remove(job_id)
+                    if self.connection.type(Job.key_for(job_id)) == b"hash":  # refused, as the worker would
+                        refuse(self.connection, name, job_id, "the job's data cannot be decoded", None)
+                    else:  # no job at all: its id only goes
+                        log.error("dropped a scheduled id whose job key is not a hash", jobId=job_id)
+        super().enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]
 
     def running(self) -> bool:
         """In the worker: whether the scheduler's process it forked is alive."""

@@ -65,20 +65,22 @@ def admit(claimed_job: ClaimedJob, connection: redis.Redis, max_body_bytes: int)
         return exc
 
 
-def refuse(connection: redis.Redis, queue_name: str, claimed_job: ClaimedJob, reason: str, dequeued: str) -> None:
-    """Move a refused job, never loaded, from the worker's list (``dequeued``) to RQ's failed registry."""
-    unloaded = Job(claimed_job.job_id, connection=connection, serializer=JSONSerializer)  # its id only
+def refuse(connection: redis.Redis, queue_name: str, job_id: str, reason: str, dequeued: str | None) -> None:
+    """Move a refused job, never loaded, from the worker's list (``dequeued``; None: the scheduler
+    took it out of its registry) to RQ's failed registry."""
+    unloaded = Job(job_id, connection=connection, serializer=JSONSerializer)  # its id only
     registry = FailedJobRegistry.key_template.format(queue_name)
     with connection.pipeline() as pipe:
-        pipe.lrem(dequeued, 0, claimed_job.job_id)
-        pipe.zadd(registry, {claimed_job.job_id: time.time() + REFUSED_JOB_TTL_SECONDS})
+        if dequeued is not None:
+            pipe.lrem(dequeued, 0, job_id)
+        pipe.zadd(registry, {job_id: time.time() + REFUSED_JOB_TTL_SECONDS})
         unloaded.set_status(JobStatus.FAILED, pipeline=pipe)
         pipe.expire(unloaded.key, REFUSED_JOB_TTL_SECONDS)
         # RQ's tools (rq-dashboard, Job.latest_result) read a failure's text from its result.
         because = f"Refused by smartcar-ingest: {reason}."
         Result.create_failure(unloaded, REFUSED_JOB_TTL_SECONDS, exc_string=because, pipeline=pipe)
         pipe.execute()
-    log.error("refused a job that is not an ingest job", jobId=claimed_job.job_id, reason=reason)
+    log.error("refused a job that is not an ingest job", jobId=job_id, reason=reason)
 
 
 def _spliced(claimed_job: ClaimedJob) -> tuple[dict[str, Any], str] | None:

@@ -120,7 +120,10 @@ def sweep_expired(connection: redis.Redis, queue_name: str) -> list[str]:
     gone: list[tuple[str, str, str]] = []
     for raw in connection.zrangebyscore(registry, "-inf", time.time(), start=0, num=1000):
         job_id, execution_id = parse_composite_key(text(raw))
-        status, owner = connection.hmget(Job.key_for(job_id), ["status", "worker_name"])
+        try:
+            status, owner = connection.hmget(Job.key_for(job_id), ["status", "worker_name"])
+        except redis.ResponseError:  # a job key that is not a hash: no job, its execution is dropped
+            status = owner = None
         name = text(owner) if owner else ""
         if status == b"started" and name and connection.exists(alive_key(name)):
             continue  # still running on a live worker, which will refresh or settle it

@@ -186,7 +186,7 @@ class AsyncWorker:
             if claimed_job.fields:  # else deleted while queued: the start only drops its id
                 claimed_job.payload = reason = admit(claimed_job, self.connection, self.settings.max_body_bytes)
                 if isinstance(reason, str):
-                    await self._blocking(partial(refusal, claimed_job, reason))
+                    await self._blocking(partial(refusal, claimed_job.job_id, reason))
                     continue
             runnable.append(claimed_job)
         ttl = max((h.ttl for h in runnable), default=90)

@@ -48,7 +48,8 @@ _PARK_FN = lua_function("park", _PARK, prelude=LIBRARY)
 _REQUEUE = """
 -- KEYS: job hash, queue list, RQ's set of queues, parked stream. ARGV: parked entry id, job id,
 -- the marks head (ids.open's five), digest, then the job hash as field/value pairs.
-local status = redis.call('HGET', KEYS[1], 'status')
+-- pcall: a job key that is not a hash holds no job, and is written over below
+local status = redis.pcall('HGET', KEYS[1], 'status')
 if status == 'queued' or status == 'started' or status == 'scheduled' or status == 'deferred' then
   return 0
 end
@@ -57,12 +58,13 @@ redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('SADD', KEYS[3], KEYS[2])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 9))
-redis.call('XDEL', KEYS[4], ARGV[1])
 -- the replayed job may park again, for the same reason: that entry must be written
 local st = ids.open(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
 local head, field = ids.locate(ARGV[8])
 ids.forget(st, head, field)
 if ARGV[7] ~= '' then redis.call('DEL', ARGV[7] .. ARGV[2]) end
+-- the entry goes last: a mark Redis refused to forget leaves it parked, never marked and gone
+redis.call('XDEL', KEYS[4], ARGV[1])
 return 1
 """
 _REQUEUE_FN = lua_function("replay_parked", _REQUEUE, prelude=LIBRARY)

@@ -38,7 +38,7 @@ from tests.drills.common import (
 )
 from tests.pipeline import pipeline_settings
 from tests.test_pipeline import deliver
-from workers.reaper import reap, requeue
+from workers.reaper import reap, requeue, sweep_expired
 
 QUEUE = "smartcar-events"
 QUEUE_KEY = f"rq:queue:{QUEUE}"
@@ -285,6 +285,16 @@ def test_requeueing_a_dead_workers_job_is_atomic_and_happens_once(redis_client):
     assert redis_client.lpos(QUEUE_KEY, taken.id) is None
 
 
+def started_by(redis_client, worker: str, *jobs) -> list[Execution]:
+    """Each job started by ``worker``: an execution registered for it and the job hash saying so."""
+    with redis_client.pipeline() as pipe:
+        executions = [Execution.create(job, 180, pipeline=pipe, worker_name=worker) for job in jobs]
+        pipe.execute()
+    for job in jobs:
+        redis_client.hset(job.key, mapping={"status": "started", "worker_name": worker})
+    return executions
+
+
 def test_a_requeue_redis_refuses_strands_nothing(redis_client):
     """A job leaves the dead worker's list and the started registry only after it is back on the
     queue: a queue key that is not a list fails the reap with both still held, and the next reap
@@ -293,10 +303,7 @@ def test_a_requeue_redis_refuses_strands_nothing(redis_client):
     dequeued, started = (queue.enqueue(PROCESS_EVENT, {"eventId": f"held-{i}"}) for i in range(2))
     redis_client.delete(QUEUE_KEY)
     redis_client.rpush(dequeued_key(QUEUE, "gone"), dequeued.id)
-    with redis_client.pipeline() as pipe:
-        execution = Execution.create(started, 180, pipeline=pipe, worker_name="gone")
-        pipe.execute()
-    redis_client.hset(started.key, mapping={"status": "started", "worker_name": "gone"})
+    [execution] = started_by(redis_client, "gone", started)
     redis_client.set(QUEUE_KEY, "spoiled")
 
     with pytest.raises(redis.ResponseError):
@@ -320,12 +327,7 @@ def test_a_reap_drops_what_a_dead_worker_held_of_a_key_that_is_not_a_hash(redis_
     spoiled = queue.enqueue(PROCESS_EVENT, {"eventId": "spoiled-later"})
     redis_client.delete(QUEUE_KEY)
     redis_client.rpush(dequeued_key(QUEUE, "gone"), "not-a-hash", dequeued.id)
-    with redis_client.pipeline() as pipe:
-        for job in (started, spoiled):
-            Execution.create(job, 180, pipeline=pipe, worker_name="gone")
-        pipe.execute()
-    for job in (started, spoiled):
-        redis_client.hset(job.key, mapping={"status": "started", "worker_name": "gone"})
+    started_by(redis_client, "gone", started, spoiled)
     redis_client.set("rq:job:not-a-hash", "spoiled")
     redis_client.delete(spoiled.key)
     redis_client.set(spoiled.key, "spoiled")
@@ -333,4 +335,21 @@ def test_a_reap_drops_what_a_dead_worker_held_of_a_key_that_is_not_a_hash(redis_
     assert sorted(reap(redis_client, QUEUE, {"gone"})) == sorted([dequeued.id, started.id])
     assert sorted(redis_client.lrange(QUEUE_KEY, 0, -1)) == sorted([dequeued.id.encode(), started.id.encode()])
     assert redis_client.llen(dequeued_key(QUEUE, "gone")) == 0
+    assert redis_client.zcard(f"rq:wip:{QUEUE}") == 0
+
+
+def test_an_expired_execution_of_a_key_that_is_not_a_hash_is_swept_with_the_rest(redis_client):
+    """The sweep of expired executions read each job's hash, and one job key holding a string failed
+    every pass: the genuine expired executions beside it were never requeued."""
+    queue = Queue(QUEUE, connection=redis_client, serializer=JSONSerializer)
+    genuine, spoiled = (queue.enqueue(PROCESS_EVENT, {"eventId": f"expired-{i}"}) for i in range(2))
+    redis_client.delete(QUEUE_KEY)
+    started_by(redis_client, "gone", spoiled, genuine)
+    for composite in redis_client.zrange(f"rq:wip:{QUEUE}", 0, -1):  # both expired
+        redis_client.zadd(f"rq:wip:{QUEUE}", {composite: time.time() - 10})
+    redis_client.delete(spoiled.key)
+    redis_client.set(spoiled.key, "spoiled")
+
+    assert sweep_expired(redis_client, QUEUE) == [genuine.id]
+    assert redis_client.lrange(QUEUE_KEY, 0, -1) == [genuine.id.encode()]
     assert redis_client.zcard(f"rq:wip:{QUEUE}") == 0
