@@ -23,8 +23,8 @@ _RETURN_IDS = """
 -- KEYS: a list of ids taken off the queue (a worker's dequeued list, RQ's intermediate list), the queue
 -- ARGV: job key prefix, then the ids to take out of the list (none: every id in it). Each id taken
 -- out goes back to the queue's front (in the list's order, never doubled) while its job is queued.
--- An id leaves the list only once it is back: a queue Redis refuses (not a list) stops the call
--- with the id still held, for the next reap.
+-- An id leaves the list last: a queue Redis refuses (not a list) stops the call with the id still
+-- held, for the next reap.
 local ids = #ARGV > 1 and {unpack(ARGV, 2)} or redis.call('LRANGE', KEYS[1], 0, -1)
 local moved = {}
 for i = #ids, 1, -1 do
