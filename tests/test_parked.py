@@ -17,6 +17,7 @@ from core.redis.jobs import JobOptions
 from core.redis.parked import ParkedStream, count_by_reason, replay_parked
 from tests.contracts import check_parked_entry
 from tests.marks import recall
+from tests.spoiled import SPOILED_STREAMS
 
 STREAM = "smartcar:parked"
 
@@ -153,25 +154,16 @@ def test_count_by_reason_reads_every_reason_in_batches(redis_client):
     assert sum(capped.values()) == 700
 
 
-#: Ways Redis refuses a write to a key an operator (or an attacker with a Redis login) spoiled.
-SPOILERS = {
-    "a string": lambda client, key: client.set(key, "spoiled"),
-    "a stream at its last id": lambda client, key: client.xadd(
-        key, {"f": "v"}, id="18446744073709551615-18446744073709551615"
-    ),
-}
-
-
-@pytest.mark.parametrize("spoiler", list(SPOILERS))
-def test_a_park_redis_refuses_leaves_no_mark_and_its_retry_is_written(redis_url, redis_client, spoiler):
+@pytest.mark.parametrize("refusal", list(SPOILED_STREAMS))
+def test_a_park_redis_refuses_leaves_no_mark_and_its_retry_is_written(redis_url, redis_client, refusal):
     """The mark is written after the entry: a refused entry never leaves the event looking parked,
     so the retry (Smartcar's, or the worker's) parks it once the stream is mended."""
-    SPOILERS[spoiler](redis_client, STREAM)
+    SPOILED_STREAMS[refusal](redis_client, STREAM)
 
     async def park(redis):
         return await ParkedStream(redis, STREAM, 60).park("ev-9", "unknown_user", "No user.", '{"eventId":"ev-9"}')
 
-    with pytest.raises(ResponseError):
+    with pytest.raises(ResponseError, match=refusal):
         run(redis_url, park)
     assert recall(redis_client, parked_marks(60), "ev-9") is None
     redis_client.delete(STREAM)
@@ -216,7 +208,6 @@ def test_a_replay_that_cannot_forget_the_mark_leaves_the_entry(redis_url, redis_
     newer = [key for key in redis_client.scan_iter("smartcar-ingest:parked-ids:*") if key not in older]
     assert newer
     for key in newer:
-        redis_client.delete(key)
         redis_client.set(key, "spoiled")
 
     with pytest.raises(ResponseError):

@@ -26,6 +26,7 @@ from rq.serializers import JSONSerializer
 from cli.samples import sample_event
 from core.redis.jobs import RETRY_INTERVALS, job_id_for
 from tests.pipeline import inject, outputs, run_worker_burst, worker_env
+from tests.spoiled import SPOILED_STREAMS
 from tests.test_pipeline import deliver
 from workers import batch
 
@@ -76,22 +77,12 @@ def test_a_finished_job_reads_back_through_rq(pipeline, redis_client):
     assert redis_client.keys("rq:execution:*") == []
 
 
-#: Two ways Redis refuses the output entry: the key holds a string, or the stream's last id is the
-#: largest one (set by hand: ``XSETID`` or an ``XADD`` with that id), so no entry can follow it.
-SPOILED_STREAMS = {
-    "WRONGTYPE": lambda client: client.set("smartcar:vehicle-events", "not a stream"),
-    "exhausted the last possible ID": lambda client: client.xadd(
-        "smartcar:vehicle-events", {"f": "v"}, id="18446744073709551615-18446744073709551615"
-    ),
-}
-
-
 @pytest.mark.process
 @pytest.mark.parametrize("refusal", list(SPOILED_STREAMS))
 def test_a_failed_job_has_its_exception_and_rq_requeue_runs_it_again(pipeline, redis_client, refusal):
     """A job that raised (Redis refused the XADD) is failed with RQ's exception text, its event left
     unmarked; once the key is fixed, `rq requeue` runs it and it is published."""
-    SPOILED_STREAMS[refusal](redis_client)
+    SPOILED_STREAMS[refusal](redis_client, "smartcar:vehicle-events")
     event = sample_event()
     deliver(pipeline, event)
     job_id = job_id_for(event["eventId"])

@@ -329,7 +329,6 @@ def test_a_reap_drops_what_a_dead_worker_held_of_a_key_that_is_not_a_hash(redis_
     redis_client.rpush(dequeued_key(QUEUE, "gone"), "not-a-hash", dequeued.id)
     started_by(redis_client, "gone", started, spoiled)
     redis_client.set("rq:job:not-a-hash", "spoiled")
-    redis_client.delete(spoiled.key)
     redis_client.set(spoiled.key, "spoiled")
 
     assert sorted(reap(redis_client, QUEUE, {"gone"})) == sorted([dequeued.id, started.id])
@@ -347,7 +346,6 @@ def test_an_expired_execution_of_a_key_that_is_not_a_hash_is_swept_with_the_rest
     started_by(redis_client, "gone", spoiled, genuine)
     for composite in redis_client.zrange(f"rq:wip:{QUEUE}", 0, -1):  # both expired
         redis_client.zadd(f"rq:wip:{QUEUE}", {composite: time.time() - 10})
-    redis_client.delete(spoiled.key)
     redis_client.set(spoiled.key, "spoiled")
 
     assert sweep_expired(redis_client, QUEUE) == [genuine.id]
