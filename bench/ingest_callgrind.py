@@ -11,7 +11,10 @@ instructions (Ir) per event, in all and by part, with Redis commands per event:
 * ``one at a time``: each accept alone (light load, one script call per event);
 * ``floor``: the plain writes, ``HSET`` of the same job hash and ``RPUSH``, pipelined.
 
-Run: ``python -m bench.ingest_callgrind [--events N]`` (needs valgrind; minutes).
+``--role web`` drives Redis as the web's ACL user (``core.redis.acl``), as a deployment with one
+user per role does: the ACL check of each command counts too.
+
+Run: ``python -m bench.ingest_callgrind [--events N] [--role web]`` (needs valgrind; minutes).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 
 from bench.ingest import fleet_documents
+from cli.redis_admin import as_role
+from core.config import Settings
 from core.redis.dedupe import SLOTS_PER_TTL, slot_width
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions, build_job_hash, job_payload
@@ -88,6 +93,8 @@ class Clock:
 
 
 CLOCK = Clock()
+#: The ACL role Redis is driven as ("" for the default user).
+ROLE = {"name": ""}
 #: Whether the marks start fresh (a new registry, its legacy window open: what a short run of
 #: ``python -m bench --only ingest`` sees) rather than at a steady state.
 FRESH = {"on": False}
@@ -164,6 +171,8 @@ def measure(drive: Drive, events: int, warm: int = 0, keep: str = "") -> dict[st
     assert server.process is not None
     pid, url = str(server.process.pid), server.url
     client = redis.Redis.from_url(url, socket_timeout=60)
+    if ROLE["name"]:
+        url = as_role(url, Settings.model_construct(ingest_queue="smartcar-events", parked_stream="parked"), "web")
     try:
         _run(drive, url, bodies(warm))
         subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
@@ -206,9 +215,11 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--only", choices=sorted(DRIVES), action="append")
     parser.add_argument("--fresh", action="store_true", help="a new registry (legacy window open), Redis's clock")
+    parser.add_argument("--role", choices=["web"], default="", help="drive Redis as this role's ACL user")
     parser.add_argument("--keep", default="", help="write callgrind_annotate's report to KEEP-<drive>.txt")
     options = parser.parse_args()
     FRESH["on"] = options.fresh
+    ROLE["name"] = options.role
     for name in options.only or DRIVES:
         keep = f"{options.keep}-{name.replace(' ', '-')}.txt" if options.keep else ""
         result = measure(DRIVES[name], options.events, keep=keep)

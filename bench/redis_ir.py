@@ -15,6 +15,8 @@ state: nearly every event merges newer readings into the state its vehicle alrea
 ``--windows`` reads with the default windows instead (a day for the vehicle, 5 minutes for the
 signals): the first read of each vehicle and call is made, the rest are served by it, as in a fleet
 that keeps reporting (each vehicle's read a day long, its signals four events in five).
+``--role worker`` drains as the worker's ACL user (``core.redis.acl``), as a deployment with one user
+per role does, so each command's ACL check counts too.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from redis.asyncio import BlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
 
 from bench.worker import FLEET, _enqueue_bodies, command_stats, fleet_bodies, redis_traffic
-from cli.redis_admin import load_functions
+from cli.redis_admin import as_role, load_functions
 from core.config import Settings
 from core.events.parse import parse_stored
 from core.redis.keys import read_key
@@ -102,6 +104,7 @@ def main() -> None:
         action="store_true",
         help="reads with the default windows, through the read hashes (default: windows of 0, every event reads)",
     )
+    parser.add_argument("--role", choices=["worker"], default="", help="drain as this role's ACL user")
     args = parser.parse_args()
     # The defaults' windows: Settings' own defaults, no environment read.
     windows = read_windows_ms(Settings.model_construct()) if args.windows else None
@@ -120,6 +123,8 @@ def main() -> None:
     toggle = ["callgrind_control", "-i"]
     try:
         load_functions(url)
+        settings = Settings.model_construct(ingest_queue=QUEUE, output_stream=OUTPUT)
+        drain_url = as_role(url, settings, args.role) if args.role else url
         if args.vehicles is None:
             bodies = fleet_bodies(WARM_UP + args.events)
         else:
@@ -131,7 +136,7 @@ def main() -> None:
                 client.config_resetstat()
                 before = redis_traffic(client)
                 subprocess.run([*toggle, "on", pid], check=True, stdout=subprocess.DEVNULL)
-            asyncio.run(_drain(url, dict(batch), args.concurrency, windows))
+            asyncio.run(_drain(drain_url, dict(batch), args.concurrency, windows))
         subprocess.run([*toggle, "off", pid], check=True, stdout=subprocess.DEVNULL)
         traffic = {name: value - before[name] for name, value in redis_traffic(client).items()}
         stats = command_stats(client)

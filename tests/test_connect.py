@@ -19,8 +19,10 @@ import pytest
 from pydantic import SecretStr
 
 from cli.main import main
+from cli.redis_admin import as_role
 from core.config import Settings
 from core.errors import ConfigurationError, InvalidConnectState
+from core.redis.keys import TOKEN_KEY, TOKEN_LOCK_KEY
 from core.smartcar.connections import connection_created_at
 from core.store import db
 from core.store.users import UserStore
@@ -293,6 +295,28 @@ def test_upstream_trouble_is_503_and_the_state_still_works_afterwards(web, store
         again = web.callback(alice, SMARTCAR_ALICE, state)
     assert again.status_code == 200, again.text
     assert smartcar_id_of(store, ALICE) == SMARTCAR_ALICE
+
+
+def test_the_callback_runs_as_the_web_redis_user_made_for_connect(settings, emulator, store, redis_client):
+    """`redis-acl web --connect`: as that restricted user the callback fetches and shares the token (past
+    a planted lock), spends the state, gives it back after a failure, and links on the retry."""
+    url = as_role(settings.redis_url, settings, "web", connect=True)
+    redis_client.set(TOKEN_LOCK_KEY, "never-expires")  # read as not a lock of ours, and refreshed past
+    try:
+        configured = smartcar_settings(settings, emulator, redis_url=url)
+        with LiveServer(create_app(configured)) as server, httpx.Client(base_url=server.url) as alice:
+            web = Web(server.url, configured, emulator)
+            state = web.start(alice, ALICE)
+            web.connect(SMARTCAR_ALICE)
+            inject(emulator, path="/v3/connections", status=502, rate=1.0)
+            failed = web.callback(alice, SMARTCAR_ALICE, state)
+            httpx.delete(f"{emulator}/_emulator/failures").raise_for_status()
+            linked = web.callback(alice, SMARTCAR_ALICE, state)
+    finally:
+        redis_client.execute_command("ACL", "DELUSER", "smartcar-web")
+    assert (failed.status_code, linked.status_code) == (503, 200), (failed.text, linked.text)
+    assert smartcar_id_of(store, ALICE) == SMARTCAR_ALICE
+    assert redis_client.get(TOKEN_KEY) is not None
 
 
 def test_without_client_credentials_the_web_takes_webhooks_but_the_callback_is_503(settings, emulator, store):

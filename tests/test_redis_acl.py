@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -18,6 +19,9 @@ from core.redis.functions import MissingFunction, lua_function
 from core.redis.keys import (
     APPLICATION_PAUSE_KEY,
     BUDGET_KEY,
+    CONNECT_STATE_PREFIX,
+    EVENT_IDS_KEY,
+    PARKED_IDS_KEY,
     STAGED_JOB_PREFIX,
     TOKEN_KEY,
     USAGE_PREFIX,
@@ -141,6 +145,74 @@ def test_web_user_cannot_forge_output_read_the_token_or_administer(pipeline, acl
     assert admin.llen(queue_key(pipeline.ingest_queue)) == 1
     assert admin.xlen(pipeline.parked_stream) == 1
     assert admin.exists("rq:job:a")
+
+
+def web_attacks(pipeline) -> tuple[dict[str, tuple[Any, ...]], dict[str, tuple[Any, ...]]]:
+    """Writes a compromised web pod could aim at the keys every pod and worker relies on: the first
+    give an absent key (an empty queue, a generation's hash before its first mark) another type, so
+    that every later accept, park or claim fails with WRONGTYPE; the second wipe or rewrite what is
+    there, acknowledged events among it."""
+    queue, parked = queue_key(pipeline.ingest_queue), pipeline.parked_stream
+    retype = {
+        "empty queue made a hash": ("HSET", queue, "f", "v"),
+        "empty queue made a stream": ("XADD", queue, "*", "f", "v"),
+        "empty queue made a set": ("SADD", queue, "x"),
+        "empty parked stream made a list": ("RPUSH", parked, "x"),
+        "empty parked stream made a hash": ("HSET", parked, "f", "v"),
+        "set of queues made a list": ("RPUSH", Queue.redis_queues_keys, "x"),
+        "staged job planted as a string": ("SET", STAGED_JOB_PREFIX + "future-event", "x"),
+        "mark hash planted as a string": ("SET", f"{EVENT_IDS_KEY}:next-slot:0:0", "x"),
+        "marks registry made a hash": ("HSET", EVENT_IDS_KEY, "f", "v"),
+        "parked marks registry made a list": ("RPUSH", PARKED_IDS_KEY, "x"),
+        "connect state made a list": ("RPUSH", CONNECT_STATE_PREFIX + "nonce", "x"),
+    }
+    wipe = {
+        "queue overwritten": ("SET", queue, "x"),
+        "queue expired": ("EXPIREAT", queue, 1),
+        "parked stream overwritten": ("SET", parked, "x"),
+        "parked stream expired": ("EXPIREAT", parked, 1),
+        "queued job overwritten": ("SET", "rq:job:a", "x"),
+        "queued job expired": ("EXPIREAT", "rq:job:a", 1),
+        "queued job rewritten": ("HSET", "rq:job:a", "status", "finished"),
+        "set of queues overwritten": ("SET", Queue.redis_queues_keys, "x"),
+        "set of queues expired": ("EXPIREAT", Queue.redis_queues_keys, 1),
+    }
+    return retype, wipe
+
+
+def attempts_allowed(client: redis.Redis, attacks: dict[str, tuple[Any, ...]], undo: Any = None) -> list[str]:
+    """The attacks Redis let through; ``undo`` runs after each, so the next meets the keys as before."""
+    allowed = []
+    for name, command in attacks.items():
+        try:
+            client.execute_command(*command)
+        except redis.exceptions.NoPermissionError:
+            continue
+        allowed.append(name)
+        if undo is not None:
+            undo()
+    return allowed
+
+
+def test_web_user_cannot_wipe_or_retype_the_keys_other_pods_rely_on(pipeline, acl_redis):
+    """Each write command of the web user reaches only the keys it exists for (ACL selectors): no web
+    pod can empty the queue, expire a queued job, or give a shared key a type that fails every pod."""
+    server, admin = acl_redis
+    queue, parked = queue_key(pipeline.ingest_queue), pipeline.parked_stream
+    retype, wipe = web_attacks(pipeline)
+    web = redis.Redis.from_url(role_url(server, "web"))
+    assert attempts_allowed(web, retype, undo=admin.flushdb) == []
+    assert admin.keys("*") == []
+    admin.rpush(queue, "a")
+    admin.hset("rq:job:a", mapping={"status": "queued", "origin": pipeline.ingest_queue})
+    admin.xadd(parked, {"event_id": "kept"})
+    admin.sadd(Queue.redis_queues_keys, queue)
+    assert attempts_allowed(web, wipe) == []
+    web.close()
+    assert admin.lrange(queue, 0, -1) == [b"a"]
+    assert admin.hgetall("rq:job:a") == {b"status": b"queued", b"origin": pipeline.ingest_queue.encode()}
+    assert (admin.xlen(parked), admin.ttl(queue), admin.ttl(parked)) == (1, -1, -1)
+    assert admin.smembers(Queue.redis_queues_keys) == {queue.encode()}
 
 
 def test_worker_user_cannot_administer_redis(pipeline, acl_redis):

@@ -21,10 +21,10 @@ from core.errors import (
     SmartcarUnavailable,
     TokenRequestFailed,
 )
-from core.redis.keys import APPLICATION_PAUSE_KEY, TOKEN_KEY, vehicle_pause_key
+from core.redis.keys import APPLICATION_PAUSE_KEY, TOKEN_KEY, TOKEN_LOCK_KEY, vehicle_pause_key
 from core.smartcar.client import SmartcarClient, parse_error
 from core.smartcar.limiter import OverBudget, RequestLimiter
-from core.smartcar.tokens import AppToken, AppTokenProvider, TokenSeal
+from core.smartcar.tokens import LOCK_SECONDS, AppToken, AppTokenProvider, TokenSeal
 
 API = "https://vehicle.example.test/v3"
 TOKEN_URL = "https://iam.example.test/oauth2/token"
@@ -149,6 +149,27 @@ def test_refresh_uses_a_replacement_made_by_another_process(redis_url, fake, red
 
     assert using(redis_url, fake, scenario) == ("tok-1", "from-elsewhere")
     assert fake.token_requests == 1
+
+
+@pytest.mark.parametrize(
+    "plant",
+    [
+        pytest.param(lambda r: r.set(TOKEN_LOCK_KEY, "held-for-ever"), id="lock-without-expiry"),
+        pytest.param(lambda r: r.hset(TOKEN_LOCK_KEY, "f", "v"), id="lock-not-a-string"),
+        pytest.param(lambda r: r.hset(TOKEN_KEY, "f", "v"), id="token-not-a-string"),
+    ],
+)
+def test_a_planted_token_or_lock_does_not_stop_the_refresh(redis_url, fake, redis_client, plant):
+    """Every lock of ours expires within LOCK_SECONDS: one that would not (or a key of another type) is
+    not waited for, and a token key that is not a string is replaced, so no written key stops enrichment."""
+    plant(redis_client)
+
+    async def scenario(tokens, _client):
+        async with asyncio.timeout(LOCK_SECONDS):
+            return await tokens.get()
+
+    assert using(redis_url, fake, scenario) == "tok-1"
+    assert TokenSeal("client_x", "secret-x").open(redis_client.get(TOKEN_KEY)) is not None
 
 
 def test_refused_credentials_are_permanent_and_name_no_secret(redis_url):

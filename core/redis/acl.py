@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
+from rq.queue import Queue
+
 from core.config import Settings
 from core.redis.keys import (
     ALIVE_PREFIX,
@@ -31,54 +33,75 @@ Role = Literal["web", "worker"]
 _CONNECTION = ["+@connection", "-@dangerous"]
 #: Lua only as the functions an admin loaded: no role runs code of its own (no EVAL, SCRIPT, FUNCTION).
 _SCRIPTS = ["-@scripting", "+fcall", "+fcall_ro"]
-_WEB_COMMANDS = [
-    # what the accept and park scripts and the Connect state marks write
-    *("+set", "+get", "+hset", "+rpush", "+sadd", "+xadd", "+exists"),
-    # the accept's transaction: job hashes staged, then renamed to the job (a selector) or dropped
-    *("+multi", "+exec"),
-    # the eventId marks: Redis's clock, the hashes' sizes and expiry, a parked mark replaced
-    *("+time", "+hlen", "+expireat", "+hdel"),
-    # what /metrics and /readyz read
-    *("+llen", "+lindex", "+xlen", "+zcard", "+hget", "+smembers", "+lrange"),
+#: What the web reads, on every key it touches: the marks and their registries, the legacy marks, RQ's
+#: keys and the output stream's length for /metrics and /readyz. It writes only through the selectors.
+_WEB_READS = [
+    *("+get", "+hget", "+exists", "+hlen", "+llen", "+lindex", "+xlen", "+zcard", "+smembers", "+lrange"),
+    # whether the token lock is one that expires (core.smartcar.tokens)
+    "+pttl",
+    # Redis's clock for the marks; the accept's transaction (job hashes staged, then renamed or dropped)
+    *("+time", "+multi", "+exec"),
     # Redis's used and max memory for /metrics and the startup warning: INFO's memory section only
     "+info|memory",
 ]
 
 
+def _selector(commands: list[str], keys: list[str]) -> str:
+    return "(" + " ".join([*commands, *keys]) + ")"
+
+
 def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str]:
     """With ``connect``, the web may also use the sealed application token (the Connect callback verifies user ids)."""
     if role == "web":
-        keys = [
-            f"~{EVENT_IDS_KEY}*",
-            f"~{PARKED_IDS_KEY}*",
+        queue, parked = queue_key(settings.ingest_queue), settings.parked_stream
+        registries = [f"~{EVENT_IDS_KEY}", f"~{PARKED_IDS_KEY}"]
+        mark_hashes = [f"~{EVENT_IDS_KEY}:*", f"~{PARKED_IDS_KEY}:*"]
+        staged, connect_states = f"~{STAGED_JOB_PREFIX}*", f"~{CONNECT_STATE_PREFIX}*"
+        lock = [f"~{TOKEN_LOCK_KEY}"] if connect else []
+        token = [f"~{TOKEN_KEY}", *lock] if connect else []
+        # Redis tries a key against these in order, and each try walks the shared `smartcar-ingest:`
+        # prefix: the marks' hashes, four reads an accepted event, come first.
+        readable = [
+            *mark_hashes,
+            *registries,
             # per-key marks of earlier versions, read during the legacy window (core.redis.dedupe)
             f"~{DEDUPE_PREFIX}*",
             f"~{PARKED_MARK_PREFIX}*",
-            f"~{CONNECT_STATE_PREFIX}*",
-            f"~{STAGED_JOB_PREFIX}*",
-            f"~{RQ_PREFIX}job:*",
-            f"~{queue_key(settings.ingest_queue)}",
-            f"~{RQ_PREFIX}queues",
-            f"~{settings.parked_stream}",
-            f"%R~{RQ_PREFIX}*",
-            f"%R~{settings.output_stream}",
+            connect_states,
+            *token,
+            f"~{RQ_PREFIX}*",
+            f"~{parked}",
+            f"~{settings.output_stream}",
             # the stranded-jobs gauges: who is alive and what each worker holds (core.redis.queue_metrics)
-            f"%R~{ALIVE_PREFIX}*",
-            f"%R~{WORKERS_SET}",
-            f"%R~{DEQUEUED_PREFIX}*",
+            f"~{ALIVE_PREFIX}*",
+            f"~{WORKERS_SET}",
+            f"~{DEQUEUED_PREFIX}*",
         ]
-        # DEL only where needed (a selector): a Connect state mark given back, the token lock
-        # released (both compare-then-delete), the staged job hash of a repeated event dropped
-        deletable = [f"~{CONNECT_STATE_PREFIX}*", f"~{STAGED_JOB_PREFIX}*"]
-        if connect:
-            keys.append(f"~{TOKEN_KEY}*")
-            deletable.append(f"~{TOKEN_LOCK_KEY}")
-        selector = "(" + " ".join(["+del", *deletable]) + ")"
-        # RENAME only from a staged job hash to a job: renamed onto a staged key, and then deleted, the
-        # queue or the parked stream would be gone
-        renames = f"(+rename ~{STAGED_JOB_PREFIX}* %W~{RQ_PREFIX}job:*)"
-        rules = [*_CONNECTION, *_SCRIPTS, *_WEB_COMMANDS, *keys, selector, renames]
-        return ["resetkeys", "resetchannels", "-@all", *rules]
+        # Each write command reaches only the keys it is for (docs/security.md, "One Redis user per
+        # role"): no write of the web can wipe the queue, the parked stream or a job, or give a key
+        # that every pod reads another type.
+        writes = [
+            # the functions' declared keys, which FCALL must be able to write (what each function
+            # then writes is checked command by command): the enqueue's queue and RQ's set of queues,
+            # the park's stream, the compare-then-delete of a Connect state mark or the token lock
+            _selector(["+fcall"], [f"~{queue}", f"~{Queue.redis_queues_keys}", f"~{parked}", connect_states, *lock]),
+            _selector(["+rpush"], [f"~{queue}"]),
+            _selector(["+sadd"], [f"~{Queue.redis_queues_keys}"]),
+            _selector(["+xadd"], [f"~{parked}"]),
+            # a mark written, its hash's expiry set, a parked mark replaced
+            _selector(["+hset"], [staged, *mark_hashes]),
+            _selector(["+expireat", "+hdel"], mark_hashes),
+            # the marks' registries, Connect's state marks and, with Connect, the token and its lock
+            _selector(["+set"], [*registries, connect_states, *token]),
+            # a Connect state mark given back, the staged hash of a repeated event dropped, the token
+            # lock released (both compare-then-delete)
+            _selector(["+del"], [connect_states, staged, *lock]),
+            # only from a staged job hash to a job: renamed onto a staged key, and then deleted, the
+            # queue or the parked stream would be gone
+            _selector(["+rename"], [staged, f"%W~{RQ_PREFIX}job:*"]),
+        ]
+        reads = [f"%R{pattern}" for pattern in readable]
+        return ["resetkeys", "resetchannels", "-@all", *_CONNECTION, *_SCRIPTS, *_WEB_READS, *reads, *writes]
     return [
         "resetkeys",
         "resetchannels",

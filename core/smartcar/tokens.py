@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 from rq.scripts import RELEASE_LOCK_SCRIPT
 
 from core import metrics
@@ -108,19 +109,34 @@ class AppTokenProvider:
                 try:
                     if (shared := await self._shared(stale)) is not None:
                         return shared
-                    token = await self._request()
-                    ttl = max(1, int(token.expires_at - time.time()))
-                    await self._redis.set(TOKEN_KEY, self._seal.seal(token), ex=ttl)
-                    log.info("application token refreshed", expires_in=ttl)
-                    return token
+                    return await self._fetch()
                 finally:
                     await self._release(keys=[TOKEN_LOCK_KEY], args=[owner])
+            ttl = await self._redis.pttl(TOKEN_LOCK_KEY)
+            if ttl == -1 or ttl > LOCK_SECONDS * 1000:
+                # Every lock of ours expires within LOCK_SECONDS: this key was written by something
+                # else, and waiting for it would stop every refresh for good.
+                log.warning("the token lock is not one this service takes: refreshing without it")
+                return await self._fetch()
             if time.monotonic() > deadline:
                 raise SmartcarUnavailable("Timed out waiting for another process to refresh the application token.")
             await asyncio.sleep(0.05)
 
+    async def _fetch(self) -> AppToken:
+        """A new token from Smartcar, shared through Redis (a key of any type there is replaced)."""
+        token = await self._request()
+        ttl = max(1, int(token.expires_at - time.time()))
+        await self._redis.set(TOKEN_KEY, self._seal.seal(token), ex=ttl)
+        log.info("application token refreshed", expires_in=ttl)
+        return token
+
     async def _shared(self, stale: str | None) -> AppToken | None:
-        raw = await self._redis.get(TOKEN_KEY)
+        try:
+            raw = await self._redis.get(TOKEN_KEY)
+        except ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            return None  # a key this service did not write: no token
         token = None if raw is None else self._seal.open(raw)
         return token if token is not None and token.access_token != stale and token.usable() else None
 
