@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import pydantic_core
-
 from core.events.model import VehicleEvent
 from core.events.normalise import epoch_ms, retrieved_at, signal_status
+from core.jsontext import dumps
 from core.store.users import UserRecord
 
 #: 2: ``enrichment.reads`` (where each read came from) and ``staleSignals``.
@@ -112,5 +111,5 @@ def stream_fields(event: VehicleEvent, user: UserRecord, document: dict[str, Any
         "event_type": event.event_type,
         "user_id": str(user.id),
         "vehicle_id": event.vehicle.id,
-        "payload": pydantic_core.to_json(document, inf_nan_mode="null").decode(),
+        "payload": dumps(document).decode(),
     }

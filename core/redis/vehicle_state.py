@@ -12,6 +12,7 @@ from typing import Any, cast
 import pydantic_core
 from redis.asyncio import Redis as AsyncRedis
 
+from core.jsontext import dumps
 from core.redis.keys import vehicle_state_key
 
 #: The hash fields that are not signal codes; codes starting with ``_`` are never stored.
@@ -81,9 +82,9 @@ def _stored_json(signal: Mapping[str, Any]) -> bytes:
     null, to be read off the front without parsing."""
     oem, ret = signal.get("oemUpdatedAt", False), signal.get("retrievedAt", False)
     if len(signal) < 3 or not all(t is None or (type(t) is int) for t in (oem, ret)):
-        return pydantic_core.to_json(signal, inf_nan_mode="null")
+        return dumps(signal)
     # A key given again keeps its first place: the times first, with the signal's own values.
-    return pydantic_core.to_json({"oemUpdatedAt": None, "retrievedAt": None, **signal}, inf_nan_mode="null")
+    return dumps({"oemUpdatedAt": None, "retrievedAt": None, **signal})
 
 
 def newest_versions(signals: Iterable[Mapping[str, Any]]) -> dict[str, tuple[When, Mapping[str, Any], bytes]]:
@@ -126,7 +127,7 @@ class VehicleStates:
         writes: list[str | bytes] = []
         if vehicle is not None:
             # Compact, as the output stream writes it (a NaN or infinity from the API becomes null).
-            vehicle_json = pydantic_core.to_json(vehicle, inf_nan_mode="null")
+            vehicle_json = dumps(vehicle)
             current = held.get(VEHICLE_FIELD)
             if current is None or (vehicle_from_api and current != vehicle_json):
                 writes += [VEHICLE_FIELD, vehicle_json]
