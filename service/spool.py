@@ -20,6 +20,7 @@ from collections.abc import Generator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pydantic import ConfigDict, TypeAdapter, with_config
 from redis.exceptions import RedisError
 
 from core.errors import ConfigurationError
@@ -32,6 +33,9 @@ MAGIC = b"SCI1"
 _HEADER = struct.Struct(">4sII")
 
 
+# Read back strictly: a record whose checksum holds but whose fields do not (another version's, one
+# written by hand) is corrupt, and ends the read like a failed checksum.
+@with_config(ConfigDict(strict=True, extra="forbid"))
 @dataclass(frozen=True)
 class SpooledDelivery:  # enough to enqueue it, or to park it (park_reason set), later
     event_id: str | None
@@ -49,6 +53,9 @@ class DrainReport:
     duplicates: int = 0
     parked: int = 0
     torn_tail_bytes: int = 0
+
+
+_RECORD = TypeAdapter(SpooledDelivery)
 
 
 def encode_record(delivery: SpooledDelivery) -> bytes:
@@ -73,8 +80,8 @@ def read_records(path: Path, report: DrainReport | None = None) -> Generator[Spo
             if len(payload) != length or zlib.crc32(payload) != crc:
                 break
             try:
-                delivery = SpooledDelivery(**json.loads(payload))
-            except (ValueError, TypeError):
+                delivery = _RECORD.validate_json(payload)
+            except ValueError:  # a ValidationError
                 break
             offset += _HEADER.size + length
             yield delivery

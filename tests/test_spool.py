@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import struct
 import subprocess
 import sys
 import time
 import tracemalloc
+import zlib
 
 import httpx
 import pytest
@@ -68,6 +70,40 @@ def test_corrupt_payload_stops_the_read(tmp_path):
     data[-3] ^= 0xFF
     path.write_bytes(bytes(data))
     assert list(read_records(path)) == [delivery(0)]
+
+
+def whole_record(fields: dict[str, object]) -> bytes:
+    """A record whose checksum holds, around whatever ``fields`` are."""
+    payload = json.dumps(fields).encode()
+    return struct.pack(">4sII", MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+#: Records a checksum cannot catch: written by another version, or by hand, with fields of the wrong type.
+MISTYPED = {
+    "received_at_ms text": {**delivery(9).__dict__, "received_at_ms": "soon"},
+    "body an object": {**delivery(9).__dict__, "body": {"i": 9}},
+    "event type a number": {**delivery(9).__dict__, "event_type": 5},
+    "event id a list": {**delivery(9).__dict__, "event_id": ["e-9"]},
+    "a field too many": {**delivery(9).__dict__, "priority": 1},
+    "not an object": ["e-9"],
+}
+
+
+@pytest.mark.parametrize("name", MISTYPED)
+def test_a_record_with_a_field_of_the_wrong_type_is_kept_for_inspection(tmp_path, redis_url, name):
+    """It stops the read as a corrupt record does, and the drain keeps it in a .torn file. Before, a
+    time as text or a body as an object raised a TypeError that ended the drainer's task (nothing
+    spooled was drained again, and a restart met the same record), and a number or a list for an
+    id or a type was enqueued as it was."""
+    spool = Spool(tmp_path)
+    spool.append(delivery(0))
+    [path] = spool.pending()
+    with path.open("ab") as handle:
+        handle.write(whole_record(MISTYPED[name]))  # type: ignore[arg-type]
+    assert list(read_records(path)) == [delivery(0)]
+    report = drain(spool, redis_url)
+    assert (report.accepted, report.torn_tail_bytes > 0) == (1, True)
+    assert [p.suffix for p in tmp_path.iterdir()] == [".torn"]
 
 
 def drain(spool: Spool, redis_url: str):
