@@ -37,13 +37,12 @@ from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
 
 from bench.ingest import fleet_documents
-from cli.redis_admin import as_role
 from core.config import Settings
 from core.redis.dedupe import SLOTS_PER_TTL, slot_width
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions, build_job_hash, job_payload
 from core.redis.keys import queue_key
-from tests.procs import RedisServer
+from tests.procs import RedisServer, as_role
 
 #: Parts of Redis's work, by the inclusive cost of the function that does it.
 PARTS = {

@@ -35,7 +35,7 @@ from redis.asyncio import BlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
 
 from bench.worker import FLEET, _enqueue_bodies, command_stats, fleet_bodies, redis_traffic
-from cli.redis_admin import as_role, load_functions
+from cli.redis_admin import load_functions
 from core.config import Settings
 from core.events.parse import parse_stored
 from core.redis.keys import read_key
@@ -44,7 +44,7 @@ from core.redis.vehicle_state import VehicleStates
 from core.smartcar.event_reads import read_windows_ms
 from core.smartcar.reads import ReadCache
 from core.store.users import UserRecord
-from tests.procs import RedisServer
+from tests.procs import RedisServer, as_role
 from workers.batch import Bookkeeping, ClaimedJob
 from workers.output import Enrichment, build_document, stream_fields
 

@@ -12,7 +12,7 @@ import redis
 from cli.operations import redis_errors
 from core.config import Settings
 from core.errors import ConfigurationError
-from core.redis.acl import Role, acl_file_line, acl_rules
+from core.redis.acl import Role, acl_file_line
 from core.redis.functions import FUNCTIONS, MissingFunction, load_all
 
 #: Every module that defines Lua functions (tests/test_redis_functions.py checks the list is whole).
@@ -48,20 +48,6 @@ def load_functions(redis_url: str) -> str:
     except redis.exceptions.ResponseError as exc:
         raise ConfigurationError(f"Redis refused the functions ({exc}); they need Redis 7.0 or newer.") from None
     return f"Redis functions: {loaded} loaded, {present} already there ({len(names)} in all)"
-
-
-def as_role(admin_url: str, settings: Settings, role: Role, connect: bool = False) -> str:
-    """The URL of a ``smartcar-<role>`` user with ``role``'s rules, made (or replaced) with the admin at
-    ``admin_url``, the functions loaded first (a role may not load them): a deployment's Redis, for the
-    benchmarks and the tests."""
-    load_functions(admin_url)
-    user, password = f"smartcar-{role}", f"{role}-acl-password"
-    with redis.Redis.from_url(admin_url) as admin:
-        admin.execute_command(
-            "ACL", "SETUSER", user, "reset", "on", f">{password}", *acl_rules(settings, role, connect)
-        )
-    scheme, rest = admin_url.split("://", 1)
-    return f"{scheme}://{user}:{password}@{rest.rsplit('@', 1)[-1]}"
 
 
 def redis_setup(settings: Settings) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import os
 import random
+import secrets
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,9 @@ import uvicorn
 
 from cli import processes
 from cli.processes import wait_for_port
+from cli.redis_admin import load_functions
+from core.config import Settings
+from core.redis.acl import Role, acl_rules
 from tests.kinds import DRILL, needs
 
 __all__ = ["LiveServer", "RedisServer", "WebProcess", "env", "free_port", "service_env", "wait_for_port"]
@@ -125,6 +129,20 @@ class RedisServer:
     def cleanup(self) -> None:
         self._stop(kill=False)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def as_role(admin_url: str, settings: Settings, role: Role, connect: bool = False) -> str:
+    """The URL of a ``smartcar-<role>`` user with ``role``'s rules (core.redis.acl) and a fresh password,
+    made or replaced with the admin at ``admin_url`` after it loaded the functions (a role may not),
+    as a deployment with one Redis user per role has it: for the benchmarks and the tests."""
+    load_functions(admin_url)
+    user, password = f"smartcar-{role}", secrets.token_hex(8)
+    with redis.Redis.from_url(admin_url) as admin:
+        admin.execute_command(
+            "ACL", "SETUSER", user, "reset", "on", f">{password}", *acl_rules(settings, role, connect)
+        )
+    scheme, rest = admin_url.split("://", 1)
+    return f"{scheme}://{user}:{password}@{rest.rsplit('@', 1)[-1]}"
 
 
 class LiveServer:

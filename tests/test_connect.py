@@ -19,7 +19,6 @@ import pytest
 from pydantic import SecretStr
 
 from cli.main import main
-from cli.redis_admin import as_role
 from core.config import Settings
 from core.errors import ConfigurationError, InvalidConnectState
 from core.redis.keys import TOKEN_KEY, TOKEN_LOCK_KEY
@@ -37,7 +36,7 @@ from service.connect import (
 )
 from tests.conftest import OLD_TOKEN
 from tests.pipeline import CLIENT_ID, CLIENT_SECRET, inject
-from tests.procs import LiveServer
+from tests.procs import LiveServer, as_role
 
 # Alice connected her Tesla long ago: the emulator's seed lists that connection with an old createdAt.
 SMARTCAR_ALICE = "9e8d7c6b-2222-4222-8222-222222222222"
