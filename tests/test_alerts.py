@@ -31,7 +31,7 @@ from core.events.model import Vehicle, VehicleError, VehicleEvent
 from core.redis.deployment_counts import BUCKET_SECONDS, WINDOW_SECONDS, DeploymentCounts, read_fleet
 from core.redis.keys import fleet_key
 from core.redis.queue_metrics import QueueCollector
-from tests.procs import free_port
+from tests.procs import as_role, free_port
 from tests.test_deploy import COMBINATIONS, ROOT, _merge, find, render
 
 PROMTOOL = shutil.which("promtool")
@@ -503,16 +503,9 @@ def test_a_redis_failure_never_fails_the_job():
 def test_workers_count_the_fleet_and_the_web_user_leaves_it_to_them(redis_url, redis_client):
     """Under their ACLs the workers' user writes and counts the fleet keys; the web's may not, and its
     /metrics then exports the other gauges without the fleet's (the workers export those)."""
-    from core.redis.acl import acl_rules
-
     settings = Settings(_env_file=None, redis_url=redis_url)  # type: ignore[call-arg]
-    users = {"worker": "fleet-worker", "web": "fleet-web"}
-    for role, user in users.items():
-        redis_client.execute_command("ACL", "SETUSER", user, "on", f">{role}-pass-1", *acl_rules(settings, role))
+    worker_url, web_url = (as_role(redis_url, settings, role) for role in ("worker", "web"))
     try:
-        worker_url, web_url = (
-            redis_url.replace("redis://", f"redis://{users[r]}:{r}-pass-1@") for r in ("worker", "web")
-        )
         _note(worker_url, [(_event("veh-a", "VEHICLE_ERROR", "ERROR"), time.time())])
         with redis.Redis.from_url(worker_url) as worker:
             assert read_fleet(worker)[1] == 1  # in error
@@ -527,5 +520,4 @@ def test_workers_count_the_fleet_and_the_web_user_leaves_it_to_them(redis_url, r
         finally:
             collector.close()
     finally:
-        for user in users.values():
-            redis_client.execute_command("ACL", "DELUSER", user)
+        redis_client.execute_command("ACL", "DELUSER", "smartcar-worker", "smartcar-web")

@@ -12,6 +12,7 @@ from starlette.testclient import TestClient
 from core.config import Settings
 from core.errors import ConfigurationError
 from service.app import create_admin_app, create_app
+from tests.procs import as_role
 
 
 @pytest.fixture
@@ -38,18 +39,13 @@ def test_evicting_redis_is_refused_at_startup(evicting_redis):
 
 def test_evicting_redis_is_refused_under_the_web_users_acl(evicting_redis):
     """The check reads INFO memory, which the web's restricted Redis user may run: it refuses there too."""
-    from core.redis.acl import acl_rules
-
-    admin = redis.Redis.from_url(evicting_redis)
-    rules = acl_rules(settings_for(evicting_redis), "web")
-    admin.execute_command("ACL", "SETUSER", "policy-web", "on", ">policy-pass-1", *rules)
+    url = as_role(evicting_redis, settings_for(evicting_redis), "web")
     try:
-        url = evicting_redis.replace("redis://", "redis://policy-web:policy-pass-1@")
         with pytest.raises(ConfigurationError, match="noeviction"), TestClient(create_app(settings_for(url))):
             pass
     finally:
-        admin.execute_command("ACL", "DELUSER", "policy-web")
-        admin.close()
+        with redis.Redis.from_url(evicting_redis) as admin:
+            admin.execute_command("ACL", "DELUSER", "smartcar-web")
 
 
 def test_evicting_redis_is_accepted_with_the_override(evicting_redis):
