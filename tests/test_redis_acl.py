@@ -68,13 +68,14 @@ def role_url(server: RedisServer, role: Role) -> str:
 
 
 def test_web_and_worker_run_the_pipeline_as_their_own_users(pipeline, acl_redis):
-    """Accept, park, enqueue, enrich and publish all work with the restricted users."""
+    """Accept, park, enqueue, enrich and publish all work with the restricted users, repeats included."""
     server, admin = acl_redis
     web = pipeline.model_copy(update={"redis_url": role_url(server, "web")})
     worker = pipeline.model_copy(update={"redis_url": role_url(server, "worker")})
     event = sample_event()
     legacy = {"version": "2.0", "eventName": "x", "payload": {}, "eventId": "legacy-acl"}
-    deliver(web, event, legacy)
+    # each twice, as Smartcar retries: the repeat's staged job hash dropped, the parked mark found
+    deliver(web, event, legacy, event, legacy)
     run_worker_burst(worker)
     assert [entry["event_id"] for entry in outputs(admin)] == [event["eventId"]]
     assert [entry["reason"] for entry in stream_entries(admin, pipeline.parked_stream)] == ["legacy_v2"]
