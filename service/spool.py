@@ -53,6 +53,7 @@ class DrainReport:
     duplicates: int = 0
     parked: int = 0
     torn_tail_bytes: int = 0
+    failed_files: int = 0
 
 
 _RECORD = TypeAdapter(SpooledDelivery)
@@ -199,35 +200,31 @@ class Spool:
             os.close(fd)
 
 
+#: What pauses a whole pass (Redis, or the spool's own directory, not there yet): tried again in a second.
+UNAVAILABLE = (RedisError, OSError, TimeoutError)
+
 #: Deliveries enqueued together while draining (they share round trips through the group commit).
 CHUNK = 256
 
 
 async def drain_once(spool: Spool, inbox: Inbox) -> DrainReport:
-    """Drain every pending spool file; raises ``RedisError`` (leaving the file) if Redis fails."""
+    """Drain every pending spool file; raises ``RedisError`` (leaving the file) if Redis fails. A
+    file that fails otherwise (a fault of ours) is left for the next pass, and the others drain."""
     report = DrainReport()
     for path in await asyncio.to_thread(spool.pending):
         claimed = await asyncio.to_thread(spool.claim, path)
         if claimed is None:
             continue
-        torn = report.torn_tail_bytes
-        records = read_records(claimed, report)
         try:
-            while chunk := await asyncio.to_thread(list, itertools.islice(records, CHUNK)):
-                parks = [d for d in chunk if d.park_reason]
-                accepts = [d for d in chunk if not d.park_reason]
-                results = await asyncio.gather(
-                    *(inbox.accept(str(d.event_id), d.event_type, d.body, d.received_at_ms) for d in accepts)
-                )
-                report.accepted += sum(results)
-                report.duplicates += len(results) - sum(results)
-                for d in parks:
-                    await inbox.parked.park(d.event_id, str(d.park_reason), d.park_detail or "", d.body)
-                    report.parked += 1
-        finally:
-            records.close()
-        # Everything before a tear was applied; the torn bytes are kept for inspection.
-        await asyncio.to_thread(spool.retire, claimed, report.torn_tail_bytes - torn)
+            await _drain_file(spool, inbox, claimed, report)
+        except UNAVAILABLE:
+            raise
+        except Exception as exc:  # its records stay, applied again next pass through the dedupe
+            report.failed_files += 1
+            log.error(
+                "spool file not drained; it is kept for the next pass", file=claimed.name, error=type(exc).__name__
+            )
+            continue
         report.files += 1
     if report.files:
         await asyncio.to_thread(spool.pending)  # recount the spool's size, for SPOOL_MAX_BYTES
@@ -235,11 +232,34 @@ async def drain_once(spool: Spool, inbox: Inbox) -> DrainReport:
     return report
 
 
+async def _drain_file(spool: Spool, inbox: Inbox, claimed: Path, report: DrainReport) -> None:
+    torn = report.torn_tail_bytes
+    records = read_records(claimed, report)
+    try:
+        while chunk := await asyncio.to_thread(list, itertools.islice(records, CHUNK)):
+            parks = [d for d in chunk if d.park_reason]
+            accepts = [d for d in chunk if not d.park_reason]
+            results = await asyncio.gather(
+                *(inbox.accept(str(d.event_id), d.event_type, d.body, d.received_at_ms) for d in accepts)
+            )
+            report.accepted += sum(results)
+            report.duplicates += len(results) - sum(results)
+            for d in parks:
+                await inbox.parked.park(d.event_id, str(d.park_reason), d.park_detail or "", d.body)
+                report.parked += 1
+    finally:
+        records.close()
+    # Everything before a tear was applied; the torn bytes are kept for inspection.
+    await asyncio.to_thread(spool.retire, claimed, report.torn_tail_bytes - torn)
+
+
 async def drain_forever(spool: Spool, inbox: Inbox) -> None:
     """Drain, once a second, whatever there is to drain; runs until cancelled."""
     while True:
         try:
             await drain_once(spool, inbox)  # its listing also recounts the spool's size
-        except (RedisError, OSError, TimeoutError) as exc:
+        except UNAVAILABLE as exc:
             log.warning("spool drain paused: Redis not available yet", error=type(exc).__name__)
+        except Exception as exc:  # a fault of ours must not end the only task that drains the spool
+            log.error("spool drain failed; it is tried again in a second", error=type(exc).__name__)
         await asyncio.sleep(1)

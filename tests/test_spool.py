@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -26,7 +27,16 @@ from core.config import Settings
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
 from service.app import create_app
-from service.spool import MAGIC, DrainReport, Spool, SpooledDelivery, drain_once, encode_record, read_records
+from service.spool import (
+    MAGIC,
+    DrainReport,
+    Spool,
+    SpooledDelivery,
+    drain_forever,
+    drain_once,
+    encode_record,
+    read_records,
+)
 from tests.conftest import TOKEN, signed_headers
 from tests.procs import LiveServer, RedisServer
 
@@ -149,6 +159,80 @@ def test_torn_file_is_kept_for_inspection_after_draining_its_whole_records(tmp_p
     assert report.accepted == 1
     assert report.torn_tail_bytes > 0
     assert [p.suffix for p in tmp_path.iterdir()] == [".torn"]
+    assert spool.pending() == []
+
+
+class FaultyInbox(Inbox):
+    """A real inbox on a real Redis, whose accept fails with a fault of ours (not Redis's, not the
+    disk's) for the event ids in ``faulty``, ``times`` times each."""
+
+    def __init__(self, redis: AsyncRedis, faulty: set[str], times: int) -> None:
+        super().__init__(redis, JobOptions("smartcar-events"), "smartcar:parked", 60)
+        self.faults = dict.fromkeys(faulty, times)
+
+    async def accept(self, event_id: str, event_type: str, body: bytes | str, received_at_ms: int) -> bool:
+        if self.faults.get(event_id, 0) > 0:
+            self.faults[event_id] -= 1
+            raise RuntimeError("a fault in the enqueue")
+        return await super().accept(event_id, event_type, body, received_at_ms)
+
+
+def queued_ids(redis_client: redis.Redis) -> list[str]:
+    return sorted(Queue("smartcar-events", connection=redis_client, serializer=JSONSerializer).job_ids)
+
+
+def test_a_file_that_fails_otherwise_than_redis_is_kept_and_the_others_drain(tmp_path, redis_url, redis_client):
+    """A fault in one file's enqueue leaves that file claimed for the next pass; the other files of
+    the pass still drain. Before, the error left the pass at the first file: nothing after it drained."""
+    spool = Spool(tmp_path)
+    spool.append(delivery(0))
+    spool.append(delivery(1))
+    [first] = spool.pending()
+    spool.claim(first)  # a file an earlier pass claimed; appends go to a fresh one
+    spool.append(delivery(2))
+
+    async def scenario(faulty: set[str]):
+        client = AsyncRedis.from_url(redis_url)
+        try:
+            return await drain_once(spool, FaultyInbox(client, faulty, times=1))
+        finally:
+            await client.aclose()
+
+    report = asyncio.run(scenario({"e-1"}))
+    assert (report.files, report.failed_files) == (1, 1)
+    assert "e-2" in queued_ids(redis_client)
+    assert [p.suffix for p in spool.pending()] == [".draining"]
+
+    report = asyncio.run(scenario(set()))  # the next pass: the kept file, its first record a repeat
+    assert (report.files, report.failed_files, report.accepted) == (1, 0, 1)
+    assert queued_ids(redis_client) == ["e-0", "e-1", "e-2"]
+    assert spool.pending() == []
+
+
+def test_the_drainer_outlives_a_fault_of_ours_and_drains_later(tmp_path, redis_url, redis_client):
+    """The drainer's task keeps going after an error that is neither Redis's nor the disk's, and
+    drains the delivery on a later pass. Before, such an error ended the task: the spool was not
+    drained again until the process restarted."""
+    spool = Spool(tmp_path)
+    spool.append(delivery(0))
+
+    async def scenario() -> None:
+        client = AsyncRedis.from_url(redis_url)
+        drainer = asyncio.create_task(drain_forever(spool, FaultyInbox(client, {"e-0"}, times=2)))
+        try:
+            for _ in range(100):  # the fault twice, a second apart, then the drain: ≈ 2 s
+                if spool.pending() == [] or drainer.done():
+                    break
+                await asyncio.sleep(0.1)
+            assert not drainer.done(), drainer.exception()
+        finally:
+            drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drainer
+            await client.aclose()
+
+    asyncio.run(scenario())
+    assert queued_ids(redis_client) == ["e-0"]
     assert spool.pending() == []
 
 
