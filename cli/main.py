@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     command(
         "redis-setup",
         "cli.redis_admin:redis_setup",
-        "load the service's Redis functions (an admin REDIS_URL; run on every install and upgrade)",
+        "load the service's Redis functions and check its persistence settings (an admin REDIS_URL; run on every"
+        " install and upgrade)",
     )
     acl = command(
         "redis-acl",

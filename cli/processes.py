@@ -152,9 +152,10 @@ def run_dev(settings: Settings, port: int) -> None:
             redis_port = free_port()
             redis_log = Path("var/redis-server.log").resolve()
             redis_log.parent.mkdir(parents=True, exist_ok=True)
-            # A memory limit, as docs/capacity.md asks of every Redis; Redis's notes go to a file that outlives the run.
+            # Persistence as docs/deploy.md asks of every Redis (redis-setup checks it) and a memory limit, as
+            # docs/capacity.md does; Redis's notes go to a file that outlives the run.
             args = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(scratch)]
-            args += ["--appendonly", "yes", "--save", "", "--logfile", str(redis_log)]
+            args += ["--appendonly", "yes", "--save", "", "--rdbcompression", "no", "--logfile", str(redis_log)]
             args += ["--maxmemory", "256mb", "--maxmemory-policy", "noeviction"]
             start("redis-server", args, redis_port)
             env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
@@ -176,11 +177,12 @@ def run_dev(settings: Settings, port: int) -> None:
             )
             print(f"started the Smartcar emulator on port {emulator_port}")
 
-        from cli.redis_admin import load_functions
+        from cli.redis_admin import check_persistence, load_functions
         from core.store import db
 
         db.upgrade(settings.database_url)
         print(load_functions(env["REDIS_URL"]))
+        check_persistence(env["REDIS_URL"])
         if emulated:
             added = seed_users(settings.database_url)
             print(f"user store {settings.database_url} migrated; {added} emulator users added")

@@ -1,4 +1,4 @@
-"""The Redis administrator's commands: ``redis-setup`` (load the service's functions) and
+"""The Redis administrator's commands: ``redis-setup`` (load the service's functions, check persistence) and
 ``redis-acl`` (one aclfile line per role). docs/security.md says how the two fit together."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import redis
 from cli.operations import redis_errors
 from core.config import Settings
 from core.errors import ConfigurationError
+from core.redis import durability
 from core.redis.acl import Role, acl_file_line
 from core.redis.functions import FUNCTIONS, MissingFunction, load_all
 
@@ -50,8 +51,17 @@ def load_functions(redis_url: str) -> str:
     return f"Redis functions: {loaded} loaded, {present} already there ({len(names)} in all)"
 
 
+def check_persistence(redis_url: str) -> None:
+    """Says on stderr which of Redis's persistence settings differ from docs/deploy.md's (nothing if none)."""
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30)
+    with redis_errors("reached"), client:
+        for line in durability.report(client):
+            print(f"warning: {line}", file=sys.stderr)
+
+
 def redis_setup(settings: Settings) -> None:
     print(load_functions(settings.redis_url))
+    check_persistence(settings.redis_url)
 
 
 def redis_acl(settings: Settings, role: Role, user: str | None, password_env: str | None, connect: bool) -> None:
