@@ -10,10 +10,12 @@ import argparse
 import os
 import platform
 import re
+import shlex
 from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import aof_rewrite, ingest, memory, steady, worker
+from core.redis import durability
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 
@@ -58,7 +60,12 @@ def main() -> None:
     )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/performance.md alone")
     args = parser.parse_args()
-    sections = [f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}."]
+    redis_options = " ".join(shlex.quote(option) for option in durability.server_options())
+    sections = [
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}. Redis as docs/deploy.md recommends it"
+        f" (`{redis_options}`); smartcar-ingest's web and worker log in as their own ACL users (`redis-acl`),"
+        " the baselines as Redis's default user."
+    ]
     if args.only in (None, "ingest"):
         for mix in args.bodies:
             sections.append(

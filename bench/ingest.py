@@ -36,8 +36,10 @@ from typing import Any, NamedTuple
 import redis
 
 from cli.samples import encode, sample_event
+from core.config import Settings
+from core.redis import durability
 from core.signatures import sign
-from tests.procs import RedisServer, free_port, wait_for_port
+from tests.procs import RedisServer, as_role, free_port, wait_for_port
 
 TOKEN = "bench-management-token"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -88,6 +90,8 @@ SERVERS = (
     ("smartcar-ingest", "service.app:create_app"),
     ("smartcar-ingest web (guarded)", "web"),
 )
+#: The factories of this service's servers (the others are baselines).
+OURS = ("service.app:create_app", "web")
 
 
 def fleet_documents(names: tuple[str, ...] = FLEET_CAPTURES) -> list[dict[str, Any]]:
@@ -180,8 +184,10 @@ def run_server(
     """One server loaded as fast as it answers, then (with ``rate``) at that offered rate."""
     client = redis.Redis.from_url(redis_url)
     results = []
+    # smartcar-ingest logs in as the web's ACL user, as deployed (docs/deploy.md); the baselines as the default user
+    server_url = as_role(redis_url, Settings.model_construct(), "web") if factory in OURS else redis_url
     try:
-        with serving(factory, redis_url) as (server, port):
+        with serving(factory, server_url) as (server, port):
             wrk(port, 1, bodies)  # warm-up: imports, connection pools
             for paced in (None, rate) if rate is not None else (None,):
                 client.flushall()
@@ -236,9 +242,10 @@ def redis_cpu(client: redis.Redis) -> RedisCpu:
 
 @contextlib.contextmanager
 def redis_with_aof() -> Iterator[RedisServer]:
-    """A private Redis with AOF as in production, unless BENCH_AOF=0 (to see how much of the tail is
-    Redis's disk)."""
-    server = RedisServer(appendonly=os.environ.get("BENCH_AOF", "1") != "0")
+    """A private Redis with persistence as docs/deploy.md recommends, unless BENCH_AOF=0 (no AOF: to see
+    how much of the tail is Redis's disk)."""
+    aof = os.environ.get("BENCH_AOF", "1") != "0"
+    server = RedisServer(options=durability.server_options()) if aof else RedisServer()
     server.start()
     try:
         yield server

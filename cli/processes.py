@@ -20,6 +20,7 @@ import redis
 
 from core.config import DEV_MANAGEMENT_TOKEN, Settings
 from core.errors import ConfigurationError, LinkConflict
+from core.redis import durability
 from core.redis.clients import probe_redis
 
 
@@ -155,7 +156,7 @@ def run_dev(settings: Settings, port: int) -> None:
             # Persistence as docs/deploy.md asks of every Redis (redis-setup checks it) and a memory limit, as
             # docs/capacity.md does; Redis's notes go to a file that outlives the run.
             args = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(scratch)]
-            args += ["--appendonly", "yes", "--save", "", "--rdbcompression", "no", "--logfile", str(redis_log)]
+            args += [*durability.server_options(), "--logfile", str(redis_log)]
             args += ["--maxmemory", "256mb", "--maxmemory-policy", "noeviction"]
             start("redis-server", args, redis_port)
             env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"

@@ -18,7 +18,7 @@ REDIS_DEFAULTS = {
     "save": "3600 1 300 100 60 10000",
     "rdbcompression": "yes",
 }
-RECOMMENDED = {"appendonly": "yes", "appendfsync": "everysec", "save": "", "rdbcompression": "no"}
+RECOMMENDED = durability.RECOMMENDED
 
 
 def said(config: dict[str, str]) -> list[str]:
@@ -67,7 +67,7 @@ def test_redis_setup_warns_about_redis_s_defaults_and_not_about_the_recommended(
     warns about the save points and the compression, each with where to read why; against the
     recommended configuration it says nothing more than what it loaded."""
     defaults = RedisServer(appendonly=True, options=("--save", REDIS_DEFAULTS["save"]))
-    recommended = RedisServer(appendonly=True, options=("--rdbcompression", "no"))
+    recommended = RedisServer(options=durability.server_options())  # as make run and the benchmarks start it
     try:
         defaults.start()
         recommended.start()

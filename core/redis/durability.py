@@ -8,8 +8,9 @@ import redis
 
 from core.redis.keys import text
 
-#: The settings read, each checked below.
-SETTINGS = ("appendonly", "appendfsync", "save", "rdbcompression")
+#: The settings read, each checked below, as docs/deploy.md recommends them.
+RECOMMENDED = {"appendonly": "yes", "appendfsync": "everysec", "save": "", "rdbcompression": "no"}
+SETTINGS = tuple(RECOMMENDED)
 #: Save points more frequent than this snapshot the whole data set for nothing the AOF does not keep.
 RARE_SAVE_SECONDS = 3600
 WHERE = 'docs/deploy.md, "Redis"'
@@ -58,6 +59,11 @@ def _frequent_save_points(save: str) -> int | None:
     seconds = [int(w) for w in words[0::2] if w.isdigit()]
     frequent = [s for s in seconds if s < RARE_SAVE_SECONDS]
     return min(frequent) if frequent else None
+
+
+def server_options() -> list[str]:
+    """:data:`RECOMMENDED` as ``redis-server`` command-line options (``make run``'s and the benchmarks' Redis)."""
+    return [part for name, value in RECOMMENDED.items() for part in (f"--{name}", value)]
 
 
 def report(client: redis.Redis) -> list[str]:
