@@ -239,11 +239,17 @@ async def _drain_file(spool: Spool, inbox: Inbox, claimed: Path, report: DrainRe
         while chunk := await asyncio.to_thread(list, itertools.islice(records, CHUNK)):
             parks = [d for d in chunk if d.park_reason]
             accepts = [d for d in chunk if not d.park_reason]
-            results = await asyncio.gather(
-                *(inbox.accept(str(d.event_id), d.event_type, d.body, d.received_at_ms) for d in accepts)
+            # Every accept of the chunk ends before a failure is raised: none is left running unawaited.
+            answers = await asyncio.gather(
+                *(inbox.accept(str(d.event_id), d.event_type, d.body, d.received_at_ms) for d in accepts),
+                return_exceptions=True,
             )
+            results = [answer for answer in answers if isinstance(answer, bool)]
             report.accepted += sum(results)
             report.duplicates += len(results) - sum(results)
+            failure = next((answer for answer in answers if isinstance(answer, BaseException)), None)
+            if failure is not None:
+                raise failure
             for d in parks:
                 await inbox.parked.park(d.event_id, str(d.park_reason), d.park_detail or "", d.body)
                 report.parked += 1
