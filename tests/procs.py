@@ -136,13 +136,28 @@ def as_role(admin_url: str, settings: Settings, role: Role, connect: bool = Fals
     made or replaced with the admin at ``admin_url`` after it loaded the functions (a role may not),
     as a deployment with one Redis user per role has it: for the benchmarks and the tests."""
     load_functions(admin_url)
-    user, password = f"smartcar-{role}", secrets.token_hex(8)
+    user, password = _user(role), secrets.token_hex(8)
     with redis.Redis.from_url(admin_url) as admin:
         admin.execute_command(
             "ACL", "SETUSER", user, "reset", "on", f">{password}", *acl_rules(settings, role, connect)
         )
     scheme, rest = admin_url.split("://", 1)
     return f"{scheme}://{user}:{password}@{rest.rsplit('@', 1)[-1]}"
+
+
+@contextlib.contextmanager
+def role_user(admin_url: str, settings: Settings, role: Role, connect: bool = False) -> Iterator[str]:
+    """:func:`as_role`'s URL, its user deleted again on exit: for a test on a Redis other tests share."""
+    url = as_role(admin_url, settings, role, connect)
+    try:
+        yield url
+    finally:
+        with redis.Redis.from_url(admin_url) as admin:
+            admin.execute_command("ACL", "DELUSER", _user(role))
+
+
+def _user(role: Role) -> str:
+    return f"smartcar-{role}"
 
 
 class LiveServer:

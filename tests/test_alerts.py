@@ -31,7 +31,7 @@ from core.events.model import Vehicle, VehicleError, VehicleEvent
 from core.redis.deployment_counts import BUCKET_SECONDS, WINDOW_SECONDS, DeploymentCounts, read_fleet
 from core.redis.keys import fleet_key
 from core.redis.queue_metrics import QueueCollector
-from tests.procs import as_role, free_port
+from tests.procs import free_port, role_user
 from tests.test_deploy import COMBINATIONS, ROOT, _merge, find, render
 
 PROMTOOL = shutil.which("promtool")
@@ -504,8 +504,7 @@ def test_workers_count_the_fleet_and_the_web_user_leaves_it_to_them(redis_url, r
     """Under their ACLs the workers' user writes and counts the fleet keys; the web's may not, and its
     /metrics then exports the other gauges without the fleet's (the workers export those)."""
     settings = Settings(_env_file=None, redis_url=redis_url)  # type: ignore[call-arg]
-    worker_url, web_url = (as_role(redis_url, settings, role) for role in ("worker", "web"))
-    try:
+    with role_user(redis_url, settings, "worker") as worker_url, role_user(redis_url, settings, "web") as web_url:
         _note(worker_url, [(_event("veh-a", "VEHICLE_ERROR", "ERROR"), time.time())])
         with redis.Redis.from_url(worker_url) as worker:
             assert read_fleet(worker)[1] == 1  # in error
@@ -519,5 +518,3 @@ def test_workers_count_the_fleet_and_the_web_user_leaves_it_to_them(redis_url, r
             assert registry.get_sample_value("smartcar_ingest_vehicles_active") is None
         finally:
             collector.close()
-    finally:
-        redis_client.execute_command("ACL", "DELUSER", "smartcar-worker", "smartcar-web")

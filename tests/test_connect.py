@@ -36,7 +36,7 @@ from service.connect import (
 )
 from tests.conftest import OLD_TOKEN
 from tests.pipeline import CLIENT_ID, CLIENT_SECRET, inject
-from tests.procs import LiveServer, as_role
+from tests.procs import LiveServer, role_user
 
 # Alice connected her Tesla long ago: the emulator's seed lists that connection with an old createdAt.
 SMARTCAR_ALICE = "9e8d7c6b-2222-4222-8222-222222222222"
@@ -299,9 +299,8 @@ def test_upstream_trouble_is_503_and_the_state_still_works_afterwards(web, store
 def test_the_callback_runs_as_the_web_redis_user_made_for_connect(settings, emulator, store, redis_client):
     """`redis-acl web --connect`: as that restricted user the callback fetches and shares the token (past
     a planted lock), spends the state, gives it back after a failure, and links on the retry."""
-    url = as_role(settings.redis_url, settings, "web", connect=True)
     redis_client.set(TOKEN_LOCK_KEY, "never-expires")  # read as not a lock of ours, and refreshed past
-    try:
+    with role_user(settings.redis_url, settings, "web", connect=True) as url:
         configured = smartcar_settings(settings, emulator, redis_url=url)
         with LiveServer(create_app(configured)) as server, httpx.Client(base_url=server.url) as alice:
             web = Web(server.url, configured, emulator)
@@ -311,8 +310,6 @@ def test_the_callback_runs_as_the_web_redis_user_made_for_connect(settings, emul
             failed = web.callback(alice, SMARTCAR_ALICE, state)
             httpx.delete(f"{emulator}/_emulator/failures").raise_for_status()
             linked = web.callback(alice, SMARTCAR_ALICE, state)
-    finally:
-        redis_client.execute_command("ACL", "DELUSER", "smartcar-web")
     assert (failed.status_code, linked.status_code) == (503, 200), (failed.text, linked.text)
     assert smartcar_id_of(store, ALICE) == SMARTCAR_ALICE
     assert redis_client.get(TOKEN_KEY) is not None

@@ -12,7 +12,7 @@ from starlette.testclient import TestClient
 from core.config import Settings
 from core.errors import ConfigurationError
 from service.app import create_admin_app, create_app
-from tests.procs import as_role
+from tests.procs import role_user
 
 
 @pytest.fixture
@@ -39,13 +39,12 @@ def test_evicting_redis_is_refused_at_startup(evicting_redis):
 
 def test_evicting_redis_is_refused_under_the_web_users_acl(evicting_redis):
     """The check reads INFO memory, which the web's restricted Redis user may run: it refuses there too."""
-    url = as_role(evicting_redis, settings_for(evicting_redis), "web")
-    try:
-        with pytest.raises(ConfigurationError, match="noeviction"), TestClient(create_app(settings_for(url))):
-            pass
-    finally:
-        with redis.Redis.from_url(evicting_redis) as admin:
-            admin.execute_command("ACL", "DELUSER", "smartcar-web")
+    with (
+        role_user(evicting_redis, settings_for(evicting_redis), "web") as url,
+        pytest.raises(ConfigurationError, match="noeviction"),
+        TestClient(create_app(settings_for(url))),
+    ):
+        pass
 
 
 def test_evicting_redis_is_accepted_with_the_override(evicting_redis):
