@@ -35,12 +35,16 @@ def all_functions() -> list[str]:
     return sorted(FUNCTIONS)
 
 
+def _admin(redis_url: str) -> redis.Redis:
+    """A client for the admin's one-off commands (a function load may take a while)."""
+    return redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30)
+
+
 def load_functions(redis_url: str) -> str:
     """Load every function into the Redis at ``redis_url`` (a user allowed ``FUNCTION LOAD``); says what it did."""
     names = all_functions()
     try:
-        client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30)
-        with redis_errors("reached"), client:
+        with redis_errors("reached"), _admin(redis_url) as client:
             loaded, present = load_all(client, [FUNCTIONS[name] for name in names])
     except MissingFunction:  # what a refused FUNCTION LOAD becomes (core.redis.functions.load)
         raise ConfigurationError(
@@ -53,8 +57,7 @@ def load_functions(redis_url: str) -> str:
 
 def check_persistence(redis_url: str) -> None:
     """Says on stderr which of Redis's persistence settings differ from docs/deploy.md's (nothing if none)."""
-    client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=30)
-    with redis_errors("reached"), client:
+    with redis_errors("reached"), _admin(redis_url) as client:
         for line in durability.report(client):
             print(f"warning: {line}", file=sys.stderr)
 
