@@ -152,8 +152,8 @@ class Spool:
             files: list[Path] = []
             total = 0
             for path in sorted(found):
-                try:
-                    status = path.stat()
+                try:  # the entry itself, never what a link points at: the spool writes no links
+                    status = path.lstat()
                 except FileNotFoundError:
                     continue
                 if stat.S_ISREG(status.st_mode):
@@ -202,6 +202,10 @@ class Spool:
 
 #: What pauses a whole pass (Redis, or the spool's own directory, not there yet): tried again in a second.
 UNAVAILABLE = (RedisError, OSError, TimeoutError)
+#: What pauses it from within a file: Redis not answering (a ``TimeoutError`` is Redis's deadline
+#: passing; Python counts it an ``OSError``). Any other error, the file's own ``OSError`` included,
+#: fails that file alone.
+REDIS_UNAVAILABLE = (RedisError, TimeoutError)
 
 #: Deliveries enqueued together while draining (they share round trips through the group commit).
 CHUNK = 256
@@ -209,21 +213,21 @@ CHUNK = 256
 
 async def drain_once(spool: Spool, inbox: Inbox) -> DrainReport:
     """Drain every pending spool file; raises ``RedisError`` (leaving the file) if Redis fails. A
-    file that fails otherwise (a fault of ours) is left for the next pass, and the others drain."""
+    file that fails otherwise (one the disk refuses, or a fault of ours) is left for the next pass,
+    and the others drain."""
     report = DrainReport()
     for path in await asyncio.to_thread(spool.pending):
-        claimed = await asyncio.to_thread(spool.claim, path)
-        if claimed is None:
-            continue
         try:
+            claimed = await asyncio.to_thread(spool.claim, path)
+            if claimed is None:
+                continue
+            path = claimed
             await _drain_file(spool, inbox, claimed, report)
-        except UNAVAILABLE:
+        except REDIS_UNAVAILABLE:
             raise
         except Exception as exc:  # its records stay, applied again next pass through the dedupe
             report.failed_files += 1
-            log.error(
-                "spool file not drained; it is kept for the next pass", file=claimed.name, error=type(exc).__name__
-            )
+            log.error("spool file not drained; it is kept for the next pass", file=path.name, error=type(exc).__name__)
             continue
         report.files += 1
     if report.files:

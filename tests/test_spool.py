@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import struct
@@ -13,6 +15,7 @@ import sys
 import time
 import tracemalloc
 import zlib
+from pathlib import Path
 
 import httpx
 import pytest
@@ -234,6 +237,81 @@ def test_the_drainer_outlives_a_fault_of_ours_and_drains_later(tmp_path, redis_u
 
     asyncio.run(scenario())
     assert queued_ids(redis_client) == ["e-0"]
+    assert spool.pending() == []
+
+
+def test_an_entry_that_cannot_be_examined_does_not_stop_the_drain(tmp_path, redis_url, redis_client):
+    """A symbolic link in the spool directory that loops on itself makes stat fail (ELOOP). Before,
+    that error ended every pass at its listing: nothing was drained again. The drainer only takes
+    regular files (never a link: it would read whatever the link points at), so it drains the rest."""
+    spool = Spool(tmp_path)
+    spool.append(delivery(0))
+    loop = tmp_path / "spool-loop.log"
+    loop.symlink_to(loop.name)
+    elsewhere = tmp_path / "elsewhere.log"
+    elsewhere.write_bytes(encode_record(delivery(1)))
+    (tmp_path / "spool-link.log").symlink_to(elsewhere)
+
+    report = drain(spool, redis_url)
+    assert (report.files, report.accepted, report.failed_files) == (1, 1, 0)
+    assert queued_ids(redis_client) == ["e-0"]
+    assert loop.is_symlink()  # both links left as they were
+    assert (tmp_path / "spool-link.log").is_symlink()
+    assert elsewhere.read_bytes() == encode_record(delivery(1))
+
+
+#: Linux's inode flag ioctls (linux/fs.h) and the flag that makes a file immutable (chattr +i).
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_IMMUTABLE_FL = 0x80086601, 0x40086602, 0x10
+
+
+def set_immutable(path: Path, on: bool) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        flags = array.array("i", [0])
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags)
+        flags[0] = flags[0] | FS_IMMUTABLE_FL if on else flags[0] & ~FS_IMMUTABLE_FL
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def immutable():
+    """Marks files immutable (not even root may rename them); skips where the file system cannot."""
+    marked: list[Path] = []
+
+    def mark(path: Path) -> None:
+        try:
+            set_immutable(path, True)
+        except OSError as exc:
+            pytest.skip(f"this file system keeps no immutable flag ({exc.strerror})")
+        marked.append(path)
+
+    yield mark
+    for path in marked:
+        with contextlib.suppress(OSError):
+            set_immutable(path, False)
+
+
+def test_a_file_the_drainer_cannot_claim_is_left_and_the_others_drain(tmp_path, redis_url, redis_client, immutable):
+    """One file the drainer cannot rename (immutable: EPERM, even for root) fails on its own,
+    counted and logged each pass, while the other files drain. Before, its OSError paused the whole
+    pass, every second, for as long as the file stayed."""
+    spool = Spool(tmp_path)
+    spool.append(delivery(0))
+    [stuck] = spool.pending()
+    other = tmp_path / "spool-other-1.log"
+    other.write_bytes(encode_record(delivery(1)))
+    immutable(stuck)
+
+    report = drain(spool, redis_url)
+    assert (report.files, report.accepted, report.failed_files) == (1, 1, 1)
+    assert queued_ids(redis_client) == ["e-1"]
+    assert spool.pending() == [stuck]  # kept as it is, for the next pass
+    set_immutable(stuck, False)
+    report = drain(spool, redis_url)
+    assert (report.files, report.accepted, report.failed_files) == (1, 1, 0)
+    assert queued_ids(redis_client) == ["e-0", "e-1"]
     assert spool.pending() == []
 
 
