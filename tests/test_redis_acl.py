@@ -134,6 +134,8 @@ def test_web_user_cannot_forge_output_read_the_token_or_administer(pipeline, acl
         lambda: web.rename(queue_key(pipeline.ingest_queue), STAGED_JOB_PREFIX + "x"),
         lambda: web.rename(pipeline.parked_stream, STAGED_JOB_PREFIX + "y"),
         lambda: web.rename("rq:job:a", STAGED_JOB_PREFIX + "z"),
+        # PTTL is the token lock's, granted only with Connect
+        lambda: web.pttl(EVENT_IDS_KEY),
     ]
     admin.rpush(queue_key(pipeline.ingest_queue), "job")
     admin.xadd(pipeline.parked_stream, {"event_id": "kept"})

@@ -37,8 +37,6 @@ _SCRIPTS = ["-@scripting", "+fcall", "+fcall_ro"]
 #: keys and the output stream's length for /metrics and /readyz. It writes only through the selectors.
 _WEB_READS = [
     *("+get", "+hget", "+exists", "+hlen", "+llen", "+lindex", "+xlen", "+zcard", "+smembers", "+lrange"),
-    # whether the token lock is one that expires (core.smartcar.tokens)
-    "+pttl",
     # Redis's clock for the marks; the accept's transaction (job hashes staged, then renamed or dropped)
     *("+time", "+multi", "+exec"),
     # Redis's used and max memory for /metrics and the startup warning: INFO's memory section only
@@ -101,7 +99,10 @@ def acl_rules(settings: Settings, role: Role, connect: bool = False) -> list[str
             _selector(["+rename"], [staged, f"%W~{RQ_PREFIX}job:*"]),
         ]
         reads = [f"%R{pattern}" for pattern in readable]
-        return ["resetkeys", "resetchannels", "-@all", *_CONNECTION, *_SCRIPTS, *_WEB_READS, *reads, *writes]
+        # with Connect, whether the token lock is one that expires (core.smartcar.tokens)
+        connect_reads = ["+pttl"] if connect else []
+        rules = [*_CONNECTION, *_SCRIPTS, *_WEB_READS, *connect_reads, *reads, *writes]
+        return ["resetkeys", "resetchannels", "-@all", *rules]
     return [
         "resetkeys",
         "resetchannels",
