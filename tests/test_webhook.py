@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 
@@ -194,12 +195,13 @@ def test_new_event_is_accepted_and_enqueued_as_a_json_rq_job(client, redis_clien
 
 
 def test_job_is_stored_with_the_json_serializer_not_pickle(client, redis_client):
-    """The job's data field is JSON text naming the function and carrying the body verbatim."""
+    """The job's data field is JSON text naming the function and carrying the body verbatim, deflated
+    as RQ deflates a job's data."""
     document = sample_event()
     document["data"]["vehicle"]["model"] = 'Mégane "E-Tech" \\ ✓'
     body = json.dumps(document, indent=1, ensure_ascii=False).encode()  # any spacing, non-ASCII kept
     assert post(client, body).status_code == 202
-    raw = redis_client.hget(Job.key_for(document["eventId"]), "data")
+    raw = zlib.decompress(redis_client.hget(Job.key_for(document["eventId"]), "data"))
     decoded = json.loads(raw)
     assert decoded[0] == "workers.jobs.process_event"
     assert decoded[2][0]["body"] == document

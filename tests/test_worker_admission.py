@@ -7,6 +7,8 @@ import zlib
 from pathlib import Path
 
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rq import Queue
 from rq.callbacks import Callback
 from rq.job import Job, JobStatus
@@ -15,8 +17,10 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from cli.samples import encode, sample_event
-from core.redis.jobs import PROCESS_EVENT, job_payload
+from core.redis.jobs import PROCESS_EVENT, JobOptions, deflated, inflated, job_payload, spliced_job_data
+from core.redis.keys import job_id_for
 from tests.pipeline import outputs, run_worker_burst
+from tests.test_inbox import accept
 from workers.batch import ClaimedJob
 from workers.jobs import admit
 
@@ -172,3 +176,64 @@ def test_a_due_retry_whose_job_cannot_be_loaded_is_dropped_and_the_others_are_qu
     assert FailedJobRegistry(name, connection=redis_client).get_job_ids() == ["unloadable"]
     assert redis_client.hget(Job.key_for("unloadable"), "status") == b"failed"
     assert redis_client.hget(Job.key_for("unloadable"), "data") == b"{"
+
+
+def _rq_reads(raw: bytes) -> bytes:
+    """A job's data as RQ's ``Job.restore`` reads it: inflated when the stdlib's zlib takes it, else as stored."""
+    try:
+        return zlib.decompress(raw)
+    except zlib.error:
+        return raw
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    plain=st.binary(max_size=300),
+    cut=st.integers(min_value=0, max_value=400),
+    tail=st.binary(max_size=8),
+    form=st.sampled_from(["plain", "deflated", "stdlib", "cut", "tail"]),
+)
+def test_the_worker_reads_a_jobs_data_as_rq_reads_it(plain, cut, tail, form):
+    """Whatever a job's data holds (plain bytes, a zlib stream from the edge or from RQ, one cut short,
+    one with bytes after it), the worker's inflation gives RQ's reading of it, within the limit."""
+    raw = {
+        "plain": plain,
+        "deflated": deflated(plain),
+        "stdlib": zlib.compress(plain),
+        "cut": deflated(plain)[:cut],
+        "tail": deflated(plain) + tail,
+    }[form]
+    assert inflated(raw, 10_000) == _rq_reads(raw)
+    expected = _rq_reads(raw)
+    assert inflated(raw, len(expected)) == expected
+    if expected:
+        assert inflated(raw, len(expected) - 1) is None
+
+
+def test_edge_jobs_are_admitted_deflated_and_plain_alike(redis_client):
+    """The edge deflates each job's data; a job an earlier release queued holds it plain. Both are read
+    as the same payload through the spliced path, and RQ's own reading of the deflated one agrees."""
+    event = sample_event()
+    body = encode(event)
+    spliced = spliced_job_data(event["eventId"], "VEHICLE_STATE", body, 7)
+    expected = {"eventId": event["eventId"], "eventType": "VEHICLE_STATE", "body": body.decode(), "receivedAt": 7}
+    for data in (deflated(spliced), spliced):
+        assert admit(ClaimedJob("j", {b"data": data}), redis_client, 262_144) == expected
+    job = Job("j", connection=redis_client, serializer=JSONSerializer)
+    job.restore({b"data": deflated(spliced), b"created_at": b"2026-12-06T00:00:00.000000Z"})
+    assert job.func_name == PROCESS_EVENT
+    assert job.args[0]["body"] == event
+    assert len(deflated(spliced)) < len(spliced) / 2
+
+
+def test_a_job_an_earlier_release_queued_with_its_data_plain_is_still_published(pipeline, redis_client):
+    """During a rollout, jobs queued by the earlier edge hold their data plain: the worker publishes
+    them beside the deflated ones."""
+    events = [sample_event(), sample_event()]
+    options = JobOptions.from_settings(pipeline)
+    payloads = [job_payload(e["eventId"], "VEHICLE_STATE", encode(e).decode(), 0) for e in events]
+    assert accept(pipeline.redis_url, *payloads, options=options) == [True, True]
+    earlier = Job.key_for(job_id_for(events[0]["eventId"]))
+    redis_client.hset(earlier, "data", zlib.decompress(redis_client.hget(earlier, "data")))
+    run_worker_burst(pipeline)
+    assert sorted(entry["event_id"] for entry in outputs(redis_client)) == sorted(e["eventId"] for e in events)

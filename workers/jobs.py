@@ -4,7 +4,6 @@ anything else is refused, never run: docs/security.md) and the payload each carr
 from __future__ import annotations
 
 import time
-import zlib
 from typing import Any
 
 import pydantic_core
@@ -16,7 +15,7 @@ from rq.serializers import JSONSerializer
 
 from core.errors import ConfigurationError, InvalidJob
 from core.logs import get_logger
-from core.redis.jobs import PROCESS_EVENT, JobPayload, spliced_parts
+from core.redis.jobs import PROCESS_EVENT, JobPayload, inflated, spliced_parts
 from workers.batch import ClaimedJob
 
 log = get_logger("smartcar_ingest.worker")
@@ -30,24 +29,17 @@ _CALLBACKS = (b"success_callback_name", b"failure_callback_name", b"stopped_call
 JOB_ENVELOPE_BYTES = 65_536
 
 
-def _larger_than(raw: bytes, limit: int) -> bool:
-    """Whether ``raw``, or what RQ inflates it to (inflating at most ``limit + 1`` bytes), is past ``limit``."""
-    try:
-        return len(raw) > limit or len(zlib.decompressobj().decompress(raw, limit + 1)) > limit
-    except zlib.error:  # not zlib: RQ reads it as it is
-        return False
-
-
 def admit(claimed_job: ClaimedJob, connection: redis.Redis, max_body_bytes: int) -> JobPayload | InvalidJob | str:
     """The payload of an ingest job; :class:`InvalidJob` for one whose argument is not a payload (it
     fails in RQ); for any other job, why it is refused (text)."""
     limit = max_body_bytes + JOB_ENVELOPE_BYTES
-    if any(_larger_than(claimed_job.fields.get(name, b""), limit) for name in (b"data", b"exc_info")):
+    data = inflated(claimed_job.fields.get(b"data", b""), limit)
+    if data is None or inflated(claimed_job.fields.get(b"exc_info", b""), limit) is None:
         return f"the job's data is larger than a delivery of MAX_BODY_BYTES ({max_body_bytes}) needs"
     if any(claimed_job.fields.get(name) for name in _CALLBACKS):
         return "the job carries callbacks"
     try:
-        spliced = _spliced(claimed_job)
+        spliced = _spliced(data)
         if spliced is not None:
             fields, body = spliced
             return read_payload(fields | {"body": body})
@@ -83,9 +75,9 @@ def refuse(connection: redis.Redis, queue_name: str, job_id: str, reason: str, d
     log.error("refused a job that is not an ingest job", jobId=job_id, reason=reason)
 
 
-def _spliced(claimed_job: ClaimedJob) -> tuple[dict[str, Any], str] | None:
-    """The payload's fields and the body's text of an edge-written job; None for any other job."""
-    parts = spliced_parts(claimed_job.fields.get(b"data", b""))
+def _spliced(data: bytes) -> tuple[dict[str, Any], str] | None:
+    """The payload's fields and the body's text of an edge-written job's data (inflated); None for any other job."""
+    parts = spliced_parts(data)
     if parts is None:
         return None
     try:

@@ -24,7 +24,7 @@ from core.config import DEFAULT_PARKED_RETENTION_SECONDS
 from core.redis.dedupe import LIBRARY, event_marks, job_digest
 from core.redis.functions import LuaFunction, is_missing, lua_function
 from core.redis.group import GroupCommit
-from core.redis.jobs import JobOptions, build_job_hash, job_payload, spliced_job_data
+from core.redis.jobs import JobOptions, build_job_hash, deflated, job_payload, spliced_job_data
 from core.redis.keys import STAGED_JOB_PREFIX, job_id_for, queue_key
 from core.redis.parked import ParkedStream
 
@@ -160,9 +160,12 @@ class Inbox:
 
     async def accept(self, event_id: str, event_type: str, body: bytes | str, received_at_ms: int) -> bool:
         """True when this call enqueued the event (its ``eventId`` unseen). A body given as bytes (a
-        JSON object the edge validated) is embedded verbatim, one given as text as a JSON string."""
-        data = spliced_job_data(
-            event_id, event_type, pydantic_core.to_json(body) if isinstance(body, str) else body, received_at_ms
+        JSON object the edge validated) is embedded verbatim, one given as text as a JSON string; the
+        job's data is deflated, as RQ's are."""
+        data = deflated(
+            spliced_job_data(
+                event_id, event_type, pydantic_core.to_json(body) if isinstance(body, str) else body, received_at_ms
+            )
         )
         job = (job_id_for(event_id), data, f"process_event({event_type} {event_id})")
         return bool(await self._group.submit(job))
