@@ -98,14 +98,15 @@ def spliced_job_data(event_id: str, event_type: str, body: bytes, received_at_ms
 
 def deflated(data: bytes) -> bytes:
     """A job's data as the edge stores it: a zlib stream, as RQ stores every job's data and inflates it
-    (``Job.restore``), made by ISA-L at its level 1 (a sixth of the stdlib's CPU for a smaller stream:
+    (``Job.restore``), made by ISA-L at its level 1 (a quarter of the stdlib's CPU for a smaller stream:
     docs/performance.md, "The job's data deflated")."""
-    return bytes(isal_zlib.compress(data, 1))
+    return isal_zlib.compress(data, 1)
 
 
 def inflated(raw: bytes, limit: int) -> bytes | None:
     """A job field as RQ reads it (a whole zlib stream inflated by the stdlib's zlib, as RQ does; else
-    as it is), or None when that is longer than ``limit``: at most ``limit + 1`` bytes are inflated."""
+    as it is), or None when that, or a stream's inflation so far, is longer than ``limit``: at most
+    ``limit + 1`` bytes are inflated."""
     inflater = zlib.decompressobj()
     try:
         data = inflater.decompress(raw, limit + 1)
