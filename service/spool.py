@@ -200,12 +200,12 @@ class Spool:
             os.close(fd)
 
 
-#: What pauses a whole pass (Redis, or the spool's own directory, not there yet): tried again in a second.
-UNAVAILABLE = (RedisError, OSError, TimeoutError)
-#: What pauses it from within a file: Redis not answering (a ``TimeoutError`` is Redis's deadline
+#: What pauses a pass from within a file: Redis not answering (a ``TimeoutError`` is Redis's deadline
 #: passing; Python counts it an ``OSError``). Any other error, the file's own ``OSError`` included,
 #: fails that file alone.
 REDIS_UNAVAILABLE = (RedisError, TimeoutError)
+#: What pauses a whole pass (Redis, or the spool's own directory, not there yet): tried again in a second.
+UNAVAILABLE = (*REDIS_UNAVAILABLE, OSError)
 
 #: Deliveries enqueued together while draining (they share round trips through the group commit).
 CHUNK = 256
