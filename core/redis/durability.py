@@ -71,8 +71,6 @@ def report(client: redis.Redis) -> list[str]:
     try:
         config = read_settings(client)
     except redis.ResponseError as exc:  # a role's user, or a managed Redis that hides CONFIG
-        return [
-            f"could not read Redis's persistence settings ({type(exc).__name__}): check appendonly, "
-            f"appendfsync, save and rdbcompression against {WHERE}."
-        ]
+        names = f"{', '.join(SETTINGS[:-1])} and {SETTINGS[-1]}"
+        return [f"could not read Redis's persistence settings ({type(exc).__name__}): check {names} against {WHERE}."]
     return [f"{line} ({WHERE})" for line in findings(config)]
