@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from core.errors import PARK_REASONS
 
@@ -27,6 +27,19 @@ ENQUEUE_BATCH_SIZE = Histogram(
     "smartcar_ingest_enqueue_batch_size",
     "Deliveries written to Redis per round trip by the web's group commit.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+
+# Every web process drains the same SPOOL_DIR and counts it each second: the latest count stands.
+SPOOL_BYTES = Gauge(
+    "smartcar_ingest_spool_bytes",
+    "Bytes of verified deliveries in SPOOL_DIR waiting to be drained into Redis (refused at SPOOL_MAX_BYTES).",
+    multiprocess_mode="mostrecent",
+)
+
+SPOOL_FAILED_FILES = Gauge(
+    "smartcar_ingest_spool_failed_files",
+    "Spool files the last drain pass could not drain for a reason other than Redis (kept, tried again each second).",
+    multiprocess_mode="mostrecent",
 )
 
 # --- Worker side ------------------------------------------------------------------------------

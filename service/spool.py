@@ -23,6 +23,7 @@ from pathlib import Path
 from pydantic import ConfigDict, TypeAdapter, with_config
 from redis.exceptions import RedisError
 
+from core import metrics
 from core.errors import ConfigurationError
 from core.logs import get_logger
 from core.redis.inbox import Inbox
@@ -106,6 +107,9 @@ class Spool:
         self.max_bytes = max_bytes
         #: Bytes waiting to be drained, as this process counts them.
         self.pending_bytes = 0
+        #: The files the last drain pass could not drain, by the name the next pass finds them under,
+        #: with the error each failed with (logged when it first fails, or fails differently).
+        self.failing: dict[str, str] = {}
         self.pending()  # count what earlier processes left behind
 
     def append(self, delivery: SpooledDelivery) -> None:
@@ -128,6 +132,7 @@ class Spool:
             finally:
                 os.close(fd)
             self.pending_bytes += len(record)
+            metrics.SPOOL_BYTES.set(self.pending_bytes)
             self._sync_directory()
 
     def _open_for_append(self) -> int:
@@ -160,6 +165,7 @@ class Spool:
                     files.append(path)
                     total += status.st_size
             self.pending_bytes = total
+            metrics.SPOOL_BYTES.set(total)
         return files
 
     def claim(self, path: Path) -> Path | None:
@@ -204,9 +210,6 @@ class Spool:
 #: passing; Python counts it an ``OSError``). Any other error, the file's own ``OSError`` included,
 #: fails that file alone.
 REDIS_UNAVAILABLE = (RedisError, TimeoutError)
-#: What pauses a whole pass (Redis, or the spool's own directory, not there yet): tried again in a second.
-UNAVAILABLE = (*REDIS_UNAVAILABLE, OSError)
-
 #: Deliveries enqueued together while draining (they share round trips through the group commit).
 CHUNK = 256
 
@@ -214,26 +217,47 @@ CHUNK = 256
 async def drain_once(spool: Spool, inbox: Inbox) -> DrainReport:
     """Drain every pending spool file; raises ``RedisError`` (leaving the file) if Redis fails. A
     file that fails otherwise (one the disk refuses, or a fault of ours) is left for the next pass,
-    and the others drain."""
+    and the others drain. A file's failure is logged once, not every pass: the gauge
+    ``smartcar_ingest_spool_failed_files`` counts the files kept so."""
     report = DrainReport()
-    for path in await asyncio.to_thread(spool.pending):
-        try:
-            claimed = await asyncio.to_thread(spool.claim, path)
-            if claimed is None:
+    earlier, spool.failing = spool.failing, {}
+    try:
+        for path in await asyncio.to_thread(spool.pending):
+            listed = path.name
+            try:
+                claimed = await asyncio.to_thread(spool.claim, path)
+                if claimed is None:
+                    continue
+                path = claimed
+                await _drain_file(spool, inbox, claimed, report)
+            except REDIS_UNAVAILABLE:
+                raise
+            except Exception as exc:  # its records stay, applied again next pass through the dedupe
+                report.failed_files += 1
+                error = spool.failing[path.name] = _describe(exc)
+                if earlier.get(path.name) != error:
+                    log.error(
+                        "spool file not drained; it is kept and tried again each second", file=path.name, error=error
+                    )
                 continue
-            path = claimed
-            await _drain_file(spool, inbox, claimed, report)
-        except REDIS_UNAVAILABLE:
-            raise
-        except Exception as exc:  # its records stay, applied again next pass through the dedupe
-            report.failed_files += 1
-            log.error("spool file not drained; it is kept for the next pass", file=path.name, error=type(exc).__name__)
-            continue
-        report.files += 1
+            if listed in earlier or path.name in earlier:
+                log.info("spool file drained after failing earlier", file=path.name)
+            report.files += 1
+    except BaseException:  # Redis, or the listing: the files not reached keep their standing
+        spool.failing = earlier | spool.failing
+        raise
+    finally:
+        metrics.SPOOL_FAILED_FILES.set(len(spool.failing))
     if report.files:
         await asyncio.to_thread(spool.pending)  # recount the spool's size, for SPOOL_MAX_BYTES
         log.info("spool drained", **asdict(report))
     return report
+
+
+def _describe(exc: BaseException) -> str:
+    """The error's type, with the OS's words for one of the disk's (never a path or a body)."""
+    reason = exc.strerror if isinstance(exc, OSError) else None
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
 
 
 async def _drain_file(spool: Spool, inbox: Inbox, claimed: Path, report: DrainReport) -> None:
@@ -268,8 +292,10 @@ async def drain_forever(spool: Spool, inbox: Inbox) -> None:
     while True:
         try:
             await drain_once(spool, inbox)  # its listing also recounts the spool's size
-        except UNAVAILABLE as exc:
+        except REDIS_UNAVAILABLE as exc:
             log.warning("spool drain paused: Redis not available yet", error=type(exc).__name__)
+        except OSError as exc:  # the listing: the spool directory itself
+            log.error("spool drain paused: the spool directory cannot be listed", error=_describe(exc))
         except Exception as exc:  # a fault of ours must not end the only task that drains the spool
             log.error("spool drain failed; it is tried again in a second", error=type(exc).__name__)
         await asyncio.sleep(1)

@@ -110,7 +110,7 @@ def test_every_alert_links_its_runbook_section():
     alerts = _by_alert(_rules())
     headings = re.findall(r"^#{2,4} (.+)$", (ROOT / "docs" / "reliability.md").read_text(), re.MULTILINE)
     anchors = {re.sub(r"[^a-z0-9 _-]", "", heading.lower()).replace(" ", "-") for heading in headings}
-    assert len(alerts) == 16
+    assert len(alerts) == 17
     for name, rule in alerts.items():
         assert rule["annotations"].get("runbook_url") == f"docs/reliability.md#{name.lower()}", name
         assert name.lower() in anchors, name
@@ -355,6 +355,41 @@ def test_every_503_the_webhook_answers_counts_as_a_failed_delivery(tmp_path: Pat
     groups = _rules()
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
     tests = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": _refusal_tests(_by_alert(groups))}
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests, width=1000))
+    result = _promtool("test", "rules", "tests.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.process
+@needs_promtool
+def test_a_spool_file_kept_for_ten_minutes_fires_its_alert(tmp_path: Path):
+    """`promtool test rules`: no alert while the gauge is 0, nor for a file kept under 10 minutes;
+    one, naming the pod, once a file has been kept for 10."""
+    groups = _rules()
+    alerts = _by_alert(groups)
+    name = "SmartcarIngestSpoolFileStuck"
+    series = 'smartcar_ingest_spool_failed_files{namespace="smartcar",pod="web-1"}'
+    fired = {
+        "exp_labels": {**_labels(name, "warning"), "pod": "web-1"},
+        "exp_annotations": _annotations(
+            alerts,
+            name,
+            "web-1 has kept 2 spool file(s) undrained for 10 minutes, for a reason other than Redis (the disk "
+            "refuses them, or a fault of ours). Their deliveries were answered 202 and are not in Redis yet.",
+        ),
+    }
+    test = {
+        "interval": "1m",
+        # none for 10 minutes, one kept 6 minutes then drained, none, then two kept from the 23rd minute
+        "input_series": [{"series": series, "values": "0x10 1x5 0x5 2x20"}],
+        "alert_rule_test": [
+            {"eval_time": "15m", "alertname": name, "exp_alerts": []},
+            {"eval_time": "30m", "alertname": name, "exp_alerts": []},
+            {"eval_time": "34m", "alertname": name, "exp_alerts": [fired]},
+        ],
+    }
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+    tests = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": [test]}
     (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests, width=1000))
     result = _promtool("test", "rules", "tests.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

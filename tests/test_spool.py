@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
@@ -293,26 +294,44 @@ def immutable():
             set_immutable(path, False)
 
 
-def test_a_file_the_drainer_cannot_claim_is_left_and_the_others_drain(tmp_path, redis_url, redis_client, immutable):
-    """One file the drainer cannot rename (immutable: EPERM, even for root) fails on its own,
-    counted and logged each pass, while the other files drain. Before, its OSError paused the whole
-    pass, every second, for as long as the file stayed."""
+def failed_files_gauge() -> float | None:
+    return REGISTRY.get_sample_value("smartcar_ingest_spool_failed_files")
+
+
+def test_a_file_the_drainer_cannot_claim_is_left_and_the_others_drain(
+    tmp_path, redis_url, redis_client, immutable, capsys
+):
+    """One file the drainer cannot rename (immutable: EPERM, even for root) fails on its own while
+    the other files drain, counted by a gauge and logged once. Before, its OSError paused the whole
+    pass, every second, for as long as the file stayed; then it was logged every second, and no
+    metric said so."""
     spool = Spool(tmp_path)
     spool.append(delivery(0))
     [stuck] = spool.pending()
     other = tmp_path / "spool-other-1.log"
     other.write_bytes(encode_record(delivery(1)))
     immutable(stuck)
+    capsys.readouterr()
 
-    report = drain(spool, redis_url)
-    assert (report.files, report.accepted, report.failed_files) == (1, 1, 1)
+    for _ in range(3):
+        report = drain(spool, redis_url)
+        assert report.failed_files == 1
+        assert failed_files_gauge() == 1
+    assert report.files == 0  # the other file drained on the first pass
     assert queued_ids(redis_client) == ["e-1"]
     assert spool.pending() == [stuck]  # kept as it is, for the next pass
+    logged = "".join(capsys.readouterr())
+    assert logged.count("spool file not drained") == 1
+    assert "PermissionError: Operation not permitted" in logged
+
     set_immutable(stuck, False)
     report = drain(spool, redis_url)
     assert (report.files, report.accepted, report.failed_files) == (1, 1, 0)
+    assert failed_files_gauge() == 0
+    assert "spool file drained after failing earlier" in "".join(capsys.readouterr())
     assert queued_ids(redis_client) == ["e-0", "e-1"]
     assert spool.pending() == []
+    assert REGISTRY.get_sample_value("smartcar_ingest_spool_bytes") == 0
 
 
 def test_a_second_claim_never_overwrites_an_undrained_claim(tmp_path):
