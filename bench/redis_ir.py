@@ -16,7 +16,8 @@ state: nearly every event merges newer readings into the state its vehicle alrea
 signals): the first read of each vehicle and call is made, the rest are served by it, as in a fleet
 that keeps reporting (each vehicle's read a day long, its signals four events in five).
 ``--role worker`` drains as the worker's ACL user (``core.redis.acl``), as a deployment with one user
-per role does, so each command's ACL check counts too.
+per role does, so each command's ACL check counts too. ``--result-ttl 0`` queues the jobs as an edge
+with ``JOB_RESULT_TTL_SECONDS=0`` does: the finish deletes each job and writes no result.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from bench.worker import FLEET, _enqueue_bodies, command_stats, fleet_bodies, redis_traffic
 from cli.redis_admin import load_functions
-from core.config import Settings
+from core.config import DEFAULT_JOB_RESULT_TTL_SECONDS, Settings
 from core.events.parse import parse_stored
 from core.redis.keys import read_key
 from core.redis.published import OutputStream
@@ -105,6 +106,13 @@ def main() -> None:
         help="reads with the default windows, through the read hashes (default: windows of 0, every event reads)",
     )
     parser.add_argument("--role", choices=["worker"], default="", help="drain as this role's ACL user")
+    parser.add_argument(
+        "--result-ttl",
+        type=int,
+        default=DEFAULT_JOB_RESULT_TTL_SECONDS,
+        help="the jobs' result TTL, as the edge's JOB_RESULT_TTL_SECONDS gives it (0: RQ keeps no finished "
+        "job or result; default: %(default)s)",
+    )
     args = parser.parse_args()
     # The defaults' windows: Settings' own defaults, no environment read.
     windows = read_windows_ms(Settings.model_construct()) if args.windows else None
@@ -131,7 +139,7 @@ def main() -> None:
             bodies = fleet_bodies(WARM_UP + args.events, args.vehicles, every_ms=60_000)
         before = redis_traffic(client)
         for measured, batch in enumerate((bodies[:WARM_UP], bodies[WARM_UP:])):  # warm-up: functions, registries
-            asyncio.run(_enqueue_bodies(url, QUEUE, batch))
+            asyncio.run(_enqueue_bodies(url, QUEUE, batch, args.result_ttl))
             if measured:
                 client.config_resetstat()
                 before = redis_traffic(client)

@@ -37,7 +37,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from bench.ingest import RedisCpu, fleet_documents, redis_cpu
 from cli.samples import encode, sample_event
-from core.config import Settings
+from core.config import DEFAULT_JOB_RESULT_TTL_SECONDS, Settings
 from core.redis import durability
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
@@ -50,6 +50,8 @@ FLEET = 2000
 OUTPUT = "smartcar:vehicle-events"
 #: Both reads on every event (both windows 0): what every event cost before reads were shared.
 READ_EVERY_EVENT = {"VEHICLE_INFO_TTL_SECONDS": "0", "SIGNALS_MAX_AGE_SECONDS": "0"}
+#: RQ deletes a job as it finishes, and keeps no result: what the finish costs Redis without RQ's records.
+NO_RESULT = {"JOB_RESULT_TTL_SECONDS": "0"}
 
 
 @dataclass
@@ -133,10 +135,14 @@ def fleet_bodies(count: int, vehicles: int = FLEET, every_ms: int = 0) -> list[t
     return bodies
 
 
-async def _enqueue_bodies(redis_url: str, queue: str, bodies: list[tuple[str, str]]) -> None:
-    """The deliveries as the web edge queues them: each body embedded verbatim in its job."""
+async def _enqueue_bodies(
+    redis_url: str, queue: str, bodies: list[tuple[str, str]], result_ttl_seconds: int = DEFAULT_JOB_RESULT_TTL_SECONDS
+) -> None:
+    """The deliveries as the web edge queues them: each body embedded verbatim in its job, which
+    keeps its result ``result_ttl_seconds`` (the edge's ``JOB_RESULT_TTL_SECONDS``)."""
     client = AsyncRedis.from_url(redis_url)
-    inbox = Inbox(client, JobOptions(queue=queue, retries=0), "smartcar:parked", 3600)
+    options = JobOptions(queue=queue, retries=0, result_ttl_seconds=result_ttl_seconds)
+    inbox = Inbox(client, options, "smartcar:parked", 3600)
     try:
         for start in range(0, len(bodies), 500):
             batch = bodies[start : start + 500]
@@ -317,6 +323,8 @@ class Setup:
 OUR_RUNS: tuple[tuple[str, dict[str, str]], ...] = (
     ("two reads per event (windows 0)", READ_EVERY_EVENT),
     ("default enrichment settings", {}),
+    # The edge writes a job's result TTL into its hash: this run's jobs are queued with it (see run).
+    ("two reads per event, JOB_RESULT_TTL_SECONDS 0 (no finished job or result kept)", READ_EVERY_EVENT | NO_RESULT),
 )
 
 
@@ -352,7 +360,8 @@ def run(ours: int = 3000, stock: int = 40, concurrency: int = 256, latency_ms: i
         for name, count, command, env in runs:
             client.flushall()
             queue = "bench-baseline" if command[2] == "bench.baseline" else "smartcar-events"
-            asyncio.run(_enqueue_bodies(setup.server.url, queue, fleet_bodies(count)))
+            result_ttl = int(env.get("JOB_RESULT_TTL_SECONDS", DEFAULT_JOB_RESULT_TTL_SECONDS))
+            asyncio.run(_enqueue_bodies(setup.server.url, queue, fleet_bodies(count), result_ttl))
             print(f"worker: {name} at {latency_ms} ms…", file=sys.stderr)
             result = _run(name, command, env, client, latency_ms, emulator_url)
             result.cpu_seconds = max(0.0, result.cpu_seconds - startup[name])
