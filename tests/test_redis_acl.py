@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +14,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from cli.samples import sample_event
-from core.redis.acl import Role, acl_rules
+from core.redis.acl import Role
 from core.redis.functions import MissingFunction, lua_function
 from core.redis.keys import (
     APPLICATION_PAUSE_KEY,
@@ -36,7 +36,7 @@ from core.redis.keys import (
 from core.redis.memory import read_memory
 from core.redis.queue_metrics import read_redis, read_stranded
 from tests.pipeline import outputs, run_worker_burst, stream_entries
-from tests.procs import RedisServer, free_port, wait_for_port
+from tests.procs import RedisServer
 from tests.test_cli import run_cli
 from tests.test_pipeline import deliver
 
@@ -46,15 +46,29 @@ pytestmark = pytest.mark.process
 PASSWORDS: dict[Role, str] = {"web": "web-acl-password", "worker": "worker-acl-password"}
 
 
+def write_aclfile(directory: Path) -> Path:
+    """The aclfile an operator deploys: Redis's admin user, then each role's line as
+    `smartcar-ingest redis-acl ROLE --password-env VAR` prints it (no password in its output)."""
+    lines = ["user default on nopass ~* &* +@all"]
+    for role, password in PASSWORDS.items():
+        result = run_cli(
+            "redis-acl", role, "--password-env", "ACL_PASSWORD", env={"ACL_PASSWORD": password}, cwd=directory
+        )
+        assert result.returncode == 0, result.stderr
+        assert password not in result.stdout
+        lines.append(result.stdout.strip())
+    aclfile = directory / "users.acl"
+    aclfile.write_text("\n".join(lines) + "\n")
+    return aclfile
+
+
 @pytest.fixture
-def acl_redis(pipeline) -> Iterator[tuple[RedisServer, redis.Redis]]:
-    server = RedisServer()
+def acl_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, redis.Redis]]:
+    """A Redis whose users are the aclfile of :func:`write_aclfile`, set up as the chart's migration
+    Job and `make run` set one up: `redis-setup` with the admin user (the roles may not load functions)."""
+    server = RedisServer(options=["--aclfile", str(write_aclfile(tmp_path))])
     server.start()
     admin = redis.Redis.from_url(server.url)
-    for role, password in PASSWORDS.items():
-        admin.acl_setuser(f"smartcar-{role}", reset=True)
-        admin.execute_command("ACL", "SETUSER", f"smartcar-{role}", "on", f">{password}", *acl_rules(pipeline, role))
-    # what the chart's migration Job and `make run` do with an admin user: the roles may not load functions
     setup = run_cli("redis-setup", env={"REDIS_URL": server.url})
     assert setup.returncode == 0, setup.stderr
     assert "loaded" in setup.stdout
@@ -230,34 +244,16 @@ def test_worker_user_cannot_administer_redis(pipeline, acl_redis):
     worker.close()
 
 
-def test_redis_acl_command_writes_an_aclfile_redis_loads(pipeline, tmp_path):
-    """`smartcar-ingest redis-acl ROLE --password-env VAR` prints aclfile lines a real redis-server loads."""
-    lines = ["user default on nopass ~* &* +@all"]
-    for role, password in PASSWORDS.items():
-        result = run_cli(
-            "redis-acl", role, "--password-env", "ACL_PASSWORD", env={"ACL_PASSWORD": password}, cwd=tmp_path
-        )
-        assert result.returncode == 0, result.stderr
-        assert password not in result.stdout
-        lines.append(result.stdout.strip())
-    aclfile = tmp_path / "users.acl"
-    aclfile.write_text("\n".join(lines) + "\n")
-    port = free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--aclfile", str(aclfile)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port)
-        web = redis.Redis(port=port, username="smartcar-web", password=PASSWORDS["web"])
-        assert web.ping()
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            web.xadd(pipeline.output_stream, {"forged": "1"})
-        web.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+def test_redis_acl_command_writes_an_aclfile_redis_loads(pipeline, acl_redis):
+    """`smartcar-ingest redis-acl ROLE --password-env VAR` prints aclfile lines a real redis-server
+    loads (every other test of this file runs on them too)."""
+    server, admin = acl_redis
+    assert {str(user) for user in admin.acl_users()} == {"default", "smartcar-web", "smartcar-worker"}
+    web = redis.Redis.from_url(role_url(server, "web"))
+    assert web.ping()
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        web.xadd(pipeline.output_stream, {"forged": "1"})
+    web.close()
 
 
 def test_redis_acl_without_a_password_writes_a_disabled_user(tmp_path):
