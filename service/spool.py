@@ -105,12 +105,21 @@ class Spool:
         self._path = self.directory / f"spool-{socket.gethostname()}-{os.getpid()}.log"
         self._lock = threading.Lock()
         self.max_bytes = max_bytes
-        #: Bytes waiting to be drained, as this process counts them.
-        self.pending_bytes = 0
+        self._pending_bytes = 0
         #: The files the last drain pass could not drain, by the name the next pass finds them under,
         #: with the error each failed with (logged when it first fails, or fails differently).
         self.failing: dict[str, str] = {}
         self.pending()  # count what earlier processes left behind
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes waiting to be drained, as this process counts them (exported as ``smartcar_ingest_spool_bytes``)."""
+        return self._pending_bytes
+
+    @pending_bytes.setter
+    def pending_bytes(self, value: int) -> None:
+        self._pending_bytes = value
+        metrics.SPOOL_BYTES.set(value)
 
     def append(self, delivery: SpooledDelivery) -> None:
         """Write one record and fsync it: on return the delivery survives a crash. A record not
@@ -132,7 +141,6 @@ class Spool:
             finally:
                 os.close(fd)
             self.pending_bytes += len(record)
-            metrics.SPOOL_BYTES.set(self.pending_bytes)
             self._sync_directory()
 
     def _open_for_append(self) -> int:
@@ -165,7 +173,6 @@ class Spool:
                     files.append(path)
                     total += status.st_size
             self.pending_bytes = total
-            metrics.SPOOL_BYTES.set(total)
         return files
 
     def claim(self, path: Path) -> Path | None:
