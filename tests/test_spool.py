@@ -142,11 +142,7 @@ def test_drain_enqueues_through_the_dedupe_and_removes_the_file(tmp_path, redis_
 
     report = drain(spool, redis_url)
     assert (report.accepted, report.duplicates, report.parked) == (3, 1, 1)
-    assert sorted(Queue("smartcar-events", connection=redis_client, serializer=JSONSerializer).job_ids) == [
-        "e-0",
-        "e-1",
-        "e-2",
-    ]
+    assert queued_ids(redis_client) == ["e-0", "e-1", "e-2"]
     assert redis_client.xlen("smartcar:parked") == 1
     assert spool.pending() == []
 
