@@ -152,10 +152,11 @@ class Inbox:
         self.parked = ParkedStream(redis, parked_stream, dedupe_ttl_seconds, parked_retention_seconds, clock)
         self._script = DirectScript(redis, _ENQUEUE_MANY_FN)
         self._keys = [queue_key(options.queue), Queue.redis_queues_keys]
-        # The job hash RQ would write, less the fields each batch or event stages itself (_enqueue).
+        # The job hash RQ would write, less the fields each batch or event stages itself (_enqueue)
+        # and those RQ writes empty: its Job.restore reads a missing field as an empty one.
         _, reference = build_job_hash(job_payload("template", "VEHICLE_STATE", "", 0), options)
         per_event = ("created_at", "enqueued_at", "data", "description")
-        self._constant: list[Any] = [x for k, v in reference.items() if k not in per_event for x in (k, v)]
+        self._constant: list[Any] = [x for k, v in reference.items() if k not in per_event and v != "" for x in (k, v)]
         self._group: GroupCommit[tuple[str, bytes, str], int] = GroupCommit(self._enqueue, MAX_BATCH)
 
     async def accept(self, event_id: str, event_type: str, body: bytes | str, received_at_ms: int) -> bool:
