@@ -17,6 +17,7 @@ REDIS_DEFAULTS = {
     "appendfsync": "everysec",
     "save": "3600 1 300 100 60 10000",
     "rdbcompression": "yes",
+    "auto-aof-rewrite-percentage": "100",
 }
 RECOMMENDED = durability.RECOMMENDED
 
@@ -44,10 +45,20 @@ def test_without_the_aof_only_the_aof_is_named():
         ({"save": "900 1"}, ["save"]),
         ({"rdbcompression": "yes"}, ["rdbcompression"]),
         ({"save": "3600 1 300 100", "rdbcompression": "yes"}, ["save", "rdbcompression"]),
+        ({"auto-aof-rewrite-percentage": "100"}, ["auto-aof-rewrite-percentage"]),
+        ({"auto-aof-rewrite-percentage": "0"}, ["auto-aof-rewrite-percentage"]),
+        ({"auto-aof-rewrite-percentage": "400"}, []),
     ],
 )
 def test_each_setting_that_differs_is_named(change, named):
     assert said({**RECOMMENDED, **change}) == named
+
+
+def test_a_lower_rewrite_percentage_is_told_how_much_more_often_it_rewrites():
+    [line] = durability.findings({**RECOMMENDED, "auto-aof-rewrite-percentage": "100"})
+    assert "come 2 times as often" in line
+    [off] = durability.findings({**RECOMMENDED, "auto-aof-rewrite-percentage": "0"})
+    assert "never rewrites" in off
 
 
 def test_the_shortest_save_interval_is_the_one_given():
@@ -64,7 +75,7 @@ def test_a_save_value_redis_would_not_give_raises_nothing(save):
 @pytest.mark.process
 def test_redis_setup_warns_about_redis_s_defaults_and_not_about_the_recommended(tmp_path):
     """Against a Redis on its own defaults with AOF on, `redis-setup` loads the functions (exit 0) and
-    warns about the save points and the compression, each with where to read why; against the
+    warns about the save points, the compression and the rewrite percentage, each with where to read why; against the
     recommended configuration it says nothing more than what it loaded."""
     defaults = RedisServer(appendonly=True, options=("--save", REDIS_DEFAULTS["save"]))
     recommended = RedisServer(options=durability.server_options())  # as make run and the benchmarks start it
@@ -75,7 +86,7 @@ def test_redis_setup_warns_about_redis_s_defaults_and_not_about_the_recommended(
         assert warned.returncode == 0, warned.stderr
         assert "loaded" in warned.stdout
         warnings = [line for line in warned.stderr.splitlines() if line.startswith("warning: ")]
-        assert [line.split(" ", 2)[1] for line in warnings] == ["save", "rdbcompression"]
+        assert [line.split(" ", 2)[1] for line in warnings] == ["save", "rdbcompression", "auto-aof-rewrite-percentage"]
         assert all(line.endswith('(docs/deploy.md, "Redis")') for line in warnings)
         quiet = run_cli("redis-setup", env={"REDIS_URL": recommended.url}, cwd=tmp_path)
         assert quiet.returncode == 0, quiet.stderr

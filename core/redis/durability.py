@@ -9,7 +9,13 @@ import redis
 from core.redis.keys import text
 
 #: The settings read, each checked below, as docs/deploy.md recommends them.
-RECOMMENDED = {"appendonly": "yes", "appendfsync": "everysec", "save": "", "rdbcompression": "no"}
+RECOMMENDED = {
+    "appendonly": "yes",
+    "appendfsync": "everysec",
+    "save": "",
+    "rdbcompression": "no",
+    "auto-aof-rewrite-percentage": "200",
+}
 SETTINGS = tuple(RECOMMENDED)
 #: Save points more frequent than this snapshot the whole data set for nothing the AOF does not keep.
 RARE_SAVE_SECONDS = 3600
@@ -49,6 +55,18 @@ def findings(config: dict[str, str]) -> list[str]:
             "rdbcompression is yes: each AOF rewrite compresses the whole data set and, its base that much "
             "smaller, comes about 2.8 times as often, for about three times the CPU of the rewrites with "
             "rdbcompression no. Set rdbcompression no."
+        )
+    percentage = config.get("auto-aof-rewrite-percentage", "")
+    if aof and percentage == "0":
+        found.append(
+            "auto-aof-rewrite-percentage is 0: Redis never rewrites the AOF by itself, so it grows until "
+            "a BGREWRITEAOF by hand and a restart replays all of it. Set auto-aof-rewrite-percentage 200."
+        )
+    elif aof and percentage.isdigit() and int(percentage) < int(RECOMMENDED["auto-aof-rewrite-percentage"]):
+        found.append(
+            f"auto-aof-rewrite-percentage is {percentage}: each AOF rewrite copies the whole data set in a "
+            f"forked child, and at {percentage} they come {200 / int(percentage):.3g} times as often as at "
+            "200, for that much more CPU an event. Set auto-aof-rewrite-percentage 200."
         )
     return found
 
