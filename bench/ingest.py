@@ -38,6 +38,7 @@ import redis
 from cli.samples import encode, sample_event
 from core.config import Settings
 from core.redis import durability
+from core.redis.dedupe import start_without_legacy_window
 from core.signatures import sign
 from tests.procs import RedisServer, as_role, free_port, wait_for_port
 
@@ -190,7 +191,7 @@ def run_server(
         with serving(factory, server_url) as (server, port):
             wrk(port, 1, bodies)  # warm-up: imports, connection pools
             for paced in (None, rate) if rate is not None else (None,):
-                client.flushall()
+                new_to_the_service(client)
                 client.config_resetstat()
                 before, redis_before = cpu_seconds(server.pid), redis_cpu(client)
                 stats = wrk(port, seconds, bodies, paced)
@@ -238,6 +239,13 @@ def redis_cpu(client: redis.Redis) -> RedisCpu:
     cpu = client.info("cpu")
     children = float(cpu["used_cpu_user_children"]) + float(cpu["used_cpu_sys_children"])
     return RedisCpu(float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]) + children, children)
+
+
+def new_to_the_service(client: redis.Redis) -> None:
+    """Empty the Redis of ``client`` into one new to the service, as ``redis-setup`` leaves it (FLUSHALL
+    keeps the functions; the marks' registries start without a legacy window)."""
+    client.flushall()
+    start_without_legacy_window(client)
 
 
 @contextlib.contextmanager

@@ -94,8 +94,8 @@ class Clock:
 CLOCK = Clock()
 #: The ACL role Redis is driven as ("" for the default user).
 ROLE = {"name": ""}
-#: Whether the marks start fresh (a new registry, its legacy window open: what a short run of
-#: ``python -m bench --only ingest`` sees) rather than at a steady state.
+#: Whether the marks start fresh (a new registry, its legacy window open: a Redis that ``redis-setup``
+#: did not prepare; ``python -m bench --only ingest`` runs on one it did) rather than at a steady state.
 FRESH = {"on": False}
 
 

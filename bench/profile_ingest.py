@@ -35,7 +35,16 @@ from pathlib import Path
 
 import redis
 
-from bench.ingest import BODIES_PER_SECOND, BODY_SETS, body_file, cpu_seconds, redis_with_aof, serving, wrk
+from bench.ingest import (
+    BODIES_PER_SECOND,
+    BODY_SETS,
+    body_file,
+    cpu_seconds,
+    new_to_the_service,
+    redis_with_aof,
+    serving,
+    wrk,
+)
 
 #: The parts of the request path, each named by the frames that belong to it (a substring of
 #: py-spy's ``function (file:line)`` frame text). A sample counts for the part of its deepest
@@ -129,7 +138,7 @@ def main() -> None:
         with serving(factory, redis_server.url) as (server, port):
             wrk(port, 2, bodies)  # warm-up: imports, connection pools, caches
             flush = redis.Redis.from_url(redis_server.url)
-            flush.flushall()  # the measured run posts the same bodies again: new to the dedupe
+            new_to_the_service(flush)  # the measured run posts the same bodies again: new to the dedupe
             flush.close()
             raw = args.raw or bodies.with_name("profile.txt")
             command = [py_spy, "record", "--pid", str(server.pid), "--format", "raw", "-o", str(raw)]

@@ -36,7 +36,7 @@ from redis.asyncio import BlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
 
 from bench.worker import FLEET, _enqueue_bodies, command_stats, fleet_bodies, redis_traffic
-from cli.redis_admin import load_functions
+from cli.redis_admin import prepare
 from core.config import DEFAULT_JOB_RESULT_TTL_SECONDS, Settings
 from core.events.parse import parse_stored
 from core.redis.keys import read_key
@@ -130,7 +130,7 @@ def main() -> None:
     client = redis.Redis.from_url(url)
     toggle = ["callgrind_control", "-i"]
     try:
-        load_functions(url)
+        prepare(url)  # as redis-setup leaves a Redis new to the service
         settings = Settings.model_construct(ingest_queue=QUEUE, output_stream=OUTPUT)
         drain_url = as_role(url, settings, args.role) if args.role else url
         if args.vehicles is None:

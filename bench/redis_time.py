@@ -15,6 +15,7 @@ import collections
 import subprocess
 import sys
 
+from bench.ingest import new_to_the_service
 from bench.worker import READ_EVERY_EVENT, Setup, _enqueue_bodies, fleet_bodies
 from cli.redis_admin import load_functions
 from core.redis.functions import PREFIX
@@ -28,7 +29,7 @@ def main() -> None:
     setup = Setup.start()
     client = setup.client
     try:
-        client.flushall()
+        new_to_the_service(client)
         load_functions(setup.server.url)  # loaded first: no call finds its function missing
         asyncio.run(_enqueue_bodies(setup.server.url, "smartcar-events", fleet_bodies(args.events)))
         client.config_set("slowlog-log-slower-than", 0)

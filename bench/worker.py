@@ -35,7 +35,7 @@ from pathlib import Path
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from bench.ingest import RedisCpu, fleet_documents, redis_cpu
+from bench.ingest import RedisCpu, fleet_documents, new_to_the_service, redis_cpu
 from cli.samples import encode, sample_event
 from core.config import DEFAULT_JOB_RESULT_TTL_SECONDS, Settings
 from core.redis import durability
@@ -358,7 +358,7 @@ def run(ours: int = 3000, stock: int = 40, concurrency: int = 256, latency_ms: i
         for name, _, command, env in runs:
             startup[name] = _startup_cpu(command, env, client)
         for name, count, command, env in runs:
-            client.flushall()
+            new_to_the_service(client)
             queue = "bench-baseline" if command[2] == "bench.baseline" else "smartcar-events"
             result_ttl = int(env.get("JOB_RESULT_TTL_SECONDS", DEFAULT_JOB_RESULT_TTL_SECONDS))
             asyncio.run(_enqueue_bodies(setup.server.url, queue, fleet_bodies(count), result_ttl))

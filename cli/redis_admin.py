@@ -14,6 +14,7 @@ from core.config import Settings
 from core.errors import ConfigurationError
 from core.redis import durability
 from core.redis.acl import Role, acl_file_line
+from core.redis.dedupe import start_without_legacy_window
 from core.redis.functions import FUNCTIONS, MissingFunction, load_all
 
 #: Every module that defines Lua functions (tests/test_redis_functions.py checks the list is whole).
@@ -62,8 +63,23 @@ def check_persistence(redis_url: str) -> None:
             print(f"warning: {line}", file=sys.stderr)
 
 
+def start_marks(redis_url: str) -> str | None:
+    """On a Redis new to this service, the marks' registries start without a legacy window; says so."""
+    with redis_errors("reached"), _admin(redis_url) as client:
+        written = start_without_legacy_window(client)
+    if not written:
+        return None
+    return f"dedupe marks: {' and '.join(written)} started without a legacy window (no earlier release in this Redis)"
+
+
+def prepare(redis_url: str) -> list[str]:
+    """What ``redis-setup`` does to Redis (functions, marks' registries), the lines it prints."""
+    return [line for line in (load_functions(redis_url), start_marks(redis_url)) if line]
+
+
 def redis_setup(settings: Settings) -> None:
-    print(load_functions(settings.redis_url))
+    for line in prepare(settings.redis_url):
+        print(line)
     check_persistence(settings.redis_url)
 
 

@@ -34,10 +34,19 @@ from core.redis.dedupe import (
     job_digest,
     parked_marks,
     slot_width,
+    start_without_legacy_window,
 )
 from core.redis.inbox import Inbox
 from core.redis.jobs import JobOptions
-from core.redis.keys import DEDUPE_PREFIX, EVENT_IDS_KEY, PUBLISHED_PREFIX, job_id_for, queue_key
+from core.redis.keys import (
+    DEDUPE_PREFIX,
+    EVENT_IDS_KEY,
+    PARKED_IDS_KEY,
+    PARKED_MARK_PREFIX,
+    PUBLISHED_PREFIX,
+    job_id_for,
+    queue_key,
+)
 from core.redis.memory import read_memory
 from core.redis.parked import ParkedStream, replay_parked
 from core.redis.published import OutputStream
@@ -334,6 +343,46 @@ def test_marks_of_the_previous_version_are_read_during_the_legacy_window(redis_u
 
     assert run(redis_url, scenario) == [True, False, True, None, True]
     assert redis_client.xlen("out") == 0
+
+
+def test_a_redis_new_to_the_service_starts_its_marks_without_a_legacy_window(redis_url, redis_client):
+    """`redis-setup` on a Redis with no trace of an earlier release writes both registries empty: no
+    legacy window opens, so a per-key mark written afterwards (by nothing of this release) is never
+    read, and each new delivery costs no lookup of one. A second run changes nothing."""
+    assert start_without_legacy_window(redis_client) == [EVENT_IDS_KEY, PARKED_IDS_KEY]
+    assert start_without_legacy_window(redis_client) == []
+    clock = Clock()
+
+    async def scenario(client: AsyncRedis) -> list[bool]:
+        box = inbox(client, 3600, clock)
+        first = await box.accept("new", "VEHICLE_STATE", "{}", 0)
+        redis_client.set(DEDUPE_PREFIX + job_id_for("late"), "late", ex=3600)
+        return [first, await box.accept("late", "VEHICLE_STATE", "{}", 0)]
+
+    assert run(redis_url, scenario) == [True, True]
+    assert b"legacy" not in redis_client.get(EVENT_IDS_KEY)
+    assert generations(redis_client, EVENT_IDS_KEY)
+
+
+@pytest.mark.parametrize(
+    "trace",
+    [
+        lambda client: client.set(DEDUPE_PREFIX + "old", "old"),
+        lambda client: client.set(PUBLISHED_PREFIX + "old", "1"),
+        lambda client: client.set(PARKED_MARK_PREFIX + "old", "1"),
+        lambda client: client.sadd("rq:workers", "rq:worker:an-earlier-release"),
+        lambda client: client.set(EVENT_IDS_KEY, "1:0:0:legacy"),
+    ],
+    ids=["seen-mark", "published-mark", "parked-mark", "registered-worker", "a-registry"],
+)
+def test_any_trace_of_an_earlier_release_leaves_the_legacy_window_to_open(redis_client, trace):
+    """A per-key mark of either family, a registered RQ worker (whatever its release) or a registry
+    already written: `redis-setup` writes no registry, and the first mark opens the window as before."""
+    trace(redis_client)
+    before = redis_client.get(EVENT_IDS_KEY)
+    assert start_without_legacy_window(redis_client) == []
+    assert redis_client.get(EVENT_IDS_KEY) == before
+    assert not redis_client.exists(PARKED_IDS_KEY)
 
 
 # --- streams with a retention -----------------------------------------------------------------

@@ -9,7 +9,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from core.redis.keys import DEDUPE_PREFIX, EVENT_IDS_KEY, PARKED_IDS_KEY, PARKED_MARK_PREFIX
+import redis
+from rq.worker_registration import REDIS_WORKER_KEYS
+
+from core.redis.keys import DEDUPE_PREFIX, EVENT_IDS_KEY, PARKED_IDS_KEY, PARKED_MARK_PREFIX, PUBLISHED_PREFIX
 
 #: A slot spans ``ceil(TTL / SLOTS_PER_TTL)`` seconds; at most ``SLOTS_PER_TTL + 1`` are live.
 SLOTS_PER_TTL = 3
@@ -260,3 +263,20 @@ def event_marks(ttl_seconds: int, clock: Callable[[], float] | None = None) -> M
 def parked_marks(ttl_seconds: int, clock: Callable[[], float] | None = None) -> Marks:
     """Parked events: a mark of (reason, body) each, so one delivery is parked once."""
     return Marks(PARKED_IDS_KEY, ttl_seconds, PARKED_MARK_PREFIX, clock)
+
+
+#: Each registry, with the per-key mark prefixes that releases before it wrote in its stead.
+LEGACY_PREFIXES = {EVENT_IDS_KEY: (DEDUPE_PREFIX, PUBLISHED_PREFIX), PARKED_IDS_KEY: (PARKED_MARK_PREFIX,)}
+
+
+def start_without_legacy_window(client: redis.Redis) -> list[str]:
+    """``redis-setup``: on a Redis new to this service (no registry, no registered RQ worker, no
+    per-key mark of an earlier release), write both registries empty: their families then open no
+    legacy window, and no lookup reads per-key marks. Returns the registries written; on any other
+    Redis, none (the first mark opens the window, as without ``redis-setup``)."""
+    if client.exists(*LEGACY_PREFIXES) or client.scard(REDIS_WORKER_KEYS):
+        return []
+    prefixes = [prefix for registry_prefixes in LEGACY_PREFIXES.values() for prefix in registry_prefixes]
+    if any(next(client.scan_iter(match=f"{prefix}*", count=1000), None) is not None for prefix in prefixes):
+        return []
+    return [registry for registry in LEGACY_PREFIXES if client.set(registry, "", nx=True)]
