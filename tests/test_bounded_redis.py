@@ -294,6 +294,36 @@ def test_publish_turns_the_accept_mark_into_published_once(redis_url, redis_clie
     assert sum(redis_client.hlen(k) for k in family_hashes(redis_client)) == 2
 
 
+class HashGoneAfterTheCheck(OutputStream):
+    """An output stream whose first publish finds its marks' hashes gone between its check and its write,
+    as when a slot's hashes expire in that moment."""
+
+    def __init__(self, client: AsyncRedis, redis_url: str) -> None:
+        super().__init__(client, "out", WEEK)
+        self.redis_url = redis_url
+
+    async def _check(self, transaction: Any, args: list[Any]) -> Any:
+        verdicts = await super()._check(transaction, args)
+        with redis.Redis.from_url(self.redis_url) as client:
+            client.delete(*family_hashes(client))
+        return verdicts
+
+
+def test_a_mark_whose_hash_expired_after_the_check_is_written_anew_with_its_ttl(redis_url, redis_client):
+    """The publish writes the mark into the hash its check found it in. If that hash is gone by then,
+    the mark is written as a new one, in a hash with its TTL: no hash is left without one."""
+
+    async def scenario(client: AsyncRedis) -> str | None:
+        await inbox(client).accept("ev-gone", "VEHICLE_STATE", "{}", 0)
+        return await HashGoneAfterTheCheck(client, redis_url).publish("ev-gone", {"event_id": "ev-gone"})
+
+    assert run(redis_url, scenario) is not None
+    assert recall(redis_client, event_marks(WEEK), "ev-gone") == b"2"
+    hashes = family_hashes(redis_client)
+    assert len(hashes) == 1
+    assert redis_client.ttl(hashes[0]) > 0
+
+
 def test_a_parked_mark_parks_once_across_slots_and_replay_clears_it(redis_url, redis_client):
     """The parked mark (a digest of reason and body) in the compact marks: a repeat three slots
     later parks nothing, a different body parks again, and replay clears the mark with the entry."""

@@ -26,12 +26,14 @@ _MARKS = """
 -- renewed, then per event: job id, digest, state key ('' when it merges nothing), state token.
 -- Returns the output stream's MINID, Redis's clock in ms (0 when no event merges), then per event a
 -- verdict (1 publish; 2 publish and renew the state's TTL; 0 published already; -1 its vehicle's
--- state changed since the worker read it) and the state's _updatedAt as read.
+-- state changed since the worker read it), the state's _updatedAt as read and the hash its mark was
+-- found in ('' for none).
 -- ARGV[1] 'mark', KEYS[1] the output stream: the marks head, the guard prefix and ms, the TTL to set
--- in seconds, then per event: digest, job id, state key to renew ('' for none). Run in the
--- transaction after the entries: renews those states' TTL (merged whatever follows), then sets
--- each event's mark to published and its guard; no mark when the stream takes no entries (its
--- entries were refused: the transaction's error says so). Returns 1, or 0 when nothing was marked.
+-- in seconds, then per event: digest, job id, state key to renew ('' for none), the hash the check
+-- found its mark in ('' for none). Run in the transaction after the entries: renews those states'
+-- TTL (merged whatever follows), then sets each event's mark to published and its guard; no mark
+-- when the stream takes no entries (its entries were refused: the transaction's error says so).
+-- Returns 1, or 0 when nothing was marked.
 local st = ids.open(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 if ARGV[1] == 'mark' then
   -- Redis refuses an XADD of ours when the key is not a stream or the stream has used its last id.
@@ -41,15 +43,21 @@ if ARGV[1] == 'mark' then
   if type(probe) == 'string' then redis.call('XDEL', KEYS[1], probe) end
   local stream = type(probe) == 'table' and probe.err ~= nil
     and string.find(probe.err, 'equal or smaller', 1, true) ~= nil
-  for at = 10, #ARGV, 3 do
+  for at = 10, #ARGV, 4 do
     if ARGV[at + 2] ~= '' then redis.call('EXPIRE', ARGV[at + 2], ARGV[9]) end
     if stream then
       local head, field = ids.locate(ARGV[at])
-      local value, key = ids.find(st, head, field)
-      if value then
-        redis.call('HSET', key, field, '2')
-      else
-        ids.put(st, head, field, '2')
+      local found = ARGV[at + 3]
+      -- The hash the check found the mark in holds it still (a mark never moves), unless the hash
+      -- expired since: then the field is new, and is taken out again (no hash without its TTL).
+      if found == '' or redis.call('HSET', found, field, '2') == 1 then
+        if found ~= '' then redis.call('HDEL', found, field) end
+        local value, key = ids.find(st, head, field)
+        if value then
+          redis.call('HSET', key, field, '2')
+        else
+          ids.put(st, head, field, '2')
+        end
       end
       redis.call('SET', ARGV[7] .. ARGV[at + 1], '', 'PX', ARGV[8])
     end
@@ -61,7 +69,8 @@ local renew_below = tonumber(ARGV[8])
 for at = 9, #ARGV, 4 do
   local head, field = ids.locate(ARGV[at + 1])
   local verdict, before = 1, ''
-  if ids.find(st, head, field) == '2' or (st.legacy and redis.call('EXISTS', st.legacy .. ARGV[at]) == 1) then
+  local value, found = ids.find(st, head, field)
+  if value == '2' or (st.legacy and redis.call('EXISTS', st.legacy .. ARGV[at]) == 1) then
     verdict = 0
   elseif ARGV[at + 2] ~= '' then
     local held = redis.call('HMGET', ARGV[at + 2], '_updatedAt', '_eventId')
@@ -75,6 +84,7 @@ for at = 9, #ARGV, 4 do
   end
   replies[#replies + 1] = verdict
   replies[#replies + 1] = before
+  replies[#replies + 1] = found or ''
 end
 return replies
 """
@@ -194,7 +204,7 @@ class OutputStream:
             queued, published, merged = 0, set(), set()
             marks: list[Any] = ["mark", *head, PUBLISHING_PREFIX, GUARD_MS, state_ttl_to_set(self.state_ttl_seconds)]
             for at, (event_id, fields, _) in enumerate(events):
-                job_id, merge, verdict = jobs[at], merges[at], verdicts[2 * at]
+                job_id, merge, verdict = jobs[at], merges[at], verdicts[3 * at]
                 if verdict == 0 or job_id in published:
                     continue  # published already (None)
                 if verdict == -1 or (merge is not None and merge.key in merged):
@@ -203,7 +213,7 @@ class OutputStream:
                 published.add(job_id)
                 if merge is not None:
                     merged.add(merge.key)
-                    merge.queue(pipe, event_id, now_ms, text(verdicts[2 * at + 1]))
+                    merge.queue(pipe, event_id, now_ms, text(verdicts[3 * at + 1]))
                     queued += 1
                 # The entry before the mark (why: docs/architecture.md, "Publishing and the vehicle state").
                 pipe.execute_command(
@@ -211,7 +221,7 @@ class OutputStream:
                 )
                 entries.append((at, queued))
                 queued += 1
-                marks += [digests[at], job_id, merge.key if merge and verdict == 2 else ""]
+                marks += [digests[at], job_id, merge.key if merge and verdict == 2 else "", verdicts[3 * at + 2]]
             if not entries:
                 return results
             pipe.execute_command(*_MARKS_FN.command([self.stream], marks))
