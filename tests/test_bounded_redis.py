@@ -22,6 +22,7 @@ import redis
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis as AsyncRedis
 from rq.job import Job
+from rq.worker_registration import REDIS_WORKER_KEYS
 
 from cli.samples import sample_event
 from cli.status import collect_status, render_text
@@ -400,7 +401,7 @@ def test_a_redis_new_to_the_service_starts_its_marks_without_a_legacy_window(red
         lambda client: client.set(DEDUPE_PREFIX + "old", "old"),
         lambda client: client.set(PUBLISHED_PREFIX + "old", "1"),
         lambda client: client.set(PARKED_MARK_PREFIX + "old", "1"),
-        lambda client: client.sadd("rq:workers", "rq:worker:an-earlier-release"),
+        lambda client: client.sadd(REDIS_WORKER_KEYS, "rq:worker:an-earlier-release"),
         lambda client: client.set(EVENT_IDS_KEY, "1:0:0:legacy"),
     ],
     ids=["seen-mark", "published-mark", "parked-mark", "registered-worker", "a-registry"],

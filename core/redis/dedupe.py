@@ -274,9 +274,10 @@ def start_without_legacy_window(client: redis.Redis) -> list[str]:
     per-key mark of an earlier release), write both registries empty: their families then open no
     legacy window, and no lookup reads per-key marks. Returns the registries written; on any other
     Redis, none (the first mark opens the window, as without ``redis-setup``)."""
-    if client.exists(*LEGACY_PREFIXES) or client.scard(REDIS_WORKER_KEYS):
+    registries = list(LEGACY_PREFIXES)
+    if client.exists(*registries) or client.scard(REDIS_WORKER_KEYS):
         return []
-    prefixes = [prefix for registry_prefixes in LEGACY_PREFIXES.values() for prefix in registry_prefixes]
+    prefixes = [prefix for registry in registries for prefix in LEGACY_PREFIXES[registry]]
     if any(next(client.scan_iter(match=f"{prefix}*", count=1000), None) is not None for prefix in prefixes):
         return []
-    return [registry for registry in LEGACY_PREFIXES if client.set(registry, "", nx=True)]
+    return [registry for registry in registries if client.set(registry, "", nx=True)]
