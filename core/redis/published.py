@@ -199,12 +199,13 @@ class OutputStream:
         entries: list[tuple[int, int]] = []  # (event, its XADD's place among the transaction's replies)
         async with self._redis.pipeline(transaction=True) as pipe:
             await pipe.watch(*{PUBLISHING_PREFIX + job_id for job_id in jobs}, *{m.key for m in merges if m})
-            min_id, now_ms, *verdicts = await self._check(pipe, check)
+            min_id, now_ms, *answers = await self._check(pipe, check)
+            checked = [answers[i : i + 3] for i in range(0, len(answers), 3)]  # (verdict, _updatedAt, mark's hash)
             pipe.multi()  # type: ignore[no-untyped-call]
             queued, published, merged = 0, set(), set()
             marks: list[Any] = ["mark", *head, PUBLISHING_PREFIX, GUARD_MS, state_ttl_to_set(self.state_ttl_seconds)]
             for at, (event_id, fields, _) in enumerate(events):
-                job_id, merge, verdict = jobs[at], merges[at], verdicts[3 * at]
+                job_id, merge, (verdict, before, found) = jobs[at], merges[at], checked[at]
                 if verdict == 0 or job_id in published:
                     continue  # published already (None)
                 if verdict == -1 or (merge is not None and merge.key in merged):
@@ -213,7 +214,7 @@ class OutputStream:
                 published.add(job_id)
                 if merge is not None:
                     merged.add(merge.key)
-                    merge.queue(pipe, event_id, now_ms, text(verdicts[3 * at + 1]))
+                    merge.queue(pipe, event_id, now_ms, text(before))
                     queued += 1
                 # The entry before the mark (why: docs/architecture.md, "Publishing and the vehicle state").
                 pipe.execute_command(
@@ -221,7 +222,7 @@ class OutputStream:
                 )
                 entries.append((at, queued))
                 queued += 1
-                marks += [digests[at], job_id, merge.key if merge and verdict == 2 else "", verdicts[3 * at + 2]]
+                marks += [digests[at], job_id, merge.key if merge and verdict == 2 else "", found]
             if not entries:
                 return results
             pipe.execute_command(*_MARKS_FN.command([self.stream], marks))
