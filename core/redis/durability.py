@@ -57,16 +57,17 @@ def findings(config: dict[str, str]) -> list[str]:
             "rdbcompression no. Set rdbcompression no."
         )
     percentage = config.get("auto-aof-rewrite-percentage", "")
+    recommended = int(RECOMMENDED["auto-aof-rewrite-percentage"])
     if aof and percentage == "0":
         found.append(
             "auto-aof-rewrite-percentage is 0: Redis never rewrites the AOF by itself, so it grows until "
-            "a BGREWRITEAOF by hand and a restart replays all of it. Set auto-aof-rewrite-percentage 200."
+            f"a BGREWRITEAOF by hand and a restart replays all of it. Set auto-aof-rewrite-percentage {recommended}."
         )
-    elif aof and percentage.isdigit() and int(percentage) < int(RECOMMENDED["auto-aof-rewrite-percentage"]):
+    elif aof and percentage.isdigit() and int(percentage) < recommended:
         found.append(
             f"auto-aof-rewrite-percentage is {percentage}: each AOF rewrite copies the whole data set in a "
-            f"forked child, and at {percentage} they come {200 / int(percentage):.3g} times as often as at "
-            "200, for that much more CPU an event. Set auto-aof-rewrite-percentage 200."
+            f"forked child, and at {percentage} they come {recommended / int(percentage):.3g} times as often as at "
+            f"{recommended}, for that much more CPU an event. Set auto-aof-rewrite-percentage {recommended}."
         )
     return found
 
