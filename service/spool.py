@@ -240,7 +240,6 @@ async def drain_once(spool: Spool, inbox: Inbox) -> DrainReport:
             except REDIS_UNAVAILABLE:
                 raise
             except Exception as exc:  # its records stay, applied again next pass through the dedupe
-                report.failed_files += 1
                 error = spool.failing[path.name] = _describe(exc)
                 if earlier.get(path.name) != error:
                     log.error(
@@ -255,6 +254,7 @@ async def drain_once(spool: Spool, inbox: Inbox) -> DrainReport:
         raise
     finally:
         metrics.SPOOL_FAILED_FILES.set(len(spool.failing))
+    report.failed_files = len(spool.failing)  # this pass's: the failures of earlier ones were cleared
     if report.files:
         await asyncio.to_thread(spool.pending)  # recount the spool's size, for SPOOL_MAX_BYTES
         log.info("spool drained", **asdict(report))
